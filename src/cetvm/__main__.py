@@ -1,0 +1,3 @@
+from cetvm.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""MSR indices and the CET MSR bit layouts [SDM Vol. 4; reference §2]."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Msr(enum.IntEnum):
+    """Model-specific register indices used by cetvm."""
+
+    IA32_APIC_BASE = 0x1B
+    IA32_FEATURE_CONTROL = 0x3A
+    IA32_SYSENTER_CS = 0x174
+    IA32_SYSENTER_ESP = 0x175
+    IA32_SYSENTER_EIP = 0x176
+    IA32_PAT = 0x277
+    IA32_VMX_BASIC = 0x480
+    IA32_U_CET = 0x6A0
+    IA32_S_CET = 0x6A2
+    IA32_PL0_SSP = 0x6A4
+    IA32_PL1_SSP = 0x6A5
+    IA32_PL2_SSP = 0x6A6
+    IA32_PL3_SSP = 0x6A7
+    IA32_INT_SSP_TAB = 0x6A8
+    IA32_TSC_DEADLINE = 0x6E0
+    IA32_X2APIC_BASE = 0x800
+    IA32_XSS = 0xDA0
+    IA32_EFER = 0xC0000080
+    IA32_STAR = 0xC0000081
+    IA32_LSTAR = 0xC0000082
+    IA32_CSTAR = 0xC0000083
+    IA32_FMASK = 0xC0000084
+    IA32_FS_BASE = 0xC0000100
+    IA32_GS_BASE = 0xC0000101
+    IA32_KERNEL_GS_BASE = 0xC0000102
+    IA32_TSC_AUX = 0xC0000103
+    #: KVM's synthetic MSR for the guest SSP (host-initiated access only) [K].
+    KVM_INTERNAL_GUEST_SSP = 0x4B564DFF
+
+
+#: The CET MSRs, in index order.
+CET_MSRS: tuple[Msr, ...] = (
+    Msr.IA32_U_CET,
+    Msr.IA32_S_CET,
+    Msr.IA32_PL0_SSP,
+    Msr.IA32_PL1_SSP,
+    Msr.IA32_PL2_SSP,
+    Msr.IA32_PL3_SSP,
+    Msr.IA32_INT_SSP_TAB,
+)
+
+#: PLn_SSP MSR for privilege level n.
+PL_SSP_MSRS: tuple[Msr, ...] = (Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP)
+
+
+def pl_ssp_msr(cpl: int) -> Msr:
+    """The IA32_PLn_SSP MSR that holds the shadow-stack pointer of privilege level ``cpl``."""
+    return PL_SSP_MSRS[cpl]
+
+
+class CetCtl(enum.IntFlag):
+    """Bits of IA32_U_CET / IA32_S_CET [SDM Vol. 4 Table 2-2; reference §2]."""
+
+    SH_STK_EN = 1 << 0
+    WR_SHSTK_EN = 1 << 1
+    ENDBR_EN = 1 << 2
+    LEG_IW_EN = 1 << 3
+    NO_TRACK_EN = 1 << 4
+    SUPPRESS_DIS = 1 << 5
+    SUPPRESS = 1 << 10
+    TRACKER = 1 << 11  # WAIT_FOR_ENDBRANCH
+
+
+#: Bits 9:6 of U_CET/S_CET are reserved.
+CET_CTL_RESERVED = 0x3C0
+#: Bits 63:12 hold EB_LEG_BITMAP_BASE.
+CET_LEG_BITMAP_BASE_MASK = ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF
+#: Shadow-stack control bits (1:0).
+CET_SHSTK_BITS = CetCtl.SH_STK_EN | CetCtl.WR_SHSTK_EN
+#: IBT control bits 5:2 (bits 63:10 are IBT state/bitmap base too, see kvm_is_valid_u_s_cet).
+CET_IBT_CTL_BITS = CetCtl.ENDBR_EN | CetCtl.LEG_IW_EN | CetCtl.NO_TRACK_EN | CetCtl.SUPPRESS_DIS
+
+
+class Efer(enum.IntFlag):
+    """IA32_EFER bits."""
+
+    SCE = 1 << 0
+    LME = 1 << 8
+    LMA = 1 << 10
+    NXE = 1 << 11
+
+
+#: IA32_VMX_BASIC bit 56: VM entry may inject a hardware exception with or without an error code,
+#: regardless of the vector (needed to inject #CP with its error code) [SDM Vol. 3 A.1].
+VMX_BASIC_NO_HW_ERRCODE_CHECK = 1 << 56

@@ -1,0 +1,115 @@
+"""Control-register, paging and exception facts [SDM Vol. 3 ch. 2, 4, 6]."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Cr0(enum.IntFlag):
+    PE = 1 << 0
+    MP = 1 << 1
+    EM = 1 << 2
+    TS = 1 << 3
+    ET = 1 << 4
+    NE = 1 << 5
+    WP = 1 << 16
+    AM = 1 << 18
+    NW = 1 << 29
+    CD = 1 << 30
+    PG = 1 << 31
+
+
+class Cr4(enum.IntFlag):
+    VME = 1 << 0
+    PVI = 1 << 1
+    TSD = 1 << 2
+    DE = 1 << 3
+    PSE = 1 << 4
+    PAE = 1 << 5
+    MCE = 1 << 6
+    PGE = 1 << 7
+    PCE = 1 << 8
+    OSFXSR = 1 << 9
+    OSXMMEXCPT = 1 << 10
+    UMIP = 1 << 11
+    LA57 = 1 << 12
+    VMXE = 1 << 13
+    SMXE = 1 << 14
+    FSGSBASE = 1 << 16
+    PCIDE = 1 << 17
+    OSXSAVE = 1 << 18
+    SMEP = 1 << 20
+    SMAP = 1 << 21
+    PKE = 1 << 22
+    CET = 1 << 23
+    PKS = 1 << 24
+
+
+class Pte(enum.IntFlag):
+    """Page-table entry bits (4-level paging)."""
+
+    P = 1 << 0
+    RW = 1 << 1
+    US = 1 << 2
+    PWT = 1 << 3
+    PCD = 1 << 4
+    A = 1 << 5
+    D = 1 << 6
+    PS = 1 << 7
+    G = 1 << 8
+    NX = 1 << 63
+
+
+PTE_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+
+
+class PfErr(enum.IntFlag):
+    """#PF error-code bits; SS (bit 6) marks a shadow-stack access [SDM Vol. 3 4.7]."""
+
+    P = 1 << 0
+    W = 1 << 1
+    U = 1 << 2
+    RSVD = 1 << 3
+    I = 1 << 4
+    PK = 1 << 5
+    SS = 1 << 6
+
+
+class Vector(enum.IntEnum):
+    """Exception vectors."""
+
+    DE = 0
+    DB = 1
+    NMI = 2
+    BP = 3
+    OF = 4
+    BR = 5
+    UD = 6
+    NM = 7
+    DF = 8
+    TS = 10
+    NP = 11
+    SS = 12
+    GP = 13
+    PF = 14
+    MF = 16
+    AC = 17
+    MC = 18
+    XM = 19
+    VE = 20
+    CP = 21
+
+
+#: Vectors that push an error code in protected/long mode.
+VECTORS_WITH_ERROR_CODE = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF, Vector.AC, Vector.CP})
+
+
+def is_canonical(addr: int, va_bits: int = 48) -> bool:
+    """True if ``addr`` (a 64-bit value) is canonical for ``va_bits``-bit linear addresses."""
+    addr &= 0xFFFF_FFFF_FFFF_FFFF
+    top = addr >> (va_bits - 1)
+    return top == 0 or top == (1 << (65 - va_bits)) - 1
+
+
+def u64(value: int) -> int:
+    return value & 0xFFFF_FFFF_FFFF_FFFF

@@ -1,0 +1,1 @@
+"""The `cetvm` command line."""
