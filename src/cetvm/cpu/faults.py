@@ -1,0 +1,47 @@
+"""Guest-visible faults raised by instruction and event semantics.
+
+Semantics code (``cetvm.cpu.cet`` and the rest of ``cetvm.cpu``) raises :class:`GuestFault`; the
+engine catches it and delivers the exception through the guest IDT (or exits to the hypervisor
+when the exception bitmap says so). Faults are architectural results, not errors of cetvm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cetvm.arch import CpError, PfErr, Vector
+
+
+@dataclass
+class GuestFault(Exception):
+    """An exception to deliver to the guest: vector, optional error code, CR2 for #PF."""
+
+    vector: int
+    error_code: int | None = None
+    cr2: int | None = None
+
+    def __str__(self) -> str:
+        name = Vector(self.vector).name if self.vector in Vector._value2member_map_ else str(self.vector)
+        ec = "" if self.error_code is None else f"({self.error_code:#x})"
+        cr2 = "" if self.cr2 is None else f" at {self.cr2:#x}"
+        return f"#{name}{ec}{cr2}"
+
+
+def gp(error_code: int = 0) -> GuestFault:
+    """#GP(error_code), by default #GP(0)."""
+    return GuestFault(Vector.GP, error_code)
+
+
+def ud() -> GuestFault:
+    """#UD (no error code)."""
+    return GuestFault(Vector.UD)
+
+
+def cp(code: CpError) -> GuestFault:
+    """#CP with the given CET error code (vector 21)."""
+    return GuestFault(Vector.CP, int(code))
+
+
+def page_fault(linear: int, error: PfErr) -> GuestFault:
+    """#PF with CR2 = the faulting linear address."""
+    return GuestFault(Vector.PF, int(error), cr2=linear)
