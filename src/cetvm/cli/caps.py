@@ -1,0 +1,99 @@
+"""`cetvm caps`: what KVM (Linux 6.18) would offer guests on a host, and why.
+
+Prints the SHSTK/IBT decision with the first KVM rule that cleared each one, the supported
+XCR0/XSS, the guest xstate sizes and KVM_GET_MSR_INDEX_LIST; ``--json`` prints one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cetvm.arch.xfeatures import xfeature_name
+from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host, msr_name
+from cetvm.kvm.host import Host
+from cetvm.kvm.xstate_size import host_fpu
+
+ON_OFF = {"on": True, "off": False}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("caps", help="show what KVM would offer guests on a host (CET focus)",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="sapphire-rapids", metavar="MODEL|FILE",
+                   help="built-in CPU model name, 'host', or a CPUID dump/JSON file (default: sapphire-rapids)")
+    p.add_argument("--kernel-cmdline", default="", metavar="STR", help="host kernel command line (e.g. 'ibt=off')")
+    p.add_argument("--no-user-shstk", action="store_true", help="host kernel without CONFIG_X86_USER_SHADOW_STACK")
+    p.add_argument("--supervisor-shstk", action="store_true", help="host runs with supervisor shadow stacks")
+    p.add_argument("--virt", choices=("vmx", "svm"), help="vendor module (default: from the CPU vendor)")
+    for flag, what in (("--vmx-basic-56", "IA32_VMX_BASIC[56]"),
+                       ("--load-cet-controls", "VMX load-CET-state entry/exit controls"),
+                       ("--unrestricted-guest", "VMX unrestricted guest"),
+                       ("--tdp", "EPT/NPT (off = shadow paging)")):
+        p.add_argument(flag, choices=("on", "off"), default="on", help=f"{what} (default: on)")
+    p.add_argument("--allow-smaller-maxphyaddr", action="store_true", help="kvm.allow_smaller_maxphyaddr=1")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def host_from_args(args: argparse.Namespace) -> Host:
+    return Host.from_model_name(
+        args.host,
+        kernel_cmdline=args.kernel_cmdline,
+        user_shstk=not args.no_user_shstk,
+        supervisor_shstk=args.supervisor_shstk,
+        virt=args.virt or "",
+        vmx_basic_56=ON_OFF[args.vmx_basic_56],
+        vmx_load_cet_controls=ON_OFF[args.load_cet_controls],
+        unrestricted_guest=ON_OFF[args.unrestricted_guest],
+        tdp=ON_OFF[args.tdp],
+        allow_smaller_maxphyaddr=args.allow_smaller_maxphyaddr,
+    )
+
+
+def caps_to_json(caps: KvmCaps) -> dict[str, object]:
+    host = caps.host
+    return {
+        "host": host.name,
+        "vendor": host.vendor,
+        "virt": host.virt,
+        "features": {name: d.to_json() for name, d in caps.cet.items()},
+        "supported_xcr0": caps.supported_xcr0,
+        "supported_xss": caps.supported_xss,
+        "guest_xstate_size": caps.guest_xstate_size(),
+        "msr_index_list": caps.get_msr_index_list(),
+        "guest_fpu_default": _guest_fpu(caps),
+    }
+
+
+def _guest_fpu(caps: KvmCaps) -> dict[str, int]:
+    """The host kernel's guest_default_cfg (guest FPU buffer before any AMX permission)."""
+    cfg = host_fpu(caps.host).guest_default_cfg
+    return {"features": cfg.features, "size": cfg.size}
+
+
+def _components(mask: int) -> str:
+    names = [xfeature_name(i) for i in range(64) if mask >> i & 1]
+    return ", ".join(names) if names else "none"
+
+
+def format_caps(caps: KvmCaps) -> str:
+    host = caps.host
+    lines = [f"host: {host.name} ({host.vendor}, {host.virt.upper()})", "",
+             f"{'feature':<8} {'offered':<8} why"]
+    for name, d in caps.cet.items():
+        lines.append(f"{name.upper():<8} {'yes' if d.offered else 'no':<8} {d.reason}")
+    sizes = caps.guest_xstate_size()
+    lines += ["",
+              f"supported XCR0: {caps.supported_xcr0:#x} ({_components(caps.supported_xcr0)})",
+              f"supported XSS:  {caps.supported_xss:#x} ({_components(caps.supported_xss)})",
+              f"guest xstate size: standard {sizes['standard']} bytes, compacted {sizes['compacted']} bytes",
+              "", "KVM_GET_MSR_INDEX_LIST:"]
+    lines += [f"  {index:#010x}  {msr_name(index)}" for index in caps.get_msr_index_list()]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    caps = kvm_caps_for_host(host_from_args(args))
+    print(json.dumps(caps_to_json(caps)) if args.json else format_caps(caps))
+    return 0
