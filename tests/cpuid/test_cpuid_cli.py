@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cetvm.cli.main import main
 
-DUMPS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cpuid"
+from shared_data import DUMPS, dump_files  # noqa: E402
 
 
 def test_cpuid_command_on_a_dump(capsys):

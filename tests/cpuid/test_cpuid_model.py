@@ -20,8 +20,8 @@ from cetvm.cpuid import (
     resolve_model,
 )
 
-DUMPS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cpuid"
-DUMP_FILES = sorted(DUMPS.glob("*.txt"))
+from shared_data import DUMPS, dump_files  # noqa: E402
+DUMP_FILES = dump_files()
 #: Built-in model → the dump it was transcribed from.
 MODEL_DUMPS = {
     "sapphire-rapids": "sapphire-rapids.txt", "emerald-rapids": "emerald-rapids.txt",

@@ -13,7 +13,7 @@ from cetvm.kvm.caps import kvm_caps_for_host
 from cetvm.kvm.errors import KvmLoadError
 from cetvm.kvm.host import Host
 
-DUMPS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cpuid"
+from shared_data import DUMPS, dump_files  # noqa: E402
 CET_MSRS = {0x6A0, 0x6A2, 0x6A4, 0x6A5, 0x6A6, 0x6A7, 0x6A8}
 
 

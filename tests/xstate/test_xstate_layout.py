@@ -10,8 +10,8 @@ from cetvm import InputError
 from cetvm.cpuid import get_model, load_cpuid_file
 from cetvm.xstate import XsaveLayout, xcr0_fault
 
-DUMPS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cpuid"
-DUMP_FILES = sorted(DUMPS.glob("*.txt"))
+from shared_data import DUMPS, dump_files  # noqa: E402
+DUMP_FILES = dump_files()
 
 
 def test_dumps_are_present():
