@@ -1,0 +1,393 @@
+"""Local APIC, xAPIC (MMIO page at IA32_APIC_BASE) and x2APIC (MSRs 0x800-0x8FF) forms.
+
+Modelled on KVM arch/x86/kvm/lapic.c (the register rules) and the SDM Vol. 3 ch. 11 (12 in
+newer editions); QEMU hw/intc/apic.c behaves the same for what is implemented here.
+
+What this APIC is: the register file a guest probes and programs. What it is not: an interrupt
+source. Decisions, each tested:
+
+- Version register: ``0x14 | (max_lvt << 16)`` with 6 LVT entries (timer, thermal, performance
+  counter, LINT0, LINT1, error), i.e. 0x00050014, as KVM reports without CMCI. ``nr_lvt=7``
+  adds LVT CMCI (0x2F0 / MSR 0x82F).
+- ISR, TMR and IRR read as zeros; EOI clears nothing because nothing is ever in service.
+- The timer never fires: initial count and divide configuration are stored, the current count
+  always reads 0 (the count is treated as already expired, and its interrupt is never delivered).
+- ICR writes are recorded (``ipis_sent`` and ``last_icr``) and delivered to nobody: IPIs to other
+  (absent) CPUs vanish, and a self-IPI (shorthand "self", destination = own ID, or the x2APIC
+  SELF_IPI register) is ignored as well. The delivery-status bit always reads 0 (idle).
+- Software disable (SVR bit 8 = 0) sets the mask bit of every LVT and keeps it set on LVT writes
+  (KVM ``kvm_lapic_reg_write`` APIC_SPIV / LVT cases); reset SVR is 0xFF (disabled).
+- xAPIC MMIO: only aligned 32-bit writes at a 16-byte register are honoured, others are dropped
+  (KVM ``apic_mmio_write``); reads may be 1..4 bytes inside a register. While the APIC is
+  hardware-disabled or in x2APIC mode the MMIO page reads all ones and drops writes (KVM's
+  LAPIC_MMIO_HOLE quirk).
+- x2APIC MSRs raise :class:`~cetvm.vmm.requests.GuestFaultRequest` (#GP(0)) when x2APIC mode is
+  off, for an index that is not a register, for reads of write-only registers (EOI, SELF_IPI),
+  for writes of read-only ones (ID, version, LDR, PPR, ISR/TMR/IRR, current count), for bits
+  63:32 set in anything but ICR, for reserved ICR bits, for a non-zero ESR write and, following
+  the SDM (11.12.1.2), for a non-zero EOI write.
+- IA32_APIC_BASE writes follow KVM ``kvm_apic_set_base``: reserved bits (7:0, 9, above
+  MAXPHYADDR, EXTD without x2APIC support) and the invalid state EXTD=1/EN=0 fault; from the
+  guest, x2APIC -> xAPIC and disabled -> x2APIC fault too (host-initiated writes may do both).
+  Entering x2APIC mode sets ID to the full APIC ID and derives LDR; leaving it restores the xAPIC
+  ID. Disabling keeps the register contents (KVM does not reset them). A base other than
+  0xFEE00000 is accepted and reported by :attr:`LocalApic.mmio_base`; the VMM moves the page.
+"""
+
+from __future__ import annotations
+
+import enum
+from types import MappingProxyType
+from typing import Mapping
+
+from cetvm import InputError
+from cetvm.arch import Vector
+from cetvm.vmm.devices.state import state_int
+from cetvm.vmm.requests import GuestFaultRequest
+
+APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
+APIC_MMIO_SIZE = 0x1000
+X2APIC_MSR_FIRST = 0x800
+X2APIC_MSR_LAST = 0x8FF
+
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_EXTD = 1 << 10
+APIC_BASE_ENABLE = 1 << 11
+APIC_BASE_ADDR_MASK = ~0xFFF
+
+APIC_VERSION = 0x14
+
+# Register offsets in the xAPIC page (x2APIC MSR = 0x800 + offset / 16).
+APIC_ID = 0x020
+APIC_LVR = 0x030
+APIC_TASKPRI = 0x080
+APIC_ARBPRI = 0x090
+APIC_PROCPRI = 0x0A0
+APIC_EOI = 0x0B0
+APIC_LDR = 0x0D0
+APIC_DFR = 0x0E0
+APIC_SPIV = 0x0F0
+APIC_ISR = 0x100
+APIC_TMR = 0x180
+APIC_IRR = 0x200
+APIC_ESR = 0x280
+APIC_LVTCMCI = 0x2F0
+APIC_ICR = 0x300
+APIC_ICR2 = 0x310
+APIC_LVTT = 0x320
+APIC_LVTTHMR = 0x330
+APIC_LVTPC = 0x340
+APIC_LVT0 = 0x350
+APIC_LVT1 = 0x360
+APIC_LVTERR = 0x370
+APIC_TMICT = 0x380
+APIC_TMCCT = 0x390
+APIC_TDCR = 0x3E0
+APIC_SELF_IPI = 0x3F0
+
+APIC_LVT_MASKED = 1 << 16
+APIC_SPIV_APIC_ENABLED = 1 << 8
+APIC_ICR_BUSY = 1 << 12
+APIC_DEST_SELF = 0x1 << 18
+APIC_SHORTHAND_MASK = 0x3 << 18
+#: Reserved bits of the 64-bit x2APIC ICR (SDM 11.12.9): 13, 17:16, 31:20.
+X2APIC_ICR_RESERVED = (1 << 13) | (0x3 << 16) | (0xFFF << 20)
+
+#: Writable bits of each LVT register (SDM Figure 11-8): vector 7:0, delivery mode 10:8,
+#: pin polarity 13, trigger mode 15, mask 16, timer mode 18:17.
+LVT_WRITABLE: Mapping[int, int] = MappingProxyType({
+    APIC_LVTT: 0x000600FF | APIC_LVT_MASKED,
+    APIC_LVTTHMR: 0x000007FF | APIC_LVT_MASKED,
+    APIC_LVTPC: 0x000007FF | APIC_LVT_MASKED,
+    APIC_LVT0: 0x0000A7FF | APIC_LVT_MASKED,
+    APIC_LVT1: 0x0000A7FF | APIC_LVT_MASKED,
+    APIC_LVTERR: 0x000000FF | APIC_LVT_MASKED,
+    APIC_LVTCMCI: 0x000007FF | APIC_LVT_MASKED,
+})
+
+_IN_SERVICE_BANKS = tuple(range(APIC_ISR, APIC_IRR + 0x80, 0x10))  # ISR, TMR, IRR: 8 regs each
+
+
+class ApicMode(enum.Enum):
+    """IA32_APIC_BASE EN/EXTD combinations [SDM 11.12.5 Table 11-5]."""
+
+    DISABLED = 0
+    INVALID = APIC_BASE_EXTD
+    XAPIC = APIC_BASE_ENABLE
+    X2APIC = APIC_BASE_ENABLE | APIC_BASE_EXTD
+
+
+def apic_mode(apic_base: int) -> ApicMode:
+    return ApicMode(apic_base & (APIC_BASE_ENABLE | APIC_BASE_EXTD))
+
+
+def apic_base_reserved_bits(maxphyaddr: int, x2apic_supported: bool) -> int:
+    """Bits of IA32_APIC_BASE a write must leave 0 (KVM kvm_apic_set_base: bits 7:0 and 9,
+    bits at or above MAXPHYADDR, and EXTD when the CPU model has no x2APIC)."""
+    reserved = ((1 << 64) - 1) & ~((1 << maxphyaddr) - 1) | 0x2FF
+    if not x2apic_supported:
+        reserved |= APIC_BASE_EXTD
+    return reserved
+
+
+def apic_base_write_error(old: int, new: int, maxphyaddr: int, x2apic_supported: bool,
+                          host_initiated: bool) -> str | None:
+    """Why a write of ``new`` to IA32_APIC_BASE (currently ``old``) must #GP, or None."""
+    reserved = new & apic_base_reserved_bits(maxphyaddr, x2apic_supported)
+    if reserved:
+        return f"IA32_APIC_BASE value {new:#x} sets reserved bits {reserved:#x}"
+    old_mode, new_mode = apic_mode(old), apic_mode(new)
+    if new_mode is ApicMode.INVALID:
+        return "IA32_APIC_BASE: x2APIC enable (bit 10) without APIC enable (bit 11)"
+    if not host_initiated:
+        if old_mode is ApicMode.X2APIC and new_mode is ApicMode.XAPIC:
+            return "IA32_APIC_BASE: x2APIC mode can only be left by disabling the APIC"
+        if old_mode is ApicMode.DISABLED and new_mode is ApicMode.X2APIC:
+            return "IA32_APIC_BASE: a disabled APIC must enter xAPIC mode before x2APIC mode"
+    return None
+
+
+def x2apic_ldr(apic_id: int) -> int:
+    """Logical ID derived from the x2APIC ID: cluster (ID[19:4]) << 16 | 1 << ID[3:0]."""
+    return ((apic_id >> 4) << 16) | (1 << (apic_id & 0xF))
+
+
+def x2apic_msr_to_offset(index: int) -> int:
+    return (index - X2APIC_MSR_FIRST) << 4
+
+
+def _gp(reason: str) -> GuestFaultRequest:
+    return GuestFaultRequest(Vector.GP, 0, reason)
+
+
+class LocalApic:
+    """One vCPU's local APIC. ``apic_id`` is the initial (x2)APIC ID."""
+
+    def __init__(self, apic_id: int = 0, bsp: bool = True, nr_lvt: int = 6,
+                 maxphyaddr: int = 46, x2apic_supported: bool = True) -> None:
+        if nr_lvt not in (6, 7):
+            raise InputError(f"local APIC: nr_lvt must be 6 or 7, not {nr_lvt}")
+        self.apic_id = apic_id
+        self.nr_lvt = nr_lvt
+        self.maxphyaddr = maxphyaddr
+        self.x2apic_supported = x2apic_supported
+        self.apic_base = APIC_DEFAULT_PHYS_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if bsp else 0)
+        self.reset_registers()
+
+    # --- state -----------------------------------------------------------------------
+    def reset_registers(self) -> None:
+        """Register values at power-up / INIT [SDM 11.4.7.1]."""
+        self.id_reg = self.apic_id << 24
+        self.tpr = 0
+        self.ldr = 0
+        self.dfr = 0xFFFF_FFFF
+        self.svr = 0xFF
+        self.esr = 0
+        self.icr = 0
+        self.lvt = {reg: APIC_LVT_MASKED for reg in self._lvt_registers()}
+        self.tmict = 0
+        self.tdcr = 0
+        self.ipis_sent = 0
+        self.last_icr = 0
+        self.self_ipis_ignored = 0
+
+    def _lvt_registers(self) -> tuple[int, ...]:
+        regs = (APIC_LVTT, APIC_LVTTHMR, APIC_LVTPC, APIC_LVT0, APIC_LVT1, APIC_LVTERR)
+        return regs + ((APIC_LVTCMCI,) if self.nr_lvt == 7 else ())
+
+    @property
+    def mode(self) -> ApicMode:
+        return apic_mode(self.apic_base)
+
+    @property
+    def mmio_base(self) -> int:
+        return self.apic_base & APIC_BASE_ADDR_MASK & ((1 << self.maxphyaddr) - 1)
+
+    @property
+    def version(self) -> int:
+        return APIC_VERSION | ((self.nr_lvt - 1) << 16)
+
+    @property
+    def software_enabled(self) -> bool:
+        return bool(self.svr & APIC_SPIV_APIC_ENABLED)
+
+    @property
+    def ppr(self) -> int:
+        """Processor priority: TPR when nothing is in service [SDM 11.8.3.1]."""
+        return self.tpr
+
+    # --- IA32_APIC_BASE ---------------------------------------------------------------
+    def write_apic_base(self, value: int, host_initiated: bool = False) -> None:
+        """WRMSR IA32_APIC_BASE; raises GuestFaultRequest(#GP) per :func:`apic_base_write_error`."""
+        error = apic_base_write_error(self.apic_base, value, self.maxphyaddr,
+                                      self.x2apic_supported, host_initiated)
+        if error:
+            raise _gp(error)
+        old = self.apic_base
+        self.apic_base = value
+        if (old ^ value) & APIC_BASE_EXTD:
+            if value & APIC_BASE_EXTD:
+                self.id_reg = self.apic_id
+                self.ldr = x2apic_ldr(self.apic_id)
+            else:
+                self.id_reg = self.apic_id << 24
+                self.ldr = 0
+
+    # --- common register file ----------------------------------------------------------
+    def _readable(self, reg: int, x2apic: bool) -> bool:
+        if reg in self.lvt or reg in _IN_SERVICE_BANKS:
+            return True
+        if reg in (APIC_ID, APIC_LVR, APIC_TASKPRI, APIC_PROCPRI, APIC_LDR, APIC_SPIV, APIC_ESR,
+                   APIC_ICR, APIC_TMICT, APIC_TMCCT, APIC_TDCR):
+            return True
+        return not x2apic and reg in (APIC_ARBPRI, APIC_DFR, APIC_ICR2)
+
+    def read_register(self, reg: int, x2apic: bool = False) -> int:
+        """Value of register ``reg`` (an offset in the xAPIC page); 64 bits for the x2APIC ICR."""
+        if reg in self.lvt:
+            return self.lvt[reg]
+        if reg in _IN_SERVICE_BANKS or reg in (APIC_ARBPRI, APIC_TMCCT):
+            return 0
+        simple = {
+            APIC_ID: self.id_reg,
+            APIC_LVR: self.version,
+            APIC_TASKPRI: self.tpr,
+            APIC_PROCPRI: self.ppr,
+            APIC_LDR: self.ldr,
+            APIC_DFR: self.dfr,
+            APIC_SPIV: self.svr,
+            APIC_ESR: self.esr,
+            APIC_ICR2: self.icr >> 32,
+            APIC_TMICT: self.tmict,
+            APIC_TDCR: self.tdcr,
+        }
+        if reg == APIC_ICR:
+            return self.icr if x2apic else self.icr & 0xFFFF_FFFF
+        return simple.get(reg, 0)
+
+    def _write_lvt(self, reg: int, value: int) -> None:
+        if not self.software_enabled:
+            value |= APIC_LVT_MASKED
+        self.lvt[reg] = value & LVT_WRITABLE[reg]
+
+    def _write_svr(self, value: int) -> None:
+        self.svr = value & 0x3FF
+        if not self.software_enabled:
+            for reg in self.lvt:
+                self.lvt[reg] |= APIC_LVT_MASKED
+
+    def _send_ipi(self, icr: int, x2apic: bool) -> None:
+        """Record the IPI; deliver nothing (no other CPUs; self-IPIs are ignored, see module)."""
+        self.icr = icr & ~APIC_ICR_BUSY
+        self.ipis_sent += 1
+        self.last_icr = self.icr
+        dest = icr >> 32 if x2apic else (icr >> 56) & 0xFF
+        own = self.apic_id if x2apic else (self.id_reg >> 24)
+        if icr & APIC_SHORTHAND_MASK == APIC_DEST_SELF or (icr & APIC_SHORTHAND_MASK == 0 and dest == own):
+            self.self_ipis_ignored += 1
+
+    def write_register(self, reg: int, value: int, x2apic: bool = False) -> bool:
+        """Apply a write; returns False when the register cannot be written in this mode (the
+        x2APIC path turns that into #GP, the xAPIC path drops the write)."""
+        if reg in self.lvt:
+            self._write_lvt(reg, value)
+        elif reg == APIC_ID and not x2apic:
+            self.id_reg = value & 0xFF00_0000
+        elif reg == APIC_TASKPRI:
+            self.tpr = value & 0xFF
+        elif reg == APIC_EOI:
+            pass  # nothing is ever in service
+        elif reg == APIC_LDR and not x2apic:
+            self.ldr = value & 0xFF00_0000
+        elif reg == APIC_DFR and not x2apic:
+            self.dfr = value | 0x0FFF_FFFF
+        elif reg == APIC_SPIV:
+            self._write_svr(value)
+        elif reg == APIC_ESR:
+            self.esr = 0
+        elif reg == APIC_ICR:
+            if x2apic:
+                self._send_ipi(value, True)
+            else:
+                self._send_ipi((self.icr & ~0xFFFF_FFFF) | value, False)
+        elif reg == APIC_ICR2 and not x2apic:
+            self.icr = (self.icr & 0xFFFF_FFFF) | ((value & 0xFF00_0000) << 32)
+        elif reg == APIC_TMICT:
+            self.tmict = value & 0xFFFF_FFFF
+        elif reg == APIC_TDCR:
+            self.tdcr = value & 0xB
+        elif reg == APIC_SELF_IPI and x2apic:
+            self.self_ipis_ignored += 1
+        else:
+            return False
+        return True
+
+    # --- xAPIC MMIO ----------------------------------------------------------------------
+    def _mmio_live(self) -> bool:
+        return self.mode is ApicMode.XAPIC
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        if not self._mmio_live():
+            return (1 << (8 * size)) - 1
+        reg, align = offset & 0xFF0, offset & 0xF
+        if align + size > 4 or not self._readable(reg, False):
+            return 0
+        return (self.read_register(reg) >> (8 * align)) & ((1 << (8 * size)) - 1)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        if not self._mmio_live() or size != 4 or offset & 0xF:
+            return
+        self.write_register(offset, value & 0xFFFF_FFFF)
+
+    # --- x2APIC MSRs ---------------------------------------------------------------------
+    def _x2apic_register(self, index: int, access: str) -> int:
+        if not X2APIC_MSR_FIRST <= index <= X2APIC_MSR_LAST:
+            raise _gp(f"MSR {index:#x} is not an x2APIC register")
+        if self.mode is not ApicMode.X2APIC:
+            raise _gp(f"{access} of x2APIC MSR {index:#x} while x2APIC mode is off")
+        return x2apic_msr_to_offset(index)
+
+    def msr_read(self, index: int) -> int:
+        """RDMSR of an x2APIC register (0x800-0x8FF)."""
+        reg = self._x2apic_register(index, "RDMSR")
+        if not self._readable(reg, True):
+            raise _gp(f"RDMSR of x2APIC MSR {index:#x}: not a readable register")
+        return self.read_register(reg, x2apic=True)
+
+    def msr_write(self, index: int, value: int) -> None:
+        """WRMSR of an x2APIC register (0x800-0x8FF)."""
+        reg = self._x2apic_register(index, "WRMSR")
+        if reg == APIC_ICR:
+            if value & X2APIC_ICR_RESERVED:
+                raise _gp(f"WRMSR x2APIC ICR {value:#x} sets reserved bits {value & X2APIC_ICR_RESERVED:#x}")
+        elif value >> 32:
+            raise _gp(f"WRMSR x2APIC MSR {index:#x} value {value:#x} sets bits 63:32")
+        if reg in (APIC_ESR, APIC_EOI) and value != 0:
+            raise _gp(f"WRMSR x2APIC MSR {index:#x} must write 0, not {value:#x}")
+        if not self.write_register(reg, value, x2apic=True):
+            raise _gp(f"WRMSR of x2APIC MSR {index:#x}: not a writable register")
+
+    # --- snapshot --------------------------------------------------------------------------
+    _STATE_FIELDS: tuple[tuple[str, int], ...] = (
+        ("apic_base", 64), ("id_reg", 32), ("tpr", 8), ("ldr", 32), ("dfr", 32), ("svr", 10),
+        ("esr", 32), ("icr", 64), ("tmict", 32), ("tdcr", 4), ("ipis_sent", 64), ("last_icr", 64),
+        ("self_ipis_ignored", 64))
+
+    def get_state(self) -> dict:
+        state = {name: getattr(self, name) for name, _bits in self._STATE_FIELDS}
+        state["lvt"] = {f"{reg:#05x}": value for reg, value in self.lvt.items()}
+        return state
+
+    def set_state(self, state: dict) -> None:
+        values = {name: state_int(state, name, "local APIC", bits) for name, bits in self._STATE_FIELDS}
+        lvt_state = state.get("lvt")
+        if not isinstance(lvt_state, dict):
+            raise InputError("local APIC state has no 'lvt' object")
+        lvt = {}
+        for reg in self._lvt_registers():
+            lvt[reg] = state_int(lvt_state, f"{reg:#05x}", "local APIC lvt", 32)
+        if apic_mode(values["apic_base"]) is ApicMode.INVALID:
+            raise InputError(f"local APIC state 'apic_base' = {values['apic_base']:#x} is an invalid mode")
+        for name, value in values.items():
+            setattr(self, name, value)
+        self.lvt = lvt

@@ -1,0 +1,73 @@
+"""The legacy PC devices a bare-metal test kernel expects, created and wired in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cetvm import InputError
+from cetvm.vmm.bus import MmioBus, PioBus
+from cetvm.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT, IsaDebugExit
+from cetvm.vmm.devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
+from cetvm.vmm.devices.lapic import APIC_MMIO_SIZE, LocalApic
+from cetvm.vmm.devices.pic import PicPair
+from cetvm.vmm.devices.serial import COM1_PORT, UART_PORT_COUNT, Serial16550
+from cetvm.vmm.devices.shutdown_port import SHUTDOWN_PORT, BochsShutdownPort
+
+
+@dataclass
+class PcDevices:
+    """COM1, isa-debug-exit, the shutdown port, fw_cfg, the PIC pair and one APIC per vCPU."""
+
+    serial: Serial16550
+    debug_exit: IsaDebugExit
+    shutdown: BochsShutdownPort
+    fw_cfg: FwCfg
+    pic: PicPair
+    lapics: list[LocalApic] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, ram_size: int, nb_cpus: int = 1, sink: Callable[[bytes], None] | None = None,
+               serial_input: bytes = b"", cmdline: str | None = None) -> "PcDevices":
+        return cls(
+            serial=Serial16550(sink, serial_input),
+            debug_exit=IsaDebugExit(),
+            shutdown=BochsShutdownPort(),
+            fw_cfg=FwCfg(ram_size, nb_cpus=nb_cpus, cmdline=cmdline),
+            pic=PicPair.create(),
+            lapics=[LocalApic(apic_id=i, bsp=(i == 0)) for i in range(nb_cpus)],
+        )
+
+    def register(self, pio: PioBus, mmio: MmioBus) -> None:
+        """Claim the standard ports, and the xAPIC page of vCPU 0 (the MMIO bus has no notion of
+        "the accessing CPU"; a multi-vCPU run loop dispatches APIC accesses per vCPU itself)."""
+        pio.register(COM1_PORT, UART_PORT_COUNT, self.serial, "serial COM1")
+        pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT, self.debug_exit, "isa-debug-exit")
+        pio.register(SHUTDOWN_PORT, 1, self.shutdown, "shutdown port")
+        pio.register(FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
+        self.pic.register(pio)
+        if self.lapics:
+            mmio.register(self.lapics[0].mmio_base, APIC_MMIO_SIZE, self.lapics[0], "local APIC")
+
+    def get_state(self) -> dict:
+        return {
+            "serial": self.serial.get_state(),
+            "shutdown": self.shutdown.get_state(),
+            "fw_cfg": self.fw_cfg.get_state(),
+            "pic": self.pic.get_state(),
+            "lapics": [apic.get_state() for apic in self.lapics],
+        }
+
+    def set_state(self, state: dict) -> None:
+        for key in ("serial", "shutdown", "fw_cfg", "pic", "lapics"):
+            if not isinstance(state, dict) or key not in state:
+                raise InputError(f"device state has no '{key}'")
+        if not isinstance(state["lapics"], list) or len(state["lapics"]) != len(self.lapics):
+            raise InputError(f"device state has {len(state['lapics']) if isinstance(state['lapics'], list) else 'no'} "
+                             f"local APICs, the machine has {len(self.lapics)}")
+        self.serial.set_state(state["serial"])
+        self.shutdown.set_state(state["shutdown"])
+        self.fw_cfg.set_state(state["fw_cfg"])
+        self.pic.set_state(state["pic"])
+        for apic, apic_state in zip(self.lapics, state["lapics"]):
+            apic.set_state(apic_state)

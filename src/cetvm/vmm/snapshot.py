@@ -1,0 +1,284 @@
+"""Machine snapshot container: one file holding a JSON manifest and named binary sections.
+
+Format version 1 (all integers little-endian)::
+
+    header, 32 bytes
+      0   8  magic b"CETVMSNP"
+      8   4  format version (1)
+      12  4  number of sections N
+      16  8  manifest length M
+      24  4  CRC32 of the manifest bytes
+      28  4  CRC32 of header bytes 0..27
+    manifest, M bytes: a UTF-8 JSON object (machine config, vCPU state, device state; its
+      content is the caller's, e.g. {"machine": {...}, "vcpus": [...], "devices": {...}})
+    N sections, each
+      2   name length L, then L bytes of UTF-8 name (unique; e.g. "ram@0x0", "xsave/vcpu0")
+      1   encoding: 0 stored, 1 zlib
+      8   stored length S
+      8   raw length R
+      4   CRC32 of the raw bytes
+      4   CRC32 of the S stored bytes
+      4   CRC32 of this descriptor (name length field through the stored-bytes CRC)
+      S   stored bytes
+    trailer: b"CETVMEND", then end of file
+
+Every inconsistency found on reading (wrong magic, unknown version, bad CRC, short file, extra
+bytes, bad JSON, duplicate section) is an :class:`~cetvm.InputError` naming the offset and the
+field. Files are written to ``PATH.tmp`` and renamed, so a crash never leaves half a snapshot
+under the final name.
+
+:func:`check_required_state` lets a consumer refuse a snapshot that lacks state it needs, e.g.
+KVM-style "IA32_XSS must be saved when the guest uses CET user state".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import zlib
+from types import MappingProxyType
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from cetvm import CetvmError, InputError
+
+SNAPSHOT_MAGIC = b"CETVMSNP"
+SNAPSHOT_TRAILER = b"CETVMEND"
+SNAPSHOT_VERSION = 1
+HEADER = struct.Struct("<8sIIQI")  # without the header CRC
+HEADER_SIZE = HEADER.size + 4
+SECTION_FIXED = struct.Struct("<BQQII")
+ENCODING_STORED = 0
+ENCODING_ZLIB = 1
+ENCODING_NAMES: Mapping[int, str] = MappingProxyType({ENCODING_STORED: "stored", ENCODING_ZLIB: "zlib"})
+MAX_NAME_BYTES = 0xFFFF
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFF_FFFF
+
+
+def encode_manifest(manifest: Mapping[str, Any]) -> bytes:
+    if not isinstance(manifest, Mapping):
+        raise CetvmError(f"snapshot manifest must be a mapping, got {type(manifest).__name__}")
+    try:
+        return json.dumps(manifest, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise CetvmError(f"snapshot manifest is not JSON-serializable: {exc}") from None
+
+
+def encode_snapshot(manifest: Mapping[str, Any], blobs: Mapping[str, bytes], compress: bool = True) -> bytes:
+    """The bytes of a snapshot file (see the module docstring for the layout)."""
+    manifest_bytes = encode_manifest(manifest)
+    header = HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, len(blobs), len(manifest_bytes), _crc(manifest_bytes))
+    parts = [header, struct.pack("<I", _crc(header)), manifest_bytes]
+    for name, raw in blobs.items():
+        name_bytes = str(name).encode()
+        if not name_bytes or len(name_bytes) > MAX_NAME_BYTES:
+            raise CetvmError(f"snapshot section name {name!r} must be 1..{MAX_NAME_BYTES} bytes")
+        raw = bytes(raw)
+        stored, encoding = (zlib.compress(raw, 1), ENCODING_ZLIB) if compress else (raw, ENCODING_STORED)
+        descriptor = (struct.pack("<H", len(name_bytes)) + name_bytes
+                      + SECTION_FIXED.pack(encoding, len(stored), len(raw), _crc(raw), _crc(stored)))
+        parts += [descriptor, struct.pack("<I", _crc(descriptor)), stored]
+    parts.append(SNAPSHOT_TRAILER)
+    return b"".join(parts)
+
+
+def write_snapshot(path: str | os.PathLike, manifest: Mapping[str, Any], blobs: Mapping[str, bytes],
+                   compress: bool = True) -> None:
+    """Write a snapshot atomically (``PATH.tmp`` then rename)."""
+    data = encode_snapshot(manifest, blobs, compress)
+    tmp = f"{os.fspath(path)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CetvmError(f"cannot write snapshot '{os.fspath(path)}': {exc.strerror or exc}") from None
+
+
+class _Reader:
+    """Bounds-checked cursor over the file bytes."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.data, self.name, self.pos = data, name, 0
+
+    def take(self, size: int, what: str) -> bytes:
+        if self.pos + size > len(self.data):
+            raise InputError(f"{self.name}: truncated snapshot: {what} at offset {self.pos:#x} needs "
+                             f"{size} bytes, only {len(self.data) - self.pos} left")
+        chunk = self.data[self.pos : self.pos + size]
+        self.pos += size
+        return chunk
+
+
+def _read_header(r: _Reader) -> tuple[int, int, int]:
+    prefix = r.data[: len(SNAPSHOT_MAGIC)]
+    if not prefix or not SNAPSHOT_MAGIC.startswith(prefix):
+        raise InputError(f"{r.name}: not a cetvm snapshot (starts with {prefix!r}, expected {SNAPSHOT_MAGIC!r})")
+    head = r.take(HEADER.size, "header")
+    _magic, version, count, manifest_len, manifest_crc = HEADER.unpack(head)
+    if version != SNAPSHOT_VERSION:
+        newer = " (newer than this cetvm)" if version > SNAPSHOT_VERSION else ""
+        raise InputError(f"{r.name}: snapshot format version {version}{newer} is not supported; "
+                         f"this cetvm reads version {SNAPSHOT_VERSION}")
+    (header_crc,) = struct.unpack("<I", r.take(4, "header CRC"))
+    if header_crc != _crc(head):
+        raise InputError(f"{r.name}: snapshot header CRC mismatch ({header_crc:#010x} stored, "
+                         f"{_crc(head):#010x} computed): the header is corrupt")
+    return count, manifest_len, manifest_crc
+
+
+def _read_manifest(r: _Reader, length: int, crc: int) -> dict:
+    start = r.pos
+    raw = r.take(length, "manifest")
+    if _crc(raw) != crc:
+        raise InputError(f"{r.name}: snapshot manifest at offset {start:#x} is corrupt (CRC {_crc(raw):#010x}, "
+                         f"expected {crc:#010x})")
+    try:
+        manifest = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{r.name}: snapshot manifest is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{r.name}: snapshot manifest must be a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def _read_section(r: _Reader, index: int) -> tuple[str, bytes]:
+    descriptor_start = r.pos
+    name_len_field = r.take(2, f"section {index} name length")
+    (name_len,) = struct.unpack("<H", name_len_field)
+    name_bytes = r.take(name_len, f"section {index} name")
+    fixed = r.take(SECTION_FIXED.size, f"section {index} descriptor")
+    (descriptor_crc,) = struct.unpack("<I", r.take(4, f"section {index} descriptor CRC"))
+    if _crc(name_len_field + name_bytes + fixed) != descriptor_crc:
+        raise InputError(f"{r.name}: section {index} descriptor at offset {descriptor_start:#x} is corrupt "
+                         "(CRC mismatch)")
+    try:
+        name = name_bytes.decode()
+    except UnicodeDecodeError:
+        raise InputError(f"{r.name}: section {index} name is not UTF-8") from None
+    encoding, stored_len, raw_len, raw_crc, stored_crc = SECTION_FIXED.unpack(fixed)
+    if encoding not in ENCODING_NAMES:
+        raise InputError(f"{r.name}: section '{name}' has unknown encoding {encoding}")
+    start = r.pos
+    stored = r.take(stored_len, f"section '{name}' data")
+    if _crc(stored) != stored_crc:
+        raise InputError(f"{r.name}: section '{name}' at offset {start:#x} is corrupt (CRC mismatch)")
+    if encoding == ENCODING_ZLIB:
+        try:
+            raw = zlib.decompress(stored)
+        except zlib.error as exc:
+            raise InputError(f"{r.name}: section '{name}' does not decompress: {exc}") from None
+    else:
+        raw = stored
+    if len(raw) != raw_len:
+        raise InputError(f"{r.name}: section '{name}' holds {len(raw)} bytes, its descriptor says {raw_len}")
+    if _crc(raw) != raw_crc:
+        raise InputError(f"{r.name}: section '{name}' content CRC mismatch after decoding")
+    return name, raw
+
+
+def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[dict, dict[str, bytes]]:
+    """Parse and verify snapshot bytes -> (manifest, sections)."""
+    r = _Reader(data, name)
+    count, manifest_len, manifest_crc = _read_header(r)
+    manifest = _read_manifest(r, manifest_len, manifest_crc)
+    blobs: dict[str, bytes] = {}
+    for index in range(count):
+        section, raw = _read_section(r, index)
+        if section in blobs:
+            raise InputError(f"{name}: section '{section}' appears twice")
+        blobs[section] = raw
+    trailer = r.take(len(SNAPSHOT_TRAILER), "end marker")
+    if trailer != SNAPSHOT_TRAILER:
+        raise InputError(f"{name}: snapshot end marker missing at offset {r.pos - len(trailer):#x} "
+                         f"(found {trailer!r}): section count or lengths are wrong")
+    if r.pos != len(data):
+        raise InputError(f"{name}: {len(data) - r.pos} unexpected bytes after the end marker")
+    return manifest, blobs
+
+
+def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
+    """Read and verify a snapshot file -> (manifest, {section name: bytes})."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"snapshot '{os.fspath(path)}': {exc.strerror or exc}") from None
+    return decode_snapshot(data, os.fspath(path))
+
+
+# --- required-state checks --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StateRequirement:
+    """Section ``section`` must contain ``key`` when ``when(scope)`` is true (always if None).
+
+    ``section`` is a dotted path into the manifest; ``*`` stands for every element of a list
+    (or value of an object), e.g. ``"vcpus.*.msrs"``. ``scope`` is the element the last ``*``
+    matched (one vCPU), or the whole manifest when the path has no ``*``, so a condition can look
+    at sibling sections: ``when=lambda vcpu: vcpu["xcrs"]["xss"] & CET_U``.
+    """
+
+    section: str
+    key: str
+    when: Callable[[Any], bool] | None = None
+    reason: str = ""
+
+
+def _expand(node: Any, parts: list[str], label: str, scope: Any):
+    """Yield (label, section or None, scope) for every concrete path."""
+    if not parts:
+        yield label, node, scope
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                yield from _expand(item, rest, f"{label}[{i}]", item)
+        elif isinstance(node, dict):
+            for k, item in node.items():
+                yield from _expand(item, rest, f"{label}[{k!r}]", item)
+        else:
+            yield label, None, scope
+        return
+    child_label = f"{label}.{head}" if label else head
+    if isinstance(node, dict) and head in node:
+        yield from _expand(node[head], rest, child_label, scope)
+    elif isinstance(node, list) and re.fullmatch(r"\d+", head) and int(head) < len(node):
+        yield from _expand(node[int(head)], rest, f"{label}[{head}]", node[int(head)])
+    else:
+        yield child_label, None, scope
+
+
+def missing_state(manifest: Mapping[str, Any], requirements: list[StateRequirement] | tuple) -> list[str]:
+    """One message per unmet requirement (empty list: the snapshot has what is needed)."""
+    problems = []
+    for req in requirements:
+        for label, section, scope in _expand(manifest, req.section.split("."), "", manifest):
+            why = f" ({req.reason})" if req.reason else ""
+            if req.when is not None:
+                try:
+                    needed = bool(req.when(scope))
+                except (KeyError, IndexError, TypeError) as exc:
+                    problems.append(f"cannot tell whether {label}.{req.key} is required{why}: "
+                                    f"{type(exc).__name__} {exc}")
+                    continue
+                if not needed:
+                    continue
+            if not isinstance(section, Mapping):
+                problems.append(f"snapshot has no section {label}{why}")
+            elif req.key not in section:
+                problems.append(f"snapshot is missing {label}.{req.key}{why}")
+    return problems
+
+
+def check_required_state(manifest: Mapping[str, Any], requirements: list[StateRequirement] | tuple) -> None:
+    """Raise InputError (one line listing every problem) if a requirement is not met."""
+    problems = missing_state(manifest, requirements)
+    if problems:
+        raise InputError("; ".join(problems))
