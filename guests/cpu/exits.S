@@ -1,0 +1,102 @@
+/* VM exits: port I/O, CPUID, intercepted MSRs, MMIO, VMCALL, XSETBV, a counted loop, and a
+ * triple fault. */
+#include "common.S"
+
+        .text
+        .globl _start, case_io, case_cpuid, case_msr, case_mmio, case_vmcall, case_xsetbv, case_ud
+        .globl case_loop, case_triple, unknown_rdmsr, ud_site, mmio_read
+_start:
+case_io:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        mov $0x3F8, %dx
+        mov $0x41, %al
+        out %al, %dx
+        in $0x60, %al
+        mov %al, R_GUEST(%rbx)
+        mov $0x510, %dx
+        in %dx, %eax
+        mov %rax, R_GUEST+8(%rbx)
+        hlt
+
+case_cpuid:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        mov $7, %eax
+        xor %ecx, %ecx
+        cpuid
+        mov %rbx, %rsi
+        mov $RESULTS_ADDR, %rbx
+        mov %rsi, R_GUEST(%rbx)
+        mov %rcx, R_GUEST+8(%rbx)
+        hlt
+
+case_msr:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        mov $0x4B564D00, %ecx          /* intercepted by the test */
+        rdmsr
+        mov %eax, R_GUEST(%rbx)
+        mov %edx, R_GUEST+4(%rbx)
+        mov $0x4B564D01, %ecx
+        mov $0x11112222, %eax
+        mov $0x33334444, %edx
+        wrmsr
+        mov $0x6A2, %ecx               /* IA32_S_CET: handled by the vCPU */
+        rdmsr
+        mov %eax, R_GUEST+8(%rbx)
+        mov $0x9999, %ecx              /* exists nowhere: #GP */
+unknown_rdmsr:
+        rdmsr
+        hlt
+
+case_mmio:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        mov $MMIO_PAGE, %rdi
+mmio_read:
+        mov 0x10(%rdi), %eax
+        mov %rax, R_GUEST(%rbx)
+        movq $0x55AA, 0x20(%rdi)
+        hlt
+
+case_vmcall:
+        endbr64
+        mov $42, %eax
+        vmcall
+        mov $RESULTS_ADDR, %rbx
+        mov %rax, R_GUEST(%rbx)
+        hlt
+
+case_xsetbv:
+        endbr64
+        xor %ecx, %ecx
+        mov $7, %eax
+        xor %edx, %edx
+        xsetbv
+        hlt
+
+case_ud:
+        endbr64
+ud_site:
+        ud2
+
+case_loop:
+        endbr64
+        mov $1000, %ecx
+1:      dec %ecx
+        jnz 1b
+        mov $RESULTS_ADDR, %rbx
+        movq $1, R_GUEST(%rbx)
+        hlt
+
+case_triple:
+        endbr64
+        lea zero_idt(%rip), %rax
+        lidt (%rax)
+        ud2
+
+        .data
+zero_idt:
+        .word 0
+        .quad 0

@@ -1,0 +1,53 @@
+"""Per-block state of the CET layer: the block classification cache and the previous terminator.
+
+This is the one small object a native block hook (a later issue, through Unicorn's C API) will
+replace: its interface is ``lookup(address, size)`` → :class:`BlockInfo` or None (miss),
+``store(info)``, ``prev`` (the terminator of the block that ran last, or None) and
+``invalidate()``. Everything else in the engine talks to it only through these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInfo:
+    """A classified translation block: where it is, how it ends, its first bytes (for ENDBR)."""
+
+    address: int
+    size: int
+    terminator: TerminatorInfo | None
+    first_bytes: bytes
+
+
+@dataclass
+class BlockTracker:
+    """Block classification cache keyed by linear address, plus the pending terminator."""
+
+    prev: TerminatorInfo | None = None
+    _cache: dict[int, BlockInfo] = field(default_factory=dict)
+
+    def lookup(self, address: int, size: int) -> BlockInfo | None:
+        info = self._cache.get(address)
+        if info is None or info.size != size:
+            return None
+        return info
+
+    def store(self, info: BlockInfo) -> None:
+        self._cache[info.address] = info
+
+    def invalidate(self) -> None:
+        """Forget all classifications (page tables changed: the same address may hold other code)."""
+        self._cache.clear()
+
+    def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None:
+        """Return the pending terminator and make ``terminator`` the new pending one."""
+        prev = self.prev
+        self.prev = terminator if terminator is not None and terminator.kind != Terminator.FALLTHROUGH else None
+        return prev
+
+    def __len__(self) -> int:
+        return len(self._cache)

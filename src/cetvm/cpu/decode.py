@@ -1,0 +1,52 @@
+"""Instruction decoding for the engine (iced-x86): which instructions cetvm emulates in Python.
+
+Unicorn executes everything else. An instruction is *emulated* when Unicorn does not know it
+(#UD), executes it as a NOP, executes it wrongly for CET, or when it must exit to the hypervisor
+before it runs (VMX-like exits). The engine makes each such address a Unicorn "exit" at block
+classification time, so Unicorn stops in front of it and Python runs it (engine-notes).
+"""
+
+from __future__ import annotations
+
+from iced_x86 import Code, Decoder, Instruction, Mnemonic as M
+
+#: Instructions that stop the engine in front of them (traced mode).
+EMULATED_MNEMONICS: frozenset[int] = frozenset({
+    # exits to the hypervisor
+    M.HLT, M.CPUID, M.IN, M.OUT, M.INSB, M.INSW, M.INSD, M.OUTSB, M.OUTSW, M.OUTSD,
+    M.RDMSR, M.WRMSR, M.XSETBV, M.VMCALL,
+    # TLB maintenance (flushes the walker's translation cache)
+    M.INVLPG, M.INVPCID,
+    # CET-affected control transfers and privilege changes
+    M.IRET, M.IRETD, M.IRETQ, M.SYSCALL, M.SYSRETQ, M.SYSRET,
+    # CET instructions Unicorn runs as NOPs or #UDs
+    M.RDSSPD, M.RDSSPQ, M.INCSSPD, M.INCSSPQ, M.SAVEPREVSSP, M.RSTORSSP, M.SETSSBSY, M.CLRSSBSY,
+    M.WRSSD, M.WRSSQ, M.WRUSSD, M.WRUSSQ,
+    # XSAVE variants Unicorn lacks
+    M.XSAVES, M.XSAVES64, M.XRSTORS, M.XRSTORS64, M.XSAVEC, M.XSAVEC64,
+})
+
+#: MOV to a control register: CR0/CR4 need the CET rules, CR3 invalidates classifications.
+MOV_TO_CR_CODES: frozenset[int] = frozenset({Code.MOV_CR_R64, Code.MOV_CR_R32})
+
+#: Far transfers whose shadow-stack frames we maintain.
+FAR_TRANSFER_MNEMONICS: frozenset[int] = frozenset({M.RETF})
+
+MAX_INSTRUCTION_LENGTH = 15
+
+
+def needs_emulation(instr: Instruction) -> bool:
+    """True if the engine must stop in front of ``instr`` and emulate it in Python."""
+    return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES
+            or instr.mnemonic in FAR_TRANSFER_MNEMONICS or instr.is_call_far or instr.is_call_far_indirect
+            or instr.is_jmp_far or instr.is_jmp_far_indirect)
+
+
+def decode_one(code: bytes, ip: int, bitness: int = 64) -> Instruction:
+    """Decode the instruction at the start of ``code`` (``Mnemonic.INVALID`` if it is not one)."""
+    return Decoder(bitness, code, ip=ip).decode()
+
+
+def decode_block(code: bytes, ip: int, bitness: int = 64) -> list[Instruction]:
+    """Decode a translation block's bytes (as Unicorn reports its start and size)."""
+    return list(Decoder(bitness, code, ip=ip))

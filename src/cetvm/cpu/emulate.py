@@ -1,0 +1,482 @@
+"""Python emulation of the instructions the engine stops in front of (see :mod:`cetvm.cpu.decode`).
+
+Each handler gets the vCPU and the decoded instruction (RIP at the instruction), raises
+GuestFault for an architectural fault (nothing changed), and either completes the instruction
+(advancing RIP) and returns None, or returns a VmExit whose completion runs at the next
+``Vcpu.run``. Control transfers Unicorn executes correctly except for CET (IRETQ, SYSRET, far
+RET/CALL/JMP) get their CET effects here and are then executed once natively
+(``Vcpu.step_native``); SYSCALL (a NOP in Unicorn without a hook) is emulated completely.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from iced_x86 import Code, Instruction, Mnemonic as M, OpKind, Register
+
+from cetvm import NotSupportedError
+from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
+from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl, Efer
+from cetvm.cpu.cet import events as cet_events
+from cetvm.cpu.cet import instructions as cet_insn
+from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
+from cetvm.cpu.cet.policy import shadow_stack_enabled
+from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
+from cetvm.cpu.faults import GuestFault, gp, ud
+from cetvm.cpu.state import Segment, SegAttr
+
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+RFLAGS_CF = 1 << 0
+RFLAGS_PF = 1 << 2
+RFLAGS_AF = 1 << 4
+RFLAGS_ZF = 1 << 6
+RFLAGS_SF = 1 << 7
+RFLAGS_OF = 1 << 11
+RFLAGS_RF = 1 << 16
+
+#: MSRs Unicorn 2.1.4 implements (RDMSR/WRMSR of any other index that is not a CET MSR, XSS or
+#: intercepted raises #GP(0), as on a CPU without that MSR). Unicorn drops/zeroes unknown ones.
+UNICORN_MSRS = frozenset(int(m) for m in (
+    Msr.IA32_SYSENTER_CS, Msr.IA32_SYSENTER_ESP, Msr.IA32_SYSENTER_EIP, Msr.IA32_PAT, Msr.IA32_APIC_BASE,
+    Msr.IA32_EFER, Msr.IA32_STAR, Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FMASK, Msr.IA32_FS_BASE,
+    Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE, Msr.IA32_TSC_AUX,
+)) | {0x10}  # IA32_TIME_STAMP_COUNTER
+
+
+def can_emulate(instr: Instruction) -> bool:
+    return instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or _is_far_transfer(instr)
+
+
+def emulate(vcpu, instr: Instruction) -> VmExit | None:
+    handler = _HANDLERS.get(instr.mnemonic)
+    if handler is None:
+        if _is_mov_to_cr(instr):
+            handler = mov_to_cr
+        elif _is_far_transfer(instr):
+            handler = far_transfer
+        else:
+            raise NotSupportedError(f"no emulation for {instr} at {instr.ip:#x}")
+    return handler(vcpu, instr)
+
+
+def _is_mov_to_cr(instr: Instruction) -> bool:
+    return instr.mnemonic == M.MOV and instr.op0_kind == OpKind.REGISTER and Register.CR0 <= instr.op0_register <= Register.CR15
+
+
+def _is_far_transfer(instr: Instruction) -> bool:
+    return instr.mnemonic == M.RETF or instr.is_call_far or instr.is_call_far_indirect or instr.is_jmp_far or instr.is_jmp_far_indirect
+
+
+def _advance(vcpu, instr: Instruction) -> None:
+    vcpu.rip = instr.next_ip
+    vcpu._retire()
+
+
+def _completion_advance(vcpu, instr: Instruction) -> Callable[[], None]:
+    def complete() -> None:
+        _advance(vcpu, instr)
+    return complete
+
+
+def _require_cpl0(vcpu) -> None:
+    if vcpu.cpl != 0:
+        raise gp(0)
+
+
+# ----------------------------------------------------------------------------- registers/operands
+_REG64 = {}
+for _i, _name in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")):
+    _REG64[Register.RAX + _i] = (_name, 8)
+    _REG64[Register.EAX + _i] = (_name, 4)
+    _REG64[Register.AX + _i] = (_name, 2)
+    _REG64[(Register.AL + _i) if _i < 4 else (Register.SPL + _i - 4) if _i < 8 else (Register.R8L + _i - 8)] = (_name, 1)
+
+
+def read_register(vcpu, reg: int) -> int:
+    name, size = _REG64[reg]
+    return vcpu.reg(name) & ((1 << (8 * size)) - 1)
+
+
+def write_register(vcpu, reg: int, value: int) -> None:
+    """Write a GPR with x86 semantics: 32-bit writes zero-extend, 8/16-bit writes merge."""
+    name, size = _REG64[reg]
+    if size >= 4:
+        vcpu.set_reg(name, value & ((1 << (8 * size)) - 1))
+    else:
+        mask = (1 << (8 * size)) - 1
+        vcpu.set_reg(name, (vcpu.reg(name) & ~mask) | (value & mask))
+
+
+def effective_address(vcpu, instr: Instruction) -> int:
+    """Linear address of the memory operand (FS/GS bases applied; other bases are 0 in 64-bit mode)."""
+    if instr.is_ip_rel_memory_operand:
+        addr = instr.ip_rel_memory_address
+    else:
+        addr = instr.memory_displacement
+        if instr.memory_base != Register.NONE:
+            addr += read_register(vcpu, instr.memory_base)
+        if instr.memory_index != Register.NONE:
+            addr += read_register(vcpu, instr.memory_index) * instr.memory_index_scale
+    seg = instr.memory_segment
+    if seg in (Register.FS, Register.GS):
+        addr += vcpu.msr(Msr.IA32_FS_BASE if seg == Register.FS else Msr.IA32_GS_BASE)
+    addr &= _U64 if vcpu.long_mode else 0xFFFF_FFFF
+    if vcpu.long_mode and not is_canonical(addr):
+        raise GuestFault(Vector.SS, 0) if instr.memory_base in (Register.RSP, Register.RBP) else gp(0)
+    return addr
+
+
+def store_value(vcpu, instr: Instruction, size: int) -> int:
+    """The value a store instruction writes (its register or immediate source operand)."""
+    for n in range(instr.op_count):
+        kind = instr.op_kind(n)
+        if kind == OpKind.REGISTER and n > 0:
+            return read_register(vcpu, instr.op_register(n)) & ((1 << (8 * size)) - 1)
+        if kind in (OpKind.IMMEDIATE8, OpKind.IMMEDIATE16, OpKind.IMMEDIATE32, OpKind.IMMEDIATE8TO32,
+                    OpKind.IMMEDIATE8TO64, OpKind.IMMEDIATE32TO64, OpKind.IMMEDIATE64, OpKind.IMMEDIATE8TO16):
+            return instr.immediate(n) & ((1 << (8 * size)) - 1)
+    raise NotSupportedError(f"cannot tell the value {instr} at {instr.ip:#x} stores to MMIO")
+
+
+# ----------------------------------------------------------------------------- exits
+def hlt(vcpu, instr: Instruction) -> VmExit:
+    _require_cpl0(vcpu)
+    vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.HLT, instr.ip, instr.len)
+
+
+def cpuid(vcpu, instr: Instruction) -> VmExit:
+    """CPUID exits unconditionally (VMX); the hypervisor writes RAX/RBX/RCX/RDX."""
+    vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.CPUID, instr.ip, instr.len)
+
+
+def vmcall(vcpu, instr: Instruction) -> VmExit:
+    vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.VMCALL, instr.ip, instr.len)
+
+
+def xsetbv(vcpu, instr: Instruction) -> VmExit:
+    """XSETBV exits unconditionally (VMX); the hypervisor checks and sets ``vcpu.xcr0``."""
+    if not vcpu.cr4 & Cr4.OSXSAVE:
+        raise ud()
+    _require_cpl0(vcpu)
+    value = (vcpu.reg("rdx") & 0xFFFF_FFFF) << 32 | (vcpu.reg("rax") & 0xFFFF_FFFF)
+    vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.XSETBV, instr.ip, instr.len, xcr_index=vcpu.reg("rcx") & 0xFFFF_FFFF, xcr_value=value)
+
+
+def port_io(vcpu, instr: Instruction) -> VmExit:
+    """IN/OUT (imm8 or DX port). I/O permission (IOPL / TSS bitmap) is not checked: decision,
+    cetvm guests do port I/O at CPL 0."""
+    if instr.mnemonic == M.IN:
+        data_reg, port_op = instr.op0_register, 1
+    else:
+        data_reg, port_op = instr.op1_register, 0
+    if instr.op_kind(port_op) == OpKind.REGISTER:
+        port = vcpu.reg("rdx") & 0xFFFF
+    else:
+        port = instr.immediate8
+    size = _REG64[data_reg][1]
+    if instr.mnemonic == M.IN:
+        io = IoExit(port, size, Direction.IN)
+
+        def complete_in() -> None:
+            write_register(vcpu, data_reg, io.data)
+            _advance(vcpu, instr)
+        vcpu.add_completion(complete_in)
+    else:
+        io = IoExit(port, size, Direction.OUT, read_register(vcpu, data_reg))
+        vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.IO, instr.ip, instr.len, io=io)
+
+
+def string_io(vcpu, instr: Instruction) -> VmExit:
+    raise NotSupportedError(f"string port I/O ({instr}) at {instr.ip:#x} is not implemented")
+
+
+# ----------------------------------------------------------------------------- MSRs
+def cet_msr_write_fault(vcpu, index: int, value: int) -> bool:
+    """Architectural WRMSR #GP checks of the CET MSRs [reference §2; SDM Vol. 4 Table 2-2].
+
+    U_CET/S_CET: reserved bits 9:6, TRACKER together with SUPPRESS, non-canonical (the legacy
+    bitmap base; Bochs checks it). PLn_SSP: non-canonical or bits 1:0 set (4-byte alignment).
+    INTERRUPT_SSP_TABLE_ADDR: non-canonical.
+    """
+    if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
+        both = CetCtl.SUPPRESS | CetCtl.TRACKER
+        return bool(value & CET_CTL_RESERVED) or value & both == both or not is_canonical(value)
+    if Msr.IA32_PL0_SSP <= index <= Msr.IA32_PL3_SSP:
+        return not is_canonical(value) or bool(value & 3)
+    if index == Msr.IA32_INT_SSP_TAB:
+        return not is_canonical(value)
+    return False
+
+
+def cet_msr_exists(vcpu, index: int) -> bool:
+    """U_CET/S_CET exist with SHSTK or IBT; PLn_SSP and the SSP table only with SHSTK."""
+    if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
+        return vcpu.has_shstk or vcpu.has_ibt
+    return vcpu.has_shstk
+
+
+def _is_cet_msr(index: int) -> bool:
+    return Msr.IA32_U_CET == index or Msr.IA32_S_CET == index or Msr.IA32_PL0_SSP <= index <= Msr.IA32_INT_SSP_TAB
+
+
+def _model_has_xsaves(vcpu) -> bool:
+    return bool(vcpu.model.get(0xD, 1)[0] & (1 << 3))
+
+
+def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
+    _require_cpl0(vcpu)
+    index = vcpu.reg("rcx") & 0xFFFF_FFFF
+    if index in vcpu.msr_intercepts:
+        msr = MsrExit(index)
+
+        def complete() -> None:
+            if msr.error:
+                vcpu.inject_exception(Vector.GP, 0)
+                return
+            vcpu.set_reg("rax", msr.data & 0xFFFF_FFFF)
+            vcpu.set_reg("rdx", (msr.data >> 32) & 0xFFFF_FFFF)
+            _advance(vcpu, instr)
+        vcpu.add_completion(complete)
+        return VmExit(ExitReason.RDMSR, instr.ip, instr.len, msr=msr)
+    if _is_cet_msr(index):
+        if not cet_msr_exists(vcpu, index):
+            raise gp(0)
+        value = vcpu.msr(index)
+    elif index == Msr.IA32_XSS:
+        if not _model_has_xsaves(vcpu):
+            raise gp(0)
+        value = vcpu.xss
+    elif index in UNICORN_MSRS:
+        value = vcpu.msr(index)
+    else:
+        raise gp(0)
+    vcpu.set_reg("rax", value & 0xFFFF_FFFF)
+    vcpu.set_reg("rdx", (value >> 32) & 0xFFFF_FFFF)
+    _advance(vcpu, instr)
+    return None
+
+
+def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
+    _require_cpl0(vcpu)
+    index = vcpu.reg("rcx") & 0xFFFF_FFFF
+    value = (vcpu.reg("rdx") & 0xFFFF_FFFF) << 32 | (vcpu.reg("rax") & 0xFFFF_FFFF)
+    if index in vcpu.msr_intercepts:
+        msr = MsrExit(index, value)
+
+        def complete() -> None:
+            if msr.error:
+                vcpu.inject_exception(Vector.GP, 0)
+                return
+            _advance(vcpu, instr)
+        vcpu.add_completion(complete)
+        return VmExit(ExitReason.WRMSR, instr.ip, instr.len, msr=msr)
+    if _is_cet_msr(index):
+        if not cet_msr_exists(vcpu, index) or cet_msr_write_fault(vcpu, index, value):
+            raise gp(0)
+        vcpu.set_msr(index, value)
+    elif index == Msr.IA32_XSS:
+        if not _model_has_xsaves(vcpu) or value & ~vcpu.model.xss_mask:
+            raise gp(0)
+        vcpu.xss = value
+    elif index in UNICORN_MSRS:
+        if index == Msr.IA32_EFER and value & Efer.LMA != vcpu.msr(Msr.IA32_EFER) & Efer.LMA:
+            value = (value & ~Efer.LMA) | (vcpu.msr(Msr.IA32_EFER) & Efer.LMA)  # LMA is read-only
+        if index in (Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FS_BASE, Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE) \
+                and not is_canonical(value):
+            raise gp(0)
+        vcpu.set_msr(index, value)
+    else:
+        raise gp(0)
+    _advance(vcpu, instr)
+    return None
+
+
+# ----------------------------------------------------------------------------- control registers
+def mov_to_cr(vcpu, instr: Instruction) -> None:
+    """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5; reference §3]:
+    CR4.CET is reserved (#GP) unless the model has SHSTK or IBT; setting CR4.CET with CR0.WP=0
+    and clearing CR0.WP with CR4.CET=1 → #GP(0). Other reserved-bit checks are Unicorn's
+    business and are not replicated (decision)."""
+    _require_cpl0(vcpu)
+    n = instr.op0_register - Register.CR0
+    value = read_register(vcpu, instr.op1_register)
+    if n == 4:
+        if value & Cr4.CET and not (vcpu.has_shstk or vcpu.has_ibt):
+            raise gp(0)
+        if value & Cr4.CET and not vcpu.cr0 & Cr0.WP:
+            raise gp(0)
+    elif n == 0:
+        if not value & Cr0.WP and vcpu.cr4 & Cr4.CET:
+            raise gp(0)
+        if value & Cr0.PG and not value & Cr0.PE:
+            raise gp(0)
+    elif n not in (2, 3, 8):
+        raise ud()
+    vcpu.write_cr(n, value)
+    _advance(vcpu, instr)
+
+
+# ----------------------------------------------------------------------------- CET instructions
+def _operand_size(instr: Instruction) -> int:
+    return 8 if instr.mnemonic in (M.RDSSPQ, M.INCSSPQ, M.WRSSQ, M.WRUSSQ) else 4
+
+
+def _apply_flags(vcpu, result: cet_insn.FlagsResult) -> None:
+    rflags = vcpu.reg("rflags")
+    if result.clear_others:
+        rflags &= ~(RFLAGS_ZF | RFLAGS_PF | RFLAGS_AF | RFLAGS_OF | RFLAGS_SF)
+    rflags = (rflags | RFLAGS_CF) if result.cf else (rflags & ~RFLAGS_CF)
+    vcpu.set_reg("rflags", rflags)
+
+
+def cet_instruction(vcpu, instr: Instruction) -> None:
+    """RDSSP, INCSSP, RSTORSSP, SAVEPREVSSP, SETSSBSY, CLRSSBSY, WRSS, WRUSS (CET semantics in
+    :mod:`cetvm.cpu.cet.instructions`). #UD when the model lacks SHSTK."""
+    if not vcpu.has_shstk:
+        if instr.mnemonic in (M.RDSSPD, M.RDSSPQ):
+            _advance(vcpu, instr)  # NOP space on CPUs without CET
+            return
+        raise ud()
+    if instr.has_lock_prefix:
+        raise ud()
+    mn = instr.mnemonic
+    size = _operand_size(instr)
+    if mn in (M.RDSSPD, M.RDSSPQ):
+        value = cet_insn.rdssp(vcpu, size)
+        if value is not None:
+            write_register(vcpu, instr.op0_register, value)
+    elif mn in (M.INCSSPD, M.INCSSPQ):
+        cet_insn.incssp(vcpu, read_register(vcpu, instr.op0_register), size)
+    elif mn == M.RSTORSSP:
+        _apply_flags(vcpu, cet_insn.rstorssp(vcpu, effective_address(vcpu, instr)))
+    elif mn == M.SAVEPREVSSP:
+        cet_insn.saveprevssp(vcpu, bool(vcpu.reg("rflags") & RFLAGS_CF))
+    elif mn == M.SETSSBSY:
+        cet_insn.setssbsy(vcpu)
+    elif mn == M.CLRSSBSY:
+        _apply_flags(vcpu, cet_insn.clrssbsy(vcpu, effective_address(vcpu, instr)))
+    elif mn in (M.WRSSD, M.WRSSQ):
+        cet_insn.wrss(vcpu, effective_address(vcpu, instr), read_register(vcpu, instr.op1_register), size)
+    elif mn in (M.WRUSSD, M.WRUSSQ):
+        cet_insn.wruss(vcpu, effective_address(vcpu, instr), read_register(vcpu, instr.op1_register), size)
+    _advance(vcpu, instr)
+
+
+# ----------------------------------------------------------------------------- control transfers
+def _pop_u64(vcpu, rsp: int, n: int) -> list[int]:
+    raw = vcpu.read_virt(rsp, 8 * n, vcpu._user_access())
+    return [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(n)]
+
+
+def iret(vcpu, instr: Instruction) -> None:
+    """IRETQ: the CET frame check/SSP restore (``ssp_on_iret``), then Unicorn's IRETQ.
+
+    Decision: the CET part runs first from the frame on the data stack; if Unicorn's IRETQ then
+    faults (a bad CS/SS), SSP has already been updated.
+    """
+    if instr.mnemonic != M.IRETQ:
+        raise NotSupportedError(f"{instr} (16/32-bit IRET) is not implemented; use IRETQ")
+    if vcpu._cet_active:
+        new_rip, new_cs = _pop_u64(vcpu, vcpu.reg("rsp"), 2)
+        old_cpl, new_cpl = vcpu.cpl, new_cs & 3
+        if new_cpl < old_cpl:
+            raise gp(new_cs & ~3)
+        from cetvm.cpu.events import read_descriptor
+
+        target = read_descriptor(vcpu, new_cs)
+        cet_events.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs & 0xFFFF, (target.base + new_rip) & _U64,
+                               target_long_mode=target.long)
+    _native(vcpu, instr)
+
+
+def sysret(vcpu, instr: Instruction) -> None:
+    """SYSRET: Unicorn's SYSRET, then SSP = PL3_SSP with user shadow stacks (``ssp_on_sysret``)."""
+    _native(vcpu, instr)
+    if vcpu.cpl == 3 and vcpu.rip != instr.ip:
+        cet_events.ssp_on_sysret(vcpu)
+
+
+def syscall(vcpu, instr: Instruction) -> None:
+    """SYSCALL [SDM SYSCALL]: RCX = next RIP, R11 = RFLAGS, RFLAGS &= ~FMASK, CS/SS from
+    STAR[47:32], RIP = LSTAR; then the CET effects (``ssp_on_syscall``). #UD unless EFER.SCE
+    in 64-bit mode."""
+    if not vcpu.long_mode or not vcpu.msr(Msr.IA32_EFER) & Efer.SCE:
+        raise ud()
+    old_cpl = vcpu.cpl
+    star = vcpu.msr(Msr.IA32_STAR)
+    selector = (star >> 32) & 0xFFFC
+    rflags = vcpu.reg("rflags")
+    vcpu.set_reg("rcx", instr.next_ip)
+    vcpu.set_reg("r11", rflags)
+    vcpu.set_reg("rflags", (rflags & ~vcpu.msr(Msr.IA32_FMASK) & ~RFLAGS_RF) | 2)
+    vcpu.load_segments(cs=Segment.code64(selector, 0), ss=Segment.data(selector + 8, 0))
+    vcpu.rip = vcpu.msr(Msr.IA32_LSTAR)
+    cet_events.ssp_on_syscall(vcpu, old_cpl)
+    vcpu._retire()
+
+
+def far_transfer(vcpu, instr: Instruction) -> None:
+    """Far RET / CALL / JMP: shadow-stack frame (``ssp_on_far_ret``/``ssp_on_far_call``) or IBT
+    arm, around Unicorn's own execution of the transfer. Call gates are not supported
+    (decision: treated as same-privilege transfers)."""
+    if not vcpu._cet_active:
+        _native(vcpu, instr)
+        return
+    old_cpl = vcpu.cpl
+    if instr.mnemonic == M.RETF:
+        size = 8 if instr.code in (Code.RETFQ, Code.RETFQ_IMM16) else 4
+        raw = vcpu.read_virt(vcpu.reg("rsp"), 2 * size, vcpu._user_access())
+        new_rip = int.from_bytes(raw[:size], "little")
+        new_cs = int.from_bytes(raw[size:], "little") & 0xFFFF
+        from cetvm.cpu.events import read_descriptor
+
+        target = read_descriptor(vcpu, new_cs)
+        cet_events.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
+                                  (target.base + new_rip) & _U64, target_long_mode=target.long)
+        _native(vcpu, instr)
+    elif instr.is_call_far or instr.is_call_far_indirect:
+        cs = vcpu.segment("cs")
+        cet_events.ssp_on_far_call(vcpu, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
+        _native(vcpu, instr)
+    else:
+        _native(vcpu, instr)
+        ibt_arm_on_transfer(vcpu, vcpu.cpl)
+
+
+def _native(vcpu, instr: Instruction) -> None:
+    vcpu.step_native(instr.ip)
+    vcpu.refresh_mode()
+
+
+def invalidate_tlb(vcpu, instr: Instruction) -> None:
+    """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache as well."""
+    vcpu.flush_tlb()
+    _native(vcpu, instr)
+
+
+def xsave_family(vcpu, instr: Instruction) -> None:
+    from cetvm.cpu import xsave
+
+    xsave.emulate(vcpu, instr)
+
+
+_HANDLERS: dict[int, Callable] = {
+    M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.XSETBV: xsetbv,
+    M.IN: port_io, M.OUT: port_io,
+    M.INSB: string_io, M.INSW: string_io, M.INSD: string_io, M.OUTSB: string_io, M.OUTSW: string_io, M.OUTSD: string_io,
+    M.RDMSR: rdmsr, M.WRMSR: wrmsr,
+    M.IRET: iret, M.IRETD: iret, M.IRETQ: iret, M.SYSRETQ: sysret, M.SYSRET: sysret, M.SYSCALL: syscall,
+    M.RDSSPD: cet_instruction, M.RDSSPQ: cet_instruction, M.INCSSPD: cet_instruction, M.INCSSPQ: cet_instruction,
+    M.SAVEPREVSSP: cet_instruction, M.RSTORSSP: cet_instruction, M.SETSSBSY: cet_instruction,
+    M.CLRSSBSY: cet_instruction, M.WRSSD: cet_instruction, M.WRSSQ: cet_instruction,
+    M.WRUSSD: cet_instruction, M.WRUSSQ: cet_instruction,
+    M.INVLPG: invalidate_tlb, M.INVPCID: invalidate_tlb,
+    M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
+    M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
+}

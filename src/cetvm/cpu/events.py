@@ -1,0 +1,156 @@
+"""Interrupt and exception delivery through the guest IDT in 64-bit mode (Unicorn does not).
+
+[SDM Vol. 3 §6.14 "Exception and interrupt handling in 64-bit mode", §6.15 (#DF), §6.12.1.2
+(stack switching), §7.7 (64-bit TSS); SDM Vol. 2 INT n pseudo-code for the CET steps, done by
+:func:`cetvm.cpu.cet.events.ssp_on_event`.]
+
+Decisions (documented simplifications):
+- only 64-bit interrupt and trap gates (IA-32e mode); delivery outside 64-bit mode ends the run
+  with a SHUTDOWN exit naming the reason;
+- the error code of a fault raised while reading the IDT/GDT/TSS sets EXT (bit 0) for hardware
+  events; #GP/#NP on a bad gate use the IDT form (vector·8 + 2);
+- double faults per SDM Table 6-5 (contributory = #DE #TS #NP #SS #GP #CP; #PF then #PF or
+  contributory → #DF); a fault while delivering #DF is a triple fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cetvm.arch import Vector, VECTORS_WITH_ERROR_CODE
+from cetvm.cpu.cet.events import ssp_on_event
+from cetvm.cpu.exits import ExitReason, VmExit
+from cetvm.cpu.faults import GuestFault, gp
+from cetvm.cpu.paging import Access
+from cetvm.cpu.state import Segment, SegAttr
+
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+GATE_INTERRUPT = 0xE
+GATE_TRAP = 0xF
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+CONTRIBUTORY = frozenset({Vector.DE, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.CP})
+#: 64-bit TSS: RSP0 at +4 (RSPn at 4 + 8n), IST1 at +36 (ISTn at 36 + 8(n-1)) [SDM Vol. 3 §8.7].
+TSS_RSP0 = 4
+TSS_IST1 = 36
+
+
+@dataclass(frozen=True)
+class IdtGate:
+    """A 64-bit IDT gate descriptor (16 bytes)."""
+
+    offset: int
+    selector: int
+    ist: int
+    gate_type: int
+    dpl: int
+    present: bool
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "IdtGate":
+        lo = int.from_bytes(raw[0:8], "little")
+        hi = int.from_bytes(raw[8:16], "little")
+        offset = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF_0000) | ((hi & 0xFFFF_FFFF) << 32)
+        return cls(offset, (lo >> 16) & 0xFFFF, (lo >> 32) & 7, (lo >> 40) & 0xF, (lo >> 45) & 3, bool(lo >> 47 & 1))
+
+
+def double_fault_class(first: int, second: int) -> str:
+    """SDM Table 6-5: "double" (deliver #DF), or "serial" (deliver the second one)."""
+    if first == Vector.PF and (second == Vector.PF or second in CONTRIBUTORY):
+        return "double"
+    if first in CONTRIBUTORY and second in CONTRIBUTORY:
+        return "double"
+    return "serial"
+
+
+def deliver(vcpu, event) -> VmExit | None:
+    """Deliver ``event`` (a vcpu PendingEvent); nested faults become #DF, then a triple fault."""
+    if not vcpu.long_mode:
+        return VmExit(ExitReason.SHUTDOWN, vcpu.rip,
+                      detail=f"vector {event.vector} raised outside 64-bit mode (only 64-bit IDT delivery is implemented)")
+    current = event
+    for _attempt in range(3):
+        try:
+            deliver_64(vcpu, current.vector, current.error_code, current.cr2, software=current.software)
+            return None
+        except GuestFault as fault:
+            if current.vector == Vector.DF:
+                return VmExit(ExitReason.TRIPLE_FAULT, vcpu.rip, detail=f"{fault} while delivering #DF")
+            if not current.software and double_fault_class(current.vector, fault.vector) == "double":
+                current = type(event)(Vector.DF, 0)
+            else:
+                current = type(event)(fault.vector, fault.error_code, fault.cr2)
+    return VmExit(ExitReason.TRIPLE_FAULT, vcpu.rip, detail="nested faults during event delivery")
+
+
+def _supervisor_read(vcpu, linear: int, size: int) -> bytes:
+    return vcpu.read_virt(linear, size, Access.READ)
+
+
+def read_descriptor(vcpu, selector: int) -> Segment:
+    """Load the GDT code/data descriptor of ``selector`` (LDT selectors are not supported)."""
+    gdt = vcpu.get_sregs().gdt
+    index = selector & ~7
+    if selector & 4 or index + 7 > gdt.limit or index == 0:
+        raise gp(selector & ~3)
+    raw = _supervisor_read(vcpu, gdt.base + index, 8)
+    low, high = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+    return Segment.from_descriptor(selector, low, high)
+
+
+def deliver_64(vcpu, vector: int, error_code: int | None, cr2: int | None, *, software: bool) -> None:
+    """Deliver one event through a 64-bit IDT gate (raises GuestFault for a nested fault)."""
+    ext = 0 if software else 1
+    sregs = vcpu.get_sregs()
+    if vector * 16 + 15 > sregs.idt.limit:
+        raise gp(vector * 8 + 2 + ext)
+    gate = IdtGate.decode(_supervisor_read(vcpu, sregs.idt.base + vector * 16, 16))
+    if gate.gate_type not in (GATE_INTERRUPT, GATE_TRAP):
+        raise gp(vector * 8 + 2 + ext)
+    old_cpl = vcpu.cpl
+    if software and gate.dpl < old_cpl:
+        raise gp(vector * 8 + 2)
+    if not gate.present:
+        raise GuestFault(Vector.NP, vector * 8 + 2 + ext)
+    code = read_descriptor(vcpu, gate.selector)
+    if not code.attributes & SegAttr.CODE or not code.long or not code.present:
+        raise gp(gate.selector & ~3 | ext)
+    new_cpl = code.dpl
+    if new_cpl > old_cpl:
+        raise gp(gate.selector & ~3 | ext)
+    rsp = vcpu.reg("rsp")
+    if gate.ist or new_cpl < old_cpl:
+        tss = sregs.tr.base
+        slot = TSS_IST1 + 8 * (gate.ist - 1) if gate.ist else TSS_RSP0 + 8 * new_cpl
+        rsp = int.from_bytes(_supervisor_read(vcpu, tss + slot, 8), "little")
+    rsp &= ~0xF & _U64
+    rip = vcpu.rip
+    rflags = vcpu.reg("rflags")
+    frame = [sregs.ss.selector, vcpu.reg("rsp"), rflags, sregs.cs.selector, rip]
+    if error_code is not None and vector in VECTORS_WITH_ERROR_CODE and not software:
+        frame.append(error_code)
+    new_rsp = (rsp - 8 * len(frame)) & _U64
+    data = b"".join((v & _U64).to_bytes(8, "little") for v in reversed(frame))
+    access = Access.WRITE | (Access.USER if new_cpl == 3 else Access.READ)
+    vcpu.write_virt(new_rsp, data, access)
+    old_cs, old_ss = sregs.cs, sregs.ss
+    new_cs = Segment(gate.selector & ~3 | new_cpl, code.base, code.limit, code.attributes)
+    if new_cpl != old_cpl:
+        vcpu.load_segments(cs=new_cs, ss=Segment(new_cpl, 0, 0, new_cpl << 13))
+    else:
+        vcpu.load_segments(cs=new_cs)
+    try:
+        ssp_on_event(vcpu, old_cpl, new_cpl, gate.ist, True, old_cs.selector, (old_cs.base + rip) & _U64)
+    except GuestFault:
+        vcpu.load_segments(cs=old_cs, ss=old_ss)
+        raise
+    if vector == Vector.PF and cr2 is not None:
+        vcpu.write_cr(2, cr2)
+    vcpu.set_reg("rsp", new_rsp)
+    clear = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM | (RFLAGS_IF if gate.gate_type == GATE_INTERRUPT else 0)
+    vcpu.set_reg("rflags", rflags & ~clear)
+    vcpu.rip = gate.offset
+    vcpu.reset_old_exception()

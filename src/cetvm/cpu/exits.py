@@ -1,0 +1,86 @@
+"""VM exits: why :meth:`cetvm.cpu.vcpu.Vcpu.run` returned (a VMX-like seam, nothing KVM-specific).
+
+The hypervisor completes an exit before the next ``run`` the way KVM userspace completes
+``struct kvm_run``: for IN it stores the value in ``exit.io.data``, for CPUID it writes the
+registers, for an intercepted RDMSR it stores ``exit.msr.data`` (or sets ``exit.msr.error`` to
+have #GP(0) injected). The vCPU then finishes the instruction (writes the result, advances RIP)
+at the start of the next run. ``Vcpu.inject_exception`` instead of completion cancels it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ExitReason(enum.Enum):
+    IO = "io"
+    MMIO = "mmio"
+    HLT = "hlt"
+    CPUID = "cpuid"
+    RDMSR = "rdmsr"
+    WRMSR = "wrmsr"
+    XSETBV = "xsetbv"
+    VMCALL = "vmcall"
+    EXCEPTION = "exception"
+    TRIPLE_FAULT = "triple_fault"
+    BUDGET = "budget"
+    SHUTDOWN = "shutdown"
+
+
+class Direction(enum.Enum):
+    IN = "in"    # read by the guest
+    OUT = "out"  # written by the guest
+
+
+@dataclass
+class IoExit:
+    port: int
+    size: int
+    direction: Direction
+    data: int = 0
+
+
+@dataclass
+class MmioExit:
+    address: int
+    size: int
+    direction: Direction
+    data: int = 0
+
+
+@dataclass
+class MsrExit:
+    index: int
+    data: int = 0
+    error: bool = False
+
+
+@dataclass
+class ExceptionExit:
+    vector: int
+    error_code: int | None = None
+    cr2: int | None = None
+
+
+@dataclass
+class VmExit:
+    """One exit. ``rip`` is the address of the exiting instruction (VMX convention)."""
+
+    reason: ExitReason
+    rip: int
+    instruction_length: int = 0
+    io: IoExit | None = None
+    mmio: MmioExit | None = None
+    msr: MsrExit | None = None
+    exception: ExceptionExit | None = None
+    xcr_index: int = 0
+    xcr_value: int = 0
+    detail: str = ""
+
+    def __str__(self) -> str:
+        extra = self.detail
+        for part in (self.io, self.mmio, self.msr, self.exception):
+            if part is not None:
+                extra = str(part)
+        return f"{self.reason.value} at {self.rip:#x}{' ' + extra if extra else ''}"

@@ -1,0 +1,55 @@
+"""The native CET fast path: the block hook of :mod:`cetvm.cpu.cet.transfer` in C.
+
+Build with ``python -m cetvm.cpu.native.build``; see :mod:`.loader` for the Python side and
+``cetfast.c`` for what runs natively and what is handed over to the Python layer.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from cetvm import InputError, NotSupportedError
+from cetvm.cpu.native.loader import (
+    Handover, HandoverRequest, NativeBlockTracker, NativeCet, NativeCetState, PagingKind, is_built, load_library,
+)
+
+#: Accepted values of ``Vcpu(cet_path=...)`` and ``--cet-path``.
+CET_PATHS = ("auto", "native", "python")
+
+
+def native_available() -> bool:
+    """True if the library is built and loads with the ABI this cetvm expects."""
+    if not is_built():
+        return False
+    try:
+        load_library()
+    except Exception:
+        return False
+    return True
+
+
+def select_cet_path(requested: str, notice: TextIO | None = None) -> str:
+    """Resolve ``requested`` ("auto" | "native" | "python") to "native" or "python".
+
+    "auto" picks native when it is available, else python with a one-line notice on
+    ``notice`` (default stderr). "native" raises NotSupportedError when it is not built.
+    """
+    if requested not in CET_PATHS:
+        raise InputError(f"cet path must be one of {', '.join(CET_PATHS)}, not {requested!r}")
+    if requested == "python":
+        return "python"
+    if native_available():
+        return "native"
+    if requested == "native":
+        load_library()  # raises the precise NotSupportedError / CetvmError
+        raise NotSupportedError("the native CET fast path could not be loaded")
+    print("cetvm: native CET fast path not built (python -m cetvm.cpu.native.build); using the Python CET layer",
+          file=notice if notice is not None else sys.stderr)
+    return "python"
+
+
+__all__ = [
+    "CET_PATHS", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "PagingKind",
+    "is_built", "load_library", "native_available", "select_cet_path",
+]

@@ -1,0 +1,609 @@
+/*
+ * cetfast — CET enforcement at engine speed: a UC_HOOK_BLOCK callback for Unicorn 2.1.4.
+ *
+ * This is a 1:1 re-implementation of the *common* cases of the pure Python block state machine
+ * cetvm.cpu.cet.transfer (on_block_start / apply_terminator / check_block_target), which stays
+ * the single place where semantics are decided.  Everything rare "hands over" to Python:
+ *
+ *   - a shadow-stack access whose translation fails or is not a valid shadow-stack page
+ *     (Python's walker raises the precise #PF with PfErr.SS), crosses a page, or needs a paging
+ *     mode we do not walk natively;
+ *   - a RET whose shadow-stack entry differs from the return address (#CP(NEAR_RET));
+ *   - an IBT target without the mode's ENDBR while the tracker is WAIT (legacy bitmap or
+ *     #CP(ENDBRANCH)).
+ *
+ * A hand-over commits nothing: SSP and the U_CET/S_CET tracker bits are computed in locals and
+ * written only when the whole block start succeeded; the terminator and the block address are
+ * recorded in the shared state, RIP is set to the block address (so the block is left before its
+ * first instruction) and emulation stops.  Python then runs on_block_start() for exactly that
+ * terminator and block, which redoes the push/pop/arm/check from scratch.
+ *
+ * The shadow stack lives IN GUEST MEMORY only (no private copy): pushes store and pops load the
+ * guest's shadow-stack page through a small translation cache (linear page -> host pointer or
+ * guest-physical page) that is filled by a native 4-level walk applying the shadow-stack page
+ * rule [SDM Vol. 3 §4.6.1; cetvm.cpu.paging.translate] and flushed when Python says so.
+ *
+ * No global mutable state: everything lives in one cetfast_t per vCPU, passed as user data.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <unicorn/unicorn.h>
+
+#define CETFAST_ABI 5
+
+/* Terminator kinds: the values of cetvm.cpu.cet.transfer.Terminator. */
+enum {
+    T_NONE = 0,
+    T_CALL_DIRECT = 1,
+    T_CALL_DIRECT_DISP0 = 2,
+    T_CALL_INDIRECT = 3,
+    T_CALL_INDIRECT_NOTRACK = 4,
+    T_JMP_INDIRECT = 5,
+    T_JMP_INDIRECT_NOTRACK = 6,
+    T_RET = 7,
+    T_RET_IMM = 8,
+    T_OTHER_EMULATED = 9,
+};
+
+/* Hand-over reasons (cetvm.cpu.native.Handover). */
+enum {
+    H_NONE = 0,
+    H_SHADOW_STACK_ACCESS = 1, /* translation failed / not a shadow-stack page / unsupported */
+    H_RET_MISMATCH = 2,        /* #CP(NEAR_RET) candidate */
+    H_ENDBRANCH = 3,           /* missing ENDBR while WAIT_FOR_ENDBRANCH (bitmap or #CP(3)) */
+};
+
+/* IA32_U_CET / IA32_S_CET bits [SDM Vol. 1 §18; cetvm.arch.CetCtl]. */
+#define CET_SH_STK_EN (1ull << 0)
+#define CET_ENDBR_EN (1ull << 2)
+#define CET_NO_TRACK_EN (1ull << 4)
+#define CET_SUPPRESS (1ull << 10)
+#define CET_TRACKER (1ull << 11)
+
+/* Page-table entry bits [SDM Vol. 3 §4.5]. */
+#define PTE_P (1ull << 0)
+#define PTE_RW (1ull << 1)
+#define PTE_US (1ull << 2)
+#define PTE_D (1ull << 6)
+#define PTE_PS (1ull << 7)
+#define PTE_ADDR_MASK 0x000FFFFFFFFFF000ull
+
+#define SS_TAG_INVALID 1ull /* bit 0 set: never equals a key of an 8-aligned address */
+#define PAGE_SIZE 0x1000ull
+#define PAGE_MASK (~(PAGE_SIZE - 1))
+
+/* Paging modes as Python reports them. */
+enum { PAGING_OFF = 0, PAGING_4LEVEL = 1, PAGING_OTHER = 2 };
+
+/* ------------------------------------------------------------------ shared with Python */
+
+/* A terminator: the instruction's address and one 32-bit word (kind | insn_len << 8 | imm16 << 16),
+ * always stored and loaded with the same widths (no store-forwarding stalls in the hot path). */
+typedef struct {
+    uint64_t insn_addr;
+    uint32_t word;
+    uint32_t pad;
+} cet_term_t; /* 16 bytes */
+
+#define TERM_KIND(w) ((w) & 0xFFu)
+#define TERM_LEN(w) (((w) >> 8) & 0xFFu)
+#define TERM_IMM16(w) ((w) >> 16)
+
+typedef struct __attribute__((aligned(32))) {
+    uint64_t addr;
+    uint64_t insn_addr;
+    uint32_t term;    /* cet_term_t.word of the block's last instruction */
+    uint32_t size;
+    uint8_t used;
+    uint8_t endbr;    /* bit 0: starts with ENDBR64, bit 1: starts with ENDBR32 */
+    uint8_t first_len;
+    uint8_t pad;
+    uint8_t first[4];
+} cet_block_t; /* 32 bytes */
+
+/* The Python-visible part; mirrored field by field by cetvm.cpu.native.loader.SharedState. */
+typedef struct {
+    uint64_t abi;
+    /* architectural state owned here while the native path is installed */
+    uint64_t ssp;
+    uint64_t u_cet;
+    uint64_t s_cet;
+    /* mode, written by Python (sync_mode) */
+    uint64_t cr3;
+    uint32_t cpl;
+    uint32_t long_mode;
+    uint32_t cr4_cet;
+    uint32_t paging;
+    uint32_t enabled;
+    uint32_t handover;
+    cet_term_t pending;
+    cet_term_t handover_term;
+    uint64_t handover_addr;
+    /* statistics */
+    uint64_t blocks;
+    uint64_t misses;
+    uint64_t pushes;
+    uint64_t pops;
+    uint64_t handovers;
+    uint64_t tlb_fills;
+    uint64_t slow_mem;
+    uint64_t callback_errors;
+} cet_shared_t;
+
+/* ------------------------------------------------------------------ private */
+
+typedef uc_err (*reg_rw_fn)(uc_engine *, int, void *);
+typedef uc_err (*mem_read_fn)(uc_engine *, uint64_t, void *, uint64_t);
+typedef uc_err (*mem_write_fn)(uc_engine *, uint64_t, const void *, uint64_t);
+typedef uc_err (*emu_stop_fn)(uc_engine *);
+typedef int (*classify_fn)(uint64_t addr, uint32_t size);
+
+#define TLB_ENTRIES 64
+#define MAX_RAM 32
+
+typedef struct {
+    uint64_t tag;   /* linear page | user bit (bit 0) */
+    uint64_t gen;   /* valid iff == tlb_gen */
+    uint64_t cr3;
+    uint8_t *host;  /* host address of the page, or NULL: use uc_mem_read/write on phys */
+    uint64_t phys;  /* guest-physical page */
+} tlb_entry_t;
+
+typedef struct {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+} ram_range_t;
+
+typedef struct {
+    cet_shared_t s; /* must stay first: Python maps SharedState at the object's address */
+    reg_rw_fn reg_write;
+    mem_read_fn mem_read;
+    mem_write_fn mem_write;
+    emu_stop_fn emu_stop;
+    classify_fn classify;
+    cet_block_t *table;
+    uint64_t table_mask;
+    uint64_t table_count;
+    uint64_t tlb_gen;
+    uint64_t ss_tag;   /* one-entry fast cache: page | user << 3 of the last shadow-stack page */
+    uint8_t *ss_host;  /* its host address */
+    tlb_entry_t tlb[TLB_ENTRIES];
+    ram_range_t ram[MAX_RAM];
+    uint32_t ram_count;
+} cetfast_t;
+
+/* ------------------------------------------------------------------ lifecycle / API */
+
+uint64_t cetfast_abi(void) { return CETFAST_ABI; }
+uint64_t cetfast_shared_size(void) { return sizeof(cet_shared_t); }
+uint64_t cetfast_block_size(void) { return sizeof(cet_block_t); }
+
+void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_stop, void *classify)
+{
+    cetfast_t *f = calloc(1, sizeof(*f));
+    if (!f)
+        return NULL;
+    f->table = aligned_alloc(64, 1024 * sizeof(cet_block_t));
+    if (f->table)
+        memset(f->table, 0, 1024 * sizeof(cet_block_t));
+    if (!f->table) {
+        free(f);
+        return NULL;
+    }
+    f->table_mask = 1023;
+    f->s.abi = CETFAST_ABI;
+    f->s.enabled = 1;
+    f->tlb_gen = 1;
+    f->ss_tag = SS_TAG_INVALID;
+    f->reg_write = (reg_rw_fn)reg_write;
+    f->mem_read = (mem_read_fn)mem_read;
+    f->mem_write = (mem_write_fn)mem_write;
+    f->emu_stop = (emu_stop_fn)emu_stop;
+    f->classify = (classify_fn)classify;
+    return f;
+}
+
+void cetfast_free(void *p)
+{
+    cetfast_t *f = p;
+    if (!f)
+        return;
+    free(f->table);
+    free(f);
+}
+
+/* Forget every cached translation (CR3 write, INVLPG, page-table-affecting emulation, mode). */
+void cetfast_flush_tlb(void *p)
+{
+    cetfast_t *f = p;
+    f->tlb_gen++;
+    f->ss_tag = SS_TAG_INVALID;
+}
+
+/* Register guest-physical RAM [gpa, gpa+size) backed by host memory (uc_mem_map_ptr). */
+int cetfast_add_ram(void *p, uint64_t gpa, uint64_t size, void *host)
+{
+    cetfast_t *f = p;
+    if (f->ram_count >= MAX_RAM)
+        return -1;
+    f->ram[f->ram_count++] = (ram_range_t){gpa, size, host};
+    cetfast_flush_tlb(f);
+    return 0;
+}
+
+void cetfast_clear_ram(void *p)
+{
+    cetfast_t *f = p;
+    f->ram_count = 0;
+    cetfast_flush_tlb(f);
+}
+
+/* ------------------------------------------------------------------ block table */
+
+static inline uint64_t block_hash(uint64_t addr) { return (addr * 0x9E3779B97F4A7C15ull) >> 20; }
+
+static inline cet_block_t *block_find(cetfast_t *f, uint64_t addr, uint32_t size)
+{
+    uint64_t i = block_hash(addr) & f->table_mask;
+    for (;;) {
+        cet_block_t *b = &f->table[i];
+        if (!b->used)
+            return NULL;
+        if (b->addr == addr)
+            return b->size == size ? b : NULL;
+        i = (i + 1) & f->table_mask;
+    }
+}
+
+static cet_block_t *block_slot(cet_block_t *table, uint64_t mask, uint64_t addr)
+{
+    uint64_t i = block_hash(addr) & mask;
+    while (table[i].used && table[i].addr != addr)
+        i = (i + 1) & mask;
+    return &table[i];
+}
+
+static int table_grow(cetfast_t *f)
+{
+    uint64_t new_mask = f->table_mask * 2 + 1;
+    cet_block_t *t = aligned_alloc(64, (new_mask + 1) * sizeof(cet_block_t));
+    if (!t)
+        return -1;
+    memset(t, 0, (new_mask + 1) * sizeof(cet_block_t));
+    for (uint64_t i = 0; i <= f->table_mask; i++)
+        if (f->table[i].used)
+            *block_slot(t, new_mask, f->table[i].addr) = f->table[i];
+    free(f->table);
+    f->table = t;
+    f->table_mask = new_mask;
+    return 0;
+}
+
+static const uint8_t ENDBR64_BYTES[4] = {0xF3, 0x0F, 0x1E, 0xFA};
+static const uint8_t ENDBR32_BYTES[4] = {0xF3, 0x0F, 0x1E, 0xFB};
+
+/* Store a classified block (replaces an older entry for the same address). */
+int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t kind, uint64_t insn_addr, uint32_t insn_len,
+                  uint32_t imm16, const uint8_t *first, uint32_t first_len)
+{
+    cetfast_t *f = p;
+    if ((f->table_count + 1) * 2 > f->table_mask + 1 && table_grow(f) < 0)
+        return -1;
+    cet_block_t *b = block_slot(f->table, f->table_mask, addr);
+    if (!b->used)
+        f->table_count++;
+    memset(b, 0, sizeof(*b));
+    b->used = 1;
+    b->addr = addr;
+    b->size = size;
+    b->first_len = first_len > sizeof(b->first) ? sizeof(b->first) : (uint8_t)first_len;
+    memcpy(b->first, first, b->first_len);
+    b->endbr = (b->first_len >= 4 && memcmp(b->first, ENDBR64_BYTES, 4) == 0) |
+               (b->first_len >= 4 && memcmp(b->first, ENDBR32_BYTES, 4) == 0) << 1;
+    b->insn_addr = insn_addr;
+    b->term = (kind & 0xFFu) | (insn_len & 0xFFu) << 8 | (imm16 & 0xFFFFu) << 16;
+    return 0;
+}
+
+/* Copy the entry for (addr, size) to *out; 1 if found. */
+int cetfast_lookup(void *p, uint64_t addr, uint32_t size, cet_block_t *out)
+{
+    cet_block_t *b = block_find(p, addr, size);
+    if (!b)
+        return 0;
+    *out = *b;
+    return 1;
+}
+
+uint64_t cetfast_block_count(void *p) { return ((cetfast_t *)p)->table_count; }
+
+void cetfast_invalidate_blocks(void *p)
+{
+    cetfast_t *f = p;
+    memset(f->table, 0, (f->table_mask + 1) * sizeof(cet_block_t));
+    f->table_count = 0;
+}
+
+/* ------------------------------------------------------------------ guest memory */
+
+static inline uint8_t *phys_host(cetfast_t *f, uint64_t gpa, uint64_t len)
+{
+    for (uint32_t i = 0; i < f->ram_count; i++) {
+        ram_range_t *r = &f->ram[i];
+        if (gpa >= r->gpa && gpa - r->gpa + len <= r->size)
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+static inline int is_canonical48(uint64_t lin)
+{
+    int64_t s = (int64_t)(lin << 16) >> 16;
+    return (uint64_t)s == lin;
+}
+
+/*
+ * Shadow-stack translation of ``lin`` [SDM Vol. 3 §4.6.1; cetvm.cpu.paging.translate with
+ * Access.SHADOW_STACK]: every level present; the leaf R/W=0 and D=1 with R/W=1 at every upper
+ * level; a user access needs U/S=1 at every level, a supervisor access needs U/S=0 somewhere.
+ * Returns 0 and fills the TLB entry, or -1 (hand over: Python raises the precise fault).
+ */
+__attribute__((noinline)) static int ss_walk(cetfast_t *f, uc_engine *uc, uint64_t lin, int user, tlb_entry_t *e)
+{
+    uint64_t phys_page;
+    if (f->s.paging == PAGING_OFF) {
+        phys_page = lin & PAGE_MASK;
+    } else if (f->s.paging == PAGING_4LEVEL) {
+        static const int shifts[4] = {39, 30, 21, 12};
+        uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
+        int writable_upper = 1, user_all = 1, page_shift = 12;
+        if (!is_canonical48(lin))
+            return -1;
+        for (int level = 0; level < 4; level++) {
+            uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
+            uint8_t *h = phys_host(f, gpa, 8);
+            if (h) {
+                memcpy(&entry, h, 8);
+            } else {
+                f->s.slow_mem++;
+                if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
+                    return -1;
+            }
+            if (!(entry & PTE_P))
+                return -1;
+            user_all = user_all && (entry & PTE_US);
+            if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
+                page_shift = shifts[level];
+                break;
+            }
+            writable_upper = writable_upper && (entry & PTE_RW);
+            table = entry & PTE_ADDR_MASK;
+        }
+        if (user && !user_all)
+            return -1;
+        if (!writable_upper || (entry & PTE_RW) || !(entry & PTE_D))
+            return -1;
+        if (user_all && !user)
+            return -1;
+        uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
+        phys_page = ((entry & frame_mask) | (lin & ((1ull << page_shift) - 1))) & PAGE_MASK;
+    } else {
+        return -1;
+    }
+    e->tag = (lin & PAGE_MASK) | (uint64_t)user;
+    e->gen = f->tlb_gen;
+    e->cr3 = f->s.cr3;
+    e->phys = phys_page;
+    e->host = phys_host(f, phys_page, PAGE_SIZE);
+    f->s.tlb_fills++;
+    return 0;
+}
+
+static inline tlb_entry_t *ss_translate(cetfast_t *f, uc_engine *uc, uint64_t lin, int user)
+{
+    tlb_entry_t *e = &f->tlb[(lin >> 12) & (TLB_ENTRIES - 1)];
+    uint64_t tag = (lin & PAGE_MASK) | (uint64_t)user;
+    if (e->tag == tag && e->gen == f->tlb_gen && e->cr3 == f->s.cr3)
+        return e;
+    return ss_walk(f, uc, lin, user, e) == 0 ? e : NULL;
+}
+
+/* Shadow-stack store of ``width`` bytes; 0 or -1 (hand over). Never crosses a page. */
+static inline int ss_store(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t value, unsigned width, int user)
+{
+    if ((lin & (PAGE_SIZE - 1)) > PAGE_SIZE - width)
+        return -1;
+    tlb_entry_t *e = ss_translate(f, uc, lin, user);
+    if (!e)
+        return -1;
+    if (e->host) {
+        memcpy(e->host + (lin & (PAGE_SIZE - 1)), &value, width);
+        return 0;
+    }
+    f->s.slow_mem++;
+    return f->mem_write(uc, e->phys | (lin & (PAGE_SIZE - 1)), &value, width) == UC_ERR_OK ? 0 : -1;
+}
+
+static inline int ss_load(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *value, unsigned width, int user)
+{
+    if ((lin & (PAGE_SIZE - 1)) > PAGE_SIZE - width)
+        return -1;
+    tlb_entry_t *e = ss_translate(f, uc, lin, user);
+    if (!e)
+        return -1;
+    *value = 0;
+    if (e->host) {
+        memcpy(value, e->host + (lin & (PAGE_SIZE - 1)), width);
+        return 0;
+    }
+    f->s.slow_mem++;
+    return f->mem_read(uc, e->phys | (lin & (PAGE_SIZE - 1)), value, width) == UC_ERR_OK ? 0 : -1;
+}
+
+/* ------------------------------------------------------------------ the block hook */
+
+__attribute__((noinline, cold)) static void hand_over(cetfast_t *f, uc_engine *uc, const cet_term_t *prev, uint64_t addr, uint32_t reason)
+{
+    f->s.handover = reason;
+    f->s.handover_term = *prev;
+    f->s.handover_addr = addr;
+    f->s.pending.word = T_NONE;
+    f->s.handovers++;
+    f->reg_write(uc, UC_X86_REG_RIP, &addr); /* leave the block before its first instruction */
+    f->emu_stop(uc);
+}
+
+
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define PUSH_KINDS ((1u << T_CALL_DIRECT) | (1u << T_CALL_INDIRECT) | (1u << T_CALL_INDIRECT_NOTRACK))
+#define POP_KINDS ((1u << T_RET) | (1u << T_RET_IMM))
+#define PUSH_OR_POP_KINDS (PUSH_KINDS | POP_KINDS)
+#define ARM_KINDS ((1u << T_CALL_INDIRECT) | (1u << T_JMP_INDIRECT))
+#define ARM_NOTRACK_KINDS ((1u << T_CALL_INDIRECT_NOTRACK) | (1u << T_JMP_INDIRECT_NOTRACK))
+
+/* Host address of the 8 bytes at shadow-stack address ``lin`` if directly accessible (fast path). */
+static inline uint64_t *ss_slot(cetfast_t *f, uc_engine *uc, uint64_t lin, int user)
+{
+    uint64_t key = (lin & (PAGE_MASK | 7)) | ((uint64_t)user << 3);
+    if (LIKELY(key == f->ss_tag))
+        return (uint64_t *)(f->ss_host + (lin & (PAGE_SIZE - 8)));
+    if (lin & 7)
+        return NULL; /* unaligned 8-byte entry: slow path (may cross a page) */
+    tlb_entry_t *e = ss_translate(f, uc, lin, user);
+    if (!e || !e->host)
+        return NULL;
+    f->ss_tag = key;
+    f->ss_host = e->host;
+    return (uint64_t *)(e->host + (lin & (PAGE_SIZE - 8)));
+}
+
+static int ss_store_slow(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t value, unsigned width, int user)
+{
+    return ss_store(f, uc, lin, value, width, user);
+}
+
+static int ss_load_slow(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *value, unsigned width, int user)
+{
+    return ss_load(f, uc, lin, value, width, user);
+}
+
+/* Near CALL/RET outside 64-bit mode: 4-byte entries (compatibility / protected mode). */
+static int ss_near_compat(cetfast_t *f, uc_engine *uc, const cet_term_t *prev, uint64_t addr, uint64_t *ssp,
+                          int user)
+{
+    if ((1u << TERM_KIND(prev->word)) & PUSH_KINDS) {
+        if (ss_store(f, uc, *ssp - 4, (prev->insn_addr + TERM_LEN(prev->word)) & 0xFFFFFFFFull, 4, user) < 0) {
+            hand_over(f, uc, prev, addr, H_SHADOW_STACK_ACCESS);
+            return -1;
+        }
+        *ssp -= 4;
+        return 0;
+    }
+    uint64_t shadow_ret;
+    if (ss_load(f, uc, *ssp, &shadow_ret, 4, user) < 0) {
+        hand_over(f, uc, prev, addr, H_SHADOW_STACK_ACCESS);
+        return -1;
+    }
+    if (shadow_ret != (addr & 0xFFFFFFFFull)) {
+        hand_over(f, uc, prev, addr, H_RET_MISMATCH);
+        return -1;
+    }
+    *ssp += 4;
+    return 0;
+}
+
+/*
+ * UC_HOOK_BLOCK callback: cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
+ * that ran last (f->s.pending) and the block starting at ``addr``.
+ */
+void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    cetfast_t *f = user_data;
+    cet_shared_t *s = &f->s;
+    if (UNLIKELY(!s->enabled || s->handover))
+        return;
+    cet_block_t *b = block_find(f, addr, size);
+    if (UNLIKELY(!b)) {
+        s->misses++;
+        if (!f->classify(addr, size)) /* Python made exits / stopped emulation: not consumed */
+            return;
+        b = block_find(f, addr, size);
+        if (!b)
+            return;
+    }
+    cet_term_t prev;
+    prev.insn_addr = s->pending.insn_addr;
+    prev.word = s->pending.word;
+    s->pending.insn_addr = b->insn_addr;
+    s->pending.word = b->term;
+
+    int user = s->cpl == 3;
+    uint64_t ctl = user ? s->u_cet : s->s_cet;
+    if (!s->cr4_cet || !(ctl & (CET_SH_STK_EN | CET_ENDBR_EN)))
+        return;
+
+    /* apply_terminator: shadow stack (kinds 1..8 touch it; DISP0 and JMPs do not) */
+    uint64_t ssp = s->ssp;
+    unsigned kind = TERM_KIND(prev.word);
+    if ((ctl & CET_SH_STK_EN) && ((1u << kind) & PUSH_OR_POP_KINDS)) {
+        if (LIKELY(s->long_mode)) {
+            if ((1u << kind) & PUSH_KINDS) {
+                uint64_t *slot = ss_slot(f, uc, ssp - 8, user);
+                if (UNLIKELY(!slot)) {
+                    if (ss_store_slow(f, uc, ssp - 8, prev.insn_addr + TERM_LEN(prev.word), 8, user) < 0) {
+                        hand_over(f, uc, &prev, addr, H_SHADOW_STACK_ACCESS);
+                        return;
+                    }
+                } else {
+                    *slot = prev.insn_addr + TERM_LEN(prev.word);
+                }
+                ssp -= 8;
+            } else {
+                uint64_t shadow_ret;
+                uint64_t *slot = ss_slot(f, uc, ssp, user);
+                if (LIKELY(slot != NULL)) {
+                    shadow_ret = *slot;
+                } else if (ss_load_slow(f, uc, ssp, &shadow_ret, 8, user) < 0) {
+                    hand_over(f, uc, &prev, addr, H_SHADOW_STACK_ACCESS);
+                    return;
+                }
+                if (UNLIKELY(shadow_ret != addr)) {
+                    hand_over(f, uc, &prev, addr, H_RET_MISMATCH);
+                    return;
+                }
+                ssp += 8;
+            }
+        } else if (ss_near_compat(f, uc, &prev, addr, &ssp, user) < 0) {
+            return;
+        }
+    }
+
+    /* apply_terminator: IBT arming [ibt_arm_on_indirect] */
+    if ((ctl & (CET_ENDBR_EN | CET_SUPPRESS)) == CET_ENDBR_EN) {
+        if ((1u << kind) & ARM_KINDS)
+            ctl |= CET_TRACKER;
+        else if (((1u << kind) & ARM_NOTRACK_KINDS) && !(ctl & CET_NO_TRACK_EN))
+            ctl |= CET_TRACKER;
+    }
+
+    /* check_block_target [ibt_check_target] */
+    if (ctl & CET_ENDBR_EN) {
+        if (b->endbr & (s->long_mode ? 1 : 2)) {
+            ctl &= ~(CET_TRACKER | CET_SUPPRESS);
+        } else if (UNLIKELY(ctl & CET_TRACKER)) {
+            hand_over(f, uc, &prev, addr, H_ENDBRANCH);
+            return;
+        }
+    }
+
+    /* commit */
+    s->ssp = ssp;
+    if (user)
+        s->u_cet = ctl;
+    else
+        s->s_cet = ctl;
+}

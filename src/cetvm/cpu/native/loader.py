@@ -1,0 +1,348 @@
+"""Python side of the native CET fast path (``libcetfast.so``, built from ``cetfast.c``).
+
+:class:`NativeCet` installs the C UC_HOOK_BLOCK callback on a Unicorn instance through
+Unicorn's C API, handing it the binding's own ``uc_reg_write``/``uc_mem_read``/``uc_mem_write``/
+``uc_emu_stop`` pointers (so the same libunicorn instance is used) and a ctypes classifier that
+runs once per new block. Three small adapters let the engine use it where it used Python objects:
+
+- :class:`NativeCetState` — the vCPU's CET registers (``ssp``, ``u_cet``, ``s_cet`` live in the
+  native shared state, ``pl_ssp`` and ``int_ssp_tab`` stay in Python), duck-typing
+  :class:`cetvm.cpu.state.CetState`;
+- :class:`NativeBlockTracker` — the classification cache and pending terminator, the interface
+  of :class:`cetvm.cpu.blocks.BlockTracker`;
+- :meth:`NativeCet.take_handover` — a block start the native code left to Python (see
+  ``cetfast.c``): the engine runs :func:`cetvm.cpu.cet.transfer.on_block_start` for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import functools
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cetvm import CetvmError, NotSupportedError
+from cetvm.cpu.blocks import BlockInfo
+from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
+
+#: Must equal CETFAST_ABI in cetfast.c.
+ABI_VERSION = 5
+LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
+_UC_HOOK_BLOCK = 1 << 3
+
+
+class Handover(enum.IntEnum):
+    """Why the native hook left a block start to Python (values of cetfast.c's H_*)."""
+
+    NONE = 0
+    SHADOW_STACK_ACCESS = 1
+    RET_MISMATCH = 2
+    ENDBRANCH = 3
+
+
+class PagingKind(enum.IntEnum):
+    """What the native shadow-stack walker does: identity, 4-level walk, or hand over."""
+
+    OFF = 0
+    FOUR_LEVEL = 1
+    OTHER = 2
+
+
+class TermStruct(ctypes.Structure):
+    _fields_ = [("insn_addr", ctypes.c_uint64), ("kind", ctypes.c_uint8), ("insn_len", ctypes.c_uint8),
+                ("imm16", ctypes.c_uint16), ("pad", ctypes.c_uint32)]
+
+
+class BlockStruct(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint64), ("insn_addr", ctypes.c_uint64), ("kind", ctypes.c_uint8),
+                ("insn_len", ctypes.c_uint8), ("imm16", ctypes.c_uint16), ("size", ctypes.c_uint32),
+                ("used", ctypes.c_uint8), ("endbr", ctypes.c_uint8), ("first_len", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("first", ctypes.c_uint8 * 4)]
+
+
+class SharedState(ctypes.Structure):
+    """Mirror of ``cet_shared_t`` (checked against the library's sizeof at load time)."""
+
+    _fields_ = [
+        ("abi", ctypes.c_uint64),
+        ("ssp", ctypes.c_uint64), ("u_cet", ctypes.c_uint64), ("s_cet", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cpl", ctypes.c_uint32), ("long_mode", ctypes.c_uint32), ("cr4_cet", ctypes.c_uint32),
+        ("paging", ctypes.c_uint32), ("enabled", ctypes.c_uint32), ("handover", ctypes.c_uint32),
+        ("pending", TermStruct), ("handover_term", TermStruct), ("handover_addr", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64), ("misses", ctypes.c_uint64), ("pushes", ctypes.c_uint64),
+        ("pops", ctypes.c_uint64), ("handovers", ctypes.c_uint64), ("tlb_fills", ctypes.c_uint64),
+        ("slow_mem", ctypes.c_uint64), ("callback_errors", ctypes.c_uint64),
+    ]
+
+
+_CLASSIFY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32)
+_VP = ctypes.c_void_p
+_U64 = ctypes.c_uint64
+_U32 = ctypes.c_uint32
+
+
+def is_built() -> bool:
+    """True if ``libcetfast.so`` exists (built by ``python -m cetvm.cpu.native.build``)."""
+    return LIBRARY_PATH.is_file()
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL:
+    """Load the library once per process and check its ABI (NotSupportedError if not built)."""
+    if not is_built():
+        raise NotSupportedError("the native CET fast path is not built; run: python -m cetvm.cpu.native.build")
+    lib = ctypes.CDLL(str(LIBRARY_PATH))
+    lib.cetfast_abi.restype = _U64
+    lib.cetfast_shared_size.restype = _U64
+    lib.cetfast_block_size.restype = _U64
+    if (lib.cetfast_abi() != ABI_VERSION or lib.cetfast_shared_size() != ctypes.sizeof(SharedState)
+            or lib.cetfast_block_size() != ctypes.sizeof(BlockStruct)):
+        raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (ABI {lib.cetfast_abi()}); "
+                         "rebuild it: python -m cetvm.cpu.native.build --force")
+    lib.cetfast_new.restype = _VP
+    lib.cetfast_new.argtypes = [_VP, _VP, _VP, _VP, _VP]
+    lib.cetfast_free.argtypes = [_VP]
+    lib.cetfast_flush_tlb.argtypes = [_VP]
+    lib.cetfast_add_ram.argtypes = [_VP, _U64, _U64, _VP]
+    lib.cetfast_clear_ram.argtypes = [_VP]
+    lib.cetfast_store.argtypes = [_VP, _U64, _U32, _U32, _U64, _U32, _U32, ctypes.c_char_p, _U32]
+    lib.cetfast_lookup.argtypes = [_VP, _U64, _U32, ctypes.POINTER(BlockStruct)]
+    lib.cetfast_block_count.restype = _U64
+    lib.cetfast_block_count.argtypes = [_VP]
+    lib.cetfast_invalidate_blocks.argtypes = [_VP]
+    return lib
+
+
+def _unicorn_api():
+    from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
+
+    return uclib, uc_hook_h
+
+
+def _fnptr(f) -> int:
+    return ctypes.cast(f, ctypes.c_void_p).value
+
+
+def _release(lib: ctypes.CDLL, uclib, uch, hook, ptr: int) -> None:
+    if hook is not None:
+        uclib.uc_hook_del(uch, hook)
+    lib.cetfast_free(ptr)
+
+
+@dataclass(frozen=True)
+class HandoverRequest:
+    """A block start left to Python: apply ``terminator`` (None = none) at ``block_addr``."""
+
+    reason: Handover
+    terminator: TerminatorInfo | None
+    block_addr: int
+
+
+def _term_info(t: TermStruct) -> TerminatorInfo | None:
+    if t.kind == Terminator.FALLTHROUGH:
+        return None
+    return TerminatorInfo(Terminator(t.kind), t.insn_addr, t.insn_len, t.imm16)
+
+
+def _set_term(t: TermStruct, info: TerminatorInfo | None) -> None:
+    if info is None or info.kind == Terminator.FALLTHROUGH:
+        t.kind, t.insn_addr, t.insn_len, t.imm16, t.pad = 0, 0, 0, 0, 0
+    else:
+        t.kind, t.insn_addr, t.insn_len, t.imm16 = int(info.kind), info.insn_addr, info.insn_len, info.imm16
+
+
+class NativeCet:
+    """The native block hook on one Unicorn instance.
+
+    ``classify(address, size) -> bool``: called once for each new (address, size) block; it
+    must store the block's :class:`BlockInfo` through :attr:`blocks` and return True, or return
+    False after stopping emulation (e.g. it made some of the block's addresses exits). An
+    exception inside it stops emulation and is re-raised by :meth:`raise_callback_error`.
+    """
+
+    def __init__(self, uc, classify: Callable[[int, int], bool]) -> None:
+        self._lib = load_library()
+        uclib, self._hook_type = _unicorn_api()
+        self._uclib = uclib
+        self._uc = uc
+        self._classify = classify
+        self._callback_error: BaseException | None = None
+        self._c_classify = _CLASSIFY(self._classify_trampoline)
+        ptr = self._lib.cetfast_new(_fnptr(uclib.uc_reg_write), _fnptr(uclib.uc_mem_read),
+                                    _fnptr(uclib.uc_mem_write), _fnptr(uclib.uc_emu_stop),
+                                    _fnptr(self._c_classify))
+        if not ptr:
+            raise CetvmError("native CET fast path: out of memory")
+        self._ptr = ptr
+        self.shared = SharedState.from_address(ptr)
+        self._hook = None
+        self._finalizer = weakref.finalize(self, _release, self._lib, uclib, uc._uch, None, ptr)
+        self.blocks = NativeBlockTracker(self)
+        self.cet_state = NativeCetState(self.shared)
+
+    # ---------------------------------------------------------------- installation
+    def install(self) -> None:
+        """Register the C callback as the (single) UC_HOOK_BLOCK hook of the engine."""
+        if self._hook is not None:
+            return
+        hook = self._hook_type()
+        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), _UC_HOOK_BLOCK,
+                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_block_hook)),
+                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err != 0:
+            raise CetvmError(f"native CET fast path: uc_hook_add failed (unicorn error {err})")
+        self._hook = hook
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _release, self._lib, self._uclib, self._uc._uch, hook, self._ptr)
+
+    # ---------------------------------------------------------------- state the engine syncs
+    def sync_mode(self, *, cpl: int, long_mode: bool, cr4_cet: bool, paging: PagingKind, cr3: int) -> None:
+        """Mode-defining state (call on every mode change: CPL, CS.L, CR0/CR3/CR4, EFER).
+
+        A CR3 change also invalidates the shadow-stack translation cache (entries are tagged
+        with CR3).
+        """
+        s = self.shared
+        cr3 &= 0xFFFF_FFFF_FFFF_FFFF
+        if s.cr3 != cr3 or s.paging != int(paging):
+            self._lib.cetfast_flush_tlb(self._ptr)
+        s.cpl, s.long_mode, s.cr4_cet = cpl, int(long_mode), int(cr4_cet)
+        s.paging, s.cr3 = int(paging), cr3
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Disable the hook entirely (e.g. while single-stepping an exit instruction)."""
+        self.shared.enabled = int(enabled)
+
+    def flush_translations(self) -> None:
+        """Forget cached shadow-stack translations (INVLPG, page-table-affecting emulation...)."""
+        self._lib.cetfast_flush_tlb(self._ptr)
+
+    def add_ram(self, gpa: int, size: int, host_address: int) -> None:
+        """Let the native code access guest RAM [gpa, gpa+size) directly at ``host_address``.
+
+        Only for memory mapped with ``uc.mem_map_ptr`` (the engine's own buffer). Other RAM is
+        reached through ``uc_mem_read``/``uc_mem_write`` (correct, slower).
+        """
+        if self._lib.cetfast_add_ram(self._ptr, gpa, size, host_address) != 0:
+            raise NotSupportedError("native CET fast path: more than 32 directly accessed RAM regions")
+
+    # ---------------------------------------------------------------- hand-over
+    def take_handover(self) -> HandoverRequest | None:
+        """The block start left to Python since the last call, if any (clears it)."""
+        s = self.shared
+        if not s.handover:
+            return None
+        request = HandoverRequest(Handover(s.handover), _term_info(s.handover_term), s.handover_addr)
+        s.handover = 0
+        return request
+
+    def raise_callback_error(self) -> None:
+        """Re-raise an exception that happened in the classifier during the last run."""
+        err, self._callback_error = self._callback_error, None
+        if err is not None:
+            raise err
+
+    def _classify_trampoline(self, address: int, size: int) -> int:
+        try:
+            return 1 if self._classify(address, size) else 0
+        except BaseException as err:  # never unwind through C
+            self.shared.callback_errors += 1
+            self._callback_error = err
+            self._uc.emu_stop()
+            return 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = self.shared
+        return {name: getattr(s, name) for name in
+                ("misses", "handovers", "tlb_fills", "slow_mem")}
+
+
+class NativeBlockTracker:
+    """:class:`cetvm.cpu.blocks.BlockTracker`'s interface over the native block table."""
+
+    def __init__(self, native: NativeCet) -> None:
+        self._native = native
+        self._lib = native._lib
+        self._ptr = native._ptr
+        self._shared = native.shared
+
+    @property
+    def prev(self) -> TerminatorInfo | None:
+        return _term_info(self._shared.pending)
+
+    @prev.setter
+    def prev(self, value: TerminatorInfo | None) -> None:
+        _set_term(self._shared.pending, value)
+
+    def lookup(self, address: int, size: int) -> BlockInfo | None:
+        out = BlockStruct()
+        if not self._lib.cetfast_lookup(self._ptr, address, size, ctypes.byref(out)):
+            return None
+        first = bytes(out.first[:out.first_len])
+        term = TerminatorInfo(Terminator(out.kind), out.insn_addr, out.insn_len, out.imm16)
+        return BlockInfo(out.addr, out.size, term, first)
+
+    def store(self, info: BlockInfo) -> None:
+        t = info.terminator
+        kind, insn_addr, insn_len, imm16 = (0, 0, 0, 0) if t is None else (int(t.kind), t.insn_addr, t.insn_len, t.imm16)
+        first = bytes(info.first_bytes[:4])
+        if self._lib.cetfast_store(self._ptr, info.address, info.size, kind, insn_addr, insn_len, imm16,
+                                   first, len(first)) != 0:
+            raise CetvmError("native CET fast path: out of memory for the block table")
+
+    def invalidate(self) -> None:
+        self._lib.cetfast_invalidate_blocks(self._ptr)
+
+    def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None:
+        prev = self.prev
+        self.prev = terminator
+        return prev
+
+    def __len__(self) -> int:
+        return int(self._lib.cetfast_block_count(self._ptr))
+
+
+class NativeCetState:
+    """The vCPU's CET registers with SSP, U_CET and S_CET kept in the native shared state.
+
+    Same attributes as :class:`cetvm.cpu.state.CetState`; the native hook reads and updates
+    ``ssp`` and the TRACKER/SUPPRESS bits in place, so there is one copy of each.
+    """
+
+    def __init__(self, shared: SharedState) -> None:
+        self._shared = shared
+        self.pl_ssp: list[int] = [0, 0, 0, 0]
+        self.int_ssp_tab = 0
+
+    @property
+    def ssp(self) -> int:
+        return self._shared.ssp
+
+    @ssp.setter
+    def ssp(self, value: int) -> None:
+        self._shared.ssp = value & 0xFFFF_FFFF_FFFF_FFFF
+
+    @property
+    def u_cet(self) -> int:
+        return self._shared.u_cet
+
+    @u_cet.setter
+    def u_cet(self, value: int) -> None:
+        self._shared.u_cet = value & 0xFFFF_FFFF_FFFF_FFFF
+
+    @property
+    def s_cet(self) -> int:
+        return self._shared.s_cet
+
+    @s_cet.setter
+    def s_cet(self, value: int) -> None:
+        self._shared.s_cet = value & 0xFFFF_FFFF_FFFF_FFFF
+
+    def __repr__(self) -> str:
+        return (f"NativeCetState(u_cet={self.u_cet:#x}, s_cet={self.s_cet:#x}, pl_ssp={[hex(v) for v in self.pl_ssp]}, "
+                f"int_ssp_tab={self.int_ssp_tab:#x}, ssp={self.ssp:#x})")

@@ -1,0 +1,142 @@
+"""Privileged state Unicorn 2.1.4 does not let us write: segment caches, CPL, old_exception.
+
+``reg_write`` of CS/SS in 64-bit mode sets only the selector; CPL lives in QEMU's ``hflags``.
+We therefore save Unicorn's context, patch the CPUX86State blob and restore it (engine-notes
+"System-level behaviour"). The offsets are those of Unicorn 2.1.4's x86_64 CPUX86State; they are
+self-checked by :func:`check_unicorn` before the first vCPU is built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+
+import unicorn
+from unicorn import Uc
+from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_RAX, UC_X86_REG_SS
+
+from cetvm import CetvmError
+from cetvm.cpu.state import DPL_SHIFT, Segment, SegAttr
+
+REQUIRED_UNICORN = "2.1.4"
+
+#: Offset of the CPUX86State copy inside a ``uc_context`` allocation.
+CONTEXT_DATA_OFFSET = 40
+#: Size of the saved CPUX86State in 2.1.4 (x86_64).
+CONTEXT_DATA_SIZE = 5568
+HFLAGS_OFFSET = 176
+SEGS_OFFSET = 184  # segs[ES, CS, SS, DS, FS, GS], 24 bytes each: selector u32, pad, base u64, limit u32, flags u32
+SEGMENT_CACHE_SIZE = 24
+ERROR_CODE_OFFSET = 5384
+OLD_EXCEPTION_OFFSET = 5496
+
+#: QEMU segment indexes in segs[].
+SEG_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
+
+
+class HFlags:
+    """QEMU x86 hflags bits (target/i386/cpu.h) that depend on segment state."""
+
+    CPL_MASK = 3
+    CS32 = 1 << 4
+    SS32 = 1 << 5
+    ADDSEG = 1 << 6
+    PE = 1 << 7
+    LMA = 1 << 14
+    CS64 = 1 << 15
+
+
+def check_unicorn(uc: Uc) -> None:
+    """Fail with a clear message unless the installed Unicorn has the 2.1.4 layout we patch."""
+    if unicorn.__version__ != REQUIRED_UNICORN:
+        raise CetvmError(f"cetvm needs unicorn=={REQUIRED_UNICORN} (installed: {unicorn.__version__}); "
+                         f"run: pip install unicorn=={REQUIRED_UNICORN}")
+    saved_rax = uc.reg_read(UC_X86_REG_RAX)
+    saved_cs = uc.reg_read(UC_X86_REG_CS)
+    uc.reg_write(UC_X86_REG_RAX, 0x5A5A_1234_8765_A5A5)
+    uc.reg_write(UC_X86_REG_CS, 0x4B)
+    blob = ContextBlob.save(uc)
+    ok = (blob.size == CONTEXT_DATA_SIZE and blob.u64(0) == 0x5A5A_1234_8765_A5A5
+          and blob.u32(SEGS_OFFSET + SEGMENT_CACHE_SIZE * SEG_INDEX["cs"]) == 0x4B
+          and blob.u32(HFLAGS_OFFSET) & (HFlags.LMA | HFlags.CS64) == HFlags.LMA | HFlags.CS64)
+    uc.reg_write(UC_X86_REG_RAX, saved_rax)
+    uc.reg_write(UC_X86_REG_CS, saved_cs)
+    if not ok:
+        raise CetvmError("the installed unicorn's CPU context layout is not the 2.1.4 one cetvm patches; "
+                         f"reinstall unicorn=={REQUIRED_UNICORN}")
+
+
+@dataclass
+class ContextBlob:
+    """A saved Unicorn context with typed access to the CPUX86State fields we patch."""
+
+    context: object  # unicorn UcContext
+    address: int
+    size: int
+
+    @classmethod
+    def save(cls, uc: Uc) -> "ContextBlob":
+        ctx = uc.context_save()
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        size = ctypes.c_size_t.from_address(base).value
+        return cls(ctx, base + CONTEXT_DATA_OFFSET, size)
+
+    def restore(self, uc: Uc) -> None:
+        uc.context_restore(self.context)
+
+    def u32(self, offset: int) -> int:
+        return ctypes.c_uint32.from_address(self.address + offset).value
+
+    def set_u32(self, offset: int, value: int) -> None:
+        ctypes.c_uint32.from_address(self.address + offset).value = value & 0xFFFF_FFFF
+
+    def u64(self, offset: int) -> int:
+        return ctypes.c_uint64.from_address(self.address + offset).value
+
+    def segment(self, name: str) -> Segment:
+        off = SEGS_OFFSET + SEGMENT_CACHE_SIZE * SEG_INDEX[name]
+        sel, _pad, base, limit, flags = struct.unpack(
+            "<IIQII", ctypes.string_at(self.address + off, SEGMENT_CACHE_SIZE))
+        return Segment(sel & 0xFFFF, base, limit, flags)
+
+    def set_segment(self, name: str, seg: Segment) -> None:
+        off = SEGS_OFFSET + SEGMENT_CACHE_SIZE * SEG_INDEX[name]
+        ctypes.memmove(self.address + off,
+                       struct.pack("<IIQII", seg.selector & 0xFFFF, 0, seg.base & 0xFFFF_FFFF_FFFF_FFFF,
+                                   seg.limit & 0xFFFF_FFFF, seg.attributes & 0xFFFF_FFFF),
+                       SEGMENT_CACHE_SIZE)
+
+    @property
+    def hflags(self) -> int:
+        return self.u32(HFLAGS_OFFSET)
+
+    @hflags.setter
+    def hflags(self, value: int) -> None:
+        self.set_u32(HFLAGS_OFFSET, value)
+
+    def reset_old_exception(self) -> None:
+        """old_exception = -1, so the next fault is not promoted to #DF (engine-notes pitfall)."""
+        ctypes.c_int32.from_address(self.address + OLD_EXCEPTION_OFFSET).value = -1
+
+
+def segment_hflags(hflags: int, cs: Segment, ss: Segment, ds: Segment, es: Segment, cr0_pe: bool) -> int:
+    """Recompute the segment-dependent hflags the way QEMU's cpu_x86_load_seg_cache does.
+
+    CS64/CS32/SS32 from CS.L (with LMA) and the D/B bits, CPL from SS.DPL (QEMU keeps CPL =
+    SS.DPL), ADDSEG when a legacy-mode data base is non-zero.
+    """
+    hflags &= ~(HFlags.CPL_MASK | HFlags.CS32 | HFlags.SS32 | HFlags.CS64 | HFlags.ADDSEG)
+    if hflags & HFlags.LMA and cs.attributes & SegAttr.L:
+        hflags |= HFlags.CS32 | HFlags.SS32 | HFlags.CS64
+    else:
+        if cs.attributes & SegAttr.DB:
+            hflags |= HFlags.CS32
+        if ss.attributes & SegAttr.DB:
+            hflags |= HFlags.SS32
+        if not cr0_pe or not hflags & HFlags.CS32:
+            hflags |= HFlags.ADDSEG
+        elif ds.base | es.base | ss.base:
+            hflags |= HFlags.ADDSEG
+    hflags |= (ss.attributes >> DPL_SHIFT) & 3
+    return hflags
