@@ -5,6 +5,11 @@ KVM loads on), :mod:`caps` (kvm_caps, reasons, KVM_GET_MSR_INDEX_LIST), :mod:`su
 (KVM_GET_SUPPORTED_CPUID), :mod:`cpuid_runtime` (KVM_SET_CPUID2 and runtime leaf 0xD sizes),
 :mod:`msr` (CET/XSS MSR access, ONE_REG), :mod:`cr` (CR0.WP / CR4.CET), :mod:`vcpu`,
 :mod:`vmcs`, :mod:`guest_fpu` (where the state lives).
+
+The KVM-shaped API on top of the CPU: :mod:`api` (Kvm → Vm → KvmVcpu, run()), :mod:`vcpu_run`
+(in-kernel exit handling, kvm_run exits), :mod:`vmx` (CET controls, MSR interception, VM
+entry/exit, guest FPU load/put), :mod:`reset` (RESET/INIT), :mod:`state` (save/restore).
+They import the CPU engine, so they are not re-exported here (``from cetvm.kvm.api import Kvm``).
 """
 
 from cetvm.kvm.caps import FeatureDecision, KvmCaps, kvm_caps_for_host

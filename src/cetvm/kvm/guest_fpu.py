@@ -2,21 +2,38 @@
 
 KVM keeps U_CET/PL3_SSP (CET_USER) and PL0-2_SSP (CET_KERNEL) in the guest fpstate; an MSR
 access to them first loads the guest FPU (kvm_get_xstate_msr/kvm_set_xstate_msr →
-kvm_fpu_get()). The buffer is laid out for XCOMP_BV = supported_xcr0 | supported_xss (KVM's
-guest_default_cfg) with offsets from the host CPUID [SDM Vol. 1 13.4.3].
+kvm_fpu_get()). The buffer is a :class:`cetvm.xstate.XsaveArea` laid out for XCOMP_BV =
+supported_xcr0 | supported_xss (KVM's guest_default_cfg) with offsets from the host CPUID
+[SDM Vol. 1 13.4.3].
+
+"Loaded" (:attr:`GuestFpu.loaded`) models fpu_swap_kvm_fpstate(): between kvm_load_guest_fpu
+and kvm_put_guest_fpu the live values are in the CPU's registers and the buffer is stale. The
+hypervisor does the copying (:mod:`cetvm.kvm.fpu_swap`); :attr:`GuestFpu.touches` counts every
+put/load/clear so a test can check that INIT "touches the FPU only when it has to".
+
+The user ABI (KVM_GET_XSAVE / KVM_SET_XSAVE) is the *standard* format of the user (XCR0)
+components: fpu_copy_guest_fpstate_to_uabi() converts with copy_xstate_to_uabi_buf(), which
+never exposes supervisor components — CET state goes to userspace through KVM_GET_MSRS and
+KVM_GET_ONE_REG instead. Decision, as the kernel: the uABI buffer is
+max(4096, standard size of supported XCR0) bytes (KVM_GET_XSAVE2 size); XCOMP_BV is 0 in it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cetvm.arch.xfeatures import XCOMP_BV_COMPACTED, XSAVE_HEADER_OFFSET
-from cetvm.kvm.xstate_size import xstate_compacted_offset, xstate_required_size
+from cetvm import InputError
+from cetvm.arch.xfeatures import XFEATURE_MASK_FPSSE, XSAVE_EXTENDED_OFFSET, XSAVE_HEADER_OFFSET
+from cetvm.kvm.xstate_size import host_layout
+from cetvm.xstate import XsaveArea, XsaveFormat
+from cetvm.xstate.layout import bits_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from cetvm.cpuid.model import CpuidModel
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
+#: struct kvm_xsave is 4096 bytes; KVM_GET_XSAVE2 may be larger [K x86.c kvm_vcpu_ioctl_x86_get_xsave2].
+KVM_XSAVE_MIN_SIZE = 4096
 
 
 class GuestFpu:
@@ -25,43 +42,98 @@ class GuestFpu:
     def __init__(self, cpu: "CpuidModel", features: int) -> None:
         self.cpu = cpu
         self.features = features
-        self.buffer = bytearray(xstate_required_size(cpu, features, True))
-        self._write_u64(XSAVE_HEADER_OFFSET + 8, features | XCOMP_BV_COMPACTED)
-        self.loads = 0  # times an MSR access had to load the guest FPU (kvm_fpu_get)
+        self.layout = host_layout(cpu)
+        self.area = XsaveArea.new(self.layout, features, XsaveFormat.COMPACTED)
+        self.loads = 0    # times an MSR access had to load the guest FPU (kvm_fpu_get)
+        self.loaded = False  # guest state live in the CPU (between load and put)
+        self.touches = 0  # put/load/clear operations (see the module docstring)
 
-    def _write_u64(self, off: int, value: int) -> None:
-        self.buffer[off:off + 8] = (value & _U64).to_bytes(8, "little")
-
-    def _read_u64(self, off: int) -> int:
-        return int.from_bytes(self.buffer[off:off + 8], "little")
+    @property
+    def buffer(self) -> bytearray:
+        return self.area.data
 
     @property
     def xstate_bv(self) -> int:
-        return self._read_u64(XSAVE_HEADER_OFFSET)
+        return self.area.xstate_bv
 
     def has(self, feature: int) -> bool:
         return bool(self.features >> feature & 1)
 
+    def _offset(self, feature: int) -> int:
+        return self.layout.compacted_offset(feature, self.features)
+
     def read(self, feature: int, offset: int) -> int:
         """Read 8 bytes at ``offset`` within component ``feature`` (init state reads as 0)."""
         self.loads += 1
+        return self.peek(feature, offset)
+
+    def peek(self, feature: int, offset: int) -> int:
+        """Like :meth:`read`, for the hypervisor's own copying (not a guest MSR access)."""
         if not self.xstate_bv >> feature & 1:
             return 0
-        return self._read_u64(xstate_compacted_offset(self.cpu, feature, self.features) + offset)
+        base = self._offset(feature) + offset
+        return int.from_bytes(self.area.data[base:base + 8], "little")
 
     def write(self, feature: int, offset: int, value: int) -> None:
         """Write 8 bytes in component ``feature``, marking it in use in XSTATE_BV."""
         self.loads += 1
-        base = xstate_compacted_offset(self.cpu, feature, self.features)
-        if not self.xstate_bv >> feature & 1:
-            self._write_u64(XSAVE_HEADER_OFFSET, self.xstate_bv | 1 << feature)
-        self._write_u64(base + offset, value)
+        self.poke(feature, offset, value)
+
+    def poke(self, feature: int, offset: int, value: int) -> None:
+        base = self._offset(feature) + offset
+        self.area.data[base:base + 8] = (value & _U64).to_bytes(8, "little")
+        self.area.xstate_bv = self.xstate_bv | 1 << feature
 
     def clear_component(self, feature: int) -> None:
         """fpstate_clear_xstate_component(): back to init state (zeros, XSTATE_BV bit clear)."""
         if not self.has(feature):
             return
-        base = xstate_compacted_offset(self.cpu, feature, self.features)
-        size = self.cpu.get(0xD, feature)[0]
-        self.buffer[base:base + size] = bytes(size)
-        self._write_u64(XSAVE_HEADER_OFFSET, self.xstate_bv & ~(1 << feature))
+        self.touches += 1
+        self.area.clear_component(feature)
+
+    # ----------------------------------------------------------------- user ABI
+    @property
+    def user_features(self) -> int:
+        """The XCR0 (user) components of this fpstate."""
+        return self.features & self.layout.user_mask
+
+    @property
+    def uabi_size(self) -> int:
+        return max(KVM_XSAVE_MIN_SIZE, self.layout.standard_size(self.user_features))
+
+    def to_uabi(self) -> bytes:
+        """copy_xstate_to_uabi_buf(): the standard-format image of the user components."""
+        out = XsaveArea(self.layout, XsaveFormat.STANDARD, bytearray(self.uabi_size), self.user_features)
+        out.data[:XSAVE_HEADER_OFFSET] = self.area.data[:XSAVE_HEADER_OFFSET]
+        bv = self.xstate_bv & self.user_features
+        for n in bits_of(bv & ~XFEATURE_MASK_FPSSE):
+            out.set_component_bytes(n, self.area.component_bytes(n))
+        out.xstate_bv = bv
+        return out.to_bytes()
+
+    def from_uabi(self, data: bytes) -> None:
+        """copy_uabi_from_kernel_to_xstate(): load a standard-format image of user components.
+
+        -EINVAL (InputError here) for a short buffer, XSTATE_BV bits outside the user features
+        or a non-zero XCOMP_BV. Supervisor components (CET) are left alone.
+        """
+        if len(data) < XSAVE_EXTENDED_OFFSET:
+            raise InputError(f"KVM_SET_XSAVE: image of {len(data)} bytes is shorter than 576")
+        src = XsaveArea(self.layout, XsaveFormat.STANDARD, bytearray(data), self.user_features)
+        if src.xcomp_bv:
+            raise InputError(f"KVM_SET_XSAVE: XCOMP_BV {src.xcomp_bv:#x} must be 0 in the standard format")
+        bv = src.xstate_bv
+        if bv & ~self.user_features:
+            raise InputError(f"KVM_SET_XSAVE: XSTATE_BV {bv:#x} has components outside the guest "
+                             f"FPU's user features {self.user_features:#x}")
+        need = self.layout.standard_size(bv & ~XFEATURE_MASK_FPSSE)
+        if len(data) < need:
+            raise InputError(f"KVM_SET_XSAVE: image of {len(data)} bytes is too short for XSTATE_BV {bv:#x}")
+        self.area.data[:XSAVE_HEADER_OFFSET] = bytes(data[:XSAVE_HEADER_OFFSET])
+        for n in bits_of(self.user_features & ~XFEATURE_MASK_FPSSE):
+            if bv >> n & 1:
+                self.area.set_component_bytes(n, src.component_bytes(n))
+            else:
+                self.area.clear_component(n)
+        supervisor = self.xstate_bv & ~self.user_features
+        self.area.xstate_bv = bv | supervisor

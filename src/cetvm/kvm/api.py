@@ -1,0 +1,429 @@
+"""The KVM-shaped API: ``Kvm(host)`` → ``create_vm()`` → ``Vm.create_vcpu()``, named after the
+ioctls (/dev/kvm, the VM fd, the vCPU fd) [K Documentation/virt/kvm/api.rst].
+
+Where state lives (as in KVM, see :mod:`cetvm.kvm.vcpu`): U_CET and PL0-3_SSP in the guest
+fpstate, S_CET / SSP / INTR_SSP_TABLE in the VMCS, XCR0 / IA32_XSS / CR0 / CR4 in
+``vcpu->arch``; GPRs, segments, other MSRs and memory in the CPU (:class:`cetvm.cpu.vcpu.Vcpu`,
+the "hardware"). ``run()`` loads the guest FPU (kvm_load_guest_fpu), enters the guest (VMCS
+guest CET state → CPU), handles exits as KVM does (:mod:`cetvm.kvm.vcpu_run`) and puts the FPU
+back (kvm_put_guest_fpu) before returning to userspace.
+
+Decisions:
+- One vCPU per VM (a second create_vcpu raises NotSupportedError). The Vm owns the CPU engine
+  from creation so that memory can be loaded before the vCPU exists.
+- Memory slots are RAM; every other guest-physical address is MMIO that exits to userspace.
+  Slots cannot be moved, resized or deleted (NotSupportedError).
+- KVM_GET/SET_MSRS follow KVM: processing stops at the first MSR that fails and the number
+  processed is returned. MSR_KVM_INTERNAL_GUEST_SSP is not reachable through them (only via
+  KVM_GET/SET_ONE_REG with KVM_REG_GUEST_SSP), as it is not in KVM_GET_MSR_INDEX_LIST.
+- ``set_mp_state(MpState.INIT_RECEIVED)`` latches an INIT signal; the vCPU performs
+  kvm_vcpu_reset(init_event=True) at the start of its next run() (kvm_apic_accept_events) and,
+  being the BSP, becomes RUNNABLE at the reset vector. ``run(immediate_exit=True)`` processes
+  it and returns KVM_EXIT_INTR without executing guest code.
+- An exception queued with :meth:`KvmVcpu.queue_exception` (KVM_SET_VCPU_EVENTS) is delivered
+  by the CPU through the guest IDT at the next run; vectors with an error code (#CP included,
+  IA32_VMX_BASIC[56]) must come with one.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from dataclasses import dataclass
+
+from unicorn import UcError
+
+from cetvm import InputError, NotSupportedError
+from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector
+from cetvm.arch.msr import Efer, Msr
+from cetvm.cpu.exits import ExitReason, VmExit
+from cetvm.cpu.state import Regs, Sregs
+from cetvm.cpu.vcpu import Vcpu as CpuVcpu
+from cetvm.cpuid.model import CpuidModel
+from cetvm.kvm import reset as _reset
+from cetvm.kvm import vmx
+from cetvm.kvm.caps import BASE_MSRS, KvmCaps, kvm_caps_for_host
+from cetvm.kvm.cr import kvm_is_valid_sregs
+from cetvm.kvm.errors import KvmIoctlError
+from cetvm.kvm.host import Host
+from cetvm.kvm.msr import MODELLED_MSRS, MsrResult, get_one_reg, kvm_get_msr, kvm_set_msr, set_one_reg
+from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu_run import (
+    HypercallExit,
+    KvmExitReason,
+    KvmRun,
+    handle_cpuid,
+    handle_msr,
+    handle_vmcall,
+    handle_xsetbv,
+    kvm_set_xcr0,
+    kvm_set_xcr_fault,
+    userspace_exit,
+)
+
+PAGE = 0x1000
+#: Exceptions KVM_SET_VCPU_EVENTS accepts here: 0-21 except NMI (its own field), 9 and 15.
+INJECTABLE_EXCEPTIONS = frozenset(range(22)) - {int(Vector.NMI), 9, 15}
+#: MSRs of KVM_GET_MSR_INDEX_LIST that KVM emulates in software (not held by the CPU engine).
+SOFTWARE_MSRS: dict[int, int] = {int(Msr.IA32_FEATURE_CONTROL): 0, int(Msr.IA32_TSC_DEADLINE): 0}
+
+
+class MpState(enum.Enum):
+    """KVM_GET/SET_MP_STATE values."""
+
+    RUNNABLE = "KVM_MP_STATE_RUNNABLE"
+    UNINITIALIZED = "KVM_MP_STATE_UNINITIALIZED"
+    INIT_RECEIVED = "KVM_MP_STATE_INIT_RECEIVED"
+    HALTED = "KVM_MP_STATE_HALTED"
+    SIPI_RECEIVED = "KVM_MP_STATE_SIPI_RECEIVED"
+
+
+@dataclass(frozen=True)
+class QueuedException:
+    """kvm_vcpu_events.exception: injected but not yet delivered."""
+
+    vector: int
+    error_code: int | None = None
+
+
+@dataclass(frozen=True)
+class MemorySlot:
+    slot: int
+    guest_phys_addr: int
+    memory_size: int
+
+    def contains(self, gpa: int, size: int) -> bool:
+        return self.guest_phys_addr <= gpa and gpa + size <= self.guest_phys_addr + self.memory_size
+
+
+class Kvm:
+    """/dev/kvm: the module loaded on ``host`` (refuses to load as KVM does: KvmLoadError)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.caps: KvmCaps = kvm_caps_for_host(host)
+        #: The physical CPU's CET state outside guests (HOST_S_CET: 0 on cetvm's model hosts).
+        self.host_cpu = vmx.HostCpu()
+
+    def get_supported_cpuid(self, guest_perm: int = 0) -> CpuidModel:
+        """KVM_GET_SUPPORTED_CPUID."""
+        return self.caps.get_supported_cpuid(guest_perm)
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST."""
+        return self.caps.get_msr_index_list()
+
+    def create_vm(self) -> "Vm":
+        """KVM_CREATE_VM."""
+        return Vm(self)
+
+
+class Vm:
+    """A VM fd: guest-physical memory, one vCPU, VM-wide capabilities."""
+
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self._cpu = CpuVcpu(kvm.host.cpu, trace=True)
+        self._slots: dict[int, MemorySlot] = {}
+        self._vcpu: KvmVcpu | None = None
+        self.exit_hypercall_mask = 0
+
+    # ------------------------------------------------------------------ memory
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
+        """KVM_SET_USER_MEMORY_REGION: RAM at [guest_phys_addr, +memory_size), zero-filled."""
+        if slot in self._slots:
+            raise NotSupportedError(f"memory slot {slot} exists; moving, resizing or deleting slots is not supported")
+        if memory_size <= 0 or guest_phys_addr % PAGE or memory_size % PAGE:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION: slot {slot} at "
+                                f"{guest_phys_addr:#x}+{memory_size:#x} is not page-aligned and non-empty")
+        try:
+            self._cpu.map_ram(guest_phys_addr, memory_size)
+        except InputError as err:
+            raise KvmIoctlError(errno.EEXIST, f"KVM_SET_USER_MEMORY_REGION: {err}") from None
+        self._slots[slot] = MemorySlot(slot, guest_phys_addr, memory_size)
+
+    @property
+    def memory_slots(self) -> tuple[MemorySlot, ...]:
+        return tuple(self._slots.values())
+
+    def _check_ram(self, gpa: int, size: int) -> None:
+        if not any(s.contains(gpa, size) for s in self._slots.values()):
+            raise InputError(f"guest-physical {gpa:#x}+{size:#x} is not inside one RAM slot")
+
+    def get_memory(self, gpa: int, size: int) -> bytes:
+        """Read guest RAM (the VMM's view of its memory mapping)."""
+        self._check_ram(gpa, size)
+        return self._cpu.read_phys(gpa, size)
+
+    def put_memory(self, gpa: int, data: bytes) -> None:
+        """Write guest RAM (loading kernels, restoring snapshots)."""
+        self._check_ram(gpa, len(data))
+        self._cpu.write_phys(gpa, bytes(data))
+
+    # ------------------------------------------------------------------ capabilities
+    def enable_cap_exit_hypercall(self, mask: int) -> None:
+        """KVM_CAP_EXIT_HYPERCALL: VMCALLs whose number is set in ``mask`` exit to userspace."""
+        if mask < 0 or mask >> 64:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_CAP_EXIT_HYPERCALL: mask {mask:#x} is not 64-bit")
+        self.exit_hypercall_mask = mask
+
+    # ------------------------------------------------------------------ vCPUs
+    def create_vcpu(self, vcpu_id: int = 0) -> "KvmVcpu":
+        """KVM_CREATE_VCPU (kvm_arch_vcpu_create ends with kvm_vcpu_reset(RESET))."""
+        if self._vcpu is not None:
+            raise NotSupportedError("cetvm VMs have one vCPU; a second KVM_CREATE_VCPU is not supported")
+        self._vcpu = KvmVcpu(self, vcpu_id, self._cpu)
+        return self._vcpu
+
+
+class KvmVcpu:
+    """A vCPU fd."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, cpu: CpuVcpu) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.cpu = cpu
+        self.state = VcpuCetState.create(vm.kvm.caps)
+        self.host_cpu = vm.kvm.host_cpu
+        self.mp_state = MpState.RUNNABLE
+        self._software_msrs = dict(SOFTWARE_MSRS)
+        self._queued: QueuedException | None = None
+        self._init_latched = False
+        self._hypercall: HypercallExit | None = None
+        vmx.init_vmcs_cet(self.state, self.host_cpu)
+        self._after_set_cpuid()
+        self.kvm_vcpu_reset(init_event=False)
+
+    # ------------------------------------------------------------------ CPUID
+    def set_cpuid(self, model: CpuidModel) -> None:
+        """KVM_SET_CPUID2 (then vmx_vcpu_after_set_cpuid: MSR intercepts, CR4 mask)."""
+        self.state.set_cpuid(model)
+        self._after_set_cpuid()
+
+    def _after_set_cpuid(self) -> None:
+        self.cpu.msr_intercepts = vmx.vmx_update_intercept_for_cet_msr(self.state)
+        vmx.vmx_set_cr4_guest_host_mask(self.state, self.cpu)
+
+    def get_cpuid2(self) -> CpuidModel:
+        """KVM_GET_CPUID2: the table with the runtime leaf 0xD sizes."""
+        return self.state.cpuid.entries.copy()
+
+    def get_msr_index_list(self) -> list[int]:
+        return self.vm.kvm.get_msr_index_list()
+
+    # ------------------------------------------------------------------ registers
+    def get_regs(self) -> Regs:
+        return self.cpu.get_regs()
+
+    def set_regs(self, regs: Regs) -> None:
+        self.cpu.set_regs(regs)
+
+    def get_sregs(self) -> Sregs:
+        return self.cpu.get_sregs()
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        """KVM_SET_SREGS with kvm_is_valid_sregs(): -EINVAL for CR4 bits reserved for this
+        guest (CR4.CET without SHSTK/IBT), CR4.CET without CR0.WP, CR0.PG without CR0.PE,
+        long mode (EFER.LME + CR0.PG) without CR4.PAE."""
+        cr0, cr4 = sregs.cr0, sregs.cr4
+        if not kvm_is_valid_sregs(self.state, cr0, cr4):
+            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_SREGS: CR0 {cr0:#x} / CR4 {cr4:#x} rejected "
+                                "(CR4.CET needs guest SHSTK or IBT and CR0.WP)")
+        if cr0 & Cr0.PG and not cr0 & Cr0.PE:
+            raise KvmIoctlError(errno.EINVAL, "KVM_SET_SREGS: CR0.PG without CR0.PE")
+        if sregs.efer & Efer.LME and cr0 & Cr0.PG and not cr4 & Cr4.PAE:
+            raise KvmIoctlError(errno.EINVAL, "KVM_SET_SREGS: long mode without CR4.PAE")
+        self.cpu.set_sregs(sregs)
+        self.state.cr0, self.state.cr4 = cr0, cr4
+
+    # ------------------------------------------------------------------ MSRs
+    def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """KVM_GET_MSRS: (index, value) for each MSR up to the first that fails."""
+        out: list[tuple[int, int]] = []
+        for index in indices:
+            ok, value = self._get_msr(index)
+            if not ok:
+                break
+            out.append((index, value))
+        return out
+
+    def set_msrs(self, entries: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS: the number of MSRs written (stops at the first that fails)."""
+        done = 0
+        for index, value in entries:
+            if not self._set_msr(index, value):
+                break
+            done += 1
+        return done
+
+    def _get_msr(self, index: int) -> tuple[bool, int]:
+        if index == Msr.KVM_INTERNAL_GUEST_SSP:
+            return False, 0
+        if index in MODELLED_MSRS:
+            result, value = kvm_get_msr(self.state, index, host_initiated=True)
+            return result is MsrResult.OK, value
+        if index in self._software_msrs:
+            return True, self._software_msrs[index]
+        if index in BASE_MSRS:
+            try:
+                return True, self.cpu.msr(index)
+            except UcError:
+                return False, 0
+        return False, 0
+
+    def _set_msr(self, index: int, value: int) -> bool:
+        if index == Msr.KVM_INTERNAL_GUEST_SSP or not 0 <= value < 1 << 64:
+            return False
+        if index in MODELLED_MSRS:
+            return kvm_set_msr(self.state, index, value, host_initiated=True) is MsrResult.OK
+        if index in self._software_msrs:
+            self._software_msrs[index] = value
+            return True
+        if index in BASE_MSRS:
+            try:
+                self.cpu.set_msr(index, value)
+            except UcError:
+                return False
+            return True
+        return False
+
+    # ------------------------------------------------------------------ ONE_REG, XCRs, XSAVE
+    def get_one_reg(self, reg_id: int) -> int:
+        """KVM_GET_ONE_REG (KVM_REG_GUEST_SSP; -EINVAL without guest SHSTK)."""
+        return get_one_reg(self.state, reg_id)
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        set_one_reg(self.state, reg_id, value)
+
+    def get_xcrs(self) -> list[tuple[int, int]]:
+        """KVM_GET_XCRS: [(0, XCR0)]."""
+        return [(0, self.state.xcr0)]
+
+    def set_xcrs(self, xcrs: list[tuple[int, int]]) -> None:
+        """KVM_SET_XCRS: each XCR through __kvm_set_xcr (-EINVAL on a value the guest could not set)."""
+        for index, value in xcrs:
+            fault = kvm_set_xcr_fault(self.state, index, value)
+            if fault:
+                raise KvmIoctlError(errno.EINVAL, f"KVM_SET_XCRS: {fault}")
+            kvm_set_xcr0(self.state, value)
+
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE2: the standard-format image of the guest's user components
+        (see :mod:`cetvm.kvm.guest_fpu`; CET state is read with KVM_GET_MSRS / ONE_REG)."""
+        return self.state.fpu.to_uabi()
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE (-EINVAL for an image the guest FPU cannot hold)."""
+        try:
+            self.state.fpu.from_uabi(data)
+        except InputError as err:
+            raise KvmIoctlError(errno.EINVAL, str(err)) from None
+
+    # ------------------------------------------------------------------ events, MP state
+    def queue_exception(self, vector: int, error_code: int | None = None) -> None:
+        """KVM_SET_VCPU_EVENTS with a pending exception (delivered at the next run)."""
+        if vector not in INJECTABLE_EXCEPTIONS:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} is not an injectable exception")
+        has_code = vector in VECTORS_WITH_ERROR_CODE
+        if has_code and error_code is None:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} needs an error code")
+        if not has_code and error_code is not None:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} has no error code")
+        self._queued = QueuedException(vector, error_code)
+
+    def get_vcpu_events(self) -> QueuedException | None:
+        """KVM_GET_VCPU_EVENTS: the exception queued but not yet delivered, if any."""
+        return self._queued
+
+    def get_mp_state(self) -> MpState:
+        return MpState.INIT_RECEIVED if self._init_latched else self.mp_state
+
+    def set_mp_state(self, state: MpState) -> None:
+        """KVM_SET_MP_STATE; INIT_RECEIVED latches an INIT (module docstring)."""
+        if state is MpState.INIT_RECEIVED:
+            self._init_latched = True
+        elif state in (MpState.RUNNABLE, MpState.HALTED):
+            self._init_latched = False
+            self.mp_state = state
+        else:
+            raise NotSupportedError(f"KVM_SET_MP_STATE {state.value}: cetvm's single BSP has no SIPI handling")
+
+    # ------------------------------------------------------------------ reset
+    def kvm_vcpu_reset(self, init_event: bool) -> None:
+        """RESET (vCPU creation) or INIT (see :mod:`cetvm.kvm.reset`)."""
+        state, cpu = self.state, self.cpu
+        self._complete_userspace_exit()
+        old_cr0 = state.cr0
+        if not init_event:
+            _reset.reset_xcr0_xss(state)
+        _reset.kvm_xstate_reset(state, cpu, init_event)
+        _reset.vmx_vcpu_reset_cet(state)
+        sregs = _reset.reset_sregs(old_cr0, init_event)
+        cpu.set_regs(_reset.reset_regs(state))
+        cpu.set_sregs(sregs)
+        state.cr0, state.cr4 = sregs.cr0, sregs.cr4
+        self._queued = None
+        self._hypercall = None
+        self.mp_state = MpState.RUNNABLE
+
+    # ------------------------------------------------------------------ run
+    def run(self, budget: int | None = None, immediate_exit: bool = False) -> KvmRun:
+        """KVM_RUN: until an exit KVM returns to userspace (``budget``: instructions → INTR)."""
+        if budget is not None and budget < 0:
+            raise InputError(f"run budget must be >= 0, got {budget}")
+        cpu, state = self.cpu, self.state
+        vmx.kvm_load_guest_fpu(state, cpu)
+        try:
+            if self._init_latched:  # kvm_apic_accept_events
+                self._init_latched = False
+                self.kvm_vcpu_reset(init_event=True)
+            if self._hypercall is not None:  # complete_hypercall_exit
+                cpu.set_reg("rax", self._hypercall.ret)
+                self._hypercall = None
+            if immediate_exit:
+                budget = 0
+            self._complete_userspace_exit()
+            if self._queued is not None:
+                cpu.inject_exception(self._queued.vector, self._queued.error_code)
+                self._queued = None
+            return self._run_loop(budget)
+        finally:
+            vmx.kvm_put_guest_fpu(state, cpu)
+
+    def _complete_userspace_exit(self) -> None:
+        """complete_userspace_io(): finish the last exit (IN data, MMIO read, RIP past HLT or
+        VMCALL) before anything else changes the vCPU — the CPU runs it at its next entry."""
+        self.cpu.run(0)
+
+    def _run_loop(self, budget: int | None) -> KvmRun:
+        cpu, state, host = self.cpu, self.state, self.host_cpu
+        start = cpu.instructions_retired
+        while True:
+            left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
+            vmx.vmx_vcpu_enter(state, cpu, host)
+            exit_ = cpu.run(left)
+            vmx.vmx_vcpu_exit(state, cpu, host)
+            result = self._handle_exit(exit_)
+            if result is not None:
+                return result
+
+    def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
+        reason = exit_.reason
+        if reason is ExitReason.CPUID:
+            handle_cpuid(self.state, self.cpu)
+            return None
+        if reason in (ExitReason.RDMSR, ExitReason.WRMSR):
+            handle_msr(self.state, self.cpu, exit_,
+                       lambda: vmx.kvm_load_guest_fpu(self.state, self.cpu),
+                       lambda: vmx.kvm_put_guest_fpu(self.state, self.cpu))
+            return None
+        if reason is ExitReason.XSETBV:
+            handle_xsetbv(self.state, self.cpu, exit_)
+            return None
+        if reason is ExitReason.VMCALL:
+            hypercall = handle_vmcall(self.cpu, self.vm.exit_hypercall_mask)
+            if hypercall is None:
+                return None
+            self._hypercall = hypercall
+            return KvmRun(KvmExitReason.HYPERCALL, exit_.rip, hypercall=hypercall)
+        return userspace_exit(exit_)

@@ -1,0 +1,189 @@
+"""VMX CET plumbing between KVM's state and the CPU: controls, MSR interception, entry/exit.
+
+- :func:`vmx_cet_controls` — vmx setup sets the "load CET state" VM-entry control (bit 20) and
+  VM-exit control (bit 28) when KVM offers SHSTK or IBT [K vmx.c setup_vmcs_config; reference §5].
+- :func:`vmx_update_intercept_for_cet_msr` — after every KVM_SET_CPUID2: PL0-3_SSP pass through
+  with guest SHSTK; U_CET and S_CET pass through with guest SHSTK or IBT; INT_SSP_TAB and
+  IA32_XSS are always intercepted (KVM emulates them). Everything else the CPU handles itself.
+- :func:`vmx_vcpu_enter` / :func:`vmx_vcpu_exit` — VM entry loads GUEST_S_CET, GUEST_SSP and
+  GUEST_INTR_SSP_TABLE into the CPU when the entry control is set; VM exit always saves them
+  back to the guest fields (kvm-unit-tests vmx_cet_test: "GUEST_S_CET saved even with the
+  control off") and, with the exit control, loads the host values (HOST_S_CET = the host's S_CET
+  snapshot, HOST_SSP = HOST_INTR_SSP_TABLE = 0) into :class:`HostCpu`, the record of what the
+  physical CPU runs with outside the guest. Without the entry control the guest simply runs on
+  whatever the CPU holds, i.e. the host's values.
+- CR4 guest/host mask: CR4 bits reserved for the guest (CR4.CET without guest SHSTK/IBT) are
+  host-owned on VMX, so a guest MOV to CR4 setting them exits and kvm_set_cr4() injects #GP.
+  cetvm's CPU has no CR-access exits; it checks CR4.CET against its ``has_shstk``/``has_ibt``,
+  so :func:`vmx_set_cr4_guest_host_mask` programs those from the guest's capabilities — the
+  guest sees the same #GP. (Decision, documented; see the report's CPU request.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cetvm.arch.msr import Msr
+from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
+from cetvm.kvm.caps import KvmCaps
+from cetvm.kvm.vcpu import VcpuCetState
+
+#: Every MSR KVM intercepts by default that matters to CET (the bitmap starts all-ones).
+CET_INTERCEPTABLE_MSRS: frozenset[int] = frozenset(int(m) for m in (
+    Msr.IA32_U_CET, Msr.IA32_S_CET, Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP,
+    Msr.IA32_PL3_SSP, Msr.IA32_INT_SSP_TAB, Msr.IA32_XSS))
+_PL_SSP = (Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP)
+
+
+@dataclass
+class HostCpu:
+    """The physical CPU's CET state outside the guest (what VM exit restores)."""
+
+    s_cet: int = 0
+    ssp: int = 0
+    intr_ssp_table: int = 0
+    exits: int = 0
+
+
+def vmx_cet_controls(caps: KvmCaps) -> tuple[int, int]:
+    """(VM-entry controls, VM-exit controls) as vmx setup programs them for CET."""
+    if caps.has("shstk") or caps.has("ibt"):
+        return int(VmEntryControls.LOAD_CET_STATE), int(VmExitControls.LOAD_CET_STATE)
+    return 0, 0
+
+
+def init_vmcs_cet(vcpu: VcpuCetState, host: HostCpu) -> None:
+    """init_vmcs(): controls and the host-state CET fields."""
+    entry, exit_ = vmx_cet_controls(vcpu.caps)
+    vcpu.vmcs.write(VmcsField.VM_ENTRY_CONTROLS, entry)
+    vcpu.vmcs.write(VmcsField.VM_EXIT_CONTROLS, exit_)
+    vcpu.vmcs.write(VmcsField.HOST_S_CET, host.s_cet)
+    vcpu.vmcs.write(VmcsField.HOST_SSP, 0)
+    vcpu.vmcs.write(VmcsField.HOST_INTR_SSP_TABLE, 0)
+
+
+def vmx_update_intercept_for_cet_msr(vcpu: VcpuCetState) -> set[int]:
+    """The set of CET/XSS MSRs whose guest RDMSR/WRMSR must exit to KVM."""
+    intercepts = set(CET_INTERCEPTABLE_MSRS)
+    caps, cpuid = vcpu.caps, vcpu.cpuid
+    if caps.has("shstk") and cpuid.guest_cpu_cap_has("shstk"):
+        intercepts -= {int(m) for m in _PL_SSP}
+    if (caps.has("shstk") or caps.has("ibt")) and (cpuid.guest_cpu_cap_has("shstk")
+                                                   or cpuid.guest_cpu_cap_has("ibt")):
+        intercepts -= {int(Msr.IA32_U_CET), int(Msr.IA32_S_CET)}
+    return intercepts
+
+
+def vmx_set_cr4_guest_host_mask(vcpu: VcpuCetState, cpu) -> None:
+    """Make the CPU #GP a guest CR4.CET write exactly when KVM would (module docstring)."""
+    cpu.has_shstk = vcpu.cpuid.guest_cpu_cap_has("shstk")
+    cpu.has_ibt = vcpu.cpuid.guest_cpu_cap_has("ibt")
+
+
+def _entry_loads_cet(vcpu: VcpuCetState) -> bool:
+    return bool(vcpu.vmcs.read(VmcsField.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_CET_STATE)
+
+
+def _exit_loads_cet(vcpu: VcpuCetState) -> bool:
+    return bool(vcpu.vmcs.read(VmcsField.VM_EXIT_CONTROLS) & VmExitControls.LOAD_CET_STATE)
+
+
+def vmx_vcpu_enter(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
+    """VM entry: guest CET state from the VMCS (with the entry control), XCR0, XSS, CR0/CR4."""
+    if _entry_loads_cet(vcpu):
+        cpu.set_cet_msr(Msr.IA32_S_CET, vcpu.vmcs.read(VmcsField.GUEST_S_CET))
+        cpu.set_cet_msr(Msr.IA32_INT_SSP_TAB, vcpu.vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE))
+        cpu.ssp = vcpu.vmcs.read(VmcsField.GUEST_SSP)
+    else:
+        cpu.set_cet_msr(Msr.IA32_S_CET, host.s_cet)
+        cpu.set_cet_msr(Msr.IA32_INT_SSP_TAB, host.intr_ssp_table)
+        cpu.ssp = host.ssp
+    cpu.xcr0 = vcpu.xcr0      # kvm_load_guest_xsave_state
+    cpu.xss = vcpu.ia32_xss
+
+
+def vmx_vcpu_exit(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
+    """VM exit: save the guest CET fields; load the host's with the exit control."""
+    vcpu.vmcs.write(VmcsField.GUEST_S_CET, cpu.cet_msr(Msr.IA32_S_CET))
+    vcpu.vmcs.write(VmcsField.GUEST_SSP, cpu.ssp)
+    vcpu.vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, cpu.cet_msr(Msr.IA32_INT_SSP_TAB))
+    vcpu.cr0, vcpu.cr4 = cpu.cr0, cpu.cr4  # vmx_cache_reg (CR4.CET is guest-owned)
+    host.exits += 1
+    if _exit_loads_cet(vcpu):
+        host.s_cet = vcpu.vmcs.read(VmcsField.HOST_S_CET)
+        host.ssp = vcpu.vmcs.read(VmcsField.HOST_SSP)
+        host.intr_ssp_table = vcpu.vmcs.read(VmcsField.HOST_INTR_SSP_TABLE)
+
+
+def kvm_load_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
+    """fpu_swap_kvm_fpstate(guest): the guest's CET_U / CET_S values go into the CPU's MSRs
+    (plus MXCSR and XMM0-15 of the legacy region, see :func:`_swap_sse`)."""
+    fpu = vcpu.fpu
+    if fpu.loaded:
+        return
+    from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
+
+    for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
+        if fpu.has(feature):
+            cpu.set_cet_msr(Msr(index), fpu.peek(feature, offset))
+    _swap_sse(fpu, cpu, to_cpu=True)
+    fpu.loaded = True
+
+
+def kvm_put_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
+    """fpu_swap_kvm_fpstate(host): copy the CPU's live guest values back into the fpstate.
+
+    A component whose values are all zero is stored as init state (XSTATE_BV bit clear), as
+    XSAVES does with the init optimization.
+    """
+    fpu = vcpu.fpu
+    if not fpu.loaded:
+        return
+    from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
+
+    by_feature: dict[int, list[tuple[int, int]]] = {}
+    for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
+        if fpu.has(feature):
+            by_feature.setdefault(feature, []).append((offset, cpu.cet_msr(Msr(index))))
+    for feature, values in by_feature.items():
+        if any(v for _, v in values):
+            for offset, value in values:
+                fpu.poke(feature, offset, value)
+        elif fpu.xstate_bv >> feature & 1:
+            fpu.area.clear_component(feature)
+    _swap_sse(fpu, cpu, to_cpu=False)
+    fpu.loaded = False
+
+
+#: Legacy-region offsets: MXCSR at 24, XMM0-15 at 160 (16 bytes each) [SDM Vol. 1 10.5.1].
+_MXCSR_OFFSET = 24
+_XMM_OFFSET = 160
+
+
+def _swap_sse(fpu, cpu, *, to_cpu: bool) -> None:
+    """MXCSR and XMM0-15 between the legacy region and the engine.
+
+    cetvm's CPU has no FPU-state accessor yet, so this reaches Unicorn through ``cpu.unicorn``
+    (the one place the hypervisor does; listed in the report as a CPU request).
+    """
+    from unicorn import x86_const as X
+
+    uc = cpu.unicorn
+    data = fpu.area.data
+    if to_cpu:
+        mxcsr = int.from_bytes(data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4], "little") or 0x1F80
+        uc.reg_write(X.UC_X86_REG_MXCSR, mxcsr)
+        for i in range(16):
+            off = _XMM_OFFSET + 16 * i
+            uc.reg_write(X.UC_X86_REG_XMM0 + i, int.from_bytes(data[off:off + 16], "little"))
+        return
+    mxcsr = uc.reg_read(X.UC_X86_REG_MXCSR) & 0xFFFF_FFFF
+    data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4] = mxcsr.to_bytes(4, "little")
+    in_use = mxcsr != 0x1F80
+    for i in range(16):
+        off = _XMM_OFFSET + 16 * i
+        value = uc.reg_read(X.UC_X86_REG_XMM0 + i) & ((1 << 128) - 1)
+        in_use = in_use or value != 0
+        data[off:off + 16] = value.to_bytes(16, "little")
+    if in_use:  # XSTATE_BV[1]: SSE state not in its init configuration
+        fpu.area.xstate_bv = fpu.area.xstate_bv | 0x2
