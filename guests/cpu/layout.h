@@ -12,6 +12,7 @@
 #define SSTK_USER        0x23000
 #define SSTK_SPARE       0x24000
 #define NORMAL_PAGE      0x25000
+#define SUPERVISOR_PAGE  0x26000
 #define KSTACK_TOP       0x80000
 #define IST1_STACK_TOP   0x70000
 #define USTACK_TOP       0x60000

@@ -4,6 +4,8 @@
 
         .text
         .globl _start, case_user_events, case_syscall, user_code, user_syscall, syscall_entry, user_hlt
+        .globl case_user_store_supervisor, user_store, user_store_site
+        .globl case_user_call_store, user_call_store, store_fn_site, case_iret_bad_cs, bad_iret
 
 /* enter ring 3 at %rdi through IRETQ */
 to_user:
@@ -75,3 +77,44 @@ syscall_entry:
         mov $(SSTK_KERNEL2+0xFF8), %rax
         clrssbsy (%rax)
         sysretq
+
+case_user_store_supervisor:
+        endbr64
+        mov $SUPERVISOR_PAGE, %rax
+        movq $5, (%rax)                /* fine at CPL 0 */
+        lea user_store(%rip), %rdi
+        jmp to_user
+user_store:
+        endbr64
+        mov $SUPERVISOR_PAGE, %rax
+user_store_site:
+        movq $1, (%rax)
+        hlt
+
+case_user_call_store:
+        endbr64
+        lea user_call_store(%rip), %rdi
+        jmp to_user
+user_call_store:
+        endbr64
+        mov $SUPERVISOR_PAGE, %rdi
+        lea store_fn(%rip), %rax
+        call *%rax
+        hlt
+store_fn:
+        endbr64
+store_fn_site:
+        movq $1, (%rdi)
+        ret
+
+/* IRETQ with CS RPL 3 naming the DPL 0 code descriptor: #GP(selector) */
+case_iret_bad_cs:
+        endbr64
+        lea user_code(%rip), %rdi
+        pushq $USER_DS
+        pushq $USTACK_TOP
+        pushq $0x202
+        pushq $(KERNEL_CS | 3)
+        push %rdi
+bad_iret:
+        iretq

@@ -45,3 +45,14 @@ attacker:
         mov $RESULTS_ADDR, %rbx
         movq $0xBAD, R_GUEST+8(%rbx)
         hlt
+
+        .globl case_ret_to_unmapped, bad_ret2
+case_ret_to_unmapped:
+        endbr64
+        call victim2
+        hlt
+victim2:
+        endbr64
+        movq $0x10, (%rsp)             /* return into the not-present page 0 */
+bad_ret2:
+        ret

@@ -99,7 +99,7 @@ class Options:
     cr4_cet: bool = True
     ist_vectors: dict[int, int] = field(default_factory=dict)  # vector → IST index
     iret_vectors: tuple[int, ...] = ()  # vectors whose handler returns with IRETQ
-    trace: bool | None = None
+    trace: bool = True
     start32: bool = False  # start in 32-bit protected mode with paging off (multiboot-like)
 
 
@@ -132,6 +132,8 @@ class Machine:
             return Pte.P | Pte.D | Pte.NX
         if page == L["SSTK_USER"]:
             return Pte.P | Pte.D | Pte.US | Pte.NX
+        if page == L["SUPERVISOR_PAGE"]:
+            return Pte.P | Pte.RW | Pte.NX | Pte.A | Pte.D
         for vaddr, _data, memsz, flags in self.elf.segments:
             if vaddr <= page < vaddr + memsz and flags & 1:  # PF_X
                 return Pte.P | Pte.US | Pte.A

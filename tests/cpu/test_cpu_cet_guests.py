@@ -242,3 +242,63 @@ def test_xrstors_of_a_bad_cet_value_is_gp_and_loads_nothing():
     assert r.guest[:2] == [0x1803, (1 << 63) | 0x1803]  # XSTATE_BV, XCOMP_BV written by XSAVES
     assert (r.vector, r.error, r.rip) == (Vector.GP, 0, m.sym("bad_xrstors"))
     assert m.vcpu.cet.pl_ssp[3] == 0x7F_0765_4320
+
+
+def test_ret_mismatch_to_a_not_present_target_is_cp_not_pf():
+    """The RET's target faults on fetch before its block starts: the pending RET is applied in
+    the exception path and its #CP(1) wins over the fetch #PF."""
+    m = Machine("shstk_ret")
+    m.run_case("case_ret_to_unmapped")
+    r = m.results
+    assert (r.count, r.vector, r.error, r.rip) == (1, Vector.CP, CpError.NEAR_RET, m.sym("bad_ret2"))
+    assert r.rsp == L["KSTACK_TOP"] - 8
+
+
+def test_untraced_vcpu_emulates_syscall_into_ring_0():
+    """Untraced mode (no block hook): SYSCALL is a NOP in Unicorn, so cetvm stops after it and
+    emulates it; the kernel entry then hits SETSSBSY with CR4.CET=0 → #UD at CPL 0."""
+    m = Machine("ring3", Options(trace=False, cr4_cet=False, s_cet=0))
+    m.run_case("case_syscall")
+    r = m.results
+    assert (r.vector, r.cs) == (Vector.UD, L["KERNEL_CS"])
+    assert m.sym("syscall_entry") < r.rip < m.sym("syscall_entry") + 32
+
+
+@pytest.mark.parametrize("options", [Options(), Options(cr4_cet=False, s_cet=0),
+                                     Options(trace=False, cr4_cet=False, s_cet=0)],
+                         ids=["cet", "traced-no-cet", "untraced"])
+def test_ring3_store_to_a_supervisor_page_is_pf_with_p_w_u(options):
+    m = Machine("ring3", options)
+    m.run_case("case_user_store_supervisor")
+    r = m.results
+    assert (r.vector, r.error, r.rip, r.cs) == (Vector.PF, PfErr.P | PfErr.W | PfErr.U, m.sym("user_store_site"), L["USER_CS"])
+    assert m.read_u64(L["SUPERVISOR_PAGE"]) == 5  # the CPL 0 store happened, the CPL 3 one did not
+    assert m.vcpu.get_sregs().cr2 == L["SUPERVISOR_PAGE"]
+
+
+def test_iretq_to_a_code_descriptor_whose_dpl_differs_from_the_rpl_is_gp():
+    m = Machine("ring3")
+    m.run_case("case_iret_bad_cs")
+    r = m.results
+    assert (r.vector, r.error, r.rip, r.cs) == (Vector.GP, L["KERNEL_CS"], m.sym("bad_iret"), L["KERNEL_CS"])
+    assert m.vcpu.cpl == 0
+
+
+def test_fault_during_delivery_becomes_double_fault_on_its_ist_stack():
+    """#PF(SS) from a CALL, whose same-privilege delivery pushes the CET frame onto the same bad
+    shadow stack → #PF again → #DF, delivered on IST1 with the interrupt SSP table."""
+    m = Machine("paging_ss", Options(ist_vectors={Vector.DF: 1}))
+    m.vcpu.ssp = L["NORMAL_PAGE"] + PAGE
+    m.run_case("case_call_on_normal_page")
+    r = m.results
+    assert (r.count, r.vector, r.error) == (1, Vector.DF, 0)
+    assert r.rip == m.sym("call_site")
+    ist_token = L["SSTK_IST"] + PAGE - 8
+    assert r.ssp == ist_token - 24  # token taken, then the same-privilege frame
+    assert m.read_u64(ist_token) == ist_token | 1
+
+
+def test_fault_during_double_fault_delivery_is_a_triple_fault():
+    m = Machine("paging_ss")
+    m.vcpu.ssp = L["NORMAL_PAGE"] + PAGE
+    assert m.run_case("case_call_on_normal_page").reason == ExitReason.TRIPLE_FAULT

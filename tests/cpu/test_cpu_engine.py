@@ -121,7 +121,7 @@ def test_model_without_cet_makes_cr4_cet_reserved_and_cet_instructions_ud():
     assert vcpu.has_ibt is False
     model = get_model("skylake-sp")
     vcpu = Vcpu(model)
-    assert not vcpu.has_shstk and not vcpu.has_ibt and not vcpu.traced
+    assert not vcpu.has_shstk and not vcpu.has_ibt and vcpu.traced
     vcpu.map_ram(0, 0x10000)
     vcpu.set_reg("rax", Cr4.CET | Cr4.PAE)
     mov_cr4 = decode_one(bytes.fromhex("0f22e0"), 0x1000)  # mov cr4, rax
@@ -181,3 +181,45 @@ def test_untraced_vcpu_runs_without_block_hook_and_halts():
     exit_ = vcpu.run()
     assert exit_.reason.value == "hlt" and vcpu.reg("rdx") == 1000 and vcpu.block_count == 0
     assert instruction_count(1000) == 11 * 1000 + 2
+
+
+def test_unicorn_self_check_refuses_another_version(monkeypatch):
+    import unicorn
+
+    from cetvm import CetvmError
+
+    monkeypatch.setattr(unicorn, "__version__", "2.0.1")
+    with pytest.raises(CetvmError, match="unicorn==2.1.4"):
+        Vcpu(get_model("sapphire-rapids"))
+
+
+def test_public_api_is_exported_lazily():
+    import cetvm.cpu as cpu
+
+    assert cpu.Vcpu is Vcpu and cpu.ExitReason.HLT.value == "hlt"
+    with pytest.raises(AttributeError):
+        cpu.NoSuchThing  # noqa: B018
+
+
+def test_paging_off_guest_can_store_next_to_its_code_and_run_it():
+    """Virtual-TLB mode (paging off): a page is R+X for fetches and R+W for data; switching
+    between them must stay correct (a store into the code page, then executing it)."""
+    from cetvm.cpu.exits import ExitReason
+    from cetvm.cpu.state import DescriptorTable, Sregs
+
+    vcpu = Vcpu(get_model("sapphire-rapids"))
+    vcpu.map_ram(0, 0x10000)
+    # 32-bit: mov byte [0x1020], 0xF4 (hlt); mov dword [0x1100], 0x1234; jmp 0x1020
+    code = bytes.fromhex("c60520100000f4") + bytes.fromhex("c70500110000 34120000") + bytes.fromhex("eb00")
+    jmp_at = 0x1000 + len(code) - 2
+    code = code[:-1] + bytes([(0x1020 - (jmp_at + 2)) & 0xFF])
+    vcpu.write_phys(0x1000, code)
+    gdt = 0x8000
+    vcpu.write_phys(gdt, struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF))
+    vcpu.set_sregs(Sregs(cs=Segment.code32(0x08), ds=Segment.data(0x10), es=Segment.data(0x10), ss=Segment.data(0x10),
+                         fs=Segment.data(0x10), gs=Segment.data(0x10), gdt=DescriptorTable(gdt, 23),
+                         cr0=int(Cr0.PE | Cr0.ET)))
+    vcpu.rip = 0x1000
+    exit_ = vcpu.run()
+    assert exit_.reason == ExitReason.HLT and exit_.rip == 0x1020
+    assert vcpu.read_phys(0x1100, 4) == struct.pack("<I", 0x1234)

@@ -1,9 +1,10 @@
 """Per-block state of the CET layer: the block classification cache and the previous terminator.
 
 This is the one small object a native block hook (a later issue, through Unicorn's C API) will
-replace: its interface is ``lookup(address, size)`` → :class:`BlockInfo` or None (miss),
-``store(info)``, ``prev`` (the terminator of the block that ran last, or None) and
-``invalidate()``. Everything else in the engine talks to it only through these.
+replace: its interface is ``cache`` (address → :class:`BlockInfo`; a hit also needs the same
+size), ``lookup(address, size)``, ``store(info)``, ``prev`` (the terminator of the block that
+ran last, or None; FALLTHROUGH blocks store None), ``prev_block_start`` and ``invalidate()``. The engine's hot path
+reads ``cache`` and ``prev`` directly; nothing else touches the tracker.
 """
 
 from __future__ import annotations
@@ -28,20 +29,23 @@ class BlockTracker:
     """Block classification cache keyed by linear address, plus the pending terminator."""
 
     prev: TerminatorInfo | None = None
-    _cache: dict[int, BlockInfo] = field(default_factory=dict)
+    #: start address of the block whose terminator ``prev`` is (to tell a fault inside that
+    #: block — the terminator never ran — from a fault at its target)
+    prev_block_start: int = 0
+    cache: dict[int, BlockInfo] = field(default_factory=dict)
 
     def lookup(self, address: int, size: int) -> BlockInfo | None:
-        info = self._cache.get(address)
+        info = self.cache.get(address)
         if info is None or info.size != size:
             return None
         return info
 
     def store(self, info: BlockInfo) -> None:
-        self._cache[info.address] = info
+        self.cache[info.address] = info
 
     def invalidate(self) -> None:
         """Forget all classifications (page tables changed: the same address may hold other code)."""
-        self._cache.clear()
+        self.cache.clear()
 
     def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None:
         """Return the pending terminator and make ``terminator`` the new pending one."""
@@ -50,4 +54,4 @@ class BlockTracker:
         return prev
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self.cache)

@@ -20,10 +20,9 @@ from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl, Efer
 from cetvm.cpu.cet import events as cet_events
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.cet.policy import shadow_stack_enabled
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
 from cetvm.cpu.faults import GuestFault, gp, ud
-from cetvm.cpu.state import Segment, SegAttr
+from cetvm.cpu.state import SegAttr, Segment
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 RFLAGS_CF = 1 << 0
@@ -206,6 +205,10 @@ def cet_msr_write_fault(vcpu, index: int, value: int) -> bool:
     """
     if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
         both = CetCtl.SUPPRESS | CetCtl.TRACKER
+        if vcpu is not None and not vcpu.has_shstk and value & 0x3:
+            return True  # shadow-stack bits reserved without CPUID SHSTK
+        if vcpu is not None and not vcpu.has_ibt and value & ~0x3:
+            return True  # IBT bits (5:2, 63:10) reserved without CPUID IBT
         return bool(value & CET_CTL_RESERVED) or value & both == both or not is_canonical(value)
     if Msr.IA32_PL0_SSP <= index <= Msr.IA32_PL3_SSP:
         return not is_canonical(value) or bool(value & 3)
@@ -374,32 +377,111 @@ def _pop_u64(vcpu, rsp: int, n: int) -> list[int]:
     return [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(n)]
 
 
-def iret(vcpu, instr: Instruction) -> None:
-    """IRETQ: the CET frame check/SSP restore (``ssp_on_iret``), then Unicorn's IRETQ.
+#: RFLAGS bits IRETQ may load: CF PF AF ZF SF TF IF DF OF IOPL NT RF AC ID (+ bit 1 fixed).
+RFLAGS_IRET_MASK = 0x25_7FD5
+RFLAGS_IF = 1 << 9
+RFLAGS_IOPL = 3 << 12
+#: RFLAGS bits SYSRET loads from R11 [SDM SYSRET: RFLAGS := (R11 & 3C7FD7H) OR 2].
+RFLAGS_SYSRET_MASK = 0x3C_7FD7
 
-    Decision: the CET part runs first from the frame on the data stack; if Unicorn's IRETQ then
-    faults (a bad CS/SS), SSP has already been updated.
+
+def _code_descriptor(vcpu, selector: int, cpl: int):
+    """CS for a return to privilege ``cpl``: present, code, DPL = RPL = ``cpl`` (non-conforming)."""
+    from cetvm.cpu.events import read_descriptor
+
+    if selector & ~3 == 0:
+        raise gp(0)
+    desc = read_descriptor(vcpu, selector)
+    if not desc.attributes & SegAttr.CODE or not desc.attributes & SegAttr.S or desc.dpl != cpl:
+        raise gp(selector & ~3)
+    if not desc.present:
+        raise GuestFault(Vector.NP, selector & ~3)
+    return desc
+
+
+def _stack_descriptor(vcpu, selector: int, cpl: int, target_long: bool):
+    """SS for a return to ``cpl``: a writable data segment with RPL = DPL = ``cpl``; a null SS
+    is allowed for a 64-bit return to CPL 0-2 [SDM IRET 64-bit mode]."""
+    from cetvm.cpu.events import read_descriptor
+
+    if selector & ~3 == 0:
+        if cpl == 3 or not target_long or selector & 3 != cpl:
+            raise gp(0)
+        return Segment(selector, 0, 0, cpl << 13)
+    desc = read_descriptor(vcpu, selector)
+    if (selector & 3 != cpl or desc.dpl != cpl or desc.attributes & SegAttr.CODE
+            or not desc.attributes & SegAttr.WRITABLE_READABLE or not desc.attributes & SegAttr.S):
+        raise gp(selector & ~3)
+    if not desc.present:
+        raise GuestFault(Vector.SS, selector & ~3)
+    return desc
+
+
+def iret(vcpu, instr: Instruction) -> None:
+    """IRETQ in 64-bit mode, emulated completely [SDM IRET "IA-32e mode"].
+
+    Pops RIP, CS, RFLAGS, RSP, SS; a return to a less privileged level (CS.RPL > CPL) or the
+    same one; never to a more privileged one (#GP). CS/SS are checked against the GDT; RFLAGS
+    follows the CPL/IOPL rules (IOPL only at CPL 0, IF only when CPL <= IOPL). With CET the
+    shadow-stack frame is checked and SSP restored (``ssp_on_iret``) before anything is
+    committed. Not emulated natively because Unicorn's TB-cache removal after a native step
+    would translate the IRETQ's address at the new CPL (a phantom #PF that corrupts CR2 and
+    QEMU's old_exception). Decisions: DS/ES/FS/GS are not nulled on a return to CPL 3; NMI
+    blocking is not modelled; 16/32-bit IRET raise NotSupportedError.
     """
     if instr.mnemonic != M.IRETQ:
         raise NotSupportedError(f"{instr} (16/32-bit IRET) is not implemented; use IRETQ")
+    old_cpl = vcpu.cpl
+    rsp = vcpu.reg("rsp")
+    new_rip, new_cs, new_rflags, new_rsp, new_ss = _pop_u64(vcpu, rsp, 5)
+    new_cs &= 0xFFFF
+    new_ss &= 0xFFFF
+    new_cpl = new_cs & 3
+    if new_cpl < old_cpl:
+        raise gp(new_cs & ~3)
+    cs_desc = _code_descriptor(vcpu, new_cs, new_cpl)
+    ss_desc = _stack_descriptor(vcpu, new_ss, new_cpl, cs_desc.long)
+    if cs_desc.long and not is_canonical(new_rip):
+        raise gp(0)
     if vcpu._cet_active:
-        new_rip, new_cs = _pop_u64(vcpu, vcpu.reg("rsp"), 2)
-        old_cpl, new_cpl = vcpu.cpl, new_cs & 3
-        if new_cpl < old_cpl:
-            raise gp(new_cs & ~3)
-        from cetvm.cpu.events import read_descriptor
-
-        target = read_descriptor(vcpu, new_cs)
-        cet_events.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs & 0xFFFF, (target.base + new_rip) & _U64,
-                               target_long_mode=target.long)
-    _native(vcpu, instr)
+        cet_events.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
+                               target_long_mode=cs_desc.long)
+    rflags = vcpu.reg("rflags")
+    writable = RFLAGS_IRET_MASK
+    if old_cpl > 0:
+        writable &= ~RFLAGS_IOPL
+    if old_cpl > (rflags & RFLAGS_IOPL) >> 12:
+        writable &= ~RFLAGS_IF
+    vcpu.set_reg("rflags", (rflags & ~writable) | (new_rflags & writable) | 2)
+    vcpu.set_reg("rsp", new_rsp)
+    vcpu.rip = new_rip
+    vcpu.load_segments(cs=Segment(new_cs, cs_desc.base, cs_desc.limit, cs_desc.attributes),
+                       ss=Segment(new_ss, ss_desc.base, ss_desc.limit, ss_desc.attributes))
+    vcpu._retire()
 
 
 def sysret(vcpu, instr: Instruction) -> None:
-    """SYSRET: Unicorn's SYSRET, then SSP = PL3_SSP with user shadow stacks (``ssp_on_sysret``)."""
-    _native(vcpu, instr)
-    if vcpu.cpl == 3 and vcpu.rip != instr.ip:
-        cet_events.ssp_on_sysret(vcpu)
+    """SYSRET [SDM SYSRET], emulated completely (see :func:`iret` for why not natively).
+
+    #UD unless EFER.SCE; #GP(0) unless CPL 0; #GP(0) if RCX is not canonical (64-bit form).
+    CS = STAR[63:48] + 16 (64-bit form) or STAR[63:48] (32-bit form), RPL 3; SS = STAR[63:48]
+    + 8, RPL 3; RIP = RCX; RFLAGS = (R11 & 3C7FD7H) | 2. Then SSP = PL3_SSP with user shadow
+    stacks (``ssp_on_sysret``).
+    """
+    if not vcpu.msr(Msr.IA32_EFER) & Efer.SCE:
+        raise ud()
+    _require_cpl0(vcpu)
+    long_form = instr.code == Code.SYSRETQ
+    rcx = vcpu.reg("rcx")
+    if long_form and not is_canonical(rcx):
+        raise gp(0)
+    base = (vcpu.msr(Msr.IA32_STAR) >> 48) & 0xFFFC
+    cs = Segment.code64(base + 16 | 3, dpl=3) if long_form else Segment.code32(base | 3, dpl=3)
+    vcpu.set_reg("rflags", (vcpu.reg("r11") & RFLAGS_SYSRET_MASK) | 2)
+    vcpu.rip = rcx if long_form else rcx & 0xFFFF_FFFF
+    vcpu.load_segments(cs=cs, ss=Segment.data(base + 8 | 3, dpl=3))
+    cet_events.ssp_on_sysret(vcpu)
+    vcpu._retire()
 
 
 def syscall(vcpu, instr: Instruction) -> None:

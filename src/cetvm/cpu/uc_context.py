@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import unicorn
 from unicorn import Uc
-from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_RAX, UC_X86_REG_SS
+from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_RAX
 
 from cetvm import CetvmError
 from cetvm.cpu.state import DPL_SHIFT, Segment, SegAttr

@@ -2,16 +2,17 @@
 
 Execution model (DESIGN.md "The CPU engine", engine-notes.md):
 
-- *Traced mode* (default when the CPU model has SHSTK or IBT, or ``trace=True``): one Python
+- *Traced mode* (the default, ``trace=True``): one Python
   UC_HOOK_BLOCK hook. On a block's first execution it is decoded (iced-x86); instructions cetvm
   must emulate (:mod:`cetvm.cpu.decode`) become Unicorn exits, the block is dropped from the TB
   cache and restarted, so Unicorn stops in front of them and :mod:`cetvm.cpu.emulate` runs
   them. At every block start the CET state machine (:mod:`cetvm.cpu.cet.transfer`) applies the
   previous block's terminator.
-- *Untraced mode* (``trace=False``): no block hook, raw Unicorn speed. Only HLT, #UD-emulated
-  instructions (VMCALL, XSAVES...) and exceptions stop the engine; CPUID, IN/OUT, RDMSR/WRMSR
-  and MOV CR run inside Unicorn without exits and CET is not enforced. For benchmarks and
-  guests that need neither.
+- *Untraced mode* (``trace=False``): no block hook, raw Unicorn speed. Only HLT, SYSCALL
+  (emulated after a UC_HOOK_INSN stop), #UD-emulated instructions (VMCALL, XSAVES...) and
+  exceptions stop the engine; CPUID, IN/OUT, RDMSR/WRMSR and MOV CR run inside Unicorn without
+  exits (so no MSR intercepts, CET MSRs or CR4.CET checks) and CET is not enforced. For
+  benchmarks and guests that need none of these.
 
 Exceptions are caught (UC_HOOK_INTR / UC_HOOK_INSN_INVALID), emulation stops, and
 :mod:`cetvm.cpu.events` delivers them through the guest IDT.
@@ -22,12 +23,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from iced_x86 import InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, Register
 from unicorn import (
     UC_ARCH_X86, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED,
-    UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError,
+    UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MEM_FETCH, UC_MODE_64,
+    UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_CPU, UC_TLB_VIRTUAL, Uc, UcError,
 )
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
@@ -37,19 +39,20 @@ from cetvm.arch import Cr0, Cr4, Msr, PfErr, Vector
 from cetvm.arch.msr import CetCtl, Efer
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo, BlockTracker
-from cetvm.cpu.cet.transfer import BlockAction, classify_terminator, on_block_start
+from cetvm.cpu.cet.transfer import BlockAction, Terminator, apply_terminator, classify_terminator, on_block_start
 from cetvm.cpu.exits import Direction, ExceptionExit, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
-from cetvm.cpu.paging import Access, PagingMode, pf_error_code, translate
+from cetvm.cpu.paging import Access, PagingMode, translate
 from cetvm.cpu.state import CetState, DescriptorTable, GPR_NAMES, Regs, Segment, Sregs
-from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn, segment_hflags
+from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, check_unicorn, segment_hflags
+
+if TYPE_CHECKING:
+    from cetvm.cpuid import CpuidModel
 
 PAGE = 0x1000
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _GPR_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 _REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS}
-_SEG_IDS = {"cs": X.UC_X86_REG_CS, "ds": X.UC_X86_REG_DS, "es": X.UC_X86_REG_ES,
-            "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS, "ss": X.UC_X86_REG_SS}
 #: Blob offset of env->xcr0 in Unicorn 2.1.4 (measured; XCR0 has no reg id in the binding).
 XCR0_OFFSET = 4904
 #: Vectors that are faults: RIP reported by Unicorn is the faulting instruction (engine-notes).
@@ -93,24 +96,22 @@ class MemoryRegion:
     size: int
     kind: str  # "ram" or "mmio"
 
-    def contains(self, gpa: int) -> bool:
-        return self.gpa <= gpa < self.gpa + self.size
-
 
 class Vcpu:
     """One virtual CPU with its guest-physical memory (a VM of one CPU, as the hardware sees it).
 
     ``model``: the :class:`cetvm.cpuid.CpuidModel` it emulates (which CET features exist, the
-    XSAVE layout). ``trace``: see the module docstring (default: traced iff SHSTK or IBT).
+    XSAVE layout). ``trace``: see the module docstring (False only for benchmarks and guests
+    that need no exits but HLT).
     Hypervisor controls: ``msr_intercepts`` (set of MSR indices whose RDMSR/WRMSR exit),
     ``exception_bitmap`` (vectors that exit before delivery).
     """
 
-    def __init__(self, model, *, trace: bool | None = None) -> None:
+    def __init__(self, model: "CpuidModel", *, trace: bool = True) -> None:
         self.model = model
         self.has_shstk = bool(model.has("shstk"))
         self.has_ibt = bool(model.has("ibt"))
-        self.traced = (self.has_shstk or self.has_ibt) if trace is None else trace
+        self.traced = trace
         self.msr_intercepts: set[int] = set()
         self.exception_bitmap = 0
         self.cet = CetState()
@@ -124,7 +125,6 @@ class Vcpu:
         self._exits: set[int] = set()
         self._pending: PendingEvent | None = None
         self._completion: Callable[[], None] | None = None
-        self._stop_exit: VmExit | None = None
         self._budget_left: int | None = None
         self._budget_hit = False
         self._info_factory = InstructionInfoFactory()
@@ -144,8 +144,13 @@ class Vcpu:
         self._reg_buf = ctypes.c_uint64()
         self._mem_buf = ctypes.create_string_buffer(8)
         self._block_hook_cb = None
+        self._tlb_virtual = False
+        self._syscall_at: int | None = None
+        if not self.traced:
+            uc.hook_add(UC_HOOK_INSN, self._on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         if self.traced:
             self._install_block_hook()
+            uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
         self.refresh_mode()
 
     # ------------------------------------------------------------------ memory
@@ -422,13 +427,12 @@ class Vcpu:
 
     @property
     def xcr0(self) -> int:
+        """XCR0 (the hypervisor sets it after an XSETBV exit; no checks here)."""
         return ContextBlob.save(self._uc).u64(XCR0_OFFSET)
 
     @xcr0.setter
     def xcr0(self, value: int) -> None:
         blob = ContextBlob.save(self._uc)
-        import ctypes
-
         ctypes.c_uint64.from_address(blob.address + XCR0_OFFSET).value = value & _U64
         blob.restore(self._uc)
 
@@ -451,6 +455,18 @@ class Vcpu:
             if index == Msr.IA32_EFER:
                 self.refresh_mode()
 
+    def _clear_stale_old_exception(self) -> None:
+        """After an engine stop with no exception: QEMU's old_exception must be -1.
+
+        Measured on 2.1.4: a stop requested from a hook (RIP write + emu_stop, e.g. the block
+        classification restart) and a single-stepped IRETQ can leave old_exception at 8 (#DF);
+        the guest's next fault then becomes a #DF or a silent triple fault (EXCP_HLT).
+        """
+        blob = ContextBlob.save(self._uc)
+        if blob.u32(OLD_EXCEPTION_OFFSET) != 0xFFFF_FFFF:
+            blob.reset_old_exception()
+            blob.restore(self._uc)
+
     def reset_old_exception(self) -> None:
         """Forget the last exception so the next fault is not promoted to #DF (engine-notes)."""
         blob = ContextBlob.save(self._uc)
@@ -470,6 +486,23 @@ class Vcpu:
         self._long_mode = bool(hflags & HFlags.CS64)
         self._cr4_cet = bool(cr4 & Cr4.CET)
         self._update_cet_active()
+        self._update_tlb_mode(not cr0 & Cr0.PG)
+
+    def _update_tlb_mode(self, paging_off: bool) -> None:
+        """Paging off (traced mode only, where MOV to CR0 is emulated and seen): Unicorn's
+        virtual-TLB mode with :meth:`_on_tlb_fill`, so data pages are not executable to the
+        engine and stores stay on its fast path (engine-notes "Speed"). Paging on: the CPU's
+        own walk of the guest page tables (the guest's NX does the same job)."""
+        virtual = self.traced and paging_off
+        if virtual != self._tlb_virtual:
+            self._uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL if virtual else UC_TLB_CPU)
+            self._tlb_virtual = virtual
+
+    def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _data: object) -> bool:
+        """Identity translation; a page filled for a fetch is R+X, for data R+W (never W+X)."""
+        entry.paddr = vaddr & ~0xFFF
+        entry.perms = (UC_PROT_READ | UC_PROT_EXEC) if access == UC_MEM_FETCH else (UC_PROT_READ | UC_PROT_WRITE)
+        return True
 
     # ------------------------------------------------------------------ hypervisor interface
     def inject_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
@@ -516,7 +549,6 @@ class Vcpu:
                 return exit_
 
     def _run_engine(self, rip: int) -> VmExit | None:
-        self._stop_exit = None
         self._budget_hit = False
         try:
             self._uc.emu_start(rip, 0)
@@ -529,14 +561,27 @@ class Vcpu:
             if err.errno in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
                 return self._on_unmapped_stop(err.errno)
             raise CetvmError(f"engine error at RIP {self.rip:#x}: {err}") from None
-        if self._stop_exit is not None:
-            return self._stop_exit
+        if self._pending is None:
+            self._clear_stale_old_exception()
+        if not self.traced:
+            self.refresh_mode()  # native IRETQ/SYSRET/far transfers may have changed CPL or mode
+        if self._syscall_at is not None:
+            from cetvm.cpu import emulate
+
+            self.rip, self._syscall_at = self._syscall_at, None
+            return self._emulate_at(self.rip, emulate)
         if self._pending is not None or self._budget_hit or self.rip in self._exits:
             return None
         if not self.traced:
             # Untraced mode: Unicorn stops by itself only after HLT (RIP past it).
             return VmExit(ExitReason.HLT, (self.rip - 1) & _U64, 1)
         return None
+
+    def _on_untraced_syscall(self, uc: Uc, _data: object) -> None:
+        """Untraced mode: Unicorn runs SYSCALL as a NOP; stop (it ends the TB) and emulate it."""
+        self._syscall_at = uc.reg_read(X.UC_X86_REG_RIP)
+        self._unretire()
+        uc.emu_stop()
 
     def _count_instruction(self, uc: Uc, address: int, size: int, _data: object) -> None:
         if self._budget_left <= 0:
@@ -593,15 +638,20 @@ class Vcpu:
         return result
 
     def step_native(self, rip: int) -> None:
-        """Let Unicorn execute the one instruction at ``rip`` although it is an exit address."""
+        """Let Unicorn execute the one instruction at ``rip`` although it is an exit address.
+
+        Used for instructions whose CET effects cetvm adds around Unicorn's own execution (far
+        CALL/RET/JMP, INVLPG, MMIO completion); not for privilege changes (IRETQ, SYSRET are
+        emulated: see :func:`cetvm.cpu.emulate.iret`).
+        """
         uc = self._uc
         was_exit = rip in self._exits
         if was_exit:
             self._exits.discard(rip)
             uc.ctl_set_exits(sorted(self._exits))
             uc.ctl_remove_cache(rip, rip + 1)
-        self._stop_exit = None
         self._stepping = True
+        cr2 = uc.reg_read(X.UC_X86_REG_CR2)
         try:
             uc.emu_start(rip, 0, count=1)
         except UcError as err:
@@ -616,6 +666,11 @@ class Vcpu:
                 uc.ctl_set_exits(sorted(self._exits))
                 uc.ctl_remove_cache(rip, rip + 1)
         self._blocks.prev = None
+        if self._pending is None:
+            # Dropping the stepped TB translates ``rip`` in the *new* mode; after a privilege
+            # change that is a phantom #PF that sets CR2 and old_exception: undo both.
+            uc.reg_write(X.UC_X86_REG_CR2, cr2)
+            self._clear_stale_old_exception()
 
     def add_completion(self, completion: Callable[[], None]) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction)."""
@@ -658,17 +713,19 @@ class Vcpu:
         if self._stepping:
             return
         blocks = self._blocks
-        info = blocks.lookup(address, size)
-        if info is None:
+        info = blocks.cache.get(address)
+        if info is None or info.size != size:
             info = self._classify_block(address, size)
             if info is None:
                 return
-        prev = blocks.take_prev(info.terminator)
+        prev = blocks.prev
+        blocks.prev = info.terminator
+        blocks.prev_block_start = address
         if not self._cet_active:
             return
         if prev is None and not (self.cet.u_cet if self._cpl == 3 else self.cet.s_cet) & _TRACKER:
             return
-        decision = on_block_start(self, prev, address, self._fast_rsp(), info.first_bytes)
+        decision = on_block_start(self, prev, address, self._fast_rsp() if prev is not None else 0, info.first_bytes)
         if decision.action == BlockAction.FAULT:
             uc = self._uc
             uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
@@ -693,6 +750,8 @@ class Vcpu:
             self._uc.emu_stop()
             return None
         terminator = classify_terminator(instrs[-1]) if instrs else None
+        if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
+            terminator = None  # nothing to apply at the next block start
         info = BlockInfo(address, size, terminator, code[:4])
         self._blocks.store(info)
         return info
@@ -715,14 +774,19 @@ class Vcpu:
 
     # ------------------------------------------------------------------ exception hooks
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
+        if not self.traced:
+            self.refresh_mode()  # native privilege changes are not seen otherwise
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
         if not software:
             self._unretire()
         prev = self._blocks.take_prev(None)
+        if prev is not None and self._blocks.prev_block_start <= rip <= prev.insn_addr:
+            prev = None  # the fault is inside the block: its terminator never ran
         if prev is not None and self._cet_active and not software:
-            # The previous block's terminator ran but its target faulted before the block hook.
-            decision = on_block_start(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP), b"\xf3\x0f\x1e\xfa")
+            # The previous block's terminator ran but its target faulted before the block hook:
+            # apply the terminator alone (the IBT check happens when the guest comes back).
+            decision = apply_terminator(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP))
             if decision.action == BlockAction.FAULT:
                 uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
                 if decision.rsp is not None:
@@ -743,9 +807,11 @@ class Vcpu:
     def _derive_pf_error(self, rip: int, cr2: int) -> PfErr:
         """The #PF error code Unicorn does not expose: re-walk the page tables for the access.
 
-        Decision: fetch if CR2 lies within the 15 bytes at RIP and a fetch walk fails; else a
-        read walk (W added for a not-present page when the instruction only writes memory);
-        else a write walk; else (our walk sees no violation) P plus W if the instruction writes.
+        Decision: a fetch if CR2 lies within the 15 bytes at RIP and a fetch walk fails; else
+        the instruction's data accesses (iced-x86): a walk as a read if it reads memory, then
+        as a write if it writes memory — the first walk that faults gives the error code (so a
+        store gets W, a load-then-store that fails on the load does not). If our walk sees no
+        violation (e.g. SMAP, reserved bits), P plus W/U as the instruction suggests.
         """
         user = self._user_access()
         if 0 <= cr2 - rip < decode.MAX_INSTRUCTION_LENGTH:
@@ -754,15 +820,13 @@ class Vcpu:
             except GuestFault as fault:
                 return PfErr(fault.error_code or 0)
         reads, writes = self._memory_access_kinds(rip)
-        for access in (Access.READ, Access.WRITE):
+        walks = ([Access.READ] if reads or not writes else []) + ([Access.WRITE] if writes else [])
+        for access in walks:
             try:
-                self.translate(cr2, access | user)
+                translate(self._read_phys_u64, self._mode, cr2, access | user)
             except GuestFault as fault:
-                err = PfErr(fault.error_code or 0)
-                if access == Access.READ and not err & PfErr.P and writes and not reads:
-                    err |= PfErr.W
-                return err
-            except Exception:
+                return PfErr(fault.error_code or 0)
+            except CetvmError:
                 break
         return PfErr.P | (PfErr.W if writes else 0) | (PfErr.U if user else 0)
 
@@ -827,7 +891,7 @@ class Vcpu:
             if used.access not in kinds or used.base == Register.RSP and instr.is_stack_instruction:
                 continue
             linear = emulate.effective_address(self, instr)
-            size = instr.memory_size_bytes if hasattr(instr, "memory_size_bytes") else _memory_size_bytes(instr)
+            size = _memory_size_bytes(instr)
             gpa = self.translate(linear, Access.WRITE if write else Access.READ)
             data = emulate.store_value(self, instr, size) if write else 0
             return MmioExit(gpa, size, Direction.OUT if write else Direction.IN, data)
