@@ -1,0 +1,186 @@
+"""What a cetvm machine is made of: :class:`MachineConfig`, and the guest CPUID it implies.
+
+The CPU model names the *host* the modeled KVM runs on (default: a Sapphire Rapids); the guest
+sees what that KVM supports (KVM_GET_SUPPORTED_CPUID, as ``qemu -cpu host`` does), minus the CET
+features the ``cet`` setting hides:
+
+======  ==============================================================================
+cet     guest CPUID
+======  ==============================================================================
+on      SHSTK and IBT as KVM supports them on the host
+shstk   IBT cleared (CPUID.(7,0).EDX[20])
+ibt     SHSTK cleared (CPUID.(7,0).ECX[7])
+off     both cleared, and the CET_U/CET_S bits of CPUID.(0xD,1).ECX with their 0xD.11/0xD.12
+        sub-leaves zeroed (decision: what QEMU does for XSS components the guest cannot
+        enable; KVM_SET_CPUID2 accepts any table [reference §5 "Userspace may set any CPUID"])
+======  ==============================================================================
+
+With ``shstk`` or ``ibt`` the XSS bits stay: IBT alone still uses U_CET/S_CET, and U_CET lives
+in the CET_U component [reference §1, §5].
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from cetvm import InputError
+from cetvm.arch.cpuid_bits import IBT, SHSTK
+from cetvm.arch.xfeatures import XFeature
+from cetvm.cpuid import CpuidModel, resolve_model
+from cetvm.kvm.host import Host
+from cetvm.vmm.layout import MiB, check_ram_size
+
+DEFAULT_CPU_MODEL = "sapphire-rapids"
+DEFAULT_MEMORY_SIZE = 256 * MiB
+XSAVE_LEAF = 0xD
+
+
+class CetMode(enum.Enum):
+    """Which CET features the guest CPUID shows (``--cet``)."""
+
+    ON = "on"
+    OFF = "off"
+    SHSTK = "shstk"
+    IBT = "ibt"
+
+    @property
+    def shows_shstk(self) -> bool:
+        return self in (CetMode.ON, CetMode.SHSTK)
+
+    @property
+    def shows_ibt(self) -> bool:
+        return self in (CetMode.ON, CetMode.IBT)
+
+    @classmethod
+    def parse(cls, text: str | "CetMode") -> "CetMode":
+        if isinstance(text, CetMode):
+            return text
+        try:
+            return cls(str(text).lower())
+        except ValueError:
+            raise InputError(f"--cet takes one of {', '.join(m.value for m in cls)}, got {text!r}") from None
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory_size(text: str | int) -> int:
+    """``256M``, ``1G``, ``512MiB``, ``4194304`` → bytes (QEMU ``-m`` style: binary units; a bare
+    number is bytes), checked by :func:`cetvm.vmm.layout.check_ram_size`."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE_RE.match(text)
+        if not match:
+            raise InputError(f"memory size {text!r}: expected a number with an optional K, M, G or T "
+                             "suffix (e.g. 256M)")
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    check_ram_size(size)
+    return size
+
+
+def _clear_xss_component(model: CpuidModel, component: XFeature) -> None:
+    """Drop an XSS component from CPUID.(0xD,1).ECX and zero its 0xD.n sub-leaf."""
+    if model.contains(XSAVE_LEAF, 1):
+        eax, ebx, ecx, edx = model.get(XSAVE_LEAF, 1)
+        model.set(XSAVE_LEAF, 1, eax, ebx, ecx & ~component.mask & 0xFFFF_FFFF, edx)
+    if model.contains(XSAVE_LEAF, int(component)):
+        model.set(XSAVE_LEAF, int(component), 0, 0, 0, 0)
+
+
+def guest_cpuid(supported: CpuidModel, cet: CetMode) -> CpuidModel:
+    """The guest CPUID for ``cet`` from KVM's supported CPUID (module docstring table)."""
+    model = supported.copy()
+    if not cet.shows_shstk:
+        model.set_feature(SHSTK.name, False)
+    if not cet.shows_ibt:
+        model.set_feature(IBT.name, False)
+    if cet is CetMode.OFF:
+        _clear_xss_component(model, XFeature.CET_USER)
+        _clear_xss_component(model, XFeature.CET_KERNEL)
+    return model
+
+
+@dataclass
+class MachineConfig:
+    """Everything needed to build a machine (and to rebuild it from a snapshot).
+
+    ``cpu``: the host CPU (a built-in model name, a CPUID dump file, or a CpuidModel); ignored
+    when ``host`` is given. ``memory``: RAM bytes (or "256M"). ``cet``: see :class:`CetMode`.
+    ``cmdline``: the kernel command line (multiboot). ``modules``: multiboot module files
+    (``initrd`` is the first). ``serial_sink``: receives every byte the guest writes to COM1.
+    """
+
+    cpu: str | CpuidModel = DEFAULT_CPU_MODEL
+    memory: int | str = DEFAULT_MEMORY_SIZE
+    cet: CetMode | str = CetMode.ON
+    cmdline: str = ""
+    modules: tuple[str, ...] = ()
+    host: Host | None = None
+    serial_sink: Callable[[bytes], None] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.memory = parse_memory_size(self.memory)
+        self.cet = CetMode.parse(self.cet)
+        self.modules = tuple(str(m) for m in self.modules)
+
+    @property
+    def memory_size(self) -> int:
+        assert isinstance(self.memory, int)
+        return self.memory
+
+    @property
+    def cet_mode(self) -> CetMode:
+        assert isinstance(self.cet, CetMode)
+        return self.cet
+
+    def make_host(self) -> Host:
+        """The Host KVM loads on (a default-configured host of the ``cpu`` model)."""
+        if self.host is not None:
+            return self.host
+        model = self.cpu if isinstance(self.cpu, CpuidModel) else resolve_model(self.cpu)
+        return Host(cpu=model)
+
+    @property
+    def cpu_name(self) -> str:
+        if self.host is not None:
+            return self.host.name
+        return self.cpu.name if isinstance(self.cpu, CpuidModel) else str(self.cpu)
+
+    def to_manifest(self) -> dict:
+        """The JSON part a snapshot records (a custom Host or CpuidModel is stored as its CPUID)."""
+        doc: dict = {"memory": self.memory_size, "cet": self.cet_mode.value, "cmdline": self.cmdline,
+                     "modules": list(self.modules)}
+        if self.host is None and isinstance(self.cpu, str):
+            doc["cpu"] = self.cpu
+        else:
+            host = self.make_host()
+            doc["cpu_model"] = host.cpu.to_json()
+            if self.host is not None:
+                doc["host"] = {"kernel_cmdline": host.kernel_cmdline, "user_shstk": host.user_shstk,
+                               "kernel_ibt": host.kernel_ibt, "virt": host.virt}
+        return doc
+
+    @classmethod
+    def from_manifest(cls, doc: dict, serial_sink: Callable[[bytes], None] | None = None) -> "MachineConfig":
+        """Inverse of :meth:`to_manifest` (bad fields are InputError)."""
+        if not isinstance(doc, dict):
+            raise InputError("snapshot machine config must be an object")
+        try:
+            if "cpu_model" in doc:
+                model = CpuidModel.from_json(doc["cpu_model"], source="snapshot")
+                host_doc = doc.get("host")
+                host = Host(cpu=model, **host_doc) if isinstance(host_doc, dict) else None
+                cpu: str | CpuidModel = model
+            else:
+                cpu, host = str(doc["cpu"]), None
+            return cls(cpu=cpu, memory=int(doc["memory"]), cet=str(doc["cet"]), cmdline=str(doc.get("cmdline", "")),
+                       modules=tuple(doc.get("modules", ())), host=host, serial_sink=serial_sink)
+        except KeyError as exc:
+            raise InputError(f"snapshot machine config has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"snapshot machine config is invalid: {exc}") from None

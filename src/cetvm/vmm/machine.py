@@ -1,0 +1,195 @@
+"""The cetvm PC: a VM on the KVM-shaped API with RAM, the PC devices, a kernel and a run loop.
+
+Built the way QEMU/Firecracker build a KVM machine, only through :mod:`cetvm.kvm.api`:
+``Kvm(host).create_vm()`` → KVM_SET_USER_MEMORY_REGION for each :func:`~cetvm.vmm.layout.
+ram_regions` range → :class:`~cetvm.vmm.devices.pc.PcDevices` on a port bus and an MMIO bus →
+KVM_CREATE_VCPU + KVM_SET_CPUID2 (:func:`~cetvm.vmm.config.guest_cpuid`) → the kernel's
+:class:`~cetvm.vmm.loader.BootPlan` written with ``Vm.put_memory`` and its entry state applied
+with KVM_SET_SREGS / KVM_SET_REGS → :class:`~cetvm.vmm.run_loop.RunLoop`.
+
+Snapshots (:meth:`Machine.save` / :meth:`Machine.restore`): one :mod:`cetvm.vmm.snapshot` file
+with the machine config, the instruction count, the vCPU state (:mod:`cetvm.vmm.snapshot_io`),
+the device registers and every RAM region (section ``ram@<addr>``). A restored machine is built
+from the saved config (so its CPUID and MSR index list are the same) and continues exactly where
+the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from cetvm import InputError
+from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
+from cetvm.kvm.api import Kvm, KvmVcpu
+from cetvm.vmm.bus import MmioBus, PioBus
+from cetvm.vmm.config import MachineConfig, guest_cpuid
+from cetvm.vmm.devices.pc import PcDevices
+from cetvm.vmm.layout import RamRegion, ram_regions
+from cetvm.vmm.loader import BootPlan, Long64Entry, ModuleSpec, Protected32Entry, load_kernel
+from cetvm.vmm.run_loop import RunLimits, RunLoop, RunResult
+from cetvm.vmm.snapshot import read_snapshot, write_snapshot
+from cetvm.vmm.snapshot_io import check_vcpu_states, restore_vcpu, save_vcpu
+
+SNAPSHOT_KIND = "cetvm-machine"
+#: Bytes per RAM read/write when saving or restoring memory.
+RAM_CHUNK = 16 << 20
+
+
+def ram_section(region: RamRegion) -> str:
+    return f"ram@{region.addr:#x}"
+
+
+# --------------------------------------------------------------------------- entry state
+def protected32_sregs(entry: Protected32Entry, sregs: Sregs) -> Sregs:
+    """Multiboot machine state [Multiboot 0.6.96 §3.2]: flat 32-bit CS/DS..SS, paging off."""
+    data = Segment.data(entry.ds)
+    sregs.cs = Segment.code32(entry.cs)
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = entry.cr0, 0, 0, 0
+    return sregs
+
+
+def long64_sregs(entry: Long64Entry, sregs: Sregs) -> Sregs:
+    """cetvm's ELF64 entry: 64-bit CS, flat data, the plan's GDT, CR3 and paging registers."""
+    data = Segment.data(entry.ds)
+    sregs.cs = Segment.code64(entry.cs)
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.gdt = DescriptorTable(entry.gdt_base, entry.gdt_limit)
+    sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = entry.cr0, entry.cr3, entry.cr4, entry.efer
+    return sregs
+
+
+def apply_entry(vcpu: KvmVcpu, entry: Protected32Entry | Long64Entry) -> None:
+    """KVM_SET_SREGS + KVM_SET_REGS for a BootPlan's entry state."""
+    if isinstance(entry, Protected32Entry):
+        vcpu.set_sregs(protected32_sregs(entry, vcpu.get_sregs()))
+        vcpu.set_regs(Regs(rax=entry.eax, rbx=entry.ebx, rip=entry.eip, rflags=entry.rflags))
+    else:
+        vcpu.set_sregs(long64_sregs(entry, vcpu.get_sregs()))
+        vcpu.set_regs(Regs(rax=entry.rax, rbx=entry.rbx, rsi=entry.rsi, rdi=entry.rdi, rsp=entry.rsp,
+                           rip=entry.rip, rflags=entry.rflags))
+
+
+def instructions_retired(vcpu: KvmVcpu) -> int:
+    """The vCPU's retired-instruction count (KVM's binary stats have no such counter; cetvm's
+    KVM exposes the CPU's, read-only)."""
+    stats = getattr(vcpu, "get_stats", None)
+    if callable(stats):
+        return int(stats()["instructions"])
+    return int(vcpu.cpu.instructions_retired)
+
+
+class Machine:
+    """One cetvm PC (one vCPU). Build with a :class:`MachineConfig`, then :meth:`load_kernel`
+    (or :meth:`restore`), then :meth:`run`."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        self.config = config
+        self.host = config.make_host()
+        self.kvm = Kvm(self.host)
+        self.vm = self.kvm.create_vm()
+        self.ram = ram_regions(config.memory_size)
+        for slot, region in enumerate(self.ram):
+            self.vm.set_user_memory_region(slot, region.addr, region.size)
+        self.devices = PcDevices.create(config.memory_size, sink=config.serial_sink, cmdline=config.cmdline)
+        self.pio, self.mmio = PioBus(), MmioBus()
+        self.devices.register(self.pio, self.mmio)
+        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_cpuid(guest_cpuid(self.kvm.get_supported_cpuid(), config.cet_mode))
+        self.boot_plan: BootPlan | None = None
+        self._loop = RunLoop(self.vcpu, self.pio, self.mmio, lambda: instructions_retired(self.vcpu))
+
+    # ------------------------------------------------------------------ boot
+    @classmethod
+    def boot(cls, image: str | os.PathLike, config: MachineConfig | None = None) -> "Machine":
+        """A machine with ``image`` loaded and ready to run."""
+        machine = cls(config or MachineConfig())
+        machine.load_kernel(image)
+        return machine
+
+    def load_kernel(self, image: str | os.PathLike) -> BootPlan:
+        """Load a multiboot or ELF64 kernel (+ the config's modules) and set the entry state."""
+        modules = [ModuleSpec(m) for m in self.config.modules]
+        plan = load_kernel(image, self.config.memory_size, self.config.cmdline, modules)
+        plan.apply(self.vm.put_memory)
+        apply_entry(self.vcpu, plan.entry)
+        self.boot_plan = plan
+        return plan
+
+    # ------------------------------------------------------------------ run
+    @property
+    def instructions(self) -> int:
+        """Instructions executed since the machine first started (across snapshots)."""
+        return self._loop.instructions
+
+    def run(self, timeout: float | None = None, max_instructions: int | None = None,
+            save_at: int | None = None) -> RunResult:
+        """Run until the guest stops the machine or a limit is reached (see RunLimits)."""
+        for name, value in (("timeout", timeout), ("max_instructions", max_instructions), ("save_at", save_at)):
+            if value is not None and value <= 0:
+                raise InputError(f"{name} must be positive, got {value}")
+        return self._loop.run(RunLimits(timeout, max_instructions, save_at))
+
+    # ------------------------------------------------------------------ snapshots
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config, vCPU state, devices and RAM to ``path`` (atomically).
+
+        An exit the VMM has handled (an OUT already given to its device, an IN whose value is
+        stored) is finished first with KVM_RUN(immediate_exit), as KVM requires before reading
+        the state: otherwise the restored vCPU would execute that instruction a second time."""
+        self.vcpu.run(immediate_exit=True)
+        vcpu_state, blobs = save_vcpu(self.vcpu, 0)
+        manifest = {
+            "kind": SNAPSHOT_KIND,
+            "machine": self.config.to_manifest(),
+            "run": {"instructions": self.instructions},
+            "vcpus": [vcpu_state],
+            "devices": self.devices.get_state(),
+            "ram": [{"addr": r.addr, "size": r.size, "section": ram_section(r)} for r in self.ram],
+        }
+        for region in self.ram:
+            blobs[ram_section(region)] = self._read_ram(region)
+        write_snapshot(path, manifest, blobs)
+
+    def _read_ram(self, region: RamRegion) -> bytes:
+        return b"".join(self.vm.get_memory(addr, min(RAM_CHUNK, region.end - addr))
+                        for addr in range(region.addr, region.end, RAM_CHUNK))
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, serial_sink: Callable[[bytes], None] | None = None) -> "Machine":
+        """A machine that continues a snapshot (built fresh from the saved config)."""
+        manifest, blobs = read_snapshot(path)
+        name = os.fspath(path)
+        if manifest.get("kind") != SNAPSHOT_KIND:
+            raise InputError(f"{name}: not a cetvm machine snapshot (kind {manifest.get('kind')!r})")
+        config = MachineConfig.from_manifest(manifest.get("machine"), serial_sink=serial_sink)
+        machine = cls(config)
+        vcpus = manifest.get("vcpus")
+        if not isinstance(vcpus, list) or len(vcpus) != 1:
+            raise InputError(f"{name}: a cetvm machine has one vCPU, the snapshot has "
+                             f"{len(vcpus) if isinstance(vcpus, list) else 'no'} vCPU states")
+        check_vcpu_states(manifest, machine.vcpu.get_msr_index_list())
+        machine._restore_ram(manifest, blobs, name)
+        restore_vcpu(machine.vcpu, vcpus[0], blobs, 0)
+        machine.devices.set_state(manifest.get("devices"))
+        run = manifest.get("run")
+        if not isinstance(run, dict) or not isinstance(run.get("instructions"), int):
+            raise InputError(f"{name}: snapshot has no run.instructions count")
+        machine._loop = RunLoop(machine.vcpu, machine.pio, machine.mmio,
+                                lambda: instructions_retired(machine.vcpu), instructions_done=run["instructions"])
+        return machine
+
+    def _restore_ram(self, manifest: dict, blobs: dict[str, bytes], name: str) -> None:
+        for region in self.ram:
+            section = ram_section(region)
+            data = blobs.get(section)
+            if data is None:
+                raise InputError(f"{name}: snapshot has no RAM section '{section}'")
+            if len(data) != region.size:
+                raise InputError(f"{name}: RAM section '{section}' holds {len(data):#x} bytes, "
+                                 f"the region is {region.size:#x}")
+            for off in range(0, region.size, RAM_CHUNK):
+                chunk = data[off : off + RAM_CHUNK]
+                if chunk.count(0) != len(chunk):
+                    self.vm.put_memory(region.addr + off, chunk)

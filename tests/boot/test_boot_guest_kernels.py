@@ -1,0 +1,83 @@
+"""Acceptance: the CET test kernels booted with `cetvm boot` report all-green TAP and exit with
+QEMU's isa-debug-exit status (code 0 → status 1)."""
+
+from boot_support import MAX_INSTRUCTIONS, boot, guest
+
+PASS_STATUS = 1  # isa-debug-exit (0 << 1) | 1
+
+
+def run_green(capsys, name, *extra):
+    result = boot(capsys, str(guest(name)), "--memory", "32M", "--max-instructions", MAX_INSTRUCTIONS, *extra)
+    tap = result.tap
+    tap.assert_complete_and_green()
+    assert result.status == PASS_STATUS, result.err
+    return tap
+
+
+def test_ring3_shadow_stack_stops_a_return_address_overwrite_with_cp_near_ret(capsys):
+    tap = run_green(capsys, "shstk_user")
+    assert tap.passed("ring 3 return-address overwrite -> #CP(1)")
+    assert tap.passed("#CP(1) at CPL3: RIP at the RET")
+    assert tap.passed("SYSCALL saves SSP in IA32_PL3_SSP")
+    assert tap.passed("ring 0 return-address overwrite -> #CP(1)")
+    assert not tap.skipped()
+
+
+def test_far_ret_to_a_forged_address_is_cp_far_ret(capsys):
+    tap = run_green(capsys, "shstk_farret")
+    assert tap.passed("LRETQ to a forged address -> #CP(2)")
+    assert not tap.skipped()
+
+
+def test_ibt_raises_cp_endbranch_at_cpl3_and_cpl0(capsys):
+    tap = run_green(capsys, "ibt")
+    assert tap.passed("CPL0 CALL* to a non-ENDBR target -> #CP(3)")
+    assert tap.passed("CPL3 CALL* to a non-ENDBR target with U_CET.ENDBR_EN -> #CP(3)")
+    assert not tap.skipped()
+
+
+def test_misaligned_pl3_ssp_and_cr4_cet_without_wp_are_gp(capsys):
+    tap = run_green(capsys, "cet_msr_cr4")
+    assert tap.passed("WRMSR PL3_SSP with bit 0 set -> #GP(0)")
+    assert tap.passed("CR4.CET with CR0.WP=0 -> #GP")
+    assert tap.passed("clearing CR0.WP while CR4.CET=1 -> #GP")
+
+
+def test_guest_xss_write_changes_cpuid_0xd_1_ebx(capsys):
+    tap = run_green(capsys, "xss_cpuid")
+    assert tap.passed("XSS=CET_U: EBX grows by CET_U")
+    assert tap.passed("XSS=CET_U|CET_S: EBX = compacted size of XCR0|XSS")
+
+
+def test_xsaves_xrstors_round_trip_cet_state(capsys):
+    tap = run_green(capsys, "xsaves_cet")
+    assert not tap.skipped()
+
+
+def test_without_guest_shstk_and_ibt_the_cet_msrs_and_cr4_cet_are_gp(capsys):
+    tap = run_green(capsys, "no_cet", "--cet", "off")
+    assert not tap.skipped(), "with --cet off nothing may be skipped"
+    assert tap.passed("RDMSR/WRMSR IA32_U_CET -> #GP")
+    assert tap.passed("MOV CR4 setting CR4.CET -> #GP")
+    assert tap.passed("WRMSR IA32_XSS with CET_U|CET_S -> #GP")
+
+
+def test_no_cet_kernel_skips_its_checks_when_cet_is_shown(capsys):
+    tap = run_green(capsys, "no_cet")
+    assert tap.skipped() and len(tap.skipped()) == tap.plan
+
+
+def test_zen4_has_no_ibt_so_the_ibt_kernel_skips(capsys):
+    tap = run_green(capsys, "ibt", "--cpu", "zen4")
+    assert len(tap.skipped()) == tap.plan
+    assert all("lacks IBT" in desc for desc in tap.skipped())
+
+
+def test_cet_shstk_only_hides_ibt_from_the_guest(capsys):
+    tap = run_green(capsys, "ibt", "--cet", "shstk")
+    assert len(tap.skipped()) == tap.plan
+
+
+def test_boot_smoke_framework_paths(capsys):
+    tap = run_green(capsys, "boot_smoke")
+    assert tap.passed("ring 3 write to a supervisor page -> #PF (U/S)")
