@@ -4,9 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv guests test demo bench clean
+.PHONY: all venv native guests test demo bench clean
 
-all: venv guests
+all: venv native guests
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,16 +15,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The native CET block hook (C, system gcc); cetvm falls back to the Python layer without it.
+native: venv
+	$(PY) -m cetvm.cpu.native.build --quiet
+
 guests:
 	$(MAKE) -C guests
 
-test: venv guests
+test: venv native guests
 	$(PY) -m pytest -q
 
-demo: venv guests
+demo: venv native guests
 	$(VENV)/bin/cetvm demo
 
-bench: venv guests
+bench: venv native guests
 	$(VENV)/bin/cetvm bench
 
 clean:

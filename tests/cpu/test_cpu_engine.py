@@ -168,8 +168,15 @@ def test_bench_command_json(capsys):
 
     assert main(["bench", "--json", "--iterations", "200"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"cet_on_mips", "cet_off_mips", "ratio", "instructions"}
-    assert doc["cet_on_mips"] > 0 and doc["cet_off_mips"] > 0
+    assert set(doc) == {"cet_on_mips", "cet_off_mips", "ratio", "instructions", "cet_on_native_mips",
+                        "cet_on_python_mips"}
+    assert doc["cet_on_mips"] > 0 and doc["cet_off_mips"] > 0 and doc["cet_on_python_mips"] > 0
+    from cetvm.cpu.native import native_available
+
+    if native_available():  # "cet_on_mips" is the best available path
+        assert doc["cet_on_mips"] == doc["cet_on_native_mips"] > 0
+    else:
+        assert doc["cet_on_native_mips"] is None and doc["cet_on_mips"] == doc["cet_on_python_mips"]
     assert main(["bench", "--iterations", "0"]) == 2
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'cetvm COMMAND --help' for the options of each command.",
     )
     parser.add_argument("--version", action="version", version=f"cetvm {__version__}")
+    parser.add_argument(
+        "--cet-path", choices=("auto", "native", "python"),
+        help="how CET is enforced: the native C block hook, the Python reference layer, or auto "
+             "(native when built, else Python with a notice); default $CETVM_CET_PATH or auto",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -54,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.cet_path:
+        os.environ["CETVM_CET_PATH"] = args.cet_path
     try:
         return int(args.func(args) or 0)
     except InputError as exc:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import struct
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable
 
@@ -40,6 +42,7 @@ from cetvm.arch.msr import CetCtl, Efer
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo, BlockTracker
 from cetvm.cpu.cet.transfer import BlockAction, Terminator, apply_terminator, classify_terminator, on_block_start
+from cetvm.cpu.native import NativeCet, PagingKind, select_cet_path
 from cetvm.cpu.exits import Direction, ExceptionExit, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access, PagingMode, translate
@@ -61,22 +64,14 @@ _TRACKER = int(CetCtl.TRACKER)
 _SS_READ, _SS_READ_USER = int(Access.SHADOW_STACK), int(Access.SHADOW_STACK | Access.USER)
 _SS_WRITE, _SS_WRITE_USER = _SS_READ | int(Access.WRITE), _SS_READ_USER | int(Access.WRITE)
 _CET_ENABLES = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
+#: Little-endian unsigned codecs for the hot-path RAM accesses (shadow stack, page walks).
+_LE_UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 #: void hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
 _BLOCK_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
 
 
 def _memory_size_bytes(instr) -> int:
     return MemorySizeExt.size(instr.memory_size)
-
-
-class FastInt(int):
-    """An int whose ``&`` and ``|`` are int's own, so ``FastInt & CetCtl.X`` never reaches
-    IntFlag's reflected operators (about 0.6 µs each in CPython 3.11: the CET hot path does
-    several per block). The result is a plain int."""
-
-    __slots__ = ()
-    __and__ = int.__and__
-    __or__ = int.__or__
 
 
 @dataclass
@@ -102,12 +97,15 @@ class Vcpu:
 
     ``model``: the :class:`cetvm.cpuid.CpuidModel` it emulates (which CET features exist, the
     XSAVE layout). ``trace``: see the module docstring (False only for benchmarks and guests
-    that need no exits but HLT).
+    that need no exits but HLT). ``cet_path`` (traced mode): which block hook enforces CET —
+    "native" (the C fast path, :mod:`cetvm.cpu.native`), "python" (the readable reference
+    hook below) or "auto" (native when built, else python with a one-line notice on stderr);
+    None means ``$CETVM_CET_PATH`` or "auto". Both paths give the same architectural results.
     Hypervisor controls: ``msr_intercepts`` (set of MSR indices whose RDMSR/WRMSR exit),
     ``exception_bitmap`` (vectors that exit before delivery).
     """
 
-    def __init__(self, model: "CpuidModel", *, trace: bool = True) -> None:
+    def __init__(self, model: "CpuidModel", *, trace: bool = True, cet_path: str | None = None) -> None:
         self.model = model
         self.has_shstk = bool(model.has("shstk"))
         self.has_ibt = bool(model.has("ibt"))
@@ -148,9 +146,15 @@ class Vcpu:
         self._syscall_at: int | None = None
         if not self.traced:
             uc.hook_add(UC_HOOK_INSN, self._on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        self._native = None
+        self.cet_path = "off"
         if self.traced:
-            self._install_block_hook()
-            uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+            self.cet_path = select_cet_path(cet_path or os.environ.get("CETVM_CET_PATH") or "auto")
+            if self.cet_path == "native":
+                self._install_native_path()
+            else:
+                self._install_block_hook()
+                uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
         self.refresh_mode()
 
     # ------------------------------------------------------------------ memory
@@ -164,6 +168,8 @@ class Vcpu:
         backing = mmap.mmap(-1, size)
         address = ctypes.addressof(ctypes.c_char.from_buffer(backing))
         self._uc.mem_map_ptr(gpa, size, UC_PROT_ALL, address)
+        if self._native is not None:
+            self._native.add_ram(gpa, size, address)
         self._regions.append(MemoryRegion(gpa, size, "ram"))
         self._ram.append((gpa, gpa + size, memoryview(backing), backing))
 
@@ -211,6 +217,8 @@ class Vcpu:
 
     def flush_tlb(self) -> None:
         self._tlb.clear()
+        if self._native is not None:
+            self._native.flush_translations()
 
     def read_virt(self, linear: int, size: int, access: Access = Access.READ) -> bytes:
         """Read guest-virtual memory page by page (raises GuestFault on a translation fault)."""
@@ -257,22 +265,27 @@ class Vcpu:
         self.cet.ssp = value & _U64
 
     def cet_msr(self, msr: Msr) -> int:
-        """The MSR value as a :class:`FastInt` (see there: keeps the CET code's ``value & CetCtl.X``
-        on CPython's int fast path)."""
-        if msr == 0x6A2:  # IA32_S_CET, the hot one
-            return FastInt(self.cet.s_cet)
-        return FastInt(self._cet_msr_value(int(msr)))
+        """The MSR value as a plain int (the CET code tests it against plain-int bit constants,
+        see :mod:`cetvm.cpu.cet.policy`; S_CET and U_CET are the hot ones)."""
+        if msr == 0x6A2:  # IA32_S_CET
+            return self.cet.s_cet
+        if msr == 0x6A0:  # IA32_U_CET
+            return self.cet.u_cet
+        return self._cet_msr_value(int(msr))
 
     def set_cet_msr(self, msr: Msr, value: int) -> None:
         self._set_cet_msr_value(int(msr), value)
 
     def ss_read(self, linear: int, size: int, *, user: bool) -> int:
-        access = _SS_READ_USER if user else _SS_READ
-        return self._phys_read_int(self.translate(linear, access), size)
+        """Shadow-stack read of 4 or 8 bytes (the hot path of every RET: one cached translation,
+        one RAM view lookup, one struct unpack)."""
+        view, off = self._ram_view(self.translate(linear, _SS_READ_USER if user else _SS_READ), size)
+        return _LE_UINT[size].unpack_from(view, off)[0]
 
     def ss_write(self, linear: int, value: int, size: int, *, user: bool) -> None:
-        access = _SS_WRITE_USER if user else _SS_WRITE
-        self._phys_write_int(self.translate(linear, access), value, size)
+        """Shadow-stack write of 4 or 8 bytes (the hot path of every CALL, as :meth:`ss_read`)."""
+        view, off = self._ram_view(self.translate(linear, _SS_WRITE_USER if user else _SS_WRITE), size)
+        _LE_UINT[size].pack_into(view, off, value & ((1 << (8 * size)) - 1))
 
     def _ram_view(self, gpa: int, size: int) -> tuple[memoryview, int]:
         for start, end, view, _backing in self._ram:
@@ -283,11 +296,19 @@ class Vcpu:
     def _phys_read_int(self, gpa: int, size: int) -> int:
         """Hot-path physical read of our own RAM backing (no call into Unicorn)."""
         view, off = self._ram_view(gpa, size)
-        return int.from_bytes(view[off:off + size], "little")
+        codec = _LE_UINT.get(size)
+        if codec is None:
+            return int.from_bytes(view[off:off + size], "little")
+        return codec.unpack_from(view, off)[0]
 
     def _phys_write_int(self, gpa: int, value: int, size: int) -> None:
         view, off = self._ram_view(gpa, size)
-        view[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        value &= (1 << (8 * size)) - 1
+        codec = _LE_UINT.get(size)
+        if codec is None:
+            view[off:off + size] = value.to_bytes(size, "little")
+        else:
+            codec.pack_into(view, off, value)
 
     def ss_cmpxchg(self, linear: int, expected: int, new: int, *, user: bool) -> tuple[bool, int]:
         access = Access.SHADOW_STACK | Access.WRITE | (Access.USER if user else Access.READ)
@@ -487,6 +508,8 @@ class Vcpu:
         self._cr4_cet = bool(cr4 & Cr4.CET)
         self._update_cet_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
+        if self._native is not None:
+            self._sync_native_mode()
 
     def _update_tlb_mode(self, paging_off: bool) -> None:
         """Paging off (traced mode only, where MOV to CR0 is emulated and seen): Unicorn's
@@ -552,6 +575,9 @@ class Vcpu:
         self._budget_hit = False
         try:
             self._uc.emu_start(rip, 0)
+            if self._native is not None:
+                self._native.raise_callback_error()
+                self._apply_native_handover()
             if self._hook_error is not None:
                 error, self._hook_error = self._hook_error, None
                 raise error
@@ -651,6 +677,8 @@ class Vcpu:
             uc.ctl_set_exits(sorted(self._exits))
             uc.ctl_remove_cache(rip, rip + 1)
         self._stepping = True
+        if self._native is not None:
+            self._native.set_enabled(False)
         cr2 = uc.reg_read(X.UC_X86_REG_CR2)
         try:
             uc.emu_start(rip, 0, count=1)
@@ -661,6 +689,8 @@ class Vcpu:
                 raise CetvmError(f"engine error at RIP {rip:#x}: {err}") from None
         finally:
             self._stepping = False
+            if self._native is not None:
+                self._native.set_enabled(True)
             if was_exit:
                 self._exits.add(rip)
                 uc.ctl_set_exits(sorted(self._exits))
@@ -692,6 +722,40 @@ class Vcpu:
                                    ctypes.c_uint64(1), ctypes.c_uint64(0))
         if status != 0:
             raise CetvmError(f"cannot install the block hook (unicorn error {status})")
+
+    def _install_native_path(self) -> None:
+        """The native fast path (:mod:`cetvm.cpu.native`): the C block hook owns SSP, U_CET,
+        S_CET (``self.cet``) and the block table / pending terminator (``self._blocks``); it
+        calls :meth:`_classify_block` once per new block and hands rare cases back to
+        :meth:`_apply_native_handover`. Paging-off guests get its native TLB-fill hook."""
+        self._native = NativeCet(self._uc, lambda address, size: self._classify_block(address, size) is not None)
+        self._blocks = self._native.blocks
+        self.cet = self._native.cet_state
+        self._native.install()
+        self._native.install_tlb_fill(set_mode=False)
+
+    def _sync_native_mode(self) -> None:
+        mode = self._mode
+        paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
+        self._native.sync_mode(cpl=self._cpl, long_mode=self._long_mode, cr4_cet=self._cr4_cet, paging=paging,
+                               cr3=mode.cr3)
+        self._native.flush_translations()
+
+    def _apply_native_handover(self) -> None:
+        """A block start the native hook left to us: run the reference state machine for it."""
+        request = self._native.take_handover()
+        if request is None:
+            return
+        try:
+            first = self._read_code(request.block_addr, 4)
+        except (GuestFault, UcError):
+            first = b""
+        decision = on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first)
+        if decision.action == BlockAction.FAULT:
+            self.rip = decision.rip
+            if decision.rsp is not None:
+                self.set_reg("rsp", decision.rsp)
+            self._raise_event(decision.fault)
 
     def _on_block_raw(self, _uch: int, address: int, size: int, _user: int) -> None:
         try:
@@ -725,12 +789,13 @@ class Vcpu:
             return
         if prev is None and not (self.cet.u_cet if self._cpl == 3 else self.cet.s_cet) & _TRACKER:
             return
-        decision = on_block_start(self, prev, address, self._fast_rsp() if prev is not None else 0, info.first_bytes)
+        # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
+        decision = on_block_start(self, prev, address, None, info.first_bytes)
         if decision.action == BlockAction.FAULT:
             uc = self._uc
+            if decision.rsp_adjust:
+                uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
             uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-            if decision.rsp is not None:
-                uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
             self._raise_event(decision.fault)
             uc.emu_stop()
 

@@ -42,7 +42,9 @@ def select_cet_path(requested: str, notice: TextIO | None = None) -> str:
     if native_available():
         return "native"
     if requested == "native":
-        load_library()  # raises the precise NotSupportedError / CetvmError
+        if not is_built():
+            raise NotSupportedError("the native CET fast path is not built; run: python -m cetvm.cpu.native.build")
+        load_library()  # raises the precise error (e.g. an ABI mismatch)
         raise NotSupportedError("the native CET fast path could not be loaded")
     print("cetvm: native CET fast path not built (python -m cetvm.cpu.native.build); using the Python CET layer",
           file=notice if notice is not None else sys.stderr)

@@ -31,7 +31,10 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 5
+#define CETFAST_ABI 7
+
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 /* Terminator kinds: the values of cetvm.cpu.cet.transfer.Terminator. */
 enum {
@@ -103,33 +106,39 @@ typedef struct __attribute__((aligned(32))) {
     uint8_t first[4];
 } cet_block_t; /* 32 bytes */
 
-/* The Python-visible part; mirrored field by field by cetvm.cpu.native.loader.SharedState. */
-typedef struct {
-    uint64_t abi;
-    /* architectural state owned here while the native path is installed */
+/* The Python-visible part; mirrored field by field by cetvm.cpu.native.loader.SharedState.
+ * The first two cache lines hold everything the hook touches on every block (64-byte aligned). */
+typedef struct __attribute__((aligned(64))) {
+    /* line 0: architectural state owned here while the native path is installed, the pending
+     * terminator, the mode bits and the block table */
     uint64_t ssp;
     uint64_t u_cet;
     uint64_t s_cet;
-    /* mode, written by Python (sync_mode) */
-    uint64_t cr3;
-    uint32_t cpl;
-    uint32_t long_mode;
-    uint32_t cr4_cet;
-    uint32_t paging;
-    uint32_t enabled;
-    uint32_t handover;
     cet_term_t pending;
+    uint8_t cpl;
+    uint8_t long_mode;
+    uint8_t cr4_cet;
+    uint8_t enabled;
+    uint32_t handover;
+    cet_block_t *table;  /* native-private */
+    uint64_t table_mask; /* native-private */
+    /* line 1 */
+    uint64_t ss_tag;     /* native-private: page | user << 3 of the last shadow-stack page */
+    uint8_t *ss_host;    /* native-private: its host address */
+    uint64_t pending_block; /* start address of the block whose terminator is pending */
+    uint64_t cr3;
+    uint32_t paging;
+    uint32_t pad;
+    uint64_t abi;
     cet_term_t handover_term;
     uint64_t handover_addr;
     /* statistics */
-    uint64_t blocks;
     uint64_t misses;
-    uint64_t pushes;
-    uint64_t pops;
     uint64_t handovers;
     uint64_t tlb_fills;
     uint64_t slow_mem;
     uint64_t callback_errors;
+    uint64_t reserved[2]; /* sizeof = 3 cache lines exactly */
 } cet_shared_t;
 
 /* ------------------------------------------------------------------ private */
@@ -141,6 +150,7 @@ typedef uc_err (*emu_stop_fn)(uc_engine *);
 typedef int (*classify_fn)(uint64_t addr, uint32_t size);
 
 #define TLB_ENTRIES 64
+#define FRONT_ENTRIES 256
 #define MAX_RAM 32
 
 typedef struct {
@@ -164,12 +174,10 @@ typedef struct {
     mem_write_fn mem_write;
     emu_stop_fn emu_stop;
     classify_fn classify;
-    cet_block_t *table;
-    uint64_t table_mask;
     uint64_t table_count;
     uint64_t tlb_gen;
-    uint64_t ss_tag;   /* one-entry fast cache: page | user << 3 of the last shadow-stack page */
-    uint8_t *ss_host;  /* its host address */
+    cet_block_t front[FRONT_ENTRIES];
+    uint64_t *fetched; /* TLB-fill mode: bitmap of pages fetched from (NULL: not in use) */
     tlb_entry_t tlb[TLB_ENTRIES];
     ram_range_t ram[MAX_RAM];
     uint32_t ram_count;
@@ -183,21 +191,22 @@ uint64_t cetfast_block_size(void) { return sizeof(cet_block_t); }
 
 void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_stop, void *classify)
 {
-    cetfast_t *f = calloc(1, sizeof(*f));
+    cetfast_t *f = aligned_alloc(64, sizeof(*f));
     if (!f)
         return NULL;
-    f->table = aligned_alloc(64, 1024 * sizeof(cet_block_t));
-    if (f->table)
-        memset(f->table, 0, 1024 * sizeof(cet_block_t));
-    if (!f->table) {
+    memset(f, 0, sizeof(*f));
+    f->s.table = aligned_alloc(64, 1024 * sizeof(cet_block_t));
+    if (f->s.table)
+        memset(f->s.table, 0, 1024 * sizeof(cet_block_t));
+    if (!f->s.table) {
         free(f);
         return NULL;
     }
-    f->table_mask = 1023;
+    f->s.table_mask = 1023;
     f->s.abi = CETFAST_ABI;
     f->s.enabled = 1;
     f->tlb_gen = 1;
-    f->ss_tag = SS_TAG_INVALID;
+    f->s.ss_tag = SS_TAG_INVALID;
     f->reg_write = (reg_rw_fn)reg_write;
     f->mem_read = (mem_read_fn)mem_read;
     f->mem_write = (mem_write_fn)mem_write;
@@ -211,7 +220,8 @@ void cetfast_free(void *p)
     cetfast_t *f = p;
     if (!f)
         return;
-    free(f->table);
+    free(f->s.table);
+    free(f->fetched);
     free(f);
 }
 
@@ -220,7 +230,7 @@ void cetfast_flush_tlb(void *p)
 {
     cetfast_t *f = p;
     f->tlb_gen++;
-    f->ss_tag = SS_TAG_INVALID;
+    f->s.ss_tag = SS_TAG_INVALID;
 }
 
 /* Register guest-physical RAM [gpa, gpa+size) backed by host memory (uc_mem_map_ptr). */
@@ -245,16 +255,16 @@ void cetfast_clear_ram(void *p)
 
 static inline uint64_t block_hash(uint64_t addr) { return (addr * 0x9E3779B97F4A7C15ull) >> 20; }
 
-static inline cet_block_t *block_find(cetfast_t *f, uint64_t addr, uint32_t size)
+static inline cet_block_t *block_find_table(cetfast_t *f, uint64_t addr, uint32_t size)
 {
-    uint64_t i = block_hash(addr) & f->table_mask;
+    uint64_t i = block_hash(addr) & f->s.table_mask;
     for (;;) {
-        cet_block_t *b = &f->table[i];
+        cet_block_t *b = &f->s.table[i];
         if (!b->used)
             return NULL;
         if (b->addr == addr)
             return b->size == size ? b : NULL;
-        i = (i + 1) & f->table_mask;
+        i = (i + 1) & f->s.table_mask;
     }
 }
 
@@ -268,18 +278,32 @@ static cet_block_t *block_slot(cet_block_t *table, uint64_t mask, uint64_t addr)
 
 static int table_grow(cetfast_t *f)
 {
-    uint64_t new_mask = f->table_mask * 2 + 1;
+    uint64_t new_mask = f->s.table_mask * 2 + 1;
     cet_block_t *t = aligned_alloc(64, (new_mask + 1) * sizeof(cet_block_t));
     if (!t)
         return -1;
     memset(t, 0, (new_mask + 1) * sizeof(cet_block_t));
-    for (uint64_t i = 0; i <= f->table_mask; i++)
-        if (f->table[i].used)
-            *block_slot(t, new_mask, f->table[i].addr) = f->table[i];
-    free(f->table);
-    f->table = t;
-    f->table_mask = new_mask;
+    for (uint64_t i = 0; i <= f->s.table_mask; i++)
+        if (f->s.table[i].used)
+            *block_slot(t, new_mask, f->s.table[i].addr) = f->s.table[i];
+    free(f->s.table);
+    f->s.table = t;
+    f->s.table_mask = new_mask;
     return 0;
+}
+
+static inline uint64_t front_index(uint64_t addr) { return (addr ^ (addr >> 7) ^ (addr >> 15)) & (FRONT_ENTRIES - 1); }
+
+/* Direct-mapped front cache (inside the state: no pointer to chase), backed by the table. */
+static inline cet_block_t *block_find(cetfast_t *f, uint64_t addr, uint32_t size)
+{
+    cet_block_t *e = &f->front[front_index(addr)];
+    if (LIKELY(e->addr == addr && e->size == size && e->used))
+        return e;
+    cet_block_t *b = block_find_table(f, addr, size);
+    if (b)
+        *e = *b;
+    return b;
 }
 
 static const uint8_t ENDBR64_BYTES[4] = {0xF3, 0x0F, 0x1E, 0xFA};
@@ -290,9 +314,9 @@ int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t kind, uint64_t
                   uint32_t imm16, const uint8_t *first, uint32_t first_len)
 {
     cetfast_t *f = p;
-    if ((f->table_count + 1) * 2 > f->table_mask + 1 && table_grow(f) < 0)
+    if ((f->table_count + 1) * 2 > f->s.table_mask + 1 && table_grow(f) < 0)
         return -1;
-    cet_block_t *b = block_slot(f->table, f->table_mask, addr);
+    cet_block_t *b = block_slot(f->s.table, f->s.table_mask, addr);
     if (!b->used)
         f->table_count++;
     memset(b, 0, sizeof(*b));
@@ -305,6 +329,7 @@ int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t kind, uint64_t
                (b->first_len >= 4 && memcmp(b->first, ENDBR32_BYTES, 4) == 0) << 1;
     b->insn_addr = insn_addr;
     b->term = (kind & 0xFFu) | (insn_len & 0xFFu) << 8 | (imm16 & 0xFFFFu) << 16;
+    f->front[front_index(addr)] = *b;
     return 0;
 }
 
@@ -323,7 +348,8 @@ uint64_t cetfast_block_count(void *p) { return ((cetfast_t *)p)->table_count; }
 void cetfast_invalidate_blocks(void *p)
 {
     cetfast_t *f = p;
-    memset(f->table, 0, (f->table_mask + 1) * sizeof(cet_block_t));
+    memset(f->s.table, 0, (f->s.table_mask + 1) * sizeof(cet_block_t));
+    memset(f->front, 0, sizeof(f->front));
     f->table_count = 0;
 }
 
@@ -456,9 +482,6 @@ __attribute__((noinline, cold)) static void hand_over(cetfast_t *f, uc_engine *u
     f->emu_stop(uc);
 }
 
-
-#define LIKELY(x) __builtin_expect(!!(x), 1)
-#define UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define PUSH_KINDS ((1u << T_CALL_DIRECT) | (1u << T_CALL_INDIRECT) | (1u << T_CALL_INDIRECT_NOTRACK))
 #define POP_KINDS ((1u << T_RET) | (1u << T_RET_IMM))
 #define PUSH_OR_POP_KINDS (PUSH_KINDS | POP_KINDS)
@@ -469,26 +492,16 @@ __attribute__((noinline, cold)) static void hand_over(cetfast_t *f, uc_engine *u
 static inline uint64_t *ss_slot(cetfast_t *f, uc_engine *uc, uint64_t lin, int user)
 {
     uint64_t key = (lin & (PAGE_MASK | 7)) | ((uint64_t)user << 3);
-    if (LIKELY(key == f->ss_tag))
-        return (uint64_t *)(f->ss_host + (lin & (PAGE_SIZE - 8)));
+    if (LIKELY(key == f->s.ss_tag))
+        return (uint64_t *)(f->s.ss_host + (lin & (PAGE_SIZE - 8)));
     if (lin & 7)
         return NULL; /* unaligned 8-byte entry: slow path (may cross a page) */
     tlb_entry_t *e = ss_translate(f, uc, lin, user);
     if (!e || !e->host)
         return NULL;
-    f->ss_tag = key;
-    f->ss_host = e->host;
+    f->s.ss_tag = key;
+    f->s.ss_host = e->host;
     return (uint64_t *)(e->host + (lin & (PAGE_SIZE - 8)));
-}
-
-static int ss_store_slow(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t value, unsigned width, int user)
-{
-    return ss_store(f, uc, lin, value, width, user);
-}
-
-static int ss_load_slow(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *value, unsigned width, int user)
-{
-    return ss_load(f, uc, lin, value, width, user);
 }
 
 /* Near CALL/RET outside 64-bit mode: 4-byte entries (compatibility / protected mode). */
@@ -517,30 +530,14 @@ static int ss_near_compat(cetfast_t *f, uc_engine *uc, const cet_term_t *prev, u
 }
 
 /*
- * UC_HOOK_BLOCK callback: cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
- * that ran last (f->s.pending) and the block starting at ``addr``.
+ * The general (branchy) block start: apply_terminator then check_block_target for ``prev`` and
+ * block ``b`` at ``addr``; hands over to Python whenever it cannot decide. Commits SSP and the
+ * CET control only when the whole block start succeeded.
  */
-void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
+__attribute__((noinline)) static void block_start_general(cetfast_t *f, uc_engine *uc, const cet_block_t *b,
+                                                          cet_term_t prev, uint64_t addr)
 {
-    cetfast_t *f = user_data;
     cet_shared_t *s = &f->s;
-    if (UNLIKELY(!s->enabled || s->handover))
-        return;
-    cet_block_t *b = block_find(f, addr, size);
-    if (UNLIKELY(!b)) {
-        s->misses++;
-        if (!f->classify(addr, size)) /* Python made exits / stopped emulation: not consumed */
-            return;
-        b = block_find(f, addr, size);
-        if (!b)
-            return;
-    }
-    cet_term_t prev;
-    prev.insn_addr = s->pending.insn_addr;
-    prev.word = s->pending.word;
-    s->pending.insn_addr = b->insn_addr;
-    s->pending.word = b->term;
-
     int user = s->cpl == 3;
     uint64_t ctl = user ? s->u_cet : s->s_cet;
     if (!s->cr4_cet || !(ctl & (CET_SH_STK_EN | CET_ENDBR_EN)))
@@ -550,11 +547,11 @@ void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_
     uint64_t ssp = s->ssp;
     unsigned kind = TERM_KIND(prev.word);
     if ((ctl & CET_SH_STK_EN) && ((1u << kind) & PUSH_OR_POP_KINDS)) {
-        if (LIKELY(s->long_mode)) {
+        if (s->long_mode) {
             if ((1u << kind) & PUSH_KINDS) {
                 uint64_t *slot = ss_slot(f, uc, ssp - 8, user);
                 if (UNLIKELY(!slot)) {
-                    if (ss_store_slow(f, uc, ssp - 8, prev.insn_addr + TERM_LEN(prev.word), 8, user) < 0) {
+                    if (ss_store(f, uc, ssp - 8, prev.insn_addr + TERM_LEN(prev.word), 8, user) < 0) {
                         hand_over(f, uc, &prev, addr, H_SHADOW_STACK_ACCESS);
                         return;
                     }
@@ -567,7 +564,7 @@ void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_
                 uint64_t *slot = ss_slot(f, uc, ssp, user);
                 if (LIKELY(slot != NULL)) {
                     shadow_ret = *slot;
-                } else if (ss_load_slow(f, uc, ssp, &shadow_ret, 8, user) < 0) {
+                } else if (ss_load(f, uc, ssp, &shadow_ret, 8, user) < 0) {
                     hand_over(f, uc, &prev, addr, H_SHADOW_STACK_ACCESS);
                     return;
                 }
@@ -606,4 +603,133 @@ void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_
         s->u_cet = ctl;
     else
         s->s_cet = ctl;
+}
+
+/*
+ * UC_HOOK_BLOCK callback: cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
+ * that ran last (f->s.pending) and the block starting at ``addr``.
+ *
+ * The common case (64-bit mode, the shadow-stack page cached, no RET mismatch, no ENDBRANCH
+ * violation) is computed without data-dependent branches: the terminator kind changes from block
+ * to block in patterns the host's branch predictor cannot learn across the JIT code in between.
+ * Anything else goes to block_start_general(), which starts again from the same inputs.
+ */
+void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    cetfast_t *f = user_data;
+    cet_shared_t *s = &f->s;
+    if (UNLIKELY(!s->enabled || s->handover))
+        return;
+    cet_block_t *b = block_find(f, addr, size);
+    if (UNLIKELY(!b)) {
+        s->misses++;
+        if (!f->classify(addr, size)) /* Python made exits / stopped emulation: not consumed */
+            return;
+        b = block_find(f, addr, size);
+        if (!b)
+            return;
+    }
+    cet_term_t prev;
+    prev.insn_addr = s->pending.insn_addr;
+    prev.word = s->pending.word;
+    s->pending.insn_addr = b->insn_addr;
+    s->pending.word = b->term;
+    s->pending_block = addr;
+
+    int user = s->cpl == 3;
+    uint64_t *ctl_reg = user ? &s->u_cet : &s->s_cet;
+    uint64_t ctl = *ctl_reg;
+    if (!s->cr4_cet || !(ctl & (CET_SH_STK_EN | CET_ENDBR_EN)))
+        return;
+    if (UNLIKELY(!s->long_mode)) {
+        block_start_general(f, uc, b, prev, addr);
+        return;
+    }
+
+    /* shadow stack: masks instead of branches (whether SH_STK_EN is set is predictable) */
+    uint32_t kbit = 1u << TERM_KIND(prev.word);
+    uint64_t ssp = s->ssp;
+    if (ctl & CET_SH_STK_EN) {
+        uint64_t push = (kbit & PUSH_KINDS) ? ~0ull : 0;
+        uint64_t pop = (kbit & POP_KINDS) ? ~0ull : 0;
+        uint64_t slot_lin = ssp - (push & 8);
+        uint64_t key = (slot_lin & (PAGE_MASK | 7)) | ((uint64_t)user << 3);
+        if (LIKELY(key == f->s.ss_tag)) {
+            /* always load and store the slot: a non-push stores back the value it read */
+            uint64_t *slot = (uint64_t *)(f->s.ss_host + (slot_lin & (PAGE_SIZE - 8)));
+            uint64_t old = *slot;
+            uint64_t ret = prev.insn_addr + TERM_LEN(prev.word);
+            *slot = (ret & push) | (old & ~push);
+            if (UNLIKELY((pop & (old ^ addr)) != 0)) {
+                block_start_general(f, uc, b, prev, addr); /* RET mismatch: hands over */
+                return;
+            }
+        } else if (push | pop) {
+            block_start_general(f, uc, b, prev, addr);
+            return;
+        }
+        ssp = ssp - (push & 8) + (pop & 8);
+    }
+
+    /* IBT: arm [ibt_arm_on_indirect], then check the target [ibt_check_target] */
+    uint64_t may_arm = ((ctl & (CET_ENDBR_EN | CET_SUPPRESS)) == CET_ENDBR_EN) ? ~0ull : 0;
+    uint64_t arms = ((kbit & ARM_KINDS) ? ~0ull : 0) |
+                    (((kbit & ARM_NOTRACK_KINDS) && !(ctl & CET_NO_TRACK_EN)) ? ~0ull : 0);
+    ctl |= CET_TRACKER & may_arm & arms;
+    uint64_t ibt_on = (ctl & CET_ENDBR_EN) ? ~0ull : 0;
+    uint64_t endbr = (b->endbr & 1) ? ~0ull : 0;
+    if (UNLIKELY((ibt_on & ~endbr & ctl & CET_TRACKER) != 0)) {
+        block_start_general(f, uc, b, prev, addr); /* ENDBRANCH violation: hands over */
+        return;
+    }
+    ctl &= ~((CET_TRACKER | CET_SUPPRESS) & ibt_on & endbr);
+
+    s->ssp = ssp;
+    *ctl_reg = ctl;
+}
+
+/* ------------------------------------------------------------------ TLB fill (paging off) */
+
+/*
+ * UC_HOOK_TLB_FILL callback for guests running without paging (UC_TLB_VIRTUAL mode): identity
+ * mapping, with data pages kept non-executable to the engine so stores to them stay on QEMU's
+ * fast path (an executable page makes every store take the self-modifying-code path;
+ * engine-notes "Speed"). A page becomes RWX once it has been fetched from (stores to code pages
+ * take the self-modifying-code path: correct, slower); every other page is RW.
+ * Pages above 4 GiB are always RWX.
+ */
+#define FETCHED_PAGES (1ull << 20) /* 4 GiB of 4 KiB pages */
+
+bool cetfast_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *result, void *user_data)
+{
+    (void)uc;
+    cetfast_t *f = user_data;
+    uint64_t page = vaddr >> 12;
+    result->paddr = vaddr & PAGE_MASK;
+    if (page >= FETCHED_PAGES || !f->fetched) {
+        result->perms = UC_PROT_ALL;
+        return true;
+    }
+    uint64_t bit = 1ull << (page & 63);
+    if (type == UC_MEM_FETCH || type == UC_MEM_FETCH_UNMAPPED || type == UC_MEM_FETCH_PROT)
+        f->fetched[page >> 6] |= bit;
+    result->perms = (f->fetched[page >> 6] & bit) ? UC_PROT_ALL : (UC_PROT_READ | UC_PROT_WRITE);
+    return true;
+}
+
+/* Allocate the fetched-page bitmap (0 on success). */
+int cetfast_enable_tlb_fill(void *p)
+{
+    cetfast_t *f = p;
+    if (!f->fetched)
+        f->fetched = calloc(FETCHED_PAGES / 64, sizeof(uint64_t));
+    return f->fetched ? 0 : -1;
+}
+
+/* Forget which pages were fetched from (new guest image). */
+void cetfast_reset_fetched(void *p)
+{
+    cetfast_t *f = p;
+    if (f->fetched)
+        memset(f->fetched, 0, FETCHED_PAGES / 64 * sizeof(uint64_t));
 }

@@ -29,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 5
+ABI_VERSION = 7
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 
@@ -67,15 +67,18 @@ class SharedState(ctypes.Structure):
     """Mirror of ``cet_shared_t`` (checked against the library's sizeof at load time)."""
 
     _fields_ = [
-        ("abi", ctypes.c_uint64),
         ("ssp", ctypes.c_uint64), ("u_cet", ctypes.c_uint64), ("s_cet", ctypes.c_uint64),
-        ("cr3", ctypes.c_uint64),
-        ("cpl", ctypes.c_uint32), ("long_mode", ctypes.c_uint32), ("cr4_cet", ctypes.c_uint32),
-        ("paging", ctypes.c_uint32), ("enabled", ctypes.c_uint32), ("handover", ctypes.c_uint32),
-        ("pending", TermStruct), ("handover_term", TermStruct), ("handover_addr", ctypes.c_uint64),
-        ("blocks", ctypes.c_uint64), ("misses", ctypes.c_uint64), ("pushes", ctypes.c_uint64),
-        ("pops", ctypes.c_uint64), ("handovers", ctypes.c_uint64), ("tlb_fills", ctypes.c_uint64),
+        ("pending", TermStruct),
+        ("cpl", ctypes.c_uint8), ("long_mode", ctypes.c_uint8), ("cr4_cet", ctypes.c_uint8),
+        ("enabled", ctypes.c_uint8), ("handover", ctypes.c_uint32),
+        ("_table", ctypes.c_void_p), ("_table_mask", ctypes.c_uint64),
+        ("_ss_tag", ctypes.c_uint64), ("_ss_host", ctypes.c_void_p), ("pending_block", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64), ("paging", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("abi", ctypes.c_uint64),
+        ("handover_term", TermStruct), ("handover_addr", ctypes.c_uint64),
+        ("misses", ctypes.c_uint64), ("handovers", ctypes.c_uint64), ("tlb_fills", ctypes.c_uint64),
         ("slow_mem", ctypes.c_uint64), ("callback_errors", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64 * 2),
     ]
 
 
@@ -114,6 +117,8 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_block_count.restype = _U64
     lib.cetfast_block_count.argtypes = [_VP]
     lib.cetfast_invalidate_blocks.argtypes = [_VP]
+    lib.cetfast_enable_tlb_fill.argtypes = [_VP]
+    lib.cetfast_reset_fetched.argtypes = [_VP]
     return lib
 
 
@@ -127,9 +132,8 @@ def _fnptr(f) -> int:
     return ctypes.cast(f, ctypes.c_void_p).value
 
 
-def _release(lib: ctypes.CDLL, uclib, uch, hook, ptr: int) -> None:
-    if hook is not None:
-        uclib.uc_hook_del(uch, hook)
+def _release(lib: ctypes.CDLL, ptr: int) -> None:
+    """Free the native state once its Unicorn instance is gone (its hooks point at the state)."""
     lib.cetfast_free(ptr)
 
 
@@ -178,9 +182,12 @@ class NativeCet:
         if not ptr:
             raise CetvmError("native CET fast path: out of memory")
         self._ptr = ptr
-        self.shared = SharedState.from_address(ptr)
+        self.shared = SharedState.from_address(ptr)  # cet_shared_t is the first member
         self._hook = None
-        self._finalizer = weakref.finalize(self, _release, self._lib, uclib, uc._uch, None, ptr)
+        self._tlb_hook = None
+        # The hooks registered on ``uc`` point at the state: it lives exactly as long as ``uc``.
+        # (The finalizer must not reference ``uc`` or this object, or neither is ever collected.)
+        weakref.finalize(uc, _release, self._lib, ptr)
         self.blocks = NativeBlockTracker(self)
         self.cet_state = NativeCetState(self.shared)
 
@@ -196,8 +203,40 @@ class NativeCet:
         if err != 0:
             raise CetvmError(f"native CET fast path: uc_hook_add failed (unicorn error {err})")
         self._hook = hook
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _release, self._lib, self._uclib, self._uc._uch, hook, self._ptr)
+
+    def install_tlb_fill(self, *, set_mode: bool = True) -> None:
+        """Paging-off guests: UC_TLB_VIRTUAL with a native TLB-fill hook (identity mapping) that
+        keeps pages never fetched from non-executable, so stores stay on the engine's fast path.
+
+        The hook only acts in UC_TLB_VIRTUAL mode, valid while the guest runs with CR0.PG=0
+        (Unicorn then ignores guest page tables). ``set_mode=False``: register the hook only;
+        the engine switches ``ctl_set_tlb_mode`` itself as paging is turned off and on.
+        """
+        if self._tlb_hook is not None:
+            return
+        if self._lib.cetfast_enable_tlb_fill(self._ptr) != 0:
+            raise CetvmError("native CET fast path: out of memory for the TLB-fill bitmap")
+        from unicorn import UC_HOOK_TLB_FILL, UC_TLB_VIRTUAL
+
+        if set_mode:
+            self._uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        hook = self._hook_type()
+        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), UC_HOOK_TLB_FILL,
+                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_tlb_fill)),
+                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err != 0:
+            raise CetvmError(f"native CET fast path: uc_hook_add(TLB_FILL) failed (unicorn error {err})")
+        self._tlb_hook = hook
+
+    def remove_tlb_fill(self) -> None:
+        """Back to the CPU's own page-table walk (the guest enabled paging)."""
+        if self._tlb_hook is None:
+            return
+        from unicorn import UC_TLB_CPU
+
+        self._uclib.uc_hook_del(self._uc._uch, self._tlb_hook)
+        self._tlb_hook = None
+        self._uc.ctl_set_tlb_mode(UC_TLB_CPU)
 
     # ---------------------------------------------------------------- state the engine syncs
     def sync_mode(self, *, cpl: int, long_mode: bool, cr4_cet: bool, paging: PagingKind, cr3: int) -> None:
@@ -278,6 +317,15 @@ class NativeBlockTracker:
     @prev.setter
     def prev(self, value: TerminatorInfo | None) -> None:
         _set_term(self._shared.pending, value)
+
+    @property
+    def prev_block_start(self) -> int:
+        """Start address of the block whose terminator is :attr:`prev`."""
+        return self._shared.pending_block
+
+    @prev_block_start.setter
+    def prev_block_start(self, value: int) -> None:
+        self._shared.pending_block = value & 0xFFFF_FFFF_FFFF_FFFF
 
     def lookup(self, address: int, size: int) -> BlockInfo | None:
         out = BlockStruct()

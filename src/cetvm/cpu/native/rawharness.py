@@ -84,7 +84,7 @@ def call_loop_code(*, f2_endbr: bool = True, corrupt_return: bool = False) -> Gu
     f1:   endbr64; add rbx, 1; mov rdx, rbx; ret
     f2:   endbr64; add rsi, 1; xor rdi, rsi; ret
     ``f2_endbr=False`` drops f2's ENDBR64 (an IBT violation at the indirect call);
-    ``corrupt_return=True`` makes f1 overwrite its return address with ``end`` first
+    ``corrupt_return=True`` makes f1 overwrite its return address with the address of f2 first
     (``mov qword [rsp], imm32`` — a ROP-style corruption the shadow stack must catch).
     """
     f1_body = ENDBR64
@@ -107,11 +107,48 @@ def call_loop_code(*, f2_endbr: bool = True, corrupt_return: bool = False) -> Gu
     code[0:loop_len] = body
     code[loop_len:loop_len + 1] = b"\xf4"                   # end: hlt (never executed: run stops here)
     if corrupt_return:
-        f1_body = f1_body[:8] + struct.pack("<I", CODE + loop_len) + f1_body[12:]
+        f1_body = f1_body[:8] + struct.pack("<I", CODE + f2_off) + f1_body[12:]
     code[f1_off:f1_off + len(f1_body)] = f1_body
     code[f2_off:f2_off + len(f2_body)] = f2_body
     return GuestCode(bytes(code), {"loop": 0, "end": loop_len, "f1": f1_off, "f2": f2_off,
                                    "call_f1": 0, "call_rax": 5, "f1_ret": f1_off + len(f1_body) - 1})
+
+
+def mixed_transfers_code(*, target_endbr: bool = True, f2_endbr: bool = True) -> GuestCode:
+    """Every terminator kind the fast path handles, once per iteration (RAX = f2, RCX = count).
+
+    loop: call .+5 (disp 0: pushes nothing on the shadow stack); pop r11;
+          notrack call rax; push 0; call f3 (f3: endbr64; ret 8);
+          lea rbx, [rip+tgt]; jmp rbx; tgt: [endbr64]; dec rcx; jnz loop; end:
+    f2:   [endbr64]; add rsi, 1; xor rdi, rsi; ret
+    """
+    body = bytearray()
+    body += b"\xe8\x00\x00\x00\x00" + b"\x41\x5b"           # call .+5; pop r11
+    notrack_at = len(body)
+    body += b"\x3e\xff\xd0"                                   # notrack call rax
+    body += b"\x6a\x00"                                        # push 0
+    call_f3_at = len(body)
+    body += b"\xe8\x00\x00\x00\x00"                         # call f3 (patched)
+    lea_at = len(body)
+    body += b"\x48\x8d\x1d\x00\x00\x00\x00"                 # lea rbx, [rip+tgt] (patched)
+    body += b"\xff\xe3"                                        # jmp rbx
+    tgt = len(body)
+    body += (ENDBR64 if target_endbr else b"") + b"\x48\xff\xc9"  # [endbr64]; dec rcx
+    body += b"\x75" + struct.pack("<b", -(len(body) + 2))       # jnz loop
+    end = len(body)
+    body += b"\xf4"
+    f2_off = end + 16
+    f3_off = f2_off + 32
+    struct.pack_into("<i", body, call_f3_at + 1, f3_off - (call_f3_at + 5))
+    struct.pack_into("<i", body, lea_at + 3, tgt - (lea_at + 7))
+    f2 = (ENDBR64 if f2_endbr else b"") + b"\x48\x83\xc6\x01" + b"\x48\x31\xf7" + b"\xc3"
+    f3 = ENDBR64 + b"\xc2\x08\x00"                               # endbr64; ret 8
+    code = bytearray(f3_off + len(f3))
+    code[:len(body)] = body
+    code[f2_off:f2_off + len(f2)] = f2
+    code[f3_off:f3_off + len(f3)] = f3
+    return GuestCode(bytes(code), {"loop": 0, "end": end, "f2": f2_off, "f3": f3_off, "tgt": tgt,
+                                   "notrack_call": notrack_at})
 
 
 @dataclass
@@ -197,7 +234,8 @@ class RawHarness:
     """One raw guest: ``cpl`` 0 or 3, ``path`` in :data:`PATHS`, CET on unless path is "off"."""
 
     def __init__(self, guest: GuestCode, *, cpl: int = 0, path: str = "native", direct_ram: bool = True,
-                 ibt: bool = True, shstk: bool = True) -> None:
+                 ibt: bool = True, shstk: bool = True, paging: bool = True, tlb_fill: bool = False,
+                 extra_ctl: int = 0) -> None:
         if path not in PATHS:
             raise InputError(f"path must be one of {', '.join(PATHS)}")
         if cpl not in (0, 3):
@@ -212,10 +250,15 @@ class RawHarness:
             self.uc.mem_map_ptr(0, MEMORY_SIZE, UC_PROT_ALL, ctypes.addressof(self._buffer))
         else:
             self.uc.mem_map(0, MEMORY_SIZE, UC_PROT_ALL)
-        self._write_page_tables()
         self.uc.mem_write(CODE, guest.code)
-        self._enter_long_mode()
-        ctl = (CetCtl.SH_STK_EN if shstk else 0) | (CetCtl.ENDBR_EN if ibt else 0)
+        if paging:
+            self._write_page_tables()
+            self._enter_long_mode()
+        else:  # Unicorn's flat 64-bit start-up state, CR0.PG=0: linear = physical
+            if cpl != 0:
+                raise InputError("the flat (paging off) raw guest runs at CPL 0 only")
+            self.uc.reg_write(X.UC_X86_REG_CR4, Cr4.CET)
+        ctl = (CetCtl.SH_STK_EN if shstk else 0) | (CetCtl.ENDBR_EN if ibt else 0) | extra_ctl
         self.cet = CetState()
         self.native = None
         self.blocks = BlockTracker()
@@ -226,12 +269,21 @@ class RawHarness:
             self.native = NativeCet(self.uc, self._classify)
             if direct_ram:
                 self.native.add_ram(0, MEMORY_SIZE, ctypes.addressof(self._buffer))
-            self.native.sync_mode(cpl=cpl, long_mode=True, cr4_cet=True, paging=PagingKind.FOUR_LEVEL,
+            self.native.sync_mode(cpl=cpl, long_mode=True, cr4_cet=True,
+                                  paging=PagingKind.FOUR_LEVEL if paging else PagingKind.OFF,
                                   cr3=self.uc.reg_read(X.UC_X86_REG_CR3))
             self.cet = self.native.cet_state
             self.blocks = self.native.blocks
             self.native.install()
-        elif path == "python":
+        if tlb_fill:
+            from cetvm.cpu.native import NativeCet
+
+            if paging:
+                raise InputError("the TLB-fill hook is for paging-off guests")
+            if self.native is None:
+                self.native = NativeCet(self.uc, self._classify)
+            self.native.install_tlb_fill()
+        if path == "python":
             self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
         if path != "off":
             if cpl == 3:
@@ -332,7 +384,7 @@ class RawHarness:
         start = time.perf_counter()
         while True:
             uc.emu_start(rip, self.guest.end)
-            if self.native is not None:
+            if self.path == "native":
                 self.native.raise_callback_error()
                 if self._apply_handover():
                     rip = uc.reg_read(X.UC_X86_REG_RIP)
