@@ -36,8 +36,10 @@ from unicorn import UcError
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector
 from cetvm.arch.msr import Efer, Msr
-from cetvm.cpu.exits import ExitReason, VmExit
-from cetvm.cpu.state import Regs, Sregs
+from cetvm.cpu.exits import Direction, ExitReason, VmExit
+# The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
+# kvm_segment, kvm_dtable, and the KVM_EXIT_IO direction. The VMM imports them from here.
+from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
 from cetvm.cpu.vcpu import Vcpu as CpuVcpu
 from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm import reset as _reset
@@ -330,6 +332,14 @@ class KvmVcpu:
         if not has_code and error_code is not None:
             raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} has no error code")
         self._queued = QueuedException(vector, error_code)
+
+    def get_stats(self) -> dict[str, int]:
+        """KVM_GET_STATS_FD, reduced to what cetvm counts: instructions retired by this vCPU.
+
+        Real KVM has no retired-instruction counter; cetvm's CPU has an exact one, which the VMM
+        needs for instruction budgets and snapshots at an exact point.
+        """
+        return {"instructions": int(self.cpu.instructions_retired)}
 
     def get_vcpu_events(self) -> QueuedException | None:
         """KVM_GET_VCPU_EVENTS: the exception queued but not yet delivered, if any."""

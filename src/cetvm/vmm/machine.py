@@ -20,8 +20,7 @@ import os
 from typing import Callable
 
 from cetvm import InputError
-from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
-from cetvm.kvm.api import Kvm, KvmVcpu
+from cetvm.kvm.api import DescriptorTable, Kvm, KvmVcpu, Regs, Segment, Sregs
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.config import MachineConfig, guest_cpuid
 from cetvm.vmm.devices.pc import PcDevices
@@ -72,12 +71,8 @@ def apply_entry(vcpu: KvmVcpu, entry: Protected32Entry | Long64Entry) -> None:
 
 
 def instructions_retired(vcpu: KvmVcpu) -> int:
-    """The vCPU's retired-instruction count (KVM's binary stats have no such counter; cetvm's
-    KVM exposes the CPU's, read-only)."""
-    stats = getattr(vcpu, "get_stats", None)
-    if callable(stats):
-        return int(stats()["instructions"])
-    return int(vcpu.cpu.instructions_retired)
+    """The vCPU's retired-instruction count, from the kvm API's stats."""
+    return vcpu.get_stats()["instructions"]
 
 
 class Machine:

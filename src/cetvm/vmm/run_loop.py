@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Vector
-from cetvm.cpu.exits import Direction
+from cetvm.kvm.api import Direction
 from cetvm.kvm.vcpu_run import KvmExitReason, KvmRun
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.requests import GuestExitRequest, GuestFaultRequest, MachineRequest, PowerOffRequest, ResetRequest
