@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         result = machine.run(timeout=args.timeout, max_instructions=args.max_instructions, save_at=args.save_at)
         if args.save_state:
             machine.save(args.save_state)
+            print(f"cetvm: snapshot written to {args.save_state} after {result.instructions} instructions "
+                  f"(continue with: cetvm boot --restore-state {args.save_state})", file=sys.stderr)
     finally:
         if handle is not None:
             handle.close()
