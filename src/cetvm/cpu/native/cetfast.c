@@ -25,6 +25,7 @@
  *
  * No global mutable state: everything lives in one cetfast_t per vCPU, passed as user data.
  */
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -185,6 +186,8 @@ typedef struct {
 
 /* ------------------------------------------------------------------ lifecycle / API */
 
+static void front_clear(cetfast_t *f);
+
 uint64_t cetfast_abi(void) { return CETFAST_ABI; }
 uint64_t cetfast_shared_size(void) { return sizeof(cet_shared_t); }
 uint64_t cetfast_block_size(void) { return sizeof(cet_block_t); }
@@ -203,6 +206,7 @@ void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_st
         return NULL;
     }
     f->s.table_mask = 1023;
+    front_clear(f);
     f->s.abi = CETFAST_ABI;
     f->s.enabled = 1;
     f->tlb_gen = 1;
@@ -292,6 +296,15 @@ static int table_grow(cetfast_t *f)
     return 0;
 }
 
+/* An empty front-cache entry: size UINT32_MAX never equals a block's size, so the short path's
+ * (addr, size) compare misses without looking at ``used``. */
+static void front_clear(cetfast_t *f)
+{
+    memset(f->front, 0, sizeof(f->front));
+    for (unsigned i = 0; i < FRONT_ENTRIES; i++)
+        f->front[i].size = UINT32_MAX;
+}
+
 static inline uint64_t front_index(uint64_t addr) { return (addr ^ (addr >> 7) ^ (addr >> 15)) & (FRONT_ENTRIES - 1); }
 
 /* Direct-mapped front cache (inside the state: no pointer to chase), backed by the table. */
@@ -349,7 +362,7 @@ void cetfast_invalidate_blocks(void *p)
 {
     cetfast_t *f = p;
     memset(f->s.table, 0, (f->s.table_mask + 1) * sizeof(cet_block_t));
-    memset(f->front, 0, sizeof(f->front));
+    front_clear(f);
     f->table_count = 0;
 }
 
@@ -606,15 +619,13 @@ __attribute__((noinline)) static void block_start_general(cetfast_t *f, uc_engin
 }
 
 /*
- * UC_HOOK_BLOCK callback: cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
- * that ran last (f->s.pending) and the block starting at ``addr``.
- *
- * The common case (64-bit mode, the shadow-stack page cached, no RET mismatch, no ENDBRANCH
- * violation) is computed without data-dependent branches: the terminator kind changes from block
- * to block in patterns the host's branch predictor cannot learn across the JIT code in between.
- * Anything else goes to block_start_general(), which starts again from the same inputs.
+ * The complete block start (cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
+ * that ran last, f->s.pending, and the block starting at ``addr``): block-table miss and
+ * classification, every mode, the shadow-stack translation cache fill, hand-overs. Reached from
+ * cetfast_block_hook() whenever its short path does not apply; starts from the same inputs
+ * (the short path commits nothing before it gives up).
  */
-void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
+__attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
 {
     cetfast_t *f = user_data;
     cet_shared_t *s = &f->s;
@@ -686,6 +697,73 @@ void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_
 
     s->ssp = ssp;
     *ctl_reg = ctl;
+}
+
+/* The mode word (cpl | long_mode << 8 | cr4_cet << 16 | enabled << 24 | handover << 32, one
+ * 8-byte load of cet_shared_t) with the CPL masked off, when the short path applies. */
+#define FAST_MODE ((1ull << 8) | (1ull << 16) | (1ull << 24))
+_Static_assert(offsetof(cet_shared_t, handover) == offsetof(cet_shared_t, cpl) + 4, "mode word layout");
+
+/*
+ * UC_HOOK_BLOCK callback: cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
+ * that ran last (f->s.pending) and the block starting at ``addr``.
+ *
+ * This is the short path for the case that matters for speed, decided with one predictable
+ * branch: the block is in the front cache, 64-bit mode with CR4.CET, no hand-over pending, the
+ * tracker IDLE and SUPPRESS clear (so the ENDBR check can only fail, never change the CET
+ * control: ibt_check_target with TRACKER = IDLE and SUPPRESS = 0 leaves it as it is), and no
+ * arming terminator [ibt_arm_on_indirect] going to a block without ENDBR64. Then only the
+ * shadow stack moves: CALL pushes the return address into the cached shadow-stack page, RET
+ * loads and compares [shstk_push_near / shstk_pop_near_and_check]. Everything else — a miss,
+ * another mode, the tracker armed, a shadow-stack page not cached, a RET mismatch — tail-calls
+ * block_hook_slow() before anything is stored.
+ *
+ * Measured (benchmarks/bench_native_cet.py, Unicorn 2.1.4): per block the hook's time is
+ * dominated by its instruction count; the kind-dependent branches below are predicted well
+ * (a branch-free variant of this path was slower), so the common kinds get straight-line code.
+ */
+void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
+{
+    cetfast_t *f = user_data;
+    cet_shared_t *s = &f->s;
+    const cet_block_t *b = &f->front[front_index(addr)];
+    uint64_t mode;
+    memcpy(&mode, &s->cpl, sizeof(mode));
+    uint64_t user = (uint8_t)mode == 3;
+    uint64_t ctl = user ? s->u_cet : s->s_cet;
+    uint32_t pw = s->pending.word;
+    uint32_t kbit = 1u << TERM_KIND(pw);
+    /* terminator kinds that arm the tracker under this CET control, if the block has no ENDBR64 */
+    uint32_t arming = (ARM_KINDS | (ARM_NOTRACK_KINDS & ((uint32_t)(ctl & CET_NO_TRACK_EN) - 1))) &
+                      -(uint32_t)((ctl >> 2) & 1) & ((uint32_t)(b->endbr & 1) - 1);
+    if (UNLIKELY(((b->addr ^ addr) | (b->size ^ size) | ((mode & ~0xFFull) ^ FAST_MODE) |
+                  (ctl & (CET_TRACKER | CET_SUPPRESS)) | (kbit & arming)) != 0))
+        goto slow;
+    if (ctl & CET_SH_STK_EN) {
+        uint64_t ssp = s->ssp;
+        if (kbit & PUSH_KINDS) {
+            uint64_t lin = ssp - 8;
+            if (UNLIKELY(((lin & (PAGE_MASK | 7)) | (user << 3)) != s->ss_tag))
+                goto slow;
+            uint64_t ret = s->pending.insn_addr + TERM_LEN(pw);
+            memcpy(s->ss_host + (lin & (PAGE_SIZE - 8)), &ret, 8);
+            s->ssp = lin;
+        } else if (kbit & POP_KINDS) {
+            uint64_t shadow_ret;
+            if (UNLIKELY(((ssp & (PAGE_MASK | 7)) | (user << 3)) != s->ss_tag))
+                goto slow;
+            memcpy(&shadow_ret, s->ss_host + (ssp & (PAGE_SIZE - 8)), 8);
+            if (UNLIKELY(shadow_ret != addr))
+                goto slow;
+            s->ssp = ssp + 8;
+        }
+    }
+    s->pending.insn_addr = b->insn_addr;
+    s->pending.word = b->term;
+    s->pending_block = addr;
+    return;
+slow:
+    block_hook_slow(uc, addr, size, user_data);
 }
 
 /* ------------------------------------------------------------------ TLB fill (paging off) */
