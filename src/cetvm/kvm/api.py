@@ -20,6 +20,15 @@ Decisions:
   kvm_vcpu_reset(init_event=True) at the start of its next run() (kvm_apic_accept_events) and,
   being the BSP, becomes RUNNABLE at the reset vector. ``run(immediate_exit=True)`` processes
   it and returns KVM_EXIT_INTR without executing guest code.
+- KVM_CAP_X86_USER_SPACE_MSR (:meth:`Vm.enable_cap_user_space_msr`) and KVM_X86_SET_MSR_FILTER
+  (:meth:`Vm.set_msr_filter`) work as api.rst documents them: a guest RDMSR/WRMSR that KVM
+  fails (reason INVAL), does not know (UNKNOWN) or that the filter denies (FILTER) exits as
+  KVM_EXIT_X86_RDMSR/WRMSR when userspace enabled that reason; the VMM answers in
+  ``run.msr.data`` / ``run.msr.error`` before the next run() (error=1 → #GP(0)). Otherwise the
+  guest gets #GP(0). Which MSRs KVM itself handles: :mod:`cetvm.kvm.msr` ("KVM's own MSRs";
+  no in-kernel LAPIC, so x2APIC MSRs fail with INVAL and IA32_APIC_BASE is only stored).
+- KVM_GET_MSR_INDEX_LIST adds KVM's emulated MSRs (IA32_UCODE_REV, IA32_MISC_ENABLE) to the
+  capability policy's list; KVM_GET/SET_MSRS reach every MSR KVM handles.
 - An exception queued with :meth:`KvmVcpu.queue_exception` (KVM_SET_VCPU_EVENTS) is delivered
   by the CPU through the guest IDT at the next run; vectors with an error code (#CP included,
   IA32_VMX_BASIC[56]) must come with one.
@@ -36,7 +45,7 @@ from unicorn import UcError
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector
 from cetvm.arch.msr import Efer, Msr
-from cetvm.cpu.exits import Direction, ExitReason, VmExit
+from cetvm.cpu.exits import Direction, ExitReason, MsrExit, VmExit
 # The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
 # kvm_segment, kvm_dtable, and the KVM_EXIT_IO direction. The VMM imports them from here.
 from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
@@ -44,30 +53,48 @@ from cetvm.cpu.vcpu import Vcpu as CpuVcpu
 from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm import reset as _reset
 from cetvm.kvm import vmx
-from cetvm.kvm.caps import BASE_MSRS, KvmCaps, kvm_caps_for_host
+from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
 from cetvm.kvm.cr import kvm_is_valid_sregs
 from cetvm.kvm.errors import KvmIoctlError
 from cetvm.kvm.host import Host
-from cetvm.kvm.msr import MODELLED_MSRS, MsrResult, get_one_reg, kvm_get_msr, kvm_set_msr, set_one_reg
+from cetvm.kvm.msr import (
+    EMULATED_MSRS,
+    MODELLED_MSRS,
+    PAT_RESET,
+    KvmMsrState,
+    MsrResult,
+    get_one_reg,
+    kvm_get_msr,
+    kvm_host_get_msr,
+    kvm_host_set_msr,
+    kvm_set_msr,
+    set_one_reg,
+)
 from cetvm.kvm.vcpu import VcpuCetState
 from cetvm.kvm.vcpu_run import (
+    KVM_MSR_EXIT_REASON_VALID_MASK,
+    # kvm_run.msr, its reasons and struct kvm_msr_filter_range: the VMM imports them from here.
     HypercallExit,
     KvmExitReason,
+    KvmMsrExit,
+    KvmMsrExitReason,
     KvmRun,
+    MsrFilter,
+    MsrFilterRange,
     handle_cpuid,
     handle_msr,
     handle_vmcall,
     handle_xsetbv,
     kvm_set_xcr0,
     kvm_set_xcr_fault,
+    kvm_vm_ioctl_set_msr_filter,
     userspace_exit,
+    vmx_msr_bitmap,
 )
 
 PAGE = 0x1000
 #: Exceptions KVM_SET_VCPU_EVENTS accepts here: 0-21 except NMI (its own field), 9 and 15.
 INJECTABLE_EXCEPTIONS = frozenset(range(22)) - {int(Vector.NMI), 9, 15}
-#: MSRs of KVM_GET_MSR_INDEX_LIST that KVM emulates in software (not held by the CPU engine).
-SOFTWARE_MSRS: dict[int, int] = {int(Msr.IA32_FEATURE_CONTROL): 0, int(Msr.IA32_TSC_DEADLINE): 0}
 
 
 class MpState(enum.Enum):
@@ -112,8 +139,8 @@ class Kvm:
         return self.caps.get_supported_cpuid(guest_perm)
 
     def get_msr_index_list(self) -> list[int]:
-        """KVM_GET_MSR_INDEX_LIST."""
-        return self.caps.get_msr_index_list()
+        """KVM_GET_MSR_INDEX_LIST: msrs_to_save (the capability policy) + emulated_msrs."""
+        return self.caps.get_msr_index_list() + list(EMULATED_MSRS)
 
     def create_vm(self) -> "Vm":
         """KVM_CREATE_VM."""
@@ -129,6 +156,8 @@ class Vm:
         self._slots: dict[int, MemorySlot] = {}
         self._vcpu: KvmVcpu | None = None
         self.exit_hypercall_mask = 0
+        self.user_space_msr_mask = 0
+        self.msr_filter = MsrFilter()
 
     # ------------------------------------------------------------------ memory
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
@@ -169,6 +198,21 @@ class Vm:
             raise KvmIoctlError(errno.EINVAL, f"KVM_CAP_EXIT_HYPERCALL: mask {mask:#x} is not 64-bit")
         self.exit_hypercall_mask = mask
 
+    def enable_cap_user_space_msr(self, reasons: int) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): ``reasons`` is a mask of
+        :class:`KvmMsrExitReason`; failing guest MSR accesses with those reasons exit to
+        userspace instead of #GP. -EINVAL for unknown bits."""
+        if reasons < 0 or reasons & ~KVM_MSR_EXIT_REASON_VALID_MASK:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_CAP_X86_USER_SPACE_MSR: unknown reasons {reasons:#x}")
+        self.user_space_msr_mask = int(reasons)
+
+    def set_msr_filter(self, ranges: list[MsrFilterRange], default_deny: bool = False) -> None:
+        """KVM_X86_SET_MSR_FILTER (flags = KVM_MSR_FILTER_DEFAULT_DENY when ``default_deny``).
+        An empty list removes the filter; x2APIC MSRs are never filtered (api.rst)."""
+        self.msr_filter = kvm_vm_ioctl_set_msr_filter(1 if default_deny else 0, list(ranges))
+        if self._vcpu is not None:  # KVM_REQ_MSR_FILTER_CHANGED
+            self._vcpu.update_msr_bitmap()
+
     # ------------------------------------------------------------------ vCPUs
     def create_vcpu(self, vcpu_id: int = 0) -> "KvmVcpu":
         """KVM_CREATE_VCPU (kvm_arch_vcpu_create ends with kvm_vcpu_reset(RESET))."""
@@ -188,7 +232,8 @@ class KvmVcpu:
         self.state = VcpuCetState.create(vm.kvm.caps)
         self.host_cpu = vm.kvm.host_cpu
         self.mp_state = MpState.RUNNABLE
-        self._software_msrs = dict(SOFTWARE_MSRS)
+        self.msrs = KvmMsrState()
+        self._msr_exit: tuple[KvmMsrExit, MsrExit] | None = None
         self._queued: QueuedException | None = None
         self._init_latched = False
         self._hypercall: HypercallExit | None = None
@@ -203,8 +248,13 @@ class KvmVcpu:
         self._after_set_cpuid()
 
     def _after_set_cpuid(self) -> None:
-        self.cpu.msr_intercepts = vmx.vmx_update_intercept_for_cet_msr(self.state)
+        self.update_msr_bitmap()
         vmx.vmx_set_cr4_guest_host_mask(self.state, self.cpu)
+
+    def update_msr_bitmap(self) -> None:
+        """Program the CPU's MSR bitmap from the CET intercepts and the VM's MSR filter."""
+        cet = vmx.vmx_update_intercept_for_cet_msr(self.state)
+        self.cpu.msr_intercepts = vmx_msr_bitmap(cet, vmx.CET_INTERCEPTABLE_MSRS, self.vm.msr_filter)
 
     def get_cpuid2(self) -> CpuidModel:
         """KVM_GET_CPUID2: the table with the runtime leaf 0xD sizes."""
@@ -264,30 +314,20 @@ class KvmVcpu:
         if index in MODELLED_MSRS:
             result, value = kvm_get_msr(self.state, index, host_initiated=True)
             return result is MsrResult.OK, value
-        if index in self._software_msrs:
-            return True, self._software_msrs[index]
-        if index in BASE_MSRS:
-            try:
-                return True, self.cpu.msr(index)
-            except UcError:
-                return False, 0
-        return False, 0
+        try:
+            return kvm_host_get_msr(self.state, self.msrs, self.cpu, index)
+        except UcError:
+            return False, 0
 
     def _set_msr(self, index: int, value: int) -> bool:
         if index == Msr.KVM_INTERNAL_GUEST_SSP or not 0 <= value < 1 << 64:
             return False
         if index in MODELLED_MSRS:
             return kvm_set_msr(self.state, index, value, host_initiated=True) is MsrResult.OK
-        if index in self._software_msrs:
-            self._software_msrs[index] = value
-            return True
-        if index in BASE_MSRS:
-            try:
-                self.cpu.set_msr(index, value)
-            except UcError:
-                return False
-            return True
-        return False
+        try:
+            return kvm_host_set_msr(self.state, self.msrs, self.cpu, index, value)
+        except UcError:
+            return False
 
     # ------------------------------------------------------------------ ONE_REG, XCRs, XSAVE
     def get_one_reg(self, reg_id: int) -> int:
@@ -366,6 +406,8 @@ class KvmVcpu:
         old_cr0 = state.cr0
         if not init_event:
             _reset.reset_xcr0_xss(state)
+            cpu.set_msr(int(Msr.IA32_PAT), PAT_RESET)
+        self.msrs.reset(init_event, bsp=self.vcpu_id == 0)
         _reset.kvm_xstate_reset(state, cpu, init_event)
         _reset.vmx_vcpu_reset_cet(state)
         sregs = _reset.reset_sregs(old_cr0, init_event)
@@ -402,8 +444,14 @@ class KvmVcpu:
 
     def _complete_userspace_exit(self) -> None:
         """complete_userspace_io(): finish the last exit (IN data, MMIO read, RIP past HLT or
-        VMCALL) before anything else changes the vCPU — the CPU runs it at its next entry."""
-        self.cpu.run(0)
+        VMCALL, RDMSR/WRMSR with what userspace put in kvm_run.msr) before anything else changes
+        the vCPU."""
+        if self._msr_exit is not None:  # complete_userspace_rdmsr / complete_emulated_msr_access
+            kvm_msr, cpu_msr = self._msr_exit
+            self._msr_exit = None
+            cpu_msr.data = kvm_msr.data & 0xFFFF_FFFF_FFFF_FFFF
+            cpu_msr.error = bool(kvm_msr.error)
+        self.cpu.complete_pending_exit()
 
     def _run_loop(self, budget: int | None) -> KvmRun:
         cpu, state, host = self.cpu, self.state, self.host_cpu
@@ -423,10 +471,16 @@ class KvmVcpu:
             handle_cpuid(self.state, self.cpu)
             return None
         if reason in (ExitReason.RDMSR, ExitReason.WRMSR):
-            handle_msr(self.state, self.cpu, exit_,
-                       lambda: vmx.kvm_load_guest_fpu(self.state, self.cpu),
-                       lambda: vmx.kvm_put_guest_fpu(self.state, self.cpu))
-            return None
+            user = handle_msr(self.state, self.msrs, self.cpu, exit_, self.vm.msr_filter,
+                              self.vm.user_space_msr_mask,
+                              lambda: vmx.kvm_load_guest_fpu(self.state, self.cpu),
+                              lambda: vmx.kvm_put_guest_fpu(self.state, self.cpu))
+            if user is None:
+                return None
+            assert exit_.msr is not None
+            self._msr_exit = (user, exit_.msr)
+            kind = KvmExitReason.X86_RDMSR if reason is ExitReason.RDMSR else KvmExitReason.X86_WRMSR
+            return KvmRun(kind, exit_.rip, msr=user)
         if reason is ExitReason.XSETBV:
             handle_xsetbv(self.state, self.cpu, exit_)
             return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from dataclasses import dataclass, field
 
 from cetvm import NotSupportedError
 from cetvm.arch.msr import Msr
@@ -36,6 +37,8 @@ class MsrResult(enum.Enum):
     GUEST_GP = "#GP"
     ERROR = "error"
     UNSUPPORTED = "unsupported"
+    #: KVM_MSR_RET_FILTERED: the access was denied by KVM_X86_SET_MSR_FILTER.
+    FILTERED = "filtered"
 
 
 #: XSAVE-managed MSRs: (component, offset in component) [reference §1].
@@ -189,3 +192,201 @@ def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
     index = _translate_kvm_reg(vcpu, reg_id)
     if kvm_set_msr(vcpu, index, value, host_initiated=True) is not MsrResult.OK:
         raise KvmIoctlError(errno.EINVAL, f"KVM_SET_ONE_REG {reg_id:#x}: invalid value {value:#x}")
+
+
+# ============================================================================= KVM's own MSRs
+# kvm_set_msr_common / kvm_get_msr_common for the MSRs outside CET that cetvm's KVM emulates or
+# checks itself [K x86.c, lapic.c]. Decisions (tested in tests/kvm_api/test_kvm_api_user_msrs.py):
+#
+# - cetvm's KVM has no in-kernel local APIC (as KVM without KVM_CREATE_IRQCHIP). IA32_APIC_BASE
+#   is still KVM's: vcpu->arch.apic_base with kvm_apic_set_base()'s checks. Its RESET value is
+#   the architectural 0xFEE00000 | EN | BSP (SDM Vol. 3 §11.4.4), INIT keeps it. A VMM that
+#   owns the APIC denies 0x1B with KVM_X86_SET_MSR_FILTER to see the guest's accesses.
+# - x2APIC MSRs 0x800-0x8FF: kvm_x2apic_msr_read/write() fail ("return 1") without an
+#   in-kernel APIC, i.e. #GP, or KVM_EXIT_X86_RDMSR/WRMSR with reason INVAL when userspace
+#   enabled it. Filters never cover them (api.rst KVM_X86_SET_MSR_FILTER).
+# - IA32_PAT: kvm_pat_valid() on writes; the value lives in the CPU (VMCS GUEST_IA32_PAT).
+# - IA32_MISC_ENABLE: KVM's software copy, RESET value PEBS_UNAVAILABLE | BTS_UNAVAILABLE
+#   (kvm_vcpu_reset). Decision: any value a guest writes is stored (KVM filters only the MWAIT
+#   bit, which cetvm's CPUID never offers).
+# - IA32_UCODE_REV (0x8B): vcpu->arch.microcode_version (0x100000000), guest writes ignored.
+# - IA32_FEATURE_CONTROL, IA32_TSC_DEADLINE: software copies (no in-kernel APIC timer).
+# - Everything else the CPU holds (EFER, STAR..., FS/GS bases, SYSENTER, TSC, TSC_AUX) passes
+#   through to the CPU, which applies the architectural checks (:data:`CPU_HELD_MSRS`).
+# - Any other MSR is unknown to KVM: KVM_MSR_RET_UNSUPPORTED → #GP, or a userspace exit with
+#   reason UNKNOWN.
+MSR_IA32_TSC = 0x10
+MSR_IA32_UCODE_REV = 0x8B
+MSR_IA32_MISC_ENABLE = 0x1A0
+MISC_ENABLE_BTS_UNAVAIL = 1 << 11
+MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
+UCODE_REV_DEFAULT = 0x1_0000_0000
+PAT_RESET = 0x0007_0406_0007_0406
+APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_EXTD = 1 << 10
+APIC_BASE_ENABLE = 1 << 11
+X2APIC_MSRS = range(0x800, 0x900)
+#: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
+EMULATED_MSRS: tuple[int, ...] = (MSR_IA32_UCODE_REV, MSR_IA32_MISC_ENABLE)
+#: MSRs of KVM_GET_MSR_INDEX_LIST that KVM keeps in software, with their RESET values.
+SOFTWARE_MSR_RESET: dict[int, int] = {
+    int(Msr.IA32_FEATURE_CONTROL): 0,
+    int(Msr.IA32_TSC_DEADLINE): 0,
+    MSR_IA32_UCODE_REV: UCODE_REV_DEFAULT,
+    MSR_IA32_MISC_ENABLE: MISC_ENABLE_PEBS_UNAVAIL | MISC_ENABLE_BTS_UNAVAIL,
+}
+
+
+def _cpu_held_msrs() -> frozenset[int]:
+    from cetvm.cpu.emulate import UNICORN_MSRS  # the "hardware" MSR file
+    return frozenset(UNICORN_MSRS) - {int(Msr.IA32_APIC_BASE), int(Msr.IA32_PAT)}
+
+
+#: MSRs the CPU holds and checks itself; KVM lets the guest reach them directly.
+CPU_HELD_MSRS: frozenset[int] = _cpu_held_msrs()
+
+
+def kvm_pat_valid(data: int) -> bool:
+    """kvm_pat_valid(): every byte is a memory type 0, 1, 4, 5, 6 or 7 [SDM §11.12.2]."""
+    return all((data >> (8 * i)) & 0xFF in (0, 1, 4, 5, 6, 7) for i in range(8))
+
+
+def apic_base_reset_value(bsp: bool) -> int:
+    return APIC_DEFAULT_PHYS_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if bsp else 0)
+
+
+def kvm_apic_set_base_valid(old: int, new: int, maxphyaddr: int, x2apic: bool, host_initiated: bool) -> bool:
+    """kvm_apic_set_base(): reserved bits (7:0, 9, MAXPHYADDR and up, EXTD without CPUID
+    x2APIC), the invalid EXTD-without-EN state, and for the guest the x2APIC → xAPIC and
+    disabled → x2APIC transitions [SDM §11.12.5 Figure 11-27]."""
+    reserved = (((1 << 64) - 1) & ~((1 << maxphyaddr) - 1)) | 0x2FF | (0 if x2apic else APIC_BASE_EXTD)
+    if new & reserved:
+        return False
+    mode = new & (APIC_BASE_ENABLE | APIC_BASE_EXTD)
+    old_mode = old & (APIC_BASE_ENABLE | APIC_BASE_EXTD)
+    x2, xapic = APIC_BASE_ENABLE | APIC_BASE_EXTD, APIC_BASE_ENABLE
+    if mode == APIC_BASE_EXTD:
+        return False
+    if not host_initiated and ((old_mode == x2 and mode == xapic) or (old_mode == 0 and mode == x2)):
+        return False
+    return True
+
+
+def guest_maxphyaddr(vcpu: VcpuCetState) -> int:
+    """cpuid_query_maxphyaddr(): CPUID.80000008H:EAX[7:0], 36 without that leaf."""
+    return vcpu.cpuid.entries.phys_addr_bits
+
+
+@dataclass
+class KvmMsrState:
+    """vcpu->arch's copies of the non-CET MSRs KVM emulates (apic_base, the software MSRs)."""
+
+    apic_base: int = apic_base_reset_value(True)
+    software: dict[int, int] = field(default_factory=lambda: dict(SOFTWARE_MSR_RESET))
+
+    def reset(self, init_event: bool, bsp: bool = True) -> None:
+        """kvm_vcpu_reset(): RESET restores every value; INIT keeps them (SDM Table 10-1)."""
+        if not init_event:
+            self.apic_base = apic_base_reset_value(bsp)
+            self.software = dict(SOFTWARE_MSR_RESET)
+
+
+def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int,
+                       host_initiated: bool) -> MsrResult:
+    """kvm_set_msr_common() for the non-CET MSRs (raw result, see the decisions above)."""
+    if index == Msr.IA32_APIC_BASE:
+        if not kvm_apic_set_base_valid(msrs.apic_base, data, guest_maxphyaddr(vcpu),
+                                       vcpu.cpuid.guest_cpuid_has("x2apic"), host_initiated):
+            return MsrResult.ERROR
+        msrs.apic_base = data
+        return MsrResult.OK
+    if index == Msr.IA32_PAT:
+        if not kvm_pat_valid(data):
+            return MsrResult.ERROR
+        cpu.set_msr(index, data)
+        return MsrResult.OK
+    if index in X2APIC_MSRS:
+        return MsrResult.ERROR  # kvm_x2apic_msr_write(): no in-kernel APIC
+    if index == MSR_IA32_UCODE_REV:
+        if host_initiated:
+            msrs.software[index] = data
+        return MsrResult.OK
+    if index in msrs.software:
+        msrs.software[index] = data
+        return MsrResult.OK
+    if index in CPU_HELD_MSRS:
+        if cpu_held_write_fault(cpu, index, data):
+            return MsrResult.ERROR
+        cpu.set_msr(index, data)
+        return MsrResult.OK
+    return MsrResult.UNSUPPORTED
+
+
+def kvm_common_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int,
+                       host_initiated: bool) -> tuple[MsrResult, int]:
+    """kvm_get_msr_common() for the non-CET MSRs."""
+    if index == Msr.IA32_APIC_BASE:
+        return MsrResult.OK, msrs.apic_base
+    if index in X2APIC_MSRS:
+        return MsrResult.ERROR, 0  # kvm_x2apic_msr_read(): no in-kernel APIC
+    if index in msrs.software:
+        return MsrResult.OK, msrs.software[index]
+    if index == Msr.IA32_PAT or index in CPU_HELD_MSRS:
+        return MsrResult.OK, cpu.msr(index)
+    return MsrResult.UNSUPPORTED, 0
+
+
+_ADDRESS_MSRS = frozenset(int(m) for m in (Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FS_BASE, Msr.IA32_GS_BASE,
+                                           Msr.IA32_KERNEL_GS_BASE, Msr.IA32_SYSENTER_ESP,
+                                           Msr.IA32_SYSENTER_EIP))
+#: EFER bits a guest may write here: SCE, LME, LMA (ignored), NXE.
+_EFER_WRITABLE = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11)
+
+
+def cpu_held_write_fault(cpu, index: int, data: int) -> bool:
+    """The checks KVM applies when it emulates a WRMSR to a CPU-held MSR (only reached when a
+    filter makes KVM intercept it): canonical addresses, EFER reserved bits and LME while
+    paging (kvm_set_efer / is_noncanonical_msr_address)."""
+    from cetvm.arch import is_canonical
+    if index in _ADDRESS_MSRS:
+        return not is_canonical(data)
+    if index == Msr.IA32_EFER:
+        old = cpu.msr(index)
+        return bool(data & ~_EFER_WRITABLE) or bool(cpu.cr0 & 0x8000_0000 and (old ^ data) & (1 << 8))
+    return False
+
+
+# ----------------------------------------------------------------------------- guest access, raw
+def kvm_guest_get_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int) -> tuple[MsrResult, int]:
+    """A guest RDMSR as kvm_get_msr_ignored_check() sees it before kvm_do_msr_access() turns
+    the raw code into #GP: OK, ERROR (→ KVM_MSR_EXIT_REASON_INVAL) or UNSUPPORTED
+    (→ KVM_MSR_EXIT_REASON_UNKNOWN). The caller puts the guest FPU for xstate-managed MSRs."""
+    if index in MODELLED_MSRS:
+        ret, data = __kvm_get_msr(vcpu, index, host_initiated=False)
+    else:
+        ret, data = kvm_common_get_msr(vcpu, msrs, cpu, index, host_initiated=False)
+    return ret, data if ret is MsrResult.OK else 0
+
+
+def kvm_guest_set_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int) -> MsrResult:
+    """A guest WRMSR, raw result (see :func:`kvm_guest_get_msr_raw`)."""
+    data &= 0xFFFF_FFFF_FFFF_FFFF
+    if index in MODELLED_MSRS:
+        return __kvm_set_msr(vcpu, index, data, host_initiated=False)
+    return kvm_common_set_msr(vcpu, msrs, cpu, index, data, host_initiated=False)
+
+
+def kvm_host_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int) -> tuple[bool, int]:
+    """KVM_GET_MSRS for one non-CET MSR (host_initiated): (ok, value)."""
+    ret, data = kvm_common_get_msr(vcpu, msrs, cpu, index, host_initiated=True)
+    return ret is MsrResult.OK, data
+
+
+def kvm_host_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int) -> bool:
+    """KVM_SET_MSRS for one non-CET MSR (host_initiated; CPU-held MSRs are written unchecked,
+    as KVM restores them for migration)."""
+    if index in CPU_HELD_MSRS:
+        cpu.set_msr(index, data)
+        return True
+    return kvm_common_set_msr(vcpu, msrs, cpu, index, data, host_initiated=True) is MsrResult.OK

@@ -28,13 +28,23 @@ vCPU out of KVM_RUN (-EINTR with exit_reason KVM_EXIT_INTR).
 from __future__ import annotations
 
 import enum
+import errno
 from dataclasses import dataclass, field
 
 from cetvm.arch import Cr4, Vector
 from cetvm.arch.cpuid_bits import FEATURES
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpu.exits import ExitReason, IoExit, MmioExit, VmExit
-from cetvm.kvm.msr import MsrResult, is_xstate_managed_msr, kvm_get_msr, kvm_set_msr
+from cetvm.kvm.errors import KvmIoctlError
+from cetvm.kvm.msr import (
+    CPU_HELD_MSRS,
+    X2APIC_MSRS,
+    KvmMsrState,
+    MsrResult,
+    is_xstate_managed_msr,
+    kvm_guest_get_msr_raw,
+    kvm_guest_set_msr_raw,
+)
 from cetvm.kvm.vcpu import VcpuCetState
 from cetvm.xstate import xcr0_fault
 
@@ -54,6 +64,8 @@ class KvmExitReason(enum.Enum):
     INTERNAL_ERROR = "KVM_EXIT_INTERNAL_ERROR"
     INTR = "KVM_EXIT_INTR"
     HYPERCALL = "KVM_EXIT_HYPERCALL"
+    X86_RDMSR = "KVM_EXIT_X86_RDMSR"
+    X86_WRMSR = "KVM_EXIT_X86_WRMSR"
 
 
 class InternalErrorSuberror(enum.Enum):
@@ -79,12 +91,13 @@ class KvmRun:
     io: IoExit | None = None
     mmio: MmioExit | None = None
     hypercall: HypercallExit | None = None
+    msr: "KvmMsrExit | None" = None
     suberror: InternalErrorSuberror | None = None
     detail: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        part = self.io or self.mmio or self.hypercall or self.detail
+        part = self.io or self.mmio or self.hypercall or self.msr or self.detail
         return f"{self.exit_reason.value} at {self.rip:#x}{' ' + str(part) if part else ''}"
 
 
@@ -110,22 +123,185 @@ def handle_cpuid(vcpu: VcpuCetState, cpu) -> None:
 
 
 # --------------------------------------------------------------------------- MSRs
-def handle_msr(vcpu: VcpuCetState, cpu, exit_: VmExit, fpu_get, fpu_put) -> None:
-    """An intercepted RDMSR/WRMSR (the CPU completes it, or injects #GP when ``error``)."""
+class KvmMsrExitReason(enum.IntFlag):
+    """kvm_run.msr.reason, and the KVM_CAP_X86_USER_SPACE_MSR argument [K uapi/linux/kvm.h]."""
+
+    INVAL = 1 << 0    # access to an invalid MSR or reserved bits (KVM's "return 1")
+    UNKNOWN = 1 << 1  # an MSR KVM does not know (KVM_MSR_RET_UNSUPPORTED)
+    FILTER = 1 << 2   # denied by KVM_X86_SET_MSR_FILTER (KVM_MSR_RET_FILTERED)
+
+
+KVM_MSR_EXIT_REASON_VALID_MASK = int(KvmMsrExitReason.INVAL | KvmMsrExitReason.UNKNOWN
+                                     | KvmMsrExitReason.FILTER)
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
+KVM_MSR_FILTER_DEFAULT_DENY = 1
+KVM_MSR_FILTER_MAX_RANGES = 16
+KVM_MSR_FILTER_MAX_BITMAP_SIZE = 0x600
+
+
+@dataclass
+class KvmMsrExit:
+    """kvm_run.msr for KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR. KVM fills ``reason``, ``index``
+    and (for WRMSR) ``data`` and clears ``error``; before the next KVM_RUN userspace stores the
+    value read in ``data``, or sets ``error`` = 1 to have KVM inject #GP(0) [K api.rst]."""
+
+    reason: KvmMsrExitReason
+    index: int
+    data: int = 0
+    error: int = 0
+
+    def __str__(self) -> str:
+        return f"MSR {self.index:#x} ({self.reason.name}) data={self.data:#x}"
+
+
+@dataclass(frozen=True)
+class MsrFilterRange:
+    """struct kvm_msr_filter_range: ``nmsrs`` MSRs from ``base``; bit n of ``bitmap`` set
+    allows the access kinds in ``flags`` (KVM_MSR_FILTER_READ/WRITE) to MSR base+n."""
+
+    flags: int
+    base: int
+    nmsrs: int
+    bitmap: bytes
+
+    def covers(self, index: int, access: int) -> bool:
+        return bool(self.flags & access) and self.base <= index < self.base + self.nmsrs
+
+    def allows(self, index: int) -> bool:
+        bit = index - self.base
+        return bool(self.bitmap[bit >> 3] >> (bit & 7) & 1)
+
+
+@dataclass(frozen=True)
+class MsrFilter:
+    """struct kvm_msr_filter as KVM holds it after KVM_X86_SET_MSR_FILTER."""
+
+    default_deny: bool = False
+    ranges: tuple[MsrFilterRange, ...] = ()
+
+    def denies_any(self, index: int) -> bool:
+        return not (kvm_msr_allowed(self, index, KVM_MSR_FILTER_READ)
+                    and kvm_msr_allowed(self, index, KVM_MSR_FILTER_WRITE))
+
+
+def kvm_msr_allowed(msr_filter: MsrFilter, index: int, access: int) -> bool:
+    """kvm_msr_allowed(): x2APIC MSRs are never filtered; the first range that covers the index
+    for this kind of access decides with its bitmap bit; otherwise the default action."""
+    if index in X2APIC_MSRS:
+        return True
+    for rng in msr_filter.ranges:
+        if rng.covers(index, access):
+            return rng.allows(index)
+    return not msr_filter.default_deny
+
+
+def _check_filter_range(i: int, rng: MsrFilterRange) -> None:
+    """kvm_add_msr_filter(): known flags, a non-empty bitmap no larger than 0x600 bytes that
+    holds nmsrs bits, 32-bit indices."""
+    def bad(why: str) -> KvmIoctlError:
+        return KvmIoctlError(errno.EINVAL, f"KVM_X86_SET_MSR_FILTER: range {i}: {why}")
+    if rng.flags & ~(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE) or not rng.flags:
+        raise bad(f"flags {rng.flags:#x} must be KVM_MSR_FILTER_READ and/or KVM_MSR_FILTER_WRITE")
+    size = (rng.nmsrs + 63) // 64 * 8
+    if size > KVM_MSR_FILTER_MAX_BITMAP_SIZE:
+        raise bad(f"{rng.nmsrs} MSRs need a bitmap larger than {KVM_MSR_FILTER_MAX_BITMAP_SIZE:#x} bytes")
+    if len(rng.bitmap) * 8 < rng.nmsrs:
+        raise bad(f"bitmap of {len(rng.bitmap)} bytes is shorter than {rng.nmsrs} bits")
+    if not 0 <= rng.base < 1 << 32 or rng.base + rng.nmsrs > 1 << 32:
+        raise bad(f"MSRs {rng.base:#x}+{rng.nmsrs} are not 32-bit indices")
+
+
+def kvm_vm_ioctl_set_msr_filter(flags: int, ranges: list[MsrFilterRange]) -> MsrFilter:
+    """KVM_X86_SET_MSR_FILTER: validate and build the filter. Ranges with nmsrs == 0 are
+    skipped; all-empty with KVM_MSR_FILTER_DEFAULT_DENY is -EINVAL."""
+    if flags & ~KVM_MSR_FILTER_DEFAULT_DENY:
+        raise KvmIoctlError(errno.EINVAL, f"KVM_X86_SET_MSR_FILTER: unknown flags {flags:#x}")
+    if len(ranges) > KVM_MSR_FILTER_MAX_RANGES:
+        raise KvmIoctlError(errno.EINVAL, f"KVM_X86_SET_MSR_FILTER: {len(ranges)} ranges, at most "
+                            f"{KVM_MSR_FILTER_MAX_RANGES}")
+    used = [r for r in ranges if r.nmsrs]
+    if not used and flags & KVM_MSR_FILTER_DEFAULT_DENY:
+        raise KvmIoctlError(errno.EINVAL, "KVM_X86_SET_MSR_FILTER: KVM_MSR_FILTER_DEFAULT_DENY needs at least one range")
+    for i, rng in enumerate(used):
+        _check_filter_range(i, rng)
+    return MsrFilter(bool(flags & KVM_MSR_FILTER_DEFAULT_DENY), tuple(used))
+
+
+class MsrInterceptBitmap:
+    """The VMX MSR bitmap KVM programs: every MSR exits to KVM except the ``passthrough`` ones
+    (an index outside the bitmap's ranges always exits on VMX, so "intercept unless listed"
+    is the hardware's own rule). vmx_msr_filter_changed(): an MSR the filter denies in any
+    direction is intercepted even if it would pass through."""
+
+    def __init__(self, passthrough: frozenset[int]) -> None:
+        self.passthrough = passthrough
+
+    def __contains__(self, index: object) -> bool:
+        return index not in self.passthrough
+
+    def intercepted(self, candidates) -> set[int]:
+        """The members of ``candidates`` that exit (for inspection and tests)."""
+        return {int(i) for i in candidates if i in self}
+
+
+def vmx_msr_bitmap(cet_intercepts: set[int], cet_msrs: frozenset[int], msr_filter: MsrFilter) -> MsrInterceptBitmap:
+    """Pass through the CPU-held MSRs and the CET MSRs vmx_update_intercept_for_cet_msr() lets
+    through, minus everything the filter denies."""
+    passthrough = (CPU_HELD_MSRS | (cet_msrs - cet_intercepts))
+    if msr_filter.ranges or msr_filter.default_deny:
+        passthrough = frozenset(i for i in passthrough if not msr_filter.denies_any(i))
+    return MsrInterceptBitmap(frozenset(passthrough))
+
+
+def kvm_msr_reason(result: MsrResult) -> KvmMsrExitReason:
+    """kvm_msr_reason(): UNSUPPORTED → UNKNOWN, FILTERED → FILTER, any other failure → INVAL."""
+    if result is MsrResult.UNSUPPORTED:
+        return KvmMsrExitReason.UNKNOWN
+    if result is MsrResult.FILTERED:
+        return KvmMsrExitReason.FILTER
+    return KvmMsrExitReason.INVAL
+
+
+def handle_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter: MsrFilter,
+               user_space_msr_mask: int, fpu_get, fpu_put) -> KvmMsrExit | None:
+    """kvm_emulate_rdmsr / kvm_emulate_wrmsr for an intercepted guest RDMSR/WRMSR.
+
+    The filter is checked first (kvm_get/set_msr_with_filter), then KVM's handler runs. On
+    failure, kvm_msr_user_space(): if userspace enabled the reason, return the exit for
+    KVM_RUN (the CPU completes it at the next entry with what userspace wrote); else the CPU
+    injects #GP(0). The xstate-managed MSRs need the guest FPU put around the access.
+    """
     msr = exit_.msr
     assert msr is not None
-    needs_fpu = is_xstate_managed_msr(msr.index)
-    if needs_fpu:
-        fpu_put()
-    try:
-        if exit_.reason is ExitReason.RDMSR:
-            result, msr.data = kvm_get_msr(vcpu, msr.index, host_initiated=False)
-        else:
-            result = kvm_set_msr(vcpu, msr.index, msr.data, host_initiated=False)
-    finally:
+    reading = exit_.reason is ExitReason.RDMSR
+    access = KVM_MSR_FILTER_READ if reading else KVM_MSR_FILTER_WRITE
+    data = 0
+    if not kvm_msr_allowed(msr_filter, msr.index, access):
+        result = MsrResult.FILTERED
+    else:
+        needs_fpu = is_xstate_managed_msr(msr.index)
         if needs_fpu:
-            fpu_get()
-    msr.error = result is not MsrResult.OK
+            fpu_put()
+        try:
+            if reading:
+                result, data = kvm_guest_get_msr_raw(vcpu, msrs, cpu, msr.index)
+            else:
+                result = kvm_guest_set_msr_raw(vcpu, msrs, cpu, msr.index, msr.data)
+        finally:
+            if needs_fpu:
+                fpu_get()
+    if result is MsrResult.OK:
+        if reading:
+            msr.data = data
+        msr.error = False
+        return None
+    reason = kvm_msr_reason(result)
+    if user_space_msr_mask & reason:
+        return KvmMsrExit(reason, msr.index, 0 if reading else msr.data)
+    msr.error = True
+    return None
 
 
 # --------------------------------------------------------------------------- XSETBV

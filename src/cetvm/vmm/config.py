@@ -17,6 +17,20 @@ off     both cleared, and the CET_U/CET_S bits of CPUID.(0xD,1).ECX with their 0
 
 With ``shstk`` or ``ibt`` the XSS bits stay: IBT alone still uses U_CET/S_CET, and U_CET lives
 in the CET_U component [reference §1, §5].
+
+The VMM then fills in what only it knows, as QEMU's cpu_x86_cpuid / kvm_arch_init_vcpu do
+(:func:`vmm_cpuid_leaves`): the vCPU's topology and the hypervisor leaves.
+
+- CPUID.1: EBX[31:24] = initial APIC ID, EBX[23:16] = 0 and EDX[28] (HTT) = 0 for one logical
+  processor per package (QEMU sets both only for more than one); CLFLUSH size kept.
+- CPUID.0xB and 0x1F (when the maximum basic leaf reaches them): one SMT level and one core
+  level with one logical processor each, shift 0, EDX = x2APIC ID; sub-leaf 2 is the invalid
+  level (ECX[15:8] = 0) that ends enumeration, with ECX[7:0] = the sub-leaf.
+- CPUID.0x40000000: EAX = 0x40000001 (the highest hypervisor leaf), EBX:ECX:EDX =
+  "KVMKVMKVM\0\0\0"; CPUID.0x40000001 (KVM_CPUID_FEATURES) = 0: cetvm offers no paravirtual
+  features. KVM_GET_SUPPORTED_CPUID does not return these leaves (they are in
+  KVM_GET_SUPPORTED_HV_CPUID / built by userspace), so they belong to the VMM. CPUID.1.ECX[31]
+  ("hypervisor present") comes from KVM's supported table.
 """
 
 from __future__ import annotations
@@ -92,9 +106,37 @@ def _clear_xss_component(model: CpuidModel, component: XFeature) -> None:
         model.set(XSAVE_LEAF, int(component), 0, 0, 0, 0)
 
 
+KVM_CPUID_SIGNATURE = 0x4000_0000
+KVM_CPUID_FEATURES = 0x4000_0001
+#: "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
+KVM_SIGNATURE_REGS = (0x4B4D564B, 0x564B4D56, 0x0000004D)
+_HTT = 1 << 28
+_LEVEL_SMT, _LEVEL_CORE = 1, 2
+
+
+def topology_leaf(model: CpuidModel, leaf: int, apic_id: int) -> None:
+    """CPUID.0xB / 0x1F for one logical processor (module docstring)."""
+    model.set(leaf, 0, 0, 1, _LEVEL_SMT << 8, apic_id)
+    model.set(leaf, 1, 0, 1, 1 | _LEVEL_CORE << 8, apic_id)
+    model.set(leaf, 2, 0, 0, 2, apic_id)
+
+
+def vmm_cpuid_leaves(model: CpuidModel, apic_id: int = 0) -> CpuidModel:
+    """Topology and hypervisor leaves the VMM adds to the guest CPUID (module docstring)."""
+    if model.contains(1, 0):
+        eax, ebx, ecx, edx = model.get(1, 0)
+        model.set(1, 0, eax, (apic_id & 0xFF) << 24 | (ebx & 0xFFFF), ecx, edx & ~_HTT)
+    for leaf in (0xB, 0x1F):
+        if model.max_basic_leaf >= leaf:
+            topology_leaf(model, leaf, apic_id)
+    model.set(KVM_CPUID_SIGNATURE, 0, KVM_CPUID_FEATURES, *KVM_SIGNATURE_REGS)
+    model.set(KVM_CPUID_FEATURES, 0, 0, 0, 0, 0)
+    return model
+
+
 def guest_cpuid(supported: CpuidModel, cet: CetMode) -> CpuidModel:
     """The guest CPUID for ``cet`` from KVM's supported CPUID (module docstring table)."""
-    model = supported.copy()
+    model = vmm_cpuid_leaves(supported.copy())
     if not cet.shows_shstk:
         model.set_feature(SHSTK.name, False)
     if not cet.shows_ibt:

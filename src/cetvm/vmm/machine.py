@@ -20,11 +20,12 @@ import os
 from typing import Callable
 
 from cetvm import InputError
-from cetvm.kvm.api import DescriptorTable, Kvm, KvmVcpu, Regs, Segment, Sregs
+from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, Regs, Segment, Sregs
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.config import MachineConfig, guest_cpuid
 from cetvm.vmm.devices.pc import PcDevices
 from cetvm.vmm.layout import RamRegion, ram_regions
+from cetvm.vmm.msr_exits import claim_apic_msrs, complete_msr_exit
 from cetvm.vmm.loader import BootPlan, Long64Entry, ModuleSpec, Protected32Entry, load_kernel
 from cetvm.vmm.run_loop import RunLimits, RunLoop, RunResult
 from cetvm.vmm.snapshot import read_snapshot, write_snapshot
@@ -87,13 +88,23 @@ class Machine:
         self.ram = ram_regions(config.memory_size)
         for slot, region in enumerate(self.ram):
             self.vm.set_user_memory_region(slot, region.addr, region.size)
-        self.devices = PcDevices.create(config.memory_size, sink=config.serial_sink, cmdline=config.cmdline)
+        cpuid = guest_cpuid(self.kvm.get_supported_cpuid(), config.cet_mode)
+        self.devices = PcDevices.create(config.memory_size, sink=config.serial_sink, cmdline=config.cmdline,
+                                        x2apic_supported=cpuid.has("x2apic"), maxphyaddr=cpuid.phys_addr_bits)
         self.pio, self.mmio = PioBus(), MmioBus()
         self.devices.register(self.pio, self.mmio)
+        claim_apic_msrs(self.vm)
         self.vcpu = self.vm.create_vcpu(0)
-        self.vcpu.set_cpuid(guest_cpuid(self.kvm.get_supported_cpuid(), config.cet_mode))
+        self.vcpu.set_cpuid(cpuid)
         self.boot_plan: BootPlan | None = None
-        self._loop = RunLoop(self.vcpu, self.pio, self.mmio, lambda: instructions_retired(self.vcpu))
+        self._loop = self._run_loop(0)
+
+    def _run_loop(self, instructions_done: int) -> RunLoop:
+        return RunLoop(self.vcpu, self.pio, self.mmio, lambda: instructions_retired(self.vcpu),
+                       instructions_done=instructions_done, msr=self._complete_msr)
+
+    def _complete_msr(self, run: KvmRun) -> None:
+        complete_msr_exit(run, self.devices.lapics[0], self.vcpu)
 
     # ------------------------------------------------------------------ boot
     @classmethod
@@ -171,8 +182,7 @@ class Machine:
         run = manifest.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("instructions"), int):
             raise InputError(f"{name}: snapshot has no run.instructions count")
-        machine._loop = RunLoop(machine.vcpu, machine.pio, machine.mmio,
-                                lambda: instructions_retired(machine.vcpu), instructions_done=run["instructions"])
+        machine._loop = machine._run_loop(run["instructions"])
         return machine
 
     def _restore_ram(self, manifest: dict, blobs: dict[str, bytes], name: str) -> None:

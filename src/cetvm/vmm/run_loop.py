@@ -1,7 +1,8 @@
 """The VMM run loop: KVM_RUN until the machine stops, dispatching exits to the buses.
 
 QEMU's ``kvm_cpu_exec`` in miniature: KVM_EXIT_IO → the port bus, KVM_EXIT_MMIO → the MMIO bus
-(the xAPIC page), KVM_EXIT_HLT → stop, KVM_EXIT_SHUTDOWN → stop with a diagnosis, KVM_EXIT_INTR
+(the xAPIC page), KVM_EXIT_X86_RDMSR/WRMSR → the ``msr`` handler (the local APIC's MSRs, see
+:mod:`cetvm.vmm.msr_exits`; without a handler the access completes with error → #GP), KVM_EXIT_HLT → stop, KVM_EXIT_SHUTDOWN → stop with a diagnosis, KVM_EXIT_INTR
 (cetvm's instruction budget, see :mod:`cetvm.kvm.vcpu_run`) → check the limits and re-enter.
 A device stops the machine by raising a :class:`~cetvm.vmm.requests.MachineRequest`.
 
@@ -201,6 +202,15 @@ def complete_mmio(run: KvmRun, mmio: MmioBus) -> None:
         mm.data = mmio.read(mm.address, mm.size)
 
 
+def complete_msr(run: KvmRun, handler: Callable[[KvmRun], None] | None) -> None:
+    """KVM_EXIT_X86_RDMSR/WRMSR: the handler fills kvm_run.msr; none → error (#GP)."""
+    assert run.msr is not None
+    if handler is None:
+        run.msr.error = 1
+    else:
+        handler(run)
+
+
 @dataclass
 class RunLoop:
     """One vCPU's KVM_RUN loop. ``vcpu`` is a :class:`cetvm.kvm.api.KvmVcpu`;
@@ -213,6 +223,7 @@ class RunLoop:
     retired: Callable[[], int]
     instructions_done: int = 0
     clock: Callable[[], float] = time.monotonic
+    msr: Callable[[KvmRun], None] | None = None
 
     def __post_init__(self) -> None:
         self._base = self.retired()
@@ -269,6 +280,9 @@ class RunLoop:
             complete_mmio(run, self.mmio)
             return None
         if run.exit_reason is KvmExitReason.INTR:
+            return None
+        if run.exit_reason in (KvmExitReason.X86_RDMSR, KvmExitReason.X86_WRMSR):
+            complete_msr(run, self.msr)
             return None
         return exit_result(run, self.instructions)
 

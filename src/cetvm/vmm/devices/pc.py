@@ -28,14 +28,17 @@ class PcDevices:
 
     @classmethod
     def create(cls, ram_size: int, nb_cpus: int = 1, sink: Callable[[bytes], None] | None = None,
-               serial_input: bytes = b"", cmdline: str | None = None) -> "PcDevices":
+               serial_input: bytes = b"", cmdline: str | None = None, x2apic_supported: bool = True,
+               maxphyaddr: int = 46) -> "PcDevices":
+        """The devices; the APICs take x2APIC support and MAXPHYADDR from the guest CPUID."""
         return cls(
             serial=Serial16550(sink, serial_input),
             debug_exit=IsaDebugExit(),
             shutdown=BochsShutdownPort(),
             fw_cfg=FwCfg(ram_size, nb_cpus=nb_cpus, cmdline=cmdline),
             pic=PicPair.create(),
-            lapics=[LocalApic(apic_id=i, bsp=(i == 0)) for i in range(nb_cpus)],
+            lapics=[LocalApic(apic_id=i, bsp=(i == 0), maxphyaddr=maxphyaddr, x2apic_supported=x2apic_supported)
+                    for i in range(nb_cpus)],
         )
 
     def register(self, pio: PioBus, mmio: MmioBus) -> None:
