@@ -158,3 +158,32 @@ class CetState:
     pl_ssp: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     int_ssp_tab: int = 0
     ssp: int = 0
+
+
+#: x87 control word and MXCSR after FNINIT / in the XSAVE init configuration [SDM Vol. 1 §8.1.5, §10.2.3].
+FCW_INIT = 0x037F
+MXCSR_INIT = 0x1F80
+
+
+@dataclass
+class FpuState:
+    """x87, SSE and AVX register state (KVM's struct kvm_fpu plus the YMM upper halves).
+
+    As in the FXSAVE legacy region [SDM Vol. 2 FXSAVE, Table 3-53]: ``st[i]`` is ST(i) in stack
+    order (80-bit value: 64-bit significand | 16-bit sign+exponent << 64), ``ftw`` is the
+    abridged tag word (bit i set = physical register i is valid, clear = empty), ``fsw`` holds
+    TOP in bits 13:11, ``fip``/``fdp`` are the 64-bit last instruction / data pointers, ``fop``
+    the last opcode. ``xmm[i]`` is XMM i (128 bits), ``ymm_hi[i]`` bits 255:128 of YMM i (the
+    XSAVE AVX component). The defaults are the XSAVE init configuration.
+    """
+
+    fcw: int = FCW_INIT
+    fsw: int = 0
+    ftw: int = 0
+    fop: int = 0
+    fip: int = 0
+    fdp: int = 0
+    mxcsr: int = MXCSR_INIT
+    st: list[int] = field(default_factory=lambda: [0] * 8)
+    xmm: list[int] = field(default_factory=lambda: [0] * 16)
+    ymm_hi: list[int] = field(default_factory=lambda: [0] * 16)

@@ -46,7 +46,7 @@ from cetvm.cpu.native import NativeCet, PagingKind, select_cet_path
 from cetvm.cpu.exits import Direction, ExceptionExit, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access, PagingMode, translate
-from cetvm.cpu.state import CetState, DescriptorTable, GPR_NAMES, Regs, Segment, Sregs
+from cetvm.cpu.state import CetState, DescriptorTable, FpuState, GPR_NAMES, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, check_unicorn, segment_hflags
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ _GPR_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES
 _REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS}
 #: Blob offset of env->xcr0 in Unicorn 2.1.4 (measured; XCR0 has no reg id in the binding).
 XCR0_OFFSET = 4904
+#: Blob offset of env->efer in Unicorn 2.1.4 (measured: the bytes a WRMSR to EFER changes).
+EFER_OFFSET = 592
 #: Vectors that are faults: RIP reported by Unicorn is the faulting instruction (engine-notes).
 _TRAP_VECTORS = frozenset({Vector.BP, Vector.OF})
 _TRACKER = int(CetCtl.TRACKER)
@@ -68,6 +70,27 @@ _CET_ENABLES = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
 _LE_UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 #: void hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
 _BLOCK_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+
+
+_U128 = (1 << 128) - 1
+_FP_IDS = tuple(getattr(X, f"UC_X86_REG_FP{i}") for i in range(8))
+_YMM_IDS = tuple(getattr(X, f"UC_X86_REG_YMM{i}") for i in range(16))
+#: FpuState field → (bits per value, number of values or None for a scalar).
+_FPU_FIELD_WIDTHS = {"fcw": (16, None), "fsw": (16, None), "ftw": (8, None), "fop": (11, None), "fip": (64, None),
+                     "fdp": (64, None), "mxcsr": (32, None), "st": (80, 8), "xmm": (128, 16), "ymm_hi": (128, 16)}
+
+
+def _check_fpu_widths(fpu: FpuState) -> None:
+    """InputError naming the first FpuState field whose value (or list length) does not fit."""
+    for name, (bits, count) in _FPU_FIELD_WIDTHS.items():
+        value = getattr(fpu, name)
+        values = [value] if count is None else list(value)
+        if count is not None and len(values) != count:
+            raise InputError(f"FPU state: {name} must have {count} entries, got {len(values)}")
+        for i, v in enumerate(values):
+            if not isinstance(v, int) or not 0 <= v < 1 << bits:
+                where = name if count is None else f"{name}[{i}]"
+                raise InputError(f"FPU state: {where} must be an unsigned {bits}-bit integer, got {v!r}")
 
 
 def _memory_size_bytes(instr) -> int:
@@ -392,11 +415,69 @@ class Vcpu:
             cr3=uc.reg_read(X.UC_X86_REG_CR3), cr4=uc.reg_read(X.UC_X86_REG_CR4),
             efer=uc.msr_read(Msr.IA32_EFER))
 
+    def get_fpu(self) -> FpuState:
+        """x87, SSE and AVX registers (KVM_GET_FPU plus the YMM upper halves).
+
+        Unicorn keeps the x87 registers by physical number (FP0-7) with TOP in FSW[13:11] and a
+        full 2-bit tag word; ST(i) is FP((TOP + i) mod 8), and bit i of the abridged tag word is
+        set unless physical register i is tagged empty (11b) [SDM Vol. 1 §8.1.7; FXSAVE].
+        """
+        read = self._raw_reg_read
+        fsw = read(X.UC_X86_REG_FPSW, 2)
+        top = (fsw >> 11) & 7
+        tags = read(X.UC_X86_REG_FPTAG, 2)
+        physical = [read(reg, 10) for reg in _FP_IDS]
+        ymm = [read(reg, 32) for reg in _YMM_IDS]
+        return FpuState(
+            fcw=read(X.UC_X86_REG_FPCW, 2), fsw=fsw,
+            ftw=sum(1 << i for i in range(8) if (tags >> 2 * i) & 3 != 3),
+            fop=read(X.UC_X86_REG_FOP, 2), fip=read(X.UC_X86_REG_FIP, 8), fdp=read(X.UC_X86_REG_FDP, 8),
+            mxcsr=read(X.UC_X86_REG_MXCSR, 4), st=[physical[(top + i) % 8] for i in range(8)],
+            xmm=[y & _U128 for y in ymm], ymm_hi=[y >> 128 for y in ymm])
+
+    def set_fpu(self, fpu: FpuState) -> None:
+        """Load x87, SSE and AVX registers (KVM_SET_FPU plus the YMM upper halves; no
+        architectural checks beyond field widths: InputError if a value does not fit).
+
+        The abridged tag word is expanded as FXRSTOR does: a clear bit → empty (11b), a set bit
+        → valid (the engine derives zero/special from the value itself).
+        """
+        _check_fpu_widths(fpu)
+        write = self._raw_reg_write
+        write(X.UC_X86_REG_FPCW, fpu.fcw, 2)
+        write(X.UC_X86_REG_FPSW, fpu.fsw, 2)  # also sets TOP
+        write(X.UC_X86_REG_FPTAG, sum(0 if fpu.ftw >> i & 1 else 3 << 2 * i for i in range(8)), 2)
+        top = (fpu.fsw >> 11) & 7
+        for i, value in enumerate(fpu.st):
+            write(_FP_IDS[(top + i) % 8], value, 10)
+        write(X.UC_X86_REG_FOP, fpu.fop, 2)
+        write(X.UC_X86_REG_FIP, fpu.fip, 8)
+        write(X.UC_X86_REG_FDP, fpu.fdp, 8)
+        write(X.UC_X86_REG_MXCSR, fpu.mxcsr, 4)
+        for reg, low, high in zip(_YMM_IDS, fpu.xmm, fpu.ymm_hi):
+            write(reg, low | high << 128, 32)
+
+    def _raw_reg_read(self, reg_id: int, size: int) -> int:
+        """A register as a little-endian integer of ``size`` bytes, through Unicorn's C API (the
+        binding's reg_read costs ~3 µs per register; this ~10x less)."""
+        buf = ctypes.create_string_buffer(size)
+        status = uclib.uc_reg_read(self._uc._uch, reg_id, buf)
+        if status != 0:
+            raise CetvmError(f"cannot read register {reg_id} (unicorn error {status})")
+        return int.from_bytes(buf.raw, "little")
+
+    def _raw_reg_write(self, reg_id: int, value: int, size: int) -> None:
+        buf = ctypes.create_string_buffer(value.to_bytes(size, "little"), size)
+        status = uclib.uc_reg_write(self._uc._uch, reg_id, buf)
+        if status != 0:
+            raise CetvmError(f"cannot write register {reg_id} (unicorn error {status})")
+
     def set_sregs(self, sregs: Sregs) -> None:
         """Load control registers, EFER, descriptor tables and segment caches (no checks).
 
-        EFER.LMA is derived as hardware does: LME and CR0.PG. Starting in 32-bit protected mode
-        (CS.L=0, D=1, paging off) and in 64-bit mode (LME/LMA, CR0.PG, CS.L=1) both work.
+        EFER.LMA is derived as hardware does: LME and CR0.PG (also in the engine, see
+        :meth:`_force_efer_lma`). Starting in real mode (the RESET/INIT state), in 32-bit
+        protected mode (CS.L=0, D=1, paging off) and in 64-bit mode (LME/LMA, CR0.PG, CS.L=1) work.
         """
         uc = self._uc
         efer = sregs.efer & ~Efer.LMA
@@ -406,12 +487,34 @@ class Vcpu:
         uc.reg_write(X.UC_X86_REG_CR3, sregs.cr3)
         uc.msr_write(Msr.IA32_EFER, efer)
         uc.reg_write(X.UC_X86_REG_CR0, sregs.cr0)
+        self._force_efer_lma(bool(efer & Efer.LMA))
         uc.reg_write(X.UC_X86_REG_CR2, sregs.cr2)
         uc.reg_write(X.UC_X86_REG_GDTR, (0, sregs.gdt.base, sregs.gdt.limit, 0))
         uc.reg_write(X.UC_X86_REG_IDTR, (0, sregs.idt.base, sregs.idt.limit, 0))
         uc.reg_write(X.UC_X86_REG_TR, (sregs.tr.selector, sregs.tr.base, sregs.tr.limit, sregs.tr.attributes))
         uc.reg_write(X.UC_X86_REG_LDTR, (sregs.ldt.selector, sregs.ldt.base, sregs.ldt.limit, sregs.ldt.attributes))
         self.load_segments(cs=sregs.cs, ss=sregs.ss, ds=sregs.ds, es=sregs.es, fs=sregs.fs, gs=sregs.gs)
+
+    def _force_efer_lma(self, lma: bool) -> None:
+        """Make the engine's EFER.LMA (and QEMU's HF_LMA, with HF_CS64 cleared when leaving) ``lma``.
+
+        Why: QEMU changes LMA only when a CR0 write toggles PG with LME set, and Unicorn's
+        UC_MODE_64 starts with EFER = LME|LMA but CR0.PG = 0 — so a RESET to real mode
+        (CR0 = 0x60000010, EFER = 0) kept LMA and EFER read back 0x400; a 64-bit load over a
+        state that already had CR0.PG = 1 never set it. Hardware: LMA = LME AND CR0.PG
+        [SDM Vol. 3 §10.8.5]. Patched in the saved context (env->efer at :data:`EFER_OFFSET`,
+        checked against RDMSR first).
+        """
+        blob = ContextBlob.save(self._uc)
+        efer = blob.u64(EFER_OFFSET)
+        if efer != self._uc.msr_read(Msr.IA32_EFER):
+            raise CetvmError("internal error: Unicorn's context does not hold EFER at the measured offset (not 2.1.4?)")
+        if bool(efer & Efer.LMA) == lma:
+            return
+        lma_bit = int(Efer.LMA)
+        ctypes.c_uint64.from_address(blob.address + EFER_OFFSET).value = efer | lma_bit if lma else efer & ~lma_bit
+        blob.hflags = blob.hflags | HFlags.LMA if lma else blob.hflags & ~(HFlags.LMA | HFlags.CS64)
+        blob.restore(self._uc)
 
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""
@@ -535,9 +638,7 @@ class Vcpu:
 
     def run(self, budget: int | None = None) -> VmExit:
         """Run until an exit. ``budget``: at most this many instructions (then ExitReason.BUDGET)."""
-        if self._completion is not None:
-            completion, self._completion = self._completion, None
-            completion()
+        self.complete_pending_exit()
         self._budget_left = budget
         hook = self._uc.hook_add(UC_HOOK_CODE, self._count_instruction) if budget is not None else None
         try:
@@ -705,6 +806,29 @@ class Vcpu:
     def add_completion(self, completion: Callable[[], None]) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction)."""
         self._completion = completion
+
+    @property
+    def exit_pending_completion(self) -> bool:
+        """True while the instruction of the last exit still has to be finished (IN/MMIO-read
+        data, RIP past HLT/VMCALL/CPUID/...): by :meth:`complete_pending_exit` or the next run."""
+        return self._completion is not None
+
+    def complete_pending_exit(self) -> None:
+        """Finish the instruction of the last exit now, without running guest code and without
+        delivering pending events (KVM's complete_userspace_io(), which runs before anything
+        else changes the vCPU). The hypervisor must have stored its results first (IN data in
+        the exit's ``io.data``, MMIO read data, RAX of a VMCALL...). Nothing pending: no-op.
+        A fault raised by the completion (e.g. an MMIO write re-executed into a #PF) is
+        delivered at the next run."""
+        completion, self._completion = self._completion, None
+        if completion is not None:
+            completion()
+
+    def cancel_pending_exit(self) -> None:
+        """Forget the completion of the last exit: the exiting instruction is not finished and
+        RIP stays at it (e.g. the vCPU is reset, or its registers are replaced wholesale, so
+        re-executing the instruction is what should happen). Nothing pending: no-op."""
+        self._completion = None
 
     def _raise_event(self, fault: GuestFault) -> None:
         """Queue a fault for delivery (RIP must already be at the faulting instruction)."""

@@ -161,28 +161,19 @@ _XMM_OFFSET = 160
 
 
 def _swap_sse(fpu, cpu, *, to_cpu: bool) -> None:
-    """MXCSR and XMM0-15 between the legacy region and the engine.
-
-    cetvm's CPU has no FPU-state accessor yet, so this reaches Unicorn through ``cpu.unicorn``
-    (the one place the hypervisor does; listed in the report as a CPU request).
-    """
-    from unicorn import x86_const as X
-
-    uc = cpu.unicorn
+    """MXCSR and XMM0-15 between the legacy region and the CPU (:meth:`Vcpu.get_fpu` /
+    :meth:`Vcpu.set_fpu`; the x87 and YMM registers are left as they are)."""
     data = fpu.area.data
+    regs = cpu.get_fpu()
     if to_cpu:
-        mxcsr = int.from_bytes(data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4], "little") or 0x1F80
-        uc.reg_write(X.UC_X86_REG_MXCSR, mxcsr)
-        for i in range(16):
-            off = _XMM_OFFSET + 16 * i
-            uc.reg_write(X.UC_X86_REG_XMM0 + i, int.from_bytes(data[off:off + 16], "little"))
+        regs.mxcsr = int.from_bytes(data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4], "little") or 0x1F80
+        regs.xmm = [int.from_bytes(data[off:off + 16], "little") for off in range(_XMM_OFFSET, _XMM_OFFSET + 256, 16)]
+        cpu.set_fpu(regs)
         return
-    mxcsr = uc.reg_read(X.UC_X86_REG_MXCSR) & 0xFFFF_FFFF
-    data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4] = mxcsr.to_bytes(4, "little")
-    in_use = mxcsr != 0x1F80
-    for i in range(16):
+    data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4] = regs.mxcsr.to_bytes(4, "little")
+    in_use = regs.mxcsr != 0x1F80
+    for i, value in enumerate(regs.xmm):
         off = _XMM_OFFSET + 16 * i
-        value = uc.reg_read(X.UC_X86_REG_XMM0 + i) & ((1 << 128) - 1)
         in_use = in_use or value != 0
         data[off:off + 16] = value.to_bytes(16, "little")
     if in_use:  # XSTATE_BV[1]: SSE state not in its init configuration

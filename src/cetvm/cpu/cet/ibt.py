@@ -7,19 +7,23 @@ them. Each function reads and writes those MSR bits through ``m.cet_msr``/``m.se
 
 from __future__ import annotations
 
-from cetvm.arch import ENDBR32, ENDBR64, CetCtl, CpError
+from cetvm.arch import ENDBR32, ENDBR64, CpError
 from cetvm.cpu.cet.machine import CetMachine
-from cetvm.cpu.cet.policy import cet_msr_for_cpl, ibt_enabled, ibt_enabled_and_not_suppressed
+from cetvm.cpu.cet.policy import (
+    ENDBR_EN, LEG_IW_EN, NO_TRACK_EN, S_CET, SUPPRESS, SUPPRESS_DIS, TRACKER, U_CET, cet_ctl_index, ibt_enabled,
+    ibt_enabled_and_not_suppressed,
+)
 from cetvm.cpu.faults import cp
 
 #: Bits 63:12 of U_CET/S_CET: EB_LEG_BITMAP_BASE (the legacy code-page bitmap, 4 KiB aligned).
 LEG_BITMAP_BASE_MASK = 0xFFFF_FFFF_FFFF_F000
 #: The legacy bitmap indexes bits 47:12 of the target linear address.
 _LIP_BITMAP_MASK = (1 << 48) - 1
+_TRACKER_OR_SUPPRESS = TRACKER | SUPPRESS
 
 
 def _update_ctl(m: CetMachine, cpl: int, set_bits: int, clear_bits: int) -> None:
-    msr = cet_msr_for_cpl(cpl)
+    msr = cet_ctl_index(cpl)
     value = m.cet_msr(msr)
     new = (value & ~clear_bits) | set_bits
     if new != value:
@@ -28,7 +32,7 @@ def _update_ctl(m: CetMachine, cpl: int, set_bits: int, clear_bits: int) -> None
 
 def tracker_waiting(m: CetMachine, cpl: int) -> bool:
     """True if IBT is enabled at ``cpl`` and its tracker is WAIT_FOR_ENDBRANCH."""
-    return ibt_enabled(m, cpl) and bool(m.cet_msr(cet_msr_for_cpl(cpl)) & CetCtl.TRACKER)
+    return ibt_enabled(m, cpl) and m.cet_msr(cet_ctl_index(cpl)) & TRACKER != 0
 
 
 def ibt_arm_on_indirect(m: CetMachine, notrack_prefix: bool) -> None:
@@ -41,9 +45,9 @@ def ibt_arm_on_indirect(m: CetMachine, notrack_prefix: bool) -> None:
     cpl = m.cpl
     if not ibt_enabled_and_not_suppressed(m, cpl):
         return
-    if notrack_prefix and m.cet_msr(cet_msr_for_cpl(cpl)) & CetCtl.NO_TRACK_EN:
+    if notrack_prefix and m.cet_msr(cet_ctl_index(cpl)) & NO_TRACK_EN:
         return
-    _update_ctl(m, cpl, CetCtl.TRACKER, 0)
+    _update_ctl(m, cpl, TRACKER, 0)
 
 
 def ibt_arm_on_transfer(m: CetMachine, target_cpl: int) -> None:
@@ -54,7 +58,7 @@ def ibt_arm_on_transfer(m: CetMachine, target_cpl: int) -> None:
     the new CPL. Unlike a near indirect branch this ignores SUPPRESS (and clears it).
     """
     if ibt_enabled(m, target_cpl):
-        _update_ctl(m, target_cpl, CetCtl.TRACKER, CetCtl.SUPPRESS)
+        _update_ctl(m, target_cpl, TRACKER, SUPPRESS)
 
 
 def endbr_executed(m: CetMachine, endbr64: bool = True) -> None:
@@ -66,7 +70,7 @@ def endbr_executed(m: CetMachine, endbr64: bool = True) -> None:
     if endbr64 != m.long_mode:
         return
     if ibt_enabled(m, m.cpl):
-        _update_ctl(m, m.cpl, 0, CetCtl.TRACKER | CetCtl.SUPPRESS)
+        _update_ctl(m, m.cpl, 0, _TRACKER_OR_SUPPRESS)
 
 
 def legacy_bitmap_location(ctl: int, target_lip: int) -> tuple[int, int]:
@@ -86,7 +90,7 @@ def _legacy_page_allowed(m: CetMachine, ctl: int, target_lip: int) -> bool:
     fault on the bitmap is delivered as that read's #PF). Decision recorded here because the
     reference does not say which access type the hardware uses.
     """
-    if not ctl & CetCtl.LEG_IW_EN:
+    if not ctl & LEG_IW_EN:
         return False
     byte_addr, bit = legacy_bitmap_location(ctl, target_lip)
     return bool(m.mem_read(byte_addr, 1) >> bit & 1)
@@ -104,19 +108,21 @@ def ibt_check_target(m: CetMachine, target_lip: int, target_bytes: bytes) -> Non
       LegacyEndbranchTreatment]; else #CP(ENDBRANCH) with RIP at the target (tracker stays WAIT).
     With IBT off, or the tracker IDLE and no ENDBR, nothing happens.
     """
+    if not m.cr4_cet:  # ibt_enabled(m, cpl), inlined: ``ctl`` is needed below
+        return
     cpl = m.cpl
-    if not ibt_enabled(m, cpl):
+    msr = U_CET if cpl == 3 else S_CET
+    ctl = m.cet_msr(msr)
+    if not ctl & ENDBR_EN:
         return
-    ctl = m.cet_msr(cet_msr_for_cpl(cpl))
-    endbr = ENDBR64 if m.long_mode else ENDBR32
-    if target_bytes[:4] == endbr:
-        if ctl & (CetCtl.TRACKER | CetCtl.SUPPRESS):
-            _update_ctl(m, cpl, 0, CetCtl.TRACKER | CetCtl.SUPPRESS)
+    if target_bytes[:4] == (ENDBR64 if m.long_mode else ENDBR32):
+        if ctl & _TRACKER_OR_SUPPRESS:
+            m.set_cet_msr(msr, ctl & ~_TRACKER_OR_SUPPRESS)
         return
-    if not ctl & CetCtl.TRACKER:
+    if not ctl & TRACKER:
         return
     if _legacy_page_allowed(m, ctl, target_lip):
-        suppress = 0 if ctl & CetCtl.SUPPRESS_DIS else CetCtl.SUPPRESS
-        _update_ctl(m, cpl, suppress, CetCtl.TRACKER | CetCtl.SUPPRESS)
+        suppress = 0 if ctl & SUPPRESS_DIS else SUPPRESS
+        _update_ctl(m, cpl, suppress, _TRACKER_OR_SUPPRESS)
         return
     raise cp(CpError.ENDBRANCH)

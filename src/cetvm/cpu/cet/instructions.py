@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm import CetvmError
-from cetvm.arch import CetCtl, CpError, Msr
+from cetvm.arch import CpError, Msr
 from cetvm.cpu.cet.ibt import endbr_executed
 from cetvm.cpu.cet.machine import CetMachine
-from cetvm.cpu.cet.policy import mode_bit, shadow_stack_enabled, wrss_enabled
+from cetvm.cpu.cet.policy import SH_STK_EN, mode_bit, shadow_stack_enabled, wrss_enabled
 from cetvm.cpu.cet.shadow_stack import is_user_shadow_stack
 from cetvm.cpu.faults import cp, gp, ud
 
@@ -49,7 +49,7 @@ def _require_shadow_stack(m: CetMachine) -> None:
 def _require_supervisor_shadow_stack_at_cpl0(m: CetMachine) -> None:
     """SETSSBSY/CLRSSBSY: #UD if CR4.CET = 0 or S_CET.SH_STK_EN = 0 (regardless of CPL), then
     #GP(0) if CPL > 0."""
-    if not (m.cr4_cet and m.cet_msr(Msr.IA32_S_CET) & CetCtl.SH_STK_EN):
+    if not (m.cr4_cet and m.cet_msr(Msr.IA32_S_CET) & SH_STK_EN):
         raise ud()
     if m.cpl != 0:
         raise gp(0)

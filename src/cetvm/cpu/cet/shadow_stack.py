@@ -9,6 +9,9 @@ Conventions shared by every function here:
   access made on behalf of CPL 3 (a user shadow stack), False for a supervisor shadow stack.
 - Functions that may fault after a partial computation never write ``m.ssp`` before their last
   check: a fault leaves SSP as it was (faults are restartable, SDM Vol. 3 §6.5).
+- The near CALL/RET primitives run at every block start of the Python CET path: they inline
+  :func:`~cetvm.cpu.cet.policy.shadow_stack_enabled`, :func:`entry_width` and
+  :func:`is_user_shadow_stack` (same rules, plain-int constants; see :mod:`cetvm.cpu.cet.policy`).
 - Frame helpers take and return SSP values instead of writing ``m.ssp`` so that the event/transfer
   functions in :mod:`cetvm.cpu.cet.events` can commit SSP once, after every check.
 """
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 from cetvm.arch import CpError, shadow_stack_entry_width
 from cetvm.cpu.cet.machine import CetMachine
-from cetvm.cpu.cet.policy import shadow_stack_enabled
+from cetvm.cpu.cet.policy import S_CET, SH_STK_EN, U_CET
 from cetvm.cpu.faults import cp, gp
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
+_U32 = 0xFFFF_FFFF
 
 #: Size of the far-transfer / event frame on the shadow stack: CS, LIP, previous SSP.
 TRANSFER_FRAME_SIZE = 24
@@ -55,11 +59,15 @@ def shstk_push_near(m: CetMachine, ret_addr: int) -> None:
     Does nothing when shadow stacks are off at the current CPL. On a #PF from the store SSP is
     unchanged [SDM CALL: ShadowStackPush8B(RIP) / ShadowStackPush4B(EIP)].
     """
-    if not shadow_stack_enabled(m, m.cpl):
+    cpl = m.cpl
+    if not (m.cr4_cet and m.cet_msr(U_CET if cpl == 3 else S_CET) & SH_STK_EN):  # shadow_stack_enabled
         return
-    width = entry_width(m)
+    if m.long_mode:
+        width, mask = 8, _U64
+    else:
+        width, mask = 4, _U32
     new_ssp = (m.ssp - width) & _U64
-    m.ss_write(new_ssp, ret_addr & ((1 << (8 * width)) - 1), width, user=is_user_shadow_stack(m.cpl))
+    m.ss_write(new_ssp, ret_addr & mask, width, user=cpl == 3)
     m.ssp = new_ssp
 
 
@@ -71,12 +79,15 @@ def shstk_pop_near_and_check(m: CetMachine, data_stack_ret: int) -> None:
     RSP as before it) [SDM RET: "IF tempRIP != tempSsEIP THEN #CP(NEAR_RET)"]. Does nothing when
     shadow stacks are off at the current CPL.
     """
-    if not shadow_stack_enabled(m, m.cpl):
+    cpl = m.cpl
+    if not (m.cr4_cet and m.cet_msr(U_CET if cpl == 3 else S_CET) & SH_STK_EN):  # shadow_stack_enabled
         return
-    width = entry_width(m)
+    if m.long_mode:
+        width, mask = 8, _U64
+    else:
+        width, mask = 4, _U32
     ssp = m.ssp
-    shadow_ret = m.ss_read(ssp, width, user=is_user_shadow_stack(m.cpl))
-    if shadow_ret != data_stack_ret & ((1 << (8 * width)) - 1):
+    if m.ss_read(ssp, width, user=cpl == 3) != data_stack_ret & mask:
         raise cp(CpError.NEAR_RET)
     m.ssp = (ssp + width) & _U64
 

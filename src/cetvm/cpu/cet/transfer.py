@@ -93,43 +93,57 @@ class BlockDecision:
     """What the engine does at this block start.
 
     CONTINUE: run the block. FAULT: do not run it; set RIP = ``rip`` and, if ``rsp`` is not
-    None, RSP = ``rsp``; then deliver ``fault``.
+    None, RSP = ``rsp``; then deliver ``fault``. ``rsp_adjust`` is the same RSP roll-back as a
+    change to the RSP at the block start (+w for a CALL, -(w + imm16) for a RET, 0 when RSP
+    stays): an engine that passed ``rsp=None`` (did not read RSP, see :func:`on_block_start`)
+    sets RSP = RSP + ``rsp_adjust`` instead.
     """
 
     action: BlockAction
     fault: GuestFault | None = None
     rip: int | None = None
     rsp: int | None = None
+    rsp_adjust: int = 0
 
 
 CONTINUE = BlockDecision(BlockAction.CONTINUE)
 
-_PUSHES = (Terminator.CALL_DIRECT, Terminator.CALL_INDIRECT, Terminator.CALL_INDIRECT_NOTRACK)
-_POPS = (Terminator.RET, Terminator.RET_IMM)
-_ARMS_TRACKED = (Terminator.CALL_INDIRECT, Terminator.JMP_INDIRECT)
-_ARMS_NOTRACK = (Terminator.CALL_INDIRECT_NOTRACK, Terminator.JMP_INDIRECT_NOTRACK)
+# Kind sets as plain ints: membership of an IntEnum member hashes as its int value.
+_PUSHES = frozenset(int(k) for k in (Terminator.CALL_DIRECT, Terminator.CALL_INDIRECT, Terminator.CALL_INDIRECT_NOTRACK))
+_POPS = frozenset(int(k) for k in (Terminator.RET, Terminator.RET_IMM))
+_ARMS_TRACKED = frozenset(int(k) for k in (Terminator.CALL_INDIRECT, Terminator.JMP_INDIRECT))
+_ARMS_NOTRACK = frozenset(int(k) for k in (Terminator.CALL_INDIRECT_NOTRACK, Terminator.JMP_INDIRECT_NOTRACK))
 
 
-def apply_terminator(m: CetMachine, prev: TerminatorInfo | None, target: int, rsp: int) -> BlockDecision:
+def _rolled_back(fault: GuestFault, rip: int, rsp: int | None, adjust: int) -> BlockDecision:
+    """A terminator that did not happen: RIP back at it, RSP = ``rsp`` + ``adjust``."""
+    return BlockDecision(BlockAction.FAULT, fault, rip, None if rsp is None else (rsp + adjust) & _U64, adjust)
+
+
+def apply_terminator(m: CetMachine, prev: TerminatorInfo | None, target: int, rsp: int | None) -> BlockDecision:
     """The terminator's own CET effect: shadow-stack push/pop-and-compare and IBT arming.
 
-    ``target``: where the terminator went (RIP now); ``rsp``: RSP now. Use this alone when the
+    ``target``: where the terminator went (RIP now); ``rsp``: RSP now or None (see
+    :class:`BlockDecision` ``rsp_adjust``). Use this alone when the
     target faults before its block starts (e.g. a #PF on fetching the target of a CALL or RET):
     the terminator completed, so apply it, then deliver the fetch fault (unless this returns a
     FAULT, which replaces it). The tracker stays armed in the MSR and the target is checked when
-    the guest comes back to it.
+    the guest comes back to it. Returns the shared :data:`CONTINUE` unless there is a fault.
     """
-    kind = Terminator.FALLTHROUGH if prev is None else prev.kind
+    if prev is None:
+        return CONTINUE
+    kind = prev.kind
     if kind in _PUSHES:
         try:
             shstk_push_near(m, prev.insn_addr + prev.insn_len)
         except GuestFault as fault:
-            return BlockDecision(BlockAction.FAULT, fault, prev.insn_addr, (rsp + entry_width(m)) & _U64)
+            return _rolled_back(fault, prev.insn_addr, rsp, entry_width(m))
     elif kind in _POPS:
         try:
             shstk_pop_near_and_check(m, target)
         except GuestFault as fault:
-            return BlockDecision(BlockAction.FAULT, fault, prev.insn_addr, (rsp - entry_width(m) - prev.imm16) & _U64)
+            return _rolled_back(fault, prev.insn_addr, rsp, -entry_width(m) - prev.imm16)
+        return CONTINUE
     if kind in _ARMS_TRACKED:
         ibt_arm_on_indirect(m, notrack_prefix=False)
     elif kind in _ARMS_NOTRACK:
@@ -138,7 +152,10 @@ def apply_terminator(m: CetMachine, prev: TerminatorInfo | None, target: int, rs
 
 
 def check_block_target(m: CetMachine, block_addr: int, first_bytes: bytes) -> BlockDecision:
-    """ENDBRANCH enforcement at a block start (ibt_check_target); #CP(3) has RIP = ``block_addr``."""
+    """ENDBRANCH enforcement at a block start (ibt_check_target); #CP(3) has RIP = ``block_addr``.
+
+    Returns the shared :data:`CONTINUE` unless there is a fault.
+    """
     try:
         ibt_check_target(m, block_addr, first_bytes)
     except GuestFault as fault:
@@ -147,18 +164,26 @@ def check_block_target(m: CetMachine, block_addr: int, first_bytes: bytes) -> Bl
 
 
 def on_block_start(
-    m: CetMachine, prev: TerminatorInfo | None, block_addr: int, rsp: int, first_bytes: bytes
+    m: CetMachine, prev: TerminatorInfo | None, block_addr: int, rsp: int | None, first_bytes: bytes
 ) -> BlockDecision:
     """Apply ``prev`` (None = nothing to apply) and check the new block (see the module table).
 
-    ``block_addr``: RIP of the new block; ``rsp``: RSP now (after the terminator ran);
-    ``first_bytes``: at least the first 4 bytes of the new block (fewer if the block is shorter).
-    Equivalent to :func:`apply_terminator` then, if that continues, :func:`check_block_target`.
+    ``block_addr``: RIP of the new block; ``rsp``: RSP now (after the terminator ran), or None
+    when the engine has not read it — RSP is only needed to roll a faulting CALL/RET back, and
+    the decision's ``rsp_adjust`` gives that roll-back relative to the live RSP (the Python hook
+    saves a register read per block this way); ``first_bytes``: at least the first 4 bytes of
+    the new block (fewer if the block is shorter). Equivalent to :func:`apply_terminator` then,
+    if that continues, :func:`check_block_target` (inlined: this runs at every block start).
     """
-    decision = apply_terminator(m, prev, block_addr, rsp)
-    if decision.action != BlockAction.CONTINUE:
-        return decision
-    return check_block_target(m, block_addr, first_bytes)
+    if prev is not None:
+        decision = apply_terminator(m, prev, block_addr, rsp)
+        if decision is not CONTINUE:
+            return decision
+    try:
+        ibt_check_target(m, block_addr, first_bytes)
+    except GuestFault as fault:
+        return BlockDecision(BlockAction.FAULT, fault, block_addr, None)
+    return CONTINUE
 
 
 _M = iced_x86.Mnemonic
