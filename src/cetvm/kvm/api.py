@@ -424,6 +424,9 @@ class KvmVcpu:
         if budget is not None and budget < 0:
             raise InputError(f"run budget must be >= 0, got {budget}")
         cpu, state = self.cpu, self.state
+        # The budget counts from here: completing the previous exit (an OUT, a VMCALL...)
+        # retires that instruction, and it belongs to this run.
+        start = cpu.instructions_retired
         vmx.kvm_load_guest_fpu(state, cpu)
         try:
             if self._init_latched:  # kvm_apic_accept_events
@@ -438,7 +441,7 @@ class KvmVcpu:
             if self._queued is not None:
                 cpu.inject_exception(self._queued.vector, self._queued.error_code)
                 self._queued = None
-            return self._run_loop(budget)
+            return self._run_loop(budget, start)
         finally:
             vmx.kvm_put_guest_fpu(state, cpu)
 
@@ -453,9 +456,8 @@ class KvmVcpu:
             cpu_msr.error = bool(kvm_msr.error)
         self.cpu.complete_pending_exit()
 
-    def _run_loop(self, budget: int | None) -> KvmRun:
+    def _run_loop(self, budget: int | None, start: int) -> KvmRun:
         cpu, state, host = self.cpu, self.state, self.host_cpu
-        start = cpu.instructions_retired
         while True:
             left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
             vmx.vmx_vcpu_enter(state, cpu, host)
@@ -464,6 +466,9 @@ class KvmVcpu:
             result = self._handle_exit(exit_)
             if result is not None:
                 return result
+            # Handled in the kernel (CPUID, MSR, XSETBV, VMCALL): the instruction retires now,
+            # so it counts against this run's budget before the next slice is computed.
+            cpu.complete_pending_exit()
 
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
         reason = exit_.reason

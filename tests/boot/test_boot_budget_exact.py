@@ -1,0 +1,22 @@
+"""Instruction limits and --save-at are exact, across exits the hypervisor completes itself
+(CPUID, MSRs, VMCALL) and exits the VMM completes (I/O): a snapshot point is an exact point."""
+
+from pathlib import Path
+
+import pytest
+
+from cetvm.vmm.config import MachineConfig
+from cetvm.vmm.machine import Machine
+
+GUESTS = Path(__file__).resolve().parents[2] / "guests" / "build" / "tests"
+
+
+@pytest.mark.parametrize("kernel", ["shstk_user", "xss_cpuid", "devices"])
+@pytest.mark.parametrize("limit", [1, 2, 997, 20_011, 100_000, 150_000, 200_000])
+def test_max_instructions_is_exact(kernel, limit):
+    machine = Machine.boot(GUESTS / f"{kernel}.elf", MachineConfig(serial_sink=lambda _b: None))
+    result = machine.run(max_instructions=limit)
+    if result.reason.name != "INSTRUCTION_LIMIT":
+        pytest.skip(f"{kernel} finished before {limit} instructions ({result.instructions})")
+    assert result.instructions == limit
+    assert machine.instructions == limit
