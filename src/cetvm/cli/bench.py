@@ -5,19 +5,27 @@ CALL to ENDBR64 functions (11 instructions per iteration, 5 translation blocks).
 traced vCPU with shadow stacks and IBT — at ring 0 supervisor shadow stacks (S_CET =
 SH_STK_EN | ENDBR_EN), at ring 3 user shadow stacks (U_CET, user pages) — measured on both CET
 paths: the native block hook (:mod:`cetvm.cpu.native`, if built) and the Python block hook
-(ring 0 only). CET off: an untraced vCPU (no block hook), raw engine speed. The native and CET-off
-figures are the best of ``--repeats`` runs. At ring 3 the final HLT raises #GP, which the
-benchmark intercepts (exception bitmap) as its end. A benchmark, not a test: the figures depend
-on the machine.
+(ring 0 only). CET off: an untraced vCPU (no block hook), raw engine speed. At ring 3 the final
+HLT raises #GP, which the benchmark intercepts (exception bitmap) as its end. A benchmark, not a
+test: the figures depend on the machine.
+
+Robust figures on shared, noisy machines: each of the ``--repeats`` rounds runs, per ring, the
+native CET path and CET off back to back on fresh vCPUs (alternating which goes first), so both
+see the same machine load; the headline figures are the best run of each, and the distribution
+(min / median / best) and the ratio of each round's pair are reported too. Runs are timed by
+the emulating thread's CPU time (``--clock cpu``, the default: time the thread spends preempted
+by other processes does not count, cache and SMT sharing still do; on an idle machine it equals
+wall-clock time) or by wall-clock time (``--clock wall``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cetvm import CetvmError, InputError
 from cetvm.arch import CetCtl, Msr
@@ -131,6 +139,20 @@ class BenchResult:
     instructions: int
     cet_on_native_ring3_mips: float | None = None  # ring 3, user shadow stacks
     cet_off_ring3_mips: float | None = None
+    #: every run's MIPS in run order, by configuration: "native_ring0", "off_ring0", "native_ring3",
+    #: "off_ring3" (round i of the native and off lists of a ring ran back to back)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    clock: str = "cpu"
+
+    def distribution(self) -> dict[str, dict[str, float]]:
+        """min / median / max MIPS and the number of runs of each configuration."""
+        return {name: {"min": min(runs), "median": statistics.median(runs), "max": max(runs), "runs": len(runs)}
+                for name, runs in self.samples.items() if runs}
+
+    def paired_shares(self, ring: int) -> list[float]:
+        """Native CET on / CET off of each round at ``ring`` (the two ran back to back)."""
+        native, off = self.samples.get(f"native_ring{ring}", []), self.samples.get(f"off_ring{ring}", [])
+        return [on / base for on, base in zip(native, off) if base]
 
     @property
     def cet_on_mips(self) -> float:
@@ -156,12 +178,18 @@ class BenchResult:
         return self._share(self.cet_on_native_ring3_mips, self.cet_off_ring3_mips)
 
 
-def measure(iterations: int, cet: bool, cet_path: str | None = None, cpl: int = 0) -> float:
-    """MIPS of one run of the workload (set-up excluded)."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def measure(iterations: int, cet: bool, cet_path: str | None = None, cpl: int = 0, clock: str = "cpu") -> float:
+    """MIPS of one run of the workload (set-up excluded), by wall-clock or thread CPU time."""
+    if clock not in CLOCKS:
+        raise InputError(f"clock must be one of {', '.join(CLOCKS)}, not {clock!r}")
+    now = CLOCKS[clock]
     vcpu = make_vcpu(iterations, cet, cet_path, cpl)
-    start = time.perf_counter()
+    start = now()
     exit_ = vcpu.run()
-    elapsed = time.perf_counter() - start
+    elapsed = now() - start
     if not _ended_at_hlt(exit_, cpl):
         raise CetvmError(f"benchmark guest stopped unexpectedly: {exit_}")
     if vcpu.reg("rdx") != iterations or vcpu.reg("rsi") != iterations:
@@ -169,29 +197,33 @@ def measure(iterations: int, cet: bool, cet_path: str | None = None, cpl: int = 
     return instruction_count(iterations) / elapsed / 1e6
 
 
-def run_bench(iterations: int, off_iterations: int | None = None, repeats: int = 3) -> BenchResult:
+def run_bench(iterations: int, off_iterations: int | None = None, repeats: int = 3,
+              clock: str = "cpu") -> BenchResult:
     """Python CET path (ring 0) with ``iterations``; native CET path and CET off at ring 0 and
-    ring 3 with ``off_iterations`` (default 100× more: they are fast), best of ``repeats``
-    interleaved runs (the machines are shared and noisy). The native path is skipped when it is
-    not built."""
+    ring 3 with ``off_iterations`` (default 100× more: they are fast) in ``repeats`` rounds; in
+    each round and ring the native and off runs go back to back, alternating which runs first
+    (the machines are shared and noisy). Headline figures: the best run of each configuration;
+    all runs are in :attr:`BenchResult.samples`. The native path is skipped when it is not built."""
     from cetvm.cpu.native import native_available
 
     if repeats < 1:
         raise InputError(f"--repeats must be at least 1, got {repeats}")
+    if clock not in CLOCKS:
+        raise InputError(f"--clock must be one of {', '.join(CLOCKS)}, not {clock!r}")
     off_iterations = off_iterations or iterations * 100
-    python = measure(iterations, cet=True, cet_path="python")
-    has_native = native_available()
-    best: dict[tuple[str, int], float] = {}
-    runs = 0
-    for _ in range(repeats):
+    python = measure(iterations, cet=True, cet_path="python", clock=clock)
+    kinds = ("native", "off") if native_available() else ("off",)
+    samples: dict[str, list[float]] = {f"{kind}_ring{cpl}": [] for cpl in RINGS for kind in kinds}
+    for round_ in range(repeats):
         for cpl in RINGS:
-            for kind in ("native", "off") if has_native else ("off",):
-                mips = measure(off_iterations, cet=kind == "native", cet_path="native", cpl=cpl)
-                best[kind, cpl] = max(best.get((kind, cpl), 0.0), mips)
-                runs += 1
+            for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+                samples[f"{kind}_ring{cpl}"].append(
+                    measure(off_iterations, cet=kind == "native", cet_path="native", cpl=cpl, clock=clock))
+    best = {name: max(runs) for name, runs in samples.items()}
+    runs = sum(len(r) for r in samples.values())
     instructions = instruction_count(iterations) + instruction_count(off_iterations) * runs
-    return BenchResult(python, best.get(("native", 0)), best["off", 0], instructions,
-                       best.get(("native", 3)), best["off", 3])
+    return BenchResult(python, best.get("native_ring0"), best["off_ring0"], instructions,
+                       best.get("native_ring3"), best["off_ring3"], samples, clock)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -202,12 +234,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="loop iterations on the Python CET path (native CET and CET off run 100x more); "
                              "default 100000")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="native CET and CET-off runs per ring; the best is reported (default 3)")
+                        help="rounds of interleaved native CET and CET-off runs per ring; the best run is the "
+                             "headline figure, the distribution is reported too (default 3)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                        help="time runs by the emulating thread's CPU time (default: robust against other "
+                             "load) or by wall clock")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run_bench(args.iterations, repeats=args.repeats)
+    result = run_bench(args.iterations, repeats=args.repeats, clock=args.clock)
 
     def r3(value: float | None) -> float | None:
         return None if value is None else round(value, 3)
@@ -219,7 +255,11 @@ def main(args: argparse.Namespace) -> int:
                           "cet_on_native_mips": native, "cet_on_python_mips": round(result.cet_on_python_mips, 3),
                           "cet_on_native_ring3_mips": r3(result.cet_on_native_ring3_mips),
                           "cet_off_ring3_mips": r3(result.cet_off_ring3_mips),
-                          "native_share": r3(result.native_share), "native_share_ring3": r3(result.native_share_ring3)}))
+                          "native_share": r3(result.native_share), "native_share_ring3": r3(result.native_share_ring3),
+                          "clock": result.clock, "repeats": args.repeats,
+                          "samples": {k: [round(v, 3) for v in runs] for k, runs in result.samples.items()},
+                          "paired_native_share": {f"ring{cpl}": [round(v, 3) for v in result.paired_shares(cpl)]
+                                                  for cpl in RINGS}}))
     else:
         if native is None:
             print("CET on  (native block hook):                      not built (python -m cetvm.cpu.native.build)")
@@ -232,4 +272,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"ratio off/on (best CET path): {result.ratio:.2f}x   instructions: {result.instructions}")
         if native is not None:
             print(f"native CET on / CET off: ring 0 {result.native_share:.2f}, ring 3 {result.native_share_ring3:.2f}")
+        print(f"runs ({result.clock} clock), MIPS min / median / best:")
+        for name, d in result.distribution().items():
+            print(f"  {name:13s} {d['min']:8.2f} {d['median']:8.2f} {d['max']:8.2f}   ({d['runs']} runs)")
+        for cpl in RINGS if native is not None else ():
+            shares = result.paired_shares(cpl)
+            print(f"  native/off, each round's pair, ring {cpl}: median {statistics.median(shares):.2f} "
+                  f"(min {min(shares):.2f}, max {max(shares):.2f})")
     return 0

@@ -24,6 +24,16 @@
  * rule [SDM Vol. 3 §4.6.1; cetvm.cpu.paging.translate] and flushed when Python says so.
  *
  * No global mutable state: everything lives in one cetfast_t per vCPU, passed as user data.
+ *
+ * Speed (Unicorn 2.1.4, the call-heavy loops of `cetvm bench` and benchmarks/bench_native_cet.py,
+ * one block every 2-3 instructions): what bounds the native path is the hook CALL itself, not
+ * the CET work. An empty UC_HOOK_BLOCK callback already runs at about 0.70-0.75 x the speed
+ * without a hook (Unicorn calls it directly from the translated code: 6 host instructions per
+ * block, plus the call and return); the short path below executes about 20 host instructions
+ * for a block after a fall-through and 35-40 after a CALL or RET (valgrind --tool=callgrind: 36
+ * per block on average on the loop, about 80 before the pending terminator became a pointer
+ * and the mode checks per-kind masks). Host instruction counts are identical at ring 0 and
+ * ring 3. What the CET work still costs is mostly the kind-dependent branches.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -32,7 +42,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 7
+#define CETFAST_ABI 8
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -95,27 +105,47 @@ typedef struct {
 #define TERM_LEN(w) (((w) >> 8) & 0xFFu)
 #define TERM_IMM16(w) ((w) >> 16)
 
+/* A classified block. The pending terminator is a pointer to the entry of the block that ran
+ * last, so the hook's bookkeeping is one pointer store; ``kbit`` and ``ret`` are what the short
+ * path needs of that terminator, precomputed. */
 typedef struct __attribute__((aligned(32))) {
     uint64_t addr;
-    uint64_t insn_addr;
-    uint32_t term;    /* cet_term_t.word of the block's last instruction */
-    uint32_t size;
-    uint8_t used;
-    uint8_t endbr;    /* bit 0: starts with ENDBR64, bit 1: starts with ENDBR32 */
+    uint64_t ret;        /* insn_addr + insn_len of the terminator: what a CALL pushes */
+    uint32_t size;       /* BLOCK_EMPTY: a free slot */
+    uint16_t kbit;       /* 1 << kind of the terminator */
+    uint16_t no_endbr64; /* all ones if the block does not start with ENDBR64, else 0 */
+    uint16_t imm16;
+    uint8_t insn_len;
     uint8_t first_len;
-    uint8_t pad;
-    uint8_t first[4];
-} cet_block_t; /* 32 bytes */
+    uint8_t first[4];    /* the block's first bytes (ENDBR64 / ENDBR32 checks) */
+} cet_block_t; /* 32 bytes: two per cache line */
+
+#define BLOCK_EMPTY UINT32_MAX /* a TB is never that large: never equals a block's size */
+_Static_assert(sizeof(cet_block_t) == 32, "cet_block_t layout");
+
+static inline cet_term_t block_term(const cet_block_t *b)
+{
+    uint32_t kind = (uint32_t)__builtin_ctz(b->kbit);
+    return (cet_term_t){b->ret - b->insn_len, kind | (uint32_t)b->insn_len << 8 | (uint32_t)b->imm16 << 16, 0};
+}
 
 /* The Python-visible part; mirrored field by field by cetvm.cpu.native.loader.SharedState.
- * The first two cache lines hold everything the hook touches on every block (64-byte aligned). */
+ * The first cache line holds everything the short path touches (64-byte aligned). Python writes
+ * ssp freely; after writing u_cet, s_cet or the mode (cpl, long_mode, cr4_cet, enabled,
+ * handover) it calls cetfast_refresh(), which recomputes the per-kind masks from them. */
 typedef struct __attribute__((aligned(64))) {
-    /* line 0: architectural state owned here while the native path is installed, the pending
-     * terminator, the mode bits and the block table */
+    /* line 0: everything the short path reads or writes (see cetfast_block_hook) */
     uint64_t ssp;
+    const cet_block_t *pend; /* native-private: the block whose terminator is pending */
+    uint32_t act_kinds;      /* native-private: kinds (bits) with anything to do: slow|arm|push|pop */
+    uint32_t arm_kinds;      /* native-private: kinds that arm the IBT tracker now */
+    uint32_t push_kinds;     /* native-private: kinds that push on the shadow stack now */
+    uint32_t pop_kinds;      /* native-private: kinds that pop and compare now */
+    uint64_t ss_tag;         /* native-private: linear page of the cached shadow-stack page */
+    uint64_t ss_delta;       /* native-private: its host address minus ss_tag */
     uint64_t u_cet;
     uint64_t s_cet;
-    cet_term_t pending;
+    /* line 1: the mode, then what the general path and Python use */
     uint8_t cpl;
     uint8_t long_mode;
     uint8_t cr4_cet;
@@ -123,10 +153,6 @@ typedef struct __attribute__((aligned(64))) {
     uint32_t handover;
     cet_block_t *table;  /* native-private */
     uint64_t table_mask; /* native-private */
-    /* line 1 */
-    uint64_t ss_tag;     /* native-private: page | user << 3 of the last shadow-stack page */
-    uint8_t *ss_host;    /* native-private: its host address */
-    uint64_t pending_block; /* start address of the block whose terminator is pending */
     uint64_t cr3;
     uint32_t paging;
     uint32_t pad;
@@ -141,6 +167,8 @@ typedef struct __attribute__((aligned(64))) {
     uint64_t callback_errors;
     uint64_t reserved[2]; /* sizeof = 3 cache lines exactly */
 } cet_shared_t;
+_Static_assert(sizeof(cet_shared_t) == 192, "cet_shared_t layout");
+_Static_assert(offsetof(cet_shared_t, u_cet) + 16 == 64, "the short path's state fits one cache line");
 
 /* ------------------------------------------------------------------ private */
 
@@ -177,6 +205,9 @@ typedef struct {
     classify_fn classify;
     uint64_t table_count;
     uint64_t tlb_gen;
+    uint8_t ss_user;    /* the user-ness ss_tag was filled for */
+    cet_block_t held;   /* the pending block's entry when its front-cache slot was reused */
+    cet_block_t set_by_python; /* the pending terminator written by Python (cetfast_set_pending) */
     cet_block_t front[FRONT_ENTRIES];
     uint64_t *fetched; /* TLB-fill mode: bitmap of pages fetched from (NULL: not in use) */
     tlb_entry_t tlb[TLB_ENTRIES];
@@ -187,6 +218,19 @@ typedef struct {
 /* ------------------------------------------------------------------ lifecycle / API */
 
 static void front_clear(cetfast_t *f);
+static void refresh_fast(cetfast_t *f);
+static void table_clear(cet_block_t *table, uint64_t entries);
+
+/* The entry a pending "no terminator" points at (kind T_NONE; ``addr`` is the block start). */
+static void pending_none(cetfast_t *f, uint64_t block_addr)
+{
+    cet_block_t *n = &f->set_by_python;
+    memset(n, 0, sizeof(*n));
+    n->addr = block_addr;
+    n->kbit = 1u << T_NONE;
+    n->size = BLOCK_EMPTY;
+    f->s.pend = n;
+}
 
 uint64_t cetfast_abi(void) { return CETFAST_ABI; }
 uint64_t cetfast_shared_size(void) { return sizeof(cet_shared_t); }
@@ -199,14 +243,14 @@ void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_st
         return NULL;
     memset(f, 0, sizeof(*f));
     f->s.table = aligned_alloc(64, 1024 * sizeof(cet_block_t));
-    if (f->s.table)
-        memset(f->s.table, 0, 1024 * sizeof(cet_block_t));
     if (!f->s.table) {
         free(f);
         return NULL;
     }
+    table_clear(f->s.table, 1024);
     f->s.table_mask = 1023;
     front_clear(f);
+    pending_none(f, 0);
     f->s.abi = CETFAST_ABI;
     f->s.enabled = 1;
     f->tlb_gen = 1;
@@ -216,6 +260,7 @@ void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_st
     f->mem_write = (mem_write_fn)mem_write;
     f->emu_stop = (emu_stop_fn)emu_stop;
     f->classify = (classify_fn)classify;
+    refresh_fast(f);
     return f;
 }
 
@@ -255,16 +300,84 @@ void cetfast_clear_ram(void *p)
     cetfast_flush_tlb(f);
 }
 
+/* ------------------------------------------------------------------ the short path's masks */
+
+#define ALL_KINDS 0xFFFFu
+#define PUSH_KINDS ((1u << T_CALL_DIRECT) | (1u << T_CALL_INDIRECT) | (1u << T_CALL_INDIRECT_NOTRACK))
+#define POP_KINDS ((1u << T_RET) | (1u << T_RET_IMM))
+#define PUSH_OR_POP_KINDS (PUSH_KINDS | POP_KINDS)
+#define ARM_KINDS ((1u << T_CALL_INDIRECT) | (1u << T_JMP_INDIRECT))
+#define ARM_NOTRACK_KINDS ((1u << T_CALL_INDIRECT_NOTRACK) | (1u << T_JMP_INDIRECT_NOTRACK))
+
+/*
+ * Precompute, from the mode and the current CPL's CET control, which terminator kinds the short
+ * path may apply and how [cetvm.cpu.cet.transfer.apply_terminator / check_block_target]:
+ *
+ *   - hook disabled or a hand-over pending: every kind takes the general path (which returns);
+ *   - CET off for this CPL (CR4.CET clear, or neither SH_STK_EN nor ENDBR_EN): nothing to apply;
+ *   - not 64-bit mode, or the tracker WAIT_FOR_ENDBRANCH, or SUPPRESS set: every kind takes the
+ *     general path (4-byte shadow-stack entries; the ENDBR check may change the CET control);
+ *   - otherwise, with the tracker IDLE and SUPPRESS clear, ibt_check_target cannot change the
+ *     CET control, so only the shadow stack moves: SH_STK_EN gives push (near CALL except
+ *     displacement 0) and pop (RET) kinds; ENDBR_EN gives the kinds that arm the tracker
+ *     [ibt_arm_on_indirect: indirect CALL/JMP, NOTRACK ones unless NO_TRACK_EN], which the short
+ *     path accepts only into a block starting with ENDBR64 (arm then clear: no net change).
+ *
+ * Called whenever an input changes: by the general path after every block start it handled and
+ * on a hand-over, and by Python (cetfast_refresh) after it wrote the mode or U_CET/S_CET.
+ * A change of CPL privilege (user vs supervisor) also drops the cached shadow-stack page, whose
+ * translation was checked for the other privilege.
+ */
+static void refresh_fast(cetfast_t *f)
+{
+    cet_shared_t *s = &f->s;
+    uint8_t user = s->cpl == 3;
+    uint64_t ctl = user ? s->u_cet : s->s_cet;
+    uint32_t slow = 0, arm = 0, push = 0, pop = 0;
+    if (user != f->ss_user) {
+        f->ss_user = user;
+        s->ss_tag = SS_TAG_INVALID;
+    }
+    if (!s->enabled || s->handover) {
+        slow = ALL_KINDS;
+    } else if (!s->cr4_cet || !(ctl & (CET_SH_STK_EN | CET_ENDBR_EN))) {
+        /* CET off for this CPL: the hook only records the terminator */
+    } else if (!s->long_mode || (ctl & (CET_TRACKER | CET_SUPPRESS))) {
+        slow = ALL_KINDS;
+    } else {
+        if (ctl & CET_SH_STK_EN) {
+            push = PUSH_KINDS;
+            pop = POP_KINDS;
+        }
+        if (ctl & CET_ENDBR_EN)
+            arm = ARM_KINDS | ((ctl & CET_NO_TRACK_EN) ? 0 : ARM_NOTRACK_KINDS);
+    }
+    s->act_kinds = slow | arm | push | pop;
+    s->arm_kinds = arm;
+    s->push_kinds = push;
+    s->pop_kinds = pop;
+}
+
+/* Python changed the mode (cpl, long_mode, cr4_cet, enabled), U_CET/S_CET or the hand-over. */
+void cetfast_refresh(void *p) { refresh_fast(p); }
+
 /* ------------------------------------------------------------------ block table */
 
 static inline uint64_t block_hash(uint64_t addr) { return (addr * 0x9E3779B97F4A7C15ull) >> 20; }
+
+static void table_clear(cet_block_t *table, uint64_t entries)
+{
+    memset(table, 0, entries * sizeof(cet_block_t));
+    for (uint64_t i = 0; i < entries; i++)
+        table[i].size = BLOCK_EMPTY;
+}
 
 static inline cet_block_t *block_find_table(cetfast_t *f, uint64_t addr, uint32_t size)
 {
     uint64_t i = block_hash(addr) & f->s.table_mask;
     for (;;) {
         cet_block_t *b = &f->s.table[i];
-        if (!b->used)
+        if (b->size == BLOCK_EMPTY)
             return NULL;
         if (b->addr == addr)
             return b->size == size ? b : NULL;
@@ -275,7 +388,7 @@ static inline cet_block_t *block_find_table(cetfast_t *f, uint64_t addr, uint32_
 static cet_block_t *block_slot(cet_block_t *table, uint64_t mask, uint64_t addr)
 {
     uint64_t i = block_hash(addr) & mask;
-    while (table[i].used && table[i].addr != addr)
+    while (table[i].size != BLOCK_EMPTY && table[i].addr != addr)
         i = (i + 1) & mask;
     return &table[i];
 }
@@ -286,9 +399,9 @@ static int table_grow(cetfast_t *f)
     cet_block_t *t = aligned_alloc(64, (new_mask + 1) * sizeof(cet_block_t));
     if (!t)
         return -1;
-    memset(t, 0, (new_mask + 1) * sizeof(cet_block_t));
+    table_clear(t, new_mask + 1);
     for (uint64_t i = 0; i <= f->s.table_mask; i++)
-        if (f->s.table[i].used)
+        if (f->s.table[i].size != BLOCK_EMPTY)
             *block_slot(t, new_mask, f->s.table[i].addr) = f->s.table[i];
     free(f->s.table);
     f->s.table = t;
@@ -296,53 +409,86 @@ static int table_grow(cetfast_t *f)
     return 0;
 }
 
-/* An empty front-cache entry: size UINT32_MAX never equals a block's size, so the short path's
- * (addr, size) compare misses without looking at ``used``. */
-static void front_clear(cetfast_t *f)
+/* The front cache: direct-mapped, inside the state (no pointer to chase), backed by the table.
+ * An empty entry has size BLOCK_EMPTY, which never equals a block's size. */
+static inline uint64_t front_index(uint64_t addr) { return (addr ^ (addr >> 8)) & (FRONT_ENTRIES - 1); }
+
+/* Before a front-cache slot is overwritten: if the pending terminator points at it, move the
+ * pending entry to ``held`` (the pending terminator is the block that ran last, not a cache). */
+static inline void front_release(cetfast_t *f, const cet_block_t *slot)
 {
-    memset(f->front, 0, sizeof(f->front));
-    for (unsigned i = 0; i < FRONT_ENTRIES; i++)
-        f->front[i].size = UINT32_MAX;
+    if (UNLIKELY(f->s.pend == slot)) {
+        f->held = *slot;
+        f->s.pend = &f->held;
+    }
 }
 
-static inline uint64_t front_index(uint64_t addr) { return (addr ^ (addr >> 7) ^ (addr >> 15)) & (FRONT_ENTRIES - 1); }
+static void front_clear(cetfast_t *f)
+{
+    for (unsigned i = 0; i < FRONT_ENTRIES; i++) {
+        front_release(f, &f->front[i]);
+        memset(&f->front[i], 0, sizeof(f->front[i]));
+        f->front[i].size = BLOCK_EMPTY;
+    }
+}
 
-/* Direct-mapped front cache (inside the state: no pointer to chase), backed by the table. */
+static inline void front_put(cetfast_t *f, const cet_block_t *b)
+{
+    cet_block_t *slot = &f->front[front_index(b->addr)];
+    front_release(f, slot);
+    *slot = *b;
+}
+
+/* The front-cache entry for (addr, size), filled from the table on a front miss; NULL if the
+ * block is not classified. */
 static inline cet_block_t *block_find(cetfast_t *f, uint64_t addr, uint32_t size)
 {
     cet_block_t *e = &f->front[front_index(addr)];
-    if (LIKELY(e->addr == addr && e->size == size && e->used))
+    if (LIKELY(e->addr == addr && e->size == size))
         return e;
     cet_block_t *b = block_find_table(f, addr, size);
-    if (b)
-        *e = *b;
-    return b;
+    if (!b)
+        return NULL;
+    front_put(f, b);
+    return e;
 }
 
 static const uint8_t ENDBR64_BYTES[4] = {0xF3, 0x0F, 0x1E, 0xFA};
 static const uint8_t ENDBR32_BYTES[4] = {0xF3, 0x0F, 0x1E, 0xFB};
+
+static inline int block_starts_with(const cet_block_t *b, const uint8_t bytes[4])
+{
+    return b->first_len >= 4 && memcmp(b->first, bytes, 4) == 0;
+}
+
+static void block_set_term(cet_block_t *b, uint32_t kind, uint64_t insn_addr, uint32_t insn_len, uint32_t imm16)
+{
+    b->kbit = (uint16_t)(1u << (kind & 15));
+    b->insn_len = (uint8_t)insn_len;
+    b->imm16 = (uint16_t)imm16;
+    b->ret = insn_addr + (insn_len & 0xFFu);
+}
 
 /* Store a classified block (replaces an older entry for the same address). */
 int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t kind, uint64_t insn_addr, uint32_t insn_len,
                   uint32_t imm16, const uint8_t *first, uint32_t first_len)
 {
     cetfast_t *f = p;
+    if (size == BLOCK_EMPTY || kind > T_OTHER_EMULATED || insn_len > 0xFF || imm16 > 0xFFFF)
+        return -2;
     if ((f->table_count + 1) * 2 > f->s.table_mask + 1 && table_grow(f) < 0)
         return -1;
     cet_block_t *b = block_slot(f->s.table, f->s.table_mask, addr);
-    if (!b->used)
+    if (b->size == BLOCK_EMPTY)
         f->table_count++;
     memset(b, 0, sizeof(*b));
-    b->used = 1;
     b->addr = addr;
     b->size = size;
     b->first_len = first_len > sizeof(b->first) ? sizeof(b->first) : (uint8_t)first_len;
     memcpy(b->first, first, b->first_len);
-    b->endbr = (b->first_len >= 4 && memcmp(b->first, ENDBR64_BYTES, 4) == 0) |
-               (b->first_len >= 4 && memcmp(b->first, ENDBR32_BYTES, 4) == 0) << 1;
-    b->insn_addr = insn_addr;
-    b->term = (kind & 0xFFu) | (insn_len & 0xFFu) << 8 | (imm16 & 0xFFFFu) << 16;
-    f->front[front_index(addr)] = *b;
+    b->no_endbr64 = block_starts_with(b, ENDBR64_BYTES) ? 0 : 0xFFFFu;
+    block_set_term(b, kind, insn_addr, insn_len, imm16);
+    front_put(f, b);
     return 0;
 }
 
@@ -361,9 +507,29 @@ uint64_t cetfast_block_count(void *p) { return ((cetfast_t *)p)->table_count; }
 void cetfast_invalidate_blocks(void *p)
 {
     cetfast_t *f = p;
-    memset(f->s.table, 0, (f->s.table_mask + 1) * sizeof(cet_block_t));
+    table_clear(f->s.table, f->s.table_mask + 1);
     front_clear(f);
     f->table_count = 0;
+}
+
+/* The pending terminator (the block that ran last): *out and the start address of its block. */
+uint64_t cetfast_get_pending(void *p, cet_term_t *out)
+{
+    cetfast_t *f = p;
+    *out = block_term(f->s.pend);
+    return f->s.pend->addr;
+}
+
+/* Python sets the pending terminator (kind T_NONE: none) and the start address of its block. */
+void cetfast_set_pending(void *p, uint32_t kind, uint64_t insn_addr, uint32_t insn_len, uint32_t imm16,
+                         uint64_t block_addr)
+{
+    cetfast_t *f = p;
+    if (kind > T_OTHER_EMULATED)
+        kind = T_NONE;
+    pending_none(f, block_addr);
+    if (kind != T_NONE)
+        block_set_term(&f->set_by_python, kind, insn_addr, insn_len, imm16);
 }
 
 /* ------------------------------------------------------------------ guest memory */
@@ -489,31 +655,27 @@ __attribute__((noinline, cold)) static void hand_over(cetfast_t *f, uc_engine *u
     f->s.handover = reason;
     f->s.handover_term = *prev;
     f->s.handover_addr = addr;
-    f->s.pending.word = T_NONE;
+    pending_none(f, addr);
+    refresh_fast(f); /* every block start takes the general path until Python took the hand-over */
     f->s.handovers++;
     f->reg_write(uc, UC_X86_REG_RIP, &addr); /* leave the block before its first instruction */
     f->emu_stop(uc);
 }
 
-#define PUSH_KINDS ((1u << T_CALL_DIRECT) | (1u << T_CALL_INDIRECT) | (1u << T_CALL_INDIRECT_NOTRACK))
-#define POP_KINDS ((1u << T_RET) | (1u << T_RET_IMM))
-#define PUSH_OR_POP_KINDS (PUSH_KINDS | POP_KINDS)
-#define ARM_KINDS ((1u << T_CALL_INDIRECT) | (1u << T_JMP_INDIRECT))
-#define ARM_NOTRACK_KINDS ((1u << T_CALL_INDIRECT_NOTRACK) | (1u << T_JMP_INDIRECT_NOTRACK))
-
 /* Host address of the 8 bytes at shadow-stack address ``lin`` if directly accessible (fast path). */
 static inline uint64_t *ss_slot(cetfast_t *f, uc_engine *uc, uint64_t lin, int user)
 {
-    uint64_t key = (lin & (PAGE_MASK | 7)) | ((uint64_t)user << 3);
-    if (LIKELY(key == f->s.ss_tag))
-        return (uint64_t *)(f->s.ss_host + (lin & (PAGE_SIZE - 8)));
+    uint64_t key = lin & (PAGE_MASK | 7);
+    if (LIKELY(key == f->s.ss_tag && user == f->ss_user))
+        return (uint64_t *)(uintptr_t)(lin + f->s.ss_delta);
     if (lin & 7)
         return NULL; /* unaligned 8-byte entry: slow path (may cross a page) */
     tlb_entry_t *e = ss_translate(f, uc, lin, user);
     if (!e || !e->host)
         return NULL;
     f->s.ss_tag = key;
-    f->s.ss_host = e->host;
+    f->ss_user = (uint8_t)user;
+    f->s.ss_delta = (uint64_t)(uintptr_t)e->host - key;
     return (uint64_t *)(e->host + (lin & (PAGE_SIZE - 8)));
 }
 
@@ -602,7 +764,7 @@ __attribute__((noinline)) static void block_start_general(cetfast_t *f, uc_engin
 
     /* check_block_target [ibt_check_target] */
     if (ctl & CET_ENDBR_EN) {
-        if (b->endbr & (s->long_mode ? 1 : 2)) {
+        if (block_starts_with(b, s->long_mode ? ENDBR64_BYTES : ENDBR32_BYTES)) {
             ctl &= ~(CET_TRACKER | CET_SUPPRESS);
         } else if (UNLIKELY(ctl & CET_TRACKER)) {
             hand_over(f, uc, &prev, addr, H_ENDBRANCH);
@@ -620,10 +782,11 @@ __attribute__((noinline)) static void block_start_general(cetfast_t *f, uc_engin
 
 /*
  * The complete block start (cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
- * that ran last, f->s.pending, and the block starting at ``addr``): block-table miss and
+ * that ran last, *f->s.pend, and the block starting at ``addr``): block-table miss and
  * classification, every mode, the shadow-stack translation cache fill, hand-overs. Reached from
  * cetfast_block_hook() whenever its short path does not apply; starts from the same inputs
- * (the short path commits nothing before it gives up).
+ * (the short path commits nothing before it gives up). Ends by recomputing the short path's
+ * masks (the CET control may have changed).
  */
 __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
 {
@@ -640,127 +803,69 @@ __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t ad
         if (!b)
             return;
     }
-    cet_term_t prev;
-    prev.insn_addr = s->pending.insn_addr;
-    prev.word = s->pending.word;
-    s->pending.insn_addr = b->insn_addr;
-    s->pending.word = b->term;
-    s->pending_block = addr;
-
-    int user = s->cpl == 3;
-    uint64_t *ctl_reg = user ? &s->u_cet : &s->s_cet;
-    uint64_t ctl = *ctl_reg;
-    if (!s->cr4_cet || !(ctl & (CET_SH_STK_EN | CET_ENDBR_EN)))
-        return;
-    if (UNLIKELY(!s->long_mode)) {
-        block_start_general(f, uc, b, prev, addr);
-        return;
-    }
-
-    /* shadow stack: masks instead of branches (whether SH_STK_EN is set is predictable) */
-    uint32_t kbit = 1u << TERM_KIND(prev.word);
-    uint64_t ssp = s->ssp;
-    if (ctl & CET_SH_STK_EN) {
-        uint64_t push = (kbit & PUSH_KINDS) ? ~0ull : 0;
-        uint64_t pop = (kbit & POP_KINDS) ? ~0ull : 0;
-        uint64_t slot_lin = ssp - (push & 8);
-        uint64_t key = (slot_lin & (PAGE_MASK | 7)) | ((uint64_t)user << 3);
-        if (LIKELY(key == f->s.ss_tag)) {
-            /* always load and store the slot: a non-push stores back the value it read */
-            uint64_t *slot = (uint64_t *)(f->s.ss_host + (slot_lin & (PAGE_SIZE - 8)));
-            uint64_t old = *slot;
-            uint64_t ret = prev.insn_addr + TERM_LEN(prev.word);
-            *slot = (ret & push) | (old & ~push);
-            if (UNLIKELY((pop & (old ^ addr)) != 0)) {
-                block_start_general(f, uc, b, prev, addr); /* RET mismatch: hands over */
-                return;
-            }
-        } else if (push | pop) {
-            block_start_general(f, uc, b, prev, addr);
-            return;
-        }
-        ssp = ssp - (push & 8) + (pop & 8);
-    }
-
-    /* IBT: arm [ibt_arm_on_indirect], then check the target [ibt_check_target] */
-    uint64_t may_arm = ((ctl & (CET_ENDBR_EN | CET_SUPPRESS)) == CET_ENDBR_EN) ? ~0ull : 0;
-    uint64_t arms = ((kbit & ARM_KINDS) ? ~0ull : 0) |
-                    (((kbit & ARM_NOTRACK_KINDS) && !(ctl & CET_NO_TRACK_EN)) ? ~0ull : 0);
-    ctl |= CET_TRACKER & may_arm & arms;
-    uint64_t ibt_on = (ctl & CET_ENDBR_EN) ? ~0ull : 0;
-    uint64_t endbr = (b->endbr & 1) ? ~0ull : 0;
-    if (UNLIKELY((ibt_on & ~endbr & ctl & CET_TRACKER) != 0)) {
-        block_start_general(f, uc, b, prev, addr); /* ENDBRANCH violation: hands over */
-        return;
-    }
-    ctl &= ~((CET_TRACKER | CET_SUPPRESS) & ibt_on & endbr);
-
-    s->ssp = ssp;
-    *ctl_reg = ctl;
+    cet_term_t prev = block_term(s->pend);
+    s->pend = b;
+    block_start_general(f, uc, b, prev, addr);
+    refresh_fast(f);
 }
-
-/* The mode word (cpl | long_mode << 8 | cr4_cet << 16 | enabled << 24 | handover << 32, one
- * 8-byte load of cet_shared_t) with the CPL masked off, when the short path applies. */
-#define FAST_MODE ((1ull << 8) | (1ull << 16) | (1ull << 24))
-_Static_assert(offsetof(cet_shared_t, handover) == offsetof(cet_shared_t, cpl) + 4, "mode word layout");
 
 /*
  * UC_HOOK_BLOCK callback: cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
- * that ran last (f->s.pending) and the block starting at ``addr``.
+ * that ran last (*f->s.pend) and the block starting at ``addr``.
  *
- * This is the short path for the case that matters for speed, decided with one predictable
- * branch: the block is in the front cache, 64-bit mode with CR4.CET, no hand-over pending, the
- * tracker IDLE and SUPPRESS clear (so the ENDBR check can only fail, never change the CET
- * control: ibt_check_target with TRACKER = IDLE and SUPPRESS = 0 leaves it as it is), and no
- * arming terminator [ibt_arm_on_indirect] going to a block without ENDBR64. Then only the
- * shadow stack moves: CALL pushes the return address into the cached shadow-stack page, RET
- * loads and compares [shstk_push_near / shstk_pop_near_and_check]. Everything else — a miss,
- * another mode, the tracker armed, a shadow-stack page not cached, a RET mismatch — tail-calls
- * block_hook_slow() before anything is stored.
+ * This is the short path for the case that matters for speed: the block is in the front cache
+ * and the pending terminator's kind needs no general path — 64-bit mode with CR4.CET, no
+ * hand-over pending, the tracker IDLE and SUPPRESS clear (so the ENDBR check can only fail,
+ * never change the CET control: ibt_check_target with TRACKER = IDLE and SUPPRESS = 0 leaves it
+ * as it is) — nor an arming kind [ibt_arm_on_indirect] going to a block without ENDBR64. Then
+ * only the shadow stack moves: CALL pushes the return address into the cached shadow-stack page,
+ * RET loads and compares [shstk_push_near / shstk_pop_near_and_check]. The mode and CET-control
+ * tests are folded into the per-kind masks by refresh_fast(), so the decision is a test of the
+ * pending block's kind bit against them, and the bookkeeping is one pointer store. Everything
+ * else — a miss, another mode, the tracker armed, a shadow-stack page not cached, a RET
+ * mismatch — tail-calls block_hook_slow() before anything is stored.
  *
- * Measured (benchmarks/bench_native_cet.py, Unicorn 2.1.4): per block the hook's time is
- * dominated by its instruction count; the kind-dependent branches below are predicted well
- * (a branch-free variant of this path was slower), so the common kinds get straight-line code.
+ * Variants measured and rejected (no gain or slower,
+ * thread CPU time, interleaved runs): a "next block" hint pointer in each entry instead of the
+ * front-cache index; pending kind and return address stored as values instead of a pointer; a
+ * branch-free body (always load and store the slot, masks for push/pop: slower, the per-block
+ * store-to-load chain through the shadow-stack slot); the index ``addr & 255``.
  */
 void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_data)
 {
     cetfast_t *f = user_data;
     cet_shared_t *s = &f->s;
+    const cet_block_t *p = s->pend;
     const cet_block_t *b = &f->front[front_index(addr)];
-    uint64_t mode;
-    memcpy(&mode, &s->cpl, sizeof(mode));
-    uint64_t user = (uint8_t)mode == 3;
-    uint64_t ctl = user ? s->u_cet : s->s_cet;
-    uint32_t pw = s->pending.word;
-    uint32_t kbit = 1u << TERM_KIND(pw);
-    /* terminator kinds that arm the tracker under this CET control, if the block has no ENDBR64 */
-    uint32_t arming = (ARM_KINDS | (ARM_NOTRACK_KINDS & ((uint32_t)(ctl & CET_NO_TRACK_EN) - 1))) &
-                      -(uint32_t)((ctl >> 2) & 1) & ((uint32_t)(b->endbr & 1) - 1);
-    if (UNLIKELY(((b->addr ^ addr) | (b->size ^ size) | ((mode & ~0xFFull) ^ FAST_MODE) |
-                  (ctl & (CET_TRACKER | CET_SUPPRESS)) | (kbit & arming)) != 0))
+    if (UNLIKELY(b->addr != addr || b->size != size))
         goto slow;
-    if (ctl & CET_SH_STK_EN) {
-        uint64_t ssp = s->ssp;
-        if (kbit & PUSH_KINDS) {
-            uint64_t lin = ssp - 8;
-            if (UNLIKELY(((lin & (PAGE_MASK | 7)) | (user << 3)) != s->ss_tag))
-                goto slow;
-            uint64_t ret = s->pending.insn_addr + TERM_LEN(pw);
-            memcpy(s->ss_host + (lin & (PAGE_SIZE - 8)), &ret, 8);
-            s->ssp = lin;
-        } else if (kbit & POP_KINDS) {
-            uint64_t shadow_ret;
-            if (UNLIKELY(((ssp & (PAGE_MASK | 7)) | (user << 3)) != s->ss_tag))
-                goto slow;
-            memcpy(&shadow_ret, s->ss_host + (ssp & (PAGE_SIZE - 8)), 8);
-            if (UNLIKELY(shadow_ret != addr))
-                goto slow;
-            s->ssp = ssp + 8;
-        }
+    uint32_t act = p->kbit & s->act_kinds;
+    if (LIKELY(act == 0)) {
+        s->pend = b;
+        return;
     }
-    s->pending.insn_addr = b->insn_addr;
-    s->pending.word = b->term;
-    s->pending_block = addr;
+    if (act & s->pop_kinds) {
+        uint64_t ssp = s->ssp, shadow_ret;
+        if (UNLIKELY((ssp & (PAGE_MASK | 7)) != s->ss_tag))
+            goto slow;
+        memcpy(&shadow_ret, (const void *)(uintptr_t)(ssp + s->ss_delta), 8);
+        if (UNLIKELY(shadow_ret != addr))
+            goto slow;
+        s->ssp = ssp + 8;
+    } else if (act & s->push_kinds) {
+        /* an arming kind (indirect CALL) into a block without ENDBR64: the general path */
+        if (UNLIKELY(act & s->arm_kinds & b->no_endbr64))
+            goto slow;
+        uint64_t lin = s->ssp - 8;
+        if (UNLIKELY((lin & (PAGE_MASK | 7)) != s->ss_tag))
+            goto slow;
+        memcpy((void *)(uintptr_t)(lin + s->ss_delta), &p->ret, 8);
+        s->ssp = lin;
+    } else if (UNLIKELY((act & ~s->arm_kinds) | (act & b->no_endbr64))) {
+        goto slow; /* a slow kind (mode, tracker armed, hand-over...) or an arming one (indirect
+                      JMP) into a block without ENDBR64 */
+    }
+    s->pend = b;
     return;
 slow:
     block_hook_slow(uc, addr, size, user_data);

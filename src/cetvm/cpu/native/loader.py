@@ -29,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 7
+ABI_VERSION = 8
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 
@@ -57,22 +57,35 @@ class TermStruct(ctypes.Structure):
 
 
 class BlockStruct(ctypes.Structure):
-    _fields_ = [("addr", ctypes.c_uint64), ("insn_addr", ctypes.c_uint64), ("kind", ctypes.c_uint8),
-                ("insn_len", ctypes.c_uint8), ("imm16", ctypes.c_uint16), ("size", ctypes.c_uint32),
-                ("used", ctypes.c_uint8), ("endbr", ctypes.c_uint8), ("first_len", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8), ("first", ctypes.c_uint8 * 4)]
+    """Mirror of ``cet_block_t`` (``ret`` = the terminator's address + length)."""
+
+    _fields_ = [("addr", ctypes.c_uint64), ("ret", ctypes.c_uint64),
+                ("size", ctypes.c_uint32), ("kbit", ctypes.c_uint16), ("no_endbr64", ctypes.c_uint16),
+                ("imm16", ctypes.c_uint16), ("insn_len", ctypes.c_uint8), ("first_len", ctypes.c_uint8),
+                ("first", ctypes.c_uint8 * 4)]
+
+    @property
+    def kind(self) -> int:
+        return self.kbit.bit_length() - 1
 
 
 class SharedState(ctypes.Structure):
-    """Mirror of ``cet_shared_t`` (checked against the library's sizeof at load time)."""
+    """Mirror of ``cet_shared_t`` (checked against the library's sizeof at load time).
+
+    Read freely; write ``ssp`` freely, everything else only through :class:`NativeCet` and
+    :class:`NativeCetState` (the hook's short-path masks are recomputed from the mode, U_CET and
+    S_CET by ``cetfast_refresh`` after each such write).
+    """
 
     _fields_ = [
-        ("ssp", ctypes.c_uint64), ("u_cet", ctypes.c_uint64), ("s_cet", ctypes.c_uint64),
-        ("pending", TermStruct),
+        ("ssp", ctypes.c_uint64), ("_pend", ctypes.c_void_p),
+        ("_act_kinds", ctypes.c_uint32), ("_arm_kinds", ctypes.c_uint32),
+        ("_push_kinds", ctypes.c_uint32), ("_pop_kinds", ctypes.c_uint32),
+        ("_ss_tag", ctypes.c_uint64), ("_ss_delta", ctypes.c_uint64),
+        ("u_cet", ctypes.c_uint64), ("s_cet", ctypes.c_uint64),
         ("cpl", ctypes.c_uint8), ("long_mode", ctypes.c_uint8), ("cr4_cet", ctypes.c_uint8),
         ("enabled", ctypes.c_uint8), ("handover", ctypes.c_uint32),
         ("_table", ctypes.c_void_p), ("_table_mask", ctypes.c_uint64),
-        ("_ss_tag", ctypes.c_uint64), ("_ss_host", ctypes.c_void_p), ("pending_block", ctypes.c_uint64),
         ("cr3", ctypes.c_uint64), ("paging", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("abi", ctypes.c_uint64),
         ("handover_term", TermStruct), ("handover_addr", ctypes.c_uint64),
@@ -117,6 +130,10 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_block_count.restype = _U64
     lib.cetfast_block_count.argtypes = [_VP]
     lib.cetfast_invalidate_blocks.argtypes = [_VP]
+    lib.cetfast_refresh.argtypes = [_VP]
+    lib.cetfast_get_pending.restype = _U64
+    lib.cetfast_get_pending.argtypes = [_VP, ctypes.POINTER(TermStruct)]
+    lib.cetfast_set_pending.argtypes = [_VP, _U32, _U64, _U32, _U32, _U64]
     lib.cetfast_enable_tlb_fill.argtypes = [_VP]
     lib.cetfast_reset_fetched.argtypes = [_VP]
     return lib
@@ -152,11 +169,11 @@ def _term_info(t: TermStruct) -> TerminatorInfo | None:
     return TerminatorInfo(Terminator(t.kind), t.insn_addr, t.insn_len, t.imm16)
 
 
-def _set_term(t: TermStruct, info: TerminatorInfo | None) -> None:
+def _term_fields(info: TerminatorInfo | None) -> tuple[int, int, int, int]:
+    """(kind, insn_addr, insn_len, imm16) of ``info`` as the library stores them."""
     if info is None or info.kind == Terminator.FALLTHROUGH:
-        t.kind, t.insn_addr, t.insn_len, t.imm16, t.pad = 0, 0, 0, 0, 0
-    else:
-        t.kind, t.insn_addr, t.insn_len, t.imm16 = int(info.kind), info.insn_addr, info.insn_len, info.imm16
+        return 0, 0, 0, 0
+    return int(info.kind), info.insn_addr & 0xFFFF_FFFF_FFFF_FFFF, info.insn_len, info.imm16
 
 
 class NativeCet:
@@ -189,7 +206,7 @@ class NativeCet:
         # (The finalizer must not reference ``uc`` or this object, or neither is ever collected.)
         weakref.finalize(uc, _release, self._lib, ptr)
         self.blocks = NativeBlockTracker(self)
-        self.cet_state = NativeCetState(self.shared)
+        self.cet_state = NativeCetState(self.shared, functools.partial(self._lib.cetfast_refresh, ptr))
 
     # ---------------------------------------------------------------- installation
     def install(self) -> None:
@@ -251,10 +268,12 @@ class NativeCet:
             self._lib.cetfast_flush_tlb(self._ptr)
         s.cpl, s.long_mode, s.cr4_cet = cpl, int(long_mode), int(cr4_cet)
         s.paging, s.cr3 = int(paging), cr3
+        self._lib.cetfast_refresh(self._ptr)
 
     def set_enabled(self, enabled: bool) -> None:
         """Disable the hook entirely (e.g. while single-stepping an exit instruction)."""
         self.shared.enabled = int(enabled)
+        self._lib.cetfast_refresh(self._ptr)
 
     def flush_translations(self) -> None:
         """Forget cached shadow-stack translations (INVLPG, page-table-affecting emulation...)."""
@@ -277,6 +296,7 @@ class NativeCet:
             return None
         request = HandoverRequest(Handover(s.handover), _term_info(s.handover_term), s.handover_addr)
         s.handover = 0
+        self._lib.cetfast_refresh(self._ptr)
         return request
 
     def raise_callback_error(self) -> None:
@@ -310,45 +330,56 @@ class NativeBlockTracker:
         self._ptr = native._ptr
         self._shared = native.shared
 
+    def _pending(self) -> tuple[TerminatorInfo | None, int]:
+        term = TermStruct()
+        block_start = self._lib.cetfast_get_pending(self._ptr, ctypes.byref(term))
+        return _term_info(term), block_start
+
+    def _set_pending(self, terminator: TerminatorInfo | None, block_start: int) -> None:
+        self._lib.cetfast_set_pending(self._ptr, *_term_fields(terminator), block_start & 0xFFFF_FFFF_FFFF_FFFF)
+
     @property
     def prev(self) -> TerminatorInfo | None:
-        return _term_info(self._shared.pending)
+        return self._pending()[0]
 
     @prev.setter
     def prev(self, value: TerminatorInfo | None) -> None:
-        _set_term(self._shared.pending, value)
+        self._set_pending(value, self._pending()[1])
 
     @property
     def prev_block_start(self) -> int:
         """Start address of the block whose terminator is :attr:`prev`."""
-        return self._shared.pending_block
+        return self._pending()[1]
 
     @prev_block_start.setter
     def prev_block_start(self, value: int) -> None:
-        self._shared.pending_block = value & 0xFFFF_FFFF_FFFF_FFFF
+        self._set_pending(self._pending()[0], value)
 
     def lookup(self, address: int, size: int) -> BlockInfo | None:
         out = BlockStruct()
         if not self._lib.cetfast_lookup(self._ptr, address, size, ctypes.byref(out)):
             return None
         first = bytes(out.first[:out.first_len])
-        term = TerminatorInfo(Terminator(out.kind), out.insn_addr, out.insn_len, out.imm16)
+        insn_addr = (out.ret - out.insn_len) & 0xFFFF_FFFF_FFFF_FFFF
+        term = TerminatorInfo(Terminator(out.kind), insn_addr, out.insn_len, out.imm16)
         return BlockInfo(out.addr, out.size, term, first)
 
     def store(self, info: BlockInfo) -> None:
-        t = info.terminator
-        kind, insn_addr, insn_len, imm16 = (0, 0, 0, 0) if t is None else (int(t.kind), t.insn_addr, t.insn_len, t.imm16)
+        kind, insn_addr, insn_len, imm16 = _term_fields(info.terminator)
         first = bytes(info.first_bytes[:4])
-        if self._lib.cetfast_store(self._ptr, info.address, info.size, kind, insn_addr, insn_len, imm16,
-                                   first, len(first)) != 0:
+        status = self._lib.cetfast_store(self._ptr, info.address, info.size, kind, insn_addr, insn_len, imm16,
+                                         first, len(first))
+        if status == -2:
+            raise CetvmError(f"native CET fast path: block {info.address:#x} (size {info.size}) cannot be stored")
+        if status != 0:
             raise CetvmError("native CET fast path: out of memory for the block table")
 
     def invalidate(self) -> None:
         self._lib.cetfast_invalidate_blocks(self._ptr)
 
     def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None:
-        prev = self.prev
-        self.prev = terminator
+        prev, block_start = self._pending()
+        self._set_pending(terminator, block_start)
         return prev
 
     def __len__(self) -> int:
@@ -359,11 +390,13 @@ class NativeCetState:
     """The vCPU's CET registers with SSP, U_CET and S_CET kept in the native shared state.
 
     Same attributes as :class:`cetvm.cpu.state.CetState`; the native hook reads and updates
-    ``ssp`` and the TRACKER/SUPPRESS bits in place, so there is one copy of each.
+    ``ssp`` and the TRACKER/SUPPRESS bits in place, so there is one copy of each. Writing
+    ``u_cet``/``s_cet`` calls ``refresh`` (the hook's short-path masks depend on them).
     """
 
-    def __init__(self, shared: SharedState) -> None:
+    def __init__(self, shared: SharedState, refresh: Callable[[], None]) -> None:
         self._shared = shared
+        self._refresh = refresh
         self.pl_ssp: list[int] = [0, 0, 0, 0]
         self.int_ssp_tab = 0
 
@@ -382,6 +415,7 @@ class NativeCetState:
     @u_cet.setter
     def u_cet(self, value: int) -> None:
         self._shared.u_cet = value & 0xFFFF_FFFF_FFFF_FFFF
+        self._refresh()
 
     @property
     def s_cet(self) -> int:
@@ -390,6 +424,7 @@ class NativeCetState:
     @s_cet.setter
     def s_cet(self, value: int) -> None:
         self._shared.s_cet = value & 0xFFFF_FFFF_FFFF_FFFF
+        self._refresh()
 
     def __repr__(self) -> str:
         return (f"NativeCetState(u_cet={self.u_cet:#x}, s_cet={self.s_cet:#x}, pl_ssp={[hex(v) for v in self.pl_ssp]}, "
