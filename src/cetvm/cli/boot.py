@@ -4,19 +4,32 @@ Serial output (COM1) goes to stdout, or to ``--serial FILE``. The exit status is
 (:mod:`cetvm.vmm.run_loop`): isa-debug-exit's ``(code << 1) | 1`` & 0xFF, 0 for power off / halt
 / a saved snapshot, 124 on a timeout or instruction limit, 125 on a triple fault, 126 on a KVM
 internal error; a failed run also prints a one-line diagnosis on stderr.
+
+Decision: an error cetvm raises while the guest runs (e.g. a :class:`cetvm.NotSupportedError`
+for an instruction the CPU cannot emulate on MMIO) ends the run as an internal error, status
+126, with the usual one-line diagnosis and JSON result — never status 1, which a QEMU-style test
+runner reads as "the guest passed" (isa-debug-exit code 0). Errors before the run that are not
+bad input (cetvm refuses the machine) are 126 as well (``error_status``); bad input is 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
+import os
 import sys
+from pathlib import Path
 from typing import BinaryIO, Callable
 
-from cetvm import InputError
+from cetvm import CetvmError, InputError
+from cetvm.cpuid import model_names
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, CetMode, MachineConfig
 from cetvm.vmm.machine import Machine
-from cetvm.vmm.run_loop import RunResult
+from cetvm.vmm.run_loop import STATUS_INTERNAL_ERROR, RunResult, StopReason
+
+DEFAULT_MEMORY = "256M"
 
 
 def _positive_int(text: str) -> int:
@@ -43,26 +56,46 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "boot", help="boot a multiboot or ELF64 kernel on the cetvm PC",
         description="Boot a bare-metal kernel (multiboot v1 or ELF64) with COM1 on stdout. The exit "
-                    "status follows QEMU's isa-debug-exit ((code << 1) | 1); 124 timeout or instruction "
-                    "limit, 125 triple fault, 126 internal error.")
-    p.add_argument("image", nargs="?", help="kernel image (omit with --restore-state)")
-    p.add_argument("--cpu", default=None, metavar="MODEL",
-                   help=f"host CPU model or CPUID dump file (default {DEFAULT_CPU_MODEL})")
+                    "status follows QEMU's isa-debug-exit ((code << 1) | 1, so 1 = the guest wrote 0); 0 "
+                    "power off, HLT or snapshot taken; 124 timeout or instruction limit, 125 triple fault, "
+                    "126 internal error (each with a one-line diagnosis on stderr); 2 bad input.")
+    p.add_argument("image", nargs="?",
+                   help="kernel image: multiboot v1 (ELF32 or a.out kludge) or an ELF64 x86-64 executable "
+                        "(omit with --restore-state)")
+    p.add_argument("--cpu", default=None, metavar="MODEL|FILE",
+                   help="host CPU the modeled KVM runs on; the guest sees what KVM offers on it. A built-in "
+                        f"model ({', '.join(model_names())}) or a CPUID dump/JSON file "
+                        f"(default {DEFAULT_CPU_MODEL})")
     p.add_argument("--cet", default=None, choices=[m.value for m in CetMode],
-                   help="CET features the guest CPUID shows (default on)")
-    p.add_argument("--memory", "-m", default=None, metavar="SIZE", help="RAM size, e.g. 256M (default)")
-    p.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
+                   help="CET features the guest CPUID shows: on = SHSTK and IBT as KVM offers them, "
+                        "shstk or ibt = only that one, off = neither (default on)")
+    p.add_argument("--memory", "-m", default=None, metavar="SIZE",
+                   help="guest RAM: bytes, or a number with a K/M/G/T suffix (binary units, QEMU -m style), "
+                        f"2M or more (default {DEFAULT_MEMORY})")
+    p.add_argument("--append", default="", metavar="CMDLINE",
+                   help="kernel command line, given in the multiboot information (default empty)")
     p.add_argument("--initrd", action="append", default=[], metavar="FILE",
-                   help="multiboot module (repeatable; the first is the initrd)")
-    p.add_argument("--timeout", type=_positive_float, metavar="S", help="wall-clock limit in seconds")
-    p.add_argument("--max-instructions", type=_positive_int, metavar="N", help="instruction limit")
-    p.add_argument("--serial", metavar="FILE", help="write the serial output to FILE instead of stdout")
-    p.add_argument("--save-state", metavar="FILE", help="write a snapshot at the end (or at --save-at)")
+                   help="a multiboot module, loaded page-aligned after the kernel; repeat for more, in order "
+                        "(the first is the initrd; default none)")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="stop after S seconds of wall-clock time, exit status 124 (default no limit)")
+    p.add_argument("--max-instructions", type=_positive_int, metavar="N",
+                   help="stop after N guest instructions (counted from the machine's first start, across "
+                        "snapshots), exit status 124 (default no limit)")
+    p.add_argument("--serial", metavar="FILE",
+                   help="write the COM1 output to FILE (created or truncated); default stdout")
+    p.add_argument("--save-state", metavar="FILE",
+                   help="when the run stops (or at --save-at), write the whole machine to FILE "
+                        "(default no snapshot)")
     p.add_argument("--save-at", type=_positive_int, metavar="N",
-                   help="with --save-state: stop after N instructions and save")
-    p.add_argument("--restore-state", metavar="FILE", help="continue a snapshot instead of booting IMAGE")
-    p.add_argument("--json", action="store_true", help="print a JSON result object at the end")
-    p.set_defaults(func=run)
+                   help="with --save-state: stop after N instructions and save; exit status 0")
+    p.add_argument("--restore-state", metavar="FILE",
+                   help="continue the machine saved in FILE (its CPU, memory, CET setting, command line and "
+                        "devices come from the snapshot); default: boot IMAGE")
+    p.add_argument("--json", action="store_true",
+                   help="at the end print the result as one JSON object (status, reason, message, "
+                        "instructions, rip, last_exception, and the serial output unless --serial)")
+    p.set_defaults(func=run, error_status=STATUS_INTERNAL_ERROR)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -77,6 +110,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("missing IMAGE (a kernel to boot) or --restore-state FILE")
     if args.save_at is not None and not args.save_state:
         raise InputError("--save-at needs --save-state FILE")
+    if args.save_state:
+        _check_writable(args.save_state, "--save-state")
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Refuse an output path that cannot be written before the guest runs (not after)."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{option} '{path}': is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise InputError(f"{option} '{path}': directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} '{path}': directory '{parent}' is not writable")
 
 
 def _open_sink(args: argparse.Namespace, captured: bytearray | None) -> tuple[Callable[[bytes], None], BinaryIO | None]:
@@ -100,22 +147,65 @@ def _open_sink(args: argparse.Namespace, captured: bytearray | None) -> tuple[Ca
 
 
 def build_machine(args: argparse.Namespace, sink: Callable[[bytes], None]) -> Machine:
+    """The machine to run: booted from IMAGE or restored; a host that cannot back the guest RAM
+    is bad input for --memory (an InputError), not a crash."""
+    try:
+        if args.restore_state:
+            return Machine.restore(args.restore_state, serial_sink=sink)
+        config = MachineConfig(cpu=args.cpu or DEFAULT_CPU_MODEL, memory=args.memory or DEFAULT_MEMORY,
+                               cet=args.cet or "on", cmdline=args.append, modules=tuple(args.initrd),
+                               serial_sink=sink)
+        return Machine.boot(args.image, config)
+    except MemoryError:
+        raise InputError(f"{_memory_option(args)}: this host cannot allocate the guest RAM") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOMEM:
+            raise
+        raise InputError(f"{_memory_option(args)}: this host cannot allocate the guest RAM "
+                         f"({exc.strerror})") from None
+
+
+def _memory_option(args: argparse.Namespace) -> str:
     if args.restore_state:
-        return Machine.restore(args.restore_state, serial_sink=sink)
-    config = MachineConfig(cpu=args.cpu or DEFAULT_CPU_MODEL, memory=args.memory or "256M",
-                           cet=args.cet or "on", cmdline=args.append, modules=tuple(args.initrd),
-                           serial_sink=sink)
-    return Machine.boot(args.image, config)
+        return f"snapshot '{args.restore_state}'"
+    return f"--memory {args.memory or DEFAULT_MEMORY}"
 
 
-def report(result: RunResult, args: argparse.Namespace, captured: bytearray | None) -> None:
+def run_machine(machine: Machine, args: argparse.Namespace) -> tuple[RunResult, bool]:
+    """(result, whether the run completed). A CetvmError raised by cetvm during the run (not the
+    guest's doing: e.g. an instruction it cannot emulate) becomes an internal-error result
+    (status 126, see the module docstring) instead of escaping as exit status 1."""
+    try:
+        return machine.run(timeout=args.timeout, max_instructions=args.max_instructions, save_at=args.save_at), True
+    except InputError:
+        raise
+    except CetvmError as exc:
+        return RunResult(STATUS_INTERNAL_ERROR, StopReason.INTERNAL_ERROR, str(exc), _safe_instructions(machine),
+                         _safe_rip(machine)), False
+
+
+def _safe_instructions(machine: Machine) -> int:
+    try:
+        return machine.instructions
+    except CetvmError:
+        return 0
+
+
+def _safe_rip(machine: Machine) -> int:
+    try:
+        return machine.vcpu.get_regs().rip
+    except CetvmError:
+        return 0
+
+
+def report(result: RunResult, args: argparse.Namespace, captured: bytearray | None, saved: bool) -> None:
     if result.reason.is_failure:
         print(f"cetvm: {result.diagnosis()}", file=sys.stderr)
     if args.json:
         doc = result.to_json()
         if captured is not None:
             doc["serial"] = captured.decode("utf-8", errors="replace")
-        if args.save_state:
+        if saved:
             doc["snapshot"] = args.save_state
         print(json.dumps(doc, indent=2))
 
@@ -126,13 +216,15 @@ def run(args: argparse.Namespace) -> int:
     sink, handle = _open_sink(args, captured)
     try:
         machine = build_machine(args, sink)
-        result = machine.run(timeout=args.timeout, max_instructions=args.max_instructions, save_at=args.save_at)
-        if args.save_state:
+        result, completed = run_machine(machine, args)
+        if args.save_state and not completed:
+            result = dataclasses.replace(result, message=f"{result.message}; no snapshot written")
+        elif args.save_state:
             machine.save(args.save_state)
             print(f"cetvm: snapshot written to {args.save_state} after {result.instructions} instructions "
                   f"(continue with: cetvm boot --restore-state {args.save_state})", file=sys.stderr)
     finally:
         if handle is not None:
             handle.close()
-    report(result, args, captured)
+    report(result, args, captured, saved=bool(args.save_state) and completed)
     return result.exit_code

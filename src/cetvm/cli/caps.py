@@ -10,6 +10,7 @@ import argparse
 import json
 
 from cetvm.arch.xfeatures import xfeature_name
+from cetvm.cpuid import model_names
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host, msr_name
 from cetvm.kvm.host import Host
 from cetvm.kvm.xstate_size import host_fpu
@@ -19,20 +20,25 @@ ON_OFF = {"on": True, "off": False}
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("caps", help="show what KVM would offer guests on a host (CET focus)",
-                              description=__doc__.splitlines()[0])
+                              description="What KVM (Linux 6.18) would offer guests on a host, and why: the SHSTK/IBT "
+                                          "decision with the KVM rule that cleared each one, the supported "
+                                          "XCR0/XSS, the guest xstate sizes and KVM_GET_MSR_INDEX_LIST. "
+                                          "Exit status 1 when KVM would refuse to load on the host.")
     p.add_argument("--host", default="sapphire-rapids", metavar="MODEL|FILE",
-                   help="built-in CPU model name, 'host', or a CPUID dump/JSON file (default: sapphire-rapids)")
-    p.add_argument("--kernel-cmdline", default="", metavar="STR", help="host kernel command line (e.g. 'ibt=off')")
-    p.add_argument("--no-user-shstk", action="store_true", help="host kernel without CONFIG_X86_USER_SHADOW_STACK")
-    p.add_argument("--supervisor-shstk", action="store_true", help="host runs with supervisor shadow stacks")
+                   help=f"built-in CPU model ({', '.join(model_names())}; 'host' is this machine) or a "
+                        "CPUID dump/JSON file (default: sapphire-rapids)")
+    p.add_argument("--kernel-cmdline", default="", metavar="STR", help="host kernel command line, e.g. 'ibt=off' (default empty)")
+    p.add_argument("--no-user-shstk", action="store_true", help="host kernel built without CONFIG_X86_USER_SHADOW_STACK (default: with it)")
+    p.add_argument("--supervisor-shstk", action="store_true", help="host kernel runs with supervisor shadow stacks: KVM refuses to load, exit status 1 "
+                        "(default: off, as Linux)")
     p.add_argument("--virt", choices=("vmx", "svm"), help="vendor module (default: from the CPU vendor)")
     for flag, what in (("--vmx-basic-56", "IA32_VMX_BASIC[56]"),
                        ("--load-cet-controls", "VMX load-CET-state entry/exit controls"),
                        ("--unrestricted-guest", "VMX unrestricted guest"),
                        ("--tdp", "EPT/NPT (off = shadow paging)")):
         p.add_argument(flag, choices=("on", "off"), default="on", help=f"{what} (default: on)")
-    p.add_argument("--allow-smaller-maxphyaddr", action="store_true", help="kvm.allow_smaller_maxphyaddr=1")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--allow-smaller-maxphyaddr", action="store_true", help="load KVM with kvm.allow_smaller_maxphyaddr=1 (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (keys listed in README.md) instead of text")
     p.set_defaults(func=run)
 
 

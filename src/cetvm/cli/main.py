@@ -1,9 +1,17 @@
 """`cetvm` entry point: one sub-command per module in :data:`COMMAND_MODULES`.
 
 Each command module exposes ``register(subparsers) -> None`` and sets ``func`` on its parser;
-``func(args) -> int`` returns the exit status. Errors derived from :class:`cetvm.CetvmError`
-are printed as one line (``cetvm: error: ...``), never as a traceback: exit status 2 for bad
-input, 1 for anything else cetvm refuses.
+``func(args) -> int`` returns the exit status. Every error is one line on stderr starting with
+``cetvm:``, never a traceback:
+
+- a malformed command line (unknown option, bad value, missing argument) and every
+  :class:`cetvm.InputError`: ``cetvm: error: ...``, exit status 2 (argparse's multi-line usage
+  text is replaced by a pointer to ``--help``);
+- any other :class:`cetvm.CetvmError` (cetvm or the modeled KVM refuses): exit status 1, or the
+  command's own ``error_status`` default (``cetvm boot`` uses 126, because its 1 means "the
+  guest exited with isa-debug-exit code 0");
+- an unexpected Python exception is a bug in cetvm: ``cetvm: internal error: ...``, exit status
+  :data:`STATUS_INTERNAL_BUG`; ``CETVM_DEBUG=1`` lets the traceback through.
 """
 
 from __future__ import annotations
@@ -12,9 +20,47 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+import textwrap
+from typing import NoReturn, Sequence
 
 from cetvm import CetvmError, InputError, __version__
+
+#: Exit status of an unexpected exception (a bug in cetvm), as ``cetvm boot``'s internal error.
+STATUS_INTERNAL_BUG = 126
+#: Environment variable that shows the traceback of an unexpected exception.
+DEBUG_ENV = "CETVM_DEBUG"
+
+
+class UsageError(InputError):
+    """A malformed command line (argparse's complaint, as one line)."""
+
+
+class WholeWordsHelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, without breaking lines inside hyphenated words: model names such as
+    ``sapphire-rapids`` and options such as ``--max-instructions`` stay whole in ``--help``."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors raised as one-line :class:`UsageError` instead of the usage
+    text and ``SystemExit(2)`` (sub-command parsers inherit the class), and help text wrapped
+    by :class:`WholeWordsHelpFormatter`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", WholeWordsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("cetvm").strip()
+        where = f"{command}: " if command else ""
+        raise UsageError(f"{where}{message} (see '{self.prog} --help')")
+
 
 #: Sub-command modules, in the order `cetvm --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -27,7 +73,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="cetvm",
         description=(
             "A software x86-64 machine with Intel CET (shadow stacks and indirect branch "
@@ -55,26 +101,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one ``cetvm`` command line; returns the exit status (``--help`` / ``--version``: 0)."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except InputError as exc:
+        return _report(f"error: {exc}", 2)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return _report("error: no COMMAND given (see 'cetvm --help')", 2)
     if args.cet_path:
         os.environ["CETVM_CET_PATH"] = args.cet_path
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
-        print(f"cetvm: error: {exc}", file=sys.stderr)
-        return 2
+        return _report(f"error: {exc}", 2)
     except CetvmError as exc:
-        print(f"cetvm: error: {exc}", file=sys.stderr)
-        return 1
+        return _report(f"error: {exc}", getattr(args, "error_status", 1))
     except KeyboardInterrupt:
-        print("cetvm: interrupted", file=sys.stderr)
-        return 130
+        return _report("interrupted", 130)
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _report(f"internal error: {type(exc).__name__}: {_one_line(str(exc))} (a bug in cetvm; "
+                       f"{DEBUG_ENV}=1 shows the traceback)", STATUS_INTERNAL_BUG)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _report(message: str, status: int) -> int:
+    print(f"cetvm: {_one_line(message)}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

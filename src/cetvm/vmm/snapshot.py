@@ -264,7 +264,9 @@ def missing_state(manifest: Mapping[str, Any], requirements: list[StateRequireme
             if req.when is not None:
                 try:
                     needed = bool(req.when(scope))
-                except (KeyError, IndexError, TypeError) as exc:
+                except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                    # a malformed section (a string where an object or number belongs) is reported,
+                    # never raised: the caller gets every problem in one line
                     problems.append(f"cannot tell whether {label}.{req.key} is required{why}: "
                                     f"{type(exc).__name__} {exc}")
                     continue

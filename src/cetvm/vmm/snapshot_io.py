@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from cetvm import InputError
+from cetvm import CetvmError, InputError
 from cetvm.arch import CetCtl, Cr4
 from cetvm.arch.msr import CET_MSRS, Msr
 from cetvm.arch.xfeatures import XFEATURE_MASK_CET_KERNEL, XFEATURE_MASK_CET_USER
@@ -88,8 +88,48 @@ def vcpu_state_requirements(msr_index_list: list[int]) -> tuple[StateRequirement
     return tuple(reqs)
 
 
+#: vCPU state keys whose values are integers all the way down (objects / lists of integers).
+_INTEGER_STATE = ("regs", "sregs", "msrs", "xcrs", "guest_ssp", "fpstate_xstate_bv")
+
+
+def _non_integer(node: Any, label: str) -> str | None:
+    """The first place under ``node`` that is not an integer (lists and objects are walked)."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            found = _non_integer(value, f"{label}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _non_integer(value, f"{label}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(node, int) and not isinstance(node, bool):
+        return None
+    return f"{label} must be an integer, got {node!r:.40}"
+
+
+def check_vcpu_state_types(manifest: Mapping) -> None:
+    """InputError naming the first register/MSR/XCR value that is not an integer, so a corrupt
+    manifest is reported by field before the requirement checks read those values."""
+    vcpus = manifest.get("vcpus")
+    if not isinstance(vcpus, list):
+        return  # the caller reports the missing vCPU list
+    for i, vcpu in enumerate(vcpus):
+        if not isinstance(vcpu, Mapping):
+            raise InputError(f"snapshot vcpus[{i}] must be an object, got {vcpu!r:.40}")
+        for key in _INTEGER_STATE:
+            if key in vcpu:
+                problem = _non_integer(vcpu[key], f"vcpus[{i}].{key}")
+                if problem:
+                    raise InputError(f"snapshot {problem}")
+
+
 def check_vcpu_states(manifest: Mapping, msr_index_list: list[int]) -> None:
-    """InputError (one line) when the snapshot's vCPU state is incomplete."""
+    """InputError (one line) when the snapshot's vCPU state is malformed or incomplete."""
+    check_vcpu_state_types(manifest)
     check_required_state(manifest, vcpu_state_requirements(msr_index_list))
 
 
@@ -104,5 +144,11 @@ def restore_vcpu(vcpu, state: Mapping[str, Any], blobs: Mapping[str, bytes], ind
     full = dict(state, xsave=bytes(blobs[section]).hex())
     try:
         restore_vcpu_state(vcpu, full)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except InputError:
+        raise
+    except CetvmError as exc:
+        # KVM_SET_* refused a value: the snapshot is corrupt (or from an incompatible machine), so
+        # for the user it is bad input, exit status 2, like every other snapshot inconsistency
+        raise InputError(f"snapshot vCPU {index} state is refused by KVM: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise InputError(f"snapshot vCPU {index} state is malformed: {type(exc).__name__} {exc}") from None

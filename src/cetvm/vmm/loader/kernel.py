@@ -86,7 +86,9 @@ class _Range:
 
 
 def _describe_ram(ram_size: int) -> str:
-    return ", ".join(f"{r.addr:#x}-{r.end - 1:#x}" for r in ram_regions(ram_size))
+    """The RAM ranges and their total, e.g. ``0x0-0x3fffff, 4 MiB of RAM`` (what --memory gave)."""
+    total = f"{ram_size >> 20} MiB" if ram_size % (1 << 20) == 0 else f"{ram_size:#x} bytes"
+    return ", ".join(f"{r.addr:#x}-{r.end - 1:#x}" for r in ram_regions(ram_size)) + f"; {total} of RAM"
 
 
 def _check_in_ram(start: int, end: int, what: str, ram_size: int, below_4g: bool) -> None:
@@ -219,7 +221,7 @@ def load_kernel_image(data: bytes, ram_size: int, cmdline: str = "",
     if long_mode:
         taken.append(_Range(BOOT_GDT_ADDR, BOOT_PAGE_TABLES_END, "boot GDT and page tables"))
     for r in kernel_ranges:
-        _check_in_ram(r.start, r.end, r.what, ram_size, below_4g=True)
+        _check_in_ram(r.start, r.end, f"{name}: {r.what}", ram_size, below_4g=True)
         _check_free(r, taken)
         taken.append(r)
     kernel_start = min(r.start for r in kernel_ranges)

@@ -1,0 +1,173 @@
+"""`cetvm boot --restore-state` with corrupt, truncated, foreign and semantically broken snapshots:
+one line, exit status 2, never a traceback; every single-byte corruption is detected."""
+
+from __future__ import annotations
+
+import copy
+import random
+import struct
+
+import pytest
+
+from cetvm import InputError
+from cetvm.vmm.snapshot import decode_snapshot, encode_snapshot
+
+from cli_support import JMP_SELF, assert_one_line_error, cetvm, elf64_kernel
+
+SAVED_AT = 1000
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """A snapshot of a 4 MiB machine spinning in `jmp $`, taken after SAVED_AT instructions."""
+    directory = tmp_path_factory.mktemp("snap")
+    kernel = directory / "spin.elf"
+    kernel.write_bytes(elf64_kernel(JMP_SELF))
+    path = directory / "vm.snap"
+    from cetvm.cli.main import main
+
+    status = main(["boot", str(kernel), "--memory", "4M", "--save-state", str(path), "--save-at", str(SAVED_AT)])
+    assert status == 0 and path.is_file()
+    return path.read_bytes()
+
+
+def restore(capsys, tmp_path, data: bytes, *extra: str):
+    path = tmp_path / "bad.snap"
+    path.write_bytes(data)
+    return cetvm(capsys, "boot", "--restore-state", str(path), *extra)
+
+
+def test_the_fixture_snapshot_continues(capsys, tmp_path, snapshot):
+    run = restore(capsys, tmp_path, snapshot, "--max-instructions", str(SAVED_AT + 500), "--json")
+    assert run.status == 124
+    assert '"instructions": %d' % (SAVED_AT + 500) in run.out
+
+
+def test_every_single_byte_corruption_is_detected(snapshot):
+    rng = random.Random(14)
+    positions = sorted({rng.randrange(len(snapshot)) for _ in range(300)} | set(range(0, 40)) | {len(snapshot) - 1})
+    for pos in positions:
+        data = bytearray(snapshot)
+        data[pos] ^= 1 << rng.randrange(8)
+        with pytest.raises(InputError):
+            decode_snapshot(bytes(data), "bad.snap")
+
+
+def test_every_truncation_is_detected(snapshot):
+    rng = random.Random(41)
+    for length in sorted({rng.randrange(len(snapshot)) for _ in range(200)} | set(range(0, 40))):
+        with pytest.raises(InputError, match="bad.snap"):
+            decode_snapshot(snapshot[:length], "bad.snap")
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 31, 100, -9, -1])
+def test_truncated_snapshot_on_the_command_line(capsys, tmp_path, snapshot, cut):
+    run = restore(capsys, tmp_path, snapshot[:cut])
+    assert_one_line_error(run, 2, "bad.snap")
+
+
+@pytest.mark.parametrize("offset", [0, 9, 13, 20, 29, 40, 200, -20, -3])
+def test_flipped_byte_on_the_command_line(capsys, tmp_path, snapshot, offset):
+    data = bytearray(snapshot)
+    data[offset] ^= 0x40
+    assert_one_line_error(restore(capsys, tmp_path, bytes(data)), 2, "bad.snap")
+
+
+def test_trailing_garbage_is_refused(capsys, tmp_path, snapshot):
+    assert_one_line_error(restore(capsys, tmp_path, snapshot + b"x"), 2, "unexpected bytes after the end marker")
+
+
+def _with_header_field(snapshot: bytes, offset: int, value: int) -> bytes:
+    """Rewrite a 32-bit header field and recompute the header CRC (header layout in the
+    cetvm.vmm.snapshot module docstring: CRC32 of bytes 0..27 at 28)."""
+    import zlib
+
+    data = bytearray(snapshot)
+    struct.pack_into("<I", data, offset, value)
+    struct.pack_into("<I", data, 28, zlib.crc32(bytes(data[:28])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_a_snapshot_from_a_newer_format_version_is_refused_by_version(capsys, tmp_path, snapshot):
+    run = restore(capsys, tmp_path, _with_header_field(snapshot, 8, 2))
+    assert_one_line_error(run, 2, "format version 2", "newer", "reads version 1")
+
+
+def test_a_snapshot_with_an_older_format_version_is_refused(capsys, tmp_path, snapshot):
+    assert_one_line_error(restore(capsys, tmp_path, _with_header_field(snapshot, 8, 0)), 2, "format version 0")
+
+
+def test_a_wrong_section_count_is_refused(capsys, tmp_path, snapshot):
+    assert_one_line_error(restore(capsys, tmp_path, _with_header_field(snapshot, 12, 7)), 2, "bad.snap")
+
+
+def _mutated(snapshot: bytes, change) -> bytes:
+    manifest, blobs = decode_snapshot(snapshot)
+    manifest = copy.deepcopy(manifest)
+    blobs = dict(blobs)
+    change(manifest, blobs)
+    return encode_snapshot(manifest, blobs)
+
+
+def _set(path, value):
+    def change(manifest, _blobs):
+        node = manifest
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return change
+
+
+def _delete(path):
+    def change(manifest, _blobs):
+        node = manifest
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return change
+
+
+def _drop_section(name):
+    def change(_manifest, blobs):
+        del blobs[name]
+    return change
+
+
+def _resize_section(name, size):
+    def change(_manifest, blobs):
+        blobs[name] = bytes(size)
+    return change
+
+
+SEMANTIC_CASES = {
+    "kind": (_set(["kind"], "something-else"), ["not a cetvm machine snapshot"]),
+    "machine missing": (_delete(["machine"]), ["machine config"]),
+    "memory text": (_set(["machine", "memory"], "lots"), ["machine config"]),
+    "memory too small": (_set(["machine", "memory"], 4096), ["too small"]),
+    "unknown cpu": (_set(["machine", "cpu"], "pentium"), ["pentium"]),
+    "cet mode": (_set(["machine", "cet"], "sometimes"), ["--cet"]),
+    "two vcpus": (lambda m, b: m["vcpus"].append(m["vcpus"][0]), ["one vCPU"]),
+    "vcpu is text": (_set(["vcpus", 0], "x"), ["vcpus[0]"]),
+    "regs missing": (_delete(["vcpus", 0, "regs"]), ["regs"]),
+    "msrs is text": (_set(["vcpus", 0, "msrs"], "x"), ["msrs"]),
+    "U_CET is text": (_set(["vcpus", 0, "msrs", "0x6a0"], "x"), ["vcpus[0].msrs.0x6a0", "integer"]),
+    "cr4 is text": (_set(["vcpus", 0, "sregs", "cr4"], "x"), ["vcpus[0].sregs.cr4", "integer"]),
+    "efer refused": (_set(["vcpus", 0, "msrs", "0xc0000080"], -1), ["refused", "EFER"]),
+    "cr0 refused": (_set(["vcpus", 0, "sregs", "cr0"], 0x8000_0000), ["refused by KVM", "CR0.PG without CR0.PE"]),
+    "cr4 float": (_set(["vcpus", 0, "sregs", "cr4"], 1.5), ["vcpus[0].sregs.cr4", "1.5"]),
+    "segment is text": (_set(["vcpus", 0, "sregs", "cs"], "x"), ["vcpus[0].sregs.cs"]),
+    "xcr0 refused": (_set(["vcpus", 0, "xcrs", 0, 1], 1 << 60), ["XCR0"]),
+    "rip is text": (_set(["vcpus", 0, "regs", "rip"], "x"), ["vcpus[0].regs.rip"]),
+    "rip is bool": (_set(["vcpus", 0, "regs", "rip"], True), ["vcpus[0].regs.rip"]),
+    "run count": (_delete(["run"]), ["run.instructions"]),
+    "xsave section": (_drop_section("xsave/vcpu0"), ["xsave/vcpu0"]),
+    "ram section": (_drop_section("ram@0x0"), ["ram@0x0"]),
+    "ram size": (_resize_section("ram@0x0", 4096), ["ram@0x0", "0x1000"]),
+}
+
+
+@pytest.mark.parametrize("case", SEMANTIC_CASES, ids=list(SEMANTIC_CASES))
+def test_semantically_broken_snapshot_is_one_line_exit_2(capsys, tmp_path, snapshot, case):
+    change, fragments = SEMANTIC_CASES[case]
+    run = restore(capsys, tmp_path, _mutated(snapshot, change), "--max-instructions", str(SAVED_AT + 100))
+    assert_one_line_error(run, 2, "cetvm: error:", *fragments)
