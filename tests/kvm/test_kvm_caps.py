@@ -191,3 +191,12 @@ def test_cli_errors_are_one_line(capsys):
     assert err.count("\n") == 1 and "refuses to load" in err
     assert main(["caps", "--host", "no-such-cpu"]) == 2
     assert main(["caps", "--kernel-cmdline", "ibt=maybe"]) == 2
+
+
+@pytest.mark.parametrize("model, virt, module", [("sapphire-rapids", "svm", "kvm_amd"), ("zen4", "vmx", "kvm_intel")])
+def test_vendor_module_must_match_the_cpu(model, virt, module):
+    from cetvm.cpuid import get_model
+    from cetvm.kvm import KvmLoadError
+
+    with pytest.raises(KvmLoadError, match=module):
+        kvm_caps_for_host(Host(get_model(model), virt=virt))

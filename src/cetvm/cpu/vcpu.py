@@ -41,6 +41,7 @@ from cetvm.arch import Cr0, Cr4, Msr, PfErr, Vector
 from cetvm.arch.msr import CetCtl, Efer
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo, BlockTracker
+from cetvm.cpu.fastpath import ShadowStackWindow, make_block_hook
 from cetvm.cpu.cet.transfer import BlockAction, Terminator, apply_terminator, classify_terminator, on_block_start
 from cetvm.cpu.native import NativeCet, PagingKind, select_cet_path
 from cetvm.cpu.exits import Direction, ExceptionExit, ExitReason, MmioExit, VmExit
@@ -124,11 +125,15 @@ class Vcpu:
     "native" (the C fast path, :mod:`cetvm.cpu.native`), "python" (the readable reference
     hook below) or "auto" (native when built, else python with a one-line notice on stderr);
     None means ``$CETVM_CET_PATH`` or "auto". Both paths give the same architectural results.
+    ``python_fast_path`` (the "python" path only): put the flat common-case hook of
+    :mod:`cetvm.cpu.fastpath` in front of the reference hook (default; None means True unless
+    ``$CETVM_PYTHON_FAST_PATH`` is "0"); False runs the reference alone (same results, slower).
     Hypervisor controls: ``msr_intercepts`` (set of MSR indices whose RDMSR/WRMSR exit),
     ``exception_bitmap`` (vectors that exit before delivery).
     """
 
-    def __init__(self, model: "CpuidModel", *, trace: bool = True, cet_path: str | None = None) -> None:
+    def __init__(self, model: "CpuidModel", *, trace: bool = True, cet_path: str | None = None,
+                 python_fast_path: bool | None = None) -> None:
         self.model = model
         self.has_shstk = bool(model.has("shstk"))
         self.has_ibt = bool(model.has("ibt"))
@@ -156,6 +161,10 @@ class Vcpu:
         self._long_mode = True
         self._cr4_cet = False
         self._cet_active = False
+        self._ss_window = ShadowStackWindow()
+        if python_fast_path is None:
+            python_fast_path = os.environ.get("CETVM_PYTHON_FAST_PATH", "1") != "0"
+        self.python_fast_path = python_fast_path
         uc = self._uc
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
@@ -240,6 +249,7 @@ class Vcpu:
 
     def flush_tlb(self) -> None:
         self._tlb.clear()
+        self._ss_window.forget()
         if self._native is not None:
             self._native.flush_translations()
 
@@ -605,6 +615,7 @@ class Vcpu:
         efer = uc.msr_read(Msr.IA32_EFER)
         self._mode = PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer)
         self._tlb.clear()
+        self._ss_window.forget()
         hflags = ContextBlob.save(uc).hflags
         self._cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
         self._long_mode = bool(hflags & HFlags.CS64)
@@ -837,9 +848,12 @@ class Vcpu:
 
     # ------------------------------------------------------------------ block hook (traced mode)
     def _install_block_hook(self) -> None:
-        """Register :meth:`_on_block_raw` straight through Unicorn's C API (ctypes): about twice
-        as fast as the binding's wrapper, and the same shape a native hook will have."""
-        self._block_hook_cb = _BLOCK_HOOK_CFUNC(self._on_block_raw)
+        """Register the block hook straight through Unicorn's C API (ctypes): about twice as fast
+        as the binding's wrapper, and the same shape a native hook will have. The hook is the
+        common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`_on_block` (the
+        reference), or :meth:`_on_block_raw` alone when ``python_fast_path`` is False."""
+        hook = make_block_hook(self, self._on_block) if self.python_fast_path else self._on_block_raw
+        self._block_hook_cb = _BLOCK_HOOK_CFUNC(hook)
         handle = uc_hook_h()
         status = uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), UC_HOOK_BLOCK,
                                    ctypes.cast(self._block_hook_cb, ctypes.c_void_p), ctypes.c_void_p(0),
@@ -893,9 +907,11 @@ class Vcpu:
         return self._reg_buf.value
 
     def _on_block(self, address: int, size: int) -> None:
-        """At each block start: classify on a miss, then run the CET state machine.
+        """At each block start: classify on a miss, then run the CET state machine (the
+        reference hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and
+        calls this, with nothing committed, for everything else).
 
-        Fast path (engine decision, no CET semantics): with no pending terminator and the
+        Shortcut (engine decision, no CET semantics): with no pending terminator and the
         current CPL's IBT tracker idle, :func:`on_block_start` has nothing to do and is skipped.
         """
         if self._stepping:

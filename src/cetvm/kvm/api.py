@@ -54,7 +54,7 @@ from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm import reset as _reset
 from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
-from cetvm.kvm.cr import kvm_is_valid_sregs
+from cetvm.kvm.cr import kvm_is_valid_sregs_state
 from cetvm.kvm.errors import KvmIoctlError
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import (
@@ -64,6 +64,7 @@ from cetvm.kvm.msr import (
     KvmMsrState,
     MsrResult,
     get_one_reg,
+    guest_maxphyaddr,
     kvm_get_msr,
     kvm_host_get_msr,
     kvm_host_set_msr,
@@ -274,17 +275,15 @@ class KvmVcpu:
         return self.cpu.get_sregs()
 
     def set_sregs(self, sregs: Sregs) -> None:
-        """KVM_SET_SREGS with kvm_is_valid_sregs(): -EINVAL for CR4 bits reserved for this
-        guest (CR4.CET without SHSTK/IBT), CR4.CET without CR0.WP, CR0.PG without CR0.PE,
-        long mode (EFER.LME + CR0.PG) without CR4.PAE."""
+        """KVM_SET_SREGS with kvm_is_valid_sregs(): -EINVAL for an invalid CR0 (bits 63:32, NW
+        without CD, PG without PE), CR4 bits reserved for this guest (CR4.CET without SHSTK/IBT),
+        CR4.CET without CR0.WP, long mode without CR4.PAE or EFER.LMA or with a CR3 beyond
+        MAXPHYADDR, EFER.LMA or a 64-bit CS outside long mode."""
         cr0, cr4 = sregs.cr0, sregs.cr4
-        if not kvm_is_valid_sregs(self.state, cr0, cr4):
-            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_SREGS: CR0 {cr0:#x} / CR4 {cr4:#x} rejected "
-                                "(CR4.CET needs guest SHSTK or IBT and CR0.WP)")
-        if cr0 & Cr0.PG and not cr0 & Cr0.PE:
-            raise KvmIoctlError(errno.EINVAL, "KVM_SET_SREGS: CR0.PG without CR0.PE")
-        if sregs.efer & Efer.LME and cr0 & Cr0.PG and not cr4 & Cr4.PAE:
-            raise KvmIoctlError(errno.EINVAL, "KVM_SET_SREGS: long mode without CR4.PAE")
+        why = kvm_is_valid_sregs_state(self.state, cr0=cr0, cr3=sregs.cr3, cr4=cr4, efer=sregs.efer,
+                                       cs_long=sregs.cs.long, maxphyaddr=guest_maxphyaddr(self.state))
+        if why is not None:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_SREGS: {why}")
         self.cpu.set_sregs(sregs)
         self.state.cr0, self.state.cr4 = cr0, cr4
 

@@ -126,6 +126,15 @@ def kvm_check_host_s_cet(host: Host) -> None:
                            "KVM does not save/restore the host's PLx_SSP MSRs and refuses to load (-EIO)")
 
 
+def kvm_check_vendor_module(host: Host) -> None:
+    """The vendor module must match the CPU: kvm_intel's cpu_has_kvm_support() / kvm_amd's
+    kvm_is_svm_supported() refuse to load on the other vendor's CPU (-EOPNOTSUPP)."""
+    if host.virt == "vmx" and host.cpu.vendor == "amd":
+        raise KvmLoadError("kvm_intel: the CPU is AMD (AuthenticAMD), VMX is not supported; use --virt svm")
+    if host.virt == "svm" and host.cpu.vendor == "intel":
+        raise KvmLoadError("kvm_amd: the CPU is Intel (GenuineIntel), SVM is not supported; use --virt vmx")
+
+
 # --------------------------------------------------------------------------- CET rules
 Rule = Callable[[Host], "str | None"]
 
@@ -210,6 +219,7 @@ _PASSTHROUGH_FEATURES = ("fpu", "pae", "apic", "sep", "pge", "fxsr", "sse", "sse
 
 def kvm_caps_for_host(host: Host) -> KvmCaps:
     """Run KVM's load-time capability code for ``host`` (see the module docstring)."""
+    kvm_check_vendor_module(host)
     kvm_check_host_s_cet(host)
     cpu = host.cpu
     features = {f for f in _PASSTHROUGH_FEATURES if cpu.has(f)}

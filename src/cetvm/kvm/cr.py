@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from cetvm.arch.msr import Efer
 from cetvm.arch.regs import Cr0, Cr4
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
 from cetvm.kvm.vcpu import VcpuCetState
@@ -43,3 +44,49 @@ def kvm_is_valid_sregs(vcpu: VcpuCetState, cr0: int, cr4: int) -> bool:
     if not kvm_is_valid_cr4(vcpu, cr4):
         return False
     return not (cr4 & Cr4.CET and not cr0 & Cr0.WP)
+
+
+def cr0_invalid_reason(cr0: int) -> str | None:
+    """Why kvm_is_valid_cr0() refuses ``cr0``: reserved bits 63:32, NW without CD, PG without PE."""
+    if cr0 >> 32:
+        return f"CR0 {cr0:#x} sets reserved bits 63:32"
+    if cr0 & Cr0.NW and not cr0 & Cr0.CD:
+        return "CR0.NW without CR0.CD"
+    if cr0 & Cr0.PG and not cr0 & Cr0.PE:
+        return "CR0.PG without CR0.PE"
+    return None
+
+
+def kvm_is_valid_cr0(cr0: int) -> bool:
+    """kvm_is_valid_cr0()."""
+    return cr0_invalid_reason(cr0) is None
+
+
+def kvm_is_illegal_gpa(gpa: int, maxphyaddr: int) -> bool:
+    """kvm_vcpu_is_illegal_gpa(): a guest-physical address with bits at or above MAXPHYADDR."""
+    return gpa >> maxphyaddr != 0
+
+
+def kvm_is_valid_sregs_state(vcpu: VcpuCetState, *, cr0: int, cr3: int, cr4: int, efer: int,
+                             cs_long: bool, maxphyaddr: int) -> str | None:
+    """kvm_is_valid_sregs() in full: None if KVM_SET_SREGS accepts the state, else why not.
+
+    Long mode (EFER.LME and CR0.PG) needs CR4.PAE, EFER.LMA and a CR3 below MAXPHYADDR; outside
+    long mode neither EFER.LMA nor a 64-bit CS is allowed; then kvm_is_valid_cr4 (CR4.CET needs
+    guest SHSTK or IBT) and kvm_is_valid_cr0, plus the CET rule that CR4.CET needs CR0.WP.
+    """
+    if efer & Efer.LME and cr0 & Cr0.PG:
+        if not cr4 & Cr4.PAE:
+            return "long mode without CR4.PAE"
+        if not efer & Efer.LMA:
+            return "EFER.LME and CR0.PG without EFER.LMA"
+        if kvm_is_illegal_gpa(cr3, maxphyaddr):
+            return f"CR3 {cr3:#x} beyond MAXPHYADDR ({maxphyaddr} bits)"
+    elif efer & Efer.LMA or cs_long:
+        return "EFER.LMA or a 64-bit CS outside long mode"
+    why = cr0_invalid_reason(cr0)
+    if why is not None:
+        return why
+    if not kvm_is_valid_sregs(vcpu, cr0, cr4):
+        return f"CR4 {cr4:#x} rejected (CR4.CET needs guest SHSTK or IBT, and CR0.WP)"
+    return None
