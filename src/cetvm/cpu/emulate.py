@@ -531,15 +531,17 @@ def far_transfer(vcpu, instr: Instruction) -> None:
         ibt_arm_on_transfer(vcpu, vcpu.cpl)
 
 
-def _native(vcpu, instr: Instruction) -> None:
-    vcpu.step_native(instr.ip)
+def _native(vcpu, instr: Instruction, *, branches: bool = True) -> None:
+    """Let Unicorn execute ``instr`` alone (see :meth:`Vcpu.step_native`); an instruction that
+    does not branch stops cheaply at its successor."""
+    vcpu.step_native(instr.ip, None if branches else instr.next_ip)
     vcpu.refresh_mode()
 
 
 def invalidate_tlb(vcpu, instr: Instruction) -> None:
     """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache as well."""
     vcpu.flush_tlb()
-    _native(vcpu, instr)
+    _native(vcpu, instr, branches=False)
 
 
 def xsave_family(vcpu, instr: Instruction) -> None:

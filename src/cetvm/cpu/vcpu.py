@@ -775,19 +775,35 @@ class Vcpu:
         self._blocks.prev = None
         return result
 
-    def step_native(self, rip: int) -> None:
+    def step_native(self, rip: int, next_ip: int | None = None) -> None:
         """Let Unicorn execute the one instruction at ``rip`` although it is an exit address.
 
         Used for instructions whose CET effects cetvm adds around Unicorn's own execution (far
         CALL/RET/JMP, INVLPG, MMIO completion); not for privilege changes (IRETQ, SYSRET are
         emulated: see :func:`cetvm.cpu.emulate.iret`).
+
+        Exactly one instruction must run: the block hook is off while stepping, so anything
+        Unicorn ran past it would escape the CET checks. Unicorn's ``count`` is enforced by a code
+        hook that translation blocks already in the cache do not contain, so it cannot be relied
+        on alone. With ``next_ip`` (an instruction that does not branch) a temporary exit there
+        stops Unicorn before the next instruction; for a branch (far transfers: the target is not
+        known here) the translation cache is flushed around a counted step so that every block
+        runs with the count hook. Far transfers are rare; INVLPG and MMIO take the cheap path.
         """
         uc = self._uc
         was_exit = rip in self._exits
+        temporary_exit = next_ip is not None and next_ip not in self._exits
         if was_exit:
             self._exits.discard(rip)
+        if temporary_exit:
+            self._exits.add(next_ip)
+        if was_exit or temporary_exit:
             uc.ctl_set_exits(sorted(self._exits))
             uc.ctl_remove_cache(rip, rip + 1)
+            if temporary_exit:
+                uc.ctl_remove_cache(next_ip, next_ip + 1)
+        if next_ip is None:
+            uc.ctl_flush_tb()
         self._stepping = True
         if self._native is not None:
             self._native.set_enabled(False)
@@ -803,10 +819,17 @@ class Vcpu:
             self._stepping = False
             if self._native is not None:
                 self._native.set_enabled(True)
+            if temporary_exit:
+                self._exits.discard(next_ip)
             if was_exit:
                 self._exits.add(rip)
+            if was_exit or temporary_exit:
                 uc.ctl_set_exits(sorted(self._exits))
                 uc.ctl_remove_cache(rip, rip + 1)
+                if temporary_exit:
+                    uc.ctl_remove_cache(next_ip, next_ip + 1)
+            if next_ip is None:
+                uc.ctl_flush_tb()  # drop the blocks translated with the count hook
         self._blocks.prev = None
         if self._pending is None:
             # Dropping the stepped TB translates ``rip`` in the *new* mode; after a privilege
@@ -1109,7 +1132,7 @@ class Vcpu:
         try:
             if mmio.direction == Direction.IN:
                 self._uc.mem_write(mmio.address, (mmio.data & ((1 << (8 * mmio.size)) - 1)).to_bytes(mmio.size, "little"))
-            self.step_native(rip)
+            self.step_native(rip, self.fetch_instruction(rip).next_ip)
         finally:
             self._uc.mem_unmap(page, PAGE)
         self._retire()
