@@ -44,6 +44,7 @@ from cetvm.cpu.blocks import BlockInfo, BlockTracker
 from cetvm.cpu.fastpath import ShadowStackWindow, make_block_hook
 from cetvm.cpu.cet.transfer import BlockAction, Terminator, apply_terminator, classify_terminator, on_block_start
 from cetvm.cpu.native import NativeCet, PagingKind, select_cet_path
+from cetvm.cpu.native.loader import InsnCounter, native_count_hook
 from cetvm.cpu.exits import Direction, ExceptionExit, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access, PagingMode, translate
@@ -142,7 +143,9 @@ class Vcpu:
         self.exception_bitmap = 0
         self.cet = CetState()
         self.xss = 0
-        self.instructions_retired = 0
+        self._counter = InsnCounter()
+        self._counter.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        self._budgeting = False
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
         check_unicorn(self._uc)
         self._regions: list[MemoryRegion] = []
@@ -151,8 +154,6 @@ class Vcpu:
         self._exits: set[int] = set()
         self._pending: PendingEvent | None = None
         self._completion: Callable[[], None] | None = None
-        self._budget_left: int | None = None
-        self._budget_hit = False
         self._info_factory = InstructionInfoFactory()
         self._stepping = False
         self._mode = PagingMode(0, 0, 0, 0)
@@ -651,13 +652,63 @@ class Vcpu:
         """Run until an exit. ``budget``: at most this many instructions (then ExitReason.BUDGET)."""
         self.complete_pending_exit()
         self._budget_left = budget
-        hook = self._uc.hook_add(UC_HOOK_CODE, self._count_instruction) if budget is not None else None
+        hook = self._add_count_hook() if budget is not None else None
         try:
             return self._run_loop()
         finally:
             if hook is not None:
-                self._uc.hook_del(hook)
+                self._del_count_hook(hook)
             self._budget_left = None
+
+    # ------------------------------------------------------------------ exact instruction budget
+    @property
+    def instructions_retired(self) -> int:
+        """Instructions retired by this vCPU (counted exactly while a run has a budget)."""
+        return self._counter.retired
+
+    @instructions_retired.setter
+    def instructions_retired(self, value: int) -> None:
+        self._counter.retired = value
+
+    @property
+    def _budget_left(self) -> int | None:
+        return self._counter.budget_left if self._budgeting else None
+
+    @_budget_left.setter
+    def _budget_left(self, value: int | None) -> None:
+        self._budgeting = value is not None
+        if value is not None:
+            self._counter.budget_left = value
+
+    @property
+    def _budget_hit(self) -> bool:
+        return bool(self._counter.hit)
+
+    @_budget_hit.setter
+    def _budget_hit(self, value: bool) -> None:
+        self._counter.hit = int(value)
+
+    def _add_count_hook(self) -> tuple[str, object]:
+        """A UC_HOOK_CODE counter for the budget: the native one (``cetfast_count_insn``, ~60
+        MIPS) when the library is built, else :meth:`_count_instruction` (~2 MIPS). A vCPU on the
+        Python CET path uses no native code at all, so both counters stay tested."""
+        address = None if self.cet_path == "python" else native_count_hook()
+        if address is None:
+            return "python", self._uc.hook_add(UC_HOOK_CODE, self._count_instruction)
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(address),
+                                   ctypes.c_void_p(ctypes.addressof(self._counter)),
+                                   ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if status != 0:
+            raise CetvmError(f"cannot install the instruction counter (unicorn error {status})")
+        return "native", handle
+
+    def _del_count_hook(self, hook: tuple[str, object]) -> None:
+        kind, handle = hook
+        if kind == "python":
+            self._uc.hook_del(handle)
+        else:
+            uclib.uc_hook_del(self._uc._uch, handle)
 
     def _run_loop(self) -> VmExit:
         from cetvm.cpu import emulate, events
@@ -722,12 +773,14 @@ class Vcpu:
         uc.emu_stop()
 
     def _count_instruction(self, uc: Uc, address: int, size: int, _data: object) -> None:
-        if self._budget_left <= 0:
-            self._budget_hit = True
+        """Python twin of ``cetfast_count_insn`` (used when the native library is not built)."""
+        counter = self._counter
+        if counter.budget_left <= 0:
+            counter.hit = 1
             uc.emu_stop()
             return
-        self._budget_left -= 1
-        self.instructions_retired += 1
+        counter.budget_left -= 1
+        counter.retired += 1
 
     def _retire(self) -> None:
         """An instruction emulated in Python retired (counts against the budget)."""

@@ -42,7 +42,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 8
+#define CETFAST_ABI 9
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -915,4 +915,34 @@ void cetfast_reset_fetched(void *p)
     cetfast_t *f = p;
     if (f->fetched)
         memset(f->fetched, 0, FETCHED_PAGES / 64 * sizeof(uint64_t));
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Exact instruction budget: a UC_HOOK_CODE callback that counts instructions as they start and
+ * stops the engine before the first one past the budget (Unicorn checks the stop request right
+ * after a code hook, before the instruction runs). The Python side un-counts an instruction that
+ * faults instead of retiring. Same contract as Vcpu._count_instruction, ~30x faster.
+ * ------------------------------------------------------------------------------------- */
+typedef struct {
+    int64_t budget_left; /* instructions that may still start in this run */
+    uint64_t retired;    /* instructions counted since the vCPU was created */
+    int32_t hit;         /* set when the budget stopped the engine */
+    int32_t pad;
+    emu_stop_fn emu_stop;
+} cet_insn_counter_t;
+
+uint64_t cetfast_insn_counter_size(void) { return sizeof(cet_insn_counter_t); }
+
+void cetfast_count_insn(uc_engine *uc, uint64_t address, uint32_t size, void *user)
+{
+    cet_insn_counter_t *c = (cet_insn_counter_t *)user;
+    (void)address;
+    (void)size;
+    if (c->budget_left <= 0) {
+        c->hit = 1;
+        c->emu_stop(uc);
+        return;
+    }
+    c->budget_left--;
+    c->retired++;
 }

@@ -29,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 8
+ABI_VERSION = 9
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 
@@ -101,6 +101,24 @@ _U64 = ctypes.c_uint64
 _U32 = ctypes.c_uint32
 
 
+class InsnCounter(ctypes.Structure):
+    """cet_insn_counter_t: the exact instruction-budget counter shared with ``cetfast_count_insn``."""
+
+    _fields_ = [("budget_left", ctypes.c_int64), ("retired", ctypes.c_uint64),
+                ("hit", ctypes.c_int32), ("pad", ctypes.c_int32), ("emu_stop", _VP)]
+
+
+def native_count_hook() -> int | None:
+    """Address of the native UC_HOOK_CODE budget counter, or None when the library is not built."""
+    if not is_built():
+        return None
+    try:
+        lib = load_library()
+    except CetvmError:
+        return None
+    return ctypes.cast(lib.cetfast_count_insn, _VP).value
+
+
 def is_built() -> bool:
     """True if ``libcetfast.so`` exists (built by ``python -m cetvm.cpu.native.build``)."""
     return LIBRARY_PATH.is_file()
@@ -115,8 +133,10 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_abi.restype = _U64
     lib.cetfast_shared_size.restype = _U64
     lib.cetfast_block_size.restype = _U64
+    lib.cetfast_insn_counter_size.restype = _U64
     if (lib.cetfast_abi() != ABI_VERSION or lib.cetfast_shared_size() != ctypes.sizeof(SharedState)
-            or lib.cetfast_block_size() != ctypes.sizeof(BlockStruct)):
+            or lib.cetfast_block_size() != ctypes.sizeof(BlockStruct)
+            or lib.cetfast_insn_counter_size() != ctypes.sizeof(InsnCounter)):
         raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (ABI {lib.cetfast_abi()}); "
                          "rebuild it: python -m cetvm.cpu.native.build --force")
     lib.cetfast_new.restype = _VP
