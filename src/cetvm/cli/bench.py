@@ -228,17 +228,21 @@ def run_bench(iterations: int, off_iterations: int | None = None, repeats: int =
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="measure emulated MIPS with CET on and off",
-                                   description=__doc__.split("\n\n")[0])
+                                   description=(
+                                       "Measure emulated MIPS of a call-heavy loop (direct and indirect calls to "
+                                       "ENDBR64 functions) with CET on — native block hook and Python block hook — "
+                                       "and with CET off (the raw engine), at ring 0 (supervisor shadow stacks) and "
+                                       "ring 3 (user shadow stacks). A benchmark, not a test: figures vary with load."))
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--iterations", type=int, default=100_000,
+    parser.add_argument("--iterations", type=int, default=100_000, metavar="N",
                         help="loop iterations on the Python CET path (native CET and CET off run 100x more); "
                              "default 100000")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=3, metavar="N",
                         help="rounds of interleaved native CET and CET-off runs per ring; the best run is the "
                              "headline figure, the distribution is reported too (default 3)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="time runs by the emulating thread's CPU time (default: robust against other "
-                             "load) or by wall clock")
+                        help="how runs are timed: 'cpu' = the emulating thread's CPU time (default; robust "
+                             "against other load on the machine) or 'wall' = wall clock")
     parser.set_defaults(func=main)
 
 

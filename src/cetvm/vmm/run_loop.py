@@ -37,8 +37,11 @@ from cetvm.kvm.vcpu_run import KvmExitReason, KvmRun
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.requests import GuestExitRequest, GuestFaultRequest, MachineRequest, PowerOffRequest, ResetRequest
 
-#: Instructions per KVM_RUN between wall-clock checks (the "signal kick" period).
+#: Instructions per KVM_RUN between limit checks (the "signal kick" period).
 RUN_SLICE = 2_000_000
+#: With a wall-clock timeout, a shorter period so the timeout is honoured within ~0.1 s even on the
+#: Python CET path (~2-5 MIPS); on the native path a slice is a few milliseconds.
+TIMEOUT_SLICE = 200_000
 STATUS_TIMEOUT = 124
 STATUS_TRIPLE_FAULT = 125
 STATUS_INTERNAL_ERROR = 126
@@ -233,7 +236,7 @@ class RunLoop:
         return self.instructions_done + self.retired() - self._base
 
     def _slice(self, limits: RunLimits) -> int:
-        budget = RUN_SLICE
+        budget = RUN_SLICE if limits.timeout is None else TIMEOUT_SLICE
         for cap in (limits.max_instructions, limits.save_at):
             if cap is not None:
                 budget = min(budget, max(0, cap - self.instructions))
