@@ -38,6 +38,8 @@ def test_triple_fault_is_125_with_the_faulting_rip(capsys, kernel):
     line = assert_one_line_error(run, STATUS_TRIPLE_FAULT, "triple fault", "rip=0x100000")
     assert doc["reason"] == "triple fault" and doc["rip"] == 0x100000
     assert "instructions" in line
+    # the diagnosis names the fault the guest actually took first, not only the last one
+    assert "fault chain: #UD -> " in line
 
 
 @pytest.mark.parametrize("target", [0x7F00_0000_0000, 0x8000_0000_0000_0000], ids=["unmapped", "non-canonical"])

@@ -72,18 +72,28 @@ def deliver(vcpu, event) -> VmExit | None:
         return VmExit(ExitReason.SHUTDOWN, vcpu.rip,
                       detail=f"vector {event.vector} raised outside 64-bit mode (only 64-bit IDT delivery is implemented)")
     current = event
+    chain = [_describe(event.vector, event.error_code, event.cr2)]
     for _attempt in range(3):
         try:
             deliver_64(vcpu, current.vector, current.error_code, current.cr2, software=current.software)
             return None
         except GuestFault as fault:
+            chain.append(str(fault))
             if current.vector == Vector.DF:
-                return VmExit(ExitReason.TRIPLE_FAULT, vcpu.rip, detail=f"{fault} while delivering #DF")
+                return VmExit(ExitReason.TRIPLE_FAULT, vcpu.rip,
+                              detail=f"{fault} while delivering #DF (fault chain: {' -> '.join(chain)})")
             if not current.software and double_fault_class(current.vector, fault.vector) == "double":
                 current = type(event)(Vector.DF, 0)
+                chain.append("#DF(0x0)")
             else:
                 current = type(event)(fault.vector, fault.error_code, fault.cr2)
-    return VmExit(ExitReason.TRIPLE_FAULT, vcpu.rip, detail="nested faults during event delivery")
+    return VmExit(ExitReason.TRIPLE_FAULT, vcpu.rip,
+                  detail=f"nested faults during event delivery (fault chain: {' -> '.join(chain)})")
+
+
+def _describe(vector: int, error_code: int | None, cr2: int | None) -> str:
+    """The first event of a chain, named like a GuestFault ('#UD', '#PF(0x2) at 0x...')."""
+    return str(GuestFault(vector, error_code, cr2))
 
 
 def _supervisor_read(vcpu, linear: int, size: int) -> bytes:
