@@ -13,6 +13,18 @@
 #define MB_MAGIC 0x1BADB002
 #define MB_FLAGS 0x00010002          /* bit 1: memory info; bit 16: a.out kludge (address fields valid) */
 
+/* LOAD_KERNEL_DATA_SEGMENTS: DS/ES/SS = the GDT's kernel data selector 0x10, FS/GS = null
+ * (both 64-bit entry paths, after CS is reloaded); clobbers %eax. */
+    .macro LOAD_KERNEL_DATA_SEGMENTS
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    xor %eax, %eax
+    mov %ax, %fs
+    mov %ax, %gs
+    .endm
+
     .section .multiboot, "a"
     .p2align 2
 mb_header:
@@ -71,13 +83,7 @@ _start:
 
     .code64
 long_mode_entry:
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
+    LOAD_KERNEL_DATA_SEGMENTS
     mov $boot_stack_top, %rsp
     mov %esi, boot_mb_magic(%rip)
     mov %ebp, boot_mb_info(%rip)
@@ -100,13 +106,7 @@ _start64:
     lea 2f(%rip), %rax
     push %rax
     lretq
-2:  mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
+2:  LOAD_KERNEL_DATA_SEGMENTS
     movl $0, boot_mb_magic(%rip)
 
 common64:

@@ -23,25 +23,10 @@
  */
 #include "gnuprop.h"
 
-/* ---------------- IDT stubs: 256 x 16 bytes, each starting with ENDBR64 ---------------- */
-    .text
-    .p2align 4
-    .globl isr_stubs
-isr_stubs:
-    .set vec, 0
-    .rept 256
-    .p2align 4
-    endbr64
-    .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
-    .else
-    pushq $0
-    .endif
-    pushq $vec
-    jmp isr_common
-    .set vec, vec + 1
-    .endr
-
-isr_common:
+/* CALL_TRAP: with vector and error code pushed below the hardware (or SYSCALL-built) frame, save
+ * the GPRs and the handler-entry SSP as a struct trap_frame, call trap(frame), restore the GPRs
+ * and drop vector and error code; the caller then returns with IRETQ or SYSRETQ. */
+    .macro CALL_TRAP
     push %rax
     push %rbx
     push %rcx
@@ -81,6 +66,42 @@ isr_common:
     pop %rbx
     pop %rax
     add $16, %rsp
+    .endm
+
+/* INCSSP_RCX: discard %rcx shadow-stack entries (INCSSPQ takes at most 255 at a time, it uses
+ * only the low 8 bits of its operand) [REF §4 INCSSP]; clobbers %rdx, leaves %rcx = 0. */
+    .macro INCSSP_RCX
+1:  test %rcx, %rcx
+    jz 9f
+    mov $255, %edx
+    cmp %rdx, %rcx
+    cmovb %rcx, %rdx
+    incsspq %rdx
+    sub %rdx, %rcx
+    jmp 1b
+9:
+    .endm
+
+/* ---------------- IDT stubs: 256 x 16 bytes, each starting with ENDBR64 ---------------- */
+    .text
+    .p2align 4
+    .globl isr_stubs
+isr_stubs:
+    .set vec, 0
+    .rept 256
+    .p2align 4
+    endbr64
+    .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vec
+    jmp isr_common
+    .set vec, vec + 1
+    .endr
+
+isr_common:
+    CALL_TRAP
     iretq
 
 /* ---------------- SYSCALL entry (LSTAR) ----------------
@@ -104,45 +125,7 @@ syscall_entry:
     push %rcx                        /* rip */
     pushq $0                         /* error */
     pushq $256                       /* vector: SYSCALL */
-    push %rax
-    push %rbx
-    push %rcx
-    push %rdx
-    push %rsi
-    push %rdi
-    push %rbp
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    push %r12
-    push %r13
-    push %r14
-    push %r15
-    xor %eax, %eax
-    rdsspq %rax                      /* handler-entry SSP (0 if shadow stacks are off) */
-    push %rax                        /* trap_frame.pad */
-    push %rax                        /* trap_frame.entry_ssp */
-    cld
-    mov %rsp, %rdi
-    call trap
-    add $16, %rsp
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rbp
-    pop %rdi
-    pop %rsi
-    pop %rdx
-    pop %rcx
-    pop %rbx
-    pop %rax
-    add $16, %rsp
+    CALL_TRAP
     mov 0(%rsp), %rcx                /* user rip */
     mov 16(%rsp), %r11               /* user rflags */
     cmpb $0, cet(%rip)
@@ -193,14 +176,7 @@ cet_longjmp:
     jz 3f
     sub %rax, %rcx
     shr $3, %rcx                     /* entries to discard */
-1:  test %rcx, %rcx
-    jz 3f
-    mov $255, %edx
-    cmp %rdx, %rcx
-    cmovb %rcx, %rdx
-    incsspq %rdx
-    sub %rdx, %rcx
-    jmp 1b
+    INCSSP_RCX
 3:  mov 0(%rdi), %rbx
     mov 8(%rdi), %rbp
     mov 16(%rdi), %r12
@@ -296,15 +272,8 @@ user_return_to_kernel:
     mov 24(%rdi), %rcx               /* K's token address */
     sub %rax, %rcx
     shr $3, %rcx
-1:  test %rcx, %rcx
-    jz 2f
-    mov $255, %edx
-    cmp %rdx, %rcx
-    cmovb %rcx, %rdx
-    incsspq %rdx
-    sub %rdx, %rcx
-    jmp 1b
-2:  mov 8(%rdi), %rax
+    INCSSP_RCX
+    mov 8(%rdi), %rax
     rstorssp (%rax)                  /* back on M (previous-ssp token = K_top-8) */
     saveprevssp                      /* restore token at K_top-16; SSP = s_M */
 3:  mov 0(%rdi), %rsp

@@ -1,34 +1,30 @@
 """Helpers for the boot acceptance tests: find (or build) the guest kernels, run `cetvm boot`,
-read TAP output, and hand-build tiny ELF64 kernels from machine code."""
+read TAP output; tiny ELF64 kernels come from :mod:`spec_images`."""
 
 from __future__ import annotations
 
-import struct
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
-
-import pytest
 
 from cetvm.cli.main import main
+from guest_build import GUEST_BUILD
+from guest_build import demo_kernel  # noqa: F401  (re-exported)
+from guest_build import tap_kernel as guest  # noqa: F401  (re-exported)
+from spec_images import (  # noqa: F401  (re-exported: the boot tests' machine-code toolkit)
+    CLI_HLT,
+    JMP_SELF,
+    KERNEL_BASE,
+    UD2,
+    debug_exit,
+    elf64_kernel,
+    out_imm8,
+    outw_dx,
+    serial_text,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-GUESTS = REPO / "guests"
-GUEST_TESTS = GUESTS / "build" / "tests"
-DEMO_ELF = GUESTS / "build" / "demo.elf"
+GUEST_TESTS = GUEST_BUILD / "tests"
+DEMO_ELF = GUEST_BUILD / "demo.elf"
 #: Every boot test is capped: the TAP kernels need about 0.3 M instructions.
 MAX_INSTRUCTIONS = "5000000"
-
-
-def guest(name: str) -> Path:
-    """guests/build/tests/<name>.elf, built with make when missing (skip without a toolchain)."""
-    path = GUEST_TESTS / f"{name}.elf"
-    if not path.exists():
-        try:
-            subprocess.run(["make", "-s", "-C", str(GUESTS)], check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            pytest.skip(f"cannot build the guests: {getattr(exc, 'stderr', exc)}")
-    return path
 
 
 @dataclass
@@ -84,46 +80,3 @@ class Tap:
         assert self.plan is not None, "no TAP plan line"
         assert [n for _ok, n, _d in self.results] == list(range(1, self.plan + 1)), "TAP results do not match the plan"
         assert not self.failures(), f"failing TAP lines: {self.failures()}"
-
-
-# --- tiny ELF64 kernels (cetvm's ELF64 entry: 64-bit mode, identity-mapped low 4 GiB) ---------
-KERNEL_BASE = 0x100000
-
-
-def elf64_kernel(code: bytes, base: int = KERNEL_BASE) -> bytes:
-    """An ET_EXEC x86-64 ELF with one RWX PT_LOAD of ``code`` at ``base`` and entry at ``base``
-    (no multiboot header, so cetvm's ELF64 protocol boots it)."""
-    ehsize, phentsize = 64, 56
-    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    header = ident + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, base, ehsize, 0, 0, ehsize, phentsize, 1, 0, 0, 0)
-    offset = 0x1000
-    phdr = struct.pack("<IIQQQQQQ", 1, 7, offset, base, base, len(code), len(code), 0x1000)
-    image = bytearray(offset + len(code))
-    image[: len(header) + len(phdr)] = header + phdr
-    image[offset:] = code
-    return bytes(image)
-
-
-def out_imm8(port: int, value: int) -> bytes:
-    """mov al, value; out port, al."""
-    return bytes([0xB0, value, 0xE6, port])
-
-
-def outw_dx(port: int, value: int) -> bytes:
-    """mov dx, port; mov ax, value; out dx, ax."""
-    return b"\x66\xBA" + struct.pack("<H", port) + b"\x66\xB8" + struct.pack("<H", value) + b"\x66\xEF"
-
-
-def serial_text(text: str) -> bytes:
-    """For each byte: mov dx, 0x3F8; mov al, byte; out dx, al (COM1 THR)."""
-    return b"".join(b"\x66\xBA\xF8\x03" + bytes([0xB0, b, 0xEE]) for b in text.encode())
-
-
-def debug_exit(code: int) -> bytes:
-    """isa-debug-exit: out 0xF4, code."""
-    return out_imm8(0xF4, code)
-
-
-CLI_HLT = b"\xFA\xF4"          # cli; hlt
-JMP_SELF = b"\xEB\xFE"         # jmp $
-UD2 = b"\x0F\x0B"

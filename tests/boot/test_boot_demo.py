@@ -5,11 +5,11 @@ import re
 from cetvm.cli.demo import parse_outcomes, report_table
 from cetvm.cli.main import main
 
-from boot_support import DEMO_ELF, guest
+from boot_support import DEMO_ELF, demo_kernel
 
 
 def test_demo_blocks_every_attack_with_cet_and_not_without(capsys):
-    guest("boot_smoke")  # builds the guests if needed (demo.elf is built with them)
+    demo_kernel()  # builds the guests if needed
     assert DEMO_ELF.exists()
     status = main(["demo"])
     out = capsys.readouterr().out

@@ -10,9 +10,7 @@ code at 1 MiB; the guest's log at 0x200000 and value slots at 0x201000.
 from __future__ import annotations
 
 import struct
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -20,10 +18,8 @@ from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
 from cetvm.cpuid import get_model
 from cetvm.kvm.api import Kvm, KvmVcpu, Vm
 from cetvm.kvm.host import Host
+from guest_build import GUESTS, built_guest
 
-REPO = Path(__file__).resolve().parents[2]
-GUEST_DIR = REPO / "guests" / "kvm"
-BUILD_DIR = REPO / "guests" / "build" / "kvm"
 CODE = 0x100000
 LOG = 0x200000
 SLOTS = 0x201000
@@ -31,11 +27,8 @@ STUBS = {6: 0x40, 13: 0x80, 14: 0xC0, 21: 0x100}
 
 
 def guest_binary(name: str) -> bytes:
-    path = BUILD_DIR / f"{name}.bin"
-    sources = list(GUEST_DIR.glob("*.S")) + list(GUEST_DIR.glob("*.h"))
-    if not path.exists() or any(s.stat().st_mtime > path.stat().st_mtime for s in sources):
-        subprocess.run(["make", "-s", "-C", str(GUEST_DIR)], check=True, capture_output=True)
-    return path.read_bytes()
+    """guests/build/kvm/<name>.bin, built by make in guests/kvm when missing or stale."""
+    return built_guest(f"kvm/{name}.bin", GUESTS / "kvm").read_bytes()
 
 
 def _gate(offset: int, selector: int = 8) -> bytes:

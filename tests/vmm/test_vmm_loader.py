@@ -7,7 +7,8 @@ import pytest
 
 from cetvm import InputError
 from cetvm.vmm.loader import Long64Entry, ModuleSpec, Protected32Entry, load_kernel, load_kernel_image
-from vmm_elfbuild import elf, mb_header, parse_info
+from spec_images import elf, mb_header
+from vmm_elfbuild import parse_info
 
 MiB = 1 << 20
 RAM = 32 * MiB

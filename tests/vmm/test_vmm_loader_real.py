@@ -1,4 +1,4 @@
-"""Real kernels assembled with the system gcc/binutils, loaded by the loader and then run on a
+"""Real kernels (guests/vmm, assembled with the system gcc/binutils by make), loaded by the loader and then run on a
 bare Unicorn CPU wired to our port bus: the boot plan must be exactly what the kernel expects.
 
 Oracles: ``objcopy -O binary`` for the loaded bytes; the kernel itself checks EAX/RSI, EBX/RDI,
@@ -7,7 +7,6 @@ the zeroed bss and echoes what it reads from the multiboot information.
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -15,20 +14,17 @@ from cetvm.vmm.bus import PioBus
 from cetvm.vmm.devices import IsaDebugExit, Serial16550
 from cetvm.vmm.loader import Long64Entry, ModuleSpec, Protected32Entry, load_kernel
 from cetvm.vmm.requests import GuestExitRequest
+from guest_build import GUESTS, built_guest
 
-GUESTS = Path(__file__).resolve().parent / "guests"
 RAM = 16 << 20
 
 pytestmark = pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("ld") and shutil.which("objcopy")),
                                 reason="needs gcc, ld and objcopy to build test kernels")
 
 
-def build(tmp_path, source, ld_script, gcc_flags, ld_emulation):
-    obj, out = tmp_path / (source + ".o"), tmp_path / (source + ".elf")
-    subprocess.run(["gcc", "-c", *gcc_flags, "-I", str(GUESTS), str(GUESTS / source), "-o", str(obj)], check=True)
-    subprocess.run(["ld", "-m", ld_emulation, "--no-warn-rwx-segments", "-T", str(GUESTS / ld_script),
-                    str(obj), "-o", str(out)], check=True)
-    return out
+def kernel_elf(name):
+    """guests/build/vmm/<name>.elf, built by make in guests/vmm when missing or stale."""
+    return built_guest(f"vmm/{name}.elf", GUESTS / "vmm")
 
 
 def flat_binary(tmp_path, elf_path):
@@ -77,7 +73,7 @@ def run(plan, mode64=False):
 
 
 def test_multiboot_elf32_kernel(tmp_path):
-    kernel = build(tmp_path, "mb_elf32.S", "kernel.ld", ["-m32"], "elf_i386")
+    kernel = kernel_elf("mb_elf32")
     (tmp_path / "mod").write_bytes(b"module")
     plan = load_kernel(kernel, RAM, cmdline="hello from cetvm", modules=[ModuleSpec(str(tmp_path / "mod"))])
     assert plan.kind == "multiboot-elf32"
@@ -87,7 +83,7 @@ def test_multiboot_elf32_kernel(tmp_path):
 
 
 def test_multiboot_aout_kludge_in_an_elf64_file(tmp_path):
-    kernel = build(tmp_path, "mb_kludge64.S", "kernel.ld", [], "elf_x86_64")
+    kernel = kernel_elf("mb_kludge64")
     assert kernel.read_bytes()[4] == 2  # really an ELF64 file
     plan = load_kernel(kernel, RAM, cmdline="kludge")
     assert plan.kind == "multiboot-aout-kludge"
@@ -97,7 +93,7 @@ def test_multiboot_aout_kludge_in_an_elf64_file(tmp_path):
 
 
 def test_plain_elf64_kernel_in_long_mode(tmp_path):
-    kernel = build(tmp_path, "longmode64.S", "longmode64.ld", [], "elf_x86_64")
+    kernel = kernel_elf("longmode64")
     plan = load_kernel(kernel, RAM, cmdline="long mode")
     assert plan.kind == "elf64"
     assert run(plan, mode64=True) == (0x45, b"long mode")

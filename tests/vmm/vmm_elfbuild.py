@@ -1,54 +1,7 @@
-"""Hand-built ELF and multiboot images for loader tests (written from the specs, independent of
-the loader's own parser)."""
+"""Reading back what the multiboot loader wrote, from the spec (independent of the loader's own
+structures). The ELF and multiboot images themselves come from :mod:`spec_images`."""
 
 import struct
-
-MB_MAGIC = 0x1BADB002
-
-
-def mb_header(flags, kludge=None, checksum=None):
-    if checksum is None:
-        checksum = -(MB_MAGIC + flags) & 0xFFFFFFFF
-    head = struct.pack("<III", MB_MAGIC, flags, checksum)
-    if kludge is not None:
-        head += struct.pack("<5I", *kludge)
-    return head
-
-
-def elf(bits, machine, entry, segments, etype=2, extra=b"", extra_offset=None):
-    """segments: list of (paddr, vaddr, data, memsz). Data is placed at 0x1000-aligned offsets.
-    ``extra`` is put at ``extra_offset`` in the file (e.g. a multiboot header)."""
-    is64 = bits == 64
-    ehsize, phentsize = (64, 56) if is64 else (52, 32)
-    phoff = ehsize
-    ident = b"\x7fELF" + bytes([2 if is64 else 1, 1, 1]) + bytes(9)
-    if is64:
-        header = ident + struct.pack("<HHIQQQIHHHHHH", etype, machine, 1, entry, phoff, 0, 0, ehsize,
-                                     phentsize, len(segments), 0, 0, 0)
-    else:
-        header = ident + struct.pack("<HHIIIIIHHHHHH", etype, machine, 1, entry, phoff, 0, 0, ehsize,
-                                     phentsize, len(segments), 0, 0, 0)
-    body = bytearray(header)
-    offset = 0x1000
-    blobs = []
-    phdrs = b""
-    for paddr, vaddr, data, memsz in segments:
-        if is64:
-            phdrs += struct.pack("<IIQQQQQQ", 1, 7, offset, vaddr, paddr, len(data), memsz, 0x1000)
-        else:
-            phdrs += struct.pack("<IIIIIIII", 1, offset, vaddr, paddr, len(data), memsz, 7, 0x1000)
-        blobs.append((offset, data))
-        offset += (len(data) + 0xFFF) & ~0xFFF or 0x1000
-    body += phdrs
-    total = max([o + len(d) for o, d in blobs] + [len(body)])
-    image = bytearray(total)
-    image[: len(body)] = body
-    for o, d in blobs:
-        image[o : o + len(d)] = d
-    if extra:
-        where = extra_offset if extra_offset is not None else len(body)
-        image[where : where + len(extra)] = extra
-    return bytes(image)
 
 
 def parse_info(ram, addr):

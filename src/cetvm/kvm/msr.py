@@ -24,6 +24,7 @@ import errno
 from dataclasses import dataclass, field
 
 from cetvm import NotSupportedError
+from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
 from cetvm.arch.msr import Msr
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
@@ -222,11 +223,6 @@ MISC_ENABLE_BTS_UNAVAIL = 1 << 11
 MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
 UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
-APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
-APIC_BASE_BSP = 1 << 8
-APIC_BASE_EXTD = 1 << 10
-APIC_BASE_ENABLE = 1 << 11
-X2APIC_MSRS = range(0x800, 0x900)
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
 EMULATED_MSRS: tuple[int, ...] = (MSR_IA32_UCODE_REV, MSR_IA32_MISC_ENABLE)
 #: MSRs of KVM_GET_MSR_INDEX_LIST that KVM keeps in software, with their RESET values.
@@ -252,25 +248,10 @@ def kvm_pat_valid(data: int) -> bool:
     return all((data >> (8 * i)) & 0xFF in (0, 1, 4, 5, 6, 7) for i in range(8))
 
 
-def apic_base_reset_value(bsp: bool) -> int:
-    return APIC_DEFAULT_PHYS_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if bsp else 0)
-
-
 def kvm_apic_set_base_valid(old: int, new: int, maxphyaddr: int, x2apic: bool, host_initiated: bool) -> bool:
-    """kvm_apic_set_base(): reserved bits (7:0, 9, MAXPHYADDR and up, EXTD without CPUID
-    x2APIC), the invalid EXTD-without-EN state, and for the guest the x2APIC → xAPIC and
-    disabled → x2APIC transitions [SDM §11.12.5 Figure 11-27]."""
-    reserved = (((1 << 64) - 1) & ~((1 << maxphyaddr) - 1)) | 0x2FF | (0 if x2apic else APIC_BASE_EXTD)
-    if new & reserved:
-        return False
-    mode = new & (APIC_BASE_ENABLE | APIC_BASE_EXTD)
-    old_mode = old & (APIC_BASE_ENABLE | APIC_BASE_EXTD)
-    x2, xapic = APIC_BASE_ENABLE | APIC_BASE_EXTD, APIC_BASE_ENABLE
-    if mode == APIC_BASE_EXTD:
-        return False
-    if not host_initiated and ((old_mode == x2 and mode == xapic) or (old_mode == 0 and mode == x2)):
-        return False
-    return True
+    """kvm_apic_set_base(): the architectural rule of :func:`cetvm.arch.apic.apic_base_write_error`
+    (reserved bits, EXTD without EN, and for the guest the forbidden mode transitions)."""
+    return apic_base_write_error(old, new, maxphyaddr, x2apic, host_initiated) is None
 
 
 def guest_maxphyaddr(vcpu: VcpuCetState) -> int:

@@ -32,13 +32,13 @@ import errno
 from dataclasses import dataclass, field
 
 from cetvm.arch import Cr4, Vector
+from cetvm.arch.apic import X2APIC_MSRS
 from cetvm.arch.cpuid_bits import FEATURES
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpu.exits import ExitReason, IoExit, MmioExit, VmExit
 from cetvm.kvm.errors import KvmIoctlError
 from cetvm.kvm.msr import (
     CPU_HELD_MSRS,
-    X2APIC_MSRS,
     KvmMsrState,
     MsrResult,
     is_xstate_managed_msr,

@@ -36,24 +36,26 @@ source. Decisions, each tested:
 
 from __future__ import annotations
 
-import enum
 from types import MappingProxyType
 from typing import Mapping
 
 from cetvm import InputError
 from cetvm.arch import Vector
+from cetvm.arch.apic import (
+    APIC_BASE_ADDR_MASK,
+    APIC_BASE_EXTD,
+    APIC_DEFAULT_PHYS_BASE,
+    X2APIC_MSR_FIRST,
+    X2APIC_MSR_LAST,
+    ApicMode,
+    apic_base_reset_value,
+    apic_base_write_error,
+    apic_mode,
+)
 from cetvm.vmm.devices.state import state_int
 from cetvm.vmm.requests import GuestFaultRequest
 
-APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
 APIC_MMIO_SIZE = 0x1000
-X2APIC_MSR_FIRST = 0x800
-X2APIC_MSR_LAST = 0x8FF
-
-APIC_BASE_BSP = 1 << 8
-APIC_BASE_EXTD = 1 << 10
-APIC_BASE_ENABLE = 1 << 11
-APIC_BASE_ADDR_MASK = ~0xFFF
 
 APIC_VERSION = 0x14
 
@@ -108,45 +110,6 @@ LVT_WRITABLE: Mapping[int, int] = MappingProxyType({
 _IN_SERVICE_BANKS = tuple(range(APIC_ISR, APIC_IRR + 0x80, 0x10))  # ISR, TMR, IRR: 8 regs each
 
 
-class ApicMode(enum.Enum):
-    """IA32_APIC_BASE EN/EXTD combinations [SDM 11.12.5 Table 11-5]."""
-
-    DISABLED = 0
-    INVALID = APIC_BASE_EXTD
-    XAPIC = APIC_BASE_ENABLE
-    X2APIC = APIC_BASE_ENABLE | APIC_BASE_EXTD
-
-
-def apic_mode(apic_base: int) -> ApicMode:
-    return ApicMode(apic_base & (APIC_BASE_ENABLE | APIC_BASE_EXTD))
-
-
-def apic_base_reserved_bits(maxphyaddr: int, x2apic_supported: bool) -> int:
-    """Bits of IA32_APIC_BASE a write must leave 0 (KVM kvm_apic_set_base: bits 7:0 and 9,
-    bits at or above MAXPHYADDR, and EXTD when the CPU model has no x2APIC)."""
-    reserved = ((1 << 64) - 1) & ~((1 << maxphyaddr) - 1) | 0x2FF
-    if not x2apic_supported:
-        reserved |= APIC_BASE_EXTD
-    return reserved
-
-
-def apic_base_write_error(old: int, new: int, maxphyaddr: int, x2apic_supported: bool,
-                          host_initiated: bool) -> str | None:
-    """Why a write of ``new`` to IA32_APIC_BASE (currently ``old``) must #GP, or None."""
-    reserved = new & apic_base_reserved_bits(maxphyaddr, x2apic_supported)
-    if reserved:
-        return f"IA32_APIC_BASE value {new:#x} sets reserved bits {reserved:#x}"
-    old_mode, new_mode = apic_mode(old), apic_mode(new)
-    if new_mode is ApicMode.INVALID:
-        return "IA32_APIC_BASE: x2APIC enable (bit 10) without APIC enable (bit 11)"
-    if not host_initiated:
-        if old_mode is ApicMode.X2APIC and new_mode is ApicMode.XAPIC:
-            return "IA32_APIC_BASE: x2APIC mode can only be left by disabling the APIC"
-        if old_mode is ApicMode.DISABLED and new_mode is ApicMode.X2APIC:
-            return "IA32_APIC_BASE: a disabled APIC must enter xAPIC mode before x2APIC mode"
-    return None
-
-
 def x2apic_ldr(apic_id: int) -> int:
     """Logical ID derived from the x2APIC ID: cluster (ID[19:4]) << 16 | 1 << ID[3:0]."""
     return ((apic_id >> 4) << 16) | (1 << (apic_id & 0xF))
@@ -171,7 +134,7 @@ class LocalApic:
         self.nr_lvt = nr_lvt
         self.maxphyaddr = maxphyaddr
         self.x2apic_supported = x2apic_supported
-        self.apic_base = APIC_DEFAULT_PHYS_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if bsp else 0)
+        self.apic_base = apic_base_reset_value(bsp)
         self.reset_registers()
 
     # --- state -----------------------------------------------------------------------

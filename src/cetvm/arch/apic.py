@@ -1,0 +1,70 @@
+"""IA32_APIC_BASE layout and the rule for writing it [SDM Vol. 3 §11.4.4, §11.12.5].
+
+One copy of these facts serves both the hypervisor (``cetvm.kvm.msr``: KVM's own
+``vcpu->arch.apic_base`` without an in-kernel APIC) and the VMM's local APIC device
+(``cetvm.vmm.devices.lapic``), which used to carry a copy each.
+"""
+
+from __future__ import annotations
+
+import enum
+
+#: Power-up base of the xAPIC MMIO page [SDM §11.4.1].
+APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_EXTD = 1 << 10
+APIC_BASE_ENABLE = 1 << 11
+APIC_BASE_ADDR_MASK = ~0xFFF
+#: x2APIC register MSRs 0x800-0x8FF [SDM §11.12.1.2].
+X2APIC_MSR_FIRST = 0x800
+X2APIC_MSR_LAST = 0x8FF
+X2APIC_MSRS = range(X2APIC_MSR_FIRST, X2APIC_MSR_LAST + 1)
+
+
+class ApicMode(enum.Enum):
+    """IA32_APIC_BASE EN/EXTD combinations [SDM §11.12.5 Table 11-5]."""
+
+    DISABLED = 0
+    INVALID = APIC_BASE_EXTD
+    XAPIC = APIC_BASE_ENABLE
+    X2APIC = APIC_BASE_ENABLE | APIC_BASE_EXTD
+
+
+def apic_mode(apic_base: int) -> ApicMode:
+    return ApicMode(apic_base & (APIC_BASE_ENABLE | APIC_BASE_EXTD))
+
+
+def apic_base_reset_value(bsp: bool) -> int:
+    """IA32_APIC_BASE after RESET: default base, enabled, BSP flag on the bootstrap processor."""
+    return APIC_DEFAULT_PHYS_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if bsp else 0)
+
+
+def apic_base_reserved_bits(maxphyaddr: int, x2apic_supported: bool) -> int:
+    """Bits of IA32_APIC_BASE a write must leave 0 (KVM kvm_apic_set_base: bits 7:0 and 9,
+    bits at or above MAXPHYADDR, and EXTD when the CPU model has no x2APIC)."""
+    reserved = ((1 << 64) - 1) & ~((1 << maxphyaddr) - 1) | 0x2FF
+    if not x2apic_supported:
+        reserved |= APIC_BASE_EXTD
+    return reserved
+
+
+def apic_base_write_error(old: int, new: int, maxphyaddr: int, x2apic_supported: bool,
+                          host_initiated: bool) -> str | None:
+    """Why a write of ``new`` to IA32_APIC_BASE (currently ``old``) must #GP, or None.
+
+    Reserved bits and the invalid state EXTD=1/EN=0 always fail; the mode transitions the SDM
+    forbids (x2APIC -> xAPIC, disabled -> x2APIC; §11.12.5 Figure 11-27) fail only for the
+    guest, because KVM lets a host-initiated write (KVM_SET_MSRS, migration) set any valid mode
+    (kvm_apic_set_base / kvm_set_apic_base)."""
+    reserved = new & apic_base_reserved_bits(maxphyaddr, x2apic_supported)
+    if reserved:
+        return f"IA32_APIC_BASE value {new:#x} sets reserved bits {reserved:#x}"
+    old_mode, new_mode = apic_mode(old), apic_mode(new)
+    if new_mode is ApicMode.INVALID:
+        return "IA32_APIC_BASE: x2APIC enable (bit 10) without APIC enable (bit 11)"
+    if not host_initiated:
+        if old_mode is ApicMode.X2APIC and new_mode is ApicMode.XAPIC:
+            return "IA32_APIC_BASE: x2APIC mode can only be left by disabling the APIC"
+        if old_mode is ApicMode.DISABLED and new_mode is ApicMode.X2APIC:
+            return "IA32_APIC_BASE: a disabled APIC must enter xAPIC mode before x2APIC mode"
+    return None
