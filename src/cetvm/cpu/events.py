@@ -38,6 +38,17 @@ TSS_RSP0 = 4
 TSS_IST1 = 36
 
 
+@dataclass
+class PendingEvent:
+    """An exception or interrupt waiting for delivery through the IDT (the vCPU holds at most one)."""
+
+    vector: int
+    error_code: int | None = None
+    cr2: int | None = None
+    software: bool = False  # INT n / INT3 / INTO: gate DPL check, RIP already past the instruction
+    injected: bool = False  # by the hypervisor: not subject to the exception bitmap (VM entry)
+
+
 @dataclass(frozen=True)
 class IdtGate:
     """A 64-bit IDT gate descriptor (16 bytes)."""

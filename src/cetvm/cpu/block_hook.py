@@ -1,0 +1,170 @@
+"""The traced-mode block hook of a vCPU on its three CET paths (native, Python fast path, reference).
+
+Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): installing the
+UC_HOOK_BLOCK callback through Unicorn's C API — the native C hook of :mod:`cetvm.cpu.native`,
+the flat Python common case of :mod:`cetvm.cpu.fastpath` in front of the reference, or the
+reference alone — block classification (instructions cetvm emulates become Unicorn exits), the
+reference block-start handling (:func:`cetvm.cpu.cet.transfer.on_block_start`) and the native
+hook's hand-overs.
+
+A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`, not a separate object, on purpose: the hook runs at
+every block start and reads the vCPU's cached mode (``_cpl``, ``_cet_active``, ``_stepping``,
+``_blocks``, ``cet``) as plain attributes of one object; a composed object would add an
+attribute-chain lookup per block (and :mod:`cetvm.cpu.fastpath` reads the same attributes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import UC_HOOK_BLOCK, UcError
+from unicorn import x86_const as X
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
+
+from cetvm import CetvmError
+from cetvm.arch.msr import CetCtl
+from cetvm.cpu import decode
+from cetvm.cpu.blocks import BlockInfo
+from cetvm.cpu.cet.transfer import BlockAction, Terminator, classify_terminator, on_block_start
+from cetvm.cpu.fastpath import make_block_hook
+from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.native import NativeCet, PagingKind
+
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+_TRACKER = int(CetCtl.TRACKER)
+#: void hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
+_BLOCK_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+
+
+class BlockHookMixin:
+    """Block-start handling of :class:`~cetvm.cpu.vcpu.Vcpu` (uses its attributes directly)."""
+
+    def _install_block_hook(self) -> None:
+        """Register the block hook straight through Unicorn's C API (ctypes): about twice as fast
+        as the binding's wrapper, and the same shape a native hook will have. The hook is the
+        common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`_on_block` (the
+        reference), or :meth:`_on_block_raw` alone when ``python_fast_path`` is False."""
+        hook = make_block_hook(self, self._on_block) if self.python_fast_path else self._on_block_raw
+        self._block_hook_cb = _BLOCK_HOOK_CFUNC(hook)
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), UC_HOOK_BLOCK,
+                                   ctypes.cast(self._block_hook_cb, ctypes.c_void_p), ctypes.c_void_p(0),
+                                   ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if status != 0:
+            raise CetvmError(f"cannot install the block hook (unicorn error {status})")
+
+    def _install_native_path(self) -> None:
+        """The native fast path (:mod:`cetvm.cpu.native`): the C block hook owns SSP, U_CET,
+        S_CET (``self.cet``) and the block table / pending terminator (``self._blocks``); it
+        calls :meth:`_classify_block` once per new block and hands rare cases back to
+        :meth:`_apply_native_handover`. Paging-off guests get its native TLB-fill hook."""
+        self._native = NativeCet(self._uc, lambda address, size: self._classify_block(address, size) is not None)
+        self._blocks = self._native.blocks
+        self.cet = self._native.cet_state
+        self._native.install()
+        self._native.install_tlb_fill(set_mode=False)
+
+    def _sync_native_mode(self) -> None:
+        mode = self._memory.mode
+        paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
+        self._native.sync_mode(cpl=self._cpl, long_mode=self._long_mode, cr4_cet=self._cr4_cet, paging=paging,
+                               cr3=mode.cr3)
+        self._native.flush_translations()
+
+    def _apply_native_handover(self) -> None:
+        """A block start the native hook left to us: run the reference state machine for it."""
+        request = self._native.take_handover()
+        if request is None:
+            return
+        try:
+            first = self._read_code(request.block_addr, 4)
+        except (GuestFault, UcError):
+            first = b""
+        decision = on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first)
+        if decision.action == BlockAction.FAULT:
+            self.rip = decision.rip
+            if decision.rsp is not None:
+                self.set_reg("rsp", decision.rsp)
+            self._raise_event(decision.fault)
+
+    def _on_block_raw(self, _uch: int, address: int, size: int, _user: int) -> None:
+        try:
+            self._on_block(address, size)
+        except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
+            self._hook_error = exc
+            self._uc.emu_stop()
+
+    def _fast_rsp(self) -> int:
+        uclib.uc_reg_read(self._uc._uch, X.UC_X86_REG_RSP, ctypes.byref(self._reg_buf))
+        return self._reg_buf.value
+
+    def _on_block(self, address: int, size: int) -> None:
+        """At each block start: classify on a miss, then run the CET state machine (the
+        reference hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and
+        calls this, with nothing committed, for everything else).
+
+        Shortcut (engine decision, no CET semantics): with no pending terminator and the
+        current CPL's IBT tracker idle, :func:`on_block_start` has nothing to do and is skipped.
+        """
+        if self._stepping:
+            return
+        blocks = self._blocks
+        info = blocks.cache.get(address)
+        if info is None or info.size != size:
+            info = self._classify_block(address, size)
+            if info is None:
+                return
+        prev = blocks.prev
+        blocks.prev = info.terminator
+        blocks.prev_block_start = address
+        if not self._cet_active:
+            return
+        if prev is None and not (self.cet.u_cet if self._cpl == 3 else self.cet.s_cet) & _TRACKER:
+            return
+        # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
+        decision = on_block_start(self, prev, address, None, info.first_bytes)
+        if decision.action == BlockAction.FAULT:
+            uc = self._uc
+            if decision.rsp_adjust:
+                uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
+            uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
+            self._raise_event(decision.fault)
+            uc.emu_stop()
+
+    def _classify_block(self, address: int, size: int) -> BlockInfo | None:
+        """Decode a new block; make emulated instructions exits (then restart: returns None)."""
+        try:
+            code = self._read_code(address, size)
+        except (GuestFault, UcError):
+            code = b""
+        instrs = decode.decode_block(code, address, 64 if self._long_mode else 32)
+        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in self._exits]
+        if new_exits:
+            self._exits.update(new_exits)
+            self._uc.ctl_set_exits(sorted(self._exits))
+            self._uc.ctl_remove_cache(address, address + max(size, 1))
+            self._uc.reg_write(X.UC_X86_REG_RIP, address)
+            self._uc.emu_stop()
+            return None
+        terminator = classify_terminator(instrs[-1]) if instrs else None
+        if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
+            terminator = None  # nothing to apply at the next block start
+        info = BlockInfo(address, size, terminator, code[:4])
+        self._blocks.store(info)
+        return info
+
+    def _apply_pending_terminator(self, rip: int) -> None:
+        """Apply the previous block's terminator when the next "block" is an emulated instruction."""
+        prev = self._blocks.take_prev(None)
+        if prev is None or not self._cet_active:
+            return
+        try:
+            first = self._read_code(rip, 4)
+        except (GuestFault, UcError):
+            first = b""
+        decision = on_block_start(self, prev, rip, self.reg("rsp"), first)
+        if decision.action == BlockAction.FAULT:
+            self.rip = decision.rip
+            if decision.rsp is not None:
+                self.set_reg("rsp", decision.rsp)
+            self._raise_event(decision.fault)

@@ -1,0 +1,105 @@
+"""The exact instruction budget of a vCPU run (``Vcpu.run(budget=N)`` → ExitReason.BUDGET).
+
+Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): the counter struct shared
+with the native code (:class:`cetvm.cpu.native.loader.InsnCounter`: retired, budget left, hit),
+the UC_HOOK_CODE count hook (native ``cetfast_count_insn`` when built, else the Python twin),
+and retire/unretire for instructions emulated in Python or faulting instead of retiring.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import UC_HOOK_CODE, Uc
+from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
+
+from cetvm import CetvmError
+from cetvm.cpu.native.loader import InsnCounter, native_count_hook
+
+#: (kind, handle) of an installed count hook: kind is "python" or "native".
+CountHook = tuple[str, object]
+
+
+class InstructionBudget:
+    """Instructions retired by a vCPU and the budget left in the current run (if any)."""
+
+    def __init__(self) -> None:
+        self.counter = InsnCounter()
+        self.counter.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        self._budgeting = False
+
+    @property
+    def retired(self) -> int:
+        return self.counter.retired
+
+    @retired.setter
+    def retired(self, value: int) -> None:
+        self.counter.retired = value
+
+    @property
+    def left(self) -> int | None:
+        """Instructions the current run may still retire; None when the run has no budget."""
+        return self.counter.budget_left if self._budgeting else None
+
+    @left.setter
+    def left(self, value: int | None) -> None:
+        self._budgeting = value is not None
+        if value is not None:
+            self.counter.budget_left = value
+
+    @property
+    def hit(self) -> bool:
+        """The count hook stopped the engine because the budget ran out."""
+        return bool(self.counter.hit)
+
+    @hit.setter
+    def hit(self, value: bool) -> None:
+        self.counter.hit = int(value)
+
+    def retire(self) -> None:
+        """An instruction emulated in Python retired (counts against the budget)."""
+        counter = self.counter
+        counter.retired += 1
+        if self._budgeting:
+            counter.budget_left -= 1
+
+    def unretire(self) -> None:
+        """The last counted instruction faulted instead of retiring."""
+        if self._budgeting:
+            counter = self.counter
+            counter.budget_left += 1
+            counter.retired -= 1
+
+    def add_count_hook(self, uc: Uc, python_only: bool) -> CountHook:
+        """A UC_HOOK_CODE counter for the budget: the native one (``cetfast_count_insn``, ~60
+        MIPS) when the library is built, else :meth:`count_instruction` (~2 MIPS). A vCPU on the
+        Python CET path (``python_only``) uses no native code at all, so both counters stay
+        tested."""
+        address = None if python_only else native_count_hook()
+        if address is None:
+            return "python", uc.hook_add(UC_HOOK_CODE, self.count_instruction)
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(address),
+                                   ctypes.c_void_p(ctypes.addressof(self.counter)),
+                                   ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if status != 0:
+            raise CetvmError(f"cannot install the instruction counter (unicorn error {status})")
+        return "native", handle
+
+    @staticmethod
+    def del_count_hook(uc: Uc, hook: CountHook) -> None:
+        kind, handle = hook
+        if kind == "python":
+            uc.hook_del(handle)
+        else:
+            uclib.uc_hook_del(uc._uch, handle)
+
+    def count_instruction(self, uc: Uc, address: int, size: int, _data: object) -> None:
+        """Python twin of ``cetfast_count_insn`` (used when the native library is not built)."""
+        counter = self.counter
+        if counter.budget_left <= 0:
+            counter.hit = 1
+            uc.emu_stop()
+            return
+        counter.budget_left -= 1
+        counter.retired += 1

@@ -1,0 +1,146 @@
+"""Emulation plumbing of a vCPU: instructions cetvm runs itself at exit addresses, and exit completion.
+
+Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): fetching and decoding an
+instruction for emulation, running :mod:`cetvm.cpu.emulate` at an exit address (after applying
+the previous block's pending CET terminator), single-stepping one instruction through Unicorn
+(:meth:`EmulationPlumbingMixin.step_native`), queuing a guest fault, and the completion of the
+last exit's instruction (KVM's complete_userspace_io()).
+
+A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`: it works on the vCPU's exit set, block tracker and
+pending event in place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from unicorn import UC_ERR_INSN_INVALID, UcError
+from unicorn import x86_const as X
+
+from cetvm import CetvmError
+from cetvm.arch import Vector
+from cetvm.cpu import decode
+from cetvm.cpu.events import PendingEvent
+from cetvm.cpu.exits import VmExit
+from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.paging import Access
+
+
+class EmulationPlumbingMixin:
+    """Emulation at exit addresses, native single steps and exit completion for the vCPU."""
+
+    def fetch_instruction(self, rip: int):
+        """Decode the instruction at ``rip`` (fetch access; raises GuestFault)."""
+        code = self._read_code(rip, decode.MAX_INSTRUCTION_LENGTH)
+        return decode.decode_one(code, rip, 64 if self._long_mode else 32)
+
+    def _read_code(self, linear: int, size: int) -> bytes:
+        """Instruction bytes; stops early at an untranslatable page (fewer bytes, no fault)."""
+        return self._memory.read_code(linear, size, Access.FETCH | self._user_access())
+
+    def _emulate_at(self, rip: int, emulate) -> VmExit | None:
+        self._apply_pending_terminator(rip)
+        if self._pending is not None:
+            return None
+        try:
+            instr = self.fetch_instruction(rip)
+            result = emulate.emulate(self, instr)
+        except GuestFault as fault:
+            self._raise_event(fault)
+            return None
+        self._blocks.prev = None
+        return result
+
+    def step_native(self, rip: int, next_ip: int | None = None) -> None:
+        """Let Unicorn execute the one instruction at ``rip`` although it is an exit address.
+
+        Used for instructions whose CET effects cetvm adds around Unicorn's own execution (far
+        CALL/RET/JMP, INVLPG, MMIO completion); not for privilege changes (IRETQ, SYSRET are
+        emulated: see :func:`cetvm.cpu.emulate.iret`).
+
+        Exactly one instruction must run: the block hook is off while stepping, so anything
+        Unicorn ran past it would escape the CET checks. Unicorn's ``count`` is enforced by a code
+        hook that translation blocks already in the cache do not contain, so it cannot be relied
+        on alone. With ``next_ip`` (an instruction that does not branch) a temporary exit there
+        stops Unicorn before the next instruction; for a branch (far transfers: the target is not
+        known here) the translation cache is flushed around a counted step so that every block
+        runs with the count hook. Far transfers are rare; INVLPG and MMIO take the cheap path.
+        """
+        uc = self._uc
+        was_exit = rip in self._exits
+        temporary_exit = next_ip is not None and next_ip not in self._exits
+        if was_exit:
+            self._exits.discard(rip)
+        if temporary_exit:
+            self._exits.add(next_ip)
+        if was_exit or temporary_exit:
+            uc.ctl_set_exits(sorted(self._exits))
+            uc.ctl_remove_cache(rip, rip + 1)
+            if temporary_exit:
+                uc.ctl_remove_cache(next_ip, next_ip + 1)
+        if next_ip is None:
+            uc.ctl_flush_tb()
+        self._stepping = True
+        if self._native is not None:
+            self._native.set_enabled(False)
+        cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+        try:
+            uc.emu_start(rip, 0, count=1)
+        except UcError as err:
+            if err.errno == UC_ERR_INSN_INVALID:
+                self._raise_event(GuestFault(Vector.UD))
+            else:
+                raise CetvmError(f"engine error at RIP {rip:#x}: {err}") from None
+        finally:
+            self._stepping = False
+            if self._native is not None:
+                self._native.set_enabled(True)
+            if temporary_exit:
+                self._exits.discard(next_ip)
+            if was_exit:
+                self._exits.add(rip)
+            if was_exit or temporary_exit:
+                uc.ctl_set_exits(sorted(self._exits))
+                uc.ctl_remove_cache(rip, rip + 1)
+                if temporary_exit:
+                    uc.ctl_remove_cache(next_ip, next_ip + 1)
+            if next_ip is None:
+                uc.ctl_flush_tb()  # drop the blocks translated with the count hook
+        self._blocks.prev = None
+        if self._pending is None:
+            # Dropping the stepped TB translates ``rip`` in the *new* mode; after a privilege
+            # change that is a phantom #PF that sets CR2 and old_exception: undo both.
+            uc.reg_write(X.UC_X86_REG_CR2, cr2)
+            self._clear_stale_old_exception()
+
+    def add_completion(self, completion: Callable[[], None]) -> None:
+        """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction)."""
+        self._completion = completion
+
+    @property
+    def exit_pending_completion(self) -> bool:
+        """True while the instruction of the last exit still has to be finished (IN/MMIO-read
+        data, RIP past HLT/VMCALL/CPUID/...): by :meth:`complete_pending_exit` or the next run."""
+        return self._completion is not None
+
+    def complete_pending_exit(self) -> None:
+        """Finish the instruction of the last exit now, without running guest code and without
+        delivering pending events (KVM's complete_userspace_io(), which runs before anything
+        else changes the vCPU). The hypervisor must have stored its results first (IN data in
+        the exit's ``io.data``, MMIO read data, RAX of a VMCALL...). Nothing pending: no-op.
+        A fault raised by the completion (e.g. an MMIO write re-executed into a #PF) is
+        delivered at the next run."""
+        completion, self._completion = self._completion, None
+        if completion is not None:
+            completion()
+
+    def cancel_pending_exit(self) -> None:
+        """Forget the completion of the last exit: the exiting instruction is not finished and
+        RIP stays at it (e.g. the vCPU is reset, or its registers are replaced wholesale, so
+        re-executing the instruction is what should happen). Nothing pending: no-op."""
+        self._completion = None
+
+    def _raise_event(self, fault: GuestFault) -> None:
+        """Queue a fault for delivery (RIP must already be at the faulting instruction)."""
+        self._blocks.prev = None
+        self._pending = PendingEvent(fault.vector, fault.error_code, fault.cr2)
