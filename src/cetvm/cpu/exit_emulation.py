@@ -69,17 +69,7 @@ class EmulationPlumbingMixin:
         uc = self._uc
         was_exit = rip in self._exits
         temporary_exit = next_ip is not None and next_ip not in self._exits
-        if was_exit:
-            self._exits.discard(rip)
-        if temporary_exit:
-            self._exits.add(next_ip)
-        if was_exit or temporary_exit:
-            uc.ctl_set_exits(sorted(self._exits))
-            uc.ctl_remove_cache(rip, rip + 1)
-            if temporary_exit:
-                uc.ctl_remove_cache(next_ip, next_ip + 1)
-        if next_ip is None:
-            uc.ctl_flush_tb()
+        self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=True)
         self._stepping = True
         if self._native is not None:
             self._native.set_enabled(False)
@@ -95,23 +85,33 @@ class EmulationPlumbingMixin:
             self._stepping = False
             if self._native is not None:
                 self._native.set_enabled(True)
-            if temporary_exit:
-                self._exits.discard(next_ip)
-            if was_exit:
-                self._exits.add(rip)
-            if was_exit or temporary_exit:
-                uc.ctl_set_exits(sorted(self._exits))
-                uc.ctl_remove_cache(rip, rip + 1)
-                if temporary_exit:
-                    uc.ctl_remove_cache(next_ip, next_ip + 1)
-            if next_ip is None:
-                uc.ctl_flush_tb()  # drop the blocks translated with the count hook
+            self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=False)
         self._blocks.prev = None
         if self._pending is None:
             # Dropping the stepped TB translates ``rip`` in the *new* mode; after a privilege
             # change that is a phantom #PF that sets CR2 and old_exception: undo both.
             uc.reg_write(X.UC_X86_REG_CR2, cr2)
             self._clear_stale_old_exception()
+
+    def _set_step_exits(self, rip: int, next_ip: int | None, was_exit: bool, temporary_exit: bool, *,
+                        stepping: bool) -> None:
+        """Around a step: ``rip`` stops being an exit and ``next_ip`` becomes one (``stepping``),
+        then the reverse; the affected blocks are retranslated. Without ``next_ip`` the whole
+        translation cache is flushed instead (before: so every block gets the count hook; after:
+        so none keeps it)."""
+        uc = self._uc
+        if was_exit:
+            (self._exits.discard if stepping else self._exits.add)(rip)
+        if temporary_exit:
+            assert next_ip is not None
+            (self._exits.add if stepping else self._exits.discard)(next_ip)
+        if was_exit or temporary_exit:
+            uc.ctl_set_exits(sorted(self._exits))
+            uc.ctl_remove_cache(rip, rip + 1)
+            if temporary_exit:
+                uc.ctl_remove_cache(next_ip, next_ip + 1)
+        if next_ip is None:
+            uc.ctl_flush_tb()
 
     def add_completion(self, completion: Callable[[], None]) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction)."""
