@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cetvm.arch import CetCtl, Cr0, Cr4, Msr, Pte, supervisor_token
+from cetvm.arch import CetCtl, Cr0, Cr4, Msr, Pte, Vector, supervisor_token
 from cetvm.arch.msr import Efer
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.state import DescriptorTable, Segment, Sregs
@@ -267,3 +267,28 @@ class Machine:
 
     def write_u64(self, addr: int, value: int) -> None:
         self.vcpu.write_phys(addr, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF))
+
+
+# ---------------------------------------------------------------- cases the CET paths must agree on
+SHSTK_IBT = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
+#: Guest cases whose end states every pair of CET paths must agree on (native vs Python,
+#: Python fast path vs reference): (guest, case, options).
+AGREEMENT_CASES = [
+    ("shstk_ret", "case_calls", Options()),
+    ("shstk_ret", "case_corrupt_ret", Options()),
+    ("shstk_ret", "case_ret_to_unmapped", Options()),
+    ("ibt", "case_good", Options()),
+    ("ibt", "case_jmp_bad", Options()),
+    ("ibt", "case_call_bad", Options()),
+    ("ibt", "case_notrack_jmp", Options(s_cet=SHSTK_IBT | CetCtl.NO_TRACK_EN)),
+    ("cet_insn", "case_rdssp_incssp", Options()),
+    ("cet_insn", "case_pivot", Options()),
+    ("paging_ss", "case_call_on_normal_page", Options(ist_vectors={Vector.PF: 1})),
+    ("ring3", "case_user_events", Options(u_cet=int(CetCtl.SH_STK_EN), ist_vectors={0x80: 1}, iret_vectors=(3, 0x80))),
+    ("ring3", "case_syscall", Options(u_cet=int(CetCtl.SH_STK_EN))),
+    ("farret", "case_far_roundtrip", Options()),
+    ("farret", "case_far_ret_mismatch", Options()),
+    ("target_fault", "case_target_with_endbr", Options()),
+    ("target_fault", "case_target_without_endbr", Options()),
+]
+SHADOW_STACK_PAGES = ("SSTK_KERNEL", "SSTK_KERNEL2", "SSTK_IST", "SSTK_SPARE", "SSTK_USER")

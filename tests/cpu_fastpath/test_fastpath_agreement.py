@@ -23,7 +23,7 @@ from cetvm.cpu.state import Segment
 from cetvm.cpu.vcpu import Vcpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cpu"))
-from harness import L, PAGE, Machine, Options  # noqa: E402
+from harness import AGREEMENT_CASES as GUEST_CASES, SHADOW_STACK_PAGES, L, PAGE, Machine, Options  # noqa: E402
 
 ENDBR64 = "f30f1efa"
 SS_TOP = bench.SHADOW_STACK + 0x1000
@@ -315,26 +315,6 @@ def test_compatibility_mode_indirect_jmp_needs_endbr32(monkeypatch):
 
 
 # ---------------------------------------------------------------- the real test guests
-SHSTK_IBT = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
-GUEST_CASES = [
-    ("shstk_ret", "case_calls", Options()),
-    ("shstk_ret", "case_corrupt_ret", Options()),
-    ("shstk_ret", "case_ret_to_unmapped", Options()),
-    ("ibt", "case_good", Options()),
-    ("ibt", "case_jmp_bad", Options()),
-    ("ibt", "case_call_bad", Options()),
-    ("ibt", "case_notrack_jmp", Options(s_cet=SHSTK_IBT | CetCtl.NO_TRACK_EN)),
-    ("cet_insn", "case_rdssp_incssp", Options()),
-    ("cet_insn", "case_pivot", Options()),
-    ("paging_ss", "case_call_on_normal_page", Options(ist_vectors={Vector.PF: 1})),
-    ("ring3", "case_user_events", Options(u_cet=int(CetCtl.SH_STK_EN), ist_vectors={0x80: 1}, iret_vectors=(3, 0x80))),
-    ("ring3", "case_syscall", Options(u_cet=int(CetCtl.SH_STK_EN))),
-    ("farret", "case_far_roundtrip", Options()),
-    ("farret", "case_far_ret_mismatch", Options()),
-    ("target_fault", "case_target_with_endbr", Options()),
-    ("target_fault", "case_target_without_endbr", Options()),
-]
-SHADOW_STACK_PAGES = ("SSTK_KERNEL", "SSTK_KERNEL2", "SSTK_IST", "SSTK_SPARE", "SSTK_USER")
 
 
 @pytest.mark.guest

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cpu"))
-from harness import L, PAGE, Machine, Options  # noqa: E402
+from harness import AGREEMENT_CASES as CASES, SHADOW_STACK_PAGES, L, PAGE, Machine, Options  # noqa: E402
 
 from cetvm.arch import CetCtl, Msr, Vector  # noqa: E402
 from cetvm.cpu.native import native_available  # noqa: E402
@@ -22,23 +22,6 @@ from cetvm.cpu.native import native_available  # noqa: E402
 pytestmark = [pytest.mark.guest,
               pytest.mark.skipif(not native_available(), reason="native CET fast path not built")]
 
-SHSTK_IBT = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
-CASES = [
-    ("shstk_ret", "case_calls", Options()),
-    ("shstk_ret", "case_corrupt_ret", Options()),
-    ("ibt", "case_good", Options()),
-    ("ibt", "case_jmp_bad", Options()),
-    ("ibt", "case_call_bad", Options()),
-    ("ibt", "case_notrack_jmp", Options(s_cet=SHSTK_IBT | CetCtl.NO_TRACK_EN)),
-    ("cet_insn", "case_rdssp_incssp", Options()),
-    ("cet_insn", "case_pivot", Options()),
-    ("paging_ss", "case_call_on_normal_page", Options(ist_vectors={Vector.PF: 1})),
-    ("ring3", "case_user_events", Options(u_cet=int(CetCtl.SH_STK_EN), ist_vectors={0x80: 1}, iret_vectors=(3, 0x80))),
-    ("ring3", "case_syscall", Options(u_cet=int(CetCtl.SH_STK_EN))),
-    ("farret", "case_far_roundtrip", Options()),
-    ("farret", "case_far_ret_mismatch", Options()),
-]
-SHADOW_STACK_PAGES = ("SSTK_KERNEL", "SSTK_KERNEL2", "SSTK_IST", "SSTK_SPARE", "SSTK_USER")
 
 
 def end_state(machine: Machine, exit_) -> dict:
