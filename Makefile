@@ -32,4 +32,4 @@ bench: venv native guests
 	$(VENV)/bin/cetvm bench
 
 clean:
-	rm -rf $(VENV) guests/build build src/*.egg-info
+	rm -rf $(VENV) guests/build build src/*.egg-info src/cetvm/cpu/native/*.so src/cetvm/cpu/native/*.stamp .pytest_cache

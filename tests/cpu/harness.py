@@ -42,8 +42,10 @@ def guest_path(name: str) -> Path:
     if not path.exists() or any(s.stat().st_mtime > path.stat().st_mtime for s in sources if s.exists()):
         try:
             subprocess.run(["make", "-s", "-C", str(GUEST_SRC)], check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            pytest.skip(f"cannot build guests/cpu: {getattr(exc, 'stderr', exc)}")
+        except OSError as exc:  # no make: nothing to build with
+            pytest.skip(f"cannot build guests/cpu: {exc}")
+        except subprocess.CalledProcessError as exc:  # a broken guest must fail the test, not hide it
+            pytest.fail(f"make -C {GUEST_SRC} failed:\n{exc.stdout[-2000:]}{exc.stderr[-2000:]}")
     return path
 
 
