@@ -51,6 +51,7 @@ struct ktest_cpu {
     struct user_ctx uctx;
     struct user_result uresult;
     void (*kernel_main)(void);
+    irq_handler_fn irq_handlers[256];
 };
 static struct ktest_cpu this_cpu;
 
@@ -289,8 +290,18 @@ static void handle_user_syscall(struct trap_frame *f)
     }
 }
 
+void irq_register(unsigned vector, irq_handler_fn fn)
+{
+    if (vector < 256)
+        this_cpu.irq_handlers[vector] = fn;
+}
+
 void trap(struct trap_frame *f)
 {
+    if (f->vector < 256 && this_cpu.irq_handlers[f->vector]) {
+        this_cpu.irq_handlers[f->vector](f);
+        return;
+    }
     struct trap_record r = record_trap(f);
     bool from_user = (f->cs & 3) == 3;
     if (from_user && (f->vector == 256 || f->vector == VEC_SYSCALL_INT)) {

@@ -197,6 +197,15 @@ bool expect_fault(u64 vector, s64 error, probe_fn fn, void *arg, struct trap_rec
 bool wrmsr_faults(u32 msr, u64 value, struct trap_record *rec);
 bool rdmsr_faults(u32 msr, u64 *value, struct trap_record *rec);
 
+/* ---- external interrupts ---- */
+/* An interrupt handler: called from trap() (IDT stub with ENDBR64, CALL_TRAP frame, IRETQ). */
+typedef void (*irq_handler_fn)(struct trap_frame *f);
+/* Route `vector` to fn (NULL: back to "unexpected exception"). */
+void irq_register(unsigned vector, irq_handler_fn fn);
+static inline void sti_hlt(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); } /* wait, IF=0 after */
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+
 /* ---- paging ---- */
 u64 alloc_page(void);                                   /* zeroed 4 KiB physical page */
 void map_page(u64 va, u64 pa, u64 flags);               /* 4 KiB leaf, invlpg */

@@ -133,6 +133,7 @@ class EmulationPlumbingMixin:
         completion, self._completion = self._completion, None
         if completion is not None:
             completion()
+            self._end_interrupt_shadow()  # the instruction retired (cetvm.cpu.interrupts)
 
     def cancel_pending_exit(self) -> None:
         """Forget the completion of the last exit: the exiting instruction is not finished and

@@ -39,6 +39,7 @@ class HFlags:
     """QEMU x86 hflags bits (target/i386/cpu.h) that depend on segment state."""
 
     CPL_MASK = 3
+    INHIBIT_IRQ = 1 << 3  # HF_INHIBIT_IRQ_MASK: the STI / MOV SS interrupt shadow (measured)
     CS32 = 1 << 4
     SS32 = 1 << 5
     ADDSEG = 1 << 6

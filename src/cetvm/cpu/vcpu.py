@@ -25,7 +25,9 @@ This module is the composition and the run loop; the parts live in (each owns on
 - :mod:`cetvm.cpu.budget` (``InstructionBudget``): the exact instruction budget and its hooks;
 - :mod:`cetvm.cpu.block_hook`: the block hook on the native / Python fast / reference CET paths;
 - :mod:`cetvm.cpu.exit_emulation`: emulation at exit addresses, ``step_native``, completions;
-- :mod:`cetvm.cpu.engine_stops`: interrupt/#UD/MMIO/SYSCALL stops of the engine.
+- :mod:`cetvm.cpu.engine_stops`: interrupt/#UD/MMIO/SYSCALL stops of the engine;
+- :mod:`cetvm.cpu.interrupts`: external interrupts (pending vector, IF, STI/MOV SS shadow, HLT
+  wake-up), checked only at run entry and exits.
 
 The vCPU keeps the state every part reads per block or per instruction (``_cpl``,
 ``_long_mode``, ``_cet_active``, ``_stepping``, ``_blocks``, ``cet``, ``_exits``, ``_pending``)
@@ -57,6 +59,7 @@ from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
 from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
 from cetvm.cpu.fastpath import ShadowStackWindow
+from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
@@ -72,7 +75,7 @@ __all__ = ["EFER_OFFSET", "PAGE", "XCR0_OFFSET", "MemoryRegion", "PendingEvent",
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
-class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsMixin):
+class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsMixin, InterruptsMixin):
     """One virtual CPU with its guest-physical memory (a VM of one CPU, as the hardware sees it).
 
     ``model``: the :class:`cetvm.cpuid.CpuidModel` it emulates (which CET features exist, the
@@ -109,6 +112,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._blocks = BlockTracker()
         self._exits: set[int] = set()
         self._pending: PendingEvent | None = None
+        self._irq_vector: int | None = None  # external interrupt (cetvm.cpu.interrupts)
         self._completion: Callable[[], None] | None = None
         self._info_factory = InstructionInfoFactory()
         self._stepping = False
@@ -368,6 +372,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         from cetvm.cpu import emulate, events
 
         while True:
+            if self._irq_vector is not None:
+                self._take_deliverable_interrupt()
             if self._pending is not None:
                 event, self._pending = self._pending, None
                 if not (event.software or event.injected) and event.vector < 32 and self.exception_bitmap >> event.vector & 1:
@@ -381,11 +387,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             rip = self.rip
             if rip in self._exits:
                 exit_ = self._emulate_at(rip, emulate)
-                if exit_ is not None:
-                    return exit_
-                continue
-            exit_ = self._run_engine(rip)
-            if exit_ is not None:
+            else:
+                exit_ = self._run_engine(rip)
+            if exit_ is not None and not (self._irq_vector is not None and self._wake_from_hlt(exit_)):
                 return exit_
 
     def _run_engine(self, rip: int) -> VmExit | None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import enum
 import errno
 from dataclasses import dataclass
+from typing import Any
 
 from unicorn import UcError
 
@@ -74,6 +75,8 @@ from cetvm.kvm.msr import (
 from cetvm.kvm.vcpu import VcpuCetState
 from cetvm.kvm.vcpu_run import (
     KVM_MSR_EXIT_REASON_VALID_MASK,
+    KVM_MSR_FILTER_READ,
+    KVM_MSR_FILTER_WRITE,
     # kvm_run.msr, its reasons and struct kvm_msr_filter_range: the VMM imports them from here.
     HypercallExit,
     KvmExitReason,
@@ -238,6 +241,9 @@ class KvmVcpu:
         self._queued: QueuedException | None = None
         self._init_latched = False
         self._hypercall: HypercallExit | None = None
+        #: kvm_run.request_interrupt_window: exit with KVM_EXIT_IRQ_WINDOW_OPEN as soon as an
+        #: interrupt can be injected (userspace-owned PIC/APIC, no in-kernel irqchip).
+        self.request_interrupt_window = False
         vmx.init_vmcs_cet(self.state, self.host_cpu)
         self._after_set_cpuid()
         self.kvm_vcpu_reset(init_event=False)
@@ -415,7 +421,34 @@ class KvmVcpu:
         state.cr0, state.cr4 = sregs.cr0, sregs.cr4
         self._queued = None
         self._hypercall = None
+        cpu.cancel_interrupt()  # kvm_clear_interrupt_queue / pending_external_vector = -1
         self.mp_state = MpState.RUNNABLE
+
+    # ------------------------------------------------------------------ interrupts
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt): queue external
+        interrupt ``vector``; the CPU delivers it through the IDT once RFLAGS.IF = 1 and no
+        STI/MOV SS shadow blocks it. -EINVAL for a vector >= 256, -EEXIST while one is pending."""
+        if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < 256:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_INTERRUPT: vector {vector!r} is not 0..255")
+        if self.cpu.pending_interrupt is not None:
+            raise KvmIoctlError(errno.EEXIST, f"KVM_INTERRUPT: vector {self.cpu.pending_interrupt:#x} "
+                                "is still pending")
+        self.cpu.inject_interrupt(vector)
+
+    def ready_for_interrupt_injection(self) -> bool:
+        """kvm_vcpu_ready_for_interrupt_injection(): IF = 1, no shadow, nothing pending."""
+        return self.cpu.pending_interrupt is None and self.cpu.interrupt_window_open
+
+    def _irq_window_exit_due(self) -> bool:
+        """dm_request_for_irq_injection() && kvm_vcpu_ready_for_interrupt_injection()."""
+        return self.request_interrupt_window and self.ready_for_interrupt_injection()
+
+    def _post_kvm_run_save(self, run: KvmRun) -> KvmRun:
+        """post_kvm_run_save(): kvm_run.if_flag and ready_for_interrupt_injection."""
+        run.if_flag = self.cpu.if_flag
+        run.ready_for_interrupt_injection = self.ready_for_interrupt_injection()
+        return run
 
     # ------------------------------------------------------------------ run
     def run(self, budget: int | None = None, immediate_exit: bool = False) -> KvmRun:
@@ -440,7 +473,7 @@ class KvmVcpu:
             if self._queued is not None:
                 cpu.inject_exception(self._queued.vector, self._queued.error_code)
                 self._queued = None
-            return self._run_loop(budget, start)
+            return self._post_kvm_run_save(self._run_loop(budget, start))
         finally:
             vmx.kvm_put_guest_fpu(state, cpu)
 
@@ -459,6 +492,8 @@ class KvmVcpu:
         cpu, state, host = self.cpu, self.state, self.host_cpu
         while True:
             left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
+            if left != 0 and self._irq_window_exit_due():
+                return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
             vmx.vmx_vcpu_enter(state, cpu, host)
             exit_ = cpu.run(left)
             vmx.vmx_vcpu_exit(state, cpu, host)
@@ -495,3 +530,21 @@ class KvmVcpu:
             self._hypercall = hypercall
             return KvmRun(KvmExitReason.HYPERCALL, exit_.rip, hypercall=hypercall)
         return userspace_exit(exit_)
+
+
+# Complete vCPU save/restore, part of the API the VMM uses (snapshots). The implementation lives
+# in :mod:`cetvm.kvm.state`, which itself imports this module, so it is reached at call time.
+def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
+    """Read the whole vCPU state through the ioctl-named calls (see
+    :func:`cetvm.kvm.state.save_vcpu_state`)."""
+    from cetvm.kvm import state
+
+    return state.save_vcpu_state(vcpu)
+
+
+def restore_vcpu_state(vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
+    """Write a saved state into ``vcpu`` (CPUID already set); incomplete state is refused (see
+    :func:`cetvm.kvm.state.restore_vcpu_state`)."""
+    from cetvm.kvm import state
+
+    state.restore_vcpu_state(vcpu, saved)

@@ -22,7 +22,11 @@ always returns KVM_EXIT_HLT to userspace; SHUTDOWN for a triple fault; INTERNAL_
 suberror EMULATION when the CPU cannot go on (instruction fetch from no RAM, an event the CPU
 cannot deliver) or an unexpected exception exit; INTR when the instruction budget of
 :meth:`cetvm.kvm.api.KvmVcpu.run` is used up — cetvm's budget acts like a signal kicking the
-vCPU out of KVM_RUN (-EINTR with exit_reason KVM_EXIT_INTR).
+vCPU out of KVM_RUN (-EINTR with exit_reason KVM_EXIT_INTR); IRQ_WINDOW_OPEN when userspace set
+``request_interrupt_window`` and the guest can take an interrupt [K api.rst "KVM_INTERRUPT",
+"request_interrupt_window"; x86.c vcpu_run / dm_request_for_irq_injection]. Decision: the
+window is checked at run entry and after every exit KVM handles itself (never per block), so
+an STI in a stretch of natively executed code is noticed at the next exit or slice.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class KvmExitReason(enum.Enum):
     HYPERCALL = "KVM_EXIT_HYPERCALL"
     X86_RDMSR = "KVM_EXIT_X86_RDMSR"
     X86_WRMSR = "KVM_EXIT_X86_WRMSR"
+    IRQ_WINDOW_OPEN = "KVM_EXIT_IRQ_WINDOW_OPEN"
 
 
 class InternalErrorSuberror(enum.Enum):
@@ -95,6 +100,11 @@ class KvmRun:
     suberror: InternalErrorSuberror | None = None
     detail: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    #: kvm_run.if_flag and .ready_for_interrupt_injection, filled on every exit
+    #: (post_kvm_run_save): RFLAGS.IF; and "KVM_INTERRUPT would deliver now" (IF = 1, no
+    #: STI/MOV SS shadow, no interrupt already pending).
+    if_flag: bool = False
+    ready_for_interrupt_injection: bool = False
 
     def __str__(self) -> str:
         part = self.io or self.mmio or self.hypercall or self.msr or self.detail

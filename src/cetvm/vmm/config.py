@@ -44,7 +44,7 @@ from cetvm import InputError
 from cetvm.arch.cpuid_bits import IBT, SHSTK
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpuid import CpuidModel, resolve_model
-from cetvm.kvm.host import Host
+from cetvm.kvm import Host
 from cetvm.vmm.layout import MiB, check_ram_size
 
 DEFAULT_CPU_MODEL = "sapphire-rapids"

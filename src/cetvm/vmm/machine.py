@@ -24,6 +24,7 @@ from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, Regs, Segment, 
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.config import MachineConfig, guest_cpuid
 from cetvm.vmm.devices.pc import PcDevices
+from cetvm.vmm.irq import GuestClock, InterruptRouting
 from cetvm.vmm.layout import RamRegion, ram_regions
 from cetvm.vmm.msr_exits import claim_apic_msrs, complete_msr_exit
 from cetvm.vmm.loader import BootPlan, Long64Entry, ModuleSpec, Protected32Entry, load_kernel
@@ -97,11 +98,15 @@ class Machine:
         self.vcpu = self.vm.create_vcpu(0)
         self.vcpu.set_cpuid(cpuid)
         self.boot_plan: BootPlan | None = None
+        #: Guest time for the devices (cetvm.vmm.irq): instructions at 1 GHz + halted time.
+        self.clock = GuestClock(lambda: self.instructions)
+        self.devices.lapics[0].clock = self.clock
         self._loop = self._run_loop(0)
 
     def _run_loop(self, instructions_done: int) -> RunLoop:
         return RunLoop(self.vcpu, self.pio, self.mmio, lambda: instructions_retired(self.vcpu),
-                       instructions_done=instructions_done, msr=self._complete_msr)
+                       instructions_done=instructions_done, msr=self._complete_msr,
+                       irq=InterruptRouting(self.devices.lapics[0], self.clock))
 
     def _complete_msr(self, run: KvmRun) -> None:
         complete_msr_exit(run, self.devices.lapics[0], self.vcpu)
@@ -149,7 +154,7 @@ class Machine:
         manifest = {
             "kind": SNAPSHOT_KIND,
             "machine": self.config.to_manifest(),
-            "run": {"instructions": self.instructions},
+            "run": {"instructions": self.instructions, "halted_ns": self.clock.halted_ns},
             "vcpus": [vcpu_state],
             "devices": self.devices.get_state(),
             "ram": [{"addr": r.addr, "size": r.size, "section": ram_section(r)} for r in self.ram],
@@ -182,6 +187,10 @@ class Machine:
         run = manifest.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("instructions"), int):
             raise InputError(f"{name}: snapshot has no run.instructions count")
+        halted = run.get("halted_ns", 0)
+        if isinstance(halted, bool) or not isinstance(halted, int) or halted < 0:
+            raise InputError(f"{name}: snapshot run.halted_ns must be a non-negative integer, got {halted!r}")
+        machine.clock.halted_ns = halted
         machine._loop = machine._run_loop(run["instructions"])
         return machine
 

@@ -22,8 +22,16 @@ injects #GP(0) — the architecturally correct outcome.
 from __future__ import annotations
 
 from cetvm.arch.msr import Msr
-from cetvm.kvm.api import KvmExitReason, KvmMsrExitReason, KvmRun, KvmVcpu, MsrFilterRange, Vm
-from cetvm.kvm.vcpu_run import KVM_MSR_FILTER_READ, KVM_MSR_FILTER_WRITE
+from cetvm.kvm.api import (
+    KVM_MSR_FILTER_READ,
+    KVM_MSR_FILTER_WRITE,
+    KvmExitReason,
+    KvmMsrExitReason,
+    KvmRun,
+    KvmVcpu,
+    MsrFilterRange,
+    Vm,
+)
 from cetvm.vmm.devices.lapic import X2APIC_MSR_FIRST, X2APIC_MSR_LAST, LocalApic
 from cetvm.vmm.requests import GuestFaultRequest
 

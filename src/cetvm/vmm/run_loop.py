@@ -3,7 +3,10 @@
 QEMU's ``kvm_cpu_exec`` in miniature: KVM_EXIT_IO → the port bus, KVM_EXIT_MMIO → the MMIO bus
 (the xAPIC page), KVM_EXIT_X86_RDMSR/WRMSR → the ``msr`` handler (the local APIC's MSRs, see
 :mod:`cetvm.vmm.msr_exits`; without a handler the access completes with error → #GP), KVM_EXIT_HLT → stop, KVM_EXIT_SHUTDOWN → stop with a diagnosis, KVM_EXIT_INTR
-(cetvm's instruction budget, see :mod:`cetvm.kvm.vcpu_run`) → check the limits and re-enter.
+(cetvm's instruction budget, see :mod:`cetvm.kvm.vcpu_run`) → check the limits and re-enter;
+with ``irq`` (:mod:`cetvm.vmm.irq`): before each KVM_RUN the APIC's vector is injected or the
+interrupt window requested (KVM_EXIT_IRQ_WINDOW_OPEN → re-enter), slices end at the next timer
+expiry, and KVM_EXIT_HLT with IF = 1 advances guest time to that expiry instead of stopping.
 A device stops the machine by raising a :class:`~cetvm.vmm.requests.MachineRequest`.
 
 Exit statuses (:attr:`RunResult.status`), chosen so that QEMU-based test runners work unchanged:
@@ -32,9 +35,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Vector
-from cetvm.kvm.api import Direction
-from cetvm.kvm.vcpu_run import KvmExitReason, KvmRun
+from cetvm.kvm.api import Direction, KvmExitReason, KvmRun
 from cetvm.vmm.bus import MmioBus, PioBus
+from cetvm.vmm.irq import InterruptRouting
 from cetvm.vmm.requests import GuestExitRequest, GuestFaultRequest, MachineRequest, PowerOffRequest, ResetRequest
 
 #: Instructions per KVM_RUN between limit checks (the "signal kick" period).
@@ -227,6 +230,7 @@ class RunLoop:
     instructions_done: int = 0
     clock: Callable[[], float] = time.monotonic
     msr: Callable[[KvmRun], None] | None = None
+    irq: InterruptRouting | None = None
 
     def __post_init__(self) -> None:
         self._base = self.retired()
@@ -240,6 +244,10 @@ class RunLoop:
         for cap in (limits.max_instructions, limits.save_at):
             if cap is not None:
                 budget = min(budget, max(0, cap - self.instructions))
+        if self.irq is not None and budget:
+            until_timer = self.irq.instructions_to_next_event()
+            if until_timer is not None:
+                budget = min(budget, until_timer)
         return budget
 
     def _limit_result(self, limits: RunLimits, rip: int, started: float) -> RunResult | None:
@@ -258,12 +266,15 @@ class RunLoop:
         """KVM_RUN until the machine stops."""
         started = self.clock()
         rip = self.vcpu.get_regs().rip
+        ready = False  # kvm_run.ready_for_interrupt_injection of the last exit
         while True:
             stop = self._limit_result(limits, rip, started)
             if stop is not None:
                 return stop
+            if self.irq is not None:
+                self.irq.route(self.vcpu, ready)
             run = self.vcpu.run(budget=self._slice(limits))
-            rip = run.rip
+            rip, ready = run.rip, run.ready_for_interrupt_injection
             try:
                 stop = self._dispatch(run)
             except GuestFaultRequest as fault:
@@ -282,7 +293,9 @@ class RunLoop:
         if run.exit_reason is KvmExitReason.MMIO:
             complete_mmio(run, self.mmio)
             return None
-        if run.exit_reason is KvmExitReason.INTR:
+        if run.exit_reason in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN):
+            return None
+        if run.exit_reason is KvmExitReason.HLT and run.if_flag and self.irq is not None and self.irq.wake_halted():
             return None
         if run.exit_reason in (KvmExitReason.X86_RDMSR, KvmExitReason.X86_WRMSR):
             complete_msr(run, self.msr)

@@ -3,15 +3,19 @@
 Modelled on KVM arch/x86/kvm/lapic.c (the register rules) and the SDM Vol. 3 ch. 11 (12 in
 newer editions); QEMU hw/intc/apic.c behaves the same for what is implemented here.
 
-What this APIC is: the register file a guest probes and programs. What it is not: an interrupt
-source. Decisions, each tested:
+What this APIC is: the register file a guest probes and programs, and the timer interrupt
+source the VMM polls (:mod:`cetvm.vmm.irq`). Decisions, each tested:
 
 - Version register: ``0x14 | (max_lvt << 16)`` with 6 LVT entries (timer, thermal, performance
   counter, LINT0, LINT1, error), i.e. 0x00050014, as KVM reports without CMCI. ``nr_lvt=7``
   adds LVT CMCI (0x2F0 / MSR 0x82F).
-- ISR, TMR and IRR read as zeros; EOI clears nothing because nothing is ever in service.
-- The timer never fires: initial count and divide configuration are stored, the current count
-  always reads 0 (the count is treated as already expired, and its interrupt is never delivered).
+- The timer is the only interrupt source (:mod:`cetvm.vmm.devices.apic_timer`: one-shot and
+  periodic, counting in guest time read from ``clock``). The VMM polls it (:meth:`poll_timer`):
+  an expiry with the LVT unmasked sets the vector in IRR. :meth:`pending_vector` is the highest
+  IRR vector whose priority class is above PPR [SDM 11.8.3.1, 11.8.4]; :meth:`acknowledge` (the
+  INTA cycle, when the VMM injects it) moves it to ISR; EOI clears the highest ISR bit [SDM
+  11.8.5]. TMR reads 0 (edge-triggered only). Vectors 0-15 from the timer are dropped (decision;
+  the SDM's "illegal vector" ESR bit is not modelled).
 - ICR writes are recorded (``ipis_sent`` and ``last_icr``) and delivered to nobody: IPIs to other
   (absent) CPUs vanish, and a self-IPI (shorthand "self", destination = own ID, or the x2APIC
   SELF_IPI register) is ignored as well. The delivery-status bit always reads 0 (idle).
@@ -37,7 +41,7 @@ source. Decisions, each tested:
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Mapping
+from typing import Callable, Mapping
 
 from cetvm import InputError
 from cetvm.arch import Vector
@@ -52,7 +56,8 @@ from cetvm.arch.apic import (
     apic_base_write_error,
     apic_mode,
 )
-from cetvm.vmm.devices.state import state_int
+from cetvm.vmm.devices.apic_timer import TIMER_TSC_DEADLINE, ApicTimer, timer_mode
+from cetvm.vmm.devices.state import state_bool, state_int
 from cetvm.vmm.requests import GuestFaultRequest
 
 APIC_MMIO_SIZE = 0x1000
@@ -110,6 +115,15 @@ LVT_WRITABLE: Mapping[int, int] = MappingProxyType({
 _IN_SERVICE_BANKS = tuple(range(APIC_ISR, APIC_IRR + 0x80, 0x10))  # ISR, TMR, IRR: 8 regs each
 
 
+def _no_time() -> int:
+    """The clock of an APIC no machine drives: guest time stands still at 0."""
+    return 0
+
+
+def _highest_bit(bits: int) -> int | None:
+    return bits.bit_length() - 1 if bits else None
+
+
 def x2apic_ldr(apic_id: int) -> int:
     """Logical ID derived from the x2APIC ID: cluster (ID[19:4]) << 16 | 1 << ID[3:0]."""
     return ((apic_id >> 4) << 16) | (1 << (apic_id & 0xF))
@@ -127,13 +141,16 @@ class LocalApic:
     """One vCPU's local APIC. ``apic_id`` is the initial (x2)APIC ID."""
 
     def __init__(self, apic_id: int = 0, bsp: bool = True, nr_lvt: int = 6,
-                 maxphyaddr: int = 46, x2apic_supported: bool = True) -> None:
+                 maxphyaddr: int = 46, x2apic_supported: bool = True,
+                 clock: Callable[[], int] = _no_time) -> None:
         if nr_lvt not in (6, 7):
             raise InputError(f"local APIC: nr_lvt must be 6 or 7, not {nr_lvt}")
         self.apic_id = apic_id
         self.nr_lvt = nr_lvt
         self.maxphyaddr = maxphyaddr
         self.x2apic_supported = x2apic_supported
+        #: Guest time in ns (APIC bus cycles); the machine sets it (cetvm.vmm.irq.GuestClock).
+        self.clock = clock
         self.apic_base = apic_base_reset_value(bsp)
         self.reset_registers()
 
@@ -153,6 +170,9 @@ class LocalApic:
         self.ipis_sent = 0
         self.last_icr = 0
         self.self_ipis_ignored = 0
+        self.irr = 0  # 256-bit request / in-service registers
+        self.isr = 0
+        self.timer = ApicTimer()
 
     def _lvt_registers(self) -> tuple[int, ...]:
         regs = (APIC_LVTT, APIC_LVTTHMR, APIC_LVTPC, APIC_LVT0, APIC_LVT1, APIC_LVTERR)
@@ -176,8 +196,39 @@ class LocalApic:
 
     @property
     def ppr(self) -> int:
-        """Processor priority: TPR when nothing is in service [SDM 11.8.3.1]."""
-        return self.tpr
+        """Processor priority [SDM 11.8.3.1]: TPR if TPR[7:4] >= ISRV[7:4], else ISRV[7:4] << 4."""
+        isrv = _highest_bit(self.isr) or 0
+        return self.tpr if (self.tpr & 0xF0) >= (isrv & 0xF0) else isrv & 0xF0
+
+    # --- interrupt acceptance (the VMM's side) -------------------------------------------
+    def poll_timer(self) -> None:
+        """Account for the guest time elapsed: a timer expiry raises the LVT timer vector."""
+        lvtt = self.lvt[APIC_LVTT]
+        if self.timer.expire(self.clock(), self.tmict, self.tdcr, timer_mode(lvtt)):
+            if not lvtt & APIC_LVT_MASKED and self.software_enabled and (lvtt & 0xFF) >= 16:
+                self.irr |= 1 << (lvtt & 0xFF)
+
+    def next_timer_expiry(self) -> int | None:
+        """Guest time (ns) at which the timer expires next, or None when it is not counting."""
+        return self.timer.next_expiry(self.tmict, self.tdcr, timer_mode(self.lvt[APIC_LVTT]))
+
+    def pending_vector(self) -> int | None:
+        """The vector the APIC presents to the CPU: the highest in IRR above PPR's class."""
+        vector = _highest_bit(self.irr)
+        if vector is None or not self.software_enabled or (vector & 0xF0) <= (self.ppr & 0xF0):
+            return None
+        return vector
+
+    def acknowledge(self, vector: int) -> None:
+        """INTA: the CPU took ``vector`` (IRR → ISR)."""
+        self.irr &= ~(1 << vector)
+        self.isr |= 1 << vector
+
+    def _eoi(self) -> None:
+        """EOI: the highest-priority in-service vector is done [SDM 11.8.5]."""
+        vector = _highest_bit(self.isr)
+        if vector is not None:
+            self.isr &= ~(1 << vector)
 
     # --- IA32_APIC_BASE ---------------------------------------------------------------
     def write_apic_base(self, value: int, host_initiated: bool = False) -> None:
@@ -209,7 +260,13 @@ class LocalApic:
         """Value of register ``reg`` (an offset in the xAPIC page); 64 bits for the x2APIC ICR."""
         if reg in self.lvt:
             return self.lvt[reg]
-        if reg in _IN_SERVICE_BANKS or reg in (APIC_ARBPRI, APIC_TMCCT):
+        if reg == APIC_TMCCT:
+            return self.timer.current_count(self.clock(), self.tmict, self.tdcr, timer_mode(self.lvt[APIC_LVTT]))
+        if APIC_ISR <= reg < APIC_ISR + 0x80:
+            return (self.isr >> (32 * ((reg - APIC_ISR) >> 4))) & 0xFFFF_FFFF
+        if APIC_IRR <= reg < APIC_IRR + 0x80:
+            return (self.irr >> (32 * ((reg - APIC_IRR) >> 4))) & 0xFFFF_FFFF
+        if reg in _IN_SERVICE_BANKS or reg == APIC_ARBPRI:
             return 0
         simple = {
             APIC_ID: self.id_reg,
@@ -231,7 +288,11 @@ class LocalApic:
     def _write_lvt(self, reg: int, value: int) -> None:
         if not self.software_enabled:
             value |= APIC_LVT_MASKED
+        old = self.lvt[reg]
         self.lvt[reg] = value & LVT_WRITABLE[reg]
+        if reg == APIC_LVTT and (timer_mode(old) == TIMER_TSC_DEADLINE) != (timer_mode(value) == TIMER_TSC_DEADLINE):
+            self.tmict = 0  # KVM apic_update_lvtt: entering/leaving TSC-deadline stops the timer
+            self.timer.stop()
 
     def _write_svr(self, value: int) -> None:
         self.svr = value & 0x3FF
@@ -259,7 +320,7 @@ class LocalApic:
         elif reg == APIC_TASKPRI:
             self.tpr = value & 0xFF
         elif reg == APIC_EOI:
-            pass  # nothing is ever in service
+            self._eoi()
         elif reg == APIC_LDR and not x2apic:
             self.ldr = value & 0xFF00_0000
         elif reg == APIC_DFR and not x2apic:
@@ -277,8 +338,12 @@ class LocalApic:
             self.icr = (self.icr & 0xFFFF_FFFF) | ((value & 0xFF00_0000) << 32)
         elif reg == APIC_TMICT:
             self.tmict = value & 0xFFFF_FFFF
+            if timer_mode(self.lvt[APIC_LVTT]) != TIMER_TSC_DEADLINE:
+                self.timer.arm(self.clock(), self.tmict)
         elif reg == APIC_TDCR:
             self.tdcr = value & 0xB
+            if self.timer.running:
+                self.timer.arm(self.clock(), self.tmict)
         elif reg == APIC_SELF_IPI and x2apic:
             self.self_ipis_ignored += 1
         else:
@@ -334,11 +399,12 @@ class LocalApic:
     _STATE_FIELDS: tuple[tuple[str, int], ...] = (
         ("apic_base", 64), ("id_reg", 32), ("tpr", 8), ("ldr", 32), ("dfr", 32), ("svr", 10),
         ("esr", 32), ("icr", 64), ("tmict", 32), ("tdcr", 4), ("ipis_sent", 64), ("last_icr", 64),
-        ("self_ipis_ignored", 64))
+        ("self_ipis_ignored", 64), ("irr", 256), ("isr", 256))
 
     def get_state(self) -> dict:
         state = {name: getattr(self, name) for name, _bits in self._STATE_FIELDS}
         state["lvt"] = {f"{reg:#05x}": value for reg, value in self.lvt.items()}
+        state["timer"] = {"start": self.timer.start, "running": self.timer.running}
         return state
 
     def set_state(self, state: dict) -> None:
@@ -351,6 +417,10 @@ class LocalApic:
             lvt[reg] = state_int(lvt_state, f"{reg:#05x}", "local APIC lvt", 32)
         if apic_mode(values["apic_base"]) is ApicMode.INVALID:
             raise InputError(f"local APIC state 'apic_base' = {values['apic_base']:#x} is an invalid mode")
+        timer_state = state.get("timer")
+        timer = ApicTimer(state_int(timer_state, "start", "local APIC timer"),
+                          state_bool(timer_state, "running", "local APIC timer"))
         for name, value in values.items():
             setattr(self, name, value)
         self.lvt = lvt
+        self.timer = timer

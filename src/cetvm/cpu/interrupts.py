@@ -1,0 +1,96 @@
+"""External interrupts of a vCPU: the pending vector, RFLAGS.IF, the STI / MOV SS shadow, HLT wake-up.
+
+[SDM Vol. 3 §6.8.1 (masking maskable interrupts: IF), §6.8.3 (STI and MOV SS shadow), §6.9
+(priority: exceptions before external interrupts); SDM Vol. 2 HLT ("an enabled interrupt ...
+resumes execution"); KVM: kvm_cpu_has_extint / vmx_interrupt_allowed / vmx_inject_irq.]
+
+Decisions (engine-driven, documented and tested):
+
+- One external interrupt can be pending (KVM's ``pending_external_vector`` without an
+  in-kernel irqchip). It is delivered through the IDT as a hardware event (EXT = 1, no error
+  code; CET: the same SSP switching as any event, :func:`cetvm.cpu.events.deliver_64`).
+- Recognition points: interrupts are checked only where the engine already stops — at run
+  entry and after each exit — never per block, so the fast paths cost nothing. An interrupt
+  that becomes deliverable inside a stretch of natively executed code (after an STI) is taken at
+  the next stop; the VMM runs the guest in slices anyway. The architectural guarantee that
+  matters for guests (``sti; hlt`` does not lose the wake-up) holds: the HLT is an exit.
+- The shadow is read from QEMU's ``HF_INHIBIT_IRQ`` flag (set by STI and MOV/POP SS, cleared
+  after the next instruction; measured). An exiting instruction whose completion ran (RIP past
+  HLT/IN/OUT/CPUID...) has retired, which ends any shadow; the engine's flag is cleared then
+  (QEMU would clear it at the end of the next block).
+- HLT with IF = 1 and an interrupt pending: the HLT retires and the interrupt is delivered at
+  once (return address after the HLT) instead of an HLT exit.
+"""
+
+from __future__ import annotations
+
+from cetvm import InputError
+from cetvm.cpu.events import RFLAGS_IF, PendingEvent
+from cetvm.cpu.exits import ExitReason, VmExit
+from cetvm.cpu.uc_context import ContextBlob, HFlags
+
+#: External interrupt vectors the CPU accepts (KVM_NR_INTERRUPTS = 256).
+NR_INTERRUPTS = 256
+
+
+class InterruptsMixin:
+    """External-interrupt state of :class:`~cetvm.cpu.vcpu.Vcpu` (``_irq_vector``)."""
+
+    def inject_interrupt(self, vector: int) -> None:
+        """Queue external interrupt ``vector`` (replaces one not yet delivered); it is delivered
+        at the next recognition point where :attr:`interrupt_window_open` (see module doc)."""
+        if not 0 <= vector < NR_INTERRUPTS:
+            raise InputError(f"interrupt vector must be 0..255, got {vector}")
+        self._irq_vector = vector
+
+    @property
+    def pending_interrupt(self) -> int | None:
+        """The external interrupt vector waiting for delivery, or None."""
+        return self._irq_vector
+
+    def cancel_interrupt(self) -> None:
+        """Drop a pending external interrupt (vCPU reset, state restore)."""
+        self._irq_vector = None
+
+    @property
+    def if_flag(self) -> bool:
+        """RFLAGS.IF."""
+        return bool(self.reg("rflags") & RFLAGS_IF)
+
+    @property
+    def interrupt_shadow(self) -> bool:
+        """True while the instruction after STI / MOV SS / POP SS has not retired [SDM §6.8.3]."""
+        if self._completion is not None:
+            return False  # the exiting instruction retires before anything else: shadow over
+        return bool(ContextBlob.save(self._uc).hflags & HFlags.INHIBIT_IRQ)
+
+    @property
+    def interrupt_window_open(self) -> bool:
+        """A maskable interrupt would be taken now: IF = 1 and no STI / MOV SS shadow
+        (vmx_interrupt_allowed without nested or NMI state)."""
+        return self.if_flag and not self.interrupt_shadow
+
+    def _end_interrupt_shadow(self) -> None:
+        """Clear the engine's shadow flag (an instruction retired, or an event was delivered)."""
+        blob = ContextBlob.save(self._uc)
+        if blob.hflags & HFlags.INHIBIT_IRQ:
+            blob.hflags = blob.hflags & ~HFlags.INHIBIT_IRQ
+            blob.restore(self._uc)
+
+    def _take_deliverable_interrupt(self) -> bool:
+        """At a recognition point: make the pending interrupt the event to deliver if it can be
+        taken now (exceptions already pending go first, SDM §6.9)."""
+        if self._irq_vector is None or self._pending is not None or not self.interrupt_window_open:
+            return False
+        self._end_interrupt_shadow()
+        self._pending = PendingEvent(self._irq_vector, None, None, injected=True)
+        self._irq_vector = None
+        return True
+
+    def _wake_from_hlt(self, exit_: VmExit) -> bool:
+        """HLT with IF = 1 and an interrupt pending: the HLT retires and the CPU goes on (the
+        interrupt is taken at the loop's next recognition point) instead of exiting."""
+        if exit_.reason is not ExitReason.HLT or self._irq_vector is None or not self.if_flag:
+            return False
+        self.complete_pending_exit()
+        return True
