@@ -1,7 +1,20 @@
 """Acceptance: the CET test kernels booted with `cetvm boot` report all-green TAP and exit with
-QEMU's isa-debug-exit status (code 0 → status 1)."""
+QEMU's isa-debug-exit status (code 0 → status 1) — on every CET path (native C hook, Python
+hook, Python reference alone): whole kernels must behave the same on each."""
+
+import pytest
 
 from boot_support import MAX_INSTRUCTIONS, boot, guest
+from cetvm.cpu.native import native_available
+
+
+@pytest.fixture(autouse=True, params=["native", "python", "python-reference"])
+def cet_path(request, monkeypatch):
+    if request.param == "native" and not native_available():
+        pytest.skip("native CET fast path not built (make native)")
+    monkeypatch.setenv("CETVM_CET_PATH", "native" if request.param == "native" else "python")
+    monkeypatch.setenv("CETVM_PYTHON_FAST_PATH", "0" if request.param == "python-reference" else "1")
+    return request.param
 
 PASS_STATUS = 1  # isa-debug-exit (0 << 1) | 1
 
