@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable
 
 from cetvm import CetvmError, InputError
 from cetvm.cpuid import model_names
+from cetvm.report import CetViolation, Symbolizer, format_report, report_json
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, CetMode, MachineConfig
 from cetvm.vmm.machine import Machine
 from cetvm.vmm.run_loop import STATUS_INTERNAL_ERROR, RunResult, StopReason
@@ -92,6 +93,12 @@ def register(subparsers) -> None:
     p.add_argument("--restore-state", metavar="FILE",
                    help="continue the machine saved in FILE (its CPU, memory, CET setting, command line and "
                         "devices come from the snapshot); default: boot IMAGE")
+    p.add_argument("--cet-report", nargs="?", const="-", default=None, metavar="FILE",
+                   help="record every CET violation (#CP) the guest takes, before it is delivered unchanged, "
+                        "and at the end report each one symbolized from IMAGE's .symtab: kind, RIP, CPL, the "
+                        "return addresses on the data and shadow stacks (or the bytes at an ENDBRANCH "
+                        "target); on stderr, or to FILE (JSON when it ends in .json, text otherwise). With "
+                        "--json the result also gets a \"cet_violations\" list (default off)")
     p.add_argument("--json", action="store_true",
                    help="at the end print the result as one JSON object (status, reason, message, "
                         "instructions, rip, last_exception, and the serial output unless --serial)")
@@ -112,6 +119,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError("--save-at needs --save-state FILE")
     if args.save_state:
         _check_writable(args.save_state, "--save-state")
+    if args.cet_report not in (None, "-"):
+        _check_writable(args.cet_report, "--cet-report")
 
 
 def _check_writable(path: str, option: str) -> None:
@@ -198,11 +207,34 @@ def _safe_rip(machine: Machine) -> int:
         return 0
 
 
-def report(result: RunResult, args: argparse.Namespace, captured: bytearray | None, saved: bool) -> None:
+def cet_symbols(args: argparse.Namespace) -> Symbolizer | None:
+    """IMAGE's symbols for --cet-report (None with --restore-state: no image to read)."""
+    return Symbolizer.from_elf(args.image) if args.cet_report is not None and args.image else None
+
+
+def write_cet_report(violations: list[CetViolation], symbols: Symbolizer | None, target: str) -> None:
+    """--cet-report: text on stderr ("-"), JSON to a ``.json`` FILE, text to any other FILE."""
+    if target == "-":
+        sys.stderr.write(format_report(violations, symbols))
+        return
+    text = (json.dumps({"cet_violations": report_json(violations, symbols)}, indent=2) + "\n"
+            if target.endswith(".json") else format_report(violations, symbols))
+    try:
+        Path(target).write_text(text)
+    except OSError as exc:
+        raise InputError(f"--cet-report '{target}': {exc.strerror or exc}") from None
+
+
+def report(result: RunResult, args: argparse.Namespace, captured: bytearray | None, saved: bool,
+           cet: tuple[list[CetViolation], Symbolizer | None] | None = None) -> None:
     if result.reason.is_failure:
         print(f"cetvm: {result.diagnosis()}", file=sys.stderr)
+    if cet is not None:
+        write_cet_report(cet[0], cet[1], args.cet_report)
     if args.json:
         doc = result.to_json()
+        if cet is not None:
+            doc["cet_violations"] = report_json(cet[0], cet[1])
         if captured is not None:
             doc["serial"] = captured.decode("utf-8", errors="replace")
         if saved:
@@ -213,9 +245,13 @@ def report(result: RunResult, args: argparse.Namespace, captured: bytearray | No
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     captured = bytearray() if args.json and not args.serial else None
+    symbols = cet_symbols(args)
     sink, handle = _open_sink(args, captured)
+    cet = None
     try:
         machine = build_machine(args, sink)
+        if args.cet_report is not None:
+            cet = (machine.record_cet_violations().violations, symbols)
         result, completed = run_machine(machine, args)
         if args.save_state and not completed:
             result = dataclasses.replace(result, message=f"{result.message}; no snapshot written")
@@ -226,5 +262,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if handle is not None:
             handle.close()
-    report(result, args, captured, saved=bool(args.save_state) and completed)
+    report(result, args, captured, saved=bool(args.save_state) and completed, cet=cet)
     return result.exit_code

@@ -32,6 +32,16 @@ Decisions:
 - An exception queued with :meth:`KvmVcpu.queue_exception` (KVM_SET_VCPU_EVENTS) is delivered
   by the CPU through the guest IDT at the next run; vectors with an error code (#CP included,
   IA32_VMX_BASIC[56]) must come with one.
+- Exception intercepts (cetvm extension, modelled on KVM_SET_GUEST_DEBUG's
+  KVM_GUESTDBG_USE_SW_BP/HW_BP which set bits in the VMCS exception bitmap):
+  :meth:`KvmVcpu.set_exception_intercepts` makes a hardware exception with one of the given
+  vectors exit to userspace as ``KVM_EXIT_EXCEPTION`` (:class:`KvmExceptionExit`) at the
+  faulting instruction, before the guest sees anything. Nothing is delivered: the VMM re-injects
+  it with :meth:`KvmVcpu.queue_exception` to let the guest see exactly what it would have.
+  Exceptions injected by userspace and software exceptions (INT n/INT3/INTO) never exit.
+- :meth:`KvmVcpu.translate` is KVM_TRANSLATE: a software walk of the guest's page tables with
+  its current CR0/CR3/CR4/EFER (kvm_mmu_gva_to_gpa_system, supervisor read access); None where
+  the address is not mapped (KVM reports valid = 0).
 """
 
 from __future__ import annotations
@@ -44,9 +54,12 @@ from typing import Any
 from unicorn import UcError
 
 from cetvm import InputError, NotSupportedError
-from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector
+from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
 from cetvm.arch.msr import Efer, Msr
 from cetvm.cpu.exits import Direction, ExitReason, MsrExit, VmExit
+from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.paging import Access, PagingMode
+from cetvm.cpu.paging import translate as walk_page_tables
 # The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
 # kvm_segment, kvm_dtable, and the KVM_EXIT_IO direction. The VMM imports them from here.
 from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
@@ -79,6 +92,7 @@ from cetvm.kvm.vcpu_run import (
     KVM_MSR_FILTER_WRITE,
     # kvm_run.msr, its reasons and struct kvm_msr_filter_range: the VMM imports them from here.
     HypercallExit,
+    KvmExceptionExit,
     KvmExitReason,
     KvmMsrExit,
     KvmMsrExitReason,
@@ -378,6 +392,39 @@ class KvmVcpu:
             raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} has no error code")
         self._queued = QueuedException(vector, error_code)
 
+    def set_exception_intercepts(self, vectors: set[int]) -> None:
+        """cetvm extension (module docstring): exceptions with these vectors (0-31) exit to
+        userspace as KVM_EXIT_EXCEPTION before delivery; an empty set removes the intercepts.
+        -EINVAL for a vector outside 0-31 (the VMCS exception bitmap has 32 bits)."""
+        bitmap = 0
+        for vector in vectors:
+            if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < 32:
+                raise KvmIoctlError(errno.EINVAL, f"exception intercepts: vector {vector!r} is not 0..31")
+            bitmap |= 1 << vector
+        self.cpu.exception_bitmap = bitmap
+
+    def get_exception_intercepts(self) -> set[int]:
+        """The vectors :meth:`set_exception_intercepts` installed."""
+        return {v for v in range(32) if self.cpu.exception_bitmap >> v & 1}
+
+    def translate(self, linear: int) -> int | None:
+        """KVM_TRANSLATE: the guest-physical address of ``linear`` under the guest's current
+        paging mode (supervisor read; paging off: the address itself), None when unmapped or
+        non-canonical (kvm_translation.valid = 0)."""
+        if not 0 <= linear < 1 << 64:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_TRANSLATE: {linear!r} is not a 64-bit address")
+        sregs = self.cpu.get_sregs()
+        mode = PagingMode(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer)
+        try:
+            return walk_page_tables(self._read_pte, mode, linear, Access.READ)
+        except GuestFault:
+            return None
+
+    def _read_pte(self, gpa: int) -> int:
+        if not any(s.contains(gpa, 8) for s in self.vm.memory_slots):
+            raise GuestFault(int(Vector.PF), 0, None)
+        return int.from_bytes(self.cpu.read_phys(gpa, 8), "little")
+
     def get_stats(self) -> dict[str, int]:
         """KVM_GET_STATS_FD, reduced to what cetvm counts: instructions retired by this vCPU.
 
@@ -529,7 +576,17 @@ class KvmVcpu:
                 return None
             self._hypercall = hypercall
             return KvmRun(KvmExitReason.HYPERCALL, exit_.rip, hypercall=hypercall)
+        if reason is ExitReason.EXCEPTION and exit_.exception is not None:
+            return KvmRun(KvmExitReason.EXCEPTION, exit_.rip, exception=self._exception_exit(exit_))
         return userspace_exit(exit_)
+
+    def _exception_exit(self, exit_: VmExit) -> KvmExceptionExit:
+        """The intercepted exception with the state userspace needs to describe it: SSP as
+        VM exit saved it in GUEST_SSP, RSP and CPL at the faulting instruction."""
+        exc = exit_.exception
+        assert exc is not None
+        return KvmExceptionExit(exc.vector, exc.error_code, exit_.rip, int(self.cpu.cpl),
+                                self.state.vmcs.read(VmcsField.GUEST_SSP), self.cpu.get_regs().rsp, exc.cr2)
 
 
 # Complete vCPU save/restore, part of the API the VMM uses (snapshots). The implementation lives

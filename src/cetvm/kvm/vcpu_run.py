@@ -71,6 +71,10 @@ class KvmExitReason(enum.Enum):
     X86_RDMSR = "KVM_EXIT_X86_RDMSR"
     X86_WRMSR = "KVM_EXIT_X86_WRMSR"
     IRQ_WINDOW_OPEN = "KVM_EXIT_IRQ_WINDOW_OPEN"
+    #: cetvm extension: an exception userspace intercepts (KvmVcpu.set_exception_intercepts),
+    #: before delivery. KVM reports these as KVM_EXIT_DEBUG (KVM_SET_GUEST_DEBUG) and, in old
+    #: kernels, KVM_EXIT_EXCEPTION; cetvm uses the latter name for any vector.
+    EXCEPTION = "KVM_EXIT_EXCEPTION"
 
 
 class InternalErrorSuberror(enum.Enum):
@@ -87,6 +91,21 @@ class HypercallExit:
     ret: int = 0
 
 
+@dataclass(frozen=True)
+class KvmExceptionExit:
+    """kvm_run for KVM_EXIT_EXCEPTION (cetvm extension): the intercepted exception and the vCPU
+    state at the faulting instruction, before delivery (``ssp``: the guest's current SSP,
+    ``cpl``: CS.RPL, ``cr2``: the #PF address, None otherwise)."""
+
+    vector: int
+    error_code: int | None
+    rip: int
+    cpl: int
+    ssp: int
+    rsp: int
+    cr2: int | None = None
+
+
 @dataclass
 class KvmRun:
     """What KVM_RUN returned: the exit reason and the matching union member."""
@@ -97,6 +116,7 @@ class KvmRun:
     mmio: MmioExit | None = None
     hypercall: HypercallExit | None = None
     msr: "KvmMsrExit | None" = None
+    exception: KvmExceptionExit | None = None
     suberror: InternalErrorSuberror | None = None
     detail: str = ""
     extra: dict[str, object] = field(default_factory=dict)

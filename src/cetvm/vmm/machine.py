@@ -22,6 +22,7 @@ from typing import Callable
 from cetvm import InputError
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, Regs, Segment, Sregs
 from cetvm.vmm.bus import MmioBus, PioBus
+from cetvm.vmm.cet_report import CetViolationRecorder
 from cetvm.vmm.config import MachineConfig, guest_cpuid
 from cetvm.vmm.devices.pc import PcDevices
 from cetvm.vmm.irq import GuestClock, InterruptRouting
@@ -101,12 +102,27 @@ class Machine:
         #: Guest time for the devices (cetvm.vmm.irq): instructions at 1 GHz + halted time.
         self.clock = GuestClock(lambda: self.instructions)
         self.devices.lapics[0].clock = self.clock
+        #: Set by :meth:`record_cet_violations` (``--cet-report``).
+        self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
 
     def _run_loop(self, instructions_done: int) -> RunLoop:
         return RunLoop(self.vcpu, self.pio, self.mmio, lambda: instructions_retired(self.vcpu),
                        instructions_done=instructions_done, msr=self._complete_msr,
-                       irq=InterruptRouting(self.devices.lapics[0], self.clock))
+                       irq=InterruptRouting(self.devices.lapics[0], self.clock),
+                       on_exception=self._on_exception)
+
+    def record_cet_violations(self) -> CetViolationRecorder:
+        """Intercept #CP and record each violation before the guest takes it (the guest's
+        behaviour is unchanged: the exception is re-injected). Returns the recorder."""
+        if self.cet_recorder is None:
+            self.cet_recorder = CetViolationRecorder(self.vcpu, self.vm)
+            self.vcpu.set_exception_intercepts(self.vcpu.get_exception_intercepts() | self.cet_recorder.vectors())
+        return self.cet_recorder
+
+    def _on_exception(self, run: KvmRun, instructions: int) -> None:
+        if self.cet_recorder is not None and run.exception is not None:
+            self.cet_recorder.record(run.exception, instructions)
 
     def _complete_msr(self, run: KvmRun) -> None:
         complete_msr_exit(run, self.devices.lapics[0], self.vcpu)

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from cetvm import NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Vector
 from cetvm.kvm.api import Direction, KvmExitReason, KvmRun
 from cetvm.vmm.bus import MmioBus, PioBus
@@ -208,6 +209,11 @@ def complete_mmio(run: KvmRun, mmio: MmioBus) -> None:
         mm.data = mmio.read(mm.address, mm.size)
 
 
+def reinjectable(vector: int, error_code: int | None) -> tuple[int, int | None]:
+    """The KVM_SET_VCPU_EVENTS arguments that re-deliver an intercepted exception as it was."""
+    return vector, error_code if vector in VECTORS_WITH_ERROR_CODE else None
+
+
 def complete_msr(run: KvmRun, handler: Callable[[KvmRun], None] | None) -> None:
     """KVM_EXIT_X86_RDMSR/WRMSR: the handler fills kvm_run.msr; none → error (#GP)."""
     assert run.msr is not None
@@ -231,6 +237,9 @@ class RunLoop:
     clock: Callable[[], float] = time.monotonic
     msr: Callable[[KvmRun], None] | None = None
     irq: InterruptRouting | None = None
+    #: KVM_EXIT_EXCEPTION (intercepted exceptions, cetvm extension): called with the exit and
+    #: the instruction count, then the exception is re-injected unchanged.
+    on_exception: Callable[[KvmRun, int], None] | None = None
 
     def __post_init__(self) -> None:
         self._base = self.retired()
@@ -300,5 +309,19 @@ class RunLoop:
         if run.exit_reason in (KvmExitReason.X86_RDMSR, KvmExitReason.X86_WRMSR):
             complete_msr(run, self.msr)
             return None
+        if run.exit_reason is KvmExitReason.EXCEPTION and run.exception is not None:
+            self._reinject(run)
+            return None
         return exit_result(run, self.instructions)
+
+    def _reinject(self, run: KvmRun) -> None:
+        """Show the intercepted exception to the VMM, then let the guest take it unchanged.
+        #PF is not re-injectable this way (KVM_SET_VCPU_EVENTS carries no CR2 here)."""
+        exc = run.exception
+        assert exc is not None
+        if exc.vector == Vector.PF:
+            raise NotSupportedError("re-injecting an intercepted #PF (its CR2) is not supported")
+        if self.on_exception is not None:
+            self.on_exception(run, self.instructions)
+        self.vcpu.queue_exception(*reinjectable(exc.vector, exc.error_code))
 
