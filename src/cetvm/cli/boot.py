@@ -89,7 +89,8 @@ def register(subparsers) -> None:
                    help="when the run stops (or at --save-at), write the whole machine to FILE "
                         "(default no snapshot)")
     p.add_argument("--save-at", type=_positive_int, metavar="N",
-                   help="with --save-state: stop after N instructions and save; exit status 0")
+                   help="with --save-state: stop after exactly N instructions and save; exit status 0 "
+                        "(default: save when the run stops by itself)")
     p.add_argument("--restore-state", metavar="FILE",
                    help="continue the machine saved in FILE (its CPU, memory, CET setting, command line and "
                         "devices come from the snapshot); default: boot IMAGE")

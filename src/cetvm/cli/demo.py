@@ -117,7 +117,7 @@ def register(subparsers) -> None:
         description="Boot the demo kernel twice on a modeled Sapphire Rapids: with CET (the attacks are "
                     "stopped by #CP) and with CET hidden from the guest (the attacks succeed).")
     p.add_argument("--cpu", default=DEFAULT_CPU_MODEL, metavar="MODEL", help=argparse.SUPPRESS)
-    p.add_argument("--image", default=None, metavar="FILE", help="demo kernel (default guests/build/demo.elf)")
+    p.add_argument("--image", default=None, metavar="FILE", help="demo kernel (default: guests/build/demo.elf of this checkout, built by make)")
     p.set_defaults(func=run)
 
 
