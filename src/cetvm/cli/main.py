@@ -67,6 +67,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "boot",
     "caps",
+    "migrate",
     "cpuid_cmd",
     "bench",
 )
