@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 from cetvm import InputError
+from cetvm.report import CetViolation, Symbolizer
+from cetvm.report.violation import ENDBR32, ENDBR64
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, CetMode, MachineConfig
 from cetvm.vmm.machine import Machine
 from cetvm.vmm.run_loop import RunResult
@@ -28,6 +31,11 @@ DEMO_MEMORY = "64M"
 
 #: Attack → the #CP error code that must stop it [reference §4: 1 NEAR_RET, 3 ENDBRANCH].
 EXPECTED_CP = {"ROP (ring 3)": 1, "JOP (ring 3)": 3, "ROP (ring 0)": 1, "JOP (ring 0)": 3}
+#: #CP kind → the attack class it stops [reference §4: NEAR_RET stops ROP, ENDBRANCH stops JOP].
+ATTACK_OF_KIND = {"near-ret": "ROP", "endbranch": "JOP"}
+#: Columns of the violation blocks (readable in a 100-column terminal).
+REPORT_WIDTH = 100
+REPORT_INDENT = "    "
 
 _ATTACK_LINE = re.compile(r"^(?P<attack>[RJ]OP \(ring [03]\)): (?P<text>.*)$")
 _BLOCKED = re.compile(r"blocked by #CP\((?P<code>\d+)\)")
@@ -81,11 +89,79 @@ def find_demo_image(start: Path | None = None) -> Path:
                      "(needs gcc and binutils)")
 
 
-def run_once(image: Path, cet: CetMode, cpu: str) -> tuple[RunResult, str]:
+def run_once(image: Path, cet: CetMode, cpu: str,
+             record: bool = False) -> tuple[RunResult, str, list[CetViolation]]:
+    """One boot of the demo: (result, serial text, the #CP violations when ``record``)."""
     serial = bytearray()
     config = MachineConfig(cpu=cpu, memory=DEMO_MEMORY, cet=cet, serial_sink=serial.extend)
-    result = Machine.boot(image, config).run(max_instructions=DEMO_MAX_INSTRUCTIONS, timeout=120)
-    return result, serial.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    machine = Machine.boot(image, config)
+    violations = machine.record_cet_violations().violations if record else []
+    result = machine.run(max_instructions=DEMO_MAX_INSTRUCTIONS, timeout=120)
+    return result, serial.decode("utf-8", errors="replace").replace("\r\n", "\n"), violations
+
+
+def demo_symbols(image: Path) -> Symbolizer | None:
+    """The image's .symtab for naming addresses, or None when it has none cetvm can read (e.g. a
+    multiboot a.out-kludge image): the report then shows bare addresses. Decision: an image that
+    cannot be booted is reported by the loader's own error, so symbols never fail the demo."""
+    try:
+        return Symbolizer.from_elf(image)
+    except InputError:
+        return None
+
+
+def attack_name(v: CetViolation) -> str:
+    """The demo attack a #CP stopped: ROP for near-ret, JOP for endbranch, ring = CPL
+    (any other kind is named by the kind itself)."""
+    return f"{ATTACK_OF_KIND.get(v.kind, '#CP ' + v.kind)} (ring {v.cpl})"
+
+
+def _named(addr: int | None, symbols: Symbolizer | None) -> str:
+    """``name+0xoff (0xaddr)``, the hex alone when unnamed, ``<unreadable>`` for None."""
+    if addr is None:
+        return "<unreadable>"
+    name = symbols.name_of(addr) if symbols is not None else None
+    return f"{name} ({addr:#x})" if name else f"{addr:#x}"
+
+
+def _target_note(target: bytes | None) -> str:
+    """ENDBRANCH: whether the branch target starts with ENDBR64/ENDBR32 (SDM Vol. 1 §18.3)."""
+    if target is None:
+        return "bytes unreadable"
+    verdict = "starts with ENDBR" if target[:4] in (ENDBR64, ENDBR32) else "no ENDBR"
+    return f"{verdict} (bytes {target[:4].hex(' ')} ...)"
+
+
+def violation_lines(v: CetViolation, symbols: Symbolizer | None) -> list[str]:
+    """The unwrapped lines of one violation's block: headline, then the evidence."""
+    lines = [f"{attack_name(v)} stopped: #CP({v.error_code}) {v.kind} at {_named(v.rip, symbols)}"]
+    if v.kind == "endbranch":
+        lines.append(f"branch target {_named(v.rip, symbols)}: {_target_note(v.target_bytes)}")
+    else:
+        lines.append(f"data stack says   {_named(v.data_top, symbols)}")
+        lines.append(f"shadow stack says {_named(v.shadow_top, symbols)}")
+    return lines
+
+
+def _fit(line: str, prefix: str, width: int) -> list[str]:
+    """``prefix + line`` wrapped to ``width`` columns, continuation lines indented 8 more. Words
+    (symbol names) are never split: a single name longer than a line stays whole."""
+    return textwrap.wrap(line, width=width, initial_indent=prefix, subsequent_indent=prefix + " " * 8,
+                         break_long_words=False, break_on_hyphens=False) or [prefix]
+
+
+def violation_report(violations: list[CetViolation], symbols: Symbolizer | None,
+                     width: int = REPORT_WIDTH) -> str:
+    """The CET report shown under the CET-on run: a count line, then a block per violation."""
+    count = f"{len(violations)} violation{'s' if len(violations) != 1 else ''}"
+    out = _fit(f"CET report: {count} (each #CP recorded before delivery, as by cetvm boot --cet-report)",
+               REPORT_INDENT[:-1], width)
+    for v in violations:
+        headline, *evidence = violation_lines(v, symbols)
+        out += _fit(headline, REPORT_INDENT, width)
+        for line in evidence:
+            out += _fit(line, REPORT_INDENT + "    ", width)
+    return "\n".join(out)
 
 
 def indented(text: str, prefix: str = "    ") -> str:
@@ -123,12 +199,15 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = Path(args.image) if args.image else find_demo_image()
+    symbols = demo_symbols(image)
     outcomes, clean = {}, True
     for cet, title in ((CetMode.ON, "CET on (guest CPUID shows SHSTK and IBT)"),
                        (CetMode.OFF, "CET off (--cet off: CET hidden from the guest)")):
         print(f"== {title}: cetvm boot {image} --cet {cet.value}")
-        result, serial = run_once(image, cet, args.cpu)
+        result, serial, violations = run_once(image, cet, args.cpu, record=cet is CetMode.ON)
         print(indented(serial))
+        if cet is CetMode.ON:
+            print(violation_report(violations, symbols))
         print(f"   -> {result.reason.value}, exit status {result.exit_code}, {result.instructions} instructions")
         if result.exit_code != 1:
             clean = False
