@@ -100,6 +100,9 @@ def register(subparsers) -> None:
                         "return addresses on the data and shadow stacks (or the bytes at an ENDBRANCH "
                         "target); on stderr, or to FILE (JSON when it ends in .json, text otherwise). With "
                         "--json the result also gets a \"cet_violations\" list (default off)")
+    p.add_argument("--progress", action="store_true",
+                   help="print a progress line (instructions, MIPS) on stderr about once a second during long "
+                        "runs (default: only when stderr is a terminal not shared with the serial output)")
     p.add_argument("--json", action="store_true",
                    help="at the end print the result as one JSON object (status, reason, message, "
                         "instructions, rip, last_exception, and the serial output unless --serial)")
@@ -186,12 +189,34 @@ def run_machine(machine: Machine, args: argparse.Namespace) -> tuple[RunResult, 
     guest's doing: e.g. an instruction it cannot emulate) becomes an internal-error result
     (status 126, see the module docstring) instead of escaping as exit status 1."""
     try:
-        return machine.run(timeout=args.timeout, max_instructions=args.max_instructions, save_at=args.save_at), True
+        return machine.run(timeout=args.timeout, max_instructions=args.max_instructions, save_at=args.save_at,
+                           progress=_progress_printer(args)), True
     except InputError:
         raise
     except CetvmError as exc:
         return RunResult(STATUS_INTERNAL_ERROR, StopReason.INTERNAL_ERROR, str(exc), _safe_instructions(machine),
                          _safe_rip(machine)), False
+
+
+def _wants_progress(args: argparse.Namespace) -> bool:
+    """--progress, or automatically when stderr is a terminal that the guest's serial output does
+    not share (--serial FILE, or stdout redirected) and no --json result is expected."""
+    if getattr(args, "progress", False):
+        return True
+    if args.json or not sys.stderr.isatty():
+        return False
+    return bool(args.serial) or not sys.stdout.isatty()
+
+
+def _progress_printer(args: argparse.Namespace) -> Callable[[int, float], None] | None:
+    if not _wants_progress(args):
+        return None
+
+    def show(instructions: int, seconds: float) -> None:
+        mips = instructions / seconds / 1e6 if seconds > 0 else 0.0
+        print(f"cetvm: running: {instructions / 1e6:.1f} M instructions in {seconds:.0f} s ({mips:.1f} MIPS)",
+              file=sys.stderr, flush=True)
+    return show
 
 
 def _safe_instructions(machine: Machine) -> int:

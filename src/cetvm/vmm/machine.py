@@ -151,11 +151,13 @@ class Machine:
         return self._loop.instructions
 
     def run(self, timeout: float | None = None, max_instructions: int | None = None,
-            save_at: int | None = None) -> RunResult:
-        """Run until the guest stops the machine or a limit is reached (see RunLimits)."""
+            save_at: int | None = None, progress: Callable[[int, float], None] | None = None) -> RunResult:
+        """Run until the guest stops the machine or a limit is reached (see RunLimits);
+        ``progress(instructions, seconds)`` is called about once a second during long runs."""
         for name, value in (("timeout", timeout), ("max_instructions", max_instructions), ("save_at", save_at)):
             if value is not None and value <= 0:
                 raise InputError(f"{name} must be positive, got {value}")
+        self._loop.progress = progress
         return self._loop.run(RunLimits(timeout, max_instructions, save_at))
 
     # ------------------------------------------------------------------ snapshots

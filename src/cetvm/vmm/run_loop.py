@@ -46,6 +46,8 @@ RUN_SLICE = 2_000_000
 #: With a wall-clock timeout, a shorter period so the timeout is honoured within ~0.1 s even on the
 #: Python CET path (~2-5 MIPS); on the native path a slice is a few milliseconds.
 TIMEOUT_SLICE = 200_000
+#: Seconds between two progress reports of a long run.
+PROGRESS_PERIOD = 1.0
 STATUS_TIMEOUT = 124
 STATUS_TRIPLE_FAULT = 125
 STATUS_INTERNAL_ERROR = 126
@@ -240,9 +242,18 @@ class RunLoop:
     #: KVM_EXIT_EXCEPTION (intercepted exceptions, cetvm extension): called with the exit and
     #: the instruction count, then the exception is re-injected unchanged.
     on_exception: Callable[[KvmRun, int], None] | None = None
+    #: Called as ``progress(instructions, seconds)`` at most every PROGRESS_PERIOD seconds of a
+    #: long run (the CLI shows it on a terminal); never called for runs shorter than that.
+    progress: Callable[[int, float], None] | None = None
 
     def __post_init__(self) -> None:
         self._base = self.retired()
+
+    def _report_progress(self, started: float, last: list[float]) -> None:
+        now = self.clock()
+        if self.progress is not None and now - last[0] >= PROGRESS_PERIOD:
+            last[0] = now
+            self.progress(self.instructions, now - started)
 
     @property
     def instructions(self) -> int:
@@ -276,7 +287,9 @@ class RunLoop:
         started = self.clock()
         rip = self.vcpu.get_regs().rip
         ready = False  # kvm_run.ready_for_interrupt_injection of the last exit
+        last_progress = [started]
         while True:
+            self._report_progress(started, last_progress)
             stop = self._limit_result(limits, rip, started)
             if stop is not None:
                 return stop
