@@ -71,8 +71,9 @@ class InstructionBudget:
             counter.retired -= 1
 
     def add_count_hook(self, uc: Uc, python_only: bool) -> CountHook:
-        """A UC_HOOK_CODE counter for the budget: the native one (``cetfast_count_insn``, ~60
-        MIPS) when the library is built, else :meth:`count_instruction` (~2 MIPS). A vCPU on the
+        """A UC_HOOK_CODE counter for the budget: the native one (``cetfast_count_insn``; the bench
+        loop with CET on runs 88–106 MIPS under it) when the library is built, else
+        :meth:`count_instruction` (about 1.2 MIPS on the Python CET path). A vCPU on the
         Python CET path (``python_only``) uses no native code at all, so both counters stay
         tested."""
         address = None if python_only else native_count_hook()
