@@ -242,6 +242,18 @@ static void user_pages_init(void)
     map_shstk_page(USER_SHSTK, true, NULL, 0);
 }
 
+extern u32 boot_mb_magic, boot_mb_info;
+
+const char *kernel_cmdline(void)
+{
+    if (boot_mb_magic != 0x2BADB002u || !boot_mb_info)
+        return "";
+    const u32 *info = (const u32 *)(u64)boot_mb_info;
+    if (!(info[0] & (1u << 2)) || !info[4])
+        return "";
+    return (const char *)(u64)info[4];
+}
+
 void kernel_init(void)
 {
     serial_init();

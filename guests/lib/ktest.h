@@ -154,6 +154,8 @@ NORETURN void tap_done(void);
 
 /* ---- kernel init ---- */
 void kernel_init(void);          /* serial, GDT/TSS, IDT, paging, EFER.NXE, CR0.WP */
+/* The multiboot v1 command line (info flags bit 2, cmdline at offset 16), "" without one. */
+const char *kernel_cmdline(void);
 void kmain(void);                 /* provided by each kernel */
 
 /* ---- traps ---- */
