@@ -52,6 +52,17 @@ DEFAULT_MEMORY_SIZE = 256 * MiB
 XSAVE_LEAF = 0xD
 
 
+#: The most vCPUs a machine may have (``--smp`` / ``-smp``).
+MAX_VCPUS = 8
+
+
+def check_vcpu_count(value: object) -> int:
+    """The vCPU count as an int in 1..MAX_VCPUS, or an InputError naming the range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VCPUS:
+        raise InputError(f"the vCPU count must be an integer from 1 to {MAX_VCPUS}, got {value!r}")
+    return value
+
+
 class CetMode(enum.Enum):
     """Which CET features the guest CPUID shows (``--cet``)."""
 
@@ -155,6 +166,7 @@ class MachineConfig:
     when ``host`` is given. ``memory``: RAM bytes (or "256M"). ``cet``: see :class:`CetMode`.
     ``cmdline``: the kernel command line (multiboot). ``modules``: multiboot module files
     (``initrd`` is the first). ``serial_sink``: receives every byte the guest writes to COM1.
+    ``smp``: the number of vCPUs, 1 to :data:`MAX_VCPUS` (QEMU ``-smp N``).
     """
 
     cpu: str | CpuidModel = DEFAULT_CPU_MODEL
@@ -163,12 +175,14 @@ class MachineConfig:
     cmdline: str = ""
     modules: tuple[str, ...] = ()
     host: Host | None = None
+    smp: int = 1
     serial_sink: Callable[[bytes], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.memory = parse_memory_size(self.memory)
         self.cet = CetMode.parse(self.cet)
         self.modules = tuple(str(m) for m in self.modules)
+        self.smp = check_vcpu_count(self.smp)
 
     @property
     def memory_size(self) -> int:

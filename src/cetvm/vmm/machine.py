@@ -16,6 +16,8 @@ the saved one stopped.
 
 from __future__ import annotations
 
+from cetvm import NotSupportedError
+
 import os
 from typing import Callable
 
@@ -83,6 +85,8 @@ class Machine:
     (or :meth:`restore`), then :meth:`run`."""
 
     def __init__(self, config: MachineConfig) -> None:
+        if config.smp != 1:
+            raise NotSupportedError(f"{config.smp} vCPUs: cetvm runs one vCPU for now (SMP is not supported yet)")
         self.config = config
         self.host = config.make_host()
         self.kvm = Kvm(self.host)
