@@ -16,12 +16,10 @@ the saved one stopped.
 
 from __future__ import annotations
 
-from cetvm import NotSupportedError
-
 import os
 from typing import Callable
 
-from cetvm import InputError
+from cetvm import InputError, NotSupportedError
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, Regs, Segment, Sregs
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
