@@ -21,7 +21,7 @@ from unicorn import x86_const as X
 from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import PfErr, Vector
 from cetvm.cpu import decode
-from cetvm.cpu.cet.transfer import BlockAction, apply_terminator
+from cetvm.cpu.cet.transfer import BlockAction, TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
@@ -30,6 +30,19 @@ from cetvm.cpu.paging import Access
 PAGE = 0x1000
 #: Vectors that are traps: RIP reported by Unicorn is past the instruction (engine-notes).
 _TRAP_VECTORS = frozenset({Vector.BP, Vector.OF})
+
+
+def terminator_not_run(block_start: int, terminator: TerminatorInfo, rip: int) -> bool:
+    """The engine stopped at ``rip`` inside the block that starts at ``block_start``, at or
+    before its terminator: the terminator has not executed, so it must not be applied.
+
+    The block hook records a block's terminator as pending when the block *starts*; it is
+    applied at the next block start. A stop in between — an exception inside the block, the
+    instruction budget running out (the end of a KVM_RUN slice), an exit — leaves it pending
+    although the CALL/RET/JMP never ran; the engine then resumes mid-block at ``rip`` and would
+    otherwise apply it there (a phantom shadow-stack push → a false #CP(1) at a later RET).
+    """
+    return block_start <= rip <= terminator.insn_addr
 
 
 def _memory_size_bytes(instr) -> int:
@@ -47,7 +60,7 @@ class EngineStopsMixin:
         if not software:
             self._unretire()
         prev = self._blocks.take_prev(None)
-        if prev is not None and self._blocks.prev_block_start <= rip <= prev.insn_addr:
+        if prev is not None and terminator_not_run(self._blocks.prev_block_start, prev, rip):
             prev = None  # the fault is inside the block: its terminator never ran
         if prev is not None and self._cet_active and not software:
             # The previous block's terminator ran but its target faulted before the block hook:
@@ -69,6 +82,14 @@ class EngineStopsMixin:
             error = 0 if intno in (Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.AC) else None
             self._pending = PendingEvent(intno, error)
         uc.emu_stop()
+
+    def _forget_terminator_not_run(self, rip: int) -> None:
+        """The engine stopped at ``rip`` without a fault (the budget ran out): drop the pending
+        terminator if it has not executed yet (:func:`terminator_not_run`)."""
+        blocks = self._blocks
+        prev = blocks.prev
+        if prev is not None and terminator_not_run(blocks.prev_block_start, prev, rip):
+            blocks.prev = None
 
     def _derive_pf_error(self, rip: int, cr2: int) -> PfErr:
         """The #PF error code Unicorn does not expose: re-walk the page tables for the access.

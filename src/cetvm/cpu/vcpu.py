@@ -408,6 +408,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             if err.errno in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
                 return self._on_unmapped_stop(err.errno)
             raise CetvmError(f"engine error at RIP {self.rip:#x}: {err}") from None
+        if self._budget.hit:
+            self._forget_terminator_not_run(self.rip)
         if self._pending is None:
             self._clear_stale_old_exception()
         if not self.traced:
