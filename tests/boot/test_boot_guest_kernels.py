@@ -94,3 +94,12 @@ def test_cet_shstk_only_hides_ibt_from_the_guest(capsys):
 def test_boot_smoke_framework_paths(capsys):
     tap = run_green(capsys, "boot_smoke")
     assert tap.passed("ring 3 write to a supervisor page -> #PF (U/S)")
+
+
+def test_a_forged_return_address_is_cp_at_the_ret_before_its_target_is_fetched(capsys):
+    """Issue 8, bug 3 (kvm-unit-tests x86/cet's tampered return address): the target may be
+    unmapped, NX, supervisor-only, non-canonical or have no RAM behind it — #CP(1) at the RET."""
+    tap = run_green(capsys, "ret_targets")
+    assert tap.passed("CPL0 RET to a page with no RAM behind it -> #CP(1) at the RET")
+    assert tap.passed("CPL3 RET to a user page with no RAM behind it -> #CP(1) at the RET")
+    assert not tap.skipped()

@@ -59,20 +59,11 @@ class EngineStopsMixin:
         software = intno >= 32 or intno in _TRAP_VECTORS
         if not software:
             self._unretire()
-        prev = self._blocks.take_prev(None)
-        if prev is not None and terminator_not_run(self._blocks.prev_block_start, prev, rip):
-            prev = None  # the fault is inside the block: its terminator never ran
-        if prev is not None and self._cet_active and not software:
-            # The previous block's terminator ran but its target faulted before the block hook:
-            # apply the terminator alone (the IBT check happens when the guest comes back).
-            decision = apply_terminator(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP))
-            if decision.action == BlockAction.FAULT:
-                uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-                if decision.rsp is not None:
-                    uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
-                self._raise_event(decision.fault)
-                uc.emu_stop()
-                return
+        if software:
+            self._blocks.take_prev(None)
+        elif self._apply_terminator_before_target_fault(rip):
+            uc.emu_stop()
+            return
         if intno == Vector.PF:
             cr2 = uc.reg_read(X.UC_X86_REG_CR2)
             self._pending = PendingEvent(Vector.PF, int(self._derive_pf_error(rip, cr2)), cr2)
@@ -82,6 +73,31 @@ class EngineStopsMixin:
             error = 0 if intno in (Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.AC) else None
             self._pending = PendingEvent(intno, error)
         uc.emu_stop()
+
+    def _apply_terminator_before_target_fault(self, rip: int) -> bool:
+        """The engine stopped at ``rip`` before the block hook ran there: a fault inside the
+        current block, or a fault on fetching the next block (a #PF, a fetch from guest-physical
+        memory with no RAM). In the second case the previous block's terminator ran but was not
+        applied yet: apply it alone now, before the fetch fault — a RET's shadow-stack compare is
+        part of the RET, so a forged return address is #CP(1) at the RET whatever the target is
+        (unmapped, NX, supervisor, no RAM) [SDM vol. 1 17.2.3]. The ENDBRANCH check is not
+        part of the branch: an indirect CALL/JMP leaves the tracker in WAIT_FOR_ENDBRANCH and the
+        fetch fault at the target is delivered first (Bochs decodes the target before checking
+        it); the check happens when the guest comes back. True when that raised a CET fault (RIP
+        and RSP are then the faulting instruction's)."""
+        blocks = self._blocks
+        prev = blocks.take_prev(None)
+        if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self._cet_active:
+            return False
+        uc = self._uc
+        decision = apply_terminator(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP))
+        if decision.action != BlockAction.FAULT:
+            return False
+        uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
+        if decision.rsp is not None:
+            uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
+        self._raise_event(decision.fault)
+        return True
 
     def _forget_terminator_not_run(self, rip: int) -> None:
         """The engine stopped at ``rip`` without a fault (the budget ran out): drop the pending
@@ -157,6 +173,8 @@ class EngineStopsMixin:
         """
         rip = self.rip
         if errno == UC_ERR_FETCH_UNMAPPED:
+            if self._apply_terminator_before_target_fault(rip):
+                return None
             return VmExit(ExitReason.SHUTDOWN, rip, detail="instruction fetch from guest-physical memory with no RAM")
         self._unretire()
         self._blocks.prev = None
