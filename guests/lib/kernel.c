@@ -213,6 +213,24 @@ static void idt_set(unsigned vec, u64 handler, unsigned ist, unsigned dpl)
     e->zero = 0;
 }
 
+void idt_set_gate(unsigned vector, unsigned ist, unsigned dpl)
+{
+    if (vector < 256)
+        idt_set(vector, (u64)isr_stubs + 16 * vector, ist & 7, dpl & 3);
+}
+
+void isst_set(unsigned n, u64 ssp)
+{
+    if (n >= 1 && n <= 7)
+        this_cpu.isst[n] = ssp;
+}
+
+void tss_set_ist(unsigned n, u64 rsp)
+{
+    if (n >= 1 && n <= 7)
+        this_cpu.tss.ist[n - 1] = rsp;
+}
+
 /* #DF, NMI and #MC run on IST1..3 (fatal); INT 0x80 is callable from ring 3. */
 static void idt_init(void)
 {
@@ -277,6 +295,7 @@ static struct trap_record record_trap(const struct trap_frame *f)
             r.ssp = rdmsr(MSR_PL3_SSP);     /* saved there on the switch to CPL0 */
     } else if (f->entry_ssp) {
         r.ssp = *(u64 *)f->entry_ssp;       /* the frame's previous SSP [REF §4] */
+        r.ss_lip = *(u64 *)(f->entry_ssp + 8);
     }
     return r;
 }

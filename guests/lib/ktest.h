@@ -168,6 +168,7 @@ struct trap_frame {               /* built by the IDT stubs in entry.S */
 struct trap_record {
     bool valid;
     u64 vector, error, rip, rsp, cs, ssp, cr2;
+    u64 ss_lip;                   /* LIP of the supervisor shadow-stack frame (CPL0 traps), else 0 */
 };
 
 /* setjmp-like context that also restores SSP (see entry.S: cet_longjmp). */
@@ -204,6 +205,12 @@ bool rdmsr_faults(u32 msr, u64 *value, struct trap_record *rec);
 typedef void (*irq_handler_fn)(struct trap_frame *f);
 /* Route `vector` to fn (NULL: back to "unexpected exception"). */
 void irq_register(unsigned vector, irq_handler_fn fn);
+/* Point IDT[vector] at the default stub as a 64-bit interrupt gate with this IST index and DPL. */
+void idt_set_gate(unsigned vector, unsigned ist, unsigned dpl);
+/* Interrupt SSP table entry n (1..7) = ssp (IA32_INTERRUPT_SSP_TABLE_ADDR points at the table). */
+void isst_set(unsigned n, u64 ssp);
+/* TSS IST entry n (1..7) = rsp (the data stack a gate with IST index n switches to). */
+void tss_set_ist(unsigned n, u64 rsp);
 static inline void sti_hlt(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); } /* wait, IF=0 after */
 static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }

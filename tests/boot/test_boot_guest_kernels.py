@@ -103,3 +103,12 @@ def test_a_forged_return_address_is_cp_at_the_ret_before_its_target_is_fetched(c
     assert tap.passed("CPL0 RET to a page with no RAM behind it -> #CP(1) at the RET")
     assert tap.passed("CPL3 RET to a user page with no RAM behind it -> #CP(1) at the RET")
     assert not tap.skipped()
+
+
+def test_a_fault_while_delivering_int_n_is_reported_at_the_int(capsys):
+    """Issue 8, bug 4: a busy IST supervisor token, or one that breaks the 32-byte rule, is #GP(0)
+    at the INT instruction (not after it); the #GP's shadow-stack frame names the INT as LIP."""
+    tap = run_green(capsys, "int_delivery")
+    assert tap.passed("CPL0 #GP from INT n delivery: shadow-stack frame LIP = the INT")
+    assert tap.passed("CPL3 INT n, IST token busy -> #GP(0) at the INT")
+    assert not tap.skipped()

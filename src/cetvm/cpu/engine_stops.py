@@ -19,7 +19,7 @@ from unicorn import UC_ERR_FETCH_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_MEM_FETCH, 
 from unicorn import x86_const as X
 
 from cetvm import CetvmError, NotSupportedError
-from cetvm.arch import PfErr, Vector
+from cetvm.arch import PfErr, Vector, u64
 from cetvm.cpu import decode
 from cetvm.cpu.cet.transfer import BlockAction, TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
@@ -60,7 +60,7 @@ class EngineStopsMixin:
         if not software:
             self._unretire()
         if software:
-            self._blocks.take_prev(None)
+            int_at = self._software_interrupt_address(self._blocks.take_prev(None), rip, intno)
         elif self._apply_terminator_before_target_fault(rip):
             uc.emu_stop()
             return
@@ -68,7 +68,7 @@ class EngineStopsMixin:
             cr2 = uc.reg_read(X.UC_X86_REG_CR2)
             self._pending = PendingEvent(Vector.PF, int(self._derive_pf_error(rip, cr2)), cr2)
         elif software:
-            self._pending = PendingEvent(intno, None, None, software=True)
+            self._pending = PendingEvent(intno, None, None, software=True, instruction_rip=int_at)
         else:
             error = 0 if intno in (Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.AC) else None
             self._pending = PendingEvent(intno, error)
@@ -98,6 +98,21 @@ class EngineStopsMixin:
             uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
         self._raise_event(decision.fault)
         return True
+
+    def _software_interrupt_address(self, terminator: TerminatorInfo | None, rip: int, intno: int) -> int:
+        """Where the INT n / INT3 / INTO that Unicorn just raised starts (Unicorn reports RIP past
+        it). The INT ends its block, so it is normally the block's recorded terminator; else the
+        encodings CD ib (2 bytes) and CC/CE (1 byte) are tried in front of ``rip``."""
+        if terminator is not None and terminator.insn_addr + terminator.insn_len == rip:
+            return terminator.insn_addr
+        for length, opcode in ((2, 0xCD), (1, 0xCC if intno == Vector.BP else 0xCE)):
+            try:
+                code = self._read_code(u64(rip - length), length)
+            except (GuestFault, UcError):
+                continue
+            if code[0] == opcode and (length == 1 or code[1] == intno):
+                return u64(rip - length)
+        return u64(rip - 2)
 
     def _forget_terminator_not_run(self, rip: int) -> None:
         """The engine stopped at ``rip`` without a fault (the budget ran out): drop the pending

@@ -47,6 +47,11 @@ class PendingEvent:
     cr2: int | None = None
     software: bool = False  # INT n / INT3 / INTO: gate DPL check, RIP already past the instruction
     injected: bool = False  # by the hypervisor: not subject to the exception bitmap (VM entry)
+    #: software events: the address of the INT instruction itself. A fault while delivering
+    #: the event is a fault of the INT: it is reported (and its shadow-stack frame names the
+    #: LIP) at this address, not past the INT [SDM vol. 3 6.5 "faults ... the return address
+    #: points to the faulting instruction"; INT n is the instruction being executed].
+    instruction_rip: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ def deliver(vcpu, event) -> VmExit | None:
             return None
         except GuestFault as fault:
             chain.append(str(fault))
+            if current.software and current.instruction_rip is not None:
+                vcpu.rip = current.instruction_rip
             if current.vector == Vector.DF:
                 return VmExit(ExitReason.TRIPLE_FAULT, vcpu.rip,
                               detail=f"{fault} while delivering #DF (fault chain: {' -> '.join(chain)})")
