@@ -112,3 +112,17 @@ def test_a_fault_while_delivering_int_n_is_reported_at_the_int(capsys):
     assert tap.passed("CPL0 #GP from INT n delivery: shadow-stack frame LIP = the INT")
     assert tap.passed("CPL3 INT n, IST token busy -> #GP(0) at the INT")
     assert not tap.skipped()
+
+
+def test_kvm_refuses_to_emulate_cet_guarded_instructions_behind_the_prefix(capsys):
+    """Issue 8: kvm.force_emulation_prefix=1 — CALL/RET (SHSTK) and JMP* (IBT) behind the prefix
+    are #UD after it, LEA/JMP/PUSH/POP emulate, and KVM checks S_CET even at CPL3."""
+    tap = run_green(capsys, "fep_cet", "--force-emulation-prefix", "--append", "fep=1")
+    assert tap.passed("CPL3 with U_CET = 0 but S_CET.SH_STK_EN: FEP RET -> #UD")
+    assert not tap.skipped()
+
+
+def test_without_the_parameter_the_prefix_is_a_plain_ud(capsys):
+    tap = run_green(capsys, "fep_cet")
+    assert tap.passed("FEP NOP: emulated (no #UD) when the parameter is on, #UD at the UD2 when off")
+

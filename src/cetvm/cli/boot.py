@@ -70,6 +70,11 @@ def register(subparsers) -> None:
     p.add_argument("--cet", default=None, choices=[m.value for m in CetMode],
                    help="CET features the guest CPUID shows: on = SHSTK and IBT as KVM offers them, "
                         "shstk or ibt = only that one, off = neither (default on)")
+    p.add_argument("--force-emulation-prefix", action="store_true", default=None,
+                   help="load the modeled KVM with kvm.force_emulation_prefix=1: a #UD at the prefix "
+                        "'ud2; .ascii \"kvm\"' makes KVM emulate the next instruction (kvm-unit-tests' "
+                        "KVM_FEP); KVM refuses CET-guarded instructions while CET is on (#UD) "
+                        "(default off)")
     p.add_argument("--memory", "-m", default=None, metavar="SIZE",
                    help="guest RAM: bytes, or a number with a K/M/G/T suffix (binary units, QEMU -m style), "
                         f"2M or more (default {DEFAULT_MEMORY})")
@@ -113,7 +118,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.restore_state:
         if args.image:
             raise InputError("give either IMAGE or --restore-state, not both")
-        given = [f"--{name.replace('_', '-')}" for name in ("cpu", "cet", "memory") if getattr(args, name) is not None]
+        given = [f"--{name.replace('_', '-')}" for name in ("cpu", "cet", "memory", "force_emulation_prefix")
+                 if getattr(args, name) is not None]
         if given or args.append or args.initrd:
             raise InputError(f"{', '.join(given + (['--append'] if args.append else []) + (['--initrd'] if args.initrd else []))}"
                              " cannot be combined with --restore-state (the snapshot holds the machine config)")
@@ -167,7 +173,7 @@ def build_machine(args: argparse.Namespace, sink: Callable[[bytes], None]) -> Ma
             return Machine.restore(args.restore_state, serial_sink=sink)
         config = MachineConfig(cpu=args.cpu or DEFAULT_CPU_MODEL, memory=args.memory or DEFAULT_MEMORY,
                                cet=args.cet or "on", cmdline=args.append, modules=tuple(args.initrd),
-                               serial_sink=sink)
+                               force_emulation_prefix=bool(args.force_emulation_prefix), serial_sink=sink)
         return Machine.boot(args.image, config)
     except MemoryError:
         raise InputError(f"{_memory_option(args)}: this host cannot allocate the guest RAM") from None

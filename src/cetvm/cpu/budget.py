@@ -27,6 +27,8 @@ class InstructionBudget:
         self.counter = InsnCounter()
         self.counter.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         self._budgeting = False
+        #: the Python count hook, installed once for the engine's lifetime (see add_count_hook)
+        self._python_hook: CountHook | None = None
 
     @property
     def retired(self) -> int:
@@ -78,7 +80,13 @@ class InstructionBudget:
         tested."""
         address = None if python_only else native_count_hook()
         if address is None:
-            return "python", uc.hook_add(UC_HOOK_CODE, self.count_instruction)
+            # Installed once and kept: deleting a Python UC_HOOK_CODE hook after a run and adding a
+            # new one before the next crashed Unicorn 2.1.4 (a freed ctypes closure called from
+            # the engine; reproduced by single-instruction runs at CPL 3 on the Python CET path).
+            # The kept hook counts only while a run has a budget (count_instruction).
+            if self._python_hook is None:
+                self._python_hook = ("python", uc.hook_add(UC_HOOK_CODE, self.count_instruction))
+            return self._python_hook
         handle = uc_hook_h()
         status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_CODE, ctypes.c_void_p(address),
                                    ctypes.c_void_p(ctypes.addressof(self.counter)),
@@ -89,14 +97,15 @@ class InstructionBudget:
 
     @staticmethod
     def del_count_hook(uc: Uc, hook: CountHook) -> None:
+        """Remove a native count hook after a run (the Python one stays installed)."""
         kind, handle = hook
-        if kind == "python":
-            uc.hook_del(handle)
-        else:
+        if kind == "native":
             uclib.uc_hook_del(uc._uch, handle)
 
     def count_instruction(self, uc: Uc, address: int, size: int, _data: object) -> None:
         """Python twin of ``cetfast_count_insn`` (used when the native library is not built)."""
+        if not self._budgeting:
+            return
         counter = self.counter
         if counter.budget_left <= 0:
             counter.hit = 1

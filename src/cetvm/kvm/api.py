@@ -69,6 +69,7 @@ from cetvm.kvm import reset as _reset
 from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
 from cetvm.kvm.cr import kvm_is_valid_sregs_state
+from cetvm.kvm.emulate import emulation_blocked_by_cet, cet_guards, kvm_handle_ud
 from cetvm.kvm.errors import KvmIoctlError
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import (
@@ -258,6 +259,12 @@ class KvmVcpu:
         #: kvm_run.request_interrupt_window: exit with KVM_EXIT_IRQ_WINDOW_OPEN as soon as an
         #: interrupt can be injected (userspace-owned PIC/APIC, no in-kernel irqchip).
         self.request_interrupt_window = False
+        #: exception intercepts userspace asked for (set_exception_intercepts), and KVM's own:
+        #: #UD when kvm.force_emulation_prefix is on (handle_ud)
+        self._user_exception_bitmap = 0
+        self._kvm_exception_bitmap = 1 << Vector.UD if vm.kvm.host.fep_enabled else 0
+        self._forced_emulation = False
+        self.cpu.exception_bitmap = self._kvm_exception_bitmap
         vmx.init_vmcs_cet(self.state, self.host_cpu)
         self._after_set_cpuid()
         self.kvm_vcpu_reset(init_event=False)
@@ -401,11 +408,12 @@ class KvmVcpu:
             if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < 32:
                 raise KvmIoctlError(errno.EINVAL, f"exception intercepts: vector {vector!r} is not 0..31")
             bitmap |= 1 << vector
-        self.cpu.exception_bitmap = bitmap
+        self._user_exception_bitmap = bitmap
+        self.cpu.exception_bitmap = bitmap | self._kvm_exception_bitmap
 
     def get_exception_intercepts(self) -> set[int]:
         """The vectors :meth:`set_exception_intercepts` installed."""
-        return {v for v in range(32) if self.cpu.exception_bitmap >> v & 1}
+        return {v for v in range(32) if self._user_exception_bitmap >> v & 1}
 
     def translate(self, linear: int) -> int | None:
         """KVM_TRANSLATE: the guest-physical address of ``linear`` under the guest's current
@@ -541,9 +549,12 @@ class KvmVcpu:
             left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
             if left != 0 and self._irq_window_exit_due():
                 return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
+            forced, self._forced_emulation = self._forced_emulation, False
             vmx.vmx_vcpu_enter(state, cpu, host)
-            exit_ = cpu.run(left)
+            exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
+            if forced and exit_.reason is ExitReason.BUDGET and left != 1:
+                continue  # the instruction KVM emulated for the force-emulation prefix retired
             result = self._handle_exit(exit_)
             if result is not None:
                 return result
@@ -577,8 +588,45 @@ class KvmVcpu:
             self._hypercall = hypercall
             return KvmRun(KvmExitReason.HYPERCALL, exit_.rip, hypercall=hypercall)
         if reason is ExitReason.EXCEPTION and exit_.exception is not None:
-            return KvmRun(KvmExitReason.EXCEPTION, exit_.rip, exception=self._exception_exit(exit_))
+            return self._handle_exception_exit(exit_)
+        if reason is ExitReason.MMIO and self._emulator_refuses(exit_.rip):
+            return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
+                          detail="MMIO access by an instruction CET guards: KVM does not emulate it")
         return userspace_exit(exit_)
+
+    def _handle_exception_exit(self, exit_: VmExit) -> KvmRun | None:
+        """An intercepted exception: KVM's own #UD intercept first (handle_ud and the
+        force-emulation prefix, :func:`cetvm.kvm.emulate.kvm_handle_ud`), then userspace's."""
+        exc = exit_.exception
+        assert exc is not None
+        if exc.vector == Vector.UD and self._kvm_exception_bitmap >> Vector.UD & 1:
+            handled = kvm_handle_ud(self.cpu, True, *self._guest_cet_controls())
+            if handled is not None:
+                self._forced_emulation = handled
+                return None
+            if not self._user_exception_bitmap >> Vector.UD & 1:
+                self.cpu.inject_exception(Vector.UD)
+                return None
+        return KvmRun(KvmExitReason.EXCEPTION, exit_.rip, exception=self._exception_exit(exit_))
+
+    def _guest_cet_controls(self) -> tuple[int, int]:
+        """(U_CET, S_CET) as the emulator's get_msr reads them (0 when the guest lacks CET)."""
+        vmx.kvm_put_guest_fpu(self.state, self.cpu)
+        try:
+            return tuple(kvm_get_msr(self.state, index)[1] for index in (Msr.IA32_U_CET, Msr.IA32_S_CET))
+        finally:
+            vmx.kvm_load_guest_fpu(self.state, self.cpu)
+
+    def _emulator_refuses(self, rip: int) -> bool:
+        """KVM emulates an MMIO access; it refuses a CET-guarded instruction while CET is on
+        (x86_decode_insn → EMULATION_FAILED → KVM_EXIT_INTERNAL_ERROR)."""
+        if not self.cpu.cr4 & Cr4.CET:
+            return False
+        try:
+            instr = self.cpu.fetch_instruction(rip)
+        except GuestFault:
+            return False
+        return emulation_blocked_by_cet(cet_guards(instr), self.cpu.cr4, *self._guest_cet_controls())
 
     def _exception_exit(self, exit_: VmExit) -> KvmExceptionExit:
         """The intercepted exception with the state userspace needs to describe it: SSP as

@@ -32,6 +32,8 @@ class KernelCmdline:
 
     ibt_off: bool = False
     nousershstk: bool = False
+    #: ``kvm.force_emulation_prefix=`` (KVM module parameter given on the kernel command line)
+    force_emulation_prefix: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "KernelCmdline":
@@ -44,6 +46,7 @@ class KernelCmdline:
             words = words[: words.index("--")]
         ibt_off = False
         nousershstk = False
+        fep = False
         for word in words:
             if word.startswith("ibt="):
                 value = word[4:]
@@ -52,7 +55,18 @@ class KernelCmdline:
                 ibt_off = value == "off"
             elif word == "nousershstk":
                 nousershstk = True
-        return cls(ibt_off=ibt_off, nousershstk=nousershstk)
+            elif word.startswith("kvm.force_emulation_prefix="):
+                fep = parse_module_bool("kvm.force_emulation_prefix", word.partition("=")[2])
+        return cls(ibt_off=ibt_off, nousershstk=nousershstk, force_emulation_prefix=fep)
+
+
+def parse_module_bool(name: str, value: str) -> bool:
+    """A boolean/integer module parameter as param_set_bool()/kstrtoint() read it (1/0, y/n)."""
+    if value.lower() in ("1", "y", "yes", "on", "true"):
+        return True
+    if value.lower() in ("0", "n", "no", "off", "false"):
+        return False
+    raise InputError(f"kernel command line: {name}= takes 0 or 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,10 @@ class Host:
     vmx_basic_56: bool = True
     tdp: bool = True
     allow_smaller_maxphyaddr: bool = False
+    #: KVM module parameter ``force_emulation_prefix`` (also ``kvm.force_emulation_prefix=1`` in
+    #: ``kernel_cmdline``): a #UD at ``ud2; .ascii "kvm"`` makes KVM emulate the next
+    #: instruction (:mod:`cetvm.kvm.emulate`).
+    force_emulation_prefix: bool = False
     cmdline: KernelCmdline = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +111,11 @@ class Host:
     @property
     def vendor(self) -> str:
         return self.cpu.vendor
+
+    @property
+    def fep_enabled(self) -> bool:
+        """kvm.force_emulation_prefix is on (set directly or on the host kernel command line)."""
+        return self.force_emulation_prefix or self.cmdline.force_emulation_prefix
 
     @property
     def host_ibt_enabled(self) -> bool:

@@ -167,6 +167,8 @@ class MachineConfig:
     ``cmdline``: the kernel command line (multiboot). ``modules``: multiboot module files
     (``initrd`` is the first). ``serial_sink``: receives every byte the guest writes to COM1.
     ``smp``: the number of vCPUs, 1 to :data:`MAX_VCPUS` (QEMU ``-smp N``).
+    ``force_emulation_prefix``: load the modeled KVM with ``kvm.force_emulation_prefix=1``
+    (ignored when ``host`` is given: set it on the Host).
     """
 
     cpu: str | CpuidModel = DEFAULT_CPU_MODEL
@@ -176,6 +178,7 @@ class MachineConfig:
     modules: tuple[str, ...] = ()
     host: Host | None = None
     smp: int = 1
+    force_emulation_prefix: bool = False
     serial_sink: Callable[[bytes], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -199,7 +202,7 @@ class MachineConfig:
         if self.host is not None:
             return self.host
         model = self.cpu if isinstance(self.cpu, CpuidModel) else resolve_model(self.cpu)
-        return Host(cpu=model)
+        return Host(cpu=model, force_emulation_prefix=self.force_emulation_prefix)
 
     @property
     def cpu_name(self) -> str:
@@ -211,6 +214,8 @@ class MachineConfig:
         """The JSON part a snapshot records (a custom Host or CpuidModel is stored as its CPUID)."""
         doc: dict = {"memory": self.memory_size, "cet": self.cet_mode.value, "cmdline": self.cmdline,
                      "modules": list(self.modules)}
+        if self.force_emulation_prefix:
+            doc["force_emulation_prefix"] = True
         if self.host is None and isinstance(self.cpu, str):
             doc["cpu"] = self.cpu
         else:
@@ -235,7 +240,9 @@ class MachineConfig:
             else:
                 cpu, host = str(doc["cpu"]), None
             return cls(cpu=cpu, memory=int(doc["memory"]), cet=str(doc["cet"]), cmdline=str(doc.get("cmdline", "")),
-                       modules=tuple(doc.get("modules", ())), host=host, serial_sink=serial_sink)
+                       modules=tuple(doc.get("modules", ())), host=host,
+                       force_emulation_prefix=doc.get("force_emulation_prefix", False) is True,
+                       serial_sink=serial_sink)
         except KeyError as exc:
             raise InputError(f"snapshot machine config has no {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
