@@ -126,3 +126,11 @@ def test_without_the_parameter_the_prefix_is_a_plain_ud(capsys):
     tap = run_green(capsys, "fep_cet")
     assert tap.passed("FEP NOP: emulated (no #UD) when the parameter is on, #UD at the UD2 when off")
 
+
+
+def test_string_instructions_on_memory_without_ram_are_mmio(capsys):
+    """Issue 9: LODS/MOVS/CMPS/STOS/SCAS (REP or not) touching unassigned memory, the xAPIC page
+    or the end of RAM complete architecturally, one MMIO exit per element (was an engine crash)."""
+    tap = run_green(capsys, "string_mmio")
+    assert tap.passed("MOVSQ unassigned -> unassigned (two MMIO accesses)")
+    assert tap.passed("REP STOSB across the end of RAM")

@@ -20,7 +20,7 @@ from unicorn import x86_const as X
 
 from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import PfErr, Vector, u64
-from cetvm.cpu import decode
+from cetvm.cpu import decode, string_ops
 from cetvm.cpu.cet.transfer import BlockAction, TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
@@ -194,11 +194,33 @@ class EngineStopsMixin:
         self._unretire()
         self._blocks.prev = None
         try:
+            instr = self.fetch_instruction(rip)
+            if string_ops.is_memory_string(instr):
+                return self._string_mmio_step(rip, instr, [])
             mmio = self._decode_mmio_access(rip, write=errno == UC_ERR_WRITE_UNMAPPED)
         except GuestFault as fault:
             self._raise_event(fault)
             return None
         self.add_completion(lambda: self._complete_mmio(rip, mmio))
+        return VmExit(ExitReason.MMIO, rip, mmio=mmio)
+
+    def _string_mmio_step(self, rip: int, instr, completed: list[int | None]) -> VmExit | None:
+        """One iteration of a string instruction with an element outside RAM
+        (:mod:`cetvm.cpu.string_ops`): an MMIO exit per MMIO element, completed by replaying the
+        iteration with the hypervisor's data — which may need the next exit (a MOVS from one
+        device page to another), as KVM's complete_emulated_mmio() does."""
+        try:
+            mmio = string_ops.string_iteration(self, instr, completed)
+        except GuestFault as fault:
+            self._raise_event(fault)
+            return None
+        if mmio is None:
+            return None
+
+        def complete() -> VmExit | None:
+            completed.append(mmio.data if mmio.direction is Direction.IN else None)
+            return self._string_mmio_step(rip, instr, completed)
+        self.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def _decode_mmio_access(self, rip: int, write: bool) -> MmioExit:

@@ -113,8 +113,10 @@ class EmulationPlumbingMixin:
         if next_ip is None:
             uc.ctl_flush_tb()
 
-    def add_completion(self, completion: Callable[[], None]) -> None:
-        """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction)."""
+    def add_completion(self, completion: Callable[[], "VmExit | None"]) -> None:
+        """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction).
+        A completion may return a further exit (a multi-access MMIO instruction): ``run`` then
+        returns it before executing anything."""
         self._completion = completion
 
     @property
@@ -132,14 +134,16 @@ class EmulationPlumbingMixin:
         delivered at the next run."""
         completion, self._completion = self._completion, None
         if completion is not None:
-            completion()
-            self._end_interrupt_shadow()  # the instruction retired (cetvm.cpu.interrupts)
+            self._completion_exit = completion()
+            if self._completion_exit is None:
+                self._end_interrupt_shadow()  # the instruction retired (cetvm.cpu.interrupts)
 
     def cancel_pending_exit(self) -> None:
         """Forget the completion of the last exit: the exiting instruction is not finished and
         RIP stays at it (e.g. the vCPU is reset, or its registers are replaced wholesale, so
         re-executing the instruction is what should happen). Nothing pending: no-op."""
         self._completion = None
+        self._completion_exit = None
 
     def _raise_event(self, fault: GuestFault) -> None:
         """Queue a fault for delivery (RIP must already be at the faulting instruction)."""

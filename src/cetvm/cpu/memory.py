@@ -87,6 +87,11 @@ class GuestMemory:
     def write_phys(self, gpa: int, data: bytes) -> None:
         self._uc.mem_write(gpa, bytes(data))
 
+    def is_ram(self, gpa: int, size: int) -> bool:
+        """[gpa, gpa+size) lies entirely in one RAM region (else an access is MMIO: a device
+        region or nothing)."""
+        return any(start <= gpa and gpa + size <= end for start, end, _view, _backing in self._ram)
+
     def ram_view(self, gpa: int, size: int) -> tuple[memoryview, int]:
         """The host view of our RAM holding [gpa, gpa+size) and the offset in it."""
         for start, end, view, _backing in self._ram:

@@ -113,7 +113,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._exits: set[int] = set()
         self._pending: PendingEvent | None = None
         self._irq_vector: int | None = None  # external interrupt (cetvm.cpu.interrupts)
-        self._completion: Callable[[], None] | None = None
+        self._completion: Callable[[], VmExit | None] | None = None
+        #: a further exit the last completion produced (returned by the next ``run``)
+        self._completion_exit: VmExit | None = None
         self._info_factory = InstructionInfoFactory()
         self._stepping = False
         self._cpl = 0
@@ -183,6 +185,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._ss_window.forget()
         if self._native is not None:
             self._native.flush_translations()
+
+    def is_ram(self, gpa: int, size: int) -> bool:
+        """Guest-physical [gpa, gpa+size) is RAM (anything else is an MMIO access)."""
+        return self._memory.is_ram(gpa, size)
+
+    def retire_emulated(self) -> None:
+        """An instruction emulated outside the engine retired (counts against the budget)."""
+        self._budget.retire()
 
     def read_virt(self, linear: int, size: int, access: Access = Access.READ) -> bytes:
         """Read guest-virtual memory page by page (raises GuestFault on a translation fault)."""
@@ -340,6 +350,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def run(self, budget: int | None = None) -> VmExit:
         """Run until an exit. ``budget``: at most this many instructions (then ExitReason.BUDGET)."""
         self.complete_pending_exit()
+        if self._completion_exit is not None:
+            exit_, self._completion_exit = self._completion_exit, None
+            return exit_
         self._budget.left = budget
         hook = self._budget.add_count_hook(self._uc, self.cet_path == "python") if budget is not None else None
         try:
