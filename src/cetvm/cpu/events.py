@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from cetvm.arch import Vector, VECTORS_WITH_ERROR_CODE
 from cetvm.cpu.cet.events import ssp_on_event
 from cetvm.cpu.exits import ExitReason, VmExit
-from cetvm.cpu.faults import GuestFault, gp
+from cetvm.cpu.faults import GuestFault, NoRamAccess, gp
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import Segment, SegAttr
 
@@ -93,6 +93,11 @@ def deliver(vcpu, event) -> VmExit | None:
         try:
             deliver_64(vcpu, current.vector, current.error_code, current.cr2, software=current.software)
             return None
+        except NoRamAccess as err:
+            if current.software and current.instruction_rip is not None:
+                vcpu.rip = current.instruction_rip
+            return VmExit(ExitReason.DELIVERY_FAILED, vcpu.rip,
+                          detail=f"delivering {_describe(current.vector, current.error_code, current.cr2)}: {err}")
         except GuestFault as fault:
             chain.append(str(fault))
             if current.software and current.instruction_rip is not None:

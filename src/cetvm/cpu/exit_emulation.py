@@ -21,8 +21,8 @@ from cetvm import CetvmError
 from cetvm.arch import Vector
 from cetvm.cpu import decode
 from cetvm.cpu.events import PendingEvent
-from cetvm.cpu.exits import VmExit
-from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.exits import ExitReason, VmExit
+from cetvm.cpu.faults import GuestFault, NoRamAccess
 from cetvm.cpu.paging import Access
 
 
@@ -48,6 +48,8 @@ class EmulationPlumbingMixin:
         except GuestFault as fault:
             self._raise_event(fault)
             return None
+        except NoRamAccess as err:
+            return VmExit(ExitReason.SHUTDOWN, rip, detail=f"cannot emulate the instruction at {rip:#x}: {err}")
         self._blocks.prev = None
         return result
 

@@ -26,6 +26,8 @@ class ExitReason(enum.Enum):
     TRIPLE_FAULT = "triple_fault"
     BUDGET = "budget"
     SHUTDOWN = "shutdown"
+    #: event delivery touched memory without RAM (KVM: KVM_INTERNAL_ERROR_DELIVERY_EV)
+    DELIVERY_FAILED = "delivery_failed"
 
 
 class Direction(enum.Enum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cetvm import CetvmError
 from cetvm.arch import CpError, PfErr, Vector
 
 
@@ -25,6 +26,18 @@ class GuestFault(Exception):
         ec = "" if self.error_code is None else f"({self.error_code:#x})"
         cr2 = "" if self.cr2 is None else f" at {self.cr2:#x}"
         return f"#{name}{ec}{cr2}"
+
+
+class NoRamAccess(CetvmError):
+    """A memory access the CPU makes on its own (event delivery, an emulated IRET/far transfer,
+    a shadow-stack access) reached guest-physical memory without RAM: a device page or nothing.
+    Under KVM such an access is an EPT misconfiguration that KVM cannot complete: during event
+    delivery KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_DELIVERY_EV (__vmx_handle_exit with
+    valid IDT-vectoring information), in an emulated instruction an emulation failure."""
+
+    def __init__(self, gpa: int, size: int, what: str = "access") -> None:
+        super().__init__(f"{what} of {size} bytes at guest-physical {gpa:#x}, which has no RAM")
+        self.gpa, self.size = gpa, size
 
 
 def gp(error_code: int = 0) -> GuestFault:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from unicorn import UC_PROT_ALL, Uc, UcError
 
 from cetvm import CetvmError, InputError
-from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.faults import GuestFault, NoRamAccess
 from cetvm.cpu.paging import Access, PagingMode, translate
 
 PAGE = 0x1000
@@ -97,7 +97,7 @@ class GuestMemory:
         for start, end, view, _backing in self._ram:
             if start <= gpa and gpa + size <= end:
                 return view, gpa - start
-        raise CetvmError(f"guest-physical access of {size} bytes at {gpa:#x} is not in RAM")
+        raise NoRamAccess(gpa, size)
 
     def phys_read_int(self, gpa: int, size: int) -> int:
         """Hot-path physical read of our own RAM backing (no call into Unicorn)."""
@@ -154,9 +154,15 @@ class GuestMemory:
         out = bytearray()
         while size > 0:
             chunk = min(size, PAGE - (linear & (PAGE - 1)))
-            out += self._uc.mem_read(self.translate(linear, access), chunk)
+            gpa = self.translate(linear, access)
+            self._require_ram(gpa, chunk, "read")
+            out += self._uc.mem_read(gpa, chunk)
             linear, size = (linear + chunk) & _U64, size - chunk
         return bytes(out)
+
+    def _require_ram(self, gpa: int, size: int, what: str) -> None:
+        if not self.is_ram(gpa, size):
+            raise NoRamAccess(gpa, size, what)
 
     def write_virt(self, linear: int, data: bytes, access: Access = Access.WRITE) -> None:
         """Write guest-virtual memory (all pages are translated before anything is written)."""
@@ -166,6 +172,8 @@ class GuestMemory:
             chunk = min(len(data) - offset, PAGE - ((linear + offset) & (PAGE - 1)))
             pieces.append((self.translate((linear + offset) & _U64, access | Access.WRITE), data[offset:offset + chunk]))
             offset += chunk
+        for gpa, piece in pieces:
+            self._require_ram(gpa, len(piece), "write")
         for gpa, piece in pieces:
             self._uc.mem_write(gpa, bytes(piece))
 

@@ -79,6 +79,7 @@ class KvmExitReason(enum.Enum):
 
 class InternalErrorSuberror(enum.Enum):
     EMULATION = "KVM_INTERNAL_ERROR_EMULATION"
+    DELIVERY_EV = "KVM_INTERNAL_ERROR_DELIVERY_EV"
     UNEXPECTED_EXIT_REASON = "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON"
 
 
@@ -390,6 +391,9 @@ def userspace_exit(exit_: VmExit) -> KvmRun:
         return KvmRun(KvmExitReason.SHUTDOWN, exit_.rip, detail=exit_.detail or "triple fault")
     if reason is ExitReason.BUDGET:
         return KvmRun(KvmExitReason.INTR, exit_.rip, detail="instruction budget reached")
+    if reason is ExitReason.DELIVERY_FAILED:
+        return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.DELIVERY_EV,
+                      detail=exit_.detail)
     if reason is ExitReason.SHUTDOWN:
         return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
                       detail=exit_.detail)
