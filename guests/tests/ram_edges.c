@@ -5,7 +5,9 @@
  *           complete an EPT misconfiguration during event delivery);
  *   idt   - the IDT base on a page with no RAM: reading the gate -> DELIVERY_EV;
  *   iret  - IRETQ whose stack is the xAPIC page: the emulated IRET reads MMIO -> an emulation
- *           failure (KVM_INTERNAL_ERROR_EMULATION), as KVM's em_iret would be.
+ *           failure (KVM_INTERNAL_ERROR_EMULATION), as KVM's em_iret would be;
+ *   callmmio - with supervisor shadow stacks and IBT on, CALL through a pointer in MMIO: KVM's
+ *           emulator refuses CET-guarded instructions -> KVM_INTERNAL_ERROR_EMULATION.
  * Each case ends the run with exit status 126 and a one-line diagnosis — never a crash. */
 #include "ktest.h"
 
@@ -27,6 +29,11 @@ static bool cmdline_is(const char *word)
     return false;
 }
 
+static void call_through_mmio(void)
+{
+    __asm__ volatile("call *(%0)" ::"r"(VA_NORAM + 0x20) : "memory");
+}
+
 void kmain(void)
 {
     kernel_init();
@@ -41,6 +48,8 @@ void kmain(void)
     }
     if (cmdline_is("case=iret"))
         __asm__ volatile("mov %0, %%rsp; iretq" ::"r"(VA_APIC + 0x100));
-    puts_serial("Bail out! no case given (case=rsp|idt|iret)\n");
+    if (cmdline_is("case=callmmio"))
+        cet_kernel_start(call_through_mmio, 0);
+    puts_serial("Bail out! no case given (case=rsp|idt|iret|callmmio)\n");
     exit_qemu(1);
 }

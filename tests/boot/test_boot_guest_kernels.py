@@ -134,3 +134,11 @@ def test_string_instructions_on_memory_without_ram_are_mmio(capsys):
     tap = run_green(capsys, "string_mmio")
     assert tap.passed("MOVSQ unassigned -> unassigned (two MMIO accesses)")
     assert tap.passed("REP STOSB across the end of RAM")
+
+
+def test_any_instruction_works_on_mmio(capsys):
+    """Issue 8/9 (kvm-unit-tests x86/emulator): read-modify-write (ADD, XCHG, INC) on an xAPIC
+    register and stores cetvm cannot compute itself (SMSW, SETcc) complete through MMIO exits."""
+    tap = run_green(capsys, "mmio_insns")
+    assert tap.passed("ADD to an xAPIC register")
+    assert tap.passed("SMSW to unassigned memory completes")

@@ -11,6 +11,7 @@ CASES = {
     "rsp": ("KVM_INTERNAL_ERROR_DELIVERY_EV", "delivering #UD", "write of 40 bytes at guest-physical 0xd00007d8"),
     "idt": ("KVM_INTERNAL_ERROR_DELIVERY_EV", "delivering #UD", "read of 16 bytes at guest-physical 0xd0000060"),
     "iret": ("KVM_INTERNAL_ERROR_EMULATION", "read of 40 bytes at guest-physical 0xfee00100"),
+    "callmmio": ("KVM_INTERNAL_ERROR_EMULATION", "instruction CET guards"),
 }
 
 

@@ -13,14 +13,14 @@ pending event, block tracker and budget in place.
 
 from __future__ import annotations
 
-from iced_x86 import MemorySizeExt, Mnemonic, OpAccess, Register
-from unicorn import UC_ERR_FETCH_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EXEC, \
+from iced_x86 import FlowControl, MemorySizeExt, Mnemonic, OpAccess, Register
+from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EXEC, \
     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
 from unicorn import x86_const as X
 
 from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import PfErr, Vector, u64
-from cetvm.cpu import decode, string_ops
+from cetvm.cpu import decode, emulate, string_ops
 from cetvm.cpu.cet.transfer import BlockAction, TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
@@ -45,8 +45,14 @@ def terminator_not_run(block_start: int, terminator: TerminatorInfo, rip: int) -
     return block_start <= rip <= terminator.insn_addr
 
 
-def _memory_size_bytes(instr) -> int:
-    return MemorySizeExt.size(instr.memory_size)
+_READ_ACCESSES = frozenset({OpAccess.READ, OpAccess.COND_READ, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE})
+_WRITE_ACCESSES = frozenset({OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE})
+
+
+def mmio_fragment(remaining: int) -> int:
+    """The size of the next MMIO access of an operand with ``remaining`` bytes left: the
+    largest bus size (8, 4, 2, 1) that fits."""
+    return next(n for n in (8, 4, 2, 1) if n <= remaining)
 
 
 class EngineStopsMixin:
@@ -167,8 +173,6 @@ class EngineStopsMixin:
         return False  # stop with UC_ERR_INSN_INVALID; _on_invalid_stop emulates or raises #UD
 
     def _on_invalid_stop(self) -> VmExit | None:
-        from cetvm.cpu import emulate
-
         rip = self.rip
         try:
             instr = self.fetch_instruction(rip)
@@ -197,12 +201,10 @@ class EngineStopsMixin:
             instr = self.fetch_instruction(rip)
             if string_ops.is_memory_string(instr):
                 return self._string_mmio_step(rip, instr, [])
-            mmio = self._decode_mmio_access(rip, write=errno == UC_ERR_WRITE_UNMAPPED)
+            return self._mmio_instruction(rip, instr)
         except GuestFault as fault:
             self._raise_event(fault)
             return None
-        self.add_completion(lambda: self._complete_mmio(rip, mmio))
-        return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def _string_mmio_step(self, rip: int, instr, completed: list[int | None]) -> VmExit | None:
         """One iteration of a string instruction with an element outside RAM
@@ -223,33 +225,72 @@ class EngineStopsMixin:
         self.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
-    def _decode_mmio_access(self, rip: int, write: bool) -> MmioExit:
-        from cetvm.cpu import emulate
-
-        instr = self.fetch_instruction(rip)
-        kinds = (OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE) if write else \
-            (OpAccess.READ, OpAccess.COND_READ, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE)
+    def _mmio_operand(self, instr) -> tuple[int, int, bool, bool]:
+        """(linear address, size, reads, writes) of the instruction's explicit memory operand
+        (stack accesses of PUSH/POP/CALL are RAM by construction and are not the MMIO one)."""
         for used in self._info_factory.info(instr).used_memory():
-            if used.access not in kinds or used.base == Register.RSP and instr.is_stack_instruction:
+            if used.base == Register.RSP and instr.is_stack_instruction:
                 continue
-            linear = emulate.effective_address(self, instr)
-            size = _memory_size_bytes(instr)
-            gpa = self.translate(linear, Access.WRITE if write else Access.READ)
-            data = emulate.store_value(self, instr, size) if write else 0
-            return MmioExit(gpa, size, Direction.OUT if write else Direction.IN, data)
-        raise NotSupportedError(f"MMIO access by {instr} at {rip:#x} is not supported")
+            size = MemorySizeExt.size(used.memory_size)
+            if size <= 0:
+                continue
+            reads = used.access in _READ_ACCESSES
+            writes = used.access in _WRITE_ACCESSES
+            return emulate.effective_address(self, instr), size, reads, writes
+        raise NotSupportedError(f"MMIO access by {instr} at {instr.ip:#x} is not supported")
 
-    def _complete_mmio(self, rip: int, mmio: MmioExit) -> None:
-        """Re-execute the MMIO instruction with a scratch page holding the hypervisor's data."""
-        page = mmio.address & ~(PAGE - 1)
-        self._uc.mem_map(page, PAGE, UC_PROT_ALL)
+    def _mmio_instruction(self, rip: int, instr) -> VmExit | None:
+        """An instruction whose memory operand is not RAM, as KVM's emulator completes MMIO: each
+        read of the operand is an MMIO exit (in fragments of at most 8 bytes, the sizes a bus
+        access has); with the data the instruction is executed by the engine over a scratch page
+        at the operand's guest-physical address; what it stored there leaves as MMIO write
+        exits. So every instruction the engine knows works on MMIO — stores whose value cetvm
+        could not compute itself (SMSW, SETcc, SSE moves), read-modify-write (ADD, XCHG), and
+        operands wider than 8 bytes — with one exit per fragment (complete_emulated_mmio)."""
+        linear, size, reads, writes = self._mmio_operand(instr)
+        gpa = self.translate(linear, (Access.WRITE if writes and not reads else Access.READ) | self._user_access())
+        if reads:
+            return self._mmio_read(rip, instr, gpa, size, writes, bytearray())
+        return self._mmio_execute(rip, instr, gpa, size, None, writes)
+
+    def _mmio_read(self, rip: int, instr, gpa: int, size: int, writes: bool, got: bytearray) -> VmExit | None:
+        if len(got) >= size:
+            return self._mmio_execute(rip, instr, gpa, size, bytes(got), writes)
+        piece = mmio_fragment(size - len(got))
+        mmio = MmioExit(gpa + len(got), piece, Direction.IN)
+
+        def complete() -> VmExit | None:
+            got.extend((mmio.data & ((1 << (8 * piece)) - 1)).to_bytes(piece, "little"))
+            return self._mmio_read(rip, instr, gpa, size, writes, got)
+        self.add_completion(complete)
+        return VmExit(ExitReason.MMIO, rip, mmio=mmio)
+
+    def _mmio_execute(self, rip: int, instr, gpa: int, size: int, data: bytes | None, writes: bool) -> VmExit | None:
+        """Run the instruction over scratch pages holding ``data`` (the bytes read), then send
+        what it wrote (if anything) as MMIO writes."""
+        first, last = gpa & ~(PAGE - 1), (gpa + size - 1) & ~(PAGE - 1)
+        span = last - first + PAGE
+        self._uc.mem_map(first, span, UC_PROT_ALL)
         try:
-            if mmio.direction == Direction.IN:
-                self._uc.mem_write(mmio.address, (mmio.data & ((1 << (8 * mmio.size)) - 1)).to_bytes(mmio.size, "little"))
-            self.step_native(rip, self.fetch_instruction(rip).next_ip)
+            if data is not None:
+                self._uc.mem_write(gpa, data)
+            branches = instr.flow_control != FlowControl.NEXT
+            self.step_native(rip, None if branches else instr.next_ip)
+            stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
         finally:
-            self._uc.mem_unmap(page, PAGE)
+            self._uc.mem_unmap(first, span)
+        if self._pending is not None:
+            return None  # the instruction faulted: nothing was stored
         self._retire()
+        return self._mmio_write(rip, gpa, stored)
+
+    def _mmio_write(self, rip: int, gpa: int, stored: bytes) -> VmExit | None:
+        if not stored:
+            return None
+        piece = mmio_fragment(len(stored))
+        mmio = MmioExit(gpa, piece, Direction.OUT, int.from_bytes(stored[:piece], "little"))
+        self.add_completion(lambda: self._mmio_write(rip, gpa + piece, stored[piece:]))
+        return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def _on_untraced_syscall(self, uc: Uc, _data: object) -> None:
         """Untraced mode: Unicorn runs SYSCALL as a NOP; stop (it ends the TB) and emulate it."""

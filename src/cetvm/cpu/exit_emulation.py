@@ -134,6 +134,8 @@ class EmulationPlumbingMixin:
         the exit's ``io.data``, MMIO read data, RAX of a VMCALL...). Nothing pending: no-op.
         A fault raised by the completion (e.g. an MMIO write re-executed into a #PF) is
         delivered at the next run."""
+        if self._completion_exit is not None:
+            return  # the last completion's further exit has not reached the hypervisor yet
         completion, self._completion = self._completion, None
         if completion is not None:
             self._completion_exit = completion()

@@ -93,6 +93,7 @@ from cetvm.kvm.vcpu_run import (
     KVM_MSR_FILTER_WRITE,
     # kvm_run.msr, its reasons and struct kvm_msr_filter_range: the VMM imports them from here.
     HypercallExit,
+    InternalErrorSuberror,
     KvmExceptionExit,
     KvmExitReason,
     KvmMsrExit,
