@@ -32,6 +32,7 @@ struct user_ctx {              /* shared with entry.S: keep offsets in sync */
     u64 krsp, m_restore, k_restore, k_token, rip, rsp, arg;
     u8 kshstk, pad[7];
     u64 fn;
+    u64 cs;
 };
 
 /* The one CPU's kernel state. */
@@ -484,7 +485,8 @@ struct user_result run_user(void (*fn)(u64), u64 arg, const struct user_opts *op
 {
     struct user_ctx *u = &this_cpu.uctx;
     memset(&this_cpu.uresult, 0, sizeof(this_cpu.uresult));
-    u->rip = (u64)user_start;
+    u->rip = opts->compat ? (u64)fn : (u64)user_start;
+    u->cs = opts->compat ? SEL_UCODE32 : SEL_UCODE;
     u->fn = (u64)fn;
     u->arg = arg;
     u->rsp = USER_STACK + PAGE_SIZE - 1024;

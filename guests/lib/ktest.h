@@ -250,9 +250,11 @@ struct user_opts {
     u64 u_cet;                   /* written to IA32_U_CET before entry */
     bool shstk;                  /* give the user a shadow stack (PL3_SSP) */
     bool via_sysret;             /* unused: entry is always IRETQ */
+    bool compat;                 /* enter fn itself as 32-bit code (CS = SEL_UCODE32); arg in RSI */
 };
 /* Run fn(arg) at CPL3 (IRETQ) with a fresh user stack; returns when it calls sys_exit (SYSCALL
- * or INT 0x80) or takes an exception.  fn must live in .utext. */
+ * or INT 0x80) or takes an exception.  fn must live in .utext.  With opts->compat, fn is 32-bit
+ * code entered directly in compatibility mode (it must exit by INT 0x80 or fault). */
 struct user_result run_user(void (*fn)(u64), u64 arg, const struct user_opts *opts);
 u64 user_ssp_top(void);
 

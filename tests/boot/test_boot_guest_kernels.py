@@ -142,3 +142,12 @@ def test_any_instruction_works_on_mmio(capsys):
     tap = run_green(capsys, "mmio_insns")
     assert tap.passed("ADD to an xAPIC register")
     assert tap.passed("SMSW to unassigned memory completes")
+
+
+def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):
+    """Issue 8 (kvm-unit-tests x86/syscall) and issue 10 (the selftest's 32-bit test): #UD, SYSCALL
+    (#UD on Intel) and INT 0x80 from 32-bit user code; IRETQ back to it, with a shadow stack too."""
+    tap = run_green(capsys, "compat_events")
+    assert tap.passed("SYSCALL in compatibility mode -> #UD (Intel)")
+    assert tap.passed("the same with a user shadow stack")
+    assert not tap.skipped()

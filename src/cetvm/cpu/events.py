@@ -5,8 +5,9 @@
 :func:`cetvm.cpu.cet.events.ssp_on_event`.]
 
 Decisions (documented simplifications):
-- only 64-bit interrupt and trap gates (IA-32e mode); delivery outside 64-bit mode ends the run
-  with a SHUTDOWN exit naming the reason;
+- only 64-bit interrupt and trap gates (IA-32e mode: from 64-bit or compatibility mode, with the
+  32-bit CS and EIP in the frame); delivery outside IA-32e mode ends the run with a SHUTDOWN
+  exit naming the reason;
 - the error code of a fault raised while reading the IDT/GDT/TSS sets EXT (bit 0) for hardware
   events; #GP/#NP on a bad gate use the IDT form (vector·8 + 2);
 - double faults per SDM Table 6-5 (contributory = #DE #TS #NP #SS #GP #CP; #PF then #PF or
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch import Vector, VECTORS_WITH_ERROR_CODE
+from cetvm.arch.msr import Efer, Msr
 from cetvm.cpu.cet.events import ssp_on_event
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp
@@ -84,9 +86,10 @@ def double_fault_class(first: int, second: int) -> str:
 
 def deliver(vcpu, event) -> VmExit | None:
     """Deliver ``event`` (a vcpu PendingEvent); nested faults become #DF, then a triple fault."""
-    if not vcpu.long_mode:
+    if not vcpu.msr(Msr.IA32_EFER) & Efer.LMA:
         return VmExit(ExitReason.SHUTDOWN, vcpu.rip,
-                      detail=f"vector {event.vector} raised outside 64-bit mode (only 64-bit IDT delivery is implemented)")
+                      detail=f"vector {event.vector} raised outside IA-32e mode (only IA-32e IDT delivery, from "
+                             "64-bit or compatibility mode, is implemented)")
     current = event
     chain = [_describe(event.vector, event.error_code, event.cr2)]
     for _attempt in range(3):
