@@ -23,7 +23,7 @@ import sys
 from typing import BinaryIO, Callable
 
 from cetvm import CetvmError, InputError
-from cetvm.cli.output import discard_stdout, stdout_binary
+from cetvm.cli.output import discard_stdout, flush_stdout, stdout_binary
 from cetvm.files import check_distinct, check_output_path, open_output_stream, same_file, write_atomically
 from cetvm.cpuid import model_names
 from cetvm.report import CetViolation, Symbolizer, format_report, report_json
@@ -333,5 +333,9 @@ def run(args: argparse.Namespace) -> int:
                   f"(continue with: cetvm boot --restore-state {args.save_state})", file=sys.stderr)
     finally:
         serial.close()
-    report(result, args, captured, saved=bool(args.save_state) and completed, cet=cet)
+    try:
+        report(result, args, captured, saved=bool(args.save_state) and completed, cet=cet)
+        flush_stdout()
+    except BrokenPipeError:
+        discard_stdout()  # the reader is gone (| head): the exit status stays the guest's
     return result.exit_code
