@@ -34,8 +34,11 @@ from cetvm.vmm.run_loop import RunLimits, RunLoop, RunResult
 from cetvm.vmm.snapshot import SectionData, read_snapshot, write_snapshot
 from cetvm.vmm.snapshot_io import check_vcpu_states, restore_vcpu, save_vcpu, xsave_section
 from cetvm.vmm.snapshot_schema import SNAPSHOT_KIND, check_machine_manifest
-#: Bytes per RAM read/write when saving or restoring memory.
+#: Bytes per RAM write when restoring memory.
 RAM_CHUNK = 16 << 20
+#: Bytes per RAM read when saving (a snapshot streams: one chunk, its copy and its compressed
+#: form are all the memory a save needs beyond the guest RAM).
+SAVE_CHUNK = 4 << 20
 
 
 def ram_section(region: RamRegion) -> str:
@@ -201,10 +204,10 @@ class Machine:
         write_snapshot(path, manifest, sections)
 
     def _ram_chunks(self, region: RamRegion) -> Iterator[bytes]:
-        """A RAM region, RAM_CHUNK bytes at a time (saving streams: peak memory is the guest RAM
-        plus one chunk, never a second copy of the RAM)."""
-        for addr in range(region.addr, region.end, RAM_CHUNK):
-            yield self.vm.get_memory(addr, min(RAM_CHUNK, region.end - addr))
+        """A RAM region, SAVE_CHUNK bytes at a time (saving streams: peak memory is the guest RAM
+        plus a chunk or two, never a second copy of the RAM)."""
+        for addr in range(region.addr, region.end, SAVE_CHUNK):
+            yield self.vm.get_memory(addr, min(SAVE_CHUNK, region.end - addr))
 
     @classmethod
     def restore(cls, path: str | os.PathLike, serial_sink: Callable[[bytes], None] | None = None) -> "Machine":
