@@ -15,9 +15,10 @@ Inputs (:func:`read_input`, :func:`read_input_head`)
       push memory past it).
 
 Outputs (:func:`check_output_path`, :func:`write_atomically`, :func:`open_output_stream`)
-    - a regular file (or a path that does not exist yet) is written to ``PATH.tmp`` and renamed
-      over PATH, so a crash or a refused run never leaves half a file under PATH; a symlink is
-      followed (the file it points to is replaced, the link stays).
+    - a regular file (or a path that does not exist yet) is written to a new temporary file
+      beside it (``.NAME.XXXX.tmp``, created exclusively) and renamed over PATH, so a crash or a
+      refused run never leaves half a file under PATH; a symlink is followed (the file it points
+      to is replaced, the link stays).
     - decision: any other existing file type (a device node such as ``/dev/null``, a FIFO, a
       socket) is *refused* with one line for ``--save-state`` and ``--cet-report``: renaming
       would replace the node by a regular file, and writing a snapshot into a device is never
@@ -32,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from typing import BinaryIO, Callable, Iterable
 
 from cetvm import InputError
@@ -56,7 +58,7 @@ def _os_problem(exc: OSError) -> str:
         return "no such file"
     if exc.errno == errno.EISDIR:
         return "is a directory"
-    return (exc.strerror or str(exc)).lower()
+    return exc.strerror or str(exc)
 
 
 def _open_regular(path: str | os.PathLike, label: str) -> int:
@@ -169,14 +171,21 @@ def check_output_path(path: str | os.PathLike, label: str) -> None:
 
 
 def write_atomically(path: str | os.PathLike, label: str, write: Callable[[BinaryIO], None]) -> None:
-    """Create ``PATH.tmp`` (of the file a symlink points to), let ``write(file)`` fill it (the file
-    is seekable), fsync-free rename over PATH. Refused like :func:`check_output_path`; on any
-    failure the temporary file is removed and PATH is untouched."""
+    """Create a new temporary file beside PATH (of the file a symlink points to), let
+    ``write(file)`` fill it (the file is seekable), rename it over PATH. Refused like
+    :func:`check_output_path`; on any failure the temporary file is removed and PATH is
+    untouched. The temporary file is created exclusively (``mkstemp``): a stale ``PATH.tmp``
+    that is a FIFO or a symlink can neither block nor redirect the write."""
     check_output_path(path, label)
     target = os.path.realpath(path)
-    tmp = f"{target}.tmp"
+    directory, name = os.path.split(target)
     try:
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+    except OSError as exc:
+        raise InputError(f"{label} '{os.fspath(path)}': cannot write: {_os_problem(exc)}") from None
+    try:
+        os.fchmod(fd, _new_file_mode(target))
+        with open(fd, "wb") as f:
             write(f)
         os.replace(tmp, target)
     except OSError as exc:
@@ -185,6 +194,16 @@ def write_atomically(path: str | os.PathLike, label: str, write: Callable[[Binar
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _new_file_mode(target: str) -> int:
+    """The mode the replaced file had, or what ``open`` would create under the umask."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _remove_quietly(path: str) -> None:

@@ -105,7 +105,44 @@ def test_machine_save_refuses_a_special_file(kernel, fifo):
     machine = Machine.boot(kernel, MachineConfig(memory="4M"))
     with pytest.raises(InputError, match="FIFO"):
         machine.save(fifo)
-    assert not os.path.exists(fifo + ".tmp")
+    assert sorted(os.listdir(os.path.dirname(fifo))) == ["fifo", "k.elf"]
+
+
+def test_save_ignores_a_stale_tmp_fifo_and_follows_a_symlink(tmp_path, kernel):
+    """A FIFO where a naive writer would put PATH.tmp must not block the save; a symlink to a
+    snapshot keeps being a symlink (the file it names is replaced)."""
+    from cetvm.vmm.config import MachineConfig
+    from cetvm.vmm.machine import Machine
+
+    os.mkfifo(tmp_path / "vm.snap.tmp")
+    (tmp_path / "real.snap").write_bytes(b"old")
+    os.symlink("real.snap", tmp_path / "vm.snap")
+    machine = Machine.boot(kernel, MachineConfig(memory="4M"))
+    machine.run(max_instructions=50)
+    machine.save(tmp_path / "vm.snap")
+    assert os.path.islink(tmp_path / "vm.snap")
+    assert read_snapshot(tmp_path / "real.snap")[0]["run"]["instructions"] == 50
+    assert sorted(os.listdir(tmp_path)) == ["k.elf", "real.snap", "vm.snap", "vm.snap.tmp"]
+
+
+def test_a_failed_save_leaves_the_old_snapshot(tmp_path, kernel, monkeypatch):
+    from cetvm import InputError
+    from cetvm.vmm import machine as machine_module
+    from cetvm.vmm.config import MachineConfig
+
+    snap = tmp_path / "vm.snap"
+    snap.write_bytes(b"previous snapshot")
+    machine = machine_module.Machine.boot(kernel, MachineConfig(memory="4M"))
+
+    def full_disk(self, region):
+        yield b"x" * 4096
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(machine_module.Machine, "_ram_chunks", full_disk)
+    with pytest.raises(InputError, match="No space left"):
+        machine.save(snap)
+    assert snap.read_bytes() == b"previous snapshot"
+    assert sorted(os.listdir(tmp_path)) == ["k.elf", "vm.snap"]
 
 
 def test_save_state_may_replace_the_snapshot_it_continues(capsys, tmp_path, kernel):

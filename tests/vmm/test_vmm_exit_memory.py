@@ -3,49 +3,61 @@
 The growth was native: every KVM_RUN with an instruction budget adds Unicorn's UC_HOOK_CODE
 count hook and deletes it afterwards, and Unicorn 2.1.4 keeps each deleted hook (on its list of
 hooks to delete) until no translated block refers to it, i.e. until the translation cache is
-flushed. :data:`cetvm.cpu.budget.DELETED_HOOKS_PER_FLUSH` bounds that list."""
+flushed. :data:`cetvm.cpu.budget.DELETED_HOOKS_PER_FLUSH` bounds that list.
+
+Resident memory is measured in a fresh process: in the test process, memory freed by earlier
+tests would absorb the growth and hide it."""
 
 from __future__ import annotations
 
-import gc
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest
+from cetvm.cpu import budget
 
+EXITS = 3000
+MEASURE = r"""
+import gc, sys
 from cetvm.cpu import budget
 from cetvm.vmm.config import MachineConfig
 from cetvm.vmm.machine import Machine
-from spec_images import elf64_kernel
 
-#: out 0x80, al; jmp back: one KVM_EXIT_IO per two instructions.
-OUT_LOOP = b"\xE6\x80\xEB\xFC"
-EXITS = 3000
+kernel, exits, per_flush = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+budget.DELETED_HOOKS_PER_FLUSH = per_flush
 
-
-def _resident_kib() -> int:
+def resident_kib():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4
 
+machine = Machine.boot(kernel, MachineConfig(memory="4M"))
+machine.run(max_instructions=1000)  # warm up: translations, caches
+gc.collect()
+before = resident_kib()
+machine.run(max_instructions=1000 + 2 * exits)
+gc.collect()
+assert machine.instructions == 1000 + 2 * exits
+print(resident_kib() - before)
+"""
 
-def _growth_over_exits(tmp_path, exits: int) -> int:
+
+def _growth_kib(tmp_path: Path, exits: int, per_flush: int) -> int:
+    from spec_images import elf64_kernel
+
     kernel = tmp_path / "out_loop.elf"
-    kernel.write_bytes(elf64_kernel(OUT_LOOP))
-    machine = Machine.boot(kernel, MachineConfig(memory="4M"))
-    machine.run(max_instructions=1000)  # warm up: translations, caches
-    gc.collect()
-    before = _resident_kib()
-    machine.run(max_instructions=1000 + 2 * exits)
-    gc.collect()
-    assert machine.instructions == 1000 + 2 * exits
-    return _resident_kib() - before
+    kernel.write_bytes(elf64_kernel(b"\xE6\x80\xEB\xFC"))  # out 0x80, al; jmp back: an exit per 2 instructions
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(kernel), str(exits), str(per_flush)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
 
 
 def test_port_io_exits_do_not_accumulate_deleted_count_hooks(tmp_path):
-    growth = _growth_over_exits(tmp_path, EXITS)
-    # before the fix: ~1.4 KB per exit here (over 4 MB for 3000 exits)
+    growth = _growth_kib(tmp_path, EXITS, budget.DELETED_HOOKS_PER_FLUSH)
     assert growth < 1024, f"resident memory grew {growth} KiB over {EXITS} port I/O exits"
 
 
-def test_the_bound_is_what_keeps_memory_flat(tmp_path, monkeypatch):
-    """The test above can fail: without the periodic flush the same run grows by megabytes."""
-    monkeypatch.setattr(budget, "DELETED_HOOKS_PER_FLUSH", 1 << 30)
-    assert _growth_over_exits(tmp_path, 2000) > 1024
+def test_the_bound_is_what_keeps_memory_flat(tmp_path):
+    """The test above can fail: without the periodic flush the same run grows by megabytes
+    (~1.4 KB per exit)."""
+    assert _growth_kib(tmp_path, EXITS, 1 << 30) > 2048

@@ -24,7 +24,7 @@ Format version 1 (all integers little-endian)::
 
 Every inconsistency found on reading (wrong magic, unknown version, bad CRC, short file, extra
 bytes, bad JSON, duplicate section) is an :class:`~cetvm.InputError` naming the offset and the
-field. Files are written to ``PATH.tmp`` and renamed, so a crash never leaves half a snapshot
+field. Files are written to a temporary file beside PATH and renamed, so a crash never leaves half a snapshot
 under the final name; only onto a regular file (or a new path): a device node, FIFO or socket
 at PATH is refused (:mod:`cetvm.files`). Writing streams each section (memory: one 16 MiB chunk
 of guest RAM at a time). Reading bounds every section by what the manifest says it must hold
@@ -155,8 +155,8 @@ def encode_snapshot(manifest: Mapping[str, Any], blobs: Mapping[str, SectionData
 
 def write_snapshot(path: str | os.PathLike, manifest: Mapping[str, Any], blobs: Mapping[str, SectionData],
                    compress: bool = True) -> None:
-    """Write a snapshot atomically and streamed (:func:`cetvm.files.write_atomically`: ``PATH.tmp``
-    then rename; a device node, FIFO or other special file at PATH is refused, never replaced)."""
+    """Write a snapshot atomically and streamed (:func:`cetvm.files.write_atomically`: a temporary
+    file, then rename; a device node, FIFO or other special file at PATH is refused, never replaced)."""
     encode_manifest(manifest)  # refuse an unserializable manifest before creating any file
     write_atomically(path, "snapshot", lambda out: write_snapshot_stream(out, manifest, blobs, compress))
 
