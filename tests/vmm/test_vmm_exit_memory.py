@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cetvm.cpu import budget
 
-EXITS = 1500
+EXITS = 4000
 MEASURE = r"""
 import gc, sys
 from cetvm.cpu import budget
@@ -59,5 +59,5 @@ def test_port_io_exits_do_not_accumulate_deleted_count_hooks(tmp_path):
 
 def test_the_bound_is_what_keeps_memory_flat(tmp_path):
     """The test above can fail: without the periodic flush the same run grows by megabytes
-    (~1.4 KB per exit)."""
-    assert _growth_kib(tmp_path, EXITS, 1 << 30) > 1024
+    (~0.7-1.4 KB per exit once the allocator's slack is used up)."""
+    assert _growth_kib(tmp_path, EXITS, 1 << 30) > 1536
