@@ -100,7 +100,7 @@ def test_specific_error_messages():
 
 
 def test_missing_file_and_unserializable_manifest(tmp_path):
-    with pytest.raises(InputError, match="No such file"):
+    with pytest.raises(InputError, match="no such file"):
         read_snapshot(tmp_path / "nope")
     with pytest.raises(CetvmError, match="not JSON-serializable"):
         write_snapshot(tmp_path / "x", {"f": object()}, {})

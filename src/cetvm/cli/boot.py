@@ -20,10 +20,11 @@ import errno
 import json
 import os
 import sys
-from pathlib import Path
 from typing import BinaryIO, Callable
 
 from cetvm import CetvmError, InputError
+from cetvm.cli.output import discard_stdout, flush_stdout, stdout_binary
+from cetvm.files import check_distinct, check_output_path, open_output_stream, same_file, write_atomically
 from cetvm.cpuid import model_names
 from cetvm.report import CetViolation, Symbolizer, format_report, report_json
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, CetMode, MachineConfig
@@ -128,41 +129,88 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.save_at is not None and not args.save_state:
         raise InputError("--save-at needs --save-state FILE")
     if args.save_state:
-        _check_writable(args.save_state, "--save-state")
+        check_output_path(args.save_state, "--save-state")
     if args.cet_report not in (None, "-"):
-        _check_writable(args.cet_report, "--cet-report")
+        check_output_path(args.cet_report, "--cet-report")
+    check_distinct(_outputs(args), _inputs(args))
 
 
-def _check_writable(path: str, option: str) -> None:
-    """Refuse an output path that cannot be written before the guest runs (not after)."""
-    target = Path(path)
-    if target.is_dir():
-        raise InputError(f"{option} '{path}': is a directory")
-    parent = target.parent
-    if not parent.is_dir():
-        raise InputError(f"{option} '{path}': directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{option} '{path}': directory '{parent}' is not writable")
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(option, path) of every file the run reads."""
+    inputs = [("IMAGE", args.image)] if args.image else []
+    inputs += [("--initrd", path) for path in args.initrd]
+    if args.cpu and os.path.exists(args.cpu):
+        inputs.append(("--cpu", args.cpu))
+    if args.restore_state:
+        inputs.append(("--restore-state", args.restore_state))
+    return inputs
 
 
-def _open_sink(args: argparse.Namespace, captured: bytearray | None) -> tuple[Callable[[bytes], None], BinaryIO | None]:
-    if args.serial:
+def _outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(option, path) of every file the run writes. ``--save-state`` may name the snapshot it
+    restores (continue and save again: the file is replaced atomically, after it was read)."""
+    outputs = [("--serial", args.serial)] if args.serial else []
+    if args.cet_report not in (None, "-"):
+        outputs.append(("--cet-report", args.cet_report))
+    if args.save_state and not (args.restore_state and same_file(args.save_state, args.restore_state)):
+        outputs.append(("--save-state", args.save_state))
+    return outputs
+
+
+class SerialOutput:
+    """Where COM1's bytes go: ``--serial FILE`` (opened by :meth:`open` only after every input has
+    been read, so a failed load never truncates it), the ``--json`` capture, or stdout.
+
+    stdout that nobody reads any more (a closed pipe, e.g. ``| head -c1``; or closed outright) is
+    not an error: the rest of the output is discarded and the guest runs on, so the exit status
+    stays the guest's. A destination that refuses data (``/dev/full``: ENOSPC, EIO) is: the run
+    stops with one ``cetvm: error:`` line, exit status 2 (the output would be lost)."""
+
+    def __init__(self, path: str | None, captured: bytearray | None) -> None:
+        self.path, self.captured = path, captured
+        self.handle: BinaryIO | None = None
+        self.discarding = False
+
+    def open(self) -> None:
+        if self.path:
+            self.handle = open_output_stream(self.path, "--serial")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def write(self, data: bytes) -> None:
+        if self.captured is not None and not self.path:
+            self.captured.extend(data)
+        elif self.handle is not None:
+            self._write_file(data)
+        elif not self.path:
+            self._write_stdout(data)
+
+    def _write_file(self, data: bytes) -> None:
+        assert self.handle is not None
         try:
-            handle = open(args.serial, "wb")
+            self.handle.write(data)
         except OSError as exc:
-            raise InputError(f"--serial '{args.serial}': {exc.strerror or exc}") from None
+            raise InputError(f"--serial '{self.path}': cannot write: {exc.strerror or exc}") from None
 
-        def to_file(data: bytes) -> None:
-            handle.write(data)
-        return to_file, handle
-    if captured is not None:
-        return captured.extend, None
-    out = sys.stdout.buffer
-
-    def to_stdout(data: bytes) -> None:
-        out.write(data)
-        out.flush()
-    return to_stdout, None
+    def _write_stdout(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        try:
+            out = stdout_binary()
+            if out is None:
+                self.discarding = True
+                return
+            out.write(data)
+            out.flush()
+        except BrokenPipeError:
+            self.discarding = True
+            discard_stdout()
+        except OSError as exc:
+            discard_stdout()
+            raise InputError(f"cannot write the serial output to stdout: {exc.strerror or exc}") from None
 
 
 def build_machine(args: argparse.Namespace, sink: Callable[[bytes], None]) -> Machine:
@@ -251,10 +299,7 @@ def write_cet_report(violations: list[CetViolation], symbols: Symbolizer | None,
         return
     text = (json.dumps({"cet_violations": report_json(violations, symbols)}, indent=2) + "\n"
             if target.endswith(".json") else format_report(violations, symbols))
-    try:
-        Path(target).write_text(text)
-    except OSError as exc:
-        raise InputError(f"--cet-report '{target}': {exc.strerror or exc}") from None
+    write_atomically(target, "--cet-report", lambda out: out.write(text.encode("utf-8", "surrogateescape")))
 
 
 def report(result: RunResult, args: argparse.Namespace, captured: bytearray | None, saved: bool,
@@ -278,10 +323,11 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     captured = bytearray() if args.json and not args.serial else None
     symbols = cet_symbols(args)
-    sink, handle = _open_sink(args, captured)
+    serial = SerialOutput(args.serial, captured)
     cet = None
     try:
-        machine = build_machine(args, sink)
+        machine = build_machine(args, serial.write)
+        serial.open()  # every input has been read: only now may --serial FILE be truncated
         if args.cet_report is not None:
             cet = (machine.record_cet_violations().violations, symbols)
         result, completed = run_machine(machine, args)
@@ -292,7 +338,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"cetvm: snapshot written to {args.save_state} after {result.instructions} instructions "
                   f"(continue with: cetvm boot --restore-state {args.save_state})", file=sys.stderr)
     finally:
-        if handle is not None:
-            handle.close()
-    report(result, args, captured, saved=bool(args.save_state) and completed, cet=cet)
+        serial.close()
+    try:
+        report(result, args, captured, saved=bool(args.save_state) and completed, cet=cet)
+        flush_stdout()
+    except BrokenPipeError:
+        discard_stdout()  # the reader is gone (| head): the exit status stays the guest's
     return result.exit_code

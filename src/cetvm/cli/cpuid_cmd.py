@@ -83,12 +83,14 @@ def describe(model: CpuidModel) -> dict[str, Any]:
     if model.has("xsaves") or model.has("xsavec"):
         cmp_ebx = model.get(0xD, 1)[1]
         candidates = layout.infer_os_xss(xcr0, cmp_ebx) if xcr0 is not None else []
+        fitting = layout.count_os_xss(xcr0, cmp_ebx) if candidates else 0
         xss = candidates[0] if candidates else None
         note = "no XSS subset matches" if xss is None else (
-            f"XCR0|XSS 0x{xcr0 | xss:x}, XSS 0x{xss:x}" + (f" ({len(candidates)} XSS subsets fit)" if len(candidates) > 1 else ""))
+            f"XCR0|XSS 0x{xcr0 | xss:x}, XSS 0x{xss:x}" + (f" ({fitting} XSS subsets fit)" if fitting > 1 else ""))
         checks.append(SizeCheck("compacted size, OS XCR0|XSS (0xD.1 EBX)",
                                 None if xss is None else layout.compacted_size(xcr0 | xss), cmp_ebx, note))
-        facts["os_xss_candidates"] = candidates
+        facts["os_xss_candidates"] = candidates  # the first MAX_XSS_CANDIDATES, in order
+        facts["os_xss_count"] = fitting
         facts["max_compacted_size"] = layout.max_compacted_size()
     facts["sizes"] = [{"what": c.what, "computed": c.computed, "reported": c.reported, "ok": c.ok, "note": c.note}
                       for c in checks]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cetvm import InputError
+from cetvm.files import input_size
 from cetvm.report import CetViolation, Symbolizer
 from cetvm.report.violation import ENDBR32, ENDBR64
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, CetMode, MachineConfig
@@ -199,6 +200,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = Path(args.image) if args.image else find_demo_image()
+    input_size(image, f"kernel file '{image}'")  # a missing or special file: one error, nothing printed
     symbols = demo_symbols(image)
     outcomes, clean = {}, True
     for cet, title in ((CetMode.ON, "CET on (guest CPUID shows SHSTK and IBT)"),

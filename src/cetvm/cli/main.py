@@ -10,6 +10,9 @@ Each command module exposes ``register(subparsers) -> None`` and sets ``func`` o
 - any other :class:`cetvm.CetvmError` (cetvm or the modeled KVM refuses): exit status 1, or the
   command's own ``error_status`` default (``cetvm boot`` uses 126, because its 1 means "the
   guest exited with isa-debug-exit code 0");
+- stdout refusing the output (``>/dev/full``): ``cetvm: error: cannot write to stdout``, exit
+  status 2; stdout closed or a reader gone (``| head``): the rest is discarded, the status is
+  the command's (:mod:`cetvm.cli.output`);
 - an unexpected Python exception is a bug in cetvm: ``cetvm: internal error: ...``, exit status
   :data:`STATUS_INTERNAL_BUG`; ``CETVM_DEBUG=1`` lets the traceback through.
 """
@@ -17,6 +20,7 @@ Each command module exposes ``register(subparsers) -> None`` and sets ``func`` o
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -24,9 +28,12 @@ import textwrap
 from typing import NoReturn, Sequence
 
 from cetvm import CetvmError, InputError, __version__
+from cetvm.cli.output import discard_stdout, flush_stdout
 
 #: Exit status of an unexpected exception (a bug in cetvm), as ``cetvm boot``'s internal error.
 STATUS_INTERNAL_BUG = 126
+#: errno values of a write that stdout refused (``>/dev/full``): one error line, exit status 2.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EBADF})
 #: Environment variable that shows the traceback of an unexpected exception.
 DEBUG_ENV = "CETVM_DEBUG"
 
@@ -116,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cet_path:
         os.environ["CETVM_CET_PATH"] = args.cet_path
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        flush_stdout()
+        return status
     except InputError as exc:
         return _report(f"error: {exc}", 2)
     except CetvmError as exc:
@@ -124,7 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _report("interrupted", 130)
     except BrokenPipeError:
+        discard_stdout()  # the reader is gone (| head): the rest is discarded (cetvm.cli.output)
         return 0
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        discard_stdout()
+        return _report(f"error: cannot write to stdout: {exc.strerror or exc}", 2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
         if os.environ.get(DEBUG_ENV):
             raise

@@ -63,8 +63,8 @@ class EngineStopsMixin:
             self.refresh_mode()  # native privilege changes are not seen otherwise
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
-        if not software:
-            self._unretire()
+        if not software and not (intno == Vector.PF and self._is_fetch_fault(rip, uc.reg_read(X.UC_X86_REG_CR2))):
+            self._unretire()  # a fetch fault happens before the count hook: nothing to take back
         if software:
             int_at = self._software_interrupt_address(self._blocks.take_prev(None), rip, intno)
         elif self._apply_terminator_before_target_fault(rip):
@@ -127,6 +127,20 @@ class EngineStopsMixin:
         prev = blocks.prev
         if prev is not None and terminator_not_run(blocks.prev_block_start, prev, rip):
             blocks.prev = None
+
+    def _is_fetch_fault(self, rip: int, cr2: int) -> bool:
+        """The #PF at ``rip`` is the instruction's own fetch (CR2 within its 15 bytes and a fetch
+        walk faults): the instruction was never counted (issue 9: the retired count underflowed
+        when a restored vCPU's first instruction could not be fetched)."""
+        if not 0 <= cr2 - rip < decode.MAX_INSTRUCTION_LENGTH:
+            return False
+        try:
+            self.translate(cr2, Access.FETCH | self._user_access())
+        except GuestFault:
+            return True
+        except CetvmError:
+            return False
+        return False
 
     def _derive_pf_error(self, rip: int, cr2: int) -> PfErr:
         """The #PF error code Unicorn does not expose: re-walk the page tables for the access.

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from cetvm import InputError
+from cetvm.files import read_input
 from cetvm.cpuid.model import CpuidModel, is_subleaf_indexed
 
 _INSTLAT_LINE = re.compile(r"^CPUID\s+(?P<leaf>\S+?):?\s+(?P<words>\S+)(?P<rest>.*)$")
@@ -182,17 +183,7 @@ def load_cpuid_file(path: str | Path) -> CpuidModel:
     """
     p = Path(path)
     source = p.name or str(p)
-    try:
-        if p.is_dir():
-            raise InputError(f"{p}: is a directory, expected a CPUID dump file")
-        with p.open("rb") as f:
-            data = f.read(MAX_DUMP_BYTES + 1)
-    except FileNotFoundError:
-        raise InputError(f"{p}: no such file") from None
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_DUMP_BYTES:
-        raise InputError(f"{source}: too large for a CPUID dump (over {MAX_DUMP_BYTES} bytes)")
+    data = read_input(p, str(p), MAX_DUMP_BYTES, "a CPUID dump is a few kB")
     if not data.strip():
         raise InputError(f"{source}: empty file, expected a CPUID dump")
     if b"\x00" in data:

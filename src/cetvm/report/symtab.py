@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cetvm import InputError
+from cetvm.files import read_input
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
@@ -142,6 +143,10 @@ def _symbols_of(data: bytes, lay: _Layout, symtab: tuple, sections: list[tuple])
     return out
 
 
+#: Largest ELF file read for its symbols (a kernel with debug info is well below this).
+MAX_SYMBOL_FILE_BYTES = 1 << 30
+
+
 class Symbolizer:
     """Address → ``name+0xoff`` from a symbol list (see the module docstring for the rules)."""
 
@@ -157,10 +162,7 @@ class Symbolizer:
     @classmethod
     def from_elf(cls, path: str | Path) -> "Symbolizer":
         """The symbolizer of an ELF file's .symtab (InputError if it cannot be read)."""
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise InputError(f"'{path}': {exc.strerror or exc}") from None
+        data = read_input(path, f"'{path}'", MAX_SYMBOL_FILE_BYTES)
         try:
             return cls(read_symbols(data))
         except InputError as err:

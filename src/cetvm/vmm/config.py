@@ -43,7 +43,7 @@ from typing import Callable
 from cetvm import InputError
 from cetvm.arch.cpuid_bits import IBT, SHSTK
 from cetvm.arch.xfeatures import XFeature
-from cetvm.cpuid import CpuidModel, resolve_model
+from cetvm.cpuid import HOST_MODEL, CpuidModel, model_names, resolve_model
 from cetvm.kvm import Host
 from cetvm.vmm.layout import MiB, check_ram_size
 
@@ -158,6 +158,21 @@ def guest_cpuid(supported: CpuidModel, cet: CetMode) -> CpuidModel:
     return model
 
 
+def embedded_cpu(cpu: str | CpuidModel) -> str | CpuidModel:
+    """A built-in model stays a name; anything else (a CPUID file, ``host``) is read now, once,
+    into a :class:`CpuidModel`, so the machine and every snapshot of it carry the CPUID table
+    itself: a snapshot restores from any directory, after the file is deleted, and editing the
+    file later does not change the guest."""
+    if isinstance(cpu, CpuidModel) or cpu in builtin_model_names():
+        return cpu
+    return resolve_model(cpu)
+
+
+def builtin_model_names() -> frozenset[str]:
+    """Names whose CPUID table is part of cetvm (a snapshot may store just the name)."""
+    return frozenset(model_names()) - {HOST_MODEL}
+
+
 @dataclass
 class MachineConfig:
     """Everything needed to build a machine (and to rebuild it from a snapshot).
@@ -182,6 +197,7 @@ class MachineConfig:
     serial_sink: Callable[[bytes], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.cpu = embedded_cpu(self.cpu)
         self.memory = parse_memory_size(self.memory)
         self.cet = CetMode.parse(self.cet)
         self.modules = tuple(str(m) for m in self.modules)

@@ -118,3 +118,10 @@ def in_ram(addr: int, size: int, ram_size: int) -> bool:
 
 def page_align_up(addr: int) -> int:
     return (addr + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def guest_string_bytes(text: str) -> bytes:
+    """The bytes a guest receives for a command line or module string: UTF-8, with the bytes
+    of a non-UTF-8 argument or path passed through unchanged (Python holds them as lone
+    surrogates, ``surrogateescape``), as a C boot loader would copy ``argv``."""
+    return text.encode("utf-8", "surrogateescape")

@@ -16,8 +16,9 @@ the saved one stopped.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from cetvm import InputError, NotSupportedError
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, Regs, Segment, Sregs
@@ -30,16 +31,34 @@ from cetvm.vmm.layout import RamRegion, ram_regions
 from cetvm.vmm.msr_exits import claim_apic_msrs, complete_msr_exit
 from cetvm.vmm.loader import BootPlan, Long64Entry, ModuleSpec, Protected32Entry, load_kernel
 from cetvm.vmm.run_loop import RunLimits, RunLoop, RunResult
-from cetvm.vmm.snapshot import read_snapshot, write_snapshot
-from cetvm.vmm.snapshot_io import check_vcpu_states, restore_vcpu, save_vcpu
-
-SNAPSHOT_KIND = "cetvm-machine"
-#: Bytes per RAM read/write when saving or restoring memory.
+from cetvm.vmm.snapshot import SectionData, read_snapshot, write_snapshot
+from cetvm.vmm.snapshot_io import check_vcpu_states, restore_vcpu, save_vcpu, xsave_section
+from cetvm.vmm.snapshot_schema import SNAPSHOT_KIND, check_machine_manifest
+#: Bytes per RAM write when restoring memory.
 RAM_CHUNK = 16 << 20
+#: Bytes per RAM read when saving (a snapshot streams: one chunk, its copy and its compressed
+#: form are all the memory a save needs beyond the guest RAM).
+SAVE_CHUNK = 4 << 20
 
 
 def ram_section(region: RamRegion) -> str:
     return f"ram@{region.addr:#x}"
+
+
+#: The largest XSAVE image a vCPU section may hold (KVM_GET_XSAVE2 sizes are ~11 KB with AMX).
+MAX_XSAVE_SECTION = 1 << 20
+
+
+def section_limit(manifest: Mapping[str, Any], section: str) -> int | None:
+    """The most bytes each section of a (schema-checked) machine snapshot may hold once inflated:
+    a RAM region's size, the XSAVE image's bound; None for a section a machine never writes."""
+    if section == xsave_section(0):
+        return MAX_XSAVE_SECTION
+    try:
+        regions = ram_regions(manifest["machine"]["memory"])
+    except (InputError, KeyError, TypeError):
+        return None
+    return next((r.size for r in regions if ram_section(r) == section), None)
 
 
 # --------------------------------------------------------------------------- entry state
@@ -179,21 +198,22 @@ class Machine:
             "devices": self.devices.get_state(),
             "ram": [{"addr": r.addr, "size": r.size, "section": ram_section(r)} for r in self.ram],
         }
+        sections: dict[str, SectionData] = dict(blobs)
         for region in self.ram:
-            blobs[ram_section(region)] = self._read_ram(region)
-        write_snapshot(path, manifest, blobs)
+            sections[ram_section(region)] = functools.partial(self._ram_chunks, region)
+        write_snapshot(path, manifest, sections)
 
-    def _read_ram(self, region: RamRegion) -> bytes:
-        return b"".join(self.vm.get_memory(addr, min(RAM_CHUNK, region.end - addr))
-                        for addr in range(region.addr, region.end, RAM_CHUNK))
+    def _ram_chunks(self, region: RamRegion) -> Iterator[bytes]:
+        """A RAM region, SAVE_CHUNK bytes at a time (saving streams: peak memory is the guest RAM
+        plus a chunk or two, never a second copy of the RAM)."""
+        for addr in range(region.addr, region.end, SAVE_CHUNK):
+            yield self.vm.get_memory(addr, min(SAVE_CHUNK, region.end - addr))
 
     @classmethod
     def restore(cls, path: str | os.PathLike, serial_sink: Callable[[bytes], None] | None = None) -> "Machine":
         """A machine that continues a snapshot (built fresh from the saved config)."""
-        manifest, blobs = read_snapshot(path)
+        manifest, blobs = read_snapshot(path, section_limit, check_machine_manifest)
         name = os.fspath(path)
-        if manifest.get("kind") != SNAPSHOT_KIND:
-            raise InputError(f"{name}: not a cetvm machine snapshot (kind {manifest.get('kind')!r})")
         config = MachineConfig.from_manifest(manifest.get("machine"), serial_sink=serial_sink)
         machine = cls(config)
         vcpus = manifest.get("vcpus")

@@ -24,8 +24,12 @@ Format version 1 (all integers little-endian)::
 
 Every inconsistency found on reading (wrong magic, unknown version, bad CRC, short file, extra
 bytes, bad JSON, duplicate section) is an :class:`~cetvm.InputError` naming the offset and the
-field. Files are written to ``PATH.tmp`` and renamed, so a crash never leaves half a snapshot
-under the final name.
+field. Files are written to a temporary file beside PATH and renamed, so a crash never leaves half a snapshot
+under the final name; only onto a regular file (or a new path): a device node, FIFO or socket
+at PATH is refused (:mod:`cetvm.files`). Writing streams each section (memory: one 16 MiB chunk
+of guest RAM at a time). Reading bounds every section by what the manifest says it must hold
+before inflating it (a zlib bomb is refused after producing at most that many bytes), and the
+manifest by :data:`MAX_MANIFEST_BYTES` and JSON nesting.
 
 :func:`check_required_state` lets a consumer refuse a snapshot that lacks state it needs, e.g.
 KVM-style "IA32_XSS must be saved when the guest uses CET user state".
@@ -33,6 +37,7 @@ KVM-style "IA32_XSS must be saved when the guest uses CET user state".
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -40,9 +45,10 @@ import struct
 import zlib
 from types import MappingProxyType
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 from cetvm import CetvmError, InputError
+from cetvm.files import read_input, write_atomically
 
 SNAPSHOT_MAGIC = b"CETVMSNP"
 SNAPSHOT_TRAILER = b"CETVMEND"
@@ -69,35 +75,90 @@ def encode_manifest(manifest: Mapping[str, Any]) -> bytes:
         raise CetvmError(f"snapshot manifest is not JSON-serializable: {exc}") from None
 
 
-def encode_snapshot(manifest: Mapping[str, Any], blobs: Mapping[str, bytes], compress: bool = True) -> bytes:
-    """The bytes of a snapshot file (see the module docstring for the layout)."""
+#: What a section holds when writing: bytes, or a function returning its chunks (streamed: a
+#: RAM section is read from the guest 16 MiB at a time, never held whole).
+SectionData = bytes | bytearray | memoryview | Callable[[], Iterable[bytes]]
+#: zlib's largest expansion ratio (deflate's maximum, about 1032:1).
+ZLIB_MAX_RATIO = 1032
+#: Longest manifest read back (a real one is a few kB: registers, MSRs, device state).
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def _chunks(data: SectionData) -> Iterable[bytes]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return (bytes(data),)
+    return data()
+
+
+def _section_descriptor(name_bytes: bytes, encoding: int, stored_len: int, raw_len: int, raw_crc: int,
+                        stored_crc: int) -> bytes:
+    descriptor = (struct.pack("<H", len(name_bytes)) + name_bytes
+                  + SECTION_FIXED.pack(encoding, stored_len, raw_len, raw_crc, stored_crc))
+    return descriptor + struct.pack("<I", _crc(descriptor))
+
+
+def _section_name_bytes(name: str) -> bytes:
+    name_bytes = str(name).encode()
+    if not name_bytes or len(name_bytes) > MAX_NAME_BYTES:
+        raise CetvmError(f"snapshot section name {name!r} must be 1..{MAX_NAME_BYTES} bytes")
+    return name_bytes
+
+
+def _write_section(out: BinaryIO, name: str, data: SectionData, compress: bool) -> None:
+    """One section, streamed: a placeholder descriptor, the (compressed) chunks as they come, then
+    the real descriptor written back over the placeholder (``out`` must be seekable)."""
+    name_bytes = _section_name_bytes(name)
+    encoding = ENCODING_ZLIB if compress else ENCODING_STORED
+    start = out.tell()
+    out.write(_section_descriptor(name_bytes, encoding, 0, 0, 0, 0))
+    compressor = zlib.compressobj(1) if compress else None
+    raw_len = stored_len = raw_crc = stored_crc = 0
+
+    def put(stored: bytes) -> None:
+        nonlocal stored_len, stored_crc
+        if stored:
+            stored_crc = zlib.crc32(stored, stored_crc)
+            stored_len += len(stored)
+            out.write(stored)
+
+    for chunk in _chunks(data):
+        raw_crc = zlib.crc32(chunk, raw_crc)
+        raw_len += len(chunk)
+        put(compressor.compress(chunk) if compressor else chunk)
+    if compressor:
+        put(compressor.flush())
+    end = out.tell()
+    out.seek(start)
+    out.write(_section_descriptor(name_bytes, encoding, stored_len, raw_len, raw_crc & 0xFFFF_FFFF,
+                                  stored_crc & 0xFFFF_FFFF))
+    out.seek(end)
+
+
+def write_snapshot_stream(out: BinaryIO, manifest: Mapping[str, Any], blobs: Mapping[str, SectionData],
+                          compress: bool = True) -> None:
+    """Write a snapshot to the seekable stream ``out`` (see the module docstring for the layout);
+    memory use is one chunk of a section at a time, whatever the sections' sizes."""
     manifest_bytes = encode_manifest(manifest)
     header = HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, len(blobs), len(manifest_bytes), _crc(manifest_bytes))
-    parts = [header, struct.pack("<I", _crc(header)), manifest_bytes]
-    for name, raw in blobs.items():
-        name_bytes = str(name).encode()
-        if not name_bytes or len(name_bytes) > MAX_NAME_BYTES:
-            raise CetvmError(f"snapshot section name {name!r} must be 1..{MAX_NAME_BYTES} bytes")
-        raw = bytes(raw)
-        stored, encoding = (zlib.compress(raw, 1), ENCODING_ZLIB) if compress else (raw, ENCODING_STORED)
-        descriptor = (struct.pack("<H", len(name_bytes)) + name_bytes
-                      + SECTION_FIXED.pack(encoding, len(stored), len(raw), _crc(raw), _crc(stored)))
-        parts += [descriptor, struct.pack("<I", _crc(descriptor)), stored]
-    parts.append(SNAPSHOT_TRAILER)
-    return b"".join(parts)
+    out.write(header + struct.pack("<I", _crc(header)) + manifest_bytes)
+    for name, data in blobs.items():
+        _write_section(out, name, data, compress)
+    out.write(SNAPSHOT_TRAILER)
 
 
-def write_snapshot(path: str | os.PathLike, manifest: Mapping[str, Any], blobs: Mapping[str, bytes],
+def encode_snapshot(manifest: Mapping[str, Any], blobs: Mapping[str, SectionData], compress: bool = True) -> bytes:
+    """The bytes of a snapshot file (see the module docstring for the layout)."""
+    out = io.BytesIO()
+    write_snapshot_stream(out, manifest, blobs, compress)
+    return out.getvalue()
+
+
+def write_snapshot(path: str | os.PathLike, manifest: Mapping[str, Any], blobs: Mapping[str, SectionData],
                    compress: bool = True) -> None:
-    """Write a snapshot atomically (``PATH.tmp`` then rename)."""
-    data = encode_snapshot(manifest, blobs, compress)
-    tmp = f"{os.fspath(path)}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CetvmError(f"cannot write snapshot '{os.fspath(path)}': {exc.strerror or exc}") from None
+    """Write a snapshot atomically and streamed (:func:`cetvm.files.write_atomically`: a temporary
+    file, then rename; a device node, FIFO or other special file at PATH is refused, never replaced)."""
+    encode_manifest(manifest)  # refuse an unserializable manifest before creating any file
+    write_atomically(path, "snapshot", lambda out: write_snapshot_stream(out, manifest, blobs, compress))
 
 
 class _Reader:
@@ -133,6 +194,8 @@ def _read_header(r: _Reader) -> tuple[int, int, int]:
 
 
 def _read_manifest(r: _Reader, length: int, crc: int) -> dict:
+    if length > MAX_MANIFEST_BYTES:
+        raise InputError(f"{r.name}: snapshot manifest of {length} bytes is larger than {MAX_MANIFEST_BYTES}")
     start = r.pos
     raw = r.take(length, "manifest")
     if _crc(raw) != crc:
@@ -142,12 +205,35 @@ def _read_manifest(r: _Reader, length: int, crc: int) -> dict:
         manifest = json.loads(raw.decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{r.name}: snapshot manifest is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{r.name}: snapshot manifest is nested too deeply") from None
     if not isinstance(manifest, dict):
         raise InputError(f"{r.name}: snapshot manifest must be a JSON object, got {type(manifest).__name__}")
     return manifest
 
 
-def _read_section(r: _Reader, index: int) -> tuple[str, bytes]:
+#: ``limit(manifest, section name)``: the most bytes a section may hold once decoded (None: the
+#: section is not expected at all). Checked before a section is inflated.
+SectionLimit = Callable[[Mapping[str, Any], str], "int | None"]
+
+
+def _inflate(stored: bytes, raw_len: int, r: _Reader, name: str) -> bytes:
+    """zlib data that must decode to exactly ``raw_len`` bytes; never more than raw_len + 1 bytes
+    are produced, whatever the stream would expand to."""
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(stored, raw_len + 1)
+    except zlib.error as exc:
+        raise InputError(f"{r.name}: section '{name}' does not decompress: {exc}") from None
+    if len(raw) > raw_len:
+        raise InputError(f"{r.name}: section '{name}' inflates to more than the {raw_len} bytes its descriptor "
+                         "says")
+    if not inflater.eof:
+        raise InputError(f"{r.name}: section '{name}' does not decompress: incomplete zlib stream")
+    return raw
+
+
+def _read_section(r: _Reader, index: int, limit: Callable[[str], "int | None"]) -> tuple[str, bytes]:
     descriptor_start = r.pos
     name_len_field = r.take(2, f"section {index} name length")
     (name_len,) = struct.unpack("<H", name_len_field)
@@ -164,17 +250,17 @@ def _read_section(r: _Reader, index: int) -> tuple[str, bytes]:
     encoding, stored_len, raw_len, raw_crc, stored_crc = SECTION_FIXED.unpack(fixed)
     if encoding not in ENCODING_NAMES:
         raise InputError(f"{r.name}: section '{name}' has unknown encoding {encoding}")
+    most = limit(name)
+    if most is None:
+        raise InputError(f"{r.name}: unexpected section '{name}' (the manifest does not describe it)")
+    if raw_len > most:
+        raise InputError(f"{r.name}: section '{name}' says it holds {raw_len} bytes, the manifest allows at "
+                         f"most {most}")
     start = r.pos
     stored = r.take(stored_len, f"section '{name}' data")
     if _crc(stored) != stored_crc:
         raise InputError(f"{r.name}: section '{name}' at offset {start:#x} is corrupt (CRC mismatch)")
-    if encoding == ENCODING_ZLIB:
-        try:
-            raw = zlib.decompress(stored)
-        except zlib.error as exc:
-            raise InputError(f"{r.name}: section '{name}' does not decompress: {exc}") from None
-    else:
-        raw = stored
+    raw = _inflate(stored, raw_len, r, name) if encoding == ENCODING_ZLIB else stored
     if len(raw) != raw_len:
         raise InputError(f"{r.name}: section '{name}' holds {len(raw)} bytes, its descriptor says {raw_len}")
     if _crc(raw) != raw_crc:
@@ -182,14 +268,24 @@ def _read_section(r: _Reader, index: int) -> tuple[str, bytes]:
     return name, raw
 
 
-def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[dict, dict[str, bytes]]:
-    """Parse and verify snapshot bytes -> (manifest, sections)."""
+def decode_snapshot(data: bytes, name: str = "snapshot", section_limit: SectionLimit | None = None,
+                    check_manifest: Callable[[dict], None] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """Parse and verify snapshot bytes -> (manifest, sections). ``section_limit`` bounds each
+    section from the manifest (default: what zlib's largest ratio, 1032:1, allows for the file's size;
+    a machine snapshot passes the sizes its manifest implies). ``check_manifest`` (a schema
+    check raising InputError) runs on the manifest before any section is read."""
     r = _Reader(data, name)
     count, manifest_len, manifest_crc = _read_header(r)
     manifest = _read_manifest(r, manifest_len, manifest_crc)
+    if check_manifest is not None:
+        try:
+            check_manifest(manifest)
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}") from None
     blobs: dict[str, bytes] = {}
     for index in range(count):
-        section, raw = _read_section(r, index)
+        section, raw = _read_section(r, index, lambda section: (section_limit(manifest, section) if section_limit
+                                                                 else ZLIB_MAX_RATIO * len(data)))
         if section in blobs:
             raise InputError(f"{name}: section '{section}' appears twice")
         blobs[section] = raw
@@ -202,14 +298,16 @@ def decode_snapshot(data: bytes, name: str = "snapshot") -> tuple[dict, dict[str
     return manifest, blobs
 
 
-def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
-    """Read and verify a snapshot file -> (manifest, {section name: bytes})."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise InputError(f"snapshot '{os.fspath(path)}': {exc.strerror or exc}") from None
-    return decode_snapshot(data, os.fspath(path))
+#: Largest snapshot file read (the largest guest RAM stored uncompressed, plus room for the rest).
+MAX_SNAPSHOT_FILE_BYTES = (1 << 46) + (1 << 30)
+
+
+def read_snapshot(path: str | os.PathLike, section_limit: SectionLimit | None = None,
+                  check_manifest: Callable[[dict], None] | None = None) -> tuple[dict, dict[str, bytes]]:
+    """Read and verify a snapshot file -> (manifest, {section name: bytes}); only a regular file
+    is read (:func:`cetvm.files.read_input`). See :func:`decode_snapshot` for the checks."""
+    data = read_input(path, f"snapshot '{os.fspath(path)}'", MAX_SNAPSHOT_FILE_BYTES)
+    return decode_snapshot(data, os.fspath(path), section_limit, check_manifest)
 
 
 # --- required-state checks --------------------------------------------------------------------

@@ -15,7 +15,6 @@ after the last component is the size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import combinations
 from typing import Iterator
 
 from cetvm import InputError
@@ -27,6 +26,8 @@ from cetvm.cpuid.model import CpuidModel
 LEGACY_COMPONENTS: dict[int, tuple[int, int]] = {0: (160, 0), 1: (256, 160)}
 
 _MASK63 = (1 << 63) - 1
+#: How many XSS candidates :meth:`XsaveLayout.infer_os_xss` lists at most.
+MAX_XSS_CANDIDATES = 16
 
 
 def align64(value: int) -> int:
@@ -85,6 +86,10 @@ class XsaveLayout:
         and raises InputError.
         """
         xcr0, xss = model.xcr0_mask, model.xss_mask
+        for what, mask, where in (("XCR0", xcr0, "0xD.0 EDX[31]"), ("IA32_XSS", xss, "0xD.1 EDX[31]")):
+            if mask >> 63:
+                raise InputError(f"{model.name}: CPUID {where} enumerates {what} bit 63, which is reserved "
+                                 "(bit 63 of XCOMP_BV marks the compacted format; no component has it)")
         components: dict[int, XComponent] = {}
         for n in bits_of((xcr0 | xss) & ~0x3):
             comp = XComponent.from_leaf(n, model.get(LEAF_XSTATE, n))
@@ -194,21 +199,68 @@ class XsaveLayout:
         xcr0 = largest_valid_xcr0(xcr0)
         return xcr0 if self.standard_size(xcr0) == reported_standard_size else None
 
-    def infer_os_xss(self, xcr0: int, reported_compacted_size: int) -> list[int]:
-        """Every IA32_XSS ⊆ supported XSS with compacted_size(xcr0 | xss) == CPUID.(0xD,1).EBX.
+    def infer_os_xss(self, xcr0: int, reported_compacted_size: int, limit: int = MAX_XSS_CANDIDATES) -> list[int]:
+        """IA32_XSS values ⊆ supported XSS with compacted_size(xcr0 | xss) == CPUID.(0xD,1).EBX:
+        the first ``limit`` of them, the fewest components first, ties by numeric value (the
+        first is the one cetvm reports; :meth:`count_os_xss` says how many there are in all).
 
         Alignment padding can make several subsets fit (SPR: PT alone and PT|PASID both give
-        0x2A80 because TILECFG is 64-byte aligned), so all are returned, the fewest components
-        first, ties by numeric value; the first is the one cetvm reports.
+        0x2A80 because TILECFG is 64-byte aligned). Computed by :func:`_xss_search` in time
+        polynomial in the number of components, not by trying every subset (2^n: a 40-bit XSS
+        mask never finished).
         """
-        bits = list(bits_of(self.xss_supported))
-        found = []
-        for k in range(len(bits) + 1):
-            for combo in combinations(bits, k):
-                xss = sum(1 << b for b in combo)
-                if self.compacted_size(xcr0 | xss) == reported_compacted_size:
-                    found.append(xss)
-        return sorted(found, key=lambda m: (bin(m).count("1"), m))
+        return _xss_search(self, xcr0, reported_compacted_size, limit)[0]
+
+    def count_os_xss(self, xcr0: int, reported_compacted_size: int) -> int:
+        """How many IA32_XSS subsets give compacted_size(xcr0 | xss) == ``reported_compacted_size``."""
+        return _xss_search(self, xcr0, reported_compacted_size, 1)[1]
+
+
+#: Distinct partial layouts (running offset, component count) the XSS search keeps; a model with
+#: more is refused as implausible (real CPUs: a few dozen).
+MAX_XSS_SEARCH_STATES = 50_000
+
+
+def _xss_search(layout: XsaveLayout, xcr0: int, target: int, limit: int) -> tuple[list[int], int]:
+    """(first ``limit`` XSS masks in (popcount, value) order, total count) whose compacted size
+    with ``xcr0`` is ``target``.
+
+    Dynamic programming over the components in ascending order (the compacted format's order):
+    a state is (running offset, XSS components taken) and holds how many subsets reach it and
+    the ``limit`` smallest of them. XCR0 components are always taken, supported XSS ones may
+    be; an offset past ``target`` is dropped (offsets only grow). Adding the same higher bit to
+    every mask of a state keeps their order, so keeping the smallest ``limit`` per state is
+    exact. Work: components × states × limit."""
+    xcr0 &= _MASK63 & ~0x3
+    if xcr0 & ~sum(c.mask for c in layout.components):
+        return [], 0
+    xss_bits = layout.xss_supported & _MASK63 & ~0x3
+    states: dict[tuple[int, int], tuple[int, list[int]]] = {(XSAVE_EXTENDED_OFFSET, 0): (1, [0])}
+    for comp in layout.components:
+        forced, optional = bool(xcr0 & comp.mask), bool(xss_bits & comp.mask) and not xcr0 & comp.mask
+        if not forced and not optional:
+            continue
+        following: dict[tuple[int, int], tuple[int, list[int]]] = {}
+        for (offset, taken), (count, masks) in states.items():
+            if optional:
+                _merge_state(following, (offset, taken), count, masks, limit)
+            end = (align64(offset) if comp.align64 else offset) + comp.size
+            if end <= target:
+                added = [m | comp.mask for m in masks] if optional else masks
+                _merge_state(following, (end, taken + optional), count, added, limit)
+        if len(following) > MAX_XSS_SEARCH_STATES:
+            raise InputError(f"XSAVE components give more than {MAX_XSS_SEARCH_STATES} distinct compacted "
+                             "layouts: not a plausible CPU model")
+        states = following
+    found = sorted(((taken, m) for (offset, taken), (_, masks) in states.items() if offset == target for m in masks))
+    total = sum(count for (offset, _), (count, _) in states.items() if offset == target)
+    return [m for _, m in found[:limit]], total
+
+
+def _merge_state(states: dict[tuple[int, int], tuple[int, list[int]]], key: tuple[int, int], count: int,
+                 masks: list[int], limit: int) -> None:
+    old_count, old_masks = states.get(key, (0, []))
+    states[key] = (old_count + count, sorted(set(old_masks) | set(masks))[:limit])
 
 
 def xcr0_fault(xcr0: int, supported: int) -> str | None:

@@ -23,6 +23,7 @@ from typing import Mapping
 
 from cetvm import InputError
 from cetvm.vmm.devices.state import state_int
+from cetvm.vmm.layout import guest_string_bytes
 
 FW_CFG_IO_BASE = 0x510
 FW_CFG_PORT_COUNT = 2
@@ -79,7 +80,7 @@ def build_items(
         FW_CFG_MAX_CPUS: struct.pack("<H", max_cpus),
     }
     if cmdline is not None:
-        data = cmdline.encode() + b"\0"
+        data = guest_string_bytes(cmdline) + b"\0"
         items[FW_CFG_CMDLINE_SIZE] = struct.pack("<I", len(data))
         items[FW_CFG_CMDLINE_DATA] = data
     names = sorted(files or {})

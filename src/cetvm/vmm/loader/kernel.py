@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cetvm import InputError
+from cetvm.files import read_input, read_input_head
 from cetvm.vmm.layout import (
     BOOT_GDT_ADDR,
     BOOT_INFO_AREA_END,
@@ -52,6 +53,7 @@ from cetvm.vmm.loader.elf import (
     ElfFile,
     check_executable,
     elf_class_of,
+    is_elf,
     machine_name,
     parse_elf,
 )
@@ -60,6 +62,7 @@ from cetvm.vmm.loader.multiboot import (
     aout_kludge_image,
     build_multiboot_info,
     check_required_flags,
+    MULTIBOOT_SEARCH_LIMIT,
     find_multiboot_header,
     multiboot_info_size,
 )
@@ -104,12 +107,19 @@ def _check_free(new: _Range, taken: Sequence[_Range]) -> None:
                              f"at {other.start:#x}-{other.end - 1:#x}")
 
 
-def _read_file(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise InputError(f"{what} file '{path}': {exc.strerror or exc}") from None
+def _read_file(path: str, what: str, ram_size: int) -> bytes:
+    """The whole file, refused before reading when it is not a regular file or is larger than
+    the guest RAM (it could not be loaded anyway)."""
+    return read_input(path, f"{what} file '{path}'", ram_size, "larger than the guest RAM")
+
+
+def _check_bootable_head(path: str, name: str) -> None:
+    """Refuse a file that is neither multiboot nor ELF from its first 8192 bytes, before the
+    rest is read (a 2 GiB text file costs 8 KiB of memory to refuse, not 2 GiB)."""
+    head = read_input_head(path, f"kernel file '{path}'", MULTIBOOT_SEARCH_LIMIT + 64)
+    if find_multiboot_header(head, name) is None and not is_elf(head):
+        raise InputError(f"{name}: no multiboot header in the first 8192 bytes and not an ELF file "
+                         f"(starts with {head[:4]!r})")
 
 
 def _elf_segments(elf: ElfFile, data: bytes) -> tuple[list[MemoryImage], list[ZeroFill]]:
@@ -259,6 +269,8 @@ def load_kernel(path: str | os.PathLike, ram_size: int, cmdline: str = "",
                 modules: Sequence[ModuleSpec | str] = ()) -> BootPlan:
     """Read a kernel (multiboot v1 or ELF64) and its modules, and plan guest memory and entry."""
     specs = [m if isinstance(m, ModuleSpec) else ModuleSpec(str(m)) for m in modules]
-    data = _read_file(str(path), "kernel")
-    blobs = [(spec, _read_file(spec.path, "module")) for spec in specs]
+    check_ram_size(ram_size)
+    _check_bootable_head(os.fspath(path), os.fspath(path))
+    data = _read_file(os.fspath(path), "kernel", ram_size)
+    blobs = [(spec, _read_file(spec.path, "module", ram_size)) for spec in specs]
     return load_kernel_image(data, ram_size, cmdline, blobs, name=os.fspath(path))

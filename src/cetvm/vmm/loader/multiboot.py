@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cetvm import InputError
-from cetvm.vmm.layout import EBDA_START, HIGH_MEMORY_START, KiB, E820Entry, E820Type
+from cetvm.vmm.layout import EBDA_START, HIGH_MEMORY_START, KiB, E820Entry, E820Type, guest_string_bytes
 from cetvm.vmm.loader.bootplan import LoadedModule, MemoryImage, ZeroFill
 
 MULTIBOOT_HEADER_MAGIC = 0x1BAD_B002
@@ -157,8 +157,8 @@ def aout_kludge_image(header: MultibootHeader, data: bytes, name: str = "kernel"
 # --- multiboot information (§3.3) ---------------------------------------------------------------
 
 def _strings(cmdline: str, modules: Sequence[LoadedModule]) -> list[bytes]:
-    return [BOOT_LOADER_NAME.encode() + b"\0", cmdline.encode() + b"\0"] + [
-        m.cmdline.encode() + b"\0" for m in modules
+    return [BOOT_LOADER_NAME.encode() + b"\0", guest_string_bytes(cmdline) + b"\0"] + [
+        guest_string_bytes(m.cmdline) + b"\0" for m in modules
     ]
 
 
