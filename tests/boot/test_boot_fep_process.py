@@ -19,3 +19,16 @@ def test_forced_emulation_on_the_python_path_in_a_fresh_process():
     out = proc.stdout.decode()
     assert proc.returncode == PASS_STATUS, (proc.returncode, proc.stderr.decode()[-2000:])
     assert "ok 7 - CPL3: FEP LEA emulates" in out and "# 0 failed" in out
+
+
+def test_the_force_emulation_prefix_setting_survives_a_snapshot(tmp_path):
+    """The host setting is part of the machine: a snapshot taken with it restores with it."""
+    snap = tmp_path / "fep.snap"
+    first = subprocess.run([sys.executable, "-m", "cetvm", "boot", str(guest("fep_cet")), "--memory", "32M",
+                            "--force-emulation-prefix", "--append", "fep=1", "--save-state", str(snap),
+                            "--save-at", "250000"], capture_output=True, timeout=120)
+    assert first.returncode == 0, first.stderr.decode()
+    rest = subprocess.run([sys.executable, "-m", "cetvm", "boot", "--restore-state", str(snap)],
+                          capture_output=True, timeout=120)
+    assert rest.returncode == PASS_STATUS, rest.stderr.decode()
+    assert "ok 7 - CPL3: FEP LEA emulates" in rest.stdout.decode()

@@ -216,7 +216,7 @@ def ram_size(value: Any, where: str) -> None:
 
 MACHINE_FIELDS = obj({"memory": ram_size, "cet": text(16)},
                      {"cmdline": text(), "modules": list_of(text(4096), 0, MAX_MODULES), "cpu": text(256),
-                      "cpu_model": any_object, "host": HOST})
+                      "cpu_model": any_object, "host": HOST, "force_emulation_prefix": boolean})
 
 
 def machine(value: Any, where: str) -> None:
