@@ -273,6 +273,20 @@ const char *kernel_cmdline(void)
     return (const char *)(u64)info[4];
 }
 
+const char *cmdline_value(const char *key)
+{
+    for (const char *p = kernel_cmdline(); *p; p++) {
+        int i = 0;
+        while (key[i] && p[i] == key[i])
+            i++;
+        if (!key[i])
+            return p + i;
+    }
+    return NULL;
+}
+
+bool cmdline_has(const char *word) { return cmdline_value(word) != NULL; }
+
 void kernel_init(void)
 {
     serial_init();

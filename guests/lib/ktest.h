@@ -150,12 +150,17 @@ void *memcpy(void *d, const void *s, unsigned long n);
 void tap_plan(int n);
 void tap_ok(bool cond, const char *name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void tap_skip(const char *name, const char *reason);
+/* tap_skip for names[from..n-1], then tap_done() (a feature the rest of a kernel needs is absent). */
+NORETURN void tap_skip_rest(const char *const *names, int from, int n, const char *reason);
 NORETURN void tap_done(void);
 
 /* ---- kernel init ---- */
 void kernel_init(void);          /* serial, GDT/TSS, IDT, paging, EFER.NXE, CR0.WP */
 /* The multiboot v1 command line (info flags bit 2, cmdline at offset 16), "" without one. */
 const char *kernel_cmdline(void);
+/* The command line contains `word` (e.g. "fep=1"); cmdline_value("key=") -> the text after it or NULL. */
+bool cmdline_has(const char *word);
+const char *cmdline_value(const char *key);
 void kmain(void);                 /* provided by each kernel */
 
 /* ---- traps ---- */

@@ -31,20 +31,7 @@ static void call_at(void *where) { ((void (*)(void))where)(); }
 USER_CODE static void user_fep_ret(u64 arg) { ((void (*)(void))ufep_ret)(); user_syscall(SYS_EXIT, 1); }
 USER_CODE static void user_fep_lea(u64 arg) { ((void (*)(void))ufep_lea)(); }
 
-static bool cmdline_has(const char *word)
-{
-    const char *p = kernel_cmdline();
-    for (; *p; p++) {
-        int i = 0;
-        while (word[i] && p[i] == word[i])
-            i++;
-        if (!word[i])
-            return true;
-    }
-    return false;
-}
-
-static const char *names[] = {
+static const char *const names[] = {
     "FEP NOP: emulated (no #UD) when the parameter is on, #UD at the UD2 when off",
     "CPL0 S_CET.SH_STK_EN: FEP CALL -> #UD after the prefix",
     "CPL0 S_CET.SH_STK_EN: FEP RET -> #UD after the prefix",
@@ -62,11 +49,8 @@ static void body(void)
     bool faulted = run_catching(call_at, fep_nop, &rec);
     tap_ok(fep ? !faulted : faulted && rec.vector == VEC_UD && rec.rip == (u64)fep_nop + 4, names[0],
            "fep %d faulted %d vector %lu rip 0x%lx", fep, faulted, rec.vector, rec.rip);
-    if (!fep || !cpu_has_shstk() || !cpu_has_ibt()) {
-        for (int i = 1; i < N_TESTS; i++)
-            tap_skip(names[i], !fep ? "boot with --force-emulation-prefix --append fep=1" : "CPUID lacks SHSTK/IBT");
-        tap_done();
-    }
+    if (!fep || !cpu_has_shstk() || !cpu_has_ibt())
+        tap_skip_rest(names, 1, N_TESTS, !fep ? "boot with --force-emulation-prefix --append fep=1" : "CPUID lacks SHSTK/IBT");
     bool ud = expect_fault(VEC_UD, -1, call_at, fep_call, &rec);
     tap_ok(ud && rec.rip == (u64)fep_call_insn, names[1], "ud %d vector %lu rip 0x%lx", ud, rec.vector, rec.rip);
     ud = expect_fault(VEC_UD, -1, call_at, fep_ret, &rec);

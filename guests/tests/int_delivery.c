@@ -37,7 +37,7 @@ USER_CODE static void user_int(u64 arg)
     user_syscall(SYS_EXIT, 1);
 }
 
-static const char *names[] = {
+static const char *const names[] = {
     "CPL0 INT n, IST token busy -> #GP(0) at the INT",
     "CPL0 #GP from INT n delivery: shadow-stack frame LIP = the INT",
     "CPL0 INT n, IST token outside its 32-byte region -> #GP(0) at the INT",
@@ -48,11 +48,8 @@ static const char *names[] = {
 
 static void body(void)
 {
-    if (!cpu_has_shstk()) {
-        for (int i = 0; i < N_TESTS; i++)
-            tap_skip(names[i], "CPUID lacks SHSTK");
-        tap_done();
-    }
+    if (!cpu_has_shstk())
+        tap_skip_rest(names, 0, N_TESTS, "CPUID lacks SHSTK");
     /* One shadow-stack page: a busy token at +0xFF8, a free one at +0xFF0 - 0x800 (mod 32 = 16),
      * a good free token at +0x7F8. */
     u64 top = SHSTK_TEST + PAGE_SIZE;

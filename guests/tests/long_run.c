@@ -44,21 +44,12 @@ USER_CODE static void user_loop(u64 n)
 
 static void parse_cmdline(void)
 {
-    const char *p = kernel_cmdline();
-    for (; p && *p; p++) {
-        const char *key = "iterations=";
-        int i = 0;
-        while (key[i] && p[i] == key[i])
-            i++;
-        if (key[i])
-            continue;
-        u64 v = 0;
-        for (p += i; *p >= '0' && *p <= '9'; p++)
-            v = v * 10 + (u64)(*p - '0');
-        if (v)
-            iterations = v;
-        return;
-    }
+    const char *p = cmdline_value("iterations=");
+    u64 v = 0;
+    for (; p && *p >= '0' && *p <= '9'; p++)
+        v = v * 10 + (u64)(*p - '0');
+    if (v)
+        iterations = v;
 }
 
 static void body(void)

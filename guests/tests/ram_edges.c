@@ -16,19 +16,6 @@
 #define VA_NORAM (CET_REGION_BASE + 0x100000)
 #define VA_APIC (CET_REGION_BASE + 0x110000)
 
-static bool cmdline_is(const char *word)
-{
-    const char *p = kernel_cmdline();
-    for (; *p; p++) {
-        int i = 0;
-        while (word[i] && p[i] == word[i])
-            i++;
-        if (!word[i])
-            return true;
-    }
-    return false;
-}
-
 static void call_through_mmio(void)
 {
     __asm__ volatile("call *(%0)" ::"r"(VA_NORAM + 0x20) : "memory");
@@ -40,15 +27,15 @@ void kmain(void)
     map_page(VA_NORAM, NO_RAM_PA, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX);
     map_page(VA_APIC, APIC_PA, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX | (1ul << 4));
     kprintf("# case: %s\n", kernel_cmdline());
-    if (cmdline_is("case=rsp"))
+    if (cmdline_has("case=rsp"))
         __asm__ volatile("mov %0, %%rsp; ud2" ::"r"(VA_NORAM + 0x800));
-    if (cmdline_is("case=idt")) {
+    if (cmdline_has("case=idt")) {
         struct { u16 limit; u64 base; } __attribute__((packed)) d = {0xFFF, VA_NORAM};
         __asm__ volatile("lidt %0; ud2" ::"m"(d));
     }
-    if (cmdline_is("case=iret"))
+    if (cmdline_has("case=iret"))
         __asm__ volatile("mov %0, %%rsp; iretq" ::"r"(VA_APIC + 0x100));
-    if (cmdline_is("case=callmmio"))
+    if (cmdline_has("case=callmmio"))
         cet_kernel_start(call_through_mmio, 0);
     puts_serial("Bail out! no case given (case=rsp|idt|iret|callmmio)\n");
     exit_qemu(1);

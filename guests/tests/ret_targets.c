@@ -52,7 +52,7 @@ static void check_user(const char *name, u64 target)
            r.trap.rip);
 }
 
-static const char *names[] = {
+static const char *const names[] = {
     "CPL0 RET to an unmapped address -> #CP(1) at the RET",
     "CPL0 RET to an NX page -> #CP(1) at the RET",
     "CPL0 RET to a page with no RAM behind it -> #CP(1) at the RET",
@@ -66,11 +66,8 @@ static const char *names[] = {
 
 static void body(void)
 {
-    if (!cpu_has_shstk()) {
-        for (int i = 0; i < N_TESTS; i++)
-            tap_skip(names[i], "CPUID lacks SHSTK");
-        tap_done();
-    }
+    if (!cpu_has_shstk())
+        tap_skip_rest(names, 0, N_TESTS, "CPUID lacks SHSTK");
     map_data_page(VA_NX, false);
     map_page(VA_NO_RAM, NO_RAM_PA, PTE_P | PTE_RW | PTE_A);
     map_data_page(VA_USER_NX, true);

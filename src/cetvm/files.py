@@ -149,17 +149,24 @@ def _existing_mode(path: str | os.PathLike) -> int | None:
         raise
 
 
-def check_output_path(path: str | os.PathLike, label: str) -> None:
-    """Refuse, before anything runs, an output path that :func:`write_atomically` cannot write:
-    a directory, an existing special file (module docstring), a missing or unwritable
-    directory."""
-    target = os.path.realpath(path)
+def _output_mode(path: str | os.PathLike, target: str | os.PathLike, label: str) -> int | None:
+    """st_mode of an output's existing ``target`` (None when it does not exist yet); a directory
+    or an unreadable path is an InputError naming ``path``."""
     try:
         mode = _existing_mode(target)
     except OSError as exc:
         raise InputError(f"{label} '{os.fspath(path)}': {_os_problem(exc)}") from None
     if mode is not None and stat.S_ISDIR(mode):
         raise InputError(f"{label} '{os.fspath(path)}': is a directory")
+    return mode
+
+
+def check_output_path(path: str | os.PathLike, label: str) -> None:
+    """Refuse, before anything runs, an output path that :func:`write_atomically` cannot write:
+    a directory, an existing special file (module docstring), a missing or unwritable
+    directory."""
+    target = os.path.realpath(path)
+    mode = _output_mode(path, target, label)
     if mode is not None and not stat.S_ISREG(mode):
         raise InputError(f"{label} '{os.fspath(path)}': is {file_kind(mode)}; cetvm writes {label} only to a "
                          "regular file (it would be replaced by one)")
@@ -216,12 +223,7 @@ def _remove_quietly(path: str) -> None:
 def open_output_stream(path: str | os.PathLike, label: str) -> BinaryIO:
     """An unbuffered stream to ``path``, written in place (``--serial``): a regular file is
     created or truncated; a device, FIFO or terminal is written as it is."""
-    try:
-        mode = _existing_mode(path)
-    except OSError as exc:
-        raise InputError(f"{label} '{os.fspath(path)}': {_os_problem(exc)}") from None
-    if mode is not None and stat.S_ISDIR(mode):
-        raise InputError(f"{label} '{os.fspath(path)}': is a directory")
+    mode = _output_mode(path, path, label)
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
     if mode is None or stat.S_ISREG(mode):
         flags |= os.O_TRUNC
