@@ -118,6 +118,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._stepping = False
         self._cpl = 0
         self._long_mode = True
+        self._code_bits = 64
         self._cr4_cet = False
         self._cet_active = False
         self._ss_window = ShadowStackWindow()
@@ -148,10 +149,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.refresh_mode()
 
     # ------------------------------------------------------------------ memory (GuestMemory)
-    def map_ram(self, gpa: int, size: int) -> None:
+    def map_ram(self, gpa: int, size: int, share_with: "Vcpu | None" = None) -> None:
         """Back guest-physical [gpa, gpa+size) with RAM (page-aligned, zero-filled); see
-        :meth:`cetvm.cpu.memory.GuestMemory.map_ram`. The native hook is told about it."""
-        address = self._memory.map_ram(gpa, size)
+        :meth:`cetvm.cpu.memory.GuestMemory.map_ram`. The native hook is told about it.
+        ``share_with``: map the same host memory as that vCPU's region at ``gpa`` (SMP: every
+        engine of a VM sees one RAM)."""
+        backing = None if share_with is None else share_with._memory.ram_backing(gpa)
+        address = self._memory.map_ram(gpa, size, backing)
         if self._native is not None:
             self._native.add_ram(gpa, size, address)
 
@@ -176,6 +180,19 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         """Guest-virtual → guest-physical with the current paging mode (raises GuestFault);
         cached like a TLB until ``flush_tlb`` (see :meth:`cetvm.cpu.memory.GuestMemory.translate`)."""
         return self._translate(linear, access)
+
+    def flush_translations(self) -> None:
+        """Forget every translated block, block classification and exit address of this engine.
+
+        For code that changed under it without its own stores noticing: another vCPU's engine
+        wrote it (cross-modifying code; each engine detects only its own self-modifying writes).
+        The KVM layer calls it when a vCPU is reset by INIT (the usual way a processor is pointed
+        at freshly written code, e.g. an AP trampoline)."""
+        self._blocks.invalidate()
+        self._blocks.prev = None
+        self._exits.clear()
+        self._uc.ctl_set_exits([])
+        self._uc.ctl_flush_tb()
 
     def flush_tlb(self) -> None:
         """Forget cached translations: ours, the fast path's shadow-stack window, the native hook's."""
@@ -315,6 +332,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         hflags = ContextBlob.save(uc).hflags
         self._cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
         self._long_mode = bool(hflags & HFlags.CS64)
+        #: Decoder bitness of the code segment: 64-bit mode, else CS.D (32) or real/16-bit (16).
+        self._code_bits = 64 if self._long_mode else 32 if hflags & HFlags.CS32 else 16
         self._cr4_cet = bool(cr4 & Cr4.CET)
         self._update_cet_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
