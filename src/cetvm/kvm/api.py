@@ -520,7 +520,10 @@ class KvmVcpu:
 
     @property
     def waiting_for_sipi(self) -> bool:
-        """UNINITIALIZED or INIT_RECEIVED after the pending events: run() executes nothing."""
+        """UNINITIALIZED or INIT_RECEIVED once the pending events are accepted: run() would
+        execute nothing (a BSP with an INIT latched restarts at the reset vector instead)."""
+        if self._init_latched:
+            return not self.is_bsp and self._sipi_vector is None
         return self.get_mp_state() in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED)
 
     def _accept_events(self) -> None:
