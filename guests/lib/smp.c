@@ -1,0 +1,85 @@
+/* smp.c - bring up application processors (see smp.S), the local APIC and IPIs, fw_cfg's
+ * CPU count.  [SDM Vol. 3 §9.4 (MP initialization), §11.6 (IPIs), §11.4.1 (xAPIC page)] */
+#include "smp.h"
+
+#define FW_CFG_PORT_SEL 0x510
+#define FW_CFG_PORT_DATA 0x511
+#define FW_CFG_NB_CPUS 0x05
+#define AP_STACK_SIZE 16384
+#define PCD_PWT ((1ul << 4) | (1ul << 3))
+
+u64 smp_ap_cr3;                     /* read by smp.S (32-bit code: must stay below 4 GiB) */
+u64 smp_ap_stack;
+static volatile int ap_index;
+static void (*volatile ap_fn)(int cpu);
+static volatile int ap_started;
+static u8 ap_stacks[SMP_MAX_CPUS][AP_STACK_SIZE] ALIGNED(16);
+static volatile u64 trampoline_phys;   /* 0: SIPI vector 0 (a variable: no NULL-pointer assumptions) */
+
+extern char smp_trampoline[], smp_trampoline_end[];
+void smp_ap_entry(void);
+
+unsigned fw_cfg_nb_cpus(void)
+{
+    outw(FW_CFG_PORT_SEL, FW_CFG_NB_CPUS);
+    unsigned lo = inb(FW_CFG_PORT_DATA);
+    return lo | (unsigned)inb(FW_CFG_PORT_DATA) << 8;
+}
+
+u32 apic_read(u32 reg) { return *(volatile u32 *)(APIC_PHYS + reg); }
+void apic_write(u32 reg, u32 v) { *(volatile u32 *)(APIC_PHYS + reg) = v; }
+unsigned apic_id(void) { return apic_read(APIC_ID) >> 24; }
+void apic_eoi(void) { apic_write(APIC_EOI, 0); }
+
+/* Software-enable the calling CPU's APIC (SVR bit 8, spurious vector 0xFF). */
+void apic_enable(void) { apic_write(APIC_SVR, 0x1FF); }
+
+/* ICR2 = destination (xAPIC: bits 31:24), then ICR low starts the IPI. */
+void apic_send_ipi(unsigned dest, u32 icr_low)
+{
+    apic_write(APIC_ICR2, dest << 24);
+    apic_write(APIC_ICR, icr_low);
+}
+
+/* BSP: map the xAPIC page (uncached, shared page tables: every CPU reaches its own APIC). */
+void smp_init(void)
+{
+    map_page(APIC_PHYS, APIC_PHYS, PTE_P | PTE_RW | PTE_NX | PCD_PWT);
+    apic_enable();
+}
+
+void smp_ap_entry(void)
+{
+    int cpu = ap_index;
+    void (*fn)(int) = ap_fn;
+    cpu_load_idt();
+    __atomic_store_n(&ap_started, 1, __ATOMIC_SEQ_CST);   /* the BSP may start the next AP */
+    fn(cpu);
+    for (;;)
+        sti_hlt();
+}
+
+/* INIT + SIPI(vector 0) to APIC ID `cpu`; fn(cpu) runs on it at CPL0 (64-bit, CET off, its own
+ * 16 KiB stack, the kernel's GDT, IDT and page tables).  True once the AP is in 64-bit mode. */
+bool smp_start_ap(int cpu, void (*fn)(int cpu))
+{
+    if (cpu <= 0 || cpu >= SMP_MAX_CPUS)
+        return false;
+    u8 *dst = (u8 *)trampoline_phys;
+    map_page((u64)dst, (u64)dst, PTE_P | PTE_RW);
+    memcpy(dst, smp_trampoline, smp_trampoline_end - smp_trampoline);
+    map_page((u64)dst, 0, 0);                  /* page 0 stays unmapped for the kernel */
+    smp_ap_cr3 = read_cr3();
+    smp_ap_stack = (u64)(ap_stacks[cpu] + AP_STACK_SIZE);
+    ap_index = cpu;
+    ap_fn = fn;
+    __atomic_store_n(&ap_started, 0, __ATOMIC_SEQ_CST);
+    apic_send_ipi(cpu, ICR_INIT | ICR_LEVEL_ASSERT);
+    apic_send_ipi(cpu, ICR_STARTUP | (u32)(trampoline_phys >> 12));
+    for (u64 i = 0; i < 50000000; i++) {
+        if (__atomic_load_n(&ap_started, __ATOMIC_SEQ_CST))
+            return true;
+        __asm__ volatile("pause");
+    }
+    return false;
+}
