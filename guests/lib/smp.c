@@ -5,7 +5,6 @@
 #define FW_CFG_PORT_SEL 0x510
 #define FW_CFG_PORT_DATA 0x511
 #define FW_CFG_NB_CPUS 0x05
-#define AP_STACK_SIZE 16384
 #define PCD_PWT ((1ul << 4) | (1ul << 3))
 
 u64 smp_ap_cr3;                     /* read by smp.S (32-bit code: must stay below 4 GiB) */
@@ -13,7 +12,6 @@ u64 smp_ap_stack;
 static volatile int ap_index;
 static void (*volatile ap_fn)(int cpu);
 static volatile int ap_started;
-static u8 ap_stacks[SMP_MAX_CPUS][AP_STACK_SIZE] ALIGNED(16);
 static volatile u64 trampoline_phys;   /* 0: SIPI vector 0 (a variable: no NULL-pointer assumptions) */
 
 extern char smp_trampoline[], smp_trampoline_end[];
@@ -59,9 +57,10 @@ void smp_ap_entry(void)
         sti_hlt();
 }
 
-/* INIT + SIPI(vector 0) to APIC ID `cpu`; fn(cpu) runs on it at CPL0 (64-bit, CET off, its own
- * 16 KiB stack, the kernel's GDT, IDT and page tables).  True once the AP is in 64-bit mode. */
-bool smp_start_ap(int cpu, void (*fn)(int cpu))
+/* INIT + SIPI(vector 0) to APIC ID `cpu`; fn(cpu) runs on it at CPL0 (64-bit, CET off, on the
+ * stack below stack_top, with the kernel's GDT, IDT and page tables).  True once the AP is in
+ * 64-bit mode. */
+bool smp_start_ap(int cpu, void (*fn)(int cpu), u64 stack_top)
 {
     if (cpu <= 0 || cpu >= SMP_MAX_CPUS)
         return false;
@@ -70,7 +69,7 @@ bool smp_start_ap(int cpu, void (*fn)(int cpu))
     memcpy(dst, smp_trampoline, smp_trampoline_end - smp_trampoline);
     map_page((u64)dst, 0, 0);                  /* page 0 stays unmapped for the kernel */
     smp_ap_cr3 = read_cr3();
-    smp_ap_stack = (u64)(ap_stacks[cpu] + AP_STACK_SIZE);
+    smp_ap_stack = stack_top;
     ap_index = cpu;
     ap_fn = fn;
     __atomic_store_n(&ap_started, 0, __ATOMIC_SEQ_CST);

@@ -27,7 +27,7 @@ unsigned apic_id(void);                 /* xAPIC ID register bits 31:24 */
 void apic_enable(void);
 void apic_eoi(void);
 void apic_send_ipi(unsigned dest, u32 icr_low);
-/* INIT + SIPI to APIC ID cpu; fn(cpu) then runs there (64-bit CPL0, CET off, own stack).
- * Returns once the AP reached 64-bit mode (false: it did not within a bounded wait). */
-bool smp_start_ap(int cpu, void (*fn)(int cpu));
+/* INIT + SIPI to APIC ID cpu; fn(cpu) then runs there (64-bit CPL0, CET off, on the stack below
+ * stack_top).  Returns once the AP reached 64-bit mode (false: not within a bounded wait). */
+bool smp_start_ap(int cpu, void (*fn)(int cpu), u64 stack_top);
 #endif

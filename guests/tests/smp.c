@@ -25,7 +25,10 @@ struct ap_report {
     u64 pairs;
 };
 
+#define AP_STACK_SIZE 16384
+
 static struct ap_report report[SMP_MAX_CPUS];
+static u8 ap_stacks[SMP_MAX_CPUS][AP_STACK_SIZE] ALIGNED(16);
 static u64 ap_token[SMP_MAX_CPUS];
 static volatile int aps_done;
 static volatile u64 counter;
@@ -177,7 +180,7 @@ static void bsp_main(void)
             map_shstk_page(SHSTK_AP(cpu), false, &token, 1);
             ap_token[cpu] = token;
         }
-        started += smp_start_ap(cpu, ap_main);
+        started += smp_start_ap(cpu, ap_main, (u64)(ap_stacks[cpu] + AP_STACK_SIZE));
     }
     tap_ok(started == n - 1, "INIT + SIPI started every AP (real mode -> long mode)", "%u of %u", started, n - 1);
 
