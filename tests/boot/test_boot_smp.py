@@ -75,13 +75,20 @@ def test_snapshot_with_two_vcpus_restores_identically(tmp_path, uninterrupted_2)
     assert (doc["status"], doc["instructions"], doc["rip"]) == (full.status, full.instructions, full.rip)
 
 
-def test_snapshot_refuses_another_vcpu_count(tmp_path, capsys):
+def test_snapshot_before_the_aps_start_and_another_vcpu_count(tmp_path, capsys, uninterrupted_2):
+    """Saved while the AP is UNINITIALIZED: restored, it still waits for INIT/SIPI and the run
+    ends as the uninterrupted one; restoring into 4 vCPUs is refused."""
+    full, full_serial = uninterrupted_2
     path = tmp_path / "smp.snap"
-    machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=lambda _b: None))
+    before, after = bytearray(), bytearray()
+    machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=before.extend))
     machine.run(save_at=1000)
     machine.save(path)
+    assert read_snapshot(path)[0]["vcpus"][1]["mp_state"] == "UNINITIALIZED"
     run = boot(capsys, "--restore-state", str(path), "--smp", "4")
     assert run.status == 2 and "2 vCPU(s)" in run.err and "4" in run.err
+    result = Machine.restore(path, serial_sink=after.extend, smp=2).run()
+    assert (result.instructions, (before + after).decode()) == (full.instructions, full_serial)
 
 
 @pytest.mark.parametrize("value", ["0", "9", "two"])

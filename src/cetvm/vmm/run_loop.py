@@ -18,7 +18,7 @@ stop                 status      why
 ===================  ==========  ===================================================
 isa-debug-exit       (v<<1)|1    QEMU's isa-debug-exit; a process returns status & 0xFF
 power off            0           the guest shut the machine down (port 0x8900)
-halted               0           HLT with nothing that could wake the vCPU (no irqchip)
+halted               0           every vCPU halted (or waits for SIPI), nothing can wake one
 snapshot taken       0           ``--save-at`` reached: the state is in the snapshot
 reset requested      0           QEMU ``-no-reboot``: a reset ends the run
 paused               0           a :class:`PauseRequest` from the VMM side
@@ -178,11 +178,9 @@ def request_result(request: MachineRequest, instructions: int, rip: int) -> RunR
 
 
 def exit_result(run: KvmRun, instructions: int) -> RunResult | None:
-    """The RunResult for a KVM exit that ends the run (None: keep running)."""
+    """The RunResult for a KVM exit that ends the run (None: keep running). KVM_EXIT_HLT is
+    not one: the vCPU halts (RunLoop); the machine stops when no vCPU can run."""
     reason = run.exit_reason
-    if reason is KvmExitReason.HLT:
-        return RunResult(0, StopReason.HALTED, "HLT with no interrupt source (no in-kernel irqchip)",
-                         instructions, run.rip)
     if reason is KvmExitReason.SHUTDOWN:
         return RunResult(STATUS_TRIPLE_FAULT, StopReason.TRIPLE_FAULT, f"KVM_EXIT_SHUTDOWN: {run.detail}",
                          instructions, run.rip, exception_from_detail(run.detail))
