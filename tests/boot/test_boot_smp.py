@@ -75,6 +75,30 @@ def test_snapshot_with_two_vcpus_restores_identically(tmp_path, uninterrupted_2)
     assert (doc["status"], doc["instructions"], doc["rip"]) == (full.status, full.instructions, full.rip)
 
 
+#: Save points in the AP's start-up (guests/tests/smp.c with MEMORY, 2 vCPUs): (instructions,
+#: its MP state, CR0.PE, CR0.PG, 64-bit code) — real mode, CR0.PE set with the real-mode CS
+#: still loaded, IA-32e compatibility mode.
+STARTUP_POINTS = [(344_790, "RUNNABLE", 0, 0, False), (344_794, "RUNNABLE", 1, 0, False),
+                  (344_812, "RUNNABLE", 1, 1, False)]
+
+
+def test_snapshots_during_ap_startup_restore_identically(tmp_path, uninterrupted_2):
+    full, full_serial = uninterrupted_2
+    serial = bytearray()
+    machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=serial.extend))
+    for at, mp_state, pe, pg, long64 in STARTUP_POINTS:
+        machine.run(save_at=at)
+        ap = machine.vcpus[1]
+        sregs = ap.get_sregs()
+        assert (ap.get_mp_state().name, sregs.cr0 & 1, sregs.cr0 >> 31, sregs.cs.long) == (mp_state, pe, pg, long64), \
+            "the smp kernel changed: pick new save points"
+        path = tmp_path / f"at{at}.snap"
+        machine.save(path)
+        after = bytearray()
+        result = Machine.restore(path, serial_sink=after.extend).run()
+        assert (result.instructions, (serial + after).decode()) == (full.instructions, full_serial), f"saved at {at}"
+
+
 def test_snapshot_before_the_aps_start_and_another_vcpu_count(tmp_path, capsys, uninterrupted_2):
     """Saved while the AP is UNINITIALIZED: restored, it still waits for INIT/SIPI and the run
     ends as the uninterrupted one; restoring into 4 vCPUs is refused."""

@@ -210,8 +210,8 @@ class Machine:
         The same run accepts latched INIT/SIPI events, so the MP state is complete."""
         blobs: dict[str, bytes] = {}
         vcpu_states = []
-        for index, (vcpu, slot) in enumerate(zip(self.vcpus, self._loop.slots)):
-            slot.ready = vcpu.run(immediate_exit=True).ready_for_interrupt_injection
+        self._loop.complete_exits()
+        for index, vcpu in enumerate(self.vcpus):
             vcpu_state, vcpu_blobs = save_vcpu(vcpu, index)
             vcpu_states.append(vcpu_state)
             blobs.update(vcpu_blobs)

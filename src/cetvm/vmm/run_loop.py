@@ -243,6 +243,16 @@ class VcpuSlot:
     ready: bool = False
     halted: bool = False
     halt_if: bool = False
+    #: The last exit left an instruction for KVM to complete at the next KVM_RUN (IN/OUT, MMIO,
+    #: MSR, HLT, ...): the run loop completes it when the vCPU's turn ends (see RunLoop).
+    pending_exit: bool = False
+
+    def complete_exit(self) -> int:
+        """KVM_RUN(immediate_exit): finish the last exit now; the instructions it retired."""
+        before = self.vcpu.get_stats()["instructions"]
+        self.ready = self.vcpu.run(immediate_exit=True).ready_for_interrupt_injection
+        self.pending_exit = False
+        return self.vcpu.get_stats()["instructions"] - before
 
     def get_state(self) -> dict:
         return {"ready": self.ready, "halted": self.halted, "halt_if": self.halt_if}
@@ -263,7 +273,8 @@ class RunLoop:
     (SMP): deterministic round-robin — vCPU 0 runs a turn of at most SMP_SLICE instructions,
     then vCPU 1, ..., skipping vCPUs that wait for INIT/SIPI and halted ones (a halted vCPU runs
     again once its APIC presents an interrupt and it halted with IF = 1). A turn also ends at
-    HLT and after an IPI to another CPU (``kick``), so the target runs next. When no vCPU can
+    HLT and after an IPI to another CPU (``kick``), so the target runs next; a vCPU whose turn
+    ends completes its last exit then (KVM_RUN with immediate_exit). When no vCPU can
     run, guest time jumps to the earliest timer expiry of a halted vCPU that the timer can
     wake; if there is none the machine stops (all halted). Exits are handled between KVM_RUNs
     as for one vCPU; a turn resumes the same vCPU after them.
@@ -355,9 +366,27 @@ class RunLoop:
         for k in range(1, n + 1):
             index = (self.current + k) % n
             if self._wakes(self.slots[index]):
-                self.current, self.turn_used = index, 0
+                self._switch_to(index)
                 return self.slots[index]
         return None
+
+    def _switch_to(self, index: int) -> None:
+        """Start vCPU ``index``'s turn; the vCPU whose turn ended first completes its last exit,
+        so that only the running vCPU ever has one pending (a snapshot, which completes them
+        all, then changes no vCPU's timing relative to the others)."""
+        old = self.slots[self.current]
+        if index != self.current and old.pending_exit:
+            old.complete_exit()
+        self.current, self.turn_used = index, 0
+
+    def complete_exits(self) -> None:
+        """Before a snapshot: every vCPU finishes its last exit and accepts latched INIT/SIPI
+        (KVM_RUN with immediate_exit); the running vCPU's completion counts in its turn, as it
+        would have at its next KVM_RUN."""
+        for index, slot in enumerate(self.slots):
+            retired = slot.complete_exit()
+            if index == self.current:
+                self.turn_used += retired
 
     def _end_turn(self) -> None:
         self.turn_used = SMP_SLICE
@@ -429,6 +458,7 @@ class RunLoop:
             run = slot.vcpu.run(budget=self._slice(limits))
             self.turn_used += self.retired() - before
             rip, slot.ready = run.rip, run.ready_for_interrupt_injection
+            slot.pending_exit = run.exit_reason not in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN)
             try:
                 stop = self._dispatch(slot, run)
             except GuestFaultRequest as fault:
