@@ -75,44 +75,43 @@ def test_snapshot_with_two_vcpus_restores_identically(tmp_path, uninterrupted_2)
     assert (doc["status"], doc["instructions"], doc["rip"]) == (full.status, full.instructions, full.rip)
 
 
-#: Save points in the AP's start-up (guests/tests/smp.c with MEMORY, 2 vCPUs): (instructions,
-#: its MP state, CR0.PE, CR0.PG, 64-bit code) — real mode, CR0.PE set with the real-mode CS
-#: still loaded, IA-32e compatibility mode.
-STARTUP_POINTS = [(344_790, "RUNNABLE", 0, 0, False), (344_794, "RUNNABLE", 1, 0, False),
-                  (344_812, "RUNNABLE", 1, 1, False)]
+#: Save points (guests/tests/smp.c with MEMORY, 2 vCPUs): (instructions, the AP's MP state,
+#: CR0.PE, CR0.PG, 64-bit code) — before its INIT, then in real mode, with CR0.PE set and the
+#: real-mode CS still loaded, and in IA-32e compatibility mode.
+STARTUP_POINTS = [(1_000, "UNINITIALIZED", 0, 0, False), (344_790, "RUNNABLE", 0, 0, False),
+                  (344_794, "RUNNABLE", 1, 0, False), (344_812, "RUNNABLE", 1, 1, False)]
 
 
-def test_snapshots_during_ap_startup_restore_identically(tmp_path, uninterrupted_2):
+def _vcpu_states(machine: Machine) -> list:
+    return [machine.instructions] + [(vcpu.get_mp_state(), vcpu.get_regs(), vcpu.get_sregs()) for vcpu in machine.vcpus]
+
+
+def test_snapshots_during_ap_startup_restore_identically(tmp_path, capsys, uninterrupted_2):
+    """The saved machine goes on; the machine restored from each snapshot is in exactly its
+    state at the next save point, and the last one ends exactly as the uninterrupted run.
+    Restoring into another vCPU count is refused."""
     full, full_serial = uninterrupted_2
     serial = bytearray()
     machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=serial.extend))
+    restored = None
     for at, mp_state, pe, pg, long64 in STARTUP_POINTS:
         machine.run(save_at=at)
         ap = machine.vcpus[1]
         sregs = ap.get_sregs()
         assert (ap.get_mp_state().name, sregs.cr0 & 1, sregs.cr0 >> 31, sregs.cs.long) == (mp_state, pe, pg, long64), \
             "the smp kernel changed: pick new save points"
+        if restored is not None:
+            restored.run(save_at=at)
+            assert _vcpu_states(restored) == _vcpu_states(machine), f"restored from the previous point, at {at}"
+            assert restored._loop.get_state() == machine._loop.get_state()
         path = tmp_path / f"at{at}.snap"
         machine.save(path)
         after = bytearray()
-        result = Machine.restore(path, serial_sink=after.extend).run()
-        assert (result.instructions, (serial + after).decode()) == (full.instructions, full_serial), f"saved at {at}"
-
-
-def test_snapshot_before_the_aps_start_and_another_vcpu_count(tmp_path, capsys, uninterrupted_2):
-    """Saved while the AP is UNINITIALIZED: restored, it still waits for INIT/SIPI and the run
-    ends as the uninterrupted one; restoring into 4 vCPUs is refused."""
-    full, full_serial = uninterrupted_2
-    path = tmp_path / "smp.snap"
-    before, after = bytearray(), bytearray()
-    machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=before.extend))
-    machine.run(save_at=1000)
-    machine.save(path)
-    assert read_snapshot(path)[0]["vcpus"][1]["mp_state"] == "UNINITIALIZED"
-    run = boot(capsys, "--restore-state", str(path), "--smp", "4")
+        restored = Machine.restore(path, serial_sink=after.extend)
+    result = restored.run()
+    assert (result.instructions, (serial + after).decode()) == (full.instructions, full_serial)
+    run = boot(capsys, "--restore-state", str(tmp_path / "at1000.snap"), "--smp", "4")
     assert run.status == 2 and "2 vCPU(s)" in run.err and "4" in run.err
-    result = Machine.restore(path, serial_sink=after.extend, smp=2).run()
-    assert (result.instructions, (before + after).decode()) == (full.instructions, full_serial)
 
 
 @pytest.mark.parametrize("value", ["0", "9", "two"])
