@@ -70,6 +70,9 @@ def test_fixed_ipi_needs_an_enabled_apic_and_a_legal_vector(m):
     m.send(0, ALL_BUT_SELF | FIXED | 0x0F)                # vectors 0-15 are illegal
     assert m.irr(0x0F) == []
     assert m.apics[1].pending_vector() == 0x50
+    m.apics[3].write_apic_base(m.apics[3].apic_base & ~(1 << 11))  # hardware-disabled: no IPI at all
+    m.send(0, ALL_BUT_SELF | INIT | ASSERT)
+    assert m.calls == [("init", 1), ("init", 2)]
 
 
 def test_logical_destinations(m):

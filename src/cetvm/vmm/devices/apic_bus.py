@@ -39,6 +39,7 @@ from cetvm.arch.apic import (
     ICR_VECTOR_MASK,
     X2APIC_ICR_DEST_SHIFT,
     XAPIC_ICR_DEST_SHIFT,
+    ApicMode,
     DeliveryMode,
     Shorthand,
 )
@@ -64,17 +65,21 @@ class ApicBus:
             apic.ipi_sink = self.send
 
     def targets(self, source: LocalApic, icr: int, x2apic: bool) -> list[int]:
-        """Indices of the APICs the ICR value addresses (kvm_apic_match_dest)."""
+        """Indices of the APICs the ICR value addresses (kvm_apic_match_dest); an APIC that is
+        hardware-disabled (IA32_APIC_BASE.EN = 0) receives nothing (kvm_apic_present)."""
         shorthand = Shorthand((icr & ICR_SHORTHAND_MASK) >> ICR_SHORTHAND_SHIFT)
-        if shorthand is Shorthand.SELF:
-            return [i for i, apic in enumerate(self.apics) if apic is source]
-        if shorthand is Shorthand.ALL_INCLUDING_SELF:
-            return list(range(len(self.apics)))
-        if shorthand is Shorthand.ALL_EXCLUDING_SELF:
-            return [i for i, apic in enumerate(self.apics) if apic is not source]
         dest = icr >> X2APIC_ICR_DEST_SHIFT if x2apic else (icr >> XAPIC_ICR_DEST_SHIFT) & 0xFF
         logical = bool(icr & ICR_DEST_LOGICAL)
-        return [i for i, apic in enumerate(self.apics) if apic.matches_destination(dest, logical, x2apic)]
+
+        def addressed(apic: LocalApic) -> bool:
+            if shorthand is Shorthand.SELF:
+                return apic is source
+            if shorthand is Shorthand.ALL_INCLUDING_SELF:
+                return True
+            if shorthand is Shorthand.ALL_EXCLUDING_SELF:
+                return apic is not source
+            return apic.matches_destination(dest, logical, x2apic)
+        return [i for i, apic in enumerate(self.apics) if apic.mode is not ApicMode.DISABLED and addressed(apic)]
 
     def send(self, source: LocalApic, icr: int, x2apic: bool) -> None:
         """Deliver one IPI (the ``ipi_sink`` of every APIC on the bus)."""
