@@ -18,15 +18,21 @@ from boot_support import Tap, boot, guest
 from test_boot_snapshot import cetvm_in_fresh_process
 
 MEMORY = "16M"
-#: Both vCPUs are running, the AP in its CET call loop (guests/tests/smp.c).
-SAVE_AT_APS_LIVE = 400_000
+#: Instructions after the SIPI: both vCPUs are running, the AP with CET on (guests/tests/smp.c).
+APS_LIVE = 55_000
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_2():
+    """(result, serial output, the instruction count at which the BSP's SIPI reached the AP)."""
     serial = bytearray()
     machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=serial.extend))
-    return machine.run(), serial.decode()
+    sipi_at: list[int] = []
+    deliver = machine.apic_bus.sipi
+    machine.apic_bus.sipi = lambda index, vector: (sipi_at.append(machine.instructions), deliver(index, vector))
+    result = machine.run()
+    assert len(sipi_at) == 1
+    return result, serial.decode(), sipi_at[0]
 
 
 def _check_green(out: str, smp: int) -> None:
@@ -37,7 +43,7 @@ def _check_green(out: str, smp: int) -> None:
 
 
 def test_smp_2_is_green(uninterrupted_2):
-    result, serial = uninterrupted_2
+    result, serial, _ = uninterrupted_2
     assert result.status == 1, result.diagnosis()
     _check_green(serial, 2)
 
@@ -49,19 +55,20 @@ def test_cetvm_boot_smp_4_is_green(capsys):
 
 
 def test_max_instructions_counts_every_vcpu(uninterrupted_2):
+    _, _, sipi_at = uninterrupted_2
     machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=lambda _b: None))
-    result = machine.run(max_instructions=SAVE_AT_APS_LIVE)
+    result = machine.run(max_instructions=sipi_at + APS_LIVE)
     per_vcpu = [vcpu.get_stats()["instructions"] for vcpu in machine.vcpus]
-    assert result.instructions == SAVE_AT_APS_LIVE == sum(per_vcpu)
+    assert result.instructions == sipi_at + APS_LIVE == sum(per_vcpu)
     assert all(n > 0 for n in per_vcpu), per_vcpu
 
 
 def test_snapshot_with_two_vcpus_restores_identically(tmp_path, uninterrupted_2):
-    full, full_serial = uninterrupted_2
+    full, full_serial, sipi_at = uninterrupted_2
     path = tmp_path / "smp.snap"
     serial = bytearray()
     machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=serial.extend))
-    assert machine.run(save_at=SAVE_AT_APS_LIVE).instructions == SAVE_AT_APS_LIVE
+    assert machine.run(save_at=sipi_at + APS_LIVE).instructions == sipi_at + APS_LIVE
     machine.save(path)
     manifest, sections = read_snapshot(path)
     assert manifest["machine"]["smp"] == 2 and len(manifest["vcpus"]) == 2
@@ -75,11 +82,13 @@ def test_snapshot_with_two_vcpus_restores_identically(tmp_path, uninterrupted_2)
     assert (doc["status"], doc["instructions"], doc["rip"]) == (full.status, full.instructions, full.rip)
 
 
-#: Save points (guests/tests/smp.c with MEMORY, 2 vCPUs): (instructions, the AP's MP state,
-#: CR0.PE, CR0.PG, 64-bit code) — before its INIT, then in real mode, with CR0.PE set and the
-#: real-mode CS still loaded, and in IA-32e compatibility mode.
-STARTUP_POINTS = [(1_000, "UNINITIALIZED", 0, 0, False), (344_790, "RUNNABLE", 0, 0, False),
-                  (344_794, "RUNNABLE", 1, 0, False), (344_812, "RUNNABLE", 1, 1, False)]
+#: Save points relative to the SIPI (None: at instruction 1000), with the AP's MP state, CR0.PE,
+#: CR0.PG, 64-bit code there: before its INIT; in smp.S's trampoline in real mode, with CR0.PE
+#: set and the real-mode CS still loaded, and in IA-32e compatibility mode (the BSP's SIPI
+#: store completes when its turn ends, then the AP runs: its k-th instruction retires at
+#: SIPI + 1 + k).
+STARTUP_POINTS = [(None, "UNINITIALIZED", 0, 0, False), (4, "RUNNABLE", 0, 0, False),
+                  (8, "RUNNABLE", 1, 0, False), (26, "RUNNABLE", 1, 1, False)]
 
 
 def _vcpu_states(machine: Machine) -> list:
@@ -90,16 +99,17 @@ def test_snapshots_during_ap_startup_restore_identically(tmp_path, capsys, unint
     """The saved machine goes on; the machine restored from each snapshot is in exactly its
     state at the next save point, and the last one ends exactly as the uninterrupted run.
     Restoring into another vCPU count is refused."""
-    full, full_serial = uninterrupted_2
+    full, full_serial, sipi_at = uninterrupted_2
     serial = bytearray()
     machine = Machine.boot(guest("smp"), MachineConfig(memory=MEMORY, smp=2, serial_sink=serial.extend))
     restored = None
-    for at, mp_state, pe, pg, long64 in STARTUP_POINTS:
+    for offset, mp_state, pe, pg, long64 in STARTUP_POINTS:
+        at = 1000 if offset is None else sipi_at + offset
         machine.run(save_at=at)
         ap = machine.vcpus[1]
         sregs = ap.get_sregs()
         assert (ap.get_mp_state().name, sregs.cr0 & 1, sregs.cr0 >> 31, sregs.cs.long) == (mp_state, pe, pg, long64), \
-            "the smp kernel changed: pick new save points"
+            f"at {at}: smp.S changed? pick new offsets"
         if restored is not None:
             restored.run(save_at=at)
             assert _vcpu_states(restored) == _vcpu_states(machine), f"restored from the previous point, at {at}"
