@@ -24,25 +24,53 @@ unsigned fw_cfg_nb_cpus(void)
     return lo | (unsigned)inb(FW_CFG_PORT_DATA) << 8;
 }
 
-u32 apic_read(u32 reg) { return *(volatile u32 *)(APIC_PHYS + reg); }
-void apic_write(u32 reg, u32 v) { *(volatile u32 *)(APIC_PHYS + reg) = v; }
-unsigned apic_id(void) { return apic_read(APIC_ID) >> 24; }
+#define MSR_APIC_BASE 0x1Bu
+#define APIC_BASE_EXTD (1ul << 10)
+#define X2APIC_MSR(reg) (0x800u + ((reg) >> 4))
+
+bool smp_x2apic;
+
+/* xAPIC: the MMIO page; x2APIC (smp_x2apic): MSR 0x800 + reg/16 [SDM §11.12.1.2]. */
+u32 apic_read(u32 reg)
+{
+    return smp_x2apic ? (u32)rdmsr(X2APIC_MSR(reg)) : *(volatile u32 *)(APIC_PHYS + reg);
+}
+void apic_write(u32 reg, u32 v)
+{
+    if (smp_x2apic)
+        wrmsr(X2APIC_MSR(reg), v);
+    else
+        *(volatile u32 *)(APIC_PHYS + reg) = v;
+}
+/* The APIC ID: xAPIC ID register bits 31:24, or the whole x2APIC ID register. */
+unsigned apic_id(void) { return smp_x2apic ? apic_read(APIC_ID) : apic_read(APIC_ID) >> 24; }
 void apic_eoi(void) { apic_write(APIC_EOI, 0); }
+
+/* The calling CPU's APIC: xAPIC -> x2APIC mode (IA32_APIC_BASE.EXTD). */
+void apic_enter_x2apic(void) { wrmsr(MSR_APIC_BASE, rdmsr(MSR_APIC_BASE) | APIC_BASE_EXTD); }
 
 /* Software-enable the calling CPU's APIC (SVR bit 8, spurious vector 0xFF). */
 void apic_enable(void) { apic_write(APIC_SVR, 0x1FF); }
 
-/* ICR2 = destination (xAPIC: bits 31:24), then ICR low starts the IPI. */
+/* xAPIC: ICR2 = destination (bits 31:24), then ICR low starts the IPI; x2APIC: one WRMSR of
+ * the 64-bit ICR with the destination in bits 63:32 [SDM §11.12.9]. */
 void apic_send_ipi(unsigned dest, u32 icr_low)
 {
+    if (smp_x2apic) {
+        wrmsr(X2APIC_MSR(APIC_ICR), (u64)dest << 32 | icr_low);
+        return;
+    }
     apic_write(APIC_ICR2, dest << 24);
     apic_write(APIC_ICR, icr_low);
 }
 
-/* BSP: map the xAPIC page (uncached, shared page tables: every CPU reaches its own APIC). */
+/* BSP: map the xAPIC page (uncached, shared page tables: every CPU reaches its own APIC), enter
+ * x2APIC mode if smp_x2apic, software-enable the APIC. */
 void smp_init(void)
 {
     map_page(APIC_PHYS, APIC_PHYS, PTE_P | PTE_RW | PTE_NX | PCD_PWT);
+    if (smp_x2apic)
+        apic_enter_x2apic();
     apic_enable();
 }
 

@@ -19,14 +19,18 @@
 #define ICR_LEVEL_ASSERT 0x4000u
 #define ICR_ALL_BUT_SELF (3u << 18)
 
+/* Use the x2APIC MSRs instead of the xAPIC page (each CPU switches with apic_enter_x2apic). */
+extern bool smp_x2apic;
+
 unsigned fw_cfg_nb_cpus(void);          /* fw_cfg FW_CFG_NB_CPUS (0x05) */
-void smp_init(void);                    /* BSP: map the xAPIC page, enable its APIC */
+void apic_enter_x2apic(void);
+void smp_init(void);                    /* BSP: map the xAPIC page, x2APIC mode if asked, enable */
 u32 apic_read(u32 reg);
 void apic_write(u32 reg, u32 v);
-unsigned apic_id(void);                 /* xAPIC ID register bits 31:24 */
+unsigned apic_id(void);                 /* xAPIC ID bits 31:24 / the x2APIC ID register */
 void apic_enable(void);
 void apic_eoi(void);
-void apic_send_ipi(unsigned dest, u32 icr_low);
+void apic_send_ipi(unsigned dest, u32 icr_low);   /* all-but-self: dest ignored */
 /* INIT + SIPI to APIC ID cpu; fn(cpu) then runs there (64-bit CPL0, CET off, on the stack below
  * stack_top).  Returns once the AP reached 64-bit mode (false: not within a bounded wait). */
 bool smp_start_ap(int cpu, void (*fn)(int cpu), u64 stack_top);

@@ -1,6 +1,8 @@
 /* smp: application processors under `cetvm boot --smp N` (N = 2..8).
  *  The BSP (APIC ID 0) enables CET, reads the CPU count from fw_cfg, then starts each AP with
- *  INIT + SIPI (physical destination, real mode at 0000:0000 -> 32-bit -> 64-bit, smp.S).  Each AP
+ *  INIT + SIPI (physical destination, real mode at 0000:0000 -> 32-bit -> 64-bit, smp.S); with
+ *  "x2apic" on the command line every CPU switches its APIC to x2APIC mode and all IPIs go
+ *  through the ICR MSR (0x830).  Each AP
  *  reports its APIC ID (CPUID.1.EBX[31:24], CPUID.0xB EDX, the xAPIC ID register), enables CET
  *  itself (CR4.CET, S_CET = SH_STK_EN|ENDBR_EN, PL0_SSP = its own supervisor shadow stack's token,
  *  SETSSBSY) and runs indirect CALL/RET pairs to ENDBR64 functions across many scheduler turns
@@ -20,7 +22,7 @@
 #define WAIT_LIMIT 20000000ul
 
 struct ap_report {
-    u32 cpuid_apic_id, x2apic_id, mmio_apic_id;
+    u32 cpuid_apic_id, x2apic_id, apic_reg_id;
     u64 cr4, s_cet, ssp_start, ssp_end, token, token_value;
     u64 pairs;
 };
@@ -38,10 +40,20 @@ static u64 call_pairs_wanted = CALL_PAIRS;
 
 extern void cet_enable_and_call(u64 s_cet, void (*fn)(void), int shstk);
 
-/* "pairs=N" (decimal) on the multiboot command line. */
+static bool word_at(const char *p, const char *word)
+{
+    while (*word && *p == *word)
+        p++, word++;
+    return !*word && (*p == 0 || *p == ' ');
+}
+
+/* "pairs=N" (decimal) and "x2apic" (every CPU uses the x2APIC MSRs) on the command line. */
 static void parse_cmdline(void)
 {
     const char *p = kernel_cmdline();
+    for (const char *q = p; q && *q; q++)
+        if ((q == p || q[-1] == ' ') && word_at(q, "x2apic"))
+            smp_x2apic = true;
     for (; p && *p; p++) {
         const char *key = "pairs=";
         int i = 0;
@@ -135,8 +147,10 @@ static void ap_main(int cpu)
     struct ap_report *r = &report[cpu];
     r->cpuid_apic_id = cpuid(1, 0).ebx >> 24;
     r->x2apic_id = cpuid(0xB, 0).edx;
+    if (smp_x2apic)
+        apic_enter_x2apic();
     apic_enable();
-    r->mmio_apic_id = apic_id();
+    r->apic_reg_id = apic_id();
     if (!cet.shstk && !cet.ibt) {
         ap_cet_main();
         return;
@@ -162,7 +176,8 @@ static void bsp_main(void)
     unsigned n = fw_cfg_nb_cpus();
     unsigned topo = cpuid(0xB, 1).ebx & 0xFFFF;
     tap_plan(8);
-    kprintf("# %u CPUs; CET at CPL0: shstk %d ibt %d\n", n, cet.shstk, cet.ibt);
+    kprintf("# %u CPUs (%s); CET at CPL0: shstk %d ibt %d\n", n, smp_x2apic ? "x2APIC" : "xAPIC", cet.shstk,
+            cet.ibt);
     tap_ok(n >= 2 && n <= SMP_MAX_CPUS && topo == n && ((cpuid(1, 0).ebx >> 16) & 0xFF) == n,
            "fw_cfg NB_CPUS, CPUID.0xB and CPUID.1.EBX[23:16] agree on the CPU count", "fw_cfg %u, 0xB %u", n, topo);
     if (n < 2 || n > SMP_MAX_CPUS)
@@ -193,11 +208,11 @@ static void bsp_main(void)
     bool ids = true;
     for (unsigned cpu = 1; cpu < n; cpu++) {
         struct ap_report *r = &report[cpu];
-        kprintf("# AP %u: APIC ID %u (x2APIC %u, MMIO %u) SSP 0x%lx token 0x%lx\n", cpu, r->cpuid_apic_id,
-                r->x2apic_id, r->mmio_apic_id, r->ssp_start, r->token_value);
-        ids &= r->cpuid_apic_id == cpu && r->x2apic_id == cpu && r->mmio_apic_id == cpu;
+        kprintf("# AP %u: APIC ID %u (x2APIC %u, APIC %u) SSP 0x%lx token 0x%lx\n", cpu, r->cpuid_apic_id,
+                r->x2apic_id, r->apic_reg_id, r->ssp_start, r->token_value);
+        ids &= r->cpuid_apic_id == cpu && r->x2apic_id == cpu && r->apic_reg_id == cpu;
     }
-    tap_ok(ids, "each AP reports its own APIC ID (CPUID.1, CPUID.0xB, xAPIC ID register)", "%u APs", n - 1);
+    tap_ok(ids, "each AP reports its own APIC ID (CPUID.1, CPUID.0xB, its APIC's ID register)", "%u APs", n - 1);
 
     bool cet_ok = true, pairs_ok = true;
     for (unsigned cpu = 1; cpu < n; cpu++) {
@@ -227,7 +242,7 @@ static void bsp_main(void)
     tap_ok(pings && pong == n - 1, "fixed IPI to each AP (physical destination), answered by an IPI back",
            "pong %lu", (u64)pong);
 
-    apic_write(APIC_ICR, ICR_ALL_BUT_SELF | ICR_FIXED | VEC_BCAST);
+    apic_send_ipi(0, ICR_ALL_BUT_SELF | ICR_FIXED | VEC_BCAST);
     bool all = true;
     for (unsigned cpu = 1; cpu < n; cpu++)
         all &= wait_until(&bcast[cpu], 1, false);

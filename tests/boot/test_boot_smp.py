@@ -39,18 +39,22 @@ def _check_green(out: str, smp: int) -> None:
     Tap.parse(out).assert_complete_and_green()
     assert f"# {smp} CPUs" in out
     for cpu in range(1, smp):
-        assert f"# AP {cpu}: APIC ID {cpu} (x2APIC {cpu}, MMIO {cpu})" in out
+        assert f"# AP {cpu}: APIC ID {cpu} (x2APIC {cpu}, APIC {cpu})" in out
 
 
 def test_smp_2_is_green(uninterrupted_2):
     result, serial, _ = uninterrupted_2
     assert result.status == 1, result.diagnosis()
+    assert "# 2 CPUs (xAPIC)" in serial
     _check_green(serial, 2)
 
 
-def test_cetvm_boot_smp_4_is_green(capsys):
-    run = boot(capsys, str(guest("smp")), "--smp", "4", "--memory", MEMORY, "--max-instructions", "20000000")
+def test_cetvm_boot_smp_4_with_x2apic_is_green(capsys):
+    """INIT/SIPI and every IPI through the x2APIC ICR MSR (KVM_EXIT_X86_WRMSR to the VMM)."""
+    run = boot(capsys, str(guest("smp")), "--smp", "4", "--memory", MEMORY, "--append", "x2apic",
+               "--max-instructions", "20000000")
     assert run.status == 1, run.err
+    assert "# 4 CPUs (x2APIC)" in run.out
     _check_green(run.out, 4)
 
 
