@@ -31,6 +31,10 @@ unsigned apic_id(void);                 /* xAPIC ID bits 31:24 / the x2APIC ID r
 void apic_enable(void);
 void apic_eoi(void);
 void apic_send_ipi(unsigned dest, u32 icr_low);   /* all-but-self: dest ignored */
+/* APs share the BSP's GDT, IDT and page tables and load no TSS (no IST stacks): an event through
+ * an IST gate (#DF, NMI, #MC) on an AP is fatal.  The trampoline uses SIPI vector 0, so physical
+ * page 0 is overwritten (the kernel keeps it unmapped). */
+
 /* INIT + SIPI to APIC ID cpu; fn(cpu) then runs there (64-bit CPL0, CET off, on the stack below
  * stack_top).  Returns once the AP reached 64-bit mode (false: not within a bounded wait). */
 bool smp_start_ap(int cpu, void (*fn)(int cpu), u64 stack_top);
