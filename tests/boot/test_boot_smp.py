@@ -12,7 +12,7 @@ import pytest
 
 from cetvm.vmm.config import MachineConfig
 from cetvm.vmm.machine import Machine
-from cetvm.vmm.snapshot import read_snapshot
+from cetvm.vmm.snapshot import read_snapshot, write_snapshot
 
 from boot_support import Tap, boot, guest
 from test_boot_snapshot import cetvm_in_fresh_process
@@ -126,6 +126,11 @@ def test_snapshots_during_ap_startup_restore_identically(tmp_path, capsys, unint
     assert (result.instructions, (serial + after).decode()) == (full.instructions, full_serial)
     run = boot(capsys, "--restore-state", str(tmp_path / "at1000.snap"), "--smp", "4")
     assert run.status == 2 and "2 vCPU(s)" in run.err and "4" in run.err
+    manifest, sections = read_snapshot(tmp_path / "at1000.snap")
+    manifest["run"]["scheduler"]["current"] = 2
+    write_snapshot(tmp_path / "bad.snap", manifest, sections)
+    run = boot(capsys, "--restore-state", str(tmp_path / "bad.snap"))
+    assert run.status == 2 and "run.scheduler.current" in run.err and len(run.err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "9", "two"])
