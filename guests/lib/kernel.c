@@ -246,6 +246,13 @@ static void idt_init(void)
     __asm__ volatile("lidt %0" ::"m"(d));
 }
 
+void cpu_load_idt(void)
+{
+    struct { u16 limit; u64 base; } __attribute__((packed)) d = {
+        sizeof(this_cpu.idt) - 1, (u64)this_cpu.idt};
+    __asm__ volatile("lidt %0" ::"m"(d));
+}
+
 /* STAR[47:32] = kernel CS (SS = +8); STAR[63:48] = 0x1B so SYSRET loads CS 0x2B, SS 0x23. */
 static void syscall_init(void)
 {

@@ -220,6 +220,9 @@ static inline void sti_hlt(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"
 static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
 
+/* Load the kernel's IDT on the calling CPU (application processors share it). */
+void cpu_load_idt(void);
+
 /* ---- paging ---- */
 u64 alloc_page(void);                                   /* zeroed 4 KiB physical page */
 void map_page(u64 va, u64 pa, u64 flags);               /* 4 KiB leaf, invlpg */

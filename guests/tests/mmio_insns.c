@@ -21,6 +21,7 @@ static const char *names[] = {
     "SETcc to unassigned memory completes",
     "SMSW to unassigned memory completes",
     "MOV from unassigned memory reads all ones",
+    "MMIO accesses leave CR2 alone (only a #PF writes it)",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -52,8 +53,12 @@ static void body(void)
     __asm__ volatile("smsw (%0)" ::"r"(VA_NORAM + 0x10) : "memory");
     tap_ok(true, names[4], "no fault");
 
+    __asm__ volatile("mov %0, %%cr2" ::"r"(0x1234000ul));
     u64 q = *(volatile u64 *)(VA_NORAM + 0x18);
     tap_ok(q == ~0ul, names[5], "read 0x%lx", q);
+    *(volatile u32 *)(VA_NORAM + 0x20) = 1;
+    u64 cr2 = read_cr2();
+    tap_ok(cr2 == 0x1234000ul, names[6], "CR2 0x%lx", cr2);
 
     *tpr = 0;
     tap_done();

@@ -147,7 +147,7 @@ SEMANTIC_CASES = {
     "memory too small": (_set(["machine", "memory"], 4096), ["too small"]),
     "unknown cpu": (_set(["machine", "cpu"], "pentium"), ["pentium"]),
     "cet mode": (_set(["machine", "cet"], "sometimes"), ["--cet"]),
-    "two vcpus": (lambda m, b: m["vcpus"].append(m["vcpus"][0]), ["one vCPU"]),
+    "two vcpus": (lambda m, b: m["vcpus"].append(m["vcpus"][0]), ["1 vCPU(s)", "2 vCPU states"]),
     "vcpu is text": (_set(["vcpus", 0], "x"), ["vcpus[0]"]),
     "regs missing": (_delete(["vcpus", 0, "regs"]), ["regs"]),
     "msrs is text": (_set(["vcpus", 0, "msrs"], "x"), ["msrs"]),

@@ -7,7 +7,6 @@ import struct
 import pytest
 from conftest import CODE, make_guest
 
-from cetvm import NotSupportedError
 from cetvm.kvm.api import KvmExitReason
 from cetvm.kvm.errors import KvmIoctlError
 
@@ -60,9 +59,9 @@ def test_injected_cp_reaches_the_guest_with_its_error_code():
         g.vcpu.queue_exception(21)
 
 
-def test_one_vcpu_per_vm_and_memory_bounds():
+def test_vcpu_id_in_use_and_memory_bounds():
     g = make_guest("cet_msrs")
-    with pytest.raises(NotSupportedError):
+    with pytest.raises(KvmIoctlError, match="EEXIST"):
         g.vm.create_vcpu()
     with pytest.raises(Exception, match="RAM slot"):
         g.vm.get_memory(0x400000 - 4, 8)

@@ -68,3 +68,45 @@ def apic_base_write_error(old: int, new: int, maxphyaddr: int, x2apic_supported:
         if old_mode is ApicMode.DISABLED and new_mode is ApicMode.X2APIC:
             return "IA32_APIC_BASE: a disabled APIC must enter xAPIC mode before x2APIC mode"
     return None
+
+
+# --------------------------------------------------------------------------- the ICR
+# Interrupt Command Register fields [SDM Vol. 3 §11.6.1 Figure 11-12 (xAPIC), §11.12.9 (x2APIC:
+# one 64-bit MSR, destination in bits 63:32)].
+ICR_VECTOR_MASK = 0xFF
+ICR_DELIVERY_MODE_SHIFT = 8
+ICR_DELIVERY_MODE_MASK = 0x7 << ICR_DELIVERY_MODE_SHIFT
+ICR_DEST_LOGICAL = 1 << 11
+ICR_LEVEL_ASSERT = 1 << 14
+ICR_TRIGGER_LEVEL = 1 << 15
+ICR_SHORTHAND_SHIFT = 18
+ICR_SHORTHAND_MASK = 0x3 << ICR_SHORTHAND_SHIFT
+#: xAPIC destination field: ICR bits 63:56; x2APIC: bits 63:32.
+XAPIC_ICR_DEST_SHIFT = 56
+X2APIC_ICR_DEST_SHIFT = 32
+#: The broadcast destination of physical mode (and of logical mode: all ones).
+XAPIC_BROADCAST = 0xFF
+X2APIC_BROADCAST = 0xFFFF_FFFF
+#: DFR model field (bits 31:28): 1111b flat, 0000b cluster [SDM §11.6.2.2].
+DFR_MODEL_FLAT = 0xF
+
+
+class DeliveryMode(enum.IntEnum):
+    """ICR / LVT delivery mode, bits 10:8 [SDM §11.6.1]."""
+
+    FIXED = 0
+    LOWEST_PRIORITY = 1
+    SMI = 2
+    NMI = 4
+    INIT = 5
+    STARTUP = 6
+    EXTINT = 7
+
+
+class Shorthand(enum.IntEnum):
+    """ICR destination shorthand, bits 19:18 [SDM §11.6.1]."""
+
+    NONE = 0
+    SELF = 1
+    ALL_INCLUDING_SELF = 2
+    ALL_EXCLUDING_SELF = 3

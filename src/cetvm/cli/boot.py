@@ -27,7 +27,7 @@ from cetvm.cli.output import discard_stdout, flush_stdout, stdout_binary
 from cetvm.files import check_distinct, check_output_path, open_output_stream, same_file, write_atomically
 from cetvm.cpuid import model_names
 from cetvm.report import CetViolation, Symbolizer, format_report, report_json
-from cetvm.vmm.config import DEFAULT_CPU_MODEL, CetMode, MachineConfig
+from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, CetMode, MachineConfig, check_vcpu_count
 from cetvm.vmm.machine import Machine
 from cetvm.vmm.run_loop import STATUS_INTERNAL_ERROR, RunResult, StopReason
 
@@ -42,6 +42,13 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _vcpu_count(text: str) -> int:
+    try:
+        return check_vcpu_count(int(text, 10))
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"expected a vCPU count from 1 to {MAX_VCPUS}, got {text!r}") from None
 
 
 def _positive_float(text: str) -> float:
@@ -79,6 +86,11 @@ def register(subparsers) -> None:
     p.add_argument("--memory", "-m", default=None, metavar="SIZE",
                    help="guest RAM: bytes, or a number with a K/M/G/T suffix (binary units, QEMU -m style), "
                         f"2M or more (default {DEFAULT_MEMORY})")
+    p.add_argument("--smp", type=_vcpu_count, default=None, metavar="N",
+                   help=f"number of vCPUs, 1 to {MAX_VCPUS} (QEMU -smp N): vCPU 0 boots the kernel, the others "
+                        "wait for INIT/SIPI from its local APIC; they run round-robin, deterministically, and "
+                        "--max-instructions / --save-at count the instructions of all of them (default 1; "
+                        "with --restore-state it must match the snapshot)")
     p.add_argument("--append", default="", metavar="CMDLINE",
                    help="kernel command line, given in the multiboot information (default empty)")
     p.add_argument("--initrd", action="append", default=[], metavar="FILE",
@@ -218,10 +230,11 @@ def build_machine(args: argparse.Namespace, sink: Callable[[bytes], None]) -> Ma
     is bad input for --memory (an InputError), not a crash."""
     try:
         if args.restore_state:
-            return Machine.restore(args.restore_state, serial_sink=sink)
+            return Machine.restore(args.restore_state, serial_sink=sink, smp=args.smp)
         config = MachineConfig(cpu=args.cpu or DEFAULT_CPU_MODEL, memory=args.memory or DEFAULT_MEMORY,
                                cet=args.cet or "on", cmdline=args.append, modules=tuple(args.initrd),
-                               force_emulation_prefix=bool(args.force_emulation_prefix), serial_sink=sink)
+                               force_emulation_prefix=bool(args.force_emulation_prefix), smp=args.smp or 1,
+                               serial_sink=sink)
         return Machine.boot(args.image, config)
     except MemoryError:
         raise InputError(f"{_memory_option(args)}: this host cannot allocate the guest RAM") from None

@@ -137,7 +137,7 @@ class BlockHookMixin:
             code = self._read_code(address, size)
         except (GuestFault, UcError):
             code = b""
-        instrs = decode.decode_block(code, address, 64 if self._long_mode else 32)
+        instrs = decode.decode_block(code, address, self._code_bits)
         new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in self._exits]
         if new_exits:
             self._exits.update(new_exits)

@@ -284,15 +284,16 @@ class EngineStopsMixin:
         what it wrote (if anything) as MMIO writes."""
         first, last = gpa & ~(PAGE - 1), (gpa + size - 1) & ~(PAGE - 1)
         span = last - first + PAGE
-        self._uc.mem_map(first, span, UC_PROT_ALL)
-        try:
-            if data is not None:
-                self._uc.mem_write(gpa, data)
-            branches = instr.flow_control != FlowControl.NEXT
-            self.step_native(rip, None if branches else instr.next_ip)
-            stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
-        finally:
-            self._uc.mem_unmap(first, span)
+        with self._cr2_kept():
+            self._uc.mem_map(first, span, UC_PROT_ALL)
+            try:
+                if data is not None:
+                    self._uc.mem_write(gpa, data)
+                branches = instr.flow_control != FlowControl.NEXT
+                self.step_native(rip, None if branches else instr.next_ip)
+                stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
+            finally:
+                self._uc.mem_unmap(first, span)
         if self._pending is not None:
             return None  # the instruction faulted: nothing was stored
         self._retire()

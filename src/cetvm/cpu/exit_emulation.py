@@ -32,7 +32,7 @@ class EmulationPlumbingMixin:
     def fetch_instruction(self, rip: int):
         """Decode the instruction at ``rip`` (fetch access; raises GuestFault)."""
         code = self._read_code(rip, decode.MAX_INSTRUCTION_LENGTH)
-        return decode.decode_one(code, rip, 64 if self._long_mode else 32)
+        return decode.decode_one(code, rip, self._code_bits)
 
     def _read_code(self, linear: int, size: int) -> bytes:
         """Instruction bytes; stops early at an untranslatable page (fewer bytes, no fault)."""

@@ -49,14 +49,19 @@ class GuestMemory:
         self._tlb: dict[tuple[int, int], int] = {}
 
     # ------------------------------------------------------------------ regions
-    def map_ram(self, gpa: int, size: int) -> int:
+    def map_ram(self, gpa: int, size: int, backing: mmap.mmap | None = None) -> int:
         """Back guest-physical [gpa, gpa+size) with zero-filled RAM; returns its host address.
 
         The host memory is ours (an anonymous mmap handed to Unicorn with mem_map_ptr), so the
-        hot paths read and write it directly instead of through uc_mem_read/write.
+        hot paths read and write it directly instead of through uc_mem_read/write. ``backing``:
+        an existing mapping of ``size`` bytes to use instead (another vCPU's RAM, see
+        :meth:`ram_backing`): several engines then share one guest RAM (SMP).
         """
         self._check_region(gpa, size)
-        backing = mmap.mmap(-1, size)
+        if backing is None:
+            backing = mmap.mmap(-1, size)
+        elif len(backing) != size:
+            raise InputError(f"RAM backing of {len(backing):#x} bytes for a region of {size:#x}")
         address = ctypes.addressof(ctypes.c_char.from_buffer(backing))
         self._uc.mem_map_ptr(gpa, size, UC_PROT_ALL, address)
         self._regions.append(MemoryRegion(gpa, size, "ram"))
@@ -79,6 +84,13 @@ class GuestMemory:
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
         return tuple(self._regions)
+
+    def ram_backing(self, gpa: int) -> mmap.mmap:
+        """The host mapping of the RAM region that starts at ``gpa`` (to share it)."""
+        for start, _end, _view, backing in self._ram:
+            if start == gpa:
+                return backing
+        raise InputError(f"no RAM region starts at {gpa:#x}")
 
     # ------------------------------------------------------------------ physical access
     def read_phys(self, gpa: int, size: int) -> bytes:

@@ -36,9 +36,10 @@ as its own plain attributes, so the hot paths never follow an attribute chain.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from iced_x86 import InstructionInfoFactory
 from unicorn import (
@@ -120,6 +121,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._stepping = False
         self._cpl = 0
         self._long_mode = True
+        self._code_bits = 64
         self._cr4_cet = False
         self._cet_active = False
         self._ss_window = ShadowStackWindow()
@@ -150,10 +152,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.refresh_mode()
 
     # ------------------------------------------------------------------ memory (GuestMemory)
-    def map_ram(self, gpa: int, size: int) -> None:
+    def map_ram(self, gpa: int, size: int, share_with: "Vcpu | None" = None) -> None:
         """Back guest-physical [gpa, gpa+size) with RAM (page-aligned, zero-filled); see
-        :meth:`cetvm.cpu.memory.GuestMemory.map_ram`. The native hook is told about it."""
-        address = self._memory.map_ram(gpa, size)
+        :meth:`cetvm.cpu.memory.GuestMemory.map_ram`. The native hook is told about it.
+        ``share_with``: map the same host memory as that vCPU's region at ``gpa`` (SMP: every
+        engine of a VM sees one RAM)."""
+        backing = None if share_with is None else share_with._memory.ram_backing(gpa)
+        address = self._memory.map_ram(gpa, size, backing)
         if self._native is not None:
             self._native.add_ram(gpa, size, address)
 
@@ -178,6 +183,19 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         """Guest-virtual → guest-physical with the current paging mode (raises GuestFault);
         cached like a TLB until ``flush_tlb`` (see :meth:`cetvm.cpu.memory.GuestMemory.translate`)."""
         return self._translate(linear, access)
+
+    def flush_translations(self) -> None:
+        """Forget every translated block, block classification and exit address of this engine.
+
+        For code that changed under it without its own stores noticing: another vCPU's engine
+        wrote it (cross-modifying code; each engine detects only its own self-modifying writes).
+        The KVM layer calls it when a vCPU is reset by INIT (the usual way a processor is pointed
+        at freshly written code, e.g. an AP trampoline)."""
+        self._blocks.invalidate()
+        self._blocks.prev = None
+        self._exits.clear()
+        self._uc.ctl_set_exits([])
+        self._uc.ctl_flush_tb()
 
     def flush_tlb(self) -> None:
         """Forget cached translations: ours, the fast path's shadow-stack window, the native hook's."""
@@ -325,6 +343,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         hflags = ContextBlob.save(uc).hflags
         self._cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
         self._long_mode = bool(hflags & HFlags.CS64)
+        #: Decoder bitness of the code segment: 64-bit mode, else CS.D (32) or real/16-bit (16).
+        self._code_bits = 64 if self._long_mode else 32 if hflags & HFlags.CS32 else 16
         self._cr4_cet = bool(cr4 & Cr4.CET)
         self._update_cet_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
@@ -408,7 +428,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def _run_engine(self, rip: int) -> VmExit | None:
         self._budget.hit = False
         try:
-            self._uc.emu_start(rip, 0)
+            self._emu_start_keeping_cr2(rip)
             if self._native is not None:
                 self._native.raise_callback_error()
                 self._apply_native_handover()
@@ -438,6 +458,25 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             # Untraced mode: Unicorn stops by itself only after HLT (RIP past it).
             return VmExit(ExitReason.HLT, (self.rip - 1) & _U64, 1)
         return None
+
+    @contextlib.contextmanager
+    def _cr2_kept(self) -> Iterator[None]:
+        """Put the guest's CR2 back after engine work. CR2 changes architecturally only when a
+        #PF is delivered (:func:`cetvm.cpu.events.deliver` writes the pending #PF's own CR2,
+        read by the interrupt hook) or by MOV to CR2 (emulated), but Unicorn also writes it on
+        events that are no #PF for the guest: MMIO and unmapped accesses, mapping and unmapping
+        a scratch page, the re-translation of a stale block after a paging change. (Found by a
+        2-vCPU snapshot: the continued machine's AP had CR2 = 0x14, the restored one 0.)"""
+        uc = self._uc
+        cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+        try:
+            yield
+        finally:
+            uc.reg_write(X.UC_X86_REG_CR2, cr2)
+
+    def _emu_start_keeping_cr2(self, rip: int) -> None:
+        with self._cr2_kept():
+            self._uc.emu_start(rip, 0)
 
     # ------------------------------------------------------------------ misc
     @property

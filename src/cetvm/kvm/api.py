@@ -9,17 +9,35 @@ guest CET state → CPU), handles exits as KVM does (:mod:`cetvm.kvm.vcpu_run`) 
 back (kvm_put_guest_fpu) before returning to userspace.
 
 Decisions:
-- One vCPU per VM (a second create_vcpu raises NotSupportedError). The Vm owns the CPU engine
-  from creation so that memory can be loaded before the vCPU exists.
+- Up to :data:`KVM_MAX_VCPUS` vCPUs per VM, ids 0..KVM_MAX_VCPUS-1 (KVM_CREATE_VCPU: -EINVAL
+  for an id out of range, -EEXIST for one in use). Each vCPU is its own CPU engine; they share
+  guest RAM (one host mapping per memory slot handed to every engine). The Vm owns the first
+  engine from creation so that memory can be loaded before a vCPU exists; the first vCPU
+  created takes it. vCPU 0 is the BSP (kvm->arch.bsp_vcpu_id = 0).
+- Cross-modifying code: each engine notices its own stores to code it has translated (QEMU's
+  self-modifying-code detection), not another engine's. A vCPU's translations are flushed
+  whenever it is reset by INIT (:meth:`cetvm.cpu.vcpu.Vcpu.flush_translations`), so code
+  written by one vCPU before it INITs/SIPIs another (an AP trampoline) is always fresh; code
+  rewritten under a vCPU that keeps running is not detected (SDM Vol. 3 §9.1.3 asks the
+  executing processor for a serializing instruction; cetvm does not flush on those).
+- MP states (KVM_GET/SET_MP_STATE) as KVM with its in-kernel LAPIC keeps them
+  (kvm_apic_accept_events), while the LAPIC registers and IPI routing live in the VMM: the BSP
+  starts RUNNABLE, APs UNINITIALIZED (kvm_arch_vcpu_create with lapic_in_kernel). The VMM
+  delivers INIT with ``set_mp_state(INIT_RECEIVED)`` and SIPI with
+  ``set_mp_state(SIPI_RECEIVED, sipi_vector=v)`` (cetvm extension: KVM takes the vector from
+  its own APIC). Both are latched (apic->pending_events) and accepted at the vCPU's next run()
+  or get_mp_state(): INIT resets the vCPU (kvm_vcpu_reset(init_event=True)) and leaves the
+  BSP RUNNABLE at the reset vector and an AP in INIT_RECEIVED (wait-for-SIPI); a SIPI is
+  accepted only in INIT_RECEIVED (kvm_vcpu_deliver_sipi_vector: CS.selector = vector << 8,
+  CS.base = vector << 12, RIP = 0, RUNNABLE) and dropped otherwise. run() of a vCPU in
+  UNINITIALIZED or INIT_RECEIVED executes nothing and returns KVM_EXIT_INTR (KVM blocks the
+  thread instead; cetvm's VMM only runs RUNNABLE vCPUs). KVM_GET_MP_STATE reports
+  INIT_RECEIVED while an INIT is latched (``run(immediate_exit=True)`` accepts it).
 - Memory slots are RAM; every other guest-physical address is MMIO that exits to userspace.
   Slots cannot be moved, resized or deleted (NotSupportedError).
 - KVM_GET/SET_MSRS follow KVM: processing stops at the first MSR that fails and the number
   processed is returned. MSR_KVM_INTERNAL_GUEST_SSP is not reachable through them (only via
   KVM_GET/SET_ONE_REG with KVM_REG_GUEST_SSP), as it is not in KVM_GET_MSR_INDEX_LIST.
-- ``set_mp_state(MpState.INIT_RECEIVED)`` latches an INIT signal; the vCPU performs
-  kvm_vcpu_reset(init_event=True) at the start of its next run() (kvm_apic_accept_events) and,
-  being the BSP, becomes RUNNABLE at the reset vector. ``run(immediate_exit=True)`` processes
-  it and returns KVM_EXIT_INTR without executing guest code.
 - KVM_CAP_X86_USER_SPACE_MSR (:meth:`Vm.enable_cap_user_space_msr`) and KVM_X86_SET_MSR_FILTER
   (:meth:`Vm.set_msr_filter`) work as api.rst documents them: a guest RDMSR/WRMSR that KVM
   fails (reason INVAL), does not know (UNKNOWN) or that the filter denies (FILTER) exits as
@@ -46,6 +64,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 from dataclasses import dataclass
@@ -113,6 +132,9 @@ from cetvm.kvm.vcpu_run import (
 )
 
 PAGE = 0x1000
+#: The most vCPUs a VM may have, and the bound on vCPU ids (KVM_CAP_MAX_VCPUS,
+#: KVM_CAP_MAX_VCPU_ID).
+KVM_MAX_VCPUS = 8
 #: Exceptions KVM_SET_VCPU_EVENTS accepts here: 0-21 except NMI (its own field), 9 and 15.
 INJECTABLE_EXCEPTIONS = frozenset(range(22)) - {int(Vector.NMI), 9, 15}
 
@@ -172,9 +194,11 @@ class Vm:
 
     def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
+        #: The first engine (the first vCPU created takes it); every other engine shares its RAM.
         self._cpu = CpuVcpu(kvm.host.cpu, trace=True)
+        self._cpu_taken = False
         self._slots: dict[int, MemorySlot] = {}
-        self._vcpu: KvmVcpu | None = None
+        self._vcpus: dict[int, KvmVcpu] = {}
         self.exit_hypercall_mask = 0
         self.user_space_msr_mask = 0
         self.msr_filter = MsrFilter()
@@ -191,6 +215,9 @@ class Vm:
             self._cpu.map_ram(guest_phys_addr, memory_size)
         except InputError as err:
             raise KvmIoctlError(errno.EEXIST, f"KVM_SET_USER_MEMORY_REGION: {err}") from None
+        for vcpu in self._vcpus.values():
+            if vcpu.cpu is not self._cpu:
+                vcpu.cpu.map_ram(guest_phys_addr, memory_size, share_with=self._cpu)
         self._slots[slot] = MemorySlot(slot, guest_phys_addr, memory_size)
 
     @property
@@ -230,16 +257,32 @@ class Vm:
         """KVM_X86_SET_MSR_FILTER (flags = KVM_MSR_FILTER_DEFAULT_DENY when ``default_deny``).
         An empty list removes the filter; x2APIC MSRs are never filtered (api.rst)."""
         self.msr_filter = kvm_vm_ioctl_set_msr_filter(1 if default_deny else 0, list(ranges))
-        if self._vcpu is not None:  # KVM_REQ_MSR_FILTER_CHANGED
-            self._vcpu.update_msr_bitmap()
+        for vcpu in self._vcpus.values():  # KVM_REQ_MSR_FILTER_CHANGED
+            vcpu.update_msr_bitmap()
 
     # ------------------------------------------------------------------ vCPUs
     def create_vcpu(self, vcpu_id: int = 0) -> "KvmVcpu":
-        """KVM_CREATE_VCPU (kvm_arch_vcpu_create ends with kvm_vcpu_reset(RESET))."""
-        if self._vcpu is not None:
-            raise NotSupportedError("cetvm VMs have one vCPU; a second KVM_CREATE_VCPU is not supported")
-        self._vcpu = KvmVcpu(self, vcpu_id, self._cpu)
-        return self._vcpu
+        """KVM_CREATE_VCPU (kvm_vm_ioctl_create_vcpu: -EINVAL for an id >= KVM_MAX_VCPU_IDS or
+        more than KVM_MAX_VCPUS vCPUs, -EEXIST for an id in use; kvm_arch_vcpu_create ends with
+        kvm_vcpu_reset(RESET)). A new engine shares the VM's RAM."""
+        if isinstance(vcpu_id, bool) or not isinstance(vcpu_id, int) or not 0 <= vcpu_id < KVM_MAX_VCPUS:
+            raise KvmIoctlError(errno.EINVAL, f"KVM_CREATE_VCPU: id {vcpu_id!r} is not 0..{KVM_MAX_VCPUS - 1}")
+        if vcpu_id in self._vcpus:
+            raise KvmIoctlError(errno.EEXIST, f"KVM_CREATE_VCPU: vCPU {vcpu_id} exists")
+        if not self._cpu_taken:
+            cpu, self._cpu_taken = self._cpu, True
+        else:
+            cpu = CpuVcpu(self.kvm.host.cpu, trace=True, cet_path=self._cpu.cet_path)
+            for memslot in self._slots.values():
+                cpu.map_ram(memslot.guest_phys_addr, memslot.memory_size, share_with=self._cpu)
+        vcpu = KvmVcpu(self, vcpu_id, cpu)
+        self._vcpus[vcpu_id] = vcpu
+        return vcpu
+
+    @property
+    def vcpus(self) -> tuple["KvmVcpu", ...]:
+        """The vCPUs created so far, by id."""
+        return tuple(self._vcpus[i] for i in sorted(self._vcpus))
 
 
 class KvmVcpu:
@@ -256,6 +299,8 @@ class KvmVcpu:
         self._msr_exit: tuple[KvmMsrExit, MsrExit] | None = None
         self._queued: QueuedException | None = None
         self._init_latched = False
+        #: A SIPI's vector waiting for kvm_apic_accept_events (apic->sipi_vector + KVM_APIC_SIPI).
+        self._sipi_vector: int | None = None
         self._hypercall: HypercallExit | None = None
         #: kvm_run.request_interrupt_window: exit with KVM_EXIT_IRQ_WINDOW_OPEN as soon as an
         #: interrupt can be injected (userspace-owned PIC/APIC, no in-kernel irqchip).
@@ -446,18 +491,70 @@ class KvmVcpu:
         """KVM_GET_VCPU_EVENTS: the exception queued but not yet delivered, if any."""
         return self._queued
 
-    def get_mp_state(self) -> MpState:
-        return MpState.INIT_RECEIVED if self._init_latched else self.mp_state
+    @property
+    def is_bsp(self) -> bool:
+        """kvm_vcpu_is_reset_bsp(): the vCPU whose id is the VM's BSP id (0)."""
+        return self.vcpu_id == 0
 
-    def set_mp_state(self, state: MpState) -> None:
-        """KVM_SET_MP_STATE; INIT_RECEIVED latches an INIT (module docstring)."""
+    def get_mp_state(self) -> MpState:
+        """KVM_GET_MP_STATE: accepts a pending SIPI first (kvm_apic_accept_events); an INIT not
+        yet accepted reads as INIT_RECEIVED (module docstring)."""
+        if self._init_latched:
+            return MpState.INIT_RECEIVED
+        self._accept_events()
+        return self.mp_state
+
+    def set_mp_state(self, state: MpState, sipi_vector: int | None = None) -> None:
+        """KVM_SET_MP_STATE (kvm_arch_vcpu_ioctl_set_mpstate). INIT_RECEIVED latches an INIT;
+        SIPI_RECEIVED (with ``sipi_vector``, a cetvm extension) puts the vCPU in INIT_RECEIVED
+        with the SIPI pending; RUNNABLE, HALTED and UNINITIALIZED are set as they are (module
+        docstring)."""
+        if not isinstance(state, MpState):
+            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_MP_STATE: {state!r} is not an MP state")
+        if (sipi_vector is None) != (state is not MpState.SIPI_RECEIVED):
+            raise KvmIoctlError(errno.EINVAL, "KVM_SET_MP_STATE: a SIPI vector goes with SIPI_RECEIVED only")
         if state is MpState.INIT_RECEIVED:
             self._init_latched = True
-        elif state in (MpState.RUNNABLE, MpState.HALTED):
-            self._init_latched = False
-            self.mp_state = state
+            self._sipi_vector = None
+        elif state is MpState.SIPI_RECEIVED:
+            if isinstance(sipi_vector, bool) or not isinstance(sipi_vector, int) or not 0 <= sipi_vector < 256:
+                raise KvmIoctlError(errno.EINVAL, f"KVM_SET_MP_STATE: SIPI vector {sipi_vector!r} is not 0..255")
+            if not self._init_latched:
+                self.mp_state = MpState.INIT_RECEIVED
+            self._sipi_vector = sipi_vector
         else:
-            raise NotSupportedError(f"KVM_SET_MP_STATE {state.value}: cetvm's single BSP has no SIPI handling")
+            self._init_latched = False
+            self._sipi_vector = None
+            self.mp_state = state
+
+    @property
+    def waiting_for_sipi(self) -> bool:
+        """UNINITIALIZED or INIT_RECEIVED once the pending events are accepted: run() would
+        execute nothing (a BSP with an INIT latched restarts at the reset vector instead)."""
+        if self._init_latched:
+            return not self.is_bsp and self._sipi_vector is None
+        return self.get_mp_state() in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED)
+
+    def _accept_events(self) -> None:
+        """kvm_apic_accept_events(): a latched INIT resets the vCPU (BSP → RUNNABLE, AP →
+        INIT_RECEIVED); then a pending SIPI starts a vCPU in INIT_RECEIVED and is dropped
+        otherwise."""
+        if self._init_latched:
+            self._init_latched = False
+            self.kvm_vcpu_reset(init_event=True)
+        if self._sipi_vector is not None:
+            vector, self._sipi_vector = self._sipi_vector, None
+            if self.mp_state is MpState.INIT_RECEIVED:
+                self._deliver_sipi_vector(vector)
+                self.mp_state = MpState.RUNNABLE
+
+    def _deliver_sipi_vector(self, vector: int) -> None:
+        """kvm_vcpu_deliver_sipi_vector(): CS.selector = vector << 8, CS.base = vector << 12,
+        RIP = 0 [SDM Vol. 3 §9.4.4.1 (AP start-up: real mode at 000VV000H)]."""
+        sregs = self.cpu.get_sregs()
+        sregs.cs = dataclasses.replace(sregs.cs, selector=vector << 8, base=vector << 12)
+        self.cpu.set_sregs(sregs)
+        self.cpu.rip = 0
 
     # ------------------------------------------------------------------ reset
     def kvm_vcpu_reset(self, init_event: bool) -> None:
@@ -478,7 +575,12 @@ class KvmVcpu:
         self._queued = None
         self._hypercall = None
         cpu.cancel_interrupt()  # kvm_clear_interrupt_queue / pending_external_vector = -1
-        self.mp_state = MpState.RUNNABLE
+        if init_event:
+            cpu.flush_translations()  # cross-modifying code (module docstring)
+        if self.is_bsp:
+            self.mp_state = MpState.RUNNABLE
+        else:  # kvm_arch_vcpu_create (lapic_in_kernel) / kvm_apic_accept_events
+            self.mp_state = MpState.INIT_RECEIVED if init_event else MpState.UNINITIALIZED
 
     # ------------------------------------------------------------------ interrupts
     def interrupt(self, vector: int) -> None:
@@ -517,9 +619,10 @@ class KvmVcpu:
         start = cpu.instructions_retired
         vmx.kvm_load_guest_fpu(state, cpu)
         try:
-            if self._init_latched:  # kvm_apic_accept_events
-                self._init_latched = False
-                self.kvm_vcpu_reset(init_event=True)
+            self._accept_events()
+            if self.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED):
+                return self._post_kvm_run_save(KvmRun(KvmExitReason.INTR, cpu.rip,
+                                                      detail="vCPU is waiting for INIT/SIPI"))
             if self._hypercall is not None:  # complete_hypercall_exit
                 cpu.set_reg("rax", self._hypercall.ret)
                 self._hypercall = None

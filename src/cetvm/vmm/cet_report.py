@@ -48,7 +48,7 @@ def _read_uint(vcpu: KvmVcpu, vm: Vm, linear: int, size: int) -> int | None:
 
 @dataclass
 class CetViolationRecorder:
-    """Collects the #CP exits of one vCPU (see the module docstring)."""
+    """Collects the #CP exits of a machine's vCPUs (see the module docstring)."""
 
     vcpu: KvmVcpu
     vm: Vm
@@ -58,16 +58,18 @@ class CetViolationRecorder:
     def vectors() -> set[int]:
         return {int(Vector.CP)}
 
-    def record(self, exc: KvmExceptionExit, instructions: int) -> CetViolation | None:
-        """Record an intercepted #CP (other vectors are ignored)."""
+    def record(self, exc: KvmExceptionExit, instructions: int, vcpu: KvmVcpu | None = None) -> CetViolation | None:
+        """Record an intercepted #CP (other vectors are ignored); ``vcpu``: the vCPU that took
+        it when the machine has several (default: the recorder's)."""
         if exc.vector != Vector.CP or exc.error_code is None:
             return None
-        entry = 8 if self.vcpu.get_sregs().cs.long else 4
+        vcpu = vcpu or self.vcpu
+        entry = 8 if vcpu.get_sregs().cs.long else 4
         target = None
         if violation_kind(exc.error_code) == "endbranch":
-            target = read_guest_linear(self.vcpu, self.vm, exc.rip, TARGET_BYTES)
+            target = read_guest_linear(vcpu, self.vm, exc.rip, TARGET_BYTES)
         violation = CetViolation(exc.error_code, exc.rip, exc.cpl, exc.rsp, exc.ssp, instructions,
-                                 _read_uint(self.vcpu, self.vm, exc.rsp, entry),
-                                 _read_uint(self.vcpu, self.vm, exc.ssp, entry), target)
+                                 _read_uint(vcpu, self.vm, exc.rsp, entry),
+                                 _read_uint(vcpu, self.vm, exc.ssp, entry), target)
         self.violations.append(violation)
         return violation

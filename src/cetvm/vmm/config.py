@@ -21,11 +21,17 @@ in the CET_U component [reference §1, §5].
 The VMM then fills in what only it knows, as QEMU's cpu_x86_cpuid / kvm_arch_init_vcpu do
 (:func:`vmm_cpuid_leaves`): the vCPU's topology and the hypervisor leaves.
 
-- CPUID.1: EBX[31:24] = initial APIC ID, EBX[23:16] = 0 and EDX[28] (HTT) = 0 for one logical
-  processor per package (QEMU sets both only for more than one); CLFLUSH size kept.
-- CPUID.0xB and 0x1F (when the maximum basic leaf reaches them): one SMT level and one core
-  level with one logical processor each, shift 0, EDX = x2APIC ID; sub-leaf 2 is the invalid
-  level (ECX[15:8] = 0) that ends enumeration, with ECX[7:0] = the sub-leaf.
+The topology of ``smp`` = N vCPUs is one package of N cores with one thread each (QEMU's
+``-smp N`` since 6.2 prefers cores to sockets); vCPU i has APIC ID i.
+
+- CPUID.1: EBX[31:24] = initial APIC ID; for N > 1 EBX[23:16] = N (logical processors per
+  package) and EDX[28] (HTT) = 1; for one vCPU both 0 (QEMU sets them only for more than one);
+  CLFLUSH size kept.
+- CPUID.4 (when present): EAX[31:26] = N - 1 (cores per package - 1) on every sub-leaf.
+- CPUID.0xB and 0x1F (when the maximum basic leaf reaches them): the SMT level (shift 0, one
+  logical processor) and the core level (shift = bits to number N cores, N logical
+  processors), EDX = x2APIC ID; sub-leaf 2 is the invalid level (ECX[15:8] = 0) that ends
+  enumeration, with ECX[7:0] = the sub-leaf.
 - CPUID.0x40000000: EAX = 0x40000001 (the highest hypervisor leaf), EBX:ECX:EDX =
   "KVMKVMKVM\0\0\0"; CPUID.0x40000001 (KVM_CPUID_FEATURES) = 0: cetvm offers no paravirtual
   features. KVM_GET_SUPPORTED_CPUID does not return these leaves (they are in
@@ -45,6 +51,7 @@ from cetvm.arch.cpuid_bits import IBT, SHSTK
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpuid import HOST_MODEL, CpuidModel, model_names, resolve_model
 from cetvm.kvm import Host
+from cetvm.kvm.api import KVM_MAX_VCPUS
 from cetvm.vmm.layout import MiB, check_ram_size
 
 DEFAULT_CPU_MODEL = "sapphire-rapids"
@@ -52,8 +59,8 @@ DEFAULT_MEMORY_SIZE = 256 * MiB
 XSAVE_LEAF = 0xD
 
 
-#: The most vCPUs a machine may have (``--smp`` / ``-smp``).
-MAX_VCPUS = 8
+#: The most vCPUs a machine may have (``--smp`` / ``-smp``): what its KVM allows.
+MAX_VCPUS = KVM_MAX_VCPUS
 
 
 def check_vcpu_count(value: object) -> int:
@@ -125,29 +132,45 @@ _HTT = 1 << 28
 _LEVEL_SMT, _LEVEL_CORE = 1, 2
 
 
-def topology_leaf(model: CpuidModel, leaf: int, apic_id: int) -> None:
-    """CPUID.0xB / 0x1F for one logical processor (module docstring)."""
+def core_id_bits(nr_cpus: int) -> int:
+    """Bits of the APIC ID that number ``nr_cpus`` cores (the core level's shift)."""
+    return (nr_cpus - 1).bit_length()
+
+
+def topology_leaf(model: CpuidModel, leaf: int, apic_id: int, nr_cpus: int = 1) -> None:
+    """CPUID.0xB / 0x1F for one package of ``nr_cpus`` single-thread cores (module docstring)."""
     model.set(leaf, 0, 0, 1, _LEVEL_SMT << 8, apic_id)
-    model.set(leaf, 1, 0, 1, 1 | _LEVEL_CORE << 8, apic_id)
+    model.set(leaf, 1, core_id_bits(nr_cpus), nr_cpus, 1 | _LEVEL_CORE << 8, apic_id)
     model.set(leaf, 2, 0, 0, 2, apic_id)
 
 
-def vmm_cpuid_leaves(model: CpuidModel, apic_id: int = 0) -> CpuidModel:
+def vmm_cpuid_leaves(model: CpuidModel, apic_id: int = 0, nr_cpus: int = 1) -> CpuidModel:
     """Topology and hypervisor leaves the VMM adds to the guest CPUID (module docstring)."""
     if model.contains(1, 0):
         eax, ebx, ecx, edx = model.get(1, 0)
-        model.set(1, 0, eax, (apic_id & 0xFF) << 24 | (ebx & 0xFFFF), ecx, edx & ~_HTT)
+        if nr_cpus > 1:
+            ebx, edx = (apic_id & 0xFF) << 24 | (nr_cpus & 0xFF) << 16 | (ebx & 0xFFFF), edx | _HTT
+        else:
+            ebx, edx = (apic_id & 0xFF) << 24 | (ebx & 0xFFFF), edx & ~_HTT
+        model.set(1, 0, eax, ebx, ecx, edx)
+    if model.max_basic_leaf >= 4:
+        subleaf = 0
+        while model.contains(4, subleaf) and model.get(4, subleaf)[0] & 0x1F:
+            eax, ebx, ecx, edx = model.get(4, subleaf)
+            model.set(4, subleaf, (eax & 0x03FF_FFFF) | (nr_cpus - 1) << 26, ebx, ecx, edx)
+            subleaf += 1
     for leaf in (0xB, 0x1F):
         if model.max_basic_leaf >= leaf:
-            topology_leaf(model, leaf, apic_id)
+            topology_leaf(model, leaf, apic_id, nr_cpus)
     model.set(KVM_CPUID_SIGNATURE, 0, KVM_CPUID_FEATURES, *KVM_SIGNATURE_REGS)
     model.set(KVM_CPUID_FEATURES, 0, 0, 0, 0, 0)
     return model
 
 
-def guest_cpuid(supported: CpuidModel, cet: CetMode) -> CpuidModel:
-    """The guest CPUID for ``cet`` from KVM's supported CPUID (module docstring table)."""
-    model = vmm_cpuid_leaves(supported.copy())
+def guest_cpuid(supported: CpuidModel, cet: CetMode, apic_id: int = 0, nr_cpus: int = 1) -> CpuidModel:
+    """The guest CPUID of the vCPU with ``apic_id`` in a machine of ``nr_cpus`` vCPUs, for
+    ``cet``, from KVM's supported CPUID (module docstring)."""
+    model = vmm_cpuid_leaves(supported.copy(), apic_id, nr_cpus)
     if not cet.shows_shstk:
         model.set_feature(SHSTK.name, False)
     if not cet.shows_ibt:
@@ -229,7 +252,7 @@ class MachineConfig:
     def to_manifest(self) -> dict:
         """The JSON part a snapshot records (a custom Host or CpuidModel is stored as its CPUID)."""
         doc: dict = {"memory": self.memory_size, "cet": self.cet_mode.value, "cmdline": self.cmdline,
-                     "modules": list(self.modules)}
+                     "modules": list(self.modules), "smp": self.smp}
         if self.force_emulation_prefix:
             doc["force_emulation_prefix"] = True
         if self.host is None and isinstance(self.cpu, str):
@@ -256,7 +279,7 @@ class MachineConfig:
             else:
                 cpu, host = str(doc["cpu"]), None
             return cls(cpu=cpu, memory=int(doc["memory"]), cet=str(doc["cet"]), cmdline=str(doc.get("cmdline", "")),
-                       modules=tuple(doc.get("modules", ())), host=host,
+                       modules=tuple(doc.get("modules", ())), host=host, smp=doc.get("smp", 1),
                        force_emulation_prefix=doc.get("force_emulation_prefix", False) is True,
                        serial_sink=serial_sink)
         except KeyError as exc:

@@ -8,9 +8,15 @@ set, inject it with KVM_INTERRUPT and acknowledge it (IRR → ISR); otherwise se
 take it (QEMU kvm_arch_pre_run). Slices end exactly at the next timer expiry, so a timer
 interrupt is raised at the same instruction count on every run (deterministic).
 
-HLT with RFLAGS.IF = 1 (KVM_EXIT_HLT, no in-kernel LAPIC): the VMM does not sleep; it advances
-guest time to the next timer expiry (:meth:`GuestClock.skip_to`) and goes on. A HLT that nothing
-can wake (IF = 0, or no timer counting and nothing pending) ends the run as before.
+HLT with RFLAGS.IF = 1 (KVM_EXIT_HLT, no in-kernel LAPIC): the VMM does not sleep; the vCPU is
+halted until its APIC presents a vector (an IPI, a timer); when no vCPU can run, guest time
+advances to the next timer expiry (:meth:`GuestClock.skip_to`) that can wake one. A machine
+whose vCPUs nothing can wake (IF = 0, or no timer counting and nothing pending) stops.
+
+Guest time is one clock per machine: the instructions retired by all vCPUs together count at
+1 GHz (with N busy vCPUs each one's code runs at 1/N GHz of guest time, as on one host core
+time-slicing them), plus the time skipped while every vCPU was halted. Every APIC timer counts
+in it, so timer interrupts land at the same total instruction count on every run.
 
 The 8259 PIC pair has no interrupt source in cetvm (no PIT or other ISA device raises a line), so
 only the APIC is asked.
@@ -44,7 +50,7 @@ class GuestClock:
 
 @dataclass
 class InterruptRouting:
-    """The local APIC of vCPU 0 wired to KVM_INTERRUPT, with the guest clock it counts in."""
+    """One vCPU's local APIC wired to its KVM_INTERRUPT, with the machine's guest clock."""
 
     apic: LocalApic
     clock: GuestClock
@@ -55,7 +61,9 @@ class InterruptRouting:
         return self.apic.pending_vector()
 
     def instructions_to_next_event(self) -> int | None:
-        """Instructions until the next timer expiry (at least 1), or None."""
+        """Instructions until the next timer expiry (at least 1), or None (an expiry already
+        due is accounted for first, so a timer nobody polls cannot hold runs at 1 instruction)."""
+        self.apic.poll_timer()
         expiry = self.apic.next_timer_expiry()
         return None if expiry is None else max(1, expiry - self.clock())
 
@@ -69,14 +77,3 @@ class InterruptRouting:
             self.apic.acknowledge(vector)
             vector = None
         vcpu.request_interrupt_window = vector is not None
-
-    def wake_halted(self) -> bool:
-        """KVM_EXIT_HLT with IF = 1: True if something will wake the vCPU — a vector already
-        presented, or the timer (guest time then jumps to its expiry)."""
-        if self.pending_vector() is not None:
-            return True
-        expiry = self.apic.next_timer_expiry()
-        if expiry is None:
-            return False
-        self.clock.skip_to(expiry)
-        return True

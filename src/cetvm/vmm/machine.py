@@ -8,8 +8,9 @@ KVM_CREATE_VCPU + KVM_SET_CPUID2 (:func:`~cetvm.vmm.config.guest_cpuid`) → the
 with KVM_SET_SREGS / KVM_SET_REGS → :class:`~cetvm.vmm.run_loop.RunLoop`.
 
 Snapshots (:meth:`Machine.save` / :meth:`Machine.restore`): one :mod:`cetvm.vmm.snapshot` file
-with the machine config, the instruction count, the vCPU state (:mod:`cetvm.vmm.snapshot_io`),
-the device registers and every RAM region (section ``ram@<addr>``). A restored machine is built
+with the machine config (its vCPU count included), the instruction count, the scheduler's state,
+every vCPU's state with its MP state (:mod:`cetvm.vmm.snapshot_io`), the device registers (one
+local APIC per vCPU) and every RAM region (section ``ram@<addr>``). A restored machine is built
 from the saved config (so its CPUID and MSR index list are the same) and continues exactly where
 the saved one stopped.
 """
@@ -20,20 +21,22 @@ import functools
 import os
 from typing import Any, Callable, Iterator, Mapping
 
-from cetvm import InputError, NotSupportedError
-from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, Regs, Segment, Sregs
+from cetvm import InputError
+from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, MpState, Regs, Segment, Sregs
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
 from cetvm.vmm.config import MachineConfig, guest_cpuid
+from cetvm.vmm.devices.apic_bus import ApicBus
 from cetvm.vmm.devices.pc import PcDevices
 from cetvm.vmm.irq import GuestClock, InterruptRouting
 from cetvm.vmm.layout import RamRegion, ram_regions
 from cetvm.vmm.msr_exits import claim_apic_msrs, complete_msr_exit
 from cetvm.vmm.loader import BootPlan, Long64Entry, ModuleSpec, Protected32Entry, load_kernel
-from cetvm.vmm.run_loop import RunLimits, RunLoop, RunResult
+from cetvm.vmm.run_loop import RunLimits, RunLoop, RunResult, VcpuSlot
 from cetvm.vmm.snapshot import SectionData, read_snapshot, write_snapshot
 from cetvm.vmm.snapshot_io import check_vcpu_states, restore_vcpu, save_vcpu, xsave_section
 from cetvm.vmm.snapshot_schema import SNAPSHOT_KIND, check_machine_manifest
+
 #: Bytes per RAM write when restoring memory.
 RAM_CHUNK = 16 << 20
 #: Bytes per RAM read when saving (a snapshot streams: one chunk, its copy and its compressed
@@ -52,7 +55,8 @@ MAX_XSAVE_SECTION = 1 << 20
 def section_limit(manifest: Mapping[str, Any], section: str) -> int | None:
     """The most bytes each section of a (schema-checked) machine snapshot may hold once inflated:
     a RAM region's size, the XSAVE image's bound; None for a section a machine never writes."""
-    if section == xsave_section(0):
+    vcpus = manifest.get("vcpus")
+    if any(section == xsave_section(i) for i in range(len(vcpus) if isinstance(vcpus, list) else 1)):
         return MAX_XSAVE_SECTION
     try:
         regions = ram_regions(manifest["machine"]["memory"])
@@ -98,12 +102,17 @@ def instructions_retired(vcpu: KvmVcpu) -> int:
 
 
 class Machine:
-    """One cetvm PC (one vCPU). Build with a :class:`MachineConfig`, then :meth:`load_kernel`
-    (or :meth:`restore`), then :meth:`run`."""
+    """One cetvm PC with ``config.smp`` vCPUs. Build with a :class:`MachineConfig`, then
+    :meth:`load_kernel` (or :meth:`restore`), then :meth:`run`.
+
+    SMP: vCPU i has APIC ID i and its own local APIC (the xAPIC page at the same address reaches
+    the running vCPU's APIC; x2APIC MSR exits go to the exiting vCPU's); vCPU 0 is the BSP and
+    starts at the kernel's entry, the APs wait for INIT/SIPI (KVM's MP states), which the APIC
+    bus (:mod:`cetvm.vmm.devices.apic_bus`) delivers through KVM_SET_MP_STATE. The guest CPUID of
+    each vCPU names its APIC ID and the topology of ``smp`` cores in one package; fw_cfg reports
+    the CPU count. :class:`~cetvm.vmm.run_loop.RunLoop` schedules the vCPUs round-robin."""
 
     def __init__(self, config: MachineConfig) -> None:
-        if config.smp != 1:
-            raise NotSupportedError(f"{config.smp} vCPUs: cetvm runs one vCPU for now (SMP is not supported yet)")
         self.config = config
         self.host = config.make_host()
         self.kvm = Kvm(self.host)
@@ -111,42 +120,70 @@ class Machine:
         self.ram = ram_regions(config.memory_size)
         for slot, region in enumerate(self.ram):
             self.vm.set_user_memory_region(slot, region.addr, region.size)
-        cpuid = guest_cpuid(self.kvm.get_supported_cpuid(), config.cet_mode)
-        self.devices = PcDevices.create(config.memory_size, sink=config.serial_sink, cmdline=config.cmdline,
-                                        x2apic_supported=cpuid.has("x2apic"), maxphyaddr=cpuid.phys_addr_bits)
+        supported = self.kvm.get_supported_cpuid()
+        cpuids = [guest_cpuid(supported, config.cet_mode, apic_id=i, nr_cpus=config.smp) for i in range(config.smp)]
+        self.devices = PcDevices.create(config.memory_size, nb_cpus=config.smp, sink=config.serial_sink,
+                                        cmdline=config.cmdline, x2apic_supported=cpuids[0].has("x2apic"),
+                                        maxphyaddr=cpuids[0].phys_addr_bits)
         self.pio, self.mmio = PioBus(), MmioBus()
         self.devices.register(self.pio, self.mmio)
         claim_apic_msrs(self.vm)
-        self.vcpu = self.vm.create_vcpu(0)
-        self.vcpu.set_cpuid(cpuid)
+        self.vcpus: list[KvmVcpu] = []
+        for index, cpuid in enumerate(cpuids):
+            vcpu = self.vm.create_vcpu(index)
+            vcpu.set_cpuid(cpuid)
+            self.vcpus.append(vcpu)
+        #: The BSP (vCPU 0).
+        self.vcpu = self.vcpus[0]
+        self.apic_bus = ApicBus(self.devices.lapics, init=self._deliver_init, sipi=self._deliver_sipi)
         self.boot_plan: BootPlan | None = None
-        #: Guest time for the devices (cetvm.vmm.irq): instructions at 1 GHz + halted time.
+        #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz + halted time.
         self.clock = GuestClock(lambda: self.instructions)
-        self.devices.lapics[0].clock = self.clock
+        for apic in self.devices.lapics:
+            apic.clock = self.clock
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
 
+    def _retired(self) -> int:
+        return sum(instructions_retired(vcpu) for vcpu in self.vcpus)
+
     def _run_loop(self, instructions_done: int) -> RunLoop:
-        return RunLoop(self.vcpu, self.pio, self.mmio, lambda: instructions_retired(self.vcpu),
-                       instructions_done=instructions_done, msr=self._complete_msr,
-                       irq=InterruptRouting(self.devices.lapics[0], self.clock),
-                       on_exception=self._on_exception)
+        slots = [VcpuSlot(vcpu, irq=InterruptRouting(self.devices.lapics[i], self.clock),
+                          msr=functools.partial(self._complete_msr, i), enter=functools.partial(self._enter, i))
+                 for i, vcpu in enumerate(self.vcpus)]
+        return RunLoop(slots, self.pio, self.mmio, self._retired, instructions_done=instructions_done,
+                       on_exception=self._on_exception, kick=self.apic_bus.take_kick)
+
+    def _enter(self, index: int) -> None:
+        """Before vCPU ``index`` runs: its APIC answers the xAPIC page."""
+        self.devices.apic_page.current = index
+
+    def _deliver_init(self, index: int) -> None:
+        """INIT IPI: latch INIT in the vCPU (KVM_SET_MP_STATE INIT_RECEIVED)."""
+        self.vcpus[index].set_mp_state(MpState.INIT_RECEIVED)
+
+    def _deliver_sipi(self, index: int, vector: int) -> None:
+        """Start-up IPI: only a vCPU in wait-for-SIPI takes it [SDM Vol. 3 §9.4.4.1]."""
+        vcpu = self.vcpus[index]
+        if vcpu.get_mp_state() is MpState.INIT_RECEIVED:
+            vcpu.set_mp_state(MpState.SIPI_RECEIVED, sipi_vector=vector)
 
     def record_cet_violations(self) -> CetViolationRecorder:
-        """Intercept #CP and record each violation before the guest takes it (the guest's
-        behaviour is unchanged: the exception is re-injected). Returns the recorder."""
+        """Intercept #CP on every vCPU and record each violation before the guest takes it (the
+        guest's behaviour is unchanged: the exception is re-injected). Returns the recorder."""
         if self.cet_recorder is None:
             self.cet_recorder = CetViolationRecorder(self.vcpu, self.vm)
-            self.vcpu.set_exception_intercepts(self.vcpu.get_exception_intercepts() | self.cet_recorder.vectors())
+            for vcpu in self.vcpus:
+                vcpu.set_exception_intercepts(vcpu.get_exception_intercepts() | self.cet_recorder.vectors())
         return self.cet_recorder
 
-    def _on_exception(self, run: KvmRun, instructions: int) -> None:
+    def _on_exception(self, run: KvmRun, instructions: int, index: int = 0) -> None:
         if self.cet_recorder is not None and run.exception is not None:
-            self.cet_recorder.record(run.exception, instructions)
+            self.cet_recorder.record(run.exception, instructions, self.vcpus[index])
 
-    def _complete_msr(self, run: KvmRun) -> None:
-        complete_msr_exit(run, self.devices.lapics[0], self.vcpu)
+    def _complete_msr(self, index: int, run: KvmRun) -> None:
+        complete_msr_exit(run, self.devices.lapics[index], self.vcpus[index])
 
     # ------------------------------------------------------------------ boot
     @classmethod
@@ -157,7 +194,8 @@ class Machine:
         return machine
 
     def load_kernel(self, image: str | os.PathLike) -> BootPlan:
-        """Load a multiboot or ELF64 kernel (+ the config's modules) and set the entry state."""
+        """Load a multiboot or ELF64 kernel (+ the config's modules) and set the BSP's entry
+        state (the APs wait for INIT/SIPI)."""
         modules = [ModuleSpec(m) for m in self.config.modules]
         plan = load_kernel(image, self.config.memory_size, self.config.cmdline, modules)
         plan.apply(self.vm.put_memory)
@@ -183,18 +221,26 @@ class Machine:
 
     # ------------------------------------------------------------------ snapshots
     def save(self, path: str | os.PathLike) -> None:
-        """Write config, vCPU state, devices and RAM to ``path`` (atomically).
+        """Write config, every vCPU's state, the scheduler, devices and RAM to ``path``
+        (atomically).
 
         An exit the VMM has handled (an OUT already given to its device, an IN whose value is
         stored) is finished first with KVM_RUN(immediate_exit), as KVM requires before reading
-        the state: otherwise the restored vCPU would execute that instruction a second time."""
-        self.vcpu.run(immediate_exit=True)
-        vcpu_state, blobs = save_vcpu(self.vcpu, 0)
+        the state: otherwise the restored vCPU would execute that instruction a second time.
+        The same run accepts latched INIT/SIPI events, so the MP state is complete."""
+        blobs: dict[str, bytes] = {}
+        vcpu_states = []
+        self._loop.complete_exits()
+        for index, vcpu in enumerate(self.vcpus):
+            vcpu_state, vcpu_blobs = save_vcpu(vcpu, index)
+            vcpu_states.append(vcpu_state)
+            blobs.update(vcpu_blobs)
         manifest = {
             "kind": SNAPSHOT_KIND,
             "machine": self.config.to_manifest(),
-            "run": {"instructions": self.instructions, "halted_ns": self.clock.halted_ns},
-            "vcpus": [vcpu_state],
+            "run": {"instructions": self.instructions, "halted_ns": self.clock.halted_ns,
+                    "scheduler": self._loop.get_state()},
+            "vcpus": vcpu_states,
             "devices": self.devices.get_state(),
             "ram": [{"addr": r.addr, "size": r.size, "section": ram_section(r)} for r in self.ram],
         }
@@ -210,19 +256,25 @@ class Machine:
             yield self.vm.get_memory(addr, min(SAVE_CHUNK, region.end - addr))
 
     @classmethod
-    def restore(cls, path: str | os.PathLike, serial_sink: Callable[[bytes], None] | None = None) -> "Machine":
-        """A machine that continues a snapshot (built fresh from the saved config)."""
+    def restore(cls, path: str | os.PathLike, serial_sink: Callable[[bytes], None] | None = None,
+                smp: int | None = None) -> "Machine":
+        """A machine that continues a snapshot (built fresh from the saved config). ``smp``:
+        the vCPU count the caller expects; a snapshot of another count is refused."""
         manifest, blobs = read_snapshot(path, section_limit, check_machine_manifest)
         name = os.fspath(path)
         config = MachineConfig.from_manifest(manifest.get("machine"), serial_sink=serial_sink)
-        machine = cls(config)
+        if smp is not None and smp != config.smp:
+            raise InputError(f"{name}: the snapshot is of a machine with {config.smp} vCPU(s); it cannot "
+                             f"be restored with {smp}")
         vcpus = manifest.get("vcpus")
-        if not isinstance(vcpus, list) or len(vcpus) != 1:
-            raise InputError(f"{name}: a cetvm machine has one vCPU, the snapshot has "
+        if not isinstance(vcpus, list) or len(vcpus) != config.smp:
+            raise InputError(f"{name}: the snapshot's machine has {config.smp} vCPU(s) but "
                              f"{len(vcpus) if isinstance(vcpus, list) else 'no'} vCPU states")
+        machine = cls(config)
         check_vcpu_states(manifest, machine.vcpu.get_msr_index_list())
         machine._restore_ram(manifest, blobs, name)
-        restore_vcpu(machine.vcpu, vcpus[0], blobs, 0)
+        for index, (vcpu, state) in enumerate(zip(machine.vcpus, vcpus)):
+            restore_vcpu(vcpu, state, blobs, index)
         machine.devices.set_state(manifest.get("devices"))
         run = manifest.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("instructions"), int):
@@ -232,6 +284,8 @@ class Machine:
             raise InputError(f"{name}: snapshot run.halted_ns must be a non-negative integer, got {halted!r}")
         machine.clock.halted_ns = halted
         machine._loop = machine._run_loop(run["instructions"])
+        if "scheduler" in run:  # (snapshots of one vCPU from before SMP have none)
+            machine._loop.set_state(run["scheduler"])
         return machine
 
     def _restore_ram(self, manifest: dict, blobs: dict[str, bytes], name: str) -> None:

@@ -1,13 +1,15 @@
 """The VMM run loop: KVM_RUN until the machine stops, dispatching exits to the buses.
 
 QEMU's ``kvm_cpu_exec`` in miniature: KVM_EXIT_IO → the port bus, KVM_EXIT_MMIO → the MMIO bus
-(the xAPIC page), KVM_EXIT_X86_RDMSR/WRMSR → the ``msr`` handler (the local APIC's MSRs, see
-:mod:`cetvm.vmm.msr_exits`; without a handler the access completes with error → #GP), KVM_EXIT_HLT → stop, KVM_EXIT_SHUTDOWN → stop with a diagnosis, KVM_EXIT_INTR
-(cetvm's instruction budget, see :mod:`cetvm.kvm.vcpu_run`) → check the limits and re-enter;
-with ``irq`` (:mod:`cetvm.vmm.irq`): before each KVM_RUN the APIC's vector is injected or the
-interrupt window requested (KVM_EXIT_IRQ_WINDOW_OPEN → re-enter), slices end at the next timer
-expiry, and KVM_EXIT_HLT with IF = 1 advances guest time to that expiry instead of stopping.
-A device stops the machine by raising a :class:`~cetvm.vmm.requests.MachineRequest`.
+(the xAPIC page), KVM_EXIT_X86_RDMSR/WRMSR → the vCPU's ``msr`` handler (its local APIC's MSRs,
+see :mod:`cetvm.vmm.msr_exits`; without a handler the access completes with error → #GP),
+KVM_EXIT_HLT → the vCPU halts (it runs again when an interrupt wakes it; the machine stops when
+nothing can), KVM_EXIT_SHUTDOWN → stop with a diagnosis, KVM_EXIT_INTR (cetvm's instruction
+budget, see :mod:`cetvm.kvm.vcpu_run`) → check the limits and re-enter; with ``irq``
+(:mod:`cetvm.vmm.irq`): before each KVM_RUN the APIC's vector is injected or the interrupt
+window requested (KVM_EXIT_IRQ_WINDOW_OPEN → re-enter), runs end at the next timer expiry, and
+when every vCPU is halted with IF = 1 guest time advances to the next expiry. Several vCPUs
+run round-robin (:class:`RunLoop`). A device stops the machine by raising a :class:`~cetvm.vmm.requests.MachineRequest`.
 
 Exit statuses (:attr:`RunResult.status`), chosen so that QEMU-based test runners work unchanged:
 
@@ -16,7 +18,7 @@ stop                 status      why
 ===================  ==========  ===================================================
 isa-debug-exit       (v<<1)|1    QEMU's isa-debug-exit; a process returns status & 0xFF
 power off            0           the guest shut the machine down (port 0x8900)
-halted               0           HLT with nothing that could wake the vCPU (no irqchip)
+halted               0           every vCPU halted (or waits for SIPI), nothing can wake one
 snapshot taken       0           ``--save-at`` reached: the state is in the snapshot
 reset requested      0           QEMU ``-no-reboot``: a reset ends the run
 paused               0           a :class:`PauseRequest` from the VMM side
@@ -34,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cetvm import NotSupportedError
+from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Vector
 from cetvm.kvm.api import Direction, KvmExitReason, KvmRun
 from cetvm.vmm.bus import MmioBus, PioBus
@@ -43,6 +45,9 @@ from cetvm.vmm.requests import GuestExitRequest, GuestFaultRequest, MachineReque
 
 #: Instructions per KVM_RUN between limit checks (the "signal kick" period).
 RUN_SLICE = 2_000_000
+#: Instructions per turn of one vCPU when several run round-robin (SMP): about a millisecond on
+#: the native path, so a CPU spinning on another's progress wastes little.
+SMP_SLICE = 100_000
 #: With a wall-clock timeout, a shorter period so the timeout is honoured within ~0.1 s even on the
 #: Python CET path (~2-5 MIPS); on the native path a slice is a few milliseconds.
 TIMEOUT_SLICE = 200_000
@@ -173,11 +178,9 @@ def request_result(request: MachineRequest, instructions: int, rip: int) -> RunR
 
 
 def exit_result(run: KvmRun, instructions: int) -> RunResult | None:
-    """The RunResult for a KVM exit that ends the run (None: keep running)."""
+    """The RunResult for a KVM exit that ends the run (None: keep running). KVM_EXIT_HLT is
+    not one: the vCPU halts (RunLoop); the machine stops when no vCPU can run."""
     reason = run.exit_reason
-    if reason is KvmExitReason.HLT:
-        return RunResult(0, StopReason.HALTED, "HLT with no interrupt source (no in-kernel irqchip)",
-                         instructions, run.rip)
     if reason is KvmExitReason.SHUTDOWN:
         return RunResult(STATUS_TRIPLE_FAULT, StopReason.TRIPLE_FAULT, f"KVM_EXIT_SHUTDOWN: {run.detail}",
                          instructions, run.rip, exception_from_detail(run.detail))
@@ -226,25 +229,81 @@ def complete_msr(run: KvmRun, handler: Callable[[KvmRun], None] | None) -> None:
 
 
 @dataclass
-class RunLoop:
-    """One vCPU's KVM_RUN loop. ``vcpu`` is a :class:`cetvm.kvm.api.KvmVcpu`;
-    ``instructions_done`` is the count before this loop started (restored machines);
-    ``retired`` reads the vCPU's instruction counter."""
+class VcpuSlot:
+    """The run loop's view of one vCPU: the KvmVcpu, its interrupt routing and MSR handler,
+    ``enter`` (called before each KVM_RUN of this vCPU: the machine points the xAPIC page at its
+    APIC), and the VMM-side run state — ``ready`` (the last kvm_run.ready_for_interrupt_injection),
+    ``halted`` (it exited on HLT and waits for an interrupt; QEMU's cs->halted) with
+    ``halt_if`` (RFLAGS.IF at that HLT: only then can an interrupt wake it)."""
 
     vcpu: object
+    irq: InterruptRouting | None = None
+    msr: Callable[[KvmRun], None] | None = None
+    enter: Callable[[], None] | None = None
+    ready: bool = False
+    halted: bool = False
+    halt_if: bool = False
+    #: The last exit left an instruction for KVM to complete at the next KVM_RUN (IN/OUT, MMIO,
+    #: MSR, HLT, ...): the run loop completes it when the vCPU's turn ends (see RunLoop).
+    pending_exit: bool = False
+
+    def complete_exit(self) -> int:
+        """KVM_RUN(immediate_exit): finish the last exit now; the instructions it retired."""
+        before = self.vcpu.get_stats()["instructions"]
+        self.ready = self.vcpu.run(immediate_exit=True).ready_for_interrupt_injection
+        self.pending_exit = False
+        return self.vcpu.get_stats()["instructions"] - before
+
+    def get_state(self) -> dict:
+        return {"ready": self.ready, "halted": self.halted, "halt_if": self.halt_if}
+
+    def set_state(self, state: dict) -> None:
+        for key in ("ready", "halted", "halt_if"):
+            value = state.get(key) if isinstance(state, dict) else None
+            if not isinstance(value, bool):
+                raise InputError(f"snapshot vCPU run state '{key}' must be true or false, got {value!r}")
+        self.ready, self.halted, self.halt_if = state["ready"], state["halted"], state["halt_if"]
+
+
+@dataclass
+class RunLoop:
+    """The KVM_RUN loop of a machine's vCPUs (``slots``, index = vCPU index).
+
+    One vCPU: KVM_RUN in slices of RUN_SLICE instructions until the machine stops. Several
+    (SMP): deterministic round-robin — vCPU 0 runs a turn of at most SMP_SLICE instructions,
+    then vCPU 1, ..., skipping vCPUs that wait for INIT/SIPI and halted ones (a halted vCPU runs
+    again once its APIC presents an interrupt and it halted with IF = 1). A turn also ends at
+    HLT and after an IPI to another CPU (``kick``), so the target runs next; a vCPU whose turn
+    ends completes its last exit then (KVM_RUN with immediate_exit). When no vCPU can
+    run, guest time jumps to the earliest timer expiry of a halted vCPU that the timer can
+    wake; if there is none the machine stops (all halted). Exits are handled between KVM_RUNs
+    as for one vCPU; a turn resumes the same vCPU after them.
+
+    Instruction counts (``instructions``, ``max_instructions``, ``save_at``) are the sum over
+    all vCPUs: each KVM_RUN's budget is cut so the total is exact. Guest time is one clock for
+    the machine (:class:`cetvm.vmm.irq.GuestClock`): every vCPU's instructions advance it, so
+    each run is bounded by the earliest timer expiry of any APIC.
+    ``instructions_done`` is the count before this loop started (restored machines);
+    ``retired`` reads the sum of the vCPUs' instruction counters.
+    """
+
+    slots: list[VcpuSlot]
     pio: PioBus
     mmio: MmioBus
     retired: Callable[[], int]
     instructions_done: int = 0
     clock: Callable[[], float] = time.monotonic
-    msr: Callable[[KvmRun], None] | None = None
-    irq: InterruptRouting | None = None
-    #: KVM_EXIT_EXCEPTION (intercepted exceptions, cetvm extension): called with the exit and
-    #: the instruction count, then the exception is re-injected unchanged.
-    on_exception: Callable[[KvmRun, int], None] | None = None
+    #: KVM_EXIT_EXCEPTION (intercepted exceptions, cetvm extension): called with the exit, the
+    #: instruction count and the vCPU's index, then the exception is re-injected unchanged.
+    on_exception: Callable[[KvmRun, int, int], None] | None = None
     #: Called as ``progress(instructions, seconds)`` at most every PROGRESS_PERIOD seconds of a
     #: long run (the CLI shows it on a terminal); never called for runs shorter than that.
     progress: Callable[[int, float], None] | None = None
+    #: True once after the running vCPU sent an IPI to another CPU (ends its turn).
+    kick: Callable[[], bool] | None = None
+    #: The vCPU whose turn it is, and the instructions it has run in this turn.
+    current: int = 0
+    turn_used: int = 0
 
     def __post_init__(self) -> None:
         self._base = self.retired()
@@ -259,16 +318,103 @@ class RunLoop:
     def instructions(self) -> int:
         return self.instructions_done + self.retired() - self._base
 
+    @property
+    def smp(self) -> bool:
+        return len(self.slots) > 1
+
+    def get_state(self) -> dict:
+        """The scheduler's state for a snapshot (the turn and every vCPU's run state)."""
+        return {"current": self.current, "turn_used": self.turn_used,
+                "vcpus": [slot.get_state() for slot in self.slots]}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise InputError("snapshot run.scheduler must be an object")
+        current, used, vcpus = state.get("current"), state.get("turn_used"), state.get("vcpus")
+        if isinstance(current, bool) or not isinstance(current, int) or not 0 <= current < len(self.slots):
+            raise InputError(f"snapshot run.scheduler.current must be a vCPU index, got {current!r}")
+        if isinstance(used, bool) or not isinstance(used, int) or used < 0:
+            raise InputError(f"snapshot run.scheduler.turn_used must be a non-negative integer, got {used!r}")
+        if not isinstance(vcpus, list) or len(vcpus) != len(self.slots):
+            raise InputError(f"snapshot run.scheduler.vcpus must list {len(self.slots)} vCPUs")
+        for slot, slot_state in zip(self.slots, vcpus):
+            slot.set_state(slot_state)
+        self.current, self.turn_used = current, used
+
+    # ------------------------------------------------------------------ scheduling
+    def _wakes(self, slot: VcpuSlot) -> bool:
+        """Can this vCPU run now? (Waiting for INIT/SIPI: no; halted: only with an interrupt
+        its APIC presents and IF = 1 at the HLT.)"""
+        vcpu = slot.vcpu
+        if vcpu.waiting_for_sipi:
+            slot.halted = False  # INIT/SIPI ends a halt
+            return False
+        if not slot.halted:
+            return True
+        if slot.halt_if and slot.irq is not None and slot.irq.pending_vector() is not None:
+            slot.halted = False
+            return True
+        return False
+
+    def _pick(self) -> VcpuSlot | None:
+        """The vCPU to run next (round-robin, see the class docstring), or None."""
+        n = len(self.slots)
+        if n == 1:
+            return self.slots[0] if self._wakes(self.slots[0]) else None
+        if self.turn_used < SMP_SLICE and self._wakes(self.slots[self.current]):
+            return self.slots[self.current]
+        for k in range(1, n + 1):
+            index = (self.current + k) % n
+            if self._wakes(self.slots[index]):
+                self._switch_to(index)
+                return self.slots[index]
+        return None
+
+    def _switch_to(self, index: int) -> None:
+        """Start vCPU ``index``'s turn; the vCPU whose turn ended first completes its last exit,
+        so that only the running vCPU ever has one pending (a snapshot, which completes them
+        all, then changes no vCPU's timing relative to the others)."""
+        old = self.slots[self.current]
+        if index != self.current and old.pending_exit:
+            old.complete_exit()
+        self.current, self.turn_used = index, 0
+
+    def complete_exits(self) -> None:
+        """Before a snapshot: every vCPU finishes its last exit and accepts latched INIT/SIPI
+        (KVM_RUN with immediate_exit); the running vCPU's completion counts in its turn, as it
+        would have at its next KVM_RUN."""
+        for index, slot in enumerate(self.slots):
+            retired = slot.complete_exit()
+            if index == self.current:
+                self.turn_used += retired
+
+    def _end_turn(self) -> None:
+        self.turn_used = SMP_SLICE
+
+    def _wake_by_timer(self) -> bool:
+        """Nothing can run: let guest time jump to the earliest timer expiry that wakes a halted
+        vCPU (IF = 1 at its HLT). False if no timer can wake anyone."""
+        expiries = [slot.irq.apic.next_timer_expiry() for slot in self.slots
+                    if slot.halted and slot.halt_if and slot.irq is not None]
+        expiries = [e for e in expiries if e is not None]
+        if not expiries:
+            return False
+        self.slots[0].irq.clock.skip_to(min(expiries))
+        return True
+
     def _slice(self, limits: RunLimits) -> int:
         budget = RUN_SLICE if limits.timeout is None else TIMEOUT_SLICE
+        if self.smp:
+            budget = min(budget, SMP_SLICE - self.turn_used)
         for cap in (limits.max_instructions, limits.save_at):
             if cap is not None:
                 budget = min(budget, max(0, cap - self.instructions))
-        if self.irq is not None and budget:
-            until_timer = self.irq.instructions_to_next_event()
-            if until_timer is not None:
-                budget = min(budget, until_timer)
-        return budget
+        if budget:
+            for slot in self.slots:
+                until_timer = slot.irq.instructions_to_next_event() if slot.irq is not None else None
+                if until_timer is not None:
+                    budget = min(budget, until_timer)
+        return max(budget, 0)
 
     def _limit_result(self, limits: RunLimits, rip: int, started: float) -> RunResult | None:
         n = self.instructions
@@ -282,33 +428,52 @@ class RunLoop:
                              n, rip)
         return None
 
+    def _all_halted(self, rip: int) -> RunResult:
+        if self.smp:
+            message = "every vCPU halted or waits for SIPI with no interrupt source"
+        else:
+            message = "HLT with no interrupt source (no in-kernel irqchip)"
+        return RunResult(0, StopReason.HALTED, message, self.instructions, rip)
+
     def run(self, limits: RunLimits = RunLimits()) -> RunResult:
         """KVM_RUN until the machine stops."""
         started = self.clock()
-        rip = self.vcpu.get_regs().rip
-        ready = False  # kvm_run.ready_for_interrupt_injection of the last exit
+        rip = self.slots[self.current].vcpu.get_regs().rip
         last_progress = [started]
         while True:
             self._report_progress(started, last_progress)
             stop = self._limit_result(limits, rip, started)
             if stop is not None:
                 return stop
-            if self.irq is not None:
-                self.irq.route(self.vcpu, ready)
-            run = self.vcpu.run(budget=self._slice(limits))
-            rip, ready = run.rip, run.ready_for_interrupt_injection
+            slot = self._pick()
+            if slot is None:
+                if self._wake_by_timer():
+                    continue
+                return self._all_halted(rip)
+            if slot.enter is not None:
+                slot.enter()
+            if slot.irq is not None:
+                slot.irq.route(slot.vcpu, slot.ready)
+            before = self.retired()
+            run = slot.vcpu.run(budget=self._slice(limits))
+            self.turn_used += self.retired() - before
+            rip, slot.ready = run.rip, run.ready_for_interrupt_injection
+            slot.pending_exit = run.exit_reason not in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN)
             try:
-                stop = self._dispatch(run)
+                stop = self._dispatch(slot, run)
             except GuestFaultRequest as fault:
-                self.vcpu.queue_exception(int(fault.vector), fault.error_code
+                slot.vcpu.queue_exception(int(fault.vector), fault.error_code
                                           if int(fault.vector) in VECTORS_WITH_ERROR_CODE else None)
                 continue
             except MachineRequest as request:
                 return request_result(request, self.instructions, rip)
+            finally:
+                if self.kick is not None and self.kick():
+                    self._end_turn()
             if stop is not None:
                 return stop
 
-    def _dispatch(self, run: KvmRun) -> RunResult | None:
+    def _dispatch(self, slot: VcpuSlot, run: KvmRun) -> RunResult | None:
         if run.exit_reason is KvmExitReason.IO:
             complete_io(run, self.pio)
             return None
@@ -317,17 +482,21 @@ class RunLoop:
             return None
         if run.exit_reason in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN):
             return None
-        if run.exit_reason is KvmExitReason.HLT and run.if_flag and self.irq is not None and self.irq.wake_halted():
+        if run.exit_reason is KvmExitReason.HLT:
+            # QEMU: the vCPU halts; it runs again when an interrupt can wake it (_wakes), or
+            # guest time jumps to its timer when nothing else can run (_wake_by_timer).
+            slot.halted, slot.halt_if = True, run.if_flag
+            self._end_turn()
             return None
         if run.exit_reason in (KvmExitReason.X86_RDMSR, KvmExitReason.X86_WRMSR):
-            complete_msr(run, self.msr)
+            complete_msr(run, slot.msr)
             return None
         if run.exit_reason is KvmExitReason.EXCEPTION and run.exception is not None:
-            self._reinject(run)
+            self._reinject(slot, run)
             return None
         return exit_result(run, self.instructions)
 
-    def _reinject(self, run: KvmRun) -> None:
+    def _reinject(self, slot: VcpuSlot, run: KvmRun) -> None:
         """Show the intercepted exception to the VMM, then let the guest take it unchanged.
         #PF is not re-injectable this way (KVM_SET_VCPU_EVENTS carries no CR2 here)."""
         exc = run.exception
@@ -335,6 +504,5 @@ class RunLoop:
         if exc.vector == Vector.PF:
             raise NotSupportedError("re-injecting an intercepted #PF (its CR2) is not supported")
         if self.on_exception is not None:
-            self.on_exception(run, self.instructions)
-        self.vcpu.queue_exception(*reinjectable(exc.vector, exc.error_code))
-
+            self.on_exception(run, self.instructions, self.slots.index(slot))
+        slot.vcpu.queue_exception(*reinjectable(exc.vector, exc.error_code))

@@ -22,7 +22,7 @@ machine                object: memory (int), cet (str), cmdline (str), modules (
                        str), and either cpu (built-in model name) or cpu_model (CPUID
                        JSON object) with an optional host object
 run                    instructions, halted_ns: 0..2^64-1
-vcpus                  a list of exactly one vCPU state
+vcpus                  a list of machine.smp (1..8) vCPU states
 vcpus[0].regs          every general-purpose register, rip and rflags: 0..2^64-1
 vcpus[0].sregs         segments {selector 16 bits, base 64, limit 32, attributes 32
                        bits (the engine's segment-cache flags)}; gdt/idt {base 64 bits,
@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping
 
 from cetvm import InputError
 from cetvm.arch.msr import Efer, Msr
-from cetvm.kvm.api import MpState
+from cetvm.kvm.api import KVM_MAX_VCPUS as MAX_VCPUS, MpState
 from cetvm.cpu.state import Regs
 from cetvm.vmm.layout import check_ram_size
 
@@ -214,9 +214,17 @@ def ram_size(value: Any, where: str) -> None:
         raise refuse(where, value, str(exc)) from None
 
 
+def vcpu_count(value: Any, where: str) -> None:
+    """A machine's vCPU count, 1..MAX_VCPUS."""
+    unsigned(8)(value, where)
+    if not 1 <= value <= MAX_VCPUS:
+        raise refuse(where, value, f"a cetvm machine has 1 to {MAX_VCPUS} vCPUs")
+
+
 MACHINE_FIELDS = obj({"memory": ram_size, "cet": text(16)},
                      {"cmdline": text(), "modules": list_of(text(4096), 0, MAX_MODULES), "cpu": text(256),
-                      "cpu_model": any_object, "host": HOST, "force_emulation_prefix": boolean})
+                      "cpu_model": any_object, "host": HOST, "force_emulation_prefix": boolean,
+                      "smp": vcpu_count})
 
 
 def machine(value: Any, where: str) -> None:
@@ -231,13 +239,11 @@ def machine(value: Any, where: str) -> None:
 
 
 def vcpus(value: Any, where: str) -> None:
-    """A list of exactly one vCPU state (a cetvm machine has one vCPU)."""
-    if isinstance(value, list) and len(value) != 1:
-        raise refuse(where, value, f"a cetvm machine has one vCPU, the snapshot has {len(value)} vCPU states")
-    list_of(VCPU, 1, 1)(value, where)
+    """A list of 1..MAX_VCPUS vCPU states (their number is checked against machine.smp)."""
+    list_of(VCPU, 1, MAX_VCPUS)(value, where)
 
 
-RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64)})
+RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64), "scheduler": any_object})
 RAM_REGION = obj({"addr": unsigned(64), "size": unsigned(64), "section": text(64)})
 MANIFEST = obj({"kind": one_of(SNAPSHOT_KIND), "machine": machine, "run": RUN,
                 "vcpus": vcpus, "devices": any_object},
@@ -250,3 +256,7 @@ def check_machine_manifest(manifest: Any) -> None:
     if isinstance(manifest, Mapping) and manifest.get("kind") != SNAPSHOT_KIND:
         raise InputError(f"not a cetvm machine snapshot (kind {manifest.get('kind')!r:.60})")
     MANIFEST(manifest, "")
+    smp = manifest["machine"].get("smp", 1)
+    if len(manifest["vcpus"]) != smp:
+        raise InputError(f"snapshot vcpus: the machine has {smp} vCPU(s) but the snapshot holds "
+                         f"{len(manifest['vcpus'])} vCPU states")

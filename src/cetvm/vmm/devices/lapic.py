@@ -16,9 +16,16 @@ source the VMM polls (:mod:`cetvm.vmm.irq`). Decisions, each tested:
   INTA cycle, when the VMM injects it) moves it to ISR; EOI clears the highest ISR bit [SDM
   11.8.5]. TMR reads 0 (edge-triggered only). Vectors 0-15 from the timer are dropped (decision;
   the SDM's "illegal vector" ESR bit is not modelled).
-- ICR writes are recorded (``ipis_sent`` and ``last_icr``) and delivered to nobody: IPIs to other
-  (absent) CPUs vanish, and a self-IPI (shorthand "self", destination = own ID, or the x2APIC
-  SELF_IPI register) is ignored as well. The delivery-status bit always reads 0 (idle).
+- ICR writes are recorded (``ipis_sent`` and ``last_icr``) and handed to :attr:`LocalApic.ipi_sink`
+  (the machine's APIC bus, :mod:`cetvm.vmm.devices.apic_bus`, which delivers them to every APIC
+  whose destination matches, this one included); the x2APIC SELF_IPI register sends a fixed
+  IPI with the "self" shorthand. Without a sink (an APIC no machine wired) IPIs vanish and
+  self-IPIs are counted in ``self_ipis_ignored``. The delivery-status bit always reads 0
+  (idle): delivery is immediate.
+- Receiving (:meth:`LocalApic.accept_fixed`, :meth:`LocalApic.init_reset`): a fixed IPI sets
+  its vector in IRR unless the APIC is disabled (hardware or software: KVM __apic_accept_irq
+  drops it) or the vector is below 16; INIT resets the registers as at power-up except the
+  APIC ID, IA32_APIC_BASE and, in x2APIC mode, the x2APIC ID and LDR [SDM §11.4.7.3].
 - Software disable (SVR bit 8 = 0) sets the mask bit of every LVT and keeps it set on LVT writes
   (KVM ``kvm_lapic_reg_write`` APIC_SPIV / LVT cases); reset SVR is 0xFF (disabled).
 - xAPIC MMIO: only aligned 32-bit writes at a 16-byte register are honoured, others are dropped
@@ -49,6 +56,12 @@ from cetvm.arch.apic import (
     APIC_BASE_ADDR_MASK,
     APIC_BASE_EXTD,
     APIC_DEFAULT_PHYS_BASE,
+    DFR_MODEL_FLAT,
+    X2APIC_BROADCAST,
+    XAPIC_BROADCAST,
+    DeliveryMode,
+    Shorthand,
+    ICR_SHORTHAND_SHIFT,
     X2APIC_MSR_FIRST,
     X2APIC_MSR_LAST,
     ApicMode,
@@ -152,6 +165,9 @@ class LocalApic:
         #: Guest time in ns (APIC bus cycles); the machine sets it (cetvm.vmm.irq.GuestClock).
         self.clock = clock
         self.apic_base = apic_base_reset_value(bsp)
+        #: Receives every IPI this APIC sends: ``ipi_sink(self, icr, x2apic)`` (the 64-bit ICR;
+        #: ``x2apic``: the destination is ICR[63:32], else ICR[63:56]). None: IPIs vanish.
+        self.ipi_sink: Callable[["LocalApic", int, bool], None] | None = None
         self.reset_registers()
 
     # --- state -----------------------------------------------------------------------
@@ -301,14 +317,57 @@ class LocalApic:
                 self.lvt[reg] |= APIC_LVT_MASKED
 
     def _send_ipi(self, icr: int, x2apic: bool) -> None:
-        """Record the IPI; deliver nothing (no other CPUs; self-IPIs are ignored, see module)."""
+        """Record the IPI and hand it to the APIC bus (see module)."""
         self.icr = icr & ~APIC_ICR_BUSY
         self.ipis_sent += 1
         self.last_icr = self.icr
+        if self.ipi_sink is not None:
+            self.ipi_sink(self, self.icr, x2apic)
+            return
         dest = icr >> 32 if x2apic else (icr >> 56) & 0xFF
         own = self.apic_id if x2apic else (self.id_reg >> 24)
         if icr & APIC_SHORTHAND_MASK == APIC_DEST_SELF or (icr & APIC_SHORTHAND_MASK == 0 and dest == own):
             self.self_ipis_ignored += 1
+
+    # --- receiving IPIs (the APIC bus calls these) -------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        """Hardware-enabled (IA32_APIC_BASE.EN) and software-enabled (SVR bit 8)."""
+        return self.mode in (ApicMode.XAPIC, ApicMode.X2APIC) and self.software_enabled
+
+    def accept_fixed(self, vector: int) -> bool:
+        """A fixed (or lowest-priority) IPI: set IRR unless disabled or an illegal vector."""
+        if not self.enabled or vector < 16:
+            return False
+        self.irr |= 1 << vector
+        return True
+
+    def init_reset(self) -> None:
+        """INIT: power-up register state, keeping the APIC ID, IA32_APIC_BASE and, in x2APIC
+        mode, the x2APIC ID and LDR (KVM kvm_lapic_reset(init_event=True))."""
+        self.reset_registers()
+        if self.mode is ApicMode.X2APIC:
+            self.id_reg = self.apic_id
+            self.ldr = x2apic_ldr(self.apic_id)
+
+    def matches_destination(self, dest: int, logical: bool, x2apic: bool) -> bool:
+        """Is this APIC addressed by ICR destination ``dest`` (kvm_apic_match_dest without a
+        shorthand)? ``x2apic``: the sender wrote a 32-bit destination (x2APIC mode).
+        Physical: the APIC ID or the broadcast ID. Logical: x2APIC cluster (dest[31:16]) and
+        member bits (dest[15:0]) against LDR; xAPIC flat model: dest & LDR[31:24]; cluster
+        model: dest[7:4] = LDR[31:28] and dest[3:0] & LDR[27:24] [SDM §11.6.2]."""
+        broadcast = X2APIC_BROADCAST if x2apic else XAPIC_BROADCAST
+        if dest == broadcast:
+            return True
+        if not logical:
+            own = self.apic_id if self.mode is ApicMode.X2APIC else self.id_reg >> 24
+            return dest == own
+        if self.mode is ApicMode.X2APIC:
+            return dest >> 16 == self.ldr >> 16 and bool(dest & self.ldr & 0xFFFF)
+        ldr = (self.ldr >> 24) & 0xFF
+        if self.dfr >> 28 == DFR_MODEL_FLAT:
+            return bool(dest & ldr)
+        return dest >> 4 == ldr >> 4 and bool(dest & ldr & 0xF)
 
     def write_register(self, reg: int, value: int, x2apic: bool = False) -> bool:
         """Apply a write; returns False when the register cannot be written in this mode (the
@@ -345,7 +404,11 @@ class LocalApic:
             if self.timer.running:
                 self.timer.arm(self.clock(), self.tmict)
         elif reg == APIC_SELF_IPI and x2apic:
-            self.self_ipis_ignored += 1
+            if self.ipi_sink is not None:  # SDM §11.12.11: a fixed self-IPI of vector bits 7:0
+                self.ipi_sink(self, (value & 0xFF) | Shorthand.SELF << ICR_SHORTHAND_SHIFT
+                              | DeliveryMode.FIXED << 8, True)
+            else:
+                self.self_ipis_ignored += 1
         else:
             return False
         return True

@@ -15,6 +15,22 @@ from cetvm.vmm.devices.serial import COM1_PORT, UART_PORT_COUNT, Serial16550
 from cetvm.vmm.devices.shutdown_port import SHUTDOWN_PORT, BochsShutdownPort
 
 
+class PerCpuApicPage:
+    """The xAPIC MMIO page as the running vCPU sees it: every vCPU reaches its own local APIC at
+    the same guest-physical address [SDM Vol. 3 §11.4.1]. The run loop sets :attr:`current`
+    (the vCPU index) before each KVM_RUN (the MMIO bus itself does not know the accessing CPU)."""
+
+    def __init__(self, apics: list[LocalApic]) -> None:
+        self.apics = apics
+        self.current = 0
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.apics[self.current].mmio_read(offset, size)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self.apics[self.current].mmio_write(offset, size, value)
+
+
 @dataclass
 class PcDevices:
     """COM1, isa-debug-exit, the shutdown port, fw_cfg, the PIC pair and one APIC per vCPU."""
@@ -25,6 +41,9 @@ class PcDevices:
     fw_cfg: FwCfg
     pic: PicPair
     lapics: list[LocalApic] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.apic_page = PerCpuApicPage(self.lapics)
 
     @classmethod
     def create(cls, ram_size: int, nb_cpus: int = 1, sink: Callable[[bytes], None] | None = None,
@@ -42,15 +61,15 @@ class PcDevices:
         )
 
     def register(self, pio: PioBus, mmio: MmioBus) -> None:
-        """Claim the standard ports, and the xAPIC page of vCPU 0 (the MMIO bus has no notion of
-        "the accessing CPU"; a multi-vCPU run loop dispatches APIC accesses per vCPU itself)."""
+        """Claim the standard ports, and the xAPIC page (:class:`PerCpuApicPage`; at vCPU 0's
+        base: relocating the page is not supported)."""
         pio.register(COM1_PORT, UART_PORT_COUNT, self.serial, "serial COM1")
         pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT, self.debug_exit, "isa-debug-exit")
         pio.register(SHUTDOWN_PORT, 1, self.shutdown, "shutdown port")
         pio.register(FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
         self.pic.register(pio)
         if self.lapics:
-            mmio.register(self.lapics[0].mmio_base, APIC_MMIO_SIZE, self.lapics[0], "local APIC")
+            mmio.register(self.lapics[0].mmio_base, APIC_MMIO_SIZE, self.apic_page, "local APIC")
 
     def get_state(self) -> dict:
         return {
