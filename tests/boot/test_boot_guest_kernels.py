@@ -151,3 +151,10 @@ def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):
     assert tap.passed("SYSCALL in compatibility mode -> #UD (Intel)")
     assert tap.passed("the same with a user shadow stack")
     assert not tap.skipped()
+
+
+def test_code_rewritten_over_an_emulated_instruction_runs(capsys):
+    """Issue 8 (kvm-unit-tests x86/realmode): an exit address whose instruction the guest
+    overwrote with an ordinary one stops being an exit ("no emulation for mov al, ..." before)."""
+    tap = run_green(capsys, "smc")
+    assert tap.passed("the rewritten instruction runs instead")

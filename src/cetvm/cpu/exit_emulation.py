@@ -44,6 +44,9 @@ class EmulationPlumbingMixin:
             return None
         try:
             instr = self.fetch_instruction(rip)
+            if not decode.needs_emulation(instr):
+                self._drop_stale_exit(rip)
+                return None
             result = emulate.emulate(self, instr)
         except GuestFault as fault:
             self._raise_event(fault)
@@ -52,6 +55,14 @@ class EmulationPlumbingMixin:
             return VmExit(ExitReason.SHUTDOWN, rip, detail=f"cannot emulate the instruction at {rip:#x}: {err}")
         self._blocks.prev = None
         return result
+
+    def _drop_stale_exit(self, rip: int) -> None:
+        """The guest rewrote the code at an exit address (self-modifying code, a trampoline copied
+        over old code): the instruction there is no longer one cetvm emulates, so ``rip`` stops
+        being an exit and the engine runs it (Unicorn drops its own stale translations itself)."""
+        self._exits.discard(rip)
+        self._uc.ctl_set_exits(sorted(self._exits))
+        self._uc.ctl_remove_cache(rip, rip + 1)
 
     def step_native(self, rip: int, next_ip: int | None = None) -> None:
         """Let Unicorn execute the one instruction at ``rip`` although it is an exit address.
