@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 AREAS = {"cpuid": "test_cpuid_files", "images": "test_boot_images", "manifests": "test_snapshot_manifests",
-         "sections": "test_snapshot_sections"}
+         "sections": "test_snapshot_sections", "guests": "test_hostile_guests"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,3 +213,40 @@ def section_mutations(draw, data: bytes) -> bytes:
                                                             st.integers(0, 2**32 - 1))))
         struct.pack_into("<I", image, 28, zlib.crc32(bytes(image[:28])) & 0xFFFF_FFFF)
     return bytes(image)
+
+
+# --------------------------------------------------------------------------- hostile guests
+#: Register values that reach the edges of the machine: RAM start/end (a 4 MiB guest), a page with
+#: no RAM, the xAPIC page, pc-testdev's I/O memory, the top of the 4 GiB identity map,
+#: non-canonical and kernel-half addresses, small numbers.
+EDGE_VALUES = (0, 1, 0xFFF, 0x1000, 0x10_0000, 0x3F_F000, 0x3F_FFF8, 0x40_0000, 0xD000_0000, 0xFEE0_0000,
+               0xFEE0_0300, 0xFF00_0000, 0xFFFF_F000, 0x1_0000_0000, 0x8000_0000_0000, 0xFFFF_8000_0000_0000,
+               0xFFFF_FFFF_FFFF_FFF8, 0x20, 0xFFFF)
+#: Instructions a hostile kernel is made of (64-bit encodings): string operations, control
+#: transfers and privilege changes, descriptor-table and control-register loads, MSRs, port I/O,
+#: memory operands through RAX, CET instructions, KVM's force-emulation prefix.
+SNIPPETS = tuple(bytes.fromhex(h) for h in (
+    "f3a4", "f348a5", "ac", "48ad", "aa", "f3aa", "a6", "f3a6", "ae", "f2ae", "fd", "fc", "f3ab",
+    "cd80", "cd0e", "cc", "0f0b", "48cf", "0f05", "0f07", "cb", "48cb", "c3", "ffe0", "ffd0", "ff28",
+    "f4", "0f0118", "0f0110", "0f22d8", "0f22e0", "0f22c0", "0f30", "0f32", "0fa2", "e680", "ec", "ee",
+    "488b00", "488900", "480100", "48870a", "0f01c1", "0f01d9", "f30f1efa", "f3480f1ec8", "f30f01e8",
+    "0f00d8", "9c", "9d", "50", "58", "0f0b6b766d", "0fae00", "0fae08", "0fc708", "fa", "fb",
+    "0f20e0", "0f20c0", "48cf", "0f01f8", "0f35", "0f34", "cf",
+))
+_REG_LOADS = (0xB8, 0xB9, 0xBA, 0xBB, 0xBC, 0xBE, 0xBF)  # mov r64, imm64 for RAX RCX RDX RBX RSP RSI RDI
+
+
+@st.composite
+def hostile_guest_code(draw) -> bytes:
+    """A kernel body of register loads with edge values, hostile instructions and noise."""
+    code = bytearray()
+    for _ in range(draw(st.integers(1, 24))):
+        choice = draw(st.integers(0, 9))
+        if choice < 4:
+            value = draw(st.sampled_from(EDGE_VALUES)) if draw(st.booleans()) else draw(st.integers(0, 2**64 - 1))
+            code += bytes([0x48, draw(st.sampled_from(_REG_LOADS))]) + value.to_bytes(8, "little")
+        elif choice < 9:
+            code += draw(st.sampled_from(SNIPPETS))
+        else:
+            code += draw(st.binary(min_size=1, max_size=6))
+    return bytes(code)

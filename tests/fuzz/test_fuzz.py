@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from cetvm.vmm.snapshot import decode_snapshot, encode_snapshot
 from fuzz.contract import check_contract, run_cetvm
-from fuzz.strategies import cpuid_files, elf_images, manifest_mutations, section_mutations
+from fuzz.strategies import cpuid_files, elf_images, hostile_guest_code, manifest_mutations, section_mutations
 from spec_images import JMP_SELF, elf64_kernel
 
 SAVED_AT = 500
@@ -73,3 +74,14 @@ def test_snapshot_sections(workdir, base_snapshot):
         check_contract(run_cetvm(["boot", "--restore-state", path, "--max-instructions", str(SAVED_AT + 100)]))
 
     run()
+
+
+@given(code=hostile_guest_code(), cet=st.sampled_from(["on", "off"]), path=st.sampled_from(["native", "python"]))
+def test_hostile_guests(workdir, monkeypatch, code, cet, path):
+    """Issue 9: a guest of hostile instructions (string MMIO, event delivery at RAM edges, IDT/GDT
+    and stacks outside RAM, privilege changes, forced emulation...) ends as a guest would —
+    any status, at most one diagnosis line, never a cetvm bug."""
+    monkeypatch.setenv("CETVM_CET_PATH", path)
+    kernel = _write(workdir, "hostile.elf", elf64_kernel(code))
+    check_contract(run_cetvm(["boot", kernel, "-m", "4M", "--cet", cet, "--max-instructions", "400",
+                              "--force-emulation-prefix"]))
