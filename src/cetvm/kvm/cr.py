@@ -4,17 +4,29 @@
 
 from __future__ import annotations
 
-from cetvm.arch.msr import Efer
+from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer
 from cetvm.arch.regs import Cr0, Cr4
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
 from cetvm.kvm.vcpu import VcpuCetState
 
 
+#: CR4_RESERVED_BITS: every bit KVM does not know (SMXE, PKS and bits 63:29 among them).
+KVM_CR4_KNOWN_BITS = int(Cr4.VME | Cr4.PVI | Cr4.TSD | Cr4.DE | Cr4.PSE | Cr4.PAE | Cr4.MCE | Cr4.PGE
+                         | Cr4.PCE | Cr4.OSFXSR | Cr4.PCIDE | Cr4.OSXSAVE | Cr4.SMEP | Cr4.FSGSBASE
+                         | Cr4.OSXMMEXCPT | Cr4.LA57 | Cr4.VMXE | Cr4.SMAP | Cr4.PKE | Cr4.UMIP
+                         | Cr4.LAM_SUP | Cr4.CET)
+CR4_RESERVED_BITS = 0xFFFF_FFFF_FFFF_FFFF & ~KVM_CR4_KNOWN_BITS
+
+
 def cr4_reserved_bits(cpuid: VcpuCpuid) -> int:
-    """__cr4_reserved_bits(), CET part: CR4.CET is reserved unless the guest has SHSTK or IBT."""
+    """__cr4_reserved_bits(): CR4_RESERVED_BITS, and CR4.CET unless the guest has SHSTK or IBT.
+
+    Decision: the other CPUID-dependent bits of __cr4_reserved_bits (OSXSAVE without XSAVE,
+    SMEP, SMAP, PKE, LA57, UMIP, PCIDE, FSGSBASE, VMXE, LAM_SUP) are not modelled yet.
+    """
     if cpuid.guest_cpu_cap_has("shstk") or cpuid.guest_cpu_cap_has("ibt"):
-        return 0
-    return int(Cr4.CET)
+        return CR4_RESERVED_BITS
+    return CR4_RESERVED_BITS | int(Cr4.CET)
 
 
 def kvm_is_valid_cr4(vcpu: VcpuCetState, cr4: int) -> bool:
@@ -72,8 +84,10 @@ def kvm_is_valid_sregs_state(vcpu: VcpuCetState, *, cr0: int, cr3: int, cr4: int
     """kvm_is_valid_sregs() in full: None if KVM_SET_SREGS accepts the state, else why not.
 
     Long mode (EFER.LME and CR0.PG) needs CR4.PAE, EFER.LMA and a CR3 below MAXPHYADDR; outside
-    long mode neither EFER.LMA nor a 64-bit CS is allowed; then kvm_is_valid_cr4 (CR4.CET needs
-    guest SHSTK or IBT) and kvm_is_valid_cr0, plus the CET rule that CR4.CET needs CR0.WP.
+    long mode neither EFER.LMA nor a 64-bit CS is allowed; then kvm_is_valid_cr4 (reserved bits;
+    CR4.CET needs guest SHSTK or IBT) and kvm_is_valid_cr0, plus the CET rule that CR4.CET needs
+    CR0.WP. Decision: EFER's reserved bits (efer_reserved_bits) are refused too — KVM's
+    vmx_set_efer stores them and the next VM entry fails, an exit cetvm does not have.
     """
     if efer & Efer.LME and cr0 & Cr0.PG:
         if not cr4 & Cr4.PAE:
@@ -87,6 +101,10 @@ def kvm_is_valid_sregs_state(vcpu: VcpuCetState, *, cr0: int, cr3: int, cr4: int
     why = cr0_invalid_reason(cr0)
     if why is not None:
         return why
+    if cr4 & CR4_RESERVED_BITS:
+        return f"CR4 {cr4:#x} sets reserved bits {cr4 & CR4_RESERVED_BITS:#x}"
     if not kvm_is_valid_sregs(vcpu, cr0, cr4):
         return f"CR4 {cr4:#x} rejected (CR4.CET needs guest SHSTK or IBT, and CR0.WP)"
+    if efer & ~EFER_DEFINED_INTEL:
+        return f"EFER {efer:#x} sets reserved bits {efer & ~EFER_DEFINED_INTEL:#x}"
     return None
