@@ -444,6 +444,8 @@ STATE_PATHS = ([(k,) for k in SAVED] + [("regs", k) for k in SAVED["regs"]]
 def test_restore_vcpu_state(path, value, whole):
     _, vcpu = long_mode_vcpu()
     assert not attempt(restore_vcpu_state, vcpu, whole)[0]
+    assert not attempt(restore_vcpu_state, whole, copy.deepcopy(SAVED))[0]
+    assert not attempt(save_vcpu_state, whole)[0]
     state = copy.deepcopy(SAVED)
     owner = state
     for key in path[:-1]:

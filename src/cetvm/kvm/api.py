@@ -527,8 +527,10 @@ class KvmVcpu:
     def kvm_vcpu_reset(self, init_event: bool) -> None:
         """RESET (vCPU creation) or INIT (see :mod:`cetvm.kvm.reset`)."""
         init_event = check_flag("kvm_vcpu_reset: init_event", init_event)
+        self._check_userspace_completion()
         state, cpu = self.state, self.cpu
         self._complete_userspace_exit()
+        self._last_run = None
         old_cr0 = state.cr0
         if not init_event:
             _reset.reset_xcr0_xss(state)
@@ -690,7 +692,7 @@ def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
     :func:`cetvm.kvm.state.save_vcpu_state`)."""
     from cetvm.kvm import state
 
-    return state.save_vcpu_state(vcpu)
+    return state.save_vcpu_state(check_instance("save_vcpu_state: vcpu", vcpu, KvmVcpu))
 
 
 def restore_vcpu_state(vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
@@ -698,4 +700,4 @@ def restore_vcpu_state(vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
     :func:`cetvm.kvm.state.restore_vcpu_state`)."""
     from cetvm.kvm import state
 
-    state.restore_vcpu_state(vcpu, saved)
+    state.restore_vcpu_state(check_instance("restore_vcpu_state: vcpu", vcpu, KvmVcpu), saved)
