@@ -13,9 +13,9 @@ IA32_XSS *before* XCR0 and XSAVE (the restore bug real VMMs hit on CET hosts: lo
 with CET_U/CET_S in use before IA32_XSS allows it), XCR0, XSAVE, the other MSRs (CET MSRs write
 the CET components of the fpstate), the guest SSP, MP state, pending events.
 
-A malformed state (a missing or unknown key, a value of the wrong type: every field of
-``regs`` and ``sregs`` must be present — a ``regs`` without ``rip`` is refused, not restored
-with RIP = 0) is refused with :class:`~cetvm.kvm.errors.KvmInvalidArgument` before anything is
+A malformed state (a missing key, a value of the wrong type, a ``regs``/``sregs``/segment
+object without exactly its struct's fields — a ``regs`` without ``rip`` is refused, not
+restored with RIP = 0; other top-level keys are the VMM's and left alone) is refused with :class:`~cetvm.kvm.errors.KvmInvalidArgument` before anything is
 written; the values themselves are then checked by the KVM_SET_* calls as they are made.
 
 A state that lacks something the guest depends on is refused with a KvmInvalidArgument naming it:
@@ -44,8 +44,8 @@ from cetvm.kvm.ioctl_args import check_instance, check_u64, describe
 CET_MSRS = frozenset(int(m) for m in (Msr.IA32_U_CET, Msr.IA32_S_CET, Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP,
                                       Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP, Msr.IA32_INT_SSP_TAB))
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+#: Keys a saved state must have; other keys (a VMM's own) are left alone.
 _REQUIRED_KEYS = ("regs", "sregs", "xcrs", "msrs", "xsave")
-_OPTIONAL_KEYS = ("fpstate_xstate_bv", "guest_ssp", "mp_state", "events")
 D = TypeVar("D")
 
 
@@ -105,14 +105,12 @@ def _msr_table(state: Mapping[str, Any]) -> dict[int, int]:
 
 
 def check_saved_state_schema(state: object) -> Mapping[str, Any]:
-    """The shape of a saved state (module docstring): the keys, their JSON types."""
+    """The shape of a saved state (module docstring): the required keys, every field of the
+    register structs (no more, no fewer), the JSON types of the values."""
     state = check_instance("saved vCPU state", state, Mapping)
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing:
         raise _bad("", f"lacks {', '.join(repr(k) for k in missing)}")
-    unknown = [str(k) for k in state if k not in _REQUIRED_KEYS + _OPTIONAL_KEYS]
-    if unknown:
-        raise _bad("", f"has unknown keys {unknown}")
     _regs_from(state["regs"])
     _sregs_from(state["sregs"])
     xcrs = state["xcrs"]
