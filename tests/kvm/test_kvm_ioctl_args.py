@@ -14,7 +14,8 @@ from cetvm.arch.regs import canonicalize
 from cetvm.cpu.state import Regs, Segment, Sregs
 from cetvm.cpuid import get_model
 from cetvm.kvm import VcpuCetState, kvm_caps_for_host
-from cetvm.kvm.cr import CR4_RESERVED_BITS
+from cetvm.arch.regs import Cr4
+from cetvm.kvm.cr import CR4_RESERVED_BITS, cr4_reserved_bits, kvm_is_valid_sregs_state
 from cetvm.kvm.errors import (
     KvmBadAddress,
     KvmError,
@@ -140,3 +141,16 @@ def test_canonicalize():
     assert canonicalize(0x0000_8000_0000_0000) == 0xFFFF_8000_0000_0000
     assert canonicalize(0xFFFF_0000_0000_1000) == 0x1000
     assert canonicalize(0x7FFF_FFFF_FFFF) == 0x7FFF_FFFF_FFFF
+
+
+def test_cr4_bits_follow_the_guest_cpuid(vcpu_state):
+    """__cr4_reserved_bits(): a CR4 bit whose feature the guest's CPUID lacks is reserved."""
+    assert not cr4_reserved_bits(vcpu_state.cpuid) & (Cr4.SMEP | Cr4.OSXSAVE | Cr4.CET)
+    assert cr4_reserved_bits(vcpu_state.cpuid) & (Cr4.LA57 | Cr4.VMXE)  # never offered / no nested VMX
+    cpuid = vcpu_state.caps.get_supported_cpuid()
+    cpuid.set_feature("smep", False)
+    vcpu_state.set_cpuid(cpuid)
+    assert cr4_reserved_bits(vcpu_state.cpuid) & Cr4.SMEP
+    why = kvm_is_valid_sregs_state(vcpu_state, cr0=0x8001_0033, cr3=0x1000, cr4=int(Cr4.PAE | Cr4.SMEP),
+                                   efer=0x500, cs_long=True, maxphyaddr=46)
+    assert why is not None and "reserved for this guest" in why

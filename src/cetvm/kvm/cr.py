@@ -18,15 +18,25 @@ KVM_CR4_KNOWN_BITS = int(Cr4.VME | Cr4.PVI | Cr4.TSD | Cr4.DE | Cr4.PSE | Cr4.PA
 CR4_RESERVED_BITS = 0xFFFF_FFFF_FFFF_FFFF & ~KVM_CR4_KNOWN_BITS
 
 
-def cr4_reserved_bits(cpuid: VcpuCpuid) -> int:
-    """__cr4_reserved_bits(): CR4_RESERVED_BITS, and CR4.CET unless the guest has SHSTK or IBT.
+#: CR4 bits __cr4_reserved_bits() reserves unless the guest has one of the features.
+CR4_FEATURE_BITS: tuple[tuple[Cr4, tuple[str, ...]], ...] = (
+    (Cr4.OSXSAVE, ("xsave",)), (Cr4.SMEP, ("smep",)), (Cr4.SMAP, ("smap",)),
+    (Cr4.FSGSBASE, ("fsgsbase",)), (Cr4.PKE, ("pku",)), (Cr4.VMXE, ("vmx",)), (Cr4.PCIDE, ("pcid",)),
+    (Cr4.CET, ("shstk", "ibt")),
+)
+#: LA57, UMIP and LAM_SUP: cetvm's CPU never offers LA57, UMIP or LAM, so always reserved.
+CR4_NEVER_OFFERED = int(Cr4.LA57 | Cr4.UMIP | Cr4.LAM_SUP)
 
-    Decision: the other CPUID-dependent bits of __cr4_reserved_bits (OSXSAVE without XSAVE,
-    SMEP, SMAP, PKE, LA57, UMIP, PCIDE, FSGSBASE, VMXE, LAM_SUP) are not modelled yet.
-    """
-    if cpuid.guest_cpu_cap_has("shstk") or cpuid.guest_cpu_cap_has("ibt"):
-        return CR4_RESERVED_BITS
-    return CR4_RESERVED_BITS | int(Cr4.CET)
+
+def cr4_reserved_bits(cpuid: VcpuCpuid) -> int:
+    """__cr4_reserved_bits(guest_cpu_cap_has, vcpu): CR4_RESERVED_BITS, plus each CR4 bit whose
+    feature the guest lacks (OSXSAVE/XSAVE, SMEP, SMAP, FSGSBASE, PKE/PKU, VMXE/VMX — cetvm's
+    KVM has no nested VMX —, PCIDE/PCID, CET/SHSTK or IBT, and LA57, UMIP, LAM_SUP)."""
+    reserved = CR4_RESERVED_BITS | CR4_NEVER_OFFERED
+    for bit, features in CR4_FEATURE_BITS:
+        if not any(cpuid.guest_cpu_cap_has(f) for f in features):
+            reserved |= int(bit)
+    return reserved
 
 
 def kvm_is_valid_cr4(vcpu: VcpuCetState, cr4: int) -> bool:
@@ -101,8 +111,9 @@ def kvm_is_valid_sregs_state(vcpu: VcpuCetState, *, cr0: int, cr3: int, cr4: int
     why = cr0_invalid_reason(cr0)
     if why is not None:
         return why
-    if cr4 & CR4_RESERVED_BITS:
-        return f"CR4 {cr4:#x} sets reserved bits {cr4 & CR4_RESERVED_BITS:#x}"
+    reserved = cr4 & cr4_reserved_bits(vcpu.cpuid) & ~Cr4.CET
+    if reserved:
+        return f"CR4 {cr4:#x} sets bits {reserved:#x} reserved for this guest (its CPUID lacks the feature)"
     if not kvm_is_valid_sregs(vcpu, cr0, cr4):
         return f"CR4 {cr4:#x} rejected (CR4.CET needs guest SHSTK or IBT, and CR0.WP)"
     if efer & ~EFER_DEFINED_INTEL:
