@@ -320,6 +320,16 @@ def test_set_xcrs(xcrs):
         assert vcpu.get_xcrs() == [(0, xcr0[0] if xcr0 else 1)]
 
 
+def test_set_xcrs_applies_the_first_xcr0_only():
+    """kvm_vcpu_ioctl_x86_set_xcrs(): other XCRs are ignored, the loop stops at the first XCR0."""
+    _, vcpu = fresh_vcpu()
+    vcpu.set_xcrs([(1, 5), (0, 3), (0, 0)])
+    assert vcpu.get_xcrs() == [(0, 3)]
+    with pytest.raises(KvmInvalidArgument):
+        vcpu.set_xcrs([(0, 2)])  # SSE without x87
+    assert vcpu.get_xcrs() == [(0, 3)]
+
+
 @FUZZ
 @given(pokes=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), max_size=4),
        length=st.one_of(st.none(), st.integers(0, 20000)), other=anything)

@@ -431,15 +431,20 @@ class KvmVcpu:
         return [(0, self.state.xcr0)]
 
     def set_xcrs(self, xcrs: list[tuple[int, int]]) -> None:
-        """KVM_SET_XCRS: each XCR through __kvm_set_xcr (-EINVAL on a value the guest could not
-        set, more than KVM_MAX_XCRS entries, or an entry that is not a (u32, u64) pair)."""
+        """KVM_SET_XCRS (kvm_vcpu_ioctl_x86_set_xcrs): the first XCR0 entry goes through
+        __kvm_set_xcr (-EINVAL on a value the guest could not set); other XCRs and later XCR0
+        entries are ignored, as KVM does. -EINVAL for more than KVM_MAX_XCRS entries or an entry
+        that is not a (u32, u64) pair."""
         pairs = [check_pair("KVM_SET_XCRS: entry", x) for x in check_items("KVM_SET_XCRS: xcrs", xcrs, KVM_MAX_XCRS)]
         checked = [(check_u32("KVM_SET_XCRS: xcr", i), check_u64("KVM_SET_XCRS: value", v)) for i, v in pairs]
         for index, value in checked:
+            if index != 0:  # only XCR_XFEATURE_ENABLED_MASK
+                continue
             fault = kvm_set_xcr_fault(self.state, index, value)
             if fault:
                 raise KvmInvalidArgument(f"KVM_SET_XCRS: {fault}")
             kvm_set_xcr0(self.state, value)
+            break
 
     def get_xsave(self) -> bytes:
         """KVM_GET_XSAVE2: the standard-format image of the guest's user components
