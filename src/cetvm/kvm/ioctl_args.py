@@ -77,10 +77,6 @@ def check_u64(what: str, value: object) -> int:
     return check_int(what, value, 0, U64_MAX)
 
 
-def check_optional_u64(what: str, value: object) -> int | None:
-    return None if value is None else check_u64(what, value)
-
-
 def check_flag(what: str, value: object) -> bool:
     """A __u8 flag field (kvm_run.immediate_exit, a bool parameter): True/False or 0/1."""
     if isinstance(value, bool):
