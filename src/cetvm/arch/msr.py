@@ -90,6 +90,10 @@ class Efer(enum.IntFlag):
     NXE = 1 << 11
 
 
+#: EFER bits an Intel CPU defines (SCE, LME, LMA, NXE); every other bit is reserved (#GP on
+#: WRMSR) [SDM Vol. 4 Table 2-2, IA32_EFER].
+EFER_DEFINED_INTEL = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NXE)
+
 #: IA32_VMX_BASIC bit 56: VM entry may inject a hardware exception with or without an error code,
 #: regardless of the vector (needed to inject #CP with its error code) [SDM Vol. 3 A.1].
 VMX_BASIC_NO_HW_ERRCODE_CHECK = 1 << 56

@@ -43,6 +43,7 @@ class Cr4(enum.IntFlag):
     PKE = 1 << 22
     CET = 1 << 23
     PKS = 1 << 24
+    LAM_SUP = 1 << 28
 
 
 class Pte(enum.IntFlag):
@@ -104,11 +105,27 @@ class Vector(enum.IntEnum):
 VECTORS_WITH_ERROR_CODE = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF, Vector.AC, Vector.CP})
 
 
+#: RFLAGS bit 1 always reads 1 [SDM Vol. 1 §3.4.3].
+RFLAGS_FIXED = 1 << 1
+#: RFLAGS bits that are reserved (must be 0): 3, 5, 15 and 63:22 [SDM Vol. 1 Figure 3-8].
+RFLAGS_RESERVED = (1 << 3) | (1 << 5) | (1 << 15) | (0xFFFF_FFFF_FFFF_FFFF & ~((1 << 22) - 1))
+
+
 def is_canonical(addr: int, va_bits: int = 48) -> bool:
     """True if ``addr`` (a 64-bit value) is canonical for ``va_bits``-bit linear addresses."""
     addr &= 0xFFFF_FFFF_FFFF_FFFF
     top = addr >> (va_bits - 1)
     return top == 0 or top == (1 << (65 - va_bits)) - 1
+
+
+def canonicalize(addr: int, va_bits: int = 48) -> int:
+    """``addr`` (64-bit) with bits 63:va_bits copied from bit va_bits-1 (Linux's
+    __canonical_address()): the canonical address a non-canonical one stands for."""
+    shift = 64 - va_bits
+    value = (addr << shift) & 0xFFFF_FFFF_FFFF_FFFF
+    if value >> 63:
+        value -= 1 << 64
+    return (value >> shift) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def u64(value: int) -> int:

@@ -13,12 +13,23 @@ They import the CPU engine, so they are not re-exported here (``from cetvm.kvm.a
 """
 
 from cetvm.kvm.caps import FeatureDecision, KvmCaps, kvm_caps_for_host
-from cetvm.kvm.errors import KvmIoctlError, KvmLoadError
+from cetvm.kvm.errors import (
+    KvmBadAddress,
+    KvmError,
+    KvmExists,
+    KvmInvalidArgument,
+    KvmIoctlError,
+    KvmLoadError,
+    KvmNoMemory,
+    KvmNotSupported,
+    KvmTooBig,
+)
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import MsrResult, get_one_reg, kvm_get_msr, kvm_set_msr, set_one_reg
 from cetvm.kvm.vcpu import VcpuCetState
 
 __all__ = [
-    "FeatureDecision", "Host", "KvmCaps", "KvmIoctlError", "KvmLoadError", "MsrResult",
+    "FeatureDecision", "Host", "KvmBadAddress", "KvmCaps", "KvmError", "KvmExists", "KvmInvalidArgument",
+    "KvmIoctlError", "KvmLoadError", "KvmNoMemory", "KvmNotSupported", "KvmTooBig", "MsrResult",
     "VcpuCetState", "get_one_reg", "kvm_caps_for_host", "kvm_get_msr", "kvm_set_msr", "set_one_reg",
 ]

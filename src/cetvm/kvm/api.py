@@ -9,6 +9,10 @@ guest CET state → CPU), handles exits as KVM does (:mod:`cetvm.kvm.vcpu_run`) 
 back (kvm_put_guest_fpu) before returning to userspace.
 
 Decisions:
+- Every call checks its arguments first (:mod:`cetvm.kvm.ioctl_args`): a value that does not
+  fit the ioctl's struct field (wrong type, negative, too wide) is -EINVAL
+  (:class:`~cetvm.kvm.errors.KvmInvalidArgument`), never truncated; every failure is a
+  :class:`~cetvm.kvm.errors.KvmError` with an ``errno``.
 - Up to :data:`KVM_MAX_VCPUS` vCPUs per VM, ids 0..KVM_MAX_VCPUS-1 (KVM_CREATE_VCPU: -EINVAL
   for an id out of range, -EEXIST for one in use). Each vCPU is its own CPU engine; they share
   guest RAM (one host mapping per memory slot handed to every engine). The Vm owns the first
@@ -34,7 +38,7 @@ Decisions:
   thread instead; cetvm's VMM only runs RUNNABLE vCPUs). KVM_GET_MP_STATE reports
   INIT_RECEIVED while an INIT is latched (``run(immediate_exit=True)`` accepts it).
 - Memory slots are RAM; every other guest-physical address is MMIO that exits to userspace.
-  Slots cannot be moved, resized or deleted (NotSupportedError).
+  Slots cannot be moved, resized or deleted (KvmNotSupported, a NotSupportedError).
 - KVM_GET/SET_MSRS follow KVM: processing stops at the first MSR that fails and the number
   processed is returned. MSR_KVM_INTERNAL_GUEST_SSP is not reachable through them (only via
   KVM_GET/SET_ONE_REG with KVM_REG_GUEST_SSP), as it is not in KVM_GET_MSR_INDEX_LIST.
@@ -66,7 +70,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import errno
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +91,33 @@ from cetvm.kvm import reset as _reset
 from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
 from cetvm.kvm.cr import kvm_is_valid_sregs_state
-from cetvm.kvm.emulate import emulation_blocked_by_cet, cet_guards, kvm_handle_ud
-from cetvm.kvm.errors import KvmIoctlError
+from cetvm.kvm.emulate import cet_guards, emulation_blocked_by_cet, kvm_handle_ud
+from cetvm.kvm.errors import (
+    KvmBadAddress,
+    KvmExists,
+    KvmInvalidArgument,
+    KvmIoctlError,  # re-exported: callers catch it from here
+    KvmNoMemory,
+    KvmNotSupported,
+    KvmTooBig,
+)
 from cetvm.kvm.host import Host
+from cetvm.kvm.ioctl_args import (
+    MAX_IO_ENTRIES,
+    U64_MAX,
+    check_bytes,
+    check_flag,
+    check_instance,
+    check_int,
+    check_items,
+    check_kvm_regs,
+    check_kvm_sregs,
+    check_pair,
+    check_u8,
+    check_u32,
+    check_u64,
+)
+from cetvm.kvm.memslots import SHADOW_PAGING_GPA_BITS, kvm_memory_region_invalid
 from cetvm.kvm.msr import (
     EMULATED_MSRS,
     MODELLED_MSRS,
@@ -137,6 +164,11 @@ PAGE = 0x1000
 KVM_MAX_VCPUS = 8
 #: Exceptions KVM_SET_VCPU_EVENTS accepts here: 0-21 except NMI (its own field), 9 and 15.
 INJECTABLE_EXCEPTIONS = frozenset(range(22)) - {int(Vector.NMI), 9, 15}
+#: KVM_MAX_VCPU_IDS on x86: KVM_MAX_VCPUS (CONFIG_KVM_MAX_NR_VCPUS, 1024) x KVM_VCPU_ID_RATIO (4);
+#: KVM_CREATE_VCPU refuses a larger id with -EINVAL.
+KVM_MAX_VCPU_IDS = 1024 * 4
+#: struct kvm_xcrs holds at most KVM_MAX_XCRS entries (-EINVAL above).
+KVM_MAX_XCRS = 16
 
 
 class MpState(enum.Enum):
@@ -171,14 +203,14 @@ class Kvm:
     """/dev/kvm: the module loaded on ``host`` (refuses to load as KVM does: KvmLoadError)."""
 
     def __init__(self, host: Host) -> None:
-        self.host = host
+        self.host = check_instance("Kvm: host", host, Host)
         self.caps: KvmCaps = kvm_caps_for_host(host)
         #: The physical CPU's CET state outside guests (HOST_S_CET: 0 on cetvm's model hosts).
         self.host_cpu = vmx.HostCpu()
 
     def get_supported_cpuid(self, guest_perm: int = 0) -> CpuidModel:
-        """KVM_GET_SUPPORTED_CPUID."""
-        return self.caps.get_supported_cpuid(guest_perm)
+        """KVM_GET_SUPPORTED_CPUID (``guest_perm``: the xfeatures permitted to guests, u64)."""
+        return self.caps.get_supported_cpuid(check_u64("KVM_GET_SUPPORTED_CPUID: guest_perm", guest_perm))
 
     def get_msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: msrs_to_save (the capability policy) + emulated_msrs."""
@@ -205,16 +237,30 @@ class Vm:
 
     # ------------------------------------------------------------------ memory
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
-        """KVM_SET_USER_MEMORY_REGION: RAM at [guest_phys_addr, +memory_size), zero-filled."""
+        """KVM_SET_USER_MEMORY_REGION: RAM at [guest_phys_addr, +memory_size), zero-filled.
+
+        -EINVAL for what :func:`~cetvm.kvm.memslots.kvm_memory_region_invalid` refuses and for
+        deleting (size 0) a slot that does not exist; -EEXIST for an overlap; -ENOMEM when the
+        host cannot allocate the RAM; moving, resizing or deleting a slot is not supported."""
+        slot = check_u32("KVM_SET_USER_MEMORY_REGION: slot", slot)
+        guest_phys_addr = check_u64("KVM_SET_USER_MEMORY_REGION: guest_phys_addr", guest_phys_addr)
+        memory_size = check_u64("KVM_SET_USER_MEMORY_REGION: memory_size", memory_size)
+        host = self.kvm.host
+        why = kvm_memory_region_invalid(slot, guest_phys_addr, memory_size,
+                                        host.cpu.phys_addr_bits if host.tdp else SHADOW_PAGING_GPA_BITS)
+        if why is not None:
+            raise KvmInvalidArgument(f"KVM_SET_USER_MEMORY_REGION: {why}")
         if slot in self._slots:
-            raise NotSupportedError(f"memory slot {slot} exists; moving, resizing or deleting slots is not supported")
-        if memory_size <= 0 or guest_phys_addr % PAGE or memory_size % PAGE:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION: slot {slot} at "
-                                f"{guest_phys_addr:#x}+{memory_size:#x} is not page-aligned and non-empty")
+            raise KvmNotSupported(f"memory slot {slot} exists; moving, resizing or deleting slots is not supported")
+        if not memory_size:
+            raise KvmInvalidArgument(f"KVM_SET_USER_MEMORY_REGION: slot {slot} does not exist (size 0 deletes a slot)")
         try:
             self._cpu.map_ram(guest_phys_addr, memory_size)
         except InputError as err:
-            raise KvmIoctlError(errno.EEXIST, f"KVM_SET_USER_MEMORY_REGION: {err}") from None
+            raise KvmExists(f"KVM_SET_USER_MEMORY_REGION: {err}") from None
+        except (OSError, OverflowError, MemoryError, UcError) as err:
+            raise KvmNoMemory(f"KVM_SET_USER_MEMORY_REGION: cannot allocate {memory_size:#x} bytes of "
+                              f"guest RAM: {err}") from None
         for vcpu in self._vcpus.values():
             if vcpu.cpu is not self._cpu:
                 vcpu.cpu.map_ram(guest_phys_addr, memory_size, share_with=self._cpu)
@@ -225,38 +271,42 @@ class Vm:
         return tuple(self._slots.values())
 
     def _check_ram(self, gpa: int, size: int) -> None:
+        """-EFAULT (also an InputError) unless [gpa, gpa+size) lies inside one RAM slot."""
         if not any(s.contains(gpa, size) for s in self._slots.values()):
-            raise InputError(f"guest-physical {gpa:#x}+{size:#x} is not inside one RAM slot")
+            raise KvmBadAddress(f"guest-physical {gpa:#x}+{size:#x} is not inside one RAM slot")
 
     def get_memory(self, gpa: int, size: int) -> bytes:
         """Read guest RAM (the VMM's view of its memory mapping)."""
+        gpa, size = check_u64("get_memory: gpa", gpa), check_u64("get_memory: size", size)
         self._check_ram(gpa, size)
         return self._cpu.read_phys(gpa, size)
 
     def put_memory(self, gpa: int, data: bytes) -> None:
         """Write guest RAM (loading kernels, restoring snapshots)."""
+        gpa, data = check_u64("put_memory: gpa", gpa), check_bytes("put_memory: data", data, U64_MAX)
         self._check_ram(gpa, len(data))
-        self._cpu.write_phys(gpa, bytes(data))
+        self._cpu.write_phys(gpa, data)
 
     # ------------------------------------------------------------------ capabilities
     def enable_cap_exit_hypercall(self, mask: int) -> None:
         """KVM_CAP_EXIT_HYPERCALL: VMCALLs whose number is set in ``mask`` exit to userspace."""
-        if mask < 0 or mask >> 64:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_CAP_EXIT_HYPERCALL: mask {mask:#x} is not 64-bit")
-        self.exit_hypercall_mask = mask
+        self.exit_hypercall_mask = check_u64("KVM_CAP_EXIT_HYPERCALL: mask", mask)
 
     def enable_cap_user_space_msr(self, reasons: int) -> None:
         """KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): ``reasons`` is a mask of
         :class:`KvmMsrExitReason`; failing guest MSR accesses with those reasons exit to
         userspace instead of #GP. -EINVAL for unknown bits."""
-        if reasons < 0 or reasons & ~KVM_MSR_EXIT_REASON_VALID_MASK:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_CAP_X86_USER_SPACE_MSR: unknown reasons {reasons:#x}")
+        reasons = check_u64("KVM_CAP_X86_USER_SPACE_MSR: reasons", reasons)
+        if reasons & ~KVM_MSR_EXIT_REASON_VALID_MASK:
+            raise KvmInvalidArgument(f"KVM_CAP_X86_USER_SPACE_MSR: unknown reasons {reasons:#x}")
         self.user_space_msr_mask = int(reasons)
 
     def set_msr_filter(self, ranges: list[MsrFilterRange], default_deny: bool = False) -> None:
         """KVM_X86_SET_MSR_FILTER (flags = KVM_MSR_FILTER_DEFAULT_DENY when ``default_deny``).
         An empty list removes the filter; x2APIC MSRs are never filtered (api.rst)."""
-        self.msr_filter = kvm_vm_ioctl_set_msr_filter(1 if default_deny else 0, list(ranges))
+        ranges = check_items("KVM_X86_SET_MSR_FILTER: ranges", ranges)
+        deny = check_flag("KVM_X86_SET_MSR_FILTER: default_deny", default_deny)
+        self.msr_filter = kvm_vm_ioctl_set_msr_filter(1 if deny else 0, ranges)
         for vcpu in self._vcpus.values():  # KVM_REQ_MSR_FILTER_CHANGED
             vcpu.update_msr_bitmap()
 
@@ -265,10 +315,9 @@ class Vm:
         """KVM_CREATE_VCPU (kvm_vm_ioctl_create_vcpu: -EINVAL for an id >= KVM_MAX_VCPU_IDS or
         more than KVM_MAX_VCPUS vCPUs, -EEXIST for an id in use; kvm_arch_vcpu_create ends with
         kvm_vcpu_reset(RESET)). A new engine shares the VM's RAM."""
-        if isinstance(vcpu_id, bool) or not isinstance(vcpu_id, int) or not 0 <= vcpu_id < KVM_MAX_VCPUS:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_CREATE_VCPU: id {vcpu_id!r} is not 0..{KVM_MAX_VCPUS - 1}")
+        vcpu_id = check_int("KVM_CREATE_VCPU: vcpu_id", vcpu_id, 0, KVM_MAX_VCPUS - 1)
         if vcpu_id in self._vcpus:
-            raise KvmIoctlError(errno.EEXIST, f"KVM_CREATE_VCPU: vCPU {vcpu_id} exists")
+            raise KvmExists(f"KVM_CREATE_VCPU: vCPU {vcpu_id} exists")
         if not self._cpu_taken:
             cpu, self._cpu_taken = self._cpu, True
         else:
@@ -302,6 +351,7 @@ class KvmVcpu:
         #: A SIPI's vector waiting for kvm_apic_accept_events (apic->sipi_vector + KVM_APIC_SIPI).
         self._sipi_vector: int | None = None
         self._hypercall: HypercallExit | None = None
+        self._last_run: KvmRun | None = None  # its kvm_run fields are checked at the next run()
         #: kvm_run.request_interrupt_window: exit with KVM_EXIT_IRQ_WINDOW_OPEN as soon as an
         #: interrupt can be injected (userspace-owned PIC/APIC, no in-kernel irqchip).
         self.request_interrupt_window = False
@@ -318,7 +368,7 @@ class KvmVcpu:
     # ------------------------------------------------------------------ CPUID
     def set_cpuid(self, model: CpuidModel) -> None:
         """KVM_SET_CPUID2 (then vmx_vcpu_after_set_cpuid: MSR intercepts, CR4 mask)."""
-        self.state.set_cpuid(model)
+        self.state.set_cpuid(check_instance("KVM_SET_CPUID2: model", model, CpuidModel))
         self._after_set_cpuid()
 
     def _after_set_cpuid(self) -> None:
@@ -342,7 +392,8 @@ class KvmVcpu:
         return self.cpu.get_regs()
 
     def set_regs(self, regs: Regs) -> None:
-        self.cpu.set_regs(regs)
+        """KVM_SET_REGS (see :func:`~cetvm.kvm.ioctl_args.check_kvm_regs`)."""
+        self.cpu.set_regs(check_kvm_regs(regs))
 
     def get_sregs(self) -> Sregs:
         return self.cpu.get_sregs()
@@ -351,18 +402,23 @@ class KvmVcpu:
         """KVM_SET_SREGS with kvm_is_valid_sregs(): -EINVAL for an invalid CR0 (bits 63:32, NW
         without CD, PG without PE), CR4 bits reserved for this guest (CR4.CET without SHSTK/IBT),
         CR4.CET without CR0.WP, long mode without CR4.PAE or EFER.LMA or with a CR3 beyond
-        MAXPHYADDR, EFER.LMA or a 64-bit CS outside long mode."""
+        MAXPHYADDR, EFER.LMA or a 64-bit CS outside long mode; and for fields that do not fit
+        struct kvm_sregs (:func:`~cetvm.kvm.ioctl_args.check_kvm_sregs`)."""
+        sregs = check_kvm_sregs(sregs)
         cr0, cr4 = sregs.cr0, sregs.cr4
         why = kvm_is_valid_sregs_state(self.state, cr0=cr0, cr3=sregs.cr3, cr4=cr4, efer=sregs.efer,
                                        cs_long=sregs.cs.long, maxphyaddr=guest_maxphyaddr(self.state))
         if why is not None:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_SREGS: {why}")
+            raise KvmInvalidArgument(f"KVM_SET_SREGS: {why}")
         self.cpu.set_sregs(sregs)
         self.state.cr0, self.state.cr4 = cr0, cr4
 
     # ------------------------------------------------------------------ MSRs
     def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
-        """KVM_GET_MSRS: (index, value) for each MSR up to the first that fails."""
+        """KVM_GET_MSRS: (index, value) for each MSR up to the first that fails (-E2BIG for
+        MAX_IO_MSRS entries or more, -EINVAL for an index that is not a u32)."""
+        indices = [check_u32("KVM_GET_MSRS: index", i)
+                   for i in check_items("KVM_GET_MSRS: indices", indices, MAX_IO_ENTRIES, KvmTooBig)]
         out: list[tuple[int, int]] = []
         for index in indices:
             ok, value = self._get_msr(index)
@@ -372,13 +428,22 @@ class KvmVcpu:
         return out
 
     def set_msrs(self, entries: list[tuple[int, int]]) -> int:
-        """KVM_SET_MSRS: the number of MSRs written (stops at the first that fails)."""
+        """KVM_SET_MSRS: the number of MSRs written (stops at the first that fails). The whole
+        list is checked first, as copy_from_user copies it: -E2BIG for MAX_IO_MSRS entries or
+        more, -EINVAL for an entry that is not a (u32 index, u64 value) pair."""
+        checked = [self._msr_entry(e)
+                   for e in check_items("KVM_SET_MSRS: entries", entries, MAX_IO_ENTRIES, KvmTooBig)]
         done = 0
-        for index, value in entries:
+        for index, value in checked:
             if not self._set_msr(index, value):
                 break
             done += 1
         return done
+
+    @staticmethod
+    def _msr_entry(entry: object) -> tuple[int, int]:
+        index, value = check_pair("KVM_SET_MSRS: entry", entry)
+        return check_u32("KVM_SET_MSRS: index", index), check_u64("KVM_SET_MSRS: data", value)
 
     def _get_msr(self, index: int) -> tuple[bool, int]:
         if index == Msr.KVM_INTERNAL_GUEST_SSP:
@@ -392,7 +457,7 @@ class KvmVcpu:
             return False, 0
 
     def _set_msr(self, index: int, value: int) -> bool:
-        if index == Msr.KVM_INTERNAL_GUEST_SSP or not 0 <= value < 1 << 64:
+        if index == Msr.KVM_INTERNAL_GUEST_SSP:
             return False
         if index in MODELLED_MSRS:
             return kvm_set_msr(self.state, index, value, host_initiated=True) is MsrResult.OK
@@ -404,22 +469,32 @@ class KvmVcpu:
     # ------------------------------------------------------------------ ONE_REG, XCRs, XSAVE
     def get_one_reg(self, reg_id: int) -> int:
         """KVM_GET_ONE_REG (KVM_REG_GUEST_SSP; -EINVAL without guest SHSTK)."""
-        return get_one_reg(self.state, reg_id)
+        return get_one_reg(self.state, check_u64("KVM_GET_ONE_REG: id", reg_id))
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
-        set_one_reg(self.state, reg_id, value)
+        """KVM_SET_ONE_REG (KVM_REG_GUEST_SSP, a u64: canonical and 4-byte aligned)."""
+        set_one_reg(self.state, check_u64("KVM_SET_ONE_REG: id", reg_id),
+                    check_u64("KVM_SET_ONE_REG: value", value))
 
     def get_xcrs(self) -> list[tuple[int, int]]:
         """KVM_GET_XCRS: [(0, XCR0)]."""
         return [(0, self.state.xcr0)]
 
     def set_xcrs(self, xcrs: list[tuple[int, int]]) -> None:
-        """KVM_SET_XCRS: each XCR through __kvm_set_xcr (-EINVAL on a value the guest could not set)."""
-        for index, value in xcrs:
+        """KVM_SET_XCRS (kvm_vcpu_ioctl_x86_set_xcrs): the first XCR0 entry goes through
+        __kvm_set_xcr (-EINVAL on a value the guest could not set); other XCRs and later XCR0
+        entries are ignored, as KVM does. -EINVAL for more than KVM_MAX_XCRS entries or an entry
+        that is not a (u32, u64) pair."""
+        pairs = [check_pair("KVM_SET_XCRS: entry", x) for x in check_items("KVM_SET_XCRS: xcrs", xcrs, KVM_MAX_XCRS)]
+        checked = [(check_u32("KVM_SET_XCRS: xcr", i), check_u64("KVM_SET_XCRS: value", v)) for i, v in pairs]
+        for index, value in checked:
+            if index != 0:  # only XCR_XFEATURE_ENABLED_MASK
+                continue
             fault = kvm_set_xcr_fault(self.state, index, value)
             if fault:
-                raise KvmIoctlError(errno.EINVAL, f"KVM_SET_XCRS: {fault}")
+                raise KvmInvalidArgument(f"KVM_SET_XCRS: {fault}")
             kvm_set_xcr0(self.state, value)
+            break
 
     def get_xsave(self) -> bytes:
         """KVM_GET_XSAVE2: the standard-format image of the guest's user components
@@ -427,22 +502,24 @@ class KvmVcpu:
         return self.state.fpu.to_uabi()
 
     def set_xsave(self, data: bytes) -> None:
-        """KVM_SET_XSAVE (-EINVAL for an image the guest FPU cannot hold)."""
-        try:
-            self.state.fpu.from_uabi(data)
-        except InputError as err:
-            raise KvmIoctlError(errno.EINVAL, str(err)) from None
+        """KVM_SET_XSAVE (-EINVAL for an image the guest FPU cannot hold, see
+        :meth:`~cetvm.kvm.guest_fpu.GuestFpu.from_uabi`)."""
+        self.state.fpu.from_uabi(check_bytes("KVM_SET_XSAVE: data", data, self.state.fpu.uabi_size))
 
     # ------------------------------------------------------------------ events, MP state
     def queue_exception(self, vector: int, error_code: int | None = None) -> None:
-        """KVM_SET_VCPU_EVENTS with a pending exception (delivered at the next run)."""
+        """KVM_SET_VCPU_EVENTS with a pending exception (delivered at the next run): vector a
+        u8, error_code None or a u32 (kvm_vcpu_events.exception)."""
+        vector = check_u8("KVM_SET_VCPU_EVENTS: vector", vector)
+        if error_code is not None:
+            error_code = check_u32("KVM_SET_VCPU_EVENTS: error_code", error_code)
         if vector not in INJECTABLE_EXCEPTIONS:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} is not an injectable exception")
+            raise KvmInvalidArgument(f"KVM_SET_VCPU_EVENTS: vector {vector} is not an injectable exception")
         has_code = vector in VECTORS_WITH_ERROR_CODE
         if has_code and error_code is None:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} needs an error code")
+            raise KvmInvalidArgument(f"KVM_SET_VCPU_EVENTS: vector {vector} needs an error code")
         if not has_code and error_code is not None:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_VCPU_EVENTS: vector {vector} has no error code")
+            raise KvmInvalidArgument(f"KVM_SET_VCPU_EVENTS: vector {vector} has no error code")
         self._queued = QueuedException(vector, error_code)
 
     def set_exception_intercepts(self, vectors: set[int]) -> None:
@@ -450,10 +527,8 @@ class KvmVcpu:
         userspace as KVM_EXIT_EXCEPTION before delivery; an empty set removes the intercepts.
         -EINVAL for a vector outside 0-31 (the VMCS exception bitmap has 32 bits)."""
         bitmap = 0
-        for vector in vectors:
-            if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < 32:
-                raise KvmIoctlError(errno.EINVAL, f"exception intercepts: vector {vector!r} is not 0..31")
-            bitmap |= 1 << vector
+        for vector in check_items("exception intercepts: vectors", vectors):
+            bitmap |= 1 << check_int("exception intercepts: vector", vector, 0, 31)
         self._user_exception_bitmap = bitmap
         self.cpu.exception_bitmap = bitmap | self._kvm_exception_bitmap
 
@@ -465,8 +540,7 @@ class KvmVcpu:
         """KVM_TRANSLATE: the guest-physical address of ``linear`` under the guest's current
         paging mode (supervisor read; paging off: the address itself), None when unmapped or
         non-canonical (kvm_translation.valid = 0)."""
-        if not 0 <= linear < 1 << 64:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_TRANSLATE: {linear!r} is not a 64-bit address")
+        linear = check_u64("KVM_TRANSLATE: linear address", linear)
         sregs = self.cpu.get_sregs()
         mode = PagingMode(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer)
         try:
@@ -509,16 +583,14 @@ class KvmVcpu:
         SIPI_RECEIVED (with ``sipi_vector``, a cetvm extension) puts the vCPU in INIT_RECEIVED
         with the SIPI pending; RUNNABLE, HALTED and UNINITIALIZED are set as they are (module
         docstring)."""
-        if not isinstance(state, MpState):
-            raise KvmIoctlError(errno.EINVAL, f"KVM_SET_MP_STATE: {state!r} is not an MP state")
+        state = check_instance("KVM_SET_MP_STATE: state", state, MpState)
         if (sipi_vector is None) != (state is not MpState.SIPI_RECEIVED):
-            raise KvmIoctlError(errno.EINVAL, "KVM_SET_MP_STATE: a SIPI vector goes with SIPI_RECEIVED only")
+            raise KvmInvalidArgument("KVM_SET_MP_STATE: a SIPI vector goes with SIPI_RECEIVED only")
         if state is MpState.INIT_RECEIVED:
             self._init_latched = True
             self._sipi_vector = None
         elif state is MpState.SIPI_RECEIVED:
-            if isinstance(sipi_vector, bool) or not isinstance(sipi_vector, int) or not 0 <= sipi_vector < 256:
-                raise KvmIoctlError(errno.EINVAL, f"KVM_SET_MP_STATE: SIPI vector {sipi_vector!r} is not 0..255")
+            sipi_vector = check_int("KVM_SET_MP_STATE: SIPI vector", sipi_vector, 0, 255)
             if not self._init_latched:
                 self.mp_state = MpState.INIT_RECEIVED
             self._sipi_vector = sipi_vector
@@ -559,8 +631,11 @@ class KvmVcpu:
     # ------------------------------------------------------------------ reset
     def kvm_vcpu_reset(self, init_event: bool) -> None:
         """RESET (vCPU creation) or INIT (see :mod:`cetvm.kvm.reset`)."""
+        init_event = check_flag("kvm_vcpu_reset: init_event", init_event)
+        self._check_userspace_completion()
         state, cpu = self.state, self.cpu
         self._complete_userspace_exit()
+        self._last_run = None
         old_cr0 = state.cr0
         if not init_event:
             _reset.reset_xcr0_xss(state)
@@ -587,11 +662,9 @@ class KvmVcpu:
         """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt): queue external
         interrupt ``vector``; the CPU delivers it through the IDT once RFLAGS.IF = 1 and no
         STI/MOV SS shadow blocks it. -EINVAL for a vector >= 256, -EEXIST while one is pending."""
-        if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector < 256:
-            raise KvmIoctlError(errno.EINVAL, f"KVM_INTERRUPT: vector {vector!r} is not 0..255")
+        vector = check_u8("KVM_INTERRUPT: vector", vector)
         if self.cpu.pending_interrupt is not None:
-            raise KvmIoctlError(errno.EEXIST, f"KVM_INTERRUPT: vector {self.cpu.pending_interrupt:#x} "
-                                "is still pending")
+            raise KvmExists(f"KVM_INTERRUPT: vector {self.cpu.pending_interrupt:#x} is still pending")
         self.cpu.inject_interrupt(vector)
 
     def ready_for_interrupt_injection(self) -> bool:
@@ -611,8 +684,12 @@ class KvmVcpu:
     # ------------------------------------------------------------------ run
     def run(self, budget: int | None = None, immediate_exit: bool = False) -> KvmRun:
         """KVM_RUN: until an exit KVM returns to userspace (``budget``: instructions → INTR)."""
-        if budget is not None and budget < 0:
-            raise InputError(f"run budget must be >= 0, got {budget}")
+        if budget is not None:
+            budget = check_u64("KVM_RUN: budget", budget)
+        immediate_exit = check_flag("KVM_RUN: immediate_exit", immediate_exit)
+        self.request_interrupt_window = check_flag("kvm_run.request_interrupt_window",
+                                                   self.request_interrupt_window)
+        self._check_userspace_completion()
         cpu, state = self.cpu, self.state
         # The budget counts from here: completing the previous exit (an OUT, a VMCALL...)
         # retires that instruction, and it belongs to this run.
@@ -632,9 +709,27 @@ class KvmVcpu:
             if self._queued is not None:
                 cpu.inject_exception(self._queued.vector, self._queued.error_code)
                 self._queued = None
-            return self._post_kvm_run_save(self._run_loop(budget, start))
+            self._last_run = self._post_kvm_run_save(self._run_loop(budget, start))
+            return self._last_run
         finally:
             vmx.kvm_put_guest_fpu(state, cpu)
+
+    def _check_userspace_completion(self) -> None:
+        """What userspace wrote into kvm_run for the last exit must fit its fields (-EINVAL,
+        nothing changed): IN / MMIO-read data in ``size`` bytes, the RDMSR data a u64 and
+        ``error`` 0 or 1, the hypercall result a u64."""
+        last = self._last_run
+        if last is None:
+            return
+        if last.io is not None:
+            check_int("kvm_run.io.data", last.io.data, 0, (1 << 8 * last.io.size) - 1)
+        if last.mmio is not None:
+            check_int("kvm_run.mmio.data", last.mmio.data, 0, (1 << 8 * last.mmio.size) - 1)
+        if last.msr is not None:
+            check_u64("kvm_run.msr.data", last.msr.data)
+            check_flag("kvm_run.msr.error", last.msr.error)
+        if last.hypercall is not None:
+            check_u64("kvm_run.hypercall.ret", last.hypercall.ret)
 
     def _complete_userspace_exit(self) -> None:
         """complete_userspace_io(): finish the last exit (IN data, MMIO read, RIP past HLT or
@@ -748,7 +843,7 @@ def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
     :func:`cetvm.kvm.state.save_vcpu_state`)."""
     from cetvm.kvm import state
 
-    return state.save_vcpu_state(vcpu)
+    return state.save_vcpu_state(check_instance("save_vcpu_state: vcpu", vcpu, KvmVcpu))
 
 
 def restore_vcpu_state(vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
@@ -756,4 +851,4 @@ def restore_vcpu_state(vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
     :func:`cetvm.kvm.state.restore_vcpu_state`)."""
     from cetvm.kvm import state
 
-    state.restore_vcpu_state(vcpu, saved)
+    state.restore_vcpu_state(check_instance("restore_vcpu_state: vcpu", vcpu, KvmVcpu), saved)

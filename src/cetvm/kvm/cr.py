@@ -4,17 +4,39 @@
 
 from __future__ import annotations
 
-from cetvm.arch.msr import Efer
+from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer
 from cetvm.arch.regs import Cr0, Cr4
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
 from cetvm.kvm.vcpu import VcpuCetState
 
 
+#: CR4_RESERVED_BITS: every bit KVM does not know (SMXE, PKS and bits 63:29 among them).
+KVM_CR4_KNOWN_BITS = int(Cr4.VME | Cr4.PVI | Cr4.TSD | Cr4.DE | Cr4.PSE | Cr4.PAE | Cr4.MCE | Cr4.PGE
+                         | Cr4.PCE | Cr4.OSFXSR | Cr4.PCIDE | Cr4.OSXSAVE | Cr4.SMEP | Cr4.FSGSBASE
+                         | Cr4.OSXMMEXCPT | Cr4.LA57 | Cr4.VMXE | Cr4.SMAP | Cr4.PKE | Cr4.UMIP
+                         | Cr4.LAM_SUP | Cr4.CET)
+CR4_RESERVED_BITS = 0xFFFF_FFFF_FFFF_FFFF & ~KVM_CR4_KNOWN_BITS
+
+
+#: CR4 bits __cr4_reserved_bits() reserves unless the guest has one of the features.
+CR4_FEATURE_BITS: tuple[tuple[Cr4, tuple[str, ...]], ...] = (
+    (Cr4.OSXSAVE, ("xsave",)), (Cr4.SMEP, ("smep",)), (Cr4.SMAP, ("smap",)),
+    (Cr4.FSGSBASE, ("fsgsbase",)), (Cr4.PKE, ("pku",)), (Cr4.VMXE, ("vmx",)), (Cr4.PCIDE, ("pcid",)),
+    (Cr4.CET, ("shstk", "ibt")),
+)
+#: LA57, UMIP and LAM_SUP: cetvm's CPU never offers LA57, UMIP or LAM, so always reserved.
+CR4_NEVER_OFFERED = int(Cr4.LA57 | Cr4.UMIP | Cr4.LAM_SUP)
+
+
 def cr4_reserved_bits(cpuid: VcpuCpuid) -> int:
-    """__cr4_reserved_bits(), CET part: CR4.CET is reserved unless the guest has SHSTK or IBT."""
-    if cpuid.guest_cpu_cap_has("shstk") or cpuid.guest_cpu_cap_has("ibt"):
-        return 0
-    return int(Cr4.CET)
+    """__cr4_reserved_bits(guest_cpu_cap_has, vcpu): CR4_RESERVED_BITS, plus each CR4 bit whose
+    feature the guest lacks (OSXSAVE/XSAVE, SMEP, SMAP, FSGSBASE, PKE/PKU, VMXE/VMX — cetvm's
+    KVM has no nested VMX —, PCIDE/PCID, CET/SHSTK or IBT, and LA57, UMIP, LAM_SUP)."""
+    reserved = CR4_RESERVED_BITS | CR4_NEVER_OFFERED
+    for bit, features in CR4_FEATURE_BITS:
+        if not any(cpuid.guest_cpu_cap_has(f) for f in features):
+            reserved |= int(bit)
+    return reserved
 
 
 def kvm_is_valid_cr4(vcpu: VcpuCetState, cr4: int) -> bool:
@@ -72,8 +94,10 @@ def kvm_is_valid_sregs_state(vcpu: VcpuCetState, *, cr0: int, cr3: int, cr4: int
     """kvm_is_valid_sregs() in full: None if KVM_SET_SREGS accepts the state, else why not.
 
     Long mode (EFER.LME and CR0.PG) needs CR4.PAE, EFER.LMA and a CR3 below MAXPHYADDR; outside
-    long mode neither EFER.LMA nor a 64-bit CS is allowed; then kvm_is_valid_cr4 (CR4.CET needs
-    guest SHSTK or IBT) and kvm_is_valid_cr0, plus the CET rule that CR4.CET needs CR0.WP.
+    long mode neither EFER.LMA nor a 64-bit CS is allowed; then kvm_is_valid_cr4 (reserved bits;
+    CR4.CET needs guest SHSTK or IBT) and kvm_is_valid_cr0, plus the CET rule that CR4.CET needs
+    CR0.WP. Decision: EFER's reserved bits (efer_reserved_bits) are refused too — KVM's
+    vmx_set_efer stores them and the next VM entry fails, an exit cetvm does not have.
     """
     if efer & Efer.LME and cr0 & Cr0.PG:
         if not cr4 & Cr4.PAE:
@@ -87,6 +111,11 @@ def kvm_is_valid_sregs_state(vcpu: VcpuCetState, *, cr0: int, cr3: int, cr4: int
     why = cr0_invalid_reason(cr0)
     if why is not None:
         return why
+    reserved = cr4 & cr4_reserved_bits(vcpu.cpuid) & ~Cr4.CET
+    if reserved:
+        return f"CR4 {cr4:#x} sets bits {reserved:#x} reserved for this guest (its CPUID lacks the feature)"
     if not kvm_is_valid_sregs(vcpu, cr0, cr4):
         return f"CR4 {cr4:#x} rejected (CR4.CET needs guest SHSTK or IBT, and CR0.WP)"
+    if efer & ~EFER_DEFINED_INTEL:
+        return f"EFER {efer:#x} sets reserved bits {efer & ~EFER_DEFINED_INTEL:#x}"
     return None

@@ -22,8 +22,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cetvm import InputError
-from cetvm.arch.xfeatures import XFEATURE_MASK_FPSSE, XSAVE_EXTENDED_OFFSET, XSAVE_HEADER_OFFSET
+from cetvm.arch.xfeatures import (
+    FXSAVE_MXCSR_OFFSET,
+    MXCSR_FEATURE_MASK,
+    XFEATURE_MASK_FPSSE,
+    XSAVE_EXTENDED_OFFSET,
+    XSAVE_HEADER_OFFSET,
+    XFeature,
+)
+from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.xstate_size import host_layout
 from cetvm.xstate import XsaveArea, XsaveFormat
 from cetvm.xstate.layout import bits_of
@@ -34,6 +41,10 @@ if TYPE_CHECKING:  # pragma: no cover
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: struct kvm_xsave is 4096 bytes; KVM_GET_XSAVE2 may be larger [K x86.c kvm_vcpu_ioctl_x86_get_xsave2].
 KVM_XSAVE_MIN_SIZE = 4096
+#: XSAVE header: XSTATE_BV @512, XCOMP_BV @520, reserved bytes 528-575 [SDM Vol. 1 13.4.2].
+_HEADER_RESERVED_OFFSET = XSAVE_HEADER_OFFSET + 16
+#: Components whose use makes copy_uabi_to_xstate() validate MXCSR (FP, SSE, YMM).
+_MXCSR_USERS = XFeature.X87.mask | XFeature.SSE.mask | XFeature.YMM.mask
 
 
 class GuestFpu:
@@ -114,21 +125,31 @@ class GuestFpu:
     def from_uabi(self, data: bytes) -> None:
         """copy_uabi_from_kernel_to_xstate(): load a standard-format image of user components.
 
-        -EINVAL (InputError here) for a short buffer, XSTATE_BV bits outside the user features
-        or a non-zero XCOMP_BV. Supervisor components (CET) are left alone.
+        -EINVAL (:class:`KvmInvalidArgument`) for a buffer shorter than 576 bytes or longer than
+        :attr:`uabi_size` (the ioctl copies exactly that many), XSTATE_BV bits outside the user
+        features, a non-zero XCOMP_BV or reserved header bytes (validate_user_xstate_header),
+        reserved MXCSR bits while x87/SSE/AVX state is in use (``mxcsr & ~mxcsr_feature_mask``),
+        or an image too short for its XSTATE_BV. Supervisor components (CET) are left alone.
         """
-        if len(data) < XSAVE_EXTENDED_OFFSET:
-            raise InputError(f"KVM_SET_XSAVE: image of {len(data)} bytes is shorter than 576")
+        if not XSAVE_EXTENDED_OFFSET <= len(data) <= self.uabi_size:
+            raise KvmInvalidArgument(f"KVM_SET_XSAVE: image of {len(data)} bytes, expected 576 to "
+                                     f"{self.uabi_size}")
         src = XsaveArea(self.layout, XsaveFormat.STANDARD, bytearray(data), self.user_features)
         if src.xcomp_bv:
-            raise InputError(f"KVM_SET_XSAVE: XCOMP_BV {src.xcomp_bv:#x} must be 0 in the standard format")
+            raise KvmInvalidArgument(f"KVM_SET_XSAVE: XCOMP_BV {src.xcomp_bv:#x} must be 0 in the standard format")
+        if any(data[_HEADER_RESERVED_OFFSET:XSAVE_EXTENDED_OFFSET]):
+            raise KvmInvalidArgument("KVM_SET_XSAVE: reserved bytes 528-575 of the XSAVE header are not zero")
         bv = src.xstate_bv
         if bv & ~self.user_features:
-            raise InputError(f"KVM_SET_XSAVE: XSTATE_BV {bv:#x} has components outside the guest "
-                             f"FPU's user features {self.user_features:#x}")
+            raise KvmInvalidArgument(f"KVM_SET_XSAVE: XSTATE_BV {bv:#x} has components outside the guest "
+                                     f"FPU's user features {self.user_features:#x}")
+        mxcsr = int.from_bytes(data[FXSAVE_MXCSR_OFFSET:FXSAVE_MXCSR_OFFSET + 4], "little")
+        if bv & _MXCSR_USERS and mxcsr & ~MXCSR_FEATURE_MASK:
+            raise KvmInvalidArgument(f"KVM_SET_XSAVE: MXCSR {mxcsr:#x} sets reserved bits "
+                                     f"{mxcsr & ~MXCSR_FEATURE_MASK:#x}")
         need = self.layout.standard_size(bv & ~XFEATURE_MASK_FPSSE)
         if len(data) < need:
-            raise InputError(f"KVM_SET_XSAVE: image of {len(data)} bytes is too short for XSTATE_BV {bv:#x}")
+            raise KvmInvalidArgument(f"KVM_SET_XSAVE: image of {len(data)} bytes is too short for XSTATE_BV {bv:#x}")
         self.area.data[:XSAVE_HEADER_OFFSET] = bytes(data[:XSAVE_HEADER_OFFSET])
         for n in bits_of(self.user_features & ~XFEATURE_MASK_FPSSE):
             if bv >> n & 1:

@@ -20,16 +20,15 @@ may always read it). Canonical checks use 48-bit linear addresses.
 from __future__ import annotations
 
 import enum
-import errno
 from dataclasses import dataclass, field
 
-from cetvm import NotSupportedError
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import Msr
+from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer, Msr
+from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp, kvm_is_valid_u_s_cet
-from cetvm.kvm.errors import KvmIoctlError
+from cetvm.kvm.errors import KvmInvalidArgument, KvmNotSupported
 from cetvm.kvm.vcpu import VcpuCetState
 
 
@@ -70,7 +69,7 @@ def is_xstate_managed_msr(index: int) -> bool:
 
 def _check_modelled(index: int) -> None:
     if index not in MODELLED_MSRS:
-        raise NotSupportedError(f"MSR {index:#x}: cetvm.kvm models only the CET MSRs and IA32_XSS")
+        raise KvmNotSupported(f"MSR {index:#x}: cetvm.kvm models only the CET MSRs and IA32_XSS")
 
 
 def _guest_has_cet(vcpu: VcpuCetState) -> tuple[bool, bool]:
@@ -175,9 +174,9 @@ def _translate_kvm_reg(vcpu: VcpuCetState, reg_id: int) -> int:
     """kvm_translate_kvm_reg(): KVM_REG_GUEST_SSP → MSR_KVM_INTERNAL_GUEST_SSP, -EINVAL
     without guest SHSTK or for an unknown id."""
     if reg_id != KVM_REG_GUEST_SSP_ID:
-        raise KvmIoctlError(errno.EINVAL, f"KVM_GET/SET_ONE_REG: unknown register id {reg_id:#x}")
+        raise KvmInvalidArgument(f"KVM_GET/SET_ONE_REG: unknown register id {reg_id:#x}")
     if not vcpu.cpuid.guest_cpu_cap_has("shstk"):
-        raise KvmIoctlError(errno.EINVAL, "KVM_REG_GUEST_SSP: guest CPUID lacks SHSTK")
+        raise KvmInvalidArgument("KVM_REG_GUEST_SSP: guest CPUID lacks SHSTK")
     return Msr.KVM_INTERNAL_GUEST_SSP
 
 
@@ -185,14 +184,14 @@ def get_one_reg(vcpu: VcpuCetState, reg_id: int) -> int:
     index = _translate_kvm_reg(vcpu, reg_id)
     ret, data = kvm_get_msr(vcpu, index, host_initiated=True)
     if ret is not MsrResult.OK:
-        raise KvmIoctlError(errno.EINVAL, f"KVM_GET_ONE_REG {reg_id:#x} failed")
+        raise KvmInvalidArgument(f"KVM_GET_ONE_REG {reg_id:#x} failed")
     return data
 
 
 def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
     index = _translate_kvm_reg(vcpu, reg_id)
     if kvm_set_msr(vcpu, index, value, host_initiated=True) is not MsrResult.OK:
-        raise KvmIoctlError(errno.EINVAL, f"KVM_SET_ONE_REG {reg_id:#x}: invalid value {value:#x}")
+        raise KvmInvalidArgument(f"KVM_SET_ONE_REG {reg_id:#x}: invalid value {value:#x}")
 
 
 # ============================================================================= KVM's own MSRs
@@ -213,7 +212,9 @@ def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
 # - IA32_UCODE_REV (0x8B): vcpu->arch.microcode_version (0x100000000), guest writes ignored.
 # - IA32_FEATURE_CONTROL, IA32_TSC_DEADLINE: software copies (no in-kernel APIC timer).
 # - Everything else the CPU holds (EFER, STAR..., FS/GS bases, SYSENTER, TSC, TSC_AUX) passes
-#   through to the CPU, which applies the architectural checks (:data:`CPU_HELD_MSRS`).
+#   through to the CPU (:data:`CPU_HELD_MSRS`); when KVM itself writes one (an intercepted
+#   guest WRMSR, or KVM_SET_MSRS) it applies __kvm_set_msr's value rules first
+#   (:func:`kvm_cpu_held_msr_value`).
 # - Any other MSR is unknown to KVM: KVM_MSR_RET_UNSUPPORTED → #GP, or a userspace exit with
 #   reason UNKNOWN.
 MSR_IA32_TSC = 0x10
@@ -297,9 +298,10 @@ def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, d
         msrs.software[index] = data
         return MsrResult.OK
     if index in CPU_HELD_MSRS:
-        if cpu_held_write_fault(cpu, index, data):
+        value = kvm_cpu_held_msr_value(vcpu, cpu, index, data, host_initiated)
+        if value is None:
             return MsrResult.ERROR
-        cpu.set_msr(index, data)
+        cpu.set_msr(index, value)
         return MsrResult.OK
     return MsrResult.UNSUPPORTED
 
@@ -318,24 +320,61 @@ def kvm_common_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int,
     return MsrResult.UNSUPPORTED, 0
 
 
+#: MSRs holding a linear address: a non-canonical value fails (__kvm_set_msr, is_noncanonical_msr_address).
 _ADDRESS_MSRS = frozenset(int(m) for m in (Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FS_BASE, Msr.IA32_GS_BASE,
-                                           Msr.IA32_KERNEL_GS_BASE, Msr.IA32_SYSENTER_ESP,
-                                           Msr.IA32_SYSENTER_EIP))
-#: EFER bits a guest may write here: SCE, LME, LMA (ignored), NXE.
-_EFER_WRITABLE = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11)
+                                           Msr.IA32_KERNEL_GS_BASE))
+#: SYSENTER_EIP/ESP: made canonical instead of refused (__kvm_set_msr).
+_SYSENTER_ADDRESS_MSRS = frozenset(int(m) for m in (Msr.IA32_SYSENTER_ESP, Msr.IA32_SYSENTER_EIP))
+#: The widest IA32_SYSENTER_CS value cetvm's CPU holds: the 16-bit selector.
+SYSENTER_CS_MAX = 0xFFFF
 
 
-def cpu_held_write_fault(cpu, index: int, data: int) -> bool:
-    """The checks KVM applies when it emulates a WRMSR to a CPU-held MSR (only reached when a
-    filter makes KVM intercept it): canonical addresses, EFER reserved bits and LME while
-    paging (kvm_set_efer / is_noncanonical_msr_address)."""
-    from cetvm.arch import is_canonical
+def kvm_set_efer_value(vcpu: VcpuCetState, old: int, new: int, paging: bool, host_initiated: bool) -> int | None:
+    """set_efer(): the EFER to store, or None ("return 1").
+
+    Reserved bits (efer_reserved_bits: all but SCE, LME, LMA and NXE on VMX) always fail. For
+    the guest, __kvm_valid_efer (LME/LMA need guest LM, NXE needs guest NX) and no LME toggle
+    while paging. LMA is not writable: the stored value keeps the vCPU's current LMA, for
+    userspace too (``efer &= ~EFER_LMA; efer |= vcpu->arch.efer & EFER_LMA``).
+    """
+    if new & ~EFER_DEFINED_INTEL:
+        return None
+    if not host_initiated:
+        if new & (Efer.LME | Efer.LMA) and not vcpu.cpuid.guest_cpuid_has("lm"):
+            return None
+        if new & Efer.NXE and not vcpu.cpuid.guest_cpuid_has("nx"):
+            return None
+        if paging and (old ^ new) & Efer.LME:
+            return None
+    return (new & ~Efer.LMA) | (old & Efer.LMA)
+
+
+def kvm_cpu_held_msr_value(vcpu: VcpuCetState, cpu, index: int, data: int, host_initiated: bool) -> int | None:
+    """__kvm_set_msr()'s value rules for the MSRs the CPU holds, for the guest (reached only
+    when a filter makes KVM intercept them) and for KVM_SET_MSRS alike: the value to store, or
+    None when KVM fails the write ("return 1").
+
+    - LSTAR, CSTAR, FS/GS/KERNEL_GS_BASE: non-canonical (48-bit) fails.
+    - SYSENTER_EIP/ESP: made canonical (``__canonical_address``), never refused — KVM's
+      choice so that VM entry cannot fail and 64-bit SYSENTER stays deterministic.
+    - TSC_AUX: bits 63:32 fail for an Intel-compatible guest; otherwise they are dropped.
+    - EFER: :func:`kvm_set_efer_value`.
+    - SYSENTER_CS: decision — KVM keeps 32 bits (vmcs_write32); cetvm's CPU holds the 16-bit
+      selector, so a wider value is refused rather than truncated.
+    """
     if index in _ADDRESS_MSRS:
-        return not is_canonical(data)
+        return data if is_canonical(data) else None
+    if index in _SYSENTER_ADDRESS_MSRS:
+        return canonicalize(data)
+    if index == Msr.IA32_TSC_AUX:
+        if data >> 32 and vcpu.cpuid.entries.vendor != "amd":
+            return None
+        return data & 0xFFFF_FFFF
+    if index == Msr.IA32_SYSENTER_CS:
+        return None if data > SYSENTER_CS_MAX else data
     if index == Msr.IA32_EFER:
-        old = cpu.msr(index)
-        return bool(data & ~_EFER_WRITABLE) or bool(cpu.cr0 & 0x8000_0000 and (old ^ data) & (1 << 8))
-    return False
+        return kvm_set_efer_value(vcpu, cpu.msr(index), data, bool(cpu.cr0 & Cr0.PG), host_initiated)
+    return data
 
 
 # ----------------------------------------------------------------------------- guest access, raw
@@ -365,9 +404,6 @@ def kvm_host_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int) -> 
 
 
 def kvm_host_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int) -> bool:
-    """KVM_SET_MSRS for one non-CET MSR (host_initiated; CPU-held MSRs are written unchecked,
-    as KVM restores them for migration)."""
-    if index in CPU_HELD_MSRS:
-        cpu.set_msr(index, data)
-        return True
+    """KVM_SET_MSRS for one non-CET MSR (host_initiated: KVM's value checks apply, the guest's
+    CPUID-dependent ones do not, see :func:`kvm_cpu_held_msr_value`)."""
     return kvm_common_set_msr(vcpu, msrs, cpu, index, data, host_initiated=True) is MsrResult.OK

@@ -32,7 +32,6 @@ an STI in a stretch of natively executed code is noticed at the next exit or sli
 from __future__ import annotations
 
 import enum
-import errno
 from dataclasses import dataclass, field
 
 from cetvm.arch import Cr4, Vector
@@ -40,7 +39,8 @@ from cetvm.arch.apic import X2APIC_MSRS
 from cetvm.arch.cpuid_bits import FEATURES
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpu.exits import ExitReason, IoExit, MmioExit, VmExit
-from cetvm.kvm.errors import KvmIoctlError
+from cetvm.kvm.errors import KvmInvalidArgument
+from cetvm.kvm.ioctl_args import check_bytes, check_instance, check_u32
 from cetvm.kvm.msr import (
     CPU_HELD_MSRS,
     KvmMsrState,
@@ -228,11 +228,20 @@ def kvm_msr_allowed(msr_filter: MsrFilter, index: int, access: int) -> bool:
     return not msr_filter.default_deny
 
 
+def _check_filter_range_fields(i: int, rng: object) -> MsrFilterRange:
+    """struct kvm_msr_filter_range: flags, base and nmsrs are u32, the bitmap a buffer."""
+    what = f"KVM_X86_SET_MSR_FILTER: range {i}"
+    rng = check_instance(what, rng, MsrFilterRange)
+    return MsrFilterRange(check_u32(f"{what}: flags", rng.flags), check_u32(f"{what}: base", rng.base),
+                          check_u32(f"{what}: nmsrs", rng.nmsrs),
+                          check_bytes(f"{what}: bitmap", rng.bitmap, KVM_MSR_FILTER_MAX_BITMAP_SIZE))
+
+
 def _check_filter_range(i: int, rng: MsrFilterRange) -> None:
     """kvm_add_msr_filter(): known flags, a non-empty bitmap no larger than 0x600 bytes that
     holds nmsrs bits, 32-bit indices."""
-    def bad(why: str) -> KvmIoctlError:
-        return KvmIoctlError(errno.EINVAL, f"KVM_X86_SET_MSR_FILTER: range {i}: {why}")
+    def bad(why: str) -> KvmInvalidArgument:
+        return KvmInvalidArgument(f"KVM_X86_SET_MSR_FILTER: range {i}: {why}")
     if rng.flags & ~(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE) or not rng.flags:
         raise bad(f"flags {rng.flags:#x} must be KVM_MSR_FILTER_READ and/or KVM_MSR_FILTER_WRITE")
     size = (rng.nmsrs + 63) // 64 * 8
@@ -248,13 +257,14 @@ def kvm_vm_ioctl_set_msr_filter(flags: int, ranges: list[MsrFilterRange]) -> Msr
     """KVM_X86_SET_MSR_FILTER: validate and build the filter. Ranges with nmsrs == 0 are
     skipped; all-empty with KVM_MSR_FILTER_DEFAULT_DENY is -EINVAL."""
     if flags & ~KVM_MSR_FILTER_DEFAULT_DENY:
-        raise KvmIoctlError(errno.EINVAL, f"KVM_X86_SET_MSR_FILTER: unknown flags {flags:#x}")
+        raise KvmInvalidArgument(f"KVM_X86_SET_MSR_FILTER: unknown flags {flags:#x}")
     if len(ranges) > KVM_MSR_FILTER_MAX_RANGES:
-        raise KvmIoctlError(errno.EINVAL, f"KVM_X86_SET_MSR_FILTER: {len(ranges)} ranges, at most "
-                            f"{KVM_MSR_FILTER_MAX_RANGES}")
+        raise KvmInvalidArgument(f"KVM_X86_SET_MSR_FILTER: {len(ranges)} ranges, at most "
+                                 f"{KVM_MSR_FILTER_MAX_RANGES}")
+    ranges = [_check_filter_range_fields(i, r) for i, r in enumerate(ranges)]
     used = [r for r in ranges if r.nmsrs]
     if not used and flags & KVM_MSR_FILTER_DEFAULT_DENY:
-        raise KvmIoctlError(errno.EINVAL, "KVM_X86_SET_MSR_FILTER: KVM_MSR_FILTER_DEFAULT_DENY needs at least one range")
+        raise KvmInvalidArgument("KVM_X86_SET_MSR_FILTER: KVM_MSR_FILTER_DEFAULT_DENY needs at least one range")
     for i, rng in enumerate(used):
         _check_filter_range(i, rng)
     return MsrFilter(bool(flags & KVM_MSR_FILTER_DEFAULT_DENY), tuple(used))

@@ -18,6 +18,7 @@ the saved one stopped.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -213,9 +214,12 @@ class Machine:
             save_at: int | None = None, progress: Callable[[int, float], None] | None = None) -> RunResult:
         """Run until the guest stops the machine or a limit is reached (see RunLimits);
         ``progress(instructions, seconds)`` is called about once a second during long runs."""
-        for name, value in (("timeout", timeout), ("max_instructions", max_instructions), ("save_at", save_at)):
-            if value is not None and value <= 0:
-                raise InputError(f"{name} must be positive, got {value}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise InputError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+        for name, value in (("max_instructions", max_instructions), ("save_at", save_at)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         self._loop.progress = progress
         return self._loop.run(RunLimits(timeout, max_instructions, save_at))
 
