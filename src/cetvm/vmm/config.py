@@ -45,6 +45,7 @@ from cetvm.arch.cpuid_bits import IBT, SHSTK
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpuid import CpuidModel, resolve_model
 from cetvm.kvm import Host
+from cetvm.vmm.guest_cpu import GuestCpuSpec, fix_xsave_leaf, honest_cpuid
 from cetvm.vmm.layout import MiB, check_ram_size
 
 DEFAULT_CPU_MODEL = "sapphire-rapids"
@@ -145,9 +146,15 @@ def vmm_cpuid_leaves(model: CpuidModel, apic_id: int = 0) -> CpuidModel:
     return model
 
 
-def guest_cpuid(supported: CpuidModel, cet: CetMode) -> CpuidModel:
-    """The guest CPUID for ``cet`` from KVM's supported CPUID (module docstring table)."""
+def guest_cpuid(supported: CpuidModel, cet: CetMode, spec: GuestCpuSpec | None = None) -> CpuidModel:
+    """The guest CPUID for ``cet`` from KVM's supported CPUID (module docstring table): the
+    VMM's leaves, the ``-cpu`` spec (:class:`~cetvm.vmm.guest_cpu.GuestCpuSpec`, default
+    ``host``), then :func:`~cetvm.vmm.guest_cpu.honest_cpuid` (nothing the CPU cannot execute
+    is shown), then the CET setting."""
     model = vmm_cpuid_leaves(supported.copy())
+    if spec is not None:
+        model = spec.apply(model)
+    honest_cpuid(model)
     if not cet.shows_shstk:
         model.set_feature(SHSTK.name, False)
     if not cet.shows_ibt:
@@ -155,6 +162,7 @@ def guest_cpuid(supported: CpuidModel, cet: CetMode) -> CpuidModel:
     if cet is CetMode.OFF:
         _clear_xss_component(model, XFeature.CET_USER)
         _clear_xss_component(model, XFeature.CET_KERNEL)
+        fix_xsave_leaf(model)
     return model
 
 
