@@ -174,7 +174,9 @@ class MachineConfig:
     when ``host`` is given. ``memory``: RAM bytes (or "256M"). ``cet``: see :class:`CetMode`.
     ``cmdline``: the kernel command line (multiboot). ``modules``: multiboot module files
     (``initrd`` is the first). ``serial_sink``: receives every byte the guest writes to COM1.
-    ``smp``: the number of vCPUs, 1 to :data:`MAX_VCPUS` (QEMU ``-smp N``).
+    ``smp``: the number of vCPUs, 1 to :data:`MAX_VCPUS` (QEMU ``-smp N``). ``guest_cpu``: the
+    guest CPU in QEMU ``-cpu`` syntax (:class:`~cetvm.vmm.guest_cpu.GuestCpuSpec`; "" or
+    ``host`` = everything KVM offers that the CPU can execute).
     """
 
     cpu: str | CpuidModel = DEFAULT_CPU_MODEL
@@ -184,6 +186,7 @@ class MachineConfig:
     modules: tuple[str, ...] = ()
     host: Host | None = None
     smp: int = 1
+    guest_cpu: str = ""
     serial_sink: Callable[[bytes], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -191,6 +194,7 @@ class MachineConfig:
         self.cet = CetMode.parse(self.cet)
         self.modules = tuple(str(m) for m in self.modules)
         self.smp = check_vcpu_count(self.smp)
+        self.guest_cpu_spec = GuestCpuSpec.parse(self.guest_cpu) if self.guest_cpu else None
 
     @property
     def memory_size(self) -> int:
@@ -219,6 +223,8 @@ class MachineConfig:
         """The JSON part a snapshot records (a custom Host or CpuidModel is stored as its CPUID)."""
         doc: dict = {"memory": self.memory_size, "cet": self.cet_mode.value, "cmdline": self.cmdline,
                      "modules": list(self.modules)}
+        if self.guest_cpu:
+            doc["guest_cpu"] = self.guest_cpu
         if self.host is None and isinstance(self.cpu, str):
             doc["cpu"] = self.cpu
         else:
@@ -243,7 +249,8 @@ class MachineConfig:
             else:
                 cpu, host = str(doc["cpu"]), None
             return cls(cpu=cpu, memory=int(doc["memory"]), cet=str(doc["cet"]), cmdline=str(doc.get("cmdline", "")),
-                       modules=tuple(doc.get("modules", ())), host=host, serial_sink=serial_sink)
+                       modules=tuple(doc.get("modules", ())), host=host, guest_cpu=str(doc.get("guest_cpu", "")),
+                       serial_sink=serial_sink)
         except KeyError as exc:
             raise InputError(f"snapshot machine config has no {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:

@@ -92,7 +92,7 @@ class Machine:
         self.ram = ram_regions(config.memory_size)
         for slot, region in enumerate(self.ram):
             self.vm.set_user_memory_region(slot, region.addr, region.size)
-        cpuid = guest_cpuid(self.kvm.get_supported_cpuid(), config.cet_mode)
+        cpuid = guest_cpuid(self.kvm.get_supported_cpuid(), config.cet_mode, config.guest_cpu_spec)
         self.devices = PcDevices.create(config.memory_size, sink=config.serial_sink, cmdline=config.cmdline,
                                         x2apic_supported=cpuid.has("x2apic"), maxphyaddr=cpuid.phys_addr_bits)
         self.pio, self.mmio = PioBus(), MmioBus()
