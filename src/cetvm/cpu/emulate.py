@@ -152,6 +152,10 @@ def cpuid(vcpu, instr: Instruction) -> VmExit:
 
 
 def vmcall(vcpu, instr: Instruction) -> VmExit:
+    """VMCALL exits (VMX). VMMCALL (AMD's) is #UD on Intel hardware; KVM intercepts the #UD and
+    its emulator takes it as a hypercall too (em_hypercall; kvm_fix_hypercall may patch the
+    bytes to VMCALL, which cetvm does not: both forms exit the same way, the guest may not
+    rely on the patch)."""
     vcpu.add_completion(_completion_advance(vcpu, instr))
     return VmExit(ExitReason.VMCALL, instr.ip, instr.len)
 
@@ -551,7 +555,7 @@ def xsave_family(vcpu, instr: Instruction) -> None:
 
 
 _HANDLERS: dict[int, Callable] = {
-    M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.XSETBV: xsetbv,
+    M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.VMMCALL: vmcall, M.XSETBV: xsetbv,
     M.IN: port_io, M.OUT: port_io,
     M.INSB: string_io, M.INSW: string_io, M.INSD: string_io, M.OUTSB: string_io, M.OUTSW: string_io, M.OUTSD: string_io,
     M.RDMSR: rdmsr, M.WRMSR: wrmsr,
