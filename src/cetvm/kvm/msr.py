@@ -305,6 +305,29 @@ def kvm_mtrr_valid(index: int, data: int, maxphyaddr: int) -> bool:
     return False
 
 
+#: MSRs KVM's kvm_get_msr_common reads as 0 for any guest (no vPMU: the legacy K7/P6 counters
+#: and event selects fall through to "data = 0"; platform, AMD configuration and RAPL MSRs KVM
+#: stubs out) [K x86.c].
+LEGACY_PMU_MSRS = frozenset({*range(0xC001_0000, 0xC001_0008), 0xC1, 0xC2, 0x186, 0x187})
+READ_ZERO_MSRS = LEGACY_PMU_MSRS | frozenset({
+    0x17,                      # IA32_PLATFORM_ID
+    0x2A,                      # IA32_EBL_CR_POWERON
+    0xCE,                      # PLATFORM_INFO (guest_can_read_msr_platform_info, value 0)
+    0x199,                     # IA32_PERF_CTL
+    0x1DB, 0x1DC, 0x1DD, 0x1DE,  # last branch / last exception records (no LBR)
+    0x606, 0x611, 0x619, 0x639, 0x641,  # RAPL power unit and energy status
+    0xC001_0010, 0xC001_0112, 0xC001_0113, 0xC001_0055, 0xC001_001F, 0xC001_0058,  # K8 SYSCFG..
+    0xC001_0117,               # VM_HSAVE_PA
+    0xC001_102A, 0xC001_1022, 0xC001_1023, 0xC001_102C,  # BU_CFG2, DC_CFG, TW_CFG, EX_CFG
+})
+#: Of those, the ones whose guest writes KVM accepts and ignores (the legacy counters take any
+#: value; the AMD configuration MSRs are "break;" in kvm_set_msr_common).
+WRITE_IGNORED_MSRS = LEGACY_PMU_MSRS | frozenset({0xC001_001F, 0xC001_0117, 0xC001_102A, 0xC001_1022,
+                                                  0xC001_1023, 0xC001_102C})
+#: IA32_POWER_CTL: vcpu->arch.msr_ia32_power_ctl, read/write.
+MSR_IA32_POWER_CTL = 0x1FC
+
+
 def _mce_bank_msr(index: int) -> bool:
     return MSR_MC0_CTL <= index < MSR_MC0_CTL + 4 * KVM_MAX_MCE_BANKS
 
@@ -351,6 +374,10 @@ def _feature_msr_get(vcpu: VcpuCetState, msrs: KvmMsrState, index: int,
         if not host_initiated and not vcpu.cpuid.guest_cpuid_has("pdcm"):
             return MsrResult.ERROR, 0
         return MsrResult.OK, msrs.perf_capabilities
+    if index in READ_ZERO_MSRS:
+        return MsrResult.OK, 0
+    if index == MSR_IA32_POWER_CTL:
+        return MsrResult.OK, msrs.mce.get(index, 0)
     return None
 
 
@@ -385,6 +412,11 @@ def _feature_msr_set(vcpu: VcpuCetState, msrs: KvmMsrState, index: int, data: in
         if not host_initiated or data & ~SUPPORTED_PERF_CAP:
             return MsrResult.ERROR
         msrs.perf_capabilities = data
+        return MsrResult.OK
+    if index in WRITE_IGNORED_MSRS:
+        return MsrResult.OK
+    if index == MSR_IA32_POWER_CTL:
+        msrs.mce[index] = data
         return MsrResult.OK
     return None
 

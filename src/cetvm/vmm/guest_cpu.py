@@ -80,7 +80,7 @@ class GuestCpuSpec:
         model = parts[0] or "host"
         if model not in HOST_MODELS and model not in QEMU_MODELS:
             known = ", ".join(HOST_MODELS + tuple(QEMU_MODELS))
-            raise InputError(f"-cpu {text!r}: unknown CPU model {model!r} (known: {known}, or a cetvm host model)")
+            raise InputError(f"-cpu {text!r}: unknown CPU model {model!r} (known: {known})")
         spec = cls(model)
         plus, minus = [], []
         for part in parts[1:]:

@@ -9,7 +9,7 @@ QEMU refuses an unknown option. What each one does:
 option                      meaning in cetvm
 ==========================  =====================================================================
 -kernel FILE                multiboot v1 / ELF64 kernel (``cetvm boot IMAGE``)
--append CMDLINE             kernel command line
+-append CMDLINE             kernel command line (the multiboot cmdline is "KERNEL CMDLINE", as QEMU's)
 -initrd FILE                the first multiboot module (kvm-unit-tests' environment file)
 -m SIZE                     RAM; QEMU units (a bare number is MiB; k/M/G/T suffixes)
 -smp N[,...]                vCPUs (MachineConfig.smp); more than 8 → QEMU's "Invalid SMP CPUs"
@@ -48,7 +48,7 @@ from typing import Callable, TextIO
 
 from cetvm import CetvmError, InputError, __version__
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, MachineConfig
-from cetvm.vmm.guest_cpu import HOST_MODELS, QEMU_MODELS
+from cetvm.vmm.guest_cpu import HOST_MODELS, QEMU_MODELS, GuestCpuSpec
 
 PROG = "qemu-system-x86_64"
 QEMU_VERSION = "7.2.0"
@@ -105,7 +105,10 @@ class QemuCommand:
         """The MachineConfig this command line asks for."""
         guest_cpu = "" if self.cpu.split(",")[0] in HOST_MODELS and "," not in self.cpu else self.cpu
         host = os.environ.get(HOST_ENV) or DEFAULT_CPU_MODEL
-        return MachineConfig(cpu=host, memory=self.memory, cet="on", cmdline=self.append,
+        # QEMU's multiboot loader gives the kernel "FILE APPEND" (hw/i386/multiboot.c): kernels such
+        # as kvm-unit-tests take the first word as argv[0].
+        cmdline = f"{self.kernel} {self.append}" if self.append else (self.kernel or "")
+        return MachineConfig(cpu=host, memory=self.memory, cet="on", cmdline=cmdline,
                              modules=(self.initrd,) if self.initrd else (), smp=self.smp, guest_cpu=guest_cpu,
                              serial_sink=sink)
 
@@ -255,6 +258,7 @@ def _apply_option(cmd: QemuCommand, name: str, value: str) -> None:
     elif name == "smp":
         cmd.smp = parse_smp(value)
     elif name == "cpu":
+        GuestCpuSpec.parse(value)  # refuse a bad -cpu before anything is loaded, as QEMU does
         cmd.cpu = value
     elif name in ("machine", "M"):
         _parse_machine(cmd, value)
@@ -291,9 +295,16 @@ def attach_devices(machine, devices: list[str]) -> None:
     from cetvm.vmm.devices.pm_timer import PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer
 
     if "pc-testdev" in devices:
-        PcTestdev().register(machine.pio)
+        PcTestdev().register(machine.pio, machine.mmio)
     machine.pio.register(PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer(machine.clock), "ACPI PM timer")
     write_acpi_tables(machine.vm.put_memory)
+
+
+def _safe_rip(machine) -> str:
+    try:
+        return hex(machine.vcpu.get_regs().rip)
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 def run(argv: list[str], stdout=None, stderr: TextIO | None = None) -> int:
@@ -338,6 +349,12 @@ def run(argv: list[str], stdout=None, stderr: TextIO | None = None) -> int:
         result = machine.run()
     except CetvmError as exc:
         return fail(f"cetvm stopped: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a bug in cetvm: one line, never a traceback
+        if os.environ.get("CETVM_DEBUG"):
+            raise
+        rip = _safe_rip(machine)
+        return fail(f"cetvm internal error (a bug in cetvm; CETVM_DEBUG=1 shows the traceback): "
+                    f"{type(exc).__name__}: {exc} (rip={rip})")
     if result.reason in (StopReason.GUEST_EXIT, StopReason.POWER_OFF):
         return result.exit_code
     if result.reason is StopReason.RESET:
