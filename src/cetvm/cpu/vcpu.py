@@ -244,6 +244,16 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def set_fpu(self, fpu: FpuState) -> None:
         """Load x87, SSE and AVX registers (InputError if a field does not fit its width)."""
         self._registers.set_fpu(fpu)
+        self.fpu_writes = getattr(self, "fpu_writes", 0) + 1
+
+    def get_sse(self) -> tuple[int, list[int]]:
+        """(MXCSR, [XMM0..15]) only (the guest FPU swap of every KVM_RUN)."""
+        return self._registers.get_sse()
+
+    def set_sse(self, mxcsr: int, xmm: list[int]) -> None:
+        """Load MXCSR and XMM0-15 (YMM upper halves kept)."""
+        self._registers.set_sse(mxcsr, xmm)
+        self.fpu_writes = getattr(self, "fpu_writes", 0) + 1
 
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""
