@@ -90,7 +90,9 @@ def _vm_for(model: str, spec: str = ""):
     cpuid = guest_cpuid(kvm.get_supported_cpuid(), CetMode.ON, GuestCpuSpec.parse(spec) if spec else None)
     vcpu = vm.create_vcpu()
     vcpu.set_cpuid(cpuid)
-    vcpu.set_sregs(long_mode_sregs(CR4_OSFXSR_OSXMMEXCPT_OSXSAVE_FSGSBASE))
+    cr4 = CR4_OSFXSR_OSXMMEXCPT_OSXSAVE_FSGSBASE  # minus what KVM_SET_SREGS refuses for this CPUID
+    cr4 &= ~((0 if cpuid.has("xsave") else 1 << 18) | (0 if cpuid.has("fsgsbase") else 1 << 16))
+    vcpu.set_sregs(long_mode_sregs(cr4))
     return vm, vcpu, cpuid
 
 
@@ -194,6 +196,17 @@ def test_vmmcall_is_a_hypercall_on_intel():
     vm, vcpu, _ = _vm_for("sapphire-rapids")
     assert _run(vm, vcpu, b"\x0f\x01\xd9", rax=0xFFFF_FFFF_FFFF_FFFF) is None
     assert vcpu.get_regs().rax == (-1000) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def test_cr4_bits_of_hidden_features_are_reserved():
+    """kvm-unit-tests' pcid/la57/lam/umip: MOV to CR4 setting a bit whose feature the guest
+    CPUID lacks is #GP(0) (KVM's __cr4_reserved_bits); shown features' bits are accepted."""
+    vm, vcpu, cpuid = _vm_for("sapphire-rapids")
+    assert not cpuid.has("pcid") and cpuid.has("smep")
+    mov_cr4 = b"\x0f\x20\xe0\x48\x09\xd8\x0f\x22\xe0"  # mov rax, cr4; or rax, rbx; mov cr4, rax
+    for bit in (17, 12, 11, 28, 24, 22, 21, 13, 19, 14):  # PCIDE LA57 UMIP LAM_SUP PKS PKE SMAP VMXE KL SMXE
+        assert _run(vm, vcpu, mov_cr4, rbx=1 << bit) == 13, f"CR4 bit {bit}"
+    assert _run(vm, vcpu, mov_cr4, rbx=1 << 20) is None  # SMEP is shown
 
 
 def test_qemu64_spec_keeps_only_its_features_and_warns_for_the_impossible():

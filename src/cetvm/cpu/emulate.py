@@ -308,12 +308,15 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
 def mov_to_cr(vcpu, instr: Instruction) -> None:
     """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5; reference §3]:
     CR4.CET is reserved (#GP) unless the model has SHSTK or IBT; setting CR4.CET with CR0.WP=0
-    and clearing CR0.WP with CR4.CET=1 → #GP(0). Other reserved-bit checks are Unicorn's
-    business and are not replicated (decision)."""
+    and clearing CR0.WP with CR4.CET=1 → #GP(0). CR4 bits in ``vcpu.cr4_guest_rsvd_bits`` (set
+    by the hypervisor: bits reserved for this guest's CPUID) → #GP(0). Other reserved-bit checks
+    are Unicorn's business and are not replicated (decision)."""
     _require_cpl0(vcpu)
     n = instr.op0_register - Register.CR0
     value = read_register(vcpu, instr.op1_register)
     if n == 4:
+        if value & getattr(vcpu, "cr4_guest_rsvd_bits", 0):
+            raise gp(0)  # reserved for this guest (the hypervisor's CR4 guest/host mask)
         if value & Cr4.CET and not (vcpu.has_shstk or vcpu.has_ibt):
             raise gp(0)
         if value & Cr4.CET and not vcpu.cr0 & Cr0.WP:

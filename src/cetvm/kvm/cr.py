@@ -10,11 +10,39 @@ from cetvm.kvm.cpuid_runtime import VcpuCpuid
 from cetvm.kvm.vcpu import VcpuCetState
 
 
+#: CR4.LAM_SUP (bit 28) [SDM Vol. 3 §4.4 "LAM"].
+CR4_LAM_SUP = 1 << 28
+#: The CR4 bits KVM knows (CR4_RESERVED_BITS is the complement) [K x86.h].
+CR4_KNOWN_BITS = int(Cr4.VME | Cr4.PVI | Cr4.TSD | Cr4.DE | Cr4.PSE | Cr4.PAE | Cr4.MCE | Cr4.PGE | Cr4.PCE
+                     | Cr4.OSFXSR | Cr4.PCIDE | Cr4.OSXSAVE | Cr4.SMEP | Cr4.FSGSBASE | Cr4.OSXMMEXCPT | Cr4.LA57
+                     | Cr4.VMXE | Cr4.SMAP | Cr4.PKE | Cr4.UMIP | Cr4.PKS | Cr4.CET) | CR4_LAM_SUP
+#: CR4 bits reserved unless the guest CPUID shows the feature (QEMU feature names).
+CR4_FEATURE_BITS: tuple[tuple[int, str], ...] = (
+    (Cr4.OSXSAVE, "xsave"), (Cr4.SMEP, "smep"), (Cr4.SMAP, "smap"), (Cr4.FSGSBASE, "fsgsbase"),
+    (Cr4.PKE, "pku"), (Cr4.LA57, "la57"), (Cr4.UMIP, "umip"), (Cr4.VMXE, "vmx"), (Cr4.PCIDE, "pcid"),
+    (CR4_LAM_SUP, "lam"), (Cr4.PKS, "pks"),
+)
+
+
+def _guest_shows(cpuid: VcpuCpuid, name: str) -> bool:
+    from cetvm.arch.qemu_features import QEMU_FEATURES
+
+    bit = QEMU_FEATURES[name]
+    entries = cpuid.entries
+    return entries.contains(bit.leaf, bit.subleaf) and bool(entries.get(bit.leaf, bit.subleaf)[bit.reg] & bit.mask)
+
+
 def cr4_reserved_bits(cpuid: VcpuCpuid) -> int:
-    """__cr4_reserved_bits(), CET part: CR4.CET is reserved unless the guest has SHSTK or IBT."""
-    if cpuid.guest_cpu_cap_has("shstk") or cpuid.guest_cpu_cap_has("ibt"):
-        return 0
-    return int(Cr4.CET)
+    """__cr4_reserved_bits(guest_cpuid_has) [K x86.h]: every bit KVM does not know, and each
+    feature bit whose feature the guest CPUID lacks; CR4.CET unless the guest has SHSTK or IBT
+    (guest_cpu_cap_has: KVM must support it too)."""
+    reserved = ~CR4_KNOWN_BITS & 0xFFFF_FFFF_FFFF_FFFF
+    for bit, feature in CR4_FEATURE_BITS:
+        if not _guest_shows(cpuid, feature):
+            reserved |= int(bit)
+    if not (cpuid.guest_cpu_cap_has("shstk") or cpuid.guest_cpu_cap_has("ibt")):
+        reserved |= int(Cr4.CET)
+    return reserved
 
 
 def kvm_is_valid_cr4(vcpu: VcpuCetState, cr4: int) -> bool:

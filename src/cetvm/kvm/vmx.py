@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch.msr import Msr
+from cetvm.arch.regs import Cr4
 from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.vcpu import VcpuCetState
@@ -75,9 +76,14 @@ def vmx_update_intercept_for_cet_msr(vcpu: VcpuCetState) -> set[int]:
 
 
 def vmx_set_cr4_guest_host_mask(vcpu: VcpuCetState, cpu) -> None:
-    """Make the CPU #GP a guest CR4.CET write exactly when KVM would (module docstring)."""
+    """Make the CPU #GP a guest CR4 write exactly when KVM would (module docstring): CR4.CET
+    from ``has_shstk``/``has_ibt``, every other reserved bit (kvm-unit-tests' pcid, la57, lam,
+    umip: a CR4 feature bit the guest CPUID lacks) from ``cr4_guest_rsvd_bits``."""
+    from cetvm.kvm.cr import cr4_reserved_bits
+
     cpu.has_shstk = vcpu.cpuid.guest_cpu_cap_has("shstk")
     cpu.has_ibt = vcpu.cpuid.guest_cpu_cap_has("ibt")
+    cpu.cr4_guest_rsvd_bits = cr4_reserved_bits(vcpu.cpuid) & ~int(Cr4.CET)
 
 
 def _entry_loads_cet(vcpu: VcpuCetState) -> bool:
