@@ -12,20 +12,13 @@ of its vector, which halts.
 from __future__ import annotations
 
 import pytest
-from conftest import CODE, SLOTS, _gate, build_machine, long_mode_sregs
+from probe_guest import run_probe, vm_for
 
 from cetvm.cpu.engine_features import ENGINE_FEATURE_WORDS, probe_engine_feature_words
-from cetvm.cpu.state import Regs
 from cetvm.cpuid import get_model, model_names
-from cetvm.kvm.api import Kvm, KvmExitReason
-from cetvm.kvm.host import Host
-from cetvm.vmm.config import CetMode, guest_cpuid
 from cetvm.vmm.guest_cpu import GuestCpuSpec
 
 MODELS = [m for m in model_names() if m != "host"]
-IDT = 0x5000
-PROBE = CODE + 0x400
-HLT = b"\xf4"
 
 #: MSRs each feature brings [SDM Vol. 4 Table 2-2] (x2APIC MSRs are the VMM's, tested with the
 #: devices; the CET MSRs have their own tests).
@@ -80,52 +73,6 @@ INSTRUCTIONS: dict[str, bytes] = {
     "ibt": b"\xf3\x0f\x1e\xfa",               # endbr64
     "shstk": b"\xf3\x48\x0f\x1e\xc8",         # rdsspq rax
 }
-CR4_OSFXSR_OSXMMEXCPT_OSXSAVE_FSGSBASE = (1 << 9) | (1 << 10) | (1 << 18) | (1 << 16)
-
-
-def _vm_for(model: str, spec: str = ""):
-    kvm = Kvm(Host(get_model(model)))
-    vm = kvm.create_vm()
-    build_machine(vm)
-    cpuid = guest_cpuid(kvm.get_supported_cpuid(), CetMode.ON, GuestCpuSpec.parse(spec) if spec else None)
-    vcpu = vm.create_vcpu()
-    vcpu.set_cpuid(cpuid)
-    cr4 = CR4_OSFXSR_OSXMMEXCPT_OSXSAVE_FSGSBASE  # minus what KVM_SET_SREGS refuses for this CPUID
-    cr4 &= ~((0 if cpuid.has("xsave") else 1 << 18) | (0 if cpuid.has("fsgsbase") else 1 << 16))
-    vcpu.set_sregs(long_mode_sregs(cr4))
-    return vm, vcpu, cpuid
-
-
-_next_probe = [PROBE]
-#: Offsets of the per-run fault stubs inside a probe block.
-_STUB_OFFSETS = {6: 0x30, 13: 0x34, 14: 0x38, 21: 0x3C}
-
-
-def _run(vm, vcpu, code: bytes, **regs) -> int | None:
-    """Run ``code`` + HLT in a fresh 64-byte block whose last bytes are HLT stubs for #UD,
-    #GP, #PF and #CP (the IDT gates are pointed at them); the vector that faulted, or None.
-    Neither code nor stubs are ever re-entered at an address used before: see the note on
-    re-entering a HLT at a used address in the h3 report (engine)."""
-    probe = _next_probe[0]
-    _next_probe[0] = PROBE + (probe - PROBE + 0x40) % 0xE_0000
-    assert len(code) < 0x30
-    block = bytearray(code + HLT) + bytearray(0x40 - len(code) - 1)
-    for vector, offset in _STUB_OFFSETS.items():
-        block[offset] = HLT[0]
-        vm.put_memory(IDT + 16 * vector, _gate(probe + offset))
-    vm.put_memory(probe, bytes(block))
-    vcpu.set_regs(Regs(rip=probe, rsp=0x80000, rflags=0x2, rsi=SLOTS, **regs))
-    exit_ = vcpu.run(budget=10_000)
-    assert exit_.exit_reason is KvmExitReason.HLT, exit_
-    vcpu.run(immediate_exit=True)  # complete the HLT (KVM's complete_userspace_io)
-    rip = vcpu.get_regs().rip
-    for vector, offset in _STUB_OFFSETS.items():
-        if rip == probe + offset + 1:
-            return vector
-    assert rip == probe + len(code) + 1
-    return None
-
-
 def test_engine_feature_words_are_what_unicorn_reports():
     """The pinned engine set is re-measured: a different Unicorn build would change it."""
     assert probe_engine_feature_words() == ENGINE_FEATURE_WORDS
@@ -133,7 +80,7 @@ def test_engine_feature_words_are_what_unicorn_reports():
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_shown_feature_has_working_msrs(model):
-    vm, vcpu, cpuid = _vm_for(model)
+    vm, vcpu, cpuid = vm_for(model)
     from cetvm.arch.qemu_features import QEMU_FEATURES
     checked = 0
     for feature, msrs in FEATURE_MSRS.items():
@@ -141,77 +88,77 @@ def test_every_shown_feature_has_working_msrs(model):
         if not cpuid.get(bit.leaf, bit.subleaf)[bit.reg] & bit.mask:
             continue
         for index in msrs:
-            assert _run(vm, vcpu, b"\x0f\x32", rcx=index) is None, f"{model}: RDMSR {index:#x} ({feature}) #GP"
+            assert run_probe(vm, vcpu, b"\x0f\x32", rcx=index) is None, f"{model}: RDMSR {index:#x} ({feature}) #GP"
             checked += 1
     assert checked >= 20
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_shown_feature_with_a_probe_executes(model):
-    vm, vcpu, cpuid = _vm_for(model)
+    vm, vcpu, cpuid = vm_for(model)
     from cetvm.arch.qemu_features import QEMU_FEATURES
     shown = [f for f in INSTRUCTIONS
              if cpuid.get(QEMU_FEATURES[f].leaf, QEMU_FEATURES[f].subleaf)[QEMU_FEATURES[f].reg] & QEMU_FEATURES[f].mask]
     assert len(shown) >= 25
     for feature in shown:
-        assert _run(vm, vcpu, INSTRUCTIONS[feature], rcx=0) is None, f"{model}: {feature} faulted"
+        assert run_probe(vm, vcpu, INSTRUCTIONS[feature], rcx=0) is None, f"{model}: {feature} faulted"
 
 
 def test_hidden_feature_is_really_missing_from_the_engine():
     """The mask is not decorative: AVX (hidden everywhere) is #UD on this engine, and MOVBE
     (shown) is not; PDCM's MSR without PDCM in CPUID is #GP as KVM does."""
-    vm, vcpu, cpuid = _vm_for("sapphire-rapids")
+    vm, vcpu, cpuid = vm_for("sapphire-rapids")
     assert not cpuid.has("avx") and not cpuid.has("pdcm")
-    assert _run(vm, vcpu, b"\xc5\xf4\x58\xc2") == 6  # vaddps ymm0, ymm1, ymm2
-    assert _run(vm, vcpu, b"\x0f\x32", rcx=0x345) == 13  # IA32_PERF_CAPABILITIES without PDCM
+    assert run_probe(vm, vcpu, b"\xc5\xf4\x58\xc2") == 6  # vaddps ymm0, ymm1, ymm2
+    assert run_probe(vm, vcpu, b"\x0f\x32", rcx=0x345) == 13  # IA32_PERF_CAPABILITIES without PDCM
 
 
 def test_userspace_pdcm_gives_perf_capabilities_zero():
     """KVM_SET_CPUID2 with PDCM (userspace may set any CPUID): the guest reads KVM's
     perf_capabilities, 0 without a vPMU; only userspace writes it, and only 0."""
-    vm, vcpu, cpuid = _vm_for("sapphire-rapids")
+    vm, vcpu, cpuid = vm_for("sapphire-rapids")
     cpuid.set_feature("pdcm", True)
     vcpu.set_cpuid(cpuid)
-    assert _run(vm, vcpu, b"\x0f\x32", rcx=0x345, rax=0x1234, rdx=0x5678) is None
+    assert run_probe(vm, vcpu, b"\x0f\x32", rcx=0x345, rax=0x1234, rdx=0x5678) is None
     assert vcpu.get_regs().rax == 0 and vcpu.get_regs().rdx == 0
-    assert _run(vm, vcpu, b"\x0f\x30", rcx=0x345, rax=0, rdx=0) == 13
+    assert run_probe(vm, vcpu, b"\x0f\x30", rcx=0x345, rax=0, rdx=0) == 13
     assert vcpu.set_msrs([(0x345, 0)]) == 1 and vcpu.set_msrs([(0x345, 1)]) == 0
 
 
 def test_mtrr_and_mce_msr_rules():
-    vm, vcpu, _ = _vm_for("sapphire-rapids")
+    vm, vcpu, _ = vm_for("sapphire-rapids")
     wrmsr = b"\x0f\x30"
-    assert _run(vm, vcpu, wrmsr, rcx=0x2FF, rax=0xC06, rdx=0) is None  # E | FE | WB
-    assert _run(vm, vcpu, wrmsr, rcx=0x2FF, rax=0x2, rdx=0) == 13      # type 2 is reserved
-    assert _run(vm, vcpu, wrmsr, rcx=0xFE, rax=0, rdx=0) == 13         # MTRRcap is read-only
-    assert _run(vm, vcpu, wrmsr, rcx=0x400, rax=0x1, rdx=0) == 13      # MC0_CTL: 0 or all ones
-    assert _run(vm, vcpu, wrmsr, rcx=0x401, rax=0x1, rdx=0) == 13      # MC0_STATUS: guest writes 0 only
-    assert _run(vm, vcpu, b"\x0f\x32", rcx=0x17B) == 13                # no MCG_CTL without MCG_CTL_P
+    assert run_probe(vm, vcpu, wrmsr, rcx=0x2FF, rax=0xC06, rdx=0) is None  # E | FE | WB
+    assert run_probe(vm, vcpu, wrmsr, rcx=0x2FF, rax=0x2, rdx=0) == 13      # type 2 is reserved
+    assert run_probe(vm, vcpu, wrmsr, rcx=0xFE, rax=0, rdx=0) == 13         # MTRRcap is read-only
+    assert run_probe(vm, vcpu, wrmsr, rcx=0x400, rax=0x1, rdx=0) == 13      # MC0_CTL: 0 or all ones
+    assert run_probe(vm, vcpu, wrmsr, rcx=0x401, rax=0x1, rdx=0) == 13      # MC0_STATUS: guest writes 0 only
+    assert run_probe(vm, vcpu, b"\x0f\x32", rcx=0x17B) == 13                # no MCG_CTL without MCG_CTL_P
     assert dict(vcpu.get_msrs([0x2FF, 0xFE, 0x179])) == {0x2FF: 0xC06, 0xFE: 0x508, 0x179: 32}
 
 
 def test_vmmcall_is_a_hypercall_on_intel():
     """kvm-unit-tests' hypercall: VMMCALL (AMD's encoding) on an Intel host is KVM's hypercall
     too (#UD intercepted, em_hypercall): RAX = -KVM_ENOSYS for an unknown call, no #UD."""
-    vm, vcpu, _ = _vm_for("sapphire-rapids")
-    assert _run(vm, vcpu, b"\x0f\x01\xd9", rax=0xFFFF_FFFF_FFFF_FFFF) is None
+    vm, vcpu, _ = vm_for("sapphire-rapids")
+    assert run_probe(vm, vcpu, b"\x0f\x01\xd9", rax=0xFFFF_FFFF_FFFF_FFFF) is None
     assert vcpu.get_regs().rax == (-1000) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def test_cr4_bits_of_hidden_features_are_reserved():
     """kvm-unit-tests' pcid/la57/lam/umip: MOV to CR4 setting a bit whose feature the guest
     CPUID lacks is #GP(0) (KVM's __cr4_reserved_bits); shown features' bits are accepted."""
-    vm, vcpu, cpuid = _vm_for("sapphire-rapids")
+    vm, vcpu, cpuid = vm_for("sapphire-rapids")
     assert not cpuid.has("pcid") and cpuid.has("smep")
     mov_cr4 = b"\x0f\x20\xe0\x48\x09\xd8\x0f\x22\xe0"  # mov rax, cr4; or rax, rbx; mov cr4, rax
     for bit in (17, 12, 11, 28, 24, 22, 21, 13, 19, 14):  # PCIDE LA57 UMIP LAM_SUP PKS PKE SMAP VMXE KL SMXE
-        assert _run(vm, vcpu, mov_cr4, rbx=1 << bit) == 13, f"CR4 bit {bit}"
-    assert _run(vm, vcpu, mov_cr4, rbx=1 << 20) is None  # SMEP is shown
+        assert run_probe(vm, vcpu, mov_cr4, rbx=1 << bit) == 13, f"CR4 bit {bit}"
+    assert run_probe(vm, vcpu, mov_cr4, rbx=1 << 20) is None  # SMEP is shown
 
 
 def test_qemu64_spec_keeps_only_its_features_and_warns_for_the_impossible():
     spec = GuestCpuSpec.parse("qemu64,+x2apic,+tsc-deadline,-pcid,vendor=GenuineIntel")
-    _, _, cpuid = _vm_for("sapphire-rapids", spec.to_text())
+    _, _, cpuid = vm_for("sapphire-rapids", spec.to_text())
     assert cpuid.vendor_string == "GenuineIntel"
     assert cpuid.has("x2apic") and cpuid.has("sse2") and cpuid.has("lm")
     assert not cpuid.has("xsave") and not cpuid.has("shstk") and not cpuid.has("fsgsbase")

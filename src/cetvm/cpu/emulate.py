@@ -551,6 +551,35 @@ def invalidate_tlb(vcpu, instr: Instruction) -> None:
     _native(vcpu, instr, branches=False)
 
 
+def descriptor_table_load(vcpu, instr: Instruction) -> None:
+    """LGDT/LIDT/LLDT/LTR: the 64-bit-mode canonical checks the engine lacks, then the engine
+    runs the instruction [SDM Vol. 2 LGDT/LIDT: #GP(0) "if the memory address is in a
+    non-canonical form" of the loaded base in 64-bit mode; LLDT/LTR: #GP(selector) if the
+    16-byte system descriptor's base is non-canonical]. Everything else (CPL, limits, types,
+    busy TSS, present bits) is the engine's, which executes these natively."""
+    if vcpu.long_mode and vcpu.cpl == 0:
+        if instr.mnemonic in (M.LGDT, M.LIDT):
+            raw = vcpu.read_virt(effective_address(vcpu, instr), 10, vcpu._user_access())
+            if not is_canonical(int.from_bytes(raw[2:10], "little")):
+                raise gp(0)
+        else:
+            op = instr.op0_kind
+            selector = (read_register(vcpu, instr.op0_register) if op == OpKind.REGISTER else
+                        int.from_bytes(vcpu.read_virt(effective_address(vcpu, instr), 2,
+                                                      vcpu._user_access()), "little")) & 0xFFFF
+            gdt = vcpu.get_sregs().gdt
+            index = selector & ~7
+            if selector & ~3 and not selector & 4 and index + 15 <= gdt.limit:
+                raw = vcpu.read_virt(gdt.base + index, 16)
+                low, high, upper = (int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little"),
+                                    int.from_bytes(raw[8:12], "little"))
+                base = (low >> 16) | (high & 0xFF) << 16 | (high & 0xFF00_0000) | upper << 32
+                present = high >> 15 & 1
+                if present and not is_canonical(base):
+                    raise gp(selector & ~3)
+    _native(vcpu, instr, branches=False)
+
+
 def xsave_family(vcpu, instr: Instruction) -> None:
     from cetvm.cpu import xsave
 
@@ -568,6 +597,8 @@ _HANDLERS: dict[int, Callable] = {
     M.CLRSSBSY: cet_instruction, M.WRSSD: cet_instruction, M.WRSSQ: cet_instruction,
     M.WRUSSD: cet_instruction, M.WRUSSQ: cet_instruction,
     M.INVLPG: invalidate_tlb, M.INVPCID: invalidate_tlb,
+    M.LGDT: descriptor_table_load, M.LIDT: descriptor_table_load, M.LLDT: descriptor_table_load,
+    M.LTR: descriptor_table_load,
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
 }
