@@ -71,6 +71,10 @@ INSTRUCTIONS: dict[str, bytes] = {
     "xsavec": b"\x31\xd2\xb8\x03\x00\x00\x00\x0f\xc7\x26",     # xsavec [rsi]
     "xsaves": b"\x31\xd2\xb8\x03\x00\x00\x00\x0f\xc7\x2e",     # xsaves [rsi]
     "ibt": b"\xf3\x0f\x1e\xfa",               # endbr64
+    "smap": b"\x0f\x01\xcb\x0f\x01\xca",       # stac; clac
+    "clflushopt": b"\x66\x0f\xae\x3e",        # clflushopt [rsi]
+    "clwb": b"\x66\x0f\xae\x36",              # clwb [rsi]
+    "xgetbv1": b"\xb9\x01\x00\x00\x00\x0f\x01\xd0",  # mov ecx, 1; xgetbv
     "shstk": b"\xf3\x48\x0f\x1e\xc8",         # rdsspq rax
 }
 def test_engine_feature_words_are_what_unicorn_reports():
@@ -149,11 +153,11 @@ def test_cr4_bits_of_hidden_features_are_reserved():
     """kvm-unit-tests' pcid/la57/lam/umip: MOV to CR4 setting a bit whose feature the guest
     CPUID lacks is #GP(0) (KVM's __cr4_reserved_bits); shown features' bits are accepted."""
     vm, vcpu, cpuid = vm_for("sapphire-rapids")
-    assert not cpuid.has("pcid") and cpuid.has("smep")
+    assert not cpuid.has("pcid") and cpuid.has("smep") and cpuid.has("smap")
     mov_cr4 = b"\x0f\x20\xe0\x48\x09\xd8\x0f\x22\xe0"  # mov rax, cr4; or rax, rbx; mov cr4, rax
-    for bit in (17, 12, 11, 28, 24, 22, 21, 13, 19, 14):  # PCIDE LA57 UMIP LAM_SUP PKS PKE SMAP VMXE KL SMXE
+    for bit in (17, 12, 11, 28, 24, 22, 13, 19, 14):  # PCIDE LA57 UMIP LAM_SUP PKS PKE VMXE KL SMXE
         assert run_probe(vm, vcpu, mov_cr4, rbx=1 << bit) == 13, f"CR4 bit {bit}"
-    assert run_probe(vm, vcpu, mov_cr4, rbx=1 << 20) is None  # SMEP is shown
+    assert run_probe(vm, vcpu, mov_cr4, rbx=1 << 20 | 1 << 21) is None  # SMEP and SMAP are shown
 
 
 def test_qemu64_spec_keeps_only_its_features_and_warns_for_the_impossible():

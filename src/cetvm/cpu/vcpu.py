@@ -54,6 +54,7 @@ from cetvm.cpu.block_hook import BlockHookMixin
 from cetvm.cpu.blocks import BlockTracker
 from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.cet_machine import CetMachineMixin
+from cetvm.cpu.engine_features import engine_cpu_model
 from cetvm.cpu.engine_stops import EngineStopsMixin
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
@@ -103,6 +104,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.xss = 0
         self._budget = InstructionBudget()
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
         check_unicorn(self._uc)
         self._memory = GuestMemory(self._uc)
         self._registers = Registers(self._uc)
