@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 from cetvm import InputError
-from cetvm.conformance import EntryResult, check_kut, qemu_tcg_wrapper, run_suite, totals, write_report
+from cetvm.conformance import (EntryResult, check_kut, qemu_tcg_wrapper, read_report_table, run_suite, totals,
+                               write_report)
 
 
 def register(subparsers) -> None:
@@ -32,6 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU TCG comparison run")
     p.add_argument("--qemu", default="qemu-system-x86_64", metavar="BINARY",
                    help="the QEMU to compare with (default qemu-system-x86_64 on PATH)")
+    p.add_argument("--qemu-from", default=None, metavar="REPORT",
+                   help="reuse the QEMU TCG table of an earlier report instead of running QEMU again")
     p.add_argument("--frontend", default=None, metavar="BINARY",
                    help="cetvm's front end (default: cetvm-qemu-system-x86_64 beside this Python)")
     p.set_defaults(func=run)
@@ -60,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     frontend = _frontend(args)
     cetvm = run_suite(kut, frontend, {}, args.jobs, args.only, _progress("cetvm"))
     qemu_results = None
-    qemu = None if args.no_qemu else shutil.which(args.qemu)
-    if qemu:
+    qemu = None if args.no_qemu or args.qemu_from else shutil.which(args.qemu)
+    if args.qemu_from:
+        qemu_results = read_report_table(Path(args.qemu_from), "QEMU TCG")
+    elif qemu:
         with tempfile.TemporaryDirectory(prefix="cetvm-qemu-tcg-") as tmp:
             wrapper = qemu_tcg_wrapper(qemu, Path(tmp))
             qemu_results = run_suite(kut, str(wrapper), {"ACCEL": "tcg"}, args.jobs, args.only, _progress("qemu"))
@@ -72,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
               f"through the suite's own run_tests.sh (entries marked nodefault SKIP as there). cetvm: "
               f"`QEMU=cetvm-qemu-system-x86_64` (modeled host: sapphire-rapids).\n\n"
               f"Totals: cetvm {c['PASS']} PASS, {c['FAIL']} FAIL, {c['SKIP']} SKIP"
-              + (f"; QEMU TCG {q['PASS']} PASS, {q['FAIL']} FAIL, {q['SKIP']} SKIP" if q else "") + ".\n")
+              + (f"; QEMU TCG {q['PASS']} PASS, {q['FAIL']} FAIL, {q['SKIP']} SKIP" if q else "") + ".\n"
+              + ("\nThe QEMU TCG table is reused from an earlier run of this command on the same machine "
+                 "(`--qemu-from`; QEMU does not change between cetvm builds).\n" if args.qemu_from else ""))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_report(output, cetvm, qemu_results, header)
