@@ -45,7 +45,8 @@ clean:
 
 # kvm-unit-tests through cetvm's QEMU front end (and QEMU TCG when installed): docs/conformance.md.
 # Opt-in and slow; KUT is a configured and built kvm-unit-tests tree (never part of this repository).
+# QEMU_FROM=REPORT reuses the QEMU TCG table of an earlier report instead of running QEMU again.
 JOBS ?= 2
 conformance: venv native
 	@test -n "$(KUT)" || { echo "usage: make conformance KUT=/path/to/built/kvm-unit-tests"; exit 2; }
-	$(VENV)/bin/cetvm conformance --kut $(KUT) --jobs $(JOBS) --output docs/conformance.md
+	$(VENV)/bin/cetvm conformance --kut $(KUT) --jobs $(JOBS) --output docs/conformance.md $(if $(QEMU_FROM),--qemu-from $(QEMU_FROM))
