@@ -35,7 +35,7 @@ def vm_for(model: str, spec: str = ""):
 
 _next_probe = [PROBE]
 #: Offsets of the per-run fault stubs inside a probe block.
-_STUB_OFFSETS = {6: 0x30, 13: 0x34, 14: 0x38, 21: 0x3C}
+_STUB_OFFSETS = {1: 0x2C, 6: 0x30, 13: 0x34, 14: 0x38, 21: 0x3C}
 
 
 def run_probe(vm, vcpu, code: bytes, **regs) -> int | None:
@@ -45,7 +45,7 @@ def run_probe(vm, vcpu, code: bytes, **regs) -> int | None:
     re-entering a HLT at a used address in the h3 report (engine)."""
     probe = _next_probe[0]
     _next_probe[0] = PROBE + (probe - PROBE + 0x40) % 0xE_0000
-    assert len(code) < 0x30
+    assert len(code) < 0x2C
     block = bytearray(code + HLT) + bytearray(0x40 - len(code) - 1)
     for vector, offset in _STUB_OFFSETS.items():
         block[offset] = HLT[0]

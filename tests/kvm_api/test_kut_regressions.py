@@ -40,3 +40,15 @@ def test_ltr_lldt_with_a_noncanonical_descriptor_base_are_gp():
     assert run_probe(vm, vcpu, b"\x0f\x00\xd8", rax=0x18) == 13  # ltr ax: TSS with a bad base
     assert run_probe(vm, vcpu, b"\x0f\x00\xd0", rax=0x28) == 13  # lldt ax: LDT with a bad base
     assert run_probe(vm, vcpu, b"\x0f\x00\xd8", rax=0x38) is None  # ltr ax: a good TSS loads
+
+
+def test_single_step_trap_after_an_emulated_instruction():
+    """debug: "Single-step #DB on emulated instructions": with RFLAGS.TF, CPUID (which cetvm
+    emulates) is followed by #DB with DR6.BS, RIP at the next instruction (pushed on the stack)."""
+    vm, vcpu, _ = vm_for("sapphire-rapids")
+    code = b"\x68\x02\x01\x00\x00\x9d" + b"\x0f\xa2" + b"\x90"  # push 0x102; popf; cpuid; nop
+    assert run_probe(vm, vcpu, code, rax=0) == 1
+    regs = vcpu.get_regs()
+    pushed_rip = struct.unpack("<Q", vm.get_memory(regs.rsp, 8))[0]
+    assert pushed_rip & 0x3F == 6 + 2  # the instruction after CPUID
+    assert vcpu.get_sregs() is not None and vcpu.cpu.reg("dr6") & (1 << 14)

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--qemu", default="qemu-system-x86_64", metavar="BINARY",
                    help="the QEMU to compare with (default qemu-system-x86_64 on PATH)")
     p.add_argument("--qemu-from", default=None, metavar="REPORT",
-                   help="reuse the QEMU TCG table of an earlier report instead of running QEMU again")
+                   help="reuse the QEMU TCG table of an earlier report instead of running QEMU again (default: run QEMU)")
     p.add_argument("--frontend", default=None, metavar="BINARY",
                    help="cetvm's front end (default: cetvm-qemu-system-x86_64 beside this Python)")
     p.set_defaults(func=run)

@@ -66,9 +66,23 @@ def _is_far_transfer(instr: Instruction) -> bool:
     return instr.mnemonic == M.RETF or instr.is_call_far or instr.is_call_far_indirect or instr.is_jmp_far or instr.is_jmp_far_indirect
 
 
+RFLAGS_TF = 1 << 8
+#: DR6: B0-B3 (trap bits 3:0), BS (14); bits 31:16 and 11:4 read as 1 [SDM Vol. 3 §18.2.3].
+DR6_TRAP_BITS = 0xF
+DR6_BS = 1 << 14
+DR6_FIXED_1 = 0xFFFF_0FF0
+
+
 def _advance(vcpu, instr: Instruction) -> None:
+    """Retire an emulated instruction: RIP past it, and with RFLAGS.TF the single-step trap the
+    CPU would take after it (#DB with DR6.BS, RIP at the next instruction) — KVM's
+    kvm_skip_emulated_instruction → kvm_vcpu_do_singlestep (kvm-unit-tests' debug:
+    "Single-step #DB on emulated instructions", CPUID and IN in its sequence)."""
     vcpu.rip = instr.next_ip
     vcpu._retire()
+    if vcpu.reg("rflags") & RFLAGS_TF:
+        vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BS)
+        vcpu._raise_event(GuestFault(Vector.DB))
 
 
 def _completion_advance(vcpu, instr: Instruction) -> Callable[[], None]:
