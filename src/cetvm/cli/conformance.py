@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                    help="the QEMU to compare with (default qemu-system-x86_64 on PATH)")
     p.add_argument("--qemu-from", default=None, metavar="REPORT",
                    help="reuse the QEMU TCG table of an earlier report instead of running QEMU again (default: run QEMU)")
+    p.add_argument("--cetvm-from", default=None, metavar="REPORT",
+                   help="rewrite the report from the cetvm table of an earlier report instead of running the "
+                        "suite (default: run it)")
     p.add_argument("--frontend", default=None, metavar="BINARY",
                    help="cetvm's front end (default: cetvm-qemu-system-x86_64 beside this Python)")
     p.set_defaults(func=run)
@@ -60,8 +63,10 @@ def _progress(label: str):
 def run(args: argparse.Namespace) -> int:
     kut = Path(args.kut).resolve()
     check_kut(kut)
-    frontend = _frontend(args)
-    cetvm = run_suite(kut, frontend, {}, args.jobs, args.only, _progress("cetvm"))
+    if args.cetvm_from:
+        cetvm = read_report_table(Path(args.cetvm_from), "cetvm")
+    else:
+        cetvm = run_suite(kut, _frontend(args), {}, args.jobs, args.only, _progress("cetvm"))
     qemu_results = None
     qemu = None if args.no_qemu or args.qemu_from else shutil.which(args.qemu)
     if args.qemu_from:
