@@ -68,3 +68,18 @@ def test_acpi_tables_checksums_and_fadt_points_at_the_pm_timer():
     assert struct.unpack_from("<I", fadt, 76)[0] == PM_TIMER_PORT and fadt[91] == 4
     facs = tables[struct.unpack_from("<I", fadt, 36)[0]]
     assert facs[:4] == b"FACS"
+
+
+def test_x2apic_self_ipi_reserved_bits_are_gp():
+    """kvm-unit-tests msr: "Expected #GP on WRMSR(x2APIC Self-IPI, 0x100 / 0xff00 / 0xff000000)"."""
+    import pytest
+
+    from cetvm.vmm.devices import LocalApic
+    from cetvm.vmm.requests import GuestFaultRequest
+
+    apic = LocalApic(apic_id=0)
+    apic.apic_base = apic.apic_base | (1 << 10)  # EXTD: x2APIC mode
+    for value in (0x100, 0xFF00, 0xFF00_0000):
+        with pytest.raises(GuestFaultRequest):
+            apic.msr_write(0x83F, value)
+    apic.msr_write(0x83F, 0x40)  # a vector alone is fine
