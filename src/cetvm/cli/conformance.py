@@ -37,7 +37,7 @@ def register(subparsers) -> None:
                    help="reuse the QEMU TCG table of an earlier report instead of running QEMU again (default: run QEMU)")
     p.add_argument("--cetvm-from", default=None, metavar="REPORT",
                    help="rewrite the report from the cetvm table of an earlier report instead of running the "
-                        "suite (default: run it)")
+                        "suite; with --only, rerun just those entries (default: run the suite)")
     p.add_argument("--frontend", default=None, metavar="BINARY",
                    help="cetvm's front end (default: cetvm-qemu-system-x86_64 beside this Python)")
     p.set_defaults(func=run)
@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     check_kut(kut)
     if args.cetvm_from:
         cetvm = read_report_table(Path(args.cetvm_from), "cetvm")
+        if args.only:  # rerun just these entries, keep the others from the earlier report
+            fresh = {r.name: r for r in run_suite(kut, _frontend(args), {}, args.jobs, args.only,
+                                                  _progress("cetvm"))}
+            cetvm = [fresh.get(r.name, r) for r in cetvm]
     else:
         cetvm = run_suite(kut, _frontend(args), {}, args.jobs, args.only, _progress("cetvm"))
     qemu_results = None
