@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv native guests debs test demo bench clean
+.PHONY: all venv native guests debs test demo bench clean conformance
 
 all: venv native guests
 
@@ -42,3 +42,11 @@ bench: venv native guests
 
 clean:
 	rm -rf $(VENV) guests/build build src/*.egg-info src/cetvm/cpu/native/*.so src/cetvm/cpu/native/*.stamp .pytest_cache
+
+# kvm-unit-tests through cetvm's QEMU front end (and QEMU TCG when installed): docs/conformance.md.
+# Opt-in and slow; KUT is a configured and built kvm-unit-tests tree (never part of this repository).
+# QEMU_FROM=REPORT reuses the QEMU TCG table of an earlier report instead of running QEMU again.
+JOBS ?= 2
+conformance: venv native
+	@test -n "$(KUT)" || { echo "usage: make conformance KUT=/path/to/built/kvm-unit-tests"; exit 2; }
+	$(VENV)/bin/cetvm conformance --kut $(KUT) --jobs $(JOBS) --output docs/conformance.md $(if $(QEMU_FROM),--qemu-from $(QEMU_FROM))

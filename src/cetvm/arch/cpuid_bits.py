@@ -47,6 +47,7 @@ FEATURES: dict[str, CpuidBit] = {
         _b("sse", 1, 0, Reg.EDX, 25),
         _b("sse2", 1, 0, Reg.EDX, 26),
         _b("vmx", 1, 0, Reg.ECX, 5),
+        _b("pdcm", 1, 0, Reg.ECX, 15),
         _b("pcid", 1, 0, Reg.ECX, 17),
         _b("x2apic", 1, 0, Reg.ECX, 21),
         _b("xsave", 1, 0, Reg.ECX, 26),

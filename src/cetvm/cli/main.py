@@ -77,6 +77,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "migrate",
     "cpuid_cmd",
     "bench",
+    "qemu",
+    "conformance",
 )
 
 

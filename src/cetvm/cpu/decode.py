@@ -14,7 +14,9 @@ from iced_x86 import Code, Decoder, Instruction, Mnemonic as M
 EMULATED_MNEMONICS: frozenset[int] = frozenset({
     # exits to the hypervisor
     M.HLT, M.CPUID, M.IN, M.OUT, M.INSB, M.INSW, M.INSD, M.OUTSB, M.OUTSW, M.OUTSD,
-    M.RDMSR, M.WRMSR, M.XSETBV, M.VMCALL,
+    M.RDMSR, M.WRMSR, M.XSETBV, M.VMCALL, M.VMMCALL,
+    # descriptor-table loads: the engine does not check base canonicality in 64-bit mode
+    M.LGDT, M.LIDT, M.LLDT, M.LTR,
     # TLB maintenance (flushes the walker's translation cache)
     M.INVLPG, M.INVPCID,
     # CET-affected control transfers and privilege changes

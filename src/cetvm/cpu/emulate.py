@@ -66,9 +66,23 @@ def _is_far_transfer(instr: Instruction) -> bool:
     return instr.mnemonic == M.RETF or instr.is_call_far or instr.is_call_far_indirect or instr.is_jmp_far or instr.is_jmp_far_indirect
 
 
+RFLAGS_TF = 1 << 8
+#: DR6: B0-B3 (trap bits 3:0), BS (14); bits 31:16 and 11:4 read as 1 [SDM Vol. 3 §18.2.3].
+DR6_TRAP_BITS = 0xF
+DR6_BS = 1 << 14
+DR6_FIXED_1 = 0xFFFF_0FF0
+
+
 def _advance(vcpu, instr: Instruction) -> None:
+    """Retire an emulated instruction: RIP past it, and with RFLAGS.TF the single-step trap the
+    CPU would take after it (#DB with DR6.BS, RIP at the next instruction) — KVM's
+    kvm_skip_emulated_instruction → kvm_vcpu_do_singlestep (kvm-unit-tests' debug:
+    "Single-step #DB on emulated instructions", CPUID and IN in its sequence)."""
     vcpu.rip = instr.next_ip
     vcpu._retire()
+    if vcpu.reg("rflags") & RFLAGS_TF:
+        vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BS)
+        vcpu._raise_event(GuestFault(Vector.DB))
 
 
 def _completion_advance(vcpu, instr: Instruction) -> Callable[[], None]:
@@ -152,6 +166,10 @@ def cpuid(vcpu, instr: Instruction) -> VmExit:
 
 
 def vmcall(vcpu, instr: Instruction) -> VmExit:
+    """VMCALL exits (VMX). VMMCALL (AMD's) is #UD on Intel hardware; KVM intercepts the #UD and
+    its emulator takes it as a hypercall too (em_hypercall; kvm_fix_hypercall may patch the
+    bytes to VMCALL, which cetvm does not: both forms exit the same way, the guest may not
+    rely on the patch)."""
     vcpu.add_completion(_completion_advance(vcpu, instr))
     return VmExit(ExitReason.VMCALL, instr.ip, instr.len)
 
@@ -304,12 +322,15 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
 def mov_to_cr(vcpu, instr: Instruction) -> None:
     """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5; reference §3]:
     CR4.CET is reserved (#GP) unless the model has SHSTK or IBT; setting CR4.CET with CR0.WP=0
-    and clearing CR0.WP with CR4.CET=1 → #GP(0). Other reserved-bit checks are Unicorn's
-    business and are not replicated (decision)."""
+    and clearing CR0.WP with CR4.CET=1 → #GP(0). CR4 bits in ``vcpu.cr4_guest_rsvd_bits`` (set
+    by the hypervisor: bits reserved for this guest's CPUID) → #GP(0). Other reserved-bit checks
+    are Unicorn's business and are not replicated (decision)."""
     _require_cpl0(vcpu)
     n = instr.op0_register - Register.CR0
     value = read_register(vcpu, instr.op1_register)
     if n == 4:
+        if value & getattr(vcpu, "cr4_guest_rsvd_bits", 0):
+            raise gp(0)  # reserved for this guest (the hypervisor's CR4 guest/host mask)
         if value & Cr4.CET and not (vcpu.has_shstk or vcpu.has_ibt):
             raise gp(0)
         if value & Cr4.CET and not vcpu.cr0 & Cr0.WP:
@@ -544,6 +565,35 @@ def invalidate_tlb(vcpu, instr: Instruction) -> None:
     _native(vcpu, instr, branches=False)
 
 
+def descriptor_table_load(vcpu, instr: Instruction) -> None:
+    """LGDT/LIDT/LLDT/LTR: the 64-bit-mode canonical checks the engine lacks, then the engine
+    runs the instruction [SDM Vol. 2 LGDT/LIDT: #GP(0) "if the memory address is in a
+    non-canonical form" of the loaded base in 64-bit mode; LLDT/LTR: #GP(selector) if the
+    16-byte system descriptor's base is non-canonical]. Everything else (CPL, limits, types,
+    busy TSS, present bits) is the engine's, which executes these natively."""
+    if vcpu.long_mode and vcpu.cpl == 0:
+        if instr.mnemonic in (M.LGDT, M.LIDT):
+            raw = vcpu.read_virt(effective_address(vcpu, instr), 10, vcpu._user_access())
+            if not is_canonical(int.from_bytes(raw[2:10], "little")):
+                raise gp(0)
+        else:
+            op = instr.op0_kind
+            selector = (read_register(vcpu, instr.op0_register) if op == OpKind.REGISTER else
+                        int.from_bytes(vcpu.read_virt(effective_address(vcpu, instr), 2,
+                                                      vcpu._user_access()), "little")) & 0xFFFF
+            gdt = vcpu.get_sregs().gdt
+            index = selector & ~7
+            if selector & ~3 and not selector & 4 and index + 15 <= gdt.limit:
+                raw = vcpu.read_virt(gdt.base + index, 16)
+                low, high, upper = (int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little"),
+                                    int.from_bytes(raw[8:12], "little"))
+                base = (low >> 16) | (high & 0xFF) << 16 | (high & 0xFF00_0000) | upper << 32
+                present = high >> 15 & 1
+                if present and not is_canonical(base):
+                    raise gp(selector & ~3)
+    _native(vcpu, instr, branches=False)
+
+
 def xsave_family(vcpu, instr: Instruction) -> None:
     from cetvm.cpu import xsave
 
@@ -551,7 +601,7 @@ def xsave_family(vcpu, instr: Instruction) -> None:
 
 
 _HANDLERS: dict[int, Callable] = {
-    M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.XSETBV: xsetbv,
+    M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.VMMCALL: vmcall, M.XSETBV: xsetbv,
     M.IN: port_io, M.OUT: port_io,
     M.INSB: string_io, M.INSW: string_io, M.INSD: string_io, M.OUTSB: string_io, M.OUTSW: string_io, M.OUTSD: string_io,
     M.RDMSR: rdmsr, M.WRMSR: wrmsr,
@@ -561,6 +611,8 @@ _HANDLERS: dict[int, Callable] = {
     M.CLRSSBSY: cet_instruction, M.WRSSD: cet_instruction, M.WRSSQ: cet_instruction,
     M.WRUSSD: cet_instruction, M.WRUSSQ: cet_instruction,
     M.INVLPG: invalidate_tlb, M.INVPCID: invalidate_tlb,
+    M.LGDT: descriptor_table_load, M.LIDT: descriptor_table_load, M.LLDT: descriptor_table_load,
+    M.LTR: descriptor_table_load,
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
 }

@@ -25,7 +25,7 @@ from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, segm
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U128 = (1 << 128) - 1
 _GPR_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
-REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS}
+REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS, "dr6": X.UC_X86_REG_DR6}
 #: Blob offset of env->xcr0 in Unicorn 2.1.4 (measured; XCR0 has no reg id in the binding).
 XCR0_OFFSET = 4904
 #: Blob offset of env->efer in Unicorn 2.1.4 (measured: the bytes a WRMSR to EFER changes).
@@ -33,6 +33,7 @@ EFER_OFFSET = 592
 _CR_IDS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}
 _FP_IDS = tuple(getattr(X, f"UC_X86_REG_FP{i}") for i in range(8))
 _YMM_IDS = tuple(getattr(X, f"UC_X86_REG_YMM{i}") for i in range(16))
+_XMM_IDS = tuple(getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16))
 #: FpuState field → (bits per value, number of values or None for a scalar).
 _FPU_FIELD_WIDTHS = {"fcw": (16, None), "fsw": (16, None), "ftw": (8, None), "fop": (11, None), "fip": (64, None),
                      "fdp": (64, None), "mxcsr": (32, None), "st": (80, 8), "xmm": (128, 16), "ymm_hi": (128, 16)}
@@ -251,6 +252,19 @@ class Registers:
         write(X.UC_X86_REG_MXCSR, fpu.mxcsr, 4)
         for reg, low, high in zip(_YMM_IDS, fpu.xmm, fpu.ymm_hi):
             write(reg, low | high << 128, 32)
+
+    def get_sse(self) -> tuple[int, list[int]]:
+        """(MXCSR, [XMM0..15]): the SSE part of :meth:`get_fpu`, without the x87 and YMM reads
+        (the guest FPU load/put of every KVM_RUN needs only these)."""
+        read = self.raw_read
+        return read(X.UC_X86_REG_MXCSR, 4), [read(reg, 16) for reg in _XMM_IDS]
+
+    def set_sse(self, mxcsr: int, xmm: list[int]) -> None:
+        """Load MXCSR and XMM0-15 (the YMM upper halves are kept)."""
+        write = self.raw_write
+        write(X.UC_X86_REG_MXCSR, mxcsr, 4)
+        for reg, value in zip(_XMM_IDS, xmm):
+            write(reg, value, 16)
 
     def raw_read(self, reg_id: int, size: int) -> int:
         """A register as a little-endian integer of ``size`` bytes, through Unicorn's C API (the

@@ -55,6 +55,7 @@ from cetvm.cpu.block_hook import BlockHookMixin
 from cetvm.cpu.blocks import BlockTracker
 from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.cet_machine import CetMachineMixin
+from cetvm.cpu.engine_features import engine_cpu_model
 from cetvm.cpu.engine_stops import EngineStopsMixin
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
@@ -104,6 +105,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.xss = 0
         self._budget = InstructionBudget()
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
         check_unicorn(self._uc)
         self._memory = GuestMemory(self._uc)
         self._registers = Registers(self._uc)
@@ -272,6 +274,16 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def set_fpu(self, fpu: FpuState) -> None:
         """Load x87, SSE and AVX registers (InputError if a field does not fit its width)."""
         self._registers.set_fpu(fpu)
+        self.fpu_writes = getattr(self, "fpu_writes", 0) + 1
+
+    def get_sse(self) -> tuple[int, list[int]]:
+        """(MXCSR, [XMM0..15]) only (the guest FPU swap of every KVM_RUN)."""
+        return self._registers.get_sse()
+
+    def set_sse(self, mxcsr: int, xmm: list[int]) -> None:
+        """Load MXCSR and XMM0-15 (YMM upper halves kept)."""
+        self._registers.set_sse(mxcsr, xmm)
+        self.fpu_writes = getattr(self, "fpu_writes", 0) + 1
 
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""

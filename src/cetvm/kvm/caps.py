@@ -32,6 +32,11 @@ from cetvm.arch.xfeatures import (
     XFeature,
     xfeature_name,
 )
+# Re-exported for the VMM, which sees the CPU only through kvm: per CPUID feature word, the bits
+# the CPU under this KVM can execute. A real KVM_GET_SUPPORTED_CPUID is masked by the hardware's
+# CPUID; cetvm models the host's CPUID for policy and the VMM masks the guest with this, as QEMU
+# masks a TCG guest with TCG_*_FEATURES.
+from cetvm.cpu.engine_features import engine_feature_words  # noqa: F401
 from cetvm.kvm.errors import KvmLoadError
 from cetvm.kvm.host import Host
 from cetvm.kvm.xstate_size import host_xcr0, host_xss, xstate_required_size

@@ -5,37 +5,43 @@
 from __future__ import annotations
 
 from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer
+from cetvm.arch.qemu_features import QEMU_FEATURES
 from cetvm.arch.regs import Cr0, Cr4
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
 from cetvm.kvm.vcpu import VcpuCetState
 
 
-#: CR4_RESERVED_BITS: every bit KVM does not know (SMXE, PKS and bits 63:29 among them).
-KVM_CR4_KNOWN_BITS = int(Cr4.VME | Cr4.PVI | Cr4.TSD | Cr4.DE | Cr4.PSE | Cr4.PAE | Cr4.MCE | Cr4.PGE
-                         | Cr4.PCE | Cr4.OSFXSR | Cr4.PCIDE | Cr4.OSXSAVE | Cr4.SMEP | Cr4.FSGSBASE
-                         | Cr4.OSXMMEXCPT | Cr4.LA57 | Cr4.VMXE | Cr4.SMAP | Cr4.PKE | Cr4.UMIP
-                         | Cr4.LAM_SUP | Cr4.CET)
-CR4_RESERVED_BITS = 0xFFFF_FFFF_FFFF_FFFF & ~KVM_CR4_KNOWN_BITS
-
-
-#: CR4 bits __cr4_reserved_bits() reserves unless the guest has one of the features.
-CR4_FEATURE_BITS: tuple[tuple[Cr4, tuple[str, ...]], ...] = (
-    (Cr4.OSXSAVE, ("xsave",)), (Cr4.SMEP, ("smep",)), (Cr4.SMAP, ("smap",)),
-    (Cr4.FSGSBASE, ("fsgsbase",)), (Cr4.PKE, ("pku",)), (Cr4.VMXE, ("vmx",)), (Cr4.PCIDE, ("pcid",)),
-    (Cr4.CET, ("shstk", "ibt")),
+#: The CR4 bits KVM knows (CR4_RESERVED_BITS is the complement) [K x86.h].
+CR4_KNOWN_BITS = int(Cr4.VME | Cr4.PVI | Cr4.TSD | Cr4.DE | Cr4.PSE | Cr4.PAE | Cr4.MCE | Cr4.PGE | Cr4.PCE
+                     | Cr4.OSFXSR | Cr4.PCIDE | Cr4.OSXSAVE | Cr4.SMEP | Cr4.FSGSBASE | Cr4.OSXMMEXCPT | Cr4.LA57
+                     | Cr4.VMXE | Cr4.SMAP | Cr4.PKE | Cr4.UMIP | Cr4.PKS | Cr4.CET | Cr4.LAM_SUP)
+#: CR4_RESERVED_BITS: every bit KVM does not know (SMXE and bits 63:29 among them).
+CR4_RESERVED_BITS = ~CR4_KNOWN_BITS & 0xFFFF_FFFF_FFFF_FFFF
+#: CR4 bits reserved unless the guest CPUID shows the feature (QEMU feature names).
+CR4_FEATURE_BITS: tuple[tuple[int, str], ...] = (
+    (Cr4.OSXSAVE, "xsave"), (Cr4.SMEP, "smep"), (Cr4.SMAP, "smap"), (Cr4.FSGSBASE, "fsgsbase"),
+    (Cr4.PKE, "pku"), (Cr4.LA57, "la57"), (Cr4.UMIP, "umip"), (Cr4.VMXE, "vmx"), (Cr4.PCIDE, "pcid"),
+    (Cr4.LAM_SUP, "lam"), (Cr4.PKS, "pks"),
 )
-#: LA57, UMIP and LAM_SUP: cetvm's CPU never offers LA57, UMIP or LAM, so always reserved.
-CR4_NEVER_OFFERED = int(Cr4.LA57 | Cr4.UMIP | Cr4.LAM_SUP)
+
+
+def _guest_shows(cpuid: VcpuCpuid, name: str) -> bool:
+    """The guest CPUID shows the feature ``name`` (QEMU's name for it)."""
+    bit = QEMU_FEATURES[name]
+    entries = cpuid.entries
+    return entries.contains(bit.leaf, bit.subleaf) and bool(entries.get(bit.leaf, bit.subleaf)[bit.reg] & bit.mask)
 
 
 def cr4_reserved_bits(cpuid: VcpuCpuid) -> int:
-    """__cr4_reserved_bits(guest_cpu_cap_has, vcpu): CR4_RESERVED_BITS, plus each CR4 bit whose
-    feature the guest lacks (OSXSAVE/XSAVE, SMEP, SMAP, FSGSBASE, PKE/PKU, VMXE/VMX — cetvm's
-    KVM has no nested VMX —, PCIDE/PCID, CET/SHSTK or IBT, and LA57, UMIP, LAM_SUP)."""
-    reserved = CR4_RESERVED_BITS | CR4_NEVER_OFFERED
-    for bit, features in CR4_FEATURE_BITS:
-        if not any(cpuid.guest_cpu_cap_has(f) for f in features):
+    """__cr4_reserved_bits(guest_cpuid_has) [K x86.h]: every bit KVM does not know, and each
+    feature bit whose feature the guest CPUID lacks; CR4.CET unless the guest has SHSTK or IBT
+    (guest_cpu_cap_has: KVM must support it too)."""
+    reserved = CR4_RESERVED_BITS
+    for bit, feature in CR4_FEATURE_BITS:
+        if not _guest_shows(cpuid, feature):
             reserved |= int(bit)
+    if not (cpuid.guest_cpu_cap_has("shstk") or cpuid.guest_cpu_cap_has("ibt")):
+        reserved |= int(Cr4.CET)
     return reserved
 
 

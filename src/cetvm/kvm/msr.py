@@ -260,18 +260,166 @@ def guest_maxphyaddr(vcpu: VcpuCetState) -> int:
     return vcpu.cpuid.entries.phys_addr_bits
 
 
+# ----------------------------------------------------------------------------- MTRR, MCE, PERF_CAPABILITIES
+# The MSRs of CPUID features the guest sees that KVM emulates in software (every feature the
+# guest CPUID shows has working MSRs, see tests/vmm/test_guest_cpuid_honesty.py):
+#
+# - MTRR (CPUID.1.EDX[12]): kvm_mtrr_get_msr/kvm_mtrr_set_msr [K mtrr.c]. MTRRcap is read-only
+#   0x508 (WC, fixed ranges, KVM_NR_VAR_MTRR = 8); MTRRdefType, the 11 fixed-range MSRs and the
+#   8 variable pairs are stored after kvm_mtrr_valid()'s checks (memory types 0/1/4/5/6,
+#   reserved bits, bits above MAXPHYADDR).
+# - MCE/MCA (CPUID.1.EDX[7,14]): get_msr_mce/set_msr_mce [K x86.c] with KVM's default
+#   mcg_cap = KVM_MAX_MCE_BANKS (32 banks, no MCG_CTL_P/CMCI_P: userspace did not call
+#   KVM_X86_SETUP_MCE). MCG_CAP is read-only; MCG_CTL does not exist without MCG_CTL_P; MCi_CTL
+#   takes 0 or all ones; a guest writes only 0 to MCi_STATUS.
+# - IA32_PERF_CAPABILITIES (CPUID.1.ECX[15] PDCM): vcpu->arch.perf_capabilities. cetvm's KVM has
+#   no vPMU (the engine has no performance counters: enable_pmu=0), so kvm_caps.supported_perf_cap
+#   is 0: the guest reads 0 when its CPUID shows PDCM and gets #GP otherwise; only userspace may
+#   write, and only 0 (kvm_set_msr_common: ``data & ~kvm_caps.supported_perf_cap`` fails).
+MSR_MTRRCAP = 0xFE
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRRCAP_VALUE = 0x500 | 8
+MTRR_VAR_MSRS = frozenset(range(0x200, 0x210))
+MTRR_FIXED_MSRS = frozenset({0x250, 0x258, 0x259, *range(0x268, 0x270)})
+MSR_MCG_CAP = 0x179
+MSR_MCG_STATUS = 0x17A
+MSR_MCG_CTL = 0x17B
+MSR_MC0_CTL = 0x400
+KVM_MAX_MCE_BANKS = 32
+MCG_CTL_P = 1 << 8
+MSR_PERF_CAPABILITIES = 0x345
+SUPPORTED_PERF_CAP = 0
+_MEMTYPES = (0, 1, 4, 5, 6)
+
+
+def kvm_mtrr_valid(index: int, data: int, maxphyaddr: int) -> bool:
+    """kvm_mtrr_valid() [K mtrr.c]."""
+    if index in MTRR_FIXED_MSRS:
+        return all((data >> (8 * i)) & 0xFF in _MEMTYPES for i in range(8))
+    if index == MSR_MTRR_DEF_TYPE:
+        return not data & ~0xCFF and data & 0xFF in _MEMTYPES
+    if index in MTRR_VAR_MSRS:
+        reserved = ~((1 << maxphyaddr) - 1) & 0xFFFF_FFFF_FFFF_FFFF
+        if index & 1 == 0:  # PHYSBASE: type in 7:0, 11:8 reserved
+            return data & 0xFF in _MEMTYPES and not data & (reserved | 0xF00)
+        return not data & (reserved | 0x7FF)  # PHYSMASK: 10:0 reserved, 11 = valid
+    return False
+
+
+#: MSRs KVM's kvm_get_msr_common reads as 0 for any guest (no vPMU: the legacy K7/P6 counters
+#: and event selects fall through to "data = 0"; platform, AMD configuration and RAPL MSRs KVM
+#: stubs out) [K x86.c].
+LEGACY_PMU_MSRS = frozenset({*range(0xC001_0000, 0xC001_0008), 0xC1, 0xC2, 0x186, 0x187})
+READ_ZERO_MSRS = LEGACY_PMU_MSRS | frozenset({
+    0x17,                      # IA32_PLATFORM_ID
+    0x2A,                      # IA32_EBL_CR_POWERON
+    0xCE,                      # PLATFORM_INFO (guest_can_read_msr_platform_info, value 0)
+    0x199,                     # IA32_PERF_CTL
+    0x1DB, 0x1DC, 0x1DD, 0x1DE,  # last branch / last exception records (no LBR)
+    0x606, 0x611, 0x619, 0x639, 0x641,  # RAPL power unit and energy status
+    0xC001_0010, 0xC001_0112, 0xC001_0113, 0xC001_0055, 0xC001_001F, 0xC001_0058,  # K8 SYSCFG..
+    0xC001_0117,               # VM_HSAVE_PA
+    0xC001_102A, 0xC001_1022, 0xC001_1023, 0xC001_102C,  # BU_CFG2, DC_CFG, TW_CFG, EX_CFG
+})
+#: Of those, the ones whose guest writes KVM accepts and ignores (the legacy counters take any
+#: value; the AMD configuration MSRs are "break;" in kvm_set_msr_common).
+WRITE_IGNORED_MSRS = LEGACY_PMU_MSRS | frozenset({0xC001_001F, 0xC001_0117, 0xC001_102A, 0xC001_1022,
+                                                  0xC001_1023, 0xC001_102C})
+#: IA32_POWER_CTL: vcpu->arch.msr_ia32_power_ctl, read/write.
+MSR_IA32_POWER_CTL = 0x1FC
+
+
+def _mce_bank_msr(index: int) -> bool:
+    return MSR_MC0_CTL <= index < MSR_MC0_CTL + 4 * KVM_MAX_MCE_BANKS
+
+
 @dataclass
 class KvmMsrState:
-    """vcpu->arch's copies of the non-CET MSRs KVM emulates (apic_base, the software MSRs)."""
+    """vcpu->arch's copies of the non-CET MSRs KVM emulates (apic_base, the software MSRs,
+    MTRRs, machine-check banks, PERF_CAPABILITIES)."""
 
     apic_base: int = apic_base_reset_value(True)
     software: dict[int, int] = field(default_factory=lambda: dict(SOFTWARE_MSR_RESET))
+    mtrr: dict[int, int] = field(default_factory=dict)
+    mce: dict[int, int] = field(default_factory=dict)
+    mcg_cap: int = KVM_MAX_MCE_BANKS
+    perf_capabilities: int = 0
 
     def reset(self, init_event: bool, bsp: bool = True) -> None:
         """kvm_vcpu_reset(): RESET restores every value; INIT keeps them (SDM Table 10-1)."""
         if not init_event:
             self.apic_base = apic_base_reset_value(bsp)
             self.software = dict(SOFTWARE_MSR_RESET)
+            self.mtrr = {}
+            self.mce = {}
+
+
+def _feature_msr_get(vcpu: VcpuCetState, msrs: KvmMsrState, index: int,
+                     host_initiated: bool) -> tuple[MsrResult, int] | None:
+    """MTRR / MCE / PERF_CAPABILITIES reads (None: not one of them)."""
+    if index == MSR_MTRRCAP:
+        return MsrResult.OK, MTRRCAP_VALUE
+    if index == MSR_MTRR_DEF_TYPE or index in MTRR_FIXED_MSRS or index in MTRR_VAR_MSRS:
+        return MsrResult.OK, msrs.mtrr.get(index, 0)
+    if index == MSR_MCG_CAP:
+        return MsrResult.OK, msrs.mcg_cap
+    if index == MSR_MCG_STATUS:
+        return MsrResult.OK, msrs.mce.get(index, 0)
+    if index == MSR_MCG_CTL:
+        return (MsrResult.OK, msrs.mce.get(index, 0)) if msrs.mcg_cap & MCG_CTL_P else (MsrResult.ERROR, 0)
+    if _mce_bank_msr(index):
+        if (index - MSR_MC0_CTL) // 4 >= msrs.mcg_cap & 0xFF:
+            return MsrResult.ERROR, 0
+        return MsrResult.OK, msrs.mce.get(index, 0)
+    if index == MSR_PERF_CAPABILITIES:
+        if not host_initiated and not vcpu.cpuid.guest_cpuid_has("pdcm"):
+            return MsrResult.ERROR, 0
+        return MsrResult.OK, msrs.perf_capabilities
+    if index in READ_ZERO_MSRS:
+        return MsrResult.OK, 0
+    if index == MSR_IA32_POWER_CTL:
+        return MsrResult.OK, msrs.mce.get(index, 0)
+    return None
+
+
+def _feature_msr_set(vcpu: VcpuCetState, msrs: KvmMsrState, index: int, data: int,
+                     host_initiated: bool) -> MsrResult | None:
+    """MTRR / MCE / PERF_CAPABILITIES writes (None: not one of them)."""
+    if index == MSR_MTRRCAP:
+        return MsrResult.ERROR
+    if index == MSR_MTRR_DEF_TYPE or index in MTRR_FIXED_MSRS or index in MTRR_VAR_MSRS:
+        if not kvm_mtrr_valid(index, data, guest_maxphyaddr(vcpu)):
+            return MsrResult.ERROR
+        msrs.mtrr[index] = data
+        return MsrResult.OK
+    if index == MSR_MCG_CAP:
+        return MsrResult.UNSUPPORTED
+    if index in (MSR_MCG_STATUS, MSR_MCG_CTL):
+        if index == MSR_MCG_CTL and (not msrs.mcg_cap & MCG_CTL_P or data not in (0, 0xFFFF_FFFF_FFFF_FFFF)):
+            return MsrResult.ERROR
+        msrs.mce[index] = data
+        return MsrResult.OK
+    if _mce_bank_msr(index):
+        offset = (index - MSR_MC0_CTL) % 4
+        if (index - MSR_MC0_CTL) // 4 >= msrs.mcg_cap & 0xFF:
+            return MsrResult.ERROR
+        if offset == 0 and data not in (0, 0xFFFF_FFFF_FFFF_FFFF):
+            return MsrResult.ERROR
+        if offset == 1 and data and not host_initiated:
+            return MsrResult.ERROR
+        msrs.mce[index] = data
+        return MsrResult.OK
+    if index == MSR_PERF_CAPABILITIES:
+        if not host_initiated or data & ~SUPPORTED_PERF_CAP:
+            return MsrResult.ERROR
+        msrs.perf_capabilities = data
+        return MsrResult.OK
+    if index in WRITE_IGNORED_MSRS:
+        return MsrResult.OK
+    if index == MSR_IA32_POWER_CTL:
+        msrs.mce[index] = data
+        return MsrResult.OK
+    return None
 
 
 def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int,
@@ -290,6 +438,9 @@ def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, d
         return MsrResult.OK
     if index in X2APIC_MSRS:
         return MsrResult.ERROR  # kvm_x2apic_msr_write(): no in-kernel APIC
+    feature = _feature_msr_set(vcpu, msrs, index, data, host_initiated)
+    if feature is not None:
+        return feature
     if index == MSR_IA32_UCODE_REV:
         if host_initiated:
             msrs.software[index] = data
@@ -313,6 +464,9 @@ def kvm_common_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int,
         return MsrResult.OK, msrs.apic_base
     if index in X2APIC_MSRS:
         return MsrResult.ERROR, 0  # kvm_x2apic_msr_read(): no in-kernel APIC
+    feature = _feature_msr_get(vcpu, msrs, index, host_initiated)
+    if feature is not None:
+        return feature
     if index in msrs.software:
         return MsrResult.OK, msrs.software[index]
     if index == Msr.IA32_PAT or index in CPU_HELD_MSRS:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch.msr import Msr
+from cetvm.arch.regs import Cr4
 from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.vcpu import VcpuCetState
@@ -75,9 +76,14 @@ def vmx_update_intercept_for_cet_msr(vcpu: VcpuCetState) -> set[int]:
 
 
 def vmx_set_cr4_guest_host_mask(vcpu: VcpuCetState, cpu) -> None:
-    """Make the CPU #GP a guest CR4.CET write exactly when KVM would (module docstring)."""
+    """Make the CPU #GP a guest CR4 write exactly when KVM would (module docstring): CR4.CET
+    from ``has_shstk``/``has_ibt``, every other reserved bit (kvm-unit-tests' pcid, la57, lam,
+    umip: a CR4 feature bit the guest CPUID lacks) from ``cr4_guest_rsvd_bits``."""
+    from cetvm.kvm.cr import cr4_reserved_bits
+
     cpu.has_shstk = vcpu.cpuid.guest_cpu_cap_has("shstk")
     cpu.has_ibt = vcpu.cpuid.guest_cpu_cap_has("ibt")
+    cpu.cr4_guest_rsvd_bits = cr4_reserved_bits(vcpu.cpuid) & ~int(Cr4.CET)
 
 
 def _entry_loads_cet(vcpu: VcpuCetState) -> bool:
@@ -160,21 +166,38 @@ _MXCSR_OFFSET = 24
 _XMM_OFFSET = 160
 
 
+def _sse_bytes(data) -> bytes:
+    return bytes(data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4]) + bytes(data[_XMM_OFFSET:_XMM_OFFSET + 256])
+
+
 def _swap_sse(fpu, cpu, *, to_cpu: bool) -> None:
-    """MXCSR and XMM0-15 between the legacy region and the CPU (:meth:`Vcpu.get_fpu` /
-    :meth:`Vcpu.set_fpu`; the x87 and YMM registers are left as they are)."""
+    """MXCSR and XMM0-15 between the legacy region and the CPU (:meth:`Vcpu.get_sse` /
+    :meth:`Vcpu.set_sse`; the x87 and YMM registers are left as they are).
+
+    Nothing but this swap touches the CPU's SSE registers between a put and the next load (the
+    VMM runs no guest code), so a load whose legacy region still holds exactly what the last
+    put stored skips the copy: the CPU has those values already (and no direct write to the
+    CPU's FPU happened since: ``cpu.fpu_writes``). KVM_SET_XSAVE changes the region, and the
+    next load copies again. This keeps the per-exit cost of
+    exit-heavy guests (kvm-unit-tests' vmexit_*, serial output) low."""
     data = fpu.area.data
-    regs = cpu.get_fpu()
     if to_cpu:
-        regs.mxcsr = int.from_bytes(data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4], "little") or 0x1F80
-        regs.xmm = [int.from_bytes(data[off:off + 16], "little") for off in range(_XMM_OFFSET, _XMM_OFFSET + 256, 16)]
-        cpu.set_fpu(regs)
+        current = _sse_bytes(data)
+        if (current, getattr(cpu, "fpu_writes", 0)) == getattr(fpu, "_sse_on_cpu", None):
+            return
+        mxcsr = int.from_bytes(data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4], "little") or 0x1F80
+        cpu.set_sse(mxcsr, [int.from_bytes(data[off:off + 16], "little")
+                            for off in range(_XMM_OFFSET, _XMM_OFFSET + 256, 16)])
+        fpu._sse_on_cpu = ((current, getattr(cpu, "fpu_writes", 0))
+                           if mxcsr == int.from_bytes(current[:4], "little") else None)
         return
-    data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4] = regs.mxcsr.to_bytes(4, "little")
-    in_use = regs.mxcsr != 0x1F80
-    for i, value in enumerate(regs.xmm):
+    mxcsr, xmm = cpu.get_sse()
+    data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4] = mxcsr.to_bytes(4, "little")
+    in_use = mxcsr != 0x1F80
+    for i, value in enumerate(xmm):
         off = _XMM_OFFSET + 16 * i
         in_use = in_use or value != 0
         data[off:off + 16] = value.to_bytes(16, "little")
     if in_use:  # XSTATE_BV[1]: SSE state not in its init configuration
         fpu.area.xstate_bv = fpu.area.xstate_bv | 0x2
+    fpu._sse_on_cpu = (_sse_bytes(data), getattr(cpu, "fpu_writes", 0))

@@ -52,6 +52,7 @@ from cetvm.arch.xfeatures import XFeature
 from cetvm.cpuid import HOST_MODEL, CpuidModel, model_names, resolve_model
 from cetvm.kvm import Host
 from cetvm.kvm.api import KVM_MAX_VCPUS
+from cetvm.vmm.guest_cpu import GuestCpuSpec, fix_xsave_leaf, honest_cpuid
 from cetvm.vmm.layout import MiB, check_ram_size
 
 DEFAULT_CPU_MODEL = "sapphire-rapids"
@@ -167,10 +168,18 @@ def vmm_cpuid_leaves(model: CpuidModel, apic_id: int = 0, nr_cpus: int = 1) -> C
     return model
 
 
-def guest_cpuid(supported: CpuidModel, cet: CetMode, apic_id: int = 0, nr_cpus: int = 1) -> CpuidModel:
-    """The guest CPUID of the vCPU with ``apic_id`` in a machine of ``nr_cpus`` vCPUs, for
-    ``cet``, from KVM's supported CPUID (module docstring)."""
-    model = vmm_cpuid_leaves(supported.copy(), apic_id, nr_cpus)
+def guest_cpuid(supported: CpuidModel, cet: CetMode, spec: GuestCpuSpec | None = None, apic_id: int = 0,
+                nr_cpus: int = 1) -> CpuidModel:
+    """The guest CPUID of the vCPU with ``apic_id`` in a machine of ``nr_cpus`` vCPUs, for ``cet``,
+    from KVM's supported CPUID (module docstring table): the ``-cpu`` spec
+    (:class:`~cetvm.vmm.guest_cpu.GuestCpuSpec`, default ``host``),
+    :func:`~cetvm.vmm.guest_cpu.honest_cpuid` (nothing the CPU cannot execute is shown), the
+    VMM's leaves (topology, hypervisor leaves), then the CET setting."""
+    model = supported.copy()
+    if spec is not None:
+        model = spec.apply(model)
+    honest_cpuid(model)
+    model = vmm_cpuid_leaves(model, apic_id, nr_cpus)  # topology last: HTT is the VMM's, not a CPU feature
     if not cet.shows_shstk:
         model.set_feature(SHSTK.name, False)
     if not cet.shows_ibt:
@@ -178,6 +187,7 @@ def guest_cpuid(supported: CpuidModel, cet: CetMode, apic_id: int = 0, nr_cpus: 
     if cet is CetMode.OFF:
         _clear_xss_component(model, XFeature.CET_USER)
         _clear_xss_component(model, XFeature.CET_KERNEL)
+        fix_xsave_leaf(model)
     return model
 
 
@@ -207,6 +217,8 @@ class MachineConfig:
     ``smp``: the number of vCPUs, 1 to :data:`MAX_VCPUS` (QEMU ``-smp N``).
     ``force_emulation_prefix``: load the modeled KVM with ``kvm.force_emulation_prefix=1``
     (ignored when ``host`` is given: set it on the Host).
+    ``guest_cpu``: the guest CPU in QEMU ``-cpu`` syntax (:class:`~cetvm.vmm.guest_cpu.GuestCpuSpec`;
+    "" or ``host`` = everything KVM offers that the CPU can execute).
     """
 
     cpu: str | CpuidModel = DEFAULT_CPU_MODEL
@@ -217,6 +229,7 @@ class MachineConfig:
     host: Host | None = None
     smp: int = 1
     force_emulation_prefix: bool = False
+    guest_cpu: str = ""
     serial_sink: Callable[[bytes], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -225,6 +238,7 @@ class MachineConfig:
         self.cet = CetMode.parse(self.cet)
         self.modules = tuple(str(m) for m in self.modules)
         self.smp = check_vcpu_count(self.smp)
+        self.guest_cpu_spec = GuestCpuSpec.parse(self.guest_cpu) if self.guest_cpu else None
 
     @property
     def memory_size(self) -> int:
@@ -255,6 +269,8 @@ class MachineConfig:
                      "modules": list(self.modules), "smp": self.smp}
         if self.force_emulation_prefix:
             doc["force_emulation_prefix"] = True
+        if self.guest_cpu:
+            doc["guest_cpu"] = self.guest_cpu
         if self.host is None and isinstance(self.cpu, str):
             doc["cpu"] = self.cpu
         else:
@@ -281,6 +297,7 @@ class MachineConfig:
             return cls(cpu=cpu, memory=int(doc["memory"]), cet=str(doc["cet"]), cmdline=str(doc.get("cmdline", "")),
                        modules=tuple(doc.get("modules", ())), host=host, smp=doc.get("smp", 1),
                        force_emulation_prefix=doc.get("force_emulation_prefix", False) is True,
+                       guest_cpu=str(doc.get("guest_cpu", "")),
                        serial_sink=serial_sink)
         except KeyError as exc:
             raise InputError(f"snapshot machine config has no {exc.args[0]!r}") from None

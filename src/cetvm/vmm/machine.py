@@ -122,7 +122,8 @@ class Machine:
         for slot, region in enumerate(self.ram):
             self.vm.set_user_memory_region(slot, region.addr, region.size)
         supported = self.kvm.get_supported_cpuid()
-        cpuids = [guest_cpuid(supported, config.cet_mode, apic_id=i, nr_cpus=config.smp) for i in range(config.smp)]
+        cpuids = [guest_cpuid(supported, config.cet_mode, config.guest_cpu_spec, apic_id=i, nr_cpus=config.smp)
+                  for i in range(config.smp)]
         self.devices = PcDevices.create(config.memory_size, nb_cpus=config.smp, sink=config.serial_sink,
                                         cmdline=config.cmdline, x2apic_supported=cpuids[0].has("x2apic"),
                                         maxphyaddr=cpuids[0].phys_addr_bits)

@@ -224,7 +224,7 @@ def vcpu_count(value: Any, where: str) -> None:
 MACHINE_FIELDS = obj({"memory": ram_size, "cet": text(16)},
                      {"cmdline": text(), "modules": list_of(text(4096), 0, MAX_MODULES), "cpu": text(256),
                       "cpu_model": any_object, "host": HOST, "force_emulation_prefix": boolean,
-                      "smp": vcpu_count})
+                      "smp": vcpu_count, "guest_cpu": text(4096)})
 
 
 def machine(value: Any, where: str) -> None:

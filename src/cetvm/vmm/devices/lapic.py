@@ -455,6 +455,8 @@ class LocalApic:
             raise _gp(f"WRMSR x2APIC MSR {index:#x} value {value:#x} sets bits 63:32")
         if reg in (APIC_ESR, APIC_EOI) and value != 0:
             raise _gp(f"WRMSR x2APIC MSR {index:#x} must write 0, not {value:#x}")
+        if reg == APIC_SELF_IPI and value & ~0xFF:  # SDM Vol. 3 §11.12.11: bits 31:8 reserved
+            raise _gp(f"WRMSR x2APIC SELF_IPI {value:#x} sets reserved bits 31:8")
         if not self.write_register(reg, value, x2apic=True):
             raise _gp(f"WRMSR of x2APIC MSR {index:#x}: not a writable register")
 
