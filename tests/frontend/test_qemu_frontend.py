@@ -124,3 +124,17 @@ def test_kvm_unit_tests_x86_run_hypercall_passes_unmodified():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "SUMMARY: 4 tests" in proc.stdout and "FAIL" not in proc.stdout
+
+
+def test_the_host_kernel_command_line_sets_kvm_module_parameters(monkeypatch):
+    """$CETVM_QEMU_HOST_CMDLINE is the modeled host's kernel command line: with
+    kvm.force_emulation_prefix=1 KVM emulates after the prefix (and refuses CET-guarded
+    instructions); without it the prefix is a plain #UD."""
+    from guest_build import tap_kernel
+    image = str(tap_kernel("fep_cet"))
+    monkeypatch.setenv(fe.HOST_CMDLINE_ENV, "kvm.force_emulation_prefix=1")
+    status, out, err = run(["-kernel", image, "-append", "fep=1", "-m", "32", "-serial", "stdio"])
+    assert status == 1 and "# 0 failed" in out and "SKIP" not in out, (out, err)
+    monkeypatch.delenv(fe.HOST_CMDLINE_ENV)
+    status, out, _ = run(["-kernel", image, "-append", "fep=1", "-m", "32", "-serial", "stdio"])
+    assert "not ok 1 - FEP NOP" in out

@@ -35,7 +35,9 @@ build or run 1, always with a one-line ``qemu-system-x86_64:`` message on stderr
 start-up errors exit 1, and run_tests.sh treats 1 with a non-warning message as failure).
 
 The modeled host CPU comes from ``$CETVM_QEMU_HOST`` (a built-in model or dump file; default
-sapphire-rapids).
+sapphire-rapids), the modeled host kernel's command line from ``$CETVM_QEMU_HOST_CMDLINE`` —
+where KVM's module parameters go, as on a real host: ``kvm.force_emulation_prefix=1`` turns on
+KVM's force-emulation prefix (kvm-unit-tests' KVM_FEP tests), ``ibt=off`` hides IBT.
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from cetvm import CetvmError, InputError, __version__
+from cetvm.cpuid import resolve_model
+from cetvm.kvm import Host
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, MachineConfig
 from cetvm.vmm.guest_cpu import HOST_MODELS, QEMU_MODELS, GuestCpuSpec
 
 PROG = "qemu-system-x86_64"
 QEMU_VERSION = "7.2.0"
 HOST_ENV = "CETVM_QEMU_HOST"
+HOST_CMDLINE_ENV = "CETVM_QEMU_HOST_CMDLINE"
 #: QEMU's default RAM size (hw/i386/pc.c: 128 MiB).
 DEFAULT_RAM = 128 << 20
 
@@ -108,7 +113,9 @@ class QemuCommand:
         # QEMU's multiboot loader gives the kernel "FILE APPEND" (hw/i386/multiboot.c): kernels such
         # as kvm-unit-tests take the first word as argv[0].
         cmdline = f"{self.kernel} {self.append}" if self.append else (self.kernel or "")
-        return MachineConfig(cpu=host, memory=self.memory, cet="on", cmdline=cmdline,
+        host_cmdline = os.environ.get(HOST_CMDLINE_ENV, "")
+        modeled_host = Host(cpu=resolve_model(host), kernel_cmdline=host_cmdline) if host_cmdline else None
+        return MachineConfig(cpu=host, memory=self.memory, cet="on", cmdline=cmdline, host=modeled_host,
                              modules=(self.initrd,) if self.initrd else (), smp=self.smp, guest_cpu=guest_cpu,
                              serial_sink=sink)
 
