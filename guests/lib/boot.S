@@ -9,6 +9,7 @@
  * Both clear .bss, take the boot stack and call kmain() (kernel_init() builds the final tables).
  */
 #include "gnuprop.h"
+#include "long_mode.h"
 
 #define MB_MAGIC 0x1BADB002
 #define MB_FLAGS 0x00010002          /* bit 1: memory info; bit 16: a.out kludge (address fields valid) */
@@ -66,20 +67,7 @@ _start:
     inc %ecx
     cmp $512, %ecx
     jb 1b
-    mov %cr4, %eax
-    or $0x20, %eax                   /* CR4.PAE */
-    mov %eax, %cr4
-    mov $boot_pml4, %eax
-    mov %eax, %cr3
-    mov $0xC0000080, %ecx
-    rdmsr
-    or $0x900, %eax                  /* EFER.LME | EFER.NXE */
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax             /* CR0.PG | CR0.WP | CR0.PE */
-    mov %eax, %cr0
-    lgdt gdt_desc
-    ljmp $0x08, $long_mode_entry
+    ENTER_LONG_MODE $boot_pml4, long_mode_entry
 
     .code64
 long_mode_entry:

@@ -10,6 +10,7 @@
  * CET is off after INIT (CR4.CET = 0), so nothing here needs ENDBR64 or a shadow stack.
  */
 #include "gnuprop.h"
+#include "long_mode.h"
 
     .text
     .code16
@@ -39,20 +40,7 @@ ap_start32:
     mov %ax, %ds
     mov %ax, %es
     mov %ax, %ss
-    mov %cr4, %eax
-    or $0x20, %eax                             /* CR4.PAE */
-    mov %eax, %cr4
-    mov smp_ap_cr3, %eax
-    mov %eax, %cr3
-    mov $0xC0000080, %ecx
-    rdmsr
-    or $0x900, %eax                            /* EFER.LME | EFER.NXE */
-    wrmsr
-    mov %cr0, %eax
-    or $0x80010001, %eax                       /* CR0.PG | CR0.WP | CR0.PE */
-    mov %eax, %cr0
-    lgdt gdt_desc                              /* the kernel GDT (its base is below 4 GiB) */
-    ljmp $0x08, $ap_start64
+    ENTER_LONG_MODE smp_ap_cr3, ap_start64
 
     .code64
 ap_start64:
