@@ -86,22 +86,22 @@ KNOWN_REASONS: dict[str, str] = {
                                "vmx_apic_passthrough_thread", "vmx_init_signal_test", "vmx_sipi_signal_test",
                                "hyperv_synic", "hyperv_connections", "hyperv_stimer", "hyperv_stimer_direct",
                                "hyperv_clock")},
-    "cet": _SMP + "; with -smp 1 it stops at the tampered return (engine core, issue 8 item 3: the RET to "
-                  "0xdeedef27 is fetched before the shadow-stack check: 'instruction fetch from guest-physical "
-                  "memory with no RAM' instead of #CP(1))",
+    "cet": "runs with -smp 2: 4 PASS without KVM's force-emulation prefix (KVM's default), 21 PASS with "
+           "CETVM_QEMU_HOST_CMDLINE=kvm.force_emulation_prefix=1",
     "pku": "PKU not shown: cetvm's XSAVEC/XSAVES emulation has no PKRU component (Unicorn 2.1.4 exposes no "
            "PKRU register), so the guest CPUID hides PKU and the test skips",
     "pks": "PKS is in no Unicorn 2.1.4 CPU model (TCG 5.0), so the guest CPUID cannot show it",
     "eventinj": "engine core: 'vec 32/33', 'vec 32/int $33' and 'TPR' ordering reports FAIL, then the guest "
                 "hangs until the timeout",
-    "realmode": "engine core: 16-bit code is classified/decoded as 32-bit ('no emulation for pop di')",
-    "syscall": "engine core: #UD raised in compatibility mode (IA-32e, CS.L=0) is refused ('vector 6 raised "
-               "outside 64-bit mode'): the 64-bit IDT must be used in IA-32e mode",
+    "realmode": "engine core: event delivery in real mode (through the IVT) is not implemented — cetvm "
+                "delivers events in IA-32e mode only; 50 reports PASS before the first real-mode #UD",
+    "syscall": "an AMD-vendor guest (-cpu Opteron_G1,vendor=AuthenticAMD): SYSCALL in compatibility mode is #UD "
+               "on the modeled Intel CPU, and KVM's emulation of it for AMD guests (em_syscall through "
+               "EmulateOnUD) is not modeled",
     "intel_iommu": "cetvm models no intel-iommu or edu device (the front end refuses -device intel-iommu)",
     "sieve": "speed: the 180 s budget is not enough for cetvm's engine on a shared 2-core machine",
-    "emulator": "engine core: read-modify-write ALU instructions on MMIO (pc-testdev iomem at 0xff000000) give "
-                "wrong results ('or', 'add', ...), and REPE CMPSB on MMIO stops cetvm (UcError UC_ERR_MAP in "
-                "the MMIO completion)",
+    "emulator": "engine core: LMSW is not emulated by cetvm (the engine's own LMSW gives the 'lmsw' reports' "
+                "wrong CR0); everything else, MMIO read-modify-write and REP CMPS on MMIO included, PASSes",
     "idt_test": "engine core: the RFLAGS image pushed for #GP and #UD lacks RF (faults set RF in the saved "
                 "RFLAGS, SDM Vol. 3 §18.3.1.1)",
     "debug": "engine core: single-step with MOV SS blocking + ICEBP (INT1) hangs until the timeout (every "
