@@ -18,6 +18,9 @@ This module then performs exactly one iteration, the way KVM's emulator does for
   of ``src - dst`` are set (CMPS, SCAS: ``rAX - [ES:rDI]``); with a REP prefix rCX is decremented
   and RIP advances only when rCX reaches 0 — or, for CMPS/SCAS, when REPE finds ZF = 0 / REPNE
   finds ZF = 1. A REP instruction with rCX = 0 does nothing but advance RIP.
+- every iteration counts as one instruction against the vCPU's budget, as the engine counts the
+  iterations of a REP on RAM (QEMU's TCG runs each iteration as one pass of the instruction): a
+  REP over MMIO with a huge count ends at ``--max-instructions`` like any other loop.
 
 Decisions: INS/OUTS (string port I/O) are not handled here (NotSupportedError names them); the
 address size (16/32/64-bit rSI/rDI/rCX) follows the instruction's operands; only the source
@@ -193,8 +196,9 @@ def string_iteration(vcpu, instr: Instruction, completed: list[int | None]) -> M
         vcpu.set_reg("rsi", (rsi & ~amask) | ((rsi + step) & amask) if shape.address_bits != 32 else (rsi + step) & amask)
     if shape.reads_destination or shape.writes_destination:
         vcpu.set_reg("rdi", (rdi & ~amask) | ((rdi + step) & amask) if shape.address_bits != 32 else (rdi + step) & amask)
+    vcpu.retire_emulated()  # one iteration, as the engine counts a REP iteration on RAM
     if not repeated:
-        _advance(vcpu, instr)
+        vcpu.rip = instr.next_ip
         return None
     count = (count - 1) & amask
     rcx = vcpu.reg("rcx")
@@ -202,7 +206,7 @@ def string_iteration(vcpu, instr: Instruction, completed: list[int | None]) -> M
     zf = bool(rflags & RFLAGS_ZF)
     ends = count == 0 or (shape.compares and ((instr.has_repe_prefix and not zf) or (instr.has_repne_prefix and zf)))
     if ends:
-        _advance(vcpu, instr)
+        vcpu.rip = instr.next_ip
     return None
 
 
