@@ -12,19 +12,11 @@ from cetvm import InputError
 from cetvm.vmm.loader import load_kernel_image
 
 from cli_support import (
-    GUEST_TESTS, JMP_SELF, RET, UD2, assert_one_line_error, cetvm, debug_exit, elf64_kernel, guest, jump_to,
+    GUEST_TESTS, JMP_SELF, RET, UD2, assert_one_line_error, cetvm, debug_exit, guest, jump_to,
 )
 
 STATUS_TIMEOUT, STATUS_TRIPLE_FAULT, STATUS_INTERNAL_ERROR = 124, 125, 126
 
-
-@pytest.fixture
-def kernel(tmp_path):
-    def make(code: bytes) -> str:
-        path = tmp_path / "k.elf"
-        path.write_bytes(elf64_kernel(code))
-        return str(path)
-    return make
 
 
 def boot_json(capsys, image: str, *extra: str):
