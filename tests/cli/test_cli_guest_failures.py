@@ -134,3 +134,11 @@ def test_corrupted_kernels_on_the_command_line(capsys, tmp_path):
                 assert run.status & 1, (path.name, kind, run.status)  # isa-debug-exit
             statuses.add(run.status)
     assert 2 in statuses
+
+
+def test_clearing_cr0_pg_in_64_bit_mode_is_gp(capsys, kernel):
+    """Found by the hostile-guest fuzz (engine crash 'Invalid memory mapping' before): MOV CR0
+    with PG = 0 in 64-bit mode is #GP(0) [SDM MOV—Move to/from Control Registers]."""
+    code = b"\x48\xb8" + bytes(8) + b"\x0f\x22\xc0" + b"\x9d"   # mov rax, 0; mov cr0, rax; popf
+    run, _doc = boot_json(capsys, kernel(code))
+    assert_one_line_error(run, STATUS_TRIPLE_FAULT, "fault chain: #GP(0x0) -> ")

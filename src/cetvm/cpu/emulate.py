@@ -323,8 +323,9 @@ def mov_to_cr(vcpu, instr: Instruction) -> None:
     """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5; reference §3]:
     CR4.CET is reserved (#GP) unless the model has SHSTK or IBT; setting CR4.CET with CR0.WP=0
     and clearing CR0.WP with CR4.CET=1 → #GP(0). CR4 bits in ``vcpu.cr4_guest_rsvd_bits`` (set
-    by the hypervisor: bits reserved for this guest's CPUID) → #GP(0). Other reserved-bit checks
-    are Unicorn's business and are not replicated (decision)."""
+    by the hypervisor: bits reserved for this guest's CPUID) → #GP(0). CR0 bits 63:32, or clearing
+    CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine lost its
+    mappings). Other reserved-bit checks are Unicorn's business and are not replicated (decision)."""
     _require_cpl0(vcpu)
     n = instr.op0_register - Register.CR0
     value = read_register(vcpu, instr.op1_register)
@@ -340,6 +341,8 @@ def mov_to_cr(vcpu, instr: Instruction) -> None:
             raise gp(0)
         if value & Cr0.PG and not value & Cr0.PE:
             raise gp(0)
+        if value >> 32 or (vcpu.long_mode and not value & Cr0.PG):
+            raise gp(0)  # reserved bits 63:32; clearing CR0.PG in 64-bit mode [SDM Vol. 2 MOV—CR]
     elif n not in (2, 3, 8):
         raise ud()
     vcpu.write_cr(n, value)
