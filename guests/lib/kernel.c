@@ -310,7 +310,7 @@ static struct trap_record record_trap(const struct trap_frame *f)
 {
     struct trap_record r = {
         .valid = true, .vector = f->vector, .error = f->error, .rip = f->rip,
-        .rsp = f->rsp, .cs = f->cs, .cr2 = read_cr2(), .ssp = 0,
+        .rsp = f->rsp, .cs = f->cs, .cr2 = read_cr2(), .ssp = 0, .rflags = f->rflags,
     };
     if ((f->cs & 3) == 3) {
         if (cet.shstk)

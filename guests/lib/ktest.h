@@ -174,6 +174,7 @@ struct trap_record {
     bool valid;
     u64 vector, error, rip, rsp, cs, ssp, cr2;
     u64 ss_lip;                   /* LIP of the supervisor shadow-stack frame (CPL0 traps), else 0 */
+    u64 rflags;                   /* the RFLAGS image in the hardware frame */
 };
 
 /* setjmp-like context that also restores SSP (see entry.S: cet_longjmp). */

@@ -24,10 +24,11 @@ __asm__(".text\n"
 
 static void call_at(void *where) { ((void (*)(void))where)(); }
 static volatile int good_ran;
-static u64 good_ssp_lip;
+static u64 good_ssp_lip, good_rflags;
 static void good_handler(struct trap_frame *f)
 {
     good_ran = 1;
+    good_rflags = f->rflags;
     good_ssp_lip = f->entry_ssp ? *(u64 *)(f->entry_ssp + 8) : 0;
 }
 
@@ -43,6 +44,7 @@ static const char *const names[] = {
     "CPL0 INT n, IST token outside its 32-byte region -> #GP(0) at the INT",
     "CPL0 INT n, good IST token -> handler runs, frame LIP = after the INT",
     "CPL3 INT n, IST token busy -> #GP(0) at the INT",
+    "a fault's pushed RFLAGS has RF = 1 (the INT n's own frame does not)",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -88,6 +90,10 @@ static void body(void)
     tap_ok(r.kind == USER_FAULTED && r.trap.vector == VEC_GP && r.trap.error == 0 && r.trap.rip == (u64)uint_busy_int,
            names[4], "kind %d vector %lu error 0x%lx rip 0x%lx (INT at 0x%lx)", r.kind, r.trap.vector, r.trap.error,
            r.trap.rip, (u64)uint_busy_int);
+    struct trap_record gp_rec = {0};
+    expect_fault(VEC_GP, 0, call_at, kint_busy, &gp_rec);
+    tap_ok((gp_rec.rflags & (1ul << 16)) && !(good_rflags & (1ul << 16)), names[5],
+           "#GP rflags 0x%lx, INT n rflags 0x%lx", gp_rec.rflags, good_rflags);
     tap_done();
 }
 

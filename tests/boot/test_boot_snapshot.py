@@ -18,7 +18,7 @@ from boot_support import boot, guest
 
 #: shstk_user: supervisor shadow stacks, IBT and a ring-3 shadow stack are live at this point
 #: (checked below through the snapshot itself).
-SAVE_AT_CET_LIVE = 265_000
+SAVE_AT_CET_LIVE = 270_000
 MEMORY = "16M"
 
 

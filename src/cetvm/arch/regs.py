@@ -103,6 +103,15 @@ class Vector(enum.IntEnum):
 
 #: Vectors that push an error code in protected/long mode.
 VECTORS_WITH_ERROR_CODE = frozenset({Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF, Vector.AC, Vector.CP})
+#: Exception vectors that are not faults: #DB and #BP/#OF are traps (instruction-breakpoint #DBs
+#: aside), #DF and #MC aborts, vector 2 is NMI [SDM Vol. 3 Table 6-1; KVM exception_type()].
+NON_FAULT_VECTORS = frozenset({Vector.DB, Vector.NMI, Vector.BP, Vector.OF, Vector.DF, Vector.MC})
+
+
+def is_fault_exception(vector: int) -> bool:
+    """An exception (vector 0-31) of the fault class: the RFLAGS image its delivery pushes has
+    RF = 1 [SDM Vol. 3 §18.3.1.1], as KVM sets RF when it injects one (kvm_inject_exception)."""
+    return 0 <= vector < 32 and vector not in NON_FAULT_VECTORS
 
 
 #: RFLAGS bit 1 always reads 1 [SDM Vol. 1 §3.4.3].

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch import Vector, VECTORS_WITH_ERROR_CODE
+from cetvm.arch.regs import is_fault_exception
 from cetvm.arch.msr import Efer, Msr
 from cetvm.cpu.cet.events import ssp_on_event
 from cetvm.cpu.exits import ExitReason, VmExit
@@ -165,7 +166,8 @@ def deliver_64(vcpu, vector: int, error_code: int | None, cr2: int | None, *, so
     rsp &= ~0xF & _U64
     rip = vcpu.rip
     rflags = vcpu.reg("rflags")
-    frame = [sregs.ss.selector, vcpu.reg("rsp"), rflags, sregs.cs.selector, rip]
+    pushed_rflags = rflags | RFLAGS_RF if not software and is_fault_exception(vector) else rflags
+    frame = [sregs.ss.selector, vcpu.reg("rsp"), pushed_rflags, sregs.cs.selector, rip]
     if error_code is not None and vector in VECTORS_WITH_ERROR_CODE and not software:
         frame.append(error_code)
     new_rsp = (rsp - 8 * len(frame)) & _U64
