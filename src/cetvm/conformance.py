@@ -100,10 +100,9 @@ KNOWN_REASONS: dict[str, str] = {
                "EmulateOnUD) is not modeled",
     "intel_iommu": "cetvm models no intel-iommu or edu device (the front end refuses -device intel-iommu)",
     "sieve": "speed: the 180 s budget is not enough for cetvm's engine on a shared 2-core machine",
-    "emulator": "engine core: LMSW is not emulated by cetvm (the engine's own LMSW gives the 'lmsw' reports' "
-                "wrong CR0); everything else, MMIO read-modify-write and REP CMPS on MMIO included, PASSes",
-    "idt_test": "engine core: the RFLAGS image pushed for #GP and #UD lacks RF (faults set RF in the saved "
-                "RFLAGS, SDM Vol. 3 §18.3.1.1)",
+    "emulator": "engine core: 92 reports PASS (MMIO read-modify-write, REP CMPS/SCAS and string port I/O on "
+                "MMIO, LMSW included); BTC on MMIO, cross-page MMIO, MOVBE #UD and MOV SS #DB blocking FAIL",
+    "idt_test": "PASSes since fault frames carry RFLAGS.RF (SDM Vol. 3 §18.3.1.1)",
     "debug": "engine core: single-step with MOV SS blocking + ICEBP (INT1) hangs until the timeout (every "
              "earlier report PASSes)",
     "msr": "3 reports: the VMM's x2APIC SELF_IPI (0x83F) accepts reserved bits 31:8 instead of #GP (the LAPIC "

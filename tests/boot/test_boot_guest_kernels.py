@@ -158,3 +158,10 @@ def test_code_rewritten_over_an_emulated_instruction_runs(capsys):
     overwrote with an ordinary one stops being an exit ("no emulation for mov al, ..." before)."""
     tap = run_green(capsys, "smc")
     assert tap.passed("the rewritten instruction runs instead")
+
+
+def test_string_port_io_is_one_exit_per_element(capsys):
+    """Issue 8 (kvm-unit-tests x86/emulator stopped at 'string port I/O is not implemented'):
+    REP OUTSB to COM1, REP INSB from fw_cfg, INSB with DF = 1."""
+    tap = run_green(capsys, "string_pio")
+    assert tap.passed("REP INSB from fw_cfg reads its signature")

@@ -17,6 +17,8 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     M.RDMSR, M.WRMSR, M.XSETBV, M.VMCALL, M.VMMCALL,
     # descriptor-table loads: the engine does not check base canonicality in 64-bit mode
     M.LGDT, M.LIDT, M.LLDT, M.LTR,
+    # CR0 through the machine status word (the CR0 rules and the mode cache)
+    M.LMSW,
     # TLB maintenance (flushes the walker's translation cache)
     M.INVLPG, M.INVPCID,
     # CET-affected control transfers and privilege changes

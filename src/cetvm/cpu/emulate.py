@@ -21,7 +21,9 @@ from cetvm.cpu.cet import events as cet_events
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
-from cetvm.cpu.faults import GuestFault, gp, ud
+from cetvm.cpu import string_ops
+from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
+from cetvm.cpu.paging import Access
 from cetvm.cpu.state import SegAttr, Segment
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -209,8 +211,9 @@ def port_io(vcpu, instr: Instruction) -> VmExit:
     return VmExit(ExitReason.IO, instr.ip, instr.len, io=io)
 
 
-def string_io(vcpu, instr: Instruction) -> VmExit:
-    raise NotSupportedError(f"string port I/O ({instr}) at {instr.ip:#x} is not implemented")
+def string_io(vcpu, instr: Instruction) -> VmExit | None:
+    """INS/OUTS, REP or not: :func:`cetvm.cpu.string_ops.port_string_iteration`."""
+    return string_ops.port_string_iteration(vcpu, instr)
 
 
 # ----------------------------------------------------------------------------- MSRs
@@ -337,15 +340,41 @@ def mov_to_cr(vcpu, instr: Instruction) -> None:
         if value & Cr4.CET and not vcpu.cr0 & Cr0.WP:
             raise gp(0)
     elif n == 0:
-        if not value & Cr0.WP and vcpu.cr4 & Cr4.CET:
-            raise gp(0)
-        if value & Cr0.PG and not value & Cr0.PE:
-            raise gp(0)
-        if value >> 32 or (vcpu.long_mode and not value & Cr0.PG):
-            raise gp(0)  # reserved bits 63:32; clearing CR0.PG in 64-bit mode [SDM Vol. 2 MOV—CR]
+        check_cr0_write(vcpu, value)
     elif n not in (2, 3, 8):
         raise ud()
     vcpu.write_cr(n, value)
+    _advance(vcpu, instr)
+
+
+def check_cr0_write(vcpu, value: int) -> None:
+    """#GP(0) for a CR0 value MOV to CR0 / LMSW may not load: WP cleared with CR4.CET set, PG
+    without PE, bits 63:32, PG cleared in 64-bit mode [SDM Vol. 2 MOV—CR; reference §3]."""
+    if not value & Cr0.WP and vcpu.cr4 & Cr4.CET:
+        raise gp(0)
+    if value & Cr0.PG and not value & Cr0.PE:
+        raise gp(0)
+    if value >> 32 or (vcpu.long_mode and not value & Cr0.PG):
+        raise gp(0)
+
+
+#: The CR0 bits LMSW loads: PE, MP, EM, TS (the machine status word's low four bits).
+_MSW_BITS = 0xF
+
+
+def lmsw(vcpu, instr: Instruction) -> None:
+    """LMSW r/m16: CR0[3:0] = source[3:0], except that PE can be set but not cleared [SDM Vol. 2
+    LMSW]; CPL 0 only. Emulated so that the CR0 rules and cetvm's mode cache apply."""
+    _require_cpl0(vcpu)
+    if instr.op0_kind == OpKind.REGISTER:
+        source = read_register(vcpu, instr.op0_register)
+    else:
+        user = Access.USER if vcpu.cpl == 3 else Access.READ
+        source = int.from_bytes(vcpu.read_virt(effective_address(vcpu, instr), 2, user), "little")
+    cr0 = vcpu.cr0
+    value = (cr0 & ~_MSW_BITS) | (source & _MSW_BITS) | (cr0 & Cr0.PE)
+    check_cr0_write(vcpu, value)
+    vcpu.write_cr(0, value)
     _advance(vcpu, instr)
 
 
@@ -568,12 +597,23 @@ def invalidate_tlb(vcpu, instr: Instruction) -> None:
     _native(vcpu, instr, branches=False)
 
 
-def descriptor_table_load(vcpu, instr: Instruction) -> None:
+def descriptor_table_load(vcpu, instr: Instruction) -> VmExit | None:
     """LGDT/LIDT/LLDT/LTR: the 64-bit-mode canonical checks the engine lacks, then the engine
     runs the instruction [SDM Vol. 2 LGDT/LIDT: #GP(0) "if the memory address is in a
     non-canonical form" of the loaded base in 64-bit mode; LLDT/LTR: #GP(selector) if the
     16-byte system descriptor's base is non-canonical]. Everything else (CPL, limits, types,
-    busy TSS, present bits) is the engine's, which executes these natively."""
+    busy TSS, present bits) is the engine's, which executes these natively. An operand in MMIO
+    (kvm-unit-tests' emulator: LTR from pc-testdev memory) is completed as any MMIO operand
+    (:meth:`cetvm.cpu.vcpu.Vcpu.execute_with_mmio_operand`), without the canonical checks."""
+    try:
+        _check_descriptor_table_load(vcpu, instr)
+    except NoRamAccess:
+        return vcpu.execute_with_mmio_operand(instr)
+    _native(vcpu, instr, branches=False)
+    return None
+
+
+def _check_descriptor_table_load(vcpu, instr: Instruction) -> None:
     if vcpu.long_mode and vcpu.cpl == 0:
         if instr.mnemonic in (M.LGDT, M.LIDT):
             raw = vcpu.read_virt(effective_address(vcpu, instr), 10, vcpu._user_access())
@@ -594,7 +634,6 @@ def descriptor_table_load(vcpu, instr: Instruction) -> None:
                 present = high >> 15 & 1
                 if present and not is_canonical(base):
                     raise gp(selector & ~3)
-    _native(vcpu, instr, branches=False)
 
 
 def xsave_family(vcpu, instr: Instruction) -> None:
@@ -615,7 +654,7 @@ _HANDLERS: dict[int, Callable] = {
     M.WRUSSD: cet_instruction, M.WRUSSQ: cet_instruction,
     M.INVLPG: invalidate_tlb, M.INVPCID: invalidate_tlb,
     M.LGDT: descriptor_table_load, M.LIDT: descriptor_table_load, M.LLDT: descriptor_table_load,
-    M.LTR: descriptor_table_load,
+    M.LTR: descriptor_table_load, M.LMSW: lmsw,
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
 }

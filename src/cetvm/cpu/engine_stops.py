@@ -253,6 +253,11 @@ class EngineStopsMixin:
             return emulate.effective_address(self, instr), size, reads, writes
         raise NotSupportedError(f"MMIO access by {instr} at {instr.ip:#x} is not supported")
 
+    def execute_with_mmio_operand(self, instr) -> VmExit | None:
+        """Execute ``instr`` (at RIP) whose memory operand is not RAM, as :meth:`_mmio_instruction`
+        does after an engine stop (for instructions cetvm emulates around the engine)."""
+        return self._mmio_instruction(instr.ip, instr)
+
     def _mmio_instruction(self, rip: int, instr) -> VmExit | None:
         """An instruction whose memory operand is not RAM, as KVM's emulator completes MMIO: each
         read of the operand is an MMIO exit (in fragments of at most 8 bytes, the sizes a bus

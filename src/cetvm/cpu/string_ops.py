@@ -22,7 +22,9 @@ This module then performs exactly one iteration, the way KVM's emulator does for
   iterations of a REP on RAM (QEMU's TCG runs each iteration as one pass of the instruction): a
   REP over MMIO with a huge count ends at ``--max-instructions`` like any other loop.
 
-Decisions: INS/OUTS (string port I/O) are not handled here (NotSupportedError names them); the
+INS/OUTS (string port I/O) are handled by :func:`port_string_iteration`, one I/O exit per element.
+
+Decisions: the
 address size (16/32/64-bit rSI/rDI/rCX) follows the instruction's operands; only the source
 segment may be overridden, and only FS/GS have a base in 64-bit mode.
 """
@@ -35,7 +37,7 @@ from iced_x86 import Instruction, MemorySizeExt, Mnemonic as M, OpKind, Register
 
 from cetvm import NotSupportedError
 from cetvm.arch import Msr, u64
-from cetvm.cpu.exits import Direction, MmioExit
+from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioExit, VmExit
 from cetvm.cpu.paging import Access
 
 RFLAGS_CF, RFLAGS_PF, RFLAGS_AF, RFLAGS_ZF, RFLAGS_SF, RFLAGS_DF, RFLAGS_OF = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 10, 1 << 11
@@ -234,3 +236,78 @@ def _write_accumulator(vcpu, value: int, size: int) -> None:
 def _advance(vcpu, instr: Instruction) -> None:
     vcpu.rip = instr.next_ip
     vcpu.retire_emulated()
+
+
+# --------------------------------------------------------------------------- string port I/O
+def is_port_string(instr: Instruction) -> bool:
+    """INS or OUTS (any element size, any prefix)."""
+    return instr.mnemonic in _PORT_STRINGS
+
+
+def port_string_iteration(vcpu, instr: Instruction) -> VmExit | None:
+    """One iteration of INS/OUTS [SDM Vol. 2 INS/OUTS, REP]: an I/O exit for the element at
+    [ES:rDI] (INS, written when the exit completes) or [seg:rSI] (OUTS); the completion advances
+    rDI/rSI by ±size (RFLAGS.DF), decrements rCX with REP and moves RIP past the instruction when
+    the count ends — so a REP INS/OUTS is one exit per element and restartable, as on a CPU.
+    An element in MMIO takes an MMIO exit as well (OUTS: read before the I/O exit; INS: stored
+    after it), as KVM's emulator does. I/O permission is not checked (as IN/OUT, see
+    cetvm.cpu.emulate.port_io)."""
+    size = MemorySizeExt.size(instr.memory_size)
+    kinds = [instr.op_kind(i) for i in range(instr.op_count)]
+    bits = next((_ADDRESS_BITS[k] for k in kinds if k in _ADDRESS_BITS), 64)
+    amask = (1 << bits) - 1
+    repeated = instr.has_rep_prefix or instr.has_repe_prefix or instr.has_repne_prefix
+    if repeated and vcpu.reg("rcx") & amask == 0:
+        _advance(vcpu, instr)
+        return None
+    step = -size if vcpu.reg("rflags") & RFLAGS_DF else size
+    port = vcpu.reg("rdx") & 0xFFFF
+    user = Access.USER if vcpu.cpl == 3 else Access.READ
+    outs = instr.mnemonic in (M.OUTSB, M.OUTSW, M.OUTSD)
+    index = "rsi" if outs else "rdi"
+    pointer = vcpu.reg(index)
+    linear = u64(_segment_base(vcpu, instr) + (pointer & amask)) if outs else pointer & amask
+    gpa = vcpu.translate(linear, user | (Access.READ if outs else Access.WRITE))  # a #PF comes first
+    in_ram = vcpu.is_ram(gpa, size) and (linear & 0xFFF) + size <= 0x1000
+
+    def finish() -> None:
+        _step_register(vcpu, index, pointer, step, bits)
+        vcpu.retire_emulated()
+        if repeated:
+            count = (vcpu.reg("rcx") - 1) & amask
+            _step_register(vcpu, "rcx", vcpu.reg("rcx"), -1, bits)
+            if count:
+                return
+        vcpu.rip = instr.next_ip
+
+    def io_exit(data: int) -> VmExit:
+        io = IoExit(port, size, Direction.OUT, data) if outs else IoExit(port, size, Direction.IN)
+
+        def complete() -> VmExit | None:
+            if outs:
+                finish()
+                return None
+            value = io.data & ((1 << (8 * size)) - 1)
+            if in_ram:
+                vcpu.write_virt(linear, value.to_bytes(size, "little"), user | Access.WRITE)
+                finish()
+                return None
+            store = MmioExit(gpa, size, Direction.OUT, value)  # INS into MMIO: the store exits too
+            vcpu.add_completion(finish)
+            return VmExit(ExitReason.MMIO, instr.ip, mmio=store)
+        vcpu.add_completion(complete)
+        return VmExit(ExitReason.IO, instr.ip, instr.len, io=io)
+
+    if not outs or in_ram:
+        return io_exit(int.from_bytes(vcpu.read_virt(linear, size, user), "little") if outs else 0)
+    load = MmioExit(gpa, size, Direction.IN)  # OUTS from MMIO: the element is read by an exit first
+    vcpu.add_completion(lambda: io_exit(load.data))
+    return VmExit(ExitReason.MMIO, instr.ip, mmio=load)
+
+
+def _step_register(vcpu, name: str, value: int, delta: int, bits: int) -> None:
+    """Add ``delta`` to an implicit address/count register at address size ``bits`` (a 32-bit
+    update zero-extends, a 16-bit one keeps the upper bits)."""
+    mask = (1 << bits) - 1
+    new = (value + delta) & mask
+    vcpu.set_reg(name, new if bits == 32 else (value & ~mask) | new)
