@@ -231,7 +231,8 @@ SNIPPETS = tuple(bytes.fromhex(h) for h in (
     "f4", "0f0118", "0f0110", "0f22d8", "0f22e0", "0f22c0", "0f30", "0f32", "0fa2", "e680", "ec", "ee",
     "488b00", "488900", "480100", "48870a", "0f01c1", "0f01d9", "f30f1efa", "f3480f1ec8", "f30f01e8",
     "0f00d8", "9c", "9d", "50", "58", "0f0b6b766d", "0fae00", "0fae08", "0fc708", "fa", "fb",
-    "0f20e0", "0f20c0", "48cf", "0f01f8", "0f35", "0f34", "cf",
+    "0f20e0", "0f20c0", "48cf", "0f01f8", "0f35", "0f34", "cf", "6c", "6e", "f36c", "f36e", "666d",
+    "f3666f", "0f01f0", "0f0130",
 ))
 _REG_LOADS = (0xB8, 0xB9, 0xBA, 0xBB, 0xBC, 0xBE, 0xBF)  # mov r64, imm64 for RAX RCX RDX RBX RSP RSI RDI
 
