@@ -24,8 +24,8 @@ machine                object: memory (int), cet (str), cmdline (str), modules (
 run                    instructions, halted_ns: 0..2^64-1
 vcpus                  a list of exactly one vCPU state
 vcpus[0].regs          every general-purpose register, rip and rflags: 0..2^64-1
-vcpus[0].sregs         segments {selector 16 bits, base 64, limit 32, attributes: only
-                       descriptor attribute bits 0x00F0FF00}; gdt/idt {base 64 bits,
+vcpus[0].sregs         segments {selector 16 bits, base 64, limit 32, attributes 32 (a
+                       descriptor's high dword)}; gdt/idt {base 64 bits,
                        limit 16}; cr0, cr2, cr3, cr4: 64 bits; efer: only SCE, LME, LMA,
                        NXE (the EFER bits the CPU implements)
 vcpus[0].xcrs          at most 16 pairs [index 32 bits, value 64 bits]
@@ -50,7 +50,7 @@ from typing import Any, Callable, Mapping
 from cetvm import InputError
 from cetvm.arch.msr import Efer, Msr
 from cetvm.kvm.api import MpState
-from cetvm.cpu.state import SEG_ATTR_MASK, Regs
+from cetvm.cpu.state import Regs
 from cetvm.vmm.layout import check_ram_size
 
 #: A check of one value at a labelled place; raises InputError.
@@ -173,8 +173,10 @@ def pair(first: Check, second: Check) -> Check:
 
 
 # --------------------------------------------------------------------------- the vCPU
-SEGMENT = obj({"selector": unsigned(16), "base": unsigned(64), "limit": unsigned(32),
-               "attributes": only_bits(SEG_ATTR_MASK, "descriptor attribute bits")})
+#: A segment's attributes are (the attribute bits of) a descriptor's high dword: 32 bits. The CPU
+#: keeps what the guest's descriptor held there (limit 19:16, for a TSS even base bits), so no
+#: narrower mask is a format rule.
+SEGMENT = obj({"selector": unsigned(16), "base": unsigned(64), "limit": unsigned(32), "attributes": unsigned(32)})
 DESCRIPTOR_TABLE = obj({"base": unsigned(64), "limit": unsigned(16)})
 EFER = only_bits(_EFER_BITS, "EFER bits cetvm's CPU implements: SCE, LME, LMA, NXE")
 REGS = obj({f.name: unsigned(64) for f in fields(Regs)})
