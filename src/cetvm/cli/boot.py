@@ -133,8 +133,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(option, path) of every file the run reads."""
     inputs = [("IMAGE", args.image)] if args.image else []
     inputs += [("--initrd", path) for path in args.initrd]
-    if args.cpu and os.path.exists(args.cpu):
-        inputs.append(("--cpu", args.cpu))
+    if args.cpu and args.cpu not in model_names() and os.path.exists(args.cpu):
+        inputs.append(("--cpu", args.cpu))  # a model name wins over a file of that name
     if args.restore_state:
         inputs.append(("--restore-state", args.restore_state))
     return inputs
