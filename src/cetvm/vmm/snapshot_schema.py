@@ -49,8 +49,7 @@ from typing import Any, Callable, Mapping
 
 from cetvm import InputError
 from cetvm.arch.msr import Efer, Msr
-from cetvm.kvm.api import MpState
-from cetvm.cpu.state import Regs
+from cetvm.kvm.api import MpState, Regs
 from cetvm.vmm.layout import check_ram_size
 
 #: A check of one value at a labelled place; raises InputError.
