@@ -82,22 +82,29 @@ def _open_regular(path: str | os.PathLike, label: str) -> int:
     return fd
 
 
-def _read_bounded(fd: int, limit: int, label: str) -> bytes:
-    chunks, total = [], 0
-    while True:
-        try:
-            chunk = os.read(fd, min(READ_CHUNK, limit + 1 - total))
-        except OSError as exc:
-            raise InputError(f"{label}: cannot read: {_os_problem(exc)}") from None
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            return b"".join(chunks)
+def _read_bounded(fd: int, limit: int, label: str, expected: int = 0) -> bytearray:
+    """At most ``limit`` + 1 bytes from ``fd`` (one more than allowed tells the caller the file
+    is too large), read into one buffer sized from ``expected`` (the file's size): a 500 MB
+    snapshot costs 500 MB, not a list of chunks plus their join."""
+    buffer = bytearray(min(max(expected, 0), limit) + 1)
+    got = 0
+    with open(fd, "rb", buffering=0, closefd=False) as stream:
+        while got <= limit:
+            if got == len(buffer):  # the file grew past its size: read on, still bounded
+                buffer.extend(bytes(min(READ_CHUNK, limit + 1 - got)))
+            try:
+                with memoryview(buffer) as view:
+                    count = stream.readinto(view[got:])
+            except OSError as exc:
+                raise InputError(f"{label}: cannot read: {_os_problem(exc)}") from None
+            if not count:
+                break
+            got += count
+    del buffer[got:]
+    return buffer
 
 
-def read_input(path: str | os.PathLike, label: str, limit: int, why: str = "") -> bytes:
+def read_input(path: str | os.PathLike, label: str, limit: int, why: str = "") -> bytearray:
     """The whole content of regular file ``path``, refused (InputError ``label: ...``) when it is
     not a regular file or holds more than ``limit`` bytes (``why`` says where the limit comes
     from, e.g. "the guest RAM")."""
@@ -106,7 +113,7 @@ def read_input(path: str | os.PathLike, label: str, limit: int, why: str = "") -
         size = os.fstat(fd).st_size
         if size > limit:
             raise InputError(too_large(label, size, limit, why))
-        data = _read_bounded(fd, limit, label)
+        data = _read_bounded(fd, limit, label, size)
     finally:
         os.close(fd)
     if len(data) > limit:
@@ -118,7 +125,7 @@ def read_input_head(path: str | os.PathLike, label: str, size: int) -> bytes:
     """The first ``size`` bytes (or fewer) of regular file ``path``."""
     fd = _open_regular(path, label)
     try:
-        return _read_bounded(fd, size - 1, label)[:size] if size > 0 else b""
+        return bytes(_read_bounded(fd, size - 1, label, size)[:size]) if size > 0 else b""
     finally:
         os.close(fd)
 

@@ -195,7 +195,7 @@ SCHEMA_CASES = {
     "segment attribute 2^64": (_set(["vcpus", 0, "sregs", "cs", "attributes"], 1 << 64),
                                ["vcpus[0].sregs.cs.attributes", "refused"]),
     "segment attribute 2^32": (_set(["vcpus", 0, "sregs", "ds", "attributes"], 1 << 32),
-                               ["vcpus[0].sregs.ds.attributes", "refused"]),
+                               ["vcpus[0].sregs.ds.attributes", "32-bit"]),
     "gdt limit 2^40": (_set(["vcpus", 0, "sregs", "gdt", "limit"], 1 << 40), ["vcpus[0].sregs.gdt.limit", "16-bit"]),
     "selector 2^16": (_set(["vcpus", 0, "sregs", "ss", "selector"], 1 << 16), ["vcpus[0].sregs.ss.selector"]),
     "kernel_cmdline 1": (_cpu_model_with_host({"kernel_cmdline": 1}), ["machine.host.kernel_cmdline", "not a string"]),

@@ -102,9 +102,11 @@ def register(subparsers) -> None:
                    help="stop after N guest instructions (counted from the machine's first start, across "
                         "snapshots), exit status 124 (default no limit)")
     p.add_argument("--serial", metavar="FILE",
-                   help="write the COM1 output to FILE (created or truncated); default stdout")
+                   help="write the COM1 output to FILE (created, or truncated once every input has been read; a "
+                        "device or FIFO is written in place; refused if FILE is one of the inputs); default stdout")
     p.add_argument("--save-state", metavar="FILE",
-                   help="when the run stops (or at --save-at), write the whole machine to FILE "
+                   help="when the run stops (or at --save-at), write the whole machine to FILE: a new or "
+                        "regular file, replaced atomically; not a device, FIFO or input of the run "
                         "(default no snapshot)")
     p.add_argument("--save-at", type=_positive_int, metavar="N",
                    help="with --save-state: stop after exactly N instructions and save; exit status 0 "
@@ -151,8 +153,8 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(option, path) of every file the run reads."""
     inputs = [("IMAGE", args.image)] if args.image else []
     inputs += [("--initrd", path) for path in args.initrd]
-    if args.cpu and os.path.exists(args.cpu):
-        inputs.append(("--cpu", args.cpu))
+    if args.cpu and args.cpu not in model_names() and os.path.exists(args.cpu):
+        inputs.append(("--cpu", args.cpu))  # a model name wins over a file of that name
     if args.restore_state:
         inputs.append(("--restore-state", args.restore_state))
     return inputs

@@ -34,12 +34,9 @@ from cetvm.vmm.layout import RamRegion, ram_regions
 from cetvm.vmm.msr_exits import claim_apic_msrs, complete_msr_exit
 from cetvm.vmm.loader import BootPlan, Long64Entry, ModuleSpec, Protected32Entry, load_kernel
 from cetvm.vmm.run_loop import RunLimits, RunLoop, RunResult, VcpuSlot
-from cetvm.vmm.snapshot import SectionData, read_snapshot, write_snapshot
+from cetvm.vmm.snapshot import SectionData, open_snapshot, write_snapshot
 from cetvm.vmm.snapshot_io import check_vcpu_states, restore_vcpu, save_vcpu, xsave_section
 from cetvm.vmm.snapshot_schema import SNAPSHOT_KIND, check_machine_manifest
-
-#: Bytes per RAM write when restoring memory.
-RAM_CHUNK = 16 << 20
 #: Bytes per RAM read when saving (a snapshot streams: one chunk, its copy and its compressed
 #: form are all the memory a save needs beyond the guest RAM).
 SAVE_CHUNK = 4 << 20
@@ -100,6 +97,38 @@ def apply_entry(vcpu: KvmVcpu, entry: Protected32Entry | Long64Entry) -> None:
 def instructions_retired(vcpu: KvmVcpu) -> int:
     """The vCPU's retired-instruction count, from the kvm API's stats."""
     return vcpu.get_stats()["instructions"]
+
+
+class RamRestore:
+    """Streams a snapshot's ``ram@ADDR`` sections straight into guest memory as they are decoded
+    (restoring holds one decoded chunk at a time, never a copy of the RAM); the guest RAM starts
+    zeroed, so all-zero chunks are skipped."""
+
+    def __init__(self, vm, regions: tuple[RamRegion, ...]) -> None:
+        self.vm = vm
+        self.regions = {ram_section(r): r for r in regions}
+        self.filled = {section: 0 for section in self.regions}
+
+    def consumer(self, section: str) -> Callable[[bytes], None] | None:
+        region = self.regions.get(section)
+        if region is None:
+            return None
+
+        def write(chunk: bytes) -> None:
+            offset = self.filled[section]
+            if chunk.count(0) != len(chunk):
+                self.vm.put_memory(region.addr + offset, chunk)
+            self.filled[section] = offset + len(chunk)
+        return write
+
+    def check_complete(self, name: str) -> None:
+        """Every RAM region was restored, whole."""
+        for section, region in self.regions.items():
+            if self.filled[section] != region.size:
+                if not self.filled[section]:
+                    raise InputError(f"{name}: snapshot has no RAM section '{section}'")
+                raise InputError(f"{name}: RAM section '{section}' holds {self.filled[section]:#x} bytes, "
+                                 f"the region is {region.size:#x}")
 
 
 class Machine:
@@ -265,7 +294,8 @@ class Machine:
                 smp: int | None = None) -> "Machine":
         """A machine that continues a snapshot (built fresh from the saved config). ``smp``:
         the vCPU count the caller expects; a snapshot of another count is refused."""
-        manifest, blobs = read_snapshot(path, section_limit, check_machine_manifest)
+        decoder = open_snapshot(path, check_machine_manifest)
+        manifest = decoder.manifest
         name = os.fspath(path)
         config = MachineConfig.from_manifest(manifest.get("machine"), serial_sink=serial_sink)
         if smp is not None and smp != config.smp:
@@ -277,7 +307,9 @@ class Machine:
                              f"{len(vcpus) if isinstance(vcpus, list) else 'no'} vCPU states")
         machine = cls(config)
         check_vcpu_states(manifest, machine.vcpu.get_msr_index_list())
-        machine._restore_ram(manifest, blobs, name)
+        ram = RamRestore(machine.vm, machine.ram)
+        blobs = decoder.sections(section_limit, ram.consumer)
+        ram.check_complete(name)
         for index, (vcpu, state) in enumerate(zip(machine.vcpus, vcpus)):
             restore_vcpu(vcpu, state, blobs, index)
         machine.devices.set_state(manifest.get("devices"))
@@ -293,16 +325,3 @@ class Machine:
             machine._loop.set_state(run["scheduler"])
         return machine
 
-    def _restore_ram(self, manifest: dict, blobs: dict[str, bytes], name: str) -> None:
-        for region in self.ram:
-            section = ram_section(region)
-            data = blobs.get(section)
-            if data is None:
-                raise InputError(f"{name}: snapshot has no RAM section '{section}'")
-            if len(data) != region.size:
-                raise InputError(f"{name}: RAM section '{section}' holds {len(data):#x} bytes, "
-                                 f"the region is {region.size:#x}")
-            for off in range(0, region.size, RAM_CHUNK):
-                chunk = data[off : off + RAM_CHUNK]
-                if chunk.count(0) != len(chunk):
-                    self.vm.put_memory(region.addr + off, chunk)

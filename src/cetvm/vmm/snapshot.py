@@ -45,7 +45,7 @@ import struct
 import zlib
 from types import MappingProxyType
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from cetvm import CetvmError, InputError
 from cetvm.files import read_input, write_atomically
@@ -175,6 +175,14 @@ class _Reader:
         self.pos += size
         return chunk
 
+    def take_view(self, size: int, what: str) -> memoryview:
+        """Like :meth:`take`, without copying (a section's data can be as large as the RAM)."""
+        start = self.pos
+        if start + size > len(self.data):
+            self.take(size, what)  # raises the truncation error
+        self.pos += size
+        return memoryview(self.data)[start : start + size]
+
 
 def _read_header(r: _Reader) -> tuple[int, int, int]:
     prefix = r.data[: len(SNAPSHOT_MAGIC)]
@@ -217,23 +225,68 @@ def _read_manifest(r: _Reader, length: int, crc: int) -> dict:
 SectionLimit = Callable[[Mapping[str, Any], str], "int | None"]
 
 
-def _inflate(stored: bytes, raw_len: int, r: _Reader, name: str) -> bytes:
-    """zlib data that must decode to exactly ``raw_len`` bytes; never more than raw_len + 1 bytes
-    are produced, whatever the stream would expand to."""
-    inflater = zlib.decompressobj()
-    try:
-        raw = inflater.decompress(stored, raw_len + 1)
-    except zlib.error as exc:
-        raise InputError(f"{r.name}: section '{name}' does not decompress: {exc}") from None
-    if len(raw) > raw_len:
-        raise InputError(f"{r.name}: section '{name}' inflates to more than the {raw_len} bytes its descriptor "
-                         "says")
-    if not inflater.eof:
-        raise InputError(f"{r.name}: section '{name}' does not decompress: incomplete zlib stream")
-    return raw
+#: Bytes of decoded section data handed to a streaming consumer at a time.
+STREAM_CHUNK = 1 << 20
+#: Bytes of stored (compressed) section data given to zlib at a time.
+STREAM_INPUT = 256 << 10
+#: ``consumer(section name)``: a function taking the section's decoded bytes chunk by chunk (the
+#: section is streamed, not returned), or None to get the section back as bytes.
+SectionConsumer = Callable[[str], "Callable[[bytes], None] | None"]
 
 
-def _read_section(r: _Reader, index: int, limit: Callable[[str], "int | None"]) -> tuple[str, bytes]:
+def _decoded_chunks(stored: memoryview, encoding: int, raw_len: int, r: _Reader, name: str) -> Iterator[bytes]:
+    """The decoded bytes of a section, STREAM_CHUNK at a time; never more than ``raw_len`` + 1
+    bytes are produced in all, whatever a zlib stream would expand to."""
+    if encoding == ENCODING_STORED:
+        for start in range(0, len(stored), STREAM_CHUNK):
+            yield bytes(stored[start : start + STREAM_CHUNK])
+        return
+    inflater, produced = zlib.decompressobj(), 0
+    # input is fed a slice at a time: zlib's unconsumed_tail is a copy of what is left of its input
+    for start in range(0, len(stored), STREAM_INPUT):
+        pending: bytes | memoryview = stored[start : start + STREAM_INPUT]
+        while pending and not inflater.eof:
+            try:
+                chunk = inflater.decompress(pending, min(STREAM_CHUNK, raw_len + 1 - produced))
+            except zlib.error as exc:
+                raise InputError(f"{r.name}: section '{name}' does not decompress: {exc}") from None
+            produced += len(chunk)
+            if produced > raw_len:
+                raise InputError(f"{r.name}: section '{name}' inflates to more than the {raw_len} bytes its "
+                                 "descriptor says")
+            pending = inflater.unconsumed_tail
+            if chunk:
+                yield chunk
+        if inflater.eof:
+            break
+    while not inflater.eof:  # all input given: what zlib still holds back
+        chunk = inflater.decompress(b"", min(STREAM_CHUNK, raw_len + 1 - produced))
+        if not chunk:
+            raise InputError(f"{r.name}: section '{name}' does not decompress: incomplete zlib stream")
+        produced += len(chunk)
+        if produced > raw_len:
+            raise InputError(f"{r.name}: section '{name}' inflates to more than the {raw_len} bytes its "
+                             "descriptor says")
+        yield chunk
+
+
+def _decode_section(stored: memoryview, encoding: int, raw_len: int, raw_crc: int, r: _Reader, name: str,
+                    sink: Callable[[bytes], None]) -> None:
+    """Decode a section into ``sink`` chunk by chunk, then check its length and content CRC."""
+    produced = crc = 0
+    for chunk in _decoded_chunks(stored, encoding, raw_len, r, name):
+        produced += len(chunk)
+        crc = zlib.crc32(chunk, crc)
+        sink(chunk)
+    if produced != raw_len:
+        raise InputError(f"{r.name}: section '{name}' holds {produced} bytes, its descriptor says {raw_len}")
+    if crc & 0xFFFF_FFFF != raw_crc:
+        raise InputError(f"{r.name}: section '{name}' content CRC mismatch after decoding")
+
+
+def _read_section(r: _Reader, index: int, limit: Callable[[str], "int | None"],
+                  consumer: SectionConsumer | None = None) -> tuple[str, bytes | None]:
+    """One section: (name, its bytes), or (name, None) when ``consumer`` took them as a stream."""
     descriptor_start = r.pos
     name_len_field = r.take(2, f"section {index} name length")
     (name_len,) = struct.unpack("<H", name_len_field)
@@ -257,57 +310,84 @@ def _read_section(r: _Reader, index: int, limit: Callable[[str], "int | None"]) 
         raise InputError(f"{r.name}: section '{name}' says it holds {raw_len} bytes, the manifest allows at "
                          f"most {most}")
     start = r.pos
-    stored = r.take(stored_len, f"section '{name}' data")
+    stored = r.take_view(stored_len, f"section '{name}' data")
     if _crc(stored) != stored_crc:
         raise InputError(f"{r.name}: section '{name}' at offset {start:#x} is corrupt (CRC mismatch)")
-    raw = _inflate(stored, raw_len, r, name) if encoding == ENCODING_ZLIB else stored
-    if len(raw) != raw_len:
-        raise InputError(f"{r.name}: section '{name}' holds {len(raw)} bytes, its descriptor says {raw_len}")
-    if _crc(raw) != raw_crc:
-        raise InputError(f"{r.name}: section '{name}' content CRC mismatch after decoding")
-    return name, raw
+    sink = consumer(name) if consumer is not None else None
+    if sink is not None:
+        _decode_section(stored, encoding, raw_len, raw_crc, r, name, sink)
+        return name, None
+    parts: list[bytes] = []
+    _decode_section(stored, encoding, raw_len, raw_crc, r, name, parts.append)
+    return name, b"".join(parts)
+
+
+class SnapshotDecoder:
+    """Reading a snapshot in two steps: the manifest (checked by ``check_manifest``, a schema
+    check raising InputError) when constructed, then the sections (:meth:`sections`), so a
+    consumer can build what the manifest describes and stream large sections straight into it."""
+
+    def __init__(self, data: bytes, name: str = "snapshot",
+                 check_manifest: Callable[[dict], None] | None = None) -> None:
+        self.name = name
+        self._data = data
+        self._reader = _Reader(data, name)
+        self._count, manifest_len, manifest_crc = _read_header(self._reader)
+        self.manifest = _read_manifest(self._reader, manifest_len, manifest_crc)
+        if check_manifest is not None:
+            try:
+                check_manifest(self.manifest)
+            except InputError as exc:
+                raise InputError(f"{name}: {exc}") from None
+
+    def sections(self, section_limit: SectionLimit | None = None,
+                 consumer: SectionConsumer | None = None) -> dict[str, bytes]:
+        """Every section, verified: the ones ``consumer`` does not stream, as bytes. Each is
+        bounded by ``section_limit`` (default: zlib's largest ratio, 1032:1, for the file's
+        size; a machine snapshot passes the sizes its manifest implies) before it is decoded."""
+        r, name = self._reader, self.name
+        blobs: dict[str, bytes] = {}
+        seen: set[str] = set()
+        for index in range(self._count):
+            section, raw = _read_section(r, index, lambda s: (section_limit(self.manifest, s) if section_limit
+                                                              else ZLIB_MAX_RATIO * len(self._data)), consumer)
+            if section in seen:
+                raise InputError(f"{name}: section '{section}' appears twice")
+            seen.add(section)
+            if raw is not None:
+                blobs[section] = raw
+        trailer = r.take(len(SNAPSHOT_TRAILER), "end marker")
+        if trailer != SNAPSHOT_TRAILER:
+            raise InputError(f"{name}: snapshot end marker missing at offset {r.pos - len(trailer):#x} "
+                             f"(found {trailer!r}): section count or lengths are wrong")
+        if r.pos != len(self._data):
+            raise InputError(f"{name}: {len(self._data) - r.pos} unexpected bytes after the end marker")
+        return blobs
 
 
 def decode_snapshot(data: bytes, name: str = "snapshot", section_limit: SectionLimit | None = None,
                     check_manifest: Callable[[dict], None] | None = None) -> tuple[dict, dict[str, bytes]]:
-    """Parse and verify snapshot bytes -> (manifest, sections). ``section_limit`` bounds each
-    section from the manifest (default: what zlib's largest ratio, 1032:1, allows for the file's size;
-    a machine snapshot passes the sizes its manifest implies). ``check_manifest`` (a schema
-    check raising InputError) runs on the manifest before any section is read."""
-    r = _Reader(data, name)
-    count, manifest_len, manifest_crc = _read_header(r)
-    manifest = _read_manifest(r, manifest_len, manifest_crc)
-    if check_manifest is not None:
-        try:
-            check_manifest(manifest)
-        except InputError as exc:
-            raise InputError(f"{name}: {exc}") from None
-    blobs: dict[str, bytes] = {}
-    for index in range(count):
-        section, raw = _read_section(r, index, lambda section: (section_limit(manifest, section) if section_limit
-                                                                 else ZLIB_MAX_RATIO * len(data)))
-        if section in blobs:
-            raise InputError(f"{name}: section '{section}' appears twice")
-        blobs[section] = raw
-    trailer = r.take(len(SNAPSHOT_TRAILER), "end marker")
-    if trailer != SNAPSHOT_TRAILER:
-        raise InputError(f"{name}: snapshot end marker missing at offset {r.pos - len(trailer):#x} "
-                         f"(found {trailer!r}): section count or lengths are wrong")
-    if r.pos != len(data):
-        raise InputError(f"{name}: {len(data) - r.pos} unexpected bytes after the end marker")
-    return manifest, blobs
+    """Parse and verify snapshot bytes -> (manifest, sections) (see :class:`SnapshotDecoder`)."""
+    decoder = SnapshotDecoder(data, name, check_manifest)
+    return decoder.manifest, decoder.sections(section_limit)
 
 
 #: Largest snapshot file read (the largest guest RAM stored uncompressed, plus room for the rest).
 MAX_SNAPSHOT_FILE_BYTES = (1 << 46) + (1 << 30)
 
 
+def open_snapshot(path: str | os.PathLike, check_manifest: Callable[[dict], None] | None = None) -> SnapshotDecoder:
+    """A :class:`SnapshotDecoder` of a snapshot file (only a regular file is read:
+    :func:`cetvm.files.read_input`)."""
+    data = read_input(path, f"snapshot '{os.fspath(path)}'", MAX_SNAPSHOT_FILE_BYTES)
+    return SnapshotDecoder(data, os.fspath(path), check_manifest)
+
+
 def read_snapshot(path: str | os.PathLike, section_limit: SectionLimit | None = None,
                   check_manifest: Callable[[dict], None] | None = None) -> tuple[dict, dict[str, bytes]]:
-    """Read and verify a snapshot file -> (manifest, {section name: bytes}); only a regular file
-    is read (:func:`cetvm.files.read_input`). See :func:`decode_snapshot` for the checks."""
-    data = read_input(path, f"snapshot '{os.fspath(path)}'", MAX_SNAPSHOT_FILE_BYTES)
-    return decode_snapshot(data, os.fspath(path), section_limit, check_manifest)
+    """Read and verify a snapshot file -> (manifest, {section name: bytes})."""
+    decoder = open_snapshot(path, check_manifest)
+    return decoder.manifest, decoder.sections(section_limit)
 
 
 # --- required-state checks --------------------------------------------------------------------

@@ -49,8 +49,7 @@ from typing import Any, Callable, Mapping
 
 from cetvm import InputError
 from cetvm.arch.msr import Efer, Msr
-from cetvm.kvm.api import KVM_MAX_VCPUS as MAX_VCPUS, MpState
-from cetvm.cpu.state import Regs
+from cetvm.kvm.api import KVM_MAX_VCPUS as MAX_VCPUS, MpState, Regs
 from cetvm.vmm.layout import check_ram_size
 
 #: A check of one value at a labelled place; raises InputError.
@@ -173,8 +172,10 @@ def pair(first: Check, second: Check) -> Check:
 
 
 # --------------------------------------------------------------------------- the vCPU
-SEGMENT = obj({"selector": unsigned(16), "base": unsigned(64), "limit": unsigned(32),
-               "attributes": unsigned(32)})  # the engine's segment-cache flags, as KVM_GET_SREGS read them
+#: A segment's attributes are (the attribute bits of) a descriptor's high dword: 32 bits. The CPU
+#: keeps what the guest's descriptor held there (limit 19:16, for a TSS even base bits), so no
+#: narrower mask is a format rule.
+SEGMENT = obj({"selector": unsigned(16), "base": unsigned(64), "limit": unsigned(32), "attributes": unsigned(32)})
 DESCRIPTOR_TABLE = obj({"base": unsigned(64), "limit": unsigned(16)})
 EFER = only_bits(_EFER_BITS, "EFER bits cetvm's CPU implements: SCE, LME, LMA, NXE")
 REGS = obj({f.name: unsigned(64) for f in fields(Regs)})

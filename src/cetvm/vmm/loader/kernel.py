@@ -110,7 +110,7 @@ def _check_free(new: _Range, taken: Sequence[_Range]) -> None:
 def _read_file(path: str, what: str, ram_size: int) -> bytes:
     """The whole file, refused before reading when it is not a regular file or is larger than
     the guest RAM (it could not be loaded anyway)."""
-    return read_input(path, f"{what} file '{path}'", ram_size, "larger than the guest RAM")
+    return bytes(read_input(path, f"{what} file '{path}'", ram_size, "larger than the guest RAM"))
 
 
 def _check_bootable_head(path: str, name: str) -> None:
