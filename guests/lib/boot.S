@@ -14,18 +14,6 @@
 #define MB_MAGIC 0x1BADB002
 #define MB_FLAGS 0x00010002          /* bit 1: memory info; bit 16: a.out kludge (address fields valid) */
 
-/* LOAD_KERNEL_DATA_SEGMENTS: DS/ES/SS = the GDT's kernel data selector 0x10, FS/GS = null
- * (both 64-bit entry paths, after CS is reloaded); clobbers %eax. */
-    .macro LOAD_KERNEL_DATA_SEGMENTS
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
-    .endm
-
     .section .multiboot, "a"
     .p2align 2
 mb_header:

@@ -22,4 +22,16 @@
     ljmp $0x08, $\target
     .endm
 
+/* LOAD_KERNEL_DATA_SEGMENTS: DS/ES/SS = the GDT's kernel data selector 0x10, FS/GS = null
+ * (the BSP's two 64-bit entry paths and the APs', after CS is reloaded); clobbers %eax. */
+    .macro LOAD_KERNEL_DATA_SEGMENTS
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    xor %eax, %eax
+    mov %ax, %fs
+    mov %ax, %gs
+    .endm
+
 #endif

@@ -44,13 +44,7 @@ ap_start32:
 
     .code64
 ap_start64:
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %eax, %eax
-    mov %ax, %fs
-    mov %ax, %gs
+    LOAD_KERNEL_DATA_SEGMENTS
     mov smp_ap_stack(%rip), %rsp
     and $-16, %rsp
     call smp_ap_entry
