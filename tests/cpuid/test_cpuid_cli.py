@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from cetvm.cli.main import main
 
-from shared_data import DUMPS, dump_files  # noqa: E402
+from shared_data import dump  # noqa: E402
 
 
 def test_cpuid_command_on_a_dump(capsys):
-    assert main(["cpuid", str(DUMPS / "sapphire-rapids.txt")]) == 0
+    assert main(["cpuid", str(dump("sapphire-rapids.txt"))]) == 0
     out = capsys.readouterr().out
     assert "SHSTK yes  IBT yes" in out
     assert "MISMATCH" not in out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from cetvm.kvm.caps import kvm_caps_for_host
 from cetvm.kvm.errors import KvmLoadError
 from cetvm.kvm.host import Host
 
-from shared_data import DUMPS, dump_files  # noqa: E402
+from shared_data import dump  # noqa: E402
 CET_MSRS = {0x6A0, 0x6A2, 0x6A4, 0x6A5, 0x6A6, 0x6A7, 0x6A8}
 
 
@@ -122,14 +121,14 @@ def test_supported_cpuid_leaf_d_matches_the_reference_sizes():
 
 
 def test_supported_cpuid_subleaves_come_from_the_dump():
-    dump = load_cpuid_file(DUMPS / "sapphire-rapids.txt")
+    model = load_cpuid_file(dump("sapphire-rapids.txt"))
     sup = caps("sapphire-rapids").get_supported_cpuid()
     for n in (2, 5, 6, 7, 9, 11, 12):
-        eax, ebx, ecx, _ = dump.get(0xD, n)
+        eax, ebx, ecx, _ = model.get(0xD, n)
         assert sup.get(0xD, n) == (eax, ebx, ecx & ~4, 0)
     for n in (8, 10, 13, 14, 15, 16):  # supervisor components KVM does not support
         assert not sup.contains(0xD, n)
-    assert sup.get(0xD, 1)[0] == dump.get(0xD, 1)[0] & 0x1F
+    assert sup.get(0xD, 1)[0] == model.get(0xD, 1)[0] & 0x1F
 
 
 def test_supported_cpuid_never_has_cet_sss_and_follows_caps():
@@ -142,7 +141,7 @@ def test_supported_cpuid_never_has_cet_sss_and_follows_caps():
 
 
 def test_supported_cpuid_from_a_raw_dump_file():
-    host = Host(load_cpuid_file(DUMPS / "tiger-lake.txt"))
+    host = Host(load_cpuid_file(dump("tiger-lake.txt")))
     c = kvm_caps_for_host(host)
     assert offered(c) == (True, True)
 
@@ -171,7 +170,7 @@ def test_cli_json_sapphire_rapids(capsys):
     (["--vmx-basic-56", "off"], (False, False)),
     (["--tdp", "off"], (False, False)),
     (["--no-user-shstk"], (False, False)),
-    (["--host", str(DUMPS / "zen4-genoa.txt")], (True, False)),
+    (["--host", str(dump("zen4-genoa.txt"))], (True, False)),
 ])
 def test_cli_json_decisions(capsys, argv, expected):
     doc = run_json(capsys, *argv)

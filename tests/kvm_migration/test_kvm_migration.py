@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +11,8 @@ from cetvm.cpuid import get_model
 from cetvm.kvm.caps import kvm_caps_for_host
 from cetvm.kvm.host import Host
 from cetvm.kvm.migration import Severity, check_migration, guest_xss, restricted_cpuid
+from shared_data import dump
 
-SHARED = Path(os.environ.get("CETVM_SHARED_DIR", Path(__file__).resolve().parents[2] / ".." / "shared")).resolve()
 CET_MSR_NAMES = ("IA32_U_CET", "IA32_S_CET", "IA32_PL0_SSP", "IA32_PL3_SSP", "IA32_INT_SSP_TAB")
 
 
@@ -159,9 +157,7 @@ def test_cli_source_options_apply_to_the_source(capsys):
 
 
 def test_cli_dump_file_source(capsys):
-    dump = SHARED / "data" / "cpuid" / "sapphire-rapids.txt"
-    assert dump.is_file(), f"missing oracle dump {dump}"
-    status, out, _ = cli(capsys, "--from", str(dump), "--to", "ice-lake")
+    status, out, _ = cli(capsys, "--from", str(dump("sapphire-rapids.txt")), "--to", "ice-lake")
     assert status == 1 and "CPUID feature SHSTK" in out
 
 
