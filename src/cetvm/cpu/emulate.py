@@ -81,16 +81,21 @@ def _advance(vcpu, instr: Instruction) -> None:
     kvm_skip_emulated_instruction → kvm_vcpu_do_singlestep (kvm-unit-tests' debug:
     "Single-step #DB on emulated instructions", CPUID and IN in its sequence)."""
     vcpu.rip = instr.next_ip
-    vcpu._retire()
+    vcpu.retire_emulated()
     if vcpu.reg("rflags") & RFLAGS_TF:
         vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BS)
-        vcpu._raise_event(GuestFault(Vector.DB))
+        vcpu.raise_fault(GuestFault(Vector.DB))
 
 
 def _completion_advance(vcpu, instr: Instruction) -> Callable[[], None]:
     def complete() -> None:
         _advance(vcpu, instr)
     return complete
+
+
+def _privilege(vcpu) -> Access:
+    """The privilege of a data access the instruction makes: user at CPL 3."""
+    return Access.USER if vcpu.cpl == 3 else Access.READ
 
 
 def _require_cpl0(vcpu) -> None:
@@ -369,8 +374,7 @@ def lmsw(vcpu, instr: Instruction) -> None:
     if instr.op0_kind == OpKind.REGISTER:
         source = read_register(vcpu, instr.op0_register)
     else:
-        user = Access.USER if vcpu.cpl == 3 else Access.READ
-        source = int.from_bytes(vcpu.read_virt(effective_address(vcpu, instr), 2, user), "little")
+        source = int.from_bytes(vcpu.read_virt(effective_address(vcpu, instr), 2, _privilege(vcpu)), "little")
     cr0 = vcpu.cr0
     value = (cr0 & ~_MSW_BITS) | (source & _MSW_BITS) | (cr0 & Cr0.PE)
     check_cr0_write(vcpu, value)
@@ -426,7 +430,7 @@ def cet_instruction(vcpu, instr: Instruction) -> None:
 
 # ----------------------------------------------------------------------------- control transfers
 def _pop_u64(vcpu, rsp: int, n: int) -> list[int]:
-    raw = vcpu.read_virt(rsp, 8 * n, vcpu._user_access())
+    raw = vcpu.read_virt(rsp, 8 * n, _privilege(vcpu))
     return [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(n)]
 
 
@@ -510,7 +514,7 @@ def iret(vcpu, instr: Instruction) -> None:
     vcpu.rip = new_rip
     vcpu.load_segments(cs=Segment(new_cs, cs_desc.base, cs_desc.limit, cs_desc.attributes),
                        ss=Segment(new_ss, ss_desc.base, ss_desc.limit, ss_desc.attributes))
-    vcpu._retire()
+    vcpu.retire_emulated()
 
 
 def sysret(vcpu, instr: Instruction) -> None:
@@ -534,7 +538,7 @@ def sysret(vcpu, instr: Instruction) -> None:
     vcpu.rip = rcx if long_form else rcx & 0xFFFF_FFFF
     vcpu.load_segments(cs=cs, ss=Segment.data(base + 8 | 3, dpl=3))
     cet_events.ssp_on_sysret(vcpu)
-    vcpu._retire()
+    vcpu.retire_emulated()
 
 
 def syscall(vcpu, instr: Instruction) -> None:
@@ -553,7 +557,7 @@ def syscall(vcpu, instr: Instruction) -> None:
     vcpu.load_segments(cs=Segment.code64(selector, 0), ss=Segment.data(selector + 8, 0))
     vcpu.rip = vcpu.msr(Msr.IA32_LSTAR)
     cet_events.ssp_on_syscall(vcpu, old_cpl)
-    vcpu._retire()
+    vcpu.retire_emulated()
 
 
 def far_transfer(vcpu, instr: Instruction) -> None:
@@ -566,7 +570,7 @@ def far_transfer(vcpu, instr: Instruction) -> None:
     old_cpl = vcpu.cpl
     if instr.mnemonic == M.RETF:
         size = 8 if instr.code in (Code.RETFQ, Code.RETFQ_IMM16) else 4
-        raw = vcpu.read_virt(vcpu.reg("rsp"), 2 * size, vcpu._user_access())
+        raw = vcpu.read_virt(vcpu.reg("rsp"), 2 * size, _privilege(vcpu))
         new_rip = int.from_bytes(raw[:size], "little")
         new_cs = int.from_bytes(raw[size:], "little") & 0xFFFF
         from cetvm.cpu.events import read_descriptor
@@ -616,14 +620,14 @@ def descriptor_table_load(vcpu, instr: Instruction) -> VmExit | None:
 def _check_descriptor_table_load(vcpu, instr: Instruction) -> None:
     if vcpu.long_mode and vcpu.cpl == 0:
         if instr.mnemonic in (M.LGDT, M.LIDT):
-            raw = vcpu.read_virt(effective_address(vcpu, instr), 10, vcpu._user_access())
+            raw = vcpu.read_virt(effective_address(vcpu, instr), 10, _privilege(vcpu))
             if not is_canonical(int.from_bytes(raw[2:10], "little")):
                 raise gp(0)
         else:
             op = instr.op0_kind
             selector = (read_register(vcpu, instr.op0_register) if op == OpKind.REGISTER else
                         int.from_bytes(vcpu.read_virt(effective_address(vcpu, instr), 2,
-                                                      vcpu._user_access()), "little")) & 0xFFFF
+                                                      _privilege(vcpu)), "little")) & 0xFFFF
             gdt = vcpu.get_sregs().gdt
             index = selector & ~7
             if selector & ~3 and not selector & 4 and index + 15 <= gdt.limit:

@@ -160,6 +160,11 @@ class EmulationPlumbingMixin:
         self._completion = None
         self._completion_exit = None
 
+    def raise_fault(self, fault: GuestFault) -> None:
+        """Queue an architectural fault of the instruction at RIP (emulation code outside the
+        engine uses this; KVM's injections use ``inject_exception``)."""
+        self._raise_event(fault)
+
     def _raise_event(self, fault: GuestFault) -> None:
         """Queue a fault for delivery (RIP must already be at the faulting instruction)."""
         self._blocks.prev = None

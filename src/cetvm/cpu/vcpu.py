@@ -119,6 +119,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._completion: Callable[[], VmExit | None] | None = None
         #: a further exit the last completion produced (returned by the next ``run``)
         self._completion_exit: VmExit | None = None
+        #: writes of the FPU registers from outside the engine (set_fpu / set_sse), so KVM's guest
+        #: FPU swap can tell that the CPU still holds what it last put (cetvm.kvm.vmx._swap_sse)
+        self.fpu_writes = 0
         self._info_factory = InstructionInfoFactory()
         self._stepping = False
         self._cpl = 0
@@ -274,7 +277,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def set_fpu(self, fpu: FpuState) -> None:
         """Load x87, SSE and AVX registers (InputError if a field does not fit its width)."""
         self._registers.set_fpu(fpu)
-        self.fpu_writes = getattr(self, "fpu_writes", 0) + 1
+        self.fpu_writes += 1
 
     def get_sse(self) -> tuple[int, list[int]]:
         """(MXCSR, [XMM0..15]) only (the guest FPU swap of every KVM_RUN)."""
@@ -283,7 +286,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def set_sse(self, mxcsr: int, xmm: list[int]) -> None:
         """Load MXCSR and XMM0-15 (YMM upper halves kept)."""
         self._registers.set_sse(mxcsr, xmm)
-        self.fpu_writes = getattr(self, "fpu_writes", 0) + 1
+        self.fpu_writes += 1
 
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""

@@ -58,6 +58,8 @@ class GuestFpu:
         self.loads = 0    # times an MSR access had to load the guest FPU (kvm_fpu_get)
         self.loaded = False  # guest state live in the CPU (between load and put)
         self.touches = 0  # put/load/clear operations (see the module docstring)
+        #: (MXCSR+XMM bytes, cpu.fpu_writes) the CPU held at the last swap (cetvm.kvm.vmx._swap_sse)
+        self.sse_on_cpu: tuple[bytes, int] | None = None
 
     @property
     def buffer(self) -> bytearray:

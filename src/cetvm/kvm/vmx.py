@@ -183,12 +183,12 @@ def _swap_sse(fpu, cpu, *, to_cpu: bool) -> None:
     data = fpu.area.data
     if to_cpu:
         current = _sse_bytes(data)
-        if (current, getattr(cpu, "fpu_writes", 0)) == getattr(fpu, "_sse_on_cpu", None):
+        if (current, cpu.fpu_writes) == fpu.sse_on_cpu:
             return
         mxcsr = int.from_bytes(data[_MXCSR_OFFSET:_MXCSR_OFFSET + 4], "little") or 0x1F80
         cpu.set_sse(mxcsr, [int.from_bytes(data[off:off + 16], "little")
                             for off in range(_XMM_OFFSET, _XMM_OFFSET + 256, 16)])
-        fpu._sse_on_cpu = ((current, getattr(cpu, "fpu_writes", 0))
+        fpu.sse_on_cpu = ((current, cpu.fpu_writes)
                            if mxcsr == int.from_bytes(current[:4], "little") else None)
         return
     mxcsr, xmm = cpu.get_sse()
@@ -200,4 +200,4 @@ def _swap_sse(fpu, cpu, *, to_cpu: bool) -> None:
         data[off:off + 16] = value.to_bytes(16, "little")
     if in_use:  # XSTATE_BV[1]: SSE state not in its init configuration
         fpu.area.xstate_bv = fpu.area.xstate_bv | 0x2
-    fpu._sse_on_cpu = (_sse_bytes(data), getattr(cpu, "fpu_writes", 0))
+    fpu.sse_on_cpu = (_sse_bytes(data), cpu.fpu_writes)
