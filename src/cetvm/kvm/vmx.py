@@ -27,6 +27,7 @@ from cetvm.arch.msr import Msr
 from cetvm.arch.regs import Cr4
 from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
 from cetvm.kvm.caps import KvmCaps
+from cetvm.kvm.cr import cr4_reserved_bits
 from cetvm.kvm.vcpu import VcpuCetState
 
 #: Every MSR KVM intercepts by default that matters to CET (the bitmap starts all-ones).
@@ -79,7 +80,6 @@ def vmx_set_cr4_guest_host_mask(vcpu: VcpuCetState, cpu) -> None:
     """Make the CPU #GP a guest CR4 write exactly when KVM would (module docstring): CR4.CET
     from ``has_shstk``/``has_ibt``, every other reserved bit (kvm-unit-tests' pcid, la57, lam,
     umip: a CR4 feature bit the guest CPUID lacks) from ``cr4_guest_rsvd_bits``."""
-    from cetvm.kvm.cr import cr4_reserved_bits
 
     cpu.has_shstk = vcpu.cpuid.guest_cpu_cap_has("shstk")
     cpu.has_ibt = vcpu.cpuid.guest_cpu_cap_has("ibt")

@@ -51,8 +51,13 @@ from typing import Callable, TextIO
 from cetvm import CetvmError, InputError, __version__
 from cetvm.cpuid import resolve_model
 from cetvm.kvm import Host
+from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, MachineConfig
+from cetvm.vmm.devices.pc_testdev import PcTestdev
+from cetvm.vmm.devices.pm_timer import PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer
 from cetvm.vmm.guest_cpu import HOST_MODELS, QEMU_MODELS, GuestCpuSpec
+from cetvm.vmm.machine import Machine
+from cetvm.vmm.run_loop import StopReason
 
 PROG = "qemu-system-x86_64"
 QEMU_VERSION = "7.2.0"
@@ -297,10 +302,6 @@ def _stdout_sink(out) -> Callable[[bytes], None]:
 def attach_devices(machine, devices: list[str]) -> None:
     """The -device extras and the firmware-like pieces a QEMU PC has: pc-testdev on the port
     bus, the ACPI PM timer and the ACPI tables naming it."""
-    from cetvm.vmm.acpi import write_acpi_tables
-    from cetvm.vmm.devices.pc_testdev import PcTestdev
-    from cetvm.vmm.devices.pm_timer import PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer
-
     if "pc-testdev" in devices:
         PcTestdev().register(machine.pio, machine.mmio)
     machine.pio.register(PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer(machine.clock), "ACPI PM timer")
@@ -337,8 +338,6 @@ def run(argv: list[str], stdout=None, stderr: TextIO | None = None) -> int:
         return fail(f"could not load kernel '{cmd.kernel}': No such file or directory")
     if cmd.initrd is not None and not os.path.isfile(cmd.initrd):
         return fail(f"could not load initrd '{cmd.initrd}': No such file or directory")
-    from cetvm.vmm.machine import Machine
-    from cetvm.vmm.run_loop import StopReason
 
     sink = _stdout_sink(out) if cmd.serial == "stdio" else (lambda data: None)
     try:
