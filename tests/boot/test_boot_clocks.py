@@ -84,3 +84,13 @@ def test_host_wall_clock_option_starts_the_rtc_at_the_host_time():
     assert machine.run(max_instructions=LIMIT).status == PASS_STATUS
     assert b"# t rtc 2024-1-1 0:0:0" not in out
     assert config.to_manifest()["wall_clock"] == config.realtime_base_ns
+
+
+def test_python_cet_path_reads_the_same_clocks(monkeypatch):
+    """RDTSC/RDTSCP are instruction hooks of the engine, under either CET path."""
+    _, native, native_out = run_machine()
+    monkeypatch.setenv("CETVM_CET_PATH", "python")
+    machine, python, python_out = run_machine()
+    assert machine.vcpu.cpu.cet_path == "python"
+    assert python.instructions == native.instructions
+    assert python_out == native_out

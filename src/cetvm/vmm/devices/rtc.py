@@ -104,8 +104,8 @@ class CmosRtc:
         self.nmi_disabled = False
         #: ns the guest moved its clock by (setting the time), relative to base + guest time.
         self.adjust_ns = 0
-        #: the RTC second at the last read of register C (for UF).
-        self.last_c_second = 0
+        #: the RTC second at the last read of register C (for UF), first the power-on second.
+        self.last_c_second = self.now_ns() // NSEC_PER_SEC
 
     # ------------------------------------------------------------------ time
     def now_ns(self) -> int:
