@@ -185,3 +185,19 @@ def test_tsc_adjust_host_write_stores_only_the_value():
     assert a.set_msrs([(int(Msr.IA32_TSC_ADJUST), 77)]) == 1
     assert a.get_msrs([int(Msr.IA32_TSC_ADJUST)]) == [(int(Msr.IA32_TSC_ADJUST), 77)]
     assert tsc_of(a) == before
+
+
+def test_wall_clock_msr_zero_writes_nothing_at_address_zero():
+    """A restored machine writes back the MSR it saved, 0 when the guest never used it: KVM
+    (kvm_write_wall_clock) writes no structure then — found by the SMP snapshot test, whose AP
+    trampoline at 0 was overwritten."""
+    kvm = Kvm(Host(cpu=get_model("sapphire-rapids")))
+    vm = kvm.create_vm()
+    vm.set_user_memory_region(0, 0, 0x10000)
+    vm.put_memory(0, b"\xEA" * 16)
+    vcpu = vm.create_vcpu(0)
+    model = kvm.get_supported_cpuid()
+    model.set(0x4000_0001, 0, int(KVM_PV_FEATURES), 0, 0, 0)
+    vcpu.set_cpuid(model)
+    assert vcpu.set_msrs([(WALL_CLOCK_NEW, 0)]) == 1
+    assert vm.get_memory(0, 16) == b"\xEA" * 16

@@ -71,7 +71,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from unicorn import UcError
 
@@ -243,7 +243,7 @@ class Vm:
         return sum(vcpu.cpu.instructions_retired for vcpu in self._vcpus.values())
 
     # ------------------------------------------------------------------ time
-    def set_host_clock(self, monotonic_ns, realtime_base_ns: int | None = None) -> None:
+    def set_host_clock(self, monotonic_ns: Callable[[], int], realtime_base_ns: int | None = None) -> None:
         """cetvm extension: the host clock KVM reads (a callable giving monotonic nanoseconds,
         and the real time in ns at monotonic 0), see :mod:`cetvm.kvm.timekeeping`. The VMM sets
         it once, before any vCPU runs (the host TSC must not jump under a running guest)."""

@@ -41,7 +41,8 @@ KVM's master clock). The structure is rewritten (version odd while writing, then
 update) whenever the pair can change: the MSR write, a TSC or TSC_ADJUST write, KVM_SET_CLOCK,
 KVM_VCPU_TSC_OFFSET. A structure that is not inside one page of guest RAM is not written
 (kvm_gpc_activate fails; the MSR write still succeeds). MSR_KVM_WALL_CLOCK_NEW: KVM writes
-pvclock_wall_clock (version odd/even, sec, nsec) = the real time at kvmclock 0 to the address.
+pvclock_wall_clock (version odd/even, sec, nsec) = the real time at kvmclock 0 to the address
+(none for address 0).
 The legacy MSRs 0x11/0x12 need KVM_FEATURE_CLOCKSOURCE, which cetvm does not advertise: every
 kvmclock MSR whose feature the guest CPUID lacks fails (as KVM with
 KVM_CAP_ENFORCE_PV_FEATURE_CPUID), for the guest and for userspace. RESET and INIT disable
@@ -51,7 +52,7 @@ the vCPU's system time (kvmclock_reset).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cetvm.arch import Msr
 from cetvm.arch.qemu_features import QEMU_FEATURES
@@ -67,6 +68,10 @@ from cetvm.arch.timekeeping import (
     ns_to_ticks,
     pvclock_time_scale,
 )
+
+if TYPE_CHECKING:
+    from cetvm.cpu.vcpu import Vcpu
+    from cetvm.cpuid.model import CpuidModel
 
 #: The host TSC frequency (kHz): 2 GHz (module docstring).
 DEFAULT_TSC_KHZ = 2_000_000
@@ -89,12 +94,12 @@ _PAGE = 0x1000
 KVM_CPUID_FEATURES = 0x4000_0001
 
 
-def guest_pv_features(cpuid) -> int:
+def guest_pv_features(cpuid: "CpuidModel") -> int:
     """CPUID.0x40000001.EAX of a guest CPUID table (0 without the leaf)."""
     return cpuid.get(KVM_CPUID_FEATURES, 0)[0] if cpuid.contains(KVM_CPUID_FEATURES, 0) else 0
 
 
-def guest_shows_tsc_adjust(cpuid) -> bool:
+def guest_shows_tsc_adjust(cpuid: "CpuidModel") -> bool:
     """CPUID.(7,0).EBX[1] (IA32_TSC_ADJUST exists)."""
     bit = QEMU_FEATURES["tsc-adjust"]
     return cpuid.contains(bit.leaf, bit.subleaf) and bool(cpuid.get(bit.leaf, bit.subleaf)[bit.reg] & bit.mask)
@@ -146,7 +151,7 @@ class VcpuTime:
     (both set from KVM_SET_CPUID2)."""
 
     vm: VmTime
-    cpu: object
+    cpu: "Vcpu"
     tsc_adjust: int = 0
     system_time: int = 0
     pv_features: int = 0
@@ -232,8 +237,8 @@ class VcpuTime:
         """MSR_KVM_WALL_CLOCK(_NEW): kvm_write_wall_clock() at guest-physical ``data``."""
         self.vm.wall_clock = data
         size = PVCLOCK_WALL_CLOCK.size
-        if not self.cpu.is_ram(data, size):
-            return
+        if not data or not self.cpu.is_ram(data, size):
+            return  # 0 means "none" (kvm_write_wall_clock), as a restored unused MSR writes it
         version = int.from_bytes(self.cpu.read_phys(data, 4), "little")
         odd = (version + 1) | 1
         sec, nsec = self.vm.wall_clock_at_zero()
