@@ -94,3 +94,14 @@ def test_python_cet_path_reads_the_same_clocks(monkeypatch):
     assert machine.vcpu.cpu.cet_path == "python"
     assert python.instructions == native.instructions
     assert python_out == native_out
+
+
+def test_wall_clock_option(capsys, tmp_path):
+    result = boot(capsys, "--wall-clock", "1700000000000000000", "--memory", "32M", "--max-instructions",
+                  str(LIMIT), str(guest("clocks")))
+    assert result.status == PASS_STATUS, result.err
+    assert "# t rtc 2023-11-14 22:13:20 wday 3" in result.out  # a Tuesday
+    bad = boot(capsys, "--wall-clock", "yesterday", str(guest("clocks")))
+    assert bad.status == 2 and bad.err.count("\n") == 1 and "wall clock must be" in bad.err
+    both = boot(capsys, "--wall-clock", "host", "--restore-state", str(tmp_path / "none.snap"))
+    assert both.status == 2 and "--wall-clock cannot be combined with --restore-state" in both.err
