@@ -31,6 +31,7 @@ from cetvm.arch import Msr
 
 _U32 = 0xFFFF_FFFF
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
+_reg_write = uclib.uc_reg_write
 #: int hook(uc_engine *, void *user_data): the RDTSC/RDTSCP instruction-hook signature.
 _INSN_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
@@ -45,6 +46,11 @@ class TimeStampCounter:
 
     def __init__(self, uc: Uc) -> None:
         self._uc = uc
+        # The hooks write registers through the C API directly: the Python binding's reg_write
+        # costs ~8 us per call, a third of an RDTSC otherwise (measured: 21 -> 6 us per RDTSC).
+        self._uch = uc._uch
+        self._buf = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._buf)
         #: The hardware counter before offsetting (a host TSC value, ticks).
         self.source: Callable[[], int] = _stopped
         #: VMCS TSC_OFFSET (64-bit, wraps): the guest reads source() + offset.
@@ -63,10 +69,14 @@ class TimeStampCounter:
         """The TSC the guest sees now (RDTSC, RDMSR IA32_TIME_STAMP_COUNTER)."""
         return (self.source() + self.offset) & _U64
 
+    def _write(self, reg: int, value: int) -> None:
+        self._buf.value = value
+        _reg_write(self._uch, reg, self._ref)
+
     def _result(self) -> int:
         value = self.read()
-        self._uc.reg_write(X.UC_X86_REG_RAX, value & _U32)
-        self._uc.reg_write(X.UC_X86_REG_RDX, value >> 32)
+        self._write(X.UC_X86_REG_RAX, value & _U32)
+        self._write(X.UC_X86_REG_RDX, value >> 32)
         return 1
 
     def _on_rdtsc(self, _uc: int, _data: int) -> int:
@@ -79,7 +89,7 @@ class TimeStampCounter:
 
     def _on_rdtscp(self, _uc: int, _data: int) -> int:
         try:
-            self._uc.reg_write(X.UC_X86_REG_RCX, self._uc.msr_read(Msr.IA32_TSC_AUX) & _U32)
+            self._write(X.UC_X86_REG_RCX, self._uc.msr_read(Msr.IA32_TSC_AUX) & _U32)
             return self._result()
         except BaseException as err:  # noqa: BLE001 - cannot propagate through Unicorn
             self.error = err
