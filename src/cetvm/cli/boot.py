@@ -96,6 +96,10 @@ def register(subparsers) -> None:
                         "wait for INIT/SIPI from its local APIC; they run round-robin, deterministically, and "
                         "--max-instructions / --save-at count the instructions of all of them (default 1; "
                         "with --restore-state it must match the snapshot)")
+    p.add_argument("--wall-clock", default=None, metavar="fixed|host|NS",
+                   help="the real time the CMOS RTC and kvmclock start from: fixed = 2024-01-01T00:00:00Z "
+                        "(deterministic), host = the host's time now, or ns since 1970; both then advance "
+                        "with guest time (default fixed)")
     p.add_argument("--append", default="", metavar="CMDLINE",
                    help="kernel command line: Linux's (e.g. 'console=ttyS0'), or the multiboot information's "
                         "(default empty)")
@@ -147,7 +151,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.restore_state:
         if args.image:
             raise InputError("give either IMAGE or --restore-state, not both")
-        given = [f"--{name.replace('_', '-')}" for name in ("cpu", "cet", "memory", "force_emulation_prefix")
+        given = [f"--{name.replace('_', '-')}" for name in ("cpu", "cet", "memory", "force_emulation_prefix",
+                                                             "wall_clock")
                  if getattr(args, name) is not None]
         if given or args.append or args.initrd:
             raise InputError(f"{', '.join(given + (['--append'] if args.append else []) + (['--initrd'] if args.initrd else []))}"
@@ -251,7 +256,7 @@ def build_machine(args: argparse.Namespace, sink: Callable[[bytes], None]) -> Ma
         config = MachineConfig(cpu=args.cpu or DEFAULT_CPU_MODEL, memory=args.memory or DEFAULT_MEMORY,
                                cet=args.cet or "on", cmdline=args.append, modules=tuple(args.initrd),
                                force_emulation_prefix=bool(args.force_emulation_prefix), smp=args.smp or 1,
-                               serial_sink=sink)
+                               wall_clock=args.wall_clock or "fixed", serial_sink=sink)
         return Machine.boot(args.image, config)
     except MemoryError:
         raise InputError(f"{_memory_option(args)}: this host cannot allocate the guest RAM") from None

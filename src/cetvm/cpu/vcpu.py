@@ -67,6 +67,7 @@ from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.registers import CET_MSR_INDICES, EFER_OFFSET, XCR0_OFFSET, Registers
 from cetvm.cpu.state import CetState, FpuState, Regs, Segment, Sregs
+from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
         check_unicorn(self._uc)
         self._memory = GuestMemory(self._uc)
+        #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`).
+        self.tsc = TimeStampCounter(self._uc)
         self._registers = Registers(self._uc)
         # Bound once: the CetMachine shadow-stack accesses run per CALL/RET on the reference path.
         self._translate = self._memory.translate
@@ -321,11 +324,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.xcr0 = value
 
     def msr(self, index: int) -> int:
-        """Host-initiated MSR read (CET MSRs and IA32_XSS from the vCPU, the rest from Unicorn)."""
+        """Host-initiated MSR read (CET MSRs, IA32_XSS and the TSC from the vCPU, the rest from
+        Unicorn)."""
         if index in CET_MSR_INDICES:
             return self._cet_msr_value(index)
         if index == Msr.IA32_XSS:
             return self.xss
+        if index == Msr.IA32_TIME_STAMP_COUNTER:
+            return self.tsc.read()
         return self._uc.msr_read(index)
 
     def set_msr(self, index: int, value: int) -> None:
@@ -334,6 +340,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             self._set_cet_msr_value(index, value)
         elif index == Msr.IA32_XSS:
             self.xss = value & _U64
+        elif index == Msr.IA32_TIME_STAMP_COUNTER:  # WRMSR writes the counter itself [SDM §18.17]
+            self.tsc.offset = (value - self.tsc.source()) & _U64
         else:
             self._uc.msr_write(index, value & _U64)
             if index == Msr.IA32_EFER:
@@ -449,6 +457,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 self._apply_native_handover()
             if self._hook_error is not None:
                 error, self._hook_error = self._hook_error, None
+                raise error
+            if self.tsc.error is not None:
+                error, self.tsc.error = self.tsc.error, None
                 raise error
         except UcError as err:
             if err.errno == UC_ERR_INSN_INVALID:

@@ -16,7 +16,12 @@ whose vCPUs nothing can wake (IF = 0, or no timer counting and nothing pending) 
 Guest time is one clock per machine: the instructions retired by all vCPUs together count at
 1 GHz (with N busy vCPUs each one's code runs at 1/N GHz of guest time, as on one host core
 time-slicing them), plus the time skipped while every vCPU was halted. Every APIC timer counts
-in it, so timer interrupts land at the same total instruction count on every run.
+in it, so timer interrupts land at the same total instruction count on every run. It is also
+the host clock the machine hands its KVM (:meth:`cetvm.kvm.api.Vm.set_host_clock`): the vCPUs'
+TSCs (2 ticks per ns, plus each vCPU's offset) and kvmclock count in it, and so does the CMOS
+RTC, so the APIC timer, TSC-deadline, TSC, kvmclock and RTC all agree to the tick. Each vCPU's
+retired count is exact mid-run (the instruction counter of a budgeted KVM_RUN), so an RDTSC
+reads the clock at that very instruction.
 
 The 8259 PIC pair has no interrupt source in cetvm (no PIT or other ISA device raises a line), so
 only the APIC is asked.

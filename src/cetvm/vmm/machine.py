@@ -106,6 +106,11 @@ def instructions_retired(vcpu: KvmVcpu) -> int:
     return vcpu.get_stats()["instructions"]
 
 
+def guest_tsc(vcpu: KvmVcpu) -> int:
+    """The vCPU's TSC now (KVM_GET_MSRS of IA32_TIME_STAMP_COUNTER)."""
+    return vcpu.get_msrs([int(Msr.IA32_TIME_STAMP_COUNTER)])[0][1]
+
+
 class RamRestore:
     """Streams a snapshot's ``ram@ADDR`` sections straight into guest memory as they are decoded
     (restoring holds one decoded chunk at a time, never a copy of the RAM); the guest RAM starts
@@ -162,7 +167,8 @@ class Machine:
                   for i in range(config.smp)]
         self.devices = PcDevices.create(config.memory_size, nb_cpus=config.smp, sink=config.serial_sink,
                                         cmdline=config.cmdline, x2apic_supported=cpuids[0].has("x2apic"),
-                                        maxphyaddr=cpuids[0].phys_addr_bits)
+                                        maxphyaddr=cpuids[0].phys_addr_bits,
+                                        realtime_base_ns=config.realtime_base_ns)
         self.pio, self.mmio = PioBus(), MmioBus()
         self.devices.register(self.pio, self.mmio)
         claim_apic_msrs(self.vm)
@@ -177,9 +183,14 @@ class Machine:
         self.apic_bus = ApicBus(self.devices.lapics, init=self._deliver_init, sipi=self._deliver_sipi)
         self.boot_plan: BootPlan | None = None
         #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz + halted time.
+        #: It is also KVM's host clock (the TSC and kvmclock count in it, cetvm.kvm.timekeeping).
         self.clock = GuestClock(lambda: self.instructions)
-        for apic in self.devices.lapics:
+        self.vm.set_host_clock(self.clock, config.realtime_base_ns)
+        self.devices.rtc.clock = self.clock
+        for apic, vcpu in zip(self.devices.lapics, self.vcpus):
             apic.clock = self.clock
+            apic.tsc = functools.partial(guest_tsc, vcpu)
+            apic.tsc_khz = vcpu.get_tsc_khz()
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
@@ -281,7 +292,7 @@ class Machine:
             "kind": SNAPSHOT_KIND,
             "machine": self.config.to_manifest(),
             "run": {"instructions": self.instructions, "halted_ns": self.clock.halted_ns,
-                    "scheduler": self._loop.get_state()},
+                    "kvmclock": self.vm.get_clock(), "scheduler": self._loop.get_state()},
             "vcpus": vcpu_states,
             "devices": self.devices.get_state(),
             "ram": [{"addr": r.addr, "size": r.size, "section": ram_section(r)} for r in self.ram],
@@ -318,17 +329,23 @@ class Machine:
         ram = RamRestore(machine.vm, machine.ram)
         blobs = decoder.sections(section_limit, ram.consumer)
         ram.check_complete(name)
-        for index, (vcpu, state) in enumerate(zip(machine.vcpus, vcpus)):
-            restore_vcpu(vcpu, state, blobs, index)
-        machine.devices.set_state(manifest.get("devices"))
         run = manifest.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("instructions"), int):
             raise InputError(f"{name}: snapshot has no run.instructions count")
         halted = run.get("halted_ns", 0)
         if isinstance(halted, bool) or not isinstance(halted, int) or halted < 0:
             raise InputError(f"{name}: snapshot run.halted_ns must be a non-negative integer, got {halted!r}")
+        # Guest time first: the vCPUs' TSCs and kvmclock are restored against it.
         machine.clock.halted_ns = halted
         machine._loop = machine._run_loop(run["instructions"])
+        for index, (vcpu, state) in enumerate(zip(machine.vcpus, vcpus)):
+            restore_vcpu(vcpu, state, blobs, index)
+        kvmclock = run.get("kvmclock")
+        if kvmclock is not None:  # (snapshots from before kvmclock have none)
+            if isinstance(kvmclock, bool) or not isinstance(kvmclock, int) or not 0 <= kvmclock < 1 << 64:
+                raise InputError(f"{name}: snapshot run.kvmclock must be a u64 count of ns, got {kvmclock!r}")
+            machine.vm.set_clock(kvmclock)
+        machine.devices.set_state(manifest.get("devices"))
         if "scheduler" in run:  # (snapshots of one vCPU from before SMP have none)
             machine._loop.set_state(run["scheduler"])
         return machine

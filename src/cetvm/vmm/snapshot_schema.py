@@ -199,7 +199,8 @@ EVENT = obj({"vector": unsigned(5)}, {"error_code": nullable(unsigned(32))})
 VCPU = obj(
     {"regs": REGS, "sregs": SREGS, "xcrs": list_of(pair(unsigned(32), unsigned(64)), 0, MAX_XCRS),
      "msrs": msr_table, "mp_state": one_of(*(m.name for m in MpState))},
-    {"fpstate_xstate_bv": unsigned(64), "guest_ssp": nullable(unsigned(64)), "events": nullable(EVENT)},
+    {"fpstate_xstate_bv": unsigned(64), "guest_ssp": nullable(unsigned(64)), "events": nullable(EVENT),
+     "tsc_offset": unsigned(64)},
 )
 
 
@@ -225,7 +226,7 @@ def vcpu_count(value: Any, where: str) -> None:
 MACHINE_FIELDS = obj({"memory": ram_size, "cet": text(16)},
                      {"cmdline": text(), "modules": list_of(text(4096), 0, MAX_MODULES), "cpu": text(256),
                       "cpu_model": any_object, "host": HOST, "force_emulation_prefix": boolean,
-                      "smp": vcpu_count, "guest_cpu": text(4096)})
+                      "smp": vcpu_count, "guest_cpu": text(4096), "wall_clock": unsigned(64)})
 
 
 def machine(value: Any, where: str) -> None:
@@ -244,7 +245,8 @@ def vcpus(value: Any, where: str) -> None:
     list_of(VCPU, 1, MAX_VCPUS)(value, where)
 
 
-RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64), "scheduler": any_object})
+RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64), "kvmclock": unsigned(64),
+                                           "scheduler": any_object})
 RAM_REGION = obj({"addr": unsigned(64), "size": unsigned(64), "section": text(64)})
 MANIFEST = obj({"kind": one_of(SNAPSHOT_KIND), "machine": machine, "run": RUN,
                 "vcpus": vcpus, "devices": any_object},

@@ -9,8 +9,11 @@ source the VMM polls (:mod:`cetvm.vmm.irq`). Decisions, each tested:
 - Version register: ``0x14 | (max_lvt << 16)`` with 6 LVT entries (timer, thermal, performance
   counter, LINT0, LINT1, error), i.e. 0x00050014, as KVM reports without CMCI. ``nr_lvt=7``
   adds LVT CMCI (0x2F0 / MSR 0x82F).
-- The timer is the only interrupt source (:mod:`cetvm.vmm.devices.apic_timer`: one-shot and
-  periodic, counting in guest time read from ``clock``). The VMM polls it (:meth:`poll_timer`):
+- The timer is the only interrupt source (:mod:`cetvm.vmm.devices.apic_timer`: one-shot,
+  periodic and TSC-deadline, counting in guest time read from ``clock``; IA32_TSC_DEADLINE
+  (MSR 0x6E0) is this APIC's, reached through the VMM's MSR exits like the x2APIC MSRs: it
+  reads 0 and ignores writes outside TSC-deadline mode [SDM Vol. 3 §11.5.4.1], ``tsc`` reads
+  the vCPU's TSC and ``tsc_khz`` is its rate). The VMM polls it (:meth:`poll_timer`):
   an expiry with the LVT unmasked sets the vector in IRR. :meth:`pending_vector` is the highest
   IRR vector whose priority class is above PPR [SDM 11.8.3.1, 11.8.4]; :meth:`acknowledge` (the
   INTA cycle, when the VMM injects it) moves it to ISR; EOI clears the highest ISR bit [SDM
@@ -69,7 +72,7 @@ from cetvm.arch.apic import (
     apic_base_write_error,
     apic_mode,
 )
-from cetvm.vmm.devices.apic_timer import TIMER_TSC_DEADLINE, ApicTimer, timer_mode
+from cetvm.vmm.devices.apic_timer import TIMER_TSC_DEADLINE, ApicTimer, deadline_expiry, timer_mode
 from cetvm.vmm.devices.state import state_bool, state_int
 from cetvm.vmm.requests import GuestFaultRequest
 
@@ -164,6 +167,9 @@ class LocalApic:
         self.x2apic_supported = x2apic_supported
         #: Guest time in ns (APIC bus cycles); the machine sets it (cetvm.vmm.irq.GuestClock).
         self.clock = clock
+        #: The vCPU's TSC now and its rate (TSC-deadline mode); the machine sets them.
+        self.tsc: Callable[[], int] = _no_time
+        self.tsc_khz = 1_000_000
         self.apic_base = apic_base_reset_value(bsp)
         #: Receives every IPI this APIC sends: ``ipi_sink(self, icr, x2apic)`` (the 64-bit ICR;
         #: ``x2apic``: the destination is ICR[63:32], else ICR[63:56]). None: IPIs vanish.
@@ -188,6 +194,7 @@ class LocalApic:
         self.self_ipis_ignored = 0
         self.irr = 0  # 256-bit request / in-service registers
         self.isr = 0
+        self.tsc_deadline = 0
         self.timer = ApicTimer()
 
     def _lvt_registers(self) -> tuple[int, ...]:
@@ -221,6 +228,8 @@ class LocalApic:
         """Account for the guest time elapsed: a timer expiry raises the LVT timer vector."""
         lvtt = self.lvt[APIC_LVTT]
         if self.timer.expire(self.clock(), self.tmict, self.tdcr, timer_mode(lvtt)):
+            if timer_mode(lvtt) == TIMER_TSC_DEADLINE:
+                self.tsc_deadline = 0  # the timer disarms itself and clears the MSR
             if not lvtt & APIC_LVT_MASKED and self.software_enabled and (lvtt & 0xFF) >= 16:
                 self.irr |= 1 << (lvtt & 0xFF)
 
@@ -308,6 +317,7 @@ class LocalApic:
         self.lvt[reg] = value & LVT_WRITABLE[reg]
         if reg == APIC_LVTT and (timer_mode(old) == TIMER_TSC_DEADLINE) != (timer_mode(value) == TIMER_TSC_DEADLINE):
             self.tmict = 0  # KVM apic_update_lvtt: entering/leaving TSC-deadline stops the timer
+            self.tsc_deadline = 0
             self.timer.stop()
 
     def _write_svr(self, value: int) -> None:
@@ -413,6 +423,23 @@ class LocalApic:
             return False
         return True
 
+    # --- IA32_TSC_DEADLINE -------------------------------------------------------------------
+    def _in_deadline_mode(self) -> bool:
+        return timer_mode(self.lvt[APIC_LVTT]) == TIMER_TSC_DEADLINE
+
+    def read_tsc_deadline(self) -> int:
+        """RDMSR IA32_TSC_DEADLINE: the armed deadline, 0 when disarmed or in another mode."""
+        return self.tsc_deadline if self._in_deadline_mode() else 0
+
+    def write_tsc_deadline(self, value: int) -> None:
+        """WRMSR IA32_TSC_DEADLINE: arm (non-zero) or disarm (0) in TSC-deadline mode; ignored
+        in the other modes."""
+        if not self._in_deadline_mode():
+            return
+        self.tsc_deadline = value
+        expiry = deadline_expiry(self.clock(), self.tsc(), value, self.tsc_khz) if value else None
+        self.timer.arm_deadline(expiry)
+
     # --- xAPIC MMIO ----------------------------------------------------------------------
     def _mmio_live(self) -> bool:
         return self.mode is ApicMode.XAPIC
@@ -470,6 +497,7 @@ class LocalApic:
         state = {name: getattr(self, name) for name, _bits in self._STATE_FIELDS}
         state["lvt"] = {f"{reg:#05x}": value for reg, value in self.lvt.items()}
         state["timer"] = {"start": self.timer.start, "running": self.timer.running}
+        state["tsc_deadline"] = self.tsc_deadline
         return state
 
     def set_state(self, state: dict) -> None:
@@ -485,7 +513,10 @@ class LocalApic:
         timer_state = state.get("timer")
         timer = ApicTimer(state_int(timer_state, "start", "local APIC timer"),
                           state_bool(timer_state, "running", "local APIC timer"))
+        # (snapshots from before TSC-deadline mode have no deadline)
+        deadline = state_int(state, "tsc_deadline", "local APIC") if "tsc_deadline" in state else 0
         for name, value in values.items():
             setattr(self, name, value)
         self.lvt = lvt
         self.timer = timer
+        self.tsc_deadline = deadline

@@ -11,6 +11,7 @@ from cetvm.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT,
 from cetvm.vmm.devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
 from cetvm.vmm.devices.lapic import APIC_MMIO_SIZE, LocalApic
 from cetvm.vmm.devices.pic import PicPair
+from cetvm.vmm.devices.rtc import RTC_PORT, RTC_PORT_COUNT, CmosRtc
 from cetvm.vmm.devices.serial import COM1_PORT, UART_PORT_COUNT, Serial16550
 from cetvm.vmm.devices.shutdown_port import SHUTDOWN_PORT, BochsShutdownPort
 
@@ -33,7 +34,8 @@ class PerCpuApicPage:
 
 @dataclass
 class PcDevices:
-    """COM1, isa-debug-exit, the shutdown port, fw_cfg, the PIC pair and one APIC per vCPU."""
+    """COM1, isa-debug-exit, the shutdown port, fw_cfg, the PIC pair, the CMOS RTC and one APIC
+    per vCPU."""
 
     serial: Serial16550
     debug_exit: IsaDebugExit
@@ -41,6 +43,7 @@ class PcDevices:
     fw_cfg: FwCfg
     pic: PicPair
     lapics: list[LocalApic] = field(default_factory=list)
+    rtc: CmosRtc = field(default_factory=CmosRtc)
 
     def __post_init__(self) -> None:
         self.apic_page = PerCpuApicPage(self.lapics)
@@ -48,8 +51,9 @@ class PcDevices:
     @classmethod
     def create(cls, ram_size: int, nb_cpus: int = 1, sink: Callable[[bytes], None] | None = None,
                serial_input: bytes = b"", cmdline: str | None = None, x2apic_supported: bool = True,
-               maxphyaddr: int = 46) -> "PcDevices":
-        """The devices; the APICs take x2APIC support and MAXPHYADDR from the guest CPUID."""
+               maxphyaddr: int = 46, realtime_base_ns: int = 0) -> "PcDevices":
+        """The devices; the APICs take x2APIC support and MAXPHYADDR from the guest CPUID, the
+        RTC the real time at guest time 0 (its clock and the APICs' are set by the machine)."""
         return cls(
             serial=Serial16550(sink, serial_input),
             debug_exit=IsaDebugExit(),
@@ -58,6 +62,7 @@ class PcDevices:
             pic=PicPair.create(),
             lapics=[LocalApic(apic_id=i, bsp=(i == 0), maxphyaddr=maxphyaddr, x2apic_supported=x2apic_supported)
                     for i in range(nb_cpus)],
+            rtc=CmosRtc(ram_size, realtime_base_ns),
         )
 
     def register(self, pio: PioBus, mmio: MmioBus) -> None:
@@ -68,6 +73,7 @@ class PcDevices:
         pio.register(SHUTDOWN_PORT, 1, self.shutdown, "shutdown port")
         pio.register(FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
         self.pic.register(pio)
+        pio.register(RTC_PORT, RTC_PORT_COUNT, self.rtc, "CMOS RTC")
         if self.lapics:
             mmio.register(self.lapics[0].mmio_base, APIC_MMIO_SIZE, self.apic_page, "local APIC")
 
@@ -78,6 +84,7 @@ class PcDevices:
             "fw_cfg": self.fw_cfg.get_state(),
             "pic": self.pic.get_state(),
             "lapics": [apic.get_state() for apic in self.lapics],
+            "rtc": self.rtc.get_state(),
         }
 
     def set_state(self, state: dict) -> None:
@@ -93,3 +100,5 @@ class PcDevices:
         self.pic.set_state(state["pic"])
         for apic, apic_state in zip(self.lapics, state["lapics"]):
             apic.set_state(apic_state)
+        if "rtc" in state:  # (snapshots from before the RTC have none)
+            self.rtc.set_state(state["rtc"])
