@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from cetvm import InputError
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, MpState, Regs, Segment, Sregs
+from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
 from cetvm.vmm.config import MachineConfig, guest_cpuid
@@ -170,8 +171,7 @@ class Machine:
         self.boot_plan: BootPlan | None = None
         #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz + halted time.
         self.clock = GuestClock(lambda: self.instructions)
-        for apic in self.devices.lapics:
-            apic.clock = self.clock
+        self.devices.connect(self.clock, self.apic_bus.deliver_message)
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
@@ -180,7 +180,9 @@ class Machine:
         return sum(instructions_retired(vcpu) for vcpu in self.vcpus)
 
     def _run_loop(self, instructions_done: int) -> RunLoop:
-        slots = [VcpuSlot(vcpu, irq=InterruptRouting(self.devices.lapics[i], self.clock),
+        slots = [VcpuSlot(vcpu, irq=InterruptRouting(self.devices.lapics[i], self.clock,
+                                                     extint=self.devices.pic if i == 0 else None,
+                                                     timers=(self.devices.pit,)),
                           msr=functools.partial(self._complete_msr, i), enter=functools.partial(self._enter, i))
                  for i, vcpu in enumerate(self.vcpus)]
         return RunLoop(slots, self.pio, self.mmio, self._retired, instructions_done=instructions_done,
@@ -225,11 +227,12 @@ class Machine:
         return machine
 
     def load_kernel(self, image: str | os.PathLike) -> BootPlan:
-        """Load a multiboot or ELF64 kernel (+ the config's modules) and set the BSP's entry
-        state (the APs wait for INIT/SIPI)."""
+        """Load a multiboot or ELF64 kernel (+ the config's modules), write the ACPI tables
+        (:mod:`cetvm.vmm.acpi`) and set the BSP's entry state (the APs wait for INIT/SIPI)."""
         modules = [ModuleSpec(m) for m in self.config.modules]
         plan = load_kernel(image, self.config.memory_size, self.config.cmdline, modules)
         plan.apply(self.vm.put_memory)
+        write_acpi_tables(self.vm.put_memory, nr_cpus=self.config.smp, ioapic_id=self.devices.ioapic.id)
         apply_entry(self.vcpu, plan.entry)
         self.boot_plan = plan
         return plan
