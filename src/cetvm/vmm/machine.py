@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 from cetvm import InputError
 from cetvm.arch.msr import MiscEnable, Msr
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, MpState, Regs, Segment, Sregs
+from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
 from cetvm.vmm.config import MachineConfig, guest_cpuid
@@ -186,11 +187,10 @@ class Machine:
         #: It is also KVM's host clock (the TSC and kvmclock count in it, cetvm.kvm.timekeeping).
         self.clock = GuestClock(lambda: self.instructions)
         self.vm.set_host_clock(self.clock, config.realtime_base_ns)
-        self.devices.rtc.clock = self.clock
         for apic, vcpu in zip(self.devices.lapics, self.vcpus):
-            apic.clock = self.clock
             apic.tsc = functools.partial(guest_tsc, vcpu)
             apic.tsc_khz = vcpu.get_tsc_khz()
+        self.devices.connect(self.clock, self.apic_bus.deliver_message)
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
@@ -199,7 +199,9 @@ class Machine:
         return sum(instructions_retired(vcpu) for vcpu in self.vcpus)
 
     def _run_loop(self, instructions_done: int) -> RunLoop:
-        slots = [VcpuSlot(vcpu, irq=InterruptRouting(self.devices.lapics[i], self.clock),
+        slots = [VcpuSlot(vcpu, irq=InterruptRouting(self.devices.lapics[i], self.clock,
+                                                     extint=self.devices.pic if i == 0 else None,
+                                                     timers=(self.devices.pit,)),
                           msr=functools.partial(self._complete_msr, i), enter=functools.partial(self._enter, i))
                  for i, vcpu in enumerate(self.vcpus)]
         return RunLoop(slots, self.pio, self.mmio, self._retired, instructions_done=instructions_done,
@@ -244,11 +246,12 @@ class Machine:
         return machine
 
     def load_kernel(self, image: str | os.PathLike) -> BootPlan:
-        """Load a multiboot or ELF64 kernel (+ the config's modules) and set the BSP's entry
-        state (the APs wait for INIT/SIPI)."""
+        """Load a multiboot or ELF64 kernel (+ the config's modules), write the ACPI tables
+        (:mod:`cetvm.vmm.acpi`) and set the BSP's entry state (the APs wait for INIT/SIPI)."""
         modules = [ModuleSpec(m) for m in self.config.modules]
         plan = load_kernel(image, self.config.memory_size, self.config.cmdline, modules)
         plan.apply(self.vm.put_memory)
+        write_acpi_tables(self.vm.put_memory, nr_cpus=self.config.smp, ioapic_id=self.devices.ioapic.id)
         apply_entry(self.vcpu, plan.entry)
         self.boot_plan = plan
         return plan

@@ -58,10 +58,8 @@ from typing import Callable, TextIO
 from cetvm import CetvmError, InputError, __version__
 from cetvm.cpuid import resolve_model
 from cetvm.kvm import Host
-from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, MachineConfig
 from cetvm.vmm.devices.pc_testdev import PcTestdev
-from cetvm.vmm.devices.pm_timer import PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer
 from cetvm.vmm.guest_cpu import HOST_MODELS, QEMU_MODELS, GuestCpuSpec
 from cetvm.vmm.machine import Machine
 from cetvm.vmm.run_loop import StopReason
@@ -340,12 +338,10 @@ def _stdout_sink(out) -> Callable[[bytes], None]:
 
 
 def attach_devices(machine, devices: list[str]) -> None:
-    """The -device extras and the firmware-like pieces a QEMU PC has: pc-testdev on the port
-    bus, the ACPI PM timer and the ACPI tables naming it."""
+    """The -device extras: pc-testdev on the port bus (every machine has the ACPI tables, the
+    PM timer and the rest of the PC, :class:`~cetvm.vmm.devices.pc.PcDevices`)."""
     if "pc-testdev" in devices:
         PcTestdev().register(machine.pio, machine.mmio)
-    machine.pio.register(PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer(machine.clock), "ACPI PM timer")
-    write_acpi_tables(machine.vm.put_memory)
 
 
 def _safe_rip(machine) -> str:

@@ -351,7 +351,7 @@ class RunLoop:
             return False
         if not slot.halted:
             return True
-        if slot.halt_if and slot.irq is not None and slot.irq.pending_vector() is not None:
+        if slot.halt_if and slot.irq is not None and slot.irq.has_interrupt():
             slot.halted = False
             return True
         return False
@@ -394,7 +394,7 @@ class RunLoop:
     def _wake_by_timer(self) -> bool:
         """Nothing can run: let guest time jump to the earliest timer expiry that wakes a halted
         vCPU (IF = 1 at its HLT). False if no timer can wake anyone."""
-        expiries = [slot.irq.apic.next_timer_expiry() for slot in self.slots
+        expiries = [slot.irq.next_event() for slot in self.slots
                     if slot.halted and slot.halt_if and slot.irq is not None]
         expiries = [e for e in expiries if e is not None]
         if not expiries:
