@@ -119,26 +119,27 @@ class TscStruct(ctypes.Structure):
                 ("reg_write", _VP), ("reg_read", _VP), ("slow_rdtsc", _VP), ("slow_rdtscp", _VP)]
 
 
-def native_tsc_hooks() -> tuple[int, int] | None:
-    """Addresses of ``cetfast_rdtsc`` and ``cetfast_rdtscp``, or None when the library is not built."""
+def _native_functions(*names: str) -> tuple[int, ...] | None:
+    """Addresses of the library's functions ``names``, or None when the library is not built
+    (or does not match this cetvm)."""
     if not is_built():
         return None
     try:
         lib = load_library()
     except CetvmError:
         return None
-    return ctypes.cast(lib.cetfast_rdtsc, _VP).value, ctypes.cast(lib.cetfast_rdtscp, _VP).value
+    return tuple(ctypes.cast(getattr(lib, name), _VP).value for name in names)
+
+
+def native_tsc_hooks() -> tuple[int, ...] | None:
+    """Addresses of ``cetfast_rdtsc`` and ``cetfast_rdtscp``, or None when the library is not built."""
+    return _native_functions("cetfast_rdtsc", "cetfast_rdtscp")
 
 
 def native_count_hook() -> int | None:
     """Address of the native UC_HOOK_CODE budget counter, or None when the library is not built."""
-    if not is_built():
-        return None
-    try:
-        lib = load_library()
-    except CetvmError:
-        return None
-    return ctypes.cast(lib.cetfast_count_insn, _VP).value
+    functions = _native_functions("cetfast_count_insn")
+    return None if functions is None else functions[0]
 
 
 def is_built() -> bool:
