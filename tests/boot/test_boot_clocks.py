@@ -7,6 +7,7 @@ the very clocks the saved machine had (the guest prints its TSC/kvmclock/RTC rea
 
 from boot_support import Tap, boot, guest
 
+from cetvm.cpu.native.loader import is_built
 from cetvm.vmm.config import MachineConfig
 from cetvm.vmm.machine import Machine
 
@@ -87,11 +88,14 @@ def test_host_wall_clock_option_starts_the_rtc_at_the_host_time():
 
 
 def test_python_cet_path_reads_the_same_clocks(monkeypatch):
-    """RDTSC/RDTSCP are instruction hooks of the engine, under either CET path."""
-    _, native, native_out = run_machine()
+    """RDTSC/RDTSCP are instruction hooks of the engine: native ones (extrapolating the TSC from
+    the instruction counter) when the library is built, Python ones (reading the clock) on the
+    Python CET path — the same values."""
+    native_machine, native, native_out = run_machine()
+    assert native_machine.vcpu.cpu.tsc.native == is_built()
     monkeypatch.setenv("CETVM_CET_PATH", "python")
     machine, python, python_out = run_machine()
-    assert machine.vcpu.cpu.cet_path == "python"
+    assert machine.vcpu.cpu.cet_path == "python" and not machine.vcpu.cpu.tsc.native
     assert python.instructions == native.instructions
     assert python_out == native_out
 

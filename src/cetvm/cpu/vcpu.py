@@ -109,8 +109,6 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
         check_unicorn(self._uc)
         self._memory = GuestMemory(self._uc)
-        #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`).
-        self.tsc = TimeStampCounter(self._uc)
         self._registers = Registers(self._uc)
         # Bound once: the CetMachine shadow-stack accesses run per CALL/RET on the reference path.
         self._translate = self._memory.translate
@@ -157,6 +155,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             else:
                 self._install_block_hook()
                 uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`);
+        #: the Python CET path uses no native code here either, so both TSC hooks stay tested.
+        self.tsc = TimeStampCounter(self._uc, self._budget.counter, use_native=self.cet_path != "python")
         self.refresh_mode()
 
     # ------------------------------------------------------------------ memory (GuestMemory)
@@ -397,6 +398,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             exit_, self._completion_exit = self._completion_exit, None
             return exit_
         self._budget.left = budget
+        self.tsc.sync()
         hook = self._budget.add_count_hook(self._uc, self.cet_path == "python") if budget is not None else None
         try:
             return self._run_loop()

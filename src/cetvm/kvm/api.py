@@ -243,15 +243,23 @@ class Vm:
         return sum(vcpu.cpu.instructions_retired for vcpu in self._vcpus.values())
 
     # ------------------------------------------------------------------ time
-    def set_host_clock(self, monotonic_ns: Callable[[], int], realtime_base_ns: int | None = None) -> None:
+    def set_host_clock(self, monotonic_ns: Callable[[], int], realtime_base_ns: int | None = None,
+                       counts_instructions: bool = False) -> None:
         """cetvm extension: the host clock KVM reads (a callable giving monotonic nanoseconds,
         and the real time in ns at monotonic 0), see :mod:`cetvm.kvm.timekeeping`. The VMM sets
-        it once, before any vCPU runs (the host TSC must not jump under a running guest)."""
+        it once, before any vCPU runs (the host TSC must not jump under a running guest).
+        ``counts_instructions``: the clock advances 1 ns per instruction a vCPU of this VM
+        retires while it runs and otherwise only between KVM_RUNs (the CPU then computes the
+        TSC natively; a clock that does not keep this promise gives the guest wrong TSCs)."""
         if not callable(monotonic_ns):
             raise KvmInvalidArgument(f"set_host_clock: monotonic_ns must be callable, got {type(monotonic_ns).__name__}")
-        self.time.host.monotonic_ns = monotonic_ns
+        host = self.time.host
+        host.monotonic_ns = monotonic_ns
+        host.counts_instructions = check_flag("set_host_clock: counts_instructions", counts_instructions)
         if realtime_base_ns is not None:
-            self.time.host.realtime_base_ns = check_u64("set_host_clock: realtime_base_ns", realtime_base_ns)
+            host.realtime_base_ns = check_u64("set_host_clock: realtime_base_ns", realtime_base_ns)
+        for vcpu in self._vcpus.values():
+            vcpu.msrs.time.attach_host_clock()
 
     def get_clock(self) -> int:
         """KVM_GET_CLOCK: kvmclock now (ns)."""

@@ -112,10 +112,20 @@ class HostClock:
     monotonic_ns: Callable[[], int]
     realtime_base_ns: int = DEFAULT_REALTIME_BASE_NS
     tsc_khz: int = DEFAULT_TSC_KHZ
+    #: The clock advances 1 ns per instruction a vCPU of the VM retires while it runs, and
+    #: otherwise only between runs (KVM's default clock and the VMM's guest time do): the CPU
+    #: then extrapolates the TSC natively during a run (:mod:`cetvm.cpu.tsc`).
+    counts_instructions: bool = True
 
     def tsc(self) -> int:
         """The host TSC now (rdtsc on the host)."""
         return ns_to_ticks(self.monotonic_ns(), self.tsc_khz)
+
+    def ticks_per_instruction(self) -> int:
+        """Host TSC ticks per retired instruction (0: the clock does not count instructions, or
+        not in whole ticks)."""
+        whole = self.tsc_khz % 1_000_000 == 0
+        return self.tsc_khz // 1_000_000 if self.counts_instructions and whole else 0
 
 
 @dataclass
@@ -159,7 +169,11 @@ class VcpuTime:
     updates: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
-        self.cpu.tsc.source = self.vm.host.tsc
+        self.attach_host_clock()
+
+    def attach_host_clock(self) -> None:
+        """Point the CPU's TSC at the VM's host clock (at creation and when the VMM sets it)."""
+        self.cpu.tsc.set_source(self.vm.host.tsc, self.vm.host.ticks_per_instruction())
 
     # ------------------------------------------------------------------ TSC
     @property

@@ -186,7 +186,6 @@ class Machine:
         #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz + halted time.
         #: It is also KVM's host clock (the TSC and kvmclock count in it, cetvm.kvm.timekeeping).
         self.clock = GuestClock(lambda: self.instructions)
-        self.vm.set_host_clock(self.clock, config.realtime_base_ns)
         for apic, vcpu in zip(self.devices.lapics, self.vcpus):
             apic.tsc = functools.partial(guest_tsc, vcpu)
             apic.tsc_khz = vcpu.get_tsc_khz()
@@ -194,6 +193,7 @@ class Machine:
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
+        self.vm.set_host_clock(self.clock, config.realtime_base_ns, counts_instructions=True)
 
     def _retired(self) -> int:
         return sum(instructions_retired(vcpu) for vcpu in self.vcpus)

@@ -42,7 +42,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 9
+#define CETFAST_ABI 10
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -946,4 +946,55 @@ void cetfast_count_insn(uc_engine *uc, uint64_t address, uint32_t size, void *us
     }
     c->budget_left--;
     c->retired++;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * RDTSC / RDTSCP (UC_HOOK_INSN; cetvm.cpu.tsc). Unicorn has checked CR4.TSD already and calls
+ * the hook with RIP at the instruction; returning 1 replaces the instruction's result. While a
+ * run lasts, the TSC advances ticks_per_insn per instruction the vCPU retires (the clock KVM
+ * gave the CPU counts retired instructions, and no other vCPU runs meanwhile), so it is
+ * base_tsc + (retired - base_retired) * ticks_per_insn, with base_* sampled by Python at each
+ * run's start. With ticks_per_insn = 0 the Python callback (slow) answers instead.
+ * ------------------------------------------------------------------------------------- */
+typedef struct {
+    uint64_t base_tsc;
+    uint64_t base_retired;
+    uint64_t ticks_per_insn;
+    const uint64_t *retired;  /* the vCPU's cet_insn_counter_t.retired */
+    reg_rw_fn reg_write;
+    reg_rw_fn reg_read;
+    int (*slow_rdtsc)(uc_engine *, void *);
+    int (*slow_rdtscp)(uc_engine *, void *);
+} cet_tsc_t;
+
+uint64_t cetfast_tsc_size(void) { return sizeof(cet_tsc_t); }
+
+static void tsc_result(uc_engine *uc, cet_tsc_t *t)
+{
+    uint64_t tsc = t->base_tsc + (*t->retired - t->base_retired) * t->ticks_per_insn;
+    uint64_t lo = (uint32_t)tsc, hi = tsc >> 32;
+    t->reg_write(uc, UC_X86_REG_RAX, &lo);
+    t->reg_write(uc, UC_X86_REG_RDX, &hi);
+}
+
+int cetfast_rdtsc(uc_engine *uc, void *user)
+{
+    cet_tsc_t *t = (cet_tsc_t *)user;
+    if (!t->ticks_per_insn)
+        return t->slow_rdtsc(uc, NULL);
+    tsc_result(uc, t);
+    return 1;
+}
+
+int cetfast_rdtscp(uc_engine *uc, void *user)
+{
+    cet_tsc_t *t = (cet_tsc_t *)user;
+    if (!t->ticks_per_insn)
+        return t->slow_rdtscp(uc, NULL);
+    uc_x86_msr msr = {.rid = 0xC0000103u, .value = 0}; /* IA32_TSC_AUX */
+    t->reg_read(uc, UC_X86_REG_MSR, &msr);
+    uint64_t aux = (uint32_t)msr.value;
+    t->reg_write(uc, UC_X86_REG_RCX, &aux);
+    tsc_result(uc, t);
+    return 1;
 }

@@ -29,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 9
+ABI_VERSION = 10
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 
@@ -108,15 +108,38 @@ class InsnCounter(ctypes.Structure):
                 ("hit", ctypes.c_int32), ("pad", ctypes.c_int32), ("emu_stop", _VP)]
 
 
-def native_count_hook() -> int | None:
-    """Address of the native UC_HOOK_CODE budget counter, or None when the library is not built."""
+#: int hook(uc_engine *, void *user_data): the RDTSC/RDTSCP instruction-hook signature.
+INSN_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, _VP, _VP)
+
+
+class TscStruct(ctypes.Structure):
+    """cet_tsc_t: the state of the native RDTSC/RDTSCP hooks (``cetfast_rdtsc``)."""
+
+    _fields_ = [("base_tsc", _U64), ("base_retired", _U64), ("ticks_per_insn", _U64), ("retired", _VP),
+                ("reg_write", _VP), ("reg_read", _VP), ("slow_rdtsc", _VP), ("slow_rdtscp", _VP)]
+
+
+def _native_functions(*names: str) -> tuple[int, ...] | None:
+    """Addresses of the library's functions ``names``, or None when the library is not built
+    (or does not match this cetvm)."""
     if not is_built():
         return None
     try:
         lib = load_library()
     except CetvmError:
         return None
-    return ctypes.cast(lib.cetfast_count_insn, _VP).value
+    return tuple(ctypes.cast(getattr(lib, name), _VP).value for name in names)
+
+
+def native_tsc_hooks() -> tuple[int, ...] | None:
+    """Addresses of ``cetfast_rdtsc`` and ``cetfast_rdtscp``, or None when the library is not built."""
+    return _native_functions("cetfast_rdtsc", "cetfast_rdtscp")
+
+
+def native_count_hook() -> int | None:
+    """Address of the native UC_HOOK_CODE budget counter, or None when the library is not built."""
+    functions = _native_functions("cetfast_count_insn")
+    return None if functions is None else functions[0]
 
 
 def is_built() -> bool:
@@ -134,7 +157,8 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_shared_size.restype = _U64
     lib.cetfast_block_size.restype = _U64
     lib.cetfast_insn_counter_size.restype = _U64
-    if (lib.cetfast_abi() != ABI_VERSION or lib.cetfast_shared_size() != ctypes.sizeof(SharedState)
+    lib.cetfast_tsc_size.restype = _U64
+    if (lib.cetfast_abi() != ABI_VERSION or lib.cetfast_tsc_size() != ctypes.sizeof(TscStruct) or lib.cetfast_shared_size() != ctypes.sizeof(SharedState)
             or lib.cetfast_block_size() != ctypes.sizeof(BlockStruct)
             or lib.cetfast_insn_counter_size() != ctypes.sizeof(InsnCounter)):
         raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (ABI {lib.cetfast_abi()}); "
