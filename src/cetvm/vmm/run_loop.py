@@ -51,6 +51,10 @@ SMP_SLICE = 100_000
 #: With a wall-clock timeout, a shorter period so the timeout is honoured within ~0.1 s even on the
 #: Python CET path (~2-5 MIPS); on the native path a slice is a few milliseconds.
 TIMEOUT_SLICE = 200_000
+#: Instructions per KVM_RUN while an interrupt waits for the guest's window (IF = 0): KVM checks
+#: the window only between runs and exits (cetvm.kvm.vcpu_run), so an STI in code that makes no
+#: exit is noticed within this many instructions (deterministic: a count of instructions).
+WINDOW_SLICE = 2_000
 #: Seconds between two progress reports of a long run.
 PROGRESS_PERIOD = 1.0
 STATUS_TIMEOUT = 124
@@ -402,8 +406,10 @@ class RunLoop:
         self.slots[0].irq.clock.skip_to(min(expiries))
         return True
 
-    def _slice(self, limits: RunLimits) -> int:
+    def _slice(self, limits: RunLimits, slot: VcpuSlot) -> int:
         budget = RUN_SLICE if limits.timeout is None else TIMEOUT_SLICE
+        if slot.vcpu.request_interrupt_window:
+            budget = WINDOW_SLICE
         if self.smp:
             budget = min(budget, SMP_SLICE - self.turn_used)
         for cap in (limits.max_instructions, limits.save_at):
@@ -455,7 +461,7 @@ class RunLoop:
             if slot.irq is not None:
                 slot.irq.route(slot.vcpu, slot.ready)
             before = self.retired()
-            run = slot.vcpu.run(budget=self._slice(limits))
+            run = slot.vcpu.run(budget=self._slice(limits, slot))
             self.turn_used += self.retired() - before
             rip, slot.ready = run.rip, run.ready_for_interrupt_injection
             slot.pending_exit = run.exit_reason not in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN)
