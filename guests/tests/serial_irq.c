@@ -34,7 +34,7 @@ static bool tmr_has(unsigned vector) { return lapic_read(LAPIC_TMR + 0x10 * (vec
 static void edge_irq(struct trap_frame *f)
 {
     u8 iir = inb(COM1 + UART_IIR);
-    if ((iir & 0x0F) == 0x04) {
+    if ((iir & 0x0F) == 0x04 || (iir & 0x0F) == 0x0C) {   /* received data, or its FIFO timeout */
         rx_byte = inb(COM1 + UART_RBR);
         rx_count++;
     } else {
