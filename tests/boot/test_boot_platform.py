@@ -5,6 +5,10 @@ broadcast, the ACPI tables an OS reads, and the ACPI power-off (``cetvm boot`` e
 Interrupts land at the same instruction count on every run; a snapshot taken while the PIT
 counts replays identically."""
 
+import os
+import threading
+import time
+
 import pytest
 
 from boot_support import MAX_INSTRUCTIONS, Tap, boot, guest
@@ -85,3 +89,48 @@ def test_snapshot_while_the_pit_ticks_through_the_ioapic_replays_identically(tmp
     assert rest.status == PASS_STATUS
     assert rest.instructions == whole.instructions
     assert bytes(out) == bytes(whole_out)
+
+
+def test_console_input_from_the_host_wakes_a_kernel_halted_on_its_uart():
+    """The host's bytes (a pipe here; the terminal in an interactive `cetvm boot`) arrive while
+    every vCPU is halted with nothing else to wake it: the run loop waits for them. They are
+    typed once the guest has enabled its receive interrupt (earlier, its FIFO reset drops them,
+    as on the real UART)."""
+    read_fd, write_fd = os.pipe()
+    out = bytearray()
+    machine = Machine.boot(guest("console_input"), MachineConfig(memory="32M", serial_sink=out.extend))
+    console = machine.attach_console_input(read_fd)
+    uart = machine.devices.serial
+
+    def type_when_ready():
+        for _ in range(3000):
+            if uart.ier & 1:
+                os.write(write_fd, b"hello q")
+                return
+            time.sleep(0.01)
+        os.close(write_fd)  # never ready: end of input stops the run
+    typist = threading.Thread(target=type_when_ready)
+    typist.start()
+    try:
+        result = machine.run(max_instructions=LIMIT)
+    finally:
+        typist.join()
+        console.close()
+        os.close(read_fd)
+    assert result.status == PASS_STATUS, out.decode()
+    assert "# received 'hello '" in out.decode() and "ok 1 - received-data interrupts woke" in out.decode()
+
+
+def test_without_host_input_a_kernel_waiting_for_its_uart_stops_as_halted():
+    _, result, _ = run_machine("console_input")
+    assert result.reason.value == "guest halted" and result.status == 0
+
+
+def test_end_of_host_input_stops_the_wait():
+    read_fd, write_fd = os.pipe()
+    os.close(write_fd)
+    machine = Machine.boot(guest("console_input"), MachineConfig(memory="32M"))
+    machine.attach_console_input(read_fd)
+    result = machine.run(max_instructions=LIMIT)
+    os.close(read_fd)
+    assert result.reason.value == "guest halted"

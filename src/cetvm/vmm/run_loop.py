@@ -305,6 +305,9 @@ class RunLoop:
     progress: Callable[[int, float], None] | None = None
     #: True once after the running vCPU sent an IPI to another CPU (ends its turn).
     kick: Callable[[], bool] | None = None
+    #: Host console input (:class:`cetvm.vmm.console_input.HostConsoleInput`): ``poll(block)``
+    #: between runs, and blocking when nothing can run; True when input arrived.
+    host_input: Callable[[bool], bool] | None = None
     #: The vCPU whose turn it is, and the instructions it has run in this turn.
     current: int = 0
     turn_used: int = 0
@@ -406,6 +409,13 @@ class RunLoop:
         self.slots[0].irq.clock.skip_to(min(expiries))
         return True
 
+    def _wait_for_host_input(self) -> bool:
+        """Nothing can run and no timer can wake a vCPU: wait for console input if a vCPU that
+        input can wake (halted with IF = 1) exists; False at end of input or without one."""
+        if self.host_input is None or not any(slot.halted and slot.halt_if for slot in self.slots):
+            return False
+        return self.host_input(True)
+
     def _slice(self, limits: RunLimits, slot: VcpuSlot) -> int:
         budget = RUN_SLICE if limits.timeout is None else TIMEOUT_SLICE
         if slot.vcpu.request_interrupt_window:
@@ -451,9 +461,11 @@ class RunLoop:
             stop = self._limit_result(limits, rip, started)
             if stop is not None:
                 return stop
+            if self.host_input is not None:
+                self.host_input(False)
             slot = self._pick()
             if slot is None:
-                if self._wake_by_timer():
+                if self._wake_by_timer() or self._wait_for_host_input():
                     continue
                 return self._all_halted(rip)
             if slot.enter is not None:
