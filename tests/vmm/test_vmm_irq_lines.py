@@ -4,6 +4,10 @@ EOI broadcast, I/O APIC messages on the APIC bus, and the routing into KVM_INTER
 import pytest
 
 from cetvm import InputError
+from cetvm.vmm.config import MachineConfig
+from cetvm.vmm.machine import Machine
+from cetvm.vmm.run_loop import MAX_IDLE_SKIPS
+from guest_build import tap_kernel
 from cetvm.arch.apic import DeliveryMode, InterruptMessage
 from cetvm.vmm.devices import ApicBus, LocalApic
 from cetvm.vmm.devices.irq_lines import IrqRouter
@@ -114,3 +118,16 @@ def test_device_state_of_an_older_snapshot_restores_with_the_new_devices_at_rese
     fresh.set_state(state)
     assert fresh.ioapic.get_state() == PcDevices.create(32 << 20).ioapic.get_state()
     assert fresh.pit.next_event() is None
+
+
+def test_a_halted_machine_whose_timer_interrupt_is_masked_stops_instead_of_skipping_time_forever():
+    """guests/tests/console_input.c halts waiting for its UART; a PIT ticking into a masked I/O
+    APIC entry wakes nobody: the machine stops as halted after MAX_IDLE_SKIPS events."""
+    machine = Machine.boot(tap_kernel("console_input"), MachineConfig(memory="32M"))
+    pit = machine.devices.pit
+    pit.pio_write(3, 1, 0x34)  # channel 0, mode 2, count 1000: IRQ 0 every 838 us, its entry masked
+    pit.pio_write(0, 1, 1000 & 0xFF)
+    pit.pio_write(0, 1, 1000 >> 8)
+    result = machine.run(max_instructions=50_000_000)
+    assert result.reason.value == "guest halted"
+    assert machine.clock.halted_ns >= MAX_IDLE_SKIPS * 838_000

@@ -55,6 +55,9 @@ TIMEOUT_SLICE = 200_000
 #: the window only between runs and exits (cetvm.kvm.vcpu_run), so an STI in code that makes no
 #: exit is noticed within this many instructions (deterministic: a count of instructions).
 WINDOW_SLICE = 2_000
+#: Timer events in a row that woke no vCPU (a periodic timer whose interrupt is masked while
+#: every vCPU halts) after which the machine counts as halted instead of skipping time forever.
+MAX_IDLE_SKIPS = 10_000
 #: Seconds between two progress reports of a long run.
 PROGRESS_PERIOD = 1.0
 STATUS_TIMEOUT = 124
@@ -311,6 +314,8 @@ class RunLoop:
     #: The vCPU whose turn it is, and the instructions it has run in this turn.
     current: int = 0
     turn_used: int = 0
+    #: Consecutive timer skips that woke no vCPU (see MAX_IDLE_SKIPS).
+    idle_skips: int = 0
 
     def __post_init__(self) -> None:
         self._base = self.retired()
@@ -399,13 +404,15 @@ class RunLoop:
         self.turn_used = SMP_SLICE
 
     def _wake_by_timer(self) -> bool:
-        """Nothing can run: let guest time jump to the earliest timer expiry that wakes a halted
-        vCPU (IF = 1 at its HLT). False if no timer can wake anyone."""
+        """Nothing can run: let guest time jump to the earliest timer expiry that may wake a
+        halted vCPU (IF = 1 at its HLT). False if no timer can wake anyone, or if
+        MAX_IDLE_SKIPS events in a row woke nobody (their interrupts are masked)."""
         expiries = [slot.irq.next_event() for slot in self.slots
                     if slot.halted and slot.halt_if and slot.irq is not None]
         expiries = [e for e in expiries if e is not None]
-        if not expiries:
+        if not expiries or self.idle_skips >= MAX_IDLE_SKIPS:
             return False
+        self.idle_skips += 1
         self.slots[0].irq.clock.skip_to(min(expiries))
         return True
 
@@ -468,6 +475,7 @@ class RunLoop:
                 if self._wake_by_timer() or self._wait_for_host_input():
                     continue
                 return self._all_halted(rip)
+            self.idle_skips = 0
             if slot.enter is not None:
                 slot.enter()
             if slot.irq is not None:
