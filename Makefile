@@ -22,14 +22,17 @@ native: venv
 guests:
 	$(MAKE) -C guests
 
-# Debian packages the tests use as oracles: cpuid (real `cpuid -r` output). Installed when
-# missing and we are root; otherwise the oracle test skips with a message.
+# Debian packages the tests use as oracles: cpuid (real `cpuid -r` output), acpica-tools
+# (`iasl -d` disassembles the VMM's ACPI tables). Installed when missing and we are root;
+# otherwise the oracle test skips with a message.
+DEBS := cpuid:cpuid acpica-tools:iasl
 debs:
-	@command -v cpuid >/dev/null 2>&1 || { \
+	@for pair in $(DEBS); do pkg=$${pair%%:*}; cmd=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && apt-get install -y -qq cpuid) >/dev/null 2>&1 \
-	      || echo "note: could not install Debian package 'cpuid'; its oracle test will skip"; \
-	  else echo "note: Debian package 'cpuid' missing (not root); its oracle test will skip"; fi; }
+	    (apt-get update -qq && apt-get install -y -qq $$pkg) >/dev/null 2>&1 \
+	      || echo "note: could not install Debian package '$$pkg'; its oracle test will skip"; \
+	  else echo "note: Debian package '$$pkg' missing (not root); its oracle test will skip"; fi; done
 
 test: venv native guests debs
 	$(PY) -m pytest -q

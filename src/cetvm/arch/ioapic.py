@@ -47,8 +47,8 @@ REDIR_DELIVERY_MODE_MASK = 0x7 << REDIR_DELIVERY_MODE_SHIFT
 REDIR_DEST_SHIFT = 56
 #: Bits a guest may write: vector, delivery mode, destination mode, polarity, trigger mode,
 #: mask, destination. Delivery status and Remote IRR are read-only.
-REDIR_WRITABLE = (0xFF << REDIR_DEST_SHIFT | RedirBits.MASKED | RedirBits.TRIGGER_LEVEL | RedirBits.POLARITY_LOW
-                  | RedirBits.DEST_LOGICAL | REDIR_DELIVERY_MODE_MASK | REDIR_VECTOR_MASK)
+REDIR_WRITABLE = 0xFF << REDIR_DEST_SHIFT | int(RedirBits.MASKED | RedirBits.TRIGGER_LEVEL | RedirBits.POLARITY_LOW
+                                                 | RedirBits.DEST_LOGICAL) | REDIR_DELIVERY_MODE_MASK | REDIR_VECTOR_MASK
 #: A redirection entry after reset: masked, everything else 0 [82093AA §3.2.4].
 REDIR_RESET = int(RedirBits.MASKED)
 
@@ -58,6 +58,9 @@ class RedirectionEntry:
     """One decoded redirection table entry."""
 
     raw: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "raw", int(self.raw))
 
     @property
     def vector(self) -> int:

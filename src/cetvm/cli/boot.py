@@ -1,6 +1,8 @@
 """`cetvm boot IMAGE`: run a bare-metal kernel on the cetvm PC (QEMU-compatible exit status).
 
-Serial output (COM1) goes to stdout, or to ``--serial FILE``. The exit status is the machine's
+Serial output (COM1) goes to stdout, or to ``--serial FILE``; when stdin is a terminal, what is
+typed there is COM1's input (raw mode while the machine runs, :mod:`cetvm.vmm.console_input`).
+ACPI power-off (and the 0x8900 shutdown port) exits 0. The exit status is the machine's
 (:mod:`cetvm.vmm.run_loop`): isa-debug-exit's ``(code << 1) | 1`` & 0xFF, 0 for power off / halt
 / a saved snapshot, 124 on a timeout or instruction limit, 125 on a triple fault, 126 on a KVM
 internal error; a failed run also prints a one-line diagnosis on stderr.
@@ -366,9 +368,12 @@ def run(args: argparse.Namespace) -> int:
     symbols = cet_symbols(args)
     serial = SerialOutput(args.serial, captured)
     cet = None
+    console = None
     try:
         machine = build_machine(args, serial.write)
         serial.open()  # every input has been read: only now may --serial FILE be truncated
+        if sys.stdin is not None and sys.stdin.isatty():  # interactive: the terminal is COM1's input
+            console = machine.attach_console_input(sys.stdin.fileno())
         if args.cet_report is not None:
             cet = (machine.record_cet_violations().violations, symbols)
         result, completed = run_machine(machine, args)
@@ -379,6 +384,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"cetvm: snapshot written to {args.save_state} after {result.instructions} instructions "
                   f"(continue with: cetvm boot --restore-state {args.save_state})", file=sys.stderr)
     finally:
+        if console is not None:
+            console.close()
         serial.close()
     try:
         report(result, args, captured, saved=bool(args.save_state) and completed, cet=cet)

@@ -29,6 +29,7 @@ from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
 from cetvm.vmm.config import MachineConfig, guest_cpuid
+from cetvm.vmm.console_input import HostConsoleInput
 from cetvm.vmm.devices.apic_bus import ApicBus
 from cetvm.vmm.devices.pc import PcDevices
 from cetvm.vmm.irq import GuestClock, InterruptRouting
@@ -220,6 +221,13 @@ class Machine:
         vcpu = self.vcpus[index]
         if vcpu.get_mp_state() is MpState.INIT_RECEIVED:
             vcpu.set_mp_state(MpState.SIPI_RECEIVED, sipi_vector=vector)
+
+    def attach_console_input(self, fd: int) -> HostConsoleInput:
+        """Host input on ``fd`` becomes COM1's received data (:mod:`cetvm.vmm.console_input`);
+        the caller closes the returned object to restore a terminal."""
+        console = HostConsoleInput(fd, self.devices.serial.queue_input)
+        self._loop.host_input = console.poll
+        return console
 
     def record_cet_violations(self) -> CetViolationRecorder:
         """Intercept #CP on every vCPU and record each violation before the guest takes it (the

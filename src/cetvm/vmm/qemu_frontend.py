@@ -340,8 +340,8 @@ def _stdout_sink(out) -> Callable[[bytes], None]:
 def attach_devices(machine, devices: list[str]) -> None:
     """The -device extras: pc-testdev on the port bus (every machine has the ACPI tables, the
     PM timer and the rest of the PC, :class:`~cetvm.vmm.devices.pc.PcDevices`)."""
-    if "pc-testdev" in devices:
-        PcTestdev().register(machine.pio, machine.mmio)
+    if "pc-testdev" in devices:  # its IRQ ports drive the machine's interrupt lines (as QEMU's GSIs)
+        PcTestdev(irq_line=machine.devices.irq.set_level).register(machine.pio, machine.mmio)
 
 
 def _safe_rip(machine) -> str:

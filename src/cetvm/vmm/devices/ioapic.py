@@ -109,7 +109,7 @@ class IoApic:
             return
         message = InterruptMessage(entry.vector, mode, entry.destination, entry.logical, entry.level)
         if self.deliver(message) and entry.level:
-            self.redirtbl[pin] |= RedirBits.REMOTE_IRR
+            self.redirtbl[pin] |= int(RedirBits.REMOTE_IRR)
 
     def eoi(self, vector: int) -> None:
         """End of interrupt for ``vector`` (a local APIC's broadcast or the EOI register)."""
@@ -117,7 +117,7 @@ class IoApic:
             entry = self.entry(pin)
             if entry.vector != vector or not entry.level:
                 continue
-            self.redirtbl[pin] &= ~RedirBits.REMOTE_IRR
+            self.redirtbl[pin] &= ~int(RedirBits.REMOTE_IRR)
             if self.irr & (1 << pin):
                 self._service(pin)
 
@@ -141,10 +141,10 @@ class IoApic:
             return
         old = self.redirtbl[pin]
         written = (old & _ALL_ONES) | value << 32 if high else (old & ~_ALL_ONES) | value
-        kept = old & (RedirBits.REMOTE_IRR | RedirBits.DELIVERY_STATUS)
+        kept = old & int(RedirBits.REMOTE_IRR | RedirBits.DELIVERY_STATUS)
         new = (written & REDIR_WRITABLE) | kept
-        if not new & RedirBits.TRIGGER_LEVEL:
-            new &= ~RedirBits.REMOTE_IRR
+        if not RedirectionEntry(new).level:
+            new &= ~int(RedirBits.REMOTE_IRR)
         self.redirtbl[pin] = new
         if RedirectionEntry(new).level and self.irr & (1 << pin):
             self._service(pin)
@@ -181,6 +181,6 @@ class IoApic:
             raise InputError(f"{name} state 'redirtbl' must be a list of {IOAPIC_PINS} entries")
         entries = [state_int({"entry": e}, "entry", f"{name} redirtbl[{i}]") for i, e in enumerate(table)]
         for i, e in enumerate(entries):
-            if e & ~(REDIR_WRITABLE | RedirBits.REMOTE_IRR | RedirBits.DELIVERY_STATUS):
+            if e & ~(REDIR_WRITABLE | int(RedirBits.REMOTE_IRR | RedirBits.DELIVERY_STATUS)):
                 raise InputError(f"{name} state redirtbl[{i}] = {e:#x} sets reserved bits")
         self.id, self.regsel, self.irr, self.redirtbl = ioapic_id, regsel, irr, entries
