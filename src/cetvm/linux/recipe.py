@@ -13,7 +13,9 @@ Cache layout (``$XDG_CACHE_HOME/cetvm/linux`` or ``~/.cache/cetvm/linux``):
                                 package, version and the SHA-256 the download had (checked
                                 against the pin before anything was extracted)
     downloads/                  .deb files while they are extracted (deleted afterwards)
-    initrd.img, initrd.json     the last initramfs (rewritten only when its contents change)
+    initrd[-selftest].img       the initramfs with our tests (and the selftest), rewritten only
+                                when its contents change (initrd*.json records their digest);
+                                other program lists get initrd-custom-DIGEST.img
 
 A step whose complete.json matches the pin is skipped, so reruns need no network. With
 ``download=False`` a missing step is a :class:`NotCached` error instead of a download.
@@ -26,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -46,7 +49,7 @@ Progress = Callable[[str], None]
 #: ``(deb, {member: destination}) -> written`` — how files come out of a package.
 Extractor = Callable[[Path, Mapping[str, Path]], Mapping[str, Path]]
 STAMP = "complete.json"
-INITRD_NAME = "initrd.img"
+INITRD_STEM = "initrd"
 #: Device nodes the kernel's console needs before devtmpfs is mounted (Linux devices.txt).
 DEVICE_NODES = (("dev/console", 5, 1), ("dev/null", 1, 3), ("dev/ttyS0", 4, 64))
 REPO_ROOT_DEPTH = 3  # src/cetvm/linux/recipe.py → the checkout
@@ -97,7 +100,8 @@ class LinuxGuest:
 
 
 def _slug(package: DebPackage) -> str:
-    return f"{package.name}_{package.version.replace(':', '%3a')}"
+    """The cache folder of a package: NAME_VERSION with only shell-safe characters."""
+    return re.sub(r"[^A-Za-z0-9.+_-]", "_", f"{package.name}_{package.version}")
 
 
 def _stamp_record(package: DebPackage, names: Sequence[str]) -> dict:
@@ -180,8 +184,10 @@ def our_test_programs(tree: Path | None = None, progress: Progress = _quiet) -> 
     if not (guests / "linux").is_dir():
         raise RecipeError(f"the CET test programs are built from guests/linux of a cetvm checkout; "
                           f"{guests / 'linux'} does not exist (pass the programs explicitly)")
-    progress("building the CET test programs (make -C guests linux)")
     try:
+        up_to_date = subprocess.run(["make", "-q", "-C", str(guests), "linux"], capture_output=True).returncode == 0
+        if not up_to_date:
+            progress("building the CET test programs (make -C guests linux)")
         proc = subprocess.run(["make", "-s", "-C", str(guests), "linux"], capture_output=True, text=True)
     except OSError as exc:
         raise RecipeError(f"cannot run make: {exc.strerror or exc}") from None
@@ -213,6 +219,16 @@ def initramfs_entries(busybox: Path, programs: Sequence[Path], init_options: Ini
     entries.append(CpioEntry.file("init", init_script(init_options).encode(), 0o755))
     entries += [CpioEntry.file(f"{TESTS_DIR}/{p.name}", _read(p), 0o755) for p in sorted(programs)]
     return with_parents(entries)
+
+
+def initrd_name(with_selftest: bool, custom: Sequence[Path] | None, programs: Sequence[Path]) -> str:
+    """The initramfs's file name in the cache: one per configuration, so building one never
+    replaces another."""
+    name = INITRD_STEM + ("-selftest" if with_selftest else "")
+    if custom is not None:
+        listing = "\n".join(str(p.resolve()) for p in sorted(programs))
+        name += "-custom-" + hashlib.sha256(listing.encode()).hexdigest()[:12]
+    return name + ".img"
 
 
 def write_initrd(entries: Sequence[CpioEntry], target: Path) -> Path:
@@ -259,7 +275,8 @@ def linux_guest(cache_dir: Path | None = None, *, with_selftest: bool = False, w
         selftest = selftest_binary(cache, compiler=compiler, **common)
         programs.append(selftest)
         used.append(pins.LINUX_SOURCE)
-    target = write_initrd(initramfs_entries(busybox, programs), initrd or cache / INITRD_NAME)
+    entries = initramfs_entries(busybox, programs)
+    target = write_initrd(entries, initrd or cache / initrd_name(with_selftest, test_programs, programs))
     names = tuple(sorted(p.name for p in programs))
     return LinuxGuest(kernel=kernel["vmlinuz"], initrd=target, config=kernel["config"],
                       cmdline=kernel_cmdline("all"), tests=names, system_map=system_map, selftest=selftest,
