@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tests", default="all", metavar="all|none|NAME,NAME",
                         help=f"the programs (under /{TESTS_DIR}) the printed command line runs (default all)")
     parser.add_argument("--mode", choices=MODES, default="test",
-                        help="test: run the tests and power off; shell: then an interactive shell on the console")
+                        help="test: run the tests and power off; shell: then an interactive shell on the console (default test)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.set_defaults(func=run)
 

@@ -14,7 +14,7 @@ kernel, an initrd and a command line that a VMM (cetvm's, or QEMU) boots.
 from cetvm.linux.errors import RecipeError
 from cetvm.linux.init_script import kernel_cmdline
 from cetvm.linux.recipe import LinuxGuest, NotCached, default_cache_dir, linux_guest
-from cetvm.linux.results import Check, GuestReport, Outcome, ProgramRun, parse_console
+from cetvm.linux.results import Check, GuestReport, Outcome, ProgramRun, parse_console, parse_program_output
 
 __all__ = ["Check", "GuestReport", "LinuxGuest", "NotCached", "Outcome", "ProgramRun", "RecipeError",
-           "default_cache_dir", "kernel_cmdline", "linux_guest", "parse_console"]
+           "default_cache_dir", "kernel_cmdline", "linux_guest", "parse_console", "parse_program_output"]

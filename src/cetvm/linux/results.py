@@ -148,6 +148,15 @@ def _program_line(program: ProgramRun, line: str) -> None:
         program.checks.append(check)
 
 
+def parse_program_output(name: str, text: str, status: int | None) -> ProgramRun:
+    """One program's output and exit status (run anywhere: in the guest or on a host with user
+    shadow stacks) as a :class:`ProgramRun`."""
+    program = ProgramRun(name, status=status)
+    for line in text.splitlines():
+        _program_line(program, line.strip())
+    return program
+
+
 def _init_line(report: GuestReport, current: ProgramRun | None, text: str) -> ProgramRun | None:
     """Apply one /init line; returns the program now running (if any)."""
     word, _, rest = text.partition(" ")
