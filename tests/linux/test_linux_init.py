@@ -26,7 +26,7 @@ def test_init_defaults_are_baked_in_and_no_placeholder_is_left():
     text = init_script(InitOptions(tests="shstk_rop", timeout=42))
     assert "tests=shstk_rop\n" in text and "limit=42\n" in text
     assert "@" not in text.replace("$@", "")
-    assert text.rstrip().endswith("poweroff -f")
+    assert text.rstrip().endswith("$finish -f") and "finish=poweroff\n" in text
 
 
 def test_cmdlines():
@@ -39,6 +39,9 @@ def test_cmdlines():
             kernel_cmdline(bad)
     with pytest.raises(ValueError, match="unknown mode"):
         kernel_cmdline("all", "debug")
+    assert kernel_cmdline(finish="reboot").endswith("cetvm.exit=reboot")
+    with pytest.raises(ValueError, match="unknown exit"):
+        kernel_cmdline(finish="explode")
 
 
 P = INIT_PREFIX

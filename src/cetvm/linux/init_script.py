@@ -22,6 +22,9 @@ reads them from /proc/cmdline):
 ``cetvm.mode=test|shell``  ``shell``: after the selected tests (default none), an interactive
                            shell on the console; the machine powers off when it exits
 ``cetvm.timeout=SECONDS``  time limit per program (default 300; 0: none)
+``cetvm.exit=poweroff|reboot|halt``  how /init ends the machine (default poweroff: ACPI S5 when
+                           the platform has it; reboot: the kernel's reset paths, which a VMM run
+                           with "no reboot" treats as the end; halt: stop the CPUs)
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ CPU_FLAGS = ("user_shstk", "ibt", "shstk")
 #: Kernel log lines about CET that /init shows (extended regular expression for grep -E).
 CET_LOG_PATTERN = "CET|Indirect Branch Tracking|[Ss]hadow [Ss]tack|control protection|shstk|ibt"
 MODES = ("test", "shell")
+#: How /init ends the machine (busybox applets, -f: at once, no init system to ask).
+EXITS = ("poweroff", "reboot", "halt")
 
 INIT_TEMPLATE = r"""#!/bin/busybox sh
 # cetvm's /init for a Linux guest with CET: see cetvm.linux.init_script.
@@ -56,14 +61,17 @@ say() { echo "@PREFIX@ $*"; }
 tests=@DEFAULT_TESTS@
 mode=test
 limit=@DEFAULT_TIMEOUT@
+finish=poweroff
 tests_given=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         cetvm.tests=*) tests="${arg#cetvm.tests=}"; tests_given=1 ;;
         cetvm.mode=*) mode="${arg#cetvm.mode=}" ;;
         cetvm.timeout=*) limit="${arg#cetvm.timeout=}" ;;
+        cetvm.exit=*) finish="${arg#cetvm.exit=}" ;;
     esac
 done
+case "$finish" in poweroff|reboot|halt) ;; *) say "unknown cetvm.exit=$finish (poweroff, reboot or halt): using poweroff"; finish=poweroff ;; esac
 case "$mode" in test|shell) ;; *) say "unknown cetvm.mode=$mode (test or shell): using test"; mode=test ;; esac
 if [ "$mode" = shell ] && [ -z "$tests_given" ]; then tests=none; fi
 say "start kernel=$(uname -r) mode=$mode tests=$tests timeout=$limit"
@@ -104,7 +112,7 @@ if [ "$mode" = shell ]; then
 fi
 say "done"
 sync
-poweroff -f
+$finish -f
 """
 
 
@@ -142,11 +150,14 @@ def check_test_names(names: list[str], available: list[str] | None = None) -> No
 
 
 def kernel_cmdline(tests: str | list[str] = "all", mode: str = "test", timeout: int | None = None,
-                   extra: str = "", console: str = CONSOLE) -> str:
+                   extra: str = "", console: str = CONSOLE, finish: str = "poweroff") -> str:
     """The kernel command line that runs ``tests`` (``"all"``, ``"none"`` or names) in
-    ``mode`` with the console on ``console``; ``panic=-1`` so a kernel panic ends the run."""
+    ``mode`` with the console on ``console`` and ends the machine with ``finish``;
+    ``panic=-1`` so a kernel panic ends the run (as a reboot)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    if finish not in EXITS:
+        raise ValueError(f"unknown exit {finish!r} (one of {', '.join(EXITS)})")
     if isinstance(tests, str):
         selection = tests
         if tests not in ("all", "none"):
@@ -159,6 +170,8 @@ def kernel_cmdline(tests: str | list[str] = "all", mode: str = "test", timeout: 
         words.append(f"cetvm.mode={mode}")
     if timeout is not None:
         words.append(f"cetvm.timeout={int(timeout)}")
+    if finish != "poweroff":
+        words.append(f"cetvm.exit={finish}")
     if extra:
         words.append(extra)
     return " ".join(words)

@@ -84,9 +84,10 @@ class LinuxGuest:
     packages: tuple[str, ...] = field(default=())
 
     def cmdline_for(self, tests: str | Sequence[str] = "all", mode: str = "test", timeout: int | None = None,
-                    extra: str = "") -> str:
+                    extra: str = "", finish: str = "poweroff") -> str:
         """A kernel command line for this guest that runs ``tests`` (``"all"``, ``"none"`` or
-        names from :attr:`tests`) in ``mode`` (``test`` or ``shell``)."""
+        names from :attr:`tests`) in ``mode`` (``test`` or ``shell``), then ends the machine
+        with ``finish`` (``poweroff``, ``reboot`` or ``halt``); ``extra`` is appended as is."""
         if not isinstance(tests, str):
             unknown = [t for t in tests if t not in self.tests]
             if unknown:
@@ -94,7 +95,7 @@ class LinuxGuest:
                                   f"{', '.join(self.tests)})")
             tests = list(tests)
         try:
-            return kernel_cmdline(tests, mode, timeout, extra)
+            return kernel_cmdline(tests, mode, timeout, extra, finish=finish)
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
 
