@@ -223,6 +223,13 @@ static inline int run_in_child(void (*fn)(void))
 	return status;
 }
 
+/* In a child: enable WRSS or exit with status 2 (the parent reports the status). */
+static inline void child_enable_wrss(void)
+{
+	if (cet_arch_prctl(ARCH_SHSTK_ENABLE, ARCH_SHSTK_WRSS))
+		_exit(2);
+}
+
 /* A wait status in words, for TAP diagnostics. */
 static inline const char *status_words(int status)
 {
@@ -242,6 +249,14 @@ static inline const char *status_words(int status)
 static inline int exited_with(int status, int code)
 {
 	return status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == code;
+}
+
+/* Run fn() in a child; one TAP line: did it exit with `code`? ("what (how it ended)") */
+static inline int tap_child_exit(void (*fn)(void), int code, const char *what)
+{
+	int status = run_in_child(fn);
+
+	return tap_ok(exited_with(status, code), "%s (%s)", what, status_words(status));
 }
 
 /*

@@ -70,8 +70,6 @@ static int pivot_ok(unsigned long *token, unsigned long top)
 int main(void)
 {
 	unsigned long *stack, *plain, top, *token;
-	int status;
-
 	cet_enable_or_skip();
 	tap_plan(11);
 
@@ -99,9 +97,8 @@ int main(void)
 	tap_ok(plain != MAP_FAILED && plain[0x1000 / 8 - 1] == 0, "without SET_TOKEN the new stack is all zero");
 
 	store_target = stack;
-	status = run_in_child(child_store);
-	tap_ok(exited_with(status, CHILD_CAUGHT(SEGV_ACCERR)), "an ordinary store to it: SIGSEGV, SEGV_ACCERR (%s)",
-	       status_words(status));
+	tap_child_exit(child_store, CHILD_CAUGHT(SEGV_ACCERR),
+		       "an ordinary store to it: SIGSEGV, SEGV_ACCERR");
 
 	tap_ok(pivot_ok(token, top), "RSTORSSP+SAVEPREVSSP to it, 32 calls there, and back; the token is restored");
 	tap_ok(pivot_ok(token, top), "the same stack again through the token left by SAVEPREVSSP");
@@ -109,9 +106,8 @@ int main(void)
 
 	if (plain != MAP_FAILED) {
 		no_token_top = &plain[0x1000 / 8 - 1];
-		status = run_in_child(child_rstorssp_without_token);
-		tap_ok(exited_with(status, CHILD_CAUGHT(SEGV_CPERR)), "RSTORSSP on a word that is no token: SEGV_CPERR (%s)",
-		       status_words(status));
+		tap_child_exit(child_rstorssp_without_token, CHILD_CAUGHT(SEGV_CPERR),
+			       "RSTORSSP on a word that is no token: SEGV_CPERR");
 	} else {
 		tap_skip("RSTORSSP on a word that is no token", "map_shadow_stack without a token failed");
 	}

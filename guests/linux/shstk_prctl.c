@@ -54,8 +54,6 @@ static void child_lock_wrss(void)
 int main(void)
 {
 	unsigned long ssp;
-	int status;
-
 	cet_enable_or_skip();
 	tap_plan(12);
 
@@ -68,14 +66,12 @@ int main(void)
 	       "enabling two features in one call is EINVAL");
 	tap_ok(cet_arch_prctl(ARCH_SHSTK_ENABLE, 1UL << 5) == -EINVAL, "enabling an unknown feature is EINVAL");
 
-	status = run_in_child(child_disable);
-	tap_ok(exited_with(status, 0), "ARCH_SHSTK_DISABLE: status 0, SSP 0, calls still return, WRSS then EPERM (%s)",
-	       status_words(status));
-	status = run_in_child(child_lock);
-	tap_ok(exited_with(status, 0), "ARCH_SHSTK_LOCK: disable/enable EPERM, self-UNLOCK EPERM, WRSS still allowed (%s)",
-	       status_words(status));
-	status = run_in_child(child_lock_wrss);
-	tap_ok(exited_with(status, 0), "ARCH_SHSTK_LOCK of WRSS: enabling WRSS is EPERM (%s)", status_words(status));
+	tap_child_exit(child_disable, 0,
+		       "ARCH_SHSTK_DISABLE: status 0, SSP 0, calls still return, WRSS then EPERM");
+	tap_child_exit(child_lock, 0,
+		       "ARCH_SHSTK_LOCK: disable/enable EPERM, self-UNLOCK EPERM, WRSS still allowed");
+	tap_child_exit(child_lock_wrss, 0,
+		       "ARCH_SHSTK_LOCK of WRSS: enabling WRSS is EPERM");
 
 	tap_ok(cet_arch_prctl(ARCH_SHSTK_ENABLE, ARCH_SHSTK_WRSS) == 0 &&
 	       cet_status() == (ARCH_SHSTK_SHSTK | ARCH_SHSTK_WRSS),

@@ -90,8 +90,7 @@ static void child_wrss_disabled(void)
 
 static void child_wrss_mismatch(void)
 {
-	if (cet_arch_prctl(ARCH_SHSTK_ENABLE, ARCH_SHSTK_WRSS))
-		_exit(2);
+	child_enable_wrss();
 	child_catch(SIGSEGV);
 	rop_victim_shstk_only();
 	_exit(1);
@@ -99,36 +98,27 @@ static void child_wrss_mismatch(void)
 
 static void child_wrss_both(void)
 {
-	if (cet_arch_prctl(ARCH_SHSTK_ENABLE, ARCH_SHSTK_WRSS))
-		_exit(2);
+	child_enable_wrss();
 	rop_victim_both_stacks();
 	_exit(1);
 }
 
 int main(void)
 {
-	int status;
-
 	cet_enable_or_skip();
 	tap_plan(6);
 
-	status = run_in_child(child_rop);
-	tap_ok(exited_with(status, CHILD_CAUGHT(SEGV_CPERR)),
-	       "overwritten return address: SIGSEGV with si_code SEGV_CPERR (%s)", status_words(status));
-	status = run_in_child(child_rop_unprotected);
-	tap_ok(exited_with(status, GADGET_RAN), "the same attack with the shadow stack disabled reaches the gadget (%s)",
-	       status_words(status));
-	status = run_in_child(child_store_to_shstk);
-	tap_ok(exited_with(status, CHILD_CAUGHT(SEGV_ACCERR)),
-	       "an ordinary store to the shadow stack: SIGSEGV with SEGV_ACCERR (%s)", status_words(status));
-	status = run_in_child(child_wrss_disabled);
-	tap_ok(exited_with(status, CHILD_CAUGHT(ILL_ILLOPN)), "WRSS without ARCH_SHSTK_WRSS: SIGILL (#UD) (%s)",
-	       status_words(status));
-	status = run_in_child(child_wrss_mismatch);
-	tap_ok(exited_with(status, CHILD_CAUGHT(SEGV_CPERR)),
-	       "return address changed on the shadow stack only (WRSS): SEGV_CPERR (%s)", status_words(status));
-	status = run_in_child(child_wrss_both);
-	tap_ok(exited_with(status, GADGET_RAN), "changed on both stacks (WRSS + store): the RET follows them (%s)",
-	       status_words(status));
+	tap_child_exit(child_rop, CHILD_CAUGHT(SEGV_CPERR),
+		       "overwritten return address: SIGSEGV with si_code SEGV_CPERR");
+	tap_child_exit(child_rop_unprotected, GADGET_RAN,
+		       "the same attack with the shadow stack disabled reaches the gadget");
+	tap_child_exit(child_store_to_shstk, CHILD_CAUGHT(SEGV_ACCERR),
+		       "an ordinary store to the shadow stack: SIGSEGV with SEGV_ACCERR");
+	tap_child_exit(child_wrss_disabled, CHILD_CAUGHT(ILL_ILLOPN),
+		       "WRSS without ARCH_SHSTK_WRSS: SIGILL (#UD)");
+	tap_child_exit(child_wrss_mismatch, CHILD_CAUGHT(SEGV_CPERR),
+		       "return address changed on the shadow stack only (WRSS): SEGV_CPERR");
+	tap_child_exit(child_wrss_both, GADGET_RAN,
+		       "changed on both stacks (WRSS + store): the RET follows them");
 	tap_done();
 }

@@ -73,8 +73,7 @@ static void on_usr1_rewrite(int sig)
 
 static void child_rewrite_token(void)
 {
-	if (cet_arch_prctl(ARCH_SHSTK_ENABLE, ARCH_SHSTK_WRSS))
-		_exit(2);
+	child_enable_wrss();
 	install(SIGUSR1, on_usr1_rewrite, 0);
 	raise(SIGUSR1);
 }
@@ -114,9 +113,8 @@ int main(void)
 	tap_ok(frame_ok(&first) && cet_ssp() == before, "on a sigaltstack the shadow stack frame is the same and returns");
 
 	keep_token = 1;
-	status = run_in_child(child_rewrite_token);
-	tap_ok(exited_with(status, 0), "the token rewritten unchanged with WRSS: sigreturn accepts it (%s)",
-	       status_words(status));
+	tap_child_exit(child_rewrite_token, 0,
+		       "the token rewritten unchanged with WRSS: sigreturn accepts it");
 	keep_token = 0;
 	status = run_in_child(child_rewrite_token);
 	tap_ok(status != -1 && WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV,
