@@ -1,7 +1,8 @@
 /*
  * cet_user.h - shared helpers of cetvm's static Linux user-space CET tests (guests/linux/).
  *
- * The Linux user shadow-stack ABI (Linux 6.6+, Documentation/arch/x86/shstk.rst):
+ * The Linux user shadow-stack ABI (Linux 6.6+, the kernel's x86 "Control-flow Enforcement Technology
+ * (CET) Shadow Stack" document):
  *   arch_prctl(ARCH_SHSTK_ENABLE / DISABLE / LOCK / UNLOCK / STATUS, features)
  *   map_shadow_stack(addr, size, SHADOW_STACK_SET_TOKEN)   (syscall 453)
  * A #CP in user mode is delivered as SIGSEGV with si_code SEGV_CPERR.

@@ -1,6 +1,6 @@
 """The initramfs archive format: cpio "newc" (SVR4 without CRC), as the Linux kernel unpacks it.
 
-Format (the kernel's Documentation/driver-api/early-userspace/buffer-format.rst): per entry a
+Format (the Linux kernel's "initramfs buffer format" document): per entry a
 110-byte ASCII header — magic ``070701`` and 13 fields of 8 hex digits: ino, mode, uid, gid,
 nlink, mtime, filesize, devmajor, devminor, rdevmajor, rdevminor, namesize (with the NUL),
 check (0) — then the name and its NUL padded to a multiple of 4, then the data padded to a
