@@ -44,9 +44,7 @@ def guest(tmp_path_factory):
 def boot(guest, cmdline: str, when: bytes = b"", typed: bytes = b"") -> str:
     """Boot under QEMU and return the console; ``typed`` goes to the console once a line holding
     ``when`` appeared (the tty drops input that arrives before the shell opens it)."""
-    command = [QEMU, "-accel", "tcg", "-m", "512", "-nographic", "-no-reboot", "-kernel", str(guest.kernel),
-               "-initrd", str(guest.initrd), "-append", cmdline]
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(guest.qemu_argv(cmdline), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watchdog = threading.Timer(BOOT_LIMIT, proc.kill)
     watchdog.start()
     lines = []

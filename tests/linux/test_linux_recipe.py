@@ -16,7 +16,7 @@ from cetvm.linux import NotCached, RecipeError, linux_guest
 from cetvm.linux import packages as pins
 from cetvm.linux.cpio import read_newc
 from cetvm.linux.init_script import TESTS_DIR
-from cetvm.linux.recipe import default_cache_dir, package_files
+from cetvm.linux.recipe import default_cache_dir, our_test_programs, package_files
 from linux_support import FakeApt, deb_bytes, pinned, tar_bytes
 
 KERNEL_BYTES = b"MZ fake bzImage"
@@ -168,3 +168,8 @@ def test_an_unwritable_cache_is_one_error(tmp_path, fake_packages, program):
     blocker.write_text("")
     with pytest.raises(RecipeError, match="cannot create the cache directory"):
         linux_guest(blocker / "cache", test_programs=[program], downloader=fake_packages)
+
+
+def test_without_a_checkout_our_programs_cannot_be_found(tmp_path):
+    with pytest.raises(RecipeError, match="guests/linux of a cetvm checkout"):
+        our_test_programs(tmp_path)

@@ -82,9 +82,8 @@ def describe(guest: LinuxGuest, cmdline: str) -> dict:
 
 def boot_commands(guest: LinuxGuest, cmdline: str) -> list[str]:
     """Command lines that boot the guest (cetvm's and QEMU's)."""
-    k, i, a = (shlex.quote(str(guest.kernel)), shlex.quote(str(guest.initrd)), shlex.quote(cmdline))
-    return [f"cetvm boot --kernel {k} --initrd {i} --append {a}",
-            f"qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot -kernel {k} -initrd {i} -append {a}"]
+    cetvm = ["cetvm", "boot", "--kernel", str(guest.kernel), "--initrd", str(guest.initrd), "--append", cmdline]
+    return [shlex.join(cetvm), shlex.join(guest.qemu_argv(cmdline))]
 
 
 def run(args: argparse.Namespace) -> int:

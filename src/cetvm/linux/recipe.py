@@ -52,6 +52,8 @@ STAMP = "complete.json"
 INITRD_STEM = "initrd"
 #: Device nodes the kernel's console needs before devtmpfs is mounted (Linux devices.txt).
 DEVICE_NODES = (("dev/console", 5, 1), ("dev/null", 1, 3), ("dev/ttyS0", 4, 64))
+#: Guest RAM of the reference QEMU run (MiB).
+QEMU_MEMORY_MB = 512
 REPO_ROOT_DEPTH = 3  # src/cetvm/linux/recipe.py → the checkout
 
 
@@ -98,6 +100,12 @@ class LinuxGuest:
             return kernel_cmdline(tests, mode, timeout, extra, finish=finish)
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
+
+    def qemu_argv(self, cmdline: str | None = None, memory_mb: int = QEMU_MEMORY_MB) -> list[str]:
+        """The QEMU TCG command that boots this guest with the console on stdio — the reference
+        run (QEMU 7.2 has no CET: the shadow-stack tests skip there)."""
+        return ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-nographic", "-no-reboot",
+                "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", cmdline or self.cmdline]
 
 
 def _slug(package: DebPackage) -> str:
