@@ -4,6 +4,7 @@ SHA-256, extract, reuse; offline runs; the initramfs it writes."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import shutil
@@ -65,13 +66,18 @@ def test_the_stamp_records_the_checked_sha256(tmp_path, fake_packages):
     files = package_files(tmp_path, pins.BUSYBOX, pins.BUSYBOX_FILES, downloader=fake_packages)
     stamp = json.loads((files["busybox"].parent / "complete.json").read_text())
     assert stamp["sha256"] == pins.BUSYBOX.sha256 and stamp["version"] == pins.BUSYBOX.version
+    assert stamp["files"] == {"busybox": hashlib.sha256(BUSYBOX_BYTES).hexdigest()}
 
 
-def test_a_new_pin_or_a_lost_file_downloads_again(tmp_path, fake_packages, monkeypatch):
+def test_a_new_pin_or_a_lost_or_damaged_file_downloads_again(tmp_path, fake_packages, monkeypatch):
     files = package_files(tmp_path, pins.BUSYBOX, pins.BUSYBOX_FILES, downloader=fake_packages)
     files["busybox"].unlink()
     package_files(tmp_path, pins.BUSYBOX, pins.BUSYBOX_FILES, downloader=fake_packages)
     assert fake_packages.calls == ["fake-busybox", "fake-busybox"]
+    files["busybox"].write_bytes(BUSYBOX_BYTES[:-1])
+    package_files(tmp_path, pins.BUSYBOX, pins.BUSYBOX_FILES, downloader=fake_packages)
+    assert files["busybox"].read_bytes() == BUSYBOX_BYTES
+    fake_packages.calls.remove("fake-busybox")
     stamp = files["busybox"].parent / "complete.json"
     stamp.write_text(stamp.read_text().replace(pins.BUSYBOX.sha256, "0" * 64))
     package_files(tmp_path, pins.BUSYBOX, pins.BUSYBOX_FILES, downloader=fake_packages)

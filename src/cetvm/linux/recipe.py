@@ -10,8 +10,9 @@ extracted and built into the user's cache, reused on the next run.
 Cache layout (``$XDG_CACHE_HOME/cetvm/linux`` or ``~/.cache/cetvm/linux``):
 
     PACKAGE_VERSION/            files taken from one package, and complete.json recording the
-                                package, version and the SHA-256 the download had (checked
-                                against the pin before anything was extracted)
+                                package, version, the SHA-256 the download had (checked
+                                against the pin before anything was extracted) and the SHA-256
+                                of each extracted file (checked on every reuse)
     downloads/                  .deb files while they are extracted (deleted afterwards)
     initrd[-selftest].img       the initramfs with our tests (and the selftest), rewritten only
                                 when its contents change (initrd*.json records their digest);
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from cetvm.linux import packages as pins
-from cetvm.linux.apt import Downloader, apt_get_download, verify
+from cetvm.linux.apt import Downloader, apt_get_download, sha256_of, verify
 from cetvm.linux.cpio import CpioEntry, with_parents, write_newc
 from cetvm.linux.deb import extract_files, extract_from_inner_tarball, write_stream
 from cetvm.linux.errors import RecipeError
@@ -113,17 +114,21 @@ def _slug(package: DebPackage) -> str:
     return re.sub(r"[^A-Za-z0-9.+_-]", "_", f"{package.name}_{package.version}")
 
 
-def _stamp_record(package: DebPackage, names: Sequence[str]) -> dict:
-    return {"package": package.name, "version": package.version, "sha256": package.sha256,
-            "files": sorted(names)}
+def _stamp_record(package: DebPackage) -> dict:
+    """What complete.json records besides the files: the pin the files came from."""
+    return {"package": package.name, "version": package.version, "sha256": package.sha256}
 
 
-def _cached(target: Path, record: dict) -> bool:
+def _cached(target: Path, record: dict, names: Sequence[str]) -> bool:
+    """The folder holds exactly what ``record`` describes, and every file still has the SHA-256
+    it had when it was extracted (a truncated or edited file is fetched again)."""
     try:
         stamp = json.loads((target / STAMP).read_text())
-    except (OSError, ValueError):
+        files = stamp.pop("files")
+        return (stamp == record and sorted(files) == sorted(names)
+                and all(sha256_of(target / name) == digest for name, digest in files.items()))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
-    return stamp == record and all((target / name).is_file() for name in record["files"])
 
 
 def package_files(cache: Path, package: DebPackage, files: Mapping[str, str], *,
@@ -133,9 +138,9 @@ def package_files(cache: Path, package: DebPackage, files: Mapping[str, str], *,
     from the cache, or downloaded, checked against the pinned SHA-256 and extracted.
     Returns {file name: path}."""
     target = cache / _slug(package)
-    record = _stamp_record(package, list(files.values()))
+    record = _stamp_record(package)
     paths = {name: target / name for name in files.values()}
-    if _cached(target, record):
+    if _cached(target, record, list(paths)):
         return paths
     if not download:
         raise NotCached(f"{package.label} is not in the cache {cache} (run 'cetvm linux-guest' to download it)")
@@ -145,6 +150,7 @@ def package_files(cache: Path, package: DebPackage, files: Mapping[str, str], *,
     progress(f"extracting {', '.join(files)} from {deb.name}")
     (target / STAMP).unlink(missing_ok=True)
     extractor(deb, {member: target / name for member, name in files.items()})
+    record["files"] = {name: sha256_of(path) for name, path in paths.items()}
     (target / STAMP).write_text(json.dumps(record, indent=1) + "\n")
     deb.unlink(missing_ok=True)
     return paths
