@@ -179,3 +179,12 @@ def test_an_unwritable_cache_is_one_error(tmp_path, fake_packages, program):
 def test_without_a_checkout_our_programs_cannot_be_found(tmp_path):
     with pytest.raises(RecipeError, match="guests/linux of a cetvm checkout"):
         our_test_programs(tmp_path)
+
+
+def test_a_package_without_the_expected_files_is_one_error_and_not_kept(tmp_path, fake_packages, monkeypatch):
+    wrong = deb_bytes({"bin/sh": b"not busybox"})
+    monkeypatch.setattr(pins, "BUSYBOX", pinned("fake-busybox", wrong))
+    fake_packages.debs["fake-busybox"] = wrong
+    with pytest.raises(RecipeError, match="has no bin/busybox"):
+        package_files(tmp_path, pins.BUSYBOX, pins.BUSYBOX_FILES, downloader=fake_packages)
+    assert not list(tmp_path.rglob("*.deb")) and not list(tmp_path.rglob("complete.json"))

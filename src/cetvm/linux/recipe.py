@@ -146,13 +146,15 @@ def package_files(cache: Path, package: DebPackage, files: Mapping[str, str], *,
         raise NotCached(f"{package.label} is not in the cache {cache} (run 'cetvm linux-guest' to download it)")
     progress(f"downloading {package.label} ({package.size / 1e6:.0f} MB) with apt-get")
     deb = downloader(package, cache / "downloads")
-    verify(package, deb)
-    progress(f"extracting {', '.join(files)} from {deb.name}")
-    (target / STAMP).unlink(missing_ok=True)
-    extractor(deb, {member: target / name for member, name in files.items()})
+    try:
+        verify(package, deb)
+        progress(f"extracting {', '.join(files)} from {deb.name}")
+        (target / STAMP).unlink(missing_ok=True)
+        extractor(deb, {member: target / name for member, name in files.items()})
+    finally:
+        deb.unlink(missing_ok=True)  # extracted or refused: the package itself is not kept
     record["files"] = {name: sha256_of(path) for name, path in paths.items()}
     (target / STAMP).write_text(json.dumps(record, indent=1) + "\n")
-    deb.unlink(missing_ok=True)
     return paths
 
 
