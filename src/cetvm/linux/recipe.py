@@ -42,7 +42,7 @@ from cetvm.linux.apt import Downloader, apt_get_download, sha256_of, verify
 from cetvm.linux.cpio import CpioEntry, with_parents, write_newc
 from cetvm.linux.deb import extract_files, extract_from_inner_tarball, write_stream
 from cetvm.linux.errors import RecipeError
-from cetvm.linux.init_script import TESTS_DIR, InitOptions, init_script, kernel_cmdline
+from cetvm.linux.init_script import GROUP, PASSWD, TESTS_DIR, InitOptions, init_script, kernel_cmdline
 from cetvm.linux.packages import DebPackage
 
 #: Progress reporter: one line per long step ("downloading ...", "extracting ...").
@@ -224,8 +224,8 @@ def _read(path: Path) -> bytes:
 
 
 def initramfs_entries(busybox: Path, programs: Sequence[Path], init_options: InitOptions = InitOptions()) -> list[CpioEntry]:
-    """The initramfs: busybox at /bin/busybox, our /init, the programs under /opt/cetvm/tests,
-    and the console device nodes."""
+    """The initramfs: busybox at /bin/busybox, our /init, /etc/passwd and /etc/group (the
+    unprivileged test user), the programs under /opt/cetvm/tests, and the console device nodes."""
     names = [p.name for p in programs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -234,6 +234,8 @@ def initramfs_entries(busybox: Path, programs: Sequence[Path], init_options: Ini
     entries += [CpioEntry.char_device(path, major, minor) for path, major, minor in DEVICE_NODES]
     entries.append(CpioEntry.file("bin/busybox", _read(busybox), 0o755))
     entries.append(CpioEntry.file("init", init_script(init_options).encode(), 0o755))
+    entries.append(CpioEntry.file("etc/passwd", PASSWD.encode(), 0o644))
+    entries.append(CpioEntry.file("etc/group", GROUP.encode(), 0o644))
     entries += [CpioEntry.file(f"{TESTS_DIR}/{p.name}", _read(p), 0o755) for p in sorted(programs)]
     return with_parents(entries)
 
