@@ -19,7 +19,7 @@ from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EX
 from unicorn import x86_const as X
 
 from cetvm import CetvmError, NotSupportedError
-from cetvm.arch import PfErr, Vector, u64
+from cetvm.arch import PfErr, Vector, is_canonical, u64
 from cetvm.cpu import decode, emulate, string_ops
 from cetvm.cpu.cet.transfer import BlockAction, TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
@@ -63,8 +63,12 @@ class EngineStopsMixin:
             self.refresh_mode()  # native privilege changes are not seen otherwise
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
-        if not software and not (intno == Vector.PF and self._is_fetch_fault(rip, uc.reg_read(X.UC_X86_REG_CR2))):
-            self._unretire()  # a fetch fault happens before the count hook: nothing to take back
+        if software or self._faulted_on_fetch(intno, rip):
+            # a trap retired its instruction; a fetch fault happens before the count hook and
+            # outside the block that ran last: nothing to take back
+            self._blocks.close_last()
+        else:
+            self._retire_before(rip)
         if software:
             int_at = self._software_interrupt_address(self._blocks.take_prev(None), rip, intno)
         elif self._apply_terminator_before_target_fault(rip):
@@ -99,6 +103,7 @@ class EngineStopsMixin:
         decision = apply_terminator(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP))
         if decision.action != BlockAction.FAULT:
             return False
+        self._terminator_faulted(decision)
         uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
         if decision.rsp is not None:
             uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
@@ -127,6 +132,14 @@ class EngineStopsMixin:
         prev = blocks.prev
         if prev is not None and terminator_not_run(blocks.prev_block_start, prev, rip):
             blocks.prev = None
+
+    def _faulted_on_fetch(self, intno: int, rip: int) -> bool:
+        """The exception is the fetch of the instruction at ``rip``, which therefore never
+        started: a #PF of its fetch (:meth:`_is_fetch_fault`) or the #GP of a non-canonical RIP
+        (a branch to a non-canonical address faults at the target in the engine)."""
+        if intno == Vector.PF:
+            return self._is_fetch_fault(rip, self._uc.reg_read(X.UC_X86_REG_CR2))
+        return intno == Vector.GP and not is_canonical(rip)
 
     def _is_fetch_fault(self, rip: int, cr2: int) -> bool:
         """The #PF at ``rip`` is the instruction's own fetch (CR2 within its 15 bytes and a fetch
@@ -182,7 +195,7 @@ class EngineStopsMixin:
         return reads, writes
 
     def _on_invalid_instruction(self, uc: Uc, _data: object) -> bool:
-        self._unretire()
+        self._retire_before(uc.reg_read(X.UC_X86_REG_RIP))
         self._blocks.prev = None
         return False  # stop with UC_ERR_INSN_INVALID; _on_invalid_stop emulates or raises #UD
 
@@ -209,7 +222,7 @@ class EngineStopsMixin:
             if self._apply_terminator_before_target_fault(rip):
                 return None
             return VmExit(ExitReason.SHUTDOWN, rip, detail="instruction fetch from guest-physical memory with no RAM")
-        self._unretire()
+        self._retire_before(rip)
         self._blocks.prev = None
         try:
             instr = self.fetch_instruction(rip)
@@ -295,12 +308,15 @@ class EngineStopsMixin:
                 if data is not None:
                     self._uc.mem_write(gpa, data)
                 branches = instr.flow_control != FlowControl.NEXT
-                self.step_native(rip, None if branches else instr.next_ip)
+                self.step_native(rip, None if branches else instr.next_ip, retire=False)
                 stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
             finally:
                 self._uc.mem_unmap(first, span)
         if self._pending is not None:
             return None  # the instruction faulted: nothing was stored
+        # Unicorn leaves old_exception at #PF after the scratch page is unmapped: without this the
+        # guest's next fault became a #DF (a #PF after an MMIO read in the same block).
+        self._clear_stale_old_exception()
         self._retire()
         return self._mmio_write(rip, gpa, stored)
 
