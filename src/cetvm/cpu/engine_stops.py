@@ -63,15 +63,20 @@ class EngineStopsMixin:
             self.refresh_mode()  # native privilege changes are not seen otherwise
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
-        if software or self._faulted_on_fetch(intno, rip):
+        # a branch to a non-canonical address: the engine reports the #GP at the target, but the
+        # branch is what faulted [SDM Vol. 1 §3.3.7.1]
+        wild_branch = intno == Vector.GP and not is_canonical(rip)
+        if software or (intno == Vector.PF and self._is_fetch_fault(rip, uc.reg_read(X.UC_X86_REG_CR2))):
             # a trap retired its instruction; a fetch fault happens before the count hook and
             # outside the block that ran last: nothing to take back
             self._blocks.close_last()
+        elif wild_branch:
+            self._branch_did_not_retire()
         else:
             self._retire_before(rip)
         if software:
             int_at = self._software_interrupt_address(self._blocks.take_prev(None), rip, intno)
-        elif self._apply_terminator_before_target_fault(rip):
+        elif self._apply_terminator_before_target_fault(rip, branch_taken_back=wild_branch):
             uc.emu_stop()
             return
         if intno == Vector.PF:
@@ -84,7 +89,7 @@ class EngineStopsMixin:
             self._pending = PendingEvent(intno, error)
         uc.emu_stop()
 
-    def _apply_terminator_before_target_fault(self, rip: int) -> bool:
+    def _apply_terminator_before_target_fault(self, rip: int, branch_taken_back: bool = False) -> bool:
         """The engine stopped at ``rip`` before the block hook ran there: a fault inside the
         current block, or a fault on fetching the next block (a #PF, a fetch from guest-physical
         memory with no RAM). In the second case the previous block's terminator ran but was not
@@ -94,7 +99,8 @@ class EngineStopsMixin:
         part of the branch: an indirect CALL/JMP leaves the tracker in WAIT_FOR_ENDBRANCH and the
         fetch fault at the target is delivered first (Bochs decodes the target before checking
         it); the check happens when the guest comes back. True when that raised a CET fault (RIP
-        and RSP are then the faulting instruction's)."""
+        and RSP are then the faulting instruction's). ``branch_taken_back``: the terminator is
+        already counted as not retired."""
         blocks = self._blocks
         prev = blocks.take_prev(None)
         if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self._cet_active:
@@ -103,7 +109,8 @@ class EngineStopsMixin:
         decision = apply_terminator(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP))
         if decision.action != BlockAction.FAULT:
             return False
-        self._terminator_faulted(decision)
+        if not branch_taken_back:
+            self._terminator_faulted(decision)
         uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
         if decision.rsp is not None:
             uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
@@ -132,14 +139,6 @@ class EngineStopsMixin:
         prev = blocks.prev
         if prev is not None and terminator_not_run(blocks.prev_block_start, prev, rip):
             blocks.prev = None
-
-    def _faulted_on_fetch(self, intno: int, rip: int) -> bool:
-        """The exception is the fetch of the instruction at ``rip``, which therefore never
-        started: a #PF of its fetch (:meth:`_is_fetch_fault`) or the #GP of a non-canonical RIP
-        (a branch to a non-canonical address faults at the target in the engine)."""
-        if intno == Vector.PF:
-            return self._is_fetch_fault(rip, self._uc.reg_read(X.UC_X86_REG_CR2))
-        return intno == Vector.GP and not is_canonical(rip)
 
     def _is_fetch_fault(self, rip: int, cr2: int) -> bool:
         """The #PF at ``rip`` is the instruction's own fetch (CR2 within its 15 bytes and a fetch

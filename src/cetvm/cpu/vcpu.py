@@ -450,6 +450,17 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 ran = 0
         self._budget.uncount(icount - min(ran, icount))
 
+    def _branch_did_not_retire(self) -> None:
+        """The branch that ended the block that ran last faulted after the engine moved RIP to
+        its target (a non-canonical target: #GP): it did not retire."""
+        if self._budget.per_instruction:
+            self._unretire()
+            return
+        last = self._blocks.last
+        self._blocks.close_last()
+        if last is not None:
+            self._budget.uncount(1)
+
     def _terminator_faulted(self, decision: BlockDecision) -> None:
         """A CET fault of the pending terminator itself (#CP(1) at a RET, a shadow-stack fault of a
         CALL: ``decision.rolled_back``): the terminator did not retire, but it was counted — as
