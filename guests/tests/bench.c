@@ -16,11 +16,9 @@
  *  Without pages=, the library's map: 4 KiB RW and executable pages in the first 4 MiB. */
 #include "ktest.h"
 
-extern char bl_outer[], bl_inner[], bench_pf_entry[], bench_syscall_entry[];
+extern char bench_pf_entry[], bench_syscall_entry[];
 extern char __kernel_start[], __utext_end[];
 __asm__(".text\n"
-        "bl_inner: endbr64\n  ret\n"
-        "bl_outer: endbr64\n  call *%r11\n  ret\n"
         ".p2align 4\n"
         "bench_pf_entry: endbr64\n"
         "  add $8, %rsp\n"              /* the error code */
@@ -34,25 +32,6 @@ __asm__(".text\n"
 
 #define UNMAPPED_VA 0x7f0000000000ul /* PML4 entry 254: never present */
 #define PTE_ADDR 0x000FFFFFFFFFF000ul
-
-static u64 count_arg(const char *key)
-{
-    const char *p = cmdline_value(key);
-    u64 v = 0;
-    for (; p && *p >= '0' && *p <= '9'; p++)
-        v = v * 10 + (u64)(*p - '0');
-    return v;
-}
-
-static NOINLINE u64 kernel_loop(u64 n, void *outer, void *inner)
-{
-    __asm__ volatile("mov %2, %%r11\n"
-                     "1: call *%1\n"
-                     "  dec %0\n"
-                     "  jnz 1b\n"
-                     : "+r"(n) : "r"(outer), "r"(inner) : "r11", "memory");
-    return n;
-}
 
 static NOINLINE u64 kernel_faults(u64 n)
 {
@@ -124,7 +103,7 @@ static void run_loop(u64 n)
     bool faulted = false;
     struct try_state t;
     TRY(t) {
-        kernel_loop(n, bl_outer, bl_inner);
+        call_chain_loop(n);
         END_TRY(t);
     } CATCH {
         faulted = true;
@@ -156,27 +135,31 @@ static void run_syscalls(u64 n)
            r.kind, r.code);
 }
 
+static u64 loop_n, faults_n, syscalls_n;
+
 static void body(void)
 {
-    u64 loop = count_arg("loop="), faults = count_arg("faults="), syscalls = count_arg("syscalls=");
     const char *pages = cmdline_value("pages=");
     if (pages && pages[0] == 'n')
         pages_nx();
     else if (pages && pages[0] == 'r')
         pages_rwx2m();
     kprintf("# shstk %d ibt %d pages %s\n", cet.shstk, cet.ibt, pages ? pages : "default");
-    if (loop)
-        run_loop(loop);
-    if (faults)
-        run_faults(faults);
-    if (syscalls)
-        run_syscalls(syscalls);
+    if (loop_n)
+        run_loop(loop_n);
+    if (faults_n)
+        run_faults(faults_n);
+    if (syscalls_n)
+        run_syscalls(syscalls_n);
     tap_done();
 }
 
 void kmain(void)
 {
     kernel_init();
-    tap_plan((count_arg("loop=") != 0) + (count_arg("faults=") != 0) + (count_arg("syscalls=") != 0));
+    loop_n = cmdline_number("loop=", 0);
+    faults_n = cmdline_number("faults=", 0);
+    syscalls_n = cmdline_number("syscalls=", 0);
+    tap_plan((loop_n != 0) + (faults_n != 0) + (syscalls_n != 0));
     cet_kernel_start(body, 0);
 }
