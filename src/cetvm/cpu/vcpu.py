@@ -480,8 +480,10 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         a block is translated)."""
         instrs = decode.decode_block(self._read_code(rip, size), rip, self._code_bits)
         if count >= len(instrs):
-            raise CetvmError(f"instruction budget: the block at {rip:#x} has {len(instrs)} instructions, "
-                             f"fewer than its classification said")
+            # The block was rewritten since it was classified, to the same size (self-modifying
+            # code): classify it again; the run loop enters it anew with the right count.
+            self._classify_block(rip, size)
+            return
         fence = instrs[count].ip
         uc = self._uc
         added = fence not in self._exits
