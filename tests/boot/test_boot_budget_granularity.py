@@ -20,8 +20,10 @@ def run(monkeypatch, kernel: str, granularity: str, limit: int | None = None):
     return result.status, result.instructions, regs
 
 
-@pytest.mark.parametrize("kernel", ["ret_targets", "mmio_insns", "apic_timer"])
-def test_a_kernel_retires_the_same_instructions_at_block_and_instruction_granularity(monkeypatch, kernel):
+@pytest.mark.parametrize("kernel, cet_path", [("ret_targets", "auto"), ("mmio_insns", "auto"), ("apic_timer", "auto"),
+                                              ("ret_targets", "python")])
+def test_a_kernel_retires_the_same_instructions_at_block_and_instruction_granularity(monkeypatch, kernel, cet_path):
+    monkeypatch.setenv("CETVM_CET_PATH", cet_path)
     block = run(monkeypatch, kernel, "block")
     assert block[0] == 1, f"{kernel} failed (status {block[0]})"
     assert block == run(monkeypatch, kernel, "instruction")
