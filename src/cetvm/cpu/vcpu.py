@@ -410,7 +410,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     # ------------------------------------------------------------------ exact instruction budget
     @property
     def instructions_retired(self) -> int:
-        """Instructions retired by this vCPU (counted exactly while a run has a budget)."""
+        """Instructions retired by this vCPU (exact; at instruction granularity only while a run has
+        a budget, see :mod:`cetvm.cpu.budget`)."""
         return self._budget.retired
 
     @instructions_retired.setter
