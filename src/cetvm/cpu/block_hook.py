@@ -60,6 +60,7 @@ class BlockHookMixin:
         :meth:`_apply_native_handover`. Paging-off guests get its native TLB-fill hook."""
         self._native = NativeCet(self._uc, lambda address, size: self._classify_block(address, size) is not None)
         self._blocks = self._native.blocks
+        self._budget.attach(self._native.shared)
         self.cet = self._native.cet_state
         self._native.install()
         self._native.install_tlb_fill(set_mode=False)
@@ -82,6 +83,7 @@ class BlockHookMixin:
             first = b""
         decision = on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first)
         if decision.action == BlockAction.FAULT:
+            self._terminator_faulted(decision)
             self.rip = decision.rip
             if decision.rsp is not None:
                 self.set_reg("rsp", decision.rsp)
@@ -99,13 +101,10 @@ class BlockHookMixin:
         return self._reg_buf.value
 
     def _on_block(self, address: int, size: int) -> None:
-        """At each block start: classify on a miss, then run the CET state machine (the
-        reference hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and
-        calls this, with nothing committed, for everything else).
-
-        Shortcut (engine decision, no CET semantics): with no pending terminator and the
-        current CPL's IBT tracker idle, :func:`on_block_start` has nothing to do and is skipped.
-        """
+        """At each block start: classify on a miss, run the CET state machine (the reference
+        hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and calls this,
+        with nothing committed, for everything else), then retire the block's instructions — or,
+        when the budget has fewer left, stop in front of it (:meth:`_stop_for_budget`)."""
         if self._stepping:
             return
         blocks = self._blocks
@@ -113,23 +112,58 @@ class BlockHookMixin:
         if info is None or info.size != size:
             info = self._classify_block(address, size)
             if info is None:
+                blocks.last_run = None
                 return
+        if not self._cet_block_start(info, address):
+            blocks.last_run = None
+            return
+        budget = self._budget.block_store
+        if budget is not None:
+            if budget.budget_left < info.icount:
+                self._stop_for_budget(address, size)
+                return
+            budget.budget_left -= info.icount
+            blocks.last_run = info
+
+    def _cet_block_start(self, info: BlockInfo, address: int) -> bool:
+        """The CET state machine at the start of block ``info``; False if it faulted (then the
+        fault is pending, RIP and RSP are the faulting instruction's and the engine stops).
+
+        Shortcut (engine decision, no CET semantics): with no pending terminator and the
+        current CPL's IBT tracker idle, :func:`on_block_start` has nothing to do and is skipped.
+        """
+        blocks = self._blocks
         prev = blocks.prev
         blocks.prev = info.terminator
         blocks.prev_block_start = address
         if not self._cet_active:
-            return
+            return True
         if prev is None and not (self.cet.u_cet if self._cpl == 3 else self.cet.s_cet) & _TRACKER:
-            return
+            return True
         # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
         decision = on_block_start(self, prev, address, None, info.first_bytes)
-        if decision.action == BlockAction.FAULT:
-            uc = self._uc
-            if decision.rsp_adjust:
-                uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
-            uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-            self._raise_event(decision.fault)
-            uc.emu_stop()
+        if decision.action != BlockAction.FAULT:
+            return True
+        self._terminator_faulted(decision)
+        uc = self._uc
+        if decision.rsp_adjust:
+            uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
+        uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
+        self._raise_event(decision.fault)
+        uc.emu_stop()
+        return False
+
+    def _stop_for_budget(self, address: int, size: int) -> None:
+        """The block at ``address`` has more instructions than the budget has left: its block
+        start is done (the CET state is whole wherever the run ends) but it does not run — no
+        terminator pending, the engine stops in front of it (the Python twin of cetfast.c's
+        budget_stop; the vCPU then runs the instructions left,
+        :meth:`cetvm.cpu.vcpu.Vcpu._run_fenced`)."""
+        self._budget.store.budget_stop = size or 1
+        self._blocks.prev = None
+        self._blocks.last_run = None
+        self._uc.reg_write(X.UC_X86_REG_RIP, address)
+        self._uc.emu_stop()
 
     def _classify_block(self, address: int, size: int) -> BlockInfo | None:
         """Decode a new block; make emulated instructions exits (then restart: returns None)."""
@@ -149,7 +183,7 @@ class BlockHookMixin:
         terminator = classify_terminator(instrs[-1]) if instrs else None
         if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
             terminator = None  # nothing to apply at the next block start
-        info = BlockInfo(address, size, terminator, code[:4])
+        info = BlockInfo(address, size, terminator, code[:4], len(instrs))
         self._blocks.store(info)
         return info
 
@@ -164,6 +198,7 @@ class BlockHookMixin:
             first = b""
         decision = on_block_start(self, prev, rip, self.reg("rsp"), first)
         if decision.action == BlockAction.FAULT:
+            self._terminator_faulted(decision)
             self.rip = decision.rip
             if decision.rsp is not None:
                 self.set_reg("rsp", decision.rsp)

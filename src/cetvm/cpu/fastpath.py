@@ -139,6 +139,7 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
     cache_get = blocks.cache.get
     window = vcpu._ss_window
     uc = vcpu.unicorn
+    budget = vcpu._budget.block_store  # None: counted per instruction (cetvm.cpu.budget)
     ret, ret_imm = Terminator.RET, Terminator.RET_IMM
     call_direct, call_indirect, jmp_indirect = Terminator.CALL_DIRECT, Terminator.CALL_INDIRECT, Terminator.JMP_INDIRECT
 
@@ -147,6 +148,9 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
             info = cache_get(address)
             if info is None or info.size != size or vcpu._stepping:
                 reference(address, size)
+                return
+            if budget is not None and budget.budget_left < info.icount:
+                reference(address, size)  # stops in front of the block
                 return
             prev = blocks.prev
             if vcpu._cet_active:
@@ -196,6 +200,9 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
                         return
             blocks.prev = info.terminator
             blocks.prev_block_start = address
+            if budget is not None:
+                budget.budget_left -= info.icount
+                blocks.last_run = info
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
             vcpu._hook_error = exc
             uc.emu_stop()

@@ -22,9 +22,17 @@ Two ways to answer, with the same values:
   source *counts retired instructions* (``ticks_per_insn`` > 0: the source advances exactly that
   many ticks per instruction this vCPU retires while it runs, and only between runs otherwise —
   what KVM declares for cetvm's clocks): the TSC is sampled at the start of every run
-  (:meth:`TimeStampCounter.sync`) and extrapolated from the vCPU's own instruction counter,
-  with no Python call (an RDTSC costs ~6 µs through Python, a busy-wait loop on it far more);
+  (:meth:`TimeStampCounter.sync`) and extrapolated from the run's budget counter, which the
+  budget counting decrements by every instruction the vCPU retires (per block or per
+  instruction, :mod:`cetvm.cpu.budget`), with no Python call (an RDTSC costs ~6 µs through Python, a busy-wait loop on it far more);
 - otherwise Python callbacks that read the source (any clock, e.g. a test's).
+
+Guest reads strictly increase (a decision, as on hardware, where every RDTSC is a later tick):
+instructions are counted per translated block (:mod:`cetvm.cpu.budget`), so two reads in one
+block, or an RDTSC and the RDMSR emulated right after it, see the same instruction count; such a
+read returns the previous guest read + 1. The clock itself is unchanged (the next block's read
+is the clock's value again, which is larger), and host-initiated reads (KVM_GET_MSRS, kvmclock)
+see the clock as it is.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cetvm import CetvmError
 from cetvm.arch import Msr
-from cetvm.cpu.native.loader import INSN_HOOK, InsnCounter, TscStruct, native_tsc_hooks
+from cetvm.cpu.native.loader import INSN_HOOK, TscStruct, native_tsc_hooks
 
 _U32 = 0xFFFF_FFFF
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -52,12 +60,15 @@ def _stopped() -> int:
 
 class TimeStampCounter:
     """IA32_TIME_STAMP_COUNTER of one logical processor (see the module docstring).
-    ``counter``: the vCPU's instruction counter (its ``retired`` field); ``use_native``: the
-    native hooks when the library is built (False: the Python hooks only)."""
+    ``budget_counter``: the address of the vCPU's current budget counter (an int64 the budget
+    counting decrements per retired instruction), None when it has none in memory (the Python
+    block hook's); ``use_native``: the native hooks when the library is built (False: the
+    Python hooks only)."""
 
-    def __init__(self, uc: Uc, counter: InsnCounter, use_native: bool = True) -> None:
+    def __init__(self, uc: Uc, budget_counter: Callable[[], int | None], use_native: bool = True) -> None:
         self._uc = uc
-        self._counter = counter
+        self._budget_counter = budget_counter
+        self._ticks_per_insn = 0
         self._source: Callable[[], int] = _stopped
         self._offset = 0
         #: An exception a hook could not pass through Unicorn (re-raised by the vCPU).
@@ -69,7 +80,6 @@ class TimeStampCounter:
         self._ref = ctypes.byref(self._buf)
         self._callbacks = (INSN_HOOK(self._on_rdtsc), INSN_HOOK(self._on_rdtscp))
         self._state = TscStruct()
-        self._state.retired = ctypes.addressof(counter) + InsnCounter.retired.offset
         self._state.reg_write = ctypes.cast(uclib.uc_reg_write, ctypes.c_void_p).value
         self._state.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
         self._state.slow_rdtsc, self._state.slow_rdtscp = (ctypes.cast(c, ctypes.c_void_p).value
@@ -91,7 +101,7 @@ class TimeStampCounter:
         """The hardware counter before offsetting; ``ticks_per_insn`` > 0 declares that it
         counts this vCPU's retired instructions while it runs (module docstring)."""
         self._source = source
-        self._state.ticks_per_insn = ticks_per_insn if self.native else 0
+        self._ticks_per_insn = ticks_per_insn if self.native else 0
         self.sync()
 
     @property
@@ -106,17 +116,31 @@ class TimeStampCounter:
     @offset.setter
     def offset(self, value: int) -> None:
         self._offset = value & _U64
+        self._state.last = (self.read() - 1) & _U64  # a written TSC is read from its value on
         self.sync()
 
     def read(self) -> int:
-        """The TSC the guest sees now (RDTSC, RDMSR IA32_TIME_STAMP_COUNTER)."""
+        """The TSC now (a host-initiated read: KVM_GET_MSRS, kvmclock's timestamps)."""
         return (self._source() + self._offset) & _U64
 
+    def guest_read(self) -> int:
+        """The TSC a guest read returns (RDTSC, RDTSCP, RDMSR): :meth:`read`, or the previous
+        guest read + 1 when the instruction count has not moved since (module docstring)."""
+        value = self.read()
+        if ((value - self._state.last) & _U64) == 0 or ((value - self._state.last) & _U64) >> 63:
+            value = (self._state.last + 1) & _U64
+        self._state.last = value
+        return value
+
     def sync(self) -> None:
-        """Sample the TSC for the native hooks (at the start of each run, after a change)."""
-        if self._state.ticks_per_insn:
+        """Sample the TSC for the native hooks (at the start of each run, after its budget is
+        set, and after a change); without a budget counter in memory the Python hooks answer."""
+        address = self._budget_counter() if self._ticks_per_insn else None
+        self._state.ticks_per_insn = self._ticks_per_insn if address is not None else 0
+        if address is not None:
             self._state.base_tsc = self.read()
-            self._state.base_retired = self._counter.retired
+            self._state.budget_left = address
+            self._state.base_left = ctypes.c_int64.from_address(address).value
 
     # ------------------------------------------------------------------ the Python hooks
     def _write(self, reg: int, value: int) -> None:
@@ -124,7 +148,7 @@ class TimeStampCounter:
         _reg_write(self._uch, reg, self._ref)
 
     def _result(self) -> int:
-        value = self.read()
+        value = self.guest_read()
         self._write(X.UC_X86_REG_RAX, value & _U32)
         self._write(X.UC_X86_REG_RDX, value >> 32)
         return 1

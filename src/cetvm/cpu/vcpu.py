@@ -51,15 +51,18 @@ from unicorn import x86_const as X
 
 from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr
+from cetvm.cpu import decode
 from cetvm.cpu.block_hook import BlockHookMixin
 from cetvm.cpu.blocks import BlockTracker
-from cetvm.cpu.budget import InstructionBudget
+from cetvm.cpu.budget import InstructionBudget, select_granularity
+from cetvm.cpu.cet.transfer import BlockDecision
 from cetvm.cpu.cet_machine import CetMachineMixin
 from cetvm.cpu.engine_features import engine_cpu_model
 from cetvm.cpu.engine_stops import EngineStopsMixin
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
 from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
+from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
@@ -90,12 +93,16 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     ``python_fast_path`` (the "python" path only): put the flat common-case hook of
     :mod:`cetvm.cpu.fastpath` in front of the reference hook (default; None means True unless
     ``$CETVM_PYTHON_FAST_PATH`` is "0"); False runs the reference alone (same results, slower).
+    ``budget_granularity`` (traced mode): how instructions are counted for ``run(budget=N)`` —
+    "block" (per translation block, exact stops; the default) or "instruction" (a code hook on
+    every instruction, the reference); None means ``$CETVM_BUDGET_GRANULARITY`` or "block"
+    (:mod:`cetvm.cpu.budget`). Untraced vCPUs count per instruction (they have no block hook).
     Hypervisor controls: ``msr_intercepts`` (set of MSR indices whose RDMSR/WRMSR exit),
     ``exception_bitmap`` (vectors that exit before delivery).
     """
 
     def __init__(self, model: "CpuidModel", *, trace: bool = True, cet_path: str | None = None,
-                 python_fast_path: bool | None = None) -> None:
+                 python_fast_path: bool | None = None, budget_granularity: str | None = None) -> None:
         self.model = model
         self.has_shstk = bool(model.has("shstk"))
         self.has_ibt = bool(model.has("ibt"))
@@ -104,7 +111,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.exception_bitmap = 0
         self.cet = CetState()
         self.xss = 0
-        self._budget = InstructionBudget()
+        granularity = select_granularity(budget_granularity)
+        self._budget = InstructionBudget(granularity if trace else "instruction")
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
         check_unicorn(self._uc)
@@ -157,7 +165,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
         #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`);
         #: the Python CET path uses no native code here either, so both TSC hooks stay tested.
-        self.tsc = TimeStampCounter(self._uc, self._budget.counter, use_native=self.cet_path != "python")
+        self.tsc = TimeStampCounter(self._uc, self._budget.counter_address, use_native=self.cet_path != "python")
         self.refresh_mode()
 
     # ------------------------------------------------------------------ memory (GuestMemory)
@@ -399,7 +407,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             return exit_
         self._budget.left = budget
         self.tsc.sync()
-        hook = self._budget.add_count_hook(self._uc, self.cet_path == "python") if budget is not None else None
+        hook = None
+        if budget is not None and self._budget.per_instruction:
+            hook = self._budget.add_count_hook(self._uc, self.cet_path == "python")
         try:
             return self._run_loop()
         finally:
@@ -410,7 +420,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     # ------------------------------------------------------------------ exact instruction budget
     @property
     def instructions_retired(self) -> int:
-        """Instructions retired by this vCPU (counted exactly while a run has a budget)."""
+        """Instructions retired by this vCPU (exact; at instruction granularity only while a run has
+        a budget, see :mod:`cetvm.cpu.budget`)."""
         return self._budget.retired
 
     @instructions_retired.setter
@@ -422,8 +433,82 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._budget.retire()
 
     def _unretire(self) -> None:
-        """The last counted instruction faulted instead of retiring."""
+        """The last counted instruction faulted instead of retiring (instruction granularity)."""
         self._budget.unretire()
+
+    def _retire_before(self, rip: int) -> None:
+        """The engine stopped at ``rip`` without executing the instruction there (a fault, an MMIO
+        access, an invalid instruction): at block granularity, of the block that ran last only
+        the instructions before ``rip`` retired — the rest, counted when the block started, are
+        taken back (:mod:`cetvm.cpu.budget`); at instruction granularity the instruction at
+        ``rip`` is."""
+        if self._budget.per_instruction:
+            self._unretire()
+            return
+        blocks = self._blocks
+        last = blocks.last
+        blocks.close_last()
+        if last is None:
+            return
+        address, size, icount = last
+        if not address <= rip < address + size:
+            return
+        ran = 0
+        if rip > address:
+            try:
+                ran = len(decode.decode_block(self._read_code(address, rip - address), address, self._code_bits))
+            except (GuestFault, UcError):
+                ran = 0
+        self._budget.uncount(icount - min(ran, icount))
+
+    def _branch_did_not_retire(self) -> None:
+        """The branch that ended the block that ran last faulted after the engine moved RIP to
+        its target (a non-canonical target: #GP): it did not retire."""
+        if self._budget.per_instruction:
+            self._unretire()
+            return
+        last = self._blocks.last
+        self._blocks.close_last()
+        if last is not None:
+            self._budget.uncount(1)
+
+    def _terminator_faulted(self, decision: BlockDecision) -> None:
+        """A CET fault of the pending terminator itself (#CP(1) at a RET, a shadow-stack fault of a
+        CALL: ``decision.rolled_back``): the terminator did not retire, but it was counted — as
+        its block started (block granularity) or as it started (instruction granularity)."""
+        if not decision.rolled_back:
+            return
+        if self._budget.per_instruction:
+            self._unretire()
+        else:
+            self._budget.uncount(1)
+
+    def _run_fenced(self, rip: int, size: int, count: int) -> None:
+        """Run exactly the first ``count`` instructions of the block at ``rip`` (``size`` bytes),
+        which has more: the block hook stopped the engine in front of it for want of budget. A
+        temporary Unicorn exit after them makes the engine translate the block short and stop
+        there; the block's translations are dropped before and after (Unicorn's exits act when
+        a block is translated)."""
+        instrs = decode.decode_block(self._read_code(rip, size), rip, self._code_bits)
+        if count >= len(instrs):
+            # The block was rewritten since it was classified, to the same size (self-modifying
+            # code): classify it again; the run loop enters it anew with the right count.
+            self._classify_block(rip, size)
+            return
+        fence = instrs[count].ip
+        uc = self._uc
+        added = fence not in self._exits
+        if added:
+            self._exits.add(fence)
+            uc.ctl_set_exits(sorted(self._exits))
+        uc.ctl_remove_cache(rip, rip + size)
+        try:
+            uc.emu_start(rip, 0)
+        finally:
+            if added:
+                self._exits.discard(fence)
+                uc.ctl_set_exits(sorted(self._exits))
+            uc.ctl_remove_cache(rip, rip + size)
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:
@@ -503,8 +588,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             uc.reg_write(X.UC_X86_REG_CR2, cr2)
 
     def _emu_start_keeping_cr2(self, rip: int) -> None:
+        budget = self._budget
         with self._cr2_kept():
+            if not budget.per_instruction:
+                self._blocks.close_last()
             self._uc.emu_start(rip, 0)
+            stop = budget.take_stop()
+            if stop and budget.left:
+                self._run_fenced(self.rip, stop, budget.left)
 
     # ------------------------------------------------------------------ misc
     @property

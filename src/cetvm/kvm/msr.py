@@ -475,7 +475,7 @@ def kvm_common_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int,
     if index in X2APIC_MSRS:
         return MsrResult.ERROR, 0  # kvm_x2apic_msr_read(): no in-kernel APIC
     if index in TIME_MSRS and msrs.time is not None:
-        value = msrs.time.get_msr(index)
+        value = msrs.time.get_msr(index, host_initiated)
         return (MsrResult.ERROR, 0) if value is None else (MsrResult.OK, value)
     feature = _feature_msr_get(vcpu, msrs, index, host_initiated)
     if feature is not None:

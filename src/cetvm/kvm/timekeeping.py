@@ -281,10 +281,11 @@ class VcpuTime:
             self.write_wall_clock(data)
         return True
 
-    def get_msr(self, index: int) -> int | None:
-        """kvm_get_msr_common for the time MSRs: None is KVM's "return 1"."""
+    def get_msr(self, index: int, host_initiated: bool = True) -> int | None:
+        """kvm_get_msr_common for the time MSRs: None is KVM's "return 1". A guest RDMSR of the
+        TSC reads it as RDTSC does (:meth:`cetvm.cpu.tsc.TimeStampCounter.guest_read`)."""
         if index == Msr.IA32_TIME_STAMP_COUNTER:
-            return self.read_tsc()
+            return self.read_tsc() if host_initiated else self.cpu.tsc.guest_read()
         if index == Msr.IA32_TSC_ADJUST:
             return self.tsc_adjust
         if not self.pv_msr_exists(index):
