@@ -10,19 +10,21 @@ What /init does, in order (every line it prints itself starts with :data:`INIT_P
 3. ``dmesg:`` the kernel's CET lines (``CET detected: Indirect Branch Tracking enabled``,
    control-protection faults), ``cpuflag NAME yes|no`` for user_shstk, ibt and shstk in
    /proc/cpuinfo;
-4. ``tests NAME...``, then per program ``run NAME`` — run as the unprivileged user
-   :data:`TEST_USER` (uid 65534), see below — its own output (TAP or the selftest's
+4. ``tests NAME...``, then per program ``run NAME`` — run without CAP_SYS_PTRACE, see below —
+   its own output (TAP or the selftest's
    ``[OK]``/``[FAIL]``/``[SKIP]`` lines), ``exit NAME STATUS`` (128+N: killed by signal N;
    143: stopped by the per-program time limit, as SIGTERM);
 5. the CET lines the kernel logged during the tests, ``done``, and ``poweroff -f``.
 
-Why the programs run unprivileged (a decision): Linux 6.12 refuses userfaultfd registration on
-shadow-stack memory (``vma_can_userfault()`` returns false for VM_SHADOW_STACK), yet the same
-tree's test_shadow_stack_64 expects it to work and reports "[FAIL] Userfaultfd test" as root —
-on real CET hardware too — and then skips its remaining tests (guard gap, ptrace, 32 bit). An
-unprivileged user cannot create a userfaultfd for kernel faults (vm.unprivileged_userfaultfd
-= 0), so the selftest prints "[SKIP] Userfaultfd unavailable." and goes on, exactly the output in
-the KVM CET series' cover letter. Our own programs need no privilege either.
+Why the programs run without CAP_SYS_PTRACE (a decision): Linux 6.12 refuses userfaultfd
+registration on shadow-stack memory (``vma_can_userfault()`` returns false for VM_SHADOW_STACK),
+yet the same tree's test_shadow_stack_64 expects it to work and reports "[FAIL] Userfaultfd test"
+as root — on real CET hardware too — and then skips its remaining tests (guard gap, ptrace, 32
+bit, uretprobe). Without CAP_SYS_PTRACE a userfaultfd for kernel faults is refused
+(vm.unprivileged_userfaultfd = 0), so the selftest prints "[SKIP] Userfaultfd unavailable." and
+goes on, exactly the output of the KVM CET series' cover letter; it stays root otherwise, since
+its uretprobe test needs perf's uprobe PMU (CAP_PERFMON). /init starts every program through
+:data:`WITHOUT_PTRACE` (guests/linux/tools/without_cap_sys_ptrace.c, ours).
 
 Kernel command-line options (the kernel leaves dotted ``x.y=z`` options to modules, so /init
 reads them from /proc/cmdline):
@@ -48,11 +50,9 @@ INIT_PREFIX = "cetvm-init:"
 CONSOLE = "ttyS0"
 #: Exit status of a program stopped by the time limit (busybox timeout: SIGTERM, 128 + 15).
 TIMEOUT_STATUS = 143
-#: The user the test programs run as (see the module docstring), with its /etc/passwd and
-#: /etc/group lines.
-TEST_USER = "nobody"
-PASSWD = "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n"
-GROUP = "root:x:0:\nnogroup:x:65534:\n"
+#: Where /init's helper programs live in the initramfs, and the one it starts the tests with.
+TOOLS_DIR = "opt/cetvm/bin"
+WITHOUT_PTRACE = "without_cap_sys_ptrace"
 #: The CPU flags /init reports.
 CPU_FLAGS = ("user_shstk", "ibt", "shstk")
 #: Kernel log lines about CET that /init shows (extended regular expression for grep -E).
@@ -112,9 +112,9 @@ for name in $selected; do
         continue
     fi
     if [ "$limit" -gt 0 ] 2>/dev/null; then
-        su -s /bin/sh @TEST_USER@ -c "timeout $limit /@TESTS_DIR@/$name" </dev/null 2>&1
+        timeout "$limit" /@TOOLS_DIR@/@WITHOUT_PTRACE@ "/@TESTS_DIR@/$name" </dev/null 2>&1
     else
-        su -s /bin/sh @TEST_USER@ -c "/@TESTS_DIR@/$name" </dev/null 2>&1
+        /@TOOLS_DIR@/@WITHOUT_PTRACE@ "/@TESTS_DIR@/$name" </dev/null 2>&1
     fi
     say "exit $name $?"
 done
@@ -147,7 +147,8 @@ def init_script(options: InitOptions = InitOptions()) -> str:
         "@CET_LOG@": CET_LOG_PATTERN,
         "@CPU_FLAGS@": " ".join(CPU_FLAGS),
         "@TESTS_DIR@": TESTS_DIR,
-        "@TEST_USER@": TEST_USER,
+        "@TOOLS_DIR@": TOOLS_DIR,
+        "@WITHOUT_PTRACE@": WITHOUT_PTRACE,
     }
     text = INIT_TEMPLATE
     for key, value in replacements.items():

@@ -42,7 +42,7 @@ from cetvm.linux.apt import Downloader, apt_get_download, sha256_of, verify
 from cetvm.linux.cpio import CpioEntry, with_parents, write_newc
 from cetvm.linux.deb import extract_files, extract_from_inner_tarball, write_stream
 from cetvm.linux.errors import RecipeError
-from cetvm.linux.init_script import GROUP, PASSWD, TESTS_DIR, InitOptions, init_script, kernel_cmdline
+from cetvm.linux.init_script import TESTS_DIR, TOOLS_DIR, InitOptions, init_script, kernel_cmdline
 from cetvm.linux.packages import DebPackage
 
 #: Progress reporter: one line per long step ("downloading ...", "extracting ...").
@@ -195,8 +195,9 @@ def source_tree() -> Path:
     return Path(__file__).resolve().parents[REPO_ROOT_DEPTH]
 
 
-def our_test_programs(tree: Path | None = None, progress: Progress = _quiet) -> list[Path]:
-    """Our static CET tests (guests/linux/*.c), built by ``make -C guests linux`` when stale."""
+def _linux_guests(tree: Path | None, progress: Progress) -> Path:
+    """guests/ of the checkout, with ``make -C guests linux`` run when stale (the test programs
+    and /init's helpers)."""
     guests = (tree or source_tree()) / "guests"
     if not (guests / "linux").is_dir():
         raise RecipeError(f"the CET test programs are built from guests/linux of a cetvm checkout; "
@@ -211,9 +212,19 @@ def our_test_programs(tree: Path | None = None, progress: Progress = _quiet) -> 
     if proc.returncode != 0:
         tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
         raise RecipeError(f"building guests/linux failed: {tail}")
-    built = guests / "build" / "linux"
-    sources = sorted((guests / "linux").glob("*.c"))
-    return [built / s.stem for s in sources]
+    return guests
+
+
+def our_test_programs(tree: Path | None = None, progress: Progress = _quiet) -> list[Path]:
+    """Our static CET tests (guests/linux/*.c), built by ``make -C guests linux`` when stale."""
+    guests = _linux_guests(tree, progress)
+    return [guests / "build" / "linux" / s.stem for s in sorted((guests / "linux").glob("*.c"))]
+
+
+def init_tools(tree: Path | None = None, progress: Progress = _quiet) -> list[Path]:
+    """/init's helper programs (guests/linux/tools/*.c), built with the test programs."""
+    guests = _linux_guests(tree, progress)
+    return [guests / "build" / "linux-tools" / s.stem for s in sorted((guests / "linux" / "tools").glob("*.c"))]
 
 
 def _read(path: Path) -> bytes:
@@ -223,9 +234,10 @@ def _read(path: Path) -> bytes:
         raise RecipeError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def initramfs_entries(busybox: Path, programs: Sequence[Path], init_options: InitOptions = InitOptions()) -> list[CpioEntry]:
-    """The initramfs: busybox at /bin/busybox, our /init, /etc/passwd and /etc/group (the
-    unprivileged test user), the programs under /opt/cetvm/tests, and the console device nodes."""
+def initramfs_entries(busybox: Path, programs: Sequence[Path], init_options: InitOptions = InitOptions(),
+                      tools: Sequence[Path] = ()) -> list[CpioEntry]:
+    """The initramfs: busybox at /bin/busybox, our /init and its helpers under /opt/cetvm/bin, the
+    programs under /opt/cetvm/tests, and the console device nodes."""
     names = [p.name for p in programs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -234,8 +246,7 @@ def initramfs_entries(busybox: Path, programs: Sequence[Path], init_options: Ini
     entries += [CpioEntry.char_device(path, major, minor) for path, major, minor in DEVICE_NODES]
     entries.append(CpioEntry.file("bin/busybox", _read(busybox), 0o755))
     entries.append(CpioEntry.file("init", init_script(init_options).encode(), 0o755))
-    entries.append(CpioEntry.file("etc/passwd", PASSWD.encode(), 0o644))
-    entries.append(CpioEntry.file("etc/group", GROUP.encode(), 0o644))
+    entries += [CpioEntry.file(f"{TOOLS_DIR}/{p.name}", _read(p), 0o755) for p in sorted(tools)]
     entries += [CpioEntry.file(f"{TESTS_DIR}/{p.name}", _read(p), 0o755) for p in sorted(programs)]
     return with_parents(entries)
 
@@ -294,7 +305,7 @@ def linux_guest(cache_dir: Path | None = None, *, with_selftest: bool = False, w
         selftest = selftest_binary(cache, compiler=compiler, **common)
         programs.append(selftest)
         used.append(pins.LINUX_SOURCE)
-    entries = initramfs_entries(busybox, programs)
+    entries = initramfs_entries(busybox, programs, tools=init_tools(progress=progress))
     target = write_initrd(entries, initrd or cache / initrd_name(with_selftest, test_programs, programs))
     names = tuple(sorted(p.name for p in programs))
     return LinuxGuest(kernel=kernel["vmlinuz"], initrd=target, config=kernel["config"],
