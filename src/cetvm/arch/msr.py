@@ -10,6 +10,7 @@ class Msr(enum.IntEnum):
 
     IA32_APIC_BASE = 0x1B
     IA32_FEATURE_CONTROL = 0x3A
+    IA32_MISC_ENABLE = 0x1A0
     IA32_SYSENTER_CS = 0x174
     IA32_SYSENTER_ESP = 0x175
     IA32_SYSENTER_EIP = 0x176
@@ -36,6 +37,14 @@ class Msr(enum.IntEnum):
     IA32_TSC_AUX = 0xC0000103
     #: KVM's synthetic MSR for the guest SSP (host-initiated access only) [K].
     KVM_INTERNAL_GUEST_SSP = 0x4B564DFF
+
+
+class MiscEnable(enum.IntFlag):
+    """IA32_MISC_ENABLE bits [SDM Vol. 4 Table 2-2]."""
+
+    FAST_STRING = 1 << 0
+    BTS_UNAVAILABLE = 1 << 11
+    PEBS_UNAVAILABLE = 1 << 12
 
 
 #: The CET MSRs, in index order.

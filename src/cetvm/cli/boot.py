@@ -26,9 +26,11 @@ from typing import BinaryIO, Callable
 
 from cetvm import CetvmError, InputError
 from cetvm.cli.output import discard_stdout, flush_stdout, stdout_binary
-from cetvm.files import check_distinct, check_output_path, open_output_stream, same_file, write_atomically
+from cetvm.files import (check_distinct, check_output_path, open_output_stream, read_input_head, same_file,
+                         write_atomically)
 from cetvm.cpuid import model_names
 from cetvm.report import CetViolation, Symbolizer, format_report, report_json
+from cetvm.report.symtab import ELF_MAGIC
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, CetMode, MachineConfig, check_vcpu_count
 from cetvm.vmm.machine import Machine
 from cetvm.vmm.run_loop import STATUS_INTERNAL_ERROR, RunResult, StopReason
@@ -65,14 +67,17 @@ def _positive_float(text: str) -> float:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "boot", help="boot a multiboot or ELF64 kernel on the cetvm PC",
-        description="Boot a bare-metal kernel (multiboot v1 or ELF64) with COM1 on stdout. The exit "
+        "boot", help="boot a Linux bzImage, a multiboot or an ELF64 kernel on the cetvm PC",
+        description="Boot a kernel (a Linux bzImage through the 64-bit boot protocol, or a bare-metal "
+                    "multiboot v1 or ELF64 kernel) with COM1 on stdout. The exit "
                     "status follows QEMU's isa-debug-exit ((code << 1) | 1, so 1 = the guest wrote 0); 0 "
                     "power off, HLT or snapshot taken; 124 timeout or instruction limit, 125 triple fault, "
                     "126 internal error (each with a one-line diagnosis on stderr); 2 bad input.")
     p.add_argument("image", nargs="?",
-                   help="kernel image: multiboot v1 (ELF32 or a.out kludge) or an ELF64 x86-64 executable "
-                        "(omit with --restore-state)")
+                   help="kernel image: a Linux bzImage (boot protocol 2.12+, 64-bit entry), multiboot v1 "
+                        "(ELF32 or a.out kludge) or an ELF64 x86-64 executable (omit with --restore-state)")
+    p.add_argument("--kernel", dest="kernel", metavar="FILE",
+                   help="the kernel image, as an option (QEMU -kernel style); same as IMAGE")
     p.add_argument("--cpu", default=None, metavar="MODEL|FILE",
                    help="host CPU the modeled KVM runs on; the guest sees what KVM offers on it. A built-in "
                         f"model ({', '.join(model_names())}) or a CPUID dump/JSON file "
@@ -94,10 +99,11 @@ def register(subparsers) -> None:
                         "--max-instructions / --save-at count the instructions of all of them (default 1; "
                         "with --restore-state it must match the snapshot)")
     p.add_argument("--append", default="", metavar="CMDLINE",
-                   help="kernel command line, given in the multiboot information (default empty)")
+                   help="kernel command line: Linux's (e.g. 'console=ttyS0'), or the multiboot information's "
+                        "(default empty)")
     p.add_argument("--initrd", action="append", default=[], metavar="FILE",
-                   help="a multiboot module, loaded page-aligned after the kernel; repeat for more, in order "
-                        "(the first is the initrd; default none)")
+                   help="Linux: the initramfs (one). Multiboot/ELF64: a module, loaded page-aligned after the "
+                        "kernel; repeat for more, in order (the first is the initrd; default none)")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
                    help="stop after S seconds of wall-clock time, exit status 124 (default no limit)")
     p.add_argument("--max-instructions", type=_positive_int, metavar="N",
@@ -118,10 +124,14 @@ def register(subparsers) -> None:
                         "devices come from the snapshot); default: boot IMAGE")
     p.add_argument("--cet-report", nargs="?", const="-", default=None, metavar="FILE",
                    help="record every CET violation (#CP) the guest takes, before it is delivered unchanged, "
-                        "and at the end report each one symbolized from IMAGE's .symtab: kind, RIP, CPL, the "
+                        "and at the end report each one symbolized from IMAGE's .symtab and --symbols: kind, RIP, CPL, the "
                         "return addresses on the data and shadow stacks (or the bytes at an ENDBRANCH "
                         "target); on stderr, or to FILE (JSON when it ends in .json, text otherwise). With "
                         "--json the result also gets a \"cet_violations\" list (default off)")
+    p.add_argument("--symbols", action="append", default=[], metavar="FILE",
+                   help="with --cet-report, also symbolize from FILE: an ELF file's .symtab (a static user "
+                        "program the guest runs, a vmlinux) or a System.map / kallsyms text; repeat for more "
+                        "(default: IMAGE's own .symtab only)")
     p.add_argument("--progress", action="store_true",
                    help="print a progress line (instructions, MIPS) on stderr about once a second during long "
                         "runs (default: only when stderr is a terminal not shared with the serial output)")
@@ -132,6 +142,10 @@ def register(subparsers) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.kernel:
+        if args.image:
+            raise InputError("give the kernel either as IMAGE or as --kernel, not both")
+        args.image = args.kernel
     if args.restore_state:
         if args.image:
             raise InputError("give either IMAGE or --restore-state, not both")
@@ -155,6 +169,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(option, path) of every file the run reads."""
     inputs = [("IMAGE", args.image)] if args.image else []
     inputs += [("--initrd", path) for path in args.initrd]
+    inputs += [("--symbols", path) for path in args.symbols]
     if args.cpu and args.cpu not in model_names() and os.path.exists(args.cpu):
         inputs.append(("--cpu", args.cpu))  # a model name wins over a file of that name
     if args.restore_state:
@@ -305,8 +320,14 @@ def _safe_rip(machine: Machine) -> int:
 
 
 def cet_symbols(args: argparse.Namespace) -> Symbolizer | None:
-    """IMAGE's symbols for --cet-report (None with --restore-state: no image to read)."""
-    return Symbolizer.from_elf(args.image) if args.cet_report is not None and args.image else None
+    """The symbols for --cet-report: IMAGE's .symtab when it is an ELF file (a bzImage has none),
+    and every --symbols file (ELF or System.map); None when there are none."""
+    if args.cet_report is None:
+        return None
+    parts = [Symbolizer.from_file(path) for path in args.symbols]
+    if args.image and read_input_head(args.image, f"kernel file '{args.image}'", 4) == ELF_MAGIC:
+        parts.insert(0, Symbolizer.from_elf(args.image))
+    return Symbolizer.merged(parts) if parts else None
 
 
 def write_cet_report(violations: list[CetViolation], symbols: Symbolizer | None, target: str) -> None:

@@ -20,6 +20,7 @@ from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl, Efer
 from cetvm.cpu.cet import events as cet_events
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
+from cetvm.cpu.decode import is_mov_from_cr4
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
 from cetvm.cpu import string_ops
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
@@ -45,7 +46,8 @@ UNICORN_MSRS = frozenset(int(m) for m in (
 
 
 def can_emulate(instr: Instruction) -> bool:
-    return instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or _is_far_transfer(instr)
+    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
+            or _is_far_transfer(instr))
 
 
 def emulate(vcpu, instr: Instruction) -> VmExit | None:
@@ -53,6 +55,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
     if handler is None:
         if _is_mov_to_cr(instr):
             handler = mov_to_cr
+        elif is_mov_from_cr4(instr):
+            handler = mov_from_cr4
         elif _is_far_transfer(instr):
             handler = far_transfer
         else:
@@ -349,6 +353,14 @@ def mov_to_cr(vcpu, instr: Instruction) -> None:
     elif n not in (2, 3, 8):
         raise ud()
     vcpu.write_cr(n, value)
+    _advance(vcpu, instr)
+
+
+def mov_from_cr4(vcpu, instr: Instruction) -> None:
+    """MOV r, CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the guest's
+    CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`)."""
+    _require_cpl0(vcpu)
+    write_register(vcpu, instr.op0_register, vcpu.cr4)
     _advance(vcpu, instr)
 
 

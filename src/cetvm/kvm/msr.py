@@ -23,7 +23,7 @@ import enum
 from dataclasses import dataclass, field
 
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer, Msr
+from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer, MiscEnable, Msr
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
@@ -219,9 +219,9 @@ def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
 #   reason UNKNOWN.
 MSR_IA32_TSC = 0x10
 MSR_IA32_UCODE_REV = 0x8B
-MSR_IA32_MISC_ENABLE = 0x1A0
-MISC_ENABLE_BTS_UNAVAIL = 1 << 11
-MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
+MSR_IA32_MISC_ENABLE = int(Msr.IA32_MISC_ENABLE)
+MISC_ENABLE_BTS_UNAVAIL = int(MiscEnable.BTS_UNAVAILABLE)
+MISC_ENABLE_PEBS_UNAVAIL = int(MiscEnable.PEBS_UNAVAILABLE)
 UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
