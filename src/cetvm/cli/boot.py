@@ -77,7 +77,7 @@ def register(subparsers) -> None:
                    help="kernel image: a Linux bzImage (boot protocol 2.12+, 64-bit entry), multiboot v1 "
                         "(ELF32 or a.out kludge) or an ELF64 x86-64 executable (omit with --restore-state)")
     p.add_argument("--kernel", dest="kernel", metavar="FILE",
-                   help="the kernel image, as an option (QEMU -kernel style); same as IMAGE")
+                   help="the kernel image, as an option (QEMU -kernel style); same as IMAGE (default: IMAGE)")
     p.add_argument("--cpu", default=None, metavar="MODEL|FILE",
                    help="host CPU the modeled KVM runs on; the guest sees what KVM offers on it. A built-in "
                         f"model ({', '.join(model_names())}) or a CPUID dump/JSON file "
