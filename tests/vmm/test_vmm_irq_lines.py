@@ -6,7 +6,7 @@ import pytest
 from cetvm import InputError
 from cetvm.vmm.config import MachineConfig
 from cetvm.vmm.machine import Machine
-from cetvm.vmm.run_loop import MAX_IDLE_SKIPS
+from cetvm.vmm.run_loop import MAX_IDLE_SKIPS, RUN_SLICE, WINDOW_SLICE, VcpuSlot
 from guest_build import tap_kernel
 from cetvm.arch.apic import DeliveryMode, InterruptMessage
 from cetvm.vmm.devices import ApicBus, LocalApic
@@ -131,3 +131,24 @@ def test_a_halted_machine_whose_timer_interrupt_is_masked_stops_instead_of_skipp
     result = machine.run(max_instructions=50_000_000)
     assert result.reason.value == "guest halted"
     assert machine.clock.halted_ns >= MAX_IDLE_SKIPS * 838_000
+
+
+def test_runs_while_an_interrupt_waits_for_the_window_start_short_and_double():
+    """An interrupt pending while IF = 0: the first run is WINDOW_SLICE instructions, each further
+    run of the same wait twice as long, up to the normal slice; a new wait starts short again."""
+    class Vcpu:
+        request_interrupt_window = True
+    slot = VcpuSlot(Vcpu())
+    budgets = [slot.window_budget(RUN_SLICE) for _ in range(12)]
+    assert budgets[:3] == [WINDOW_SLICE, 2 * WINDOW_SLICE, 4 * WINDOW_SLICE]
+    assert budgets[-1] == RUN_SLICE and budgets == sorted(budgets)
+    Vcpu.request_interrupt_window = False
+    assert slot.window_budget(RUN_SLICE) == RUN_SLICE
+    Vcpu.request_interrupt_window = True
+    assert slot.window_budget(RUN_SLICE) == WINDOW_SLICE
+    state = slot.get_state()
+    other = VcpuSlot(Vcpu())
+    other.set_state(state)
+    assert other.window_slice == slot.window_slice == 2 * WINDOW_SLICE
+    with pytest.raises(InputError, match="window_slice"):
+        other.set_state({**state, "window_slice": 1})

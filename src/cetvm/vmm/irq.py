@@ -49,6 +49,11 @@ class GuestClock:
     def __call__(self) -> int:
         return self.instructions() + self.halted_ns
 
+    def stall(self, ns: int) -> None:
+        """The running vCPU waits ``ns`` on a slow device access (an ISA bus cycle): guest time
+        moves on without instructions (kept in ``halted_ns`` with the halted time)."""
+        self.halted_ns += ns
+
     def skip_to(self, when: int) -> None:
         """Let guest time jump to ``when`` (a halted vCPU waiting for its timer)."""
         now = self()

@@ -51,9 +51,12 @@ SMP_SLICE = 100_000
 #: With a wall-clock timeout, a shorter period so the timeout is honoured within ~0.1 s even on the
 #: Python CET path (~2-5 MIPS); on the native path a slice is a few milliseconds.
 TIMEOUT_SLICE = 200_000
-#: Instructions per KVM_RUN while an interrupt waits for the guest's window (IF = 0): KVM checks
-#: the window only between runs and exits (cetvm.kvm.vcpu_run), so an STI in code that makes no
-#: exit is noticed within this many instructions (deterministic: a count of instructions).
+#: Instructions of the first KVM_RUN while an interrupt waits for the guest's window (IF = 0):
+#: KVM checks the window only between runs and exits (cetvm.kvm.vcpu_run), so an STI in code
+#: that makes no exit is noticed at the end of the run. Each further run of the same wait is
+#: twice as long (up to the normal slice): the interrupt arrives at most about as late again as
+#: it has already waited, and a long IF = 0 stretch costs a few runs, not thousands
+#: (deterministic: counts of instructions, saved with the vCPU's run state).
 WINDOW_SLICE = 2_000
 #: Timer events in a row that woke no vCPU (a periodic timer whose interrupt is masked while
 #: every vCPU halts) after which the machine counts as halted instead of skipping time forever.
@@ -253,6 +256,18 @@ class VcpuSlot:
     #: The last exit left an instruction for KVM to complete at the next KVM_RUN (IN/OUT, MMIO,
     #: MSR, HLT, ...): the run loop completes it when the vCPU's turn ends (see RunLoop).
     pending_exit: bool = False
+    #: The budget of the next run while an interrupt waits for the window (WINDOW_SLICE, doubling).
+    window_slice: int = WINDOW_SLICE
+
+    def window_budget(self, normal: int) -> int:
+        """The budget of this run: ``normal``, or while an interrupt waits for the window the
+        current window slice (which doubles for the next run of the same wait)."""
+        if not self.vcpu.request_interrupt_window:
+            self.window_slice = WINDOW_SLICE
+            return normal
+        budget = min(self.window_slice, normal)
+        self.window_slice = min(2 * self.window_slice, normal)
+        return budget
 
     def complete_exit(self) -> int:
         """KVM_RUN(immediate_exit): finish the last exit now; the instructions it retired."""
@@ -262,14 +277,20 @@ class VcpuSlot:
         return self.vcpu.get_stats()["instructions"] - before
 
     def get_state(self) -> dict:
-        return {"ready": self.ready, "halted": self.halted, "halt_if": self.halt_if}
+        return {"ready": self.ready, "halted": self.halted, "halt_if": self.halt_if,
+                "window_slice": self.window_slice}
 
     def set_state(self, state: dict) -> None:
         for key in ("ready", "halted", "halt_if"):
             value = state.get(key) if isinstance(state, dict) else None
             if not isinstance(value, bool):
                 raise InputError(f"snapshot vCPU run state '{key}' must be true or false, got {value!r}")
+        window = state.get("window_slice", WINDOW_SLICE)  # (absent before device interrupts)
+        if isinstance(window, bool) or not isinstance(window, int) or not WINDOW_SLICE <= window <= RUN_SLICE:
+            raise InputError(f"snapshot vCPU run state 'window_slice' must be {WINDOW_SLICE}..{RUN_SLICE}, "
+                             f"got {window!r}")
         self.ready, self.halted, self.halt_if = state["ready"], state["halted"], state["halt_if"]
+        self.window_slice = window
 
 
 @dataclass
@@ -424,9 +445,7 @@ class RunLoop:
         return self.host_input(True)
 
     def _slice(self, limits: RunLimits, slot: VcpuSlot) -> int:
-        budget = RUN_SLICE if limits.timeout is None else TIMEOUT_SLICE
-        if slot.vcpu.request_interrupt_window:
-            budget = WINDOW_SLICE
+        budget = slot.window_budget(RUN_SLICE if limits.timeout is None else TIMEOUT_SLICE)
         if self.smp:
             budget = min(budget, SMP_SLICE - self.turn_used)
         for cap in (limits.max_instructions, limits.save_at):

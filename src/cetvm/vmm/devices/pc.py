@@ -11,7 +11,7 @@ shutdown port 0x8900, fw_cfg 0x510; MMIO: the I/O APIC at 0xFEC00000, the xAPIC 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from cetvm import InputError
 from cetvm.vmm.bus import MmioBus, PioBus
@@ -49,6 +49,15 @@ class PerCpuApicPage:
         self.apics[self.current].mmio_write(offset, size, value)
 
 
+class DeviceClock(Protocol):
+    """The machine's guest clock as devices use it (:class:`cetvm.vmm.irq.GuestClock`): the
+    time in ns, and ``stall(ns)`` for a device access that takes guest time."""
+
+    def __call__(self) -> int: ...
+
+    def stall(self, ns: int) -> None: ...
+
+
 def _time_zero() -> int:
     """Guest time of devices no machine has connected yet."""
     return 0
@@ -81,11 +90,13 @@ class PcDevices:
         for apic in self.lapics:
             apic.eoi_sink = self.ioapic.eoi
 
-    def connect(self, clock: Callable[[], int], deliver: Callable[[InterruptMessage], bool]) -> None:
-        """Give the timers the machine's guest clock (ns) and the I/O APIC the APIC bus."""
+    def connect(self, clock: DeviceClock, deliver: Callable[[InterruptMessage], bool]) -> None:
+        """Give the timers the machine's guest clock (ns; the PIT's port accesses take guest
+        time from it) and the I/O APIC the APIC bus."""
         for apic in self.lapics:
             apic.clock = clock
         self.pit.clock_ns = clock
+        self.pit.io_wait = clock.stall
         self.pm_timer.clock_ns = clock
         self.rtc.clock = clock
         self.ioapic.deliver = deliver
