@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from cetvm import CetvmError, InputError
-from cetvm.arch import CetCtl, Msr
+from cetvm.arch import ENDBR64, CetCtl, Msr
 from cetvm.cpu.bootstrap import (
     build_identity_map, code_page_flags, data_page_flags, enter_long_mode, shadow_stack_page_flags, table_pages,
 )
@@ -53,8 +53,7 @@ def workload(iterations: int) -> bytes:
     """The loop at CODE (see the module docstring); ends with HLT."""
     if not 0 < iterations < 1 << 31:
         raise InputError(f"--iterations must be between 1 and {(1 << 31) - 1}, got {iterations}")
-    endbr = bytes.fromhex("f30f1efa")
-    head = endbr + b"\xb9" + struct.pack("<I", iterations)          # endbr64; mov ecx, N
+    head = ENDBR64 + b"\xb9" + struct.pack("<I", iterations)          # endbr64; mov ecx, N
     loop_at = len(head)
     # loop: call f1; lea rax,[rip+f2]; call rax; dec ecx; jnz loop; hlt
     body_len = 5 + 7 + 2 + 2 + 2 + 1
@@ -63,8 +62,8 @@ def workload(iterations: int) -> bytes:
     call_f1 = b"\xe8" + struct.pack("<i", f1_at - (loop_at + 5))
     lea_f2 = b"\x48\x8d\x05" + struct.pack("<i", f2_at - (loop_at + 12))
     tail = b"\xff\xd0" + b"\xff\xc9" + b"\x75" + struct.pack("<b", loop_at - (loop_at + 18)) + b"\xf4"
-    f1 = endbr + bytes.fromhex("4883c201") + b"\xc3"                 # add rdx, 1; ret
-    f2 = endbr + bytes.fromhex("4883c601") + b"\xc3"                 # add rsi, 1; ret
+    f1 = ENDBR64 + bytes.fromhex("4883c201") + b"\xc3"                 # add rdx, 1; ret
+    f2 = ENDBR64 + bytes.fromhex("4883c601") + b"\xc3"                 # add rsi, 1; ret
     return head + call_f1 + lea_f2 + tail + f1 + f2
 
 

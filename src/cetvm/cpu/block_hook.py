@@ -29,8 +29,8 @@ from cetvm.cpu.cet.transfer import BlockAction, Terminator, classify_terminator,
 from cetvm.cpu.fastpath import make_block_hook
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.native import NativeCet, PagingKind
+from cetvm.arch.regs import U64_MASK as _U64
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _TRACKER = int(CetCtl.TRACKER)
 #: void hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
 _BLOCK_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)

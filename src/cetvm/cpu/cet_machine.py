@@ -18,8 +18,8 @@ from cetvm.arch.msr import CetCtl
 from cetvm.cpu.memory import LE_UINT
 from cetvm.cpu.paging import Access
 from cetvm.cpu.registers import cet_msr_value, store_cet_msr_value
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _SS_READ, _SS_READ_USER = int(Access.SHADOW_STACK), int(Access.SHADOW_STACK | Access.USER)
 _SS_WRITE, _SS_WRITE_USER = _SS_READ | int(Access.WRITE), _SS_READ_USER | int(Access.WRITE)
 _CET_ENABLES = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
@@ -46,7 +46,7 @@ class CetMachineMixin:
 
     @ssp.setter
     def ssp(self, value: int) -> None:
-        self.cet.ssp = value & _U64
+        self.cet.ssp = value & U64_MASK
 
     def cet_msr(self, msr: Msr) -> int:
         """The MSR value as a plain int (the CET code tests it against plain-int bit constants,
@@ -75,8 +75,8 @@ class CetMachineMixin:
         access = Access.SHADOW_STACK | Access.WRITE | (Access.USER if user else Access.READ)
         gpa = self._translate(linear, access)
         old = int.from_bytes(self._uc.mem_read(gpa, 8), "little")
-        if old == expected & _U64:
-            self._uc.mem_write(gpa, (new & _U64).to_bytes(8, "little"))
+        if old == expected & U64_MASK:
+            self._uc.mem_write(gpa, (new & U64_MASK).to_bytes(8, "little"))
             return True, old
         return False, old
 

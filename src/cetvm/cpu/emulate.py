@@ -16,7 +16,10 @@ from iced_x86 import Code, Instruction, Mnemonic as M, OpKind, Register
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
-from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl, Efer
+from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
+from cetvm.arch.regs import (
+    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
+)
 from cetvm.cpu.cet import events as cet_events
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
@@ -25,15 +28,8 @@ from cetvm.cpu import string_ops
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import SegAttr, Segment
+from cetvm.arch.regs import U64_MASK as _U64
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
-RFLAGS_CF = 1 << 0
-RFLAGS_PF = 1 << 2
-RFLAGS_AF = 1 << 4
-RFLAGS_ZF = 1 << 6
-RFLAGS_SF = 1 << 7
-RFLAGS_OF = 1 << 11
-RFLAGS_RF = 1 << 16
 
 #: MSRs Unicorn 2.1.4 implements (RDMSR/WRMSR of any other index that is not a CET MSR, XSS or
 #: intercepted raises #GP(0), as on a CPU without that MSR). Unicorn drops/zeroes unknown ones.
@@ -41,7 +37,8 @@ UNICORN_MSRS = frozenset(int(m) for m in (
     Msr.IA32_SYSENTER_CS, Msr.IA32_SYSENTER_ESP, Msr.IA32_SYSENTER_EIP, Msr.IA32_PAT, Msr.IA32_APIC_BASE,
     Msr.IA32_EFER, Msr.IA32_STAR, Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FMASK, Msr.IA32_FS_BASE,
     Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE, Msr.IA32_TSC_AUX,
-)) | {0x10}  # IA32_TIME_STAMP_COUNTER
+    Msr.IA32_TIME_STAMP_COUNTER,
+))
 
 
 def can_emulate(instr: Instruction) -> bool:
@@ -68,7 +65,6 @@ def _is_far_transfer(instr: Instruction) -> bool:
     return instr.mnemonic == M.RETF or instr.is_call_far or instr.is_call_far_indirect or instr.is_jmp_far or instr.is_jmp_far_indirect
 
 
-RFLAGS_TF = 1 << 8
 #: DR6: B0-B3 (trap bits 3:0), BS (14); bits 31:16 and 11:4 read as 1 [SDM Vol. 3 §18.2.3].
 DR6_TRAP_BITS = 0xF
 DR6_BS = 1 << 14
@@ -223,24 +219,15 @@ def string_io(vcpu, instr: Instruction) -> VmExit | None:
 
 # ----------------------------------------------------------------------------- MSRs
 def cet_msr_write_fault(vcpu, index: int, value: int) -> bool:
-    """Architectural WRMSR #GP checks of the CET MSRs [reference §2; SDM Vol. 4 Table 2-2].
-
-    U_CET/S_CET: reserved bits 9:6, TRACKER together with SUPPRESS, non-canonical (the legacy
-    bitmap base; Bochs checks it). PLn_SSP: non-canonical or bits 1:0 set (4-byte alignment).
-    INTERRUPT_SSP_TABLE_ADDR: non-canonical.
-    """
-    if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
-        both = CetCtl.SUPPRESS | CetCtl.TRACKER
-        if vcpu is not None and not vcpu.has_shstk and value & 0x3:
-            return True  # shadow-stack bits reserved without CPUID SHSTK
-        if vcpu is not None and not vcpu.has_ibt and value & ~0x3:
-            return True  # IBT bits (5:2, 63:10) reserved without CPUID IBT
-        return bool(value & CET_CTL_RESERVED) or value & both == both or not is_canonical(value)
-    if Msr.IA32_PL0_SSP <= index <= Msr.IA32_PL3_SSP:
-        return not is_canonical(value) or bool(value & 3)
-    if index == Msr.IA32_INT_SSP_TAB:
-        return not is_canonical(value)
-    return False
+    """WRMSR #GP(0) of a CET MSR value: the architectural check of :func:`cetvm.arch.msr.
+    cet_msr_value_fault` plus, for U_CET/S_CET, the bits CPUID makes reserved (1:0 without
+    SHSTK; 5:2 and 63:10 without IBT) [SDM Vol. 4 Table 2-2]."""
+    if index in CET_CTL_MSRS and vcpu is not None:
+        if not vcpu.has_shstk and value & CET_SHSTK_BITS:
+            return True
+        if not vcpu.has_ibt and value & ~int(CET_SHSTK_BITS):
+            return True
+    return cet_msr_value_fault(index, value) is not None
 
 
 def cet_msr_exists(vcpu, index: int) -> bool:
@@ -248,10 +235,6 @@ def cet_msr_exists(vcpu, index: int) -> bool:
     if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
         return vcpu.has_shstk or vcpu.has_ibt
     return vcpu.has_shstk
-
-
-def _is_cet_msr(index: int) -> bool:
-    return Msr.IA32_U_CET == index or Msr.IA32_S_CET == index or Msr.IA32_PL0_SSP <= index <= Msr.IA32_INT_SSP_TAB
 
 
 def _model_has_xsaves(vcpu) -> bool:
@@ -273,7 +256,7 @@ def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
             _advance(vcpu, instr)
         vcpu.add_completion(complete)
         return VmExit(ExitReason.RDMSR, instr.ip, instr.len, msr=msr)
-    if _is_cet_msr(index):
+    if index in CET_MSR_SET:
         if not cet_msr_exists(vcpu, index):
             raise gp(0)
         value = vcpu.msr(index)
@@ -305,7 +288,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
             _advance(vcpu, instr)
         vcpu.add_completion(complete)
         return VmExit(ExitReason.WRMSR, instr.ip, instr.len, msr=msr)
-    if _is_cet_msr(index):
+    if index in CET_MSR_SET:
         if not cet_msr_exists(vcpu, index) or cet_msr_write_fault(vcpu, index, value):
             raise gp(0)
         vcpu.set_msr(index, value)
@@ -436,8 +419,6 @@ def _pop_u64(vcpu, rsp: int, n: int) -> list[int]:
 
 #: RFLAGS bits IRETQ may load: CF PF AF ZF SF TF IF DF OF IOPL NT RF AC ID (+ bit 1 fixed).
 RFLAGS_IRET_MASK = 0x25_7FD5
-RFLAGS_IF = 1 << 9
-RFLAGS_IOPL = 3 << 12
 #: RFLAGS bits SYSRET loads from R11 [SDM SYSRET: RFLAGS := (R11 & 3C7FD7H) OR 2].
 RFLAGS_SYSRET_MASK = 0x3C_7FD7
 

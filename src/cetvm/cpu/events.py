@@ -19,22 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch import Vector, VECTORS_WITH_ERROR_CODE
-from cetvm.arch.regs import is_fault_exception
+from cetvm.arch.regs import RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM, is_fault_exception
 from cetvm.arch.msr import Efer, Msr
 from cetvm.cpu.cet.events import ssp_on_event
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import Segment, SegAttr
+from cetvm.arch.regs import U64_MASK as _U64
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 GATE_INTERRUPT = 0xE
 GATE_TRAP = 0xF
-RFLAGS_TF = 1 << 8
-RFLAGS_IF = 1 << 9
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
 CONTRIBUTORY = frozenset({Vector.DE, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.CP})
 #: 64-bit TSS: RSP0 at +4 (RSPn at 4 + 8n), IST1 at +36 (ISTn at 36 + 8(n-1)) [SDM Vol. 3 §8.7].
 TSS_RSP0 = 4

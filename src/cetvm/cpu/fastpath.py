@@ -60,22 +60,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from cetvm import CetvmError
+from cetvm.arch.cet import ENDBR64
 from cetvm.cpu.cet.policy import ENDBR_EN, SH_STK_EN, SUPPRESS, TRACKER
 from cetvm.cpu.cet.transfer import Terminator
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
+from cetvm.arch.regs import U64_MASK as _U64
 
 if TYPE_CHECKING:
     from cetvm.cpu.vcpu import Vcpu
 
 PAGE = 0x1000
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: ``linear & _SLOT_TAG_MASK`` keeps the page (bits 63:12) and the misalignment (bits 2:0): it
 #: equals the window's page exactly when ``linear`` is an 8-aligned slot of that page.
 _SLOT_TAG_MASK = _U64 & ~0xFF8
 _NO_PAGE = -1  # matches no ``linear & _SLOT_TAG_MASK``
 _TRACKER_OR_SUPPRESS = TRACKER | SUPPRESS
-_ENDBR64 = bytes.fromhex("f30f1efa")
 _SS_READ, _SS_READ_USER = int(Access.SHADOW_STACK), int(Access.SHADOW_STACK | Access.USER)
 _SS_WRITE, _SS_WRITE_USER = _SS_READ | int(Access.WRITE), _SS_READ_USER | int(Access.WRITE)
 
@@ -175,7 +175,7 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
                                 return
                             cet.ssp = (ssp + 8) & _U64
                     elif kind is call_direct or kind is call_indirect:
-                        if kind is call_indirect and ctl & ENDBR_EN and info.first_bytes != _ENDBR64:
+                        if kind is call_indirect and ctl & ENDBR_EN and info.first_bytes != ENDBR64:
                             reference(address, size)  # the tracker arms and the target may #CP(3)
                             return
                         if ctl & SH_STK_EN:
@@ -188,7 +188,7 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
                             window.slots[(slot & 0xFFF) >> 3] = (prev.insn_addr + prev.insn_len) & _U64
                             cet.ssp = slot
                     elif kind is jmp_indirect:
-                        if ctl & ENDBR_EN and info.first_bytes != _ENDBR64:
+                        if ctl & ENDBR_EN and info.first_bytes != ENDBR64:
                             reference(address, size)
                             return
                     else:

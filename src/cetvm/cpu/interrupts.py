@@ -25,7 +25,8 @@ Decisions (engine-driven, documented and tested):
 from __future__ import annotations
 
 from cetvm import InputError
-from cetvm.cpu.events import RFLAGS_IF, PendingEvent
+from cetvm.arch.regs import RFLAGS_IF
+from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.uc_context import ContextBlob, HFlags
 

@@ -21,8 +21,8 @@ from cetvm.arch import Cr0, Msr
 from cetvm.arch.msr import Efer
 from cetvm.cpu.state import CetState, DescriptorTable, FpuState, GPR_NAMES, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, segment_hflags
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U128 = (1 << 128) - 1
 _GPR_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS, "dr6": X.UC_X86_REG_DR6}
@@ -37,8 +37,6 @@ _XMM_IDS = tuple(getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16))
 #: FpuState field → (bits per value, number of values or None for a scalar).
 _FPU_FIELD_WIDTHS = {"fcw": (16, None), "fsw": (16, None), "ftw": (8, None), "fop": (11, None), "fip": (64, None),
                      "fdp": (64, None), "mxcsr": (32, None), "st": (80, 8), "xmm": (128, 16), "ymm_hi": (128, 16)}
-CET_MSR_INDICES = frozenset(int(m) for m in (Msr.IA32_U_CET, Msr.IA32_S_CET, Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP,
-                                             Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP, Msr.IA32_INT_SSP_TAB))
 
 
 def check_fpu_widths(fpu: FpuState) -> None:
@@ -69,7 +67,7 @@ def cet_msr_value(cet: CetState, index: int) -> int:
 
 def store_cet_msr_value(cet: CetState, index: int, value: int) -> None:
     """Store CET MSR ``index`` in ``cet`` (no checks: callers validate first)."""
-    value &= _U64
+    value &= U64_MASK
     if index == Msr.IA32_U_CET:
         cet.u_cet = value
     elif index == Msr.IA32_S_CET:
@@ -94,14 +92,14 @@ class Registers:
         return self._uc.reg_read(REG_IDS[name])
 
     def write(self, name: str, value: int) -> None:
-        self._uc.reg_write(REG_IDS[name], value & _U64)
+        self._uc.reg_write(REG_IDS[name], value & U64_MASK)
 
     def get_regs(self) -> Regs:
         return Regs(**{f.name: self._uc.reg_read(REG_IDS[f.name]) for f in fields(Regs)})
 
     def set_regs(self, regs: Regs) -> None:
         for f in fields(Regs):
-            self._uc.reg_write(REG_IDS[f.name], getattr(regs, f.name) & _U64)
+            self._uc.reg_write(REG_IDS[f.name], getattr(regs, f.name) & U64_MASK)
 
     # ------------------------------------------------------------------ system registers
     def get_sregs(self) -> Sregs:
@@ -179,7 +177,7 @@ class Registers:
 
     def write_cr(self, n: int, value: int) -> None:
         """Write CR0/CR2/CR3/CR4/CR8 without checks."""
-        self._uc.reg_write(_CR_IDS[n], value & _U64)
+        self._uc.reg_write(_CR_IDS[n], value & U64_MASK)
 
     @property
     def xcr0(self) -> int:
@@ -188,7 +186,7 @@ class Registers:
     @xcr0.setter
     def xcr0(self, value: int) -> None:
         blob = ContextBlob.save(self._uc)
-        ctypes.c_uint64.from_address(blob.address + XCR0_OFFSET).value = value & _U64
+        ctypes.c_uint64.from_address(blob.address + XCR0_OFFSET).value = value & U64_MASK
         blob.restore(self._uc)
 
     # ------------------------------------------------------------------ engine exception state

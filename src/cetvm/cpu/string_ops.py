@@ -37,10 +37,10 @@ from iced_x86 import Instruction, MemorySizeExt, Mnemonic as M, OpKind, Register
 
 from cetvm import NotSupportedError
 from cetvm.arch import Msr, u64
+from cetvm.arch.regs import RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF, RFLAGS_ZF
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioExit, VmExit
 from cetvm.cpu.paging import Access
 
-RFLAGS_CF, RFLAGS_PF, RFLAGS_AF, RFLAGS_ZF, RFLAGS_SF, RFLAGS_DF, RFLAGS_OF = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 10, 1 << 11
 _ARITH_FLAGS = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
 
 _MOVS = frozenset({M.MOVSB, M.MOVSW, M.MOVSD, M.MOVSQ})

@@ -51,6 +51,7 @@ from unicorn import x86_const as X
 
 from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr
+from cetvm.arch.msr import CET_MSR_SET
 from cetvm.cpu.block_hook import BlockHookMixin
 from cetvm.cpu.blocks import BlockTracker
 from cetvm.cpu.budget import InstructionBudget
@@ -65,16 +66,16 @@ from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
-from cetvm.cpu.registers import CET_MSR_INDICES, EFER_OFFSET, XCR0_OFFSET, Registers
+from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
 from cetvm.cpu.state import CetState, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
+from cetvm.arch.regs import U64_MASK
 
 if TYPE_CHECKING:
     from cetvm.cpuid import CpuidModel
 
 __all__ = ["EFER_OFFSET", "PAGE", "XCR0_OFFSET", "MemoryRegion", "PendingEvent", "Vcpu"]
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsMixin, InterruptsMixin):
@@ -248,7 +249,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     @rip.setter
     def rip(self, value: int) -> None:
-        self._uc.reg_write(X.UC_X86_REG_RIP, value & _U64)
+        self._uc.reg_write(X.UC_X86_REG_RIP, value & U64_MASK)
 
     def get_regs(self) -> Regs:
         return self._registers.get_regs()
@@ -322,7 +323,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     def msr(self, index: int) -> int:
         """Host-initiated MSR read (CET MSRs and IA32_XSS from the vCPU, the rest from Unicorn)."""
-        if index in CET_MSR_INDICES:
+        if index in CET_MSR_SET:
             return self._cet_msr_value(index)
         if index == Msr.IA32_XSS:
             return self.xss
@@ -330,12 +331,12 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     def set_msr(self, index: int, value: int) -> None:
         """Host-initiated MSR write, no architectural checks (the hypervisor's policy decides)."""
-        if index in CET_MSR_INDICES:
+        if index in CET_MSR_SET:
             self._set_cet_msr_value(index, value)
         elif index == Msr.IA32_XSS:
-            self.xss = value & _U64
+            self.xss = value & U64_MASK
         else:
-            self._uc.msr_write(index, value & _U64)
+            self._uc.msr_write(index, value & U64_MASK)
             if index == Msr.IA32_EFER:
                 self.refresh_mode()
 
@@ -471,7 +472,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             return None
         if not self.traced:
             # Untraced mode: Unicorn stops by itself only after HLT (RIP past it).
-            return VmExit(ExitReason.HLT, (self.rip - 1) & _U64, 1)
+            return VmExit(ExitReason.HLT, (self.rip - 1) & U64_MASK, 1)
         return None
 
     @contextlib.contextmanager

@@ -53,12 +53,12 @@ XFEATURE_MASK_USER_DYNAMIC = XFeature.XTILE_DATA.mask
 BASE_MSRS: tuple[int, ...] = (
     Msr.IA32_SYSENTER_CS, Msr.IA32_SYSENTER_ESP, Msr.IA32_SYSENTER_EIP,
     Msr.IA32_STAR, Msr.IA32_CSTAR, Msr.IA32_KERNEL_GS_BASE, Msr.IA32_FMASK, Msr.IA32_LSTAR,
-    0x10,  # IA32_TIME_STAMP_COUNTER
+    Msr.IA32_TIME_STAMP_COUNTER,
     Msr.IA32_PAT, Msr.IA32_FEATURE_CONTROL, Msr.IA32_TSC_AUX, Msr.IA32_TSC_DEADLINE,
     Msr.IA32_EFER, Msr.IA32_APIC_BASE,
 )
 
-MSR_NAMES: dict[int, str] = {int(m): m.name for m in Msr} | {0x10: "IA32_TIME_STAMP_COUNTER"}
+MSR_NAMES: dict[int, str] = {int(m): m.name for m in Msr}
 
 OFFERED = "offered"
 

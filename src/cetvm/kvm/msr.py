@@ -23,7 +23,7 @@ import enum
 from dataclasses import dataclass, field
 
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer, Msr
+from cetvm.arch.msr import CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, Efer, Msr
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
@@ -55,9 +55,6 @@ VMCS_MSRS: dict[int, VmcsField] = {
     Msr.KVM_INTERNAL_GUEST_SSP: VmcsField.GUEST_SSP,
     Msr.IA32_INT_SSP_TAB: VmcsField.GUEST_INTR_SSP_TABLE,
 }
-CET_CTL_MSRS = (Msr.IA32_U_CET, Msr.IA32_S_CET)
-SSP_MSRS = (Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP,
-            Msr.IA32_INT_SSP_TAB)
 MODELLED_MSRS = frozenset(int(m) for m in (*CET_CTL_MSRS, *SSP_MSRS, Msr.IA32_XSS,
                                            Msr.KVM_INTERNAL_GUEST_SSP))
 
@@ -217,21 +214,18 @@ def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
 #   (:func:`kvm_cpu_held_msr_value`).
 # - Any other MSR is unknown to KVM: KVM_MSR_RET_UNSUPPORTED → #GP, or a userspace exit with
 #   reason UNKNOWN.
-MSR_IA32_TSC = 0x10
-MSR_IA32_UCODE_REV = 0x8B
-MSR_IA32_MISC_ENABLE = 0x1A0
 MISC_ENABLE_BTS_UNAVAIL = 1 << 11
 MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
 UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
-EMULATED_MSRS: tuple[int, ...] = (MSR_IA32_UCODE_REV, MSR_IA32_MISC_ENABLE)
+EMULATED_MSRS: tuple[int, ...] = (int(Msr.IA32_UCODE_REV), int(Msr.IA32_MISC_ENABLE))
 #: MSRs of KVM_GET_MSR_INDEX_LIST that KVM keeps in software, with their RESET values.
 SOFTWARE_MSR_RESET: dict[int, int] = {
     int(Msr.IA32_FEATURE_CONTROL): 0,
     int(Msr.IA32_TSC_DEADLINE): 0,
-    MSR_IA32_UCODE_REV: UCODE_REV_DEFAULT,
-    MSR_IA32_MISC_ENABLE: MISC_ENABLE_PEBS_UNAVAIL | MISC_ENABLE_BTS_UNAVAIL,
+    int(Msr.IA32_UCODE_REV): UCODE_REV_DEFAULT,
+    int(Msr.IA32_MISC_ENABLE): MISC_ENABLE_PEBS_UNAVAIL | MISC_ENABLE_BTS_UNAVAIL,
 }
 
 
@@ -441,7 +435,7 @@ def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, d
     feature = _feature_msr_set(vcpu, msrs, index, data, host_initiated)
     if feature is not None:
         return feature
-    if index == MSR_IA32_UCODE_REV:
+    if index == Msr.IA32_UCODE_REV:
         if host_initiated:
             msrs.software[index] = data
         return MsrResult.OK

@@ -51,10 +51,10 @@ from cetvm.kvm.msr import (
 )
 from cetvm.kvm.vcpu import VcpuCetState
 from cetvm.xstate import xcr0_fault
+from cetvm.arch.regs import U64_MASK
 
 KVM_ENOSYS = 1000
 KVM_EPERM = 1
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _OSPKE = 1 << 4  # CPUID.(7,0).ECX[4]
 
 
@@ -370,7 +370,7 @@ def handle_xsetbv(vcpu: VcpuCetState, cpu, exit_: VmExit) -> None:
 # --------------------------------------------------------------------------- VMCALL
 def hypercall_args(cpu) -> tuple[int, tuple[int, int, int, int]]:
     """(nr, (a0..a3)) from RAX, RBX, RCX, RDX, RSI; truncated to 32 bits outside 64-bit mode."""
-    mask = _U64 if cpu.long_mode else 0xFFFF_FFFF
+    mask = U64_MASK if cpu.long_mode else 0xFFFF_FFFF
     regs = [cpu.reg(n) & mask for n in ("rax", "rbx", "rcx", "rdx", "rsi")]
     return regs[0], (regs[1], regs[2], regs[3], regs[4])
 
@@ -379,11 +379,11 @@ def handle_vmcall(cpu, exit_hypercall_mask: int) -> HypercallExit | None:
     """kvm_emulate_hypercall(); returns the exit for userspace, or None when handled."""
     nr, args = hypercall_args(cpu)
     if cpu.cpl != 0:
-        cpu.set_reg("rax", -KVM_EPERM & _U64)
+        cpu.set_reg("rax", -KVM_EPERM & U64_MASK)
         return None
     if nr < 64 and exit_hypercall_mask >> nr & 1:
         return HypercallExit(nr, args)
-    cpu.set_reg("rax", -KVM_ENOSYS & _U64)
+    cpu.set_reg("rax", -KVM_ENOSYS & U64_MASK)
     return None
 
 

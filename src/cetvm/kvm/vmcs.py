@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cetvm.arch.vmx import VmcsField
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Vmcs:
@@ -19,4 +19,4 @@ class Vmcs:
 
     def write(self, field: VmcsField, value: int) -> None:
         """vmcs_writel()."""
-        self._fields[VmcsField(field)] = value & _U64
+        self._fields[VmcsField(field)] = value & U64_MASK

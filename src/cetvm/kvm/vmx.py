@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cetvm.arch.msr import Msr
+from cetvm.arch.msr import CET_MSR_SET, PL_SSP_MSRS, Msr
 from cetvm.arch.regs import Cr4
 from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
 from cetvm.kvm.caps import KvmCaps
@@ -31,10 +31,7 @@ from cetvm.kvm.cr import cr4_reserved_bits
 from cetvm.kvm.vcpu import VcpuCetState
 
 #: Every MSR KVM intercepts by default that matters to CET (the bitmap starts all-ones).
-CET_INTERCEPTABLE_MSRS: frozenset[int] = frozenset(int(m) for m in (
-    Msr.IA32_U_CET, Msr.IA32_S_CET, Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP,
-    Msr.IA32_PL3_SSP, Msr.IA32_INT_SSP_TAB, Msr.IA32_XSS))
-_PL_SSP = (Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP)
+CET_INTERCEPTABLE_MSRS: frozenset[int] = CET_MSR_SET | {int(Msr.IA32_XSS)}
 
 
 @dataclass
@@ -69,7 +66,7 @@ def vmx_update_intercept_for_cet_msr(vcpu: VcpuCetState) -> set[int]:
     intercepts = set(CET_INTERCEPTABLE_MSRS)
     caps, cpuid = vcpu.caps, vcpu.cpuid
     if caps.has("shstk") and cpuid.guest_cpu_cap_has("shstk"):
-        intercepts -= {int(m) for m in _PL_SSP}
+        intercepts -= {int(m) for m in PL_SSP_MSRS}
     if (caps.has("shstk") or caps.has("ibt")) and (cpuid.guest_cpu_cap_has("shstk")
                                                    or cpuid.guest_cpu_cap_has("ibt")):
         intercepts -= {int(Msr.IA32_U_CET), int(Msr.IA32_S_CET)}

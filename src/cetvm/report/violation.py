@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cetvm.arch import CP_ERR_ENCL, CpError
+from cetvm.arch import CP_ERR_ENCL, ENDBR32, ENDBR64, CpError
 from cetvm.report.symtab import Symbolizer
 
 #: Kind names for the #CP error codes [reference §4].
@@ -24,8 +24,6 @@ KIND_NAMES = {
     CpError.RSTORSSP: "rstorssp",
     CpError.SETSSBSY: "setssbsy",
 }
-ENDBR64 = bytes.fromhex("f30f1efa")
-ENDBR32 = bytes.fromhex("f30f1efb")
 
 
 def violation_kind(error_code: int) -> str:

@@ -26,8 +26,7 @@ import struct
 from typing import Union
 
 from cetvm import InputError
-from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl
-from cetvm.arch.regs import is_canonical
+from cetvm.arch.msr import cet_ctl_fault, ssp_fault
 from cetvm.arch.xfeatures import XCOMP_BV_COMPACTED, XSAVE_EXTENDED_OFFSET, XSAVE_HEADER_OFFSET, XFeature
 from cetvm.xstate.area import CetKernelState, CetUserState, XsaveArea
 
@@ -103,33 +102,9 @@ def xrstor_fault(src: HeaderSource, address: int, xcr0: int, xss: int, *,
 
 
 # --------------------------------------------------------------------- CET values
-def cet_ctl_fault(name: str, value: int, va_bits: int = 48) -> str | None:
-    """WRMSR IA32_U_CET/IA32_S_CET checks [SDM Vol. 4 2-2; reference §2].
-
-    Reserved bits 9:6; SUPPRESS (10) together with TRACKER (11); EB_LEG_BITMAP_BASE (63:12)
-    non-canonical (Bochs and the SDM's WRMSR list agree on the canonical check).
-    """
-    if value & CET_CTL_RESERVED:
-        return f"{name} 0x{value:x} sets reserved bits 9:6"
-    both = CetCtl.SUPPRESS | CetCtl.TRACKER
-    if value & both == both:
-        return f"{name} 0x{value:x} sets SUPPRESS and TRACKER together"
-    if not is_canonical(value & ~0xFFF, va_bits):
-        return f"{name} 0x{value:x}: legacy bitmap base is not canonical"
-    return None
-
-
-def ssp_fault(name: str, value: int, va_bits: int = 48) -> str | None:
-    """WRMSR IA32_PLx_SSP checks: canonical, bits 1:0 clear [reference §2]."""
-    if not is_canonical(value, va_bits):
-        return f"{name} 0x{value:x} is not canonical"
-    if value & 0x3:
-        return f"{name} 0x{value:x} is not 4-byte aligned (bits 1:0 set)"
-    return None
-
-
 def cet_component_value_fault(state: CetUserState | CetKernelState, va_bits: int = 48) -> str | None:
-    """Why XRSTORS of this CET_U or CET_S component value raises #GP(0), or None."""
+    """Why XRSTORS of this CET_U or CET_S component value raises #GP(0), or None: the WRMSR
+    value checks of :mod:`cetvm.arch.msr` applied to each MSR the component holds."""
     if isinstance(state, CetUserState):
         return cet_ctl_fault("IA32_U_CET", state.u_cet, va_bits) or ssp_fault("IA32_PL3_SSP", state.pl3_ssp, va_bits)
     for name, value in (("IA32_PL0_SSP", state.pl0_ssp), ("IA32_PL1_SSP", state.pl1_ssp),

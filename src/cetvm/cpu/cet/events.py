@@ -56,8 +56,8 @@ from cetvm.cpu.cet.shadow_stack import (
     shstk_free_token,
 )
 from cetvm.cpu.faults import cp, gp
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: Entries of the interrupt shadow-stack table (IST index 1-7 → ISST_ADDR + 8·IST).
 ISST_ENTRY_SIZE = 8
 
@@ -78,7 +78,7 @@ def interrupt_ssp_table_entry(m: CetMachine, ist: int) -> int:
     Read with ``m.mem_read`` (a supervisor data read: the caller has switched to the new CPL).
     """
     base = m.cet_msr(Msr.IA32_INT_SSP_TAB)
-    return m.mem_read((base + ISST_ENTRY_SIZE * ist) & _U64, 8)
+    return m.mem_read((base + ISST_ENTRY_SIZE * ist) & U64_MASK, 8)
 
 
 def ssp_on_event(

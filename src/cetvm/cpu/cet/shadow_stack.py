@@ -22,8 +22,8 @@ from cetvm.arch import CpError, shadow_stack_entry_width
 from cetvm.cpu.cet.machine import CetMachine
 from cetvm.cpu.cet.policy import S_CET, SH_STK_EN, U_CET
 from cetvm.cpu.faults import cp, gp
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
 
 #: Size of the far-transfer / event frame on the shadow stack: CS, LIP, previous SSP.
@@ -63,10 +63,10 @@ def shstk_push_near(m: CetMachine, ret_addr: int) -> None:
     if not (m.cr4_cet and m.cet_msr(U_CET if cpl == 3 else S_CET) & SH_STK_EN):  # shadow_stack_enabled
         return
     if m.long_mode:
-        width, mask = 8, _U64
+        width, mask = 8, U64_MASK
     else:
         width, mask = 4, _U32
-    new_ssp = (m.ssp - width) & _U64
+    new_ssp = (m.ssp - width) & U64_MASK
     m.ss_write(new_ssp, ret_addr & mask, width, user=cpl == 3)
     m.ssp = new_ssp
 
@@ -83,13 +83,13 @@ def shstk_pop_near_and_check(m: CetMachine, data_stack_ret: int) -> None:
     if not (m.cr4_cet and m.cet_msr(U_CET if cpl == 3 else S_CET) & SH_STK_EN):  # shadow_stack_enabled
         return
     if m.long_mode:
-        width, mask = 8, _U64
+        width, mask = 8, U64_MASK
     else:
         width, mask = 4, _U32
     ssp = m.ssp
     if m.ss_read(ssp, width, user=cpl == 3) != data_stack_ret & mask:
         raise cp(CpError.NEAR_RET)
-    m.ssp = (ssp + width) & _U64
+    m.ssp = (ssp + width) & U64_MASK
 
 
 def push_transfer_frame(m: CetMachine, ssp: int, cs: int, lip: int, prev_ssp: int, *, user: bool) -> int:
@@ -103,11 +103,11 @@ def push_transfer_frame(m: CetMachine, ssp: int, cs: int, lip: int, prev_ssp: in
     the CS push overwrites with zero padding, so storing only when ssp & 4 is equivalent.
     """
     if ssp & 4:
-        m.ss_write((ssp - 4) & _U64, 0, 4, user=user)
-    ssp &= ~7 & _U64
+        m.ss_write((ssp - 4) & U64_MASK, 0, 4, user=user)
+    ssp &= ~7 & U64_MASK
     m.ss_write(ssp - 8, cs & 0xFFFF, 8, user=user)
-    m.ss_write(ssp - 16, lip & _U64, 8, user=user)
-    m.ss_write(ssp - 24, prev_ssp & _U64, 8, user=user)
+    m.ss_write(ssp - 16, lip & U64_MASK, 8, user=user)
+    m.ss_write(ssp - 24, prev_ssp & U64_MASK, 8, user=user)
     return ssp - TRANSFER_FRAME_SIZE
 
 
@@ -126,11 +126,11 @@ def pop_transfer_frame(m: CetMachine, ssp: int, cs: int, lip: int, *, user: bool
     prev_ssp = m.ss_read(ssp, 8, user=user)
     if saved_cs != cs & 0xFFFF:
         raise cp(CpError.FAR_RET_IRET)
-    if saved_lip != lip & _U64:
+    if saved_lip != lip & U64_MASK:
         raise cp(CpError.FAR_RET_IRET)
     if prev_ssp & 3:
         raise cp(CpError.FAR_RET_IRET)
-    return prev_ssp, (ssp + TRANSFER_FRAME_SIZE) & _U64
+    return prev_ssp, (ssp + TRANSFER_FRAME_SIZE) & U64_MASK
 
 
 def token_and_frame_share_region(ssp: int) -> bool:
@@ -158,7 +158,7 @@ def shstk_enter_supervisor(m: CetMachine, new_ssp: int, *, long_mode: bool | Non
     """
     if long_mode is None:
         long_mode = m.long_mode
-    new_ssp &= _U64
+    new_ssp &= U64_MASK
     if new_ssp & 7:
         raise gp(0)
     if not token_and_frame_share_region(new_ssp):
@@ -178,6 +178,6 @@ def shstk_free_token(m: CetMachine, ssp: int) -> bool:
     tempOldSSP, new_token_value, expected_token_value)" with no check of the result]. Returns
     whether the token was freed. The access is a supervisor shadow-stack access.
     """
-    ssp &= _U64
+    ssp &= U64_MASK
     swapped, _old = m.ss_cmpxchg(ssp, ssp | 1, ssp, user=False)
     return swapped

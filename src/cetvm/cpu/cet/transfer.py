@@ -53,8 +53,8 @@ from cetvm.cpu.cet.ibt import ibt_arm_on_indirect, ibt_check_target
 from cetvm.cpu.cet.machine import CetMachine
 from cetvm.cpu.cet.shadow_stack import entry_width, shstk_pop_near_and_check, shstk_push_near
 from cetvm.cpu.faults import GuestFault
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Terminator(enum.IntEnum):
@@ -117,7 +117,7 @@ _ARMS_NOTRACK = frozenset(int(k) for k in (Terminator.CALL_INDIRECT_NOTRACK, Ter
 
 def _rolled_back(fault: GuestFault, rip: int, rsp: int | None, adjust: int) -> BlockDecision:
     """A terminator that did not happen: RIP back at it, RSP = ``rsp`` + ``adjust``."""
-    return BlockDecision(BlockAction.FAULT, fault, rip, None if rsp is None else (rsp + adjust) & _U64, adjust)
+    return BlockDecision(BlockAction.FAULT, fault, rip, None if rsp is None else (rsp + adjust) & U64_MASK, adjust)
 
 
 def apply_terminator(m: CetMachine, prev: TerminatorInfo | None, target: int, rsp: int | None) -> BlockDecision:
