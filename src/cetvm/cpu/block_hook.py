@@ -25,7 +25,7 @@ from cetvm import CetvmError
 from cetvm.arch.msr import CetCtl
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo
-from cetvm.cpu.cet.transfer import BlockAction, Terminator, classify_terminator, on_block_start
+from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, classify_terminator, on_block_start
 from cetvm.cpu.fastpath import make_block_hook
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.native import NativeCet, PagingKind
@@ -80,12 +80,23 @@ class BlockHookMixin:
             first = self._read_code(request.block_addr, 4)
         except (GuestFault, UcError):
             first = b""
-        decision = on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first)
-        if decision.action == BlockAction.FAULT:
-            self.rip = decision.rip
-            if decision.rsp is not None:
-                self.set_reg("rsp", decision.rsp)
-            self._raise_event(decision.fault)
+        self.apply_decision(on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first))
+
+    def apply_decision(self, decision: BlockDecision) -> bool:
+        """Carry out a block-start decision of :mod:`cetvm.cpu.cet.transfer`: on FAULT, roll
+        RIP (and RSP: ``decision.rsp``, or the current RSP + ``rsp_adjust`` when the state machine
+        did not read RSP) back to the terminator and make the fault the pending event. True
+        when it faulted (the caller stops the engine if it runs inside it)."""
+        if decision.action != BlockAction.FAULT:
+            return False
+        uc = self._uc
+        if decision.rsp is not None:
+            uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
+        elif decision.rsp_adjust:
+            uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
+        uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
+        self._raise_event(decision.fault)
+        return True
 
     def _on_block_raw(self, _uch: int, address: int, size: int, _user: int) -> None:
         try:
@@ -122,14 +133,8 @@ class BlockHookMixin:
         if prev is None and not (self.cet.u_cet if self._cpl == 3 else self.cet.s_cet) & _TRACKER:
             return
         # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
-        decision = on_block_start(self, prev, address, None, info.first_bytes)
-        if decision.action == BlockAction.FAULT:
-            uc = self._uc
-            if decision.rsp_adjust:
-                uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
-            uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-            self._raise_event(decision.fault)
-            uc.emu_stop()
+        if self.apply_decision(on_block_start(self, prev, address, None, info.first_bytes)):
+            self._uc.emu_stop()
 
     def _classify_block(self, address: int, size: int) -> BlockInfo | None:
         """Decode a new block; make emulated instructions exits (then restart: returns None)."""
@@ -162,9 +167,4 @@ class BlockHookMixin:
             first = self._read_code(rip, 4)
         except (GuestFault, UcError):
             first = b""
-        decision = on_block_start(self, prev, rip, self.reg("rsp"), first)
-        if decision.action == BlockAction.FAULT:
-            self.rip = decision.rip
-            if decision.rsp is not None:
-                self.set_reg("rsp", decision.rsp)
-            self._raise_event(decision.fault)
+        self.apply_decision(on_block_start(self, prev, rip, self.reg("rsp"), first))

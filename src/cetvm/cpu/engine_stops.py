@@ -21,7 +21,7 @@ from unicorn import x86_const as X
 from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import PfErr, Vector, u64
 from cetvm.cpu import decode, emulate, string_ops
-from cetvm.cpu.cet.transfer import BlockAction, TerminatorInfo, apply_terminator
+from cetvm.cpu.cet.transfer import TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
@@ -95,15 +95,7 @@ class EngineStopsMixin:
         prev = blocks.take_prev(None)
         if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self._cet_active:
             return False
-        uc = self._uc
-        decision = apply_terminator(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP))
-        if decision.action != BlockAction.FAULT:
-            return False
-        uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-        if decision.rsp is not None:
-            uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
-        self._raise_event(decision.fault)
-        return True
+        return self.apply_decision(apply_terminator(self, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)))
 
     def _software_interrupt_address(self, terminator: TerminatorInfo | None, rip: int, intno: int) -> int:
         """Where the INT n / INT3 / INTO that Unicorn just raised starts (Unicorn reports RIP past
