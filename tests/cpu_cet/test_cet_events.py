@@ -4,7 +4,7 @@ import pytest
 
 from cetvm import CetvmError
 from cetvm.arch import CetCtl, CpError, Msr, PfErr, Vector, supervisor_token
-from cetvm.cpu.cet.events import (
+from cetvm.cpu.cet.far_transfers import (
     ssp_on_event,
     ssp_on_far_call,
     ssp_on_far_ret,

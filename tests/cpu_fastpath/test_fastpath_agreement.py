@@ -228,7 +228,7 @@ def test_ret_after_shadow_stack_mapping_change_page_faults(monkeypatch, change, 
     CR2 = SSP, RIP at the RET, RSP and SSP as before it.
 
     RDSSPQ (an emulated instruction, so an engine exit) follows the invalidation because INVLPG is
-    single-stepped by Vcpu.step_native, which (Unicorn 2.1.4, count=1) runs on past it to the next
+    single-stepped by Vcpu.step_in_engine, which (Unicorn 2.1.4, count=1) runs on past it to the next
     exit with the block hook off; the RET must run under the hook to be checked at all."""
     code, labels = assemble(
         ENDBR64, "31db",                                             # xor ebx, ebx

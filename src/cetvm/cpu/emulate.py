@@ -5,7 +5,7 @@ GuestFault for an architectural fault (nothing changed), and either completes th
 (advancing RIP) and returns None, or returns a VmExit whose completion runs at the next
 ``Vcpu.run``. Control transfers Unicorn executes correctly except for CET (IRETQ, SYSRET, far
 RET/CALL/JMP) get their CET effects here and are then executed once natively
-(``Vcpu.step_native``); SYSCALL (a NOP in Unicorn without a hook) is emulated completely.
+(``Vcpu.step_in_engine``); SYSCALL (a NOP in Unicorn without a hook) is emulated completely.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_
 from cetvm.arch.regs import (
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
 )
-from cetvm.cpu.cet import events as cet_events
+from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
@@ -482,7 +482,7 @@ def iret(vcpu, instr: Instruction) -> None:
     if cs_desc.long and not is_canonical(new_rip):
         raise gp(0)
     if vcpu._cet_active:
-        cet_events.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
+        far_transfers.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
                                target_long_mode=cs_desc.long)
     rflags = vcpu.reg("rflags")
     writable = RFLAGS_IRET_MASK
@@ -518,7 +518,7 @@ def sysret(vcpu, instr: Instruction) -> None:
     vcpu.set_reg("rflags", (vcpu.reg("r11") & RFLAGS_SYSRET_MASK) | 2)
     vcpu.rip = rcx if long_form else rcx & 0xFFFF_FFFF
     vcpu.load_segments(cs=cs, ss=Segment.data(base + 8 | 3, dpl=3))
-    cet_events.ssp_on_sysret(vcpu)
+    far_transfers.ssp_on_sysret(vcpu)
     vcpu.retire_emulated()
 
 
@@ -537,7 +537,7 @@ def syscall(vcpu, instr: Instruction) -> None:
     vcpu.set_reg("rflags", (rflags & ~vcpu.msr(Msr.IA32_FMASK) & ~RFLAGS_RF) | 2)
     vcpu.load_segments(cs=Segment.code64(selector, 0), ss=Segment.data(selector + 8, 0))
     vcpu.rip = vcpu.msr(Msr.IA32_LSTAR)
-    cet_events.ssp_on_syscall(vcpu, old_cpl)
+    far_transfers.ssp_on_syscall(vcpu, old_cpl)
     vcpu.retire_emulated()
 
 
@@ -557,12 +557,12 @@ def far_transfer(vcpu, instr: Instruction) -> None:
         from cetvm.cpu.events import read_descriptor
 
         target = read_descriptor(vcpu, new_cs)
-        cet_events.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
+        far_transfers.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
                                   (target.base + new_rip) & _U64, target_long_mode=target.long)
         _native(vcpu, instr)
     elif instr.is_call_far or instr.is_call_far_indirect:
         cs = vcpu.segment("cs")
-        cet_events.ssp_on_far_call(vcpu, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
+        far_transfers.ssp_on_far_call(vcpu, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
         _native(vcpu, instr)
     else:
         _native(vcpu, instr)
@@ -570,9 +570,9 @@ def far_transfer(vcpu, instr: Instruction) -> None:
 
 
 def _native(vcpu, instr: Instruction, *, branches: bool = True) -> None:
-    """Let Unicorn execute ``instr`` alone (see :meth:`Vcpu.step_native`); an instruction that
+    """Let Unicorn execute ``instr`` alone (see :meth:`Vcpu.step_in_engine`); an instruction that
     does not branch stops cheaply at its successor."""
-    vcpu.step_native(instr.ip, None if branches else instr.next_ip)
+    vcpu.step_in_engine(instr.ip, None if branches else instr.next_ip)
     vcpu.refresh_mode()
 
 

@@ -200,7 +200,7 @@ class EngineStopsMixin:
         if errno == UC_ERR_FETCH_UNMAPPED:
             if self._apply_terminator_before_target_fault(rip):
                 return None
-            return VmExit(ExitReason.SHUTDOWN, rip, detail="instruction fetch from guest-physical memory with no RAM")
+            return VmExit(ExitReason.EMULATION_FAILED, rip, detail="instruction fetch from guest-physical memory with no RAM")
         self._unretire()
         self._blocks.prev = None
         try:
@@ -287,7 +287,7 @@ class EngineStopsMixin:
                 if data is not None:
                     self._uc.mem_write(gpa, data)
                 branches = instr.flow_control != FlowControl.NEXT
-                self.step_native(rip, None if branches else instr.next_ip)
+                self.step_in_engine(rip, None if branches else instr.next_ip)
                 stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
             finally:
                 self._uc.mem_unmap(first, span)

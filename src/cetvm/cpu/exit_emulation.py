@@ -3,7 +3,7 @@
 Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): fetching and decoding an
 instruction for emulation, running :mod:`cetvm.cpu.emulate` at an exit address (after applying
 the previous block's pending CET terminator), single-stepping one instruction through Unicorn
-(:meth:`EmulationPlumbingMixin.step_native`), queuing a guest fault, and the completion of the
+(:meth:`EmulationPlumbingMixin.step_in_engine`), queuing a guest fault, and the completion of the
 last exit's instruction (KVM's complete_userspace_io()).
 
 A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`: it works on the vCPU's exit set, block tracker and
@@ -52,7 +52,7 @@ class EmulationPlumbingMixin:
             self._raise_event(fault)
             return None
         except NoRamAccess as err:
-            return VmExit(ExitReason.SHUTDOWN, rip, detail=f"cannot emulate the instruction at {rip:#x}: {err}")
+            return VmExit(ExitReason.EMULATION_FAILED, rip, detail=f"cannot emulate the instruction at {rip:#x}: {err}")
         self._blocks.prev = None
         return result
 
@@ -64,7 +64,7 @@ class EmulationPlumbingMixin:
         self._uc.ctl_set_exits(sorted(self._exits))
         self._uc.ctl_remove_cache(rip, rip + 1)
 
-    def step_native(self, rip: int, next_ip: int | None = None) -> None:
+    def step_in_engine(self, rip: int, next_ip: int | None = None) -> None:
         """Let Unicorn execute the one instruction at ``rip`` although it is an exit address.
 
         Used for instructions whose CET effects cetvm adds around Unicorn's own execution (far

@@ -25,7 +25,9 @@ class ExitReason(enum.Enum):
     EXCEPTION = "exception"
     TRIPLE_FAULT = "triple_fault"
     BUDGET = "budget"
-    SHUTDOWN = "shutdown"
+    #: the CPU cannot go on: an instruction it cannot emulate, a fetch from no RAM, an event it
+    #: cannot deliver in this mode (KVM: KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION)
+    EMULATION_FAILED = "emulation_failed"
     #: event delivery touched memory without RAM (KVM: KVM_INTERNAL_ERROR_DELIVERY_EV)
     DELIVERY_FAILED = "delivery_failed"
 

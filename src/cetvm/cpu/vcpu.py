@@ -21,10 +21,10 @@ This module is the composition and the run loop; the parts live in (each owns on
 
 - :mod:`cetvm.cpu.memory` (``GuestMemory``): regions, physical/virtual access, translation cache;
 - :mod:`cetvm.cpu.registers` (``Registers``): GPR/segment/CR/XCR0/FPU access, CET MSR values;
-- :mod:`cetvm.cpu.cet_machine`: the CetMachine protocol (CPL, SSP, shadow-stack access);
+- :mod:`cetvm.cpu.vcpu_cet`: the CetMachine protocol (CPL, SSP, shadow-stack access);
 - :mod:`cetvm.cpu.budget` (``InstructionBudget``): the exact instruction budget and its hooks;
 - :mod:`cetvm.cpu.block_hook`: the block hook on the native / Python fast / reference CET paths;
-- :mod:`cetvm.cpu.exit_emulation`: emulation at exit addresses, ``step_native``, completions;
+- :mod:`cetvm.cpu.exit_emulation`: emulation at exit addresses, ``step_in_engine``, completions;
 - :mod:`cetvm.cpu.engine_stops`: interrupt/#UD/MMIO/SYSCALL stops of the engine;
 - :mod:`cetvm.cpu.interrupts`: external interrupts (pending vector, IF, STI/MOV SS shadow, HLT
   wake-up), checked only at run entry and exits.
@@ -55,7 +55,7 @@ from cetvm.arch.msr import CET_MSR_SET
 from cetvm.cpu.block_hook import BlockHookMixin
 from cetvm.cpu.blocks import BlockTracker
 from cetvm.cpu.budget import InstructionBudget
-from cetvm.cpu.cet_machine import CetMachineMixin
+from cetvm.cpu.vcpu_cet import CetMachineMixin
 from cetvm.cpu.engine_features import engine_cpu_model
 from cetvm.cpu.engine_stops import EngineStopsMixin
 from cetvm.cpu.events import PendingEvent

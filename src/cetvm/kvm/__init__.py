@@ -26,10 +26,10 @@ from cetvm.kvm.errors import (
 )
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import MsrResult, get_one_reg, kvm_get_msr, kvm_set_msr, set_one_reg
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 __all__ = [
     "FeatureDecision", "Host", "KvmBadAddress", "KvmCaps", "KvmError", "KvmExists", "KvmInvalidArgument",
     "KvmIoctlError", "KvmLoadError", "KvmNoMemory", "KvmNotSupported", "KvmTooBig", "MsrResult",
-    "VcpuCetState", "get_one_reg", "kvm_caps_for_host", "kvm_get_msr", "kvm_set_msr", "set_one_reg",
+    "VcpuArch", "get_one_reg", "kvm_caps_for_host", "kvm_get_msr", "kvm_set_msr", "set_one_reg",
 ]

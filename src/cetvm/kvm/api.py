@@ -132,7 +132,7 @@ from cetvm.kvm.msr import (
     kvm_set_msr,
     set_one_reg,
 )
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 from cetvm.kvm.vcpu_run import (
     KVM_MSR_EXIT_REASON_VALID_MASK,
     KVM_MSR_FILTER_READ,
@@ -341,7 +341,7 @@ class KvmVcpu:
         self.vm = vm
         self.vcpu_id = vcpu_id
         self.cpu = cpu
-        self.state = VcpuCetState.create(vm.kvm.caps)
+        self.state = VcpuArch.create(vm.kvm.caps)
         self.host_cpu = vm.kvm.host_cpu
         self.mp_state = MpState.RUNNABLE
         self.msrs = KvmMsrState()

@@ -29,7 +29,7 @@ from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp, kvm_is_valid_u_s_cet
 from cetvm.kvm.errors import KvmInvalidArgument, KvmNotSupported
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 
 class MsrResult(enum.Enum):
@@ -69,18 +69,18 @@ def _check_modelled(index: int) -> None:
         raise KvmNotSupported(f"MSR {index:#x}: cetvm.kvm models only the CET MSRs and IA32_XSS")
 
 
-def _guest_has_cet(vcpu: VcpuCetState) -> tuple[bool, bool]:
+def _guest_has_cet(vcpu: VcpuArch) -> tuple[bool, bool]:
     return vcpu.cpuid.guest_cpu_cap_has("shstk"), vcpu.cpuid.guest_cpu_cap_has("ibt")
 
 
-def _ssp_msr_exists(vcpu: VcpuCetState, index: int) -> bool:
+def _ssp_msr_exists(vcpu: VcpuArch, index: int) -> bool:
     if not vcpu.cpuid.guest_cpu_cap_has("shstk"):
         return False
     return index != Msr.IA32_INT_SSP_TAB or vcpu.cpuid.guest_cpu_cap_has("lm")
 
 
 # ----------------------------------------------------------------------------- raw level
-def __kvm_set_msr(vcpu: VcpuCetState, index: int, data: int, host_initiated: bool) -> MsrResult:
+def __kvm_set_msr(vcpu: VcpuArch, index: int, data: int, host_initiated: bool) -> MsrResult:
     """The per-MSR checks of __kvm_set_msr, then kvm_set_msr_common / vmx_set_msr."""
     _check_modelled(index)
     if index in CET_CTL_MSRS:
@@ -105,7 +105,7 @@ def __kvm_set_msr(vcpu: VcpuCetState, index: int, data: int, host_initiated: boo
     return MsrResult.OK
 
 
-def _store_msr(vcpu: VcpuCetState, index: int, data: int) -> None:
+def _store_msr(vcpu: VcpuArch, index: int, data: int) -> None:
     if index in XSTATE_MANAGED_MSRS:  # kvm_set_xstate_msr: loads the guest FPU
         feature, offset = XSTATE_MANAGED_MSRS[index]
         vcpu.fpu.write(feature, offset, data)
@@ -116,7 +116,7 @@ def _store_msr(vcpu: VcpuCetState, index: int, data: int) -> None:
         vcpu.cpuid.kvm_update_cpuid_runtime(vcpu.xcr0, vcpu.ia32_xss)
 
 
-def __kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool) -> tuple[MsrResult, int]:
+def __kvm_get_msr(vcpu: VcpuArch, index: int, host_initiated: bool) -> tuple[MsrResult, int]:
     _check_modelled(index)
     if index in CET_CTL_MSRS:
         shstk, ibt = _guest_has_cet(vcpu)
@@ -138,12 +138,12 @@ def __kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool) -> tuple
 
 
 # ----------------------------------------------------------------------------- outer level
-def kvm_is_advertised_msr(vcpu: VcpuCetState, index: int) -> bool:
+def kvm_is_advertised_msr(vcpu: VcpuArch, index: int) -> bool:
     """In KVM_GET_MSR_INDEX_LIST (msrs_to_save / emulated_msrs)."""
     return index in vcpu.caps.get_msr_index_list()
 
 
-def _finish(vcpu: VcpuCetState, index: int, ret: MsrResult, data: int, host_initiated: bool) -> MsrResult:
+def _finish(vcpu: VcpuArch, index: int, ret: MsrResult, data: int, host_initiated: bool) -> MsrResult:
     """kvm_do_msr_access(): the UNSUPPORTED rule, then guest #GP / host error."""
     if ret is MsrResult.OK:
         return ret
@@ -152,13 +152,13 @@ def _finish(vcpu: VcpuCetState, index: int, ret: MsrResult, data: int, host_init
     return MsrResult.ERROR if host_initiated else MsrResult.GUEST_GP
 
 
-def kvm_set_msr(vcpu: VcpuCetState, index: int, data: int, host_initiated: bool = False) -> MsrResult:
+def kvm_set_msr(vcpu: VcpuArch, index: int, data: int, host_initiated: bool = False) -> MsrResult:
     """WRMSR by the guest (``host_initiated=False``) or KVM_SET_MSRS by userspace."""
     data &= 0xFFFF_FFFF_FFFF_FFFF
     return _finish(vcpu, index, __kvm_set_msr(vcpu, index, data, host_initiated), data, host_initiated)
 
 
-def kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool = False) -> tuple[MsrResult, int]:
+def kvm_get_msr(vcpu: VcpuArch, index: int, host_initiated: bool = False) -> tuple[MsrResult, int]:
     """RDMSR by the guest or KVM_GET_MSRS by userspace; a failed read yields 0."""
     ret, data = __kvm_get_msr(vcpu, index, host_initiated)
     if ret is not MsrResult.OK:
@@ -167,7 +167,7 @@ def kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool = False) ->
 
 
 # ----------------------------------------------------------------------------- ONE_REG
-def _translate_kvm_reg(vcpu: VcpuCetState, reg_id: int) -> int:
+def _translate_kvm_reg(vcpu: VcpuArch, reg_id: int) -> int:
     """kvm_translate_kvm_reg(): KVM_REG_GUEST_SSP → MSR_KVM_INTERNAL_GUEST_SSP, -EINVAL
     without guest SHSTK or for an unknown id."""
     if reg_id != KVM_REG_GUEST_SSP_ID:
@@ -177,7 +177,7 @@ def _translate_kvm_reg(vcpu: VcpuCetState, reg_id: int) -> int:
     return Msr.KVM_INTERNAL_GUEST_SSP
 
 
-def get_one_reg(vcpu: VcpuCetState, reg_id: int) -> int:
+def get_one_reg(vcpu: VcpuArch, reg_id: int) -> int:
     index = _translate_kvm_reg(vcpu, reg_id)
     ret, data = kvm_get_msr(vcpu, index, host_initiated=True)
     if ret is not MsrResult.OK:
@@ -185,7 +185,7 @@ def get_one_reg(vcpu: VcpuCetState, reg_id: int) -> int:
     return data
 
 
-def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
+def set_one_reg(vcpu: VcpuArch, reg_id: int, value: int) -> None:
     index = _translate_kvm_reg(vcpu, reg_id)
     if kvm_set_msr(vcpu, index, value, host_initiated=True) is not MsrResult.OK:
         raise KvmInvalidArgument(f"KVM_SET_ONE_REG {reg_id:#x}: invalid value {value:#x}")
@@ -249,7 +249,7 @@ def kvm_apic_set_base_valid(old: int, new: int, maxphyaddr: int, x2apic: bool, h
     return apic_base_write_error(old, new, maxphyaddr, x2apic, host_initiated) is None
 
 
-def guest_maxphyaddr(vcpu: VcpuCetState) -> int:
+def guest_maxphyaddr(vcpu: VcpuArch) -> int:
     """cpuid_query_maxphyaddr(): CPUID.80000008H:EAX[7:0], 36 without that leaf."""
     return vcpu.cpuid.entries.phys_addr_bits
 
@@ -348,7 +348,7 @@ class KvmMsrState:
             self.mce = {}
 
 
-def _feature_msr_get(vcpu: VcpuCetState, msrs: KvmMsrState, index: int,
+def _feature_msr_get(vcpu: VcpuArch, msrs: KvmMsrState, index: int,
                      host_initiated: bool) -> tuple[MsrResult, int] | None:
     """MTRR / MCE / PERF_CAPABILITIES reads (None: not one of them)."""
     if index == MSR_MTRRCAP:
@@ -376,7 +376,7 @@ def _feature_msr_get(vcpu: VcpuCetState, msrs: KvmMsrState, index: int,
     return None
 
 
-def _feature_msr_set(vcpu: VcpuCetState, msrs: KvmMsrState, index: int, data: int,
+def _feature_msr_set(vcpu: VcpuArch, msrs: KvmMsrState, index: int, data: int,
                      host_initiated: bool) -> MsrResult | None:
     """MTRR / MCE / PERF_CAPABILITIES writes (None: not one of them)."""
     if index == MSR_MTRRCAP:
@@ -416,7 +416,7 @@ def _feature_msr_set(vcpu: VcpuCetState, msrs: KvmMsrState, index: int, data: in
     return None
 
 
-def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int,
+def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int,
                        host_initiated: bool) -> MsrResult:
     """kvm_set_msr_common() for the non-CET MSRs (raw result, see the decisions above)."""
     if index == Msr.IA32_APIC_BASE:
@@ -451,7 +451,7 @@ def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, d
     return MsrResult.UNSUPPORTED
 
 
-def kvm_common_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int,
+def kvm_common_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int,
                        host_initiated: bool) -> tuple[MsrResult, int]:
     """kvm_get_msr_common() for the non-CET MSRs."""
     if index == Msr.IA32_APIC_BASE:
@@ -477,7 +477,7 @@ _SYSENTER_ADDRESS_MSRS = frozenset(int(m) for m in (Msr.IA32_SYSENTER_ESP, Msr.I
 SYSENTER_CS_MAX = 0xFFFF
 
 
-def kvm_set_efer_value(vcpu: VcpuCetState, old: int, new: int, paging: bool, host_initiated: bool) -> int | None:
+def kvm_set_efer_value(vcpu: VcpuArch, old: int, new: int, paging: bool, host_initiated: bool) -> int | None:
     """set_efer(): the EFER to store, or None ("return 1").
 
     Reserved bits (efer_reserved_bits: all but SCE, LME, LMA and NXE on VMX) always fail. For
@@ -497,7 +497,7 @@ def kvm_set_efer_value(vcpu: VcpuCetState, old: int, new: int, paging: bool, hos
     return (new & ~Efer.LMA) | (old & Efer.LMA)
 
 
-def kvm_cpu_held_msr_value(vcpu: VcpuCetState, cpu, index: int, data: int, host_initiated: bool) -> int | None:
+def kvm_cpu_held_msr_value(vcpu: VcpuArch, cpu, index: int, data: int, host_initiated: bool) -> int | None:
     """__kvm_set_msr()'s value rules for the MSRs the CPU holds, for the guest (reached only
     when a filter makes KVM intercept them) and for KVM_SET_MSRS alike: the value to store, or
     None when KVM fails the write ("return 1").
@@ -526,7 +526,7 @@ def kvm_cpu_held_msr_value(vcpu: VcpuCetState, cpu, index: int, data: int, host_
 
 
 # ----------------------------------------------------------------------------- guest access, raw
-def kvm_guest_get_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int) -> tuple[MsrResult, int]:
+def kvm_guest_get_msr_raw(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int) -> tuple[MsrResult, int]:
     """A guest RDMSR as kvm_get_msr_ignored_check() sees it before kvm_do_msr_access() turns
     the raw code into #GP: OK, ERROR (→ KVM_MSR_EXIT_REASON_INVAL) or UNSUPPORTED
     (→ KVM_MSR_EXIT_REASON_UNKNOWN). The caller puts the guest FPU for xstate-managed MSRs."""
@@ -537,7 +537,7 @@ def kvm_guest_get_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int
     return ret, data if ret is MsrResult.OK else 0
 
 
-def kvm_guest_set_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int) -> MsrResult:
+def kvm_guest_set_msr_raw(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int) -> MsrResult:
     """A guest WRMSR, raw result (see :func:`kvm_guest_get_msr_raw`)."""
     data &= 0xFFFF_FFFF_FFFF_FFFF
     if index in MODELLED_MSRS:
@@ -545,13 +545,13 @@ def kvm_guest_set_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int
     return kvm_common_set_msr(vcpu, msrs, cpu, index, data, host_initiated=False)
 
 
-def kvm_host_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int) -> tuple[bool, int]:
+def kvm_host_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int) -> tuple[bool, int]:
     """KVM_GET_MSRS for one non-CET MSR (host_initiated): (ok, value)."""
     ret, data = kvm_common_get_msr(vcpu, msrs, cpu, index, host_initiated=True)
     return ret is MsrResult.OK, data
 
 
-def kvm_host_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int) -> bool:
+def kvm_host_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int) -> bool:
     """KVM_SET_MSRS for one non-CET MSR (host_initiated: KVM's value checks apply, the guest's
     CPUID-dependent ones do not, see :func:`kvm_cpu_held_msr_value`)."""
     return kvm_common_set_msr(vcpu, msrs, cpu, index, data, host_initiated=True) is MsrResult.OK

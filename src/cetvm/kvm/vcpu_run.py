@@ -49,7 +49,7 @@ from cetvm.kvm.msr import (
     kvm_guest_get_msr_raw,
     kvm_guest_set_msr_raw,
 )
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 from cetvm.xstate import xcr0_fault
 from cetvm.arch.regs import U64_MASK
 
@@ -133,7 +133,7 @@ class KvmRun:
 
 
 # --------------------------------------------------------------------------- CPUID
-def kvm_cpuid(vcpu: VcpuCetState, cr4: int, function: int, index: int) -> tuple[int, int, int, int]:
+def kvm_cpuid(vcpu: VcpuArch, cr4: int, function: int, index: int) -> tuple[int, int, int, int]:
     """CPUID.(function, index) for the guest (see the module docstring)."""
     entries = vcpu.cpuid.entries
     if not entries.contains(function, index):
@@ -147,7 +147,7 @@ def kvm_cpuid(vcpu: VcpuCetState, cr4: int, function: int, index: int) -> tuple[
     return eax, ebx, ecx, edx
 
 
-def handle_cpuid(vcpu: VcpuCetState, cpu) -> None:
+def handle_cpuid(vcpu: VcpuArch, cpu) -> None:
     regs = kvm_cpuid(vcpu, cpu.cr4, cpu.reg("rax") & 0xFFFF_FFFF, cpu.reg("rcx") & 0xFFFF_FFFF)
     for name, value in zip(("rax", "rbx", "rcx", "rdx"), regs):
         cpu.set_reg(name, value)
@@ -305,7 +305,7 @@ def kvm_msr_reason(result: MsrResult) -> KvmMsrExitReason:
     return KvmMsrExitReason.INVAL
 
 
-def handle_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter: MsrFilter,
+def handle_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter: MsrFilter,
                user_space_msr_mask: int, fpu_get, fpu_put) -> KvmMsrExit | None:
     """kvm_emulate_rdmsr / kvm_emulate_wrmsr for an intercepted guest RDMSR/WRMSR.
 
@@ -346,7 +346,7 @@ def handle_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, exit_: VmExit, msr_fi
 
 
 # --------------------------------------------------------------------------- XSETBV
-def kvm_set_xcr_fault(vcpu: VcpuCetState, index: int, xcr0: int) -> str | None:
+def kvm_set_xcr_fault(vcpu: VcpuArch, index: int, xcr0: int) -> str | None:
     """__kvm_set_xcr(): why the write fails (#GP for the guest, -EINVAL for userspace)."""
     if index != 0:
         return f"XCR{index} does not exist (only XCR0)"
@@ -354,13 +354,13 @@ def kvm_set_xcr_fault(vcpu: VcpuCetState, index: int, xcr0: int) -> str | None:
     return xcr0_fault(xcr0, valid)
 
 
-def kvm_set_xcr0(vcpu: VcpuCetState, xcr0: int) -> None:
+def kvm_set_xcr0(vcpu: VcpuArch, xcr0: int) -> None:
     if xcr0 != vcpu.xcr0:
         vcpu.xcr0 = xcr0
         vcpu.cpuid.kvm_update_cpuid_runtime(vcpu.xcr0, vcpu.ia32_xss)
 
 
-def handle_xsetbv(vcpu: VcpuCetState, cpu, exit_: VmExit) -> None:
+def handle_xsetbv(vcpu: VcpuArch, cpu, exit_: VmExit) -> None:
     if kvm_set_xcr_fault(vcpu, exit_.xcr_index, exit_.xcr_value):
         cpu.inject_exception(Vector.GP, 0)
         return
@@ -398,13 +398,13 @@ def userspace_exit(exit_: VmExit) -> KvmRun:
     if reason is ExitReason.HLT:
         return KvmRun(KvmExitReason.HLT, exit_.rip)
     if reason is ExitReason.TRIPLE_FAULT:
-        return KvmRun(KvmExitReason.SHUTDOWN, exit_.rip, detail=exit_.detail or "triple fault")
+        return KvmRun(KvmExitReason.EMULATION_FAILED, exit_.rip, detail=exit_.detail or "triple fault")
     if reason is ExitReason.BUDGET:
         return KvmRun(KvmExitReason.INTR, exit_.rip, detail="instruction budget reached")
     if reason is ExitReason.DELIVERY_FAILED:
         return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.DELIVERY_EV,
                       detail=exit_.detail)
-    if reason is ExitReason.SHUTDOWN:
+    if reason is ExitReason.EMULATION_FAILED:
         return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
                       detail=exit_.detail)
     return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip,

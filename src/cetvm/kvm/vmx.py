@@ -28,7 +28,7 @@ from cetvm.arch.regs import Cr4
 from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cr import cr4_reserved_bits
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 #: Every MSR KVM intercepts by default that matters to CET (the bitmap starts all-ones).
 CET_INTERCEPTABLE_MSRS: frozenset[int] = CET_MSR_SET | {int(Msr.IA32_XSS)}
@@ -51,7 +51,7 @@ def vmx_cet_controls(caps: KvmCaps) -> tuple[int, int]:
     return 0, 0
 
 
-def init_vmcs_cet(vcpu: VcpuCetState, host: HostCpu) -> None:
+def init_vmcs_cet(vcpu: VcpuArch, host: HostCpu) -> None:
     """init_vmcs(): controls and the host-state CET fields."""
     entry, exit_ = vmx_cet_controls(vcpu.caps)
     vcpu.vmcs.write(VmcsField.VM_ENTRY_CONTROLS, entry)
@@ -61,7 +61,7 @@ def init_vmcs_cet(vcpu: VcpuCetState, host: HostCpu) -> None:
     vcpu.vmcs.write(VmcsField.HOST_INTR_SSP_TABLE, 0)
 
 
-def vmx_update_intercept_for_cet_msr(vcpu: VcpuCetState) -> set[int]:
+def vmx_update_intercept_for_cet_msr(vcpu: VcpuArch) -> set[int]:
     """The set of CET/XSS MSRs whose guest RDMSR/WRMSR must exit to KVM."""
     intercepts = set(CET_INTERCEPTABLE_MSRS)
     caps, cpuid = vcpu.caps, vcpu.cpuid
@@ -73,7 +73,7 @@ def vmx_update_intercept_for_cet_msr(vcpu: VcpuCetState) -> set[int]:
     return intercepts
 
 
-def vmx_set_cr4_guest_host_mask(vcpu: VcpuCetState, cpu) -> None:
+def vmx_set_cr4_guest_host_mask(vcpu: VcpuArch, cpu) -> None:
     """Make the CPU #GP a guest CR4 write exactly when KVM would (module docstring): CR4.CET
     from ``has_shstk``/``has_ibt``, every other reserved bit (kvm-unit-tests' pcid, la57, lam,
     umip: a CR4 feature bit the guest CPUID lacks) from ``cr4_guest_rsvd_bits``."""
@@ -83,15 +83,15 @@ def vmx_set_cr4_guest_host_mask(vcpu: VcpuCetState, cpu) -> None:
     cpu.cr4_guest_rsvd_bits = cr4_reserved_bits(vcpu.cpuid) & ~int(Cr4.CET)
 
 
-def _entry_loads_cet(vcpu: VcpuCetState) -> bool:
+def _entry_loads_cet(vcpu: VcpuArch) -> bool:
     return bool(vcpu.vmcs.read(VmcsField.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_CET_STATE)
 
 
-def _exit_loads_cet(vcpu: VcpuCetState) -> bool:
+def _exit_loads_cet(vcpu: VcpuArch) -> bool:
     return bool(vcpu.vmcs.read(VmcsField.VM_EXIT_CONTROLS) & VmExitControls.LOAD_CET_STATE)
 
 
-def vmx_vcpu_enter(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
+def vmx_vcpu_enter(vcpu: VcpuArch, cpu, host: HostCpu) -> None:
     """VM entry: guest CET state from the VMCS (with the entry control), XCR0, XSS, CR0/CR4."""
     if _entry_loads_cet(vcpu):
         cpu.set_cet_msr(Msr.IA32_S_CET, vcpu.vmcs.read(VmcsField.GUEST_S_CET))
@@ -105,7 +105,7 @@ def vmx_vcpu_enter(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
     cpu.xss = vcpu.ia32_xss
 
 
-def vmx_vcpu_exit(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
+def vmx_vcpu_exit(vcpu: VcpuArch, cpu, host: HostCpu) -> None:
     """VM exit: save the guest CET fields; load the host's with the exit control."""
     vcpu.vmcs.write(VmcsField.GUEST_S_CET, cpu.cet_msr(Msr.IA32_S_CET))
     vcpu.vmcs.write(VmcsField.GUEST_SSP, cpu.ssp)
@@ -118,7 +118,7 @@ def vmx_vcpu_exit(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
         host.intr_ssp_table = vcpu.vmcs.read(VmcsField.HOST_INTR_SSP_TABLE)
 
 
-def kvm_load_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
+def kvm_load_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     """fpu_swap_kvm_fpstate(guest): the guest's CET_U / CET_S values go into the CPU's MSRs
     (plus MXCSR and XMM0-15 of the legacy region, see :func:`_swap_sse`)."""
     fpu = vcpu.fpu
@@ -133,7 +133,7 @@ def kvm_load_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
     fpu.loaded = True
 
 
-def kvm_put_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
+def kvm_put_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     """fpu_swap_kvm_fpstate(host): copy the CPU's live guest values back into the fpstate.
 
     A component whose values are all zero is stored as init state (XSTATE_BV bit clear), as

@@ -5,7 +5,7 @@ reference §7):
 
 - :mod:`.policy` — pure predicates: is a CET feature active at a CPL, which MSR controls it.
 - :mod:`.shadow_stack` — near CALL/RET, far-transfer frames, supervisor tokens.
-- :mod:`.events` — SSP changes on events (interrupts/exceptions), IRET, far CALL/RET,
+- :mod:`.far_transfers` — SSP changes on events (interrupts/exceptions), IRET, far CALL/RET,
   SYSCALL/SYSRET and SYSENTER/SYSEXIT.
 - :mod:`.ibt` — the ENDBRANCH tracker (state lives in U_CET/S_CET).
 - :mod:`.instructions` — RDSSP, INCSSP, RSTORSSP, SAVEPREVSSP, SETSSBSY, CLRSSBSY, WRSS, WRUSS,

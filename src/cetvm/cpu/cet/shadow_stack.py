@@ -13,7 +13,7 @@ Conventions shared by every function here:
   :func:`~cetvm.cpu.cet.policy.shadow_stack_enabled`, :func:`entry_width` and
   :func:`is_user_shadow_stack` (same rules, plain-int constants; see :mod:`cetvm.cpu.cet.policy`).
 - Frame helpers take and return SSP values instead of writing ``m.ssp`` so that the event/transfer
-  functions in :mod:`cetvm.cpu.cet.events` can commit SSP once, after every check.
+  functions in :mod:`cetvm.cpu.cet.far_transfers` can commit SSP once, after every check.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""SSP (and IBT tracker) changes on control transfers that change CS or privilege.
+"""SSP (and IBT tracker) changes on far transfers: control transfers that change CS or privilege
+(interrupt and exception delivery, IRET, far CALL/RET, SYSCALL/SYSRET, SYSENTER/SYSEXIT).
 
 [SDM Vol. 2 INT n/INTO/INT3/INT1 (event delivery), IRET, CALL far, RET far, SYSCALL, SYSRET,
 SYSENTER, SYSEXIT pseudo-code; reference §4 steps (1)-(5); Bochs cpu/exception.cc, iret.cc.]

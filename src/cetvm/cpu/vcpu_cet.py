@@ -1,4 +1,5 @@
-"""The vCPU's side of the :class:`cetvm.cpu.cet.machine.CetMachine` protocol, and the CET MSR values.
+"""The vCPU's CET part: its implementation of the :class:`cetvm.cpu.cet.machine.CetMachine`
+protocol (the seam to the CET semantics of :mod:`cetvm.cpu.cet`) and the CET MSR values.
 
 Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): what the CET state
 machine (:mod:`cetvm.cpu.cet`) reads and writes through the machine — CPL, 64-bit mode, CR4.CET,
