@@ -398,7 +398,7 @@ def userspace_exit(exit_: VmExit) -> KvmRun:
     if reason is ExitReason.HLT:
         return KvmRun(KvmExitReason.HLT, exit_.rip)
     if reason is ExitReason.TRIPLE_FAULT:
-        return KvmRun(KvmExitReason.EMULATION_FAILED, exit_.rip, detail=exit_.detail or "triple fault")
+        return KvmRun(KvmExitReason.SHUTDOWN, exit_.rip, detail=exit_.detail or "triple fault")
     if reason is ExitReason.BUDGET:
         return KvmRun(KvmExitReason.INTR, exit_.rip, detail="instruction budget reached")
     if reason is ExitReason.DELIVERY_FAILED:

@@ -181,7 +181,7 @@ def exit_result(run: KvmRun, instructions: int) -> RunResult | None:
     """The RunResult for a KVM exit that ends the run (None: keep running). KVM_EXIT_HLT is
     not one: the vCPU halts (RunLoop); the machine stops when no vCPU can run."""
     reason = run.exit_reason
-    if reason is KvmExitReason.EMULATION_FAILED:
+    if reason is KvmExitReason.SHUTDOWN:
         return RunResult(STATUS_TRIPLE_FAULT, StopReason.TRIPLE_FAULT, f"KVM_EXIT_SHUTDOWN: {run.detail}",
                          instructions, run.rip, exception_from_detail(run.detail))
     if reason is KvmExitReason.INTERNAL_ERROR:
