@@ -1,4 +1,4 @@
-"""MSR indices and the CET MSR bit layouts [SDM Vol. 4; reference §2]."""
+"""MSR indices and the CET MSR bit layouts [SDM Vol. 4]."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def pl_ssp_msr(cpl: int) -> Msr:
 
 
 class CetCtl(enum.IntFlag):
-    """Bits of IA32_U_CET / IA32_S_CET [SDM Vol. 4 Table 2-2; reference §2]."""
+    """Bits of IA32_U_CET / IA32_S_CET [SDM Vol. 4 Table 2-2]."""
 
     SH_STK_EN = 1 << 0
     WR_SHSTK_EN = 1 << 1

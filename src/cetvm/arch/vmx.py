@@ -1,4 +1,4 @@
-"""VMX facts for CET: VMCS field encodings and control bits [SDM Vol. 3 App. B; reference §5]."""
+"""VMX facts for CET: VMCS field encodings and control bits [SDM Vol. 3 App. B]."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class ExitReason(enum.IntEnum):
 #: KVM_GET/SET_ONE_REG id of the guest SSP: KVM_X86_REG_KVM(KVM_REG_GUEST_SSP) [K].
 KVM_REG_GUEST_SSP_ID = 0x2030000300000000
 
-#: AMD VMCB save-area offsets of the CET state [reference §5].
+#: AMD VMCB save-area offsets of the CET state [AMD APM Vol. 2 Table B-2].
 VMCB_SAVE_S_CET = 0x1E0
 VMCB_SAVE_SSP = 0x1E8
 VMCB_SAVE_ISST_ADDR = 0x1F0

@@ -1,5 +1,5 @@
 """The CPU engine ("hardware"): Unicorn executes guest code, cetvm adds CET, event delivery
-through the guest IDT and VMX-like exits (DESIGN.md "The CPU engine").
+through the guest IDT and VMX-like exits.
 
 Public API (imported lazily, so ``cetvm.cpu.cet`` stays importable without Unicorn):
 :class:`Vcpu` (:mod:`.vcpu`), :class:`VmExit` / :class:`ExitReason` / :class:`Direction`

@@ -41,7 +41,7 @@ class BlockHookMixin:
 
     def _install_block_hook(self) -> None:
         """Register the block hook straight through Unicorn's C API (ctypes): about twice as fast
-        as the binding's wrapper, and the same shape a native hook will have. The hook is the
+        as the binding's wrapper, and the shape the native C hook has too. The hook is the
         common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`_on_block` (the
         reference), or :meth:`_on_block_raw` alone when ``python_fast_path`` is False."""
         hook = make_block_hook(self, self._on_block) if self.python_fast_path else self._on_block_raw

@@ -1,7 +1,7 @@
 """Per-block state of the CET layer: the block classification cache and the previous terminator.
 
-This is the one small object a native block hook (a later issue, through Unicorn's C API) will
-replace: its interface is ``cache`` (address → :class:`BlockInfo`; a hit also needs the same
+The native block hook (:mod:`cetvm.cpu.native`) replaces it with its own table of the same
+interface: its interface is ``cache`` (address → :class:`BlockInfo`; a hit also needs the same
 size), ``lookup(address, size)``, ``store(info)``, ``prev`` (the terminator of the block that
 ran last, or None; FALLTHROUGH blocks store None), ``prev_block_start`` and ``invalidate()``. The engine's hot path
 reads ``cache`` and ``prev`` directly; nothing else touches the tracker.

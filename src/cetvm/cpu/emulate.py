@@ -311,7 +311,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
 
 # ----------------------------------------------------------------------------- control registers
 def mov_to_cr(vcpu, instr: Instruction) -> None:
-    """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5; reference §3]:
+    """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5]:
     CR4.CET is reserved (#GP) unless the model has SHSTK or IBT; setting CR4.CET with CR0.WP=0
     and clearing CR0.WP with CR4.CET=1 → #GP(0). CR4 bits in ``vcpu.cr4_guest_rsvd_bits`` (set
     by the hypervisor: bits reserved for this guest's CPUID) → #GP(0). CR0 bits 63:32, or clearing
@@ -337,7 +337,7 @@ def mov_to_cr(vcpu, instr: Instruction) -> None:
 
 def check_cr0_write(vcpu, value: int) -> None:
     """#GP(0) for a CR0 value MOV to CR0 / LMSW may not load: WP cleared with CR4.CET set, PG
-    without PE, bits 63:32, PG cleared in 64-bit mode [SDM Vol. 2 MOV—CR; reference §3]."""
+    without PE, bits 63:32, PG cleared in 64-bit mode [SDM Vol. 2 MOV—CR]."""
     if not value & Cr0.WP and vcpu.cr4 & Cr4.CET:
         raise gp(0)
     if value & Cr0.PG and not value & Cr0.PE:

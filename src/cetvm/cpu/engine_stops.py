@@ -28,7 +28,7 @@ from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
 
 PAGE = 0x1000
-#: Vectors that are traps: RIP reported by Unicorn is past the instruction (engine-notes).
+#: Vectors that are traps: RIP reported by Unicorn is past the instruction.
 _TRAP_VECTORS = frozenset({Vector.BP, Vector.OF})
 
 

@@ -1,7 +1,7 @@
 """The Python CET common-case path: a flat block hook in front of the reference state machine.
 
 [The Python twin of the native short path, ``cetfast_block_hook`` in cpu/native/cetfast.c;
-DESIGN.md "The CPU engine"; the semantics are :func:`cetvm.cpu.cet.transfer.on_block_start`.]
+the semantics are :func:`cetvm.cpu.cet.transfer.on_block_start`.]
 
 At every block start the Vcpu's Python block hook must apply the previous block's terminator.
 The reference (:meth:`cetvm.cpu.vcpu.Vcpu._on_block` → ``on_block_start`` → shadow-stack and

@@ -53,7 +53,7 @@ def check_fpu_widths(fpu: FpuState) -> None:
 
 
 def cet_msr_value(cet: CetState, index: int) -> int:
-    """The value of CET MSR ``index`` held in ``cet`` [SDM Vol. 3 §18.3.1 / reference §MSRs]."""
+    """The value of CET MSR ``index`` held in ``cet`` [SDM Vol. 3 §18.3.1]."""
     if index == Msr.IA32_U_CET:
         return cet.u_cet
     if index == Msr.IA32_S_CET:
@@ -203,7 +203,7 @@ class Registers:
             blob.restore(self._uc)
 
     def reset_old_exception(self) -> None:
-        """Forget the last exception so the next fault is not promoted to #DF (engine-notes)."""
+        """Forget the last exception so the next fault is not promoted to #DF."""
         blob = ContextBlob.save(self._uc)
         blob.reset_old_exception()
         blob.restore(self._uc)

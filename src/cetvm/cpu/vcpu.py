@@ -1,6 +1,6 @@
 """The vCPU: Unicorn executes guest code, cetvm adds CET, event delivery and VMX-like exits.
 
-Execution model (DESIGN.md "The CPU engine", engine-notes.md):
+Execution model:
 
 - *Traced mode* (the default, ``trace=True``): one Python
   UC_HOOK_BLOCK hook. On a block's first execution it is decoded (iced-x86); instructions cetvm
@@ -344,7 +344,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.clear_stale_old_exception()
 
     def reset_old_exception(self) -> None:
-        """Forget the last exception so the next fault is not promoted to #DF (engine-notes)."""
+        """Forget the last exception so the next fault is not promoted to #DF."""
         self._registers.reset_old_exception()
 
     # ------------------------------------------------------------------ cached mode
@@ -370,7 +370,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def _update_tlb_mode(self, paging_off: bool) -> None:
         """Paging off (traced mode only, where MOV to CR0 is emulated and seen): Unicorn's
         virtual-TLB mode with :meth:`_on_tlb_fill`, so data pages are not executable to the
-        engine and stores stay on its fast path (engine-notes "Speed"). Paging on: the CPU's
+        engine and stores stay on its fast path. Paging on: the CPU's
         own walk of the guest page tables (the guest's NX does the same job)."""
         virtual = self.traced and paging_off
         if virtual != self._tlb_virtual:

@@ -1,5 +1,5 @@
 """XSAVES / XRSTORS / XSAVEC emulation (Unicorn raises #UD for all three) [SDM Vol. 1 ch. 13,
-Vol. 2 XSAVES/XRSTORS/XSAVEC; reference §1].
+Vol. 2 XSAVES/XRSTORS/XSAVEC].
 
 Layout, header checks and CET value checks come from :mod:`cetvm.xstate`. Components handled:
 x87 (0) and SSE (1) through Unicorn's registers, AVX (2: the upper YMM halves), CET_U (11) and

@@ -1,6 +1,6 @@
 """The hypervisor model: KVM 6.18's CET capability, CPUID, MSR and CR policy.
 
-Modules stay small and separate (the VM/vCPU run loop will join them): :mod:`host` (the host
+The policy modules: :mod:`host` (the host
 KVM loads on), :mod:`caps` (kvm_caps, reasons, KVM_GET_MSR_INDEX_LIST), :mod:`supported_cpuid`
 (KVM_GET_SUPPORTED_CPUID), :mod:`cpuid_runtime` (KVM_SET_CPUID2 and runtime leaf 0xD sizes),
 :mod:`msr` (CET/XSS MSR access, ONE_REG), :mod:`cr` (CR0.WP / CR4.CET), :mod:`vcpu`,

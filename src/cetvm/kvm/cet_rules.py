@@ -1,4 +1,4 @@
-"""Pure value checks KVM applies to CET MSR data [K x86.h; reference §2, §5]."""
+"""Pure value checks KVM applies to CET MSR data [K x86.h]."""
 
 from __future__ import annotations
 

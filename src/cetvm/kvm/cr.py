@@ -1,5 +1,5 @@
 """CR0/CR4 rules for CET (kvm_is_valid_cr4 / kvm_set_cr0 / kvm_set_cr4 / kvm_is_valid_sregs)
-[K x86.c; SDM Vol. 3 2.5; reference §3, §5]. ``True`` = accepted; for a guest MOV to CR a
+[K x86.c; SDM Vol. 3 2.5]. ``True`` = accepted; for a guest MOV to CR a
 ``False`` is #GP(0), for KVM_SET_SREGS it is -EINVAL."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """CET and XSS MSR access as KVM 6.18 does it (__kvm_set_msr / __kvm_get_msr /
-kvm_set_msr_common / vmx_set_msr, wrapped by kvm_do_msr_access) [K; reference §5].
+kvm_set_msr_common / vmx_set_msr, wrapped by kvm_do_msr_access) [K].
 
 Two levels, as in KVM:
 
@@ -12,7 +12,7 @@ Two levels, as in KVM:
   read, or write 0 to, an UNSUPPORTED MSR that KVM advertises in KVM_GET_MSR_INDEX_LIST
   (ignore_msrs=0 assumed).
 
-Decisions: IA32_INT_SSP_TAB needs guest SHSTK *and* LM (reference §5 table). Guest WRMSR to XSS
+Decisions: IA32_INT_SSP_TAB needs guest SHSTK *and* LM (kvm_cet_is_msr_accessible). Guest WRMSR to XSS
 without XSAVES is UNSUPPORTED; RDMSR of XSS fails only for the guest without XSAVES (userspace
 may always read it). Canonical checks use 48-bit linear addresses.
 """
@@ -41,7 +41,8 @@ class MsrResult(enum.Enum):
     FILTERED = "filtered"
 
 
-#: XSAVE-managed MSRs: (component, offset in component) [reference §1].
+#: XSAVE-managed MSRs: (component, offset in component) [SDM Vol. 1 §13.5.6;
+#: KVM is_xstate_managed_msr()].
 XSTATE_MANAGED_MSRS: dict[int, tuple[int, int]] = {
     Msr.IA32_U_CET: (XFeature.CET_USER, 0),
     Msr.IA32_PL3_SSP: (XFeature.CET_USER, 8),

@@ -1,5 +1,5 @@
 """RESET and INIT of a vCPU: kvm_vcpu_reset(), kvm_xstate_reset(), vmx_vcpu_reset() [K x86.c,
-vmx.c 6.18; seeds/004 (the INIT xstate patch); SDM Vol. 3 10.1.1 Table 10-1; reference §5].
+vmx.c 6.18 (the INIT xstate patch of the CET series); SDM Vol. 3 10.1.1 Table 10-1].
 
 What INIT and RESET do here, as KVM does:
 
@@ -44,7 +44,7 @@ def xstate_clear_on_init(vcpu: VcpuArch) -> int:
 
 
 def kvm_xstate_reset(vcpu: VcpuArch, cpu, init_event: bool) -> None:
-    """The seeds/004 helper: clear selected components on INIT only."""
+    """kvm_xstate_reset()'s helper: clear selected components on INIT only."""
     from cetvm.kvm.vmx import kvm_load_guest_fpu, kvm_put_guest_fpu
 
     fpstate = vcpu.fpu

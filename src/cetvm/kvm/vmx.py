@@ -1,7 +1,7 @@
 """VMX CET plumbing between KVM's state and the CPU: controls, MSR interception, entry/exit.
 
 - :func:`vmx_cet_controls` — vmx setup sets the "load CET state" VM-entry control (bit 20) and
-  VM-exit control (bit 28) when KVM offers SHSTK or IBT [K vmx.c setup_vmcs_config; reference §5].
+  VM-exit control (bit 28) when KVM offers SHSTK or IBT [K vmx.c setup_vmcs_config].
 - :func:`vmx_update_intercept_for_cet_msr` — after every KVM_SET_CPUID2: PL0-3_SSP pass through
   with guest SHSTK; U_CET and S_CET pass through with guest SHSTK or IBT; INT_SSP_TAB and
   IA32_XSS are always intercepted (KVM emulates them). Everything else the CPU handles itself.

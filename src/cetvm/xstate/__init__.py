@@ -1,6 +1,6 @@
 """XSAVE layouts, XSAVE images, XRSTOR(S) checks and the host FPU framework model.
 
-Layer: above :mod:`cetvm.cpuid` and :mod:`cetvm.arch` (DESIGN.md). Public API:
+Layer: above :mod:`cetvm.cpuid` and :mod:`cetvm.arch`. Public API:
 :class:`XComponent`, :class:`XsaveLayout`, :class:`XsaveArea` (+ :class:`XsaveFormat`,
 :class:`CetUserState`, :class:`CetKernelState`), :func:`xrstor_fault`,
 :func:`cet_component_value_fault`, :func:`xrstors_value_fault`, :class:`HostFpu`,

@@ -1,7 +1,7 @@
 """The host kernel's FPU framework, as Linux 6.18 configures it [L arch/x86/kernel/fpu/xstate.c].
 
 What the model reproduces (fpu__init_system_xstate and friends, with the CET changes that
-went in for KVM CET virtualization — review threads in ../shared/seeds 000 and 002):
+went in for KVM CET virtualization — the review of the KVM CET virtualization series):
 
 - Max features = CPU-enumerated XCR0 | XSS components, restricted to what Linux supports
   (XFEATURE_MASK_USER_SUPPORTED: x87, SSE, AVX, MPX, AVX-512, PKRU, AMX, APX;

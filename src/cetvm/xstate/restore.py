@@ -1,7 +1,6 @@
 """XRSTOR/XRSTORS validity checks as pure functions: None, or why the CPU raises #GP(0).
 
-Header checks [SDM Vol. 1 13.8.1/13.8.2, Vol. 2B XRSTOR/XRSTORS "Protected Mode Exceptions";
-reference §1]:
+Header checks [SDM Vol. 1 13.8.1/13.8.2, Vol. 2B XRSTOR/XRSTORS "Protected Mode Exceptions"]:
 
 - the area is not 64-byte aligned (both instructions);
 - XRSTORS: XCOMP_BV[63] = 0; XCOMP_BV sets a bit outside XCR0 | IA32_XSS; XSTATE_BV sets a
@@ -16,8 +15,8 @@ XRSTOR exception list) checks only bytes 23:8 of the header, so bytes 536–575 
 a standard-form XRSTOR here, as on hardware. A test pins this.
 
 Value checks: XRSTORS applies the WRMSR checks to the CET_U / CET_S values it loads and
-raises #GP(0) on a bad one (reference §1, §2 — the SDM's XRSTORS operation; Bochs 2.7 omits
-this check, reference §7, so Bochs is no oracle here).
+raises #GP(0) on a bad one (the SDM's XRSTORS operation [SDM Vol. 1 §13.12]; Bochs 2.7 omits
+this check, so Bochs is no oracle here).
 """
 
 from __future__ import annotations

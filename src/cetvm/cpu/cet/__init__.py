@@ -1,7 +1,6 @@
 """CET semantics of the CPU: shadow stacks and indirect branch tracking.
 
-One feature, one module (modelled on Bochs cpu/cet.cc, following the SDM where Bochs deviates,
-reference §7):
+One feature, one module (following the SDM's CET chapter, SDM Vol. 1 ch. 18, and the instruction pages):
 
 - :mod:`.policy` — pure predicates: is a CET feature active at a CPL, which MSR controls it.
 - :mod:`.shadow_stack` — near CALL/RET, far-transfer frames, supervisor tokens.

@@ -2,7 +2,7 @@
 (interrupt and exception delivery, IRET, far CALL/RET, SYSCALL/SYSRET, SYSENTER/SYSEXIT).
 
 [SDM Vol. 2 INT n/INTO/INT3/INT1 (event delivery), IRET, CALL far, RET far, SYSCALL, SYSRET,
-SYSENTER, SYSEXIT pseudo-code; reference §4 steps (1)-(5); Bochs cpu/exception.cc, iret.cc.]
+SYSENTER, SYSEXIT pseudo-code; SDM Vol. 1 §18.2.4-§18.2.6.]
 
 How the engine calls these (all of them return the new SSP, which they have also written to
 ``m.ssp``, or raise :class:`~cetvm.cpu.faults.GuestFault` with SSP, PL3_SSP and the trackers
@@ -201,7 +201,7 @@ def ssp_on_iret(
     frame (#CP(FAR_RET_IRET) on SSP misalignment, CS/LIP mismatch, prevSSP & 3 ≠ 0; #GP(0) on a
     bad prevSSP for the mode); in IA-32e mode, if prevSSP differs from the SSP after the frame
     (``tempSSP != SSP``: the event had switched stacks through IST) free the token at that SSP;
-    SSP = prevSSP. Bochs frees the token unconditionally; we follow the SDM (reference §7).
+    SSP = prevSSP. Bochs frees the token unconditionally; we follow the SDM.
     A return to a more privileged level is not possible for IRET (the engine faults first).
     """
     _check_cpls(old_cpl, new_cpl)

@@ -1,4 +1,4 @@
-"""The CET instructions, one function each [SDM Vol. 2 instruction pages; reference §4 table].
+"""The CET instructions, one function each [SDM Vol. 2 instruction pages].
 
 The engine decodes the instruction and passes the operands it resolved: a register value, the
 linear address of a memory operand (segmentation and, in 64-bit mode, the canonical check
@@ -176,7 +176,7 @@ def clrssbsy(m: CetMachine, linear: int) -> FlagsResult:
     [SDM CLRSSBSY] #UD if CR4.CET = 0 or S_CET.SH_STK_EN = 0; #GP(0) if CPL > 0 or ``linear``
     not 8-aligned. Locked cmpxchg from ``linear | 1`` to ``linear``; CF = 1 if the token was
     invalid (not busy, or not naming ``linear``), else CF = 0 — the SDM's rule; Bochs 2.7 has it
-    inverted (reference §7). ZF/PF/AF/OF/SF cleared; SSP = 0 either way.
+    inverted. ZF/PF/AF/OF/SF cleared; SSP = 0 either way.
     """
     _require_supervisor_shadow_stack_at_cpl0(m)
     linear &= U64_MASK

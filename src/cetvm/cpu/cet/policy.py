@@ -1,4 +1,4 @@
-"""Which CET feature is active at a privilege level [SDM Vol. 1 §18.2.2, §18.3.2; reference §3].
+"""Which CET feature is active at a privilege level [SDM Vol. 1 §18.2.2, §18.3.2].
 
 Pure predicates over the :class:`~cetvm.cpu.cet.machine.CetMachine` state. "Protected mode with
 paging" is the engine's concern: these functions assume it (the engine does not call CET

@@ -1,6 +1,6 @@
 """Shadow-stack primitives: near CALL/RET, far-transfer frames, supervisor tokens.
 
-[SDM Vol. 1 ch. 18.2; SDM Vol. 2 CALL, RET, INT n, IRET pseudo-code; reference §4.]
+[SDM Vol. 1 ch. 18.2; SDM Vol. 2 CALL, RET, INT n, IRET pseudo-code.]
 
 Conventions shared by every function here:
 
@@ -28,7 +28,7 @@ _U32 = 0xFFFF_FFFF
 
 #: Size of the far-transfer / event frame on the shadow stack: CS, LIP, previous SSP.
 TRANSFER_FRAME_SIZE = 24
-#: Token plus frame must lie in one naturally aligned region of this size (reference §7).
+#: Token plus frame must lie in one naturally aligned region of this size.
 TOKEN_FRAME_REGION = 32
 
 
@@ -48,7 +48,7 @@ def call_pushes_shadow_stack(displacement_zero: bool) -> bool:
     SDM CALL: "IF ShadowStackEnabled(CPL) AND DEST != 0" — a CALL rel16/rel32 whose displacement
     is 0 (the "call next instruction" idiom used to read RIP in 32-bit code) pushes nothing, so
     the matching POP does not unbalance the shadow stack. Every other near CALL (any non-zero
-    displacement, any indirect CALL) pushes (reference §4, §7).
+    displacement, any indirect CALL) pushes [SDM Vol. 2 CALL].
     """
     return not displacement_zero
 
@@ -98,7 +98,7 @@ def push_transfer_frame(m: CetMachine, ssp: int, cs: int, lip: int, prev_ssp: in
     If ``ssp`` is 4 mod 8 (possible outside 64-bit mode) a 4-byte 0 is stored at ssp-4 and SSP
     is aligned down to 8; then 8-byte pushes of CS (zero-padded), LIP and ``prev_ssp``, so the
     frame reads prevSSP at [SSP], LIP at [SSP+8], CS at [SSP+16] [SDM CALL far / INT n
-    "Align to next 8 byte boundary"; reference §4]. The SDM stores the 4-byte 0 at ssp-4
+    "Align to next 8 byte boundary"]. The SDM stores the 4-byte 0 at ssp-4
     unconditionally; when ssp is 8-aligned those bytes are the high half of the CS slot, which
     the CS push overwrites with zero padding, so storing only when ssp & 4 is equivalent.
     """
@@ -137,7 +137,7 @@ def token_and_frame_share_region(ssp: int) -> bool:
     """The supervisor token at ``ssp`` and the 24-byte frame below it lie in one aligned 32 bytes.
 
     SDM INT n / CALL through a call gate: "IF (SSP & ~0x1F) != ((SSP - 24) & ~0x1F) THEN #GP(0)".
-    Bochs 2.7 omits this check (reference §7); we follow the SDM. For an 8-aligned SSP it holds
+    Bochs 2.7 omits this check; we follow the SDM. For an 8-aligned SSP it holds
     only when SSP mod 32 = 24.
     """
     return (ssp & ~0x1F) == ((ssp - TRANSFER_FRAME_SIZE) & ~0x1F)
@@ -151,8 +151,8 @@ def shstk_enter_supervisor(m: CetMachine, new_ssp: int, *, long_mode: bool | Non
     2. token and frame not in one naturally aligned 32-byte region (:func:`token_and_frame_share_region`);
     3. outside 64-bit mode (``long_mode`` False, default ``m.long_mode``) and new_ssp[63:32] ≠ 0;
     4. the locked cmpxchg of the token from ``new_ssp`` (free) to ``new_ssp | 1`` (busy) fails —
-       a busy token or one naming another address (reference §4 step (3), UNVERIFIED there; the
-       SDM pseudo-code says #GP(0), decided so).
+       a busy token or one naming another address (the SDM pseudo-code of
+       the event delivery says #GP(0), decided so).
     The token access is a supervisor shadow-stack access (so a user page → #PF with SS).
     Does not write ``m.ssp``.
     """

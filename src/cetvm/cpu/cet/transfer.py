@@ -1,6 +1,6 @@
 """The per-block CET state machine: apply the previous block's terminator at each block start.
 
-[DESIGN.md "The CPU engine"; engine-notes "The block-hook method"; SDM CALL/RET/JMP; reference §4.]
+[SDM CALL/RET/JMP.]
 
 The engine runs guest code in translation blocks. At the start of every block it calls
 :func:`on_block_start` with the terminator of the block that just ended (classified once per
