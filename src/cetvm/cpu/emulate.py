@@ -23,6 +23,7 @@ from cetvm.arch.regs import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
+from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
 from cetvm.cpu import string_ops
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
@@ -31,14 +32,6 @@ from cetvm.cpu.state import SegAttr, Segment
 from cetvm.arch.regs import U64_MASK as _U64
 
 
-#: MSRs Unicorn 2.1.4 implements (RDMSR/WRMSR of any other index that is not a CET MSR, XSS or
-#: intercepted raises #GP(0), as on a CPU without that MSR). Unicorn drops/zeroes unknown ones.
-UNICORN_MSRS = frozenset(int(m) for m in (
-    Msr.IA32_SYSENTER_CS, Msr.IA32_SYSENTER_ESP, Msr.IA32_SYSENTER_EIP, Msr.IA32_PAT, Msr.IA32_APIC_BASE,
-    Msr.IA32_EFER, Msr.IA32_STAR, Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FMASK, Msr.IA32_FS_BASE,
-    Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE, Msr.IA32_TSC_AUX,
-    Msr.IA32_TIME_STAMP_COUNTER,
-))
 
 
 def can_emulate(instr: Instruction) -> bool:
@@ -264,7 +257,7 @@ def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
         if not _model_has_xsaves(vcpu):
             raise gp(0)
         value = vcpu.xss
-    elif index in UNICORN_MSRS:
+    elif index in ENGINE_MSRS:
         value = vcpu.msr(index)
     else:
         raise gp(0)
@@ -296,7 +289,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
         if not _model_has_xsaves(vcpu) or value & ~vcpu.model.xss_mask:
             raise gp(0)
         vcpu.xss = value
-    elif index in UNICORN_MSRS:
+    elif index in ENGINE_MSRS:
         if index == Msr.IA32_EFER and value & Efer.LMA != vcpu.msr(Msr.IA32_EFER) & Efer.LMA:
             value = (value & ~Efer.LMA) | (vcpu.msr(Msr.IA32_EFER) & Efer.LMA)  # LMA is read-only
         if index in (Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FS_BASE, Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE) \

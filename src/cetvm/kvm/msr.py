@@ -27,6 +27,7 @@ from cetvm.arch.msr import CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, Efer, Msr
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
+from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp, kvm_is_valid_u_s_cet
 from cetvm.kvm.errors import KvmInvalidArgument, KvmNotSupported
 from cetvm.kvm.vcpu import VcpuArch
@@ -230,13 +231,9 @@ SOFTWARE_MSR_RESET: dict[int, int] = {
 }
 
 
-def _cpu_held_msrs() -> frozenset[int]:
-    from cetvm.cpu.emulate import UNICORN_MSRS  # the "hardware" MSR file
-    return frozenset(UNICORN_MSRS) - {int(Msr.IA32_APIC_BASE), int(Msr.IA32_PAT)}
-
-
-#: MSRs the CPU holds and checks itself; KVM lets the guest reach them directly.
-CPU_HELD_MSRS: frozenset[int] = _cpu_held_msrs()
+#: MSRs the CPU holds and checks itself; KVM lets the guest reach them directly (the APIC base
+#: and PAT are KVM's own: kvm_set_apic_base, kvm_pat_valid).
+CPU_HELD_MSRS: frozenset[int] = ENGINE_MSRS - {int(Msr.IA32_APIC_BASE), int(Msr.IA32_PAT)}
 
 
 def kvm_pat_valid(data: int) -> bool:
