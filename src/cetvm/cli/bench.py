@@ -36,6 +36,8 @@ from cetvm.arch import Pte, Vector
 from cetvm.cpu.exits import ExitReason
 from cetvm.cpu.state import Segment
 from cetvm.cpu.vcpu import Vcpu
+from cetvm.cpu.native import native_available
+from cetvm.cpuid import get_model
 
 MODEL = "sapphire-rapids"
 RAM = 2 << 20
@@ -99,8 +101,6 @@ def enter_ring3(vcpu: Vcpu) -> None:
 
 def make_vcpu(iterations: int, cet: bool, cet_path: str | None = None, cpl: int = 0) -> Vcpu:
     """The workload's vCPU at ``cpl`` 0 (supervisor shadow stack) or 3 (user shadow stack)."""
-    from cetvm.cpuid import get_model
-
     if cpl not in RINGS:
         raise InputError(f"ring must be 0 or 3, not {cpl}")
     user = cpl == 3
@@ -203,8 +203,6 @@ def run_bench(iterations: int, off_iterations: int | None = None, repeats: int =
     each round and ring the native and off runs go back to back, alternating which runs first
     (the machines are shared and noisy). Headline figures: the best run of each configuration;
     all runs are in :attr:`BenchResult.samples`. The native path is skipped when it is not built."""
-    from cetvm.cpu.native import native_available
-
     if repeats < 1:
         raise InputError(f"--repeats must be at least 1, got {repeats}")
     if clock not in CLOCKS:

@@ -25,7 +25,8 @@ from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
-from cetvm.cpu import string_ops
+from cetvm.cpu import string_ops, xsave
+from cetvm.cpu.events import read_descriptor
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import SegAttr, Segment
@@ -418,8 +419,6 @@ RFLAGS_SYSRET_MASK = 0x3C_7FD7
 
 def _code_descriptor(vcpu, selector: int, cpl: int):
     """CS for a return to privilege ``cpl``: present, code, DPL = RPL = ``cpl`` (non-conforming)."""
-    from cetvm.cpu.events import read_descriptor
-
     if selector & ~3 == 0:
         raise gp(0)
     desc = read_descriptor(vcpu, selector)
@@ -433,8 +432,6 @@ def _code_descriptor(vcpu, selector: int, cpl: int):
 def _stack_descriptor(vcpu, selector: int, cpl: int, target_long: bool):
     """SS for a return to ``cpl``: a writable data segment with RPL = DPL = ``cpl``; a null SS
     is allowed for a 64-bit return to CPL 0-2 [SDM IRET 64-bit mode]."""
-    from cetvm.cpu.events import read_descriptor
-
     if selector & ~3 == 0:
         if cpl == 3 or not target_long or selector & 3 != cpl:
             raise gp(0)
@@ -547,8 +544,6 @@ def far_transfer(vcpu, instr: Instruction) -> None:
         raw = vcpu.read_virt(vcpu.reg("rsp"), 2 * size, _privilege(vcpu))
         new_rip = int.from_bytes(raw[:size], "little")
         new_cs = int.from_bytes(raw[size:], "little") & 0xFFFF
-        from cetvm.cpu.events import read_descriptor
-
         target = read_descriptor(vcpu, new_cs)
         far_transfers.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
                                   (target.base + new_rip) & _U64, target_long_mode=target.long)
@@ -615,9 +610,10 @@ def _check_descriptor_table_load(vcpu, instr: Instruction) -> None:
 
 
 def xsave_family(vcpu, instr: Instruction) -> None:
-    from cetvm.cpu import xsave
-
-    xsave.emulate(vcpu, instr)
+    """XSAVEC / XSAVES / XRSTORS: :mod:`cetvm.cpu.xsave` checks and executes, here it retires."""
+    xsave.check_usable(vcpu, instr)
+    xsave.execute(vcpu, instr, effective_address(vcpu, instr))
+    _advance(vcpu, instr)
 
 
 _HANDLERS: dict[int, Callable] = {

@@ -70,6 +70,7 @@ from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
 from cetvm.cpu.state import CetState, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
 from cetvm.arch.regs import U64_MASK
+from cetvm.cpu import emulate, events
 
 if TYPE_CHECKING:
     from cetvm.cpuid import CpuidModel
@@ -418,8 +419,6 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:
-        from cetvm.cpu import emulate, events
-
         while True:
             if self._irq_vector is not None:
                 self._take_deliverable_interrupt()
@@ -464,8 +463,6 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if not self.traced:
             self.refresh_mode()  # native IRETQ/SYSRET/far transfers may have changed CPL or mode
         if self._syscall_at is not None:
-            from cetvm.cpu import emulate
-
             self.rip, self._syscall_at = self._syscall_at, None
             return self._emulate_at(self.rip, emulate)
         if self._pending is not None or self._budget.hit or self.rip in self._exits:

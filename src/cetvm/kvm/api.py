@@ -71,7 +71,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any
+
 
 from unicorn import UcError
 
@@ -834,21 +834,3 @@ class KvmVcpu:
         assert exc is not None
         return KvmExceptionExit(exc.vector, exc.error_code, exit_.rip, int(self.cpu.cpl),
                                 self.state.vmcs.read(VmcsField.GUEST_SSP), self.cpu.get_regs().rsp, exc.cr2)
-
-
-# Complete vCPU save/restore, part of the API the VMM uses (snapshots). The implementation lives
-# in :mod:`cetvm.kvm.state`, which itself imports this module, so it is reached at call time.
-def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
-    """Read the whole vCPU state through the ioctl-named calls (see
-    :func:`cetvm.kvm.state.save_vcpu_state`)."""
-    from cetvm.kvm import state
-
-    return state.save_vcpu_state(check_instance("save_vcpu_state: vcpu", vcpu, KvmVcpu))
-
-
-def restore_vcpu_state(vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
-    """Write a saved state into ``vcpu`` (CPUID already set); incomplete state is refused (see
-    :func:`cetvm.kvm.state.restore_vcpu_state`)."""
-    from cetvm.kvm import state
-
-    state.restore_vcpu_state(check_instance("restore_vcpu_state: vcpu", vcpu, KvmVcpu), saved)

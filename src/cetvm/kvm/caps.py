@@ -38,7 +38,9 @@ from cetvm.arch.xfeatures import (
 # masks a TCG guest with TCG_*_FEATURES.
 from cetvm.cpu.engine_features import engine_feature_words  # noqa: F401
 from cetvm.kvm.errors import KvmLoadError
+from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm.host import Host
+from cetvm.kvm.supported_cpuid import kvm_get_supported_cpuid
 from cetvm.kvm.xstate_size import host_xcr0, host_xss, xstate_required_size
 
 #: KVM_SUPPORTED_XCR0 (x86.c): the XCR0 components KVM can virtualize.
@@ -108,10 +110,8 @@ class KvmCaps:
                      if self.has("xsaves") or self.has("xsavec") else 0)
         return {"standard": xstate_required_size(cpu, xcr0, False), "compacted": compacted}
 
-    def get_supported_cpuid(self, guest_perm: int = 0):  # -> CpuidModel
+    def get_supported_cpuid(self, guest_perm: int = 0) -> CpuidModel:
         """KVM_GET_SUPPORTED_CPUID (see :mod:`cetvm.kvm.supported_cpuid`)."""
-        from cetvm.kvm.supported_cpuid import kvm_get_supported_cpuid
-
         return kvm_get_supported_cpuid(self, guest_perm)
 
     def get_msr_index_list(self) -> list[int]:

@@ -24,6 +24,7 @@ from cetvm.arch.xfeatures import XFEATURE_MASK_CET, XFEATURE_MASK_MPX, XFeature
 from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
 from cetvm.kvm.vcpu import VcpuArch
 from cetvm.xstate.layout import bits_of
+from cetvm.kvm.vmx import kvm_load_guest_fpu, kvm_put_guest_fpu
 
 #: Components KVM zeroes on INIT (XFEATURE_MASK_BNDREGS | BNDCSR | CET_USER | CET_KERNEL).
 XSTATE_CLEAR_ON_INIT_MASK = XFEATURE_MASK_MPX | XFEATURE_MASK_CET
@@ -45,8 +46,6 @@ def xstate_clear_on_init(vcpu: VcpuArch) -> int:
 
 def kvm_xstate_reset(vcpu: VcpuArch, cpu, init_event: bool) -> None:
     """kvm_xstate_reset()'s helper: clear selected components on INIT only."""
-    from cetvm.kvm.vmx import kvm_load_guest_fpu, kvm_put_guest_fpu
-
     fpstate = vcpu.fpu
     if not init_event or fpstate is None:
         return  # zero-allocated at vCPU creation: nothing to do on RESET

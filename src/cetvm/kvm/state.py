@@ -48,7 +48,8 @@ D = TypeVar("D")
 
 
 def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
-    """Read the whole vCPU state through the KVM-shaped API."""
+    """Read the whole vCPU state through the KVM-shaped API (the ioctl-named calls)."""
+    vcpu = check_instance("save_vcpu_state: vcpu", vcpu, KvmVcpu)
     msrs = dict(vcpu.get_msrs(vcpu.get_msr_index_list()))
     readable = [i for i in vcpu.get_msr_index_list() if i not in msrs]
     for index in readable:  # get_msrs stops at the first failure: read the rest one by one
@@ -189,7 +190,9 @@ def _set_msrs_or_fail(vcpu: KvmVcpu, entries: list[tuple[int, int]]) -> None:
 
 
 def restore_vcpu_state(vcpu: KvmVcpu, state: Mapping[str, Any]) -> None:
-    """Write a saved state into ``vcpu`` (whose CPUID is already set), in a working order."""
+    """Write a saved state into ``vcpu`` (whose CPUID is already set), in a working order;
+    incomplete state is refused."""
+    vcpu = check_instance("restore_vcpu_state: vcpu", vcpu, KvmVcpu)
     check_saved_state(vcpu, state)
     msrs = _msr_table(state)
     vcpu.set_sregs(_sregs_from(state["sregs"]))

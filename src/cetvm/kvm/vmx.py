@@ -29,6 +29,7 @@ from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cr import cr4_reserved_bits
 from cetvm.kvm.vcpu import VcpuArch
+from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
 
 #: Every MSR KVM intercepts by default that matters to CET (the bitmap starts all-ones).
 CET_INTERCEPTABLE_MSRS: frozenset[int] = CET_MSR_SET | {int(Msr.IA32_XSS)}
@@ -124,8 +125,6 @@ def kvm_load_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     fpu = vcpu.fpu
     if fpu.loaded:
         return
-    from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
-
     for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
         if fpu.has(feature):
             cpu.set_cet_msr(Msr(index), fpu.peek(feature, offset))
@@ -142,8 +141,6 @@ def kvm_put_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     fpu = vcpu.fpu
     if not fpu.loaded:
         return
-    from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
-
     by_feature: dict[int, list[tuple[int, int]]] = {}
     for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
         if fpu.has(feature):
