@@ -8,7 +8,7 @@ reference block-start handling (:func:`cetvm.cpu.cet.transfer.on_block_start`) a
 hook's hand-overs.
 
 A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`, not a separate object, on purpose: the hook runs at
-every block start and reads the vCPU's cached mode (``_cpl``, ``_cet_active``, ``_stepping``,
+every block start and reads the vCPU's cached mode (``cpl``, ``cet_active``, ``stepping``,
 ``_blocks``, ``cet``) as plain attributes of one object; a composed object would add an
 attribute-chain lookup per block (and :mod:`cetvm.cpu.fastpath` reads the same attributes).
 """
@@ -44,7 +44,10 @@ class BlockHookMixin:
         as the binding's wrapper, and the shape the native C hook has too. The hook is the
         common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`_on_block` (the
         reference), or :meth:`_on_block_raw` alone when ``python_fast_path`` is False."""
-        hook = make_block_hook(self, self._on_block) if self.python_fast_path else self._on_block_raw
+        if self.python_fast_path:
+            hook = make_block_hook(self, self._on_block, self._blocks, self._ss_window, self._on_hook_error)
+        else:
+            hook = self._on_block_raw
         self._block_hook_cb = _BLOCK_HOOK_CFUNC(hook)
         handle = uc_hook_h()
         status = uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), UC_HOOK_BLOCK,
@@ -67,7 +70,7 @@ class BlockHookMixin:
     def _sync_native_mode(self) -> None:
         mode = self._memory.mode
         paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
-        self._native.sync_mode(cpl=self._cpl, long_mode=self._long_mode, cr4_cet=self._cr4_cet, paging=paging,
+        self._native.sync_mode(cpl=self.cpl, long_mode=self.long_mode, cr4_cet=self.cr4_cet, paging=paging,
                                cr3=mode.cr3)
         self._native.flush_translations()
 
@@ -102,8 +105,12 @@ class BlockHookMixin:
         try:
             self._on_block(address, size)
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
-            self._hook_error = exc
-            self._uc.emu_stop()
+            self._on_hook_error(exc)
+
+    def _on_hook_error(self, exc: BaseException) -> None:
+        """An exception inside a hook: keep it for ``_run_engine`` to re-raise, stop the engine."""
+        self._hook_error = exc
+        self._uc.emu_stop()
 
     def _fast_rsp(self) -> int:
         uclib.uc_reg_read(self._uc._uch, X.UC_X86_REG_RSP, ctypes.byref(self._reg_buf))
@@ -117,7 +124,7 @@ class BlockHookMixin:
         Shortcut (engine decision, no CET semantics): with no pending terminator and the
         current CPL's IBT tracker idle, :func:`on_block_start` has nothing to do and is skipped.
         """
-        if self._stepping:
+        if self.stepping:
             return
         blocks = self._blocks
         info = blocks.cache.get(address)
@@ -128,9 +135,9 @@ class BlockHookMixin:
         prev = blocks.prev
         blocks.prev = info.terminator
         blocks.prev_block_start = address
-        if not self._cet_active:
+        if not self.cet_active:
             return
-        if prev is None and not (self.cet.u_cet if self._cpl == 3 else self.cet.s_cet) & _TRACKER:
+        if prev is None and not (self.cet.u_cet if self.cpl == 3 else self.cet.s_cet) & _TRACKER:
             return
         # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
         if self.apply_decision(on_block_start(self, prev, address, None, info.first_bytes)):
@@ -161,7 +168,7 @@ class BlockHookMixin:
     def _apply_pending_terminator(self, rip: int) -> None:
         """Apply the previous block's terminator when the next "block" is an emulated instruction."""
         prev = self._blocks.take_prev(None)
-        if prev is None or not self._cet_active:
+        if prev is None or not self.cet_active:
             return
         try:
             first = self._read_code(rip, 4)

@@ -471,7 +471,7 @@ def iret(vcpu, instr: Instruction) -> None:
     ss_desc = _stack_descriptor(vcpu, new_ss, new_cpl, cs_desc.long)
     if cs_desc.long and not is_canonical(new_rip):
         raise gp(0)
-    if vcpu._cet_active:
+    if vcpu.cet_active:
         far_transfers.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
                                target_long_mode=cs_desc.long)
     rflags = vcpu.reg("rflags")
@@ -535,7 +535,7 @@ def far_transfer(vcpu, instr: Instruction) -> None:
     """Far RET / CALL / JMP: shadow-stack frame (``ssp_on_far_ret``/``ssp_on_far_call``) or IBT
     arm, around Unicorn's own execution of the transfer. Call gates are not supported
     (decision: treated as same-privilege transfers)."""
-    if not vcpu._cet_active:
+    if not vcpu.cet_active:
         _native(vcpu, instr)
         return
     old_cpl = vcpu.cpl

@@ -93,7 +93,7 @@ class EngineStopsMixin:
         and RSP are then the faulting instruction's)."""
         blocks = self._blocks
         prev = blocks.take_prev(None)
-        if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self._cet_active:
+        if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self.cet_active:
             return False
         return self.apply_decision(apply_terminator(self, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)))
 

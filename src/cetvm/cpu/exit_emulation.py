@@ -83,7 +83,7 @@ class EmulationPlumbingMixin:
         was_exit = rip in self._exits
         temporary_exit = next_ip is not None and next_ip not in self._exits
         self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=True)
-        self._stepping = True
+        self.stepping = True
         if self._native is not None:
             self._native.set_enabled(False)
         cr2 = uc.reg_read(X.UC_X86_REG_CR2)
@@ -95,7 +95,7 @@ class EmulationPlumbingMixin:
             else:
                 raise CetvmError(f"engine error at RIP {rip:#x}: {err}") from None
         finally:
-            self._stepping = False
+            self.stepping = False
             if self._native is not None:
                 self._native.set_enabled(True)
             self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=False)

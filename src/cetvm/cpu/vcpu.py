@@ -29,9 +29,11 @@ This module is the composition and the run loop; the parts live in (each owns on
 - :mod:`cetvm.cpu.interrupts`: external interrupts (pending vector, IF, STI/MOV SS shadow, HLT
   wake-up), checked only at run entry and exits.
 
-The vCPU keeps the state every part reads per block or per instruction (``_cpl``,
-``_long_mode``, ``_cet_active``, ``_stepping``, ``_blocks``, ``cet``, ``_exits``, ``_pending``)
-as its own plain attributes, so the hot paths never follow an attribute chain.
+The vCPU keeps the state every part reads per block or per instruction as its own plain
+attributes, so the hot paths never follow an attribute chain. Public and read-only to everyone
+but the vCPU: ``cpl``, ``long_mode`` (64-bit mode), ``cr4_cet``, ``cet_active`` (CR4.CET and an
+enable bit in U_CET or S_CET), ``stepping`` (one instruction runs in the engine, hooks off),
+``cet`` (SSP, U_CET, S_CET...); private: ``_blocks``, ``_exits``, ``_pending``.
 """
 
 from __future__ import annotations
@@ -125,13 +127,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         #: FPU swap can tell that the CPU still holds what it last put (cetvm.kvm.vmx._swap_sse)
         self.fpu_writes = 0
         self._info_factory = InstructionInfoFactory()
-        self._stepping = False
-        self._cpl = 0
-        self._long_mode = True
+        self.stepping = False
+        self.cpl = 0
+        self.long_mode = True
         self._code_bits = 64
-        self._cr4_cet = False
-        self._cet_active = False
-        self._ss_window = ShadowStackWindow()
+        self.cr4_cet = False
+        self.cet_active = False
+        self._ss_window = ShadowStackWindow(self._memory.translate, self._memory.ram_view)
         if python_fast_path is None:
             python_fast_path = os.environ.get("CETVM_PYTHON_FAST_PATH", "1") != "0"
         self.python_fast_path = python_fast_path
@@ -228,7 +230,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._memory.write_virt(linear, data, access)
 
     def _user_access(self) -> Access:
-        return Access.USER if self._cpl == 3 else Access.READ
+        return Access.USER if self.cpl == 3 else Access.READ
 
     def _phys_read_int(self, gpa: int, size: int) -> int:
         return self._memory.phys_read_int(gpa, size)
@@ -358,11 +360,11 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
         hflags = ContextBlob.save(uc).hflags
-        self._cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
-        self._long_mode = bool(hflags & HFlags.CS64)
+        self.cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
+        self.long_mode = bool(hflags & HFlags.CS64)
         #: Decoder bitness of the code segment: 64-bit mode, else CS.D (32) or real/16-bit (16).
-        self._code_bits = 64 if self._long_mode else 32 if hflags & HFlags.CS32 else 16
-        self._cr4_cet = bool(cr4 & Cr4.CET)
+        self._code_bits = 64 if self.long_mode else 32 if hflags & HFlags.CS32 else 16
+        self.cr4_cet = bool(cr4 & Cr4.CET)
         self._update_cet_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
         if self._native is not None:

@@ -5,7 +5,7 @@ Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): what the 
 machine (:mod:`cetvm.cpu.cet`) reads and writes through the machine — CPL, 64-bit mode, CR4.CET,
 SSP and the CET MSRs held in ``Vcpu.cet`` (:class:`cetvm.cpu.state.CetState`), shadow-stack
 reads, writes and compare-exchange with the shadow-stack paging rules, and data reads — plus
-``_cet_active`` (CR4.CET and SH_STK_EN or ENDBR_EN in U_CET or S_CET), which every block hook
+``cet_active`` (CR4.CET and SH_STK_EN or ENDBR_EN in U_CET or S_CET), which every block hook
 tests first.
 
 A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`: ``ss_read``/``ss_write`` run at every CALL/RET the
@@ -28,18 +28,6 @@ _CET_ENABLES = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
 
 class CetMachineMixin:
     """CetMachine reads/writes and CET MSR storage for :class:`~cetvm.cpu.vcpu.Vcpu`."""
-
-    @property
-    def cpl(self) -> int:
-        return self._cpl
-
-    @property
-    def long_mode(self) -> bool:
-        return self._long_mode
-
-    @property
-    def cr4_cet(self) -> bool:
-        return self._cr4_cet
 
     @property
     def ssp(self) -> int:
@@ -92,4 +80,4 @@ class CetMachineMixin:
         self._update_cet_active()
 
     def _update_cet_active(self) -> None:
-        self._cet_active = self._cr4_cet and bool((self.cet.u_cet | self.cet.s_cet) & _CET_ENABLES)
+        self.cet_active = self.cr4_cet and bool((self.cet.u_cet | self.cet.s_cet) & _CET_ENABLES)
