@@ -222,3 +222,35 @@ def test_no_private_access_across_modules():
                 continue
             bad.append(f"src/cetvm/{rel}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, "private names read across modules:\n" + "\n".join(bad)
+
+
+# ----------------------------------------------------------------------- the kvm ↔ cpu seam
+def _is_cpu_object(node: ast.expr) -> bool:
+    """``cpu``, ``self.cpu``, ``vcpu.cpu``...: the CPU object KVM drives."""
+    return (isinstance(node, ast.Name) and node.id == "cpu") or (isinstance(node, ast.Attribute) and node.attr == "cpu")
+
+
+def test_kvm_writes_no_cpu_attribute():
+    """KVM programs the CPU through its VMCS and the vCPU's methods (vmptrld, set_reg,
+    write_cr, set_msr, load_xcr0, inject_exception...), never by assigning its attributes."""
+    writes = []
+    for path in sorted((SRC / "kvm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = [t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            writes += [f"{path.relative_to(SRC.parent)}:{node.lineno}: {ast.unparse(t)}"
+                       for t in targets if isinstance(t, ast.Attribute) and _is_cpu_object(t.value)]
+    assert not writes, "kvm/ writes attributes of the CPU:\n" + "\n".join(writes)
+
+
+def test_the_engine_exception_stays_in_cpu():
+    """Unicorn (and its UcError) is the CPU's business: no other layer imports it."""
+    users = [str(p.relative_to(SRC.parent)) for p in SRC.rglob("*.py")
+             if not p.relative_to(SRC).parts[0] == "cpu"
+             and any(isinstance(n, (ast.Import, ast.ImportFrom))
+                     and any((getattr(n, "module", None) or a.name).split(".")[0] == "unicorn" for a in n.names)
+                     for n in ast.walk(ast.parse(p.read_text())))]
+    assert not users, f"modules outside cpu/ import unicorn: {users}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cetvm.arch import CetCtl, CpError, Msr, PfErr, Vector
+from cetvm.arch import CetCtl, CpError, Msr, PfErr, Vector, VmcsField
 from cetvm.cli import bench
 from cetvm.cpu.exits import ExitReason
 from cetvm.cpu.state import Segment
@@ -78,7 +78,7 @@ def make(code: bytes, fast: bool, monkeypatch, cpl: int = 0, intercept: tuple[in
     if s_cet is not None:
         vcpu.set_msr(Msr.IA32_S_CET, s_cet)
     for vector in intercept:
-        vcpu.exception_bitmap |= 1 << vector
+        vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, vcpu.vmcs.read(VmcsField.EXCEPTION_BITMAP) | 1 << vector)
     return vcpu
 
 

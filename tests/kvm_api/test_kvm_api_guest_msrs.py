@@ -28,7 +28,7 @@ def test_cet_msrs_with_guest_cet_pass_through_and_fault_architecturally():
 def _cet_intercepts(guest) -> set[int]:
     """The CET/XSS MSRs whose guest access exits to KVM (the MSR bitmap intercepts every MSR
     the CPU does not hold, so only the CET ones are compared)."""
-    return guest.vcpu.cpu.msr_intercepts.intercepted(CET_INTERCEPTABLE_MSRS)
+    return guest.vcpu.state.vmcs.msr_bitmap.intercepted(CET_INTERCEPTABLE_MSRS)
 
 
 def test_interception_follows_guest_cpuid():

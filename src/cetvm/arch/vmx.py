@@ -1,4 +1,4 @@
-"""VMX facts for CET: VMCS field encodings and control bits [SDM Vol. 3 App. B]."""
+"""VMX facts: VMCS field encodings, control bits, exit reasons [SDM Vol. 3 ch. 25, App. B, C]."""
 
 from __future__ import annotations
 
@@ -6,13 +6,36 @@ import enum
 
 
 class VmcsField(enum.IntEnum):
-    """VMCS field encodings used by cetvm (natural width unless noted)."""
+    """VMCS field encodings used by cetvm [SDM Vol. 3 App. B] (bits 14:13 of an encoding give
+    its width: 0 16-bit, 1 64-bit, 2 32-bit, 3 natural width; bits 11:10 its type: 0 control,
+    1 read-only exit information, 2 guest state, 3 host state)."""
 
-    VM_ENTRY_CONTROLS = 0x4012
+    # 64-bit control fields
+    MSR_BITMAP = 0x2004
+    # 32-bit control fields
+    PIN_BASED_VM_EXEC_CONTROL = 0x4000
+    CPU_BASED_VM_EXEC_CONTROL = 0x4002
+    EXCEPTION_BITMAP = 0x4004
     VM_EXIT_CONTROLS = 0x400C
+    VM_ENTRY_CONTROLS = 0x4012
     VM_ENTRY_INTR_INFO = 0x4016
     VM_ENTRY_EXCEPTION_ERROR_CODE = 0x4018
-    EXCEPTION_BITMAP = 0x4004
+    SECONDARY_VM_EXEC_CONTROL = 0x401E
+    # 32-bit read-only data fields
+    VM_INSTRUCTION_ERROR = 0x4400
+    VM_EXIT_REASON = 0x4402
+    VM_EXIT_INTR_INFO = 0x4404
+    VM_EXIT_INTR_ERROR_CODE = 0x4406
+    VM_EXIT_INSTRUCTION_LEN = 0x440C
+    VMX_INSTRUCTION_INFO = 0x440E
+    # natural-width control fields
+    CR0_GUEST_HOST_MASK = 0x6000
+    CR4_GUEST_HOST_MASK = 0x6002
+    CR0_READ_SHADOW = 0x6004
+    CR4_READ_SHADOW = 0x6006
+    # natural-width read-only data fields
+    EXIT_QUALIFICATION = 0x6400
+    # natural-width guest-state fields
     GUEST_CR0 = 0x6800
     GUEST_CR3 = 0x6802
     GUEST_CR4 = 0x6804
@@ -30,6 +53,11 @@ class VmcsField(enum.IntEnum):
     HOST_INTR_SSP_TABLE = 0x6C1C
     HOST_RSP = 0x6C14
     HOST_RIP = 0x6C16
+
+
+def vmcs_field_width(field: VmcsField) -> int:
+    """Width in bits of a VMCS field, from its encoding [SDM Vol. 3 §25.11.2]."""
+    return (16, 64, 32, 64)[(int(field) >> 13) & 3]
 
 
 class VmEntryControls(enum.IntFlag):
@@ -67,6 +95,20 @@ class ExitReason(enum.IntEnum):
     XSETBV = 55
     XSAVES = 63
     XRSTORS = 64
+
+
+#: VM_EXIT_REASON bit 31: the exit is a VM-entry failure [SDM Vol. 3 §25.9.1, §27.8].
+VMX_EXIT_REASONS_FAILED_VMENTRY = 1 << 31
+
+#: Exit qualification of a control-register access [SDM Vol. 3 Table 28-3]: bits 3:0 the CR
+#: number, 5:4 the access type (0 = MOV to CR, 1 = MOV from CR, 2 = CLTS, 3 = LMSW), 11:8 the
+#: general-purpose register (0 RAX ... 15 R15).
+CR_ACCESS_TYPE_MOV_TO_CR = 0
+
+
+def cr_access_qualification(cr: int, access_type: int, gpr: int) -> int:
+    """The exit qualification of a MOV to/from CR exit."""
+    return (cr & 0xF) | (access_type & 3) << 4 | (gpr & 0xF) << 8
 
 
 #: KVM_GET/SET_ONE_REG id of the guest SSP: KVM_X86_REG_KVM(KVM_REG_GUEST_SSP) [K].

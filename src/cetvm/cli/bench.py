@@ -32,7 +32,7 @@ from cetvm.arch import ENDBR64, CetCtl, Msr
 from cetvm.cpu.bootstrap import (
     build_identity_map, code_page_flags, data_page_flags, enter_long_mode, shadow_stack_page_flags, table_pages,
 )
-from cetvm.arch import Pte, Vector
+from cetvm.arch import Pte, Vector, VmcsField
 from cetvm.cpu.exits import ExitReason
 from cetvm.cpu.state import Segment
 from cetvm.cpu.vcpu import Vcpu
@@ -112,7 +112,8 @@ def make_vcpu(iterations: int, cet: bool, cet_path: str | None = None, cpl: int 
     enter_long_mode(vcpu, cr3=cr3, gdt=GDT, cet=cet)
     if user:
         enter_ring3(vcpu)
-        vcpu.exception_bitmap |= 1 << Vector.GP  # the final HLT at CPL 3: #GP(0) ends the run
+        # the final HLT at CPL 3: #GP(0) ends the run (an exception-bitmap exit)
+        vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, vcpu.vmcs.read(VmcsField.EXCEPTION_BITMAP) | 1 << Vector.GP)
     if cet:
         vcpu.set_msr(Msr.IA32_U_CET if user else Msr.IA32_S_CET, int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN))
         vcpu.ssp = SHADOW_STACK + 0x1000

@@ -20,6 +20,7 @@ from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_
 from cetvm.arch.regs import (
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
 )
+from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField, cr_access_qualification
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
@@ -95,8 +96,10 @@ def _require_cpl0(vcpu) -> None:
 
 # ----------------------------------------------------------------------------- registers/operands
 _REG64 = {}
-for _i, _name in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-                            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")):
+_GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+#: A GPR's number in instruction encodings and exit information (0 RAX ... 15 R15).
+_GPR_NUMBER = {name: i for i, name in enumerate(_GPR_NAMES)}
+for _i, _name in enumerate(_GPR_NAMES):
     _REG64[Register.RAX + _i] = (_name, 8)
     _REG64[Register.EAX + _i] = (_name, 4)
     _REG64[Register.AX + _i] = (_name, 2)
@@ -217,9 +220,9 @@ def cet_msr_write_fault(vcpu, index: int, value: int) -> bool:
     cet_msr_value_fault` plus, for U_CET/S_CET, the bits CPUID makes reserved (1:0 without
     SHSTK; 5:2 and 63:10 without IBT) [SDM Vol. 4 Table 2-2]."""
     if index in CET_CTL_MSRS and vcpu is not None:
-        if not vcpu.has_shstk and value & CET_SHSTK_BITS:
+        if not vcpu.guest_shstk and value & CET_SHSTK_BITS:
             return True
-        if not vcpu.has_ibt and value & ~int(CET_SHSTK_BITS):
+        if not vcpu.guest_ibt and value & ~int(CET_SHSTK_BITS):
             return True
     return cet_msr_value_fault(index, value) is not None
 
@@ -227,8 +230,8 @@ def cet_msr_write_fault(vcpu, index: int, value: int) -> bool:
 def cet_msr_exists(vcpu, index: int) -> bool:
     """U_CET/S_CET exist with SHSTK or IBT; PLn_SSP and the SSP table only with SHSTK."""
     if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
-        return vcpu.has_shstk or vcpu.has_ibt
-    return vcpu.has_shstk
+        return vcpu.guest_shstk or vcpu.guest_ibt
+    return vcpu.guest_shstk
 
 
 def _model_has_xsaves(vcpu) -> bool:
@@ -238,7 +241,7 @@ def _model_has_xsaves(vcpu) -> bool:
 def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
     _require_cpl0(vcpu)
     index = vcpu.reg("rcx") & 0xFFFF_FFFF
-    if index in vcpu.msr_intercepts:
+    if index in vcpu.vmcs.msr_bitmap:
         msr = MsrExit(index)
 
         def complete() -> None:
@@ -272,7 +275,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
     _require_cpl0(vcpu)
     index = vcpu.reg("rcx") & 0xFFFF_FFFF
     value = (vcpu.reg("rdx") & 0xFFFF_FFFF) << 32 | (vcpu.reg("rax") & 0xFFFF_FFFF)
-    if index in vcpu.msr_intercepts:
+    if index in vcpu.vmcs.msr_bitmap:
         msr = MsrExit(index, value)
 
         def complete() -> None:
@@ -304,20 +307,23 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
 
 
 # ----------------------------------------------------------------------------- control registers
-def mov_to_cr(vcpu, instr: Instruction) -> None:
+def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
     """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5]:
-    CR4.CET is reserved (#GP) unless the model has SHSTK or IBT; setting CR4.CET with CR0.WP=0
-    and clearing CR0.WP with CR4.CET=1 → #GP(0). CR4 bits in ``vcpu.cr4_guest_rsvd_bits`` (set
-    by the hypervisor: bits reserved for this guest's CPUID) → #GP(0). CR0 bits 63:32, or clearing
-    CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine lost its
-    mappings). Other reserved-bit checks are Unicorn's business and are not replicated (decision)."""
+    CR4.CET is reserved (#GP) unless the guest has SHSTK or IBT; setting CR4.CET with CR0.WP=0
+    and clearing CR0.WP with CR4.CET=1 → #GP(0). A write changing a bit the VMCS's CR0/CR4
+    guest/host mask gives the hypervisor exits first (:func:`cr_write_exit`). CR0 bits 63:32,
+    or clearing CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine
+    lost its mappings). Other reserved-bit checks are Unicorn's business and are not
+    replicated (decision)."""
     _require_cpl0(vcpu)
     n = instr.op0_register - Register.CR0
     value = read_register(vcpu, instr.op1_register)
+    if n in (0, 4):
+        exit_ = cr_write_exit(vcpu, instr, n, value)
+        if exit_ is not None:
+            return exit_
     if n == 4:
-        if value & getattr(vcpu, "cr4_guest_rsvd_bits", 0):
-            raise gp(0)  # reserved for this guest (the hypervisor's CR4 guest/host mask)
-        if value & Cr4.CET and not (vcpu.has_shstk or vcpu.has_ibt):
+        if value & Cr4.CET and not (vcpu.guest_shstk or vcpu.guest_ibt):
             raise gp(0)
         if value & Cr4.CET and not vcpu.cr0 & Cr0.WP:
             raise gp(0)
@@ -327,6 +333,27 @@ def mov_to_cr(vcpu, instr: Instruction) -> None:
         raise ud()
     vcpu.write_cr(n, value)
     _advance(vcpu, instr)
+    return None
+
+
+#: (guest/host mask, read shadow) of CR0 and CR4.
+_CR_MASK_FIELDS = {0: (VmcsField.CR0_GUEST_HOST_MASK, VmcsField.CR0_READ_SHADOW),
+                   4: (VmcsField.CR4_GUEST_HOST_MASK, VmcsField.CR4_READ_SHADOW)}
+
+
+def cr_write_exit(vcpu, instr: Instruction, n: int, value: int) -> VmExit | None:
+    """MOV to CR0/CR4 exits when it would set a bit of the CR's guest/host mask to a value
+    other than the read shadow's [SDM Vol. 3 §26.1.3], with the exit qualification of SDM
+    Table 28-3. RIP stays at the instruction; the hypervisor writes the register and the
+    completion retires the instruction, or it injects a fault instead."""
+    mask_field, shadow_field = _CR_MASK_FIELDS[n]
+    vmcs = vcpu.vmcs
+    if not (value ^ vmcs.read(shadow_field)) & vmcs.read(mask_field):
+        return None
+    gpr = _GPR_NUMBER[_REG64[instr.op1_register][0]]
+    vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.CR_ACCESS, instr.ip, instr.len,
+                  qualification=cr_access_qualification(n, CR_ACCESS_TYPE_MOV_TO_CR, gpr))
 
 
 def check_cr0_write(vcpu, value: int) -> None:
@@ -375,7 +402,7 @@ def _apply_flags(vcpu, result: cet_insn.FlagsResult) -> None:
 def cet_instruction(vcpu, instr: Instruction) -> None:
     """RDSSP, INCSSP, RSTORSSP, SAVEPREVSSP, SETSSBSY, CLRSSBSY, WRSS, WRUSS (CET semantics in
     :mod:`cetvm.cpu.cet.instructions`). #UD when the model lacks SHSTK."""
-    if not vcpu.has_shstk:
+    if not vcpu.guest_shstk:
         if instr.mnemonic in (M.RDSSPD, M.RDSSPQ):
             _advance(vcpu, instr)  # NOP space on CPUs without CET
             return

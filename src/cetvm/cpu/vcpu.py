@@ -62,7 +62,9 @@ from cetvm.cpu.engine_features import engine_cpu_model
 from cetvm.cpu.engine_stops import EngineStopsMixin
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
-from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
+from cetvm.arch.vmx import VmcsField
+from cetvm.cpu.faults import HardwareRefused
+from cetvm.cpu.exits import BASIC_EXIT_REASONS, ExceptionExit, ExitReason, VmExit
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
@@ -71,6 +73,7 @@ from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
 from cetvm.cpu.state import CetState, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
+from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
 from cetvm.arch.regs import U64_MASK
 from cetvm.cpu import emulate, events
 
@@ -93,8 +96,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     ``python_fast_path`` (the "python" path only): put the flat common-case hook of
     :mod:`cetvm.cpu.fastpath` in front of the reference hook (default; None means True unless
     ``$CETVM_PYTHON_FAST_PATH`` is "0"); False runs the reference alone (same results, slower).
-    Hypervisor controls: ``msr_intercepts`` (set of MSR indices whose RDMSR/WRMSR exit),
-    ``exception_bitmap`` (vectors that exit before delivery).
+    A hypervisor controls it through its current VMCS (:attr:`vmcs`, :meth:`vmptrld`; see
+    :mod:`cetvm.cpu.vmcs`) and tells it the CET features of the guest's CPUID
+    (:meth:`set_guest_cet_features`); ``has_shstk`` / ``has_ibt`` are the hardware's.
     """
 
     def __init__(self, model: "CpuidModel", *, trace: bool = True, cet_path: str | None = None,
@@ -102,9 +106,12 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.model = model
         self.has_shstk = bool(model.has("shstk"))
         self.has_ibt = bool(model.has("ibt"))
+        #: CET as the guest's CPUID enumerates it (within the hardware's): CET instructions,
+        #: CR4.CET and the CET MSRs follow these (:meth:`set_guest_cet_features`)
+        self.guest_shstk = self.has_shstk
+        self.guest_ibt = self.has_ibt
         self.traced = trace
-        self.msr_intercepts: set[int] = set()
-        self.exception_bitmap = 0
+        self.vmcs = Vmcs()
         self.cet = CetState()
         self.xss = 0
         self._budget = InstructionBudget()
@@ -167,7 +174,10 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         ``share_with``: map the same host memory as that vCPU's region at ``gpa`` (SMP: every
         engine of a VM sees one RAM)."""
         backing = None if share_with is None else share_with._memory.ram_backing(gpa)
-        address = self._memory.map_ram(gpa, size, backing)
+        try:
+            address = self._memory.map_ram(gpa, size, backing)
+        except UcError as err:
+            raise HardwareRefused(f"cannot map {size:#x} bytes of RAM at {gpa:#x}: {err}") from None
         if self._native is not None:
             self._native.add_ram(gpa, size, address)
 
@@ -325,21 +335,29 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.xcr0 = value
 
     def msr(self, index: int) -> int:
-        """Host-initiated MSR read (CET MSRs and IA32_XSS from the vCPU, the rest from Unicorn)."""
+        """Host-initiated MSR read (CET MSRs and IA32_XSS from the vCPU, the rest from Unicorn);
+        HardwareRefused for an MSR the engine does not implement."""
         if index in CET_MSR_SET:
             return self._cet_msr_value(index)
         if index == Msr.IA32_XSS:
             return self.xss
-        return self._uc.msr_read(index)
+        try:
+            return self._uc.msr_read(index)
+        except UcError as err:
+            raise HardwareRefused(f"RDMSR {index:#x}: {err}") from None
 
     def set_msr(self, index: int, value: int) -> None:
-        """Host-initiated MSR write, no architectural checks (the hypervisor's policy decides)."""
+        """Host-initiated MSR write, no architectural checks (the hypervisor's policy decides);
+        HardwareRefused for an MSR the engine does not implement."""
         if index in CET_MSR_SET:
             self._set_cet_msr_value(index, value)
         elif index == Msr.IA32_XSS:
             self.xss = value & U64_MASK
         else:
-            self._uc.msr_write(index, value & U64_MASK)
+            try:
+                self._uc.msr_write(index, value & U64_MASK)
+            except UcError as err:
+                raise HardwareRefused(f"WRMSR {index:#x}: {err}") from None
             if index == Msr.IA32_EFER:
                 self.refresh_mode()
 
@@ -381,25 +399,74 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             self._tlb_virtual = virtual
 
     # ------------------------------------------------------------------ hypervisor interface
+    def vmptrld(self, vmcs: Vmcs) -> None:
+        """Make ``vmcs`` the current VMCS: the next VM entry (``run``) obeys its controls."""
+        self.vmcs = vmcs
+
+    def set_guest_cet_features(self, *, shstk: bool, ibt: bool) -> None:
+        """The CET features the guest's CPUID enumerates (KVM: guest_cpu_cap_has after
+        KVM_SET_CPUID2). Without them CR4.CET is reserved, the CET MSRs do not exist for the
+        guest and the shadow-stack instructions are #UD, as on a CPU without the feature."""
+        self.guest_shstk = bool(shstk) and self.has_shstk
+        self.guest_ibt = bool(ibt) and self.has_ibt
+
+    def load_xcr0(self, value: int) -> None:
+        """XSETBV by the host (kvm_load_guest_xsave_state): XCR0 without checks."""
+        self._registers.xcr0 = value
+
     def inject_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
         """Deliver an exception at the next run (cancels completion of the last exit)."""
         self._completion = None
         self._pending = PendingEvent(vector, error_code, cr2, injected=True)
 
     def run(self, budget: int | None = None) -> VmExit:
-        """Run until an exit. ``budget``: at most this many instructions (then ExitReason.BUDGET)."""
+        """VM entry, run until an exit, VM exit. ``budget``: at most this many instructions
+        (then ExitReason.BUDGET). The last exit's instruction is completed first."""
         self.complete_pending_exit()
         if self._completion_exit is not None:
             exit_, self._completion_exit = self._completion_exit, None
-            return exit_
+            return self._vm_exit(exit_)
+        failure = self._vm_entry()
+        if failure is not None:
+            return self._vm_exit(failure)
         self._budget.left = budget
         hook = self._budget.add_count_hook(self._uc, self.cet_path == "python") if budget is not None else None
         try:
-            return self._run_loop()
+            return self._vm_exit(self._run_loop())
         finally:
             if hook is not None:
                 self._budget.del_count_hook(self._uc, hook)
             self._budget.left = None
+
+    def _vm_entry(self) -> VmExit | None:
+        """VM entry from the current VMCS [SDM Vol. 3 ch. 28]: with LOAD_CET_STATE, check the
+        guest CET fields and load S_CET, SSP and INTR_SSP_TABLE; a failed check is a VM-entry
+        failure exit (nothing loaded, nothing run)."""
+        vmcs = self.vmcs
+        if not vmcs.entry_loads_cet():
+            return None
+        fault = guest_cet_state_fault(vmcs)
+        if fault is not None:
+            return VmExit(ExitReason.ENTRY_FAILED, self.rip, detail=f"VM entry failed the guest-state checks: {fault}")
+        self.set_cet_msr(Msr.IA32_S_CET, vmcs.read(VmcsField.GUEST_S_CET))
+        self.set_cet_msr(Msr.IA32_INT_SSP_TAB, vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE))
+        self.ssp = vmcs.read(VmcsField.GUEST_SSP)
+        return None
+
+    def _vm_exit(self, exit_: VmExit) -> VmExit:
+        """VM exit [SDM Vol. 3 ch. 29]: save the guest CET state into the VMCS (always, as a
+        processor that supports loading it does) and record the exit information."""
+        vmcs = self.vmcs
+        if exit_.reason is not ExitReason.ENTRY_FAILED:
+            vmcs.write(VmcsField.GUEST_S_CET, self.cet_msr(Msr.IA32_S_CET))
+            vmcs.write(VmcsField.GUEST_SSP, self.ssp)
+            vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, self.cet_msr(Msr.IA32_INT_SSP_TAB))
+        reason = BASIC_EXIT_REASONS.get(exit_.reason)
+        if reason is not None:
+            vmcs.write(VmcsField.VM_EXIT_REASON, reason)
+            vmcs.write(VmcsField.EXIT_QUALIFICATION, exit_.qualification)
+            vmcs.write(VmcsField.VM_EXIT_INSTRUCTION_LEN, exit_.instruction_length)
+        return exit_
 
     # ------------------------------------------------------------------ exact instruction budget
     @property
@@ -426,7 +493,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 self._take_deliverable_interrupt()
             if self._pending is not None:
                 event, self._pending = self._pending, None
-                if not (event.software or event.injected) and event.vector < 32 and self.exception_bitmap >> event.vector & 1:
+                if not (event.software or event.injected) and event.vector < 32 \
+                        and self.vmcs.read(VmcsField.EXCEPTION_BITMAP) >> event.vector & 1:
                     return VmExit(ExitReason.EXCEPTION, self.rip, exception=ExceptionExit(event.vector, event.error_code, event.cr2))
                 exit_ = events.deliver(self, event)
                 if exit_ is not None:

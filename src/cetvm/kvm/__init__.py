@@ -4,7 +4,7 @@ The policy modules: :mod:`host` (the host
 KVM loads on), :mod:`caps` (kvm_caps, reasons, KVM_GET_MSR_INDEX_LIST), :mod:`supported_cpuid`
 (KVM_GET_SUPPORTED_CPUID), :mod:`cpuid_runtime` (KVM_SET_CPUID2 and runtime leaf 0xD sizes),
 :mod:`msr` (CET/XSS MSR access, ONE_REG), :mod:`cr` (CR0.WP / CR4.CET), :mod:`vcpu`,
-:mod:`vmcs`, :mod:`guest_fpu` (where the state lives).
+:mod:`guest_fpu` (where the state lives; the VMCS is the CPU's, :mod:`cetvm.cpu.vmcs`).
 
 The KVM-shaped API on top of the CPU: :mod:`api` (Kvm → Vm → KvmVcpu, run()), :mod:`vcpu_run`
 (in-kernel exit handling, kvm_run exits), :mod:`vmx` (CET controls, MSR interception, VM

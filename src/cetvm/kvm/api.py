@@ -73,13 +73,12 @@ import enum
 from dataclasses import dataclass
 
 
-from unicorn import UcError
 
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
 from cetvm.arch.msr import Efer, Msr
 from cetvm.cpu.exits import Direction, ExitReason, MsrExit, VmExit
-from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.paging import translate as walk_page_tables
 # The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
@@ -150,6 +149,7 @@ from cetvm.kvm.vcpu_run import (
     handle_cpuid,
     handle_msr,
     handle_vmcall,
+    handle_cr,
     handle_xsetbv,
     kvm_set_xcr0,
     kvm_set_xcr_fault,
@@ -258,7 +258,7 @@ class Vm:
             self._cpu.map_ram(guest_phys_addr, memory_size)
         except InputError as err:
             raise KvmExists(f"KVM_SET_USER_MEMORY_REGION: {err}") from None
-        except (OSError, OverflowError, MemoryError, UcError) as err:
+        except (OSError, OverflowError, MemoryError, HardwareRefused) as err:
             raise KvmNoMemory(f"KVM_SET_USER_MEMORY_REGION: cannot allocate {memory_size:#x} bytes of "
                               f"guest RAM: {err}") from None
         for vcpu in self._vcpus.values():
@@ -360,7 +360,8 @@ class KvmVcpu:
         self._user_exception_bitmap = 0
         self._kvm_exception_bitmap = 1 << Vector.UD if vm.kvm.host.fep_enabled else 0
         self._forced_emulation = False
-        self.cpu.exception_bitmap = self._kvm_exception_bitmap
+        self.cpu.vmptrld(self.state.vmcs)
+        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, self._kvm_exception_bitmap)
         vmx.init_vmcs_cet(self.state, self.host_cpu)
         self._after_set_cpuid()
         self.kvm_vcpu_reset(init_event=False)
@@ -373,12 +374,12 @@ class KvmVcpu:
 
     def _after_set_cpuid(self) -> None:
         self.update_msr_bitmap()
-        vmx.vmx_set_cr4_guest_host_mask(self.state, self.cpu)
+        vmx.vmx_vcpu_after_set_cpuid(self.state, self.cpu)
 
     def update_msr_bitmap(self) -> None:
-        """Program the CPU's MSR bitmap from the CET intercepts and the VM's MSR filter."""
+        """Program the VMCS's MSR bitmap from the CET intercepts and the VM's MSR filter."""
         cet = vmx.vmx_update_intercept_for_cet_msr(self.state)
-        self.cpu.msr_intercepts = vmx_msr_bitmap(cet, vmx.CET_INTERCEPTABLE_MSRS, self.vm.msr_filter)
+        self.state.vmcs.set_msr_bitmap(vmx_msr_bitmap(cet, vmx.CET_INTERCEPTABLE_MSRS, self.vm.msr_filter))
 
     def get_cpuid2(self) -> CpuidModel:
         """KVM_GET_CPUID2: the table with the runtime leaf 0xD sizes."""
@@ -453,7 +454,7 @@ class KvmVcpu:
             return result is MsrResult.OK, value
         try:
             return kvm_host_get_msr(self.state, self.msrs, self.cpu, index)
-        except UcError:
+        except HardwareRefused:
             return False, 0
 
     def _set_msr(self, index: int, value: int) -> bool:
@@ -463,7 +464,7 @@ class KvmVcpu:
             return kvm_set_msr(self.state, index, value, host_initiated=True) is MsrResult.OK
         try:
             return kvm_host_set_msr(self.state, self.msrs, self.cpu, index, value)
-        except UcError:
+        except HardwareRefused:
             return False
 
     # ------------------------------------------------------------------ ONE_REG, XCRs, XSAVE
@@ -530,7 +531,7 @@ class KvmVcpu:
         for vector in check_items("exception intercepts: vectors", vectors):
             bitmap |= 1 << check_int("exception intercepts: vector", vector, 0, 31)
         self._user_exception_bitmap = bitmap
-        self.cpu.exception_bitmap = bitmap | self._kvm_exception_bitmap
+        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, bitmap | self._kvm_exception_bitmap)
 
     def get_exception_intercepts(self) -> set[int]:
         """The vectors :meth:`set_exception_intercepts` installed."""
@@ -626,7 +627,7 @@ class KvmVcpu:
         sregs = self.cpu.get_sregs()
         sregs.cs = dataclasses.replace(sregs.cs, selector=vector << 8, base=vector << 12)
         self.cpu.set_sregs(sregs)
-        self.cpu.rip = 0
+        self.cpu.set_reg("rip", 0)
 
     # ------------------------------------------------------------------ reset
     def kvm_vcpu_reset(self, init_event: bool) -> None:
@@ -749,7 +750,7 @@ class KvmVcpu:
             if left != 0 and self._irq_window_exit_due():
                 return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
             forced, self._forced_emulation = self._forced_emulation, False
-            vmx.vmx_vcpu_enter(state, cpu, host)
+            vmx.vmx_vcpu_enter(state, cpu)
             exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
@@ -779,6 +780,9 @@ class KvmVcpu:
             return KvmRun(kind, exit_.rip, msr=user)
         if reason is ExitReason.XSETBV:
             handle_xsetbv(self.state, self.cpu, exit_)
+            return None
+        if reason is ExitReason.CR_ACCESS:
+            handle_cr(self.state, self.cpu, exit_)
             return None
         if reason is ExitReason.VMCALL:
             hypercall = handle_vmcall(self.cpu, self.vm.exit_hypercall_mask)

@@ -14,7 +14,7 @@ from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
 from cetvm.kvm.guest_fpu import GuestFpu
-from cetvm.kvm.vmcs import Vmcs
+from cetvm.cpu.vmcs import Vmcs
 
 #: CR0 at RESET: ET | CD | NW [SDM Vol. 3 10.1.1].
 CR0_RESET = int(Cr0.ET | Cr0.CD | Cr0.NW)

@@ -34,11 +34,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from cetvm import CetvmError
 from cetvm.arch import Cr4, Vector
 from cetvm.arch.apic import X2APIC_MSRS
 from cetvm.arch.cpuid_bits import FEATURES
+from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpu.exits import ExitReason, IoExit, MmioExit, VmExit
+from cetvm.kvm.cr import kvm_set_cr4
 from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.ioctl_args import check_bytes, check_instance, check_u32
 from cetvm.kvm.msr import (
@@ -365,6 +368,30 @@ def handle_xsetbv(vcpu: VcpuArch, cpu, exit_: VmExit) -> None:
         cpu.inject_exception(Vector.GP, 0)
         return
     kvm_set_xcr0(vcpu, exit_.xcr_value)
+
+
+# --------------------------------------------------------------------------- CR access
+#: GPR numbers of the exit qualification (SDM Vol. 3 Table 28-3) → register names.
+_GPR_BY_NUMBER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+def handle_cr(vcpu: VcpuArch, cpu, exit_: VmExit) -> None:
+    """handle_cr(): a MOV to CR4 that touched a host-owned bit. kvm_set_cr4() refuses it → #GP(0);
+    otherwise the guest's CR4 takes the value (vmcs_writel(GUEST_CR4), the read shadow follows)
+    and the instruction retires. Other CRs and access types do not exit (their masks are 0)."""
+    qualification = exit_.qualification
+    cr, access = qualification & 0xF, (qualification >> 4) & 3
+    if cr != 4 or access != CR_ACCESS_TYPE_MOV_TO_CR:
+        raise CetvmError(f"internal error: unexpected CR-access exit (qualification {qualification:#x})")
+    value = cpu.reg(_GPR_BY_NUMBER[(qualification >> 8) & 0xF])
+    if not cpu.long_mode:
+        value &= 0xFFFF_FFFF
+    if not kvm_set_cr4(vcpu, value):
+        cpu.inject_exception(Vector.GP, 0)
+        return
+    cpu.write_cr(4, value)
+    vcpu.vmcs.write(VmcsField.CR4_READ_SHADOW, value & vcpu.vmcs.read(VmcsField.CR4_GUEST_HOST_MASK))
 
 
 # --------------------------------------------------------------------------- VMCALL

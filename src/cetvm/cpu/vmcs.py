@@ -1,0 +1,78 @@
+"""The VMCS the CPU obeys: controls a hypervisor programs, guest and host state, exit information
+[SDM Vol. 3 ch. 25-28].
+
+One :class:`Vmcs` object is the *current VMCS* of a vCPU (:meth:`cetvm.cpu.vcpu.Vcpu.vmptrld`);
+the hypervisor reads and writes its fields by encoding (:class:`cetvm.arch.vmx.VmcsField`), as
+KVM's vmcs_read*/vmcs_write* do with VMREAD/VMWRITE. What the CPU takes from it:
+
+- EXCEPTION_BITMAP: an exception (vector < 32, not a software interrupt or an injected event)
+  whose bit is set exits before delivery [SDM Vol. 3 §26.2];
+- the MSR bitmap (``MSR_BITMAP`` points at it; here :attr:`Vmcs.msr_bitmap`, the set of MSR
+  indices whose RDMSR/WRMSR exit) [SDM Vol. 3 §26.1.3, §25.6.9];
+- CR4_GUEST_HOST_MASK / CR4_READ_SHADOW (and the CR0 pair): a MOV to CR4 that would change a
+  host-owned bit (set in the mask) away from the read shadow exits with CR_ACCESS and the exit
+  qualification of SDM Table 28-3 [SDM Vol. 3 §26.1.3];
+- VM_ENTRY_CONTROLS.LOAD_CET_STATE: VM entry checks GUEST_S_CET, GUEST_SSP and
+  GUEST_INTR_SSP_TABLE (:func:`guest_cet_state_fault`, SDM Vol. 3 §28.3.1.1) and loads them; a
+  check that fails is a VM-entry failure: exit reason ENTRY_FAIL_GUEST_STATE with bit 31 set
+  and nothing loaded [SDM Vol. 3 §28.8];
+- at every VM exit the CPU saves S_CET, SSP and INTR_SSP_TABLE into the guest-state fields and
+  reports VM_EXIT_REASON, EXIT_QUALIFICATION and VM_EXIT_INSTRUCTION_LEN [SDM Vol. 3 §29.2-29.3].
+
+Decisions: cetvm's CPU runs no host code, so VM exit does not load the host-state area into the
+registers (the hypervisor keeps the host's view; HOST_* are its fields to read); the other
+guest state (GPRs, segments, CR0/CR3/CR4) lives in the CPU's registers, which the hypervisor
+reads and writes through the vCPU's register interface (KVM's vmcs_writel(GUEST_RIP/CR4...)).
+A fresh VMCS has every control 0 and an empty MSR bitmap: the CPU then exits on nothing but
+what it always exits on (HLT, I/O, CPUID, XSETBV, VMCALL...), i.e. it behaves as without a
+hypervisor's intercepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+
+from cetvm.arch.msr import cet_ctl_fault, ssp_fault, ssp_table_fault
+from cetvm.arch.regs import U64_MASK
+from cetvm.arch.vmx import VmcsField, VmEntryControls, vmcs_field_width
+
+
+class Vmcs:
+    """A VMCS region: fields by encoding (unwritten fields read as 0, as after VMCLEAR) and the
+    MSR bitmap the MSR_BITMAP field points at."""
+
+    def __init__(self) -> None:
+        self._fields: dict[VmcsField, int] = {}
+        self._msr_bitmap: Container[int] = frozenset()
+
+    def read(self, field: VmcsField) -> int:
+        """VMREAD (vmcs_readl() and friends)."""
+        return self._fields.get(VmcsField(field), 0)
+
+    def write(self, field: VmcsField, value: int) -> None:
+        """VMWRITE (vmcs_writel() and friends): the value truncated to the field's width."""
+        field = VmcsField(field)
+        self._fields[field] = value & ((1 << vmcs_field_width(field)) - 1) & U64_MASK
+
+    @property
+    def msr_bitmap(self) -> Container[int]:
+        """The MSR indices whose RDMSR/WRMSR exit (the page MSR_BITMAP points at)."""
+        return self._msr_bitmap
+
+    def set_msr_bitmap(self, bitmap: Container[int]) -> None:
+        """Point MSR_BITMAP at ``bitmap`` (vmcs_write64(MSR_BITMAP, __pa(msr_bitmap)))."""
+        self._msr_bitmap = bitmap
+
+    def entry_loads_cet(self) -> bool:
+        return bool(self.read(VmcsField.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_CET_STATE)
+
+
+def guest_cet_state_fault(vmcs: Vmcs, va_bits: int = 48) -> str | None:
+    """The VM-entry checks of the guest CET state when VM_ENTRY_CONTROLS.LOAD_CET_STATE is 1
+    [SDM Vol. 3 §28.3.1.1]: GUEST_S_CET without reserved bits and canonical, GUEST_SSP
+    canonical with bits 1:0 clear, GUEST_INTR_SSP_TABLE canonical. None when entry may go on."""
+    if not vmcs.entry_loads_cet():
+        return None
+    return (cet_ctl_fault("GUEST_S_CET", vmcs.read(VmcsField.GUEST_S_CET), va_bits)
+            or ssp_fault("GUEST_SSP", vmcs.read(VmcsField.GUEST_SSP), va_bits)
+            or ssp_table_fault("GUEST_INTR_SSP_TABLE", vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE), va_bits))
