@@ -64,7 +64,7 @@ from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
 from cetvm.arch.vmx import VmcsField
 from cetvm.cpu.faults import HardwareRefused
-from cetvm.cpu.exits import BASIC_EXIT_REASONS, ExceptionExit, ExitReason, VmExit
+from cetvm.cpu.exits import BASIC_EXIT_REASONS, ExceptionExit, ExitReason, MsrExit, VmExit
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
@@ -112,6 +112,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.guest_ibt = self.has_ibt
         self.traced = trace
         self.vmcs = Vmcs()
+        #: the exit the last ``run`` returned (its I/O, MMIO or MSR part takes the
+        #: hypervisor's result: :meth:`set_exit_result`)
+        self._last_exit: VmExit | None = None
         self.cet = CetState()
         self.xss = 0
         self._budget = InstructionBudget()
@@ -410,6 +413,23 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.guest_shstk = bool(shstk) and self.has_shstk
         self.guest_ibt = bool(ibt) and self.has_ibt
 
+    def set_exit_result(self, *, data: int | None = None, error: bool = False) -> None:
+        """The hypervisor's result for the last exit, which the completion at the next run
+        writes to the guest: ``data`` for an IN, an MMIO read or an intercepted RDMSR; ``error``
+        for an intercepted RDMSR/WRMSR that must #GP(0) instead. The hypervisor copies it in
+        (KVM: from kvm_run, complete_userspace_io); the exit it got from :meth:`run` is
+        otherwise read-only to it."""
+        exit_ = self._last_exit
+        if exit_ is None:
+            return
+        for part in (exit_.io, exit_.mmio, exit_.msr):
+            if part is None:
+                continue
+            if data is not None:
+                part.data = data
+            if isinstance(part, MsrExit):
+                part.error = error
+
     def load_xcr0(self, value: int) -> None:
         """XSETBV by the host (kvm_load_guest_xsave_state): XCR0 without checks."""
         self._registers.xcr0 = value
@@ -461,6 +481,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             vmcs.write(VmcsField.GUEST_S_CET, self.cet_msr(Msr.IA32_S_CET))
             vmcs.write(VmcsField.GUEST_SSP, self.ssp)
             vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, self.cet_msr(Msr.IA32_INT_SSP_TAB))
+        self._last_exit = exit_
         reason = BASIC_EXIT_REASONS.get(exit_.reason)
         if reason is not None:
             vmcs.write(VmcsField.VM_EXIT_REASON, reason)

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
 from cetvm.arch.msr import Efer, Msr
-from cetvm.cpu.exits import Direction, ExitReason, MsrExit, VmExit
+from cetvm.cpu.exits import Direction, ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.paging import translate as walk_page_tables
@@ -141,7 +141,6 @@ from cetvm.kvm.vcpu_run import (
     InternalErrorSuberror,
     KvmExceptionExit,
     KvmExitReason,
-    KvmMsrExit,
     KvmMsrExitReason,
     KvmRun,
     MsrFilter,
@@ -345,7 +344,9 @@ class KvmVcpu:
         self.host_cpu = vm.kvm.host_cpu
         self.mp_state = MpState.RUNNABLE
         self.msrs = KvmMsrState()
-        self._msr_exit: tuple[KvmMsrExit, MsrExit] | None = None
+        #: the kvm_run of the last exit userspace completes (I/O, MMIO, MSR): its copies go
+        #: back to the CPU at the next run (_complete_userspace_exit)
+        self._userspace_exit: KvmRun | None = None
         self._queued: QueuedException | None = None
         self._init_latched = False
         #: A SIPI's vector waiting for kvm_apic_accept_events (apic->sipi_vector + KVM_APIC_SIPI).
@@ -735,12 +736,14 @@ class KvmVcpu:
     def _complete_userspace_exit(self) -> None:
         """complete_userspace_io(): finish the last exit (IN data, MMIO read, RIP past HLT or
         VMCALL, RDMSR/WRMSR with what userspace put in kvm_run.msr) before anything else changes
-        the vCPU."""
-        if self._msr_exit is not None:  # complete_userspace_rdmsr / complete_emulated_msr_access
-            kvm_msr, cpu_msr = self._msr_exit
-            self._msr_exit = None
-            cpu_msr.data = kvm_msr.data & 0xFFFF_FFFF_FFFF_FFFF
-            cpu_msr.error = bool(kvm_msr.error)
+        the vCPU: what userspace wrote into its copy in kvm_run goes to the vCPU now."""
+        last, self._userspace_exit = self._userspace_exit, None
+        if last is not None and last.msr is not None:  # complete_userspace_rdmsr / _emulated_msr_access
+            self.cpu.set_exit_result(data=last.msr.data & 0xFFFF_FFFF_FFFF_FFFF, error=bool(last.msr.error))
+        elif last is not None and (last.io or last.mmio) is not None:
+            part = last.io or last.mmio
+            if part.direction is Direction.IN:  # complete_emulated_pio / complete_emulated_mmio
+                self.cpu.set_exit_result(data=part.data)
         self.cpu.complete_pending_exit()
 
     def _run_loop(self, budget: int | None, start: int) -> KvmRun:
@@ -774,10 +777,9 @@ class KvmVcpu:
                               lambda: vmx.kvm_put_guest_fpu(self.state, self.cpu))
             if user is None:
                 return None
-            assert exit_.msr is not None
-            self._msr_exit = (user, exit_.msr)
             kind = KvmExitReason.X86_RDMSR if reason is ExitReason.RDMSR else KvmExitReason.X86_WRMSR
-            return KvmRun(kind, exit_.rip, msr=user)
+            self._userspace_exit = KvmRun(kind, exit_.rip, msr=user)
+            return self._userspace_exit
         if reason is ExitReason.XSETBV:
             handle_xsetbv(self.state, self.cpu, exit_)
             return None
@@ -795,7 +797,8 @@ class KvmVcpu:
         if reason is ExitReason.MMIO and self._emulator_refuses(exit_.rip):
             return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
                           detail="MMIO access by an instruction CET guards: KVM does not emulate it")
-        return userspace_exit(exit_)
+        self._userspace_exit = userspace_exit(exit_)
+        return self._userspace_exit
 
     def _handle_exception_exit(self, exit_: VmExit) -> KvmRun | None:
         """An intercepted exception: KVM's own #UD intercept first (handle_ud and the

@@ -31,6 +31,7 @@ an STI in a stretch of natively executed code is noticed at the next exit or sli
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -112,7 +113,10 @@ class KvmExceptionExit:
 
 @dataclass
 class KvmRun:
-    """What KVM_RUN returned: the exit reason and the matching union member."""
+    """What KVM_RUN returned: the exit reason and the matching union member — copies, as in the
+    kvm_run page: what userspace writes into ``io.data`` / ``mmio.data`` / ``msr`` /
+    ``hypercall.ret`` reaches the vCPU only when the next KVM_RUN completes the exit
+    (complete_userspace_io)."""
 
     exit_reason: KvmExitReason
     rip: int
@@ -337,14 +341,12 @@ def handle_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter
             if needs_fpu:
                 fpu_get()
     if result is MsrResult.OK:
-        if reading:
-            msr.data = data
-        msr.error = False
+        cpu.set_exit_result(data=data if reading else None)
         return None
     reason = kvm_msr_reason(result)
     if user_space_msr_mask & reason:
         return KvmMsrExit(reason, msr.index, 0 if reading else msr.data)
-    msr.error = True
+    cpu.set_exit_result(error=True)
     return None
 
 
@@ -418,10 +420,10 @@ def handle_vmcall(cpu, exit_hypercall_mask: int) -> HypercallExit | None:
 def userspace_exit(exit_: VmExit) -> KvmRun:
     """Map a CPU exit KVM does not handle itself to kvm_run."""
     reason = exit_.reason
-    if reason is ExitReason.IO:
-        return KvmRun(KvmExitReason.IO, exit_.rip, io=exit_.io)
-    if reason is ExitReason.MMIO:
-        return KvmRun(KvmExitReason.MMIO, exit_.rip, mmio=exit_.mmio)
+    if reason is ExitReason.IO and exit_.io is not None:
+        return KvmRun(KvmExitReason.IO, exit_.rip, io=dataclasses.replace(exit_.io))
+    if reason is ExitReason.MMIO and exit_.mmio is not None:
+        return KvmRun(KvmExitReason.MMIO, exit_.rip, mmio=dataclasses.replace(exit_.mmio))
     if reason is ExitReason.HLT:
         return KvmRun(KvmExitReason.HLT, exit_.rip)
     if reason is ExitReason.TRIPLE_FAULT:
