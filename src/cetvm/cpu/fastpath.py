@@ -66,7 +66,7 @@ from cetvm.cpu.blocks import BlockTracker
 from cetvm.cpu.cet.transfer import Terminator
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
-from cetvm.cpu.state import CetState
+from cetvm.cpu.state import CetRegisters
 from cetvm.arch.regs import U64_MASK as _U64
 
 PAGE = 0x1000
@@ -86,7 +86,7 @@ class FastPathCpu(Protocol):
     """What the short path reads of the vCPU at every block start (plain attributes, kept
     current by the vCPU's ``refresh_mode``; the short path writes only ``cet.ssp``)."""
 
-    cet: CetState
+    cet: CetRegisters
     cpl: int
     long_mode: bool
     cet_active: bool

@@ -55,7 +55,7 @@ from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import CET_MSR_SET
 from cetvm.cpu.block_hook import BlockHookMixin
-from cetvm.cpu.blocks import BlockTracker
+from cetvm.cpu.blocks import BlockTable, BlockTracker
 from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.vcpu_cet import CetMachineMixin
 from cetvm.cpu.engine_features import engine_cpu_model
@@ -71,7 +71,7 @@ from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
-from cetvm.cpu.state import CetState, FpuState, Regs, Segment, Sregs
+from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
 from cetvm.arch.regs import U64_MASK
@@ -115,7 +115,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         #: the exit the last ``run`` returned (its I/O, MMIO or MSR part takes the
         #: hypervisor's result: :meth:`set_exit_result`)
         self._last_exit: VmExit | None = None
-        self.cet = CetState()
+        self.cet: CetRegisters = CetState()
         self.xss = 0
         self._budget = InstructionBudget()
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -126,7 +126,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         # Bound once: the CetMachine shadow-stack accesses run per CALL/RET on the reference path.
         self._translate = self._memory.translate
         self._ram_view = self._memory.ram_view
-        self._blocks = BlockTracker()
+        self._blocks: BlockTable = BlockTracker()
         self._exits: set[int] = set()
         self._pending: PendingEvent | None = None
         self._irq_vector: int | None = None  # external interrupt (cetvm.cpu.interrupts)
