@@ -165,3 +165,12 @@ def test_string_port_io_is_one_exit_per_element(capsys):
     REP OUTSB to COM1, REP INSB from fw_cfg, INSB with DF = 1."""
     tap = run_green(capsys, "string_pio")
     assert tap.passed("REP INSB from fw_cfg reads its signature")
+
+
+def test_bmi_instructions_run_whatever_cr4_osfxsr_is(capsys):
+    """Issue 10 (Linux's zstd decompressor, CR4 = PAE alone): SHLX & co. executed with
+    CR4.OSFXSR = 0 were #UD (an engine quirk); MOV from CR4 still shows the guest's own bit."""
+    tap = run_green(capsys, "vex_gpr")
+    assert tap.passed("SHLX/SHRX/SARX/RORX with CR4.OSFXSR = 0")
+    assert tap.passed("MOV from CR4 shows the guest's OSFXSR = 0")
+    assert tap.passed("MOV from CR4 at CPL3 -> #GP(0)")

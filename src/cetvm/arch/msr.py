@@ -44,6 +44,14 @@ class Msr(enum.IntEnum):
     KVM_INTERNAL_GUEST_SSP = 0x4B564DFF
 
 
+class MiscEnable(enum.IntFlag):
+    """IA32_MISC_ENABLE bits [SDM Vol. 4 Table 2-2]."""
+
+    FAST_STRING = 1 << 0
+    BTS_UNAVAILABLE = 1 << 11
+    PEBS_UNAVAILABLE = 1 << 12
+
+
 #: The CET MSRs, in index order.
 CET_MSRS: tuple[Msr, ...] = (
     Msr.IA32_U_CET,

@@ -63,14 +63,17 @@ def _positive_float(text: str) -> float:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "boot", help="boot a multiboot or ELF64 kernel on the cetvm PC",
-        description="Boot a bare-metal kernel (multiboot v1 or ELF64) with COM1 on stdout. The exit "
+        "boot", help="boot a Linux bzImage, a multiboot or an ELF64 kernel on the cetvm PC",
+        description="Boot a kernel (a Linux bzImage through the 64-bit boot protocol, or a bare-metal "
+                    "multiboot v1 or ELF64 kernel) with COM1 on stdout. The exit "
                     "status follows QEMU's isa-debug-exit ((code << 1) | 1, so 1 = the guest wrote 0); 0 "
                     "power off, HLT or snapshot taken; 124 timeout or instruction limit, 125 triple fault, "
                     "126 internal error (each with a one-line diagnosis on stderr); 2 bad input.")
     p.add_argument("image", nargs="?",
-                   help="kernel image: multiboot v1 (ELF32 or a.out kludge) or an ELF64 x86-64 executable "
-                        "(omit with --restore-state)")
+                   help="kernel image: a Linux bzImage (boot protocol 2.12+, 64-bit entry), multiboot v1 "
+                        "(ELF32 or a.out kludge) or an ELF64 x86-64 executable (omit with --restore-state)")
+    p.add_argument("--kernel", dest="kernel", metavar="FILE",
+                   help="the kernel image, as an option (QEMU -kernel style); same as IMAGE")
     p.add_argument("--cpu", default=None, metavar="MODEL|FILE",
                    help="host CPU the modeled KVM runs on; the guest sees what KVM offers on it. A built-in "
                         f"model ({', '.join(model_names())}) or a CPUID dump/JSON file "
@@ -92,10 +95,11 @@ def register(subparsers) -> None:
                         "--max-instructions / --save-at count the instructions of all of them (default 1; "
                         "with --restore-state it must match the snapshot)")
     p.add_argument("--append", default="", metavar="CMDLINE",
-                   help="kernel command line, given in the multiboot information (default empty)")
+                   help="kernel command line: Linux's (e.g. 'console=ttyS0'), or the multiboot information's "
+                        "(default empty)")
     p.add_argument("--initrd", action="append", default=[], metavar="FILE",
-                   help="a multiboot module, loaded page-aligned after the kernel; repeat for more, in order "
-                        "(the first is the initrd; default none)")
+                   help="Linux: the initramfs (one). Multiboot/ELF64: a module, loaded page-aligned after the "
+                        "kernel; repeat for more, in order (the first is the initrd; default none)")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
                    help="stop after S seconds of wall-clock time, exit status 124 (default no limit)")
     p.add_argument("--max-instructions", type=_positive_int, metavar="N",
@@ -130,6 +134,10 @@ def register(subparsers) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.kernel:
+        if args.image:
+            raise InputError("give the kernel either as IMAGE or as --kernel, not both")
+        args.image = args.kernel
     if args.restore_state:
         if args.image:
             raise InputError("give either IMAGE or --restore-state, not both")

@@ -8,7 +8,7 @@ classification time, so Unicorn stops in front of it and Python runs it.
 
 from __future__ import annotations
 
-from iced_x86 import Code, Decoder, Instruction, Mnemonic as M
+from iced_x86 import Code, Decoder, Instruction, Mnemonic as M, Register
 
 #: Instructions that stop the engine in front of them (traced mode).
 EMULATED_MNEMONICS: frozenset[int] = frozenset({
@@ -33,6 +33,10 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
 #: MOV to a control register: CR0/CR4 need the CET rules, CR3 invalidates classifications.
 MOV_TO_CR_CODES: frozenset[int] = frozenset({Code.MOV_CR_R64, Code.MOV_CR_R32})
 
+#: MOV from a control register: only CR4 is emulated (its :data:`~cetvm.cpu.registers.
+#: ENGINE_FORCED_CR4` bits hold the guest's value beside the engine's).
+MOV_FROM_CR_CODES: frozenset[int] = frozenset({Code.MOV_R64_CR, Code.MOV_R32_CR})
+
 #: Far transfers whose shadow-stack frames we maintain.
 FAR_TRANSFER_MNEMONICS: frozenset[int] = frozenset({M.RETF})
 
@@ -41,9 +45,13 @@ MAX_INSTRUCTION_LENGTH = 15
 
 def needs_emulation(instr: Instruction) -> bool:
     """True if the engine must stop in front of ``instr`` and emulate it in Python."""
-    return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES
+    return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES or is_mov_from_cr4(instr)
             or instr.mnemonic in FAR_TRANSFER_MNEMONICS or instr.is_call_far or instr.is_call_far_indirect
             or instr.is_jmp_far or instr.is_jmp_far_indirect)
+
+
+def is_mov_from_cr4(instr: Instruction) -> bool:
+    return instr.code in MOV_FROM_CR_CODES and instr.op1_register == Register.CR4
 
 
 def decode_one(code: bytes, ip: int, bitness: int = 64) -> Instruction:

@@ -24,6 +24,7 @@ from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField, cr_access_qualif
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
+from cetvm.cpu.decode import is_mov_from_cr4
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
@@ -37,7 +38,8 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 
 def can_emulate(instr: Instruction) -> bool:
-    return instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or _is_far_transfer(instr)
+    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
+            or _is_far_transfer(instr))
 
 
 def emulate(vcpu, instr: Instruction) -> VmExit | None:
@@ -45,6 +47,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
     if handler is None:
         if _is_mov_to_cr(instr):
             handler = mov_to_cr
+        elif is_mov_from_cr4(instr):
+            handler = mov_from_cr4
         elif _is_far_transfer(instr):
             handler = far_transfer
         else:
@@ -354,6 +358,14 @@ def cr_write_exit(vcpu, instr: Instruction, n: int, value: int) -> VmExit | None
     vcpu.add_completion(_completion_advance(vcpu, instr))
     return VmExit(ExitReason.CR_ACCESS, instr.ip, instr.len,
                   qualification=cr_access_qualification(n, CR_ACCESS_TYPE_MOV_TO_CR, gpr))
+
+
+def mov_from_cr4(vcpu, instr: Instruction) -> None:
+    """MOV r, CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the guest's
+    CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`)."""
+    _require_cpl0(vcpu)
+    write_register(vcpu, instr.op0_register, vcpu.cr4)
+    _advance(vcpu, instr)
 
 
 def check_cr0_write(vcpu, value: int) -> None:

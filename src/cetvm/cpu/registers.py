@@ -17,7 +17,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
 from cetvm import CetvmError, InputError
-from cetvm.arch import Cr0, Msr
+from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import Efer
 from cetvm.cpu.state import CetState, DescriptorTable, FpuState, GPR_NAMES, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, segment_hflags
@@ -80,11 +80,31 @@ def store_cet_msr_value(cet: CetState, index: int, value: int) -> None:
         raise CetvmError(f"internal error: MSR {index:#x} is not a CET MSR")
 
 
+#: CR4 bits the engine always runs with, whatever the guest loads (an engine quirk, measured):
+#: QEMU 5.0's TCG decodes VEX-encoded instructions — BMI1/BMI2's ANDN, BEXTR, SHLX, SHRX, SARX,
+#: RORX, BZHI, PDEP, PEXT, MULX, which use no SSE state — only with CR4.OSFXSR set, and raises
+#: #UD otherwise; hardware executes them whatever CR4.OSFXSR is [SDM Vol. 2 §2.3.5 VEX: only
+#: VEX instructions operating on XMM/YMM state require CR4.OSXSAVE]. Linux's decompressor runs
+#: zstd's BMI2 code with CR4 = PAE alone. So the engine's CR4.OSFXSR stays set and the guest's
+#: own value of the bit is kept beside it (the way VMX keeps a CR4 read shadow for host-owned
+#: bits): MOV from CR4, KVM_GET_SREGS and every CR4 check see the guest's value. Deviation
+#: (documented in the README): SSE instructions do not #UD while the guest's CR4.OSFXSR is 0.
+ENGINE_FORCED_CR4 = int(Cr4.OSFXSR)
+
+
 class Registers:
-    """Register access to one Unicorn engine (no caching: every read asks the engine)."""
+    """Register access to one Unicorn engine (no caching: every read asks the engine, except the
+    guest's value of the :data:`ENGINE_FORCED_CR4` bits)."""
 
     def __init__(self, uc: Uc) -> None:
         self._uc = uc
+        self._guest_forced_cr4 = 0
+        self.write_cr(4, uc.reg_read(X.UC_X86_REG_CR4))
+
+    @property
+    def cr4(self) -> int:
+        """The guest's CR4 (the engine's, with the guest's own :data:`ENGINE_FORCED_CR4` bits)."""
+        return (self._uc.reg_read(X.UC_X86_REG_CR4) & ~ENGINE_FORCED_CR4) | self._guest_forced_cr4
 
     # ------------------------------------------------------------------ GPRs
     def read(self, name: str) -> int:
@@ -115,7 +135,7 @@ class Registers:
             tr=Segment(tr[0], tr[1], tr[2], tr[3]), ldt=Segment(ldt[0], ldt[1], ldt[2], ldt[3]),
             gdt=DescriptorTable(gdt[1], gdt[2]), idt=DescriptorTable(idt[1], idt[2]),
             cr0=uc.reg_read(X.UC_X86_REG_CR0), cr2=uc.reg_read(X.UC_X86_REG_CR2),
-            cr3=uc.reg_read(X.UC_X86_REG_CR3), cr4=uc.reg_read(X.UC_X86_REG_CR4),
+            cr3=uc.reg_read(X.UC_X86_REG_CR3), cr4=self.cr4,
             efer=uc.msr_read(Msr.IA32_EFER))
 
     def load_sregs(self, sregs: Sregs) -> None:
@@ -126,7 +146,7 @@ class Registers:
         efer = sregs.efer & ~Efer.LMA
         if efer & Efer.LME and sregs.cr0 & Cr0.PG:
             efer |= Efer.LMA
-        uc.reg_write(X.UC_X86_REG_CR4, sregs.cr4)
+        self.write_cr(4, sregs.cr4)
         uc.reg_write(X.UC_X86_REG_CR3, sregs.cr3)
         uc.msr_write(Msr.IA32_EFER, efer)
         uc.reg_write(X.UC_X86_REG_CR0, sregs.cr0)
@@ -176,7 +196,10 @@ class Registers:
         return ContextBlob.save(self._uc).segment(name)
 
     def write_cr(self, n: int, value: int) -> None:
-        """Write CR0/CR2/CR3/CR4/CR8 without checks."""
+        """Write CR0/CR2/CR3/CR4/CR8 without checks (CR4: see :data:`ENGINE_FORCED_CR4`)."""
+        if n == 4:
+            self._guest_forced_cr4 = value & ENGINE_FORCED_CR4
+            value |= ENGINE_FORCED_CR4
         self._uc.reg_write(_CR_IDS[n], value & U64_MASK)
 
     @property

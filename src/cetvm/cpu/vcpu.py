@@ -319,7 +319,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     @property
     def cr4(self) -> int:
-        return self._uc.reg_read(X.UC_X86_REG_CR4)
+        return self._registers.cr4
 
     def write_cr(self, n: int, value: int) -> None:
         """Write CR0/CR2/CR3/CR4/CR8 without checks (the emulation checks first)."""

@@ -23,7 +23,7 @@ import enum
 from dataclasses import dataclass, field
 
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, Efer, Msr
+from cetvm.arch.msr import CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, Efer, MiscEnable, Msr
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
@@ -216,8 +216,8 @@ def set_one_reg(vcpu: VcpuArch, reg_id: int, value: int) -> None:
 #   (:func:`kvm_cpu_held_msr_value`).
 # - Any other MSR is unknown to KVM: KVM_MSR_RET_UNSUPPORTED → #GP, or a userspace exit with
 #   reason UNKNOWN.
-MISC_ENABLE_BTS_UNAVAIL = 1 << 11
-MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
+MISC_ENABLE_BTS_UNAVAIL = int(MiscEnable.BTS_UNAVAILABLE)
+MISC_ENABLE_PEBS_UNAVAIL = int(MiscEnable.PEBS_UNAVAILABLE)
 UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).

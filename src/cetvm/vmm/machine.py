@@ -23,6 +23,7 @@ import os
 from typing import Any, Callable, Iterator, Mapping
 
 from cetvm import InputError
+from cetvm.arch.msr import MiscEnable, Msr
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, MpState, Regs, Segment, Sregs
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
@@ -40,6 +41,12 @@ from cetvm.vmm.snapshot_schema import SNAPSHOT_KIND, check_machine_manifest
 #: Bytes per RAM read when saving (a snapshot streams: one chunk, its copy and its compressed
 #: form are all the memory a save needs beyond the guest RAM).
 SAVE_CHUNK = 4 << 20
+
+
+#: MSR values the VMM sets at RESET with KVM_SET_MSRS, as QEMU's x86_cpu_reset does: IA32_MISC_ENABLE
+#: = fast strings enabled (QEMU's MSR_IA32_MISC_ENABLE_DEFAULT; KVM's own RESET value has it clear,
+#: and Linux then prints "Disabled fast string operations").
+VMM_RESET_MSRS: dict[int, int] = {int(Msr.IA32_MISC_ENABLE): int(MiscEnable.FAST_STRING)}
 
 
 def ram_section(region: RamRegion) -> str:
@@ -163,6 +170,7 @@ class Machine:
         for index, cpuid in enumerate(cpuids):
             vcpu = self.vm.create_vcpu(index)
             vcpu.set_cpuid(cpuid)
+            vcpu.set_msrs(list(VMM_RESET_MSRS.items()))
             self.vcpus.append(vcpu)
         #: The BSP (vCPU 0).
         self.vcpu = self.vcpus[0]

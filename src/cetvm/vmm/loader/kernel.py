@@ -57,6 +57,7 @@ from cetvm.vmm.loader.elf import (
     machine_name,
     parse_elf,
 )
+from cetvm.vmm.loader.linux import is_bzimage, load_linux_image
 from cetvm.vmm.loader.longmode import build_boot_gdt, build_identity_page_tables
 from cetvm.vmm.loader.multiboot import (
     aout_kludge_image,
@@ -113,13 +114,14 @@ def _read_file(path: str, what: str, ram_size: int) -> bytes:
     return bytes(read_input(path, f"{what} file '{path}'", ram_size, "larger than the guest RAM"))
 
 
-def _check_bootable_head(path: str, name: str) -> None:
+def _check_bootable_head(path: str, name: str) -> bytes:
     """Refuse a file that is neither multiboot nor ELF from its first 8192 bytes, before the
     rest is read (a 2 GiB text file costs 8 KiB of memory to refuse, not 2 GiB)."""
     head = read_input_head(path, f"kernel file '{path}'", MULTIBOOT_SEARCH_LIMIT + 64)
-    if find_multiboot_header(head, name) is None and not is_elf(head):
-        raise InputError(f"{name}: no multiboot header in the first 8192 bytes and not an ELF file "
-                         f"(starts with {head[:4]!r})")
+    if find_multiboot_header(head, name) is None and not is_elf(head) and not is_bzimage(head):
+        raise InputError(f"{name}: not a Linux bzImage, no multiboot header in the first 8192 bytes and "
+                         f"not an ELF file (starts with {head[:4]!r})")
+    return head
 
 
 def _elf_segments(elf: ElfFile, data: bytes) -> tuple[list[MemoryImage], list[ZeroFill]]:
@@ -270,7 +272,21 @@ def load_kernel(path: str | os.PathLike, ram_size: int, cmdline: str = "",
     """Read a kernel (multiboot v1 or ELF64) and its modules, and plan guest memory and entry."""
     specs = [m if isinstance(m, ModuleSpec) else ModuleSpec(str(m)) for m in modules]
     check_ram_size(ram_size)
-    _check_bootable_head(os.fspath(path), os.fspath(path))
+    head = _check_bootable_head(os.fspath(path), os.fspath(path))
+    if is_bzimage(head):
+        return _load_bzimage(os.fspath(path), ram_size, cmdline, specs)
     data = _read_file(os.fspath(path), "kernel", ram_size)
     blobs = [(spec, _read_file(spec.path, "module", ram_size)) for spec in specs]
     return load_kernel_image(data, ram_size, cmdline, blobs, name=os.fspath(path))
+
+
+def _load_bzimage(path: str, ram_size: int, cmdline: str, specs: Sequence[ModuleSpec]) -> BootPlan:
+    """A Linux bzImage: at most one module, the initrd (the boot protocol has one ramdisk)."""
+    if len(specs) > 1:
+        raise InputError(f"{path}: a Linux kernel takes one initrd; {len(specs)} were given")
+    if specs and (specs[0].addr is not None or specs[0].cmdline):
+        raise InputError(f"{path}: a Linux initrd has no load address or command line of its own")
+    data = _read_file(path, "kernel", ram_size)
+    initrd = _read_file(specs[0].path, "initrd", ram_size) if specs else b""
+    return load_linux_image(data, ram_size, cmdline, initrd, initrd_name=specs[0].path if specs else "",
+                            name=path)

@@ -69,3 +69,9 @@ def build_identity_page_tables(base: int = BOOT_PAGE_TABLES_ADDR, map_size: int 
 
 def build_boot_gdt(base: int = BOOT_GDT_ADDR) -> BootGdt:
     return BootGdt(base, struct.pack("<4Q", GDT_NULL, GDT_CODE64, GDT_DATA, GDT_CODE32))
+
+
+def build_linux_boot_gdt(base: int = BOOT_GDT_ADDR) -> BootGdt:
+    """The GDT the Linux 64-bit boot protocol asks for: flat code at ``__BOOT_CS`` (0x10, here
+    64-bit) and flat data at ``__BOOT_DS`` (0x18); 0x08 is unused (null)."""
+    return BootGdt(base, struct.pack("<4Q", GDT_NULL, GDT_NULL, GDT_CODE64, GDT_DATA))
