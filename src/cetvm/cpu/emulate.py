@@ -4,7 +4,7 @@ Each handler gets the vCPU and the decoded instruction (RIP at the instruction),
 GuestFault for an architectural fault (nothing changed), and either completes the instruction
 (advancing RIP) and returns None, or returns a VmExit whose completion runs at the next
 ``Vcpu.run``. Control transfers Unicorn executes correctly except for CET (IRETQ, SYSRET, far
-RET/CALL/JMP) get their CET effects here and are then executed once natively
+RET/CALL/JMP) get their CET effects here and are then executed once by the engine
 (``Vcpu.step_in_engine``); SYSCALL (a NOP in Unicorn without a hook) is emulated completely.
 """
 
@@ -491,7 +491,7 @@ def iret(vcpu, instr: Instruction) -> None:
     same one; never to a more privileged one (#GP). CS/SS are checked against the GDT; RFLAGS
     follows the CPL/IOPL rules (IOPL only at CPL 0, IF only when CPL <= IOPL). With CET the
     shadow-stack frame is checked and SSP restored (``ssp_on_iret``) before anything is
-    committed. Not emulated natively because Unicorn's TB-cache removal after a native step
+    committed. Not executed by the engine because Unicorn's TB-cache removal after a single step
     would translate the IRETQ's address at the new CPL (a phantom #PF that corrupts CR2 and
     QEMU's old_exception). Decisions: DS/ES/FS/GS are not nulled on a return to CPL 3; NMI
     blocking is not modelled; 16/32-bit IRET raise NotSupportedError.
@@ -528,7 +528,7 @@ def iret(vcpu, instr: Instruction) -> None:
 
 
 def sysret(vcpu, instr: Instruction) -> None:
-    """SYSRET [SDM SYSRET], emulated completely (see :func:`iret` for why not natively).
+    """SYSRET [SDM SYSRET], emulated completely (see :func:`iret` for why not in the engine).
 
     #UD unless EFER.SCE; #GP(0) unless CPL 0; #GP(0) if RCX is not canonical (64-bit form).
     CS = STAR[63:48] + 16 (64-bit form) or STAR[63:48] (32-bit form), RPL 3; SS = STAR[63:48]
@@ -575,7 +575,7 @@ def far_transfer(vcpu, instr: Instruction) -> None:
     arm, around Unicorn's own execution of the transfer. Call gates are not supported
     (decision: treated as same-privilege transfers)."""
     if not vcpu.cet_active:
-        _native(vcpu, instr)
+        _step_in_engine(vcpu, instr)
         return
     old_cpl = vcpu.cpl
     if instr.mnemonic == M.RETF:
@@ -586,17 +586,17 @@ def far_transfer(vcpu, instr: Instruction) -> None:
         target = read_descriptor(vcpu, new_cs)
         far_transfers.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
                                   (target.base + new_rip) & _U64, target_long_mode=target.long)
-        _native(vcpu, instr)
+        _step_in_engine(vcpu, instr)
     elif instr.is_call_far or instr.is_call_far_indirect:
         cs = vcpu.segment("cs")
         far_transfers.ssp_on_far_call(vcpu, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
-        _native(vcpu, instr)
+        _step_in_engine(vcpu, instr)
     else:
-        _native(vcpu, instr)
+        _step_in_engine(vcpu, instr)
         ibt_arm_on_transfer(vcpu, vcpu.cpl)
 
 
-def _native(vcpu, instr: Instruction, *, branches: bool = True) -> None:
+def _step_in_engine(vcpu, instr: Instruction, *, branches: bool = True) -> None:
     """Let Unicorn execute ``instr`` alone (see :meth:`Vcpu.step_in_engine`); an instruction that
     does not branch stops cheaply at its successor."""
     vcpu.step_in_engine(instr.ip, None if branches else instr.next_ip)
@@ -606,7 +606,7 @@ def _native(vcpu, instr: Instruction, *, branches: bool = True) -> None:
 def invalidate_tlb(vcpu, instr: Instruction) -> None:
     """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache as well."""
     vcpu.flush_tlb()
-    _native(vcpu, instr, branches=False)
+    _step_in_engine(vcpu, instr, branches=False)
 
 
 def descriptor_table_load(vcpu, instr: Instruction) -> VmExit | None:
@@ -614,14 +614,14 @@ def descriptor_table_load(vcpu, instr: Instruction) -> VmExit | None:
     runs the instruction [SDM Vol. 2 LGDT/LIDT: #GP(0) "if the memory address is in a
     non-canonical form" of the loaded base in 64-bit mode; LLDT/LTR: #GP(selector) if the
     16-byte system descriptor's base is non-canonical]. Everything else (CPL, limits, types,
-    busy TSS, present bits) is the engine's, which executes these natively. An operand in MMIO
+    busy TSS, present bits) is the engine's, which executes these itself. An operand in MMIO
     (kvm-unit-tests' emulator: LTR from pc-testdev memory) is completed as any MMIO operand
     (:meth:`cetvm.cpu.vcpu.Vcpu.execute_with_mmio_operand`), without the canonical checks."""
     try:
         _check_descriptor_table_load(vcpu, instr)
     except NoRamAccess:
         return vcpu.execute_with_mmio_operand(instr)
-    _native(vcpu, instr, branches=False)
+    _step_in_engine(vcpu, instr, branches=False)
     return None
 
 

@@ -27,7 +27,7 @@ from cetvm.cpu.paging import Access
 
 
 class EmulationPlumbingMixin:
-    """Emulation at exit addresses, native single steps and exit completion for the vCPU."""
+    """Emulation at exit addresses, single steps in the engine and exit completion for the vCPU."""
 
     def fetch_instruction(self, rip: int):
         """Decode the instruction at ``rip`` (fetch access; raises GuestFault)."""

@@ -26,7 +26,7 @@ vCPU out of KVM_RUN (-EINTR with exit_reason KVM_EXIT_INTR); IRQ_WINDOW_OPEN whe
 ``request_interrupt_window`` and the guest can take an interrupt [K api.rst "KVM_INTERRUPT",
 "request_interrupt_window"; x86.c vcpu_run / dm_request_for_irq_injection]. Decision: the
 window is checked at run entry and after every exit KVM handles itself (never per block), so
-an STI in a stretch of natively executed code is noticed at the next exit or slice.
+an STI in a stretch of code the engine runs without exits is noticed at the next exit or slice.
 """
 
 from __future__ import annotations
