@@ -1,4 +1,5 @@
-"""Benchmark and test rig (not part of the package): a bare Unicorn machine with CET for measuring and checking the block-hook paths in isolation.
+"""Benchmark and test rig (not part of the package): a bare Unicorn machine with CET for
+measuring and checking the block-hook paths in isolation.
 
 It is not the vCPU (that is :class:`cetvm.cpu.vcpu.Vcpu`): one 64-bit guest with its own
 4-level page tables (code RX, data RW+NX, one shadow-stack page R/W=0 D=1 NX), started at ring 0
