@@ -1,4 +1,4 @@
-"""Every CET/XSS MSR rule of reference §5, table-driven, against an oracle written from the
+"""Every CET/XSS MSR rule of KVM vmx.c/x86.c, table-driven, against an oracle written from the
 reference text (not from cetvm.kvm): {guest CPUID} × MSR × value × {guest, host} × {read, write}."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def canonical48(v: int) -> bool:
 
 
 def oracle(msr: int, guest: tuple[bool, bool, bool], value: int, host: bool, write: bool) -> str:
-    """Expected outcome per reference §5: 'ok', '#GP' or 'error'."""
+    """Expected outcome per KVM vmx.c/x86.c: 'ok', '#GP' or 'error'."""
     shstk, ibt, xsaves = guest
     guest_supported_xss = 0x1800  # guest CPUID.(0xD,1).ECX = KVM's supported XSS on SPR
     advertised = msr != GUEST_SSP  # SPR: every CET MSR and XSS are in the index list

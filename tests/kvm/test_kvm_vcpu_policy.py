@@ -1,4 +1,4 @@
-"""vCPU policy: CPUID runtime sizes, where CET state lives, ONE_REG, CR0/CR4 rules (reference §5)."""
+"""vCPU policy: CPUID runtime sizes, where CET state lives, ONE_REG, CR0/CR4 rules (KVM vmx.c/x86.c)."""
 
 from __future__ import annotations
 

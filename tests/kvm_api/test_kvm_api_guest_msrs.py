@@ -1,5 +1,5 @@
 """Guest RDMSR/WRMSR of the CET MSRs through the KVM run loop (interception per
-vmx_update_intercept_for_cet_msr, #GP delivered to the guest's IDT) [reference §2, §5]."""
+vmx_update_intercept_for_cet_msr, #GP delivered to the guest's IDT) [SDM Vol. 4 Table 2-2, KVM vmx.c/x86.c]."""
 
 from __future__ import annotations
 
