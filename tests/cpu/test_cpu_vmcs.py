@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import Machine, Options  # noqa: E402
+from harness import L, Machine, Options  # noqa: E402
 
 from cetvm.arch import Cr4, Vector, VmcsField  # noqa: E402
 from cetvm.arch.vmx import ExitReason as VmxExitReason  # noqa: E402
@@ -97,3 +97,24 @@ def test_vm_entry_loads_valid_guest_cet_state_and_exit_saves_it():
     assert m.vcpu.ssp == 0x7000_0000_1000
     assert m.vcpu.vmcs.read(VmcsField.GUEST_SSP) == 0x7000_0000_1000
     assert m.vcpu.vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE) == 0x7000_0000_2000
+
+
+def test_exit_information_of_io_exception_and_mmio_exits():
+    m = start("case_io")  # out %al, %dx with DX = 0x3F8
+    vmcs = m.vcpu.vmcs
+    assert m.vcpu.run().reason is ExitReason.IO
+    assert vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.IO_INSTRUCTION
+    assert vmcs.read(VmcsField.EXIT_QUALIFICATION) == 0x3F8 << 16  # 1 byte, OUT, DX-encoded
+    assert vmcs.read(VmcsField.VM_EXIT_INSTRUCTION_LEN) == 1
+
+    m = start("case_ud")
+    m.vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, 1 << Vector.UD)
+    assert m.vcpu.run().reason is ExitReason.EXCEPTION
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.EXCEPTION_NMI
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_INTR_INFO) == Vector.UD | 3 << 8 | 1 << 31  # hardware exception, no code
+
+    m = start("case_mmio")  # mov 0x10(%rdi), %eax with RDI = MMIO_PAGE
+    assert m.vcpu.run().reason is ExitReason.MMIO
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.EPT_VIOLATION
+    assert m.vcpu.vmcs.read(VmcsField.EXIT_QUALIFICATION) == 1  # a read
+    assert m.vcpu.vmcs.read(VmcsField.GUEST_PHYSICAL_ADDRESS) == L["MMIO_PAGE"] + 0x10

@@ -12,6 +12,8 @@ class VmcsField(enum.IntEnum):
 
     # 64-bit control fields
     MSR_BITMAP = 0x2004
+    # 64-bit read-only data fields
+    GUEST_PHYSICAL_ADDRESS = 0x2400
     # 32-bit control fields
     PIN_BASED_VM_EXEC_CONTROL = 0x4000
     CPU_BASED_VM_EXEC_CONTROL = 0x4002
@@ -109,6 +111,25 @@ CR_ACCESS_TYPE_MOV_TO_CR = 0
 def cr_access_qualification(cr: int, access_type: int, gpr: int) -> int:
     """The exit qualification of a MOV to/from CR exit."""
     return (cr & 0xF) | (access_type & 3) << 4 | (gpr & 0xF) << 8
+
+
+def io_qualification(size: int, is_in: bool, port: int, *, string: bool = False, rep: bool = False,
+                     immediate: bool = False) -> int:
+    """The exit qualification of an I/O instruction [SDM Vol. 3 Table 28-5]: bits 2:0 size - 1,
+    bit 3 direction (1 = IN), bit 4 string, bit 5 REP, bit 6 operand encoding (1 = immediate),
+    bits 31:16 the port."""
+    return (((size - 1) & 7) | int(is_in) << 3 | int(string) << 4 | int(rep) << 5 | int(immediate) << 6
+            | (port & 0xFFFF) << 16)
+
+
+#: VM_EXIT_INTR_INFO [SDM Vol. 3 Table 25-19]: bits 7:0 vector, 10:8 type (3 = hardware
+#: exception), bit 11 error code valid, bit 31 valid.
+INTR_TYPE_HARD_EXCEPTION = 3
+INTR_INFO_DELIVER_CODE = 1 << 11
+INTR_INFO_VALID = 1 << 31
+#: EPT-violation exit qualification bits [SDM Vol. 3 Table 28-7]: the access was a read / a write.
+EPT_VIOLATION_READ = 1 << 0
+EPT_VIOLATION_WRITE = 1 << 1
 
 
 #: KVM_GET/SET_ONE_REG id of the guest SSP: KVM_X86_REG_KVM(KVM_REG_GUEST_SSP) [K].

@@ -20,7 +20,7 @@ from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_
 from cetvm.arch.regs import (
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
 )
-from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField, cr_access_qualification
+from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField, cr_access_qualification, io_qualification
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
@@ -210,7 +210,9 @@ def port_io(vcpu, instr: Instruction) -> VmExit:
     else:
         io = IoExit(port, size, Direction.OUT, read_register(vcpu, data_reg))
         vcpu.add_completion(_completion_advance(vcpu, instr))
-    return VmExit(ExitReason.IO, instr.ip, instr.len, io=io)
+    qualification = io_qualification(size, io.direction is Direction.IN, port,
+                                      immediate=instr.op_kind(port_op) != OpKind.REGISTER)
+    return VmExit(ExitReason.IO, instr.ip, instr.len, io=io, qualification=qualification)
 
 
 def string_io(vcpu, instr: Instruction) -> VmExit | None:

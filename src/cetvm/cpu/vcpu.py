@@ -64,7 +64,7 @@ from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
 from cetvm.arch.vmx import VmcsField
 from cetvm.cpu.faults import HardwareRefused
-from cetvm.cpu.exits import BASIC_EXIT_REASONS, ExceptionExit, ExitReason, MsrExit, VmExit
+from cetvm.cpu.exits import ExceptionExit, ExitReason, MsrExit, VmExit
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
@@ -482,11 +482,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             vmcs.write(VmcsField.GUEST_SSP, self.ssp)
             vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, self.cet_msr(Msr.IA32_INT_SSP_TAB))
         self._last_exit = exit_
-        reason = BASIC_EXIT_REASONS.get(exit_.reason)
-        if reason is not None:
-            vmcs.write(VmcsField.VM_EXIT_REASON, reason)
-            vmcs.write(VmcsField.EXIT_QUALIFICATION, exit_.qualification)
-            vmcs.write(VmcsField.VM_EXIT_INSTRUCTION_LEN, exit_.instruction_length)
+        vmcs.record_exit(exit_)
         return exit_
 
     # ------------------------------------------------------------------ exact instruction budget

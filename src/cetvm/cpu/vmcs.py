@@ -17,7 +17,7 @@ KVM's vmcs_read*/vmcs_write* do with VMREAD/VMWRITE. What the CPU takes from it:
   check that fails is a VM-entry failure: exit reason ENTRY_FAIL_GUEST_STATE with bit 31 set
   and nothing loaded [SDM Vol. 3 §28.8];
 - at every VM exit the CPU saves S_CET, SSP and INTR_SSP_TABLE into the guest-state fields and
-  reports VM_EXIT_REASON, EXIT_QUALIFICATION and VM_EXIT_INSTRUCTION_LEN [SDM Vol. 3 §29.2-29.3].
+  reports the exit information (:meth:`Vmcs.record_exit`) [SDM Vol. 3 §29.2-29.3].
 
 Decisions: cetvm's CPU runs no host code, so VM exit does not load the host-state area into the
 registers (the hypervisor keeps the host's view; HOST_* are its fields to read); the other
@@ -34,7 +34,11 @@ from collections.abc import Container
 
 from cetvm.arch.msr import cet_ctl_fault, ssp_fault, ssp_table_fault
 from cetvm.arch.regs import U64_MASK
-from cetvm.arch.vmx import VmcsField, VmEntryControls, vmcs_field_width
+from cetvm.arch.vmx import (
+    EPT_VIOLATION_READ, EPT_VIOLATION_WRITE, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_HARD_EXCEPTION,
+    VmcsField, VmEntryControls, vmcs_field_width,
+)
+from cetvm.cpu.exits import BASIC_EXIT_REASONS, Direction, VmExit
 
 
 class Vmcs:
@@ -62,6 +66,32 @@ class Vmcs:
     def set_msr_bitmap(self, bitmap: Container[int]) -> None:
         """Point MSR_BITMAP at ``bitmap`` (vmcs_write64(MSR_BITMAP, __pa(msr_bitmap)))."""
         self._msr_bitmap = bitmap
+
+    def record_exit(self, exit_: VmExit) -> None:
+        """The exit-information fields of a VM exit [SDM Vol. 3 §29.2]: VM_EXIT_REASON,
+        EXIT_QUALIFICATION, VM_EXIT_INSTRUCTION_LEN; for an exception VM_EXIT_INTR_INFO and its
+        error code (the qualification of a #PF is its linear address); for an MMIO access (an
+        EPT violation) the access kind and GUEST_PHYSICAL_ADDRESS. cetvm's own stops without an
+        architectural reason leave the fields as they were."""
+        reason = BASIC_EXIT_REASONS.get(exit_.reason)
+        if reason is None:
+            return
+        qualification = exit_.qualification
+        exc, mmio = exit_.exception, exit_.mmio
+        if exc is not None:
+            info = (exc.vector & 0xFF) | INTR_TYPE_HARD_EXCEPTION << 8 | INTR_INFO_VALID
+            if exc.error_code is not None:
+                info |= INTR_INFO_DELIVER_CODE
+                self.write(VmcsField.VM_EXIT_INTR_ERROR_CODE, exc.error_code)
+            self.write(VmcsField.VM_EXIT_INTR_INFO, info)
+            if exc.cr2 is not None:
+                qualification = exc.cr2
+        elif mmio is not None:
+            qualification = EPT_VIOLATION_READ if mmio.direction is Direction.IN else EPT_VIOLATION_WRITE
+            self.write(VmcsField.GUEST_PHYSICAL_ADDRESS, mmio.address)
+        self.write(VmcsField.VM_EXIT_REASON, reason)
+        self.write(VmcsField.EXIT_QUALIFICATION, qualification)
+        self.write(VmcsField.VM_EXIT_INSTRUCTION_LEN, exit_.instruction_length)
 
     def entry_loads_cet(self) -> bool:
         return bool(self.read(VmcsField.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_CET_STATE)
