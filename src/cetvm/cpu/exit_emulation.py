@@ -12,8 +12,6 @@ pending event in place.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from unicorn import UC_ERR_INSN_INVALID, UcError
 from unicorn import x86_const as X
 
@@ -21,6 +19,7 @@ from cetvm import CetvmError
 from cetvm.arch import Vector
 from cetvm.cpu import decode
 from cetvm.cpu.events import PendingEvent
+from cetvm.cpu.completion import Completion
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, NoRamAccess
 from cetvm.cpu.paging import Access
@@ -126,17 +125,17 @@ class EmulationPlumbingMixin:
         if next_ip is None:
             uc.ctl_flush_tb()
 
-    def add_completion(self, completion: Callable[[], "VmExit | None"]) -> None:
+    def add_completion(self, completion: Completion) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction).
         A completion may return a further exit (a multi-access MMIO instruction): ``run`` then
         returns it before executing anything."""
-        self._completion = completion
+        self.completion.set(completion)
 
     @property
     def exit_pending_completion(self) -> bool:
         """True while the instruction of the last exit still has to be finished (IN/MMIO-read
         data, RIP past HLT/VMCALL/CPUID/...): by :meth:`complete_pending_exit` or the next run."""
-        return self._completion is not None
+        return self.completion.pending
 
     def complete_pending_exit(self) -> None:
         """Finish the instruction of the last exit now, without running guest code and without
@@ -145,20 +144,14 @@ class EmulationPlumbingMixin:
         the exit's ``io.data``, MMIO read data, RAX of a VMCALL...). Nothing pending: no-op.
         A fault raised by the completion (e.g. an MMIO write re-executed into a #PF) is
         delivered at the next run."""
-        if self._completion_exit is not None:
-            return  # the last completion's further exit has not reached the hypervisor yet
-        completion, self._completion = self._completion, None
-        if completion is not None:
-            self._completion_exit = completion()
-            if self._completion_exit is None:
-                self._end_interrupt_shadow()  # the instruction retired (cetvm.cpu.interrupts)
+        if self.completion.complete():
+            self._end_interrupt_shadow()  # the instruction retired (cetvm.cpu.interrupts)
 
     def cancel_pending_exit(self) -> None:
         """Forget the completion of the last exit: the exiting instruction is not finished and
         RIP stays at it (e.g. the vCPU is reset, or its registers are replaced wholesale, so
         re-executing the instruction is what should happen). Nothing pending: no-op."""
-        self._completion = None
-        self._completion_exit = None
+        self.completion.forget()
 
     def raise_fault(self, fault: GuestFault) -> None:
         """Queue an architectural fault of the instruction at RIP (emulation code outside the

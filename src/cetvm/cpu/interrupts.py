@@ -61,7 +61,7 @@ class InterruptsMixin:
     @property
     def interrupt_shadow(self) -> bool:
         """True while the instruction after STI / MOV SS / POP SS has not retired [SDM §6.8.3]."""
-        if self._completion is not None:
+        if self.completion.pending:
             return False  # the exiting instruction retires before anything else: shadow over
         return bool(ContextBlob.save(self._uc).hflags & HFlags.INHIBIT_IRQ)
 

@@ -17,12 +17,15 @@ Execution model:
 Exceptions are caught (UC_HOOK_INTR / UC_HOOK_INSN_INVALID), emulation stops, and
 :mod:`cetvm.cpu.events` delivers them through the guest IDT.
 
-This module is the composition and the run loop; the parts live in (each owns one job):
+This module is the composition, VM entry/exit and the run loop. Parts (objects with their own
+interface): :mod:`cetvm.cpu.memory` (``GuestMemory``: regions, physical/virtual access,
+translation cache), :mod:`cetvm.cpu.registers` (``Registers``: GPR/segment/CR/XCR0/FPU access,
+CET MSR values), :mod:`cetvm.cpu.budget` (``InstructionBudget``: the exact instruction budget),
+:mod:`cetvm.cpu.completion` (``ExitCompletion``: the last exit and its unfinished instruction),
+:mod:`cetvm.cpu.vmcs` (``Vmcs``: the current VMCS). Still mixins of this class (one class in
+several files, sharing its attributes):
 
-- :mod:`cetvm.cpu.memory` (``GuestMemory``): regions, physical/virtual access, translation cache;
-- :mod:`cetvm.cpu.registers` (``Registers``): GPR/segment/CR/XCR0/FPU access, CET MSR values;
 - :mod:`cetvm.cpu.vcpu_cet`: the CetMachine protocol (CPL, SSP, shadow-stack access);
-- :mod:`cetvm.cpu.budget` (``InstructionBudget``): the exact instruction budget and its hooks;
 - :mod:`cetvm.cpu.block_hook`: the block hook on the native / Python fast / reference CET paths;
 - :mod:`cetvm.cpu.exit_emulation`: emulation at exit addresses, ``step_in_engine``, completions;
 - :mod:`cetvm.cpu.engine_stops`: interrupt/#UD/MMIO/SYSCALL stops of the engine;
@@ -41,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from iced_x86 import InstructionInfoFactory
 from unicorn import (
@@ -64,7 +67,8 @@ from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
 from cetvm.arch.vmx import VmcsField
 from cetvm.cpu.faults import HardwareRefused
-from cetvm.cpu.exits import ExceptionExit, ExitReason, MsrExit, VmExit
+from cetvm.cpu.completion import ExitCompletion
+from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
@@ -112,9 +116,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.guest_ibt = self.has_ibt
         self.traced = trace
         self.vmcs = Vmcs()
-        #: the exit the last ``run`` returned (its I/O, MMIO or MSR part takes the
-        #: hypervisor's result: :meth:`set_exit_result`)
-        self._last_exit: VmExit | None = None
+        #: the last exit and the completion of its instruction (:mod:`cetvm.cpu.completion`)
+        self.completion = ExitCompletion()
         self.cet: CetRegisters = CetState()
         self.xss = 0
         self._budget = InstructionBudget()
@@ -130,9 +133,6 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._exits: set[int] = set()
         self._pending: PendingEvent | None = None
         self._irq_vector: int | None = None  # external interrupt (cetvm.cpu.interrupts)
-        self._completion: Callable[[], VmExit | None] | None = None
-        #: a further exit the last completion produced (returned by the next ``run``)
-        self._completion_exit: VmExit | None = None
         #: writes of the FPU registers from outside the engine (set_fpu / set_sse), so KVM's guest
         #: FPU swap can tell that the CPU still holds what it last put (cetvm.kvm.vmx._swap_sse)
         self.fpu_writes = 0
@@ -419,16 +419,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         for an intercepted RDMSR/WRMSR that must #GP(0) instead. The hypervisor copies it in
         (KVM: from kvm_run, complete_userspace_io); the exit it got from :meth:`run` is
         otherwise read-only to it."""
-        exit_ = self._last_exit
-        if exit_ is None:
-            return
-        for part in (exit_.io, exit_.mmio, exit_.msr):
-            if part is None:
-                continue
-            if data is not None:
-                part.data = data
-            if isinstance(part, MsrExit):
-                part.error = error
+        self.completion.set_result(data=data, error=error)
 
     def load_xcr0(self, value: int) -> None:
         """XSETBV by the host (kvm_load_guest_xsave_state): XCR0 without checks."""
@@ -436,16 +427,16 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     def inject_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
         """Deliver an exception at the next run (cancels completion of the last exit)."""
-        self._completion = None
+        self.completion.cancel()
         self._pending = PendingEvent(vector, error_code, cr2, injected=True)
 
     def run(self, budget: int | None = None) -> VmExit:
         """VM entry, run until an exit, VM exit. ``budget``: at most this many instructions
         (then ExitReason.BUDGET). The last exit's instruction is completed first."""
         self.complete_pending_exit()
-        if self._completion_exit is not None:
-            exit_, self._completion_exit = self._completion_exit, None
-            return self._vm_exit(exit_)
+        further = self.completion.take_further_exit()
+        if further is not None:
+            return self._vm_exit(further)
         failure = self._vm_entry()
         if failure is not None:
             return self._vm_exit(failure)
@@ -481,7 +472,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             vmcs.write(VmcsField.GUEST_S_CET, self.cet_msr(Msr.IA32_S_CET))
             vmcs.write(VmcsField.GUEST_SSP, self.ssp)
             vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, self.cet_msr(Msr.IA32_INT_SSP_TAB))
-        self._last_exit = exit_
+        self.completion.last_exit = exit_
         vmcs.record_exit(exit_)
         return exit_
 
