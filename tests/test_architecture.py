@@ -237,20 +237,28 @@ def _is_cpu_object(node: ast.expr) -> bool:
     return (isinstance(node, ast.Name) and node.id == "cpu") or (isinstance(node, ast.Attribute) and node.attr == "cpu")
 
 
+def cpu_attribute_writes(source: str) -> list[str]:
+    """Assignments to an attribute of the CPU object in ``source``, as "line: target"."""
+    writes = []
+    for node in ast.walk(ast.parse(source)):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = [t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        writes += [f"{node.lineno}: {ast.unparse(t)}"
+                   for t in targets if isinstance(t, ast.Attribute) and _is_cpu_object(t.value)]
+    return writes
+
+
 def test_kvm_writes_no_cpu_attribute():
     """KVM programs the CPU through its VMCS and the vCPU's methods (vmptrld, set_reg,
     write_cr, set_msr, load_xcr0, inject_exception...), never by assigning its attributes."""
-    writes = []
-    for path in sorted((SRC / "kvm").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets: list[ast.expr] = []
-            if isinstance(node, ast.Assign):
-                targets = [t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])]
-            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
-                targets = [node.target]
-            writes += [f"{path.relative_to(SRC.parent)}:{node.lineno}: {ast.unparse(t)}"
-                       for t in targets if isinstance(t, ast.Attribute) and _is_cpu_object(t.value)]
+    writes = [f"{path.relative_to(SRC.parent)}:{w}" for path in sorted((SRC / "kvm").rglob("*.py"))
+              for w in cpu_attribute_writes(path.read_text())]
     assert not writes, "kvm/ writes attributes of the CPU:\n" + "\n".join(writes)
+    planted = "cpu.xcr0 = 1\nself.cpu.exception_bitmap |= 2\nvcpu.cr4, cpu.has_ibt = 0, True\nstate.cr4 = 4\n"
+    assert cpu_attribute_writes(planted) == ["1: cpu.xcr0", "2: self.cpu.exception_bitmap", "3: cpu.has_ibt"]
 
 
 def test_the_engine_exception_stays_in_cpu():
