@@ -212,13 +212,14 @@ def _private_names_defined(tree: ast.AST) -> set[str]:
     return names
 
 
-def test_no_private_access_across_modules():
-    trees = {str(p.relative_to(SRC)): ast.parse(p.read_text()) for p in SRC.rglob("*.py")}
+def private_reads(trees: dict[str, ast.AST], units: frozenset[str] = frozenset()) -> list[str]:
+    """``x._name`` uses in each module (keyed by its path under src/cetvm) of a private name the
+    module does not define itself; the modules in ``units`` count as one module."""
     defined = {rel: _private_names_defined(tree) for rel, tree in trees.items()}
-    mixin_names = set().union(*(defined[rel] for rel in VCPU_MIXINS))
+    unit_names = set().union(*(defined[rel] for rel in units if rel in defined))
     bad = []
     for rel, tree in trees.items():
-        own = defined[rel] | (mixin_names if rel in VCPU_MIXINS else set())
+        own = defined[rel] | (unit_names if rel in units else set())
         for node in ast.walk(tree):
             if not isinstance(node, ast.Attribute):
                 continue
@@ -228,7 +229,16 @@ def test_no_private_access_across_modules():
             if ("*", name) in PRIVATE_ALLOWED or (rel, name) in PRIVATE_ALLOWED:
                 continue
             bad.append(f"src/cetvm/{rel}:{node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+def test_no_private_access_across_modules():
+    trees = {str(p.relative_to(SRC)): ast.parse(p.read_text()) for p in SRC.rglob("*.py")}
+    bad = private_reads(trees, VCPU_MIXINS)
     assert not bad, "private names read across modules:\n" + "\n".join(bad)
+    planted = {"a.py": ast.parse("class A:\n    def f(self):\n        self._x = 1\n        return self._x\n"),
+               "b.py": ast.parse("def g(a):\n    a._y = 2\n    return a._x\n")}
+    assert private_reads(planted) == ["src/cetvm/b.py:2: a._y", "src/cetvm/b.py:3: a._x"]
 
 
 # ----------------------------------------------------------------------- the kvm ↔ cpu seam
