@@ -3,9 +3,10 @@ through the guest IDT and VMX-like exits.
 
 Public API (imported lazily, so ``cetvm.cpu.cet`` stays importable without Unicorn):
 :class:`Vcpu` (:mod:`.vcpu`), :class:`VmExit` / :class:`ExitReason` / :class:`Direction`
-(:mod:`.exits`), the VMCS the CPU obeys :class:`Vmcs` (:mod:`.vmcs`), the register dataclasses :class:`Regs`, :class:`Sregs`, :class:`Segment`,
-:class:`DescriptorTable`, :class:`CetState` (:mod:`.state`), :class:`GuestFault`
-(:mod:`.faults`) and the 4-level walker :func:`translate` / :class:`Access` (:mod:`.paging`).
+(:mod:`.exits`), the VMCS the CPU obeys :class:`Vmcs` (:mod:`.vmcs`), the register
+dataclasses :class:`Regs`, :class:`Sregs`, :class:`Segment`, :class:`DescriptorTable`,
+:class:`CetState` (:mod:`.state`), :class:`GuestFault` (:mod:`.faults`) and the 4-level walker
+:func:`translate` / :class:`Access` (:mod:`.paging`).
 """
 
 from __future__ import annotations
