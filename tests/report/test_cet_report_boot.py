@@ -164,3 +164,30 @@ def test_text_report_file(tmp_path, capsys):
 def test_unwritable_report_file_is_bad_input(tmp_path, capsys):
     status, _, err = boot(capsys, TESTS / "shstk_user.elf", "--cet-report", str(tmp_path / "no" / "r.json"))
     assert status == 2 and "--cet-report" in err and "Traceback" not in err
+
+
+def test_symbols_from_a_system_map_name_sites_an_image_without_them_cannot(capsys, tmp_path):
+    """Issue 10: a bzImage has no .symtab; --symbols FILE (a System.map / kallsyms text, or a user
+    program's ELF) names the violation sites. Here: the demo's sites from an nm-made map of a
+    stripped copy of the demo."""
+    if shutil.which("strip") is None or shutil.which("nm") is None:
+        pytest.skip("binutils strip/nm not installed")
+    stripped = tmp_path / "demo-stripped.elf"
+    subprocess.run(["strip", "-o", str(stripped), str(DEMO)], check=True)
+    system_map = tmp_path / "System.map"
+    system_map.write_text(subprocess.run(["nm", "-n", str(DEMO)], capture_output=True, text=True,
+                                         check=True).stdout)
+    report = tmp_path / "r.json"
+    status, _, _ = boot(capsys, stripped, "--cet-report", str(report))
+    assert status == 1
+    assert {v["symbol"] for v in json.loads(report.read_text())["cet_violations"]} == {None}
+    status, _, _ = boot(capsys, stripped, "--cet-report", str(report), "--symbols", str(system_map))
+    sites = [base_name(v["symbol"]) for v in json.loads(report.read_text())["cet_violations"]]
+    assert sites[1] == "user_win" and sites[3] == "kernel_win"
+
+
+def test_a_symbols_file_that_is_neither_elf_nor_a_map_is_one_error_line(capsys, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hello world\n")
+    status, _, err = boot(capsys, DEMO, "--cet-report", "--symbols", str(bad))
+    assert status == 2 and "line 1 is not 'address type name'" in err and err.count("\n") == 1

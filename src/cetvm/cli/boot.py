@@ -24,9 +24,11 @@ from typing import BinaryIO, Callable
 
 from cetvm import CetvmError, InputError
 from cetvm.cli.output import discard_stdout, flush_stdout, stdout_binary
-from cetvm.files import check_distinct, check_output_path, open_output_stream, same_file, write_atomically
+from cetvm.files import (check_distinct, check_output_path, open_output_stream, read_input_head, same_file,
+                         write_atomically)
 from cetvm.cpuid import model_names
 from cetvm.report import CetViolation, Symbolizer, format_report, report_json
+from cetvm.report.symtab import ELF_MAGIC
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, CetMode, MachineConfig, check_vcpu_count
 from cetvm.vmm.machine import Machine
 from cetvm.vmm.run_loop import STATUS_INTERNAL_ERROR, RunResult, StopReason
@@ -120,10 +122,14 @@ def register(subparsers) -> None:
                         "devices come from the snapshot); default: boot IMAGE")
     p.add_argument("--cet-report", nargs="?", const="-", default=None, metavar="FILE",
                    help="record every CET violation (#CP) the guest takes, before it is delivered unchanged, "
-                        "and at the end report each one symbolized from IMAGE's .symtab: kind, RIP, CPL, the "
+                        "and at the end report each one symbolized from IMAGE's .symtab and --symbols: kind, RIP, CPL, the "
                         "return addresses on the data and shadow stacks (or the bytes at an ENDBRANCH "
                         "target); on stderr, or to FILE (JSON when it ends in .json, text otherwise). With "
                         "--json the result also gets a \"cet_violations\" list (default off)")
+    p.add_argument("--symbols", action="append", default=[], metavar="FILE",
+                   help="with --cet-report, also symbolize from FILE: an ELF file's .symtab (a static user "
+                        "program the guest runs, a vmlinux) or a System.map / kallsyms text; repeat for more "
+                        "(default: IMAGE's own .symtab only)")
     p.add_argument("--progress", action="store_true",
                    help="print a progress line (instructions, MIPS) on stderr about once a second during long "
                         "runs (default: only when stderr is a terminal not shared with the serial output)")
@@ -161,6 +167,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(option, path) of every file the run reads."""
     inputs = [("IMAGE", args.image)] if args.image else []
     inputs += [("--initrd", path) for path in args.initrd]
+    inputs += [("--symbols", path) for path in args.symbols]
     if args.cpu and args.cpu not in model_names() and os.path.exists(args.cpu):
         inputs.append(("--cpu", args.cpu))  # a model name wins over a file of that name
     if args.restore_state:
@@ -311,8 +318,14 @@ def _safe_rip(machine: Machine) -> int:
 
 
 def cet_symbols(args: argparse.Namespace) -> Symbolizer | None:
-    """IMAGE's symbols for --cet-report (None with --restore-state: no image to read)."""
-    return Symbolizer.from_elf(args.image) if args.cet_report is not None and args.image else None
+    """The symbols for --cet-report: IMAGE's .symtab when it is an ELF file (a bzImage has none),
+    and every --symbols file (ELF or System.map); None when there are none."""
+    if args.cet_report is None:
+        return None
+    parts = [Symbolizer.from_file(path) for path in args.symbols]
+    if args.image and read_input_head(args.image, f"kernel file '{args.image}'", 4) == ELF_MAGIC:
+        parts.insert(0, Symbolizer.from_elf(args.image))
+    return Symbolizer.merged(parts) if parts else None
 
 
 def write_cet_report(violations: list[CetViolation], symbols: Symbolizer | None, target: str) -> None:

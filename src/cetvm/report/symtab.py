@@ -147,6 +147,33 @@ def _symbols_of(data: bytes, lay: _Layout, symtab: tuple, sections: list[tuple])
 MAX_SYMBOL_FILE_BYTES = 1 << 30
 
 
+#: System.map type letters of code (t/T) and data (d/D, b/B, r/R) symbols; others are dropped.
+_MAP_TYPES = {"t": STT_FUNC, "d": STT_OBJECT, "b": STT_OBJECT, "r": STT_OBJECT}
+
+
+def read_system_map(data: bytes) -> list[Symbol]:
+    """Symbols of ``nm``-format text (System.map, /proc/kallsyms): unsized, so each reaches up to
+    the next one (module docstring). A line that is not ``hex-address type name`` is an error
+    naming the line."""
+    symbols = []
+    for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) < 3 or len(fields[1]) != 1:
+                raise ValueError
+            value = int(fields[0], 16)
+        except ValueError:
+            raise InputError(f"line {number} is not 'address type name' (neither ELF nor System.map): "
+                             f"{line[:60]!r}") from None
+        kind = _MAP_TYPES.get(fields[1].lower())
+        if kind is not None:
+            bind = STB_GLOBAL if fields[1].isupper() else 0
+            symbols.append(Symbol(fields[2], value, 0, kind, bind))
+    return symbols
+
+
 class Symbolizer:
     """Address → ``name+0xoff`` from a symbol list (see the module docstring for the rules)."""
 
@@ -167,6 +194,21 @@ class Symbolizer:
             return cls(read_symbols(data))
         except InputError as err:
             raise InputError(f"'{path}': {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Symbolizer":
+        """An ELF file's .symtab, or a System.map (``nm`` output: ``address type name`` lines,
+        the format ``/proc/kallsyms`` and a kernel build's System.map use)."""
+        data = read_input(path, f"'{path}'", MAX_SYMBOL_FILE_BYTES)
+        try:
+            return cls(read_symbols(data) if data[:4] == ELF_MAGIC else read_system_map(data))
+        except InputError as err:
+            raise InputError(f"'{path}': {err}") from None
+
+    @classmethod
+    def merged(cls, parts: "list[Symbolizer]") -> "Symbolizer":
+        """One symbolizer over several files' symbols (a kernel and the user programs it runs)."""
+        return cls([sym for part in parts for sym in part._symbols])
 
     def __len__(self) -> int:
         return len(self._symbols)
