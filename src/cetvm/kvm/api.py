@@ -797,7 +797,7 @@ class KvmVcpu:
         if reason is ExitReason.MMIO and self._emulator_refuses(exit_.rip):
             return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
                           detail="MMIO access by an instruction CET guards: KVM does not emulate it")
-        self._userspace_exit = userspace_exit(exit_)
+        self._userspace_exit = userspace_exit(exit_, self.state.vmcs.read(VmcsField.VM_EXIT_REASON))
         return self._userspace_exit
 
     def _handle_exception_exit(self, exit_: VmExit) -> KvmRun | None:

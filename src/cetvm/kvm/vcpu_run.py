@@ -75,6 +75,9 @@ class KvmExitReason(enum.Enum):
     X86_RDMSR = "KVM_EXIT_X86_RDMSR"
     X86_WRMSR = "KVM_EXIT_X86_WRMSR"
     IRQ_WINDOW_OPEN = "KVM_EXIT_IRQ_WINDOW_OPEN"
+    #: VM entry failed (kvm_run.fail_entry.hardware_entry_failure_reason: the VM_EXIT_REASON,
+    #: bit 31 set); ``detail`` names the guest-state check [K vmx.c __vmx_handle_exit]
+    FAIL_ENTRY = "KVM_EXIT_FAIL_ENTRY"
     #: cetvm extension: an exception userspace intercepts (KvmVcpu.set_exception_intercepts),
     #: before delivery. KVM reports these as KVM_EXIT_DEBUG (KVM_SET_GUEST_DEBUG) and, in old
     #: kernels, KVM_EXIT_EXCEPTION; cetvm uses the latter name for any vector.
@@ -127,6 +130,8 @@ class KvmRun:
     exception: KvmExceptionExit | None = None
     suberror: InternalErrorSuberror | None = None
     detail: str = ""
+    #: kvm_run.fail_entry.hardware_entry_failure_reason (KVM_EXIT_FAIL_ENTRY)
+    hardware_entry_failure_reason: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: kvm_run.if_flag and .ready_for_interrupt_injection, filled on every exit
     #: (post_kvm_run_save): RFLAGS.IF; and "KVM_INTERRUPT would deliver now" (IF = 1, no
@@ -417,8 +422,9 @@ def handle_vmcall(cpu, exit_hypercall_mask: int) -> HypercallExit | None:
 
 
 # --------------------------------------------------------------------------- exits for userspace
-def userspace_exit(exit_: VmExit) -> KvmRun:
-    """Map a CPU exit KVM does not handle itself to kvm_run."""
+def userspace_exit(exit_: VmExit, hardware_entry_failure_reason: int = 0) -> KvmRun:
+    """Map a CPU exit KVM does not handle itself to kvm_run (``hardware_entry_failure_reason``:
+    the VMCS's VM_EXIT_REASON, for KVM_EXIT_FAIL_ENTRY)."""
     reason = exit_.reason
     if reason is ExitReason.IO and exit_.io is not None:
         return KvmRun(KvmExitReason.IO, exit_.rip, io=dataclasses.replace(exit_.io))
@@ -426,6 +432,9 @@ def userspace_exit(exit_: VmExit) -> KvmRun:
         return KvmRun(KvmExitReason.MMIO, exit_.rip, mmio=dataclasses.replace(exit_.mmio))
     if reason is ExitReason.HLT:
         return KvmRun(KvmExitReason.HLT, exit_.rip)
+    if reason is ExitReason.ENTRY_FAILED:
+        return KvmRun(KvmExitReason.FAIL_ENTRY, exit_.rip, detail=exit_.detail,
+                      hardware_entry_failure_reason=hardware_entry_failure_reason)
     if reason is ExitReason.TRIPLE_FAULT:
         return KvmRun(KvmExitReason.SHUTDOWN, exit_.rip, detail=exit_.detail or "triple fault")
     if reason is ExitReason.BUDGET:
