@@ -456,12 +456,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         vmcs = self.vmcs
         if not vmcs.entry_loads_cet():
             return None
-        fault = guest_cet_state_fault(vmcs)
+        s_cet, ssp = vmcs.read(VmcsField.GUEST_S_CET), vmcs.read(VmcsField.GUEST_SSP)
+        intr_ssp_table = vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE)
+        fault = guest_cet_state_fault(s_cet, ssp, intr_ssp_table)
         if fault is not None:
             return VmExit(ExitReason.ENTRY_FAILED, self.rip, detail=f"VM entry failed the guest-state checks: {fault}")
-        self.set_cet_msr(Msr.IA32_S_CET, vmcs.read(VmcsField.GUEST_S_CET))
-        self.set_cet_msr(Msr.IA32_INT_SSP_TAB, vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE))
-        self.ssp = vmcs.read(VmcsField.GUEST_SSP)
+        self.set_cet_msr(Msr.IA32_S_CET, s_cet)
+        self.set_cet_msr(Msr.IA32_INT_SSP_TAB, intr_ssp_table)
+        self.ssp = ssp
         return None
 
     def _vm_exit(self, exit_: VmExit) -> VmExit:

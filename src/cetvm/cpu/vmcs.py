@@ -41,22 +41,32 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.exits import BASIC_EXIT_REASONS, Direction, VmExit
 
 
+#: Each field's value mask (its width), by encoding.
+_FIELD_MASKS: dict[int, int] = {int(f): ((1 << vmcs_field_width(f)) - 1) & U64_MASK for f in VmcsField}
+
+
 class Vmcs:
     """A VMCS region: fields by encoding (unwritten fields read as 0, as after VMCLEAR) and the
-    MSR bitmap the MSR_BITMAP field points at."""
+    MSR bitmap the MSR_BITMAP field points at. VMREAD/VMWRITE run at every VM entry and exit,
+    so fields are keyed by their plain encodings (an IntEnum member hashes as its value)."""
 
     def __init__(self) -> None:
-        self._fields: dict[VmcsField, int] = {}
+        self._fields: dict[int, int] = {}
         self._msr_bitmap: Container[int] = frozenset()
 
     def read(self, field: VmcsField) -> int:
-        """VMREAD (vmcs_readl() and friends)."""
-        return self._fields.get(VmcsField(field), 0)
+        """VMREAD (vmcs_readl() and friends); ValueError for an encoding cetvm does not know."""
+        if field not in _FIELD_MASKS:
+            VmcsField(field)  # raises ValueError naming the encoding
+        return self._fields.get(field, 0)
 
     def write(self, field: VmcsField, value: int) -> None:
         """VMWRITE (vmcs_writel() and friends): the value truncated to the field's width."""
-        field = VmcsField(field)
-        self._fields[field] = value & ((1 << vmcs_field_width(field)) - 1) & U64_MASK
+        mask = _FIELD_MASKS.get(field)
+        if mask is None:
+            VmcsField(field)  # raises ValueError naming the encoding
+            return
+        self._fields[field] = value & mask
 
     @property
     def msr_bitmap(self) -> Container[int]:
@@ -97,12 +107,9 @@ class Vmcs:
         return bool(self.read(VmcsField.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_CET_STATE)
 
 
-def guest_cet_state_fault(vmcs: Vmcs, va_bits: int = 48) -> str | None:
+def guest_cet_state_fault(s_cet: int, ssp: int, intr_ssp_table: int, va_bits: int = 48) -> str | None:
     """The VM-entry checks of the guest CET state when VM_ENTRY_CONTROLS.LOAD_CET_STATE is 1
     [SDM Vol. 3 §28.3.1.1]: GUEST_S_CET without reserved bits and canonical, GUEST_SSP
     canonical with bits 1:0 clear, GUEST_INTR_SSP_TABLE canonical. None when entry may go on."""
-    if not vmcs.entry_loads_cet():
-        return None
-    return (cet_ctl_fault("GUEST_S_CET", vmcs.read(VmcsField.GUEST_S_CET), va_bits)
-            or ssp_fault("GUEST_SSP", vmcs.read(VmcsField.GUEST_SSP), va_bits)
-            or ssp_table_fault("GUEST_INTR_SSP_TABLE", vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE), va_bits))
+    return (cet_ctl_fault("GUEST_S_CET", s_cet, va_bits) or ssp_fault("GUEST_SSP", ssp, va_bits)
+            or ssp_table_fault("GUEST_INTR_SSP_TABLE", intr_ssp_table, va_bits))

@@ -31,7 +31,6 @@ an STI in a stretch of code the engine runs without exits is noticed at the next
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -427,9 +426,11 @@ def userspace_exit(exit_: VmExit, hardware_entry_failure_reason: int = 0) -> Kvm
     the VMCS's VM_EXIT_REASON, for KVM_EXIT_FAIL_ENTRY)."""
     reason = exit_.reason
     if reason is ExitReason.IO and exit_.io is not None:
-        return KvmRun(KvmExitReason.IO, exit_.rip, io=dataclasses.replace(exit_.io))
+        io = exit_.io
+        return KvmRun(KvmExitReason.IO, exit_.rip, io=IoExit(io.port, io.size, io.direction, io.data))
     if reason is ExitReason.MMIO and exit_.mmio is not None:
-        return KvmRun(KvmExitReason.MMIO, exit_.rip, mmio=dataclasses.replace(exit_.mmio))
+        mmio = exit_.mmio
+        return KvmRun(KvmExitReason.MMIO, exit_.rip, mmio=MmioExit(mmio.address, mmio.size, mmio.direction, mmio.data))
     if reason is ExitReason.HLT:
         return KvmRun(KvmExitReason.HLT, exit_.rip)
     if reason is ExitReason.ENTRY_FAILED:
