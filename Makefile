@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv native guests debs test demo bench clean conformance
+.PHONY: all venv native guests debs test demo bench clean conformance linux-guest
 
 all: venv native guests
 
@@ -22,16 +22,25 @@ native: venv
 guests:
 	$(MAKE) -C guests
 
-# Debian packages the tests use as oracles: cpuid (real `cpuid -r` output). Installed when
-# missing and we are root; otherwise the oracle test skips with a message.
+# Debian packages the tests use: cpuid (real `cpuid -r` output, an oracle), acpica-tools
+# (`iasl -d` disassembles the VMM's ACPI tables) and libc6-dev (glibc's static libc.a for the
+# static Linux user-space tests in guests/linux). Installed when missing and we are root;
+# otherwise the tests that need them skip with a message.
+DEBS := cpuid:cpuid acpica-tools:iasl
 debs:
-	@command -v cpuid >/dev/null 2>&1 || { \
+	@for pair in $(DEBS); do pkg=$${pair%%:*}; cmd=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && apt-get install -y -qq cpuid) >/dev/null 2>&1 \
-	      || echo "note: could not install Debian package 'cpuid'; its oracle test will skip"; \
-	  else echo "note: Debian package 'cpuid' missing (not root); its oracle test will skip"; fi; }
+	    (apt-get update -qq && apt-get install -y -qq $$pkg) >/dev/null 2>&1 \
+	      || echo "note: could not install Debian package '$$pkg'; its oracle test will skip"; \
+	  else echo "note: Debian package '$$pkg' missing (not root); its oracle test will skip"; fi; done
+	@[ -f "$$(gcc -print-file-name=libc.a)" ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq libc6-dev) >/dev/null 2>&1 \
+	      || echo "note: could not install Debian package 'libc6-dev'; the guests/linux tests will skip"; \
+	  else echo "note: Debian package 'libc6-dev' missing (not root); the guests/linux tests will skip"; fi; }
 
-test: venv native guests debs
+test: venv native debs guests
 	$(PY) -m pytest -q
 
 demo: venv native guests
@@ -39,6 +48,12 @@ demo: venv native guests
 
 bench: venv native guests
 	$(VENV)/bin/cetvm bench
+
+# A Linux guest with CET (Debian's kernel + our initramfs) in the user's cache: see
+# `cetvm linux-guest --help`. LINUX_GUEST_ARGS="--selftest" adds the kernel's shadow-stack selftest.
+linux-guest: venv debs
+	$(MAKE) -C guests linux
+	$(VENV)/bin/cetvm linux-guest $(LINUX_GUEST_ARGS)
 
 clean:
 	rm -rf $(VENV) guests/build build src/*.egg-info src/cetvm/cpu/native/*.so src/cetvm/cpu/native/*.stamp .pytest_cache

@@ -5,6 +5,7 @@
         .text
         .globl _start, case_io, case_cpuid, case_msr, case_mmio, case_vmcall, case_xsetbv, case_ud
         .globl case_loop, case_triple, unknown_rdmsr, ud_site, mmio_read, case_cr4, cr4_write
+        .globl case_midblock, midblock_mmio, midblock_pf
 _start:
 case_io:
         endbr64
@@ -99,6 +100,38 @@ case_loop:
         jnz 1b
         mov $RESULTS_ADDR, %rbx
         movq $1, R_GUEST(%rbx)
+        hlt
+
+/* Long translation blocks with stops inside them (the budget counts whole blocks, see
+ * cetvm.cpu.budget): a loop of 8-instruction iterations, an MMIO read and a #PF in the middle
+ * of straight-line code (the #PF handler records it and halts). */
+case_midblock:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        mov $MMIO_PAGE, %rdi
+        mov $0x40000000, %rsi          /* not mapped */
+        xor %eax, %eax
+        mov $5, %ecx
+1:      add $1, %eax
+        add $2, %eax
+        add $3, %eax
+        add $4, %eax
+        add $5, %eax
+        add $6, %eax
+        dec %ecx
+        jnz 1b
+        add $7, %eax
+        add $8, %eax
+midblock_mmio:
+        mov 0x10(%rdi), %edx
+        add $9, %eax
+        add %edx, %eax
+        mov %rax, R_GUEST(%rbx)
+        add $10, %eax
+        add $11, %eax
+midblock_pf:
+        mov (%rsi), %edx
+        add $12, %eax
         hlt
 
 case_triple:

@@ -161,6 +161,11 @@ const char *kernel_cmdline(void);
 /* The command line contains `word` (e.g. "fep=1"); cmdline_value("key=") -> the text after it or NULL. */
 bool cmdline_has(const char *word);
 const char *cmdline_value(const char *key);
+/* The decimal number after "key=" on the command line, or `fallback` when absent or 0. */
+u64 cmdline_number(const char *key, u64 fallback);
+/* The bench loop at the current CPL, n iterations: CALL * -> ENDBR64; CALL * -> ENDBR64; RET ->
+ * RET; DEC; JNZ (8 instructions an iteration; kernel text, so CPL0 only). Returns 0. */
+u64 call_chain_loop(u64 n);
 void kmain(void);                 /* provided by each kernel */
 
 /* ---- traps ---- */

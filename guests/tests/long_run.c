@@ -8,11 +8,7 @@
  *  Override the count with the command line "iterations=N" (decimal). */
 #include "ktest.h"
 
-extern char lr_outer[], lr_inner[];
-__asm__(".text\n"
-        "lr_inner: endbr64\n  ret\n"
-        "lr_outer: endbr64\n  call *%r11\n  ret\n"
-        ".pushsection .utext, \"ax\"\n"
+__asm__(".pushsection .utext, \"ax\"\n"
         ".globl lr_user_inner, lr_user_outer\n"
         "lr_user_inner: endbr64\n  ret\n"
         "lr_user_outer: endbr64\n  call *%r11\n  ret\n"
@@ -20,17 +16,6 @@ __asm__(".text\n"
 extern char lr_user_inner[], lr_user_outer[];
 
 static u64 iterations = 6500000;
-
-/* rdi = count, rsi = outer, rdx = inner; returns the count left (0). */
-static NOINLINE u64 kernel_loop(u64 n, void *outer, void *inner)
-{
-    __asm__ volatile("mov %2, %%r11\n"
-                     "1: call *%1\n"
-                     "  dec %0\n"
-                     "  jnz 1b\n"
-                     : "+r"(n) : "r"(outer), "r"(inner) : "r11", "memory");
-    return n;
-}
 
 USER_CODE static void user_loop(u64 n)
 {
@@ -42,25 +27,15 @@ USER_CODE static void user_loop(u64 n)
                      : "+r"(n) :: "r10", "r11", "memory");
 }
 
-static void parse_cmdline(void)
-{
-    const char *p = cmdline_value("iterations=");
-    u64 v = 0;
-    for (; p && *p >= '0' && *p <= '9'; p++)
-        v = v * 10 + (u64)(*p - '0');
-    if (v)
-        iterations = v;
-}
-
 static void body(void)
 {
     struct trap_record rec = {0};
-    parse_cmdline();
+    iterations = cmdline_number("iterations=", iterations);
     kprintf("# %lu iterations a ring, shstk %d ibt %d\n", iterations, cet.shstk, cet.ibt);
     bool faulted = false;
     struct try_state t;
     TRY(t) {
-        kernel_loop(iterations, lr_outer, lr_inner);
+        call_chain_loop(iterations);
         END_TRY(t);
     } CATCH {
         faulted = true;

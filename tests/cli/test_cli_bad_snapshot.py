@@ -44,6 +44,16 @@ def test_the_fixture_snapshot_continues(capsys, tmp_path, snapshot):
     assert '"instructions": %d' % (SAVED_AT + 500) in run.out
 
 
+def test_a_snapshot_from_before_the_interrupt_platform_continues(capsys, tmp_path, snapshot):
+    """Its devices have no I/O APIC, PIT, PM1 or IRQ line state: they restore at reset."""
+    def older(manifest, _blobs):
+        for key in ("ioapic", "pit", "pm1", "irq_lines"):
+            del manifest["devices"][key]
+    run = restore(capsys, tmp_path, _mutated(snapshot, older), "--max-instructions", str(SAVED_AT + 500), "--json")
+    assert run.status == 124
+    assert '"instructions": %d' % (SAVED_AT + 500) in run.out
+
+
 def test_every_single_byte_corruption_is_detected(snapshot):
     rng = random.Random(14)
     positions = sorted({rng.randrange(len(snapshot)) for _ in range(300)} | set(range(0, 40)) | {len(snapshot) - 1})
@@ -211,6 +221,10 @@ SCHEMA_CASES = {
     "instructions negative": (_set(["run", "instructions"], -1), ["run.instructions"]),
     "instructions 2^64": (_set(["run", "instructions"], 1 << 64), ["run.instructions"]),
     "memory 2^64": (_set(["machine", "memory"], 1 << 64), ["machine.memory"]),
+    "unknown device": (_set(["devices", "hpet"], {}), ["devices", "unknown field 'hpet'"]),
+    "ioapic is text": (_set(["devices", "ioapic"], "x"), ["devices.ioapic", "not an object"]),
+    "pit channels short": (_set(["devices", "pit", "channels"], []), ["pit state", "channels"]),
+    "ioapic entry 2^64": (_set(["devices", "ioapic", "redirtbl", 0], 1 << 64), ["ioapic redirtbl[0]"]),
 }
 
 

@@ -99,7 +99,7 @@ def test_virtual_write_spanning_pages_is_all_or_nothing():
 
 
 def test_budget_retire_and_unretire_only_count_while_budgeting():
-    budget = InstructionBudget()
+    budget = InstructionBudget("instruction")
     assert budget.left is None
     budget.retire()
     budget.unretire()  # no budget: an unretire is not counted back
@@ -111,3 +111,15 @@ def test_budget_retire_and_unretire_only_count_while_budgeting():
     assert (budget.retired, budget.left) == (2, 4)
     budget.left = None
     assert budget.left is None and budget.retired == 2
+
+
+def test_block_budget_takes_back_what_a_block_did_not_run():
+    budget = InstructionBudget("block")
+    budget.retire()
+    assert budget.retired == 1 and budget.left is None
+    budget.left = 10
+    budget.store.budget_left -= 7  # the block hook retired a block of 7 instructions
+    budget.uncount(3)  # the engine stopped at its fifth: 4 ran
+    assert (budget.retired, budget.left) == (5, 6)
+    budget.left = None
+    assert budget.left is None and budget.retired == 5

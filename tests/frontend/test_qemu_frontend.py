@@ -138,3 +138,15 @@ def test_the_host_kernel_command_line_sets_kvm_module_parameters(monkeypatch):
     monkeypatch.delenv(fe.HOST_CMDLINE_ENV)
     status, out, _ = run(["-kernel", image, "-append", "fep=1", "-m", "32", "-serial", "stdio"])
     assert "not ok 1 - FEP NOP" in out
+
+
+def test_rtc_base_follows_qemu_default_host_time_or_a_given_date():
+    """QEMU's RTC starts at the host's UTC time unless -rtc base= says otherwise (kvm-unit-tests'
+    kvmclock_test compares kvmclock's wall clock with `date +%s`)."""
+    assert fe.parse_command_line(["-kernel", "k"]).wall_clock == "host"
+    assert fe.parse_command_line(["-rtc", "base=utc,clock=vm"]).wall_clock == "host"
+    assert fe.parse_command_line(["-rtc", "base=2020-02-03T04:05:06"]).wall_clock == 1_580_702_706 * 10**9
+    assert fe.parse_command_line(["-rtc", "base=2020-02-03"]).wall_clock == 1_580_688_000 * 10**9
+    for bad in ("base=2020-02-30", "base=yesterday", "base=1969-12-31", "speed=fast"):
+        with pytest.raises(fe.QemuUsageError):
+            fe.parse_command_line(["-rtc", bad])

@@ -161,11 +161,13 @@ def test_cr4_bits_of_hidden_features_are_reserved():
 
 
 def test_qemu64_spec_keeps_only_its_features_and_warns_for_the_impossible():
-    spec = GuestCpuSpec.parse("qemu64,+x2apic,+tsc-deadline,-pcid,vendor=GenuineIntel")
+    spec = GuestCpuSpec.parse("qemu64,+x2apic,+la57,+tsc-deadline,-pcid,vendor=GenuineIntel")
     _, _, cpuid = vm_for("sapphire-rapids", spec.to_text())
     assert cpuid.vendor_string == "GenuineIntel"
     assert cpuid.has("x2apic") and cpuid.has("sse2") and cpuid.has("lm")
     assert not cpuid.has("xsave") and not cpuid.has("shstk") and not cpuid.has("fsgsbase")
     assert cpuid.get(0xD, 0) == (0, 0, 0, 0)  # no XSAVE: empty leaf 0xD
+    assert cpuid.get(1, 0)[2] >> 24 & 1  # tsc-deadline kept
     spec.apply(get_model("sapphire-rapids"))
-    assert any("tsc-deadline" in w for w in spec.warnings)
+    assert any("la57" in w for w in spec.warnings)
+    assert not any("tsc-deadline" in w for w in spec.warnings)  # the VMM's APIC implements it

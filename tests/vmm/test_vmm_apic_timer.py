@@ -98,11 +98,41 @@ def test_priority_tpr_and_nested_isr(apic):
     assert apic.pending_vector() is None  # class 3 is not above TPR's class 3
 
 
-def test_tsc_deadline_mode_never_expires_and_stops_the_count(apic):
+def test_entering_tsc_deadline_mode_stops_the_count_until_a_deadline_is_written(apic):
     apic, clock = apic
     apic.mmio_write(TMICT, 4, 100)
     apic.mmio_write(LVTT, 4, TSC_DEADLINE | 0x30)
     assert apic.mmio_read(TMICT, 4) == 0 and apic.next_timer_expiry() is None
+
+
+def test_tsc_deadline_expires_at_the_first_ns_the_tsc_reaches_it(apic):
+    apic, clock = apic
+    apic.tsc, apic.tsc_khz = (lambda: 2 * clock.now + 1000), 2_000_000  # a 2 GHz TSC with an offset
+    apic.mmio_write(SVR, 4, 0x1FF)
+    apic.mmio_write(LVTT, 4, TSC_DEADLINE | 0x30)
+    clock.now = 10
+    apic.write_tsc_deadline(2 * 60 + 1000 + 1)  # reached at 60.5 ns: the first whole ns is 61
+    assert apic.next_timer_expiry() == 61 and apic.read_tsc_deadline() == 2 * 60 + 1001
+    apic.mmio_write(TMICT, 4, 5)  # ignored in this mode
+    assert apic.mmio_read(TMCCT, 4) == 0 and apic.next_timer_expiry() == 61
+    clock.now = 60
+    apic.poll_timer()
+    assert apic.pending_vector() is None
+    clock.now = 61
+    apic.poll_timer()
+    assert apic.pending_vector() == 0x30 and apic.read_tsc_deadline() == 0 and apic.next_timer_expiry() is None
+
+
+def test_tsc_deadline_is_ignored_outside_its_mode_and_cleared_by_a_mode_change(apic):
+    apic, clock = apic
+    apic.tsc, apic.tsc_khz = (lambda: 2 * clock.now), 2_000_000
+    apic.write_tsc_deadline(500)
+    assert apic.read_tsc_deadline() == 0 and apic.next_timer_expiry() is None
+    apic.mmio_write(LVTT, 4, TSC_DEADLINE | 0x30)
+    apic.write_tsc_deadline(500)
+    apic.mmio_write(LVTT, 4, 0x30)
+    apic.mmio_write(LVTT, 4, TSC_DEADLINE | 0x30)
+    assert apic.read_tsc_deadline() == 0 and apic.next_timer_expiry() is None
 
 
 def test_x2apic_timer_msrs(apic):

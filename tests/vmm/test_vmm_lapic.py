@@ -38,7 +38,15 @@ def test_reset_values(xapic):
     assert bus.read(BASE + 0xF0, 4) == 0xFF  # software-disabled
     assert bus.read(BASE + 0xE0, 4) == 0xFFFF_FFFF
     for lvt in range(0x320, 0x380, 0x10):
-        assert bus.read(BASE + lvt, 4) == 0x10000
+        # the BSP's LINT0 is ExtINT, unmasked (KVM kvm_lapic_reset): the 8259 reaches the BSP
+        assert bus.read(BASE + lvt, 4) == (0x700 if lvt == 0x350 else 0x10000)
+    assert apic.accepts_pic_interrupt
+
+
+def test_an_application_processor_resets_with_every_lvt_masked():
+    ap = LocalApic(apic_id=1, bsp=False)
+    assert all(ap.read_register(lvt) == 0x10000 for lvt in range(0x320, 0x380, 0x10))
+    assert not ap.accepts_pic_interrupt
 
 
 def test_tpr_svr_ldr_dfr_registers(xapic):

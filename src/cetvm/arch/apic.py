@@ -8,6 +8,7 @@ One copy of these facts serves both the hypervisor (``cetvm.kvm.msr``: KVM's own
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 #: Power-up base of the xAPIC MMIO page [SDM §11.4.1].
 APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
@@ -110,3 +111,16 @@ class Shorthand(enum.IntEnum):
     SELF = 1
     ALL_INCLUDING_SELF = 2
     ALL_EXCLUDING_SELF = 3
+
+
+@dataclass(frozen=True)
+class InterruptMessage:
+    """An interrupt message on the APIC bus from an I/O APIC (or an MSI) [SDM Vol. 3 §11.11
+    "Message Signalled Interrupts": destination, destination mode, delivery mode, trigger mode,
+    vector; 82093AA §3.2.4]: ``dest`` is an 8-bit APIC ID or logical destination set."""
+
+    vector: int
+    delivery_mode: DeliveryMode
+    dest: int
+    logical: bool = False
+    level: bool = False

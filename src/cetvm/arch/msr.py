@@ -13,6 +13,7 @@ class Msr(enum.IntEnum):
     IA32_TIME_STAMP_COUNTER = 0x10
     IA32_APIC_BASE = 0x1B
     IA32_FEATURE_CONTROL = 0x3A
+    IA32_TSC_ADJUST = 0x3B
     #: IA32_BIOS_SIGN_ID in the SDM; Linux's MSR_IA32_UCODE_REV.
     IA32_UCODE_REV = 0x8B
     IA32_SYSENTER_CS = 0x174
@@ -40,6 +41,12 @@ class Msr(enum.IntEnum):
     IA32_GS_BASE = 0xC0000101
     IA32_KERNEL_GS_BASE = 0xC0000102
     IA32_TSC_AUX = 0xC0000103
+    #: kvmclock's MSRs (KVM's paravirtual clock; Documentation/virt/kvm/x86/msr.rst): the
+    #: legacy pair and the "_NEW" pair advertised by KVM_FEATURE_CLOCKSOURCE / CLOCKSOURCE2.
+    KVM_WALL_CLOCK = 0x11
+    KVM_SYSTEM_TIME = 0x12
+    KVM_WALL_CLOCK_NEW = 0x4B564D00
+    KVM_SYSTEM_TIME_NEW = 0x4B564D01
     #: KVM's synthetic MSR for the guest SSP (host-initiated access only) [K].
     KVM_INTERNAL_GUEST_SSP = 0x4B564DFF
 

@@ -99,8 +99,10 @@ def enter_ring3(vcpu: Vcpu) -> None:
     vcpu.set_sregs(sregs)
 
 
-def make_vcpu(iterations: int, cet: bool, cet_path: str | None = None, cpl: int = 0) -> Vcpu:
-    """The workload's vCPU at ``cpl`` 0 (supervisor shadow stack) or 3 (user shadow stack)."""
+def make_vcpu(iterations: int, cet: bool, cet_path: str | None = None, cpl: int = 0, code: bytes | None = None) -> Vcpu:
+    """The workload's vCPU at ``cpl`` 0 (supervisor shadow stack) or 3 (user shadow stack);
+    ``code``: other machine code to run at CODE instead (one page at most, e.g. the boot
+    benchmark's loop, benchmarks/bench_boot.py)."""
     if cpl not in RINGS:
         raise InputError(f"ring must be 0 or 3, not {cpl}")
     user = cpl == 3
@@ -108,7 +110,7 @@ def make_vcpu(iterations: int, cet: bool, cet_path: str | None = None, cpl: int 
     vcpu.map_ram(0, RAM)
     assert TABLES + table_pages(RAM) <= GDT
     cr3 = build_identity_map(vcpu, TABLES, RAM, lambda addr: page_flags(addr, user))
-    vcpu.write_phys(CODE, workload(iterations))
+    vcpu.write_phys(CODE, workload(iterations) if code is None else code)
     enter_long_mode(vcpu, cr3=cr3, gdt=GDT, cet=cet)
     if user:
         enter_ring3(vcpu)

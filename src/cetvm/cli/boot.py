@@ -1,6 +1,8 @@
 """`cetvm boot IMAGE`: run a bare-metal kernel on the cetvm PC (QEMU-compatible exit status).
 
-Serial output (COM1) goes to stdout, or to ``--serial FILE``. The exit status is the machine's
+Serial output (COM1) goes to stdout, or to ``--serial FILE``; when stdin is a terminal, what is
+typed there is COM1's input (raw mode while the machine runs, :mod:`cetvm.vmm.console_input`).
+ACPI power-off (and the 0x8900 shutdown port) exits 0. The exit status is the machine's
 (:mod:`cetvm.vmm.run_loop`): isa-debug-exit's ``(code << 1) | 1`` & 0xFF, 0 for power off / halt
 / a saved snapshot, 124 on a timeout or instruction limit, 125 on a triple fault, 126 on a KVM
 internal error; a failed run also prints a one-line diagnosis on stderr.
@@ -75,7 +77,7 @@ def register(subparsers) -> None:
                    help="kernel image: a Linux bzImage (boot protocol 2.12+, 64-bit entry), multiboot v1 "
                         "(ELF32 or a.out kludge) or an ELF64 x86-64 executable (omit with --restore-state)")
     p.add_argument("--kernel", dest="kernel", metavar="FILE",
-                   help="the kernel image, as an option (QEMU -kernel style); same as IMAGE")
+                   help="the kernel image, as an option (QEMU -kernel style); same as IMAGE (default none)")
     p.add_argument("--cpu", default=None, metavar="MODEL|FILE",
                    help="host CPU the modeled KVM runs on; the guest sees what KVM offers on it. A built-in "
                         f"model ({', '.join(model_names())}) or a CPUID dump/JSON file "
@@ -96,6 +98,10 @@ def register(subparsers) -> None:
                         "wait for INIT/SIPI from its local APIC; they run round-robin, deterministically, and "
                         "--max-instructions / --save-at count the instructions of all of them (default 1; "
                         "with --restore-state it must match the snapshot)")
+    p.add_argument("--wall-clock", default=None, metavar="fixed|host|NS",
+                   help="the real time the CMOS RTC and kvmclock start from: fixed = 2024-01-01T00:00:00Z "
+                        "(deterministic), host = the host's time now, or ns since 1970; both then advance "
+                        "with guest time (default fixed)")
     p.add_argument("--append", default="", metavar="CMDLINE",
                    help="kernel command line: Linux's (e.g. 'console=ttyS0'), or the multiboot information's "
                         "(default empty)")
@@ -147,7 +153,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.restore_state:
         if args.image:
             raise InputError("give either IMAGE or --restore-state, not both")
-        given = [f"--{name.replace('_', '-')}" for name in ("cpu", "cet", "memory", "force_emulation_prefix")
+        given = [f"--{name.replace('_', '-')}" for name in ("cpu", "cet", "memory", "force_emulation_prefix",
+                                                             "wall_clock")
                  if getattr(args, name) is not None]
         if given or args.append or args.initrd:
             raise InputError(f"{', '.join(given + (['--append'] if args.append else []) + (['--initrd'] if args.initrd else []))}"
@@ -251,7 +258,7 @@ def build_machine(args: argparse.Namespace, sink: Callable[[bytes], None]) -> Ma
         config = MachineConfig(cpu=args.cpu or DEFAULT_CPU_MODEL, memory=args.memory or DEFAULT_MEMORY,
                                cet=args.cet or "on", cmdline=args.append, modules=tuple(args.initrd),
                                force_emulation_prefix=bool(args.force_emulation_prefix), smp=args.smp or 1,
-                               serial_sink=sink)
+                               wall_clock=args.wall_clock or "fixed", serial_sink=sink)
         return Machine.boot(args.image, config)
     except MemoryError:
         raise InputError(f"{_memory_option(args)}: this host cannot allocate the guest RAM") from None
@@ -361,9 +368,12 @@ def run(args: argparse.Namespace) -> int:
     symbols = cet_symbols(args)
     serial = SerialOutput(args.serial, captured)
     cet = None
+    console = None
     try:
         machine = build_machine(args, serial.write)
         serial.open()  # every input has been read: only now may --serial FILE be truncated
+        if sys.stdin is not None and sys.stdin.isatty():  # interactive: the terminal is COM1's input
+            console = machine.attach_console_input(sys.stdin.fileno())
         if args.cet_report is not None:
             cet = (machine.record_cet_violations().violations, symbols)
         result, completed = run_machine(machine, args)
@@ -374,6 +384,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"cetvm: snapshot written to {args.save_state} after {result.instructions} instructions "
                   f"(continue with: cetvm boot --restore-state {args.save_state})", file=sys.stderr)
     finally:
+        if console is not None:
+            console.close()
         serial.close()
     try:
         report(result, args, captured, saved=bool(args.save_state) and completed, cet=cet)

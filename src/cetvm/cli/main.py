@@ -79,6 +79,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bench",
     "qemu",
     "conformance",
+    "linux_guest",
 )
 
 

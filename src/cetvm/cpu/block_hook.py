@@ -45,7 +45,8 @@ class BlockHookMixin:
         common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`_on_block` (the
         reference), or :meth:`_on_block_raw` alone when ``python_fast_path`` is False."""
         if self.python_fast_path:
-            hook = make_block_hook(self, self._on_block, self._blocks, self._ss_window, self._on_hook_error)
+            hook = make_block_hook(self, self._on_block, self._blocks, self._ss_window, self._on_hook_error,
+                                   self._budget.block_store)
         else:
             hook = self._on_block_raw
         self._block_hook_cb = _BLOCK_HOOK_CFUNC(hook)
@@ -63,6 +64,7 @@ class BlockHookMixin:
         :meth:`_apply_native_handover`. Paging-off guests get its native TLB-fill hook."""
         self._native = NativeCet(self._uc, lambda address, size: self._classify_block(address, size) is not None)
         self._blocks = self._native.blocks
+        self._budget.attach(self._native.shared)
         self.cet = self._native.cet_state
         self._native.install()
         self._native.install_tlb_fill(set_mode=False)
@@ -85,13 +87,16 @@ class BlockHookMixin:
             first = b""
         self.apply_decision(on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first))
 
-    def apply_decision(self, decision: BlockDecision) -> bool:
+    def apply_decision(self, decision: BlockDecision, *, counted: bool = True) -> bool:
         """Carry out a block-start decision of :mod:`cetvm.cpu.cet.transfer`: on FAULT, roll
         RIP (and RSP: ``decision.rsp``, or the current RSP + ``rsp_adjust`` when the state machine
-        did not read RSP) back to the terminator and make the fault the pending event. True
-        when it faulted (the caller stops the engine if it runs inside it)."""
+        did not read RSP) back to the terminator, take back the terminator's count when it was
+        counted as retired (``counted``) and make the fault the pending event. True when it
+        faulted (the caller stops the engine if it runs inside it)."""
         if decision.action != BlockAction.FAULT:
             return False
+        if counted:
+            self._terminator_faulted(decision)
         uc = self._uc
         if decision.rsp is not None:
             uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
@@ -117,13 +122,10 @@ class BlockHookMixin:
         return self._reg_buf.value
 
     def _on_block(self, address: int, size: int) -> None:
-        """At each block start: classify on a miss, then run the CET state machine (the
-        reference hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and
-        calls this, with nothing committed, for everything else).
-
-        Shortcut (engine decision, no CET semantics): with no pending terminator and the
-        current CPL's IBT tracker idle, :func:`on_block_start` has nothing to do and is skipped.
-        """
+        """At each block start: classify on a miss, run the CET state machine (the reference
+        hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and calls this,
+        with nothing committed, for everything else), then retire the block's instructions — or,
+        when the budget has fewer left, stop in front of it (:meth:`_stop_for_budget`)."""
         if self.stepping:
             return
         blocks = self._blocks
@@ -131,17 +133,51 @@ class BlockHookMixin:
         if info is None or info.size != size:
             info = self._classify_block(address, size)
             if info is None:
+                blocks.last_run = None
                 return
+        if not self._cet_block_start(info, address):
+            blocks.last_run = None
+            return
+        budget = self._budget.block_store
+        if budget is not None:
+            if budget.budget_left < info.icount:
+                self._stop_for_budget(address, size)
+                return
+            budget.budget_left -= info.icount
+            blocks.last_run = info
+
+    def _cet_block_start(self, info: BlockInfo, address: int) -> bool:
+        """The CET state machine at the start of block ``info``; False if it faulted (then the
+        fault is pending, RIP and RSP are the faulting instruction's and the engine stops).
+
+        Shortcut (engine decision, no CET semantics): with no pending terminator and the
+        current CPL's IBT tracker idle, :func:`on_block_start` has nothing to do and is skipped.
+        """
+        blocks = self._blocks
         prev = blocks.prev
         blocks.prev = info.terminator
         blocks.prev_block_start = address
         if not self.cet_active:
-            return
+            return True
         if prev is None and not (self.cet.u_cet if self.cpl == 3 else self.cet.s_cet) & _TRACKER:
-            return
+            return True
         # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
-        if self.apply_decision(on_block_start(self, prev, address, None, info.first_bytes)):
-            self._uc.emu_stop()
+        if not self.apply_decision(on_block_start(self, prev, address, None, info.first_bytes)):
+            return True
+        self._uc.emu_stop()
+        return False
+
+    def _stop_for_budget(self, address: int, size: int) -> None:
+        """The block at ``address`` has more instructions than the budget has left: its block
+        start is done (the CET state is whole wherever the run ends) but it does not run — no
+        terminator pending, the engine stops in front of it (the Python twin of cetfast.c's
+        budget_stop; the vCPU then runs the instructions left,
+        :meth:`cetvm.cpu.vcpu.Vcpu._run_fenced`)."""
+        self._budget.store.budget_stop = size or 1
+        self._blocks.prev = None
+        self._blocks.last_run = None
+        self._uc.reg_write(X.UC_X86_REG_RIP, address)
+        self._uc.emu_stop()
 
     def _classify_block(self, address: int, size: int) -> BlockInfo | None:
         """Decode a new block; make emulated instructions exits (then restart: returns None)."""
@@ -161,7 +197,7 @@ class BlockHookMixin:
         terminator = classify_terminator(instrs[-1]) if instrs else None
         if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
             terminator = None  # nothing to apply at the next block start
-        info = BlockInfo(address, size, terminator, code[:4])
+        info = BlockInfo(address, size, terminator, code[:4], len(instrs))
         self._blocks.store(info)
         return info
 

@@ -24,6 +24,8 @@ class BlockInfo:
     size: int
     terminator: TerminatorInfo | None
     first_bytes: bytes
+    #: instructions in the block: what it retires when it runs to its end (cetvm.cpu.budget)
+    icount: int = 0
 
 
 class BlockTable(Protocol):
@@ -54,6 +56,9 @@ class BlockTracker:
     #: block — the terminator never ran — from a fault at its target)
     prev_block_start: int = 0
     cache: dict[int, BlockInfo] = field(default_factory=dict)
+    #: the block that ran last, counted when it started: an engine stop inside it retires only
+    #: the instructions before the stop (None: no block is under way)
+    last_run: BlockInfo | None = None
 
     def lookup(self, address: int, size: int) -> BlockInfo | None:
         info = self.cache.get(address)
@@ -63,6 +68,16 @@ class BlockTracker:
 
     def store(self, info: BlockInfo) -> None:
         self.cache[info.address] = info
+
+    @property
+    def last(self) -> tuple[int, int, int] | None:
+        """(address, size, instruction count) of :attr:`last_run`, or None."""
+        info = self.last_run
+        return None if info is None or not info.icount else (info.address, info.size, info.icount)
+
+    def close_last(self) -> None:
+        """No block is under way any more (the engine stops in front of the next one)."""
+        self.last_run = None
 
     def invalidate(self) -> None:
         """Forget all classifications (page tables changed: the same address may hold other code)."""

@@ -19,7 +19,7 @@ from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EX
 from unicorn import x86_const as X
 
 from cetvm import CetvmError, NotSupportedError
-from cetvm.arch import PfErr, Vector, u64
+from cetvm.arch import PfErr, Vector, is_canonical, u64
 from cetvm.cpu import decode, emulate, string_ops
 from cetvm.cpu.cet.transfer import TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
@@ -63,11 +63,20 @@ class EngineStopsMixin:
             self.refresh_mode()  # native privilege changes are not seen otherwise
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
-        if not software and not (intno == Vector.PF and self._is_fetch_fault(rip, uc.reg_read(X.UC_X86_REG_CR2))):
-            self._unretire()  # a fetch fault happens before the count hook: nothing to take back
+        # a branch to a non-canonical address: the engine reports the #GP at the target, but the
+        # branch is what faulted [SDM Vol. 1 §3.3.7.1]
+        wild_branch = intno == Vector.GP and not is_canonical(rip)
+        if software or (intno == Vector.PF and self._is_fetch_fault(rip, uc.reg_read(X.UC_X86_REG_CR2))):
+            # a trap retired its instruction; a fetch fault happens before the count hook and
+            # outside the block that ran last: nothing to take back
+            self._blocks.close_last()
+        elif wild_branch:
+            self._branch_did_not_retire()
+        else:
+            self._retire_before(rip)
         if software:
             int_at = self._software_interrupt_address(self._blocks.take_prev(None), rip, intno)
-        elif self._apply_terminator_before_target_fault(rip):
+        elif self._apply_terminator_before_target_fault(rip, branch_taken_back=wild_branch):
             uc.emu_stop()
             return
         if intno == Vector.PF:
@@ -80,7 +89,7 @@ class EngineStopsMixin:
             self._pending = PendingEvent(intno, error)
         uc.emu_stop()
 
-    def _apply_terminator_before_target_fault(self, rip: int) -> bool:
+    def _apply_terminator_before_target_fault(self, rip: int, branch_taken_back: bool = False) -> bool:
         """The engine stopped at ``rip`` before the block hook ran there: a fault inside the
         current block, or a fault on fetching the next block (a #PF, a fetch from guest-physical
         memory with no RAM). In the second case the previous block's terminator ran but was not
@@ -90,12 +99,14 @@ class EngineStopsMixin:
         part of the branch: an indirect CALL/JMP leaves the tracker in WAIT_FOR_ENDBRANCH and the
         fetch fault at the target is delivered first (Bochs decodes the target before checking
         it); the check happens when the guest comes back. True when that raised a CET fault (RIP
-        and RSP are then the faulting instruction's)."""
+        and RSP are then the faulting instruction's). ``branch_taken_back``: the terminator is
+        already counted as not retired."""
         blocks = self._blocks
         prev = blocks.take_prev(None)
         if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self.cet_active:
             return False
-        return self.apply_decision(apply_terminator(self, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)))
+        return self.apply_decision(apply_terminator(self, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)),
+                                   counted=not branch_taken_back)
 
     def _software_interrupt_address(self, terminator: TerminatorInfo | None, rip: int, intno: int) -> int:
         """Where the INT n / INT3 / INTO that Unicorn just raised starts (Unicorn reports RIP past
@@ -174,7 +185,7 @@ class EngineStopsMixin:
         return reads, writes
 
     def _on_invalid_instruction(self, uc: Uc, _data: object) -> bool:
-        self._unretire()
+        self._retire_before(uc.reg_read(X.UC_X86_REG_RIP))
         self._blocks.prev = None
         return False  # stop with UC_ERR_INSN_INVALID; _on_invalid_stop emulates or raises #UD
 
@@ -201,7 +212,7 @@ class EngineStopsMixin:
             if self._apply_terminator_before_target_fault(rip):
                 return None
             return VmExit(ExitReason.EMULATION_FAILED, rip, detail="instruction fetch from guest-physical memory with no RAM")
-        self._unretire()
+        self._retire_before(rip)
         self._blocks.prev = None
         try:
             instr = self.fetch_instruction(rip)
@@ -287,12 +298,15 @@ class EngineStopsMixin:
                 if data is not None:
                     self._uc.mem_write(gpa, data)
                 branches = instr.flow_control != FlowControl.NEXT
-                self.step_in_engine(rip, None if branches else instr.next_ip)
+                self.step_in_engine(rip, None if branches else instr.next_ip, retire=False)
                 stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
             finally:
                 self._uc.mem_unmap(first, span)
         if self._pending is not None:
             return None  # the instruction faulted: nothing was stored
+        # Unicorn leaves old_exception at #PF after the scratch page is unmapped: without this the
+        # guest's next fault became a #DF (a #PF after an MMIO read in the same block).
+        self._clear_stale_old_exception()
         self._retire()
         return self._mmio_write(rip, gpa, stored)
 

@@ -63,8 +63,9 @@ class EmulationPlumbingMixin:
         self._uc.ctl_set_exits(sorted(self._exits))
         self._uc.ctl_remove_cache(rip, rip + 1)
 
-    def step_in_engine(self, rip: int, next_ip: int | None = None) -> None:
-        """Let Unicorn execute the one instruction at ``rip`` although it is an exit address.
+    def step_in_engine(self, rip: int, next_ip: int | None = None, *, retire: bool = True) -> None:
+        """Let Unicorn execute the one instruction at ``rip`` although it is an exit address;
+        it retires (counts against the budget) unless ``retire`` is False (the caller retires it).
 
         Used for instructions whose CET effects cetvm adds around Unicorn's own execution (far
         CALL/RET/JMP, INVLPG, MMIO completion); not for privilege changes (IRETQ, SYSRET are
@@ -86,6 +87,10 @@ class EmulationPlumbingMixin:
         if self._native is not None:
             self._native.set_enabled(False)
         cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+        # The step retires (below) whatever a count hook made of it: a per-instruction hook
+        # counts it only while a run has a budget, so an MMIO write completed inside a run was
+        # counted twice, one completed outside it once.
+        left = self._budget.store.budget_left
         try:
             uc.emu_start(rip, 0, count=1)
         except UcError as err:
@@ -94,12 +99,14 @@ class EmulationPlumbingMixin:
             else:
                 raise CetvmError(f"engine error at RIP {rip:#x}: {err}") from None
         finally:
+            self._budget.store.budget_left = left
             self.stepping = False
             if self._native is not None:
                 self._native.set_enabled(True)
             self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=False)
         self._blocks.prev = None
-        if self._pending is None:
+        if self._pending is None and retire:
+            self._budget.retire()
             # Dropping the stepped TB translates ``rip`` in the *new* mode; after a privilege
             # change that is a phantom #PF that sets CR2 and old_exception: undo both.
             uc.reg_write(X.UC_X86_REG_CR2, cr2)

@@ -63,6 +63,7 @@ from cetvm import CetvmError
 from cetvm.arch.cet import ENDBR64
 from cetvm.cpu.cet.policy import ENDBR_EN, SH_STK_EN, SUPPRESS, TRACKER
 from cetvm.cpu.blocks import BlockTracker
+from cetvm.cpu.budget import BudgetStore
 from cetvm.cpu.cet.transfer import Terminator
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
@@ -134,7 +135,8 @@ class ShadowStackWindow:
 
 
 def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], blocks: BlockTracker,
-                    window: ShadowStackWindow, on_error: Callable[[BaseException], None]) -> BlockHook:
+                    window: ShadowStackWindow, on_error: Callable[[BaseException], None],
+                    budget: BudgetStore | None) -> BlockHook:
     """The Vcpu's UC_HOOK_BLOCK callback: the short path above, else ``reference(address, size)``.
 
     ``reference`` is the Vcpu's complete block-start handling (classification on a miss, the
@@ -145,7 +147,8 @@ def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], bl
     Reads in place: the Vcpu's block tracker ``blocks`` and its cache dict
     (BlockTracker.invalidate clears it in place), ``vcpu.cet`` (SSP, U_CET, S_CET), the vCPU's
     cached mode (``cpl``, ``long_mode``, ``cet_active``, ``stepping``) and its shadow-stack
-    ``window``.
+    ``window``; ``budget``: the instruction budget counted per block (None: counted per
+    instruction, :mod:`cetvm.cpu.budget`).
     """
     if sys.byteorder != "little":
         return _guarded(reference, on_error)
@@ -158,6 +161,9 @@ def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], bl
             info = cache_get(address)
             if info is None or info.size != size or vcpu.stepping:
                 reference(address, size)
+                return
+            if budget is not None and budget.budget_left < info.icount:
+                reference(address, size)  # stops in front of the block
                 return
             prev = blocks.prev
             if vcpu.cet_active:
@@ -207,6 +213,9 @@ def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], bl
                         return
             blocks.prev = info.terminator
             blocks.prev_block_start = address
+            if budget is not None:
+                budget.budget_left -= info.icount
+                blocks.last_run = info
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
             on_error(exc)
 

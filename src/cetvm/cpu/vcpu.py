@@ -57,9 +57,11 @@ from unicorn import x86_const as X
 from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import CET_MSR_SET
+from cetvm.cpu import decode
 from cetvm.cpu.block_hook import BlockHookMixin
 from cetvm.cpu.blocks import BlockTable, BlockTracker
-from cetvm.cpu.budget import InstructionBudget
+from cetvm.cpu.budget import InstructionBudget, select_granularity
+from cetvm.cpu.cet.transfer import BlockDecision
 from cetvm.cpu.vcpu_cet import CetMachineMixin
 from cetvm.cpu.engine_features import engine_cpu_model
 from cetvm.cpu.engine_stops import EngineStopsMixin
@@ -69,6 +71,7 @@ from cetvm.arch.vmx import VmcsField
 from cetvm.cpu.faults import HardwareRefused
 from cetvm.cpu.completion import ExitCompletion
 from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
+from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
@@ -76,6 +79,7 @@ from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
 from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
+from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
 from cetvm.arch.regs import U64_MASK
@@ -100,13 +104,17 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     ``python_fast_path`` (the "python" path only): put the flat common-case hook of
     :mod:`cetvm.cpu.fastpath` in front of the reference hook (default; None means True unless
     ``$CETVM_PYTHON_FAST_PATH`` is "0"); False runs the reference alone (same results, slower).
+    ``budget_granularity`` (traced mode): how instructions are counted for ``run(budget=N)`` —
+    "block" (per translation block, exact stops; the default) or "instruction" (a code hook on
+    every instruction, the reference); None means ``$CETVM_BUDGET_GRANULARITY`` or "block"
+    (:mod:`cetvm.cpu.budget`). Untraced vCPUs count per instruction (they have no block hook).
     A hypervisor controls it through its current VMCS (:attr:`vmcs`, :meth:`vmptrld`; see
     :mod:`cetvm.cpu.vmcs`) and tells it the CET features of the guest's CPUID
     (:meth:`set_guest_cet_features`); ``has_shstk`` / ``has_ibt`` are the hardware's.
     """
 
     def __init__(self, model: "CpuidModel", *, trace: bool = True, cet_path: str | None = None,
-                 python_fast_path: bool | None = None) -> None:
+                 python_fast_path: bool | None = None, budget_granularity: str | None = None) -> None:
         self.model = model
         self.has_shstk = bool(model.has("shstk"))
         self.has_ibt = bool(model.has("ibt"))
@@ -120,7 +128,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.completion = ExitCompletion()
         self.cet: CetRegisters = CetState()
         self.xss = 0
-        self._budget = InstructionBudget()
+        granularity = select_granularity(budget_granularity)
+        self._budget = InstructionBudget(granularity if trace else "instruction")
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
         check_unicorn(self._uc)
@@ -168,6 +177,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             else:
                 self._install_block_hook()
                 uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`);
+        #: the Python CET path uses no native code here either, so both TSC hooks stay tested.
+        self.tsc = TimeStampCounter(self._uc, self._budget.counter_address, use_native=self.cet_path != "python")
         self.refresh_mode()
 
     # ------------------------------------------------------------------ memory (GuestMemory)
@@ -338,12 +350,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.xcr0 = value
 
     def msr(self, index: int) -> int:
-        """Host-initiated MSR read (CET MSRs and IA32_XSS from the vCPU, the rest from Unicorn);
-        HardwareRefused for an MSR the engine does not implement."""
+        """Host-initiated MSR read (CET MSRs, IA32_XSS and the TSC from the vCPU, the rest from
+        Unicorn); HardwareRefused for an MSR the engine does not implement."""
         if index in CET_MSR_SET:
             return self._cet_msr_value(index)
         if index == Msr.IA32_XSS:
             return self.xss
+        if index == Msr.IA32_TIME_STAMP_COUNTER:
+            return self.tsc.read()
         try:
             return self._uc.msr_read(index)
         except UcError as err:
@@ -356,6 +370,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             self._set_cet_msr_value(index, value)
         elif index == Msr.IA32_XSS:
             self.xss = value & U64_MASK
+        elif index == Msr.IA32_TIME_STAMP_COUNTER:  # WRMSR writes the counter itself [SDM §18.17]
+            self.tsc.offset = (value - self.tsc.source()) & U64_MASK
         else:
             try:
                 self._uc.msr_write(index, value & U64_MASK)
@@ -406,6 +422,24 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         """Make ``vmcs`` the current VMCS: the next VM entry (``run``) obeys its controls."""
         self.vmcs = vmcs
 
+    # The hypervisor controls moved into the VMCS; these two raise instead of letting code written
+    # for the old attributes set a new, ignored attribute (remove once no branch uses them).
+    @property
+    def exception_bitmap(self) -> int:
+        raise AttributeError("Vcpu.exception_bitmap is the VMCS's: vcpu.vmcs.read/write(VmcsField.EXCEPTION_BITMAP)")
+
+    @exception_bitmap.setter
+    def exception_bitmap(self, _value: int) -> None:
+        raise AttributeError("Vcpu.exception_bitmap is the VMCS's: vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, bits)")
+
+    @property
+    def msr_intercepts(self) -> None:
+        raise AttributeError("Vcpu.msr_intercepts is the VMCS's MSR bitmap: vcpu.vmcs.msr_bitmap / set_msr_bitmap()")
+
+    @msr_intercepts.setter
+    def msr_intercepts(self, _value: object) -> None:
+        raise AttributeError("Vcpu.msr_intercepts is the VMCS's MSR bitmap: vcpu.vmcs.set_msr_bitmap(indices)")
+
     def set_guest_cet_features(self, *, shstk: bool, ibt: bool) -> None:
         """The CET features the guest's CPUID enumerates (KVM: guest_cpu_cap_has after
         KVM_SET_CPUID2). Without them CR4.CET is reserved, the CET MSRs do not exist for the
@@ -441,7 +475,10 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if failure is not None:
             return self._vm_exit(failure)
         self._budget.left = budget
-        hook = self._budget.add_count_hook(self._uc, self.cet_path == "python") if budget is not None else None
+        self.tsc.sync()
+        hook = None
+        if budget is not None and self._budget.per_instruction:
+            hook = self._budget.add_count_hook(self._uc, self.cet_path == "python")
         try:
             return self._vm_exit(self._run_loop())
         finally:
@@ -481,7 +518,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     # ------------------------------------------------------------------ exact instruction budget
     @property
     def instructions_retired(self) -> int:
-        """Instructions retired by this vCPU (counted exactly while a run has a budget)."""
+        """Instructions retired by this vCPU (exact; at instruction granularity only while a run has
+        a budget, see :mod:`cetvm.cpu.budget`)."""
         return self._budget.retired
 
     @instructions_retired.setter
@@ -493,8 +531,82 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._budget.retire()
 
     def _unretire(self) -> None:
-        """The last counted instruction faulted instead of retiring."""
+        """The last counted instruction faulted instead of retiring (instruction granularity)."""
         self._budget.unretire()
+
+    def _retire_before(self, rip: int) -> None:
+        """The engine stopped at ``rip`` without executing the instruction there (a fault, an MMIO
+        access, an invalid instruction): at block granularity, of the block that ran last only
+        the instructions before ``rip`` retired — the rest, counted when the block started, are
+        taken back (:mod:`cetvm.cpu.budget`); at instruction granularity the instruction at
+        ``rip`` is."""
+        if self._budget.per_instruction:
+            self._unretire()
+            return
+        blocks = self._blocks
+        last = blocks.last
+        blocks.close_last()
+        if last is None:
+            return
+        address, size, icount = last
+        if not address <= rip < address + size:
+            return
+        ran = 0
+        if rip > address:
+            try:
+                ran = len(decode.decode_block(self._read_code(address, rip - address), address, self._code_bits))
+            except (GuestFault, UcError):
+                ran = 0
+        self._budget.uncount(icount - min(ran, icount))
+
+    def _branch_did_not_retire(self) -> None:
+        """The branch that ended the block that ran last faulted after the engine moved RIP to
+        its target (a non-canonical target: #GP): it did not retire."""
+        if self._budget.per_instruction:
+            self._unretire()
+            return
+        last = self._blocks.last
+        self._blocks.close_last()
+        if last is not None:
+            self._budget.uncount(1)
+
+    def _terminator_faulted(self, decision: BlockDecision) -> None:
+        """A CET fault of the pending terminator itself (#CP(1) at a RET, a shadow-stack fault of a
+        CALL: ``decision.rolled_back``): the terminator did not retire, but it was counted — as
+        its block started (block granularity) or as it started (instruction granularity)."""
+        if not decision.rolled_back:
+            return
+        if self._budget.per_instruction:
+            self._unretire()
+        else:
+            self._budget.uncount(1)
+
+    def _run_fenced(self, rip: int, size: int, count: int) -> None:
+        """Run exactly the first ``count`` instructions of the block at ``rip`` (``size`` bytes),
+        which has more: the block hook stopped the engine in front of it for want of budget. A
+        temporary Unicorn exit after them makes the engine translate the block short and stop
+        there; the block's translations are dropped before and after (Unicorn's exits act when
+        a block is translated)."""
+        instrs = decode.decode_block(self._read_code(rip, size), rip, self._code_bits)
+        if count >= len(instrs):
+            # The block was rewritten since it was classified, to the same size (self-modifying
+            # code): classify it again; the run loop enters it anew with the right count.
+            self._classify_block(rip, size)
+            return
+        fence = instrs[count].ip
+        uc = self._uc
+        added = fence not in self._exits
+        if added:
+            self._exits.add(fence)
+            uc.ctl_set_exits(sorted(self._exits))
+        uc.ctl_remove_cache(rip, rip + size)
+        try:
+            uc.emu_start(rip, 0)
+        finally:
+            if added:
+                self._exits.discard(fence)
+                uc.ctl_set_exits(sorted(self._exits))
+            uc.ctl_remove_cache(rip, rip + size)
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:
@@ -529,6 +641,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 self._apply_native_handover()
             if self._hook_error is not None:
                 error, self._hook_error = self._hook_error, None
+                raise error
+            if self.tsc.error is not None:
+                error, self.tsc.error = self.tsc.error, None
                 raise error
         except UcError as err:
             if err.errno == UC_ERR_INSN_INVALID:
@@ -568,8 +683,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             uc.reg_write(X.UC_X86_REG_CR2, cr2)
 
     def _emu_start_keeping_cr2(self, rip: int) -> None:
+        budget = self._budget
         with self._cr2_kept():
+            if not budget.per_instruction:
+                self._blocks.close_last()
             self._uc.emu_start(rip, 0)
+            stop = budget.take_stop()
+            if stop and budget.left:
+                self._run_fenced(self.rip, stop, budget.left)
 
     # ------------------------------------------------------------------ misc
     @property

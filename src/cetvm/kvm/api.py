@@ -71,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Callable
 
 
 
@@ -131,6 +132,7 @@ from cetvm.kvm.msr import (
     kvm_set_msr,
     set_one_reg,
 )
+from cetvm.kvm.timekeeping import HostClock, VcpuTime, VmTime, guest_pv_features, guest_shows_tsc_adjust
 from cetvm.kvm.vcpu import VcpuArch
 from cetvm.kvm.vcpu_run import (
     KVM_MSR_EXIT_REASON_VALID_MASK,
@@ -233,6 +235,42 @@ class Vm:
         self.exit_hypercall_mask = 0
         self.user_space_msr_mask = 0
         self.msr_filter = MsrFilter()
+        #: kvm->arch's time (:mod:`cetvm.kvm.timekeeping`); the host clock defaults to the
+        #: instructions the VM's vCPUs retired, at 1 GHz.
+        self.time = VmTime(HostClock(self._instructions_retired))
+
+    def _instructions_retired(self) -> int:
+        return sum(vcpu.cpu.instructions_retired for vcpu in self._vcpus.values())
+
+    # ------------------------------------------------------------------ time
+    def set_host_clock(self, monotonic_ns: Callable[[], int], realtime_base_ns: int | None = None,
+                       counts_instructions: bool = False) -> None:
+        """cetvm extension: the host clock KVM reads (a callable giving monotonic nanoseconds,
+        and the real time in ns at monotonic 0), see :mod:`cetvm.kvm.timekeeping`. The VMM sets
+        it once, before any vCPU runs (the host TSC must not jump under a running guest).
+        ``counts_instructions``: the clock advances 1 ns per instruction a vCPU of this VM
+        retires while it runs and otherwise only between KVM_RUNs (the CPU then computes the
+        TSC natively; a clock that does not keep this promise gives the guest wrong TSCs)."""
+        if not callable(monotonic_ns):
+            raise KvmInvalidArgument(f"set_host_clock: monotonic_ns must be callable, got {type(monotonic_ns).__name__}")
+        host = self.time.host
+        host.monotonic_ns = monotonic_ns
+        host.counts_instructions = check_flag("set_host_clock: counts_instructions", counts_instructions)
+        if realtime_base_ns is not None:
+            host.realtime_base_ns = check_u64("set_host_clock: realtime_base_ns", realtime_base_ns)
+        for vcpu in self._vcpus.values():
+            vcpu.msrs.time.attach_host_clock()
+
+    def get_clock(self) -> int:
+        """KVM_GET_CLOCK: kvmclock now (ns)."""
+        return self.time.kvmclock_ns() & U64_MAX
+
+    def set_clock(self, ns: int) -> None:
+        """KVM_SET_CLOCK: kvmclock reads ``ns`` now; every vCPU's pvclock is rewritten
+        (KVM_REQ_CLOCK_UPDATE)."""
+        self.time.set_clock(check_u64("KVM_SET_CLOCK: clock", ns))
+        for vcpu in self._vcpus.values():
+            vcpu.msrs.time.kvmclock_update()
 
     # ------------------------------------------------------------------ memory
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
@@ -343,7 +381,7 @@ class KvmVcpu:
         self.state = VcpuArch.create(vm.kvm.caps)
         self.host_cpu = vm.kvm.host_cpu
         self.mp_state = MpState.RUNNABLE
-        self.msrs = KvmMsrState()
+        self.msrs = KvmMsrState(time=VcpuTime(vm.time, cpu))
         #: the kvm_run of the last exit userspace completes (I/O, MMIO, MSR): its copies go
         #: back to the CPU at the next run (_complete_userspace_exit)
         self._userspace_exit: KvmRun | None = None
@@ -366,6 +404,7 @@ class KvmVcpu:
         vmx.init_vmcs_cet(self.state, self.host_cpu)
         self._after_set_cpuid()
         self.kvm_vcpu_reset(init_event=False)
+        self.msrs.time.synchronize_tsc(0)  # kvm_arch_vcpu_postcreate
 
     # ------------------------------------------------------------------ CPUID
     def set_cpuid(self, model: CpuidModel) -> None:
@@ -375,6 +414,9 @@ class KvmVcpu:
 
     def _after_set_cpuid(self) -> None:
         self.update_msr_bitmap()
+        entries = self.state.cpuid.entries
+        self.msrs.time.pv_features = guest_pv_features(entries)
+        self.msrs.time.tsc_adjust_shown = guest_shows_tsc_adjust(entries)
         vmx.vmx_vcpu_after_set_cpuid(self.state, self.cpu)
 
     def update_msr_bitmap(self) -> None:
@@ -388,6 +430,19 @@ class KvmVcpu:
 
     def get_msr_index_list(self) -> list[int]:
         return self.vm.kvm.get_msr_index_list()
+
+    # ------------------------------------------------------------------ TSC
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency (the host's, unscaled)."""
+        return self.vm.time.host.tsc_khz
+
+    def get_tsc_offset(self) -> int:
+        """KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)."""
+        return self.msrs.time.offset
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET): exact, no matching."""
+        self.msrs.time.set_offset(check_u64("KVM_VCPU_TSC_OFFSET", offset))
 
     # ------------------------------------------------------------------ registers
     def get_regs(self) -> Regs:

@@ -30,6 +30,7 @@ from cetvm.arch.xfeatures import XFeature
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp, kvm_is_valid_u_s_cet
 from cetvm.kvm.errors import KvmInvalidArgument, KvmNotSupported
+from cetvm.kvm.timekeeping import KVMCLOCK_EMULATED_MSRS, TIME_MSRS, VcpuTime
 from cetvm.kvm.vcpu import VcpuArch
 
 
@@ -210,7 +211,9 @@ def set_one_reg(vcpu: VcpuArch, reg_id: int, value: int) -> None:
 #   bit, which cetvm's CPUID never offers).
 # - IA32_UCODE_REV (0x8B): vcpu->arch.microcode_version (0x100000000), guest writes ignored.
 # - IA32_FEATURE_CONTROL, IA32_TSC_DEADLINE: software copies (no in-kernel APIC timer).
-# - Everything else the CPU holds (EFER, STAR..., FS/GS bases, SYSENTER, TSC, TSC_AUX) passes
+# - IA32_TIME_STAMP_COUNTER, IA32_TSC_ADJUST and the kvmclock MSRs: KVM's timekeeping
+#   (:mod:`cetvm.kvm.timekeeping`); KVM intercepts the TSC MSR (its writes move the offset).
+# - Everything else the CPU holds (EFER, STAR..., FS/GS bases, SYSENTER, TSC_AUX) passes
 #   through to the CPU (:data:`CPU_HELD_MSRS`); when KVM itself writes one (an intercepted
 #   guest WRMSR, or KVM_SET_MSRS) it applies __kvm_set_msr's value rules first
 #   (:func:`kvm_cpu_held_msr_value`).
@@ -221,7 +224,7 @@ MISC_ENABLE_PEBS_UNAVAIL = int(MiscEnable.PEBS_UNAVAILABLE)
 UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
-EMULATED_MSRS: tuple[int, ...] = (int(Msr.IA32_UCODE_REV), int(Msr.IA32_MISC_ENABLE))
+EMULATED_MSRS: tuple[int, ...] = (int(Msr.IA32_UCODE_REV), int(Msr.IA32_MISC_ENABLE), *KVMCLOCK_EMULATED_MSRS)
 #: MSRs of KVM_GET_MSR_INDEX_LIST that KVM keeps in software, with their RESET values.
 SOFTWARE_MSR_RESET: dict[int, int] = {
     int(Msr.IA32_FEATURE_CONTROL): 0,
@@ -232,8 +235,9 @@ SOFTWARE_MSR_RESET: dict[int, int] = {
 
 
 #: MSRs the CPU holds and checks itself; KVM lets the guest reach them directly (the APIC base
-#: and PAT are KVM's own: kvm_set_apic_base, kvm_pat_valid).
-CPU_HELD_MSRS: frozenset[int] = ENGINE_MSRS - {int(Msr.IA32_APIC_BASE), int(Msr.IA32_PAT)}
+#: and PAT are KVM's own: kvm_set_apic_base, kvm_pat_valid; the TSC is KVM's too: kvm_set_tsc).
+CPU_HELD_MSRS: frozenset[int] = ENGINE_MSRS - {int(Msr.IA32_APIC_BASE), int(Msr.IA32_PAT),
+                                               int(Msr.IA32_TIME_STAMP_COUNTER)}
 
 
 def kvm_pat_valid(data: int) -> bool:
@@ -328,7 +332,8 @@ def _mce_bank_msr(index: int) -> bool:
 @dataclass
 class KvmMsrState:
     """vcpu->arch's copies of the non-CET MSRs KVM emulates (apic_base, the software MSRs,
-    MTRRs, machine-check banks, PERF_CAPABILITIES)."""
+    MTRRs, machine-check banks, PERF_CAPABILITIES) and its timekeeping (``time``: the TSC
+    and kvmclock, :mod:`cetvm.kvm.timekeeping`; None only for a state no vCPU owns)."""
 
     apic_base: int = apic_base_reset_value(True)
     software: dict[int, int] = field(default_factory=lambda: dict(SOFTWARE_MSR_RESET))
@@ -336,9 +341,13 @@ class KvmMsrState:
     mce: dict[int, int] = field(default_factory=dict)
     mcg_cap: int = KVM_MAX_MCE_BANKS
     perf_capabilities: int = 0
+    time: VcpuTime | None = None
 
     def reset(self, init_event: bool, bsp: bool = True) -> None:
-        """kvm_vcpu_reset(): RESET restores every value; INIT keeps them (SDM Table 10-1)."""
+        """kvm_vcpu_reset(): RESET restores every value; INIT keeps them (SDM Table 10-1), but
+        both disable kvmclock (kvmclock_reset)."""
+        if self.time is not None:
+            self.time.reset()
         if not init_event:
             self.apic_base = apic_base_reset_value(bsp)
             self.software = dict(SOFTWARE_MSR_RESET)
@@ -430,6 +439,8 @@ def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data:
         return MsrResult.OK
     if index in X2APIC_MSRS:
         return MsrResult.ERROR  # kvm_x2apic_msr_write(): no in-kernel APIC
+    if index in TIME_MSRS and msrs.time is not None:
+        return MsrResult.OK if msrs.time.set_msr(index, data, host_initiated) else MsrResult.ERROR
     feature = _feature_msr_set(vcpu, msrs, index, data, host_initiated)
     if feature is not None:
         return feature
@@ -456,6 +467,9 @@ def kvm_common_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int,
         return MsrResult.OK, msrs.apic_base
     if index in X2APIC_MSRS:
         return MsrResult.ERROR, 0  # kvm_x2apic_msr_read(): no in-kernel APIC
+    if index in TIME_MSRS and msrs.time is not None:
+        value = msrs.time.get_msr(index, host_initiated)
+        return (MsrResult.ERROR, 0) if value is None else (MsrResult.OK, value)
     feature = _feature_msr_get(vcpu, msrs, index, host_initiated)
     if feature is not None:
         return feature

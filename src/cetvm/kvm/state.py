@@ -5,7 +5,8 @@ The saved state is a JSON-friendly dict: ``regs``, ``sregs``, ``xcrs``, ``msrs``
 KVM_GET_MSR_INDEX_LIST that reads), ``xsave`` (hex of the KVM_GET_XSAVE2 image),
 ``fpstate_xstate_bv`` (the guest fpstate's XSTATE_BV, supervisor bits included: which xstate
 the guest depends on), ``guest_ssp`` (KVM_REG_GUEST_SSP, None without guest SHSTK),
-``mp_state`` and ``events``. The guest's CPUID is not part of it: as with KVM, the VMM calls
+``mp_state``, ``events`` and ``tsc_offset`` (KVM_VCPU_TSC_OFFSET, restored after the MSRs so
+the TSC continues exactly where it stood). The guest's CPUID is not part of it: as with KVM, the VMM calls
 set_cpuid() on the new vCPU before restoring.
 
 Restore order (each step needs the previous ones): sregs (CR4.CET needs the CPUID), regs,
@@ -68,6 +69,7 @@ def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
         "guest_ssp": guest_ssp,
         "mp_state": vcpu.get_mp_state().name,
         "events": None if event is None else asdict(event),
+        "tsc_offset": vcpu.get_tsc_offset(),
     }
 
 
@@ -120,6 +122,8 @@ def check_saved_state_schema(state: object) -> Mapping[str, Any]:
     check_u64("saved vCPU state: fpstate_xstate_bv", state.get("fpstate_xstate_bv", 0))
     if state.get("guest_ssp") is not None:
         check_u64("saved vCPU state: guest_ssp", state["guest_ssp"])
+    if state.get("tsc_offset") is not None:
+        check_u64("saved vCPU state: tsc_offset", state["tsc_offset"])
     _mp_state_from(state.get("mp_state", "RUNNABLE"))
     if state.get("events") is not None:
         _dataclass_from(QueuedException, state["events"], "events")
@@ -205,6 +209,8 @@ def restore_vcpu_state(vcpu: KvmVcpu, state: Mapping[str, Any]) -> None:
     _set_msrs_or_fail(vcpu, sorted(msrs.items()))
     if efer is not None:
         _set_msrs_or_fail(vcpu, [(int(Msr.IA32_EFER), efer)])
+    if state.get("tsc_offset") is not None:  # after IA32_TSC: exact, without KVM's matching
+        vcpu.set_tsc_offset(state["tsc_offset"])
     if state.get("guest_ssp") is not None:
         vcpu.set_one_reg(KVM_REG_GUEST_SSP_ID, state["guest_ssp"])
     vcpu.set_mp_state(_mp_state_from(state.get("mp_state", "RUNNABLE")))

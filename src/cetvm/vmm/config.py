@@ -33,16 +33,24 @@ The topology of ``smp`` = N vCPUs is one package of N cores with one thread each
   processors), EDX = x2APIC ID; sub-leaf 2 is the invalid level (ECX[15:8] = 0) that ends
   enumeration, with ECX[7:0] = the sub-leaf.
 - CPUID.0x40000000: EAX = 0x40000001 (the highest hypervisor leaf), EBX:ECX:EDX =
-  "KVMKVMKVM\0\0\0"; CPUID.0x40000001 (KVM_CPUID_FEATURES) = 0: cetvm offers no paravirtual
-  features. KVM_GET_SUPPORTED_CPUID does not return these leaves (they are in
-  KVM_GET_SUPPORTED_HV_CPUID / built by userspace), so they belong to the VMM. CPUID.1.ECX[31]
-  ("hypervisor present") comes from KVM's supported table.
+  "KVMKVMKVM\0\0\0"; CPUID.0x40000001 (KVM_CPUID_FEATURES): EAX = the paravirtual features the
+  modeled KVM implements (:data:`cetvm.kvm.timekeeping.KVM_PV_FEATURES`: kvmclock through the
+  "_NEW" MSRs and its stable bit), EBX..EDX = 0. KVM_GET_SUPPORTED_CPUID does not return these
+  leaves here (they are in KVM_GET_SUPPORTED_HV_CPUID / built by userspace), so they belong to
+  the VMM. CPUID.1.ECX[31] ("hypervisor present") comes from KVM's supported table.
+- CPUID.15H / 16H (Intel only, when the maximum basic leaf reaches them): the TSC frequency KVM
+  gives the guest (KVM_GET_TSC_KHZ, 2 GHz) as crystal x 2/1 with the crystal = the local APIC
+  timer's 1 GHz bus (as QEMU sets ECX to its apic_bus_freq: Linux's native_calibrate_tsc also
+  derives the APIC timer period from the crystal), and 16H with base = maximum = 2000 MHz and a
+  1000 MHz bus — so Linux knows both rates without calibrating them. AMD models keep 15H/16H as
+  they are (Linux reads the TSC rate from kvmclock there).
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -51,7 +59,9 @@ from cetvm.arch.cpuid_bits import IBT, SHSTK
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpuid import HOST_MODEL, CpuidModel, model_names, resolve_model
 from cetvm.kvm import Host
+from cetvm.arch.timekeeping import TscFrequencyLeaves
 from cetvm.kvm.api import KVM_MAX_VCPUS
+from cetvm.kvm.timekeeping import DEFAULT_REALTIME_BASE_NS, DEFAULT_TSC_KHZ, KVM_PV_FEATURES
 from cetvm.vmm.guest_cpu import GuestCpuSpec, fix_xsave_leaf, honest_cpuid
 from cetvm.vmm.layout import MiB, check_ram_size
 
@@ -116,6 +126,19 @@ def parse_memory_size(text: str | int) -> int:
     return size
 
 
+def parse_wall_clock(value: str | int) -> int:
+    """``wall_clock`` (see :class:`MachineConfig`) → ns since the Unix epoch."""
+    if value == "fixed":
+        return DEFAULT_REALTIME_BASE_NS
+    if value == "host":
+        return time.time_ns()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise InputError(f"wall clock must be 'fixed', 'host' or ns since 1970 (0..2^64-1), got {value!r}")
+    return value
+
+
 def _clear_xss_component(model: CpuidModel, component: XFeature) -> None:
     """Drop an XSS component from CPUID.(0xD,1).ECX and zero its 0xD.n sub-leaf."""
     if model.contains(XSAVE_LEAF, 1):
@@ -130,6 +153,8 @@ KVM_CPUID_FEATURES = 0x4000_0001
 #: "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
 KVM_SIGNATURE_REGS = (0x4B4D564B, 0x564B4D56, 0x0000004D)
 _HTT = 1 << 28
+#: The crystal and bus clocks CPUID 15H/16H name (module docstring).
+TSC_LEAVES = TscFrequencyLeaves(DEFAULT_TSC_KHZ, crystal_hz=1_000_000_000, bus_mhz=1000)
 _LEVEL_SMT, _LEVEL_CORE = 1, 2
 
 
@@ -163,8 +188,13 @@ def vmm_cpuid_leaves(model: CpuidModel, apic_id: int = 0, nr_cpus: int = 1) -> C
     for leaf in (0xB, 0x1F):
         if model.max_basic_leaf >= leaf:
             topology_leaf(model, leaf, apic_id, nr_cpus)
+    if model.vendor != "amd":
+        if model.max_basic_leaf >= 0x15:
+            model.set(0x15, 0, *TSC_LEAVES.leaf_15h())
+        if model.max_basic_leaf >= 0x16:
+            model.set(0x16, 0, *TSC_LEAVES.leaf_16h())
     model.set(KVM_CPUID_SIGNATURE, 0, KVM_CPUID_FEATURES, *KVM_SIGNATURE_REGS)
-    model.set(KVM_CPUID_FEATURES, 0, 0, 0, 0, 0)
+    model.set(KVM_CPUID_FEATURES, 0, int(KVM_PV_FEATURES), 0, 0, 0)
     return model
 
 
@@ -219,6 +249,11 @@ class MachineConfig:
     (ignored when ``host`` is given: set it on the Host).
     ``guest_cpu``: the guest CPU in QEMU ``-cpu`` syntax (:class:`~cetvm.vmm.guest_cpu.GuestCpuSpec`;
     "" or ``host`` = everything KVM offers that the CPU can execute).
+    ``wall_clock``: the real time (ns since the Unix epoch) when guest time is 0, which the RTC
+    and kvmclock's wall clock count from: "fixed" (default, deterministic:
+    :data:`~cetvm.kvm.timekeeping.DEFAULT_REALTIME_BASE_NS`, 2024-01-01T00:00:00Z), "host" (the
+    host's time when the config is made) or a number; resolved to the number at creation, which
+    snapshots record (a restored guest's clocks continue, they do not jump to the host's time).
     """
 
     cpu: str | CpuidModel = DEFAULT_CPU_MODEL
@@ -230,6 +265,7 @@ class MachineConfig:
     smp: int = 1
     force_emulation_prefix: bool = False
     guest_cpu: str = ""
+    wall_clock: str | int = "fixed"
     serial_sink: Callable[[bytes], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -239,6 +275,13 @@ class MachineConfig:
         self.modules = tuple(str(m) for m in self.modules)
         self.smp = check_vcpu_count(self.smp)
         self.guest_cpu_spec = GuestCpuSpec.parse(self.guest_cpu) if self.guest_cpu else None
+        self.wall_clock = parse_wall_clock(self.wall_clock)
+
+    @property
+    def realtime_base_ns(self) -> int:
+        """The real time (ns) at guest time 0 (see ``wall_clock``)."""
+        assert isinstance(self.wall_clock, int)
+        return self.wall_clock
 
     @property
     def memory_size(self) -> int:
@@ -271,6 +314,8 @@ class MachineConfig:
             doc["force_emulation_prefix"] = True
         if self.guest_cpu:
             doc["guest_cpu"] = self.guest_cpu
+        if self.realtime_base_ns != DEFAULT_REALTIME_BASE_NS:
+            doc["wall_clock"] = self.realtime_base_ns
         if self.host is None and isinstance(self.cpu, str):
             doc["cpu"] = self.cpu
         else:
@@ -297,7 +342,7 @@ class MachineConfig:
             return cls(cpu=cpu, memory=int(doc["memory"]), cet=str(doc["cet"]), cmdline=str(doc.get("cmdline", "")),
                        modules=tuple(doc.get("modules", ())), host=host, smp=doc.get("smp", 1),
                        force_emulation_prefix=doc.get("force_emulation_prefix", False) is True,
-                       guest_cpu=str(doc.get("guest_cpu", "")),
+                       guest_cpu=str(doc.get("guest_cpu", "")), wall_clock=doc.get("wall_clock", "fixed"),
                        serial_sink=serial_sink)
         except KeyError as exc:
             raise InputError(f"snapshot machine config has no {exc.args[0]!r}") from None

@@ -1,31 +1,39 @@
 """Interrupt routing of the VMM (userspace irqchip, as QEMU with KVM without KVM_CREATE_IRQCHIP):
-guest time, the local APIC as interrupt source, KVM_INTERRUPT and the interrupt window.
+guest time, the interrupt controllers as interrupt sources, KVM_INTERRUPT and the interrupt
+window.
 
-Each run slice (:class:`cetvm.vmm.run_loop.RunLoop`): poll the APIC timer at the current guest
-time; if the APIC presents a vector and the last ``kvm_run.ready_for_interrupt_injection`` was
-set, inject it with KVM_INTERRUPT and acknowledge it (IRR → ISR); otherwise set
-``request_interrupt_window`` so KVM exits with KVM_EXIT_IRQ_WINDOW_OPEN as soon as the guest can
-take it (QEMU kvm_arch_pre_run). Slices end exactly at the next timer expiry, so a timer
-interrupt is raised at the same instruction count on every run (deterministic).
+Each run slice (:class:`cetvm.vmm.run_loop.RunLoop`): poll the timers at the current guest time
+(the vCPU's APIC timer, and the platform's: the PIT, whose ticks go through the IRQ lines to the
+8259 pair and the I/O APIC, :mod:`cetvm.vmm.devices.irq_lines`); if the CPU has an interrupt
+to take and the last ``kvm_run.ready_for_interrupt_injection`` was set, inject it with
+KVM_INTERRUPT and acknowledge it; otherwise set ``request_interrupt_window`` so KVM exits with
+KVM_EXIT_IRQ_WINDOW_OPEN as soon as the guest can take it (QEMU kvm_arch_pre_run). Which
+interrupt (KVM kvm_cpu_get_interrupt): the 8259's, through the INTA cycle, when it asserts INTR
+and the vCPU's APIC accepts it (LVT0 ExtINT or APIC disabled; the BSP only), else the vector
+the local APIC presents (its timer, IPIs, I/O APIC messages). Slices end exactly at the next
+timer event, so a timer interrupt is raised at the same instruction count on every run
+(deterministic); device interrupts are raised inside the I/O exit that caused them.
 
 HLT with RFLAGS.IF = 1 (KVM_EXIT_HLT, no in-kernel LAPIC): the VMM does not sleep; the vCPU is
-halted until its APIC presents a vector (an IPI, a timer); when no vCPU can run, guest time
-advances to the next timer expiry (:meth:`GuestClock.skip_to`) that can wake one. A machine
-whose vCPUs nothing can wake (IF = 0, or no timer counting and nothing pending) stops.
+halted until it has an interrupt to take; when no vCPU can run, guest time advances to the next
+timer event (:meth:`GuestClock.skip_to`) that can wake one. A machine whose vCPUs nothing can
+wake (IF = 0, or no timer counting and nothing pending) stops.
 
 Guest time is one clock per machine: the instructions retired by all vCPUs together count at
 1 GHz (with N busy vCPUs each one's code runs at 1/N GHz of guest time, as on one host core
-time-slicing them), plus the time skipped while every vCPU was halted. Every APIC timer counts
-in it, so timer interrupts land at the same total instruction count on every run.
-
-The 8259 PIC pair has no interrupt source in cetvm (no PIT or other ISA device raises a line), so
-only the APIC is asked.
+time-slicing them), plus the time skipped while every vCPU was halted. Every timer counts
+in it, so timer interrupts land at the same total instruction count on every run. It is also
+the host clock the machine hands its KVM (:meth:`cetvm.kvm.api.Vm.set_host_clock`): the vCPUs'
+TSCs (2 ticks per ns, plus each vCPU's offset) and kvmclock count in it, and so does the CMOS
+RTC, so the APIC timer, TSC-deadline, TSC, kvmclock and RTC all agree to the tick. Each vCPU's
+retired count is exact mid-run (the instruction counter of a budgeted KVM_RUN), so an RDTSC
+reads the clock at that very instruction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
 
 from cetvm.vmm.devices.lapic import LocalApic
 
@@ -48,32 +56,74 @@ class GuestClock:
             self.halted_ns += when - now
 
 
+class PlatformTimer(Protocol):
+    """A machine-wide timer device (the PIT): raises its IRQ line when polled past an event."""
+
+    def poll(self) -> None: ...
+
+    def next_event(self) -> int | None: ...
+
+
+class ExtIntSource(Protocol):
+    """What drives the CPU's INTR pin through LVT0 ExtINT: the 8259 pair."""
+
+    def has_interrupt(self) -> bool: ...
+
+    def acknowledge(self) -> int: ...
+
+
 @dataclass
 class InterruptRouting:
-    """One vCPU's local APIC wired to its KVM_INTERRUPT, with the machine's guest clock."""
+    """One vCPU's interrupt sources wired to its KVM_INTERRUPT, with the machine's guest clock:
+    its local APIC, the 8259 pair (``extint``, the BSP only) and the platform timers."""
 
     apic: LocalApic
     clock: GuestClock
+    extint: ExtIntSource | None = None
+    timers: Sequence[PlatformTimer] = field(default_factory=tuple)
 
-    def pending_vector(self) -> int | None:
-        """Account for elapsed guest time, then the vector the APIC presents (or None)."""
+    def poll(self) -> None:
+        """Account for elapsed guest time in every timer."""
         self.apic.poll_timer()
-        return self.apic.pending_vector()
+        for timer in self.timers:
+            timer.poll()
+
+    def _extint_pending(self) -> bool:
+        return self.extint is not None and self.apic.accepts_pic_interrupt and self.extint.has_interrupt()
+
+    def has_interrupt(self) -> bool:
+        """After accounting for elapsed guest time: does the CPU have an interrupt to take?"""
+        self.poll()
+        return self._extint_pending() or self.apic.pending_vector() is not None
+
+    def next_event(self) -> int | None:
+        """Guest time (ns) of the next timer event that may interrupt this vCPU, or None."""
+        events = [self.apic.next_timer_expiry(), *(timer.next_event() for timer in self.timers)]
+        return min((e for e in events if e is not None), default=None)
 
     def instructions_to_next_event(self) -> int | None:
-        """Instructions until the next timer expiry (at least 1), or None (an expiry already
+        """Instructions until the next timer event (at least 1), or None (an event already
         due is accounted for first, so a timer nobody polls cannot hold runs at 1 instruction)."""
-        self.apic.poll_timer()
-        expiry = self.apic.next_timer_expiry()
-        return None if expiry is None else max(1, expiry - self.clock())
+        self.poll()
+        event = self.next_event()
+        return None if event is None else max(1, event - self.clock())
+
+    def _acknowledge(self) -> int:
+        """INTA: the 8259's vector first (KVM kvm_cpu_get_interrupt), else the APIC's."""
+        if self._extint_pending():
+            assert self.extint is not None
+            return self.extint.acknowledge()
+        vector = self.apic.pending_vector()
+        assert vector is not None
+        self.apic.acknowledge(vector)
+        return vector
 
     def route(self, vcpu, ready: bool) -> None:
-        """Before KVM_RUN: inject the APIC's vector if the guest is ready, else ask for the
+        """Before KVM_RUN: inject the pending interrupt if the guest is ready, else ask for the
         window (``vcpu`` is a :class:`cetvm.kvm.api.KvmVcpu`; ``ready``: the last kvm_run's
         ready_for_interrupt_injection)."""
-        vector = self.pending_vector()
-        if vector is not None and ready:
-            vcpu.interrupt(vector)
-            self.apic.acknowledge(vector)
-            vector = None
-        vcpu.request_interrupt_window = vector is not None
+        pending = self.has_interrupt()
+        if pending and ready:
+            vcpu.interrupt(self._acknowledge())
+            pending = False
+        vcpu.request_interrupt_window = pending

@@ -25,9 +25,11 @@ from typing import Any, Callable, Iterator, Mapping
 from cetvm import InputError
 from cetvm.arch.msr import MiscEnable, Msr
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, MpState, Regs, Segment, Sregs
+from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
 from cetvm.vmm.config import MachineConfig, guest_cpuid
+from cetvm.vmm.console_input import HostConsoleInput
 from cetvm.vmm.devices.apic_bus import ApicBus
 from cetvm.vmm.devices.pc import PcDevices
 from cetvm.vmm.irq import GuestClock, InterruptRouting
@@ -106,6 +108,11 @@ def instructions_retired(vcpu: KvmVcpu) -> int:
     return vcpu.get_stats()["instructions"]
 
 
+def guest_tsc(vcpu: KvmVcpu) -> int:
+    """The vCPU's TSC now (KVM_GET_MSRS of IA32_TIME_STAMP_COUNTER)."""
+    return vcpu.get_msrs([int(Msr.IA32_TIME_STAMP_COUNTER)])[0][1]
+
+
 class RamRestore:
     """Streams a snapshot's ``ram@ADDR`` sections straight into guest memory as they are decoded
     (restoring holds one decoded chunk at a time, never a copy of the RAM); the guest RAM starts
@@ -162,7 +169,8 @@ class Machine:
                   for i in range(config.smp)]
         self.devices = PcDevices.create(config.memory_size, nb_cpus=config.smp, sink=config.serial_sink,
                                         cmdline=config.cmdline, x2apic_supported=cpuids[0].has("x2apic"),
-                                        maxphyaddr=cpuids[0].phys_addr_bits)
+                                        maxphyaddr=cpuids[0].phys_addr_bits,
+                                        realtime_base_ns=config.realtime_base_ns)
         self.pio, self.mmio = PioBus(), MmioBus()
         self.devices.register(self.pio, self.mmio)
         claim_apic_msrs(self.vm)
@@ -177,18 +185,24 @@ class Machine:
         self.apic_bus = ApicBus(self.devices.lapics, init=self._deliver_init, sipi=self._deliver_sipi)
         self.boot_plan: BootPlan | None = None
         #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz + halted time.
+        #: It is also KVM's host clock (the TSC and kvmclock count in it, cetvm.kvm.timekeeping).
         self.clock = GuestClock(lambda: self.instructions)
-        for apic in self.devices.lapics:
-            apic.clock = self.clock
+        for apic, vcpu in zip(self.devices.lapics, self.vcpus):
+            apic.tsc = functools.partial(guest_tsc, vcpu)
+            apic.tsc_khz = vcpu.get_tsc_khz()
+        self.devices.connect(self.clock, self.apic_bus.deliver_message)
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
+        self.vm.set_host_clock(self.clock, config.realtime_base_ns, counts_instructions=True)
 
     def _retired(self) -> int:
         return sum(instructions_retired(vcpu) for vcpu in self.vcpus)
 
     def _run_loop(self, instructions_done: int) -> RunLoop:
-        slots = [VcpuSlot(vcpu, irq=InterruptRouting(self.devices.lapics[i], self.clock),
+        slots = [VcpuSlot(vcpu, irq=InterruptRouting(self.devices.lapics[i], self.clock,
+                                                     extint=self.devices.pic if i == 0 else None,
+                                                     timers=(self.devices.pit,)),
                           msr=functools.partial(self._complete_msr, i), enter=functools.partial(self._enter, i))
                  for i, vcpu in enumerate(self.vcpus)]
         return RunLoop(slots, self.pio, self.mmio, self._retired, instructions_done=instructions_done,
@@ -207,6 +221,13 @@ class Machine:
         vcpu = self.vcpus[index]
         if vcpu.get_mp_state() is MpState.INIT_RECEIVED:
             vcpu.set_mp_state(MpState.SIPI_RECEIVED, sipi_vector=vector)
+
+    def attach_console_input(self, fd: int) -> HostConsoleInput:
+        """Host input on ``fd`` becomes COM1's received data (:mod:`cetvm.vmm.console_input`);
+        the caller closes the returned object to restore a terminal."""
+        console = HostConsoleInput(fd, self.devices.serial.queue_input)
+        self._loop.host_input = console.poll
+        return console
 
     def record_cet_violations(self) -> CetViolationRecorder:
         """Intercept #CP on every vCPU and record each violation before the guest takes it (the
@@ -233,11 +254,12 @@ class Machine:
         return machine
 
     def load_kernel(self, image: str | os.PathLike) -> BootPlan:
-        """Load a multiboot or ELF64 kernel (+ the config's modules) and set the BSP's entry
-        state (the APs wait for INIT/SIPI)."""
+        """Load a multiboot or ELF64 kernel (+ the config's modules), write the ACPI tables
+        (:mod:`cetvm.vmm.acpi`) and set the BSP's entry state (the APs wait for INIT/SIPI)."""
         modules = [ModuleSpec(m) for m in self.config.modules]
         plan = load_kernel(image, self.config.memory_size, self.config.cmdline, modules)
         plan.apply(self.vm.put_memory)
+        write_acpi_tables(self.vm.put_memory, nr_cpus=self.config.smp, ioapic_id=self.devices.ioapic.id)
         apply_entry(self.vcpu, plan.entry)
         self.boot_plan = plan
         return plan
@@ -281,7 +303,7 @@ class Machine:
             "kind": SNAPSHOT_KIND,
             "machine": self.config.to_manifest(),
             "run": {"instructions": self.instructions, "halted_ns": self.clock.halted_ns,
-                    "scheduler": self._loop.get_state()},
+                    "kvmclock": self.vm.get_clock(), "scheduler": self._loop.get_state()},
             "vcpus": vcpu_states,
             "devices": self.devices.get_state(),
             "ram": [{"addr": r.addr, "size": r.size, "section": ram_section(r)} for r in self.ram],
@@ -318,17 +340,23 @@ class Machine:
         ram = RamRestore(machine.vm, machine.ram)
         blobs = decoder.sections(section_limit, ram.consumer)
         ram.check_complete(name)
-        for index, (vcpu, state) in enumerate(zip(machine.vcpus, vcpus)):
-            restore_vcpu(vcpu, state, blobs, index)
-        machine.devices.set_state(manifest.get("devices"))
         run = manifest.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("instructions"), int):
             raise InputError(f"{name}: snapshot has no run.instructions count")
         halted = run.get("halted_ns", 0)
         if isinstance(halted, bool) or not isinstance(halted, int) or halted < 0:
             raise InputError(f"{name}: snapshot run.halted_ns must be a non-negative integer, got {halted!r}")
+        # Guest time first: the vCPUs' TSCs and kvmclock are restored against it.
         machine.clock.halted_ns = halted
         machine._loop = machine._run_loop(run["instructions"])
+        for index, (vcpu, state) in enumerate(zip(machine.vcpus, vcpus)):
+            restore_vcpu(vcpu, state, blobs, index)
+        kvmclock = run.get("kvmclock")
+        if kvmclock is not None:  # (snapshots from before kvmclock have none)
+            if isinstance(kvmclock, bool) or not isinstance(kvmclock, int) or not 0 <= kvmclock < 1 << 64:
+                raise InputError(f"{name}: snapshot run.kvmclock must be a u64 count of ns, got {kvmclock!r}")
+            machine.vm.set_clock(kvmclock)
+        machine.devices.set_state(manifest.get("devices"))
         if "scheduler" in run:  # (snapshots of one vCPU from before SMP have none)
             machine._loop.set_state(run["scheduler"])
         return machine

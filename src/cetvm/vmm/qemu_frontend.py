@@ -21,6 +21,10 @@ option                      meaning in cetvm
 -device NAME[,props]        pc-testdev, isa-debug-exit (iobase 0xf4), pci-testdev (accepted, not
                             modelled: no PCI bus); ``?``/help lists them; anything else refused
 -serial stdio|none|null     COM1 to stdout, or discarded
+-rtc base=B[,clock=C,...]   the CMOS RTC's and kvmclock's wall clock: base=utc (QEMU's default:
+                            the host's time now), localtime (the host's local time), or a date
+                            YYYY-MM-DD[THH:MM:SS] (UTC); clock= and driftfix= accepted (guest time
+                            always advances it)
 -display none, -nographic,  accepted (no display)
 -nodefaults, -no-reboot,
 -global DRV.PROP=VAL,
@@ -42,19 +46,20 @@ KVM's force-emulation prefix (kvm-unit-tests' KVM_FEP tests), ``ibt=off`` hides 
 
 from __future__ import annotations
 
+import calendar
+import datetime
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from cetvm import CetvmError, InputError, __version__
 from cetvm.cpuid import resolve_model
 from cetvm.kvm import Host
-from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.config import DEFAULT_CPU_MODEL, MAX_VCPUS, MachineConfig
 from cetvm.vmm.devices.pc_testdev import PcTestdev
-from cetvm.vmm.devices.pm_timer import PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer
 from cetvm.vmm.guest_cpu import HOST_MODELS, QEMU_MODELS, GuestCpuSpec
 from cetvm.vmm.machine import Machine
 from cetvm.vmm.run_loop import StopReason
@@ -68,7 +73,7 @@ DEFAULT_RAM = 128 << 20
 
 #: Options taking an argument / taking none (both spellings, -opt and --opt, are accepted).
 OPTIONS_WITH_ARG = frozenset({"kernel", "append", "initrd", "m", "smp", "cpu", "machine", "M", "accel",
-                              "device", "serial", "display", "global", "overcommit"})
+                              "device", "serial", "display", "global", "overcommit", "rtc"})
 OPTIONS_NO_ARG = frozenset({"nodefaults", "no-reboot", "enable-kvm", "nographic", "h", "help", "version"})
 
 #: -device names this machine knows, as ``-device ?`` prints them (QEMU's format, which
@@ -109,6 +114,8 @@ class QemuCommand:
     accel: str = "kvm"
     devices: list[str] = field(default_factory=list)
     serial: str = "none"
+    #: MachineConfig.wall_clock: QEMU's default RTC base is the host's UTC time.
+    wall_clock: str | int = "host"
     warnings: list[str] = field(default_factory=list)
 
     def machine_config(self, sink: Callable[[bytes], None] | None) -> MachineConfig:
@@ -122,7 +129,7 @@ class QemuCommand:
         modeled_host = Host(cpu=resolve_model(host), kernel_cmdline=host_cmdline) if host_cmdline else None
         return MachineConfig(cpu=host, memory=self.memory, cet="on", cmdline=cmdline, host=modeled_host,
                              modules=(self.initrd,) if self.initrd else (), smp=self.smp, guest_cpu=guest_cpu,
-                             serial_sink=sink)
+                             wall_clock=self.wall_clock, serial_sink=sink)
 
 
 def help_text() -> str:
@@ -290,6 +297,37 @@ def _apply_option(cmd: QemuCommand, name: str, value: str) -> None:
             raise QemuUsageError(f"-global {value}: expected DRIVER.PROPERTY=VALUE")
     elif name == "overcommit":
         pass  # mem-lock / cpu-pm: host tuning with no guest-visible effect in cetvm
+    elif name == "rtc":
+        cmd.wall_clock = parse_rtc(value)
+
+
+_RTC_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2}):(\d{2}))?")
+
+
+def parse_rtc(value: str) -> str | int:
+    """``-rtc base=...,clock=...,driftfix=...`` → MachineConfig.wall_clock (module docstring)."""
+    wall: str | int = "host"
+    for prop in value.split(","):
+        key, _, val = prop.partition("=")
+        if key == "base":
+            date = _RTC_DATE.fullmatch(val)
+            if val == "utc":
+                wall = "host"
+            elif val == "localtime":
+                wall = time.time_ns() + time.localtime().tm_gmtoff * 10**9
+            elif date:
+                fields = [int(f) for f in date.groups(default="0")]
+                try:
+                    wall = calendar.timegm(datetime.datetime(*fields).timetuple()) * 10**9
+                except ValueError:
+                    raise QemuUsageError(f"-rtc {value}: invalid date '{val}'") from None
+            else:
+                raise QemuUsageError(f"-rtc {value}: invalid base '{val}' (utc, localtime or YYYY-MM-DD[THH:MM:SS])")
+        elif key not in ("clock", "driftfix"):
+            raise QemuUsageError(f"-rtc {value}: invalid property '{key}'")
+    if isinstance(wall, int) and wall < 0:
+        raise QemuUsageError(f"-rtc {value}: dates before 1970 are not supported")
+    return wall
 
 
 def _stdout_sink(out) -> Callable[[bytes], None]:
@@ -300,12 +338,10 @@ def _stdout_sink(out) -> Callable[[bytes], None]:
 
 
 def attach_devices(machine, devices: list[str]) -> None:
-    """The -device extras and the firmware-like pieces a QEMU PC has: pc-testdev on the port
-    bus, the ACPI PM timer and the ACPI tables naming it."""
-    if "pc-testdev" in devices:
-        PcTestdev().register(machine.pio, machine.mmio)
-    machine.pio.register(PM_TIMER_PORT, PM_TIMER_PORT_COUNT, PmTimer(machine.clock), "ACPI PM timer")
-    write_acpi_tables(machine.vm.put_memory)
+    """The -device extras: pc-testdev on the port bus (every machine has the ACPI tables, the
+    PM timer and the rest of the PC, :class:`~cetvm.vmm.devices.pc.PcDevices`)."""
+    if "pc-testdev" in devices:  # its IRQ ports drive the machine's interrupt lines (as QEMU's GSIs)
+        PcTestdev(irq_line=machine.devices.irq.set_level).register(machine.pio, machine.mmio)
 
 
 def _safe_rip(machine) -> str:

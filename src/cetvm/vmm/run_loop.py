@@ -51,6 +51,13 @@ SMP_SLICE = 100_000
 #: With a wall-clock timeout, a shorter period so the timeout is honoured within ~0.1 s even on the
 #: Python CET path (~2-5 MIPS); on the native path a slice is a few milliseconds.
 TIMEOUT_SLICE = 200_000
+#: Instructions per KVM_RUN while an interrupt waits for the guest's window (IF = 0): KVM checks
+#: the window only between runs and exits (cetvm.kvm.vcpu_run), so an STI in code that makes no
+#: exit is noticed within this many instructions (deterministic: a count of instructions).
+WINDOW_SLICE = 2_000
+#: Timer events in a row that woke no vCPU (a periodic timer whose interrupt is masked while
+#: every vCPU halts) after which the machine counts as halted instead of skipping time forever.
+MAX_IDLE_SKIPS = 10_000
 #: Seconds between two progress reports of a long run.
 PROGRESS_PERIOD = 1.0
 STATUS_TIMEOUT = 124
@@ -305,9 +312,14 @@ class RunLoop:
     progress: Callable[[int, float], None] | None = None
     #: True once after the running vCPU sent an IPI to another CPU (ends its turn).
     kick: Callable[[], bool] | None = None
+    #: Host console input (:class:`cetvm.vmm.console_input.HostConsoleInput`): ``poll(block)``
+    #: between runs, and blocking when nothing can run; True when input arrived.
+    host_input: Callable[[bool], bool] | None = None
     #: The vCPU whose turn it is, and the instructions it has run in this turn.
     current: int = 0
     turn_used: int = 0
+    #: Consecutive timer skips that woke no vCPU (see MAX_IDLE_SKIPS).
+    idle_skips: int = 0
 
     def __post_init__(self) -> None:
         self._base = self.retired()
@@ -355,7 +367,7 @@ class RunLoop:
             return False
         if not slot.halted:
             return True
-        if slot.halt_if and slot.irq is not None and slot.irq.pending_vector() is not None:
+        if slot.halt_if and slot.irq is not None and slot.irq.has_interrupt():
             slot.halted = False
             return True
         return False
@@ -396,18 +408,29 @@ class RunLoop:
         self.turn_used = SMP_SLICE
 
     def _wake_by_timer(self) -> bool:
-        """Nothing can run: let guest time jump to the earliest timer expiry that wakes a halted
-        vCPU (IF = 1 at its HLT). False if no timer can wake anyone."""
-        expiries = [slot.irq.apic.next_timer_expiry() for slot in self.slots
+        """Nothing can run: let guest time jump to the earliest timer expiry that may wake a
+        halted vCPU (IF = 1 at its HLT). False if no timer can wake anyone, or if
+        MAX_IDLE_SKIPS events in a row woke nobody (their interrupts are masked)."""
+        expiries = [slot.irq.next_event() for slot in self.slots
                     if slot.halted and slot.halt_if and slot.irq is not None]
         expiries = [e for e in expiries if e is not None]
-        if not expiries:
+        if not expiries or self.idle_skips >= MAX_IDLE_SKIPS:
             return False
+        self.idle_skips += 1
         self.slots[0].irq.clock.skip_to(min(expiries))
         return True
 
-    def _slice(self, limits: RunLimits) -> int:
+    def _wait_for_host_input(self) -> bool:
+        """Nothing can run and no timer can wake a vCPU: wait for console input if a vCPU that
+        input can wake (halted with IF = 1) exists; False at end of input or without one."""
+        if self.host_input is None or not any(slot.halted and slot.halt_if for slot in self.slots):
+            return False
+        return self.host_input(True)
+
+    def _slice(self, limits: RunLimits, slot: VcpuSlot) -> int:
         budget = RUN_SLICE if limits.timeout is None else TIMEOUT_SLICE
+        if slot.vcpu.request_interrupt_window:
+            budget = WINDOW_SLICE
         if self.smp:
             budget = min(budget, SMP_SLICE - self.turn_used)
         for cap in (limits.max_instructions, limits.save_at):
@@ -449,17 +472,20 @@ class RunLoop:
             stop = self._limit_result(limits, rip, started)
             if stop is not None:
                 return stop
+            if self.host_input is not None:
+                self.host_input(False)
             slot = self._pick()
             if slot is None:
-                if self._wake_by_timer():
+                if self._wake_by_timer() or self._wait_for_host_input():
                     continue
                 return self._all_halted(rip)
+            self.idle_skips = 0
             if slot.enter is not None:
                 slot.enter()
             if slot.irq is not None:
                 slot.irq.route(slot.vcpu, slot.ready)
             before = self.retired()
-            run = slot.vcpu.run(budget=self._slice(limits))
+            run = slot.vcpu.run(budget=self._slice(limits, slot))
             self.turn_used += self.retired() - before
             rip, slot.ready = run.rip, run.ready_for_interrupt_injection
             slot.pending_exit = run.exit_reason not in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN)

@@ -34,7 +34,10 @@ vcpus[0].msrs          at most 1024 entries "0xINDEX" (32-bit index) -> 64-bit v
 vcpus[0] others        fpstate_xstate_bv 64 bits; guest_ssp null or 64 bits; mp_state a
                        KVM_MP_STATE name; events null or {vector 0..31, error_code null or
                        32 bits}
-devices                an object (each device checks its fields)
+devices                serial, shutdown, fw_cfg, pic (objects), lapics (one per vCPU), and
+                       ioapic, pit, pm1, irq_lines (objects; absent in snapshots of a cetvm
+                       before the interrupt platform: those devices restore in their reset
+                       state); each device checks its own fields
 ram                    the machine's RAM regions, as the memory size implies
 =====================  ==============================================================
 
@@ -199,7 +202,8 @@ EVENT = obj({"vector": unsigned(5)}, {"error_code": nullable(unsigned(32))})
 VCPU = obj(
     {"regs": REGS, "sregs": SREGS, "xcrs": list_of(pair(unsigned(32), unsigned(64)), 0, MAX_XCRS),
      "msrs": msr_table, "mp_state": one_of(*(m.name for m in MpState))},
-    {"fpstate_xstate_bv": unsigned(64), "guest_ssp": nullable(unsigned(64)), "events": nullable(EVENT)},
+    {"fpstate_xstate_bv": unsigned(64), "guest_ssp": nullable(unsigned(64)), "events": nullable(EVENT),
+     "tsc_offset": unsigned(64)},
 )
 
 
@@ -225,7 +229,7 @@ def vcpu_count(value: Any, where: str) -> None:
 MACHINE_FIELDS = obj({"memory": ram_size, "cet": text(16)},
                      {"cmdline": text(), "modules": list_of(text(4096), 0, MAX_MODULES), "cpu": text(256),
                       "cpu_model": any_object, "host": HOST, "force_emulation_prefix": boolean,
-                      "smp": vcpu_count, "guest_cpu": text(4096)})
+                      "smp": vcpu_count, "guest_cpu": text(4096), "wall_clock": unsigned(64)})
 
 
 def machine(value: Any, where: str) -> None:
@@ -244,10 +248,15 @@ def vcpus(value: Any, where: str) -> None:
     list_of(VCPU, 1, MAX_VCPUS)(value, where)
 
 
-RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64), "scheduler": any_object})
+DEVICES = obj({"serial": any_object, "shutdown": any_object, "fw_cfg": any_object, "pic": any_object,
+               "lapics": list_of(any_object, 1, MAX_VCPUS)},
+              {"rtc": any_object, "ioapic": any_object, "pit": any_object, "pm1": any_object,
+                "irq_lines": any_object})
+RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64), "kvmclock": unsigned(64),
+                                           "scheduler": any_object})
 RAM_REGION = obj({"addr": unsigned(64), "size": unsigned(64), "section": text(64)})
 MANIFEST = obj({"kind": one_of(SNAPSHOT_KIND), "machine": machine, "run": RUN,
-                "vcpus": vcpus, "devices": any_object},
+                "vcpus": vcpus, "devices": DEVICES},
                {"ram": list_of(RAM_REGION, 1, 8)})
 
 

@@ -96,7 +96,8 @@ class BlockDecision:
     None, RSP = ``rsp``; then deliver ``fault``. ``rsp_adjust`` is the same RSP roll-back as a
     change to the RSP at the block start (+w for a CALL, -(w + imm16) for a RET, 0 when RSP
     stays): an engine that passed ``rsp=None`` (did not read RSP, see :func:`on_block_start`)
-    sets RSP = RSP + ``rsp_adjust`` instead.
+    sets RSP = RSP + ``rsp_adjust`` instead. ``rolled_back``: the fault is the terminator's own
+    (RIP back at it): the terminator did not retire, although its block ran.
     """
 
     action: BlockAction
@@ -104,6 +105,7 @@ class BlockDecision:
     rip: int | None = None
     rsp: int | None = None
     rsp_adjust: int = 0
+    rolled_back: bool = False
 
 
 CONTINUE = BlockDecision(BlockAction.CONTINUE)
@@ -117,7 +119,8 @@ _ARMS_NOTRACK = frozenset(int(k) for k in (Terminator.CALL_INDIRECT_NOTRACK, Ter
 
 def _rolled_back(fault: GuestFault, rip: int, rsp: int | None, adjust: int) -> BlockDecision:
     """A terminator that did not happen: RIP back at it, RSP = ``rsp`` + ``adjust``."""
-    return BlockDecision(BlockAction.FAULT, fault, rip, None if rsp is None else (rsp + adjust) & U64_MASK, adjust)
+    return BlockDecision(BlockAction.FAULT, fault, rip, None if rsp is None else (rsp + adjust) & U64_MASK, adjust,
+                         rolled_back=True)
 
 
 def apply_terminator(m: CetMachine, prev: TerminatorInfo | None, target: int, rsp: int | None) -> BlockDecision:

@@ -1,5 +1,8 @@
 """Build the native CET fast path: ``python -m cetvm.cpu.native.build [--force] [--quiet]``.
 
+(``pip install`` builds the same library at install time: setup.py's build_ext, with
+:data:`COMPILE_FLAGS` and :func:`unicorn_include_dir` from here.)
+
 Compiles ``cetfast.c`` with the system C compiler (``$CC``, default ``gcc``) against the Unicorn
 headers that ship inside the ``unicorn`` wheel (``unicorn/include``) into ``libcetfast.so`` next
 to the source. Idempotent: a stamp file records a hash of the source, the compiler command and
@@ -27,7 +30,9 @@ NATIVE_DIR = Path(__file__).resolve().parent
 SOURCE = NATIVE_DIR / "cetfast.c"
 LIBRARY = NATIVE_DIR / "libcetfast.so"
 STAMP = NATIVE_DIR / "libcetfast.so.stamp"
-CFLAGS = ("-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fvisibility=default")
+#: Compiler flags of cetfast.c, here and in the install-time build (setup.py's build_ext).
+COMPILE_FLAGS = ("-O2", "-fPIC", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fvisibility=default")
+CFLAGS = (*COMPILE_FLAGS, "-shared")
 
 
 def unicorn_include_dir() -> Path:

@@ -42,7 +42,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 9
+#define CETFAST_ABI 10
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -111,7 +111,8 @@ typedef struct {
 typedef struct __attribute__((aligned(32))) {
     uint64_t addr;
     uint64_t ret;        /* insn_addr + insn_len of the terminator: what a CALL pushes */
-    uint32_t size;       /* BLOCK_EMPTY: a free slot */
+    uint16_t size;       /* BLOCK_EMPTY: a free slot */
+    uint16_t icount;     /* instructions in the block (what it retires when it runs to its end) */
     uint16_t kbit;       /* 1 << kind of the terminator */
     uint16_t no_endbr64; /* all ones if the block does not start with ENDBR64, else 0 */
     uint16_t imm16;
@@ -120,7 +121,8 @@ typedef struct __attribute__((aligned(32))) {
     uint8_t first[4];    /* the block's first bytes (ENDBR64 / ENDBR32 checks) */
 } cet_block_t; /* 32 bytes: two per cache line */
 
-#define BLOCK_EMPTY UINT32_MAX /* a TB is never that large: never equals a block's size */
+#define BLOCK_EMPTY UINT16_MAX /* a TB is never that large (at most 512 instructions of at most 15 bytes):
+                                 never equals a block's size */
 _Static_assert(sizeof(cet_block_t) == 32, "cet_block_t layout");
 
 static inline cet_term_t block_term(const cet_block_t *b)
@@ -143,9 +145,11 @@ typedef struct __attribute__((aligned(64))) {
     uint32_t pop_kinds;      /* native-private: kinds that pop and compare now */
     uint64_t ss_tag;         /* native-private: linear page of the cached shadow-stack page */
     uint64_t ss_delta;       /* native-private: its host address minus ss_tag */
+    int64_t budget_left;     /* instructions the run may still retire (see "Exact instruction budget") */
+    uint64_t budget_stop;    /* size of the block the budget stopped in front of, 0 if none */
+    /* line 1: the CET controls and the mode, then what the general path and Python use */
     uint64_t u_cet;
     uint64_t s_cet;
-    /* line 1: the mode, then what the general path and Python use */
     uint8_t cpl;
     uint8_t long_mode;
     uint8_t cr4_cet;
@@ -165,10 +169,9 @@ typedef struct __attribute__((aligned(64))) {
     uint64_t tlb_fills;
     uint64_t slow_mem;
     uint64_t callback_errors;
-    uint64_t reserved[2]; /* sizeof = 3 cache lines exactly */
-} cet_shared_t;
+} cet_shared_t; /* sizeof = 3 cache lines exactly */
 _Static_assert(sizeof(cet_shared_t) == 192, "cet_shared_t layout");
-_Static_assert(offsetof(cet_shared_t, u_cet) + 16 == 64, "the short path's state fits one cache line");
+_Static_assert(offsetof(cet_shared_t, budget_stop) + 8 == 64, "the short path's state fits one cache line");
 
 /* ------------------------------------------------------------------ private */
 
@@ -217,6 +220,9 @@ typedef struct {
 
 /* ------------------------------------------------------------------ lifecycle / API */
 
+/* budget_left of a run without a budget: never reached (2^62 instructions). */
+#define BUDGET_UNLIMITED (INT64_C(1) << 62)
+
 static void front_clear(cetfast_t *f);
 static void refresh_fast(cetfast_t *f);
 static void table_clear(cet_block_t *table, uint64_t entries);
@@ -252,6 +258,7 @@ void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_st
     front_clear(f);
     pending_none(f, 0);
     f->s.abi = CETFAST_ABI;
+    f->s.budget_left = BUDGET_UNLIMITED;
     f->s.enabled = 1;
     f->tlb_gen = 1;
     f->s.ss_tag = SS_TAG_INVALID;
@@ -470,11 +477,11 @@ static void block_set_term(cet_block_t *b, uint32_t kind, uint64_t insn_addr, ui
 }
 
 /* Store a classified block (replaces an older entry for the same address). */
-int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t kind, uint64_t insn_addr, uint32_t insn_len,
-                  uint32_t imm16, const uint8_t *first, uint32_t first_len)
+int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t icount, uint32_t kind, uint64_t insn_addr,
+                  uint32_t insn_len, uint32_t imm16, const uint8_t *first, uint32_t first_len)
 {
     cetfast_t *f = p;
-    if (size == BLOCK_EMPTY || kind > T_OTHER_EMULATED || insn_len > 0xFF || imm16 > 0xFFFF)
+    if (size >= BLOCK_EMPTY || icount > 0xFFFF || kind > T_OTHER_EMULATED || insn_len > 0xFF || imm16 > 0xFFFF)
         return -2;
     if ((f->table_count + 1) * 2 > f->s.table_mask + 1 && table_grow(f) < 0)
         return -1;
@@ -483,7 +490,8 @@ int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t kind, uint64_t
         f->table_count++;
     memset(b, 0, sizeof(*b));
     b->addr = addr;
-    b->size = size;
+    b->size = (uint16_t)size;
+    b->icount = (uint16_t)icount;
     b->first_len = first_len > sizeof(b->first) ? sizeof(b->first) : (uint8_t)first_len;
     memcpy(b->first, first, b->first_len);
     b->no_endbr64 = block_starts_with(b, ENDBR64_BYTES) ? 0 : 0xFFFFu;
@@ -781,6 +789,56 @@ __attribute__((noinline)) static void block_start_general(cetfast_t *f, uc_engin
 }
 
 /*
+ * Exact instruction budget at block granularity [cetvm.cpu.budget]. The hook retires a block's
+ * instructions (``icount``, known from its classification) when the block starts, from
+ * ``budget_left``; a block with more instructions than the budget has left does not run: the
+ * hook completes its block start (the previous terminator is applied and the block's target
+ * checked, so the CET state is whole wherever the run ends, as at any instruction boundary),
+ * records no pending terminator and stops the engine in front of it (``budget_stop`` = its
+ * size, RIP = its address); Python runs exactly the instructions left (a temporary exit inside
+ * the block). An engine stop inside the block that ran last (a fault, an MMIO access) retires
+ * only the instructions before the stop: Python takes back the rest (cetfast_last_block gives
+ * the block that ran last, if it was counted).
+ */
+
+/* The block that ran last no longer runs (the engine stops in front of the next one): an engine
+ * stop from now on is not inside it. Keeps the pending terminator, drops its instruction count. */
+static void close_last(cetfast_t *f)
+{
+    if (f->s.pend->icount == 0)
+        return;
+    cet_block_t closed = *f->s.pend;
+    closed.icount = 0;
+    f->set_by_python = closed;
+    f->s.pend = &f->set_by_python;
+}
+
+__attribute__((noinline, cold)) static void budget_stop(cetfast_t *f, uc_engine *uc, uint64_t addr, uint32_t size)
+{
+    pending_none(f, addr); /* its block start is done; its terminator has not run */
+    f->s.budget_stop = size ? size : 1;
+    f->reg_write(uc, UC_X86_REG_RIP, &addr); /* leave the block before its first instruction */
+    f->emu_stop(uc);
+}
+
+/* The block that ran last if it was counted and may have stopped inside: 1 and its address,
+ * size and instruction count; else 0. */
+int cetfast_last_block(void *p, uint64_t *addr, uint32_t *size, uint32_t *icount)
+{
+    cetfast_t *f = p;
+    const cet_block_t *b = f->s.pend;
+    if (b->icount == 0 || b->size == BLOCK_EMPTY)
+        return 0;
+    *addr = b->addr;
+    *size = b->size;
+    *icount = b->icount;
+    return 1;
+}
+
+/* The engine is about to start (or stopped in front of a block): no block is under way. */
+void cetfast_close_last(void *p) { close_last(p); }
+
+/*
  * The complete block start (cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
  * that ran last, *f->s.pend, and the block starting at ``addr``): block-table miss and
  * classification, every mode, the shadow-stack translation cache fill, hand-overs. Reached from
@@ -797,15 +855,25 @@ __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t ad
     cet_block_t *b = block_find(f, addr, size);
     if (UNLIKELY(!b)) {
         s->misses++;
-        if (!f->classify(addr, size)) /* Python made exits / stopped emulation: not consumed */
+        if (!f->classify(addr, size)) { /* Python made exits / stopped emulation: not consumed */
+            close_last(f);
             return;
+        }
         b = block_find(f, addr, size);
-        if (!b)
+        if (!b) {
+            close_last(f);
             return;
+        }
     }
     cet_term_t prev = block_term(s->pend);
     s->pend = b;
     block_start_general(f, uc, b, prev, addr);
+    if (LIKELY(!s->handover)) {
+        if (UNLIKELY(s->budget_left < (int64_t)b->icount))
+            budget_stop(f, uc, addr, size);
+        else
+            s->budget_left -= b->icount; /* the block runs: it retires its instructions */
+    }
     refresh_fast(f);
 }
 
@@ -839,8 +907,12 @@ void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_
     const cet_block_t *b = &f->front[front_index(addr)];
     if (UNLIKELY(b->addr != addr || b->size != size))
         goto slow;
+    int64_t left = s->budget_left - b->icount;
+    if (UNLIKELY(left < 0))
+        goto slow;
     uint32_t act = p->kbit & s->act_kinds;
     if (LIKELY(act == 0)) {
+        s->budget_left = left;
         s->pend = b;
         return;
     }
@@ -865,6 +937,7 @@ void cetfast_block_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *user_
         goto slow; /* a slow kind (mode, tracker armed, hand-over...) or an arming one (indirect
                       JMP) into a block without ENDBR64 */
     }
+    s->budget_left = left;
     s->pend = b;
     return;
 slow:
@@ -917,11 +990,14 @@ void cetfast_reset_fetched(void *p)
 }
 
 /* ---------------------------------------------------------------------------------------
- * Exact instruction budget: a UC_HOOK_CODE callback that counts instructions as they start and
- * stops the engine before the first one past the budget (Unicorn checks the stop request right
- * after a code hook, before the instruction runs). The Python side un-counts an instruction that
- * faults instead of retiring. Same contract as the Python counter (cetvm.cpu.budget); measured on the bench loop with CET on:
- * 88-106 MIPS under this hook vs about 1.2 MIPS under the Python one.
+ * Exact instruction budget at instruction granularity (the reference the block count above is
+ * tested against, and untraced vCPUs): a UC_HOOK_CODE callback that counts instructions as they
+ * start and stops the engine before the first one past the budget (Unicorn checks the stop
+ * request right after a code hook, before the instruction runs). The Python side un-counts an
+ * instruction that faults instead of retiring. Same contract as the Python counter
+ * (cetvm.cpu.budget). A code hook costs every translated instruction a call and an EFLAGS
+ * computation: the bench loop with CET on ran 88-106 MIPS under it (about 1.2 MIPS under the
+ * Python one).
  * ------------------------------------------------------------------------------------- */
 typedef struct {
     int64_t budget_left; /* instructions that may still start in this run */
@@ -945,4 +1021,61 @@ void cetfast_count_insn(uc_engine *uc, uint64_t address, uint32_t size, void *us
     }
     c->budget_left--;
     c->retired++;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * RDTSC / RDTSCP (UC_HOOK_INSN; cetvm.cpu.tsc). Unicorn has checked CR4.TSD already and calls
+ * the hook with RIP at the instruction; returning 1 replaces the instruction's result. While a
+ * run lasts, the TSC advances ticks_per_insn per instruction the vCPU retires (the clock KVM
+ * gave the CPU counts retired instructions, and no other vCPU runs meanwhile), so it is
+ * base_tsc + (base_left - budget_left) * ticks_per_insn: budget_left is the run's instruction
+ * budget, which the budget counting (per block in the block hook, or per instruction in the
+ * count hook) decrements by every instruction it retires, and base_* are sampled by Python at
+ * each run's start. With ticks_per_insn = 0 the Python callback (slow) answers instead.
+ * ------------------------------------------------------------------------------------- */
+typedef struct {
+    uint64_t base_tsc;
+    int64_t base_left;
+    uint64_t ticks_per_insn;
+    const int64_t *budget_left;  /* the run's budget counter (cet_shared_t or cet_insn_counter_t) */
+    uint64_t last;               /* the last value a guest read (reads strictly increase) */
+    reg_rw_fn reg_write;
+    reg_rw_fn reg_read;
+    int (*slow_rdtsc)(uc_engine *, void *);
+    int (*slow_rdtscp)(uc_engine *, void *);
+} cet_tsc_t;
+
+uint64_t cetfast_tsc_size(void) { return sizeof(cet_tsc_t); }
+
+static void tsc_result(uc_engine *uc, cet_tsc_t *t)
+{
+    uint64_t tsc = t->base_tsc + (uint64_t)(t->base_left - *t->budget_left) * t->ticks_per_insn;
+    if ((int64_t)(tsc - t->last) <= 0)
+        tsc = t->last + 1;  /* a read in the same block as the last one (see cetvm.cpu.tsc) */
+    t->last = tsc;
+    uint64_t lo = (uint32_t)tsc, hi = tsc >> 32;
+    t->reg_write(uc, UC_X86_REG_RAX, &lo);
+    t->reg_write(uc, UC_X86_REG_RDX, &hi);
+}
+
+int cetfast_rdtsc(uc_engine *uc, void *user)
+{
+    cet_tsc_t *t = (cet_tsc_t *)user;
+    if (!t->ticks_per_insn)
+        return t->slow_rdtsc(uc, NULL);
+    tsc_result(uc, t);
+    return 1;
+}
+
+int cetfast_rdtscp(uc_engine *uc, void *user)
+{
+    cet_tsc_t *t = (cet_tsc_t *)user;
+    if (!t->ticks_per_insn)
+        return t->slow_rdtscp(uc, NULL);
+    uc_x86_msr msr = {.rid = 0xC0000103u, .value = 0}; /* IA32_TSC_AUX */
+    t->reg_read(uc, UC_X86_REG_MSR, &msr);
+    uint64_t aux = (uint32_t)msr.value;
+    t->reg_write(uc, UC_X86_REG_RCX, &aux);
+    tsc_result(uc, t);
+    return 1;
 }

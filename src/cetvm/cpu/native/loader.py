@@ -29,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 9
+ABI_VERSION = 10
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 
@@ -60,7 +60,8 @@ class BlockStruct(ctypes.Structure):
     """Mirror of ``cet_block_t`` (``ret`` = the terminator's address + length)."""
 
     _fields_ = [("addr", ctypes.c_uint64), ("ret", ctypes.c_uint64),
-                ("size", ctypes.c_uint32), ("kbit", ctypes.c_uint16), ("no_endbr64", ctypes.c_uint16),
+                ("size", ctypes.c_uint16), ("icount", ctypes.c_uint16),
+                ("kbit", ctypes.c_uint16), ("no_endbr64", ctypes.c_uint16),
                 ("imm16", ctypes.c_uint16), ("insn_len", ctypes.c_uint8), ("first_len", ctypes.c_uint8),
                 ("first", ctypes.c_uint8 * 4)]
 
@@ -82,6 +83,7 @@ class SharedState(ctypes.Structure):
         ("_act_kinds", ctypes.c_uint32), ("_arm_kinds", ctypes.c_uint32),
         ("_push_kinds", ctypes.c_uint32), ("_pop_kinds", ctypes.c_uint32),
         ("_ss_tag", ctypes.c_uint64), ("_ss_delta", ctypes.c_uint64),
+        ("budget_left", ctypes.c_int64), ("budget_stop", ctypes.c_uint64),
         ("u_cet", ctypes.c_uint64), ("s_cet", ctypes.c_uint64),
         ("cpl", ctypes.c_uint8), ("long_mode", ctypes.c_uint8), ("cr4_cet", ctypes.c_uint8),
         ("enabled", ctypes.c_uint8), ("handover", ctypes.c_uint32),
@@ -91,7 +93,6 @@ class SharedState(ctypes.Structure):
         ("handover_term", TermStruct), ("handover_addr", ctypes.c_uint64),
         ("misses", ctypes.c_uint64), ("handovers", ctypes.c_uint64), ("tlb_fills", ctypes.c_uint64),
         ("slow_mem", ctypes.c_uint64), ("callback_errors", ctypes.c_uint64),
-        ("reserved", ctypes.c_uint64 * 2),
     ]
 
 
@@ -108,15 +109,38 @@ class InsnCounter(ctypes.Structure):
                 ("hit", ctypes.c_int32), ("pad", ctypes.c_int32), ("emu_stop", _VP)]
 
 
-def native_count_hook() -> int | None:
-    """Address of the native UC_HOOK_CODE budget counter, or None when the library is not built."""
+#: int hook(uc_engine *, void *user_data): the RDTSC/RDTSCP instruction-hook signature.
+INSN_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, _VP, _VP)
+
+
+class TscStruct(ctypes.Structure):
+    """cet_tsc_t: the state of the native RDTSC/RDTSCP hooks (``cetfast_rdtsc``)."""
+
+    _fields_ = [("base_tsc", _U64), ("base_left", ctypes.c_int64), ("ticks_per_insn", _U64), ("budget_left", _VP), ("last", _U64),
+                ("reg_write", _VP), ("reg_read", _VP), ("slow_rdtsc", _VP), ("slow_rdtscp", _VP)]
+
+
+def _native_functions(*names: str) -> tuple[int, ...] | None:
+    """Addresses of the library's functions ``names``, or None when the library is not built
+    (or does not match this cetvm)."""
     if not is_built():
         return None
     try:
         lib = load_library()
     except CetvmError:
         return None
-    return ctypes.cast(lib.cetfast_count_insn, _VP).value
+    return tuple(ctypes.cast(getattr(lib, name), _VP).value for name in names)
+
+
+def native_tsc_hooks() -> tuple[int, ...] | None:
+    """Addresses of ``cetfast_rdtsc`` and ``cetfast_rdtscp``, or None when the library is not built."""
+    return _native_functions("cetfast_rdtsc", "cetfast_rdtscp")
+
+
+def native_count_hook() -> int | None:
+    """Address of the native UC_HOOK_CODE budget counter, or None when the library is not built."""
+    functions = _native_functions("cetfast_count_insn")
+    return None if functions is None else functions[0]
 
 
 def is_built() -> bool:
@@ -134,7 +158,8 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_shared_size.restype = _U64
     lib.cetfast_block_size.restype = _U64
     lib.cetfast_insn_counter_size.restype = _U64
-    if (lib.cetfast_abi() != ABI_VERSION or lib.cetfast_shared_size() != ctypes.sizeof(SharedState)
+    lib.cetfast_tsc_size.restype = _U64
+    if (lib.cetfast_abi() != ABI_VERSION or lib.cetfast_tsc_size() != ctypes.sizeof(TscStruct) or lib.cetfast_shared_size() != ctypes.sizeof(SharedState)
             or lib.cetfast_block_size() != ctypes.sizeof(BlockStruct)
             or lib.cetfast_insn_counter_size() != ctypes.sizeof(InsnCounter)):
         raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (ABI {lib.cetfast_abi()}); "
@@ -145,7 +170,9 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_flush_tlb.argtypes = [_VP]
     lib.cetfast_add_ram.argtypes = [_VP, _U64, _U64, _VP]
     lib.cetfast_clear_ram.argtypes = [_VP]
-    lib.cetfast_store.argtypes = [_VP, _U64, _U32, _U32, _U64, _U32, _U32, ctypes.c_char_p, _U32]
+    lib.cetfast_store.argtypes = [_VP, _U64, _U32, _U32, _U32, _U64, _U32, _U32, ctypes.c_char_p, _U32]
+    lib.cetfast_last_block.argtypes = [_VP, ctypes.POINTER(_U64), ctypes.POINTER(_U32), ctypes.POINTER(_U32)]
+    lib.cetfast_close_last.argtypes = [_VP]
     lib.cetfast_lookup.argtypes = [_VP, _U64, _U32, ctypes.POINTER(BlockStruct)]
     lib.cetfast_block_count.restype = _U64
     lib.cetfast_block_count.argtypes = [_VP]
@@ -382,13 +409,13 @@ class NativeBlockTracker:
         first = bytes(out.first[:out.first_len])
         insn_addr = (out.ret - out.insn_len) & 0xFFFF_FFFF_FFFF_FFFF
         term = TerminatorInfo(Terminator(out.kind), insn_addr, out.insn_len, out.imm16)
-        return BlockInfo(out.addr, out.size, term, first)
+        return BlockInfo(out.addr, out.size, term, first, out.icount)
 
     def store(self, info: BlockInfo) -> None:
         kind, insn_addr, insn_len, imm16 = _term_fields(info.terminator)
         first = bytes(info.first_bytes[:4])
-        status = self._lib.cetfast_store(self._ptr, info.address, info.size, kind, insn_addr, insn_len, imm16,
-                                         first, len(first))
+        status = self._lib.cetfast_store(self._ptr, info.address, info.size, info.icount, kind, insn_addr, insn_len,
+                                         imm16, first, len(first))
         if status == -2:
             raise CetvmError(f"native CET fast path: block {info.address:#x} (size {info.size}) cannot be stored")
         if status != 0:
@@ -396,6 +423,19 @@ class NativeBlockTracker:
 
     def invalidate(self) -> None:
         self._lib.cetfast_invalidate_blocks(self._ptr)
+
+    @property
+    def last(self) -> tuple[int, int, int] | None:
+        """(address, size, instruction count) of the block that ran last, if the engine may have
+        stopped inside it (its instructions were retired when it started); else None."""
+        addr, size, icount = _U64(), _U32(), _U32()
+        if not self._lib.cetfast_last_block(self._ptr, ctypes.byref(addr), ctypes.byref(size), ctypes.byref(icount)):
+            return None
+        return addr.value, size.value, icount.value
+
+    def close_last(self) -> None:
+        """No block is under way any more (see :attr:`last`)."""
+        self._lib.cetfast_close_last(self._ptr)
 
     def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None:
         prev, block_start = self._pending()

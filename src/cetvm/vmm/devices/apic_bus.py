@@ -19,6 +19,9 @@ interrupts"]:
   passes it to a vCPU that waits for SIPI; any other vCPU drops it).
 - NMI, SMI and ExtINT are not delivered (counted in :attr:`ApicBus.dropped`): cetvm's KVM has no
   NMI injection (KVM_NMI) yet and no SMM.
+- I/O APIC messages (:meth:`ApicBus.deliver_message`, KVM kvm_irq_delivery_to_apic for an
+  ioapic_service): physical or logical destination (no shorthand), fixed or lowest priority
+  (among the APICs that accept it: the lowest APIC ID), edge or level (the target's TMR), INIT.
 
 :attr:`ApicBus.kicked` is set when an IPI reached another CPU than the sender: the run loop
 ends the sender's turn so the target runs soon (deterministic: it depends only on guest code).
@@ -29,6 +32,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cetvm.arch.apic import (
+    InterruptMessage,
     ICR_DELIVERY_MODE_MASK,
     ICR_DELIVERY_MODE_SHIFT,
     ICR_DEST_LOGICAL,
@@ -88,29 +92,42 @@ class ApicBus:
         except ValueError:  # delivery mode 3: reserved
             self.dropped += 1
             return
-        vector = icr & ICR_VECTOR_MASK
-        targets = self.targets(source, icr, x2apic)
-        if mode is DeliveryMode.LOWEST_PRIORITY and targets:
-            targets = [min(targets, key=lambda i: self.apics[i].apic_id)]
+        if mode is DeliveryMode.INIT and icr & ICR_TRIGGER_LEVEL and not icr & ICR_LEVEL_ASSERT:
+            return  # INIT level de-assert
+        self._deliver(source, mode, icr & ICR_VECTOR_MASK, self.targets(source, icr, x2apic), level=False)
+
+    def deliver_message(self, message: InterruptMessage) -> bool:
+        """An I/O APIC's interrupt message; True if an APIC accepted it (module docstring)."""
+        targets = [i for i, apic in enumerate(self.apics)
+                   if apic.mode is not ApicMode.DISABLED and apic.matches_destination(message.dest, message.logical,
+                                                                                        False)]
+        return self._deliver(None, message.delivery_mode, message.vector, targets, message.level)
+
+    def _deliver(self, source: LocalApic | None, mode: DeliveryMode, vector: int, targets: list[int],
+                 level: bool) -> bool:
+        """Hand one message to the target APICs; True if any took it."""
+        if mode is DeliveryMode.LOWEST_PRIORITY:
+            accepting = [i for i in targets if self.apics[i].enabled]
+            targets = [min(accepting, key=lambda i: self.apics[i].apic_id)] if accepting else []
         delivered = False
         for index in targets:
             apic = self.apics[index]
             if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST_PRIORITY):
-                delivered |= apic.accept_fixed(vector)
+                taken = apic.accept_fixed(vector, level)
             elif mode is DeliveryMode.INIT:
-                if icr & ICR_TRIGGER_LEVEL and not icr & ICR_LEVEL_ASSERT:
-                    continue  # INIT level de-assert
                 apic.init_reset()
                 self.init(index)
-                delivered = True
-            elif mode is DeliveryMode.STARTUP:
+                taken = True
+            elif mode is DeliveryMode.STARTUP and source is not None:
                 self.sipi(index, vector)
-                delivered = True
+                taken = True
             else:
                 self.dropped += 1
                 continue
+            delivered |= taken
             if apic is not source:
                 self.kicked = True
+        return delivered
 
     def take_kick(self) -> bool:
         """True once after an IPI reached another CPU (the run loop ends the sender's turn)."""

@@ -12,13 +12,23 @@ Modes (LVT timer bits 18:17): one-shot (00) and periodic (01) count down from th
 reloads at each expiry; expiries the VMM did not observe in time are coalesced into one
 interrupt (as KVM's hrtimer does when it falls behind). Changing the timer mode stops the count
 (KVM apic_update_lvtt). Changing TDCR while counting restarts the current period with the new
-divisor (decision; KVM rescales the remaining time). TSC-deadline mode (10) is not implemented:
-the timer then never expires (the CPU model's TSC-deadline feature should be off).
+divisor (decision; KVM rescales the remaining time).
+
+TSC-deadline mode (10) [SDM Vol. 3 §11.5.4.1]: the timer is armed by a non-zero write of
+IA32_TSC_DEADLINE and fires when the vCPU's TSC reaches that value. The TSC counts in the same
+guest time (:mod:`cetvm.kvm.timekeeping`: 2 ticks per ns), so the LAPIC converts the deadline
+once, when it is written, into the first guest-time ns at which the TSC is at or past it
+(:func:`deadline_expiry`) and keeps it in ``start``: the run loop then ends a slice exactly
+there, as for the one-shot timer. A deadline already passed fires at once. Firing disarms the
+timer (and clears the MSR); TMICT is ignored and TMCCT reads 0 in this mode. A later write of
+IA32_TIME_STAMP_COUNTER does not move an armed deadline (as KVM's hrtimer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from cetvm.arch.timekeeping import ticks_to_ns_ceil
 
 LVT_TIMER_MODE_SHIFT = 17
 TIMER_ONESHOT = 0
@@ -36,6 +46,11 @@ def timer_mode(lvtt: int) -> int:
     return (lvtt >> LVT_TIMER_MODE_SHIFT) & 0x3
 
 
+def deadline_expiry(now_ns: int, tsc_now: int, deadline: int, tsc_khz: int) -> int:
+    """Guest time (ns) at which a TSC reading ``tsc_now`` at ``now_ns`` reaches ``deadline``."""
+    return now_ns + ticks_to_ns_ceil(max(0, deadline - tsc_now), tsc_khz)
+
+
 @dataclass
 class ApicTimer:
     """The counting state: ``start`` is the guest time (ns) the current period began, ``running``
@@ -50,6 +65,10 @@ class ApicTimer:
     def arm(self, now: int, tmict: int) -> None:
         """A TMICT write: restart counting at ``now`` (stop for 0)."""
         self.start, self.running = now, tmict != 0
+
+    def arm_deadline(self, expiry: int | None) -> None:
+        """TSC-deadline mode: expire at guest time ``expiry`` (None disarms)."""
+        self.start, self.running = (0, False) if expiry is None else (expiry, True)
 
     def stop(self) -> None:
         self.running = False
@@ -68,8 +87,10 @@ class ApicTimer:
 
     def next_expiry(self, tmict: int, tdcr: int, mode: int) -> int | None:
         """Guest time of the next expiry, or None."""
-        if not self.running or mode == TIMER_TSC_DEADLINE:
+        if not self.running:
             return None
+        if mode == TIMER_TSC_DEADLINE:
+            return self.start
         return self.start + self.period(tmict, tdcr)
 
     def expire(self, now: int, tmict: int, tdcr: int, mode: int) -> bool:

@@ -9,13 +9,20 @@ source the VMM polls (:mod:`cetvm.vmm.irq`). Decisions, each tested:
 - Version register: ``0x14 | (max_lvt << 16)`` with 6 LVT entries (timer, thermal, performance
   counter, LINT0, LINT1, error), i.e. 0x00050014, as KVM reports without CMCI. ``nr_lvt=7``
   adds LVT CMCI (0x2F0 / MSR 0x82F).
-- The timer is the only interrupt source (:mod:`cetvm.vmm.devices.apic_timer`: one-shot and
-  periodic, counting in guest time read from ``clock``). The VMM polls it (:meth:`poll_timer`):
-  an expiry with the LVT unmasked sets the vector in IRR. :meth:`pending_vector` is the highest
-  IRR vector whose priority class is above PPR [SDM 11.8.3.1, 11.8.4]; :meth:`acknowledge` (the
-  INTA cycle, when the VMM injects it) moves it to ISR; EOI clears the highest ISR bit [SDM
-  11.8.5]. TMR reads 0 (edge-triggered only). Vectors 0-15 from the timer are dropped (decision;
-  the SDM's "illegal vector" ESR bit is not modelled).
+- Interrupt sources: the timer (:mod:`cetvm.vmm.devices.apic_timer`: one-shot, periodic and
+  TSC-deadline, counting in guest time read from ``clock``; IA32_TSC_DEADLINE (MSR 0x6E0) is this
+  APIC's, reached through the VMM's MSR exits like the x2APIC MSRs: it reads 0 and ignores writes
+  outside TSC-deadline mode [SDM Vol. 3 §11.5.4.1], ``tsc`` reads the vCPU's TSC and ``tsc_khz``
+  is its rate), IPIs and I/O APIC messages (the APIC bus). The VMM polls the timer
+  (:meth:`poll_timer`): an expiry with the LVT unmasked sets the vector in IRR.
+  :meth:`pending_vector` is the highest IRR vector whose priority class is above PPR [SDM
+  11.8.3.1, 11.8.4]; :meth:`acknowledge` (the INTA cycle, when the VMM injects it) moves it to
+  ISR; EOI clears the highest ISR bit [SDM 11.8.5]. TMR records the trigger mode of each accepted
+  vector [SDM 11.8.4]; the EOI of a vector whose TMR bit is set is broadcast to the I/O APICs
+  (:attr:`LocalApic.eoi_sink`, KVM apic_set_eoi → kvm_ioapic_send_eoi). Vectors 0-15 from the
+  timer are dropped (decision; the SDM's "illegal vector" ESR bit is not modelled).
+- LINT0: at reset the BSP's LVT0 is ExtINT, unmasked (KVM kvm_lapic_reset, QEMU apic_reset:
+  what a BIOS leaves), so the 8259's INTR reaches the BSP (:attr:`LocalApic.accepts_pic_interrupt`).
 - ICR writes are recorded (``ipis_sent`` and ``last_icr``) and handed to :attr:`LocalApic.ipi_sink`
   (the machine's APIC bus, :mod:`cetvm.vmm.devices.apic_bus`, which delivers them to every APIC
   whose destination matches, this one included); the x2APIC SELF_IPI register sends a fixed
@@ -54,6 +61,7 @@ from cetvm import InputError
 from cetvm.arch import Vector
 from cetvm.arch.apic import (
     APIC_BASE_ADDR_MASK,
+    APIC_BASE_BSP,
     APIC_BASE_EXTD,
     APIC_DEFAULT_PHYS_BASE,
     DFR_MODEL_FLAT,
@@ -69,7 +77,7 @@ from cetvm.arch.apic import (
     apic_base_write_error,
     apic_mode,
 )
-from cetvm.vmm.devices.apic_timer import TIMER_TSC_DEADLINE, ApicTimer, timer_mode
+from cetvm.vmm.devices.apic_timer import TIMER_TSC_DEADLINE, ApicTimer, deadline_expiry, timer_mode
 from cetvm.vmm.devices.state import state_bool, state_int
 from cetvm.vmm.requests import GuestFaultRequest
 
@@ -164,10 +172,15 @@ class LocalApic:
         self.x2apic_supported = x2apic_supported
         #: Guest time in ns (APIC bus cycles); the machine sets it (cetvm.vmm.irq.GuestClock).
         self.clock = clock
+        #: The vCPU's TSC now and its rate (TSC-deadline mode); the machine sets them.
+        self.tsc: Callable[[], int] = _no_time
+        self.tsc_khz = 1_000_000
         self.apic_base = apic_base_reset_value(bsp)
         #: Receives every IPI this APIC sends: ``ipi_sink(self, icr, x2apic)`` (the 64-bit ICR;
         #: ``x2apic``: the destination is ICR[63:32], else ICR[63:56]). None: IPIs vanish.
         self.ipi_sink: Callable[["LocalApic", int, bool], None] | None = None
+        #: Receives the vector of each EOI of a level-triggered interrupt (the I/O APICs).
+        self.eoi_sink: Callable[[int], None] | None = None
         self.reset_registers()
 
     # --- state -----------------------------------------------------------------------
@@ -181,13 +194,17 @@ class LocalApic:
         self.esr = 0
         self.icr = 0
         self.lvt = {reg: APIC_LVT_MASKED for reg in self._lvt_registers()}
+        if self.apic_base & APIC_BASE_BSP:
+            self.lvt[APIC_LVT0] = int(DeliveryMode.EXTINT) << 8
         self.tmict = 0
         self.tdcr = 0
         self.ipis_sent = 0
         self.last_icr = 0
         self.self_ipis_ignored = 0
-        self.irr = 0  # 256-bit request / in-service registers
+        self.irr = 0  # 256-bit request / in-service / trigger-mode registers
         self.isr = 0
+        self.tsc_deadline = 0
+        self.tmr = 0
         self.timer = ApicTimer()
 
     def _lvt_registers(self) -> tuple[int, ...]:
@@ -221,6 +238,8 @@ class LocalApic:
         """Account for the guest time elapsed: a timer expiry raises the LVT timer vector."""
         lvtt = self.lvt[APIC_LVTT]
         if self.timer.expire(self.clock(), self.tmict, self.tdcr, timer_mode(lvtt)):
+            if timer_mode(lvtt) == TIMER_TSC_DEADLINE:
+                self.tsc_deadline = 0  # the timer disarms itself and clears the MSR
             if not lvtt & APIC_LVT_MASKED and self.software_enabled and (lvtt & 0xFF) >= 16:
                 self.irr |= 1 << (lvtt & 0xFF)
 
@@ -241,10 +260,21 @@ class LocalApic:
         self.isr |= 1 << vector
 
     def _eoi(self) -> None:
-        """EOI: the highest-priority in-service vector is done [SDM 11.8.5]."""
+        """EOI: the highest-priority in-service vector is done [SDM 11.8.5]; a level-triggered
+        one (TMR set) is broadcast to the I/O APICs."""
         vector = _highest_bit(self.isr)
         if vector is not None:
             self.isr &= ~(1 << vector)
+            if self.tmr >> vector & 1 and self.eoi_sink is not None:
+                self.eoi_sink(vector)
+
+    @property
+    def accepts_pic_interrupt(self) -> bool:
+        """Does the 8259's INTR reach this CPU? Yes when the APIC is hardware-disabled or LVT0 is
+        unmasked ExtINT (KVM kvm_apic_accept_pic_intr)."""
+        lvt0 = self.lvt[APIC_LVT0]
+        return (self.mode is ApicMode.DISABLED
+                or (not lvt0 & APIC_LVT_MASKED and (lvt0 >> 8) & 7 == DeliveryMode.EXTINT))
 
     # --- IA32_APIC_BASE ---------------------------------------------------------------
     def write_apic_base(self, value: int, host_initiated: bool = False) -> None:
@@ -282,6 +312,8 @@ class LocalApic:
             return (self.isr >> (32 * ((reg - APIC_ISR) >> 4))) & 0xFFFF_FFFF
         if APIC_IRR <= reg < APIC_IRR + 0x80:
             return (self.irr >> (32 * ((reg - APIC_IRR) >> 4))) & 0xFFFF_FFFF
+        if APIC_TMR <= reg < APIC_TMR + 0x80:
+            return (self.tmr >> (32 * ((reg - APIC_TMR) >> 4))) & 0xFFFF_FFFF
         if reg in _IN_SERVICE_BANKS or reg == APIC_ARBPRI:
             return 0
         simple = {
@@ -308,6 +340,7 @@ class LocalApic:
         self.lvt[reg] = value & LVT_WRITABLE[reg]
         if reg == APIC_LVTT and (timer_mode(old) == TIMER_TSC_DEADLINE) != (timer_mode(value) == TIMER_TSC_DEADLINE):
             self.tmict = 0  # KVM apic_update_lvtt: entering/leaving TSC-deadline stops the timer
+            self.tsc_deadline = 0
             self.timer.stop()
 
     def _write_svr(self, value: int) -> None:
@@ -335,11 +368,13 @@ class LocalApic:
         """Hardware-enabled (IA32_APIC_BASE.EN) and software-enabled (SVR bit 8)."""
         return self.mode in (ApicMode.XAPIC, ApicMode.X2APIC) and self.software_enabled
 
-    def accept_fixed(self, vector: int) -> bool:
-        """A fixed (or lowest-priority) IPI: set IRR unless disabled or an illegal vector."""
+    def accept_fixed(self, vector: int, level: bool = False) -> bool:
+        """A fixed (or lowest-priority) interrupt: set IRR, and TMR to its trigger mode
+        (``level``), unless disabled or an illegal vector."""
         if not self.enabled or vector < 16:
             return False
         self.irr |= 1 << vector
+        self.tmr = self.tmr | (1 << vector) if level else self.tmr & ~(1 << vector)
         return True
 
     def init_reset(self) -> None:
@@ -413,6 +448,23 @@ class LocalApic:
             return False
         return True
 
+    # --- IA32_TSC_DEADLINE -------------------------------------------------------------------
+    def _in_deadline_mode(self) -> bool:
+        return timer_mode(self.lvt[APIC_LVTT]) == TIMER_TSC_DEADLINE
+
+    def read_tsc_deadline(self) -> int:
+        """RDMSR IA32_TSC_DEADLINE: the armed deadline, 0 when disarmed or in another mode."""
+        return self.tsc_deadline if self._in_deadline_mode() else 0
+
+    def write_tsc_deadline(self, value: int) -> None:
+        """WRMSR IA32_TSC_DEADLINE: arm (non-zero) or disarm (0) in TSC-deadline mode; ignored
+        in the other modes."""
+        if not self._in_deadline_mode():
+            return
+        self.tsc_deadline = value
+        expiry = deadline_expiry(self.clock(), self.tsc(), value, self.tsc_khz) if value else None
+        self.timer.arm_deadline(expiry)
+
     # --- xAPIC MMIO ----------------------------------------------------------------------
     def _mmio_live(self) -> bool:
         return self.mode is ApicMode.XAPIC
@@ -465,15 +517,20 @@ class LocalApic:
         ("apic_base", 64), ("id_reg", 32), ("tpr", 8), ("ldr", 32), ("dfr", 32), ("svr", 10),
         ("esr", 32), ("icr", 64), ("tmict", 32), ("tdcr", 4), ("ipis_sent", 64), ("last_icr", 64),
         ("self_ipis_ignored", 64), ("irr", 256), ("isr", 256))
+    #: Fields added after the first snapshot format (absent in older snapshots: 0).
+    _NEWER_FIELDS: tuple[tuple[str, int], ...] = (("tmr", 256),)
 
     def get_state(self) -> dict:
-        state = {name: getattr(self, name) for name, _bits in self._STATE_FIELDS}
+        state = {name: getattr(self, name) for name, _bits in self._STATE_FIELDS + self._NEWER_FIELDS}
         state["lvt"] = {f"{reg:#05x}": value for reg, value in self.lvt.items()}
         state["timer"] = {"start": self.timer.start, "running": self.timer.running}
+        state["tsc_deadline"] = self.tsc_deadline
         return state
 
     def set_state(self, state: dict) -> None:
         values = {name: state_int(state, name, "local APIC", bits) for name, bits in self._STATE_FIELDS}
+        values.update({name: state_int(state, name, "local APIC", bits) if name in state else 0
+                       for name, bits in self._NEWER_FIELDS})
         lvt_state = state.get("lvt")
         if not isinstance(lvt_state, dict):
             raise InputError("local APIC state has no 'lvt' object")
@@ -485,7 +542,10 @@ class LocalApic:
         timer_state = state.get("timer")
         timer = ApicTimer(state_int(timer_state, "start", "local APIC timer"),
                           state_bool(timer_state, "running", "local APIC timer"))
+        # (snapshots from before TSC-deadline mode have no deadline)
+        deadline = state_int(state, "tsc_deadline", "local APIC") if "tsc_deadline" in state else 0
         for name, value in values.items():
             setattr(self, name, value)
         self.lvt = lvt
         self.timer = timer
+        self.tsc_deadline = deadline

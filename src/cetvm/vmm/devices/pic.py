@@ -1,13 +1,23 @@
 """The 8259A PIC pair (QEMU hw/intc/i8259.c; KVM arch/x86/kvm/i8259.c).
 
-Master at ports 0x20/0x21, slave at 0xA0/0xA1. Implemented: the ICW1..ICW4 initialisation
-sequence (vector base, cascade, 8086 mode / auto-EOI), OCW1 (interrupt mask, read back at the
-data port), OCW2 (non-specific/specific EOI, rotate commands), OCW3 (select IRR or ISR for reads
-of the command port, poll mode, special mask).
+Master at ports 0x20/0x21, slave at 0xA0/0xA1, the PIIX edge/level control registers (ELCR) at
+0x4D0/0x4D1. Implemented: the ICW1..ICW4 initialisation sequence (vector base, cascade, 8086 mode
+/ auto-EOI), OCW1 (interrupt mask, read back at the data port), OCW2 (non-specific/specific EOI,
+rotate commands), OCW3 (select IRR or ISR for reads of the command port, poll mode, special
+mask), and the interrupt logic [Intel 8259A data sheet; KVM i8259.c pic_set_irq1 / pic_intack]:
 
-No device of this VMM is wired to an IRQ line, so IRR and ISR stay 0 and the PIC never
-requests an interrupt: guests see a PC whose legacy interrupts never fire. A poll read (OCW3
-with P=1) answers "no interrupt" with 0x07 like QEMU's ``pic_poll_read``.
+- IRQ inputs (:meth:`PicPair.set_irq`, driven by :mod:`cetvm.vmm.devices.irq_lines`): an
+  edge-triggered input (ELCR bit clear) latches IRR on a rising edge; a level-triggered one
+  (ELCR bit set) holds IRR while the line is high. ELCR bits of IRQ 0, 1, 2, 8 and 13 are
+  fixed at 0 (PIIX).
+- Output (INT): the highest-priority unmasked IRR bit whose priority is above the highest
+  in-service one (special mask mode: masked ISR bits do not block; special fully nested mode:
+  the cascade input is not blocked by itself). The slave's INT is the master's IRQ 2.
+- INTA (:meth:`PicPair.acknowledge`): the master's IRQ (and, for IRQ 2, the slave's) moves from
+  IRR to ISR (edge inputs clear IRR; auto-EOI leaves ISR clear), giving ``base + irq``; when the
+  request went away before INTA the chip answers the spurious IRQ 7 (vector ``base + 7``).
+- A poll read (OCW3 with P=1) acknowledges the highest request and returns ``0x80 | irq``, or
+  0x07 when nothing is pending, like QEMU's ``pic_poll_read``.
 """
 
 from __future__ import annotations
@@ -20,6 +30,15 @@ from cetvm.vmm.devices.state import state_bool, state_int
 PIC_MASTER_PORT = 0x20
 PIC_SLAVE_PORT = 0xA0
 PIC_PORT_COUNT = 2
+#: PIIX ELCR registers (one bit per IRQ: 1 = level-triggered).
+ELCR_PORT = 0x4D0
+ELCR_PORT_COUNT = 2
+#: ELCR bits a guest may set: not IRQ 0, 1, 2 (master) nor 8, 13 (slave) — PIIX.
+ELCR_MASTER_MASK = 0xF8
+ELCR_SLAVE_MASK = 0xDE
+#: The master input the slave's INT drives.
+CASCADE_IRQ = 2
+SPURIOUS_IRQ = 7
 
 ICW1_IC4 = 0x01
 ICW1_SNGL = 0x02
@@ -38,6 +57,8 @@ POLL_NO_INTERRUPT = 0x07
 
 #: Fields saved in a snapshot, each an 8-bit value or a flag.
 _BYTE_FIELDS = ("imr", "irr", "isr", "irq_base", "icw3", "priority_add", "init_state")
+#: Added with device interrupts (older snapshots lack them: 0).
+_LINE_FIELDS = ("last_irr", "elcr")
 _FLAG_FIELDS = ("init4", "single_mode", "auto_eoi", "rotate_on_auto_eoi", "special_fully_nested",
                 "read_isr", "poll", "special_mask")
 
@@ -62,6 +83,11 @@ class Pic8259:
     read_isr: bool = False
     poll: bool = False
     special_mask: bool = False
+    #: Input line levels (edge detection) and the edge/level control register.
+    last_irr: int = 0
+    elcr: int = 0
+    #: The master of a cascaded pair (IRQ 2 is the slave's INT).
+    is_master: bool = True
 
     def init_reset(self) -> None:
         """State after ICW1 (QEMU pic_init_reset): everything cleared, IMR 0."""
@@ -69,6 +95,54 @@ class Pic8259:
             setattr(self, field, 0)
         for field in _FLAG_FIELDS:
             setattr(self, field, False)
+        self.last_irr = 0  # KVM kvm_pic_reset / QEMU pic_init_reset: inputs re-detected
+
+    # --- interrupt logic ---------------------------------------------------------------
+    def set_irq(self, irq: int, level: bool) -> None:
+        """Drive input ``irq`` (0..7) to ``level`` (edge or level per ELCR; module docstring)."""
+        mask = 1 << irq
+        if self.elcr & mask:
+            self.irr = self.irr | mask if level else self.irr & ~mask
+        elif level and not self.last_irr & mask:
+            self.irr |= mask
+        self.last_irr = self.last_irr | mask if level else self.last_irr & ~mask
+
+    def _in_service_blocking(self) -> int:
+        """ISR bits that block lower-priority requests."""
+        isr = self.isr
+        if self.special_mask:
+            isr &= ~self.imr
+        if self.special_fully_nested and self.icw3 and not self.single_mode and self.is_master:
+            isr &= ~(1 << CASCADE_IRQ)  # SFNM: a new slave request may nest over the cascade
+        return isr
+
+    @property
+    def elcr_mask(self) -> int:
+        return ELCR_MASTER_MASK if self.is_master else ELCR_SLAVE_MASK
+
+    def _rank(self, irq: int) -> int:
+        """Priority rank (0 = highest) of ``irq`` under the current rotation."""
+        return (irq - self.priority_add) & 7
+
+    def pending_irq(self) -> int | None:
+        """The IRQ the chip asserts INT for, or None."""
+        irq = self._highest_priority(self.irr & ~self.imr)
+        if irq is None:
+            return None
+        blocking = self._highest_priority(self._in_service_blocking())
+        if blocking is not None and self._rank(blocking) <= self._rank(irq):
+            return None
+        return irq
+
+    def intack(self, irq: int) -> None:
+        """INTA for ``irq``: into ISR (not with auto-EOI), out of IRR for an edge input."""
+        if self.auto_eoi:
+            if self.rotate_on_auto_eoi:
+                self.priority_add = (irq + 1) & 7
+        else:
+            self.isr |= 1 << irq
+        if not self.elcr & (1 << irq):
+            self.irr &= ~(1 << irq)
 
     # --- command port (offset 0) --------------------------------------------------------
     def _write_command(self, value: int) -> None:
@@ -142,7 +216,7 @@ class Pic8259:
     def pio_read(self, offset: int, size: int) -> int:
         if self.poll:
             self.poll = False
-            return POLL_NO_INTERRUPT
+            return self._poll_read()
         if offset & 1:
             return self.imr
         return self.isr if self.read_isr else self.irr
@@ -154,20 +228,44 @@ class Pic8259:
         else:
             self._write_command(value)
 
+    def _poll_read(self) -> int:
+        """Poll command: acknowledge the highest request (0x80 | irq), or 0x07 (none)."""
+        irq = self.pending_irq()
+        if irq is None:
+            return POLL_NO_INTERRUPT
+        self.intack(irq)
+        return 0x80 | irq
+
     @property
     def vector_base(self) -> int:
         return self.irq_base
 
     def get_state(self) -> dict:
-        return {f: getattr(self, f) for f in _BYTE_FIELDS + _FLAG_FIELDS}
+        return {f: getattr(self, f) for f in _BYTE_FIELDS + _FLAG_FIELDS + _LINE_FIELDS}
 
     def set_state(self, state: dict) -> None:
         values = {f: state_int(state, f, self.name, 8) for f in _BYTE_FIELDS}
         flags = {f: state_bool(state, f, self.name) for f in _FLAG_FIELDS}
         if values["init_state"] > 3:
             raise InputError(f"{self.name} state 'init_state' = {values['init_state']} must be 0..3")
-        for field, value in {**values, **flags}.items():
+        lines = {f: state_int(state, f, self.name, 8) if f in state else 0 for f in _LINE_FIELDS}
+        lines["elcr"] &= self.elcr_mask
+        for field, value in {**values, **flags, **lines}.items():
             setattr(self, field, value)
+
+
+class ElcrPorts:
+    """Ports 0x4D0 (master) and 0x4D1 (slave): the edge/level control registers."""
+
+    def __init__(self, master: Pic8259, slave: Pic8259) -> None:
+        self.chips = (master, slave)
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return self.chips[offset & 1].elcr
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        chip = self.chips[offset & 1]
+        chip.elcr = value & chip.elcr_mask
 
 
 @dataclass
@@ -179,12 +277,53 @@ class PicPair:
 
     @classmethod
     def create(cls) -> "PicPair":
-        return cls(Pic8259("pic master"), Pic8259("pic slave"))
+        return cls(Pic8259("pic master"), Pic8259("pic slave", is_master=False))
 
     def register(self, bus) -> None:
-        """Claim 0x20/0x21 and 0xA0/0xA1 on a :class:`~cetvm.vmm.bus.PioBus`."""
+        """Claim 0x20/0x21, 0xA0/0xA1 and the ELCR ports on a :class:`~cetvm.vmm.bus.PioBus`."""
         bus.register(PIC_MASTER_PORT, PIC_PORT_COUNT, self.master, "pic master")
         bus.register(PIC_SLAVE_PORT, PIC_PORT_COUNT, self.slave, "pic slave")
+        bus.register(ELCR_PORT, ELCR_PORT_COUNT, ElcrPorts(self.master, self.slave), "pic elcr")
+
+    # --- the pair's interrupt logic ---------------------------------------------------
+    def set_irq(self, irq: int, level: bool) -> None:
+        """Drive ISA IRQ ``irq`` (0..15): 0-7 the master, 8-15 the slave."""
+        if irq < 8:
+            self.master.set_irq(irq, level)
+        else:
+            self.slave.set_irq(irq - 8, level)
+        self._update_cascade()
+
+    def _update_cascade(self) -> None:
+        """The slave's INT as a pulse on the master's IRQ 2 (KVM pic_update_irq): a request still
+        pending after the slave's INTA latches the master's IRR again."""
+        if self.slave.pending_irq() is not None:
+            self.master.set_irq(CASCADE_IRQ, True)
+            self.master.set_irq(CASCADE_IRQ, False)
+
+    def has_interrupt(self) -> bool:
+        """The master's INT output (what the CPU's INTR pin sees through LVT0 ExtINT)."""
+        self._update_cascade()
+        return self.master.pending_irq() is not None
+
+    def acknowledge(self) -> int:
+        """The INTA cycle: the vector the pair puts on the bus (module docstring)."""
+        self._update_cascade()
+        irq = self.master.pending_irq()
+        if irq is None:
+            return self.master.irq_base + SPURIOUS_IRQ
+        self.master.intack(irq)
+        if irq != CASCADE_IRQ:
+            vector = self.master.irq_base + irq
+        else:
+            slave_irq = self.slave.pending_irq()
+            if slave_irq is None:
+                vector = self.slave.irq_base + SPURIOUS_IRQ
+            else:
+                self.slave.intack(slave_irq)
+                vector = self.slave.irq_base + slave_irq
+        self._update_cascade()
+        return vector
 
     def get_state(self) -> dict:
         return {"master": self.master.get_state(), "slave": self.slave.get_state()}

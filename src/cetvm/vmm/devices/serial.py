@@ -23,9 +23,14 @@ Decisions (documented where they differ from a wire-level 16550):
   outputs (CTS<-RTS, DSR<-DTR, RI<-OUT1, DCD<-OUT2).
 - Received bytes come from ``queue_input()``; the queue is unbounded (no overrun), LSR.DR is 1
   while it is non-empty.
-- Interrupt identification (IIR) follows QEMU's priority (line status, received data, THR
-  empty, modem status) and ``irq_pending`` reports the level of IRQ 4; the PIC of this VMM
-  never delivers it, so guests must poll.
+- Interrupts (QEMU serial_update_irq): IIR reports the highest-priority enabled source —
+  received data available (IER bit 0, while the receive queue is not empty; decision: at once,
+  without the FIFO trigger level and character timeout), then THR empty (IER bit 1: raised by a
+  transmission and by enabling THRI while THR is empty, cleared by reading IIR with THRI
+  highest or by writing THR). Line-status and modem-status interrupts never occur (no errors,
+  fixed modem lines). ``irq_pending`` is the INTR output, driven after every register access
+  onto ``irq`` (ISA IRQ 4 for COM1, :mod:`cetvm.vmm.devices.irq_lines`); MCR.OUT2 does not gate
+  it (QEMU).
 """
 
 from __future__ import annotations
@@ -86,9 +91,12 @@ UART_BAUD_BASE = 115200
 class Serial16550:
     """A 16550A UART on the port bus. ``sink`` receives every transmitted byte."""
 
-    def __init__(self, sink: Callable[[bytes], None] | None = None, input_bytes: bytes = b"") -> None:
+    def __init__(self, sink: Callable[[bytes], None] | None = None, input_bytes: bytes = b"",
+                 irq: Callable[[bool], None] | None = None) -> None:
         self._sink = sink
         self._rx: deque[int] = deque(input_bytes)
+        #: The INTR output (e.g. :meth:`cetvm.vmm.devices.irq_lines.IrqLine.set`).
+        self.irq = irq
         self.reset()
 
     # --- wiring -----------------------------------------------------------------------
@@ -104,8 +112,18 @@ class Serial16550:
         self.thr_ipending = False
 
     def queue_input(self, data: bytes) -> None:
-        """Bytes the guest will read from RBR, in order."""
+        """Bytes the guest will read from RBR, in order (raises the received-data interrupt)."""
         self._rx.extend(data)
+        self._update_irq()
+
+    @property
+    def input_pending(self) -> int:
+        """Received bytes the guest has not read yet."""
+        return len(self._rx)
+
+    def _update_irq(self) -> None:
+        if self.irq is not None:
+            self.irq(self.irq_pending)
 
     @property
     def baud_rate(self) -> float:
@@ -159,6 +177,11 @@ class Serial16550:
 
     def pio_read(self, offset: int, size: int) -> int:
         """Byte-wide registers; wider accesses read the register at ``offset`` (like QEMU)."""
+        value = self._read_register(offset)
+        self._update_irq()
+        return value
+
+    def _read_register(self, offset: int) -> int:
         dlab = bool(self.lcr & LCR_DLAB)
         if offset == 0:
             return self.divisor & 0xFF if dlab else self._receive()
@@ -180,12 +203,19 @@ class Serial16550:
         return self.scr
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
-        value &= 0xFF
+        self._write_register(offset, value & 0xFF)
+        self._update_irq()
+
+    def _write_register(self, offset: int, value: int) -> None:
         dlab = bool(self.lcr & LCR_DLAB)
         if offset == 0:
             if dlab:
                 self.divisor = (self.divisor & 0xFF00) | value
             else:
+                # Writing THR clears THRI and the byte leaves at once, setting it again: INTR
+                # drops and rises (a new edge), as the chip's does when THR empties again.
+                self.thr_ipending = False
+                self._update_irq()
                 self._transmit(value)
         elif offset == 1:
             if dlab:
