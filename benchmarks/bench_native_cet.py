@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from cetvm.cpu.native.rawharness import ITERATIONS_PER_LOOP, RawHarness, call_loop_code
+from rawharness import ITERATIONS_PER_LOOP, RawHarness, call_loop_code
 
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 PATHS = ("off", "native", "python")

@@ -1,10 +1,10 @@
-/* VM exits: port I/O, CPUID, intercepted MSRs, MMIO, VMCALL, XSETBV, a counted loop, and a
- * triple fault. */
+/* VM exits: port I/O, CPUID, intercepted MSRs, MMIO, VMCALL, XSETBV, MOV to CR4, a counted
+ * loop, and a triple fault. */
 #include "common.S"
 
         .text
         .globl _start, case_io, case_cpuid, case_msr, case_mmio, case_vmcall, case_xsetbv, case_ud
-        .globl case_loop, case_triple, unknown_rdmsr, ud_site, mmio_read
+        .globl case_loop, case_triple, unknown_rdmsr, ud_site, mmio_read, case_cr4, cr4_write
         .globl case_midblock, midblock_mmio, midblock_pf
 _start:
 case_io:
@@ -81,6 +81,17 @@ case_ud:
         endbr64
 ud_site:
         ud2
+
+/* Set CR4.CET (CR0.WP is set by the harness) with a MOV from RCX, then HLT. */
+case_cr4:
+        endbr64
+        mov %cr4, %rcx
+        or $(1 << 23), %rcx
+cr4_write:
+        mov %rcx, %cr4
+        mov $RESULTS_ADDR, %rbx
+        movq $1, R_GUEST(%rbx)
+        hlt
 
 case_loop:
         endbr64

@@ -4,7 +4,7 @@
  * How SSP stays consistent when we resume somewhere other than the faulting instruction:
  *
  *  - Kernel (CPL0) faults are delivered without IST on the current shadow stack (same
- *    privilege: no token check, a 24-byte frame CS/LIP/SSP is pushed [REF §4]).  Recovery is
+ *    privilege: no token check, a 24-byte frame CS/LIP/SSP is pushed [SDM Vol. 1 ch. 18]).  Recovery is
  *    cet_longjmp(): it INCSSPs the shadow stack back up to the SSP recorded by cet_setjmp()
  *    (discarding the handler's return addresses and the event frame), restores RSP and the
  *    callee-saved registers and jumps to the setjmp return point (GCC puts an ENDBR64 after
@@ -69,7 +69,7 @@
     .endm
 
 /* INCSSP_RCX: discard %rcx shadow-stack entries (INCSSPQ takes at most 255 at a time, it uses
- * only the low 8 bits of its operand) [REF §4 INCSSP]; clobbers %rdx, leaves %rcx = 0. */
+ * only the low 8 bits of its operand) [SDM Vol. 1 ch. 18 INCSSP]; clobbers %rdx, leaves %rcx = 0. */
     .macro INCSSP_RCX
 1:  test %rcx, %rcx
     jz 9f
@@ -108,7 +108,7 @@ isr_common:
  * SYSCALL: PL3_SSP = SSP (user shadow stacks on), SSP = 0 (S_CET.SH_STK_EN), supervisor IBT
  * tracker = WAIT (hence ENDBR64).  We take RSP0, SETSSBSY (SSP = PL0_SSP = K's token, busy),
  * build a trap_frame with vector 256 and return with CLRSSBSY (SSP = 0) + SYSRETQ
- * (SSP = PL3_SSP) [REF §4 SYSCALL/SYSRET, SETSSBSY, CLRSSBSY]. */
+ * (SSP = PL3_SSP) [SDM Vol. 1 ch. 18 SYSCALL/SYSRET, SETSSBSY, CLRSSBSY]. */
     .globl syscall_entry
     .p2align 4
 syscall_entry:

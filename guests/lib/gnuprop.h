@@ -1,5 +1,5 @@
 /* Include from every .S file: marks the object IBT|SHSTK compatible
- * (GNU_PROPERTY_X86_FEATURE_1_AND = 0xc0000002, bits IBT=1 SHSTK=2 [REF §6]) so the linked
+ * (GNU_PROPERTY_X86_FEATURE_1_AND = 0xc0000002, bits IBT=1 SHSTK=2 [Linux Documentation/arch/x86/shstk.rst]) so the linked
  * kernel keeps the property (the linker ANDs it over all inputs). */
     .pushsection .note.gnu.property, "a"
     .p2align 3

@@ -147,7 +147,7 @@ u64 map_data_page(u64 va, bool user)
     return pa;
 }
 
-/* A shadow-stack page is a leaf with R/W=0 and D=1 [REF §4 Paging].  Tokens are written while the
+/* A shadow-stack page is a leaf with R/W=0 and D=1 [SDM Vol. 1 ch. 18 Paging].  Tokens are written while the
  * page is still an ordinary data page (no WRSS needed), then it becomes a shadow-stack page. */
 u64 map_shstk_page(u64 va, bool user, const u64 *init, int n_init)
 {
@@ -340,7 +340,7 @@ static struct trap_record record_trap(const struct trap_frame *f)
         if (cet.shstk)
             r.ssp = rdmsr(MSR_PL3_SSP);     /* saved there on the switch to CPL0 */
     } else if (f->entry_ssp) {
-        r.ssp = *(u64 *)f->entry_ssp;       /* the frame's previous SSP [REF §4] */
+        r.ssp = *(u64 *)f->entry_ssp;       /* the frame's previous SSP [SDM Vol. 1 ch. 18] */
         r.ss_lip = *(u64 *)(f->entry_ssp + 8);
     }
     return r;
@@ -470,7 +470,7 @@ u64 cet_s_cet_default(void)
     return (cet.shstk ? CET_SH_STK_EN : 0) | (cet.ibt ? CET_ENDBR_EN : 0);
 }
 
-/* Supervisor token: bits 63:3 its own address, busy bit 0 clear [REF §4].  Restore token for
+/* Supervisor token: bits 63:3 its own address, busy bit 0 clear [SDM Vol. 1 ch. 18].  Restore token for
  * RSTORSSP at address m: (m + 8) | 1 (64-bit mode). */
 static u64 supervisor_token_at(u64 addr) { return addr; }
 static u64 restore_token_for(u64 addr) { return (addr + 8) | 1; }

@@ -4,8 +4,8 @@
  * Boot: multiboot v1 (32-bit entry `_start`, a.out kludge) or ELF64 entry `_start64`;
  * both reach kernel_entry64 -> kmain().  kmain() calls kernel_init() first.
  *
- * Architectural facts cited as [SDM] (Intel SDM vol. 1 ch. 17, vol. 3 ch. 6) and
- * [REF §n] (/work/shared/reference/cet-architecture.md).
+ * Architectural facts cite the Intel SDM (CET: vol. 1 ch. 18; XSAVE: vol. 1 ch. 13; CET MSRs:
+ * vol. 4 table 2-2; events: vol. 3 ch. 6) and KVM's behaviour its vmx.c / x86.c functions.
  */
 #ifndef KTEST_H
 #define KTEST_H
@@ -26,7 +26,7 @@ typedef _Bool bool;
 #define NORETURN __attribute__((noreturn))
 #define NOINLINE __attribute__((noinline))
 
-/* ---- architectural numbers [REF §1-§4] ---- */
+/* ---- architectural numbers [SDM Vol. 1 ch. 13; SDM Vol. 1 ch. 18] ---- */
 #define MSR_EFER 0xC0000080u
 #define MSR_STAR 0xC0000081u
 #define MSR_LSTAR 0xC0000082u
@@ -79,7 +79,7 @@ typedef _Bool bool;
 #define SEL_UCODE 0x2B
 #define SEL_TSS 0x30
 
-/* Page-table entry bits [SDM 4.5]. A shadow-stack leaf is R/W=0, D=1 [REF §4 Paging]. */
+/* Page-table entry bits [SDM 4.5]. A shadow-stack leaf is R/W=0, D=1 [SDM Vol. 1 ch. 18 Paging]. */
 #define PTE_P (1ul << 0)
 #define PTE_RW (1ul << 1)
 #define PTE_US (1ul << 2)
@@ -120,7 +120,7 @@ static inline void write_cr0(u64 v) { __asm__ volatile("mov %0, %%cr0" ::"r"(v) 
 static inline void write_cr3(u64 v) { __asm__ volatile("mov %0, %%cr3" ::"r"(v) : "memory"); }
 static inline void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" ::"r"(v) : "memory"); }
 static inline void invlpg(u64 va) { __asm__ volatile("invlpg (%0)" ::"r"(va) : "memory"); }
-/* RDSSPQ is a NOP when shadow stacks are off: the register keeps 0 [REF §4]. */
+/* RDSSPQ is a NOP when shadow stacks are off: the register keeps 0 [SDM Vol. 1 ch. 18]. */
 static inline u64 rdssp(void)
 {
     u64 v = 0;

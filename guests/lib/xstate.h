@@ -1,4 +1,4 @@
-/* xstate.h - XCR0/XSS helpers and the compacted-format size rule [REF §1]. */
+/* xstate.h - XCR0/XSS helpers and the compacted-format size rule [SDM Vol. 1 ch. 13]. */
 #ifndef KTEST_XSTATE_H
 #define KTEST_XSTATE_H
 #include "ktest.h"
@@ -9,7 +9,7 @@ static inline void xsetbv(u32 index, u64 v)
 }
 
 /* Compacted size of `mask`: legacy 512 + header 64, then each component i >= 2 in ascending
- * order, 64-byte aligned first when CPUID.(0xD,i).ECX[1] is set [REF §1]. */
+ * order, 64-byte aligned first when CPUID.(0xD,i).ECX[1] is set [SDM Vol. 1 ch. 13]. */
 static inline u64 xstate_compacted_size(u64 mask)
 {
     u64 off = 576;
@@ -24,7 +24,7 @@ static inline u64 xstate_compacted_size(u64 mask)
     return off;
 }
 
-/* Offset of component `n` in a compacted area whose XCOMP_BV is `mask` [REF §1]. */
+/* Offset of component `n` in a compacted area whose XCOMP_BV is `mask` [SDM Vol. 1 ch. 13]. */
 static inline u64 xstate_compacted_offset(u64 mask, u32 n)
 {
     u64 off = xstate_compacted_size(mask & ((1ul << n) - 1));

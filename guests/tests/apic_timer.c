@@ -4,7 +4,7 @@
  * Facts: SDM Vol. 3 §11.5.4 (timer: one-shot/periodic, TDCR, TMICT/TMCCT), §11.8.5 (EOI),
  * §6.8.3 (STI shadow: "sti; hlt" cannot miss the wake-up), §6.14 + CET: an interrupt at CPL0
  * without IST pushes CS, LIP and the old SSP on the current shadow stack (SSP - 24) and IRET
- * pops them [REF §5 events]. */
+ * pops them [KVM vmx.c/x86.c events]. */
 #include "ktest.h"
 
 #define PCD_PWT ((1ul << 4) | (1ul << 3))

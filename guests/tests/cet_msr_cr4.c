@@ -1,7 +1,7 @@
 /* cet_msr_cr4: WRMSR checks on the CET MSRs and the CR0.WP/CR4.CET interlock.
- *  [REF §2] PLx_SSP: #GP if bits 1:0 != 0 or non-canonical (4-byte aligned values are legal);
+ *  [SDM Vol. 4 Table 2-2] PLx_SSP: #GP if bits 1:0 != 0 or non-canonical (4-byte aligned values are legal);
  *  U/S_CET: #GP for bits 9:6, or SUPPRESS together with TRACKER; ISST: #GP if non-canonical.
- *  [REF §3] setting CR4.CET with CR0.WP=0 -> #GP; clearing CR0.WP with CR4.CET=1 -> #GP.
+ *  [SDM Vol. 3 §2.5] setting CR4.CET with CR0.WP=0 -> #GP; clearing CR0.WP with CR4.CET=1 -> #GP.
  * SKIP when CPUID has neither SHSTK nor IBT (PLx_SSP/ISST ones need SHSTK). */
 #include "ktest.h"
 

@@ -1,4 +1,4 @@
-/* ibt: indirect branch tracking [REF §4 IBT].
+/* ibt: indirect branch tracking [SDM Vol. 1 ch. 18 IBT].
  *  CPL0 (S_CET.ENDBR_EN, on for the whole kernel): CALL * to a target without ENDBR64 -> #CP(3)
  *  with RIP at the target; NOTRACK CALL * is exempt only with NO_TRACK_EN.
  *  CPL3 (U_CET.ENDBR_EN): the same -> #CP(3); without ENDBR_EN the call just works.

@@ -1,7 +1,7 @@
 /* init_state: prints the CET register state at boot, for the host to compare after RESET/INIT:
  *   cet-state u_cet=0x.. s_cet=0x.. pl0=0x.. pl1=0x.. pl2=0x.. pl3=0x.. isst=0x.. ssp=0x.. xss=0x..
  * ("-" for a register the CPUID does not enumerate).  At RESET/INIT all of them are 0
- * [REF §5 INIT/RESET]; checked here as TAP.  Then it loads non-zero values and prints them as
+ * [KVM vmx.c/x86.c INIT/RESET]; checked here as TAP.  Then it loads non-zero values and prints them as
  *   cet-state-set ...
  * so a host that INITs the vCPU and boots again can see they were cleared. */
 #include "ktest.h"

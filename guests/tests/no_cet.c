@@ -1,5 +1,5 @@
 /* no_cet: a guest whose CPUID has neither SHSTK nor IBT (the VMM hides CET) must see the CET
- * MSRs as absent (RDMSR/WRMSR -> #GP) and CR4.CET as reserved (#GP) [REF §2, §3, §5].
+ * MSRs as absent (RDMSR/WRMSR -> #GP) and CR4.CET as reserved (#GP) [SDM Vol. 4 Table 2-2, SDM Vol. 3 §2.5, KVM vmx.c/x86.c].
  * When CPUID has SHSTK or IBT the checks do not apply: SKIP. */
 #include "ktest.h"
 

@@ -1,4 +1,4 @@
-/* shstk_farret: far RET at CPL0 with supervisor shadow stacks [REF §4 far transfers].
+/* shstk_farret: far RET at CPL0 with supervisor shadow stacks [SDM Vol. 1 ch. 18 far transfers].
  * A far CALL pushes CS, LIP and the old SSP on the shadow stack; a LRETQ whose data-stack
  * return address was replaced no longer matches that frame -> #CP(2) at the LRETQ.
  * Control: the unmodified far call/return works (also without CET). SKIP without SHSTK. */

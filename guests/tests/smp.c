@@ -10,7 +10,7 @@
  *  LOCK CMPXCHG loops while the BSP does too, then halts with interrupts on.  The BSP then sends
  *  a fixed IPI to each AP, which answers with an IPI to the BSP, and a broadcast IPI (shorthand
  *  "all excluding self").
- *  [SDM Vol. 3 §9.4.4, §11.6; REF §4 (supervisor tokens, SETSSBSY)] */
+ *  [SDM Vol. 3 §9.4.4, §11.6; SDM Vol. 1 ch. 18 (supervisor tokens, SETSSBSY)] */
 #include "smp.h"
 
 #define SHSTK_AP(cpu) (CET_REGION_BASE + 0x40000 + 0x2000ul * (cpu))

@@ -1,4 +1,4 @@
-/* xsaves_cet: XSAVES/XRSTORS of the CET supervisor state components [REF §1].
+/* xsaves_cet: XSAVES/XRSTORS of the CET supervisor state components [SDM Vol. 1 ch. 13].
  * Set U_CET, PL3_SSP (CET_U) and PL0..2_SSP (CET_S), XSAVES them with RFBM = CET_U|CET_S,
  * check the compacted layout, clobber the MSRs, XRSTORS and read them back; then XRSTORS of an
  * image holding a misaligned PL3_SSP -> #GP(0) (WRMSR checks apply to restored values).

@@ -1,5 +1,5 @@
 /* xss_cpuid: the guest writes IA32_XSS and CPUID.(0xD,1).EBX follows: it is the compacted size
- * of XCR0 | XSS computed from the CPUID 0xD sub-leaves [REF §1, §5 XSS].  Also CET_U/CET_S
+ * of XCR0 | XSS computed from the CPUID 0xD sub-leaves [SDM Vol. 1 ch. 13, KVM vmx.c/x86.c XSS].  Also CET_U/CET_S
  * sub-leaves (16 and 24 bytes, XSS components) and #GP for a non-enumerated XSS bit.
  * SKIP without XSAVES or without CET_U|CET_S in CPUID.(0xD,1).ECX. */
 #include "xstate.h"

@@ -1,6 +1,6 @@
 """cetvm — a software x86-64 machine with Intel CET, virtualized the way Linux KVM does it.
 
-Layers (arrows point down only; see DESIGN.md):
+Layers (arrows point down only):
 cli → vmm, linux, kvm, report;  kvm → cpu, xstate, cpuid, arch;  cpu → xstate, cpuid, arch;
 xstate → cpuid, arch;  cpuid → arch;  arch holds facts only.
 """

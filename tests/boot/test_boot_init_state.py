@@ -1,5 +1,5 @@
 """INIT through the KVM API on a guest that loaded non-zero CET state: exactly the state of the
-KVM INIT rules is cleared [reference §5 INIT/RESET]: CET_U/CET_S xstate (U_CET, PL0-3_SSP) and the
+KVM INIT rules is cleared [KVM vmx.c/x86.c INIT/RESET]: CET_U/CET_S xstate (U_CET, PL0-3_SSP) and the
 VMCS GUEST_S_CET / GUEST_SSP / GUEST_INTR_SSP_TABLE; IA32_XSS and the other MSRs survive."""
 
 from cetvm.arch import KVM_REG_GUEST_SSP_ID

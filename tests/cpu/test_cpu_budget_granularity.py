@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Machine  # noqa: E402
 
-from cetvm.arch import Vector  # noqa: E402
+from cetvm.arch import Vector, VmcsField  # noqa: E402
 from cetvm.cpu.exits import Direction, ExitReason  # noqa: E402
 
 pytestmark = pytest.mark.guest
@@ -64,7 +64,7 @@ def test_the_count_before_a_mid_block_fault_is_the_instructions_before_it(monkey
     MMIO read, 5 more: 53 retired when the engine stops at the faulting load."""
     monkeypatch.setenv("CETVM_BUDGET_GRANULARITY", "block")
     m = Machine("exits")
-    m.vcpu.exception_bitmap = 1 << Vector.PF
+    m.vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, 1 << Vector.PF)
     m.vcpu.rip = m.sym("case_midblock")
     exit_ = m.vcpu.run()
     assert exit_.reason == ExitReason.MMIO and m.vcpu.instructions_retired == 6 + 5 * 8 + 2

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import L, Machine  # noqa: E402
 
-from cetvm.arch import Msr, Vector  # noqa: E402
+from cetvm.arch import Msr, Vector, VmcsField  # noqa: E402
 from cetvm.cpu.exits import Direction, ExitReason  # noqa: E402
 
 pytestmark = pytest.mark.guest
@@ -49,7 +49,7 @@ def test_cpuid_exits_and_the_hypervisor_fills_the_registers():
 
 def test_intercepted_msrs_exit_cet_msrs_are_handled_and_unknown_msrs_are_gp():
     m = start("case_msr")
-    m.vcpu.msr_intercepts |= {0x4B564D00, 0x4B564D01}
+    m.vcpu.vmcs.set_msr_bitmap({0x4B564D00, 0x4B564D01})
     rd = m.vcpu.run()
     assert rd.reason == ExitReason.RDMSR and rd.msr.index == 0x4B564D00
     rd.msr.data = 0xAABBCCDD_11223344
@@ -88,7 +88,7 @@ def test_vmcall_and_xsetbv_exit():
 
 def test_exception_bitmap_exits_before_delivery_and_injection_delivers():
     m = start("case_ud")
-    m.vcpu.exception_bitmap = 1 << Vector.UD
+    m.vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, 1 << Vector.UD)
     exit_ = m.vcpu.run()
     assert exit_.reason == ExitReason.EXCEPTION and exit_.exception.vector == Vector.UD
     assert exit_.rip == m.sym("ud_site") and m.results.count == 0

@@ -1,10 +1,10 @@
-"""SSP handling on events, IRET, far CALL/RET, SYSCALL/SYSRET (reference §4 steps (1)-(5), §7)."""
+"""SSP handling on events, IRET, far CALL/RET, SYSCALL/SYSRET (SDM Vol. 1 §18.2.4-§18.2.6 and the instruction pages)."""
 
 import pytest
 
 from cetvm import CetvmError
 from cetvm.arch import CetCtl, CpError, Msr, PfErr, Vector, supervisor_token
-from cetvm.cpu.cet.events import (
+from cetvm.cpu.cet.far_transfers import (
     ssp_on_event,
     ssp_on_far_call,
     ssp_on_far_ret,
@@ -179,7 +179,7 @@ def test_iret_same_privilege_round_trip():
 
 def test_iret_same_privilege_does_not_free_own_stack_token():
     # SDM: only if tempSSP != SSP. An event right after kernel entry (SSP at its own busy token)
-    # returns to the same stack; Bochs would wrongly free the token here (reference §7).
+    # returns to the same stack; Bochs would wrongly free the token here (the SDM keeps it busy).
     m = kernel_ready()
     deliver(m, 3, 0)  # SSP = KTOKEN, token busy
     deliver(m, 0, 0, cs=KERNEL_CS, lip=0x9000)

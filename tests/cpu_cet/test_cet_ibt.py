@@ -1,4 +1,4 @@
-"""Indirect branch tracking: arming, ENDBR, NOTRACK, legacy bitmap, #CP(3) (reference §4 IBT)."""
+"""Indirect branch tracking: arming, ENDBR, NOTRACK, legacy bitmap, #CP(3) (SDM Vol. 1 ch. 18 IBT)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The CET instructions, every row and fault of reference §4's table."""
+"""The CET instructions, every row and fault of SDM Vol. 1 ch. 18's table."""
 
 import pytest
 

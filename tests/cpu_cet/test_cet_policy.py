@@ -1,4 +1,4 @@
-"""Which CET feature is active at which CPL (reference §3)."""
+"""Which CET feature is active at which CPL (SDM Vol. 3 §2.5)."""
 
 import pytest
 

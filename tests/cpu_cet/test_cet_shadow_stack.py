@@ -1,4 +1,4 @@
-"""Near CALL/RET, far-transfer frames and supervisor tokens (reference §4, §7)."""
+"""Near CALL/RET, far-transfer frames and supervisor tokens (SDM Vol. 1 ch. 18; where Bochs 2.7 deviates the SDM wins)."""
 
 import pytest
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cetvm.arch import CetCtl, CpError, Msr, PfErr, Vector
+from cetvm.arch import CetCtl, CpError, Msr, PfErr, Vector, VmcsField
 from cetvm.cli import bench
 from cetvm.cpu.exits import ExitReason
 from cetvm.cpu.state import Segment
@@ -78,7 +78,7 @@ def make(code: bytes, fast: bool, monkeypatch, cpl: int = 0, intercept: tuple[in
     if s_cet is not None:
         vcpu.set_msr(Msr.IA32_S_CET, s_cet)
     for vector in intercept:
-        vcpu.exception_bitmap |= 1 << vector
+        vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, vcpu.vmcs.read(VmcsField.EXCEPTION_BITMAP) | 1 << vector)
     return vcpu
 
 
@@ -228,7 +228,7 @@ def test_ret_after_shadow_stack_mapping_change_page_faults(monkeypatch, change, 
     CR2 = SSP, RIP at the RET, RSP and SSP as before it.
 
     RDSSPQ (an emulated instruction, so an engine exit) follows the invalidation because INVLPG is
-    single-stepped by Vcpu.step_native, which (Unicorn 2.1.4, count=1) runs on past it to the next
+    single-stepped by Vcpu.step_in_engine, which (Unicorn 2.1.4, count=1) runs on past it to the next
     exit with the block hook off; the RET must run under the hook to be checked at all."""
     code, labels = assemble(
         ENDBR64, "31db",                                             # xor ebx, ebx

@@ -7,7 +7,7 @@ SSP one entry low and let the loop finish)."""
 
 import pytest
 
-from cetvm.arch import PfErr, Vector
+from cetvm.arch import PfErr, Vector, VmcsField
 from cetvm.cli import bench
 from cetvm.cpu.exits import ExitReason
 
@@ -32,7 +32,7 @@ def test_ret_after_invlpg_is_checked(cet_path):
         "ret:", "c3")
     vcpu = bench.make_vcpu(1, cet=True, cet_path=cet_path)
     vcpu.write_phys(bench.CODE, code)
-    vcpu.exception_bitmap |= 1 << Vector.PF
+    vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, 1 << Vector.PF)
     exit_ = vcpu.run()
     assert exit_.reason is ExitReason.EXCEPTION, exit_
     assert exit_.rip == bench.CODE + labels["ret"]

@@ -15,7 +15,7 @@ import pytest
 
 from cetvm.arch import CetCtl, Vector
 from cetvm.cpu.native import PagingKind, native_available
-from cetvm.cpu.native.rawharness import ENDBR64, PML4, SSP_TOP, GuestCode, RawHarness, call_loop_code
+from rawharness import ENDBR64, PML4, SSP_TOP, GuestCode, RawHarness, call_loop_code
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native CET fast path not built "
                                 "(python -m cetvm.cpu.native.build)")

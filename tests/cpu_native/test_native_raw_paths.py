@@ -14,7 +14,7 @@ from unicorn.x86_const import UC_X86_REG_RBX, UC_X86_REG_RSI
 
 from cetvm.arch import CetCtl, CpError, PfErr, Vector
 from cetvm.cpu.native import native_available
-from cetvm.cpu.native.rawharness import (
+from rawharness import (
     DATA, PAGE, PT, SHADOW_STACK, SSP_TOP, STACK, STACK_PAGES, RawHarness, call_loop_code, mixed_transfers_code,
 )
 

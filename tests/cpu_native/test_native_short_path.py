@@ -13,7 +13,7 @@ import pytest
 
 from cetvm.arch import CetCtl, CpError, Vector
 from cetvm.cpu.native import native_available
-from cetvm.cpu.native.rawharness import SSP_TOP, RawHarness, call_loop_code
+from rawharness import SSP_TOP, RawHarness, call_loop_code
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native CET fast path not built "
                                 "(python -m cetvm.cpu.native.build)")

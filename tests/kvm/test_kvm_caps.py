@@ -1,4 +1,4 @@
-"""What KVM offers per host (reference §5 rules), through the API and `cetvm caps`."""
+"""What KVM offers per host (KVM vmx.c/x86.c rules), through the API and `cetvm caps`."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_first_failing_rule_wins():
 
 
 def test_supported_cpuid_leaf_d_matches_the_reference_sizes():
-    """Reference §1: SPR with XCR0=0x602E7 and XSS=0x1800 → compacted size 0x2A00."""
+    """SDM Vol. 1 §13.4.3: SPR with XCR0=0x602E7 and XSS=0x1800 → compacted size 0x2A00."""
     c = caps("sapphire-rapids")
     amx = c.get_supported_cpuid(guest_perm=1 << 18)
     assert amx.get(0xD, 0)[0] == 0x602E7

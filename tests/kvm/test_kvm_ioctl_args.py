@@ -13,7 +13,7 @@ from cetvm.arch.msr import Msr
 from cetvm.arch.regs import canonicalize
 from cetvm.cpu.state import Regs, Segment, Sregs
 from cetvm.cpuid import get_model
-from cetvm.kvm import VcpuCetState, kvm_caps_for_host
+from cetvm.kvm import VcpuArch, kvm_caps_for_host
 from cetvm.arch.regs import Cr4
 from cetvm.kvm.cr import CR4_RESERVED_BITS, cr4_reserved_bits, kvm_is_valid_sregs_state
 from cetvm.kvm.errors import (
@@ -118,9 +118,9 @@ def test_memory_region_rules():
 
 
 @pytest.fixture
-def vcpu_state() -> VcpuCetState:
+def vcpu_state() -> VcpuArch:
     caps = kvm_caps_for_host(Host(get_model("sapphire-rapids")))
-    return VcpuCetState.create(caps, caps.get_supported_cpuid())
+    return VcpuArch.create(caps, caps.get_supported_cpuid())
 
 
 def test_set_efer_rules(vcpu_state):

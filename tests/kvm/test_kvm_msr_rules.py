@@ -1,4 +1,4 @@
-"""Every CET/XSS MSR rule of reference §5, table-driven, against an oracle written from the
+"""Every CET/XSS MSR rule of KVM vmx.c/x86.c, table-driven, against an oracle written from the
 reference text (not from cetvm.kvm): {guest CPUID} × MSR × value × {guest, host} × {read, write}."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from cetvm.cpuid import get_model
 from cetvm.kvm.caps import kvm_caps_for_host
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import MsrResult, kvm_get_msr, kvm_set_msr
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 U_CET, S_CET = 0x6A0, 0x6A2
 PL_SSP = (0x6A4, 0x6A5, 0x6A6, 0x6A7)
@@ -48,7 +48,7 @@ def canonical48(v: int) -> bool:
 
 
 def oracle(msr: int, guest: tuple[bool, bool, bool], value: int, host: bool, write: bool) -> str:
-    """Expected outcome per reference §5: 'ok', '#GP' or 'error'."""
+    """Expected outcome per KVM vmx.c/x86.c: 'ok', '#GP' or 'error'."""
     shstk, ibt, xsaves = guest
     guest_supported_xss = 0x1800  # guest CPUID.(0xD,1).ECX = KVM's supported XSS on SPR
     advertised = msr != GUEST_SSP  # SPR: every CET MSR and XSS are in the index list
@@ -87,13 +87,13 @@ def spr_caps():
     return kvm_caps_for_host(Host(get_model("sapphire-rapids")))
 
 
-def make_vcpu(caps, guest: tuple[bool, bool, bool]) -> VcpuCetState:
+def make_vcpu(caps, guest: tuple[bool, bool, bool]) -> VcpuArch:
     cpuid = caps.get_supported_cpuid()
     shstk, ibt, xsaves = guest
     cpuid.set_feature("shstk", shstk)
     cpuid.set_feature("ibt", ibt)
     cpuid.set_feature("xsaves", xsaves)
-    return VcpuCetState.create(caps, cpuid)
+    return VcpuArch.create(caps, cpuid)
 
 
 CASES = list(itertools.product(GUESTS, ALL_MSRS, VALUES, (False, True), (False, True)))
@@ -133,7 +133,7 @@ def test_written_value_reads_back_from_its_home(spr_caps, msr):
 def test_int_ssp_tab_needs_long_mode(spr_caps):
     cpuid = spr_caps.get_supported_cpuid()
     cpuid.set_feature("lm", False)
-    vcpu = VcpuCetState.create(spr_caps, cpuid)
+    vcpu = VcpuArch.create(spr_caps, cpuid)
     assert kvm_set_msr(vcpu, INT_SSP_TAB, 0x1000) is MsrResult.GUEST_GP
     assert kvm_set_msr(vcpu, PL_SSP[0], 0x1000) is MsrResult.OK
 
@@ -143,7 +143,7 @@ def test_kvm_unsupported_shstk_in_guest_cpuid_gives_no_msrs():
     caps = kvm_caps_for_host(Host(get_model("ice-lake")))
     cpuid = caps.get_supported_cpuid()
     cpuid.set_feature("shstk", True)
-    vcpu = VcpuCetState.create(caps, cpuid)
+    vcpu = VcpuArch.create(caps, cpuid)
     assert vcpu.cpuid.guest_cpuid_has("shstk")
     assert kvm_set_msr(vcpu, PL_SSP[3], 0x1000) is MsrResult.GUEST_GP
     # Not advertised by KVM on Ice Lake: even userspace may not read it.

@@ -22,7 +22,8 @@ from cetvm.arch.timekeeping import (
     tsc_hz_from_leaf_15h,
 )
 from cetvm.cpuid import get_model
-from cetvm.kvm.api import Kvm, restore_vcpu_state, save_vcpu_state
+from cetvm.kvm.api import Kvm
+from cetvm.kvm.state import restore_vcpu_state, save_vcpu_state
 from cetvm.kvm.host import Host
 from cetvm.kvm.timekeeping import DEFAULT_TSC_KHZ, KVM_PV_FEATURES
 

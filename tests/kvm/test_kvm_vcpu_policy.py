@@ -1,4 +1,4 @@
-"""vCPU policy: CPUID runtime sizes, where CET state lives, ONE_REG, CR0/CR4 rules (reference §5)."""
+"""vCPU policy: CPUID runtime sizes, where CET state lives, ONE_REG, CR0/CR4 rules (KVM vmx.c/x86.c)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cetvm.kvm.cr import kvm_is_valid_sregs, kvm_set_cr0, kvm_set_cr4
 from cetvm.kvm.errors import KvmIoctlError
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import MsrResult, get_one_reg, kvm_get_msr, kvm_set_msr, set_one_reg
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 GUEST_SSP_REG = 0x2030000300000000
 
@@ -23,11 +23,11 @@ def caps():
     return kvm_caps_for_host(Host(get_model("sapphire-rapids")))
 
 
-def vcpu_with(caps, shstk=True, ibt=True) -> VcpuCetState:
+def vcpu_with(caps, shstk=True, ibt=True) -> VcpuArch:
     cpuid = caps.get_supported_cpuid()
     cpuid.set_feature("shstk", shstk)
     cpuid.set_feature("ibt", ibt)
-    return VcpuCetState.create(caps, cpuid)
+    return VcpuArch.create(caps, cpuid)
 
 
 def test_set_cpuid_accepts_shstk_without_ibt_and_derives_guest_xss(caps):
@@ -35,7 +35,7 @@ def test_set_cpuid_accepts_shstk_without_ibt_and_derives_guest_xss(caps):
     cpuid.set_feature("ibt", False)
     _, ebx, _, edx = cpuid.get(0xD, 1)
     cpuid.set(0xD, 1, cpuid.get(0xD, 1)[0], ebx, 0x1900, edx)  # PT bit KVM does not support
-    vcpu = VcpuCetState.create(caps, cpuid)
+    vcpu = VcpuArch.create(caps, cpuid)
     assert vcpu.cpuid.guest_cpu_cap_has("shstk") and not vcpu.cpuid.guest_cpu_cap_has("ibt")
     assert vcpu.cpuid.guest_supported_xss == 0x1800
 

@@ -47,11 +47,10 @@ from cetvm.kvm.api import (
     Segment,
     Sregs,
     Vm,
-    restore_vcpu_state,
-    save_vcpu_state,
 )
 from cetvm.kvm.errors import KvmBadAddress, KvmError, KvmExists, KvmInvalidArgument, KvmTooBig
 from cetvm.kvm.host import Host
+from cetvm.kvm.state import restore_vcpu_state, save_vcpu_state
 from cetvm.vmm.config import MachineConfig
 from cetvm.vmm.machine import Machine
 

@@ -1,5 +1,5 @@
 """Guest RDMSR/WRMSR of the CET MSRs through the KVM run loop (interception per
-vmx_update_intercept_for_cet_msr, #GP delivered to the guest's IDT) [reference §2, §5]."""
+vmx_update_intercept_for_cet_msr, #GP delivered to the guest's IDT) [SDM Vol. 4 Table 2-2, KVM vmx.c/x86.c]."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_cet_msrs_with_guest_cet_pass_through_and_fault_architecturally():
 def _cet_intercepts(guest) -> set[int]:
     """The CET/XSS MSRs whose guest access exits to KVM (the MSR bitmap intercepts every MSR
     the CPU does not hold, so only the CET ones are compared)."""
-    return guest.vcpu.cpu.msr_intercepts.intercepted(CET_INTERCEPTABLE_MSRS)
+    return guest.vcpu.state.vmcs.msr_bitmap.intercepted(CET_INTERCEPTABLE_MSRS)
 
 
 def test_interception_follows_guest_cpuid():

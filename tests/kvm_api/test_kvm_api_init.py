@@ -1,5 +1,5 @@
 """RESET and INIT through the API (kvm_vcpu_reset, kvm_xstate_reset from seeds/004,
-vmx_vcpu_reset) [reference §5; SDM Vol. 3 Table 10-1]."""
+vmx_vcpu_reset) [KVM vmx.c/x86.c; SDM Vol. 3 Table 10-1]."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from cetvm.kvm.api import KvmExitReason, MpState
 CET_VALUES = {Msr.IA32_U_CET: 0x1, Msr.IA32_S_CET: 0x5, Msr.IA32_PL0_SSP: 0x7F00_0000_0000,
               Msr.IA32_PL1_SSP: 0x7F00_0000_1000, Msr.IA32_PL2_SSP: 0x7F00_0000_2000,
               Msr.IA32_PL3_SSP: 0x7F00_0000_3000, Msr.IA32_INT_SSP_TAB: 0x7F00_0000_4000}
-AVX_OFFSET = 0x240  # reference §1: AVX (YMM_Hi128) at 0x240 in the standard format
-MPX_OFFSET = 0x3C0  # reference §1: BNDREGS at 0x3C0 on Skylake-SP
+AVX_OFFSET = 0x240  # SDM Vol. 1 ch. 13: AVX (YMM_Hi128) at 0x240 in the standard format
+MPX_OFFSET = 0x3C0  # SDM Vol. 1 ch. 13: BNDREGS at 0x3C0 on Skylake-SP
 
 
 def _with_component(image: bytes, bit: int, offset: int, payload: bytes) -> bytes:

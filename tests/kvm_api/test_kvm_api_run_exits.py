@@ -7,6 +7,7 @@ import struct
 import pytest
 from conftest import CODE, make_guest
 
+from cetvm.arch import VmcsField
 from cetvm.kvm.api import KvmExitReason
 from cetvm.kvm.errors import KvmIoctlError
 
@@ -65,3 +66,15 @@ def test_vcpu_id_in_use_and_memory_bounds():
         g.vm.create_vcpu()
     with pytest.raises(Exception, match="RAM slot"):
         g.vm.get_memory(0x400000 - 4, 8)
+
+
+def test_vm_entry_failure_on_a_non_canonical_guest_ssp_is_kvm_exit_fail_entry():
+    """KVM_SET_ONE_REG refuses a bad SSP, so the VMCS field is written directly (as a buggy
+    hypervisor or a nested vmcs12 merge could): the CPU's VM entry fails its guest-state check."""
+    g = make_guest("hypercall_io")
+    rip = g.vcpu.get_regs().rip
+    g.vcpu.state.vmcs.write(VmcsField.GUEST_SSP, 0x0000_8000_0000_0000)
+    run = g.vcpu.run(budget=10_000)
+    assert run.exit_reason is KvmExitReason.FAIL_ENTRY and "GUEST_SSP" in run.detail
+    assert run.hardware_entry_failure_reason == 1 << 31 | 33  # VM-entry failure: invalid guest state
+    assert run.rip == rip and g.vcpu.get_regs().rip == rip  # nothing ran

@@ -119,7 +119,7 @@ def test_filter_denies_writes_only_and_routes_them_to_userspace():
 def test_denied_access_without_the_filter_reason_is_gp():
     g = msr_guest(rdmsr_code(0xC000_0082))  # LSTAR: normally passed through to the CPU
     g.vm.set_msr_filter([MsrFilterRange(READ, 0xC000_0082, 1, b"\x00")])
-    assert 0xC000_0082 in g.vcpu.cpu.msr_intercepts
+    assert 0xC000_0082 in g.vcpu.state.vmcs.msr_bitmap
     assert run(g).exit_reason is KvmExitReason.HLT and faulted(g)
 
 
@@ -130,7 +130,7 @@ def test_default_deny_filter_allows_only_the_listed_msrs():
     exit_ = run(g)
     assert exit_.exit_reason is KvmExitReason.X86_RDMSR and exit_.msr.index == 0xC000_0080
     g.vm.set_msr_filter([])  # removing the filter restores pass-through
-    assert 0xC000_0080 not in g.vcpu.cpu.msr_intercepts
+    assert 0xC000_0080 not in g.vcpu.state.vmcs.msr_bitmap
 
 
 def test_x2apic_msrs_cannot_be_filtered_and_fail_with_reason_inval():

@@ -1,5 +1,5 @@
 """IA32_XSS / XCR0 writes and CPUID.(0xD,n).EBX; CR4.CET and CR0.WP rules (guest and
-KVM_SET_SREGS) [reference §1, §3, §5]."""
+KVM_SET_SREGS) [SDM Vol. 1 ch. 13, SDM Vol. 3 §2.5, KVM vmx.c/x86.c]."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cetvm.kvm.api import KvmExitReason
 from cetvm.kvm.errors import KvmIoctlError
 
 GP = (13, 0)
-# Sapphire Rapids sizes from reference §1: legacy+header 576, AVX 256 @ 0x240, CET_U 16, CET_S 24.
+# Sapphire Rapids sizes from SDM Vol. 1 ch. 13: legacy+header 576, AVX 256 @ 0x240, CET_U 16, CET_S 24.
 LEGACY = 576
 
 

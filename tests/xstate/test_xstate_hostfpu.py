@@ -56,8 +56,10 @@ def test_guest_perm_request_keeps_cet_space(spr):
     assert cfg.size == layout.compacted_size(cfg.features)
     assert cfg.size >= layout.compacted_offset(12, cfg.features) + 24
     assert cfg.user_features & AMX == AMX and not cfg.user_features & (CET_U | CET_S)
-    # the v6 patch under review dropped CET_USER from the guest buffer
-    assert not spr.guest_perm_request_v6(AMX).features & CET_U
+    # The v6 patch under review computed permitted (user features only) | requested | the
+    # guest-only supervisor features, which drops CET_USER from the guest buffer.
+    v6_mask = spr.default_user_features | AMX | spr.features_guest_only
+    assert not v6_mask & CET_U and cfg.features & CET_U
 
 
 def test_user_shstk_off_drops_cet_user_only():

@@ -1,4 +1,4 @@
-"""XSAVE layouts from CPUID reproduce every size the real dumps report (reference §1)."""
+"""XSAVE layouts from CPUID reproduce every size the real dumps report (SDM Vol. 1 ch. 13)."""
 
 from __future__ import annotations
 

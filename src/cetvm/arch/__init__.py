@@ -1,6 +1,7 @@
 """Architectural facts only: numbers, bit names and pure helpers. No state lives here.
 
-Everything in ../shared/reference/cet-architecture.md as named Python objects.
+The SDM's CET, XSAVE, MSR, paging and VMX facts as named Python objects, and the architectural
+value checks built on them (one place each).
 """
 
 from cetvm.arch.cet import (

@@ -1,4 +1,4 @@
-"""CET instruction facts: #CP error codes, encodings, tokens [SDM Vol. 1 ch. 17; reference §4]."""
+"""CET instruction facts: #CP error codes, encodings, tokens [SDM Vol. 1 ch. 17]."""
 
 from __future__ import annotations
 

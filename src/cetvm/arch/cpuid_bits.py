@@ -1,4 +1,4 @@
-"""CPUID feature bits that cetvm queries by name [SDM Vol. 2A CPUID; reference §1]."""
+"""CPUID feature bits that cetvm queries by name [SDM Vol. 2A CPUID]."""
 
 from __future__ import annotations
 

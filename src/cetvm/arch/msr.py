@@ -1,8 +1,10 @@
-"""MSR indices and the CET MSR bit layouts [SDM Vol. 4; reference §2]."""
+"""MSR indices and the CET MSR bit layouts [SDM Vol. 4]."""
 
 from __future__ import annotations
 
 import enum
+
+from cetvm.arch.regs import is_canonical
 
 
 class Msr(enum.IntEnum):
@@ -12,10 +14,12 @@ class Msr(enum.IntEnum):
     IA32_APIC_BASE = 0x1B
     IA32_FEATURE_CONTROL = 0x3A
     IA32_TSC_ADJUST = 0x3B
-    IA32_MISC_ENABLE = 0x1A0
+    #: IA32_BIOS_SIGN_ID in the SDM; Linux's MSR_IA32_UCODE_REV.
+    IA32_UCODE_REV = 0x8B
     IA32_SYSENTER_CS = 0x174
     IA32_SYSENTER_ESP = 0x175
     IA32_SYSENTER_EIP = 0x176
+    IA32_MISC_ENABLE = 0x1A0
     IA32_PAT = 0x277
     IA32_VMX_BASIC = 0x480
     IA32_U_CET = 0x6A0
@@ -66,8 +70,17 @@ CET_MSRS: tuple[Msr, ...] = (
     Msr.IA32_INT_SSP_TAB,
 )
 
+#: The CET MSR indices as a set of plain ints (membership tests on hot paths).
+CET_MSR_SET: frozenset[int] = frozenset(int(m) for m in CET_MSRS)
+#: The two CET control MSRs (IA32_U_CET, IA32_S_CET).
+CET_CTL_MSRS: tuple[Msr, ...] = (Msr.IA32_U_CET, Msr.IA32_S_CET)
+
 #: PLn_SSP MSR for privilege level n.
 PL_SSP_MSRS: tuple[Msr, ...] = (Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP)
+
+
+#: The MSRs that hold a shadow-stack pointer: PL0-3_SSP and the interrupt SSP table address.
+SSP_MSRS: tuple[Msr, ...] = (*PL_SSP_MSRS, Msr.IA32_INT_SSP_TAB)
 
 
 def pl_ssp_msr(cpl: int) -> Msr:
@@ -76,7 +89,7 @@ def pl_ssp_msr(cpl: int) -> Msr:
 
 
 class CetCtl(enum.IntFlag):
-    """Bits of IA32_U_CET / IA32_S_CET [SDM Vol. 4 Table 2-2; reference §2]."""
+    """Bits of IA32_U_CET / IA32_S_CET [SDM Vol. 4 Table 2-2]."""
 
     SH_STK_EN = 1 << 0
     WR_SHSTK_EN = 1 << 1
@@ -92,6 +105,8 @@ class CetCtl(enum.IntFlag):
 CET_CTL_RESERVED = 0x3C0
 #: Bits 63:12 hold EB_LEG_BITMAP_BASE.
 CET_LEG_BITMAP_BASE_MASK = ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF
+#: SSP values (PLn_SSP, the guest SSP) must be 4-byte aligned: bits 1:0 clear.
+SSP_ALIGNMENT_BITS = 0x3
 #: Shadow-stack control bits (1:0).
 CET_SHSTK_BITS = CetCtl.SH_STK_EN | CetCtl.WR_SHSTK_EN
 #: IBT control bits 5:2 (bits 63:10 are IBT state/bitmap base too, see kvm_is_valid_u_s_cet).
@@ -114,3 +129,52 @@ EFER_DEFINED_INTEL = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NXE)
 #: IA32_VMX_BASIC bit 56: VM entry may inject a hardware exception with or without an error code,
 #: regardless of the vector (needed to inject #CP with its error code) [SDM Vol. 3 A.1].
 VMX_BASIC_NO_HW_ERRCODE_CHECK = 1 << 56
+
+
+def cet_ctl_fault(name: str, value: int, va_bits: int = 48) -> str | None:
+    """Why ``value`` is no valid IA32_U_CET / IA32_S_CET value, or None [SDM Vol. 4 Table 2-2,
+    WRMSR; SDM Vol. 1 §13.5.6 XRSTORS of CET_U; SDM Vol. 3 §28.3.1.1 GUEST_S_CET].
+
+    Reserved bits 9:6; SUPPRESS (10) together with TRACKER (11); EB_LEG_BITMAP_BASE (63:12)
+    not canonical. The CPUID-dependent reservations (bits 1:0 without SHSTK, the IBT bits
+    without IBT) are the caller's, which knows the processor's features.
+    """
+    if value & CET_CTL_RESERVED:
+        return f"{name} 0x{value:x} sets reserved bits 9:6"
+    both = CetCtl.SUPPRESS | CetCtl.TRACKER
+    if value & both == both:
+        return f"{name} 0x{value:x} sets SUPPRESS and TRACKER together"
+    if not is_canonical(value & CET_LEG_BITMAP_BASE_MASK, va_bits):
+        return f"{name} 0x{value:x}: legacy bitmap base is not canonical"
+    return None
+
+
+def ssp_fault(name: str, value: int, va_bits: int = 48) -> str | None:
+    """Why ``value`` is no valid shadow-stack pointer (IA32_PLn_SSP, GUEST_SSP), or None:
+    canonical, bits 1:0 clear [SDM Vol. 4 Table 2-2; SDM Vol. 3 §28.3.1.1]."""
+    if not is_canonical(value, va_bits):
+        return f"{name} 0x{value:x} is not canonical"
+    if value & SSP_ALIGNMENT_BITS:
+        return f"{name} 0x{value:x} is not 4-byte aligned (bits 1:0 set)"
+    return None
+
+
+def ssp_table_fault(name: str, value: int, va_bits: int = 48) -> str | None:
+    """Why ``value`` is no valid IA32_INTERRUPT_SSP_TABLE_ADDR / GUEST_INTR_SSP_TABLE, or None:
+    canonical [SDM Vol. 4 Table 2-2; SDM Vol. 3 §28.3.1.1]."""
+    if not is_canonical(value, va_bits):
+        return f"{name} 0x{value:x} is not canonical"
+    return None
+
+
+def cet_msr_value_fault(index: int, value: int, va_bits: int = 48) -> str | None:
+    """The architectural value check of a CET MSR write (WRMSR #GP(0), XRSTORS #GP(0)), or None
+    when ``index`` is no CET MSR or the value is valid."""
+    name = Msr(index).name if index in CET_MSR_SET else f"MSR {index:#x}"
+    if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
+        return cet_ctl_fault(name, value, va_bits)
+    if index in PL_SSP_MSRS:
+        return ssp_fault(name, value, va_bits)
+    if index == Msr.IA32_INT_SSP_TAB:
+        return ssp_table_fault(name, value, va_bits)
+    return None

@@ -114,6 +114,22 @@ def is_fault_exception(vector: int) -> bool:
     return 0 <= vector < 32 and vector not in NON_FAULT_VECTORS
 
 
+#: RFLAGS status and control bits [SDM Vol. 1 §3.4.3, Figure 3-8] (plain ints: the emulation
+#: tests them on every string iteration).
+RFLAGS_CF = 1 << 0
+RFLAGS_PF = 1 << 2
+RFLAGS_AF = 1 << 4
+RFLAGS_ZF = 1 << 6
+RFLAGS_SF = 1 << 7
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_DF = 1 << 10
+RFLAGS_OF = 1 << 11
+RFLAGS_IOPL = 3 << 12
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
 #: RFLAGS bit 1 always reads 1 [SDM Vol. 1 §3.4.3].
 RFLAGS_FIXED = 1 << 1
 #: RFLAGS bits that are reserved (must be 0): 3, 5, 15 and 63:22 [SDM Vol. 1 Figure 3-8].
@@ -137,5 +153,10 @@ def canonicalize(addr: int, va_bits: int = 48) -> int:
     return (value >> shift) & 0xFFFF_FFFF_FFFF_FFFF
 
 
+#: All 64 bits: a value masked to a 64-bit register's width.
+U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
+
+
 def u64(value: int) -> int:
-    return value & 0xFFFF_FFFF_FFFF_FFFF
+    """``value`` truncated to 64 bits, as a 64-bit register holds it."""
+    return value & U64_MASK

@@ -1,4 +1,4 @@
-"""VMX facts for CET: VMCS field encodings and control bits [SDM Vol. 3 App. B; reference §5]."""
+"""VMX facts: VMCS field encodings, control bits, exit reasons [SDM Vol. 3 ch. 25, App. B, C]."""
 
 from __future__ import annotations
 
@@ -6,13 +6,38 @@ import enum
 
 
 class VmcsField(enum.IntEnum):
-    """VMCS field encodings used by cetvm (natural width unless noted)."""
+    """VMCS field encodings used by cetvm [SDM Vol. 3 App. B] (bits 14:13 of an encoding give
+    its width: 0 16-bit, 1 64-bit, 2 32-bit, 3 natural width; bits 11:10 its type: 0 control,
+    1 read-only exit information, 2 guest state, 3 host state)."""
 
-    VM_ENTRY_CONTROLS = 0x4012
+    # 64-bit control fields
+    MSR_BITMAP = 0x2004
+    # 64-bit read-only data fields
+    GUEST_PHYSICAL_ADDRESS = 0x2400
+    # 32-bit control fields
+    PIN_BASED_VM_EXEC_CONTROL = 0x4000
+    CPU_BASED_VM_EXEC_CONTROL = 0x4002
+    EXCEPTION_BITMAP = 0x4004
     VM_EXIT_CONTROLS = 0x400C
+    VM_ENTRY_CONTROLS = 0x4012
     VM_ENTRY_INTR_INFO = 0x4016
     VM_ENTRY_EXCEPTION_ERROR_CODE = 0x4018
-    EXCEPTION_BITMAP = 0x4004
+    SECONDARY_VM_EXEC_CONTROL = 0x401E
+    # 32-bit read-only data fields
+    VM_INSTRUCTION_ERROR = 0x4400
+    VM_EXIT_REASON = 0x4402
+    VM_EXIT_INTR_INFO = 0x4404
+    VM_EXIT_INTR_ERROR_CODE = 0x4406
+    VM_EXIT_INSTRUCTION_LEN = 0x440C
+    VMX_INSTRUCTION_INFO = 0x440E
+    # natural-width control fields
+    CR0_GUEST_HOST_MASK = 0x6000
+    CR4_GUEST_HOST_MASK = 0x6002
+    CR0_READ_SHADOW = 0x6004
+    CR4_READ_SHADOW = 0x6006
+    # natural-width read-only data fields
+    EXIT_QUALIFICATION = 0x6400
+    # natural-width guest-state fields
     GUEST_CR0 = 0x6800
     GUEST_CR3 = 0x6802
     GUEST_CR4 = 0x6804
@@ -30,6 +55,11 @@ class VmcsField(enum.IntEnum):
     HOST_INTR_SSP_TABLE = 0x6C1C
     HOST_RSP = 0x6C14
     HOST_RIP = 0x6C16
+
+
+def vmcs_field_width(field: VmcsField) -> int:
+    """Width in bits of a VMCS field, from its encoding [SDM Vol. 3 §25.11.2]."""
+    return (16, 64, 32, 64)[(int(field) >> 13) & 3]
 
 
 class VmEntryControls(enum.IntFlag):
@@ -69,10 +99,43 @@ class ExitReason(enum.IntEnum):
     XRSTORS = 64
 
 
+#: VM_EXIT_REASON bit 31: the exit is a VM-entry failure [SDM Vol. 3 §25.9.1, §27.8].
+VMX_EXIT_REASONS_FAILED_VMENTRY = 1 << 31
+
+#: Exit qualification of a control-register access [SDM Vol. 3 Table 28-3]: bits 3:0 the CR
+#: number, 5:4 the access type (0 = MOV to CR, 1 = MOV from CR, 2 = CLTS, 3 = LMSW), 11:8 the
+#: general-purpose register (0 RAX ... 15 R15).
+CR_ACCESS_TYPE_MOV_TO_CR = 0
+
+
+def cr_access_qualification(cr: int, access_type: int, gpr: int) -> int:
+    """The exit qualification of a MOV to/from CR exit."""
+    return (cr & 0xF) | (access_type & 3) << 4 | (gpr & 0xF) << 8
+
+
+def io_qualification(size: int, is_in: bool, port: int, *, string: bool = False, rep: bool = False,
+                     immediate: bool = False) -> int:
+    """The exit qualification of an I/O instruction [SDM Vol. 3 Table 28-5]: bits 2:0 size - 1,
+    bit 3 direction (1 = IN), bit 4 string, bit 5 REP, bit 6 operand encoding (1 = immediate),
+    bits 31:16 the port."""
+    return (((size - 1) & 7) | int(is_in) << 3 | int(string) << 4 | int(rep) << 5 | int(immediate) << 6
+            | (port & 0xFFFF) << 16)
+
+
+#: VM_EXIT_INTR_INFO [SDM Vol. 3 Table 25-19]: bits 7:0 vector, 10:8 type (3 = hardware
+#: exception), bit 11 error code valid, bit 31 valid.
+INTR_TYPE_HARD_EXCEPTION = 3
+INTR_INFO_DELIVER_CODE = 1 << 11
+INTR_INFO_VALID = 1 << 31
+#: EPT-violation exit qualification bits [SDM Vol. 3 Table 28-7]: the access was a read / a write.
+EPT_VIOLATION_READ = 1 << 0
+EPT_VIOLATION_WRITE = 1 << 1
+
+
 #: KVM_GET/SET_ONE_REG id of the guest SSP: KVM_X86_REG_KVM(KVM_REG_GUEST_SSP) [K].
 KVM_REG_GUEST_SSP_ID = 0x2030000300000000
 
-#: AMD VMCB save-area offsets of the CET state [reference §5].
+#: AMD VMCB save-area offsets of the CET state [AMD APM Vol. 2 Table B-2].
 VMCB_SAVE_S_CET = 0x1E0
 VMCB_SAVE_SSP = 0x1E8
 VMCB_SAVE_ISST_ADDR = 0x1F0

@@ -1,4 +1,4 @@
-"""XSAVE state components [SDM Vol. 1 ch. 13; reference §1]."""
+"""XSAVE state components [SDM Vol. 1 ch. 13]."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ XFEATURE_MASK_SUPERVISOR_ALL = mask_of(
     XFeature.UINTR, XFeature.LBR, XFeature.HWP,
 )
 
-#: Layout of the CET components (offsets within the component) [reference §1].
+#: Layout of the CET components (offsets within the component) [SDM Vol. 1 §13.5.6].
 CET_U_SIZE = 16
 CET_U_OFF_U_CET = 0
 CET_U_OFF_PL3_SSP = 8

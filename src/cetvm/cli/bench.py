@@ -28,14 +28,16 @@ import time
 from dataclasses import dataclass, field
 
 from cetvm import CetvmError, InputError
-from cetvm.arch import CetCtl, Msr
+from cetvm.arch import ENDBR64, CetCtl, Msr
 from cetvm.cpu.bootstrap import (
     build_identity_map, code_page_flags, data_page_flags, enter_long_mode, shadow_stack_page_flags, table_pages,
 )
-from cetvm.arch import Pte, Vector
+from cetvm.arch import Pte, Vector, VmcsField
 from cetvm.cpu.exits import ExitReason
 from cetvm.cpu.state import Segment
 from cetvm.cpu.vcpu import Vcpu
+from cetvm.cpu.native import native_available
+from cetvm.cpuid import get_model
 
 MODEL = "sapphire-rapids"
 RAM = 2 << 20
@@ -53,8 +55,7 @@ def workload(iterations: int) -> bytes:
     """The loop at CODE (see the module docstring); ends with HLT."""
     if not 0 < iterations < 1 << 31:
         raise InputError(f"--iterations must be between 1 and {(1 << 31) - 1}, got {iterations}")
-    endbr = bytes.fromhex("f30f1efa")
-    head = endbr + b"\xb9" + struct.pack("<I", iterations)          # endbr64; mov ecx, N
+    head = ENDBR64 + b"\xb9" + struct.pack("<I", iterations)          # endbr64; mov ecx, N
     loop_at = len(head)
     # loop: call f1; lea rax,[rip+f2]; call rax; dec ecx; jnz loop; hlt
     body_len = 5 + 7 + 2 + 2 + 2 + 1
@@ -63,8 +64,8 @@ def workload(iterations: int) -> bytes:
     call_f1 = b"\xe8" + struct.pack("<i", f1_at - (loop_at + 5))
     lea_f2 = b"\x48\x8d\x05" + struct.pack("<i", f2_at - (loop_at + 12))
     tail = b"\xff\xd0" + b"\xff\xc9" + b"\x75" + struct.pack("<b", loop_at - (loop_at + 18)) + b"\xf4"
-    f1 = endbr + bytes.fromhex("4883c201") + b"\xc3"                 # add rdx, 1; ret
-    f2 = endbr + bytes.fromhex("4883c601") + b"\xc3"                 # add rsi, 1; ret
+    f1 = ENDBR64 + bytes.fromhex("4883c201") + b"\xc3"                 # add rdx, 1; ret
+    f2 = ENDBR64 + bytes.fromhex("4883c601") + b"\xc3"                 # add rsi, 1; ret
     return head + call_f1 + lea_f2 + tail + f1 + f2
 
 
@@ -102,8 +103,6 @@ def make_vcpu(iterations: int, cet: bool, cet_path: str | None = None, cpl: int 
     """The workload's vCPU at ``cpl`` 0 (supervisor shadow stack) or 3 (user shadow stack);
     ``code``: other machine code to run at CODE instead (one page at most, e.g. the boot
     benchmark's loop, benchmarks/bench_boot.py)."""
-    from cetvm.cpuid import get_model
-
     if cpl not in RINGS:
         raise InputError(f"ring must be 0 or 3, not {cpl}")
     user = cpl == 3
@@ -115,7 +114,8 @@ def make_vcpu(iterations: int, cet: bool, cet_path: str | None = None, cpl: int 
     enter_long_mode(vcpu, cr3=cr3, gdt=GDT, cet=cet)
     if user:
         enter_ring3(vcpu)
-        vcpu.exception_bitmap |= 1 << Vector.GP  # the final HLT at CPL 3: #GP(0) ends the run
+        # the final HLT at CPL 3: #GP(0) ends the run (an exception-bitmap exit)
+        vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, vcpu.vmcs.read(VmcsField.EXCEPTION_BITMAP) | 1 << Vector.GP)
     if cet:
         vcpu.set_msr(Msr.IA32_U_CET if user else Msr.IA32_S_CET, int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN))
         vcpu.ssp = SHADOW_STACK + 0x1000
@@ -206,8 +206,6 @@ def run_bench(iterations: int, off_iterations: int | None = None, repeats: int =
     each round and ring the native and off runs go back to back, alternating which runs first
     (the machines are shared and noisy). Headline figures: the best run of each configuration;
     all runs are in :attr:`BenchResult.samples`. The native path is skipped when it is not built."""
-    from cetvm.cpu.native import native_available
-
     if repeats < 1:
         raise InputError(f"--repeats must be at least 1, got {repeats}")
     if clock not in CLOCKS:

@@ -30,9 +30,9 @@ DEMO_IMAGE = Path("guests") / "build" / "demo.elf"
 DEMO_MAX_INSTRUCTIONS = 50_000_000
 DEMO_MEMORY = "64M"
 
-#: Attack → the #CP error code that must stop it [reference §4: 1 NEAR_RET, 3 ENDBRANCH].
+#: Attack → the #CP error code that must stop it [SDM Vol. 1 §18.2: 1 NEAR_RET, 3 ENDBRANCH].
 EXPECTED_CP = {"ROP (ring 3)": 1, "JOP (ring 3)": 3, "ROP (ring 0)": 1, "JOP (ring 0)": 3}
-#: #CP kind → the attack class it stops [reference §4: NEAR_RET stops ROP, ENDBRANCH stops JOP].
+#: #CP kind → the attack class it stops [SDM Vol. 1 §18.1: NEAR_RET stops ROP, ENDBRANCH stops JOP].
 ATTACK_OF_KIND = {"near-ret": "ROP", "endbranch": "JOP"}
 #: Columns of the violation blocks (readable in a 100-column terminal).
 REPORT_WIDTH = 100

@@ -1,11 +1,12 @@
 """The CPU engine ("hardware"): Unicorn executes guest code, cetvm adds CET, event delivery
-through the guest IDT and VMX-like exits (DESIGN.md "The CPU engine").
+through the guest IDT and VMX-like exits.
 
 Public API (imported lazily, so ``cetvm.cpu.cet`` stays importable without Unicorn):
 :class:`Vcpu` (:mod:`.vcpu`), :class:`VmExit` / :class:`ExitReason` / :class:`Direction`
-(:mod:`.exits`), the register dataclasses :class:`Regs`, :class:`Sregs`, :class:`Segment`,
-:class:`DescriptorTable`, :class:`CetState` (:mod:`.state`), :class:`GuestFault`
-(:mod:`.faults`) and the 4-level walker :func:`translate` / :class:`Access` (:mod:`.paging`).
+(:mod:`.exits`), the VMCS the CPU obeys :class:`Vmcs` (:mod:`.vmcs`), the register
+dataclasses :class:`Regs`, :class:`Sregs`, :class:`Segment`, :class:`DescriptorTable`,
+:class:`CetState` (:mod:`.state`), :class:`GuestFault` (:mod:`.faults`) and the 4-level walker
+:func:`translate` / :class:`Access` (:mod:`.paging`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ _EXPORTS = {
     "Vcpu": "vcpu", "VmExit": "exits", "ExitReason": "exits", "Direction": "exits",
     "IoExit": "exits", "MmioExit": "exits", "MsrExit": "exits", "ExceptionExit": "exits",
     "Regs": "state", "Sregs": "state", "Segment": "state", "DescriptorTable": "state", "CetState": "state",
-    "GuestFault": "faults", "translate": "paging", "Access": "paging", "PagingMode": "paging",
+    "GuestFault": "faults", "Vmcs": "vmcs", "translate": "paging", "Access": "paging", "PagingMode": "paging",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,7 +8,7 @@ reference block-start handling (:func:`cetvm.cpu.cet.transfer.on_block_start`) a
 hook's hand-overs.
 
 A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`, not a separate object, on purpose: the hook runs at
-every block start and reads the vCPU's cached mode (``_cpl``, ``_cet_active``, ``_stepping``,
+every block start and reads the vCPU's cached mode (``cpl``, ``cet_active``, ``stepping``,
 ``_blocks``, ``cet``) as plain attributes of one object; a composed object would add an
 attribute-chain lookup per block (and :mod:`cetvm.cpu.fastpath` reads the same attributes).
 """
@@ -25,12 +25,12 @@ from cetvm import CetvmError
 from cetvm.arch.msr import CetCtl
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo
-from cetvm.cpu.cet.transfer import BlockAction, Terminator, classify_terminator, on_block_start
+from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, classify_terminator, on_block_start
 from cetvm.cpu.fastpath import make_block_hook
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.native import NativeCet, PagingKind
+from cetvm.arch.regs import U64_MASK as _U64
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _TRACKER = int(CetCtl.TRACKER)
 #: void hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
 _BLOCK_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
@@ -41,10 +41,14 @@ class BlockHookMixin:
 
     def _install_block_hook(self) -> None:
         """Register the block hook straight through Unicorn's C API (ctypes): about twice as fast
-        as the binding's wrapper, and the same shape a native hook will have. The hook is the
+        as the binding's wrapper, and the shape the native C hook has too. The hook is the
         common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`_on_block` (the
         reference), or :meth:`_on_block_raw` alone when ``python_fast_path`` is False."""
-        hook = make_block_hook(self, self._on_block) if self.python_fast_path else self._on_block_raw
+        if self.python_fast_path:
+            hook = make_block_hook(self, self._on_block, self._blocks, self._ss_window, self._on_hook_error,
+                                   self._budget.block_store)
+        else:
+            hook = self._on_block_raw
         self._block_hook_cb = _BLOCK_HOOK_CFUNC(hook)
         handle = uc_hook_h()
         status = uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), UC_HOOK_BLOCK,
@@ -68,7 +72,7 @@ class BlockHookMixin:
     def _sync_native_mode(self) -> None:
         mode = self._memory.mode
         paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
-        self._native.sync_mode(cpl=self._cpl, long_mode=self._long_mode, cr4_cet=self._cr4_cet, paging=paging,
+        self._native.sync_mode(cpl=self.cpl, long_mode=self.long_mode, cr4_cet=self.cr4_cet, paging=paging,
                                cr3=mode.cr3)
         self._native.flush_translations()
 
@@ -81,20 +85,37 @@ class BlockHookMixin:
             first = self._read_code(request.block_addr, 4)
         except (GuestFault, UcError):
             first = b""
-        decision = on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first)
-        if decision.action == BlockAction.FAULT:
+        self.apply_decision(on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first))
+
+    def apply_decision(self, decision: BlockDecision, *, counted: bool = True) -> bool:
+        """Carry out a block-start decision of :mod:`cetvm.cpu.cet.transfer`: on FAULT, roll
+        RIP (and RSP: ``decision.rsp``, or the current RSP + ``rsp_adjust`` when the state machine
+        did not read RSP) back to the terminator, take back the terminator's count when it was
+        counted as retired (``counted``) and make the fault the pending event. True when it
+        faulted (the caller stops the engine if it runs inside it)."""
+        if decision.action != BlockAction.FAULT:
+            return False
+        if counted:
             self._terminator_faulted(decision)
-            self.rip = decision.rip
-            if decision.rsp is not None:
-                self.set_reg("rsp", decision.rsp)
-            self._raise_event(decision.fault)
+        uc = self._uc
+        if decision.rsp is not None:
+            uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
+        elif decision.rsp_adjust:
+            uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
+        uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
+        self._raise_event(decision.fault)
+        return True
 
     def _on_block_raw(self, _uch: int, address: int, size: int, _user: int) -> None:
         try:
             self._on_block(address, size)
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
-            self._hook_error = exc
-            self._uc.emu_stop()
+            self._on_hook_error(exc)
+
+    def _on_hook_error(self, exc: BaseException) -> None:
+        """An exception inside a hook: keep it for ``_run_engine`` to re-raise, stop the engine."""
+        self._hook_error = exc
+        self._uc.emu_stop()
 
     def _fast_rsp(self) -> int:
         uclib.uc_reg_read(self._uc._uch, X.UC_X86_REG_RSP, ctypes.byref(self._reg_buf))
@@ -105,7 +126,7 @@ class BlockHookMixin:
         hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and calls this,
         with nothing committed, for everything else), then retire the block's instructions — or,
         when the budget has fewer left, stop in front of it (:meth:`_stop_for_budget`)."""
-        if self._stepping:
+        if self.stepping:
             return
         blocks = self._blocks
         info = blocks.cache.get(address)
@@ -136,21 +157,14 @@ class BlockHookMixin:
         prev = blocks.prev
         blocks.prev = info.terminator
         blocks.prev_block_start = address
-        if not self._cet_active:
+        if not self.cet_active:
             return True
-        if prev is None and not (self.cet.u_cet if self._cpl == 3 else self.cet.s_cet) & _TRACKER:
+        if prev is None and not (self.cet.u_cet if self.cpl == 3 else self.cet.s_cet) & _TRACKER:
             return True
         # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
-        decision = on_block_start(self, prev, address, None, info.first_bytes)
-        if decision.action != BlockAction.FAULT:
+        if not self.apply_decision(on_block_start(self, prev, address, None, info.first_bytes)):
             return True
-        self._terminator_faulted(decision)
-        uc = self._uc
-        if decision.rsp_adjust:
-            uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
-        uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-        self._raise_event(decision.fault)
-        uc.emu_stop()
+        self._uc.emu_stop()
         return False
 
     def _stop_for_budget(self, address: int, size: int) -> None:
@@ -190,16 +204,10 @@ class BlockHookMixin:
     def _apply_pending_terminator(self, rip: int) -> None:
         """Apply the previous block's terminator when the next "block" is an emulated instruction."""
         prev = self._blocks.take_prev(None)
-        if prev is None or not self._cet_active:
+        if prev is None or not self.cet_active:
             return
         try:
             first = self._read_code(rip, 4)
         except (GuestFault, UcError):
             first = b""
-        decision = on_block_start(self, prev, rip, self.reg("rsp"), first)
-        if decision.action == BlockAction.FAULT:
-            self._terminator_faulted(decision)
-            self.rip = decision.rip
-            if decision.rsp is not None:
-                self.set_reg("rsp", decision.rsp)
-            self._raise_event(decision.fault)
+        self.apply_decision(on_block_start(self, prev, rip, self.reg("rsp"), first))

@@ -1,15 +1,17 @@
 """Per-block state of the CET layer: the block classification cache and the previous terminator.
 
-This is the one small object a native block hook (a later issue, through Unicorn's C API) will
-replace: its interface is ``cache`` (address → :class:`BlockInfo`; a hit also needs the same
-size), ``lookup(address, size)``, ``store(info)``, ``prev`` (the terminator of the block that
-ran last, or None; FALLTHROUGH blocks store None), ``prev_block_start`` and ``invalidate()``. The engine's hot path
-reads ``cache`` and ``prev`` directly; nothing else touches the tracker.
+The native block hook (:mod:`cetvm.cpu.native`) replaces it with its own table; both have the
+interface :class:`BlockTable`: ``lookup(address, size)``, ``store(info)``, ``prev`` (the
+terminator of the block that ran last, or None; FALLTHROUGH blocks store None),
+``prev_block_start``, ``take_prev`` and ``invalidate()``. The Python hot path reads
+:class:`BlockTracker`'s ``cache`` (address → :class:`BlockInfo`; a hit also needs the same
+size) and ``prev`` directly; nothing else touches the tracker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
@@ -24,6 +26,25 @@ class BlockInfo:
     first_bytes: bytes
     #: instructions in the block: what it retires when it runs to its end (cetvm.cpu.budget)
     icount: int = 0
+
+
+class BlockTable(Protocol):
+    """What the vCPU needs of a block table: :class:`BlockTracker`, or the native hook's table
+    (:class:`cetvm.cpu.native.loader.NativeBlockTracker`). The Python fast path also reads
+    :attr:`BlockTracker.cache` directly (it runs only with a :class:`BlockTracker`)."""
+
+    prev: TerminatorInfo | None
+    prev_block_start: int
+
+    def lookup(self, address: int, size: int) -> BlockInfo | None: ...
+
+    def store(self, info: BlockInfo) -> None: ...
+
+    def invalidate(self) -> None: ...
+
+    def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass

@@ -2,8 +2,8 @@
 benchmark needs): page tables, a flat GDT, control registers.
 
 Page policy is the caller's (``page_flags(address) -> PTE flags``): keep data pages NX so guest
-stores stay on Unicorn's fast path (engine-notes "Speed"), and make shadow-stack pages R/W=0,
-D=1 [reference §4 "Paging"].
+stores stay on Unicorn's fast path, and make shadow-stack pages R/W=0,
+D=1 [SDM Vol. 3 §4.6].
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Unicorn executes everything else. An instruction is *emulated* when Unicorn does not know it
 (#UD), executes it as a NOP, executes it wrongly for CET, or when it must exit to the hypervisor
 before it runs (VMX-like exits). The engine makes each such address a Unicorn "exit" at block
-classification time, so Unicorn stops in front of it and Python runs it (engine-notes).
+classification time, so Unicorn stops in front of it and Python runs it.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Each handler gets the vCPU and the decoded instruction (RIP at the instruction),
 GuestFault for an architectural fault (nothing changed), and either completes the instruction
 (advancing RIP) and returns None, or returns a VmExit whose completion runs at the next
 ``Vcpu.run``. Control transfers Unicorn executes correctly except for CET (IRETQ, SYSRET, far
-RET/CALL/JMP) get their CET effects here and are then executed once natively
-(``Vcpu.step_native``); SYSCALL (a NOP in Unicorn without a hook) is emulated completely.
+RET/CALL/JMP) get their CET effects here and are then executed once by the engine
+(``Vcpu.step_in_engine``); SYSCALL (a NOP in Unicorn without a hook) is emulated completely.
 """
 
 from __future__ import annotations
@@ -16,33 +16,25 @@ from iced_x86 import Code, Instruction, Mnemonic as M, OpKind, Register
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
-from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl, Efer
-from cetvm.cpu.cet import events as cet_events
+from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
+from cetvm.arch.regs import (
+    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
+)
+from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField, cr_access_qualification, io_qualification
+from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
 from cetvm.cpu.decode import is_mov_from_cr4
+from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
-from cetvm.cpu import string_ops
+from cetvm.cpu import string_ops, xsave
+from cetvm.cpu.events import read_descriptor
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import SegAttr, Segment
+from cetvm.arch.regs import U64_MASK as _U64
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
-RFLAGS_CF = 1 << 0
-RFLAGS_PF = 1 << 2
-RFLAGS_AF = 1 << 4
-RFLAGS_ZF = 1 << 6
-RFLAGS_SF = 1 << 7
-RFLAGS_OF = 1 << 11
-RFLAGS_RF = 1 << 16
 
-#: MSRs Unicorn 2.1.4 implements (RDMSR/WRMSR of any other index that is not a CET MSR, XSS or
-#: intercepted raises #GP(0), as on a CPU without that MSR). Unicorn drops/zeroes unknown ones.
-UNICORN_MSRS = frozenset(int(m) for m in (
-    Msr.IA32_SYSENTER_CS, Msr.IA32_SYSENTER_ESP, Msr.IA32_SYSENTER_EIP, Msr.IA32_PAT, Msr.IA32_APIC_BASE,
-    Msr.IA32_EFER, Msr.IA32_STAR, Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FMASK, Msr.IA32_FS_BASE,
-    Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE, Msr.IA32_TSC_AUX,
-)) | {0x10}  # IA32_TIME_STAMP_COUNTER
 
 
 def can_emulate(instr: Instruction) -> bool:
@@ -72,7 +64,6 @@ def _is_far_transfer(instr: Instruction) -> bool:
     return instr.mnemonic == M.RETF or instr.is_call_far or instr.is_call_far_indirect or instr.is_jmp_far or instr.is_jmp_far_indirect
 
 
-RFLAGS_TF = 1 << 8
 #: DR6: B0-B3 (trap bits 3:0), BS (14); bits 31:16 and 11:4 read as 1 [SDM Vol. 3 §18.2.3].
 DR6_TRAP_BITS = 0xF
 DR6_BS = 1 << 14
@@ -109,8 +100,10 @@ def _require_cpl0(vcpu) -> None:
 
 # ----------------------------------------------------------------------------- registers/operands
 _REG64 = {}
-for _i, _name in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-                            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")):
+_GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+#: A GPR's number in instruction encodings and exit information (0 RAX ... 15 R15).
+_GPR_NUMBER = {name: i for i, name in enumerate(_GPR_NAMES)}
+for _i, _name in enumerate(_GPR_NAMES):
     _REG64[Register.RAX + _i] = (_name, 8)
     _REG64[Register.EAX + _i] = (_name, 4)
     _REG64[Register.AX + _i] = (_name, 2)
@@ -217,7 +210,9 @@ def port_io(vcpu, instr: Instruction) -> VmExit:
     else:
         io = IoExit(port, size, Direction.OUT, read_register(vcpu, data_reg))
         vcpu.add_completion(_completion_advance(vcpu, instr))
-    return VmExit(ExitReason.IO, instr.ip, instr.len, io=io)
+    qualification = io_qualification(size, io.direction is Direction.IN, port,
+                                      immediate=instr.op_kind(port_op) != OpKind.REGISTER)
+    return VmExit(ExitReason.IO, instr.ip, instr.len, io=io, qualification=qualification)
 
 
 def string_io(vcpu, instr: Instruction) -> VmExit | None:
@@ -227,35 +222,22 @@ def string_io(vcpu, instr: Instruction) -> VmExit | None:
 
 # ----------------------------------------------------------------------------- MSRs
 def cet_msr_write_fault(vcpu, index: int, value: int) -> bool:
-    """Architectural WRMSR #GP checks of the CET MSRs [reference §2; SDM Vol. 4 Table 2-2].
-
-    U_CET/S_CET: reserved bits 9:6, TRACKER together with SUPPRESS, non-canonical (the legacy
-    bitmap base; Bochs checks it). PLn_SSP: non-canonical or bits 1:0 set (4-byte alignment).
-    INTERRUPT_SSP_TABLE_ADDR: non-canonical.
-    """
-    if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
-        both = CetCtl.SUPPRESS | CetCtl.TRACKER
-        if vcpu is not None and not vcpu.has_shstk and value & 0x3:
-            return True  # shadow-stack bits reserved without CPUID SHSTK
-        if vcpu is not None and not vcpu.has_ibt and value & ~0x3:
-            return True  # IBT bits (5:2, 63:10) reserved without CPUID IBT
-        return bool(value & CET_CTL_RESERVED) or value & both == both or not is_canonical(value)
-    if Msr.IA32_PL0_SSP <= index <= Msr.IA32_PL3_SSP:
-        return not is_canonical(value) or bool(value & 3)
-    if index == Msr.IA32_INT_SSP_TAB:
-        return not is_canonical(value)
-    return False
+    """WRMSR #GP(0) of a CET MSR value: the architectural check of :func:`cetvm.arch.msr.
+    cet_msr_value_fault` plus, for U_CET/S_CET, the bits CPUID makes reserved (1:0 without
+    SHSTK; 5:2 and 63:10 without IBT) [SDM Vol. 4 Table 2-2]."""
+    if index in CET_CTL_MSRS and vcpu is not None:
+        if not vcpu.guest_shstk and value & CET_SHSTK_BITS:
+            return True
+        if not vcpu.guest_ibt and value & ~int(CET_SHSTK_BITS):
+            return True
+    return cet_msr_value_fault(index, value) is not None
 
 
 def cet_msr_exists(vcpu, index: int) -> bool:
     """U_CET/S_CET exist with SHSTK or IBT; PLn_SSP and the SSP table only with SHSTK."""
     if index in (Msr.IA32_U_CET, Msr.IA32_S_CET):
-        return vcpu.has_shstk or vcpu.has_ibt
-    return vcpu.has_shstk
-
-
-def _is_cet_msr(index: int) -> bool:
-    return Msr.IA32_U_CET == index or Msr.IA32_S_CET == index or Msr.IA32_PL0_SSP <= index <= Msr.IA32_INT_SSP_TAB
+        return vcpu.guest_shstk or vcpu.guest_ibt
+    return vcpu.guest_shstk
 
 
 def _model_has_xsaves(vcpu) -> bool:
@@ -265,7 +247,7 @@ def _model_has_xsaves(vcpu) -> bool:
 def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
     _require_cpl0(vcpu)
     index = vcpu.reg("rcx") & 0xFFFF_FFFF
-    if index in vcpu.msr_intercepts:
+    if index in vcpu.vmcs.msr_bitmap:
         msr = MsrExit(index)
 
         def complete() -> None:
@@ -277,7 +259,7 @@ def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
             _advance(vcpu, instr)
         vcpu.add_completion(complete)
         return VmExit(ExitReason.RDMSR, instr.ip, instr.len, msr=msr)
-    if _is_cet_msr(index):
+    if index in CET_MSR_SET:
         if not cet_msr_exists(vcpu, index):
             raise gp(0)
         value = vcpu.msr(index)
@@ -285,7 +267,7 @@ def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
         if not _model_has_xsaves(vcpu):
             raise gp(0)
         value = vcpu.xss
-    elif index in UNICORN_MSRS:
+    elif index in ENGINE_MSRS:
         value = vcpu.msr(index)
     else:
         raise gp(0)
@@ -299,7 +281,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
     _require_cpl0(vcpu)
     index = vcpu.reg("rcx") & 0xFFFF_FFFF
     value = (vcpu.reg("rdx") & 0xFFFF_FFFF) << 32 | (vcpu.reg("rax") & 0xFFFF_FFFF)
-    if index in vcpu.msr_intercepts:
+    if index in vcpu.vmcs.msr_bitmap:
         msr = MsrExit(index, value)
 
         def complete() -> None:
@@ -309,7 +291,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
             _advance(vcpu, instr)
         vcpu.add_completion(complete)
         return VmExit(ExitReason.WRMSR, instr.ip, instr.len, msr=msr)
-    if _is_cet_msr(index):
+    if index in CET_MSR_SET:
         if not cet_msr_exists(vcpu, index) or cet_msr_write_fault(vcpu, index, value):
             raise gp(0)
         vcpu.set_msr(index, value)
@@ -317,7 +299,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
         if not _model_has_xsaves(vcpu) or value & ~vcpu.model.xss_mask:
             raise gp(0)
         vcpu.xss = value
-    elif index in UNICORN_MSRS:
+    elif index in ENGINE_MSRS:
         if index == Msr.IA32_EFER and value & Efer.LMA != vcpu.msr(Msr.IA32_EFER) & Efer.LMA:
             value = (value & ~Efer.LMA) | (vcpu.msr(Msr.IA32_EFER) & Efer.LMA)  # LMA is read-only
         if index in (Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FS_BASE, Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE) \
@@ -331,20 +313,23 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
 
 
 # ----------------------------------------------------------------------------- control registers
-def mov_to_cr(vcpu, instr: Instruction) -> None:
-    """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5; reference §3]:
-    CR4.CET is reserved (#GP) unless the model has SHSTK or IBT; setting CR4.CET with CR0.WP=0
-    and clearing CR0.WP with CR4.CET=1 → #GP(0). CR4 bits in ``vcpu.cr4_guest_rsvd_bits`` (set
-    by the hypervisor: bits reserved for this guest's CPUID) → #GP(0). CR0 bits 63:32, or clearing
-    CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine lost its
-    mappings). Other reserved-bit checks are Unicorn's business and are not replicated (decision)."""
+def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
+    """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5]:
+    CR4.CET is reserved (#GP) unless the guest has SHSTK or IBT; setting CR4.CET with CR0.WP=0
+    and clearing CR0.WP with CR4.CET=1 → #GP(0). A write changing a bit the VMCS's CR0/CR4
+    guest/host mask gives the hypervisor exits first (:func:`cr_write_exit`). CR0 bits 63:32,
+    or clearing CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine
+    lost its mappings). Other reserved-bit checks are Unicorn's business and are not
+    replicated (decision)."""
     _require_cpl0(vcpu)
     n = instr.op0_register - Register.CR0
     value = read_register(vcpu, instr.op1_register)
+    if n in (0, 4):
+        exit_ = cr_write_exit(vcpu, instr, n, value)
+        if exit_ is not None:
+            return exit_
     if n == 4:
-        if value & getattr(vcpu, "cr4_guest_rsvd_bits", 0):
-            raise gp(0)  # reserved for this guest (the hypervisor's CR4 guest/host mask)
-        if value & Cr4.CET and not (vcpu.has_shstk or vcpu.has_ibt):
+        if value & Cr4.CET and not (vcpu.guest_shstk or vcpu.guest_ibt):
             raise gp(0)
         if value & Cr4.CET and not vcpu.cr0 & Cr0.WP:
             raise gp(0)
@@ -354,6 +339,27 @@ def mov_to_cr(vcpu, instr: Instruction) -> None:
         raise ud()
     vcpu.write_cr(n, value)
     _advance(vcpu, instr)
+    return None
+
+
+#: (guest/host mask, read shadow) of CR0 and CR4.
+_CR_MASK_FIELDS = {0: (VmcsField.CR0_GUEST_HOST_MASK, VmcsField.CR0_READ_SHADOW),
+                   4: (VmcsField.CR4_GUEST_HOST_MASK, VmcsField.CR4_READ_SHADOW)}
+
+
+def cr_write_exit(vcpu, instr: Instruction, n: int, value: int) -> VmExit | None:
+    """MOV to CR0/CR4 exits when it would set a bit of the CR's guest/host mask to a value
+    other than the read shadow's [SDM Vol. 3 §26.1.3], with the exit qualification of SDM
+    Table 28-3. RIP stays at the instruction; the hypervisor writes the register and the
+    completion retires the instruction, or it injects a fault instead."""
+    mask_field, shadow_field = _CR_MASK_FIELDS[n]
+    vmcs = vcpu.vmcs
+    if not (value ^ vmcs.read(shadow_field)) & vmcs.read(mask_field):
+        return None
+    gpr = _GPR_NUMBER[_REG64[instr.op1_register][0]]
+    vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.CR_ACCESS, instr.ip, instr.len,
+                  qualification=cr_access_qualification(n, CR_ACCESS_TYPE_MOV_TO_CR, gpr))
 
 
 def mov_from_cr4(vcpu, instr: Instruction) -> None:
@@ -366,7 +372,7 @@ def mov_from_cr4(vcpu, instr: Instruction) -> None:
 
 def check_cr0_write(vcpu, value: int) -> None:
     """#GP(0) for a CR0 value MOV to CR0 / LMSW may not load: WP cleared with CR4.CET set, PG
-    without PE, bits 63:32, PG cleared in 64-bit mode [SDM Vol. 2 MOV—CR; reference §3]."""
+    without PE, bits 63:32, PG cleared in 64-bit mode [SDM Vol. 2 MOV—CR]."""
     if not value & Cr0.WP and vcpu.cr4 & Cr4.CET:
         raise gp(0)
     if value & Cr0.PG and not value & Cr0.PE:
@@ -410,7 +416,7 @@ def _apply_flags(vcpu, result: cet_insn.FlagsResult) -> None:
 def cet_instruction(vcpu, instr: Instruction) -> None:
     """RDSSP, INCSSP, RSTORSSP, SAVEPREVSSP, SETSSBSY, CLRSSBSY, WRSS, WRUSS (CET semantics in
     :mod:`cetvm.cpu.cet.instructions`). #UD when the model lacks SHSTK."""
-    if not vcpu.has_shstk:
+    if not vcpu.guest_shstk:
         if instr.mnemonic in (M.RDSSPD, M.RDSSPQ):
             _advance(vcpu, instr)  # NOP space on CPUs without CET
             return
@@ -448,16 +454,12 @@ def _pop_u64(vcpu, rsp: int, n: int) -> list[int]:
 
 #: RFLAGS bits IRETQ may load: CF PF AF ZF SF TF IF DF OF IOPL NT RF AC ID (+ bit 1 fixed).
 RFLAGS_IRET_MASK = 0x25_7FD5
-RFLAGS_IF = 1 << 9
-RFLAGS_IOPL = 3 << 12
 #: RFLAGS bits SYSRET loads from R11 [SDM SYSRET: RFLAGS := (R11 & 3C7FD7H) OR 2].
 RFLAGS_SYSRET_MASK = 0x3C_7FD7
 
 
 def _code_descriptor(vcpu, selector: int, cpl: int):
     """CS for a return to privilege ``cpl``: present, code, DPL = RPL = ``cpl`` (non-conforming)."""
-    from cetvm.cpu.events import read_descriptor
-
     if selector & ~3 == 0:
         raise gp(0)
     desc = read_descriptor(vcpu, selector)
@@ -471,8 +473,6 @@ def _code_descriptor(vcpu, selector: int, cpl: int):
 def _stack_descriptor(vcpu, selector: int, cpl: int, target_long: bool):
     """SS for a return to ``cpl``: a writable data segment with RPL = DPL = ``cpl``; a null SS
     is allowed for a 64-bit return to CPL 0-2 [SDM IRET 64-bit mode]."""
-    from cetvm.cpu.events import read_descriptor
-
     if selector & ~3 == 0:
         if cpl == 3 or not target_long or selector & 3 != cpl:
             raise gp(0)
@@ -493,7 +493,7 @@ def iret(vcpu, instr: Instruction) -> None:
     same one; never to a more privileged one (#GP). CS/SS are checked against the GDT; RFLAGS
     follows the CPL/IOPL rules (IOPL only at CPL 0, IF only when CPL <= IOPL). With CET the
     shadow-stack frame is checked and SSP restored (``ssp_on_iret``) before anything is
-    committed. Not emulated natively because Unicorn's TB-cache removal after a native step
+    committed. Not executed by the engine because Unicorn's TB-cache removal after a single step
     would translate the IRETQ's address at the new CPL (a phantom #PF that corrupts CR2 and
     QEMU's old_exception). Decisions: DS/ES/FS/GS are not nulled on a return to CPL 3; NMI
     blocking is not modelled; 16/32-bit IRET raise NotSupportedError.
@@ -512,8 +512,8 @@ def iret(vcpu, instr: Instruction) -> None:
     ss_desc = _stack_descriptor(vcpu, new_ss, new_cpl, cs_desc.long)
     if cs_desc.long and not is_canonical(new_rip):
         raise gp(0)
-    if vcpu._cet_active:
-        cet_events.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
+    if vcpu.cet_active:
+        far_transfers.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
                                target_long_mode=cs_desc.long)
     rflags = vcpu.reg("rflags")
     writable = RFLAGS_IRET_MASK
@@ -530,7 +530,7 @@ def iret(vcpu, instr: Instruction) -> None:
 
 
 def sysret(vcpu, instr: Instruction) -> None:
-    """SYSRET [SDM SYSRET], emulated completely (see :func:`iret` for why not natively).
+    """SYSRET [SDM SYSRET], emulated completely (see :func:`iret` for why not in the engine).
 
     #UD unless EFER.SCE; #GP(0) unless CPL 0; #GP(0) if RCX is not canonical (64-bit form).
     CS = STAR[63:48] + 16 (64-bit form) or STAR[63:48] (32-bit form), RPL 3; SS = STAR[63:48]
@@ -549,7 +549,7 @@ def sysret(vcpu, instr: Instruction) -> None:
     vcpu.set_reg("rflags", (vcpu.reg("r11") & RFLAGS_SYSRET_MASK) | 2)
     vcpu.rip = rcx if long_form else rcx & 0xFFFF_FFFF
     vcpu.load_segments(cs=cs, ss=Segment.data(base + 8 | 3, dpl=3))
-    cet_events.ssp_on_sysret(vcpu)
+    far_transfers.ssp_on_sysret(vcpu)
     vcpu.retire_emulated()
 
 
@@ -568,7 +568,7 @@ def syscall(vcpu, instr: Instruction) -> None:
     vcpu.set_reg("rflags", (rflags & ~vcpu.msr(Msr.IA32_FMASK) & ~RFLAGS_RF) | 2)
     vcpu.load_segments(cs=Segment.code64(selector, 0), ss=Segment.data(selector + 8, 0))
     vcpu.rip = vcpu.msr(Msr.IA32_LSTAR)
-    cet_events.ssp_on_syscall(vcpu, old_cpl)
+    far_transfers.ssp_on_syscall(vcpu, old_cpl)
     vcpu.retire_emulated()
 
 
@@ -576,8 +576,8 @@ def far_transfer(vcpu, instr: Instruction) -> None:
     """Far RET / CALL / JMP: shadow-stack frame (``ssp_on_far_ret``/``ssp_on_far_call``) or IBT
     arm, around Unicorn's own execution of the transfer. Call gates are not supported
     (decision: treated as same-privilege transfers)."""
-    if not vcpu._cet_active:
-        _native(vcpu, instr)
+    if not vcpu.cet_active:
+        _step_in_engine(vcpu, instr)
         return
     old_cpl = vcpu.cpl
     if instr.mnemonic == M.RETF:
@@ -585,32 +585,30 @@ def far_transfer(vcpu, instr: Instruction) -> None:
         raw = vcpu.read_virt(vcpu.reg("rsp"), 2 * size, _privilege(vcpu))
         new_rip = int.from_bytes(raw[:size], "little")
         new_cs = int.from_bytes(raw[size:], "little") & 0xFFFF
-        from cetvm.cpu.events import read_descriptor
-
         target = read_descriptor(vcpu, new_cs)
-        cet_events.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
+        far_transfers.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
                                   (target.base + new_rip) & _U64, target_long_mode=target.long)
-        _native(vcpu, instr)
+        _step_in_engine(vcpu, instr)
     elif instr.is_call_far or instr.is_call_far_indirect:
         cs = vcpu.segment("cs")
-        cet_events.ssp_on_far_call(vcpu, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
-        _native(vcpu, instr)
+        far_transfers.ssp_on_far_call(vcpu, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
+        _step_in_engine(vcpu, instr)
     else:
-        _native(vcpu, instr)
+        _step_in_engine(vcpu, instr)
         ibt_arm_on_transfer(vcpu, vcpu.cpl)
 
 
-def _native(vcpu, instr: Instruction, *, branches: bool = True) -> None:
-    """Let Unicorn execute ``instr`` alone (see :meth:`Vcpu.step_native`); an instruction that
+def _step_in_engine(vcpu, instr: Instruction, *, branches: bool = True) -> None:
+    """Let Unicorn execute ``instr`` alone (see :meth:`Vcpu.step_in_engine`); an instruction that
     does not branch stops cheaply at its successor."""
-    vcpu.step_native(instr.ip, None if branches else instr.next_ip)
+    vcpu.step_in_engine(instr.ip, None if branches else instr.next_ip)
     vcpu.refresh_mode()
 
 
 def invalidate_tlb(vcpu, instr: Instruction) -> None:
     """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache as well."""
     vcpu.flush_tlb()
-    _native(vcpu, instr, branches=False)
+    _step_in_engine(vcpu, instr, branches=False)
 
 
 def descriptor_table_load(vcpu, instr: Instruction) -> VmExit | None:
@@ -618,14 +616,14 @@ def descriptor_table_load(vcpu, instr: Instruction) -> VmExit | None:
     runs the instruction [SDM Vol. 2 LGDT/LIDT: #GP(0) "if the memory address is in a
     non-canonical form" of the loaded base in 64-bit mode; LLDT/LTR: #GP(selector) if the
     16-byte system descriptor's base is non-canonical]. Everything else (CPL, limits, types,
-    busy TSS, present bits) is the engine's, which executes these natively. An operand in MMIO
+    busy TSS, present bits) is the engine's, which executes these itself. An operand in MMIO
     (kvm-unit-tests' emulator: LTR from pc-testdev memory) is completed as any MMIO operand
     (:meth:`cetvm.cpu.vcpu.Vcpu.execute_with_mmio_operand`), without the canonical checks."""
     try:
         _check_descriptor_table_load(vcpu, instr)
     except NoRamAccess:
         return vcpu.execute_with_mmio_operand(instr)
-    _native(vcpu, instr, branches=False)
+    _step_in_engine(vcpu, instr, branches=False)
     return None
 
 
@@ -653,9 +651,10 @@ def _check_descriptor_table_load(vcpu, instr: Instruction) -> None:
 
 
 def xsave_family(vcpu, instr: Instruction) -> None:
-    from cetvm.cpu import xsave
-
-    xsave.emulate(vcpu, instr)
+    """XSAVEC / XSAVES / XRSTORS: :mod:`cetvm.cpu.xsave` checks and executes, here it retires."""
+    xsave.check_usable(vcpu, instr)
+    xsave.execute(vcpu, instr, effective_address(vcpu, instr))
+    _advance(vcpu, instr)
 
 
 _HANDLERS: dict[int, Callable] = {

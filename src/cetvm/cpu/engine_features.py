@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from cetvm.arch.qemu_features import FEATURE_WORDS, QEMU_FEATURES, FeatureWord, word_mask
 from cetvm.arch.cpuid_bits import Reg
+from cetvm.arch.msr import Msr
 
 #: Runtime (dynamic) bits the engine's CPUID shows that are not features: OSXSAVE (1.ECX[27]).
 _DYNAMIC_BITS: dict[FeatureWord, int] = {(1, 0, Reg.ECX): 1 << 27}
@@ -43,6 +44,15 @@ ENGINE_FEATURE_WORDS: dict[FeatureWord, int] = {
     (0x8000_0001, 0, Reg.EDX): 0x2C10_0800,
     (0x8000_0001, 0, Reg.ECX): 0x0000_0021,
 }
+
+#: The MSRs the engine (Unicorn 2.1.4) implements. RDMSR/WRMSR of any other index that is not a
+#: CET MSR, IA32_XSS or intercepted raises #GP(0), as on a CPU without that MSR (Unicorn itself
+#: drops writes and reads zeros for unknown ones).
+ENGINE_MSRS: frozenset[int] = frozenset(int(m) for m in (
+    Msr.IA32_SYSENTER_CS, Msr.IA32_SYSENTER_ESP, Msr.IA32_SYSENTER_EIP, Msr.IA32_PAT, Msr.IA32_APIC_BASE,
+    Msr.IA32_EFER, Msr.IA32_STAR, Msr.IA32_LSTAR, Msr.IA32_CSTAR, Msr.IA32_FMASK, Msr.IA32_FS_BASE,
+    Msr.IA32_GS_BASE, Msr.IA32_KERNEL_GS_BASE, Msr.IA32_TSC_AUX, Msr.IA32_TIME_STAMP_COUNTER,
+))
 
 #: Engine features cetvm's own parts cannot back (module docstring), by QEMU name.
 CETVM_LACKS: tuple[str, ...] = ("la57", "pku")

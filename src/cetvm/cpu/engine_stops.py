@@ -21,14 +21,14 @@ from unicorn import x86_const as X
 from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import PfErr, Vector, is_canonical, u64
 from cetvm.cpu import decode, emulate, string_ops
-from cetvm.cpu.cet.transfer import BlockAction, TerminatorInfo, apply_terminator
+from cetvm.cpu.cet.transfer import TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
 
 PAGE = 0x1000
-#: Vectors that are traps: RIP reported by Unicorn is past the instruction (engine-notes).
+#: Vectors that are traps: RIP reported by Unicorn is past the instruction.
 _TRAP_VECTORS = frozenset({Vector.BP, Vector.OF})
 
 
@@ -103,19 +103,10 @@ class EngineStopsMixin:
         already counted as not retired."""
         blocks = self._blocks
         prev = blocks.take_prev(None)
-        if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self._cet_active:
+        if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self.cet_active:
             return False
-        uc = self._uc
-        decision = apply_terminator(self, prev, rip, uc.reg_read(X.UC_X86_REG_RSP))
-        if decision.action != BlockAction.FAULT:
-            return False
-        if not branch_taken_back:
-            self._terminator_faulted(decision)
-        uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-        if decision.rsp is not None:
-            uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
-        self._raise_event(decision.fault)
-        return True
+        return self.apply_decision(apply_terminator(self, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)),
+                                   counted=not branch_taken_back)
 
     def _software_interrupt_address(self, terminator: TerminatorInfo | None, rip: int, intno: int) -> int:
         """Where the INT n / INT3 / INTO that Unicorn just raised starts (Unicorn reports RIP past
@@ -220,7 +211,7 @@ class EngineStopsMixin:
         if errno == UC_ERR_FETCH_UNMAPPED:
             if self._apply_terminator_before_target_fault(rip):
                 return None
-            return VmExit(ExitReason.SHUTDOWN, rip, detail="instruction fetch from guest-physical memory with no RAM")
+            return VmExit(ExitReason.EMULATION_FAILED, rip, detail="instruction fetch from guest-physical memory with no RAM")
         self._retire_before(rip)
         self._blocks.prev = None
         try:
@@ -307,7 +298,7 @@ class EngineStopsMixin:
                 if data is not None:
                     self._uc.mem_write(gpa, data)
                 branches = instr.flow_control != FlowControl.NEXT
-                self.step_native(rip, None if branches else instr.next_ip, retire=False)
+                self.step_in_engine(rip, None if branches else instr.next_ip, retire=False)
                 stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
             finally:
                 self._uc.mem_unmap(first, span)

@@ -2,7 +2,7 @@
 
 [SDM Vol. 3 §6.14 "Exception and interrupt handling in 64-bit mode", §6.15 (#DF), §6.12.1.2
 (stack switching), §7.7 (64-bit TSS); SDM Vol. 2 INT n pseudo-code for the CET steps, done by
-:func:`cetvm.cpu.cet.events.ssp_on_event`.]
+:func:`cetvm.cpu.cet.far_transfers.ssp_on_event`.]
 
 Decisions (documented simplifications):
 - only 64-bit interrupt and trap gates (IA-32e mode: from 64-bit or compatibility mode, with the
@@ -19,22 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch import Vector, VECTORS_WITH_ERROR_CODE
-from cetvm.arch.regs import is_fault_exception
+from cetvm.arch.regs import RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM, is_fault_exception
 from cetvm.arch.msr import Efer, Msr
-from cetvm.cpu.cet.events import ssp_on_event
+from cetvm.cpu.cet.far_transfers import ssp_on_event
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import Segment, SegAttr
+from cetvm.arch.regs import U64_MASK as _U64
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 GATE_INTERRUPT = 0xE
 GATE_TRAP = 0xF
-RFLAGS_TF = 1 << 8
-RFLAGS_IF = 1 << 9
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
 CONTRIBUTORY = frozenset({Vector.DE, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.CP})
 #: 64-bit TSS: RSP0 at +4 (RSPn at 4 + 8n), IST1 at +36 (ISTn at 36 + 8(n-1)) [SDM Vol. 3 §8.7].
 TSS_RSP0 = 4
@@ -88,7 +83,7 @@ def double_fault_class(first: int, second: int) -> str:
 def deliver(vcpu, event) -> VmExit | None:
     """Deliver ``event`` (a vcpu PendingEvent); nested faults become #DF, then a triple fault."""
     if not vcpu.msr(Msr.IA32_EFER) & Efer.LMA:
-        return VmExit(ExitReason.SHUTDOWN, vcpu.rip,
+        return VmExit(ExitReason.EMULATION_FAILED, vcpu.rip,
                       detail=f"vector {event.vector} raised outside IA-32e mode (only IA-32e IDT delivery, from "
                              "64-bit or compatibility mode, is implemented)")
     current = event

@@ -3,7 +3,7 @@
 Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): fetching and decoding an
 instruction for emulation, running :mod:`cetvm.cpu.emulate` at an exit address (after applying
 the previous block's pending CET terminator), single-stepping one instruction through Unicorn
-(:meth:`EmulationPlumbingMixin.step_native`), queuing a guest fault, and the completion of the
+(:meth:`EmulationPlumbingMixin.step_in_engine`), queuing a guest fault, and the completion of the
 last exit's instruction (KVM's complete_userspace_io()).
 
 A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`: it works on the vCPU's exit set, block tracker and
@@ -12,8 +12,6 @@ pending event in place.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from unicorn import UC_ERR_INSN_INVALID, UcError
 from unicorn import x86_const as X
 
@@ -21,13 +19,14 @@ from cetvm import CetvmError
 from cetvm.arch import Vector
 from cetvm.cpu import decode
 from cetvm.cpu.events import PendingEvent
+from cetvm.cpu.completion import Completion
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, NoRamAccess
 from cetvm.cpu.paging import Access
 
 
 class EmulationPlumbingMixin:
-    """Emulation at exit addresses, native single steps and exit completion for the vCPU."""
+    """Emulation at exit addresses, single steps in the engine and exit completion for the vCPU."""
 
     def fetch_instruction(self, rip: int):
         """Decode the instruction at ``rip`` (fetch access; raises GuestFault)."""
@@ -52,7 +51,7 @@ class EmulationPlumbingMixin:
             self._raise_event(fault)
             return None
         except NoRamAccess as err:
-            return VmExit(ExitReason.SHUTDOWN, rip, detail=f"cannot emulate the instruction at {rip:#x}: {err}")
+            return VmExit(ExitReason.EMULATION_FAILED, rip, detail=f"cannot emulate the instruction at {rip:#x}: {err}")
         self._blocks.prev = None
         return result
 
@@ -64,7 +63,7 @@ class EmulationPlumbingMixin:
         self._uc.ctl_set_exits(sorted(self._exits))
         self._uc.ctl_remove_cache(rip, rip + 1)
 
-    def step_native(self, rip: int, next_ip: int | None = None, *, retire: bool = True) -> None:
+    def step_in_engine(self, rip: int, next_ip: int | None = None, *, retire: bool = True) -> None:
         """Let Unicorn execute the one instruction at ``rip`` although it is an exit address;
         it retires (counts against the budget) unless ``retire`` is False (the caller retires it).
 
@@ -84,7 +83,7 @@ class EmulationPlumbingMixin:
         was_exit = rip in self._exits
         temporary_exit = next_ip is not None and next_ip not in self._exits
         self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=True)
-        self._stepping = True
+        self.stepping = True
         if self._native is not None:
             self._native.set_enabled(False)
         cr2 = uc.reg_read(X.UC_X86_REG_CR2)
@@ -101,7 +100,7 @@ class EmulationPlumbingMixin:
                 raise CetvmError(f"engine error at RIP {rip:#x}: {err}") from None
         finally:
             self._budget.store.budget_left = left
-            self._stepping = False
+            self.stepping = False
             if self._native is not None:
                 self._native.set_enabled(True)
             self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=False)
@@ -133,17 +132,17 @@ class EmulationPlumbingMixin:
         if next_ip is None:
             uc.ctl_flush_tb()
 
-    def add_completion(self, completion: Callable[[], "VmExit | None"]) -> None:
+    def add_completion(self, completion: Completion) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction).
         A completion may return a further exit (a multi-access MMIO instruction): ``run`` then
         returns it before executing anything."""
-        self._completion = completion
+        self.completion.set(completion)
 
     @property
     def exit_pending_completion(self) -> bool:
         """True while the instruction of the last exit still has to be finished (IN/MMIO-read
         data, RIP past HLT/VMCALL/CPUID/...): by :meth:`complete_pending_exit` or the next run."""
-        return self._completion is not None
+        return self.completion.pending
 
     def complete_pending_exit(self) -> None:
         """Finish the instruction of the last exit now, without running guest code and without
@@ -152,20 +151,14 @@ class EmulationPlumbingMixin:
         the exit's ``io.data``, MMIO read data, RAX of a VMCALL...). Nothing pending: no-op.
         A fault raised by the completion (e.g. an MMIO write re-executed into a #PF) is
         delivered at the next run."""
-        if self._completion_exit is not None:
-            return  # the last completion's further exit has not reached the hypervisor yet
-        completion, self._completion = self._completion, None
-        if completion is not None:
-            self._completion_exit = completion()
-            if self._completion_exit is None:
-                self._end_interrupt_shadow()  # the instruction retired (cetvm.cpu.interrupts)
+        if self.completion.complete():
+            self._end_interrupt_shadow()  # the instruction retired (cetvm.cpu.interrupts)
 
     def cancel_pending_exit(self) -> None:
         """Forget the completion of the last exit: the exiting instruction is not finished and
         RIP stays at it (e.g. the vCPU is reset, or its registers are replaced wholesale, so
         re-executing the instruction is what should happen). Nothing pending: no-op."""
-        self._completion = None
-        self._completion_exit = None
+        self.completion.forget()
 
     def raise_fault(self, fault: GuestFault) -> None:
         """Queue an architectural fault of the instruction at RIP (emulation code outside the

@@ -12,6 +12,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from cetvm.arch.vmx import VMX_EXIT_REASONS_FAILED_VMENTRY
+from cetvm.arch.vmx import ExitReason as VmxExitReason
+
 
 class ExitReason(enum.Enum):
     IO = "io"
@@ -24,10 +27,37 @@ class ExitReason(enum.Enum):
     VMCALL = "vmcall"
     EXCEPTION = "exception"
     TRIPLE_FAULT = "triple_fault"
+    #: MOV to CR0/CR4 changing a host-owned bit (the VMCS guest/host mask); ``qualification``
+    #: as SDM Vol. 3 Table 28-3 (:func:`cetvm.arch.vmx.cr_access_qualification`)
+    CR_ACCESS = "cr_access"
+    #: VM entry failed its guest-state checks (nothing ran; ``detail`` says which check)
+    ENTRY_FAILED = "entry_failed"
     BUDGET = "budget"
-    SHUTDOWN = "shutdown"
+    #: the CPU cannot go on: an instruction it cannot emulate, a fetch from no RAM, an event it
+    #: cannot deliver in this mode (KVM: KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION)
+    EMULATION_FAILED = "emulation_failed"
     #: event delivery touched memory without RAM (KVM: KVM_INTERNAL_ERROR_DELIVERY_EV)
     DELIVERY_FAILED = "delivery_failed"
+
+
+#: The basic VM-exit reason the CPU stores in VM_EXIT_REASON for each exit [SDM Vol. 3 App. C].
+#: cetvm's own stops (BUDGET: the instruction budget, like the VMX-preemption timer;
+#: EMULATION_FAILED, DELIVERY_FAILED: the CPU cannot go on) have no architectural reason and
+#: leave the field as it was.
+BASIC_EXIT_REASONS: dict[ExitReason, int] = {
+    ExitReason.EXCEPTION: VmxExitReason.EXCEPTION_NMI,
+    ExitReason.TRIPLE_FAULT: VmxExitReason.TRIPLE_FAULT,
+    ExitReason.CPUID: VmxExitReason.CPUID,
+    ExitReason.HLT: VmxExitReason.HLT,
+    ExitReason.VMCALL: VmxExitReason.VMCALL,
+    ExitReason.CR_ACCESS: VmxExitReason.CR_ACCESS,
+    ExitReason.IO: VmxExitReason.IO_INSTRUCTION,
+    ExitReason.RDMSR: VmxExitReason.MSR_READ,
+    ExitReason.WRMSR: VmxExitReason.MSR_WRITE,
+    ExitReason.ENTRY_FAILED: VmxExitReason.ENTRY_FAIL_GUEST_STATE | VMX_EXIT_REASONS_FAILED_VMENTRY,
+    ExitReason.MMIO: VmxExitReason.EPT_VIOLATION,
+    ExitReason.XSETBV: VmxExitReason.XSETBV,
+}
 
 
 class Direction(enum.Enum):
@@ -78,6 +108,8 @@ class VmExit:
     exception: ExceptionExit | None = None
     xcr_index: int = 0
     xcr_value: int = 0
+    #: the exit qualification (CR_ACCESS; ENTRY_FAILED: 0, "no further detail")
+    qualification: int = 0
     detail: str = ""
 
     def __str__(self) -> str:

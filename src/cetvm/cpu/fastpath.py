@@ -1,7 +1,7 @@
 """The Python CET common-case path: a flat block hook in front of the reference state machine.
 
 [The Python twin of the native short path, ``cetfast_block_hook`` in cpu/native/cetfast.c;
-DESIGN.md "The CPU engine"; the semantics are :func:`cetvm.cpu.cet.transfer.on_block_start`.]
+the semantics are :func:`cetvm.cpu.cet.transfer.on_block_start`.]
 
 At every block start the Vcpu's Python block hook must apply the previous block's terminator.
 The reference (:meth:`cetvm.cpu.vcpu.Vcpu._on_block` → ``on_block_start`` → shadow-stack and
@@ -57,30 +57,41 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from cetvm import CetvmError
+from cetvm.arch.cet import ENDBR64
 from cetvm.cpu.cet.policy import ENDBR_EN, SH_STK_EN, SUPPRESS, TRACKER
+from cetvm.cpu.blocks import BlockTracker
+from cetvm.cpu.budget import BudgetStore
 from cetvm.cpu.cet.transfer import Terminator
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
-
-if TYPE_CHECKING:
-    from cetvm.cpu.vcpu import Vcpu
+from cetvm.cpu.state import CetRegisters
+from cetvm.arch.regs import U64_MASK as _U64
 
 PAGE = 0x1000
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: ``linear & _SLOT_TAG_MASK`` keeps the page (bits 63:12) and the misalignment (bits 2:0): it
 #: equals the window's page exactly when ``linear`` is an 8-aligned slot of that page.
 _SLOT_TAG_MASK = _U64 & ~0xFF8
 _NO_PAGE = -1  # matches no ``linear & _SLOT_TAG_MASK``
 _TRACKER_OR_SUPPRESS = TRACKER | SUPPRESS
-_ENDBR64 = bytes.fromhex("f30f1efa")
 _SS_READ, _SS_READ_USER = int(Access.SHADOW_STACK), int(Access.SHADOW_STACK | Access.USER)
 _SS_WRITE, _SS_WRITE_USER = _SS_READ | int(Access.WRITE), _SS_READ_USER | int(Access.WRITE)
 
 #: void hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data), as Python sees it.
 BlockHook = Callable[[int, int, int, int], None]
+
+
+class FastPathCpu(Protocol):
+    """What the short path reads of the vCPU at every block start (plain attributes, kept
+    current by the vCPU's ``refresh_mode``; the short path writes only ``cet.ssp``)."""
+
+    cet: CetRegisters
+    cpl: int
+    long_mode: bool
+    cet_active: bool
+    stepping: bool
 
 
 @dataclass(slots=True)
@@ -94,6 +105,8 @@ class ShadowStackWindow:
     the window always belongs to the current CPL.
     """
 
+    translate: Callable[[int, int], int]
+    ram_view: Callable[[int, int], tuple[memoryview, int]]
     page: int = _NO_PAGE
     slots: memoryview | None = None
 
@@ -102,7 +115,7 @@ class ShadowStackWindow:
         self.page = _NO_PAGE
         self.slots = None
 
-    def fill(self, vcpu: "Vcpu", linear: int, user: bool, write: bool) -> bool:
+    def fill(self, linear: int, user: bool, write: bool) -> bool:
         """Translate the page of ``linear`` for a shadow-stack access and map its RAM.
 
         False (window empty) if the translation faults or the page is not RAM: the reference
@@ -112,8 +125,8 @@ class ShadowStackWindow:
         page = linear & ~(PAGE - 1) & _U64
         access = (_SS_WRITE_USER if user else _SS_WRITE) if write else (_SS_READ_USER if user else _SS_READ)
         try:
-            gpa = vcpu.translate(page, access)
-            view, offset = vcpu._ram_view(gpa, PAGE)
+            gpa = self.translate(page, access)
+            view, offset = self.ram_view(gpa, PAGE)
         except (GuestFault, CetvmError):
             self.forget()
             return False
@@ -121,47 +134,47 @@ class ShadowStackWindow:
         return True
 
 
-def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> BlockHook:
+def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], blocks: BlockTracker,
+                    window: ShadowStackWindow, on_error: Callable[[BaseException], None],
+                    budget: BudgetStore | None) -> BlockHook:
     """The Vcpu's UC_HOOK_BLOCK callback: the short path above, else ``reference(address, size)``.
 
     ``reference`` is the Vcpu's complete block-start handling (classification on a miss, the
     pending-terminator bookkeeping, ``on_block_start``, fault delivery). The returned function
-    has the C hook's signature and, like the Vcpu's raw hook, stores any exception in
-    ``vcpu._hook_error`` and stops the engine (ctypes would swallow it).
+    has the C hook's signature and, like the Vcpu's raw hook, hands any exception to
+    ``on_error`` (which stops the engine; ctypes would swallow it).
 
-    Reads in place: the Vcpu's block tracker and its cache dict (BlockTracker.invalidate clears
-    it in place), ``vcpu.cet`` (SSP, U_CET, S_CET), the cached mode (``_cpl``, ``_long_mode``,
-    ``_cet_active``) and ``vcpu._ss_window``.
+    Reads in place: the Vcpu's block tracker ``blocks`` and its cache dict
+    (BlockTracker.invalidate clears it in place), ``vcpu.cet`` (SSP, U_CET, S_CET), the vCPU's
+    cached mode (``cpl``, ``long_mode``, ``cet_active``, ``stepping``) and its shadow-stack
+    ``window``; ``budget``: the instruction budget counted per block (None: counted per
+    instruction, :mod:`cetvm.cpu.budget`).
     """
     if sys.byteorder != "little":
-        return _guarded(vcpu, reference)
-    blocks = vcpu._blocks
+        return _guarded(reference, on_error)
     cache_get = blocks.cache.get
-    window = vcpu._ss_window
-    uc = vcpu.unicorn
-    budget = vcpu._budget.block_store  # None: counted per instruction (cetvm.cpu.budget)
     ret, ret_imm = Terminator.RET, Terminator.RET_IMM
     call_direct, call_indirect, jmp_indirect = Terminator.CALL_DIRECT, Terminator.CALL_INDIRECT, Terminator.JMP_INDIRECT
 
     def block_hook(_uch: int, address: int, size: int, _user: int) -> None:
         try:
             info = cache_get(address)
-            if info is None or info.size != size or vcpu._stepping:
+            if info is None or info.size != size or vcpu.stepping:
                 reference(address, size)
                 return
             if budget is not None and budget.budget_left < info.icount:
                 reference(address, size)  # stops in front of the block
                 return
             prev = blocks.prev
-            if vcpu._cet_active:
+            if vcpu.cet_active:
                 cet = vcpu.cet
-                cpl = vcpu._cpl
+                cpl = vcpu.cpl
                 ctl = cet.u_cet if cpl == 3 else cet.s_cet
                 if prev is None:
                     if ctl & TRACKER:
                         reference(address, size)
                         return
-                elif ctl & _TRACKER_OR_SUPPRESS or not vcpu._long_mode:
+                elif ctl & _TRACKER_OR_SUPPRESS or not vcpu.long_mode:
                     reference(address, size)
                     return
                 else:
@@ -171,7 +184,7 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
                             # shstk_pop_near_and_check: [SSP] must equal the return address
                             ssp = cet.ssp
                             if ssp & _SLOT_TAG_MASK != window.page and (
-                                    ssp & 7 or not window.fill(vcpu, ssp, cpl == 3, False)):
+                                    ssp & 7 or not window.fill(ssp, cpl == 3, False)):
                                 reference(address, size)
                                 return
                             if window.slots[(ssp & 0xFFF) >> 3] != address:
@@ -179,20 +192,20 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
                                 return
                             cet.ssp = (ssp + 8) & _U64
                     elif kind is call_direct or kind is call_indirect:
-                        if kind is call_indirect and ctl & ENDBR_EN and info.first_bytes != _ENDBR64:
+                        if kind is call_indirect and ctl & ENDBR_EN and info.first_bytes != ENDBR64:
                             reference(address, size)  # the tracker arms and the target may #CP(3)
                             return
                         if ctl & SH_STK_EN:
                             # shstk_push_near: SSP -= 8; [SSP] = return address
                             slot = (cet.ssp - 8) & _U64
                             if slot & _SLOT_TAG_MASK != window.page and (
-                                    slot & 7 or not window.fill(vcpu, slot, cpl == 3, True)):
+                                    slot & 7 or not window.fill(slot, cpl == 3, True)):
                                 reference(address, size)
                                 return
                             window.slots[(slot & 0xFFF) >> 3] = (prev.insn_addr + prev.insn_len) & _U64
                             cet.ssp = slot
                     elif kind is jmp_indirect:
-                        if ctl & ENDBR_EN and info.first_bytes != _ENDBR64:
+                        if ctl & ENDBR_EN and info.first_bytes != ENDBR64:
                             reference(address, size)
                             return
                     else:
@@ -204,19 +217,17 @@ def make_block_hook(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> Bloc
                 budget.budget_left -= info.icount
                 blocks.last_run = info
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
-            vcpu._hook_error = exc
-            uc.emu_stop()
+            on_error(exc)
 
     return block_hook
 
 
-def _guarded(vcpu: "Vcpu", reference: Callable[[int, int], None]) -> BlockHook:
+def _guarded(reference: Callable[[int, int], None], on_error: Callable[[BaseException], None]) -> BlockHook:
     """The reference alone, with the raw hook's error handling."""
     def block_hook(_uch: int, address: int, size: int, _user: int) -> None:
         try:
             reference(address, size)
         except BaseException as exc:
-            vcpu._hook_error = exc
-            vcpu.unicorn.emu_stop()
+            on_error(exc)
 
     return block_hook

@@ -58,3 +58,9 @@ def cp(code: CpError) -> GuestFault:
 def page_fault(linear: int, error: PfErr) -> GuestFault:
     """#PF with CR2 = the faulting linear address."""
     return GuestFault(Vector.PF, int(error), cr2=linear)
+
+
+class HardwareRefused(CetvmError):
+    """The engine refused a host-side request: an MSR the processor does not implement (a
+    host-initiated RDMSR/WRMSR, KVM's rdmsr_safe() failing), or guest RAM it cannot map. The
+    engine's own exception never leaves :mod:`cetvm.cpu`."""

@@ -11,8 +11,8 @@ Decisions (engine-driven, documented and tested):
   code; CET: the same SSP switching as any event, :func:`cetvm.cpu.events.deliver_64`).
 - Recognition points: interrupts are checked only where the engine already stops — at run
   entry and after each exit — never per block, so the fast paths cost nothing. An interrupt
-  that becomes deliverable inside a stretch of natively executed code (after an STI) is taken at
-  the next stop; the VMM runs the guest in slices anyway. The architectural guarantee that
+  that becomes deliverable inside a stretch of code the engine runs without exits (after an
+  STI) is taken at the next stop; the VMM runs the guest in slices anyway. The architectural guarantee that
   matters for guests (``sti; hlt`` does not lose the wake-up) holds: the HLT is an exit.
 - The shadow is read from QEMU's ``HF_INHIBIT_IRQ`` flag (set by STI and MOV/POP SS, cleared
   after the next instruction; measured). An exiting instruction whose completion ran (RIP past
@@ -25,7 +25,8 @@ Decisions (engine-driven, documented and tested):
 from __future__ import annotations
 
 from cetvm import InputError
-from cetvm.cpu.events import RFLAGS_IF, PendingEvent
+from cetvm.arch.regs import RFLAGS_IF
+from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.uc_context import ContextBlob, HFlags
 
@@ -60,7 +61,7 @@ class InterruptsMixin:
     @property
     def interrupt_shadow(self) -> bool:
         """True while the instruction after STI / MOV SS / POP SS has not retired [SDM §6.8.3]."""
-        if self._completion is not None:
+        if self.completion.pending:
             return False  # the exiting instruction retires before anything else: shadow over
         return bool(ContextBlob.save(self._uc).hflags & HFlags.INHIBIT_IRQ)
 

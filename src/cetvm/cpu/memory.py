@@ -24,9 +24,9 @@ from unicorn import UC_PROT_ALL, Uc, UcError
 from cetvm import CetvmError, InputError
 from cetvm.cpu.faults import GuestFault, NoRamAccess
 from cetvm.cpu.paging import Access, PagingMode, translate
+from cetvm.arch.regs import U64_MASK
 
 PAGE = 0x1000
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: Little-endian unsigned codecs for the hot-path RAM accesses (shadow stack, page walks).
 LE_UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 
@@ -169,7 +169,7 @@ class GuestMemory:
             gpa = self.translate(linear, access)
             self._require_ram(gpa, chunk, "read")
             out += self._uc.mem_read(gpa, chunk)
-            linear, size = (linear + chunk) & _U64, size - chunk
+            linear, size = (linear + chunk) & U64_MASK, size - chunk
         return bytes(out)
 
     def _require_ram(self, gpa: int, size: int, what: str) -> None:
@@ -182,7 +182,7 @@ class GuestMemory:
         offset = 0
         while offset < len(data):
             chunk = min(len(data) - offset, PAGE - ((linear + offset) & (PAGE - 1)))
-            pieces.append((self.translate((linear + offset) & _U64, access | Access.WRITE), data[offset:offset + chunk]))
+            pieces.append((self.translate((linear + offset) & U64_MASK, access | Access.WRITE), data[offset:offset + chunk]))
             offset += chunk
         for gpa, piece in pieces:
             self._require_ram(gpa, len(piece), "write")
@@ -200,5 +200,5 @@ class GuestMemory:
                 if not out:
                     raise
                 break
-            linear, size = (linear + chunk) & _U64, size - chunk
+            linear, size = (linear + chunk) & U64_MASK, size - chunk
         return bytes(out)

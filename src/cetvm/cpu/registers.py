@@ -21,8 +21,8 @@ from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import Efer
 from cetvm.cpu.state import CetState, DescriptorTable, FpuState, GPR_NAMES, Regs, Segment, Sregs
 from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, segment_hflags
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U128 = (1 << 128) - 1
 _GPR_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS, "dr6": X.UC_X86_REG_DR6}
@@ -37,8 +37,6 @@ _XMM_IDS = tuple(getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16))
 #: FpuState field → (bits per value, number of values or None for a scalar).
 _FPU_FIELD_WIDTHS = {"fcw": (16, None), "fsw": (16, None), "ftw": (8, None), "fop": (11, None), "fip": (64, None),
                      "fdp": (64, None), "mxcsr": (32, None), "st": (80, 8), "xmm": (128, 16), "ymm_hi": (128, 16)}
-CET_MSR_INDICES = frozenset(int(m) for m in (Msr.IA32_U_CET, Msr.IA32_S_CET, Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP,
-                                             Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP, Msr.IA32_INT_SSP_TAB))
 
 
 def check_fpu_widths(fpu: FpuState) -> None:
@@ -55,7 +53,7 @@ def check_fpu_widths(fpu: FpuState) -> None:
 
 
 def cet_msr_value(cet: CetState, index: int) -> int:
-    """The value of CET MSR ``index`` held in ``cet`` [SDM Vol. 3 §18.3.1 / reference §MSRs]."""
+    """The value of CET MSR ``index`` held in ``cet`` [SDM Vol. 3 §18.3.1]."""
     if index == Msr.IA32_U_CET:
         return cet.u_cet
     if index == Msr.IA32_S_CET:
@@ -69,7 +67,7 @@ def cet_msr_value(cet: CetState, index: int) -> int:
 
 def store_cet_msr_value(cet: CetState, index: int, value: int) -> None:
     """Store CET MSR ``index`` in ``cet`` (no checks: callers validate first)."""
-    value &= _U64
+    value &= U64_MASK
     if index == Msr.IA32_U_CET:
         cet.u_cet = value
     elif index == Msr.IA32_S_CET:
@@ -114,14 +112,14 @@ class Registers:
         return self._uc.reg_read(REG_IDS[name])
 
     def write(self, name: str, value: int) -> None:
-        self._uc.reg_write(REG_IDS[name], value & _U64)
+        self._uc.reg_write(REG_IDS[name], value & U64_MASK)
 
     def get_regs(self) -> Regs:
         return Regs(**{f.name: self._uc.reg_read(REG_IDS[f.name]) for f in fields(Regs)})
 
     def set_regs(self, regs: Regs) -> None:
         for f in fields(Regs):
-            self._uc.reg_write(REG_IDS[f.name], getattr(regs, f.name) & _U64)
+            self._uc.reg_write(REG_IDS[f.name], getattr(regs, f.name) & U64_MASK)
 
     # ------------------------------------------------------------------ system registers
     def get_sregs(self) -> Sregs:
@@ -202,7 +200,7 @@ class Registers:
         if n == 4:
             self._guest_forced_cr4 = value & ENGINE_FORCED_CR4
             value |= ENGINE_FORCED_CR4
-        self._uc.reg_write(_CR_IDS[n], value & _U64)
+        self._uc.reg_write(_CR_IDS[n], value & U64_MASK)
 
     @property
     def xcr0(self) -> int:
@@ -211,7 +209,7 @@ class Registers:
     @xcr0.setter
     def xcr0(self, value: int) -> None:
         blob = ContextBlob.save(self._uc)
-        ctypes.c_uint64.from_address(blob.address + XCR0_OFFSET).value = value & _U64
+        ctypes.c_uint64.from_address(blob.address + XCR0_OFFSET).value = value & U64_MASK
         blob.restore(self._uc)
 
     # ------------------------------------------------------------------ engine exception state
@@ -228,7 +226,7 @@ class Registers:
             blob.restore(self._uc)
 
     def reset_old_exception(self) -> None:
-        """Forget the last exception so the next fault is not promoted to #DF (engine-notes)."""
+        """Forget the last exception so the next fault is not promoted to #DF."""
         blob = ContextBlob.save(self._uc)
         blob.reset_old_exception()
         blob.restore(self._uc)

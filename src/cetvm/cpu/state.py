@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class SegAttr(enum.IntFlag):
@@ -144,6 +145,17 @@ class Sregs:
     cr3: int = 0
     cr4: int = 0
     efer: int = 0
+
+
+class CetRegisters(Protocol):
+    """The vCPU's CET registers: :class:`CetState`, or the native hook's stand-in that keeps
+    SSP, U_CET and S_CET in its shared state (:class:`cetvm.cpu.native.loader.NativeCetState`)."""
+
+    u_cet: int
+    s_cet: int
+    pl_ssp: list[int]
+    int_ssp_tab: int
+    ssp: int
 
 
 @dataclass

@@ -37,10 +37,11 @@ from iced_x86 import Instruction, MemorySizeExt, Mnemonic as M, OpKind, Register
 
 from cetvm import NotSupportedError
 from cetvm.arch import Msr, u64
+from cetvm.arch.vmx import io_qualification
+from cetvm.arch.regs import RFLAGS_AF, RFLAGS_CF, RFLAGS_DF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF, RFLAGS_ZF
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioExit, VmExit
 from cetvm.cpu.paging import Access
 
-RFLAGS_CF, RFLAGS_PF, RFLAGS_AF, RFLAGS_ZF, RFLAGS_SF, RFLAGS_DF, RFLAGS_OF = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 10, 1 << 11
 _ARITH_FLAGS = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
 
 _MOVS = frozenset({M.MOVSB, M.MOVSW, M.MOVSD, M.MOVSQ})
@@ -296,7 +297,8 @@ def port_string_iteration(vcpu, instr: Instruction) -> VmExit | None:
             vcpu.add_completion(finish)
             return VmExit(ExitReason.MMIO, instr.ip, mmio=store)
         vcpu.add_completion(complete)
-        return VmExit(ExitReason.IO, instr.ip, instr.len, io=io)
+        qualification = io_qualification(size, not outs, port, string=True, rep=repeated)
+        return VmExit(ExitReason.IO, instr.ip, instr.len, io=io, qualification=qualification)
 
     if not outs or in_ram:
         return io_exit(int.from_bytes(vcpu.read_virt(linear, size, user), "little") if outs else 0)

@@ -1,8 +1,8 @@
 """Privileged state Unicorn 2.1.4 does not let us write: segment caches, CPL, old_exception.
 
 ``reg_write`` of CS/SS in 64-bit mode sets only the selector; CPL lives in QEMU's ``hflags``.
-We therefore save Unicorn's context, patch the CPUX86State blob and restore it (engine-notes
-"System-level behaviour"). The offsets are those of Unicorn 2.1.4's x86_64 CPUX86State; they are
+We therefore save Unicorn's context, patch the CPUX86State blob and restore it (measured on
+Unicorn 2.1.4). The offsets are those of Unicorn 2.1.4's x86_64 CPUX86State; they are
 self-checked by :func:`check_unicorn` before the first vCPU is built.
 """
 
@@ -117,7 +117,7 @@ class ContextBlob:
         self.set_u32(HFLAGS_OFFSET, value)
 
     def reset_old_exception(self) -> None:
-        """old_exception = -1, so the next fault is not promoted to #DF (engine-notes pitfall)."""
+        """old_exception = -1, so the next fault is not promoted to #DF."""
         ctypes.c_int32.from_address(self.address + OLD_EXCEPTION_OFFSET).value = -1
 
 

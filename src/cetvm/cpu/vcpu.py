@@ -1,6 +1,6 @@
 """The vCPU: Unicorn executes guest code, cetvm adds CET, event delivery and VMX-like exits.
 
-Execution model (DESIGN.md "The CPU engine", engine-notes.md):
+Execution model:
 
 - *Traced mode* (the default, ``trace=True``): one Python
   UC_HOOK_BLOCK hook. On a block's first execution it is decoded (iced-x86); instructions cetvm
@@ -17,21 +17,26 @@ Execution model (DESIGN.md "The CPU engine", engine-notes.md):
 Exceptions are caught (UC_HOOK_INTR / UC_HOOK_INSN_INVALID), emulation stops, and
 :mod:`cetvm.cpu.events` delivers them through the guest IDT.
 
-This module is the composition and the run loop; the parts live in (each owns one job):
+This module is the composition, VM entry/exit and the run loop. Parts (objects with their own
+interface): :mod:`cetvm.cpu.memory` (``GuestMemory``: regions, physical/virtual access,
+translation cache), :mod:`cetvm.cpu.registers` (``Registers``: GPR/segment/CR/XCR0/FPU access,
+CET MSR values), :mod:`cetvm.cpu.budget` (``InstructionBudget``: the exact instruction budget),
+:mod:`cetvm.cpu.completion` (``ExitCompletion``: the last exit and its unfinished instruction),
+:mod:`cetvm.cpu.vmcs` (``Vmcs``: the current VMCS). Still mixins of this class (one class in
+several files, sharing its attributes):
 
-- :mod:`cetvm.cpu.memory` (``GuestMemory``): regions, physical/virtual access, translation cache;
-- :mod:`cetvm.cpu.registers` (``Registers``): GPR/segment/CR/XCR0/FPU access, CET MSR values;
-- :mod:`cetvm.cpu.cet_machine`: the CetMachine protocol (CPL, SSP, shadow-stack access);
-- :mod:`cetvm.cpu.budget` (``InstructionBudget``): the exact instruction budget and its hooks;
+- :mod:`cetvm.cpu.vcpu_cet`: the CetMachine protocol (CPL, SSP, shadow-stack access);
 - :mod:`cetvm.cpu.block_hook`: the block hook on the native / Python fast / reference CET paths;
-- :mod:`cetvm.cpu.exit_emulation`: emulation at exit addresses, ``step_native``, completions;
+- :mod:`cetvm.cpu.exit_emulation`: emulation at exit addresses, ``step_in_engine``, completions;
 - :mod:`cetvm.cpu.engine_stops`: interrupt/#UD/MMIO/SYSCALL stops of the engine;
 - :mod:`cetvm.cpu.interrupts`: external interrupts (pending vector, IF, STI/MOV SS shadow, HLT
   wake-up), checked only at run entry and exits.
 
-The vCPU keeps the state every part reads per block or per instruction (``_cpl``,
-``_long_mode``, ``_cet_active``, ``_stepping``, ``_blocks``, ``cet``, ``_exits``, ``_pending``)
-as its own plain attributes, so the hot paths never follow an attribute chain.
+The vCPU keeps the state every part reads per block or per instruction as its own plain
+attributes, so the hot paths never follow an attribute chain. Public and read-only to everyone
+but the vCPU: ``cpl``, ``long_mode`` (64-bit mode), ``cr4_cet``, ``cet_active`` (CR4.CET and an
+enable bit in U_CET or S_CET), ``stepping`` (one instruction runs in the engine, hooks off),
+``cet`` (SSP, U_CET, S_CET...); private: ``_blocks``, ``_exits``, ``_pending``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from iced_x86 import InstructionInfoFactory
 from unicorn import (
@@ -51,16 +56,20 @@ from unicorn import x86_const as X
 
 from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr
+from cetvm.arch.msr import CET_MSR_SET
 from cetvm.cpu import decode
 from cetvm.cpu.block_hook import BlockHookMixin
-from cetvm.cpu.blocks import BlockTracker
+from cetvm.cpu.blocks import BlockTable, BlockTracker
 from cetvm.cpu.budget import InstructionBudget, select_granularity
 from cetvm.cpu.cet.transfer import BlockDecision
-from cetvm.cpu.cet_machine import CetMachineMixin
+from cetvm.cpu.vcpu_cet import CetMachineMixin
 from cetvm.cpu.engine_features import engine_cpu_model
 from cetvm.cpu.engine_stops import EngineStopsMixin
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
+from cetvm.arch.vmx import VmcsField
+from cetvm.cpu.faults import HardwareRefused
+from cetvm.cpu.completion import ExitCompletion
 from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.fastpath import ShadowStackWindow
@@ -68,17 +77,19 @@ from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
-from cetvm.cpu.registers import CET_MSR_INDICES, EFER_OFFSET, XCR0_OFFSET, Registers
-from cetvm.cpu.state import CetState, FpuState, Regs, Segment, Sregs
+from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
+from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
+from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
+from cetvm.arch.regs import U64_MASK
+from cetvm.cpu import emulate, events
 
 if TYPE_CHECKING:
     from cetvm.cpuid import CpuidModel
 
 __all__ = ["EFER_OFFSET", "PAGE", "XCR0_OFFSET", "MemoryRegion", "PendingEvent", "Vcpu"]
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsMixin, InterruptsMixin):
@@ -97,8 +108,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     "block" (per translation block, exact stops; the default) or "instruction" (a code hook on
     every instruction, the reference); None means ``$CETVM_BUDGET_GRANULARITY`` or "block"
     (:mod:`cetvm.cpu.budget`). Untraced vCPUs count per instruction (they have no block hook).
-    Hypervisor controls: ``msr_intercepts`` (set of MSR indices whose RDMSR/WRMSR exit),
-    ``exception_bitmap`` (vectors that exit before delivery).
+    A hypervisor controls it through its current VMCS (:attr:`vmcs`, :meth:`vmptrld`; see
+    :mod:`cetvm.cpu.vmcs`) and tells it the CET features of the guest's CPUID
+    (:meth:`set_guest_cet_features`); ``has_shstk`` / ``has_ibt`` are the hardware's.
     """
 
     def __init__(self, model: "CpuidModel", *, trace: bool = True, cet_path: str | None = None,
@@ -106,10 +118,15 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.model = model
         self.has_shstk = bool(model.has("shstk"))
         self.has_ibt = bool(model.has("ibt"))
+        #: CET as the guest's CPUID enumerates it (within the hardware's): CET instructions,
+        #: CR4.CET and the CET MSRs follow these (:meth:`set_guest_cet_features`)
+        self.guest_shstk = self.has_shstk
+        self.guest_ibt = self.has_ibt
         self.traced = trace
-        self.msr_intercepts: set[int] = set()
-        self.exception_bitmap = 0
-        self.cet = CetState()
+        self.vmcs = Vmcs()
+        #: the last exit and the completion of its instruction (:mod:`cetvm.cpu.completion`)
+        self.completion = ExitCompletion()
+        self.cet: CetRegisters = CetState()
         self.xss = 0
         granularity = select_granularity(budget_granularity)
         self._budget = InstructionBudget(granularity if trace else "instruction")
@@ -121,24 +138,21 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         # Bound once: the CetMachine shadow-stack accesses run per CALL/RET on the reference path.
         self._translate = self._memory.translate
         self._ram_view = self._memory.ram_view
-        self._blocks = BlockTracker()
+        self._blocks: BlockTable = BlockTracker()
         self._exits: set[int] = set()
         self._pending: PendingEvent | None = None
         self._irq_vector: int | None = None  # external interrupt (cetvm.cpu.interrupts)
-        self._completion: Callable[[], VmExit | None] | None = None
-        #: a further exit the last completion produced (returned by the next ``run``)
-        self._completion_exit: VmExit | None = None
         #: writes of the FPU registers from outside the engine (set_fpu / set_sse), so KVM's guest
         #: FPU swap can tell that the CPU still holds what it last put (cetvm.kvm.vmx._swap_sse)
         self.fpu_writes = 0
         self._info_factory = InstructionInfoFactory()
-        self._stepping = False
-        self._cpl = 0
-        self._long_mode = True
+        self.stepping = False
+        self.cpl = 0
+        self.long_mode = True
         self._code_bits = 64
-        self._cr4_cet = False
-        self._cet_active = False
-        self._ss_window = ShadowStackWindow()
+        self.cr4_cet = False
+        self.cet_active = False
+        self._ss_window = ShadowStackWindow(self._memory.translate, self._memory.ram_view)
         if python_fast_path is None:
             python_fast_path = os.environ.get("CETVM_PYTHON_FAST_PATH", "1") != "0"
         self.python_fast_path = python_fast_path
@@ -175,7 +189,10 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         ``share_with``: map the same host memory as that vCPU's region at ``gpa`` (SMP: every
         engine of a VM sees one RAM)."""
         backing = None if share_with is None else share_with._memory.ram_backing(gpa)
-        address = self._memory.map_ram(gpa, size, backing)
+        try:
+            address = self._memory.map_ram(gpa, size, backing)
+        except UcError as err:
+            raise HardwareRefused(f"cannot map {size:#x} bytes of RAM at {gpa:#x}: {err}") from None
         if self._native is not None:
             self._native.add_ram(gpa, size, address)
 
@@ -238,7 +255,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._memory.write_virt(linear, data, access)
 
     def _user_access(self) -> Access:
-        return Access.USER if self._cpl == 3 else Access.READ
+        return Access.USER if self.cpl == 3 else Access.READ
 
     def _phys_read_int(self, gpa: int, size: int) -> int:
         return self._memory.phys_read_int(gpa, size)
@@ -260,7 +277,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     @rip.setter
     def rip(self, value: int) -> None:
-        self._uc.reg_write(X.UC_X86_REG_RIP, value & _U64)
+        self._uc.reg_write(X.UC_X86_REG_RIP, value & U64_MASK)
 
     def get_regs(self) -> Regs:
         return self._registers.get_regs()
@@ -334,25 +351,32 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     def msr(self, index: int) -> int:
         """Host-initiated MSR read (CET MSRs, IA32_XSS and the TSC from the vCPU, the rest from
-        Unicorn)."""
-        if index in CET_MSR_INDICES:
+        Unicorn); HardwareRefused for an MSR the engine does not implement."""
+        if index in CET_MSR_SET:
             return self._cet_msr_value(index)
         if index == Msr.IA32_XSS:
             return self.xss
         if index == Msr.IA32_TIME_STAMP_COUNTER:
             return self.tsc.read()
-        return self._uc.msr_read(index)
+        try:
+            return self._uc.msr_read(index)
+        except UcError as err:
+            raise HardwareRefused(f"RDMSR {index:#x}: {err}") from None
 
     def set_msr(self, index: int, value: int) -> None:
-        """Host-initiated MSR write, no architectural checks (the hypervisor's policy decides)."""
-        if index in CET_MSR_INDICES:
+        """Host-initiated MSR write, no architectural checks (the hypervisor's policy decides);
+        HardwareRefused for an MSR the engine does not implement."""
+        if index in CET_MSR_SET:
             self._set_cet_msr_value(index, value)
         elif index == Msr.IA32_XSS:
-            self.xss = value & _U64
+            self.xss = value & U64_MASK
         elif index == Msr.IA32_TIME_STAMP_COUNTER:  # WRMSR writes the counter itself [SDM §18.17]
-            self.tsc.offset = (value - self.tsc.source()) & _U64
+            self.tsc.offset = (value - self.tsc.source()) & U64_MASK
         else:
-            self._uc.msr_write(index, value & _U64)
+            try:
+                self._uc.msr_write(index, value & U64_MASK)
+            except UcError as err:
+                raise HardwareRefused(f"WRMSR {index:#x}: {err}") from None
             if index == Msr.IA32_EFER:
                 self.refresh_mode()
 
@@ -360,7 +384,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.clear_stale_old_exception()
 
     def reset_old_exception(self) -> None:
-        """Forget the last exception so the next fault is not promoted to #DF (engine-notes)."""
+        """Forget the last exception so the next fault is not promoted to #DF."""
         self._registers.reset_old_exception()
 
     # ------------------------------------------------------------------ cached mode
@@ -373,11 +397,11 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
         hflags = ContextBlob.save(uc).hflags
-        self._cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
-        self._long_mode = bool(hflags & HFlags.CS64)
+        self.cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
+        self.long_mode = bool(hflags & HFlags.CS64)
         #: Decoder bitness of the code segment: 64-bit mode, else CS.D (32) or real/16-bit (16).
-        self._code_bits = 64 if self._long_mode else 32 if hflags & HFlags.CS32 else 16
-        self._cr4_cet = bool(cr4 & Cr4.CET)
+        self._code_bits = 64 if self.long_mode else 32 if hflags & HFlags.CS32 else 16
+        self.cr4_cet = bool(cr4 & Cr4.CET)
         self._update_cet_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
         if self._native is not None:
@@ -386,7 +410,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def _update_tlb_mode(self, paging_off: bool) -> None:
         """Paging off (traced mode only, where MOV to CR0 is emulated and seen): Unicorn's
         virtual-TLB mode with :meth:`_on_tlb_fill`, so data pages are not executable to the
-        engine and stores stay on its fast path (engine-notes "Speed"). Paging on: the CPU's
+        engine and stores stay on its fast path. Paging on: the CPU's
         own walk of the guest page tables (the guest's NX does the same job)."""
         virtual = self.traced and paging_off
         if virtual != self._tlb_virtual:
@@ -394,28 +418,102 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             self._tlb_virtual = virtual
 
     # ------------------------------------------------------------------ hypervisor interface
+    def vmptrld(self, vmcs: Vmcs) -> None:
+        """Make ``vmcs`` the current VMCS: the next VM entry (``run``) obeys its controls."""
+        self.vmcs = vmcs
+
+    # The hypervisor controls moved into the VMCS; these two raise instead of letting code written
+    # for the old attributes set a new, ignored attribute (remove once no branch uses them).
+    @property
+    def exception_bitmap(self) -> int:
+        raise AttributeError("Vcpu.exception_bitmap is the VMCS's: vcpu.vmcs.read/write(VmcsField.EXCEPTION_BITMAP)")
+
+    @exception_bitmap.setter
+    def exception_bitmap(self, _value: int) -> None:
+        raise AttributeError("Vcpu.exception_bitmap is the VMCS's: vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, bits)")
+
+    @property
+    def msr_intercepts(self) -> None:
+        raise AttributeError("Vcpu.msr_intercepts is the VMCS's MSR bitmap: vcpu.vmcs.msr_bitmap / set_msr_bitmap()")
+
+    @msr_intercepts.setter
+    def msr_intercepts(self, _value: object) -> None:
+        raise AttributeError("Vcpu.msr_intercepts is the VMCS's MSR bitmap: vcpu.vmcs.set_msr_bitmap(indices)")
+
+    def set_guest_cet_features(self, *, shstk: bool, ibt: bool) -> None:
+        """The CET features the guest's CPUID enumerates (KVM: guest_cpu_cap_has after
+        KVM_SET_CPUID2). Without them CR4.CET is reserved, the CET MSRs do not exist for the
+        guest and the shadow-stack instructions are #UD, as on a CPU without the feature."""
+        self.guest_shstk = bool(shstk) and self.has_shstk
+        self.guest_ibt = bool(ibt) and self.has_ibt
+
+    def set_exit_result(self, *, data: int | None = None, error: bool = False) -> None:
+        """The hypervisor's result for the last exit, which the completion at the next run
+        writes to the guest: ``data`` for an IN, an MMIO read or an intercepted RDMSR; ``error``
+        for an intercepted RDMSR/WRMSR that must #GP(0) instead. The hypervisor copies it in
+        (KVM: from kvm_run, complete_userspace_io); the exit it got from :meth:`run` is
+        otherwise read-only to it."""
+        self.completion.set_result(data=data, error=error)
+
+    def load_xcr0(self, value: int) -> None:
+        """XSETBV by the host (kvm_load_guest_xsave_state): XCR0 without checks."""
+        self._registers.xcr0 = value
+
     def inject_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
         """Deliver an exception at the next run (cancels completion of the last exit)."""
-        self._completion = None
+        self.completion.cancel()
         self._pending = PendingEvent(vector, error_code, cr2, injected=True)
 
     def run(self, budget: int | None = None) -> VmExit:
-        """Run until an exit. ``budget``: at most this many instructions (then ExitReason.BUDGET)."""
+        """VM entry, run until an exit, VM exit. ``budget``: at most this many instructions
+        (then ExitReason.BUDGET). The last exit's instruction is completed first."""
         self.complete_pending_exit()
-        if self._completion_exit is not None:
-            exit_, self._completion_exit = self._completion_exit, None
-            return exit_
+        further = self.completion.take_further_exit()
+        if further is not None:
+            return self._vm_exit(further)
+        failure = self._vm_entry()
+        if failure is not None:
+            return self._vm_exit(failure)
         self._budget.left = budget
         self.tsc.sync()
         hook = None
         if budget is not None and self._budget.per_instruction:
             hook = self._budget.add_count_hook(self._uc, self.cet_path == "python")
         try:
-            return self._run_loop()
+            return self._vm_exit(self._run_loop())
         finally:
             if hook is not None:
                 self._budget.del_count_hook(self._uc, hook)
             self._budget.left = None
+
+    def _vm_entry(self) -> VmExit | None:
+        """VM entry from the current VMCS [SDM Vol. 3 ch. 28]: with LOAD_CET_STATE, check the
+        guest CET fields and load S_CET, SSP and INTR_SSP_TABLE; a failed check is a VM-entry
+        failure exit (nothing loaded, nothing run)."""
+        vmcs = self.vmcs
+        if not vmcs.entry_loads_cet():
+            return None
+        s_cet, ssp = vmcs.read(VmcsField.GUEST_S_CET), vmcs.read(VmcsField.GUEST_SSP)
+        intr_ssp_table = vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE)
+        fault = guest_cet_state_fault(s_cet, ssp, intr_ssp_table)
+        if fault is not None:
+            return VmExit(ExitReason.ENTRY_FAILED, self.rip, detail=f"VM entry failed the guest-state checks: {fault}")
+        self.set_cet_msr(Msr.IA32_S_CET, s_cet)
+        self.set_cet_msr(Msr.IA32_INT_SSP_TAB, intr_ssp_table)
+        self.ssp = ssp
+        return None
+
+    def _vm_exit(self, exit_: VmExit) -> VmExit:
+        """VM exit [SDM Vol. 3 ch. 29]: save the guest CET state into the VMCS (always, as a
+        processor that supports loading it does) and record the exit information."""
+        vmcs = self.vmcs
+        if exit_.reason is not ExitReason.ENTRY_FAILED:
+            vmcs.write(VmcsField.GUEST_S_CET, self.cet_msr(Msr.IA32_S_CET))
+            vmcs.write(VmcsField.GUEST_SSP, self.ssp)
+            vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, self.cet_msr(Msr.IA32_INT_SSP_TAB))
+        self.completion.last_exit = exit_
+        vmcs.record_exit(exit_)
+        return exit_
 
     # ------------------------------------------------------------------ exact instruction budget
     @property
@@ -512,14 +610,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:
-        from cetvm.cpu import emulate, events
-
         while True:
             if self._irq_vector is not None:
                 self._take_deliverable_interrupt()
             if self._pending is not None:
                 event, self._pending = self._pending, None
-                if not (event.software or event.injected) and event.vector < 32 and self.exception_bitmap >> event.vector & 1:
+                if not (event.software or event.injected) and event.vector < 32 \
+                        and self.vmcs.read(VmcsField.EXCEPTION_BITMAP) >> event.vector & 1:
                     return VmExit(ExitReason.EXCEPTION, self.rip, exception=ExceptionExit(event.vector, event.error_code, event.cr2))
                 exit_ = events.deliver(self, event)
                 if exit_ is not None:
@@ -561,15 +658,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if not self.traced:
             self.refresh_mode()  # native IRETQ/SYSRET/far transfers may have changed CPL or mode
         if self._syscall_at is not None:
-            from cetvm.cpu import emulate
-
             self.rip, self._syscall_at = self._syscall_at, None
             return self._emulate_at(self.rip, emulate)
         if self._pending is not None or self._budget.hit or self.rip in self._exits:
             return None
         if not self.traced:
             # Untraced mode: Unicorn stops by itself only after HLT (RIP past it).
-            return VmExit(ExitReason.HLT, (self.rip - 1) & _U64, 1)
+            return VmExit(ExitReason.HLT, (self.rip - 1) & U64_MASK, 1)
         return None
 
     @contextlib.contextmanager

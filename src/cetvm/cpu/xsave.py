@@ -1,5 +1,5 @@
 """XSAVES / XRSTORS / XSAVEC emulation (Unicorn raises #UD for all three) [SDM Vol. 1 ch. 13,
-Vol. 2 XSAVES/XRSTORS/XSAVEC; reference §1].
+Vol. 2 XSAVES/XRSTORS/XSAVEC].
 
 Layout, header checks and CET value checks come from :mod:`cetvm.xstate`. Components handled:
 x87 (0) and SSE (1) through Unicorn's registers, AVX (2: the upper YMM halves), CET_U (11) and
@@ -31,11 +31,14 @@ CPUID_XSAVEC = 1 << 1
 CPUID_XSAVES = 1 << 3
 
 
-def emulate(vcpu, instr: Instruction) -> None:
-    from cetvm.cpu.emulate import _advance, effective_address
+def _is_supervisor(instr: Instruction) -> bool:
+    return instr.mnemonic in (M.XSAVES, M.XSAVES64, M.XRSTORS, M.XRSTORS64)
 
-    mn = instr.mnemonic
-    supervisor = mn in (M.XSAVES, M.XSAVES64, M.XRSTORS, M.XRSTORS64)
+
+def check_usable(vcpu, instr: Instruction) -> None:
+    """The faults before the memory operand is formed: #UD without CPUID XSAVES/XSAVEC or
+    CR4.OSXSAVE or with LOCK, #GP(0) for XSAVES/XRSTORS at CPL > 0 [SDM Vol. 2 XSAVES]."""
+    supervisor = _is_supervisor(instr)
     leaf_d1 = vcpu.model.get(0xD, 1)[0]
     if not leaf_d1 & (CPUID_XSAVES if supervisor else CPUID_XSAVEC) or not vcpu.cr4 & Cr4.OSXSAVE:
         raise ud()
@@ -43,7 +46,13 @@ def emulate(vcpu, instr: Instruction) -> None:
         raise ud()
     if supervisor and vcpu.cpl != 0:
         raise gp(0)
-    address = effective_address(vcpu, instr)
+
+
+def execute(vcpu, instr: Instruction, address: int) -> None:
+    """The instruction on the area at linear ``address`` (after :func:`check_usable`): #GP(0)
+    unless 64-byte aligned, then save or restore the requested-feature bitmap's components."""
+    mn = instr.mnemonic
+    supervisor = _is_supervisor(instr)
     if address & 63:
         raise gp(0)
     edx_eax = (vcpu.reg("rdx") & 0xFFFF_FFFF) << 32 | (vcpu.reg("rax") & 0xFFFF_FFFF)
@@ -55,7 +64,6 @@ def emulate(vcpu, instr: Instruction) -> None:
         xrstors(vcpu, layout, address, rfbm, xcr0)
     else:
         xsave_compacted(vcpu, layout, address, rfbm)
-    _advance(vcpu, instr)
 
 
 def _check_supported(rfbm: int) -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from cetvm import NotSupportedError
 from cetvm.cpuid.model import CpuidModel
+from cetvm.arch.cpuid_bits import SUBLEAF_INDEXED_LEAVES
 
 #: push rbx; mov r8,rdx; mov eax,edi; mov ecx,esi; cpuid;
 #: mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx; mov [r8+12],edx; pop rbx; ret
@@ -78,8 +79,6 @@ def read_host_model(fn: CpuidFn | None = None) -> CpuidModel:
 
 
 def _read_all(fn: CpuidFn) -> CpuidModel:
-    from cetvm.arch.cpuid_bits import SUBLEAF_INDEXED_LEAVES
-
     model = CpuidModel("host")
     for base, limit in ((0, MAX_BASIC_LEAVES), (0x8000_0000, MAX_EXT_LEAVES)):
         top = fn(base, 0)[0]

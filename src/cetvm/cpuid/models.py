@@ -8,6 +8,8 @@ from pathlib import Path
 from cetvm import InputError
 from cetvm.cpuid.builtin_data import MODEL_ROWS, SOURCES
 from cetvm.cpuid.model import CpuidModel
+from cetvm.cpuid.host import read_host_model
+from cetvm.cpuid.parse import load_cpuid_file
 
 #: The model read from this machine's CPU (see :mod:`cetvm.cpuid.host`).
 HOST_MODEL = "host"
@@ -29,8 +31,6 @@ def model_source(name: str) -> str:
 def get_model(name: str) -> CpuidModel:
     """A fresh CpuidModel for built-in model ``name`` (or "host"); unknown → InputError."""
     if name == HOST_MODEL:
-        from cetvm.cpuid.host import read_host_model
-
         return read_host_model()
     _check_name(name)
     model = CpuidModel(name)
@@ -48,8 +48,6 @@ def resolve_model(spec: str) -> CpuidModel:
         return get_model(spec)
     path = Path(spec)
     if path.exists():
-        from cetvm.cpuid.parse import load_cpuid_file
-
         return load_cpuid_file(path)
     raise InputError(f"{spec!r} is neither a CPU model ({', '.join(model_names())}) "
                      f"nor an existing dump file{_suggest(spec)}")

@@ -1,10 +1,10 @@
 """The hypervisor model: KVM 6.18's CET capability, CPUID, MSR and CR policy.
 
-Modules stay small and separate (the VM/vCPU run loop will join them): :mod:`host` (the host
+The policy modules: :mod:`host` (the host
 KVM loads on), :mod:`caps` (kvm_caps, reasons, KVM_GET_MSR_INDEX_LIST), :mod:`supported_cpuid`
 (KVM_GET_SUPPORTED_CPUID), :mod:`cpuid_runtime` (KVM_SET_CPUID2 and runtime leaf 0xD sizes),
 :mod:`msr` (CET/XSS MSR access, ONE_REG), :mod:`cr` (CR0.WP / CR4.CET), :mod:`vcpu`,
-:mod:`vmcs`, :mod:`guest_fpu` (where the state lives).
+:mod:`guest_fpu` (where the state lives; the VMCS is the CPU's, :mod:`cetvm.cpu.vmcs`).
 
 The KVM-shaped API on top of the CPU: :mod:`api` (Kvm → Vm → KvmVcpu, run()), :mod:`vcpu_run`
 (in-kernel exit handling, kvm_run exits), :mod:`vmx` (CET controls, MSR interception, VM
@@ -26,10 +26,10 @@ from cetvm.kvm.errors import (
 )
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import MsrResult, get_one_reg, kvm_get_msr, kvm_set_msr, set_one_reg
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 __all__ = [
     "FeatureDecision", "Host", "KvmBadAddress", "KvmCaps", "KvmError", "KvmExists", "KvmInvalidArgument",
     "KvmIoctlError", "KvmLoadError", "KvmNoMemory", "KvmNotSupported", "KvmTooBig", "MsrResult",
-    "VcpuCetState", "get_one_reg", "kvm_caps_for_host", "kvm_get_msr", "kvm_set_msr", "set_one_reg",
+    "VcpuArch", "get_one_reg", "kvm_caps_for_host", "kvm_get_msr", "kvm_set_msr", "set_one_reg",
 ]

@@ -71,15 +71,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-from unicorn import UcError
+
 
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
 from cetvm.arch.msr import Efer, Msr
-from cetvm.cpu.exits import Direction, ExitReason, MsrExit, VmExit
-from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.exits import Direction, ExitReason, VmExit
+from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.paging import translate as walk_page_tables
 # The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
@@ -133,7 +133,7 @@ from cetvm.kvm.msr import (
     set_one_reg,
 )
 from cetvm.kvm.timekeeping import HostClock, VcpuTime, VmTime, guest_pv_features, guest_shows_tsc_adjust
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 from cetvm.kvm.vcpu_run import (
     KVM_MSR_EXIT_REASON_VALID_MASK,
     KVM_MSR_FILTER_READ,
@@ -143,7 +143,6 @@ from cetvm.kvm.vcpu_run import (
     InternalErrorSuberror,
     KvmExceptionExit,
     KvmExitReason,
-    KvmMsrExit,
     KvmMsrExitReason,
     KvmRun,
     MsrFilter,
@@ -151,6 +150,7 @@ from cetvm.kvm.vcpu_run import (
     handle_cpuid,
     handle_msr,
     handle_vmcall,
+    handle_cr,
     handle_xsetbv,
     kvm_set_xcr0,
     kvm_set_xcr_fault,
@@ -295,7 +295,7 @@ class Vm:
             self._cpu.map_ram(guest_phys_addr, memory_size)
         except InputError as err:
             raise KvmExists(f"KVM_SET_USER_MEMORY_REGION: {err}") from None
-        except (OSError, OverflowError, MemoryError, UcError) as err:
+        except (OSError, OverflowError, MemoryError, HardwareRefused) as err:
             raise KvmNoMemory(f"KVM_SET_USER_MEMORY_REGION: cannot allocate {memory_size:#x} bytes of "
                               f"guest RAM: {err}") from None
         for vcpu in self._vcpus.values():
@@ -378,11 +378,13 @@ class KvmVcpu:
         self.vm = vm
         self.vcpu_id = vcpu_id
         self.cpu = cpu
-        self.state = VcpuCetState.create(vm.kvm.caps)
+        self.state = VcpuArch.create(vm.kvm.caps)
         self.host_cpu = vm.kvm.host_cpu
         self.mp_state = MpState.RUNNABLE
         self.msrs = KvmMsrState(time=VcpuTime(vm.time, cpu))
-        self._msr_exit: tuple[KvmMsrExit, MsrExit] | None = None
+        #: the kvm_run of the last exit userspace completes (I/O, MMIO, MSR): its copies go
+        #: back to the CPU at the next run (_complete_userspace_exit)
+        self._userspace_exit: KvmRun | None = None
         self._queued: QueuedException | None = None
         self._init_latched = False
         #: A SIPI's vector waiting for kvm_apic_accept_events (apic->sipi_vector + KVM_APIC_SIPI).
@@ -397,7 +399,8 @@ class KvmVcpu:
         self._user_exception_bitmap = 0
         self._kvm_exception_bitmap = 1 << Vector.UD if vm.kvm.host.fep_enabled else 0
         self._forced_emulation = False
-        self.cpu.exception_bitmap = self._kvm_exception_bitmap
+        self.cpu.vmptrld(self.state.vmcs)
+        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, self._kvm_exception_bitmap)
         vmx.init_vmcs_cet(self.state, self.host_cpu)
         self._after_set_cpuid()
         self.kvm_vcpu_reset(init_event=False)
@@ -414,12 +417,12 @@ class KvmVcpu:
         entries = self.state.cpuid.entries
         self.msrs.time.pv_features = guest_pv_features(entries)
         self.msrs.time.tsc_adjust_shown = guest_shows_tsc_adjust(entries)
-        vmx.vmx_set_cr4_guest_host_mask(self.state, self.cpu)
+        vmx.vmx_vcpu_after_set_cpuid(self.state, self.cpu)
 
     def update_msr_bitmap(self) -> None:
-        """Program the CPU's MSR bitmap from the CET intercepts and the VM's MSR filter."""
+        """Program the VMCS's MSR bitmap from the CET intercepts and the VM's MSR filter."""
         cet = vmx.vmx_update_intercept_for_cet_msr(self.state)
-        self.cpu.msr_intercepts = vmx_msr_bitmap(cet, vmx.CET_INTERCEPTABLE_MSRS, self.vm.msr_filter)
+        self.state.vmcs.set_msr_bitmap(vmx_msr_bitmap(cet, vmx.CET_INTERCEPTABLE_MSRS, self.vm.msr_filter))
 
     def get_cpuid2(self) -> CpuidModel:
         """KVM_GET_CPUID2: the table with the runtime leaf 0xD sizes."""
@@ -507,7 +510,7 @@ class KvmVcpu:
             return result is MsrResult.OK, value
         try:
             return kvm_host_get_msr(self.state, self.msrs, self.cpu, index)
-        except UcError:
+        except HardwareRefused:
             return False, 0
 
     def _set_msr(self, index: int, value: int) -> bool:
@@ -517,7 +520,7 @@ class KvmVcpu:
             return kvm_set_msr(self.state, index, value, host_initiated=True) is MsrResult.OK
         try:
             return kvm_host_set_msr(self.state, self.msrs, self.cpu, index, value)
-        except UcError:
+        except HardwareRefused:
             return False
 
     # ------------------------------------------------------------------ ONE_REG, XCRs, XSAVE
@@ -584,7 +587,7 @@ class KvmVcpu:
         for vector in check_items("exception intercepts: vectors", vectors):
             bitmap |= 1 << check_int("exception intercepts: vector", vector, 0, 31)
         self._user_exception_bitmap = bitmap
-        self.cpu.exception_bitmap = bitmap | self._kvm_exception_bitmap
+        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, bitmap | self._kvm_exception_bitmap)
 
     def get_exception_intercepts(self) -> set[int]:
         """The vectors :meth:`set_exception_intercepts` installed."""
@@ -680,7 +683,7 @@ class KvmVcpu:
         sregs = self.cpu.get_sregs()
         sregs.cs = dataclasses.replace(sregs.cs, selector=vector << 8, base=vector << 12)
         self.cpu.set_sregs(sregs)
-        self.cpu.rip = 0
+        self.cpu.set_reg("rip", 0)
 
     # ------------------------------------------------------------------ reset
     def kvm_vcpu_reset(self, init_event: bool) -> None:
@@ -788,12 +791,14 @@ class KvmVcpu:
     def _complete_userspace_exit(self) -> None:
         """complete_userspace_io(): finish the last exit (IN data, MMIO read, RIP past HLT or
         VMCALL, RDMSR/WRMSR with what userspace put in kvm_run.msr) before anything else changes
-        the vCPU."""
-        if self._msr_exit is not None:  # complete_userspace_rdmsr / complete_emulated_msr_access
-            kvm_msr, cpu_msr = self._msr_exit
-            self._msr_exit = None
-            cpu_msr.data = kvm_msr.data & 0xFFFF_FFFF_FFFF_FFFF
-            cpu_msr.error = bool(kvm_msr.error)
+        the vCPU: what userspace wrote into its copy in kvm_run goes to the vCPU now."""
+        last, self._userspace_exit = self._userspace_exit, None
+        if last is not None and last.msr is not None:  # complete_userspace_rdmsr / _emulated_msr_access
+            self.cpu.set_exit_result(data=last.msr.data & 0xFFFF_FFFF_FFFF_FFFF, error=bool(last.msr.error))
+        elif last is not None and (last.io or last.mmio) is not None:
+            part = last.io or last.mmio
+            if part.direction is Direction.IN:  # complete_emulated_pio / complete_emulated_mmio
+                self.cpu.set_exit_result(data=part.data)
         self.cpu.complete_pending_exit()
 
     def _run_loop(self, budget: int | None, start: int) -> KvmRun:
@@ -803,7 +808,7 @@ class KvmVcpu:
             if left != 0 and self._irq_window_exit_due():
                 return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
             forced, self._forced_emulation = self._forced_emulation, False
-            vmx.vmx_vcpu_enter(state, cpu, host)
+            vmx.vmx_vcpu_enter(state, cpu)
             exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
@@ -827,12 +832,14 @@ class KvmVcpu:
                               lambda: vmx.kvm_put_guest_fpu(self.state, self.cpu))
             if user is None:
                 return None
-            assert exit_.msr is not None
-            self._msr_exit = (user, exit_.msr)
             kind = KvmExitReason.X86_RDMSR if reason is ExitReason.RDMSR else KvmExitReason.X86_WRMSR
-            return KvmRun(kind, exit_.rip, msr=user)
+            self._userspace_exit = KvmRun(kind, exit_.rip, msr=user)
+            return self._userspace_exit
         if reason is ExitReason.XSETBV:
             handle_xsetbv(self.state, self.cpu, exit_)
+            return None
+        if reason is ExitReason.CR_ACCESS:
+            handle_cr(self.state, self.cpu, exit_)
             return None
         if reason is ExitReason.VMCALL:
             hypercall = handle_vmcall(self.cpu, self.vm.exit_hypercall_mask)
@@ -845,7 +852,8 @@ class KvmVcpu:
         if reason is ExitReason.MMIO and self._emulator_refuses(exit_.rip):
             return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
                           detail="MMIO access by an instruction CET guards: KVM does not emulate it")
-        return userspace_exit(exit_)
+        self._userspace_exit = userspace_exit(exit_, self.state.vmcs.read(VmcsField.VM_EXIT_REASON))
+        return self._userspace_exit
 
     def _handle_exception_exit(self, exit_: VmExit) -> KvmRun | None:
         """An intercepted exception: KVM's own #UD intercept first (handle_ud and the
@@ -888,21 +896,3 @@ class KvmVcpu:
         assert exc is not None
         return KvmExceptionExit(exc.vector, exc.error_code, exit_.rip, int(self.cpu.cpl),
                                 self.state.vmcs.read(VmcsField.GUEST_SSP), self.cpu.get_regs().rsp, exc.cr2)
-
-
-# Complete vCPU save/restore, part of the API the VMM uses (snapshots). The implementation lives
-# in :mod:`cetvm.kvm.state`, which itself imports this module, so it is reached at call time.
-def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
-    """Read the whole vCPU state through the ioctl-named calls (see
-    :func:`cetvm.kvm.state.save_vcpu_state`)."""
-    from cetvm.kvm import state
-
-    return state.save_vcpu_state(check_instance("save_vcpu_state: vcpu", vcpu, KvmVcpu))
-
-
-def restore_vcpu_state(vcpu: KvmVcpu, saved: dict[str, Any]) -> None:
-    """Write a saved state into ``vcpu`` (CPUID already set); incomplete state is refused (see
-    :func:`cetvm.kvm.state.restore_vcpu_state`)."""
-    from cetvm.kvm import state
-
-    state.restore_vcpu_state(check_instance("restore_vcpu_state: vcpu", vcpu, KvmVcpu), saved)

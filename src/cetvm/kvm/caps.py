@@ -1,7 +1,7 @@
 """KVM's CET capabilities for a host: kvm_set_cpu_caps / vmx|svm_set_cpu_caps / kvm_setup_xss_caps.
 
 The rules run in the order of KVM 6.18's code; the first rule that clears a feature gives its
-reason [K; reference §5]:
+reason [K]:
 
 1. kvm_x86_vendor_init: host S_CET.SH_STK_EN set → refuse to load (-EIO).
 2. kvm_set_cpu_caps (cpuid.c): caps = KVM-known features & boot_cpu_data (CPU lacks it;
@@ -38,7 +38,9 @@ from cetvm.arch.xfeatures import (
 # masks a TCG guest with TCG_*_FEATURES.
 from cetvm.cpu.engine_features import engine_feature_words  # noqa: F401
 from cetvm.kvm.errors import KvmLoadError
+from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm.host import Host
+from cetvm.kvm.supported_cpuid import kvm_get_supported_cpuid
 from cetvm.kvm.xstate_size import host_xcr0, host_xss, xstate_required_size
 
 #: KVM_SUPPORTED_XCR0 (x86.c): the XCR0 components KVM can virtualize.
@@ -108,10 +110,8 @@ class KvmCaps:
                      if self.has("xsaves") or self.has("xsavec") else 0)
         return {"standard": xstate_required_size(cpu, xcr0, False), "compacted": compacted}
 
-    def get_supported_cpuid(self, guest_perm: int = 0):  # -> CpuidModel
+    def get_supported_cpuid(self, guest_perm: int = 0) -> CpuidModel:
         """KVM_GET_SUPPORTED_CPUID (see :mod:`cetvm.kvm.supported_cpuid`)."""
-        from cetvm.kvm.supported_cpuid import kvm_get_supported_cpuid
-
         return kvm_get_supported_cpuid(self, guest_perm)
 
     def get_msr_index_list(self) -> list[int]:
@@ -254,7 +254,7 @@ def kvm_caps_for_host(host: Host) -> KvmCaps:
 
 # --------------------------------------------------------------------------- MSR list
 def cet_msrs_to_save(caps: KvmCaps) -> list[int]:
-    """kvm_probe_msr_to_save() for the CET/XSS MSRs [reference §5]:
+    """kvm_probe_msr_to_save() for the CET/XSS MSRs:
 
     IA32_XSS if supported_xss ≠ 0; U_CET and S_CET if SHSTK or IBT; PL0-3_SSP if SHSTK;
     INT_SSP_TAB if SHSTK and LM. MSR_KVM_INTERNAL_GUEST_SSP is never listed (it is reached

@@ -1,9 +1,8 @@
-"""Pure value checks KVM applies to CET MSR data [K x86.h; reference §2, §5]."""
+"""Pure value checks KVM applies to CET MSR data [K x86.h]."""
 
 from __future__ import annotations
 
-from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl
-from cetvm.arch.regs import is_canonical
+from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl, ssp_fault, ssp_table_fault
 
 #: CET_US_RESERVED_BITS: bits 9:6.
 CET_US_RESERVED_BITS = CET_CTL_RESERVED
@@ -36,6 +35,6 @@ def kvm_is_valid_u_s_cet(data: int, guest_shstk: bool, guest_ibt: bool) -> bool:
 def kvm_is_valid_ssp(data: int, index_is_int_ssp_tab: bool, va_bits: int = 48) -> bool:
     """__kvm_set_msr for PL0-3_SSP / INT_SSP_TAB / the guest SSP: canonical
     (is_noncanonical_msr_address) and, except for INT_SSP_TAB, 4-byte aligned."""
-    if not is_canonical(data, va_bits):
-        return False
-    return index_is_int_ssp_tab or data & 3 == 0
+    if index_is_int_ssp_tab:
+        return ssp_table_fault("IA32_INT_SSP_TAB", data, va_bits) is None
+    return ssp_fault("SSP", data, va_bits) is None

@@ -1,11 +1,12 @@
 """A vCPU's CPUID: KVM_SET_CPUID2, kvm_vcpu_after_set_cpuid and kvm_update_cpuid_runtime.
 
 - KVM accepts whatever CPUID userspace gives (SHSTK without IBT, CET bits KVM does not support,
-  ...): "it is userspace's responsibility to provide a sane CPUID model" (seeds/001). KVM only
+  ...): "it is userspace's responsibility to provide a sane CPUID model" (the KVM maintainers in the CET
+  virtualization review). KVM only
   protects itself: :meth:`VcpuCpuid.guest_cpu_cap_has` is guest CPUID & kvm_cpu_caps
   (vcpu->arch.cpu_caps, Linux 6.13+).
 - guest_supported_xcr0 = CPUID.(0xD,0).(EDX:EAX) & supported_xcr0;
-  guest_supported_xss = CPUID.(0xD,1).(EDX:ECX) & supported_xss [reference §5].
+  guest_supported_xss = CPUID.(0xD,1).(EDX:ECX) & supported_xss (kvm_update_cpuid_runtime).
 - Runtime: CPUID.(0xD,0).EBX = standard size of XCR0; CPUID.(0xD,1).EBX = compacted size of
   XCR0 | IA32_XSS when the guest has XSAVES or XSAVEC (__kvm_update_cpuid_runtime), recomputed
   whenever XCR0 or XSS changes. Sizes come from the host CPUID (KVM's xstate_required_size).

@@ -1,5 +1,5 @@
 """CR0/CR4 rules for CET (kvm_is_valid_cr4 / kvm_set_cr0 / kvm_set_cr4 / kvm_is_valid_sregs)
-[K x86.c; SDM Vol. 3 2.5; reference §3, §5]. ``True`` = accepted; for a guest MOV to CR a
+[K x86.c; SDM Vol. 3 2.5]. ``True`` = accepted; for a guest MOV to CR a
 ``False`` is #GP(0), for KVM_SET_SREGS it is -EINVAL."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer
 from cetvm.arch.qemu_features import QEMU_FEATURES
 from cetvm.arch.regs import Cr0, Cr4
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 
 #: The CR4 bits KVM knows (CR4_RESERVED_BITS is the complement) [K x86.h].
@@ -45,11 +45,11 @@ def cr4_reserved_bits(cpuid: VcpuCpuid) -> int:
     return reserved
 
 
-def kvm_is_valid_cr4(vcpu: VcpuCetState, cr4: int) -> bool:
+def kvm_is_valid_cr4(vcpu: VcpuArch, cr4: int) -> bool:
     return not cr4 & cr4_reserved_bits(vcpu.cpuid)
 
 
-def kvm_set_cr4(vcpu: VcpuCetState, cr4: int) -> bool:
+def kvm_set_cr4(vcpu: VcpuArch, cr4: int) -> bool:
     """Guest MOV to CR4: reserved CET bit, or CR4.CET while CR0.WP=0 → #GP."""
     if not kvm_is_valid_cr4(vcpu, cr4):
         return False
@@ -59,7 +59,7 @@ def kvm_set_cr4(vcpu: VcpuCetState, cr4: int) -> bool:
     return True
 
 
-def kvm_set_cr0(vcpu: VcpuCetState, cr0: int) -> bool:
+def kvm_set_cr0(vcpu: VcpuArch, cr0: int) -> bool:
     """Guest MOV to CR0: clearing WP while CR4.CET=1 → #GP."""
     if not cr0 & Cr0.WP and vcpu.cr4 & Cr4.CET:
         return False
@@ -67,7 +67,7 @@ def kvm_set_cr0(vcpu: VcpuCetState, cr0: int) -> bool:
     return True
 
 
-def kvm_is_valid_sregs(vcpu: VcpuCetState, cr0: int, cr4: int) -> bool:
+def kvm_is_valid_sregs(vcpu: VcpuArch, cr0: int, cr4: int) -> bool:
     """KVM_SET_SREGS (CET part): CR4 must be valid and CR4.CET needs CR0.WP."""
     if not kvm_is_valid_cr4(vcpu, cr4):
         return False
@@ -95,7 +95,7 @@ def kvm_is_illegal_gpa(gpa: int, maxphyaddr: int) -> bool:
     return gpa >> maxphyaddr != 0
 
 
-def kvm_is_valid_sregs_state(vcpu: VcpuCetState, *, cr0: int, cr3: int, cr4: int, efer: int,
+def kvm_is_valid_sregs_state(vcpu: VcpuArch, *, cr0: int, cr3: int, cr4: int, efer: int,
                              cs_long: bool, maxphyaddr: int) -> str | None:
     """kvm_is_valid_sregs() in full: None if KVM_SET_SREGS accepts the state, else why not.
 

@@ -142,7 +142,7 @@ def kvm_handle_ud(cpu, force_emulation_prefix: bool, u_cet: int, s_cet: int) -> 
     rip = cpu.rip
     if not force_emulation_prefix or not has_force_emulation_prefix(read_guest_code(cpu, rip, len(KVM_EMULATE_PREFIX))):
         return None
-    cpu.rip = u64(rip + len(KVM_EMULATE_PREFIX))
+    cpu.set_reg("rip", u64(rip + len(KVM_EMULATE_PREFIX)))
     if instruction_refused(cpu, cpu.rip, u_cet, s_cet) is not None:
         cpu.inject_exception(Vector.UD)
         return False

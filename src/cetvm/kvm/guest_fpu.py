@@ -34,11 +34,11 @@ from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.xstate_size import host_layout
 from cetvm.xstate import XsaveArea, XsaveFormat
 from cetvm.xstate.layout import bits_of
+from cetvm.arch.regs import U64_MASK
 
 if TYPE_CHECKING:  # pragma: no cover
     from cetvm.cpuid.model import CpuidModel
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: struct kvm_xsave is 4096 bytes; KVM_GET_XSAVE2 may be larger [K x86.c kvm_vcpu_ioctl_x86_get_xsave2].
 KVM_XSAVE_MIN_SIZE = 4096
 #: XSAVE header: XSTATE_BV @512, XCOMP_BV @520, reserved bytes 528-575 [SDM Vol. 1 13.4.2].
@@ -94,7 +94,7 @@ class GuestFpu:
 
     def poke(self, feature: int, offset: int, value: int) -> None:
         base = self._offset(feature) + offset
-        self.area.data[base:base + 8] = (value & _U64).to_bytes(8, "little")
+        self.area.data[base:base + 8] = (value & U64_MASK).to_bytes(8, "little")
         self.area.xstate_bv = self.xstate_bv | 1 << feature
 
     def clear_component(self, feature: int) -> None:

@@ -7,7 +7,7 @@ Kernel command line (decision, checked against Linux 6.18):
 
 - ``ibt=off`` — ``ibt_setup()`` in arch/x86/kernel/cpu/common.c clears X86_FEATURE_IBT from
   boot_cpu_data; KVM's kvm_cpu_cap_init() masks its caps with boot_cpu_data, so IBT is not
-  offered (review thread "KVM should honor host IBT config", seeds/001). ``ibt=warn`` keeps IBT.
+  offered (review thread "KVM should honor host IBT config" in the CET virtualization review). ``ibt=warn`` keeps IBT.
 - ``nousershstk`` — cpu_parse_early_param() clears X86_FEATURE_USER_SHSTK only. KVM keys on
   X86_FEATURE_SHSTK and on the host XSS, so it changes nothing KVM offers; we accept and record it.
 - Any other word is ignored, as the kernel ignores parameters it does not own.
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cetvm import InputError
+from cetvm.cpuid import resolve_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from cetvm.cpuid.model import CpuidModel
@@ -125,8 +126,6 @@ class Host:
     @classmethod
     def from_model_name(cls, name_or_path: str, **settings: object) -> "Host":
         """A host whose CPU is a built-in model name or a CPUID dump/JSON file."""
-        from cetvm.cpuid import resolve_model  # late: cpuid is built in parallel
-
         return cls(cpu=resolve_model(name_or_path), **settings)  # type: ignore[arg-type]
 
 

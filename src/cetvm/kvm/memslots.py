@@ -7,6 +7,8 @@ Decision: cetvm's KVM has no SMM, so there is one address space (kvm_arch_nr_mem
 
 from __future__ import annotations
 
+from cetvm.arch.regs import U64_MASK
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 #: x86: KVM_MEM_SLOTS_NUM (SHRT_MAX) minus KVM_INTERNAL_MEM_SLOTS (3).
@@ -15,7 +17,6 @@ KVM_USER_MEM_SLOTS = 32764
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 #: kvm_mmu_max_gfn() without TDP: shadow paging covers 52-bit guest-physical addresses.
 SHADOW_PAGING_GPA_BITS = 52
-_U64 = (1 << 64) - 1
 
 
 def kvm_memory_region_invalid(slot: int, guest_phys_addr: int, memory_size: int, max_gpa_bits: int) -> str | None:
@@ -35,7 +36,7 @@ def kvm_memory_region_invalid(slot: int, guest_phys_addr: int, memory_size: int,
         return f"address space {as_id} does not exist (cetvm's KVM has no SMM address space)"
     if slot_id >= KVM_USER_MEM_SLOTS:
         return f"slot {slot_id} is not below KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})"
-    if guest_phys_addr + memory_size > _U64 + 1:
+    if guest_phys_addr + memory_size > U64_MASK + 1:
         return f"guest_phys_addr {guest_phys_addr:#x} + memory_size {memory_size:#x} wraps around"
     if memory_size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES:
         return f"memory_size {memory_size:#x} is more than KVM_MEM_MAX_NR_PAGES pages"

@@ -3,7 +3,7 @@
 A VMM (QEMU) migrating a guest creates the destination vCPU with the *guest's* CPUID (the one the
 source gave it; with ``-cpu host`` that is the source's KVM_GET_SUPPORTED_CPUID), then restores
 xstate (KVM_SET_XSAVE), MSRs (KVM_SET_MSRS for every MSR it saved) and the rest. Each check below
-is one reason that restore fails or the guest breaks [reference §5; QEMU target/i386/kvm/kvm.c]:
+is one reason that restore fails or the guest breaks [QEMU kvm_get_msrs()/kvm_put_msrs(), KVM kvm_probe_msr_to_save()]:
 
 1. :func:`check_kvm_loads` — kvm_x86_vendor_init on the destination: no KVM, no VM.
 2. :func:`check_vendor` — cross-vendor migration. Decision (cetvm): a blocker. The guest kernel
@@ -134,7 +134,7 @@ def guest_features(guest: "CpuidModel") -> list[str]:
 def msr_used_by_guest(index: int, guest: "CpuidModel") -> bool:
     """Whether QEMU saves this MSR for the guest: the CET/XSS MSRs only when the guest has the
     feature that gives them meaning (kvm_msr_allowed via guest_cpu_cap_has in KVM's
-    kvm_{get,set}_msr_common, reference §5); every other listed MSR always."""
+    kvm_{get,set}_msr_common); every other listed MSR always."""
     shstk, ibt = guest.has("shstk"), guest.has("ibt")
     if index == Msr.IA32_XSS:
         return guest.has("xsaves") and guest_xss(guest) != 0

@@ -1,5 +1,5 @@
 """CET and XSS MSR access as KVM 6.18 does it (__kvm_set_msr / __kvm_get_msr /
-kvm_set_msr_common / vmx_set_msr, wrapped by kvm_do_msr_access) [K; reference §5].
+kvm_set_msr_common / vmx_set_msr, wrapped by kvm_do_msr_access) [K].
 
 Two levels, as in KVM:
 
@@ -12,7 +12,7 @@ Two levels, as in KVM:
   read, or write 0 to, an UNSUPPORTED MSR that KVM advertises in KVM_GET_MSR_INDEX_LIST
   (ignore_msrs=0 assumed).
 
-Decisions: IA32_INT_SSP_TAB needs guest SHSTK *and* LM (reference §5 table). Guest WRMSR to XSS
+Decisions: IA32_INT_SSP_TAB needs guest SHSTK *and* LM (kvm_cet_is_msr_accessible). Guest WRMSR to XSS
 without XSAVES is UNSUPPORTED; RDMSR of XSS fails only for the guest without XSAVES (userspace
 may always read it). Canonical checks use 48-bit linear addresses.
 """
@@ -23,14 +23,15 @@ import enum
 from dataclasses import dataclass, field
 
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import EFER_DEFINED_INTEL, Efer, MiscEnable, Msr
+from cetvm.arch.msr import CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, Efer, MiscEnable, Msr
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
+from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp, kvm_is_valid_u_s_cet
 from cetvm.kvm.errors import KvmInvalidArgument, KvmNotSupported
 from cetvm.kvm.timekeeping import KVMCLOCK_EMULATED_MSRS, TIME_MSRS, VcpuTime
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 
 
 class MsrResult(enum.Enum):
@@ -42,7 +43,8 @@ class MsrResult(enum.Enum):
     FILTERED = "filtered"
 
 
-#: XSAVE-managed MSRs: (component, offset in component) [reference §1].
+#: XSAVE-managed MSRs: (component, offset in component) [SDM Vol. 1 §13.5.6;
+#: KVM is_xstate_managed_msr()].
 XSTATE_MANAGED_MSRS: dict[int, tuple[int, int]] = {
     Msr.IA32_U_CET: (XFeature.CET_USER, 0),
     Msr.IA32_PL3_SSP: (XFeature.CET_USER, 8),
@@ -56,9 +58,6 @@ VMCS_MSRS: dict[int, VmcsField] = {
     Msr.KVM_INTERNAL_GUEST_SSP: VmcsField.GUEST_SSP,
     Msr.IA32_INT_SSP_TAB: VmcsField.GUEST_INTR_SSP_TABLE,
 }
-CET_CTL_MSRS = (Msr.IA32_U_CET, Msr.IA32_S_CET)
-SSP_MSRS = (Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP,
-            Msr.IA32_INT_SSP_TAB)
 MODELLED_MSRS = frozenset(int(m) for m in (*CET_CTL_MSRS, *SSP_MSRS, Msr.IA32_XSS,
                                            Msr.KVM_INTERNAL_GUEST_SSP))
 
@@ -73,18 +72,18 @@ def _check_modelled(index: int) -> None:
         raise KvmNotSupported(f"MSR {index:#x}: cetvm.kvm models only the CET MSRs and IA32_XSS")
 
 
-def _guest_has_cet(vcpu: VcpuCetState) -> tuple[bool, bool]:
+def _guest_has_cet(vcpu: VcpuArch) -> tuple[bool, bool]:
     return vcpu.cpuid.guest_cpu_cap_has("shstk"), vcpu.cpuid.guest_cpu_cap_has("ibt")
 
 
-def _ssp_msr_exists(vcpu: VcpuCetState, index: int) -> bool:
+def _ssp_msr_exists(vcpu: VcpuArch, index: int) -> bool:
     if not vcpu.cpuid.guest_cpu_cap_has("shstk"):
         return False
     return index != Msr.IA32_INT_SSP_TAB or vcpu.cpuid.guest_cpu_cap_has("lm")
 
 
 # ----------------------------------------------------------------------------- raw level
-def __kvm_set_msr(vcpu: VcpuCetState, index: int, data: int, host_initiated: bool) -> MsrResult:
+def __kvm_set_msr(vcpu: VcpuArch, index: int, data: int, host_initiated: bool) -> MsrResult:
     """The per-MSR checks of __kvm_set_msr, then kvm_set_msr_common / vmx_set_msr."""
     _check_modelled(index)
     if index in CET_CTL_MSRS:
@@ -109,7 +108,7 @@ def __kvm_set_msr(vcpu: VcpuCetState, index: int, data: int, host_initiated: boo
     return MsrResult.OK
 
 
-def _store_msr(vcpu: VcpuCetState, index: int, data: int) -> None:
+def _store_msr(vcpu: VcpuArch, index: int, data: int) -> None:
     if index in XSTATE_MANAGED_MSRS:  # kvm_set_xstate_msr: loads the guest FPU
         feature, offset = XSTATE_MANAGED_MSRS[index]
         vcpu.fpu.write(feature, offset, data)
@@ -120,7 +119,7 @@ def _store_msr(vcpu: VcpuCetState, index: int, data: int) -> None:
         vcpu.cpuid.kvm_update_cpuid_runtime(vcpu.xcr0, vcpu.ia32_xss)
 
 
-def __kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool) -> tuple[MsrResult, int]:
+def __kvm_get_msr(vcpu: VcpuArch, index: int, host_initiated: bool) -> tuple[MsrResult, int]:
     _check_modelled(index)
     if index in CET_CTL_MSRS:
         shstk, ibt = _guest_has_cet(vcpu)
@@ -142,12 +141,12 @@ def __kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool) -> tuple
 
 
 # ----------------------------------------------------------------------------- outer level
-def kvm_is_advertised_msr(vcpu: VcpuCetState, index: int) -> bool:
+def kvm_is_advertised_msr(vcpu: VcpuArch, index: int) -> bool:
     """In KVM_GET_MSR_INDEX_LIST (msrs_to_save / emulated_msrs)."""
     return index in vcpu.caps.get_msr_index_list()
 
 
-def _finish(vcpu: VcpuCetState, index: int, ret: MsrResult, data: int, host_initiated: bool) -> MsrResult:
+def _finish(vcpu: VcpuArch, index: int, ret: MsrResult, data: int, host_initiated: bool) -> MsrResult:
     """kvm_do_msr_access(): the UNSUPPORTED rule, then guest #GP / host error."""
     if ret is MsrResult.OK:
         return ret
@@ -156,13 +155,13 @@ def _finish(vcpu: VcpuCetState, index: int, ret: MsrResult, data: int, host_init
     return MsrResult.ERROR if host_initiated else MsrResult.GUEST_GP
 
 
-def kvm_set_msr(vcpu: VcpuCetState, index: int, data: int, host_initiated: bool = False) -> MsrResult:
+def kvm_set_msr(vcpu: VcpuArch, index: int, data: int, host_initiated: bool = False) -> MsrResult:
     """WRMSR by the guest (``host_initiated=False``) or KVM_SET_MSRS by userspace."""
     data &= 0xFFFF_FFFF_FFFF_FFFF
     return _finish(vcpu, index, __kvm_set_msr(vcpu, index, data, host_initiated), data, host_initiated)
 
 
-def kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool = False) -> tuple[MsrResult, int]:
+def kvm_get_msr(vcpu: VcpuArch, index: int, host_initiated: bool = False) -> tuple[MsrResult, int]:
     """RDMSR by the guest or KVM_GET_MSRS by userspace; a failed read yields 0."""
     ret, data = __kvm_get_msr(vcpu, index, host_initiated)
     if ret is not MsrResult.OK:
@@ -171,7 +170,7 @@ def kvm_get_msr(vcpu: VcpuCetState, index: int, host_initiated: bool = False) ->
 
 
 # ----------------------------------------------------------------------------- ONE_REG
-def _translate_kvm_reg(vcpu: VcpuCetState, reg_id: int) -> int:
+def _translate_kvm_reg(vcpu: VcpuArch, reg_id: int) -> int:
     """kvm_translate_kvm_reg(): KVM_REG_GUEST_SSP → MSR_KVM_INTERNAL_GUEST_SSP, -EINVAL
     without guest SHSTK or for an unknown id."""
     if reg_id != KVM_REG_GUEST_SSP_ID:
@@ -181,7 +180,7 @@ def _translate_kvm_reg(vcpu: VcpuCetState, reg_id: int) -> int:
     return Msr.KVM_INTERNAL_GUEST_SSP
 
 
-def get_one_reg(vcpu: VcpuCetState, reg_id: int) -> int:
+def get_one_reg(vcpu: VcpuArch, reg_id: int) -> int:
     index = _translate_kvm_reg(vcpu, reg_id)
     ret, data = kvm_get_msr(vcpu, index, host_initiated=True)
     if ret is not MsrResult.OK:
@@ -189,7 +188,7 @@ def get_one_reg(vcpu: VcpuCetState, reg_id: int) -> int:
     return data
 
 
-def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
+def set_one_reg(vcpu: VcpuArch, reg_id: int, value: int) -> None:
     index = _translate_kvm_reg(vcpu, reg_id)
     if kvm_set_msr(vcpu, index, value, host_initiated=True) is not MsrResult.OK:
         raise KvmInvalidArgument(f"KVM_SET_ONE_REG {reg_id:#x}: invalid value {value:#x}")
@@ -220,31 +219,25 @@ def set_one_reg(vcpu: VcpuCetState, reg_id: int, value: int) -> None:
 #   (:func:`kvm_cpu_held_msr_value`).
 # - Any other MSR is unknown to KVM: KVM_MSR_RET_UNSUPPORTED → #GP, or a userspace exit with
 #   reason UNKNOWN.
-MSR_IA32_TSC = 0x10
-MSR_IA32_UCODE_REV = 0x8B
-MSR_IA32_MISC_ENABLE = int(Msr.IA32_MISC_ENABLE)
 MISC_ENABLE_BTS_UNAVAIL = int(MiscEnable.BTS_UNAVAILABLE)
 MISC_ENABLE_PEBS_UNAVAIL = int(MiscEnable.PEBS_UNAVAILABLE)
 UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
-EMULATED_MSRS: tuple[int, ...] = (MSR_IA32_UCODE_REV, MSR_IA32_MISC_ENABLE, *KVMCLOCK_EMULATED_MSRS)
+EMULATED_MSRS: tuple[int, ...] = (int(Msr.IA32_UCODE_REV), int(Msr.IA32_MISC_ENABLE), *KVMCLOCK_EMULATED_MSRS)
 #: MSRs of KVM_GET_MSR_INDEX_LIST that KVM keeps in software, with their RESET values.
 SOFTWARE_MSR_RESET: dict[int, int] = {
     int(Msr.IA32_FEATURE_CONTROL): 0,
     int(Msr.IA32_TSC_DEADLINE): 0,
-    MSR_IA32_UCODE_REV: UCODE_REV_DEFAULT,
-    MSR_IA32_MISC_ENABLE: MISC_ENABLE_PEBS_UNAVAIL | MISC_ENABLE_BTS_UNAVAIL,
+    int(Msr.IA32_UCODE_REV): UCODE_REV_DEFAULT,
+    int(Msr.IA32_MISC_ENABLE): MISC_ENABLE_PEBS_UNAVAIL | MISC_ENABLE_BTS_UNAVAIL,
 }
 
 
-def _cpu_held_msrs() -> frozenset[int]:
-    from cetvm.cpu.emulate import UNICORN_MSRS  # the "hardware" MSR file
-    return frozenset(UNICORN_MSRS) - {int(Msr.IA32_APIC_BASE), int(Msr.IA32_PAT), int(Msr.IA32_TIME_STAMP_COUNTER)}
-
-
-#: MSRs the CPU holds and checks itself; KVM lets the guest reach them directly.
-CPU_HELD_MSRS: frozenset[int] = _cpu_held_msrs()
+#: MSRs the CPU holds and checks itself; KVM lets the guest reach them directly (the APIC base
+#: and PAT are KVM's own: kvm_set_apic_base, kvm_pat_valid; the TSC is KVM's too: kvm_set_tsc).
+CPU_HELD_MSRS: frozenset[int] = ENGINE_MSRS - {int(Msr.IA32_APIC_BASE), int(Msr.IA32_PAT),
+                                               int(Msr.IA32_TIME_STAMP_COUNTER)}
 
 
 def kvm_pat_valid(data: int) -> bool:
@@ -258,7 +251,7 @@ def kvm_apic_set_base_valid(old: int, new: int, maxphyaddr: int, x2apic: bool, h
     return apic_base_write_error(old, new, maxphyaddr, x2apic, host_initiated) is None
 
 
-def guest_maxphyaddr(vcpu: VcpuCetState) -> int:
+def guest_maxphyaddr(vcpu: VcpuArch) -> int:
     """cpuid_query_maxphyaddr(): CPUID.80000008H:EAX[7:0], 36 without that leaf."""
     return vcpu.cpuid.entries.phys_addr_bits
 
@@ -362,7 +355,7 @@ class KvmMsrState:
             self.mce = {}
 
 
-def _feature_msr_get(vcpu: VcpuCetState, msrs: KvmMsrState, index: int,
+def _feature_msr_get(vcpu: VcpuArch, msrs: KvmMsrState, index: int,
                      host_initiated: bool) -> tuple[MsrResult, int] | None:
     """MTRR / MCE / PERF_CAPABILITIES reads (None: not one of them)."""
     if index == MSR_MTRRCAP:
@@ -390,7 +383,7 @@ def _feature_msr_get(vcpu: VcpuCetState, msrs: KvmMsrState, index: int,
     return None
 
 
-def _feature_msr_set(vcpu: VcpuCetState, msrs: KvmMsrState, index: int, data: int,
+def _feature_msr_set(vcpu: VcpuArch, msrs: KvmMsrState, index: int, data: int,
                      host_initiated: bool) -> MsrResult | None:
     """MTRR / MCE / PERF_CAPABILITIES writes (None: not one of them)."""
     if index == MSR_MTRRCAP:
@@ -430,7 +423,7 @@ def _feature_msr_set(vcpu: VcpuCetState, msrs: KvmMsrState, index: int, data: in
     return None
 
 
-def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int,
+def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int,
                        host_initiated: bool) -> MsrResult:
     """kvm_set_msr_common() for the non-CET MSRs (raw result, see the decisions above)."""
     if index == Msr.IA32_APIC_BASE:
@@ -451,7 +444,7 @@ def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, d
     feature = _feature_msr_set(vcpu, msrs, index, data, host_initiated)
     if feature is not None:
         return feature
-    if index == MSR_IA32_UCODE_REV:
+    if index == Msr.IA32_UCODE_REV:
         if host_initiated:
             msrs.software[index] = data
         return MsrResult.OK
@@ -467,7 +460,7 @@ def kvm_common_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, d
     return MsrResult.UNSUPPORTED
 
 
-def kvm_common_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int,
+def kvm_common_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int,
                        host_initiated: bool) -> tuple[MsrResult, int]:
     """kvm_get_msr_common() for the non-CET MSRs."""
     if index == Msr.IA32_APIC_BASE:
@@ -496,7 +489,7 @@ _SYSENTER_ADDRESS_MSRS = frozenset(int(m) for m in (Msr.IA32_SYSENTER_ESP, Msr.I
 SYSENTER_CS_MAX = 0xFFFF
 
 
-def kvm_set_efer_value(vcpu: VcpuCetState, old: int, new: int, paging: bool, host_initiated: bool) -> int | None:
+def kvm_set_efer_value(vcpu: VcpuArch, old: int, new: int, paging: bool, host_initiated: bool) -> int | None:
     """set_efer(): the EFER to store, or None ("return 1").
 
     Reserved bits (efer_reserved_bits: all but SCE, LME, LMA and NXE on VMX) always fail. For
@@ -516,7 +509,7 @@ def kvm_set_efer_value(vcpu: VcpuCetState, old: int, new: int, paging: bool, hos
     return (new & ~Efer.LMA) | (old & Efer.LMA)
 
 
-def kvm_cpu_held_msr_value(vcpu: VcpuCetState, cpu, index: int, data: int, host_initiated: bool) -> int | None:
+def kvm_cpu_held_msr_value(vcpu: VcpuArch, cpu, index: int, data: int, host_initiated: bool) -> int | None:
     """__kvm_set_msr()'s value rules for the MSRs the CPU holds, for the guest (reached only
     when a filter makes KVM intercept them) and for KVM_SET_MSRS alike: the value to store, or
     None when KVM fails the write ("return 1").
@@ -545,7 +538,7 @@ def kvm_cpu_held_msr_value(vcpu: VcpuCetState, cpu, index: int, data: int, host_
 
 
 # ----------------------------------------------------------------------------- guest access, raw
-def kvm_guest_get_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int) -> tuple[MsrResult, int]:
+def kvm_guest_get_msr_raw(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int) -> tuple[MsrResult, int]:
     """A guest RDMSR as kvm_get_msr_ignored_check() sees it before kvm_do_msr_access() turns
     the raw code into #GP: OK, ERROR (→ KVM_MSR_EXIT_REASON_INVAL) or UNSUPPORTED
     (→ KVM_MSR_EXIT_REASON_UNKNOWN). The caller puts the guest FPU for xstate-managed MSRs."""
@@ -556,7 +549,7 @@ def kvm_guest_get_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int
     return ret, data if ret is MsrResult.OK else 0
 
 
-def kvm_guest_set_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int) -> MsrResult:
+def kvm_guest_set_msr_raw(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int) -> MsrResult:
     """A guest WRMSR, raw result (see :func:`kvm_guest_get_msr_raw`)."""
     data &= 0xFFFF_FFFF_FFFF_FFFF
     if index in MODELLED_MSRS:
@@ -564,13 +557,13 @@ def kvm_guest_set_msr_raw(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int
     return kvm_common_set_msr(vcpu, msrs, cpu, index, data, host_initiated=False)
 
 
-def kvm_host_get_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int) -> tuple[bool, int]:
+def kvm_host_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int) -> tuple[bool, int]:
     """KVM_GET_MSRS for one non-CET MSR (host_initiated): (ok, value)."""
     ret, data = kvm_common_get_msr(vcpu, msrs, cpu, index, host_initiated=True)
     return ret is MsrResult.OK, data
 
 
-def kvm_host_set_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, index: int, data: int) -> bool:
+def kvm_host_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int) -> bool:
     """KVM_SET_MSRS for one non-CET MSR (host_initiated: KVM's value checks apply, the guest's
     CPUID-dependent ones do not, see :func:`kvm_cpu_held_msr_value`)."""
     return kvm_common_set_msr(vcpu, msrs, cpu, index, data, host_initiated=True) is MsrResult.OK

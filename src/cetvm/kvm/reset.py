@@ -1,5 +1,5 @@
 """RESET and INIT of a vCPU: kvm_vcpu_reset(), kvm_xstate_reset(), vmx_vcpu_reset() [K x86.c,
-vmx.c 6.18; seeds/004 (the INIT xstate patch); SDM Vol. 3 10.1.1 Table 10-1; reference §5].
+vmx.c 6.18 (the INIT xstate patch of the CET series); SDM Vol. 3 10.1.1 Table 10-1].
 
 What INIT and RESET do here, as KVM does:
 
@@ -22,8 +22,9 @@ from cetvm.arch.regs import Cr0
 from cetvm.arch.vmx import VmcsField
 from cetvm.arch.xfeatures import XFEATURE_MASK_CET, XFEATURE_MASK_MPX, XFeature
 from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 from cetvm.xstate.layout import bits_of
+from cetvm.kvm.vmx import kvm_load_guest_fpu, kvm_put_guest_fpu
 
 #: Components KVM zeroes on INIT (XFEATURE_MASK_BNDREGS | BNDCSR | CET_USER | CET_KERNEL).
 XSTATE_CLEAR_ON_INIT_MASK = XFEATURE_MASK_MPX | XFEATURE_MASK_CET
@@ -38,15 +39,13 @@ AR_TR = 0x8B << 8
 AR_LDTR = 0x82 << 8
 
 
-def xstate_clear_on_init(vcpu: VcpuCetState) -> int:
+def xstate_clear_on_init(vcpu: VcpuArch) -> int:
     """(supported_xcr0 | supported_xss) & XSTATE_CLEAR_ON_INIT_MASK."""
     return (vcpu.caps.supported_xcr0 | vcpu.caps.supported_xss) & XSTATE_CLEAR_ON_INIT_MASK
 
 
-def kvm_xstate_reset(vcpu: VcpuCetState, cpu, init_event: bool) -> None:
-    """The seeds/004 helper: clear selected components on INIT only."""
-    from cetvm.kvm.vmx import kvm_load_guest_fpu, kvm_put_guest_fpu
-
+def kvm_xstate_reset(vcpu: VcpuArch, cpu, init_event: bool) -> None:
+    """kvm_xstate_reset()'s helper: clear selected components on INIT only."""
     fpstate = vcpu.fpu
     if not init_event or fpstate is None:
         return  # zero-allocated at vCPU creation: nothing to do on RESET
@@ -61,7 +60,7 @@ def kvm_xstate_reset(vcpu: VcpuCetState, cpu, init_event: bool) -> None:
         kvm_load_guest_fpu(vcpu, cpu)
 
 
-def vmx_vcpu_reset_cet(vcpu: VcpuCetState) -> None:
+def vmx_vcpu_reset_cet(vcpu: VcpuArch) -> None:
     """The CET part of vmx_vcpu_reset() (both RESET and INIT)."""
     if vcpu.caps.has("shstk"):
         vcpu.vmcs.write(VmcsField.GUEST_SSP, 0)
@@ -70,7 +69,7 @@ def vmx_vcpu_reset_cet(vcpu: VcpuCetState) -> None:
         vcpu.vmcs.write(VmcsField.GUEST_S_CET, 0)
 
 
-def reset_regs(vcpu: VcpuCetState) -> Regs:
+def reset_regs(vcpu: VcpuArch) -> Regs:
     """GPRs zero, RDX = CPUID.1.EAX or 0x600, RFLAGS fixed bit, RIP 0xFFF0."""
     entries = vcpu.cpuid.entries
     rdx = entries.get(1)[0] if entries.contains(1) else 0x600
@@ -91,7 +90,7 @@ def reset_sregs(old_cr0: int, init_event: bool) -> Sregs:
                  cr0=cr0, cr2=0, cr3=0, cr4=0, efer=0)
 
 
-def reset_xcr0_xss(vcpu: VcpuCetState) -> None:
+def reset_xcr0_xss(vcpu: VcpuArch) -> None:
     """RESET only: XCR0 = x87, IA32_XSS = 0, with the runtime CPUID update."""
     vcpu.xcr0 = XFeature.X87.mask
     vcpu.ia32_xss = 0

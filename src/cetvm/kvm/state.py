@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from cetvm.arch.msr import CetCtl, Msr
+from cetvm.arch.msr import CET_MSR_SET, CetCtl, Msr
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID
 from cetvm.arch.xfeatures import XFEATURE_MASK_CET
 from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
@@ -42,8 +42,6 @@ from cetvm.kvm.caps import msr_name
 from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.ioctl_args import check_instance, check_u64, describe
 
-CET_MSRS = frozenset(int(m) for m in (Msr.IA32_U_CET, Msr.IA32_S_CET, Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP,
-                                      Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP, Msr.IA32_INT_SSP_TAB))
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 #: Keys a saved state must have; other keys (a VMM's own) are left alone.
 _REQUIRED_KEYS = ("regs", "sregs", "xcrs", "msrs", "xsave")
@@ -51,7 +49,8 @@ D = TypeVar("D")
 
 
 def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
-    """Read the whole vCPU state through the KVM-shaped API."""
+    """Read the whole vCPU state through the KVM-shaped API (the ioctl-named calls)."""
+    vcpu = check_instance("save_vcpu_state: vcpu", vcpu, KvmVcpu)
     msrs = dict(vcpu.get_msrs(vcpu.get_msr_index_list()))
     readable = [i for i in vcpu.get_msr_index_list() if i not in msrs]
     for index in readable:  # get_msrs stops at the first failure: read the rest one by one
@@ -168,7 +167,7 @@ def check_saved_state(vcpu: KvmVcpu, state: Mapping[str, Any]) -> None:
         raise KvmInvalidArgument("saved vCPU state lacks the guest SSP (KVM_REG_GUEST_SSP) although shadow "
                          "stacks are enabled")
     for index in vcpu.get_msr_index_list():
-        if index not in CET_MSRS or index in msrs:
+        if index not in CET_MSR_SET or index in msrs:
             continue
         needs = "shstk" if index not in (Msr.IA32_U_CET, Msr.IA32_S_CET) else None
         has = cpuid.guest_cpu_cap_has("shstk") if needs else (
@@ -195,7 +194,9 @@ def _set_msrs_or_fail(vcpu: KvmVcpu, entries: list[tuple[int, int]]) -> None:
 
 
 def restore_vcpu_state(vcpu: KvmVcpu, state: Mapping[str, Any]) -> None:
-    """Write a saved state into ``vcpu`` (whose CPUID is already set), in a working order."""
+    """Write a saved state into ``vcpu`` (whose CPUID is already set), in a working order;
+    incomplete state is refused."""
+    vcpu = check_instance("restore_vcpu_state: vcpu", vcpu, KvmVcpu)
     check_saved_state(vcpu, state)
     msrs = _msr_table(state)
     vcpu.set_sregs(_sregs_from(state["sregs"]))

@@ -17,10 +17,14 @@ clears the runtime bits OSXSAVE/OSPKE; 0x80000008 keeps EAX (address sizes) only
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cetvm.arch.cpuid_bits import CET_SSS, FEATURES, IBT, SHSTK, Reg
 from cetvm.cpuid.model import CpuidModel
-from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.xstate_size import xstate_required_size
+
+if TYPE_CHECKING:  # annotations only: caps builds on this module
+    from cetvm.kvm.caps import KvmCaps
 
 #: KVM's highest basic leaf (cpuid.c caps leaf 0.EAX).
 KVM_MAX_BASIC_LEAF = 0x24

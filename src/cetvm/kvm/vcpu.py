@@ -1,4 +1,4 @@
-"""The CET-relevant state of one vCPU, kept where KVM keeps it.
+"""``vcpu->arch`` of one vCPU (the part of it cetvm models), kept where KVM keeps it.
 
 - U_CET, PL0-3_SSP: guest FPU xstate (:class:`GuestFpu`; CET_USER and CET_KERNEL components).
 - S_CET, SSP, INTR_SSP_TABLE: the VMCS (GUEST_S_CET, GUEST_SSP, GUEST_INTR_SSP_TABLE).
@@ -14,14 +14,16 @@ from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
 from cetvm.kvm.guest_fpu import GuestFpu
-from cetvm.kvm.vmcs import Vmcs
+from cetvm.cpu.vmcs import Vmcs
 
 #: CR0 at RESET: ET | CD | NW [SDM Vol. 3 10.1.1].
 CR0_RESET = int(Cr0.ET | Cr0.CD | Cr0.NW)
 
 
 @dataclass
-class VcpuCetState:
+class VcpuArch:
+    """struct kvm_vcpu_arch: CPUID, guest FPU, the VMCS, CR0/CR4/XCR0/IA32_XSS."""
+
     caps: KvmCaps
     cpuid: VcpuCpuid
     fpu: GuestFpu
@@ -32,7 +34,7 @@ class VcpuCetState:
     ia32_xss: int = 0
 
     @classmethod
-    def create(cls, caps: KvmCaps, cpuid: CpuidModel | None = None) -> "VcpuCetState":
+    def create(cls, caps: KvmCaps, cpuid: CpuidModel | None = None) -> "VcpuArch":
         """KVM_CREATE_VCPU (+ KVM_SET_CPUID2 when ``cpuid`` is given)."""
         fpu = GuestFpu(caps.host.cpu, caps.supported_xcr0 | caps.supported_xss)
         vcpu = cls(caps=caps, cpuid=VcpuCpuid(caps), fpu=fpu)

@@ -26,7 +26,7 @@ vCPU out of KVM_RUN (-EINTR with exit_reason KVM_EXIT_INTR); IRQ_WINDOW_OPEN whe
 ``request_interrupt_window`` and the guest can take an interrupt [K api.rst "KVM_INTERRUPT",
 "request_interrupt_window"; x86.c vcpu_run / dm_request_for_irq_injection]. Decision: the
 window is checked at run entry and after every exit KVM handles itself (never per block), so
-an STI in a stretch of natively executed code is noticed at the next exit or slice.
+an STI in a stretch of code the engine runs without exits is noticed at the next exit or slice.
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from cetvm import CetvmError
 from cetvm.arch import Cr4, Vector
 from cetvm.arch.apic import X2APIC_MSRS
 from cetvm.arch.cpuid_bits import FEATURES
+from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpu.exits import ExitReason, IoExit, MmioExit, VmExit
+from cetvm.kvm.cr import kvm_set_cr4
 from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.ioctl_args import check_bytes, check_instance, check_u32
 from cetvm.kvm.msr import (
@@ -49,12 +52,12 @@ from cetvm.kvm.msr import (
     kvm_guest_get_msr_raw,
     kvm_guest_set_msr_raw,
 )
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
 from cetvm.xstate import xcr0_fault
+from cetvm.arch.regs import U64_MASK
 
 KVM_ENOSYS = 1000
 KVM_EPERM = 1
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _OSPKE = 1 << 4  # CPUID.(7,0).ECX[4]
 
 
@@ -71,6 +74,9 @@ class KvmExitReason(enum.Enum):
     X86_RDMSR = "KVM_EXIT_X86_RDMSR"
     X86_WRMSR = "KVM_EXIT_X86_WRMSR"
     IRQ_WINDOW_OPEN = "KVM_EXIT_IRQ_WINDOW_OPEN"
+    #: VM entry failed (kvm_run.fail_entry.hardware_entry_failure_reason: the VM_EXIT_REASON,
+    #: bit 31 set); ``detail`` names the guest-state check [K vmx.c __vmx_handle_exit]
+    FAIL_ENTRY = "KVM_EXIT_FAIL_ENTRY"
     #: cetvm extension: an exception userspace intercepts (KvmVcpu.set_exception_intercepts),
     #: before delivery. KVM reports these as KVM_EXIT_DEBUG (KVM_SET_GUEST_DEBUG) and, in old
     #: kernels, KVM_EXIT_EXCEPTION; cetvm uses the latter name for any vector.
@@ -109,7 +115,10 @@ class KvmExceptionExit:
 
 @dataclass
 class KvmRun:
-    """What KVM_RUN returned: the exit reason and the matching union member."""
+    """What KVM_RUN returned: the exit reason and the matching union member — copies, as in the
+    kvm_run page: what userspace writes into ``io.data`` / ``mmio.data`` / ``msr`` /
+    ``hypercall.ret`` reaches the vCPU only when the next KVM_RUN completes the exit
+    (complete_userspace_io)."""
 
     exit_reason: KvmExitReason
     rip: int
@@ -120,6 +129,8 @@ class KvmRun:
     exception: KvmExceptionExit | None = None
     suberror: InternalErrorSuberror | None = None
     detail: str = ""
+    #: kvm_run.fail_entry.hardware_entry_failure_reason (KVM_EXIT_FAIL_ENTRY)
+    hardware_entry_failure_reason: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     #: kvm_run.if_flag and .ready_for_interrupt_injection, filled on every exit
     #: (post_kvm_run_save): RFLAGS.IF; and "KVM_INTERRUPT would deliver now" (IF = 1, no
@@ -133,7 +144,7 @@ class KvmRun:
 
 
 # --------------------------------------------------------------------------- CPUID
-def kvm_cpuid(vcpu: VcpuCetState, cr4: int, function: int, index: int) -> tuple[int, int, int, int]:
+def kvm_cpuid(vcpu: VcpuArch, cr4: int, function: int, index: int) -> tuple[int, int, int, int]:
     """CPUID.(function, index) for the guest (see the module docstring)."""
     entries = vcpu.cpuid.entries
     if not entries.contains(function, index):
@@ -147,7 +158,7 @@ def kvm_cpuid(vcpu: VcpuCetState, cr4: int, function: int, index: int) -> tuple[
     return eax, ebx, ecx, edx
 
 
-def handle_cpuid(vcpu: VcpuCetState, cpu) -> None:
+def handle_cpuid(vcpu: VcpuArch, cpu) -> None:
     regs = kvm_cpuid(vcpu, cpu.cr4, cpu.reg("rax") & 0xFFFF_FFFF, cpu.reg("rcx") & 0xFFFF_FFFF)
     for name, value in zip(("rax", "rbx", "rcx", "rdx"), regs):
         cpu.set_reg(name, value)
@@ -305,7 +316,7 @@ def kvm_msr_reason(result: MsrResult) -> KvmMsrExitReason:
     return KvmMsrExitReason.INVAL
 
 
-def handle_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter: MsrFilter,
+def handle_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter: MsrFilter,
                user_space_msr_mask: int, fpu_get, fpu_put) -> KvmMsrExit | None:
     """kvm_emulate_rdmsr / kvm_emulate_wrmsr for an intercepted guest RDMSR/WRMSR.
 
@@ -334,19 +345,17 @@ def handle_msr(vcpu: VcpuCetState, msrs: KvmMsrState, cpu, exit_: VmExit, msr_fi
             if needs_fpu:
                 fpu_get()
     if result is MsrResult.OK:
-        if reading:
-            msr.data = data
-        msr.error = False
+        cpu.set_exit_result(data=data if reading else None)
         return None
     reason = kvm_msr_reason(result)
     if user_space_msr_mask & reason:
         return KvmMsrExit(reason, msr.index, 0 if reading else msr.data)
-    msr.error = True
+    cpu.set_exit_result(error=True)
     return None
 
 
 # --------------------------------------------------------------------------- XSETBV
-def kvm_set_xcr_fault(vcpu: VcpuCetState, index: int, xcr0: int) -> str | None:
+def kvm_set_xcr_fault(vcpu: VcpuArch, index: int, xcr0: int) -> str | None:
     """__kvm_set_xcr(): why the write fails (#GP for the guest, -EINVAL for userspace)."""
     if index != 0:
         return f"XCR{index} does not exist (only XCR0)"
@@ -354,23 +363,47 @@ def kvm_set_xcr_fault(vcpu: VcpuCetState, index: int, xcr0: int) -> str | None:
     return xcr0_fault(xcr0, valid)
 
 
-def kvm_set_xcr0(vcpu: VcpuCetState, xcr0: int) -> None:
+def kvm_set_xcr0(vcpu: VcpuArch, xcr0: int) -> None:
     if xcr0 != vcpu.xcr0:
         vcpu.xcr0 = xcr0
         vcpu.cpuid.kvm_update_cpuid_runtime(vcpu.xcr0, vcpu.ia32_xss)
 
 
-def handle_xsetbv(vcpu: VcpuCetState, cpu, exit_: VmExit) -> None:
+def handle_xsetbv(vcpu: VcpuArch, cpu, exit_: VmExit) -> None:
     if kvm_set_xcr_fault(vcpu, exit_.xcr_index, exit_.xcr_value):
         cpu.inject_exception(Vector.GP, 0)
         return
     kvm_set_xcr0(vcpu, exit_.xcr_value)
 
 
+# --------------------------------------------------------------------------- CR access
+#: GPR numbers of the exit qualification (SDM Vol. 3 Table 28-3) → register names.
+_GPR_BY_NUMBER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+def handle_cr(vcpu: VcpuArch, cpu, exit_: VmExit) -> None:
+    """handle_cr(): a MOV to CR4 that touched a host-owned bit. kvm_set_cr4() refuses it → #GP(0);
+    otherwise the guest's CR4 takes the value (vmcs_writel(GUEST_CR4), the read shadow follows)
+    and the instruction retires. Other CRs and access types do not exit (their masks are 0)."""
+    qualification = exit_.qualification
+    cr, access = qualification & 0xF, (qualification >> 4) & 3
+    if cr != 4 or access != CR_ACCESS_TYPE_MOV_TO_CR:
+        raise CetvmError(f"internal error: unexpected CR-access exit (qualification {qualification:#x})")
+    value = cpu.reg(_GPR_BY_NUMBER[(qualification >> 8) & 0xF])
+    if not cpu.long_mode:
+        value &= 0xFFFF_FFFF
+    if not kvm_set_cr4(vcpu, value):
+        cpu.inject_exception(Vector.GP, 0)
+        return
+    cpu.write_cr(4, value)
+    vcpu.vmcs.write(VmcsField.CR4_READ_SHADOW, value & vcpu.vmcs.read(VmcsField.CR4_GUEST_HOST_MASK))
+
+
 # --------------------------------------------------------------------------- VMCALL
 def hypercall_args(cpu) -> tuple[int, tuple[int, int, int, int]]:
     """(nr, (a0..a3)) from RAX, RBX, RCX, RDX, RSI; truncated to 32 bits outside 64-bit mode."""
-    mask = _U64 if cpu.long_mode else 0xFFFF_FFFF
+    mask = U64_MASK if cpu.long_mode else 0xFFFF_FFFF
     regs = [cpu.reg(n) & mask for n in ("rax", "rbx", "rcx", "rdx", "rsi")]
     return regs[0], (regs[1], regs[2], regs[3], regs[4])
 
@@ -379,24 +412,30 @@ def handle_vmcall(cpu, exit_hypercall_mask: int) -> HypercallExit | None:
     """kvm_emulate_hypercall(); returns the exit for userspace, or None when handled."""
     nr, args = hypercall_args(cpu)
     if cpu.cpl != 0:
-        cpu.set_reg("rax", -KVM_EPERM & _U64)
+        cpu.set_reg("rax", -KVM_EPERM & U64_MASK)
         return None
     if nr < 64 and exit_hypercall_mask >> nr & 1:
         return HypercallExit(nr, args)
-    cpu.set_reg("rax", -KVM_ENOSYS & _U64)
+    cpu.set_reg("rax", -KVM_ENOSYS & U64_MASK)
     return None
 
 
 # --------------------------------------------------------------------------- exits for userspace
-def userspace_exit(exit_: VmExit) -> KvmRun:
-    """Map a CPU exit KVM does not handle itself to kvm_run."""
+def userspace_exit(exit_: VmExit, hardware_entry_failure_reason: int = 0) -> KvmRun:
+    """Map a CPU exit KVM does not handle itself to kvm_run (``hardware_entry_failure_reason``:
+    the VMCS's VM_EXIT_REASON, for KVM_EXIT_FAIL_ENTRY)."""
     reason = exit_.reason
-    if reason is ExitReason.IO:
-        return KvmRun(KvmExitReason.IO, exit_.rip, io=exit_.io)
-    if reason is ExitReason.MMIO:
-        return KvmRun(KvmExitReason.MMIO, exit_.rip, mmio=exit_.mmio)
+    if reason is ExitReason.IO and exit_.io is not None:
+        io = exit_.io
+        return KvmRun(KvmExitReason.IO, exit_.rip, io=IoExit(io.port, io.size, io.direction, io.data))
+    if reason is ExitReason.MMIO and exit_.mmio is not None:
+        mmio = exit_.mmio
+        return KvmRun(KvmExitReason.MMIO, exit_.rip, mmio=MmioExit(mmio.address, mmio.size, mmio.direction, mmio.data))
     if reason is ExitReason.HLT:
         return KvmRun(KvmExitReason.HLT, exit_.rip)
+    if reason is ExitReason.ENTRY_FAILED:
+        return KvmRun(KvmExitReason.FAIL_ENTRY, exit_.rip, detail=exit_.detail,
+                      hardware_entry_failure_reason=hardware_entry_failure_reason)
     if reason is ExitReason.TRIPLE_FAULT:
         return KvmRun(KvmExitReason.SHUTDOWN, exit_.rip, detail=exit_.detail or "triple fault")
     if reason is ExitReason.BUDGET:
@@ -404,7 +443,7 @@ def userspace_exit(exit_: VmExit) -> KvmRun:
     if reason is ExitReason.DELIVERY_FAILED:
         return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.DELIVERY_EV,
                       detail=exit_.detail)
-    if reason is ExitReason.SHUTDOWN:
+    if reason is ExitReason.EMULATION_FAILED:
         return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
                       detail=exit_.detail)
     return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip,

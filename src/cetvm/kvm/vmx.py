@@ -1,40 +1,41 @@
-"""VMX CET plumbing between KVM's state and the CPU: controls, MSR interception, entry/exit.
+"""VMX CET plumbing between KVM's state and the CPU: KVM programs the CPU's VMCS
+(:mod:`cetvm.cpu.vmcs`) as vmx.c does through vmcs_write*, and nothing else of the CPU but its
+documented register interface.
 
 - :func:`vmx_cet_controls` — vmx setup sets the "load CET state" VM-entry control (bit 20) and
-  VM-exit control (bit 28) when KVM offers SHSTK or IBT [K vmx.c setup_vmcs_config; reference §5].
+  VM-exit control (bit 28) when KVM offers SHSTK or IBT [K vmx.c setup_vmcs_config].
 - :func:`vmx_update_intercept_for_cet_msr` — after every KVM_SET_CPUID2: PL0-3_SSP pass through
   with guest SHSTK; U_CET and S_CET pass through with guest SHSTK or IBT; INT_SSP_TAB and
   IA32_XSS are always intercepted (KVM emulates them). Everything else the CPU handles itself.
-- :func:`vmx_vcpu_enter` / :func:`vmx_vcpu_exit` — VM entry loads GUEST_S_CET, GUEST_SSP and
-  GUEST_INTR_SSP_TABLE into the CPU when the entry control is set; VM exit always saves them
-  back to the guest fields (kvm-unit-tests vmx_cet_test: "GUEST_S_CET saved even with the
-  control off") and, with the exit control, loads the host values (HOST_S_CET = the host's S_CET
-  snapshot, HOST_SSP = HOST_INTR_SSP_TABLE = 0) into :class:`HostCpu`, the record of what the
-  physical CPU runs with outside the guest. Without the entry control the guest simply runs on
-  whatever the CPU holds, i.e. the host's values.
-- CR4 guest/host mask: CR4 bits reserved for the guest (CR4.CET without guest SHSTK/IBT) are
-  host-owned on VMX, so a guest MOV to CR4 setting them exits and kvm_set_cr4() injects #GP.
-  cetvm's CPU has no CR-access exits; it checks CR4.CET against its ``has_shstk``/``has_ibt``,
-  so :func:`vmx_set_cr4_guest_host_mask` programs those from the guest's capabilities — the
-  guest sees the same #GP. (Decision, documented; see the report's CPU request.)
+- :func:`vmx_vcpu_enter` / :func:`vmx_vcpu_exit` — the CPU's VM entry loads GUEST_S_CET,
+  GUEST_SSP and GUEST_INTR_SSP_TABLE when the entry control is set (after its guest-state
+  checks) and its VM exit always saves them back (kvm-unit-tests vmx_cet_test: "GUEST_S_CET
+  saved even with the control off"); KVM loads XCR0 and IA32_XSS around the entry
+  (kvm_load_guest_xsave_state) and, with the exit control, takes the host values (HOST_S_CET =
+  the host's S_CET snapshot, HOST_SSP = HOST_INTR_SSP_TABLE = 0) into :class:`HostCpu`, the
+  record of what the physical CPU runs with outside the guest (cetvm's CPU runs no host code).
+- :func:`vmx_set_cr4_guest_host_mask` — the CR4 bits reserved for the guest (its CPUID lacks the
+  feature; CR4.CET without guest SHSTK/IBT) are host-owned: a guest MOV to CR4 setting one
+  exits (CR_ACCESS) and kvm_set_cr4() injects #GP (:func:`cetvm.kvm.vcpu_run.handle_cr`).
+  Decision: only those bits; KVM with EPT owns a few more (PAE, PGE...), whose writes it would
+  accept anyway — the guest cannot tell.
+- :func:`vmx_vcpu_after_set_cpuid` — also tells the CPU the guest's CET features
+  (guest_cpu_cap_has), which its CET instructions, CR4.CET and CET MSRs obey.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cetvm.arch.msr import Msr
-from cetvm.arch.regs import Cr4
+from cetvm.arch.msr import CET_MSR_SET, PL_SSP_MSRS, Msr
 from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cr import cr4_reserved_bits
-from cetvm.kvm.vcpu import VcpuCetState
+from cetvm.kvm.vcpu import VcpuArch
+from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
 
 #: Every MSR KVM intercepts by default that matters to CET (the bitmap starts all-ones).
-CET_INTERCEPTABLE_MSRS: frozenset[int] = frozenset(int(m) for m in (
-    Msr.IA32_U_CET, Msr.IA32_S_CET, Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP,
-    Msr.IA32_PL3_SSP, Msr.IA32_INT_SSP_TAB, Msr.IA32_XSS))
-_PL_SSP = (Msr.IA32_PL0_SSP, Msr.IA32_PL1_SSP, Msr.IA32_PL2_SSP, Msr.IA32_PL3_SSP)
+CET_INTERCEPTABLE_MSRS: frozenset[int] = CET_MSR_SET | {int(Msr.IA32_XSS)}
 
 
 @dataclass
@@ -54,7 +55,7 @@ def vmx_cet_controls(caps: KvmCaps) -> tuple[int, int]:
     return 0, 0
 
 
-def init_vmcs_cet(vcpu: VcpuCetState, host: HostCpu) -> None:
+def init_vmcs_cet(vcpu: VcpuArch, host: HostCpu) -> None:
     """init_vmcs(): controls and the host-state CET fields."""
     entry, exit_ = vmx_cet_controls(vcpu.caps)
     vcpu.vmcs.write(VmcsField.VM_ENTRY_CONTROLS, entry)
@@ -64,55 +65,49 @@ def init_vmcs_cet(vcpu: VcpuCetState, host: HostCpu) -> None:
     vcpu.vmcs.write(VmcsField.HOST_INTR_SSP_TABLE, 0)
 
 
-def vmx_update_intercept_for_cet_msr(vcpu: VcpuCetState) -> set[int]:
+def vmx_update_intercept_for_cet_msr(vcpu: VcpuArch) -> set[int]:
     """The set of CET/XSS MSRs whose guest RDMSR/WRMSR must exit to KVM."""
     intercepts = set(CET_INTERCEPTABLE_MSRS)
     caps, cpuid = vcpu.caps, vcpu.cpuid
     if caps.has("shstk") and cpuid.guest_cpu_cap_has("shstk"):
-        intercepts -= {int(m) for m in _PL_SSP}
+        intercepts -= {int(m) for m in PL_SSP_MSRS}
     if (caps.has("shstk") or caps.has("ibt")) and (cpuid.guest_cpu_cap_has("shstk")
                                                    or cpuid.guest_cpu_cap_has("ibt")):
         intercepts -= {int(Msr.IA32_U_CET), int(Msr.IA32_S_CET)}
     return intercepts
 
 
-def vmx_set_cr4_guest_host_mask(vcpu: VcpuCetState, cpu) -> None:
-    """Make the CPU #GP a guest CR4 write exactly when KVM would (module docstring): CR4.CET
-    from ``has_shstk``/``has_ibt``, every other reserved bit (kvm-unit-tests' pcid, la57, lam,
-    umip: a CR4 feature bit the guest CPUID lacks) from ``cr4_guest_rsvd_bits``."""
-
-    cpu.has_shstk = vcpu.cpuid.guest_cpu_cap_has("shstk")
-    cpu.has_ibt = vcpu.cpuid.guest_cpu_cap_has("ibt")
-    cpu.cr4_guest_rsvd_bits = cr4_reserved_bits(vcpu.cpuid) & ~int(Cr4.CET)
-
-
-def _entry_loads_cet(vcpu: VcpuCetState) -> bool:
-    return bool(vcpu.vmcs.read(VmcsField.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_CET_STATE)
+def vmx_set_cr4_guest_host_mask(vcpu: VcpuArch) -> None:
+    """vmx_set_cr4_guest_host_mask(): the bits reserved for this guest (kvm-unit-tests' pcid,
+    la57, lam, umip: a CR4 feature bit the guest CPUID lacks; CR4.CET without guest SHSTK/IBT)
+    are host-owned; the read shadow holds the guest's CR4 there (always 0)."""
+    mask = cr4_reserved_bits(vcpu.cpuid)
+    vcpu.vmcs.write(VmcsField.CR4_GUEST_HOST_MASK, mask)
+    vcpu.vmcs.write(VmcsField.CR4_READ_SHADOW, vcpu.cr4 & mask)
 
 
-def _exit_loads_cet(vcpu: VcpuCetState) -> bool:
+def vmx_vcpu_after_set_cpuid(vcpu: VcpuArch, cpu) -> None:
+    """vmx_vcpu_after_set_cpuid() (CET part): the CR4 guest/host mask, and the guest's CET
+    features for the CPU (guest_cpu_cap_has: the guest CPUID within KVM's caps)."""
+    vmx_set_cr4_guest_host_mask(vcpu)
+    cpu.set_guest_cet_features(shstk=vcpu.cpuid.guest_cpu_cap_has("shstk"),
+                               ibt=vcpu.cpuid.guest_cpu_cap_has("ibt"))
+
+
+def _exit_loads_cet(vcpu: VcpuArch) -> bool:
     return bool(vcpu.vmcs.read(VmcsField.VM_EXIT_CONTROLS) & VmExitControls.LOAD_CET_STATE)
 
 
-def vmx_vcpu_enter(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
-    """VM entry: guest CET state from the VMCS (with the entry control), XCR0, XSS, CR0/CR4."""
-    if _entry_loads_cet(vcpu):
-        cpu.set_cet_msr(Msr.IA32_S_CET, vcpu.vmcs.read(VmcsField.GUEST_S_CET))
-        cpu.set_cet_msr(Msr.IA32_INT_SSP_TAB, vcpu.vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE))
-        cpu.ssp = vcpu.vmcs.read(VmcsField.GUEST_SSP)
-    else:
-        cpu.set_cet_msr(Msr.IA32_S_CET, host.s_cet)
-        cpu.set_cet_msr(Msr.IA32_INT_SSP_TAB, host.intr_ssp_table)
-        cpu.ssp = host.ssp
-    cpu.xcr0 = vcpu.xcr0      # kvm_load_guest_xsave_state
-    cpu.xss = vcpu.ia32_xss
+def vmx_vcpu_enter(vcpu: VcpuArch, cpu) -> None:
+    """Before VM entry: kvm_load_guest_xsave_state() — XCR0 (XSETBV) and IA32_XSS (WRMSR) the
+    guest runs with. The guest CET state is in the VMCS, which the CPU's entry loads."""
+    cpu.load_xcr0(vcpu.xcr0)
+    cpu.set_msr(Msr.IA32_XSS, vcpu.ia32_xss)
 
 
-def vmx_vcpu_exit(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
-    """VM exit: save the guest CET fields; load the host's with the exit control."""
-    vcpu.vmcs.write(VmcsField.GUEST_S_CET, cpu.cet_msr(Msr.IA32_S_CET))
-    vcpu.vmcs.write(VmcsField.GUEST_SSP, cpu.ssp)
-    vcpu.vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, cpu.cet_msr(Msr.IA32_INT_SSP_TAB))
+def vmx_vcpu_exit(vcpu: VcpuArch, cpu, host: HostCpu) -> None:
+    """After VM exit (the CPU saved the guest CET fields): the host's CET state with the exit
+    control, and the cached CR0/CR4."""
     vcpu.cr0, vcpu.cr4 = cpu.cr0, cpu.cr4  # vmx_cache_reg (CR4.CET is guest-owned)
     host.exits += 1
     if _exit_loads_cet(vcpu):
@@ -121,14 +116,12 @@ def vmx_vcpu_exit(vcpu: VcpuCetState, cpu, host: HostCpu) -> None:
         host.intr_ssp_table = vcpu.vmcs.read(VmcsField.HOST_INTR_SSP_TABLE)
 
 
-def kvm_load_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
+def kvm_load_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     """fpu_swap_kvm_fpstate(guest): the guest's CET_U / CET_S values go into the CPU's MSRs
     (plus MXCSR and XMM0-15 of the legacy region, see :func:`_swap_sse`)."""
     fpu = vcpu.fpu
     if fpu.loaded:
         return
-    from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
-
     for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
         if fpu.has(feature):
             cpu.set_cet_msr(Msr(index), fpu.peek(feature, offset))
@@ -136,7 +129,7 @@ def kvm_load_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
     fpu.loaded = True
 
 
-def kvm_put_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
+def kvm_put_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     """fpu_swap_kvm_fpstate(host): copy the CPU's live guest values back into the fpstate.
 
     A component whose values are all zero is stored as init state (XSTATE_BV bit clear), as
@@ -145,8 +138,6 @@ def kvm_put_guest_fpu(vcpu: VcpuCetState, cpu) -> None:
     fpu = vcpu.fpu
     if not fpu.loaded:
         return
-    from cetvm.kvm.msr import XSTATE_MANAGED_MSRS
-
     by_feature: dict[int, list[tuple[int, int]]] = {}
     for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
         if fpu.has(feature):

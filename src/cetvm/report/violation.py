@@ -1,7 +1,7 @@
 """CET violations as the VMM saw them, and their text / JSON reports.
 
 A :class:`CetViolation` is one #CP (vector 21) the guest took, captured before delivery: the
-kind (from the error code, reference §4 / SDM Vol. 1 §18.2: 1 NEAR-RET, 2 FAR-RET/IRET,
+kind (from the error code, SDM Vol. 1 §18.2: 1 NEAR-RET, 2 FAR-RET/IRET,
 3 ENDBRANCH, 4 RSTORSSP, 5 SETSSBSY; bit 15 ENCL), where (RIP, CPL), when (instructions retired
 before the faulting one) and what the stacks held: the qword at [RSP] and the entry at [SSP]
 (for a near RET these are the two return addresses that disagreed), and for ENDBRANCH the first
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cetvm.arch import CP_ERR_ENCL, CpError
+from cetvm.arch import CP_ERR_ENCL, ENDBR32, ENDBR64, CpError
 from cetvm.report.symtab import Symbolizer
 
-#: Kind names for the #CP error codes [reference §4].
+#: Kind names for the #CP error codes [SDM Vol. 1 §18.2].
 KIND_NAMES = {
     CpError.NEAR_RET: "near-ret",
     CpError.FAR_RET_IRET: "far-ret/iret",
@@ -24,8 +24,6 @@ KIND_NAMES = {
     CpError.RSTORSSP: "rstorssp",
     CpError.SETSSBSY: "setssbsy",
 }
-ENDBR64 = bytes.fromhex("f30f1efa")
-ENDBR32 = bytes.fromhex("f30f1efb")
 
 
 def violation_kind(error_code: int) -> str:

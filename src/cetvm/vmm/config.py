@@ -12,11 +12,11 @@ shstk   IBT cleared (CPUID.(7,0).EDX[20])
 ibt     SHSTK cleared (CPUID.(7,0).ECX[7])
 off     both cleared, and the CET_U/CET_S bits of CPUID.(0xD,1).ECX with their 0xD.11/0xD.12
         sub-leaves zeroed (decision: what QEMU does for XSS components the guest cannot
-        enable; KVM_SET_CPUID2 accepts any table [reference §5 "Userspace may set any CPUID"])
+        enable; KVM_SET_CPUID2 accepts any table (kvm_set_cpuid() checks only KVM's own safety))
 ======  ==============================================================================
 
 With ``shstk`` or ``ibt`` the XSS bits stay: IBT alone still uses U_CET/S_CET, and U_CET lives
-in the CET_U component [reference §1, §5].
+in the CET_U component [SDM Vol. 1 §13.5.6].
 
 The VMM then fills in what only it knows, as QEMU's cpu_x86_cpuid / kvm_arch_init_vcpu do
 (:func:`vmm_cpuid_leaves`): the vCPU's topology and the hypervisor leaves.

@@ -202,6 +202,10 @@ def exit_result(run: KvmRun, instructions: int) -> RunResult | None:
     if reason is KvmExitReason.HYPERCALL:
         return RunResult(STATUS_INTERNAL_ERROR, StopReason.INTERNAL_ERROR,
                          f"unexpected KVM_EXIT_HYPERCALL {run.hypercall}", instructions, run.rip)
+    if reason is KvmExitReason.FAIL_ENTRY:  # QEMU: "KVM: entry failed, hardware error"
+        return RunResult(STATUS_INTERNAL_ERROR, StopReason.INTERNAL_ERROR,
+                         f"KVM_EXIT_FAIL_ENTRY (hardware entry failure reason "
+                         f"{run.hardware_entry_failure_reason:#x}): {run.detail}", instructions, run.rip)
     return None
 
 

@@ -21,7 +21,7 @@ from cetvm import CetvmError, InputError
 from cetvm.arch import CetCtl, Cr4
 from cetvm.arch.msr import CET_MSRS, Msr
 from cetvm.arch.xfeatures import XFEATURE_MASK_CET_KERNEL, XFEATURE_MASK_CET_USER
-from cetvm.kvm.api import restore_vcpu_state, save_vcpu_state
+from cetvm.kvm.state import restore_vcpu_state, save_vcpu_state
 from cetvm.vmm.snapshot import StateRequirement, check_required_state
 
 _CET_U_MSRS = (Msr.IA32_U_CET, Msr.IA32_PL3_SSP)

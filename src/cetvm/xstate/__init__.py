@@ -1,6 +1,6 @@
 """XSAVE layouts, XSAVE images, XRSTOR(S) checks and the host FPU framework model.
 
-Layer: above :mod:`cetvm.cpuid` and :mod:`cetvm.arch` (DESIGN.md). Public API:
+Layer: above :mod:`cetvm.cpuid` and :mod:`cetvm.arch`. Public API:
 :class:`XComponent`, :class:`XsaveLayout`, :class:`XsaveArea` (+ :class:`XsaveFormat`,
 :class:`CetUserState`, :class:`CetKernelState`), :func:`xrstor_fault`,
 :func:`cet_component_value_fault`, :func:`xrstors_value_fault`, :class:`HostFpu`,
@@ -12,8 +12,6 @@ from cetvm.xstate.hostfpu import FpuConfig, HostFpu
 from cetvm.xstate.layout import XComponent, XsaveLayout, align64, largest_valid_xcr0, xcr0_fault
 from cetvm.xstate.restore import (
     cet_component_value_fault,
-    cet_ctl_fault,
-    ssp_fault,
     xrstor_fault,
     xrstors_value_fault,
 )
@@ -21,5 +19,5 @@ from cetvm.xstate.restore import (
 __all__ = [
     "CetKernelState", "CetUserState", "XsaveArea", "XsaveFormat", "FpuConfig", "HostFpu",
     "XComponent", "XsaveLayout", "align64", "largest_valid_xcr0", "xcr0_fault",
-    "cet_component_value_fault", "cet_ctl_fault", "ssp_fault", "xrstor_fault", "xrstors_value_fault",
+    "cet_component_value_fault", "xrstor_fault", "xrstors_value_fault",
 ]

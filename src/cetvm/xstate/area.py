@@ -3,7 +3,7 @@
 Layout facts come from an :class:`~cetvm.xstate.layout.XsaveLayout`. The header is at 512:
 XSTATE_BV (8 bytes), XCOMP_BV (8 bytes), 48 reserved bytes [SDM Vol. 1 13.4.2]. A component
 whose XSTATE_BV bit is 0 is in its initial configuration; for every component n ≥ 2 (CET_U and
-CET_S included, reference §1) that is all zeros, so reads return zeros whatever the buffer holds.
+CET_S included) that is all zeros, so reads return zeros whatever the buffer holds.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The host kernel's FPU framework, as Linux 6.18 configures it [L arch/x86/kernel/fpu/xstate.c].
 
 What the model reproduces (fpu__init_system_xstate and friends, with the CET changes that
-went in for KVM CET virtualization — review threads in ../shared/seeds 000 and 002):
+went in for KVM CET virtualization — the review of the KVM CET virtualization series):
 
 - Max features = CPU-enumerated XCR0 | XSS components, restricted to what Linux supports
   (XFEATURE_MASK_USER_SUPPORTED: x87, SSE, AVX, MPX, AVX-512, PKRU, AMX, APX;
@@ -187,21 +187,10 @@ class HostFpu:
     def guest_perm_request(self, requested_xcr0: int) -> FpuConfig:
         """Guest FPU config after ARCH_REQ_XCOMP_GUEST_PERM for ``requested_xcr0`` (e.g. AMX).
 
-        As merged (__xstate_request_perm after Sean Christopherson's fix in the v6 review,
-        seeds/002): the guest's permitted mask starts as guest_default_cfg.features, which
+        As merged (__xstate_request_perm(), after the review of the v6 CET-virtualization
+        series): the guest's permitted mask starts as guest_default_cfg.features, which
         already holds every guest supervisor feature, and the new mask is permitted |
         requested — so CET_USER and CET_KERNEL keep their space.
         """
         self._check_request(requested_xcr0)
         return self._config(self.guest_default_cfg.features | requested_xcr0)
-
-    def guest_perm_request_v6(self, requested_xcr0: int) -> FpuConfig:
-        """The v6 patch's computation, kept to show the bug the review found (seeds/002).
-
-        permitted held user features only and the guest branch added just the "kernel
-        dynamic" features (CET_KERNEL): mask = permitted | requested | CET_KERNEL, which drops
-        CET_USER (and PASID) from the guest buffer once AMX is requested.
-        """
-        self._check_request(requested_xcr0)
-        mask = self.default_user_features | requested_xcr0 | self.features_guest_only
-        return self._config(mask)

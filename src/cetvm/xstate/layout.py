@@ -1,4 +1,4 @@
-"""XSAVE area layouts computed from CPUID leaf 0xD [SDM Vol. 1 13.4; reference §1].
+"""XSAVE area layouts computed from CPUID leaf 0xD [SDM Vol. 1 13.4].
 
 Sizes, offsets and flags always come from the CPU model (CPUID.(0xD, n)), never from constants:
 Zen 4 and Skylake-SP place the same components at different offsets.
@@ -22,7 +22,7 @@ from cetvm.arch.cpuid_bits import LEAF_XSTATE
 from cetvm.arch.xfeatures import XCOMP_BV_COMPACTED, XSAVE_EXTENDED_OFFSET, XFeature, xfeature_name
 from cetvm.cpuid.model import CpuidModel
 
-#: The legacy (FXSAVE) region's two components: (size, offset) [reference §1].
+#: The legacy (FXSAVE) region's two components: (size, offset) [SDM Vol. 1 §13.4.1].
 LEGACY_COMPONENTS: dict[int, tuple[int, int]] = {0: (160, 0), 1: (256, 160)}
 
 _MASK63 = (1 << 63) - 1

@@ -1,7 +1,6 @@
 """XRSTOR/XRSTORS validity checks as pure functions: None, or why the CPU raises #GP(0).
 
-Header checks [SDM Vol. 1 13.8.1/13.8.2, Vol. 2B XRSTOR/XRSTORS "Protected Mode Exceptions";
-reference §1]:
+Header checks [SDM Vol. 1 13.8.1/13.8.2, Vol. 2B XRSTOR/XRSTORS "Protected Mode Exceptions"]:
 
 - the area is not 64-byte aligned (both instructions);
 - XRSTORS: XCOMP_BV[63] = 0; XCOMP_BV sets a bit outside XCR0 | IA32_XSS; XSTATE_BV sets a
@@ -16,8 +15,8 @@ XRSTOR exception list) checks only bytes 23:8 of the header, so bytes 536–575 
 a standard-form XRSTOR here, as on hardware. A test pins this.
 
 Value checks: XRSTORS applies the WRMSR checks to the CET_U / CET_S values it loads and
-raises #GP(0) on a bad one (reference §1, §2 — the SDM's XRSTORS operation; Bochs 2.7 omits
-this check, reference §7, so Bochs is no oracle here).
+raises #GP(0) on a bad one (the SDM's XRSTORS operation [SDM Vol. 1 §13.12]; Bochs 2.7 omits
+this check, so Bochs is no oracle here).
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ import struct
 from typing import Union
 
 from cetvm import InputError
-from cetvm.arch.msr import CET_CTL_RESERVED, CetCtl
-from cetvm.arch.regs import is_canonical
+from cetvm.arch.msr import cet_ctl_fault, ssp_fault
 from cetvm.arch.xfeatures import XCOMP_BV_COMPACTED, XSAVE_EXTENDED_OFFSET, XSAVE_HEADER_OFFSET, XFeature
 from cetvm.xstate.area import CetKernelState, CetUserState, XsaveArea
 
@@ -103,33 +101,9 @@ def xrstor_fault(src: HeaderSource, address: int, xcr0: int, xss: int, *,
 
 
 # --------------------------------------------------------------------- CET values
-def cet_ctl_fault(name: str, value: int, va_bits: int = 48) -> str | None:
-    """WRMSR IA32_U_CET/IA32_S_CET checks [SDM Vol. 4 2-2; reference §2].
-
-    Reserved bits 9:6; SUPPRESS (10) together with TRACKER (11); EB_LEG_BITMAP_BASE (63:12)
-    non-canonical (Bochs and the SDM's WRMSR list agree on the canonical check).
-    """
-    if value & CET_CTL_RESERVED:
-        return f"{name} 0x{value:x} sets reserved bits 9:6"
-    both = CetCtl.SUPPRESS | CetCtl.TRACKER
-    if value & both == both:
-        return f"{name} 0x{value:x} sets SUPPRESS and TRACKER together"
-    if not is_canonical(value & ~0xFFF, va_bits):
-        return f"{name} 0x{value:x}: legacy bitmap base is not canonical"
-    return None
-
-
-def ssp_fault(name: str, value: int, va_bits: int = 48) -> str | None:
-    """WRMSR IA32_PLx_SSP checks: canonical, bits 1:0 clear [reference §2]."""
-    if not is_canonical(value, va_bits):
-        return f"{name} 0x{value:x} is not canonical"
-    if value & 0x3:
-        return f"{name} 0x{value:x} is not 4-byte aligned (bits 1:0 set)"
-    return None
-
-
 def cet_component_value_fault(state: CetUserState | CetKernelState, va_bits: int = 48) -> str | None:
-    """Why XRSTORS of this CET_U or CET_S component value raises #GP(0), or None."""
+    """Why XRSTORS of this CET_U or CET_S component value raises #GP(0), or None: the WRMSR
+    value checks of :mod:`cetvm.arch.msr` applied to each MSR the component holds."""
     if isinstance(state, CetUserState):
         return cet_ctl_fault("IA32_U_CET", state.u_cet, va_bits) or ssp_fault("IA32_PL3_SSP", state.pl3_ssp, va_bits)
     for name, value in (("IA32_PL0_SSP", state.pl0_ssp), ("IA32_PL1_SSP", state.pl1_ssp),

@@ -1,11 +1,10 @@
 """CET semantics of the CPU: shadow stacks and indirect branch tracking.
 
-One feature, one module (modelled on Bochs cpu/cet.cc, following the SDM where Bochs deviates,
-reference §7):
+One feature, one module (following the SDM's CET chapter, SDM Vol. 1 ch. 18, and the instruction pages):
 
 - :mod:`.policy` — pure predicates: is a CET feature active at a CPL, which MSR controls it.
 - :mod:`.shadow_stack` — near CALL/RET, far-transfer frames, supervisor tokens.
-- :mod:`.events` — SSP changes on events (interrupts/exceptions), IRET, far CALL/RET,
+- :mod:`.far_transfers` — SSP changes on events (interrupts/exceptions), IRET, far CALL/RET,
   SYSCALL/SYSRET and SYSENTER/SYSEXIT.
 - :mod:`.ibt` — the ENDBRANCH tracker (state lives in U_CET/S_CET).
 - :mod:`.instructions` — RDSSP, INCSSP, RSTORSSP, SAVEPREVSSP, SETSSBSY, CLRSSBSY, WRSS, WRUSS,

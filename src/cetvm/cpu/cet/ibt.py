@@ -1,4 +1,4 @@
-"""Indirect branch tracking: the ENDBRANCH state machine [SDM Vol. 1 §18.3; reference §4 IBT].
+"""Indirect branch tracking: the ENDBRANCH state machine [SDM Vol. 1 §18.3].
 
 The tracker has no private copy: TRACKER (bit 11, WAIT_FOR_ENDBRANCH) and SUPPRESS (bit 10) live
 in IA32_U_CET (CPL 3) and IA32_S_CET (CPL 0-2), exactly where XSAVES, a VMCS or a migration sees
@@ -77,7 +77,7 @@ def legacy_bitmap_location(ctl: int, target_lip: int) -> tuple[int, int]:
     """(byte address, bit index) of ``target_lip`` in the legacy code-page bitmap.
 
     One bit per 4 KiB page of the low 48 bits of the linear address: byte EB_LEG_BITMAP_BASE +
-    ((LIP & (2^48-1)) >> 15), bit (LIP >> 12) & 7 [SDM Vol. 1 §18.3.6; reference §4].
+    ((LIP & (2^48-1)) >> 15), bit (LIP >> 12) & 7 [SDM Vol. 1 §18.3.6].
     """
     base = ctl & LEG_BITMAP_BASE_MASK
     return base + ((target_lip & _LIP_BITMAP_MASK) >> 15), (target_lip >> 12) & 7

@@ -1,4 +1,4 @@
-"""The CET instructions, one function each [SDM Vol. 2 instruction pages; reference §4 table].
+"""The CET instructions, one function each [SDM Vol. 2 instruction pages].
 
 The engine decodes the instruction and passes the operands it resolved: a register value, the
 linear address of a memory operand (segmentation and, in 64-bit mode, the canonical check
@@ -22,8 +22,8 @@ from cetvm.cpu.cet.machine import CetMachine
 from cetvm.cpu.cet.policy import SH_STK_EN, mode_bit, shadow_stack_enabled, wrss_enabled
 from cetvm.cpu.cet.shadow_stack import is_user_shadow_stack
 from cetvm.cpu.faults import cp, gp, ud
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def rdssp(m: CetMachine, operand_size: int) -> int | None:
     _check_operand_size(operand_size)
     if not shadow_stack_enabled(m, m.cpl):
         return None
-    return m.ssp & (0xFFFF_FFFF if operand_size == 4 else _U64)
+    return m.ssp & (0xFFFF_FFFF if operand_size == 4 else U64_MASK)
 
 
 def incssp(m: CetMachine, reg_value: int, operand_size: int) -> None:
@@ -78,8 +78,8 @@ def incssp(m: CetMachine, reg_value: int, operand_size: int) -> None:
     user = is_user_shadow_stack(m.cpl)
     ssp = m.ssp
     m.ss_read(ssp, operand_size, user=user)
-    m.ss_read((ssp + (max(count, 1) - 1) * operand_size) & _U64, operand_size, user=user)
-    m.ssp = (ssp + count * operand_size) & _U64
+    m.ss_read((ssp + (max(count, 1) - 1) * operand_size) & U64_MASK, operand_size, user=user)
+    m.ssp = (ssp + count * operand_size) & U64_MASK
 
 
 def rstorssp(m: CetMachine, linear: int) -> FlagsResult:
@@ -93,12 +93,12 @@ def rstorssp(m: CetMachine, linear: int) -> FlagsResult:
     ZF/PF/AF/OF/SF cleared.
     """
     _require_shadow_stack(m)
-    linear &= _U64
+    linear &= U64_MASK
     if linear & 7:
         raise gp(0)
     user = is_user_shadow_stack(m.cpl)
     mode = mode_bit(m)
-    previous_ssp_token = (m.ssp & _U64) | mode | 2
+    previous_ssp_token = (m.ssp & U64_MASK) | mode | 2
     token = m.ss_read(linear, 8, user=user)
     if not _restore_token_valid(token, linear, mode):
         raise cp(CpError.RSTORSSP)
@@ -115,7 +115,7 @@ def _restore_token_valid(token: int, linear: int, mode: int) -> bool:
         return False
     if not mode and token >> 32:
         return False
-    return (((token & ~1) - 8) & ~7 & _U64) == linear
+    return (((token & ~1) - 8) & ~7 & U64_MASK) == linear
 
 
 def saveprevssp(m: CetMachine, cf: bool) -> None:
@@ -130,7 +130,7 @@ def saveprevssp(m: CetMachine, cf: bool) -> None:
     will look for it. SSP += 8 (+4 for the hole). Flags are not changed.
     """
     _require_shadow_stack(m)
-    ssp = m.ssp & _U64
+    ssp = m.ssp & U64_MASK
     if ssp & 7:
         raise gp(0)
     user = is_user_shadow_stack(m.cpl)
@@ -146,11 +146,11 @@ def saveprevssp(m: CetMachine, cf: bool) -> None:
         raise gp(0)
     if not m.long_mode and token >> 32:
         raise gp(0)
-    old_ssp = token & ~3 & _U64
+    old_ssp = token & ~3 & U64_MASK
     if old_ssp & 4:
         m.ss_write(old_ssp - 4, 0, 4, user=user)
     m.ss_write((old_ssp & ~7) - 8, old_ssp | mode_bit(m), 8, user=user)
-    m.ssp = new_ssp & _U64
+    m.ssp = new_ssp & U64_MASK
 
 
 def setssbsy(m: CetMachine) -> None:
@@ -161,7 +161,7 @@ def setssbsy(m: CetMachine) -> None:
     not naming its own address) → #CP(SETSSBSY); SSP = PL0_SSP.
     """
     _require_supervisor_shadow_stack_at_cpl0(m)
-    ssp_la = m.cet_msr(Msr.IA32_PL0_SSP) & _U64
+    ssp_la = m.cet_msr(Msr.IA32_PL0_SSP) & U64_MASK
     if ssp_la & 7:
         raise gp(0)
     swapped, _old = m.ss_cmpxchg(ssp_la, ssp_la, ssp_la | 1, user=False)
@@ -176,10 +176,10 @@ def clrssbsy(m: CetMachine, linear: int) -> FlagsResult:
     [SDM CLRSSBSY] #UD if CR4.CET = 0 or S_CET.SH_STK_EN = 0; #GP(0) if CPL > 0 or ``linear``
     not 8-aligned. Locked cmpxchg from ``linear | 1`` to ``linear``; CF = 1 if the token was
     invalid (not busy, or not naming ``linear``), else CF = 0 — the SDM's rule; Bochs 2.7 has it
-    inverted (reference §7). ZF/PF/AF/OF/SF cleared; SSP = 0 either way.
+    inverted. ZF/PF/AF/OF/SF cleared; SSP = 0 either way.
     """
     _require_supervisor_shadow_stack_at_cpl0(m)
-    linear &= _U64
+    linear &= U64_MASK
     if linear & 7:
         raise gp(0)
     swapped, _old = m.ss_cmpxchg(linear, linear | 1, linear, user=False)
@@ -197,7 +197,7 @@ def wrss(m: CetMachine, linear: int, value: int, operand_size: int) -> None:
     _check_operand_size(operand_size)
     if not wrss_enabled(m, m.cpl):
         raise ud()
-    linear &= _U64
+    linear &= U64_MASK
     if linear & (operand_size - 1):
         raise gp(0)
     m.ss_write(linear, value & ((1 << (8 * operand_size)) - 1), operand_size, user=is_user_shadow_stack(m.cpl))
@@ -215,7 +215,7 @@ def wruss(m: CetMachine, linear: int, value: int, operand_size: int) -> None:
         raise ud()
     if m.cpl != 0:
         raise gp(0)
-    linear &= _U64
+    linear &= U64_MASK
     if linear & (operand_size - 1):
         raise gp(0)
     m.ss_write(linear, value & ((1 << (8 * operand_size)) - 1), operand_size, user=True)

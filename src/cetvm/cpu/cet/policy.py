@@ -1,4 +1,4 @@
-"""Which CET feature is active at a privilege level [SDM Vol. 1 §18.2.2, §18.3.2; reference §3].
+"""Which CET feature is active at a privilege level [SDM Vol. 1 §18.2.2, §18.3.2].
 
 Pure predicates over the :class:`~cetvm.cpu.cet.machine.CetMachine` state. "Protected mode with
 paging" is the engine's concern: these functions assume it (the engine does not call CET
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from cetvm.arch import CetCtl, Msr, is_canonical
 from cetvm.cpu.cet.machine import CetMachine
+from cetvm.arch.regs import U64_MASK
 
 #: Linear-address width used for LA_adjust / canonical SSP checks (4-level paging).
 LINEAR_ADDRESS_BITS = 48
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 #: MSR indices and U_CET/S_CET bits as plain ints (hot-path constants, see the module docstring).
 U_CET = int(Msr.IA32_U_CET)
@@ -79,9 +79,9 @@ def la_adjust(value: int) -> int:
 
     Used when a CPL-3 SSP is saved to IA32_PL3_SSP in IA-32e mode.
     """
-    value &= _U64
+    value &= U64_MASK
     if value & (1 << (LINEAR_ADDRESS_BITS - 1)):
-        return value | (_U64 & ~((1 << LINEAR_ADDRESS_BITS) - 1))
+        return value | (U64_MASK & ~((1 << LINEAR_ADDRESS_BITS) - 1))
     return value & ((1 << LINEAR_ADDRESS_BITS) - 1)
 
 
@@ -93,4 +93,4 @@ def ssp_valid_for_mode(ssp: int, long_mode: bool) -> bool:
     """
     if long_mode:
         return is_canonical(ssp, LINEAR_ADDRESS_BITS)
-    return (ssp & _U64) >> 32 == 0
+    return (ssp & U64_MASK) >> 32 == 0

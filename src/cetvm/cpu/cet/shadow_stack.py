@@ -1,6 +1,6 @@
 """Shadow-stack primitives: near CALL/RET, far-transfer frames, supervisor tokens.
 
-[SDM Vol. 1 ch. 18.2; SDM Vol. 2 CALL, RET, INT n, IRET pseudo-code; reference §4.]
+[SDM Vol. 1 ch. 18.2; SDM Vol. 2 CALL, RET, INT n, IRET pseudo-code.]
 
 Conventions shared by every function here:
 
@@ -13,7 +13,7 @@ Conventions shared by every function here:
   :func:`~cetvm.cpu.cet.policy.shadow_stack_enabled`, :func:`entry_width` and
   :func:`is_user_shadow_stack` (same rules, plain-int constants; see :mod:`cetvm.cpu.cet.policy`).
 - Frame helpers take and return SSP values instead of writing ``m.ssp`` so that the event/transfer
-  functions in :mod:`cetvm.cpu.cet.events` can commit SSP once, after every check.
+  functions in :mod:`cetvm.cpu.cet.far_transfers` can commit SSP once, after every check.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from cetvm.arch import CpError, shadow_stack_entry_width
 from cetvm.cpu.cet.machine import CetMachine
 from cetvm.cpu.cet.policy import S_CET, SH_STK_EN, U_CET
 from cetvm.cpu.faults import cp, gp
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
 
 #: Size of the far-transfer / event frame on the shadow stack: CS, LIP, previous SSP.
 TRANSFER_FRAME_SIZE = 24
-#: Token plus frame must lie in one naturally aligned region of this size (reference §7).
+#: Token plus frame must lie in one naturally aligned region of this size.
 TOKEN_FRAME_REGION = 32
 
 
@@ -48,7 +48,7 @@ def call_pushes_shadow_stack(displacement_zero: bool) -> bool:
     SDM CALL: "IF ShadowStackEnabled(CPL) AND DEST != 0" — a CALL rel16/rel32 whose displacement
     is 0 (the "call next instruction" idiom used to read RIP in 32-bit code) pushes nothing, so
     the matching POP does not unbalance the shadow stack. Every other near CALL (any non-zero
-    displacement, any indirect CALL) pushes (reference §4, §7).
+    displacement, any indirect CALL) pushes [SDM Vol. 2 CALL].
     """
     return not displacement_zero
 
@@ -63,10 +63,10 @@ def shstk_push_near(m: CetMachine, ret_addr: int) -> None:
     if not (m.cr4_cet and m.cet_msr(U_CET if cpl == 3 else S_CET) & SH_STK_EN):  # shadow_stack_enabled
         return
     if m.long_mode:
-        width, mask = 8, _U64
+        width, mask = 8, U64_MASK
     else:
         width, mask = 4, _U32
-    new_ssp = (m.ssp - width) & _U64
+    new_ssp = (m.ssp - width) & U64_MASK
     m.ss_write(new_ssp, ret_addr & mask, width, user=cpl == 3)
     m.ssp = new_ssp
 
@@ -83,13 +83,13 @@ def shstk_pop_near_and_check(m: CetMachine, data_stack_ret: int) -> None:
     if not (m.cr4_cet and m.cet_msr(U_CET if cpl == 3 else S_CET) & SH_STK_EN):  # shadow_stack_enabled
         return
     if m.long_mode:
-        width, mask = 8, _U64
+        width, mask = 8, U64_MASK
     else:
         width, mask = 4, _U32
     ssp = m.ssp
     if m.ss_read(ssp, width, user=cpl == 3) != data_stack_ret & mask:
         raise cp(CpError.NEAR_RET)
-    m.ssp = (ssp + width) & _U64
+    m.ssp = (ssp + width) & U64_MASK
 
 
 def push_transfer_frame(m: CetMachine, ssp: int, cs: int, lip: int, prev_ssp: int, *, user: bool) -> int:
@@ -98,16 +98,16 @@ def push_transfer_frame(m: CetMachine, ssp: int, cs: int, lip: int, prev_ssp: in
     If ``ssp`` is 4 mod 8 (possible outside 64-bit mode) a 4-byte 0 is stored at ssp-4 and SSP
     is aligned down to 8; then 8-byte pushes of CS (zero-padded), LIP and ``prev_ssp``, so the
     frame reads prevSSP at [SSP], LIP at [SSP+8], CS at [SSP+16] [SDM CALL far / INT n
-    "Align to next 8 byte boundary"; reference §4]. The SDM stores the 4-byte 0 at ssp-4
+    "Align to next 8 byte boundary"]. The SDM stores the 4-byte 0 at ssp-4
     unconditionally; when ssp is 8-aligned those bytes are the high half of the CS slot, which
     the CS push overwrites with zero padding, so storing only when ssp & 4 is equivalent.
     """
     if ssp & 4:
-        m.ss_write((ssp - 4) & _U64, 0, 4, user=user)
-    ssp &= ~7 & _U64
+        m.ss_write((ssp - 4) & U64_MASK, 0, 4, user=user)
+    ssp &= ~7 & U64_MASK
     m.ss_write(ssp - 8, cs & 0xFFFF, 8, user=user)
-    m.ss_write(ssp - 16, lip & _U64, 8, user=user)
-    m.ss_write(ssp - 24, prev_ssp & _U64, 8, user=user)
+    m.ss_write(ssp - 16, lip & U64_MASK, 8, user=user)
+    m.ss_write(ssp - 24, prev_ssp & U64_MASK, 8, user=user)
     return ssp - TRANSFER_FRAME_SIZE
 
 
@@ -126,18 +126,18 @@ def pop_transfer_frame(m: CetMachine, ssp: int, cs: int, lip: int, *, user: bool
     prev_ssp = m.ss_read(ssp, 8, user=user)
     if saved_cs != cs & 0xFFFF:
         raise cp(CpError.FAR_RET_IRET)
-    if saved_lip != lip & _U64:
+    if saved_lip != lip & U64_MASK:
         raise cp(CpError.FAR_RET_IRET)
     if prev_ssp & 3:
         raise cp(CpError.FAR_RET_IRET)
-    return prev_ssp, (ssp + TRANSFER_FRAME_SIZE) & _U64
+    return prev_ssp, (ssp + TRANSFER_FRAME_SIZE) & U64_MASK
 
 
 def token_and_frame_share_region(ssp: int) -> bool:
     """The supervisor token at ``ssp`` and the 24-byte frame below it lie in one aligned 32 bytes.
 
     SDM INT n / CALL through a call gate: "IF (SSP & ~0x1F) != ((SSP - 24) & ~0x1F) THEN #GP(0)".
-    Bochs 2.7 omits this check (reference §7); we follow the SDM. For an 8-aligned SSP it holds
+    Bochs 2.7 omits this check; we follow the SDM. For an 8-aligned SSP it holds
     only when SSP mod 32 = 24.
     """
     return (ssp & ~0x1F) == ((ssp - TRANSFER_FRAME_SIZE) & ~0x1F)
@@ -151,14 +151,14 @@ def shstk_enter_supervisor(m: CetMachine, new_ssp: int, *, long_mode: bool | Non
     2. token and frame not in one naturally aligned 32-byte region (:func:`token_and_frame_share_region`);
     3. outside 64-bit mode (``long_mode`` False, default ``m.long_mode``) and new_ssp[63:32] ≠ 0;
     4. the locked cmpxchg of the token from ``new_ssp`` (free) to ``new_ssp | 1`` (busy) fails —
-       a busy token or one naming another address (reference §4 step (3), UNVERIFIED there; the
-       SDM pseudo-code says #GP(0), decided so).
+       a busy token or one naming another address (the SDM pseudo-code of
+       the event delivery says #GP(0), decided so).
     The token access is a supervisor shadow-stack access (so a user page → #PF with SS).
     Does not write ``m.ssp``.
     """
     if long_mode is None:
         long_mode = m.long_mode
-    new_ssp &= _U64
+    new_ssp &= U64_MASK
     if new_ssp & 7:
         raise gp(0)
     if not token_and_frame_share_region(new_ssp):
@@ -178,6 +178,6 @@ def shstk_free_token(m: CetMachine, ssp: int) -> bool:
     tempOldSSP, new_token_value, expected_token_value)" with no check of the result]. Returns
     whether the token was freed. The access is a supervisor shadow-stack access.
     """
-    ssp &= _U64
+    ssp &= U64_MASK
     swapped, _old = m.ss_cmpxchg(ssp, ssp | 1, ssp, user=False)
     return swapped

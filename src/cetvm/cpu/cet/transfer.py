@@ -1,6 +1,6 @@
 """The per-block CET state machine: apply the previous block's terminator at each block start.
 
-[DESIGN.md "The CPU engine"; engine-notes "The block-hook method"; SDM CALL/RET/JMP; reference §4.]
+[SDM CALL/RET/JMP.]
 
 The engine runs guest code in translation blocks. At the start of every block it calls
 :func:`on_block_start` with the terminator of the block that just ended (classified once per
@@ -53,8 +53,8 @@ from cetvm.cpu.cet.ibt import ibt_arm_on_indirect, ibt_check_target
 from cetvm.cpu.cet.machine import CetMachine
 from cetvm.cpu.cet.shadow_stack import entry_width, shstk_pop_near_and_check, shstk_push_near
 from cetvm.cpu.faults import GuestFault
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Terminator(enum.IntEnum):
@@ -119,7 +119,7 @@ _ARMS_NOTRACK = frozenset(int(k) for k in (Terminator.CALL_INDIRECT_NOTRACK, Ter
 
 def _rolled_back(fault: GuestFault, rip: int, rsp: int | None, adjust: int) -> BlockDecision:
     """A terminator that did not happen: RIP back at it, RSP = ``rsp`` + ``adjust``."""
-    return BlockDecision(BlockAction.FAULT, fault, rip, None if rsp is None else (rsp + adjust) & _U64, adjust,
+    return BlockDecision(BlockAction.FAULT, fault, rip, None if rsp is None else (rsp + adjust) & U64_MASK, adjust,
                          rolled_back=True)
 
 

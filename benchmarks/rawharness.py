@@ -1,4 +1,5 @@
-"""A bare Unicorn machine with CET for measuring and checking the block-hook paths in isolation.
+"""Benchmark and test rig (not part of the package): a bare Unicorn machine with CET for
+measuring and checking the block-hook paths in isolation.
 
 It is not the vCPU (that is :class:`cetvm.cpu.vcpu.Vcpu`): one 64-bit guest with its own
 4-level page tables (code RX, data RW+NX, one shadow-stack page R/W=0 D=1 NX), started at ring 0
@@ -31,12 +32,14 @@ from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from cetvm import InputError
-from cetvm.arch import CetCtl, Cr0, Cr4, Msr, Pte
+from cetvm.arch import ENDBR64, CetCtl, Cr0, Cr4, Msr, Pte
 from cetvm.arch.msr import Efer
+from cetvm.arch.regs import U64_MASK
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo, BlockTracker
 from cetvm.cpu.cet.transfer import BlockAction, classify_terminator, on_block_start
 from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.native import NativeCet, PagingKind
 from cetvm.cpu.paging import Access, PagingMode, translate
 from cetvm.cpu.state import CetState, Segment
 from cetvm.cpu.uc_context import ContextBlob, segment_hflags
@@ -57,8 +60,6 @@ ITERATIONS_PER_LOOP = 14
 BLOCKS_PER_LOOP = 5
 CALLS_PER_LOOP = 2
 INDIRECT_CALLS_PER_LOOP = 1
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
-ENDBR64 = b"\xf3\x0f\x1e\xfa"
 PATHS = ("off", "python", "native")
 
 
@@ -196,7 +197,7 @@ class _RawCetMachine:
 
     @ssp.setter
     def ssp(self, value: int) -> None:
-        self.cet.ssp = value & _U64
+        self.cet.ssp = value & U64_MASK
 
     def cet_msr(self, msr: Msr) -> int:
         return self.cet.u_cet if msr == Msr.IA32_U_CET else self.cet.s_cet
@@ -264,8 +265,6 @@ class RawHarness:
         self.blocks = BlockTracker()
         self.fault: GuestFault | None = None
         if path == "native":
-            from cetvm.cpu.native import NativeCet, PagingKind
-
             self.native = NativeCet(self.uc, self._classify)
             if direct_ram:
                 self.native.add_ram(0, MEMORY_SIZE, ctypes.addressof(self._buffer))
@@ -276,8 +275,6 @@ class RawHarness:
             self.blocks = self.native.blocks
             self.native.install()
         if tlb_fill:
-            from cetvm.cpu.native import NativeCet
-
             if paging:
                 raise InputError("the TLB-fill hook is for paging-off guests")
             if self.native is None:

@@ -1,7 +1,8 @@
-"""SSP (and IBT tracker) changes on control transfers that change CS or privilege.
+"""SSP (and IBT tracker) changes on far transfers: control transfers that change CS or privilege
+(interrupt and exception delivery, IRET, far CALL/RET, SYSCALL/SYSRET, SYSENTER/SYSEXIT).
 
 [SDM Vol. 2 INT n/INTO/INT3/INT1 (event delivery), IRET, CALL far, RET far, SYSCALL, SYSRET,
-SYSENTER, SYSEXIT pseudo-code; reference §4 steps (1)-(5); Bochs cpu/exception.cc, iret.cc.]
+SYSENTER, SYSEXIT pseudo-code; SDM Vol. 1 §18.2.4-§18.2.6.]
 
 How the engine calls these (all of them return the new SSP, which they have also written to
 ``m.ssp``, or raise :class:`~cetvm.cpu.faults.GuestFault` with SSP, PL3_SSP and the trackers
@@ -56,8 +57,8 @@ from cetvm.cpu.cet.shadow_stack import (
     shstk_free_token,
 )
 from cetvm.cpu.faults import cp, gp
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: Entries of the interrupt shadow-stack table (IST index 1-7 → ISST_ADDR + 8·IST).
 ISST_ENTRY_SIZE = 8
 
@@ -78,7 +79,7 @@ def interrupt_ssp_table_entry(m: CetMachine, ist: int) -> int:
     Read with ``m.mem_read`` (a supervisor data read: the caller has switched to the new CPL).
     """
     base = m.cet_msr(Msr.IA32_INT_SSP_TAB)
-    return m.mem_read((base + ISST_ENTRY_SIZE * ist) & _U64, 8)
+    return m.mem_read((base + ISST_ENTRY_SIZE * ist) & U64_MASK, 8)
 
 
 def ssp_on_event(
@@ -200,7 +201,7 @@ def ssp_on_iret(
     frame (#CP(FAR_RET_IRET) on SSP misalignment, CS/LIP mismatch, prevSSP & 3 ≠ 0; #GP(0) on a
     bad prevSSP for the mode); in IA-32e mode, if prevSSP differs from the SSP after the frame
     (``tempSSP != SSP``: the event had switched stacks through IST) free the token at that SSP;
-    SSP = prevSSP. Bochs frees the token unconditionally; we follow the SDM (reference §7).
+    SSP = prevSSP. Bochs frees the token unconditionally; we follow the SDM.
     A return to a more privileged level is not possible for IRET (the engine faults first).
     """
     _check_cpls(old_cpl, new_cpl)

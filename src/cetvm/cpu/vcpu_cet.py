@@ -1,10 +1,11 @@
-"""The vCPU's side of the :class:`cetvm.cpu.cet.machine.CetMachine` protocol, and the CET MSR values.
+"""The vCPU's CET part: its implementation of the :class:`cetvm.cpu.cet.machine.CetMachine`
+protocol (the seam to the CET semantics of :mod:`cetvm.cpu.cet`) and the CET MSR values.
 
 Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): what the CET state
 machine (:mod:`cetvm.cpu.cet`) reads and writes through the machine — CPL, 64-bit mode, CR4.CET,
 SSP and the CET MSRs held in ``Vcpu.cet`` (:class:`cetvm.cpu.state.CetState`), shadow-stack
 reads, writes and compare-exchange with the shadow-stack paging rules, and data reads — plus
-``_cet_active`` (CR4.CET and SH_STK_EN or ENDBR_EN in U_CET or S_CET), which every block hook
+``cet_active`` (CR4.CET and SH_STK_EN or ENDBR_EN in U_CET or S_CET), which every block hook
 tests first.
 
 A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`: ``ss_read``/``ss_write`` run at every CALL/RET the
@@ -18,8 +19,8 @@ from cetvm.arch.msr import CetCtl
 from cetvm.cpu.memory import LE_UINT
 from cetvm.cpu.paging import Access
 from cetvm.cpu.registers import cet_msr_value, store_cet_msr_value
+from cetvm.arch.regs import U64_MASK
 
-_U64 = 0xFFFF_FFFF_FFFF_FFFF
 _SS_READ, _SS_READ_USER = int(Access.SHADOW_STACK), int(Access.SHADOW_STACK | Access.USER)
 _SS_WRITE, _SS_WRITE_USER = _SS_READ | int(Access.WRITE), _SS_READ_USER | int(Access.WRITE)
 _CET_ENABLES = int(CetCtl.SH_STK_EN | CetCtl.ENDBR_EN)
@@ -29,24 +30,12 @@ class CetMachineMixin:
     """CetMachine reads/writes and CET MSR storage for :class:`~cetvm.cpu.vcpu.Vcpu`."""
 
     @property
-    def cpl(self) -> int:
-        return self._cpl
-
-    @property
-    def long_mode(self) -> bool:
-        return self._long_mode
-
-    @property
-    def cr4_cet(self) -> bool:
-        return self._cr4_cet
-
-    @property
     def ssp(self) -> int:
         return self.cet.ssp
 
     @ssp.setter
     def ssp(self, value: int) -> None:
-        self.cet.ssp = value & _U64
+        self.cet.ssp = value & U64_MASK
 
     def cet_msr(self, msr: Msr) -> int:
         """The MSR value as a plain int (the CET code tests it against plain-int bit constants,
@@ -75,8 +64,8 @@ class CetMachineMixin:
         access = Access.SHADOW_STACK | Access.WRITE | (Access.USER if user else Access.READ)
         gpa = self._translate(linear, access)
         old = int.from_bytes(self._uc.mem_read(gpa, 8), "little")
-        if old == expected & _U64:
-            self._uc.mem_write(gpa, (new & _U64).to_bytes(8, "little"))
+        if old == expected & U64_MASK:
+            self._uc.mem_write(gpa, (new & U64_MASK).to_bytes(8, "little"))
             return True, old
         return False, old
 
@@ -91,4 +80,4 @@ class CetMachineMixin:
         self._update_cet_active()
 
     def _update_cet_active(self) -> None:
-        self._cet_active = self._cr4_cet and bool((self.cet.u_cet | self.cet.s_cet) & _CET_ENABLES)
+        self.cet_active = self.cr4_cet and bool((self.cet.u_cet | self.cet.s_cet) & _CET_ENABLES)

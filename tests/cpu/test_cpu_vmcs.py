@@ -1,0 +1,120 @@
+"""The VMCS the CPU obeys (cetvm.cpu.vmcs): CR4 guest/host mask exits, VM-entry checks of the
+guest CET state, exit information — with the guests/cpu/exits.S code on a bare vCPU (the
+hypervisor's part is played by the test)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import L, Machine, Options  # noqa: E402
+
+from cetvm.arch import Cr4, Vector, VmcsField  # noqa: E402
+from cetvm.arch.vmx import ExitReason as VmxExitReason  # noqa: E402
+from cetvm.arch.vmx import VMX_EXIT_REASONS_FAILED_VMENTRY, VmEntryControls  # noqa: E402
+from cetvm.cpu.exits import ExitReason  # noqa: E402
+
+#: Exit qualification of "MOV to CR4 from RCX": CR 4, access type 0, GPR 1 [SDM Table 28-3].
+MOV_RCX_TO_CR4 = 4 | 0 << 4 | 1 << 8
+
+
+def start(case: str) -> Machine:
+    """The exits guest at ``case``, with CR4.CET clear and no CET enables (case_cr4 sets it)."""
+    m = Machine("exits", Options(s_cet=0, cr4_cet=False))
+    m.vcpu.rip = m.sym(case)
+    return m
+
+
+def test_cr4_write_runs_in_the_guest_when_the_mask_does_not_own_the_bit():
+    m = start("case_cr4")
+    assert not m.vcpu.cr4 & Cr4.CET
+    assert m.vcpu.run().reason is ExitReason.HLT
+    assert m.vcpu.cr4 & Cr4.CET and m.results.guest[0] == 1
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.HLT
+
+
+def test_cr4_write_exits_when_the_guest_host_mask_owns_the_bit():
+    m = start("case_cr4")
+    vmcs = m.vcpu.vmcs
+    vmcs.write(VmcsField.CR4_GUEST_HOST_MASK, Cr4.CET)
+    vmcs.write(VmcsField.CR4_READ_SHADOW, 0)
+    exit_ = m.vcpu.run()
+    assert exit_.reason is ExitReason.CR_ACCESS and exit_.rip == m.sym("cr4_write")
+    assert not m.vcpu.cr4 & Cr4.CET and m.results.guest[0] == 0
+    assert vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.CR_ACCESS
+    assert vmcs.read(VmcsField.EXIT_QUALIFICATION) == exit_.qualification == MOV_RCX_TO_CR4
+    assert vmcs.read(VmcsField.VM_EXIT_INSTRUCTION_LEN) == 3  # 0f 22 e1
+    # the hypervisor refuses the value (kvm_set_cr4 → #GP): delivered at the MOV, CR4 unchanged
+    m.vcpu.inject_exception(Vector.GP, 0)
+    m.vcpu.run()
+    assert (m.results.count, m.results.vector, m.results.rip) == (1, Vector.GP, m.sym("cr4_write"))
+    assert not m.vcpu.cr4 & Cr4.CET
+
+
+def test_cr4_write_the_hypervisor_accepts_retires_the_mov():
+    m = start("case_cr4")
+    m.vcpu.vmcs.write(VmcsField.CR4_GUEST_HOST_MASK, Cr4.CET)
+    exit_ = m.vcpu.run()
+    m.vcpu.write_cr(4, m.vcpu.reg("rcx"))
+    assert m.vcpu.run().reason is ExitReason.HLT  # the completion moved RIP past the MOV
+    assert m.vcpu.cr4 & Cr4.CET and m.results.guest[0] == 1 and m.results.count == 0
+    assert exit_.reason is ExitReason.CR_ACCESS
+
+
+def _with_cet_entry(m: Machine, ssp: int, s_cet: int = 0, isst: int = 0) -> None:
+    vmcs = m.vcpu.vmcs
+    vmcs.write(VmcsField.VM_ENTRY_CONTROLS, VmEntryControls.LOAD_CET_STATE)
+    vmcs.write(VmcsField.GUEST_SSP, ssp)
+    vmcs.write(VmcsField.GUEST_S_CET, s_cet)
+    vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, isst)
+
+
+@pytest.mark.parametrize("ssp, s_cet, isst, what", [
+    (0x0000_8000_0000_0000, 0, 0, "GUEST_SSP 0x800000000000 is not canonical"),
+    (0x7000_0000_1002, 0, 0, "GUEST_SSP 0x700000001002 is not 4-byte aligned"),
+    (0x7000_0000_1000, 1 << 6, 0, "GUEST_S_CET 0x40 sets reserved bits 9:6"),
+    (0x7000_0000_1000, 0, 0xFFFF_0000_0000_0000, "GUEST_INTR_SSP_TABLE 0xffff000000000000 is not canonical"),
+])
+def test_vm_entry_fails_on_invalid_guest_cet_state(ssp, s_cet, isst, what):
+    m = start("case_cr4")
+    before = (m.vcpu.rip, m.vcpu.ssp, m.vcpu.instructions_retired)
+    _with_cet_entry(m, ssp, s_cet, isst)
+    exit_ = m.vcpu.run()
+    assert exit_.reason is ExitReason.ENTRY_FAILED and what in exit_.detail
+    reason = m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON)
+    assert reason == VMX_EXIT_REASONS_FAILED_VMENTRY | VmxExitReason.ENTRY_FAIL_GUEST_STATE
+    assert (m.vcpu.rip, m.vcpu.ssp, m.vcpu.instructions_retired) == before  # nothing loaded or run
+    assert m.results.guest[0] == 0
+
+
+def test_vm_entry_loads_valid_guest_cet_state_and_exit_saves_it():
+    m = start("case_cr4")
+    _with_cet_entry(m, 0x7000_0000_1000, s_cet=0, isst=0x7000_0000_2000)
+    assert m.vcpu.run().reason is ExitReason.HLT
+    assert m.vcpu.ssp == 0x7000_0000_1000
+    assert m.vcpu.vmcs.read(VmcsField.GUEST_SSP) == 0x7000_0000_1000
+    assert m.vcpu.vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE) == 0x7000_0000_2000
+
+
+def test_exit_information_of_io_exception_and_mmio_exits():
+    m = start("case_io")  # out %al, %dx with DX = 0x3F8
+    vmcs = m.vcpu.vmcs
+    assert m.vcpu.run().reason is ExitReason.IO
+    assert vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.IO_INSTRUCTION
+    assert vmcs.read(VmcsField.EXIT_QUALIFICATION) == 0x3F8 << 16  # 1 byte, OUT, DX-encoded
+    assert vmcs.read(VmcsField.VM_EXIT_INSTRUCTION_LEN) == 1
+
+    m = start("case_ud")
+    m.vcpu.vmcs.write(VmcsField.EXCEPTION_BITMAP, 1 << Vector.UD)
+    assert m.vcpu.run().reason is ExitReason.EXCEPTION
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.EXCEPTION_NMI
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_INTR_INFO) == Vector.UD | 3 << 8 | 1 << 31  # hardware exception, no code
+
+    m = start("case_mmio")  # mov 0x10(%rdi), %eax with RDI = MMIO_PAGE
+    assert m.vcpu.run().reason is ExitReason.MMIO
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.EPT_VIOLATION
+    assert m.vcpu.vmcs.read(VmcsField.EXIT_QUALIFICATION) == 1  # a read
+    assert m.vcpu.vmcs.read(VmcsField.GUEST_PHYSICAL_ADDRESS) == L["MMIO_PAGE"] + 0x10
