@@ -14,8 +14,9 @@
  *
  * A hand-over commits nothing: SSP and the U_CET/S_CET tracker bits are computed in locals and
  * written only when the whole block start succeeded; the terminator and the block address are
- * recorded in the shared state, RIP is set to the block address (so the block is left before its
- * first instruction) and emulation stops.  Python then runs on_block_start() for exactly that
+ * recorded in the shared state, RIP is set to the block's offset in CS (the linear address the
+ * hook sees minus CS.base), so the block is left before its first instruction, and emulation
+ * stops.  Python then runs on_block_start() for exactly that
  * terminator and block, which redoes the push/pop/arm/check from scratch.
  *
  * The shadow stack lives IN GUEST MEMORY only (no private copy): pushes store and pops load the
