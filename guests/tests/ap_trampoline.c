@@ -1,5 +1,5 @@
 /* ap_trampoline: an AP started in real mode at a nonzero CS.base runs a trampoline shaped like
- *  Linux's (arch/x86/realmode/rm/trampoline_64.S) to 64-bit mode, under `cetvm boot --smp 2`.
+ *  Linux's real-mode AP trampoline (trampoline_start) to 64-bit mode, under `cetvm boot --smp 2`.
  *  The BSP copies the code below to TRAMP_PHYS and sends INIT + SIPI with vector TRAMP_VECTOR:
  *  the AP starts at CS = 0x9E00 (CS.base 0x9E000), IP = 0 [SDM Vol. 3 §9.4.4, §10.1.4].  There
  *  it runs CLI, WBINVD, OUT/IN (fw_cfg's CPU count) and a direct far JMP (LJMPW, its segment
