@@ -1,14 +1,14 @@
 /* ap_trampoline: an AP started in real mode at a nonzero CS.base runs a trampoline shaped like
  *  Linux's real-mode AP trampoline (trampoline_start) to 64-bit mode, under `cetvm boot --smp 2`.
  *  The BSP copies the code below to TRAMP_PHYS and sends INIT + SIPI with vector TRAMP_VECTOR:
- *  the AP starts at CS = 0x9E00 (CS.base 0x9E000), IP = 0 [SDM Vol. 3 §9.4.4, §10.1.4].  There
- *  it runs CLI, WBINVD, OUT/IN (fw_cfg's CPU count) and a direct far JMP (LJMPW, its segment
- *  patched by the BSP as Linux relocates its trampoline) to CS = 0x9E10 (CS.base 0x9E100), then
- *  a near CALL/RET (the pushed return address is an offset, not a linear address), CPUID,
- *  LIDTL/LGDTL, MOV to CR0 (PE) and LJMPL to flat 32-bit code (smp_ap_start32: RDMSR/WRMSR, MOV
- *  CR, long mode).  Every one of these is an instruction cetvm stops the engine for; each must
- *  resume at the next instruction's offset in the code segment (RIP), not at its linear address.
- *  The real-mode part records what it saw in the copied page; the BSP checks it. */
+ *  the AP starts at CS = 0x9E00 (CS.base 0x9E000), IP = 0 [SDM Vol. 3 §9.4.4; "Real-Address
+ *  Mode Operation"].  There it runs CLI, WBINVD, OUT/IN (fw_cfg's CPU count) and a direct far
+ *  JMP (LJMPW, its segment patched by the BSP as Linux relocates its trampoline) to CS = 0x9E10
+ *  (CS.base 0x9E100), then a near CALL/RET (the pushed return address is an offset, not a linear
+ *  address), CPUID, LIDTL/LGDTL, MOV to CR0 (PE) and LJMPL to flat 32-bit code (smp_ap_start32:
+ *  RDMSR/WRMSR, MOV CR, long mode).  Every one of these is an instruction cetvm stops the engine
+ *  for; each must resume at the next instruction's offset in the code segment (RIP), not at its
+ *  linear address.  The real-mode part records what it saw in the copied page; the BSP checks it. */
 #include "smp.h"
 
 #define TRAMP_VECTOR 0x9Eu
