@@ -4,7 +4,7 @@
  * The BSP copies smp_trampoline..smp_trampoline_end to physical address 0 and sends INIT and a
  * start-up IPI with vector 0 [SDM Vol. 3 §9.4.4]: the AP starts in real mode at 0000:0000
  * (CS.base = vector << 12 = 0).  It loads the trampoline's flat 32-bit GDT, sets CR0.PE and
- * far-jumps to ap_start32, which turns on PAE, loads the BSP's CR3 (smp_ap_cr3), sets
+ * far-jumps to smp_ap_start32, which turns on PAE, loads the BSP's CR3 (smp_ap_cr3), sets
  * EFER.LME/NXE and CR0.PG/WP (IA-32e compatibility mode), loads the kernel GDT and far-jumps
  * to 64-bit code: ap_start64 takes the stack in smp_ap_stack and calls smp_ap_entry() (smp.c).
  * CET is off after INIT (CR4.CET = 0), so nothing here needs ENDBR64 or a shadow stack.
@@ -23,7 +23,7 @@ smp_trampoline:
     mov %cr0, %eax
     or $1, %eax                                /* CR0.PE */
     mov %eax, %cr0
-    ljmpl $0x08, $ap_start32
+    ljmpl $0x08, $smp_ap_start32
     .p2align 3
 tramp_gdt:
     .quad 0
@@ -35,7 +35,8 @@ tramp_gdt_desc:
 smp_trampoline_end:
 
     .code32
-ap_start32:
+    .globl smp_ap_start32
+smp_ap_start32:
     mov $0x10, %ax
     mov %ax, %ds
     mov %ax, %es

@@ -96,13 +96,22 @@ bool smp_start_ap(int cpu, void (*fn)(int cpu), u64 stack_top)
     map_page((u64)dst, (u64)dst, PTE_P | PTE_RW);
     memcpy(dst, smp_trampoline, smp_trampoline_end - smp_trampoline);
     map_page((u64)dst, 0, 0);                  /* page 0 stays unmapped for the kernel */
+    return smp_sipi_ap(cpu, fn, stack_top, (u8)(trampoline_phys >> 12));
+}
+
+/* INIT + SIPI(vector) to APIC ID `cpu`, whose real-mode code the caller put at vector << 12 and
+ * which ends at smp_ap_start32 (smp.S); fn(cpu) then runs as for smp_start_ap. */
+bool smp_sipi_ap(int cpu, void (*fn)(int cpu), u64 stack_top, u8 vector)
+{
+    if (cpu <= 0 || cpu >= SMP_MAX_CPUS)
+        return false;
     smp_ap_cr3 = read_cr3();
     smp_ap_stack = stack_top;
     ap_index = cpu;
     ap_fn = fn;
     __atomic_store_n(&ap_started, 0, __ATOMIC_SEQ_CST);
     apic_send_ipi(cpu, ICR_INIT | ICR_LEVEL_ASSERT);
-    apic_send_ipi(cpu, ICR_STARTUP | (u32)(trampoline_phys >> 12));
+    apic_send_ipi(cpu, ICR_STARTUP | vector);
     for (u64 i = 0; i < 50000000; i++) {
         if (__atomic_load_n(&ap_started, __ATOMIC_SEQ_CST))
             return true;

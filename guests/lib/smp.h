@@ -38,4 +38,9 @@ void apic_send_ipi(unsigned dest, u32 icr_low);   /* all-but-self: dest ignored 
 /* INIT + SIPI to APIC ID cpu; fn(cpu) then runs there (64-bit CPL0, CET off, on the stack below
  * stack_top).  Returns once the AP reached 64-bit mode (false: not within a bounded wait). */
 bool smp_start_ap(int cpu, void (*fn)(int cpu), u64 stack_top);
+/* INIT + SIPI(vector) to APIC ID cpu, which runs the caller's own real-mode code at vector << 12
+ * (CS = vector << 8, IP = 0); that code enters protected mode with a GDT whose selector 0x08 is
+ * flat 32-bit code and 0x10 flat data, and far-jumps to smp_ap_start32.  Then as smp_start_ap. */
+bool smp_sipi_ap(int cpu, void (*fn)(int cpu), u64 stack_top, u8 vector);
+extern char smp_ap_start32[];
 #endif

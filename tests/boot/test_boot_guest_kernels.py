@@ -174,3 +174,10 @@ def test_bmi_instructions_run_whatever_cr4_osfxsr_is(capsys):
     assert tap.passed("SHLX/SHRX/SARX/RORX with CR4.OSFXSR = 0")
     assert tap.passed("MOV from CR4 shows the guest's OSFXSR = 0")
     assert tap.passed("MOV from CR4 at CPL3 -> #GP(0)")
+
+
+def test_an_ap_runs_a_linux_like_trampoline_from_a_nonzero_cs_base(capsys):
+    """SIPI vector 0x9E: OUT/IN, LJMPW, CALL, CPUID, LIDTL/LGDTL, MOV CR0, LJMPL in real mode at
+    CS.base 0x9E000/0x9E100, then 32-bit and 64-bit mode (guests/tests/ap_trampoline.c)."""
+    tap = run_green(capsys, "ap_trampoline", "--smp", "2")
+    assert not tap.skipped() and tap.plan == 6

@@ -77,8 +77,6 @@ def test_ap_runs_real_mode_code_from_sipi_vector_0():
     assert ap.get_regs().rip == 0xC
 
 
-@pytest.mark.xfail(strict=True, reason="CPU engine: an exit (HLT, IN/OUT, CPUID, MOV CR...) in code "
-                   "whose CS.base is not 0 resumes at EIP = the linear address (reported to the CPU owner)")
 def test_ap_runs_real_mode_code_with_a_nonzero_cs_base():
     g = make_guest("cet_msrs")
     ap = _start_ap(g, 0x08)
@@ -103,3 +101,18 @@ def test_set_mp_state_checks_the_sipi_vector():
         g.vcpu.set_mp_state(MpState.SIPI_RECEIVED, sipi_vector=256)
     with pytest.raises(KvmIoctlError):
         g.vcpu.set_mp_state(MpState.RUNNABLE, sipi_vector=1)
+
+
+@pytest.mark.parametrize("cet_path", ["native", "python"])
+def test_a_budget_stop_in_real_mode_code_with_a_nonzero_cs_base_leaves_rip_at_the_offset(monkeypatch, cet_path):
+    """The block hook (C or Python) stops in front of a block the budget cannot finish: RIP is
+    the offset of the next instruction in the code segment, and the run goes on from there."""
+    monkeypatch.setenv("CETVM_CET_PATH", cet_path)
+    g = make_guest("cet_msrs")
+    ap = _start_ap(g, 0x08)
+    assert ap.cpu.cet_path == cet_path
+    assert ap.run(budget=2).exit_reason is KvmExitReason.INTR
+    assert ap.get_regs().rip == 0x6 and g.vm.get_memory(0x500, 2) == b"\x34\x12"
+    assert ap.run(budget=1000).exit_reason is KvmExitReason.HLT
+    assert struct.unpack("<HH", g.vm.get_memory(0x500, 4)) == (0x1234, 0x0800)
+    assert ap.get_regs().rip == 0xC

@@ -73,7 +73,7 @@ class BlockHookMixin:
         mode = self._memory.mode
         paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
         self._native.sync_mode(cpl=self.cpl, long_mode=self.long_mode, cr4_cet=self.cr4_cet, paging=paging,
-                               cr3=mode.cr3)
+                               cr3=mode.cr3, cs_base=self._cs_base)
         self._native.flush_translations()
 
     def _apply_native_handover(self) -> None:
@@ -176,7 +176,7 @@ class BlockHookMixin:
         self._budget.store.budget_stop = size or 1
         self._blocks.prev = None
         self._blocks.last_run = None
-        self._uc.reg_write(X.UC_X86_REG_RIP, address)
+        self._uc.reg_write(X.UC_X86_REG_RIP, address - self._cs_base)
         self._uc.emu_stop()
 
     def _classify_block(self, address: int, size: int) -> BlockInfo | None:
@@ -191,7 +191,7 @@ class BlockHookMixin:
             self._exits.update(new_exits)
             self._uc.ctl_set_exits(sorted(self._exits))
             self._uc.ctl_remove_cache(address, address + max(size, 1))
-            self._uc.reg_write(X.UC_X86_REG_RIP, address)
+            self._uc.reg_write(X.UC_X86_REG_RIP, address - self._cs_base)  # RIP is the offset
             self._uc.emu_stop()
             return None
         terminator = classify_terminator(instrs[-1]) if instrs else None

@@ -29,8 +29,9 @@ class EmulationPlumbingMixin:
     """Emulation at exit addresses, single steps in the engine and exit completion for the vCPU."""
 
     def fetch_instruction(self, rip: int):
-        """Decode the instruction at ``rip`` (fetch access; raises GuestFault)."""
-        code = self._read_code(rip, decode.MAX_INSTRUCTION_LENGTH)
+        """Decode the instruction at offset ``rip`` of the code segment (fetched at its linear
+        address, ``ip`` = ``rip``: what emulation reports and writes to RIP; raises GuestFault)."""
+        code = self._read_code(self._linear(rip), decode.MAX_INSTRUCTION_LENGTH)
         return decode.decode_one(code, rip, self._code_bits)
 
     def _read_code(self, linear: int, size: int) -> bytes:
@@ -38,7 +39,7 @@ class EmulationPlumbingMixin:
         return self._memory.read_code(linear, size, Access.FETCH | self._user_access())
 
     def _emulate_at(self, rip: int, emulate) -> VmExit | None:
-        self._apply_pending_terminator(rip)
+        self._apply_pending_terminator(self._linear(rip))
         if self._pending is not None:
             return None
         try:
@@ -59,9 +60,10 @@ class EmulationPlumbingMixin:
         """The guest rewrote the code at an exit address (self-modifying code, a trampoline copied
         over old code): the instruction there is no longer one cetvm emulates, so ``rip`` stops
         being an exit and the engine runs it (Unicorn drops its own stale translations itself)."""
-        self._exits.discard(rip)
+        pc = self._linear(rip)
+        self._exits.discard(pc)
         self._uc.ctl_set_exits(sorted(self._exits))
-        self._uc.ctl_remove_cache(rip, rip + 1)
+        self._uc.ctl_remove_cache(pc, pc + 1)
 
     def step_in_engine(self, rip: int, next_ip: int | None = None, *, retire: bool = True) -> None:
         """Let Unicorn execute the one instruction at ``rip`` although it is an exit address;
@@ -80,9 +82,10 @@ class EmulationPlumbingMixin:
         runs with the count hook. Far transfers are rare; INVLPG and MMIO take the cheap path.
         """
         uc = self._uc
-        was_exit = rip in self._exits
-        temporary_exit = next_ip is not None and next_ip not in self._exits
-        self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=True)
+        pc, next_pc = self._linear(rip), None if next_ip is None else self._linear(next_ip)
+        was_exit = pc in self._exits
+        temporary_exit = next_pc is not None and next_pc not in self._exits
+        self._set_step_exits(pc, next_pc, was_exit, temporary_exit, stepping=True)
         self.stepping = True
         if self._native is not None:
             self._native.set_enabled(False)
@@ -103,7 +106,7 @@ class EmulationPlumbingMixin:
             self.stepping = False
             if self._native is not None:
                 self._native.set_enabled(True)
-            self._set_step_exits(rip, next_ip, was_exit, temporary_exit, stepping=False)
+            self._set_step_exits(pc, next_pc, was_exit, temporary_exit, stepping=False)
         self._blocks.prev = None
         if self._pending is None and retire:
             self._budget.retire()
@@ -112,24 +115,24 @@ class EmulationPlumbingMixin:
             uc.reg_write(X.UC_X86_REG_CR2, cr2)
             self._clear_stale_old_exception()
 
-    def _set_step_exits(self, rip: int, next_ip: int | None, was_exit: bool, temporary_exit: bool, *,
+    def _set_step_exits(self, pc: int, next_pc: int | None, was_exit: bool, temporary_exit: bool, *,
                         stepping: bool) -> None:
-        """Around a step: ``rip`` stops being an exit and ``next_ip`` becomes one (``stepping``),
-        then the reverse; the affected blocks are retranslated. Without ``next_ip`` the whole
+        """Around a step: ``pc`` stops being an exit and ``next_pc`` becomes one (``stepping``),
+        then the reverse; the affected blocks are retranslated. Without ``next_pc`` the whole
         translation cache is flushed instead (before: so every block gets the count hook; after:
-        so none keeps it)."""
+        so none keeps it). Linear addresses (:meth:`cetvm.cpu.vcpu.Vcpu._linear`)."""
         uc = self._uc
         if was_exit:
-            (self._exits.discard if stepping else self._exits.add)(rip)
+            (self._exits.discard if stepping else self._exits.add)(pc)
         if temporary_exit:
-            assert next_ip is not None
-            (self._exits.add if stepping else self._exits.discard)(next_ip)
+            assert next_pc is not None
+            (self._exits.add if stepping else self._exits.discard)(next_pc)
         if was_exit or temporary_exit:
             uc.ctl_set_exits(sorted(self._exits))
-            uc.ctl_remove_cache(rip, rip + 1)
+            uc.ctl_remove_cache(pc, pc + 1)
             if temporary_exit:
-                uc.ctl_remove_cache(next_ip, next_ip + 1)
-        if next_ip is None:
+                uc.ctl_remove_cache(next_pc, next_pc + 1)
+        if next_pc is None:
             uc.ctl_flush_tb()
 
     def add_completion(self, completion: Completion) -> None:

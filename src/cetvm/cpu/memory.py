@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from unicorn import UC_PROT_ALL, Uc, UcError
 
-from cetvm import CetvmError, InputError
+from cetvm import InputError
 from cetvm.cpu.faults import GuestFault, NoRamAccess
 from cetvm.cpu.paging import Access, PagingMode, translate
 from cetvm.arch.regs import U64_MASK

@@ -150,6 +150,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.cpl = 0
         self.long_mode = True
         self._code_bits = 64
+        self._cs_base = 0
         self.cr4_cet = False
         self.cet_active = False
         self._ss_window = ShadowStackWindow(self._memory.translate, self._memory.ram_view)
@@ -396,7 +397,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         efer = uc.msr_read(Msr.IA32_EFER)
         self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
-        hflags = ContextBlob.save(uc).hflags
+        blob = ContextBlob.save(uc)
+        hflags = blob.hflags
+        self._cs_base = blob.segment("cs").base
         self.cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
         self.long_mode = bool(hflags & HFlags.CS64)
         #: Decoder bitness of the code segment: 64-bit mode, else CS.D (32) or real/16-bit (16).
@@ -406,6 +409,16 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._update_tlb_mode(not cr0 & Cr0.PG)
         if self._native is not None:
             self._sync_native_mode()
+
+    def _linear(self, rip: int) -> int:
+        """The linear address of the instruction at offset ``rip`` of the code segment
+        (CS.base + RIP) [SDM Vol. 3 §3.4 "Logical and linear addresses"]: the address the engine
+        compares its exits with, reports to its hooks and keys its translations on, in every mode
+        (QEMU's translation-block pc), whereas RIP (``emu_start``'s start address, register
+        reads and writes) is the offset. They differ only while CS.base is not 0: real mode
+        with a nonzero CS (an AP started by a SIPI runs at CS.base = vector << 12), a 16/32-bit
+        segment with a base."""
+        return self._cs_base + rip
 
     def _update_tlb_mode(self, paging_off: bool) -> None:
         """Paging off (traced mode only, where MOV to CR0 is emulated and seen): Unicorn's
@@ -549,12 +562,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if last is None:
             return
         address, size, icount = last
-        if not address <= rip < address + size:
+        pc = self._linear(rip)
+        if not address <= pc < address + size:
             return
         ran = 0
-        if rip > address:
+        if pc > address:
             try:
-                ran = len(decode.decode_block(self._read_code(address, rip - address), address, self._code_bits))
+                ran = len(decode.decode_block(self._read_code(address, pc - address), address, self._code_bits))
             except (GuestFault, UcError):
                 ran = 0
         self._budget.uncount(icount - min(ran, icount))
@@ -586,12 +600,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         which has more: the block hook stopped the engine in front of it for want of budget. A
         temporary Unicorn exit after them makes the engine translate the block short and stop
         there; the block's translations are dropped before and after (Unicorn's exits act when
-        a block is translated)."""
-        instrs = decode.decode_block(self._read_code(rip, size), rip, self._code_bits)
+        a block is translated; ``rip`` is the offset, the block and the exit are linear)."""
+        pc = self._linear(rip)
+        instrs = decode.decode_block(self._read_code(pc, size), pc, self._code_bits)
         if count >= len(instrs):
             # The block was rewritten since it was classified, to the same size (self-modifying
             # code): classify it again; the run loop enters it anew with the right count.
-            self._classify_block(rip, size)
+            self._classify_block(pc, size)
             return
         fence = instrs[count].ip
         uc = self._uc
@@ -599,14 +614,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if added:
             self._exits.add(fence)
             uc.ctl_set_exits(sorted(self._exits))
-        uc.ctl_remove_cache(rip, rip + size)
+        uc.ctl_remove_cache(pc, pc + size)
         try:
             uc.emu_start(rip, 0)
         finally:
             if added:
                 self._exits.discard(fence)
                 uc.ctl_set_exits(sorted(self._exits))
-            uc.ctl_remove_cache(rip, rip + size)
+            uc.ctl_remove_cache(pc, pc + size)
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:
@@ -625,7 +640,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             if self._budget.left is not None and self._budget.left <= 0:
                 return VmExit(ExitReason.BUDGET, self.rip)
             rip = self.rip
-            if rip in self._exits:
+            if self._linear(rip) in self._exits:
                 exit_ = self._emulate_at(rip, emulate)
             else:
                 exit_ = self._run_engine(rip)
@@ -652,7 +667,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 return self._on_unmapped_stop(err.errno)
             raise CetvmError(f"engine error at RIP {self.rip:#x}: {err}") from None
         if self._budget.hit:
-            self._forget_terminator_not_run(self.rip)
+            self._forget_terminator_not_run(self._linear(self.rip))
         if self._pending is None:
             self._clear_stale_old_exception()
         if not self.traced:
@@ -660,7 +675,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if self._syscall_at is not None:
             self.rip, self._syscall_at = self._syscall_at, None
             return self._emulate_at(self.rip, emulate)
-        if self._pending is not None or self._budget.hit or self.rip in self._exits:
+        if self._pending is not None or self._budget.hit or self._linear(self.rip) in self._exits:
             return None
         if not self.traced:
             # Untraced mode: Unicorn stops by itself only after HLT (RIP past it).

@@ -14,8 +14,9 @@
  *
  * A hand-over commits nothing: SSP and the U_CET/S_CET tracker bits are computed in locals and
  * written only when the whole block start succeeded; the terminator and the block address are
- * recorded in the shared state, RIP is set to the block address (so the block is left before its
- * first instruction) and emulation stops.  Python then runs on_block_start() for exactly that
+ * recorded in the shared state, RIP is set to the block's offset in CS (the linear address the
+ * hook sees minus CS.base), so the block is left before its first instruction, and emulation
+ * stops.  Python then runs on_block_start() for exactly that
  * terminator and block, which redoes the push/pop/arm/check from scratch.
  *
  * The shadow stack lives IN GUEST MEMORY only (no private copy): pushes store and pops load the
@@ -42,7 +43,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 10
+#define CETFAST_ABI 11
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -159,7 +160,7 @@ typedef struct __attribute__((aligned(64))) {
     uint64_t table_mask; /* native-private */
     uint64_t cr3;
     uint32_t paging;
-    uint32_t pad;
+    uint32_t cs_base; /* CS.base: RIP = a block's linear address - cs_base (real mode: not 0) */
     uint64_t abi;
     cet_term_t handover_term;
     uint64_t handover_addr;
@@ -666,7 +667,8 @@ __attribute__((noinline, cold)) static void hand_over(cetfast_t *f, uc_engine *u
     pending_none(f, addr);
     refresh_fast(f); /* every block start takes the general path until Python took the hand-over */
     f->s.handovers++;
-    f->reg_write(uc, UC_X86_REG_RIP, &addr); /* leave the block before its first instruction */
+    uint64_t rip = addr - f->s.cs_base;
+    f->reg_write(uc, UC_X86_REG_RIP, &rip); /* leave the block before its first instruction */
     f->emu_stop(uc);
 }
 
@@ -817,7 +819,8 @@ __attribute__((noinline, cold)) static void budget_stop(cetfast_t *f, uc_engine 
 {
     pending_none(f, addr); /* its block start is done; its terminator has not run */
     f->s.budget_stop = size ? size : 1;
-    f->reg_write(uc, UC_X86_REG_RIP, &addr); /* leave the block before its first instruction */
+    uint64_t rip = addr - f->s.cs_base;
+    f->reg_write(uc, UC_X86_REG_RIP, &rip); /* leave the block before its first instruction */
     f->emu_stop(uc);
 }
 

@@ -29,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 10
+ABI_VERSION = 11
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 
@@ -88,7 +88,7 @@ class SharedState(ctypes.Structure):
         ("cpl", ctypes.c_uint8), ("long_mode", ctypes.c_uint8), ("cr4_cet", ctypes.c_uint8),
         ("enabled", ctypes.c_uint8), ("handover", ctypes.c_uint32),
         ("_table", ctypes.c_void_p), ("_table_mask", ctypes.c_uint64),
-        ("cr3", ctypes.c_uint64), ("paging", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("cr3", ctypes.c_uint64), ("paging", ctypes.c_uint32), ("cs_base", ctypes.c_uint32),
         ("abi", ctypes.c_uint64),
         ("handover_term", TermStruct), ("handover_addr", ctypes.c_uint64),
         ("misses", ctypes.c_uint64), ("handovers", ctypes.c_uint64), ("tlb_fills", ctypes.c_uint64),
@@ -303,8 +303,11 @@ class NativeCet:
         self._uc.ctl_set_tlb_mode(UC_TLB_CPU)
 
     # ---------------------------------------------------------------- state the engine syncs
-    def sync_mode(self, *, cpl: int, long_mode: bool, cr4_cet: bool, paging: PagingKind, cr3: int) -> None:
-        """Mode-defining state (call on every mode change: CPL, CS.L, CR0/CR3/CR4, EFER).
+    def sync_mode(self, *, cpl: int, long_mode: bool, cr4_cet: bool, paging: PagingKind, cr3: int,
+                  cs_base: int = 0) -> None:
+        """Mode-defining state (call on every mode change: CPL, CS, CR0/CR3/CR4, EFER). ``cs_base``:
+        the engine's CS.base (a descriptor's 32 bits), which the hook subtracts from a block's
+        linear address when it sets RIP.
 
         A CR3 change also invalidates the shadow-stack translation cache (entries are tagged
         with CR3).
@@ -314,7 +317,7 @@ class NativeCet:
         if s.cr3 != cr3 or s.paging != int(paging):
             self._lib.cetfast_flush_tlb(self._ptr)
         s.cpl, s.long_mode, s.cr4_cet = cpl, int(long_mode), int(cr4_cet)
-        s.paging, s.cr3 = int(paging), cr3
+        s.paging, s.cr3, s.cs_base = int(paging), cr3, cs_base & 0xFFFF_FFFF
         self._lib.cetfast_refresh(self._ptr)
 
     def set_enabled(self, enabled: bool) -> None:
