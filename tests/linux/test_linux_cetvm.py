@@ -29,9 +29,9 @@ from cetvm.linux.recipe import default_cache_dir
 #: The selftest lines of the cover letter (003_*), in order.
 COVER_LETTER_OK = ["Shadow stack pivot", "Shadow stack faults", "Shadow stack violation test", "Shadow gup test",
                    "mprotect() test"]
-#: Printed after those by test_shadow_stack_64 of Linux 6.12 (the series' kernel printed only the last).
+#: Printed after those by test_shadow_stack_64 of Linux 6.12 (the series' kernel printed only "32 bit test").
 LATER_OK = ["Guard gap test, other mapping's gaps", "Guard gap test, placement mapping's gaps", "Ptrace test",
-            "32 bit test"]
+            "32 bit test", "Uretprobe test"]
 IBT_LINE = "CET detected: Indirect Branch Tracking enabled"
 FULL = os.environ.get("CETVM_LINUX_FULL") == "1"
 #: Wall-clock limit of one boot (a wedged guest ends the test instead of hanging CI).
