@@ -181,3 +181,14 @@ def test_an_ap_runs_a_linux_like_trampoline_from_a_nonzero_cs_base(capsys):
     CS.base 0x9E000/0x9E100, then 32-bit and 64-bit mode (guests/tests/ap_trampoline.c)."""
     tap = run_green(capsys, "ap_trampoline", "--smp", "2")
     assert not tap.skipped() and tap.plan == 6
+
+
+def test_rdrand_is_deterministic(capsys):
+    """Issue 10: RDRAND came from the host (Unicorn), so every Linux boot (KASLR, the CRNG's seed)
+    differed; cetvm's generator gives the same values on every run, with RDRAND's flags."""
+    runs = [boot(capsys, str(guest("rdrand")), "--memory", "32M", "--max-instructions", MAX_INSTRUCTIONS)
+            for _ in range(2)]
+    for run in runs:
+        run.tap.assert_complete_and_green()
+    values = [[line for line in run.out.splitlines() if line.startswith("# values")] for run in runs]
+    assert values[0] and values[0] == values[1]

@@ -26,6 +26,8 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     # CET instructions Unicorn runs as NOPs or #UDs
     M.RDSSPD, M.RDSSPQ, M.INCSSPD, M.INCSSPQ, M.SAVEPREVSSP, M.RSTORSSP, M.SETSSBSY, M.CLRSSBSY,
     M.WRSSD, M.WRSSQ, M.WRUSSD, M.WRUSSQ,
+    # random numbers from a deterministic generator (Unicorn's come from the host)
+    M.RDRAND,
     # XSAVE variants Unicorn lacks
     M.XSAVES, M.XSAVES64, M.XRSTORS, M.XRSTORS64, M.XSAVEC, M.XSAVEC64,
 })

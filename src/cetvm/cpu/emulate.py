@@ -650,6 +650,32 @@ def _check_descriptor_table_load(vcpu, instr: Instruction) -> None:
                     raise gp(selector & ~3)
 
 
+#: splitmix64's constants [Steele, Lea, Flood: "Fast splittable pseudorandom number generators"].
+_SPLITMIX_GAMMA = 0x9E37_79B9_7F4A_7C15
+_SPLITMIX_M1, _SPLITMIX_M2 = 0xBF58_476D_1CE4_E5B9, 0x94D0_49BB_1331_11EB
+RDRAND_FLAGS = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
+
+
+def deterministic_random(instructions: int, rip: int) -> int:
+    """The 64 bits RDRAND returns (a decision): splitmix64 of the vCPU's retired-instruction
+    count and RIP. Hardware returns true random numbers and Unicorn the host's, so a Linux boot
+    (KASLR, the CRNG's first seed) would differ from run to run; with this every run, and every
+    snapshot's continuation, is the same instruction for instruction. Not for guests that need
+    secrets."""
+    z = (instructions * _SPLITMIX_GAMMA + rip) & _U64
+    z = ((z ^ (z >> 30)) * _SPLITMIX_M1) & _U64
+    z = ((z ^ (z >> 27)) * _SPLITMIX_M2) & _U64
+    return z ^ (z >> 31)
+
+
+def rdrand(vcpu, instr: Instruction) -> None:
+    """RDRAND r16/r32/r64 [SDM Vol. 2 RDRAND]: a random value and CF = 1 (always available);
+    OF, SF, ZF, AF and PF cleared. The value: :func:`deterministic_random`."""
+    write_register(vcpu, instr.op0_register, deterministic_random(vcpu.instructions_retired, instr.ip))
+    vcpu.set_reg("rflags", (vcpu.reg("rflags") & ~RDRAND_FLAGS) | RFLAGS_CF)
+    _advance(vcpu, instr)
+
+
 def xsave_family(vcpu, instr: Instruction) -> None:
     """XSAVEC / XSAVES / XRSTORS: :mod:`cetvm.cpu.xsave` checks and executes, here it retires."""
     xsave.check_usable(vcpu, instr)
@@ -671,5 +697,6 @@ _HANDLERS: dict[int, Callable] = {
     M.LGDT: descriptor_table_load, M.LIDT: descriptor_table_load, M.LLDT: descriptor_table_load,
     M.LTR: descriptor_table_load, M.LMSW: lmsw,
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
+    M.RDRAND: rdrand,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
 }
