@@ -8,7 +8,7 @@ own CET programs pass, and the guest powers off through ACPI (exit status 0).
 
 Needs the guest in the cache (``cetvm linux-guest --selftest``; ``make test`` fetches it when it
 can; CETVM_LINUX_CACHE names another cache) and is skipped with the reason otherwise. One boot
-of about a minute; the other configurations (``--cpu zen4``, ``--cet off``, a snapshot after
+of 2-3 minutes here; the other configurations (``--cpu zen4``, ``--cet off``, a snapshot after
 boot restored in a fresh process) boot again each and are opt-in: CETVM_LINUX_FULL=1.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_our_cet_programs_pass(sapphire_rapids):
     assert ours and all(p.outcome is Outcome.PASS for p in ours), report.summary()
 
 
-@pytest.mark.skipif(not FULL, reason="another Linux boot (~1 min): opt in with CETVM_LINUX_FULL=1")
+@pytest.mark.skipif(not FULL, reason="another Linux boot (2-3 min): opt in with CETVM_LINUX_FULL=1")
 def test_on_zen4_there_is_no_ibt_and_shadow_stacks_still_work(guest, tmp_path):
     status, _, console, = cetvm_boot(guest, tmp_path, "--cpu", "zen4")
     report = parse_console(console)
@@ -107,7 +108,7 @@ def test_on_zen4_there_is_no_ibt_and_shadow_stacks_still_work(guest, tmp_path):
     assert report.all_passed, report.summary()
 
 
-@pytest.mark.skipif(not FULL, reason="another Linux boot (~1 min): opt in with CETVM_LINUX_FULL=1")
+@pytest.mark.skipif(not FULL, reason="another Linux boot (2-3 min): opt in with CETVM_LINUX_FULL=1")
 def test_with_cet_off_the_selftest_skips_and_ibt_is_off(guest, tmp_path):
     status, _, console = cetvm_boot(guest, tmp_path, "--cet", "off")
     report = parse_console(console)
@@ -116,16 +117,27 @@ def test_with_cet_off_the_selftest_skips_and_ibt_is_off(guest, tmp_path):
     assert report.program(SELFTEST_BINARY).output == ["[SKIP]\tCould not enable Shadow stack"]
 
 
-@pytest.mark.skipif(not FULL, reason="two more Linux boots (~2 min): opt in with CETVM_LINUX_FULL=1")
+def verdicts(report) -> list[tuple[str, list[tuple[str, str]], int | None]]:
+    """Each program's checks (outcome, description with addresses masked) and exit status."""
+    return [(p.name, [(c.outcome.value, re.sub(r"0x[0-9a-f]+|[0-9a-f]{12,16}", "ADDR", c.what)) for c in p.checks],
+             p.status) for p in report.programs]
+
+
+@pytest.mark.skipif(not FULL, reason="two more Linux boots (4-5 min): opt in with CETVM_LINUX_FULL=1")
 def test_a_snapshot_after_boot_restores_in_a_fresh_process_and_gives_the_same_output(guest, tmp_path,
                                                                                   sapphire_rapids):
+    """Saved at 90% of the run (init is running the programs), restored by another process: the
+    console of both parts together gives every program the verdicts of the uninterrupted run.
+    (Not instruction for instruction: a pending interrupt is taken at the end of a KVM_RUN once
+    IF = 1, and the restored run's slices end elsewhere — issue 13; addresses are masked.)"""
     _, whole, console, report = sapphire_rapids
     snap = tmp_path / "booted.snap"
-    middle = whole["instructions"] * 9 // 10  # after init started, before the last programs ran
+    middle = whole["instructions"] * 9 // 10
     status, saved, first_part = cetvm_boot(guest, tmp_path, "--save-state", str(snap), "--save-at", str(middle))
     assert status == 0 and saved["instructions"] == middle
     proc = subprocess.run([sys.executable, "-m", "cetvm", "boot", "--restore-state", str(snap), "--serial",
                            str(tmp_path / "rest.txt"), "--json"], capture_output=True, text=True)
     rest = json.loads(proc.stdout)
-    assert (proc.returncode, rest["instructions"]) == (0, whole["instructions"])
-    assert first_part + (tmp_path / "rest.txt").read_text(errors="replace") == console
+    assert (proc.returncode, rest["reason"]) == (0, "power off"), proc.stderr
+    resumed = parse_console(first_part + (tmp_path / "rest.txt").read_text(errors="replace"))
+    assert resumed.finished and verdicts(resumed) == verdicts(report)
