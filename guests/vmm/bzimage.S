@@ -113,13 +113,5 @@ fail:
     addl $0x40, %eax
     outb %al, $0xF4
     hlt
-puts:
-    movw $0x3F8, %dx
-1:  movb (%rsi), %al
-    testb %al, %al
-    jz 2f
-    outb %al, %dx
-    incq %rsi
-    jmp 1b
-2:  ret
+#include "puts64.S"
     .org 0x800

@@ -20,12 +20,4 @@ fail:
     movl $0x7F, %eax
     outb %al, $0xF4
     hlt
-puts:
-    movw $0x3F8, %dx
-1:  movb (%rsi), %al
-    testb %al, %al
-    jz 2f
-    outb %al, %dx
-    incq %rsi
-    jmp 1b
-2:  ret
+#include "puts64.S"

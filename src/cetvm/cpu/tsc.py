@@ -127,7 +127,8 @@ class TimeStampCounter:
         """The TSC a guest read returns (RDTSC, RDTSCP, RDMSR): :meth:`read`, or the previous
         guest read + 1 when the instruction count has not moved since (module docstring)."""
         value = self.read()
-        if ((value - self._state.last) & _U64) == 0 or ((value - self._state.last) & _U64) >> 63:
+        advance = (value - self._state.last) & _U64
+        if advance == 0 or advance >> 63:  # not later than the last read (mod 2^64)
             value = (self._state.last + 1) & _U64
         self._state.last = value
         return value

@@ -35,7 +35,6 @@ from cetvm import InputError
 from cetvm.vmm.layout import (
     BOOT_GDT_ADDR,
     BOOT_INFO_AREA_START,
-    BOOT_PAGE_TABLES_END,
     E820Entry,
     PAGE_SIZE,
     e820_map,
@@ -278,7 +277,6 @@ def load_linux_image(data: bytes, ram_size: int, cmdline: str = "", initrd: byte
     e820 = e820_map(ram_size)
     tables = build_identity_page_tables()
     gdt = build_linux_boot_gdt(BOOT_GDT_ADDR)
-    assert tables.end <= BOOT_PAGE_TABLES_END
     images = [MemoryImage(gdt.base, gdt.data, "boot GDT"),
               MemoryImage(tables.base, tables.data, "boot page tables"),
               MemoryImage(layout.zero_page_addr, build_zero_page(data, header, layout, e820, rsdp_addr),
