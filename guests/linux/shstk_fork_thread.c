@@ -7,6 +7,8 @@
  */
 #include <pthread.h>
 
+#include <sched.h>
+
 #include "cet_user.h"
 
 #define THREADS 4
@@ -17,6 +19,10 @@ struct thread_seen {
 	unsigned long calls;
 };
 
+/* Threads stay alive until every one has recorded its SSP: a thread that exited has its shadow
+ * stack freed, and the next thread's may then be mapped at the same address (seen with 2 CPUs). */
+static int recorded, release;
+
 static void *thread_main(void *arg)
 {
 	struct thread_seen *out = arg;
@@ -24,6 +30,9 @@ static void *thread_main(void *arg)
 	out->ssp = cet_ssp();
 	out->status = cet_status();
 	out->calls = cet_nested_calls(64);
+	__atomic_add_fetch(&recorded, 1, __ATOMIC_SEQ_CST);
+	while (!__atomic_load_n(&release, __ATOMIC_SEQ_CST))
+		sched_yield();
 	return NULL;
 }
 
@@ -73,6 +82,9 @@ int main(void)
 	for (int i = 0; i < THREADS; i++)
 		if (pthread_create(&threads[i], NULL, thread_main, &seen[i]) == 0)
 			created++;
+	while (__atomic_load_n(&recorded, __ATOMIC_SEQ_CST) < created)
+		sched_yield();
+	__atomic_store_n(&release, 1, __ATOMIC_SEQ_CST);
 	for (int i = 0; i < created; i++)
 		pthread_join(threads[i], NULL);
 	tap_ok(created == THREADS, "pthread_create of %d threads (%d created)", THREADS, created);
