@@ -188,13 +188,6 @@ PRIVATE_ALLOWED: dict[tuple[str, str], str] = {
     ("*", "_SubParsersAction"): "argparse's subparser type, named in an annotation",
     ("cpu/faults.py", "_value2member_map_"): "enum's value lookup without raising",
 }
-#: The vCPU is still one class written in several files (mixins); they share its attributes.
-#: Issue 11 step 4 replaces them by parts with public interfaces; until then these modules are
-#: one unit for this check.
-VCPU_MIXINS = frozenset({"cpu/vcpu.py", "cpu/block_hook.py", "cpu/engine_stops.py", "cpu/exit_emulation.py",
-                         "cpu/interrupts.py", "cpu/vcpu_cet.py"})
-
-
 def _private_names_defined(tree: ast.AST) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -212,14 +205,13 @@ def _private_names_defined(tree: ast.AST) -> set[str]:
     return names
 
 
-def private_reads(trees: dict[str, ast.AST], units: frozenset[str] = frozenset()) -> list[str]:
+def private_reads(trees: dict[str, ast.AST]) -> list[str]:
     """``x._name`` uses in each module (keyed by its path under src/cetvm) of a private name the
-    module does not define itself; the modules in ``units`` count as one module."""
+    module does not define itself."""
     defined = {rel: _private_names_defined(tree) for rel, tree in trees.items()}
-    unit_names = set().union(*(defined[rel] for rel in units if rel in defined))
     bad = []
     for rel, tree in trees.items():
-        own = defined[rel] | (unit_names if rel in units else set())
+        own = defined[rel]
         for node in ast.walk(tree):
             if not isinstance(node, ast.Attribute):
                 continue
@@ -234,7 +226,7 @@ def private_reads(trees: dict[str, ast.AST], units: frozenset[str] = frozenset()
 
 def test_no_private_access_across_modules():
     trees = {str(p.relative_to(SRC)): ast.parse(p.read_text()) for p in SRC.rglob("*.py")}
-    bad = private_reads(trees, VCPU_MIXINS)
+    bad = private_reads(trees)
     assert not bad, "private names read across modules:\n" + "\n".join(bad)
     planted = {"a.py": ast.parse("class A:\n    def f(self):\n        self._x = 1\n        return self._x\n"),
                "b.py": ast.parse("def g(a):\n    a._y = 2\n    return a._x\n")}

@@ -1,6 +1,6 @@
 """A branch whose target faults before its block starts (guests/cpu/target_fault.S).
 
-Vcpu._on_interrupt applies the pending terminator with apply_terminator alone: the indirect
+EngineStops.on_interrupt applies the pending terminator with apply_terminator alone: the indirect
 CALL's shadow-stack push and IBT arming happen before the fetch #PF is delivered, and the
 ENDBRANCH check is made only when the guest really reaches the target (after its #PF handler
 mapped the page and returned there with IRETQ) — never on the bytes of a page that faulted.

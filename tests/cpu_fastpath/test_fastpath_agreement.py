@@ -20,6 +20,7 @@ from cetvm.arch import CetCtl, CpError, Msr, PfErr, Vector, VmcsField
 from cetvm.cli import bench
 from cetvm.cpu.exits import ExitReason
 from cetvm.cpu.state import Segment
+from cetvm.cpu.block_hook import BlockHook
 from cetvm.cpu.vcpu import Vcpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cpu"))
@@ -109,15 +110,15 @@ def run_both(code: bytes, monkeypatch, cpl: int = 0, intercept: tuple[int, ...] 
 
 
 def counting_reference(monkeypatch) -> list[int]:
-    """Count the block starts the fast path hands to the reference (Vcpu._on_block)."""
+    """Count the block starts the fast path hands to the reference (BlockHook.on_block)."""
     calls = [0]
-    reference = Vcpu._on_block
+    reference = BlockHook.on_block
 
     def counted(self, address, size):
         calls[0] += 1
         reference(self, address, size)
 
-    monkeypatch.setattr(Vcpu, "_on_block", counted)
+    monkeypatch.setattr(BlockHook, "on_block", counted)
     return calls
 
 

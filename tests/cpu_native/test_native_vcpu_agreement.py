@@ -45,9 +45,9 @@ def test_native_and_python_paths_end_in_the_same_state(monkeypatch, guest, case,
         assert machine.vcpu.cet_path == path
         states[path] = end_state(machine, machine.run_case(case))
         if path == "native":
-            native = machine.vcpu._native
-            assert len(machine.vcpu._blocks) > 0
-            assert native.stats["misses"] >= len(machine.vcpu._blocks)
+            native = machine.vcpu.native
+            assert machine.vcpu.block_count > 0
+            assert native.stats["misses"] >= machine.vcpu.block_count
     for key in states["python"]:
         assert states["native"][key] == states["python"][key], key
 
@@ -56,6 +56,6 @@ def test_native_path_raises_cp_near_ret_itself_through_a_handover(monkeypatch):
     monkeypatch.setenv("CETVM_CET_PATH", "native")
     machine = Machine("shstk_ret")
     machine.run_case("case_corrupt_ret")
-    assert machine.vcpu._native.stats["handovers"] == 1
+    assert machine.vcpu.native.stats["handovers"] == 1
     r = machine.results
     assert (r.vector, r.rip, r.rsp) == (Vector.CP, machine.sym("bad_ret"), L["KSTACK_TOP"] - 8)

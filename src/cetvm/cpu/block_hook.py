@@ -1,52 +1,81 @@
-"""The traced-mode block hook of a vCPU on its three CET paths (native, Python fast path, reference).
+"""The vCPU's block-start part: the traced-mode block hook on its three CET paths (native,
+Python fast path, reference), block classification and the per-block instruction budget.
 
-Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): installing the
-UC_HOOK_BLOCK callback through Unicorn's C API — the native C hook of :mod:`cetvm.cpu.native`,
-the flat Python common case of :mod:`cetvm.cpu.fastpath` in front of the reference, or the
-reference alone — block classification (instructions cetvm emulates become Unicorn exits), the
-reference block-start handling (:func:`cetvm.cpu.cet.transfer.on_block_start`) and the native
-hook's hand-overs.
+:class:`BlockHook` installs the UC_HOOK_BLOCK callback through Unicorn's C API — the native C
+hook of :mod:`cetvm.cpu.native`, the flat Python common case of :mod:`cetvm.cpu.fastpath` in
+front of the reference, or the reference alone — classifies blocks (instructions cetvm emulates
+become exit points, :mod:`cetvm.cpu.exit_points`), runs the reference block-start handling
+(:func:`cetvm.cpu.cet.transfer.on_block_start`) and carries out its decisions
+(:meth:`BlockHook.apply_decision`, the one place a CET fault of a branch is made pending), takes
+the native hook's hand-overs, and keeps the books of what the block that ran last retired
+(:mod:`cetvm.cpu.budget`).
 
-A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`, not a separate object, on purpose: the hook runs at
-every block start and reads the vCPU's cached mode (``cpl``, ``cet_active``, ``stepping``,
-``_blocks``, ``cet``) as plain attributes of one object; a composed object would add an
-attribute-chain lookup per block (and :mod:`cetvm.cpu.fastpath` reads the same attributes).
+Hot path: the reference hook :meth:`BlockHook.on_block` runs at every block start the fast
+paths do not handle; the parts it reads (cached mode, block table, budget) are bound to the
+hook once, so a block start follows one attribute per part.
 """
 
 from __future__ import annotations
 
 import ctypes
+from typing import Callable
 
-from unicorn import UC_HOOK_BLOCK, UcError
+from unicorn import UC_HOOK_BLOCK, Uc, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cetvm import CetvmError
 from cetvm.arch.msr import CetCtl
+from cetvm.arch.regs import U64_MASK
 from cetvm.cpu import decode
-from cetvm.cpu.blocks import BlockInfo
+from cetvm.cpu.blocks import BlockInfo, BlockTable, BlockTracker
+from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, classify_terminator, on_block_start
-from cetvm.cpu.fastpath import make_block_hook
+from cetvm.cpu.exit_points import ExitPoints
+from cetvm.cpu.fastpath import ShadowStackWindow, make_block_hook
 from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.paging import PagingMode
+from cetvm.cpu.mode import CpuMode, InstructionFetch
 from cetvm.cpu.native import NativeCet, PagingKind
-from cetvm.arch.regs import U64_MASK as _U64
+from cetvm.cpu.registers import Registers
+from cetvm.cpu.vcpu_cet import VcpuCet
 
 _TRACKER = int(CetCtl.TRACKER)
 #: void hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
 _BLOCK_HOOK_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
 
 
-class BlockHookMixin:
-    """Block-start handling of :class:`~cetvm.cpu.vcpu.Vcpu` (uses its attributes directly)."""
+class BlockHook:
+    """Block starts of one vCPU: classification, the CET state machine, the per-block budget."""
 
-    def _install_block_hook(self) -> None:
+    def __init__(self, uc: Uc, *, mode: CpuMode, cet: VcpuCet, blocks: BlockTable, budget: InstructionBudget,
+                 exits: ExitPoints, fetch: InstructionFetch, registers: Registers, window: ShadowStackWindow,
+                 raise_fault: Callable[[GuestFault], None], native: NativeCet | None) -> None:
+        self._uc = uc
+        self._mode = mode
+        self._cet = cet
+        self._blocks = blocks
+        self._budget = budget
+        self._exits = exits
+        self._fetch = fetch
+        self._registers = registers
+        self._window = window
+        self._raise_fault = raise_fault
+        self._native = native
+        self._hook_error: BaseException | None = None
+        self._reg_buf = ctypes.c_uint64()
+        self._block_hook_cb = None
+
+    # ------------------------------------------------------------------ installation
+    def install_python_hook(self, fast_path: bool) -> None:
         """Register the block hook straight through Unicorn's C API (ctypes): about twice as fast
         as the binding's wrapper, and the shape the native C hook has too. The hook is the
-        common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`_on_block` (the
-        reference), or :meth:`_on_block_raw` alone when ``python_fast_path`` is False."""
-        if self.python_fast_path:
-            hook = make_block_hook(self, self._on_block, self._blocks, self._ss_window, self._on_hook_error,
-                                   self._budget.block_store)
+        common-case path of :mod:`cetvm.cpu.fastpath` in front of :meth:`on_block` (the
+        reference), or the reference alone when ``fast_path`` is False."""
+        if fast_path:
+            assert isinstance(self._blocks, BlockTracker)
+            hook = make_block_hook(self._mode, self._cet.regs, self.on_block, self._blocks, self._window,
+                                   self.on_hook_error, self._budget.block_store)
         else:
             hook = self._on_block_raw
         self._block_hook_cb = _BLOCK_HOOK_CFUNC(hook)
@@ -57,35 +86,42 @@ class BlockHookMixin:
         if status != 0:
             raise CetvmError(f"cannot install the block hook (unicorn error {status})")
 
-    def _install_native_path(self) -> None:
-        """The native fast path (:mod:`cetvm.cpu.native`): the C block hook owns SSP, U_CET,
-        S_CET (``self.cet``) and the block table / pending terminator (``self._blocks``); it
-        calls :meth:`_classify_block` once per new block and hands rare cases back to
-        :meth:`_apply_native_handover`. Paging-off guests get its native TLB-fill hook."""
-        self._native = NativeCet(self._uc, lambda address, size: self._classify_block(address, size) is not None)
-        self._blocks = self._native.blocks
-        self._budget.attach(self._native.shared)
-        self.cet = self._native.cet_state
-        self._native.install()
-        self._native.install_tlb_fill(set_mode=False)
+    def sync_native_mode(self, paging_mode: PagingMode) -> None:
+        """Tell the native hook the mode it checks per block (after every mode change)."""
+        native, mode = self._native, self._mode
+        if native is None:
+            return
+        paging = (PagingKind.FOUR_LEVEL if paging_mode.long_paging
+                  else PagingKind.OTHER if paging_mode.paging else PagingKind.OFF)
+        native.sync_mode(cpl=mode.cpl, long_mode=mode.long_mode, cr4_cet=mode.cr4_cet, paging=paging,
+                         cr3=paging_mode.cr3, cs_base=mode.cs_base)
+        native.flush_translations()
 
-    def _sync_native_mode(self) -> None:
-        mode = self._memory.mode
-        paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
-        self._native.sync_mode(cpl=self.cpl, long_mode=self.long_mode, cr4_cet=self.cr4_cet, paging=paging,
-                               cr3=mode.cr3, cs_base=self._cs_base)
-        self._native.flush_translations()
+    # ------------------------------------------------------------------ errors inside hooks
+    def on_hook_error(self, exc: BaseException) -> None:
+        """An exception inside a hook: keep it for :meth:`raise_hook_error`, stop the engine."""
+        self._hook_error = exc
+        self._uc.emu_stop()
 
-    def _apply_native_handover(self) -> None:
+    def raise_hook_error(self) -> None:
+        """After the engine stopped: re-raise what a hook raised (ctypes swallowed it)."""
+        if self._native is not None:
+            self._native.raise_callback_error()
+        if self._hook_error is not None:
+            error, self._hook_error = self._hook_error, None
+            raise error
+
+    # ------------------------------------------------------------------ the CET state machine
+    def apply_native_handover(self) -> None:
         """A block start the native hook left to us: run the reference state machine for it."""
+        if self._native is None:
+            return
         request = self._native.take_handover()
         if request is None:
             return
-        try:
-            first = self._read_code(request.block_addr, 4)
-        except (GuestFault, UcError):
-            first = b""
-        self.apply_decision(on_block_start(self, request.terminator, request.block_addr, self.reg("rsp"), first))
+        first = self._first_bytes(request.block_addr)
+        self.apply_decision(on_block_start(self._cet, request.terminator, request.block_addr,
+                                           self._registers.read("rsp"), first))
 
     def apply_decision(self, decision: BlockDecision, *, counted: bool = True) -> bool:
         """Carry out a block-start decision of :mod:`cetvm.cpu.cet.transfer`: on FAULT, roll
@@ -96,42 +132,37 @@ class BlockHookMixin:
         if decision.action != BlockAction.FAULT:
             return False
         if counted:
-            self._terminator_faulted(decision)
+            self.terminator_faulted(decision)
         uc = self._uc
         if decision.rsp is not None:
             uc.reg_write(X.UC_X86_REG_RSP, decision.rsp)
         elif decision.rsp_adjust:
-            uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & _U64)
+            uc.reg_write(X.UC_X86_REG_RSP, (self._fast_rsp() + decision.rsp_adjust) & U64_MASK)
         uc.reg_write(X.UC_X86_REG_RIP, decision.rip)
-        self._raise_event(decision.fault)
+        self._raise_fault(decision.fault)
         return True
 
     def _on_block_raw(self, _uch: int, address: int, size: int, _user: int) -> None:
         try:
-            self._on_block(address, size)
+            self.on_block(address, size)
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
-            self._on_hook_error(exc)
-
-    def _on_hook_error(self, exc: BaseException) -> None:
-        """An exception inside a hook: keep it for ``_run_engine`` to re-raise, stop the engine."""
-        self._hook_error = exc
-        self._uc.emu_stop()
+            self.on_hook_error(exc)
 
     def _fast_rsp(self) -> int:
         uclib.uc_reg_read(self._uc._uch, X.UC_X86_REG_RSP, ctypes.byref(self._reg_buf))
         return self._reg_buf.value
 
-    def _on_block(self, address: int, size: int) -> None:
+    def on_block(self, address: int, size: int) -> None:
         """At each block start: classify on a miss, run the CET state machine (the reference
         hook; :mod:`cetvm.cpu.fastpath` handles the common cases in front of it and calls this,
         with nothing committed, for everything else), then retire the block's instructions — or,
         when the budget has fewer left, stop in front of it (:meth:`_stop_for_budget`)."""
-        if self.stepping:
+        if self._mode.stepping:
             return
         blocks = self._blocks
         info = blocks.cache.get(address)
         if info is None or info.size != size:
-            info = self._classify_block(address, size)
+            info = self.classify_block(address, size)
             if info is None:
                 blocks.last_run = None
                 return
@@ -157,41 +188,48 @@ class BlockHookMixin:
         prev = blocks.prev
         blocks.prev = info.terminator
         blocks.prev_block_start = address
-        if not self.cet_active:
+        mode = self._mode
+        if not mode.cet_active:
             return True
-        if prev is None and not (self.cet.u_cet if self.cpl == 3 else self.cet.s_cet) & _TRACKER:
+        regs = self._cet.regs
+        if prev is None and not (regs.u_cet if mode.cpl == 3 else regs.s_cet) & _TRACKER:
             return True
         # RSP is read only on a fault (BlockDecision.rsp_adjust): one register read less per block.
-        if not self.apply_decision(on_block_start(self, prev, address, None, info.first_bytes)):
+        if not self.apply_decision(on_block_start(self._cet, prev, address, None, info.first_bytes)):
             return True
         self._uc.emu_stop()
         return False
 
-    def _stop_for_budget(self, address: int, size: int) -> None:
-        """The block at ``address`` has more instructions than the budget has left: its block
-        start is done (the CET state is whole wherever the run ends) but it does not run — no
-        terminator pending, the engine stops in front of it (the Python twin of cetfast.c's
-        budget_stop; the vCPU then runs the instructions left,
-        :meth:`cetvm.cpu.vcpu.Vcpu._run_fenced`)."""
-        self._budget.store.budget_stop = size or 1
-        self._blocks.prev = None
-        self._blocks.last_run = None
-        self._uc.reg_write(X.UC_X86_REG_RIP, address - self._cs_base)
-        self._uc.emu_stop()
+    def apply_pending_terminator(self, linear: int) -> None:
+        """Apply the previous block's terminator when the next "block" is an emulated instruction
+        at ``linear``."""
+        prev = self._blocks.take_prev(None)
+        if prev is None or not self._mode.cet_active:
+            return
+        self.apply_decision(on_block_start(self._cet, prev, linear, self._registers.read("rsp"),
+                                           self._first_bytes(linear)))
 
-    def _classify_block(self, address: int, size: int) -> BlockInfo | None:
+    def _first_bytes(self, linear: int) -> bytes:
+        try:
+            return self._fetch.read_code(linear, 4)
+        except (GuestFault, UcError):
+            return b""
+
+    # ------------------------------------------------------------------ classification
+    def classify_block(self, address: int, size: int) -> BlockInfo | None:
         """Decode a new block; make emulated instructions exits (then restart: returns None)."""
         try:
-            code = self._read_code(address, size)
+            code = self._fetch.read_code(address, size)
         except (GuestFault, UcError):
             code = b""
-        instrs = decode.decode_block(code, address, self._code_bits)
-        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in self._exits]
+        instrs = decode.decode_block(code, address, self._mode.code_bits)
+        exits = self._exits
+        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in exits]
         if new_exits:
-            self._exits.update(new_exits)
-            self._uc.ctl_set_exits(sorted(self._exits))
-            self._uc.ctl_remove_cache(address, address + max(size, 1))
-            self._uc.reg_write(X.UC_X86_REG_RIP, address - self._cs_base)  # RIP is the offset
+            exits.update(new_exits)
+            exits.sync()
+            exits.drop_translations(address, address + max(size, 1))
+            self._uc.reg_write(X.UC_X86_REG_RIP, address - self._mode.cs_base)  # RIP is the offset
             self._uc.emu_stop()
             return None
         terminator = classify_terminator(instrs[-1]) if instrs else None
@@ -201,13 +239,92 @@ class BlockHookMixin:
         self._blocks.store(info)
         return info
 
-    def _apply_pending_terminator(self, rip: int) -> None:
-        """Apply the previous block's terminator when the next "block" is an emulated instruction."""
-        prev = self._blocks.take_prev(None)
-        if prev is None or not self.cet_active:
+    # ------------------------------------------------------------------ what the last block retired
+    def _stop_for_budget(self, address: int, size: int) -> None:
+        """The block at ``address`` has more instructions than the budget has left: its block
+        start is done (the CET state is whole wherever the run ends) but it does not run — no
+        terminator pending, the engine stops in front of it (the Python twin of cetfast.c's
+        budget_stop; the vCPU then runs the instructions left, :meth:`run_fenced`)."""
+        self._budget.store.budget_stop = size or 1
+        self._blocks.prev = None
+        self._blocks.last_run = None
+        self._uc.reg_write(X.UC_X86_REG_RIP, address - self._mode.cs_base)
+        self._uc.emu_stop()
+
+    def run_fenced(self, rip: int, size: int, count: int) -> None:
+        """Run exactly the first ``count`` instructions of the block at ``rip`` (``size`` bytes),
+        which has more: the block hook stopped the engine in front of it for want of budget. A
+        temporary exit after them makes the engine translate the block short and stop there;
+        the block's translations are dropped before and after (Unicorn's exits act when a block
+        is translated; ``rip`` is the offset, the block and the exit are linear)."""
+        pc = self._mode.linear(rip)
+        instrs = self._fetch.decode_block(pc, size)
+        if count >= len(instrs):
+            # The block was rewritten since it was classified, to the same size (self-modifying
+            # code): classify it again; the run loop enters it anew with the right count.
+            self.classify_block(pc, size)
             return
+        fence = instrs[count].ip
+        exits = self._exits
+        added = fence not in exits
+        if added:
+            exits.add(fence)
+            exits.sync()
+        exits.drop_translations(pc, pc + size)
         try:
-            first = self._read_code(rip, 4)
-        except (GuestFault, UcError):
-            first = b""
-        self.apply_decision(on_block_start(self, prev, rip, self.reg("rsp"), first))
+            self._uc.emu_start(rip, 0)
+        finally:
+            if added:
+                exits.discard(fence)
+                exits.sync()
+            exits.drop_translations(pc, pc + size)
+
+    def retire_before(self, rip: int) -> None:
+        """The engine stopped at ``rip`` without executing the instruction there (a fault, an MMIO
+        access, an invalid instruction): at block granularity, of the block that ran last only
+        the instructions before ``rip`` retired — the rest, counted when the block started, are
+        taken back (:mod:`cetvm.cpu.budget`); at instruction granularity the instruction at
+        ``rip`` is."""
+        budget = self._budget
+        if budget.per_instruction:
+            budget.unretire()
+            return
+        blocks = self._blocks
+        last = blocks.last
+        blocks.close_last()
+        if last is None:
+            return
+        address, size, icount = last
+        pc = self._mode.linear(rip)
+        if not address <= pc < address + size:
+            return
+        ran = 0
+        if pc > address:
+            try:
+                ran = len(self._fetch.decode_block(address, pc - address))
+            except (GuestFault, UcError):
+                ran = 0
+        budget.uncount(icount - min(ran, icount))
+
+    def branch_did_not_retire(self) -> None:
+        """The branch that ended the block that ran last faulted after the engine moved RIP to
+        its target (a non-canonical target: #GP): it did not retire."""
+        budget = self._budget
+        if budget.per_instruction:
+            budget.unretire()
+            return
+        last = self._blocks.last
+        self._blocks.close_last()
+        if last is not None:
+            budget.uncount(1)
+
+    def terminator_faulted(self, decision: BlockDecision) -> None:
+        """A CET fault of the pending terminator itself (#CP(1) at a RET, a shadow-stack fault of a
+        CALL: ``decision.rolled_back``): the terminator did not retire, but it was counted — as
+        its block started (block granularity) or as it started (instruction granularity)."""
+        if not decision.rolled_back:
+            return
+        if self._budget.per_instruction:
+            self._budget.unretire()
+        else:
+            self._budget.uncount(1)

@@ -426,23 +426,23 @@ def cet_instruction(vcpu, instr: Instruction) -> None:
     mn = instr.mnemonic
     size = _operand_size(instr)
     if mn in (M.RDSSPD, M.RDSSPQ):
-        value = cet_insn.rdssp(vcpu, size)
+        value = cet_insn.rdssp(vcpu.cet_machine, size)
         if value is not None:
             write_register(vcpu, instr.op0_register, value)
     elif mn in (M.INCSSPD, M.INCSSPQ):
-        cet_insn.incssp(vcpu, read_register(vcpu, instr.op0_register), size)
+        cet_insn.incssp(vcpu.cet_machine, read_register(vcpu, instr.op0_register), size)
     elif mn == M.RSTORSSP:
-        _apply_flags(vcpu, cet_insn.rstorssp(vcpu, effective_address(vcpu, instr)))
+        _apply_flags(vcpu, cet_insn.rstorssp(vcpu.cet_machine, effective_address(vcpu, instr)))
     elif mn == M.SAVEPREVSSP:
-        cet_insn.saveprevssp(vcpu, bool(vcpu.reg("rflags") & RFLAGS_CF))
+        cet_insn.saveprevssp(vcpu.cet_machine, bool(vcpu.reg("rflags") & RFLAGS_CF))
     elif mn == M.SETSSBSY:
-        cet_insn.setssbsy(vcpu)
+        cet_insn.setssbsy(vcpu.cet_machine)
     elif mn == M.CLRSSBSY:
-        _apply_flags(vcpu, cet_insn.clrssbsy(vcpu, effective_address(vcpu, instr)))
+        _apply_flags(vcpu, cet_insn.clrssbsy(vcpu.cet_machine, effective_address(vcpu, instr)))
     elif mn in (M.WRSSD, M.WRSSQ):
-        cet_insn.wrss(vcpu, effective_address(vcpu, instr), read_register(vcpu, instr.op1_register), size)
+        cet_insn.wrss(vcpu.cet_machine, effective_address(vcpu, instr), read_register(vcpu, instr.op1_register), size)
     elif mn in (M.WRUSSD, M.WRUSSQ):
-        cet_insn.wruss(vcpu, effective_address(vcpu, instr), read_register(vcpu, instr.op1_register), size)
+        cet_insn.wruss(vcpu.cet_machine, effective_address(vcpu, instr), read_register(vcpu, instr.op1_register), size)
     _advance(vcpu, instr)
 
 
@@ -513,7 +513,7 @@ def iret(vcpu, instr: Instruction) -> None:
     if cs_desc.long and not is_canonical(new_rip):
         raise gp(0)
     if vcpu.cet_active:
-        far_transfers.ssp_on_iret(vcpu, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
+        far_transfers.ssp_on_iret(vcpu.cet_machine, old_cpl, new_cpl, new_cs, (cs_desc.base + new_rip) & _U64,
                                target_long_mode=cs_desc.long)
     rflags = vcpu.reg("rflags")
     writable = RFLAGS_IRET_MASK
@@ -549,7 +549,7 @@ def sysret(vcpu, instr: Instruction) -> None:
     vcpu.set_reg("rflags", (vcpu.reg("r11") & RFLAGS_SYSRET_MASK) | 2)
     vcpu.rip = rcx if long_form else rcx & 0xFFFF_FFFF
     vcpu.load_segments(cs=cs, ss=Segment.data(base + 8 | 3, dpl=3))
-    far_transfers.ssp_on_sysret(vcpu)
+    far_transfers.ssp_on_sysret(vcpu.cet_machine)
     vcpu.retire_emulated()
 
 
@@ -568,7 +568,7 @@ def syscall(vcpu, instr: Instruction) -> None:
     vcpu.set_reg("rflags", (rflags & ~vcpu.msr(Msr.IA32_FMASK) & ~RFLAGS_RF) | 2)
     vcpu.load_segments(cs=Segment.code64(selector, 0), ss=Segment.data(selector + 8, 0))
     vcpu.rip = vcpu.msr(Msr.IA32_LSTAR)
-    far_transfers.ssp_on_syscall(vcpu, old_cpl)
+    far_transfers.ssp_on_syscall(vcpu.cet_machine, old_cpl)
     vcpu.retire_emulated()
 
 
@@ -586,16 +586,16 @@ def far_transfer(vcpu, instr: Instruction) -> None:
         new_rip = int.from_bytes(raw[:size], "little")
         new_cs = int.from_bytes(raw[size:], "little") & 0xFFFF
         target = read_descriptor(vcpu, new_cs)
-        far_transfers.ssp_on_far_ret(vcpu, old_cpl, max(old_cpl, new_cs & 3), new_cs,
+        far_transfers.ssp_on_far_ret(vcpu.cet_machine, old_cpl, max(old_cpl, new_cs & 3), new_cs,
                                   (target.base + new_rip) & _U64, target_long_mode=target.long)
         _step_in_engine(vcpu, instr)
     elif instr.is_call_far or instr.is_call_far_indirect:
         cs = vcpu.segment("cs")
-        far_transfers.ssp_on_far_call(vcpu, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
+        far_transfers.ssp_on_far_call(vcpu.cet_machine, old_cpl, old_cpl, cs.selector, (cs.base + instr.next_ip) & _U64)
         _step_in_engine(vcpu, instr)
     else:
         _step_in_engine(vcpu, instr)
-        ibt_arm_on_transfer(vcpu, vcpu.cpl)
+        ibt_arm_on_transfer(vcpu.cet_machine, vcpu.cpl)
 
 
 def _step_in_engine(vcpu, instr: Instruction, *, branches: bool = True) -> None:

@@ -1,19 +1,22 @@
 """How a vCPU's engine stops become guest events or exits: interrupts, #PF, #UD, MMIO, SYSCALL.
 
-Owns (split out of :class:`cetvm.cpu.vcpu.Vcpu`, no behaviour change): the UC_HOOK_INTR and
+:class:`EngineStops` (a part of :class:`cetvm.cpu.vcpu.Vcpu`) owns the UC_HOOK_INTR and
 UC_HOOK_INSN_INVALID hooks (exceptions become a pending event for :mod:`cetvm.cpu.events`, with
 the #PF error code Unicorn does not expose re-derived from a page walk), the untraced-mode
 SYSCALL and paging-off TLB-fill hooks, and the stops Unicorn reports as errors: an invalid
 instruction (emulated or #UD) and an access to guest-physical memory without RAM (an MMIO exit,
 completed by re-executing the instruction over a scratch page, as KVM's complete_userspace_io).
 
-A mixin of :class:`~cetvm.cpu.vcpu.Vcpu`: the hooks run inside Unicorn and update the vCPU's
-pending event, block tracker and budget in place.
+The hooks run inside Unicorn and update the vCPU's pending event
+(:class:`cetvm.cpu.interrupts.PendingEvents`), block table and budget in place; instructions are
+emulated through the vCPU's public interface (:func:`cetvm.cpu.emulate.emulate`).
 """
 
 from __future__ import annotations
 
-from iced_x86 import FlowControl, MemorySizeExt, Mnemonic, OpAccess, Register
+from typing import TYPE_CHECKING
+
+from iced_x86 import FlowControl, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, Register
 from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EXEC, \
     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
 from unicorn import x86_const as X
@@ -21,11 +24,23 @@ from unicorn import x86_const as X
 from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import PfErr, Vector, is_canonical, u64
 from cetvm.cpu import decode, emulate, string_ops
+from cetvm.cpu.block_hook import BlockHook
+from cetvm.cpu.blocks import BlockTable
+from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.cet.transfer import TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
 from cetvm.cpu.faults import GuestFault
+from cetvm.cpu.interrupts import PendingEvents
+from cetvm.cpu.memory import GuestMemory
+from cetvm.cpu.mode import CpuMode, InstructionFetch
 from cetvm.cpu.paging import Access
+from cetvm.cpu.registers import Registers
+from cetvm.cpu.uc_context import cr2_kept
+from cetvm.cpu.vcpu_cet import VcpuCet
+
+if TYPE_CHECKING:
+    from cetvm.cpu.vcpu import Vcpu
 
 PAGE = 0x1000
 #: Vectors that are traps: RIP reported by Unicorn is past the instruction.
@@ -55,12 +70,30 @@ def mmio_fragment(remaining: int) -> int:
     return next(n for n in (8, 4, 2, 1) if n <= remaining)
 
 
-class EngineStopsMixin:
-    """Exception, invalid-instruction, MMIO and SYSCALL stops of :class:`~cetvm.cpu.vcpu.Vcpu`."""
+class EngineStops:
+    """Exception, invalid-instruction, MMIO and SYSCALL stops of one vCPU's engine."""
 
-    def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
-        if not self.traced:
-            self.refresh_mode()  # native privilege changes are not seen otherwise
+    def __init__(self, vcpu: "Vcpu", uc: Uc, *, mode: CpuMode, cet: VcpuCet, blocks: BlockTable,
+                 hook: BlockHook, events: PendingEvents, memory: GuestMemory, fetch: InstructionFetch,
+                 budget: InstructionBudget, registers: Registers) -> None:
+        self._vcpu = vcpu
+        self._uc = uc
+        self._mode = mode
+        self._cet = cet
+        self._blocks = blocks
+        self._hook = hook
+        self._events = events
+        self._memory = memory
+        self._fetch = fetch
+        self._budget = budget
+        self._registers = registers
+        self._info_factory = InstructionInfoFactory()
+        self._syscall_at: int | None = None
+
+    def on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
+        """UC_HOOK_INTR: an exception or software interrupt becomes the pending event."""
+        if not self._vcpu.traced:
+            self._vcpu.refresh_mode()  # native privilege changes are not seen otherwise
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
         # a branch to a non-canonical address: the engine reports the #GP at the target, but the
@@ -71,25 +104,25 @@ class EngineStopsMixin:
             # outside the block that ran last: nothing to take back
             self._blocks.close_last()
         elif wild_branch:
-            self._branch_did_not_retire()
+            self._hook.branch_did_not_retire()
         else:
-            self._retire_before(rip)
+            self._hook.retire_before(rip)
         if software:
             int_at = self._software_interrupt_address(self._blocks.take_prev(None), rip, intno)
-        elif self._apply_terminator_before_target_fault(rip, branch_taken_back=wild_branch):
+        elif self.apply_terminator_before_target_fault(rip, branch_taken_back=wild_branch):
             uc.emu_stop()
             return
         if intno == Vector.PF:
             cr2 = uc.reg_read(X.UC_X86_REG_CR2)
-            self._pending = PendingEvent(Vector.PF, int(self._derive_pf_error(rip, cr2)), cr2)
+            self._events.queue(PendingEvent(Vector.PF, int(self._derive_pf_error(rip, cr2)), cr2))
         elif software:
-            self._pending = PendingEvent(intno, None, None, software=True, instruction_rip=int_at)
+            self._events.queue(PendingEvent(intno, None, None, software=True, instruction_rip=int_at))
         else:
             error = 0 if intno in (Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.AC) else None
-            self._pending = PendingEvent(intno, error)
+            self._events.queue(PendingEvent(intno, error))
         uc.emu_stop()
 
-    def _apply_terminator_before_target_fault(self, rip: int, branch_taken_back: bool = False) -> bool:
+    def apply_terminator_before_target_fault(self, rip: int, branch_taken_back: bool = False) -> bool:
         """The engine stopped at ``rip`` before the block hook ran there: a fault inside the
         current block, or a fault on fetching the next block (a #PF, a fetch from guest-physical
         memory with no RAM). In the second case the previous block's terminator ran but was not
@@ -103,9 +136,9 @@ class EngineStopsMixin:
         already counted as not retired."""
         blocks = self._blocks
         prev = blocks.take_prev(None)
-        if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self.cet_active:
+        if prev is None or terminator_not_run(blocks.prev_block_start, prev, rip) or not self._mode.cet_active:
             return False
-        return self.apply_decision(apply_terminator(self, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)),
+        return self._hook.apply_decision(apply_terminator(self._cet, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)),
                                    counted=not branch_taken_back)
 
     def _software_interrupt_address(self, terminator: TerminatorInfo | None, rip: int, intno: int) -> int:
@@ -116,14 +149,14 @@ class EngineStopsMixin:
             return terminator.insn_addr
         for length, opcode in ((2, 0xCD), (1, 0xCC if intno == Vector.BP else 0xCE)):
             try:
-                code = self._read_code(u64(rip - length), length)
+                code = self._fetch.read_code(u64(rip - length), length)
             except (GuestFault, UcError):
                 continue
             if code[0] == opcode and (length == 1 or code[1] == intno):
                 return u64(rip - length)
         return u64(rip - 2)
 
-    def _forget_terminator_not_run(self, rip: int) -> None:
+    def forget_terminator_not_run(self, rip: int) -> None:
         """The engine stopped at ``rip`` without a fault (the budget ran out): drop the pending
         terminator if it has not executed yet (:func:`terminator_not_run`)."""
         blocks = self._blocks
@@ -138,7 +171,7 @@ class EngineStopsMixin:
         if not 0 <= cr2 - rip < decode.MAX_INSTRUCTION_LENGTH:
             return False
         try:
-            self.translate(cr2, Access.FETCH | self._user_access())
+            self._vcpu.translate(cr2, Access.FETCH | self._mode.user_access())
         except GuestFault:
             return True
         except CetvmError:
@@ -154,10 +187,10 @@ class EngineStopsMixin:
         store gets W, a load-then-store that fails on the load does not). If our walk sees no
         violation (e.g. SMAP, reserved bits), P plus W/U as the instruction suggests.
         """
-        user = self._user_access()
+        user = self._mode.user_access()
         if 0 <= cr2 - rip < decode.MAX_INSTRUCTION_LENGTH:
             try:
-                self.translate(cr2, Access.FETCH | user)
+                self._vcpu.translate(cr2, Access.FETCH | user)
             except GuestFault as fault:
                 return PfErr(fault.error_code or 0)
         reads, writes = self._memory_access_kinds(rip)
@@ -173,7 +206,7 @@ class EngineStopsMixin:
 
     def _memory_access_kinds(self, rip: int) -> tuple[bool, bool]:
         try:
-            instr = self.fetch_instruction(rip)
+            instr = self._fetch.fetch_instruction(rip)
         except (GuestFault, UcError):
             return True, False
         reads = writes = False
@@ -184,43 +217,43 @@ class EngineStopsMixin:
                 writes = True
         return reads, writes
 
-    def _on_invalid_instruction(self, uc: Uc, _data: object) -> bool:
-        self._retire_before(uc.reg_read(X.UC_X86_REG_RIP))
+    def on_invalid_instruction(self, uc: Uc, _data: object) -> bool:
+        self._hook.retire_before(uc.reg_read(X.UC_X86_REG_RIP))
         self._blocks.prev = None
         return False  # stop with UC_ERR_INSN_INVALID; _on_invalid_stop emulates or raises #UD
 
-    def _on_invalid_stop(self) -> VmExit | None:
-        rip = self.rip
+    def on_invalid_stop(self) -> VmExit | None:
+        rip = self._vcpu.rip
         try:
-            instr = self.fetch_instruction(rip)
+            instr = self._fetch.fetch_instruction(rip)
             if instr.mnemonic == Mnemonic.INVALID or not emulate.can_emulate(instr):
                 raise GuestFault(Vector.UD)
-            return emulate.emulate(self, instr)
+            return emulate.emulate(self._vcpu, instr)
         except GuestFault as fault:
-            self._raise_event(fault)
+            self._vcpu.raise_fault(fault)
             return None
 
-    def _on_unmapped_stop(self, errno: int) -> VmExit | None:
+    def on_unmapped_stop(self, errno: int) -> VmExit | None:
         """An access to guest-physical memory without RAM: an MMIO exit (as KVM does).
 
         No UC_HOOK_MEM_*_UNMAPPED hook is installed (any memory hook takes every guest access
         off Unicorn's fast path: measured 140 vs 350 MIPS); Unicorn stops with RIP at the
         instruction and we decode it for the address, size and (for a store) the data.
         """
-        rip = self.rip
+        rip = self._vcpu.rip
         if errno == UC_ERR_FETCH_UNMAPPED:
-            if self._apply_terminator_before_target_fault(rip):
+            if self.apply_terminator_before_target_fault(rip):
                 return None
             return VmExit(ExitReason.EMULATION_FAILED, rip, detail="instruction fetch from guest-physical memory with no RAM")
-        self._retire_before(rip)
+        self._hook.retire_before(rip)
         self._blocks.prev = None
         try:
-            instr = self.fetch_instruction(rip)
+            instr = self._fetch.fetch_instruction(rip)
             if string_ops.is_memory_string(instr):
                 return self._string_mmio_step(rip, instr, [])
             return self._mmio_instruction(rip, instr)
         except GuestFault as fault:
-            self._raise_event(fault)
+            self._vcpu.raise_fault(fault)
             return None
 
     def _string_mmio_step(self, rip: int, instr, completed: list[int | None]) -> VmExit | None:
@@ -229,9 +262,9 @@ class EngineStopsMixin:
         iteration with the hypervisor's data — which may need the next exit (a MOVS from one
         device page to another), as KVM's complete_emulated_mmio() does."""
         try:
-            mmio = string_ops.string_iteration(self, instr, completed)
+            mmio = string_ops.string_iteration(self._vcpu, instr, completed)
         except GuestFault as fault:
-            self._raise_event(fault)
+            self._vcpu.raise_fault(fault)
             return None
         if mmio is None:
             return None
@@ -239,7 +272,7 @@ class EngineStopsMixin:
         def complete() -> VmExit | None:
             completed.append(mmio.data if mmio.direction is Direction.IN else None)
             return self._string_mmio_step(rip, instr, completed)
-        self.add_completion(complete)
+        self._vcpu.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def _mmio_operand(self, instr) -> tuple[int, int, bool, bool]:
@@ -253,7 +286,7 @@ class EngineStopsMixin:
                 continue
             reads = used.access in _READ_ACCESSES
             writes = used.access in _WRITE_ACCESSES
-            return emulate.effective_address(self, instr), size, reads, writes
+            return emulate.effective_address(self._vcpu, instr), size, reads, writes
         raise NotSupportedError(f"MMIO access by {instr} at {instr.ip:#x} is not supported")
 
     def execute_with_mmio_operand(self, instr) -> VmExit | None:
@@ -270,7 +303,7 @@ class EngineStopsMixin:
         could not compute itself (SMSW, SETcc, SSE moves), read-modify-write (ADD, XCHG), and
         operands wider than 8 bytes — with one exit per fragment (complete_emulated_mmio)."""
         linear, size, reads, writes = self._mmio_operand(instr)
-        gpa = self.translate(linear, (Access.WRITE if writes and not reads else Access.READ) | self._user_access())
+        gpa = self._vcpu.translate(linear, (Access.WRITE if writes and not reads else Access.READ) | self._mode.user_access())
         if reads:
             return self._mmio_read(rip, instr, gpa, size, writes, bytearray())
         return self._mmio_execute(rip, instr, gpa, size, None, writes)
@@ -284,7 +317,7 @@ class EngineStopsMixin:
         def complete() -> VmExit | None:
             got.extend((mmio.data & ((1 << (8 * piece)) - 1)).to_bytes(piece, "little"))
             return self._mmio_read(rip, instr, gpa, size, writes, got)
-        self.add_completion(complete)
+        self._vcpu.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def _mmio_execute(self, rip: int, instr, gpa: int, size: int, data: bytes | None, writes: bool) -> VmExit | None:
@@ -292,22 +325,22 @@ class EngineStopsMixin:
         what it wrote (if anything) as MMIO writes."""
         first, last = gpa & ~(PAGE - 1), (gpa + size - 1) & ~(PAGE - 1)
         span = last - first + PAGE
-        with self._cr2_kept():
+        with cr2_kept(self._uc):
             self._uc.mem_map(first, span, UC_PROT_ALL)
             try:
                 if data is not None:
                     self._uc.mem_write(gpa, data)
                 branches = instr.flow_control != FlowControl.NEXT
-                self.step_in_engine(rip, None if branches else instr.next_ip, retire=False)
+                self._vcpu.step_in_engine(rip, None if branches else instr.next_ip, retire=False)
                 stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
             finally:
                 self._uc.mem_unmap(first, span)
-        if self._pending is not None:
+        if self._events.has_event:
             return None  # the instruction faulted: nothing was stored
         # Unicorn leaves old_exception at #PF after the scratch page is unmapped: without this the
         # guest's next fault became a #DF (a #PF after an MMIO read in the same block).
-        self._clear_stale_old_exception()
-        self._retire()
+        self._registers.clear_stale_old_exception()
+        self._budget.retire()
         return self._mmio_write(rip, gpa, stored)
 
     def _mmio_write(self, rip: int, gpa: int, stored: bytes) -> VmExit | None:
@@ -315,17 +348,22 @@ class EngineStopsMixin:
             return None
         piece = mmio_fragment(len(stored))
         mmio = MmioExit(gpa, piece, Direction.OUT, int.from_bytes(stored[:piece], "little"))
-        self.add_completion(lambda: self._mmio_write(rip, gpa + piece, stored[piece:]))
+        self._vcpu.add_completion(lambda: self._mmio_write(rip, gpa + piece, stored[piece:]))
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
-    def _on_untraced_syscall(self, uc: Uc, _data: object) -> None:
+    def on_untraced_syscall(self, uc: Uc, _data: object) -> None:
         """Untraced mode: Unicorn runs SYSCALL as a NOP; stop (it ends the TB) and emulate it."""
         self._syscall_at = uc.reg_read(X.UC_X86_REG_RIP)
-        self._unretire()
+        self._budget.unretire()
         uc.emu_stop()
 
-    def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _data: object) -> bool:
+    def on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _data: object) -> bool:
         """Identity translation; a page filled for a fetch is R+X, for data R+W (never W+X)."""
         entry.paddr = vaddr & ~0xFFF
         entry.perms = (UC_PROT_READ | UC_PROT_EXEC) if access == UC_MEM_FETCH else (UC_PROT_READ | UC_PROT_WRITE)
         return True
+
+    def take_syscall(self) -> int | None:
+        """Untraced mode: the RIP of a SYSCALL the engine stopped after (to emulate), once."""
+        rip, self._syscall_at = self._syscall_at, None
+        return rip

@@ -176,7 +176,7 @@ def deliver_64(vcpu, vector: int, error_code: int | None, cr2: int | None, *, so
     else:
         vcpu.load_segments(cs=new_cs)
     try:
-        ssp_on_event(vcpu, old_cpl, new_cpl, gate.ist, True, old_cs.selector, (old_cs.base + rip) & _U64)
+        ssp_on_event(vcpu.cet_machine, old_cpl, new_cpl, gate.ist, True, old_cs.selector, (old_cs.base + rip) & _U64)
     except GuestFault:
         vcpu.load_segments(cs=old_cs, ss=old_ss)
         raise

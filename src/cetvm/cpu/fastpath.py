@@ -4,7 +4,7 @@
 the semantics are :func:`cetvm.cpu.cet.transfer.on_block_start`.]
 
 At every block start the Vcpu's Python block hook must apply the previous block's terminator.
-The reference (:meth:`cetvm.cpu.vcpu.Vcpu._on_block` → ``on_block_start`` → shadow-stack and
+The reference (:meth:`cetvm.cpu.block_hook.BlockHook.on_block` → ``on_block_start`` → shadow-stack and
 IBT primitives → ``CetMachine`` reads → ``ss_read``/``ss_write`` → ``translate``) makes 12-20
 Python calls per block. The hook built by :func:`make_block_hook` handles the cases that matter
 for speed with plain ints and local variables, and hands everything else, unchanged, to the
@@ -37,7 +37,7 @@ inputs: nothing is committed before the hand-over):
   [``shstk_pop_near_and_check``]. A mismatch goes to the reference, which reads the entry again
   and raises #CP(NEAR_RET) with RIP at the RET and RSP rolled back.
 
-The state stays in the architectural places: SSP and the CET MSRs in ``vcpu.cet``, shadow-stack
+The state stays in the architectural places: SSP and the CET MSRs in the vCPU's CET registers, shadow-stack
 entries in guest RAM, the pending terminator in the Vcpu's ``BlockTracker`` (``prev`` and
 ``prev_block_start``, which the interrupt hook reads). The window is a translation cache, not a
 copy of the shadow stack.
@@ -83,11 +83,10 @@ _SS_WRITE, _SS_WRITE_USER = _SS_READ | int(Access.WRITE), _SS_READ_USER | int(Ac
 BlockHook = Callable[[int, int, int, int], None]
 
 
-class FastPathCpu(Protocol):
-    """What the short path reads of the vCPU at every block start (plain attributes, kept
-    current by the vCPU's ``refresh_mode``; the short path writes only ``cet.ssp``)."""
+class FastPathMode(Protocol):
+    """What the short path reads of the vCPU's cached mode at every block start (plain
+    attributes of :class:`cetvm.cpu.mode.CpuMode`, kept current by the vCPU's ``refresh_mode``)."""
 
-    cet: CetRegisters
     cpl: int
     long_mode: bool
     cet_active: bool
@@ -134,8 +133,8 @@ class ShadowStackWindow:
         return True
 
 
-def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], blocks: BlockTracker,
-                    window: ShadowStackWindow, on_error: Callable[[BaseException], None],
+def make_block_hook(mode: FastPathMode, cet: CetRegisters, reference: Callable[[int, int], None],
+                    blocks: BlockTracker, window: ShadowStackWindow, on_error: Callable[[BaseException], None],
                     budget: BudgetStore | None) -> BlockHook:
     """The Vcpu's UC_HOOK_BLOCK callback: the short path above, else ``reference(address, size)``.
 
@@ -145,8 +144,9 @@ def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], bl
     ``on_error`` (which stops the engine; ctypes would swallow it).
 
     Reads in place: the Vcpu's block tracker ``blocks`` and its cache dict
-    (BlockTracker.invalidate clears it in place), ``vcpu.cet`` (SSP, U_CET, S_CET), the vCPU's
-    cached mode (``cpl``, ``long_mode``, ``cet_active``, ``stepping``) and its shadow-stack
+    (BlockTracker.invalidate clears it in place), the CET registers ``cet`` (SSP, U_CET, S_CET;
+    the short path writes only ``cet.ssp``), the vCPU's cached ``mode`` (``cpl``, ``long_mode``,
+    ``cet_active``, ``stepping``) and its shadow-stack
     ``window``; ``budget``: the instruction budget counted per block (None: counted per
     instruction, :mod:`cetvm.cpu.budget`).
     """
@@ -159,22 +159,21 @@ def make_block_hook(vcpu: FastPathCpu, reference: Callable[[int, int], None], bl
     def block_hook(_uch: int, address: int, size: int, _user: int) -> None:
         try:
             info = cache_get(address)
-            if info is None or info.size != size or vcpu.stepping:
+            if info is None or info.size != size or mode.stepping:
                 reference(address, size)
                 return
             if budget is not None and budget.budget_left < info.icount:
                 reference(address, size)  # stops in front of the block
                 return
             prev = blocks.prev
-            if vcpu.cet_active:
-                cet = vcpu.cet
-                cpl = vcpu.cpl
+            if mode.cet_active:
+                cpl = mode.cpl
                 ctl = cet.u_cet if cpl == 3 else cet.s_cet
                 if prev is None:
                     if ctl & TRACKER:
                         reference(address, size)
                         return
-                elif ctl & _TRACKER_OR_SUPPRESS or not vcpu.long_mode:
+                elif ctl & _TRACKER_OR_SUPPRESS or not mode.long_mode:
                     reference(address, size)
                     return
                 else:

@@ -1,4 +1,5 @@
-"""External interrupts of a vCPU: the pending vector, RFLAGS.IF, the STI / MOV SS shadow, HLT wake-up.
+"""The vCPU's pending events: the next exception to deliver, the pending external interrupt,
+RFLAGS.IF, the STI / MOV SS shadow, HLT wake-up.
 
 [SDM Vol. 3 §6.8.1 (masking maskable interrupts: IF), §6.8.3 (STI and MOV SS shadow), §6.9
 (priority: exceptions before external interrupts); SDM Vol. 2 HLT ("an enabled interrupt ...
@@ -20,23 +21,52 @@ Decisions (engine-driven, documented and tested):
   (QEMU would clear it at the end of the next block).
 - HLT with IF = 1 and an interrupt pending: the HLT retires and the interrupt is delivered at
   once (return address after the HLT) instead of an HLT exit.
+- At most one exception (or software interrupt) is pending: the engine stops at the first one,
+  and :func:`cetvm.cpu.events.deliver` turns a second one during delivery into #DF itself.
 """
 
 from __future__ import annotations
 
+from unicorn import Uc
+
 from cetvm import InputError
 from cetvm.arch.regs import RFLAGS_IF
+from cetvm.cpu.completion import ExitCompletion
 from cetvm.cpu.events import PendingEvent
-from cetvm.cpu.exits import ExitReason, VmExit
+from cetvm.cpu.registers import Registers
 from cetvm.cpu.uc_context import ContextBlob, HFlags
 
 #: External interrupt vectors the CPU accepts (KVM_NR_INTERRUPTS = 256).
 NR_INTERRUPTS = 256
 
 
-class InterruptsMixin:
-    """External-interrupt state of :class:`~cetvm.cpu.vcpu.Vcpu` (``_irq_vector``)."""
+class PendingEvents:
+    """The event a vCPU delivers next (an exception, a software interrupt, an injected event)
+    and its pending external interrupt vector."""
 
+    def __init__(self, uc: Uc, registers: Registers, completion: ExitCompletion) -> None:
+        self._uc = uc
+        self._registers = registers
+        self._completion = completion
+        self._event: PendingEvent | None = None
+        self._irq_vector: int | None = None
+
+    # ------------------------------------------------------------------ the next event
+    @property
+    def has_event(self) -> bool:
+        """An event waits for delivery (the engine must not run before it is delivered)."""
+        return self._event is not None
+
+    def queue(self, event: PendingEvent) -> None:
+        """Make ``event`` the next one to deliver (replaces one not yet delivered)."""
+        self._event = event
+
+    def take(self) -> PendingEvent | None:
+        """The event to deliver now, once."""
+        event, self._event = self._event, None
+        return event
+
+    # ------------------------------------------------------------------ external interrupts
     def inject_interrupt(self, vector: int) -> None:
         """Queue external interrupt ``vector`` (replaces one not yet delivered); it is delivered
         at the next recognition point where :attr:`interrupt_window_open` (see module doc)."""
@@ -56,12 +86,12 @@ class InterruptsMixin:
     @property
     def if_flag(self) -> bool:
         """RFLAGS.IF."""
-        return bool(self.reg("rflags") & RFLAGS_IF)
+        return bool(self._registers.read("rflags") & RFLAGS_IF)
 
     @property
     def interrupt_shadow(self) -> bool:
         """True while the instruction after STI / MOV SS / POP SS has not retired [SDM §6.8.3]."""
-        if self.completion.pending:
+        if self._completion.pending:
             return False  # the exiting instruction retires before anything else: shadow over
         return bool(ContextBlob.save(self._uc).hflags & HFlags.INHIBIT_IRQ)
 
@@ -71,27 +101,24 @@ class InterruptsMixin:
         (vmx_interrupt_allowed without nested or NMI state)."""
         return self.if_flag and not self.interrupt_shadow
 
-    def _end_interrupt_shadow(self) -> None:
+    def end_interrupt_shadow(self) -> None:
         """Clear the engine's shadow flag (an instruction retired, or an event was delivered)."""
         blob = ContextBlob.save(self._uc)
         if blob.hflags & HFlags.INHIBIT_IRQ:
             blob.hflags = blob.hflags & ~HFlags.INHIBIT_IRQ
             blob.restore(self._uc)
 
-    def _take_deliverable_interrupt(self) -> bool:
+    def take_deliverable_interrupt(self) -> bool:
         """At a recognition point: make the pending interrupt the event to deliver if it can be
         taken now (exceptions already pending go first, SDM §6.9)."""
-        if self._irq_vector is None or self._pending is not None or not self.interrupt_window_open:
+        if self._irq_vector is None or self._event is not None or not self.interrupt_window_open:
             return False
-        self._end_interrupt_shadow()
-        self._pending = PendingEvent(self._irq_vector, None, None, injected=True)
+        self.end_interrupt_shadow()
+        self._event = PendingEvent(self._irq_vector, None, None, injected=True)
         self._irq_vector = None
         return True
 
-    def _wake_from_hlt(self, exit_: VmExit) -> bool:
+    def wakes_halt(self) -> bool:
         """HLT with IF = 1 and an interrupt pending: the HLT retires and the CPU goes on (the
-        interrupt is taken at the loop's next recognition point) instead of exiting."""
-        if exit_.reason is not ExitReason.HLT or self._irq_vector is None or not self.if_flag:
-            return False
-        self.complete_pending_exit()
-        return True
+        interrupt is taken at the run loop's next recognition point) instead of exiting."""
+        return self._irq_vector is not None and self.if_flag

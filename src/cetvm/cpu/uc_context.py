@@ -8,13 +8,15 @@ self-checked by :func:`check_unicorn` before the first vCPU is built.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 import unicorn
 from unicorn import Uc
-from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_RAX
+from unicorn.x86_const import UC_X86_REG_CR2, UC_X86_REG_CS, UC_X86_REG_RAX
 
 from cetvm import CetvmError
 from cetvm.cpu.state import DPL_SHIFT, Segment, SegAttr
@@ -141,3 +143,18 @@ def segment_hflags(hflags: int, cs: Segment, ss: Segment, ds: Segment, es: Segme
             hflags |= HFlags.ADDSEG
     hflags |= (ss.attributes >> DPL_SHIFT) & 3
     return hflags
+
+
+@contextlib.contextmanager
+def cr2_kept(uc: Uc) -> Iterator[None]:
+    """Put the guest's CR2 back after engine work. CR2 changes architecturally only when a #PF
+    is delivered (:func:`cetvm.cpu.events.deliver` writes the pending #PF's own CR2, read by the
+    interrupt hook) or by MOV to CR2 (emulated), but Unicorn also writes it on events that are
+    no #PF for the guest: MMIO and unmapped accesses, mapping and unmapping a scratch page, the
+    re-translation of a stale block after a paging change. (Found by a 2-vCPU snapshot: the
+    continued machine's AP had CR2 = 0x14, the restored one 0.)"""
+    cr2 = uc.reg_read(UC_X86_REG_CR2)
+    try:
+        yield
+    finally:
+        uc.reg_write(UC_X86_REG_CR2, cr2)

@@ -2,12 +2,11 @@
 
 Execution model:
 
-- *Traced mode* (the default, ``trace=True``): one Python
-  UC_HOOK_BLOCK hook. On a block's first execution it is decoded (iced-x86); instructions cetvm
-  must emulate (:mod:`cetvm.cpu.decode`) become Unicorn exits, the block is dropped from the TB
-  cache and restarted, so Unicorn stops in front of them and :mod:`cetvm.cpu.emulate` runs
-  them. At every block start the CET state machine (:mod:`cetvm.cpu.cet.transfer`) applies the
-  previous block's terminator.
+- *Traced mode* (the default, ``trace=True``): one UC_HOOK_BLOCK hook. On a block's first
+  execution it is decoded (iced-x86); instructions cetvm must emulate (:mod:`cetvm.cpu.decode`)
+  become exit points, the block is dropped from the TB cache and restarted, so Unicorn stops in
+  front of them and :mod:`cetvm.cpu.emulate` runs them. At every block start the CET state
+  machine (:mod:`cetvm.cpu.cet.transfer`) applies the previous block's terminator.
 - *Untraced mode* (``trace=False``): no block hook, raw Unicorn speed. Only HLT, SYSCALL
   (emulated after a UC_HOOK_INSN stop), #UD-emulated instructions (VMCALL, XSAVES...) and
   exceptions stop the engine; CPUID, IN/OUT, RDMSR/WRMSR and MOV CR run inside Unicorn without
@@ -17,36 +16,38 @@ Execution model:
 Exceptions are caught (UC_HOOK_INTR / UC_HOOK_INSN_INVALID), emulation stops, and
 :mod:`cetvm.cpu.events` delivers them through the guest IDT.
 
-This module is the composition, VM entry/exit and the run loop. Parts (objects with their own
-interface): :mod:`cetvm.cpu.memory` (``GuestMemory``: regions, physical/virtual access,
-translation cache), :mod:`cetvm.cpu.registers` (``Registers``: GPR/segment/CR/XCR0/FPU access,
-CET MSR values), :mod:`cetvm.cpu.budget` (``InstructionBudget``: the exact instruction budget),
-:mod:`cetvm.cpu.completion` (``ExitCompletion``: the last exit and its unfinished instruction),
-:mod:`cetvm.cpu.vmcs` (``Vmcs``: the current VMCS). Still mixins of this class (one class in
-several files, sharing its attributes):
+:class:`Vcpu` is the composition of parts, each an object with its own small interface, plus
+VM entry, VM exit and the run loop; its public methods are the interface the hypervisor
+(:mod:`cetvm.kvm`), the emulation code and tests use:
 
-- :mod:`cetvm.cpu.vcpu_cet`: the CetMachine protocol (CPL, SSP, shadow-stack access);
-- :mod:`cetvm.cpu.block_hook`: the block hook on the native / Python fast / reference CET paths;
-- :mod:`cetvm.cpu.exit_emulation`: emulation at exit addresses, ``step_in_engine``, completions;
-- :mod:`cetvm.cpu.engine_stops`: interrupt/#UD/MMIO/SYSCALL stops of the engine;
-- :mod:`cetvm.cpu.interrupts`: external interrupts (pending vector, IF, STI/MOV SS shadow, HLT
-  wake-up), checked only at run entry and exits.
+- :attr:`Vcpu.memory` (:class:`cetvm.cpu.memory.GuestMemory`): regions, physical/virtual
+  access, translation cache;
+- :attr:`Vcpu.registers` (:class:`cetvm.cpu.registers.Registers`): GPR/segment/CR/XCR0/FPU;
+- :attr:`Vcpu.mode` (:class:`cetvm.cpu.mode.CpuMode`): the cached mode every hot path reads
+  (CPL, 64-bit mode, CS base, CR4.CET, CET active, stepping); instruction fetch
+  (:class:`cetvm.cpu.mode.InstructionFetch`);
+- :attr:`Vcpu.cet_machine` (:class:`cetvm.cpu.vcpu_cet.VcpuCet`): the CET registers and the
+  :class:`cetvm.cpu.cet.machine.CetMachine` the CET semantics run on;
+- :attr:`Vcpu.pending_events` (:class:`cetvm.cpu.interrupts.PendingEvents`): the next event to
+  deliver, the pending external interrupt, IF and the interrupt shadow;
+- :attr:`Vcpu.completion` (:class:`cetvm.cpu.completion.ExitCompletion`): the last exit and its
+  unfinished instruction;
+- :attr:`Vcpu.budget` (:class:`cetvm.cpu.budget.InstructionBudget`): the exact instruction budget;
+- the block hook (:class:`cetvm.cpu.block_hook.BlockHook`), the engine's exit points
+  (:class:`cetvm.cpu.exit_points.ExitPoints`), engine stops
+  (:class:`cetvm.cpu.engine_stops.EngineStops`) and emulation at exit points
+  (:class:`cetvm.cpu.exit_emulation.ExitEmulation`);
+- :attr:`Vcpu.vmcs` (:class:`cetvm.cpu.vmcs.Vmcs`): the current VMCS; :attr:`Vcpu.tsc`.
 
-The vCPU keeps the state every part reads per block or per instruction as its own plain
-attributes, so the hot paths never follow an attribute chain. Public and read-only to everyone
-but the vCPU: ``cpl``, ``long_mode`` (64-bit mode), ``cr4_cet``, ``cet_active`` (CR4.CET and an
-enable bit in U_CET or S_CET), ``stepping`` (one instruction runs in the engine, hooks off),
-``cet`` (SSP, U_CET, S_CET...); private: ``_blocks``, ``_exits``, ``_pending``.
+The parts are wired once, in ``__init__``: each gets the parts it uses (bound, so a block start
+follows one attribute per part) and nothing reads another part's private state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from iced_x86 import InstructionInfoFactory
 from unicorn import (
     UC_ARCH_X86, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID, UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED,
     UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_64, UC_TLB_CPU, UC_TLB_VIRTUAL,
@@ -57,50 +58,51 @@ from unicorn import x86_const as X
 from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import CET_MSR_SET
-from cetvm.cpu import decode
-from cetvm.cpu.block_hook import BlockHookMixin
+from cetvm.arch.regs import U64_MASK
+from cetvm.arch.vmx import VmcsField
+from cetvm.cpu import events
+from cetvm.cpu.block_hook import BlockHook
 from cetvm.cpu.blocks import BlockTable, BlockTracker
 from cetvm.cpu.budget import InstructionBudget, select_granularity
-from cetvm.cpu.cet.transfer import BlockDecision
-from cetvm.cpu.vcpu_cet import CetMachineMixin
+from cetvm.cpu.completion import Completion, ExitCompletion
 from cetvm.cpu.engine_features import engine_cpu_model
-from cetvm.cpu.engine_stops import EngineStopsMixin
+from cetvm.cpu.engine_stops import EngineStops
 from cetvm.cpu.events import PendingEvent
-from cetvm.cpu.exit_emulation import EmulationPlumbingMixin
-from cetvm.arch.vmx import VmcsField
-from cetvm.cpu.faults import HardwareRefused
-from cetvm.cpu.completion import ExitCompletion
+from cetvm.cpu.exit_emulation import ExitEmulation
+from cetvm.cpu.exit_points import ExitPoints
 from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
-from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.fastpath import ShadowStackWindow
-from cetvm.cpu.interrupts import InterruptsMixin
+from cetvm.cpu.faults import GuestFault, HardwareRefused
+from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
-from cetvm.cpu.native import select_cet_path
+from cetvm.cpu.mode import CpuMode, InstructionFetch
+from cetvm.cpu.native import NativeCet, select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
-from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
+from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
 from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
-from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
+from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn, cr2_kept
+from cetvm.cpu.vcpu_cet import VcpuCet
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
-from cetvm.arch.regs import U64_MASK
-from cetvm.cpu import emulate, events
 
 if TYPE_CHECKING:
+    from iced_x86 import Instruction
+
     from cetvm.cpuid import CpuidModel
 
 __all__ = ["EFER_OFFSET", "PAGE", "XCR0_OFFSET", "MemoryRegion", "PendingEvent", "Vcpu"]
 
 
-
-class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsMixin, InterruptsMixin):
+class Vcpu:
     """One virtual CPU with its guest-physical memory (a VM of one CPU, as the hardware sees it).
 
     ``model``: the :class:`cetvm.cpuid.CpuidModel` it emulates (which CET features exist, the
     XSAVE layout). ``trace``: see the module docstring (False only for benchmarks and guests
     that need no exits but HLT). ``cet_path`` (traced mode): which block hook enforces CET —
     "native" (the C fast path, :mod:`cetvm.cpu.native`), "python" (the readable reference
-    hook below) or "auto" (native when built, else python with a one-line notice on stderr);
-    None means ``$CETVM_CET_PATH`` or "auto". Both paths give the same architectural results.
+    hook of :mod:`cetvm.cpu.block_hook`) or "auto" (native when built, else python with a
+    one-line notice on stderr); None means ``$CETVM_CET_PATH`` or "auto". Both paths give the
+    same architectural results.
     ``python_fast_path`` (the "python" path only): put the flat common-case hook of
     :mod:`cetvm.cpu.fastpath` in front of the reference hook (default; None means True unless
     ``$CETVM_PYTHON_FAST_PATH`` is "0"); False runs the reference alone (same results, slower).
@@ -124,64 +126,98 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.guest_ibt = self.has_ibt
         self.traced = trace
         self.vmcs = Vmcs()
-        #: the last exit and the completion of its instruction (:mod:`cetvm.cpu.completion`)
-        self.completion = ExitCompletion()
-        self.cet: CetRegisters = CetState()
         self.xss = 0
-        granularity = select_granularity(budget_granularity)
-        self._budget = InstructionBudget(granularity if trace else "instruction")
-        self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self._uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
-        check_unicorn(self._uc)
-        self._memory = GuestMemory(self._uc)
-        self._registers = Registers(self._uc)
-        # Bound once: the CetMachine shadow-stack accesses run per CALL/RET on the reference path.
-        self._translate = self._memory.translate
-        self._ram_view = self._memory.ram_view
-        self._blocks: BlockTable = BlockTracker()
-        self._exits: set[int] = set()
-        self._pending: PendingEvent | None = None
-        self._irq_vector: int | None = None  # external interrupt (cetvm.cpu.interrupts)
         #: writes of the FPU registers from outside the engine (set_fpu / set_sse), so KVM's guest
         #: FPU swap can tell that the CPU still holds what it last put (cetvm.kvm.vmx._swap_sse)
         self.fpu_writes = 0
-        self._info_factory = InstructionInfoFactory()
-        self.stepping = False
-        self.cpl = 0
-        self.long_mode = True
-        self._code_bits = 64
-        self._cs_base = 0
-        self.cr4_cet = False
-        self.cet_active = False
-        self._ss_window = ShadowStackWindow(self._memory.translate, self._memory.ram_view)
         if python_fast_path is None:
             python_fast_path = os.environ.get("CETVM_PYTHON_FAST_PATH", "1") != "0"
         self.python_fast_path = python_fast_path
-        uc = self._uc
+        self.cet_path = "off"
+        if trace:
+            self.cet_path = select_cet_path(cet_path or os.environ.get("CETVM_CET_PATH") or "auto")
+
+        uc = self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc.ctl_set_cpu_model(engine_cpu_model())  # the features the guest CPUID may show
+        check_unicorn(uc)
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_instruction)
-        self._hook_error: BaseException | None = None
-        self._reg_buf = ctypes.c_uint64()
-        self._block_hook_cb = None
         self._tlb_virtual = False
-        self._syscall_at: int | None = None
-        if not self.traced:
-            uc.hook_add(UC_HOOK_INSN, self._on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        self._native = None
-        self.cet_path = "off"
-        if self.traced:
-            self.cet_path = select_cet_path(cet_path or os.environ.get("CETVM_CET_PATH") or "auto")
-            if self.cet_path == "native":
-                self._install_native_path()
-            else:
-                self._install_block_hook()
-                uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+
+        # ---- the parts
+        self.budget = InstructionBudget(select_granularity(budget_granularity) if trace else "instruction")
+        self.memory = GuestMemory(uc)
+        self.registers = Registers(uc)
+        self.mode = CpuMode()
+        self.completion = ExitCompletion()
+        self.pending_events = PendingEvents(uc, self.registers, self.completion)
+        #: the native hook (:mod:`cetvm.cpu.native`) on the native CET path: it holds SSP, U_CET,
+        #: S_CET and the block table in its shared state
+        self.native: NativeCet | None = None
+        blocks: BlockTable
+        cet_regs: CetRegisters
+        if self.cet_path == "native":
+            native = self.native = NativeCet(uc, lambda address, size: self._hook.classify_block(address, size) is not None)
+            blocks, cet_regs = native.blocks, native.cet_state
+            self.budget.attach(native.shared)
+        else:
+            blocks, cet_regs = BlockTracker(), CetState()
+        self._blocks = blocks
+        self.cet_machine = VcpuCet(self.mode, cet_regs, self.memory, uc)
+        self._exit_points = ExitPoints(uc)
+        self._fetch = InstructionFetch(self.memory, self.mode)
+        self._ss_window = ShadowStackWindow(self.memory.translate, self.memory.ram_view)
+        parts = dict(mode=self.mode, blocks=blocks, budget=self.budget)
+        self._hook = BlockHook(uc, cet=self.cet_machine, exits=self._exit_points, fetch=self._fetch,
+                               registers=self.registers, window=self._ss_window, raise_fault=self.raise_fault,
+                               native=self.native, **parts)
+        self._stops = EngineStops(self, uc, cet=self.cet_machine, hook=self._hook, events=self.pending_events,
+                                  memory=self.memory, fetch=self._fetch, registers=self.registers, **parts)
+        self._emulation = ExitEmulation(self, uc, exits=self._exit_points, hook=self._hook,
+                                        events=self.pending_events, fetch=self._fetch, registers=self.registers,
+                                        native=self.native, **parts)
+
+        # ---- the engine's hooks
+        uc.hook_add(UC_HOOK_INTR, self._stops.on_interrupt)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._stops.on_invalid_instruction)
+        if not trace:
+            uc.hook_add(UC_HOOK_INSN, self._stops.on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        elif self.native is not None:
+            # the C block hook calls BlockHook.classify_block once per new block and hands rare
+            # cases back (BlockHook.apply_native_handover); paging-off guests get its TLB fill
+            self.native.install()
+            self.native.install_tlb_fill(set_mode=False)
+        else:
+            self._hook.install_python_hook(python_fast_path)
+            uc.hook_add(UC_HOOK_TLB_FILL, self._stops.on_tlb_fill)
         #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`);
         #: the Python CET path uses no native code here either, so both TSC hooks stay tested.
-        self.tsc = TimeStampCounter(self._uc, self._budget.counter_address, use_native=self.cet_path != "python")
+        self.tsc = TimeStampCounter(uc, self.budget.counter_address, use_native=self.cet_path != "python")
         self.refresh_mode()
+
+    # ------------------------------------------------------------------ cached mode (CpuMode)
+    @property
+    def cpl(self) -> int:
+        return self.mode.cpl
+
+    @property
+    def long_mode(self) -> bool:
+        """64-bit mode (IA-32e with CS.L = 1)."""
+        return self.mode.long_mode
+
+    @property
+    def cr4_cet(self) -> bool:
+        return self.mode.cr4_cet
+
+    @property
+    def cet_active(self) -> bool:
+        """CR4.CET and SH_STK_EN or ENDBR_EN in U_CET or S_CET."""
+        return self.mode.cet_active
+
+    @property
+    def stepping(self) -> bool:
+        """One instruction runs in the engine with the CET hooks off."""
+        return self.mode.stepping
 
     # ------------------------------------------------------------------ memory (GuestMemory)
     def map_ram(self, gpa: int, size: int, share_with: "Vcpu | None" = None) -> None:
@@ -189,35 +225,35 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         :meth:`cetvm.cpu.memory.GuestMemory.map_ram`. The native hook is told about it.
         ``share_with``: map the same host memory as that vCPU's region at ``gpa`` (SMP: every
         engine of a VM sees one RAM)."""
-        backing = None if share_with is None else share_with._memory.ram_backing(gpa)
+        backing = None if share_with is None else share_with.memory.ram_backing(gpa)
         try:
-            address = self._memory.map_ram(gpa, size, backing)
+            address = self.memory.map_ram(gpa, size, backing)
         except UcError as err:
             raise HardwareRefused(f"cannot map {size:#x} bytes of RAM at {gpa:#x}: {err}") from None
-        if self._native is not None:
-            self._native.add_ram(gpa, size, address)
+        if self.native is not None:
+            self.native.add_ram(gpa, size, address)
 
     def map_mmio(self, gpa: int, size: int) -> None:
         """Declare [gpa, gpa+size) MMIO: guest accesses exit with ExitReason.MMIO.
 
         Accesses to guest-physical addresses backed by nothing exit the same way (as in KVM).
         """
-        self._memory.map_mmio(gpa, size)
+        self.memory.map_mmio(gpa, size)
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
-        return self._memory.regions
+        return self.memory.regions
 
     def read_phys(self, gpa: int, size: int) -> bytes:
-        return self._memory.read_phys(gpa, size)
+        return self.memory.read_phys(gpa, size)
 
     def write_phys(self, gpa: int, data: bytes) -> None:
-        self._memory.write_phys(gpa, data)
+        self.memory.write_phys(gpa, data)
 
     def translate(self, linear: int, access: Access = Access.READ) -> int:
         """Guest-virtual → guest-physical with the current paging mode (raises GuestFault);
         cached like a TLB until ``flush_tlb`` (see :meth:`cetvm.cpu.memory.GuestMemory.translate`)."""
-        return self._translate(linear, access)
+        return self.memory.translate(linear, access)
 
     def flush_translations(self) -> None:
         """Forget every translated block, block classification and exit address of this engine.
@@ -228,49 +264,40 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         at freshly written code, e.g. an AP trampoline)."""
         self._blocks.invalidate()
         self._blocks.prev = None
-        self._exits.clear()
-        self._uc.ctl_set_exits([])
+        self._exit_points.clear()
+        self._exit_points.sync()
         self._uc.ctl_flush_tb()
 
     def flush_tlb(self) -> None:
         """Forget cached translations: ours, the fast path's shadow-stack window, the native hook's."""
-        self._memory.flush()
+        self.memory.flush()
         self._ss_window.forget()
-        if self._native is not None:
-            self._native.flush_translations()
+        if self.native is not None:
+            self.native.flush_translations()
 
     def is_ram(self, gpa: int, size: int) -> bool:
         """Guest-physical [gpa, gpa+size) is RAM (anything else is an MMIO access)."""
-        return self._memory.is_ram(gpa, size)
+        return self.memory.is_ram(gpa, size)
 
     def retire_emulated(self) -> None:
         """An instruction emulated outside the engine retired (counts against the budget)."""
-        self._budget.retire()
+        self.budget.retire()
 
     def read_virt(self, linear: int, size: int, access: Access = Access.READ) -> bytes:
         """Read guest-virtual memory page by page (raises GuestFault on a translation fault)."""
-        return self._memory.read_virt(linear, size, access)
+        return self.memory.read_virt(linear, size, access)
 
     def write_virt(self, linear: int, data: bytes, access: Access = Access.WRITE) -> None:
         """Write guest-virtual memory (all pages are translated before anything is written)."""
-        self._memory.write_virt(linear, data, access)
-
-    def _user_access(self) -> Access:
-        return Access.USER if self.cpl == 3 else Access.READ
-
-    def _phys_read_int(self, gpa: int, size: int) -> int:
-        return self._memory.phys_read_int(gpa, size)
-
-    def _phys_write_int(self, gpa: int, value: int, size: int) -> None:
-        self._memory.phys_write_int(gpa, value, size)
+        self.memory.write_virt(linear, data, access)
 
     # ------------------------------------------------------------------ registers (Registers)
     def reg(self, name: str) -> int:
         """A general-purpose register, ``rip`` or ``rflags`` by name."""
-        return self._registers.read(name)
+        return self.registers.read(name)
 
     def set_reg(self, name: str, value: int) -> None:
-        self._registers.write(name, value)
+        self.registers.write(name, value)
 
     @property
     def rip(self) -> int:
@@ -281,13 +308,13 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._uc.reg_write(X.UC_X86_REG_RIP, value & U64_MASK)
 
     def get_regs(self) -> Regs:
-        return self._registers.get_regs()
+        return self.registers.get_regs()
 
     def set_regs(self, regs: Regs) -> None:
-        self._registers.set_regs(regs)
+        self.registers.set_regs(regs)
 
     def get_sregs(self) -> Sregs:
-        return self._registers.get_sregs()
+        return self.registers.get_sregs()
 
     def set_sregs(self, sregs: Sregs) -> None:
         """Load control registers, EFER, descriptor tables and segment caches (no checks).
@@ -297,34 +324,34 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         RESET/INIT state), in 32-bit protected mode (CS.L=0, D=1, paging off) and in 64-bit mode
         (LME/LMA, CR0.PG, CS.L=1) work.
         """
-        self._registers.load_sregs(sregs)
+        self.registers.load_sregs(sregs)
         self.load_segments(cs=sregs.cs, ss=sregs.ss, ds=sregs.ds, es=sregs.es, fs=sregs.fs, gs=sregs.gs)
 
     def get_fpu(self) -> FpuState:
         """x87, SSE and AVX registers (KVM_GET_FPU plus the YMM upper halves)."""
-        return self._registers.get_fpu()
+        return self.registers.get_fpu()
 
     def set_fpu(self, fpu: FpuState) -> None:
         """Load x87, SSE and AVX registers (InputError if a field does not fit its width)."""
-        self._registers.set_fpu(fpu)
+        self.registers.set_fpu(fpu)
         self.fpu_writes += 1
 
     def get_sse(self) -> tuple[int, list[int]]:
         """(MXCSR, [XMM0..15]) only (the guest FPU swap of every KVM_RUN)."""
-        return self._registers.get_sse()
+        return self.registers.get_sse()
 
     def set_sse(self, mxcsr: int, xmm: list[int]) -> None:
         """Load MXCSR and XMM0-15 (YMM upper halves kept)."""
-        self._registers.set_sse(mxcsr, xmm)
+        self.registers.set_sse(mxcsr, xmm)
         self.fpu_writes += 1
 
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""
-        self._registers.load_segment_caches(segments)
+        self.registers.load_segment_caches(segments)
         self.refresh_mode()
 
     def segment(self, name: str) -> Segment:
-        return self._registers.segment(name)
+        return self.registers.segment(name)
 
     @property
     def cr0(self) -> int:
@@ -332,11 +359,11 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     @property
     def cr4(self) -> int:
-        return self._registers.cr4
+        return self.registers.cr4
 
     def write_cr(self, n: int, value: int) -> None:
         """Write CR0/CR2/CR3/CR4/CR8 without checks (the emulation checks first)."""
-        self._registers.write_cr(n, value)
+        self.registers.write_cr(n, value)
         if n in (0, 3, 4):
             self._blocks.invalidate()
         self.refresh_mode()
@@ -344,17 +371,17 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     @property
     def xcr0(self) -> int:
         """XCR0 (the hypervisor sets it after an XSETBV exit; no checks here)."""
-        return self._registers.xcr0
+        return self.registers.xcr0
 
     @xcr0.setter
     def xcr0(self, value: int) -> None:
-        self._registers.xcr0 = value
+        self.registers.xcr0 = value
 
     def msr(self, index: int) -> int:
         """Host-initiated MSR read (CET MSRs, IA32_XSS and the TSC from the vCPU, the rest from
         Unicorn); HardwareRefused for an MSR the engine does not implement."""
         if index in CET_MSR_SET:
-            return self._cet_msr_value(index)
+            return cet_msr_value(self.cet, index)
         if index == Msr.IA32_XSS:
             return self.xss
         if index == Msr.IA32_TIME_STAMP_COUNTER:
@@ -368,7 +395,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         """Host-initiated MSR write, no architectural checks (the hypervisor's policy decides);
         HardwareRefused for an MSR the engine does not implement."""
         if index in CET_MSR_SET:
-            self._set_cet_msr_value(index, value)
+            self.cet_machine.set_cet_msr(index, value)
         elif index == Msr.IA32_XSS:
             self.xss = value & U64_MASK
         elif index == Msr.IA32_TIME_STAMP_COUNTER:  # WRMSR writes the counter itself [SDM §18.17]
@@ -381,54 +408,144 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             if index == Msr.IA32_EFER:
                 self.refresh_mode()
 
-    def _clear_stale_old_exception(self) -> None:
-        self._registers.clear_stale_old_exception()
-
     def reset_old_exception(self) -> None:
         """Forget the last exception so the next fault is not promoted to #DF."""
-        self._registers.reset_old_exception()
+        self.registers.reset_old_exception()
+
+    # ------------------------------------------------------------------ CET registers (VcpuCet)
+    @property
+    def cet(self) -> CetRegisters:
+        """SSP and the CET MSRs (the native hook's shared state on the native path)."""
+        return self.cet_machine.regs
+
+    @property
+    def ssp(self) -> int:
+        return self.cet_machine.regs.ssp
+
+    @ssp.setter
+    def ssp(self, value: int) -> None:
+        self.cet_machine.ssp = value
+
+    def cet_msr(self, msr: Msr) -> int:
+        """A CET MSR's value (U_CET, S_CET, PL0-3_SSP, INT_SSP_TAB)."""
+        return self.cet_machine.cet_msr(msr)
+
+    def set_cet_msr(self, msr: Msr, value: int) -> None:
+        """Set a CET MSR without architectural checks (the caller has made them)."""
+        self.cet_machine.set_cet_msr(msr, value)
 
     # ------------------------------------------------------------------ cached mode
     def refresh_mode(self) -> None:
         """Re-read the mode-defining state the hot paths cache (CPL, 64-bit mode, paging, CR4.CET)."""
-        uc = self._uc
+        uc, mode = self._uc, self.mode
         cr0 = uc.reg_read(X.UC_X86_REG_CR0)
         cr4 = uc.reg_read(X.UC_X86_REG_CR4)
         efer = uc.msr_read(Msr.IA32_EFER)
-        self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
+        paging = PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer)
+        self.memory.set_mode(paging)
         self._ss_window.forget()
         blob = ContextBlob.save(uc)
         hflags = blob.hflags
-        self._cs_base = blob.segment("cs").base
-        self.cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
-        self.long_mode = bool(hflags & HFlags.CS64)
-        #: Decoder bitness of the code segment: 64-bit mode, else CS.D (32) or real/16-bit (16).
-        self._code_bits = 64 if self.long_mode else 32 if hflags & HFlags.CS32 else 16
-        self.cr4_cet = bool(cr4 & Cr4.CET)
-        self._update_cet_active()
+        mode.cs_base = blob.segment("cs").base
+        mode.cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
+        mode.long_mode = bool(hflags & HFlags.CS64)
+        mode.code_bits = 64 if mode.long_mode else 32 if hflags & HFlags.CS32 else 16
+        mode.cr4_cet = bool(cr4 & Cr4.CET)
+        self.cet_machine.update_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
-        if self._native is not None:
-            self._sync_native_mode()
-
-    def _linear(self, rip: int) -> int:
-        """The linear address of the instruction at offset ``rip`` of the code segment
-        (CS.base + RIP) [SDM Vol. 3 §3.4 "Logical and linear addresses"]: the address the engine
-        compares its exits with, reports to its hooks and keys its translations on, in every mode
-        (QEMU's translation-block pc), whereas RIP (``emu_start``'s start address, register
-        reads and writes) is the offset. They differ only while CS.base is not 0: real mode
-        with a nonzero CS (an AP started by a SIPI runs at CS.base = vector << 12), a 16/32-bit
-        segment with a base."""
-        return self._cs_base + rip
+        self._hook.sync_native_mode(paging)
 
     def _update_tlb_mode(self, paging_off: bool) -> None:
         """Paging off (traced mode only, where MOV to CR0 is emulated and seen): Unicorn's
-        virtual-TLB mode with :meth:`_on_tlb_fill`, so data pages are not executable to the
-        engine and stores stay on its fast path. Paging on: the CPU's
-        own walk of the guest page tables (the guest's NX does the same job)."""
+        virtual-TLB mode with the engine stops' TLB fill, so data pages are not executable to
+        the engine and stores stay on its fast path. Paging on: the CPU's own walk of the guest
+        page tables (the guest's NX does the same job)."""
         virtual = self.traced and paging_off
         if virtual != self._tlb_virtual:
             self._uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL if virtual else UC_TLB_CPU)
             self._tlb_virtual = virtual
+
+    # ------------------------------------------------------------------ emulation and exits
+    def fetch_instruction(self, rip: int) -> "Instruction":
+        """Decode the instruction at offset ``rip`` of the code segment (raises GuestFault)."""
+        return self._fetch.fetch_instruction(rip)
+
+    def step_in_engine(self, rip: int, next_ip: int | None = None, *, retire: bool = True) -> None:
+        """Let the engine execute the one instruction at ``rip`` although it is an exit point
+        (:meth:`cetvm.cpu.exit_emulation.ExitEmulation.step_in_engine`)."""
+        self._emulation.step_in_engine(rip, next_ip, retire=retire)
+
+    def execute_with_mmio_operand(self, instr: "Instruction") -> VmExit | None:
+        """Execute ``instr`` (at RIP) whose memory operand is not RAM, as after an engine stop on
+        an MMIO access (for instructions cetvm emulates around the engine)."""
+        return self._stops.execute_with_mmio_operand(instr)
+
+    def apply_decision(self, decision, *, counted: bool = True) -> bool:
+        """Carry out a CET block-start decision (:meth:`cetvm.cpu.block_hook.BlockHook.apply_decision`)."""
+        return self._hook.apply_decision(decision, counted=counted)
+
+    def add_completion(self, completion: Completion) -> None:
+        """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction).
+        A completion may return a further exit (a multi-access MMIO instruction): ``run`` then
+        returns it before executing anything."""
+        self.completion.set(completion)
+
+    @property
+    def exit_pending_completion(self) -> bool:
+        """True while the instruction of the last exit still has to be finished (IN/MMIO-read
+        data, RIP past HLT/VMCALL/CPUID/...): by :meth:`complete_pending_exit` or the next run."""
+        return self.completion.pending
+
+    def complete_pending_exit(self) -> None:
+        """Finish the instruction of the last exit now, without running guest code and without
+        delivering pending events (KVM's complete_userspace_io(), which runs before anything
+        else changes the vCPU). The hypervisor must have stored its results first (IN data in
+        the exit's ``io.data``, MMIO read data, RAX of a VMCALL...). Nothing pending: no-op.
+        A fault raised by the completion (e.g. an MMIO write re-executed into a #PF) is
+        delivered at the next run."""
+        if self.completion.complete():
+            self.pending_events.end_interrupt_shadow()  # the instruction retired
+
+    def cancel_pending_exit(self) -> None:
+        """Forget the completion of the last exit: the exiting instruction is not finished and
+        RIP stays at it (e.g. the vCPU is reset, or its registers are replaced wholesale, so
+        re-executing the instruction is what should happen). Nothing pending: no-op."""
+        self.completion.forget()
+
+    def raise_fault(self, fault: GuestFault) -> None:
+        """Queue an architectural fault of the instruction at RIP (RIP must already be at the
+        faulting instruction; KVM's injections use ``inject_exception``)."""
+        self._blocks.prev = None
+        self.pending_events.queue(PendingEvent(fault.vector, fault.error_code, fault.cr2))
+
+    # ------------------------------------------------------------------ external interrupts
+    def inject_interrupt(self, vector: int) -> None:
+        """Queue external interrupt ``vector`` (:meth:`cetvm.cpu.interrupts.PendingEvents.inject_interrupt`)."""
+        self.pending_events.inject_interrupt(vector)
+
+    @property
+    def pending_interrupt(self) -> int | None:
+        """The external interrupt vector waiting for delivery, or None."""
+        return self.pending_events.pending_interrupt
+
+    def cancel_interrupt(self) -> None:
+        """Drop a pending external interrupt (vCPU reset, state restore)."""
+        self.pending_events.cancel_interrupt()
+
+    @property
+    def if_flag(self) -> bool:
+        """RFLAGS.IF."""
+        return self.pending_events.if_flag
+
+    @property
+    def interrupt_shadow(self) -> bool:
+        """True while the instruction after STI / MOV SS / POP SS has not retired [SDM §6.8.3]."""
+        return self.pending_events.interrupt_shadow
+
+    @property
+    def interrupt_window_open(self) -> bool:
+        """A maskable interrupt would be taken now: IF = 1 and no STI / MOV SS shadow."""
+        return self.pending_events.interrupt_window_open
 
     # ------------------------------------------------------------------ hypervisor interface
     def vmptrld(self, vmcs: Vmcs) -> None:
@@ -470,12 +587,12 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     def load_xcr0(self, value: int) -> None:
         """XSETBV by the host (kvm_load_guest_xsave_state): XCR0 without checks."""
-        self._registers.xcr0 = value
+        self.registers.xcr0 = value
 
     def inject_exception(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
         """Deliver an exception at the next run (cancels completion of the last exit)."""
         self.completion.cancel()
-        self._pending = PendingEvent(vector, error_code, cr2, injected=True)
+        self.pending_events.queue(PendingEvent(vector, error_code, cr2, injected=True))
 
     def run(self, budget: int | None = None) -> VmExit:
         """VM entry, run until an exit, VM exit. ``budget``: at most this many instructions
@@ -487,17 +604,17 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         failure = self._vm_entry()
         if failure is not None:
             return self._vm_exit(failure)
-        self._budget.left = budget
+        self.budget.left = budget
         self.tsc.sync()
         hook = None
-        if budget is not None and self._budget.per_instruction:
-            hook = self._budget.add_count_hook(self._uc, self.cet_path == "python")
+        if budget is not None and self.budget.per_instruction:
+            hook = self.budget.add_count_hook(self._uc, self.cet_path == "python")
         try:
             return self._vm_exit(self._run_loop())
         finally:
             if hook is not None:
-                self._budget.del_count_hook(self._uc, hook)
-            self._budget.left = None
+                self.budget.del_count_hook(self._uc, hook)
+            self.budget.left = None
 
     def _vm_entry(self) -> VmExit | None:
         """VM entry from the current VMCS [SDM Vol. 3 ch. 28]: with LOAD_CET_STATE, check the
@@ -533,103 +650,22 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def instructions_retired(self) -> int:
         """Instructions retired by this vCPU (exact; at instruction granularity only while a run has
         a budget, see :mod:`cetvm.cpu.budget`)."""
-        return self._budget.retired
+        return self.budget.retired
 
     @instructions_retired.setter
     def instructions_retired(self, value: int) -> None:
-        self._budget.retired = value
-
-    def _retire(self) -> None:
-        """An instruction emulated in Python retired (counts against the budget)."""
-        self._budget.retire()
-
-    def _unretire(self) -> None:
-        """The last counted instruction faulted instead of retiring (instruction granularity)."""
-        self._budget.unretire()
-
-    def _retire_before(self, rip: int) -> None:
-        """The engine stopped at ``rip`` without executing the instruction there (a fault, an MMIO
-        access, an invalid instruction): at block granularity, of the block that ran last only
-        the instructions before ``rip`` retired — the rest, counted when the block started, are
-        taken back (:mod:`cetvm.cpu.budget`); at instruction granularity the instruction at
-        ``rip`` is."""
-        if self._budget.per_instruction:
-            self._unretire()
-            return
-        blocks = self._blocks
-        last = blocks.last
-        blocks.close_last()
-        if last is None:
-            return
-        address, size, icount = last
-        pc = self._linear(rip)
-        if not address <= pc < address + size:
-            return
-        ran = 0
-        if pc > address:
-            try:
-                ran = len(decode.decode_block(self._read_code(address, pc - address), address, self._code_bits))
-            except (GuestFault, UcError):
-                ran = 0
-        self._budget.uncount(icount - min(ran, icount))
-
-    def _branch_did_not_retire(self) -> None:
-        """The branch that ended the block that ran last faulted after the engine moved RIP to
-        its target (a non-canonical target: #GP): it did not retire."""
-        if self._budget.per_instruction:
-            self._unretire()
-            return
-        last = self._blocks.last
-        self._blocks.close_last()
-        if last is not None:
-            self._budget.uncount(1)
-
-    def _terminator_faulted(self, decision: BlockDecision) -> None:
-        """A CET fault of the pending terminator itself (#CP(1) at a RET, a shadow-stack fault of a
-        CALL: ``decision.rolled_back``): the terminator did not retire, but it was counted — as
-        its block started (block granularity) or as it started (instruction granularity)."""
-        if not decision.rolled_back:
-            return
-        if self._budget.per_instruction:
-            self._unretire()
-        else:
-            self._budget.uncount(1)
-
-    def _run_fenced(self, rip: int, size: int, count: int) -> None:
-        """Run exactly the first ``count`` instructions of the block at ``rip`` (``size`` bytes),
-        which has more: the block hook stopped the engine in front of it for want of budget. A
-        temporary Unicorn exit after them makes the engine translate the block short and stop
-        there; the block's translations are dropped before and after (Unicorn's exits act when
-        a block is translated; ``rip`` is the offset, the block and the exit are linear)."""
-        pc = self._linear(rip)
-        instrs = decode.decode_block(self._read_code(pc, size), pc, self._code_bits)
-        if count >= len(instrs):
-            # The block was rewritten since it was classified, to the same size (self-modifying
-            # code): classify it again; the run loop enters it anew with the right count.
-            self._classify_block(pc, size)
-            return
-        fence = instrs[count].ip
-        uc = self._uc
-        added = fence not in self._exits
-        if added:
-            self._exits.add(fence)
-            uc.ctl_set_exits(sorted(self._exits))
-        uc.ctl_remove_cache(pc, pc + size)
-        try:
-            uc.emu_start(rip, 0)
-        finally:
-            if added:
-                self._exits.discard(fence)
-                uc.ctl_set_exits(sorted(self._exits))
-            uc.ctl_remove_cache(pc, pc + size)
+        self.budget.retired = value
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:
+        events_ = self.pending_events
+        budget = self.budget
+        linear = self.mode.linear
         while True:
-            if self._irq_vector is not None:
-                self._take_deliverable_interrupt()
-            if self._pending is not None:
-                event, self._pending = self._pending, None
+            if events_.pending_interrupt is not None:
+                events_.take_deliverable_interrupt()
+            event = events_.take()
+            if event is not None:
                 if not (event.software or event.injected) and event.vector < 32 \
                         and self.vmcs.read(VmcsField.EXCEPTION_BITMAP) >> event.vector & 1:
                     return VmExit(ExitReason.EXCEPTION, self.rip, exception=ExceptionExit(event.vector, event.error_code, event.cr2))
@@ -637,75 +673,60 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 if exit_ is not None:
                     return exit_
                 continue
-            if self._budget.left is not None and self._budget.left <= 0:
+            if budget.left is not None and budget.left <= 0:
                 return VmExit(ExitReason.BUDGET, self.rip)
             rip = self.rip
-            if self._linear(rip) in self._exits:
-                exit_ = self._emulate_at(rip, emulate)
+            if linear(rip) in self._exit_points:
+                exit_ = self._emulation.emulate_at(rip)
             else:
                 exit_ = self._run_engine(rip)
-            if exit_ is not None and not (self._irq_vector is not None and self._wake_from_hlt(exit_)):
-                return exit_
+            if exit_ is not None:
+                if not (exit_.reason is ExitReason.HLT and events_.wakes_halt()):
+                    return exit_
+                self.complete_pending_exit()  # the HLT retires; the interrupt is taken next
 
     def _run_engine(self, rip: int) -> VmExit | None:
-        self._budget.hit = False
+        budget, stops, linear = self.budget, self._stops, self.mode.linear
+        budget.hit = False
         try:
             self._emu_start_keeping_cr2(rip)
-            if self._native is not None:
-                self._native.raise_callback_error()
-                self._apply_native_handover()
-            if self._hook_error is not None:
-                error, self._hook_error = self._hook_error, None
-                raise error
+            self._hook.raise_hook_error()
+            self._hook.apply_native_handover()
             if self.tsc.error is not None:
                 error, self.tsc.error = self.tsc.error, None
                 raise error
         except UcError as err:
             if err.errno == UC_ERR_INSN_INVALID:
-                return self._on_invalid_stop()
+                return stops.on_invalid_stop()
             if err.errno in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED):
-                return self._on_unmapped_stop(err.errno)
+                return stops.on_unmapped_stop(err.errno)
             raise CetvmError(f"engine error at RIP {self.rip:#x}: {err}") from None
-        if self._budget.hit:
-            self._forget_terminator_not_run(self._linear(self.rip))
-        if self._pending is None:
-            self._clear_stale_old_exception()
+        if budget.hit:
+            stops.forget_terminator_not_run(linear(self.rip))
+        if not self.pending_events.has_event:
+            self.registers.clear_stale_old_exception()
         if not self.traced:
             self.refresh_mode()  # native IRETQ/SYSRET/far transfers may have changed CPL or mode
-        if self._syscall_at is not None:
-            self.rip, self._syscall_at = self._syscall_at, None
-            return self._emulate_at(self.rip, emulate)
-        if self._pending is not None or self._budget.hit or self._linear(self.rip) in self._exits:
+        syscall_at = stops.take_syscall()
+        if syscall_at is not None:
+            self.rip = syscall_at
+            return self._emulation.emulate_at(syscall_at)
+        if self.pending_events.has_event or budget.hit or linear(self.rip) in self._exit_points:
             return None
         if not self.traced:
             # Untraced mode: Unicorn stops by itself only after HLT (RIP past it).
             return VmExit(ExitReason.HLT, (self.rip - 1) & U64_MASK, 1)
         return None
 
-    @contextlib.contextmanager
-    def _cr2_kept(self) -> Iterator[None]:
-        """Put the guest's CR2 back after engine work. CR2 changes architecturally only when a
-        #PF is delivered (:func:`cetvm.cpu.events.deliver` writes the pending #PF's own CR2,
-        read by the interrupt hook) or by MOV to CR2 (emulated), but Unicorn also writes it on
-        events that are no #PF for the guest: MMIO and unmapped accesses, mapping and unmapping
-        a scratch page, the re-translation of a stale block after a paging change. (Found by a
-        2-vCPU snapshot: the continued machine's AP had CR2 = 0x14, the restored one 0.)"""
-        uc = self._uc
-        cr2 = uc.reg_read(X.UC_X86_REG_CR2)
-        try:
-            yield
-        finally:
-            uc.reg_write(X.UC_X86_REG_CR2, cr2)
-
     def _emu_start_keeping_cr2(self, rip: int) -> None:
-        budget = self._budget
-        with self._cr2_kept():
+        budget = self.budget
+        with cr2_kept(self._uc):
             if not budget.per_instruction:
                 self._blocks.close_last()
             self._uc.emu_start(rip, 0)
             stop = budget.take_stop()
             if stop and budget.left:
-                self._run_fenced(self.rip, stop, budget.left)
+                self._hook.run_fenced(self.rip, stop, budget.left)
 
     # ------------------------------------------------------------------ misc
     @property
