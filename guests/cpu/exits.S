@@ -1,11 +1,12 @@
-/* VM exits: port I/O, CPUID, intercepted MSRs, MMIO, VMCALL, XSETBV, MOV to CR4, a counted
- * loop, and a triple fault. */
+/* VM exits: port I/O, CPUID, intercepted MSRs, MMIO, VMCALL, XSETBV, MOV to CR4 and CR3, HLT
+ * with interrupts on, a counted loop, and a triple fault. */
 #include "common.S"
 
         .text
         .globl _start, case_io, case_cpuid, case_msr, case_mmio, case_vmcall, case_xsetbv, case_ud
         .globl case_loop, case_triple, unknown_rdmsr, ud_site, mmio_read, case_cr4, cr4_write
         .globl case_midblock, midblock_mmio, midblock_pf
+        .globl case_hlt, hlt_site, hlt_after, case_cr3, cr3_write
 _start:
 case_io:
         endbr64
@@ -90,6 +91,29 @@ case_cr4:
 cr4_write:
         mov %rcx, %cr4
         mov $RESULTS_ADDR, %rbx
+        movq $1, R_GUEST(%rbx)
+        hlt
+
+/* STI; HLT: halts with interrupts enabled (the harness's handler records an interrupt and
+ * halts), then records that execution went on past the HLT. */
+case_hlt:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        sti
+hlt_site:
+        hlt
+hlt_after:
+        movq $1, R_GUEST(%rbx)
+        cli
+        hlt
+
+/* Reload CR3 with its own value (MOV from RAX), then record it. */
+case_cr3:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        mov %cr3, %rax
+cr3_write:
+        mov %rax, %cr3
         movq $1, R_GUEST(%rbx)
         hlt
 

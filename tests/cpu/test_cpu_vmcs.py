@@ -1,5 +1,6 @@
 """The VMCS the CPU obeys (cetvm.cpu.vmcs): CR4 guest/host mask exits, VM-entry checks of the
-guest CET state, exit information — with the guests/cpu/exits.S code on a bare vCPU (the
+guest CET state, exit information, the execution controls it acts on (HLT exiting, MSR bitmaps,
+CR3-load exiting, enable XSAVES) — with the guests/cpu/exits.S code on a bare vCPU (the
 hypervisor's part is played by the test)."""
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import L, Machine, Options  # noqa: E402
 
-from cetvm.arch import Cr4, Vector, VmcsField  # noqa: E402
+from cetvm.arch import Cr4, Msr, Vector, VmcsField  # noqa: E402
 from cetvm.arch.vmx import ExitReason as VmxExitReason  # noqa: E402
-from cetvm.arch.vmx import VMX_EXIT_REASONS_FAILED_VMENTRY, VmEntryControls  # noqa: E402
+from cetvm.arch.vmx import (  # noqa: E402
+    VMX_EXIT_REASONS_FAILED_VMENTRY, CpuBasedControls, SecondaryControls, VmEntryControls,
+)
 from cetvm.cpu.exits import ExitReason  # noqa: E402
 
 #: Exit qualification of "MOV to CR4 from RCX": CR 4, access type 0, GPR 1 [SDM Table 28-3].
@@ -118,3 +121,79 @@ def test_exit_information_of_io_exception_and_mmio_exits():
     assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.EPT_VIOLATION
     assert m.vcpu.vmcs.read(VmcsField.EXIT_QUALIFICATION) == 1  # a read
     assert m.vcpu.vmcs.read(VmcsField.GUEST_PHYSICAL_ADDRESS) == L["MMIO_PAGE"] + 0x10
+
+
+# ----------------------------------------------------------------------- execution controls
+def _clear_control(m: Machine, field: VmcsField, control: int) -> None:
+    m.vcpu.vmcs.write(field, m.vcpu.vmcs.read(field) & ~control)
+
+
+def test_hlt_exits_with_hlt_exiting():
+    m = start("case_hlt")
+    exit_ = m.vcpu.run()
+    assert exit_.reason is ExitReason.HLT and exit_.rip == m.sym("hlt_site")
+    assert not m.vcpu.halted and m.results.guest[0] == 0
+
+
+def test_hlt_without_hlt_exiting_halts_in_the_guest_until_an_interrupt():
+    """SDM Vol. 3 §26.1.3 / §26.7: the HLT retires in the guest, the CPU waits in the HLT
+    activity state (the run ends with nothing to wake it), and an interrupt the guest can take
+    wakes it with the return address after the HLT."""
+    m = start("case_hlt")
+    _clear_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.HLT_EXITING)
+    exit_ = m.vcpu.run()
+    assert exit_.reason is ExitReason.BUDGET and m.vcpu.halted
+    assert m.vcpu.rip == m.sym("hlt_after") and m.results.guest[0] == 0
+    assert m.vcpu.run().reason is ExitReason.BUDGET and m.vcpu.rip == m.sym("hlt_after")  # still halted
+    m.vcpu.inject_interrupt(0x30)
+    m.vcpu.run()  # delivered; the handler records it and halts (again in the guest)
+    r = m.results
+    assert (r.count, r.vector, r.rip) == (1, 0x30, m.sym("hlt_after"))
+    assert m.vcpu.halted and r.guest[0] == 0
+
+
+def test_every_msr_access_exits_without_msr_bitmaps():
+    """SDM Vol. 3 §26.1.3: with "use MSR bitmaps" 0 every RDMSR/WRMSR exits — IA32_S_CET too,
+    which the CPU handles itself with the control (test_cpu_exits)."""
+    m = start("case_msr")
+    _clear_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.USE_MSR_BITMAPS)
+    seen = []
+    for _ in range(4):
+        exit_ = m.vcpu.run()
+        assert exit_.reason in (ExitReason.RDMSR, ExitReason.WRMSR)
+        seen.append((exit_.reason, exit_.msr.index))
+        m.vcpu.set_exit_result(data=0x5A)
+    assert seen == [(ExitReason.RDMSR, 0x4B564D00), (ExitReason.WRMSR, 0x4B564D01),
+                    (ExitReason.RDMSR, Msr.IA32_S_CET), (ExitReason.RDMSR, 0x9999)]
+    assert m.vcpu.run().reason is ExitReason.HLT
+    assert m.results.guest[1] == 0x5A and m.results.count == 0  # the hypervisor's value; no #GP
+
+
+@pytest.mark.parametrize("exiting", [False, True])
+def test_cr3_load_exits_only_with_cr3_load_exiting(exiting):
+    m = start("case_cr3")
+    if exiting:
+        m.vcpu.vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL,
+                          m.vcpu.vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL) | CpuBasedControls.CR3_LOAD_EXITING)
+    exit_ = m.vcpu.run()
+    if not exiting:
+        assert exit_.reason is ExitReason.HLT and m.results.guest[0] == 1
+        return
+    assert exit_.reason is ExitReason.CR_ACCESS and exit_.rip == m.sym("cr3_write")
+    assert exit_.qualification == 3  # CR3, MOV to CR, from RAX [SDM Table 28-3]
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.CR_ACCESS
+    m.vcpu.write_cr(3, m.vcpu.reg("rax"))  # the hypervisor loads it; the completion retires the MOV
+    assert m.vcpu.run().reason is ExitReason.HLT and m.results.guest[0] == 1
+
+
+@pytest.mark.parametrize("field, control", [
+    (VmcsField.SECONDARY_VM_EXEC_CONTROL, SecondaryControls.ENABLE_XSAVES),
+    (VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.ACTIVATE_SECONDARY_CONTROLS),
+])
+def test_xsaves_is_ud_unless_the_vmcs_enables_it(field, control):
+    """SDM Vol. 3 §26.3: XSAVES is #UD in the guest when "enable XSAVES/XRSTORS" is 0 or the
+    secondary controls are not activated (the CPU and CR4.OSXSAVE support it)."""
+    m = Machine("xsaves")
+    _clear_control(m, field, control)
+    m.run_case("case_roundtrip")
+    assert (m.results.count, m.results.vector) == (1, Vector.UD)

@@ -62,6 +62,55 @@ def vmcs_field_width(field: VmcsField) -> int:
     return (16, 64, 32, 64)[(int(field) >> 13) & 3]
 
 
+class PinBasedControls(enum.IntFlag):
+    """Pin-based VM-execution controls [SDM Vol. 3 §25.6.1, Table 25-5]."""
+
+    EXTERNAL_INTERRUPT_EXITING = 1 << 0
+    NMI_EXITING = 1 << 3
+    VIRTUAL_NMIS = 1 << 5
+    PREEMPTION_TIMER = 1 << 6
+    POSTED_INTERRUPTS = 1 << 7
+
+
+class CpuBasedControls(enum.IntFlag):
+    """Primary processor-based VM-execution controls [SDM Vol. 3 §25.6.2, Table 25-6]."""
+
+    INTERRUPT_WINDOW_EXITING = 1 << 2
+    USE_TSC_OFFSETTING = 1 << 3
+    HLT_EXITING = 1 << 7
+    INVLPG_EXITING = 1 << 9
+    MWAIT_EXITING = 1 << 10
+    RDPMC_EXITING = 1 << 11
+    RDTSC_EXITING = 1 << 12
+    CR3_LOAD_EXITING = 1 << 15
+    CR3_STORE_EXITING = 1 << 16
+    CR8_LOAD_EXITING = 1 << 19
+    CR8_STORE_EXITING = 1 << 20
+    USE_TPR_SHADOW = 1 << 21
+    NMI_WINDOW_EXITING = 1 << 22
+    MOV_DR_EXITING = 1 << 23
+    UNCONDITIONAL_IO_EXITING = 1 << 24
+    USE_IO_BITMAPS = 1 << 25
+    MONITOR_TRAP_FLAG = 1 << 27
+    USE_MSR_BITMAPS = 1 << 28
+    MONITOR_EXITING = 1 << 29
+    PAUSE_EXITING = 1 << 30
+    ACTIVATE_SECONDARY_CONTROLS = 1 << 31
+
+
+class SecondaryControls(enum.IntFlag):
+    """Secondary processor-based VM-execution controls [SDM Vol. 3 §25.6.2, Table 25-7]."""
+
+    VIRTUALIZE_APIC_ACCESSES = 1 << 0
+    ENABLE_EPT = 1 << 1
+    DESCRIPTOR_TABLE_EXITING = 1 << 2
+    ENABLE_RDTSCP = 1 << 3
+    ENABLE_VPID = 1 << 5
+    UNRESTRICTED_GUEST = 1 << 7
+    ENABLE_INVPCID = 1 << 12
+    ENABLE_XSAVES = 1 << 20
+
+
 class VmEntryControls(enum.IntFlag):
     LOAD_DEBUG_CONTROLS = 1 << 2
     IA32E_MODE_GUEST = 1 << 9

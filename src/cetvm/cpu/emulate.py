@@ -20,7 +20,9 @@ from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_
 from cetvm.arch.regs import (
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
 )
-from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField, cr_access_qualification, io_qualification
+from cetvm.arch.vmx import (
+    CR_ACCESS_TYPE_MOV_TO_CR, CpuBasedControls, VmcsField, cr_access_qualification, io_qualification,
+)
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
@@ -157,8 +159,14 @@ def store_value(vcpu, instr: Instruction, size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- exits
-def hlt(vcpu, instr: Instruction) -> VmExit:
+def hlt(vcpu, instr: Instruction) -> VmExit | None:
+    """HLT [SDM Vol. 2 HLT; Vol. 3 §26.1.3]: exits with "HLT exiting"; without it the HLT retires
+    and the CPU enters the HLT activity state (:meth:`cetvm.cpu.vcpu.Vcpu.halt`)."""
     _require_cpl0(vcpu)
+    if not vcpu.vmcs.cpu_based(CpuBasedControls.HLT_EXITING):
+        _advance(vcpu, instr)
+        vcpu.halt()
+        return None
     vcpu.add_completion(_completion_advance(vcpu, instr))
     return VmExit(ExitReason.HLT, instr.ip, instr.len)
 
@@ -247,7 +255,7 @@ def _model_has_xsaves(vcpu) -> bool:
 def rdmsr(vcpu, instr: Instruction) -> VmExit | None:
     _require_cpl0(vcpu)
     index = vcpu.reg("rcx") & 0xFFFF_FFFF
-    if index in vcpu.vmcs.msr_bitmap:
+    if vcpu.vmcs.msr_access_exits(index):
         msr = MsrExit(index)
 
         def complete() -> None:
@@ -281,7 +289,7 @@ def wrmsr(vcpu, instr: Instruction) -> VmExit | None:
     _require_cpl0(vcpu)
     index = vcpu.reg("rcx") & 0xFFFF_FFFF
     value = (vcpu.reg("rdx") & 0xFFFF_FFFF) << 32 | (vcpu.reg("rax") & 0xFFFF_FFFF)
-    if index in vcpu.vmcs.msr_bitmap:
+    if vcpu.vmcs.msr_access_exits(index):
         msr = MsrExit(index, value)
 
         def complete() -> None:
@@ -328,6 +336,8 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
         exit_ = cr_write_exit(vcpu, instr, n, value)
         if exit_ is not None:
             return exit_
+    elif n == 3 and vcpu.vmcs.cpu_based(CpuBasedControls.CR3_LOAD_EXITING):
+        return _cr_access_exit(vcpu, instr, n)
     if n == 4:
         if value & Cr4.CET and not (vcpu.guest_shstk or vcpu.guest_ibt):
             raise gp(0)
@@ -356,6 +366,11 @@ def cr_write_exit(vcpu, instr: Instruction, n: int, value: int) -> VmExit | None
     vmcs = vcpu.vmcs
     if not (value ^ vmcs.read(shadow_field)) & vmcs.read(mask_field):
         return None
+    return _cr_access_exit(vcpu, instr, n)
+
+
+def _cr_access_exit(vcpu, instr: Instruction, n: int) -> VmExit:
+    """The CR_ACCESS exit of MOV to CR``n`` (SDM Table 28-3 qualification)."""
     gpr = _GPR_NUMBER[_REG64[instr.op1_register][0]]
     vcpu.add_completion(_completion_advance(vcpu, instr))
     return VmExit(ExitReason.CR_ACCESS, instr.ip, instr.len,

@@ -83,7 +83,7 @@ from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sre
 from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn, cr2_kept
 from cetvm.cpu.vcpu_cet import VcpuCet
-from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
+from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, standalone_vmcs
 
 if TYPE_CHECKING:
     from iced_x86 import Instruction
@@ -125,7 +125,9 @@ class Vcpu:
         self.guest_shstk = self.has_shstk
         self.guest_ibt = self.has_ibt
         self.traced = trace
-        self.vmcs = Vmcs()
+        #: the current VMCS; without a hypervisor's :meth:`vmptrld` the standalone controls
+        self.vmcs = standalone_vmcs()
+        self._halted = False
         self.xss = 0
         #: writes of the FPU registers from outside the engine (set_fpu / set_sse), so KVM's guest
         #: FPU swap can tell that the CPU still holds what it last put (cetvm.kvm.vmx._swap_sse)
@@ -518,6 +520,18 @@ class Vcpu:
         self._blocks.prev = None
         self.pending_events.queue(PendingEvent(fault.vector, fault.error_code, fault.cr2))
 
+    # ------------------------------------------------------------------ activity state
+    @property
+    def halted(self) -> bool:
+        """The CPU is in the HLT activity state (a HLT retired without "HLT exiting") [SDM Vol. 3
+        §26.7, §27.4]: an event to deliver wakes it, a run with nothing to deliver ends at once."""
+        return self._halted
+
+    def halt(self) -> None:
+        """Enter the HLT activity state (HLT retired in the guest: an STI / MOV SS shadow ends)."""
+        self.pending_events.end_interrupt_shadow()
+        self._halted = True
+
     # ------------------------------------------------------------------ external interrupts
     def inject_interrupt(self, vector: int) -> None:
         """Queue external interrupt ``vector`` (:meth:`cetvm.cpu.interrupts.PendingEvents.inject_interrupt`)."""
@@ -666,6 +680,7 @@ class Vcpu:
                 events_.take_deliverable_interrupt()
             event = events_.take()
             if event is not None:
+                self._halted = False  # an event ends the HLT activity state
                 if not (event.software or event.injected) and event.vector < 32 \
                         and self.vmcs.read(VmcsField.EXCEPTION_BITMAP) >> event.vector & 1:
                     return VmExit(ExitReason.EXCEPTION, self.rip, exception=ExceptionExit(event.vector, event.error_code, event.cr2))
@@ -673,7 +688,7 @@ class Vcpu:
                 if exit_ is not None:
                     return exit_
                 continue
-            if budget.left is not None and budget.left <= 0:
+            if self._halted or (budget.left is not None and budget.left <= 0):
                 return VmExit(ExitReason.BUDGET, self.rip)
             rip = self.rip
             if linear(rip) in self._exit_points:

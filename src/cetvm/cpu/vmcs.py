@@ -19,13 +19,39 @@ KVM's vmcs_read*/vmcs_write* do with VMREAD/VMWRITE. What the CPU takes from it:
 - at every VM exit the CPU saves S_CET, SSP and INTR_SSP_TABLE into the guest-state fields and
   reports the exit information (:meth:`Vmcs.record_exit`) [SDM Vol. 3 §29.2-29.3].
 
+The execution controls the CPU acts on [SDM Vol. 3 §26.1-26.3, §26.7 (HLT activity state)]:
+
+- CPU_BASED_VM_EXEC_CONTROL.HLT_EXITING: HLT exits (reason HLT); with it clear HLT retires in
+  the guest and the CPU enters the HLT activity state (:attr:`cetvm.cpu.vcpu.Vcpu.halted`): an
+  interrupt the guest can take (IF = 1) or an injected event wakes it; nothing else can reach
+  it inside a run, so a run of a halted CPU with nothing to deliver ends at once, as when its
+  time slice ends (ExitReason.BUDGET, RIP after the HLT);
+- USE_MSR_BITMAPS: RDMSR/WRMSR exit per the MSR bitmap; with it clear every RDMSR/WRMSR exits;
+- CR3_LOAD_EXITING: MOV to CR3 exits (CR_ACCESS, qualification of SDM Table 28-3);
+- secondary controls (in force only with ACTIVATE_SECONDARY_CONTROLS): ENABLE_XSAVES clear →
+  XSAVES/XRSTORS are #UD [SDM Vol. 3 §26.3 "XSAVES"].
+
+Not modeled (the control is held, written and read, but the CPU does not act on it), because
+cetvm's CPU has no mechanism for it:
+
+- EXTERNAL_INTERRUPT_EXITING / NMI_EXITING (pin-based): no host interrupt or NMI arrives while
+  a run executes; the interrupts a guest gets are the hypervisor's injections;
+- UNCONDITIONAL_IO_EXITING / USE_IO_BITMAPS: the CPU has no I/O ports of its own, so every
+  IN/OUT/INS/OUTS exits (as with unconditional I/O exiting) whatever the controls say;
+- INTERRUPT_WINDOW_EXITING, NMI_WINDOW_EXITING, MONITOR_TRAP_FLAG, PREEMPTION_TIMER: interrupts
+  are recognized only at run entry and exits (:mod:`cetvm.cpu.interrupts`);
+- RDTSC_EXITING, ENABLE_RDTSCP, CR3_STORE_EXITING, CR8 exiting, INVLPG/MWAIT/PAUSE/RDPMC/MOV-DR
+  exiting: RDTSC/RDTSCP, MOV from CR3/CR8, PAUSE, RDPMC and MOV DR run inside the engine
+  without an exit point (the TSC is the offset-scaled counter of :mod:`cetvm.cpu.tsc`);
+- CPUID, XSETBV and VMCALL exit unconditionally, as on VMX hardware.
+
 Decisions: cetvm's CPU runs no host code, so VM exit does not load the host-state area into the
 registers (the hypervisor keeps the host's view; HOST_* are its fields to read); the other
 guest state (GPRs, segments, CR0/CR3/CR4) lives in the CPU's registers, which the hypervisor
 reads and writes through the vCPU's register interface (KVM's vmcs_writel(GUEST_RIP/CR4...)).
-A fresh VMCS has every control 0 and an empty MSR bitmap: the CPU then exits on nothing but
-what it always exits on (HLT, I/O, CPUID, XSETBV, VMCALL...), i.e. it behaves as without a
-hypervisor's intercepts.
+A fresh VMCS has every control 0 and an empty MSR bitmap, as after VMCLEAR; a vCPU without a
+hypervisor runs from :func:`standalone_vmcs` (HLT and every I/O exit, MSRs per an empty bitmap,
+XSAVES enabled), i.e. it behaves as without a hypervisor's intercepts.
 """
 
 from __future__ import annotations
@@ -36,7 +62,7 @@ from cetvm.arch.msr import cet_ctl_fault, ssp_fault, ssp_table_fault
 from cetvm.arch.regs import U64_MASK
 from cetvm.arch.vmx import (
     EPT_VIOLATION_READ, EPT_VIOLATION_WRITE, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_HARD_EXCEPTION,
-    VmcsField, VmEntryControls, vmcs_field_width,
+    CpuBasedControls, SecondaryControls, VmcsField, VmEntryControls, vmcs_field_width,
 )
 from cetvm.cpu.exits import BASIC_EXIT_REASONS, Direction, VmExit
 
@@ -105,6 +131,37 @@ class Vmcs:
 
     def entry_loads_cet(self) -> bool:
         return bool(self.read(VmcsField.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_CET_STATE)
+
+    def cpu_based(self, control: CpuBasedControls) -> bool:
+        """A primary processor-based VM-execution control is 1."""
+        return bool(self._fields.get(VmcsField.CPU_BASED_VM_EXEC_CONTROL, 0) & control)
+
+    def secondary(self, control: SecondaryControls) -> bool:
+        """A secondary processor-based control is in force: it is 1 and the primary control
+        "activate secondary controls" is 1 (else every secondary control acts as 0) [SDM Vol. 3
+        §25.6.2]."""
+        return (self.cpu_based(CpuBasedControls.ACTIVATE_SECONDARY_CONTROLS)
+                and bool(self._fields.get(VmcsField.SECONDARY_VM_EXEC_CONTROL, 0) & control))
+
+    def msr_access_exits(self, index: int) -> bool:
+        """RDMSR/WRMSR of MSR ``index`` exits: every one without "use MSR bitmaps", else those in
+        the bitmap [SDM Vol. 3 §26.1.3]."""
+        return not self.cpu_based(CpuBasedControls.USE_MSR_BITMAPS) or index in self._msr_bitmap
+
+
+#: The controls of a vCPU run without a hypervisor (tests, benchmarks, `cetvm bench`): the exits
+#: cetvm's CPU always had — HLT and I/O exit, MSRs exit per the (empty) bitmap — and XSAVES enabled.
+STANDALONE_CPU_BASED = (CpuBasedControls.HLT_EXITING | CpuBasedControls.UNCONDITIONAL_IO_EXITING
+                        | CpuBasedControls.USE_MSR_BITMAPS | CpuBasedControls.ACTIVATE_SECONDARY_CONTROLS)
+STANDALONE_SECONDARY = SecondaryControls.ENABLE_XSAVES | SecondaryControls.ENABLE_RDTSCP
+
+
+def standalone_vmcs() -> Vmcs:
+    """A VMCS with :data:`STANDALONE_CPU_BASED` and :data:`STANDALONE_SECONDARY` programmed."""
+    vmcs = Vmcs()
+    vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL, STANDALONE_CPU_BASED)
+    vmcs.write(VmcsField.SECONDARY_VM_EXEC_CONTROL, STANDALONE_SECONDARY)
+    return vmcs
 
 
 def guest_cet_state_fault(s_cet: int, ssp: int, intr_ssp_table: int, va_bits: int = 48) -> str | None:

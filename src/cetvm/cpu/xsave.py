@@ -20,6 +20,7 @@ from unicorn import x86_const as X
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr4
+from cetvm.arch.vmx import SecondaryControls
 from cetvm.arch.xfeatures import XFeature, xfeature_name
 from cetvm.cpu.faults import gp, ud
 from cetvm.xstate import CetKernelState, CetUserState, XsaveArea, XsaveFormat, XsaveLayout
@@ -37,10 +38,13 @@ def _is_supervisor(instr: Instruction) -> bool:
 
 def check_usable(vcpu, instr: Instruction) -> None:
     """The faults before the memory operand is formed: #UD without CPUID XSAVES/XSAVEC or
-    CR4.OSXSAVE or with LOCK, #GP(0) for XSAVES/XRSTORS at CPL > 0 [SDM Vol. 2 XSAVES]."""
+    CR4.OSXSAVE or with LOCK, #GP(0) for XSAVES/XRSTORS at CPL > 0 [SDM Vol. 2 XSAVES]; in VMX
+    non-root operation XSAVES/XRSTORS are #UD unless the VMCS enables them [SDM Vol. 3 §26.3]."""
     supervisor = _is_supervisor(instr)
     leaf_d1 = vcpu.model.get(0xD, 1)[0]
     if not leaf_d1 & (CPUID_XSAVES if supervisor else CPUID_XSAVEC) or not vcpu.cr4 & Cr4.OSXSAVE:
+        raise ud()
+    if supervisor and not vcpu.vmcs.secondary(SecondaryControls.ENABLE_XSAVES):
         raise ud()
     if instr.has_lock_prefix:
         raise ud()

@@ -401,6 +401,7 @@ class KvmVcpu:
         self._forced_emulation = False
         self.cpu.vmptrld(self.state.vmcs)
         self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, self._kvm_exception_bitmap)
+        vmx.init_vmcs_exec_controls(self.state)
         vmx.init_vmcs_cet(self.state, self.host_cpu)
         self._after_set_cpuid()
         self.kvm_vcpu_reset(init_event=False)

@@ -21,6 +21,10 @@ documented register interface.
   accept anyway — the guest cannot tell.
 - :func:`vmx_vcpu_after_set_cpuid` — also tells the CPU the guest's CET features
   (guest_cpu_cap_has), which its CET instructions, CR4.CET and CET MSRs obey.
+- :func:`init_vmcs_exec_controls` — the pin-based, primary and secondary execution controls
+  init_vmcs() writes (:func:`vmx_pin_based_exec_ctrl`, :func:`vmx_exec_control`,
+  :func:`vmx_secondary_exec_control`); the secondary ones follow the guest CPUID and are
+  written again after every KVM_SET_CPUID2.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch.msr import CET_MSR_SET, PL_SSP_MSRS, Msr
-from cetvm.arch.vmx import VmcsField, VmEntryControls, VmExitControls
+from cetvm.arch.vmx import (
+    CpuBasedControls, PinBasedControls, SecondaryControls, VmcsField, VmEntryControls, VmExitControls,
+)
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cr import cr4_reserved_bits
 from cetvm.kvm.vcpu import VcpuArch
@@ -65,6 +71,44 @@ def init_vmcs_cet(vcpu: VcpuArch, host: HostCpu) -> None:
     vcpu.vmcs.write(VmcsField.HOST_INTR_SSP_TABLE, 0)
 
 
+def vmx_pin_based_exec_ctrl() -> PinBasedControls:
+    """vmx_pin_based_exec_ctrl(): external interrupts and NMIs exit to the host (virtual NMIs
+    on); the posted-interrupt and preemption-timer controls need an in-kernel APIC / a timer
+    cetvm's KVM does not have."""
+    return PinBasedControls.EXTERNAL_INTERRUPT_EXITING | PinBasedControls.NMI_EXITING | PinBasedControls.VIRTUAL_NMIS
+
+
+def vmx_exec_control() -> CpuBasedControls:
+    """vmx_exec_control() for a host with EPT and no TPR shadow in use: HLT, MWAIT/MONITOR,
+    RDPMC, MOV DR and every I/O exit; TSC offsetting; MSR bitmaps; secondary controls. With EPT
+    CR3 loads/stores and INVLPG do not exit; the interrupt- and NMI-window controls are set only
+    while KVM waits for a window. CR8 exiting is left clear (KVM's MOV-to-CR8 handling is the
+    CPU's own CR8, as with a TPR shadow)."""
+    return (CpuBasedControls.HLT_EXITING | CpuBasedControls.MWAIT_EXITING | CpuBasedControls.MONITOR_EXITING
+            | CpuBasedControls.RDPMC_EXITING | CpuBasedControls.MOV_DR_EXITING
+            | CpuBasedControls.UNCONDITIONAL_IO_EXITING | CpuBasedControls.USE_TSC_OFFSETTING
+            | CpuBasedControls.USE_MSR_BITMAPS | CpuBasedControls.ACTIVATE_SECONDARY_CONTROLS)
+
+
+def vmx_secondary_exec_control(vcpu: VcpuArch) -> SecondaryControls:
+    """vmx_secondary_exec_control(): EPT, VPID, unrestricted guest and RDTSCP; XSAVES/XRSTORS
+    only when the guest CPUID has XSAVES (vmx_adjust_sec_exec_feature: a guest without it gets
+    #UD from XSAVES, as on hardware). (KVM enables RDTSCP and INVPCID per the guest CPUID too;
+    cetvm's CPU does not act on those two controls, see :mod:`cetvm.cpu.vmcs`.)"""
+    controls = (SecondaryControls.ENABLE_EPT | SecondaryControls.ENABLE_VPID | SecondaryControls.UNRESTRICTED_GUEST
+                | SecondaryControls.ENABLE_RDTSCP)
+    if vcpu.cpuid.guest_cpu_cap_has("xsaves"):
+        controls |= SecondaryControls.ENABLE_XSAVES
+    return controls
+
+
+def init_vmcs_exec_controls(vcpu: VcpuArch) -> None:
+    """init_vmcs(): pin_controls_set, exec_controls_set, secondary_exec_controls_set."""
+    vcpu.vmcs.write(VmcsField.PIN_BASED_VM_EXEC_CONTROL, vmx_pin_based_exec_ctrl())
+    vcpu.vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL, vmx_exec_control())
+    vcpu.vmcs.write(VmcsField.SECONDARY_VM_EXEC_CONTROL, vmx_secondary_exec_control(vcpu))
+
+
 def vmx_update_intercept_for_cet_msr(vcpu: VcpuArch) -> set[int]:
     """The set of CET/XSS MSRs whose guest RDMSR/WRMSR must exit to KVM."""
     intercepts = set(CET_INTERCEPTABLE_MSRS)
@@ -87,8 +131,10 @@ def vmx_set_cr4_guest_host_mask(vcpu: VcpuArch) -> None:
 
 
 def vmx_vcpu_after_set_cpuid(vcpu: VcpuArch, cpu) -> None:
-    """vmx_vcpu_after_set_cpuid() (CET part): the CR4 guest/host mask, and the guest's CET
-    features for the CPU (guest_cpu_cap_has: the guest CPUID within KVM's caps)."""
+    """vmx_vcpu_after_set_cpuid(): the secondary execution controls that follow the CPUID, the
+    CR4 guest/host mask, and the guest's CET features for the CPU (guest_cpu_cap_has: the
+    guest CPUID within KVM's caps)."""
+    vcpu.vmcs.write(VmcsField.SECONDARY_VM_EXEC_CONTROL, vmx_secondary_exec_control(vcpu))
     vmx_set_cr4_guest_host_mask(vcpu)
     cpu.set_guest_cet_features(shstk=vcpu.cpuid.guest_cpu_cap_has("shstk"),
                                ibt=vcpu.cpuid.guest_cpu_cap_has("ibt"))
