@@ -57,3 +57,17 @@ def test_set_sregs_checks_cr4_cet():
     no_cet = make_guest("cr4_cet", shstk=False, ibt=False)
     with pytest.raises(KvmIoctlError):
         no_cet.vcpu.set_sregs(long_mode_sregs(cr4_extra=Cr4.CET))
+
+
+@pytest.mark.parametrize("xsaves", [True, False])
+def test_xsaves_follows_the_guest_cpuid(xsaves):
+    """KVM enables XSAVES/XRSTORS in the VMCS only for a guest whose CPUID has XSAVES
+    (vmx_secondary_exec_control); without it the guest's XSAVES is #UD although the host CPU has
+    it [SDM Vol. 3 §26.3]."""
+    g = make_guest("xsaves")
+    cpuid = g.kvm.get_supported_cpuid()
+    cpuid.set_feature("xsaves", xsaves)
+    g.vcpu.set_cpuid(cpuid)
+    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
+    assert g.slot(0) == 1
+    assert [vector for vector, _ in g.log()] == ([] if xsaves else [6])
