@@ -6,9 +6,9 @@ Two granularities, with the same results (the agreement tests compare them):
   instructions when the block starts — its instruction count is known from its classification —
   and stops the engine in front of a block that has more instructions than the budget has left;
   the vCPU then runs exactly the instructions left (a temporary Unicorn exit inside the block,
-  :meth:`cetvm.cpu.vcpu.Vcpu._run_fenced`). An engine stop inside the block that ran last (a
+  :meth:`cetvm.cpu.block_hook.BlockHook.run_fenced`). An engine stop inside the block that ran last (a
   fault, an MMIO access, an invalid instruction) retires only the instructions before it
-  (:meth:`cetvm.cpu.vcpu.Vcpu._retire_before`). Nothing is paid per instruction: the native
+  (:meth:`cetvm.cpu.block_hook.BlockHook.retire_before`). Nothing is paid per instruction: the native
   hook's count is one subtraction per block (``cetfast_block_hook``).
 - ``instruction`` (the reference, and untraced vCPUs, which have no block hook): a UC_HOOK_CODE
   hook counts every instruction as it starts and stops the engine before the first one past the

@@ -482,10 +482,6 @@ class Vcpu:
         an MMIO access (for instructions cetvm emulates around the engine)."""
         return self._stops.execute_with_mmio_operand(instr)
 
-    def apply_decision(self, decision, *, counted: bool = True) -> bool:
-        """Carry out a CET block-start decision (:meth:`cetvm.cpu.block_hook.BlockHook.apply_decision`)."""
-        return self._hook.apply_decision(decision, counted=counted)
-
     def add_completion(self, completion: Completion) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction).
         A completion may return a further exit (a multi-access MMIO instruction): ``run`` then
