@@ -6,7 +6,7 @@
         .globl _start, case_io, case_cpuid, case_msr, case_mmio, case_vmcall, case_xsetbv, case_ud
         .globl case_loop, case_triple, unknown_rdmsr, ud_site, mmio_read, case_cr4, cr4_write
         .globl case_midblock, midblock_mmio, midblock_pf
-        .globl case_hlt, hlt_site, hlt_after, case_cr3, cr3_write
+        .globl case_hlt, hlt_site, hlt_after, case_cr3, cr3_write, case_window, window_site
 _start:
 case_io:
         endbr64
@@ -105,6 +105,15 @@ hlt_site:
 hlt_after:
         movq $1, R_GUEST(%rbx)
         cli
+        hlt
+
+/* STI; NOP: the interrupt window opens in front of the HLT (STI's shadow ends with the NOP). */
+case_window:
+        endbr64
+        mov $RESULTS_ADDR, %rbx
+        sti
+        nop
+window_site:
         hlt
 
 /* Reload CR3 with its own value (MOV from RAX), then record it. */

@@ -197,3 +197,32 @@ def test_xsaves_is_ud_unless_the_vmcs_enables_it(field, control):
     _clear_control(m, field, control)
     m.run_case("case_roundtrip")
     assert (m.results.count, m.results.vector) == (1, Vector.UD)
+
+
+def _set_control(m: Machine, field: VmcsField, control: int) -> None:
+    m.vcpu.vmcs.write(field, m.vcpu.vmcs.read(field) | control)
+
+
+def test_interrupt_window_exit_when_the_guest_can_take_an_interrupt():
+    """SDM Vol. 3 §26.7.5: with "interrupt-window exiting" the CPU exits as soon as IF = 1 and
+    no STI shadow blocks — here in front of the HLT after STI; NOP — and again at once while the
+    window stays open; without the control the HLT exits as usual."""
+    m = start("case_window")
+    _set_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+    exit_ = m.vcpu.run()
+    assert exit_.reason is ExitReason.INTERRUPT_WINDOW and exit_.rip == m.sym("window_site")
+    assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.INTERRUPT_WINDOW
+    retired = m.vcpu.instructions_retired
+    assert m.vcpu.run().reason is ExitReason.INTERRUPT_WINDOW and m.vcpu.instructions_retired == retired
+    _clear_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+    exit_ = m.vcpu.run()
+    assert exit_.reason is ExitReason.HLT and exit_.rip == m.sym("window_site")
+
+
+def test_no_interrupt_window_exit_while_interrupts_are_blocked():
+    """IF = 0 (the harness starts the guest with RFLAGS = 2) or the STI shadow on the HLT of
+    case_hlt: no window exit, the guest runs to its HLT exit."""
+    m = start("case_hlt")
+    _set_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+    exit_ = m.vcpu.run()
+    assert exit_.reason is ExitReason.HLT and exit_.rip == m.sym("hlt_site")

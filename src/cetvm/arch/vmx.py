@@ -134,6 +134,7 @@ class ExitReason(enum.IntEnum):
     EXTERNAL_INTERRUPT = 1
     TRIPLE_FAULT = 2
     INIT_SIGNAL = 3
+    INTERRUPT_WINDOW = 7
     HLT = 12
     CPUID = 10
     VMCALL = 18

@@ -30,6 +30,9 @@ class ExitReason(enum.Enum):
     #: MOV to CR0/CR4 changing a host-owned bit (the VMCS guest/host mask); ``qualification``
     #: as SDM Vol. 3 Table 28-3 (:func:`cetvm.arch.vmx.cr_access_qualification`)
     CR_ACCESS = "cr_access"
+    #: "interrupt-window exiting" and the guest can take an interrupt (IF = 1, no STI / MOV SS
+    #: shadow) [SDM Vol. 3 §26.7.5]
+    INTERRUPT_WINDOW = "interrupt_window"
     #: VM entry failed its guest-state checks (nothing ran; ``detail`` says which check)
     ENTRY_FAILED = "entry_failed"
     BUDGET = "budget"
@@ -49,6 +52,7 @@ BASIC_EXIT_REASONS: dict[ExitReason, int] = {
     ExitReason.TRIPLE_FAULT: VmxExitReason.TRIPLE_FAULT,
     ExitReason.CPUID: VmxExitReason.CPUID,
     ExitReason.HLT: VmxExitReason.HLT,
+    ExitReason.INTERRUPT_WINDOW: VmxExitReason.INTERRUPT_WINDOW,
     ExitReason.VMCALL: VmxExitReason.VMCALL,
     ExitReason.CR_ACCESS: VmxExitReason.CR_ACCESS,
     ExitReason.IO: VmxExitReason.IO_INSTRUCTION,

@@ -59,7 +59,7 @@ from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import CET_MSR_SET
 from cetvm.arch.regs import U64_MASK
-from cetvm.arch.vmx import VmcsField
+from cetvm.arch.vmx import CpuBasedControls, VmcsField
 from cetvm.cpu import events
 from cetvm.cpu.block_hook import BlockHook
 from cetvm.cpu.blocks import BlockTable, BlockTracker
@@ -684,7 +684,12 @@ class Vcpu:
                 if exit_ is not None:
                     return exit_
                 continue
-            if self._halted or (budget.left is not None and budget.left <= 0):
+            if budget.left is not None and budget.left <= 0:
+                return VmExit(ExitReason.BUDGET, self.rip)
+            if self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING) and events_.interrupt_window_open:
+                self._halted = False  # the exit leaves the HLT activity state
+                return VmExit(ExitReason.INTERRUPT_WINDOW, self.rip)
+            if self._halted:
                 return VmExit(ExitReason.BUDGET, self.rip)
             rip = self.rip
             if linear(rip) in self._exit_points:

@@ -27,6 +27,11 @@ The execution controls the CPU acts on [SDM Vol. 3 §26.1-26.3, §26.7 (HLT acti
   it inside a run, so a run of a halted CPU with nothing to deliver ends at once, as when its
   time slice ends (ExitReason.BUDGET, RIP after the HLT);
 - USE_MSR_BITMAPS: RDMSR/WRMSR exit per the MSR bitmap; with it clear every RDMSR/WRMSR exits;
+- INTERRUPT_WINDOW_EXITING: an INTERRUPT_WINDOW exit as soon as IF = 1 and no STI / MOV SS
+  shadow blocks an interrupt [SDM Vol. 3 §26.7.5] — checked where the CPU recognizes
+  interrupts: at VM entry and at every stop of the engine (after an exit point, an event, an
+  exit), never inside a stretch of code the engine runs without stops (an STI there is seen at
+  the next stop); after the budget (as the VMX-preemption timer) and it wakes a halted CPU;
 - CR3_LOAD_EXITING: MOV to CR3 exits (CR_ACCESS, qualification of SDM Table 28-3);
 - secondary controls (in force only with ACTIVATE_SECONDARY_CONTROLS): ENABLE_XSAVES clear →
   XSAVES/XRSTORS are #UD [SDM Vol. 3 §26.3 "XSAVES"].
@@ -38,8 +43,8 @@ cetvm's CPU has no mechanism for it:
   a run executes; the interrupts a guest gets are the hypervisor's injections;
 - UNCONDITIONAL_IO_EXITING / USE_IO_BITMAPS: the CPU has no I/O ports of its own, so every
   IN/OUT/INS/OUTS exits (as with unconditional I/O exiting) whatever the controls say;
-- INTERRUPT_WINDOW_EXITING, NMI_WINDOW_EXITING, MONITOR_TRAP_FLAG, PREEMPTION_TIMER: interrupts
-  are recognized only at run entry and exits (:mod:`cetvm.cpu.interrupts`);
+- NMI_WINDOW_EXITING, MONITOR_TRAP_FLAG, PREEMPTION_TIMER: the CPU has no NMIs, no per-instruction
+  stop and no timer (its instruction budget plays the preemption timer's part);
 - RDTSC_EXITING, ENABLE_RDTSCP, CR3_STORE_EXITING, CR8 exiting, INVLPG/MWAIT/PAUSE/RDPMC/MOV-DR
   exiting: RDTSC/RDTSCP, MOV from CR3/CR8, PAUSE, RDPMC and MOV DR run inside the engine
   without an exit point (the TSC is the offset-scaled counter of :mod:`cetvm.cpu.tsc`);

@@ -806,8 +806,9 @@ class KvmVcpu:
         cpu, state, host = self.cpu, self.state, self.host_cpu
         while True:
             left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
-            if left != 0 and self._irq_window_exit_due():
-                return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
+            # kvm_check_and_inject_events: the window exit userspace asked for, when it has no
+            # interrupt queued (the CPU takes a queued one itself once the window opens)
+            vmx.vmx_set_irq_window(state, self.request_interrupt_window and cpu.pending_interrupt is None)
             forced, self._forced_emulation = self._forced_emulation, False
             vmx.vmx_vcpu_enter(state, cpu)
             exit_ = cpu.run(1 if forced and left != 0 else left)
@@ -842,6 +843,9 @@ class KvmVcpu:
         if reason is ExitReason.CR_ACCESS:
             handle_cr(self.state, self.cpu, exit_)
             return None
+        if reason is ExitReason.INTERRUPT_WINDOW:  # handle_interrupt_window, then vcpu_run's check
+            vmx.vmx_set_irq_window(self.state, False)
+            return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, exit_.rip) if self._irq_window_exit_due() else None
         if reason is ExitReason.VMCALL:
             hypercall = handle_vmcall(self.cpu, self.vm.exit_hypercall_mask)
             if hypercall is None:

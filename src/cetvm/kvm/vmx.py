@@ -109,6 +109,13 @@ def init_vmcs_exec_controls(vcpu: VcpuArch) -> None:
     vcpu.vmcs.write(VmcsField.SECONDARY_VM_EXEC_CONTROL, vmx_secondary_exec_control(vcpu))
 
 
+def vmx_set_irq_window(vcpu: VcpuArch, wanted: bool) -> None:
+    """enable_irq_window() / handle_interrupt_window(): set or clear "interrupt-window exiting"."""
+    controls = vcpu.vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL)
+    window = CpuBasedControls.INTERRUPT_WINDOW_EXITING
+    vcpu.vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL, controls | window if wanted else controls & ~window)
+
+
 def vmx_update_intercept_for_cet_msr(vcpu: VcpuArch) -> set[int]:
     """The set of CET/XSS MSRs whose guest RDMSR/WRMSR must exit to KVM."""
     intercepts = set(CET_INTERCEPTABLE_MSRS)
