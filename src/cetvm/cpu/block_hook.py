@@ -68,6 +68,8 @@ class BlockHookMixin:
         self.cet = self._native.cet_state
         self._native.install()
         self._native.filter_exit_invalidation()
+        if self.model.has("serialize"):
+            self._native.install_serialize()
         self._native.install_tlb_fill(set_mode=False)
 
     def _sync_native_mode(self) -> None:
@@ -198,7 +200,7 @@ class BlockHookMixin:
         terminator = classify_terminator(instrs[-1]) if instrs else None
         if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
             terminator = None  # nothing to apply at the next block start
-        info = BlockInfo(address, size, terminator, code[:4], len(instrs))
+        info = BlockInfo(address, size, terminator, code[:4], len(instrs), self.code_is_global(address, size))
         self._blocks.store(info)
         return info
 
