@@ -364,9 +364,20 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.write_cr(n, value)
         if n == 3:
             self._blocks.invalidate_local()
-        elif (n == 0 and (old ^ value) & _CR0_PAGING_BITS) or (n == 4 and (old ^ value) & _CR4_PAGING_BITS):
+            self._load_paging_root(value)
+            return
+        if (n == 0 and (old ^ value) & _CR0_PAGING_BITS) or (n == 4 and (old ^ value) & _CR4_PAGING_BITS):
             self._blocks.invalidate()
         self.refresh_mode()
+
+    def _load_paging_root(self, cr3: int) -> None:
+        """What a CR3 load changes of the mode :meth:`refresh_mode` caches: only the paging root
+        (CPL, code size, CR0/CR4/EFER stay; Linux loads CR3 at every context switch)."""
+        mode = self._memory.mode
+        self._memory.set_mode(PagingMode(mode.cr0, cr3 & U64_MASK, mode.cr4, mode.efer))
+        self._ss_window.forget()
+        if self._native is not None:
+            self._sync_native_mode()
 
     def forget_blocks(self, *, global_too: bool) -> None:
         """Forget block classifications: those not on global pages, or all."""

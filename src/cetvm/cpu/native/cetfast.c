@@ -609,11 +609,24 @@ static void front_retain(cetfast_t *f, keep_fn keep, uint64_t lo, uint64_t hi)
     }
 }
 
+#define LOCAL_TABLE_MIN 1024
+
 /* MOV to CR3: forget the blocks on non-global pages (cetvm.cpu.blocks.BlockTracker.invalidate_local). */
 void cetfast_invalidate_local_blocks(void *p)
 {
     cetfast_t *f = p;
-    if (f->local_count)
+    int fresh = 0;
+    if (f->local_mask > LOCAL_TABLE_MIN - 1) {
+        /* back to the small table: a CR3 load clears it, and user space has few hot blocks */
+        cet_block_t *t = aligned_alloc(64, LOCAL_TABLE_MIN * sizeof(cet_block_t));
+        if (t) {
+            free(f->local);
+            f->local = t;
+            f->local_mask = LOCAL_TABLE_MIN - 1;
+            fresh = 1;
+        }
+    }
+    if (f->local_count || fresh)
         table_clear(f->local, f->local_mask + 1);
     f->local_count = 0;
     front_retain(f, keep_global, 0, 0);
