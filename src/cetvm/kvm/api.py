@@ -933,6 +933,10 @@ class KvmVcpu:
         if done.shutdown:
             return KvmRun(KvmExitReason.SHUTDOWN, rip, detail=done.detail)
         self.cpu.retire_emulated()
+        if self._init_latched:  # kvm_smm_changed(): KVM_REQ_EVENT takes the INIT latched in SMM now
+            self._accept_events()
+            if self.mp_state is not MpState.RUNNABLE:
+                return KvmRun(KvmExitReason.INTR, self.cpu.rip, detail="vCPU is waiting for INIT/SIPI")
         return None
 
     def _guest_cet_controls(self) -> tuple[int, int]:

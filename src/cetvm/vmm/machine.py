@@ -191,6 +191,7 @@ class Machine:
             apic.tsc = functools.partial(guest_tsc, vcpu)
             apic.tsc_khz = vcpu.get_tsc_khz()
         self.devices.connect(self.clock, self.apic_bus.deliver_message)
+        self.devices.apm.smi = self._smi_current
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
@@ -211,6 +212,10 @@ class Machine:
     def _enter(self, index: int) -> None:
         """Before vCPU ``index`` runs: its APIC answers the xAPIC page."""
         self.devices.apic_page.current = index
+
+    def _smi_current(self) -> None:
+        """An SMI from the chipset (APM_CNT) to the vCPU that wrote the port: KVM_SMI."""
+        self.vcpus[self.devices.apic_page.current].smi()
 
     def _deliver_init(self, index: int) -> None:
         """INIT IPI: latch INIT in the vCPU (KVM_SET_MP_STATE INIT_RECEIVED)."""
