@@ -62,6 +62,7 @@ from cetvm.cpu.state import GPR_NAMES, DescriptorTable, Regs, SegAttr, Segment, 
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp
 from cetvm.kvm.cr import cr0_invalid_reason, kvm_is_illegal_gpa, kvm_is_valid_cr4
 from cetvm.kvm.msr import MsrResult, guest_maxphyaddr, kvm_get_msr, kvm_set_efer_value, kvm_set_msr
+from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.vcpu import VcpuArch
 
 #: The revision identifier KVM writes in its 64-bit map (SMBASE + 0xFEFC).
@@ -412,3 +413,30 @@ def kvm_smm_reset(vcpu: VcpuArch, init_event: bool) -> None:
 def smi_allowed(vcpu: VcpuArch) -> bool:
     """vmx_smi_allowed(): not while in SMM."""
     return not is_smm(vcpu)
+
+
+# --------------------------------------------------------------------------- capabilities
+@dataclass(frozen=True)
+class SmmCaps:
+    """What the modeled KVM offers for SMM: KVM_CHECK_EXTENSION(KVM_CAP_X86_SMM) (CONFIG_KVM_SMM
+    and the vendor module's has_emulated_msr(MSR_IA32_SMBASE): VMX and SVM without SEV-ES),
+    and whether the guest SSP goes to SMRAM (guests with SHSTK, which KVM offers or not)."""
+
+    supported: bool
+    ssp_in_smram: bool
+    why: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"supported": self.supported, "ssp_in_smram": self.ssp_in_smram, "why": self.why}
+
+
+def kvm_smm_caps(caps: KvmCaps) -> SmmCaps:
+    """KVM_CAP_X86_SMM and the SSP rule for ``caps``'s host."""
+    layout = (f"KVM_SMI; KVM's 64-bit state-save map at SMBASE+0x{SMRAM_STATE_OFFSET:X} (SMBASE "
+              "0x30000 at RESET, relocatable); RSM emulated at KVM's #UD intercept")
+    if caps.has("shstk"):
+        why = (f"{layout}; the guest SSP is saved at SMBASE+0x{SMRAM_SSP_OFFSET:X} and reloaded by RSM "
+               "(a saved SSP that is not canonical and 4-byte aligned fails RSM: shutdown); CR4 = 0 in SMM, "
+               "so CET is off in the SMI handler")
+        return SmmCaps(True, True, why)
+    return SmmCaps(True, False, f"{layout}; no SSP in SMRAM: SHSTK is not offered to guests")
