@@ -904,7 +904,7 @@ class KvmVcpu:
         smi = check_instance("KVM_SET_VCPU_EVENTS: smi", smi, smm.SmiEvents)
         for name in ("smm", "pending", "smm_inside_nmi", "latched_init"):
             check_flag(f"KVM_SET_VCPU_EVENTS: smi.{name}", getattr(smi, name))
-        if (smi.smm or smi.pending) and self.mp_state is MpState.INIT_RECEIVED:
+        if (smi.smm or smi.pending) and self.get_mp_state() is MpState.INIT_RECEIVED:
             raise KvmInvalidArgument("KVM_SET_VCPU_EVENTS: a vCPU in INIT_RECEIVED cannot be in SMM or have an SMI pending")
         smm.set_smi_events(self.state, smi)
         self._init_latched = smi.latched_init
