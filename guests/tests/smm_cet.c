@@ -11,16 +11,18 @@
  *
  * Default run: RSM outside SMM is #UD; after an SMI and RSM, SSP, S_CET, U_CET, PL0-3_SSP and
  * CR4 are unchanged and shadow stacks and IBT are still enforced; SMBASE relocation moves the
- * next SMI.  With "corrupt=misalign" or "corrupt=noncanonical" on the command line the handler
+ * next SMI; a self-IPI with ICR delivery mode SMI enters SMM too.  With "corrupt=misalign" or "corrupt=noncanonical" on the command line the handler
  * corrupts the saved SSP: RSM must fail and the VM shut down (KVM: triple fault,
  * KVM_EXIT_SHUTDOWN), so the kernel's last TAP line must never print.
  * SKIP without SHSTK. */
 #include "ktest.h"
+#include "smp.h"
 
 #define APM_CNT 0xB2
 #define SMBASE_RESET 0x30000ul
 #define SMBASE_RELOCATED 0x50000ul
 #define SMM_HANDLER 0x8000ul
+#define ICR_SMI 0x200u
 /* The handler's data block at SMBASE + 0x7000 (offsets the 16-bit code uses). */
 struct smm_data {
     u32 ran;          /* 0x00 */
@@ -140,6 +142,7 @@ static const char *const names[] = {
     "after RSM: return-address overwrite -> #CP(1)",
     "after RSM: CALL* to a non-ENDBR target -> #CP(3)",
     "SMBASE relocation: the next SMI runs at the new SMBASE",
+    "an IPI with ICR delivery mode SMI enters SMM and returns",
 };
 #define NTESTS ((int)(sizeof(names) / sizeof(names[0])))
 
@@ -197,11 +200,18 @@ static void body(void)
     tap_ok(d->ran == 2 && moved->ran == 1 && moved->saved_ssp == ssp_at_smi && ssp_after == ssp_at_smi, names[9],
            "runs at 0x30000 %u, at 0x50000 %u; saved ssp 0x%lx ssp 0x%lx", d->ran, moved->ran, moved->saved_ssp,
            ssp_after);
+
+    u64 ssp = rdssp();
+    apic_send_ipi(apic_id(), ICR_SMI);
+    /* the SMI is taken inside apic_send_ipi: the saved SSP is a few call frames below ours */
+    tap_ok(moved->ran == 2 && moved->saved_ssp < ssp && ssp - moved->saved_ssp <= 64 && rdssp() == ssp, names[10],
+           "runs at 0x50000 %u; saved ssp 0x%lx ssp 0x%lx", moved->ran, moved->saved_ssp, ssp);
     tap_done();
 }
 
 void kmain(void)
 {
     kernel_init();
+    smp_init();
     cet_kernel_start(body, 0);
 }
