@@ -14,7 +14,7 @@ import json
 import struct
 
 import pytest
-from conftest import CODE, Guest, build_machine, long_mode_sregs
+from conftest import CODE, Guest, build_machine, fresh_copy, long_mode_sregs
 
 from cetvm.arch import KVM_REG_GUEST_SSP_ID, Cr0, Cr4, Msr
 from cetvm.cpuid import get_model
@@ -139,12 +139,7 @@ def test_a_vcpu_saved_in_smm_returns_from_rsm_in_a_fresh_vm():
     enter_smm(g)
     state = json.loads(json.dumps(save_vcpu_state(g.vcpu)))
     assert state["smi"] == {"smm": True, "pending": False, "smm_inside_nmi": False, "latched_init": False}
-    kvm = Kvm(Host(get_model("sapphire-rapids")))
-    vm = kvm.create_vm()
-    vm.set_user_memory_region(0, 0, 0x400000)
-    vm.put_memory(0, g.vm.get_memory(0, 0x400000))
-    vcpu = vm.create_vcpu()
-    vcpu.set_cpuid(g.vcpu.get_cpuid2())
+    vcpu = fresh_copy(g).vcpu
     restore_vcpu_state(vcpu, state)
     assert vcpu.get_vcpu_events_smi().smm and vcpu.get_regs().rip == 0x8001
     run = vcpu.run(budget=100)
