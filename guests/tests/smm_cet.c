@@ -11,7 +11,9 @@
  *
  * Default run: RSM outside SMM is #UD; after an SMI and RSM, SSP, S_CET, U_CET, PL0-3_SSP and
  * CR4 are unchanged and shadow stacks and IBT are still enforced; SMBASE relocation moves the
- * next SMI; a self-IPI with ICR delivery mode SMI enters SMM too.  With "corrupt=misalign" or "corrupt=noncanonical" on the command line the handler
+ * next SMI; a self-IPI with ICR delivery mode SMI enters SMM too; with `--smp 2`, an SMI IPI
+ * wakes an AP halted with IF = 0, whose handler runs at its own SMBASE (0x30000: only the BSP
+ * relocated), and RSM resumes the AP after its HLT.  With "corrupt=misalign" or "corrupt=noncanonical" on the command line the handler
  * corrupts the saved SSP: RSM must fail and the VM shut down (KVM: triple fault,
  * KVM_EXIT_SHUTDOWN), so the kernel's last TAP line must never print.
  * SKIP without SHSTK. */
@@ -23,6 +25,7 @@
 #define SMBASE_RELOCATED 0x50000ul
 #define SMM_HANDLER 0x8000ul
 #define ICR_SMI 0x200u
+#define WAIT_LIMIT 20000000ul
 /* The handler's data block at SMBASE + 0x7000 (offsets the 16-bit code uses). */
 struct smm_data {
     u32 ran;          /* 0x00 */
@@ -32,7 +35,8 @@ struct smm_data {
     u32 command;      /* 0x14: SMM_CMD_* */
     u32 cr0;          /* 0x18: CR0 inside SMM */
     u32 new_smbase;   /* 0x1C: for SMM_CMD_RELOCATE */
-} __attribute__((packed));
+};
+_Static_assert(sizeof(struct smm_data) == 0x20, "the handler's offsets");
 #define SMM_DATA 0x7000ul
 #define SMM_CMD_MISALIGN_SSP 1
 #define SMM_CMD_NONCANONICAL_SSP 2
@@ -98,6 +102,45 @@ static void do_call(void *arg) { call_indirect((void (*)(void))arg); }
 
 struct cet_msrs { u64 s_cet, u_cet, pl[4]; };
 
+static u8 ap_stack[16384] ALIGNED(16);
+static volatile int ap_halting;
+static volatile u64 ap_hlt_returns;
+
+static void ap_main(int cpu)
+{
+    for (;;) {
+        ap_halting = 1;
+        __asm__ volatile("cli; hlt" ::: "memory");  /* only an SMI (or INIT) can end this */
+        ap_hlt_returns++;
+    }
+}
+
+static bool wait_for(volatile u32 *value, u32 want)
+{
+    for (u64 i = 0; i < WAIT_LIMIT && *value != want; i++)
+        __asm__ volatile("pause");
+    return *value == want;
+}
+
+static void smi_to_halted_ap(const char *name)
+{
+    if (fw_cfg_nb_cpus() < 2) {
+        tap_skip(name, "one CPU (boot with --smp 2)");
+        return;
+    }
+    install_handler(SMBASE_RESET);
+    volatile struct smm_data *d = smm_data(SMBASE_RESET);
+    bool started = smp_start_ap(1, ap_main, (u64)(ap_stack + sizeof(ap_stack)));
+    for (u64 i = 0; i < WAIT_LIMIT && !ap_halting; i++)
+        __asm__ volatile("pause");
+    apic_send_ipi(1, ICR_SMI);
+    bool ran = wait_for(&d->ran, 1);
+    for (u64 i = 0; i < WAIT_LIMIT && !ap_hlt_returns; i++)
+        __asm__ volatile("pause");
+    tap_ok(started && ran && ap_hlt_returns == 1 && d->cr4 == 0, name, "started %d handler runs %u hlt returns %lu",
+           started, d->ran, ap_hlt_returns);
+}
+
 static struct cet_msrs read_cet_msrs(void)
 {
     struct cet_msrs m = {rdmsr(MSR_S_CET), rdmsr(MSR_U_CET),
@@ -143,6 +186,7 @@ static const char *const names[] = {
     "after RSM: CALL* to a non-ENDBR target -> #CP(3)",
     "SMBASE relocation: the next SMI runs at the new SMBASE",
     "an IPI with ICR delivery mode SMI enters SMM and returns",
+    "an SMI IPI wakes a halted AP (IF = 0): handler at its SMBASE, RSM resumes after the HLT",
 };
 #define NTESTS ((int)(sizeof(names) / sizeof(names[0])))
 
@@ -206,6 +250,7 @@ static void body(void)
     /* the SMI is taken inside apic_send_ipi: the saved SSP is a few call frames below ours */
     tap_ok(moved->ran == 2 && moved->saved_ssp < ssp && ssp - moved->saved_ssp <= 64 && rdssp() == ssp, names[10],
            "runs at 0x50000 %u; saved ssp 0x%lx ssp 0x%lx", moved->ran, moved->saved_ssp, ssp);
+    smi_to_halted_ap(names[11]);
     tap_done();
 }
 

@@ -198,13 +198,15 @@ def test_an_smi_with_cet_on_returns_with_ssp_and_the_cet_msrs_intact(capsys):
     """Issue 12 (SMM): an SMI from the APM control port 0xB2 with supervisor shadow stacks and
     IBT on; the handler runs at SMBASE + 0x8000 with CR4 = 0 and sees the SSP in KVM's map at
     SMBASE + 0xFF18; after RSM SSP, S_CET, U_CET, PL0-3_SSP and CR4 are unchanged and still
-    enforced; SMBASE relocation moves the next SMI (guests/tests/smm_cet.c)."""
-    tap = run_green(capsys, "smm_cet")
+    enforced; SMBASE relocation moves the next SMI; SMI IPIs reach the sender itself and a
+    halted AP, which RSM resumes after its HLT (guests/tests/smm_cet.c)."""
+    tap = run_green(capsys, "smm_cet", "--smp", "2")
     assert not tap.skipped()
     assert tap.passed("RSM outside SMM -> #UD")
     assert tap.passed("SSP is the same after RSM")
     assert tap.passed("S_CET, U_CET and PL0-3_SSP are the same after RSM")
     assert tap.passed("SMBASE relocation")
+    assert tap.passed("an SMI IPI wakes a halted AP")
 
 
 @pytest.mark.parametrize("corruption", ["misalign", "noncanonical"])
