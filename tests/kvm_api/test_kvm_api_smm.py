@@ -198,3 +198,20 @@ def test_set_vcpu_events_smi_refuses_smm_for_a_vcpu_in_init_received():
         ap.set_vcpu_events_smi(SmiEvents(smm=True))
     with pytest.raises(KvmInvalidArgument):
         g.vcpu.set_vcpu_events_smi(SmiEvents(smm="yes"))  # type: ignore[arg-type]
+
+
+def test_the_map_saves_the_guests_own_cr0_and_cr4_writes_and_rsm_restores_them():
+    """CR0/CR4 bits the guest sets without a VM exit (CR0.AM, CR4.FSGSBASE) are in the map and
+    back after RSM: KVM reads CR0/CR4 from the VMCS, not from its software copies."""
+    g = smm_guest()
+    g.vm.put_memory(CODE, bytes([0x0F, 0x20, 0xC0, 0x48, 0x0D, 0x00, 0x00, 0x04, 0x00, 0x0F, 0x22, 0xC0,   # CR0 |= AM
+                                 0x0F, 0x20, 0xE0, 0x48, 0x0D, 0x00, 0x00, 0x01, 0x00, 0x0F, 0x22, 0xE0,   # CR4 |= FSGSBASE
+                                 0xF4, 0x90, 0x90, 0xF4]))
+    assert g.vcpu.run(budget=100).exit_reason is KvmExitReason.HLT
+    cr0, cr4 = g.vcpu.get_sregs().cr0, g.vcpu.get_sregs().cr4
+    assert cr0 & Cr0.AM and cr4 & Cr4.FSGSBASE
+    g.vcpu.run(immediate_exit=True)  # the HLT retires (outside the next run's budget)
+    enter_smm(g)
+    assert (smram(g, 0xFF58), smram(g, 0xFF48)) == (cr0, cr4)
+    assert g.vcpu.run(budget=100).exit_reason is KvmExitReason.HLT
+    assert (g.vcpu.get_sregs().cr0, g.vcpu.get_sregs().cr4) == (cr0, cr4)

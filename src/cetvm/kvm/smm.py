@@ -57,12 +57,19 @@ from dataclasses import dataclass, field
 
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import Efer
-from cetvm.arch.smm import SMBASE_RESET, DR7_FIXED_1, RFLAGS_FIXED, SMM_HANDLER_OFFSET, SMRAM_STATE_OFFSET, SMRAM_STATE_SIZE
+from cetvm.arch.smm import (
+    DR7_FIXED_1,
+    RFLAGS_FIXED,
+    SMBASE_RESET,
+    SMM_HANDLER_OFFSET,
+    SMRAM_STATE_OFFSET,
+    SMRAM_STATE_SIZE,
+)
 from cetvm.cpu.state import GPR_NAMES, DescriptorTable, Regs, SegAttr, Segment, Sregs
+from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp
 from cetvm.kvm.cr import cr0_invalid_reason, kvm_is_illegal_gpa, kvm_is_valid_cr4
 from cetvm.kvm.msr import MsrResult, guest_maxphyaddr, kvm_get_msr, kvm_set_efer_value, kvm_set_msr
-from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.vcpu import VcpuArch
 
 #: The revision identifier KVM writes in its 64-bit map (SMBASE + 0xFEFC).
@@ -236,7 +243,7 @@ def enter_smm_save_state_64(vcpu: VcpuArch, cpu) -> tuple[SmramState64, bool]:
         idtr=SmmSegment(limit=sregs.idt.limit, base=sregs.idt.base),
         ldtr=SmmSegment.of(sregs.ldt), tr=SmmSegment.of(sregs.tr),
         int_shadow=KVM_X86_SHADOW_INT_STI if cpu.interrupt_shadow else 0,
-        efer=sregs.efer, smbase=vcpu.smbase, cr4=vcpu.cr4, cr3=sregs.cr3, cr0=vcpu.cr0,
+        efer=sregs.efer, smbase=vcpu.smbase, cr4=sregs.cr4, cr3=sregs.cr3, cr0=sregs.cr0,
         dr7=cpu.reg("dr7"), dr6=cpu.reg("dr6"), rflags=regs.rflags, rip=regs.rip,
         gprs=[getattr(regs, name) for name in GPR_NAMES])
     triple_fault = False
@@ -252,7 +259,7 @@ def enter_smm_save_state_64(vcpu: VcpuArch, cpu) -> tuple[SmramState64, bool]:
 SMM_SEGMENT_ATTRIBUTES = int(SegAttr.ACCESSED | SegAttr.WRITABLE_READABLE | SegAttr.S | SegAttr.P | SegAttr.G)
 
 
-def smm_entry_sregs(sregs: Sregs, smbase: int, cr0: int) -> Sregs:
+def smm_entry_sregs(sregs: Sregs, smbase: int) -> Sregs:
     """The control and segment registers enter_smm() loads [SDM Vol. 3 §32.5.1 Table 32-4]."""
     def data() -> Segment:
         return Segment(0, 0, 0xFFFF_FFFF, SMM_SEGMENT_ATTRIBUTES)
@@ -260,7 +267,7 @@ def smm_entry_sregs(sregs: Sregs, smbase: int, cr0: int) -> Sregs:
     sregs.cs = Segment((smbase >> 4) & 0xFFFF, smbase, 0xFFFF_FFFF, SMM_SEGMENT_ATTRIBUTES)
     sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss = data(), data(), data(), data(), data()
     sregs.idt = DescriptorTable(0, 0)  # "Undocumented: IDT limit is set to zero on entry to SMM."
-    sregs.cr0 = cr0 & ~(Cr0.PE | Cr0.EM | Cr0.TS | Cr0.PG)
+    sregs.cr0 &= ~(Cr0.PE | Cr0.EM | Cr0.TS | Cr0.PG)
     sregs.cr4 = 0
     sregs.efer = 0
     return sregs
@@ -298,7 +305,7 @@ def enter_smm(vcpu: VcpuArch, cpu) -> SmmTransition:
         vcpu.hflags |= HFlag.SMM_INSIDE_NMI
     else:
         vcpu.nmi_masked = True
-    sregs = smm_entry_sregs(cpu.get_sregs(), smbase, vcpu.cr0)
+    sregs = smm_entry_sregs(cpu.get_sregs(), smbase)
     cpu.set_sregs(sregs)
     vcpu.cr0, vcpu.cr4 = sregs.cr0, sregs.cr4
     cpu.set_reg("rflags", RFLAGS_FIXED)
@@ -316,17 +323,19 @@ def kvm_dr_valid(value: int) -> bool:
     return not value >> 32
 
 
-def rsm_enter_protected_mode_fault(vcpu: VcpuArch, cr0: int, cr3: int, cr4: int, efer: int) -> str | None:
+def rsm_enter_protected_mode_fault(vcpu: VcpuArch, smm_cr0: int, cr0: int, cr3: int, cr4: int,
+                                   efer: int) -> str | None:
     """rsm_enter_protected_mode(): CR3 first (with CR4.PCIDE, its PCID bits are set last), CR4
     without PCIDE (checked against the SMM CR0 still loaded), then CR0 (long mode needs CR4.PAE
     and a CS that is not yet 64-bit — emulator_leave_smm loaded a 32-bit one), then PCIDE.
-    Why KVM's kvm_set_cr3/cr4/cr0 refuse the saved values, or None."""
+    ``smm_cr0``: CR0 as the SMI handler left it. Why KVM's kvm_set_cr3/cr4/cr0 refuse the saved
+    values, or None."""
     maxphyaddr = guest_maxphyaddr(vcpu)
     if kvm_is_illegal_gpa(cr3 & ~0xFFF if cr4 & Cr4.PCIDE else cr3, maxphyaddr):
         return f"CR3 {cr3:#x} beyond MAXPHYADDR ({maxphyaddr} bits)"
     if not kvm_is_valid_cr4(vcpu, cr4):
         return f"CR4 {cr4:#x} sets bits reserved for this guest"
-    if cr4 & Cr4.CET and not vcpu.cr0 & Cr0.WP:
+    if cr4 & Cr4.CET and not smm_cr0 & Cr0.WP:
         return "CR4.CET while CR0.WP is clear"
     why = cr0_invalid_reason(cr0)
     if why is not None:
@@ -340,7 +349,7 @@ def rsm_enter_protected_mode_fault(vcpu: VcpuArch, cr0: int, cr3: int, cr4: int,
     return None
 
 
-def rsm_load_state_64_fault(vcpu: VcpuArch, state: SmramState64) -> str | None:
+def rsm_load_state_64_fault(vcpu: VcpuArch, state: SmramState64, smm_cr0: int) -> str | None:
     """rsm_load_state_64()'s checks in its order (DR6, DR7, EFER, CR3/CR4/CR0, SSP): why KVM
     returns X86EMUL_UNHANDLEABLE, or None."""
     for name in ("dr6", "dr7"):
@@ -348,7 +357,7 @@ def rsm_load_state_64_fault(vcpu: VcpuArch, state: SmramState64) -> str | None:
             return f"{name.upper()} {getattr(state, name):#x} sets bits 63:32"
     if kvm_set_efer_value(vcpu, 0, state.efer & ~Efer.LMA, paging=False, host_initiated=False) is None:
         return f"EFER {state.efer:#x} refused by kvm_set_msr"
-    why = rsm_enter_protected_mode_fault(vcpu, state.cr0, state.cr3, state.cr4, state.efer)
+    why = rsm_enter_protected_mode_fault(vcpu, smm_cr0, state.cr0, state.cr3, state.cr4, state.efer)
     if why is not None:
         return why
     if vcpu.cpuid.guest_cpu_cap_has("shstk") and not kvm_is_valid_ssp(state.ssp, False):
@@ -375,13 +384,14 @@ def emulator_leave_smm(vcpu: VcpuArch, cpu) -> SmmTransition:
     if not vcpu.hflags & HFlag.SMM_INSIDE_NMI:
         vcpu.nmi_masked = False
     kvm_smm_changed(vcpu, False)
-    why = rsm_load_state_64_fault(vcpu, state)
+    smm_sregs = cpu.get_sregs()
+    why = rsm_load_state_64_fault(vcpu, state, smm_sregs.cr0)
     if why is not None:
         return SmmTransition(shutdown=True, detail=f"RSM failed (rsm_load_state_64): {why}")
     vcpu.smbase = state.smbase
     if vcpu.cpuid.guest_cpu_cap_has("shstk"):  # the VM entry loads it from GUEST_SSP
         kvm_set_msr(vcpu, Msr.KVM_INTERNAL_GUEST_SSP, state.ssp, host_initiated=True)
-    sregs = rsm_sregs(state, cpu.get_sregs().cr2)
+    sregs = rsm_sregs(state, smm_sregs.cr2)
     cpu.set_sregs(sregs)
     vcpu.cr0, vcpu.cr4 = sregs.cr0, sregs.cr4
     regs = Regs(**dict(zip(GPR_NAMES, state.gprs)), rip=state.rip, rflags=state.rflags | RFLAGS_FIXED)
