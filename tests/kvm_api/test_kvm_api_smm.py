@@ -201,8 +201,8 @@ def test_set_vcpu_events_smi_refuses_smm_for_a_vcpu_in_init_received():
 
 
 def test_the_map_saves_the_guests_own_cr0_and_cr4_writes_and_rsm_restores_them():
-    """CR0/CR4 bits the guest sets without a VM exit (CR0.AM, CR4.FSGSBASE) are in the map and
-    back after RSM: KVM reads CR0/CR4 from the VMCS, not from its software copies."""
+    """CR0/CR4 bits the guest set itself (CR0.AM, CR4.FSGSBASE: guest-owned, no VM exit) are in
+    the map and back after RSM (KVM's kvm_read_cr0/cr4: the values the guest runs with)."""
     g = smm_guest()
     g.vm.put_memory(CODE, bytes([0x0F, 0x20, 0xC0, 0x48, 0x0D, 0x00, 0x00, 0x04, 0x00, 0x0F, 0x22, 0xC0,   # CR0 |= AM
                                  0x0F, 0x20, 0xE0, 0x48, 0x0D, 0x00, 0x00, 0x01, 0x00, 0x0F, 0x22, 0xE0,   # CR4 |= FSGSBASE
