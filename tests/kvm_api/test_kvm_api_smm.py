@@ -215,3 +215,18 @@ def test_the_map_saves_the_guests_own_cr0_and_cr4_writes_and_rsm_restores_them()
     assert (smram(g, 0xFF58), smram(g, 0xFF48)) == (cr0, cr4)
     assert g.vcpu.run(budget=100).exit_reason is KvmExitReason.HLT
     assert (g.vcpu.get_sregs().cr0, g.vcpu.get_sregs().cr4) == (cr0, cr4)
+
+
+@pytest.mark.parametrize("offset,value,why", [
+    (0xFF60, 1 << 32, "DR7"),                       # kvm_set_dr: bits 63:32
+    (0xFED0, 0x500 | 1 << 20, "EFER"),              # kvm_set_msr(EFER): a reserved bit
+    (0xFF48, 0x620 | 1 << 31, "CR4"),               # kvm_set_cr4: a reserved bit
+    (0xFF58, 0x8000_0010, "PG without"),            # kvm_set_cr0: PG without PE
+    (0xFF48, 0x600 | 1 << 23, "PAE"),               # CR0.PG with EFER.LME and no CR4.PAE
+], ids=["dr7", "efer", "cr4", "cr0", "no-pae"])
+def test_rsm_refuses_a_map_kvms_setters_refuse_with_a_shutdown(offset, value, why):
+    g = smm_guest()
+    enter_smm(g)
+    g.vm.put_memory(SMBASE + offset, struct.pack("<Q", value))
+    run = g.vcpu.run(budget=100)
+    assert run.exit_reason is KvmExitReason.SHUTDOWN and why in run.detail

@@ -204,7 +204,7 @@ def kvm_smm_changed(vcpu: VcpuArch, entering_smm: bool) -> None:
     if entering_smm:
         vcpu.hflags |= HFlag.SMM
     else:
-        vcpu.hflags &= ~(HFlag.SMM | HFlag.SMM_INSIDE_NMI)
+        vcpu.hflags &= ~int(HFlag.SMM | HFlag.SMM_INSIDE_NMI)
 
 
 def smi_events(vcpu: VcpuArch, init_latched: bool) -> SmiEvents:
@@ -222,7 +222,7 @@ def set_smi_events(vcpu: VcpuArch, smi: SmiEvents) -> None:
         if smi.smm_inside_nmi:
             vcpu.hflags |= HFlag.SMM_INSIDE_NMI
         else:
-            vcpu.hflags &= ~HFlag.SMM_INSIDE_NMI
+            vcpu.hflags &= ~int(HFlag.SMM_INSIDE_NMI)
 
 
 # --------------------------------------------------------------------------- entering SMM
@@ -267,7 +267,7 @@ def smm_entry_sregs(sregs: Sregs, smbase: int) -> Sregs:
     sregs.cs = Segment((smbase >> 4) & 0xFFFF, smbase, 0xFFFF_FFFF, SMM_SEGMENT_ATTRIBUTES)
     sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss = data(), data(), data(), data(), data()
     sregs.idt = DescriptorTable(0, 0)  # "Undocumented: IDT limit is set to zero on entry to SMM."
-    sregs.cr0 &= ~(Cr0.PE | Cr0.EM | Cr0.TS | Cr0.PG)
+    sregs.cr0 &= ~int(Cr0.PE | Cr0.EM | Cr0.TS | Cr0.PG)
     sregs.cr4 = 0
     sregs.efer = 0
     return sregs
@@ -355,7 +355,7 @@ def rsm_load_state_64_fault(vcpu: VcpuArch, state: SmramState64, smm_cr0: int) -
     for name in ("dr6", "dr7"):
         if not kvm_dr_valid(getattr(state, name)):
             return f"{name.upper()} {getattr(state, name):#x} sets bits 63:32"
-    if kvm_set_efer_value(vcpu, 0, state.efer & ~Efer.LMA, paging=False, host_initiated=False) is None:
+    if kvm_set_efer_value(vcpu, 0, state.efer & ~int(Efer.LMA), paging=False, host_initiated=False) is None:
         return f"EFER {state.efer:#x} refused by kvm_set_msr"
     why = rsm_enter_protected_mode_fault(vcpu, smm_cr0, state.cr0, state.cr3, state.cr4, state.efer)
     if why is not None:
@@ -371,7 +371,7 @@ def rsm_sregs(state: SmramState64, cr2: int) -> Sregs:
                  fs=state.fs.segment(), gs=state.gs.segment(), tr=state.tr.segment(), ldt=state.ldtr.segment(),
                  gdt=DescriptorTable(state.gdtr.base, state.gdtr.limit & 0xFFFF),
                  idt=DescriptorTable(state.idtr.base, state.idtr.limit & 0xFFFF),
-                 cr0=state.cr0, cr2=cr2, cr3=state.cr3, cr4=state.cr4, efer=state.efer & ~Efer.LMA)
+                 cr0=state.cr0, cr2=cr2, cr3=state.cr3, cr4=state.cr4, efer=state.efer & ~int(Efer.LMA))
 
 
 def emulator_leave_smm(vcpu: VcpuArch, cpu) -> SmmTransition:
