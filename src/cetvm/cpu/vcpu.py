@@ -546,6 +546,12 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self.completion.cancel()
         self._pending = PendingEvent(vector, error_code, cr2, injected=True)
 
+    @property
+    def has_pending_event(self) -> bool:
+        """An exception or injected event waits for delivery at the next run (KVM: an event in
+        the VM-entry interruption-information field; nothing else may be injected before it)."""
+        return self._pending is not None
+
     def run(self, budget: int | None = None) -> VmExit:
         """VM entry, run until an exit, VM exit. ``budget``: at most this many instructions
         (then ExitReason.BUDGET). The last exit's instruction is completed first."""
