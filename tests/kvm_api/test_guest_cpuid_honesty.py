@@ -37,6 +37,7 @@ FEATURE_MSRS: dict[str, tuple[int, ...]] = {
     "xsaves": (0xDA0,),
     "shstk": (0x6A0, 0x6A2, 0x6A4, 0x6A7, 0x6A8),
     "ibt": (0x6A0, 0x6A2),
+    "arch-capabilities": (0x10A,),
 }
 
 #: One instruction per feature (64-bit code; RSI points at a 64-byte aligned scratch area, RCX=0).
@@ -76,6 +77,7 @@ INSTRUCTIONS: dict[str, bytes] = {
     "clwb": b"\x66\x0f\xae\x36",              # clwb [rsi]
     "xgetbv1": b"\xb9\x01\x00\x00\x00\x0f\x01\xd0",  # mov ecx, 1; xgetbv
     "shstk": b"\xf3\x48\x0f\x1e\xc8",         # rdsspq rax
+    "serialize": b"\x0f\x01\xe8",
 }
 def test_engine_feature_words_are_what_unicorn_reports():
     """The pinned engine set is re-measured: a different Unicorn build would change it."""
@@ -108,6 +110,18 @@ def test_every_shown_feature_with_a_probe_executes(model):
         assert run_probe(vm, vcpu, INSTRUCTIONS[feature], rcx=0) is None, f"{model}: {feature} faulted"
 
 
+def test_serialize_is_shown_on_sapphire_rapids_and_executes():
+    """SERIALIZE (CPUID.(7,0):EDX[14]) is passed through as KVM does; Unicorn 2.1.4 would #UD on
+    it, cetvm retires it (Linux's sync_core() uses it when shown, an IRETQ to itself otherwise)."""
+    from cetvm.arch.qemu_features import QEMU_FEATURES
+    bit = QEMU_FEATURES["serialize"]
+    vm, vcpu, cpuid = vm_for("sapphire-rapids")
+    assert cpuid.get(7, 0)[bit.reg] & bit.mask
+    assert run_probe(vm, vcpu, INSTRUCTIONS["serialize"] * 3) is None
+    vm, vcpu, cpuid = vm_for("zen4")
+    assert not cpuid.get(7, 0)[bit.reg] & bit.mask
+
+
 def test_hidden_feature_is_really_missing_from_the_engine():
     """The mask is not decorative: AVX (hidden everywhere) is #UD on this engine, and MOVBE
     (shown) is not; PDCM's MSR without PDCM in CPUID is #GP as KVM does."""
@@ -127,6 +141,23 @@ def test_userspace_pdcm_gives_perf_capabilities_zero():
     assert vcpu.get_regs().rax == 0 and vcpu.get_regs().rdx == 0
     assert run_probe(vm, vcpu, b"\x0f\x30", rcx=0x345, rax=0, rdx=0) == 13
     assert vcpu.set_msrs([(0x345, 0)]) == 1 and vcpu.set_msrs([(0x345, 1)]) == 0
+
+
+@pytest.mark.parametrize("model, meltdown", [("sapphire-rapids", False), ("skylake-sp", True), ("zen4", False)])
+def test_arch_capabilities_tell_the_guest_what_the_host_is_not_susceptible_to(model, meltdown):
+    """KVM emulates IA32_ARCH_CAPABILITIES on every host (CPUID.(7,0).EDX[29] always shown):
+    RDCL_NO exactly when the host is not susceptible to Meltdown (so a Linux guest skips page-
+    table isolation), never IBRS_ALL (cetvm's CPU has no IA32_SPEC_CTRL). Guests only read it;
+    userspace writes a subset of KVM's value."""
+    vm, vcpu, cpuid = vm_for(model)
+    assert cpuid.has("arch_capabilities")
+    assert run_probe(vm, vcpu, b"\x0f\x32", rcx=0x10A) is None
+    value = vcpu.get_regs().rax | vcpu.get_regs().rdx << 32
+    assert bool(value & 1) is not meltdown and not value & 2
+    assert dict(vcpu.get_msrs([0x10A])) == {0x10A: value}
+    assert run_probe(vm, vcpu, b"\x0f\x30", rcx=0x10A, rax=0, rdx=0) == 13
+    assert vcpu.set_msrs([(0x10A, value & ~1)]) == 1 and vcpu.set_msrs([(0x10A, 2)]) == 0
+    assert 0x10A in vm.kvm.get_msr_index_list()
 
 
 def test_mtrr_and_mce_msr_rules():

@@ -50,7 +50,8 @@ class BlockHook:
 
     def __init__(self, uc: Uc, *, mode: CpuMode, cet: VcpuCet, blocks: BlockTable, budget: InstructionBudget,
                  exits: ExitPoints, fetch: InstructionFetch, registers: Registers, window: ShadowStackWindow,
-                 raise_fault: Callable[[GuestFault], None], native: NativeCet | None) -> None:
+                 raise_fault: Callable[[GuestFault], None], code_is_global: Callable[[int, int], bool],
+                 native: NativeCet | None) -> None:
         self._uc = uc
         self._mode = mode
         self._cet = cet
@@ -61,6 +62,7 @@ class BlockHook:
         self._registers = registers
         self._window = window
         self._raise_fault = raise_fault
+        self._code_is_global = code_is_global
         self._native = native
         self._hook_error: BaseException | None = None
         self._reg_buf = ctypes.c_uint64()
@@ -228,14 +230,14 @@ class BlockHook:
         if new_exits:
             exits.update(new_exits)
             exits.sync()
-            exits.drop_translations(address, address + max(size, 1))
+            exits.drop_translations(address, address + size)
             self._uc.reg_write(X.UC_X86_REG_RIP, address - self._mode.cs_base)  # RIP is the offset
             self._uc.emu_stop()
             return None
         terminator = classify_terminator(instrs[-1]) if instrs else None
         if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
             terminator = None  # nothing to apply at the next block start
-        info = BlockInfo(address, size, terminator, code[:4], len(instrs))
+        info = BlockInfo(address, size, terminator, code[:4], len(instrs), self._code_is_global(address, size))
         self._blocks.store(info)
         return info
 

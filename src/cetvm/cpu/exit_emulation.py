@@ -78,7 +78,7 @@ class ExitEmulation:
         pc = self._mode.linear(rip)
         self._exits.discard(pc)
         self._exits.sync()
-        self._exits.drop_translations(pc, pc + 1)
+        self._exits.drop_translations(pc, pc + 1, block_before=True)
 
     def step_in_engine(self, rip: int, next_ip: int | None = None, *, retire: bool = True) -> None:
         """Let Unicorn execute the one instruction at ``rip`` although it is an exit address;
@@ -147,6 +147,6 @@ class ExitEmulation:
             exits.sync()
             exits.drop_translations(pc, pc + 1)
             if temporary_exit:
-                exits.drop_translations(next_pc, next_pc + 1)
+                exits.drop_translations(next_pc, next_pc + 1, block_before=not stepping)
         if next_pc is None:
             self._uc.ctl_flush_tb()

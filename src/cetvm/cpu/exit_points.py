@@ -43,7 +43,14 @@ class ExitPoints:
         """Give the engine the current exit list."""
         self._uc.ctl_set_exits(sorted(self._addresses))
 
-    def drop_translations(self, start: int, end: int) -> None:
-        """Drop the engine's translated blocks covering [start, end): they are translated anew
-        with the current exits."""
-        self._uc.ctl_remove_cache(start, end)
+    def drop_translations(self, start: int, end: int, *, block_before: bool = False) -> None:
+        """Drop the engine's translation blocks that cover linear [start, end) — and, with
+        ``block_before`` (``start`` stops being an exit), the one ending right before ``start``,
+        which Unicorn translated to stop there: they are translated anew with the current exits.
+        Requests are two bytes or more: the native path filters Unicorn's own one-byte drops
+        after each run (:meth:`cetvm.cpu.native.NativeCet.filter_exit_invalidation`). Unicorn
+        finds the blocks through the physical page of the first byte, so the byte before
+        ``start`` (maybe on another page) is a request of its own."""
+        self._uc.ctl_remove_cache(start, max(end, start + 2))
+        if block_before and start:
+            self._uc.ctl_remove_cache(start - 1, start + 1)
