@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 
+from iced_x86 import Code, Mnemonic
 from unicorn import UC_HOOK_BLOCK, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
@@ -28,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, classify_terminator, on_block_start
 from cetvm.cpu.fastpath import make_block_hook
 from cetvm.cpu.faults import GuestFault
-from cetvm.cpu.native import NativeCet, PagingKind
+from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind
 from cetvm.arch.regs import U64_MASK as _U64
 
 _TRACKER = int(CetCtl.TRACKER)
@@ -68,6 +69,58 @@ class BlockHookMixin:
         self.cet = self._native.cet_state
         self._native.install()
         self._native.install_tlb_fill(set_mode=False)
+        if not self._budget.per_instruction:
+            self._install_native_events()
+
+    def _install_native_events(self) -> None:
+        """SYSCALL and SYSRETQ delivered in the engine (:class:`cetvm.cpu.native.NativeEvents`;
+        block-granular budgets only: their instructions are counted with their block). It holds
+        IA32_PL0..3_SSP, so they move from ``self.cet`` into it."""
+        events = NativeEvents(self._uc, self._native)
+        events.pl_ssp[:] = list(self.cet.pl_ssp)
+        self.cet.pl_ssp = events.pl_ssp
+        events.set_enabled(True)
+        self._native_events = events
+
+    def _claimed_by_native_events(self, instr) -> bool:
+        """``instr`` (which needs emulation) is delivered by the native events instead of an exit:
+        SYSCALL always (its hook is per instruction type), SYSRETQ through a hook at its address
+        (new hooks are marked in ``self._new_event_hooks``: the block is translated again)."""
+        events = self._native_events
+        if events is None or self._code_bits != 64:
+            return False
+        if instr.mnemonic == Mnemonic.SYSCALL:
+            return True
+        if instr.code == Code.SYSRETQ:
+            if events.hook_sysret(instr.ip):
+                self._new_event_hooks = True
+            return True
+        return False
+
+    def _sync_native_events_mode(self) -> None:
+        """The native events changed the CPL inside the engine: re-read the cached mode."""
+        if self._native_events is not None and self._native_events.mode_moved():
+            self.refresh_mode()
+
+    def _take_native_event_handover(self) -> None:
+        """An instruction the native events left to Python (cetfast.c "Native events"): it did
+        not retire; the run loop emulates it (``_syscall_at``). If the code there is no SYSCALL or
+        SYSRETQ any more (rewritten), its hook goes and the engine runs the instruction."""
+        rip = self._native_events.take_handover()
+        if rip is None:
+            return
+        self._retire_before(rip)
+        self.rip = rip
+        try:
+            instr = self.fetch_instruction(rip)
+        except (GuestFault, UcError):
+            instr = None
+        if instr is not None and instr.code == Code.SYSRETQ or instr is not None and instr.mnemonic == Mnemonic.SYSCALL:
+            self._syscall_at = rip
+            return
+        pc = self._linear(rip)
+        self._native_events.unhook_sysret(pc)
+        self._uc.ctl_remove_cache(pc, pc + 1)
 
     def _sync_native_mode(self) -> None:
         mode = self._memory.mode
@@ -78,6 +131,9 @@ class BlockHookMixin:
 
     def _apply_native_handover(self) -> None:
         """A block start the native hook left to us: run the reference state machine for it."""
+        self._sync_native_events_mode()
+        if self._native_events is not None:
+            self._take_native_event_handover()
         request = self._native.take_handover()
         if request is None:
             return
@@ -181,13 +237,16 @@ class BlockHookMixin:
 
     def _classify_block(self, address: int, size: int) -> BlockInfo | None:
         """Decode a new block; make emulated instructions exits (then restart: returns None)."""
+        self._sync_native_events_mode()  # the code is read with the current CPL's rights
         try:
             code = self._read_code(address, size)
         except (GuestFault, UcError):
             code = b""
         instrs = decode.decode_block(code, address, self._code_bits)
-        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in self._exits]
-        if new_exits:
+        self._new_event_hooks = False
+        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in self._exits
+                     and not self._claimed_by_native_events(i)]
+        if new_exits or self._new_event_hooks:
             self._exits.update(new_exits)
             self._uc.ctl_set_exits(sorted(self._exits))
             self._uc.ctl_remove_cache(address, address + max(size, 1))

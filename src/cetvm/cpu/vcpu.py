@@ -170,6 +170,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if not self.traced:
             uc.hook_add(UC_HOOK_INSN, self._on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         self._native = None
+        self._native_events = None  # SYSCALL/SYSRETQ in the engine (block_hook._install_native_events)
         self.cet_path = "off"
         if self.traced:
             self.cet_path = select_cet_path(cet_path or os.environ.get("CETVM_CET_PATH") or "auto")
@@ -703,6 +704,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             if not budget.per_instruction:
                 self._blocks.close_last()
             self._uc.emu_start(rip, 0)
+            self._sync_native_events_mode()
             stop = budget.take_stop()
             if stop and budget.left:
                 self._run_fenced(self.rip, stop, budget.left)

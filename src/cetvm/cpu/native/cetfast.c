@@ -1082,3 +1082,292 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
     tsc_result(uc, t);
     return 1;
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Native events: SYSCALL and SYSRETQ without leaving the engine [issue 13].
+ *
+ * A 1:1 re-implementation of the common case of cetvm.cpu.emulate.syscall / sysret with the
+ * CET effects of cetvm.cpu.cet.far_transfers.ssp_on_syscall / ssp_on_sysret, which stay the
+ * place that decides. SYSCALL: Unicorn calls the UC_HOOK_INSN hook with RIP at the instruction
+ * and adds its length to RIP afterwards; the TB ends after it, so the new CPL (QEMU's hflags,
+ * patched in a saved context and restored) takes effect at the next block. SYSRETQ cannot be
+ * hooked by type: each SYSRETQ address the classifier sees gets a one-address UC_HOOK_CODE
+ * hook (the block is translated again with it), called before the instruction runs; writing
+ * RIP there leaves the block before the SYSRETQ executes and the engine goes on at the new RIP.
+ *
+ * Anything else is handed over to Python, which emulates the instruction (and raises its #UD
+ * or #GP): SCE clear, not 64-bit mode, CPL != 0 for SYSRET, a non-canonical RCX, the 32-bit
+ * SYSRET form, a block whose classification does not end with this instruction, the hook
+ * disabled (single steps) or a block-start hand-over pending. A hand-over records the
+ * instruction's RIP and stops the engine; nothing has been changed (SYSCALL: Unicorn still adds
+ * the length to RIP, Python puts RIP back).
+ *
+ * The pending terminator of the block is the SYSCALL/SYSRET itself (kind OTHER_EMULATED): the
+ * next block start only checks ENDBR while the tracker waits (armed here by SYSCALL), on the
+ * short/general paths above. Instructions are counted with their block (block granularity
+ * only: the vCPU enables these hooks only then).
+ * ------------------------------------------------------------------------------------- */
+
+/* Unicorn 2.1.4's x86-64 CPUX86State as saved in a uc_context (data at +40; cetvm.cpu.uc_context,
+ * self-checked by the loader): hflags, segs[] (24 bytes each), EFER, STAR, LSTAR, FMASK. */
+#define UCX_DATA 40
+#define UCX_HFLAGS 176
+#define UCX_SEGS 184
+#define UCX_SEG_SIZE 24
+#define UCX_EFER 592
+#define UCX_STAR 4824
+#define UCX_LSTAR 4840
+#define UCX_FMASK 4856
+#define SEG_CS 1
+#define SEG_SS 2
+
+/* QEMU hflags [cetvm.cpu.uc_context.HFlags]. */
+#define HF_CPL_MASK 3u
+#define HF_CS32 (1u << 4)
+#define HF_SS32 (1u << 5)
+#define HF_ADDSEG (1u << 6)
+#define HF_LMA (1u << 14)
+#define HF_CS64 (1u << 15)
+
+/* Segment attributes as QEMU caches them (descriptor high dword) [cetvm.cpu.state.SegAttr]. */
+#define SA_ACCESSED (1u << 8)
+#define SA_RW (1u << 9)
+#define SA_CODE (1u << 11)
+#define SA_S (1u << 12)
+#define SA_P (1u << 15)
+#define SA_L (1u << 21)
+#define SA_DB (1u << 22)
+#define SA_G (1u << 23)
+#define SA_DPL_SHIFT 13
+#define SA_CODE64 (SA_P | SA_S | SA_CODE | SA_RW | SA_ACCESSED | SA_L | SA_G) /* Segment.code64 */
+#define SA_DATA (SA_P | SA_S | SA_RW | SA_ACCESSED | SA_DB | SA_G)             /* Segment.data */
+
+#define EFER_SCE 1ull
+#define RFLAGS_RF (1ull << 16)
+#define RFLAGS_SYSRET_MASK 0x3C7FD7ull /* cetvm.cpu.emulate.RFLAGS_SYSRET_MASK */
+
+typedef uc_err (*ctx_alloc_fn)(uc_engine *, uc_context **);
+typedef uc_err (*ctx_fn)(uc_engine *, uc_context *);
+typedef uc_err (*ctx_free_fn)(uc_context *);
+
+/* Mirrored by cetvm.cpu.native.loader.EventsState. */
+typedef struct {
+    uint64_t pl_ssp[4];      /* IA32_PL0_SSP .. IA32_PL3_SSP: the vCPU's only copy */
+    uint64_t handover_rip;   /* RIP of the instruction left to Python (valid while handover) */
+    uint32_t handover;       /* 1: Python must emulate the instruction at handover_rip */
+    uint32_t enabled;        /* Python turns the native events on (block-granular budgets) */
+    uint64_t mode_changes;   /* CPL changes made here: Python re-reads the mode when it moved */
+    uint64_t syscalls;       /* statistics: native SYSCALLs, SYSRETs, hand-overs */
+    uint64_t sysrets;
+    uint64_t handovers;
+    /* private */
+    cetfast_t *f;
+    reg_rw_fn reg_read;
+    reg_rw_fn reg_write;
+    ctx_fn ctx_save;
+    ctx_fn ctx_restore;
+    ctx_free_fn ctx_free;
+    uc_context *ctx;
+} cet_events_t;
+
+uint64_t cetfast_events_size(void) { return sizeof(cet_events_t); }
+
+void *cetfast_events_new(void *cetfast, uc_engine *uc, void *reg_read, void *reg_write, void *ctx_alloc,
+                         void *ctx_save, void *ctx_restore, void *ctx_free)
+{
+    cet_events_t *e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    if (((ctx_alloc_fn)ctx_alloc)(uc, &e->ctx) != UC_ERR_OK) {
+        free(e);
+        return NULL;
+    }
+    e->f = cetfast;
+    e->reg_read = (reg_rw_fn)reg_read;
+    e->reg_write = (reg_rw_fn)reg_write;
+    e->ctx_save = (ctx_fn)ctx_save;
+    e->ctx_restore = (ctx_fn)ctx_restore;
+    e->ctx_free = (ctx_free_fn)ctx_free;
+    return e;
+}
+
+void cetfast_events_free(void *p)
+{
+    cet_events_t *e = p;
+    if (!e)
+        return;
+    e->ctx_free(e->ctx);
+    free(e);
+}
+
+/* The saved CPUX86State fields this section reads (the loader's layout self-check). */
+int cetfast_events_read_msrs(void *p, uc_engine *uc, uint64_t out[4])
+{
+    cet_events_t *e = p;
+    if (e->ctx_save(uc, e->ctx) != UC_ERR_OK)
+        return -1;
+    const uint8_t *d = (const uint8_t *)e->ctx + UCX_DATA;
+    memcpy(&out[0], d + UCX_EFER, 8);
+    memcpy(&out[1], d + UCX_STAR, 8);
+    memcpy(&out[2], d + UCX_LSTAR, 8);
+    memcpy(&out[3], d + UCX_FMASK, 8);
+    return 0;
+}
+
+static inline uint64_t ctx_u64(const uint8_t *d, unsigned off)
+{
+    uint64_t v;
+    memcpy(&v, d + off, 8);
+    return v;
+}
+
+/* Load a flat segment cache (base 0, limit 4 GiB - 1) as Registers.load_segment_caches does. */
+static void ctx_flat_segment(uint8_t *d, unsigned seg, uint32_t selector, uint32_t attributes)
+{
+    uint8_t *c = d + UCX_SEGS + seg * UCX_SEG_SIZE;
+    uint64_t base = 0;
+    uint32_t pad = 0, limit = 0xFFFFFFFFu;
+    memcpy(c, &selector, 4);
+    memcpy(c + 4, &pad, 4);
+    memcpy(c + 8, &base, 8);
+    memcpy(c + 16, &limit, 4);
+    memcpy(c + 20, &attributes, 4);
+}
+
+/* hflags after loading a 64-bit CS (L=1) at ``cpl`` in IA-32e mode (uc_context.segment_hflags). */
+static inline uint32_t hflags_long_mode(uint32_t hflags, unsigned cpl)
+{
+    hflags &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG);
+    return hflags | HF_CS32 | HF_SS32 | HF_CS64 | cpl;
+}
+
+/* LA_adjust with 48-bit linear addresses [cetvm.cpu.cet.policy.la_adjust]. */
+static inline uint64_t la_adjust48(uint64_t v)
+{
+    return (v & (1ull << 47)) ? (v | 0xFFFF000000000000ull) : (v & 0x0000FFFFFFFFFFFFull);
+}
+
+__attribute__((noinline, cold)) static void event_hand_over(cet_events_t *e, uc_engine *uc, uint64_t rip)
+{
+    e->handover = 1;
+    e->handover_rip = rip;
+    e->handovers++;
+    e->f->emu_stop(uc);
+}
+
+static inline int events_usable(const cet_events_t *e)
+{
+    const cet_shared_t *s = &e->f->s;
+    return e->enabled && s->enabled && !s->handover && !e->handover && s->long_mode;
+}
+
+/* The length of the instruction at linear ``lin`` if it ends the block under way as an
+ * OTHER_EMULATED terminator (what the classifier makes of SYSCALL/SYSRET), else 0. */
+static inline unsigned pending_event_length(const cetfast_t *f, uint64_t lin)
+{
+    const cet_block_t *b = f->s.pend;
+    if (b->size == BLOCK_EMPTY || b->kbit != (1u << T_OTHER_EMULATED) || b->ret - b->insn_len != lin)
+        return 0;
+    return b->insn_len;
+}
+
+/* The CPL changed here: the short path's masks and Python's cached mode follow. */
+static void events_new_cpl(cet_events_t *e, unsigned cpl)
+{
+    cetfast_t *f = e->f;
+    f->s.cpl = (uint8_t)cpl;
+    refresh_fast(f);
+    e->mode_changes++;
+}
+
+/* UC_HOOK_INSN (UC_X86_INS_SYSCALL) [SDM Vol. 2 SYSCALL; cetvm.cpu.emulate.syscall]. */
+void cetfast_syscall_hook(uc_engine *uc, void *user_data)
+{
+    cet_events_t *e = user_data;
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    uint64_t rip;
+    e->reg_read(uc, UC_X86_REG_RIP, &rip);
+    unsigned len = events_usable(e) ? pending_event_length(f, rip + s->cs_base) : 0;
+    if (UNLIKELY(len == 0 || e->ctx_save(uc, e->ctx) != UC_ERR_OK)) {
+        event_hand_over(e, uc, rip);
+        return;
+    }
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t hflags;
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || !(hflags & HF_CS64))) {
+        event_hand_over(e, uc, rip); /* #UD: Python raises it */
+        return;
+    }
+    uint64_t star = ctx_u64(d, UCX_STAR), lstar = ctx_u64(d, UCX_LSTAR), fmask = ctx_u64(d, UCX_FMASK);
+    unsigned old_cpl = hflags & HF_CPL_MASK;
+    uint32_t selector = (uint32_t)(star >> 32) & 0xFFFCu;
+    ctx_flat_segment(d, SEG_CS, selector, SA_CODE64);
+    ctx_flat_segment(d, SEG_SS, selector + 8, SA_DATA);
+    hflags = hflags_long_mode(hflags, 0);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    e->ctx_restore(uc, e->ctx);
+
+    uint64_t rflags, next = rip + len;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    uint64_t new_rflags = (rflags & ~fmask & ~RFLAGS_RF) | 2;
+    e->reg_write(uc, UC_X86_REG_RCX, &next);
+    e->reg_write(uc, UC_X86_REG_R11, &rflags);
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &new_rflags);
+    uint64_t target = lstar - len; /* Unicorn adds the length after the hook */
+    e->reg_write(uc, UC_X86_REG_RIP, &target);
+
+    /* ssp_on_syscall */
+    if (s->cr4_cet) {
+        uint64_t old_ctl = old_cpl == 3 ? s->u_cet : s->s_cet;
+        if (old_ctl & CET_SH_STK_EN)
+            e->pl_ssp[3] = la_adjust48(s->ssp);
+        if (s->s_cet & CET_SH_STK_EN)
+            s->ssp = 0;
+        if (s->s_cet & CET_ENDBR_EN) /* ibt_arm_on_transfer(m, 0) */
+            s->s_cet = (s->s_cet | CET_TRACKER) & ~CET_SUPPRESS;
+    }
+    events_new_cpl(e, 0);
+    e->syscalls++;
+}
+
+/* UC_HOOK_CODE on one SYSRETQ address [SDM Vol. 2 SYSRET; cetvm.cpu.emulate.sysret]. */
+void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    cet_events_t *e = user_data;
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    uint64_t rip = address - s->cs_base;
+    if (UNLIKELY(!events_usable(e) || size != 3 || pending_event_length(f, address) != 3
+                 || e->ctx_save(uc, e->ctx) != UC_ERR_OK)) {
+        event_hand_over(e, uc, rip);
+        return;
+    }
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t hflags;
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    uint64_t rcx, r11;
+    e->reg_read(uc, UC_X86_REG_RCX, &rcx);
+    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || (hflags & HF_CPL_MASK) != 0 || !(hflags & HF_CS64)
+                 || !is_canonical48(rcx))) {
+        event_hand_over(e, uc, rip); /* #UD / #GP(0): Python raises it */
+        return;
+    }
+    uint32_t base = (uint32_t)(ctx_u64(d, UCX_STAR) >> 48) & 0xFFFCu;
+    ctx_flat_segment(d, SEG_CS, (base + 16) | 3, SA_CODE64 | 3u << SA_DPL_SHIFT);
+    ctx_flat_segment(d, SEG_SS, (base + 8) | 3, SA_DATA | 3u << SA_DPL_SHIFT);
+    hflags = hflags_long_mode(hflags, 3);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    e->ctx_restore(uc, e->ctx);
+
+    e->reg_read(uc, UC_X86_REG_R11, &r11);
+    uint64_t rflags = (r11 & RFLAGS_SYSRET_MASK) | 2;
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &rflags);
+    /* ssp_on_sysret */
+    if (s->cr4_cet && (s->u_cet & CET_SH_STK_EN))
+        s->ssp = e->pl_ssp[3];
+    events_new_cpl(e, 3);
+    e->sysrets++;
+    e->reg_write(uc, UC_X86_REG_RIP, &rcx); /* leaves the block before the SYSRETQ runs */
+}

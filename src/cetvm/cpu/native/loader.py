@@ -492,3 +492,126 @@ class NativeCetState:
     def __repr__(self) -> str:
         return (f"NativeCetState(u_cet={self.u_cet:#x}, s_cet={self.s_cet:#x}, pl_ssp={[hex(v) for v in self.pl_ssp]}, "
                 f"int_ssp_tab={self.int_ssp_tab:#x}, ssp={self.ssp:#x})")
+
+
+#: Saved CPUX86State offsets cetfast.c's event hooks patch (checked in :class:`NativeEvents`).
+_EVENT_MSRS = (0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0084)  # EFER, STAR, LSTAR, FMASK
+_UC_HOOK_INSN = 1 << 1
+_UC_HOOK_CODE = 1 << 2
+_UC_X86_INS_SYSCALL = 699
+
+
+class EventsState(ctypes.Structure):
+    """Mirror of ``cet_events_t``'s public part (checked against the library's sizeof)."""
+
+    _fields_ = [("pl_ssp", _U64 * 4), ("handover_rip", _U64), ("handover", _U32), ("enabled", _U32),
+                ("mode_changes", _U64), ("syscalls", _U64), ("sysrets", _U64), ("handovers", _U64),
+                ("_f", _VP), ("_reg_read", _VP), ("_reg_write", _VP), ("_ctx_save", _VP), ("_ctx_restore", _VP),
+                ("_ctx_free", _VP), ("_ctx", _VP)]
+
+
+class NativeEvents:
+    """SYSCALL and SYSRETQ delivered inside the engine by ``cetfast.c`` (see its "Native events"
+    section), next to the native block hook ``native`` on the same engine.
+
+    The vCPU enables it only with block-granular budgets. It owns IA32_PL0..3_SSP
+    (:attr:`pl_ssp`, read and written by the hooks). After every engine run the vCPU calls
+    :meth:`mode_moved` (re-read CPL and mode if True) and :meth:`take_handover` (an instruction
+    the hooks left to Python: its RIP)."""
+
+    def __init__(self, uc, native: NativeCet) -> None:
+        lib = native._lib
+        uclib, hook_type = _unicorn_api()
+        self._lib, self._uclib, self._uc, self._hook_type = lib, uclib, uc, hook_type
+        lib.cetfast_events_size.restype = _U64
+        if lib.cetfast_events_size() != ctypes.sizeof(EventsState):
+            raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (events state); "
+                             "rebuild it: python -m cetvm.cpu.native.build --force")
+        lib.cetfast_events_new.restype = _VP
+        lib.cetfast_events_new.argtypes = [_VP, _VP, _VP, _VP, _VP, _VP, _VP, _VP]
+        lib.cetfast_events_free.argtypes = [_VP]
+        lib.cetfast_events_read_msrs.argtypes = [_VP, _VP, ctypes.POINTER(_U64 * 4)]
+        ptr = lib.cetfast_events_new(native._ptr, uc._uch, _fnptr(uclib.uc_reg_read), _fnptr(uclib.uc_reg_write),
+                                     _fnptr(uclib.uc_context_alloc), _fnptr(uclib.uc_context_save),
+                                     _fnptr(uclib.uc_context_restore), _fnptr(uclib.uc_context_free))
+        if not ptr:
+            raise CetvmError("native events: cannot allocate the engine context")
+        self._ptr = ptr
+        weakref.finalize(uc, lib.cetfast_events_free, ptr)
+        self.state = EventsState.from_address(ptr)
+        self._check_layout()
+        self._seen_mode_changes = 0
+        self._sysret_hooks: dict[int, object] = {}
+        self._add_hook(_UC_HOOK_INSN, lib.cetfast_syscall_hook, 1, 0, _UC_X86_INS_SYSCALL)
+
+    @property
+    def pl_ssp(self):
+        """IA32_PL0_SSP..IA32_PL3_SSP (a ctypes array: index, slice, assign)."""
+        return self.state.pl_ssp
+
+    def _check_layout(self) -> None:
+        """The hooks read EFER/STAR/LSTAR/FMASK at fixed offsets of the saved context: check them."""
+        uc = self._uc
+        saved = [uc.msr_read(index) for index in _EVENT_MSRS[1:]]
+        probe = [0x0023_0010_0008_0000, 0xFFFF_8000_1234_5670, 0x4_7700]
+        for index, value in zip(_EVENT_MSRS[1:], probe):
+            uc.msr_write(index, value)
+        out = (_U64 * 4)()
+        ok = self._lib.cetfast_events_read_msrs(self._ptr, uc._uch, ctypes.byref(out)) == 0
+        ok = ok and list(out) == [uc.msr_read(_EVENT_MSRS[0]), *probe]
+        for index, value in zip(_EVENT_MSRS[1:], saved):
+            uc.msr_write(index, value)
+        if not ok:
+            raise CetvmError("the installed unicorn's CPU context layout is not the 2.1.4 one the native events "
+                             "patch; reinstall unicorn==2.1.4")
+
+    def _add_hook(self, kind: int, callback, begin: int, end: int, *extra: int):
+        hook = self._hook_type()
+        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), kind, ctypes.c_void_p(_fnptr(callback)),
+                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(begin), ctypes.c_uint64(end),
+                                      *(ctypes.c_int(x) for x in extra))
+        if err != 0:
+            raise CetvmError(f"native events: uc_hook_add failed (unicorn error {err})")
+        return hook
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.state.enabled = int(enabled)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.state.enabled)
+
+    def hook_sysret(self, linear: int) -> bool:
+        """Deliver the SYSRETQ at ``linear`` natively; True if its hook is new (the block holding it
+        must be translated again to call it)."""
+        if linear in self._sysret_hooks:
+            return False
+        self._sysret_hooks[linear] = self._add_hook(_UC_HOOK_CODE, self._lib.cetfast_sysret_hook, linear, linear)
+        return True
+
+    def unhook_sysret(self, linear: int) -> None:
+        """The code at ``linear`` is no SYSRETQ any more (rewritten): drop its hook."""
+        hook = self._sysret_hooks.pop(linear, None)
+        if hook is not None:
+            self._uclib.uc_hook_del(self._uc._uch, hook)
+
+    def mode_moved(self) -> bool:
+        """True once after the hooks changed the CPL (the vCPU re-reads its cached mode)."""
+        changes = self.state.mode_changes
+        if changes == self._seen_mode_changes:
+            return False
+        self._seen_mode_changes = changes
+        return True
+
+    def take_handover(self) -> int | None:
+        """RIP of the instruction the hooks left to Python since the last call, if any (clears it)."""
+        s = self.state
+        if not s.handover:
+            return None
+        s.handover = 0
+        return int(s.handover_rip)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = self.state
+        return {"syscalls": s.syscalls, "sysrets": s.sysrets, "event_handovers": s.handovers}
