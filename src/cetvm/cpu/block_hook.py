@@ -73,7 +73,7 @@ class BlockHookMixin:
             self._install_native_events()
 
     def _install_native_events(self) -> None:
-        """SYSCALL and SYSRETQ delivered in the engine (:class:`cetvm.cpu.native.NativeEvents`;
+        """SYSCALL, SYSRETQ and IRETQ delivered in the engine (:class:`cetvm.cpu.native.NativeEvents`;
         block-granular budgets only: their instructions are counted with their block). It holds
         IA32_PL0..3_SSP, so they move from ``self.cet`` into it."""
         events = NativeEvents(self._uc, self._native)
@@ -84,15 +84,16 @@ class BlockHookMixin:
 
     def _claimed_by_native_events(self, instr) -> bool:
         """``instr`` (which needs emulation) is delivered by the native events instead of an exit:
-        SYSCALL always (its hook is per instruction type), SYSRETQ through a hook at its address
-        (new hooks are marked in ``self._new_event_hooks``: the block is translated again)."""
+        SYSCALL always (its hook is per instruction type), SYSRETQ and IRETQ through a hook at
+        their address (new hooks are marked in ``self._new_event_hooks``: the block is
+        translated again)."""
         events = self._native_events
         if events is None or self._code_bits != 64:
             return False
         if instr.mnemonic == Mnemonic.SYSCALL:
             return True
-        if instr.code == Code.SYSRETQ:
-            if events.hook_sysret(instr.ip):
+        if instr.code in (Code.SYSRETQ, Code.IRETQ):
+            if events.hook_return(instr.ip, iret=instr.code == Code.IRETQ):
                 self._new_event_hooks = True
             return True
         return False
@@ -100,12 +101,12 @@ class BlockHookMixin:
     def _sync_native_events_mode(self) -> None:
         """The native events changed the CPL inside the engine: re-read the cached mode."""
         if self._native_events is not None and self._native_events.mode_moved():
-            self.refresh_mode()
+            self.refresh_mode(paging=False)
 
     def _take_native_event_handover(self) -> None:
         """An instruction the native events left to Python (cetfast.c "Native events"): it did
-        not retire; the run loop emulates it (``_syscall_at``). If the code there is no SYSCALL or
-        SYSRETQ any more (rewritten), its hook goes and the engine runs the instruction."""
+        not retire; the run loop emulates it (``_syscall_at``). If the code there is no SYSCALL,
+        SYSRETQ or IRETQ any more (rewritten), its hook goes and the engine runs the instruction."""
         rip = self._native_events.take_handover()
         if rip is None:
             return
@@ -115,19 +116,22 @@ class BlockHookMixin:
             instr = self.fetch_instruction(rip)
         except (GuestFault, UcError):
             instr = None
-        if instr is not None and instr.code == Code.SYSRETQ or instr is not None and instr.mnemonic == Mnemonic.SYSCALL:
+        if instr is not None and (instr.code in (Code.SYSRETQ, Code.IRETQ) or instr.mnemonic == Mnemonic.SYSCALL):
             self._syscall_at = rip
             return
         pc = self._linear(rip)
-        self._native_events.unhook_sysret(pc)
+        self._native_events.unhook_return(pc)
         self._uc.ctl_remove_cache(pc, pc + 1)
 
-    def _sync_native_mode(self) -> None:
+    def _sync_native_mode(self, *, flush: bool = True) -> None:
+        """Tell the native hook the mode; ``flush``: and forget its cached shadow-stack
+        translations (not needed when only segments changed: they are kept per user-ness)."""
         mode = self._memory.mode
         paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
         self._native.sync_mode(cpl=self.cpl, long_mode=self.long_mode, cr4_cet=self.cr4_cet, paging=paging,
                                cr3=mode.cr3, cs_base=self._cs_base)
-        self._native.flush_translations()
+        if flush:
+            self._native.flush_translations()
 
     def _apply_native_handover(self) -> None:
         """A block start the native hook left to us: run the reference state machine for it."""

@@ -78,7 +78,7 @@ from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
-from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
+from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
@@ -290,6 +290,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def get_sregs(self) -> Sregs:
         return self._registers.get_sregs()
 
+    def descriptor_table(self, name: str) -> DescriptorTable:
+        """GDTR (``"gdt"``) or IDTR (``"idt"``) without the rest of :meth:`get_sregs`."""
+        return self._registers.descriptor_table(name)
+
+    def task_register(self) -> Segment:
+        """TR with its descriptor cache, without the rest of :meth:`get_sregs`."""
+        return self._registers.task_register()
+
     def set_sregs(self, sregs: Sregs) -> None:
         """Load control registers, EFER, descriptor tables and segment caches (no checks).
 
@@ -300,6 +308,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         """
         self._registers.load_sregs(sregs)
         self.load_segments(cs=sregs.cs, ss=sregs.ss, ds=sregs.ds, es=sregs.es, fs=sregs.fs, gs=sregs.gs)
+        self.refresh_mode()
 
     def get_fpu(self) -> FpuState:
         """x87, SSE and AVX registers (KVM_GET_FPU plus the YMM upper halves)."""
@@ -322,7 +331,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""
         self._registers.load_segment_caches(segments)
-        self.refresh_mode()
+        self.refresh_mode(paging=False)
 
     def segment(self, name: str) -> Segment:
         return self._registers.segment(name)
@@ -390,13 +399,18 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.reset_old_exception()
 
     # ------------------------------------------------------------------ cached mode
-    def refresh_mode(self) -> None:
-        """Re-read the mode-defining state the hot paths cache (CPL, 64-bit mode, paging, CR4.CET)."""
+    def refresh_mode(self, *, paging: bool = True) -> None:
+        """Re-read the mode-defining state the hot paths cache (CPL, 64-bit mode, paging, CR4.CET).
+
+        ``paging=False``: only segment state changed (a segment load: CPL, CS.L, CS.base), so the
+        paging mode and the translations cached for it stay (they are kept per access kind,
+        user and supervisor apart) — event delivery, IRET and SYSCALL/SYSRET load segments."""
         uc = self._uc
         cr0 = uc.reg_read(X.UC_X86_REG_CR0)
         cr4 = uc.reg_read(X.UC_X86_REG_CR4)
-        efer = uc.msr_read(Msr.IA32_EFER)
-        self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
+        if paging:
+            efer = uc.msr_read(Msr.IA32_EFER)
+            self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
         blob = ContextBlob.save(uc)
         hflags = blob.hflags
@@ -409,7 +423,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._update_cet_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
         if self._native is not None:
-            self._sync_native_mode()
+            self._sync_native_mode(flush=paging)
 
     def _linear(self, rip: int) -> int:
         """The linear address of the instruction at offset ``rip`` of the code segment
@@ -650,6 +664,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     def _run_engine(self, rip: int) -> VmExit | None:
         self._budget.hit = False
+        if self._native_events is not None:
+            self._native_events.interrupt_pending(self._irq_vector is not None)
         try:
             self._emu_start_keeping_cr2(rip)
             if self._native is not None:

@@ -1144,6 +1144,8 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
 
 #define EFER_SCE 1ull
 #define RFLAGS_RF (1ull << 16)
+#define RFLAGS_IF (1ull << 9)
+#define RFLAGS_IRET_MASK 0x257FD5ull /* cetvm.cpu.emulate.RFLAGS_IRET_MASK */
 #define RFLAGS_SYSRET_MASK 0x3C7FD7ull /* cetvm.cpu.emulate.RFLAGS_SYSRET_MASK */
 
 typedef uc_err (*ctx_alloc_fn)(uc_engine *, uc_context **);
@@ -1157,9 +1159,12 @@ typedef struct {
     uint32_t handover;       /* 1: Python must emulate the instruction at handover_rip */
     uint32_t enabled;        /* Python turns the native events on (block-granular budgets) */
     uint64_t mode_changes;   /* CPL changes made here: Python re-reads the mode when it moved */
-    uint64_t syscalls;       /* statistics: native SYSCALLs, SYSRETs, hand-overs */
+    uint64_t syscalls;       /* statistics: native SYSCALLs, SYSRETs, IRETs, hand-overs */
     uint64_t sysrets;
+    uint64_t irets;
     uint64_t handovers;
+    uint32_t irq_pending;    /* Python: an external interrupt waits (SYSRET/IRET may open its window) */
+    uint32_t spare;
     /* private */
     cetfast_t *f;
     reg_rw_fn reg_read;
@@ -1349,9 +1354,10 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
     memcpy(&hflags, d + UCX_HFLAGS, 4);
     uint64_t rcx, r11;
     e->reg_read(uc, UC_X86_REG_RCX, &rcx);
+    e->reg_read(uc, UC_X86_REG_R11, &r11);
     if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || (hflags & HF_CPL_MASK) != 0 || !(hflags & HF_CS64)
-                 || !is_canonical48(rcx))) {
-        event_hand_over(e, uc, rip); /* #UD / #GP(0): Python raises it */
+                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)))) {
+        event_hand_over(e, uc, rip); /* #UD / #GP(0): Python raises it; an interrupt window opens */
         return;
     }
     uint32_t base = (uint32_t)(ctx_u64(d, UCX_STAR) >> 48) & 0xFFFCu;
@@ -1361,7 +1367,6 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
     memcpy(d + UCX_HFLAGS, &hflags, 4);
     e->ctx_restore(uc, e->ctx);
 
-    e->reg_read(uc, UC_X86_REG_R11, &r11);
     uint64_t rflags = (r11 & RFLAGS_SYSRET_MASK) | 2;
     e->reg_write(uc, UC_X86_REG_RFLAGS, &rflags);
     /* ssp_on_sysret */
@@ -1370,4 +1375,190 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
     events_new_cpl(e, 3);
     e->sysrets++;
     e->reg_write(uc, UC_X86_REG_RIP, &rcx); /* leaves the block before the SYSRETQ runs */
+}
+
+/* ------------------------------------------------------------------ IRETQ
+ *
+ * IRETQ at CPL 0 to a 64-bit code segment at CPL 0 or 3 [SDM Vol. 2 IRET "IA-32e mode";
+ * cetvm.cpu.emulate.iret with cetvm.cpu.cet.far_transfers.ssp_on_iret], on a UC_HOOK_CODE at its
+ * address as SYSRETQ. Reads (the frame, the GDT) are supervisor data reads through a native
+ * 4-level walk with cetvm.cpu.paging.translate's rules (every level present; a supervisor read
+ * has no other condition). Handed over to Python: another CPL, a frame or descriptor that does
+ * not read (Python raises the #PF), any failing check (#GP/#NP/#SS/#CP), a target that is not a
+ * flat 64-bit code segment, a supervisor token to free (an IST frame, a return to CPL 3 with
+ * supervisor shadow stacks), an interrupt window opening while an interrupt waits.
+ */
+
+/* Supervisor data read of 8 bytes at ``lin`` (never across a page); 0 or -1 (hand over). */
+static int sup_read_u64(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *value)
+{
+    uint64_t phys;
+    if ((lin & (PAGE_SIZE - 1)) > PAGE_SIZE - 8)
+        return -1;
+    if (f->s.paging == PAGING_OFF) {
+        phys = lin;
+    } else if (f->s.paging == PAGING_4LEVEL) {
+        static const int shifts[4] = {39, 30, 21, 12};
+        uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
+        int page_shift = 12;
+        if (!is_canonical48(lin))
+            return -1;
+        for (int level = 0; level < 4; level++) {
+            uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
+            uint8_t *h = phys_host(f, gpa, 8);
+            if (h)
+                memcpy(&entry, h, 8);
+            else if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
+                return -1;
+            if (!(entry & PTE_P))
+                return -1;
+            if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
+                page_shift = shifts[level];
+                break;
+            }
+            table = entry & PTE_ADDR_MASK;
+        }
+        uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
+        phys = (entry & frame_mask) | (lin & ((1ull << page_shift) - 1));
+    } else {
+        return -1;
+    }
+    uint8_t *h = phys_host(f, phys, 8);
+    if (h) {
+        memcpy(value, h, 8);
+        return 0;
+    }
+    return f->mem_read(uc, phys, value, 8) == UC_ERR_OK ? 0 : -1;
+}
+
+/* A GDT code/data descriptor for ``selector`` (cetvm.cpu.events.read_descriptor): its high dword
+ * as QEMU caches it (attributes), base and limit; -1 when Python must decide (LDT, limit, null,
+ * unreadable). */
+static int gdt_descriptor(cet_events_t *e, uc_engine *uc, uint32_t selector, uint32_t *attributes,
+                          uint64_t *base, uint32_t *limit)
+{
+    uc_x86_mmr gdtr = {0};
+    uint32_t index = selector & ~7u;
+    uint64_t raw;
+    if (e->reg_read(uc, UC_X86_REG_GDTR, &gdtr) != UC_ERR_OK || (selector & 4) || index == 0
+        || index + 7 > gdtr.limit || sup_read_u64(e->f, uc, gdtr.base + index, &raw) < 0)
+        return -1;
+    uint32_t low = (uint32_t)raw, high = (uint32_t)(raw >> 32);
+    *attributes = high & 0x00F0FF00u;
+    *base = ((low >> 16) & 0xFFFFu) | ((uint64_t)(high & 0xFFu) << 16) | (high & 0xFF000000u);
+    *limit = (low & 0xFFFFu) | (high & 0x000F0000u);
+    if (*attributes & SA_G)
+        *limit = (*limit << 12) | 0xFFFu;
+    return 0;
+}
+
+static void ctx_segment(uint8_t *d, unsigned seg, uint32_t selector, uint64_t base, uint32_t limit,
+                        uint32_t attributes)
+{
+    uint8_t *c = d + UCX_SEGS + seg * UCX_SEG_SIZE;
+    uint32_t pad = 0;
+    memcpy(c, &selector, 4);
+    memcpy(c + 4, &pad, 4);
+    memcpy(c + 8, &base, 8);
+    memcpy(c + 16, &limit, 4);
+    memcpy(c + 20, &attributes, 4);
+}
+
+/* ssp_on_iret for IRETQ from CPL 0 (see above); 0 with *ssp the new SSP, or -1 (hand over). */
+static int iret_ssp(cet_events_t *e, uc_engine *uc, unsigned new_cpl, uint32_t cs, uint64_t lip, uint64_t *ssp)
+{
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    int old_on = s->cr4_cet && (s->s_cet & CET_SH_STK_EN);
+    *ssp = s->ssp;
+    if (new_cpl == 3) { /* _return_to_outer */
+        if (old_on)
+            return -1; /* the supervisor token at the old SSP is freed: Python */
+        if (s->cr4_cet && (s->u_cet & CET_SH_STK_EN)) {
+            if (!is_canonical48(e->pl_ssp[3]))
+                return -1;
+            *ssp = e->pl_ssp[3];
+        }
+        return 0;
+    }
+    if (!old_on)
+        return 0;
+    uint64_t at = *ssp, saved_cs, saved_lip, prev;
+    if ((at & 7) || ss_load(f, uc, at + 16, &saved_cs, 8, 0) < 0 || ss_load(f, uc, at + 8, &saved_lip, 8, 0) < 0
+        || ss_load(f, uc, at, &prev, 8, 0) < 0)
+        return -1;
+    if (saved_cs != (cs & 0xFFFFu) || saved_lip != lip || (prev & 3) || !is_canonical48(prev) || prev != at + 24)
+        return -1; /* #CP(FAR_RET_IRET) / #GP(0) / a token to free after an IST switch: Python */
+    *ssp = prev;
+    return 0;
+}
+
+/* UC_HOOK_CODE on one IRETQ address (see above). */
+void cetfast_iret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    cet_events_t *e = user_data;
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    uint64_t rip = address - s->cs_base;
+    uint64_t rsp, frame[5];
+    if (UNLIKELY(!events_usable(e) || size != 2 || pending_event_length(f, address) != 2 || s->cpl != 0))
+        goto hand_over;
+    e->reg_read(uc, UC_X86_REG_RSP, &rsp);
+    for (int i = 0; i < 5; i++)
+        if (sup_read_u64(f, uc, rsp + 8 * (uint64_t)i, &frame[i]) < 0)
+            goto hand_over;
+    uint64_t new_rip = frame[0], new_rflags = frame[2], new_rsp = frame[3];
+    uint32_t new_cs = frame[1] & 0xFFFFu, new_ss = frame[4] & 0xFFFFu;
+    unsigned new_cpl = new_cs & 3;
+    if (new_cpl != 0 && new_cpl != 3)
+        goto hand_over;
+    /* _code_descriptor: a flat 64-bit code segment, DPL = RPL */
+    uint32_t cs_attr, cs_limit, ss_attr = (uint32_t)new_cpl << SA_DPL_SHIFT, ss_limit = 0;
+    uint64_t cs_base, ss_base = 0;
+    if ((new_cs & ~3u) == 0 || gdt_descriptor(e, uc, new_cs, &cs_attr, &cs_base, &cs_limit) < 0
+        || (cs_attr & (SA_CODE | SA_S | SA_P | SA_L)) != (SA_CODE | SA_S | SA_P | SA_L)
+        || ((cs_attr >> SA_DPL_SHIFT) & 3) != new_cpl || cs_base != 0 || !is_canonical48(new_rip))
+        goto hand_over;
+    /* _stack_descriptor: a null SS for a 64-bit return to CPL 0, else a present writable data
+     * segment with RPL = DPL = CPL */
+    if ((new_ss & ~3u) == 0) {
+        if (new_cpl == 3 || (new_ss & 3) != new_cpl)
+            goto hand_over;
+    } else if ((new_ss & 3) != new_cpl || gdt_descriptor(e, uc, new_ss, &ss_attr, &ss_base, &ss_limit) < 0
+               || (ss_attr & (SA_CODE | SA_RW | SA_S | SA_P)) != (SA_RW | SA_S | SA_P)
+               || ((ss_attr >> SA_DPL_SHIFT) & 3) != new_cpl) {
+        goto hand_over;
+    }
+    uint64_t rflags;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    /* old CPL 0: IOPL and IF are writable */
+    uint64_t out_rflags = (rflags & ~RFLAGS_IRET_MASK) | (new_rflags & RFLAGS_IRET_MASK) | 2;
+    if (e->irq_pending && (out_rflags & RFLAGS_IF))
+        goto hand_over;
+    uint64_t ssp = s->ssp;
+    int cet_active = s->cr4_cet && ((s->u_cet | s->s_cet) & (CET_SH_STK_EN | CET_ENDBR_EN));
+    if (cet_active && iret_ssp(e, uc, new_cpl, new_cs, new_rip, &ssp) < 0)
+        goto hand_over;
+    if (e->ctx_save(uc, e->ctx) != UC_ERR_OK)
+        goto hand_over;
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t hflags;
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    if (!(hflags & HF_LMA))
+        goto hand_over;
+    ctx_segment(d, SEG_CS, new_cs, cs_base, cs_limit, cs_attr);
+    ctx_segment(d, SEG_SS, new_ss, ss_base, ss_limit, ss_attr);
+    hflags = hflags_long_mode(hflags, (ss_attr >> SA_DPL_SHIFT) & 3);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    e->ctx_restore(uc, e->ctx);
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &out_rflags);
+    e->reg_write(uc, UC_X86_REG_RSP, &new_rsp);
+    s->ssp = ssp;
+    if (new_cpl != 0)
+        events_new_cpl(e, new_cpl);
+    e->irets++;
+    e->reg_write(uc, UC_X86_REG_RIP, &new_rip); /* leaves the block before the IRETQ runs */
+    return;
+hand_over:
+    event_hand_over(e, uc, rip);
 }

@@ -505,13 +505,14 @@ class EventsState(ctypes.Structure):
     """Mirror of ``cet_events_t``'s public part (checked against the library's sizeof)."""
 
     _fields_ = [("pl_ssp", _U64 * 4), ("handover_rip", _U64), ("handover", _U32), ("enabled", _U32),
-                ("mode_changes", _U64), ("syscalls", _U64), ("sysrets", _U64), ("handovers", _U64),
+                ("mode_changes", _U64), ("syscalls", _U64), ("sysrets", _U64), ("irets", _U64), ("handovers", _U64),
+                ("irq_pending", _U32), ("spare", _U32),
                 ("_f", _VP), ("_reg_read", _VP), ("_reg_write", _VP), ("_ctx_save", _VP), ("_ctx_restore", _VP),
                 ("_ctx_free", _VP), ("_ctx", _VP)]
 
 
 class NativeEvents:
-    """SYSCALL and SYSRETQ delivered inside the engine by ``cetfast.c`` (see its "Native events"
+    """SYSCALL, SYSRETQ and IRETQ delivered inside the engine by ``cetfast.c`` (see its "Native events"
     section), next to the native block hook ``native`` on the same engine.
 
     The vCPU enables it only with block-granular budgets. It owns IA32_PL0..3_SSP
@@ -541,7 +542,7 @@ class NativeEvents:
         self.state = EventsState.from_address(ptr)
         self._check_layout()
         self._seen_mode_changes = 0
-        self._sysret_hooks: dict[int, object] = {}
+        self._return_hooks: dict[int, object] = {}
         self._add_hook(_UC_HOOK_INSN, lib.cetfast_syscall_hook, 1, 0, _UC_X86_INS_SYSCALL)
 
     @property
@@ -581,19 +582,26 @@ class NativeEvents:
     def enabled(self) -> bool:
         return bool(self.state.enabled)
 
-    def hook_sysret(self, linear: int) -> bool:
-        """Deliver the SYSRETQ at ``linear`` natively; True if its hook is new (the block holding it
-        must be translated again to call it)."""
-        if linear in self._sysret_hooks:
+    def hook_return(self, linear: int, *, iret: bool) -> bool:
+        """Deliver the SYSRETQ (``iret`` False) or IRETQ at ``linear`` natively; True if its hook
+        is new (the block holding it must be translated again to call it)."""
+        if linear in self._return_hooks:
             return False
-        self._sysret_hooks[linear] = self._add_hook(_UC_HOOK_CODE, self._lib.cetfast_sysret_hook, linear, linear)
+        callback = self._lib.cetfast_iret_hook if iret else self._lib.cetfast_sysret_hook
+        self._return_hooks[linear] = self._add_hook(_UC_HOOK_CODE, callback, linear, linear)
         return True
 
-    def unhook_sysret(self, linear: int) -> None:
-        """The code at ``linear`` is no SYSRETQ any more (rewritten): drop its hook."""
-        hook = self._sysret_hooks.pop(linear, None)
+    def unhook_return(self, linear: int) -> None:
+        """The code at ``linear`` is no SYSRETQ/IRETQ any more (rewritten): drop its hook."""
+        hook = self._return_hooks.pop(linear, None)
         if hook is not None:
             self._uclib.uc_hook_del(self._uc._uch, hook)
+
+    def interrupt_pending(self, pending: bool) -> None:
+        """Whether an external interrupt waits: then a SYSRETQ/IRETQ that sets RFLAGS.IF is left
+        to Python, whose run loop takes the interrupt right after it (as it does after every
+        emulated instruction)."""
+        self.state.irq_pending = int(pending)
 
     def mode_moved(self) -> bool:
         """True once after the hooks changed the CPL (the vCPU re-reads its cached mode)."""
@@ -614,4 +622,4 @@ class NativeEvents:
     @property
     def stats(self) -> dict[str, int]:
         s = self.state
-        return {"syscalls": s.syscalls, "sysrets": s.sysrets, "event_handovers": s.handovers}
+        return {"syscalls": s.syscalls, "sysrets": s.sysrets, "irets": s.irets, "event_handovers": s.handovers}
