@@ -73,7 +73,7 @@ class BlockHookMixin:
             self._install_native_events()
 
     def _install_native_events(self) -> None:
-        """SYSCALL, SYSRETQ and IRETQ delivered in the engine (:class:`cetvm.cpu.native.NativeEvents`;
+        """SYSCALL, SYSRETQ, IRETQ and #PF delivered in the engine (:class:`cetvm.cpu.native.NativeEvents`;
         block-granular budgets only: their instructions are counted with their block). It holds
         IA32_PL0..3_SSP, so they move from ``self.cet`` into it."""
         events = NativeEvents(self._uc, self._native)
@@ -81,6 +81,15 @@ class BlockHookMixin:
         self.cet.pl_ssp = events.pl_ssp
         events.set_enabled(True)
         self._native_events = events
+        self._uc.hook_del(self._intr_hook)
+        events.install_page_faults(self._on_interrupt_from_native)
+
+    def _on_interrupt_from_native(self, _uch: int, intno: int, _user: int) -> None:
+        """UC_HOOK_INTR for what the native #PF delivery leaves to Python."""
+        try:
+            self._on_interrupt(self._uc, intno, None)
+        except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
+            self._on_hook_error(exc)
 
     def _claimed_by_native_events(self, instr) -> bool:
         """``instr`` (which needs emulation) is delivered by the native events instead of an exit:
@@ -262,6 +271,8 @@ class BlockHookMixin:
             terminator = None  # nothing to apply at the next block start
         info = BlockInfo(address, size, terminator, code[:4], len(instrs))
         self._blocks.store(info)
+        if self._native_events is not None:
+            self._native_events.store_bounds(address, size, bytes(i.len for i in instrs))
         return info
 
     def _apply_pending_terminator(self, rip: int) -> None:

@@ -160,7 +160,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         uc = self._uc
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self._intr_hook = uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_instruction)
         self._hook_error: BaseException | None = None
         self._reg_buf = ctypes.c_uint64()
@@ -665,7 +665,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def _run_engine(self, rip: int) -> VmExit | None:
         self._budget.hit = False
         if self._native_events is not None:
-            self._native_events.interrupt_pending(self._irq_vector is not None)
+            self._native_events.before_run(self._irq_vector is not None, self.vmcs.read(VmcsField.EXCEPTION_BITMAP))
         try:
             self._emu_start_keeping_cr2(rip)
             if self._native is not None:
@@ -724,6 +724,10 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             stop = budget.take_stop()
             if stop and budget.left:
                 self._run_fenced(self.rip, stop, budget.left)
+        if self._native_events is not None:
+            cr2 = self._native_events.take_delivered_cr2()
+            if cr2 is not None:  # a #PF the native events delivered: CR2 is the guest's now
+                self._uc.reg_write(X.UC_X86_REG_CR2, cr2)
 
     # ------------------------------------------------------------------ misc
     @property

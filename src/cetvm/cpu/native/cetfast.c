@@ -1118,6 +1118,8 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
 #define UCX_STAR 4824
 #define UCX_LSTAR 4840
 #define UCX_FMASK 4856
+#define UCX_ERROR_CODE 5384
+#define UCX_OLD_EXCEPTION 5496
 #define SEG_CS 1
 #define SEG_SS 2
 
@@ -1164,8 +1166,16 @@ typedef struct {
     uint64_t irets;
     uint64_t handovers;
     uint32_t irq_pending;    /* Python: an external interrupt waits (SYSRET/IRET may open its window) */
-    uint32_t spare;
+    uint32_t exception_bitmap; /* Python: the VMCS exception bitmap (those exceptions exit: Python) */
+    uint64_t faults;         /* statistics: #PFs delivered here */
+    uint64_t pf_cr2;         /* CR2 of the last #PF delivered here (Python keeps it after the run) */
+    uint64_t pf_delivered;   /* #PFs delivered during the current run (Python clears it) */
     /* private */
+    void (*slow_intr)(uc_engine *, uint32_t, void *); /* Python's UC_HOOK_INTR handler */
+    uint8_t *bounds_pool;    /* instruction lengths of classified blocks (see "#PF" below) */
+    uint32_t bounds_used;
+    uint32_t bounds_count;
+    void *bounds;
     cetfast_t *f;
     reg_rw_fn reg_read;
     reg_rw_fn reg_write;
@@ -1202,6 +1212,8 @@ void cetfast_events_free(void *p)
     if (!e)
         return;
     e->ctx_free(e->ctx);
+    free(e->bounds_pool);
+    free(e->bounds);
     free(e);
 }
 
@@ -1562,3 +1574,258 @@ void cetfast_iret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *use
 hand_over:
     event_hand_over(e, uc, rip);
 }
+
+/* ------------------------------------------------------------------ page faults
+ *
+ * #PF delivery through a 64-bit interrupt/trap gate without IST to CPL 0, from CPL 0 or CPL 3
+ * [SDM Vol. 3 §6.14; cetvm.cpu.events.deliver_64 with cetvm.cpu.cet.far_transfers.ssp_on_event],
+ * as UC_HOOK_INTR (Unicorn stops at the faulting instruction with CR2 and its error code set).
+ * It replaces Python's UC_HOOK_INTR handler (cetvm.cpu.engine_stops._on_interrupt), which it
+ * calls for everything else, before changing anything: other vectors, a possible fetch fault
+ * (CR2 within 15 bytes of RIP), an error code with bits other than P/W/U, a fault outside the
+ * block that ran last or at an instruction boundary the classifier did not record, an exception
+ * the VMCS exception bitmap makes exit, IST gates, 32-bit/task gates, a non-flat or not 64-bit
+ * handler CS, a frame or shadow-stack frame that does not translate to RAM, supervisor shadow
+ * stacks on a CPL 3 -> 0 switch (the supervisor token), an IDT/GDT/TSS read that fails.
+ *
+ * Budget: the block that ran last was counted when it started; the instructions from the faulting
+ * one on did not retire and are taken back (cetvm.cpu.vcpu._retire_before), which needs the
+ * instruction boundaries of the block: the classifier stores its instruction lengths here
+ * (cetfast_events_store_bounds). The error code is the engine's (CPUX86State.error_code), where
+ * Python re-derives it with a page walk; both give P/W/U for the accesses the walker knows.
+ */
+#define BOUNDS_SLOTS 16384u
+#define BOUNDS_POOL (1u << 20)
+#define GATE_INTERRUPT 0xE
+#define GATE_TRAP 0xF
+#define RFLAGS_TF (1ull << 8)
+#define RFLAGS_NT (1ull << 14)
+#define RFLAGS_VM (1ull << 17)
+#define VECTOR_PF 14
+#define CR0_WP (1ull << 16)
+
+typedef struct {
+    uint64_t addr;
+    uint16_t size;
+    uint16_t icount;
+    uint32_t offset; /* into bounds_pool: icount instruction lengths */
+} bounds_t;
+
+static void bounds_clear(cet_events_t *e)
+{
+    memset(e->bounds, 0, BOUNDS_SLOTS * sizeof(bounds_t));
+    e->bounds_used = 0;
+    e->bounds_count = 0;
+}
+
+/* Record the instruction lengths of a classified block (0, or -1 out of memory). */
+int cetfast_events_store_bounds(void *p, uint64_t addr, uint32_t size, const uint8_t *lengths, uint32_t icount)
+{
+    cet_events_t *e = p;
+    if (!e->bounds) {
+        e->bounds = calloc(BOUNDS_SLOTS, sizeof(bounds_t));
+        e->bounds_pool = malloc(BOUNDS_POOL);
+        if (!e->bounds || !e->bounds_pool)
+            return -1;
+    }
+    if (icount == 0 || icount > 0xFFFF || size > 0xFFFF)
+        return 0;
+    if (e->bounds_used + icount > BOUNDS_POOL || e->bounds_count >= BOUNDS_SLOTS / 2)
+        bounds_clear(e);
+    bounds_t *t = e->bounds;
+    uint64_t i = block_hash(addr) & (BOUNDS_SLOTS - 1);
+    while (t[i].size && t[i].addr != addr)
+        i = (i + 1) & (BOUNDS_SLOTS - 1);
+    if (!t[i].size)
+        e->bounds_count++;
+    t[i] = (bounds_t){addr, (uint16_t)size, (uint16_t)icount, e->bounds_used};
+    memcpy(e->bounds_pool + e->bounds_used, lengths, icount);
+    e->bounds_used += icount;
+    return 0;
+}
+
+/* Instructions of block ``b`` before linear ``lin`` (an instruction boundary in it), or -1. */
+static int instructions_before(const cet_events_t *e, const cet_block_t *b, uint64_t lin)
+{
+    const bounds_t *t = e->bounds;
+    if (!t)
+        return -1;
+    uint64_t i = block_hash(b->addr) & (BOUNDS_SLOTS - 1);
+    while (t[i].size && t[i].addr != b->addr)
+        i = (i + 1) & (BOUNDS_SLOTS - 1);
+    if (!t[i].size || t[i].size != b->size || t[i].icount != b->icount)
+        return -1;
+    uint64_t at = b->addr;
+    const uint8_t *len = e->bounds_pool + t[i].offset;
+    for (int n = 0; n < t[i].icount; n++) {
+        if (at == lin)
+            return n;
+        at += len[n];
+    }
+    return -1;
+}
+
+/* Supervisor data translation of the 8 bytes at ``lin`` (never across a page) for a read or a
+ * write (CR0.WP: read-only pages fault) to a host pointer into RAM; NULL: Python decides. */
+static uint8_t *sup_host(cetfast_t *f, uc_engine *uc, uint64_t lin, int write, int wp)
+{
+    uint64_t phys;
+    if ((lin & (PAGE_SIZE - 1)) > PAGE_SIZE - 8)
+        return NULL;
+    if (f->s.paging == PAGING_OFF) {
+        phys = lin;
+    } else if (f->s.paging == PAGING_4LEVEL) {
+        static const int shifts[4] = {39, 30, 21, 12};
+        uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
+        int page_shift = 12, writable = 1;
+        if (!is_canonical48(lin))
+            return NULL;
+        for (int level = 0; level < 4; level++) {
+            uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
+            uint8_t *h = phys_host(f, gpa, 8);
+            if (h)
+                memcpy(&entry, h, 8);
+            else if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
+                return NULL;
+            if (!(entry & PTE_P))
+                return NULL;
+            writable = writable && (entry & PTE_RW);
+            if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
+                page_shift = shifts[level];
+                break;
+            }
+            table = entry & PTE_ADDR_MASK;
+        }
+        if (write && wp && !writable)
+            return NULL;
+        uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
+        phys = (entry & frame_mask) | (lin & ((1ull << page_shift) - 1));
+    } else {
+        return NULL;
+    }
+    return phys_host(f, phys, 8);
+}
+
+/* Deliver the #PF natively; 1 if done, 0 if nothing was changed (Python decides). */
+static int deliver_pf(cet_events_t *e, uc_engine *uc)
+{
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    const cet_block_t *b = s->pend;
+    uint64_t rip, cr2, rsp, rflags, cr0;
+    e->reg_read(uc, UC_X86_REG_RIP, &rip);
+    e->reg_read(uc, UC_X86_REG_CR2, &cr2);
+    uint64_t lin = rip + s->cs_base;
+    if (cr2 - lin < 15 || b->size == BLOCK_EMPTY || b->icount == 0 || lin < b->addr || lin >= b->addr + b->size)
+        return 0;
+    int ran = instructions_before(e, b, lin);
+    if (ran < 0 || e->ctx_save(uc, e->ctx) != UC_ERR_OK)
+        return 0;
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t error, hflags;
+    memcpy(&error, d + UCX_ERROR_CODE, 4);
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    unsigned old_cpl = hflags & HF_CPL_MASK;
+    if ((error & ~7u) || !(hflags & HF_LMA) || (old_cpl != 0 && old_cpl != 3) || old_cpl != s->cpl)
+        return 0;
+    /* the gate [deliver_64] */
+    uc_x86_mmr idtr = {0}, tr = {0};
+    uint64_t lo, hi;
+    if (e->reg_read(uc, UC_X86_REG_IDTR, &idtr) != UC_ERR_OK || VECTOR_PF * 16 + 15 > idtr.limit
+        || sup_read_u64(f, uc, idtr.base + VECTOR_PF * 16, &lo) < 0
+        || sup_read_u64(f, uc, idtr.base + VECTOR_PF * 16 + 8, &hi) < 0)
+        return 0;
+    uint64_t offset = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF0000ull) | ((hi & 0xFFFFFFFFull) << 32);
+    uint32_t selector = (lo >> 16) & 0xFFFF, ist = (lo >> 32) & 7, type = (lo >> 40) & 0xF;
+    if ((type != GATE_INTERRUPT && type != GATE_TRAP) || !((lo >> 47) & 1) || ist)
+        return 0;
+    uint32_t cs_attr, cs_limit;
+    uint64_t cs_base;
+    if (gdt_descriptor(e, uc, selector, &cs_attr, &cs_base, &cs_limit) < 0
+        || (cs_attr & (SA_CODE | SA_L | SA_P)) != (SA_CODE | SA_L | SA_P) || ((cs_attr >> SA_DPL_SHIFT) & 3) != 0
+        || cs_base != 0)
+        return 0;
+    /* the stack and the frame */
+    e->reg_read(uc, UC_X86_REG_RSP, &rsp);
+    uint64_t stack = rsp;
+    if (old_cpl != 0) {
+        if (e->reg_read(uc, UC_X86_REG_TR, &tr) != UC_ERR_OK || sup_read_u64(f, uc, tr.base + 4, &stack) < 0)
+            return 0;
+    }
+    stack &= ~0xFull;
+    uint64_t new_rsp = stack - 48;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    e->reg_read(uc, UC_X86_REG_CR0, &cr0);
+    uint32_t old_cs, old_ss;
+    uint64_t old_cs_base;
+    memcpy(&old_cs, d + UCX_SEGS + SEG_CS * UCX_SEG_SIZE, 4);
+    memcpy(&old_ss, d + UCX_SEGS + SEG_SS * UCX_SEG_SIZE, 4);
+    memcpy(&old_cs_base, d + UCX_SEGS + SEG_CS * UCX_SEG_SIZE + 8, 8);
+    uint64_t frame[6] = {error, rip, old_cs & 0xFFFF, rflags | RFLAGS_RF, rsp, old_ss & 0xFFFF};
+    uint8_t *slot[6];
+    for (int i = 0; i < 6; i++)
+        if (!(slot[i] = sup_host(f, uc, new_rsp + 8 * (uint64_t)i, 1, (cr0 & CR0_WP) != 0)))
+            return 0;
+    /* ssp_on_event (no IST, to CPL 0) */
+    uint64_t ssp = s->ssp, new_ssp = ssp, s_cet = s->s_cet;
+    uint64_t *ss_slots[3] = {NULL, NULL, NULL};
+    int sup_shstk = s->cr4_cet && (s->s_cet & CET_SH_STK_EN);
+    if (sup_shstk) {
+        if (old_cpl != 0 || (ssp & 7))
+            return 0; /* the supervisor token of PL0_SSP / a 4-byte alignment pad: Python */
+        for (int i = 0; i < 3; i++)
+            if (!(ss_slots[i] = ss_slot(f, uc, ssp - 8 * (uint64_t)(i + 1), 0)))
+                return 0;
+        new_ssp = ssp - 24;
+    }
+    /* commit: nothing below fails */
+    for (int i = 0; i < 6; i++)
+        memcpy(slot[i], &frame[i], 8);
+    if (sup_shstk) {
+        uint64_t lip = old_cs_base + rip;
+        *ss_slots[0] = old_cs & 0xFFFF;
+        *ss_slots[1] = lip;
+        *ss_slots[2] = ssp;
+    }
+    if (old_cpl == 3 && s->cr4_cet && (s->u_cet & CET_SH_STK_EN))
+        e->pl_ssp[3] = la_adjust48(ssp);
+    if (s->cr4_cet && (s_cet & CET_ENDBR_EN))
+        s_cet = (s_cet | CET_TRACKER) & ~CET_SUPPRESS;
+    ctx_segment(d, SEG_CS, selector & ~3u, cs_base, cs_limit, cs_attr);
+    if (old_cpl != 0)
+        ctx_segment(d, SEG_SS, 0, 0, 0, 0);
+    hflags = hflags_long_mode(hflags, 0);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    int32_t none = -1;
+    memcpy(d + UCX_OLD_EXCEPTION, &none, 4);
+    e->ctx_restore(uc, e->ctx);
+    uint64_t clear = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM | (type == GATE_INTERRUPT ? RFLAGS_IF : 0);
+    uint64_t new_rflags = rflags & ~clear;
+    e->reg_write(uc, UC_X86_REG_RSP, &new_rsp);
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &new_rflags);
+    /* the faulting instruction and the rest of its block did not retire; no terminator pending */
+    s->budget_left += b->icount - ran;
+    pending_none(f, b->addr);
+    s->ssp = new_ssp;
+    s->s_cet = s_cet;
+    if (old_cpl != 0)
+        events_new_cpl(e, 0);
+    else
+        refresh_fast(f);
+    e->pf_cr2 = cr2;
+    e->pf_delivered++;
+    e->faults++;
+    e->reg_write(uc, UC_X86_REG_RIP, &offset);
+    return 1;
+}
+
+/* UC_HOOK_INTR: #PF natively when it can, else Python's handler. */
+void cetfast_intr_hook(uc_engine *uc, uint32_t intno, void *user_data)
+{
+    cet_events_t *e = user_data;
+    if (intno == VECTOR_PF && events_usable(e) && !(e->exception_bitmap & (1u << VECTOR_PF)) && deliver_pf(e, uc))
+        return;
+    e->slow_intr(uc, intno, NULL);
+}
+
+void cetfast_events_set_slow_intr(void *p, void *fn) { ((cet_events_t *)p)->slow_intr = fn; }

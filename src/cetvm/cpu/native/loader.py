@@ -498,6 +498,9 @@ class NativeCetState:
 _EVENT_MSRS = (0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0084)  # EFER, STAR, LSTAR, FMASK
 _UC_HOOK_INSN = 1 << 1
 _UC_HOOK_CODE = 1 << 2
+_UC_HOOK_INTR = 1 << 0
+#: void hook(uc_engine *, uint32_t intno, void *user_data): UC_HOOK_INTR
+_INTR_HOOK = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint32, _VP)
 _UC_X86_INS_SYSCALL = 699
 
 
@@ -506,7 +509,10 @@ class EventsState(ctypes.Structure):
 
     _fields_ = [("pl_ssp", _U64 * 4), ("handover_rip", _U64), ("handover", _U32), ("enabled", _U32),
                 ("mode_changes", _U64), ("syscalls", _U64), ("sysrets", _U64), ("irets", _U64), ("handovers", _U64),
-                ("irq_pending", _U32), ("spare", _U32),
+                ("irq_pending", _U32), ("exception_bitmap", _U32), ("faults", _U64), ("pf_cr2", _U64),
+                ("pf_delivered", _U64),
+                ("_slow_intr", _VP), ("_bounds_pool", _VP), ("_bounds_used", _U32), ("_bounds_count", _U32),
+                ("_bounds", _VP),
                 ("_f", _VP), ("_reg_read", _VP), ("_reg_write", _VP), ("_ctx_save", _VP), ("_ctx_restore", _VP),
                 ("_ctx_free", _VP), ("_ctx", _VP)]
 
@@ -597,11 +603,39 @@ class NativeEvents:
         if hook is not None:
             self._uclib.uc_hook_del(self._uc._uch, hook)
 
-    def interrupt_pending(self, pending: bool) -> None:
-        """Whether an external interrupt waits: then a SYSRETQ/IRETQ that sets RFLAGS.IF is left
-        to Python, whose run loop takes the interrupt right after it (as it does after every
-        emulated instruction)."""
-        self.state.irq_pending = int(pending)
+    def before_run(self, interrupt_pending: bool, exception_bitmap: int) -> None:
+        """Before each engine run: whether an external interrupt waits (then a SYSRETQ/IRETQ that
+        sets RFLAGS.IF is left to Python, whose run loop takes the interrupt right after it, as
+        after every emulated instruction) and the VMCS exception bitmap (exceptions that exit
+        are left to Python)."""
+        s = self.state
+        s.irq_pending = int(interrupt_pending)
+        s.exception_bitmap = exception_bitmap & 0xFFFF_FFFF
+
+    def install_page_faults(self, slow_handler: Callable[[int, int, int], None]) -> None:
+        """Take over the engine's UC_HOOK_INTR: #PF delivered natively where it can be, every
+        other interrupt and #PF to ``slow_handler(uc_handle, intno, user_data)`` (the vCPU's
+        Python handler, which the caller unregistered)."""
+        self._slow_intr = _INTR_HOOK(slow_handler)
+        self._lib.cetfast_events_set_slow_intr.argtypes = [_VP, _VP]
+        self._lib.cetfast_events_set_slow_intr(self._ptr, _fnptr(self._slow_intr))
+        self._lib.cetfast_events_store_bounds.argtypes = [_VP, _U64, _U32, ctypes.c_char_p, _U32]
+        self._lib.cetfast_events_store_bounds.restype = ctypes.c_int
+        self._add_hook(_UC_HOOK_INTR, self._lib.cetfast_intr_hook, 1, 0)
+
+    def store_bounds(self, address: int, size: int, lengths: bytes) -> None:
+        """The instruction lengths of a classified block (the native #PF takes back the
+        instructions from the faulting one on)."""
+        if self._lib.cetfast_events_store_bounds(self._ptr, address, size, lengths, len(lengths)) != 0:
+            raise CetvmError("native events: out of memory for instruction boundaries")
+
+    def take_delivered_cr2(self) -> int | None:
+        """CR2 of the last #PF delivered natively during the run that ended, if any (clears it)."""
+        s = self.state
+        if not s.pf_delivered:
+            return None
+        s.pf_delivered = 0
+        return int(s.pf_cr2)
 
     def mode_moved(self) -> bool:
         """True once after the hooks changed the CPL (the vCPU re-reads its cached mode)."""
@@ -622,4 +656,5 @@ class NativeEvents:
     @property
     def stats(self) -> dict[str, int]:
         s = self.state
-        return {"syscalls": s.syscalls, "sysrets": s.sysrets, "irets": s.irets, "event_handovers": s.handovers}
+        return {"syscalls": s.syscalls, "sysrets": s.sysrets, "irets": s.irets, "page_faults": s.faults,
+                "event_handovers": s.handovers}
