@@ -4,6 +4,9 @@
 (stack switching), §7.7 (64-bit TSS); SDM Vol. 2 INT n pseudo-code for the CET steps, done by
 :func:`cetvm.cpu.cet.far_transfers.ssp_on_event`.]
 
+The native path delivers the common #PF (a 64-bit gate without IST to CPL 0) inside the engine
+(cetfast.c, "page faults"), with the same rules; this module decides every other case.
+
 Decisions (documented simplifications):
 - only 64-bit interrupt and trap gates (IA-32e mode: from 64-bit or compatibility mode, with the
   32-bit CS and EIP in the frame); delivery outside IA-32e mode ends the run with a SHUTDOWN

@@ -15,7 +15,10 @@ Execution model:
   benchmarks and guests that need none of these.
 
 Exceptions are caught (UC_HOOK_INTR / UC_HOOK_INSN_INVALID), emulation stops, and
-:mod:`cetvm.cpu.events` delivers them through the guest IDT.
+:mod:`cetvm.cpu.events` delivers them through the guest IDT. On the native path (block-granular
+budgets) the common SYSCALL, SYSRETQ, IRETQ and #PF are delivered inside the engine by the C
+library (:class:`cetvm.cpu.native.NativeEvents`), which leaves every other case to the same
+Python code; the vCPU re-reads its cached mode after a run in which they changed the CPL.
 
 This module is the composition, VM entry/exit and the run loop. Parts (objects with their own
 interface): :mod:`cetvm.cpu.memory` (``GuestMemory``: regions, physical/virtual access,

@@ -1,7 +1,8 @@
 """The native CET fast path: the block hook of :mod:`cetvm.cpu.cet.transfer` in C.
 
 Build with ``python -m cetvm.cpu.native.build``; see :mod:`.loader` for the Python side and
-``cetfast.c`` for what runs natively and what is handed over to the Python layer.
+``cetfast.c`` for what runs natively and what is handed over to the Python layer (the block
+hook, and :class:`NativeEvents`: SYSCALL, SYSRETQ, IRETQ and #PF delivered inside the engine).
 """
 
 from __future__ import annotations

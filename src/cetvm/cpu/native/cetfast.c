@@ -1,5 +1,6 @@
 /*
- * cetfast — CET enforcement at engine speed: a UC_HOOK_BLOCK callback for Unicorn 2.1.4.
+ * cetfast — CET enforcement at engine speed: a UC_HOOK_BLOCK callback for Unicorn 2.1.4, and
+ * (section "Native events" at the end) SYSCALL, SYSRETQ, IRETQ and #PF delivered in the engine.
  *
  * This is a 1:1 re-implementation of the *common* cases of the pure Python block state machine
  * cetvm.cpu.cet.transfer (on_block_start / apply_terminator / check_block_target), which stays
@@ -1238,17 +1239,23 @@ static inline uint64_t ctx_u64(const uint8_t *d, unsigned off)
     return v;
 }
 
-/* Load a flat segment cache (base 0, limit 4 GiB - 1) as Registers.load_segment_caches does. */
-static void ctx_flat_segment(uint8_t *d, unsigned seg, uint32_t selector, uint32_t attributes)
+/* Load a segment cache in the saved context as Registers.load_segment_caches does. */
+static void ctx_segment(uint8_t *d, unsigned seg, uint32_t selector, uint64_t base, uint32_t limit,
+                        uint32_t attributes)
 {
     uint8_t *c = d + UCX_SEGS + seg * UCX_SEG_SIZE;
-    uint64_t base = 0;
-    uint32_t pad = 0, limit = 0xFFFFFFFFu;
+    uint32_t pad = 0;
     memcpy(c, &selector, 4);
     memcpy(c + 4, &pad, 4);
     memcpy(c + 8, &base, 8);
     memcpy(c + 16, &limit, 4);
     memcpy(c + 20, &attributes, 4);
+}
+
+/* A flat segment (base 0, limit 4 GiB - 1): Segment.code64 / Segment.data. */
+static void ctx_flat_segment(uint8_t *d, unsigned seg, uint32_t selector, uint32_t attributes)
+{
+    ctx_segment(d, seg, selector, 0, 0xFFFFFFFFu, attributes);
 }
 
 /* hflags after loading a 64-bit CS (L=1) at ``cpl`` in IA-32e mode (uc_context.segment_hflags). */
@@ -1462,18 +1469,6 @@ static int gdt_descriptor(cet_events_t *e, uc_engine *uc, uint32_t selector, uin
     if (*attributes & SA_G)
         *limit = (*limit << 12) | 0xFFFu;
     return 0;
-}
-
-static void ctx_segment(uint8_t *d, unsigned seg, uint32_t selector, uint64_t base, uint32_t limit,
-                        uint32_t attributes)
-{
-    uint8_t *c = d + UCX_SEGS + seg * UCX_SEG_SIZE;
-    uint32_t pad = 0;
-    memcpy(c, &selector, 4);
-    memcpy(c + 4, &pad, 4);
-    memcpy(c + 8, &base, 8);
-    memcpy(c + 16, &limit, 4);
-    memcpy(c + 20, &attributes, 4);
 }
 
 /* ssp_on_iret for IRETQ from CPL 0 (see above); 0 with *ssp the new SSP, or -1 (hand over). */
