@@ -68,6 +68,7 @@ class BlockHookMixin:
         self._budget.attach(self._native.shared)
         self.cet = self._native.cet_state
         self._native.install()
+        self._native.filter_exit_invalidation()
         self._native.install_tlb_fill(set_mode=False)
         if not self._budget.per_instruction:
             self._install_native_events()
@@ -262,7 +263,7 @@ class BlockHookMixin:
         if new_exits or self._new_event_hooks:
             self._exits.update(new_exits)
             self._uc.ctl_set_exits(sorted(self._exits))
-            self._uc.ctl_remove_cache(address, address + max(size, 1))
+            self.drop_translations(address, address + size)
             self._uc.reg_write(X.UC_X86_REG_RIP, address - self._cs_base)  # RIP is the offset
             self._uc.emu_stop()
             return None

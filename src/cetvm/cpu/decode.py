@@ -28,6 +28,8 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     M.WRSSD, M.WRSSQ, M.WRUSSD, M.WRUSSQ,
     # random numbers from a deterministic generator (Unicorn's come from the host)
     M.RDRAND,
+    # instructions Unicorn 2.1.4 does not decode (#UD)
+    M.SERIALIZE,
     # XSAVE variants Unicorn lacks
     M.XSAVES, M.XSAVES64, M.XRSTORS, M.XRSTORS64, M.XSAVEC, M.XSAVEC64,
 })

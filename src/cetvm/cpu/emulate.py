@@ -676,6 +676,16 @@ def rdrand(vcpu, instr: Instruction) -> None:
     _advance(vcpu, instr)
 
 
+def serialize(vcpu, instr: Instruction) -> None:
+    """SERIALIZE [SDM Vol. 2B SERIALIZE]: every earlier instruction completes before the next is
+    fetched; no register, flag or memory changes. cetvm's CPU retires instructions in order, so
+    retiring it is all there is. Unicorn 2.1.4 does not decode it (#UD), hence emulated. Shown in
+    CPUID.(7,0):EDX[14] when the host has it (KVM passes it through, kvm_set_cpu_caps); Linux's
+    sync_core() then serializes with it instead of an IRETQ to itself — text patching calls
+    sync_core() on every CPU tens of thousands of times during boot."""
+    _advance(vcpu, instr)
+
+
 def xsave_family(vcpu, instr: Instruction) -> None:
     """XSAVEC / XSAVES / XRSTORS: :mod:`cetvm.cpu.xsave` checks and executes, here it retires."""
     xsave.check_usable(vcpu, instr)
@@ -697,6 +707,6 @@ _HANDLERS: dict[int, Callable] = {
     M.LGDT: descriptor_table_load, M.LIDT: descriptor_table_load, M.LLDT: descriptor_table_load,
     M.LTR: descriptor_table_load, M.LMSW: lmsw,
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
-    M.RDRAND: rdrand,
+    M.RDRAND: rdrand, M.SERIALIZE: serialize,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
 }

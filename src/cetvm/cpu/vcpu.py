@@ -236,6 +236,18 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._uc.ctl_set_exits([])
         self._uc.ctl_flush_tb()
 
+    def drop_translations(self, start: int, end: int, *, block_before: bool = False) -> None:
+        """Drop the engine's translation blocks that cover linear [start, end) — and, with
+        ``block_before`` (``start`` stops being an exit), the one ending right before ``start``,
+        which Unicorn translated to stop there. Requests are two bytes or more: the native path
+        filters Unicorn's own one-byte drops after each run
+        (:meth:`cetvm.cpu.native.NativeCet.filter_exit_invalidation`). Unicorn finds the blocks
+        through the physical page of the first byte, so the byte before ``start`` (maybe on
+        another page) is a request of its own."""
+        self._uc.ctl_remove_cache(start, max(end, start + 2))
+        if block_before and start:
+            self._uc.ctl_remove_cache(start - 1, start + 1)
+
     def flush_tlb(self) -> None:
         """Forget cached translations: ours, the fast path's shadow-stack window, the native hook's."""
         self._memory.flush()
@@ -632,14 +644,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if added:
             self._exits.add(fence)
             uc.ctl_set_exits(sorted(self._exits))
-        uc.ctl_remove_cache(pc, pc + size)
+        self.drop_translations(pc, pc + size)
         try:
             uc.emu_start(rip, 0)
         finally:
             if added:
                 self._exits.discard(fence)
                 uc.ctl_set_exits(sorted(self._exits))
-            uc.ctl_remove_cache(pc, pc + size)
+            self.drop_translations(pc, pc + size)
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:

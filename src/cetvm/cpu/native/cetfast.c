@@ -44,7 +44,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 11
+#define CETFAST_ABI 12
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -1824,3 +1824,59 @@ void cetfast_intr_hook(uc_engine *uc, uint32_t intno, void *user_data)
 }
 
 void cetfast_events_set_slow_intr(void *p, void *fn) { ((cet_events_t *)p)->slow_intr = fn; }
+
+/* ------------------------------------------------------------------ Unicorn's exit translations
+ *
+ * Unicorn 2.1.4 ends every uc_emu_start by invalidating, for every address in its exit set, the
+ * translation block covering the byte before it (resume_all_vcpus → uc_exit_invalidate_iter →
+ * uc->uc_invalidate_tb(uc, exit - 1, 1)), so that a later run may *execute* the instruction at
+ * an exit. cetvm never does: an exit address holds an instruction cetvm emulates, and whenever
+ * cetvm removes an address from the exit set it drops the affected translations itself
+ * (cetvm.cpu.vcpu: ranges of at least two bytes). With thousands of exits (a Linux guest) that
+ * invalidation — a page walk and a retranslation per exit per run — was the largest cost of an
+ * exit. cetvm installs a filter in front of uc->uc_invalidate_tb that drops exactly those
+ * one-byte requests; every other caller (memory map/unmap, UC_CTL_TB_REMOVE_CACHE of two bytes
+ * or more) reaches Unicorn's function unchanged. The field's offset is Unicorn 2.1.4's
+ * struct uc_struct layout; cetvm.cpu.native.loader checks it by a probe before relying on it. */
+typedef void (*uc_invalidate_tb_fn)(void *uc, uint64_t start, size_t len);
+
+static uc_invalidate_tb_fn unicorn_invalidate_tb; /* the same static function for every instance */
+static uint64_t probe_start, probe_len;            /* the last request that reached the filter */
+
+static void invalidate_tb_filtered(void *uc, uint64_t start, size_t len)
+{
+    probe_start = start;
+    probe_len = len;
+    if (len == 1)
+        return; /* resume_all_vcpus' post-run invalidation of an exit's block */
+    unicorn_invalidate_tb(uc, start, len);
+}
+
+/* Put the filter into the uc_struct field at ``offset``. 0 on success (or already there),
+ * -1 if the field holds a function other than the one an earlier instance held. */
+int cetfast_filter_exit_invalidation(void *uc, uint64_t offset)
+{
+    uc_invalidate_tb_fn *slot = (uc_invalidate_tb_fn *)((char *)uc + offset);
+    if (*slot == invalidate_tb_filtered)
+        return 0;
+    if (unicorn_invalidate_tb && *slot != unicorn_invalidate_tb)
+        return -1;
+    unicorn_invalidate_tb = *slot;
+    *slot = invalidate_tb_filtered;
+    return 0;
+}
+
+/* Take the filter out again (the probe failed: the offset is not that field). */
+void cetfast_unfilter_exit_invalidation(void *uc, uint64_t offset)
+{
+    uc_invalidate_tb_fn *slot = (uc_invalidate_tb_fn *)((char *)uc + offset);
+    if (*slot == invalidate_tb_filtered)
+        *slot = unicorn_invalidate_tb;
+}
+
+/* The last (start, len) the filter saw: the loader's probe. */
+void cetfast_filter_probe(uint64_t *start, uint64_t *len)
+{
+    *start = probe_start;
+    *len = probe_len;
+}

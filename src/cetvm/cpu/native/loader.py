@@ -29,7 +29,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 11
+ABI_VERSION = 12
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 
@@ -143,6 +143,14 @@ def native_count_hook() -> int | None:
     return None if functions is None else functions[0]
 
 
+#: Offset of ``uc_invalidate_tb`` in Unicorn 2.1.4's ``struct uc_struct`` (x86-64): three 4-byte
+#: enums padded to 16 bytes, two 56-byte AddressSpace structures, then 31 function pointers.
+UC_INVALIDATE_TB_OFFSET = 16 + 2 * 56 + 31 * 8
+#: Where the probe of :meth:`NativeCet.filter_exit_invalidation` asks to drop translations
+#: (unmapped when the vCPU is created: nothing is dropped).
+_FILTER_PROBE = 0xFFFF_F000
+
+
 def is_built() -> bool:
     """True if ``libcetfast.so`` exists (built by ``python -m cetvm.cpu.native.build``)."""
     return LIBRARY_PATH.is_file()
@@ -183,6 +191,10 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_set_pending.argtypes = [_VP, _U32, _U64, _U32, _U32, _U64]
     lib.cetfast_enable_tlb_fill.argtypes = [_VP]
     lib.cetfast_reset_fetched.argtypes = [_VP]
+    lib.cetfast_filter_exit_invalidation.restype = ctypes.c_int
+    lib.cetfast_filter_exit_invalidation.argtypes = [_VP, _U64]
+    lib.cetfast_unfilter_exit_invalidation.argtypes = [_VP, _U64]
+    lib.cetfast_filter_probe.argtypes = [ctypes.POINTER(_U64), ctypes.POINTER(_U64)]
     return lib
 
 
@@ -301,6 +313,27 @@ class NativeCet:
         self._uclib.uc_hook_del(self._uc._uch, self._tlb_hook)
         self._tlb_hook = None
         self._uc.ctl_set_tlb_mode(UC_TLB_CPU)
+
+    def filter_exit_invalidation(self) -> bool:
+        """Stop Unicorn from dropping the translation in front of every exit address at the end
+        of every run (see cetfast.c, "Unicorn's exit translations"); True if the filter is in.
+
+        The filter goes into Unicorn 2.1.4's ``uc->uc_invalidate_tb`` (at
+        :data:`UC_INVALIDATE_TB_OFFSET`); a probe — a cache removal of three bytes that must
+        reach the filter unchanged — confirms the field before cetvm relies on it, and a failed
+        probe puts the original back (the engine then keeps Unicorn's behaviour: slower exits,
+        same results). The vCPU drops translations in ranges of two bytes or more only
+        (:meth:`cetvm.cpu.vcpu.Vcpu.drop_translations`)."""
+        handle, offset = self._uc._uch, UC_INVALIDATE_TB_OFFSET
+        if self._lib.cetfast_filter_exit_invalidation(handle, offset) != 0:
+            return False
+        start, length = _U64(), _U64()
+        self._uc.ctl_remove_cache(_FILTER_PROBE, _FILTER_PROBE + 3)
+        self._lib.cetfast_filter_probe(ctypes.byref(start), ctypes.byref(length))
+        if (start.value, length.value) != (_FILTER_PROBE, 3):
+            self._lib.cetfast_unfilter_exit_invalidation(handle, offset)
+            return False
+        return True
 
     # ---------------------------------------------------------------- state the engine syncs
     def sync_mode(self, *, cpl: int, long_mode: bool, cr4_cet: bool, paging: PagingKind, cr3: int,
