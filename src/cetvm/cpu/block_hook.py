@@ -92,6 +92,12 @@ class BlockHookMixin:
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
             self._on_hook_error(exc)
 
+    @property
+    def native_event_counts(self) -> dict[str, int] | None:
+        """How many SYSCALLs, SYSRETs, IRETs and #PFs the native path delivered inside the engine,
+        and how many it left to Python (None when the native events are not in use)."""
+        return None if self._native_events is None else self._native_events.stats
+
     def _claimed_by_native_events(self, instr) -> bool:
         """``instr`` (which needs emulation) is delivered by the native events instead of an exit:
         SYSCALL always (its hook is per instruction type), SYSRETQ and IRETQ through a hook at
