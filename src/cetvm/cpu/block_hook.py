@@ -69,6 +69,8 @@ class BlockHookMixin:
         self.cet = self._native.cet_state
         self._native.install()
         self._native.filter_exit_invalidation()
+        if self.model.has("serialize"):
+            self._native.install_serialize()
         self._native.install_tlb_fill(set_mode=False)
         if not self._budget.per_instruction:
             self._install_native_events()
@@ -276,7 +278,7 @@ class BlockHookMixin:
         terminator = classify_terminator(instrs[-1]) if instrs else None
         if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
             terminator = None  # nothing to apply at the next block start
-        info = BlockInfo(address, size, terminator, code[:4], len(instrs))
+        info = BlockInfo(address, size, terminator, code[:4], len(instrs), self.code_is_global(address, size))
         self._blocks.store(info)
         if self._native_events is not None:
             self._native_events.store_bounds(address, size, bytes(i.len for i in instrs))
