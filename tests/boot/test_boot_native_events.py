@@ -31,7 +31,9 @@ def native_built():
 def test_syscall_sysret_iretq_and_page_faults_stay_in_the_engine(monkeypatch):
     counts = boot_bench(monkeypatch, "block").vcpu.cpu.native_event_counts
     assert counts["syscalls"] >= ROUND_TRIPS and counts["sysrets"] >= ROUND_TRIPS
-    assert counts["page_faults"] >= ROUND_TRIPS and counts["irets"] >= ROUND_TRIPS
+    # the first #PF of the faulting block goes to Python, which gives the engine its instruction
+    # boundaries; every later one stays in the engine
+    assert counts["page_faults"] >= ROUND_TRIPS - 1 and counts["irets"] >= ROUND_TRIPS
     assert counts["event_handovers"] < 10, counts
 
 

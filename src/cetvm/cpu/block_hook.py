@@ -23,6 +23,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cetvm import CetvmError
+from cetvm.arch import Vector
 from cetvm.arch.msr import CetCtl
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo
@@ -90,9 +91,24 @@ class BlockHookMixin:
     def _on_interrupt_from_native(self, _uch: int, intno: int, _user: int) -> None:
         """UC_HOOK_INTR for what the native #PF delivery leaves to Python."""
         try:
+            last = self._blocks.last if intno == Vector.PF else None
             self._on_interrupt(self._uc, intno, None)
+            if last is not None:
+                self._learn_block_bounds(*last)
         except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
             self._on_hook_error(exc)
+
+    def _learn_block_bounds(self, address: int, size: int, _icount: int) -> None:
+        """A #PF inside the block at ``address`` went to Python: give the native delivery its
+        instruction boundaries (it takes back the instructions from the faulting one on), so
+        the next #PF in that block stays in the engine. Learned here rather than at every
+        classification, which is far more frequent than page faults."""
+        try:
+            code = self._read_code(address, size)
+        except (GuestFault, UcError):
+            return
+        instrs = decode.decode_block(code, address, self._code_bits)
+        self._native_events.store_bounds(address, size, bytes([i.len for i in instrs]))
 
     @property
     def native_event_counts(self) -> dict[str, int] | None:
@@ -280,8 +296,6 @@ class BlockHookMixin:
             terminator = None  # nothing to apply at the next block start
         info = BlockInfo(address, size, terminator, code[:4], len(instrs), self.code_is_global(address, size))
         self._blocks.store(info)
-        if self._native_events is not None:
-            self._native_events.store_bounds(address, size, bytes(i.len for i in instrs))
         return info
 
     def _apply_pending_terminator(self, rip: int) -> None:

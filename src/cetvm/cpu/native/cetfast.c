@@ -1710,8 +1710,8 @@ hand_over:
  *
  * Budget: the block that ran last was counted when it started; the instructions from the faulting
  * one on did not retire and are taken back (cetvm.cpu.vcpu._retire_before), which needs the
- * instruction boundaries of the block: the classifier stores its instruction lengths here
- * (cetfast_events_store_bounds). The error code is the engine's (CPUX86State.error_code), where
+ * instruction boundaries of the block: Python stores its instruction lengths here
+ * (cetfast_events_store_bounds) at the first #PF in it that it delivers itself. The error code is the engine's (CPUX86State.error_code), where
  * Python re-derives it with a page walk; both give P/W/U for the accesses the walker knows.
  */
 #define BOUNDS_SLOTS 16384u

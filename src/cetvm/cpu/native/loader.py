@@ -691,8 +691,8 @@ class NativeEvents:
         self._add_hook(_UC_HOOK_INTR, self._lib.cetfast_intr_hook, 1, 0)
 
     def store_bounds(self, address: int, size: int, lengths: bytes) -> None:
-        """The instruction lengths of a classified block (the native #PF takes back the
-        instructions from the faulting one on)."""
+        """The instruction lengths of a block (the native #PF takes back the instructions from
+        the faulting one on; without them it leaves the #PF to Python)."""
         if self._lib.cetfast_events_store_bounds(self._ptr, address, size, lengths, len(lengths)) != 0:
             raise CetvmError("native events: out of memory for instruction boundaries")
 
