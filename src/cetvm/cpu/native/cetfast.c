@@ -1533,46 +1533,55 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
  * supervisor shadow stacks), an interrupt window opening while an interrupt waits.
  */
 
-/* Supervisor data read of 8 bytes at ``lin`` (never across a page); 0 or -1 (hand over). */
-static int sup_read_u64(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *value)
+/* Supervisor data translation of the 8 bytes at ``lin`` (never across a page) for a read or a
+ * write (CR0.WP: read-only pages fault) to a host pointer into RAM; NULL: Python decides. */
+static uint8_t *sup_host(cetfast_t *f, uc_engine *uc, uint64_t lin, int write, int wp)
 {
     uint64_t phys;
     if ((lin & (PAGE_SIZE - 1)) > PAGE_SIZE - 8)
-        return -1;
+        return NULL;
     if (f->s.paging == PAGING_OFF) {
         phys = lin;
     } else if (f->s.paging == PAGING_4LEVEL) {
         static const int shifts[4] = {39, 30, 21, 12};
         uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
-        int page_shift = 12;
+        int page_shift = 12, writable = 1;
         if (!is_canonical48(lin))
-            return -1;
+            return NULL;
         for (int level = 0; level < 4; level++) {
             uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
             uint8_t *h = phys_host(f, gpa, 8);
             if (h)
                 memcpy(&entry, h, 8);
             else if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
-                return -1;
+                return NULL;
             if (!(entry & PTE_P))
-                return -1;
+                return NULL;
+            writable = writable && (entry & PTE_RW);
             if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
                 page_shift = shifts[level];
                 break;
             }
             table = entry & PTE_ADDR_MASK;
         }
+        if (write && wp && !writable)
+            return NULL;
         uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
         phys = (entry & frame_mask) | (lin & ((1ull << page_shift) - 1));
     } else {
+        return NULL;
+    }
+    return phys_host(f, phys, 8);
+}
+
+/* Supervisor data read of 8 bytes at ``lin`` (never across a page, RAM only); 0 or -1 (hand over). */
+static int sup_read_u64(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *value)
+{
+    uint8_t *h = sup_host(f, uc, lin, 0, 0);
+    if (!h)
         return -1;
-    }
-    uint8_t *h = phys_host(f, phys, 8);
-    if (h) {
-        memcpy(value, h, 8);
-        return 0;
-    }
-    return f->mem_read(uc, phys, value, 8) == UC_ERR_OK ? 0 : -1;
+    memcpy(value, h, 8);
+    return 0;
 }
 
 /* A GDT code/data descriptor for ``selector`` (cetvm.cpu.events.read_descriptor): its high dword
@@ -1783,47 +1792,6 @@ static int instructions_before(const cet_events_t *e, const cet_block_t *b, uint
         at += len[n];
     }
     return -1;
-}
-
-/* Supervisor data translation of the 8 bytes at ``lin`` (never across a page) for a read or a
- * write (CR0.WP: read-only pages fault) to a host pointer into RAM; NULL: Python decides. */
-static uint8_t *sup_host(cetfast_t *f, uc_engine *uc, uint64_t lin, int write, int wp)
-{
-    uint64_t phys;
-    if ((lin & (PAGE_SIZE - 1)) > PAGE_SIZE - 8)
-        return NULL;
-    if (f->s.paging == PAGING_OFF) {
-        phys = lin;
-    } else if (f->s.paging == PAGING_4LEVEL) {
-        static const int shifts[4] = {39, 30, 21, 12};
-        uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
-        int page_shift = 12, writable = 1;
-        if (!is_canonical48(lin))
-            return NULL;
-        for (int level = 0; level < 4; level++) {
-            uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
-            uint8_t *h = phys_host(f, gpa, 8);
-            if (h)
-                memcpy(&entry, h, 8);
-            else if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
-                return NULL;
-            if (!(entry & PTE_P))
-                return NULL;
-            writable = writable && (entry & PTE_RW);
-            if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
-                page_shift = shifts[level];
-                break;
-            }
-            table = entry & PTE_ADDR_MASK;
-        }
-        if (write && wp && !writable)
-            return NULL;
-        uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
-        phys = (entry & frame_mask) | (lin & ((1ull << page_shift) - 1));
-    } else {
-        return NULL;
-    }
-    return phys_host(f, phys, 8);
 }
 
 /* Deliver the #PF natively; 1 if done, 0 if nothing was changed (Python decides). */
