@@ -36,6 +36,16 @@ def test_ring3_shadow_stack_stops_a_return_address_overwrite_with_cp_near_ret(ca
     assert not tap.skipped()
 
 
+def test_block_classifications_are_forgotten_as_the_tlb_forgets(capsys):
+    """CR3 loads drop what cetvm knows of blocks on non-global pages, INVLPG that of the page,
+    global pages' blocks survive CR3 loads (the same address holds other code in another
+    address space; a remapped global page after INVLPG)."""
+    tap = run_green(capsys, "block_cache")
+    assert tap.passed("address space B, same address without ENDBR64: #CP(3) after the CR3 load")
+    assert tap.passed("the global page remapped without ENDBR64 + INVLPG: #CP(3)")
+    assert not tap.skipped()
+
+
 def test_far_ret_to_a_forged_address_is_cp_far_ret(capsys):
     tap = run_green(capsys, "shstk_farret")
     assert tap.passed("LRETQ to a forged address -> #CP(2)")
