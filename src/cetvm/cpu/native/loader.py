@@ -216,6 +216,21 @@ def _fnptr(f) -> int:
     return ctypes.cast(f, ctypes.c_void_p).value
 
 
+def add_native_hook(uc, kind: int, callback, user_data: int, begin: int = 1, end: int = 0, *extra: int):
+    """Register a C function of the library as a Unicorn hook of ``kind`` (``uc_hook_add``
+    through the C API) with ``user_data`` its state; the handle (keep it: Unicorn owns no
+    reference). ``extra``: the instruction id of a UC_HOOK_INSN hook."""
+    uclib, hook_type = _unicorn_api()
+    hook = hook_type()
+    err = uclib.uc_hook_add(uc._uch, ctypes.byref(hook), kind, ctypes.c_void_p(_fnptr(callback)),
+                            ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end),
+                            *(ctypes.c_int(x) for x in extra))
+    if err != 0:
+        raise CetvmError(f"native fast path: uc_hook_add of {getattr(callback, '__name__', 'a hook')} failed "
+                         f"(unicorn error {err})")
+    return hook
+
+
 def _release(lib: ctypes.CDLL, ptr: int) -> None:
     """Free the native state once its Unicorn instance is gone (its hooks point at the state)."""
     lib.cetfast_free(ptr)
@@ -254,7 +269,7 @@ class NativeCet:
 
     def __init__(self, uc, classify: Callable[[int, int], bool]) -> None:
         self._lib = load_library()
-        uclib, self._hook_type = _unicorn_api()
+        uclib, _ = _unicorn_api()
         self._uclib = uclib
         self._uc = uc
         self._classify = classify
@@ -281,13 +296,7 @@ class NativeCet:
         """Register the C callback as the (single) UC_HOOK_BLOCK hook of the engine."""
         if self._hook is not None:
             return
-        hook = self._hook_type()
-        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), _UC_HOOK_BLOCK,
-                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_block_hook)),
-                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err != 0:
-            raise CetvmError(f"native CET fast path: uc_hook_add failed (unicorn error {err})")
-        self._hook = hook
+        self._hook = add_native_hook(self._uc, _UC_HOOK_BLOCK, self._lib.cetfast_block_hook, self._ptr)
 
     def install_tlb_fill(self, *, set_mode: bool = True) -> None:
         """Paging-off guests: UC_TLB_VIRTUAL with a native TLB-fill hook (identity mapping) that
@@ -305,13 +314,7 @@ class NativeCet:
 
         if set_mode:
             self._uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-        hook = self._hook_type()
-        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), UC_HOOK_TLB_FILL,
-                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_tlb_fill)),
-                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err != 0:
-            raise CetvmError(f"native CET fast path: uc_hook_add(TLB_FILL) failed (unicorn error {err})")
-        self._tlb_hook = hook
+        self._tlb_hook = add_native_hook(self._uc, UC_HOOK_TLB_FILL, self._lib.cetfast_tlb_fill, self._ptr)
 
     def remove_tlb_fill(self) -> None:
         """Back to the CPU's own page-table walk (the guest enabled paging)."""
@@ -327,13 +330,8 @@ class NativeCet:
         """Register the C UC_HOOK_INSN_INVALID hook that retires SERIALIZE in the engine (see
         cetfast.c "SERIALIZE"); before any other #UD hook of the engine."""
         self._lib.cetfast_enable_serialize(self._ptr, _fnptr(self._uclib.uc_reg_read), _fnptr(self._uclib.uc_vmem_read))
-        hook = self._hook_type()
-        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), _UC_HOOK_INSN_INVALID,
-                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_invalid_insn)),
-                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err != 0:
-            raise CetvmError(f"native CET fast path: uc_hook_add(INSN_INVALID) failed (unicorn error {err})")
-        self._serialize_hook = hook
+        self._serialize_hook = add_native_hook(self._uc, _UC_HOOK_INSN_INVALID, self._lib.cetfast_invalid_insn,
+                                               self._ptr)
 
     @property
     def serialized(self) -> int:
@@ -640,13 +638,7 @@ class NativeEvents:
                              "patch; reinstall unicorn==2.1.4")
 
     def _add_hook(self, kind: int, callback, begin: int, end: int, *extra: int):
-        hook = self._hook_type()
-        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), kind, ctypes.c_void_p(_fnptr(callback)),
-                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(begin), ctypes.c_uint64(end),
-                                      *(ctypes.c_int(x) for x in extra))
-        if err != 0:
-            raise CetvmError(f"native events: uc_hook_add failed (unicorn error {err})")
-        return hook
+        return add_native_hook(self._uc, kind, callback, self._ptr, begin, end, *extra)
 
     def set_enabled(self, enabled: bool) -> None:
         self.state.enabled = int(enabled)
