@@ -204,6 +204,20 @@ def test_rdrand_is_deterministic(capsys):
     assert values[0] and values[0] == values[1]
 
 
+def test_syscall_sysret_iretq_and_page_faults_at_the_edges_of_native_delivery(capsys):
+    """The events the native path delivers inside the engine (SYSCALL, SYSRETQ, IRETQ, #PF) and
+    the cases it leaves to the Python reference read the same on every CET path."""
+    tap = run_green(capsys, "fast_events")
+    assert tap.passed("SYSRETQ with a non-canonical RCX -> #GP(0) at CPL0, RIP at the SYSRETQ")
+    assert tap.passed("SYSCALL with EFER.SCE = 0 -> #UD at the SYSCALL")
+    assert tap.passed("IRETQ to a data segment as CS -> #GP(selector) at the IRETQ")
+    assert tap.passed("CPL0 write to a read-only page with CR0.WP = 1 -> #PF(P|W), CR2")
+    assert tap.passed("CPL3 write to a supervisor page -> #PF(P|W|U) at the store, CR2, user CS in the frame")
+    assert tap.passed("the same with a user shadow stack: SSP (one CALL deep) saved in IA32_PL3_SSP")
+    assert tap.passed("CPL3 read of a not-present page -> #PF(U) at the load")
+    assert tap.passed("1000 SYSCALL -> SYSRETQ round trips from CPL3 return the kernel's result")
+
+
 def test_an_smi_with_cet_on_returns_with_ssp_and_the_cet_msrs_intact(capsys):
     """Issue 12 (SMM): an SMI from the APM control port 0xB2 with supervisor shadow stacks and
     IBT on; the handler runs at SMBASE + 0x8000 with CR4 = 0 and sees the SSP in KVM's map at

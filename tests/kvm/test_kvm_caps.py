@@ -177,6 +177,13 @@ def test_cli_json_decisions(capsys, argv, expected):
     assert (doc["features"]["shstk"]["offered"], doc["features"]["ibt"]["offered"]) == expected
 
 
+def test_cli_arch_capabilities_follow_the_host(capsys):
+    """RDCL_NO for a host that is not susceptible to Meltdown, not for Skylake-SP; never IBRS_ALL."""
+    spr, skx = run_json(capsys)["arch_capabilities"], run_json(capsys, "--host", "skylake-sp")["arch_capabilities"]
+    assert spr & 1 and not skx & 1 and not (spr | skx) & 2
+    assert main(["caps"]) == 0 and "IA32_ARCH_CAPABILITIES" in capsys.readouterr().out
+
+
 def test_cli_table_names_features_and_msrs(capsys):
     assert main(["caps", "--host", "ice-lake"]) == 0
     out = capsys.readouterr().out

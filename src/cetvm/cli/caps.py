@@ -1,8 +1,8 @@
 """`cetvm caps`: what KVM (Linux 6.18) would offer guests on a host, and why.
 
 Prints the SHSTK/IBT decision with the first KVM rule that cleared each one, the supported
-XCR0/XSS, the guest xstate sizes, SMM (KVM_CAP_X86_SMM, and whether the SSP is saved in SMRAM)
-and KVM_GET_MSR_INDEX_LIST; ``--json`` prints one object.
+XCR0/XSS, the guest xstate sizes, SMM (KVM_CAP_X86_SMM, and whether the SSP is saved in SMRAM),
+the IA32_ARCH_CAPABILITIES value KVM gives guests and KVM_GET_MSR_INDEX_LIST; ``--json`` prints one object.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from cetvm.arch.msr import ArchCapabilities
 from cetvm.arch.xfeatures import xfeature_name
 from cetvm.cpuid import model_names
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host, msr_name
 from cetvm.kvm.host import Host
+from cetvm.kvm.msr import kvm_get_arch_capabilities
 from cetvm.kvm.smm import kvm_smm_caps
 from cetvm.kvm.xstate_size import host_fpu
 
@@ -72,6 +74,7 @@ def caps_to_json(caps: KvmCaps) -> dict[str, object]:
         "msr_index_list": caps.get_msr_index_list(),
         "guest_fpu_default": _guest_fpu(caps),
         "smm": kvm_smm_caps(caps).to_json(),
+        "arch_capabilities": kvm_get_arch_capabilities(host),
     }
 
 
@@ -92,6 +95,13 @@ def _smm_lines(caps: KvmCaps) -> list[str]:
                 f"{'yes' if smm.ssp_in_smram else 'no'}", f"  {smm.why}"]
 
 
+def _arch_capabilities_lines(caps: KvmCaps) -> list[str]:
+    value = kvm_get_arch_capabilities(caps.host)
+    names = [bit.name for bit in ArchCapabilities if value & bit]
+    return ["", f"IA32_ARCH_CAPABILITIES (emulated, CPUID.(7,0).EDX[29] always shown): {value:#x}",
+            f"  {', '.join(names) if names else 'none'} (RDCL_NO: the guest needs no page-table isolation)"]
+
+
 def format_caps(caps: KvmCaps) -> str:
     host = caps.host
     lines = [f"host: {host.name} ({host.vendor}, {host.virt.upper()})", "",
@@ -104,6 +114,7 @@ def format_caps(caps: KvmCaps) -> str:
               f"supported XSS:  {caps.supported_xss:#x} ({_components(caps.supported_xss)})",
               f"guest xstate size: standard {sizes['standard']} bytes, compacted {sizes['compacted']} bytes",
               *_smm_lines(caps),
+              *_arch_capabilities_lines(caps),
               "", "KVM_GET_MSR_INDEX_LIST:"]
     lines += [f"  {index:#010x}  {msr_name(index)}" for index in caps.get_msr_index_list()]
     return "\n".join(lines)

@@ -7,7 +7,10 @@ front of the reference, or the reference alone — classifies blocks (instructio
 become exit points, :mod:`cetvm.cpu.exit_points`), runs the reference block-start handling
 (:func:`cetvm.cpu.cet.transfer.on_block_start`) and carries out its decisions
 (:meth:`BlockHook.apply_decision`, the one place a CET fault of a branch is made pending), takes
-the native hook's hand-overs, and keeps the books of what the block that ran last retired
+the native hook's hand-overs — on the native path with block-granular budgets also those of the
+native event delivery (:class:`cetvm.cpu.native.NativeEvents`: SYSCALL, SYSRETQ, IRETQ and the
+common #PF inside the engine, which this part installs, claims at classification and keeps in
+step with the cached mode) — and keeps the books of what the block that ran last retired
 (:mod:`cetvm.cpu.budget`).
 
 Hot path: the reference hook :meth:`BlockHook.on_block` runs at every block start the fast
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ctypes
 from typing import Callable
 
+from iced_x86 import Code, Instruction, Mnemonic
 from unicorn import UC_HOOK_BLOCK, Uc, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
@@ -34,9 +38,9 @@ from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, class
 from cetvm.cpu.exit_points import ExitPoints
 from cetvm.cpu.fastpath import ShadowStackWindow, make_block_hook
 from cetvm.cpu.faults import GuestFault
-from cetvm.cpu.paging import PagingMode
 from cetvm.cpu.mode import CpuMode, InstructionFetch
-from cetvm.cpu.native import NativeCet, PagingKind
+from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind
+from cetvm.cpu.paging import PagingMode
 from cetvm.cpu.registers import Registers
 from cetvm.cpu.vcpu_cet import VcpuCet
 
@@ -51,7 +55,7 @@ class BlockHook:
     def __init__(self, uc: Uc, *, mode: CpuMode, cet: VcpuCet, blocks: BlockTable, budget: InstructionBudget,
                  exits: ExitPoints, fetch: InstructionFetch, registers: Registers, window: ShadowStackWindow,
                  raise_fault: Callable[[GuestFault], None], code_is_global: Callable[[int, int], bool],
-                 native: NativeCet | None) -> None:
+                 refresh_mode: Callable[..., None], native: NativeCet | None) -> None:
         self._uc = uc
         self._mode = mode
         self._cet = cet
@@ -63,7 +67,11 @@ class BlockHook:
         self._window = window
         self._raise_fault = raise_fault
         self._code_is_global = code_is_global
+        self._refresh_mode = refresh_mode
         self._native = native
+        #: SYSCALL/SYSRETQ/IRETQ/#PF in the engine (:meth:`install_native_events`)
+        self._native_events: NativeEvents | None = None
+        self._new_event_hooks = False
         self._hook_error: BaseException | None = None
         self._reg_buf = ctypes.c_uint64()
         self._block_hook_cb = None
@@ -88,8 +96,24 @@ class BlockHook:
         if status != 0:
             raise CetvmError(f"cannot install the block hook (unicorn error {status})")
 
-    def sync_native_mode(self, paging_mode: PagingMode) -> None:
-        """Tell the native hook the mode it checks per block (after every mode change)."""
+    def install_native_events(self) -> NativeEvents:
+        """SYSCALL, SYSRETQ, IRETQ and #PF delivered in the engine (:class:`cetvm.cpu.native.NativeEvents`;
+        block-granular budgets only: their instructions are counted with their block). It holds
+        IA32_PL0..3_SSP, so they move from the CET registers into it. The vCPU installs its #PF
+        hook in place of the Python interrupt hook (``NativeEvents.install_page_faults``)."""
+        assert self._native is not None
+        events = NativeEvents(self._uc, self._native)
+        regs = self._cet.regs
+        events.pl_ssp[:] = list(regs.pl_ssp)
+        regs.pl_ssp = events.pl_ssp
+        events.set_enabled(True)
+        self._native_events = events
+        return events
+
+    def sync_native_mode(self, paging_mode: PagingMode, *, flush: bool = True) -> None:
+        """Tell the native hook the mode it checks per block (after every mode change); ``flush``:
+        and forget its cached shadow-stack translations (not needed when only segments changed:
+        they are kept per user-ness)."""
         native, mode = self._native, self._mode
         if native is None:
             return
@@ -97,7 +121,14 @@ class BlockHook:
                   else PagingKind.OTHER if paging_mode.paging else PagingKind.OFF)
         native.sync_mode(cpl=mode.cpl, long_mode=mode.long_mode, cr4_cet=mode.cr4_cet, paging=paging,
                          cr3=paging_mode.cr3, cs_base=mode.cs_base)
-        native.flush_translations()
+        if flush:
+            native.flush_translations()
+
+    def sync_native_events_mode(self) -> None:
+        """The native events changed the CPL inside the engine: re-read the cached mode (segment
+        state only: the vCPU's ``refresh_mode(paging=False)``)."""
+        if self._native_events is not None and self._native_events.mode_moved():
+            self._refresh_mode(paging=False)
 
     # ------------------------------------------------------------------ errors inside hooks
     def on_hook_error(self, exc: BaseException) -> None:
@@ -114,16 +145,43 @@ class BlockHook:
             raise error
 
     # ------------------------------------------------------------------ the CET state machine
-    def apply_native_handover(self) -> None:
-        """A block start the native hook left to us: run the reference state machine for it."""
+    def apply_native_handover(self) -> int | None:
+        """After a run on the native path: take what the native hooks left to us — a block start
+        (run the reference state machine for it) and an instruction the native events left to
+        Python, whose RIP is returned for the run loop to emulate (None: none)."""
         if self._native is None:
-            return
+            return None
+        self.sync_native_events_mode()
+        handed_over = None if self._native_events is None else self._take_native_event_handover()
         request = self._native.take_handover()
-        if request is None:
-            return
-        first = self._first_bytes(request.block_addr)
-        self.apply_decision(on_block_start(self._cet, request.terminator, request.block_addr,
-                                           self._registers.read("rsp"), first))
+        if request is not None:
+            first = self._first_bytes(request.block_addr)
+            self.apply_decision(on_block_start(self._cet, request.terminator, request.block_addr,
+                                               self._registers.read("rsp"), first))
+        return handed_over
+
+    def _take_native_event_handover(self) -> int | None:
+        """An instruction the native events left to Python (cetfast.c "Native events"): it did
+        not retire; its RIP is returned for the run loop to emulate. If the code there is no
+        SYSCALL, SYSRETQ or IRETQ any more (rewritten), its hook goes, the engine runs the
+        instruction and None is returned."""
+        events = self._native_events
+        assert events is not None
+        rip = events.take_handover()
+        if rip is None:
+            return None
+        self.retire_before(rip)
+        self._registers.write("rip", rip)
+        try:
+            instr = self._fetch.fetch_instruction(rip)
+        except (GuestFault, UcError):
+            instr = None
+        if instr is not None and (instr.code in (Code.SYSRETQ, Code.IRETQ) or instr.mnemonic == Mnemonic.SYSCALL):
+            return rip
+        pc = self._mode.linear(rip)
+        events.unhook_return(pc)
+        self._uc.ctl_remove_cache(pc, pc + 1)
+        return None
 
     def apply_decision(self, decision: BlockDecision, *, counted: bool = True) -> bool:
         """Carry out a block-start decision of :mod:`cetvm.cpu.cet.transfer`: on FAULT, roll
@@ -218,16 +276,48 @@ class BlockHook:
             return b""
 
     # ------------------------------------------------------------------ classification
+    def _claimed_by_native_events(self, instr: Instruction) -> bool:
+        """``instr`` (which needs emulation) is delivered by the native events instead of an exit:
+        SYSCALL always (its hook is per instruction type), SYSRETQ and IRETQ through a hook at
+        their address (new hooks are marked in ``self._new_event_hooks``: the block is
+        translated again)."""
+        events = self._native_events
+        if events is None or self._mode.code_bits != 64:
+            return False
+        if instr.mnemonic == Mnemonic.SYSCALL:
+            return True
+        if instr.code in (Code.SYSRETQ, Code.IRETQ):
+            if events.hook_return(instr.ip, iret=instr.code == Code.IRETQ):
+                self._new_event_hooks = True
+            return True
+        return False
+
+    def learn_block_bounds(self, address: int, size: int) -> None:
+        """A #PF inside the block at ``address`` went to Python: give the native delivery its
+        instruction boundaries (it takes back the instructions from the faulting one on), so
+        the next #PF in that block stays in the engine. Learned here rather than at every
+        classification, which is far more frequent than page faults."""
+        if self._native_events is None:
+            return
+        try:
+            instrs = self._fetch.decode_block(address, size)
+        except (GuestFault, UcError):
+            return
+        self._native_events.store_bounds(address, size, bytes([i.len for i in instrs]))
+
     def classify_block(self, address: int, size: int) -> BlockInfo | None:
         """Decode a new block; make emulated instructions exits (then restart: returns None)."""
+        self.sync_native_events_mode()  # the code is read with the current CPL's rights
         try:
             code = self._fetch.read_code(address, size)
         except (GuestFault, UcError):
             code = b""
         instrs = decode.decode_block(code, address, self._mode.code_bits)
         exits = self._exits
-        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in exits]
-        if new_exits:
+        self._new_event_hooks = False
+        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in exits
+                     and not self._claimed_by_native_events(i)]
+        if new_exits or self._new_event_hooks:
             exits.update(new_exits)
             exits.sync()
             exits.drop_translations(address, address + size)

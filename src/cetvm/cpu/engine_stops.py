@@ -2,7 +2,8 @@
 
 :class:`EngineStops` (a part of :class:`cetvm.cpu.vcpu.Vcpu`) owns the UC_HOOK_INTR and
 UC_HOOK_INSN_INVALID hooks (exceptions become a pending event for :mod:`cetvm.cpu.events`, with
-the #PF error code Unicorn does not expose re-derived from a page walk), the untraced-mode
+the #PF error code Unicorn does not expose re-derived from a page walk; with native event
+delivery, the interrupts the native #PF hook leaves to Python), the untraced-mode
 SYSCALL and paging-off TLB-fill hooks, and the stops Unicorn reports as errors: an invalid
 instruction (emulated or #UD) and an access to guest-physical memory without RAM (an MMIO exit,
 completed by re-executing the instruction over a scratch page, as KVM's complete_userspace_io).
@@ -90,10 +91,24 @@ class EngineStops:
         self._info_factory = InstructionInfoFactory()
         self._syscall_at: int | None = None
 
+    def on_interrupt_from_native(self, _uch: int, intno: int, _user: int) -> None:
+        """UC_HOOK_INTR behind the native #PF delivery (:class:`cetvm.cpu.native.NativeEvents`):
+        what it leaves to Python goes to :meth:`on_interrupt`; a #PF it left teaches it the
+        boundaries of the block that faulted (:meth:`cetvm.cpu.block_hook.BlockHook.learn_block_bounds`)."""
+        try:
+            last = self._blocks.last if intno == Vector.PF else None
+            self.on_interrupt(self._uc, intno, None)
+            if last is not None:
+                address, size, _icount = last
+                self._hook.learn_block_bounds(address, size)
+        except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
+            self._hook.on_hook_error(exc)
+
     def on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         """UC_HOOK_INTR: an exception or software interrupt becomes the pending event."""
         if not self._vcpu.traced:
             self._vcpu.refresh_mode()  # native privilege changes are not seen otherwise
+        self._hook.sync_native_events_mode()
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
         # a branch to a non-canonical address: the engine reports the #GP at the target, but the

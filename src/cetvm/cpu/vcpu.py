@@ -14,7 +14,10 @@ Execution model:
   benchmarks and guests that need none of these.
 
 Exceptions are caught (UC_HOOK_INTR / UC_HOOK_INSN_INVALID), emulation stops, and
-:mod:`cetvm.cpu.events` delivers them through the guest IDT.
+:mod:`cetvm.cpu.events` delivers them through the guest IDT. On the native path (block-granular
+budgets) the common SYSCALL, SYSRETQ, IRETQ and #PF are delivered inside the engine by the C
+library (:class:`cetvm.cpu.native.NativeEvents`), which leaves every other case to the same
+Python code; the vCPU re-reads its cached mode after a run in which they changed the CPL.
 
 :class:`Vcpu` is the composition of parts, each an object with its own small interface, plus
 VM entry, VM exit and the run loop; its public methods are the interface the hypervisor
@@ -76,10 +79,10 @@ from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.mode import CpuMode, InstructionFetch
-from cetvm.cpu.native import NativeCet, select_cet_path
+from cetvm.cpu.native import NativeCet, NativeEvents, select_cet_path
 from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
-from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
+from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn, cr2_kept
 from cetvm.cpu.vcpu_cet import VcpuCet
@@ -181,7 +184,8 @@ class Vcpu:
         parts = dict(mode=self.mode, blocks=blocks, budget=self.budget)
         self._hook = BlockHook(uc, cet=self.cet_machine, exits=self._exit_points, fetch=self._fetch,
                                registers=self.registers, window=self._ss_window, raise_fault=self.raise_fault,
-                               code_is_global=self.code_is_global, native=self.native, **parts)
+                               code_is_global=self.code_is_global, refresh_mode=self.refresh_mode,
+                               native=self.native, **parts)
         self._stops = EngineStops(self, uc, cet=self.cet_machine, hook=self._hook, events=self.pending_events,
                                   memory=self.memory, fetch=self._fetch, registers=self.registers, **parts)
         self._emulation = ExitEmulation(self, uc, exits=self._exit_points, hook=self._hook,
@@ -189,7 +193,9 @@ class Vcpu:
                                         native=self.native, **parts)
 
         # ---- the engine's hooks
-        uc.hook_add(UC_HOOK_INTR, self._stops.on_interrupt)
+        #: SYSCALL, SYSRETQ, IRETQ and the common #PF delivered inside the engine (native path,
+        #: block-granular budgets: :meth:`cetvm.cpu.block_hook.BlockHook.install_native_events`)
+        self._native_events: NativeEvents | None = None
         if not trace:
             uc.hook_add(UC_HOOK_INSN, self._stops.on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         elif self.native is not None:
@@ -200,9 +206,15 @@ class Vcpu:
             if model.has("serialize"):
                 self.native.install_serialize()
             self.native.install_tlb_fill(set_mode=False)
+            if not self.budget.per_instruction:
+                self._native_events = self._hook.install_native_events()
         else:
             self._hook.install_python_hook(python_fast_path)
             uc.hook_add(UC_HOOK_TLB_FILL, self._stops.on_tlb_fill)
+        if self._native_events is None:
+            uc.hook_add(UC_HOOK_INTR, self._stops.on_interrupt)
+        else:  # the native #PF delivery is the interrupt hook; it calls EngineStops for the rest
+            self._native_events.install_page_faults(self._stops.on_interrupt_from_native)
         # after the native path's SERIALIZE hook: Unicorn asks the #UD hooks in order
         uc.hook_add(UC_HOOK_INSN_INVALID, self._stops.on_invalid_instruction)
         #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`);
@@ -331,6 +343,14 @@ class Vcpu:
     def get_sregs(self) -> Sregs:
         return self.registers.get_sregs()
 
+    def descriptor_table(self, name: str) -> DescriptorTable:
+        """GDTR (``"gdt"``) or IDTR (``"idt"``) without the rest of :meth:`get_sregs`."""
+        return self.registers.descriptor_table(name)
+
+    def task_register(self) -> Segment:
+        """TR with its descriptor cache, without the rest of :meth:`get_sregs`."""
+        return self.registers.task_register()
+
     def set_sregs(self, sregs: Sregs) -> None:
         """Load control registers, EFER, descriptor tables and segment caches (no checks).
 
@@ -341,6 +361,7 @@ class Vcpu:
         """
         self.registers.load_sregs(sregs)
         self.load_segments(cs=sregs.cs, ss=sregs.ss, ds=sregs.ds, es=sregs.es, fs=sregs.fs, gs=sregs.gs)
+        self.refresh_mode()
 
     def get_fpu(self) -> FpuState:
         """x87, SSE and AVX registers (KVM_GET_FPU plus the YMM upper halves)."""
@@ -363,7 +384,7 @@ class Vcpu:
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""
         self.registers.load_segment_caches(segments)
-        self.refresh_mode()
+        self.refresh_mode(paging=False)
 
     def segment(self, name: str) -> Segment:
         return self.registers.segment(name)
@@ -498,14 +519,18 @@ class Vcpu:
         self.cet_machine.set_cet_msr(msr, value)
 
     # ------------------------------------------------------------------ cached mode
-    def refresh_mode(self) -> None:
-        """Re-read the mode-defining state the hot paths cache (CPL, 64-bit mode, paging, CR4.CET)."""
+    def refresh_mode(self, *, paging: bool = True) -> None:
+        """Re-read the mode-defining state the hot paths cache (CPL, 64-bit mode, paging, CR4.CET).
+
+        ``paging=False``: only segment state changed (a segment load: CPL, CS.L, CS.base), so the
+        paging mode and the translations cached for it stay (they are kept per access kind,
+        user and supervisor apart) — event delivery, IRET and SYSCALL/SYSRET load segments."""
         uc, mode = self._uc, self.mode
         cr0 = uc.reg_read(X.UC_X86_REG_CR0)
         cr4 = uc.reg_read(X.UC_X86_REG_CR4)
-        efer = uc.msr_read(Msr.IA32_EFER)
-        paging = PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer)
-        self.memory.set_mode(paging)
+        if paging:
+            efer = uc.msr_read(Msr.IA32_EFER)
+            self.memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
         blob = ContextBlob.save(uc)
         hflags = blob.hflags
@@ -516,7 +541,7 @@ class Vcpu:
         mode.cr4_cet = bool(cr4 & Cr4.CET)
         self.cet_machine.update_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
-        self._hook.sync_native_mode(paging)
+        self._hook.sync_native_mode(self.memory.mode, flush=paging)
 
     def _update_tlb_mode(self, paging_off: bool) -> None:
         """Paging off (traced mode only, where MOV to CR0 is emulated and seen): Unicorn's
@@ -774,10 +799,14 @@ class Vcpu:
     def _run_engine(self, rip: int) -> VmExit | None:
         budget, stops, linear = self.budget, self._stops, self.mode.linear
         budget.hit = False
+        if self._native_events is not None:
+            self._native_events.before_run(self.pending_events.pending_interrupt is not None,
+                                           self.vmcs.read(VmcsField.EXCEPTION_BITMAP))
+        handed_over: int | None = None
         try:
             self._emu_start_keeping_cr2(rip)
             self._hook.raise_hook_error()
-            self._hook.apply_native_handover()
+            handed_over = self._hook.apply_native_handover()
             if self.tsc.error is not None:
                 error, self.tsc.error = self.tsc.error, None
                 raise error
@@ -793,7 +822,8 @@ class Vcpu:
             self.registers.clear_stale_old_exception()
         if not self.traced:
             self.refresh_mode()  # native IRETQ/SYSRET/far transfers may have changed CPL or mode
-        syscall_at = stops.take_syscall()
+        # an instruction to emulate: what the native events left to Python, or (untraced) a SYSCALL
+        syscall_at = stops.take_syscall() if handed_over is None else handed_over
         if syscall_at is not None:
             self.rip = syscall_at
             return self._emulation.emulate_at(syscall_at)
@@ -810,15 +840,26 @@ class Vcpu:
             if not budget.per_instruction:
                 self._blocks.close_last()
             self._uc.emu_start(rip, 0)
+            self._hook.sync_native_events_mode()
             stop = budget.take_stop()
             if stop and budget.left:
                 self._hook.run_fenced(self.rip, stop, budget.left)
+        if self._native_events is not None:
+            cr2 = self._native_events.take_delivered_cr2()
+            if cr2 is not None:  # a #PF the native events delivered: CR2 is the guest's now
+                self._uc.reg_write(X.UC_X86_REG_CR2, cr2)
 
     # ------------------------------------------------------------------ misc
     @property
     def unicorn(self) -> Uc:
         """The underlying engine (for the native-hook work and diagnostics only)."""
         return self._uc
+
+    @property
+    def native_event_counts(self) -> dict[str, int] | None:
+        """How many SYSCALLs, SYSRETs, IRETs and #PFs the native path delivered inside the engine,
+        and how many it left to Python (None when the native events are not in use)."""
+        return None if self._native_events is None else self._native_events.stats
 
     @property
     def block_count(self) -> int:
