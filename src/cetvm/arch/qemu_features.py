@@ -1,4 +1,4 @@
-"""CPUID feature flags by QEMU's names (``-cpu MODEL,+name,-name``) [QEMU target/i386/cpu.c
+"""CPUID feature flags by QEMU's names (``-cpu MODEL,+name,-name``) [QEMU's
 ``feature_word_info``; SDM Vol. 2A "CPUID"].
 
 Facts only: which CPUID bit each QEMU feature name stands for, for the feature words cetvm's

@@ -3,8 +3,8 @@
 The "hardware" under cetvm is Unicorn 2.1.4 (QEMU 5.0's TCG) with the CPU model
 :data:`ENGINE_CPU_MODEL` (Icelake-Server: the richest model whose features TCG 5.0 keeps —
 SMAP, PKU, LA57, CLFLUSHOPT, CLWB, 1-GiB pages, XGETBV1 on top of the default Haswell's), and
-TCG implements an instruction only when that model's CPUID shows it (QEMU 5.0
-target/i386/translate.c tests ``s->cpuid_*_features`` before decoding BMI, MOVBE, POPCNT, ...;
+TCG implements an instruction only when that model's CPUID shows it (QEMU 5.0's
+x86 translator tests ``s->cpuid_*_features`` before decoding BMI, MOVBE, POPCNT, ...;
 cpu_x86_update_cr4 silently drops CR4.SMAP / CR4.PKE when the model lacks SMAP / PKU). So the
 features the engine can execute are exactly the ones its CPUID instruction reports:
 :data:`ENGINE_FEATURE_WORDS`, measured with :func:`probe_engine_feature_words` and pinned here

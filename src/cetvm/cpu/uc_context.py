@@ -38,7 +38,7 @@ SEG_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
 
 
 class HFlags:
-    """QEMU x86 hflags bits (target/i386/cpu.h) that depend on segment state."""
+    """QEMU's x86 HF_* hflags bits that depend on segment state."""
 
     CPL_MASK = 3
     INHIBIT_IRQ = 1 << 3  # HF_INHIBIT_IRQ_MASK: the STI / MOV SS interrupt shadow (measured)

@@ -5,7 +5,7 @@ Everything KVM's capability code reads about the host is one field here, so that
 
 Kernel command line (decision, checked against Linux 6.18):
 
-- ``ibt=off`` — ``ibt_setup()`` in arch/x86/kernel/cpu/common.c clears X86_FEATURE_IBT from
+- ``ibt=off`` — Linux's ``ibt_setup()`` clears X86_FEATURE_IBT from
   boot_cpu_data; KVM's kvm_cpu_cap_init() masks its caps with boot_cpu_data, so IBT is not
   offered (review thread "KVM should honor host IBT config" in the CET virtualization review). ``ibt=warn`` keeps IBT.
 - ``nousershstk`` — cpu_parse_early_param() clears X86_FEATURE_USER_SHSTK only. KVM keys on

@@ -1,5 +1,5 @@
-"""KVM_SET_USER_MEMORY_REGION's checks (kvm_set_memory_region / __kvm_set_memory_region in
-virt/kvm/kvm_main.c, kvm_arch_prepare_memory_region in arch/x86/kvm/x86.c).
+"""KVM_SET_USER_MEMORY_REGION's checks (KVM's kvm_set_memory_region / __kvm_set_memory_region and
+kvm_arch_prepare_memory_region).
 
 Decision: cetvm's KVM has one address space (kvm_arch_nr_memslot_as_ids = 1): bits 31:16 of the
 slot (the address-space id) must be 0. KVM gives SMM its own address space (as_id 1, which the

@@ -166,7 +166,7 @@ def handle_cpuid(vcpu: VcpuArch, cpu) -> None:
 
 # --------------------------------------------------------------------------- MSRs
 class KvmMsrExitReason(enum.IntFlag):
-    """kvm_run.msr.reason, and the KVM_CAP_X86_USER_SPACE_MSR argument [K uapi/linux/kvm.h]."""
+    """kvm_run.msr.reason, and the KVM_CAP_X86_USER_SPACE_MSR argument [K KVM_MSR_EXIT_REASON_*]."""
 
     INVAL = 1 << 0    # access to an invalid MSR or reserved bits (KVM's "return 1")
     UNKNOWN = 1 << 1  # an MSR KVM does not know (KVM_MSR_RET_UNSUPPORTED)

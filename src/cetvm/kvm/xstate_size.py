@@ -4,7 +4,7 @@ The layout maths live in :mod:`cetvm.xstate` (:class:`~cetvm.xstate.XsaveLayout`
 offsets, :class:`~cetvm.xstate.HostFpu` for the host kernel's FPU configuration); this module
 only gives them KVM's names and KVM's guards:
 
-- :func:`xstate_required_size` is KVM's helper of that name (arch/x86/kvm/cpuid.c). It walks
+- :func:`xstate_required_size` is KVM's helper of that name. It walks
   CPUID leaf 0xD of the *host* CPU for every component i ≥ 2 of the mask: that is exactly
   :meth:`XsaveLayout.standard_size` / :meth:`XsaveLayout.compacted_size` of the host layout.
 - :func:`host_xcr0` / :func:`host_xss` stand for what KVM reads at load time

@@ -39,7 +39,7 @@ _PPRO = ("fpu", "de", "pse", "tsc", "msr", "mce", "cx8", "pge", "cmov", "pat", "
          "pae", "sep", "apic")
 _PC = _PPRO + ("mtrr", "clflush", "mca", "pse36")
 
-#: QEMU 7.2 builtin_x86_defs this front end knows: (vendor, feature names) [QEMU target/i386/cpu.c].
+#: QEMU 7.2 builtin_x86_defs this front end knows: (vendor, feature names) [QEMU's builtin_x86_defs].
 QEMU_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "qemu64": ("AuthenticAMD", _PC + ("pni", "cx16", "lm", "syscall", "nx", "lahf-lm", "svm")),
     "Opteron_G1": ("AuthenticAMD", _PC + ("pni", "lm", "nx", "syscall")),

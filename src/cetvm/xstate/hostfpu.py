@@ -1,4 +1,4 @@
-"""The host kernel's FPU framework, as Linux 6.18 configures it [L arch/x86/kernel/fpu/xstate.c].
+"""The host kernel's FPU framework, as Linux 6.18 configures it [L fpu__init_system_xstate].
 
 What the model reproduces (fpu__init_system_xstate and friends, with the CET changes that
 went in for KVM CET virtualization — the review of the KVM CET virtualization series):

@@ -1,7 +1,7 @@
 """Local APIC, xAPIC (MMIO page at IA32_APIC_BASE) and x2APIC (MSRs 0x800-0x8FF) forms.
 
-Modelled on KVM arch/x86/kvm/lapic.c (the register rules) and the SDM Vol. 3 ch. 11 (12 in
-newer editions); QEMU hw/intc/apic.c behaves the same for what is implemented here.
+Modelled on KVM's local APIC emulation (the register rules) and the SDM Vol. 3 ch. 11 (12 in
+newer editions); QEMU's APIC model behaves the same for what is implemented here.
 
 What this APIC is: the register file a guest probes and programs, and the timer interrupt
 source the VMM polls (:mod:`cetvm.vmm.irq`). Decisions, each tested:

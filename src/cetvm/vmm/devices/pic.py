@@ -1,4 +1,4 @@
-"""The 8259A PIC pair (QEMU hw/intc/i8259.c; KVM arch/x86/kvm/i8259.c).
+"""The 8259A PIC pair (as QEMU's and KVM's i8259 models).
 
 Master at ports 0x20/0x21, slave at 0xA0/0xA1, the PIIX edge/level control registers (ELCR) at
 0x4D0/0x4D1. Implemented: the ICW1..ICW4 initialisation sequence (vector base, cascade, 8086 mode
