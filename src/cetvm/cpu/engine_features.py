@@ -15,7 +15,8 @@ and its XSAVEC/XSAVES emulation does not cover the PKRU component (no PKU).
 
 On top, cetvm implements some features itself (:data:`CETVM_FEATURES`): SHSTK and IBT (the CET
 layer), XSAVEC/XSAVES (:mod:`cetvm.cpu.xsave`), x2APIC and TSC-deadline (the VMM's local APIC
-through MSR exits, counting the TSC of :mod:`cetvm.cpu.tsc`) and the hypervisor bit. The guest CPUID is masked with :func:`engine_feature_words` the way QEMU
+through MSR exits, counting the TSC of :mod:`cetvm.cpu.tsc`), the hypervisor bit and VMX
+(its instructions exit, :mod:`cetvm.cpu.vmx_insn`; the hypervisor emulates them for L1). The guest CPUID is masked with :func:`engine_feature_words` the way QEMU
 masks a TCG guest with its TCG_*_FEATURES (x86_cpu_filter_features).
 """
 
@@ -58,7 +59,7 @@ ENGINE_MSRS: frozenset[int] = frozenset(int(m) for m in (
 CETVM_LACKS: tuple[str, ...] = ("la57", "pku")
 
 #: Features cetvm implements around the engine (module docstring), by QEMU name.
-CETVM_FEATURES: tuple[str, ...] = ("shstk", "ibt", "xsavec", "xsaves", "x2apic", "tsc-deadline", "hypervisor")
+CETVM_FEATURES: tuple[str, ...] = ("shstk", "ibt", "xsavec", "xsaves", "x2apic", "tsc-deadline", "hypervisor", "vmx")
 
 
 def engine_feature_words() -> dict[FeatureWord, int]:

@@ -38,7 +38,7 @@ from cetvm.arch.vmx import (
     EPT_VIOLATION_READ, EPT_VIOLATION_WRITE, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_HARD_EXCEPTION,
     VmcsField, VmEntryControls, vmcs_field_width,
 )
-from cetvm.cpu.exits import BASIC_EXIT_REASONS, Direction, VmExit
+from cetvm.cpu.exits import BASIC_EXIT_REASONS, Direction, ExitReason, VmExit
 
 
 #: Each field's value mask (its width), by encoding.
@@ -83,9 +83,11 @@ class Vmcs:
         error code (the qualification of a #PF is its linear address); for an MMIO access (an
         EPT violation) the access kind and GUEST_PHYSICAL_ADDRESS. cetvm's own stops without an
         architectural reason leave the fields as they were."""
-        reason = BASIC_EXIT_REASONS.get(exit_.reason)
+        reason = exit_.vmx_reason if exit_.vmx_reason is not None else BASIC_EXIT_REASONS.get(exit_.reason)
         if reason is None:
             return
+        if exit_.reason is ExitReason.VMX_INSTRUCTION:
+            self.write(VmcsField.VMX_INSTRUCTION_INFO, exit_.instruction_info)
         qualification = exit_.qualification
         exc, mmio = exit_.exception, exit_.mmio
         if exc is not None:

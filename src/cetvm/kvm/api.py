@@ -77,7 +77,7 @@ from typing import Callable
 
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
-from cetvm.arch.msr import Efer, Msr
+from cetvm.arch.msr import VMX_CAPABILITY_MSRS, Efer, Msr
 from cetvm.cpu.exits import Direction, ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.paging import Access, PagingMode
@@ -118,6 +118,9 @@ from cetvm.kvm.ioctl_args import (
     check_u64,
 )
 from cetvm.kvm.memslots import SHADOW_PAGING_GPA_BITS, kvm_memory_region_invalid
+from cetvm.kvm.nested import NestedVmx, free_nested
+from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nested_interrupt_exit_due, nested_vmx_reflect_vmexit
+from cetvm.kvm.nested_state import NestedState, get_nested_state, set_nested_state
 from cetvm.kvm.msr import (
     EMULATED_MSRS,
     MODELLED_MSRS,
@@ -215,7 +218,8 @@ class Kvm:
 
     def get_msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: msrs_to_save (the capability policy) + emulated_msrs."""
-        return self.caps.get_msr_index_list() + list(EMULATED_MSRS)
+        vmx = sorted(VMX_CAPABILITY_MSRS) if self.host.nested_vmx else []  # emulated_msrs with nested=1
+        return self.caps.get_msr_index_list() + list(EMULATED_MSRS) + vmx
 
     def create_vm(self) -> "Vm":
         """KVM_CREATE_VM."""
@@ -399,6 +403,8 @@ class KvmVcpu:
         self._user_exception_bitmap = 0
         self._kvm_exception_bitmap = 1 << Vector.UD if vm.kvm.host.fep_enabled else 0
         self._forced_emulation = False
+        #: vmx->nested (:mod:`cetvm.kvm.nested`): VMX operation of L1 and the L2 it runs
+        self.nested = NestedVmx.create(self.state)
         self.cpu.vmptrld(self.state.vmcs)
         self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, self._kvm_exception_bitmap)
         vmx.init_vmcs_cet(self.state, self.host_cpu)
@@ -418,6 +424,7 @@ class KvmVcpu:
         self.msrs.time.pv_features = guest_pv_features(entries)
         self.msrs.time.tsc_adjust_shown = guest_shows_tsc_adjust(entries)
         vmx.vmx_vcpu_after_set_cpuid(self.state, self.cpu)
+        self.nested.after_set_cpuid(self.state)
 
     def update_msr_bitmap(self) -> None:
         """Program the VMCS's MSR bitmap from the CET intercepts and the VM's MSR filter."""
@@ -693,6 +700,7 @@ class KvmVcpu:
         state, cpu = self.state, self.cpu
         self._complete_userspace_exit()
         self._last_run = None
+        self._leave_nested()
         old_cr0 = state.cr0
         if not init_event:
             _reset.reset_xcr0_xss(state)
@@ -713,6 +721,26 @@ class KvmVcpu:
             self.mp_state = MpState.RUNNABLE
         else:  # kvm_arch_vcpu_create (lapic_in_kernel) / kvm_apic_accept_events
             self.mp_state = MpState.INIT_RECEIVED if init_event else MpState.UNINITIALIZED
+
+    # ------------------------------------------------------------------ nested VMX
+    def _leave_nested(self) -> None:
+        """vmx_leave_nested() + free_nested() (RESET/INIT): back to vmcs01, out of VMX operation."""
+        if self.nested.guest_mode:
+            leave_guest_mode(self)
+        free_nested(self)
+
+    def get_nested_state(self) -> NestedState | None:
+        """KVM_GET_NESTED_STATE (vmx_get_nested_state): None outside VMX operation (KVM reports
+        a header without VMX data); otherwise the VMXON and current-VMCS pointers, the cached
+        vmcs12 and, in guest mode, L1's pre-entry CET state."""
+        return get_nested_state(self.nested)
+
+    def set_nested_state(self, nested: NestedState | None) -> None:
+        """KVM_SET_NESTED_STATE (vmx_set_nested_state): leave VMX operation, then enter it as
+        saved; in guest mode vmcs02 is rebuilt from the vmcs12 (the CPU registers, restored by
+        KVM_SET_SREGS/REGS, already hold L2's state). -EINVAL for a state that does not fit."""
+        self._leave_nested()
+        set_nested_state(self, nested)
 
     # ------------------------------------------------------------------ interrupts
     def interrupt(self, vector: int) -> None:
@@ -807,6 +835,8 @@ class KvmVcpu:
             left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
             if left != 0 and self._irq_window_exit_due():
                 return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
+            if nested_interrupt_exit_due(self):
+                continue  # vmx_check_nested_events: L2 → L1 for the pending interrupt
             forced, self._forced_emulation = self._forced_emulation, False
             vmx.vmx_vcpu_enter(state, cpu)
             exit_ = cpu.run(1 if forced and left != 0 else left)
@@ -822,6 +852,11 @@ class KvmVcpu:
 
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
         reason = exit_.reason
+        if self.nested.guest_mode and nested_vmx_reflect_vmexit(self, exit_):
+            return None  # L1 handles it (nested_vmx_reflect_vmexit)
+        if reason is ExitReason.VMX_INSTRUCTION:
+            handle_vmx_instruction(self, exit_)
+            return None
         if reason is ExitReason.CPUID:
             handle_cpuid(self.state, self.cpu)
             return None
