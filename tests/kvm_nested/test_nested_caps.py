@@ -103,3 +103,19 @@ def test_feature_control_vmxon_bits_need_vmx_in_the_guest_cpuid():
 def test_vmcs_enum_reports_the_highest_field_index():
     _, vcpu = vcpu_on(Host.from_model_name("sapphire-rapids"))
     assert msr(vcpu, Msr.IA32_VMX_VMCS_ENUM) == 0x19 << 1  # TSC_MULTIPLIER (0x2032), index 0x19
+
+
+def test_cetvm_caps_says_what_nested_cet_offers(capsys):
+    import json
+
+    from cetvm.cli.main import main
+    assert main(["caps", "--json"]) == 0
+    nested = json.loads(capsys.readouterr().out)["nested"]
+    assert nested["enabled"] and nested["vmx_basic_56"] and nested["load_cet_controls"]["offered"]
+    assert main(["caps", "--json", "--nested", "off"]) == 0
+    assert not json.loads(capsys.readouterr().out)["nested"]["enabled"]
+    assert main(["caps", "--json", "--host", "zen4"]) == 0
+    assert "SVM" in json.loads(capsys.readouterr().out)["nested"]["reason"]
+    assert main(["caps", "--vmx-basic-56", "off"]) == 0
+    text = capsys.readouterr().out
+    assert "load-CET-state entry/exit controls for L1: no" in text

@@ -3,8 +3,9 @@
 Every VMX instruction L1 executes exits (:mod:`cetvm.cpu.vmx_insn`); :func:`handle_vmx_instruction`
 emulates it as KVM does, with the checks and results of SDM Vol. 3 ch. 31:
 
-- VMXON: #UD unless CR4.VMXE; #UD for CR0/CR4 outside the VMX fixed bits (KVM checks these
-  itself, hardware cannot see L1's values); #GP(0) at CPL > 0; VMfailValid(15) in VMX
+- VMXON: #UD unless CR4.VMXE; #GP(0) for CR0/CR4 outside the VMX fixed bits (KVM checks these
+  itself, hardware cannot see L1's values; "KVM: nVMX: Inject #GP, not #UD, if "generic" VMXON
+  CR0/CR4 check fails"); #GP(0) at CPL > 0; VMfailValid(15) in VMX
   operation; #GP(0) unless IA32_FEATURE_CONTROL is locked with VMXON outside SMX enabled; the
   region must be page aligned within MAXPHYADDR and start with the vmcs12 revision, else
   VMfailInvalid.
@@ -255,7 +256,7 @@ def handle_vmxon(vcpu: NestedVcpu, exit_: VmExit) -> None:
         cpu.inject_exception(Vector.UD)
         return
     if not nested_cr0_valid(cpu.cr0) or not nested_cr4_valid(nested.msrs, cpu.cr4):
-        cpu.inject_exception(Vector.UD)
+        cpu.inject_exception(Vector.GP, 0)
         return
     if cpu.cpl:
         cpu.inject_exception(Vector.GP, 0)

@@ -180,3 +180,46 @@ def nested_vmx_setup_ctls_msrs(caps: KvmCaps, cpuid: VcpuCpuid, max_field_index:
 def vmcs_enum_max_index(fields) -> int:
     """The highest index (encoding bits 9:1) among ``fields``."""
     return max(vmcs_field_index(f) for f in fields)
+
+
+@dataclass(frozen=True)
+class NestedCetOffer:
+    """What the modeled KVM offers an L1 hypervisor for nested CET, and why (``cetvm caps``)."""
+
+    enabled: bool
+    reason: str
+    vmx_basic_56: bool
+    load_cet_controls: bool
+    load_cet_reason: str
+    vmcs12_cet_fields: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {"enabled": self.enabled, "reason": self.reason, "vmx_basic_56": self.vmx_basic_56,
+                "load_cet_controls": {"offered": self.load_cet_controls, "reason": self.load_cet_reason},
+                "vmcs12_cet_fields": self.vmcs12_cet_fields}
+
+
+def nested_cet_offer(caps: KvmCaps) -> NestedCetOffer:
+    """Nested VMX on this host (kvm_intel nested=1 on a VMX CPU) and its CET part: IA32_VMX_BASIC[56]
+    as the host has it (nested_vmx_setup_basic), the load-CET-state controls for a guest with
+    SHSTK or IBT when KVM itself offers one of them (nested_vmx_entry_exit_ctls_update), the
+    vmcs12 CET fields when the host VMX has the controls (cpu_has_vmcs12_field)."""
+    host = caps.host
+    if host.virt != "vmx":
+        reason = "kvm_amd: cetvm models no nested SVM"
+    elif not host.cpu.has("vmx"):
+        reason = "the host CPU lacks VMX (CPUID.1:ECX[5])"
+    elif not host.nested:
+        reason = "kvm_intel loaded with nested=0"
+    else:
+        reason = "kvm_intel nested=1: VMX in KVM_GET_SUPPORTED_CPUID, IA32_VMX_* MSRs for L1"
+    enabled = host.nested_vmx
+    kvm_cet = caps.has("shstk") or caps.has("ibt")
+    if not enabled:
+        cet_reason = "no nested VMX"
+    elif not kvm_cet:
+        cet_reason = "KVM offers neither SHSTK nor IBT on this host (see the features above)"
+    else:
+        cet_reason = "offered to a guest whose CPUID has SHSTK or IBT (nested_vmx_entry_exit_ctls_update)"
+    return NestedCetOffer(enabled, reason, enabled and host.vmx_basic_56, enabled and kvm_cet, cet_reason,
+                          enabled and vmcs12_cet_fields_exist(caps))
