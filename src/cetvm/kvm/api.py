@@ -119,7 +119,7 @@ from cetvm.kvm.ioctl_args import (
 )
 from cetvm.kvm.memslots import SHADOW_PAGING_GPA_BITS, kvm_memory_region_invalid
 from cetvm.kvm.nested import NestedVmx, free_nested
-from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nested_interrupt_exit_due, nested_vmx_reflect_vmexit
+from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nested_exit_on_intr, nested_interrupt_exit_due, nested_vmx_reflect_vmexit
 from cetvm.kvm.nested_state import NestedState, get_nested_state, set_nested_state
 from cetvm.kvm.msr import (
     EMULATED_MSRS,
@@ -753,8 +753,12 @@ class KvmVcpu:
         self.cpu.inject_interrupt(vector)
 
     def ready_for_interrupt_injection(self) -> bool:
-        """kvm_vcpu_ready_for_interrupt_injection(): IF = 1, no shadow, nothing pending."""
-        return self.cpu.pending_interrupt is None and self.cpu.interrupt_window_open
+        """kvm_vcpu_ready_for_interrupt_injection(): IF = 1, no shadow, nothing pending — or, while
+        L2 runs with external-interrupt exiting, nothing pending (vmx_interrupt_allowed: the
+        interrupt is a VM exit to L1 whatever L2's RFLAGS.IF)."""
+        if self.cpu.pending_interrupt is not None:
+            return False
+        return nested_exit_on_intr(self) or self.cpu.interrupt_window_open
 
     def _irq_window_exit_due(self) -> bool:
         """dm_request_for_irq_injection() && kvm_vcpu_ready_for_interrupt_injection()."""

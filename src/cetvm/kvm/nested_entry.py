@@ -662,14 +662,18 @@ def nested_vmx_reflect_vmexit(vcpu: NestedVcpu, exit_: VmExit) -> bool:
     return True
 
 
+def nested_exit_on_intr(vcpu: NestedVcpu) -> bool:
+    """nested_exit_on_intr(): L2 runs and L1 set external-interrupt exiting."""
+    nested = vcpu.nested
+    return nested.guest_mode and bool(nested.vmcs12.read(F.PIN_BASED_VM_EXEC_CONTROL)
+                                      & PinBasedControls.EXT_INTR_EXITING)
+
+
 def nested_interrupt_exit_due(vcpu: NestedVcpu) -> bool:
     """An external interrupt is pending while L2 runs with external-interrupt exiting: VM exit
     to L1 with reason 1 (the interrupt stays pending: no acknowledge-on-exit is offered), as
     vmx_check_nested_events does."""
-    nested = vcpu.nested
-    if not nested.guest_mode or vcpu.cpu.pending_interrupt is None:
-        return False
-    if not nested.vmcs12.read(F.PIN_BASED_VM_EXEC_CONTROL) & PinBasedControls.EXT_INTR_EXITING:
+    if vcpu.cpu.pending_interrupt is None or not nested_exit_on_intr(vcpu):
         return False
     nested_vmx_vmexit(vcpu, VmxExitReason.EXTERNAL_INTERRUPT)
     return True
