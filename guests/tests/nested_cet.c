@@ -85,28 +85,21 @@ static inline u64 flags_after(void)
     __asm__ volatile("pushfq; popq %0" : "=r"(f));
     return f & (RFLAGS_CF | RFLAGS_ZF);
 }
-static u64 vmxon(u64 pa)
-{
-    u64 f;
-    __asm__ volatile("vmxon %1; pushfq; popq %0" : "=r"(f) : "m"(pa) : "cc", "memory");
-    return f & (RFLAGS_CF | RFLAGS_ZF);
-}
+/* VMXON / VMCLEAR / VMPTRLD m64: the CF/ZF result (0 = VMsucceed). */
+#define VMX_PTR_OP(name)                                                                          \
+    static u64 name(u64 pa)                                                                       \
+    {                                                                                             \
+        u64 f;                                                                                    \
+        __asm__ volatile(#name " %1; pushfq; popq %0" : "=r"(f) : "m"(pa) : "cc", "memory");    \
+        return f & (RFLAGS_CF | RFLAGS_ZF);                                                       \
+    }
+VMX_PTR_OP(vmxon)
+VMX_PTR_OP(vmclear)
+VMX_PTR_OP(vmptrld)
 static u64 vmxoff(void)
 {
     u64 f;
     __asm__ volatile("vmxoff; pushfq; popq %0" : "=r"(f) : : "cc", "memory");
-    return f & (RFLAGS_CF | RFLAGS_ZF);
-}
-static u64 vmclear(u64 pa)
-{
-    u64 f;
-    __asm__ volatile("vmclear %1; pushfq; popq %0" : "=r"(f) : "m"(pa) : "cc", "memory");
-    return f & (RFLAGS_CF | RFLAGS_ZF);
-}
-static u64 vmptrld(u64 pa)
-{
-    u64 f;
-    __asm__ volatile("vmptrld %1; pushfq; popq %0" : "=r"(f) : "m"(pa) : "cc", "memory");
     return f & (RFLAGS_CF | RFLAGS_ZF);
 }
 static u64 vmptrst(void)

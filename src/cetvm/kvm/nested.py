@@ -286,19 +286,29 @@ def handle_vmxoff(vcpu: NestedVcpu, exit_: VmExit) -> None:
     nested_vmx_succeed(vcpu.cpu, exit_)
 
 
-def handle_vmclear(vcpu: NestedVcpu, exit_: VmExit) -> None:
+def _checked_vmptr(vcpu: NestedVcpu, exit_: VmExit, invalid: VmxInsnError, vmxon: VmxInsnError) -> int | None:
+    """The VMCS pointer operand of VMCLEAR/VMPTRLD after the permission checks, page_address_valid
+    (VMfailValid ``invalid``) and "not the VMXON region" (VMfailValid ``vmxon``); None when the
+    instruction already ended (fault injected or VMfail)."""
     if not nested_vmx_check_permission(vcpu):
-        return
+        return None
     vmptr = _vmptr_operand(vcpu, exit_)
+    if vmptr is None:
+        return None
+    if not page_address_valid(vcpu.state, vmptr):
+        nested_vmx_fail(vcpu, exit_, invalid)
+        return None
+    if vmptr == vcpu.nested.vmxon_ptr:
+        nested_vmx_fail(vcpu, exit_, vmxon)
+        return None
+    return vmptr
+
+
+def handle_vmclear(vcpu: NestedVcpu, exit_: VmExit) -> None:
+    vmptr = _checked_vmptr(vcpu, exit_, VmxInsnError.VMCLEAR_INVALID_ADDRESS, VmxInsnError.VMCLEAR_VMXON_POINTER)
     if vmptr is None:
         return
     nested = vcpu.nested
-    if not page_address_valid(vcpu.state, vmptr):
-        nested_vmx_fail(vcpu, exit_, VmxInsnError.VMCLEAR_INVALID_ADDRESS)
-        return
-    if vmptr == nested.vmxon_ptr:
-        nested_vmx_fail(vcpu, exit_, VmxInsnError.VMCLEAR_VMXON_POINTER)
-        return
     if vmptr == nested.current_vmptr:
         nested_release_vmcs12(vcpu)
     if vcpu.cpu.is_ram(vmptr + LAUNCH_STATE_OFFSET, 4):  # kvm_vcpu_write_guest(launch_state = 0)
@@ -307,18 +317,10 @@ def handle_vmclear(vcpu: NestedVcpu, exit_: VmExit) -> None:
 
 
 def handle_vmptrld(vcpu: NestedVcpu, exit_: VmExit) -> None:
-    if not nested_vmx_check_permission(vcpu):
-        return
-    vmptr = _vmptr_operand(vcpu, exit_)
+    vmptr = _checked_vmptr(vcpu, exit_, VmxInsnError.VMPTRLD_INVALID_ADDRESS, VmxInsnError.VMPTRLD_VMXON_POINTER)
     if vmptr is None:
         return
     nested, cpu = vcpu.nested, vcpu.cpu
-    if not page_address_valid(vcpu.state, vmptr):
-        nested_vmx_fail(vcpu, exit_, VmxInsnError.VMPTRLD_INVALID_ADDRESS)
-        return
-    if vmptr == nested.vmxon_ptr:
-        nested_vmx_fail(vcpu, exit_, VmxInsnError.VMPTRLD_VMXON_POINTER)
-        return
     if nested.current_vmptr != vmptr:
         region = _read_guest(cpu, vmptr, PAGE_SIZE)
         if region is None:  # kvm_vcpu_map() fails: KVM reports an invalid address
