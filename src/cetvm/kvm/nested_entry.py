@@ -381,14 +381,41 @@ def nested_vmx_check_guest_state(vcpu: NestedVcpu, vmcs12: Vmcs12) -> int | None
     if entry & VmEntryControls.LOAD_CET_STATE and not _cet_state_valid(
             vcpu, r(F.GUEST_S_CET), r(F.GUEST_SSP), r(F.GUEST_INTR_SSP_TABLE), ia32e):
         return ENTRY_FAIL_DEFAULT
-    rflags = r(F.GUEST_RFLAGS)
-    if rflags & RFLAGS_RESERVED or not rflags & RFLAGS_FIXED:
-        return ENTRY_FAIL_DEFAULT
-    if ia32e and not (cr4 & Cr4.PAE and cr0 & Cr0.PG):
-        return ENTRY_FAIL_DEFAULT
-    if ia32e and not is_canonical(r(F.GUEST_RIP)):
+    if not guest_registers_valid(vcpu, vmcs12, ia32e):
         return ENTRY_FAIL_DEFAULT
     return None
+
+
+#: VMX access-rights fields: type (3:0), S (4), P (7), L (13) [SDM Vol. 3 Table 25-2].
+AR_TYPE, AR_S, AR_P, AR_L = 0xF, 1 << 4, 1 << 7, 1 << 13
+AR_TYPE_CODE = 1 << 3
+TSS_BUSY_64 = 0xB
+
+
+def guest_registers_valid(vcpu: NestedVcpu, vmcs12: Vmcs12, ia32e: bool) -> bool:
+    """The hardware checks of the guest registers cetvm's CPU makes for vmcs02 [SDM Vol. 3
+    §28.3.1.2-28.3.1.4], the ones whose violation would give L2 a state the CPU cannot run:
+    CR3 within MAXPHYADDR; RFLAGS reserved bits clear and bit 1 set; in IA-32e mode CR4.PAE,
+    CR0.PG, a canonical RIP and a 64-bit or compatibility-mode code segment; CS usable, present,
+    code; TR usable, present, a busy TSS; GDTR/IDTR limits of 16 bits and canonical bases."""
+    r = vmcs12.read
+    cr0, cr4 = r(F.GUEST_CR0), r(F.GUEST_CR4)
+    rflags = r(F.GUEST_RFLAGS)
+    if not _legal_cr3(vcpu, r(F.GUEST_CR3)) or rflags & RFLAGS_RESERVED or not rflags & RFLAGS_FIXED:
+        return False
+    cs_ar, tr_ar = r(F.GUEST_CS_AR_BYTES), r(F.GUEST_TR_AR_BYTES)
+    if cs_ar & AR_UNUSABLE or not cs_ar & AR_P or not cs_ar & AR_S or not cs_ar & AR_TYPE_CODE:
+        return False
+    if tr_ar & AR_UNUSABLE or not tr_ar & AR_P or tr_ar & AR_S or tr_ar & AR_TYPE != TSS_BUSY_64 and ia32e:
+        return False
+    if r(F.GUEST_GDTR_LIMIT) >> 16 or r(F.GUEST_IDTR_LIMIT) >> 16:
+        return False
+    if not all(is_canonical(r(f)) for f in (F.GUEST_GDTR_BASE, F.GUEST_IDTR_BASE, F.GUEST_FS_BASE, F.GUEST_GS_BASE,
+                                             F.GUEST_TR_BASE)):
+        return False
+    if ia32e:
+        return bool(cr4 & Cr4.PAE and cr0 & Cr0.PG) and is_canonical(r(F.GUEST_RIP))
+    return not cs_ar & AR_L and not r(F.GUEST_RIP) >> 32
 
 
 # ============================================================================ vmcs02
