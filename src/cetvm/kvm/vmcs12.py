@@ -46,7 +46,7 @@ def field_access(encoding: int, existing: frozenset[int]) -> tuple[int, bool] | 
     if encoding in existing:
         return encoding, False
     full = encoding & ~1
-    if encoding & 1 and full in existing and vmcs_field_width(VmcsField(full)) == 64:
+    if encoding & 1 and full in existing and (full >> 13) & 3 == 1:  # only 64-bit fields have a high half
         return full, True
     return None
 
