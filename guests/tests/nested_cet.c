@@ -261,6 +261,7 @@ static void setup_vmcs(bool load_cet, bool intercept_cp)
     vmwrite(PROC_CTLS, ctl(MSR_VMX_TRUE_PROC, PROC_USE_MSR_BITMAPS));
     vmwrite(MSR_BITMAP, (u64)msr_bitmap);
     vmwrite(EXC_BITMAP, intercept_cp ? 1ul << VEC_CP : 0);
+    vmwrite(ENTRY_INTR_INFO, 0); /* VMCLEAR keeps the fields: no event left from an earlier test */
     vmwrite(EXIT_CTLS, ctl(MSR_VMX_TRUE_EXIT, EXIT_HOST_ADDR_SPACE | EXIT_SAVE_EFER | EXIT_LOAD_EFER | cet_ctls_exit));
     vmwrite(ENTRY_CTLS, ctl(MSR_VMX_TRUE_ENTRY, ENTRY_IA32E | ENTRY_LOAD_EFER | cet_ctls_entry));
     vmwrite(VMCS_LINK_PTR, ~0ul);

@@ -64,3 +64,28 @@ def test_snapshot_in_l2_continues_in_a_fresh_process(tmp_path, load_cet):
     tap = Tap.parse(serial.decode() + proc.stdout.decode())
     tap.assert_complete_and_green()
     assert proc.returncode == PASS_STATUS, proc.stderr.decode()
+
+
+def _tap_on(host) -> tuple[Tap, int]:
+    serial = bytearray()
+    config = MachineConfig(memory=MEMORY, serial_sink=serial.extend, host=host)
+    result = Machine.boot(guest("nested_cet"), config).run(max_instructions=int(MAX_INSTRUCTIONS))
+    return Tap.parse(serial.decode()), result.status
+
+
+def test_without_vmx_basic_56_an_injected_cp_must_carry_its_error_code():
+    """A host without IA32_VMX_BASIC[56]: KVM offers no CET (so the L2 CET tests skip) and the
+    VM-entry consistency check of the error code stays: #CP without one is VMfailValid(7)."""
+    from cetvm.kvm.host import Host
+    tap, status = _tap_on(Host.from_model_name("sapphire-rapids", vmx_basic_56=False))
+    tap.assert_complete_and_green()
+    assert status == PASS_STATUS
+    assert tap.passed("IA32_VMX_BASIC[56] clear: #CP without an error code -> VMfailValid(7)")
+    assert tap.passed("load-CET-state controls offered with SHSTK/IBT")  # neither offered
+
+
+def test_with_nested_off_the_guest_sees_no_vmx():
+    from cetvm.kvm.host import Host
+    tap, status = _tap_on(Host.from_model_name("sapphire-rapids", nested=False))
+    tap.assert_complete_and_green()
+    assert len(tap.skipped()) == tap.plan
