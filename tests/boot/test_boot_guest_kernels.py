@@ -192,3 +192,30 @@ def test_rdrand_is_deterministic(capsys):
         run.tap.assert_complete_and_green()
     values = [[line for line in run.out.splitlines() if line.startswith("# values")] for run in runs]
     assert values[0] and values[0] == values[1]
+
+
+def test_an_smi_with_cet_on_returns_with_ssp_and_the_cet_msrs_intact(capsys):
+    """Issue 12 (SMM): an SMI from the APM control port 0xB2 with supervisor shadow stacks and
+    IBT on; the handler runs at SMBASE + 0x8000 with CR4 = 0 and sees the SSP in KVM's map at
+    SMBASE + 0xFF18; after RSM SSP, S_CET, U_CET, PL0-3_SSP and CR4 are unchanged and still
+    enforced; SMBASE relocation moves the next SMI; SMI IPIs reach the sender itself and a
+    halted AP, which RSM resumes after its HLT (guests/tests/smm_cet.c)."""
+    tap = run_green(capsys, "smm_cet", "--smp", "2")
+    assert not tap.skipped()
+    assert tap.passed("RSM outside SMM -> #UD")
+    assert tap.passed("SSP is the same after RSM")
+    assert tap.passed("S_CET, U_CET and PL0-3_SSP are the same after RSM")
+    assert tap.passed("SMBASE relocation")
+    assert tap.passed("an SMI IPI wakes a halted AP")
+
+
+@pytest.mark.parametrize("corruption", ["misalign", "noncanonical"])
+def test_rsm_with_a_corrupted_saved_ssp_shuts_the_vm_down(capsys, corruption):
+    """The SMI handler scribbles on the saved SSP: KVM's rsm_load_state_64 refuses it
+    (kvm_msr_write of the guest SSP: canonical, 4-byte aligned), em_rsm → triple fault →
+    KVM_EXIT_SHUTDOWN: `cetvm boot` exits 125 and the kernel's line after the SMI never prints."""
+    result = boot(capsys, str(guest("smm_cet")), "--memory", "32M", "--max-instructions", MAX_INSTRUCTIONS,
+                  "--append", f"corrupt={corruption}")
+    assert result.status == 125, result.err
+    assert "KVM_EXIT_SHUTDOWN" in result.err and "saved SSP" in result.err
+    assert [ok for ok, _n, _d in result.tap.results] == [True]

@@ -127,3 +127,29 @@ def test_a_snapshot_taken_at_any_instruction_replays_no_output_twice(tmp_path):
         machine.save(tmp_path / "s.snap")
         result = Machine.restore(tmp_path / "s.snap", serial_sink=after.extend).run()
         assert (bytes(before + after), result.status) == (b"abc", 1), f"snapshot after {n} instructions"
+
+
+def test_a_machine_saved_inside_its_smi_handler_continues_after_rsm(tmp_path):
+    """Issue 12: the smm_cet kernel saved a few instructions into its first SMI handler (the vCPU in
+    SMM, CR4 = 0, the state-save map in RAM, the smi vCPU events in the snapshot) and restored in
+    a fresh machine finishes with the same TAP output and instruction count as without the stop."""
+    serial = bytearray()
+    reference = Machine.boot(guest("smm_cet"), MachineConfig(memory=MEMORY, serial_sink=serial.extend))
+    smi_at: list[int] = []
+    raise_smi = reference.devices.apm.smi
+    reference.devices.apm.smi = lambda: (smi_at.append(reference.instructions), raise_smi())
+    full = reference.run(max_instructions=5_000_000)
+    assert smi_at, "the kernel raised no SMI"
+
+    before, after = bytearray(), bytearray()
+    machine = Machine.boot(guest("smm_cet"), MachineConfig(memory=MEMORY, serial_sink=before.extend))
+    machine.run(save_at=smi_at[0] + 5)
+    assert machine.vcpu.get_vcpu_events_smi().smm and machine.vcpu.get_sregs().cr4 == 0
+    machine.save(tmp_path / "smm.snap")
+    manifest, _ = read_snapshot(tmp_path / "smm.snap")
+    assert manifest["vcpus"][0]["smi"]["smm"] is True
+    restored = Machine.restore(tmp_path / "smm.snap", serial_sink=after.extend)
+    assert restored.vcpu.get_vcpu_events_smi().smm
+    result = restored.run(max_instructions=5_000_000)
+    assert (before + after).decode() == serial.decode() and "# 0 failed" in serial.decode()
+    assert (result.status, result.instructions) == (full.status, full.instructions)

@@ -89,6 +89,17 @@ def make_guest(name: str, host: str = "sapphire-rapids", shstk: bool = True, ibt
     return Guest(kvm, vm, vcpu)
 
 
+def fresh_copy(g: Guest) -> Guest:
+    """A fresh Kvm/VM/vCPU with g's RAM (0-4 MiB) and CPUID, ready for restore_vcpu_state."""
+    kvm = Kvm(Host(get_model("sapphire-rapids")))
+    vm = kvm.create_vm()
+    vm.set_user_memory_region(0, 0, 0x400000)
+    vm.put_memory(0, g.vm.get_memory(0, 0x400000))
+    vcpu = vm.create_vcpu()
+    vcpu.set_cpuid(g.vcpu.get_cpuid2())
+    return Guest(kvm, vm, vcpu)
+
+
 @pytest.fixture
 def guest_factory():
     return make_guest

@@ -76,6 +76,7 @@ INSTRUCTIONS: dict[str, bytes] = {
     "clwb": b"\x66\x0f\xae\x36",              # clwb [rsi]
     "xgetbv1": b"\xb9\x01\x00\x00\x00\x0f\x01\xd0",  # mov ecx, 1; xgetbv
     "shstk": b"\xf3\x48\x0f\x1e\xc8",         # rdsspq rax
+    "serialize": b"\x0f\x01\xe8",
 }
 def test_engine_feature_words_are_what_unicorn_reports():
     """The pinned engine set is re-measured: a different Unicorn build would change it."""
@@ -106,6 +107,18 @@ def test_every_shown_feature_with_a_probe_executes(model):
     assert len(shown) >= 25
     for feature in shown:
         assert run_probe(vm, vcpu, INSTRUCTIONS[feature], rcx=0) is None, f"{model}: {feature} faulted"
+
+
+def test_serialize_is_shown_on_sapphire_rapids_and_executes():
+    """SERIALIZE (CPUID.(7,0):EDX[14]) is passed through as KVM does; Unicorn 2.1.4 would #UD on
+    it, cetvm retires it (Linux's sync_core() uses it when shown, an IRETQ to itself otherwise)."""
+    from cetvm.arch.qemu_features import QEMU_FEATURES
+    bit = QEMU_FEATURES["serialize"]
+    vm, vcpu, cpuid = vm_for("sapphire-rapids")
+    assert cpuid.get(7, 0)[bit.reg] & bit.mask
+    assert run_probe(vm, vcpu, INSTRUCTIONS["serialize"] * 3) is None
+    vm, vcpu, cpuid = vm_for("zen4")
+    assert not cpuid.get(7, 0)[bit.reg] & bit.mask
 
 
 def test_hidden_feature_is_really_missing_from_the_engine():

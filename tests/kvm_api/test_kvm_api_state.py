@@ -7,12 +7,10 @@ import copy
 import json
 
 import pytest
-from conftest import Guest, make_guest
+from conftest import Guest, fresh_copy, make_guest
 
 from cetvm import CetvmError
-from cetvm.cpuid import get_model
-from cetvm.kvm.api import Kvm, KvmExitReason
-from cetvm.kvm.host import Host
+from cetvm.kvm.api import KvmExitReason
 from cetvm.kvm.state import restore_vcpu_state, save_vcpu_state
 
 
@@ -34,16 +32,6 @@ def _saved_midway(steps: int = 7):
     return g, outs, json.loads(json.dumps(save_vcpu_state(g.vcpu)))
 
 
-def _fresh_from(g: Guest) -> Guest:
-    kvm = Kvm(Host(get_model("sapphire-rapids")))
-    vm = kvm.create_vm()
-    vm.set_user_memory_region(0, 0, 0x400000)
-    vm.put_memory(0, g.vm.get_memory(0, 0x400000))
-    vcpu = vm.create_vcpu()
-    vcpu.set_cpuid(g.vcpu.get_cpuid2())
-    return Guest(kvm, vm, vcpu)
-
-
 def test_save_restore_in_a_fresh_kvm_gives_the_same_results():
     ref = make_guest("progress")
     ref_outs: list[int] = []
@@ -52,7 +40,7 @@ def test_save_restore_in_a_fresh_kvm_gives_the_same_results():
 
     g, outs, state = _saved_midway()
     assert state["msrs"]["0xda0"] == 0x1800 and state["fpstate_xstate_bv"] & 0x800
-    new = _fresh_from(g)
+    new = fresh_copy(g)
     restore_vcpu_state(new.vcpu, state)
     assert run_collecting(new, outs).exit_reason is KvmExitReason.HLT
     assert outs == ref_outs
@@ -64,7 +52,7 @@ def test_restore_refuses_state_without_xss_while_cet_user_in_use():
     broken = copy.deepcopy(state)
     del broken["msrs"]["0xda0"]
     with pytest.raises(CetvmError, match="IA32_XSS"):
-        restore_vcpu_state(_fresh_from(g).vcpu, broken)
+        restore_vcpu_state(fresh_copy(g).vcpu, broken)
 
 
 def test_restore_refuses_missing_cet_msr_and_missing_ssp():
@@ -72,9 +60,9 @@ def test_restore_refuses_missing_cet_msr_and_missing_ssp():
     no_tab = copy.deepcopy(state)
     del no_tab["msrs"]["0x6a8"]
     with pytest.raises(CetvmError, match="IA32_INT_SSP_TAB"):
-        restore_vcpu_state(_fresh_from(g).vcpu, no_tab)
+        restore_vcpu_state(fresh_copy(g).vcpu, no_tab)
     shstk_on = copy.deepcopy(state)
     shstk_on["msrs"]["0x6a2"] = 1  # S_CET.SH_STK_EN
     shstk_on["guest_ssp"] = None
     with pytest.raises(CetvmError, match="SSP"):
-        restore_vcpu_state(_fresh_from(g).vcpu, shstk_on)
+        restore_vcpu_state(fresh_copy(g).vcpu, shstk_on)

@@ -1,5 +1,5 @@
 """The APIC bus: IPI destinations (shorthands, physical, logical flat/cluster, x2APIC), delivery
-modes (fixed, lowest priority, INIT, SIPI, NMI dropped) [SDM Vol. 3 §11.6; KVM lapic.c]; the
+modes (fixed, lowest priority, INIT, SIPI, SMI, NMI dropped) [SDM Vol. 3 §11.6; KVM lapic.c]; the
 per-CPU xAPIC page; the SMP guest CPUID topology and fw_cfg's CPU count."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cetvm.vmm.devices.pc import PcDevices
 
 BASE = 0xFEE0_0000
 ICR, ICR2, EOI, SVR, LDR, DFR = 0x300, 0x310, 0xB0, 0xF0, 0xD0, 0xE0
-FIXED, LOWEST, NMI, INIT, STARTUP = 0 << 8, 1 << 8, 4 << 8, 5 << 8, 6 << 8
+FIXED, LOWEST, SMI, NMI, INIT, STARTUP = 0 << 8, 1 << 8, 2 << 8, 4 << 8, 5 << 8, 6 << 8
 LOGICAL, ASSERT, LEVEL = 1 << 11, 1 << 14, 1 << 15
 SELF, ALL, ALL_BUT_SELF = 1 << 18, 2 << 18, 3 << 18
 
@@ -31,7 +31,8 @@ class Machine4:
         self.apics = [LocalApic(apic_id=i, bsp=i == 0) for i in range(4)]
         self.calls: list[tuple] = []
         self.bus = ApicBus(self.apics, init=lambda i: self.calls.append(("init", i)),
-                           sipi=lambda i, v: self.calls.append(("sipi", i, v)))
+                           sipi=lambda i, v: self.calls.append(("sipi", i, v)),
+                           smi=lambda i: self.calls.append(("smi", i)))
         for apic in self.apics:
             apic.mmio_write(SVR, 4, 0x1FF)
 
@@ -114,6 +115,14 @@ def test_init_resets_the_target_apic_and_reaches_the_vcpu(m):
     assert m.calls == [("init", 1)]
     m.send(0, ALL_BUT_SELF | STARTUP | 0x08)
     assert m.calls[1:] == [("sipi", 1, 8), ("sipi", 2, 8), ("sipi", 3, 8)]
+
+
+def test_smi_ipis_reach_the_addressed_vcpus(m):
+    m.send(0, SMI, dest=2)
+    assert m.calls == [("smi", 2)] and m.bus.take_kick()
+    m.send(1, ALL | SMI)
+    assert m.calls[1:] == [("smi", 0), ("smi", 1), ("smi", 2), ("smi", 3)]
+    assert m.bus.dropped == 0
 
 
 def test_nmi_is_not_delivered(m):

@@ -7,6 +7,7 @@ import pytest
 from cetvm import InputError
 from cetvm.vmm.bus import PioBus
 from cetvm.vmm.devices import BochsShutdownPort, FwCfg, IsaDebugExit
+from cetvm.vmm.devices.apm import ApmPorts
 from cetvm.vmm.requests import GuestExitRequest, PowerOffRequest
 
 
@@ -123,3 +124,23 @@ def test_fw_cfg_state_round_trip_keeps_the_read_position(fwbus):
     assert other.pio_read(1, 1) == ord("E")
     with pytest.raises(InputError, match="fw_cfg state has no 'offset'"):
         other.set_state({"selector": 0})
+
+
+def test_apm_control_port_raises_an_smi_per_write_and_keeps_the_byte():
+    """APM_CNT (0xB2): each write raises an SMI (KVM_SMI on the writer) and reads back; APM_STS
+    (0xB3) is a scratch byte; a 16-bit write to 0xB2 writes both."""
+    smis: list[int] = []
+    apm = ApmPorts(lambda: smis.append(1))
+    bus = PioBus()
+    bus.register(0xB2, 2, apm)
+    bus.write(0xB2, 1, 0x5A)
+    assert smis == [1] and bus.read(0xB2, 1) == 0x5A
+    bus.write(0xB3, 1, 0x77)
+    assert smis == [1] and bus.read(0xB3, 1) == 0x77
+    bus.write(0xB2, 2, 0x1234)
+    assert smis == [1, 1] and bus.read(0xB2, 2) == 0x1234
+    restored = ApmPorts()
+    restored.set_state(apm.get_state())
+    assert (restored.control, restored.status) == (0x34, 0x12)
+    with pytest.raises(InputError):
+        restored.set_state({"control": 0x100, "status": 0})

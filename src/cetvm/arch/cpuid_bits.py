@@ -62,6 +62,7 @@ FEATURES: dict[str, CpuidBit] = {
         _b("pku", 7, 0, Reg.ECX, 3),
         _b("shstk", 7, 0, Reg.ECX, 7),
         _b("ibt", 7, 0, Reg.EDX, 20),
+        _b("serialize", 7, 0, Reg.EDX, 14),
         _b("amx_tile", 7, 0, Reg.EDX, 24),
         _b("cet_sss", 7, 1, Reg.EDX, 18),
         _b("xsaveopt", 0xD, 1, Reg.EAX, 0),

@@ -16,6 +16,8 @@ class Msr(enum.IntEnum):
     IA32_TSC_ADJUST = 0x3B
     #: IA32_BIOS_SIGN_ID in the SDM; Linux's MSR_IA32_UCODE_REV.
     IA32_UCODE_REV = 0x8B
+    #: The SMRAM base (host-initiated access only in KVM: MSR_IA32_SMBASE) [SDM Vol. 3 §32.11].
+    IA32_SMBASE = 0x9E
     IA32_SYSENTER_CS = 0x174
     IA32_SYSENTER_ESP = 0x175
     IA32_SYSENTER_EIP = 0x176

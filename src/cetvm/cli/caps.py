@@ -1,7 +1,8 @@
 """`cetvm caps`: what KVM (Linux 6.18) would offer guests on a host, and why.
 
 Prints the SHSTK/IBT decision with the first KVM rule that cleared each one, the supported
-XCR0/XSS, the guest xstate sizes and KVM_GET_MSR_INDEX_LIST; ``--json`` prints one object.
+XCR0/XSS, the guest xstate sizes, SMM (KVM_CAP_X86_SMM, and whether the SSP is saved in SMRAM)
+and KVM_GET_MSR_INDEX_LIST; ``--json`` prints one object.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from cetvm.cpuid import model_names
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host, msr_name
 from cetvm.kvm.host import Host
 from cetvm.kvm.nested_caps import nested_cet_offer
+from cetvm.kvm.smm import kvm_smm_caps
 from cetvm.kvm.xstate_size import host_fpu
 
 ON_OFF = {"on": True, "off": False}
@@ -73,6 +75,7 @@ def caps_to_json(caps: KvmCaps) -> dict[str, object]:
         "msr_index_list": caps.get_msr_index_list(),
         "guest_fpu_default": _guest_fpu(caps),
         "nested": nested_cet_offer(caps).to_json(),
+        "smm": kvm_smm_caps(caps).to_json(),
     }
 
 
@@ -87,6 +90,12 @@ def _components(mask: int) -> str:
     return ", ".join(names) if names else "none"
 
 
+def _smm_lines(caps: KvmCaps) -> list[str]:
+    smm = kvm_smm_caps(caps)
+    return ["", f"SMM (KVM_CAP_X86_SMM): {'yes' if smm.supported else 'no'}; SSP saved in SMRAM: "
+                f"{'yes' if smm.ssp_in_smram else 'no'}", f"  {smm.why}"]
+
+
 def format_caps(caps: KvmCaps) -> str:
     host = caps.host
     lines = [f"host: {host.name} ({host.vendor}, {host.virt.upper()})", "",
@@ -98,6 +107,7 @@ def format_caps(caps: KvmCaps) -> str:
               f"supported XCR0: {caps.supported_xcr0:#x} ({_components(caps.supported_xcr0)})",
               f"supported XSS:  {caps.supported_xss:#x} ({_components(caps.supported_xss)})",
               f"guest xstate size: standard {sizes['standard']} bytes, compacted {sizes['compacted']} bytes",
+              *_smm_lines(caps),
               ""]
     lines += _nested_lines(caps) + ["", "KVM_GET_MSR_INDEX_LIST:"]
     lines += [f"  {index:#010x}  {msr_name(index)}" for index in caps.get_msr_index_list()]

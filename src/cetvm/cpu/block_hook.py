@@ -67,6 +67,9 @@ class BlockHookMixin:
         self._budget.attach(self._native.shared)
         self.cet = self._native.cet_state
         self._native.install()
+        self._native.filter_exit_invalidation()
+        if self.model.has("serialize"):
+            self._native.install_serialize()
         self._native.install_tlb_fill(set_mode=False)
 
     def _sync_native_mode(self) -> None:
@@ -190,14 +193,14 @@ class BlockHookMixin:
         if new_exits:
             self._exits.update(new_exits)
             self._uc.ctl_set_exits(sorted(self._exits))
-            self._uc.ctl_remove_cache(address, address + max(size, 1))
+            self.drop_translations(address, address + size)
             self._uc.reg_write(X.UC_X86_REG_RIP, address - self._cs_base)  # RIP is the offset
             self._uc.emu_stop()
             return None
         terminator = classify_terminator(instrs[-1]) if instrs else None
         if terminator is not None and terminator.kind == Terminator.FALLTHROUGH:
             terminator = None  # nothing to apply at the next block start
-        info = BlockInfo(address, size, terminator, code[:4], len(instrs))
+        info = BlockInfo(address, size, terminator, code[:4], len(instrs), self.code_is_global(address, size))
         self._blocks.store(info)
         return info
 

@@ -3,7 +3,8 @@
 The native block hook (:mod:`cetvm.cpu.native`) replaces it with its own table; both have the
 interface :class:`BlockTable`: ``lookup(address, size)``, ``store(info)``, ``prev`` (the
 terminator of the block that ran last, or None; FALLTHROUGH blocks store None),
-``prev_block_start``, ``take_prev`` and ``invalidate()``. The Python hot path reads
+``prev_block_start``, ``take_prev``, ``invalidate()`` (everything), ``invalidate_local()`` (MOV to
+CR3: blocks not on global pages) and ``invalidate_range()`` (INVLPG). The Python hot path reads
 :class:`BlockTracker`'s ``cache`` (address → :class:`BlockInfo`; a hit also needs the same
 size) and ``prev`` directly; nothing else touches the tracker.
 """
@@ -26,6 +27,9 @@ class BlockInfo:
     first_bytes: bytes
     #: instructions in the block: what it retires when it runs to its end (cetvm.cpu.budget)
     icount: int = 0
+    #: its code is on global pages (CR4.PGE, PTE.G): the classification survives a MOV to CR3
+    #: as the TLB entries do [SDM Vol. 3 §4.10.4.1]
+    global_page: bool = False
 
 
 class BlockTable(Protocol):
@@ -41,6 +45,10 @@ class BlockTable(Protocol):
     def store(self, info: BlockInfo) -> None: ...
 
     def invalidate(self) -> None: ...
+
+    def invalidate_local(self) -> None: ...
+
+    def invalidate_range(self, start: int, end: int) -> None: ...
 
     def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None: ...
 
@@ -82,6 +90,18 @@ class BlockTracker:
     def invalidate(self) -> None:
         """Forget all classifications (page tables changed: the same address may hold other code)."""
         self.cache.clear()
+
+    def invalidate_local(self) -> None:
+        """MOV to CR3: forget the classifications of blocks on non-global pages (another address
+        space may hold other code there); global ones stay, as their TLB entries do. In place:
+        the Python fast path holds :attr:`cache`."""
+        for address in [a for a, info in self.cache.items() if not info.global_page]:
+            del self.cache[address]
+
+    def invalidate_range(self, start: int, end: int) -> None:
+        """INVLPG / INVPCID of an address: forget the blocks overlapping linear [start, end)."""
+        for address in [a for a, info in self.cache.items() if a < end and a + info.size > start]:
+            del self.cache[address]
 
     def take_prev(self, terminator: TerminatorInfo | None) -> TerminatorInfo | None:
         """Return the pending terminator and make ``terminator`` the new pending one."""

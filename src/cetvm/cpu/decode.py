@@ -1,5 +1,9 @@
 """Instruction decoding for the engine (iced-x86): which instructions cetvm emulates in Python.
 
+Instructions Unicorn 2.1.4 does not decode at all and that need no exit (SERIALIZE) are not
+exits: the engine raises #UD at them and the #UD hooks emulate them
+(:meth:`cetvm.cpu.vcpu.Vcpu`'s invalid-instruction stop, the native path's C hook).
+
 Unicorn executes everything else. An instruction is *emulated* when Unicorn does not know it
 (#UD), executes it as a NOP, executes it wrongly for CET, or when it must exit to the hypervisor
 before it runs (VMX-like exits). The engine makes each such address a Unicorn "exit" at block

@@ -607,9 +607,35 @@ def _step_in_engine(vcpu, instr: Instruction, *, branches: bool = True) -> None:
 
 
 def invalidate_tlb(vcpu, instr: Instruction) -> None:
-    """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache as well."""
+    """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache and forget the
+    block classifications the invalidated translations covered, then the engine runs it (and
+    raises its faults)."""
     vcpu.flush_tlb()
+    _forget_blocks_of(vcpu, instr)
     _step_in_engine(vcpu, instr, branches=False)
+
+
+#: INVPCID types [SDM Vol. 2A INVPCID]: 0 individual address, 1 single context, 2 all contexts
+#: including global translations, 3 all contexts except global translations.
+INVPCID_INDIVIDUAL_ADDRESS, INVPCID_ALL_INCLUDING_GLOBAL = 0, 2
+
+
+def _forget_blocks_of(vcpu, instr: Instruction) -> None:
+    """The blocks whose translations INVLPG / INVPCID invalidates: one address's (INVLPG, INVPCID
+    type 0), every non-global one (types 1 and 3: blocks carry no PCID) or all (type 2). An
+    operand cetvm cannot read (the instruction will fault) forgets everything."""
+    try:
+        if instr.mnemonic == M.INVLPG:
+            vcpu.forget_blocks_at(effective_address(vcpu, instr))
+            return
+        kind = read_register(vcpu, instr.op0_register)
+        if kind == INVPCID_INDIVIDUAL_ADDRESS:
+            descriptor = vcpu.read_virt(effective_address(vcpu, instr), 16)
+            vcpu.forget_blocks_at(int.from_bytes(descriptor[8:], "little"))
+        else:
+            vcpu.forget_blocks(global_too=kind == INVPCID_ALL_INCLUDING_GLOBAL)
+    except GuestFault:
+        vcpu.forget_blocks(global_too=True)
 
 
 def descriptor_table_load(vcpu, instr: Instruction) -> VmExit | None:
@@ -677,6 +703,20 @@ def rdrand(vcpu, instr: Instruction) -> None:
     _advance(vcpu, instr)
 
 
+def serialize(vcpu, instr: Instruction) -> None:
+    """SERIALIZE [SDM Vol. 2B SERIALIZE]: every earlier instruction completes before the next is
+    fetched; no register, flag or memory changes. cetvm's CPU retires instructions in order, so
+    retiring it is all there is. Unicorn 2.1.4 does not decode it (#UD), hence emulated. Shown in
+    CPUID.(7,0):EDX[14] when the host has it (KVM passes it through, kvm_set_cpu_caps); Linux's
+    sync_core() then serializes with it instead of an IRETQ to itself — text patching calls
+    sync_core() on every CPU tens of thousands of times during boot. #UD when the host model
+    lacks it (KVM does not intercept it: the hardware decides). The native path retires it in
+    its #UD hook without leaving the engine (cetfast.c "SERIALIZE"); this is the reference."""
+    if not vcpu.model.has("serialize"):
+        raise ud()
+    _advance(vcpu, instr)
+
+
 def xsave_family(vcpu, instr: Instruction) -> None:
     """XSAVEC / XSAVES / XRSTORS: :mod:`cetvm.cpu.xsave` checks and executes, here it retires."""
     xsave.check_usable(vcpu, instr)
@@ -698,7 +738,7 @@ _HANDLERS: dict[int, Callable] = {
     M.LGDT: descriptor_table_load, M.LIDT: descriptor_table_load, M.LLDT: descriptor_table_load,
     M.LTR: descriptor_table_load, M.LMSW: lmsw,
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
-    M.RDRAND: rdrand,
+    M.RDRAND: rdrand, M.SERIALIZE: serialize,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
     **{mnemonic: vmx_instruction for mnemonic in VMX_INSTRUCTION_REASONS},
 }

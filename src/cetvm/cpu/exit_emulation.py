@@ -63,7 +63,7 @@ class EmulationPlumbingMixin:
         pc = self._linear(rip)
         self._exits.discard(pc)
         self._uc.ctl_set_exits(sorted(self._exits))
-        self._uc.ctl_remove_cache(pc, pc + 1)
+        self.drop_translations(pc, pc + 1, block_before=True)
 
     def step_in_engine(self, rip: int, next_ip: int | None = None, *, retire: bool = True) -> None:
         """Let Unicorn execute the one instruction at ``rip`` although it is an exit address;
@@ -129,9 +129,9 @@ class EmulationPlumbingMixin:
             (self._exits.add if stepping else self._exits.discard)(next_pc)
         if was_exit or temporary_exit:
             uc.ctl_set_exits(sorted(self._exits))
-            uc.ctl_remove_cache(pc, pc + 1)
+            self.drop_translations(pc, pc + 1)
             if temporary_exit:
-                uc.ctl_remove_cache(next_pc, next_pc + 1)
+                self.drop_translations(next_pc, next_pc + 1, block_before=not stepping)
         if next_pc is None:
             uc.ctl_flush_tb()
 

@@ -131,6 +131,36 @@ def translate(read_phys_u64: Callable[[int], int], mode: PagingMode, linear: int
     return (entry & frame_mask) | (linear & ((1 << page_shift) - 1))
 
 
+_G, _CR4_PGE = int(Pte.G), int(Cr4.PGE)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The translation of a linear address as a TLB would cache it: the page it lies in."""
+
+    page_base: int   # linear address of the page's first byte
+    page_size: int   # 4 KiB, 2 MiB or 1 GiB
+    global_page: bool  # CR4.PGE and PTE.G of the leaf: survives a MOV to CR3 [SDM Vol. 3 §4.10.2.4]
+
+
+def mapping_of(read_phys_u64: Callable[[int], int], mode: PagingMode, linear: int) -> Mapping | None:
+    """The page ``linear`` lies in under IA-32e paging, or None when it is not mapped (or paging
+    is off or not 4-level: no TLB entry to speak of). No permission checks [SDM Vol. 3 §4.5]."""
+    if not mode.long_paging or not is_canonical(linear):
+        return None
+    table = mode.cr3 & _ADDR
+    for level, shift in enumerate(_LEVEL_SHIFTS):
+        entry = read_phys_u64(table + ((linear >> shift) & 0x1FF) * 8)
+        if not entry & _P:
+            return None
+        if shift == 12 or (level in (1, 2) and entry & _PS):
+            size = 1 << shift
+            return Mapping(linear & ~(size - 1) & 0xFFFF_FFFF_FFFF_FFFF, size,
+                           bool(entry & _G) and bool(mode.cr4 & _CR4_PGE))
+        table = entry & _ADDR
+    return None
+
+
 def _legacy_paging_not_supported() -> NotSupportedError:
     return NotSupportedError("32-bit (non-PAE) and PAE legacy paging walks are not implemented; "
                             "cetvm walks 4-level IA-32e page tables only")

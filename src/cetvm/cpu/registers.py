@@ -25,7 +25,8 @@ from cetvm.arch.regs import U64_MASK
 
 _U128 = (1 << 128) - 1
 _GPR_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
-REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS, "dr6": X.UC_X86_REG_DR6, "dr7": X.UC_X86_REG_DR7}
+REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS, "dr6": X.UC_X86_REG_DR6,
+           "dr7": X.UC_X86_REG_DR7}
 #: Blob offset of env->xcr0 in Unicorn 2.1.4 (measured; XCR0 has no reg id in the binding).
 XCR0_OFFSET = 4904
 #: Blob offset of env->efer in Unicorn 2.1.4 (measured: the bytes a WRMSR to EFER changes).

@@ -76,7 +76,7 @@ from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.interrupts import InterruptsMixin
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.native import select_cet_path
-from cetvm.cpu.paging import Access, PagingMode
+from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
 from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
@@ -90,6 +90,14 @@ if TYPE_CHECKING:
 
 __all__ = ["EFER_OFFSET", "PAGE", "XCR0_OFFSET", "MemoryRegion", "PendingEvent", "Vcpu"]
 
+
+
+#: CR0 and CR4 bits whose change changes how linear addresses translate, so that the
+#: processor flushes its TLBs, global entries included [SDM Vol. 3 §4.10.4.1].
+_CR0_PAGING_BITS = int(Cr0.PG | Cr0.PE)
+_CR4_PAGING_BITS = int(Cr4.PGE | Cr4.PAE | Cr4.PSE | Cr4.PCIDE | Cr4.LA57)
+#: 1 GiB: the largest page size of IA-32e paging.
+_LARGEST_PAGE = 1 << 30
 
 
 class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsMixin, InterruptsMixin):
@@ -161,7 +169,6 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_instruction)
         self._hook_error: BaseException | None = None
         self._reg_buf = ctypes.c_uint64()
         self._block_hook_cb = None
@@ -178,6 +185,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             else:
                 self._install_block_hook()
                 uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        # after the native path's SERIALIZE hook: Unicorn asks the #UD hooks in order
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid_instruction)
         #: The time-stamp counter (RDTSC/RDTSCP/IA32_TIME_STAMP_COUNTER, :mod:`cetvm.cpu.tsc`);
         #: the Python CET path uses no native code here either, so both TSC hooks stay tested.
         self.tsc = TimeStampCounter(self._uc, self._budget.counter_address, use_native=self.cet_path != "python")
@@ -231,6 +240,18 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._exits.clear()
         self._uc.ctl_set_exits([])
         self._uc.ctl_flush_tb()
+
+    def drop_translations(self, start: int, end: int, *, block_before: bool = False) -> None:
+        """Drop the engine's translation blocks that cover linear [start, end) — and, with
+        ``block_before`` (``start`` stops being an exit), the one ending right before ``start``,
+        which Unicorn translated to stop there. Requests are two bytes or more: the native path
+        filters Unicorn's own one-byte drops after each run
+        (:meth:`cetvm.cpu.native.NativeCet.filter_exit_invalidation`). Unicorn finds the blocks
+        through the physical page of the first byte, so the byte before ``start`` (maybe on
+        another page) is a request of its own."""
+        self._uc.ctl_remove_cache(start, max(end, start + 2))
+        if block_before and start:
+            self._uc.ctl_remove_cache(start - 1, start + 1)
 
     def flush_tlb(self) -> None:
         """Forget cached translations: ours, the fast path's shadow-stack window, the native hook's."""
@@ -335,11 +356,59 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         return self._registers.cr4
 
     def write_cr(self, n: int, value: int) -> None:
-        """Write CR0/CR2/CR3/CR4/CR8 without checks (the emulation checks first)."""
+        """Write CR0/CR2/CR3/CR4/CR8 without checks (the emulation checks first). Block
+        classifications go as TLB entries do [SDM Vol. 3 §4.10.4.1]: a CR3 load drops those
+        not on global pages; a CR0/CR4 write that changes how linear addresses translate drops
+        all (:data:`_CR0_PAGING_BITS`, :data:`_CR4_PAGING_BITS`)."""
+        old = self.cr0 if n == 0 else self.cr4 if n == 4 else 0
         self._registers.write_cr(n, value)
-        if n in (0, 3, 4):
+        if n == 3:
+            self._blocks.invalidate_local()
+            self._load_paging_root(value)
+            return
+        if (n == 0 and (old ^ value) & _CR0_PAGING_BITS) or (n == 4 and (old ^ value) & _CR4_PAGING_BITS):
             self._blocks.invalidate()
         self.refresh_mode()
+
+    def _load_paging_root(self, cr3: int) -> None:
+        """What a CR3 load changes of the mode :meth:`refresh_mode` caches: only the paging root
+        (CPL, code size, CR0/CR4/EFER stay; Linux loads CR3 at every context switch)."""
+        mode = self._memory.mode
+        self._memory.set_mode(PagingMode(mode.cr0, cr3 & U64_MASK, mode.cr4, mode.efer))
+        self._ss_window.forget()
+        if self._native is not None:
+            self._sync_native_mode()
+
+    def forget_blocks(self, *, global_too: bool) -> None:
+        """Forget block classifications: those not on global pages, or all."""
+        if global_too:
+            self._blocks.invalidate()
+        else:
+            self._blocks.invalidate_local()
+
+    def forget_blocks_at(self, linear: int) -> None:
+        """Forget the block classifications on the page ``linear`` lies in (INVLPG). If it is not
+        mapped any more, the page it was in is unknown: the 1 GiB region around it (the largest
+        page a TLB entry covers) goes."""
+        mapping = mapping_of(self._memory.read_phys_u64, self._memory.mode, linear)
+        if mapping is None:
+            base, size = linear & ~(_LARGEST_PAGE - 1), _LARGEST_PAGE
+        else:
+            base, size = mapping.page_base, mapping.page_size
+        self._blocks.invalidate_range(base, base + size)
+
+    def code_is_global(self, address: int, size: int) -> bool:
+        """True if the code at linear [address, address + size) is on global pages only (its
+        block classification may outlive a CR3 load, :meth:`write_cr`)."""
+        read, mode = self._memory.read_phys_u64, self._memory.mode
+        first = mapping_of(read, mode, address)
+        if first is None or not first.global_page:
+            return False
+        last = address + max(size, 1) - 1
+        if last < first.page_base + first.page_size:
+            return True
+        second = mapping_of(read, mode, last)
+        return second is not None and second.global_page
 
     @property
     def xcr0(self) -> int:
@@ -476,6 +545,12 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         """Deliver an exception at the next run (cancels completion of the last exit)."""
         self.completion.cancel()
         self._pending = PendingEvent(vector, error_code, cr2, injected=True)
+
+    @property
+    def has_pending_event(self) -> bool:
+        """An exception or injected event waits for delivery at the next run (KVM: an event in
+        the VM-entry interruption-information field; nothing else may be injected before it)."""
+        return self._pending is not None
 
     def run(self, budget: int | None = None) -> VmExit:
         """VM entry, run until an exit, VM exit. ``budget``: at most this many instructions
@@ -614,14 +689,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if added:
             self._exits.add(fence)
             uc.ctl_set_exits(sorted(self._exits))
-        uc.ctl_remove_cache(pc, pc + size)
+        self.drop_translations(pc, pc + size)
         try:
             uc.emu_start(rip, 0)
         finally:
             if added:
                 self._exits.discard(fence)
                 uc.ctl_set_exits(sorted(self._exits))
-            uc.ctl_remove_cache(pc, pc + size)
+            self.drop_translations(pc, pc + size)
 
     # ------------------------------------------------------------------ run loop
     def _run_loop(self) -> VmExit:

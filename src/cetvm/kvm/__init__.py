@@ -8,7 +8,8 @@ KVM loads on), :mod:`caps` (kvm_caps, reasons, KVM_GET_MSR_INDEX_LIST), :mod:`su
 
 The KVM-shaped API on top of the CPU: :mod:`api` (Kvm → Vm → KvmVcpu, run()), :mod:`vcpu_run`
 (in-kernel exit handling, kvm_run exits), :mod:`vmx` (CET controls, MSR interception, VM
-entry/exit, guest FPU load/put), :mod:`reset` (RESET/INIT), :mod:`state` (save/restore).
+entry/exit, guest FPU load/put), :mod:`reset` (RESET/INIT), :mod:`smm` (KVM_SMI, the SMRAM
+state-save map, RSM), :mod:`state` (save/restore).
 They import the CPU engine, so they are not re-exported here (``from cetvm.kvm.api import Kvm``).
 """
 

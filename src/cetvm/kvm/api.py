@@ -61,6 +61,11 @@ Decisions:
   faulting instruction, before the guest sees anything. Nothing is delivered: the VMM re-injects
   it with :meth:`KvmVcpu.queue_exception` to let the guest see exactly what it would have.
   Exceptions injected by userspace and software exceptions (INT n/INT3/INTO) never exit.
+- SMM (:mod:`cetvm.kvm.smm`): :meth:`KvmVcpu.smi` is KVM_SMI (KVM_CAP_X86_SMM); the SMI is
+  taken at the next run; RSM is emulated at KVM's #UD intercept (which KVM always sets, for
+  RSM and the force-emulation prefix); :meth:`KvmVcpu.get_vcpu_events_smi` /
+  :meth:`KvmVcpu.set_vcpu_events_smi` are the ``smi`` part of KVM_GET/SET_VCPU_EVENTS. An INIT
+  latched in SMM waits for RSM and a SIPI then is dropped.
 - :meth:`KvmVcpu.translate` is KVM_TRANSLATE: a software walk of the guest's page tables with
   its current CR0/CR3/CR4/EFER (kvm_mmu_gva_to_gpa_system, supervisor read access); None where
   the address is not mapped (KVM reports valid = 0).
@@ -88,10 +93,11 @@ from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
 from cetvm.cpu.vcpu import Vcpu as CpuVcpu
 from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm import reset as _reset
+from cetvm.kvm import smm
 from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
 from cetvm.kvm.cr import kvm_is_valid_sregs_state
-from cetvm.kvm.emulate import cet_guards, emulation_blocked_by_cet, kvm_handle_ud
+from cetvm.kvm.emulate import cet_guards, emulation_blocked_by_cet, is_rsm, kvm_handle_ud
 from cetvm.kvm.errors import (
     KvmBadAddress,
     KvmExists,
@@ -399,9 +405,10 @@ class KvmVcpu:
         #: interrupt can be injected (userspace-owned PIC/APIC, no in-kernel irqchip).
         self.request_interrupt_window = False
         #: exception intercepts userspace asked for (set_exception_intercepts), and KVM's own:
-        #: #UD when kvm.force_emulation_prefix is on (handle_ud)
+        #: #UD (handle_ud: RSM, and the force-emulation prefix when kvm.force_emulation_prefix is on)
         self._user_exception_bitmap = 0
-        self._kvm_exception_bitmap = 1 << Vector.UD if vm.kvm.host.fep_enabled else 0
+        self._kvm_exception_bitmap = 1 << Vector.UD
+        self._force_emulation_prefix = vm.kvm.host.fep_enabled
         self._forced_emulation = False
         #: vmx->nested (:mod:`cetvm.kvm.nested`): VMX operation of L1 and the L2 it runs
         self.nested = NestedVmx.create(self.state)
@@ -637,7 +644,7 @@ class KvmVcpu:
     def get_mp_state(self) -> MpState:
         """KVM_GET_MP_STATE: accepts a pending SIPI first (kvm_apic_accept_events); an INIT not
         yet accepted reads as INIT_RECEIVED (module docstring)."""
-        if self._init_latched:
+        if self._init_latched and not smm.is_smm(self.state):
             return MpState.INIT_RECEIVED
         self._accept_events()
         return self.mp_state
@@ -667,7 +674,7 @@ class KvmVcpu:
     def waiting_for_sipi(self) -> bool:
         """UNINITIALIZED or INIT_RECEIVED once the pending events are accepted: run() would
         execute nothing (a BSP with an INIT latched restarts at the reset vector instead)."""
-        if self._init_latched:
+        if self._init_latched and not smm.is_smm(self.state):
             return not self.is_bsp and self._sipi_vector is None
         return self.get_mp_state() in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED)
 
@@ -675,6 +682,9 @@ class KvmVcpu:
         """kvm_apic_accept_events(): a latched INIT resets the vCPU (BSP → RUNNABLE, AP →
         INIT_RECEIVED); then a pending SIPI starts a vCPU in INIT_RECEIVED and is dropped
         otherwise."""
+        if self._init_latched and smm.is_smm(self.state):
+            self._sipi_vector = None  # kvm_apic_init_sipi_allowed(): INIT waits for RSM, SIPI dropped
+            return
         if self._init_latched:
             self._init_latched = False
             self.kvm_vcpu_reset(init_event=True)
@@ -714,6 +724,7 @@ class KvmVcpu:
         state.cr0, state.cr4 = sregs.cr0, sregs.cr4
         self._queued = None
         self._hypercall = None
+        smm.kvm_smm_reset(state, init_event)
         cpu.cancel_interrupt()  # kvm_clear_interrupt_queue / pending_external_vector = -1
         if init_event:
             cpu.flush_translations()  # cross-modifying code (module docstring)
@@ -839,6 +850,10 @@ class KvmVcpu:
             left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
             if left != 0 and self._irq_window_exit_due():
                 return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
+            if left != 0 and state.smi_pending and smm.smi_allowed(state) and not cpu.has_pending_event:
+                entered = self._enter_smm()
+                if entered is not None:
+                    return entered
             if nested_interrupt_exit_due(self):
                 continue  # vmx_check_nested_events: L2 → L1 for the pending interrupt
             forced, self._forced_emulation = self._forced_emulation, False
@@ -900,14 +915,68 @@ class KvmVcpu:
         exc = exit_.exception
         assert exc is not None
         if exc.vector == Vector.UD and self._kvm_exception_bitmap >> Vector.UD & 1:
-            handled = kvm_handle_ud(self.cpu, True, *self._guest_cet_controls())
+            handled = kvm_handle_ud(self.cpu, self._force_emulation_prefix, *self._guest_cet_controls())
             if handled is not None:
                 self._forced_emulation = handled
                 return None
+            if is_rsm(self.cpu, exit_.rip):
+                return self._em_rsm(exit_.rip)
             if not self._user_exception_bitmap >> Vector.UD & 1:
                 self.cpu.inject_exception(Vector.UD)
                 return None
         return KvmRun(KvmExitReason.EXCEPTION, exit_.rip, exception=self._exception_exit(exit_))
+
+    # ------------------------------------------------------------------ SMM
+    def smi(self) -> None:
+        """KVM_SMI (process_smi): make an SMI pending; the vCPU enters SMM at its next run
+        (not an immediate_exit one), or after RSM when it is in SMM already."""
+        self.state.smi_pending = True
+
+    def get_vcpu_events_smi(self) -> smm.SmiEvents:
+        """KVM_GET_VCPU_EVENTS, its ``smi`` member (KVM_VCPUEVENT_VALID_SMM)."""
+        return smm.smi_events(self.state, self._init_latched)
+
+    def set_vcpu_events_smi(self, smi: smm.SmiEvents) -> None:
+        """KVM_SET_VCPU_EVENTS with KVM_VCPUEVENT_VALID_SMM: enter or leave SMM (the flags only,
+        no state is saved or loaded), the pending SMI, HF_SMM_INSIDE_NMI and the latched INIT.
+        -EINVAL for a vCPU in INIT_RECEIVED put in SMM or given a pending SMI, as KVM."""
+        smi = check_instance("KVM_SET_VCPU_EVENTS: smi", smi, smm.SmiEvents)
+        for name in ("smm", "pending", "smm_inside_nmi", "latched_init"):
+            check_flag(f"KVM_SET_VCPU_EVENTS: smi.{name}", getattr(smi, name))
+        if (smi.smm or smi.pending) and self.get_mp_state() is MpState.INIT_RECEIVED:
+            raise KvmInvalidArgument("KVM_SET_VCPU_EVENTS: a vCPU in INIT_RECEIVED cannot be in SMM or have an SMI pending")
+        smm.set_smi_events(self.state, smi)
+        self._init_latched = smi.latched_init
+
+    def _enter_smm(self) -> KvmRun | None:
+        """kvm_check_and_inject_events() taking the pending SMI (enter_smm)."""
+        state = self.state
+        state.smi_pending = False
+        state.smi_count += 1
+        rip = self.cpu.rip
+        entered = smm.enter_smm(state, self.cpu)
+        if entered.dead:
+            return KvmRun(KvmExitReason.INTERNAL_ERROR, rip, suberror=InternalErrorSuberror.EMULATION,
+                          detail=entered.detail)
+        if entered.shutdown:
+            return KvmRun(KvmExitReason.SHUTDOWN, rip, detail=entered.detail)
+        return None
+
+    def _em_rsm(self, rip: int) -> KvmRun | None:
+        """KVM emulates RSM at its #UD intercept (em_rsm): #UD outside SMM, a shutdown when the
+        state-save map cannot be loaded."""
+        done = smm.em_rsm(self.state, self.cpu)
+        if done.ud:
+            self.cpu.inject_exception(Vector.UD)
+            return None
+        if done.shutdown:
+            return KvmRun(KvmExitReason.SHUTDOWN, rip, detail=done.detail)
+        self.cpu.retire_emulated()
+        if self._init_latched:  # kvm_smm_changed(): KVM_REQ_EVENT takes the INIT latched in SMM now
+            self._accept_events()
+            if self.mp_state is not MpState.RUNNABLE:
+                return KvmRun(KvmExitReason.INTR, self.cpu.rip, detail="vCPU is waiting for INIT/SIPI")
+        return None
 
     def _guest_cet_controls(self) -> tuple[int, int]:
         """(U_CET, S_CET) as the emulator's get_msr reads them (0 when the guest lacks CET)."""

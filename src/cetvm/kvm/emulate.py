@@ -129,6 +129,14 @@ def instruction_refused(cpu, rip: int, u_cet: int, s_cet: int) -> Instruction | 
     return None
 
 
+def is_rsm(cpu, rip: int) -> bool:
+    """The instruction at ``rip`` is RSM, which KVM's emulator handles at a #UD (em_rsm)."""
+    try:
+        return cpu.fetch_instruction(rip).mnemonic == M.RSM
+    except (GuestFault, CetvmError):
+        return False
+
+
 def kvm_handle_ud(cpu, force_emulation_prefix: bool, u_cet: int, s_cet: int) -> bool | None:
     """handle_ud() for a #UD the CPU reported at ``cpu.rip``.
 

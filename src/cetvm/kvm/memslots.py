@@ -1,8 +1,9 @@
 """KVM_SET_USER_MEMORY_REGION's checks (kvm_set_memory_region / __kvm_set_memory_region in
 virt/kvm/kvm_main.c, kvm_arch_prepare_memory_region in arch/x86/kvm/x86.c).
 
-Decision: cetvm's KVM has no SMM, so there is one address space (kvm_arch_nr_memslot_as_ids
-= 1): bits 31:16 of the slot (the address-space id) must be 0.
+Decision: cetvm's KVM has one address space (kvm_arch_nr_memslot_as_ids = 1): bits 31:16 of the
+slot (the address-space id) must be 0. KVM gives SMM its own address space (as_id 1, which the
+VMM fills with SMRAM); cetvm's SMM (:mod:`cetvm.kvm.smm`) uses ordinary RAM at SMBASE instead.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def kvm_memory_region_invalid(slot: int, guest_phys_addr: int, memory_size: int,
         return f"guest_phys_addr {guest_phys_addr:#x} is not page-aligned"
     as_id, slot_id = slot >> 16, slot & 0xFFFF
     if as_id:
-        return f"address space {as_id} does not exist (cetvm's KVM has no SMM address space)"
+        return f"address space {as_id} does not exist (cetvm's KVM has no SMM address space: SMRAM is ordinary RAM)"
     if slot_id >= KVM_USER_MEM_SLOTS:
         return f"slot {slot_id} is not below KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})"
     if guest_phys_addr + memory_size > U64_MASK + 1:

@@ -214,6 +214,8 @@ def set_one_reg(vcpu: VcpuArch, reg_id: int, value: int) -> None:
 #   bit, which cetvm's CPUID never offers).
 # - IA32_UCODE_REV (0x8B): vcpu->arch.microcode_version (0x100000000), guest writes ignored.
 # - IA32_FEATURE_CONTROL, IA32_TSC_DEADLINE: software copies (no in-kernel APIC timer).
+# - IA32_SMBASE (0x9E): vcpu->arch.smbase (:mod:`cetvm.kvm.smm`), host-initiated only — a
+#   guest RDMSR/WRMSR fails (#GP), KVM_GET/SET_MSRS read and write it (no value check).
 # - IA32_TIME_STAMP_COUNTER, IA32_TSC_ADJUST and the kvmclock MSRs: KVM's timekeeping
 #   (:mod:`cetvm.kvm.timekeeping`); KVM intercepts the TSC MSR (its writes move the offset).
 # - Everything else the CPU holds (EFER, STAR..., FS/GS bases, SYSENTER, TSC_AUX) passes
@@ -227,7 +229,8 @@ MISC_ENABLE_PEBS_UNAVAIL = int(MiscEnable.PEBS_UNAVAILABLE)
 UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
-EMULATED_MSRS: tuple[int, ...] = (int(Msr.IA32_UCODE_REV), int(Msr.IA32_MISC_ENABLE), *KVMCLOCK_EMULATED_MSRS)
+EMULATED_MSRS: tuple[int, ...] = (int(Msr.IA32_UCODE_REV), int(Msr.IA32_SMBASE), int(Msr.IA32_MISC_ENABLE),
+                                  *KVMCLOCK_EMULATED_MSRS)
 #: MSRs of KVM_GET_MSR_INDEX_LIST that KVM keeps in software, with their RESET values.
 SOFTWARE_MSR_RESET: dict[int, int] = {
     int(Msr.IA32_FEATURE_CONTROL): 0,
@@ -483,6 +486,11 @@ def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data:
         return MsrResult.OK
     if index in X2APIC_MSRS:
         return MsrResult.ERROR  # kvm_x2apic_msr_write(): no in-kernel APIC
+    if index == Msr.IA32_SMBASE:
+        if not host_initiated:
+            return MsrResult.ERROR
+        vcpu.smbase = data
+        return MsrResult.OK
     if index in TIME_MSRS and msrs.time is not None:
         return MsrResult.OK if msrs.time.set_msr(index, data, host_initiated) else MsrResult.ERROR
     feature = _feature_msr_set(vcpu, msrs, index, data, host_initiated)
@@ -513,6 +521,8 @@ def kvm_common_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int,
         return MsrResult.OK, msrs.apic_base
     if index in X2APIC_MSRS:
         return MsrResult.ERROR, 0  # kvm_x2apic_msr_read(): no in-kernel APIC
+    if index == Msr.IA32_SMBASE:
+        return (MsrResult.OK, vcpu.smbase) if host_initiated else (MsrResult.ERROR, 0)
     if index in TIME_MSRS and msrs.time is not None:
         value = msrs.time.get_msr(index, host_initiated)
         return (MsrResult.ERROR, 0) if value is None else (MsrResult.OK, value)

@@ -5,7 +5,8 @@ The saved state is a JSON-friendly dict: ``regs``, ``sregs``, ``xcrs``, ``msrs``
 KVM_GET_MSR_INDEX_LIST that reads), ``xsave`` (hex of the KVM_GET_XSAVE2 image),
 ``fpstate_xstate_bv`` (the guest fpstate's XSTATE_BV, supervisor bits included: which xstate
 the guest depends on), ``guest_ssp`` (KVM_REG_GUEST_SSP, None without guest SHSTK),
-``mp_state``, ``events``, ``tsc_offset`` (KVM_VCPU_TSC_OFFSET, restored after the MSRs so
+``mp_state``, ``events``, ``smi`` (the SMM part of KVM_GET_VCPU_EVENTS: a vCPU saved in SMM is
+restored in SMM; SMBASE travels as IA32_SMBASE in ``msrs``), ``tsc_offset`` (KVM_VCPU_TSC_OFFSET, restored after the MSRs so
 the TSC continues exactly where it stood) and ``nested`` (KVM_GET_NESTED_STATE: None outside VMX
 operation, :class:`~cetvm.kvm.nested_state.NestedState` otherwise; restored first). The guest's CPUID is not part of it: as with KVM, the VMM calls
 set_cpuid() on the new vCPU before restoring.
@@ -13,7 +14,7 @@ set_cpuid() on the new vCPU before restoring.
 Restore order (each step needs the previous ones): sregs (CR4.CET needs the CPUID), regs,
 IA32_XSS *before* XCR0 and XSAVE (the restore bug real VMMs hit on CET hosts: loading xstate
 with CET_U/CET_S in use before IA32_XSS allows it), XCR0, XSAVE, the other MSRs (CET MSRs write
-the CET components of the fpstate), the guest SSP, MP state, pending events.
+the CET components of the fpstate), the guest SSP, MP state, the SMM flags, pending events.
 
 A malformed state (a missing key, a value of the wrong type, a ``regs``/``sregs``/segment
 object without exactly its struct's fields — a ``regs`` without ``rip`` is refused, not
@@ -43,6 +44,7 @@ from cetvm.kvm.caps import msr_name
 from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.ioctl_args import check_instance, check_u64, describe
 from cetvm.kvm.nested_state import NestedState
+from cetvm.kvm.smm import SmiEvents
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 #: Keys a saved state must have; other keys (a VMM's own) are left alone.
@@ -72,6 +74,7 @@ def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
         "guest_ssp": guest_ssp,
         "mp_state": vcpu.get_mp_state().name,
         "events": None if event is None else asdict(event),
+        "smi": asdict(vcpu.get_vcpu_events_smi()),
         "tsc_offset": vcpu.get_tsc_offset(),
         "nested": None if nested is None else nested.to_json(),
     }
@@ -131,7 +134,17 @@ def check_saved_state_schema(state: object) -> Mapping[str, Any]:
     _mp_state_from(state.get("mp_state", "RUNNABLE"))
     if state.get("events") is not None:
         _dataclass_from(QueuedException, state["events"], "events")
+    if state.get("smi") is not None:
+        _smi_from(state["smi"])
     return state
+
+
+def _smi_from(doc: object) -> SmiEvents:
+    smi = _dataclass_from(SmiEvents, doc, "smi")
+    for name in ("smm", "pending", "smm_inside_nmi", "latched_init"):
+        if not isinstance(getattr(smi, name), bool):
+            raise _bad(f"smi.{name}", f"must be true or false, got {describe(getattr(smi, name))}")
+    return smi
 
 
 def _regs_from(doc: object) -> Regs:
@@ -220,6 +233,8 @@ def restore_vcpu_state(vcpu: KvmVcpu, state: Mapping[str, Any]) -> None:
     if state.get("guest_ssp") is not None:
         vcpu.set_one_reg(KVM_REG_GUEST_SSP_ID, state["guest_ssp"])
     vcpu.set_mp_state(_mp_state_from(state.get("mp_state", "RUNNABLE")))
+    if state.get("smi") is not None:
+        vcpu.set_vcpu_events_smi(_smi_from(state["smi"]))
     event = state.get("events")
     if event:
         queued = _dataclass_from(QueuedException, event, "events")

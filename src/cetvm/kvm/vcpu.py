@@ -3,6 +3,8 @@
 - U_CET, PL0-3_SSP: guest FPU xstate (:class:`GuestFpu`; CET_USER and CET_KERNEL components).
 - S_CET, SSP, INTR_SSP_TABLE: the VMCS (GUEST_S_CET, GUEST_SSP, GUEST_INTR_SSP_TABLE).
 - IA32_XSS, XCR0, CR0, CR4: vcpu->arch.
+- SMM (:mod:`cetvm.kvm.smm`): hflags (HF_SMM, HF_SMM_INSIDE_NMI), smbase, smi_pending,
+  smi_count, and the NMI mask SMM sets (vmx_get/set_nmi_mask).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cetvm.arch.regs import Cr0
+from cetvm.arch.smm import SMBASE_RESET
 from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cpuid_runtime import VcpuCpuid
@@ -32,6 +35,13 @@ class VcpuArch:
     cr4: int = 0
     xcr0: int = 1
     ia32_xss: int = 0
+    #: HF_SMM / HF_SMM_INSIDE_NMI (:class:`cetvm.kvm.smm.HFlag`)
+    hflags: int = 0
+    smbase: int = SMBASE_RESET
+    smi_pending: bool = False
+    smi_count: int = 0
+    #: NMIs blocked (set on entry to SMM; cetvm delivers no NMIs otherwise)
+    nmi_masked: bool = False
 
     @classmethod
     def create(cls, caps: KvmCaps, cpuid: CpuidModel | None = None) -> "VcpuArch":

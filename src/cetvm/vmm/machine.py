@@ -182,7 +182,8 @@ class Machine:
             self.vcpus.append(vcpu)
         #: The BSP (vCPU 0).
         self.vcpu = self.vcpus[0]
-        self.apic_bus = ApicBus(self.devices.lapics, init=self._deliver_init, sipi=self._deliver_sipi)
+        self.apic_bus = ApicBus(self.devices.lapics, init=self._deliver_init, sipi=self._deliver_sipi,
+                                smi=self._deliver_smi)
         self.boot_plan: BootPlan | None = None
         #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz + halted time.
         #: It is also KVM's host clock (the TSC and kvmclock count in it, cetvm.kvm.timekeeping).
@@ -191,6 +192,7 @@ class Machine:
             apic.tsc = functools.partial(guest_tsc, vcpu)
             apic.tsc_khz = vcpu.get_tsc_khz()
         self.devices.connect(self.clock, self.apic_bus.deliver_message)
+        self.devices.apm.smi = self._smi_current
         #: Set by :meth:`record_cet_violations` (``--cet-report``).
         self.cet_recorder: CetViolationRecorder | None = None
         self._loop = self._run_loop(0)
@@ -211,6 +213,14 @@ class Machine:
     def _enter(self, index: int) -> None:
         """Before vCPU ``index`` runs: its APIC answers the xAPIC page."""
         self.devices.apic_page.current = index
+
+    def _deliver_smi(self, index: int) -> None:
+        """An SMI IPI (ICR delivery mode SMI): KVM_SMI on the target vCPU."""
+        self.vcpus[index].smi()
+
+    def _smi_current(self) -> None:
+        """An SMI from the chipset (APM_CNT) to the vCPU that wrote the port: KVM_SMI."""
+        self.vcpus[self.devices.apic_page.current].smi()
 
     def _deliver_init(self, index: int) -> None:
         """INIT IPI: latch INIT in the vCPU (KVM_SET_MP_STATE INIT_RECEIVED)."""

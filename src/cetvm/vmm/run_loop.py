@@ -381,12 +381,17 @@ class RunLoop:
     # ------------------------------------------------------------------ scheduling
     def _wakes(self, slot: VcpuSlot) -> bool:
         """Can this vCPU run now? (Waiting for INIT/SIPI: no; halted: only with an interrupt
-        its APIC presents and IF = 1 at the HLT.)"""
+        its APIC presents and IF = 1 at the HLT, or an SMI pending — whatever IF says, as KVM's
+        kvm_vcpu_has_events; the vCPU enters SMM after its HLT and RSM returns there.)"""
         vcpu = slot.vcpu
         if vcpu.waiting_for_sipi:
             slot.halted = False  # INIT/SIPI ends a halt
             return False
         if not slot.halted:
+            return True
+        smi = vcpu.get_vcpu_events_smi()
+        if smi.pending and not smi.smm:
+            slot.halted = False
             return True
         if slot.halt_if and slot.irq is not None and slot.irq.has_interrupt():
             slot.halted = False

@@ -33,10 +33,11 @@ vcpus[0].msrs          at most 1024 entries "0xINDEX" (32-bit index) -> 64-bit v
                        IA32_EFER as sregs.efer
 vcpus[0] others        fpstate_xstate_bv 64 bits; guest_ssp null or 64 bits; mp_state a
                        KVM_MP_STATE name; events null or {vector 0..31, error_code null or
-                       32 bits}; nested null or KVM_GET_NESTED_STATE {vmxon_pa,
+                       32 bits}; smi null or {smm, pending, smm_inside_nmi,
+                       latched_init: booleans}; nested null or KVM_GET_NESTED_STATE {vmxon_pa,
                        vmcs12_pa, vmcs12 (hex), guest_mode, pre_vmenter_s_cet/ssp/ssp_tbl}
 devices                serial, shutdown, fw_cfg, pic (objects), lapics (one per vCPU), and
-                       ioapic, pit, pm1, irq_lines (objects; absent in snapshots of a cetvm
+                       ioapic, pit, pm1, irq_lines, apm (objects; absent in snapshots of a cetvm
                        before the interrupt platform: those devices restore in their reset
                        state); each device checks its own fields
 ram                    the machine's RAM regions, as the memory size implies
@@ -204,11 +205,12 @@ EVENT = obj({"vector": unsigned(5)}, {"error_code": nullable(unsigned(32))})
 #: the values themselves.
 NESTED = obj({"vmxon_pa": unsigned(64), "vmcs12_pa": unsigned(64), "vmcs12": text(16384), "guest_mode": boolean},
              {"pre_vmenter_s_cet": unsigned(64), "pre_vmenter_ssp": unsigned(64), "pre_vmenter_ssp_tbl": unsigned(64)})
+SMI = obj({"smm": boolean, "pending": boolean, "smm_inside_nmi": boolean, "latched_init": boolean})
 VCPU = obj(
     {"regs": REGS, "sregs": SREGS, "xcrs": list_of(pair(unsigned(32), unsigned(64)), 0, MAX_XCRS),
      "msrs": msr_table, "mp_state": one_of(*(m.name for m in MpState))},
     {"fpstate_xstate_bv": unsigned(64), "guest_ssp": nullable(unsigned(64)), "events": nullable(EVENT),
-     "tsc_offset": unsigned(64), "nested": nullable(NESTED)},
+     "smi": nullable(SMI), "tsc_offset": unsigned(64), "nested": nullable(NESTED)},
 )
 
 
@@ -256,7 +258,7 @@ def vcpus(value: Any, where: str) -> None:
 DEVICES = obj({"serial": any_object, "shutdown": any_object, "fw_cfg": any_object, "pic": any_object,
                "lapics": list_of(any_object, 1, MAX_VCPUS)},
               {"rtc": any_object, "ioapic": any_object, "pit": any_object, "pm1": any_object,
-                "irq_lines": any_object})
+                "irq_lines": any_object, "apm": any_object})
 RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64), "kvmclock": unsigned(64),
                                            "scheduler": any_object})
 RAM_REGION = obj({"addr": unsigned(64), "size": unsigned(64), "section": text(64)})

@@ -36,6 +36,7 @@
  * and the mode checks per-kind masks). Host instruction counts are identical at ring 0 and
  * ring 3. What the CET work still costs is mostly the kind-dependent branches.
  */
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,7 +44,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 11
+#define CETFAST_ABI 12
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -118,12 +119,19 @@ typedef struct __attribute__((aligned(32))) {
     uint16_t no_endbr64; /* all ones if the block does not start with ENDBR64, else 0 */
     uint16_t imm16;
     uint8_t insn_len;
-    uint8_t first_len;
+    uint8_t first_len;   /* bits 3:0 the number of bytes in ``first``; BLOCK_GLOBAL */
     uint8_t first[4];    /* the block's first bytes (ENDBR64 / ENDBR32 checks) */
 } cet_block_t; /* 32 bytes: two per cache line */
 
+/* In ``first_len``: the block's code is on global pages (CR4.PGE and PTE.G), so its
+ * classification survives a MOV to CR3 as the TLB entries do [SDM Vol. 3 §4.10.4.1]. Global
+ * blocks live in the shared table, the others in the local table, cleared on every CR3 load. */
+#define BLOCK_GLOBAL 0x80u
+#define BLOCK_FIRST_LEN(b) ((b)->first_len & 0x0Fu)
+
 #define BLOCK_EMPTY UINT16_MAX /* a TB is never that large (at most 512 instructions of at most 15 bytes):
                                  never equals a block's size */
+#define BLOCK_DEAD (UINT16_MAX - 1) /* an entry moved to the other table (a tombstone: never matches) */
 _Static_assert(sizeof(cet_block_t) == 32, "cet_block_t layout");
 
 static inline cet_term_t block_term(const cet_block_t *b)
@@ -156,7 +164,7 @@ typedef struct __attribute__((aligned(64))) {
     uint8_t cr4_cet;
     uint8_t enabled;
     uint32_t handover;
-    cet_block_t *table;  /* native-private */
+    cet_block_t *table;  /* native-private: the global blocks (BLOCK_GLOBAL) */
     uint64_t table_mask; /* native-private */
     uint64_t cr3;
     uint32_t paging;
@@ -181,6 +189,7 @@ typedef uc_err (*mem_read_fn)(uc_engine *, uint64_t, void *, uint64_t);
 typedef uc_err (*mem_write_fn)(uc_engine *, uint64_t, const void *, uint64_t);
 typedef uc_err (*emu_stop_fn)(uc_engine *);
 typedef int (*classify_fn)(uint64_t addr, uint32_t size);
+typedef uc_err (*vmem_read_fn)(uc_engine *, uint64_t, uc_prot, void *, size_t);
 
 #define TLB_ENTRIES 64
 #define FRONT_ENTRIES 256
@@ -208,6 +217,12 @@ typedef struct {
     emu_stop_fn emu_stop;
     classify_fn classify;
     uint64_t table_count;
+    reg_rw_fn reg_read;          /* SERIALIZE hook (cetfast_enable_serialize) */
+    vmem_read_fn vmem_read;
+    uint64_t serialized;         /* SERIALIZEs retired by the hook */
+    cet_block_t *local;  /* the blocks on non-global pages (forgotten at every CR3 load) */
+    uint64_t local_mask;
+    uint64_t local_count;
     uint64_t tlb_gen;
     uint8_t ss_user;    /* the user-ness ss_tag was filled for */
     cet_block_t held;   /* the pending block's entry when its front-cache slot was reused */
@@ -256,6 +271,14 @@ void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_st
     }
     table_clear(f->s.table, 1024);
     f->s.table_mask = 1023;
+    f->local = aligned_alloc(64, 1024 * sizeof(cet_block_t));
+    if (!f->local) {
+        free(f->s.table);
+        free(f);
+        return NULL;
+    }
+    table_clear(f->local, 1024);
+    f->local_mask = 1023;
     front_clear(f);
     pending_none(f, 0);
     f->s.abi = CETFAST_ABI;
@@ -278,6 +301,7 @@ void cetfast_free(void *p)
     if (!f)
         return;
     free(f->s.table);
+    free(f->local);
     free(f->fetched);
     free(f);
 }
@@ -380,17 +404,32 @@ static void table_clear(cet_block_t *table, uint64_t entries)
         table[i].size = BLOCK_EMPTY;
 }
 
-static inline cet_block_t *block_find_table(cetfast_t *f, uint64_t addr, uint32_t size)
+static inline cet_block_t *table_find(cet_block_t *table, uint64_t mask, uint64_t addr, uint32_t size)
 {
-    uint64_t i = block_hash(addr) & f->s.table_mask;
+    uint64_t i = block_hash(addr) & mask;
     for (;;) {
-        cet_block_t *b = &f->s.table[i];
+        cet_block_t *b = &table[i];
         if (b->size == BLOCK_EMPTY)
             return NULL;
         if (b->addr == addr)
             return b->size == size ? b : NULL;
-        i = (i + 1) & f->s.table_mask;
+        i = (i + 1) & mask;
     }
+}
+
+/* The entry for ``addr`` whatever its size, or NULL. */
+static cet_block_t *table_find_addr(cet_block_t *table, uint64_t mask, uint64_t addr)
+{
+    for (uint64_t i = block_hash(addr) & mask; table[i].size != BLOCK_EMPTY; i = (i + 1) & mask)
+        if (table[i].addr == addr)
+            return &table[i];
+    return NULL;
+}
+
+static inline cet_block_t *block_find_table(cetfast_t *f, uint64_t addr, uint32_t size)
+{
+    cet_block_t *b = table_find(f->s.table, f->s.table_mask, addr, size);
+    return b ? b : table_find(f->local, f->local_mask, addr, size);
 }
 
 static cet_block_t *block_slot(cet_block_t *table, uint64_t mask, uint64_t addr)
@@ -401,20 +440,41 @@ static cet_block_t *block_slot(cet_block_t *table, uint64_t mask, uint64_t addr)
     return &table[i];
 }
 
-static int table_grow(cetfast_t *f)
+/* Rebuild *table with the entries ``keep`` accepts, at mask ``new_mask`` (open addressing has
+ * no deletion); the number kept in *count. -1: out of memory (nothing changed). */
+typedef int (*keep_fn)(const cet_block_t *b, uint64_t lo, uint64_t hi);
+
+static int table_rebuild(cet_block_t **table, uint64_t *mask, uint64_t *count, uint64_t new_mask, keep_fn keep,
+                         uint64_t lo, uint64_t hi)
 {
-    uint64_t new_mask = f->s.table_mask * 2 + 1;
     cet_block_t *t = aligned_alloc(64, (new_mask + 1) * sizeof(cet_block_t));
     if (!t)
         return -1;
     table_clear(t, new_mask + 1);
-    for (uint64_t i = 0; i <= f->s.table_mask; i++)
-        if (f->s.table[i].size != BLOCK_EMPTY)
-            *block_slot(t, new_mask, f->s.table[i].addr) = f->s.table[i];
-    free(f->s.table);
-    f->s.table = t;
-    f->s.table_mask = new_mask;
+    uint64_t kept = 0;
+    for (uint64_t i = 0; i <= *mask; i++) {
+        const cet_block_t *b = &(*table)[i];
+        if (b->size < BLOCK_DEAD && (!keep || keep(b, lo, hi))) {
+            *block_slot(t, new_mask, b->addr) = *b;
+            kept++;
+        }
+    }
+    free(*table);
+    *table = t;
+    *mask = new_mask;
+    *count = kept;
     return 0;
+}
+
+static int keep_global(const cet_block_t *b, uint64_t lo, uint64_t hi)
+{
+    (void)lo, (void)hi;
+    return (b->first_len & BLOCK_GLOBAL) != 0;
+}
+
+static int keep_outside(const cet_block_t *b, uint64_t lo, uint64_t hi)
+{
+    return b->addr + b->size <= lo || b->addr >= hi;
 }
 
 /* The front cache: direct-mapped, inside the state (no pointer to chase), backed by the table.
@@ -466,7 +526,7 @@ static const uint8_t ENDBR32_BYTES[4] = {0xF3, 0x0F, 0x1E, 0xFB};
 
 static inline int block_starts_with(const cet_block_t *b, const uint8_t bytes[4])
 {
-    return b->first_len >= 4 && memcmp(b->first, bytes, 4) == 0;
+    return BLOCK_FIRST_LEN(b) >= 4 && memcmp(b->first, bytes, 4) == 0;
 }
 
 static void block_set_term(cet_block_t *b, uint32_t kind, uint64_t insn_addr, uint32_t insn_len, uint32_t imm16)
@@ -477,24 +537,34 @@ static void block_set_term(cet_block_t *b, uint32_t kind, uint64_t insn_addr, ui
     b->ret = insn_addr + (insn_len & 0xFFu);
 }
 
-/* Store a classified block (replaces an older entry for the same address). */
+/* Store a classified block (replaces an older entry for the same address); ``global``: its code
+ * is on global pages (BLOCK_GLOBAL). */
 int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t icount, uint32_t kind, uint64_t insn_addr,
-                  uint32_t insn_len, uint32_t imm16, const uint8_t *first, uint32_t first_len)
+                  uint32_t insn_len, uint32_t imm16, const uint8_t *first, uint32_t first_len, uint32_t global)
 {
     cetfast_t *f = p;
     if (size >= BLOCK_EMPTY || icount > 0xFFFF || kind > T_OTHER_EMULATED || insn_len > 0xFF || imm16 > 0xFFFF)
         return -2;
-    if ((f->table_count + 1) * 2 > f->s.table_mask + 1 && table_grow(f) < 0)
+    cet_block_t **table = global ? &f->s.table : &f->local;
+    uint64_t *mask = global ? &f->s.table_mask : &f->local_mask;
+    uint64_t *count = global ? &f->table_count : &f->local_count;
+    if ((*count + 1) * 2 > *mask + 1 && table_rebuild(table, mask, count, *mask * 2 + 1, NULL, 0, 0) < 0)
         return -1;
-    cet_block_t *b = block_slot(f->s.table, f->s.table_mask, addr);
+    /* the other table must not keep an entry for the address (lookups try the global one first) */
+    cet_block_t *other = global ? table_find_addr(f->local, f->local_mask, addr)
+                                : table_find_addr(f->s.table, f->s.table_mask, addr);
+    if (other)
+        other->size = BLOCK_DEAD;
+    cet_block_t *b = block_slot(*table, *mask, addr);
     if (b->size == BLOCK_EMPTY)
-        f->table_count++;
+        (*count)++;
     memset(b, 0, sizeof(*b));
     b->addr = addr;
     b->size = (uint16_t)size;
     b->icount = (uint16_t)icount;
-    b->first_len = first_len > sizeof(b->first) ? sizeof(b->first) : (uint8_t)first_len;
-    memcpy(b->first, first, b->first_len);
+    uint8_t n = first_len > sizeof(b->first) ? sizeof(b->first) : (uint8_t)first_len;
+    memcpy(b->first, first, n);
+    b->first_len = n | (global ? BLOCK_GLOBAL : 0);
     b->no_endbr64 = block_starts_with(b, ENDBR64_BYTES) ? 0 : 0xFFFFu;
     block_set_term(b, kind, insn_addr, insn_len, imm16);
     front_put(f, b);
@@ -511,14 +581,69 @@ int cetfast_lookup(void *p, uint64_t addr, uint32_t size, cet_block_t *out)
     return 1;
 }
 
-uint64_t cetfast_block_count(void *p) { return ((cetfast_t *)p)->table_count; }
+uint64_t cetfast_block_count(void *p)
+{
+    cetfast_t *f = p;
+    return f->table_count + f->local_count;
+}
 
 void cetfast_invalidate_blocks(void *p)
 {
     cetfast_t *f = p;
     table_clear(f->s.table, f->s.table_mask + 1);
+    table_clear(f->local, f->local_mask + 1);
     front_clear(f);
-    f->table_count = 0;
+    f->table_count = f->local_count = 0;
+}
+
+/* Forget the front-cache entries ``keep`` rejects. */
+static void front_retain(cetfast_t *f, keep_fn keep, uint64_t lo, uint64_t hi)
+{
+    for (unsigned i = 0; i < FRONT_ENTRIES; i++) {
+        cet_block_t *e = &f->front[i];
+        if (e->size == BLOCK_EMPTY || keep(e, lo, hi))
+            continue;
+        front_release(f, e);
+        memset(e, 0, sizeof(*e));
+        e->size = BLOCK_EMPTY;
+    }
+}
+
+#define LOCAL_TABLE_MIN 1024
+
+/* MOV to CR3: forget the blocks on non-global pages (cetvm.cpu.blocks.BlockTracker.invalidate_local). */
+void cetfast_invalidate_local_blocks(void *p)
+{
+    cetfast_t *f = p;
+    int fresh = 0;
+    if (f->local_mask > LOCAL_TABLE_MIN - 1) {
+        /* back to the small table: a CR3 load clears it, and user space has few hot blocks */
+        cet_block_t *t = aligned_alloc(64, LOCAL_TABLE_MIN * sizeof(cet_block_t));
+        if (t) {
+            free(f->local);
+            f->local = t;
+            f->local_mask = LOCAL_TABLE_MIN - 1;
+            fresh = 1;
+        }
+    }
+    if (f->local_count || fresh)
+        table_clear(f->local, f->local_mask + 1);
+    f->local_count = 0;
+    front_retain(f, keep_global, 0, 0);
+}
+
+/* INVLPG / INVPCID of an address: forget the blocks overlapping linear [lo, hi). -1: out of
+ * memory (then everything is forgotten: correct, only slower). */
+int cetfast_invalidate_block_range(void *p, uint64_t lo, uint64_t hi)
+{
+    cetfast_t *f = p;
+    if (table_rebuild(&f->s.table, &f->s.table_mask, &f->table_count, f->s.table_mask, keep_outside, lo, hi) < 0
+        || table_rebuild(&f->local, &f->local_mask, &f->local_count, f->local_mask, keep_outside, lo, hi) < 0) {
+        cetfast_invalidate_blocks(f);
+        return -1;
+    }
+    front_retain(f, keep_outside, lo, hi);
+    return 0;
 }
 
 /* The pending terminator (the block that ran last): *out and the start address of its block. */
@@ -1081,4 +1206,102 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
     t->reg_write(uc, UC_X86_REG_RCX, &aux);
     tsc_result(uc, t);
     return 1;
+}
+
+/* ------------------------------------------------------------------ Unicorn's exit translations
+ *
+ * Unicorn 2.1.4 ends every uc_emu_start by invalidating, for every address in its exit set, the
+ * translation block covering the byte before it (resume_all_vcpus → uc_exit_invalidate_iter →
+ * uc->uc_invalidate_tb(uc, exit - 1, 1)), so that a later run may *execute* the instruction at
+ * an exit. cetvm never does: an exit address holds an instruction cetvm emulates, and whenever
+ * cetvm removes an address from the exit set it drops the affected translations itself
+ * (cetvm.cpu.vcpu: ranges of at least two bytes). With thousands of exits (a Linux guest) that
+ * invalidation — a page walk and a retranslation per exit per run — was the largest cost of an
+ * exit. cetvm installs a filter in front of uc->uc_invalidate_tb that drops exactly those
+ * one-byte requests; every other caller (memory map/unmap, UC_CTL_TB_REMOVE_CACHE of two bytes
+ * or more) reaches Unicorn's function unchanged. The field's offset is Unicorn 2.1.4's
+ * struct uc_struct layout; cetvm.cpu.native.loader checks it by a probe before relying on it. */
+typedef void (*uc_invalidate_tb_fn)(void *uc, uint64_t start, size_t len);
+
+static uc_invalidate_tb_fn unicorn_invalidate_tb; /* the same static function for every instance */
+static uint64_t probe_start, probe_len;            /* the last request that reached the filter */
+
+static void invalidate_tb_filtered(void *uc, uint64_t start, size_t len)
+{
+    probe_start = start;
+    probe_len = len;
+    if (len == 1)
+        return; /* resume_all_vcpus' post-run invalidation of an exit's block */
+    unicorn_invalidate_tb(uc, start, len);
+}
+
+/* Put the filter into the uc_struct field at ``offset``. 0 on success (or already there),
+ * -1 if the field holds a function other than the one an earlier instance held. */
+int cetfast_filter_exit_invalidation(void *uc, uint64_t offset)
+{
+    uc_invalidate_tb_fn *slot = (uc_invalidate_tb_fn *)((char *)uc + offset);
+    if (*slot == invalidate_tb_filtered)
+        return 0;
+    if (unicorn_invalidate_tb && *slot != unicorn_invalidate_tb)
+        return -1;
+    unicorn_invalidate_tb = *slot;
+    *slot = invalidate_tb_filtered;
+    return 0;
+}
+
+/* Take the filter out again (the probe failed: the offset is not that field). */
+void cetfast_unfilter_exit_invalidation(void *uc, uint64_t offset)
+{
+    uc_invalidate_tb_fn *slot = (uc_invalidate_tb_fn *)((char *)uc + offset);
+    if (*slot == invalidate_tb_filtered)
+        *slot = unicorn_invalidate_tb;
+}
+
+/* The last (start, len) the filter saw: the loader's probe. */
+void cetfast_filter_probe(uint64_t *start, uint64_t *len)
+{
+    *start = probe_start;
+    *len = probe_len;
+}
+
+/* ------------------------------------------------------------------ SERIALIZE
+ *
+ * SERIALIZE (NP 0F 01 E8) [SDM Vol. 2B SERIALIZE] changes no architectural state; Unicorn 2.1.4
+ * does not decode it and raises #UD, which reaches the UC_HOOK_INSN_INVALID hooks before any
+ * interrupt hook. This one (registered first, only when the host model has SERIALIZE) retires
+ * it where it stands: RIP past it, emulation goes on — Linux serializes with it after every
+ * text patch, on every CPU. The instruction was counted with its block (it ends the block), so
+ * nothing is counted here. Anything else — prefixes, another #UD, RFLAGS.TF (the single-step
+ * trap), a mode other than 64-bit — returns 0 and Python decides (cetvm.cpu.emulate.serialize
+ * is the reference). */
+#define RFLAGS_TF (1ull << 8)
+
+void cetfast_enable_serialize(void *p, void *reg_read, void *vmem_read)
+{
+    cetfast_t *f = p;
+    f->reg_read = (reg_rw_fn)reg_read;
+    f->vmem_read = (vmem_read_fn)vmem_read;
+}
+
+uint64_t cetfast_serialized(void *p) { return ((cetfast_t *)p)->serialized; }
+
+bool cetfast_invalid_insn(uc_engine *uc, void *user_data)
+{
+    cetfast_t *f = user_data;
+    uint64_t rip, rflags;
+    uint8_t code[3];
+    if (!f->vmem_read || !f->s.long_mode || f->s.cs_base)
+        return false;
+    if (f->reg_read(uc, UC_X86_REG_RIP, &rip) != UC_ERR_OK || f->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) != UC_ERR_OK)
+        return false;
+    if (rflags & RFLAGS_TF)
+        return false;
+    if (f->vmem_read(uc, rip, UC_PROT_EXEC, code, sizeof(code)) != UC_ERR_OK)
+        return false;
+    if (code[0] != 0x0F || code[1] != 0x01 || code[2] != 0xE8)
+        return false;
+    rip += sizeof(code);
+    f->reg_write(uc, UC_X86_REG_RIP, &rip);
+    f->serialized++;
+    return true;
 }

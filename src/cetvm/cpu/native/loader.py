@@ -29,9 +29,10 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 11
+ABI_VERSION = 12
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
+_UC_HOOK_INSN_INVALID = 1 << 14
 
 
 class Handover(enum.IntEnum):
@@ -143,6 +144,16 @@ def native_count_hook() -> int | None:
     return None if functions is None else functions[0]
 
 
+#: ``first_len`` of cet_block_t: the byte count in bits 3:0, BLOCK_GLOBAL in bit 7.
+_FIRST_LEN_MASK, _BLOCK_GLOBAL = 0x0F, 0x80
+#: Offset of ``uc_invalidate_tb`` in Unicorn 2.1.4's ``struct uc_struct`` (x86-64): three 4-byte
+#: enums padded to 16 bytes, two 56-byte AddressSpace structures, then 31 function pointers.
+UC_INVALIDATE_TB_OFFSET = 16 + 2 * 56 + 31 * 8
+#: Where the probe of :meth:`NativeCet.filter_exit_invalidation` asks to drop translations
+#: (unmapped when the vCPU is created: nothing is dropped).
+_FILTER_PROBE = 0xFFFF_F000
+
+
 def is_built() -> bool:
     """True if ``libcetfast.so`` exists (built by ``python -m cetvm.cpu.native.build``)."""
     return LIBRARY_PATH.is_file()
@@ -170,19 +181,28 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_flush_tlb.argtypes = [_VP]
     lib.cetfast_add_ram.argtypes = [_VP, _U64, _U64, _VP]
     lib.cetfast_clear_ram.argtypes = [_VP]
-    lib.cetfast_store.argtypes = [_VP, _U64, _U32, _U32, _U32, _U64, _U32, _U32, ctypes.c_char_p, _U32]
+    lib.cetfast_store.argtypes = [_VP, _U64, _U32, _U32, _U32, _U64, _U32, _U32, ctypes.c_char_p, _U32, _U32]
     lib.cetfast_last_block.argtypes = [_VP, ctypes.POINTER(_U64), ctypes.POINTER(_U32), ctypes.POINTER(_U32)]
     lib.cetfast_close_last.argtypes = [_VP]
     lib.cetfast_lookup.argtypes = [_VP, _U64, _U32, ctypes.POINTER(BlockStruct)]
     lib.cetfast_block_count.restype = _U64
     lib.cetfast_block_count.argtypes = [_VP]
     lib.cetfast_invalidate_blocks.argtypes = [_VP]
+    lib.cetfast_invalidate_local_blocks.argtypes = [_VP]
+    lib.cetfast_invalidate_block_range.argtypes = [_VP, _U64, _U64]
     lib.cetfast_refresh.argtypes = [_VP]
     lib.cetfast_get_pending.restype = _U64
     lib.cetfast_get_pending.argtypes = [_VP, ctypes.POINTER(TermStruct)]
     lib.cetfast_set_pending.argtypes = [_VP, _U32, _U64, _U32, _U32, _U64]
     lib.cetfast_enable_tlb_fill.argtypes = [_VP]
     lib.cetfast_reset_fetched.argtypes = [_VP]
+    lib.cetfast_filter_exit_invalidation.restype = ctypes.c_int
+    lib.cetfast_filter_exit_invalidation.argtypes = [_VP, _U64]
+    lib.cetfast_unfilter_exit_invalidation.argtypes = [_VP, _U64]
+    lib.cetfast_enable_serialize.argtypes = [_VP, _VP, _VP]
+    lib.cetfast_serialized.restype = _U64
+    lib.cetfast_serialized.argtypes = [_VP]
+    lib.cetfast_filter_probe.argtypes = [ctypes.POINTER(_U64), ctypes.POINTER(_U64)]
     return lib
 
 
@@ -249,6 +269,7 @@ class NativeCet:
         self.shared = SharedState.from_address(ptr)  # cet_shared_t is the first member
         self._hook = None
         self._tlb_hook = None
+        self._serialize_hook = None
         # The hooks registered on ``uc`` point at the state: it lives exactly as long as ``uc``.
         # (The finalizer must not reference ``uc`` or this object, or neither is ever collected.)
         weakref.finalize(uc, _release, self._lib, ptr)
@@ -301,6 +322,44 @@ class NativeCet:
         self._uclib.uc_hook_del(self._uc._uch, self._tlb_hook)
         self._tlb_hook = None
         self._uc.ctl_set_tlb_mode(UC_TLB_CPU)
+
+    def install_serialize(self) -> None:
+        """Register the C UC_HOOK_INSN_INVALID hook that retires SERIALIZE in the engine (see
+        cetfast.c "SERIALIZE"); before any other #UD hook of the engine."""
+        self._lib.cetfast_enable_serialize(self._ptr, _fnptr(self._uclib.uc_reg_read), _fnptr(self._uclib.uc_vmem_read))
+        hook = self._hook_type()
+        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), _UC_HOOK_INSN_INVALID,
+                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_invalid_insn)),
+                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err != 0:
+            raise CetvmError(f"native CET fast path: uc_hook_add(INSN_INVALID) failed (unicorn error {err})")
+        self._serialize_hook = hook
+
+    @property
+    def serialized(self) -> int:
+        """SERIALIZE instructions the C hook retired."""
+        return self._lib.cetfast_serialized(self._ptr)
+
+    def filter_exit_invalidation(self) -> bool:
+        """Stop Unicorn from dropping the translation in front of every exit address at the end
+        of every run (see cetfast.c, "Unicorn's exit translations"); True if the filter is in.
+
+        The filter goes into Unicorn 2.1.4's ``uc->uc_invalidate_tb`` (at
+        :data:`UC_INVALIDATE_TB_OFFSET`); a probe — a cache removal of three bytes that must
+        reach the filter unchanged — confirms the field before cetvm relies on it, and a failed
+        probe puts the original back (the engine then keeps Unicorn's behaviour: slower exits,
+        same results). The vCPU drops translations in ranges of two bytes or more only
+        (:meth:`cetvm.cpu.vcpu.Vcpu.drop_translations`)."""
+        handle, offset = self._uc._uch, UC_INVALIDATE_TB_OFFSET
+        if self._lib.cetfast_filter_exit_invalidation(handle, offset) != 0:
+            return False
+        start, length = _U64(), _U64()
+        self._uc.ctl_remove_cache(_FILTER_PROBE, _FILTER_PROBE + 3)
+        self._lib.cetfast_filter_probe(ctypes.byref(start), ctypes.byref(length))
+        if (start.value, length.value) != (_FILTER_PROBE, 3):
+            self._lib.cetfast_unfilter_exit_invalidation(handle, offset)
+            return False
+        return True
 
     # ---------------------------------------------------------------- state the engine syncs
     def sync_mode(self, *, cpl: int, long_mode: bool, cr4_cet: bool, paging: PagingKind, cr3: int,
@@ -409,16 +468,16 @@ class NativeBlockTracker:
         out = BlockStruct()
         if not self._lib.cetfast_lookup(self._ptr, address, size, ctypes.byref(out)):
             return None
-        first = bytes(out.first[:out.first_len])
+        first = bytes(out.first[:out.first_len & _FIRST_LEN_MASK])
         insn_addr = (out.ret - out.insn_len) & 0xFFFF_FFFF_FFFF_FFFF
         term = TerminatorInfo(Terminator(out.kind), insn_addr, out.insn_len, out.imm16)
-        return BlockInfo(out.addr, out.size, term, first, out.icount)
+        return BlockInfo(out.addr, out.size, term, first, out.icount, bool(out.first_len & _BLOCK_GLOBAL))
 
     def store(self, info: BlockInfo) -> None:
         kind, insn_addr, insn_len, imm16 = _term_fields(info.terminator)
         first = bytes(info.first_bytes[:4])
         status = self._lib.cetfast_store(self._ptr, info.address, info.size, info.icount, kind, insn_addr, insn_len,
-                                         imm16, first, len(first))
+                                         imm16, first, len(first), int(info.global_page))
         if status == -2:
             raise CetvmError(f"native CET fast path: block {info.address:#x} (size {info.size}) cannot be stored")
         if status != 0:
@@ -426,6 +485,14 @@ class NativeBlockTracker:
 
     def invalidate(self) -> None:
         self._lib.cetfast_invalidate_blocks(self._ptr)
+
+    def invalidate_local(self) -> None:
+        """MOV to CR3: forget the blocks not on global pages (see BlockTracker.invalidate_local)."""
+        self._lib.cetfast_invalidate_local_blocks(self._ptr)
+
+    def invalidate_range(self, start: int, end: int) -> None:
+        """INVLPG: forget the blocks overlapping linear [start, end)."""
+        self._lib.cetfast_invalidate_block_range(self._ptr, start & 0xFFFF_FFFF_FFFF_FFFF, end & 0xFFFF_FFFF_FFFF_FFFF)
 
     @property
     def last(self) -> tuple[int, int, int] | None:

@@ -17,8 +17,10 @@ interrupts"]:
   is called with the target's index (the machine latches INIT in the vCPU, KVM_SET_MP_STATE).
 - Start-up (SIPI): ``sipi`` is called with the target's index and the vector (the machine
   passes it to a vCPU that waits for SIPI; any other vCPU drops it).
-- NMI, SMI and ExtINT are not delivered (counted in :attr:`ApicBus.dropped`): cetvm's KVM has no
-  NMI injection (KVM_NMI) yet and no SMM.
+- SMI: ``smi`` is called with the target's index (the machine makes an SMI pending in that vCPU,
+  KVM_SMI; KVM's __apic_accept_irq raises KVM_REQ_SMI).
+- NMI and ExtINT are not delivered (counted in :attr:`ApicBus.dropped`): cetvm's KVM has no
+  NMI injection (KVM_NMI) yet.
 - I/O APIC messages (:meth:`ApicBus.deliver_message`, KVM kvm_irq_delivery_to_apic for an
   ioapic_service): physical or logical destination (no shorthand), fixed or lowest priority
   (among the APICs that accept it: the lowest APIC ID), edge or level (the target's TMR), INIT.
@@ -55,14 +57,15 @@ def _nothing(*_args: int) -> None:
 
 
 class ApicBus:
-    """Delivers IPIs among ``apics`` (index = vCPU index); ``init(i)`` and ``sipi(i, vector)``
-    reach the vCPUs (see the module docstring)."""
+    """Delivers IPIs among ``apics`` (index = vCPU index); ``init(i)``, ``sipi(i, vector)`` and
+    ``smi(i)`` reach the vCPUs (see the module docstring)."""
 
     def __init__(self, apics: list[LocalApic], init: Callable[[int], None] = _nothing,
-                 sipi: Callable[[int, int], None] = _nothing) -> None:
+                 sipi: Callable[[int, int], None] = _nothing, smi: Callable[[int], None] = _nothing) -> None:
         self.apics = apics
         self.init = init
         self.sipi = sipi
+        self.smi = smi
         self.dropped = 0
         self.kicked = False
         for apic in apics:
@@ -120,6 +123,9 @@ class ApicBus:
                 taken = True
             elif mode is DeliveryMode.STARTUP and source is not None:
                 self.sipi(index, vector)
+                taken = True
+            elif mode is DeliveryMode.SMI:
+                self.smi(index)
                 taken = True
             else:
                 self.dropped += 1

@@ -5,7 +5,8 @@ IRQ 4, the ACPI SCI on IRQ 9, each to the 8259 pair and the I/O APIC (IRQ 0 on i
 I/O APIC sends its messages over the APIC bus (:meth:`PcDevices.connect`) and the local APICs
 broadcast level-triggered EOIs back to it. Ports: COM1 0x3F8, PIT 0x40-0x43, port B 0x61, PICs
 0x20/0xA0 and ELCR 0x4D0, ACPI PM1 0x600-0x605 and PM timer 0x608, isa-debug-exit 0xF4, the
-shutdown port 0x8900, fw_cfg 0x510; MMIO: the I/O APIC at 0xFEC00000, the xAPIC page.
+shutdown port 0x8900, fw_cfg 0x510, the APM ports 0xB2-0xB3 (a write to 0xB2 raises an SMI on the
+writing vCPU, :mod:`cetvm.vmm.devices.apm`); MMIO: the I/O APIC at 0xFEC00000, the xAPIC page.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Protocol
 from cetvm import InputError
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.arch.apic import InterruptMessage
+from cetvm.vmm.devices.apm import APM_CNT_PORT, APM_PORT_COUNT, ApmPorts
 from cetvm.vmm.devices.acpi_pm import PM1_EVT_BLK, PM1_PORT_COUNT, SCI_IRQ, AcpiPm1
 from cetvm.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT, IsaDebugExit
 from cetvm.vmm.devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
@@ -79,6 +81,7 @@ class PcDevices:
     pm1: AcpiPm1 = field(default_factory=AcpiPm1)
     pm_timer: PmTimer = field(default_factory=lambda: PmTimer(_time_zero))
     rtc: CmosRtc = field(default_factory=CmosRtc)
+    apm: ApmPorts = field(default_factory=ApmPorts)
 
     def __post_init__(self) -> None:
         self.apic_page = PerCpuApicPage(self.lapics)
@@ -130,6 +133,7 @@ class PcDevices:
         pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_COUNT, self.debug_exit, "isa-debug-exit")
         pio.register(SHUTDOWN_PORT, 1, self.shutdown, "shutdown port")
         pio.register(FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
+        pio.register(APM_CNT_PORT, APM_PORT_COUNT, self.apm, "APM control/status")
         self.pic.register(pio)
         pio.register(RTC_PORT, RTC_PORT_COUNT, self.rtc, "CMOS RTC")
         if self.lapics:
@@ -147,11 +151,12 @@ class PcDevices:
             "pit": self.pit.get_state(),
             "pm1": self.pm1.get_state(),
             "irq_lines": self.irq.get_state(),
+            "apm": self.apm.get_state(),
         }
 
     #: Devices added after the first snapshot format: a snapshot without them (an older cetvm,
     #: whose guests could not have used them) restores them in their reset state.
-    NEWER_DEVICES = ("rtc", "ioapic", "pit", "pm1", "irq_lines")
+    NEWER_DEVICES = ("rtc", "ioapic", "pit", "pm1", "irq_lines", "apm")
 
     def set_state(self, state: dict) -> None:
         for key in ("serial", "shutdown", "fw_cfg", "pic", "lapics"):
@@ -166,7 +171,8 @@ class PcDevices:
         self.pic.set_state(state["pic"])
         for apic, apic_state in zip(self.lapics, state["lapics"]):
             apic.set_state(apic_state)
-        newer = {"rtc": self.rtc, "ioapic": self.ioapic, "pit": self.pit, "pm1": self.pm1, "irq_lines": self.irq}
+        newer = {"rtc": self.rtc, "ioapic": self.ioapic, "pit": self.pit, "pm1": self.pm1, "irq_lines": self.irq,
+                 "apm": self.apm}
         for key in self.NEWER_DEVICES:
             if key in state:
                 newer[key].set_state(state[key])
