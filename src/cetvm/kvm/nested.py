@@ -175,7 +175,7 @@ def write_operand(cpu, exit_: VmExit, value: int, size: int) -> None:
 # ----------------------------------------------------------------------------- results
 def skip_emulated_instruction(cpu, exit_: VmExit) -> None:
     """kvm_skip_emulated_instruction(): RIP past the instruction, which retires."""
-    cpu.rip = exit_.rip + exit_.instruction_length
+    cpu.set_reg("rip", exit_.rip + exit_.instruction_length)
     cpu.retire_emulated()
 
 

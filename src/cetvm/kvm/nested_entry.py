@@ -141,7 +141,7 @@ def _load_cpu_state(vcpu: NestedVcpu, sregs: Sregs, *, rsp: int, rip: int, rflag
     cpu.flush_tlb()
     cpu.set_reg("rsp", rsp)
     cpu.set_reg("rflags", rflags)
-    cpu.rip = rip
+    cpu.set_reg("rip", rip)
     vcpu.state.cr0, vcpu.state.cr4 = sregs.cr0, sregs.cr4
 
 
@@ -542,7 +542,7 @@ def nested_vmx_run(vcpu: NestedVcpu, exit_: VmExit, launch: bool) -> None:
     nested.pre_vmenter.ssp_tbl = vmcs01.read(F.GUEST_INTR_SSP_TABLE)
     failure = nested_vmx_check_guest_state(vcpu, vmcs12)
     if failure is not None:  # nested_vmx_entry_failure → load L1's host state
-        cpu.rip = exit_.rip + exit_.instruction_length
+        cpu.set_reg("rip", exit_.rip + exit_.instruction_length)
         _fill_exit_info(vmcs12, VmxExitReason.ENTRY_FAIL_GUEST_STATE | VMX_EXIT_REASONS_FAILED_VMENTRY, failure)
         load_vmcs12_host_state(vcpu, vmcs12)
         return
