@@ -161,15 +161,16 @@ __asm__(".text\n"
 extern char vmx_exit_target[];
 
 /* ---------------------------------------------------------------- L2 */
-enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2 };
+enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3 };
 static volatile u64 l2_cmd;
 static volatile struct { u64 done, faulted, vector, error, rip, cpl; } l2_out;
 
-extern char l2_entry[], l2_no_endbr[], l2_ibt_jmp[], user_victim[], user_victim_ret[], user_gadget[];
+extern char l2_entry[], l2_int3[], l2_no_endbr[], l2_ibt_jmp[], user_victim[], user_victim_ret[], user_gadget[];
 __asm__(".text\n"
         "l2_entry: call l2_main\n"
         "1: vmcall\n jmp 1b\n"
         "l2_ibt_jmp: endbr64\n jmp *%rdi\n"
+        "l2_int3: int3\n ret\n"
         "l2_no_endbr: nop\n ret\n"
         ".pushsection .utext, \"ax\"\n"
         "user_victim: endbr64\n"
@@ -193,7 +194,9 @@ static void ibt_probe(void *target) { ((void (*)(void *))l2_ibt_jmp)(target); }
 __attribute__((used)) void l2_main(void)
 {
     struct trap_record rec = {0};
-    if (l2_cmd == L2_USER_SHSTK) {
+    if (l2_cmd == L2_INT3) {
+        ((void (*)(void))l2_int3)();
+    } else if (l2_cmd == L2_USER_SHSTK) {
         struct user_opts on = {.u_cet = CET_SH_STK_EN, .shstk = true};
         struct user_result r = run_user(user_rop, 0, &on);
         l2_out.faulted = r.kind == USER_FAULTED;
@@ -482,7 +485,7 @@ static void body(void)
         "VMREAD of an unknown field -> VMfailValid(12)",
         "VMWRITE / VMREAD of GUEST_S_CET",
     };
-    const int n_base = 11, n_cet = 12, n_entry = 3, n_inject = 2, n_end = 2;
+    const int n_base = 11, n_cet = 12, n_entry = 3, n_inject = 2, n_end = 3;
     struct trap_record rec = {0};
     int i = 0;
 
@@ -557,6 +560,15 @@ static void body(void)
         entry_check_tests();
     }
     injection_tests(basic56);
+    /* INT3 in L2 with EXCEPTION_BITMAP[3]: a software-exception exit (type 6), RIP at the INT3 */
+    setup_vmcs(false, false);
+    vmwrite(EXC_BITMAP, 1ul << 3);
+    l2_cmd = L2_INT3;
+    f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_EXCEPTION && vmread(EXIT_INTR_INFO) == 0x80000603u &&
+               vmread(EXIT_INSN_LEN) == 1 && vmread(GUEST_RIP) == (u64)l2_int3,
+           "L2 INT3 with EXCEPTION_BITMAP[3] -> software-exception exit to L1", "flags 0x%lx reason 0x%lx info 0x%lx "
+           "len %lu rip 0x%lx", f, vmread(EXIT_REASON), vmread(EXIT_INTR_INFO), vmread(EXIT_INSN_LEN), vmread(GUEST_RIP));
     /* VMLAUNCH of a launched VMCS: VMfailValid(4) */
     setup_vmcs(false, false);
     l2_cmd = 0;
@@ -575,6 +587,6 @@ static void body(void)
 void kmain(void)
 {
     kernel_init();
-    tap_plan(11 + 12 + 3 + 2 + 2);
+    tap_plan(11 + 12 + 3 + 2 + 3);
     cet_kernel_start(body, 0);
 }

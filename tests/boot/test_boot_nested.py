@@ -37,6 +37,7 @@ def test_l2_cet_violations_reach_l1_only_when_it_intercepts_cp(capsys, monkeypat
     assert tap.passed("bad HOST_S_CET -> VMfailValid(8)")
     assert tap.passed("bad GUEST_S_CET -> VM-entry failure 0x80000021")
     assert tap.passed("IA32_VMX_BASIC[56]: #CP injected without an error code is delivered without one")
+    assert tap.passed("L2 INT3 with EXCEPTION_BITMAP[3] -> software-exception exit to L1")
 
 
 def _run_until_l2(machine: Machine, load_cet: bool, step: int = 300, limit: int = 2_000_000) -> int:

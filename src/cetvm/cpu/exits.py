@@ -97,6 +97,9 @@ class ExceptionExit:
     vector: int
     error_code: int | None = None
     cr2: int | None = None
+    #: a software exception (INT3 / INTO): the exit reports it as interruption type 6 with the
+    #: instruction's length, RIP at the instruction [SDM Vol. 3 §27.2.2]
+    software: bool = False
 
 
 @dataclass

@@ -90,6 +90,7 @@ from cetvm.cpu.paging import translate as walk_page_tables
 # The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
 # kvm_segment, kvm_dtable, and the KVM_EXIT_IO direction. The VMM imports them from here.
 from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
+from cetvm.cpu.vmcs import SOFTWARE_EXCEPTION_VECTORS
 from cetvm.cpu.vcpu import Vcpu as CpuVcpu
 from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm import reset as _reset
@@ -601,7 +602,10 @@ class KvmVcpu:
         for vector in check_items("exception intercepts: vectors", vectors):
             bitmap |= 1 << check_int("exception intercepts: vector", vector, 0, 31)
         self._user_exception_bitmap = bitmap
-        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, bitmap | self._kvm_exception_bitmap)
+        # INT3/INTO (the only sources of #BP/#OF) stay out of the VMCS bitmap: software exceptions
+        # never exit to userspace here (module docstring), although the CPU's VMCS honours them
+        cpu_bitmap = bitmap & ~sum(1 << v for v in SOFTWARE_EXCEPTION_VECTORS)
+        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, cpu_bitmap | self._kvm_exception_bitmap)
 
     def get_exception_intercepts(self) -> set[int]:
         """The vectors :meth:`set_exception_intercepts` installed."""
