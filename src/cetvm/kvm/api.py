@@ -126,7 +126,7 @@ from cetvm.kvm.ioctl_args import (
 )
 from cetvm.kvm.memslots import SHADOW_PAGING_GPA_BITS, kvm_memory_region_invalid
 from cetvm.kvm.nested import NestedVmx, free_nested
-from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nested_exit_on_intr, nested_interrupt_exit_due, nested_vmx_reflect_vmexit
+from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nested_exit_on_intr, nested_irq_for_l1_waits, nested_interrupt_exit_due, nested_vmx_reflect_vmexit
 from cetvm.kvm.nested_state import NestedState, get_nested_state, set_nested_state
 from cetvm.kvm.msr import (
     EMULATED_MSRS,
@@ -771,7 +771,7 @@ class KvmVcpu:
         """kvm_vcpu_ready_for_interrupt_injection(): IF = 1, no shadow, nothing pending — or, while
         L2 runs with external-interrupt exiting, nothing pending (vmx_interrupt_allowed: the
         interrupt is a VM exit to L1 whatever L2's RFLAGS.IF)."""
-        if self.cpu.pending_interrupt is not None:
+        if self.cpu.pending_interrupt is not None or self.nested.irq_for_l1 is not None:
             return False
         return nested_exit_on_intr(self) or self.cpu.interrupt_window_open
 
@@ -861,11 +861,13 @@ class KvmVcpu:
             if nested_interrupt_exit_due(self):
                 continue  # vmx_check_nested_events: L2 → L1 for the pending interrupt
             forced, self._forced_emulation = self._forced_emulation, False
+            # an interrupt kept for L1 (nested exit without acknowledge): step L1 until it can take it
+            forced = forced or nested_irq_for_l1_waits(self)
             vmx.vmx_vcpu_enter(state, cpu)
             exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
-                continue  # the instruction KVM emulated for the force-emulation prefix retired
+                continue  # the instruction KVM emulated (force-emulation prefix) or L1 stepped retired
             result = self._handle_exit(exit_)
             if result is not None:
                 return result

@@ -86,6 +86,9 @@ class NestedVmx:
     vmcs02: Vmcs | None = None
     #: L1's VMCS while L2 runs (KVM's vmcs01; ``state.vmcs`` is then vmcs02)
     vmcs01: Vmcs | None = None
+    #: an external interrupt that caused a VM exit to L1 (no acknowledge-on-exit): still pending,
+    #: delivered to L1 when its window opens, or another exit if L1 re-enters L2 first
+    irq_for_l1: int | None = None
     pre_vmenter: PreVmenterCet = field(default_factory=PreVmenterCet)
 
     @classmethod
@@ -220,6 +223,7 @@ def free_nested(vcpu: NestedVcpu) -> None:
     nested = vcpu.nested
     nested.vmxon = False
     nested.vmxon_ptr = INVALID_GPA
+    nested.irq_for_l1 = None
 
 
 def _read_guest(cpu, gpa: int, size: int) -> bytes | None:

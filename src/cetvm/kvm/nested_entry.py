@@ -700,9 +700,27 @@ def nested_interrupt_exit_due(vcpu: NestedVcpu) -> bool:
     """An external interrupt is pending while L2 runs with external-interrupt exiting: VM exit
     to L1 with reason 1 (the interrupt stays pending: no acknowledge-on-exit is offered), as
     vmx_check_nested_events does."""
-    if vcpu.cpu.pending_interrupt is None or not nested_exit_on_intr(vcpu):
+    cpu = vcpu.cpu
+    vector = cpu.pending_interrupt if cpu.pending_interrupt is not None else vcpu.nested.irq_for_l1
+    if vector is None or not nested_exit_on_intr(vcpu):
         return False
+    cpu.cancel_interrupt()  # no acknowledge-on-exit: the interrupt stays pending, for L1
+    vcpu.nested.irq_for_l1 = vector
     nested_vmx_vmexit(vcpu, VmxExitReason.EXTERNAL_INTERRUPT)
+    return True
+
+
+def nested_irq_for_l1_waits(vcpu: NestedVcpu) -> bool:
+    """The interrupt an external-interrupt exit left pending goes to L1 as soon as L1 can take it
+    (IF = 1, no STI/MOV SS shadow: KVM's interrupt window); True while L1 cannot yet — the run
+    loop then steps L1 one instruction at a time, so an ``sti; nop; cli`` window is not missed."""
+    nested, cpu = vcpu.nested, vcpu.cpu
+    if nested.irq_for_l1 is None or nested.guest_mode:
+        return False
+    if cpu.pending_interrupt is None and cpu.interrupt_window_open:
+        cpu.inject_interrupt(nested.irq_for_l1)
+        nested.irq_for_l1 = None
+        return False
     return True
 
 

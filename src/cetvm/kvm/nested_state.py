@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from cetvm.arch.vmx import VmcsField as F
 from cetvm.kvm.errors import KvmInvalidArgument
-from cetvm.kvm.ioctl_args import check_bytes, check_flag, check_instance, check_u64
+from cetvm.kvm.ioctl_args import check_bytes, check_flag, check_instance, check_u8, check_u64
 from cetvm.kvm.nested import INVALID_GPA, NestedVcpu, NestedVmx, PreVmenterCet, nested_vmx_allowed, page_address_valid
 from cetvm.kvm.nested_caps import VMCS12_REVISION
 from cetvm.kvm.nested_entry import enter_guest_mode, prepare_vmcs02
@@ -35,11 +35,14 @@ class NestedState:
     pre_vmenter_s_cet: int = 0
     pre_vmenter_ssp: int = 0
     pre_vmenter_ssp_tbl: int = 0
+    #: an external interrupt an exit to L1 left pending (no acknowledge-on-exit)
+    irq_for_l1: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"vmxon_pa": self.vmxon_pa, "vmcs12_pa": self.vmcs12_pa, "vmcs12": self.vmcs12.hex(),
                 "guest_mode": self.guest_mode, "pre_vmenter_s_cet": self.pre_vmenter_s_cet,
-                "pre_vmenter_ssp": self.pre_vmenter_ssp, "pre_vmenter_ssp_tbl": self.pre_vmenter_ssp_tbl}
+                "pre_vmenter_ssp": self.pre_vmenter_ssp, "pre_vmenter_ssp_tbl": self.pre_vmenter_ssp_tbl,
+                "irq_for_l1": self.irq_for_l1}
 
     @classmethod
     def from_json(cls, doc: object) -> "NestedState":
@@ -51,8 +54,10 @@ class NestedState:
             raise KvmInvalidArgument("KVM_SET_NESTED_STATE: vmcs12 is not a hex string") from None
         names = ("vmxon_pa", "vmcs12_pa", "pre_vmenter_s_cet", "pre_vmenter_ssp", "pre_vmenter_ssp_tbl")
         values = {n: check_u64(f"KVM_SET_NESTED_STATE: {n}", doc.get(n, 0)) for n in names}
+        irq = doc.get("irq_for_l1")
+        irq = None if irq is None else check_u8("KVM_SET_NESTED_STATE: irq_for_l1", irq)
         return cls(vmcs12=raw, guest_mode=check_flag("KVM_SET_NESTED_STATE: guest_mode", doc.get("guest_mode", False)),
-                   **values)
+                   irq_for_l1=irq, **values)
 
 
 def get_nested_state(nested: NestedVmx) -> NestedState | None:
@@ -62,7 +67,7 @@ def get_nested_state(nested: NestedVmx) -> NestedState | None:
     vmcs12 = nested.cached_vmcs12.to_bytes() if nested.cached_vmcs12 is not None else b""
     pre = nested.pre_vmenter
     return NestedState(nested.vmxon_ptr, nested.current_vmptr, vmcs12, nested.guest_mode,
-                       pre.s_cet, pre.ssp, pre.ssp_tbl)
+                       pre.s_cet, pre.ssp, pre.ssp_tbl, nested.irq_for_l1)
 
 
 def set_nested_state(vcpu: NestedVcpu, state: NestedState | None) -> None:
@@ -95,6 +100,7 @@ def set_nested_state(vcpu: NestedVcpu, state: NestedState | None) -> None:
     nested.current_vmptr = state.vmcs12_pa if has_vmcs12 else INVALID_GPA
     nested.cached_vmcs12 = vmcs12
     nested.pre_vmenter = PreVmenterCet(state.pre_vmenter_s_cet, state.pre_vmenter_ssp, state.pre_vmenter_ssp_tbl)
+    nested.irq_for_l1 = state.irq_for_l1
     if not state.guest_mode:
         return
     vmcs01 = vcpu.state.vmcs

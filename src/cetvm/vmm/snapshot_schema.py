@@ -204,7 +204,8 @@ EVENT = obj({"vector": unsigned(5)}, {"error_code": nullable(unsigned(32))})
 #: KVM_GET_NESTED_STATE (cetvm.kvm.nested_state.NestedState.to_json); KVM_SET_NESTED_STATE checks
 #: the values themselves.
 NESTED = obj({"vmxon_pa": unsigned(64), "vmcs12_pa": unsigned(64), "vmcs12": text(16384), "guest_mode": boolean},
-             {"pre_vmenter_s_cet": unsigned(64), "pre_vmenter_ssp": unsigned(64), "pre_vmenter_ssp_tbl": unsigned(64)})
+             {"pre_vmenter_s_cet": unsigned(64), "pre_vmenter_ssp": unsigned(64), "pre_vmenter_ssp_tbl": unsigned(64),
+              "irq_for_l1": nullable(unsigned(8))})
 SMI = obj({"smm": boolean, "pending": boolean, "smm_inside_nmi": boolean, "latched_init": boolean})
 VCPU = obj(
     {"regs": REGS, "sregs": SREGS, "xcrs": list_of(pair(unsigned(32), unsigned(64)), 0, MAX_XCRS),
