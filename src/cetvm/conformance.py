@@ -112,9 +112,9 @@ KNOWN_REASONS: dict[str, str] = {
     "s3": "no RTC (MC146818) and no ACPI S3 sleep/resume: the test waits for the RTC's update-in-progress "
           "bit forever",
     "vmx": "nested VMX (kvm_intel nested=1): vmx_cet_test PASSes, but the entry runs its sub-tests in one "
-           "kernel and stalls at 'interrupt' (L1's `sti; nop; cli` after an external-interrupt exit does not "
-           "take the pending interrupt: the engine recognizes interrupts at block boundaries), so it ends by "
-           "the timeout; every sub-test's own verdict is in the vmx sub-tests section",
+           "kernel, which needs far more than the entry's 90 s on cetvm, and 'interrupt' ends in an abort at its "
+           "activity-state-HLT case (cetvm offers L1 no HLT activity state); every sub-test's own verdict is in the "
+           "vmx sub-tests section",
     "access": "speed: the page-table walk permutations need more than 90 s on cetvm (QEMU TCG times out too)",
 }
 
