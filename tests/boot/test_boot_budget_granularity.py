@@ -2,7 +2,8 @@
 block (the default) or per instruction (the reference, cetvm.cpu.budget): the kernels below stop
 inside blocks in every way a guest can — #CP at a RET whose target cannot be fetched (no RAM,
 NX, unmapped, non-canonical), MMIO accesses completed in and outside a run, APIC timer
-interrupts at exact deadlines — and an off-by-one anywhere changes the total. With a limit, the
+interrupts at exact deadlines, page faults and SYSCALL/SYSRET/IRETQ the native path delivers in
+the engine at block granularity only — and an off-by-one anywhere changes the total. With a limit, the
 run stops at the same instruction with the same registers."""
 
 import pytest
@@ -21,7 +22,7 @@ def run(monkeypatch, kernel: str, granularity: str, limit: int | None = None):
 
 
 @pytest.mark.parametrize("kernel, cet_path", [("ret_targets", "auto"), ("mmio_insns", "auto"), ("apic_timer", "auto"),
-                                              ("ret_targets", "python")])
+                                              ("ret_targets", "python"), ("fast_events", "auto")])
 def test_a_kernel_retires_the_same_instructions_at_block_and_instruction_granularity(monkeypatch, kernel, cet_path):
     monkeypatch.setenv("CETVM_CET_PATH", cet_path)
     block = run(monkeypatch, kernel, "block")

@@ -36,6 +36,16 @@ def test_ring3_shadow_stack_stops_a_return_address_overwrite_with_cp_near_ret(ca
     assert not tap.skipped()
 
 
+def test_block_classifications_are_forgotten_as_the_tlb_forgets(capsys):
+    """CR3 loads drop what cetvm knows of blocks on non-global pages, INVLPG that of the page,
+    global pages' blocks survive CR3 loads (the same address holds other code in another
+    address space; a remapped global page after INVLPG)."""
+    tap = run_green(capsys, "block_cache")
+    assert tap.passed("address space B, same address without ENDBR64: #CP(3) after the CR3 load")
+    assert tap.passed("the global page remapped without ENDBR64 + INVLPG: #CP(3)")
+    assert not tap.skipped()
+
+
 def test_far_ret_to_a_forged_address_is_cp_far_ret(capsys):
     tap = run_green(capsys, "shstk_farret")
     assert tap.passed("LRETQ to a forged address -> #CP(2)")
@@ -192,6 +202,20 @@ def test_rdrand_is_deterministic(capsys):
         run.tap.assert_complete_and_green()
     values = [[line for line in run.out.splitlines() if line.startswith("# values")] for run in runs]
     assert values[0] and values[0] == values[1]
+
+
+def test_syscall_sysret_iretq_and_page_faults_at_the_edges_of_native_delivery(capsys):
+    """The events the native path delivers inside the engine (SYSCALL, SYSRETQ, IRETQ, #PF) and
+    the cases it leaves to the Python reference read the same on every CET path."""
+    tap = run_green(capsys, "fast_events")
+    assert tap.passed("SYSRETQ with a non-canonical RCX -> #GP(0) at CPL0, RIP at the SYSRETQ")
+    assert tap.passed("SYSCALL with EFER.SCE = 0 -> #UD at the SYSCALL")
+    assert tap.passed("IRETQ to a data segment as CS -> #GP(selector) at the IRETQ")
+    assert tap.passed("CPL0 write to a read-only page with CR0.WP = 1 -> #PF(P|W), CR2")
+    assert tap.passed("CPL3 write to a supervisor page -> #PF(P|W|U) at the store, CR2, user CS in the frame")
+    assert tap.passed("the same with a user shadow stack: SSP (one CALL deep) saved in IA32_PL3_SSP")
+    assert tap.passed("CPL3 read of a not-present page -> #PF(U) at the load")
+    assert tap.passed("1000 SYSCALL -> SYSRETQ round trips from CPL3 return the kernel's result")
 
 
 def test_an_smi_with_cet_on_returns_with_ssp_and_the_cet_msrs_intact(capsys):

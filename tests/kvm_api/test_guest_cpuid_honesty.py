@@ -37,6 +37,7 @@ FEATURE_MSRS: dict[str, tuple[int, ...]] = {
     "xsaves": (0xDA0,),
     "shstk": (0x6A0, 0x6A2, 0x6A4, 0x6A7, 0x6A8),
     "ibt": (0x6A0, 0x6A2),
+    "arch-capabilities": (0x10A,),
 }
 
 #: One instruction per feature (64-bit code; RSI points at a 64-byte aligned scratch area, RCX=0).
@@ -140,6 +141,23 @@ def test_userspace_pdcm_gives_perf_capabilities_zero():
     assert vcpu.get_regs().rax == 0 and vcpu.get_regs().rdx == 0
     assert run_probe(vm, vcpu, b"\x0f\x30", rcx=0x345, rax=0, rdx=0) == 13
     assert vcpu.set_msrs([(0x345, 0)]) == 1 and vcpu.set_msrs([(0x345, 1)]) == 0
+
+
+@pytest.mark.parametrize("model, meltdown", [("sapphire-rapids", False), ("skylake-sp", True), ("zen4", False)])
+def test_arch_capabilities_tell_the_guest_what_the_host_is_not_susceptible_to(model, meltdown):
+    """KVM emulates IA32_ARCH_CAPABILITIES on every host (CPUID.(7,0).EDX[29] always shown):
+    RDCL_NO exactly when the host is not susceptible to Meltdown (so a Linux guest skips page-
+    table isolation), never IBRS_ALL (cetvm's CPU has no IA32_SPEC_CTRL). Guests only read it;
+    userspace writes a subset of KVM's value."""
+    vm, vcpu, cpuid = vm_for(model)
+    assert cpuid.has("arch_capabilities")
+    assert run_probe(vm, vcpu, b"\x0f\x32", rcx=0x10A) is None
+    value = vcpu.get_regs().rax | vcpu.get_regs().rdx << 32
+    assert bool(value & 1) is not meltdown and not value & 2
+    assert dict(vcpu.get_msrs([0x10A])) == {0x10A: value}
+    assert run_probe(vm, vcpu, b"\x0f\x30", rcx=0x10A, rax=0, rdx=0) == 13
+    assert vcpu.set_msrs([(0x10A, value & ~1)]) == 1 and vcpu.set_msrs([(0x10A, 2)]) == 0
+    assert 0x10A in vm.kvm.get_msr_index_list()
 
 
 def test_mtrr_and_mce_msr_rules():

@@ -18,6 +18,8 @@ class Msr(enum.IntEnum):
     IA32_UCODE_REV = 0x8B
     #: The SMRAM base (host-initiated access only in KVM: MSR_IA32_SMBASE) [SDM Vol. 3 §32.11].
     IA32_SMBASE = 0x9E
+    #: Speculative-execution properties of the processor [SDM Vol. 4 Table 2-2].
+    IA32_ARCH_CAPABILITIES = 0x10A
     IA32_SYSENTER_CS = 0x174
     IA32_SYSENTER_ESP = 0x175
     IA32_SYSENTER_EIP = 0x176
@@ -68,6 +70,26 @@ class Msr(enum.IntEnum):
     KVM_SYSTEM_TIME_NEW = 0x4B564D01
     #: KVM's synthetic MSR for the guest SSP (host-initiated access only) [K].
     KVM_INTERNAL_GUEST_SSP = 0x4B564DFF
+
+
+class ArchCapabilities(enum.IntFlag):
+    """IA32_ARCH_CAPABILITIES bits [SDM Vol. 4 Table 2-2; Intel's affected-processor guidance]."""
+
+    RDCL_NO = 1 << 0                 # not susceptible to Rogue Data Cache Load (Meltdown)
+    IBRS_ALL = 1 << 1                # enhanced IBRS
+    RSBA = 1 << 2
+    SKIP_L1DFL_VMENTRY = 1 << 3      # a VMM need not flush L1D on VM entry
+    SSB_NO = 1 << 4                  # not susceptible to Speculative Store Bypass
+    MDS_NO = 1 << 5                  # not susceptible to Microarchitectural Data Sampling
+    IF_PSCHANGE_MC_NO = 1 << 6       # no machine check on an instruction-fetch page-size change
+    TSX_CTRL = 1 << 7
+    TAA_NO = 1 << 8                  # not susceptible to TSX Asynchronous Abort
+    SBDR_SSDP_NO = 1 << 13
+    FBSDP_NO = 1 << 14
+    PSDP_NO = 1 << 15
+    FB_CLEAR = 1 << 17
+    GDS_NO = 1 << 26
+    RFDS_NO = 1 << 27
 
 
 class MiscEnable(enum.IntFlag):

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import ctypes
 
+from iced_x86 import Code, Mnemonic
 from unicorn import UC_HOOK_BLOCK, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cetvm import CetvmError
+from cetvm.arch import Vector
 from cetvm.arch.msr import CetCtl
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, classify_terminator, on_block_start
 from cetvm.cpu.fastpath import make_block_hook
 from cetvm.cpu.faults import GuestFault
-from cetvm.cpu.native import NativeCet, PagingKind
+from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind
 from cetvm.arch.regs import U64_MASK as _U64
 
 _TRACKER = int(CetCtl.TRACKER)
@@ -71,16 +73,105 @@ class BlockHookMixin:
         if self.model.has("serialize"):
             self._native.install_serialize()
         self._native.install_tlb_fill(set_mode=False)
+        if not self._budget.per_instruction:
+            self._install_native_events()
 
-    def _sync_native_mode(self) -> None:
+    def _install_native_events(self) -> None:
+        """SYSCALL, SYSRETQ, IRETQ and #PF delivered in the engine (:class:`cetvm.cpu.native.NativeEvents`;
+        block-granular budgets only: their instructions are counted with their block). It holds
+        IA32_PL0..3_SSP, so they move from ``self.cet`` into it."""
+        events = NativeEvents(self._uc, self._native)
+        events.pl_ssp[:] = list(self.cet.pl_ssp)
+        self.cet.pl_ssp = events.pl_ssp
+        events.set_enabled(True)
+        self._native_events = events
+        self._uc.hook_del(self._intr_hook)
+        events.install_page_faults(self._on_interrupt_from_native)
+
+    def _on_interrupt_from_native(self, _uch: int, intno: int, _user: int) -> None:
+        """UC_HOOK_INTR for what the native #PF delivery leaves to Python."""
+        try:
+            last = self._blocks.last if intno == Vector.PF else None
+            self._on_interrupt(self._uc, intno, None)
+            if last is not None:
+                self._learn_block_bounds(*last)
+        except BaseException as exc:  # ctypes would swallow it: re-raised after emu_start
+            self._on_hook_error(exc)
+
+    def _learn_block_bounds(self, address: int, size: int, _icount: int) -> None:
+        """A #PF inside the block at ``address`` went to Python: give the native delivery its
+        instruction boundaries (it takes back the instructions from the faulting one on), so
+        the next #PF in that block stays in the engine. Learned here rather than at every
+        classification, which is far more frequent than page faults."""
+        try:
+            code = self._read_code(address, size)
+        except (GuestFault, UcError):
+            return
+        instrs = decode.decode_block(code, address, self._code_bits)
+        self._native_events.store_bounds(address, size, bytes([i.len for i in instrs]))
+
+    @property
+    def native_event_counts(self) -> dict[str, int] | None:
+        """How many SYSCALLs, SYSRETs, IRETs and #PFs the native path delivered inside the engine,
+        and how many it left to Python (None when the native events are not in use)."""
+        return None if self._native_events is None else self._native_events.stats
+
+    def _claimed_by_native_events(self, instr) -> bool:
+        """``instr`` (which needs emulation) is delivered by the native events instead of an exit:
+        SYSCALL always (its hook is per instruction type), SYSRETQ and IRETQ through a hook at
+        their address (new hooks are marked in ``self._new_event_hooks``: the block is
+        translated again)."""
+        events = self._native_events
+        if events is None or self._code_bits != 64:
+            return False
+        if instr.mnemonic == Mnemonic.SYSCALL:
+            return True
+        if instr.code in (Code.SYSRETQ, Code.IRETQ):
+            if events.hook_return(instr.ip, iret=instr.code == Code.IRETQ):
+                self._new_event_hooks = True
+            return True
+        return False
+
+    def _sync_native_events_mode(self) -> None:
+        """The native events changed the CPL inside the engine: re-read the cached mode."""
+        if self._native_events is not None and self._native_events.mode_moved():
+            self.refresh_mode(paging=False)
+
+    def _take_native_event_handover(self) -> None:
+        """An instruction the native events left to Python (cetfast.c "Native events"): it did
+        not retire; the run loop emulates it (``_syscall_at``). If the code there is no SYSCALL,
+        SYSRETQ or IRETQ any more (rewritten), its hook goes and the engine runs the instruction."""
+        rip = self._native_events.take_handover()
+        if rip is None:
+            return
+        self._retire_before(rip)
+        self.rip = rip
+        try:
+            instr = self.fetch_instruction(rip)
+        except (GuestFault, UcError):
+            instr = None
+        if instr is not None and (instr.code in (Code.SYSRETQ, Code.IRETQ) or instr.mnemonic == Mnemonic.SYSCALL):
+            self._syscall_at = rip
+            return
+        pc = self._linear(rip)
+        self._native_events.unhook_return(pc)
+        self._uc.ctl_remove_cache(pc, pc + 1)
+
+    def _sync_native_mode(self, *, flush: bool = True) -> None:
+        """Tell the native hook the mode; ``flush``: and forget its cached shadow-stack
+        translations (not needed when only segments changed: they are kept per user-ness)."""
         mode = self._memory.mode
         paging = PagingKind.FOUR_LEVEL if mode.long_paging else PagingKind.OTHER if mode.paging else PagingKind.OFF
         self._native.sync_mode(cpl=self.cpl, long_mode=self.long_mode, cr4_cet=self.cr4_cet, paging=paging,
                                cr3=mode.cr3, cs_base=self._cs_base)
-        self._native.flush_translations()
+        if flush:
+            self._native.flush_translations()
 
     def _apply_native_handover(self) -> None:
         """A block start the native hook left to us: run the reference state machine for it."""
+        self._sync_native_events_mode()
+        if self._native_events is not None:
+            self._take_native_event_handover()
         request = self._native.take_handover()
         if request is None:
             return
@@ -184,13 +275,16 @@ class BlockHookMixin:
 
     def _classify_block(self, address: int, size: int) -> BlockInfo | None:
         """Decode a new block; make emulated instructions exits (then restart: returns None)."""
+        self._sync_native_events_mode()  # the code is read with the current CPL's rights
         try:
             code = self._read_code(address, size)
         except (GuestFault, UcError):
             code = b""
         instrs = decode.decode_block(code, address, self._code_bits)
-        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in self._exits]
-        if new_exits:
+        self._new_event_hooks = False
+        new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in self._exits
+                     and not self._claimed_by_native_events(i)]
+        if new_exits or self._new_event_hooks:
             self._exits.update(new_exits)
             self._uc.ctl_set_exits(sorted(self._exits))
             self.drop_translations(address, address + size)

@@ -61,6 +61,7 @@ class EngineStopsMixin:
     def _on_interrupt(self, uc: Uc, intno: int, _data: object) -> None:
         if not self.traced:
             self.refresh_mode()  # native privilege changes are not seen otherwise
+        self._sync_native_events_mode()
         rip = uc.reg_read(X.UC_X86_REG_RIP)
         software = intno >= 32 or intno in _TRAP_VECTORS
         # a branch to a non-canonical address: the engine reports the #GP at the target, but the

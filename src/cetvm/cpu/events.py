@@ -4,6 +4,9 @@
 (stack switching), §7.7 (64-bit TSS); SDM Vol. 2 INT n pseudo-code for the CET steps, done by
 :func:`cetvm.cpu.cet.far_transfers.ssp_on_event`.]
 
+The native path delivers the common #PF (a 64-bit gate without IST to CPL 0) inside the engine
+(cetfast.c, "page faults"), with the same rules; this module decides every other case.
+
 Decisions (documented simplifications):
 - only 64-bit interrupt and trap gates (IA-32e mode: from 64-bit or compatibility mode, with the
   32-bit CS and EIP in the frame); delivery outside IA-32e mode ends the run with a SHUTDOWN
@@ -124,7 +127,7 @@ def _supervisor_read(vcpu, linear: int, size: int) -> bytes:
 
 def read_descriptor(vcpu, selector: int) -> Segment:
     """Load the GDT code/data descriptor of ``selector`` (LDT selectors are not supported)."""
-    gdt = vcpu.get_sregs().gdt
+    gdt = vcpu.descriptor_table("gdt")
     index = selector & ~7
     if selector & 4 or index + 7 > gdt.limit or index == 0:
         raise gp(selector & ~3)
@@ -136,10 +139,10 @@ def read_descriptor(vcpu, selector: int) -> Segment:
 def deliver_64(vcpu, vector: int, error_code: int | None, cr2: int | None, *, software: bool) -> None:
     """Deliver one event through a 64-bit IDT gate (raises GuestFault for a nested fault)."""
     ext = 0 if software else 1
-    sregs = vcpu.get_sregs()
-    if vector * 16 + 15 > sregs.idt.limit:
+    idt = vcpu.descriptor_table("idt")
+    if vector * 16 + 15 > idt.limit:
         raise gp(vector * 8 + 2 + ext)
-    gate = IdtGate.decode(_supervisor_read(vcpu, sregs.idt.base + vector * 16, 16))
+    gate = IdtGate.decode(_supervisor_read(vcpu, idt.base + vector * 16, 16))
     if gate.gate_type not in (GATE_INTERRUPT, GATE_TRAP):
         raise gp(vector * 8 + 2 + ext)
     old_cpl = vcpu.cpl
@@ -155,21 +158,21 @@ def deliver_64(vcpu, vector: int, error_code: int | None, cr2: int | None, *, so
         raise gp(gate.selector & ~3 | ext)
     rsp = vcpu.reg("rsp")
     if gate.ist or new_cpl < old_cpl:
-        tss = sregs.tr.base
+        tss = vcpu.task_register().base
         slot = TSS_IST1 + 8 * (gate.ist - 1) if gate.ist else TSS_RSP0 + 8 * new_cpl
         rsp = int.from_bytes(_supervisor_read(vcpu, tss + slot, 8), "little")
     rsp &= ~0xF & _U64
     rip = vcpu.rip
     rflags = vcpu.reg("rflags")
     pushed_rflags = rflags | RFLAGS_RF if not software and is_fault_exception(vector) else rflags
-    frame = [sregs.ss.selector, vcpu.reg("rsp"), pushed_rflags, sregs.cs.selector, rip]
+    old_cs, old_ss = vcpu.segment("cs"), vcpu.segment("ss")
+    frame = [old_ss.selector, vcpu.reg("rsp"), pushed_rflags, old_cs.selector, rip]
     if error_code is not None and vector in VECTORS_WITH_ERROR_CODE and not software:
         frame.append(error_code)
     new_rsp = (rsp - 8 * len(frame)) & _U64
     data = b"".join((v & _U64).to_bytes(8, "little") for v in reversed(frame))
     access = Access.WRITE | (Access.USER if new_cpl == 3 else Access.READ)
     vcpu.write_virt(new_rsp, data, access)
-    old_cs, old_ss = sregs.cs, sregs.ss
     new_cs = Segment(gate.selector & ~3 | new_cpl, code.base, code.limit, code.attributes)
     if new_cpl != old_cpl:
         vcpu.load_segments(cs=new_cs, ss=Segment(new_cpl, 0, 0, new_cpl << 13))

@@ -139,6 +139,17 @@ class Registers:
             cr3=uc.reg_read(X.UC_X86_REG_CR3), cr4=self.cr4,
             efer=uc.msr_read(Msr.IA32_EFER))
 
+    def descriptor_table(self, name: str) -> DescriptorTable:
+        """GDTR (``"gdt"``) or IDTR (``"idt"``) alone: event delivery and IRET read them per event,
+        where :meth:`get_sregs` (every segment, CR and EFER) cost most of a delivery."""
+        _selector, base, limit, _flags = self._uc.reg_read(X.UC_X86_REG_GDTR if name == "gdt" else X.UC_X86_REG_IDTR)
+        return DescriptorTable(base, limit)
+
+    def task_register(self) -> Segment:
+        """TR with its descriptor cache (the TSS of event delivery's stack switch)."""
+        tr = self._uc.reg_read(X.UC_X86_REG_TR)
+        return Segment(tr[0], tr[1], tr[2], tr[3])
+
     def load_sregs(self, sregs: Sregs) -> None:
         """Load control registers, EFER, descriptor tables and TR/LDTR (the segment registers
         are the caller's: ``load_segments``). EFER.LMA is derived as hardware does: LME and

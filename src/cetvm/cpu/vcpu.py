@@ -15,7 +15,10 @@ Execution model:
   benchmarks and guests that need none of these.
 
 Exceptions are caught (UC_HOOK_INTR / UC_HOOK_INSN_INVALID), emulation stops, and
-:mod:`cetvm.cpu.events` delivers them through the guest IDT.
+:mod:`cetvm.cpu.events` delivers them through the guest IDT. On the native path (block-granular
+budgets) the common SYSCALL, SYSRETQ, IRETQ and #PF are delivered inside the engine by the C
+library (:class:`cetvm.cpu.native.NativeEvents`), which leaves every other case to the same
+Python code; the vCPU re-reads its cached mode after a run in which they changed the CPL.
 
 This module is the composition, VM entry/exit and the run loop. Parts (objects with their own
 interface): :mod:`cetvm.cpu.memory` (``GuestMemory``: regions, physical/virtual access,
@@ -78,7 +81,7 @@ from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.native import select_cet_path
 from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
-from cetvm.cpu.state import CetRegisters, CetState, FpuState, Regs, Segment, Sregs
+from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, software_exception_exits
@@ -168,7 +171,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         uc = self._uc
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        self._intr_hook = uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self._hook_error: BaseException | None = None
         self._reg_buf = ctypes.c_uint64()
         self._block_hook_cb = None
@@ -177,6 +180,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         if not self.traced:
             uc.hook_add(UC_HOOK_INSN, self._on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         self._native = None
+        self._native_events = None  # SYSCALL/SYSRETQ in the engine (block_hook._install_native_events)
         self.cet_path = "off"
         if self.traced:
             self.cet_path = select_cet_path(cet_path or os.environ.get("CETVM_CET_PATH") or "auto")
@@ -310,6 +314,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def get_sregs(self) -> Sregs:
         return self._registers.get_sregs()
 
+    def descriptor_table(self, name: str) -> DescriptorTable:
+        """GDTR (``"gdt"``) or IDTR (``"idt"``) without the rest of :meth:`get_sregs`."""
+        return self._registers.descriptor_table(name)
+
+    def task_register(self) -> Segment:
+        """TR with its descriptor cache, without the rest of :meth:`get_sregs`."""
+        return self._registers.task_register()
+
     def set_sregs(self, sregs: Sregs) -> None:
         """Load control registers, EFER, descriptor tables and segment caches (no checks).
 
@@ -320,6 +332,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         """
         self._registers.load_sregs(sregs)
         self.load_segments(cs=sregs.cs, ss=sregs.ss, ds=sregs.ds, es=sregs.es, fs=sregs.fs, gs=sregs.gs)
+        self.refresh_mode()
 
     def get_fpu(self) -> FpuState:
         """x87, SSE and AVX registers (KVM_GET_FPU plus the YMM upper halves)."""
@@ -342,7 +355,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
     def load_segments(self, **segments: Segment) -> None:
         """Load segment registers with their descriptor caches; recompute CPL/mode (blob patch)."""
         self._registers.load_segment_caches(segments)
-        self.refresh_mode()
+        self.refresh_mode(paging=False)
 
     def segment(self, name: str) -> Segment:
         return self._registers.segment(name)
@@ -458,13 +471,18 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._registers.reset_old_exception()
 
     # ------------------------------------------------------------------ cached mode
-    def refresh_mode(self) -> None:
-        """Re-read the mode-defining state the hot paths cache (CPL, 64-bit mode, paging, CR4.CET)."""
+    def refresh_mode(self, *, paging: bool = True) -> None:
+        """Re-read the mode-defining state the hot paths cache (CPL, 64-bit mode, paging, CR4.CET).
+
+        ``paging=False``: only segment state changed (a segment load: CPL, CS.L, CS.base), so the
+        paging mode and the translations cached for it stay (they are kept per access kind,
+        user and supervisor apart) — event delivery, IRET and SYSCALL/SYSRET load segments."""
         uc = self._uc
         cr0 = uc.reg_read(X.UC_X86_REG_CR0)
         cr4 = uc.reg_read(X.UC_X86_REG_CR4)
-        efer = uc.msr_read(Msr.IA32_EFER)
-        self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
+        if paging:
+            efer = uc.msr_read(Msr.IA32_EFER)
+            self._memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
         blob = ContextBlob.save(uc)
         hflags = blob.hflags
@@ -477,7 +495,7 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
         self._update_cet_active()
         self._update_tlb_mode(not cr0 & Cr0.PG)
         if self._native is not None:
-            self._sync_native_mode()
+            self._sync_native_mode(flush=paging)
 
     def _linear(self, rip: int) -> int:
         """The linear address of the instruction at offset ``rip`` of the code segment
@@ -727,6 +745,8 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
 
     def _run_engine(self, rip: int) -> VmExit | None:
         self._budget.hit = False
+        if self._native_events is not None:
+            self._native_events.before_run(self._irq_vector is not None, self.vmcs.read(VmcsField.EXCEPTION_BITMAP))
         try:
             self._emu_start_keeping_cr2(rip)
             if self._native is not None:
@@ -781,9 +801,14 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
             if not budget.per_instruction:
                 self._blocks.close_last()
             self._uc.emu_start(rip, 0)
+            self._sync_native_events_mode()
             stop = budget.take_stop()
             if stop and budget.left:
                 self._run_fenced(self.rip, stop, budget.left)
+        if self._native_events is not None:
+            cr2 = self._native_events.take_delivered_cr2()
+            if cr2 is not None:  # a #PF the native events delivered: CR2 is the guest's now
+                self._uc.reg_write(X.UC_X86_REG_CR2, cr2)
 
     # ------------------------------------------------------------------ misc
     @property

@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 
 from cetvm import InputError
+from cetvm.arch.msr import ArchCapabilities
 from cetvm.cpuid.builtin_data import MODEL_ROWS, SOURCES
 from cetvm.cpuid.model import CpuidModel
 from cetvm.cpuid.host import read_host_model
@@ -13,6 +14,27 @@ from cetvm.cpuid.parse import load_cpuid_file
 
 #: The model read from this machine's CPU (see :mod:`cetvm.cpuid.host`).
 HOST_MODEL = "host"
+
+_A = ArchCapabilities
+_NOT_AFFECTED_ICX = _A.RDCL_NO | _A.IBRS_ALL | _A.SKIP_L1DFL_VMENTRY | _A.MDS_NO | _A.IF_PSCHANGE_MC_NO | _A.TAA_NO
+#: IA32_ARCH_CAPABILITIES of the built-in Intel models (CPUID dumps do not carry MSRs). Decision,
+#: from Intel's affected-processor tables: Ice Lake and later are not susceptible to Meltdown,
+#: MDS or TAA (Sapphire/Emerald Rapids and Alder Lake not to the MMIO stale-data, GDS and RFDS
+#: issues either); Skylake-SP predates the MSR (0: susceptible to all). AMD models: no MSR (0).
+ARCH_CAPABILITIES: dict[str, int] = {
+    "sapphire-rapids": int(_NOT_AFFECTED_ICX | _A.SBDR_SSDP_NO | _A.FBSDP_NO | _A.PSDP_NO | _A.GDS_NO | _A.RFDS_NO),
+    "emerald-rapids": int(_NOT_AFFECTED_ICX | _A.SBDR_SSDP_NO | _A.FBSDP_NO | _A.PSDP_NO | _A.GDS_NO | _A.RFDS_NO),
+    "alder-lake": int(_NOT_AFFECTED_ICX | _A.SBDR_SSDP_NO | _A.FBSDP_NO | _A.PSDP_NO | _A.GDS_NO),
+    "tiger-lake": int(_NOT_AFFECTED_ICX),
+    "ice-lake": int(_NOT_AFFECTED_ICX),
+    "skylake-sp": 0,
+}
+
+
+def arch_capabilities(name: str) -> int:
+    """IA32_ARCH_CAPABILITIES of the CPU model ``name`` (0 for AMD models, dump files and the
+    host model, whose MSR cetvm cannot read: treated as susceptible to everything)."""
+    return ARCH_CAPABILITIES.get(name, 0)
 
 
 def model_names() -> list[str]:

@@ -130,6 +130,7 @@ from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nes
 from cetvm.kvm.nested_state import NestedState, get_nested_state, set_nested_state
 from cetvm.kvm.msr import (
     EMULATED_MSRS,
+    kvm_get_arch_capabilities,
     MODELLED_MSRS,
     PAT_RESET,
     KvmMsrState,
@@ -392,7 +393,8 @@ class KvmVcpu:
         self.state = VcpuArch.create(vm.kvm.caps)
         self.host_cpu = vm.kvm.host_cpu
         self.mp_state = MpState.RUNNABLE
-        self.msrs = KvmMsrState(time=VcpuTime(vm.time, cpu))
+        self.msrs = KvmMsrState(time=VcpuTime(vm.time, cpu),
+                                arch_capabilities=kvm_get_arch_capabilities(vm.kvm.caps.host))
         #: the kvm_run of the last exit userspace completes (I/O, MMIO, MSR): its copies go
         #: back to the CPU at the next run (_complete_userspace_exit)
         self._userspace_exit: KvmRun | None = None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from cetvm import InputError
 from cetvm.cpuid import resolve_model
+from cetvm.cpuid.models import arch_capabilities
 
 if TYPE_CHECKING:  # pragma: no cover
     from cetvm.cpuid.model import CpuidModel
@@ -92,6 +93,9 @@ class Host:
     vmx_basic_56: bool = True
     tdp: bool = True
     allow_smaller_maxphyaddr: bool = False
+    #: The host CPU's IA32_ARCH_CAPABILITIES (None: the built-in model's,
+    #: :func:`cetvm.cpuid.models.arch_capabilities`); KVM derives the guest's from it.
+    arch_capabilities: int | None = None
     #: KVM module parameter ``force_emulation_prefix`` (also ``kvm.force_emulation_prefix=1`` in
     #: ``kernel_cmdline``): a #UD at ``ud2; .ascii "kvm"`` makes KVM emulate the next
     #: instruction (:mod:`cetvm.kvm.emulate`).
@@ -108,6 +112,8 @@ class Host:
         if virt not in VIRT_KINDS:
             raise InputError(f"virt must be one of {', '.join(VIRT_KINDS)}, got {virt!r}")
         object.__setattr__(self, "virt", virt)
+        if self.arch_capabilities is None:
+            object.__setattr__(self, "arch_capabilities", arch_capabilities(self.cpu.name))
 
     @property
     def name(self) -> str:

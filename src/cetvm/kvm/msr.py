@@ -23,14 +23,15 @@ import enum
 from dataclasses import dataclass, field
 
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import (CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, VMX_CAPABILITY_MSRS, Efer, FeatureControl,
-                            MiscEnable, Msr)
+from cetvm.arch.msr import (CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, VMX_CAPABILITY_MSRS, ArchCapabilities, Efer,
+                            FeatureControl, MiscEnable, Msr)
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp, kvm_is_valid_u_s_cet
 from cetvm.kvm.errors import KvmInvalidArgument, KvmNotSupported
+from cetvm.kvm.host import Host
 from cetvm.kvm.nested_caps import NestedVmxMsrs, nested_vmx_setup_ctls_msrs, vmcs12_cet_fields_exist, vmcs_enum_max_index
 from cetvm.kvm.timekeeping import KVMCLOCK_EMULATED_MSRS, TIME_MSRS, VcpuTime
 from cetvm.kvm.vcpu import VcpuArch
@@ -230,6 +231,7 @@ UCODE_REV_DEFAULT = 0x1_0000_0000
 PAT_RESET = 0x0007_0406_0007_0406
 #: MSRs KVM emulates in software (per vCPU), advertised by KVM_GET_MSR_INDEX_LIST (emulated_msrs).
 EMULATED_MSRS: tuple[int, ...] = (int(Msr.IA32_UCODE_REV), int(Msr.IA32_SMBASE), int(Msr.IA32_MISC_ENABLE),
+                                  int(Msr.IA32_ARCH_CAPABILITIES),
                                   *KVMCLOCK_EMULATED_MSRS)
 #: MSRs of KVM_GET_MSR_INDEX_LIST that KVM keeps in software, with their RESET values.
 SOFTWARE_MSR_RESET: dict[int, int] = {
@@ -291,6 +293,38 @@ KVM_MAX_MCE_BANKS = 32
 MCG_CTL_P = 1 << 8
 MSR_PERF_CAPABILITIES = 0x345
 SUPPORTED_PERF_CAP = 0
+
+# - IA32_ARCH_CAPABILITIES (CPUID.(7,0).EDX[29], which KVM always shows: it emulates the MSR):
+#   vcpu->arch.arch_capabilities, set at vCPU creation to kvm_get_arch_capabilities(); the guest
+#   reads it (#GP without the CPUID bit), only userspace writes it, within what KVM supports.
+_AC = ArchCapabilities
+#: KVM_SUPPORTED_ARCH_CAP less what names a feature cetvm's CPU lacks: IBRS_ALL (no
+#: IA32_SPEC_CTRL), TSX_CTRL (no TSX), FB_CLEAR (VERW clears no buffers), RSBA.
+KVM_SUPPORTED_ARCH_CAP = int(_AC.RDCL_NO | _AC.SKIP_L1DFL_VMENTRY | _AC.SSB_NO | _AC.MDS_NO | _AC.IF_PSCHANGE_MC_NO
+                             | _AC.TAA_NO | _AC.SBDR_SSDP_NO | _AC.FBSDP_NO | _AC.PSDP_NO | _AC.GDS_NO
+                             | _AC.RFDS_NO)
+#: What AMD processors are not susceptible to (Linux's cpu_vuln_whitelist: NO_MELTDOWN, NO_MDS,
+#: no TSX, NO_MMIO): the *_NO facts KVM adds from the host's bug bits.
+_AMD_NOT_AFFECTED = int(_AC.RDCL_NO | _AC.MDS_NO | _AC.TAA_NO | _AC.SBDR_SSDP_NO | _AC.FBSDP_NO | _AC.PSDP_NO
+                        | _AC.GDS_NO | _AC.RFDS_NO)
+
+
+def kvm_get_arch_capabilities(host: Host) -> int:
+    """kvm_get_arch_capabilities() [K x86.c]: the host's supported bits, PSCHANGE_MC_NO (KVM's
+    shadow paging handles iTLB multihit) and SKIP_L1DFL_VMENTRY (KVM flushes L1D itself where
+    needed), and each *_NO the host's bug bits allow — Intel hosts from their own MSR, AMD
+    hosts from Linux's whitelist. TAA_NO only with RTM on the host ("TAA_NO is meaningless
+    without TSX")."""
+    host_value = host.arch_capabilities or 0
+    not_affected = _AMD_NOT_AFFECTED if host.vendor == "amd" else host_value
+    data = host_value & KVM_SUPPORTED_ARCH_CAP
+    data |= int(_AC.IF_PSCHANGE_MC_NO | _AC.SKIP_L1DFL_VMENTRY)
+    data |= not_affected & int(_AC.RDCL_NO | _AC.SSB_NO | _AC.MDS_NO | _AC.RFDS_NO | _AC.GDS_NO)
+    if not host.cpu.has("rtm"):
+        data &= ~int(_AC.TAA_NO)
+    elif not_affected & _AC.TAA_NO:
+        data |= int(_AC.TAA_NO)
+    return data
 _MEMTYPES = (0, 1, 4, 5, 6)
 
 
@@ -347,6 +381,9 @@ class KvmMsrState:
     mce: dict[int, int] = field(default_factory=dict)
     mcg_cap: int = KVM_MAX_MCE_BANKS
     perf_capabilities: int = 0
+    #: vcpu->arch.arch_capabilities (:func:`kvm_get_arch_capabilities` at creation; RESET and
+    #: INIT keep it, as KVM)
+    arch_capabilities: int = 0
     time: VcpuTime | None = None
 
     def reset(self, init_event: bool, bsp: bool = True) -> None:
@@ -382,6 +419,10 @@ def _feature_msr_get(vcpu: VcpuArch, msrs: KvmMsrState, index: int,
         if not host_initiated and not vcpu.cpuid.guest_cpuid_has("pdcm"):
             return MsrResult.ERROR, 0
         return MsrResult.OK, msrs.perf_capabilities
+    if index == Msr.IA32_ARCH_CAPABILITIES:
+        if not host_initiated and not vcpu.cpuid.guest_cpuid_has("arch_capabilities"):
+            return MsrResult.ERROR, 0
+        return MsrResult.OK, msrs.arch_capabilities
     if index in READ_ZERO_MSRS:
         return MsrResult.OK, 0
     if index == MSR_IA32_POWER_CTL:
@@ -420,6 +461,11 @@ def _feature_msr_set(vcpu: VcpuArch, msrs: KvmMsrState, index: int, data: int,
         if not host_initiated or data & ~SUPPORTED_PERF_CAP:
             return MsrResult.ERROR
         msrs.perf_capabilities = data
+        return MsrResult.OK
+    if index == Msr.IA32_ARCH_CAPABILITIES:
+        if not host_initiated or data & ~kvm_get_arch_capabilities(vcpu.caps.host):
+            return MsrResult.ERROR
+        msrs.arch_capabilities = data
         return MsrResult.OK
     if index in WRITE_IGNORED_MSRS:
         return MsrResult.OK

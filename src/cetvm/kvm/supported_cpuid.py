@@ -62,13 +62,16 @@ def _leaf_1(host: CpuidModel, out: CpuidModel, nested_vmx: bool) -> None:
     out.set(1, 0, eax, ebx, ecx, edx)
 
 
+ARCH_CAPABILITIES = FEATURES["arch_capabilities"]
+
+
 def _leaf_7(caps: KvmCaps, out: CpuidModel) -> None:
     host = caps.host.cpu
     if host.max_basic_leaf < 7:
         return
     eax, ebx, ecx, edx = host.get(7, 0)
     ecx = _bit(ecx, SHSTK.mask, caps.has("shstk")) & ~_OSPKE
-    edx = _bit(edx, IBT.mask, caps.has("ibt"))
+    edx = _bit(edx, IBT.mask, caps.has("ibt")) | ARCH_CAPABILITIES.mask  # KVM emulates the MSR
     out.set(7, 0, min(eax, 2), ebx, ecx, edx)
     if eax >= 1:
         regs = list(host.get(7, 1))

@@ -1,7 +1,8 @@
 """The native CET fast path: the block hook of :mod:`cetvm.cpu.cet.transfer` in C.
 
 Build with ``python -m cetvm.cpu.native.build``; see :mod:`.loader` for the Python side and
-``cetfast.c`` for what runs natively and what is handed over to the Python layer.
+``cetfast.c`` for what runs natively and what is handed over to the Python layer (the block
+hook, and :class:`NativeEvents`: SYSCALL, SYSRETQ, IRETQ and #PF delivered inside the engine).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import TextIO
 
 from cetvm import InputError, NotSupportedError
 from cetvm.cpu.native.loader import (
-    Handover, HandoverRequest, NativeBlockTracker, NativeCet, NativeCetState, PagingKind, is_built, load_library,
+    Handover, HandoverRequest, NativeBlockTracker, NativeCet, NativeCetState, NativeEvents, PagingKind, is_built,
+    load_library,
 )
 
 #: Accepted values of ``Vcpu(cet_path=...)`` and ``--cet-path``.
@@ -52,6 +54,7 @@ def select_cet_path(requested: str, notice: TextIO | None = None) -> str:
 
 
 __all__ = [
-    "CET_PATHS", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "PagingKind",
+    "CET_PATHS", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "NativeEvents",
+    "PagingKind",
     "is_built", "load_library", "native_available", "select_cet_path",
 ]

@@ -1,5 +1,6 @@
 /*
- * cetfast — CET enforcement at engine speed: a UC_HOOK_BLOCK callback for Unicorn 2.1.4.
+ * cetfast — CET enforcement at engine speed: a UC_HOOK_BLOCK callback for Unicorn 2.1.4, and
+ * (section "Native events" at the end) SYSCALL, SYSRETQ, IRETQ and #PF delivered in the engine.
  *
  * This is a 1:1 re-implementation of the *common* cases of the pure Python block state machine
  * cetvm.cpu.cet.transfer (on_block_start / apply_terminator / check_block_target), which stays
@@ -1207,6 +1208,715 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
     tsc_result(uc, t);
     return 1;
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Native events: SYSCALL and SYSRETQ without leaving the engine [issue 13].
+ *
+ * A 1:1 re-implementation of the common case of cetvm.cpu.emulate.syscall / sysret with the
+ * CET effects of cetvm.cpu.cet.far_transfers.ssp_on_syscall / ssp_on_sysret, which stay the
+ * place that decides. SYSCALL: Unicorn calls the UC_HOOK_INSN hook with RIP at the instruction
+ * and adds its length to RIP afterwards; the TB ends after it, so the new CPL (QEMU's hflags,
+ * patched in a saved context and restored) takes effect at the next block. SYSRETQ cannot be
+ * hooked by type: each SYSRETQ address the classifier sees gets a one-address UC_HOOK_CODE
+ * hook (the block is translated again with it), called before the instruction runs; writing
+ * RIP there leaves the block before the SYSRETQ executes and the engine goes on at the new RIP.
+ *
+ * Anything else is handed over to Python, which emulates the instruction (and raises its #UD
+ * or #GP): SCE clear, not 64-bit mode, CPL != 0 for SYSRET, a non-canonical RCX, the 32-bit
+ * SYSRET form, a block whose classification does not end with this instruction, the hook
+ * disabled (single steps) or a block-start hand-over pending. A hand-over records the
+ * instruction's RIP and stops the engine; nothing has been changed (SYSCALL: Unicorn still adds
+ * the length to RIP, Python puts RIP back).
+ *
+ * The pending terminator of the block is the SYSCALL/SYSRET itself (kind OTHER_EMULATED): the
+ * next block start only checks ENDBR while the tracker waits (armed here by SYSCALL), on the
+ * short/general paths above. Instructions are counted with their block (block granularity
+ * only: the vCPU enables these hooks only then).
+ * ------------------------------------------------------------------------------------- */
+
+/* Unicorn 2.1.4's x86-64 CPUX86State as saved in a uc_context (data at +40; cetvm.cpu.uc_context,
+ * self-checked by the loader): hflags, segs[] (24 bytes each), EFER, STAR, LSTAR, FMASK. */
+#define UCX_DATA 40
+#define UCX_HFLAGS 176
+#define UCX_SEGS 184
+#define UCX_SEG_SIZE 24
+#define UCX_EFER 592
+#define UCX_STAR 4824
+#define UCX_LSTAR 4840
+#define UCX_FMASK 4856
+#define UCX_ERROR_CODE 5384
+#define UCX_OLD_EXCEPTION 5496
+#define SEG_CS 1
+#define SEG_SS 2
+
+/* QEMU hflags [cetvm.cpu.uc_context.HFlags]. */
+#define HF_CPL_MASK 3u
+#define HF_CS32 (1u << 4)
+#define HF_SS32 (1u << 5)
+#define HF_ADDSEG (1u << 6)
+#define HF_LMA (1u << 14)
+#define HF_CS64 (1u << 15)
+
+/* Segment attributes as QEMU caches them (descriptor high dword) [cetvm.cpu.state.SegAttr]. */
+#define SA_ACCESSED (1u << 8)
+#define SA_RW (1u << 9)
+#define SA_CODE (1u << 11)
+#define SA_S (1u << 12)
+#define SA_P (1u << 15)
+#define SA_L (1u << 21)
+#define SA_DB (1u << 22)
+#define SA_G (1u << 23)
+#define SA_DPL_SHIFT 13
+#define SA_CODE64 (SA_P | SA_S | SA_CODE | SA_RW | SA_ACCESSED | SA_L | SA_G) /* Segment.code64 */
+#define SA_DATA (SA_P | SA_S | SA_RW | SA_ACCESSED | SA_DB | SA_G)             /* Segment.data */
+
+#define EFER_SCE 1ull
+#define RFLAGS_RF (1ull << 16)
+#define RFLAGS_IF (1ull << 9)
+#define RFLAGS_IRET_MASK 0x257FD5ull /* cetvm.cpu.emulate.RFLAGS_IRET_MASK */
+#define RFLAGS_SYSRET_MASK 0x3C7FD7ull /* cetvm.cpu.emulate.RFLAGS_SYSRET_MASK */
+
+typedef uc_err (*ctx_alloc_fn)(uc_engine *, uc_context **);
+typedef uc_err (*ctx_fn)(uc_engine *, uc_context *);
+typedef uc_err (*ctx_free_fn)(uc_context *);
+
+/* Mirrored by cetvm.cpu.native.loader.EventsState. */
+typedef struct {
+    uint64_t pl_ssp[4];      /* IA32_PL0_SSP .. IA32_PL3_SSP: the vCPU's only copy */
+    uint64_t handover_rip;   /* RIP of the instruction left to Python (valid while handover) */
+    uint32_t handover;       /* 1: Python must emulate the instruction at handover_rip */
+    uint32_t enabled;        /* Python turns the native events on (block-granular budgets) */
+    uint64_t mode_changes;   /* CPL changes made here: Python re-reads the mode when it moved */
+    uint64_t syscalls;       /* statistics: native SYSCALLs, SYSRETs, IRETs, hand-overs */
+    uint64_t sysrets;
+    uint64_t irets;
+    uint64_t handovers;
+    uint32_t irq_pending;    /* Python: an external interrupt waits (SYSRET/IRET may open its window) */
+    uint32_t exception_bitmap; /* Python: the VMCS exception bitmap (those exceptions exit: Python) */
+    uint64_t faults;         /* statistics: #PFs delivered here */
+    uint64_t pf_cr2;         /* CR2 of the last #PF delivered here (Python keeps it after the run) */
+    uint64_t pf_delivered;   /* #PFs delivered during the current run (Python clears it) */
+    /* private */
+    void (*slow_intr)(uc_engine *, uint32_t, void *); /* Python's UC_HOOK_INTR handler */
+    uint8_t *bounds_pool;    /* instruction lengths of classified blocks (see "#PF" below) */
+    uint32_t bounds_used;
+    uint32_t bounds_count;
+    void *bounds;
+    cetfast_t *f;
+    reg_rw_fn reg_read;
+    reg_rw_fn reg_write;
+    ctx_fn ctx_save;
+    ctx_fn ctx_restore;
+    ctx_free_fn ctx_free;
+    uc_context *ctx;
+} cet_events_t;
+
+uint64_t cetfast_events_size(void) { return sizeof(cet_events_t); }
+
+void *cetfast_events_new(void *cetfast, uc_engine *uc, void *reg_read, void *reg_write, void *ctx_alloc,
+                         void *ctx_save, void *ctx_restore, void *ctx_free)
+{
+    cet_events_t *e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    if (((ctx_alloc_fn)ctx_alloc)(uc, &e->ctx) != UC_ERR_OK) {
+        free(e);
+        return NULL;
+    }
+    e->f = cetfast;
+    e->reg_read = (reg_rw_fn)reg_read;
+    e->reg_write = (reg_rw_fn)reg_write;
+    e->ctx_save = (ctx_fn)ctx_save;
+    e->ctx_restore = (ctx_fn)ctx_restore;
+    e->ctx_free = (ctx_free_fn)ctx_free;
+    return e;
+}
+
+void cetfast_events_free(void *p)
+{
+    cet_events_t *e = p;
+    if (!e)
+        return;
+    e->ctx_free(e->ctx);
+    free(e->bounds_pool);
+    free(e->bounds);
+    free(e);
+}
+
+/* The saved CPUX86State fields this section reads (the loader's layout self-check). */
+int cetfast_events_read_msrs(void *p, uc_engine *uc, uint64_t out[4])
+{
+    cet_events_t *e = p;
+    if (e->ctx_save(uc, e->ctx) != UC_ERR_OK)
+        return -1;
+    const uint8_t *d = (const uint8_t *)e->ctx + UCX_DATA;
+    memcpy(&out[0], d + UCX_EFER, 8);
+    memcpy(&out[1], d + UCX_STAR, 8);
+    memcpy(&out[2], d + UCX_LSTAR, 8);
+    memcpy(&out[3], d + UCX_FMASK, 8);
+    return 0;
+}
+
+static inline uint64_t ctx_u64(const uint8_t *d, unsigned off)
+{
+    uint64_t v;
+    memcpy(&v, d + off, 8);
+    return v;
+}
+
+/* Load a segment cache in the saved context as Registers.load_segment_caches does. */
+static void ctx_segment(uint8_t *d, unsigned seg, uint32_t selector, uint64_t base, uint32_t limit,
+                        uint32_t attributes)
+{
+    uint8_t *c = d + UCX_SEGS + seg * UCX_SEG_SIZE;
+    uint32_t pad = 0;
+    memcpy(c, &selector, 4);
+    memcpy(c + 4, &pad, 4);
+    memcpy(c + 8, &base, 8);
+    memcpy(c + 16, &limit, 4);
+    memcpy(c + 20, &attributes, 4);
+}
+
+/* A flat segment (base 0, limit 4 GiB - 1): Segment.code64 / Segment.data. */
+static void ctx_flat_segment(uint8_t *d, unsigned seg, uint32_t selector, uint32_t attributes)
+{
+    ctx_segment(d, seg, selector, 0, 0xFFFFFFFFu, attributes);
+}
+
+/* hflags after loading a 64-bit CS (L=1) at ``cpl`` in IA-32e mode (uc_context.segment_hflags). */
+static inline uint32_t hflags_long_mode(uint32_t hflags, unsigned cpl)
+{
+    hflags &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_CS64 | HF_ADDSEG);
+    return hflags | HF_CS32 | HF_SS32 | HF_CS64 | cpl;
+}
+
+/* LA_adjust with 48-bit linear addresses [cetvm.cpu.cet.policy.la_adjust]. */
+static inline uint64_t la_adjust48(uint64_t v)
+{
+    return (v & (1ull << 47)) ? (v | 0xFFFF000000000000ull) : (v & 0x0000FFFFFFFFFFFFull);
+}
+
+__attribute__((noinline, cold)) static void event_hand_over(cet_events_t *e, uc_engine *uc, uint64_t rip)
+{
+    e->handover = 1;
+    e->handover_rip = rip;
+    e->handovers++;
+    e->f->emu_stop(uc);
+}
+
+static inline int events_usable(const cet_events_t *e)
+{
+    const cet_shared_t *s = &e->f->s;
+    return e->enabled && s->enabled && !s->handover && !e->handover && s->long_mode;
+}
+
+/* The length of the instruction at linear ``lin`` if it ends the block under way as an
+ * OTHER_EMULATED terminator (what the classifier makes of SYSCALL/SYSRET), else 0. */
+static inline unsigned pending_event_length(const cetfast_t *f, uint64_t lin)
+{
+    const cet_block_t *b = f->s.pend;
+    if (b->size == BLOCK_EMPTY || b->kbit != (1u << T_OTHER_EMULATED) || b->ret - b->insn_len != lin)
+        return 0;
+    return b->insn_len;
+}
+
+/* The CPL changed here: the short path's masks and Python's cached mode follow. */
+static void events_new_cpl(cet_events_t *e, unsigned cpl)
+{
+    cetfast_t *f = e->f;
+    f->s.cpl = (uint8_t)cpl;
+    refresh_fast(f);
+    e->mode_changes++;
+}
+
+/* UC_HOOK_INSN (UC_X86_INS_SYSCALL) [SDM Vol. 2 SYSCALL; cetvm.cpu.emulate.syscall]. */
+void cetfast_syscall_hook(uc_engine *uc, void *user_data)
+{
+    cet_events_t *e = user_data;
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    uint64_t rip;
+    e->reg_read(uc, UC_X86_REG_RIP, &rip);
+    unsigned len = events_usable(e) ? pending_event_length(f, rip + s->cs_base) : 0;
+    if (UNLIKELY(len == 0 || e->ctx_save(uc, e->ctx) != UC_ERR_OK)) {
+        event_hand_over(e, uc, rip);
+        return;
+    }
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t hflags;
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || !(hflags & HF_CS64))) {
+        event_hand_over(e, uc, rip); /* #UD: Python raises it */
+        return;
+    }
+    uint64_t star = ctx_u64(d, UCX_STAR), lstar = ctx_u64(d, UCX_LSTAR), fmask = ctx_u64(d, UCX_FMASK);
+    unsigned old_cpl = hflags & HF_CPL_MASK;
+    uint32_t selector = (uint32_t)(star >> 32) & 0xFFFCu;
+    ctx_flat_segment(d, SEG_CS, selector, SA_CODE64);
+    ctx_flat_segment(d, SEG_SS, selector + 8, SA_DATA);
+    hflags = hflags_long_mode(hflags, 0);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    e->ctx_restore(uc, e->ctx);
+
+    uint64_t rflags, next = rip + len;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    uint64_t new_rflags = (rflags & ~fmask & ~RFLAGS_RF) | 2;
+    e->reg_write(uc, UC_X86_REG_RCX, &next);
+    e->reg_write(uc, UC_X86_REG_R11, &rflags);
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &new_rflags);
+    uint64_t target = lstar - len; /* Unicorn adds the length after the hook */
+    e->reg_write(uc, UC_X86_REG_RIP, &target);
+
+    /* ssp_on_syscall */
+    if (s->cr4_cet) {
+        uint64_t old_ctl = old_cpl == 3 ? s->u_cet : s->s_cet;
+        if (old_ctl & CET_SH_STK_EN)
+            e->pl_ssp[3] = la_adjust48(s->ssp);
+        if (s->s_cet & CET_SH_STK_EN)
+            s->ssp = 0;
+        if (s->s_cet & CET_ENDBR_EN) /* ibt_arm_on_transfer(m, 0) */
+            s->s_cet = (s->s_cet | CET_TRACKER) & ~CET_SUPPRESS;
+    }
+    events_new_cpl(e, 0);
+    e->syscalls++;
+}
+
+/* UC_HOOK_CODE on one SYSRETQ address [SDM Vol. 2 SYSRET; cetvm.cpu.emulate.sysret]. */
+void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    cet_events_t *e = user_data;
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    uint64_t rip = address - s->cs_base;
+    if (UNLIKELY(!events_usable(e) || size != 3 || pending_event_length(f, address) != 3
+                 || e->ctx_save(uc, e->ctx) != UC_ERR_OK)) {
+        event_hand_over(e, uc, rip);
+        return;
+    }
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t hflags;
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    uint64_t rcx, r11;
+    e->reg_read(uc, UC_X86_REG_RCX, &rcx);
+    e->reg_read(uc, UC_X86_REG_R11, &r11);
+    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || (hflags & HF_CPL_MASK) != 0 || !(hflags & HF_CS64)
+                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)))) {
+        event_hand_over(e, uc, rip); /* #UD / #GP(0): Python raises it; an interrupt window opens */
+        return;
+    }
+    uint32_t base = (uint32_t)(ctx_u64(d, UCX_STAR) >> 48) & 0xFFFCu;
+    ctx_flat_segment(d, SEG_CS, (base + 16) | 3, SA_CODE64 | 3u << SA_DPL_SHIFT);
+    ctx_flat_segment(d, SEG_SS, (base + 8) | 3, SA_DATA | 3u << SA_DPL_SHIFT);
+    hflags = hflags_long_mode(hflags, 3);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    e->ctx_restore(uc, e->ctx);
+
+    uint64_t rflags = (r11 & RFLAGS_SYSRET_MASK) | 2;
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &rflags);
+    /* ssp_on_sysret */
+    if (s->cr4_cet && (s->u_cet & CET_SH_STK_EN))
+        s->ssp = e->pl_ssp[3];
+    events_new_cpl(e, 3);
+    e->sysrets++;
+    e->reg_write(uc, UC_X86_REG_RIP, &rcx); /* leaves the block before the SYSRETQ runs */
+}
+
+/* ------------------------------------------------------------------ IRETQ
+ *
+ * IRETQ at CPL 0 to a 64-bit code segment at CPL 0 or 3 [SDM Vol. 2 IRET "IA-32e mode";
+ * cetvm.cpu.emulate.iret with cetvm.cpu.cet.far_transfers.ssp_on_iret], on a UC_HOOK_CODE at its
+ * address as SYSRETQ. Reads (the frame, the GDT) are supervisor data reads through a native
+ * 4-level walk with cetvm.cpu.paging.translate's rules (every level present; a supervisor read
+ * has no other condition). Handed over to Python: another CPL, a frame or descriptor that does
+ * not read (Python raises the #PF), any failing check (#GP/#NP/#SS/#CP), a target that is not a
+ * flat 64-bit code segment, a supervisor token to free (an IST frame, a return to CPL 3 with
+ * supervisor shadow stacks), an interrupt window opening while an interrupt waits.
+ */
+
+/* Supervisor data translation of the 8 bytes at ``lin`` (never across a page) for a read or a
+ * write (CR0.WP: read-only pages fault) to a host pointer into RAM; NULL: Python decides. */
+static uint8_t *sup_host(cetfast_t *f, uc_engine *uc, uint64_t lin, int write, int wp)
+{
+    uint64_t phys;
+    if ((lin & (PAGE_SIZE - 1)) > PAGE_SIZE - 8)
+        return NULL;
+    if (f->s.paging == PAGING_OFF) {
+        phys = lin;
+    } else if (f->s.paging == PAGING_4LEVEL) {
+        static const int shifts[4] = {39, 30, 21, 12};
+        uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
+        int page_shift = 12, writable = 1;
+        if (!is_canonical48(lin))
+            return NULL;
+        for (int level = 0; level < 4; level++) {
+            uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
+            uint8_t *h = phys_host(f, gpa, 8);
+            if (h)
+                memcpy(&entry, h, 8);
+            else if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
+                return NULL;
+            if (!(entry & PTE_P))
+                return NULL;
+            writable = writable && (entry & PTE_RW);
+            if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
+                page_shift = shifts[level];
+                break;
+            }
+            table = entry & PTE_ADDR_MASK;
+        }
+        if (write && wp && !writable)
+            return NULL;
+        uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
+        phys = (entry & frame_mask) | (lin & ((1ull << page_shift) - 1));
+    } else {
+        return NULL;
+    }
+    return phys_host(f, phys, 8);
+}
+
+/* Supervisor data read of 8 bytes at ``lin`` (never across a page, RAM only); 0 or -1 (hand over). */
+static int sup_read_u64(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *value)
+{
+    uint8_t *h = sup_host(f, uc, lin, 0, 0);
+    if (!h)
+        return -1;
+    memcpy(value, h, 8);
+    return 0;
+}
+
+/* A GDT code/data descriptor for ``selector`` (cetvm.cpu.events.read_descriptor): its high dword
+ * as QEMU caches it (attributes), base and limit; -1 when Python must decide (LDT, limit, null,
+ * unreadable). */
+static int gdt_descriptor(cet_events_t *e, uc_engine *uc, uint32_t selector, uint32_t *attributes,
+                          uint64_t *base, uint32_t *limit)
+{
+    uc_x86_mmr gdtr = {0};
+    uint32_t index = selector & ~7u;
+    uint64_t raw;
+    if (e->reg_read(uc, UC_X86_REG_GDTR, &gdtr) != UC_ERR_OK || (selector & 4) || index == 0
+        || index + 7 > gdtr.limit || sup_read_u64(e->f, uc, gdtr.base + index, &raw) < 0)
+        return -1;
+    uint32_t low = (uint32_t)raw, high = (uint32_t)(raw >> 32);
+    *attributes = high & 0x00F0FF00u;
+    *base = ((low >> 16) & 0xFFFFu) | ((uint64_t)(high & 0xFFu) << 16) | (high & 0xFF000000u);
+    *limit = (low & 0xFFFFu) | (high & 0x000F0000u);
+    if (*attributes & SA_G)
+        *limit = (*limit << 12) | 0xFFFu;
+    return 0;
+}
+
+/* ssp_on_iret for IRETQ from CPL 0 (see above); 0 with *ssp the new SSP, or -1 (hand over). */
+static int iret_ssp(cet_events_t *e, uc_engine *uc, unsigned new_cpl, uint32_t cs, uint64_t lip, uint64_t *ssp)
+{
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    int old_on = s->cr4_cet && (s->s_cet & CET_SH_STK_EN);
+    *ssp = s->ssp;
+    if (new_cpl == 3) { /* _return_to_outer */
+        if (old_on)
+            return -1; /* the supervisor token at the old SSP is freed: Python */
+        if (s->cr4_cet && (s->u_cet & CET_SH_STK_EN)) {
+            if (!is_canonical48(e->pl_ssp[3]))
+                return -1;
+            *ssp = e->pl_ssp[3];
+        }
+        return 0;
+    }
+    if (!old_on)
+        return 0;
+    uint64_t at = *ssp, saved_cs, saved_lip, prev;
+    if ((at & 7) || ss_load(f, uc, at + 16, &saved_cs, 8, 0) < 0 || ss_load(f, uc, at + 8, &saved_lip, 8, 0) < 0
+        || ss_load(f, uc, at, &prev, 8, 0) < 0)
+        return -1;
+    if (saved_cs != (cs & 0xFFFFu) || saved_lip != lip || (prev & 3) || !is_canonical48(prev) || prev != at + 24)
+        return -1; /* #CP(FAR_RET_IRET) / #GP(0) / a token to free after an IST switch: Python */
+    *ssp = prev;
+    return 0;
+}
+
+/* UC_HOOK_CODE on one IRETQ address (see above). */
+void cetfast_iret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    cet_events_t *e = user_data;
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    uint64_t rip = address - s->cs_base;
+    uint64_t rsp, frame[5];
+    if (UNLIKELY(!events_usable(e) || size != 2 || pending_event_length(f, address) != 2 || s->cpl != 0))
+        goto hand_over;
+    e->reg_read(uc, UC_X86_REG_RSP, &rsp);
+    for (int i = 0; i < 5; i++)
+        if (sup_read_u64(f, uc, rsp + 8 * (uint64_t)i, &frame[i]) < 0)
+            goto hand_over;
+    uint64_t new_rip = frame[0], new_rflags = frame[2], new_rsp = frame[3];
+    uint32_t new_cs = frame[1] & 0xFFFFu, new_ss = frame[4] & 0xFFFFu;
+    unsigned new_cpl = new_cs & 3;
+    if (new_cpl != 0 && new_cpl != 3)
+        goto hand_over;
+    /* _code_descriptor: a flat 64-bit code segment, DPL = RPL */
+    uint32_t cs_attr, cs_limit, ss_attr = (uint32_t)new_cpl << SA_DPL_SHIFT, ss_limit = 0;
+    uint64_t cs_base, ss_base = 0;
+    if ((new_cs & ~3u) == 0 || gdt_descriptor(e, uc, new_cs, &cs_attr, &cs_base, &cs_limit) < 0
+        || (cs_attr & (SA_CODE | SA_S | SA_P | SA_L)) != (SA_CODE | SA_S | SA_P | SA_L)
+        || ((cs_attr >> SA_DPL_SHIFT) & 3) != new_cpl || cs_base != 0 || !is_canonical48(new_rip))
+        goto hand_over;
+    /* _stack_descriptor: a null SS for a 64-bit return to CPL 0, else a present writable data
+     * segment with RPL = DPL = CPL */
+    if ((new_ss & ~3u) == 0) {
+        if (new_cpl == 3 || (new_ss & 3) != new_cpl)
+            goto hand_over;
+    } else if ((new_ss & 3) != new_cpl || gdt_descriptor(e, uc, new_ss, &ss_attr, &ss_base, &ss_limit) < 0
+               || (ss_attr & (SA_CODE | SA_RW | SA_S | SA_P)) != (SA_RW | SA_S | SA_P)
+               || ((ss_attr >> SA_DPL_SHIFT) & 3) != new_cpl) {
+        goto hand_over;
+    }
+    uint64_t rflags;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    /* old CPL 0: IOPL and IF are writable */
+    uint64_t out_rflags = (rflags & ~RFLAGS_IRET_MASK) | (new_rflags & RFLAGS_IRET_MASK) | 2;
+    if (e->irq_pending && (out_rflags & RFLAGS_IF))
+        goto hand_over;
+    uint64_t ssp = s->ssp;
+    int cet_active = s->cr4_cet && ((s->u_cet | s->s_cet) & (CET_SH_STK_EN | CET_ENDBR_EN));
+    if (cet_active && iret_ssp(e, uc, new_cpl, new_cs, new_rip, &ssp) < 0)
+        goto hand_over;
+    if (e->ctx_save(uc, e->ctx) != UC_ERR_OK)
+        goto hand_over;
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t hflags;
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    if (!(hflags & HF_LMA))
+        goto hand_over;
+    ctx_segment(d, SEG_CS, new_cs, cs_base, cs_limit, cs_attr);
+    ctx_segment(d, SEG_SS, new_ss, ss_base, ss_limit, ss_attr);
+    hflags = hflags_long_mode(hflags, (ss_attr >> SA_DPL_SHIFT) & 3);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    e->ctx_restore(uc, e->ctx);
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &out_rflags);
+    e->reg_write(uc, UC_X86_REG_RSP, &new_rsp);
+    s->ssp = ssp;
+    if (new_cpl != 0)
+        events_new_cpl(e, new_cpl);
+    e->irets++;
+    e->reg_write(uc, UC_X86_REG_RIP, &new_rip); /* leaves the block before the IRETQ runs */
+    return;
+hand_over:
+    event_hand_over(e, uc, rip);
+}
+
+/* ------------------------------------------------------------------ page faults
+ *
+ * #PF delivery through a 64-bit interrupt/trap gate without IST to CPL 0, from CPL 0 or CPL 3
+ * [SDM Vol. 3 §6.14; cetvm.cpu.events.deliver_64 with cetvm.cpu.cet.far_transfers.ssp_on_event],
+ * as UC_HOOK_INTR (Unicorn stops at the faulting instruction with CR2 and its error code set).
+ * It replaces Python's UC_HOOK_INTR handler (cetvm.cpu.engine_stops._on_interrupt), which it
+ * calls for everything else, before changing anything: other vectors, a possible fetch fault
+ * (CR2 within 15 bytes of RIP), an error code with bits other than P/W/U, a fault outside the
+ * block that ran last or at an instruction boundary the classifier did not record, an exception
+ * the VMCS exception bitmap makes exit, IST gates, 32-bit/task gates, a non-flat or not 64-bit
+ * handler CS, a frame or shadow-stack frame that does not translate to RAM, supervisor shadow
+ * stacks on a CPL 3 -> 0 switch (the supervisor token), an IDT/GDT/TSS read that fails.
+ *
+ * Budget: the block that ran last was counted when it started; the instructions from the faulting
+ * one on did not retire and are taken back (cetvm.cpu.vcpu._retire_before), which needs the
+ * instruction boundaries of the block: Python stores its instruction lengths here
+ * (cetfast_events_store_bounds) at the first #PF in it that it delivers itself. The error code is the engine's (CPUX86State.error_code), where
+ * Python re-derives it with a page walk; both give P/W/U for the accesses the walker knows.
+ */
+#define BOUNDS_SLOTS 16384u
+#define BOUNDS_POOL (1u << 20)
+#define GATE_INTERRUPT 0xE
+#define GATE_TRAP 0xF
+#define RFLAGS_TF (1ull << 8)
+#define RFLAGS_NT (1ull << 14)
+#define RFLAGS_VM (1ull << 17)
+#define VECTOR_PF 14
+#define CR0_WP (1ull << 16)
+
+typedef struct {
+    uint64_t addr;
+    uint16_t size;
+    uint16_t icount;
+    uint32_t offset; /* into bounds_pool: icount instruction lengths */
+} bounds_t;
+
+static void bounds_clear(cet_events_t *e)
+{
+    memset(e->bounds, 0, BOUNDS_SLOTS * sizeof(bounds_t));
+    e->bounds_used = 0;
+    e->bounds_count = 0;
+}
+
+/* Record the instruction lengths of a classified block (0, or -1 out of memory). */
+int cetfast_events_store_bounds(void *p, uint64_t addr, uint32_t size, const uint8_t *lengths, uint32_t icount)
+{
+    cet_events_t *e = p;
+    if (!e->bounds) {
+        e->bounds = calloc(BOUNDS_SLOTS, sizeof(bounds_t));
+        e->bounds_pool = malloc(BOUNDS_POOL);
+        if (!e->bounds || !e->bounds_pool)
+            return -1;
+    }
+    if (icount == 0 || icount > 0xFFFF || size > 0xFFFF)
+        return 0;
+    if (e->bounds_used + icount > BOUNDS_POOL || e->bounds_count >= BOUNDS_SLOTS / 2)
+        bounds_clear(e);
+    bounds_t *t = e->bounds;
+    uint64_t i = block_hash(addr) & (BOUNDS_SLOTS - 1);
+    while (t[i].size && t[i].addr != addr)
+        i = (i + 1) & (BOUNDS_SLOTS - 1);
+    if (!t[i].size)
+        e->bounds_count++;
+    t[i] = (bounds_t){addr, (uint16_t)size, (uint16_t)icount, e->bounds_used};
+    memcpy(e->bounds_pool + e->bounds_used, lengths, icount);
+    e->bounds_used += icount;
+    return 0;
+}
+
+/* Instructions of block ``b`` before linear ``lin`` (an instruction boundary in it), or -1. */
+static int instructions_before(const cet_events_t *e, const cet_block_t *b, uint64_t lin)
+{
+    const bounds_t *t = e->bounds;
+    if (!t)
+        return -1;
+    uint64_t i = block_hash(b->addr) & (BOUNDS_SLOTS - 1);
+    while (t[i].size && t[i].addr != b->addr)
+        i = (i + 1) & (BOUNDS_SLOTS - 1);
+    if (!t[i].size || t[i].size != b->size || t[i].icount != b->icount)
+        return -1;
+    uint64_t at = b->addr;
+    const uint8_t *len = e->bounds_pool + t[i].offset;
+    for (int n = 0; n < t[i].icount; n++) {
+        if (at == lin)
+            return n;
+        at += len[n];
+    }
+    return -1;
+}
+
+/* Deliver the #PF natively; 1 if done, 0 if nothing was changed (Python decides). */
+static int deliver_pf(cet_events_t *e, uc_engine *uc)
+{
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    const cet_block_t *b = s->pend;
+    uint64_t rip, cr2, rsp, rflags, cr0;
+    e->reg_read(uc, UC_X86_REG_RIP, &rip);
+    e->reg_read(uc, UC_X86_REG_CR2, &cr2);
+    uint64_t lin = rip + s->cs_base;
+    if (cr2 - lin < 15 || b->size == BLOCK_EMPTY || b->icount == 0 || lin < b->addr || lin >= b->addr + b->size)
+        return 0;
+    int ran = instructions_before(e, b, lin);
+    if (ran < 0 || e->ctx_save(uc, e->ctx) != UC_ERR_OK)
+        return 0;
+    uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
+    uint32_t error, hflags;
+    memcpy(&error, d + UCX_ERROR_CODE, 4);
+    memcpy(&hflags, d + UCX_HFLAGS, 4);
+    unsigned old_cpl = hflags & HF_CPL_MASK;
+    if ((error & ~7u) || !(hflags & HF_LMA) || (old_cpl != 0 && old_cpl != 3) || old_cpl != s->cpl)
+        return 0;
+    /* the gate [deliver_64] */
+    uc_x86_mmr idtr = {0}, tr = {0};
+    uint64_t lo, hi;
+    if (e->reg_read(uc, UC_X86_REG_IDTR, &idtr) != UC_ERR_OK || VECTOR_PF * 16 + 15 > idtr.limit
+        || sup_read_u64(f, uc, idtr.base + VECTOR_PF * 16, &lo) < 0
+        || sup_read_u64(f, uc, idtr.base + VECTOR_PF * 16 + 8, &hi) < 0)
+        return 0;
+    uint64_t offset = (lo & 0xFFFF) | ((lo >> 32) & 0xFFFF0000ull) | ((hi & 0xFFFFFFFFull) << 32);
+    uint32_t selector = (lo >> 16) & 0xFFFF, ist = (lo >> 32) & 7, type = (lo >> 40) & 0xF;
+    if ((type != GATE_INTERRUPT && type != GATE_TRAP) || !((lo >> 47) & 1) || ist)
+        return 0;
+    uint32_t cs_attr, cs_limit;
+    uint64_t cs_base;
+    if (gdt_descriptor(e, uc, selector, &cs_attr, &cs_base, &cs_limit) < 0
+        || (cs_attr & (SA_CODE | SA_L | SA_P)) != (SA_CODE | SA_L | SA_P) || ((cs_attr >> SA_DPL_SHIFT) & 3) != 0
+        || cs_base != 0)
+        return 0;
+    /* the stack and the frame */
+    e->reg_read(uc, UC_X86_REG_RSP, &rsp);
+    uint64_t stack = rsp;
+    if (old_cpl != 0) {
+        if (e->reg_read(uc, UC_X86_REG_TR, &tr) != UC_ERR_OK || sup_read_u64(f, uc, tr.base + 4, &stack) < 0)
+            return 0;
+    }
+    stack &= ~0xFull;
+    uint64_t new_rsp = stack - 48;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    e->reg_read(uc, UC_X86_REG_CR0, &cr0);
+    uint32_t old_cs, old_ss;
+    uint64_t old_cs_base;
+    memcpy(&old_cs, d + UCX_SEGS + SEG_CS * UCX_SEG_SIZE, 4);
+    memcpy(&old_ss, d + UCX_SEGS + SEG_SS * UCX_SEG_SIZE, 4);
+    memcpy(&old_cs_base, d + UCX_SEGS + SEG_CS * UCX_SEG_SIZE + 8, 8);
+    uint64_t frame[6] = {error, rip, old_cs & 0xFFFF, rflags | RFLAGS_RF, rsp, old_ss & 0xFFFF};
+    uint8_t *slot[6];
+    for (int i = 0; i < 6; i++)
+        if (!(slot[i] = sup_host(f, uc, new_rsp + 8 * (uint64_t)i, 1, (cr0 & CR0_WP) != 0)))
+            return 0;
+    /* ssp_on_event (no IST, to CPL 0) */
+    uint64_t ssp = s->ssp, new_ssp = ssp, s_cet = s->s_cet;
+    uint64_t *ss_slots[3] = {NULL, NULL, NULL};
+    int sup_shstk = s->cr4_cet && (s->s_cet & CET_SH_STK_EN);
+    if (sup_shstk) {
+        if (old_cpl != 0 || (ssp & 7))
+            return 0; /* the supervisor token of PL0_SSP / a 4-byte alignment pad: Python */
+        for (int i = 0; i < 3; i++)
+            if (!(ss_slots[i] = ss_slot(f, uc, ssp - 8 * (uint64_t)(i + 1), 0)))
+                return 0;
+        new_ssp = ssp - 24;
+    }
+    /* commit: nothing below fails */
+    for (int i = 0; i < 6; i++)
+        memcpy(slot[i], &frame[i], 8);
+    if (sup_shstk) {
+        uint64_t lip = old_cs_base + rip;
+        *ss_slots[0] = old_cs & 0xFFFF;
+        *ss_slots[1] = lip;
+        *ss_slots[2] = ssp;
+    }
+    if (old_cpl == 3 && s->cr4_cet && (s->u_cet & CET_SH_STK_EN))
+        e->pl_ssp[3] = la_adjust48(ssp);
+    if (s->cr4_cet && (s_cet & CET_ENDBR_EN))
+        s_cet = (s_cet | CET_TRACKER) & ~CET_SUPPRESS;
+    ctx_segment(d, SEG_CS, selector & ~3u, cs_base, cs_limit, cs_attr);
+    if (old_cpl != 0)
+        ctx_segment(d, SEG_SS, 0, 0, 0, 0);
+    hflags = hflags_long_mode(hflags, 0);
+    memcpy(d + UCX_HFLAGS, &hflags, 4);
+    int32_t none = -1;
+    memcpy(d + UCX_OLD_EXCEPTION, &none, 4);
+    e->ctx_restore(uc, e->ctx);
+    uint64_t clear = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM | (type == GATE_INTERRUPT ? RFLAGS_IF : 0);
+    uint64_t new_rflags = rflags & ~clear;
+    e->reg_write(uc, UC_X86_REG_RSP, &new_rsp);
+    e->reg_write(uc, UC_X86_REG_RFLAGS, &new_rflags);
+    /* the faulting instruction and the rest of its block did not retire; no terminator pending */
+    s->budget_left += b->icount - ran;
+    pending_none(f, b->addr);
+    s->ssp = new_ssp;
+    s->s_cet = s_cet;
+    if (old_cpl != 0)
+        events_new_cpl(e, 0);
+    else
+        refresh_fast(f);
+    e->pf_cr2 = cr2;
+    e->pf_delivered++;
+    e->faults++;
+    e->reg_write(uc, UC_X86_REG_RIP, &offset);
+    return 1;
+}
+
+/* UC_HOOK_INTR: #PF natively when it can, else Python's handler. */
+void cetfast_intr_hook(uc_engine *uc, uint32_t intno, void *user_data)
+{
+    cet_events_t *e = user_data;
+    if (intno == VECTOR_PF && events_usable(e) && !(e->exception_bitmap & (1u << VECTOR_PF)) && deliver_pf(e, uc))
+        return;
+    e->slow_intr(uc, intno, NULL);
+}
+
+void cetfast_events_set_slow_intr(void *p, void *fn) { ((cet_events_t *)p)->slow_intr = fn; }
 
 /* ------------------------------------------------------------------ Unicorn's exit translations
  *

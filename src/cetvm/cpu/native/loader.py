@@ -216,6 +216,21 @@ def _fnptr(f) -> int:
     return ctypes.cast(f, ctypes.c_void_p).value
 
 
+def add_native_hook(uc, kind: int, callback, user_data: int, begin: int = 1, end: int = 0, *extra: int):
+    """Register a C function of the library as a Unicorn hook of ``kind`` (``uc_hook_add``
+    through the C API) with ``user_data`` its state; the handle (keep it: Unicorn owns no
+    reference). ``extra``: the instruction id of a UC_HOOK_INSN hook."""
+    uclib, hook_type = _unicorn_api()
+    hook = hook_type()
+    err = uclib.uc_hook_add(uc._uch, ctypes.byref(hook), kind, ctypes.c_void_p(_fnptr(callback)),
+                            ctypes.c_void_p(user_data), ctypes.c_uint64(begin), ctypes.c_uint64(end),
+                            *(ctypes.c_int(x) for x in extra))
+    if err != 0:
+        raise CetvmError(f"native fast path: uc_hook_add of {getattr(callback, '__name__', 'a hook')} failed "
+                         f"(unicorn error {err})")
+    return hook
+
+
 def _release(lib: ctypes.CDLL, ptr: int) -> None:
     """Free the native state once its Unicorn instance is gone (its hooks point at the state)."""
     lib.cetfast_free(ptr)
@@ -254,7 +269,7 @@ class NativeCet:
 
     def __init__(self, uc, classify: Callable[[int, int], bool]) -> None:
         self._lib = load_library()
-        uclib, self._hook_type = _unicorn_api()
+        uclib, _ = _unicorn_api()
         self._uclib = uclib
         self._uc = uc
         self._classify = classify
@@ -281,13 +296,7 @@ class NativeCet:
         """Register the C callback as the (single) UC_HOOK_BLOCK hook of the engine."""
         if self._hook is not None:
             return
-        hook = self._hook_type()
-        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), _UC_HOOK_BLOCK,
-                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_block_hook)),
-                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err != 0:
-            raise CetvmError(f"native CET fast path: uc_hook_add failed (unicorn error {err})")
-        self._hook = hook
+        self._hook = add_native_hook(self._uc, _UC_HOOK_BLOCK, self._lib.cetfast_block_hook, self._ptr)
 
     def install_tlb_fill(self, *, set_mode: bool = True) -> None:
         """Paging-off guests: UC_TLB_VIRTUAL with a native TLB-fill hook (identity mapping) that
@@ -305,13 +314,7 @@ class NativeCet:
 
         if set_mode:
             self._uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-        hook = self._hook_type()
-        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), UC_HOOK_TLB_FILL,
-                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_tlb_fill)),
-                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err != 0:
-            raise CetvmError(f"native CET fast path: uc_hook_add(TLB_FILL) failed (unicorn error {err})")
-        self._tlb_hook = hook
+        self._tlb_hook = add_native_hook(self._uc, UC_HOOK_TLB_FILL, self._lib.cetfast_tlb_fill, self._ptr)
 
     def remove_tlb_fill(self) -> None:
         """Back to the CPU's own page-table walk (the guest enabled paging)."""
@@ -327,13 +330,8 @@ class NativeCet:
         """Register the C UC_HOOK_INSN_INVALID hook that retires SERIALIZE in the engine (see
         cetfast.c "SERIALIZE"); before any other #UD hook of the engine."""
         self._lib.cetfast_enable_serialize(self._ptr, _fnptr(self._uclib.uc_reg_read), _fnptr(self._uclib.uc_vmem_read))
-        hook = self._hook_type()
-        err = self._uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), _UC_HOOK_INSN_INVALID,
-                                      ctypes.c_void_p(_fnptr(self._lib.cetfast_invalid_insn)),
-                                      ctypes.c_void_p(self._ptr), ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err != 0:
-            raise CetvmError(f"native CET fast path: uc_hook_add(INSN_INVALID) failed (unicorn error {err})")
-        self._serialize_hook = hook
+        self._serialize_hook = add_native_hook(self._uc, _UC_HOOK_INSN_INVALID, self._lib.cetfast_invalid_insn,
+                                               self._ptr)
 
     @property
     def serialized(self) -> int:
@@ -559,3 +557,163 @@ class NativeCetState:
     def __repr__(self) -> str:
         return (f"NativeCetState(u_cet={self.u_cet:#x}, s_cet={self.s_cet:#x}, pl_ssp={[hex(v) for v in self.pl_ssp]}, "
                 f"int_ssp_tab={self.int_ssp_tab:#x}, ssp={self.ssp:#x})")
+
+
+#: Saved CPUX86State offsets cetfast.c's event hooks patch (checked in :class:`NativeEvents`).
+_EVENT_MSRS = (0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0084)  # EFER, STAR, LSTAR, FMASK
+_UC_HOOK_INSN = 1 << 1
+_UC_HOOK_CODE = 1 << 2
+_UC_HOOK_INTR = 1 << 0
+#: void hook(uc_engine *, uint32_t intno, void *user_data): UC_HOOK_INTR
+_INTR_HOOK = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint32, _VP)
+_UC_X86_INS_SYSCALL = 699
+
+
+class EventsState(ctypes.Structure):
+    """Mirror of ``cet_events_t``'s public part (checked against the library's sizeof)."""
+
+    _fields_ = [("pl_ssp", _U64 * 4), ("handover_rip", _U64), ("handover", _U32), ("enabled", _U32),
+                ("mode_changes", _U64), ("syscalls", _U64), ("sysrets", _U64), ("irets", _U64), ("handovers", _U64),
+                ("irq_pending", _U32), ("exception_bitmap", _U32), ("faults", _U64), ("pf_cr2", _U64),
+                ("pf_delivered", _U64),
+                ("_slow_intr", _VP), ("_bounds_pool", _VP), ("_bounds_used", _U32), ("_bounds_count", _U32),
+                ("_bounds", _VP),
+                ("_f", _VP), ("_reg_read", _VP), ("_reg_write", _VP), ("_ctx_save", _VP), ("_ctx_restore", _VP),
+                ("_ctx_free", _VP), ("_ctx", _VP)]
+
+
+class NativeEvents:
+    """SYSCALL, SYSRETQ and IRETQ delivered inside the engine by ``cetfast.c`` (see its "Native events"
+    section), next to the native block hook ``native`` on the same engine.
+
+    The vCPU enables it only with block-granular budgets. It owns IA32_PL0..3_SSP
+    (:attr:`pl_ssp`, read and written by the hooks). After every engine run the vCPU calls
+    :meth:`mode_moved` (re-read CPL and mode if True) and :meth:`take_handover` (an instruction
+    the hooks left to Python: its RIP)."""
+
+    def __init__(self, uc, native: NativeCet) -> None:
+        lib = native._lib
+        uclib, hook_type = _unicorn_api()
+        self._lib, self._uclib, self._uc, self._hook_type = lib, uclib, uc, hook_type
+        lib.cetfast_events_size.restype = _U64
+        if lib.cetfast_events_size() != ctypes.sizeof(EventsState):
+            raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (events state); "
+                             "rebuild it: python -m cetvm.cpu.native.build --force")
+        lib.cetfast_events_new.restype = _VP
+        lib.cetfast_events_new.argtypes = [_VP, _VP, _VP, _VP, _VP, _VP, _VP, _VP]
+        lib.cetfast_events_free.argtypes = [_VP]
+        lib.cetfast_events_read_msrs.argtypes = [_VP, _VP, ctypes.POINTER(_U64 * 4)]
+        ptr = lib.cetfast_events_new(native._ptr, uc._uch, _fnptr(uclib.uc_reg_read), _fnptr(uclib.uc_reg_write),
+                                     _fnptr(uclib.uc_context_alloc), _fnptr(uclib.uc_context_save),
+                                     _fnptr(uclib.uc_context_restore), _fnptr(uclib.uc_context_free))
+        if not ptr:
+            raise CetvmError("native events: cannot allocate the engine context")
+        self._ptr = ptr
+        weakref.finalize(uc, lib.cetfast_events_free, ptr)
+        self.state = EventsState.from_address(ptr)
+        self._check_layout()
+        self._seen_mode_changes = 0
+        self._return_hooks: dict[int, object] = {}
+        self._add_hook(_UC_HOOK_INSN, lib.cetfast_syscall_hook, 1, 0, _UC_X86_INS_SYSCALL)
+
+    @property
+    def pl_ssp(self):
+        """IA32_PL0_SSP..IA32_PL3_SSP (a ctypes array: index, slice, assign)."""
+        return self.state.pl_ssp
+
+    def _check_layout(self) -> None:
+        """The hooks read EFER/STAR/LSTAR/FMASK at fixed offsets of the saved context: check them."""
+        uc = self._uc
+        saved = [uc.msr_read(index) for index in _EVENT_MSRS[1:]]
+        probe = [0x0023_0010_0008_0000, 0xFFFF_8000_1234_5670, 0x4_7700]
+        for index, value in zip(_EVENT_MSRS[1:], probe):
+            uc.msr_write(index, value)
+        out = (_U64 * 4)()
+        ok = self._lib.cetfast_events_read_msrs(self._ptr, uc._uch, ctypes.byref(out)) == 0
+        ok = ok and list(out) == [uc.msr_read(_EVENT_MSRS[0]), *probe]
+        for index, value in zip(_EVENT_MSRS[1:], saved):
+            uc.msr_write(index, value)
+        if not ok:
+            raise CetvmError("the installed unicorn's CPU context layout is not the 2.1.4 one the native events "
+                             "patch; reinstall unicorn==2.1.4")
+
+    def _add_hook(self, kind: int, callback, begin: int, end: int, *extra: int):
+        return add_native_hook(self._uc, kind, callback, self._ptr, begin, end, *extra)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.state.enabled = int(enabled)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.state.enabled)
+
+    def hook_return(self, linear: int, *, iret: bool) -> bool:
+        """Deliver the SYSRETQ (``iret`` False) or IRETQ at ``linear`` natively; True if its hook
+        is new (the block holding it must be translated again to call it)."""
+        if linear in self._return_hooks:
+            return False
+        callback = self._lib.cetfast_iret_hook if iret else self._lib.cetfast_sysret_hook
+        self._return_hooks[linear] = self._add_hook(_UC_HOOK_CODE, callback, linear, linear)
+        return True
+
+    def unhook_return(self, linear: int) -> None:
+        """The code at ``linear`` is no SYSRETQ/IRETQ any more (rewritten): drop its hook."""
+        hook = self._return_hooks.pop(linear, None)
+        if hook is not None:
+            self._uclib.uc_hook_del(self._uc._uch, hook)
+
+    def before_run(self, interrupt_pending: bool, exception_bitmap: int) -> None:
+        """Before each engine run: whether an external interrupt waits (then a SYSRETQ/IRETQ that
+        sets RFLAGS.IF is left to Python, whose run loop takes the interrupt right after it, as
+        after every emulated instruction) and the VMCS exception bitmap (exceptions that exit
+        are left to Python)."""
+        s = self.state
+        s.irq_pending = int(interrupt_pending)
+        s.exception_bitmap = exception_bitmap & 0xFFFF_FFFF
+
+    def install_page_faults(self, slow_handler: Callable[[int, int, int], None]) -> None:
+        """Take over the engine's UC_HOOK_INTR: #PF delivered natively where it can be, every
+        other interrupt and #PF to ``slow_handler(uc_handle, intno, user_data)`` (the vCPU's
+        Python handler, which the caller unregistered)."""
+        self._slow_intr = _INTR_HOOK(slow_handler)
+        self._lib.cetfast_events_set_slow_intr.argtypes = [_VP, _VP]
+        self._lib.cetfast_events_set_slow_intr(self._ptr, _fnptr(self._slow_intr))
+        self._lib.cetfast_events_store_bounds.argtypes = [_VP, _U64, _U32, ctypes.c_char_p, _U32]
+        self._lib.cetfast_events_store_bounds.restype = ctypes.c_int
+        self._add_hook(_UC_HOOK_INTR, self._lib.cetfast_intr_hook, 1, 0)
+
+    def store_bounds(self, address: int, size: int, lengths: bytes) -> None:
+        """The instruction lengths of a block (the native #PF takes back the instructions from
+        the faulting one on; without them it leaves the #PF to Python)."""
+        if self._lib.cetfast_events_store_bounds(self._ptr, address, size, lengths, len(lengths)) != 0:
+            raise CetvmError("native events: out of memory for instruction boundaries")
+
+    def take_delivered_cr2(self) -> int | None:
+        """CR2 of the last #PF delivered natively during the run that ended, if any (clears it)."""
+        s = self.state
+        if not s.pf_delivered:
+            return None
+        s.pf_delivered = 0
+        return int(s.pf_cr2)
+
+    def mode_moved(self) -> bool:
+        """True once after the hooks changed the CPL (the vCPU re-reads its cached mode)."""
+        changes = self.state.mode_changes
+        if changes == self._seen_mode_changes:
+            return False
+        self._seen_mode_changes = changes
+        return True
+
+    def take_handover(self) -> int | None:
+        """RIP of the instruction the hooks left to Python since the last call, if any (clears it)."""
+        s = self.state
+        if not s.handover:
+            return None
+        s.handover = 0
+        return int(s.handover_rip)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = self.state
+        return {"syscalls": s.syscalls, "sysrets": s.sysrets, "irets": s.irets, "page_faults": s.faults,
+                "event_handovers": s.handovers}

@@ -1,0 +1,41 @@
+"""The native path delivers the common events inside the engine (issue 13): a booted kernel's
+SYSCALL -> SYSRETQ and #PF -> IRETQ round trips never reach the Python delivery, and a vCPU
+counting its budget per instruction (the reference) delivers them all in Python — with the same
+guest results (tests/boot/test_boot_guest_kernels.py, test_boot_budget_granularity.py)."""
+
+import pytest
+
+from cetvm.cpu.native import native_available
+from cetvm.vmm.config import MachineConfig
+from cetvm.vmm.machine import Machine
+from guest_build import tap_kernel
+
+ROUND_TRIPS = 300
+
+
+def boot_bench(monkeypatch, granularity: str) -> Machine:
+    monkeypatch.setenv("CETVM_CET_PATH", "native")
+    monkeypatch.setenv("CETVM_BUDGET_GRANULARITY", granularity)
+    machine = Machine.boot(tap_kernel("bench"), MachineConfig(cmdline=f"syscalls={ROUND_TRIPS} faults={ROUND_TRIPS}",
+                                                              serial_sink=lambda _b: None))
+    assert machine.run().status == 1
+    return machine
+
+
+@pytest.fixture(autouse=True)
+def native_built():
+    if not native_available():
+        pytest.skip("native CET fast path not built (make native)")
+
+
+def test_syscall_sysret_iretq_and_page_faults_stay_in_the_engine(monkeypatch):
+    counts = boot_bench(monkeypatch, "block").vcpu.cpu.native_event_counts
+    assert counts["syscalls"] >= ROUND_TRIPS and counts["sysrets"] >= ROUND_TRIPS
+    # the first #PF of the faulting block goes to Python, which gives the engine its instruction
+    # boundaries; every later one stays in the engine
+    assert counts["page_faults"] >= ROUND_TRIPS - 1 and counts["irets"] >= ROUND_TRIPS
+    assert counts["event_handovers"] < 10, counts
+
+
+def test_per_instruction_budgets_deliver_every_event_in_python(monkeypatch):
+    assert boot_bench(monkeypatch, "instruction").vcpu.cpu.native_event_counts is None
