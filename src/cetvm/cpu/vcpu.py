@@ -84,7 +84,7 @@ from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers
 from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn
-from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault
+from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, software_exception_exits
 from cetvm.arch.regs import U64_MASK
 from cetvm.cpu import emulate, events
 
@@ -726,6 +726,9 @@ class Vcpu(CetMachineMixin, EmulationPlumbingMixin, BlockHookMixin, EngineStopsM
                 if not (event.software or event.injected) and event.vector < 32 \
                         and self.vmcs.read(VmcsField.EXCEPTION_BITMAP) >> event.vector & 1:
                     return VmExit(ExitReason.EXCEPTION, self.rip, exception=ExceptionExit(event.vector, event.error_code, event.cr2))
+                if software_exception_exits(event, self.vmcs):  # INT3 / INTO [SDM Vol. 3 §26.2]
+                    length, self.rip = self.rip - event.instruction_rip, event.instruction_rip
+                    return VmExit(ExitReason.EXCEPTION, self.rip, length, exception=ExceptionExit(event.vector, software=True))
                 exit_ = events.deliver(self, event)
                 if exit_ is not None:
                     return exit_
