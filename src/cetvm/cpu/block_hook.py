@@ -30,7 +30,7 @@ from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, classify_terminator, on_block_start
 from cetvm.cpu.fastpath import make_block_hook
 from cetvm.cpu.faults import GuestFault
-from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind
+from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind, native_events_requested
 from cetvm.arch.regs import U64_MASK as _U64
 
 _TRACKER = int(CetCtl.TRACKER)
@@ -73,7 +73,7 @@ class BlockHookMixin:
         if self.model.has("serialize"):
             self._native.install_serialize()
         self._native.install_tlb_fill(set_mode=False)
-        if not self._budget.per_instruction:
+        if not self._budget.per_instruction and native_events_requested():
             self._install_native_events()
 
     def _install_native_events(self) -> None:
