@@ -15,6 +15,7 @@ from guest_build import tap_kernel
 
 def run(monkeypatch, kernel: str, granularity: str, limit: int | None = None):
     monkeypatch.setenv("CETVM_BUDGET_GRANULARITY", granularity)
+    monkeypatch.setenv("CETVM_NATIVE_EVENTS", "1")  # block granularity: delivered in the engine
     machine = Machine.boot(tap_kernel(kernel), MachineConfig(serial_sink=lambda _b: None))
     result = machine.run(max_instructions=limit)
     regs = machine.vcpus[0].get_regs()

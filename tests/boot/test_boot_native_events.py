@@ -13,8 +13,9 @@ from guest_build import tap_kernel
 ROUND_TRIPS = 300
 
 
-def boot_bench(monkeypatch, granularity: str) -> Machine:
+def boot_bench(monkeypatch, granularity: str, native_events: str = "1") -> Machine:
     monkeypatch.setenv("CETVM_CET_PATH", "native")
+    monkeypatch.setenv("CETVM_NATIVE_EVENTS", native_events)
     monkeypatch.setenv("CETVM_BUDGET_GRANULARITY", granularity)
     machine = Machine.boot(tap_kernel("bench"), MachineConfig(cmdline=f"syscalls={ROUND_TRIPS} faults={ROUND_TRIPS}",
                                                               serial_sink=lambda _b: None))
@@ -35,6 +36,23 @@ def test_syscall_sysret_iretq_and_page_faults_stay_in_the_engine(monkeypatch):
     # boundaries; every later one stays in the engine
     assert counts["page_faults"] >= ROUND_TRIPS - 1 and counts["irets"] >= ROUND_TRIPS
     assert counts["event_handovers"] < 10, counts
+
+
+def test_native_events_are_opt_in(monkeypatch):
+    """Without CETVM_NATIVE_EVENTS=1 every event is delivered in Python (cetvm.cpu.native.
+    native_events_requested says why)."""
+    assert boot_bench(monkeypatch, "block", native_events="").vcpu.cpu.native_event_counts is None
+
+
+def test_fast_events_kernel_is_green_with_native_events(monkeypatch):
+    monkeypatch.setenv("CETVM_NATIVE_EVENTS", "1")
+    monkeypatch.setenv("CETVM_CET_PATH", "native")
+    lines = []
+    machine = Machine.boot(tap_kernel("fast_events"), MachineConfig(serial_sink=lambda b: lines.append(b)))
+    assert machine.run().status == 1
+    out = b"".join(lines).decode()
+    assert "not ok" not in out and "ok " in out
+    assert machine.vcpu.cpu.native_event_counts["syscalls"] > 0
 
 
 def test_per_instruction_budgets_deliver_every_event_in_python(monkeypatch):

@@ -45,3 +45,22 @@ def test_kut_directory_is_checked(tmp_path):
     (tmp_path / "x86").mkdir()
     (tmp_path / "x86" / "unittests.cfg").write_text("[one]\nfile = a.flat\n\n[two]\nfile = b.flat\n")
     assert list_entries(Path(tmp_path)) == ["one", "two"]
+
+
+def test_vmx_subtest_verdicts_and_section(tmp_path):
+    """A vmx sub-test passes only with all reports passing and the summary reached; a hang or an
+    abort fails it; the vmx section replaces itself at the end of a report."""
+    from cetvm.conformance import EntryResult, vmx_subtest_verdict, write_vmx_section
+
+    assert vmx_subtest_verdict("PASS: a\nPASS: b\nSUMMARY: 2 tests\n", True)[0] == "PASS"
+    verdict, detail, fails = vmx_subtest_verdict("PASS: a\nFAIL: b\nSUMMARY: 2 tests, 1 unexpected failures\n", True)
+    assert (verdict, fails) == ("FAIL", ["FAIL: b"])
+    assert vmx_subtest_verdict("PASS: a\n", False)[0] == "FAIL"
+    assert "aborted" in vmx_subtest_verdict("PASS: a\n", True)[1]
+    assert vmx_subtest_verdict("SKIP: x\nSUMMARY: 1 tests, 1 skipped\n", True)[0] == "SKIP"
+    report = tmp_path / "conformance.md"
+    report.write_text("# report\n\n## cetvm\n\n| a | PASS | 1.0 | |\n")
+    for verdict in ("FAIL", "PASS"):
+        write_vmx_section(report, [EntryResult("vmx_cet_test", verdict, 3.0, "3 PASS")], "intro")
+    text = report.read_text()
+    assert text.count("## vmx sub-tests") == 1 and "| vmx_cet_test | PASS |" in text and "## cetvm" in text

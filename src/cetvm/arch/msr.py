@@ -26,6 +26,23 @@ class Msr(enum.IntEnum):
     IA32_MISC_ENABLE = 0x1A0
     IA32_PAT = 0x277
     IA32_VMX_BASIC = 0x480
+    IA32_VMX_PINBASED_CTLS = 0x481
+    IA32_VMX_PROCBASED_CTLS = 0x482
+    IA32_VMX_EXIT_CTLS = 0x483
+    IA32_VMX_ENTRY_CTLS = 0x484
+    IA32_VMX_MISC = 0x485
+    IA32_VMX_CR0_FIXED0 = 0x486
+    IA32_VMX_CR0_FIXED1 = 0x487
+    IA32_VMX_CR4_FIXED0 = 0x488
+    IA32_VMX_CR4_FIXED1 = 0x489
+    IA32_VMX_VMCS_ENUM = 0x48A
+    IA32_VMX_PROCBASED_CTLS2 = 0x48B
+    IA32_VMX_EPT_VPID_CAP = 0x48C
+    IA32_VMX_TRUE_PINBASED_CTLS = 0x48D
+    IA32_VMX_TRUE_PROCBASED_CTLS = 0x48E
+    IA32_VMX_TRUE_EXIT_CTLS = 0x48F
+    IA32_VMX_TRUE_ENTRY_CTLS = 0x490
+    IA32_VMX_VMFUNC = 0x491
     IA32_U_CET = 0x6A0
     IA32_S_CET = 0x6A2
     IA32_PL0_SSP = 0x6A4
@@ -153,6 +170,17 @@ EFER_DEFINED_INTEL = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NXE)
 #: IA32_VMX_BASIC bit 56: VM entry may inject a hardware exception with or without an error code,
 #: regardless of the vector (needed to inject #CP with its error code) [SDM Vol. 3 A.1].
 VMX_BASIC_NO_HW_ERRCODE_CHECK = 1 << 56
+
+#: The VMX capability MSRs IA32_VMX_BASIC .. IA32_VMX_VMFUNC [SDM Vol. 3 App. A].
+VMX_CAPABILITY_MSRS: frozenset[int] = frozenset(range(Msr.IA32_VMX_BASIC, Msr.IA32_VMX_VMFUNC + 1))
+
+
+class FeatureControl(enum.IntFlag):
+    """IA32_FEATURE_CONTROL bits [SDM Vol. 4 Table 2-2; SDM Vol. 3 §24.7]."""
+
+    LOCKED = 1 << 0
+    VMXON_INSIDE_SMX = 1 << 1
+    VMXON_OUTSIDE_SMX = 1 << 2
 
 
 def cet_ctl_fault(name: str, value: int, va_bits: int = 48) -> str | None:

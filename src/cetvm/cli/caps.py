@@ -16,6 +16,7 @@ from cetvm.cpuid import model_names
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host, msr_name
 from cetvm.kvm.host import Host
 from cetvm.kvm.msr import kvm_get_arch_capabilities
+from cetvm.kvm.nested_caps import nested_cet_offer
 from cetvm.kvm.smm import kvm_smm_caps
 from cetvm.kvm.xstate_size import host_fpu
 
@@ -39,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, what in (("--vmx-basic-56", "IA32_VMX_BASIC[56]"),
                        ("--load-cet-controls", "VMX load-CET-state entry/exit controls"),
                        ("--unrestricted-guest", "VMX unrestricted guest"),
-                       ("--tdp", "EPT/NPT (off = shadow paging)")):
+                       ("--tdp", "EPT/NPT (off = shadow paging)"),
+                       ("--nested", "kvm_intel nested=1 (nested VMX for L1 hypervisors)")):
         p.add_argument(flag, choices=("on", "off"), default="on", help=f"{what} (default: on)")
     p.add_argument("--allow-smaller-maxphyaddr", action="store_true", help="load KVM with kvm.allow_smaller_maxphyaddr=1 (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object (keys listed in README.md) instead of text")
@@ -58,6 +60,7 @@ def host_from_args(args: argparse.Namespace) -> Host:
         unrestricted_guest=ON_OFF[args.unrestricted_guest],
         tdp=ON_OFF[args.tdp],
         allow_smaller_maxphyaddr=args.allow_smaller_maxphyaddr,
+        nested=ON_OFF[getattr(args, "nested", "on")],
     )
 
 
@@ -73,6 +76,7 @@ def caps_to_json(caps: KvmCaps) -> dict[str, object]:
         "guest_xstate_size": caps.guest_xstate_size(),
         "msr_index_list": caps.get_msr_index_list(),
         "guest_fpu_default": _guest_fpu(caps),
+        "nested": nested_cet_offer(caps).to_json(),
         "smm": kvm_smm_caps(caps).to_json(),
         "arch_capabilities": kvm_get_arch_capabilities(host),
     }
@@ -115,9 +119,26 @@ def format_caps(caps: KvmCaps) -> str:
               f"guest xstate size: standard {sizes['standard']} bytes, compacted {sizes['compacted']} bytes",
               *_smm_lines(caps),
               *_arch_capabilities_lines(caps),
-              "", "KVM_GET_MSR_INDEX_LIST:"]
+              ""]
+    lines += _nested_lines(caps) + ["", "KVM_GET_MSR_INDEX_LIST:"]
     lines += [f"  {index:#010x}  {msr_name(index)}" for index in caps.get_msr_index_list()]
     return "\n".join(lines)
+
+
+def _nested_lines(caps: KvmCaps) -> list[str]:
+    offer = nested_cet_offer(caps)
+    yes = {True: "yes", False: "no"}
+    lines = [f"nested VMX: {yes[offer.enabled]} ({offer.reason})"]
+    if offer.enabled:
+        why56 = ("as the host: L1 may inject #CP and other hardware exceptions into L2 with or without an "
+                 "error code" if offer.vmx_basic_56 else "the host lacks it: injected error codes must match "
+                 "the vector (and KVM offers no CET)")
+        lines += [f"  IA32_VMX_BASIC[56] for L1: {yes[offer.vmx_basic_56]} ({why56})",
+                  f"  load-CET-state entry/exit controls for L1: {yes[offer.load_cet_controls]} "
+                  f"({offer.load_cet_reason})",
+                  f"  vmcs12 GUEST/HOST_S_CET, _SSP, _INTR_SSP_TABLE: {yes[offer.vmcs12_cet_fields]} "
+                  "(exist when the host VMX has the load-CET-state controls)"]
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,9 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     M.RDRAND,
     # XSAVE variants Unicorn lacks
     M.XSAVES, M.XSAVES64, M.XRSTORS, M.XRSTORS64, M.XSAVEC, M.XSAVEC64,
+    # VMX instructions of a guest hypervisor: they exit (cetvm.cpu.vmx_insn)
+    M.VMXON, M.VMXOFF, M.VMCLEAR, M.VMPTRLD, M.VMPTRST, M.VMREAD, M.VMWRITE, M.VMLAUNCH, M.VMRESUME,
+    M.INVEPT, M.INVVPID,
 })
 
 #: MOV to a control register: CR0/CR4 need the CET rules, CR3 invalidates classifications.

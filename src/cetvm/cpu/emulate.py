@@ -34,6 +34,7 @@ from cetvm.cpu.events import read_descriptor
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import SegAttr, Segment
+from cetvm.cpu.vmx_insn import VMX_INSTRUCTION_REASONS, vmx_instruction
 from cetvm.arch.regs import U64_MASK as _U64
 
 
@@ -754,4 +755,5 @@ _HANDLERS: dict[int, Callable] = {
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
     M.RDRAND: rdrand, M.SERIALIZE: serialize,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
+    **{mnemonic: vmx_instruction for mnemonic in VMX_INSTRUCTION_REASONS},
 }

@@ -16,7 +16,8 @@ and its XSAVEC/XSAVES emulation does not cover the PKRU component (no PKU).
 On top, cetvm implements some features itself (:data:`CETVM_FEATURES`): SHSTK and IBT (the CET
 layer), XSAVEC/XSAVES (:mod:`cetvm.cpu.xsave`), x2APIC and TSC-deadline (the VMM's local APIC
 through MSR exits, counting the TSC of :mod:`cetvm.cpu.tsc`), SERIALIZE (emulated: Unicorn 2.1.4
-does not decode it), the hypervisor bit and ARCH_CAPABILITIES (an MSR KVM emulates). The guest CPUID is masked with :func:`engine_feature_words` the way QEMU
+does not decode it), the hypervisor bit, ARCH_CAPABILITIES (an MSR KVM emulates) and VMX (its
+instructions exit, :mod:`cetvm.cpu.vmx_insn`; the hypervisor emulates them for L1). The guest CPUID is masked with :func:`engine_feature_words` the way QEMU
 masks a TCG guest with its TCG_*_FEATURES (x86_cpu_filter_features).
 """
 
@@ -60,7 +61,7 @@ CETVM_LACKS: tuple[str, ...] = ("la57", "pku")
 
 #: Features cetvm implements around the engine (module docstring), by QEMU name.
 CETVM_FEATURES: tuple[str, ...] = ("shstk", "ibt", "xsavec", "xsaves", "x2apic", "tsc-deadline", "hypervisor",
-                                   "serialize", "arch-capabilities")
+                                   "serialize", "arch-capabilities", "vmx")
 
 
 def engine_feature_words() -> dict[FeatureWord, int]:

@@ -41,6 +41,10 @@ class ExitReason(enum.Enum):
     EMULATION_FAILED = "emulation_failed"
     #: event delivery touched memory without RAM (KVM: KVM_INTERNAL_ERROR_DELIVERY_EV)
     DELIVERY_FAILED = "delivery_failed"
+    #: a VMX instruction (VMXON ... INVVPID) in VMX non-root operation: always exits [SDM Vol.
+    #: 3 §26.1.2]; ``vmx_reason`` is its basic exit reason, ``qualification`` the memory
+    #: operand's displacement, ``instruction_info`` its VMX_INSTRUCTION_INFO
+    VMX_INSTRUCTION = "vmx_instruction"
 
 
 #: The basic VM-exit reason the CPU stores in VM_EXIT_REASON for each exit [SDM Vol. 3 App. C].
@@ -97,6 +101,9 @@ class ExceptionExit:
     vector: int
     error_code: int | None = None
     cr2: int | None = None
+    #: a software exception (INT3 / INTO): the exit reports it as interruption type 6 with the
+    #: instruction's length, RIP at the instruction [SDM Vol. 3 §27.2.2]
+    software: bool = False
 
 
 @dataclass
@@ -115,6 +122,9 @@ class VmExit:
     #: the exit qualification (CR_ACCESS; ENTRY_FAILED: 0, "no further detail")
     qualification: int = 0
     detail: str = ""
+    #: VMX_INSTRUCTION: the basic exit reason (VMCLEAR ... INVVPID) and VMX_INSTRUCTION_INFO
+    vmx_reason: int | None = None
+    instruction_info: int = 0
 
     def __str__(self) -> str:
         extra = self.detail

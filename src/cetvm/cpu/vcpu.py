@@ -79,14 +79,14 @@ from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.mode import CpuMode, InstructionFetch
-from cetvm.cpu.native import NativeCet, NativeEvents, select_cet_path
+from cetvm.cpu.native import NativeCet, NativeEvents, native_events_requested, select_cet_path
 from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
 from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
 from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn, cr2_kept
 from cetvm.cpu.vcpu_cet import VcpuCet
-from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, standalone_vmcs
+from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, software_exception_exits, standalone_vmcs
 
 if TYPE_CHECKING:
     from iced_x86 import Instruction
@@ -206,7 +206,7 @@ class Vcpu:
             if model.has("serialize"):
                 self.native.install_serialize()
             self.native.install_tlb_fill(set_mode=False)
-            if not self.budget.per_instruction:
+            if not self.budget.per_instruction and native_events_requested():
                 self._native_events = self._hook.install_native_events()
         else:
             self._hook.install_python_hook(python_fast_path)
@@ -773,6 +773,9 @@ class Vcpu:
                 if not (event.software or event.injected) and event.vector < 32 \
                         and self.vmcs.read(VmcsField.EXCEPTION_BITMAP) >> event.vector & 1:
                     return VmExit(ExitReason.EXCEPTION, self.rip, exception=ExceptionExit(event.vector, event.error_code, event.cr2))
+                if software_exception_exits(event, self.vmcs):  # INT3 / INTO [SDM Vol. 3 §26.2]
+                    length, self.rip = self.rip - event.instruction_rip, event.instruction_rip
+                    return VmExit(ExitReason.EXCEPTION, self.rip, length, exception=ExceptionExit(event.vector, software=True))
                 exit_ = events.deliver(self, event)
                 if exit_ is not None:
                     return exit_

@@ -6,7 +6,8 @@ the hypervisor reads and writes its fields by encoding (:class:`cetvm.arch.vmx.V
 KVM's vmcs_read*/vmcs_write* do with VMREAD/VMWRITE. What the CPU takes from it:
 
 - EXCEPTION_BITMAP: an exception (vector < 32, not a software interrupt or an injected event)
-  whose bit is set exits before delivery [SDM Vol. 3 §26.2];
+  whose bit is set exits before delivery [SDM Vol. 3 §26.2]; INT3 and INTO (software
+  exceptions) exit too, with RIP at the instruction;
 - the MSR bitmap (``MSR_BITMAP`` points at it; here :attr:`Vmcs.msr_bitmap`, the set of MSR
   indices whose RDMSR/WRMSR exit) [SDM Vol. 3 §26.1.3, §25.6.9];
 - CR4_GUEST_HOST_MASK / CR4_READ_SHADOW (and the CR0 pair): a MOV to CR4 that would change a
@@ -68,9 +69,9 @@ from cetvm.arch.msr import cet_ctl_fault, ssp_fault, ssp_table_fault
 from cetvm.arch.regs import U64_MASK
 from cetvm.arch.vmx import (
     EPT_VIOLATION_READ, EPT_VIOLATION_WRITE, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_HARD_EXCEPTION,
-    CpuBasedControls, SecondaryControls, VmcsField, VmEntryControls, vmcs_field_width,
+    INTR_TYPE_SOFT_EXCEPTION, CpuBasedControls, SecondaryControls, VmcsField, VmEntryControls, vmcs_field_width,
 )
-from cetvm.cpu.exits import BASIC_EXIT_REASONS, Direction, VmExit
+from cetvm.cpu.exits import BASIC_EXIT_REASONS, Direction, ExitReason, VmExit
 
 
 #: Each field's value mask (its width), by encoding.
@@ -115,13 +116,16 @@ class Vmcs:
         error code (the qualification of a #PF is its linear address); for an MMIO access (an
         EPT violation) the access kind and GUEST_PHYSICAL_ADDRESS. cetvm's own stops without an
         architectural reason leave the fields as they were."""
-        reason = BASIC_EXIT_REASONS.get(exit_.reason)
+        reason = exit_.vmx_reason if exit_.vmx_reason is not None else BASIC_EXIT_REASONS.get(exit_.reason)
         if reason is None:
             return
+        if exit_.reason is ExitReason.VMX_INSTRUCTION:
+            self.write(VmcsField.VMX_INSTRUCTION_INFO, exit_.instruction_info)
         qualification = exit_.qualification
         exc, mmio = exit_.exception, exit_.mmio
         if exc is not None:
-            info = (exc.vector & 0xFF) | INTR_TYPE_HARD_EXCEPTION << 8 | INTR_INFO_VALID
+            kind = INTR_TYPE_SOFT_EXCEPTION if exc.software else INTR_TYPE_HARD_EXCEPTION
+            info = (exc.vector & 0xFF) | kind << 8 | INTR_INFO_VALID
             if exc.error_code is not None:
                 info |= INTR_INFO_DELIVER_CODE
                 self.write(VmcsField.VM_EXIT_INTR_ERROR_CODE, exc.error_code)
@@ -176,3 +180,15 @@ def guest_cet_state_fault(s_cet: int, ssp: int, intr_ssp_table: int, va_bits: in
     canonical with bits 1:0 clear, GUEST_INTR_SSP_TABLE canonical. None when entry may go on."""
     return (cet_ctl_fault("GUEST_S_CET", s_cet, va_bits) or ssp_fault("GUEST_SSP", ssp, va_bits)
             or ssp_table_fault("GUEST_INTR_SSP_TABLE", intr_ssp_table, va_bits))
+
+
+#: The software exceptions the exception bitmap applies to: INT3 (#BP) and INTO (#OF) [SDM Vol. 3
+#: §26.2 "Exceptions"]; INT n never exits through the bitmap.
+SOFTWARE_EXCEPTION_VECTORS = frozenset({3, 4})
+
+
+def software_exception_exits(event, vmcs: Vmcs) -> bool:
+    """An INT3 / INTO the engine raised whose exception-bitmap bit is set (``event``: the CPU's
+    pending event, with the address of the instruction that raised it)."""
+    return (event.software and event.vector in SOFTWARE_EXCEPTION_VECTORS and event.instruction_rip is not None
+            and bool(vmcs.read(VmcsField.EXCEPTION_BITMAP) >> event.vector & 1))

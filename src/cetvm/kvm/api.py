@@ -82,7 +82,7 @@ from typing import Callable
 
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
-from cetvm.arch.msr import Efer, Msr
+from cetvm.arch.msr import VMX_CAPABILITY_MSRS, Efer, Msr
 from cetvm.cpu.exits import Direction, ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.paging import Access, PagingMode
@@ -90,6 +90,7 @@ from cetvm.cpu.paging import translate as walk_page_tables
 # The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
 # kvm_segment, kvm_dtable, and the KVM_EXIT_IO direction. The VMM imports them from here.
 from cetvm.cpu.state import DescriptorTable, Regs, Segment, Sregs
+from cetvm.cpu.vmcs import SOFTWARE_EXCEPTION_VECTORS
 from cetvm.cpu.vcpu import Vcpu as CpuVcpu
 from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm import reset as _reset
@@ -124,6 +125,9 @@ from cetvm.kvm.ioctl_args import (
     check_u64,
 )
 from cetvm.kvm.memslots import SHADOW_PAGING_GPA_BITS, kvm_memory_region_invalid
+from cetvm.kvm.nested import NestedVmx, free_nested
+from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nested_exit_on_intr, nested_irq_for_l1_waits, nested_interrupt_exit_due, nested_vmx_reflect_vmexit
+from cetvm.kvm.nested_state import NestedState, get_nested_state, set_nested_state
 from cetvm.kvm.msr import (
     EMULATED_MSRS,
     kvm_get_arch_capabilities,
@@ -222,7 +226,8 @@ class Kvm:
 
     def get_msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: msrs_to_save (the capability policy) + emulated_msrs."""
-        return self.caps.get_msr_index_list() + list(EMULATED_MSRS)
+        vmx = sorted(VMX_CAPABILITY_MSRS) if self.host.nested_vmx else []  # emulated_msrs with nested=1
+        return self.caps.get_msr_index_list() + list(EMULATED_MSRS) + vmx
 
     def create_vm(self) -> "Vm":
         """KVM_CREATE_VM."""
@@ -408,6 +413,8 @@ class KvmVcpu:
         self._kvm_exception_bitmap = 1 << Vector.UD
         self._force_emulation_prefix = vm.kvm.host.fep_enabled
         self._forced_emulation = False
+        #: vmx->nested (:mod:`cetvm.kvm.nested`): VMX operation of L1 and the L2 it runs
+        self.nested = NestedVmx.create(self.state)
         self.cpu.vmptrld(self.state.vmcs)
         self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, self._kvm_exception_bitmap)
         vmx.init_vmcs_exec_controls(self.state)
@@ -428,6 +435,7 @@ class KvmVcpu:
         self.msrs.time.pv_features = guest_pv_features(entries)
         self.msrs.time.tsc_adjust_shown = guest_shows_tsc_adjust(entries)
         vmx.vmx_vcpu_after_set_cpuid(self.state, self.cpu)
+        self.nested.after_set_cpuid(self.state)
 
     def update_msr_bitmap(self) -> None:
         """Program the VMCS's MSR bitmap from the CET intercepts and the VM's MSR filter."""
@@ -597,7 +605,10 @@ class KvmVcpu:
         for vector in check_items("exception intercepts: vectors", vectors):
             bitmap |= 1 << check_int("exception intercepts: vector", vector, 0, 31)
         self._user_exception_bitmap = bitmap
-        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, bitmap | self._kvm_exception_bitmap)
+        # INT3/INTO (the only sources of #BP/#OF) stay out of the VMCS bitmap: software exceptions
+        # never exit to userspace here (module docstring), although the CPU's VMCS honours them
+        cpu_bitmap = bitmap & ~sum(1 << v for v in SOFTWARE_EXCEPTION_VECTORS)
+        self.state.vmcs.write(VmcsField.EXCEPTION_BITMAP, cpu_bitmap | self._kvm_exception_bitmap)
 
     def get_exception_intercepts(self) -> set[int]:
         """The vectors :meth:`set_exception_intercepts` installed."""
@@ -706,6 +717,7 @@ class KvmVcpu:
         state, cpu = self.state, self.cpu
         self._complete_userspace_exit()
         self._last_run = None
+        self._leave_nested()
         old_cr0 = state.cr0
         if not init_event:
             _reset.reset_xcr0_xss(state)
@@ -728,6 +740,26 @@ class KvmVcpu:
         else:  # kvm_arch_vcpu_create (lapic_in_kernel) / kvm_apic_accept_events
             self.mp_state = MpState.INIT_RECEIVED if init_event else MpState.UNINITIALIZED
 
+    # ------------------------------------------------------------------ nested VMX
+    def _leave_nested(self) -> None:
+        """vmx_leave_nested() + free_nested() (RESET/INIT): back to vmcs01, out of VMX operation."""
+        if self.nested.guest_mode:
+            leave_guest_mode(self)
+        free_nested(self)
+
+    def get_nested_state(self) -> NestedState | None:
+        """KVM_GET_NESTED_STATE (vmx_get_nested_state): None outside VMX operation (KVM reports
+        a header without VMX data); otherwise the VMXON and current-VMCS pointers, the cached
+        vmcs12 and, in guest mode, L1's pre-entry CET state."""
+        return get_nested_state(self.nested)
+
+    def set_nested_state(self, nested: NestedState | None) -> None:
+        """KVM_SET_NESTED_STATE (vmx_set_nested_state): leave VMX operation, then enter it as
+        saved; in guest mode vmcs02 is rebuilt from the vmcs12 (the CPU registers, restored by
+        KVM_SET_SREGS/REGS, already hold L2's state). -EINVAL for a state that does not fit."""
+        self._leave_nested()
+        set_nested_state(self, nested)
+
     # ------------------------------------------------------------------ interrupts
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT without an in-kernel irqchip (kvm_vcpu_ioctl_interrupt): queue external
@@ -739,8 +771,12 @@ class KvmVcpu:
         self.cpu.inject_interrupt(vector)
 
     def ready_for_interrupt_injection(self) -> bool:
-        """kvm_vcpu_ready_for_interrupt_injection(): IF = 1, no shadow, nothing pending."""
-        return self.cpu.pending_interrupt is None and self.cpu.interrupt_window_open
+        """kvm_vcpu_ready_for_interrupt_injection(): IF = 1, no shadow, nothing pending — or, while
+        L2 runs with external-interrupt exiting, nothing pending (vmx_interrupt_allowed: the
+        interrupt is a VM exit to L1 whatever L2's RFLAGS.IF)."""
+        if self.cpu.pending_interrupt is not None or self.nested.irq_for_l1 is not None:
+            return False
+        return nested_exit_on_intr(self) or self.cpu.interrupt_window_open
 
     def _irq_window_exit_due(self) -> bool:
         """dm_request_for_irq_injection() && kvm_vcpu_ready_for_interrupt_injection()."""
@@ -826,12 +862,16 @@ class KvmVcpu:
                 entered = self._enter_smm()
                 if entered is not None:
                     return entered
+            if nested_interrupt_exit_due(self):
+                continue  # vmx_check_nested_events: L2 → L1 for the pending interrupt
             forced, self._forced_emulation = self._forced_emulation, False
+            # an interrupt kept for L1 (nested exit without acknowledge): step L1 until it can take it
+            forced = forced or nested_irq_for_l1_waits(self)
             vmx.vmx_vcpu_enter(state, cpu)
             exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
-                continue  # the instruction KVM emulated for the force-emulation prefix retired
+                continue  # the instruction KVM emulated (force-emulation prefix) or L1 stepped retired
             result = self._handle_exit(exit_)
             if result is not None:
                 return result
@@ -841,6 +881,11 @@ class KvmVcpu:
 
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
         reason = exit_.reason
+        if self.nested.guest_mode and nested_vmx_reflect_vmexit(self, exit_):
+            return None  # L1 handles it (nested_vmx_reflect_vmexit)
+        if reason is ExitReason.VMX_INSTRUCTION:
+            handle_vmx_instruction(self, exit_)
+            return None
         if reason is ExitReason.CPUID:
             handle_cpuid(self.state, self.cpu)
             return None

@@ -100,6 +100,10 @@ class Host:
     #: ``kernel_cmdline``): a #UD at ``ud2; .ascii "kvm"`` makes KVM emulate the next
     #: instruction (:mod:`cetvm.kvm.emulate`).
     force_emulation_prefix: bool = False
+    #: kvm_intel module parameter ``nested`` (default 1): L1 may run its own VMX guests
+    #: (:mod:`cetvm.kvm.nested`). Only with VMX on a CPU that has it (:attr:`nested_vmx`);
+    #: cetvm has no nested SVM, so an AMD host never offers it.
+    nested: bool = True
     cmdline: KernelCmdline = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +127,12 @@ class Host:
     def fep_enabled(self) -> bool:
         """kvm.force_emulation_prefix is on (set directly or on the host kernel command line)."""
         return self.force_emulation_prefix or self.cmdline.force_emulation_prefix
+
+    @property
+    def nested_vmx(self) -> bool:
+        """kvm_intel is loaded with nested=1 on a CPU with VMX (vmx_set_cpu_caps then sets
+        X86_FEATURE_VMX in KVM's caps)."""
+        return self.nested and self.virt == "vmx" and self.cpu.has("vmx")
 
     @property
     def host_ibt_enabled(self) -> bool:

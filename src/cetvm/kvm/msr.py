@@ -23,7 +23,8 @@ import enum
 from dataclasses import dataclass, field
 
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, ArchCapabilities, Efer, MiscEnable, Msr
+from cetvm.arch.msr import (CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, VMX_CAPABILITY_MSRS, ArchCapabilities, Efer,
+                            FeatureControl, MiscEnable, Msr)
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
@@ -31,8 +32,10 @@ from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp, kvm_is_valid_u_s_cet
 from cetvm.kvm.errors import KvmInvalidArgument, KvmNotSupported
 from cetvm.kvm.host import Host
+from cetvm.kvm.nested_caps import NestedVmxMsrs, nested_vmx_setup_ctls_msrs, vmcs12_cet_fields_exist, vmcs_enum_max_index
 from cetvm.kvm.timekeeping import KVMCLOCK_EMULATED_MSRS, TIME_MSRS, VcpuTime
 from cetvm.kvm.vcpu import VcpuArch
+from cetvm.kvm.vmcs12 import vmcs12_fields
 
 
 class MsrResult(enum.Enum):
@@ -472,9 +475,50 @@ def _feature_msr_set(vcpu: VcpuArch, msrs: KvmMsrState, index: int, data: int,
     return None
 
 
+def feature_control_valid_bits(vcpu: VcpuArch) -> int:
+    """vmx->msr_ia32_feature_control_valid_bits: LOCKED always, the VMXON enables when the
+    guest may use VMX (vmx_vcpu_after_set_cpuid with nested_vmx_allowed)."""
+    valid = int(FeatureControl.LOCKED)
+    if vcpu.caps.host.nested_vmx and vcpu.cpuid.guest_cpuid_has("vmx"):
+        valid |= int(FeatureControl.VMXON_INSIDE_SMX | FeatureControl.VMXON_OUTSIDE_SMX)
+    return valid
+
+
+def vmx_feature_control_msr_valid(vcpu: VcpuArch, old: int, data: int, host_initiated: bool) -> bool:
+    """vmx_feature_control_msr_valid(): the guest cannot write it once LOCKED; only valid bits."""
+    if not host_initiated and old & FeatureControl.LOCKED:
+        return False
+    return not data & ~feature_control_valid_bits(vcpu)
+
+
+def vmx_capability_msr(vcpu: VcpuArch, index: int, host_initiated: bool) -> tuple[MsrResult, int]:
+    """vmx_get_msr() for IA32_VMX_BASIC .. IA32_VMX_VMFUNC: #GP without VMX in the guest CPUID
+    (userspace may read them whenever kvm_intel has nested=1) [K vmx.c, nested.c]."""
+    from_guest_ok = vcpu.cpuid.guest_cpuid_has("vmx") or host_initiated
+    if not vcpu.caps.host.nested_vmx or not from_guest_ok:
+        return MsrResult.UNSUPPORTED if not vcpu.caps.host.nested_vmx else MsrResult.ERROR, 0
+    return MsrResult.OK, nested_vmx_msrs_for(vcpu).value(index)
+
+
+def nested_vmx_msrs_for(vcpu: VcpuArch) -> NestedVmxMsrs:
+    """The vCPU's struct nested_vmx_msrs (a pure function of KVM's caps and the guest CPUID)."""
+    fields = vmcs12_fields(vmcs12_cet_fields_exist(vcpu.caps))
+    return nested_vmx_setup_ctls_msrs(vcpu.caps, vcpu.cpuid, vmcs_enum_max_index(fields))
+
+
 def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int,
                        host_initiated: bool) -> MsrResult:
     """kvm_set_msr_common() for the non-CET MSRs (raw result, see the decisions above)."""
+    if index in VMX_CAPABILITY_MSRS:  # vmx_set_vmx_msr(): read-only to the guest; userspace
+        ret, value = vmx_capability_msr(vcpu, index, host_initiated)  # may restore the same value
+        if ret is not MsrResult.OK:
+            return ret
+        return MsrResult.OK if host_initiated and data == value else MsrResult.ERROR
+    if index == Msr.IA32_FEATURE_CONTROL:
+        if not vmx_feature_control_msr_valid(vcpu, msrs.software[index], data, host_initiated):
+            return MsrResult.ERROR
+        msrs.software[index] = data
+        return MsrResult.OK
     if index == Msr.IA32_APIC_BASE:
         if not kvm_apic_set_base_valid(msrs.apic_base, data, guest_maxphyaddr(vcpu),
                                        vcpu.cpuid.guest_cpuid_has("x2apic"), host_initiated):
@@ -517,6 +561,8 @@ def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data:
 def kvm_common_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int,
                        host_initiated: bool) -> tuple[MsrResult, int]:
     """kvm_get_msr_common() for the non-CET MSRs."""
+    if index in VMX_CAPABILITY_MSRS:
+        return vmx_capability_msr(vcpu, index, host_initiated)
     if index == Msr.IA32_APIC_BASE:
         return MsrResult.OK, msrs.apic_base
     if index in X2APIC_MSRS:

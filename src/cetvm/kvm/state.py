@@ -6,8 +6,9 @@ KVM_GET_MSR_INDEX_LIST that reads), ``xsave`` (hex of the KVM_GET_XSAVE2 image),
 ``fpstate_xstate_bv`` (the guest fpstate's XSTATE_BV, supervisor bits included: which xstate
 the guest depends on), ``guest_ssp`` (KVM_REG_GUEST_SSP, None without guest SHSTK),
 ``mp_state``, ``events``, ``smi`` (the SMM part of KVM_GET_VCPU_EVENTS: a vCPU saved in SMM is
-restored in SMM; SMBASE travels as IA32_SMBASE in ``msrs``) and ``tsc_offset`` (KVM_VCPU_TSC_OFFSET, restored after the MSRs so
-the TSC continues exactly where it stood). The guest's CPUID is not part of it: as with KVM, the VMM calls
+restored in SMM; SMBASE travels as IA32_SMBASE in ``msrs``), ``tsc_offset`` (KVM_VCPU_TSC_OFFSET, restored after the MSRs so
+the TSC continues exactly where it stood) and ``nested`` (KVM_GET_NESTED_STATE: None outside VMX
+operation, :class:`~cetvm.kvm.nested_state.NestedState` otherwise; restored first). The guest's CPUID is not part of it: as with KVM, the VMM calls
 set_cpuid() on the new vCPU before restoring.
 
 Restore order (each step needs the previous ones): sregs (CR4.CET needs the CPUID), regs,
@@ -42,6 +43,7 @@ from cetvm.kvm.api import KvmVcpu, MpState, QueuedException
 from cetvm.kvm.caps import msr_name
 from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.ioctl_args import check_instance, check_u64, describe
+from cetvm.kvm.nested_state import NestedState
 from cetvm.kvm.smm import SmiEvents
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
@@ -61,6 +63,7 @@ def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
             msrs[index] = got[0][1]
     guest_ssp = vcpu.get_one_reg(KVM_REG_GUEST_SSP_ID) if vcpu.state.cpuid.guest_cpu_cap_has("shstk") else None
     event = vcpu.get_vcpu_events()
+    nested = vcpu.get_nested_state()
     return {
         "regs": asdict(vcpu.get_regs()),
         "sregs": asdict(vcpu.get_sregs()),
@@ -73,6 +76,7 @@ def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
         "events": None if event is None else asdict(event),
         "smi": asdict(vcpu.get_vcpu_events_smi()),
         "tsc_offset": vcpu.get_tsc_offset(),
+        "nested": None if nested is None else nested.to_json(),
     }
 
 
@@ -212,6 +216,8 @@ def restore_vcpu_state(vcpu: KvmVcpu, state: Mapping[str, Any]) -> None:
     vcpu = check_instance("restore_vcpu_state: vcpu", vcpu, KvmVcpu)
     check_saved_state(vcpu, state)
     msrs = _msr_table(state)
+    # KVM_SET_NESTED_STATE first (as QEMU does): in guest mode the registers below are L2's
+    vcpu.set_nested_state(None if state.get("nested") is None else NestedState.from_json(state["nested"]))
     vcpu.set_sregs(_sregs_from(state["sregs"]))
     vcpu.set_regs(_regs_from(state["regs"]))
     if int(Msr.IA32_XSS) in msrs:

@@ -11,8 +11,8 @@ built exactly as cpuid.c does:
 - 0xD.n (n ≥ 2): only for permitted XCR0 / supported XSS components; EAX/EBX/ECX from the
   host (ECX[2] XFD cleared without XFD), EDX = 0.
 
-Other leaves pass through with KVM's well-known edits: leaf 1 sets HYPERVISOR and X2APIC and
-clears the runtime bits OSXSAVE/OSPKE; 0x80000008 keeps EAX (address sizes) only.
+Other leaves pass through with KVM's well-known edits: leaf 1 sets HYPERVISOR and X2APIC,
+shows VMX only with kvm_intel nested=1 and clears the runtime bits OSXSAVE/OSPKE; 0x80000008 keeps EAX (address sizes) only.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def kvm_get_supported_cpuid(caps: KvmCaps, guest_perm: int = 0) -> CpuidModel:
     host = caps.host.cpu
     out = CpuidModel(f"kvm-supported:{host.name}")
     _leaf_0(host, out)
-    _leaf_1(host, out)
+    _leaf_1(host, out, caps.host.nested_vmx)
     _leaf_7(caps, out)
     _leaf_d(caps, out, guest_perm)
     _ext_leaves(host, out)
@@ -52,8 +52,11 @@ def _leaf_0(host: CpuidModel, out: CpuidModel) -> None:
     out.set(0, 0, min(eax, KVM_MAX_BASIC_LEAF), ebx, ecx, edx)
 
 
-def _leaf_1(host: CpuidModel, out: CpuidModel) -> None:
+def _leaf_1(host: CpuidModel, out: CpuidModel, nested_vmx: bool) -> None:
+    """Leaf 1; VMX only with kvm_intel nested=1 (vmx_set_cpu_caps: ``if (nested)
+    kvm_cpu_cap_set(X86_FEATURE_VMX)``)."""
     eax, ebx, ecx, edx = host.get(1)
+    ecx = _bit(ecx, FEATURES["vmx"].mask, nested_vmx)
     ecx |= FEATURES["hypervisor"].mask | FEATURES["x2apic"].mask
     ecx &= ~FEATURES["osxsave"].mask
     out.set(1, 0, eax, ebx, ecx, edx)

@@ -34,7 +34,8 @@ vcpus[0].msrs          at most 1024 entries "0xINDEX" (32-bit index) -> 64-bit v
 vcpus[0] others        fpstate_xstate_bv 64 bits; guest_ssp null or 64 bits; mp_state a
                        KVM_MP_STATE name; events null or {vector 0..31, error_code null or
                        32 bits}; smi null or {smm, pending, smm_inside_nmi,
-                       latched_init: booleans}
+                       latched_init: booleans}; nested null or KVM_GET_NESTED_STATE {vmxon_pa,
+                       vmcs12_pa, vmcs12 (hex), guest_mode, pre_vmenter_s_cet/ssp/ssp_tbl}
 devices                serial, shutdown, fw_cfg, pic (objects), lapics (one per vCPU), and
                        ioapic, pit, pm1, irq_lines, apm (objects; absent in snapshots of a cetvm
                        before the interrupt platform: those devices restore in their reset
@@ -200,12 +201,17 @@ def msr_table(value: Any, where: str) -> None:
 
 
 EVENT = obj({"vector": unsigned(5)}, {"error_code": nullable(unsigned(32))})
+#: KVM_GET_NESTED_STATE (cetvm.kvm.nested_state.NestedState.to_json); KVM_SET_NESTED_STATE checks
+#: the values themselves.
+NESTED = obj({"vmxon_pa": unsigned(64), "vmcs12_pa": unsigned(64), "vmcs12": text(16384), "guest_mode": boolean},
+             {"pre_vmenter_s_cet": unsigned(64), "pre_vmenter_ssp": unsigned(64), "pre_vmenter_ssp_tbl": unsigned(64),
+              "irq_for_l1": nullable(unsigned(8))})
 SMI = obj({"smm": boolean, "pending": boolean, "smm_inside_nmi": boolean, "latched_init": boolean})
 VCPU = obj(
     {"regs": REGS, "sregs": SREGS, "xcrs": list_of(pair(unsigned(32), unsigned(64)), 0, MAX_XCRS),
      "msrs": msr_table, "mp_state": one_of(*(m.name for m in MpState))},
     {"fpstate_xstate_bv": unsigned(64), "guest_ssp": nullable(unsigned(64)), "events": nullable(EVENT),
-     "smi": nullable(SMI), "tsc_offset": unsigned(64)},
+     "smi": nullable(SMI), "tsc_offset": unsigned(64), "nested": nullable(NESTED)},
 )
 
 
