@@ -9,8 +9,13 @@
  *    the user code selector, and with user shadow stacks SSP saved in IA32_PL3_SSP (the user
  *    function was called: one entry below the top);
  *  - a CPL3 read of a not-present page -> #PF(U) at the load;
- *  - many SYSCALL -> SYSRETQ round trips from CPL3 return the kernel's result each time. */
+ *  - many SYSCALL -> SYSRETQ round trips from CPL3 return the kernel's result each time;
+ *  - a SYSCALL entry whose first instructions read a local APIC register (MMIO): the engine stops
+ *    at the read in the run that went from CPL3 through a SYSCALL it delivered itself, and the
+ *    read is decoded and done at CPL0 (a vCPU that still took itself for CPL3 fetched the kernel
+ *    code as a user: #PF, and miscounted the instructions retired before the read). */
 #include "ktest.h"
+#include "platform.h"
 
 extern char sysret_nc[], syscall_ud[], iret_bad_cs[];
 __asm__(".text\n"
@@ -31,6 +36,23 @@ __asm__(".text\n"
         "  pushq %rax\n"
         "iret_bad_cs: iretq\n"
         "1: ret\n");
+
+/* SYSCALL entry for the last test: counts entries and reads the local APIC version register into
+ * mmio_entry_value (RDX kept in a global: the stack is still the user's), then goes on at the
+ * library's entry. RCX and R11 (the SYSCALL's) are left alone. */
+#define LAPIC_VERSION 0x30
+extern char mmio_syscall_entry[];
+u64 mmio_entry_count, mmio_entry_rdx;
+u32 mmio_entry_value;
+__asm__(".text\n"
+        "mmio_syscall_entry: endbr64\n"
+        "  mov %rdx, mmio_entry_rdx(%rip)\n"
+        "  movabs $0xFEE00030, %rdx\n"  /* LAPIC_PHYS + LAPIC_VERSION */
+        "  mov (%rdx), %edx\n"
+        "  mov %edx, mmio_entry_value(%rip)\n"
+        "  incq mmio_entry_count(%rip)\n"
+        "  mov mmio_entry_rdx(%rip), %rdx\n"
+        "  jmp syscall_entry\n");
 void sysret_probe(void *arg);
 void syscall_probe(void *arg);
 void iret_probe(void *arg);
@@ -49,6 +71,18 @@ USER_CODE static void user_syscalls(u64 n)
         sum += user_syscall(SYS_ADD1, i) - i;
     user_syscall(SYS_EXIT, sum);
 }
+/* Each SYSCALL after a CPUID, which the vCPU emulates: the engine run that delivers the SYSCALL
+ * starts at CPL3. */
+USER_CODE static void user_cpuid_syscalls(u64 n)
+{
+    u64 sum = 0;
+    for (u64 i = 0; i < n; i++) {
+        u32 a = 0, b, c = 0, d;
+        __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+        sum += user_syscall(SYS_ADD1, i) - i;
+    }
+    user_syscall(SYS_EXIT, sum);
+}
 
 #define UNMAPPED_USER 0x7f0000001000ul /* PML4 entry 254: never present */
 
@@ -61,6 +95,7 @@ static const char *names[] = {
     "the same with a user shadow stack: SSP (one CALL deep) saved in IA32_PL3_SSP",
     "CPL3 read of a not-present page -> #PF(U) at the load",
     "1000 SYSCALL -> SYSRETQ round trips from CPL3 return the kernel's result",
+    "a SYSCALL entry reading a local APIC register (MMIO) first reads it at CPL0 on every SYSCALL",
 };
 
 static void body(void)
@@ -114,12 +149,23 @@ static void body(void)
     r = run_user(user_syscalls, 1000, &opts);
     tap_ok(r.kind == USER_EXITED && r.code == 1000, names[7], "kind %d code %lu vector %lu", r.kind, r.code,
            r.trap.vector);
+
+    platform_map();
+    u32 version = lapic_read(LAPIC_VERSION);
+    u64 lstar = rdmsr(MSR_LSTAR);
+    wrmsr(MSR_LSTAR, (u64)mmio_syscall_entry);
+    r = run_user(user_cpuid_syscalls, 50, &plain);
+    wrmsr(MSR_LSTAR, lstar);
+    tap_ok(r.kind == USER_EXITED && r.code == 50 && mmio_entry_count == 51 && version != 0 &&
+               mmio_entry_value == version,
+           names[8], "kind %d code %lu entries %lu version 0x%x read 0x%x", r.kind, r.code, mmio_entry_count,
+           version, mmio_entry_value);
     tap_done();
 }
 
 void kmain(void)
 {
     kernel_init();
-    tap_plan(8);
+    tap_plan(9);
     cet_kernel_start(body, 0);
 }

@@ -233,6 +233,9 @@ class EngineStops:
         return reads, writes
 
     def on_invalid_instruction(self, uc: Uc, _data: object) -> bool:
+        """UC_HOOK_INSN_INVALID: the instruction at RIP did not retire (those of its block before
+        it did, counted with the rights of the CPL the native events may have changed)."""
+        self._hook.sync_native_events_mode()
         self._hook.retire_before(uc.reg_read(X.UC_X86_REG_RIP))
         self._blocks.prev = None
         return False  # stop with UC_ERR_INSN_INVALID; _on_invalid_stop emulates or raises #UD

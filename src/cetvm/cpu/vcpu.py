@@ -838,19 +838,34 @@ class Vcpu:
         return None
 
     def _emu_start_keeping_cr2(self, rip: int) -> None:
+        """One engine run from ``rip`` (then, if the block hook stopped it for want of budget, the
+        instructions the budget has left: :meth:`BlockHook.run_fenced`) with the guest's CR2 kept.
+        However the run ends — an engine error too (an invalid instruction, an access to memory
+        with no RAM), which the run loop then decodes and emulates at the stop — the cached mode
+        follows the CPL the native events left (a SYSCALL delivered in the engine after a run
+        started at CPL3: the stop is decoded and its block's instructions counted with CPL0's
+        rights) and CR2 is the last #PF they delivered."""
         budget = self.budget
-        with cr2_kept(self._uc):
-            if not budget.per_instruction:
-                self._blocks.close_last()
-            self._uc.emu_start(rip, 0)
-            self._hook.sync_native_events_mode()
-            stop = budget.take_stop()
-            if stop and budget.left:
-                self._hook.run_fenced(self.rip, stop, budget.left)
-        if self._native_events is not None:
-            cr2 = self._native_events.take_delivered_cr2()
-            if cr2 is not None:  # a #PF the native events delivered: CR2 is the guest's now
-                self._uc.reg_write(X.UC_X86_REG_CR2, cr2)
+        try:
+            with cr2_kept(self._uc):
+                if not budget.per_instruction:
+                    self._blocks.close_last()
+                self._uc.emu_start(rip, 0)
+                self._hook.sync_native_events_mode()
+                stop = budget.take_stop()
+                if stop and budget.left:
+                    self._hook.run_fenced(self.rip, stop, budget.left)
+        finally:
+            self._after_native_events()
+
+    def _after_native_events(self) -> None:
+        """After an engine run: the mode and CR2 the native events left (see above)."""
+        if self._native_events is None:
+            return
+        self._hook.sync_native_events_mode()
+        cr2 = self._native_events.take_delivered_cr2()
+        if cr2 is not None:  # a #PF the native events delivered: CR2 is the guest's now
+            self._uc.reg_write(X.UC_X86_REG_CR2, cr2)
 
     # ------------------------------------------------------------------ misc
     @property

@@ -23,9 +23,12 @@ CET_PATHS = ("auto", "native", "python")
 
 def native_events_requested() -> bool:
     """``$CETVM_NATIVE_EVENTS`` is "1": deliver SYSCALL, SYSRETQ, IRETQ and the common #PF inside
-    the engine (:class:`NativeEvents`). Opt-in (a decision, session 4): with it, Debian's kernel
-    plus the shadow-stack selftest after our CET programs fails its first map_shadow_stack
-    (EINVAL) — an interaction not yet found; every guest of ours passes with it."""
+    the engine (:class:`NativeEvents`). Opt-in (a decision, session 4), taken while Debian's kernel
+    plus the shadow-stack selftest failed its first map_shadow_stack (EINVAL) with it. Cause,
+    since fixed: a run that went from CPL3 through a native SYSCALL and ended on an engine error
+    (the kernel's WRUSSQ as an invalid instruction) left the vCPU's cached CPL at 3, so the stop
+    was decoded with user rights (#PF on kernel code, taken by the kernel as the WRUSS's fault).
+    guests/tests/fast_events.c checks it."""
     return os.environ.get("CETVM_NATIVE_EVENTS") == "1"
 
 
