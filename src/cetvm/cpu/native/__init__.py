@@ -28,7 +28,9 @@ def native_events_requested() -> bool:
     since fixed: a run that went from CPL3 through a native SYSCALL and ended on an engine error
     (the kernel's WRUSSQ as an invalid instruction) left the vCPU's cached CPL at 3, so the stop
     was decoded with user rights (#PF on kernel code, taken by the kernel as the WRUSS's fault).
-    guests/tests/fast_events.c checks it."""
+    guests/tests/fast_events.c checks it. Still opt-in: with runs cut into short slices
+    (``cetvm boot --timeout``) and native SYSCALL the same kernel oopses at init's first clone
+    (PUSHF with RFLAGS.VM set) — not yet found."""
     return os.environ.get("CETVM_NATIVE_EVENTS") == "1"
 
 

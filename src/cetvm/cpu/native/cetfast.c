@@ -1709,7 +1709,7 @@ hand_over:
  * #PF delivery through a 64-bit interrupt/trap gate without IST to CPL 0, from CPL 0 or CPL 3
  * [SDM Vol. 3 §6.14; cetvm.cpu.events.deliver_64 with cetvm.cpu.cet.far_transfers.ssp_on_event],
  * as UC_HOOK_INTR (Unicorn stops at the faulting instruction with CR2 and its error code set).
- * It replaces Python's UC_HOOK_INTR handler (cetvm.cpu.engine_stops._on_interrupt), which it
+ * It replaces Python's UC_HOOK_INTR handler (cetvm.cpu.engine_stops.EngineStops.on_interrupt), which it
  * calls for everything else, before changing anything: other vectors, a possible fetch fault
  * (CR2 within 15 bytes of RIP), an error code with bits other than P/W/U, a fault outside the
  * block that ran last or at an instruction boundary the classifier did not record, an exception
@@ -1718,7 +1718,7 @@ hand_over:
  * stacks on a CPL 3 -> 0 switch (the supervisor token), an IDT/GDT/TSS read that fails.
  *
  * Budget: the block that ran last was counted when it started; the instructions from the faulting
- * one on did not retire and are taken back (cetvm.cpu.vcpu._retire_before), which needs the
+ * one on did not retire and are taken back (cetvm.cpu.block_hook.BlockHook.retire_before), which needs the
  * instruction boundaries of the block: Python stores its instruction lengths here
  * (cetfast_events_store_bounds) at the first #PF in it that it delivers itself. The error code is the engine's (CPUX86State.error_code), where
  * Python re-derives it with a page walk; both give P/W/U for the accesses the walker knows.
