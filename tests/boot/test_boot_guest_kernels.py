@@ -46,6 +46,15 @@ def test_block_classifications_are_forgotten_as_the_tlb_forgets(capsys):
     assert not tap.skipped()
 
 
+def test_code_written_through_data_mappings_runs_as_written(capsys):
+    """Issue 13: the native path keeps the engine's data TLB entries of pages never fetched from
+    non-executable (fast stores on RWX pages); the first fetch from a page must take that away
+    from every data entry of it, an alias at another linear address included."""
+    tap = run_green(capsys, "split_tlb")
+    assert tap.passed("patched through the alias after it ran, the new code runs")
+    assert tap.passed("32 patches through the alias, each one runs")
+
+
 def test_far_ret_to_a_forged_address_is_cp_far_ret(capsys):
     tap = run_green(capsys, "shstk_farret")
     assert tap.passed("LRETQ to a forged address -> #CP(2)")

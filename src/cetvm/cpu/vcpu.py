@@ -206,6 +206,7 @@ class Vcpu:
             if model.has("serialize"):
                 self.native.install_serialize()
             self.native.install_tlb_fill(set_mode=False)
+            self.native.split_tlb()
             if not self.budget.per_instruction and native_events_requested():
                 self._native_events = self._hook.install_native_events()
         else:

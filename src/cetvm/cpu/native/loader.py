@@ -149,6 +149,8 @@ _FIRST_LEN_MASK, _BLOCK_GLOBAL = 0x0F, 0x80
 #: Offset of ``uc_invalidate_tb`` in Unicorn 2.1.4's ``struct uc_struct`` (x86-64): three 4-byte
 #: enums padded to 16 bytes, two 56-byte AddressSpace structures, then 31 function pointers.
 UC_INVALIDATE_TB_OFFSET = 16 + 2 * 56 + 31 * 8
+#: Offset of ``cpu`` (the CPUState) in the same structure: seven more function pointers on.
+UC_CPU_OFFSET = UC_INVALIDATE_TB_OFFSET + 8 * 8
 #: Where the probe of :meth:`NativeCet.filter_exit_invalidation` asks to drop translations
 #: (unmapped when the vCPU is created: nothing is dropped).
 _FILTER_PROBE = 0xFFFF_F000
@@ -196,6 +198,10 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_set_pending.argtypes = [_VP, _U32, _U64, _U32, _U32, _U64]
     lib.cetfast_enable_tlb_fill.argtypes = [_VP]
     lib.cetfast_reset_fetched.argtypes = [_VP]
+    lib.cetfast_split_tlb.restype = ctypes.c_int
+    lib.cetfast_split_tlb.argtypes = [_VP] * 7
+    lib.cetfast_code_pages.restype = _U64
+    lib.cetfast_code_pages.argtypes = [_VP]
     lib.cetfast_filter_exit_invalidation.restype = ctypes.c_int
     lib.cetfast_filter_exit_invalidation.argtypes = [_VP, _U64]
     lib.cetfast_unfilter_exit_invalidation.argtypes = [_VP, _U64]
@@ -325,6 +331,28 @@ class NativeCet:
         self._uclib.uc_hook_del(self._uc._uch, self._tlb_hook)
         self._tlb_hook = None
         self._uc.ctl_set_tlb_mode(UC_TLB_CPU)
+
+    def split_tlb(self) -> bool:
+        """Split the engine's TLB entries into instruction and data ones while paging is on (see
+        cetfast.c, "split ITLB/DTLB"): stores to writable, executable pages never fetched from
+        stay on the engine's fast path. Needs :meth:`install_tlb_fill` first (the fetched-page
+        bitmap). True if the split is in; False if Unicorn's layout is not 2.1.4's (the engine
+        then keeps one entry per page: slower stores to RWX pages, same results)."""
+        uclib = self._uclib
+        handle = self._uc._uch.value
+        cs = ctypes.c_void_p.from_address(handle + UC_CPU_OFFSET).value
+        try:
+            functions = [_fnptr(getattr(uclib, name)) for name in (
+                "x86_cpu_tlb_fill_x86_64", "unicorn_fill_tlb_x86_64", "tlb_set_page_with_attrs_x86_64",
+                "tlb_flush_x86_64")]
+        except AttributeError:
+            return False
+        return self._lib.cetfast_split_tlb(self._ptr, handle, cs, *functions) == 0
+
+    @property
+    def code_pages(self) -> int:
+        """Physical pages the split TLB has seen fetched from (each flushed the engine's TLB once)."""
+        return self._lib.cetfast_code_pages(self._ptr)
 
     def install_serialize(self) -> None:
         """Register the C UC_HOOK_INSN_INVALID hook that retires SERIALIZE in the engine (see
