@@ -196,6 +196,9 @@ typedef uc_err (*emu_stop_fn)(uc_engine *);
 typedef int (*classify_fn)(uint64_t addr, uint32_t size);
 typedef uc_err (*vmem_read_fn)(uc_engine *, uint64_t, uc_prot, void *, size_t);
 
+/* A filter of the linear pages holding stored blocks (bits set, never cleared but all at once):
+ * INVLPG of a page without blocks — most of them — skips the table rebuild. */
+#define PAGE_FILTER_BITS (1u << 16)
 #define TLB_ENTRIES 64
 #define FRONT_ENTRIES 256
 #define MAX_RAM 32
@@ -233,6 +236,8 @@ typedef struct {
     cet_block_t held;   /* the pending block's entry when its front-cache slot was reused */
     cet_block_t set_by_python; /* the pending terminator written by Python (cetfast_set_pending) */
     cet_block_t front[FRONT_ENTRIES];
+    uint64_t global_pages[PAGE_FILTER_BITS / 64]; /* pages with global blocks (see page_filter_add) */
+    uint64_t local_pages[PAGE_FILTER_BITS / 64];  /* pages with local blocks */
     uint64_t *fetched; /* TLB-fill mode: bitmap of pages fetched from (NULL: not in use) */
     uint64_t code_pages; /* split TLB: physical pages that became code (each flushed the TLB once) */
     tlb_entry_t tlb[TLB_ENTRIES];
@@ -474,6 +479,15 @@ static int table_rebuild(cet_block_t **table, uint64_t *mask, uint64_t *count, u
     return 0;
 }
 
+/* Turn the entries ``keep`` rejects into tombstones, in place (they keep their slots, and so
+ * their share of *count, until the table next grows). */
+static void table_bury(cet_block_t *table, uint64_t mask, keep_fn keep, uint64_t lo, uint64_t hi)
+{
+    for (uint64_t i = 0; i <= mask; i++)
+        if (table[i].size < BLOCK_DEAD && !keep(&table[i], lo, hi))
+            table[i].size = BLOCK_DEAD;
+}
+
 static int keep_global(const cet_block_t *b, uint64_t lo, uint64_t hi)
 {
     (void)lo, (void)hi;
@@ -545,6 +559,27 @@ static void block_set_term(cet_block_t *b, uint32_t kind, uint64_t insn_addr, ui
     b->ret = insn_addr + (insn_len & 0xFFu);
 }
 
+static inline uint64_t page_filter_bit(uint64_t page) { return (page ^ (page >> 16)) & (PAGE_FILTER_BITS - 1); }
+
+static void page_filter_add(uint64_t *filter, uint64_t addr, uint64_t size)
+{
+    for (uint64_t page = addr >> 12; page <= (addr + (size ? size : 1) - 1) >> 12; page++)
+        filter[page_filter_bit(page) >> 6] |= 1ull << (page_filter_bit(page) & 63);
+}
+
+/* May a block overlap linear [lo, hi)? (Wide ranges: assume so.) */
+static int page_filter_may_hold(const uint64_t *filter, uint64_t lo, uint64_t hi)
+{
+    if (hi <= lo)
+        return 0;
+    if (((hi - 1) >> 12) - (lo >> 12) >= 64)
+        return 1;
+    for (uint64_t page = lo >> 12; page <= (hi - 1) >> 12; page++)
+        if (filter[page_filter_bit(page) >> 6] & (1ull << (page_filter_bit(page) & 63)))
+            return 1;
+    return 0;
+}
+
 /* Store a classified block (replaces an older entry for the same address); ``global``: its code
  * is on global pages (BLOCK_GLOBAL). */
 int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t icount, uint32_t kind, uint64_t insn_addr,
@@ -563,6 +598,7 @@ int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t icount, uint32
                                 : table_find_addr(f->s.table, f->s.table_mask, addr);
     if (other)
         other->size = BLOCK_DEAD;
+    page_filter_add(global ? f->global_pages : f->local_pages, addr, size);
     cet_block_t *b = block_slot(*table, *mask, addr);
     if (b->size == BLOCK_EMPTY)
         (*count)++;
@@ -602,6 +638,8 @@ void cetfast_invalidate_blocks(void *p)
     table_clear(f->local, f->local_mask + 1);
     front_clear(f);
     f->table_count = f->local_count = 0;
+    memset(f->global_pages, 0, sizeof(f->global_pages));
+    memset(f->local_pages, 0, sizeof(f->local_pages));
 }
 
 /* Forget the front-cache entries ``keep`` rejects. */
@@ -637,19 +675,18 @@ void cetfast_invalidate_local_blocks(void *p)
     if (f->local_count || fresh)
         table_clear(f->local, f->local_mask + 1);
     f->local_count = 0;
+    memset(f->local_pages, 0, sizeof(f->local_pages));
     front_retain(f, keep_global, 0, 0);
 }
 
-/* INVLPG / INVPCID of an address: forget the blocks overlapping linear [lo, hi). -1: out of
- * memory (then everything is forgotten: correct, only slower). */
+/* INVLPG / INVPCID of an address: forget the blocks overlapping linear [lo, hi) (0). */
 int cetfast_invalidate_block_range(void *p, uint64_t lo, uint64_t hi)
 {
     cetfast_t *f = p;
-    if (table_rebuild(&f->s.table, &f->s.table_mask, &f->table_count, f->s.table_mask, keep_outside, lo, hi) < 0
-        || table_rebuild(&f->local, &f->local_mask, &f->local_count, f->local_mask, keep_outside, lo, hi) < 0) {
-        cetfast_invalidate_blocks(f);
-        return -1;
-    }
+    if (page_filter_may_hold(f->global_pages, lo, hi))
+        table_bury(f->s.table, f->s.table_mask, keep_outside, lo, hi);
+    if (page_filter_may_hold(f->local_pages, lo, hi))
+        table_bury(f->local, f->local_mask, keep_outside, lo, hi);
     front_retain(f, keep_outside, lo, hi);
     return 0;
 }
