@@ -14,16 +14,20 @@ class Msr(enum.IntEnum):
     IA32_APIC_BASE = 0x1B
     IA32_FEATURE_CONTROL = 0x3A
     IA32_TSC_ADJUST = 0x3B
+    #: IA32_BIOS_UPDT_TRIG in the SDM; Linux's MSR_IA32_UCODE_WRITE.
+    IA32_UCODE_WRITE = 0x79
     #: IA32_BIOS_SIGN_ID in the SDM; Linux's MSR_IA32_UCODE_REV.
     IA32_UCODE_REV = 0x8B
     #: The SMRAM base (host-initiated access only in KVM: MSR_IA32_SMBASE) [SDM Vol. 3 §32.11].
     IA32_SMBASE = 0x9E
+    IA32_SMM_MONITOR_CTL = 0x9B
     #: Speculative-execution properties of the processor [SDM Vol. 4 Table 2-2].
     IA32_ARCH_CAPABILITIES = 0x10A
     IA32_SYSENTER_CS = 0x174
     IA32_SYSENTER_ESP = 0x175
     IA32_SYSENTER_EIP = 0x176
     IA32_MISC_ENABLE = 0x1A0
+    IA32_DEBUGCTL = 0x1D9
     IA32_PAT = 0x277
     IA32_VMX_BASIC = 0x480
     IA32_VMX_PINBASED_CTLS = 0x481
@@ -70,6 +74,16 @@ class Msr(enum.IntEnum):
     KVM_SYSTEM_TIME_NEW = 0x4B564D01
     #: KVM's synthetic MSR for the guest SSP (host-initiated access only) [K].
     KVM_INTERNAL_GUEST_SSP = 0x4B564DFF
+
+
+class DebugCtl(enum.IntFlag):
+    """IA32_DEBUGCTL bits [SDM Vol. 3 §19.4.1 Figure 19-3, §17.3.3 (bus-lock detection)]."""
+
+    LBR = 1 << 0
+    BTF = 1 << 1
+    BUS_LOCK_DETECT = 1 << 2
+    FREEZE_LBRS_ON_PMI = 1 << 11
+    RTM_DEBUG = 1 << 15
 
 
 class ArchCapabilities(enum.IntFlag):

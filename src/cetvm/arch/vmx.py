@@ -300,7 +300,18 @@ VMX_BASIC_TRUE_CTLS = 1 << 55
 #: IA32_VMX_MISC bits [SDM Vol. 3 App. A.6]: VM exit stores EFER.LMA into the IA-32e mode
 #: guest entry control (5); VMWRITE may write any field, the exit-information ones too (29).
 VMX_MISC_SAVE_EFER_LMA = 1 << 5
+#: IA32_VMX_MISC[6]: the HLT activity state is supported [SDM Vol. 3 App. A.6].
+VMX_MISC_ACTIVITY_HLT = 1 << 6
 VMX_MISC_VMWRITE_ANY_FIELD = 1 << 29
+
+
+class GuestActivityState(enum.IntEnum):
+    """The guest activity-state field [SDM Vol. 3 §25.4.2 Table 25-3]."""
+
+    ACTIVE = 0
+    HLT = 1
+    SHUTDOWN = 2
+    WAIT_SIPI = 3
 
 
 class VmxInsnError(enum.IntEnum):
@@ -363,12 +374,21 @@ class ExitReason(enum.IntEnum):
     MSR_READ = 31
     MSR_WRITE = 32
     ENTRY_FAIL_GUEST_STATE = 33
+    MSR_LOAD_FAIL = 34
     EPT_VIOLATION = 48
     INVEPT = 50
     INVVPID = 53
     XSETBV = 55
     XSAVES = 63
     XRSTORS = 64
+
+
+class VmxAbort(enum.IntEnum):
+    """VMX-abort indicators [SDM Vol. 3 §29.7]."""
+
+    SAVE_GUEST_MSR_FAIL = 1
+    LOAD_HOST_PDPTE_FAIL = 2
+    LOAD_HOST_MSR_FAIL = 4
 
 
 #: VM_EXIT_REASON bit 31: the exit is a VM-entry failure [SDM Vol. 3 §25.9.1, §27.8].

@@ -163,6 +163,7 @@ from cetvm.kvm.vcpu_run import (
     handle_vmcall,
     handle_cr,
     handle_xsetbv,
+    kvm_msr_with_filter,
     kvm_set_xcr0,
     kvm_set_xcr_fault,
     kvm_vm_ioctl_set_msr_filter,
@@ -864,6 +865,8 @@ class KvmVcpu:
                     return entered
             if nested_interrupt_exit_due(self):
                 continue  # vmx_check_nested_events: L2 → L1 for the pending interrupt
+            if self.nested.vmx_abort is not None:  # nested_vmx_abort's KVM_REQ_TRIPLE_FAULT
+                return self._vmx_abort_shutdown()
             forced, self._forced_emulation = self._forced_emulation, False
             # an interrupt kept for L1 (nested exit without acknowledge): step L1 until it can take it
             forced = forced or nested_irq_for_l1_waits(self)
@@ -884,16 +887,16 @@ class KvmVcpu:
         if self.nested.guest_mode and nested_vmx_reflect_vmexit(self, exit_):
             return None  # L1 handles it (nested_vmx_reflect_vmexit)
         if reason is ExitReason.VMX_INSTRUCTION:
-            handle_vmx_instruction(self, exit_)
+            if handle_vmx_instruction(self, exit_):  # L2 entered halted: kvm_emulate_halt_noskip
+                self._userspace_exit = KvmRun(KvmExitReason.HLT, self.cpu.rip)
+                return self._userspace_exit
             return None
         if reason is ExitReason.CPUID:
             handle_cpuid(self.state, self.cpu)
             return None
         if reason in (ExitReason.RDMSR, ExitReason.WRMSR):
             user = handle_msr(self.state, self.msrs, self.cpu, exit_, self.vm.msr_filter,
-                              self.vm.user_space_msr_mask,
-                              lambda: vmx.kvm_load_guest_fpu(self.state, self.cpu),
-                              lambda: vmx.kvm_put_guest_fpu(self.state, self.cpu))
+                              self.vm.user_space_msr_mask, self._fpu_get, self._fpu_put)
             if user is None:
                 return None
             kind = KvmExitReason.X86_RDMSR if reason is ExitReason.RDMSR else KvmExitReason.X86_WRMSR
@@ -921,6 +924,24 @@ class KvmVcpu:
                           detail="MMIO access by an instruction CET guards: KVM does not emulate it")
         self._userspace_exit = userspace_exit(exit_, self.state.vmcs.read(VmcsField.VM_EXIT_REASON))
         return self._userspace_exit
+
+    def _vmx_abort_shutdown(self) -> KvmRun:
+        """KVM_REQ_TRIPLE_FAULT after a VMX abort: KVM_EXIT_SHUTDOWN (kvm_check_request)."""
+        indicator, self.nested.vmx_abort = self.nested.vmx_abort, None
+        return KvmRun(KvmExitReason.SHUTDOWN, self.cpu.rip, detail=f"VMX abort (indicator {indicator})")
+
+    def _fpu_get(self) -> None:
+        vmx.kvm_load_guest_fpu(self.state, self.cpu)
+
+    def _fpu_put(self) -> None:
+        vmx.kvm_put_guest_fpu(self.state, self.cpu)
+
+    def kvm_msr_with_filter(self, index: int, data: int | None = None) -> tuple[bool, int]:
+        """A guest-initiated RDMSR (``data`` None) or WRMSR that KVM makes itself (nested
+        MSR-load/store lists: kvm_get/set_msr_with_filter): (succeeded, value read)."""
+        result, value = kvm_msr_with_filter(self.state, self.msrs, self.cpu, index, data, self.vm.msr_filter,
+                                            self._fpu_get, self._fpu_put)
+        return result is MsrResult.OK, value
 
     def _handle_exception_exit(self, exit_: VmExit) -> KvmRun | None:
         """An intercepted exception: KVM's own #UD intercept first (handle_ud and the

@@ -23,8 +23,8 @@ import enum
 from dataclasses import dataclass, field
 
 from cetvm.arch.apic import X2APIC_MSRS, apic_base_reset_value, apic_base_write_error
-from cetvm.arch.msr import (CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, VMX_CAPABILITY_MSRS, ArchCapabilities, Efer,
-                            FeatureControl, MiscEnable, Msr)
+from cetvm.arch.msr import (CET_CTL_MSRS, EFER_DEFINED_INTEL, SSP_MSRS, VMX_CAPABILITY_MSRS, ArchCapabilities, DebugCtl,
+                            Efer, FeatureControl, MiscEnable, Msr)
 from cetvm.arch.regs import Cr0, canonicalize, is_canonical
 from cetvm.arch.vmx import KVM_REG_GUEST_SSP_ID, VmcsField
 from cetvm.arch.xfeatures import XFeature
@@ -506,9 +506,34 @@ def nested_vmx_msrs_for(vcpu: VcpuArch) -> NestedVmxMsrs:
     return nested_vmx_setup_ctls_msrs(vcpu.caps, vcpu.cpuid, vmcs_enum_max_index(fields))
 
 
+#: DEBUGCTL bits KVM drops instead of failing the write when it does not support them
+#: (vmx_is_valid_debugctl: "kvm_pr_unimpl_wrmsr" for BTF and LBR).
+DEBUGCTL_IGNORED = int(DebugCtl.BTF | DebugCtl.LBR)
+
+
+def vmx_get_supported_debugctl(vcpu: VcpuArch, host_initiated: bool) -> int:
+    """vmx_get_supported_debugctl(): the IA32_DEBUGCTL bits a guest may set. Only RTM debugging
+    (with RTM in the guest CPUID, or for userspace): cetvm's KVM has no PMU and so no LBR
+    virtualization (LBR, FREEZE_LBRS_ON_PMI), and its CPUID model has no bus-lock detection."""
+    return int(DebugCtl.RTM_DEBUG) if host_initiated or vcpu.cpuid.guest_cpu_cap_has("rtm") else 0
+
+
+def vmx_set_debugctl(vcpu: VcpuArch, data: int, host_initiated: bool) -> bool:
+    """vmx_set_msr(MSR_IA32_DEBUGCTLMSR): vmx_is_valid_debugctl (an unsupported bit other than
+    BTF/LBR fails), then the supported bits go into the current VMCS's GUEST_IA32_DEBUGCTL
+    (vmx_guest_debugctl_write) — vmcs02's while L2 runs."""
+    supported = vmx_get_supported_debugctl(vcpu, host_initiated)
+    if data & ~supported & ~DEBUGCTL_IGNORED:
+        return False
+    vcpu.vmcs.write(VmcsField.GUEST_IA32_DEBUGCTL, data & supported)
+    return True
+
+
 def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int,
                        host_initiated: bool) -> MsrResult:
     """kvm_set_msr_common() for the non-CET MSRs (raw result, see the decisions above)."""
+    if index == Msr.IA32_DEBUGCTL:
+        return MsrResult.OK if vmx_set_debugctl(vcpu, data, host_initiated) else MsrResult.ERROR
     if index in VMX_CAPABILITY_MSRS:  # vmx_set_vmx_msr(): read-only to the guest; userspace
         ret, value = vmx_capability_msr(vcpu, index, host_initiated)  # may restore the same value
         if ret is not MsrResult.OK:
@@ -561,6 +586,8 @@ def kvm_common_set_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data:
 def kvm_common_get_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int,
                        host_initiated: bool) -> tuple[MsrResult, int]:
     """kvm_get_msr_common() for the non-CET MSRs."""
+    if index == Msr.IA32_DEBUGCTL:  # vmx_get_msr: the current VMCS's GUEST_IA32_DEBUGCTL
+        return MsrResult.OK, vcpu.vmcs.read(VmcsField.GUEST_IA32_DEBUGCTL)
     if index in VMX_CAPABILITY_MSRS:
         return vmx_capability_msr(vcpu, index, host_initiated)
     if index == Msr.IA32_APIC_BASE:

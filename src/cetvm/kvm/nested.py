@@ -61,6 +61,10 @@ class NestedVcpu(Protocol):
     msrs: KvmMsrState
     nested: "NestedVmx"
 
+    def kvm_msr_with_filter(self, index: int, data: int | None = None) -> tuple[bool, int]:
+        """A RDMSR (``data`` None) / WRMSR KVM makes for the guest (kvm_get/set_msr_with_filter)."""
+        ...
+
 
 @dataclass
 class PreVmenterCet:
@@ -89,6 +93,8 @@ class NestedVmx:
     #: an external interrupt that caused a VM exit to L1 (no acknowledge-on-exit): still pending,
     #: delivered to L1 when its window opens, or another exit if L1 re-enters L2 first
     irq_for_l1: int | None = None
+    #: a VMX abort happened (nested_vmx_abort → KVM_REQ_TRIPLE_FAULT): the vCPU shuts down
+    vmx_abort: int | None = None
     pre_vmenter: PreVmenterCet = field(default_factory=PreVmenterCet)
 
     @classmethod

@@ -13,19 +13,23 @@ guest hypervisor never sets a control that would be silently ignored:
 - pin-based: external-interrupt and NMI exiting, virtual NMIs (no preemption timer, no posted
   interrupts).
 - primary processor-based: HLT exiting, unconditional I/O exiting, I/O bitmaps, MSR bitmaps,
-  the secondary controls; CR3-load/store exiting are allowed (default1 without the TRUE_ MSR)
-  but not intercepted (decision: cetvm's CPU does not exit on MOV CR3; L2 then runs its MOV
-  CR3 as if they were clear).
-- secondary: RDTSCP, INVPCID, XSAVES enable (decision: with them clear L2 is not given #UD for
-  those instructions). No EPT, no VPID, no unrestricted guest: IA32_VMX_EPT_VPID_CAP reads 0.
-- VM-exit: save/load debug controls (saved, not loaded into DR7/DEBUGCTL beyond KVM's reset
-  values), host address-space size, save/load PAT, save/load EFER, and load CET state.
-- VM-entry: load debug controls, IA-32e mode guest, load PAT, load EFER, load CET state.
+  the secondary controls; CR3-load/store exiting are allowed (default1 without the TRUE_ MSR):
+  a MOV to CR3 in L2 exits to L1 with CR3-load exiting; CR3-store exiting is not intercepted
+  (decision: cetvm's CPU runs MOV from CR3 inside the engine, without an exit point).
+- secondary: RDTSCP, INVPCID, XSAVES enable; vmcs02 takes them from vmcs12 only, so with
+  XSAVES enable clear L2's XSAVES/XRSTORS are #UD (cetvm's CPU acts on the XSAVES control only;
+  with RDTSCP/INVPCID enable clear L2 is not given #UD for those instructions). No EPT, no VPID, no unrestricted guest: IA32_VMX_EPT_VPID_CAP reads 0.
+- VM-exit: save debug controls (DR7 and IA32_DEBUGCTL into vmcs12; an exit always loads
+  DR7 = 0x400 and DEBUGCTL = 0), host address-space size, acknowledge interrupt on exit, save/load PAT, save/load
+  EFER, and load CET state.
+- VM-entry: load debug controls (DR7, and IA32_DEBUGCTL's supported bits), IA-32e mode guest, load PAT, load EFER, load CET state.
 - The load-CET-state controls exactly when KVM's VMX has them and the guest CPUID shows SHSTK or
   IBT (nested_vmx_entry_exit_ctls_update, "KVM:nVMX: Enable CET support for nested VM").
 - IA32_VMX_MISC: EFER.LMA saved into the IA-32e-mode control (bit 5), VMWRITE to any field (bit
-  29), preemption-timer rate 5 (KVM emulates it); no HLT / wait-for-SIPI activity states
-  (decision: cetvm has no nested activity states), no CR3-target values.
+  29), preemption-timer rate 5 (KVM emulates it), the HLT activity state (bit 6: L2 entered
+  halted, nested_vmx_run → kvm_emulate_halt_noskip); no wait-for-SIPI activity state
+  (decision: KVM offers it, but cetvm's nested VMX does not model INIT/SIPI exits of L2, so a
+  wait-for-SIPI L2 could never be woken), no CR3-target values.
 - CR0_FIXED0 = PE | NE | PG, CR0_FIXED1 = all ones (low 32 bits); CR4_FIXED0 = VMXE,
   CR4_FIXED1 = the CR4 bits the guest CPUID allows (nested_vmx_cr_fixed1_bits_update).
 - IA32_VMX_VMCS_ENUM: the highest field index of the vmcs12 fields that exist
@@ -41,7 +45,7 @@ from cetvm.arch.regs import Cr0, Cr4
 from cetvm.arch.vmx import (
     PIN_BASED_DEFAULT1, PROC_BASED_DEFAULT1, VM_ENTRY_DEFAULT1, VM_EXIT_DEFAULT1, VMX_BASIC_INOUT,
     VMX_BASIC_MEM_TYPE_SHIFT, VMX_BASIC_MEM_TYPE_WB, VMX_BASIC_TRUE_CTLS, VMX_BASIC_VMCS_SIZE_SHIFT,
-    VMX_MISC_SAVE_EFER_LMA, VMX_MISC_VMWRITE_ANY_FIELD, PinBasedControls, CpuBasedControls, SecondaryControls,
+    VMX_MISC_ACTIVITY_HLT, VMX_MISC_SAVE_EFER_LMA, VMX_MISC_VMWRITE_ANY_FIELD, PinBasedControls, CpuBasedControls, SecondaryControls,
     VmEntryControls, VmExitControls, vmcs_field_index,
 )
 from cetvm.kvm.caps import KvmCaps
@@ -62,6 +66,7 @@ PROC_ALLOWED1 = PROC_BASED_DEFAULT1 | int(CpuBasedControls.HLT_EXITING | CpuBase
 PROC2_ALLOWED1 = int(SecondaryControls.ENABLE_RDTSCP | SecondaryControls.ENABLE_INVPCID
                      | SecondaryControls.ENABLE_XSAVES)
 EXIT_ALLOWED1 = VM_EXIT_DEFAULT1 | int(VmExitControls.SAVE_DEBUG_CONTROLS | VmExitControls.HOST_ADDR_SPACE_SIZE
+                                       | VmExitControls.ACK_INTR_ON_EXIT
                                        | VmExitControls.SAVE_IA32_PAT | VmExitControls.LOAD_IA32_PAT
                                        | VmExitControls.SAVE_IA32_EFER | VmExitControls.LOAD_IA32_EFER)
 ENTRY_ALLOWED1 = VM_ENTRY_DEFAULT1 | int(VmEntryControls.LOAD_DEBUG_CONTROLS | VmEntryControls.IA32E_MODE_GUEST
@@ -171,7 +176,8 @@ def nested_vmx_setup_ctls_msrs(caps: KvmCaps, cpuid: VcpuCpuid, max_field_index:
         proc2=PROC2_ALLOWED1,
         exit_=(VM_EXIT_DEFAULT1, exit_allowed1), exit_true0=VM_EXIT_DEFAULT1 & ~EXIT_TRUE_CLEARABLE,
         entry=(VM_ENTRY_DEFAULT1, entry_allowed1), entry_true0=VM_ENTRY_DEFAULT1 & ~ENTRY_TRUE_CLEARABLE,
-        misc=VMX_MISC_SAVE_EFER_LMA | VMX_MISC_VMWRITE_ANY_FIELD | EMULATED_PREEMPTION_TIMER_RATE,
+        misc=(VMX_MISC_SAVE_EFER_LMA | VMX_MISC_ACTIVITY_HLT | VMX_MISC_VMWRITE_ANY_FIELD
+              | EMULATED_PREEMPTION_TIMER_RATE),
         cr4_fixed1=~cr4_reserved_bits(cpuid) & 0xFFFF_FFFF_FFFF_FFFF,
         vmcs_enum=max_field_index << 1,
     )

@@ -43,9 +43,14 @@ VM_EXIT_LOAD_CET_STATE; otherwise L1 resumes with its pre-entry CET values, KVM'
 fields) and L1 runs at HOST_RIP. Everything else is L0's: I/O, MMIO and HLT that L1 does not
 intercept go to userspace as for L1, the instruction budget pauses L2.
 
-Not modelled (decisions): VM-entry/exit MSR-load/store lists (a non-zero count fails the entry
-with VMfailValid 7 — "not supported"), IDT-vectoring information (always 0: cetvm's CPU exits
-before an event is delivered), the preemption timer, MTF, NMI windows.
+The MSR-load/store lists are :mod:`cetvm.kvm.nested_msr_lists`. vmcs02's execution controls are
+L0's OR-ed with L1's (:func:`vmcs02_exec_controls`), so an L2 HLT that L1 does not intercept is
+KVM's (KVM_EXIT_HLT for userspace, as for L1). L1 may enter L2 in the HLT activity state; with
+no event injected the vCPU halts at once (KVM_EXIT_HLT), an injected event wakes it. External-
+interrupt exits acknowledge the interrupt when L1 sets "acknowledge interrupt on exit".
+
+Not modelled (decisions): IDT-vectoring information (always 0: cetvm's CPU exits before an
+event is delivered), the preemption timer, MTF, NMI windows, the wait-for-SIPI activity state.
 """
 
 from __future__ import annotations
@@ -56,20 +61,24 @@ from cetvm.arch.regs import RFLAGS_FIXED, RFLAGS_RESERVED
 from cetvm.arch.vmx import (
     ENTRY_FAIL_DEFAULT, ENTRY_FAIL_VMCS_LINK_PTR, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_EXT_INTR,
     INTR_TYPE_HARD_EXCEPTION, INTR_TYPE_NMI, INTR_TYPE_OTHER_EVENT, INTR_TYPE_PRIV_SW_EXCEPTION,
-    INTR_TYPE_SOFT_EXCEPTION, INTR_TYPE_SOFT_INTR, VMX_EXIT_REASONS_FAILED_VMENTRY, ExitReason as VmxExitReason,
-    PinBasedControls, CpuBasedControls, VmcsField as F, VmEntryControls, VmExitControls, VmxInsnError,
+    INTR_TYPE_SOFT_EXCEPTION, INTR_TYPE_SOFT_INTR, INTR_INFO_TYPE_SHIFT, VMX_EXIT_REASONS_FAILED_VMENTRY,
+    ExitReason as VmxExitReason, GuestActivityState, PinBasedControls, CpuBasedControls, SecondaryControls,
+    VmcsField as F, VmEntryControls, VmExitControls, VmxAbort, VmxInsnError,
 )
 from cetvm.cpu.exits import ExitReason, VmExit
 from cetvm.cpu.state import GPR_NAMES, DescriptorTable, Segment, Sregs
 from cetvm.cpu.vmcs import Vmcs
 from cetvm.kvm.cet_rules import kvm_is_valid_u_s_cet
-from cetvm.kvm.msr import guest_maxphyaddr, kvm_pat_valid
+from cetvm.kvm.msr import guest_maxphyaddr, kvm_pat_valid, vmx_get_supported_debugctl
 from cetvm.kvm.nested import (
     INVALID_GPA, NestedVcpu, handle_invept_invvpid, handle_vmclear, handle_vmptrld, handle_vmptrst, handle_vmread,
     handle_vmwrite, handle_vmxoff, handle_vmxon, nested_cr0_valid, nested_cr4_valid, nested_vmx_allowed,
     nested_vmx_check_permission, nested_vmx_fail, nested_vmx_fail_invalid, page_address_valid,
 )
 from cetvm.kvm.nested_caps import VMCS12_REVISION, NestedVmxMsrs
+from cetvm.kvm.nested_msr_lists import (
+    ENTRY_LOAD, EXIT_LOAD, nested_vmx_check_msr_switch_controls, nested_vmx_load_msr, nested_vmx_store_msr,
+)
 from cetvm.kvm.vmcs12 import Vmcs12
 
 #: Segment register → (selector, base, limit, access-rights) vmcs12 fields.
@@ -84,8 +93,23 @@ AR_MASK = 0xF0FF
 SEGMENT_RPL_TI = 7
 #: EFER bits a guest may have on VMX (efer_reserved_bits' complement): SCE, LME, LMA, NXE.
 EFER_VALID = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NXE)
-#: Guest activity state 0 (active) is the only one offered (IA32_VMX_MISC bits 8:6 = 0).
-GUEST_ACTIVITY_ACTIVE = 0
+#: The activity states L1 may enter L2 in: IA32_VMX_MISC[6] (HLT) is reported, wait-for-SIPI
+#: and shutdown are not (:mod:`cetvm.kvm.nested_caps`).
+GUEST_ACTIVITY_OFFERED = frozenset({GuestActivityState.ACTIVE, GuestActivityState.HLT})
+#: The events VM entry may inject into the HLT activity state: external interrupts, NMIs, #DB and
+#: #MC hardware exceptions, other events [SDM Vol. 3 §28.3.1.5].
+HLT_INJECTABLE_VECTORS = frozenset({Vector.DB, Vector.MC})
+#: vmcs01 execution controls vmcs02 does not inherit (prepare_vmcs02_early): L0's window
+#: requests (set on vmcs02 itself when L0 needs one) and the TPR shadow.
+VMCS01_ONLY_EXEC = int(CpuBasedControls.INTERRUPT_WINDOW_EXITING | CpuBasedControls.NMI_WINDOW_EXITING
+                       | CpuBasedControls.USE_TPR_SHADOW)
+#: Secondary controls vmcs02 takes from vmcs12 only (prepare_vmcs02_early).
+VMCS12_ONLY_PROC2 = int(SecondaryControls.VIRTUALIZE_APIC_ACCESSES | SecondaryControls.DESCRIPTOR_TABLE_EXITING
+                        | SecondaryControls.ENABLE_RDTSCP | SecondaryControls.ENABLE_INVPCID
+                        | SecondaryControls.ENABLE_XSAVES)
+#: Pin-based controls of vmcs12 that never reach vmcs02 (KVM emulates the preemption timer and
+#: posted interrupts for L2; neither is offered here).
+VMCS12_EMULATED_PIN = int(PinBasedControls.PREEMPTION_TIMER | PinBasedControls.POSTED_INTERRUPTS)
 DR7_RESET = 0x400
 
 
@@ -129,6 +153,8 @@ def load_vmcs12_guest_state(vcpu: NestedVcpu, vmcs12: Vmcs12) -> None:
     cpu.set_msr(Msr.IA32_SYSENTER_EIP, r(F.GUEST_SYSENTER_EIP))
     if entry & VmEntryControls.LOAD_IA32_PAT:
         cpu.set_msr(Msr.IA32_PAT, r(F.GUEST_IA32_PAT))
+    if entry & VmEntryControls.LOAD_DEBUG_CONTROLS:  # else L2 runs with L1's DR7
+        cpu.set_reg("dr7", r(F.GUEST_DR7))
 
 
 def _load_cpu_state(vcpu: NestedVcpu, sregs: Sregs, *, rsp: int, rip: int, rflags: int) -> None:
@@ -172,12 +198,15 @@ def sync_vmcs02_to_vmcs12(vcpu: NestedVcpu, vmcs12: Vmcs12) -> None:
     w(F.GUEST_SYSENTER_ESP, cpu.msr(Msr.IA32_SYSENTER_ESP))
     w(F.GUEST_SYSENTER_EIP, cpu.msr(Msr.IA32_SYSENTER_EIP))
     w(F.GUEST_INTERRUPTIBILITY_INFO, 0)
-    w(F.GUEST_ACTIVITY_STATE, GUEST_ACTIVITY_ACTIVE)
+    w(F.GUEST_ACTIVITY_STATE, GuestActivityState.ACTIVE)  # no in-kernel irqchip: mp_state stays RUNNABLE
     exit_ctl, entry = vmcs12.read(F.VM_EXIT_CONTROLS), vmcs12.read(F.VM_ENTRY_CONTROLS)
     if exit_ctl & VmExitControls.SAVE_IA32_EFER:
         w(F.GUEST_IA32_EFER, sregs.efer)
     if exit_ctl & VmExitControls.SAVE_IA32_PAT:
         w(F.GUEST_IA32_PAT, cpu.msr(Msr.IA32_PAT))
+    if exit_ctl & VmExitControls.SAVE_DEBUG_CONTROLS:
+        w(F.GUEST_DR7, cpu.reg("dr7"))
+        w(F.GUEST_IA32_DEBUGCTL, vcpu.state.vmcs.read(F.GUEST_IA32_DEBUGCTL))
     ia32e = int(VmEntryControls.IA32E_MODE_GUEST) if sregs.efer & Efer.LMA else 0
     w(F.VM_ENTRY_CONTROLS, (entry & ~int(VmEntryControls.IA32E_MODE_GUEST)) | ia32e)
     vmcs02 = nested.vmcs02
@@ -218,10 +247,19 @@ def load_vmcs12_host_state(vcpu: NestedVcpu, vmcs12: Vmcs12) -> None:
     if exit_ctl & VmExitControls.LOAD_IA32_PAT:
         cpu.set_msr(Msr.IA32_PAT, r(F.HOST_IA32_PAT))
     vmcs01 = vcpu.state.vmcs
+    vmcs01.write(F.GUEST_IA32_DEBUGCTL, 0)  # with DR7 = 0x400 [SDM Vol. 3 §29.5.1]
     if exit_ctl & VmExitControls.LOAD_CET_STATE:  # cet_vmcs_fields_set(vmcs01, host_*)
         vmcs01.write(F.GUEST_S_CET, r(F.HOST_S_CET))
         vmcs01.write(F.GUEST_SSP, r(F.HOST_SSP))
         vmcs01.write(F.GUEST_INTR_SSP_TABLE, r(F.HOST_INTR_SSP_TABLE))
+    if nested_vmx_load_msr(vcpu, vmcs12, EXIT_LOAD):
+        nested_vmx_abort(vcpu, VmxAbort.LOAD_HOST_MSR_FAIL)
+
+
+def nested_vmx_abort(vcpu: NestedVcpu, indicator: VmxAbort) -> None:
+    """nested_vmx_abort(): a VMX abort [SDM Vol. 3 §29.7] — KVM makes a triple-fault request,
+    so the vCPU shuts down (KVM_EXIT_SHUTDOWN) before it runs again."""
+    vcpu.nested.vmx_abort = int(indicator)
 
 
 # ============================================================================ checks
@@ -282,8 +320,8 @@ def nested_vmx_check_controls(vcpu: NestedVcpu, vmcs12: Vmcs12) -> bool:
         return False
     if proc & CpuBasedControls.USE_MSR_BITMAPS and not _bitmap_valid(vcpu, r(F.MSR_BITMAP)):
         return False
-    if r(F.VM_EXIT_MSR_STORE_COUNT) or r(F.VM_EXIT_MSR_LOAD_COUNT) or r(F.VM_ENTRY_MSR_LOAD_COUNT):
-        return False  # MSR-load/store lists: not supported (module docstring)
+    if not nested_vmx_check_msr_switch_controls(vcpu, vmcs12):
+        return False
     return nested_check_vm_entry_event(msrs, vmcs12)
 
 
@@ -369,6 +407,8 @@ def nested_vmx_check_guest_state(vcpu: NestedVcpu, vmcs12: Vmcs12) -> int | None
         return ENTRY_FAIL_DEFAULT
     if entry & VmEntryControls.LOAD_IA32_PAT and not kvm_pat_valid(r(F.GUEST_IA32_PAT)):
         return ENTRY_FAIL_DEFAULT
+    if entry & VmEntryControls.LOAD_DEBUG_CONTROLS and r(F.GUEST_DR7) >> 32:  # kvm_dr7_valid
+        return ENTRY_FAIL_DEFAULT
     if not nested_vmx_check_vmcs_link_ptr(vcpu, vmcs12):
         return ENTRY_FAIL_VMCS_LINK_PTR
     if entry & VmEntryControls.LOAD_IA32_EFER:
@@ -376,7 +416,7 @@ def nested_vmx_check_guest_state(vcpu: NestedVcpu, vmcs12: Vmcs12) -> int | None
         if (efer & ~EFER_VALID or ia32e != bool(efer & Efer.LMA)
                 or (cr0 & Cr0.PG and ia32e != bool(efer & Efer.LME))):
             return ENTRY_FAIL_DEFAULT
-    if r(F.GUEST_ACTIVITY_STATE) != GUEST_ACTIVITY_ACTIVE or r(F.GUEST_INTERRUPTIBILITY_INFO) & ~0x1F:
+    if not guest_activity_state_valid(vmcs12) or r(F.GUEST_INTERRUPTIBILITY_INFO) & ~0x1F:
         return ENTRY_FAIL_DEFAULT
     if entry & VmEntryControls.LOAD_CET_STATE and not _cet_state_valid(
             vcpu, r(F.GUEST_S_CET), r(F.GUEST_SSP), r(F.GUEST_INTR_SSP_TABLE), ia32e):
@@ -386,8 +426,30 @@ def nested_vmx_check_guest_state(vcpu: NestedVcpu, vmcs12: Vmcs12) -> int | None
     return None
 
 
-#: VMX access-rights fields: type (3:0), S (4), P (7), L (13) [SDM Vol. 3 Table 25-2].
+#: VMX access-rights fields: type (3:0), S (4), DPL (6:5), P (7), L (13) [SDM Vol. 3 Table 25-2].
 AR_TYPE, AR_S, AR_P, AR_L = 0xF, 1 << 4, 1 << 7, 1 << 13
+AR_DPL_SHIFT = 5
+
+
+def guest_activity_state_valid(vmcs12: Vmcs12) -> bool:
+    """nested_check_guest_non_reg_state() and the hardware checks of the activity state [SDM
+    Vol. 3 §28.3.1.5]: a state the implementation offers (:data:`GUEST_ACTIVITY_OFFERED`); HLT
+    only with SS.DPL = 0, and an event injected into it only an external interrupt, an NMI, a
+    #DB or #MC hardware exception, or an "other event"."""
+    state = vmcs12.read(F.GUEST_ACTIVITY_STATE)
+    if state not in GUEST_ACTIVITY_OFFERED:
+        return False
+    if state != GuestActivityState.HLT:
+        return True
+    if (vmcs12.read(F.GUEST_SS_AR_BYTES) >> AR_DPL_SHIFT) & 3:
+        return False
+    info = vmcs12.read(F.VM_ENTRY_INTR_INFO)
+    if not info & INTR_INFO_VALID:
+        return True
+    intr_type = (info >> INTR_INFO_TYPE_SHIFT) & 7
+    if intr_type == INTR_TYPE_HARD_EXCEPTION:
+        return info & 0xFF in HLT_INJECTABLE_VECTORS
+    return intr_type in (INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_OTHER_EVENT)
 AR_TYPE_CODE = 1 << 3
 TSS_BUSY_64 = 0xB
 
@@ -461,10 +523,39 @@ def l1_msr_intercepts(bitmap: bytes) -> frozenset[int]:
     return frozenset(out)
 
 
+def vmcs02_exec_controls(vmcs01: Vmcs, vmcs12: Vmcs12) -> tuple[int, int, int]:
+    """prepare_vmcs02_early(): vmcs02's pin-based, primary and secondary execution controls —
+    L0's (vmcs01) OR-ed with L1's, so an exit either wants happens (L0's HLT exiting makes an L2
+    HLT that L1 does not intercept KVM's: KVM_EXIT_HLT for userspace, as for L1); every I/O
+    exits (unconditional I/O exiting, no I/O bitmaps: L1's bitmaps are consulted on the exit);
+    the MSR-bitmap control and bitmap are L0's (the merged bitmap); the secondary controls of
+    :data:`VMCS12_ONLY_PROC2` come from vmcs12 alone."""
+    r = vmcs12.read
+    pin = vmcs01.read(F.PIN_BASED_VM_EXEC_CONTROL) | (r(F.PIN_BASED_VM_EXEC_CONTROL) & ~VMCS12_EMULATED_PIN)
+    exec01 = vmcs01.read(F.CPU_BASED_VM_EXEC_CONTROL)
+    exec12 = r(F.CPU_BASED_VM_EXEC_CONTROL)
+    exec02 = (exec01 & ~VMCS01_ONLY_EXEC) | exec12
+    exec02 = (exec02 | CpuBasedControls.UNCONDITIONAL_IO_EXITING) & ~int(CpuBasedControls.USE_IO_BITMAPS)
+    msr_bitmaps = int(CpuBasedControls.USE_MSR_BITMAPS)
+    exec02 = (exec02 & ~msr_bitmaps) | (exec01 & msr_bitmaps)
+    proc2 = vmcs01.read(F.SECONDARY_VM_EXEC_CONTROL) & ~VMCS12_ONLY_PROC2
+    if exec12 & CpuBasedControls.ACTIVATE_SECONDARY_CONTROLS:
+        proc2 |= r(F.SECONDARY_VM_EXEC_CONTROL)
+    return pin, exec02, proc2
+
+
 def prepare_vmcs02(vcpu: NestedVcpu, vmcs12: Vmcs12) -> Vmcs:
     """prepare_vmcs02_early / prepare_vmcs02(_rare): the VMCS the CPU runs L2 with."""
     vmcs01, r, cpu = vcpu.state.vmcs, vmcs12.read, vcpu.cpu
     vmcs02 = Vmcs()
+    for field, value in zip((F.PIN_BASED_VM_EXEC_CONTROL, F.CPU_BASED_VM_EXEC_CONTROL, F.SECONDARY_VM_EXEC_CONTROL),
+                            vmcs02_exec_controls(vmcs01, vmcs12)):
+        vmcs02.write(field, value)
+    if r(F.VM_ENTRY_CONTROLS) & VmEntryControls.LOAD_DEBUG_CONTROLS:
+        debugctl = r(F.GUEST_IA32_DEBUGCTL) & vmx_get_supported_debugctl(vcpu.state, False)
+    else:  # vmx->nested.pre_vmenter_debugctl
+        debugctl = vmcs01.read(F.GUEST_IA32_DEBUGCTL)
+    vmcs02.write(F.GUEST_IA32_DEBUGCTL, debugctl)
     for field in (F.VM_ENTRY_CONTROLS, F.VM_EXIT_CONTROLS, F.HOST_S_CET, F.HOST_SSP, F.HOST_INTR_SSP_TABLE):
         vmcs02.write(field, vmcs01.read(field))
     bitmap = r(F.EXCEPTION_BITMAP) | vmcs01.read(F.EXCEPTION_BITMAP)
@@ -513,27 +604,30 @@ def leave_guest_mode(vcpu: NestedVcpu) -> None:
     nested.vmcs01 = None
 
 
-def nested_vmx_run(vcpu: NestedVcpu, exit_: VmExit, launch: bool) -> None:
-    """nested_vmx_run(): VMLAUNCH (``launch``) or VMRESUME (module docstring)."""
+def nested_vmx_run(vcpu: NestedVcpu, exit_: VmExit, launch: bool) -> bool:
+    """nested_vmx_run(): VMLAUNCH (``launch``) or VMRESUME (module docstring). True when L2
+    was entered in the HLT activity state with nothing to wake it (:func:`l2_enters_halted`):
+    the vCPU halts at once (kvm_emulate_halt_noskip; without an in-kernel irqchip that is
+    KVM_EXIT_HLT for userspace, RIP at L2's next instruction)."""
     if not nested_vmx_check_permission(vcpu):
-        return
+        return False
     nested, cpu = vcpu.nested, vcpu.cpu
     if nested.cached_vmcs12 is None:
         nested_vmx_fail_invalid(cpu, exit_)
-        return
+        return False
     vmcs12 = nested.vmcs12
     if launch and vmcs12.launch_state:
         nested_vmx_fail(vcpu, exit_, VmxInsnError.VMLAUNCH_NONCLEAR_VMCS)
-        return
+        return False
     if not launch and not vmcs12.launch_state:
         nested_vmx_fail(vcpu, exit_, VmxInsnError.VMRESUME_NONLAUNCHED_VMCS)
-        return
+        return False
     if not nested_vmx_check_controls(vcpu, vmcs12):
         nested_vmx_fail(vcpu, exit_, VmxInsnError.ENTRY_INVALID_CONTROL_FIELD)
-        return
+        return False
     if not nested_vmx_check_host_state(vcpu, vmcs12):
         nested_vmx_fail(vcpu, exit_, VmxInsnError.ENTRY_INVALID_HOST_STATE_FIELD)
-        return
+        return False
     cpu.retire_emulated()
     vmcs01 = vcpu.state.vmcs
     # L1's CET state at VMLAUNCH (the CPU saved it into vmcs01 at this exit): pre_vmenter_*
@@ -545,11 +639,26 @@ def nested_vmx_run(vcpu: NestedVcpu, exit_: VmExit, launch: bool) -> None:
         cpu.set_reg("rip", exit_.rip + exit_.instruction_length)
         _fill_exit_info(vmcs12, VmxExitReason.ENTRY_FAIL_GUEST_STATE | VMX_EXIT_REASONS_FAILED_VMENTRY, failure)
         load_vmcs12_host_state(vcpu, vmcs12)
-        return
+        return False
     enter_guest_mode(vcpu, prepare_vmcs02(vcpu, vmcs12))
     load_vmcs12_guest_state(vcpu, vmcs12)
+    failed_msr = nested_vmx_load_msr(vcpu, vmcs12, ENTRY_LOAD)
+    if failed_msr:  # vmentry_fail_vmexit_guest_mode: L2's state is dropped, L1 resumes at HOST_RIP
+        leave_guest_mode(vcpu)
+        _fill_exit_info(vmcs12, VmxExitReason.MSR_LOAD_FAIL | VMX_EXIT_REASONS_FAILED_VMENTRY, failed_msr)
+        load_vmcs12_host_state(vcpu, vmcs12)
+        return False
     vmcs12.launch_state = 1
     _inject_entry_event(cpu, vmcs12)
+    return l2_enters_halted(vmcs12)
+
+
+def l2_enters_halted(vmcs12: Vmcs12) -> bool:
+    """nested_vmx_run(): an entry into the HLT activity state halts L2 unless the entry injects
+    an event (which wakes it: the CPU delivers it and L2 is active) [SDM Vol. 3 §28.7]; the
+    NMI- and interrupt-window exits that would also wake it are not offered to L1."""
+    return (vmcs12.read(F.GUEST_ACTIVITY_STATE) == GuestActivityState.HLT
+            and not vmcs12.read(F.VM_ENTRY_INTR_INFO) & INTR_INFO_VALID)
 
 
 def _inject_entry_event(cpu, vmcs12: Vmcs12) -> None:
@@ -589,6 +698,8 @@ def nested_vmx_vmexit(vcpu: NestedVcpu, reason: int, qualification: int = 0, int
     cpu.cancel_pending_exit()
     sync_vmcs02_to_vmcs12(vcpu, vmcs12)
     _fill_exit_info(vmcs12, reason, qualification, intr_info, error_code, length, insn_info)
+    if not nested_vmx_store_msr(vcpu, vmcs12):  # prepare_vmcs12: L2's MSRs, still in guest mode
+        nested_vmx_abort(vcpu, VmxAbort.SAVE_GUEST_MSR_FAIL)
     leave_guest_mode(vcpu)
     load_vmcs12_host_state(vcpu, vmcs12)
 
@@ -698,14 +809,20 @@ def nested_exit_on_intr(vcpu: NestedVcpu) -> bool:
 
 def nested_interrupt_exit_due(vcpu: NestedVcpu) -> bool:
     """An external interrupt is pending while L2 runs with external-interrupt exiting: VM exit
-    to L1 with reason 1 (the interrupt stays pending: no acknowledge-on-exit is offered), as
-    vmx_check_nested_events does."""
-    cpu = vcpu.cpu
-    vector = cpu.pending_interrupt if cpu.pending_interrupt is not None else vcpu.nested.irq_for_l1
+    to L1 with reason 1, as vmx_check_nested_events does. With "acknowledge interrupt on exit"
+    in vmcs12 the interrupt is acknowledged and its vector is in VM_EXIT_INTR_INFO (valid,
+    type external interrupt); without it the interrupt stays pending, for L1 [SDM Vol. 3 §29.2.2]."""
+    cpu, nested = vcpu.cpu, vcpu.nested
+    vector = cpu.pending_interrupt if cpu.pending_interrupt is not None else nested.irq_for_l1
     if vector is None or not nested_exit_on_intr(vcpu):
         return False
-    cpu.cancel_interrupt()  # no acknowledge-on-exit: the interrupt stays pending, for L1
-    vcpu.nested.irq_for_l1 = vector
+    cpu.cancel_interrupt()
+    if nested.vmcs12.read(F.VM_EXIT_CONTROLS) & VmExitControls.ACK_INTR_ON_EXIT:
+        nested.irq_for_l1 = None
+        intr_info = INTR_INFO_VALID | INTR_TYPE_EXT_INTR << INTR_INFO_TYPE_SHIFT | vector
+        nested_vmx_vmexit(vcpu, VmxExitReason.EXTERNAL_INTERRUPT, intr_info=intr_info)
+        return True
+    nested.irq_for_l1 = vector
     nested_vmx_vmexit(vcpu, VmxExitReason.EXTERNAL_INTERRUPT)
     return True
 
@@ -725,16 +842,16 @@ def nested_irq_for_l1_waits(vcpu: NestedVcpu) -> bool:
 
 
 # ============================================================================ dispatch
-def handle_vmx_instruction(vcpu: NestedVcpu, exit_: VmExit) -> None:
+def handle_vmx_instruction(vcpu: NestedVcpu, exit_: VmExit) -> bool:
     """The VMX instruction exits of L1 (kvm_vmx_exit_handlers): #UD without VMX in the guest
-    CPUID (nested_vmx_allowed), otherwise KVM's handler."""
+    CPUID (nested_vmx_allowed), otherwise KVM's handler. True when the vCPU halts (an entry
+    into a halted L2, :func:`nested_vmx_run`)."""
     if not nested_vmx_allowed(vcpu.state):
         vcpu.cpu.inject_exception(Vector.UD)
-        return
+        return False
     reason = exit_.vmx_reason
     if reason in (VmxExitReason.VMLAUNCH, VmxExitReason.VMRESUME):
-        nested_vmx_run(vcpu, exit_, launch=reason == VmxExitReason.VMLAUNCH)
-        return
+        return nested_vmx_run(vcpu, exit_, launch=reason == VmxExitReason.VMLAUNCH)
     handlers = {
         VmxExitReason.VMON: handle_vmxon, VmxExitReason.VMOFF: handle_vmxoff,
         VmxExitReason.VMCLEAR: handle_vmclear, VmxExitReason.VMPTRLD: handle_vmptrld,
@@ -743,4 +860,5 @@ def handle_vmx_instruction(vcpu: NestedVcpu, exit_: VmExit) -> None:
         VmxExitReason.INVVPID: handle_invept_invvpid,
     }
     handlers[reason](vcpu, exit_)
+    return False
 

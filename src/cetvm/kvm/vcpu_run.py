@@ -316,6 +316,26 @@ def kvm_msr_reason(result: MsrResult) -> KvmMsrExitReason:
     return KvmMsrExitReason.INVAL
 
 
+def kvm_msr_with_filter(vcpu: VcpuArch, msrs: KvmMsrState, cpu, index: int, data: int | None,
+                        msr_filter: MsrFilter, fpu_get, fpu_put) -> tuple[MsrResult, int]:
+    """kvm_get_msr_with_filter (``data`` None) / kvm_set_msr_with_filter: a guest-initiated
+    access — the MSR filter first (FILTERED), then KVM's handler with the guest FPU put around
+    an xstate-managed MSR. (raw result, value read or 0)."""
+    access = KVM_MSR_FILTER_READ if data is None else KVM_MSR_FILTER_WRITE
+    if not kvm_msr_allowed(msr_filter, index, access):
+        return MsrResult.FILTERED, 0
+    needs_fpu = is_xstate_managed_msr(index)
+    if needs_fpu:
+        fpu_put()
+    try:
+        if data is None:
+            return kvm_guest_get_msr_raw(vcpu, msrs, cpu, index)
+        return kvm_guest_set_msr_raw(vcpu, msrs, cpu, index, data), 0
+    finally:
+        if needs_fpu:
+            fpu_get()
+
+
 def handle_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter: MsrFilter,
                user_space_msr_mask: int, fpu_get, fpu_put) -> KvmMsrExit | None:
     """kvm_emulate_rdmsr / kvm_emulate_wrmsr for an intercepted guest RDMSR/WRMSR.
@@ -328,22 +348,8 @@ def handle_msr(vcpu: VcpuArch, msrs: KvmMsrState, cpu, exit_: VmExit, msr_filter
     msr = exit_.msr
     assert msr is not None
     reading = exit_.reason is ExitReason.RDMSR
-    access = KVM_MSR_FILTER_READ if reading else KVM_MSR_FILTER_WRITE
-    data = 0
-    if not kvm_msr_allowed(msr_filter, msr.index, access):
-        result = MsrResult.FILTERED
-    else:
-        needs_fpu = is_xstate_managed_msr(msr.index)
-        if needs_fpu:
-            fpu_put()
-        try:
-            if reading:
-                result, data = kvm_guest_get_msr_raw(vcpu, msrs, cpu, msr.index)
-            else:
-                result = kvm_guest_set_msr_raw(vcpu, msrs, cpu, msr.index, msr.data)
-        finally:
-            if needs_fpu:
-                fpu_get()
+    result, data = kvm_msr_with_filter(vcpu, msrs, cpu, msr.index, None if reading else msr.data, msr_filter,
+                                       fpu_get, fpu_put)
     if result is MsrResult.OK:
         cpu.set_exit_result(data=data if reading else None)
         return None
