@@ -338,6 +338,7 @@ class VmxInsnError(enum.IntEnum):
 #: Exit qualifications of a VM-entry failure due to invalid guest state [SDM Vol. 3 §28.8]:
 #: 0 no further detail, 4 the VMCS link pointer.
 ENTRY_FAIL_DEFAULT = 0
+ENTRY_FAIL_PDPTE = 2
 ENTRY_FAIL_VMCS_LINK_PTR = 4
 
 #: VM_ENTRY_INTR_INFO / VM_EXIT_INTR_INFO interruption types [SDM Vol. 3 Table 25-17].

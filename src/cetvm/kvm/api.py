@@ -881,6 +881,10 @@ class KvmVcpu:
             # Handled in the kernel (CPUID, MSR, XSETBV, VMCALL): the instruction retires now,
             # so it counts against this run's budget before the next slice is computed.
             cpu.complete_pending_exit()
+            if self._irq_window_exit_due():
+                # vcpu_run(): userspace waits to inject and now may (e.g. L1 entered an L2 that
+                # exits on external interrupts, whatever RFLAGS.IF says)
+                return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
 
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
         reason = exit_.reason

@@ -57,15 +57,16 @@ from __future__ import annotations
 
 from cetvm.arch import Cr0, Cr4, Vector, VECTORS_WITH_ERROR_CODE, is_canonical
 from cetvm.arch.msr import Efer, Msr
-from cetvm.arch.regs import RFLAGS_FIXED, RFLAGS_RESERVED
+from cetvm.arch.regs import RFLAGS_FIXED, RFLAGS_RESERVED, RFLAGS_VM
 from cetvm.arch.vmx import (
-    ENTRY_FAIL_DEFAULT, ENTRY_FAIL_VMCS_LINK_PTR, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_EXT_INTR,
+    ENTRY_FAIL_DEFAULT, ENTRY_FAIL_PDPTE, ENTRY_FAIL_VMCS_LINK_PTR, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_EXT_INTR,
     INTR_TYPE_HARD_EXCEPTION, INTR_TYPE_NMI, INTR_TYPE_OTHER_EVENT, INTR_TYPE_PRIV_SW_EXCEPTION,
     INTR_TYPE_SOFT_EXCEPTION, INTR_TYPE_SOFT_INTR, INTR_INFO_TYPE_SHIFT, VMX_EXIT_REASONS_FAILED_VMENTRY,
     ExitReason as VmxExitReason, GuestActivityState, PinBasedControls, CpuBasedControls, SecondaryControls,
     VmcsField as F, VmEntryControls, VmExitControls, VmxAbort, VmxInsnError,
 )
 from cetvm.cpu.exits import ExitReason, VmExit
+from cetvm.cpu.paging import pae_pdptes_valid
 from cetvm.cpu.state import GPR_NAMES, DescriptorTable, Segment, Sregs
 from cetvm.cpu.vmcs import Vmcs
 from cetvm.kvm.cet_rules import kvm_is_valid_u_s_cet
@@ -76,6 +77,7 @@ from cetvm.kvm.nested import (
     nested_vmx_check_permission, nested_vmx_fail, nested_vmx_fail_invalid, page_address_valid,
 )
 from cetvm.kvm.nested_caps import VMCS12_REVISION, NestedVmxMsrs
+from cetvm.kvm.nested_guest_segments import guest_segments_valid
 from cetvm.kvm.nested_msr_lists import (
     ENTRY_LOAD, EXIT_LOAD, nested_vmx_check_msr_switch_controls, nested_vmx_load_msr, nested_vmx_store_msr,
 )
@@ -423,7 +425,19 @@ def nested_vmx_check_guest_state(vcpu: NestedVcpu, vmcs12: Vmcs12) -> int | None
         return ENTRY_FAIL_DEFAULT
     if not guest_registers_valid(vcpu, vmcs12, ia32e):
         return ENTRY_FAIL_DEFAULT
+    if cr0 & Cr0.PG and cr4 & Cr4.PAE and not ia32e and not _pdptes_valid(vcpu, r(F.GUEST_CR3)):
+        return ENTRY_FAIL_PDPTE
     return None
+
+
+def _pdptes_valid(vcpu: NestedVcpu, cr3: int) -> bool:
+    """nested_vmx_load_cr3() for an L2 in PAE paging without nested EPT: load_pdptrs() must
+    succeed (the PDPT is RAM, no reserved bit set in a present PDPTE)."""
+    cpu = vcpu.cpu
+    if not cpu.is_ram(cr3 & 0xFFFF_FFE0, 32):
+        return False
+    return pae_pdptes_valid(lambda gpa: int.from_bytes(cpu.read_phys(gpa, 8), "little"), cr3,
+                            guest_maxphyaddr(vcpu.state))
 
 
 #: VMX access-rights fields: type (3:0), S (4), DPL (6:5), P (7), L (13) [SDM Vol. 3 Table 25-2].
@@ -459,7 +473,8 @@ def guest_registers_valid(vcpu: NestedVcpu, vmcs12: Vmcs12, ia32e: bool) -> bool
     §28.3.1.2-28.3.1.4], the ones whose violation would give L2 a state the CPU cannot run:
     CR3 within MAXPHYADDR; RFLAGS reserved bits clear and bit 1 set; in IA-32e mode CR4.PAE,
     CR0.PG, a canonical RIP and a 64-bit or compatibility-mode code segment; CS usable, present,
-    code; TR usable, present, a busy TSS; GDTR/IDTR limits of 16 bits and canonical bases."""
+    code; TR usable, present, a busy TSS; GDTR/IDTR limits of 16 bits and canonical bases; the
+    segment-register checks (:func:`cetvm.kvm.nested_guest_segments.guest_segments_valid`)."""
     r = vmcs12.read
     cr0, cr4 = r(F.GUEST_CR0), r(F.GUEST_CR4)
     rflags = r(F.GUEST_RFLAGS)
@@ -474,6 +489,8 @@ def guest_registers_valid(vcpu: NestedVcpu, vmcs12: Vmcs12, ia32e: bool) -> bool
         return False
     if not all(is_canonical(r(f)) for f in (F.GUEST_GDTR_BASE, F.GUEST_IDTR_BASE, F.GUEST_FS_BASE, F.GUEST_GS_BASE,
                                              F.GUEST_TR_BASE)):
+        return False
+    if not guest_segments_valid(r, ia32e, vm86=bool(rflags & RFLAGS_VM)):
         return False
     if ia32e:
         return bool(cr4 & Cr4.PAE and cr0 & Cr0.PG) and is_canonical(r(F.GUEST_RIP))

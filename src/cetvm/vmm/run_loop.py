@@ -248,7 +248,7 @@ class VcpuSlot:
     ``enter`` (called before each KVM_RUN of this vCPU: the machine points the xAPIC page at its
     APIC), and the VMM-side run state — ``ready`` (the last kvm_run.ready_for_interrupt_injection),
     ``halted`` (it exited on HLT and waits for an interrupt; QEMU's cs->halted) with
-    ``halt_if`` (RFLAGS.IF at that HLT: only then can an interrupt wake it)."""
+    ``halt_if`` (an interrupt can wake it: RFLAGS.IF at that HLT, or KVM ready for injection)."""
 
     vcpu: object
     irq: InterruptRouting | None = None
@@ -538,8 +538,10 @@ class RunLoop:
             return None
         if run.exit_reason is KvmExitReason.HLT:
             # QEMU: the vCPU halts; it runs again when an interrupt can wake it (_wakes), or
-            # guest time jumps to its timer when nothing else can run (_wake_by_timer).
-            slot.halted, slot.halt_if = True, run.if_flag
+            # guest time jumps to its timer when nothing else can run (_wake_by_timer). An
+            # interrupt can wake it with IF = 1, or when KVM is ready to take one whatever IF
+            # says (a halted L2 whose L1 exits on external interrupts: kvm_vcpu_has_events).
+            slot.halted, slot.halt_if = True, run.if_flag or run.ready_for_interrupt_injection
             self._end_turn()
             return None
         if run.exit_reason in (KvmExitReason.X86_RDMSR, KvmExitReason.X86_WRMSR):
