@@ -18,8 +18,13 @@
  * shadow stack off, see body()).  Then VM-entry checks of
  * the CET state (VMfailValid 8 for a bad HOST_S_CET, a failed entry 0x80000021 for a bad
  * GUEST_S_CET) and event injection of #CP with and without an error code (IA32_VMX_BASIC[56]).
+ * Then nested VMX without CET (nested_vmx_tests): the HLT activity state (IA32_VMX_MISC[6]; an
+ * injected event wakes L2; an L2 HLT L1 does not intercept halts the vCPU until the LAPIC timer's
+ * interrupt exits to L1), acknowledge-interrupt-on-exit with a self-IPI, the debug controls and
+ * IA32_DEBUGCTL, the MSR-load/store lists, and the guest segment-register checks.
  * SKIP when the CPU shows no VMX (cetvm boot --cpu ...,-vmx or kvm_intel nested=0). */
 #include "ktest.h"
+#include "platform.h"
 
 #define MSR_FEATURE_CONTROL 0x3Au
 #define MSR_FS_BASE 0xC0000100u
@@ -29,6 +34,9 @@
 #define MSR_VMX_TRUE_PROC 0x48Eu
 #define MSR_VMX_TRUE_EXIT 0x48Fu
 #define MSR_VMX_TRUE_ENTRY 0x490u
+#define MSR_VMX_MISC 0x485u
+#define MSR_DEBUGCTL 0x1D9u
+#define MSR_KERNEL_GS_BASE 0xC0000102u
 #define FC_LOCKED 1ul
 #define FC_VMXON_OUTSIDE_SMX 4ul
 #define CR4_VMXE (1ul << 13)
@@ -42,7 +50,9 @@ enum {
     GUEST_FS_SEL = 0x808, GUEST_GS_SEL = 0x80A, GUEST_LDTR_SEL = 0x80C, GUEST_TR_SEL = 0x80E,
     HOST_ES_SEL = 0xC00, HOST_CS_SEL = 0xC02, HOST_SS_SEL = 0xC04, HOST_DS_SEL = 0xC06,
     HOST_FS_SEL = 0xC08, HOST_GS_SEL = 0xC0A, HOST_TR_SEL = 0xC0C,
-    MSR_BITMAP = 0x2004, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
+    MSR_BITMAP = 0x2004, EXIT_MSR_STORE_ADDR = 0x2006, EXIT_MSR_LOAD_ADDR = 0x2008, ENTRY_MSR_LOAD_ADDR = 0x200A,
+    EXIT_MSR_STORE_CNT = 0x400E, EXIT_MSR_LOAD_CNT = 0x4010, ENTRY_MSR_LOAD_CNT = 0x4014,
+    GUEST_DEBUGCTL = 0x2802, GUEST_DR7 = 0x681A, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
     PIN_CTLS = 0x4000, PROC_CTLS = 0x4002, EXC_BITMAP = 0x4004, EXIT_CTLS = 0x400C, ENTRY_CTLS = 0x4012,
     ENTRY_INTR_INFO = 0x4016, ENTRY_ERROR_CODE = 0x4018,
     VM_INSN_ERROR = 0x4400, EXIT_INSN_LEN = 0x440C, EXIT_REASON = 0x4402, EXIT_INTR_INFO = 0x4404, EXIT_INTR_ERROR = 0x4406,
@@ -68,6 +78,22 @@ enum {
 #define EXIT_REASON_VMCALL 18
 #define EXIT_REASON_CPUID 10
 #define EXIT_REASON_FAILED_GUEST_STATE 0x80000021u
+#define EXIT_REASON_FAILED_MSR_LOAD 0x80000022u
+#define EXIT_REASON_EXT_INTR 1
+#define PIN_EXT_INTR_EXITING 1u
+#define EXIT_SAVE_DEBUG (1u << 2)
+#define EXIT_ACK_INTR (1u << 15)
+#define ENTRY_LOAD_DEBUG (1u << 2)
+#define ACTIVITY_HLT 1
+#define ACTIVITY_WAIT_SIPI 3
+#define LAPIC_ICR_LO 0x300u
+#define LAPIC_ICR_HI 0x310u
+#define LAPIC_LVT_TIMER 0x320u
+#define LAPIC_TIMER_ICR 0x380u
+#define LAPIC_TIMER_DCR 0x3E0u
+#define ICR_SELF (1u << 18)
+#define IPI_VECTOR 0xF1u
+#define TIMER_VECTOR 0xF2u
 #define INTR_INFO_CP_HW_ERR 0x80000B15u /* valid | deliver error code | hardware exception | 21 */
 #define INTR_INFO_CP_HW 0x80000315u
 
@@ -161,16 +187,19 @@ __asm__(".text\n"
 extern char vmx_exit_target[];
 
 /* ---------------------------------------------------------------- L2 */
-enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3 };
+enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3, L2_NOP = 4, L2_HLT = 5 };
 static volatile u64 l2_cmd;
 static volatile struct { u64 done, faulted, vector, error, rip, cpl; } l2_out;
 
+extern char l2_hlt[], l2_after_hlt[];
 extern char l2_entry[], l2_int3[], l2_no_endbr[], l2_ibt_jmp[], user_victim[], user_victim_ret[], user_gadget[];
 __asm__(".text\n"
         "l2_entry: call l2_main\n"
         "1: vmcall\n jmp 1b\n"
         "l2_ibt_jmp: endbr64\n jmp *%rdi\n"
         "l2_int3: int3\n ret\n"
+        "l2_hlt: hlt\n"
+        "l2_after_hlt: ret\n"
         "l2_no_endbr: nop\n ret\n"
         ".pushsection .utext, \"ax\"\n"
         "user_victim: endbr64\n"
@@ -196,6 +225,9 @@ __attribute__((used)) void l2_main(void)
     struct trap_record rec = {0};
     if (l2_cmd == L2_INT3) {
         ((void (*)(void))l2_int3)();
+    } else if (l2_cmd == L2_HLT) {
+        ((void (*)(void))l2_hlt)();
+    } else if (l2_cmd == L2_NOP) {
     } else if (l2_cmd == L2_USER_SHSTK) {
         struct user_opts on = {.u_cet = CET_SH_STK_EN, .shstk = true};
         struct user_result r = run_user(user_rop, 0, &on);
@@ -470,6 +502,192 @@ static void injection_tests(bool basic56)
                "reason 0x%lx error %lu", reason, vmread(VM_INSN_ERROR));
 }
 
+/* ---------------------------------------------------------------- nested VMX without CET */
+struct msr_entry { u32 index, reserved; u64 value; };
+static struct msr_entry entry_load[1] ALIGNED(16), exit_store[1] ALIGNED(16), exit_load[1] ALIGNED(16);
+static volatile u64 irqs_taken;
+static void count_irq(struct trap_frame *f)
+{
+    (void)f;
+    irqs_taken++;
+    lapic_eoi();
+}
+
+/* L2 (setup_vmcs) running command `cmd`, with `pin` extra pin-based and `exit_extra` extra exit controls. */
+static u64 launch(u64 cmd, u32 pin, u32 exit_extra)
+{
+    setup_vmcs(false, false);
+    l2_cmd = cmd;
+    vmwrite(PIN_CTLS, ctl(MSR_VMX_TRUE_PIN, pin));
+    vmwrite(EXIT_CTLS, vmread(EXIT_CTLS) | exit_extra);
+    u64 f = vmx_enter(1);
+    return f ? 0xFFFF0000ul | f : vmread(EXIT_REASON);
+}
+
+static void activity_state_tests(void)
+{
+    u64 misc = rdmsr(MSR_VMX_MISC);
+    tap_ok((misc >> 6 & 1) && !(misc >> 8 & 1), "IA32_VMX_MISC: HLT activity state offered, wait-for-SIPI not",
+           "IA32_VMX_MISC 0x%lx", misc);
+    /* an entry into the HLT activity state with an external interrupt injected: it wakes L2 */
+    build_l2_idt();
+    setup_vmcs(false, false);
+    l2_cmd = L2_NOP;
+    vmwrite(GUEST_IDTR_BASE, (u64)l2_idt);
+    vmwrite(GUEST_IDTR_LIMIT, sizeof(l2_idt) - 1);
+    vmwrite(GUEST_ACTIVITY, ACTIVITY_HLT);
+    vmwrite(ENTRY_INTR_INFO, 0x80000000u | 0x40);
+    u64 f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_VMCALL && l2_event_words[0] == (u64)l2_entry &&
+               l2_event_words[1] == SEL_KCODE,
+           "entry in the HLT activity state with an injected interrupt: L2 wakes into its handler",
+           "flags 0x%lx reason 0x%lx words 0x%lx 0x%lx", f, vmread(EXIT_REASON), l2_event_words[0], l2_event_words[1]);
+    setup_vmcs(false, false);
+    vmwrite(GUEST_ACTIVITY, ACTIVITY_WAIT_SIPI);
+    f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_FAILED_GUEST_STATE,
+           "wait-for-SIPI activity state (not offered) -> VM-entry failure 0x80000021", "flags 0x%lx reason 0x%lx", f,
+           vmread(EXIT_REASON));
+    /* an entry into the HLT activity state without an event: the vCPU halts until the timer's
+     * interrupt, an external-interrupt exit to L1 (acknowledged: its vector in the exit info) */
+    cli();
+    lapic_write(LAPIC_TIMER_DCR, 0xB);
+    lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR);
+    lapic_write(LAPIC_TIMER_ICR, 20000);
+    setup_vmcs(false, false);
+    l2_cmd = L2_NOP;
+    vmwrite(PIN_CTLS, ctl(MSR_VMX_TRUE_PIN, PIN_EXT_INTR_EXITING));
+    vmwrite(EXIT_CTLS, vmread(EXIT_CTLS) | EXIT_ACK_INTR);
+    vmwrite(GUEST_ACTIVITY, ACTIVITY_HLT);
+    f = vmx_enter(1);
+    u64 reason = f ? 0xFFFF0000ul | f : vmread(EXIT_REASON), info = vmread(EXIT_INTR_INFO);
+    lapic_eoi();
+    tap_ok(reason == EXIT_REASON_EXT_INTR && info == (0x80000000u | TIMER_VECTOR) && vmread(GUEST_RIP) == (u64)l2_entry,
+           "entry in the HLT activity state: L2 halts until the timer interrupt exits to L1",
+           "reason 0x%lx info 0x%lx rip 0x%lx", reason, info, vmread(GUEST_RIP));
+    /* an L2 HLT that L1 does not intercept halts the vCPU (KVM_EXIT_HLT for the VMM) until then */
+    lapic_write(LAPIC_TIMER_ICR, 20000);
+    reason = launch(L2_HLT, PIN_EXT_INTR_EXITING, EXIT_ACK_INTR);
+    info = vmread(EXIT_INTR_INFO);
+    lapic_eoi();
+    tap_ok(reason == EXIT_REASON_EXT_INTR && info == (0x80000000u | TIMER_VECTOR) &&
+               vmread(GUEST_RIP) == (u64)l2_after_hlt,
+           "L2 HLT without HLT exiting halts until the timer interrupt exits to L1 (RIP after the HLT)",
+           "reason 0x%lx info 0x%lx rip 0x%lx (after HLT %p)", reason, info, vmread(GUEST_RIP), l2_after_hlt);
+}
+
+static void self_ipi(void)
+{
+    lapic_write(LAPIC_ICR_HI, 0);
+    lapic_write(LAPIC_ICR_LO, ICR_SELF | IPI_VECTOR);
+}
+
+static void interrupt_exit_tests(void)
+{
+    irq_register(IPI_VECTOR, count_irq);
+    irqs_taken = 0;
+    cli();
+    self_ipi(); /* pending while L1 has IF = 0: the entry into L2 exits at once */
+    u64 reason = launch(L2_NOP, PIN_EXT_INTR_EXITING, EXIT_ACK_INTR);
+    u64 info = vmread(EXIT_INTR_INFO);
+    lapic_eoi();
+    sti();
+    cli();
+    tap_ok(reason == EXIT_REASON_EXT_INTR && info == (0x80000000u | IPI_VECTOR) && irqs_taken == 0,
+           "acknowledge interrupt on exit: the vector in VM_EXIT_INTR_INFO, nothing left for L1",
+           "reason 0x%lx info 0x%lx irqs %lu", reason, info, irqs_taken);
+    self_ipi();
+    reason = launch(L2_NOP, PIN_EXT_INTR_EXITING, 0);
+    info = vmread(EXIT_INTR_INFO);
+    sti();
+    cli();
+    tap_ok(reason == EXIT_REASON_EXT_INTR && !(info & 0x80000000u) && irqs_taken == 1,
+           "external-interrupt exit without acknowledge: the interrupt stays pending for L1",
+           "reason 0x%lx info 0x%lx irqs %lu", reason, info, irqs_taken);
+    irq_register(IPI_VECTOR, NULL);
+}
+
+static void debug_control_tests(void)
+{
+    struct trap_record rec = {0};
+    bool lbr_faults = wrmsr_faults(MSR_DEBUGCTL, 1, &rec);
+    bool tr_faults = wrmsr_faults(MSR_DEBUGCTL, 1ul << 6, &rec);
+    tap_ok(!lbr_faults && rdmsr(MSR_DEBUGCTL) == 0 && tr_faults,
+           "IA32_DEBUGCTL: LBR dropped (no LBR virtualization), an unsupported bit #GP",
+           "LBR write faults %d, reads 0x%lx, TR write faults %d", lbr_faults, rdmsr(MSR_DEBUGCTL), tr_faults);
+    __asm__ volatile("mov %0, %%dr7" ::"r"(0x402ul));
+    setup_vmcs(false, false);
+    l2_cmd = L2_NOP;
+    vmwrite(ENTRY_CTLS, vmread(ENTRY_CTLS) | ENTRY_LOAD_DEBUG);
+    vmwrite(EXIT_CTLS, vmread(EXIT_CTLS) | EXIT_SAVE_DEBUG);
+    vmwrite(GUEST_DR7, 0x500);
+    u64 f = vmx_enter(1), dr7;
+    __asm__ volatile("mov %%dr7, %0" : "=r"(dr7));
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_VMCALL && vmread(GUEST_DR7) == 0x500 && dr7 == 0x400,
+           "debug controls: GUEST_DR7 loaded and saved back, L1's DR7 is 0x400 after the exit",
+           "flags 0x%lx reason 0x%lx GUEST_DR7 0x%lx L1 DR7 0x%lx", f, vmread(EXIT_REASON), vmread(GUEST_DR7), dr7);
+}
+
+static void msr_list_tests(void)
+{
+    u64 saved = rdmsr(MSR_KERNEL_GS_BASE);
+    entry_load[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0x1111000ul};
+    exit_store[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0};
+    exit_load[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0x2222000ul};
+    setup_vmcs(false, false);
+    l2_cmd = L2_NOP;
+    vmwrite(ENTRY_MSR_LOAD_ADDR, (u64)entry_load);
+    vmwrite(ENTRY_MSR_LOAD_CNT, 1);
+    vmwrite(EXIT_MSR_STORE_ADDR, (u64)exit_store);
+    vmwrite(EXIT_MSR_STORE_CNT, 1);
+    vmwrite(EXIT_MSR_LOAD_ADDR, (u64)exit_load);
+    vmwrite(EXIT_MSR_LOAD_CNT, 1);
+    u64 f = vmx_enter(1), after = rdmsr(MSR_KERNEL_GS_BASE);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_VMCALL && exit_store[0].value == 0x1111000ul &&
+               after == 0x2222000ul,
+           "MSR lists: entry load, exit store of L2's value, exit load for L1",
+           "flags 0x%lx reason 0x%lx stored 0x%lx L1 KERNEL_GS_BASE 0x%lx", f, vmread(EXIT_REASON),
+           exit_store[0].value, after);
+    entry_load[0].index = MSR_FS_BASE; /* never in a load list */
+    f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_FAILED_MSR_LOAD && vmread(EXIT_QUAL) == 1,
+           "FS_BASE in the entry MSR-load list -> VM-entry failure 0x80000022, qualification 1",
+           "flags 0x%lx reason 0x%lx qualification %lu", f, vmread(EXIT_REASON), vmread(EXIT_QUAL));
+    vmwrite(ENTRY_MSR_LOAD_ADDR, (u64)entry_load + 8);
+    f = vmx_enter(1);
+    tap_ok(f == RFLAGS_ZF && vmread(VM_INSN_ERROR) == 7, "MSR-load list not 16-byte aligned -> VMfailValid(7)",
+           "flags 0x%lx error %lu", f, vmread(VM_INSN_ERROR));
+    wrmsr(MSR_KERNEL_GS_BASE, saved);
+}
+
+static void segment_check_tests(void)
+{
+    setup_vmcs(false, false);
+    vmwrite(GUEST_TR_SEL, SEL_TSS | 4);
+    u64 f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_FAILED_GUEST_STATE,
+           "GUEST_TR selector with TI set -> VM-entry failure 0x80000021", "flags 0x%lx reason 0x%lx", f,
+           vmread(EXIT_REASON));
+    setup_vmcs(false, false);
+    vmwrite(GUEST_SS_SEL, SEL_KDATA | 3);
+    f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_FAILED_GUEST_STATE,
+           "GUEST_SS RPL != CS RPL -> VM-entry failure 0x80000021", "flags 0x%lx reason 0x%lx", f,
+           vmread(EXIT_REASON));
+}
+
+#define N_NESTED_VMX 14
+static void nested_vmx_tests(void)
+{
+    platform_map();
+    lapic_write(LAPIC_SVR, 0x1FF);
+    activity_state_tests();
+    interrupt_exit_tests();
+    debug_control_tests();
+    msr_list_tests();
+    segment_check_tests();
+}
+
 static void body(void)
 {
     static const char *names[] = {
@@ -490,7 +708,7 @@ static void body(void)
     int i = 0;
 
     if (!(cpuid(1, 0).ecx & (1u << 5))) {
-        for (int k = 0; k < n_base + n_cet + n_entry + n_inject + n_end; k++)
+        for (int k = 0; k < n_base + n_cet + n_entry + n_inject + n_end + N_NESTED_VMX; k++)
             tap_skip(k < n_base ? names[k] : "nested VMX test", "CPUID lacks VMX (kvm_intel nested=0 or -vmx)");
         tap_done();
     }
@@ -560,6 +778,7 @@ static void body(void)
         entry_check_tests();
     }
     injection_tests(basic56);
+    nested_vmx_tests();
     /* INT3 in L2 with EXCEPTION_BITMAP[3]: a software-exception exit (type 6), RIP at the INT3 */
     setup_vmcs(false, false);
     vmwrite(EXC_BITMAP, 1ul << 3);
@@ -587,6 +806,6 @@ static void body(void)
 void kmain(void)
 {
     kernel_init();
-    tap_plan(11 + 12 + 3 + 2 + 3);
+    tap_plan(11 + 12 + 3 + 2 + 3 + N_NESTED_VMX);
     cet_kernel_start(body, 0);
 }

@@ -38,6 +38,18 @@ def test_l2_cet_violations_reach_l1_only_when_it_intercepts_cp(capsys, monkeypat
     assert tap.passed("bad GUEST_S_CET -> VM-entry failure 0x80000021")
     assert tap.passed("IA32_VMX_BASIC[56]: #CP injected without an error code is delivered without one")
     assert tap.passed("L2 INT3 with EXCEPTION_BITMAP[3] -> software-exception exit to L1")
+    # nested VMX without CET (kvm-unit-tests vmx 'interrupt', 'debug controls', 'MSR switch',
+    # vmx_pending_event_test, the guest-state area checks)
+    for name in ("entry in the HLT activity state with an injected interrupt: L2 wakes into its handler",
+                 "entry in the HLT activity state: L2 halts until the timer interrupt exits to L1",
+                 "L2 HLT without HLT exiting halts until the timer interrupt exits to L1 (RIP after the HLT)",
+                 "acknowledge interrupt on exit: the vector in VM_EXIT_INTR_INFO, nothing left for L1",
+                 "external-interrupt exit without acknowledge: the interrupt stays pending for L1",
+                 "debug controls: GUEST_DR7 loaded and saved back, L1's DR7 is 0x400 after the exit",
+                 "MSR lists: entry load, exit store of L2's value, exit load for L1",
+                 "FS_BASE in the entry MSR-load list -> VM-entry failure 0x80000022, qualification 1",
+                 "GUEST_TR selector with TI set -> VM-entry failure 0x80000021"):
+        assert tap.passed(name), name
 
 
 def _run_until_l2(machine: Machine, load_cet: bool, step: int = 300, limit: int = 2_000_000) -> int:

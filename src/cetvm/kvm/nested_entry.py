@@ -116,11 +116,19 @@ DR7_RESET = 0x400
 
 
 # ============================================================================ state transfer
+#: The accessed bit of a code/data segment's type, and the descriptor-type (S) bit.
+AR_ACCESSED, AR_CODE_DATA = 1 << 0, 1 << 4
+
+
 def vmx_ar(seg: Segment) -> int:
-    """A segment's VMX access rights (unusable when not present) [SDM Vol. 3 §25.4.1]."""
+    """A segment's VMX access rights (unusable when not present) [SDM Vol. 3 §25.4.1]. A loaded
+    code or data segment is accessed: the processor sets the descriptor's accessed bit when it
+    loads the selector [SDM Vol. 3 §3.4.5.1] (the engine's IRET and far transfers do not, so the
+    bit is set here, as the hardware's segment cache would hold it)."""
     if not seg.present:
         return AR_UNUSABLE
-    return (seg.attributes >> 8) & AR_MASK
+    ar = (seg.attributes >> 8) & AR_MASK
+    return ar | AR_ACCESSED if ar & AR_CODE_DATA else ar
 
 
 def segment_from_vmcs(selector: int, base: int, limit: int, ar: int) -> Segment:
