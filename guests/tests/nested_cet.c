@@ -297,6 +297,9 @@ static void setup_vmcs(bool load_cet, bool intercept_cp)
     vmwrite(MSR_BITMAP, (u64)msr_bitmap);
     vmwrite(EXC_BITMAP, intercept_cp ? 1ul << VEC_CP : 0);
     vmwrite(ENTRY_INTR_INFO, 0); /* VMCLEAR keeps the fields: no event left from an earlier test */
+    vmwrite(ENTRY_MSR_LOAD_CNT, 0);
+    vmwrite(EXIT_MSR_STORE_CNT, 0);
+    vmwrite(EXIT_MSR_LOAD_CNT, 0);
     vmwrite(EXIT_CTLS, ctl(MSR_VMX_TRUE_EXIT, EXIT_HOST_ADDR_SPACE | EXIT_SAVE_EFER | EXIT_LOAD_EFER | cet_ctls_exit));
     vmwrite(ENTRY_CTLS, ctl(MSR_VMX_TRUE_ENTRY, ENTRY_IA32E | ENTRY_LOAD_EFER | cet_ctls_entry));
     vmwrite(VMCS_LINK_PTR, ~0ul);
@@ -536,7 +539,8 @@ static void activity_state_tests(void)
     vmwrite(GUEST_IDTR_BASE, (u64)l2_idt);
     vmwrite(GUEST_IDTR_LIMIT, sizeof(l2_idt) - 1);
     vmwrite(GUEST_ACTIVITY, ACTIVITY_HLT);
-    vmwrite(ENTRY_INTR_INFO, 0x80000000u | 0x40);
+    vmwrite(ENTRY_INTR_INFO, 0x80000000u | 0x40); /* delivered although L2 has RFLAGS.IF = 0 */
+    l2_event_words[0] = l2_event_words[1] = 0;
     u64 f = vmx_enter(1);
     tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_VMCALL && l2_event_words[0] == (u64)l2_entry &&
                l2_event_words[1] == SEL_KCODE,
@@ -576,6 +580,8 @@ static void activity_state_tests(void)
            "reason 0x%lx info 0x%lx rip 0x%lx (after HLT %p)", reason, info, vmread(GUEST_RIP), l2_after_hlt);
 }
 
+static void sti_nop_cli(void) { __asm__ volatile("sti; nop; cli" ::: "memory"); }
+
 static void self_ipi(void)
 {
     lapic_write(LAPIC_ICR_HI, 0);
@@ -591,16 +597,14 @@ static void interrupt_exit_tests(void)
     u64 reason = launch(L2_NOP, PIN_EXT_INTR_EXITING, EXIT_ACK_INTR);
     u64 info = vmread(EXIT_INTR_INFO);
     lapic_eoi();
-    sti();
-    cli();
+    sti_nop_cli();
     tap_ok(reason == EXIT_REASON_EXT_INTR && info == (0x80000000u | IPI_VECTOR) && irqs_taken == 0,
            "acknowledge interrupt on exit: the vector in VM_EXIT_INTR_INFO, nothing left for L1",
            "reason 0x%lx info 0x%lx irqs %lu", reason, info, irqs_taken);
     self_ipi();
     reason = launch(L2_NOP, PIN_EXT_INTR_EXITING, 0);
     info = vmread(EXIT_INTR_INFO);
-    sti();
-    cli();
+    sti_nop_cli(); /* the interrupt window opens after STI's shadow */
     tap_ok(reason == EXIT_REASON_EXT_INTR && !(info & 0x80000000u) && irqs_taken == 1,
            "external-interrupt exit without acknowledge: the interrupt stays pending for L1",
            "reason 0x%lx info 0x%lx irqs %lu", reason, info, irqs_taken);
@@ -628,12 +632,9 @@ static void debug_control_tests(void)
            "flags 0x%lx reason 0x%lx GUEST_DR7 0x%lx L1 DR7 0x%lx", f, vmread(EXIT_REASON), vmread(GUEST_DR7), dr7);
 }
 
-static void msr_list_tests(void)
+/* A fresh L2 with one-entry MSR lists (entry load, exit store, exit load). */
+static void setup_msr_lists(void)
 {
-    u64 saved = rdmsr(MSR_KERNEL_GS_BASE);
-    entry_load[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0x1111000ul};
-    exit_store[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0};
-    exit_load[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0x2222000ul};
     setup_vmcs(false, false);
     l2_cmd = L2_NOP;
     vmwrite(ENTRY_MSR_LOAD_ADDR, (u64)entry_load);
@@ -642,6 +643,15 @@ static void msr_list_tests(void)
     vmwrite(EXIT_MSR_STORE_CNT, 1);
     vmwrite(EXIT_MSR_LOAD_ADDR, (u64)exit_load);
     vmwrite(EXIT_MSR_LOAD_CNT, 1);
+}
+
+static void msr_list_tests(void)
+{
+    u64 saved = rdmsr(MSR_KERNEL_GS_BASE);
+    entry_load[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0x1111000ul};
+    exit_store[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0};
+    exit_load[0] = (struct msr_entry){MSR_KERNEL_GS_BASE, 0, 0x2222000ul};
+    setup_msr_lists();
     u64 f = vmx_enter(1), after = rdmsr(MSR_KERNEL_GS_BASE);
     tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_VMCALL && exit_store[0].value == 0x1111000ul &&
                after == 0x2222000ul,
@@ -649,10 +659,12 @@ static void msr_list_tests(void)
            "flags 0x%lx reason 0x%lx stored 0x%lx L1 KERNEL_GS_BASE 0x%lx", f, vmread(EXIT_REASON),
            exit_store[0].value, after);
     entry_load[0].index = MSR_FS_BASE; /* never in a load list */
+    setup_msr_lists();
     f = vmx_enter(1);
     tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_FAILED_MSR_LOAD && vmread(EXIT_QUAL) == 1,
            "FS_BASE in the entry MSR-load list -> VM-entry failure 0x80000022, qualification 1",
            "flags 0x%lx reason 0x%lx qualification %lu", f, vmread(EXIT_REASON), vmread(EXIT_QUAL));
+    setup_msr_lists();
     vmwrite(ENTRY_MSR_LOAD_ADDR, (u64)entry_load + 8);
     f = vmx_enter(1);
     tap_ok(f == RFLAGS_ZF && vmread(VM_INSN_ERROR) == 7, "MSR-load list not 16-byte aligned -> VMfailValid(7)",

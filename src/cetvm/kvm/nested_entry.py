@@ -688,14 +688,12 @@ def l2_enters_halted(vmcs12: Vmcs12) -> bool:
 
 def _inject_entry_event(cpu, vmcs12: Vmcs12) -> None:
     """VM-entry event injection [SDM Vol. 3 §28.6]: the event is delivered through L2's IDT
-    first thing in L2 (cetvm's CPU delivers it at the next run)."""
+    first thing in L2 (cetvm's CPU delivers it at the next run) — an external interrupt too,
+    whatever L2's RFLAGS.IF (injection is not subject to interrupt blocking)."""
     info = vmcs12.read(F.VM_ENTRY_INTR_INFO)
     if not info & INTR_INFO_VALID:
         return
-    vector, intr_type = info & 0xFF, (info >> 8) & 7
-    if intr_type == INTR_TYPE_EXT_INTR:
-        cpu.inject_interrupt(vector)
-        return
+    vector = info & 0xFF
     error_code = vmcs12.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info & INTR_INFO_DELIVER_CODE else None
     cpu.inject_exception(vector, error_code)
 
