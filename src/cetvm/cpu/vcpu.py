@@ -58,12 +58,15 @@ from unicorn import (
 )
 from unicorn import x86_const as X
 
+from iced_x86 import Register
+
 from cetvm import CetvmError
-from cetvm.arch import Cr0, Cr4, Msr
+from cetvm.arch import Cr0, Cr4, Msr, Vector
 from cetvm.arch.msr import CET_MSR_SET
 from cetvm.arch.regs import U64_MASK
 from cetvm.arch.vmx import CpuBasedControls, VmcsField
 from cetvm.cpu import events
+from cetvm.cpu.alignment import alignment_checked, misaligned_access
 from cetvm.cpu.block_hook import BlockHook
 from cetvm.cpu.blocks import BlockTable, BlockTracker
 from cetvm.cpu.budget import InstructionBudget, select_granularity
@@ -78,6 +81,7 @@ from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
+from cetvm.cpu.emulate import read_register
 from cetvm.cpu.mode import CpuMode, InstructionFetch
 from cetvm.cpu.native import NativeCet, NativeEvents, native_events_requested, select_cet_path
 from cetvm.cpu.paging import Access, PagingMode, mapping_of
@@ -793,6 +797,8 @@ class Vcpu:
             rip = self.rip
             if linear(rip) in self._exit_points:
                 exit_ = self._emulation.emulate_at(rip)
+            elif self.mode.cpl == 3 and self._alignment_checked():
+                exit_ = self._step_alignment_checked(rip)
             else:
                 exit_ = self._run_engine(rip)
             if exit_ is not None:
@@ -837,6 +843,39 @@ class Vcpu:
             # Untraced mode: Unicorn stops by itself only after HLT (RIP past it).
             return VmExit(ExitReason.HLT, (self.rip - 1) & U64_MASK, 1)
         return None
+
+    def _alignment_checked(self) -> bool:
+        """CPL 3 with CR0.AM and RFLAGS.AC (:mod:`cetvm.cpu.alignment`)."""
+        return alignment_checked(self.mode.cpl, self.memory.mode.cr0, self.reg("rflags"))
+
+    def _step_alignment_checked(self, rip: int) -> VmExit | None:
+        """One instruction with alignment checking [SDM Vol. 3 §6.15]: #AC(0) when it would
+        access misaligned data, else the engine runs it alone (a budget of one instruction for
+        this engine run; the run's own budget is charged what it retired)."""
+        try:
+            instr = self._fetch.fetch_instruction(rip)
+        except GuestFault:
+            return self._run_engine(rip)  # the engine raises the fetch fault itself
+        if misaligned_access(instr, lambda reg: read_register(self, reg), self._segment_base):
+            self.raise_fault(GuestFault(Vector.AC, 0))
+            return None
+        budget = self.budget
+        if budget.per_instruction and budget.left is None:
+            return self._run_engine(rip)  # no count hook installed: no way to stop after one
+        left, before = budget.left, budget.retired
+        budget.left = 1
+        try:
+            return self._run_engine(rip)
+        finally:
+            used = budget.retired - before
+            budget.left = None if left is None else max(0, left - used)
+
+    def _segment_base(self, segment: int) -> int:
+        if segment == Register.FS:
+            return self.msr(Msr.IA32_FS_BASE)
+        if segment == Register.GS:
+            return self.msr(Msr.IA32_GS_BASE)
+        return 0
 
     def _emu_start_keeping_cr2(self, rip: int) -> None:
         """One engine run from ``rip`` (then, if the block hook stopped it for want of budget, the
