@@ -55,6 +55,15 @@ def test_code_written_through_data_mappings_runs_as_written(capsys):
     assert tap.passed("32 patches through the alias, each one runs")
 
 
+def test_misaligned_user_access_with_am_and_ac_is_alignment_check(capsys):
+    """#AC(0) at CPL 3 with CR0.AM and RFLAGS.AC, which the engine does not check itself
+    (kvm-unit-tests vmx_exception_test's L2 #AC)."""
+    tap = run_green(capsys, "alignment_check")
+    assert tap.passed("CR0.AM, RFLAGS.AC, CPL 3: misaligned quadword store -> #AC(0), nothing written")
+    assert tap.passed("aligned quadword store with AC on: no fault")
+    assert tap.passed("CR0.AM clear: the misaligned store runs")
+
+
 def test_far_ret_to_a_forged_address_is_cp_far_ret(capsys):
     tap = run_green(capsys, "shstk_farret")
     assert tap.passed("LRETQ to a forged address -> #CP(2)")
