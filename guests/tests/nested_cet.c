@@ -52,7 +52,7 @@ enum {
     HOST_FS_SEL = 0xC08, HOST_GS_SEL = 0xC0A, HOST_TR_SEL = 0xC0C,
     MSR_BITMAP = 0x2004, EXIT_MSR_STORE_ADDR = 0x2006, EXIT_MSR_LOAD_ADDR = 0x2008, ENTRY_MSR_LOAD_ADDR = 0x200A,
     EXIT_MSR_STORE_CNT = 0x400E, EXIT_MSR_LOAD_CNT = 0x4010, ENTRY_MSR_LOAD_CNT = 0x4014,
-    GUEST_DEBUGCTL = 0x2802, GUEST_DR7 = 0x681A, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
+    GUEST_DEBUGCTL = 0x2802, GUEST_DR7 = 0x681A, GUEST_SYSENTER_ESP = 0x6824, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
     PIN_CTLS = 0x4000, PROC_CTLS = 0x4002, EXC_BITMAP = 0x4004, EXIT_CTLS = 0x400C, ENTRY_CTLS = 0x4012,
     ENTRY_INTR_INFO = 0x4016, ENTRY_ERROR_CODE = 0x4018,
     VM_INSN_ERROR = 0x4400, EXIT_INSN_LEN = 0x440C, EXIT_REASON = 0x4402, EXIT_INTR_INFO = 0x4404, EXIT_INTR_ERROR = 0x4406,
@@ -300,6 +300,7 @@ static void setup_vmcs(bool load_cet, bool intercept_cp)
     vmwrite(ENTRY_MSR_LOAD_CNT, 0);
     vmwrite(EXIT_MSR_STORE_CNT, 0);
     vmwrite(EXIT_MSR_LOAD_CNT, 0);
+    vmwrite(GUEST_SYSENTER_ESP, 0);
     vmwrite(EXIT_CTLS, ctl(MSR_VMX_TRUE_EXIT, EXIT_HOST_ADDR_SPACE | EXIT_SAVE_EFER | EXIT_LOAD_EFER | cet_ctls_exit));
     vmwrite(ENTRY_CTLS, ctl(MSR_VMX_TRUE_ENTRY, ENTRY_IA32E | ENTRY_LOAD_EFER | cet_ctls_entry));
     vmwrite(VMCS_LINK_PTR, ~0ul);
@@ -686,9 +687,15 @@ static void segment_check_tests(void)
     tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_FAILED_GUEST_STATE,
            "GUEST_SS RPL != CS RPL -> VM-entry failure 0x80000021", "flags 0x%lx reason 0x%lx", f,
            vmread(EXIT_REASON));
+    setup_vmcs(false, false);
+    vmwrite(GUEST_SYSENTER_ESP, 0xAAAAAAAAAAAAAAAAul);
+    f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_FAILED_GUEST_STATE,
+           "non-canonical GUEST_SYSENTER_ESP -> VM-entry failure 0x80000021", "flags 0x%lx reason 0x%lx", f,
+           vmread(EXIT_REASON));
 }
 
-#define N_NESTED_VMX 14
+#define N_NESTED_VMX 15
 static void nested_vmx_tests(void)
 {
     platform_map();

@@ -481,7 +481,8 @@ def guest_registers_valid(vcpu: NestedVcpu, vmcs12: Vmcs12, ia32e: bool) -> bool
     §28.3.1.2-28.3.1.4], the ones whose violation would give L2 a state the CPU cannot run:
     CR3 within MAXPHYADDR; RFLAGS reserved bits clear and bit 1 set; in IA-32e mode CR4.PAE,
     CR0.PG, a canonical RIP and a 64-bit or compatibility-mode code segment; CS usable, present,
-    code; TR usable, present, a busy TSS; GDTR/IDTR limits of 16 bits and canonical bases; the
+    code; TR usable, present, a busy TSS; GDTR/IDTR limits of 16 bits and canonical bases;
+    canonical IA32_SYSENTER_ESP/EIP [§28.3.1.1]; the
     segment-register checks (:func:`cetvm.kvm.nested_guest_segments.guest_segments_valid`)."""
     r = vmcs12.read
     cr0, cr4 = r(F.GUEST_CR0), r(F.GUEST_CR4)
@@ -496,7 +497,7 @@ def guest_registers_valid(vcpu: NestedVcpu, vmcs12: Vmcs12, ia32e: bool) -> bool
     if r(F.GUEST_GDTR_LIMIT) >> 16 or r(F.GUEST_IDTR_LIMIT) >> 16:
         return False
     if not all(is_canonical(r(f)) for f in (F.GUEST_GDTR_BASE, F.GUEST_IDTR_BASE, F.GUEST_FS_BASE, F.GUEST_GS_BASE,
-                                             F.GUEST_TR_BASE)):
+                                             F.GUEST_TR_BASE, F.GUEST_SYSENTER_ESP, F.GUEST_SYSENTER_EIP)):
         return False
     if not guest_segments_valid(r, ia32e, vm86=bool(rflags & RFLAGS_VM)):
         return False
