@@ -66,8 +66,8 @@ def _progress(label: str):
 VMX_INTRO = ("Each sub-test of x86/vmx.flat (the kernel of the [vmx] entry and the vmx group) run alone "
              "through cetvm's front end: `x86/run x86/vmx.flat -cpu max,+vmx -append NAME` (nested VMX of the "
              "modeled KVM: kvm_intel nested=1 on sapphire-rapids; no EPT, VPID, APICv, preemption timer, "
-             "MSR-load/store lists or shadow VMCS are offered to L1, so those sub-tests skip or fail their "
-             "feature probes). PASS = every report passed and the summary was reached; FAIL = a failing "
+             "interrupt/NMI windows, MTF or shadow VMCS are offered to L1, so those sub-tests skip or fail "
+             "their feature probes). PASS = every report passed and the summary was reached; FAIL = a failing "
              "report, an abort, or no summary within 60 s. Regenerate with `cetvm conformance --kut DIR "
              "--vmx-subtests`.")
 
