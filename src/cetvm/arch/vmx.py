@@ -415,6 +415,23 @@ def io_qualification(size: int, is_in: bool, port: int, *, string: bool = False,
             | (port & 0xFFFF) << 16)
 
 
+#: VMX segment access rights [SDM Vol. 3 Table 25-2]: type 3:0 (bit 0 accessed, 1 readable for
+#: code, 3 code), S 4 (code/data), DPL 6:5, P 7, reserved 11:8, L 13, D/B 14, G 15, unusable 16,
+#: reserved 31:17.
+AR_TYPE = 0xF
+AR_TYPE_ACCESSED = 1 << 0
+AR_TYPE_READABLE = 1 << 1
+AR_TYPE_CODE = 1 << 3
+AR_S = 1 << 4
+AR_DPL_SHIFT = 5
+AR_P = 1 << 7
+AR_RESERVED_11_8 = 0xF00
+AR_L = 1 << 13
+AR_DB = 1 << 14
+AR_G = 1 << 15
+AR_UNUSABLE = 1 << 16
+AR_RESERVED_31_17 = 0xFFFE_0000
+
 #: VM_EXIT_INTR_INFO [SDM Vol. 3 Table 25-19]: bits 7:0 vector, 10:8 type (3 = hardware
 #: exception), bit 11 error code valid, bit 31 valid.
 INTR_TYPE_HARD_EXCEPTION = 3

@@ -59,6 +59,7 @@ from cetvm.arch import Cr0, Cr4, Vector, VECTORS_WITH_ERROR_CODE, is_canonical
 from cetvm.arch.msr import Efer, Msr
 from cetvm.arch.regs import RFLAGS_FIXED, RFLAGS_RESERVED, RFLAGS_VM
 from cetvm.arch.vmx import (
+    AR_DPL_SHIFT, AR_L, AR_P, AR_S, AR_TYPE, AR_TYPE_ACCESSED, AR_TYPE_CODE, AR_UNUSABLE,
     ENTRY_FAIL_DEFAULT, ENTRY_FAIL_PDPTE, ENTRY_FAIL_VMCS_LINK_PTR, INTR_INFO_DELIVER_CODE, INTR_INFO_VALID, INTR_TYPE_EXT_INTR,
     INTR_TYPE_HARD_EXCEPTION, INTR_TYPE_NMI, INTR_TYPE_OTHER_EVENT, INTR_TYPE_PRIV_SW_EXCEPTION,
     INTR_TYPE_SOFT_EXCEPTION, INTR_TYPE_SOFT_INTR, INTR_INFO_TYPE_SHIFT, VMX_EXIT_REASONS_FAILED_VMENTRY,
@@ -90,7 +91,6 @@ GUEST_SEGMENTS: dict[str, tuple[F, F, F, F]] = {
     for name in ("es", "cs", "ss", "ds", "fs", "gs", "ldtr", "tr")
 }
 #: VMX access rights: bit 16 = unusable [SDM Vol. 3 Table 25-2].
-AR_UNUSABLE = 1 << 16
 AR_MASK = 0xF0FF
 SEGMENT_RPL_TI = 7
 #: EFER bits a guest may have on VMX (efer_reserved_bits' complement): SCE, LME, LMA, NXE.
@@ -116,10 +116,6 @@ DR7_RESET = 0x400
 
 
 # ============================================================================ state transfer
-#: The accessed bit of a code/data segment's type, and the descriptor-type (S) bit.
-AR_ACCESSED, AR_CODE_DATA = 1 << 0, 1 << 4
-
-
 def vmx_ar(seg: Segment) -> int:
     """A segment's VMX access rights (unusable when not present) [SDM Vol. 3 §25.4.1]. A loaded
     code or data segment is accessed: the processor sets the descriptor's accessed bit when it
@@ -128,7 +124,7 @@ def vmx_ar(seg: Segment) -> int:
     if not seg.present:
         return AR_UNUSABLE
     ar = (seg.attributes >> 8) & AR_MASK
-    return ar | AR_ACCESSED if ar & AR_CODE_DATA else ar
+    return ar | AR_TYPE_ACCESSED if ar & AR_S else ar
 
 
 def segment_from_vmcs(selector: int, base: int, limit: int, ar: int) -> Segment:
@@ -448,9 +444,6 @@ def _pdptes_valid(vcpu: NestedVcpu, cr3: int) -> bool:
                             guest_maxphyaddr(vcpu.state))
 
 
-#: VMX access-rights fields: type (3:0), S (4), DPL (6:5), P (7), L (13) [SDM Vol. 3 Table 25-2].
-AR_TYPE, AR_S, AR_P, AR_L = 0xF, 1 << 4, 1 << 7, 1 << 13
-AR_DPL_SHIFT = 5
 
 
 def guest_activity_state_valid(vmcs12: Vmcs12) -> bool:
@@ -472,7 +465,6 @@ def guest_activity_state_valid(vmcs12: Vmcs12) -> bool:
     if intr_type == INTR_TYPE_HARD_EXCEPTION:
         return info & 0xFF in HLT_INJECTABLE_VECTORS
     return intr_type in (INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_OTHER_EVENT)
-AR_TYPE_CODE = 1 << 3
 TSS_BUSY_64 = 0xB
 
 

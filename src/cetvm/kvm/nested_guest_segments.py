@@ -12,22 +12,11 @@ from __future__ import annotations
 from typing import Callable
 
 from cetvm.arch import is_canonical
-from cetvm.arch.vmx import VmcsField as F
+from cetvm.arch.vmx import (
+    AR_DB, AR_DPL_SHIFT, AR_G, AR_L, AR_P, AR_RESERVED_11_8, AR_RESERVED_31_17, AR_S, AR_TYPE, AR_TYPE_ACCESSED,
+    AR_TYPE_CODE, AR_TYPE_READABLE, AR_UNUSABLE, VmcsField as F,
+)
 
-#: VMX access-rights fields [SDM Vol. 3 Table 25-2].
-AR_TYPE = 0xF
-AR_TYPE_ACCESSED = 1 << 0
-AR_TYPE_READABLE = 1 << 1
-AR_TYPE_CODE = 1 << 3
-AR_S = 1 << 4
-AR_DPL_SHIFT = 5
-AR_P = 1 << 7
-AR_RESERVED_11_8 = 0xF00
-AR_L = 1 << 13
-AR_DB = 1 << 14
-AR_G = 1 << 15
-AR_UNUSABLE = 1 << 16
-AR_RESERVED_31_17 = 0xFFFE_0000
 SELECTOR_TI = 1 << 2
 #: Code-segment types VM entry accepts for CS outside unrestricted guest: execute-only or
 #: execute/read, accessed, non-conforming (9, 11) or conforming (13, 15).
@@ -61,17 +50,21 @@ class _Segments:
     def __init__(self, read: Callable[[F], int]) -> None:
         self.read = read
 
+    def field(self, name: str, part: str) -> int:
+        """GUEST_<name>_<part>: SELECTOR, BASE, LIMIT or AR_BYTES."""
+        return self.read(getattr(F, f"GUEST_{name}_{part}"))
+
     def sel(self, name: str) -> int:
-        return self.read(getattr(F, f"GUEST_{name}_SELECTOR"))
+        return self.field(name, "SELECTOR")
 
     def base(self, name: str) -> int:
-        return self.read(getattr(F, f"GUEST_{name}_BASE"))
+        return self.field(name, "BASE")
 
     def limit(self, name: str) -> int:
-        return self.read(getattr(F, f"GUEST_{name}_LIMIT"))
+        return self.field(name, "LIMIT")
 
     def ar(self, name: str) -> int:
-        return self.read(getattr(F, f"GUEST_{name}_AR_BYTES"))
+        return self.field(name, "AR_BYTES")
 
     def usable(self, name: str) -> bool:
         return not self.ar(name) & AR_UNUSABLE
