@@ -41,6 +41,7 @@
 #define FC_VMXON_OUTSIDE_SMX 4ul
 #define CR4_VMXE (1ul << 13)
 #define CR0_NE (1ul << 5)
+#define CR4_TSD (1ul << 2)
 #define RFLAGS_CF 1ul
 #define RFLAGS_ZF (1ul << 6)
 
@@ -52,7 +53,7 @@ enum {
     HOST_FS_SEL = 0xC08, HOST_GS_SEL = 0xC0A, HOST_TR_SEL = 0xC0C,
     MSR_BITMAP = 0x2004, EXIT_MSR_STORE_ADDR = 0x2006, EXIT_MSR_LOAD_ADDR = 0x2008, ENTRY_MSR_LOAD_ADDR = 0x200A,
     EXIT_MSR_STORE_CNT = 0x400E, EXIT_MSR_LOAD_CNT = 0x4010, ENTRY_MSR_LOAD_CNT = 0x4014,
-    GUEST_DEBUGCTL = 0x2802, GUEST_DR7 = 0x681A, GUEST_SYSENTER_ESP = 0x6824, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
+    GUEST_DEBUGCTL = 0x2802, GUEST_DR7 = 0x681A, GUEST_SYSENTER_ESP = 0x6824, CR4_MASK = 0x6002, CR4_SHADOW = 0x6006, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
     PIN_CTLS = 0x4000, PROC_CTLS = 0x4002, EXC_BITMAP = 0x4004, EXIT_CTLS = 0x400C, ENTRY_CTLS = 0x4012,
     ENTRY_INTR_INFO = 0x4016, ENTRY_ERROR_CODE = 0x4018,
     VM_INSN_ERROR = 0x4400, EXIT_INSN_LEN = 0x440C, EXIT_REASON = 0x4402, EXIT_INTR_INFO = 0x4404, EXIT_INTR_ERROR = 0x4406,
@@ -187,7 +188,7 @@ __asm__(".text\n"
 extern char vmx_exit_target[];
 
 /* ---------------------------------------------------------------- L2 */
-enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3, L2_NOP = 4, L2_HLT = 5 };
+enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3, L2_NOP = 4, L2_HLT = 5, L2_CR4 = 6 };
 static volatile u64 l2_cmd;
 static volatile struct { u64 done, faulted, vector, error, rip, cpl; } l2_out;
 
@@ -228,6 +229,10 @@ __attribute__((used)) void l2_main(void)
     } else if (l2_cmd == L2_HLT) {
         ((void (*)(void))l2_hlt)();
     } else if (l2_cmd == L2_NOP) {
+    } else if (l2_cmd == L2_CR4) { /* read CR4 and write back what it read */
+        u64 cr4 = read_cr4();
+        l2_out.vector = cr4;
+        write_cr4(cr4);
     } else if (l2_cmd == L2_USER_SHSTK) {
         struct user_opts on = {.u_cet = CET_SH_STK_EN, .shstk = true};
         struct user_result r = run_user(user_rop, 0, &on);
@@ -301,6 +306,8 @@ static void setup_vmcs(bool load_cet, bool intercept_cp)
     vmwrite(EXIT_MSR_STORE_CNT, 0);
     vmwrite(EXIT_MSR_LOAD_CNT, 0);
     vmwrite(GUEST_SYSENTER_ESP, 0);
+    vmwrite(CR4_MASK, 0);
+    vmwrite(CR4_SHADOW, 0);
     vmwrite(EXIT_CTLS, ctl(MSR_VMX_TRUE_EXIT, EXIT_HOST_ADDR_SPACE | EXIT_SAVE_EFER | EXIT_LOAD_EFER | cet_ctls_exit));
     vmwrite(ENTRY_CTLS, ctl(MSR_VMX_TRUE_ENTRY, ENTRY_IA32E | ENTRY_LOAD_EFER | cet_ctls_entry));
     vmwrite(VMCS_LINK_PTR, ~0ul);
@@ -695,7 +702,25 @@ static void segment_check_tests(void)
            vmread(EXIT_REASON));
 }
 
-#define N_NESTED_VMX 15
+/* L1 owns CR4.TSD (clear in L2's CR4) and shows it set: L2 reads it set, writes it back without
+ * an exit (same as the shadow), and its real CR4.TSD stays clear. */
+static void cr4_shadow_tests(void)
+{
+    setup_vmcs(false, false);
+    l2_cmd = L2_CR4;
+    memset((void *)&l2_out, 0, sizeof(l2_out));
+    vmwrite(GUEST_CR4, read_cr4() & ~CR4_TSD);
+    vmwrite(CR4_MASK, CR4_TSD);
+    vmwrite(CR4_SHADOW, CR4_TSD);
+    u64 f = vmx_enter(1);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_VMCALL && (l2_out.vector & CR4_TSD) &&
+               !(vmread(GUEST_CR4) & CR4_TSD),
+           "CR4 read shadow: L2 reads the shadow's TSD, writing it back neither exits nor sets it",
+           "flags 0x%lx reason 0x%lx L2 read 0x%lx GUEST_CR4 0x%lx", f, vmread(EXIT_REASON), l2_out.vector,
+           vmread(GUEST_CR4));
+}
+
+#define N_NESTED_VMX 16
 static void nested_vmx_tests(void)
 {
     platform_map();
@@ -705,6 +730,7 @@ static void nested_vmx_tests(void)
     debug_control_tests();
     msr_list_tests();
     segment_check_tests();
+    cr4_shadow_tests();
 }
 
 static void body(void)

@@ -337,6 +337,7 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
         exit_ = cr_write_exit(vcpu, instr, n, value)
         if exit_ is not None:
             return exit_
+        value = cr_write_keeping_host_bits(vcpu, n, value)
     elif n == 3 and vcpu.vmcs.cpu_based(CpuBasedControls.CR3_LOAD_EXITING):
         return _cr_access_exit(vcpu, instr, n)
     if n == 4:
@@ -370,6 +371,22 @@ def cr_write_exit(vcpu, instr: Instruction, n: int, value: int) -> VmExit | None
     return _cr_access_exit(vcpu, instr, n)
 
 
+def cr_write_keeping_host_bits(vcpu, n: int, value: int) -> int:
+    """A MOV to CR0/CR4 that does not exit leaves the bits of the guest/host mask as they are
+    [SDM Vol. 3 §26.3 "MOV to CR0"/"MOV to CR4"]: the value written there is the read shadow's."""
+    mask = vcpu.vmcs.read(_CR_MASK_FIELDS[n][0])
+    current = vcpu.cr0 if n == 0 else vcpu.cr4
+    return (value & ~mask) | (current & mask)
+
+
+def cr_read_shadowed(vcpu, n: int, value: int) -> int:
+    """MOV from CR0/CR4 returns the read shadow's bits where the guest/host mask is set [SDM Vol. 3
+    §26.3 "MOV from CR0"/"MOV from CR4"]."""
+    mask_field, shadow_field = _CR_MASK_FIELDS[n]
+    mask = vcpu.vmcs.read(mask_field)
+    return (value & ~mask) | (vcpu.vmcs.read(shadow_field) & mask)
+
+
 def _cr_access_exit(vcpu, instr: Instruction, n: int) -> VmExit:
     """The CR_ACCESS exit of MOV to CR``n`` (SDM Table 28-3 qualification)."""
     gpr = _GPR_NUMBER[_REG64[instr.op1_register][0]]
@@ -380,9 +397,11 @@ def _cr_access_exit(vcpu, instr: Instruction, n: int) -> VmExit:
 
 def mov_from_cr4(vcpu, instr: Instruction) -> None:
     """MOV r, CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the guest's
-    CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`)."""
+    CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read shadow's bits where the
+    VMCS's CR4 guest/host mask is set (:func:`cr_read_shadowed`). (MOV from CR0 runs in the engine:
+    decision, CR0 read shadows are not applied.)"""
     _require_cpl0(vcpu)
-    write_register(vcpu, instr.op0_register, vcpu.cr4)
+    write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, 4, vcpu.cr4))
     _advance(vcpu, instr)
 
 

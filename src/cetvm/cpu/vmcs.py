@@ -12,7 +12,9 @@ KVM's vmcs_read*/vmcs_write* do with VMREAD/VMWRITE. What the CPU takes from it:
   indices whose RDMSR/WRMSR exit) [SDM Vol. 3 §26.1.3, §25.6.9];
 - CR4_GUEST_HOST_MASK / CR4_READ_SHADOW (and the CR0 pair): a MOV to CR4 that would change a
   host-owned bit (set in the mask) away from the read shadow exits with CR_ACCESS and the exit
-  qualification of SDM Table 28-3 [SDM Vol. 3 §26.1.3];
+  qualification of SDM Table 28-3 [SDM Vol. 3 §26.1.3]; one that does not exit leaves the
+  host-owned bits as they are, and MOV from CR4 reads them from the shadow [SDM Vol. 3 §26.3]
+  (MOV from CR0 runs in the engine: no CR0 read shadow);
 - VM_ENTRY_CONTROLS.LOAD_CET_STATE: VM entry checks GUEST_S_CET, GUEST_SSP and
   GUEST_INTR_SSP_TABLE (:func:`guest_cet_state_fault`, SDM Vol. 3 §28.3.1.1) and loads them; a
   check that fails is a VM-entry failure: exit reason ENTRY_FAIL_GUEST_STATE with bit 31 set
