@@ -112,7 +112,7 @@ KNOWN_REASONS: dict[str, str] = {
     "s3": "no RTC (MC146818) and no ACPI S3 sleep/resume: the test waits for the RTC's update-in-progress "
           "bit forever",
     "vmx": "nested VMX (kvm_intel nested=1): the entry runs every sub-test to its summary in one kernel; the FAIL "
-           "reports are features cetvm's CPU does not model for L2 (CR0/CR4 read shadows, CR3-store and INVD "
+           "reports are features cetvm's CPU does not model for L2 (the CR0 read shadow, CR3-store and INVD "
            "exiting, RDTSCP enable, VMMCALL's #UD, MOV-SS blocking of VM entry, pending debug exceptions and "
            "DR6 on exits) — each sub-test's own verdict is in the vmx sub-tests section",
     "access": "speed: the page-table walk permutations need more than 90 s on cetvm (QEMU TCG times out too)",
