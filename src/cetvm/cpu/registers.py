@@ -35,6 +35,18 @@ _CR_IDS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.U
 _FP_IDS = tuple(getattr(X, f"UC_X86_REG_FP{i}") for i in range(8))
 _YMM_IDS = tuple(getattr(X, f"UC_X86_REG_YMM{i}") for i in range(16))
 _XMM_IDS = tuple(getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16))
+#: MXCSR and XMM0-15: one batched read or write (uc_reg_read_batch) for the guest FPU swap.
+_SSE_COUNT = 17
+
+
+class _SseBatch:
+    """The argument arrays of a batched MXCSR + XMM0-15 access: register ids and 16-byte slots."""
+
+    def __init__(self) -> None:
+        self.ids = (ctypes.c_int * _SSE_COUNT)(X.UC_X86_REG_MXCSR, *_XMM_IDS)
+        self.buffer = ctypes.create_string_buffer(16 * _SSE_COUNT)
+        base = ctypes.addressof(self.buffer)
+        self.pointers = (ctypes.c_void_p * _SSE_COUNT)(*(base + 16 * i for i in range(_SSE_COUNT)))
 #: FpuState field → (bits per value, number of values or None for a scalar).
 _FPU_FIELD_WIDTHS = {"fcw": (16, None), "fsw": (16, None), "ftw": (8, None), "fop": (11, None), "fip": (64, None),
                      "fdp": (64, None), "mxcsr": (32, None), "st": (80, 8), "xmm": (128, 16), "ymm_hi": (128, 16)}
@@ -100,6 +112,7 @@ class Registers:
     def __init__(self, uc: Uc) -> None:
         self._uc = uc
         self._guest_forced_cr4 = 0
+        self._sse_batch = _SseBatch()
         self.write_cr(4, uc.reg_read(X.UC_X86_REG_CR4))
 
     @property
@@ -288,16 +301,23 @@ class Registers:
 
     def get_sse(self) -> tuple[int, list[int]]:
         """(MXCSR, [XMM0..15]): the SSE part of :meth:`get_fpu`, without the x87 and YMM reads
-        (the guest FPU load/put of every KVM_RUN needs only these)."""
-        read = self.raw_read
-        return read(X.UC_X86_REG_MXCSR, 4), [read(reg, 16) for reg in _XMM_IDS]
+        (the guest FPU load/put of every KVM_RUN needs only these), in one batched engine call."""
+        sse = self._sse_batch
+        status = uclib.uc_reg_read_batch(self._uc._uch, sse.ids, sse.pointers, _SSE_COUNT)
+        if status != 0:
+            raise CetvmError(f"cannot read the SSE registers (unicorn error {status})")
+        raw = sse.buffer.raw
+        return (int.from_bytes(raw[:4], "little"),
+                [int.from_bytes(raw[off:off + 16], "little") for off in range(16, 16 * _SSE_COUNT, 16)])
 
     def set_sse(self, mxcsr: int, xmm: list[int]) -> None:
-        """Load MXCSR and XMM0-15 (the YMM upper halves are kept)."""
-        write = self.raw_write
-        write(X.UC_X86_REG_MXCSR, mxcsr, 4)
-        for reg, value in zip(_XMM_IDS, xmm):
-            write(reg, value, 16)
+        """Load MXCSR and XMM0-15 (the YMM upper halves are kept), in one batched engine call."""
+        sse = self._sse_batch
+        ctypes.memmove(sse.buffer, mxcsr.to_bytes(16, "little") + b"".join(v.to_bytes(16, "little") for v in xmm),
+                       16 * _SSE_COUNT)
+        status = uclib.uc_reg_write_batch(self._uc._uch, sse.ids, sse.pointers, _SSE_COUNT)
+        if status != 0:
+            raise CetvmError(f"cannot write the SSE registers (unicorn error {status})")
 
     def raw_read(self, reg_id: int, size: int) -> int:
         """A register as a little-endian integer of ``size`` bytes, through Unicorn's C API (the
