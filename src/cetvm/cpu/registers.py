@@ -113,6 +113,8 @@ class Registers:
         self._uc = uc
         self._guest_forced_cr4 = 0
         self._sse_batch = _SseBatch()
+        self._u64 = ctypes.c_uint64()
+        self._u64_ref = ctypes.byref(self._u64)
         self.write_cr(4, uc.reg_read(X.UC_X86_REG_CR4))
 
     @property
@@ -122,11 +124,19 @@ class Registers:
 
     # ------------------------------------------------------------------ GPRs
     def read(self, name: str) -> int:
-        """A general-purpose register, ``rip`` or ``rflags`` by name."""
-        return self._uc.reg_read(REG_IDS[name])
+        """A general-purpose register, ``rip`` or ``rflags`` by name (through Unicorn's C API
+        into a reused buffer: the binding's reg_read is several times slower, and every exit
+        reads a few of these)."""
+        status = uclib.uc_reg_read(self._uc._uch, REG_IDS[name], self._u64_ref)
+        if status != 0:
+            raise CetvmError(f"cannot read register {name} (unicorn error {status})")
+        return self._u64.value
 
     def write(self, name: str, value: int) -> None:
-        self._uc.reg_write(REG_IDS[name], value & U64_MASK)
+        self._u64.value = value & U64_MASK
+        status = uclib.uc_reg_write(self._uc._uch, REG_IDS[name], self._u64_ref)
+        if status != 0:
+            raise CetvmError(f"cannot write register {name} (unicorn error {status})")
 
     def get_regs(self) -> Regs:
         return Regs(**{f.name: self._uc.reg_read(REG_IDS[f.name]) for f in fields(Regs)})

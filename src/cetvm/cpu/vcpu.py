@@ -329,11 +329,11 @@ class Vcpu:
 
     @property
     def rip(self) -> int:
-        return self._uc.reg_read(X.UC_X86_REG_RIP)
+        return self.registers.read("rip")
 
     @rip.setter
     def rip(self, value: int) -> None:
-        self._uc.reg_write(X.UC_X86_REG_RIP, value & U64_MASK)
+        self.registers.write("rip", value)
 
     def get_regs(self) -> Regs:
         return self.registers.get_regs()
