@@ -20,7 +20,7 @@ from cetvm import CetvmError, InputError
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import Efer
 from cetvm.cpu.state import CetState, DescriptorTable, FpuState, GPR_NAMES, Regs, Segment, Sregs
-from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, segment_hflags
+from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, live_env, segment_hflags
 from cetvm.arch.regs import U64_MASK
 
 _U128 = (1 << 128) - 1
@@ -113,6 +113,8 @@ class Registers:
         self._uc = uc
         self._guest_forced_cr4 = 0
         self._sse_batch = _SseBatch()
+        #: the engine's CPUX86State in place (exit-path reads and writes without a context copy)
+        self.env = live_env(uc)
         self._u64 = ctypes.c_uint64()
         self._u64_ref = ctypes.byref(self._u64)
         self.write_cr(4, uc.reg_read(X.UC_X86_REG_CR4))
@@ -239,13 +241,11 @@ class Registers:
 
     @property
     def xcr0(self) -> int:
-        return ContextBlob.save(self._uc).u64(XCR0_OFFSET)
+        return self.env.u64(XCR0_OFFSET)
 
     @xcr0.setter
     def xcr0(self, value: int) -> None:
-        blob = ContextBlob.save(self._uc)
-        ctypes.c_uint64.from_address(blob.address + XCR0_OFFSET).value = value & U64_MASK
-        blob.restore(self._uc)
+        ctypes.c_uint64.from_address(self.env.address + XCR0_OFFSET).value = value & U64_MASK
 
     # ------------------------------------------------------------------ engine exception state
     def clear_stale_old_exception(self) -> None:
@@ -255,16 +255,12 @@ class Registers:
         classification restart) and a single-stepped IRETQ can leave old_exception at 8 (#DF);
         the guest's next fault then becomes a #DF or a silent triple fault (EXCP_HLT).
         """
-        blob = ContextBlob.save(self._uc)
-        if blob.u32(OLD_EXCEPTION_OFFSET) != 0xFFFF_FFFF:
-            blob.reset_old_exception()
-            blob.restore(self._uc)
+        if self.env.u32(OLD_EXCEPTION_OFFSET) != 0xFFFF_FFFF:
+            self.env.reset_old_exception()
 
     def reset_old_exception(self) -> None:
         """Forget the last exception so the next fault is not promoted to #DF."""
-        blob = ContextBlob.save(self._uc)
-        blob.reset_old_exception()
-        blob.restore(self._uc)
+        self.env.reset_old_exception()
 
     # ------------------------------------------------------------------ x87 / SSE / AVX
     def get_fpu(self) -> FpuState:

@@ -27,6 +27,7 @@ from typing import Callable
 from cetvm import CetvmError, NotSupportedError
 from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
+from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
 ABI_VERSION = 12
@@ -149,8 +150,6 @@ _FIRST_LEN_MASK, _BLOCK_GLOBAL = 0x0F, 0x80
 #: Offset of ``uc_invalidate_tb`` in Unicorn 2.1.4's ``struct uc_struct`` (x86-64): three 4-byte
 #: enums padded to 16 bytes, two 56-byte AddressSpace structures, then 31 function pointers.
 UC_INVALIDATE_TB_OFFSET = 16 + 2 * 56 + 31 * 8
-#: Offset of ``cpu`` (the CPUState) in the same structure: seven more function pointers on.
-UC_CPU_OFFSET = UC_INVALIDATE_TB_OFFSET + 8 * 8
 #: Where the probe of :meth:`NativeCet.filter_exit_invalidation` asks to drop translations
 #: (unmapped when the vCPU is created: nothing is dropped).
 _FILTER_PROBE = 0xFFFF_F000
@@ -340,7 +339,7 @@ class NativeCet:
         then keeps one entry per page: slower stores to RWX pages, same results)."""
         uclib = self._uclib
         handle = self._uc._uch.value
-        cs = ctypes.c_void_p.from_address(handle + UC_CPU_OFFSET).value
+        cs = ctypes.c_void_p.from_address(handle + UC_STRUCT_CPU_OFFSET).value
         try:
             functions = [_fnptr(getattr(uclib, name)) for name in (
                 "x86_cpu_tlb_fill_x86_64", "unicorn_fill_tlb_x86_64", "tlb_set_page_with_attrs_x86_64",
