@@ -61,6 +61,9 @@ class GuestFpu:
         #: (MXCSR+XMM bytes, cpu.fpu_writes) the CPU held at the last swap (cetvm.kvm.vmx._swap_sse)
         self.sse_on_cpu: tuple[bytes, int] | None = None
         self._offsets: dict[tuple[int, int], int] = {}
+        #: (buffer bytes, cpu.fpu_writes) at the last put: the CPU still holds that image
+        #: while both are unchanged (cetvm.kvm.vmx.kvm_load_guest_fpu skips the copy)
+        self.image_on_cpu: tuple[bytes, int] | None = None
 
     @property
     def buffer(self) -> bytearray:
