@@ -128,6 +128,11 @@ def write_register(vcpu, reg: int, value: int) -> None:
         vcpu.set_reg(name, (vcpu.reg(name) & ~mask) | (value & mask))
 
 
+def address_mask(vcpu) -> int:
+    """The linear-address width of the current mode: 64 bits in 64-bit mode, else 32."""
+    return _U64 if vcpu.long_mode else 0xFFFF_FFFF
+
+
 def effective_address(vcpu, instr: Instruction) -> int:
     """Linear address of the memory operand (FS/GS bases applied; other bases are 0 in 64-bit mode)."""
     if instr.is_ip_rel_memory_operand:
@@ -141,7 +146,7 @@ def effective_address(vcpu, instr: Instruction) -> int:
     seg = instr.memory_segment
     if seg in (Register.FS, Register.GS):
         addr += vcpu.msr(Msr.IA32_FS_BASE if seg == Register.FS else Msr.IA32_GS_BASE)
-    addr &= _U64 if vcpu.long_mode else 0xFFFF_FFFF
+    addr &= address_mask(vcpu)
     if vcpu.long_mode and not is_canonical(addr):
         raise GuestFault(Vector.SS, 0) if instr.memory_base in (Register.RSP, Register.RBP) else gp(0)
     return addr
