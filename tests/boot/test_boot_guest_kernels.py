@@ -166,6 +166,14 @@ def test_any_instruction_works_on_mmio(capsys):
     assert tap.passed("a store crossing from RAM into unassigned memory writes its RAM part")
 
 
+def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
+    """kvm-unit-tests x86/emulator: MOV SS with selector 3 at CPL 0 is #GP(0) (the engine loaded
+    it, and the next IRETQ with that SS faulted); selector 0 loads."""
+    tap = run_green(capsys, "ss_loads")
+    assert tap.passed("MOV SS, reg: null selector with RPL 3 at CPL 0 -> #GP(0)")
+    assert tap.passed("MOV SS: null selector with RPL 0 at CPL 0 loads")
+
+
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):
     """Issue 8 (kvm-unit-tests x86/syscall) and issue 10 (the selftest's 32-bit test): #UD, SYSCALL
     (#UD on Intel) and INT 0x80 from 32-bit user code; IRETQ back to it, with a shadow stack too."""

@@ -16,7 +16,7 @@ from cli_support import (
 )
 
 STATUS_TIMEOUT, STATUS_TRIPLE_FAULT, STATUS_INTERNAL_ERROR = 124, 125, 126
-LRETQ = b"\x48\xCB"  # REX.W far RET
+IRETD = b"\xCF"  # IRET with a 32-bit operand size
 
 
 
@@ -63,17 +63,16 @@ def test_the_instruction_limit_is_124_and_exact(capsys, kernel):
 
 
 def test_an_error_inside_cetvm_during_the_run_is_126_not_1(capsys, kernel):
-    # LRETQ with RSP at the very top of RAM reads its far pointer beyond it (MMIO space): cetvm
-    # does not complete far transfers through MMIO (a near RET there pops all ones and triple
-    # faults, as on KVM). Status 1 would tell a QEMU-style runner "the guest passed".
-    run, doc = boot_json(capsys, kernel(LRETQ))
-    assert_one_line_error(run, STATUS_INTERNAL_ERROR, "internal error", "memory read")
+    # A 32-bit IRET in 64-bit mode: cetvm implements IRETQ only. Status 1 would tell a
+    # QEMU-style runner "the guest passed".
+    run, doc = boot_json(capsys, kernel(IRETD))
+    assert_one_line_error(run, STATUS_INTERNAL_ERROR, "IRET", "not implemented")
     assert doc["status"] == STATUS_INTERNAL_ERROR and doc["reason"] == "internal error"
 
 
 def test_no_snapshot_is_written_when_the_run_fails_inside_cetvm(capsys, kernel, tmp_path):
     snap = tmp_path / "vm.snap"
-    run = cetvm(capsys, "boot", kernel(LRETQ), "--memory", "16M", "--save-state", str(snap))
+    run = cetvm(capsys, "boot", kernel(IRETD), "--memory", "16M", "--save-state", str(snap))
     assert_one_line_error(run, STATUS_INTERNAL_ERROR, "no snapshot written")
     assert not snap.exists()
 
