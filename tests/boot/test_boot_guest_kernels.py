@@ -172,6 +172,7 @@ def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
     tap = run_green(capsys, "ss_loads")
     assert tap.passed("MOV SS, reg: null selector with RPL 3 at CPL 0 -> #GP(0)")
     assert tap.passed("MOV SS: null selector with RPL 0 at CPL 0 loads")
+    assert tap.passed("MOV SS from an MMIO register holding 3 -> #GP(0)")
 
 
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):

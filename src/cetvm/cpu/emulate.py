@@ -28,7 +28,7 @@ from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
 from cetvm.cpu.decode import is_mov_from_cr4, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
-from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
+from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
 from cetvm.cpu.events import read_descriptor
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
@@ -631,20 +631,23 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
     check the engine (QEMU's load_seg) does not make. Everything else is the engine's; the
     interrupt shadow a loaded SS begins is set again after the engine's single step (which
     leaves it clear)."""
-    if vcpu.long_mode:
-        if instr.op1_kind == OpKind.REGISTER:
-            selector = read_register(vcpu, instr.op1_register)
-        else:
-            try:
-                raw = vcpu.read_virt(effective_address(vcpu, instr), 2, _privilege(vcpu))
-            except NoRamAccess:
-                return vcpu.execute_with_mmio_operand(instr)
-            selector = int.from_bytes(raw, "little")
-        if _null_ss_refused(selector & 0xFFFF, vcpu.cpl):
+    def check(raw: bytes) -> None:
+        if vcpu.long_mode and _null_ss_refused(int.from_bytes(raw[:2], "little"), vcpu.cpl):
             raise gp(0)
+
+    def after() -> None:  # loaded: the MOV SS interrupt shadow [SDM Vol. 3A 6.8.3]
+        if not vcpu.pending_events.has_event:
+            vcpu.pending_events.begin_interrupt_shadow()
+
+    if instr.op1_kind == OpKind.REGISTER:
+        check(read_register(vcpu, instr.op1_register).to_bytes(8, "little"))
+    else:
+        try:
+            check(vcpu.read_virt(effective_address(vcpu, instr), 2, _privilege(vcpu)))
+        except NoRamAccess:
+            return vcpu.execute_with_mmio_operand(instr, MmioStepHooks(check, after))
     _step_in_engine(vcpu, instr, branches=False)
-    if not vcpu.pending_events.has_event:  # loaded: the MOV SS interrupt shadow [SDM Vol. 3A 6.8.3]
-        vcpu.pending_events.begin_interrupt_shadow()
+    after()
     return None
 
 

@@ -30,7 +30,7 @@ from cetvm.cpu.blocks import BlockTable
 from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.cet.transfer import TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
-from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
+from cetvm.cpu.exits import Direction, ExitReason, MmioExit, MmioStepHooks, VmExit
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import GuestMemory
@@ -323,12 +323,13 @@ class EngineStops:
                 return linear, in_first, reads, writes
         raise NotSupportedError(f"MMIO access by {instr} at {instr.ip:#x} is not supported")
 
-    def execute_with_mmio_operand(self, instr) -> VmExit | None:
+    def execute_with_mmio_operand(self, instr, hooks: MmioStepHooks | None = None) -> VmExit | None:
         """Execute ``instr`` (at RIP) whose memory operand is not RAM, as :meth:`_mmio_instruction`
-        does after an engine stop (for instructions cetvm emulates around the engine)."""
-        return self._mmio_instruction(instr.ip, instr)
+        does after an engine stop (for instructions cetvm emulates around the engine, whose
+        checks on the operand's value and effects after it are ``hooks``)."""
+        return self._mmio_instruction(instr.ip, instr, hooks or MmioStepHooks())
 
-    def _mmio_instruction(self, rip: int, instr) -> VmExit | None:
+    def _mmio_instruction(self, rip: int, instr, hooks: MmioStepHooks | None = None) -> VmExit | None:
         """An instruction whose memory operand is not RAM, as KVM's emulator completes MMIO: each
         read of the operand is an MMIO exit (in fragments of at most 8 bytes, the sizes a bus
         access has); with the data the instruction is executed by the engine over a scratch page
@@ -339,24 +340,32 @@ class EngineStops:
         linear, size, reads, writes = self._mmio_operand(instr)
         gpa = self._vcpu.translate(linear, (Access.WRITE if writes and not reads else Access.READ) | self._mode.user_access())
         if reads:
-            return self._mmio_read(rip, instr, gpa, size, writes, bytearray())
-        return self._mmio_execute(rip, instr, gpa, size, None, writes)
+            return self._mmio_read(rip, instr, gpa, size, writes, bytearray(), hooks or MmioStepHooks())
+        return self._mmio_execute(rip, instr, gpa, size, None, writes, hooks or MmioStepHooks())
 
-    def _mmio_read(self, rip: int, instr, gpa: int, size: int, writes: bool, got: bytearray) -> VmExit | None:
+    def _mmio_read(self, rip: int, instr, gpa: int, size: int, writes: bool, got: bytearray,
+                   hooks: MmioStepHooks) -> VmExit | None:
         if len(got) >= size:
-            return self._mmio_execute(rip, instr, gpa, size, bytes(got), writes)
+            return self._mmio_execute(rip, instr, gpa, size, bytes(got), writes, hooks)
         piece = mmio_fragment(size - len(got))
         mmio = MmioExit(gpa + len(got), piece, Direction.IN)
 
         def complete() -> VmExit | None:
             got.extend((mmio.data & ((1 << (8 * piece)) - 1)).to_bytes(piece, "little"))
-            return self._mmio_read(rip, instr, gpa, size, writes, got)
+            return self._mmio_read(rip, instr, gpa, size, writes, got, hooks)
         self._vcpu.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
-    def _mmio_execute(self, rip: int, instr, gpa: int, size: int, data: bytes | None, writes: bool) -> VmExit | None:
+    def _mmio_execute(self, rip: int, instr, gpa: int, size: int, data: bytes | None, writes: bool,
+                      hooks: MmioStepHooks) -> VmExit | None:
         """Run the instruction over scratch pages holding ``data`` (the bytes read), then send
         what it wrote (if anything) as MMIO writes."""
+        if hooks.check is not None and data is not None:
+            try:
+                hooks.check(data)
+            except GuestFault as fault:
+                self._vcpu.raise_fault(fault)
+                return None
         first, last = gpa & ~(PAGE - 1), (gpa + size - 1) & ~(PAGE - 1)
         span = last - first + PAGE
         with cr2_kept(self._uc):
@@ -375,6 +384,8 @@ class EngineStops:
         # guest's next fault became a #DF (a #PF after an MMIO read in the same block).
         self._registers.clear_stale_old_exception()
         self._budget.retire()
+        if hooks.after is not None:
+            hooks.after()
         return self._mmio_write(rip, gpa, stored)
 
     def _mmio_write(self, rip: int, gpa: int, stored: bytes) -> VmExit | None:

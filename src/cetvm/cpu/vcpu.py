@@ -73,7 +73,7 @@ from cetvm.cpu.engine_stops import EngineStops
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import ExitEmulation
 from cetvm.cpu.exit_points import ExitPoints
-from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
+from cetvm.cpu.exits import ExceptionExit, ExitReason, MmioStepHooks, VmExit
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.interrupts import PendingEvents
@@ -564,10 +564,11 @@ class Vcpu:
         (:meth:`cetvm.cpu.exit_emulation.ExitEmulation.step_in_engine`)."""
         self._emulation.step_in_engine(rip, next_ip, retire=retire)
 
-    def execute_with_mmio_operand(self, instr: "Instruction") -> VmExit | None:
+    def execute_with_mmio_operand(self, instr: "Instruction", hooks: MmioStepHooks | None = None) -> VmExit | None:
         """Execute ``instr`` (at RIP) whose memory operand is not RAM, as after an engine stop on
-        an MMIO access (for instructions cetvm emulates around the engine)."""
-        return self._stops.execute_with_mmio_operand(instr)
+        an MMIO access (for instructions cetvm emulates around the engine; ``hooks``: their
+        checks of the value read and effects after it)."""
+        return self._stops.execute_with_mmio_operand(instr, hooks)
 
     def add_completion(self, completion: Completion) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction).
