@@ -215,6 +215,7 @@ def test_syscall_sysret_iretq_and_page_faults_at_the_edges_of_native_delivery(ca
     assert tap.passed("CPL3 write to a supervisor page -> #PF(P|W|U) at the store, CR2, user CS in the frame")
     assert tap.passed("the same with a user shadow stack: SSP (one CALL deep) saved in IA32_PL3_SSP")
     assert tap.passed("CPL3 read of a not-present page -> #PF(U) at the load")
+    assert tap.passed("CPL3 REP MOVSB to a not-present page -> #PF(W|U), CR2 the destination")
     assert tap.passed("1000 SYSCALL -> SYSRETQ round trips from CPL3 return the kernel's result")
     assert tap.passed("a SYSCALL entry reading a local APIC register (MMIO) first reads it at CPL0 on every SYSCALL")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from iced_x86 import Code, Instruction, Mnemonic as M, OpKind, Register
+from iced_x86 import Code, CodeSize, Instruction, Mnemonic as M, OpKind, Register, UsedMemory
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
@@ -145,6 +145,24 @@ def effective_address(vcpu, instr: Instruction) -> int:
     if vcpu.long_mode and not is_canonical(addr):
         raise GuestFault(Vector.SS, 0) if instr.memory_base in (Register.RSP, Register.RBP) else gp(0)
     return addr
+
+
+def used_memory_address(vcpu, instr: Instruction, used: UsedMemory) -> int:
+    """Linear address in 64-bit mode of one memory access of ``instr`` as iced-x86 lists it
+    (explicit operands and implicit ones: the string instructions' [RSI]/[RDI], the stack), from
+    the current registers (FS/GS bases applied, the other bases are 0; a 32-bit address size
+    wraps at 4 GiB)."""
+    if used.base in (Register.RIP, Register.EIP):
+        addr = instr.ip_rel_memory_address
+    else:
+        addr = used.displacement_i64
+        if used.base != Register.NONE:
+            addr += read_register(vcpu, used.base)
+        if used.index != Register.NONE:
+            addr += read_register(vcpu, used.index) * used.scale
+    if used.segment in (Register.FS, Register.GS):
+        addr += vcpu.msr(Msr.IA32_FS_BASE if used.segment == Register.FS else Msr.IA32_GS_BASE)
+    return addr & (_U64 if used.address_size == CodeSize.CODE64 else 0xFFFF_FFFF)
 
 
 def store_value(vcpu, instr: Instruction, size: int) -> int:
