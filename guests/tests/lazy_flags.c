@@ -2,22 +2,23 @@
  * set it [SDM Vol. 2A CMPXCHG8B/CMPXCHG16B: "ZF is set if ... cleared otherwise; the CF, PF, AF,
  * SF and OF flags are unaffected"], wherever the engine's runs start and end.
  *
- * Why it needs a test: the engine (Unicorn 2.1.4, QEMU 5.0's TCG) computes their ZF from the
- * flags of its lazy condition-code state as it was stored in memory, without storing the state
- * the instructions before them in the same translation block left (every other helper that reads
- * the flags stores it first). At the start of each engine run, and after each RFLAGS write
- * through the engine's API (the SYSCALL that cetvm's native path delivers), that stored state
- * says "the flags are this word"; an ADD then puts its operand in that word, and CMPXCHG16B took
- * the operand as RFLAGS: with the Linux guest's slab allocator (ADD; ...; CMPXCHG16B at the top
- * of a run) RFLAGS.VM came on and the next PUSHF was #GP. cetvm makes the engine store the state
- * in front of each CMPXCHG8B/16B (cetvm.cpu.flag_sync). Each case below starts a new engine run
- * (or a new block after a SYSCALL) right in front of an ADD or SUB whose operand has RFLAGS.VM and
- * other bits no flag can have, then compares the whole RFLAGS with the ADD's/SUB's own:
+ * Why it needs a test: the engine (Unicorn 2.1.4, QEMU 5.0's TCG) computes their flags from its
+ * lazy condition-code state as it was last stored in memory, without storing the state the
+ * instructions before them in the same translation block left (every other helper that reads
+ * the flags stores it first). Inside a block that follows another, the stored state names the
+ * other block's last flag operation: wrong CF/PF/AF/SF/OF. At the start of each engine run, and
+ * after each RFLAGS write through the engine's API (the SYSCALL that cetvm's native path
+ * delivers), it says "the flags are this word"; an ADD then puts its operand in that word, and
+ * CMPXCHG16B took the operand as RFLAGS: with the Linux guest's slab allocator (ADD; ...;
+ * CMPXCHG16B at the top of a run) RFLAGS.VM came on and the next PUSHF was #GP. cetvm makes the
+ * engine store the state in front of each CMPXCHG8B/16B (cetvm.cpu.flag_sync). The operands of
+ * the ADD/SUB below have RFLAGS.VM and other bits no flag can have; each case compares the whole
+ * RFLAGS with the ADD's/SUB's own:
  *  - CPUID (the vCPU emulates it: the next run starts after it); ADD; CMPXCHG16B that fails;
  *  - CPUID; SUB; CMPXCHG8B that succeeds (ZF set, the other flags the SUB's);
  *  - a SYSCALL entry whose first block is ADD; CMPXCHG16B (20 SYSCALLs from CPL3);
- *  - a loop of ADD; CMPXCHG16B long enough for several engine runs (the VMM's run slices and
- *    the budget's stops in front of blocks start runs inside it). */
+ *  - a loop of XOR; ADD; CMPXCHG16B, block after block and across engine runs (the VMM's run
+ *    slices and the budget's stops in front of blocks start runs inside it). */
 #include "ktest.h"
 
 #define RFLAGS_CF (1ul << 0)
@@ -186,7 +187,7 @@ static const char *names[] = {
     "CPUID; ADD; CMPXCHG16B (no match): RFLAGS is the ADD's with ZF clear",
     "CPUID; SUB; CMPXCHG8B (match): RFLAGS is the SUB's with ZF set, memory exchanged",
     "a SYSCALL entry starting with ADD; CMPXCHG16B: RFLAGS is the ADD's on all 20 SYSCALLs",
-    "300000 x ADD; CMPXCHG16B across engine runs: RFLAGS is the ADD's every time",
+    "300000 x ADD; CMPXCHG16B in a loop, across engine runs: RFLAGS is the ADD's every time",
 };
 
 static void body(void)

@@ -6,13 +6,14 @@ CMPXCHG8B/CMPXCHG16B set or clear ZF and leave CF, PF, AF, SF and OF alone [SDM 
 arithmetic flags lazily — the last flag-setting operation and its operands, the operation stored
 to the CPU state only when something needs it — and its CMPXCHG8B/16B helpers build RFLAGS from
 the *stored* operation without the translator storing the pending one first (every other helper
-that reads the flags gets it stored). At the start of every engine run, and after every RFLAGS
-write through the engine's API (a SYSCALL the native events deliver, every event Python
-delivers), the stored operation is "the flags are the first operand word"; an ADD or SUB before
-the CMPXCHG16B in the same block puts its source operand there, and the helper takes that
-operand for RFLAGS — any bit, RFLAGS.VM included, which the end of the run makes the CPU's own.
-Debian's Linux 6.12 guest met it in its slab allocator (ADD; ...; CMPXCHG16B at the top of an
-engine run): RFLAGS.VM came on and the next PUSHF raised #GP ("RFLAGS 0x2264246").
+that reads the flags gets it stored). Within a block that another one led into, the stored
+operation is that block's last: CF, PF, AF, SF and OF come out wrong. At the start of every
+engine run, and after every RFLAGS write through the engine's API (a SYSCALL the native events
+deliver, every event Python delivers), it is "the flags are the first operand word"; an ADD or
+SUB before the CMPXCHG16B in the same block puts its source operand there, and the helper takes
+that operand for RFLAGS — any bit, RFLAGS.VM included, which the end of the run makes the CPU's
+own. Debian's Linux 6.12 guest met it in its slab allocator (ADD; ...; CMPXCHG16B at the top of
+an engine run): RFLAGS.VM came on and the next PUSHF raised #GP ("RFLAGS 0x2264246").
 
 :class:`FlagSync` puts an engine code hook on every CMPXCHG8B/CMPXCHG16B that block
 classification finds (:meth:`cetvm.cpu.block_hook.BlockHook.classify_block`). A code hook makes

@@ -2022,11 +2022,12 @@ bool cetfast_invalid_insn(uc_engine *uc, void *user_data)
  * operation (cc_op) and its operands (cc_src, cc_dst), with cc_op stored to the CPU state only
  * when something needs it. The CMPXCHG8B/CMPXCHG16B helpers compute ZF on top of the flags of
  * the *stored* cc_op, and the translator does not store the pending one before calling them,
- * as it does for every other helper that reads the flags. When the stored cc_op is "the flags
- * are cc_src" — after an engine run starts (x86_cpu_exec_enter) and after every RFLAGS write
- * through uc_reg_write — and an ADD/SUB earlier in the same block left its operand in cc_src,
- * the helper takes that operand as RFLAGS: any bit, RFLAGS.VM too, which the end of the run
- * then makes the CPU's (the Linux guest's slab allocator: PUSHF #GP in virtual-8086 "mode").
+ * as it does for every other helper that reads the flags: the stored one is the last of an
+ * earlier block (wrong CF/PF/AF/SF/OF), or, after an engine run starts (x86_cpu_exec_enter) and
+ * after every RFLAGS write through uc_reg_write, "the flags are cc_src" — and an ADD/SUB
+ * earlier in the same block left its operand in cc_src: the helper takes that operand as
+ * RFLAGS, any bit, RFLAGS.VM too, which the end of the run then makes the CPU's (the Linux
+ * guest's slab allocator: PUSHF #GP in virtual-8086 "mode").
  *
  * cetvm puts a UC_HOOK_CODE on each CMPXCHG8B/16B it classifies (cetvm.cpu.flag_sync.FlagSync).
  * A code hook makes the translator store the pending cc_op in front of the instruction (it does
