@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from unicorn import Uc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import L, Machine  # noqa: E402
@@ -71,6 +72,26 @@ def test_mmio_read_and_write_exit_with_address_size_and_data():
     assert (wr.mmio.address, wr.mmio.size, wr.mmio.direction, wr.mmio.data) == (L["MMIO_PAGE"] + 0x20, 8, Direction.OUT, 0x55AA)
     assert m.vcpu.run().reason == ExitReason.HLT
     assert m.results.guest[0] == 0x12345678
+
+
+def test_mmio_completion_runs_the_engine_uncounted(monkeypatch):
+    """An instruction completed over MMIO is stepped with a temporary exit after it, never with
+    Unicorn's instruction count: the count is a code hook that the next uncounted run deletes by
+    flushing every translation (issue 13: about 1,900 full flushes in one Linux boot)."""
+    counts: list[int] = []
+    engine_start = Uc.emu_start
+
+    def counting_spy(self, begin, until, timeout=0, count=0):
+        counts.append(count)
+        return engine_start(self, begin, until, timeout, count)
+
+    monkeypatch.setattr(Uc, "emu_start", counting_spy)
+    m = start("case_mmio")
+    m.vcpu.run().mmio.data = 0x12345678
+    m.vcpu.run()
+    assert m.vcpu.run().reason == ExitReason.HLT
+    assert m.results.guest[0] == 0x12345678
+    assert len(counts) >= 3 and not any(counts), counts
 
 
 def test_vmcall_and_xsetbv_exit():

@@ -85,6 +85,20 @@ def test_cet_state_is_shared_with_the_hook():
     assert state.pl_ssp == [0, 0, 0, 0x9000]
 
 
+@needs_native
+def test_tlb_split_and_exit_filter_find_unicorn_2_1_4s_layout():
+    """Both rely on Unicorn 2.1.4's internals, found and checked at run time: a Unicorn whose
+    layout differs must make them refuse (a slower engine), and the pinned one must accept them
+    (else RWX pages and exits silently lose their speed)."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    cet = native.NativeCet(uc, lambda address, size: False)
+    assert not cet.split_tlb()  # no fetched-page bitmap yet: refused, nothing changed
+    cet.install_tlb_fill(set_mode=False)
+    assert cet.split_tlb()
+    assert cet.split_tlb()  # idempotent
+    assert cet.filter_exit_invalidation()
+
+
 def test_vcpu_falls_back_to_python_with_a_notice_when_not_built(monkeypatch, capsys, tmp_path):
     from cetvm import NotSupportedError
     from cetvm.cpu.native import loader

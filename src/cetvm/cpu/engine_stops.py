@@ -305,17 +305,33 @@ class EngineStops:
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def _mmio_operand(self, instr) -> tuple[int, int, bool, bool]:
-        """(linear address, size, reads, writes) of the instruction's explicit memory operand
-        (stack accesses of PUSH/POP/CALL are RAM by construction and are not the MMIO one)."""
+        """(linear address, size, reads, writes) of the instruction's memory operand that is not
+        RAM: its explicit operand, or its stack access (PUSH/POP/CALL/RET with RSP pointing at
+        a device page: kvm-unit-tests' emulator pushes onto MMIO) when that one is RAM. Of an
+        operand crossing from RAM into a device page (or back), the device part: the engine
+        accesses the RAM part itself when it executes the instruction over the scratch page."""
+        candidates = []
         for used in self._info_factory.info(instr).used_memory():
-            if used.base == Register.RSP and instr.is_stack_instruction:
-                continue
             size = MemorySizeExt.size(used.memory_size)
             if size <= 0:
                 continue
-            reads = used.access in _READ_ACCESSES
-            writes = used.access in _WRITE_ACCESSES
-            return emulate.effective_address(self._vcpu, instr), size, reads, writes
+            if used.base in (Register.RSP, Register.RBP) and instr.is_stack_instruction:  # PUSH, POP, LEAVE...
+                linear = ((emulate.read_register(self._vcpu, used.base) + used.displacement_i64)
+                          & emulate.address_mask(self._vcpu))
+            else:
+                linear = emulate.effective_address(self._vcpu, instr)
+            candidates.append((linear, size, used.access in _READ_ACCESSES, used.access in _WRITE_ACCESSES))
+        for linear, size, reads, writes in candidates:
+            access = (Access.WRITE if writes and not reads else Access.READ) | self._mode.user_access()
+            last = (linear + size - 1) & emulate.address_mask(self._vcpu)
+            ram = [self._vcpu.is_ram(self._vcpu.translate(end, access), 1) for end in (linear, last)]
+            if ram == [False, False]:
+                return linear, size, reads, writes
+            if ram != [True, True]:  # crossing between RAM and a device page: the device part
+                in_first = PAGE - (linear & (PAGE - 1))
+                if ram[0]:
+                    return (linear + in_first) & emulate.address_mask(self._vcpu), size - in_first, reads, writes
+                return linear, in_first, reads, writes
         raise NotSupportedError(f"MMIO access by {instr} at {instr.ip:#x} is not supported")
 
     def execute_with_mmio_operand(self, instr) -> VmExit | None:

@@ -84,7 +84,7 @@ from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
 from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
-from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn, cr2_kept
+from cetvm.cpu.uc_context import HFlags, check_unicorn, cr2_kept
 from cetvm.cpu.vcpu_cet import VcpuCet
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, software_exception_exits, standalone_vmcs
 
@@ -206,6 +206,7 @@ class Vcpu:
             if model.has("serialize"):
                 self.native.install_serialize()
             self.native.install_tlb_fill(set_mode=False)
+            self.native.split_tlb()
             if not self.budget.per_instruction and native_events_requested():
                 self._native_events = self._hook.install_native_events()
         else:
@@ -328,11 +329,11 @@ class Vcpu:
 
     @property
     def rip(self) -> int:
-        return self._uc.reg_read(X.UC_X86_REG_RIP)
+        return self.registers.read("rip")
 
     @rip.setter
     def rip(self, value: int) -> None:
-        self._uc.reg_write(X.UC_X86_REG_RIP, value & U64_MASK)
+        self.registers.write("rip", value)
 
     def get_regs(self) -> Regs:
         return self.registers.get_regs()
@@ -532,9 +533,9 @@ class Vcpu:
             efer = uc.msr_read(Msr.IA32_EFER)
             self.memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
-        blob = ContextBlob.save(uc)
-        hflags = blob.hflags
-        mode.cs_base = blob.segment("cs").base
+        env = self.registers.env
+        hflags = env.hflags
+        mode.cs_base = env.segment("cs").base
         mode.cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
         mode.long_mode = bool(hflags & HFlags.CS64)
         mode.code_bits = 64 if mode.long_mode else 32 if hflags & HFlags.CS32 else 16

@@ -37,6 +37,10 @@
  * and the mode checks per-kind masks). Host instruction counts are identical at ring 0 and
  * ring 3. What the CET work still costs is mostly the kind-dependent branches.
  */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -192,6 +196,9 @@ typedef uc_err (*emu_stop_fn)(uc_engine *);
 typedef int (*classify_fn)(uint64_t addr, uint32_t size);
 typedef uc_err (*vmem_read_fn)(uc_engine *, uint64_t, uc_prot, void *, size_t);
 
+/* A filter of the linear pages holding stored blocks (bits set, never cleared but all at once):
+ * INVLPG of a page without blocks — most of them — skips the table rebuild. */
+#define PAGE_FILTER_BITS (1u << 16)
 #define TLB_ENTRIES 64
 #define FRONT_ENTRIES 256
 #define MAX_RAM 32
@@ -229,7 +236,10 @@ typedef struct {
     cet_block_t held;   /* the pending block's entry when its front-cache slot was reused */
     cet_block_t set_by_python; /* the pending terminator written by Python (cetfast_set_pending) */
     cet_block_t front[FRONT_ENTRIES];
+    uint64_t global_pages[PAGE_FILTER_BITS / 64]; /* pages with global blocks (see page_filter_add) */
+    uint64_t local_pages[PAGE_FILTER_BITS / 64];  /* pages with local blocks */
     uint64_t *fetched; /* TLB-fill mode: bitmap of pages fetched from (NULL: not in use) */
+    uint64_t code_pages; /* split TLB: physical pages that became code (each flushed the TLB once) */
     tlb_entry_t tlb[TLB_ENTRIES];
     ram_range_t ram[MAX_RAM];
     uint32_t ram_count;
@@ -241,6 +251,7 @@ typedef struct {
 #define BUDGET_UNLIMITED (INT64_C(1) << 62)
 
 static void front_clear(cetfast_t *f);
+static void cetfast_unsplit_tlb(cetfast_t *f);
 static void refresh_fast(cetfast_t *f);
 static void table_clear(cet_block_t *table, uint64_t entries);
 
@@ -302,6 +313,7 @@ void cetfast_free(void *p)
     cetfast_t *f = p;
     if (!f)
         return;
+    cetfast_unsplit_tlb(f);
     free(f->s.table);
     free(f->local);
     free(f->fetched);
@@ -468,6 +480,15 @@ static int table_rebuild(cet_block_t **table, uint64_t *mask, uint64_t *count, u
     return 0;
 }
 
+/* Turn the entries ``keep`` rejects into tombstones, in place (they keep their slots, and so
+ * their share of *count, until the table next grows). */
+static void table_bury(cet_block_t *table, uint64_t mask, keep_fn keep, uint64_t lo, uint64_t hi)
+{
+    for (uint64_t i = 0; i <= mask; i++)
+        if (table[i].size < BLOCK_DEAD && !keep(&table[i], lo, hi))
+            table[i].size = BLOCK_DEAD;
+}
+
 static int keep_global(const cet_block_t *b, uint64_t lo, uint64_t hi)
 {
     (void)lo, (void)hi;
@@ -539,6 +560,27 @@ static void block_set_term(cet_block_t *b, uint32_t kind, uint64_t insn_addr, ui
     b->ret = insn_addr + (insn_len & 0xFFu);
 }
 
+static inline uint64_t page_filter_bit(uint64_t page) { return (page ^ (page >> 16)) & (PAGE_FILTER_BITS - 1); }
+
+static void page_filter_add(uint64_t *filter, uint64_t addr, uint64_t size)
+{
+    for (uint64_t page = addr >> 12; page <= (addr + (size ? size : 1) - 1) >> 12; page++)
+        filter[page_filter_bit(page) >> 6] |= 1ull << (page_filter_bit(page) & 63);
+}
+
+/* May a block overlap linear [lo, hi)? (Wide ranges: assume so.) */
+static int page_filter_may_hold(const uint64_t *filter, uint64_t lo, uint64_t hi)
+{
+    if (hi <= lo)
+        return 0;
+    if (((hi - 1) >> 12) - (lo >> 12) >= 64)
+        return 1;
+    for (uint64_t page = lo >> 12; page <= (hi - 1) >> 12; page++)
+        if (filter[page_filter_bit(page) >> 6] & (1ull << (page_filter_bit(page) & 63)))
+            return 1;
+    return 0;
+}
+
 /* Store a classified block (replaces an older entry for the same address); ``global``: its code
  * is on global pages (BLOCK_GLOBAL). */
 int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t icount, uint32_t kind, uint64_t insn_addr,
@@ -557,6 +599,7 @@ int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t icount, uint32
                                 : table_find_addr(f->s.table, f->s.table_mask, addr);
     if (other)
         other->size = BLOCK_DEAD;
+    page_filter_add(global ? f->global_pages : f->local_pages, addr, size);
     cet_block_t *b = block_slot(*table, *mask, addr);
     if (b->size == BLOCK_EMPTY)
         (*count)++;
@@ -596,6 +639,8 @@ void cetfast_invalidate_blocks(void *p)
     table_clear(f->local, f->local_mask + 1);
     front_clear(f);
     f->table_count = f->local_count = 0;
+    memset(f->global_pages, 0, sizeof(f->global_pages));
+    memset(f->local_pages, 0, sizeof(f->local_pages));
 }
 
 /* Forget the front-cache entries ``keep`` rejects. */
@@ -631,19 +676,18 @@ void cetfast_invalidate_local_blocks(void *p)
     if (f->local_count || fresh)
         table_clear(f->local, f->local_mask + 1);
     f->local_count = 0;
+    memset(f->local_pages, 0, sizeof(f->local_pages));
     front_retain(f, keep_global, 0, 0);
 }
 
-/* INVLPG / INVPCID of an address: forget the blocks overlapping linear [lo, hi). -1: out of
- * memory (then everything is forgotten: correct, only slower). */
+/* INVLPG / INVPCID of an address: forget the blocks overlapping linear [lo, hi) (0). */
 int cetfast_invalidate_block_range(void *p, uint64_t lo, uint64_t hi)
 {
     cetfast_t *f = p;
-    if (table_rebuild(&f->s.table, &f->s.table_mask, &f->table_count, f->s.table_mask, keep_outside, lo, hi) < 0
-        || table_rebuild(&f->local, &f->local_mask, &f->local_count, f->local_mask, keep_outside, lo, hi) < 0) {
-        cetfast_invalidate_blocks(f);
-        return -1;
-    }
+    if (page_filter_may_hold(f->global_pages, lo, hi))
+        table_bury(f->s.table, f->s.table_mask, keep_outside, lo, hi);
+    if (page_filter_may_hold(f->local_pages, lo, hi))
+        table_bury(f->local, f->local_mask, keep_outside, lo, hi);
     front_retain(f, keep_outside, lo, hi);
     return 0;
 }
@@ -1085,11 +1129,17 @@ slow:
  */
 #define FETCHED_PAGES (1ull << 20) /* 4 GiB of 4 KiB pages */
 
+/* The split fill in progress (see "split ITLB/DTLB" below; one thread runs the engines; cs ==
+ * NULL: none). A walk that raises #PF leaves by longjmp and never reaches set_page_split: the
+ * next split fill overwrites the record, and this paging-off fill clears it. */
+static struct { void *cs; uint64_t page; int access; } filling;
+
 bool cetfast_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *result, void *user_data)
 {
     (void)uc;
     cetfast_t *f = user_data;
     uint64_t page = vaddr >> 12;
+    filling.cs = NULL; /* not a split fill (see "split ITLB/DTLB") */
     result->paddr = vaddr & PAGE_MASK;
     if (page >= FETCHED_PAGES || !f->fetched) {
         result->perms = UC_PROT_ALL;
@@ -1117,6 +1167,213 @@ void cetfast_reset_fetched(void *p)
     cetfast_t *f = p;
     if (f->fetched)
         memset(f->fetched, 0, FETCHED_PAGES / 64 * sizeof(uint64_t));
+}
+
+/* ------------------------------------------------------------------ split ITLB/DTLB (paging on)
+ *
+ * The same job as the paging-off fill above, for guests with paging on and pages that are both
+ * writable and executable (test kernels' 2 MiB RWX identity maps, kvm-unit-tests). QEMU's TLB
+ * entry for a page serves loads, stores and fetches; Unicorn 2.1.4 marks every writable RAM
+ * entry "not dirty" and clears the mark after the first store only if the entry is not
+ * executable (notdirty_write: addr_code == -1) — so on an RWX page every store takes the
+ * self-modifying-code path for good. Real processors keep separate instruction and data TLBs
+ * [SDM Vol. 3A 4.10.2]; cetvm splits the engine's entries the same way:
+ *
+ *   - a fill for a data access (load/store) of a guest-physical page that has never been fetched
+ *     from installs the entry without execute permission, so stores to it stay on the fast path;
+ *   - a fill for an instruction fetch marks the physical page as code, for good ("fetched"
+ *     bitmap, shared with the paging-off fill); the first time, every engine TLB entry is flushed
+ *     so that no data entry of that page (through any alias) stays without execute permission
+ *     and marked dirty — data entries of code pages keep the self-modifying-code checks.
+ *
+ * The guest's own permissions are untouched: the CPU's page walk (x86_cpu_tlb_fill: A/D bits,
+ * #PF) runs unchanged, the split only drops PAGE_EXEC from what it installs for data accesses,
+ * and a later fetch from the page misses and fills again. The mechanism: the CPU class's
+ * tlb_fill_cpu (and tlb_fill while in UC_TLB_CPU mode) points at tlb_fill_split, which records
+ * the access type around the CPU's walk; libunicorn's PLT slot of tlb_set_page_with_attrs points
+ * at set_page_split, which edits ``prot`` of the fill in progress. Both places are found and
+ * checked at run time (cetfast_split_tlb); on any mismatch nothing is changed. */
+enum { QEMU_MMU_DATA_LOAD, QEMU_MMU_DATA_STORE, QEMU_MMU_INST_FETCH };
+#define QEMU_PAGE_EXEC 0x0004
+
+typedef bool (*cpu_tlb_fill_fn)(void *cs, uint64_t addr, int size, int access, int mmu_idx, bool probe,
+                                uintptr_t retaddr);
+typedef void (*tlb_set_page_fn)(void *cs, uint64_t vaddr, uint64_t paddr, uint32_t attrs, int prot, int mmu_idx,
+                                uint64_t size);
+typedef void (*tlb_flush_fn)(void *cs);
+
+#define SPLIT_CPUS 64
+static cpu_tlb_fill_fn x86_tlb_fill;    /* x86_cpu_tlb_fill: the CPU's page walk */
+static tlb_set_page_fn unicorn_set_page; /* tlb_set_page_with_attrs */
+static tlb_flush_fn unicorn_tlb_flush;   /* tlb_flush */
+static struct { void *cs; cetfast_t *f; } split_cpus[SPLIT_CPUS];
+
+static cetfast_t *split_owner(void *cs)
+{
+    for (int i = 0; i < SPLIT_CPUS; i++)
+        if (split_cpus[i].cs == cs)
+            return split_cpus[i].f;
+    return NULL;
+}
+
+static bool tlb_fill_split(void *cs, uint64_t addr, int size, int access, int mmu_idx, bool probe, uintptr_t retaddr)
+{
+    filling.cs = cs;
+    filling.page = addr & PAGE_MASK;
+    filling.access = access;
+    bool ok = x86_tlb_fill(cs, addr, size, access, mmu_idx, probe, retaddr);
+    filling.cs = NULL;
+    return ok;
+}
+
+/* The permissions a fill installs under the split (see above); marks code pages. */
+static int split_prot(cetfast_t *f, void *cs, uint64_t paddr, int access, int prot)
+{
+    uint64_t page = paddr >> 12;
+    if (!f->fetched || page >= FETCHED_PAGES || !(prot & QEMU_PAGE_EXEC))
+        return prot;
+    uint64_t bit = 1ull << (page & 63), *word = &f->fetched[page >> 6];
+    if (access == QEMU_MMU_INST_FETCH) {
+        if (!(*word & bit)) {
+            *word |= bit;
+            unicorn_tlb_flush(cs);
+            f->code_pages++;
+        }
+        return prot;
+    }
+    return (*word & bit) ? prot : prot & ~QEMU_PAGE_EXEC;
+}
+
+static void set_page_split(void *cs, uint64_t vaddr, uint64_t paddr, uint32_t attrs, int prot, int mmu_idx,
+                           uint64_t size)
+{
+    if (cs && cs == filling.cs && (vaddr & PAGE_MASK) == filling.page) {
+        cetfast_t *f = split_owner(cs);
+        filling.cs = NULL;
+        if (f)
+            prot = split_prot(f, cs, paddr, filling.access, prot);
+    }
+    unicorn_set_page(cs, vaddr, paddr, attrs, prot, mmu_idx, size);
+}
+
+/* dl_iterate_phdr callback: the PLT slot (R_X86_64_JUMP_SLOT) of ``name`` in the object loaded
+ * at ``base``. */
+struct plt_search { uintptr_t base; const char *name; void **slot; };
+
+static int find_plt_slot(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    struct plt_search *q = data;
+    if (info->dlpi_addr != q->base)
+        return 0;
+    const ElfW(Dyn) *dyn = NULL;
+    for (int i = 0; i < info->dlpi_phnum; i++)
+        if (info->dlpi_phdr[i].p_type == PT_DYNAMIC)
+            dyn = (const ElfW(Dyn) *)(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+    if (!dyn)
+        return 1;
+    uintptr_t jmprel = 0, symtab = 0, strtab = 0;
+    size_t relsz = 0;
+    for (; dyn->d_tag != DT_NULL; dyn++) {
+        if (dyn->d_tag == DT_JMPREL) jmprel = dyn->d_un.d_ptr;
+        else if (dyn->d_tag == DT_PLTRELSZ) relsz = dyn->d_un.d_val;
+        else if (dyn->d_tag == DT_SYMTAB) symtab = dyn->d_un.d_ptr;
+        else if (dyn->d_tag == DT_STRTAB) strtab = dyn->d_un.d_ptr;
+    }
+    /* ld.so relocates these in place on x86-64; add the base if it did not */
+    if (jmprel && jmprel < info->dlpi_addr) jmprel += info->dlpi_addr;
+    if (symtab && symtab < info->dlpi_addr) symtab += info->dlpi_addr;
+    if (strtab && strtab < info->dlpi_addr) strtab += info->dlpi_addr;
+    if (!jmprel || !symtab || !strtab)
+        return 1;
+    const ElfW(Rela) *rel = (const ElfW(Rela) *)jmprel;
+    const ElfW(Sym) *sym = (const ElfW(Sym) *)symtab;
+    for (size_t i = 0; i < relsz / sizeof(*rel); i++)
+        if (ELF64_R_TYPE(rel[i].r_info) == R_X86_64_JUMP_SLOT
+            && strcmp((const char *)strtab + sym[ELF64_R_SYM(rel[i].r_info)].st_name, q->name) == 0) {
+            q->slot = (void **)(info->dlpi_addr + rel[i].r_offset);
+            break;
+        }
+    return 1;
+}
+
+/* The CPU class of the engine: CPUState.cc follows CPUState.uc; the class's tlb_fill and
+ * tlb_fill_cpu are adjacent and tlb_fill_cpu is x86_cpu_tlb_fill. Returns the tlb_fill slot. */
+static cpu_tlb_fill_fn *find_tlb_fill_slots(void *uc, void *cs, void *virtual_fill)
+{
+    void **words = cs;
+    for (size_t i = 0; i + 1 < 48 * 1024 / sizeof(void *); i++) {
+        if (words[i] != uc)
+            continue;
+        void **cc = words[i + 1];
+        if (!cc)
+            continue;
+        for (size_t j = 0; j + 1 < 128; j++)
+            if ((cc[j + 1] == (void *)x86_tlb_fill || cc[j + 1] == (void *)tlb_fill_split)
+                && (cc[j] == cc[j + 1] || cc[j] == virtual_fill || cc[j] == (void *)tlb_fill_split))
+                return (cpu_tlb_fill_fn *)&cc[j];
+        return NULL;
+    }
+    return NULL;
+}
+
+/* Split this engine's TLB entries (see above). ``cs``: uc->cpu; the function addresses come
+ * from libunicorn's symbol table (x86_cpu_tlb_fill, unicorn_fill_tlb, tlb_set_page_with_attrs,
+ * tlb_flush). 0 on success; -1 if the engine's layout is not the expected one (nothing
+ * changed); -2 if too many engines. */
+int cetfast_split_tlb(void *p, void *uc, void *cs, void *cpu_fill, void *virtual_fill, void *set_page, void *flush)
+{
+    cetfast_t *f = p;
+    if (!f->fetched || !cs)
+        return -1;
+    if ((x86_tlb_fill && x86_tlb_fill != cpu_fill) || (unicorn_set_page && unicorn_set_page != set_page))
+        return -1;
+    x86_tlb_fill = cpu_fill;
+    cpu_tlb_fill_fn *fill = find_tlb_fill_slots(uc, cs, virtual_fill);
+    if (!fill)
+        return -1;
+    if (!unicorn_set_page) {
+        Dl_info info;
+        struct plt_search q = {0, "tlb_set_page_with_attrs_x86_64", NULL};
+        if (!dladdr(set_page, &info))
+            return -1;
+        q.base = (uintptr_t)info.dli_fbase;
+        dl_iterate_phdr(find_plt_slot, &q);
+        Dl_info target; /* resolved, or still the lazy-binding stub inside libunicorn */
+        if (!q.slot || (*q.slot != set_page && *q.slot != (void *)set_page_split
+                        && !(dladdr(*q.slot, &target) && target.dli_fbase == info.dli_fbase)))
+            return -1;
+        unicorn_set_page = set_page;
+        unicorn_tlb_flush = flush;
+        *q.slot = (void *)set_page_split;
+    }
+    int free_slot = -1;
+    for (int i = 0; i < SPLIT_CPUS; i++) {
+        if (split_cpus[i].cs == cs) {
+            free_slot = i;
+            break;
+        }
+        if (free_slot < 0 && !split_cpus[i].cs)
+            free_slot = i;
+    }
+    if (free_slot < 0)
+        return -2;
+    split_cpus[free_slot].cs = cs;
+    split_cpus[free_slot].f = f;
+    if (fill[0] == (cpu_tlb_fill_fn)cpu_fill)
+        fill[0] = tlb_fill_split;
+    fill[1] = tlb_fill_split;
+    return 0;
+}
+
+uint64_t cetfast_code_pages(void *p) { return ((cetfast_t *)p)->code_pages; }
+
+/* Forget the engines of ``f`` (freed with it: their CPUs' addresses may be reused). */
+static void cetfast_unsplit_tlb(cetfast_t *f)
+{
+    for (int i = 0; i < SPLIT_CPUS; i++)
+        if (split_cpus[i].f == f)
+            split_cpus[i].cs = NULL, split_cpus[i].f = NULL;
 }
 
 /* ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Callable
 from cetvm import CetvmError, NotSupportedError
 from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
+from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
 ABI_VERSION = 13
@@ -197,6 +198,10 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_set_pending.argtypes = [_VP, _U32, _U64, _U32, _U32, _U64]
     lib.cetfast_enable_tlb_fill.argtypes = [_VP]
     lib.cetfast_reset_fetched.argtypes = [_VP]
+    lib.cetfast_split_tlb.restype = ctypes.c_int
+    lib.cetfast_split_tlb.argtypes = [_VP] * 7
+    lib.cetfast_code_pages.restype = _U64
+    lib.cetfast_code_pages.argtypes = [_VP]
     lib.cetfast_filter_exit_invalidation.restype = ctypes.c_int
     lib.cetfast_filter_exit_invalidation.argtypes = [_VP, _U64]
     lib.cetfast_unfilter_exit_invalidation.argtypes = [_VP, _U64]
@@ -326,6 +331,28 @@ class NativeCet:
         self._uclib.uc_hook_del(self._uc._uch, self._tlb_hook)
         self._tlb_hook = None
         self._uc.ctl_set_tlb_mode(UC_TLB_CPU)
+
+    def split_tlb(self) -> bool:
+        """Split the engine's TLB entries into instruction and data ones while paging is on (see
+        cetfast.c, "split ITLB/DTLB"): stores to writable, executable pages never fetched from
+        stay on the engine's fast path. Needs :meth:`install_tlb_fill` first (the fetched-page
+        bitmap). True if the split is in; False if Unicorn's layout is not 2.1.4's (the engine
+        then keeps one entry per page: slower stores to RWX pages, same results)."""
+        uclib = self._uclib
+        handle = self._uc._uch.value
+        cs = ctypes.c_void_p.from_address(handle + UC_STRUCT_CPU_OFFSET).value
+        try:
+            functions = [_fnptr(getattr(uclib, name)) for name in (
+                "x86_cpu_tlb_fill_x86_64", "unicorn_fill_tlb_x86_64", "tlb_set_page_with_attrs_x86_64",
+                "tlb_flush_x86_64")]
+        except AttributeError:
+            return False
+        return self._lib.cetfast_split_tlb(self._ptr, handle, cs, *functions) == 0
+
+    @property
+    def code_pages(self) -> int:
+        """Physical pages the split TLB has seen fetched from (each flushed the engine's TLB once)."""
+        return self._lib.cetfast_code_pages(self._ptr)
 
     def install_serialize(self) -> None:
         """Register the C UC_HOOK_INSN_INVALID hook that retires SERIALIZE in the engine (see
