@@ -653,8 +653,9 @@ def far_transfer(vcpu, instr: Instruction) -> VmExit | None:
 def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
     """MOV SS, r/m16: in 64-bit mode a null selector is allowed only at CPL 0-2 with RPL = CPL,
     else #GP(0) [SDM Vol. 2B MOV "IF SS is loaded ... IF segment selector is NULL"] — the RPL
-    check the engine (QEMU's load_seg) does not make. Everything else, and the MOV SS interrupt
-    shadow, is the engine's."""
+    check the engine (QEMU's load_seg) does not make. Everything else is the engine's; the
+    interrupt shadow a loaded SS begins is set again after the engine's single step (which
+    leaves it clear)."""
     if vcpu.long_mode:
         if instr.op1_kind == OpKind.REGISTER:
             selector = read_register(vcpu, instr.op1_register)
@@ -667,6 +668,8 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
         if _null_ss_refused(selector & 0xFFFF, vcpu.cpl):
             raise gp(0)
     _step_in_engine(vcpu, instr, branches=False)
+    if not vcpu.pending_events.has_event:  # loaded: the MOV SS interrupt shadow [SDM Vol. 3A 6.8.3]
+        vcpu.pending_events.begin_interrupt_shadow()
     return None
 
 

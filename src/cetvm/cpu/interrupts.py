@@ -101,6 +101,11 @@ class PendingEvents:
         (vmx_interrupt_allowed without nested or NMI state)."""
         return self.if_flag and not self.interrupt_shadow
 
+    def begin_interrupt_shadow(self) -> None:
+        """Block interrupts until the next instruction retires (MOV SS / POP SS / STI)."""
+        env = self._registers.env
+        env.hflags = env.hflags | HFlags.INHIBIT_IRQ
+
     def end_interrupt_shadow(self) -> None:
         """Clear the engine's shadow flag (an instruction retired, or an event was delivered)."""
         env = self._registers.env
