@@ -30,8 +30,9 @@ def native_events_requested() -> bool:
     cached CPL after a native SYSCALL in a run that ended on an engine error, fixed;
     guests/tests/fast_events.c), then, in 200,000-instruction run slices, a PUSHF with RFLAGS.VM
     set at init's first clone — the engine's CMPXCHG16B taking an ADD's operand for RFLAGS at
-    the top of a run (not the native events': they only moved where runs start), repaired by
-    :mod:`cetvm.cpu.flag_sync` (guests/tests/lazy_flags.c)."""
+    the top of a run (not the native events': they only moved where runs start; the Python
+    delivery, which now retires the same instructions, oopses there too without the repair),
+    repaired by :mod:`cetvm.cpu.flag_sync` (guests/tests/lazy_flags.c)."""
     value = os.environ.get("CETVM_NATIVE_EVENTS", "")
     if value not in ("", "0", "1"):
         raise InputError(f"CETVM_NATIVE_EVENTS must be 0 (events delivered in Python) or 1 (in the engine, the "
