@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from iced_x86 import Code, Instruction, Mnemonic as M, OpKind, Register
+from iced_x86 import Code, CodeSize, Instruction, Mnemonic as M, OpKind, Register, UsedMemory
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
@@ -130,6 +130,23 @@ def write_register(vcpu, reg: int, value: int) -> None:
         vcpu.set_reg(name, (vcpu.reg(name) & ~mask) | (value & mask))
 
 
+def _base_index_displacement(vcpu, base: int, index: int, scale: int, displacement: int) -> int:
+    """base + index * scale + displacement from the current registers (Register.NONE: absent)."""
+    addr = displacement
+    if base != Register.NONE:
+        addr += read_register(vcpu, base)
+    if index != Register.NONE:
+        addr += read_register(vcpu, index) * scale
+    return addr
+
+
+def _segment_base(vcpu, segment: int) -> int:
+    """The base a segment override adds in 64-bit mode: FS's and GS's MSRs, 0 for the others."""
+    if segment in (Register.FS, Register.GS):
+        return vcpu.msr(Msr.IA32_FS_BASE if segment == Register.FS else Msr.IA32_GS_BASE)
+    return 0
+
+
 def address_mask(vcpu) -> int:
     """The linear-address width of the current mode: 64 bits in 64-bit mode, else 32."""
     return _U64 if vcpu.long_mode else 0xFFFF_FFFF
@@ -140,18 +157,26 @@ def effective_address(vcpu, instr: Instruction) -> int:
     if instr.is_ip_rel_memory_operand:
         addr = instr.ip_rel_memory_address
     else:
-        addr = instr.memory_displacement
-        if instr.memory_base != Register.NONE:
-            addr += read_register(vcpu, instr.memory_base)
-        if instr.memory_index != Register.NONE:
-            addr += read_register(vcpu, instr.memory_index) * instr.memory_index_scale
-    seg = instr.memory_segment
-    if seg in (Register.FS, Register.GS):
-        addr += vcpu.msr(Msr.IA32_FS_BASE if seg == Register.FS else Msr.IA32_GS_BASE)
+        addr = _base_index_displacement(vcpu, instr.memory_base, instr.memory_index, instr.memory_index_scale,
+                                        instr.memory_displacement)
+    addr += _segment_base(vcpu, instr.memory_segment)
     addr &= address_mask(vcpu)
     if vcpu.long_mode and not is_canonical(addr):
         raise GuestFault(Vector.SS, 0) if instr.memory_base in (Register.RSP, Register.RBP) else gp(0)
     return addr
+
+
+def used_memory_address(vcpu, instr: Instruction, used: UsedMemory) -> int:
+    """Linear address in 64-bit mode of one memory access of ``instr`` as iced-x86 lists it
+    (explicit operands and implicit ones: the string instructions' [RSI]/[RDI], the stack), from
+    the current registers (FS/GS bases applied, the other bases are 0; a 32-bit address size
+    wraps at 4 GiB)."""
+    if used.base in (Register.RIP, Register.EIP):
+        addr = instr.ip_rel_memory_address
+    else:
+        addr = _base_index_displacement(vcpu, used.base, used.index, used.scale, used.displacement_i64)
+    addr += _segment_base(vcpu, used.segment)
+    return addr & (_U64 if used.address_size == CodeSize.CODE64 else 0xFFFF_FFFF)
 
 
 def store_value(vcpu, instr: Instruction, size: int) -> int:

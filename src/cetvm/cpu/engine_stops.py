@@ -65,6 +65,11 @@ _READ_ACCESSES = frozenset({OpAccess.READ, OpAccess.COND_READ, OpAccess.READ_WRI
 _WRITE_ACCESSES = frozenset({OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE})
 
 
+def _touches_page(address: int, size: int, page: int) -> bool:
+    """The ``size`` bytes at linear ``address`` (at least one) include a byte of page ``page``."""
+    return address // PAGE <= page <= (address + max(size, 1) - 1) // PAGE
+
+
 def mmio_fragment(remaining: int) -> int:
     """The size of the next MMIO access of an operand with ``remaining`` bytes left: the
     largest bus size (8, 4, 2, 1) that fits."""
@@ -197,10 +202,12 @@ class EngineStops:
         """The #PF error code Unicorn does not expose: re-walk the page tables for the access.
 
         Decision: a fetch if CR2 lies within the 15 bytes at RIP and a fetch walk fails; else
-        the instruction's data accesses (iced-x86): a walk as a read if it reads memory, then
-        as a write if it writes memory — the first walk that faults gives the error code (so a
-        store gets W, a load-then-store that fails on the load does not). If our walk sees no
-        violation (e.g. SMAP, reserved bits), P plus W/U as the instruction suggests.
+        the instruction's data accesses (iced-x86) — in 64-bit mode only those whose bytes touch
+        CR2's page (MOVS reads [RSI] and writes [RDI]: a fault on the destination is a write),
+        all of them if none does: a walk as a read if one reads memory, then as a write if one
+        writes memory — the first walk that faults gives the error code (so a store gets W, a
+        load-then-store that fails on the load does not). If our walk sees no violation (e.g.
+        SMAP, reserved bits), P plus W/U as the instruction suggests.
         """
         user = self._mode.user_access()
         if 0 <= cr2 - rip < decode.MAX_INSTRUCTION_LENGTH:
@@ -208,7 +215,7 @@ class EngineStops:
                 self._vcpu.translate(cr2, Access.FETCH | user)
             except GuestFault as fault:
                 return PfErr(fault.error_code or 0)
-        reads, writes = self._memory_access_kinds(rip)
+        reads, writes = self._memory_access_kinds(rip, cr2)
         walks = ([Access.READ] if reads or not writes else []) + ([Access.WRITE] if writes else [])
         for access in walks:
             try:
@@ -219,17 +226,21 @@ class EngineStops:
                 break
         return PfErr.P | (PfErr.W if writes else 0) | (PfErr.U if user else 0)
 
-    def _memory_access_kinds(self, rip: int) -> tuple[bool, bool]:
+    def _memory_access_kinds(self, rip: int, cr2: int) -> tuple[bool, bool]:
+        """(reads, writes) of the instruction at ``rip``'s memory accesses that touch the page of
+        ``cr2`` (64-bit mode; all its accesses elsewhere or when none does)."""
         try:
             instr = self._fetch.fetch_instruction(rip)
         except (GuestFault, UcError):
             return True, False
-        reads = writes = False
-        for used in self._info_factory.info(instr).used_memory():
-            if used.access in (OpAccess.READ, OpAccess.COND_READ, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE):
-                reads = True
-            if used.access in (OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE):
-                writes = True
+        used = self._info_factory.info(instr).used_memory()
+        if self._mode.code_bits == 64:
+            page = cr2 // PAGE
+            touching = [u for u in used if _touches_page(emulate.used_memory_address(self._vcpu, instr, u),
+                                                         MemorySizeExt.size(u.memory_size), page)]
+            used = touching or used
+        reads = any(u.access in _READ_ACCESSES for u in used)
+        writes = any(u.access in _WRITE_ACCESSES for u in used)
         return reads, writes
 
     def on_invalid_instruction(self, uc: Uc, _data: object) -> bool:
