@@ -9,12 +9,16 @@
  *               gate: ENDBR64, drop the error code, point RSI at the stack, IRETQ: the load is
  *               executed again and succeeds; RIP is left alone, so the shadow-stack frame of
  *               the event matches what IRETQ returns to);
+ *    ports=N    N reads of COM1's line status register (port 0x3FD) at CPL0: the exit to the
+ *               VMM's device model that a Linux serial console takes for every character;
  *    pages=nx   first: the kernel image W^X in 4 KiB pages (code read-only and executable,
  *               everything else in the first 4 MiB RW and NX: stores never hit a code page);
  *    pages=rwx2m first: the first 4 MiB as two 2 MiB pages, RW and executable (code, data and
  *               stacks share pages, as in many test kernels).
  *  Without pages=, the library's map: 4 KiB RW and executable pages in the first 4 MiB. */
 #include "ktest.h"
+
+#define COM1_LSR_PORT 0x3FD
 
 extern char bench_pf_entry[], bench_syscall_entry[];
 extern char __kernel_start[], __utext_end[];
@@ -135,7 +139,16 @@ static void run_syscalls(u64 n)
            r.kind, r.code);
 }
 
-static u64 loop_n, faults_n, syscalls_n;
+static void run_ports(u64 n)
+{
+    u8 last = 0;
+    for (u64 i = 0; i < n; i++)
+        last = inb(COM1_LSR_PORT);
+    /* a workload, not a check: the value depends on the machine's UART model */
+    tap_ok(true, "ports", "%lu IN from the line status register, the last 0x%x", n, last);
+}
+
+static u64 loop_n, faults_n, syscalls_n, ports_n;
 
 static void body(void)
 {
@@ -151,6 +164,8 @@ static void body(void)
         run_faults(faults_n);
     if (syscalls_n)
         run_syscalls(syscalls_n);
+    if (ports_n)
+        run_ports(ports_n);
     tap_done();
 }
 
@@ -160,6 +175,7 @@ void kmain(void)
     loop_n = cmdline_number("loop=", 0);
     faults_n = cmdline_number("faults=", 0);
     syscalls_n = cmdline_number("syscalls=", 0);
-    tap_plan((loop_n != 0) + (faults_n != 0) + (syscalls_n != 0));
+    ports_n = cmdline_number("ports=", 0);
+    tap_plan((loop_n != 0) + (faults_n != 0) + (syscalls_n != 0) + (ports_n != 0));
     cet_kernel_start(body, 0);
 }

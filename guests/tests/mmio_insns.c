@@ -5,7 +5,9 @@
  * memory (reads all ones, writes ignored; the xAPIC ignores sub-dword writes, as KVM's): stores
  * whose value is not a register (SMSW, SETcc),
  * and read-modify-write (ADD, XCHG, INC). (A CALL/JMP through an MMIO pointer with
- * CET on is refused by KVM's emulator: see ram_edges case=callmmio.) */
+ * CET on is refused by KVM's emulator: see ram_edges case=callmmio.) Stack accesses on a device
+ * page (PUSH/POP with RSP there: kvm-unit-tests' emulator stopped at "MMIO access by push") and
+ * accesses that cross from RAM into a device page complete too. */
 #include "ktest.h"
 
 #define NO_RAM_PA 0xD0000000ul
@@ -24,6 +26,8 @@ static const char *names[] = {
     "SMSW to unassigned memory completes",
     "MOV from unassigned memory reads all ones",
     "MMIO accesses leave CR2 alone (only a #PF writes it)",
+    "PUSH onto a stack in unassigned memory completes, POP reads all ones",
+    "a store crossing from RAM into unassigned memory writes its RAM part",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -62,6 +66,21 @@ static void body(void)
     *(volatile u32 *)(VA_NORAM + 0x20) = 1;
     u64 cr2 = read_cr2();
     tap_ok(cr2 == 0x1234000ul, names[6], "CR2 0x%lx", cr2);
+
+    u64 popped = 0;
+    __asm__ volatile("mov %%rsp, %%r11\n\t"
+                     "mov %1, %%rsp\n\t"
+                     "push $-7\n\t"
+                     "pop %0\n\t"
+                     "mov %%r11, %%rsp"
+                     : "=r"(popped) : "r"(VA_NORAM + 0x800) : "r11", "memory");
+    tap_ok(popped == ~0ul, names[7], "popped 0x%lx", popped);
+
+    u64 ram_page = alloc_page();
+    map_page(VA_NORAM - PAGE_SIZE, ram_page, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX);
+    *(volatile u64 *)(VA_NORAM - 4) = 0x1122334455667788ul;
+    u32 low = *(volatile u32 *)(ram_page + PAGE_SIZE - 4);
+    tap_ok(low == 0x55667788u, names[8], "RAM part 0x%x", low);
 
     *tpr = 0;
     tap_done();

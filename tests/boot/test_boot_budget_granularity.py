@@ -23,7 +23,8 @@ def run(monkeypatch, kernel: str, granularity: str, limit: int | None = None):
 
 
 @pytest.mark.parametrize("kernel, cet_path", [("ret_targets", "auto"), ("mmio_insns", "auto"), ("apic_timer", "auto"),
-                                              ("ret_targets", "python"), ("fast_events", "auto")])
+                                              ("ret_targets", "python"), ("fast_events", "auto"),
+                                              ("lazy_flags", "auto")])
 def test_a_kernel_retires_the_same_instructions_at_block_and_instruction_granularity(monkeypatch, kernel, cet_path):
     monkeypatch.setenv("CETVM_CET_PATH", cet_path)
     block = run(monkeypatch, kernel, "block")

@@ -170,6 +170,18 @@ def test_any_instruction_works_on_mmio(capsys):
     tap = run_green(capsys, "mmio_insns")
     assert tap.passed("ADD to an xAPIC register")
     assert tap.passed("SMSW to unassigned memory completes")
+    # kvm-unit-tests x86/emulator stopped at "MMIO access by push" (a stack on a device page)
+    assert tap.passed("PUSH onto a stack in unassigned memory completes, POP reads all ones")
+    assert tap.passed("a store crossing from RAM into unassigned memory writes its RAM part")
+
+
+def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
+    """kvm-unit-tests x86/emulator: MOV SS with selector 3 at CPL 0 is #GP(0) (the engine loaded
+    it, and the next IRETQ with that SS faulted); selector 0 loads."""
+    tap = run_green(capsys, "ss_loads")
+    assert tap.passed("MOV SS, reg: null selector with RPL 3 at CPL 0 -> #GP(0)")
+    assert tap.passed("MOV SS: null selector with RPL 0 at CPL 0 loads")
+    assert tap.passed("MOV SS from an MMIO register holding 3 -> #GP(0)")
 
 
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):
@@ -233,8 +245,24 @@ def test_syscall_sysret_iretq_and_page_faults_at_the_edges_of_native_delivery(ca
     assert tap.passed("CPL3 write to a supervisor page -> #PF(P|W|U) at the store, CR2, user CS in the frame")
     assert tap.passed("the same with a user shadow stack: SSP (one CALL deep) saved in IA32_PL3_SSP")
     assert tap.passed("CPL3 read of a not-present page -> #PF(U) at the load")
+    assert tap.passed("CPL3 REP MOVSB to a not-present page -> #PF(W|U), CR2 the destination")
     assert tap.passed("1000 SYSCALL -> SYSRETQ round trips from CPL3 return the kernel's result")
     assert tap.passed("a SYSCALL entry reading a local APIC register (MMIO) first reads it at CPL0 on every SYSCALL")
+
+
+@pytest.mark.parametrize("slices", ["one run", "200k-instruction runs"])
+def test_cmpxchg16b_and_cmpxchg8b_leave_the_flags_before_them_alone_at_every_run_start(capsys, slices):
+    """The engine's CMPXCHG8B/16B built RFLAGS from stale lazy flags: the previous block's flag
+    operation in a loop, and at the top of an engine run (after an emulated CPUID, in a SYSCALL
+    entry, where the VMM's run slices cut the loop) the operand of the ADD before them, VM
+    included (the Linux guest's PUSHF #GP); cetvm.cpu.flag_sync repairs it
+    (guests/tests/lazy_flags.c). ``--timeout`` runs the machine in 200,000-instruction KVM_RUN
+    slices."""
+    tap = run_green(capsys, "lazy_flags", *(["--timeout", "600"] if slices != "one run" else []))
+    assert tap.passed("CPUID; ADD; CMPXCHG16B (no match): RFLAGS is the ADD's with ZF clear")
+    assert tap.passed("CPUID; SUB; CMPXCHG8B (match): RFLAGS is the SUB's with ZF set, memory exchanged")
+    assert tap.passed("a SYSCALL entry starting with ADD; CMPXCHG16B: RFLAGS is the ADD's on all 20 SYSCALLs")
+    assert tap.passed("300000 x ADD; CMPXCHG16B in a loop, across engine runs: RFLAGS is the ADD's every time")
 
 
 def test_an_smi_with_cet_on_returns_with_ssp_and_the_cet_msrs_intact(capsys):

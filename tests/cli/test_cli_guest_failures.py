@@ -12,10 +12,11 @@ from cetvm import InputError
 from cetvm.vmm.loader import load_kernel_image
 
 from cli_support import (
-    GUEST_TESTS, JMP_SELF, RET, UD2, assert_one_line_error, cetvm, debug_exit, guest, jump_to,
+    GUEST_TESTS, JMP_SELF, UD2, assert_one_line_error, cetvm, debug_exit, guest, jump_to,
 )
 
 STATUS_TIMEOUT, STATUS_TRIPLE_FAULT, STATUS_INTERNAL_ERROR = 124, 125, 126
+IRETD = b"\xCF"  # IRET with a 32-bit operand size
 
 
 
@@ -62,16 +63,16 @@ def test_the_instruction_limit_is_124_and_exact(capsys, kernel):
 
 
 def test_an_error_inside_cetvm_during_the_run_is_126_not_1(capsys, kernel):
-    # RET with RSP at the very top of RAM reads beyond it (MMIO space): cetvm cannot emulate a
-    # RET on MMIO. Status 1 would tell a QEMU-style runner "the guest passed".
-    run, doc = boot_json(capsys, kernel(RET))
-    assert_one_line_error(run, STATUS_INTERNAL_ERROR, "internal error", "ret")
+    # A 32-bit IRET in 64-bit mode: cetvm implements IRETQ only. Status 1 would tell a
+    # QEMU-style runner "the guest passed".
+    run, doc = boot_json(capsys, kernel(IRETD))
+    assert_one_line_error(run, STATUS_INTERNAL_ERROR, "IRET", "not implemented")
     assert doc["status"] == STATUS_INTERNAL_ERROR and doc["reason"] == "internal error"
 
 
 def test_no_snapshot_is_written_when_the_run_fails_inside_cetvm(capsys, kernel, tmp_path):
     snap = tmp_path / "vm.snap"
-    run = cetvm(capsys, "boot", kernel(RET), "--memory", "16M", "--save-state", str(snap))
+    run = cetvm(capsys, "boot", kernel(IRETD), "--memory", "16M", "--save-state", str(snap))
     assert_one_line_error(run, STATUS_INTERNAL_ERROR, "no snapshot written")
     assert not snap.exists()
 

@@ -9,7 +9,8 @@ own CET programs pass, and the guest powers off through ACPI (exit status 0).
 Needs the guest in the cache (``cetvm linux-guest --selftest``; ``make test`` fetches it when it
 can; CETVM_LINUX_CACHE names another cache) and is skipped with the reason otherwise. One boot
 of 2-3 minutes here; the other configurations (``--cpu zen4``, ``--cet off``, a snapshot after
-boot restored in a fresh process) boot again each and are opt-in: CETVM_LINUX_FULL=1.
+boot restored in a fresh process, the events delivered in Python) boot again each and are opt-in:
+CETVM_LINUX_FULL=1.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ def guest(tmp_path_factory):
         pytest.skip(f"the Linux guest is not cached ({exc}); run 'cetvm linux-guest --selftest'")
 
 
-def cetvm_boot(guest, tmp_path: Path, *options: str, cmdline: str | None = None) -> tuple[int, dict, str]:
-    """`cetvm boot --kernel ... --initrd ... OPTIONS --json` in a fresh process: (status, the JSON
-    result, the console)."""
+def cetvm_boot(guest, tmp_path: Path, *options: str, cmdline: str | None = None,
+               env: dict[str, str] | None = None) -> tuple[int, dict, str]:
+    """`cetvm boot --kernel ... --initrd ... OPTIONS --json` in a fresh process (``env``: added to
+    its environment): (status, the JSON result, the console)."""
     serial = tmp_path / "console.txt"
     args = [sys.executable, "-m", "cetvm", "boot", "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
             "--append", cmdline or guest.cmdline, "--serial", str(serial), "--timeout", str(BOOT_TIMEOUT_S),
             "--json", *options]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
     result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
     console = serial.read_text(errors="replace") if serial.exists() else ""
     assert result, f"no JSON result (status {proc.returncode}): {proc.stderr[-2000:]}"
@@ -115,6 +117,18 @@ def test_with_cet_off_the_selftest_skips_and_ibt_is_off(guest, tmp_path):
     assert status == 0 and report.finished, console[-3000:]
     assert not report.ibt_enabled and not report.cpu_flags["user_shstk"]
     assert report.program(SELFTEST_BINARY).output == ["[SKIP]\tCould not enable Shadow stack"]
+
+
+@pytest.mark.skipif(not FULL, reason="another Linux boot (2-3 min): opt in with CETVM_LINUX_FULL=1")
+def test_events_delivered_in_python_give_the_same_boot_instruction_for_instruction(guest, tmp_path, sapphire_rapids):
+    """The default boot delivers SYSCALL, SYSRETQ, IRETQ and #PF inside the engine; with
+    CETVM_NATIVE_EVENTS=0 the Python reference delivers them all: the same guest instructions
+    to power-off and the same console, byte for byte (guest time counts instructions)."""
+    _, native, console, _ = sapphire_rapids
+    status, python, python_console = cetvm_boot(guest, tmp_path, env={"CETVM_NATIVE_EVENTS": "0"})
+    assert (status, python["reason"]) == (0, "power off"), python
+    assert python["instructions"] == native["instructions"]
+    assert python_console == console
 
 
 def verdicts(report) -> list[tuple[str, list[tuple[str, str]], int | None]]:

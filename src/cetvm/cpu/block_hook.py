@@ -37,6 +37,7 @@ from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.cet.transfer import BlockAction, BlockDecision, Terminator, classify_terminator, on_block_start
 from cetvm.cpu.exit_points import ExitPoints
 from cetvm.cpu.fastpath import ShadowStackWindow, make_block_hook
+from cetvm.cpu.flag_sync import FlagSync
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.mode import CpuMode, InstructionFetch
 from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind
@@ -72,6 +73,8 @@ class BlockHook:
         #: SYSCALL/SYSRETQ/IRETQ/#PF in the engine (:meth:`install_native_events`)
         self._native_events: NativeEvents | None = None
         self._new_event_hooks = False
+        #: the engine's lazy flags made whole in front of CMPXCHG8B/16B (cetvm.cpu.flag_sync)
+        self._flag_sync = FlagSync(uc, native)
         self._hook_error: BaseException | None = None
         self._reg_buf = ctypes.c_uint64()
         self._block_hook_cb = None
@@ -306,7 +309,8 @@ class BlockHook:
         self._native_events.store_bounds(address, size, bytes([i.len for i in instrs]))
 
     def classify_block(self, address: int, size: int) -> BlockInfo | None:
-        """Decode a new block; make emulated instructions exits (then restart: returns None)."""
+        """Decode a new block; make emulated instructions exits, give SYSRETQ/IRETQ their native
+        event hooks and CMPXCHG8B/16B their flag hooks (any of them new: restart, returns None)."""
         self.sync_native_events_mode()  # the code is read with the current CPL's rights
         try:
             code = self._fetch.read_code(address, size)
@@ -317,7 +321,8 @@ class BlockHook:
         self._new_event_hooks = False
         new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in exits
                      and not self._claimed_by_native_events(i)]
-        if new_exits or self._new_event_hooks:
+        new_flag_hooks = self._flag_sync.claim(instrs)
+        if new_exits or self._new_event_hooks or new_flag_hooks:
             exits.update(new_exits)
             exits.sync()
             exits.drop_translations(address, address + size)

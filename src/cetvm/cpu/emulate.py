@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from iced_x86 import Code, Instruction, Mnemonic as M, OpKind, Register
+from iced_x86 import Code, CodeSize, Instruction, Mnemonic as M, OpKind, Register, UsedMemory
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
@@ -26,9 +26,9 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.decode import is_mov_from_cr4
+from cetvm.cpu.decode import is_mov_from_cr4, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
-from cetvm.cpu.exits import Direction, ExitReason, IoExit, MsrExit, VmExit
+from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
 from cetvm.cpu.events import read_descriptor
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
@@ -42,7 +42,7 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 def can_emulate(instr: Instruction) -> bool:
     return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
-            or _is_far_transfer(instr))
+            or is_mov_to_ss(instr) or _is_far_transfer(instr))
 
 
 def emulate(vcpu, instr: Instruction) -> VmExit | None:
@@ -54,6 +54,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
             handler = mov_from_cr4
         elif _is_far_transfer(instr):
             handler = far_transfer
+        elif is_mov_to_ss(instr):
+            handler = mov_to_ss
         else:
             raise NotSupportedError(f"no emulation for {instr} at {instr.ip:#x}")
     return handler(vcpu, instr)
@@ -128,23 +130,53 @@ def write_register(vcpu, reg: int, value: int) -> None:
         vcpu.set_reg(name, (vcpu.reg(name) & ~mask) | (value & mask))
 
 
+def _base_index_displacement(vcpu, base: int, index: int, scale: int, displacement: int) -> int:
+    """base + index * scale + displacement from the current registers (Register.NONE: absent)."""
+    addr = displacement
+    if base != Register.NONE:
+        addr += read_register(vcpu, base)
+    if index != Register.NONE:
+        addr += read_register(vcpu, index) * scale
+    return addr
+
+
+def _segment_base(vcpu, segment: int) -> int:
+    """The base a segment override adds in 64-bit mode: FS's and GS's MSRs, 0 for the others."""
+    if segment in (Register.FS, Register.GS):
+        return vcpu.msr(Msr.IA32_FS_BASE if segment == Register.FS else Msr.IA32_GS_BASE)
+    return 0
+
+
+def address_mask(vcpu) -> int:
+    """The linear-address width of the current mode: 64 bits in 64-bit mode, else 32."""
+    return _U64 if vcpu.long_mode else 0xFFFF_FFFF
+
+
 def effective_address(vcpu, instr: Instruction) -> int:
     """Linear address of the memory operand (FS/GS bases applied; other bases are 0 in 64-bit mode)."""
     if instr.is_ip_rel_memory_operand:
         addr = instr.ip_rel_memory_address
     else:
-        addr = instr.memory_displacement
-        if instr.memory_base != Register.NONE:
-            addr += read_register(vcpu, instr.memory_base)
-        if instr.memory_index != Register.NONE:
-            addr += read_register(vcpu, instr.memory_index) * instr.memory_index_scale
-    seg = instr.memory_segment
-    if seg in (Register.FS, Register.GS):
-        addr += vcpu.msr(Msr.IA32_FS_BASE if seg == Register.FS else Msr.IA32_GS_BASE)
-    addr &= _U64 if vcpu.long_mode else 0xFFFF_FFFF
+        addr = _base_index_displacement(vcpu, instr.memory_base, instr.memory_index, instr.memory_index_scale,
+                                        instr.memory_displacement)
+    addr += _segment_base(vcpu, instr.memory_segment)
+    addr &= address_mask(vcpu)
     if vcpu.long_mode and not is_canonical(addr):
         raise GuestFault(Vector.SS, 0) if instr.memory_base in (Register.RSP, Register.RBP) else gp(0)
     return addr
+
+
+def used_memory_address(vcpu, instr: Instruction, used: UsedMemory) -> int:
+    """Linear address in 64-bit mode of one memory access of ``instr`` as iced-x86 lists it
+    (explicit operands and implicit ones: the string instructions' [RSI]/[RDI], the stack), from
+    the current registers (FS/GS bases applied, the other bases are 0; a 32-bit address size
+    wraps at 4 GiB)."""
+    if used.base in (Register.RIP, Register.EIP):
+        addr = instr.ip_rel_memory_address
+    else:
+        addr = _base_index_displacement(vcpu, used.base, used.index, used.scale, used.displacement_i64)
+    addr += _segment_base(vcpu, used.segment)
+    return addr & (_U64 if used.address_size == CodeSize.CODE64 else 0xFFFF_FFFF)
 
 
 def store_value(vcpu, instr: Instruction, size: int) -> int:
@@ -607,13 +639,17 @@ def syscall(vcpu, instr: Instruction) -> None:
     vcpu.retire_emulated()
 
 
-def far_transfer(vcpu, instr: Instruction) -> None:
+def far_transfer(vcpu, instr: Instruction) -> VmExit | None:
     """Far RET / CALL / JMP: shadow-stack frame (``ssp_on_far_ret``/``ssp_on_far_call``) or IBT
     arm, around Unicorn's own execution of the transfer. Call gates are not supported
-    (decision: treated as same-privilege transfers)."""
+    (decision: treated as same-privilege transfers). Without CET, a far pointer on a device page
+    (kvm-unit-tests' emulator: LJMP through MMIO, RETF from an MMIO stack) is read through MMIO
+    exits like any operand; with CET on, KVM's emulator refuses such an instruction."""
     if not vcpu.cet_active:
+        if _far_pointer_in_mmio(vcpu, instr):
+            return vcpu.execute_with_mmio_operand(instr)
         _step_in_engine(vcpu, instr)
-        return
+        return None
     old_cpl = vcpu.cpl
     if instr.mnemonic == M.RETF:
         size = 8 if instr.code in (Code.RETFQ, Code.RETFQ_IMM16) else 4
@@ -631,6 +667,52 @@ def far_transfer(vcpu, instr: Instruction) -> None:
     else:
         _step_in_engine(vcpu, instr)
         ibt_arm_on_transfer(vcpu.cet_machine, vcpu.cpl)
+
+
+def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
+    """MOV SS, r/m16: in 64-bit mode a null selector is allowed only at CPL 0-2 with RPL = CPL,
+    else #GP(0) [SDM Vol. 2B MOV "IF SS is loaded ... IF segment selector is NULL"] — the RPL
+    check the engine (QEMU's load_seg) does not make. Everything else is the engine's; the
+    interrupt shadow a loaded SS begins is set again after the engine's single step (which
+    leaves it clear)."""
+    def check(raw: bytes) -> None:
+        if vcpu.long_mode and _null_ss_refused(int.from_bytes(raw[:2], "little"), vcpu.cpl):
+            raise gp(0)
+
+    def after() -> None:  # loaded: the MOV SS interrupt shadow [SDM Vol. 3A 6.8.3]
+        if not vcpu.pending_events.has_event:
+            vcpu.pending_events.begin_interrupt_shadow()
+
+    if instr.op1_kind == OpKind.REGISTER:
+        check(read_register(vcpu, instr.op1_register).to_bytes(8, "little"))
+    else:
+        try:
+            check(vcpu.read_virt(effective_address(vcpu, instr), 2, _privilege(vcpu)))
+        except NoRamAccess:
+            return vcpu.execute_with_mmio_operand(instr, MmioStepHooks(check, after))
+    _step_in_engine(vcpu, instr, branches=False)
+    after()
+    return None
+
+
+def _null_ss_refused(selector: int, cpl: int) -> bool:
+    """64-bit mode: a null SS selector is legal only below CPL 3 and with RPL = CPL."""
+    return selector & ~3 == 0 and (cpl == 3 or selector & 3 != cpl)
+
+
+def _far_pointer_in_mmio(vcpu, instr: Instruction) -> bool:
+    """The far pointer the transfer reads (RETF: on the stack; CALL/JMP m16:xx: the operand)
+    is not RAM. Unmapped addresses are left to the engine, which raises the #PF."""
+    if instr.mnemonic == M.RETF:
+        linear = vcpu.reg("rsp") & address_mask(vcpu)
+    elif instr.is_call_far_indirect or instr.is_jmp_far_indirect:
+        linear = effective_address(vcpu, instr)
+    else:
+        return False
+    try:
+        return not vcpu.is_ram(vcpu.translate(linear, _privilege(vcpu)), 1)
+    except GuestFault:
+        return False
 
 
 def _step_in_engine(vcpu, instr: Instruction, *, branches: bool = True) -> None:

@@ -30,7 +30,7 @@ from cetvm.cpu.blocks import BlockTable
 from cetvm.cpu.budget import InstructionBudget
 from cetvm.cpu.cet.transfer import TerminatorInfo, apply_terminator
 from cetvm.cpu.events import PendingEvent
-from cetvm.cpu.exits import Direction, ExitReason, MmioExit, VmExit
+from cetvm.cpu.exits import Direction, ExitReason, MmioExit, MmioStepHooks, VmExit
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import GuestMemory
@@ -63,6 +63,11 @@ def terminator_not_run(block_start: int, terminator: TerminatorInfo, rip: int) -
 
 _READ_ACCESSES = frozenset({OpAccess.READ, OpAccess.COND_READ, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE})
 _WRITE_ACCESSES = frozenset({OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE})
+
+
+def _touches_page(address: int, size: int, page: int) -> bool:
+    """The ``size`` bytes at linear ``address`` (at least one) include a byte of page ``page``."""
+    return address // PAGE <= page <= (address + max(size, 1) - 1) // PAGE
 
 
 def mmio_fragment(remaining: int) -> int:
@@ -197,10 +202,12 @@ class EngineStops:
         """The #PF error code Unicorn does not expose: re-walk the page tables for the access.
 
         Decision: a fetch if CR2 lies within the 15 bytes at RIP and a fetch walk fails; else
-        the instruction's data accesses (iced-x86): a walk as a read if it reads memory, then
-        as a write if it writes memory — the first walk that faults gives the error code (so a
-        store gets W, a load-then-store that fails on the load does not). If our walk sees no
-        violation (e.g. SMAP, reserved bits), P plus W/U as the instruction suggests.
+        the instruction's data accesses (iced-x86) — in 64-bit mode only those whose bytes touch
+        CR2's page (MOVS reads [RSI] and writes [RDI]: a fault on the destination is a write),
+        all of them if none does: a walk as a read if one reads memory, then as a write if one
+        writes memory — the first walk that faults gives the error code (so a store gets W, a
+        load-then-store that fails on the load does not). If our walk sees no violation (e.g.
+        SMAP, reserved bits), P plus W/U as the instruction suggests.
         """
         user = self._mode.user_access()
         if 0 <= cr2 - rip < decode.MAX_INSTRUCTION_LENGTH:
@@ -208,7 +215,7 @@ class EngineStops:
                 self._vcpu.translate(cr2, Access.FETCH | user)
             except GuestFault as fault:
                 return PfErr(fault.error_code or 0)
-        reads, writes = self._memory_access_kinds(rip)
+        reads, writes = self._memory_access_kinds(rip, cr2)
         walks = ([Access.READ] if reads or not writes else []) + ([Access.WRITE] if writes else [])
         for access in walks:
             try:
@@ -219,17 +226,21 @@ class EngineStops:
                 break
         return PfErr.P | (PfErr.W if writes else 0) | (PfErr.U if user else 0)
 
-    def _memory_access_kinds(self, rip: int) -> tuple[bool, bool]:
+    def _memory_access_kinds(self, rip: int, cr2: int) -> tuple[bool, bool]:
+        """(reads, writes) of the instruction at ``rip``'s memory accesses that touch the page of
+        ``cr2`` (64-bit mode; all its accesses elsewhere or when none does)."""
         try:
             instr = self._fetch.fetch_instruction(rip)
         except (GuestFault, UcError):
             return True, False
-        reads = writes = False
-        for used in self._info_factory.info(instr).used_memory():
-            if used.access in (OpAccess.READ, OpAccess.COND_READ, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE):
-                reads = True
-            if used.access in (OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE):
-                writes = True
+        used = self._info_factory.info(instr).used_memory()
+        if self._mode.code_bits == 64:
+            page = cr2 // PAGE
+            touching = [u for u in used if _touches_page(emulate.used_memory_address(self._vcpu, instr, u),
+                                                         MemorySizeExt.size(u.memory_size), page)]
+            used = touching or used
+        reads = any(u.access in _READ_ACCESSES for u in used)
+        writes = any(u.access in _WRITE_ACCESSES for u in used)
         return reads, writes
 
     def on_invalid_instruction(self, uc: Uc, _data: object) -> bool:
@@ -294,25 +305,42 @@ class EngineStops:
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def _mmio_operand(self, instr) -> tuple[int, int, bool, bool]:
-        """(linear address, size, reads, writes) of the instruction's explicit memory operand
-        (stack accesses of PUSH/POP/CALL are RAM by construction and are not the MMIO one)."""
+        """(linear address, size, reads, writes) of the instruction's memory operand that is not
+        RAM: its explicit operand, or its stack access (PUSH/POP/CALL/RET with RSP pointing at
+        a device page: kvm-unit-tests' emulator pushes onto MMIO) when that one is RAM. Of an
+        operand crossing from RAM into a device page (or back), the device part: the engine
+        accesses the RAM part itself when it executes the instruction over the scratch page."""
+        candidates = []
         for used in self._info_factory.info(instr).used_memory():
-            if used.base == Register.RSP and instr.is_stack_instruction:
-                continue
             size = MemorySizeExt.size(used.memory_size)
             if size <= 0:
                 continue
-            reads = used.access in _READ_ACCESSES
-            writes = used.access in _WRITE_ACCESSES
-            return emulate.effective_address(self._vcpu, instr), size, reads, writes
+            if used.base in (Register.RSP, Register.RBP) and instr.is_stack_instruction:  # PUSH, POP, LEAVE...
+                linear = ((emulate.read_register(self._vcpu, used.base) + used.displacement_i64)
+                          & emulate.address_mask(self._vcpu))
+            else:
+                linear = emulate.effective_address(self._vcpu, instr)
+            candidates.append((linear, size, used.access in _READ_ACCESSES, used.access in _WRITE_ACCESSES))
+        for linear, size, reads, writes in candidates:
+            access = (Access.WRITE if writes and not reads else Access.READ) | self._mode.user_access()
+            last = (linear + size - 1) & emulate.address_mask(self._vcpu)
+            ram = [self._vcpu.is_ram(self._vcpu.translate(end, access), 1) for end in (linear, last)]
+            if ram == [False, False]:
+                return linear, size, reads, writes
+            if ram != [True, True]:  # crossing between RAM and a device page: the device part
+                in_first = PAGE - (linear & (PAGE - 1))
+                if ram[0]:
+                    return (linear + in_first) & emulate.address_mask(self._vcpu), size - in_first, reads, writes
+                return linear, in_first, reads, writes
         raise NotSupportedError(f"MMIO access by {instr} at {instr.ip:#x} is not supported")
 
-    def execute_with_mmio_operand(self, instr) -> VmExit | None:
+    def execute_with_mmio_operand(self, instr, hooks: MmioStepHooks | None = None) -> VmExit | None:
         """Execute ``instr`` (at RIP) whose memory operand is not RAM, as :meth:`_mmio_instruction`
-        does after an engine stop (for instructions cetvm emulates around the engine)."""
-        return self._mmio_instruction(instr.ip, instr)
+        does after an engine stop (for instructions cetvm emulates around the engine, whose
+        checks on the operand's value and effects after it are ``hooks``)."""
+        return self._mmio_instruction(instr.ip, instr, hooks or MmioStepHooks())
 
-    def _mmio_instruction(self, rip: int, instr) -> VmExit | None:
+    def _mmio_instruction(self, rip: int, instr, hooks: MmioStepHooks | None = None) -> VmExit | None:
         """An instruction whose memory operand is not RAM, as KVM's emulator completes MMIO: each
         read of the operand is an MMIO exit (in fragments of at most 8 bytes, the sizes a bus
         access has); with the data the instruction is executed by the engine over a scratch page
@@ -323,24 +351,32 @@ class EngineStops:
         linear, size, reads, writes = self._mmio_operand(instr)
         gpa = self._vcpu.translate(linear, (Access.WRITE if writes and not reads else Access.READ) | self._mode.user_access())
         if reads:
-            return self._mmio_read(rip, instr, gpa, size, writes, bytearray())
-        return self._mmio_execute(rip, instr, gpa, size, None, writes)
+            return self._mmio_read(rip, instr, gpa, size, writes, bytearray(), hooks or MmioStepHooks())
+        return self._mmio_execute(rip, instr, gpa, size, None, writes, hooks or MmioStepHooks())
 
-    def _mmio_read(self, rip: int, instr, gpa: int, size: int, writes: bool, got: bytearray) -> VmExit | None:
+    def _mmio_read(self, rip: int, instr, gpa: int, size: int, writes: bool, got: bytearray,
+                   hooks: MmioStepHooks) -> VmExit | None:
         if len(got) >= size:
-            return self._mmio_execute(rip, instr, gpa, size, bytes(got), writes)
+            return self._mmio_execute(rip, instr, gpa, size, bytes(got), writes, hooks)
         piece = mmio_fragment(size - len(got))
         mmio = MmioExit(gpa + len(got), piece, Direction.IN)
 
         def complete() -> VmExit | None:
             got.extend((mmio.data & ((1 << (8 * piece)) - 1)).to_bytes(piece, "little"))
-            return self._mmio_read(rip, instr, gpa, size, writes, got)
+            return self._mmio_read(rip, instr, gpa, size, writes, got, hooks)
         self._vcpu.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
-    def _mmio_execute(self, rip: int, instr, gpa: int, size: int, data: bytes | None, writes: bool) -> VmExit | None:
+    def _mmio_execute(self, rip: int, instr, gpa: int, size: int, data: bytes | None, writes: bool,
+                      hooks: MmioStepHooks) -> VmExit | None:
         """Run the instruction over scratch pages holding ``data`` (the bytes read), then send
         what it wrote (if anything) as MMIO writes."""
+        if hooks.check is not None and data is not None:
+            try:
+                hooks.check(data)
+            except GuestFault as fault:
+                self._vcpu.raise_fault(fault)
+                return None
         first, last = gpa & ~(PAGE - 1), (gpa + size - 1) & ~(PAGE - 1)
         span = last - first + PAGE
         with cr2_kept(self._uc):
@@ -359,6 +395,8 @@ class EngineStops:
         # guest's next fault became a #DF (a #PF after an MMIO read in the same block).
         self._registers.clear_stale_old_exception()
         self._budget.retire()
+        if hooks.after is not None:
+            hooks.after()
         return self._mmio_write(rip, gpa, stored)
 
     def _mmio_write(self, rip: int, gpa: int, stored: bytes) -> VmExit | None:

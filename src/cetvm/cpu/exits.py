@@ -10,6 +10,7 @@ at the start of the next run. ``Vcpu.inject_exception`` instead of completion ca
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cetvm.arch.vmx import VMX_EXIT_REASONS_FAILED_VMENTRY
@@ -132,3 +133,13 @@ class VmExit:
             if part is not None:
                 extra = str(part)
         return f"{self.reason.value} at {self.rip:#x}{' ' + extra if extra else ''}"
+
+
+@dataclass(frozen=True)
+class MmioStepHooks:
+    """What an emulated instruction adds around its execution over MMIO: ``check(data)`` before
+    it runs with the bytes read (raises GuestFault: the instruction faults instead), ``after()``
+    once it has run."""
+
+    check: Callable[[bytes], None] | None = None
+    after: Callable[[], None] | None = None

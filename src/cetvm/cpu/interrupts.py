@@ -34,7 +34,7 @@ from cetvm.arch.regs import RFLAGS_IF
 from cetvm.cpu.completion import ExitCompletion
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.registers import Registers
-from cetvm.cpu.uc_context import ContextBlob, HFlags
+from cetvm.cpu.uc_context import HFlags
 
 #: External interrupt vectors the CPU accepts (KVM_NR_INTERRUPTS = 256).
 NR_INTERRUPTS = 256
@@ -93,7 +93,7 @@ class PendingEvents:
         """True while the instruction after STI / MOV SS / POP SS has not retired [SDM §6.8.3]."""
         if self._completion.pending:
             return False  # the exiting instruction retires before anything else: shadow over
-        return bool(ContextBlob.save(self._uc).hflags & HFlags.INHIBIT_IRQ)
+        return bool(self._registers.env.hflags & HFlags.INHIBIT_IRQ)
 
     @property
     def interrupt_window_open(self) -> bool:
@@ -101,12 +101,16 @@ class PendingEvents:
         (vmx_interrupt_allowed without nested or NMI state)."""
         return self.if_flag and not self.interrupt_shadow
 
+    def begin_interrupt_shadow(self) -> None:
+        """Block interrupts until the next instruction retires (MOV SS / POP SS / STI)."""
+        env = self._registers.env
+        env.hflags = env.hflags | HFlags.INHIBIT_IRQ
+
     def end_interrupt_shadow(self) -> None:
         """Clear the engine's shadow flag (an instruction retired, or an event was delivered)."""
-        blob = ContextBlob.save(self._uc)
-        if blob.hflags & HFlags.INHIBIT_IRQ:
-            blob.hflags = blob.hflags & ~HFlags.INHIBIT_IRQ
-            blob.restore(self._uc)
+        env = self._registers.env
+        if env.hflags & HFlags.INHIBIT_IRQ:
+            env.hflags = env.hflags & ~HFlags.INHIBIT_IRQ
 
     def take_deliverable_interrupt(self) -> bool:
         """At a recognition point: make the pending interrupt the event to deliver if it can be

@@ -20,7 +20,7 @@ from cetvm import CetvmError, InputError
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import Efer
 from cetvm.cpu.state import CetState, DescriptorTable, FpuState, GPR_NAMES, Regs, Segment, Sregs
-from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, segment_hflags
+from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, live_env, segment_hflags
 from cetvm.arch.regs import U64_MASK
 
 _U128 = (1 << 128) - 1
@@ -35,6 +35,18 @@ _CR_IDS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.U
 _FP_IDS = tuple(getattr(X, f"UC_X86_REG_FP{i}") for i in range(8))
 _YMM_IDS = tuple(getattr(X, f"UC_X86_REG_YMM{i}") for i in range(16))
 _XMM_IDS = tuple(getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16))
+#: MXCSR and XMM0-15: one batched read or write (uc_reg_read_batch) for the guest FPU swap.
+_SSE_COUNT = 17
+
+
+class _SseBatch:
+    """The argument arrays of a batched MXCSR + XMM0-15 access: register ids and 16-byte slots."""
+
+    def __init__(self) -> None:
+        self.ids = (ctypes.c_int * _SSE_COUNT)(X.UC_X86_REG_MXCSR, *_XMM_IDS)
+        self.buffer = ctypes.create_string_buffer(16 * _SSE_COUNT)
+        base = ctypes.addressof(self.buffer)
+        self.pointers = (ctypes.c_void_p * _SSE_COUNT)(*(base + 16 * i for i in range(_SSE_COUNT)))
 #: FpuState field → (bits per value, number of values or None for a scalar).
 _FPU_FIELD_WIDTHS = {"fcw": (16, None), "fsw": (16, None), "ftw": (8, None), "fop": (11, None), "fip": (64, None),
                      "fdp": (64, None), "mxcsr": (32, None), "st": (80, 8), "xmm": (128, 16), "ymm_hi": (128, 16)}
@@ -100,6 +112,11 @@ class Registers:
     def __init__(self, uc: Uc) -> None:
         self._uc = uc
         self._guest_forced_cr4 = 0
+        self._sse_batch = _SseBatch()
+        #: the engine's CPUX86State in place (exit-path reads and writes without a context copy)
+        self.env = live_env(uc)
+        self._u64 = ctypes.c_uint64()
+        self._u64_ref = ctypes.byref(self._u64)
         self.write_cr(4, uc.reg_read(X.UC_X86_REG_CR4))
 
     @property
@@ -109,11 +126,19 @@ class Registers:
 
     # ------------------------------------------------------------------ GPRs
     def read(self, name: str) -> int:
-        """A general-purpose register, ``rip`` or ``rflags`` by name."""
-        return self._uc.reg_read(REG_IDS[name])
+        """A general-purpose register, ``rip`` or ``rflags`` by name (through Unicorn's C API
+        into a reused buffer: the binding's reg_read is several times slower, and every exit
+        reads a few of these)."""
+        status = uclib.uc_reg_read(self._uc._uch, REG_IDS[name], self._u64_ref)
+        if status != 0:
+            raise CetvmError(f"cannot read register {name} (unicorn error {status})")
+        return self._u64.value
 
     def write(self, name: str, value: int) -> None:
-        self._uc.reg_write(REG_IDS[name], value & U64_MASK)
+        self._u64.value = value & U64_MASK
+        status = uclib.uc_reg_write(self._uc._uch, REG_IDS[name], self._u64_ref)
+        if status != 0:
+            raise CetvmError(f"cannot write register {name} (unicorn error {status})")
 
     def get_regs(self) -> Regs:
         return Regs(**{f.name: self._uc.reg_read(REG_IDS[f.name]) for f in fields(Regs)})
@@ -216,13 +241,11 @@ class Registers:
 
     @property
     def xcr0(self) -> int:
-        return ContextBlob.save(self._uc).u64(XCR0_OFFSET)
+        return self.env.u64(XCR0_OFFSET)
 
     @xcr0.setter
     def xcr0(self, value: int) -> None:
-        blob = ContextBlob.save(self._uc)
-        ctypes.c_uint64.from_address(blob.address + XCR0_OFFSET).value = value & U64_MASK
-        blob.restore(self._uc)
+        ctypes.c_uint64.from_address(self.env.address + XCR0_OFFSET).value = value & U64_MASK
 
     # ------------------------------------------------------------------ engine exception state
     def clear_stale_old_exception(self) -> None:
@@ -232,16 +255,12 @@ class Registers:
         classification restart) and a single-stepped IRETQ can leave old_exception at 8 (#DF);
         the guest's next fault then becomes a #DF or a silent triple fault (EXCP_HLT).
         """
-        blob = ContextBlob.save(self._uc)
-        if blob.u32(OLD_EXCEPTION_OFFSET) != 0xFFFF_FFFF:
-            blob.reset_old_exception()
-            blob.restore(self._uc)
+        if self.env.u32(OLD_EXCEPTION_OFFSET) != 0xFFFF_FFFF:
+            self.env.reset_old_exception()
 
     def reset_old_exception(self) -> None:
         """Forget the last exception so the next fault is not promoted to #DF."""
-        blob = ContextBlob.save(self._uc)
-        blob.reset_old_exception()
-        blob.restore(self._uc)
+        self.env.reset_old_exception()
 
     # ------------------------------------------------------------------ x87 / SSE / AVX
     def get_fpu(self) -> FpuState:
@@ -288,16 +307,23 @@ class Registers:
 
     def get_sse(self) -> tuple[int, list[int]]:
         """(MXCSR, [XMM0..15]): the SSE part of :meth:`get_fpu`, without the x87 and YMM reads
-        (the guest FPU load/put of every KVM_RUN needs only these)."""
-        read = self.raw_read
-        return read(X.UC_X86_REG_MXCSR, 4), [read(reg, 16) for reg in _XMM_IDS]
+        (the guest FPU load/put of every KVM_RUN needs only these), in one batched engine call."""
+        sse = self._sse_batch
+        status = uclib.uc_reg_read_batch(self._uc._uch, sse.ids, sse.pointers, _SSE_COUNT)
+        if status != 0:
+            raise CetvmError(f"cannot read the SSE registers (unicorn error {status})")
+        raw = sse.buffer.raw
+        return (int.from_bytes(raw[:4], "little"),
+                [int.from_bytes(raw[off:off + 16], "little") for off in range(16, 16 * _SSE_COUNT, 16)])
 
     def set_sse(self, mxcsr: int, xmm: list[int]) -> None:
-        """Load MXCSR and XMM0-15 (the YMM upper halves are kept)."""
-        write = self.raw_write
-        write(X.UC_X86_REG_MXCSR, mxcsr, 4)
-        for reg, value in zip(_XMM_IDS, xmm):
-            write(reg, value, 16)
+        """Load MXCSR and XMM0-15 (the YMM upper halves are kept), in one batched engine call."""
+        sse = self._sse_batch
+        ctypes.memmove(sse.buffer, mxcsr.to_bytes(16, "little") + b"".join(v.to_bytes(16, "little") for v in xmm),
+                       16 * _SSE_COUNT)
+        status = uclib.uc_reg_write_batch(self._uc._uch, sse.ids, sse.pointers, _SSE_COUNT)
+        if status != 0:
+            raise CetvmError(f"cannot write the SSE registers (unicorn error {status})")
 
     def raw_read(self, reg_id: int, size: int) -> int:
         """A register as a little-endian integer of ``size`` bytes, through Unicorn's C API (the

@@ -71,22 +71,11 @@ def check_unicorn(uc: Uc) -> None:
 
 
 @dataclass
-class ContextBlob:
-    """A saved Unicorn context with typed access to the CPUX86State fields we patch."""
+class CpuStateView:
+    """Typed access to the CPUX86State fields cetvm patches, at ``address`` (a saved copy or the
+    engine's own)."""
 
-    context: object  # unicorn UcContext
     address: int
-    size: int
-
-    @classmethod
-    def save(cls, uc: Uc) -> "ContextBlob":
-        ctx = uc.context_save()
-        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        size = ctypes.c_size_t.from_address(base).value
-        return cls(ctx, base + CONTEXT_DATA_OFFSET, size)
-
-    def restore(self, uc: Uc) -> None:
-        uc.context_restore(self.context)
 
     def u32(self, offset: int) -> int:
         return ctypes.c_uint32.from_address(self.address + offset).value
@@ -121,6 +110,58 @@ class ContextBlob:
     def reset_old_exception(self) -> None:
         """old_exception = -1, so the next fault is not promoted to #DF."""
         ctypes.c_int32.from_address(self.address + OLD_EXCEPTION_OFFSET).value = -1
+
+
+@dataclass
+class ContextBlob(CpuStateView):
+    """A saved Unicorn context: a copy of the CPUX86State, written back by :meth:`restore`."""
+
+    context: object  # unicorn UcContext
+    size: int
+
+    @classmethod
+    def save(cls, uc: Uc) -> "ContextBlob":
+        ctx = uc.context_save()
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        size = ctypes.c_size_t.from_address(base).value
+        return cls(base + CONTEXT_DATA_OFFSET, ctx, size)
+
+    def restore(self, uc: Uc) -> None:
+        uc.context_restore(self.context)
+
+
+#: Offset of ``cpu`` (the CPUState) in Unicorn 2.1.4's ``struct uc_struct`` (x86-64): three
+#: 4-byte enums padded to 16 bytes, two 56-byte AddressSpace structures, 39 function pointers.
+UC_STRUCT_CPU_OFFSET = 16 + 2 * 56 + 39 * 8
+#: CPUState.env_ptr lies in the structure's first bytes (before tb_jmp_cache); the CPUX86State
+#: it points at follows the CPUState in the same X86CPU object.
+_ENV_PTR_SEARCH_BYTES = 2048
+_ENV_SEARCH_SPAN = 1 << 16
+
+
+def live_env(uc: Uc) -> CpuStateView:
+    """The engine's own CPUX86State (uc->cpu->env_ptr), read and written in place: what a
+    :class:`ContextBlob` save/patch/restore does, without copying 5.5 KiB twice — the fields
+    cetvm reads at every exit (hflags' interrupt shadow, old_exception, XCR0).
+
+    Found by a probe: the pointer in the CPUState's first bytes whose target holds exactly
+    what a saved context holds (with RAX set to a marker); CetvmError if none does."""
+    handle = uc._uch.value
+    cs = ctypes.c_void_p.from_address(handle + UC_STRUCT_CPU_OFFSET).value
+    saved_rax = uc.reg_read(UC_X86_REG_RAX)
+    uc.reg_write(UC_X86_REG_RAX, 0xC37F_E0E1_5EED_0A55)
+    try:
+        blob = ContextBlob.save(uc)
+        expected = ctypes.string_at(blob.address, blob.size)
+        if cs:
+            words = struct.unpack(f"<{_ENV_PTR_SEARCH_BYTES // 8}Q", ctypes.string_at(cs, _ENV_PTR_SEARCH_BYTES))
+            for pointer in words:
+                if cs < pointer < cs + _ENV_SEARCH_SPAN and ctypes.string_at(pointer, blob.size) == expected:
+                    return CpuStateView(pointer)
+    finally:
+        uc.reg_write(UC_X86_REG_RAX, saved_rax)
+    raise CetvmError("cannot find the engine's CPU state (not Unicorn 2.1.4's layout); "
+                     f"reinstall unicorn=={REQUIRED_UNICORN}")
 
 
 def segment_hflags(hflags: int, cs: Segment, ss: Segment, ds: Segment, es: Segment, cr0_pe: bool) -> int:

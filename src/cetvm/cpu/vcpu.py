@@ -76,7 +76,7 @@ from cetvm.cpu.engine_stops import EngineStops
 from cetvm.cpu.events import PendingEvent
 from cetvm.cpu.exit_emulation import ExitEmulation
 from cetvm.cpu.exit_points import ExitPoints
-from cetvm.cpu.exits import ExceptionExit, ExitReason, VmExit
+from cetvm.cpu.exits import ExceptionExit, ExitReason, MmioStepHooks, VmExit
 from cetvm.cpu.fastpath import ShadowStackWindow
 from cetvm.cpu.faults import GuestFault, HardwareRefused
 from cetvm.cpu.interrupts import PendingEvents
@@ -88,7 +88,7 @@ from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
 from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
-from cetvm.cpu.uc_context import ContextBlob, HFlags, check_unicorn, cr2_kept
+from cetvm.cpu.uc_context import HFlags, check_unicorn, cr2_kept
 from cetvm.cpu.vcpu_cet import VcpuCet
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, software_exception_exits, standalone_vmcs
 
@@ -333,11 +333,11 @@ class Vcpu:
 
     @property
     def rip(self) -> int:
-        return self._uc.reg_read(X.UC_X86_REG_RIP)
+        return self.registers.read("rip")
 
     @rip.setter
     def rip(self, value: int) -> None:
-        self._uc.reg_write(X.UC_X86_REG_RIP, value & U64_MASK)
+        self.registers.write("rip", value)
 
     def get_regs(self) -> Regs:
         return self.registers.get_regs()
@@ -537,9 +537,9 @@ class Vcpu:
             efer = uc.msr_read(Msr.IA32_EFER)
             self.memory.set_mode(PagingMode(cr0, uc.reg_read(X.UC_X86_REG_CR3), cr4, efer))
         self._ss_window.forget()
-        blob = ContextBlob.save(uc)
-        hflags = blob.hflags
-        mode.cs_base = blob.segment("cs").base
+        env = self.registers.env
+        hflags = env.hflags
+        mode.cs_base = env.segment("cs").base
         mode.cpl = hflags & HFlags.CPL_MASK if cr0 & Cr0.PE else 0
         mode.long_mode = bool(hflags & HFlags.CS64)
         mode.code_bits = 64 if mode.long_mode else 32 if hflags & HFlags.CS32 else 16
@@ -568,10 +568,11 @@ class Vcpu:
         (:meth:`cetvm.cpu.exit_emulation.ExitEmulation.step_in_engine`)."""
         self._emulation.step_in_engine(rip, next_ip, retire=retire)
 
-    def execute_with_mmio_operand(self, instr: "Instruction") -> VmExit | None:
+    def execute_with_mmio_operand(self, instr: "Instruction", hooks: MmioStepHooks | None = None) -> VmExit | None:
         """Execute ``instr`` (at RIP) whose memory operand is not RAM, as after an engine stop on
-        an MMIO access (for instructions cetvm emulates around the engine)."""
-        return self._stops.execute_with_mmio_operand(instr)
+        an MMIO access (for instructions cetvm emulates around the engine; ``hooks``: their
+        checks of the value read and effects after it)."""
+        return self._stops.execute_with_mmio_operand(instr, hooks)
 
     def add_completion(self, completion: Completion) -> None:
         """Run ``completion`` at the start of the next ``run`` (finishes an exiting instruction).

@@ -97,6 +97,7 @@ from cetvm.kvm import reset as _reset
 from cetvm.kvm import smm
 from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
+from cetvm.kvm.coalesced_mmio import CoalescedMmio, CoalescedWrite, CoalescedZone
 from cetvm.kvm.cr import kvm_is_valid_sregs_state
 from cetvm.kvm.emulate import cet_guards, emulation_blocked_by_cet, is_rsm, kvm_handle_ud
 from cetvm.kvm.errors import (
@@ -251,6 +252,8 @@ class Vm:
         #: kvm->arch's time (:mod:`cetvm.kvm.timekeeping`); the host clock defaults to the
         #: instructions the VM's vCPUs retired, at 1 GHz.
         self.time = VmTime(HostClock(self._instructions_retired))
+        #: KVM_REGISTER_COALESCED_MMIO zones and the ring (:mod:`cetvm.kvm.coalesced_mmio`)
+        self.coalesced_mmio = CoalescedMmio()
 
     def _instructions_retired(self) -> int:
         return sum(vcpu.cpu.instructions_retired for vcpu in self._vcpus.values())
@@ -284,6 +287,19 @@ class Vm:
         self.time.set_clock(check_u64("KVM_SET_CLOCK: clock", ns))
         for vcpu in self._vcpus.values():
             vcpu.msrs.time.kvmclock_update()
+
+    # ------------------------------------------------------------------ coalesced MMIO / PIO
+    def register_coalesced_mmio(self, zone: CoalescedZone) -> None:
+        """KVM_REGISTER_COALESCED_MMIO (KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO)."""
+        self.coalesced_mmio.register(zone)
+
+    def unregister_coalesced_mmio(self, zone: CoalescedZone) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO."""
+        self.coalesced_mmio.unregister(zone)
+
+    def take_coalesced_writes(self) -> list[CoalescedWrite]:
+        """Empty the coalesced ring (what userspace reads from its mmap'ed page after a KVM_RUN)."""
+        return self.coalesced_mmio.take()
 
     # ------------------------------------------------------------------ memory
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int) -> None:
@@ -926,6 +942,8 @@ class KvmVcpu:
         if reason is ExitReason.MMIO and self._emulator_refuses(exit_.rip):
             return KvmRun(KvmExitReason.INTERNAL_ERROR, exit_.rip, suberror=InternalErrorSuberror.EMULATION,
                           detail="MMIO access by an instruction CET guards: KVM does not emulate it")
+        if self.vm.coalesced_mmio.absorbs(exit_):
+            return None  # kept in the ring; the write retires without an exit (coalesced_mmio_write)
         self._userspace_exit = userspace_exit(exit_, self.state.vmcs.read(VmcsField.VM_EXIT_REASON))
         return self._userspace_exit
 

@@ -60,6 +60,10 @@ class GuestFpu:
         self.touches = 0  # put/load/clear operations (see the module docstring)
         #: (MXCSR+XMM bytes, cpu.fpu_writes) the CPU held at the last swap (cetvm.kvm.vmx._swap_sse)
         self.sse_on_cpu: tuple[bytes, int] | None = None
+        self._offsets: dict[tuple[int, int], int] = {}
+        #: (buffer bytes, cpu.fpu_writes) at the last put: the CPU still holds that image
+        #: while both are unchanged (cetvm.kvm.vmx.kvm_load_guest_fpu skips the copy)
+        self.image_on_cpu: tuple[bytes, int] | None = None
 
     @property
     def buffer(self) -> bytearray:
@@ -73,7 +77,13 @@ class GuestFpu:
         return bool(self.features >> feature & 1)
 
     def _offset(self, feature: int) -> int:
-        return self.layout.compacted_offset(feature, self.features)
+        """Where component ``feature`` starts in the compacted buffer (fixed by the layout and
+        the features: computed once per component)."""
+        key = (feature, self.features)
+        offset = self._offsets.get(key)
+        if offset is None:
+            offset = self._offsets[key] = self.layout.compacted_offset(feature, self.features)
+        return offset
 
     def read(self, feature: int, offset: int) -> int:
         """Read 8 bytes at ``offset`` within component ``feature`` (init state reads as 0)."""

@@ -175,34 +175,45 @@ def kvm_load_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     fpu = vcpu.fpu
     if fpu.loaded:
         return
-    for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
-        if fpu.has(feature):
-            cpu.set_cet_msr(Msr(index), fpu.peek(feature, offset))
-    _swap_sse(fpu, cpu, to_cpu=True)
     fpu.loaded = True
+    if fpu.image_on_cpu == (bytes(fpu.area.data), cpu.fpu_writes):
+        return  # nothing changed the fpstate since the last put: the CPU holds it already
+    for msr, feature, offset in _MANAGED_MSRS:
+        if fpu.has(feature):
+            cpu.set_cet_msr(msr, fpu.peek(feature, offset))
+    _swap_sse(fpu, cpu, to_cpu=True)
 
 
 def kvm_put_guest_fpu(vcpu: VcpuArch, cpu) -> None:
     """fpu_swap_kvm_fpstate(host): copy the CPU's live guest values back into the fpstate.
 
     A component whose values are all zero is stored as init state (XSTATE_BV bit clear), as
-    XSAVES does with the init optimization.
+    XSAVES does with the init optimization. The image stored is remembered: the next load
+    skips the copy when nothing (KVM_SET_XSAVE, an MSR write, INIT) changed it in between
+    and nothing wrote the CPU's FPU directly (``cpu.fpu_writes``) — the exits of serial
+    output and port I/O then pay one comparison instead of a copy.
     """
     fpu = vcpu.fpu
     if not fpu.loaded:
         return
     by_feature: dict[int, list[tuple[int, int]]] = {}
-    for index, (feature, offset) in XSTATE_MANAGED_MSRS.items():
+    for msr, feature, offset in _MANAGED_MSRS:
         if fpu.has(feature):
-            by_feature.setdefault(feature, []).append((offset, cpu.cet_msr(Msr(index))))
+            by_feature.setdefault(feature, []).append((offset, cpu.cet_msr(msr)))
     for feature, values in by_feature.items():
         if any(v for _, v in values):
             for offset, value in values:
-                fpu.poke(feature, offset, value)
+                if fpu.peek(feature, offset) != value or not fpu.xstate_bv >> feature & 1:
+                    fpu.poke(feature, offset, value)
         elif fpu.xstate_bv >> feature & 1:
             fpu.area.clear_component(feature)
     _swap_sse(fpu, cpu, to_cpu=False)
+    fpu.image_on_cpu = (bytes(fpu.area.data), cpu.fpu_writes)
     fpu.loaded = False
+
+
+#: (MSR, XSAVE component, offset in it) of the CET MSRs kept in the guest fpstate.
+_MANAGED_MSRS = tuple((Msr(index), feature, offset) for index, (feature, offset) in XSTATE_MANAGED_MSRS.items())
 
 
 #: Legacy-region offsets: MXCSR at 24, XMM0-15 at 160 (16 bytes each) [SDM Vol. 1 10.5.1].

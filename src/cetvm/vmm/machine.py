@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 from cetvm import InputError
 from cetvm.arch.msr import MiscEnable, Msr
 from cetvm.kvm.api import DescriptorTable, Kvm, KvmRun, KvmVcpu, MpState, Regs, Segment, Sregs
+from cetvm.kvm.coalesced_mmio import CoalescedZone
 from cetvm.vmm.acpi import write_acpi_tables
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.cet_report import CetViolationRecorder
@@ -32,6 +33,7 @@ from cetvm.vmm.config import MachineConfig, guest_cpuid
 from cetvm.vmm.console_input import HostConsoleInput
 from cetvm.vmm.devices.apic_bus import ApicBus
 from cetvm.vmm.devices.pc import PcDevices
+from cetvm.vmm.devices.serial import COM1_PORT
 from cetvm.vmm.irq import GuestClock, InterruptRouting
 from cetvm.vmm.layout import RamRegion, ram_regions
 from cetvm.vmm.msr_exits import claim_apic_msrs, complete_msr_exit
@@ -173,6 +175,9 @@ class Machine:
                                         realtime_base_ns=config.realtime_base_ns)
         self.pio, self.mmio = PioBus(), MmioBus()
         self.devices.register(self.pio, self.mmio)
+        self._thr_coalesced = False
+        self.devices.serial.on_thr_buffering = self._coalesce_thr
+        self._coalesce_thr(self.devices.serial.thr_write_unobservable)
         claim_apic_msrs(self.vm)
         self.vcpus: list[KvmVcpu] = []
         for index, cpuid in enumerate(cpuids):
@@ -198,6 +203,20 @@ class Machine:
         self._loop = self._run_loop(0)
         self.vm.set_host_clock(self.clock, config.realtime_base_ns, counts_instructions=True)
 
+    def _coalesce_thr(self, unobservable: bool) -> None:
+        """COM1's transmit register as a coalesced PIO zone while its writes are unobservable
+        (no THR-empty interrupt, no loopback: Linux's console writes with IER = 0): KVM keeps
+        them in its ring and the guest exits once per character (the line-status read), not
+        twice; the run loop hands them to the UART after every KVM_RUN, in order."""
+        if unobservable == self._thr_coalesced:
+            return
+        zone = CoalescedZone(COM1_PORT, 1, pio=1)
+        if unobservable:
+            self.vm.register_coalesced_mmio(zone)
+        else:
+            self.vm.unregister_coalesced_mmio(zone)
+        self._thr_coalesced = unobservable
+
     def _retired(self) -> int:
         return sum(instructions_retired(vcpu) for vcpu in self.vcpus)
 
@@ -208,7 +227,8 @@ class Machine:
                           msr=functools.partial(self._complete_msr, i), enter=functools.partial(self._enter, i))
                  for i, vcpu in enumerate(self.vcpus)]
         return RunLoop(slots, self.pio, self.mmio, self._retired, instructions_done=instructions_done,
-                       on_exception=self._on_exception, kick=self.apic_bus.take_kick)
+                       on_exception=self._on_exception, kick=self.apic_bus.take_kick,
+                       take_coalesced=self.vm.take_coalesced_writes)
 
     def _enter(self, index: int) -> None:
         """Before vCPU ``index`` runs: its APIC answers the xAPIC page."""

@@ -39,6 +39,7 @@ from typing import Callable
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Vector
 from cetvm.kvm.api import Direction, KvmExitReason, KvmRun
+from cetvm.kvm.coalesced_mmio import CoalescedWrite
 from cetvm.vmm.bus import MmioBus, PioBus
 from cetvm.vmm.irq import InterruptRouting
 from cetvm.vmm.requests import GuestExitRequest, GuestFaultRequest, MachineRequest, PowerOffRequest, ResetRequest
@@ -336,6 +337,9 @@ class RunLoop:
     #: Host console input (:class:`cetvm.vmm.console_input.HostConsoleInput`): ``poll(block)``
     #: between runs, and blocking when nothing can run; True when input arrived.
     host_input: Callable[[bool], bool] | None = None
+    #: Empties the VM's coalesced-write ring (KVM's coalesced MMIO/PIO), called after every
+    #: KVM_RUN before its exit is handled: the buffered writes reach the devices first.
+    take_coalesced: Callable[[], list[CoalescedWrite]] | None = None
     #: The vCPU whose turn it is, and the instructions it has run in this turn.
     current: int = 0
     turn_used: int = 0
@@ -514,6 +518,7 @@ class RunLoop:
             rip, slot.ready = run.rip, run.ready_for_interrupt_injection
             slot.pending_exit = run.exit_reason not in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN)
             try:
+                self._flush_coalesced()
                 stop = self._dispatch(slot, run)
             except GuestFaultRequest as fault:
                 slot.vcpu.queue_exception(int(fault.vector), fault.error_code
@@ -526,6 +531,16 @@ class RunLoop:
                     self._end_turn()
             if stop is not None:
                 return stop
+
+    def _flush_coalesced(self) -> None:
+        """kvm_flush_coalesced_mmio_buffer(): the writes KVM kept instead of exiting, in order."""
+        if self.take_coalesced is None:
+            return
+        for write in self.take_coalesced():
+            if write.pio:
+                self.pio.write(write.phys_addr, write.len, write.data)
+            else:
+                self.mmio.write(write.phys_addr, write.len, write.data)
 
     def _dispatch(self, slot: VcpuSlot, run: KvmRun) -> RunResult | None:
         if run.exit_reason is KvmExitReason.IO:

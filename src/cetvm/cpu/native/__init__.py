@@ -22,16 +22,22 @@ CET_PATHS = ("auto", "native", "python")
 
 
 def native_events_requested() -> bool:
-    """``$CETVM_NATIVE_EVENTS`` is "1": deliver SYSCALL, SYSRETQ, IRETQ and the common #PF inside
-    the engine (:class:`NativeEvents`). Opt-in (a decision, session 4), taken while Debian's kernel
-    plus the shadow-stack selftest failed its first map_shadow_stack (EINVAL) with it. Cause,
-    since fixed: a run that went from CPL3 through a native SYSCALL and ended on an engine error
-    (the kernel's WRUSSQ as an invalid instruction) left the vCPU's cached CPL at 3, so the stop
-    was decoded with user rights (#PF on kernel code, taken by the kernel as the WRUSS's fault).
-    guests/tests/fast_events.c checks it. Still opt-in: with runs cut into short slices
-    (``cetvm boot --timeout``) and native SYSCALL the same kernel oopses at init's first clone
-    (PUSHF with RFLAGS.VM set) — not yet found."""
-    return os.environ.get("CETVM_NATIVE_EVENTS") == "1"
+    """Deliver SYSCALL, SYSRETQ, IRETQ and the common #PF inside the engine (:class:`NativeEvents`):
+    the default; ``$CETVM_NATIVE_EVENTS=0`` leaves every event to the Python delivery (the
+    reference; any value but "0", "1" or empty is an InputError).
+
+    It was opt-in while Debian's kernel failed with it: first map_shadow_stack EINVAL (a stale
+    cached CPL after a native SYSCALL in a run that ended on an engine error, fixed;
+    guests/tests/fast_events.c), then, in 200,000-instruction run slices, a PUSHF with RFLAGS.VM
+    set at init's first clone — the engine's CMPXCHG16B taking an ADD's operand for RFLAGS at
+    the top of a run (not the native events': they only moved where runs start; the Python
+    delivery, which now retires the same instructions, oopses there too without the repair),
+    repaired by :mod:`cetvm.cpu.flag_sync` (guests/tests/lazy_flags.c)."""
+    value = os.environ.get("CETVM_NATIVE_EVENTS", "")
+    if value not in ("", "0", "1"):
+        raise InputError(f"CETVM_NATIVE_EVENTS must be 0 (events delivered in Python) or 1 (in the engine, the "
+                         f"default), not {value!r}")
+    return value != "0"
 
 
 def native_available() -> bool:

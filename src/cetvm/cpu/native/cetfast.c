@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 12
+#define CETFAST_ABI 13
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -225,7 +225,7 @@ typedef struct {
     emu_stop_fn emu_stop;
     classify_fn classify;
     uint64_t table_count;
-    reg_rw_fn reg_read;          /* SERIALIZE hook (cetfast_enable_serialize) */
+    reg_rw_fn reg_read;
     vmem_read_fn vmem_read;
     uint64_t serialized;         /* SERIALIZEs retired by the hook */
     cet_block_t *local;  /* the blocks on non-global pages (forgotten at every CR3 load) */
@@ -270,7 +270,7 @@ uint64_t cetfast_abi(void) { return CETFAST_ABI; }
 uint64_t cetfast_shared_size(void) { return sizeof(cet_shared_t); }
 uint64_t cetfast_block_size(void) { return sizeof(cet_block_t); }
 
-void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_stop, void *classify)
+void *cetfast_new(void *reg_read, void *reg_write, void *mem_read, void *mem_write, void *emu_stop, void *classify)
 {
     cetfast_t *f = aligned_alloc(64, sizeof(*f));
     if (!f)
@@ -298,6 +298,7 @@ void *cetfast_new(void *reg_write, void *mem_read, void *mem_write, void *emu_st
     f->s.enabled = 1;
     f->tlb_gen = 1;
     f->s.ss_tag = SS_TAG_INVALID;
+    f->reg_read = (reg_rw_fn)reg_read;
     f->reg_write = (reg_rw_fn)reg_write;
     f->mem_read = (mem_read_fn)mem_read;
     f->mem_write = (mem_write_fn)mem_write;
@@ -2243,10 +2244,9 @@ void cetfast_filter_probe(uint64_t *start, uint64_t *len)
  * is the reference). */
 #define RFLAGS_TF (1ull << 8)
 
-void cetfast_enable_serialize(void *p, void *reg_read, void *vmem_read)
+void cetfast_enable_serialize(void *p, void *vmem_read)
 {
     cetfast_t *f = p;
-    f->reg_read = (reg_rw_fn)reg_read;
     f->vmem_read = (vmem_read_fn)vmem_read;
 }
 
@@ -2271,4 +2271,30 @@ bool cetfast_invalid_insn(uc_engine *uc, void *user_data)
     f->reg_write(uc, UC_X86_REG_RIP, &rip);
     f->serialized++;
     return true;
+}
+
+/* ------------------------------------------------------------------ CMPXCHG8B / CMPXCHG16B flags
+ *
+ * QEMU 5.0's translator (Unicorn 2.1.4) keeps the arithmetic flags lazily: the last flag-setting
+ * operation (cc_op) and its operands (cc_src, cc_dst), with cc_op stored to the CPU state only
+ * when something needs it. The CMPXCHG8B/CMPXCHG16B helpers compute ZF on top of the flags of
+ * the *stored* cc_op, and the translator does not store the pending one before calling them,
+ * as it does for every other helper that reads the flags: the stored one is the last of an
+ * earlier block (wrong CF/PF/AF/SF/OF), or, after an engine run starts (x86_cpu_exec_enter) and
+ * after every RFLAGS write through uc_reg_write, "the flags are cc_src" — and an ADD/SUB
+ * earlier in the same block left its operand in cc_src: the helper takes that operand as
+ * RFLAGS, any bit, RFLAGS.VM too, which the end of the run then makes the CPU's (the Linux
+ * guest's slab allocator: PUSHF #GP in virtual-8086 "mode").
+ *
+ * cetvm puts a UC_HOOK_CODE on each CMPXCHG8B/16B it classifies (cetvm.cpu.flag_sync.FlagSync).
+ * A code hook makes the translator store the pending cc_op in front of the instruction (it does
+ * whenever cc_op changed since the block started), so RFLAGS reads right here; writing it back
+ * stores "the flags are cc_src" with cc_src the flags, which is what the helper reads next. */
+void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    (void)address, (void)size;
+    cetfast_t *f = user_data;
+    uint64_t rflags;
+    if (f->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) == UC_ERR_OK)
+        f->reg_write(uc, UC_X86_REG_RFLAGS, &rflags);
 }

@@ -27,11 +27,13 @@ from typing import Callable
 from cetvm import CetvmError, NotSupportedError
 from cetvm.cpu.blocks import BlockInfo
 from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
+from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 12
+ABI_VERSION = 13
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
+_UC_HOOK_CODE = 1 << 2
 _UC_HOOK_INSN_INVALID = 1 << 14
 
 
@@ -149,8 +151,6 @@ _FIRST_LEN_MASK, _BLOCK_GLOBAL = 0x0F, 0x80
 #: Offset of ``uc_invalidate_tb`` in Unicorn 2.1.4's ``struct uc_struct`` (x86-64): three 4-byte
 #: enums padded to 16 bytes, two 56-byte AddressSpace structures, then 31 function pointers.
 UC_INVALIDATE_TB_OFFSET = 16 + 2 * 56 + 31 * 8
-#: Offset of ``cpu`` (the CPUState) in the same structure: seven more function pointers on.
-UC_CPU_OFFSET = UC_INVALIDATE_TB_OFFSET + 8 * 8
 #: Where the probe of :meth:`NativeCet.filter_exit_invalidation` asks to drop translations
 #: (unmapped when the vCPU is created: nothing is dropped).
 _FILTER_PROBE = 0xFFFF_F000
@@ -178,7 +178,7 @@ def load_library() -> ctypes.CDLL:
         raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (ABI {lib.cetfast_abi()}); "
                          "rebuild it: python -m cetvm.cpu.native.build --force")
     lib.cetfast_new.restype = _VP
-    lib.cetfast_new.argtypes = [_VP, _VP, _VP, _VP, _VP]
+    lib.cetfast_new.argtypes = [_VP, _VP, _VP, _VP, _VP, _VP]
     lib.cetfast_free.argtypes = [_VP]
     lib.cetfast_flush_tlb.argtypes = [_VP]
     lib.cetfast_add_ram.argtypes = [_VP, _U64, _U64, _VP]
@@ -205,7 +205,7 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_filter_exit_invalidation.restype = ctypes.c_int
     lib.cetfast_filter_exit_invalidation.argtypes = [_VP, _U64]
     lib.cetfast_unfilter_exit_invalidation.argtypes = [_VP, _U64]
-    lib.cetfast_enable_serialize.argtypes = [_VP, _VP, _VP]
+    lib.cetfast_enable_serialize.argtypes = [_VP, _VP]
     lib.cetfast_serialized.restype = _U64
     lib.cetfast_serialized.argtypes = [_VP]
     lib.cetfast_filter_probe.argtypes = [ctypes.POINTER(_U64), ctypes.POINTER(_U64)]
@@ -281,7 +281,7 @@ class NativeCet:
         self._classify = classify
         self._callback_error: BaseException | None = None
         self._c_classify = _CLASSIFY(self._classify_trampoline)
-        ptr = self._lib.cetfast_new(_fnptr(uclib.uc_reg_write), _fnptr(uclib.uc_mem_read),
+        ptr = self._lib.cetfast_new(_fnptr(uclib.uc_reg_read), _fnptr(uclib.uc_reg_write), _fnptr(uclib.uc_mem_read),
                                     _fnptr(uclib.uc_mem_write), _fnptr(uclib.uc_emu_stop),
                                     _fnptr(self._c_classify))
         if not ptr:
@@ -340,7 +340,7 @@ class NativeCet:
         then keeps one entry per page: slower stores to RWX pages, same results)."""
         uclib = self._uclib
         handle = self._uc._uch.value
-        cs = ctypes.c_void_p.from_address(handle + UC_CPU_OFFSET).value
+        cs = ctypes.c_void_p.from_address(handle + UC_STRUCT_CPU_OFFSET).value
         try:
             functions = [_fnptr(getattr(uclib, name)) for name in (
                 "x86_cpu_tlb_fill_x86_64", "unicorn_fill_tlb_x86_64", "tlb_set_page_with_attrs_x86_64",
@@ -357,9 +357,15 @@ class NativeCet:
     def install_serialize(self) -> None:
         """Register the C UC_HOOK_INSN_INVALID hook that retires SERIALIZE in the engine (see
         cetfast.c "SERIALIZE"); before any other #UD hook of the engine."""
-        self._lib.cetfast_enable_serialize(self._ptr, _fnptr(self._uclib.uc_reg_read), _fnptr(self._uclib.uc_vmem_read))
+        self._lib.cetfast_enable_serialize(self._ptr, _fnptr(self._uclib.uc_vmem_read))
         self._serialize_hook = add_native_hook(self._uc, _UC_HOOK_INSN_INVALID, self._lib.cetfast_invalid_insn,
                                                self._ptr)
+
+    def add_flags_hook(self, linear: int):
+        """The C UC_HOOK_CODE that makes the flags whole in front of the CMPXCHG8B/16B at
+        ``linear`` (cetfast.c "CMPXCHG8B / CMPXCHG16B flags"; :class:`cetvm.cpu.flag_sync.FlagSync`
+        decides where); its handle."""
+        return add_native_hook(self._uc, _UC_HOOK_CODE, self._lib.cetfast_flags_hook, self._ptr, linear, linear)
 
     @property
     def serialized(self) -> int:
@@ -590,7 +596,6 @@ class NativeCetState:
 #: Saved CPUX86State offsets cetfast.c's event hooks patch (checked in :class:`NativeEvents`).
 _EVENT_MSRS = (0xC000_0080, 0xC000_0081, 0xC000_0082, 0xC000_0084)  # EFER, STAR, LSTAR, FMASK
 _UC_HOOK_INSN = 1 << 1
-_UC_HOOK_CODE = 1 << 2
 _UC_HOOK_INTR = 1 << 0
 #: void hook(uc_engine *, uint32_t intno, void *user_data): UC_HOOK_INTR
 _INTR_HOOK = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint32, _VP)

@@ -97,6 +97,9 @@ class Serial16550:
         self._rx: deque[int] = deque(input_bytes)
         #: The INTR output (e.g. :meth:`cetvm.vmm.devices.irq_lines.IrqLine.set`).
         self.irq = irq
+        #: Told whether THR writes may be buffered (see :attr:`thr_write_unobservable`) each
+        #: time that may have changed; the machine then coalesces them (KVM coalesced PIO).
+        self.on_thr_buffering: Callable[[bool], None] | None = None
         self.reset()
 
     # --- wiring -----------------------------------------------------------------------
@@ -110,6 +113,18 @@ class Serial16550:
         self.divisor = RESET_DIVISOR
         self.last_rbr = 0
         self.thr_ipending = False
+        self._buffering_changed()
+
+    @property
+    def thr_write_unobservable(self) -> bool:
+        """A THR write has no effect the guest can see before its next access to a UART
+        register: no THR-empty interrupt (IER.THRI clear) and no loopback into the receiver
+        (MCR.LOOP clear). Such writes can wait in a buffer until the guest next exits."""
+        return not self.ier & IER_THRI and not self.mcr & MCR_LOOP
+
+    def _buffering_changed(self) -> None:
+        if self.on_thr_buffering is not None:
+            self.on_thr_buffering(self.thr_write_unobservable)
 
     def queue_input(self, data: bytes) -> None:
         """Bytes the guest will read from RBR, in order (raises the received-data interrupt)."""
@@ -228,6 +243,7 @@ class Serial16550:
             self.lcr = value
         elif offset == 4:
             self.mcr = value & 0x1F
+            self._buffering_changed()
         elif offset == 7:
             self.scr = value
         # LSR and MSR writes are ignored (factory test registers).
@@ -237,6 +253,7 @@ class Serial16550:
         self.ier = value & 0x0F
         if self.ier & IER_THRI:
             self.thr_ipending = True
+        self._buffering_changed()
 
     def _write_fcr(self, value: int) -> None:
         """FCR: FIFO enable, receive/transmit FIFO reset (self-clearing), trigger level."""
@@ -272,3 +289,4 @@ class Serial16550:
         self.ier, self.lcr, self.mcr, self.scr, self.fcr = ier, lcr, mcr, scr, fcr
         self.divisor, self.last_rbr, self.thr_ipending = divisor, last_rbr, thr_ipending
         self._rx = deque(rx)
+        self._buffering_changed()
