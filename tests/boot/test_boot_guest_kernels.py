@@ -60,6 +60,7 @@ def test_misaligned_user_access_with_am_and_ac_is_alignment_check(capsys):
     (kvm-unit-tests vmx_exception_test's L2 #AC)."""
     tap = run_green(capsys, "alignment_check")
     assert tap.passed("CR0.AM, RFLAGS.AC, CPL 3: misaligned quadword store -> #AC(0), nothing written")
+    assert tap.passed("RFLAGS.AC restored by SYSRET: misaligned quadword store -> #AC(0)")
     assert tap.passed("aligned quadword store with AC on: no fault")
     assert tap.passed("CR0.AM clear: the misaligned store runs")
 

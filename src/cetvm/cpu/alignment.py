@@ -9,8 +9,9 @@ size, an 80-bit x87 value on 8 bytes. Other sizes (SSE vectors, far pointers, de
 images) are not checked (decision: the SDM leaves several of them model-specific).
 
 Decision: the conditions are checked at every stop of the engine, and the instruction-by-
-instruction mode follows them from there; an IRETQ or SYSRET into user mode stops (cetvm
-emulates them), a POPF that sets RFLAGS.AC inside an engine run takes effect at the next stop.
+instruction mode follows them from there; an IRETQ or SYSRET into user mode with RFLAGS.AC set
+stops (the native event path hands it to Python, which emulates it), a POPF that sets RFLAGS.AC
+inside an engine run takes effect at the next stop.
 """
 
 from __future__ import annotations

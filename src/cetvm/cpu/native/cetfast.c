@@ -1531,6 +1531,7 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
 #define EFER_SCE 1ull
 #define RFLAGS_RF (1ull << 16)
 #define RFLAGS_IF (1ull << 9)
+#define RFLAGS_AC (1ull << 18) /* alignment check [SDM Vol. 1 §3.4.3.3] */
 #define RFLAGS_IRET_MASK 0x257FD5ull /* cetvm.cpu.emulate.RFLAGS_IRET_MASK */
 #define RFLAGS_SYSRET_MASK 0x3C7FD7ull /* cetvm.cpu.emulate.RFLAGS_SYSRET_MASK */
 
@@ -1758,8 +1759,10 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
     e->reg_read(uc, UC_X86_REG_RCX, &rcx);
     e->reg_read(uc, UC_X86_REG_R11, &r11);
     if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || (hflags & HF_CPL_MASK) != 0 || !(hflags & HF_CS64)
-                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)))) {
-        event_hand_over(e, uc, rip); /* #UD / #GP(0): Python raises it; an interrupt window opens */
+                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)) || (r11 & RFLAGS_AC))) {
+        /* #UD / #GP(0): Python raises it; an interrupt window opens; RFLAGS.AC at CPL 3: the
+         * run loop takes up alignment checking (cetvm.cpu.alignment) */
+        event_hand_over(e, uc, rip);
         return;
     }
     uint32_t base = (uint32_t)(ctx_u64(d, UCX_STAR) >> 48) & 0xFFFCu;
@@ -1934,6 +1937,8 @@ void cetfast_iret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *use
     uint64_t out_rflags = (rflags & ~RFLAGS_IRET_MASK) | (new_rflags & RFLAGS_IRET_MASK) | 2;
     if (e->irq_pending && (out_rflags & RFLAGS_IF))
         goto hand_over;
+    if (new_cpl == 3 && (out_rflags & RFLAGS_AC))
+        goto hand_over; /* alignment checking at CPL 3 is the run loop's (cetvm.cpu.alignment) */
     uint64_t ssp = s->ssp;
     int cet_active = s->cr4_cet && ((s->u_cet | s->s_cet) & (CET_SH_STK_EN | CET_ENDBR_EN));
     if (cet_active && iret_ssp(e, uc, new_cpl, new_cs, new_rip, &ssp) < 0)
