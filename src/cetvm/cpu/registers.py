@@ -122,16 +122,20 @@ class Registers:
     @property
     def cr4(self) -> int:
         """The guest's CR4 (the engine's, with the guest's own :data:`ENGINE_FORCED_CR4` bits)."""
-        return (self._uc.reg_read(X.UC_X86_REG_CR4) & ~ENGINE_FORCED_CR4) | self._guest_forced_cr4
+        return (self._read_u64(X.UC_X86_REG_CR4) & ~ENGINE_FORCED_CR4) | self._guest_forced_cr4
 
     # ------------------------------------------------------------------ GPRs
     def read(self, name: str) -> int:
         """A general-purpose register, ``rip`` or ``rflags`` by name (through Unicorn's C API
         into a reused buffer: the binding's reg_read is several times slower, and every exit
         reads a few of these)."""
-        status = uclib.uc_reg_read(self._uc._uch, REG_IDS[name], self._u64_ref)
+        return self._read_u64(REG_IDS[name])
+
+    def _read_u64(self, reg_id: int) -> int:
+        """A 64-bit engine register through Unicorn's C API into the reused buffer."""
+        status = uclib.uc_reg_read(self._uc._uch, reg_id, self._u64_ref)
         if status != 0:
-            raise CetvmError(f"cannot read register {name} (unicorn error {status})")
+            raise CetvmError(f"cannot read register {reg_id} (unicorn error {status})")
         return self._u64.value
 
     def write(self, name: str, value: int) -> None:
@@ -230,7 +234,11 @@ class Registers:
                 self._uc.reg_write(X.UC_X86_REG_FS_BASE if name == "fs" else X.UC_X86_REG_GS_BASE, segments[name].base)
 
     def segment(self, name: str) -> Segment:
-        return ContextBlob.save(self._uc).segment(name)
+        return self.env.segment(name)
+
+    @property
+    def cr0(self) -> int:
+        return self._read_u64(X.UC_X86_REG_CR0)
 
     def write_cr(self, n: int, value: int) -> None:
         """Write CR0/CR2/CR3/CR4/CR8 without checks (CR4: see :data:`ENGINE_FORCED_CR4`)."""

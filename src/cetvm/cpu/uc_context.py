@@ -16,6 +16,7 @@ from typing import Iterator
 
 import unicorn
 from unicorn import Uc
+from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import UC_X86_REG_CR2, UC_X86_REG_CS, UC_X86_REG_RAX
 
 from cetvm import CetvmError
@@ -194,8 +195,10 @@ def cr2_kept(uc: Uc) -> Iterator[None]:
     no #PF for the guest: MMIO and unmapped accesses, mapping and unmapping a scratch page, the
     re-translation of a stale block after a paging change. (Found by a 2-vCPU snapshot: the
     continued machine's AP had CR2 = 0x14, the restored one 0.)"""
-    cr2 = uc.reg_read(UC_X86_REG_CR2)
+    cr2 = ctypes.c_uint64()  # through the C API: every engine run passes here
+    if uclib.uc_reg_read(uc._uch, UC_X86_REG_CR2, ctypes.byref(cr2)) != 0:
+        raise CetvmError("cannot read CR2 from the engine")
     try:
         yield
     finally:
-        uc.reg_write(UC_X86_REG_CR2, cr2)
+        uclib.uc_reg_write(uc._uch, UC_X86_REG_CR2, ctypes.byref(cr2))

@@ -396,7 +396,7 @@ class Vcpu:
 
     @property
     def cr0(self) -> int:
-        return self._uc.reg_read(X.UC_X86_REG_CR0)
+        return self.registers.cr0
 
     @property
     def cr4(self) -> int:
