@@ -541,7 +541,7 @@ def _stack_descriptor(vcpu, selector: int, cpl: int, target_long: bool):
     """SS for a return to ``cpl``: a writable data segment with RPL = DPL = ``cpl``; a null SS
     is allowed for a 64-bit return to CPL 0-2 [SDM IRET 64-bit mode]."""
     if selector & ~3 == 0:
-        if cpl == 3 or not target_long or selector & 3 != cpl:
+        if not target_long or _null_ss_refused(selector, cpl):
             raise gp(0)
         return Segment(selector, 0, 0, cpl << 13)
     desc = read_descriptor(vcpu, selector)
@@ -696,7 +696,8 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
 
 
 def _null_ss_refused(selector: int, cpl: int) -> bool:
-    """64-bit mode: a null SS selector is legal only below CPL 3 and with RPL = CPL."""
+    """64-bit mode: a null SS selector is legal only below CPL 3 and with RPL = CPL (MOV SS and
+    IRET's return to 64-bit mode)."""
     return selector & ~3 == 0 and (cpl == 3 or selector & 3 != cpl)
 
 
