@@ -9,6 +9,11 @@
  *   memory-size bytes.
  * - LAPIC TSC-deadline mode [SDM Vol. 3 §11.5.4.1]: IA32_TSC_DEADLINE fires when the TSC reaches
  *   it, clears itself, 0 disarms, ignored outside the mode.
+ * - VM exits take guest time, as on real KVM where the TSC runs on while the host handles one:
+ *   cetvm's rule is 1 us per exit (KVM's in cetvm.kvm.timekeeping), whoever handles it (a CPUID
+ *   in KVM, a port read in the VMM), charged when the exit happens (a timer programmed by an
+ *   exiting write starts when the exit ends; a HLT pays before the vCPU sleeps). The checks
+ *   that time a stretch with exits in it allow one measured exit cost per exit.
  * Lines starting "# t" print clock values: a deterministic machine prints the same ones on every
  * run and after a snapshot restore. */
 #include "ktest.h"
@@ -80,6 +85,8 @@ static void wait_irq(unsigned vector, u64 n)
 }
 
 static u64 tsc_hz;
+/* TSC ticks one VM exit costs, measured with CPUID (test_exit_cost) */
+static u64 exit_ticks;
 
 struct pvclock_vcpu_time_info {
     u32 version, pad0;
@@ -130,6 +137,61 @@ static void test_rdtsc_monotonic(void)
     kprintf("# t rdtsc %lu .. %lu\n", first, prev);
 }
 
+/* ---------------------------------------------------------------- VM exits take guest time */
+
+/* TSC ticks per iteration of a loop around one instruction: CPUID (an exit KVM handles) or,
+ * with the same registers, NOP (no exit) */
+static u64 ticks_per_cpuid(bool exiting, int n)
+{
+    u64 t0 = rdtsc();
+    for (int i = 0; i < n; i++) {
+        u32 a = 0, b, c = 0, d;
+        if (exiting)
+            __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+        else
+            __asm__ volatile("nop" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    }
+    return (rdtsc() - t0) / n;
+}
+
+#define PIT_CH2 0x42
+#define PIT_CMD 0x43
+#define PORT_B 0x61
+
+/* Polls of port 0x61 until the PIT's channel 2 has counted ``ms`` milliseconds (mode 0: OUT2,
+ * bit 5, rises at the end), at most ``cap`` */
+static u64 pit_polls(unsigned ms, u64 cap)
+{
+    u32 count = 1193182u * ms / 1000;
+    outb(PORT_B, (inb(PORT_B) & ~2u) | 1);  /* gate 2 on, speaker off */
+    outb(PIT_CMD, 0xB0);                   /* channel 2, LSB then MSB, mode 0 */
+    outb(PIT_CH2, count & 0xFF);
+    outb(PIT_CH2, count >> 8);
+    u64 polls = 0;
+    while (!(inb(PORT_B) & 0x20) && polls < cap)
+        polls++;
+    outb(PORT_B, inb(PORT_B) & ~1u);
+    return polls;
+}
+
+static void test_exit_cost(void)
+{
+    const u64 us = tsc_hz / 1000000;
+    u64 with = ticks_per_cpuid(true, 1000), without = ticks_per_cpuid(false, 1000);
+    exit_ticks = with - without;
+    tap_ok(with > without && exit_ticks >= us && exit_ticks <= us + us / 10,
+           "a VM exit (CPUID, handled by KVM) takes 1 us of guest time", "%lu ticks per CPUID loop, %lu per NOP loop",
+           with, without);
+    kprintf("# t exit: %lu TSC ticks\n", exit_ticks);
+
+    /* an exit to the VMM costs the same: a 30 ms PIT count ends after ~30,000 polls of port 0x61
+     * (Linux's verify_pmtmr_rate / pit_calibrate_tsc poll like this); free exits would make
+     * it millions (the cap stops the loop) */
+    u64 polls = pit_polls(30, 40000);
+    tap_ok(polls > 27000 && polls <= 30000, "an I/O exit takes 1 us too: a 30 ms PIT count is ~30,000 polls",
+           "%lu polls", polls);
+}
+
 static void test_tsc_vs_apic_timer(void)
 {
     const u64 count = 100000;  /* APIC bus 1 GHz, divide by 1: 100 us */
@@ -140,7 +202,8 @@ static void test_tsc_vs_apic_timer(void)
     apic_write(APIC_TMICT, (u32)count);
     wait_irq(VEC_ONESHOT, 1);
     u64 ticks = irq_tsc[VEC_ONESHOT] - t0, expect = count * (tsc_hz / 1000000) / 1000;
-    tap_ok(ticks >= expect && ticks < expect + expect / 100,
+    /* the TMICT write is an exit: the count starts when it ends */
+    tap_ok(ticks >= expect + exit_ticks && ticks < expect + expect / 100 + exit_ticks,
            "a 100 us APIC one-shot timer lasts 100 us of TSC (CPUID.15H rate)", "%lu ticks, expected %lu",
            ticks, expect);
     kprintf("# t apic one-shot: %lu TSC ticks\n", ticks);
@@ -186,8 +249,8 @@ static void test_tsc_write(void)
 {
     const u64 target = 1ul << 40;
     wrmsr(MSR_TSC, target);
-    u64 a = rdtsc(), m = rdmsr(MSR_TSC);
-    tap_ok(a >= target && a < target + 1000 && m > a && m < a + 1000,
+    u64 a = rdtsc(), m = rdmsr(MSR_TSC);  /* the RDMSR exits (KVM reads the TSC for it) */
+    tap_ok(a >= target && a < target + 1000 && m > a && m < a + 1000 + exit_ticks,
            "WRMSR IA32_TIME_STAMP_COUNTER: RDTSC and RDMSR continue from the value", "%lu %lu", a, m);
     kprintf("# t after WRMSR TSC: %lu\n", a - target);
 }
@@ -244,11 +307,15 @@ static void test_kvmclock(void)
            ns2 - ns1, tsc2 - tsc1, expect);
     kprintf("# t kvmclock %lu ns at TSC %lu (mul %u shift %d)\n", ns1, tsc1, pvti.tsc_to_system_mul, pvti.tsc_shift);
 
-    /* a TSC write moves the TSC, not kvmclock: KVM republishes the pair */
+    /* a TSC write moves the TSC, not kvmclock: KVM republishes the pair, and kvmclock goes on
+     * from where it was by the time the WRMSR's exit took */
+    u64 tsc_before, before = pvclock_read(&tsc_before);
     wrmsr(MSR_TSC, 1ul << 44);
     u64 tsc3, ns3 = pvclock_read(&tsc3);
-    tap_ok(tsc3 >= 1ul << 44 && ns3 > ns2 && ns3 - ns2 < 100000,
-           "after WRMSR IA32_TSC kvmclock still continues", "%lu ns after %lu", ns3, ns2);
+    u64 exit_ns = exit_ticks * 1000000000ul / tsc_hz;
+    tap_ok(tsc3 >= 1ul << 44 && ns3 > before && ns3 - before < exit_ns + 1000,
+           "after WRMSR IA32_TSC kvmclock still continues", "%lu ns after %lu (an exit is %lu ns)", ns3, before,
+           exit_ns);
 
     wrmsr(MSR_KVM_WALL_CLOCK_NEW, (u64)&wall);
     tap_ok(!(wall.version & 1) && wall.version && wall.sec > 1600000000u && wall.nsec < 1000000000u,
@@ -382,8 +449,9 @@ static void test_tsc_deadline(void)
     u64 t = rdtsc();
     wrmsr(MSR_TSC_DEADLINE, t - 10);
     wait_irq(VEC_DEADLINE, 2);
-    tap_ok(irq_tsc[VEC_DEADLINE] - t < 2000, "a deadline in the past fires at once", "after %lu ticks",
-           irq_tsc[VEC_DEADLINE] - t);
+    /* two exits: the WRMSR, and the HLT of the wait (VMX exits on HLT before the interrupt wakes it) */
+    tap_ok(irq_tsc[VEC_DEADLINE] - t < 2000 + 2 * exit_ticks, "a deadline in the past fires at once",
+           "after %lu ticks", irq_tsc[VEC_DEADLINE] - t);
 
     wrmsr(MSR_TSC_DEADLINE, rdtsc() + 20000);
     wrmsr(MSR_TSC_DEADLINE, 0);
@@ -401,6 +469,7 @@ static void body(void)
     apic_write(APIC_SVR, 0x1FF);
     test_cpuid_rate();
     test_rdtsc_monotonic();
+    test_exit_cost();
     test_tsc_vs_apic_timer();
     test_rdtscp();
     test_cr4_tsd();
@@ -414,6 +483,6 @@ static void body(void)
 void kmain(void)
 {
     kernel_init();
-    tap_plan(27);
+    tap_plan(29);
     cet_kernel_start(body, 0);
 }

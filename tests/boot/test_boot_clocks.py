@@ -1,8 +1,9 @@
 """Acceptance: guests/tests/clocks.c — the clocks a KVM guest kernel uses: a deterministic TSC
 (RDTSC, RDTSCP with TSC_AUX, CR4.TSD, IA32_TSC writes) whose rate CPUID 15H/16H state and the
 APIC timer confirms, kvmclock (pvclock structures behind MSR_KVM_SYSTEM_TIME_NEW /
-WALL_CLOCK_NEW, CPUID 0x40000001), the CMOS RTC and the LAPIC TSC-deadline timer. Guest time is
-instructions retired, so two runs print the same clock values, and a restored snapshot continues
+WALL_CLOCK_NEW, CPUID 0x40000001), the CMOS RTC and the LAPIC TSC-deadline timer, and VM exits
+taking guest time (1 us each). Guest time is instructions retired and exits taken, so two runs
+print the same clock values, and a restored snapshot continues
 the very clocks the saved machine had (the guest prints its TSC/kvmclock/RTC readings)."""
 
 from boot_support import Tap, boot, guest
@@ -28,7 +29,8 @@ def test_every_clock_check_passes_on_an_intel_host(capsys):
     assert result.status == PASS_STATUS, result.err
     assert not tap.skipped()
     assert "# TSC 2000000000 Hz" in result.out
-    for name in ("CPUID.15H states the TSC rate", "100 us APIC one-shot timer lasts 100 us of TSC",
+    for name in ("CPUID.15H states the TSC rate", "a VM exit (CPUID, handled by KVM) takes 1 us of guest time",
+                 "an I/O exit takes 1 us too", "100 us APIC one-shot timer lasts 100 us of TSC",
                  "RDTSCP: ECX = IA32_TSC_AUX", "CR4.TSD = 1 -> #GP(0)", "WRMSR IA32_TIME_STAMP_COUNTER",
                  "publishes pvclock_vcpu_time_info", "kvmclock advances at the TSC", "legacy kvmclock MSRs",
                  "wall clock agrees with the RTC", "RTC seconds advance", "SET freezes the registers",

@@ -85,7 +85,7 @@ def test_ioapic_messages_fixed_lowest_priority_level_and_eoi_broadcast():
 
 def test_the_8259_reaches_only_an_apic_with_lvt0_extint():
     devices = PcDevices.create(32 << 20, nb_cpus=2)
-    clock = GuestClock(lambda: 0)
+    clock = GuestClock(lambda: 0, lambda: 0)
     devices.connect(clock, ApicBus(devices.lapics).deliver_message)
     pic = devices.pic
     for port, value in ((0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xFE)):

@@ -144,7 +144,14 @@ from cetvm.kvm.msr import (
     kvm_set_msr,
     set_one_reg,
 )
-from cetvm.kvm.timekeeping import HostClock, VcpuTime, VmTime, guest_pv_features, guest_shows_tsc_adjust
+from cetvm.kvm.timekeeping import (
+    HostClock,
+    VcpuTime,
+    VmTime,
+    guest_pv_features,
+    guest_shows_tsc_adjust,
+    guest_time_ns,
+)
 from cetvm.kvm.vcpu import VcpuArch
 from cetvm.kvm.vcpu_run import (
     KVM_MSR_EXIT_REASON_VALID_MASK,
@@ -250,13 +257,13 @@ class Vm:
         self.user_space_msr_mask = 0
         self.msr_filter = MsrFilter()
         #: kvm->arch's time (:mod:`cetvm.kvm.timekeeping`); the host clock defaults to the
-        #: instructions the VM's vCPUs retired, at 1 GHz.
-        self.time = VmTime(HostClock(self._instructions_retired))
+        #: guest time the VM's vCPUs spent running (instructions at 1 GHz and their exits).
+        self.time = VmTime(HostClock(self._vcpus_time_ns))
         #: KVM_REGISTER_COALESCED_MMIO zones and the ring (:mod:`cetvm.kvm.coalesced_mmio`)
         self.coalesced_mmio = CoalescedMmio()
 
-    def _instructions_retired(self) -> int:
-        return sum(vcpu.cpu.instructions_retired for vcpu in self._vcpus.values())
+    def _vcpus_time_ns(self) -> int:
+        return sum(guest_time_ns(vcpu.cpu.instructions_retired, vcpu.stat_exits) for vcpu in self._vcpus.values())
 
     # ------------------------------------------------------------------ time
     def set_host_clock(self, monotonic_ns: Callable[[], int], realtime_base_ns: int | None = None,
@@ -265,8 +272,9 @@ class Vm:
         and the real time in ns at monotonic 0), see :mod:`cetvm.kvm.timekeeping`. The VMM sets
         it once, before any vCPU runs (the host TSC must not jump under a running guest).
         ``counts_instructions``: the clock advances 1 ns per instruction a vCPU of this VM
-        retires while it runs and otherwise only between KVM_RUNs (the CPU then computes the
-        TSC natively; a clock that does not keep this promise gives the guest wrong TSCs)."""
+        retires in guest mode and otherwise only outside it — VM exits (:data:`~cetvm.kvm.timekeeping.VM_EXIT_NS`
+        each, see :mod:`cetvm.kvm.timekeeping`), halts, between KVM_RUNs (the CPU then computes
+        the TSC natively; a clock that does not keep this promise gives the guest wrong TSCs)."""
         if not callable(monotonic_ns):
             raise KvmInvalidArgument(f"set_host_clock: monotonic_ns must be callable, got {type(monotonic_ns).__name__}")
         host = self.time.host
@@ -421,6 +429,9 @@ class KvmVcpu:
         self._sipi_vector: int | None = None
         self._hypercall: HypercallExit | None = None
         self._last_run: KvmRun | None = None  # its kvm_run fields are checked at the next run()
+        #: KVM's ``exits`` statistic: the VM exits that cost guest time (the rule of
+        #: :mod:`cetvm.kvm.timekeeping`: all but the budget stop and userspace-only intercepts)
+        self.stat_exits = 0
         #: kvm_run.request_interrupt_window: exit with KVM_EXIT_IRQ_WINDOW_OPEN as soon as an
         #: interrupt can be injected (userspace-owned PIC/APIC, no in-kernel irqchip).
         self.request_interrupt_window = False
@@ -649,12 +660,13 @@ class KvmVcpu:
         return int.from_bytes(self.cpu.read_phys(gpa, 8), "little")
 
     def get_stats(self) -> dict[str, int]:
-        """KVM_GET_STATS_FD, reduced to what cetvm counts: instructions retired by this vCPU.
+        """KVM_GET_STATS_FD, reduced to what cetvm counts: instructions retired by this vCPU and
+        ``exits`` (KVM's statistic, the exits that cost guest time: :mod:`cetvm.kvm.timekeeping`).
 
         Real KVM has no retired-instruction counter; cetvm's CPU has an exact one, which the VMM
         needs for instruction budgets and snapshots at an exact point.
         """
-        return {"instructions": int(self.cpu.instructions_retired)}
+        return {"instructions": int(self.cpu.instructions_retired), "exits": self.stat_exits}
 
     def get_vcpu_events(self) -> QueuedException | None:
         """KVM_GET_VCPU_EVENTS: the exception queued but not yet delivered, if any."""
@@ -807,7 +819,9 @@ class KvmVcpu:
 
     # ------------------------------------------------------------------ run
     def run(self, budget: int | None = None, immediate_exit: bool = False) -> KvmRun:
-        """KVM_RUN: until an exit KVM returns to userspace (``budget``: instructions → INTR)."""
+        """KVM_RUN: until an exit KVM returns to userspace. ``budget``: guest time (ns) → INTR,
+        counted as :func:`~cetvm.kvm.timekeeping.guest_time_ns` of the instructions this run
+        retires and the exits it takes (without exits: a count of instructions)."""
         if budget is not None:
             budget = check_u64("KVM_RUN: budget", budget)
         immediate_exit = check_flag("KVM_RUN: immediate_exit", immediate_exit)
@@ -817,7 +831,7 @@ class KvmVcpu:
         cpu, state = self.cpu, self.state
         # The budget counts from here: completing the previous exit (an OUT, a VMCALL...)
         # retires that instruction, and it belongs to this run.
-        start = cpu.instructions_retired
+        start = cpu.instructions_retired, self.stat_exits
         vmx.kvm_load_guest_fpu(state, cpu)
         try:
             self._accept_events()
@@ -868,10 +882,11 @@ class KvmVcpu:
                 self.cpu.set_exit_result(data=part.data)
         self.cpu.complete_pending_exit()
 
-    def _run_loop(self, budget: int | None, start: int) -> KvmRun:
+    def _run_loop(self, budget: int | None, start: tuple[int, int]) -> KvmRun:
         cpu, state, host = self.cpu, self.state, self.host_cpu
         while True:
-            left = None if budget is None else max(0, budget - (cpu.instructions_retired - start))
+            left = None if budget is None else max(0, budget - guest_time_ns(cpu.instructions_retired - start[0],
+                                                                             self.stat_exits - start[1]))
             # kvm_check_and_inject_events: the window exit userspace asked for, when it has no
             # interrupt queued (the CPU takes a queued one itself once the window opens)
             vmx.vmx_set_irq_window(state, self.request_interrupt_window and cpu.pending_interrupt is None)
@@ -891,6 +906,8 @@ class KvmVcpu:
             vmx.vmx_vcpu_exit(state, cpu, host)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
                 continue  # the instruction KVM emulated (force-emulation prefix) or L1 stepped retired
+            if self._exit_costs_guest_time(exit_):
+                self.stat_exits += 1
             result = self._handle_exit(exit_)
             if result is not None:
                 return result
@@ -901,6 +918,18 @@ class KvmVcpu:
                 # vcpu_run(): userspace waits to inject and now may (e.g. L1 entered an L2 that
                 # exits on external interrupts, whatever RFLAGS.IF says)
                 return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
+
+    def _exit_costs_guest_time(self, exit_: VmExit) -> bool:
+        """The rule of :mod:`cetvm.kvm.timekeeping`: every exit costs VM_EXIT_NS but cetvm's
+        budget stop and an exception only userspace intercepts (KVM's own #UD intercept and an
+        L2 exception L1 may want are exits the guest's execution makes)."""
+        if exit_.reason is ExitReason.BUDGET:
+            return False
+        exc = exit_.exception
+        if exit_.reason is ExitReason.EXCEPTION and exc is not None and not self.nested.guest_mode:
+            vector = exc.vector
+            return not self._user_exception_bitmap >> vector & 1 or bool(self._kvm_exception_bitmap >> vector & 1)
+        return True
 
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
         reason = exit_.reason

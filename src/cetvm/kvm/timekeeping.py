@@ -9,7 +9,35 @@ The host clock (a decision; cetvm has no host time of its own): KVM reads the ho
 real time at monotonic 0 (``realtime_base_ns``, what ktime_get_real adds). The VMM owns guest
 time (instructions retired plus halted time skipped, :class:`cetvm.vmm.irq.GuestClock`), so it
 hands its clock to the VM (:meth:`cetvm.kvm.api.Vm.set_host_clock`); until it does, the host
-clock is the instructions all vCPUs of the VM retired, at 1 GHz. The clock must be monotonic.
+clock is the guest time all vCPUs of the VM spent running (:func:`guest_time_ns`: instructions at
+1 GHz plus their VM exits). The clock must be monotonic.
+
+Guest time of a VM exit (a decision): every VM exit costs :data:`VM_EXIT_NS` (1 µs, 2,000 ticks of
+the 2 GHz TSC) of the VM's clock. On real KVM an exit takes host time, and the guest's TSC runs
+on through it: on Sapphire Rapids an exit KVM handles itself (CPUID, VMCALL, an MSR) round-trips
+in about 1,000-2,000 cycles, one that goes to the VMM (port I/O to QEMU) several times that.
+cetvm's clocks count retired instructions (1 ns each: deterministic guest time), so without a
+charge an exit would take no guest time at all, and a guest that measures exits
+(kvm-unit-tests' vmexit.flat loops until 2^30 TSC cycles pass) or polls a device until time
+passes (Linux polling the PIT for 30-50 ms) would run tens of millions of them. The rule:
+
+- which: every exit the CPU takes from guest mode (KVM's ``exits`` statistic, KVM_GET_STATS),
+  whatever its reason and whether KVM or the VMM handles it, with two exceptions that are not
+  the guest's doing: cetvm's budget stop (the stand-in for a signal kicking the vCPU out of
+  KVM_RUN: where it falls depends on the VMM's slices and wall-clock timeout) and an exception
+  intercepted only for userspace (``KvmVcpu.set_exception_intercepts``: observing a guest, as
+  ``--cet-report`` does, leaves its time unchanged). One cost for every reason: the guest-visible
+  figure is "about a microsecond per exit", not a model of each handler.
+- when: at the exit. KVM's handler and the VMM see the time the exit ends (the exiting
+  instruction's time + VM_EXIT_NS), and the guest resumes at it: a timer an exiting write
+  programs starts VM_EXIT_NS after the instruction; a HLT pays its exit before the vCPU halts,
+  so a timer waking it adds nothing.
+- deterministic: guest time is :func:`guest_time_ns` of the counts (instructions, exits) plus
+  halted time; the same run gives the same guest time whatever the host's speed, snapshots keep
+  the counts, and the VM's clock (the sum over its vCPUs) stays monotonic.
+- KVM_RUN's budget is guest time (``KvmVcpu.run``): a run ends once its retired instructions
+  and its exits add up to it, so a run the VMM bounds by the next timer event ends there even
+  when the guest exits in a loop.
 
 The host TSC runs at :data:`DEFAULT_TSC_KHZ` (2 GHz, exact: two ticks per nanosecond of the
 host clock, so TSC, APIC timer and kvmclock agree to the tick); guests get it unscaled
@@ -73,6 +101,8 @@ if TYPE_CHECKING:
     from cetvm.cpu.vcpu import Vcpu
     from cetvm.cpuid.model import CpuidModel
 
+#: Guest time (ns) one VM exit costs (module docstring, "Guest time of a VM exit").
+VM_EXIT_NS = 1_000
 #: The host TSC frequency (kHz): 2 GHz (module docstring).
 DEFAULT_TSC_KHZ = 2_000_000
 #: The real time at host monotonic 0 unless the VMM says otherwise: 2024-01-01T00:00:00Z.
@@ -88,6 +118,12 @@ TIME_MSRS = frozenset(KVMCLOCK_MSRS) | {int(Msr.IA32_TIME_STAMP_COUNTER), int(Ms
 #: KVM_GET_MSR_INDEX_LIST's emulated_msrs for kvmclock (KVM lists all four).
 KVMCLOCK_EMULATED_MSRS: tuple[int, ...] = tuple(sorted(KVMCLOCK_MSRS))
 _PAGE = 0x1000
+
+
+def guest_time_ns(instructions: int, exits: int) -> int:
+    """Guest time (ns) a vCPU spends running: 1 ns per retired instruction (the clocks' nominal
+    1 GHz) and VM_EXIT_NS per VM exit (module docstring)."""
+    return instructions + exits * VM_EXIT_NS
 
 
 #: CPUID leaf of KVM's paravirtual features.
@@ -112,9 +148,10 @@ class HostClock:
     monotonic_ns: Callable[[], int]
     realtime_base_ns: int = DEFAULT_REALTIME_BASE_NS
     tsc_khz: int = DEFAULT_TSC_KHZ
-    #: The clock advances 1 ns per instruction a vCPU of the VM retires while it runs, and
-    #: otherwise only between runs (KVM's default clock and the VMM's guest time do): the CPU
-    #: then extrapolates the TSC natively during a run (:mod:`cetvm.cpu.tsc`).
+    #: The clock advances 1 ns per instruction a vCPU of the VM retires in guest mode, and
+    #: otherwise only outside it (exits, halts; KVM's default clock and the VMM's guest time
+    #: do): the CPU then extrapolates the TSC natively between VM entry and exit
+    #: (:mod:`cetvm.cpu.tsc`).
     counts_instructions: bool = True
 
     def tsc(self) -> int:

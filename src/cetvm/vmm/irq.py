@@ -21,7 +21,9 @@ wake (IF = 0, or no timer counting and nothing pending) stops.
 
 Guest time is one clock per machine: the instructions retired by all vCPUs together count at
 1 GHz (with N busy vCPUs each one's code runs at 1/N GHz of guest time, as on one host core
-time-slicing them), plus the time skipped while every vCPU was halted. Every timer counts
+time-slicing them), their VM exits 1 µs each (KVM's rule, :mod:`cetvm.kvm.timekeeping`: so a
+guest polling a device, e.g. the PIT's counter, sees time pass at a realistic rate per poll),
+plus the time skipped while every vCPU was halted. Every timer counts
 in it, so timer interrupts land at the same total instruction count on every run. It is also
 the host clock the machine hands its KVM (:meth:`cetvm.kvm.api.Vm.set_host_clock`): the vCPUs'
 TSCs (2 ticks per ns, plus each vCPU's offset) and kvmclock count in it, and so does the CMOS
@@ -35,24 +37,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from cetvm.kvm.api import guest_time_ns
 from cetvm.vmm.devices.lapic import LocalApic
 
 
 @dataclass
 class GuestClock:
-    """Guest time in ns: instructions retired at a nominal 1 GHz plus the time skipped while the
-    vCPU halted (``halted_ns``, saved in snapshots). See :mod:`cetvm.vmm.devices.apic_timer`."""
+    """Guest time in ns: the time the vCPUs spent running — ``instructions`` retired at a
+    nominal 1 GHz and ``exits`` (VM exits, KVM's guest-time rule :func:`guest_time_ns`), both
+    counted since the machine first started — plus the time skipped while the vCPUs halted
+    (``halted_ns``, saved in snapshots). See :mod:`cetvm.vmm.devices.apic_timer`."""
 
     instructions: Callable[[], int]
+    exits: Callable[[], int]
     halted_ns: int = 0
 
     def __call__(self) -> int:
-        return self.instructions() + self.halted_ns
-
-    def stall(self, ns: int) -> None:
-        """The running vCPU waits ``ns`` on a slow device access (an ISA bus cycle): guest time
-        moves on without instructions (kept in ``halted_ns`` with the halted time)."""
-        self.halted_ns += ns
+        return guest_time_ns(self.instructions(), self.exits()) + self.halted_ns
 
     def skip_to(self, when: int) -> None:
         """Let guest time jump to ``when`` (a halted vCPU waiting for its timer)."""

@@ -8,7 +8,8 @@ KVM_CREATE_VCPU + KVM_SET_CPUID2 (:func:`~cetvm.vmm.config.guest_cpuid`) → the
 with KVM_SET_SREGS / KVM_SET_REGS → :class:`~cetvm.vmm.run_loop.RunLoop`.
 
 Snapshots (:meth:`Machine.save` / :meth:`Machine.restore`): one :mod:`cetvm.vmm.snapshot` file
-with the machine config (its vCPU count included), the instruction count, the scheduler's state,
+with the machine config (its vCPU count included), the instruction and VM-exit counts and the
+halted time (guest time), the scheduler's state,
 every vCPU's state with its MP state (:mod:`cetvm.vmm.snapshot_io`), the device registers (one
 local APIC per vCPU) and every RAM region (section ``ram@<addr>``). A restored machine is built
 from the saved config (so its CPUID and MSR index list are the same) and continues exactly where
@@ -190,9 +191,12 @@ class Machine:
         self.apic_bus = ApicBus(self.devices.lapics, init=self._deliver_init, sipi=self._deliver_sipi,
                                 smi=self._deliver_smi)
         self.boot_plan: BootPlan | None = None
-        #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz + halted time.
-        #: It is also KVM's host clock (the TSC and kvmclock count in it, cetvm.kvm.timekeeping).
-        self.clock = GuestClock(lambda: self.instructions)
+        #: VM exits before this machine object started (a restored snapshot's count).
+        self._exits_done = 0
+        #: Guest time for the devices (cetvm.vmm.irq): instructions of all vCPUs at 1 GHz, their
+        #: VM exits (KVM's guest-time rule) + halted time. It is also KVM's host clock (the TSC
+        #: and kvmclock count in it, cetvm.kvm.timekeeping).
+        self.clock = GuestClock(lambda: self.instructions, lambda: self.exits)
         for apic, vcpu in zip(self.devices.lapics, self.vcpus):
             apic.tsc = functools.partial(guest_tsc, vcpu)
             apic.tsc_khz = vcpu.get_tsc_khz()
@@ -300,6 +304,11 @@ class Machine:
         """Instructions executed since the machine first started (across snapshots)."""
         return self._loop.instructions
 
+    @property
+    def exits(self) -> int:
+        """VM exits that cost guest time since the machine first started (across snapshots)."""
+        return self._exits_done + sum(vcpu.get_stats()["exits"] for vcpu in self.vcpus)
+
     def run(self, timeout: float | None = None, max_instructions: int | None = None,
             save_at: int | None = None, progress: Callable[[int, float], None] | None = None) -> RunResult:
         """Run until the guest stops the machine or a limit is reached (see RunLimits);
@@ -332,7 +341,7 @@ class Machine:
         manifest = {
             "kind": SNAPSHOT_KIND,
             "machine": self.config.to_manifest(),
-            "run": {"instructions": self.instructions, "halted_ns": self.clock.halted_ns,
+            "run": {"instructions": self.instructions, "exits": self.exits, "halted_ns": self.clock.halted_ns,
                     "kvmclock": self.vm.get_clock(), "scheduler": self._loop.get_state()},
             "vcpus": vcpu_states,
             "devices": self.devices.get_state(),
@@ -373,11 +382,12 @@ class Machine:
         run = manifest.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("instructions"), int):
             raise InputError(f"{name}: snapshot has no run.instructions count")
-        halted = run.get("halted_ns", 0)
-        if isinstance(halted, bool) or not isinstance(halted, int) or halted < 0:
-            raise InputError(f"{name}: snapshot run.halted_ns must be a non-negative integer, got {halted!r}")
+        for key in ("halted_ns", "exits"):  # (absent from snapshots before halts / exit costs)
+            value = run.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{name}: snapshot run.{key} must be a non-negative integer, got {value!r}")
         # Guest time first: the vCPUs' TSCs and kvmclock are restored against it.
-        machine.clock.halted_ns = halted
+        machine.clock.halted_ns, machine._exits_done = run.get("halted_ns", 0), run.get("exits", 0)
         machine._loop = machine._run_loop(run["instructions"])
         for index, (vcpu, state) in enumerate(zip(machine.vcpus, vcpus)):
             restore_vcpu(vcpu, state, blobs, index)

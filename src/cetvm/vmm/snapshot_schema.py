@@ -21,7 +21,7 @@ kind                   "cetvm-machine"
 machine                object: memory (int), cet (str), cmdline (str), modules (list of
                        str), and either cpu (built-in model name) or cpu_model (CPUID
                        JSON object) with an optional host object
-run                    instructions, halted_ns: 0..2^64-1
+run                    instructions, exits, halted_ns: 0..2^64-1
 vcpus                  a list of machine.smp (1..8) vCPU states
 vcpus[0].regs          every general-purpose register, rip and rflags: 0..2^64-1
 vcpus[0].sregs         segments {selector 16 bits, base 64, limit 32, attributes 32
@@ -260,7 +260,7 @@ DEVICES = obj({"serial": any_object, "shutdown": any_object, "fw_cfg": any_objec
                "lapics": list_of(any_object, 1, MAX_VCPUS)},
               {"rtc": any_object, "ioapic": any_object, "pit": any_object, "pm1": any_object,
                 "irq_lines": any_object, "apm": any_object})
-RUN = obj({"instructions": unsigned(64)}, {"halted_ns": unsigned(64), "kvmclock": unsigned(64),
+RUN = obj({"instructions": unsigned(64)}, {"exits": unsigned(64), "halted_ns": unsigned(64), "kvmclock": unsigned(64),
                                            "scheduler": any_object})
 RAM_REGION = obj({"addr": unsigned(64), "size": unsigned(64), "section": text(64)})
 MANIFEST = obj({"kind": one_of(SNAPSHOT_KIND), "machine": machine, "run": RUN,

@@ -53,11 +53,9 @@ class PerCpuApicPage:
 
 class DeviceClock(Protocol):
     """The machine's guest clock as devices use it (:class:`cetvm.vmm.irq.GuestClock`): the
-    time in ns, and ``stall(ns)`` for a device access that takes guest time."""
+    time in ns."""
 
     def __call__(self) -> int: ...
-
-    def stall(self, ns: int) -> None: ...
 
 
 def _time_zero() -> int:
@@ -94,12 +92,10 @@ class PcDevices:
             apic.eoi_sink = self.ioapic.eoi
 
     def connect(self, clock: DeviceClock, deliver: Callable[[InterruptMessage], bool]) -> None:
-        """Give the timers the machine's guest clock (ns; the PIT's port accesses take guest
-        time from it) and the I/O APIC the APIC bus."""
+        """Give the timers the machine's guest clock (ns) and the I/O APIC the APIC bus."""
         for apic in self.lapics:
             apic.clock = clock
         self.pit.clock_ns = clock
-        self.pit.io_wait = clock.stall
         self.pm_timer.clock_ns = clock
         self.rtc.clock = clock
         self.ioapic.deliver = deliver

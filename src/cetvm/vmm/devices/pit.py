@@ -32,9 +32,8 @@ polls it (:meth:`Pit.poll`) and ends run slices at :meth:`Pit.next_event` (guest
 interrupt lands at the same instruction count on every run; edges the VMM did not observe in
 time are coalesced into one pulse (as the APIC timer's).
 
-Access time (a decision): every access to ports 0x40-0x43 and 0x61 takes :data:`ISA_IO_NS`
-(1 µs) of guest time (``io_wait``), as an ISA bus I/O cycle does on a PC — and as an I/O exit to
-the VMM does under KVM, where guest time is host time. A guest polling the PIT then sees it
+Access time: every access to ports 0x40-0x43 and 0x61 is an I/O exit, and a VM exit costs guest
+time (1 µs, KVM's rule: :mod:`cetvm.kvm.timekeeping`), so a guest polling the PIT sees it
 advance at a realistic rate per poll: Linux polls port 0x61 or the counter for 30-50 ms to check
 its PM timer (verify_pmtmr_rate) or calibrate the TSC (pit_calibrate_tsc), which at 1 ns per
 instruction alone would take millions of exits.
@@ -59,8 +58,6 @@ PIT_HZ = 1_193_182
 NS_PER_S = 1_000_000_000
 REFRESH_HALF_PERIOD_NS = 15_085
 PIT_CHANNELS = 3
-#: Guest time one access to the PIT's ports takes (an ISA I/O cycle, about 1 µs).
-ISA_IO_NS = 1_000
 
 # Control word [8254: "Control Word Format"]
 CW_SELECT_SHIFT = 6
@@ -285,22 +282,14 @@ class PitChannel:
 class Pit:
     """The 8254 with its three channels, port 0x61, and IRQ 0 (``irq0``: called for one pulse)."""
 
-    def __init__(self, clock_ns: Callable[[], int], irq0: Callable[[], None] | None = None,
-                 io_wait: Callable[[int], None] | None = None) -> None:
+    def __init__(self, clock_ns: Callable[[], int], irq0: Callable[[], None] | None = None) -> None:
         self.clock_ns = clock_ns
         self.irq0 = irq0
-        #: Called with ISA_IO_NS on each port access (the machine's GuestClock.stall).
-        self.io_wait = io_wait
         self.channels = [PitChannel(gate=(i != 2)) for i in range(PIT_CHANNELS)]
         self.speaker = False
 
     def now(self) -> int:
         return ns_to_ticks(self.clock_ns())
-
-    def bus_cycle(self) -> None:
-        """One access to the PIT's ports: ISA_IO_NS of guest time (module docstring)."""
-        if self.io_wait is not None:
-            self.io_wait(ISA_IO_NS)
 
     # --- IRQ 0 -----------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -321,13 +310,11 @@ class Pit:
 
     # --- ports 0x40-0x43 --------------------------------------------------------------------------
     def pio_read(self, offset: int, size: int) -> int:
-        self.bus_cycle()
         if offset == PIT_CONTROL:
             return 0xFF  # the control register is write-only (no data driven on the bus)
         return self.channels[offset].read_data(self.now())
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
-        self.bus_cycle()
         value &= 0xFF
         now = self.now()
         if offset != PIT_CONTROL:
@@ -379,7 +366,6 @@ class SystemControlPortB:
         self.pit = pit
 
     def pio_read(self, offset: int, size: int) -> int:
-        self.pit.bus_cycle()
         ns = self.pit.clock_ns()
         channel = self.pit.channels[2]
         return ((PORT_B_GATE2 if channel.gate else 0) | (PORT_B_SPEAKER if self.pit.speaker else 0)
@@ -387,6 +373,5 @@ class SystemControlPortB:
                 | (PORT_B_OUT2 if channel.out(self.pit.now()) else 0))
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
-        self.pit.bus_cycle()
         self.pit.speaker = bool(value & PORT_B_SPEAKER)
         self.pit.channels[2].set_gate(bool(value & PORT_B_GATE2), self.pit.now())
