@@ -565,7 +565,7 @@ static void activity_state_tests(void)
     cli();
     lapic_write(LAPIC_TIMER_DCR, 0xB);
     lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR);
-    lapic_write(LAPIC_TIMER_ICR, 20000);
+    lapic_write(LAPIC_TIMER_ICR, 1000000);  /* 1 ms: L1's VMREADs/VMWRITEs exit, 1 us of guest time each */
     setup_vmcs(false, false);
     l2_cmd = L2_NOP;
     vmwrite(PIN_CTLS, ctl(MSR_VMX_TRUE_PIN, PIN_EXT_INTR_EXITING));
@@ -578,7 +578,7 @@ static void activity_state_tests(void)
            "entry in the HLT activity state: L2 halts until the timer interrupt exits to L1",
            "reason 0x%lx info 0x%lx rip 0x%lx", reason, info, vmread(GUEST_RIP));
     /* an L2 HLT that L1 does not intercept halts the vCPU (KVM_EXIT_HLT for the VMM) until then */
-    lapic_write(LAPIC_TIMER_ICR, 20000);
+    lapic_write(LAPIC_TIMER_ICR, 1000000);
     reason = launch(L2_HLT, PIN_EXT_INTR_EXITING, EXIT_ACK_INTR);
     info = vmread(EXIT_INTR_INFO);
     lapic_eoi();

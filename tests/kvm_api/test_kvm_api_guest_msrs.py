@@ -14,7 +14,7 @@ GP = (13, 0)
 
 def test_cet_msrs_with_guest_cet_pass_through_and_fault_architecturally():
     g = make_guest("cet_msrs")
-    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=1_000_000).exit_reason is KvmExitReason.HLT
     # misaligned PL3_SSP, U_CET reserved bit 6, non-canonical INT_SSP_TAB
     assert g.log() == [GP, GP, GP]
     assert g.slot(0) == 0x7F00_0000_1000 and g.slot(1) == 0x7F00_0000_1000  # bad write changed nothing
@@ -43,14 +43,14 @@ def test_interception_follows_guest_cpuid():
 
 def test_guest_without_cet_cpuid_gets_gp_on_every_cet_msr():
     g = make_guest("cet_msrs", shstk=False, ibt=False)
-    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=1_000_000).exit_reason is KvmExitReason.HLT
     assert g.log() == [GP] * 12  # 7 WRMSR + 5 RDMSR
     assert all(g.slot(n) == 0xDEADBEEF for n in range(5))  # no RDMSR completed
 
 
 def test_state_lives_in_vmcs_and_xstate_after_run():
     g = make_guest("cet_msrs")
-    g.vcpu.run(budget=10_000)
+    g.vcpu.run(budget=1_000_000)
     state = g.vcpu.state
     assert not state.fpu.loaded  # kvm_put_guest_fpu on the way out of KVM_RUN
     assert state.fpu.xstate_bv & 0x1800 == 0x1800  # CET_U (PL3_SSP) and CET_S (PL0_SSP) in use
@@ -60,7 +60,7 @@ def test_state_lives_in_vmcs_and_xstate_after_run():
 
 def test_host_s_cet_restored_on_every_exit():
     g = make_guest("cet_msrs")
-    g.vcpu.run(budget=10_000)
+    g.vcpu.run(budget=1_000_000)
     host = g.kvm.host_cpu
     assert host.exits > 0
     assert host.s_cet == 0 and host.ssp == 0 and host.intr_ssp_table == 0

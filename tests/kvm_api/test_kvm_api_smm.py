@@ -96,7 +96,7 @@ def test_rsm_returns_with_ssp_cet_msrs_and_cr4_as_they_were():
     g = smm_guest()
     before_sregs, before_regs = g.vcpu.get_sregs(), g.vcpu.get_regs()
     enter_smm(g)
-    run = g.vcpu.run(budget=100)
+    run = g.vcpu.run(budget=10_000)
     assert run.exit_reason is KvmExitReason.HLT and run.rip == CODE + 2
     assert g.vcpu.get_vcpu_events_smi() == SmiEvents()
     assert g.vcpu.get_one_reg(KVM_REG_GUEST_SSP_ID) == SSP
@@ -112,7 +112,7 @@ def test_rsm_with_a_bad_saved_ssp_shuts_the_vm_down(bad_ssp):
     g = smm_guest()
     enter_smm(g)
     g.vm.put_memory(SMBASE + 0xFF18, struct.pack("<Q", bad_ssp))  # the handler scribbles on SMRAM
-    run = g.vcpu.run(budget=100)
+    run = g.vcpu.run(budget=10_000)
     assert run.exit_reason is KvmExitReason.SHUTDOWN
     assert "SSP" in run.detail and f"{bad_ssp:#x}" in run.detail
     assert not g.vcpu.get_vcpu_events_smi().smm
@@ -123,14 +123,14 @@ def test_without_guest_shstk_the_map_has_no_ssp_and_rsm_ignores_the_field():
     enter_smm(g)
     assert smram(g, 0xFF18) == 0
     g.vm.put_memory(SMBASE + 0xFF18, struct.pack("<Q", 0x1235))
-    assert g.vcpu.run(budget=100).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
 
 
 def test_rsm_outside_smm_is_ud_for_the_guest():
     g = smm_guest(shstk=False)  # (event delivery with S_CET.SH_STK_EN would need a real shadow stack)
     g.vm.put_memory(CODE, bytes([0x0F, 0xAA]))
     g.vm.put_memory(CODE + 0x40, bytes([0xF4]))  # the #UD gate of conftest's IDT: HLT there
-    run = g.vcpu.run(budget=100)
+    run = g.vcpu.run(budget=10_000)
     assert run.exit_reason is KvmExitReason.HLT and run.rip == CODE + 0x40
 
 
@@ -142,7 +142,7 @@ def test_a_vcpu_saved_in_smm_returns_from_rsm_in_a_fresh_vm():
     vcpu = fresh_copy(g).vcpu
     restore_vcpu_state(vcpu, state)
     assert vcpu.get_vcpu_events_smi().smm and vcpu.get_regs().rip == 0x8001
-    run = vcpu.run(budget=100)
+    run = vcpu.run(budget=10_000)
     assert run.exit_reason is KvmExitReason.HLT and run.rip == CODE + 2
     assert vcpu.get_one_reg(KVM_REG_GUEST_SSP_ID) == SSP and vcpu.get_sregs().cr4 & Cr4.CET
 
@@ -157,7 +157,7 @@ def test_smbase_is_host_only_msr_0x9e_relocates_the_smi_and_survives_init():
     enter_smm(g)
     assert g.vcpu.get_sregs().cs.base == 0x50000 and smram(g, 0xFF00, 4, smbase=0x50000) == 0x50000
     g.vm.put_memory(0x50000 + 0xFF00, struct.pack("<I", 0x60000))  # the handler relocates SMBASE
-    assert g.vcpu.run(budget=100).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
     assert g.vcpu.get_msrs([0x9E]) == [(0x9E, 0x60000)]
     g.vcpu.set_mp_state(MpState.INIT_RECEIVED)
     g.vcpu.run(immediate_exit=True)
@@ -207,13 +207,13 @@ def test_the_map_saves_the_guests_own_cr0_and_cr4_writes_and_rsm_restores_them()
     g.vm.put_memory(CODE, bytes([0x0F, 0x20, 0xC0, 0x48, 0x0D, 0x00, 0x00, 0x04, 0x00, 0x0F, 0x22, 0xC0,   # CR0 |= AM
                                  0x0F, 0x20, 0xE0, 0x48, 0x0D, 0x00, 0x00, 0x01, 0x00, 0x0F, 0x22, 0xE0,   # CR4 |= FSGSBASE
                                  0xF4, 0x90, 0x90, 0xF4]))
-    assert g.vcpu.run(budget=100).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
     cr0, cr4 = g.vcpu.get_sregs().cr0, g.vcpu.get_sregs().cr4
     assert cr0 & Cr0.AM and cr4 & Cr4.FSGSBASE
     g.vcpu.run(immediate_exit=True)  # the HLT retires (outside the next run's budget)
     enter_smm(g)
     assert (smram(g, 0xFF58), smram(g, 0xFF48)) == (cr0, cr4)
-    assert g.vcpu.run(budget=100).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
     assert (g.vcpu.get_sregs().cr0, g.vcpu.get_sregs().cr4) == (cr0, cr4)
 
 
@@ -228,5 +228,5 @@ def test_rsm_refuses_a_map_kvms_setters_refuse_with_a_shutdown(offset, value, wh
     g = smm_guest()
     enter_smm(g)
     g.vm.put_memory(SMBASE + offset, struct.pack("<Q", value))
-    run = g.vcpu.run(budget=100)
+    run = g.vcpu.run(budget=10_000)
     assert run.exit_reason is KvmExitReason.SHUTDOWN and why in run.detail

@@ -17,7 +17,7 @@ LEGACY = 576
 
 def test_guest_xss_and_xcr0_writes_change_cpuid_leaf_d():
     g = make_guest("xss_cpuid")
-    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=1_000_000).exit_reason is KvmExitReason.HLT
     assert g.slot(0) == LEGACY                       # 0xD.1 EBX, XCR0 = x87, XSS = 0
     assert g.slot(1) == LEGACY + 16 + 24             # after WRMSR XSS = CET_U | CET_S
     assert g.slot(2) == 0x1800                       # PT write refused
@@ -32,7 +32,7 @@ def test_guest_xss_and_xcr0_writes_change_cpuid_leaf_d():
 
 def test_cr4_cet_rules_in_the_guest():
     g = make_guest("cr4_cet")
-    g.vcpu.run(budget=10_000)
+    g.vcpu.run(budget=1_000_000)
     assert g.log() == [GP, GP]          # CR4.CET without WP; clearing WP under CR4.CET
     assert not g.slot(0) & Cr4.CET
     assert g.slot(1) & Cr4.CET
@@ -41,7 +41,7 @@ def test_cr4_cet_rules_in_the_guest():
 
 def test_cr4_cet_reserved_without_guest_cet():
     g = make_guest("cr4_cet", shstk=False, ibt=False)
-    g.vcpu.run(budget=10_000)
+    g.vcpu.run(budget=1_000_000)
     assert g.log() == [GP, GP]          # both CR4.CET attempts
     assert not g.slot(1) & Cr4.CET
     assert not g.slot(2) & (1 << 16)    # clearing WP is fine without CR4.CET
@@ -68,6 +68,6 @@ def test_xsaves_follows_the_guest_cpuid(xsaves):
     cpuid = g.kvm.get_supported_cpuid()
     cpuid.set_feature("xsaves", xsaves)
     g.vcpu.set_cpuid(cpuid)
-    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
+    assert g.vcpu.run(budget=1_000_000).exit_reason is KvmExitReason.HLT
     assert g.slot(0) == 1
     assert [vector for vector, _ in g.log()] == ([] if xsaves else [6])
