@@ -20,6 +20,19 @@ APIC_BASE_ADDR_MASK = ~0xFFF
 X2APIC_MSR_FIRST = 0x800
 X2APIC_MSR_LAST = 0x8FF
 X2APIC_MSRS = range(X2APIC_MSR_FIRST, X2APIC_MSR_LAST + 1)
+#: CR8 holds the task-priority class, TPR[7:4], in bits 3:0; bits 63:4 are reserved (MOV to CR8
+#: #GP) [SDM Vol. 3 §11.8.6.1 "Interaction of Task Priorities between CR8 and APIC"].
+CR8_TPR_CLASS = 0xF
+
+
+def cr8_from_tpr(tpr: int) -> int:
+    """CR8 as the APIC's TPR gives it: TPR[7:4] [SDM Vol. 3 §11.8.6.1]."""
+    return (tpr >> 4) & CR8_TPR_CLASS
+
+
+def tpr_from_cr8(cr8: int) -> int:
+    """The TPR a write of CR8 leaves: TPR[7:4] = CR8[3:0], TPR[3:0] = 0 [SDM Vol. 3 §11.8.6.1]."""
+    return (cr8 & CR8_TPR_CLASS) << 4
 
 
 class ApicMode(enum.Enum):

@@ -16,6 +16,7 @@ from iced_x86 import Code, CodeSize, Instruction, Mnemonic as M, OpKind, Registe
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
+from cetvm.arch.apic import CR8_TPR_CLASS
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
@@ -26,7 +27,7 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.decode import is_mov_from_cr4, is_mov_to_ss
+from cetvm.cpu.decode import is_mov_from_cr4, is_mov_from_cr8, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
@@ -42,7 +43,7 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 def can_emulate(instr: Instruction) -> bool:
     return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
-            or is_mov_to_ss(instr) or _is_far_transfer(instr))
+            or is_mov_from_cr8(instr) or is_mov_to_ss(instr) or _is_far_transfer(instr))
 
 
 def emulate(vcpu, instr: Instruction) -> VmExit | None:
@@ -52,6 +53,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
             handler = mov_to_cr
         elif is_mov_from_cr4(instr):
             handler = mov_from_cr4
+        elif is_mov_from_cr8(instr):
+            handler = mov_from_cr8
         elif _is_far_transfer(instr):
             handler = far_transfer
         elif is_mov_to_ss(instr):
@@ -360,7 +363,7 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
     and clearing CR0.WP with CR4.CET=1 → #GP(0). A write changing a bit the VMCS's CR0/CR4
     guest/host mask gives the hypervisor exits first (:func:`cr_write_exit`). CR0 bits 63:32,
     or clearing CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine
-    lost its mappings). Other reserved-bit checks are Unicorn's business and are not
+    lost its mappings); CR8 bits 63:4 → #GP(0) [SDM Vol. 3 §11.8.6.1]. Other reserved-bit checks are Unicorn's business and are not
     replicated (decision)."""
     _require_cpl0(vcpu)
     n = instr.op0_register - Register.CR0
@@ -379,6 +382,8 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
             raise gp(0)
     elif n == 0:
         check_cr0_write(vcpu, value)
+    elif n == 8 and value & ~CR8_TPR_CLASS:
+        raise gp(0)
     elif n not in (2, 3, 8):
         raise ud()
     vcpu.write_cr(n, value)
@@ -434,6 +439,14 @@ def mov_from_cr4(vcpu, instr: Instruction) -> None:
     decision, CR0 read shadows are not applied.)"""
     _require_cpl0(vcpu)
     write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, 4, vcpu.cr4))
+    _advance(vcpu, instr)
+
+
+def mov_from_cr8(vcpu, instr: Instruction) -> None:
+    """MOV r, CR8 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the value
+    the last MOV to CR8 (or the hypervisor, from the APIC's TPR) left in the register."""
+    _require_cpl0(vcpu)
+    write_register(vcpu, instr.op0_register, vcpu.cr8)
     _advance(vcpu, instr)
 
 

@@ -82,6 +82,7 @@ from typing import Callable
 
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
+from cetvm.arch.apic import CR8_TPR_CLASS
 from cetvm.arch.msr import VMX_CAPABILITY_MSRS, Efer, Msr
 from cetvm.cpu.exits import Direction, ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, HardwareRefused
@@ -435,6 +436,14 @@ class KvmVcpu:
         #: kvm_run.request_interrupt_window: exit with KVM_EXIT_IRQ_WINDOW_OPEN as soon as an
         #: interrupt can be injected (userspace-owned PIC/APIC, no in-kernel irqchip).
         self.request_interrupt_window = False
+        #: kvm_run.cr8 (in/out) of KVM without an in-kernel LAPIC: the vCPU's CR8 (TPR[7:4])
+        #: lives with userspace's APIC, so KVM_RUN loads CR8 from it (kvm_set_cr8: bits 63:4 set
+        #: → -EINVAL) and every exit stores CR8 back (post_kvm_run_save), here and in KvmRun.cr8;
+        #: a VMM writes its APIC's TPR here before each run and takes the guest's CR8 writes after
+        #: it, as QEMU's kvm_arch_pre_run / kvm_arch_post_run do. Decision: CR8 accesses do not
+        #: exit (KVM would set CR8-load/store exiting; cetvm's CPU keeps CR8 as with a TPR
+        #: shadow), so a TPR the guest lowers reaches the VMM at its next exit.
+        self.cr8 = 0
         #: exception intercepts userspace asked for (set_exception_intercepts), and KVM's own:
         #: #UD (handle_ud: RSM, and the force-emulation prefix when kvm.force_emulation_prefix is on)
         self._user_exception_bitmap = 0
@@ -812,10 +821,22 @@ class KvmVcpu:
         return self.request_interrupt_window and self.ready_for_interrupt_injection()
 
     def _post_kvm_run_save(self, run: KvmRun) -> KvmRun:
-        """post_kvm_run_save(): kvm_run.if_flag and ready_for_interrupt_injection."""
+        """post_kvm_run_save(): kvm_run.if_flag, ready_for_interrupt_injection and cr8 (L1's:
+        while L2 runs, the CPU's CR8 is L2's and kvm_run.cr8 keeps L1's last value)."""
         run.if_flag = self.cpu.if_flag
         run.ready_for_interrupt_injection = self.ready_for_interrupt_injection()
+        if not self.nested.guest_mode:
+            self.cr8 = self.cpu.cr8
+        run.cr8 = self.cr8
         return run
+
+    def _load_cr8(self) -> None:
+        """KVM_RUN's kvm_set_cr8(vcpu, kvm_run->cr8) (see :attr:`cr8`)."""
+        cr8 = check_u64("kvm_run.cr8", self.cr8)
+        if cr8 & ~CR8_TPR_CLASS:
+            raise KvmInvalidArgument(f"KVM_RUN: kvm_run.cr8 {cr8:#x} has reserved bits 63:4 set")
+        if not self.nested.guest_mode and cr8 != self.cpu.cr8:
+            self.cpu.write_cr(8, cr8)
 
     # ------------------------------------------------------------------ run
     def run(self, budget: int | None = None, immediate_exit: bool = False) -> KvmRun:
@@ -828,6 +849,7 @@ class KvmVcpu:
         self.request_interrupt_window = check_flag("kvm_run.request_interrupt_window",
                                                    self.request_interrupt_window)
         self._check_userspace_completion()
+        self._load_cr8()
         cpu, state = self.cpu, self.state
         # The budget counts from here: completing the previous exit (an OUT, a VMCALL...)
         # retires that instruction, and it belongs to this run.
@@ -941,7 +963,7 @@ class KvmVcpu:
                 return self._userspace_exit
             return None
         if reason is ExitReason.CPUID:
-            handle_cpuid(self.state, self.cpu)
+            handle_cpuid(self.state, self.cpu, self.msrs.apic_base)
             return None
         if reason in (ExitReason.RDMSR, ExitReason.WRMSR):
             user = handle_msr(self.state, self.msrs, self.cpu, exit_, self.vm.msr_filter,

@@ -4,7 +4,8 @@
 Handled inside KVM (the run loop re-enters the guest):
 
 - CPUID — kvm_emulate_cpuid(): the vCPU's table (KVM_SET_CPUID2 + runtime leaf 0xD sizes);
-  CPUID.1.ECX.OSXSAVE mirrors CR4.OSXSAVE and CPUID.7.ECX.OSPKE mirrors CR4.PKE
+  CPUID.1.ECX.OSXSAVE mirrors CR4.OSXSAVE, CPUID.1.EDX.APIC mirrors IA32_APIC_BASE.EN (a guest
+  that disables its local APIC no longer sees one) and CPUID.7.ECX.OSPKE mirrors CR4.PKE
   (kvm_update_cpuid_runtime). Decision: a leaf the table lacks reads as zeros.
 - RDMSR/WRMSR of intercepted MSRs — kvm_get_msr/kvm_set_msr with host_initiated=False;
   GUEST_GP injects #GP(0). The xstate-managed MSRs need the guest FPU (kvm_fpu_get), so the
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 
 from cetvm import CetvmError
 from cetvm.arch import Cr4, Vector
+from cetvm.arch.apic import APIC_BASE_ENABLE
 from cetvm.arch.apic import X2APIC_MSRS
 from cetvm.arch.cpuid_bits import FEATURES
 from cetvm.arch.vmx import CR_ACCESS_TYPE_MOV_TO_CR, VmcsField
@@ -137,6 +139,8 @@ class KvmRun:
     #: STI/MOV SS shadow, no interrupt already pending).
     if_flag: bool = False
     ready_for_interrupt_injection: bool = False
+    #: kvm_run.cr8 at the exit (post_kvm_run_save: kvm_get_cr8), see KvmVcpu.cr8.
+    cr8: int = 0
 
     def __str__(self) -> str:
         part = self.io or self.mmio or self.hypercall or self.msr or self.detail
@@ -144,22 +148,23 @@ class KvmRun:
 
 
 # --------------------------------------------------------------------------- CPUID
-def kvm_cpuid(vcpu: VcpuArch, cr4: int, function: int, index: int) -> tuple[int, int, int, int]:
-    """CPUID.(function, index) for the guest (see the module docstring)."""
+def kvm_cpuid(vcpu: VcpuArch, cr4: int, apic_base: int, function: int, index: int) -> tuple[int, int, int, int]:
+    """CPUID.(function, index) for the guest with its CR4 and IA32_APIC_BASE (module docstring)."""
     entries = vcpu.cpuid.entries
     if not entries.contains(function, index):
         return 0, 0, 0, 0
     eax, ebx, ecx, edx = entries.get(function, index)
     if function == 1:
-        osxsave = FEATURES["osxsave"].mask
+        osxsave, apic = FEATURES["osxsave"].mask, FEATURES["apic"].mask
         ecx = (ecx | osxsave) if cr4 & Cr4.OSXSAVE else (ecx & ~osxsave)
+        edx = (edx | apic) if apic_base & APIC_BASE_ENABLE else (edx & ~apic)
     elif function == 7 and index == 0:
         ecx = (ecx | _OSPKE) if cr4 & Cr4.PKE else (ecx & ~_OSPKE)
     return eax, ebx, ecx, edx
 
 
-def handle_cpuid(vcpu: VcpuArch, cpu) -> None:
-    regs = kvm_cpuid(vcpu, cpu.cr4, cpu.reg("rax") & 0xFFFF_FFFF, cpu.reg("rcx") & 0xFFFF_FFFF)
+def handle_cpuid(vcpu: VcpuArch, cpu, apic_base: int) -> None:
+    regs = kvm_cpuid(vcpu, cpu.cr4, apic_base, cpu.reg("rax") & 0xFFFF_FFFF, cpu.reg("rcx") & 0xFFFF_FFFF)
     for name, value in zip(("rax", "rbx", "rcx", "rdx"), regs):
         cpu.set_reg(name, value)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from cetvm.arch.apic import cr8_from_tpr, tpr_from_cr8
 from cetvm.kvm.api import guest_time_ns
 from cetvm.vmm.devices.lapic import LocalApic
 
@@ -87,6 +88,8 @@ class InterruptRouting:
     clock: GuestClock
     extint: ExtIntSource | None = None
     timers: Sequence[PlatformTimer] = field(default_factory=tuple)
+    #: The kvm_run.cr8 given to the last KVM_RUN (route), to see whether the guest changed it.
+    _cr8: int = field(default=0, init=False, repr=False)
 
     def poll(self) -> None:
         """Account for elapsed guest time in every timer."""
@@ -125,11 +128,20 @@ class InterruptRouting:
         return vector
 
     def route(self, vcpu, ready: bool) -> None:
-        """Before KVM_RUN: inject the pending interrupt if the guest is ready, else ask for the
-        window (``vcpu`` is a :class:`cetvm.kvm.api.KvmVcpu`; ``ready``: the last kvm_run's
-        ready_for_interrupt_injection)."""
+        """Before KVM_RUN (QEMU kvm_arch_pre_run): inject the pending interrupt if the guest is
+        ready, else ask for the window (``vcpu`` is a :class:`cetvm.kvm.api.KvmVcpu`; ``ready``:
+        the last kvm_run's ready_for_interrupt_injection); kvm_run.cr8 = the APIC's TPR[7:4]."""
         pending = self.has_interrupt()
         if pending and ready:
             vcpu.interrupt(self._acknowledge())
             pending = False
         vcpu.request_interrupt_window = pending
+        self._cr8 = vcpu.cr8 = cr8_from_tpr(self.apic.tpr)
+
+    def take_cr8(self, run) -> None:
+        """After KVM_RUN (QEMU kvm_arch_post_run): a CR8 the guest wrote during the run becomes
+        the APIC's TPR (TPR[3:0] cleared, as a MOV to CR8 leaves them); an unchanged CR8 leaves
+        the TPR, low bits included, as the guest's MMIO or MSR writes set it."""
+        if run.cr8 != self._cr8:
+            self.apic.tpr = tpr_from_cr8(run.cr8)
+            self._cr8 = run.cr8

@@ -514,6 +514,8 @@ class RunLoop:
                 slot.irq.route(slot.vcpu, slot.ready)
             before = self.retired()
             run = slot.vcpu.run(budget=self._slice(limits, slot))
+            if slot.irq is not None:
+                slot.irq.take_cr8(run)
             self.turn_used += self.retired() - before
             rip, slot.ready = run.rip, run.ready_for_interrupt_injection
             slot.pending_exit = run.exit_reason not in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN)

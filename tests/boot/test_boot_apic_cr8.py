@@ -1,0 +1,23 @@
+"""Acceptance: guests/tests/apic_cr8.c — a guest that switches its local APIC off and on, and CR8
+as the APIC's task priority (kvm-unit-tests x86/apic.c test_apic_disable found both missing):
+with IA32_APIC_BASE.EN = 0 KVM hides CPUID.1:EDX.APIC and the xAPIC page is a hole (all ones,
+writes dropped), CR8 keeps what the guest writes, and CR8 and the TPR (xAPIC page or x2APIC MSR)
+are one register whose priority class holds interrupts back."""
+
+from boot_support import boot, guest
+
+PASS_STATUS = 1  # isa-debug-exit (0 << 1) | 1
+LIMIT = 5_000_000
+
+
+def test_every_apic_disable_and_cr8_check_passes(capsys):
+    result = boot(capsys, "--memory", "32M", "--max-instructions", str(LIMIT), str(guest("apic_cr8")))
+    tap = result.tap
+    tap.assert_complete_and_green()
+    assert result.status == PASS_STATUS, result.err
+    assert not tap.skipped()
+    for name in ("IA32_APIC_BASE.EN = 0: CPUID.1:EDX.APIC reads clear", "disabled APIC's page reads all ones",
+                 "CR8 reads what was written while the APIC is disabled", "TPR = CR8 << 4",
+                 "a TPR write (xAPIC page) shows in CR8", "bit 4 set -> #GP(0)",
+                 "CR8 = 8 holds back a class-8 self-IPI", "x2APIC: CR8 and the TPR MSR 0x808 are one register"):
+        assert tap.passed(name), name
