@@ -1,0 +1,49 @@
+"""VM exits cost guest time (cetvm.kvm.timekeeping): KVM's ``exits`` statistic counts them,
+KVM's own clock (the VM's host clock before a VMM sets one) advances 1 ns per retired instruction
+and 1 us per exit, KVM_RUN's budget is that guest time, and cetvm's budget stops are not exits:
+the same guest takes the same guest time however finely its runs are sliced."""
+
+from __future__ import annotations
+
+from conftest import make_guest
+
+from cetvm.kvm.api import KvmExitReason
+from cetvm.kvm.timekeeping import VM_EXIT_NS
+
+
+def run_to_hlt(vcpu, budget: int) -> int:
+    """KVM_RUNs of ``budget`` until the guest's HLT; the number of runs."""
+    runs = 1
+    while (run := vcpu.run(budget=budget)).exit_reason is not KvmExitReason.HLT:
+        assert run.exit_reason is KvmExitReason.INTR, run
+        runs += 1
+    return runs
+
+
+def test_each_exit_takes_a_microsecond_of_kvms_clock():
+    g = make_guest("cet_msrs")  # RDMSR/WRMSR exits KVM handles, #GP deliveries, then HLT
+    before = g.vm.get_clock()
+    assert run_to_hlt(g.vcpu, 10_000_000) == 1
+    stats = g.vcpu.get_stats()
+    assert stats["exits"] >= 2  # its intercepted MSR accesses and the HLT
+    assert g.vm.get_clock() - before == stats["instructions"] + stats["exits"] * VM_EXIT_NS
+
+
+def test_budget_stops_cost_nothing_so_slicing_does_not_change_guest_time():
+    whole, sliced = make_guest("cet_msrs"), make_guest("cet_msrs")
+    t_whole, t_sliced = whole.vm.get_clock(), sliced.vm.get_clock()
+    run_to_hlt(whole.vcpu, 10_000_000)
+    runs = run_to_hlt(sliced.vcpu, 7)
+    assert runs > 10
+    assert sliced.vcpu.get_stats() == whole.vcpu.get_stats()
+    assert sliced.vm.get_clock() - t_sliced == whole.vm.get_clock() - t_whole
+
+
+def test_a_run_budget_counts_exits_as_guest_time():
+    g = make_guest("cet_msrs")
+    total = 0
+    while (run := g.vcpu.run(budget=VM_EXIT_NS // 2)).exit_reason is not KvmExitReason.HLT:
+        stats = g.vcpu.get_stats()
+        # a run ends at its budget: after the instructions that fit, or right after an exit
+        assert stats["instructions"] + stats["exits"] * VM_EXIT_NS - total <= VM_EXIT_NS // 2 + VM_EXIT_NS
+        total = stats["instructions"] + stats["exits"] * VM_EXIT_NS
