@@ -111,3 +111,16 @@ def test_wall_clock_option(capsys, tmp_path):
     assert bad.status == 2 and bad.err.count("\n") == 1 and "wall clock must be" in bad.err
     both = boot(capsys, "--wall-clock", "host", "--restore-state", str(tmp_path / "none.snap"))
     assert both.status == 2 and "--wall-clock cannot be combined with --restore-state" in both.err
+
+
+def test_snapshot_keeps_guest_time_exact(tmp_path):
+    """Guest time counts VM exits (1 us each): a snapshot carries their number, so the restored
+    machine's clock (the devices' and KVM's host clock) is the saved one's to the nanosecond."""
+    machine = Machine.boot(guest("clocks"), MachineConfig(memory="32M", serial_sink=lambda _b: None))
+    assert machine.run(save_at=400_000).reason.value == "snapshot taken"
+    path = tmp_path / "time.snap"
+    machine.save(path)
+    assert machine.exits > 100
+    restored = Machine.restore(path, serial_sink=lambda _b: None)
+    assert (restored.instructions, restored.exits, restored.clock()) == \
+        (machine.instructions, machine.exits, machine.clock())
