@@ -1,13 +1,16 @@
 """VM exits cost guest time (cetvm.kvm.timekeeping): KVM's ``exits`` statistic counts them,
 KVM's own clock (the VM's host clock before a VMM sets one) advances 1 ns per retired instruction
 and 1 us per exit, KVM_RUN's budget is that guest time, and cetvm's budget stops are not exits:
-the same guest takes the same guest time however finely its runs are sliced."""
+the same guest takes the same guest time however finely its runs are sliced. And kvm_run.cr8,
+the CR8 KVM without an in-kernel LAPIC shares with userspace's APIC."""
 
 from __future__ import annotations
 
+import pytest
 from conftest import make_guest
 
 from cetvm.kvm.api import KvmExitReason
+from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.timekeeping import VM_EXIT_NS
 
 
@@ -41,9 +44,28 @@ def test_budget_stops_cost_nothing_so_slicing_does_not_change_guest_time():
 
 def test_a_run_budget_counts_exits_as_guest_time():
     g = make_guest("cet_msrs")
-    total = 0
-    while (run := g.vcpu.run(budget=VM_EXIT_NS // 2)).exit_reason is not KvmExitReason.HLT:
-        stats = g.vcpu.get_stats()
-        # a run ends at its budget: after the instructions that fit, or right after an exit
-        assert stats["instructions"] + stats["exits"] * VM_EXIT_NS - total <= VM_EXIT_NS // 2 + VM_EXIT_NS
-        total = stats["instructions"] + stats["exits"] * VM_EXIT_NS
+    budget, cut_by_an_exit = VM_EXIT_NS // 2, 0
+    last = g.vcpu.get_stats()
+    while (run := g.vcpu.run(budget=budget)).exit_reason is not KvmExitReason.HLT:
+        now = g.vcpu.get_stats()
+        insns, exits = now["instructions"] - last["instructions"], now["exits"] - last["exits"]
+        # INTR once the run's guest time reaches the budget, and no later than the exit that did it
+        assert run.exit_reason is KvmExitReason.INTR
+        assert insns + exits * VM_EXIT_NS >= budget and insns <= budget and exits <= 1
+        cut_by_an_exit += exits == 1 and insns < budget
+        last = now
+    assert cut_by_an_exit  # runs an exit ended early, with fewer instructions than the budget
+
+
+def test_kvm_run_cr8_is_loaded_at_entry_and_stored_at_exit():
+    """kvm_run.cr8 without an in-kernel LAPIC: KVM_RUN loads CR8 from it (bits 63:4 → -EINVAL,
+    nothing run) and every exit reports the CPU's CR8 back."""
+    g = make_guest("cet_msrs")
+    g.vcpu.cr8 = 0x10
+    with pytest.raises(KvmInvalidArgument):
+        g.vcpu.run(budget=1)
+    assert g.vcpu.get_stats()["instructions"] == 0
+    g.vcpu.cr8 = 7
+    run = g.vcpu.run(budget=1)
+    assert run.exit_reason is KvmExitReason.INTR and run.cr8 == 7 and g.vcpu.cr8 == 7
+    assert g.vcpu.cpu.cr8 == 7
