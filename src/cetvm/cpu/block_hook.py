@@ -137,6 +137,8 @@ class BlockHook:
     def on_hook_error(self, exc: BaseException) -> None:
         """An exception inside a hook: keep it for :meth:`raise_hook_error`, stop the engine."""
         self._hook_error = exc
+        if self._native is not None:
+            self._native.note_callback_error()
         self._uc.emu_stop()
 
     def raise_hook_error(self) -> None:

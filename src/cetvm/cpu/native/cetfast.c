@@ -2327,8 +2327,10 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
  *
  * Only at CPL 0 in 64-bit mode, with RFLAGS.TF clear (the single-step trap is Python's), without
  * prefixes (REX only for MOV), and only when the stop is one Python would take to the same
- * place: the run ended without an error, no Python callback ran in it (no block-table miss, no
- * interrupt handed to Python, no hand-over, no callback error), no budget stop, budget left, no
+ * place: the run ended without an error, nothing was handed to Python in it (no interrupt for
+ * Python's handler, no hand-over, no error in a callback — a block classification that added
+ * exits stops at its block's start, where Python would emulate the same instruction), no
+ * budget stop, budget left, no
  * external interrupt waiting, the CPL unchanged by the native events, and the pending
  * terminator of the block that ran last has nothing to do at this address (as
  * BlockHook.apply_pending_terminator would find). Each such instruction retires one budget
@@ -2504,12 +2506,12 @@ int cetfast_run(void *p, uc_engine *uc, uint64_t rip)
         return UC_ERR_ARG;
     e->reg_read(uc, UC_X86_REG_CR2, &cr2);
     for (;;) {
-        uint64_t misses = s->misses, errors = s->callback_errors, handovers = e->handovers + s->handovers;
+        uint64_t errors = s->callback_errors, handovers = e->handovers + s->handovers;
         uint64_t slow = e->slow_calls, mode_changes = e->mode_changes;
         uc_err err = x->emu_start(uc, rip, 0, 0, 0);
         if (err != UC_ERR_OK)
             return err;
-        if (s->misses != misses || s->callback_errors != errors || e->handovers + s->handovers != handovers
+        if (s->callback_errors != errors || e->handovers + s->handovers != handovers
             || e->slow_calls != slow || e->mode_changes != mode_changes || s->handover || e->handover
             || s->budget_stop || e->irq_pending || !exit_insn(e, x, uc))
             return UC_ERR_OK;

@@ -446,11 +446,16 @@ class NativeCet:
         if err is not None:
             raise err
 
+    def note_callback_error(self) -> None:
+        """A Python callback of this engine failed (the error is kept for after the run): the
+        native run loop must not start the engine again."""
+        self.shared.callback_errors += 1
+
     def _classify_trampoline(self, address: int, size: int) -> int:
         try:
             return 1 if self._classify(address, size) else 0
         except BaseException as err:  # never unwind through C
-            self.shared.callback_errors += 1
+            self.note_callback_error()
             self._callback_error = err
             self._uc.emu_stop()
             return 0
