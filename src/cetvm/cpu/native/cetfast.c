@@ -243,6 +243,7 @@ typedef struct {
     tlb_entry_t tlb[TLB_ENTRIES];
     ram_range_t ram[MAX_RAM];
     uint32_t ram_count;
+    uint32_t stop_at_block; /* a single step: stop in front of this block start from now (1 = the next) */
 } cetfast_t;
 
 /* ------------------------------------------------------------------ lifecycle / API */
@@ -1009,6 +1010,11 @@ int cetfast_last_block(void *p, uint64_t *addr, uint32_t *size, uint32_t *icount
     return 1;
 }
 
+/* A single step with the hook disabled (cetvm.cpu.exit_emulation.ExitEmulation.step_in_engine):
+ * the engine stops in front of the ``blocks``-th block that starts from now (0: no stop). Only
+ * with the hook disabled, when every block start takes the general path. */
+void cetfast_stop_at_block(void *p, uint32_t blocks) { ((cetfast_t *)p)->stop_at_block = blocks; }
+
 /* The engine is about to start (or stopped in front of a block): no block is under way. */
 void cetfast_close_last(void *p) { close_last(p); }
 
@@ -1024,6 +1030,12 @@ __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t ad
 {
     cetfast_t *f = user_data;
     cet_shared_t *s = &f->s;
+    if (UNLIKELY(f->stop_at_block) && --f->stop_at_block == 0) {
+        uint64_t rip = addr - s->cs_base; /* the stepped instruction ran: stop in front of the next block */
+        f->reg_write(uc, UC_X86_REG_RIP, &rip);
+        f->emu_stop(uc);
+        return;
+    }
     if (UNLIKELY(!s->enabled || s->handover))
         return;
     cet_block_t *b = block_find(f, addr, size);

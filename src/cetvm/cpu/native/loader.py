@@ -446,6 +446,12 @@ class NativeCet:
         if err is not None:
             raise err
 
+    def stop_at_block(self, blocks: int) -> None:
+        """While the hook is disabled (a single step): stop the engine in front of the
+        ``blocks``-th block that starts from now (0: no such stop)."""
+        self._lib.cetfast_stop_at_block.argtypes = [_VP, _U32]
+        self._lib.cetfast_stop_at_block(self._ptr, blocks)
+
     def note_callback_error(self) -> None:
         """A Python callback of this engine failed (the error is kept for after the run): the
         native run loop must not start the engine again."""
