@@ -5,11 +5,14 @@
  *  - IN from COM1's line-status register (a read-only PIO register KVM answers, the UART's
  *    value) reads THRE | TEMT every time;
  *  - OUT to COM1's transmit register (a coalesced PIO zone while IER = 0) one byte at a time:
- *    the host test finds the line whole and in order on the console.
+ *    the host test finds the line whole and in order on the console;
+ *  - INVLPG (emulated without stepping the engine) drops the engine's own TLB entry: a page
+ *    remapped by a PTE write reads the new page after INVLPG [SDM Vol. 3A 4.10.4.1].
  * The host test (tests/boot/test_boot_native_exits.py) checks that the native path did them. */
 #include "ktest.h"
 
 #define TEST_VA 0x8000000000ul /* PML4 slot 1: the kernel maps nothing there */
+#define REMAP_VA (CET_REGION_BASE + 0x300000ul)
 #define ROUNDS 400
 #define COM1 0x3F8
 #define LSR_THRE_TEMT 0x60
@@ -36,7 +39,7 @@ static u64 read_test_va(void) { return *(volatile u64 *)TEST_VA; }
 void kmain(void)
 {
     kernel_init();
-    tap_plan(4);
+    tap_plan(5);
 
     u64 home = read_cr3();
     u64 a = address_space_with(0xAAAA0001), b = address_space_with(0xBBBB0002);
@@ -71,6 +74,18 @@ void kmain(void)
             ;
         outb(COM1, (u8)*c);
     }
-    tap_ok(true, "a raw line written to COM1 (the host test reads it)", "");
+    tap_ok(true, "a raw line written to COM1 (the host test reads it)", "%u bytes", (unsigned)(sizeof(line) - 1));
+
+    u64 old_page = alloc_page(), new_page = alloc_page();
+    *(volatile u64 *)old_page = 0x01D0;
+    *(volatile u64 *)new_page = 0x2E3;
+    map_page(REMAP_VA, old_page, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX);
+    u64 before = *(volatile u64 *)REMAP_VA; /* the engine caches the translation */
+    u64 *pte = pte_lookup(REMAP_VA);
+    *pte = (*pte & ~0x000FFFFFFFFFF000ul) | new_page;
+    __asm__ volatile("invlpg (%0)" ::"r"(REMAP_VA) : "memory");
+    u64 after = *(volatile u64 *)REMAP_VA;
+    tap_ok(before == 0x01D0 && after == 0x2E3, "INVLPG: the remapped page reads the new page",
+           "before 0x%lx after 0x%lx", before, after);
     tap_done();
 }
