@@ -819,7 +819,7 @@ class Vcpu:
             vmcs = self.vmcs
             self._native_events.before_run(self.pending_events.pending_interrupt is not None,
                                            vmcs.read(VmcsField.EXCEPTION_BITMAP))
-            self._exit_insns.set_cr3_load_exiting(vmcs.cpu_based(CpuBasedControls.CR3_LOAD_EXITING))
+            self._exit_insns.set_cpu_based_controls(vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL))
         handed_over: int | None = None
         try:
             self._emu_start_keeping_cr2(rip)

@@ -2342,13 +2342,19 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
  * place: the run ended without an error, nothing was handed to Python in it (no interrupt for
  * Python's handler, no hand-over, no error in a callback — a block classification that added
  * exits stops at its block's start, where Python would emulate the same instruction), no
- * budget stop, budget left, no
- * external interrupt waiting, the CPL unchanged by the native events, and the pending
+ * budget stop, budget left, no external interrupt waiting in the CPU, no interrupt- or
+ * NMI-window exiting (the hypervisor waits to inject one: each VM entry after an exit checks
+ * the window, so the guest must re-enter where it would have — and is exactly as after an
+ * exit the Python path takes), the CPL unchanged by the native events, and the pending
  * terminator of the block that ran last has nothing to do at this address (as
  * BlockHook.apply_pending_terminator would find). Each such instruction retires one budget
  * instruction; IN/OUT count as VM exits KVM handled (``pio_exits``). Everything else returns to
  * Python, which stays the reference (cetvm.cpu.emulate.port_io / mov_to_cr).
  * ------------------------------------------------------------------------------------- */
+/* Primary processor-based VM-execution controls [SDM Vol. 3C 25.6.2; cetvm.arch.vmx.CpuBasedControls]. */
+#define VMX_INTERRUPT_WINDOW_EXITING (1u << 2)
+#define VMX_CR3_LOAD_EXITING (1u << 15)
+#define VMX_NMI_WINDOW_EXITING (1u << 22)
 #define EXIT_PIO_ZONES 8
 #define EXIT_PIO_READS 8
 #define EXIT_PIO_WRITES 169 /* a coalesced ring's room (cetvm.kvm.coalesced_mmio) */
@@ -2358,7 +2364,7 @@ typedef uc_err (*emu_start_fn)(uc_engine *, uint64_t, uint64_t, uint64_t, size_t
 /* Mirrored by cetvm.cpu.native.loader.ExitInsnState. */
 typedef struct {
     uint32_t enabled;        /* Python: port I/O may be handled here (KVM: not while running L2) */
-    uint32_t cr3_load_exiting; /* Python, before each run: the VMCS's CR3-load exiting control */
+    uint32_t cpu_based;      /* Python, before each run: the VMCS's primary processor-based controls */
     uint32_t zone_count;
     uint32_t read_count;
     uint16_t zone_lo[EXIT_PIO_ZONES]; /* coalesced PIO zones [lo, hi) */
@@ -2455,7 +2461,7 @@ static int exit_mov_to_cr3(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, 
     unsigned rex = 0, at = 0;
     if ((code[0] & 0xF0u) == 0x40u)
         rex = code[at++];
-    if (code[at] != 0x0F || code[at + 1] != 0x22 || x->cr3_load_exiting || !x->cr3_write)
+    if (code[at] != 0x0F || code[at + 1] != 0x22 || (x->cpu_based & VMX_CR3_LOAD_EXITING) || !x->cr3_write)
         return 0;
     uint8_t modrm = code[at + 2];
     if ((modrm >> 6) != 3 || ((modrm >> 3) & 7) != 3 || (rex & 0x4u)) /* CR3 only (REX.R: CR11, #UD) */
@@ -2525,7 +2531,8 @@ int cetfast_run(void *p, uc_engine *uc, uint64_t rip)
             return err;
         if (s->callback_errors != errors || e->handovers + s->handovers != handovers
             || e->slow_calls != slow || e->mode_changes != mode_changes || s->handover || e->handover
-            || s->budget_stop || e->irq_pending || !exit_insn(e, x, uc))
+            || s->budget_stop || e->irq_pending
+            || (x->cpu_based & (VMX_INTERRUPT_WINDOW_EXITING | VMX_NMI_WINDOW_EXITING)) || !exit_insn(e, x, uc))
             return UC_ERR_OK;
         /* CR2 as the guest has it (cetvm.cpu.uc_context.cr2_kept): the last #PF delivered here */
         uint64_t guest_cr2 = e->pf_delivered ? e->pf_cr2 : cr2;

@@ -633,7 +633,7 @@ EXIT_PIO_ZONES, EXIT_PIO_READS, EXIT_PIO_WRITES = 8, 8, 169
 class ExitInsnState(ctypes.Structure):
     """Mirror of ``cet_exit_insns_t`` (checked against the library's sizeof)."""
 
-    _fields_ = [("enabled", _U32), ("cr3_load_exiting", _U32), ("zone_count", _U32), ("read_count", _U32),
+    _fields_ = [("enabled", _U32), ("cpu_based", _U32), ("zone_count", _U32), ("read_count", _U32),
                 ("zone_lo", ctypes.c_uint16 * EXIT_PIO_ZONES), ("zone_hi", _U32 * EXIT_PIO_ZONES),
                 ("read_port", ctypes.c_uint16 * EXIT_PIO_READS), ("read_value", ctypes.c_uint8 * EXIT_PIO_READS),
                 ("room", _U32), ("write_count", _U32),
@@ -669,8 +669,10 @@ class NativeExitInsns:
         """Whether port I/O may be done here at all (KVM: not while L2 runs; L1 may intercept it)."""
         self.state.enabled = int(enabled)
 
-    def set_cr3_load_exiting(self, exiting: bool) -> None:
-        self.state.cr3_load_exiting = int(exiting)
+    def set_cpu_based_controls(self, controls: int) -> None:
+        """The VMCS's primary processor-based controls (CR3-load exiting: MOV to CR3 exits;
+        interrupt/NMI-window exiting: no instruction is done here, each is a VM entry)."""
+        self.state.cpu_based = controls & 0xFFFF_FFFF
 
     def set_coalesced_ports(self, zones: list[tuple[int, int]]) -> None:
         """The coalesced PIO zones as [first, end) port ranges (the first EXIT_PIO_ZONES)."""
