@@ -200,7 +200,7 @@ typedef uc_err (*vmem_read_fn)(uc_engine *, uint64_t, uc_prot, void *, size_t);
  * INVLPG of a page without blocks — most of them — skips the table rebuild. */
 #define PAGE_FILTER_BITS (1u << 16)
 #define TLB_ENTRIES 64
-#define FRONT_ENTRIES 256
+#define FRONT_ENTRIES 2048
 #define MAX_RAM 32
 
 typedef struct {
