@@ -111,6 +111,7 @@ from cetvm.kvm.errors import (
     KvmTooBig,
 )
 from cetvm.kvm.host import Host
+from cetvm.cpu.native.loader import EXIT_PIO_READS, NativeExitInsns
 from cetvm.kvm.ioctl_args import (
     MAX_IO_ENTRIES,
     U64_MAX,
@@ -184,6 +185,9 @@ PAGE = 0x1000
 #: The most vCPUs a VM may have, and the bound on vCPU ids (KVM_CAP_MAX_VCPUS,
 #: KVM_CAP_MAX_VCPU_ID).
 KVM_MAX_VCPUS = 8
+#: CPU exits that take no guest time (:mod:`cetvm.kvm.timekeeping`): cetvm's budget stop and the
+#: interrupt-window exit of the VMM's interrupt injection.
+_FREE_EXITS = frozenset({ExitReason.BUDGET, ExitReason.INTERRUPT_WINDOW})
 #: Exceptions KVM_SET_VCPU_EVENTS accepts here: 0-21 except NMI (its own field), 9 and 15.
 INJECTABLE_EXCEPTIONS = frozenset(range(22)) - {int(Vector.NMI), 9, 15}
 #: KVM_MAX_VCPU_IDS on x86: KVM_MAX_VCPUS (CONFIG_KVM_MAX_NR_VCPUS, 1024) x KVM_VCPU_ID_RATIO (4);
@@ -191,6 +195,8 @@ INJECTABLE_EXCEPTIONS = frozenset(range(22)) - {int(Vector.NMI), 9, 15}
 KVM_MAX_VCPU_IDS = 1024 * 4
 #: struct kvm_xcrs holds at most KVM_MAX_XCRS entries (-EINVAL above).
 KVM_MAX_XCRS = 16
+#: Ports with a value from KvmVm.set_pio_read_value (what the CPU's native port I/O holds).
+MAX_PIO_READ_VALUES = EXIT_PIO_READS
 
 
 class MpState(enum.Enum):
@@ -262,6 +268,9 @@ class Vm:
         self.time = VmTime(HostClock(self._vcpus_time_ns))
         #: KVM_REGISTER_COALESCED_MMIO zones and the ring (:mod:`cetvm.kvm.coalesced_mmio`)
         self.coalesced_mmio = CoalescedMmio()
+        #: cetvm's read-only PIO registers (:meth:`set_pio_read_value`) and their generation
+        self.pio_read_values: dict[int, int] = {}
+        self.pio_read_generation = 0
 
     def _vcpus_time_ns(self) -> int:
         return sum(guest_time_ns(vcpu.cpu.instructions_retired, vcpu.stat_exits) for vcpu in self._vcpus.values())
@@ -305,6 +314,26 @@ class Vm:
     def unregister_coalesced_mmio(self, zone: CoalescedZone) -> None:
         """KVM_UNREGISTER_COALESCED_MMIO."""
         self.coalesced_mmio.unregister(zone)
+
+    def set_pio_read_value(self, port: int, value: int | None) -> None:
+        """cetvm extension (not in Linux KVM): byte reads of ``port`` return ``value`` without an
+        exit to userspace until userspace changes it (None: they exit again). For a status
+        register whose reads have no side effect, such as a 16550 UART's line-status register,
+        which a Linux serial console reads before every character: userspace keeps the value
+        current whenever the device's state changes (between KVM_RUNs). At most
+        :data:`MAX_PIO_READ_VALUES` ports (-ENOSPC); wider reads and reads while L2 runs exit."""
+        port = check_int("set_pio_read_value: port", port, 0, 0xFFFF)
+        if value is None:
+            if self.pio_read_values.pop(port, None) is None:
+                return
+        else:
+            value = check_int("set_pio_read_value: value", value, 0, 0xFF)
+            if self.pio_read_values.get(port) == value:
+                return
+            if port not in self.pio_read_values and len(self.pio_read_values) >= MAX_PIO_READ_VALUES:
+                raise KvmInvalidArgument(f"set_pio_read_value: -ENOSPC, {MAX_PIO_READ_VALUES} ports have values")
+            self.pio_read_values[port] = value
+        self.pio_read_generation += 1
 
     def take_coalesced_writes(self) -> list[CoalescedWrite]:
         """Empty the coalesced ring (what userspace reads from its mmap'ed page after a KVM_RUN)."""
@@ -450,6 +479,8 @@ class KvmVcpu:
         self._kvm_exception_bitmap = 1 << Vector.UD
         self._force_emulation_prefix = vm.kvm.host.fep_enabled
         self._forced_emulation = False
+        #: (zones, read values) generation the CPU's native port I/O was last given
+        self._native_port_io_generation: tuple[int, int] | None = None
         #: vmx->nested (:mod:`cetvm.kvm.nested`): VMX operation of L1 and the L2 it runs
         self.nested = NestedVmx.create(self.state)
         self.cpu.vmptrld(self.state.vmcs)
@@ -924,8 +955,13 @@ class KvmVcpu:
             # an interrupt kept for L1 (nested exit without acknowledge): step L1 until it can take it
             forced = forced or nested_irq_for_l1_waits(self)
             vmx.vmx_vcpu_enter(state, cpu)
+            native = cpu.native_exit_insns
+            if native is not None:
+                self._prepare_native_port_io(native)
             exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
+            if native is not None:
+                self._collect_native_port_io(native)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
                 continue  # the instruction KVM emulated (force-emulation prefix) or L1 stepped retired
             if self._exit_costs_guest_time(exit_):
@@ -943,14 +979,57 @@ class KvmVcpu:
 
     def _exit_costs_guest_time(self, exit_: VmExit) -> bool:
         """The rule of :mod:`cetvm.kvm.timekeeping`: every exit costs VM_EXIT_NS but cetvm's
-        budget stop and an exception only userspace intercepts (KVM's own #UD intercept and an
-        L2 exception L1 may want are exits the guest's execution makes)."""
-        if exit_.reason is ExitReason.BUDGET:
+        budget stop and interrupt-window exits, the port I/O the CPU's native loop may complete
+        next to the engine (a write a coalesced zone covers, a byte read of a read-only PIO
+        register: on either path, so both give the same guest time) and an exception only
+        userspace intercepts (KVM's own #UD intercept and an L2 exception L1 may want are exits
+        the guest's execution makes)."""
+        if exit_.reason in _FREE_EXITS or self._pio_register_value(exit_) is not None:
             return False
+        if self.vm.coalesced_mmio.covers(exit_) is not None:
+            return False  # (also when the ring is full: whether it is depends on where runs end)
         exc = exit_.exception
         if exit_.reason is ExitReason.EXCEPTION and exc is not None and not self.nested.guest_mode:
             vector = exc.vector
             return not self._user_exception_bitmap >> vector & 1 or bool(self._kvm_exception_bitmap >> vector & 1)
+        return True
+
+    def _prepare_native_port_io(self, native: NativeExitInsns) -> None:
+        """Before entering the guest: what the CPU may do with port I/O next to the engine
+        instead of exiting (coalesced_mmio_write for the VM's PIO zones, the VM's read-only PIO
+        registers), never while L2 runs (L1 decides about its I/O), and how much the ring takes."""
+        vm = self.vm
+        generation = (vm.coalesced_mmio.generation, vm.pio_read_generation)
+        if generation != self._native_port_io_generation:
+            native.set_coalesced_ports(vm.coalesced_mmio.pio_ports)
+            native.set_read_values(vm.pio_read_values)
+            self._native_port_io_generation = generation
+        native.set_port_io(not self.nested.guest_mode)
+        native.set_room(vm.coalesced_mmio.room)
+
+    def _collect_native_port_io(self, native: NativeExitInsns) -> None:
+        """After the guest ran: the OUTs the CPU kept go into the ring before the exit is handled
+        (the guest made them first), and its port I/O counts as exits KVM handled."""
+        writes = native.take_writes()
+        if writes:
+            self.vm.coalesced_mmio.append_pio_bytes(writes)
+        self.host_cpu.exits += native.take_pio_exits()
+
+    def _pio_register_value(self, exit_: VmExit) -> int | None:
+        """The value of the read-only PIO register (:meth:`KvmVm.set_pio_read_value`) a byte IN
+        reads, None for any other exit."""
+        io = exit_.io
+        if io is None or io.direction is not Direction.IN or io.size != 1:
+            return None
+        return self.vm.pio_read_values.get(io.port)
+
+    def _answers_pio_read(self, exit_: VmExit) -> bool:
+        """A byte IN from a read-only PIO register completes here with its value (the CPU's
+        native path does the same next to the engine)."""
+        value = self._pio_register_value(exit_)
+        if value is None:
+            return False
+        exit_.io.data = value
         return True
 
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
@@ -995,6 +1074,8 @@ class KvmVcpu:
                           detail="MMIO access by an instruction CET guards: KVM does not emulate it")
         if self.vm.coalesced_mmio.absorbs(exit_):
             return None  # kept in the ring; the write retires without an exit (coalesced_mmio_write)
+        if self._answers_pio_read(exit_):
+            return None
         self._userspace_exit = userspace_exit(exit_, self.state.vmcs.read(VmcsField.VM_EXIT_REASON))
         return self._userspace_exit
 

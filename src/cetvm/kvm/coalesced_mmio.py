@@ -57,6 +57,8 @@ class CoalescedMmio:
     def __init__(self) -> None:
         self.zones: list[CoalescedZone] = []
         self._ring: list[CoalescedWrite] = []
+        #: bumped whenever the zones change (the vCPUs' native port I/O follows them)
+        self.generation = 0
 
     def register(self, zone: CoalescedZone) -> None:
         """KVM_REGISTER_COALESCED_MMIO: -EINVAL for ``pio`` other than 0 or 1, -ENOSPC past
@@ -70,27 +72,49 @@ class CoalescedMmio:
         if len(self.zones) >= NR_IOBUS_DEVS:
             raise KvmInvalidArgument("KVM_REGISTER_COALESCED_MMIO: -ENOSPC, the I/O bus is full")
         self.zones.append(zone)
+        self.generation += 1
 
     def unregister(self, zone: CoalescedZone) -> None:
         """KVM_UNREGISTER_COALESCED_MMIO: drop the zones of the same kind containing the range."""
         if not isinstance(zone, CoalescedZone):
             raise KvmInvalidArgument(f"KVM_UNREGISTER_COALESCED_MMIO: expected a CoalescedZone, got {type(zone).__name__}")
         self.zones = [z for z in self.zones if not (z.pio == zone.pio and z.contains(zone.addr, zone.size))]
+        self.generation += 1
+
+    @property
+    def pio_ports(self) -> list[tuple[int, int]]:
+        """The PIO zones as [first, end) port ranges."""
+        return [(z.addr, z.addr + z.size) for z in self.zones if z.pio]
+
+    @property
+    def room(self) -> int:
+        """Writes the ring can still take (coalesced_mmio_has_room)."""
+        return KVM_COALESCED_MMIO_MAX - 1 - len(self._ring)
+
+    def append_pio_bytes(self, writes: list[tuple[int, int]]) -> None:
+        """Byte OUTs (port, data) the CPU kept for a PIO zone without exiting (cetfast_run: the
+        same coalesced_mmio_write, done next to the engine; it takes no more than :attr:`room`)."""
+        self._ring.extend(CoalescedWrite(port, 1, data, 1) for port, data in writes)
+
+    def covers(self, exit_: VmExit) -> CoalescedWrite | None:
+        """The ring entry of a guest write inside a zone of its kind, None for anything else."""
+        if exit_.io is not None and exit_.io.direction is Direction.OUT:
+            write = CoalescedWrite(exit_.io.port, exit_.io.size, exit_.io.data, 1)
+        elif exit_.mmio is not None and exit_.mmio.direction is Direction.OUT:
+            write = CoalescedWrite(exit_.mmio.address, exit_.mmio.size, exit_.mmio.data, 0)
+        else:
+            return None
+        if not any(z.pio == write.pio and z.contains(write.phys_addr, write.len) for z in self.zones):
+            return None
+        return write
 
     def absorbs(self, exit_: VmExit) -> bool:
-        """coalesced_mmio_write(): keep a guest write in the ring instead of exiting (True)."""
-        if not self.zones or len(self._ring) >= KVM_COALESCED_MMIO_MAX - 1:
-            return False
-        if exit_.io is not None and exit_.io.direction is Direction.OUT:
-            addr, length, data, pio = exit_.io.port, exit_.io.size, exit_.io.data, 1
-        elif exit_.mmio is not None and exit_.mmio.direction is Direction.OUT:
-            addr, length, data, pio = exit_.mmio.address, exit_.mmio.size, exit_.mmio.data, 0
-        else:
-            return False
-        if not any(z.pio == pio and z.contains(addr, length) for z in self.zones):
-            return False
-        self._ring.append(CoalescedWrite(addr, length, data, pio))
-        return True
+        """coalesced_mmio_write(): keep a guest write in the ring instead of exiting (True): one
+        a zone covers, while the ring has room."""
+        write = self.covers(exit_) if len(self._ring) < KVM_COALESCED_MMIO_MAX - 1 else None
+        if write is not None:
+            self._ring.append(write)
+        return write is not None
 
     def take(self) -> list[CoalescedWrite]:
         """Userspace empties the ring (reads every entry and advances ``first``)."""

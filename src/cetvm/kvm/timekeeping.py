@@ -22,12 +22,19 @@ charge an exit would take no guest time at all, and a guest that measures exits
 passes (Linux polling the PIT for 30-50 ms) would run tens of millions of them. The rule:
 
 - which: every exit the CPU takes from guest mode (KVM's ``exits`` statistic, KVM_GET_STATS),
-  whatever its reason and whether KVM or the VMM handles it, with two exceptions that are not
-  the guest's doing: cetvm's budget stop (the stand-in for a signal kicking the vCPU out of
-  KVM_RUN: where it falls depends on the VMM's slices and wall-clock timeout) and an exception
-  intercepted only for userspace (``KvmVcpu.set_exception_intercepts``: observing a guest, as
-  ``--cet-report`` does, leaves its time unchanged). One cost for every reason: the guest-visible
-  figure is "about a microsecond per exit", not a model of each handler.
+  whatever its reason and whether KVM or the VMM handles it, except: cetvm's budget stop (the
+  stand-in for a signal kicking the vCPU out of KVM_RUN: where it falls depends on the VMM's
+  slices and wall-clock timeout); the interrupt-window exit (how a VMM without an in-kernel
+  irqchip waits to inject: KVM with its own APIC injects at the next entry instead, and whether
+  one happens depends on where the VMM's runs end, so charging it would make guest time depend
+  on the slicing); an exception intercepted only for userspace
+  (``KvmVcpu.set_exception_intercepts``: observing a guest, as ``--cet-report`` does, leaves its
+  time unchanged); and the port I/O KVM completes by itself from its coalesced ring or a
+  read-only PIO register (``KvmVm.set_pio_read_value``: a console's line status) — the CPU's
+  native exit loop completes those next to the engine, inside a run whose TSC counts
+  instructions only, so they are free on every path (the same guest time with or without the
+  native loop). One cost for every reason: the guest-visible figure is "about a microsecond per
+  exit", not a model of each handler.
 - when: at the exit. KVM's handler and the VMM see the time the exit ends (the exiting
   instruction's time + VM_EXIT_NS), and the guest resumes at it: a timer an exiting write
   programs starts VM_EXIT_NS after the instruction; a HLT pays its exit before the vCPU halts,
