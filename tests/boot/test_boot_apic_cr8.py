@@ -4,7 +4,12 @@ with IA32_APIC_BASE.EN = 0 KVM hides CPUID.1:EDX.APIC and the xAPIC page is a ho
 writes dropped), CR8 keeps what the guest writes, and CR8 and the TPR (xAPIC page or x2APIC MSR)
 are one register whose priority class holds interrupts back."""
 
+import pytest
 from boot_support import boot, guest
+
+from cetvm.cpu.native import native_available
+from cetvm.vmm.config import MachineConfig
+from cetvm.vmm.machine import Machine
 
 PASS_STATUS = 1  # isa-debug-exit (0 << 1) | 1
 LIMIT = 5_000_000
@@ -21,3 +26,26 @@ def test_every_apic_disable_and_cr8_check_passes(capsys):
                  "a TPR write (xAPIC page) shows in CR8", "bit 4 set -> #GP(0)",
                  "CR8 = 8 holds back a class-8 self-IPI", "x2APIC: CR8 and the TPR MSR 0x808 are one register"):
         assert tap.passed(name), name
+
+
+def boot_machine(monkeypatch, native_events: str) -> tuple[Machine, str, int]:
+    monkeypatch.setenv("CETVM_CET_PATH", "native")
+    monkeypatch.setenv("CETVM_NATIVE_EVENTS", native_events)
+    out: list[bytes] = []
+    machine = Machine.boot(guest("apic_cr8"), MachineConfig(memory="32M", serial_sink=out.append))
+    result = machine.run(max_instructions=LIMIT)
+    console = b"".join(out).decode()
+    assert result.status == PASS_STATUS, console
+    return machine, console, result.instructions
+
+
+def test_mov_from_cr8_next_to_the_engine_gives_the_python_emulations_results(monkeypatch):
+    """The native exit-point loop reads CR8 itself (cetfast.c); the Python emulation
+    (CETVM_NATIVE_EVENTS=0) gives the same TAP lines and instructions retired."""
+    if not native_available():
+        pytest.skip("native CET fast path not built (make native)")
+    native, native_console, native_instructions = boot_machine(monkeypatch, "1")
+    assert native.vcpu.cpu.native_exit_insns.stats["cr8_reads"] >= 5
+    python, python_console, python_instructions = boot_machine(monkeypatch, "0")
+    assert python.vcpu.cpu.native_exit_insns is None
+    assert (python_console, python_instructions) == (native_console, native_instructions)
