@@ -2336,9 +2336,10 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
  *   - MOV to CR3 from a GPR (cetvm.cpu.emulate.mov_to_cr): the write itself is Python's
  *     ``cr3_write`` callback (Vcpu.write_cr, the one place that loads CR3) when CR3-load exiting
  *     is off;
- *   - MOV r64, CR8 (REX.R, ModRM.reg 0; cetvm.cpu.emulate.mov_from_cr8): the CR8 the engine
- *     keeps (Unicorn's own MOV from CR8 reads 0), so a loop reading the task priority does not
- *     stop in Python each time.
+ *   - MOV r64, CR8 and MOV CR8, r64 (REX.R, ModRM.reg 0; cetvm.cpu.emulate.mov_from_cr8 and
+ *     mov_to_cr): the CR8 the engine keeps (Unicorn's own MOV from CR8 reads 0); a value with
+ *     bits 63:4 set is Python's #GP. CR8 accesses do not exit (cetvm.kvm.api.KvmVcpu.cr8), so
+ *     code that moves the task priority does not stop in Python each time.
  *
  * Only at CPL 0 in 64-bit mode, with RFLAGS.TF clear (the single-step trap is Python's), without
  * prefixes (REX only for MOV), and only when the stop is one Python would take to the same
@@ -2380,7 +2381,7 @@ typedef struct {
     uint32_t write_data[EXIT_PIO_WRITES];
     uint64_t pio_exits;      /* statistics: IN/OUT handled here */
     uint64_t cr3_writes;     /* statistics: MOVs to CR3 handled here */
-    uint64_t cr8_reads;      /* statistics: MOVs from CR8 handled here */
+    uint64_t cr8_moves;      /* statistics: MOVs to or from CR8 handled here */
     uint64_t runs;           /* statistics: engine restarts saved */
     /* private */
     int (*cr3_write)(uint64_t value); /* Python: Vcpu.write_cr(3, value); 0 on success */
@@ -2479,19 +2480,24 @@ static int exit_mov_to_cr3(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, 
     return 1;
 }
 
-/* MOV r64, CR8 at ``rip`` (``code``: its 4 bytes, REX first): 1 if done here. */
-static int exit_mov_from_cr8(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, const uint8_t *code, uint64_t *rip)
+/* MOV r64, CR8 / MOV CR8, r64 at ``rip`` (``code``: its 4 bytes, REX first): 1 if done here. */
+static int exit_mov_cr8(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, const uint8_t *code, uint64_t *rip)
 {
     unsigned rex = code[0];
     uint8_t modrm = code[3];
-    if ((rex & 0xF0u) != 0x40u || !(rex & 0x4u) || code[1] != 0x0F || code[2] != 0x20 || (modrm >> 6) != 3
-        || ((modrm >> 3) & 7) != 0) /* REX.R and ModRM.reg 0: CR8 */
+    if ((rex & 0xF0u) != 0x40u || !(rex & 0x4u) || code[1] != 0x0F || (code[2] != 0x20 && code[2] != 0x22)
+        || (modrm >> 6) != 3 || ((modrm >> 3) & 7) != 0) /* REX.R and ModRM.reg 0: CR8 */
         return 0;
-    unsigned reg = (modrm & 7u) | ((rex & 1u) << 3);
+    int gpr = gpr_ids[(modrm & 7u) | ((rex & 1u) << 3)];
     uint64_t value;
-    if (e->reg_read(uc, UC_X86_REG_CR8, &value) != UC_ERR_OK || e->reg_write(uc, gpr_ids[reg], &value) != UC_ERR_OK)
+    if (code[2] == 0x20) { /* from CR8 */
+        if (e->reg_read(uc, UC_X86_REG_CR8, &value) != UC_ERR_OK || e->reg_write(uc, gpr, &value) != UC_ERR_OK)
+            return 0;
+    } else if (e->reg_read(uc, gpr, &value) != UC_ERR_OK || (value & ~0xFull) /* reserved: #GP */
+               || e->reg_write(uc, UC_X86_REG_CR8, &value) != UC_ERR_OK) {
         return 0;
-    x->cr8_reads++;
+    }
+    x->cr8_moves++;
     *rip += 4;
     return 1;
 }
@@ -2521,7 +2527,7 @@ static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
         done = exit_port_io(e, x, uc, code, &next);
         break;
     default:
-        done = exit_mov_to_cr3(e, x, uc, code, &next) || exit_mov_from_cr8(e, x, uc, code, &next);
+        done = exit_mov_to_cr3(e, x, uc, code, &next) || exit_mov_cr8(e, x, uc, code, &next);
         break;
     }
     if (!done)

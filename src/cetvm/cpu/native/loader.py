@@ -638,7 +638,7 @@ class ExitInsnState(ctypes.Structure):
                 ("read_port", ctypes.c_uint16 * EXIT_PIO_READS), ("read_value", ctypes.c_uint8 * EXIT_PIO_READS),
                 ("room", _U32), ("write_count", _U32),
                 ("write_port", _U32 * EXIT_PIO_WRITES), ("write_data", _U32 * EXIT_PIO_WRITES),
-                ("pio_exits", _U64), ("cr3_writes", _U64), ("cr8_reads", _U64), ("runs", _U64),
+                ("pio_exits", _U64), ("cr3_writes", _U64), ("cr8_moves", _U64), ("runs", _U64),
                 ("_cr3_write", _VP), ("_emu_start", _VP), ("_vmem_read", _VP)]
 
 
@@ -649,7 +649,7 @@ _CR3_WRITE = ctypes.CFUNCTYPE(ctypes.c_int, _U64)
 class NativeExitInsns:
     """The exit-point instructions ``cetfast_run`` does without leaving C (see its section in
     cetfast.c): byte OUTs to coalesced PIO ports, byte INs from ports with a published value,
-    MOV to CR3 through ``cr3_write`` (the vCPU's one CR3 load), MOV from CR8. The vCPU's KVM
+    MOV to CR3 through ``cr3_write`` (the vCPU's one CR3 load), MOV to and from CR8. The vCPU's KVM
     sets the ports; :meth:`take_writes` gives the OUTs done here, in order."""
 
     def __init__(self, lib, events_ptr: int, cr3_write: Callable[[int], int]) -> None:
@@ -714,7 +714,7 @@ class NativeExitInsns:
     @property
     def stats(self) -> dict[str, int]:
         s = self.state
-        return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "cr8_reads": s.cr8_reads,
+        return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "cr8_moves": s.cr8_moves,
                 "engine_restarts": s.runs}
 
 
