@@ -5,8 +5,12 @@ Where state lives (as in KVM, see :mod:`cetvm.kvm.vcpu`): U_CET and PL0-3_SSP in
 fpstate, S_CET / SSP / INTR_SSP_TABLE in the VMCS, XCR0 / IA32_XSS / CR0 / CR4 in
 ``vcpu->arch``; GPRs, segments, other MSRs and memory in the CPU (:class:`cetvm.cpu.vcpu.Vcpu`,
 the "hardware"). ``run()`` loads the guest FPU (kvm_load_guest_fpu), enters the guest (VMCS
-guest CET state → CPU), handles exits as KVM does (:mod:`cetvm.kvm.vcpu_run`) and puts the FPU
-back (kvm_put_guest_fpu) before returning to userspace.
+guest CET state → CPU), handles exits as KVM does (:mod:`cetvm.kvm.vcpu_run`). KVM puts the
+FPU back (kvm_put_guest_fpu) before it returns to userspace; cetvm puts it when userspace next
+reads or writes what lives in the fpstate (KVM_GET/SET_MSRS, _XSAVE, _CPUID2; INIT puts and
+reloads it itself, :func:`cetvm.kvm.reset.kvm_xstate_reset`) — the
+CPU holds the guest's values meanwhile and nothing else runs on it, so no ioctl can tell the
+difference, and an exit to userspace (a serial-port read) does not pay the copy (decision).
 
 Decisions:
 - Every call checks its arguments first (:mod:`cetvm.kvm.ioctl_args`): a value that does not
@@ -471,6 +475,7 @@ class KvmVcpu:
     # ------------------------------------------------------------------ CPUID
     def set_cpuid(self, model: CpuidModel) -> None:
         """KVM_SET_CPUID2 (then vmx_vcpu_after_set_cpuid: MSR intercepts, CR4 mask)."""
+        self._fpu_sync()
         self.state.set_cpuid(check_instance("KVM_SET_CPUID2: model", model, CpuidModel))
         self._after_set_cpuid()
 
@@ -566,6 +571,7 @@ class KvmVcpu:
         return check_u32("KVM_SET_MSRS: index", index), check_u64("KVM_SET_MSRS: data", value)
 
     def _get_msr(self, index: int) -> tuple[bool, int]:
+        self._fpu_sync()
         if index == Msr.KVM_INTERNAL_GUEST_SSP:
             return False, 0
         if index in MODELLED_MSRS:
@@ -577,6 +583,7 @@ class KvmVcpu:
             return False, 0
 
     def _set_msr(self, index: int, value: int) -> bool:
+        self._fpu_sync()
         if index == Msr.KVM_INTERNAL_GUEST_SSP:
             return False
         if index in MODELLED_MSRS:
@@ -619,11 +626,13 @@ class KvmVcpu:
     def get_xsave(self) -> bytes:
         """KVM_GET_XSAVE2: the standard-format image of the guest's user components
         (see :mod:`cetvm.kvm.guest_fpu`; CET state is read with KVM_GET_MSRS / ONE_REG)."""
+        self._fpu_sync()
         return self.state.fpu.to_uabi()
 
     def set_xsave(self, data: bytes) -> None:
         """KVM_SET_XSAVE (-EINVAL for an image the guest FPU cannot hold, see
         :meth:`~cetvm.kvm.guest_fpu.GuestFpu.from_uabi`)."""
+        self._fpu_sync()
         self.state.fpu.from_uabi(check_bytes("KVM_SET_XSAVE: data", data, self.state.fpu.uabi_size))
 
     # ------------------------------------------------------------------ events, MP state
@@ -863,8 +872,14 @@ class KvmVcpu:
                 self._queued = None
             self._last_run = self._post_kvm_run_save(self._run_loop(budget, start))
             return self._last_run
-        finally:
+        except BaseException:
             vmx.kvm_put_guest_fpu(state, cpu)
+            raise
+
+    def _fpu_sync(self) -> None:
+        """kvm_put_guest_fpu, deferred from the end of KVM_RUN (module docstring) to the first
+        ioctl that reads or writes the fpstate."""
+        vmx.kvm_put_guest_fpu(self.state, self.cpu)
 
     def _check_userspace_completion(self) -> None:
         """What userspace wrote into kvm_run for the last exit must fit its fields (-EINVAL,
