@@ -166,6 +166,28 @@ def effective_address(vcpu, instr: Instruction) -> int:
     return addr
 
 
+#: The bit-test instructions whose register bit offset can reach past their memory operand.
+BIT_TEST_MNEMONICS = frozenset({M.BT, M.BTS, M.BTR, M.BTC})
+
+
+def is_bit_string_access(instr: Instruction) -> bool:
+    """BT/BTS/BTR/BTC m, r: a register bit offset into a bit string in memory."""
+    return (instr.mnemonic in BIT_TEST_MNEMONICS and instr.op0_kind == OpKind.MEMORY
+            and instr.op1_kind == OpKind.REGISTER)
+
+
+def bit_string_address(vcpu, instr: Instruction) -> int:
+    """Linear address of the operand BT/BTS/BTR/BTC m, r accesses: the register is a signed bit
+    offset into a bit string that starts at the memory operand, so the operand read is the one
+    of operand size that holds the bit — EA + size * (offset DIV (8 * size)), DIV rounding
+    down [SDM Vol. 2A BT "Operation", Table 3-2 note; KVM's fetch_bit_operand()]."""
+    size = _REG64[instr.op1_register][1]
+    offset = read_register(vcpu, instr.op1_register)
+    if offset >> (8 * size - 1):
+        offset -= 1 << (8 * size)
+    return (effective_address(vcpu, instr) + size * (offset // (8 * size))) & address_mask(vcpu)
+
+
 def used_memory_address(vcpu, instr: Instruction, used: UsedMemory) -> int:
     """Linear address in 64-bit mode of one memory access of ``instr`` as iced-x86 lists it
     (explicit operands and implicit ones: the string instructions' [RSI]/[RDI], the stack), from
