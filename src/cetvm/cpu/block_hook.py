@@ -295,6 +295,17 @@ class BlockHook:
             return True
         return False
 
+    def _cut_short(self, instr: Instruction, block_end: int) -> bool:
+        """``instr`` decodes as no instruction only because the block ends inside it: the engine
+        ends a block at an instruction breakpoint (DR7) after that instruction's first byte."""
+        if instr.mnemonic != Mnemonic.INVALID or instr.next_ip < block_end:
+            return False
+        try:
+            code = self._fetch.read_code(instr.ip, decode.MAX_INSTRUCTION_LENGTH)
+        except (GuestFault, UcError):
+            return False
+        return decode.decode_one(code, instr.ip, self._mode.code_bits).mnemonic != Mnemonic.INVALID
+
     def learn_block_bounds(self, address: int, size: int) -> None:
         """A #PF inside the block at ``address`` went to Python: give the native delivery its
         instruction boundaries (it takes back the instructions from the faulting one on), so
@@ -320,7 +331,7 @@ class BlockHook:
         exits = self._exits
         self._new_event_hooks = False
         new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in exits
-                     and not self._claimed_by_native_events(i)]
+                     and not self._claimed_by_native_events(i) and not self._cut_short(i, address + size)]
         new_flag_hooks = self._flag_sync.claim(instrs)
         if new_exits or self._new_event_hooks or new_flag_hooks:
             exits.update(new_exits)

@@ -37,6 +37,9 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     # VMX instructions of a guest hypervisor: they exit (cetvm.cpu.vmx_insn)
     M.VMXON, M.VMXOFF, M.VMCLEAR, M.VMPTRLD, M.VMPTRST, M.VMREAD, M.VMWRITE, M.VMLAUNCH, M.VMRESUME,
     M.INVEPT, M.INVVPID,
+    # encodings that are no instruction but that the engine executes as one (MOVBE or LEA with
+    # a register operand: it reads or computes a garbage address) — #UD
+    M.INVALID,
 })
 
 #: MOV to a control register: CR0/CR4 need the CET rules, CR3 invalidates classifications.

@@ -863,7 +863,15 @@ def xsave_family(vcpu, instr: Instruction) -> None:
     _advance(vcpu, instr)
 
 
+def undefined_opcode(vcpu, instr: Instruction) -> None:
+    """An encoding that is no instruction is #UD [SDM Vol. 2 App. A; e.g. MOVBE "#UD If ...
+    the ModR/M byte's mod field is 11B" — Unicorn 2.1.4 executes MOVBE r, r as a load from a
+    garbage address]."""
+    raise ud()
+
+
 _HANDLERS: dict[int, Callable] = {
+    M.INVALID: undefined_opcode,
     M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.VMMCALL: vmcall, M.XSETBV: xsetbv,
     M.IN: port_io, M.OUT: port_io,
     M.INSB: string_io, M.INSW: string_io, M.INSD: string_io, M.OUTSB: string_io, M.OUTSW: string_io, M.OUTSD: string_io,

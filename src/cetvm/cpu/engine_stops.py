@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from iced_x86 import FlowControl, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, Register
+from iced_x86 import FlowControl, InstructionInfoFactory, MemorySizeExt, OpAccess, Register
 from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EXEC, \
     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
 from unicorn import x86_const as X
@@ -180,6 +180,8 @@ class EngineStops:
         elif software:
             self._events.queue(PendingEvent(intno, None, None, software=True, instruction_rip=int_at))
         else:
+            if intno == Vector.GP and not wild_branch and self._noncanonical_stack_access(rip):
+                intno = Vector.SS
             error = 0 if intno in (Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.AC) else None
             self._events.queue(PendingEvent(intno, error))
         uc.emu_stop()
@@ -225,6 +227,23 @@ class EngineStops:
         prev = blocks.prev
         if prev is not None and terminator_not_run(blocks.prev_block_start, prev, rip):
             blocks.prev = None
+
+    def _noncanonical_stack_access(self, rip: int) -> bool:
+        """The engine's #GP at ``rip`` is the 64-bit-mode canonical check of a memory access
+        through SS (an RSP- or RBP-based operand, a stack access), which is #SS(0), not #GP(0)
+        [SDM Vol. 3 §6.15 "Interrupt 12": "a non-canonical address referencing the SS segment";
+        KVM's __linearize()]. The engine raises #GP for every non-canonical address; its first
+        non-canonical access decides, as the access order does."""
+        if self._mode.code_bits != 64:
+            return False
+        try:
+            instr = self._fetch.fetch_instruction(rip)
+        except (GuestFault, UcError):
+            return False
+        for used in self._info_factory.info(instr).used_memory():
+            if not is_canonical(emulate.used_memory_address(self._vcpu, instr, used)):
+                return used.segment == Register.SS
+        return False
 
     def _is_fetch_fault(self, rip: int, cr2: int) -> bool:
         """The #PF at ``rip`` is the instruction's own fetch (CR2 within its 15 bytes and a fetch
@@ -297,7 +316,7 @@ class EngineStops:
         rip = self._vcpu.rip
         try:
             instr = self._fetch.fetch_instruction(rip)
-            if instr.mnemonic == Mnemonic.INVALID or not emulate.can_emulate(instr):
+            if not emulate.can_emulate(instr):
                 raise GuestFault(Vector.UD)
             return emulate.emulate(self._vcpu, instr)
         except GuestFault as fault:
