@@ -692,14 +692,20 @@ def far_transfer(vcpu, instr: Instruction) -> VmExit | None:
 
 
 def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
-    """MOV SS, r/m16: in 64-bit mode a null selector is allowed only at CPL 0-2 with RPL = CPL,
-    else #GP(0) [SDM Vol. 2B MOV "IF SS is loaded ... IF segment selector is NULL"] — the RPL
-    check the engine (QEMU's load_seg) does not make. Everything else is the engine's; the
-    interrupt shadow a loaded SS begins is set again after the engine's single step (which
-    leaves it clear)."""
+    """MOV SS, r/m16 [SDM Vol. 2B MOV "IF SS is loaded"]: in 64-bit mode a null selector is
+    allowed only at CPL 0-2 with RPL = CPL, else #GP(0) — the RPL check the engine (QEMU's
+    load_seg) does not make; a GDT selector must name a present writable data segment with
+    RPL = DPL = CPL, else #GP(selector) or #SS(selector) (not present) — checked here because
+    the engine's #GP carries no error code (:func:`_stack_descriptor`, IRET's rules). LDT
+    selectors and the load itself are the engine's; the interrupt shadow a loaded SS begins is
+    set again after the engine's single step (which leaves it clear)."""
     def check(raw: bytes) -> None:
-        if vcpu.long_mode and _null_ss_refused(int.from_bytes(raw[:2], "little"), vcpu.cpl):
-            raise gp(0)
+        selector = int.from_bytes(raw[:2], "little")
+        if selector & ~3 == 0:
+            if vcpu.long_mode and _null_ss_refused(selector, vcpu.cpl):
+                raise gp(0)
+        elif not selector & _SELECTOR_TI:
+            _stack_descriptor(vcpu, selector, vcpu.cpl, vcpu.long_mode)
 
     def after() -> None:  # loaded: the MOV SS interrupt shadow [SDM Vol. 3A 6.8.3]
         if not vcpu.pending_events.has_event:
@@ -715,6 +721,10 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
     _step_in_engine(vcpu, instr, branches=False)
     after()
     return None
+
+
+#: A selector's table indicator: 1 = LDT.
+_SELECTOR_TI = 4
 
 
 def _null_ss_refused(selector: int, cpl: int) -> bool:
