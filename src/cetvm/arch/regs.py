@@ -46,6 +46,11 @@ class Cr4(enum.IntFlag):
     LAM_SUP = 1 << 28
 
 
+#: CR8's defined bits: the task-priority class, bits 3:0; bits 63:4 are reserved (MOV to CR8
+#: writing a 1 there is #GP(0)) [SDM Vol. 3 §2.5 "CR8"]. The local APIC's TPR[7:4] is CR8[3:0].
+CR8_TPR = 0xF
+
+
 class Pte(enum.IntFlag):
     """Page-table entry bits (4-level paging)."""
 

@@ -18,6 +18,7 @@ from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
+    CR8_TPR,
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
 )
 from cetvm.arch.vmx import (
@@ -26,7 +27,7 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.decode import is_mov_from_cr4, is_mov_to_ss
+from cetvm.cpu.decode import is_emulated_mov_from_cr, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
@@ -41,7 +42,7 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 
 def can_emulate(instr: Instruction) -> bool:
-    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
+    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_emulated_mov_from_cr(instr)
             or is_mov_to_ss(instr) or _is_far_transfer(instr))
 
 
@@ -50,8 +51,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
     if handler is None:
         if _is_mov_to_cr(instr):
             handler = mov_to_cr
-        elif is_mov_from_cr4(instr):
-            handler = mov_from_cr4
+        elif is_emulated_mov_from_cr(instr):
+            handler = mov_from_cr
         elif _is_far_transfer(instr):
             handler = far_transfer
         elif is_mov_to_ss(instr):
@@ -401,6 +402,8 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
             raise gp(0)
     elif n == 0:
         check_cr0_write(vcpu, value)
+    elif n == 8 and value & ~CR8_TPR:
+        raise gp(0)
     elif n not in (2, 3, 8):
         raise ud()
     vcpu.write_cr(n, value)
@@ -449,13 +452,15 @@ def _cr_access_exit(vcpu, instr: Instruction, n: int) -> VmExit:
                   qualification=cr_access_qualification(n, CR_ACCESS_TYPE_MOV_TO_CR, gpr))
 
 
-def mov_from_cr4(vcpu, instr: Instruction) -> None:
-    """MOV r, CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the guest's
-    CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read shadow's bits where the
-    VMCS's CR4 guest/host mask is set (:func:`cr_read_shadowed`). (MOV from CR0 runs in the engine:
+def mov_from_cr(vcpu, instr: Instruction) -> None:
+    """MOV r, CR4 / MOV r, CR8 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL >
+    0]. CR4: the guest's (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read
+    shadow's bits where the VMCS's CR4 guest/host mask is set (:func:`cr_read_shadowed`). CR8:
+    the task priority MOV to CR8 wrote (KVM's kvm_get_cr8). (MOV from CR0 runs in the engine:
     decision, CR0 read shadows are not applied.)"""
     _require_cpl0(vcpu)
-    write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, 4, vcpu.cr4))
+    value = vcpu.cr8 if instr.op1_register == Register.CR8 else cr_read_shadowed(vcpu, 4, vcpu.cr4)
+    write_register(vcpu, instr.op0_register, value)
     _advance(vcpu, instr)
 
 

@@ -240,6 +240,11 @@ class Registers:
     def cr0(self) -> int:
         return self._read_u64(X.UC_X86_REG_CR0)
 
+    @property
+    def cr8(self) -> int:
+        """CR8 as MOV to CR8 wrote it (Unicorn keeps it; its MOV from CR8 reads an APIC stub)."""
+        return self._read_u64(X.UC_X86_REG_CR8)
+
     def write_cr(self, n: int, value: int) -> None:
         """Write CR0/CR2/CR3/CR4/CR8 without checks (CR4: see :data:`ENGINE_FORCED_CR4`)."""
         if n == 4:

@@ -402,6 +402,11 @@ class Vcpu:
     def cr4(self) -> int:
         return self.registers.cr4
 
+    @property
+    def cr8(self) -> int:
+        """CR8, the task-priority register (bits 3:0)."""
+        return self.registers.cr8
+
     def write_cr(self, n: int, value: int) -> None:
         """Write CR0/CR2/CR3/CR4/CR8 without checks (the emulation checks first). Block
         classifications go as TLB entries do [SDM Vol. 3 §4.10.4.1]: a CR3 load drops those
