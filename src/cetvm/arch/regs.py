@@ -133,6 +133,8 @@ RFLAGS_OF = 1 << 11
 RFLAGS_IOPL = 3 << 12
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
+#: DR7's local and global enable bits of breakpoints 0-3 (L0 G0 ... L3 G3) [SDM Vol. 3 §18.2.4].
+DR7_ENABLE_BITS = 0xFF
 RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 #: RFLAGS bit 1 always reads 1 [SDM Vol. 1 §3.4.3].

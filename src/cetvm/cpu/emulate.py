@@ -18,7 +18,7 @@ from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
-    CR8_TPR,
+    CR8_TPR, DR7_ENABLE_BITS,
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
 )
 from cetvm.arch.vmx import (
@@ -715,6 +715,7 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
     def after() -> None:  # loaded: the MOV SS interrupt shadow [SDM Vol. 3A 6.8.3]
         if not vcpu.pending_events.has_event:
             vcpu.pending_events.begin_interrupt_shadow()
+            suppress_instruction_breakpoint(vcpu)
 
     if instr.op1_kind == OpKind.REGISTER:
         check(read_register(vcpu, instr.op1_register).to_bytes(8, "little"))
@@ -726,6 +727,17 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
     _step_in_engine(vcpu, instr, branches=False)
     after()
     return None
+
+
+def suppress_instruction_breakpoint(vcpu) -> None:
+    """MOV SS blocking on Intel: the instruction after a MOV SS takes no instruction breakpoint
+    (kvm-unit-tests' emulator: "#DB suppressed after MOV SS"; SDM Vol. 3 §6.8.3 and §18.3.1.1:
+    debug exceptions are inhibited for that instruction). With a breakpoint enabled in DR7 this
+    sets RFLAGS.RF, the flag that suppresses instruction breakpoints for one instruction: the
+    engine translates that single instruction (the shadow makes it a block of its own) without
+    its breakpoint check and clears RF after it [SDM Vol. 3 §18.3.1.1 "RF"]."""
+    if vcpu.reg("dr7") & DR7_ENABLE_BITS:
+        vcpu.set_reg("rflags", vcpu.reg("rflags") | RFLAGS_RF)
 
 
 #: A selector's table indicator: 1 = LDT.
