@@ -133,6 +133,9 @@ RFLAGS_OF = 1 << 11
 RFLAGS_IOPL = 3 << 12
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
+#: x87 FSW.ES, the error-summary status bit: an unmasked floating-point exception is pending (the
+#: next waiting x87 instruction, FWAIT or MMX instruction raises #MF) [SDM Vol. 1 §8.1.3.1].
+FSW_ES = 1 << 7
 #: DR7's local and global enable bits of breakpoints 0-3 (L0 G0 ... L3 G3) [SDM Vol. 3 §18.2.4].
 DR7_ENABLE_BITS = 0xFF
 RFLAGS_VM = 1 << 17
