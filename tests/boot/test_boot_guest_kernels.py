@@ -174,6 +174,10 @@ def test_any_instruction_works_on_mmio(capsys):
     # kvm-unit-tests x86/emulator stopped at "MMIO access by push" (a stack on a device page)
     assert tap.passed("PUSH onto a stack in unassigned memory completes, POP reads all ones")
     assert tap.passed("a store crossing from RAM into unassigned memory writes its RAM part")
+    # kvm-unit-tests x86/emulator: BTC on MMIO, cross-page MMIO, then a wild JMP that ended the run
+    assert tap.passed("BTC with a register bit offset reaches the dword it selects")
+    assert tap.passed("an 8-byte access crossing from unassigned memory into the I/O APIC page")
+    assert tap.passed("JMP through a non-canonical pointer read from MMIO: #GP(0) at the JMP")
 
 
 def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
