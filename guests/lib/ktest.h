@@ -58,10 +58,13 @@ typedef _Bool bool;
 #define XFEATURE_CET_U (1ul << 11)
 #define XFEATURE_CET_S (1ul << 12)
 
+#define VEC_DB 1
 #define VEC_UD 6
 #define VEC_DF 8
+#define VEC_SS 12
 #define VEC_GP 13
 #define VEC_PF 14
+#define VEC_MF 16
 #define VEC_CP 21
 #define VEC_SYSCALL_INT 0x80
 

@@ -148,6 +148,8 @@ def test_kvm_refuses_to_emulate_cet_guarded_instructions_behind_the_prefix(capsy
     are #UD after it, LEA/JMP/PUSH/POP emulate, and KVM checks S_CET even at CPL3."""
     tap = run_green(capsys, "fep_cet", "--force-emulation-prefix", "--append", "fep=1")
     assert tap.passed("CPL3 with U_CET = 0 but S_CET.SH_STK_EN: FEP RET -> #UD")
+    # kvm-unit-tests x86/emulator "movq mmx generates #MF": the emulator flushes x87 faults first
+    assert tap.passed("FEP MOVQ mm with an x87 exception pending -> #MF at the MOVQ")
     assert not tap.skipped()
 
 
@@ -187,6 +189,24 @@ def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
     assert tap.passed("MOV SS, reg: null selector with RPL 3 at CPL 0 -> #GP(0)")
     assert tap.passed("MOV SS: null selector with RPL 0 at CPL 0 loads")
     assert tap.passed("MOV SS from an MMIO register holding 3 -> #GP(0)")
+    # kvm-unit-tests x86/emulator: "mov non-null, %ss (with ss.rpl != cpl)" wants the selector as
+    # error code; "#DB suppressed after MOV SS" (Intel)
+    assert tap.passed("MOV SS: data selector with RPL 3 at CPL 0 -> #GP(selector)")
+    assert tap.passed("MOV SS: code selector -> #GP(selector)")
+    assert tap.passed("MOV SS blocking: no instruction breakpoint on the next instruction, one on the instruction after")
+
+
+def test_faults_the_engine_gets_wrong(capsys):
+    """kvm-unit-tests x86/emulator: MOVBE r, r is #UD (the engine loaded from a garbage address),
+    a non-canonical RSP/RBP-based access is #SS(0) (the engine: #GP(0)), MOV from CR8 reads what
+    MOV to CR8 wrote (the engine: 0)."""
+    tap = run_green(capsys, "insn_faults")
+    assert tap.passed("MOVBE with a register operand -> #UD at the instruction")
+    assert tap.passed("non-canonical RSP-based access -> #SS(0)")
+    assert tap.passed("non-canonical RBP-based access -> #SS(0)")
+    assert tap.passed("non-canonical RAX-based access -> #GP(0)")
+    assert tap.passed("MOV from CR8 returns what MOV to CR8 wrote")
+    assert tap.passed("MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged")
 
 
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):

@@ -1,0 +1,69 @@
+/* insn_faults: faults the engine (Unicorn 2.1.4) gets wrong and cetvm corrects, found by
+ * kvm-unit-tests x86/emulator:
+ *  - MOVBE with a register operand is #UD [SDM Vol. 2B MOVBE]; the engine loaded from a garbage
+ *    address instead;
+ *  - a non-canonical address through SS (RSP- or RBP-based) is #SS(0), through another segment
+ *    #GP(0) [SDM Vol. 3 §6.15 "Interrupt 12"]; the engine raised #GP(0) for both;
+ *  - MOV from CR8 returns what MOV to CR8 wrote (the engine read 0); CR8 bits 63:4 are reserved
+ *    [SDM Vol. 3 §2.5]. */
+#include "ktest.h"
+
+#define NONCANONICAL 0xaaaaaaaaaaaaaaaaul
+
+extern char movbe_rr[], movbe_rr_insn[], or_rsp[], or_rsp_insn[], or_rbp[], or_rbp_insn[], or_rax[];
+__asm__(".text\n"
+        "movbe_rr: endbr64\n movbe_rr_insn: .byte 0x0f, 0x38, 0xf0, 0xc0\n ret\n"
+        /* rdi = the non-canonical index */
+        "or_rsp: endbr64\n or_rsp_insn: orq $0, (%rsp,%rdi,1)\n ret\n"
+        "or_rbp: endbr64\n push %rbp\n mov %rsp, %rbp\n or_rbp_insn: orq $0, (%rbp,%rdi,1)\n pop %rbp\n ret\n"
+        "or_rax: endbr64\n mov %rdi, %rax\n orq $0, (%rax)\n ret\n");
+
+static void write_cr8(void *value) { __asm__ volatile("mov %0, %%cr8" ::"r"((u64)value)); }
+static u64 read_cr8(void)
+{
+    u64 v;
+    __asm__ volatile("mov %%cr8, %0" : "=r"(v));
+    return v;
+}
+
+static const char *const names[] = {
+    "MOVBE with a register operand -> #UD at the instruction",
+    "non-canonical RSP-based access -> #SS(0)",
+    "non-canonical RBP-based access -> #SS(0)",
+    "non-canonical RAX-based access -> #GP(0)",
+    "MOV from CR8 returns what MOV to CR8 wrote",
+    "MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged",
+};
+#define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
+
+static void body(void)
+{
+    struct trap_record rec = {0};
+    bool ud = expect_fault(VEC_UD, -1, (probe_fn)(void *)movbe_rr, 0, &rec);
+    tap_ok(ud && rec.rip == (u64)movbe_rr_insn, names[0], "vector %lu rip 0x%lx", rec.vector, rec.rip);
+
+    bool ss = expect_fault(VEC_SS, 0, (probe_fn)(void *)or_rsp, (void *)NONCANONICAL, &rec);
+    tap_ok(ss && rec.rip == (u64)or_rsp_insn, names[1], "vector %lu error %lu rip 0x%lx", rec.vector, rec.error,
+           rec.rip);
+    ss = expect_fault(VEC_SS, 0, (probe_fn)(void *)or_rbp, (void *)NONCANONICAL, &rec);
+    tap_ok(ss && rec.rip == (u64)or_rbp_insn, names[2], "vector %lu error %lu rip 0x%lx", rec.vector, rec.error,
+           rec.rip);
+    bool gp = expect_fault(VEC_GP, 0, (probe_fn)(void *)or_rax, (void *)NONCANONICAL, &rec);
+    tap_ok(gp, names[3], "vector %lu error %lu", rec.vector, rec.error);
+
+    write_cr8((void *)3ul);
+    u64 cr8 = read_cr8();
+    tap_ok(cr8 == 3, names[4], "CR8 %lu", cr8);
+    gp = expect_fault(VEC_GP, 0, write_cr8, (void *)0x13ul, &rec);
+    cr8 = read_cr8();
+    write_cr8(0);
+    tap_ok(gp && cr8 == 3, names[5], "vector %lu error %lu CR8 %lu", rec.vector, rec.error, cr8);
+    tap_done();
+}
+
+void kmain(void)
+{
+    kernel_init();
+    tap_plan(N_TESTS);
+    cet_kernel_start(body, 0);
+}
