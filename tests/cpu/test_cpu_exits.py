@@ -91,7 +91,9 @@ def test_mmio_completion_runs_the_engine_uncounted(monkeypatch):
     m.vcpu.run()
     assert m.vcpu.run().reason == ExitReason.HLT
     assert m.results.guest[0] == 0x12345678
-    assert len(counts) >= 3 and not any(counts), counts
+    # the vCPU's own runs start in C on the native path (cetfast_run, never counted): the
+    # completion steps remain, through Uc.emu_start
+    assert counts and not any(counts), counts
 
 
 def test_vmcall_and_xsetbv_exit():

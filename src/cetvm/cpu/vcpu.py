@@ -83,7 +83,7 @@ from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.emulate import read_register
 from cetvm.cpu.mode import CpuMode, InstructionFetch
-from cetvm.cpu.native import NativeCet, NativeEvents, native_events_requested, select_cet_path
+from cetvm.cpu.native import NativeCet, NativeEvents, NativeExitInsns, native_events_requested, select_cet_path
 from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
 from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
@@ -200,6 +200,8 @@ class Vcpu:
         #: SYSCALL, SYSRETQ, IRETQ and the common #PF delivered inside the engine (native path,
         #: block-granular budgets: :meth:`cetvm.cpu.block_hook.BlockHook.install_native_events`)
         self._native_events: NativeEvents | None = None
+        #: the exit-point instructions done in C with them (cetfast_run)
+        self._exit_insns: NativeExitInsns | None = None
         if not trace:
             uc.hook_add(UC_HOOK_INSN, self._stops.on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         elif self.native is not None:
@@ -213,6 +215,7 @@ class Vcpu:
             self.native.split_tlb()
             if not self.budget.per_instruction and native_events_requested():
                 self._native_events = self._hook.install_native_events()
+                self._exit_insns = self._native_events.install_exit_insns(self._native_cr3_write)
         else:
             self._hook.install_python_hook(python_fast_path)
             uc.hook_add(UC_HOOK_TLB_FILL, self._stops.on_tlb_fill)
@@ -816,8 +819,10 @@ class Vcpu:
         budget, stops, linear = self.budget, self._stops, self.mode.linear
         budget.hit = False
         if self._native_events is not None:
+            vmcs = self.vmcs
             self._native_events.before_run(self.pending_events.pending_interrupt is not None,
-                                           self.vmcs.read(VmcsField.EXCEPTION_BITMAP))
+                                           vmcs.read(VmcsField.EXCEPTION_BITMAP))
+            self._exit_insns.set_cr3_load_exiting(vmcs.cpu_based(CpuBasedControls.CR3_LOAD_EXITING))
         handed_over: int | None = None
         try:
             self._emu_start_keeping_cr2(rip)
@@ -896,13 +901,35 @@ class Vcpu:
             with cr2_kept(self._uc):
                 if not budget.per_instruction:
                     self._blocks.close_last()
-                self._uc.emu_start(rip, 0)
+                if self._native_events is None:
+                    self._uc.emu_start(rip, 0)
+                else:  # the plain exit-point instructions are done in C (cetfast_run)
+                    status = self._native_events.run(rip)
+                    if status:
+                        raise UcError(status)
                 self._hook.sync_native_events_mode()
                 stop = budget.take_stop()
                 if stop and budget.left:
                     self._hook.run_fenced(self.rip, stop, budget.left)
         finally:
             self._after_native_events()
+
+    def _native_cr3_write(self, value: int) -> int:
+        """cetfast_run's MOV to CR3 (checks done there, as :func:`cetvm.cpu.emulate.mov_to_cr`'s):
+        the load itself, 0 when done; an error is kept for after the run, 1."""
+        try:
+            self.write_cr(3, value)
+        except BaseException as exc:  # noqa: BLE001 - cannot propagate through the engine
+            self._hook.on_hook_error(exc)
+            return 1
+        return 0
+
+    @property
+    def native_exit_insns(self) -> NativeExitInsns | None:
+        """The port I/O and CR3 loads done in C at exit points, for the hypervisor to configure
+        (coalesced PIO ports, published port values) and to collect (the OUTs done): None
+        without the native events."""
+        return self._exit_insns
 
     def _after_native_events(self) -> None:
         """After an engine run: the mode and CR2 the native events left (see above)."""

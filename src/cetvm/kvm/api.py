@@ -110,6 +110,7 @@ from cetvm.kvm.errors import (
     KvmTooBig,
 )
 from cetvm.kvm.host import Host
+from cetvm.cpu.native.loader import EXIT_PIO_READS, NativeExitInsns
 from cetvm.kvm.ioctl_args import (
     MAX_IO_ENTRIES,
     U64_MAX,
@@ -183,6 +184,8 @@ INJECTABLE_EXCEPTIONS = frozenset(range(22)) - {int(Vector.NMI), 9, 15}
 KVM_MAX_VCPU_IDS = 1024 * 4
 #: struct kvm_xcrs holds at most KVM_MAX_XCRS entries (-EINVAL above).
 KVM_MAX_XCRS = 16
+#: Ports with a value from KvmVm.set_pio_read_value (what the CPU's native port I/O holds).
+MAX_PIO_READ_VALUES = EXIT_PIO_READS
 
 
 class MpState(enum.Enum):
@@ -254,6 +257,9 @@ class Vm:
         self.time = VmTime(HostClock(self._instructions_retired))
         #: KVM_REGISTER_COALESCED_MMIO zones and the ring (:mod:`cetvm.kvm.coalesced_mmio`)
         self.coalesced_mmio = CoalescedMmio()
+        #: cetvm's read-only PIO registers (:meth:`set_pio_read_value`) and their generation
+        self.pio_read_values: dict[int, int] = {}
+        self.pio_read_generation = 0
 
     def _instructions_retired(self) -> int:
         return sum(vcpu.cpu.instructions_retired for vcpu in self._vcpus.values())
@@ -296,6 +302,26 @@ class Vm:
     def unregister_coalesced_mmio(self, zone: CoalescedZone) -> None:
         """KVM_UNREGISTER_COALESCED_MMIO."""
         self.coalesced_mmio.unregister(zone)
+
+    def set_pio_read_value(self, port: int, value: int | None) -> None:
+        """cetvm extension (not in Linux KVM): byte reads of ``port`` return ``value`` without an
+        exit to userspace until userspace changes it (None: they exit again). For a status
+        register whose reads have no side effect, such as a 16550 UART's line-status register,
+        which a Linux serial console reads before every character: userspace keeps the value
+        current whenever the device's state changes (between KVM_RUNs). At most
+        :data:`MAX_PIO_READ_VALUES` ports (-ENOSPC); wider reads and reads while L2 runs exit."""
+        port = check_int("set_pio_read_value: port", port, 0, 0xFFFF)
+        if value is None:
+            if self.pio_read_values.pop(port, None) is None:
+                return
+        else:
+            value = check_int("set_pio_read_value: value", value, 0, 0xFF)
+            if self.pio_read_values.get(port) == value:
+                return
+            if port not in self.pio_read_values and len(self.pio_read_values) >= MAX_PIO_READ_VALUES:
+                raise KvmInvalidArgument(f"set_pio_read_value: -ENOSPC, {MAX_PIO_READ_VALUES} ports have values")
+            self.pio_read_values[port] = value
+        self.pio_read_generation += 1
 
     def take_coalesced_writes(self) -> list[CoalescedWrite]:
         """Empty the coalesced ring (what userspace reads from its mmap'ed page after a KVM_RUN)."""
@@ -430,6 +456,8 @@ class KvmVcpu:
         self._kvm_exception_bitmap = 1 << Vector.UD
         self._force_emulation_prefix = vm.kvm.host.fep_enabled
         self._forced_emulation = False
+        #: (zones, read values) generation the CPU's native port I/O was last given
+        self._native_port_io_generation: tuple[int, int] | None = None
         #: vmx->nested (:mod:`cetvm.kvm.nested`): VMX operation of L1 and the L2 it runs
         self.nested = NestedVmx.create(self.state)
         self.cpu.vmptrld(self.state.vmcs)
@@ -887,8 +915,13 @@ class KvmVcpu:
             # an interrupt kept for L1 (nested exit without acknowledge): step L1 until it can take it
             forced = forced or nested_irq_for_l1_waits(self)
             vmx.vmx_vcpu_enter(state, cpu)
+            native = cpu.native_exit_insns
+            if native is not None:
+                self._prepare_native_port_io(native)
             exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
+            if native is not None:
+                self._collect_native_port_io(native)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
                 continue  # the instruction KVM emulated (force-emulation prefix) or L1 stepped retired
             result = self._handle_exit(exit_)
@@ -901,6 +934,27 @@ class KvmVcpu:
                 # vcpu_run(): userspace waits to inject and now may (e.g. L1 entered an L2 that
                 # exits on external interrupts, whatever RFLAGS.IF says)
                 return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, cpu.rip)
+
+    def _prepare_native_port_io(self, native: NativeExitInsns) -> None:
+        """Before entering the guest: what the CPU may do with port I/O next to the engine
+        instead of exiting (coalesced_mmio_write for the VM's PIO zones, the VM's read-only PIO
+        registers), never while L2 runs (L1 decides about its I/O), and how much the ring takes."""
+        vm = self.vm
+        generation = (vm.coalesced_mmio.generation, vm.pio_read_generation)
+        if generation != self._native_port_io_generation:
+            native.set_coalesced_ports(vm.coalesced_mmio.pio_ports)
+            native.set_read_values(vm.pio_read_values)
+            self._native_port_io_generation = generation
+        native.set_port_io(not self.nested.guest_mode)
+        native.set_room(vm.coalesced_mmio.room)
+
+    def _collect_native_port_io(self, native: NativeExitInsns) -> None:
+        """After the guest ran: the OUTs the CPU kept go into the ring before the exit is handled
+        (the guest made them first), and its port I/O counts as exits KVM handled."""
+        writes = native.take_writes()
+        if writes:
+            self.vm.coalesced_mmio.append_pio_bytes(writes)
+        self.host_cpu.exits += native.take_pio_exits()
 
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
         reason = exit_.reason

@@ -57,6 +57,8 @@ class CoalescedMmio:
     def __init__(self) -> None:
         self.zones: list[CoalescedZone] = []
         self._ring: list[CoalescedWrite] = []
+        #: bumped whenever the zones change (the vCPUs' native port I/O follows them)
+        self.generation = 0
 
     def register(self, zone: CoalescedZone) -> None:
         """KVM_REGISTER_COALESCED_MMIO: -EINVAL for ``pio`` other than 0 or 1, -ENOSPC past
@@ -70,12 +72,29 @@ class CoalescedMmio:
         if len(self.zones) >= NR_IOBUS_DEVS:
             raise KvmInvalidArgument("KVM_REGISTER_COALESCED_MMIO: -ENOSPC, the I/O bus is full")
         self.zones.append(zone)
+        self.generation += 1
 
     def unregister(self, zone: CoalescedZone) -> None:
         """KVM_UNREGISTER_COALESCED_MMIO: drop the zones of the same kind containing the range."""
         if not isinstance(zone, CoalescedZone):
             raise KvmInvalidArgument(f"KVM_UNREGISTER_COALESCED_MMIO: expected a CoalescedZone, got {type(zone).__name__}")
         self.zones = [z for z in self.zones if not (z.pio == zone.pio and z.contains(zone.addr, zone.size))]
+        self.generation += 1
+
+    @property
+    def pio_ports(self) -> list[tuple[int, int]]:
+        """The PIO zones as [first, end) port ranges."""
+        return [(z.addr, z.addr + z.size) for z in self.zones if z.pio]
+
+    @property
+    def room(self) -> int:
+        """Writes the ring can still take (coalesced_mmio_has_room)."""
+        return KVM_COALESCED_MMIO_MAX - 1 - len(self._ring)
+
+    def append_pio_bytes(self, writes: list[tuple[int, int]]) -> None:
+        """Byte OUTs (port, data) the CPU kept for a PIO zone without exiting (cetfast_run: the
+        same coalesced_mmio_write, done next to the engine; it takes no more than :attr:`room`)."""
+        self._ring.extend(CoalescedWrite(port, 1, data, 1) for port, data in writes)
 
     def absorbs(self, exit_: VmExit) -> bool:
         """coalesced_mmio_write(): keep a guest write in the ring instead of exiting (True)."""

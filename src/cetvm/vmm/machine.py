@@ -33,7 +33,7 @@ from cetvm.vmm.config import MachineConfig, guest_cpuid
 from cetvm.vmm.console_input import HostConsoleInput
 from cetvm.vmm.devices.apic_bus import ApicBus
 from cetvm.vmm.devices.pc import PcDevices
-from cetvm.vmm.devices.serial import COM1_PORT
+from cetvm.vmm.devices.serial import COM1_PORT, UART_LSR_OFFSET
 from cetvm.vmm.irq import GuestClock, InterruptRouting
 from cetvm.vmm.layout import RamRegion, ram_regions
 from cetvm.vmm.msr_exits import claim_apic_msrs, complete_msr_exit
@@ -178,6 +178,8 @@ class Machine:
         self._thr_coalesced = False
         self.devices.serial.on_thr_buffering = self._coalesce_thr
         self._coalesce_thr(self.devices.serial.thr_write_unobservable)
+        self.devices.serial.on_lsr = self._publish_lsr
+        self._publish_lsr(self.devices.serial.lsr)
         claim_apic_msrs(self.vm)
         self.vcpus: list[KvmVcpu] = []
         for index, cpuid in enumerate(cpuids):
@@ -216,6 +218,12 @@ class Machine:
         else:
             self.vm.unregister_coalesced_mmio(zone)
         self._thr_coalesced = unobservable
+
+    def _publish_lsr(self, value: int) -> None:
+        """COM1's line-status register as a read-only PIO register of KVM (a cetvm extension,
+        :meth:`cetvm.kvm.api.KvmVm.set_pio_read_value`): a Linux serial console reads it before
+        every character, and the answer changes only when the UART's receive queue does."""
+        self.vm.set_pio_read_value(COM1_PORT + UART_LSR_OFFSET, value)
 
     def _retired(self) -> int:
         return sum(instructions_retired(vcpu) for vcpu in self.vcpus)

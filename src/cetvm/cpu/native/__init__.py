@@ -13,8 +13,8 @@ from typing import TextIO
 
 from cetvm import InputError, NotSupportedError
 from cetvm.cpu.native.loader import (
-    Handover, HandoverRequest, NativeBlockTracker, NativeCet, NativeCetState, NativeEvents, PagingKind, is_built,
-    load_library,
+    Handover, HandoverRequest, NativeBlockTracker, NativeCet, NativeCetState, NativeEvents, NativeExitInsns, PagingKind,
+    is_built, load_library,
 )
 
 #: Accepted values of ``Vcpu(cet_path=...)`` and ``--cet-path``.
@@ -75,6 +75,6 @@ def select_cet_path(requested: str, notice: TextIO | None = None) -> str:
 
 __all__ = [
     "CET_PATHS", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "NativeEvents",
-    "PagingKind",
+    "NativeExitInsns", "PagingKind",
     "is_built", "load_library", "native_available", "native_events_requested", "select_cet_path",
 ]

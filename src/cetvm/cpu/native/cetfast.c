@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 13
+#define CETFAST_ABI 14
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -1568,6 +1568,8 @@ typedef struct {
     ctx_fn ctx_restore;
     ctx_free_fn ctx_free;
     uc_context *ctx;
+    uint64_t slow_calls;     /* interrupts handed to Python's handler (cetfast_run stops after one) */
+    void *exit_insns;        /* cet_exit_insns_t (cetfast_events_set_exit_insns), or NULL */
 } cet_events_t;
 
 uint64_t cetfast_events_size(void) { return sizeof(cet_events_t); }
@@ -2176,6 +2178,7 @@ void cetfast_intr_hook(uc_engine *uc, uint32_t intno, void *user_data)
     cet_events_t *e = user_data;
     if (intno == VECTOR_PF && events_usable(e) && !(e->exception_bitmap & (1u << VECTOR_PF)) && deliver_pf(e, uc))
         return;
+    e->slow_calls++;
     e->slow_intr(uc, intno, NULL);
 }
 
@@ -2302,4 +2305,219 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
     uint64_t rflags;
     if (f->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) == UC_ERR_OK)
         f->reg_write(uc, UC_X86_REG_RFLAGS, &rflags);
+}
+
+/* ------------------------------------------------------------------ exit-point instructions
+ *
+ * An engine run stops in front of every instruction cetvm emulates (an exit point); Python then
+ * decodes and emulates it and starts the engine again — some 50 us a stop, and a Linux guest
+ * makes tens of thousands of them (each character of the serial console: an IN from the UART's
+ * line-status register and an OUT to its transmit register; each context switch: a MOV to CR3).
+ * cetfast_run() runs the engine and, when it stopped cleanly in front of one of these in the
+ * plain case, does what Python would do here and starts it again:
+ *
+ *   - OUT imm8/DX, AL to a port of a coalesced PIO zone (KVM's coalesced_mmio_write, the VM exit
+ *     KVM handles in the kernel): the write goes into ``writes``, which the KVM layer moves into
+ *     the VM's ring, in order, after the run; no room left → Python's path (an exit);
+ *   - IN AL, imm8/DX from a port with a published value (cetvm's read-only PIO registers, see
+ *     cetvm.kvm.api.KvmVm.set_pio_read_value): AL gets it;
+ *   - MOV to CR3 from a GPR (cetvm.cpu.emulate.mov_to_cr): the write itself is Python's
+ *     ``cr3_write`` callback (Vcpu.write_cr, the one place that loads CR3) when CR3-load exiting
+ *     is off.
+ *
+ * Only at CPL 0 in 64-bit mode, with RFLAGS.TF clear (the single-step trap is Python's), without
+ * prefixes (REX only for MOV), and only when the stop is one Python would take to the same
+ * place: the run ended without an error, no Python callback ran in it (no block-table miss, no
+ * interrupt handed to Python, no hand-over, no callback error), no budget stop, budget left, no
+ * external interrupt waiting, the CPL unchanged by the native events, and the pending
+ * terminator of the block that ran last has nothing to do at this address (as
+ * BlockHook.apply_pending_terminator would find). Each such instruction retires one budget
+ * instruction; IN/OUT count as VM exits KVM handled (``pio_exits``). Everything else returns to
+ * Python, which stays the reference (cetvm.cpu.emulate.port_io / mov_to_cr).
+ * ------------------------------------------------------------------------------------- */
+#define EXIT_PIO_ZONES 8
+#define EXIT_PIO_READS 8
+#define EXIT_PIO_WRITES 169 /* a coalesced ring's room (cetvm.kvm.coalesced_mmio) */
+
+typedef uc_err (*emu_start_fn)(uc_engine *, uint64_t, uint64_t, uint64_t, size_t);
+
+/* Mirrored by cetvm.cpu.native.loader.ExitInsnState. */
+typedef struct {
+    uint32_t enabled;        /* Python: port I/O may be handled here (KVM: not while running L2) */
+    uint32_t cr3_load_exiting; /* Python, before each run: the VMCS's CR3-load exiting control */
+    uint32_t zone_count;
+    uint32_t read_count;
+    uint16_t zone_lo[EXIT_PIO_ZONES]; /* coalesced PIO zones [lo, hi) */
+    uint32_t zone_hi[EXIT_PIO_ZONES];
+    uint16_t read_port[EXIT_PIO_READS];
+    uint8_t read_value[EXIT_PIO_READS];
+    uint32_t room;           /* Python: writes the KVM ring can still take */
+    uint32_t write_count;    /* entries in ``writes`` (Python empties it) */
+    uint32_t write_port[EXIT_PIO_WRITES];
+    uint32_t write_data[EXIT_PIO_WRITES];
+    uint64_t pio_exits;      /* statistics: IN/OUT handled here */
+    uint64_t cr3_writes;     /* statistics: MOVs to CR3 handled here */
+    uint64_t runs;           /* statistics: engine restarts saved */
+    /* private */
+    int (*cr3_write)(uint64_t value); /* Python: Vcpu.write_cr(3, value); 0 on success */
+    emu_start_fn emu_start;
+    vmem_read_fn vmem_read;
+} cet_exit_insns_t;
+
+uint64_t cetfast_exit_insns_size(void) { return sizeof(cet_exit_insns_t); }
+
+static cet_exit_insns_t *exit_insns_of(cet_events_t *e) { return e->exit_insns; }
+
+/* Python gives the state (its memory) and the functions the loop calls. */
+void cetfast_events_set_exit_insns(void *p, void *state, void *emu_start, void *vmem_read, void *cr3_write)
+{
+    cet_events_t *e = p;
+    cet_exit_insns_t *x = state;
+    x->emu_start = (emu_start_fn)emu_start;
+    x->vmem_read = (vmem_read_fn)vmem_read;
+    x->cr3_write = (int (*)(uint64_t))cr3_write;
+    e->exit_insns = x;
+}
+
+static const int gpr_ids[16] = {
+    UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX, UC_X86_REG_RSP, UC_X86_REG_RBP,
+    UC_X86_REG_RSI, UC_X86_REG_RDI, UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+    UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+};
+
+static int pio_zone_holds(const cet_exit_insns_t *x, uint32_t port)
+{
+    for (uint32_t i = 0; i < x->zone_count && i < EXIT_PIO_ZONES; i++)
+        if (port >= x->zone_lo[i] && port + 1 <= x->zone_hi[i])
+            return 1;
+    return 0;
+}
+
+static int pio_read_value(const cet_exit_insns_t *x, uint32_t port, uint8_t *value)
+{
+    for (uint32_t i = 0; i < x->read_count && i < EXIT_PIO_READS; i++)
+        if (x->read_port[i] == port) {
+            *value = x->read_value[i];
+            return 1;
+        }
+    return 0;
+}
+
+/* The byte port I/O at ``rip`` (``code``: its bytes): 1 if done here. */
+static int exit_port_io(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, const uint8_t *code, uint64_t *rip)
+{
+    uint8_t op = code[0];
+    unsigned len = (op == 0xE4 || op == 0xE6) ? 2 : 1;
+    uint64_t rax, rdx;
+    if (!x->enabled || e->reg_read(uc, UC_X86_REG_RAX, &rax) != UC_ERR_OK)
+        return 0;
+    uint32_t port = code[1];
+    if (len == 1) {
+        if (e->reg_read(uc, UC_X86_REG_RDX, &rdx) != UC_ERR_OK)
+            return 0;
+        port = (uint32_t)rdx & 0xFFFFu;
+    }
+    if (op == 0xE6 || op == 0xEE) { /* OUT */
+        if (!pio_zone_holds(x, port) || x->write_count >= x->room || x->write_count >= EXIT_PIO_WRITES)
+            return 0;
+        x->write_port[x->write_count] = port;
+        x->write_data[x->write_count] = (uint32_t)rax & 0xFFu;
+        x->write_count++;
+    } else { /* IN */
+        uint8_t value;
+        if (!pio_read_value(x, port, &value))
+            return 0;
+        rax = (rax & ~0xFFull) | value;
+        e->reg_write(uc, UC_X86_REG_RAX, &rax);
+    }
+    x->pio_exits++;
+    *rip += len;
+    return 1;
+}
+
+/* MOV to CR3 at ``rip`` (``code``: its bytes, an optional REX first): 1 if done here. */
+static int exit_mov_to_cr3(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, const uint8_t *code, uint64_t *rip)
+{
+    unsigned rex = 0, at = 0;
+    if ((code[0] & 0xF0u) == 0x40u)
+        rex = code[at++];
+    if (code[at] != 0x0F || code[at + 1] != 0x22 || x->cr3_load_exiting || !x->cr3_write)
+        return 0;
+    uint8_t modrm = code[at + 2];
+    if ((modrm >> 6) != 3 || ((modrm >> 3) & 7) != 3 || (rex & 0x4u)) /* CR3 only (REX.R: CR11, #UD) */
+        return 0;
+    unsigned reg = (modrm & 7u) | ((rex & 1u) << 3);
+    uint64_t value;
+    if (e->reg_read(uc, gpr_ids[reg], &value) != UC_ERR_OK || x->cr3_write(value) != 0)
+        return 0;
+    x->cr3_writes++;
+    *rip += at + 3;
+    return 1;
+}
+
+/* The instruction at the stop, if it is one done here: 1 and RIP past it, retired. */
+static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
+{
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    uint64_t rip, rflags;
+    uint8_t code[4] = {0};
+    if (s->cpl != 0 || !s->long_mode || s->cs_base || s->budget_left <= 0)
+        return 0;
+    if (e->reg_read(uc, UC_X86_REG_RIP, &rip) != UC_ERR_OK || e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) != UC_ERR_OK
+        || (rflags & RFLAGS_TF))
+        return 0;
+    if (s->pend->kbit & s->act_kinds) /* the pending terminator has work at this address: Python */
+        return 0;
+    /* the shortest form is 1 byte: read what the page holds (instructions here never cross it) */
+    uint64_t avail = PAGE_SIZE - (rip & (PAGE_SIZE - 1));
+    if (x->vmem_read(uc, rip, UC_PROT_EXEC, code, avail < sizeof(code) ? avail : sizeof(code)) != UC_ERR_OK)
+        return 0;
+    uint64_t next = rip;
+    int done;
+    switch (code[0]) {
+    case 0xE4: case 0xE6: case 0xEC: case 0xEE:
+        done = exit_port_io(e, x, uc, code, &next);
+        break;
+    default:
+        done = exit_mov_to_cr3(e, x, uc, code, &next);
+        break;
+    }
+    if (!done)
+        return 0;
+    pending_none(f, next); /* BlockHook.apply_pending_terminator found nothing to do; blocks.prev = None */
+    e->reg_write(uc, UC_X86_REG_RIP, &next);
+    s->budget_left--;
+    return 1;
+}
+
+/* One engine run from ``rip`` as Uc.emu_start(rip, 0), going on past the exit-point instructions
+ * done here (see above). Returns Unicorn's status of the last run. */
+int cetfast_run(void *p, uc_engine *uc, uint64_t rip)
+{
+    cet_events_t *e = p;
+    cetfast_t *f = e->f;
+    cet_shared_t *s = &f->s;
+    cet_exit_insns_t *x = exit_insns_of(e);
+    uint64_t cr2 = 0;
+    if (!x)
+        return UC_ERR_ARG;
+    e->reg_read(uc, UC_X86_REG_CR2, &cr2);
+    for (;;) {
+        uint64_t misses = s->misses, errors = s->callback_errors, handovers = e->handovers + s->handovers;
+        uint64_t slow = e->slow_calls, mode_changes = e->mode_changes;
+        uc_err err = x->emu_start(uc, rip, 0, 0, 0);
+        if (err != UC_ERR_OK)
+            return err;
+        if (s->misses != misses || s->callback_errors != errors || e->handovers + s->handovers != handovers
+            || e->slow_calls != slow || e->mode_changes != mode_changes || s->handover || e->handover
+            || s->budget_stop || e->irq_pending || !exit_insn(e, x, uc))
+            return UC_ERR_OK;
+        /* CR2 as the guest has it (cetvm.cpu.uc_context.cr2_kept): the last #PF delivered here */
+        uint64_t guest_cr2 = e->pf_delivered ? e->pf_cr2 : cr2;
+        e->reg_write(uc, UC_X86_REG_CR2, &guest_cr2);
+        if (e->reg_read(uc, UC_X86_REG_RIP, &rip) != UC_ERR_OK || s->budget_left <= 0)
+            return UC_ERR_OK;
+        x->runs++;
+    }
 }

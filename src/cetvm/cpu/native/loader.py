@@ -30,7 +30,7 @@ from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 13
+ABI_VERSION = 14
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 _UC_HOOK_CODE = 1 << 2
@@ -612,7 +612,96 @@ class EventsState(ctypes.Structure):
                 ("_slow_intr", _VP), ("_bounds_pool", _VP), ("_bounds_used", _U32), ("_bounds_count", _U32),
                 ("_bounds", _VP),
                 ("_f", _VP), ("_reg_read", _VP), ("_reg_write", _VP), ("_ctx_save", _VP), ("_ctx_restore", _VP),
-                ("_ctx_free", _VP), ("_ctx", _VP)]
+                ("_ctx_free", _VP), ("_ctx", _VP), ("slow_calls", _U64), ("_exit_insns", _VP)]
+
+
+#: Coalesced PIO zones, published port values and buffered writes ``cet_exit_insns_t`` holds.
+EXIT_PIO_ZONES, EXIT_PIO_READS, EXIT_PIO_WRITES = 8, 8, 169
+
+
+class ExitInsnState(ctypes.Structure):
+    """Mirror of ``cet_exit_insns_t`` (checked against the library's sizeof)."""
+
+    _fields_ = [("enabled", _U32), ("cr3_load_exiting", _U32), ("zone_count", _U32), ("read_count", _U32),
+                ("zone_lo", ctypes.c_uint16 * EXIT_PIO_ZONES), ("zone_hi", _U32 * EXIT_PIO_ZONES),
+                ("read_port", ctypes.c_uint16 * EXIT_PIO_READS), ("read_value", ctypes.c_uint8 * EXIT_PIO_READS),
+                ("room", _U32), ("write_count", _U32),
+                ("write_port", _U32 * EXIT_PIO_WRITES), ("write_data", _U32 * EXIT_PIO_WRITES),
+                ("pio_exits", _U64), ("cr3_writes", _U64), ("runs", _U64),
+                ("_cr3_write", _VP), ("_emu_start", _VP), ("_vmem_read", _VP)]
+
+
+#: int cr3_write(uint64_t value): 0 when the CR3 load is done
+_CR3_WRITE = ctypes.CFUNCTYPE(ctypes.c_int, _U64)
+
+
+class NativeExitInsns:
+    """The exit-point instructions ``cetfast_run`` does without leaving C (see its section in
+    cetfast.c): byte OUTs to coalesced PIO ports, byte INs from ports with a published value,
+    MOV to CR3 through ``cr3_write`` (the vCPU's one CR3 load). The vCPU's KVM sets the ports;
+    :meth:`take_writes` gives the OUTs done here, in order."""
+
+    def __init__(self, lib, events_ptr: int, cr3_write: Callable[[int], int]) -> None:
+        if lib.cetfast_exit_insns_size() != ctypes.sizeof(ExitInsnState):
+            raise CetvmError(f"{LIBRARY_PATH.name} does not match this cetvm (exit instructions); "
+                             "rebuild it: python -m cetvm.cpu.native.build --force")
+        uclib, _ = _unicorn_api()
+        self.state = ExitInsnState()
+        self.state.room = EXIT_PIO_WRITES
+        self._cr3_write = _CR3_WRITE(cr3_write)
+        lib.cetfast_events_set_exit_insns.argtypes = [_VP, _VP, _VP, _VP, _VP]
+        lib.cetfast_events_set_exit_insns(events_ptr, ctypes.addressof(self.state), _fnptr(uclib.uc_emu_start),
+                                          _fnptr(uclib.uc_vmem_read), _fnptr(self._cr3_write))
+        self._seen_pio_exits = 0
+
+    def set_port_io(self, enabled: bool) -> None:
+        """Whether port I/O may be done here at all (KVM: not while L2 runs; L1 may intercept it)."""
+        self.state.enabled = int(enabled)
+
+    def set_cr3_load_exiting(self, exiting: bool) -> None:
+        self.state.cr3_load_exiting = int(exiting)
+
+    def set_coalesced_ports(self, zones: list[tuple[int, int]]) -> None:
+        """The coalesced PIO zones as [first, end) port ranges (the first EXIT_PIO_ZONES)."""
+        s = self.state
+        zones = zones[:EXIT_PIO_ZONES]
+        for i, (lo, hi) in enumerate(zones):
+            s.zone_lo[i], s.zone_hi[i] = lo & 0xFFFF, min(hi, 0x10000)
+        s.zone_count = len(zones)
+
+    def set_read_values(self, values: dict[int, int]) -> None:
+        """Byte reads of each port give its value (the first EXIT_PIO_READS ports); other
+        ports exit."""
+        s = self.state
+        items = list(values.items())[:EXIT_PIO_READS]
+        for i, (port, value) in enumerate(items):
+            s.read_port[i], s.read_value[i] = port & 0xFFFF, value & 0xFF
+        s.read_count = len(items)
+
+    def take_pio_exits(self) -> int:
+        """Port I/O instructions done here since the last call."""
+        total = self.state.pio_exits
+        new, self._seen_pio_exits = total - self._seen_pio_exits, total
+        return new
+
+    def set_room(self, room: int) -> None:
+        """Writes the KVM ring can still take (this many OUTs at most are done here)."""
+        self.state.room = max(0, min(room, EXIT_PIO_WRITES))
+
+    def take_writes(self) -> list[tuple[int, int]]:
+        """(port, byte) of the OUTs done here since the last call, in order (empties the buffer)."""
+        s = self.state
+        n = s.write_count
+        if not n:
+            return []
+        writes = list(zip(s.write_port[:n], s.write_data[:n]))
+        s.write_count = 0
+        return writes
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = self.state
+        return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "engine_restarts": s.runs}
 
 
 class NativeEvents:
@@ -744,6 +833,20 @@ class NativeEvents:
             return None
         s.handover = 0
         return int(s.handover_rip)
+
+    def install_exit_insns(self, cr3_write: Callable[[int], int]) -> NativeExitInsns:
+        """Let :meth:`run` do the plain exit-point instructions in C (:class:`NativeExitInsns`)."""
+        self._lib.cetfast_exit_insns_size.restype = _U64
+        self.exit_insns = NativeExitInsns(self._lib, self._ptr, cr3_write)
+        self._lib.cetfast_run.argtypes = [_VP, _VP, _U64]
+        self._lib.cetfast_run.restype = ctypes.c_int
+        self._run = self._lib.cetfast_run
+        return self.exit_insns
+
+    def run(self, rip: int) -> int:
+        """One engine run from ``rip`` (as ``Uc.emu_start(rip, 0)``) that goes on past the
+        exit-point instructions done in C; Unicorn's status of the last run."""
+        return self._run(self._ptr, self._uc._uch, rip)
 
     @property
     def stats(self) -> dict[str, int]:

@@ -41,6 +41,8 @@ from typing import Callable
 from cetvm.vmm.devices.state import state_bool, state_bytes, state_int
 
 COM1_PORT = 0x3F8
+#: The line-status register's offset from the base port.
+UART_LSR_OFFSET = 5
 COM1_IRQ = 4
 UART_PORT_COUNT = 8
 
@@ -100,6 +102,9 @@ class Serial16550:
         #: Told whether THR writes may be buffered (see :attr:`thr_write_unobservable`) each
         #: time that may have changed; the machine then coalesces them (KVM coalesced PIO).
         self.on_thr_buffering: Callable[[bool], None] | None = None
+        #: Told LSR's value each time it may have changed (a register access, input, reset,
+        #: restore): LSR reads have no side effect, so the machine can let KVM answer them.
+        self.on_lsr: Callable[[int], None] | None = None
         self.reset()
 
     # --- wiring -----------------------------------------------------------------------
@@ -125,6 +130,16 @@ class Serial16550:
     def _buffering_changed(self) -> None:
         if self.on_thr_buffering is not None:
             self.on_thr_buffering(self.thr_write_unobservable)
+        self._publish_lsr()
+
+    def _publish_lsr(self) -> None:
+        if self.on_lsr is not None:
+            self.on_lsr(self._lsr())
+
+    @property
+    def lsr(self) -> int:
+        """The line-status register (reading it has no side effect: no error bits are modelled)."""
+        return self._lsr()
 
     def queue_input(self, data: bytes) -> None:
         """Bytes the guest will read from RBR, in order (raises the received-data interrupt)."""
@@ -139,6 +154,7 @@ class Serial16550:
     def _update_irq(self) -> None:
         if self.irq is not None:
             self.irq(self.irq_pending)
+        self._publish_lsr()
 
     @property
     def baud_rate(self) -> float:
@@ -211,7 +227,7 @@ class Serial16550:
             return self.lcr
         if offset == 4:
             return self.mcr
-        if offset == 5:
+        if offset == UART_LSR_OFFSET:
             return self._lsr()
         if offset == 6:
             return self._msr()
