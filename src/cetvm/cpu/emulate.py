@@ -84,8 +84,14 @@ def _advance(vcpu, instr: Instruction) -> None:
     vcpu.rip = instr.next_ip
     vcpu.retire_emulated()
     if vcpu.reg("rflags") & RFLAGS_TF:
-        vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BS)
-        vcpu.raise_fault(GuestFault(Vector.DB))
+        single_step_trap(vcpu)
+
+
+def single_step_trap(vcpu) -> None:
+    """The single-step #DB after an instruction that retired with RFLAGS.TF set: DR6.BS, RIP
+    at the next instruction [SDM Vol. 3 §18.3.1.4]."""
+    vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BS)
+    vcpu.raise_fault(GuestFault(Vector.DB))
 
 
 def _completion_advance(vcpu, instr: Instruction) -> Callable[[], None]:
@@ -645,25 +651,39 @@ def sysret(vcpu, instr: Instruction) -> None:
     vcpu.load_segments(cs=cs, ss=Segment.data(base + 8 | 3, dpl=3))
     far_transfers.ssp_on_sysret(vcpu.cet_machine)
     vcpu.retire_emulated()
+    if vcpu.reg("rflags") & RFLAGS_TF:  # the TF SYSRET ends with traps at once (see syscall_transfer)
+        single_step_trap(vcpu)
 
 
 def syscall(vcpu, instr: Instruction) -> None:
-    """SYSCALL [SDM SYSCALL]: RCX = next RIP, R11 = RFLAGS, RFLAGS &= ~FMASK, CS/SS from
-    STAR[47:32], RIP = LSTAR; then the CET effects (``ssp_on_syscall``). #UD unless EFER.SCE
-    in 64-bit mode."""
+    """SYSCALL [SDM SYSCALL]: #UD unless EFER.SCE in 64-bit mode (Intel: SYSCALL outside
+    64-bit mode is #UD), then :func:`syscall_transfer` to IA32_LSTAR."""
     if not vcpu.long_mode or not vcpu.msr(Msr.IA32_EFER) & Efer.SCE:
         raise ud()
+    syscall_transfer(vcpu, instr.next_ip, vcpu.msr(Msr.IA32_LSTAR))
+
+
+def syscall_transfer(vcpu, return_rip: int, target: int) -> None:
+    """SYSCALL's transfer in IA-32e mode [SDM SYSCALL "Operation"]: RCX = ``return_rip``, R11 =
+    RFLAGS, RFLAGS &= ~FMASK (and RF), CS/SS = flat 64-bit code / data at STAR[47:32] (+ 8),
+    RIP = ``target`` (IA32_LSTAR; KVM's emulation of SYSCALL from compatibility mode for AMD
+    guests uses IA32_CSTAR); then the CET effects (``ssp_on_syscall``); retires. If RFLAGS.TF
+    is still set (FMASK keeps it), the single-step trap follows at the target: SYSCALL and
+    SYSRET trap on the TF they end with (kvm-unit-tests' syscall "syscall TF handling";
+    KVM's em_syscall: ctxt->tf from the masked flags)."""
     old_cpl = vcpu.cpl
     star = vcpu.msr(Msr.IA32_STAR)
     selector = (star >> 32) & 0xFFFC
     rflags = vcpu.reg("rflags")
-    vcpu.set_reg("rcx", instr.next_ip)
+    vcpu.set_reg("rcx", return_rip)
     vcpu.set_reg("r11", rflags)
     vcpu.set_reg("rflags", (rflags & ~vcpu.msr(Msr.IA32_FMASK) & ~RFLAGS_RF) | 2)
     vcpu.load_segments(cs=Segment.code64(selector, 0), ss=Segment.data(selector + 8, 0))
-    vcpu.rip = vcpu.msr(Msr.IA32_LSTAR)
+    vcpu.rip = target
     far_transfers.ssp_on_syscall(vcpu.cet_machine, old_cpl)
     vcpu.retire_emulated()
+    if vcpu.reg("rflags") & RFLAGS_TF:
+        single_step_trap(vcpu)
 
 
 def far_transfer(vcpu, instr: Instruction) -> VmExit | None:

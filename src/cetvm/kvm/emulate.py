@@ -19,6 +19,9 @@ nor let a guest subvert its shadow stack or IBT through the emulator.
   after the prefix; any other emulation failure is KVM_EXIT_INTERNAL_ERROR with suberror
   EMULATION to userspace. Before an MMX instruction the emulator flushes pending x87 faults
   (#MF, :func:`mmx_with_x87_fault_pending`).
+- SYSCALL at a #UD (its EmulateOnUD flag): Intel CPUs have no SYSCALL outside 64-bit mode, but
+  KVM's em_syscall() runs it from compatibility mode for AMD and Hygon guests (IA32_CSTAR)
+  (:func:`kvm_emulate_syscall_on_ud`).
 
 How cetvm "emulates": the model keeps KVM's decisions (what it refuses, where the #UD lands);
 an instruction KVM would emulate is executed by the vCPU for exactly one instruction, which has
@@ -31,10 +34,11 @@ import enum
 
 from iced_x86 import Instruction, Mnemonic as M, OpKind, Register
 
-from cetvm import CetvmError
+from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import Cr0, Cr4, Vector, u64
-from cetvm.arch.msr import CetCtl
+from cetvm.arch.msr import CetCtl, Efer, Msr
 from cetvm.arch.regs import FSW_ES
+from cetvm.cpu.emulate import syscall_transfer
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
 
@@ -178,3 +182,34 @@ def mmx_with_x87_fault_pending(cpu, rip: int) -> bool:
     except (GuestFault, CetvmError):
         return False
     return uses_mmx_register(instr) and bool(cpu.get_fpu().fsw & FSW_ES)
+
+
+#: Guest CPUID vendors for which KVM's emulator runs SYSCALL outside 64-bit mode
+#: (em_syscall_is_enabled(): AMD and Hygon; Intel and unknown vendors get Intel's #UD).
+LEGACY_SYSCALL_VENDORS = frozenset({"AuthenticAMD", "HygonGenuine"})
+
+
+def kvm_emulate_syscall_on_ud(cpu, vendor: str, u_cet: int, s_cet: int) -> bool | None:
+    """handle_ud() → em_syscall() for a #UD at ``cpu.rip``: None when the instruction there is
+    not SYSCALL (not this function's business); False when the emulator refuses it (#UD
+    injected: CET guards it, the vendor has no SYSCALL outside 64-bit mode, EFER.SCE = 0);
+    True when it ran: from compatibility mode to IA32_CSTAR, from 64-bit mode to IA32_LSTAR
+    (:func:`cetvm.cpu.emulate.syscall_transfer`, with the single-step #DB if RFLAGS.TF is still
+    set after FMASK: ctxt->tf → kvm_vcpu_do_singlestep). Legacy (non-IA-32e) protected mode is
+    not supported."""
+    rip = cpu.rip
+    try:
+        instr = cpu.fetch_instruction(rip)
+    except (GuestFault, CetvmError):
+        return None
+    if instr.mnemonic != M.SYSCALL:
+        return None
+    efer = cpu.msr(Msr.IA32_EFER)
+    if (emulation_blocked_by_cet(cet_guards(instr), cpu.cr4, u_cet, s_cet) or not cpu.cr0 & Cr0.PE
+            or (not cpu.long_mode and vendor not in LEGACY_SYSCALL_VENDORS) or not efer & Efer.SCE):
+        cpu.inject_exception(Vector.UD)
+        return False
+    if not efer & Efer.LMA:
+        raise NotSupportedError("KVM's emulation of SYSCALL outside IA-32e mode (legacy mode) is not supported")
+    syscall_transfer(cpu, instr.next_ip, cpu.msr(Msr.IA32_LSTAR if cpu.long_mode else Msr.IA32_CSTAR))
+    return True

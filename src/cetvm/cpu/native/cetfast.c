@@ -1532,6 +1532,7 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
 #define RFLAGS_RF (1ull << 16)
 #define RFLAGS_IF (1ull << 9)
 #define RFLAGS_AC (1ull << 18) /* alignment check [SDM Vol. 1 §3.4.3.3] */
+#define RFLAGS_TF (1ull << 8)  /* trap flag: single-step [SDM Vol. 3 §18.3.1.4] */
 #define RFLAGS_IRET_MASK 0x257FD5ull /* cetvm.cpu.emulate.RFLAGS_IRET_MASK */
 #define RFLAGS_SYSRET_MASK 0x3C7FD7ull /* cetvm.cpu.emulate.RFLAGS_SYSRET_MASK */
 
@@ -1706,11 +1707,13 @@ void cetfast_syscall_hook(uc_engine *uc, void *user_data)
     uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
     uint32_t hflags;
     memcpy(&hflags, d + UCX_HFLAGS, 4);
-    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || !(hflags & HF_CS64))) {
-        event_hand_over(e, uc, rip); /* #UD: Python raises it */
+    uint64_t star = ctx_u64(d, UCX_STAR), lstar = ctx_u64(d, UCX_LSTAR), fmask = ctx_u64(d, UCX_FMASK);
+    uint64_t rflags;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || !(hflags & HF_CS64) || (rflags & ~fmask & RFLAGS_TF))) {
+        event_hand_over(e, uc, rip); /* #UD: Python raises it; TF kept by FMASK: Python's single-step trap */
         return;
     }
-    uint64_t star = ctx_u64(d, UCX_STAR), lstar = ctx_u64(d, UCX_LSTAR), fmask = ctx_u64(d, UCX_FMASK);
     unsigned old_cpl = hflags & HF_CPL_MASK;
     uint32_t selector = (uint32_t)(star >> 32) & 0xFFFCu;
     ctx_flat_segment(d, SEG_CS, selector, SA_CODE64);
@@ -1719,8 +1722,7 @@ void cetfast_syscall_hook(uc_engine *uc, void *user_data)
     memcpy(d + UCX_HFLAGS, &hflags, 4);
     e->ctx_restore(uc, e->ctx);
 
-    uint64_t rflags, next = rip + len;
-    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    uint64_t next = rip + len;
     uint64_t new_rflags = (rflags & ~fmask & ~RFLAGS_RF) | 2;
     e->reg_write(uc, UC_X86_REG_RCX, &next);
     e->reg_write(uc, UC_X86_REG_R11, &rflags);
@@ -1761,9 +1763,10 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
     e->reg_read(uc, UC_X86_REG_RCX, &rcx);
     e->reg_read(uc, UC_X86_REG_R11, &r11);
     if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || (hflags & HF_CPL_MASK) != 0 || !(hflags & HF_CS64)
-                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)) || (r11 & RFLAGS_AC))) {
+                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)) || (r11 & (RFLAGS_AC | RFLAGS_TF)))) {
         /* #UD / #GP(0): Python raises it; an interrupt window opens; RFLAGS.AC at CPL 3: the
-         * run loop takes up alignment checking (cetvm.cpu.alignment) */
+         * run loop takes up alignment checking (cetvm.cpu.alignment); RFLAGS.TF: the single-step
+         * trap right after SYSRET (Python's) */
         event_hand_over(e, uc, rip);
         return;
     }
@@ -1992,7 +1995,6 @@ hand_over:
 #define BOUNDS_POOL (1u << 20)
 #define GATE_INTERRUPT 0xE
 #define GATE_TRAP 0xF
-#define RFLAGS_TF (1ull << 8)
 #define RFLAGS_NT (1ull << 14)
 #define RFLAGS_VM (1ull << 17)
 #define VECTOR_PF 14
@@ -2250,7 +2252,6 @@ void cetfast_filter_probe(uint64_t *start, uint64_t *len)
  * nothing is counted here. Anything else — prefixes, another #UD, RFLAGS.TF (the single-step
  * trap), a mode other than 64-bit — returns 0 and Python decides (cetvm.cpu.emulate.serialize
  * is the reference). */
-#define RFLAGS_TF (1ull << 8)
 
 void cetfast_enable_serialize(void *p, void *vmem_read)
 {
