@@ -30,6 +30,7 @@ typedef _Bool bool;
 #define MSR_EFER 0xC0000080u
 #define MSR_STAR 0xC0000081u
 #define MSR_LSTAR 0xC0000082u
+#define MSR_CSTAR 0xC0000083u
 #define MSR_FMASK 0xC0000084u
 #define MSR_U_CET 0x6A0u
 #define MSR_S_CET 0x6A2u

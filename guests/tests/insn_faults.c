@@ -5,7 +5,10 @@
  *  - a non-canonical address through SS (RSP- or RBP-based) is #SS(0), through another segment
  *    #GP(0) [SDM Vol. 3 §6.15 "Interrupt 12"]; the engine raised #GP(0) for both;
  *  - MOV from CR8 returns what MOV to CR8 wrote (the engine read 0); CR8 bits 63:4 are reserved
- *    [SDM Vol. 3 §2.5]. */
+ *    [SDM Vol. 3 §2.5];
+ * and by kvm-unit-tests x86/syscall: SYSCALL and SYSRET trap on the RFLAGS.TF they end with —
+ * a SYSRET that loads TF from R11 takes the single-step #DB at once, at the user instruction
+ * after the SYSCALL (cetvm retired the SYSRET without it and trapped one instruction later). */
 #include "ktest.h"
 
 #define NONCANONICAL 0xaaaaaaaaaaaaaaaaul
@@ -17,6 +20,14 @@ __asm__(".text\n"
         "or_rsp: endbr64\n or_rsp_insn: orq $0, (%rsp,%rdi,1)\n ret\n"
         "or_rbp: endbr64\n push %rbp\n mov %rsp, %rbp\n or_rbp_insn: orq $0, (%rbp,%rdi,1)\n pop %rbp\n ret\n"
         "or_rax: endbr64\n mov %rdi, %rax\n orq $0, (%rax)\n ret\n");
+
+extern char tf_user[], tf_after_syscall[];
+__asm__(".pushsection .utext, \"ax\"\n"
+        /* TF set by POPF, then SYSCALL (FMASK clears TF: no trap in the kernel); SYSRETQ reloads
+         * it from R11: #DB at tf_after_syscall */
+        "tf_user: mov $1, %eax\n mov $41, %edi\n pushfq\n orq $0x100, (%rsp)\n popfq\n syscall\n"
+        "tf_after_syscall: nop\n nop\n ud2\n"
+        ".popsection\n");
 
 static void write_cr8(void *value) { __asm__ volatile("mov %0, %%cr8" ::"r"((u64)value)); }
 static u64 read_cr8(void)
@@ -33,6 +44,7 @@ static const char *const names[] = {
     "non-canonical RAX-based access -> #GP(0)",
     "MOV from CR8 returns what MOV to CR8 wrote",
     "MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged",
+    "SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -58,6 +70,12 @@ static void body(void)
     cr8 = read_cr8();
     write_cr8(0);
     tap_ok(gp && cr8 == 3, names[5], "vector %lu error %lu CR8 %lu", rec.vector, rec.error, cr8);
+
+    struct user_opts opts = {.u_cet = 0, .shstk = false};
+    struct user_result r = run_user((void (*)(u64))tf_user, 0, &opts);
+    tap_ok(r.kind == USER_FAULTED && r.trap.vector == VEC_DB && r.trap.rip == (u64)tf_after_syscall &&
+               r.trap.cs == (SEL_UCODE | 3), names[6], "kind %d vector %lu rip 0x%lx cs 0x%lx", r.kind,
+           r.trap.vector, r.trap.rip, r.trap.cs);
     tap_done();
 }
 

@@ -199,7 +199,7 @@ def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
 def test_faults_the_engine_gets_wrong(capsys):
     """kvm-unit-tests x86/emulator: MOVBE r, r is #UD (the engine loaded from a garbage address),
     a non-canonical RSP/RBP-based access is #SS(0) (the engine: #GP(0)), MOV from CR8 reads what
-    MOV to CR8 wrote (the engine: 0)."""
+    MOV to CR8 wrote (the engine: 0); x86/syscall: a SYSRET that loads TF traps at once."""
     tap = run_green(capsys, "insn_faults")
     assert tap.passed("MOVBE with a register operand -> #UD at the instruction")
     assert tap.passed("non-canonical RSP-based access -> #SS(0)")
@@ -207,6 +207,8 @@ def test_faults_the_engine_gets_wrong(capsys):
     assert tap.passed("non-canonical RAX-based access -> #GP(0)")
     assert tap.passed("MOV from CR8 returns what MOV to CR8 wrote")
     assert tap.passed("MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged")
+    # kvm-unit-tests x86/syscall "syscall TF handling"
+    assert tap.passed("SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it")
 
 
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):
