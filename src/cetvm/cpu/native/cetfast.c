@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 14
+#define CETFAST_ABI 15
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -243,6 +243,10 @@ typedef struct {
     tlb_entry_t tlb[TLB_ENTRIES];
     ram_range_t ram[MAX_RAM];
     uint32_t ram_count;
+    /* interrupt-window watch (see "Interrupt window"): the engine's CPUX86State while an
+     * interrupt waits for RFLAGS.IF / the end of an interrupt shadow, else NULL */
+    const uint8_t *irq_env;
+    uint32_t irq_window_stopped; /* the watch stopped the engine in front of a block */
 } cetfast_t;
 
 /* ------------------------------------------------------------------ lifecycle / API */
@@ -384,7 +388,7 @@ static void refresh_fast(cetfast_t *f)
         f->ss_user = user;
         s->ss_tag = SS_TAG_INVALID;
     }
-    if (!s->enabled || s->handover) {
+    if (!s->enabled || s->handover || f->irq_env) {
         slow = ALL_KINDS;
     } else if (!s->cr4_cet || !(ctl & (CET_SH_STK_EN | CET_ENDBR_EN))) {
         /* CET off for this CPL: the hook only records the terminator */
@@ -995,6 +999,56 @@ __attribute__((noinline, cold)) static void budget_stop(cetfast_t *f, uc_engine 
     f->emu_stop(uc);
 }
 
+/*
+ * Interrupt window [SDM Vol. 3 §6.8.1, §6.8.3; cetvm.cpu.block_hook.BlockHook.on_block]. While an
+ * external interrupt waits (injected, or an interrupt-window exit requested) and RFLAGS.IF = 0 or
+ * an STI / MOV SS shadow blocks it, Python gives the engine's CPUX86State (cetfast_set_irq_watch):
+ * every block start then takes the general path, which stops the engine in front of the first
+ * block that starts with the window open (IF = 1, HF_INHIBIT_IRQ clear) — after the STI and the
+ * instruction it shields, QEMU ends a block (an STI ends one, the instruction in its shadow is a
+ * block of its own), after POPF too — so the interrupt is taken at that boundary, as a CPU takes
+ * it, instead of at the next exit. Offsets: Unicorn 2.1.4's CPUX86State (cetvm.cpu.uc_context).
+ */
+#define ENV_EFLAGS 136
+#define ENV_HFLAGS 176
+#define ENV_EFLAGS_IF (1ull << 9)
+#define ENV_HF_INHIBIT_IRQ (1u << 3)
+
+static int irq_window_open(const cetfast_t *f)
+{
+    uint64_t eflags;
+    uint32_t hflags;
+    memcpy(&eflags, f->irq_env + ENV_EFLAGS, 8);
+    memcpy(&hflags, f->irq_env + ENV_HFLAGS, 4);
+    return (eflags & ENV_EFLAGS_IF) && !(hflags & ENV_HF_INHIBIT_IRQ);
+}
+
+__attribute__((noinline, cold)) static void irq_window_stop(cetfast_t *f, uc_engine *uc, uint64_t addr)
+{
+    pending_none(f, addr); /* its block start is done; its terminator has not run */
+    f->irq_window_stopped = 1;
+    uint64_t rip = addr - f->s.cs_base;
+    f->reg_write(uc, UC_X86_REG_RIP, &rip); /* leave the block before its first instruction */
+    f->emu_stop(uc);
+}
+
+/* Python: watch for the interrupt window (``env``: the engine's CPUX86State) or stop (NULL). */
+void cetfast_set_irq_watch(void *p, const void *env)
+{
+    cetfast_t *f = p;
+    f->irq_env = env;
+    refresh_fast(f);
+}
+
+/* 1 if the watch stopped the engine in front of a block since the last call, then cleared. */
+int cetfast_take_irq_window_stop(void *p)
+{
+    cetfast_t *f = p;
+    int stopped = (int)f->irq_window_stopped;
+    f->irq_window_stopped = 0;
+    return stopped;
+}
+
 /* The block that ran last if it was counted and may have stopped inside: 1 and its address,
  * size and instruction count; else 0. */
 int cetfast_last_block(void *p, uint64_t *addr, uint32_t *size, uint32_t *icount)
@@ -1043,7 +1097,9 @@ __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t ad
     s->pend = b;
     block_start_general(f, uc, b, prev, addr);
     if (LIKELY(!s->handover)) {
-        if (UNLIKELY(s->budget_left < (int64_t)b->icount))
+        if (UNLIKELY(f->irq_env != NULL) && irq_window_open(f))
+            irq_window_stop(f, uc, addr);
+        else if (UNLIKELY(s->budget_left < (int64_t)b->icount))
             budget_stop(f, uc, addr, size);
         else
             s->budget_left -= b->icount; /* the block runs: it retires its instructions */
