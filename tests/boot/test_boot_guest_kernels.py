@@ -317,3 +317,13 @@ def test_rsm_with_a_corrupted_saved_ssp_shuts_the_vm_down(capsys, corruption):
     assert result.status == 125, result.err
     assert "KVM_EXIT_SHUTDOWN" in result.err and "saved SSP" in result.err
     assert [ok for ok, _n, _d in result.tap.results] == [True]
+
+
+def test_interrupts_waiting_for_if_are_taken_where_the_window_opens(capsys):
+    """kvm-unit-tests eventinj "vec 32/33" and ioapic "simultaneous edge interrupts": with two
+    interrupts pending and IF = 0, "sti; nop; cli" takes both at the CLI (the higher vector
+    first, the second after the first handler's IRETQ); a POPF setting IF takes one at once
+    (cetvm took them at the next exit, after the window had closed again)."""
+    tap = run_green(capsys, "irq_window")
+    assert tap.passed("two interrupts pending, STI; NOP; CLI: both taken at the CLI, the higher vector first")
+    assert tap.passed("one interrupt pending, POPF setting IF: taken right after the POPF")
