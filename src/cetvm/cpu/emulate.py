@@ -19,7 +19,8 @@ from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
     CR8_TPR, DR7_ENABLE_BITS,
-    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
+    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VM,
+    RFLAGS_ZF,
 )
 from cetvm.arch.vmx import (
     CR_ACCESS_TYPE_MOV_TO_CR, CpuBasedControls, VmcsField, cr_access_qualification, io_qualification,
@@ -726,6 +727,8 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
     set again after the engine's single step (which leaves it clear)."""
     def check(raw: bytes) -> None:
         selector = int.from_bytes(raw[:2], "little")
+        if not vcpu.cr0 & Cr0.PE or vcpu.reg("rflags") & RFLAGS_VM:
+            return  # real-address and virtual-8086 mode: a segment value, no descriptor
         if selector & ~3 == 0:
             if vcpu.long_mode and _null_ss_refused(selector, vcpu.cpl):
                 raise gp(0)
