@@ -45,9 +45,8 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
 #: MOV to a control register: CR0/CR4 need the CET rules, CR3 invalidates classifications.
 MOV_TO_CR_CODES: frozenset[int] = frozenset({Code.MOV_CR_R64, Code.MOV_CR_R32})
 
-#: MOV from a control register: CR4 is emulated (its :data:`~cetvm.cpu.registers.
-#: ENGINE_FORCED_CR4` bits hold the guest's value beside the engine's), and CR8 (the engine reads
-#: its APIC stub, always 0, instead of the CR8 that MOV to CR8 wrote).
+#: MOV from a control register: only CR4 is emulated (its :data:`~cetvm.cpu.registers.
+#: ENGINE_FORCED_CR4` bits hold the guest's value beside the engine's).
 MOV_FROM_CR_CODES: frozenset[int] = frozenset({Code.MOV_R64_CR, Code.MOV_R32_CR})
 
 #: MOV to a segment register; only SS is emulated (the null-selector rule the engine lacks).
@@ -61,7 +60,7 @@ MAX_INSTRUCTION_LENGTH = 15
 
 def needs_emulation(instr: Instruction) -> bool:
     """True if the engine must stop in front of ``instr`` and emulate it in Python."""
-    return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES or is_emulated_mov_from_cr(instr)
+    return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES or is_mov_from_cr4(instr)
             or is_mov_to_ss(instr)
             or instr.mnemonic in FAR_TRANSFER_MNEMONICS or instr.is_call_far or instr.is_call_far_indirect
             or instr.is_jmp_far or instr.is_jmp_far_indirect)
@@ -71,9 +70,8 @@ def is_mov_to_ss(instr: Instruction) -> bool:
     return instr.code in MOV_TO_SREG_CODES and instr.op0_register == Register.SS
 
 
-def is_emulated_mov_from_cr(instr: Instruction) -> bool:
-    """MOV r, CR4 or MOV r, CR8."""
-    return instr.code in MOV_FROM_CR_CODES and instr.op1_register in (Register.CR4, Register.CR8)
+def is_mov_from_cr4(instr: Instruction) -> bool:
+    return instr.code in MOV_FROM_CR_CODES and instr.op1_register == Register.CR4
 
 
 def decode_one(code: bytes, ip: int, bitness: int = 64) -> Instruction:

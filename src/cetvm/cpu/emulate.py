@@ -28,7 +28,7 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.decode import is_emulated_mov_from_cr, is_mov_to_ss
+from cetvm.cpu.decode import is_mov_from_cr4, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
@@ -43,7 +43,7 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 
 def can_emulate(instr: Instruction) -> bool:
-    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_emulated_mov_from_cr(instr)
+    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
             or is_mov_to_ss(instr) or _is_far_transfer(instr))
 
 
@@ -52,8 +52,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
     if handler is None:
         if _is_mov_to_cr(instr):
             handler = mov_to_cr
-        elif is_emulated_mov_from_cr(instr):
-            handler = mov_from_cr
+        elif is_mov_from_cr4(instr):
+            handler = mov_from_cr4
         elif _is_far_transfer(instr):
             handler = far_transfer
         elif is_mov_to_ss(instr):
@@ -459,15 +459,14 @@ def _cr_access_exit(vcpu, instr: Instruction, n: int) -> VmExit:
                   qualification=cr_access_qualification(n, CR_ACCESS_TYPE_MOV_TO_CR, gpr))
 
 
-def mov_from_cr(vcpu, instr: Instruction) -> None:
-    """MOV r, CR4 / MOV r, CR8 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL >
-    0]. CR4: the guest's (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read
-    shadow's bits where the VMCS's CR4 guest/host mask is set (:func:`cr_read_shadowed`). CR8:
-    the task priority MOV to CR8 wrote (KVM's kvm_get_cr8). (MOV from CR0 runs in the engine:
-    decision, CR0 read shadows are not applied.)"""
+def mov_from_cr4(vcpu, instr: Instruction) -> None:
+    """MOV r, CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the guest's
+    CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read shadow's bits where the
+    VMCS's CR4 guest/host mask is set (:func:`cr_read_shadowed`). (MOV from CR0 runs in the engine:
+    decision, CR0 read shadows are not applied; MOV from CR8 too: :attr:`cetvm.cpu.registers.
+    Registers.cr8`.)"""
     _require_cpl0(vcpu)
-    value = vcpu.cr8 if instr.op1_register == Register.CR8 else cr_read_shadowed(vcpu, 4, vcpu.cr4)
-    write_register(vcpu, instr.op0_register, value)
+    write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, 4, vcpu.cr4))
     _advance(vcpu, instr)
 
 
