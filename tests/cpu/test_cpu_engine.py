@@ -5,12 +5,16 @@ from __future__ import annotations
 import struct
 
 import pytest
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_MODE_64, Uc
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RIP
 
+from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr, PfErr, Pte
 from cetvm.arch.msr import Efer
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access, PagingMode, translate
 from cetvm.cpu.state import Segment, SegAttr
+from cetvm.cpu.uc_context import EngineCpu
 from cetvm.cpu.vcpu import Vcpu
 from cetvm.cpuid import get_model
 
@@ -232,3 +236,40 @@ def test_paging_off_guest_can_store_next_to_its_code_and_run_it():
     exit_ = vcpu.run()
     assert exit_.reason == ExitReason.HLT and exit_.rip == 0x1020
     assert vcpu.read_phys(0x1100, 4) == struct.pack("<I", 0x1234)
+
+
+def _counting_engine():
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000)
+    uc.mem_write(0x1000, b"\x48\xff\xc0" * 6 + b"\xf4")  # 6 x INC RAX; HLT
+    starts: list[tuple[int, int]] = []
+
+    def block(engine, address, size, _data):
+        starts.append((address, size))
+        if len(starts) == 2:
+            engine.emu_stop()
+    uc.hook_add(UC_HOOK_BLOCK, block)
+    return uc, starts
+
+
+def test_the_engine_cpu_runs_a_block_of_the_first_instructions_beside_the_whole_one():
+    """EngineCpu (cflags_next_tb): the next block holds exactly N instructions, the one after it
+    starts behind them, and the block's own translation is not disturbed."""
+    uc, starts = _counting_engine()
+    engine_cpu = EngineCpu.find(uc)
+    assert engine_cpu is not None  # the pinned Unicorn's layout
+    uc.emu_start(0x1000, 0x1012)
+    assert starts == [(0x1000, 18)] and uc.reg_read(UC_X86_REG_RAX) == 6
+    for _ in range(2):  # the short block, then again from the cache
+        starts.clear()
+        uc.reg_write(UC_X86_REG_RAX, 0)
+        engine_cpu.next_block_instructions(2)
+        uc.emu_start(0x1000, 0x1012)
+        assert starts == [(0x1000, 6), (0x1006, 12)]
+        assert (uc.reg_read(UC_X86_REG_RAX), uc.reg_read(UC_X86_REG_RIP)) == (2, 0x1006)
+    starts.clear()
+    uc.reg_write(UC_X86_REG_RAX, 0)
+    uc.emu_start(0x1000, 0x1012)  # no request: the whole block as before
+    assert starts == [(0x1000, 18)] and uc.reg_read(UC_X86_REG_RAX) == 6
+    with pytest.raises(CetvmError, match="1..32767"):
+        engine_cpu.next_block_instructions(0)

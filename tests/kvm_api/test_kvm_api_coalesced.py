@@ -8,7 +8,7 @@ import pytest
 from conftest import make_guest
 
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioExit, VmExit
-from cetvm.kvm.api import KvmExitReason
+from cetvm.kvm.api import MAX_PIO_READ_VALUES, KvmExitReason
 from cetvm.kvm.coalesced_mmio import KVM_COALESCED_MMIO_MAX, CoalescedMmio, CoalescedWrite, CoalescedZone
 from cetvm.kvm.errors import KvmInvalidArgument
 
@@ -64,3 +64,36 @@ def test_only_writes_entirely_inside_a_zone_coalesce_and_a_full_ring_exits():
     assert len(kept) == KVM_COALESCED_MMIO_MAX - 1 and kept[0] == CoalescedWrite(0xFED0_0008, 8, 7, 0)
     assert [w.data for w in kept[1:4]] == [0, 1, 2]
     assert ring.absorbs(_out(0x3F8, 0x21))
+
+
+def test_a_read_only_pio_register_answers_byte_reads_without_an_exit():
+    """cetvm's read-only PIO registers (KvmVm.set_pio_read_value): the IN completes in KVM with
+    the value; taking the value away makes the read exit again."""
+    g = make_guest("hypercall_io")  # OUT 0x42 to port 0x80, then IN from port 0x81
+    g.vm.register_coalesced_mmio(CoalescedZone(0x80, 1, pio=1))
+    g.vm.set_pio_read_value(0x81, 0x5A)
+    assert g.vcpu.run(budget=10_000).exit_reason is KvmExitReason.HLT
+    assert g.slot(2) == 0x5A
+    assert g.vm.take_coalesced_writes() == [CoalescedWrite(0x80, 1, 0x42, 1)]
+    g2 = make_guest("hypercall_io")
+    g2.vm.set_pio_read_value(0x81, 0x5A)
+    g2.vm.set_pio_read_value(0x81, None)
+    g2.vm.register_coalesced_mmio(CoalescedZone(0x80, 1, pio=1))
+    run = g2.vcpu.run(budget=10_000)
+    assert run.exit_reason is KvmExitReason.IO and run.io.port == 0x81
+
+
+@pytest.mark.parametrize("port, value", [(-1, 0), (0x10000, 0), (0x81, 0x100), (0x81, -1), ("0x81", 0)])
+def test_read_only_pio_register_arguments_are_checked(port, value):
+    g = make_guest("hypercall_io")
+    with pytest.raises(KvmInvalidArgument):
+        g.vm.set_pio_read_value(port, value)
+
+
+def test_read_only_pio_registers_are_bounded():
+    g = make_guest("hypercall_io")
+    for port in range(MAX_PIO_READ_VALUES):
+        g.vm.set_pio_read_value(port, port)
+    g.vm.set_pio_read_value(0, 7)  # a new value for a port that has one: fine
+    with pytest.raises(KvmInvalidArgument, match="ENOSPC"):
+        g.vm.set_pio_read_value(MAX_PIO_READ_VALUES, 1)

@@ -43,7 +43,7 @@ from cetvm.cpu.mode import CpuMode, InstructionFetch
 from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind
 from cetvm.cpu.paging import PagingMode
 from cetvm.cpu.registers import Registers
-from cetvm.cpu.uc_context import HFlags
+from cetvm.cpu.uc_context import EngineCpu, HFlags
 from cetvm.cpu.vcpu_cet import VcpuCet
 
 _TRACKER = int(CetCtl.TRACKER)
@@ -57,8 +57,9 @@ class BlockHook:
     def __init__(self, uc: Uc, *, mode: CpuMode, cet: VcpuCet, blocks: BlockTable, budget: InstructionBudget,
                  exits: ExitPoints, fetch: InstructionFetch, registers: Registers, window: ShadowStackWindow,
                  raise_fault: Callable[[GuestFault], None], code_is_global: Callable[[int, int], bool],
-                 refresh_mode: Callable[..., None], native: NativeCet | None) -> None:
+                 refresh_mode: Callable[..., None], native: NativeCet | None, engine_cpu: EngineCpu | None) -> None:
         self._uc = uc
+        self._engine_cpu = engine_cpu
         self._mode = mode
         self._cet = cet
         self._blocks = blocks
@@ -139,6 +140,8 @@ class BlockHook:
     def on_hook_error(self, exc: BaseException) -> None:
         """An exception inside a hook: keep it for :meth:`raise_hook_error`, stop the engine."""
         self._hook_error = exc
+        if self._native is not None:
+            self._native.note_callback_error()
         self._uc.emu_stop()
 
     def raise_hook_error(self) -> None:
@@ -414,6 +417,9 @@ class BlockHook:
             # code): classify it again; the run loop enters it anew with the right count.
             self.classify_block(pc, size)
             return
+        if self._engine_cpu is not None:
+            self._run_first_instructions(rip, count)
+            return
         fence = instrs[count].ip
         exits = self._exits
         added = fence not in exits
@@ -428,6 +434,21 @@ class BlockHook:
                 exits.discard(fence)
                 exits.sync()
             exits.drop_translations(pc, pc + size)
+
+    def _run_first_instructions(self, rip: int, count: int) -> None:
+        """run_fenced through the engine's next-block request (:class:`cetvm.cpu.uc_context.EngineCpu`):
+        a translation block of the first ``count`` instructions (cached beside the block's own),
+        whose ``count`` instructions are all the budget has left, so the block hook stops the
+        engine in front of the next block — a stop the run loop does not act on (it is out of
+        budget)."""
+        engine_cpu = self._engine_cpu
+        assert engine_cpu is not None
+        engine_cpu.next_block_instructions(count)
+        try:
+            self._uc.emu_start(rip, 0)
+        finally:
+            engine_cpu.next_block_instructions(None)
+            self._budget.take_stop()
 
     def retire_before(self, rip: int) -> None:
         """The engine stopped at ``rip`` without executing the instruction there (a fault, an MMIO

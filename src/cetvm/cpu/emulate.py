@@ -797,7 +797,18 @@ def _step_in_engine(vcpu, instr: Instruction, *, branches: bool = True) -> None:
 def invalidate_tlb(vcpu, instr: Instruction) -> None:
     """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache and forget the
     block classifications the invalidated translations covered, then the engine runs it (and
-    raises its faults)."""
+    raises its faults). INVLPG is done here when the engine's page flush is at hand
+    (:meth:`Vcpu.flush_engine_tlb_page`): it faults only with LOCK (#UD) or at CPL > 0 (#GP(0))
+    [SDM Vol. 2A INVLPG], and needs no step through the engine."""
+    if instr.mnemonic == M.INVLPG and vcpu.engine_cpu is not None:
+        if instr.has_lock_prefix:
+            raise ud()
+        _require_cpl0(vcpu)
+        vcpu.flush_tlb()
+        _forget_blocks_of(vcpu, instr)
+        vcpu.engine_cpu.flush_tlb_page(effective_address(vcpu, instr))
+        _advance(vcpu, instr)
+        return
     vcpu.flush_tlb()
     _forget_blocks_of(vcpu, instr)
     _step_in_engine(vcpu, instr, branches=False)

@@ -27,6 +27,7 @@ from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.mode import CpuMode, InstructionFetch
 from cetvm.cpu.native import NativeCet
 from cetvm.cpu.registers import Registers
+from cetvm.cpu.uc_context import EngineCpu
 
 if TYPE_CHECKING:
     from cetvm.cpu.vcpu import Vcpu
@@ -37,8 +38,9 @@ class ExitEmulation:
 
     def __init__(self, vcpu: "Vcpu", uc: Uc, *, mode: CpuMode, exits: ExitPoints, blocks: BlockTable,
                  hook: BlockHook, events: PendingEvents, fetch: InstructionFetch, budget: InstructionBudget,
-                 registers: Registers, native: NativeCet | None) -> None:
+                 registers: Registers, native: NativeCet | None, engine_cpu: EngineCpu | None) -> None:
         self._vcpu = vcpu
+        self._engine_cpu = engine_cpu
         self._uc = uc
         self._mode = mode
         self._exits = exits
@@ -101,8 +103,15 @@ class ExitEmulation:
         uc, mode, native = self._uc, self._mode, self._native
         pc, next_pc = mode.linear(rip), None if next_ip is None else mode.linear(next_ip)
         was_exit = pc in self._exits
-        temporary_exit = next_pc is not None and next_pc not in self._exits
-        self._set_step_exits(pc, next_pc, was_exit, temporary_exit, stepping=True)
+        # A one-instruction block of its own (EngineCpu) and the native hook's stop in front of
+        # the block after it: no exit moves, no translation is dropped (an MMIO completion). Not
+        # at instruction granularity: the block after it would be translated without the count
+        # hook the next run adds, and run uncounted from the cache.
+        one_block = (native is not None and self._engine_cpu is not None and next_pc is not None and not was_exit
+                     and not self._budget.per_instruction)
+        temporary_exit = not one_block and next_pc is not None and next_pc not in self._exits
+        if not one_block:
+            self._set_step_exits(pc, next_pc, was_exit, temporary_exit, stepping=True)
         mode.stepping = True
         if native is not None:
             native.set_enabled(False)
@@ -115,7 +124,10 @@ class ExitEmulation:
         try:
             # Unicorn's count installs a code hook, and the next uncounted run deletes it and
             # flushes every translation: only a branch, whose successor is unknown, pays that.
-            uc.emu_start(rip, 0, count=0 if temporary_exit or next_pc in self._exits else 1)
+            if one_block:
+                self._engine_cpu.next_block_instructions(1)
+                native.stop_at_block(2)  # the one-instruction block's start, then the next one's
+            uc.emu_start(rip, 0, count=0 if one_block or temporary_exit or next_pc in self._exits else 1)
         except UcError as err:
             if err.errno == UC_ERR_INSN_INVALID:
                 self._vcpu.raise_fault(GuestFault(Vector.UD))
@@ -126,7 +138,11 @@ class ExitEmulation:
             mode.stepping = False
             if native is not None:
                 native.set_enabled(True)
-            self._set_step_exits(pc, next_pc, was_exit, temporary_exit, stepping=False)
+            if one_block:
+                native.stop_at_block(0)
+                self._engine_cpu.next_block_instructions(None)
+            else:
+                self._set_step_exits(pc, next_pc, was_exit, temporary_exit, stepping=False)
         self._blocks.prev = None
         if not self._events.has_event and retire:
             self._budget.retire()

@@ -194,6 +194,62 @@ def live_env(uc: Uc) -> CpuStateView:
                      f"reinstall unicorn=={REQUIRED_UNICORN}")
 
 
+#: Offsets in Unicorn 2.1.4's CPUState (QEMU 5.0's struct CPUState, x86-64): nr_cores and
+#: nr_threads (both 1 in every engine: the layout check), cflags_next_tb after the thread
+#: pointer and seven bools.
+_CPUSTATE_NR_CORES, _CPUSTATE_NR_THREADS, _CPUSTATE_CFLAGS_NEXT_TB = 0, 4, 24
+#: cflags_next_tb when no request is pending (cpu_common_reset: -1).
+_NO_CFLAGS_REQUEST = 0xFFFF_FFFF
+#: QEMU 5.0's CF_COUNT_MASK: the largest instruction count a translation block may be asked for.
+CF_COUNT_MASK = 0x7FFF
+
+
+class EngineCpu:
+    """Two services of the engine's CPU that Unicorn's API lacks, taken from its CPUState:
+
+    - :meth:`next_block_instructions`: QEMU's ``cflags_next_tb`` — the next translation block
+      the engine looks up holds at most ``n`` instructions (a block of its own in the
+      translation cache: the block's usual translation stays), as QEMU's icount and precise-SMC
+      code ask. cetvm runs exactly the first instructions of a block this way (budget fences,
+      single steps) instead of moving a Unicorn exit and translating the block twice around it.
+    - :meth:`flush_tlb_page`: QEMU's ``tlb_flush_page`` (exported by libunicorn), what the
+      engine's own INVLPG does.
+
+    :meth:`find` checks the layout (nr_cores = nr_threads = 1, no request pending) and gives
+    None when it does not match: the callers then use the exits as before."""
+
+    def __init__(self, address: int) -> None:
+        self._cflags = ctypes.c_uint32.from_address(address + _CPUSTATE_CFLAGS_NEXT_TB)
+        self._address = ctypes.c_void_p(address)
+        self._flush_page = uclib.tlb_flush_page_x86_64
+        self._flush_page.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+        self._flush_page.restype = None
+
+    @classmethod
+    def find(cls, uc: Uc) -> "EngineCpu | None":
+        cs = ctypes.c_void_p.from_address(uc._uch.value + UC_STRUCT_CPU_OFFSET).value
+        if not cs or not hasattr(uclib, "tlb_flush_page_x86_64"):
+            return None
+        words = [ctypes.c_uint32.from_address(cs + offset).value
+                 for offset in (_CPUSTATE_NR_CORES, _CPUSTATE_NR_THREADS, _CPUSTATE_CFLAGS_NEXT_TB)]
+        return cls(cs) if words == [1, 1, _NO_CFLAGS_REQUEST] else None
+
+    def next_block_instructions(self, n: int | None) -> None:
+        """The next translation block holds at most ``n`` (1..CF_COUNT_MASK) instructions; None
+        withdraws a request the engine did not take."""
+        if n is None:
+            self._cflags.value = _NO_CFLAGS_REQUEST
+            return
+        if not 1 <= n <= CF_COUNT_MASK:
+            raise CetvmError(f"a translation block holds 1..{CF_COUNT_MASK} instructions, not {n}")
+        self._cflags.value = n
+
+    def flush_tlb_page(self, linear: int) -> None:
+        """Drop the engine's TLB entries for the page of ``linear`` (all of them if it lies in a
+        large page the engine cached)."""
+        self._flush_page(self._address, linear & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 def segment_hflags(hflags: int, cs: Segment, ss: Segment, ds: Segment, es: Segment, cr0_pe: bool) -> int:
     """Recompute the segment-dependent hflags the way QEMU's cpu_x86_load_seg_cache does.
 

@@ -88,7 +88,7 @@ from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
 from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
 from cetvm.cpu.tsc import TimeStampCounter
-from cetvm.cpu.uc_context import HFlags, check_unicorn, cr2_kept
+from cetvm.cpu.uc_context import EngineCpu, HFlags, check_unicorn, cr2_kept
 from cetvm.cpu.vcpu_cet import VcpuCet
 from cetvm.cpu.vmcs import Vmcs, guest_cet_state_fault, software_exception_exits, standalone_vmcs
 
@@ -186,16 +186,18 @@ class Vcpu:
         self._exit_points = ExitPoints(uc)
         self._fetch = InstructionFetch(self.memory, self.mode)
         self._ss_window = ShadowStackWindow(self.memory.translate, self.memory.ram_view)
+        #: the engine CPU's cflags_next_tb and tlb_flush_page (None: not the layout cetvm knows)
+        self.engine_cpu = EngineCpu.find(uc)
         parts = dict(mode=self.mode, blocks=blocks, budget=self.budget)
         self._hook = BlockHook(uc, cet=self.cet_machine, exits=self._exit_points, fetch=self._fetch,
                                registers=self.registers, window=self._ss_window, raise_fault=self.raise_fault,
                                code_is_global=self.code_is_global, refresh_mode=self.refresh_mode,
-                               native=self.native, **parts)
+                               native=self.native, engine_cpu=self.engine_cpu, **parts)
         self._stops = EngineStops(self, uc, cet=self.cet_machine, hook=self._hook, events=self.pending_events,
                                   memory=self.memory, fetch=self._fetch, registers=self.registers, **parts)
         self._emulation = ExitEmulation(self, uc, exits=self._exit_points, hook=self._hook,
                                         events=self.pending_events, fetch=self._fetch, registers=self.registers,
-                                        native=self.native, **parts)
+                                        native=self.native, engine_cpu=self.engine_cpu, **parts)
 
         # ---- the engine's hooks
         #: SYSCALL, SYSRETQ, IRETQ and the common #PF delivered inside the engine (native path,
@@ -840,7 +842,7 @@ class Vcpu:
             vmcs = self.vmcs
             self._native_events.before_run(self.pending_events.pending_interrupt is not None,
                                            vmcs.read(VmcsField.EXCEPTION_BITMAP))
-            self._exit_insns.set_cr3_load_exiting(vmcs.cpu_based(CpuBasedControls.CR3_LOAD_EXITING))
+            self._exit_insns.set_cpu_based_controls(vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL))
         handed_over: int | None = None
         try:
             self._emu_start_keeping_cr2(rip)

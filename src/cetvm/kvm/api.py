@@ -958,6 +958,18 @@ class KvmVcpu:
             self.vm.coalesced_mmio.append_pio_bytes(writes)
         self.host_cpu.exits += native.take_pio_exits()
 
+    def _answers_pio_read(self, exit_: VmExit) -> bool:
+        """A byte IN from a read-only PIO register (:meth:`KvmVm.set_pio_read_value`) completes
+        here with its value (the CPU's native path does the same next to the engine)."""
+        io = exit_.io
+        if io is None or io.direction is not Direction.IN or io.size != 1:
+            return False
+        value = self.vm.pio_read_values.get(io.port)
+        if value is None:
+            return False
+        io.data = value
+        return True
+
     def _handle_exit(self, exit_: VmExit) -> KvmRun | None:
         reason = exit_.reason
         if self.nested.guest_mode and nested_vmx_reflect_vmexit(self, exit_):
@@ -1000,6 +1012,8 @@ class KvmVcpu:
                           detail="MMIO access by an instruction CET guards: KVM does not emulate it")
         if self.vm.coalesced_mmio.absorbs(exit_):
             return None  # kept in the ring; the write retires without an exit (coalesced_mmio_write)
+        if self._answers_pio_read(exit_):
+            return None
         self._userspace_exit = userspace_exit(exit_, self.state.vmcs.read(VmcsField.VM_EXIT_REASON))
         return self._userspace_exit
 

@@ -200,7 +200,7 @@ typedef uc_err (*vmem_read_fn)(uc_engine *, uint64_t, uc_prot, void *, size_t);
  * INVLPG of a page without blocks — most of them — skips the table rebuild. */
 #define PAGE_FILTER_BITS (1u << 16)
 #define TLB_ENTRIES 64
-#define FRONT_ENTRIES 256
+#define FRONT_ENTRIES 2048
 #define MAX_RAM 32
 
 typedef struct {
@@ -247,6 +247,7 @@ typedef struct {
      * interrupt waits for RFLAGS.IF / the end of an interrupt shadow, else NULL */
     const uint8_t *irq_env;
     uint32_t irq_window_stopped; /* the watch stopped the engine in front of a block */
+    uint32_t stop_at_block; /* a single step: stop in front of this block start from now (1 = the next) */
 } cetfast_t;
 
 /* ------------------------------------------------------------------ lifecycle / API */
@@ -1063,6 +1064,11 @@ int cetfast_last_block(void *p, uint64_t *addr, uint32_t *size, uint32_t *icount
     return 1;
 }
 
+/* A single step with the hook disabled (cetvm.cpu.exit_emulation.ExitEmulation.step_in_engine):
+ * the engine stops in front of the ``blocks``-th block that starts from now (0: no stop). Only
+ * with the hook disabled, when every block start takes the general path. */
+void cetfast_stop_at_block(void *p, uint32_t blocks) { ((cetfast_t *)p)->stop_at_block = blocks; }
+
 /* The engine is about to start (or stopped in front of a block): no block is under way. */
 void cetfast_close_last(void *p) { close_last(p); }
 
@@ -1078,6 +1084,12 @@ __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t ad
 {
     cetfast_t *f = user_data;
     cet_shared_t *s = &f->s;
+    if (UNLIKELY(f->stop_at_block) && --f->stop_at_block == 0) {
+        uint64_t rip = addr - s->cs_base; /* the stepped instruction ran: stop in front of the next block */
+        f->reg_write(uc, UC_X86_REG_RIP, &rip);
+        f->emu_stop(uc);
+        return;
+    }
     if (UNLIKELY(!s->enabled || s->handover))
         return;
     cet_block_t *b = block_find(f, addr, size);
@@ -2384,14 +2396,22 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
  *
  * Only at CPL 0 in 64-bit mode, with RFLAGS.TF clear (the single-step trap is Python's), without
  * prefixes (REX only for MOV), and only when the stop is one Python would take to the same
- * place: the run ended without an error, no Python callback ran in it (no block-table miss, no
- * interrupt handed to Python, no hand-over, no callback error), no budget stop, budget left, no
- * external interrupt waiting, the CPL unchanged by the native events, and the pending
+ * place: the run ended without an error, nothing was handed to Python in it (no interrupt for
+ * Python's handler, no hand-over, no error in a callback — a block classification that added
+ * exits stops at its block's start, where Python would emulate the same instruction), no
+ * budget stop, budget left, no external interrupt waiting in the CPU, no interrupt- or
+ * NMI-window exiting (the hypervisor waits to inject one: each VM entry after an exit checks
+ * the window, so the guest must re-enter where it would have — and is exactly as after an
+ * exit the Python path takes), the CPL unchanged by the native events, and the pending
  * terminator of the block that ran last has nothing to do at this address (as
  * BlockHook.apply_pending_terminator would find). Each such instruction retires one budget
  * instruction; IN/OUT count as VM exits KVM handled (``pio_exits``). Everything else returns to
  * Python, which stays the reference (cetvm.cpu.emulate.port_io / mov_to_cr).
  * ------------------------------------------------------------------------------------- */
+/* Primary processor-based VM-execution controls [SDM Vol. 3C 25.6.2; cetvm.arch.vmx.CpuBasedControls]. */
+#define VMX_INTERRUPT_WINDOW_EXITING (1u << 2)
+#define VMX_CR3_LOAD_EXITING (1u << 15)
+#define VMX_NMI_WINDOW_EXITING (1u << 22)
 #define EXIT_PIO_ZONES 8
 #define EXIT_PIO_READS 8
 #define EXIT_PIO_WRITES 169 /* a coalesced ring's room (cetvm.kvm.coalesced_mmio) */
@@ -2401,7 +2421,7 @@ typedef uc_err (*emu_start_fn)(uc_engine *, uint64_t, uint64_t, uint64_t, size_t
 /* Mirrored by cetvm.cpu.native.loader.ExitInsnState. */
 typedef struct {
     uint32_t enabled;        /* Python: port I/O may be handled here (KVM: not while running L2) */
-    uint32_t cr3_load_exiting; /* Python, before each run: the VMCS's CR3-load exiting control */
+    uint32_t cpu_based;      /* Python, before each run: the VMCS's primary processor-based controls */
     uint32_t zone_count;
     uint32_t read_count;
     uint16_t zone_lo[EXIT_PIO_ZONES]; /* coalesced PIO zones [lo, hi) */
@@ -2498,7 +2518,7 @@ static int exit_mov_to_cr3(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, 
     unsigned rex = 0, at = 0;
     if ((code[0] & 0xF0u) == 0x40u)
         rex = code[at++];
-    if (code[at] != 0x0F || code[at + 1] != 0x22 || x->cr3_load_exiting || !x->cr3_write)
+    if (code[at] != 0x0F || code[at + 1] != 0x22 || (x->cpu_based & VMX_CR3_LOAD_EXITING) || !x->cr3_write)
         return 0;
     uint8_t modrm = code[at + 2];
     if ((modrm >> 6) != 3 || ((modrm >> 3) & 7) != 3 || (rex & 0x4u)) /* CR3 only (REX.R: CR11, #UD) */
@@ -2561,14 +2581,15 @@ int cetfast_run(void *p, uc_engine *uc, uint64_t rip)
         return UC_ERR_ARG;
     e->reg_read(uc, UC_X86_REG_CR2, &cr2);
     for (;;) {
-        uint64_t misses = s->misses, errors = s->callback_errors, handovers = e->handovers + s->handovers;
+        uint64_t errors = s->callback_errors, handovers = e->handovers + s->handovers;
         uint64_t slow = e->slow_calls, mode_changes = e->mode_changes;
         uc_err err = x->emu_start(uc, rip, 0, 0, 0);
         if (err != UC_ERR_OK)
             return err;
-        if (s->misses != misses || s->callback_errors != errors || e->handovers + s->handovers != handovers
+        if (s->callback_errors != errors || e->handovers + s->handovers != handovers
             || e->slow_calls != slow || e->mode_changes != mode_changes || s->handover || e->handover
-            || s->budget_stop || e->irq_pending || !exit_insn(e, x, uc))
+            || s->budget_stop || e->irq_pending
+            || (x->cpu_based & (VMX_INTERRUPT_WINDOW_EXITING | VMX_NMI_WINDOW_EXITING)) || !exit_insn(e, x, uc))
             return UC_ERR_OK;
         /* CR2 as the guest has it (cetvm.cpu.uc_context.cr2_kept): the last #PF delivered here */
         uint64_t guest_cr2 = e->pf_delivered ? e->pf_cr2 : cr2;

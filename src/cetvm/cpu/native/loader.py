@@ -459,11 +459,22 @@ class NativeCet:
         if err is not None:
             raise err
 
+    def stop_at_block(self, blocks: int) -> None:
+        """While the hook is disabled (a single step): stop the engine in front of the
+        ``blocks``-th block that starts from now (0: no such stop)."""
+        self._lib.cetfast_stop_at_block.argtypes = [_VP, _U32]
+        self._lib.cetfast_stop_at_block(self._ptr, blocks)
+
+    def note_callback_error(self) -> None:
+        """A Python callback of this engine failed (the error is kept for after the run): the
+        native run loop must not start the engine again."""
+        self.shared.callback_errors += 1
+
     def _classify_trampoline(self, address: int, size: int) -> int:
         try:
             return 1 if self._classify(address, size) else 0
         except BaseException as err:  # never unwind through C
-            self.shared.callback_errors += 1
+            self.note_callback_error()
             self._callback_error = err
             self._uc.emu_stop()
             return 0
@@ -635,7 +646,7 @@ EXIT_PIO_ZONES, EXIT_PIO_READS, EXIT_PIO_WRITES = 8, 8, 169
 class ExitInsnState(ctypes.Structure):
     """Mirror of ``cet_exit_insns_t`` (checked against the library's sizeof)."""
 
-    _fields_ = [("enabled", _U32), ("cr3_load_exiting", _U32), ("zone_count", _U32), ("read_count", _U32),
+    _fields_ = [("enabled", _U32), ("cpu_based", _U32), ("zone_count", _U32), ("read_count", _U32),
                 ("zone_lo", ctypes.c_uint16 * EXIT_PIO_ZONES), ("zone_hi", _U32 * EXIT_PIO_ZONES),
                 ("read_port", ctypes.c_uint16 * EXIT_PIO_READS), ("read_value", ctypes.c_uint8 * EXIT_PIO_READS),
                 ("room", _U32), ("write_count", _U32),
@@ -671,8 +682,10 @@ class NativeExitInsns:
         """Whether port I/O may be done here at all (KVM: not while L2 runs; L1 may intercept it)."""
         self.state.enabled = int(enabled)
 
-    def set_cr3_load_exiting(self, exiting: bool) -> None:
-        self.state.cr3_load_exiting = int(exiting)
+    def set_cpu_based_controls(self, controls: int) -> None:
+        """The VMCS's primary processor-based controls (CR3-load exiting: MOV to CR3 exits;
+        interrupt/NMI-window exiting: no instruction is done here, each is a VM entry)."""
+        self.state.cpu_based = controls & 0xFFFF_FFFF
 
     def set_coalesced_ports(self, zones: list[tuple[int, int]]) -> None:
         """The coalesced PIO zones as [first, end) port ranges (the first EXIT_PIO_ZONES)."""
