@@ -8,7 +8,9 @@
  *    [SDM Vol. 3 §2.5];
  * and by kvm-unit-tests x86/syscall: SYSCALL and SYSRET trap on the RFLAGS.TF they end with —
  * a SYSRET that loads TF from R11 takes the single-step #DB at once, at the user instruction
- * after the SYSCALL (cetvm retired the SYSRET without it and trapped one instruction later). */
+ * after the SYSCALL (cetvm retired the SYSRET without it and trapped one instruction later);
+ * and by its debug test: INT1 (ICEBP, F1) is a trap-like #DB past it that leaves DR6 alone (the
+ * engine decodes it as #UD: the guest looped on it). */
 #include "ktest.h"
 
 #define NONCANONICAL 0xaaaaaaaaaaaaaaaaul
@@ -29,6 +31,9 @@ __asm__(".pushsection .utext, \"ax\"\n"
         "tf_after_syscall: nop\n nop\n ud2\n"
         ".popsection\n");
 
+extern char icebp_probe[], icebp_after[];
+__asm__(".text\n icebp_probe: endbr64\n .byte 0xf1\n icebp_after: ret\n");
+
 static void write_cr8(void *value) { __asm__ volatile("mov %0, %%cr8" ::"r"((u64)value)); }
 static u64 read_cr8(void)
 {
@@ -45,6 +50,7 @@ static const char *const names[] = {
     "MOV from CR8 returns what MOV to CR8 wrote",
     "MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged",
     "SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it",
+    "INT1 (ICEBP) -> #DB past it, DR6 unchanged",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -76,6 +82,13 @@ static void body(void)
     tap_ok(r.kind == USER_FAULTED && r.trap.vector == VEC_DB && r.trap.rip == (u64)tf_after_syscall &&
                r.trap.cs == (SEL_UCODE | 3), names[6], "kind %d vector %lu rip 0x%lx cs 0x%lx", r.kind,
            r.trap.vector, r.trap.rip, r.trap.cs);
+
+    __asm__ volatile("mov %0, %%dr6" ::"r"(0ul));
+    bool db = expect_fault(VEC_DB, -1, (probe_fn)(void *)icebp_probe, 0, &rec);
+    u64 dr6;
+    __asm__ volatile("mov %%dr6, %0" : "=r"(dr6));
+    tap_ok(db && rec.rip == (u64)icebp_after && dr6 == 0xFFFF0FF0ul, names[7], "vector %lu rip 0x%lx DR6 0x%lx",
+           rec.vector, rec.rip, dr6);
     tap_done();
 }
 

@@ -209,6 +209,8 @@ def test_faults_the_engine_gets_wrong(capsys):
     assert tap.passed("MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged")
     # kvm-unit-tests x86/syscall "syscall TF handling"
     assert tap.passed("SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it")
+    # kvm-unit-tests x86/debug "Single-Step + ICEBP #DB w/ MOVSS blocking" looped on a #UD
+    assert tap.passed("INT1 (ICEBP) -> #DB past it, DR6 unchanged")
 
 
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):

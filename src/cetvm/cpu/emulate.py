@@ -923,6 +923,17 @@ def xsave_family(vcpu, instr: Instruction) -> None:
     _advance(vcpu, instr)
 
 
+def icebp(vcpu, instr: Instruction) -> None:
+    """INT1 / ICEBP (F1) [SDM Vol. 2A INT n/INTO/INT3/INT1]: a trap-like #DB, RIP past the
+    instruction, delivered as a hardware exception (no gate DPL check, EXT set, no RF in the
+    pushed RFLAGS) that changes no DR6 bit — and, as the event of its instruction, takes the
+    place of the single-step trap RFLAGS.TF would add. Unicorn 2.1.4 decodes it as #UD
+    (kvm-unit-tests' debug: "Single-Step + ICEBP #DB w/ MOVSS blocking" looped on the #UD)."""
+    vcpu.rip = instr.next_ip
+    vcpu.retire_emulated()
+    vcpu.raise_fault(GuestFault(Vector.DB))
+
+
 def undefined_opcode(vcpu, instr: Instruction) -> None:
     """An encoding that is no instruction is #UD [SDM Vol. 2 App. A; e.g. MOVBE "#UD If ...
     the ModR/M byte's mod field is 11B" — Unicorn 2.1.4 executes MOVBE r, r as a load from a
@@ -931,7 +942,7 @@ def undefined_opcode(vcpu, instr: Instruction) -> None:
 
 
 _HANDLERS: dict[int, Callable] = {
-    M.INVALID: undefined_opcode,
+    M.INVALID: undefined_opcode, M.INT1: icebp,
     M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.VMMCALL: vmcall, M.XSETBV: xsetbv,
     M.IN: port_io, M.OUT: port_io,
     M.INSB: string_io, M.INSW: string_io, M.INSD: string_io, M.OUTSB: string_io, M.OUTSW: string_io, M.OUTSD: string_io,
