@@ -37,16 +37,19 @@ static void load_ss_mem(void *arg)
 /* DR0 = the instruction after the MOV SS (mov_ss_next) or the one after that (mov_ss_later),
  * an execute breakpoint enabled in DR7 (L0, R/W0 = LEN0 = 0). Returns 0xFFFF when the probe
  * ran through, else the vector << 32 | the low half of the faulting RIP. */
-extern char mov_ss_db[], mov_ss_next[], mov_ss_later[];
+extern char mov_ss_db[], mov_ss_next[], mov_ss_later[], mov_ss_cpuid[], mov_ss_after_cpuid[];
 __asm__(".text\n mov_ss_db: endbr64\n mov %ss, %ecx\n mov %ecx, %ss\n"
-        " mov_ss_next: xor %eax, %eax\n mov_ss_later: nop\n ret\n");
+        " mov_ss_next: xor %eax, %eax\n mov_ss_later: nop\n ret\n"
+        /* the instruction in the shadow is one the CPU exits on (CPUID): the breakpoint after it fires */
+        "mov_ss_cpuid: endbr64\n push %rbx\n xor %eax, %eax\n mov %ss, %ecx\n mov %ecx, %ss\n cpuid\n"
+        " mov_ss_after_cpuid: nop\n pop %rbx\n ret\n");
 
-static u64 breakpoint_at(char *where)
+static u64 breakpoint_at(char *probe, char *where)
 {
     struct trap_record rec = {0};
     __asm__ volatile("mov %0, %%dr0" ::"r"((u64)where));
     __asm__ volatile("mov %0, %%dr7" ::"r"(0x401ul));
-    bool faulted = run_catching((probe_fn)(void *)mov_ss_db, 0, &rec);
+    bool faulted = run_catching((probe_fn)(void *)probe, 0, &rec);
     __asm__ volatile("mov %0, %%dr7" ::"r"(0x400ul));
     return faulted ? rec.vector << 32 | (rec.rip & 0xFFFFFFFFul) : 0xFFFF;
 }
@@ -54,7 +57,7 @@ static u64 breakpoint_at(char *where)
 void kmain(void)
 {
     kernel_init();
-    tap_plan(8);
+    tap_plan(9);
     struct trap_record rec = {0};
 
     bool gp = expect_fault(VEC_GP, 0, load_ss_reg, (void *)3ul, &rec);
@@ -80,9 +83,13 @@ void kmain(void)
     gp = expect_fault(VEC_GP, SEL_KCODE, load_ss_reg, (void *)(u64)SEL_KCODE, &rec);
     tap_ok(gp && read_ss() == SEL_KDATA, "MOV SS: code selector -> #GP(selector)", "vector %lu error 0x%lx",
            rec.vector, rec.error);
-    u64 next = breakpoint_at(mov_ss_next), later = breakpoint_at(mov_ss_later);
+    u64 next = breakpoint_at(mov_ss_db, mov_ss_next), later = breakpoint_at(mov_ss_db, mov_ss_later);
     tap_ok(next == 0xFFFF && later == ((u64)VEC_DB << 32 | ((u64)mov_ss_later & 0xFFFFFFFFul)),
            "MOV SS blocking: no instruction breakpoint on the next instruction, one on the instruction after",
            "breakpoint after MOV SS 0x%lx, one later 0x%lx", next, later);
+    u64 after_cpuid = breakpoint_at(mov_ss_cpuid, mov_ss_after_cpuid);
+    tap_ok(after_cpuid == ((u64)VEC_DB << 32 | ((u64)mov_ss_after_cpuid & 0xFFFFFFFFul)),
+           "MOV SS; CPUID: the breakpoint on the instruction after the CPUID fires (RF cleared)",
+           "0x%lx", after_cpuid);
     tap_done();
 }

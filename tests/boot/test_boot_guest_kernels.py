@@ -194,6 +194,7 @@ def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
     assert tap.passed("MOV SS: data selector with RPL 3 at CPL 0 -> #GP(selector)")
     assert tap.passed("MOV SS: code selector -> #GP(selector)")
     assert tap.passed("MOV SS blocking: no instruction breakpoint on the next instruction, one on the instruction after")
+    assert tap.passed("MOV SS; CPUID: the breakpoint on the instruction after the CPUID fires (RF cleared)")
 
 
 def test_faults_the_engine_gets_wrong(capsys):

@@ -81,10 +81,16 @@ def _advance(vcpu, instr: Instruction) -> None:
     """Retire an emulated instruction: RIP past it, and with RFLAGS.TF the single-step trap the
     CPU would take after it (#DB with DR6.BS, RIP at the next instruction) — KVM's
     kvm_skip_emulated_instruction → kvm_vcpu_do_singlestep (kvm-unit-tests' debug:
-    "Single-step #DB on emulated instructions", CPUID and IN in its sequence)."""
+    "Single-step #DB on emulated instructions", CPUID and IN in its sequence). RFLAGS.RF is
+    cleared, as after every instruction that completes [SDM Vol. 3 §18.3.1.1] (KVM's emulator:
+    ctxt->eflags &= ~X86_EFLAGS_RF): an RF set for this instruction (a fault handler's IRETQ,
+    :func:`suppress_instruction_breakpoint`) must not shield the next one too."""
     vcpu.rip = instr.next_ip
     vcpu.retire_emulated()
-    if vcpu.reg("rflags") & RFLAGS_TF:
+    rflags = vcpu.reg("rflags")
+    if rflags & RFLAGS_RF:
+        vcpu.set_reg("rflags", rflags & ~RFLAGS_RF)
+    if rflags & RFLAGS_TF:
         single_step_trap(vcpu)
 
 
