@@ -10,7 +10,8 @@
  * a SYSRET that loads TF from R11 takes the single-step #DB at once, at the user instruction
  * after the SYSCALL (cetvm retired the SYSRET without it and trapped one instruction later);
  * and by its debug test: INT1 (ICEBP, F1) is a trap-like #DB past it that leaves DR6 alone (the
- * engine decodes it as #UD: the guest looped on it). */
+ * engine decodes it as #UD: the guest looped on it); with DR7.GD set a MOV from a debug register
+ * is a #DB fault at the MOV with DR6.BD, and DR7.GD is cleared (the engine moved the register). */
 #include "ktest.h"
 
 #define NONCANONICAL 0xaaaaaaaaaaaaaaaaul
@@ -31,8 +32,9 @@ __asm__(".pushsection .utext, \"ax\"\n"
         "tf_after_syscall: nop\n nop\n ud2\n"
         ".popsection\n");
 
-extern char icebp_probe[], icebp_after[];
-__asm__(".text\n icebp_probe: endbr64\n .byte 0xf1\n icebp_after: ret\n");
+extern char icebp_probe[], icebp_after[], gd_probe[], gd_mov[];
+__asm__(".text\n icebp_probe: endbr64\n .byte 0xf1\n icebp_after: ret\n"
+        "gd_probe: endbr64\n gd_mov: mov %dr0, %rax\n ret\n");
 
 static void write_cr8(void *value) { __asm__ volatile("mov %0, %%cr8" ::"r"((u64)value)); }
 static u64 read_cr8(void)
@@ -51,6 +53,7 @@ static const char *const names[] = {
     "MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged",
     "SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it",
     "INT1 (ICEBP) -> #DB past it, DR6 unchanged",
+    "MOV from DR0 with DR7.GD -> #DB at the MOV, DR6.BD set, DR7.GD cleared",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -89,6 +92,15 @@ static void body(void)
     __asm__ volatile("mov %%dr6, %0" : "=r"(dr6));
     tap_ok(db && rec.rip == (u64)icebp_after && dr6 == 0xFFFF0FF0ul, names[7], "vector %lu rip 0x%lx DR6 0x%lx",
            rec.vector, rec.rip, dr6);
+
+    __asm__ volatile("mov %0, %%dr7" ::"r"(0x2400ul)); /* GD, bit 10 reads as 1 */
+    db = expect_fault(VEC_DB, -1, (probe_fn)(void *)gd_probe, 0, &rec);
+    u64 dr7;
+    __asm__ volatile("mov %%dr6, %0" : "=r"(dr6));
+    __asm__ volatile("mov %%dr7, %0" : "=r"(dr7));
+    __asm__ volatile("mov %0, %%dr6" ::"r"(0ul));
+    tap_ok(db && rec.rip == (u64)gd_mov && dr6 == (0xFFFF0FF0ul | (1ul << 13)) && dr7 == 0x400, names[8],
+           "vector %lu rip 0x%lx DR6 0x%lx DR7 0x%lx", rec.vector, rec.rip, dr6, dr7);
     tap_done();
 }
 

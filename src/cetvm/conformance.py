@@ -111,9 +111,9 @@ KNOWN_REASONS: dict[str, str] = {
                 "engine would stop it at every MOVAPS/MOVDQA/PCMPEQB m128 (glibc's string functions); "
                 "every other report PASSes, with and without the force-emulation prefix",
     "idt_test": "PASSes since fault frames carry RFLAGS.RF (SDM Vol. 3 §18.3.1.1)",
-    "debug": "engine core: reaches its summary since INT1 (ICEBP) is emulated (the engine's #UD looped); "
-             "5 reports FAIL: DR7.GD's general-detect #DB with MOV SS blocking, the data-breakpoint reports "
-             "(DR6 after a write watchpoint, MOV SS + watchpoint + INT $1 / INT3)",
+    "debug": "engine core: reaches its summary since INT1 (ICEBP) is emulated (the engine's #UD looped) and "
+             "DR7.GD's general-detect #DB since MOV DR is; 4 data-breakpoint reports FAIL (DR6 after a write "
+             "watchpoint; MOV SS + watchpoint + INT $1 / INT3): Unicorn 2.1.4 implements no data breakpoints",
     "msr": "3 reports: the VMM's x2APIC SELF_IPI (0x83F) accepts reserved bits 31:8 instead of #GP (the LAPIC "
            "ignores self-IPIs; IPIs are the SMP work); and the ~110k serial-port exits of its output take "
            "~50 s of CPU, over the 90 s budget on a loaded machine",

@@ -212,6 +212,7 @@ def test_faults_the_engine_gets_wrong(capsys):
     assert tap.passed("SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it")
     # kvm-unit-tests x86/debug "Single-Step + ICEBP #DB w/ MOVSS blocking" looped on a #UD
     assert tap.passed("INT1 (ICEBP) -> #DB past it, DR6 unchanged")
+    assert tap.passed("MOV from DR0 with DR7.GD -> #DB at the MOV, DR6.BD set, DR7.GD cleared")
 
 
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):

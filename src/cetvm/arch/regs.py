@@ -138,6 +138,8 @@ RFLAGS_RF = 1 << 16
 FSW_ES = 1 << 7
 #: DR7's local and global enable bits of breakpoints 0-3 (L0 G0 ... L3 G3) [SDM Vol. 3 §18.2.4].
 DR7_ENABLE_BITS = 0xFF
+#: DR7.GD, general detect: a MOV to or from a debug register is #DB (DR6.BD) [SDM Vol. 3 §18.2.4].
+DR7_GD = 1 << 13
 RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 #: RFLAGS bit 1 always reads 1 [SDM Vol. 1 §3.4.3].

@@ -18,7 +18,7 @@ from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
-    CR8_TPR, DR7_ENABLE_BITS,
+    CR8_TPR, DR7_ENABLE_BITS, DR7_GD,
     RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VM,
     RFLAGS_ZF,
 )
@@ -28,7 +28,7 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.decode import is_mov_from_cr4, is_mov_to_ss
+from cetvm.cpu.decode import MOV_DR_CODES, is_mov_from_cr4, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
@@ -44,7 +44,7 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 def can_emulate(instr: Instruction) -> bool:
     return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
-            or is_mov_to_ss(instr) or _is_far_transfer(instr))
+            or instr.code in MOV_DR_CODES or is_mov_to_ss(instr) or _is_far_transfer(instr))
 
 
 def emulate(vcpu, instr: Instruction) -> VmExit | None:
@@ -54,6 +54,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
             handler = mov_to_cr
         elif is_mov_from_cr4(instr):
             handler = mov_from_cr4
+        elif instr.code in MOV_DR_CODES:
+            handler = mov_dr
         elif _is_far_transfer(instr):
             handler = far_transfer
         elif is_mov_to_ss(instr):
@@ -74,6 +76,7 @@ def _is_far_transfer(instr: Instruction) -> bool:
 #: DR6: B0-B3 (trap bits 3:0), BS (14); bits 31:16 and 11:4 read as 1 [SDM Vol. 3 §18.2.3].
 DR6_TRAP_BITS = 0xF
 DR6_BS = 1 << 14
+DR6_BD = 1 << 13
 DR6_FIXED_1 = 0xFFFF_0FF0
 
 
@@ -474,6 +477,29 @@ def mov_from_cr4(vcpu, instr: Instruction) -> None:
     _require_cpl0(vcpu)
     write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, 4, vcpu.cr4))
     _advance(vcpu, instr)
+
+
+#: DR4 and DR5: aliases of DR6 and DR7 unless CR4.DE is set (then MOV to or from them is #UD).
+_DR_ALIASES = (Register.DR4, Register.DR5)
+
+
+def mov_dr(vcpu, instr: Instruction) -> None:
+    """MOV to / from DR0-DR7 [SDM Vol. 2B MOV—Move to/from Debug Registers]: #GP(0) at CPL > 0;
+    #UD for DR4/DR5 with CR4.DE; while DR7.GD is set, the general-detect #DB — a fault (RIP at
+    the MOV) with DR6.BD set and DR6's B0-B3 clear, and DR7.GD cleared so the handler may use the
+    debug registers [SDM Vol. 3 §18.2.4, §18.3.1.5; KVM's handle_dr: kvm_queue_exception_p(DB,
+    DR6_BD)] — the check Unicorn 2.1.4 lacks (kvm-unit-tests' debug "Single-step #DB w/ MOVSS
+    blocking and DR7.GD=1"). Otherwise the engine moves the register (its breakpoints follow)."""
+    _require_cpl0(vcpu)
+    dr = instr.op0_register if instr.code in (Code.MOV_DR_R64, Code.MOV_DR_R32) else instr.op1_register
+    if dr in _DR_ALIASES and vcpu.cr4 & Cr4.DE:
+        raise ud()
+    dr7 = vcpu.reg("dr7")
+    if dr7 & DR7_GD:
+        vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BD)
+        vcpu.set_reg("dr7", dr7 & ~DR7_GD)
+        raise GuestFault(Vector.DB)
+    _step_in_engine(vcpu, instr, branches=False)
 
 
 def check_cr0_write(vcpu, value: int) -> None:
