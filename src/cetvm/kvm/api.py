@@ -103,7 +103,9 @@ from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
 from cetvm.kvm.coalesced_mmio import CoalescedMmio, CoalescedWrite, CoalescedZone
 from cetvm.kvm.cr import kvm_is_valid_sregs_state
-from cetvm.kvm.emulate import cet_guards, emulation_blocked_by_cet, is_rsm, kvm_handle_ud
+from cetvm.kvm.emulate import (
+    cet_guards, emulation_blocked_by_cet, is_rsm, kvm_emulate_syscall_on_ud, kvm_handle_ud,
+)
 from cetvm.kvm.errors import (
     KvmBadAddress,
     KvmExists,
@@ -1050,7 +1052,8 @@ class KvmVcpu:
 
     def _handle_exception_exit(self, exit_: VmExit) -> KvmRun | None:
         """An intercepted exception: KVM's own #UD intercept first (handle_ud and the
-        force-emulation prefix, :func:`cetvm.kvm.emulate.kvm_handle_ud`), then userspace's."""
+        force-emulation prefix, :func:`cetvm.kvm.emulate.kvm_handle_ud`; RSM; SYSCALL for AMD guests), then
+        userspace's."""
         exc = exit_.exception
         assert exc is not None
         if exc.vector == Vector.UD and self._kvm_exception_bitmap >> Vector.UD & 1:
@@ -1060,6 +1063,9 @@ class KvmVcpu:
                 return None
             if is_rsm(self.cpu, exit_.rip):
                 return self._em_rsm(exit_.rip)
+            if kvm_emulate_syscall_on_ud(self.cpu, self.state.cpuid.entries.vendor_string,
+                                         *self._guest_cet_controls()) is not None:
+                return None
             if not self._user_exception_bitmap >> Vector.UD & 1:
                 self.cpu.inject_exception(Vector.UD)
                 return None
