@@ -9,7 +9,9 @@ The guest is guests/tests/bench.c (build: make -C guests): the 8-instruction ben
 stacks and kernel IBT, in two page layouts — ``rwx2m`` (the first 4 MiB as two 2 MiB RWX pages:
 code, data and stacks share pages) and ``nx`` (W^X: code read-only, data NX) — and two event
 round trips with CET on: SYSCALL -> SYSRET from CPL3 with user shadow stacks, #PF -> IRETQ at
-CPL0 with supervisor shadow stacks.
+CPL0 with supervisor shadow stacks; and two port reads: the UART's line-status register (what a
+Linux serial console polls: cetvm answers it next to the engine, a read-only PIO register of its
+KVM) and its scratch register (an exit to the device model in userspace).
 
 Every figure is a difference of two runs of the same kernel, one with N iterations and one with
 a few, so boot and start-up cancel: MIPS = extra instructions / extra CPU time, ns per round
@@ -238,7 +240,7 @@ def measure_machine(name: str, run: Callable[[str], Run], loop: int, events: int
     for layout in LAYOUTS:
         figures[f"{name}_loop_{layout}_mips"] = paired(run, lambda k, p=layout: f"pages={p} loop={k}", loop, repeats,
                                                        loop_mips)
-    for event, count in (("syscalls", events), ("faults", events), ("ports", ports)):
+    for event, count in (("syscalls", events), ("faults", events), ("ports", ports), ("scratch", ports)):
         figures[f"{name}_{event}_ns"] = paired(run, lambda k, e=event: f"{e}={k}", count, repeats, round_trip_ns)
 
 
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1_000_000,
                         help="round trips of each event (default 1000000: a round trip takes well under 1 us)")
     parser.add_argument("--ports", type=int, default=20_000,
-                        help="reads of the UART's line status register, each an exit to the device model "
+                        help="reads of the UART's line status register (cetvm answers them next to the engine) "
+                             "and of its scratch register (each an exit to the device model), each "
                              "(default 20000)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-qemu", action="store_true")
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{name}_loop_{layout}_mips"
             if key in figures:
                 print(f"{name:5s} boot, bench loop, pages {layout:5s}:            {figures[key]:8.1f} MIPS")
-        for event, label in (("syscalls", "SYSCALL->SYSRET"), ("faults", "#PF->IRETQ    "), ("ports", "IN UART LSR   ")):
+        for event, label in (("syscalls", "SYSCALL->SYSRET"), ("faults", "#PF->IRETQ    "), ("ports", "IN UART LSR   "),
+                             ("scratch", "IN UART SCR   ")):
             key = f"{name}_{event}_ns"
             if key in figures:
                 print(f"{name:5s} {label} round trip:                 {figures[key]:10.0f} ns")

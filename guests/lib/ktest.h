@@ -30,6 +30,7 @@ typedef _Bool bool;
 #define MSR_EFER 0xC0000080u
 #define MSR_STAR 0xC0000081u
 #define MSR_LSTAR 0xC0000082u
+#define MSR_CSTAR 0xC0000083u
 #define MSR_FMASK 0xC0000084u
 #define MSR_U_CET 0x6A0u
 #define MSR_S_CET 0x6A2u
@@ -58,10 +59,13 @@ typedef _Bool bool;
 #define XFEATURE_CET_U (1ul << 11)
 #define XFEATURE_CET_S (1ul << 12)
 
+#define VEC_DB 1
 #define VEC_UD 6
 #define VEC_DF 8
+#define VEC_SS 12
 #define VEC_GP 13
 #define VEC_PF 14
+#define VEC_MF 16
 #define VEC_CP 21
 #define VEC_SYSCALL_INT 0x80
 

@@ -15,6 +15,12 @@
 #define VA_NORAM (CET_REGION_BASE + 0x100000)
 #define VA_APIC (CET_REGION_BASE + 0x110000)
 #define TPR (VA_APIC + 0x80)
+#define IOAPIC_PA 0xFEC00000ul
+#define VA_CROSS (CET_REGION_BASE + 0x120000) /* unassigned page, then the I/O APIC page */
+#define VA_HALF (CET_REGION_BASE + 0x130000)  /* unassigned page, then a RAM page */
+
+extern char jmp_through[], jmp_through_insn[];
+__asm__(".text\n jmp_through: endbr64\n jmp_through_insn: jmp *(%rdi)\n");
 
 static void smsw_to(void *where) { __asm__ volatile("smsw (%0)" ::"r"(where) : "memory"); }
 
@@ -28,6 +34,9 @@ static const char *names[] = {
     "MMIO accesses leave CR2 alone (only a #PF writes it)",
     "PUSH onto a stack in unassigned memory completes, POP reads all ones",
     "a store crossing from RAM into unassigned memory writes its RAM part",
+    "BTC with a register bit offset reaches the dword it selects (xAPIC TPR bit 4, then back)",
+    "an 8-byte access crossing from unassigned memory into the I/O APIC page: one part per page",
+    "JMP through a non-canonical pointer read from MMIO: #GP(0) at the JMP",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -81,6 +90,35 @@ static void body(void)
     *(volatile u64 *)(VA_NORAM - 4) = 0x1122334455667788ul;
     u32 low = *(volatile u32 *)(ram_page + PAGE_SIZE - 4);
     tap_ok(low == 0x55667788u, names[8], "RAM part 0x%x", low);
+
+    /* a register bit offset is signed and counts from the operand: 0x80 * 8 + 4 bits past the
+     * page start is TPR bit 4; -28 bits before 0x84 is the same bit (-28 DIV 32 = -1) */
+    *tpr = 0;
+    __asm__ volatile("btcl %1, (%0)" ::"r"(VA_APIC), "r"(0x80 * 8 + 4) : "memory", "cc");
+    u32 set = *tpr;
+    __asm__ volatile("btcl %1, (%0)" ::"r"(VA_APIC + 0x84), "r"(-28) : "memory", "cc");
+    v = *tpr;
+    tap_ok(set == 0x10 && v == 0, names[9], "TPR after the first BTC 0x%x, after the second 0x%x", set, v);
+
+    /* the two pages of the access are not physically adjacent: the high half goes to IOREGSEL */
+    map_page(VA_CROSS, NO_RAM_PA, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX);
+    map_page(VA_CROSS + PAGE_SIZE, IOAPIC_PA, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX | (1ul << 4));
+    *(volatile u64 *)(VA_CROSS + PAGE_SIZE - 4) = 0x0000001200000000ul;
+    u32 regsel = *(volatile u32 *)(VA_CROSS + PAGE_SIZE);
+    q = *(volatile u64 *)(VA_CROSS + PAGE_SIZE - 4);
+    tap_ok(regsel == 0x12 && q == 0x00000012fffffffful, names[10], "IOREGSEL 0x%x, read back 0x%lx", regsel, q);
+
+    /* pointer = all ones from the unassigned page, 0x00010000 from RAM: 0x00010000ffffffff */
+    u64 half = alloc_page();
+    map_page(VA_HALF, NO_RAM_PA, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX);
+    map_page(VA_HALF + PAGE_SIZE, half, PTE_P | PTE_RW | PTE_A | PTE_D | PTE_NX);
+    *(volatile u32 *)(VA_HALF + PAGE_SIZE) = 0x00010000u;
+    u64 s_cet = rdmsr(MSR_S_CET);
+    wrmsr(MSR_S_CET, s_cet & ~CET_ENDBR_EN); /* KVM emulates no indirect JMP while IBT is on */
+    bool gp = expect_fault(VEC_GP, 0, (probe_fn)(void *)jmp_through, (void *)(VA_HALF + PAGE_SIZE - 4), &rec);
+    wrmsr(MSR_S_CET, s_cet);
+    tap_ok(gp && rec.rip == (u64)jmp_through_insn, names[11], "vector %lu error %lu rip 0x%lx", rec.vector,
+           rec.error, rec.rip);
 
     *tpr = 0;
     tap_done();

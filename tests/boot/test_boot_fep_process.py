@@ -18,7 +18,7 @@ def test_forced_emulation_on_the_python_path_in_a_fresh_process():
                            "--force-emulation-prefix", "--append", "fep=1"], capture_output=True, env=env, timeout=120)
     out = proc.stdout.decode()
     assert proc.returncode == PASS_STATUS, (proc.returncode, proc.stderr.decode()[-2000:])
-    assert "ok 7 - CPL3: FEP LEA emulates" in out and "# 0 failed" in out
+    assert "ok 8 - CPL3: FEP LEA emulates" in out and "# 0 failed" in out
 
 
 def test_the_force_emulation_prefix_setting_survives_a_snapshot(tmp_path):
@@ -31,4 +31,4 @@ def test_the_force_emulation_prefix_setting_survives_a_snapshot(tmp_path):
     rest = subprocess.run([sys.executable, "-m", "cetvm", "boot", "--restore-state", str(snap)],
                           capture_output=True, timeout=120)
     assert rest.returncode == PASS_STATUS, rest.stderr.decode()
-    assert "ok 7 - CPL3: FEP LEA emulates" in rest.stdout.decode()
+    assert "ok 8 - CPL3: FEP LEA emulates" in rest.stdout.decode()

@@ -148,6 +148,8 @@ def test_kvm_refuses_to_emulate_cet_guarded_instructions_behind_the_prefix(capsy
     are #UD after it, LEA/JMP/PUSH/POP emulate, and KVM checks S_CET even at CPL3."""
     tap = run_green(capsys, "fep_cet", "--force-emulation-prefix", "--append", "fep=1")
     assert tap.passed("CPL3 with U_CET = 0 but S_CET.SH_STK_EN: FEP RET -> #UD")
+    # kvm-unit-tests x86/emulator "movq mmx generates #MF": the emulator flushes x87 faults first
+    assert tap.passed("FEP MOVQ mm with an x87 exception pending -> #MF at the MOVQ")
     assert not tap.skipped()
 
 
@@ -174,6 +176,10 @@ def test_any_instruction_works_on_mmio(capsys):
     # kvm-unit-tests x86/emulator stopped at "MMIO access by push" (a stack on a device page)
     assert tap.passed("PUSH onto a stack in unassigned memory completes, POP reads all ones")
     assert tap.passed("a store crossing from RAM into unassigned memory writes its RAM part")
+    # kvm-unit-tests x86/emulator: BTC on MMIO, cross-page MMIO, then a wild JMP that ended the run
+    assert tap.passed("BTC with a register bit offset reaches the dword it selects")
+    assert tap.passed("an 8-byte access crossing from unassigned memory into the I/O APIC page")
+    assert tap.passed("JMP through a non-canonical pointer read from MMIO: #GP(0) at the JMP")
 
 
 def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
@@ -183,6 +189,30 @@ def test_mov_ss_refuses_a_null_selector_whose_rpl_is_not_the_cpl(capsys):
     assert tap.passed("MOV SS, reg: null selector with RPL 3 at CPL 0 -> #GP(0)")
     assert tap.passed("MOV SS: null selector with RPL 0 at CPL 0 loads")
     assert tap.passed("MOV SS from an MMIO register holding 3 -> #GP(0)")
+    # kvm-unit-tests x86/emulator: "mov non-null, %ss (with ss.rpl != cpl)" wants the selector as
+    # error code; "#DB suppressed after MOV SS" (Intel)
+    assert tap.passed("MOV SS: data selector with RPL 3 at CPL 0 -> #GP(selector)")
+    assert tap.passed("MOV SS: code selector -> #GP(selector)")
+    assert tap.passed("MOV SS blocking: no instruction breakpoint on the next instruction, one on the instruction after")
+    assert tap.passed("MOV SS; CPUID: the breakpoint on the instruction after the CPUID fires (RF cleared)")
+
+
+def test_faults_the_engine_gets_wrong(capsys):
+    """kvm-unit-tests x86/emulator: MOVBE r, r is #UD (the engine loaded from a garbage address),
+    a non-canonical RSP/RBP-based access is #SS(0) (the engine: #GP(0)), MOV from CR8 reads what
+    MOV to CR8 wrote (the engine: 0); x86/syscall: a SYSRET that loads TF traps at once."""
+    tap = run_green(capsys, "insn_faults")
+    assert tap.passed("MOVBE with a register operand -> #UD at the instruction")
+    assert tap.passed("non-canonical RSP-based access -> #SS(0)")
+    assert tap.passed("non-canonical RBP-based access -> #SS(0)")
+    assert tap.passed("non-canonical RAX-based access -> #GP(0)")
+    assert tap.passed("MOV from CR8 returns what MOV to CR8 wrote")
+    assert tap.passed("MOV to CR8 with a reserved bit (4) -> #GP(0), CR8 unchanged")
+    # kvm-unit-tests x86/syscall "syscall TF handling"
+    assert tap.passed("SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it")
+    # kvm-unit-tests x86/debug "Single-Step + ICEBP #DB w/ MOVSS blocking" looped on a #UD
+    assert tap.passed("INT1 (ICEBP) -> #DB past it, DR6 unchanged")
+    assert tap.passed("MOV from DR0 with DR7.GD -> #DB at the MOV, DR6.BD set, DR7.GD cleared")
 
 
 def test_events_from_compatibility_mode_go_through_the_64_bit_idt(capsys):
@@ -291,3 +321,13 @@ def test_rsm_with_a_corrupted_saved_ssp_shuts_the_vm_down(capsys, corruption):
     assert result.status == 125, result.err
     assert "KVM_EXIT_SHUTDOWN" in result.err and "saved SSP" in result.err
     assert [ok for ok, _n, _d in result.tap.results] == [True]
+
+
+def test_interrupts_waiting_for_if_are_taken_where_the_window_opens(capsys):
+    """kvm-unit-tests eventinj "vec 32/33" and ioapic "simultaneous edge interrupts": with two
+    interrupts pending and IF = 0, "sti; nop; cli" takes both at the CLI (the higher vector
+    first, the second after the first handler's IRETQ); a POPF setting IF takes one at once
+    (cetvm took them at the next exit, after the window had closed again)."""
+    tap = run_green(capsys, "irq_window")
+    assert tap.passed("two interrupts pending, STI; NOP; CLI: both taken at the CLI, the higher vector first")
+    assert tap.passed("one interrupt pending, POPF setting IF: taken right after the POPF")

@@ -25,7 +25,11 @@ DIFFERENCES = {
 
 
 def qemu_tap(name: str, smp: int = 1) -> Tap:
-    proc = subprocess.run([QEMU, "-accel", "tcg", "-m", "64", "-smp", str(smp), "-kernel", str(guest(name)),
+    """The guest's TAP under QEMU TCG with ``-icount shift=0,sleep=off``: QEMU's guest clock then
+    counts instructions (1 ns each), as cetvm's does, so the guests' timing checks (a PIT period
+    within 10 %) do not depend on the host's load — with the real-time clock they failed when
+    the machine was busy."""
+    proc = subprocess.run([QEMU, "-accel", "tcg", "-icount", "shift=0,sleep=off", "-m", "64", "-smp", str(smp), "-kernel", str(guest(name)),
                            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-serial", "stdio", "-display",
                            "none", "-nodefaults", "-no-reboot"], capture_output=True, text=True, timeout=120)
     return Tap.parse(proc.stdout)

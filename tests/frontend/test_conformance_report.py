@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cetvm import InputError
+from cetvm.cli.conformance import selected_entries
 from cetvm.conformance import (EntryResult, check_kut, list_entries, qemu_tcg_wrapper, read_report_table, totals,
                                write_report)
 
@@ -64,3 +65,12 @@ def test_vmx_subtest_verdicts_and_section(tmp_path):
         write_vmx_section(report, [EntryResult("vmx_cet_test", verdict, 3.0, "3 PASS")], "intro")
     text = report.read_text()
     assert text.count("## vmx sub-tests") == 1 and "| vmx_cet_test | PASS |" in text and "## cetvm" in text
+
+
+def test_only_takes_commas_and_refuses_unknown_entries(tmp_path):
+    (tmp_path / "x86").mkdir()
+    (tmp_path / "x86" / "unittests.cfg").write_text("[smptest]\nfile = smptest.flat\n[tsc]\nfile = tsc.flat\n")
+    assert selected_entries(tmp_path, None) is None
+    assert selected_entries(tmp_path, ["tsc,smptest", "tsc"]) == ["tsc", "smptest", "tsc"]
+    with pytest.raises(InputError, match="no entry nosuch .*entries: smptest tsc"):
+        selected_entries(tmp_path, ["smptest,nosuch"])

@@ -140,6 +140,18 @@ def test_the_host_kernel_command_line_sets_kvm_module_parameters(monkeypatch):
     assert "not ok 1 - FEP NOP" in out
 
 
+def test_an_amd_guest_has_syscall_in_compatibility_mode():
+    """kvm-unit-tests x86/syscall (-cpu Opteron_G1,vendor=AuthenticAMD): Intel hardware has no
+    SYSCALL outside 64-bit mode (#UD), KVM emulates it for a guest whose CPUID says AMD (to
+    IA32_CSTAR); the same kernel on the default Intel model still sees the #UD."""
+    from guest_build import tap_kernel
+    image = str(tap_kernel("compat_events"))
+    status, out, err = run(["-kernel", image, "-m", "32", "-serial", "stdio", "-cpu", "qemu64,vendor=AuthenticAMD"])
+    assert status == 1 and "# 0 failed" in out, (out, err)
+    assert "# AMD guest without CET: KVM emulates SYSCALL from compatibility mode" in out
+    assert "\nok 2 - SYSCALL in compatibility mode" in out
+
+
 def test_rtc_base_follows_qemu_default_host_time_or_a_given_date():
     """QEMU's RTC starts at the host's UTC time unless -rtc base= says otherwise (kvm-unit-tests'
     kvmclock_test compares kvmclock's wall clock with `date +%s`)."""

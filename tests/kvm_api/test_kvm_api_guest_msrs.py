@@ -52,7 +52,9 @@ def test_state_lives_in_vmcs_and_xstate_after_run():
     g = make_guest("cet_msrs")
     g.vcpu.run(budget=1_000_000)
     state = g.vcpu.state
-    assert not state.fpu.loaded  # kvm_put_guest_fpu on the way out of KVM_RUN
+    assert state.fpu.loaded  # the guest FPU stays in the CPU after KVM_RUN (cetvm.kvm.api) ...
+    g.vcpu.get_xsave()
+    assert not state.fpu.loaded  # ... until an ioctl reads the fpstate: kvm_put_guest_fpu then
     assert state.fpu.xstate_bv & 0x1800 == 0x1800  # CET_U (PL3_SSP) and CET_S (PL0_SSP) in use
     assert state.vmcs.read(VmcsField.GUEST_S_CET) == 0x4
     assert state.vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE) == 0x7F00_0000_2003

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from cetvm.arch.regs import CR8_TPR
+
 #: Power-up base of the xAPIC MMIO page [SDM §11.4.1].
 APIC_DEFAULT_PHYS_BASE = 0xFEE0_0000
 APIC_BASE_BSP = 1 << 8
@@ -20,19 +22,17 @@ APIC_BASE_ADDR_MASK = ~0xFFF
 X2APIC_MSR_FIRST = 0x800
 X2APIC_MSR_LAST = 0x8FF
 X2APIC_MSRS = range(X2APIC_MSR_FIRST, X2APIC_MSR_LAST + 1)
-#: CR8 holds the task-priority class, TPR[7:4], in bits 3:0; bits 63:4 are reserved (MOV to CR8
-#: #GP) [SDM Vol. 3 §11.8.6.1 "Interaction of Task Priorities between CR8 and APIC"].
-CR8_TPR_CLASS = 0xF
 
 
 def cr8_from_tpr(tpr: int) -> int:
-    """CR8 as the APIC's TPR gives it: TPR[7:4] [SDM Vol. 3 §11.8.6.1]."""
-    return (tpr >> 4) & CR8_TPR_CLASS
+    """CR8 as the APIC's TPR gives it: TPR[7:4] [SDM Vol. 3 §11.8.6.1 "Interaction of Task
+    Priorities between CR8 and APIC"]."""
+    return (tpr >> 4) & CR8_TPR
 
 
 def tpr_from_cr8(cr8: int) -> int:
     """The TPR a write of CR8 leaves: TPR[7:4] = CR8[3:0], TPR[3:0] = 0 [SDM Vol. 3 §11.8.6.1]."""
-    return (cr8 & CR8_TPR_CLASS) << 4
+    return (cr8 & CR8_TPR) << 4
 
 
 class ApicMode(enum.Enum):

@@ -46,6 +46,11 @@ class Cr4(enum.IntFlag):
     LAM_SUP = 1 << 28
 
 
+#: CR8's defined bits: the task-priority class, bits 3:0; bits 63:4 are reserved (MOV to CR8
+#: writing a 1 there is #GP(0)) [SDM Vol. 3 §2.5 "CR8"]. The local APIC's TPR[7:4] is CR8[3:0].
+CR8_TPR = 0xF
+
+
 class Pte(enum.IntFlag):
     """Page-table entry bits (4-level paging)."""
 
@@ -128,6 +133,13 @@ RFLAGS_OF = 1 << 11
 RFLAGS_IOPL = 3 << 12
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
+#: x87 FSW.ES, the error-summary status bit: an unmasked floating-point exception is pending (the
+#: next waiting x87 instruction, FWAIT or MMX instruction raises #MF) [SDM Vol. 1 §8.1.3.1].
+FSW_ES = 1 << 7
+#: DR7's local and global enable bits of breakpoints 0-3 (L0 G0 ... L3 G3) [SDM Vol. 3 §18.2.4].
+DR7_ENABLE_BITS = 0xFF
+#: DR7.GD, general detect: a MOV to or from a debug register is #DB (DR6.BD) [SDM Vol. 3 §18.2.4].
+DR7_GD = 1 << 13
 RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 #: RFLAGS bit 1 always reads 1 [SDM Vol. 1 §3.4.3].

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from cetvm import InputError
-from cetvm.conformance import (EntryResult, check_kut, qemu_tcg_wrapper, read_report_table, run_suite,
+from cetvm.conformance import (EntryResult, check_kut, list_entries, qemu_tcg_wrapper, read_report_table, run_suite,
                                run_vmx_subtests, totals, write_report, write_vmx_section)
 
 
@@ -29,7 +29,8 @@ def register(subparsers) -> None:
                    help="the report to write (default docs/conformance.md)")
     p.add_argument("--jobs", "-j", type=int, default=1, metavar="N", help="entries run in parallel (default 1)")
     p.add_argument("--only", action="append", default=None, metavar="ENTRY",
-                   help="run only this entry (repeatable; default every entry)")
+                   help="run only this entry (repeatable, or several separated by commas; default every "
+                        "entry); an unknown name is an error that lists the entries")
     p.add_argument("--no-qemu", action="store_true", help="skip the QEMU TCG comparison run")
     p.add_argument("--qemu", default="qemu-system-x86_64", metavar="BINARY",
                    help="the QEMU to compare with (default qemu-system-x86_64 on PATH)")
@@ -72,9 +73,24 @@ VMX_INTRO = ("Each sub-test of x86/vmx.flat (the kernel of the [vmx] entry and t
              "--vmx-subtests`.")
 
 
+def selected_entries(kut: Path, only: list[str] | None) -> list[str] | None:
+    """The --only names (commas split them too), each an entry of x86/unittests.cfg (InputError
+    naming the unknown ones and the entries there are); None without --only."""
+    if not only:
+        return None
+    names = [name.strip() for item in only for name in item.split(",") if name.strip()]
+    entries = list_entries(kut)
+    unknown = [name for name in names if name not in entries]
+    if unknown:
+        raise InputError(f"--only: no entry {', '.join(unknown)} in {kut / 'x86' / 'unittests.cfg'}; "
+                         f"entries: {' '.join(entries)}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     kut = Path(args.kut).resolve()
     check_kut(kut)
+    args.only = selected_entries(kut, args.only)
     if args.vmx_subtests:
         results = run_vmx_subtests(kut, _frontend(args), args.jobs, _progress("vmx"))
         write_vmx_section(Path(args.output), results, VMX_INTRO)

@@ -30,7 +30,7 @@ from unicorn.unicorn_py3.unicorn import uc_hook_h, uclib
 
 from cetvm import CetvmError
 from cetvm.arch.msr import CetCtl
-from cetvm.arch.regs import U64_MASK
+from cetvm.arch.regs import RFLAGS_IF, U64_MASK
 from cetvm.cpu import decode
 from cetvm.cpu.blocks import BlockInfo, BlockTable, BlockTracker
 from cetvm.cpu.budget import InstructionBudget
@@ -43,7 +43,7 @@ from cetvm.cpu.mode import CpuMode, InstructionFetch
 from cetvm.cpu.native import NativeCet, NativeEvents, PagingKind
 from cetvm.cpu.paging import PagingMode
 from cetvm.cpu.registers import Registers
-from cetvm.cpu.uc_context import EngineCpu
+from cetvm.cpu.uc_context import EngineCpu, HFlags
 from cetvm.cpu.vcpu_cet import VcpuCet
 
 _TRACKER = int(CetCtl.TRACKER)
@@ -80,6 +80,7 @@ class BlockHook:
         self._hook_error: BaseException | None = None
         self._reg_buf = ctypes.c_uint64()
         self._block_hook_cb = None
+        self._window_stopped = False
 
     # ------------------------------------------------------------------ installation
     def install_python_hook(self, fast_path: bool) -> None:
@@ -236,6 +237,9 @@ class BlockHook:
         if not self._cet_block_start(info, address):
             blocks.last_run = None
             return
+        if self._mode.irq_window_watch and self._interrupt_window_open():
+            self._stop_for_window(address)
+            return
         budget = self._budget.block_store
         if budget is not None:
             if budget.budget_left < info.icount:
@@ -299,6 +303,17 @@ class BlockHook:
             return True
         return False
 
+    def _cut_short(self, instr: Instruction, block_end: int) -> bool:
+        """``instr`` decodes as no instruction only because the block ends inside it: the engine
+        ends a block at an instruction breakpoint (DR7) after that instruction's first byte."""
+        if instr.mnemonic != Mnemonic.INVALID or instr.next_ip < block_end:
+            return False
+        try:
+            code = self._fetch.read_code(instr.ip, decode.MAX_INSTRUCTION_LENGTH)
+        except (GuestFault, UcError):
+            return False
+        return decode.decode_one(code, instr.ip, self._mode.code_bits).mnemonic != Mnemonic.INVALID
+
     def learn_block_bounds(self, address: int, size: int) -> None:
         """A #PF inside the block at ``address`` went to Python: give the native delivery its
         instruction boundaries (it takes back the instructions from the faulting one on), so
@@ -324,7 +339,7 @@ class BlockHook:
         exits = self._exits
         self._new_event_hooks = False
         new_exits = [i.ip for i in instrs if decode.needs_emulation(i) and i.ip not in exits
-                     and not self._claimed_by_native_events(i)]
+                     and not self._claimed_by_native_events(i) and not self._cut_short(i, address + size)]
         new_flag_hooks = self._flag_sync.claim(instrs)
         if new_exits or self._new_event_hooks or new_flag_hooks:
             exits.update(new_exits)
@@ -339,6 +354,43 @@ class BlockHook:
         info = BlockInfo(address, size, terminator, code[:4], len(instrs), self._code_is_global(address, size))
         self._blocks.store(info)
         return info
+
+    # ------------------------------------------------------------------ interrupt window
+    def watch_interrupt_window(self, env_address: int | None) -> None:
+        """An external interrupt waits (injected, or an interrupt-window exit requested) while
+        RFLAGS.IF = 0 or an STI / MOV SS shadow blocks it: until the next call with None, stop
+        the engine in front of the first block that starts with the window open, so the run
+        loop takes the interrupt at that instruction boundary [SDM Vol. 3 §6.8.1, §6.8.3] —
+        not at the next exit (kvm-unit-tests' eventinj "vec 32/33" and ioapic "simultaneous
+        edge interrupts": ``sti; nop; cli``). QEMU ends a block after an STI, after the
+        instruction in its shadow and after a POPF, so a block start is where the window opens.
+        ``env_address``: the engine's CPUX86State (for the native hook; cetfast.c "Interrupt
+        window")."""
+        self._mode.irq_window_watch = env_address is not None
+        if self._native is not None:
+            self._native.set_irq_window_watch(env_address)
+
+    def take_window_stop(self) -> bool:
+        """The watch stopped the engine in front of a block (since the last call)."""
+        stopped, self._window_stopped = self._window_stopped, False
+        if self._native is not None and self._native.take_irq_window_stop():
+            stopped = True
+        return stopped
+
+    def _interrupt_window_open(self) -> bool:
+        """RFLAGS.IF = 1 and no STI / MOV SS shadow (QEMU's HF_INHIBIT_IRQ), read at a block start
+        where the engine's flags are exact."""
+        registers = self._registers
+        return bool(registers.read("rflags") & RFLAGS_IF) and not registers.env.hflags & HFlags.INHIBIT_IRQ
+
+    def _stop_for_window(self, address: int) -> None:
+        """Stop in front of the block at ``address`` (its block start is done, it does not run:
+        no terminator pending), as :meth:`_stop_for_budget` does."""
+        self._window_stopped = True
+        self._blocks.prev = None
+        self._blocks.last_run = None
+        self._uc.reg_write(X.UC_X86_REG_RIP, address - self._mode.cs_base)
+        self._uc.emu_stop()
 
     # ------------------------------------------------------------------ what the last block retired
     def _stop_for_budget(self, address: int, size: int) -> None:

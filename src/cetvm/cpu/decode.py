@@ -37,18 +37,23 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     # VMX instructions of a guest hypervisor: they exit (cetvm.cpu.vmx_insn)
     M.VMXON, M.VMXOFF, M.VMCLEAR, M.VMPTRLD, M.VMPTRST, M.VMREAD, M.VMWRITE, M.VMLAUNCH, M.VMRESUME,
     M.INVEPT, M.INVVPID,
+    # encodings that are no instruction but that the engine executes as one (MOVBE or LEA with
+    # a register operand: it reads or computes a garbage address) — #UD
+    M.INVALID,
 })
 
 #: MOV to a control register: CR0/CR4 need the CET rules, CR3 invalidates classifications.
 MOV_TO_CR_CODES: frozenset[int] = frozenset({Code.MOV_CR_R64, Code.MOV_CR_R32})
 
-#: MOV from a control register: only CR4 (its :data:`~cetvm.cpu.registers.ENGINE_FORCED_CR4`
-#: bits hold the guest's value beside the engine's) and CR8 (Unicorn 2.1.4 reads 0: it has no
-#: APIC behind helper_read_crN) are emulated.
+#: MOV from a control register: only CR4 is emulated (its :data:`~cetvm.cpu.registers.
+#: ENGINE_FORCED_CR4` bits hold the guest's value beside the engine's).
 MOV_FROM_CR_CODES: frozenset[int] = frozenset({Code.MOV_R64_CR, Code.MOV_R32_CR})
 
 #: MOV to a segment register; only SS is emulated (the null-selector rule the engine lacks).
 MOV_TO_SREG_CODES: frozenset[int] = frozenset({Code.MOV_SREG_RM16, Code.MOV_SREG_R32M16, Code.MOV_SREG_R64M16})
+
+#: MOV to / from a debug register: DR7.GD's general-detect #DB (the engine has no such check).
+MOV_DR_CODES: frozenset[int] = frozenset({Code.MOV_R64_DR, Code.MOV_R32_DR, Code.MOV_DR_R64, Code.MOV_DR_R32})
 
 #: Far transfers whose shadow-stack frames we maintain.
 FAR_TRANSFER_MNEMONICS: frozenset[int] = frozenset({M.RETF})
@@ -59,7 +64,8 @@ MAX_INSTRUCTION_LENGTH = 15
 def needs_emulation(instr: Instruction) -> bool:
     """True if the engine must stop in front of ``instr`` and emulate it in Python."""
     return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES or is_mov_from_cr4(instr)
-            or is_mov_from_cr8(instr) or is_mov_to_ss(instr)
+            or instr.code in MOV_DR_CODES
+            or is_mov_to_ss(instr)
             or instr.mnemonic in FAR_TRANSFER_MNEMONICS or instr.is_call_far or instr.is_call_far_indirect
             or instr.is_jmp_far or instr.is_jmp_far_indirect)
 
@@ -70,10 +76,6 @@ def is_mov_to_ss(instr: Instruction) -> bool:
 
 def is_mov_from_cr4(instr: Instruction) -> bool:
     return instr.code in MOV_FROM_CR_CODES and instr.op1_register == Register.CR4
-
-
-def is_mov_from_cr8(instr: Instruction) -> bool:
-    return instr.code in MOV_FROM_CR_CODES and instr.op1_register == Register.CR8
 
 
 def decode_one(code: bytes, ip: int, bitness: int = 64) -> Instruction:

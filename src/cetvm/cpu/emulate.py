@@ -16,10 +16,11 @@ from iced_x86 import Code, CodeSize, Instruction, Mnemonic as M, OpKind, Registe
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
-from cetvm.arch.apic import CR8_TPR_CLASS
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
-    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_ZF,
+    CR8_TPR, DR7_ENABLE_BITS, DR7_GD,
+    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VM,
+    RFLAGS_ZF,
 )
 from cetvm.arch.vmx import (
     CR_ACCESS_TYPE_MOV_TO_CR, CpuBasedControls, VmcsField, cr_access_qualification, io_qualification,
@@ -27,7 +28,7 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.decode import is_mov_from_cr4, is_mov_from_cr8, is_mov_to_ss
+from cetvm.cpu.decode import MOV_DR_CODES, is_mov_from_cr4, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
@@ -43,7 +44,7 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 def can_emulate(instr: Instruction) -> bool:
     return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
-            or is_mov_from_cr8(instr) or is_mov_to_ss(instr) or _is_far_transfer(instr))
+            or instr.code in MOV_DR_CODES or is_mov_to_ss(instr) or _is_far_transfer(instr))
 
 
 def emulate(vcpu, instr: Instruction) -> VmExit | None:
@@ -53,8 +54,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
             handler = mov_to_cr
         elif is_mov_from_cr4(instr):
             handler = mov_from_cr4
-        elif is_mov_from_cr8(instr):
-            handler = mov_from_cr8
+        elif instr.code in MOV_DR_CODES:
+            handler = mov_dr
         elif _is_far_transfer(instr):
             handler = far_transfer
         elif is_mov_to_ss(instr):
@@ -75,6 +76,7 @@ def _is_far_transfer(instr: Instruction) -> bool:
 #: DR6: B0-B3 (trap bits 3:0), BS (14); bits 31:16 and 11:4 read as 1 [SDM Vol. 3 §18.2.3].
 DR6_TRAP_BITS = 0xF
 DR6_BS = 1 << 14
+DR6_BD = 1 << 13
 DR6_FIXED_1 = 0xFFFF_0FF0
 
 
@@ -82,12 +84,24 @@ def _advance(vcpu, instr: Instruction) -> None:
     """Retire an emulated instruction: RIP past it, and with RFLAGS.TF the single-step trap the
     CPU would take after it (#DB with DR6.BS, RIP at the next instruction) — KVM's
     kvm_skip_emulated_instruction → kvm_vcpu_do_singlestep (kvm-unit-tests' debug:
-    "Single-step #DB on emulated instructions", CPUID and IN in its sequence)."""
+    "Single-step #DB on emulated instructions", CPUID and IN in its sequence). RFLAGS.RF is
+    cleared, as after every instruction that completes [SDM Vol. 3 §18.3.1.1] (KVM's emulator:
+    ctxt->eflags &= ~X86_EFLAGS_RF): an RF set for this instruction (a fault handler's IRETQ,
+    :func:`suppress_instruction_breakpoint`) must not shield the next one too."""
     vcpu.rip = instr.next_ip
     vcpu.retire_emulated()
-    if vcpu.reg("rflags") & RFLAGS_TF:
-        vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BS)
-        vcpu.raise_fault(GuestFault(Vector.DB))
+    rflags = vcpu.reg("rflags")
+    if rflags & RFLAGS_RF:
+        vcpu.set_reg("rflags", rflags & ~RFLAGS_RF)
+    if rflags & RFLAGS_TF:
+        single_step_trap(vcpu)
+
+
+def single_step_trap(vcpu) -> None:
+    """The single-step #DB after an instruction that retired with RFLAGS.TF set: DR6.BS, RIP
+    at the next instruction [SDM Vol. 3 §18.3.1.4]."""
+    vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BS)
+    vcpu.raise_fault(GuestFault(Vector.DB))
 
 
 def _completion_advance(vcpu, instr: Instruction) -> Callable[[], None]:
@@ -167,6 +181,28 @@ def effective_address(vcpu, instr: Instruction) -> int:
     if vcpu.long_mode and not is_canonical(addr):
         raise GuestFault(Vector.SS, 0) if instr.memory_base in (Register.RSP, Register.RBP) else gp(0)
     return addr
+
+
+#: The bit-test instructions whose register bit offset can reach past their memory operand.
+BIT_TEST_MNEMONICS = frozenset({M.BT, M.BTS, M.BTR, M.BTC})
+
+
+def is_bit_string_access(instr: Instruction) -> bool:
+    """BT/BTS/BTR/BTC m, r: a register bit offset into a bit string in memory."""
+    return (instr.mnemonic in BIT_TEST_MNEMONICS and instr.op0_kind == OpKind.MEMORY
+            and instr.op1_kind == OpKind.REGISTER)
+
+
+def bit_string_address(vcpu, instr: Instruction) -> int:
+    """Linear address of the operand BT/BTS/BTR/BTC m, r accesses: the register is a signed bit
+    offset into a bit string that starts at the memory operand, so the operand read is the one
+    of operand size that holds the bit — EA + size * (offset DIV (8 * size)), DIV rounding
+    down [SDM Vol. 2A BT "Operation", Table 3-2 note; KVM's fetch_bit_operand()]."""
+    size = _REG64[instr.op1_register][1]
+    offset = read_register(vcpu, instr.op1_register)
+    if offset >> (8 * size - 1):
+        offset -= 1 << (8 * size)
+    return (effective_address(vcpu, instr) + size * (offset // (8 * size))) & address_mask(vcpu)
 
 
 def used_memory_address(vcpu, instr: Instruction, used: UsedMemory) -> int:
@@ -363,7 +399,7 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
     and clearing CR0.WP with CR4.CET=1 → #GP(0). A write changing a bit the VMCS's CR0/CR4
     guest/host mask gives the hypervisor exits first (:func:`cr_write_exit`). CR0 bits 63:32,
     or clearing CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine
-    lost its mappings); CR8 bits 63:4 → #GP(0) [SDM Vol. 3 §11.8.6.1]. Other reserved-bit checks are Unicorn's business and are not
+    lost its mappings). Other reserved-bit checks are Unicorn's business and are not
     replicated (decision)."""
     _require_cpl0(vcpu)
     n = instr.op0_register - Register.CR0
@@ -382,7 +418,7 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
             raise gp(0)
     elif n == 0:
         check_cr0_write(vcpu, value)
-    elif n == 8 and value & ~CR8_TPR_CLASS:
+    elif n == 8 and value & ~CR8_TPR:
         raise gp(0)
     elif n not in (2, 3, 8):
         raise ud()
@@ -436,18 +472,34 @@ def mov_from_cr4(vcpu, instr: Instruction) -> None:
     """MOV r, CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the guest's
     CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read shadow's bits where the
     VMCS's CR4 guest/host mask is set (:func:`cr_read_shadowed`). (MOV from CR0 runs in the engine:
-    decision, CR0 read shadows are not applied.)"""
+    decision, CR0 read shadows are not applied; MOV from CR8 too: :attr:`cetvm.cpu.registers.
+    Registers.cr8`.)"""
     _require_cpl0(vcpu)
     write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, 4, vcpu.cr4))
     _advance(vcpu, instr)
 
 
-def mov_from_cr8(vcpu, instr: Instruction) -> None:
-    """MOV r, CR8 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the value
-    the last MOV to CR8 (or the hypervisor, from the APIC's TPR) left in the register."""
+#: DR4 and DR5: aliases of DR6 and DR7 unless CR4.DE is set (then MOV to or from them is #UD).
+_DR_ALIASES = (Register.DR4, Register.DR5)
+
+
+def mov_dr(vcpu, instr: Instruction) -> None:
+    """MOV to / from DR0-DR7 [SDM Vol. 2B MOV—Move to/from Debug Registers]: #GP(0) at CPL > 0;
+    #UD for DR4/DR5 with CR4.DE; while DR7.GD is set, the general-detect #DB — a fault (RIP at
+    the MOV) with DR6.BD set and DR6's B0-B3 clear, and DR7.GD cleared so the handler may use the
+    debug registers [SDM Vol. 3 §18.2.4, §18.3.1.5; KVM's handle_dr: kvm_queue_exception_p(DB,
+    DR6_BD)] — the check Unicorn 2.1.4 lacks (kvm-unit-tests' debug "Single-step #DB w/ MOVSS
+    blocking and DR7.GD=1"). Otherwise the engine moves the register (its breakpoints follow)."""
     _require_cpl0(vcpu)
-    write_register(vcpu, instr.op0_register, vcpu.cr8)
-    _advance(vcpu, instr)
+    dr = instr.op0_register if instr.code in (Code.MOV_DR_R64, Code.MOV_DR_R32) else instr.op1_register
+    if dr in _DR_ALIASES and vcpu.cr4 & Cr4.DE:
+        raise ud()
+    dr7 = vcpu.reg("dr7")
+    if dr7 & DR7_GD:
+        vcpu.set_reg("dr6", (vcpu.reg("dr6") & ~DR6_TRAP_BITS) | DR6_FIXED_1 | DR6_BD)
+        vcpu.set_reg("dr7", dr7 & ~DR7_GD)
+        raise GuestFault(Vector.DB)
+    _step_in_engine(vcpu, instr, branches=False)
 
 
 def check_cr0_write(vcpu, value: int) -> None:
@@ -631,25 +683,39 @@ def sysret(vcpu, instr: Instruction) -> None:
     vcpu.load_segments(cs=cs, ss=Segment.data(base + 8 | 3, dpl=3))
     far_transfers.ssp_on_sysret(vcpu.cet_machine)
     vcpu.retire_emulated()
+    if vcpu.reg("rflags") & RFLAGS_TF:  # the TF SYSRET ends with traps at once (see syscall_transfer)
+        single_step_trap(vcpu)
 
 
 def syscall(vcpu, instr: Instruction) -> None:
-    """SYSCALL [SDM SYSCALL]: RCX = next RIP, R11 = RFLAGS, RFLAGS &= ~FMASK, CS/SS from
-    STAR[47:32], RIP = LSTAR; then the CET effects (``ssp_on_syscall``). #UD unless EFER.SCE
-    in 64-bit mode."""
+    """SYSCALL [SDM SYSCALL]: #UD unless EFER.SCE in 64-bit mode (Intel: SYSCALL outside
+    64-bit mode is #UD), then :func:`syscall_transfer` to IA32_LSTAR."""
     if not vcpu.long_mode or not vcpu.msr(Msr.IA32_EFER) & Efer.SCE:
         raise ud()
+    syscall_transfer(vcpu, instr.next_ip, vcpu.msr(Msr.IA32_LSTAR))
+
+
+def syscall_transfer(vcpu, return_rip: int, target: int) -> None:
+    """SYSCALL's transfer in IA-32e mode [SDM SYSCALL "Operation"]: RCX = ``return_rip``, R11 =
+    RFLAGS, RFLAGS &= ~FMASK (and RF), CS/SS = flat 64-bit code / data at STAR[47:32] (+ 8),
+    RIP = ``target`` (IA32_LSTAR; KVM's emulation of SYSCALL from compatibility mode for AMD
+    guests uses IA32_CSTAR); then the CET effects (``ssp_on_syscall``); retires. If RFLAGS.TF
+    is still set (FMASK keeps it), the single-step trap follows at the target: SYSCALL and
+    SYSRET trap on the TF they end with (kvm-unit-tests' syscall "syscall TF handling";
+    KVM's em_syscall: ctxt->tf from the masked flags)."""
     old_cpl = vcpu.cpl
     star = vcpu.msr(Msr.IA32_STAR)
     selector = (star >> 32) & 0xFFFC
     rflags = vcpu.reg("rflags")
-    vcpu.set_reg("rcx", instr.next_ip)
+    vcpu.set_reg("rcx", return_rip)
     vcpu.set_reg("r11", rflags)
     vcpu.set_reg("rflags", (rflags & ~vcpu.msr(Msr.IA32_FMASK) & ~RFLAGS_RF) | 2)
     vcpu.load_segments(cs=Segment.code64(selector, 0), ss=Segment.data(selector + 8, 0))
-    vcpu.rip = vcpu.msr(Msr.IA32_LSTAR)
+    vcpu.rip = target
     far_transfers.ssp_on_syscall(vcpu.cet_machine, old_cpl)
     vcpu.retire_emulated()
+    if vcpu.reg("rflags") & RFLAGS_TF:
+        single_step_trap(vcpu)
 
 
 def far_transfer(vcpu, instr: Instruction) -> VmExit | None:
@@ -683,18 +749,27 @@ def far_transfer(vcpu, instr: Instruction) -> VmExit | None:
 
 
 def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
-    """MOV SS, r/m16: in 64-bit mode a null selector is allowed only at CPL 0-2 with RPL = CPL,
-    else #GP(0) [SDM Vol. 2B MOV "IF SS is loaded ... IF segment selector is NULL"] — the RPL
-    check the engine (QEMU's load_seg) does not make. Everything else is the engine's; the
-    interrupt shadow a loaded SS begins is set again after the engine's single step (which
-    leaves it clear)."""
+    """MOV SS, r/m16 [SDM Vol. 2B MOV "IF SS is loaded"]: in 64-bit mode a null selector is
+    allowed only at CPL 0-2 with RPL = CPL, else #GP(0) — the RPL check the engine (QEMU's
+    load_seg) does not make; a GDT selector must name a present writable data segment with
+    RPL = DPL = CPL, else #GP(selector) or #SS(selector) (not present) — checked here because
+    the engine's #GP carries no error code (:func:`_stack_descriptor`, IRET's rules). LDT
+    selectors and the load itself are the engine's; the interrupt shadow a loaded SS begins is
+    set again after the engine's single step (which leaves it clear)."""
     def check(raw: bytes) -> None:
-        if vcpu.long_mode and _null_ss_refused(int.from_bytes(raw[:2], "little"), vcpu.cpl):
-            raise gp(0)
+        selector = int.from_bytes(raw[:2], "little")
+        if not vcpu.cr0 & Cr0.PE or vcpu.reg("rflags") & RFLAGS_VM:
+            return  # real-address and virtual-8086 mode: a segment value, no descriptor
+        if selector & ~3 == 0:
+            if vcpu.long_mode and _null_ss_refused(selector, vcpu.cpl):
+                raise gp(0)
+        elif not selector & _SELECTOR_TI:
+            _stack_descriptor(vcpu, selector, vcpu.cpl, vcpu.long_mode)
 
     def after() -> None:  # loaded: the MOV SS interrupt shadow [SDM Vol. 3A 6.8.3]
         if not vcpu.pending_events.has_event:
             vcpu.pending_events.begin_interrupt_shadow()
+            suppress_instruction_breakpoint(vcpu)
 
     if instr.op1_kind == OpKind.REGISTER:
         check(read_register(vcpu, instr.op1_register).to_bytes(8, "little"))
@@ -706,6 +781,21 @@ def mov_to_ss(vcpu, instr: Instruction) -> VmExit | None:
     _step_in_engine(vcpu, instr, branches=False)
     after()
     return None
+
+
+def suppress_instruction_breakpoint(vcpu) -> None:
+    """MOV SS blocking on Intel: the instruction after a MOV SS takes no instruction breakpoint
+    (kvm-unit-tests' emulator: "#DB suppressed after MOV SS"; SDM Vol. 3 §6.8.3 and §18.3.1.1:
+    debug exceptions are inhibited for that instruction). With a breakpoint enabled in DR7 this
+    sets RFLAGS.RF, the flag that suppresses instruction breakpoints for one instruction: the
+    engine translates that single instruction (the shadow makes it a block of its own) without
+    its breakpoint check and clears RF after it [SDM Vol. 3 §18.3.1.1 "RF"]."""
+    if vcpu.reg("dr7") & DR7_ENABLE_BITS:
+        vcpu.set_reg("rflags", vcpu.reg("rflags") | RFLAGS_RF)
+
+
+#: A selector's table indicator: 1 = LDT.
+_SELECTOR_TI = 4
 
 
 def _null_ss_refused(selector: int, cpl: int) -> bool:
@@ -865,7 +955,26 @@ def xsave_family(vcpu, instr: Instruction) -> None:
     _advance(vcpu, instr)
 
 
+def icebp(vcpu, instr: Instruction) -> None:
+    """INT1 / ICEBP (F1) [SDM Vol. 2A INT n/INTO/INT3/INT1]: a trap-like #DB, RIP past the
+    instruction, delivered as a hardware exception (no gate DPL check, EXT set, no RF in the
+    pushed RFLAGS) that changes no DR6 bit — and, as the event of its instruction, takes the
+    place of the single-step trap RFLAGS.TF would add. Unicorn 2.1.4 decodes it as #UD
+    (kvm-unit-tests' debug: "Single-Step + ICEBP #DB w/ MOVSS blocking" looped on the #UD)."""
+    vcpu.rip = instr.next_ip
+    vcpu.retire_emulated()
+    vcpu.raise_fault(GuestFault(Vector.DB))
+
+
+def undefined_opcode(vcpu, instr: Instruction) -> None:
+    """An encoding that is no instruction is #UD [SDM Vol. 2 App. A; e.g. MOVBE "#UD If ...
+    the ModR/M byte's mod field is 11B" — Unicorn 2.1.4 executes MOVBE r, r as a load from a
+    garbage address]."""
+    raise ud()
+
+
 _HANDLERS: dict[int, Callable] = {
+    M.INVALID: undefined_opcode, M.INT1: icebp,
     M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.VMMCALL: vmcall, M.XSETBV: xsetbv,
     M.IN: port_io, M.OUT: port_io,
     M.INSB: string_io, M.INSW: string_io, M.INSD: string_io, M.OUTSB: string_io, M.OUTSW: string_io, M.OUTSD: string_io,

@@ -15,9 +15,10 @@ emulated through the vCPU's public interface (:func:`cetvm.cpu.emulate.emulate`)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from iced_x86 import FlowControl, InstructionInfoFactory, MemorySizeExt, Mnemonic, OpAccess, Register
+from iced_x86 import FlowControl, InstructionInfoFactory, MemorySizeExt, OpAccess, Register
 from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EXEC, \
     UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
 from unicorn import x86_const as X
@@ -74,6 +75,47 @@ def mmio_fragment(remaining: int) -> int:
     """The size of the next MMIO access of an operand with ``remaining`` bytes left: the
     largest bus size (8, 4, 2, 1) that fits."""
     return next(n for n in (8, 4, 2, 1) if n <= remaining)
+
+
+@dataclass(frozen=True)
+class MmioOperand:
+    """A memory operand outside RAM as the MMIO accesses it needs: ``pieces`` are its device
+    parts, (guest-physical address, size) per page in the order of its bytes (the RAM part of
+    an operand crossing from RAM into a device page is left to the engine)."""
+
+    pieces: tuple[tuple[int, int], ...]
+    reads: bool
+    writes: bool
+
+    @property
+    def size(self) -> int:
+        return sum(size for _gpa, size in self.pieces)
+
+    def locate(self, offset: int) -> tuple[int, int]:
+        """(guest-physical address, bytes left in its piece) of byte ``offset`` of the pieces."""
+        for gpa, size in self.pieces:
+            if offset < size:
+                return gpa + offset, size - offset
+            offset -= size
+        raise ValueError(f"offset {offset} past the operand")
+
+
+def device_pieces(linear: int, size: int, mask: int, translate: Callable[[int], int],
+                  is_ram: Callable[[int, int], bool]) -> tuple[tuple[int, int], ...]:
+    """The parts of the ``size`` bytes at ``linear`` that are not RAM, one per page they touch:
+    (guest-physical address, size). Each page is translated by itself (two virtual pages of a
+    crossing operand need not be physically adjacent; ``translate`` raises the #PF of the page
+    that faults)."""
+    pieces = []
+    offset = 0
+    while offset < size:
+        here = (linear + offset) & mask
+        length = min(size - offset, PAGE - (here & (PAGE - 1)))
+        gpa = translate(here)
+        if not is_ram(gpa, 1):
+            pieces.append((gpa, length))
+        offset += length
+    return tuple(pieces)
 
 
 class EngineStops:
@@ -138,6 +180,8 @@ class EngineStops:
         elif software:
             self._events.queue(PendingEvent(intno, None, None, software=True, instruction_rip=int_at))
         else:
+            if intno == Vector.GP and not wild_branch and self._noncanonical_stack_access(rip):
+                intno = Vector.SS
             error = 0 if intno in (Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.AC) else None
             self._events.queue(PendingEvent(intno, error))
         uc.emu_stop()
@@ -183,6 +227,23 @@ class EngineStops:
         prev = blocks.prev
         if prev is not None and terminator_not_run(blocks.prev_block_start, prev, rip):
             blocks.prev = None
+
+    def _noncanonical_stack_access(self, rip: int) -> bool:
+        """The engine's #GP at ``rip`` is the 64-bit-mode canonical check of a memory access
+        through SS (an RSP- or RBP-based operand, a stack access), which is #SS(0), not #GP(0)
+        [SDM Vol. 3 §6.15 "Interrupt 12": "a non-canonical address referencing the SS segment";
+        KVM's __linearize()]. The engine raises #GP for every non-canonical address; its first
+        non-canonical access decides, as the access order does."""
+        if self._mode.code_bits != 64:
+            return False
+        try:
+            instr = self._fetch.fetch_instruction(rip)
+        except (GuestFault, UcError):
+            return False
+        for used in self._info_factory.info(instr).used_memory():
+            if not is_canonical(emulate.used_memory_address(self._vcpu, instr, used)):
+                return used.segment == Register.SS
+        return False
 
     def _is_fetch_fault(self, rip: int, cr2: int) -> bool:
         """The #PF at ``rip`` is the instruction's own fetch (CR2 within its 15 bytes and a fetch
@@ -255,7 +316,7 @@ class EngineStops:
         rip = self._vcpu.rip
         try:
             instr = self._fetch.fetch_instruction(rip)
-            if instr.mnemonic == Mnemonic.INVALID or not emulate.can_emulate(instr):
+            if not emulate.can_emulate(instr):
                 raise GuestFault(Vector.UD)
             return emulate.emulate(self._vcpu, instr)
         except GuestFault as fault:
@@ -304,34 +365,30 @@ class EngineStops:
         self._vcpu.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
-    def _mmio_operand(self, instr) -> tuple[int, int, bool, bool]:
-        """(linear address, size, reads, writes) of the instruction's memory operand that is not
-        RAM: its explicit operand, or its stack access (PUSH/POP/CALL/RET with RSP pointing at
-        a device page: kvm-unit-tests' emulator pushes onto MMIO) when that one is RAM. Of an
-        operand crossing from RAM into a device page (or back), the device part: the engine
-        accesses the RAM part itself when it executes the instruction over the scratch page."""
-        candidates = []
+    def _mmio_operand(self, instr) -> MmioOperand:
+        """The instruction's memory operand that is not RAM: its explicit operand (for BT/BTS/
+        BTR/BTC with a register bit offset, the one the offset selects), or its stack access
+        (PUSH/POP/CALL/RET with RSP pointing at a device page: kvm-unit-tests' emulator pushes
+        onto MMIO) when that one is RAM — as the device parts of its pages
+        (:func:`device_pieces`)."""
+        vcpu = self._vcpu
         for used in self._info_factory.info(instr).used_memory():
             size = MemorySizeExt.size(used.memory_size)
             if size <= 0:
                 continue
             if used.base in (Register.RSP, Register.RBP) and instr.is_stack_instruction:  # PUSH, POP, LEAVE...
-                linear = ((emulate.read_register(self._vcpu, used.base) + used.displacement_i64)
-                          & emulate.address_mask(self._vcpu))
+                linear = ((emulate.read_register(vcpu, used.base) + used.displacement_i64)
+                          & emulate.address_mask(vcpu))
+            elif emulate.is_bit_string_access(instr):
+                linear = emulate.bit_string_address(vcpu, instr)
             else:
-                linear = emulate.effective_address(self._vcpu, instr)
-            candidates.append((linear, size, used.access in _READ_ACCESSES, used.access in _WRITE_ACCESSES))
-        for linear, size, reads, writes in candidates:
+                linear = emulate.effective_address(vcpu, instr)
+            reads, writes = used.access in _READ_ACCESSES, used.access in _WRITE_ACCESSES
             access = (Access.WRITE if writes and not reads else Access.READ) | self._mode.user_access()
-            last = (linear + size - 1) & emulate.address_mask(self._vcpu)
-            ram = [self._vcpu.is_ram(self._vcpu.translate(end, access), 1) for end in (linear, last)]
-            if ram == [False, False]:
-                return linear, size, reads, writes
-            if ram != [True, True]:  # crossing between RAM and a device page: the device part
-                in_first = PAGE - (linear & (PAGE - 1))
-                if ram[0]:
-                    return (linear + in_first) & emulate.address_mask(self._vcpu), size - in_first, reads, writes
-                return linear, in_first, reads, writes
+            pieces = device_pieces(linear, size, emulate.address_mask(vcpu),
+                                   lambda page_linear: vcpu.translate(page_linear, access), vcpu.is_ram)
+            if pieces:
+                return MmioOperand(pieces, reads, writes)
         raise NotSupportedError(f"MMIO access by {instr} at {instr.ip:#x} is not supported")
 
     def execute_with_mmio_operand(self, instr, hooks: MmioStepHooks | None = None) -> VmExit | None:
@@ -343,31 +400,33 @@ class EngineStops:
     def _mmio_instruction(self, rip: int, instr, hooks: MmioStepHooks | None = None) -> VmExit | None:
         """An instruction whose memory operand is not RAM, as KVM's emulator completes MMIO: each
         read of the operand is an MMIO exit (in fragments of at most 8 bytes, the sizes a bus
-        access has); with the data the instruction is executed by the engine over a scratch page
-        at the operand's guest-physical address; what it stored there leaves as MMIO write
-        exits. So every instruction the engine knows works on MMIO — stores whose value cetvm
-        could not compute itself (SMSW, SETcc, SSE moves), read-modify-write (ADD, XCHG), and
-        operands wider than 8 bytes — with one exit per fragment (complete_emulated_mmio)."""
-        linear, size, reads, writes = self._mmio_operand(instr)
-        gpa = self._vcpu.translate(linear, (Access.WRITE if writes and not reads else Access.READ) | self._mode.user_access())
-        if reads:
-            return self._mmio_read(rip, instr, gpa, size, writes, bytearray(), hooks or MmioStepHooks())
-        return self._mmio_execute(rip, instr, gpa, size, None, writes, hooks or MmioStepHooks())
+        access has; an operand that crosses a page boundary in two parts, one per page, as
+        emulator_read_write() splits it); with the data the instruction is executed by the engine
+        over scratch pages at the operand's guest-physical addresses; what it stored there leaves
+        as MMIO write exits. So every instruction the engine knows works on MMIO — stores whose
+        value cetvm could not compute itself (SMSW, SETcc, SSE moves), read-modify-write (ADD,
+        XCHG), and operands wider than 8 bytes — with one exit per fragment
+        (complete_emulated_mmio)."""
+        operand = self._mmio_operand(instr)
+        if operand.reads:
+            return self._mmio_read(rip, instr, operand, bytearray(), hooks or MmioStepHooks())
+        return self._mmio_execute(rip, instr, operand, None, hooks or MmioStepHooks())
 
-    def _mmio_read(self, rip: int, instr, gpa: int, size: int, writes: bool, got: bytearray,
+    def _mmio_read(self, rip: int, instr, operand: MmioOperand, got: bytearray,
                    hooks: MmioStepHooks) -> VmExit | None:
-        if len(got) >= size:
-            return self._mmio_execute(rip, instr, gpa, size, bytes(got), writes, hooks)
-        piece = mmio_fragment(size - len(got))
-        mmio = MmioExit(gpa + len(got), piece, Direction.IN)
+        if len(got) >= operand.size:
+            return self._mmio_execute(rip, instr, operand, bytes(got), hooks)
+        gpa, left = operand.locate(len(got))
+        piece = mmio_fragment(left)
+        mmio = MmioExit(gpa, piece, Direction.IN)
 
         def complete() -> VmExit | None:
             got.extend((mmio.data & ((1 << (8 * piece)) - 1)).to_bytes(piece, "little"))
-            return self._mmio_read(rip, instr, gpa, size, writes, got, hooks)
+            return self._mmio_read(rip, instr, operand, got, hooks)
         self._vcpu.add_completion(complete)
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
-    def _mmio_execute(self, rip: int, instr, gpa: int, size: int, data: bytes | None, writes: bool,
+    def _mmio_execute(self, rip: int, instr, operand: MmioOperand, data: bytes | None,
                       hooks: MmioStepHooks) -> VmExit | None:
         """Run the instruction over scratch pages holding ``data`` (the bytes read), then send
         what it wrote (if anything) as MMIO writes."""
@@ -377,34 +436,57 @@ class EngineStops:
             except GuestFault as fault:
                 self._vcpu.raise_fault(fault)
                 return None
-        first, last = gpa & ~(PAGE - 1), (gpa + size - 1) & ~(PAGE - 1)
-        span = last - first + PAGE
+        rsp = self._vcpu.reg("rsp")
+        pages = sorted({gpa & ~(PAGE - 1) for gpa, size in operand.pieces}
+                       | {(gpa + size - 1) & ~(PAGE - 1) for gpa, size in operand.pieces})
+        stored = []
         with cr2_kept(self._uc):
-            self._uc.mem_map(first, span, UC_PROT_ALL)
+            for page in pages:
+                self._uc.mem_map(page, PAGE, UC_PROT_ALL)
             try:
                 if data is not None:
-                    self._uc.mem_write(gpa, data)
+                    offset = 0
+                    for gpa, size in operand.pieces:
+                        self._uc.mem_write(gpa, data[offset:offset + size])
+                        offset += size
                 branches = instr.flow_control != FlowControl.NEXT
                 self._vcpu.step_in_engine(rip, None if branches else instr.next_ip, retire=False)
-                stored = bytes(self._uc.mem_read(gpa, size)) if writes else b""
+                if operand.writes:
+                    stored = [(gpa, bytes(self._uc.mem_read(gpa, size))) for gpa, size in operand.pieces]
             finally:
-                self._uc.mem_unmap(first, span)
-        if self._events.has_event:
-            return None  # the instruction faulted: nothing was stored
+                for page in pages:
+                    self._uc.mem_unmap(page, PAGE)
+        if self._events.has_event:  # the instruction faulted: nothing was stored
+            if not is_canonical(self._vcpu.rip):
+                self._unwind_wild_branch(rip, rsp)
+            return None
         # Unicorn leaves old_exception at #PF after the scratch page is unmapped: without this the
         # guest's next fault became a #DF (a #PF after an MMIO read in the same block).
         self._registers.clear_stale_old_exception()
         self._budget.retire()
         if hooks.after is not None:
             hooks.after()
-        return self._mmio_write(rip, gpa, stored)
+        return self._mmio_write(rip, stored)
 
-    def _mmio_write(self, rip: int, gpa: int, stored: bytes) -> VmExit | None:
+    def _unwind_wild_branch(self, rip: int, rsp: int) -> None:
+        """A branch through an MMIO pointer (JMP/CALL m64, RET from a device-page stack) to a
+        non-canonical target: the engine moved RIP (and RSP) before its fetch at the target
+        raised the #GP, but the branch is what faults [SDM Vol. 1 §3.3.7.1]: RIP at it, RSP as
+        before it (kvm-unit-tests' emulator: "jmp" to NONCANONICAL through MMIO)."""
+        self._vcpu.rip = rip
+        self._vcpu.set_reg("rsp", rsp)
+
+    def _mmio_write(self, rip: int, stored: list[tuple[int, bytes]]) -> VmExit | None:
+        """The MMIO write exits of what the instruction stored: per page part, fragments of at
+        most 8 bytes."""
+        while stored and not stored[0][1]:
+            stored = stored[1:]
         if not stored:
             return None
-        piece = mmio_fragment(len(stored))
-        mmio = MmioExit(gpa, piece, Direction.OUT, int.from_bytes(stored[:piece], "little"))
-        self._vcpu.add_completion(lambda: self._mmio_write(rip, gpa + piece, stored[piece:]))
+        (gpa, data), rest = stored[0], stored[1:]
+        piece = mmio_fragment(len(data))
+        mmio = MmioExit(gpa, piece, Direction.OUT, int.from_bytes(data[:piece], "little"))
+        self._vcpu.add_completion(lambda: self._mmio_write(rip, [(gpa + piece, data[piece:])] + rest))
         return VmExit(ExitReason.MMIO, rip, mmio=mmio)
 
     def on_untraced_syscall(self, uc: Uc, _data: object) -> None:

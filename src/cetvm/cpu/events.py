@@ -151,11 +151,13 @@ def deliver_64(vcpu, vector: int, error_code: int | None, cr2: int | None, *, so
     if not gate.present:
         raise GuestFault(Vector.NP, vector * 8 + 2 + ext)
     code = read_descriptor(vcpu, gate.selector)
-    if not code.attributes & SegAttr.CODE or not code.long or not code.present:
+    if not code.attributes & SegAttr.CODE or code.dpl > old_cpl:
+        raise gp(gate.selector & ~3 | ext)
+    if not code.present:  # [SDM Vol. 2A INT n "IA-32e mode": #NP(new code-segment selector, EXT)]
+        raise GuestFault(Vector.NP, gate.selector & ~3 | ext)
+    if not code.long:
         raise gp(gate.selector & ~3 | ext)
     new_cpl = code.dpl
-    if new_cpl > old_cpl:
-        raise gp(gate.selector & ~3 | ext)
     rsp = vcpu.reg("rsp")
     if gate.ist or new_cpl < old_cpl:
         tss = vcpu.task_register().base

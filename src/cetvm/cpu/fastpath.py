@@ -13,8 +13,8 @@ reference, which stays the single place where CET semantics are decided.
 The short path applies only when all of these hold (else the reference runs, from the same
 inputs: nothing is committed before the hand-over):
 
-- the block is in the classification cache with the same size, and the engine is not
-  single-stepping;
+- the block is in the classification cache with the same size, the engine is not
+  single-stepping and no interrupt waits for its window (the reference watches for it);
 - CET is inactive (nothing to apply), or:
 - the current CPL's U_CET/S_CET has TRACKER = IDLE and SUPPRESS = 0 — then the ENDBRANCH check
   of ``ibt_check_target`` at the new block can only fault (never change the MSR), and it can fault
@@ -91,6 +91,7 @@ class FastPathMode(Protocol):
     long_mode: bool
     cet_active: bool
     stepping: bool
+    irq_window_watch: bool
 
 
 @dataclass(slots=True)
@@ -159,7 +160,7 @@ def make_block_hook(mode: FastPathMode, cet: CetRegisters, reference: Callable[[
     def block_hook(_uch: int, address: int, size: int, _user: int) -> None:
         try:
             info = cache_get(address)
-            if info is None or info.size != size or mode.stepping:
+            if info is None or info.size != size or mode.stepping or mode.irq_window_watch:
                 reference(address, size)
                 return
             if budget is not None and budget.budget_left < info.icount:

@@ -10,11 +10,13 @@ Decisions (engine-driven, documented and tested):
 - One external interrupt can be pending (KVM's ``pending_external_vector`` without an
   in-kernel irqchip). It is delivered through the IDT as a hardware event (EXT = 1, no error
   code; CET: the same SSP switching as any event, :func:`cetvm.cpu.events.deliver_64`).
-- Recognition points: interrupts are checked only where the engine already stops — at run
-  entry and after each exit — never per block, so the fast paths cost nothing. An interrupt
-  that becomes deliverable inside a stretch of code the engine runs without exits (after an
-  STI) is taken at the next stop; the VMM runs the guest in slices anyway. The architectural guarantee that
-  matters for guests (``sti; hlt`` does not lose the wake-up) holds: the HLT is an exit.
+- Recognition points: interrupts are checked where the engine stops — at run entry and after
+  each exit — and, while one waits with RFLAGS.IF = 0 or a shadow blocking it, at every block
+  start (:meth:`cetvm.cpu.block_hook.BlockHook.watch_interrupt_window`: the engine stops in
+  front of the first block that starts with the window open; QEMU ends a block after STI, after
+  the instruction in its shadow and after POPF), so ``sti; nop; cli`` takes it at the CLI. With
+  no interrupt waiting the fast paths cost nothing. ``sti; hlt`` does not lose the wake-up: the
+  HLT is an exit.
 - The shadow is read from QEMU's ``HF_INHIBIT_IRQ`` flag (set by STI and MOV/POP SS, cleared
   after the next instruction; measured). An exiting instruction whose completion ran (RIP past
   HLT/IN/OUT/CPUID...) has retired, which ends any shadow; the engine's flag is cleared then

@@ -41,6 +41,9 @@ class CpuMode:
     cet_active: bool = False
     #: one instruction runs in the engine with the CET hooks off
     stepping: bool = False
+    #: an interrupt waits for the window: the block hook stops the engine in front of the first
+    #: block that starts with it open (:meth:`cetvm.cpu.block_hook.BlockHook.watch_interrupt_window`)
+    irq_window_watch: bool = False
 
     def linear(self, rip: int) -> int:
         """The linear address of the instruction at offset ``rip`` of the code segment

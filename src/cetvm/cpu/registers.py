@@ -20,8 +20,8 @@ from cetvm import CetvmError, InputError
 from cetvm.arch import Cr0, Cr4, Msr
 from cetvm.arch.msr import Efer
 from cetvm.cpu.state import CetState, DescriptorTable, FpuState, GPR_NAMES, Regs, Segment, Sregs
-from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, live_env, segment_hflags
-from cetvm.arch.regs import U64_MASK
+from cetvm.cpu.uc_context import OLD_EXCEPTION_OFFSET, ContextBlob, HFlags, HFlags2, live_env, segment_hflags
+from cetvm.arch.regs import CR8_TPR, U64_MASK
 
 _U128 = (1 << 128) - 1
 _GPR_IDS = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
@@ -31,7 +31,7 @@ REG_IDS = {**_GPR_IDS, "rip": X.UC_X86_REG_RIP, "rflags": X.UC_X86_REG_RFLAGS, "
 XCR0_OFFSET = 4904
 #: Blob offset of env->efer in Unicorn 2.1.4 (measured: the bytes a WRMSR to EFER changes).
 EFER_OFFSET = 592
-_CR_IDS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}
+_CR_IDS = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3, 4: X.UC_X86_REG_CR4}
 _FP_IDS = tuple(getattr(X, f"UC_X86_REG_FP{i}") for i in range(8))
 _YMM_IDS = tuple(getattr(X, f"UC_X86_REG_YMM{i}") for i in range(16))
 _XMM_IDS = tuple(getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16))
@@ -118,6 +118,7 @@ class Registers:
         self._u64 = ctypes.c_uint64()
         self._u64_ref = ctypes.byref(self._u64)
         self.write_cr(4, uc.reg_read(X.UC_X86_REG_CR4))
+        self.write_cr(8, 0)  # the engine's MOV from CR8 reads cetvm's CR8 from now on
 
     @property
     def cr4(self) -> int:
@@ -242,10 +243,18 @@ class Registers:
 
     @property
     def cr8(self) -> int:
-        return self._read_u64(X.UC_X86_REG_CR8)
+        """CR8 (the task-priority class, bits 3:0). It lives in the engine's env->v_tpr, which its
+        own MOV from CR8 reads while hflags2 has HF2_VINTR (:meth:`write_cr` keeps it set; Unicorn
+        2.1.4 otherwise reads its absent APIC as 0), so MOV from CR8 needs no exit."""
+        return self.env.v_tpr
 
     def write_cr(self, n: int, value: int) -> None:
-        """Write CR0/CR2/CR3/CR4/CR8 without checks (CR4: see :data:`ENGINE_FORCED_CR4`)."""
+        """Write CR0/CR2/CR3/CR4/CR8 without checks (CR4: see :data:`ENGINE_FORCED_CR4`; CR8:
+        :attr:`cr8`)."""
+        if n == 8:
+            self.env.v_tpr = value & CR8_TPR
+            self.env.hflags2 = self.env.hflags2 | HFlags2.VINTR
+            return
         if n == 4:
             self._guest_forced_cr4 = value & ENGINE_FORCED_CR4
             value |= ENGINE_FORCED_CR4

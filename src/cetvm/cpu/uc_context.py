@@ -29,6 +29,11 @@ CONTEXT_DATA_OFFSET = 40
 #: Size of the saved CPUX86State in 2.1.4 (x86_64).
 CONTEXT_DATA_SIZE = 5568
 HFLAGS_OFFSET = 176
+HFLAGS2_OFFSET = 180
+#: env->v_tpr (uint8_t): the CR8 the engine's MOV to/from CR8 write and read while hflags2 has
+#: HF2_VINTR (measured: the byte a guest MOV to CR8 changes; without HF2_VINTR the engine's MOV
+#: from CR8 reads its absent APIC as 0).
+V_TPR_OFFSET = 5556
 SEGS_OFFSET = 184  # segs[ES, CS, SS, DS, FS, GS], 24 bytes each: selector u32, pad, base u64, limit u32, flags u32
 SEGMENT_CACHE_SIZE = 24
 ERROR_CODE_OFFSET = 5384
@@ -36,6 +41,14 @@ OLD_EXCEPTION_OFFSET = 5496
 
 #: QEMU segment indexes in segs[].
 SEG_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
+
+
+class HFlags2:
+    """QEMU's x86 HF2_* hflags2 bits cetvm sets."""
+
+    #: HF2_VINTR_MASK (SVM's V_INTR_MASKING): the engine's MOV to/from CR8 use env->v_tpr
+    #: instead of its (absent) local APIC — cetvm's CR8 (:attr:`cetvm.cpu.registers.Registers.cr8`)
+    VINTR = 1 << 3
 
 
 class HFlags:
@@ -107,6 +120,22 @@ class CpuStateView:
     @hflags.setter
     def hflags(self, value: int) -> None:
         self.set_u32(HFLAGS_OFFSET, value)
+
+    @property
+    def hflags2(self) -> int:
+        return self.u32(HFLAGS2_OFFSET)
+
+    @hflags2.setter
+    def hflags2(self, value: int) -> None:
+        self.set_u32(HFLAGS2_OFFSET, value)
+
+    @property
+    def v_tpr(self) -> int:
+        return ctypes.c_uint8.from_address(self.address + V_TPR_OFFSET).value
+
+    @v_tpr.setter
+    def v_tpr(self, value: int) -> None:
+        ctypes.c_uint8.from_address(self.address + V_TPR_OFFSET).value = value & 0xFF
 
     def reset_old_exception(self) -> None:
         """old_exception = -1, so the next fault is not promoted to #DF."""

@@ -144,6 +144,7 @@ class Vcpu:
         #: the current VMCS; without a hypervisor's :meth:`vmptrld` the standalone controls
         self.vmcs = standalone_vmcs()
         self._halted = False
+        self._watching_window = False  # the block hook watches for the interrupt window
         self.xss = 0
         #: writes of the FPU registers from outside the engine (set_fpu / set_sse), so KVM's guest
         #: FPU swap can tell that the CPU still holds what it last put (cetvm.kvm.vmx._swap_sse)
@@ -409,8 +410,7 @@ class Vcpu:
 
     @property
     def cr8(self) -> int:
-        """CR8, the task-priority register as MOV to/from CR8 see it (the engine keeps the value;
-        the hypervisor ties it to its APIC's TPR)."""
+        """CR8, the task-priority register (bits 3:0)."""
         return self.registers.cr8
 
     def write_cr(self, n: int, value: int) -> None:
@@ -809,14 +809,31 @@ class Vcpu:
             rip = self.rip
             if linear(rip) in self._exit_points:
                 exit_ = self._emulation.emulate_at(rip)
+                if exit_ is None and self._watching_window and events_.interrupt_window_open:
+                    # an emulated IRETQ / SYSRET / RSM opened the window the engine was watching
+                    window_exiting = self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
             elif self.mode.cpl == 3 and self._alignment_checked():
                 exit_ = self._step_alignment_checked(rip)
             else:
+                self._watch_interrupt_window(events_)
                 exit_ = self._run_engine(rip)
+                if exit_ is None and self._watching_window and self._hook.take_window_stop():
+                    # the window opened at a block start: the interrupt (or the window exit) now
+                    window_exiting = self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
             if exit_ is not None:
                 if not (exit_.reason is ExitReason.HLT and events_.wakes_halt()):
                     return exit_
                 self.complete_pending_exit()  # the HLT retires; the interrupt is taken next
+
+    def _watch_interrupt_window(self, events_: PendingEvents) -> None:
+        """Before an engine run: an interrupt waits — injected, or the window exit requested —
+        but RFLAGS.IF = 0 or an STI / MOV SS shadow blocks it: the block hook watches for the
+        window (:meth:`BlockHook.watch_interrupt_window`); told only when that changes."""
+        waiting = events_.pending_interrupt is not None or self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+        watch = waiting and not events_.interrupt_window_open
+        if watch != self._watching_window:
+            self._watching_window = watch
+            self._hook.watch_interrupt_window(self.registers.env.address if watch else None)
 
     def _run_engine(self, rip: int) -> VmExit | None:
         budget, stops, linear = self.budget, self._stops, self.mode.linear

@@ -33,9 +33,11 @@ The execution controls the CPU acts on [SDM Vol. 3 §26.1-26.3, §26.7 (HLT acti
 - INTERRUPT_WINDOW_EXITING: an INTERRUPT_WINDOW exit when IF = 1 and no STI / MOV SS shadow
   blocks an interrupt [SDM Vol. 3 §26.7.5] — checked at VM entry (after the completion of the
   last exit and any event delivered on entry; after the budget, as the VMX-preemption timer; it
-  wakes a halted CPU), not at later instruction boundaries of the run: an STI inside the run is
-  seen at the next VM entry (decision: Unicorn's STI shadow flag is not reliable at every engine
-  stop, measured with the smp guest's ``sti; hlt``; KVM re-enters after every exit anyway);
+  wakes a halted CPU) and where the window opens inside the run: at the block start the block
+  hook stops in front of (cetvm.cpu.interrupts "Recognition points") and after an emulated
+  IRETQ/SYSRET that sets IF — not at other engine stops (decision: Unicorn's STI shadow flag is
+  not reliable at every engine stop, measured with the smp guest's ``sti; hlt``; at a block
+  start it is exact);
 - CR3_LOAD_EXITING: MOV to CR3 exits (CR_ACCESS, qualification of SDM Table 28-3);
 - secondary controls (in force only with ACTIVATE_SECONDARY_CONTROLS): ENABLE_XSAVES clear →
   XSAVES/XRSTORS are #UD [SDM Vol. 3 §26.3 "XSAVES"].

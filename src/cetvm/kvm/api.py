@@ -5,8 +5,12 @@ Where state lives (as in KVM, see :mod:`cetvm.kvm.vcpu`): U_CET and PL0-3_SSP in
 fpstate, S_CET / SSP / INTR_SSP_TABLE in the VMCS, XCR0 / IA32_XSS / CR0 / CR4 in
 ``vcpu->arch``; GPRs, segments, other MSRs and memory in the CPU (:class:`cetvm.cpu.vcpu.Vcpu`,
 the "hardware"). ``run()`` loads the guest FPU (kvm_load_guest_fpu), enters the guest (VMCS
-guest CET state → CPU), handles exits as KVM does (:mod:`cetvm.kvm.vcpu_run`) and puts the FPU
-back (kvm_put_guest_fpu) before returning to userspace.
+guest CET state → CPU), handles exits as KVM does (:mod:`cetvm.kvm.vcpu_run`). KVM puts the
+FPU back (kvm_put_guest_fpu) before it returns to userspace; cetvm puts it when userspace next
+reads or writes what lives in the fpstate (KVM_GET/SET_MSRS, _XSAVE, _CPUID2; INIT puts and
+reloads it itself, :func:`cetvm.kvm.reset.kvm_xstate_reset`) — the
+CPU holds the guest's values meanwhile and nothing else runs on it, so no ioctl can tell the
+difference, and an exit to userspace (a serial-port read) does not pay the copy (decision).
 
 Decisions:
 - Every call checks its arguments first (:mod:`cetvm.kvm.ioctl_args`): a value that does not
@@ -82,7 +86,7 @@ from typing import Callable
 
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
-from cetvm.arch.apic import CR8_TPR_CLASS
+from cetvm.arch.regs import CR8_TPR
 from cetvm.arch.msr import VMX_CAPABILITY_MSRS, Efer, Msr
 from cetvm.cpu.exits import Direction, ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, HardwareRefused
@@ -100,7 +104,9 @@ from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
 from cetvm.kvm.coalesced_mmio import CoalescedMmio, CoalescedWrite, CoalescedZone
 from cetvm.kvm.cr import kvm_is_valid_sregs_state
-from cetvm.kvm.emulate import cet_guards, emulation_blocked_by_cet, is_rsm, kvm_handle_ud
+from cetvm.kvm.emulate import (
+    cet_guards, emulation_blocked_by_cet, is_rsm, kvm_emulate_syscall_on_ud, kvm_handle_ud,
+)
 from cetvm.kvm.errors import (
     KvmBadAddress,
     KvmExists,
@@ -494,6 +500,7 @@ class KvmVcpu:
     # ------------------------------------------------------------------ CPUID
     def set_cpuid(self, model: CpuidModel) -> None:
         """KVM_SET_CPUID2 (then vmx_vcpu_after_set_cpuid: MSR intercepts, CR4 mask)."""
+        self._fpu_sync()
         self.state.set_cpuid(check_instance("KVM_SET_CPUID2: model", model, CpuidModel))
         self._after_set_cpuid()
 
@@ -589,6 +596,7 @@ class KvmVcpu:
         return check_u32("KVM_SET_MSRS: index", index), check_u64("KVM_SET_MSRS: data", value)
 
     def _get_msr(self, index: int) -> tuple[bool, int]:
+        self._fpu_sync()
         if index == Msr.KVM_INTERNAL_GUEST_SSP:
             return False, 0
         if index in MODELLED_MSRS:
@@ -600,6 +608,7 @@ class KvmVcpu:
             return False, 0
 
     def _set_msr(self, index: int, value: int) -> bool:
+        self._fpu_sync()
         if index == Msr.KVM_INTERNAL_GUEST_SSP:
             return False
         if index in MODELLED_MSRS:
@@ -642,11 +651,13 @@ class KvmVcpu:
     def get_xsave(self) -> bytes:
         """KVM_GET_XSAVE2: the standard-format image of the guest's user components
         (see :mod:`cetvm.kvm.guest_fpu`; CET state is read with KVM_GET_MSRS / ONE_REG)."""
+        self._fpu_sync()
         return self.state.fpu.to_uabi()
 
     def set_xsave(self, data: bytes) -> None:
         """KVM_SET_XSAVE (-EINVAL for an image the guest FPU cannot hold, see
         :meth:`~cetvm.kvm.guest_fpu.GuestFpu.from_uabi`)."""
+        self._fpu_sync()
         self.state.fpu.from_uabi(check_bytes("KVM_SET_XSAVE: data", data, self.state.fpu.uabi_size))
 
     # ------------------------------------------------------------------ events, MP state
@@ -864,7 +875,7 @@ class KvmVcpu:
     def _load_cr8(self) -> None:
         """KVM_RUN's kvm_set_cr8(vcpu, kvm_run->cr8) (see :attr:`cr8`)."""
         cr8 = check_u64("kvm_run.cr8", self.cr8)
-        if cr8 & ~CR8_TPR_CLASS:
+        if cr8 & ~CR8_TPR:
             raise KvmInvalidArgument(f"KVM_RUN: kvm_run.cr8 {cr8:#x} has reserved bits 63:4 set")
         if not self.nested.guest_mode and cr8 != self.cpu.cr8:
             self.cpu.write_cr(8, cr8)
@@ -902,8 +913,14 @@ class KvmVcpu:
                 self._queued = None
             self._last_run = self._post_kvm_run_save(self._run_loop(budget, start))
             return self._last_run
-        finally:
+        except BaseException:
             vmx.kvm_put_guest_fpu(state, cpu)
+            raise
+
+    def _fpu_sync(self) -> None:
+        """kvm_put_guest_fpu, deferred from the end of KVM_RUN (module docstring) to the first
+        ioctl that reads or writes the fpstate."""
+        vmx.kvm_put_guest_fpu(self.state, self.cpu)
 
     def _check_userspace_completion(self) -> None:
         """What userspace wrote into kvm_run for the last exit must fit its fields (-EINVAL,
@@ -1099,7 +1116,8 @@ class KvmVcpu:
 
     def _handle_exception_exit(self, exit_: VmExit) -> KvmRun | None:
         """An intercepted exception: KVM's own #UD intercept first (handle_ud and the
-        force-emulation prefix, :func:`cetvm.kvm.emulate.kvm_handle_ud`), then userspace's."""
+        force-emulation prefix, :func:`cetvm.kvm.emulate.kvm_handle_ud`; RSM; SYSCALL for AMD guests), then
+        userspace's."""
         exc = exit_.exception
         assert exc is not None
         if exc.vector == Vector.UD and self._kvm_exception_bitmap >> Vector.UD & 1:
@@ -1109,6 +1127,9 @@ class KvmVcpu:
                 return None
             if is_rsm(self.cpu, exit_.rip):
                 return self._em_rsm(exit_.rip)
+            if kvm_emulate_syscall_on_ud(self.cpu, self.state.cpuid.entries.vendor_string,
+                                         *self._guest_cet_controls()) is not None:
+                return None
             if not self._user_exception_bitmap >> Vector.UD & 1:
                 self.cpu.inject_exception(Vector.UD)
                 return None

@@ -17,7 +17,11 @@ nor let a guest subvert its shadow stack or IBT through the emulator.
   ``kvm.force_emulation_prefix``): handle_ud() skips the 5-byte prefix and emulates the next
   instruction with EMULTYPE_TRAP_UD_FORCED — a failure is #UD to the guest at the instruction
   after the prefix; any other emulation failure is KVM_EXIT_INTERNAL_ERROR with suberror
-  EMULATION to userspace.
+  EMULATION to userspace. Before an MMX instruction the emulator flushes pending x87 faults
+  (#MF, :func:`mmx_with_x87_fault_pending`).
+- SYSCALL at a #UD (its EmulateOnUD flag): Intel CPUs have no SYSCALL outside 64-bit mode, but
+  KVM's em_syscall() runs it from compatibility mode for AMD and Hygon guests (IA32_CSTAR)
+  (:func:`kvm_emulate_syscall_on_ud`).
 
 How cetvm "emulates": the model keeps KVM's decisions (what it refuses, where the #UD lands);
 an instruction KVM would emulate is executed by the vCPU for exactly one instruction, which has
@@ -28,11 +32,13 @@ from __future__ import annotations
 
 import enum
 
-from iced_x86 import Instruction, Mnemonic as M
+from iced_x86 import Instruction, Mnemonic as M, OpKind, Register
 
-from cetvm import CetvmError
+from cetvm import CetvmError, NotSupportedError
 from cetvm.arch import Cr0, Cr4, Vector, u64
-from cetvm.arch.msr import CetCtl
+from cetvm.arch.msr import CetCtl, Efer, Msr
+from cetvm.arch.regs import FSW_ES
+from cetvm.cpu.emulate import syscall_transfer
 from cetvm.cpu.faults import GuestFault
 from cetvm.cpu.paging import Access
 
@@ -154,4 +160,56 @@ def kvm_handle_ud(cpu, force_emulation_prefix: bool, u_cet: int, s_cet: int) -> 
     if instruction_refused(cpu, cpu.rip, u_cet, s_cet) is not None:
         cpu.inject_exception(Vector.UD)
         return False
+    if mmx_with_x87_fault_pending(cpu, cpu.rip):
+        cpu.inject_exception(Vector.MF)
+        return False
+    return True
+
+
+def uses_mmx_register(instr: Instruction) -> bool:
+    """``instr`` has an MMX register operand (KVM's opcode-table flag ``Mmx``)."""
+    return any(instr.op_kind(i) == OpKind.REGISTER and Register.MM0 <= instr.op_register(i) <= Register.MM7
+               for i in range(instr.op_count))
+
+
+def mmx_with_x87_fault_pending(cpu, rip: int) -> bool:
+    """x86_emulate_insn(): before an MMX instruction KVM's emulator runs FWAIT on the guest's x87
+    state (flush_pending_x87_faults), so a pending unmasked x87 exception (FSW.ES) is #MF at
+    the instruction, as the hardware raises it [SDM Vol. 1 §8.1.3.1, §9.5.1 "MMX instructions
+    ... generate #MF if ... pending"] (kvm-unit-tests' emulator: "movq mmx generates #MF")."""
+    try:
+        instr = cpu.fetch_instruction(rip)
+    except (GuestFault, CetvmError):
+        return False
+    return uses_mmx_register(instr) and bool(cpu.get_fpu().fsw & FSW_ES)
+
+
+#: Guest CPUID vendors for which KVM's emulator runs SYSCALL outside 64-bit mode
+#: (em_syscall_is_enabled(): AMD and Hygon; Intel and unknown vendors get Intel's #UD).
+LEGACY_SYSCALL_VENDORS = frozenset({"AuthenticAMD", "HygonGenuine"})
+
+
+def kvm_emulate_syscall_on_ud(cpu, vendor: str, u_cet: int, s_cet: int) -> bool | None:
+    """handle_ud() → em_syscall() for a #UD at ``cpu.rip``: None when the instruction there is
+    not SYSCALL (not this function's business); False when the emulator refuses it (#UD
+    injected: CET guards it, the vendor has no SYSCALL outside 64-bit mode, EFER.SCE = 0);
+    True when it ran: from compatibility mode to IA32_CSTAR, from 64-bit mode to IA32_LSTAR
+    (:func:`cetvm.cpu.emulate.syscall_transfer`, with the single-step #DB if RFLAGS.TF is still
+    set after FMASK: ctxt->tf → kvm_vcpu_do_singlestep). Legacy (non-IA-32e) protected mode is
+    not supported."""
+    rip = cpu.rip
+    try:
+        instr = cpu.fetch_instruction(rip)
+    except (GuestFault, CetvmError):
+        return None
+    if instr.mnemonic != M.SYSCALL:
+        return None
+    efer = cpu.msr(Msr.IA32_EFER)
+    if (emulation_blocked_by_cet(cet_guards(instr), cpu.cr4, u_cet, s_cet) or not cpu.cr0 & Cr0.PE
+            or (not cpu.long_mode and vendor not in LEGACY_SYSCALL_VENDORS) or not efer & Efer.SCE):
+        cpu.inject_exception(Vector.UD)
+        return False
+    if not efer & Efer.LMA:
+        raise NotSupportedError("KVM's emulation of SYSCALL outside IA-32e mode (legacy mode) is not supported")
+    syscall_transfer(cpu, instr.next_ip, cpu.msr(Msr.IA32_LSTAR if cpu.long_mode else Msr.IA32_CSTAR))
     return True

@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 14
+#define CETFAST_ABI 15
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -243,6 +243,10 @@ typedef struct {
     tlb_entry_t tlb[TLB_ENTRIES];
     ram_range_t ram[MAX_RAM];
     uint32_t ram_count;
+    /* interrupt-window watch (see "Interrupt window"): the engine's CPUX86State while an
+     * interrupt waits for RFLAGS.IF / the end of an interrupt shadow, else NULL */
+    const uint8_t *irq_env;
+    uint32_t irq_window_stopped; /* the watch stopped the engine in front of a block */
     uint32_t stop_at_block; /* a single step: stop in front of this block start from now (1 = the next) */
 } cetfast_t;
 
@@ -385,7 +389,7 @@ static void refresh_fast(cetfast_t *f)
         f->ss_user = user;
         s->ss_tag = SS_TAG_INVALID;
     }
-    if (!s->enabled || s->handover) {
+    if (!s->enabled || s->handover || f->irq_env) {
         slow = ALL_KINDS;
     } else if (!s->cr4_cet || !(ctl & (CET_SH_STK_EN | CET_ENDBR_EN))) {
         /* CET off for this CPL: the hook only records the terminator */
@@ -996,6 +1000,56 @@ __attribute__((noinline, cold)) static void budget_stop(cetfast_t *f, uc_engine 
     f->emu_stop(uc);
 }
 
+/*
+ * Interrupt window [SDM Vol. 3 §6.8.1, §6.8.3; cetvm.cpu.block_hook.BlockHook.on_block]. While an
+ * external interrupt waits (injected, or an interrupt-window exit requested) and RFLAGS.IF = 0 or
+ * an STI / MOV SS shadow blocks it, Python gives the engine's CPUX86State (cetfast_set_irq_watch):
+ * every block start then takes the general path, which stops the engine in front of the first
+ * block that starts with the window open (IF = 1, HF_INHIBIT_IRQ clear) — after the STI and the
+ * instruction it shields, QEMU ends a block (an STI ends one, the instruction in its shadow is a
+ * block of its own), after POPF too — so the interrupt is taken at that boundary, as a CPU takes
+ * it, instead of at the next exit. Offsets: Unicorn 2.1.4's CPUX86State (cetvm.cpu.uc_context).
+ */
+#define ENV_EFLAGS 136
+#define ENV_HFLAGS 176
+#define ENV_EFLAGS_IF (1ull << 9)
+#define ENV_HF_INHIBIT_IRQ (1u << 3)
+
+static int irq_window_open(const cetfast_t *f)
+{
+    uint64_t eflags;
+    uint32_t hflags;
+    memcpy(&eflags, f->irq_env + ENV_EFLAGS, 8);
+    memcpy(&hflags, f->irq_env + ENV_HFLAGS, 4);
+    return (eflags & ENV_EFLAGS_IF) && !(hflags & ENV_HF_INHIBIT_IRQ);
+}
+
+__attribute__((noinline, cold)) static void irq_window_stop(cetfast_t *f, uc_engine *uc, uint64_t addr)
+{
+    pending_none(f, addr); /* its block start is done; its terminator has not run */
+    f->irq_window_stopped = 1;
+    uint64_t rip = addr - f->s.cs_base;
+    f->reg_write(uc, UC_X86_REG_RIP, &rip); /* leave the block before its first instruction */
+    f->emu_stop(uc);
+}
+
+/* Python: watch for the interrupt window (``env``: the engine's CPUX86State) or stop (NULL). */
+void cetfast_set_irq_watch(void *p, const void *env)
+{
+    cetfast_t *f = p;
+    f->irq_env = env;
+    refresh_fast(f);
+}
+
+/* 1 if the watch stopped the engine in front of a block since the last call, then cleared. */
+int cetfast_take_irq_window_stop(void *p)
+{
+    cetfast_t *f = p;
+    int stopped = (int)f->irq_window_stopped;
+    f->irq_window_stopped = 0;
+    return stopped;
+}
+
 /* The block that ran last if it was counted and may have stopped inside: 1 and its address,
  * size and instruction count; else 0. */
 int cetfast_last_block(void *p, uint64_t *addr, uint32_t *size, uint32_t *icount)
@@ -1055,7 +1109,9 @@ __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t ad
     s->pend = b;
     block_start_general(f, uc, b, prev, addr);
     if (LIKELY(!s->handover)) {
-        if (UNLIKELY(s->budget_left < (int64_t)b->icount))
+        if (UNLIKELY(f->irq_env != NULL) && irq_window_open(f))
+            irq_window_stop(f, uc, addr);
+        else if (UNLIKELY(s->budget_left < (int64_t)b->icount))
             budget_stop(f, uc, addr, size);
         else
             s->budget_left -= b->icount; /* the block runs: it retires its instructions */
@@ -1544,6 +1600,7 @@ int cetfast_rdtscp(uc_engine *uc, void *user)
 #define RFLAGS_RF (1ull << 16)
 #define RFLAGS_IF (1ull << 9)
 #define RFLAGS_AC (1ull << 18) /* alignment check [SDM Vol. 1 §3.4.3.3] */
+#define RFLAGS_TF (1ull << 8)  /* trap flag: single-step [SDM Vol. 3 §18.3.1.4] */
 #define RFLAGS_IRET_MASK 0x257FD5ull /* cetvm.cpu.emulate.RFLAGS_IRET_MASK */
 #define RFLAGS_SYSRET_MASK 0x3C7FD7ull /* cetvm.cpu.emulate.RFLAGS_SYSRET_MASK */
 
@@ -1718,11 +1775,13 @@ void cetfast_syscall_hook(uc_engine *uc, void *user_data)
     uint8_t *d = (uint8_t *)e->ctx + UCX_DATA;
     uint32_t hflags;
     memcpy(&hflags, d + UCX_HFLAGS, 4);
-    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || !(hflags & HF_CS64))) {
-        event_hand_over(e, uc, rip); /* #UD: Python raises it */
+    uint64_t star = ctx_u64(d, UCX_STAR), lstar = ctx_u64(d, UCX_LSTAR), fmask = ctx_u64(d, UCX_FMASK);
+    uint64_t rflags;
+    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || !(hflags & HF_CS64) || (rflags & ~fmask & RFLAGS_TF))) {
+        event_hand_over(e, uc, rip); /* #UD: Python raises it; TF kept by FMASK: Python's single-step trap */
         return;
     }
-    uint64_t star = ctx_u64(d, UCX_STAR), lstar = ctx_u64(d, UCX_LSTAR), fmask = ctx_u64(d, UCX_FMASK);
     unsigned old_cpl = hflags & HF_CPL_MASK;
     uint32_t selector = (uint32_t)(star >> 32) & 0xFFFCu;
     ctx_flat_segment(d, SEG_CS, selector, SA_CODE64);
@@ -1731,8 +1790,7 @@ void cetfast_syscall_hook(uc_engine *uc, void *user_data)
     memcpy(d + UCX_HFLAGS, &hflags, 4);
     e->ctx_restore(uc, e->ctx);
 
-    uint64_t rflags, next = rip + len;
-    e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags);
+    uint64_t next = rip + len;
     uint64_t new_rflags = (rflags & ~fmask & ~RFLAGS_RF) | 2;
     e->reg_write(uc, UC_X86_REG_RCX, &next);
     e->reg_write(uc, UC_X86_REG_R11, &rflags);
@@ -1773,9 +1831,10 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
     e->reg_read(uc, UC_X86_REG_RCX, &rcx);
     e->reg_read(uc, UC_X86_REG_R11, &r11);
     if (UNLIKELY(!(ctx_u64(d, UCX_EFER) & EFER_SCE) || (hflags & HF_CPL_MASK) != 0 || !(hflags & HF_CS64)
-                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)) || (r11 & RFLAGS_AC))) {
+                 || !is_canonical48(rcx) || (e->irq_pending && (r11 & RFLAGS_IF)) || (r11 & (RFLAGS_AC | RFLAGS_TF)))) {
         /* #UD / #GP(0): Python raises it; an interrupt window opens; RFLAGS.AC at CPL 3: the
-         * run loop takes up alignment checking (cetvm.cpu.alignment) */
+         * run loop takes up alignment checking (cetvm.cpu.alignment); RFLAGS.TF: the single-step
+         * trap right after SYSRET (Python's) */
         event_hand_over(e, uc, rip);
         return;
     }
@@ -2004,7 +2063,6 @@ hand_over:
 #define BOUNDS_POOL (1u << 20)
 #define GATE_INTERRUPT 0xE
 #define GATE_TRAP 0xF
-#define RFLAGS_TF (1ull << 8)
 #define RFLAGS_NT (1ull << 14)
 #define RFLAGS_VM (1ull << 17)
 #define VECTOR_PF 14
@@ -2262,7 +2320,6 @@ void cetfast_filter_probe(uint64_t *start, uint64_t *len)
  * nothing is counted here. Anything else — prefixes, another #UD, RFLAGS.TF (the single-step
  * trap), a mode other than 64-bit — returns 0 and Python decides (cetvm.cpu.emulate.serialize
  * is the reference). */
-#define RFLAGS_TF (1ull << 8)
 
 void cetfast_enable_serialize(void *p, void *vmem_read)
 {
@@ -2335,11 +2392,7 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
  *     cetvm.kvm.api.KvmVm.set_pio_read_value): AL gets it;
  *   - MOV to CR3 from a GPR (cetvm.cpu.emulate.mov_to_cr): the write itself is Python's
  *     ``cr3_write`` callback (Vcpu.write_cr, the one place that loads CR3) when CR3-load exiting
- *     is off;
- *   - MOV r64, CR8 and MOV CR8, r64 (REX.R, ModRM.reg 0; cetvm.cpu.emulate.mov_from_cr8 and
- *     mov_to_cr): the CR8 the engine keeps (Unicorn's own MOV from CR8 reads 0); a value with
- *     bits 63:4 set is Python's #GP. CR8 accesses do not exit (cetvm.kvm.api.KvmVcpu.cr8), so
- *     code that moves the task priority does not stop in Python each time.
+ *     is off.
  *
  * Only at CPL 0 in 64-bit mode, with RFLAGS.TF clear (the single-step trap is Python's), without
  * prefixes (REX only for MOV), and only when the stop is one Python would take to the same
@@ -2381,7 +2434,6 @@ typedef struct {
     uint32_t write_data[EXIT_PIO_WRITES];
     uint64_t pio_exits;      /* statistics: IN/OUT handled here */
     uint64_t cr3_writes;     /* statistics: MOVs to CR3 handled here */
-    uint64_t cr8_moves;      /* statistics: MOVs to or from CR8 handled here */
     uint64_t runs;           /* statistics: engine restarts saved */
     /* private */
     int (*cr3_write)(uint64_t value); /* Python: Vcpu.write_cr(3, value); 0 on success */
@@ -2480,28 +2532,6 @@ static int exit_mov_to_cr3(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, 
     return 1;
 }
 
-/* MOV r64, CR8 / MOV CR8, r64 at ``rip`` (``code``: its 4 bytes, REX first): 1 if done here. */
-static int exit_mov_cr8(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, const uint8_t *code, uint64_t *rip)
-{
-    unsigned rex = code[0];
-    uint8_t modrm = code[3];
-    if ((rex & 0xF0u) != 0x40u || !(rex & 0x4u) || code[1] != 0x0F || (code[2] != 0x20 && code[2] != 0x22)
-        || (modrm >> 6) != 3 || ((modrm >> 3) & 7) != 0) /* REX.R and ModRM.reg 0: CR8 */
-        return 0;
-    int gpr = gpr_ids[(modrm & 7u) | ((rex & 1u) << 3)];
-    uint64_t value;
-    if (code[2] == 0x20) { /* from CR8 */
-        if (e->reg_read(uc, UC_X86_REG_CR8, &value) != UC_ERR_OK || e->reg_write(uc, gpr, &value) != UC_ERR_OK)
-            return 0;
-    } else if (e->reg_read(uc, gpr, &value) != UC_ERR_OK || (value & ~0xFull) /* reserved: #GP */
-               || e->reg_write(uc, UC_X86_REG_CR8, &value) != UC_ERR_OK) {
-        return 0;
-    }
-    x->cr8_moves++;
-    *rip += 4;
-    return 1;
-}
-
 /* The instruction at the stop, if it is one done here: 1 and RIP past it, retired. */
 static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
 {
@@ -2527,7 +2557,7 @@ static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
         done = exit_port_io(e, x, uc, code, &next);
         break;
     default:
-        done = exit_mov_to_cr3(e, x, uc, code, &next) || exit_mov_cr8(e, x, uc, code, &next);
+        done = exit_mov_to_cr3(e, x, uc, code, &next);
         break;
     }
     if (!done)

@@ -30,7 +30,7 @@ from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 14
+ABI_VERSION = 15
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 _UC_HOOK_CODE = 1 << 2
@@ -209,6 +209,9 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_serialized.restype = _U64
     lib.cetfast_serialized.argtypes = [_VP]
     lib.cetfast_filter_probe.argtypes = [ctypes.POINTER(_U64), ctypes.POINTER(_U64)]
+    lib.cetfast_set_irq_watch.argtypes = [_VP, _VP]
+    lib.cetfast_take_irq_window_stop.restype = ctypes.c_int
+    lib.cetfast_take_irq_window_stop.argtypes = [_VP]
     return lib
 
 
@@ -419,6 +422,16 @@ class NativeCet:
     def flush_translations(self) -> None:
         """Forget cached shadow-stack translations (INVLPG, page-table-affecting emulation...)."""
         self._lib.cetfast_flush_tlb(self._ptr)
+
+    def set_irq_window_watch(self, env_address: int | None) -> None:
+        """Stop in front of the first block that starts with the interrupt window open (the
+        engine's CPUX86State at ``env_address``: RFLAGS.IF = 1, no STI / MOV SS shadow), or
+        no more (None); cetfast.c "Interrupt window"."""
+        self._lib.cetfast_set_irq_watch(self._ptr, env_address)
+
+    def take_irq_window_stop(self) -> bool:
+        """The watch stopped the engine in front of a block since the last call."""
+        return bool(self._lib.cetfast_take_irq_window_stop(self._ptr))
 
     def add_ram(self, gpa: int, size: int, host_address: int) -> None:
         """Let the native code access guest RAM [gpa, gpa+size) directly at ``host_address``.
@@ -638,7 +651,7 @@ class ExitInsnState(ctypes.Structure):
                 ("read_port", ctypes.c_uint16 * EXIT_PIO_READS), ("read_value", ctypes.c_uint8 * EXIT_PIO_READS),
                 ("room", _U32), ("write_count", _U32),
                 ("write_port", _U32 * EXIT_PIO_WRITES), ("write_data", _U32 * EXIT_PIO_WRITES),
-                ("pio_exits", _U64), ("cr3_writes", _U64), ("cr8_moves", _U64), ("runs", _U64),
+                ("pio_exits", _U64), ("cr3_writes", _U64), ("runs", _U64),
                 ("_cr3_write", _VP), ("_emu_start", _VP), ("_vmem_read", _VP)]
 
 
@@ -649,8 +662,8 @@ _CR3_WRITE = ctypes.CFUNCTYPE(ctypes.c_int, _U64)
 class NativeExitInsns:
     """The exit-point instructions ``cetfast_run`` does without leaving C (see its section in
     cetfast.c): byte OUTs to coalesced PIO ports, byte INs from ports with a published value,
-    MOV to CR3 through ``cr3_write`` (the vCPU's one CR3 load), MOV to and from CR8. The vCPU's KVM
-    sets the ports; :meth:`take_writes` gives the OUTs done here, in order."""
+    MOV to CR3 through ``cr3_write`` (the vCPU's one CR3 load). The vCPU's KVM sets the ports;
+    :meth:`take_writes` gives the OUTs done here, in order."""
 
     def __init__(self, lib, events_ptr: int, cr3_write: Callable[[int], int]) -> None:
         if lib.cetfast_exit_insns_size() != ctypes.sizeof(ExitInsnState):
@@ -714,8 +727,7 @@ class NativeExitInsns:
     @property
     def stats(self) -> dict[str, int]:
         s = self.state
-        return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "cr8_moves": s.cr8_moves,
-                "engine_restarts": s.runs}
+        return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "engine_restarts": s.runs}
 
 
 class NativeEvents:
