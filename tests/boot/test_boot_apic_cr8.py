@@ -39,13 +39,14 @@ def boot_machine(monkeypatch, native_events: str) -> tuple[Machine, str, int]:
     return machine, console, result.instructions
 
 
-def test_native_events_give_the_python_paths_results(monkeypatch):
-    """The native exit loop (cetfast.c: the serial port's I/O next to the engine, free of guest
-    time on both paths) and the Python emulation (CETVM_NATIVE_EVENTS=0) give the same TAP lines
-    and instructions retired: the guest's CR8, TPR and self-IPI timing agree."""
+def test_native_cr8_writes_give_the_python_paths_results(monkeypatch):
+    """The native exit loop (cetfast.c: MOV to CR8 into the engine's v_tpr, the serial port's
+    I/O) and the Python emulation (CETVM_NATIVE_EVENTS=0) give the same TAP lines and
+    instructions retired: the guest's CR8, TPR and self-IPI timing agree."""
     if not native_available():
         pytest.skip("native CET fast path not built (make native)")
     native, native_console, native_instructions = boot_machine(monkeypatch, "1")
+    assert native.vcpu.cpu.native_exit_insns.stats["cr8_writes"] >= 8
     python, python_console, python_instructions = boot_machine(monkeypatch, "0")
     assert python.vcpu.cpu.native_exit_insns is None
     assert (python_console, python_instructions) == (native_console, native_instructions)

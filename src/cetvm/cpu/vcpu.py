@@ -219,6 +219,7 @@ class Vcpu:
             if not self.budget.per_instruction and native_events_requested():
                 self._native_events = self._hook.install_native_events()
                 self._exit_insns = self._native_events.install_exit_insns(self._native_cr3_write)
+                self._exit_insns.set_env(self.registers.env.address)
         else:
             self._hook.install_python_hook(python_fast_path)
             uc.hook_add(UC_HOOK_TLB_FILL, self._stops.on_tlb_fill)

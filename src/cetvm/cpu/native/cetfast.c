@@ -2392,7 +2392,10 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
  *     cetvm.kvm.api.KvmVm.set_pio_read_value): AL gets it;
  *   - MOV to CR3 from a GPR (cetvm.cpu.emulate.mov_to_cr): the write itself is Python's
  *     ``cr3_write`` callback (Vcpu.write_cr, the one place that loads CR3) when CR3-load exiting
- *     is off.
+ *     is off;
+ *   - MOV CR8, r64 (REX.R, ModRM.reg 0; cetvm.cpu.emulate.mov_to_cr): CR8 is the engine's
+ *     env->v_tpr with HF2_VINTR set in env->hflags2 (cetvm.cpu.registers.Registers.cr8, offsets
+ *     of cetvm.cpu.uc_context); a value with bits 63:4 set is Python's #GP.
  *
  * Only at CPL 0 in 64-bit mode, with RFLAGS.TF clear (the single-step trap is Python's), without
  * prefixes (REX only for MOV), and only when the stop is one Python would take to the same
@@ -2435,6 +2438,8 @@ typedef struct {
     uint64_t pio_exits;      /* statistics: IN/OUT handled here */
     uint64_t cr3_writes;     /* statistics: MOVs to CR3 handled here */
     uint64_t runs;           /* statistics: engine restarts saved */
+    uint64_t cr8_writes;     /* statistics: MOVs to CR8 handled here */
+    uint8_t *env;            /* Python: the engine's CPUX86State (MOV to CR8), NULL: not here */
     /* private */
     int (*cr3_write)(uint64_t value); /* Python: Vcpu.write_cr(3, value); 0 on success */
     emu_start_fn emu_start;
@@ -2532,6 +2537,32 @@ static int exit_mov_to_cr3(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, 
     return 1;
 }
 
+/* Unicorn 2.1.4's CPUX86State: hflags2 (HF2_VINTR_MASK) and v_tpr (cetvm.cpu.uc_context). */
+#define ENV_HFLAGS2 180
+#define ENV_HF2_VINTR (1u << 3)
+#define ENV_V_TPR 5556
+
+/* MOV CR8, r64 at ``rip`` (``code``: its 4 bytes, REX first): 1 if done here. */
+static int exit_mov_to_cr8(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, const uint8_t *code, uint64_t *rip)
+{
+    unsigned rex = code[0];
+    uint8_t modrm = code[3];
+    uint64_t value;
+    uint32_t hflags2;
+    if (!x->env || (rex & 0xF0u) != 0x40u || !(rex & 0x4u) || code[1] != 0x0F || code[2] != 0x22
+        || (modrm >> 6) != 3 || ((modrm >> 3) & 7) != 0) /* REX.R and ModRM.reg 0: CR8 */
+        return 0;
+    if (e->reg_read(uc, gpr_ids[(modrm & 7u) | ((rex & 1u) << 3)], &value) != UC_ERR_OK || (value & ~0xFull))
+        return 0; /* bits 63:4 set: Python's #GP */
+    x->env[ENV_V_TPR] = (uint8_t)value;
+    memcpy(&hflags2, x->env + ENV_HFLAGS2, sizeof(hflags2));
+    hflags2 |= ENV_HF2_VINTR;
+    memcpy(x->env + ENV_HFLAGS2, &hflags2, sizeof(hflags2));
+    x->cr8_writes++;
+    *rip += 4;
+    return 1;
+}
+
 /* The instruction at the stop, if it is one done here: 1 and RIP past it, retired. */
 static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
 {
@@ -2542,7 +2573,7 @@ static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
     if (s->cpl != 0 || !s->long_mode || s->cs_base || s->budget_left <= 0)
         return 0;
     if (e->reg_read(uc, UC_X86_REG_RIP, &rip) != UC_ERR_OK || e->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) != UC_ERR_OK
-        || (rflags & RFLAGS_TF))
+        || (rflags & (RFLAGS_TF | RFLAGS_RF))) /* Python's: the single-step trap, RF cleared at retirement */
         return 0;
     if (s->pend->kbit & s->act_kinds) /* the pending terminator has work at this address: Python */
         return 0;
@@ -2557,7 +2588,7 @@ static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
         done = exit_port_io(e, x, uc, code, &next);
         break;
     default:
-        done = exit_mov_to_cr3(e, x, uc, code, &next);
+        done = exit_mov_to_cr3(e, x, uc, code, &next) || exit_mov_to_cr8(e, x, uc, code, &next);
         break;
     }
     if (!done)

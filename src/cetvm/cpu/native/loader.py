@@ -651,7 +651,7 @@ class ExitInsnState(ctypes.Structure):
                 ("read_port", ctypes.c_uint16 * EXIT_PIO_READS), ("read_value", ctypes.c_uint8 * EXIT_PIO_READS),
                 ("room", _U32), ("write_count", _U32),
                 ("write_port", _U32 * EXIT_PIO_WRITES), ("write_data", _U32 * EXIT_PIO_WRITES),
-                ("pio_exits", _U64), ("cr3_writes", _U64), ("runs", _U64),
+                ("pio_exits", _U64), ("cr3_writes", _U64), ("runs", _U64), ("cr8_writes", _U64), ("env", _VP),
                 ("_cr3_write", _VP), ("_emu_start", _VP), ("_vmem_read", _VP)]
 
 
@@ -662,8 +662,9 @@ _CR3_WRITE = ctypes.CFUNCTYPE(ctypes.c_int, _U64)
 class NativeExitInsns:
     """The exit-point instructions ``cetfast_run`` does without leaving C (see its section in
     cetfast.c): byte OUTs to coalesced PIO ports, byte INs from ports with a published value,
-    MOV to CR3 through ``cr3_write`` (the vCPU's one CR3 load). The vCPU's KVM sets the ports;
-    :meth:`take_writes` gives the OUTs done here, in order."""
+    MOV to CR3 through ``cr3_write`` (the vCPU's one CR3 load), MOV to CR8 into the engine's
+    CPUX86State (:meth:`set_env`). The vCPU's KVM sets the ports; :meth:`take_writes` gives the
+    OUTs done here, in order."""
 
     def __init__(self, lib, events_ptr: int, cr3_write: Callable[[int], int]) -> None:
         if lib.cetfast_exit_insns_size() != ctypes.sizeof(ExitInsnState):
@@ -677,6 +678,11 @@ class NativeExitInsns:
         lib.cetfast_events_set_exit_insns(events_ptr, ctypes.addressof(self.state), _fnptr(uclib.uc_emu_start),
                                           _fnptr(uclib.uc_vmem_read), _fnptr(self._cr3_write))
         self._seen_pio_exits = 0
+
+    def set_env(self, address: int) -> None:
+        """The engine's CPUX86State, where a MOV to CR8 done here writes CR8
+        (:attr:`cetvm.cpu.registers.Registers.cr8`); 0: MOV to CR8 stays Python's."""
+        self.state.env = address or None
 
     def set_port_io(self, enabled: bool) -> None:
         """Whether port I/O may be done here at all (KVM: not while L2 runs; L1 may intercept it)."""
@@ -727,7 +733,8 @@ class NativeExitInsns:
     @property
     def stats(self) -> dict[str, int]:
         s = self.state
-        return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "engine_restarts": s.runs}
+        return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "cr8_writes": s.cr8_writes,
+                "engine_restarts": s.runs}
 
 
 class NativeEvents:
