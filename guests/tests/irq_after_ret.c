@@ -12,16 +12,8 @@
  * The tick period (in APIC timer counts) is not a multiple of the loop's length, so ticks fall
  * at every instruction boundary of it. SKIP without SHSTK in CPUID. */
 #include "ktest.h"
+#include "platform.h"
 
-#define PCD_PWT ((1ul << 4) | (1ul << 3))
-#define APIC_PHYS 0xFEE00000ul
-#define APIC_EOI 0xB0
-#define APIC_SVR 0xF0
-#define APIC_LVTT 0x320
-#define APIC_TMICT 0x380
-#define APIC_TDCR 0x3E0
-#define LVT_PERIODIC (1u << 17)
-#define TDCR_DIV1 0xB
 #define VEC_TICK 0x44
 #define PERIOD 331          /* timer counts between ticks: prime, not a multiple of the loop */
 #define ITERATIONS 20000
@@ -47,7 +39,7 @@ static void tick(struct trap_frame *f)
 {
     (void)f;
     ticks++;
-    *(volatile u32 *)(APIC_PHYS + APIC_EOI) = 0;
+    lapic_eoi();
 }
 
 USER_CODE static void user_ret_loop(u64 n)
@@ -55,10 +47,7 @@ USER_CODE static void user_ret_loop(u64 n)
     user_syscall(SYS_EXIT, uret_loop(n));
 }
 
-static void timer_periodic(u32 count)
-{
-    *(volatile u32 *)(APIC_PHYS + APIC_TMICT) = count;
-}
+static void timer_periodic(u32 count) { lapic_write(LAPIC_TMICT, count); }
 
 static const char *const names[] = {
     "CPL0: interrupts right after a RET keep its pop (each RDSSP at its target reads the loop's SSP)",
@@ -70,11 +59,11 @@ static void body(void)
 {
     if (!cet.shstk)
         tap_skip_rest(names, 0, N_TESTS, "CPUID lacks SHSTK");
-    map_page(APIC_PHYS, APIC_PHYS, PTE_P | PTE_RW | PTE_NX | PCD_PWT);
+    platform_map();
     irq_register(VEC_TICK, tick);
-    *(volatile u32 *)(APIC_PHYS + APIC_SVR) = 0x1FF;
-    *(volatile u32 *)(APIC_PHYS + APIC_TDCR) = TDCR_DIV1;
-    *(volatile u32 *)(APIC_PHYS + APIC_LVTT) = LVT_PERIODIC | VEC_TICK;
+    lapic_write(LAPIC_SVR, 0x1FF);
+    lapic_write(LAPIC_TDCR, TDCR_DIV1);
+    lapic_write(LAPIC_LVTT, LVT_TIMER_PERIODIC | VEC_TICK);
 
     timer_periodic(PERIOD);
     sti();
