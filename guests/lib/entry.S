@@ -217,7 +217,7 @@ cet_enable_and_call:
 
 /* ---------------- run_user_enter(struct user_ctx *) ----------------
  * struct user_ctx { krsp 0, m_restore 8, k_restore 16, k_token 24, rip 32, rsp 40, arg 48,
- *                   kshstk 56 (byte), fn 64, cs 72 }: IRETQ to cs:rip with RDI = fn, RSI = arg. */
+ *                   kshstk 56 (byte), fn 64, cs 72, rflags 80 }: IRETQ to cs:rip with RDI = fn, RSI = arg. */
     .globl run_user_enter
     .type run_user_enter, @function
 run_user_enter:
@@ -239,7 +239,7 @@ run_user_enter:
     saveprevssp                      /* restore token on M; SSP = K_top-8 (K's supervisor token) */
 1:  pushq $0x23                      /* ss */
     pushq 40(%rdi)                   /* rsp */
-    pushq $0x2                       /* rflags */
+    pushq 80(%rdi)                   /* rflags: IF = 0, or 1 with opts->interrupts */
     pushq 72(%rdi)                   /* cs: 64-bit or 32-bit (compatibility mode) user code */
     pushq 32(%rdi)                   /* rip */
     mov 48(%rdi), %rsi

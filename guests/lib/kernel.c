@@ -33,6 +33,7 @@ struct user_ctx {              /* shared with entry.S: keep offsets in sync */
     u8 kshstk, pad[7];
     u64 fn;
     u64 cs;
+    u64 rflags;
 };
 
 /* The one CPU's kernel state. */
@@ -532,6 +533,7 @@ struct user_result run_user(void (*fn)(u64), u64 arg, const struct user_opts *op
     memset(&this_cpu.uresult, 0, sizeof(this_cpu.uresult));
     u->rip = opts->compat ? (u64)fn : (u64)user_start;
     u->cs = opts->compat ? SEL_UCODE32 : SEL_UCODE;
+    u->rflags = opts->interrupts ? 0x202 : 0x2;
     u->fn = (u64)fn;
     u->arg = arg;
     u->rsp = USER_STACK + PAGE_SIZE - 1024;

@@ -269,6 +269,7 @@ struct user_opts {
     bool shstk;                  /* give the user a shadow stack (PL3_SSP) */
     bool via_sysret;             /* unused: entry is always IRETQ */
     bool compat;                 /* enter fn itself as 32-bit code (CS = SEL_UCODE32); arg in RSI */
+    bool interrupts;             /* enter with RFLAGS.IF = 1 (external interrupts reach CPL3) */
 };
 /* Run fn(arg) at CPL3 (IRETQ) with a fresh user stack; returns when it calls sys_exit (SYSCALL
  * or INT 0x80) or takes an exception.  fn must live in .utext.  With opts->compat, fn is 32-bit

@@ -41,6 +41,11 @@
 #define LAPIC_SVR 0xF0
 #define LAPIC_TMR 0x180
 #define LAPIC_LVT0 0x350
+#define LAPIC_LVTT 0x320      /* LVT timer [SDM Vol. 3 §11.5.4] */
+#define LAPIC_TMICT 0x380     /* initial count */
+#define LAPIC_TDCR 0x3E0      /* divide configuration */
+#define LVT_TIMER_PERIODIC (1u << 17)
+#define TDCR_DIV1 0xB
 #define LVT_EXTINT (7u << 8)
 #define PCD_PWT ((1ul << 4) | (1ul << 3))
 

@@ -143,6 +143,17 @@ def test_a_fault_while_delivering_int_n_is_reported_at_the_int(capsys):
     assert not tap.skipped()
 
 
+def test_an_interrupt_right_after_a_ret_keeps_its_shadow_stack_pop(capsys):
+    """A RET returning to an instruction cetvm emulates stops the engine there with the RET's
+    pop still to apply; a timer interrupt injected at that stop must see the pop done (the
+    kernel's test_shadow_stack_64 found the entry left on a user shadow stack: #CP at a later
+    RET). Ticks fall at every boundary of the loop, at CPL0 and at CPL3."""
+    tap = run_green(capsys, "irq_after_ret")
+    assert tap.passed("CPL0: interrupts right after a RET keep its pop (each RDSSP at its target reads the loop's SSP)")
+    assert tap.passed("CPL3: interrupts right after a RET keep its pop (IA32_PL3_SSP saved after the pop)")
+    assert not tap.skipped()
+
+
 def test_kvm_refuses_to_emulate_cet_guarded_instructions_behind_the_prefix(capsys):
     """Issue 8: kvm.force_emulation_prefix=1 — CALL/RET (SHSTK) and JMP* (IBT) behind the prefix
     are #UD after it, LEA/JMP/PUSH/POP emulate, and KVM checks S_CET even at CPL3."""

@@ -205,6 +205,20 @@ class EngineStops:
         return self._hook.apply_decision(apply_terminator(self._cet, prev, rip, self._uc.reg_read(X.UC_X86_REG_RSP)),
                                    counted=not branch_taken_back)
 
+    def complete_terminator_before_interrupt(self, rip: int) -> bool:
+        """An external interrupt is about to be delivered at ``rip``. Interrupts are taken at
+        instruction boundaries [SDM Vol. 3A §6.6]: a CALL or RET that ran before ``rip`` retired
+        with its shadow-stack push or pop-and-compare, which is part of the instruction [SDM
+        Vol. 1 §17.2.3], so the SSP the delivery saves (IA32_PL3_SSP, or the supervisor shadow
+        stack's frame) must include it. The engine can stop there before the block hook applied
+        it — at an exit point that is a branch's target (a WRSS right after a RET): apply it now,
+        as a fetch fault at the target does (:meth:`apply_terminator_before_target_fault`). Left
+        pending, the first block of the handler dropped it (a lost pop: the RET's entry stayed
+        on the user shadow stack, found by the kernel's test_shadow_stack_64). True when
+        applying it faulted (#CP of the RET, #PF of the push): that fault is the event now and
+        the interrupt stays pending."""
+        return self.apply_terminator_before_target_fault(rip)
+
     def _software_interrupt_address(self, terminator: TerminatorInfo | None, rip: int, intno: int) -> int:
         """Where the INT n / INT3 / INTO that Unicorn just raised starts (Unicorn reports RIP past
         it). The INT ends its block, so it is normally the block's recorded terminator; else the

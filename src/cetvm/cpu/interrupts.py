@@ -21,6 +21,9 @@ Decisions (engine-driven, documented and tested):
   after the next instruction; measured). An exiting instruction whose completion ran (RIP past
   HLT/IN/OUT/CPUID...) has retired, which ends any shadow; the engine's flag is cleared then
   (QEMU would clear it at the end of the next block).
+- An interrupt taken where the engine stopped right after a CALL or RET (in front of an
+  instruction cetvm emulates) first completes that branch's shadow-stack push or pop, which the
+  block hook had not applied yet (:meth:`cetvm.cpu.engine_stops.EngineStops.complete_terminator_before_interrupt`).
 - HLT with IF = 1 and an interrupt pending: the HLT retires and the interrupt is delivered at
   once (return address after the HLT) instead of an HLT exit.
 - At most one exception (or software interrupt) is pending: the engine stops at the first one,

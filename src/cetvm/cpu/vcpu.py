@@ -784,6 +784,8 @@ class Vcpu:
         window_exiting = self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
         while True:
             if events_.pending_interrupt is not None:
+                if not events_.has_event and events_.interrupt_window_open:
+                    self._stops.complete_terminator_before_interrupt(linear(self.rip))
                 events_.take_deliverable_interrupt()
             event = events_.take()
             if event is not None:
