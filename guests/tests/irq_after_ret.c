@@ -15,9 +15,10 @@
 #include "platform.h"
 
 #define VEC_TICK 0x44
-#define PERIOD 331          /* timer counts between ticks: prime, not a multiple of the loop */
+#define PERIOD 4099         /* timer counts between ticks (ns at DIV1): prime, not a multiple of the loop; longer than
+                               a tick's own cost (its EOI exit takes 1 us of guest time) */
 #define ITERATIONS 20000
-#define MIN_TICKS 50
+#define MIN_TICKS 20
 
 /* ret_loop(n): n times CALL a bare RET whose target is RDSSP; returns how many RDSSPs read
  * another SSP than the one the loop started with. The same code, in .utext for CPL3. */
