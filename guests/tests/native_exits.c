@@ -7,7 +7,8 @@
  *  - OUT to COM1's transmit register (a coalesced PIO zone while IER = 0) one byte at a time:
  *    the host test finds the line whole and in order on the console;
  *  - INVLPG (emulated without stepping the engine) drops the engine's own TLB entry: a page
- *    remapped by a PTE write reads the new page after INVLPG [SDM Vol. 3A 4.10.4.1].
+ *    remapped by a PTE write reads the new page after INVLPG [SDM Vol. 3A 4.10.4.1]; with a
+ *    non-canonical address it is a NOP, no #GP [SDM Vol. 2A INVLPG].
  * The host test (tests/boot/test_boot_native_exits.py) checks that the native path did them. */
 #include "ktest.h"
 
@@ -36,10 +37,16 @@ static u64 address_space_with(u64 value)
 
 static u64 read_test_va(void) { return *(volatile u64 *)TEST_VA; }
 
+static void invlpg_non_canonical(void *arg)
+{
+    (void)arg;
+    __asm__ volatile("invlpg (%0)" ::"r"(0xABFF800000001000ul) : "memory");
+}
+
 void kmain(void)
 {
     kernel_init();
-    tap_plan(5);
+    tap_plan(6);
 
     u64 home = read_cr3();
     u64 a = address_space_with(0xAAAA0001), b = address_space_with(0xBBBB0002);
@@ -87,5 +94,9 @@ void kmain(void)
     u64 after = *(volatile u64 *)REMAP_VA;
     tap_ok(before == 0x01D0 && after == 0x2E3, "INVLPG: the remapped page reads the new page",
            "before 0x%lx after 0x%lx", before, after);
+
+    struct trap_record rec;
+    bool faulted = run_catching(invlpg_non_canonical, 0, &rec);
+    tap_ok(!faulted, "INVLPG of a non-canonical address is a NOP", "vector %lu", faulted ? rec.vector : 0ul);
     tap_done();
 }

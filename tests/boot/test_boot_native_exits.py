@@ -34,7 +34,7 @@ def boot(monkeypatch, native_events: str) -> tuple[Machine, str, int]:
 
 def test_cr3_loads_and_serial_port_io_stay_next_to_the_engine(monkeypatch):
     machine, console, _ = boot(monkeypatch, "1")
-    assert "not ok" not in console and console.count("\nok ") + console.startswith("ok ") >= 5
+    assert "not ok" not in console and console.count("\nok ") + console.startswith("ok ") >= 6
     assert RAW_LINE in console
     stats = machine.vcpu.cpu.native_exit_insns.stats
     assert stats["cr3_writes"] >= 2 * ROUNDS + 2, stats

@@ -830,15 +830,21 @@ def invalidate_tlb(vcpu, instr: Instruction) -> None:
     """INVLPG / INVPCID: Unicorn invalidates its TLB; we flush our walker's cache and forget the
     block classifications the invalidated translations covered, then the engine runs it (and
     raises its faults). INVLPG is done here when the engine's page flush is at hand
-    (:meth:`Vcpu.flush_engine_tlb_page`): it faults only with LOCK (#UD) or at CPL > 0 (#GP(0))
-    [SDM Vol. 2A INVLPG], and needs no step through the engine."""
+    (:attr:`Vcpu.engine_cpu`): it faults only with LOCK (#UD) or at CPL > 0 (#GP(0)), and with a
+    non-canonical address it is a NOP [SDM Vol. 2A INVLPG: "in 64-bit mode ... the instruction is
+    executed as a NOP"; kvm-unit-tests lam], so it needs no step through the engine."""
     if instr.mnemonic == M.INVLPG and vcpu.engine_cpu is not None:
         if instr.has_lock_prefix:
             raise ud()
         _require_cpl0(vcpu)
+        try:
+            linear = effective_address(vcpu, instr)
+        except GuestFault:  # non-canonical (a LAM-tagged pointer too): a NOP in 64-bit mode, no fault
+            _advance(vcpu, instr)
+            return
         vcpu.flush_tlb()
-        _forget_blocks_of(vcpu, instr)
-        vcpu.engine_cpu.flush_tlb_page(effective_address(vcpu, instr))
+        vcpu.forget_blocks_at(linear)
+        vcpu.engine_cpu.flush_tlb_page(linear)
         _advance(vcpu, instr)
         return
     vcpu.flush_tlb()
