@@ -109,3 +109,24 @@ def test_state_round_trip_restores_registers_and_queue():
     other.set_state(state)
     assert other.get_state() == state
     assert other.divisor == 3 and other.pio_read(SCR, 1) == 7 and other.pio_read(0, 1) == ord("q")
+
+
+def test_thr_writes_may_wait_for_the_next_exit_unless_the_guest_could_see_it():
+    """The machine coalesces THR writes (KVM coalesced PIO) while they are unobservable until the
+    guest's next UART access: no loopback, and no THRE interrupt or the FIFOs enabled (a 16550A
+    raises THRE once its transmit FIFO has drained: Linux's 8250 loads 16 bytes per interrupt).
+    The UART tells the machine each time that may have changed, LSR too."""
+    uart = Serial16550()
+    told: list[bool] = []
+    lsr: list[int] = []
+    uart.on_thr_buffering = told.append
+    uart.on_lsr = lsr.append
+    assert uart.thr_write_unobservable  # IER = 0
+    uart.pio_write(1, 1, 0x02)  # IER.THRI without FIFOs: each write is a THRE edge the guest sees
+    assert not uart.thr_write_unobservable and told[-1] is False
+    uart.pio_write(2, 1, 0xC7)  # FCR: FIFOs on (what Linux writes)
+    assert uart.thr_write_unobservable and told[-1] is True
+    uart.pio_write(4, 1, 0x10)  # MCR.LOOP: the byte goes to the receiver
+    assert not uart.thr_write_unobservable and told[-1] is False
+    uart.pio_write(0, 1, 0x41)  # looped back: LSR.DR, told to the machine
+    assert lsr[-1] & 0x01

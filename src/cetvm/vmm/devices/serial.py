@@ -122,10 +122,15 @@ class Serial16550:
 
     @property
     def thr_write_unobservable(self) -> bool:
-        """A THR write has no effect the guest can see before its next access to a UART
-        register: no THR-empty interrupt (IER.THRI clear) and no loopback into the receiver
-        (MCR.LOOP clear). Such writes can wait in a buffer until the guest next exits."""
-        return not self.ier & IER_THRI and not self.mcr & MCR_LOOP
+        """A THR write may wait in a buffer until the guest next exits (any access to a UART
+        register is an exit, so the UART has them by then): no loopback into the receiver
+        (MCR.LOOP clear), and either no THR-empty interrupt (IER.THRI clear) or the FIFOs
+        enabled (FCR.FE) — a 16550A raises THRE once its transmit FIFO has drained, however many
+        bytes it held (PC16550D data sheet, FIFO mode), so the bytes a driver loads per THRE
+        interrupt (Linux's 8250: 16) reach the UART together and raise it once. Decision: the
+        FIFO drains at the guest's next exit (a timer, HLT, another port) rather than at the
+        line rate, as transmission is instantaneous here anyway."""
+        return not self.mcr & MCR_LOOP and (not self.ier & IER_THRI or bool(self.fcr & FCR_FE))
 
     def _buffering_changed(self) -> None:
         if self.on_thr_buffering is not None:
@@ -276,6 +281,7 @@ class Serial16550:
         if value & FCR_RFR:
             self._rx.clear()
         self.fcr = value & 0xC9  # FE, DMA mode, trigger level; reset bits self-clear
+        self._buffering_changed()
 
     # --- snapshot -----------------------------------------------------------------------
     def get_state(self) -> dict:
