@@ -441,13 +441,11 @@ class BlockHook:
         whose ``count`` instructions are all the budget has left, so the block hook stops the
         engine in front of the next block — a stop the run loop does not act on (it is out of
         budget)."""
-        engine_cpu = self._engine_cpu
-        assert engine_cpu is not None
-        engine_cpu.next_block_instructions(count)
+        assert self._engine_cpu is not None
         try:
-            self._uc.emu_start(rip, 0)
+            with self._engine_cpu.first_instructions(count):
+                self._uc.emu_start(rip, 0)
         finally:
-            engine_cpu.next_block_instructions(None)
             self._budget.take_stop()
 
     def retire_before(self, rip: int) -> None:

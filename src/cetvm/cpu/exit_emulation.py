@@ -9,6 +9,7 @@ engine's own execution. Instructions are emulated through the vCPU's public inte
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from unicorn import UC_ERR_INSN_INVALID, Uc, UcError
@@ -125,9 +126,9 @@ class ExitEmulation:
             # Unicorn's count installs a code hook, and the next uncounted run deletes it and
             # flushes every translation: only a branch, whose successor is unknown, pays that.
             if one_block:
-                self._engine_cpu.next_block_instructions(1)
                 native.stop_at_block(2)  # the one-instruction block's start, then the next one's
-            uc.emu_start(rip, 0, count=0 if one_block or temporary_exit or next_pc in self._exits else 1)
+            with self._engine_cpu.first_instructions(1) if one_block else contextlib.nullcontext():
+                uc.emu_start(rip, 0, count=0 if one_block or temporary_exit or next_pc in self._exits else 1)
         except UcError as err:
             if err.errno == UC_ERR_INSN_INVALID:
                 self._vcpu.raise_fault(GuestFault(Vector.UD))
@@ -140,7 +141,6 @@ class ExitEmulation:
                 native.set_enabled(True)
             if one_block:
                 native.stop_at_block(0)
-                self._engine_cpu.next_block_instructions(None)
             else:
                 self._set_step_exits(pc, next_pc, was_exit, temporary_exit, stepping=False)
         self._blocks.prev = None

@@ -244,6 +244,16 @@ class EngineCpu:
             raise CetvmError(f"a translation block holds 1..{CF_COUNT_MASK} instructions, not {n}")
         self._cflags.value = n
 
+    @contextlib.contextmanager
+    def first_instructions(self, n: int) -> Iterator[None]:
+        """Within: the next translation block holds at most ``n`` instructions; the request is
+        withdrawn on the way out whether the engine took it or not."""
+        self.next_block_instructions(n)
+        try:
+            yield
+        finally:
+            self.next_block_instructions(None)
+
     def flush_tlb_page(self, linear: int) -> None:
         """Drop the engine's TLB entries for the page of ``linear`` (all of them if it lies in a
         large page the engine cached)."""

@@ -86,10 +86,11 @@ from typing import Callable
 
 from cetvm import InputError, NotSupportedError
 from cetvm.arch import VECTORS_WITH_ERROR_CODE, Cr0, Cr4, Vector, VmcsField
-from cetvm.arch.regs import CR8_TPR
 from cetvm.arch.msr import VMX_CAPABILITY_MSRS, Efer, Msr
+from cetvm.arch.regs import CR8_TPR
 from cetvm.cpu.exits import Direction, ExitReason, VmExit
 from cetvm.cpu.faults import GuestFault, HardwareRefused
+from cetvm.cpu.native import EXIT_PIO_READS, NativeExitInsns
 from cetvm.cpu.paging import Access, PagingMode
 from cetvm.cpu.paging import translate as walk_page_tables
 # The API's structures, as <linux/kvm.h> defines them for userspace: kvm_regs, kvm_sregs,
@@ -117,7 +118,6 @@ from cetvm.kvm.errors import (
     KvmTooBig,
 )
 from cetvm.kvm.host import Host
-from cetvm.cpu.native.loader import EXIT_PIO_READS, NativeExitInsns
 from cetvm.kvm.ioctl_args import (
     MAX_IO_ENTRIES,
     U64_MAX,

@@ -13,6 +13,7 @@ from typing import TextIO
 
 from cetvm import InputError, NotSupportedError
 from cetvm.cpu.native.loader import (
+    EXIT_PIO_READS,
     Handover, HandoverRequest, NativeBlockTracker, NativeCet, NativeCetState, NativeEvents, NativeExitInsns, PagingKind,
     is_built, load_library,
 )
@@ -74,7 +75,7 @@ def select_cet_path(requested: str, notice: TextIO | None = None) -> str:
 
 
 __all__ = [
-    "CET_PATHS", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "NativeEvents",
+    "CET_PATHS", "EXIT_PIO_READS", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "NativeEvents",
     "NativeExitInsns", "PagingKind",
     "is_built", "load_library", "native_available", "native_events_requested", "select_cet_path",
 ]
