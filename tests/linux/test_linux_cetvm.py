@@ -131,6 +131,18 @@ def test_events_delivered_in_python_give_the_same_boot_instruction_for_instructi
     assert python_console == console
 
 
+@pytest.mark.skipif(not FULL, reason="another Linux boot (1-2 min): opt in with CETVM_LINUX_FULL=1")
+def test_blocks_classified_in_python_give_the_same_boot_instruction_for_instruction(guest, tmp_path, sapphire_rapids):
+    """The default boot classifies plain 64-bit blocks in the native hook (cetfast.c "plain
+    blocks"); with CETVM_NATIVE_CLASSIFY=0 the Python classifier does them all: the same guest
+    instructions to power-off and the same console, byte for byte."""
+    _, native, console, _ = sapphire_rapids
+    status, python, python_console = cetvm_boot(guest, tmp_path, env={"CETVM_NATIVE_CLASSIFY": "0"})
+    assert (status, python["reason"]) == (0, "power off"), python
+    assert python["instructions"] == native["instructions"]
+    assert python_console == console
+
+
 def verdicts(report) -> list[tuple[str, list[tuple[str, str]], int | None]]:
     """Each program's checks (outcome, description with addresses masked) and exit status."""
     return [(p.name, [(c.outcome.value, re.sub(r"0x[0-9a-f]+|[0-9a-f]{12,16}", "ADDR", c.what)) for c in p.checks],

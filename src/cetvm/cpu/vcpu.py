@@ -83,7 +83,8 @@ from cetvm.cpu.interrupts import PendingEvents
 from cetvm.cpu.memory import PAGE, GuestMemory, MemoryRegion
 from cetvm.cpu.emulate import read_register
 from cetvm.cpu.mode import CpuMode, InstructionFetch
-from cetvm.cpu.native import NativeCet, NativeEvents, NativeExitInsns, native_events_requested, select_cet_path
+from cetvm.cpu.native import (NativeCet, NativeEvents, NativeExitInsns, native_classify_requested, native_events_requested,
+                              select_cet_path)
 from cetvm.cpu.paging import Access, PagingMode, mapping_of
 from cetvm.cpu.registers import EFER_OFFSET, XCR0_OFFSET, Registers, cet_msr_value
 from cetvm.cpu.state import CetRegisters, CetState, DescriptorTable, FpuState, Regs, Segment, Sregs
@@ -208,9 +209,12 @@ class Vcpu:
         if not trace:
             uc.hook_add(UC_HOOK_INSN, self._stops.on_untraced_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         elif self.native is not None:
-            # the C block hook calls BlockHook.classify_block once per new block and hands rare
-            # cases back (BlockHook.apply_native_handover); paging-off guests get its TLB fill
+            # the C block hook classifies plain 64-bit blocks itself, calls BlockHook.classify_block
+            # for every other new block and hands rare cases back (BlockHook.apply_native_handover);
+            # paging-off guests get its TLB fill
             self.native.install()
+            if native_classify_requested():
+                self.native.classify_plain_blocks(self.registers.env.address)
             self.native.filter_exit_invalidation()
             if model.has("serialize"):
                 self.native.install_serialize()

@@ -15,7 +15,7 @@ from cetvm import InputError, NotSupportedError
 from cetvm.cpu.native.loader import (
     EXIT_PIO_READS,
     Handover, HandoverRequest, NativeBlockTracker, NativeCet, NativeCetState, NativeEvents, NativeExitInsns, PagingKind,
-    is_built, load_library,
+    decode_plain64, is_built, load_library,
 )
 
 #: Accepted values of ``Vcpu(cet_path=...)`` and ``--cet-path``.
@@ -34,10 +34,23 @@ def native_events_requested() -> bool:
     the top of a run (not the native events': they only moved where runs start; the Python
     delivery, which now retires the same instructions, oopses there too without the repair),
     repaired by :mod:`cetvm.cpu.flag_sync` (guests/tests/lazy_flags.c)."""
-    value = os.environ.get("CETVM_NATIVE_EVENTS", "")
+    return _switch("CETVM_NATIVE_EVENTS", off="events delivered in Python", on="in the engine")
+
+
+def native_classify_requested() -> bool:
+    """Classify plain 64-bit blocks in the native hook (cetfast.c "plain blocks"): the default;
+    ``$CETVM_NATIVE_CLASSIFY=0`` sends every new block to the Python classifier (the reference,
+    :meth:`cetvm.cpu.block_hook.BlockHook.classify_block`; any value but "0", "1" or empty is an
+    InputError). Both store the same block table entries (tests/cpu/test_native_classify.py)."""
+    return _switch("CETVM_NATIVE_CLASSIFY", off="every block classified in Python", on="plain blocks in the engine")
+
+
+def _switch(name: str, *, off: str, on: str) -> bool:
+    """An on/off environment switch, on by default; a value other than "0", "1" or empty is an
+    InputError that says what each means."""
+    value = os.environ.get(name, "")
     if value not in ("", "0", "1"):
-        raise InputError(f"CETVM_NATIVE_EVENTS must be 0 (events delivered in Python) or 1 (in the engine, the "
-                         f"default), not {value!r}")
+        raise InputError(f"{name} must be 0 ({off}) or 1 ({on}, the default), not {value!r}")
     return value != "0"
 
 
@@ -75,7 +88,8 @@ def select_cet_path(requested: str, notice: TextIO | None = None) -> str:
 
 
 __all__ = [
-    "CET_PATHS", "EXIT_PIO_READS", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "NativeEvents",
+    "CET_PATHS", "EXIT_PIO_READS", "decode_plain64", "Handover", "HandoverRequest", "NativeBlockTracker", "NativeCet", "NativeCetState", "NativeEvents",
     "NativeExitInsns", "PagingKind",
-    "is_built", "load_library", "native_available", "native_events_requested", "select_cet_path",
+    "is_built", "load_library", "native_available", "native_classify_requested", "native_events_requested",
+    "select_cet_path",
 ]

@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 15
+#define CETFAST_ABI 16
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -248,6 +248,11 @@ typedef struct {
     const uint8_t *irq_env;
     uint32_t irq_window_stopped; /* the watch stopped the engine in front of a block */
     uint32_t stop_at_block; /* a single step: stop in front of this block start from now (1 = the next) */
+    /* plain blocks (see "plain blocks"): the engine's CPUX86State, on/off, statistics */
+    const uint8_t *env;
+    uint32_t plain_classify;
+    uint64_t plain;
+    uint64_t not_plain;
 } cetfast_t;
 
 /* ------------------------------------------------------------------ lifecycle / API */
@@ -1072,6 +1077,442 @@ void cetfast_stop_at_block(void *p, uint32_t blocks) { ((cetfast_t *)p)->stop_at
 /* The engine is about to start (or stopped in front of a block): no block is under way. */
 void cetfast_close_last(void *p) { close_last(p); }
 
+/* ------------------------------------------------------------------ plain blocks
+ *
+ * Block classification without Python for the common case (cetvm.cpu.block_hook.BlockHook.
+ * classify_block stays the one place that decides): a 64-bit block whose every instruction is
+ * *plain* — decoded here to its length, not one cetvm emulates (cetvm.cpu.decode.needs_emulation),
+ * not one the native events claim (SYSCALL, SYSRETQ, IRETQ) nor one with a flag hook
+ * (CMPXCHG8B/16B, cetvm.cpu.flag_sync) — is classified and stored here: its instruction count,
+ * the terminator of its last instruction (cetvm.cpu.cet.transfer.classify_terminator), its first
+ * bytes and whether its code is on global pages (cetvm.cpu.vcpu.Vcpu.code_is_global). Anything
+ * else — an instruction outside the decoder's list, a prefix combination it does not accept, a
+ * block not in directly accessed RAM, a paging mode other than 4-level, legacy or compatibility
+ * mode — goes to the Python classifier as before, so "not plain" only ever costs time.
+ *
+ * The decoder is a length decoder for the 64-bit opcode maps [SDM Vol. 2 §2.1-2.2, Appendix A]
+ * that accepts a list of opcodes and prefix combinations and rejects the rest; every acceptance
+ * is checked against iced-x86 (tests/cpu/test_native_classify.py: random encodings and real
+ * code, length, "plain" and terminator must agree). Linux boot: 175,000 classifications, of
+ * which ~95 % are plain.
+ */
+
+/* One-byte opcode map, 64-bit mode. */
+enum {
+    OP_MODRM = 1 << 0, /* a ModRM byte (and SIB / displacement) */
+    OP_IMM8 = 1 << 1,  /* ib */
+    OP_IMMZ = 1 << 2,  /* iz: 2 bytes with 66 (no REX.W), else 4 */
+    OP_IMM16 = 1 << 3, /* iw */
+    OP_IMMV = 1 << 4,  /* MOV r, imm: 8 bytes with REX.W, 2 with 66, else 4 */
+    OP_MOFFS = 1 << 5, /* MOV AL/rAX <-> moffs: 8 bytes, 4 with 67 */
+    OP_BRANCH = 1 << 6, /* a near branch: no operand-size, address-size, LOCK, REP/BND prefix */
+    OP_SLOW = 1 << 7,  /* not plain (emulated, invalid in 64-bit mode, or not in the list) */
+    OP_PREFIX = 1 << 8,
+    OP_REX = 1 << 9,
+    OP_ESCAPE = 1 << 10, /* 0F */
+    OP_LOCKABLE = 1 << 11, /* LOCK allowed with a memory operand (the group checks the reg field) */
+    /* two-byte map only: which mandatory prefixes (none / 66 / F3 / F2) make a valid instruction */
+    OP_P_NONE = 1 << 12,
+    OP_P_66 = 1 << 13,
+    OP_P_F3 = 1 << 14,
+    OP_P_F2 = 1 << 15,
+};
+#define OP_P_ANY (OP_P_NONE | OP_P_66 | OP_P_F3 | OP_P_F2)
+#define M_ OP_MODRM
+#define ML (OP_MODRM | OP_LOCKABLE)
+
+static const uint16_t ONE_BYTE_MAP[256] = {
+    [0x00 ... 0x01] = ML, [0x02 ... 0x03] = M_, [0x04] = OP_IMM8, [0x05] = OP_IMMZ, [0x06 ... 0x07] = OP_SLOW,
+    [0x08 ... 0x09] = ML, [0x0A ... 0x0B] = M_, [0x0C] = OP_IMM8, [0x0D] = OP_IMMZ, [0x0E] = OP_SLOW,
+    [0x0F] = OP_ESCAPE,
+    [0x10 ... 0x11] = ML, [0x12 ... 0x13] = M_, [0x14] = OP_IMM8, [0x15] = OP_IMMZ, [0x16 ... 0x17] = OP_SLOW,
+    [0x18 ... 0x19] = ML, [0x1A ... 0x1B] = M_, [0x1C] = OP_IMM8, [0x1D] = OP_IMMZ, [0x1E ... 0x1F] = OP_SLOW,
+    [0x20 ... 0x21] = ML, [0x22 ... 0x23] = M_, [0x24] = OP_IMM8, [0x25] = OP_IMMZ, [0x26] = OP_PREFIX,
+    [0x27] = OP_SLOW,
+    [0x28 ... 0x29] = ML, [0x2A ... 0x2B] = M_, [0x2C] = OP_IMM8, [0x2D] = OP_IMMZ, [0x2E] = OP_PREFIX,
+    [0x2F] = OP_SLOW,
+    [0x30 ... 0x31] = ML, [0x32 ... 0x33] = M_, [0x34] = OP_IMM8, [0x35] = OP_IMMZ, [0x36] = OP_PREFIX,
+    [0x37] = OP_SLOW,
+    [0x38 ... 0x3B] = M_, [0x3C] = OP_IMM8, [0x3D] = OP_IMMZ, [0x3E] = OP_PREFIX, [0x3F] = OP_SLOW,
+    [0x40 ... 0x4F] = OP_REX,
+    [0x50 ... 0x5F] = 0,
+    [0x60 ... 0x62] = OP_SLOW, /* 62: EVEX */
+    [0x63] = M_, [0x64 ... 0x67] = OP_PREFIX,
+    [0x68] = OP_IMMZ, [0x69] = OP_MODRM | OP_IMMZ, [0x6A] = OP_IMM8, [0x6B] = OP_MODRM | OP_IMM8,
+    [0x6C ... 0x6F] = OP_SLOW, /* INS / OUTS */
+    [0x70 ... 0x7F] = OP_IMM8 | OP_BRANCH,
+    [0x80] = ML | OP_IMM8, [0x81] = ML | OP_IMMZ, [0x82] = OP_SLOW, [0x83] = ML | OP_IMM8,
+    [0x84 ... 0x85] = M_, [0x86 ... 0x87] = ML, [0x88 ... 0x8D] = M_, /* 8C, 8D: see the groups */
+    [0x8E] = OP_SLOW, /* MOV Sreg (MOV SS is emulated) */
+    [0x8F] = M_,
+    [0x90 ... 0x99] = 0, [0x9A] = OP_SLOW, [0x9B ... 0x9F] = 0,
+    [0xA0 ... 0xA3] = OP_MOFFS, [0xA4 ... 0xA7] = 0, [0xA8] = OP_IMM8, [0xA9] = OP_IMMZ, [0xAA ... 0xAF] = 0,
+    [0xB0 ... 0xB7] = OP_IMM8, [0xB8 ... 0xBF] = OP_IMMV,
+    [0xC0 ... 0xC1] = OP_MODRM | OP_IMM8, [0xC2] = OP_IMM16 | OP_BRANCH, [0xC3] = OP_BRANCH,
+    [0xC4 ... 0xC5] = OP_SLOW, /* VEX */
+    [0xC6] = OP_MODRM | OP_IMM8, [0xC7] = OP_MODRM | OP_IMMZ, [0xC8] = OP_IMM16 | OP_IMM8, [0xC9] = 0,
+    [0xCA ... 0xCF] = OP_SLOW, /* RETF, INT3, INT n, INTO, IRET */
+    [0xD0 ... 0xD3] = M_, [0xD4 ... 0xD6] = OP_SLOW, [0xD7] = 0, [0xD8 ... 0xDF] = OP_SLOW, /* x87 */
+    [0xE0 ... 0xE3] = OP_IMM8 | OP_BRANCH, [0xE4 ... 0xE7] = OP_SLOW,
+    [0xE8 ... 0xE9] = OP_IMMZ | OP_BRANCH, [0xEA] = OP_SLOW, [0xEB] = OP_IMM8 | OP_BRANCH,
+    [0xEC ... 0xEF] = OP_SLOW,
+    [0xF0] = OP_PREFIX, [0xF1] = OP_SLOW, [0xF2 ... 0xF3] = OP_PREFIX, [0xF4] = OP_SLOW, [0xF5] = 0,
+    [0xF6 ... 0xF7] = ML, [0xF8 ... 0xFD] = 0, [0xFE ... 0xFF] = ML,
+};
+
+#define SSE_N6 (OP_MODRM | OP_P_NONE | OP_P_66)
+/* Two-byte opcode map (0F xx), 64-bit mode: the opcodes accepted, each with its prefixes. */
+static const uint16_t TWO_BYTE_MAP[256] = {
+    [0x00 ... 0xFF] = OP_SLOW,
+    [0x01] = OP_MODRM | OP_P_NONE,                /* CLAC, STAC, SWAPGS, RDTSCP, XGETBV only */
+    [0x0D] = OP_MODRM | OP_P_ANY,                 /* PREFETCHW (memory only) */
+    [0x10 ... 0x11] = OP_MODRM | OP_P_ANY,        /* MOVUPS/MOVUPD/MOVSS/MOVSD */
+    [0x14 ... 0x15] = SSE_N6,                     /* UNPCKLPS/UNPCKHPS */
+    [0x18] = OP_MODRM | OP_P_ANY,                 /* PREFETCHh (memory, /0-/3 only) */
+    [0x19] = OP_MODRM | OP_P_ANY, [0x1D] = OP_MODRM | OP_P_ANY, [0x1F] = OP_MODRM | OP_P_ANY, /* NOP r/m */
+    [0x28 ... 0x29] = SSE_N6,                     /* MOVAPS/MOVAPD */
+    [0x2E ... 0x2F] = SSE_N6,                     /* UCOMISS/COMISS */
+    [0x31] = OP_P_ANY,                            /* RDTSC (the TSC hook) */
+    [0x40 ... 0x4F] = OP_MODRM | OP_P_ANY,        /* CMOVcc */
+    [0x51] = OP_MODRM | OP_P_ANY, [0x54 ... 0x57] = SSE_N6, [0x58 ... 0x59] = OP_MODRM | OP_P_ANY,
+    [0x5C ... 0x5F] = OP_MODRM | OP_P_ANY,
+    [0x60 ... 0x6B] = SSE_N6, [0x6E] = SSE_N6, [0x6F] = SSE_N6 | OP_P_F3,
+    [0x70] = OP_MODRM | OP_IMM8 | OP_P_ANY,       /* PSHUFW/PSHUFD/PSHUFHW/PSHUFLW */
+    [0x74 ... 0x76] = SSE_N6, [0x77] = OP_P_NONE, /* PCMPEQx, EMMS */
+    [0x7E] = SSE_N6 | OP_P_F3, [0x7F] = SSE_N6 | OP_P_F3,
+    [0x80 ... 0x8F] = OP_IMMZ | OP_BRANCH | OP_P_ANY, /* Jcc rel32 (the branch rule rejects 66/F2/F3) */
+    [0x90 ... 0x9F] = OP_MODRM | OP_P_ANY,        /* SETcc */
+    [0xA0 ... 0xA1] = OP_P_ANY, [0xA8 ... 0xA9] = OP_P_ANY, /* PUSH/POP FS/GS */
+    [0xA3] = OP_MODRM | OP_P_ANY, [0xAB] = ML | OP_P_ANY, [0xB3] = ML | OP_P_ANY, [0xBB] = ML | OP_P_ANY,
+    [0xA4] = OP_MODRM | OP_IMM8 | OP_P_ANY, [0xAC] = OP_MODRM | OP_IMM8 | OP_P_ANY, /* SHLD/SHRD imm8 */
+    [0xA5] = OP_MODRM | OP_P_ANY, [0xAD] = OP_MODRM | OP_P_ANY, [0xAF] = OP_MODRM | OP_P_ANY,
+    [0xAE] = OP_MODRM | OP_P_NONE,                /* FXSAVE..XRSTOR (memory), LFENCE, MFENCE, SFENCE */
+    [0xB0 ... 0xB1] = ML | OP_P_ANY,              /* CMPXCHG */
+    [0xB6 ... 0xB7] = OP_MODRM | OP_P_ANY, [0xBE ... 0xBF] = OP_MODRM | OP_P_ANY, /* MOVZX/MOVSX */
+    [0xB8] = OP_MODRM | OP_P_F3,                  /* POPCNT */
+    [0xBA] = ML | OP_IMM8 | OP_P_ANY,             /* BT/BTS/BTR/BTC imm8 (/4-/7) */
+    [0xBC ... 0xBD] = OP_MODRM | OP_P_ANY,        /* BSF/BSR/TZCNT/LZCNT */
+    [0xC0 ... 0xC1] = ML | OP_P_ANY,              /* XADD */
+    [0xC2] = OP_MODRM | OP_IMM8 | OP_P_ANY, [0xC6] = SSE_N6 | OP_IMM8, /* CMPccPS..., SHUFPS/PD */
+    [0xC8 ... 0xCF] = OP_P_ANY,                   /* BSWAP */
+    [0xD1 ... 0xD5] = SSE_N6, [0xD6] = OP_MODRM | OP_P_66, [0xD8 ... 0xDF] = SSE_N6,
+    [0xE0 ... 0xE5] = SSE_N6, [0xE8 ... 0xEF] = SSE_N6, [0xF1 ... 0xF6] = SSE_N6, [0xF8 ... 0xFE] = SSE_N6,
+};
+#undef M_
+#undef ML
+#undef SSE_N6
+
+typedef struct {
+    uint8_t len;
+    uint8_t kind;   /* T_*: the terminator this instruction makes when it ends a block */
+    uint16_t imm16; /* RET imm16 */
+} plain_insn_t;
+
+/* Length of ModRM + SIB + displacement at ``p`` (64-bit addressing; 32-bit with 67 has the same
+ * format), or 0 if more than ``avail`` bytes would be needed. */
+static unsigned modrm_length(const uint8_t *p, size_t avail)
+{
+    if (avail < 1)
+        return 0;
+    unsigned mod = p[0] >> 6, rm = p[0] & 7, n = 1;
+    if (mod != 3 && rm == 4) {
+        if (avail < 2)
+            return 0;
+        if (mod == 0 && (p[1] & 7) == 5)
+            n += 4; /* SIB without base: disp32 */
+        n++;
+    }
+    if (mod == 0 && rm == 5)
+        n += 4; /* RIP-relative */
+    else if (mod == 1)
+        n += 1;
+    else if (mod == 2)
+        n += 4;
+    return n <= avail ? n : 0;
+}
+
+/* The reg field's rules of the one-byte groups and the LEA/MOV Sreg forms: 1 if plain. */
+static int one_byte_group_plain(uint8_t op, uint8_t modrm)
+{
+    unsigned mod = modrm >> 6, reg = (modrm >> 3) & 7;
+    switch (op) {
+    case 0x8C: return reg <= 5;               /* MOV r/m, Sreg */
+    case 0x8D: return mod != 3;               /* LEA with a register operand is no instruction */
+    case 0x8F: return reg == 0;               /* POP r/m (others: XOP) */
+    case 0xC6: case 0xC7: return reg == 0;    /* MOV r/m, imm (C6/C7 F8: XABORT/XBEGIN) */
+    case 0xF6: case 0xF7: return reg != 1;    /* TEST/NOT/NEG/MUL/IMUL/DIV/IDIV */
+    case 0xFE: return reg <= 1;               /* INC/DEC r/m8 */
+    case 0xFF: return reg != 3 && reg != 5 && reg != 7; /* far CALL/JMP: emulated */
+    default: return 1;
+    }
+}
+
+/* The reg/mod rules of the accepted two-byte opcodes: 1 if plain. */
+static int two_byte_group_plain(uint8_t op, uint8_t modrm)
+{
+    unsigned mod = modrm >> 6, reg = (modrm >> 3) & 7;
+    switch (op) {
+    case 0x01: return modrm == 0xCA || modrm == 0xCB || modrm == 0xF8 || modrm == 0xF9 || modrm == 0xD0;
+    case 0xAE: return mod != 3 ? reg <= 5 : (modrm == 0xE8 || modrm == 0xF0 || modrm == 0xF8);
+    case 0x0D: return mod != 3;
+    case 0x18: return mod != 3 && reg <= 3;
+    case 0xBA: return reg >= 4;
+    default: return 1;
+    }
+}
+
+/* 1 if LOCK may prefix this instruction (a memory destination of a lockable operation). */
+static int lock_allowed(int two_byte, uint8_t op, uint16_t map, uint8_t modrm)
+{
+    unsigned mod = modrm >> 6, reg = (modrm >> 3) & 7;
+    if (!(map & OP_LOCKABLE) || mod == 3)
+        return 0;
+    if (two_byte)
+        return op != 0xBA || reg >= 5;
+    switch (op) {
+    case 0x80: case 0x81: case 0x83: return reg != 7;   /* not CMP */
+    case 0xF6: case 0xF7: return reg == 2 || reg == 3; /* NOT, NEG */
+    case 0xFE: case 0xFF: return reg <= 1;              /* INC, DEC */
+    default: return 1;
+    }
+}
+
+/*
+ * Decode one 64-bit instruction at ``p`` (``avail`` bytes up to the end of the block): 1 and
+ * *out if it is plain, else 0 (including an instruction that would run past ``avail``).
+ */
+static int decode_plain64(const uint8_t *p, size_t avail, plain_insn_t *out)
+{
+    size_t i = 0;
+    int opsize = 0, adsize = 0, lock = 0, rep = 0 /* last of F2/F3 */, segs = 0, seg = 0, rex = 0;
+    size_t limit = avail < 15 ? avail : 15;
+    for (;; i++) {
+        if (i >= limit)
+            return 0;
+        uint16_t m = ONE_BYTE_MAP[p[i]];
+        if (m & OP_REX) {
+            if (i + 1 >= limit || (ONE_BYTE_MAP[p[i + 1]] & (OP_REX | OP_PREFIX)))
+                return 0; /* a REX not right in front of the opcode is ignored: not accepted */
+            rex = p[i];
+            i++;
+            break;
+        }
+        if (!(m & OP_PREFIX))
+            break;
+        switch (p[i]) {
+        case 0x66: opsize = 1; break;
+        case 0x67: adsize = 1; break;
+        case 0xF0: lock = 1; break;
+        case 0xF2: case 0xF3: rep = p[i]; break;
+        default: segs++; seg = p[i]; break;
+        }
+    }
+    int rex_w = (rex & 0x08) != 0;
+    uint8_t op = p[i++];
+    int two_byte = 0;
+    uint16_t map = ONE_BYTE_MAP[op];
+    if (map & OP_ESCAPE) {
+        if (i >= limit)
+            return 0;
+        op = p[i++];
+        two_byte = 1;
+        map = TWO_BYTE_MAP[op];
+        if (op == 0x1E) {
+            /* ENDBR64 / ENDBR32: F3 0F 1E FA / FB, no other prefix */
+            if (rep != 0xF3 || opsize || adsize || lock || segs || rex || i >= limit || (p[i] != 0xFA && p[i] != 0xFB))
+                return 0;
+            out->len = (uint8_t)(i + 1);
+            out->kind = T_NONE;
+            out->imm16 = 0;
+            return 1;
+        }
+        if (map & OP_SLOW)
+            return 0;
+        unsigned mandatory = rep == 0xF3 ? OP_P_F3 : rep == 0xF2 ? OP_P_F2 : opsize ? OP_P_66 : OP_P_NONE;
+        if (!(map & mandatory))
+            return 0;
+    } else if (map & (OP_SLOW | OP_PREFIX | OP_REX)) {
+        return 0;
+    }
+    if ((map & OP_BRANCH) && (opsize || adsize || lock || rep))
+        return 0;
+    uint8_t modrm = 0;
+    if (map & OP_MODRM) {
+        unsigned n = modrm_length(p + i, limit - i);
+        if (!n)
+            return 0;
+        modrm = p[i];
+        if (two_byte ? !two_byte_group_plain(op, modrm) : !one_byte_group_plain(op, modrm))
+            return 0;
+        i += n;
+    }
+    if (lock && !lock_allowed(two_byte, op, map, modrm))
+        return 0;
+    unsigned imm = 0;
+    if (map & OP_IMM8)
+        imm += 1;
+    if (map & OP_IMM16)
+        imm += 2;
+    if (map & OP_IMMZ)
+        imm += (opsize && !rex_w) ? 2 : 4;
+    if (map & OP_IMMV)
+        imm += rex_w ? 8 : opsize ? 2 : 4;
+    if (map & OP_MOFFS)
+        imm += adsize ? 4 : 8;
+    if (!two_byte && (op == 0xF6 || op == 0xF7) && ((modrm >> 3) & 7) == 0)
+        imm += op == 0xF6 ? 1 : (opsize && !rex_w) ? 2 : 4; /* TEST r/m, imm */
+    if (i + imm > limit)
+        return 0;
+    const uint8_t *operand = p + i;
+    i += imm;
+    out->len = (uint8_t)i;
+    out->kind = T_NONE;
+    out->imm16 = 0;
+    if (two_byte)
+        return 1;
+    if (op == 0xE8) {
+        int32_t rel;
+        memcpy(&rel, operand, 4);
+        out->kind = rel == 0 ? T_CALL_DIRECT_DISP0 : T_CALL_DIRECT;
+    } else if (op == 0xC3) {
+        out->kind = T_RET;
+    } else if (op == 0xC2) {
+        out->kind = T_RET_IMM;
+        out->imm16 = (uint16_t)(operand[0] | operand[1] << 8);
+    } else if (op == 0xFF && (((modrm >> 3) & 7) == 2 || ((modrm >> 3) & 7) == 4)) {
+        /* NOTRACK: a 3E prefix, the only segment prefix (more than one: not accepted) */
+        if (opsize || adsize || lock || rep || segs > 1)
+            return 0;
+        int notrack = segs == 1 && seg == 0x3E;
+        out->kind = ((modrm >> 3) & 7) == 2 ? (notrack ? T_CALL_INDIRECT_NOTRACK : T_CALL_INDIRECT)
+                                            : (notrack ? T_JMP_INDIRECT_NOTRACK : T_JMP_INDIRECT);
+    }
+    return 1;
+}
+
+/* For the agreement tests: decode_plain64 of ``code``; out[0..2] = length, kind, imm16. */
+int cetfast_decode_plain64(const uint8_t *code, uint32_t avail, uint32_t *out)
+{
+    plain_insn_t insn;
+    if (!decode_plain64(code, avail, &insn))
+        return 0;
+    out[0] = insn.len;
+    out[1] = insn.kind;
+    out[2] = insn.imm16;
+    return 1;
+}
+
+#define ENV_HF_CS64 (1u << 15) /* HF_CS64_MASK: 64-bit code (cetvm.cpu.uc_context.HFlags.CS64) */
+#define PTE_G (1ull << 8)
+#define CR4_PGE (1ull << 7)
+
+/* The guest-physical page of code at ``lin`` and its PTE.G (*global_page, CR4.PGE not applied):
+ * a 4-level walk without permission checks (the engine has just fetched the block) or the
+ * identity with paging off; -1 if not mapped or another paging mode. */
+static int code_walk(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *phys_page, int *global_page)
+{
+    if (f->s.paging == PAGING_OFF) {
+        *phys_page = lin & PAGE_MASK;
+        *global_page = 0;
+        return 0;
+    }
+    if (f->s.paging != PAGING_4LEVEL || !is_canonical48(lin))
+        return -1;
+    static const int shifts[4] = {39, 30, 21, 12};
+    uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
+    for (int level = 0; level < 4; level++) {
+        uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
+        uint8_t *h = phys_host(f, gpa, 8);
+        if (h) {
+            memcpy(&entry, h, 8);
+        } else if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK) {
+            return -1;
+        }
+        if (!(entry & PTE_P))
+            return -1;
+        if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
+            uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << shifts[level]) - 1);
+            *phys_page = ((entry & frame_mask) | (lin & ((1ull << shifts[level]) - 1))) & PAGE_MASK;
+            *global_page = (entry & PTE_G) != 0;
+            return 0;
+        }
+        table = entry & PTE_ADDR_MASK;
+    }
+    return -1;
+}
+
+/* Copy the block's ``size`` bytes (at most two pages) to ``buf``; *global_page as
+ * cetvm.cpu.vcpu.Vcpu.code_is_global: every page it touches is global and CR4.PGE is set.
+ * -1: not mapped, another paging mode, or not in directly accessed RAM. */
+static int read_block_code(cetfast_t *f, uc_engine *uc, uint64_t addr, uint32_t size, uint8_t *buf, int *global_page)
+{
+    int all_global = 1;
+    uint32_t done = 0;
+    while (done < size) {
+        uint64_t lin = addr + done, phys;
+        int g;
+        if (code_walk(f, uc, lin, &phys, &g) < 0)
+            return -1;
+        uint32_t in_page = (uint32_t)(PAGE_SIZE - (lin & (PAGE_SIZE - 1)));
+        uint32_t n = size - done < in_page ? size - done : in_page;
+        const uint8_t *h = phys_host(f, phys | (lin & (PAGE_SIZE - 1)), n);
+        if (!h)
+            return -1;
+        memcpy(buf + done, h, n);
+        all_global = all_global && g;
+        done += n;
+    }
+    uint64_t cr4 = 0;
+    if (all_global && f->s.paging != PAGING_OFF && f->reg_read(uc, UC_X86_REG_CR4, &cr4) != UC_ERR_OK)
+        return -1;
+    *global_page = all_global && f->s.paging != PAGING_OFF && (cr4 & CR4_PGE);
+    return 0;
+}
+
+/* Classify and store the block at ``addr`` if it is plain (see "plain blocks"); 0: Python's turn. */
+__attribute__((noinline)) static int classify_plain(cetfast_t *f, uc_engine *uc, uint64_t addr, uint32_t size)
+{
+    uint32_t hflags;
+    uint8_t buf[PAGE_SIZE];
+    int global_page;
+    if (!f->plain_classify || !f->env || size == 0 || size > PAGE_SIZE)
+        return 0;
+    memcpy(&hflags, f->env + ENV_HFLAGS, 4);
+    if (!(hflags & ENV_HF_CS64) || read_block_code(f, uc, addr, size, buf, &global_page) < 0)
+        return 0;
+    plain_insn_t insn = {0};
+    uint32_t off = 0, last = 0, icount = 0;
+    while (off < size) {
+        if (!decode_plain64(buf + off, size - off, &insn)) {
+            f->not_plain++;
+            return 0;
+        }
+        last = off;
+        off += insn.len;
+        icount++;
+    }
+    int term = insn.kind != T_NONE;
+    if (cetfast_store(f, addr, size, icount, insn.kind, term ? addr + last : 0, term ? insn.len : 0, insn.imm16, buf,
+                      size < 4 ? size : 4, (uint32_t)global_page) != 0)
+        return 0; /* Python stores it, or reports why it cannot */
+    f->plain++;
+    return 1;
+}
+
+/* Python: the engine's CPUX86State (the mode of the code, for classify_plain). */
+void cetfast_set_env(void *p, const void *env) { ((cetfast_t *)p)->env = env; }
+
+/* Python: classify plain blocks natively (1, the default once the env is set) or not (0). */
+void cetfast_set_plain_classify(void *p, uint32_t on) { ((cetfast_t *)p)->plain_classify = on ? 1 : 0; }
+
+/* Statistics: out[0] blocks classified natively, out[1] blocks not plain (Python classified). */
+void cetfast_classify_stats(void *p, uint64_t out[2])
+{
+    cetfast_t *f = p;
+    out[0] = f->plain;
+    out[1] = f->not_plain;
+}
+
 /*
  * The complete block start (cetvm.cpu.cet.transfer.on_block_start for the terminator of the block
  * that ran last, *f->s.pend, and the block starting at ``addr``): block-table miss and
@@ -1095,7 +1536,7 @@ __attribute__((noinline)) static void block_hook_slow(uc_engine *uc, uint64_t ad
     cet_block_t *b = block_find(f, addr, size);
     if (UNLIKELY(!b)) {
         s->misses++;
-        if (!f->classify(addr, size)) { /* Python made exits / stopped emulation: not consumed */
+        if (!classify_plain(f, uc, addr, size) && !f->classify(addr, size)) { /* Python made exits / stopped emulation: not consumed */
             close_last(f);
             return;
         }

@@ -30,7 +30,7 @@ from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 15
+ABI_VERSION = 16
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 _UC_HOOK_CODE = 1 << 2
@@ -212,7 +212,22 @@ def load_library() -> ctypes.CDLL:
     lib.cetfast_set_irq_watch.argtypes = [_VP, _VP]
     lib.cetfast_take_irq_window_stop.restype = ctypes.c_int
     lib.cetfast_take_irq_window_stop.argtypes = [_VP]
+    lib.cetfast_set_env.argtypes = [_VP, _VP]
+    lib.cetfast_set_plain_classify.argtypes = [_VP, _U32]
+    lib.cetfast_classify_stats.argtypes = [_VP, ctypes.POINTER(_U64)]
+    lib.cetfast_decode_plain64.restype = ctypes.c_int
+    lib.cetfast_decode_plain64.argtypes = [ctypes.c_char_p, _U32, ctypes.POINTER(_U32)]
     return lib
+
+
+def decode_plain64(code: bytes) -> tuple[int, Terminator, int] | None:
+    """cetfast.c's decoder of plain instructions (for the agreement tests): the length of the
+    64-bit instruction at the start of ``code``, the terminator it makes and RET's imm16, or
+    None if it is not plain."""
+    out = (_U32 * 3)()
+    if not load_library().cetfast_decode_plain64(code, len(code), out):
+        return None
+    return out[0], Terminator(out[1]), out[2]
 
 
 def _unicorn_api():
@@ -428,6 +443,20 @@ class NativeCet:
         engine's CPUX86State at ``env_address``: RFLAGS.IF = 1, no STI / MOV SS shadow), or
         no more (None); cetfast.c "Interrupt window"."""
         self._lib.cetfast_set_irq_watch(self._ptr, env_address)
+
+    def classify_plain_blocks(self, env_address: int) -> None:
+        """Classify plain 64-bit blocks in the hook (cetfast.c "plain blocks") from now on; the
+        engine's CPUX86State at ``env_address`` tells the code's mode. The Python classifier
+        still gets every other block."""
+        self._lib.cetfast_set_env(self._ptr, env_address)
+        self._lib.cetfast_set_plain_classify(self._ptr, 1)
+
+    @property
+    def classify_stats(self) -> tuple[int, int]:
+        """(blocks classified in the hook, blocks it left to Python as not plain)."""
+        out = (_U64 * 2)()
+        self._lib.cetfast_classify_stats(self._ptr, out)
+        return out[0], out[1]
 
     def take_irq_window_stop(self) -> bool:
         """The watch stopped the engine in front of a block since the last call."""
