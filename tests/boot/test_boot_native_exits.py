@@ -46,3 +46,34 @@ def test_the_python_emulation_gives_the_same_guest_results(monkeypatch):
     python, python_console, python_instructions = boot(monkeypatch, "0")
     assert python.vcpu.cpu.native_exit_insns is None
     assert (python_console, python_instructions) == (native_console, native_instructions)
+
+
+def boot_fastpath(monkeypatch, native_events: str) -> tuple[Machine, str, int]:
+    monkeypatch.setenv("CETVM_CET_PATH", "native")
+    monkeypatch.setenv("CETVM_NATIVE_EVENTS", native_events)
+    out: list[bytes] = []
+    machine = Machine.boot(tap_kernel("exit_fastpath"), MachineConfig(serial_sink=out.append))
+    result = machine.run()
+    console = b"".join(out).decode()
+    assert result.status == 1 and "not ok" not in console, console
+    return machine, console, result.instructions
+
+
+def test_cpuid_and_vmcall_are_answered_next_to_the_engine_as_the_exits_kvm_handles(monkeypatch):
+    """KVM's CPUID and VMCALL exits without leaving the CPU's run (cetfast.c exit_fastpath):
+    every one of guests/tests/exit_fastpath.c there, each an exit in KVM's statistics and in
+    guest time."""
+    machine, console, _ = boot_fastpath(monkeypatch, "1")
+    stats = machine.vcpu.cpu.native_exit_insns.stats
+    assert stats["cpuid_exits"] >= 1000 and stats["vmcall_exits"] >= 1000, stats
+    assert machine.vcpu.get_stats()["exits"] >= 2000
+
+
+def test_the_python_path_gives_the_same_ticks_registers_and_instructions(monkeypatch):
+    """The TSC ticks the guest prints, the CPUID and VMCALL answers, the instructions and the
+    exits KVM counts are those of the exits Python takes (CETVM_NATIVE_EVENTS=0)."""
+    native, native_console, native_instructions = boot_fastpath(monkeypatch, "1")
+    python, python_console, python_instructions = boot_fastpath(monkeypatch, "0")
+    assert python.vcpu.cpu.native_exit_insns is None
+    assert (python_console, python_instructions) == (native_console, native_instructions)
+    assert python.vcpu.get_stats()["exits"] == native.vcpu.get_stats()["exits"]

@@ -932,6 +932,10 @@ class Vcpu:
                     self._uc.emu_start(rip, 0)
                 else:  # the plain exit-point instructions are done in C (cetfast_run)
                     status = self._native_events.run(rip)
+                    if self._exit_insns is not None:
+                        # the exits answered there charged their guest time to the run's budget:
+                        # it was no instruction (the hypervisor counts the exits)
+                        budget.retired -= self._exit_insns.take_exit_charges()
                     if status:
                         raise UcError(status)
                 self._hook.sync_native_events_mode()

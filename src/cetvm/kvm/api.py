@@ -159,6 +159,7 @@ from cetvm.kvm.timekeeping import (
     guest_pv_features,
     guest_shows_tsc_adjust,
     guest_time_ns,
+    VM_EXIT_NS,
 )
 from cetvm.kvm.vcpu import VcpuArch
 from cetvm.kvm.vcpu_run import (
@@ -176,6 +177,8 @@ from cetvm.kvm.vcpu_run import (
     MsrFilterRange,
     handle_cpuid,
     handle_msr,
+    kvm_cpuid,
+    kvm_hypercall_result,
     handle_vmcall,
     handle_cr,
     handle_xsetbv,
@@ -496,6 +499,19 @@ class KvmVcpu:
         self._after_set_cpuid()
         self.kvm_vcpu_reset(init_event=False)
         self.msrs.time.synchronize_tsc(0)  # kvm_arch_vcpu_postcreate
+        native = cpu.native_exit_insns
+        if native is not None:  # CPUID and VMCALL answered next to the engine (KVM's exit fastpath)
+            native.set_exit_fastpath(cpuid=self._cpuid_fastpath, hypercall=self._hypercall_fastpath,
+                                     exit_charge=VM_EXIT_NS)
+
+    def _cpuid_fastpath(self, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        """A CPUID exit handled without leaving the CPU's run: handle_cpuid's answer."""
+        return kvm_cpuid(self.state, self.cpu.cr4, self.msrs.apic_base, leaf, subleaf)
+
+    def _hypercall_fastpath(self, nr: int) -> int | None:
+        """A VMCALL at CPL 0 in 64-bit mode handled without leaving the CPU's run: handle_vmcall's
+        RAX, or None when it is an exit to userspace."""
+        return kvm_hypercall_result(nr, 0, self.vm.exit_hypercall_mask)
 
     # ------------------------------------------------------------------ CPUID
     def set_cpuid(self, model: CpuidModel) -> None:
@@ -1022,6 +1038,7 @@ class KvmVcpu:
             native.set_read_values(vm.pio_read_values)
             self._native_port_io_generation = generation
         native.set_port_io(not self.nested.guest_mode)
+        native.set_fastpath_enabled(not self.nested.guest_mode)
         native.set_room(vm.coalesced_mmio.room)
 
     def _collect_native_port_io(self, native: NativeExitInsns) -> None:
@@ -1031,6 +1048,9 @@ class KvmVcpu:
         if writes:
             self.vm.coalesced_mmio.append_pio_bytes(writes)
         self.host_cpu.exits += native.take_pio_exits()
+        fastpath_exits = native.take_fastpath_exits()  # CPUID, VMCALL: exits that cost guest time
+        self.host_cpu.exits += fastpath_exits
+        self.stat_exits += fastpath_exits
 
     def _pio_register_value(self, exit_: VmExit) -> int | None:
         """The value of the read-only PIO register (:meth:`KvmVm.set_pio_read_value`) a byte IN

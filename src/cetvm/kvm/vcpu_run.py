@@ -419,15 +419,24 @@ def hypercall_args(cpu) -> tuple[int, tuple[int, int, int, int]]:
     return regs[0], (regs[1], regs[2], regs[3], regs[4])
 
 
+def kvm_hypercall_result(nr: int, cpl: int, exit_hypercall_mask: int) -> int | None:
+    """kvm_emulate_hypercall()'s RAX for hypercall ``nr`` at ``cpl``, or None when it goes to
+    userspace (KVM_CAP_EXIT_HYPERCALL): -KVM_EPERM above CPL 0; KVM implements none of the
+    hypercalls a guest may make here, so -KVM_ENOSYS."""
+    if cpl != 0:
+        return -KVM_EPERM & U64_MASK
+    if nr < 64 and exit_hypercall_mask >> nr & 1:
+        return None
+    return -KVM_ENOSYS & U64_MASK
+
+
 def handle_vmcall(cpu, exit_hypercall_mask: int) -> HypercallExit | None:
     """kvm_emulate_hypercall(); returns the exit for userspace, or None when handled."""
     nr, args = hypercall_args(cpu)
-    if cpu.cpl != 0:
-        cpu.set_reg("rax", -KVM_EPERM & U64_MASK)
-        return None
-    if nr < 64 and exit_hypercall_mask >> nr & 1:
+    result = kvm_hypercall_result(nr, cpu.cpl, exit_hypercall_mask)
+    if result is None:
         return HypercallExit(nr, args)
-    cpu.set_reg("rax", -KVM_ENOSYS & U64_MASK)
+    cpu.set_reg("rax", result)
     return None
 
 

@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 16
+#define CETFAST_ABI 18
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -2837,6 +2837,8 @@ void cetfast_flags_hook(uc_engine *uc, uint64_t address, uint32_t size, void *us
  *   - MOV CR8, r64 (REX.R, ModRM.reg 0; cetvm.cpu.emulate.mov_to_cr): CR8 is the engine's
  *     env->v_tpr with HF2_VINTR set in env->hflags2 (cetvm.cpu.registers.Registers.cr8, offsets
  *     of cetvm.cpu.uc_context); a value with bits 63:4 set is Python's #GP.
+ *   - CPUID and VMCALL (cetvm.kvm.vcpu_run.handle_cpuid / handle_vmcall): KVM's answers through
+ *     the hypervisor's callbacks, exits that cost guest time (see exit_fastpath).
  *
  * Only at CPL 0 in 64-bit mode, with RFLAGS.TF clear (the single-step trap is Python's), without
  * prefixes (REX only for MOV), and only when the stop is one Python would take to the same
@@ -2881,6 +2883,13 @@ typedef struct {
     uint64_t runs;           /* statistics: engine restarts saved */
     uint64_t cr8_writes;     /* statistics: MOVs to CR8 handled here */
     uint8_t *env;            /* Python: the engine's CPUX86State (MOV to CR8), NULL: not here */
+    uint32_t fastpath_enabled; /* Python, before each run: CPUID and VMCALL may be answered here
+                                  (KVM: not while L2 runs) */
+    uint32_t exit_charge;    /* Python: the guest time of such an exit, in budget instructions */
+    uint64_t cpuid_exits;    /* statistics: CPUIDs answered here (each charged exit_charge) */
+    uint64_t vmcall_exits;   /* statistics: VMCALLs answered here (each charged exit_charge) */
+    int (*cpuid)(uint32_t leaf, uint32_t subleaf, uint32_t *out); /* Python: KVM's answer; 0 on success */
+    int (*vmcall)(uint64_t nr, uint64_t *rax); /* Python: KVM's hypercall result; 0 on success */
     /* private */
     int (*cr3_write)(uint64_t value); /* Python: Vcpu.write_cr(3, value); 0 on success */
     emu_start_fn emu_start;
@@ -3004,6 +3013,45 @@ static int exit_mov_to_cr8(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, 
     return 1;
 }
 
+/* CPUID (0F A2) and VMCALL (0F 01 C1), no prefix, at ``rip``: exits KVM handles in the kernel
+ * (kvm_emulate_cpuid, kvm_emulate_hypercall), answered here as KVM's exit fastpath answers an exit
+ * without going back to its run loop — by the hypervisor's callbacks, the same functions as its
+ * exit handlers. Each is an exit that costs guest time: ``exit_charge`` budget instructions
+ * count against the run's budget (which the vCPU takes back from its retired count after the
+ * run), so the TSC a guest reads after it and the run's end are those of the exit Python takes.
+ * Not enough budget for the charge, or a callback that declines (a hypercall for userspace):
+ * Python's exit. */
+static int exit_fastpath(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, const uint8_t *code, uint64_t *rip)
+{
+    static const int cpuid_regs[4] = {UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX};
+    cet_shared_t *s = &e->f->s;
+    uint64_t rax, rcx;
+    if (code[0] != 0x0F || !x->fastpath_enabled || s->budget_left <= (int64_t)x->exit_charge
+        || e->reg_read(uc, UC_X86_REG_RAX, &rax) != UC_ERR_OK)
+        return 0;
+    if (code[1] == 0xA2 && x->cpuid) {
+        uint32_t out[4];
+        if (e->reg_read(uc, UC_X86_REG_RCX, &rcx) != UC_ERR_OK || x->cpuid((uint32_t)rax, (uint32_t)rcx, out) != 0)
+            return 0;
+        for (int i = 0; i < 4; i++) {
+            uint64_t value = out[i]; /* zero-extended */
+            e->reg_write(uc, cpuid_regs[i], &value);
+        }
+        x->cpuid_exits++;
+        *rip += 2;
+    } else if (code[1] == 0x01 && code[2] == 0xC1 && x->vmcall) {
+        if (x->vmcall(rax, &rax) != 0)
+            return 0;
+        e->reg_write(uc, UC_X86_REG_RAX, &rax);
+        x->vmcall_exits++;
+        *rip += 3;
+    } else {
+        return 0;
+    }
+    s->budget_left -= x->exit_charge;
+    return 1;
+}
+
 /* The instruction at the stop, if it is one done here: 1 and RIP past it, retired. */
 static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
 {
@@ -3029,7 +3077,8 @@ static int exit_insn(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc)
         done = exit_port_io(e, x, uc, code, &next);
         break;
     default:
-        done = exit_mov_to_cr3(e, x, uc, code, &next) || exit_mov_to_cr8(e, x, uc, code, &next);
+        done = exit_mov_to_cr3(e, x, uc, code, &next) || exit_mov_to_cr8(e, x, uc, code, &next)
+               || exit_fastpath(e, x, uc, code, &next);
         break;
     }
     if (!done)

@@ -30,7 +30,7 @@ from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 16
+ABI_VERSION = 18
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 _UC_HOOK_CODE = 1 << 2
@@ -681,11 +681,17 @@ class ExitInsnState(ctypes.Structure):
                 ("room", _U32), ("write_count", _U32),
                 ("write_port", _U32 * EXIT_PIO_WRITES), ("write_data", _U32 * EXIT_PIO_WRITES),
                 ("pio_exits", _U64), ("cr3_writes", _U64), ("runs", _U64), ("cr8_writes", _U64), ("env", _VP),
+                ("fastpath_enabled", _U32), ("exit_charge", _U32), ("cpuid_exits", _U64), ("vmcall_exits", _U64),
+                ("cpuid", _VP), ("vmcall", _VP),
                 ("_cr3_write", _VP), ("_emu_start", _VP), ("_vmem_read", _VP)]
 
 
 #: int cr3_write(uint64_t value): 0 when the CR3 load is done
 _CR3_WRITE = ctypes.CFUNCTYPE(ctypes.c_int, _U64)
+#: int cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]): 0 with EAX..EDX in out
+_CPUID = ctypes.CFUNCTYPE(ctypes.c_int, _U32, _U32, ctypes.POINTER(_U32))
+#: int vmcall(uint64_t nr, uint64_t *rax): 0 with the hypercall's result in *rax
+_VMCALL = ctypes.CFUNCTYPE(ctypes.c_int, _U64, ctypes.POINTER(_U64))
 
 
 class NativeExitInsns:
@@ -707,6 +713,65 @@ class NativeExitInsns:
         lib.cetfast_events_set_exit_insns(events_ptr, ctypes.addressof(self.state), _fnptr(uclib.uc_emu_start),
                                           _fnptr(uclib.uc_vmem_read), _fnptr(self._cr3_write))
         self._seen_pio_exits = 0
+        self._fastpath: tuple[object, object] | None = None
+        self._seen_fastpath_exits = 0
+        self._seen_charged_exits = 0
+
+    def set_exit_fastpath(self, *, cpuid: Callable[[int, int], tuple[int, int, int, int]],
+                          hypercall: Callable[[int], int | None], exit_charge: int) -> None:
+        """CPUID and VMCALL answered here (the hypervisor's exit fastpath, cetfast.c
+        exit_fastpath): ``cpuid(leaf, subleaf)`` gives EAX..EDX, ``hypercall(nr)`` the new RAX or
+        None for an exit (a hypercall for userspace) — the same answers as its exit handlers;
+        each is an exit that costs ``exit_charge`` budget instructions of guest time. An
+        exception in a callback leaves that instruction to the exit path, which raises it there."""
+        if not 0 <= exit_charge <= 0xFFFF_FFFF:
+            raise CetvmError(f"an exit's charge must be 0..2**32-1 budget instructions, not {exit_charge}")
+
+        def answer_cpuid(leaf: int, subleaf: int, out) -> int:
+            try:
+                regs = cpuid(leaf, subleaf)
+            except Exception:  # noqa: BLE001 - never unwind through C; the exit path raises it
+                return 1
+            for i, value in enumerate(regs):
+                out[i] = value & 0xFFFF_FFFF
+            return 0
+
+        def answer_vmcall(nr: int, rax) -> int:
+            try:
+                result = hypercall(nr)
+            except Exception:  # noqa: BLE001 - as above
+                return 1
+            if result is None:
+                return 1
+            rax[0] = result & 0xFFFF_FFFF_FFFF_FFFF
+            return 0
+
+        self._fastpath = (_CPUID(answer_cpuid), _VMCALL(answer_vmcall))
+        self.state.cpuid, self.state.vmcall = (_fnptr(f) for f in self._fastpath)
+        self.state.exit_charge = exit_charge
+
+    def set_fastpath_enabled(self, enabled: bool) -> None:
+        """Whether CPUID and VMCALL may be answered here now (KVM: not while L2 runs; L1
+        intercepts them)."""
+        self.state.fastpath_enabled = int(enabled and self._fastpath is not None)
+
+    def take_fastpath_exits(self) -> int:
+        """CPUIDs and VMCALLs answered here since the last call (exits KVM handled, each costs
+        guest time)."""
+        total = self._fastpath_total
+        new, self._seen_fastpath_exits = total - self._seen_fastpath_exits, total
+        return new
+
+    @property
+    def _fastpath_total(self) -> int:
+        return self.state.cpuid_exits + self.state.vmcall_exits
+
+    def take_exit_charges(self) -> int:
+        """Budget instructions the exits answered here since the last call were charged (their
+        guest time: the vCPU takes them back from its retired count)."""
+        total = self._fastpath_total
+        new, self._seen_charged_exits = total - self._seen_charged_exits, total
+        return new * self.state.exit_charge
 
     def set_env(self, address: int) -> None:
         """The engine's CPUX86State, where a MOV to CR8 done here writes CR8
@@ -763,7 +828,7 @@ class NativeExitInsns:
     def stats(self) -> dict[str, int]:
         s = self.state
         return {"pio_exits": s.pio_exits, "cr3_writes": s.cr3_writes, "cr8_writes": s.cr8_writes,
-                "engine_restarts": s.runs}
+                "cpuid_exits": s.cpuid_exits, "vmcall_exits": s.vmcall_exits, "engine_restarts": s.runs}
 
 
 class NativeEvents:
