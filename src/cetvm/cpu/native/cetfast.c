@@ -203,6 +203,13 @@ typedef uc_err (*vmem_read_fn)(uc_engine *, uint64_t, uc_prot, void *, size_t);
 #define FRONT_ENTRIES 2048
 #define MAX_RAM 32
 
+/* The linear pages holding a table's blocks: a bit per hashed page and the bounds of every
+ * block stored since the last clear (see page_filter_add). */
+typedef struct {
+    uint64_t bits[PAGE_FILTER_BITS / 64];
+    uint64_t lo, hi; /* every block lies in [lo, hi); lo >= hi: none */
+} page_filter_t;
+
 typedef struct {
     uint64_t tag;   /* linear page | user bit (bit 0) */
     uint64_t gen;   /* valid iff == tlb_gen */
@@ -236,8 +243,8 @@ typedef struct {
     cet_block_t held;   /* the pending block's entry when its front-cache slot was reused */
     cet_block_t set_by_python; /* the pending terminator written by Python (cetfast_set_pending) */
     cet_block_t front[FRONT_ENTRIES];
-    uint64_t global_pages[PAGE_FILTER_BITS / 64]; /* pages with global blocks (see page_filter_add) */
-    uint64_t local_pages[PAGE_FILTER_BITS / 64];  /* pages with local blocks */
+    page_filter_t global_pages; /* pages with global blocks (see page_filter_add) */
+    page_filter_t local_pages;  /* pages with local blocks */
     uint64_t *fetched; /* TLB-fill mode: bitmap of pages fetched from (NULL: not in use) */
     uint64_t code_pages; /* split TLB: physical pages that became code (each flushed the TLB once) */
     tlb_entry_t tlb[TLB_ENTRIES];
@@ -261,6 +268,7 @@ typedef struct {
 #define BUDGET_UNLIMITED (INT64_C(1) << 62)
 
 static void front_clear(cetfast_t *f);
+static void page_filter_clear(page_filter_t *filter);
 static void cetfast_unsplit_tlb(cetfast_t *f);
 static void refresh_fast(cetfast_t *f);
 static void table_clear(cet_block_t *table, uint64_t entries);
@@ -302,6 +310,8 @@ void *cetfast_new(void *reg_read, void *reg_write, void *mem_read, void *mem_wri
     table_clear(f->local, 1024);
     f->local_mask = 1023;
     front_clear(f);
+    page_filter_clear(&f->global_pages);
+    page_filter_clear(&f->local_pages);
     pending_none(f, 0);
     f->s.abi = CETFAST_ABI;
     f->s.budget_left = BUDGET_UNLIMITED;
@@ -572,21 +582,33 @@ static void block_set_term(cet_block_t *b, uint32_t kind, uint64_t insn_addr, ui
 
 static inline uint64_t page_filter_bit(uint64_t page) { return (page ^ (page >> 16)) & (PAGE_FILTER_BITS - 1); }
 
-static void page_filter_add(uint64_t *filter, uint64_t addr, uint64_t size)
+static void page_filter_clear(page_filter_t *filter)
 {
-    for (uint64_t page = addr >> 12; page <= (addr + (size ? size : 1) - 1) >> 12; page++)
-        filter[page_filter_bit(page) >> 6] |= 1ull << (page_filter_bit(page) & 63);
+    memset(filter->bits, 0, sizeof(filter->bits));
+    filter->lo = UINT64_MAX;
+    filter->hi = 0;
 }
 
-/* May a block overlap linear [lo, hi)? (Wide ranges: assume so.) */
-static int page_filter_may_hold(const uint64_t *filter, uint64_t lo, uint64_t hi)
+static void page_filter_add(page_filter_t *filter, uint64_t addr, uint64_t size)
 {
-    if (hi <= lo)
+    uint64_t end = addr + (size ? size : 1);
+    for (uint64_t page = addr >> 12; page <= (end - 1) >> 12; page++)
+        filter->bits[page_filter_bit(page) >> 6] |= 1ull << (page_filter_bit(page) & 63);
+    filter->lo = addr < filter->lo ? addr : filter->lo;
+    filter->hi = end > filter->hi ? end : filter->hi;
+}
+
+/* May a block overlap linear [lo, hi)? Outside the stored blocks' bounds: no (an INVLPG of an
+ * unmapped user address forgets a 1 GiB region, and the kernel's blocks lie elsewhere); a wide
+ * range inside them: assume so. */
+static int page_filter_may_hold(const page_filter_t *filter, uint64_t lo, uint64_t hi)
+{
+    if (hi <= lo || hi <= filter->lo || lo >= filter->hi)
         return 0;
     if (((hi - 1) >> 12) - (lo >> 12) >= 64)
         return 1;
     for (uint64_t page = lo >> 12; page <= (hi - 1) >> 12; page++)
-        if (filter[page_filter_bit(page) >> 6] & (1ull << (page_filter_bit(page) & 63)))
+        if (filter->bits[page_filter_bit(page) >> 6] & (1ull << (page_filter_bit(page) & 63)))
             return 1;
     return 0;
 }
@@ -609,7 +631,7 @@ int cetfast_store(void *p, uint64_t addr, uint32_t size, uint32_t icount, uint32
                                 : table_find_addr(f->s.table, f->s.table_mask, addr);
     if (other)
         other->size = BLOCK_DEAD;
-    page_filter_add(global ? f->global_pages : f->local_pages, addr, size);
+    page_filter_add(global ? &f->global_pages : &f->local_pages, addr, size);
     cet_block_t *b = block_slot(*table, *mask, addr);
     if (b->size == BLOCK_EMPTY)
         (*count)++;
@@ -649,8 +671,8 @@ void cetfast_invalidate_blocks(void *p)
     table_clear(f->local, f->local_mask + 1);
     front_clear(f);
     f->table_count = f->local_count = 0;
-    memset(f->global_pages, 0, sizeof(f->global_pages));
-    memset(f->local_pages, 0, sizeof(f->local_pages));
+    page_filter_clear(&f->global_pages);
+    page_filter_clear(&f->local_pages);
 }
 
 /* Forget the front-cache entries ``keep`` rejects. */
@@ -686,7 +708,7 @@ void cetfast_invalidate_local_blocks(void *p)
     if (f->local_count || fresh)
         table_clear(f->local, f->local_mask + 1);
     f->local_count = 0;
-    memset(f->local_pages, 0, sizeof(f->local_pages));
+    page_filter_clear(&f->local_pages);
     front_retain(f, keep_global, 0, 0);
 }
 
@@ -694,9 +716,9 @@ void cetfast_invalidate_local_blocks(void *p)
 int cetfast_invalidate_block_range(void *p, uint64_t lo, uint64_t hi)
 {
     cetfast_t *f = p;
-    if (page_filter_may_hold(f->global_pages, lo, hi))
+    if (page_filter_may_hold(&f->global_pages, lo, hi))
         table_bury(f->s.table, f->s.table_mask, keep_outside, lo, hi);
-    if (page_filter_may_hold(f->local_pages, lo, hi))
+    if (page_filter_may_hold(&f->local_pages, lo, hi))
         table_bury(f->local, f->local_mask, keep_outside, lo, hi);
     front_retain(f, keep_outside, lo, hi);
     return 0;
