@@ -11,7 +11,8 @@ code, data and stacks share pages) and ``nx`` (W^X: code read-only, data NX) —
 round trips with CET on: SYSCALL -> SYSRET from CPL3 with user shadow stacks, #PF -> IRETQ at
 CPL0 with supervisor shadow stacks; and two port reads: the UART's line-status register (what a
 Linux serial console polls: cetvm answers it next to the engine, a read-only PIO register of its
-KVM) and its scratch register (an exit to the device model in userspace).
+KVM) and its scratch register (an exit to the device model in userspace); and CPUID, an exit the
+hypervisor handles itself (cetvm: KVM's exit fastpath next to the engine).
 
 Every figure is a difference of two runs of the same kernel, one with N iterations and one with
 a few, so boot and start-up cancel: MIPS = extra instructions / extra CPU time, ns per round
@@ -240,7 +241,8 @@ def measure_machine(name: str, run: Callable[[str], Run], loop: int, events: int
     for layout in LAYOUTS:
         figures[f"{name}_loop_{layout}_mips"] = paired(run, lambda k, p=layout: f"pages={p} loop={k}", loop, repeats,
                                                        loop_mips)
-    for event, count in (("syscalls", events), ("faults", events), ("ports", ports), ("scratch", ports)):
+    for event, count in (("syscalls", events), ("faults", events), ("ports", ports), ("scratch", ports),
+                         ("cpuid", ports)):
         figures[f"{name}_{event}_ns"] = paired(run, lambda k, e=event: f"{e}={k}", count, repeats, round_trip_ns)
 
 
@@ -250,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=1_000_000,
                         help="round trips of each event (default 1000000: a round trip takes well under 1 us)")
     parser.add_argument("--ports", type=int, default=20_000,
-                        help="reads of the UART's line status register (cetvm answers them next to the engine) "
-                             "and of its scratch register (each an exit to the device model), each "
-                             "(default 20000)")
+                        help="reads of the UART's line status register (cetvm answers them next to the engine), "
+                             "of its scratch register (each an exit to the device model) and CPUIDs (each an "
+                             "exit the hypervisor handles), each (default 20000)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-qemu", action="store_true")
     parser.add_argument("--no-bochs", action="store_true")
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             if key in figures:
                 print(f"{name:5s} boot, bench loop, pages {layout:5s}:            {figures[key]:8.1f} MIPS")
         for event, label in (("syscalls", "SYSCALL->SYSRET"), ("faults", "#PF->IRETQ    "), ("ports", "IN UART LSR   "),
-                             ("scratch", "IN UART SCR   ")):
+                             ("scratch", "IN UART SCR   "), ("cpuid", "CPUID (exit)  ")):
             key = f"{name}_{event}_ns"
             if key in figures:
                 print(f"{name:5s} {label} round trip:                 {figures[key]:10.0f} ns")

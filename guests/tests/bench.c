@@ -14,6 +14,8 @@
  *               answered without an exit to the device model);
  *    scratch=N  N reads of COM1's scratch register (port 0x3FF) at CPL0: each an exit to the
  *               VMM's device model;
+ *    cpuid=N    N CPUID (leaf 0) at CPL0: each an exit the hypervisor handles itself (cetvm:
+ *               KVM's exit fastpath next to the engine);
  *    pages=nx   first: the kernel image W^X in 4 KiB pages (code read-only and executable,
  *               everything else in the first 4 MiB RW and NX: stores never hit a code page);
  *    pages=rwx2m first: the first 4 MiB as two 2 MiB pages, RW and executable (code, data and
@@ -152,7 +154,15 @@ static void run_port_reads(const char *name, u16 port, u64 n)
     tap_ok(true, name, "%lu IN from port 0x%x, the last 0x%x", n, port, last);
 }
 
-static u64 loop_n, faults_n, syscalls_n, ports_n, scratch_n;
+static void run_cpuids(u64 n)
+{
+    u32 max_leaf = 0;
+    for (u64 i = 0; i < n; i++)
+        max_leaf = cpuid(0, 0).eax;
+    tap_ok(max_leaf != 0, "cpuid", "%lu CPUID, the last: max basic leaf 0x%x", n, max_leaf);
+}
+
+static u64 loop_n, faults_n, syscalls_n, ports_n, scratch_n, cpuid_n;
 
 static void body(void)
 {
@@ -172,6 +182,8 @@ static void body(void)
         run_port_reads("ports", COM1_LSR_PORT, ports_n);
     if (scratch_n)
         run_port_reads("scratch", COM1_SCR_PORT, scratch_n);
+    if (cpuid_n)
+        run_cpuids(cpuid_n);
     tap_done();
 }
 
@@ -183,6 +195,8 @@ void kmain(void)
     syscalls_n = cmdline_number("syscalls=", 0);
     ports_n = cmdline_number("ports=", 0);
     scratch_n = cmdline_number("scratch=", 0);
-    tap_plan((loop_n != 0) + (faults_n != 0) + (syscalls_n != 0) + (ports_n != 0) + (scratch_n != 0));
+    cpuid_n = cmdline_number("cpuid=", 0);
+    tap_plan((loop_n != 0) + (faults_n != 0) + (syscalls_n != 0) + (ports_n != 0) + (scratch_n != 0)
+             + (cpuid_n != 0));
     cet_kernel_start(body, 0);
 }
