@@ -6,7 +6,10 @@
  * - CR8 [SDM Vol. 3 §11.8.6.1]: MOV from CR8 reads what MOV to CR8 wrote (APIC on or off); bits
  *   63:4 are reserved (#GP(0)); CR8[3:0] is TPR[7:4]: a CR8 write shows in the TPR (xAPIC page,
  *   x2APIC MSR 0x808) with TPR[3:0] = 0, a TPR write shows in CR8, and a priority class CR8
- *   raises holds back a self-IPI until CR8 drops. */
+ *   raises holds back a self-IPI until CR8 drops — at once: the interrupt is taken right after
+ *   the STI shadow that follows the MOV to CR8 lowering it (KVM without an in-kernel LAPIC
+ *   exits to userspace with KVM_EXIT_SET_TPR when the guest lowers its TPR, cetvm's CPU through
+ *   the TPR threshold, so the VMM's APIC knows before the guest runs on). */
 #include "ktest.h"
 
 #define MSR_APIC_BASE 0x1Bu
@@ -113,6 +116,20 @@ static void test_cr8_masks(void)
     self_irqs = 0;
 }
 
+static void test_cr8_lowered(void)
+{
+    write_cr8(8);
+    *reg(APIC_ICR_LO) = ICR_SELF | VEC_SELF;
+    cpuid(0, 0);
+    u64 held = self_irqs;
+    write_cr8(0);  /* IF = 0: the interrupt waits for the window */
+    __asm__ volatile("sti\n\tnop\n\tcli" ::: "memory");
+    u64 taken = self_irqs;
+    tap_ok(held == 0 && taken == 1, "lowering CR8 lets a held-back self-IPI in after the next STI shadow",
+           "%lu before, %lu right after sti; nop", held, taken);
+    self_irqs = 0;
+}
+
 static void test_x2apic(u64 base)
 {
     if (!(cpuid(1, 0).ecx & CPUID_1_ECX_X2APIC)) {
@@ -144,6 +161,7 @@ static void body(void)
     test_cr8_tpr();
     write_cr8(0);
     test_cr8_masks();
+    test_cr8_lowered();
     test_x2apic(base);
     tap_done();
 }
@@ -151,6 +169,6 @@ static void body(void)
 void kmain(void)
 {
     kernel_init();
-    tap_plan(12);
+    tap_plan(13);
     cet_kernel_start(body, 0);
 }

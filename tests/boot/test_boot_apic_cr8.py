@@ -2,7 +2,8 @@
 as the APIC's task priority (kvm-unit-tests x86/apic.c test_apic_disable found both missing):
 with IA32_APIC_BASE.EN = 0 KVM hides CPUID.1:EDX.APIC and the xAPIC page is a hole (all ones,
 writes dropped), CR8 keeps what the guest writes, and CR8 and the TPR (xAPIC page or x2APIC MSR)
-are one register whose priority class holds interrupts back."""
+are one register whose priority class holds interrupts back — until the guest lowers CR8, which
+reaches the VMM's APIC at once (KVM_EXIT_SET_TPR through the CPU's TPR threshold)."""
 
 import pytest
 from boot_support import boot, guest
@@ -24,7 +25,8 @@ def test_every_apic_disable_and_cr8_check_passes(capsys):
     for name in ("IA32_APIC_BASE.EN = 0: CPUID.1:EDX.APIC reads clear", "disabled APIC's page reads all ones",
                  "CR8 reads what was written while the APIC is disabled", "TPR = CR8 << 4",
                  "a TPR write (xAPIC page) shows in CR8", "bit 4 set -> #GP(0)",
-                 "CR8 = 8 holds back a class-8 self-IPI", "x2APIC: CR8 and the TPR MSR 0x808 are one register"):
+                 "CR8 = 8 holds back a class-8 self-IPI", "lowering CR8 lets a held-back self-IPI in",
+                 "x2APIC: CR8 and the TPR MSR 0x808 are one register"):
         assert tap.passed(name), name
 
 
@@ -46,7 +48,9 @@ def test_native_cr8_writes_give_the_python_paths_results(monkeypatch):
     if not native_available():
         pytest.skip("native CET fast path not built (make native)")
     native, native_console, native_instructions = boot_machine(monkeypatch, "1")
-    assert native.vcpu.cpu.native_exit_insns.stats["cr8_writes"] >= 8
+    # the writes not below the TPR threshold (KVM_RUN's CR8); a lowering below it is Python's
+    # trap-like exit (KVM_EXIT_SET_TPR)
+    assert native.vcpu.cpu.native_exit_insns.stats["cr8_writes"] >= 5
     python, python_console, python_instructions = boot_machine(monkeypatch, "0")
     assert python.vcpu.cpu.native_exit_insns is None
     assert (python_console, python_instructions) == (native_console, native_instructions)

@@ -137,3 +137,9 @@ class InterruptMessage:
     dest: int
     logical: bool = False
     level: bool = False
+
+
+def tpr_below_threshold(cr8: int, tpr_threshold: int) -> bool:
+    """TPR virtualization's trap: after a MOV to CR8 (VTPR[7:4] = CR8[3:0]) a VM exit "TPR below
+    threshold" occurs if VTPR[7:4] < TPR_THRESHOLD[3:0] [SDM Vol. 3 §30.1.2]."""
+    return (cr8 & CR8_TPR) < (tpr_threshold & CR8_TPR)

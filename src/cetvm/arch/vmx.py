@@ -376,6 +376,7 @@ class ExitReason(enum.IntEnum):
     MSR_WRITE = 32
     ENTRY_FAIL_GUEST_STATE = 33
     MSR_LOAD_FAIL = 34
+    TPR_BELOW_THRESHOLD = 43
     EPT_VIOLATION = 48
     INVEPT = 50
     INVVPID = 53

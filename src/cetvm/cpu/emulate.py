@@ -16,6 +16,7 @@ from iced_x86 import Code, CodeSize, Instruction, Mnemonic as M, OpKind, Registe
 
 from cetvm import NotSupportedError
 from cetvm.arch import Cr0, Cr4, Msr, Vector, is_canonical
+from cetvm.arch.apic import tpr_below_threshold
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
     CR8_TPR, DR7_ENABLE_BITS, DR7_GD,
@@ -397,7 +398,9 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
     """MOV to CR0/CR3/CR4/CR8 with the CET rules [SDM Vol. 3 §2.5]:
     CR4.CET is reserved (#GP) unless the guest has SHSTK or IBT; setting CR4.CET with CR0.WP=0
     and clearing CR0.WP with CR4.CET=1 → #GP(0). A write changing a bit the VMCS's CR0/CR4
-    guest/host mask gives the hypervisor exits first (:func:`cr_write_exit`). CR0 bits 63:32,
+    guest/host mask gives the hypervisor exits first (:func:`cr_write_exit`). CR8 is kept as
+    with a TPR shadow: a value below the VMCS's TPR threshold retires and then exits (TPR below
+    threshold, trap-like). CR0 bits 63:32,
     or clearing CR0.PG in 64-bit mode → #GP(0) (found by the hostile-guest fuzz: the engine
     lost its mappings). Other reserved-bit checks are Unicorn's business and are not
     replicated (decision)."""
@@ -424,6 +427,8 @@ def mov_to_cr(vcpu, instr: Instruction) -> VmExit | None:
         raise ud()
     vcpu.write_cr(n, value)
     _advance(vcpu, instr)
+    if n == 8 and tpr_below_threshold(value, vcpu.vmcs.read(VmcsField.TPR_THRESHOLD)):
+        return VmExit(ExitReason.TPR_BELOW_THRESHOLD, vcpu.rip)
     return None
 
 

@@ -46,6 +46,9 @@ class ExitReason(enum.Enum):
     #: 3 §26.1.2]; ``vmx_reason`` is its basic exit reason, ``qualification`` the memory
     #: operand's displacement, ``instruction_info`` its VMX_INSTRUCTION_INFO
     VMX_INSTRUCTION = "vmx_instruction"
+    #: a MOV to CR8 lowered the TPR below the VMCS's TPR threshold (trap-like: the instruction
+    #: retired, ``rip`` is the next one) [SDM Vol. 3 §30.1.2]
+    TPR_BELOW_THRESHOLD = "tpr_below_threshold"
 
 
 #: The basic VM-exit reason the CPU stores in VM_EXIT_REASON for each exit [SDM Vol. 3 App. C].
@@ -66,6 +69,7 @@ BASIC_EXIT_REASONS: dict[ExitReason, int] = {
     ExitReason.ENTRY_FAILED: VmxExitReason.ENTRY_FAIL_GUEST_STATE | VMX_EXIT_REASONS_FAILED_VMENTRY,
     ExitReason.MMIO: VmxExitReason.EPT_VIOLATION,
     ExitReason.XSETBV: VmxExitReason.XSETBV,
+    ExitReason.TPR_BELOW_THRESHOLD: VmxExitReason.TPR_BELOW_THRESHOLD,
 }
 
 

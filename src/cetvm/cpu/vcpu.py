@@ -850,6 +850,7 @@ class Vcpu:
             self._native_events.before_run(self.pending_events.pending_interrupt is not None,
                                            vmcs.read(VmcsField.EXCEPTION_BITMAP))
             self._exit_insns.set_cpu_based_controls(vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL))
+            self._exit_insns.set_tpr_threshold(vmcs.read(VmcsField.TPR_THRESHOLD))
         handed_over: int | None = None
         try:
             self._emu_start_keeping_cr2(rip)

@@ -135,7 +135,8 @@ from cetvm.kvm.ioctl_args import (
 )
 from cetvm.kvm.memslots import SHADOW_PAGING_GPA_BITS, kvm_memory_region_invalid
 from cetvm.kvm.nested import NestedVmx, free_nested
-from cetvm.kvm.nested_entry import handle_vmx_instruction, leave_guest_mode, nested_exit_on_intr, nested_irq_for_l1_waits, nested_interrupt_exit_due, nested_vmx_reflect_vmexit
+from cetvm.kvm.nested_entry import (handle_vmx_instruction, leave_guest_mode, nested_exit_on_intr, nested_irq_for_l1_waits,
+                                    nested_interrupt_exit_due, nested_l2_owns_cr8, nested_vmx_reflect_vmexit)
 from cetvm.kvm.nested_state import NestedState, get_nested_state, set_nested_state
 from cetvm.kvm.msr import (
     EMULATED_MSRS,
@@ -480,7 +481,9 @@ class KvmVcpu:
         #: a VMM writes its APIC's TPR here before each run and takes the guest's CR8 writes after
         #: it, as QEMU's kvm_arch_pre_run / kvm_arch_post_run do. Decision: CR8 accesses do not
         #: exit (KVM would set CR8-load/store exiting; cetvm's CPU keeps CR8 as with a TPR
-        #: shadow), so a TPR the guest lowers reaches the VMM at its next exit.
+        #: shadow), but lowering CR8 below this value does — KVM_EXIT_SET_TPR, as KVM's handle_cr
+        #: for "cr8_prev > cr8" — through the TPR threshold (vmx.vmx_update_cr8_intercept), so
+        #: the VMM's APIC learns it before the guest runs on (guests/tests/apic_cr8.c).
         self.cr8 = 0
         #: exception intercepts userspace asked for (set_exception_intercepts), and KVM's own:
         #: #UD (handle_ud: RSM, and the force-emulation prefix when kvm.force_emulation_prefix is on)
@@ -879,11 +882,11 @@ class KvmVcpu:
         return self.request_interrupt_window and self.ready_for_interrupt_injection()
 
     def _post_kvm_run_save(self, run: KvmRun) -> KvmRun:
-        """post_kvm_run_save(): kvm_run.if_flag, ready_for_interrupt_injection and cr8 (L1's:
-        while L2 runs, the CPU's CR8 is L2's and kvm_run.cr8 keeps L1's last value)."""
+        """post_kvm_run_save(): kvm_run.if_flag, ready_for_interrupt_injection and cr8 (the
+        vCPU's TPR; while an L2 runs whose CR8 L1 virtualizes, kvm_run.cr8 keeps L1's last value)."""
         run.if_flag = self.cpu.if_flag
         run.ready_for_interrupt_injection = self.ready_for_interrupt_injection()
-        if not self.nested.guest_mode:
+        if not nested_l2_owns_cr8(self):
             self.cr8 = self.cpu.cr8
         run.cr8 = self.cr8
         return run
@@ -893,7 +896,7 @@ class KvmVcpu:
         cr8 = check_u64("kvm_run.cr8", self.cr8)
         if cr8 & ~CR8_TPR:
             raise KvmInvalidArgument(f"KVM_RUN: kvm_run.cr8 {cr8:#x} has reserved bits 63:4 set")
-        if not self.nested.guest_mode and cr8 != self.cpu.cr8:
+        if not nested_l2_owns_cr8(self) and cr8 != self.cpu.cr8:
             self.cpu.write_cr(8, cr8)
 
     # ------------------------------------------------------------------ run
@@ -988,6 +991,7 @@ class KvmVcpu:
             # an interrupt kept for L1 (nested exit without acknowledge): step L1 until it can take it
             forced = forced or nested_irq_for_l1_waits(self)
             vmx.vmx_vcpu_enter(state, cpu)
+            vmx.vmx_update_cr8_intercept(state, None if nested_l2_owns_cr8(self) else self.cr8)
             native = cpu.native_exit_insns
             if native is not None:
                 self._prepare_native_port_io(native)
@@ -1081,6 +1085,8 @@ class KvmVcpu:
         if reason is ExitReason.CPUID:
             handle_cpuid(self.state, self.cpu, self.msrs.apic_base)
             return None
+        if reason is ExitReason.TPR_BELOW_THRESHOLD:  # the MOV to CR8 retired; kvm_run.cr8 has it
+            return KvmRun(KvmExitReason.SET_TPR, exit_.rip)
         if reason in (ExitReason.RDMSR, ExitReason.WRMSR):
             user = handle_msr(self.state, self.msrs, self.cpu, exit_, self.vm.msr_filter,
                               self.vm.user_space_msr_mask, self._fpu_get, self._fpu_put)

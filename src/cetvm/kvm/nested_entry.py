@@ -787,6 +787,11 @@ ALWAYS_REFLECTED = frozenset({ExitReason.CPUID, ExitReason.VMCALL, ExitReason.XS
                               ExitReason.TRIPLE_FAULT})
 
 
+#: vmcs12 controls with which L1, not KVM, handles L2's CR8.
+_L1_CR8_CONTROLS = int(CpuBasedControls.USE_TPR_SHADOW | CpuBasedControls.CR8_LOAD_EXITING
+                       | CpuBasedControls.CR8_STORE_EXITING)
+
+
 def nested_vmx_l1_wants_exit(vcpu: NestedVcpu, exit_: VmExit) -> bool:
     vmcs12 = vcpu.nested.vmcs12
     reason = exit_.reason
@@ -814,6 +819,13 @@ def nested_vmx_reflect_vmexit(vcpu: NestedVcpu, exit_: VmExit) -> bool:
         return True
     reflect_cpu_exit(vcpu, exit_)
     return True
+
+
+def nested_l2_owns_cr8(vcpu: NestedVcpu) -> bool:
+    """L2 runs and L1 virtualizes CR8 for it (vmcs12 has the TPR shadow or CR8-load/store
+    exiting); otherwise L2's MOV to CR8 writes the vCPU's TPR, as L1's does (KVM handles it)."""
+    nested = vcpu.nested
+    return nested.guest_mode and bool(nested.vmcs12.read(F.CPU_BASED_VM_EXEC_CONTROL) & _L1_CR8_CONTROLS)
 
 
 def nested_exit_on_intr(vcpu: NestedVcpu) -> bool:

@@ -76,6 +76,9 @@ class KvmExitReason(enum.Enum):
     X86_RDMSR = "KVM_EXIT_X86_RDMSR"
     X86_WRMSR = "KVM_EXIT_X86_WRMSR"
     IRQ_WINDOW_OPEN = "KVM_EXIT_IRQ_WINDOW_OPEN"
+    #: the guest lowered its TPR (MOV to CR8) below what userspace's APIC had: kvm_run.cr8 has
+    #: the new value (handle_cr without an in-kernel LAPIC)
+    SET_TPR = "KVM_EXIT_SET_TPR"
     #: VM entry failed (kvm_run.fail_entry.hardware_entry_failure_reason: the VM_EXIT_REASON,
     #: bit 31 set); ``detail`` names the guest-state check [K vmx.c __vmx_handle_exit]
     FAIL_ENTRY = "KVM_EXIT_FAIL_ENTRY"

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cetvm.arch.msr import CET_MSR_SET, PL_SSP_MSRS, Msr
+from cetvm.arch.regs import CR8_TPR
 from cetvm.arch.vmx import (
     CpuBasedControls, PinBasedControls, SecondaryControls, VmcsField, VmEntryControls, VmExitControls,
 )
@@ -114,6 +115,17 @@ def vmx_set_irq_window(vcpu: VcpuArch, wanted: bool) -> None:
     controls = vcpu.vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL)
     window = CpuBasedControls.INTERRUPT_WINDOW_EXITING
     vcpu.vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL, controls | window if wanted else controls & ~window)
+
+
+def vmx_update_cr8_intercept(vcpu: VcpuArch, tpr: int | None) -> None:
+    """The TPR threshold for a vCPU whose local APIC is userspace's: the TPR it has (kvm_run.cr8,
+    which KVM_RUN loaded), so a MOV to CR8 lowering the TPR below it exits (TPR below threshold)
+    and reaches userspace as KVM_EXIT_SET_TPR, as handle_cr's "cr8_prev > cr8" case does with
+    CR8-load exiting — cetvm's CPU keeps CR8 as with a TPR shadow instead [SDM Vol. 3 §30.1.2].
+    A lowering that stays at or above it exits not: it cannot unmask an interrupt userspace held
+    back at entry (those have priority classes at most the TPR). ``tpr`` None: no threshold
+    (L1 virtualizes CR8 for the L2 that runs)."""
+    vcpu.vmcs.write(VmcsField.TPR_THRESHOLD, 0 if tpr is None else tpr & CR8_TPR)
 
 
 def vmx_update_intercept_for_cet_msr(vcpu: VcpuArch) -> set[int]:

@@ -64,6 +64,10 @@ WINDOW_SLICE = 2_000
 MAX_IDLE_SKIPS = 10_000
 #: Seconds between two progress reports of a long run.
 PROGRESS_PERIOD = 1.0
+#: KVM_RUN returns with no instruction for userspace to complete: a budget stop, the interrupt
+#: window it asked for, a lowered TPR (QEMU's kvm_cpu_exec ignores KVM_EXIT_SET_TPR: kvm_run.cr8
+#: has already reached the APIC, InterruptRouting.take_cr8).
+_NOTHING_TO_COMPLETE = frozenset({KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN, KvmExitReason.SET_TPR})
 STATUS_TIMEOUT = 124
 STATUS_TRIPLE_FAULT = 125
 STATUS_INTERNAL_ERROR = 126
@@ -518,7 +522,7 @@ class RunLoop:
                 slot.irq.take_cr8(run)
             self.turn_used += self.retired() - before
             rip, slot.ready = run.rip, run.ready_for_interrupt_injection
-            slot.pending_exit = run.exit_reason not in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN)
+            slot.pending_exit = run.exit_reason not in _NOTHING_TO_COMPLETE
             try:
                 self._flush_coalesced()
                 stop = self._dispatch(slot, run)
@@ -551,7 +555,7 @@ class RunLoop:
         if run.exit_reason is KvmExitReason.MMIO:
             complete_mmio(run, self.mmio)
             return None
-        if run.exit_reason in (KvmExitReason.INTR, KvmExitReason.IRQ_WINDOW_OPEN):
+        if run.exit_reason in _NOTHING_TO_COMPLETE:  # SET_TPR: take_cr8 gave the APIC its TPR
             return None
         if run.exit_reason is KvmExitReason.HLT:
             # QEMU: the vCPU halts; it runs again when an interrupt can wake it (_wakes), or

@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 18
+#define CETFAST_ABI 19
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -2890,6 +2890,7 @@ typedef uc_err (*emu_start_fn)(uc_engine *, uint64_t, uint64_t, uint64_t, size_t
 typedef struct {
     uint32_t enabled;        /* Python: port I/O may be handled here (KVM: not while running L2) */
     uint32_t cpu_based;      /* Python, before each run: the VMCS's primary processor-based controls */
+    uint32_t tpr_threshold;  /* Python, before each run: the VMCS's TPR threshold (MOV to CR8 below it: Python's) */
     uint32_t zone_count;
     uint32_t read_count;
     uint16_t zone_lo[EXIT_PIO_ZONES]; /* coalesced PIO zones [lo, hi) */
@@ -3024,8 +3025,9 @@ static int exit_mov_to_cr8(cet_events_t *e, cet_exit_insns_t *x, uc_engine *uc, 
     if (!x->env || (rex & 0xF0u) != 0x40u || !(rex & 0x4u) || code[1] != 0x0F || code[2] != 0x22
         || (modrm >> 6) != 3 || ((modrm >> 3) & 7) != 0) /* REX.R and ModRM.reg 0: CR8 */
         return 0;
-    if (e->reg_read(uc, gpr_ids[(modrm & 7u) | ((rex & 1u) << 3)], &value) != UC_ERR_OK || (value & ~0xFull))
-        return 0; /* bits 63:4 set: Python's #GP */
+    if (e->reg_read(uc, gpr_ids[(modrm & 7u) | ((rex & 1u) << 3)], &value) != UC_ERR_OK || (value & ~0xFull)
+        || value < (x->tpr_threshold & 0xFu))
+        return 0; /* bits 63:4 set: Python's #GP; below the TPR threshold: Python's trap-like exit */
     x->env[ENV_V_TPR] = (uint8_t)value;
     memcpy(&hflags2, x->env + ENV_HFLAGS2, sizeof(hflags2));
     hflags2 |= ENV_HF2_VINTR;

@@ -30,7 +30,7 @@ from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 18
+ABI_VERSION = 19
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 _UC_HOOK_CODE = 1 << 2
@@ -675,7 +675,8 @@ EXIT_PIO_ZONES, EXIT_PIO_READS, EXIT_PIO_WRITES = 8, 8, 169
 class ExitInsnState(ctypes.Structure):
     """Mirror of ``cet_exit_insns_t`` (checked against the library's sizeof)."""
 
-    _fields_ = [("enabled", _U32), ("cpu_based", _U32), ("zone_count", _U32), ("read_count", _U32),
+    _fields_ = [("enabled", _U32), ("cpu_based", _U32), ("tpr_threshold", _U32), ("zone_count", _U32),
+                ("read_count", _U32),
                 ("zone_lo", ctypes.c_uint16 * EXIT_PIO_ZONES), ("zone_hi", _U32 * EXIT_PIO_ZONES),
                 ("read_port", ctypes.c_uint16 * EXIT_PIO_READS), ("read_value", ctypes.c_uint8 * EXIT_PIO_READS),
                 ("room", _U32), ("write_count", _U32),
@@ -781,6 +782,10 @@ class NativeExitInsns:
     def set_port_io(self, enabled: bool) -> None:
         """Whether port I/O may be done here at all (KVM: not while L2 runs; L1 may intercept it)."""
         self.state.enabled = int(enabled)
+
+    def set_tpr_threshold(self, threshold: int) -> None:
+        """The VMCS's TPR threshold: a MOV to CR8 below it is Python's (its trap-like exit)."""
+        self.state.tpr_threshold = threshold & 0xFFFF_FFFF
 
     def set_cpu_based_controls(self, controls: int) -> None:
         """The VMCS's primary processor-based controls (CR3-load exiting: MOV to CR3 exits;
