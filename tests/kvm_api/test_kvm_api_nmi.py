@@ -13,14 +13,12 @@ from __future__ import annotations
 import struct
 
 import pytest
-from conftest import CODE, SLOTS, Guest, _gate, build_machine, fresh_copy, long_mode_sregs
+from conftest import CODE, SLOTS, Guest, _gate, fresh_copy, make_guest
 
 from cetvm.arch import VmcsField
 from cetvm.arch.vmx import CpuBasedControls
-from cetvm.cpuid import get_model
-from cetvm.kvm.api import Kvm, KvmExitReason, Regs
+from cetvm.kvm.api import KvmExitReason
 from cetvm.kvm.errors import KvmInvalidArgument
-from cetvm.kvm.host import Host
 from cetvm.kvm.nmi import NMI_ENTRY_INTR_INFO, NmiEvents
 from cetvm.kvm.state import restore_vcpu_state, save_vcpu_state
 
@@ -33,21 +31,11 @@ SMI_HANDLER = bytes([0x90, 0x90, 0x90, 0x0F, 0xAA])  # nop; nop; nop; rsm
 
 
 def nmi_guest() -> Guest:
-    kvm = Kvm(Host(get_model("sapphire-rapids")))
-    vm = kvm.create_vm()
-    build_machine(vm)
-    vm.put_memory(CODE, MAIN)
-    vm.put_memory(CODE + HANDLER_OFFSET, HANDLER)
-    vm.put_memory(0x5000 + 2 * 16, _gate(CODE + HANDLER_OFFSET))
-    vm.put_memory(SMBASE + 0x8000, SMI_HANDLER)
-    vcpu = vm.create_vcpu()
-    cpuid = kvm.get_supported_cpuid()
-    cpuid.set_feature("shstk", False)
-    cpuid.set_feature("ibt", False)
-    vcpu.set_cpuid(cpuid)
-    vcpu.set_sregs(long_mode_sregs())
-    vcpu.set_regs(Regs(rip=CODE, rsp=0x80000, rflags=0x202))
-    return Guest(kvm, vm, vcpu)
+    g = make_guest("nmi", shstk=False, ibt=False, code=MAIN)
+    g.vm.put_memory(CODE + HANDLER_OFFSET, HANDLER)
+    g.vm.put_memory(0x5000 + 2 * 16, _gate(CODE + HANDLER_OFFSET))
+    g.vm.put_memory(SMBASE + 0x8000, SMI_HANDLER)
+    return g
 
 
 def nmi_window_exiting(g: Guest) -> bool:
