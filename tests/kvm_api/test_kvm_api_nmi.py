@@ -16,7 +16,8 @@ import pytest
 from conftest import CODE, SLOTS, Guest, _gate, fresh_copy, make_guest
 
 from cetvm.arch import VmcsField
-from cetvm.arch.vmx import CpuBasedControls
+from cetvm.arch.vmx import GUEST_INTR_STATE_NMI, CpuBasedControls
+from cetvm.cpu.exits import ExitReason
 from cetvm.kvm.api import KvmExitReason
 from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.nmi import NMI_ENTRY_INTR_INFO, NmiEvents
@@ -137,3 +138,18 @@ def test_nmi_state_survives_save_and_restore():
     bad = dict(state, nmi={"pending": 1})
     with pytest.raises(KvmInvalidArgument, match="nmi"):
         restore_vcpu_state(fresh_copy(g).vcpu, bad)
+
+
+def test_the_cpus_vm_entry_refuses_an_nmi_that_cannot_be_injected():
+    """VM-entry checks [SDM Vol. 3 §28.2.1.3, §28.3.1.5]: an NMI has vector 2 and is not injected
+    while blocking by NMI is set (the CPU alone, without KVM's vmx_nmi_allowed in front)."""
+    g = nmi_guest()
+    cpu, vmcs = g.vcpu.cpu, g.vcpu.state.vmcs
+    vmcs.write(VmcsField.VM_ENTRY_INTR_INFO, NMI_ENTRY_INTR_INFO & ~0xFF | 3)
+    exit_ = cpu.run(10)
+    assert exit_.reason is ExitReason.ENTRY_FAILED and "vector 3" in exit_.detail
+    vmcs.write(VmcsField.VM_ENTRY_INTR_INFO, NMI_ENTRY_INTR_INFO)
+    vmcs.write(VmcsField.GUEST_INTERRUPTIBILITY_INFO, GUEST_INTR_STATE_NMI)
+    exit_ = cpu.run(10)
+    assert exit_.reason is ExitReason.ENTRY_FAILED and "blocking by NMI" in exit_.detail
+    assert g.slot(0) == 0

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from cetvm.arch.regs import Vector
 from cetvm.arch.vmx import (
     GUEST_INTR_STATE_MOV_SS, GUEST_INTR_STATE_NMI, GUEST_INTR_STATE_STI, INTR_INFO_TYPE_SHIFT, INTR_INFO_VALID,
-    INTR_TYPE_NMI, CpuBasedControls, VmcsField,
+    INTR_TYPE_NMI, VmcsField,
 )
 from cetvm.kvm.vcpu import VcpuArch
+from cetvm.kvm.vmx import vmx_set_nmi_window
 
 #: process_nmi(): NMIs that may be pending at once while NMIs are not blocked (one is injected
 #: at once, the other waits for the NMI window), and while they are.
@@ -100,13 +101,6 @@ def process_nmi(vcpu: VcpuArch) -> None:
     limit = NMI_LIMIT_BLOCKED if vmx_get_nmi_mask(vcpu) or vcpu.nmi_injected else NMI_LIMIT_UNBLOCKED
     vcpu.nmi_pending = min(vcpu.nmi_pending + vcpu.nmi_queued, limit)
     vcpu.nmi_queued = 0
-
-
-def vmx_set_nmi_window(vcpu: VcpuArch, wanted: bool) -> None:
-    """vmx_enable_nmi_window() / handle_nmi_window(): set or clear "NMI-window exiting"."""
-    controls = vcpu.vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL)
-    window = CpuBasedControls.NMI_WINDOW_EXITING
-    vcpu.vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL, controls | window if wanted else controls & ~window)
 
 
 def vmx_inject_nmi(vcpu: VcpuArch) -> None:
