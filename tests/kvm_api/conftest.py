@@ -74,11 +74,12 @@ class Guest:
 
 
 def make_guest(name: str, host: str = "sapphire-rapids", shstk: bool = True, ibt: bool = True,
-               **host_settings) -> Guest:
+               code: bytes | None = None, **host_settings) -> Guest:
+    """The guest binary ``name`` (or the bytes ``code``) at CODE in 64-bit mode."""
     kvm = Kvm(Host(get_model(host), **host_settings))
     vm = kvm.create_vm()
     build_machine(vm)
-    vm.put_memory(CODE, guest_binary(name))
+    vm.put_memory(CODE, guest_binary(name) if code is None else code)
     vcpu = vm.create_vcpu()
     cpuid = kvm.get_supported_cpuid()
     cpuid.set_feature("shstk", shstk)

@@ -32,7 +32,7 @@ class Machine4:
         self.calls: list[tuple] = []
         self.bus = ApicBus(self.apics, init=lambda i: self.calls.append(("init", i)),
                            sipi=lambda i, v: self.calls.append(("sipi", i, v)),
-                           smi=lambda i: self.calls.append(("smi", i)))
+                           smi=lambda i: self.calls.append(("smi", i)), nmi=lambda i: self.calls.append(("nmi", i)))
         for apic in self.apics:
             apic.mmio_write(SVR, 4, 0x1FF)
 
@@ -125,9 +125,15 @@ def test_smi_ipis_reach_the_addressed_vcpus(m):
     assert m.bus.dropped == 0
 
 
-def test_nmi_is_not_delivered(m):
-    m.send(0, NMI, dest=1)
-    assert m.bus.dropped == 1 and m.irr(2) == []
+def test_nmi_ipis_reach_the_addressed_vcpus_as_kvm_nmi(m):
+    """ICR delivery mode NMI: the target vCPUs get KVM_NMI (the vector field is ignored, nothing
+    goes into an IRR); physical, self and all-but-self destinations, another CPU kicked."""
+    m.send(0, NMI | 0x33, dest=1)
+    assert m.calls == [("nmi", 1)] and m.irr(0x33) == [] and m.irr(2) == [] and m.bus.take_kick()
+    m.send(2, SELF | NMI)
+    assert m.calls[1:] == [("nmi", 2)] and not m.bus.take_kick()
+    m.send(3, ALL_BUT_SELF | NMI)
+    assert m.calls[2:] == [("nmi", 0), ("nmi", 1), ("nmi", 2)] and m.bus.dropped == 0
 
 
 def test_the_xapic_page_reaches_the_running_vcpus_apic():

@@ -358,6 +358,7 @@ class ExitReason(enum.IntEnum):
     TRIPLE_FAULT = 2
     INIT_SIGNAL = 3
     INTERRUPT_WINDOW = 7
+    NMI_WINDOW = 8
     HLT = 12
     CPUID = 10
     VMCALL = 18
@@ -440,6 +441,12 @@ INTR_INFO_VECTOR_MASK = 0xFF
 INTR_INFO_TYPE_SHIFT = 8
 INTR_INFO_DELIVER_CODE = 1 << 11
 INTR_INFO_VALID = 1 << 31
+#: GUEST_INTERRUPTIBILITY_INFO [SDM Vol. 3 Table 25-3]: blocking by STI (bit 0), by MOV SS (1),
+#: by SMI (2), by NMI (3; "virtual-NMI blocking" with the virtual-NMIs control).
+GUEST_INTR_STATE_STI = 1 << 0
+GUEST_INTR_STATE_MOV_SS = 1 << 1
+GUEST_INTR_STATE_SMI = 1 << 2
+GUEST_INTR_STATE_NMI = 1 << 3
 #: EPT-violation exit qualification bits [SDM Vol. 3 Table 28-7]: the access was a read / a write.
 EPT_VIOLATION_READ = 1 << 0
 EPT_VIOLATION_WRITE = 1 << 1

@@ -632,11 +632,13 @@ def iret(vcpu, instr: Instruction) -> None:
     shadow-stack frame is checked and SSP restored (``ssp_on_iret``) before anything is
     committed. Not executed by the engine because Unicorn's TB-cache removal after a single step
     would translate the IRETQ's address at the new CPL (a phantom #PF that corrupts CR2 and
-    QEMU's old_exception). Decisions: DS/ES/FS/GS are not nulled on a return to CPL 3; NMI
-    blocking is not modelled; 16/32-bit IRET raise NotSupportedError.
+    QEMU's old_exception). IRET unblocks NMIs first, so also when it then faults [SDM Vol. 3
+    §6.7.1; §28.2.3 "NMI unblocking due to IRET"]. Decisions: DS/ES/FS/GS are not nulled on a
+    return to CPL 3; 16/32-bit IRET raise NotSupportedError.
     """
     if instr.mnemonic != M.IRETQ:
         raise NotSupportedError(f"{instr} (16/32-bit IRET) is not implemented; use IRETQ")
+    vcpu.end_nmi_blocking()
     old_cpl = vcpu.cpl
     rsp = vcpu.reg("rsp")
     new_rip, new_cs, new_rflags, new_rsp, new_ss = _pop_u64(vcpu, rsp, 5)

@@ -53,6 +53,9 @@ class PendingEvent:
     #: LIP) at this address, not past the INT [SDM vol. 3 6.5 "faults ... the return address
     #: points to the faulting instruction"; INT n is the instruction being executed].
     instruction_rip: int | None = None
+    #: a non-maskable interrupt (VM-entry interruption type NMI): delivered through vector 2
+    #: whatever RFLAGS.IF says, and it blocks further NMIs until the next IRET [SDM Vol. 3 §6.7.1]
+    nmi: bool = False
 
 
 @dataclass(frozen=True)

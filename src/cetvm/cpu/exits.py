@@ -34,6 +34,8 @@ class ExitReason(enum.Enum):
     #: "interrupt-window exiting" and the guest can take an interrupt (IF = 1, no STI / MOV SS
     #: shadow) [SDM Vol. 3 §26.7.5]
     INTERRUPT_WINDOW = "interrupt_window"
+    #: "NMI-window exiting" and no blocking by NMI, STI or MOV SS [SDM Vol. 3 §26.7.6]
+    NMI_WINDOW = "nmi_window"
     #: VM entry failed its guest-state checks (nothing ran; ``detail`` says which check)
     ENTRY_FAILED = "entry_failed"
     BUDGET = "budget"
@@ -61,6 +63,7 @@ BASIC_EXIT_REASONS: dict[ExitReason, int] = {
     ExitReason.CPUID: VmxExitReason.CPUID,
     ExitReason.HLT: VmxExitReason.HLT,
     ExitReason.INTERRUPT_WINDOW: VmxExitReason.INTERRUPT_WINDOW,
+    ExitReason.NMI_WINDOW: VmxExitReason.NMI_WINDOW,
     ExitReason.VMCALL: VmxExitReason.VMCALL,
     ExitReason.CR_ACCESS: VmxExitReason.CR_ACCESS,
     ExitReason.IO: VmxExitReason.IO_INSTRUCTION,

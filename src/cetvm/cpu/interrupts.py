@@ -28,6 +28,11 @@ Decisions (engine-driven, documented and tested):
   once (return address after the HLT) instead of an HLT exit.
 - At most one exception (or software interrupt) is pending: the engine stops at the first one,
   and :func:`cetvm.cpu.events.deliver` turns a second one during delivery into #DF itself.
+- Blocking by NMI [SDM Vol. 3 §6.7.1, §25.4.2 Table 25-3]: set when an NMI is delivered, cleared
+  by IRET (:func:`cetvm.cpu.emulate.iret`, also when it faults: VMX's "NMI unblocking due to
+  IRET"); the CPU holds it while it runs and VM entry / VM exit load it from and save it to the
+  VMCS's GUEST_INTERRUPTIBILITY_INFO (bit 3), where the hypervisor reads and writes it
+  (vmx_get_nmi_mask / vmx_set_nmi_mask). An NMI is not blocked by RFLAGS.IF.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class PendingEvents:
         self._completion = completion
         self._event: PendingEvent | None = None
         self._irq_vector: int | None = None
+        #: blocking by NMI (see the module docstring)
+        self.nmi_blocked = False
 
     # ------------------------------------------------------------------ the next event
     @property
@@ -105,6 +112,12 @@ class PendingEvents:
         """A maskable interrupt would be taken now: IF = 1 and no STI / MOV SS shadow
         (vmx_interrupt_allowed without nested or NMI state)."""
         return self.if_flag and not self.interrupt_shadow
+
+    @property
+    def nmi_window_open(self) -> bool:
+        """An NMI would be taken now: no blocking by NMI and no STI / MOV SS shadow (the
+        blocking KVM's vmx_nmi_blocked reads) [SDM Vol. 3 §26.7.6 "NMI-window exiting"]."""
+        return not self.nmi_blocked and not self.interrupt_shadow
 
     def begin_interrupt_shadow(self) -> None:
         """Block interrupts until the next instruction retires (MOV SS / POP SS / STI)."""

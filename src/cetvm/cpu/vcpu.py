@@ -64,7 +64,10 @@ from cetvm import CetvmError
 from cetvm.arch import Cr0, Cr4, Msr, Vector
 from cetvm.arch.msr import CET_MSR_SET
 from cetvm.arch.regs import U64_MASK
-from cetvm.arch.vmx import CpuBasedControls, VmcsField
+from cetvm.arch.vmx import (
+    GUEST_INTR_STATE_MOV_SS, GUEST_INTR_STATE_NMI, GUEST_INTR_STATE_STI, INTR_INFO_TYPE_SHIFT, INTR_INFO_VALID,
+    INTR_INFO_VECTOR_MASK, INTR_TYPE_NMI, CpuBasedControls, VmcsField,
+)
 from cetvm.cpu import events
 from cetvm.cpu.alignment import alignment_checked, misaligned_access
 from cetvm.cpu.block_hook import BlockHook
@@ -665,6 +668,18 @@ class Vcpu:
         """A maskable interrupt would be taken now: IF = 1 and no STI / MOV SS shadow."""
         return self.pending_events.interrupt_window_open
 
+    # ------------------------------------------------------------------ NMI blocking
+    @property
+    def nmi_blocked(self) -> bool:
+        """Blocking by NMI [SDM Vol. 3 §6.7.1] (:mod:`cetvm.cpu.interrupts`); the hypervisor
+        reads and writes it through GUEST_INTERRUPTIBILITY_INFO, not here."""
+        return self.pending_events.nmi_blocked
+
+    def end_nmi_blocking(self) -> None:
+        """IRET executed: NMIs are unblocked (even when the IRET then faults) [SDM Vol. 3
+        §6.7.1; §28.2.3 "NMI unblocking due to IRET"]."""
+        self.pending_events.nmi_blocked = False
+
     # ------------------------------------------------------------------ hypervisor interface
     def vmptrld(self, vmcs: Vmcs) -> None:
         """Make ``vmcs`` the current VMCS: the next VM entry (``run``) obeys its controls."""
@@ -741,12 +756,55 @@ class Vcpu:
             self.budget.left = None
 
     def _vm_entry(self) -> VmExit | None:
-        """VM entry from the current VMCS [SDM Vol. 3 ch. 28]: with LOAD_CET_STATE, check the
-        guest CET fields and load S_CET, SSP and INTR_SSP_TABLE; a failed check is a VM-entry
-        failure exit (nothing loaded, nothing run)."""
+        """VM entry from the current VMCS [SDM Vol. 3 ch. 28]: the guest CET state
+        (:meth:`_load_guest_cet_state`), blocking by NMI from GUEST_INTERRUPTIBILITY_INFO, then
+        the event of the VM-entry interruption-information field (:meth:`_inject_entry_event`);
+        a failed check is a VM-entry failure exit (nothing loaded, nothing run)."""
         vmcs = self.vmcs
-        if not vmcs.entry_loads_cet():
+        failure = self._load_guest_cet_state(vmcs) if vmcs.entry_loads_cet() else None
+        if failure is not None:
+            return failure
+        interruptibility = vmcs.read(VmcsField.GUEST_INTERRUPTIBILITY_INFO)
+        failure = self._entry_event_fault(vmcs.read(VmcsField.VM_ENTRY_INTR_INFO), interruptibility)
+        if failure is not None:
+            return VmExit(ExitReason.ENTRY_FAILED, self.rip, detail=f"VM entry failed: {failure}")
+        self.pending_events.nmi_blocked = bool(interruptibility & GUEST_INTR_STATE_NMI)
+        self._inject_entry_event(vmcs)
+        return None
+
+    def _entry_event_fault(self, info: int, interruptibility: int) -> str | None:
+        """The VM-entry checks of the event to inject [SDM Vol. 3 §28.2.1.3, §28.3.1.5]: an NMI
+        has vector 2 and is not injected while blocking by NMI (virtual-NMI blocking) or by MOV SS
+        is set, nor on top of an event the CPU still has to deliver. cetvm's CPU takes only NMIs
+        from this field (the hypervisor injects exceptions and external interrupts through
+        :meth:`inject_exception` / :meth:`inject_interrupt`). Why the entry fails, or None."""
+        if not info & INTR_INFO_VALID:
             return None
+        kind, vector = (info >> INTR_INFO_TYPE_SHIFT) & 7, info & INTR_INFO_VECTOR_MASK
+        if kind != INTR_TYPE_NMI:
+            return f"VM_ENTRY_INTR_INFO type {kind}: cetvm's CPU injects only NMIs from this field"
+        if vector != Vector.NMI:
+            return f"an NMI injected with vector {vector} (must be 2)"
+        if interruptibility & (GUEST_INTR_STATE_NMI | GUEST_INTR_STATE_MOV_SS):
+            return "an NMI injected while blocking by NMI or by MOV SS is set"
+        if self.pending_events.has_event:
+            return "an NMI injected while another event waits for delivery"
+        return None
+
+    def _inject_entry_event(self, vmcs: Vmcs) -> None:
+        """VM-entry event injection [SDM Vol. 3 §28.6]: the NMI is delivered through IDT vector
+        2 before the first guest instruction, whatever RFLAGS.IF says; it wakes a halted CPU.
+        The entry consumes the field: its valid bit is cleared here ("VM exits clear the valid
+        bit"; a run that ends before it enters — the last exit's completion makes one more
+        exit — leaves it for the next entry, which KVM sees as an injection still in flight)."""
+        info = vmcs.read(VmcsField.VM_ENTRY_INTR_INFO)
+        if info & INTR_INFO_VALID:
+            vmcs.write(VmcsField.VM_ENTRY_INTR_INFO, info & ~INTR_INFO_VALID)
+            self.pending_events.queue(PendingEvent(Vector.NMI, injected=True, nmi=True))
+
+    def _load_guest_cet_state(self, vmcs: Vmcs) -> VmExit | None:
+        """With LOAD_CET_STATE: check GUEST_S_CET, GUEST_SSP and GUEST_INTR_SSP_TABLE and load
+        them [SDM Vol. 3 §28.3.1.1, §28.3.2.1]; the failure exit or None."""
         s_cet, ssp = vmcs.read(VmcsField.GUEST_S_CET), vmcs.read(VmcsField.GUEST_SSP)
         intr_ssp_table = vmcs.read(VmcsField.GUEST_INTR_SSP_TABLE)
         fault = guest_cet_state_fault(s_cet, ssp, intr_ssp_table)
@@ -765,9 +823,20 @@ class Vcpu:
             vmcs.write(VmcsField.GUEST_S_CET, self.cet_msr(Msr.IA32_S_CET))
             vmcs.write(VmcsField.GUEST_SSP, self.ssp)
             vmcs.write(VmcsField.GUEST_INTR_SSP_TABLE, self.cet_msr(Msr.IA32_INT_SSP_TAB))
+            vmcs.write(VmcsField.GUEST_INTERRUPTIBILITY_INFO, self._interruptibility())
         self.completion.last_exit = exit_
         vmcs.record_exit(exit_)
         return exit_
+
+    def _interruptibility(self) -> int:
+        """GUEST_INTERRUPTIBILITY_INFO as VM exit saves it [SDM Vol. 3 §29.3.4]: blocking by NMI,
+        and the shadow of the last instruction (STI's when RFLAGS.IF is 1, else MOV SS's: the
+        engine keeps one shadow flag for both)."""
+        events_ = self.pending_events
+        state = GUEST_INTR_STATE_NMI if events_.nmi_blocked else 0
+        if events_.interrupt_shadow:
+            state |= GUEST_INTR_STATE_STI if events_.if_flag else GUEST_INTR_STATE_MOV_SS
+        return state
 
     # ------------------------------------------------------------------ exact instruction budget
     @property
@@ -786,6 +855,8 @@ class Vcpu:
         budget = self.budget
         linear = self.mode.linear
         window_exiting = self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+        nmi_window_wanted = self.vmcs.cpu_based(CpuBasedControls.NMI_WINDOW_EXITING)
+        nmi_window_exiting = nmi_window_wanted
         while True:
             if events_.pending_interrupt is not None:
                 if not events_.has_event and events_.interrupt_window_open:
@@ -803,9 +874,16 @@ class Vcpu:
                 exit_ = events.deliver(self, event)
                 if exit_ is not None:
                     return exit_
+                if event.nmi:  # [SDM Vol. 3 §6.7.1]: NMIs blocked until the next IRET
+                    events_.nmi_blocked = True
                 continue
             if budget.left is not None and budget.left <= 0:
                 return VmExit(ExitReason.BUDGET, self.rip)
+            if nmi_window_exiting:  # before the interrupt window [SDM Vol. 3 §26.7.6, Table 7-2]
+                if events_.nmi_window_open:
+                    self._halted = False
+                    return VmExit(ExitReason.NMI_WINDOW, self.rip)
+                nmi_window_exiting = False
             if window_exiting:  # checked at VM entry, after the events it delivers (see cetvm.cpu.vmcs)
                 if events_.interrupt_window_open:
                     self._halted = False  # the exit leaves the HLT activity state
@@ -827,6 +905,10 @@ class Vcpu:
                 if exit_ is None and self._watching_window and self._hook.take_window_stop():
                     # the window opened at a block start: the interrupt (or the window exit) now
                     window_exiting = self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+            if nmi_window_wanted:
+                # an IRETQ emulated here or handed over by the native one unblocked NMIs, or the
+                # watched shadow ended
+                nmi_window_exiting = events_.nmi_window_open
             if exit_ is not None:
                 if not (exit_.reason is ExitReason.HLT and events_.wakes_halt()):
                     return exit_
@@ -835,8 +917,13 @@ class Vcpu:
     def _watch_interrupt_window(self, events_: PendingEvents) -> None:
         """Before an engine run: an interrupt waits — injected, or the window exit requested —
         but RFLAGS.IF = 0 or an STI / MOV SS shadow blocks it: the block hook watches for the
-        window (:meth:`BlockHook.watch_interrupt_window`); told only when that changes."""
-        waiting = events_.pending_interrupt is not None or self.vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+        window (:meth:`BlockHook.watch_interrupt_window`); told only when that changes. An NMI
+        window blocked only by the shadow is watched the same way (decision: the watch stops
+        where IF = 1 and the shadow is over, so a MOV SS shadow with IF = 0 opens the NMI
+        window at the next VM entry instead)."""
+        vmcs = self.vmcs
+        waiting = (events_.pending_interrupt is not None or vmcs.cpu_based(CpuBasedControls.INTERRUPT_WINDOW_EXITING)
+                   or (vmcs.cpu_based(CpuBasedControls.NMI_WINDOW_EXITING) and not events_.nmi_blocked))
         watch = waiting and not events_.interrupt_window_open
         if watch != self._watching_window:
             self._watching_window = watch
@@ -848,7 +935,7 @@ class Vcpu:
         if self._native_events is not None:
             vmcs = self.vmcs
             self._native_events.before_run(self.pending_events.pending_interrupt is not None,
-                                           vmcs.read(VmcsField.EXCEPTION_BITMAP))
+                                           vmcs.read(VmcsField.EXCEPTION_BITMAP), self.pending_events.nmi_blocked)
             self._exit_insns.set_cpu_based_controls(vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL))
             self._exit_insns.set_tpr_threshold(vmcs.read(VmcsField.TPR_THRESHOLD))
         handed_over: int | None = None

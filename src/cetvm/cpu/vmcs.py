@@ -38,6 +38,20 @@ The execution controls the CPU acts on [SDM Vol. 3 §26.1-26.3, §26.7 (HLT acti
   IRETQ/SYSRET that sets IF — not at other engine stops (decision: Unicorn's STI shadow flag is
   not reliable at every engine stop, measured with the smp guest's ``sti; hlt``; at a block
   start it is exact);
+- NMI_WINDOW_EXITING: an NMI_WINDOW exit when neither blocking by NMI nor an STI / MOV SS
+  shadow blocks an NMI [SDM Vol. 3 §26.7.6] — checked at VM entry (before the interrupt
+  window), after every emulated instruction and engine run (an IRETQ unblocks NMIs: the native
+  IRETQ leaves itself to Python while they are blocked) and where the watched shadow ends;
+- VM_ENTRY_INTR_INFO with type NMI (2), vector 2: VM entry delivers the NMI through IDT vector 2
+  before any guest instruction, whatever RFLAGS.IF says, and sets blocking by NMI; the entry
+  fails when blocking by NMI or MOV SS is set in GUEST_INTERRUPTIBILITY_INFO [SDM Vol. 3
+  §28.3.1.5, §28.6]; the entry clears the valid bit. Other interruption types are not taken
+  from the field (the hypervisor injects exceptions and external interrupts through the vCPU's
+  ``inject_exception`` / ``inject_interrupt``);
+- GUEST_INTERRUPTIBILITY_INFO: VM entry loads blocking by NMI from bit 3, VM exit saves it with
+  the shadow of the last instruction (bit 0 STI with RFLAGS.IF set, else bit 1 MOV SS); the
+  shadow bits are not loaded (the engine keeps its own shadow flag, which nothing but the
+  guest changes);
 - CR3_LOAD_EXITING: MOV to CR3 exits (CR_ACCESS, qualification of SDM Table 28-3);
 - secondary controls (in force only with ACTIVATE_SECONDARY_CONTROLS): ENABLE_XSAVES clear →
   XSAVES/XRSTORS are #UD [SDM Vol. 3 §26.3 "XSAVES"].
@@ -49,8 +63,7 @@ cetvm's CPU has no mechanism for it:
   a run executes; the interrupts a guest gets are the hypervisor's injections;
 - UNCONDITIONAL_IO_EXITING / USE_IO_BITMAPS: the CPU has no I/O ports of its own, so every
   IN/OUT/INS/OUTS exits (as with unconditional I/O exiting) whatever the controls say;
-- NMI_WINDOW_EXITING, MONITOR_TRAP_FLAG, PREEMPTION_TIMER: the CPU has no NMIs, no per-instruction
-  stop and no timer (its instruction budget plays the preemption timer's part);
+- MONITOR_TRAP_FLAG, PREEMPTION_TIMER: the CPU has no per-instruction stop and no timer (its instruction budget plays the preemption timer's part);
 - RDTSC_EXITING, ENABLE_RDTSCP, CR3_STORE_EXITING, CR8 exiting, INVLPG/MWAIT/PAUSE/RDPMC/MOV-DR
   exiting: RDTSC/RDTSCP, MOV from CR3/CR8, PAUSE, RDPMC and MOV DR run inside the engine
   without an exit point (the TSC is the offset-scaled counter of :mod:`cetvm.cpu.tsc`);

@@ -70,6 +70,10 @@ Decisions:
   RSM and the force-emulation prefix); :meth:`KvmVcpu.get_vcpu_events_smi` /
   :meth:`KvmVcpu.set_vcpu_events_smi` are the ``smi`` part of KVM_GET/SET_VCPU_EVENTS. An INIT
   latched in SMM waits for RSM and a SIPI then is dropped.
+- NMIs (:mod:`cetvm.kvm.nmi`): :meth:`KvmVcpu.nmi` is KVM_NMI; a pending NMI is injected at
+  the next VM entry NMIs are not blocked at (VM_ENTRY_INTR_INFO type NMI), else KVM waits for
+  the NMI window; :meth:`KvmVcpu.get_vcpu_events_nmi` / :meth:`KvmVcpu.set_vcpu_events_nmi` are
+  the ``nmi`` part of KVM_GET/SET_VCPU_EVENTS.
 - :meth:`KvmVcpu.translate` is KVM_TRANSLATE: a software walk of the guest's page tables with
   its current CR0/CR3/CR4/EFER (kvm_mmu_gva_to_gpa_system, supervisor read access); None where
   the address is not mapped (KVM reports valid = 0).
@@ -100,6 +104,7 @@ from cetvm.cpu.vmcs import SOFTWARE_EXCEPTION_VECTORS
 from cetvm.cpu.vcpu import Vcpu as CpuVcpu
 from cetvm.cpuid.model import CpuidModel
 from cetvm.kvm import reset as _reset
+from cetvm.kvm import nmi as _nmi
 from cetvm.kvm import smm
 from cetvm.kvm import vmx
 from cetvm.kvm.caps import KvmCaps, kvm_caps_for_host
@@ -831,6 +836,7 @@ class KvmVcpu:
         self._queued = None
         self._hypercall = None
         smm.kvm_smm_reset(state, init_event)
+        _nmi.kvm_nmi_reset(state)
         cpu.cancel_interrupt()  # kvm_clear_interrupt_queue / pending_external_vector = -1
         if init_event:
             cpu.flush_translations()  # cross-modifying code (module docstring)
@@ -987,6 +993,8 @@ class KvmVcpu:
                 continue  # vmx_check_nested_events: L2 → L1 for the pending interrupt
             if self.nested.vmx_abort is not None:  # nested_vmx_abort's KVM_REQ_TRIPLE_FAULT
                 return self._vmx_abort_shutdown()
+            if left != 0 and not self.nested.guest_mode:  # L2 runs: NMIs wait for L1 (cetvm.kvm.nmi)
+                _nmi.kvm_check_and_inject_nmi(state, cpu.has_pending_event)
             forced, self._forced_emulation = self._forced_emulation, False
             # an interrupt kept for L1 (nested exit without acknowledge): step L1 until it can take it
             forced = forced or nested_irq_for_l1_waits(self)
@@ -997,6 +1005,7 @@ class KvmVcpu:
                 self._prepare_native_port_io(native)
             exit_ = cpu.run(1 if forced and left != 0 else left)
             vmx.vmx_vcpu_exit(state, cpu, host)
+            _nmi.vmx_complete_nmi(state)
             if native is not None:
                 self._collect_native_port_io(native)
             if forced and exit_.reason is ExitReason.BUDGET and left != 1:
@@ -1101,6 +1110,9 @@ class KvmVcpu:
         if reason is ExitReason.CR_ACCESS:
             handle_cr(self.state, self.cpu, exit_)
             return None
+        if reason is ExitReason.NMI_WINDOW:
+            _nmi.handle_nmi_window(self.state)
+            return None
         if reason is ExitReason.INTERRUPT_WINDOW:  # handle_interrupt_window, then vcpu_run's check
             vmx.vmx_set_irq_window(self.state, False)
             return KvmRun(KvmExitReason.IRQ_WINDOW_OPEN, exit_.rip) if self._irq_window_exit_due() else None
@@ -1160,6 +1172,31 @@ class KvmVcpu:
                 self.cpu.inject_exception(Vector.UD)
                 return None
         return KvmRun(KvmExitReason.EXCEPTION, exit_.rip, exception=self._exception_exit(exit_))
+
+    # ------------------------------------------------------------------ NMI
+    def nmi(self) -> None:
+        """KVM_NMI (kvm_vcpu_ioctl_nmi → kvm_inject_nmi): queue an NMI; it is injected at a VM
+        entry where NMIs are not blocked (:mod:`cetvm.kvm.nmi`)."""
+        _nmi.kvm_inject_nmi(self.state)
+
+    @property
+    def nmi_pending(self) -> bool:
+        """An NMI queued or pending (kvm_vcpu_has_events): it wakes a halted vCPU whatever
+        RFLAGS.IF says."""
+        return _nmi.kvm_nmi_pending(self.state)
+
+    def get_vcpu_events_nmi(self) -> _nmi.NmiEvents:
+        """KVM_GET_VCPU_EVENTS, its ``nmi`` member (injected, pending count, masked)."""
+        return _nmi.nmi_events(self.state)
+
+    def set_vcpu_events_nmi(self, nmi: _nmi.NmiEvents) -> None:
+        """KVM_SET_VCPU_EVENTS with KVM_VCPUEVENT_VALID_NMI_PENDING: ``pending`` a u8 (KVM keeps
+        at most 2, or 1 while masked), ``injected`` and ``masked`` booleans; -EINVAL otherwise."""
+        nmi = check_instance("KVM_SET_VCPU_EVENTS: nmi", nmi, _nmi.NmiEvents)
+        nmi = _nmi.NmiEvents(injected=check_flag("KVM_SET_VCPU_EVENTS: nmi.injected", nmi.injected),
+                             pending=check_u8("KVM_SET_VCPU_EVENTS: nmi.pending", nmi.pending),
+                             masked=check_flag("KVM_SET_VCPU_EVENTS: nmi.masked", nmi.masked))
+        _nmi.set_nmi_events(self.state, nmi)
 
     # ------------------------------------------------------------------ SMM
     def smi(self) -> None:

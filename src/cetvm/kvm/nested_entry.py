@@ -50,7 +50,8 @@ no event injected the vCPU halts at once (KVM_EXIT_HLT), an injected event wakes
 interrupt exits acknowledge the interrupt when L1 sets "acknowledge interrupt on exit".
 
 Not modelled (decisions): IDT-vectoring information (always 0: cetvm's CPU exits before an
-event is delivered), the preemption timer, MTF, NMI windows, the wait-for-SIPI activity state.
+event is delivered), the preemption timer, MTF, NMI windows, NMI exiting to L1 (an NMI for L1
+waits until L1 runs: :mod:`cetvm.kvm.nmi`), the wait-for-SIPI activity state.
 """
 
 from __future__ import annotations
@@ -682,9 +683,14 @@ def l2_enters_halted(vmcs12: Vmcs12) -> bool:
 def _inject_entry_event(cpu, vmcs12: Vmcs12) -> None:
     """VM-entry event injection [SDM Vol. 3 §28.6]: the event is delivered through L2's IDT
     first thing in L2 (cetvm's CPU delivers it at the next run) — an external interrupt too,
-    whatever L2's RFLAGS.IF (injection is not subject to interrupt blocking)."""
+    whatever L2's RFLAGS.IF (injection is not subject to interrupt blocking). An NMI goes into
+    vmcs02's VM_ENTRY_INTR_INFO (prepare_vmcs02_early), whose entry delivers it and blocks NMIs
+    in L2 until its IRET."""
     info = vmcs12.read(F.VM_ENTRY_INTR_INFO)
     if not info & INTR_INFO_VALID:
+        return
+    if (info >> INTR_INFO_TYPE_SHIFT) & 7 == INTR_TYPE_NMI:
+        cpu.vmcs.write(F.VM_ENTRY_INTR_INFO, info)
         return
     vector = info & 0xFF
     error_code = vmcs12.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info & INTR_INFO_DELIVER_CODE else None

@@ -42,7 +42,10 @@ Decisions (cetvm):
   fails the entry (KVM: kvm_vm_dead → KVM_EXIT_INTERNAL_ERROR here).
 - Only the 64-bit map: a guest CPUID without long mode (KVM's 32-bit map) is refused at the
   SMI with KVM_EXIT_INTERNAL_ERROR.
-- cetvm delivers no NMIs; the NMI mask is kept for HF_SMM_INSIDE_NMI and the events only.
+- The NMI mask is the VMCS's blocking by NMI (:func:`cetvm.kvm.nmi.vmx_get_nmi_mask` /
+  :func:`~cetvm.kvm.nmi.vmx_set_nmi_mask`), the one the CPU sets on NMI delivery and IRET
+  clears: an NMI made pending in the SMI handler waits for RSM (or for an IRET there, as on
+  KVM).
 - The interrupt shadow is saved (STI shadow) but not restored (the CPU has no setter); an SMI is
   taken after the exiting instruction retired, when there is no shadow.
 - A failed RSM leaves the vCPU out of SMM with the SMM registers (KVM has loaded part of the
@@ -70,6 +73,7 @@ from cetvm.kvm.caps import KvmCaps
 from cetvm.kvm.cet_rules import kvm_is_valid_ssp
 from cetvm.kvm.cr import cr0_invalid_reason, kvm_is_illegal_gpa, kvm_is_valid_cr4
 from cetvm.kvm.msr import MsrResult, guest_maxphyaddr, kvm_get_msr, kvm_set_efer_value, kvm_set_msr
+from cetvm.kvm.nmi import vmx_get_nmi_mask, vmx_set_nmi_mask
 from cetvm.kvm.vcpu import VcpuArch
 
 #: The revision identifier KVM writes in its 64-bit map (SMBASE + 0xFEFC).
@@ -218,7 +222,7 @@ def set_smi_events(vcpu: VcpuArch, smi: SmiEvents) -> None:
         kvm_smm_changed(vcpu, smi.smm)
     vcpu.smi_pending = smi.pending
     if smi.smm:
-        vcpu.nmi_masked = True  # NMIs are blocked in SMM
+        vmx_set_nmi_mask(vcpu, True)  # NMIs are blocked in SMM
         if smi.smm_inside_nmi:
             vcpu.hflags |= HFlag.SMM_INSIDE_NMI
         else:
@@ -301,10 +305,10 @@ def enter_smm(vcpu: VcpuArch, cpu) -> SmmTransition:
                                                "is not guest RAM (KVM: kvm_vm_dead)")
     kvm_smm_changed(vcpu, True)
     cpu.write_phys(smbase + SMRAM_STATE_OFFSET, state.pack())
-    if vcpu.nmi_masked:
+    if vmx_get_nmi_mask(vcpu):
         vcpu.hflags |= HFlag.SMM_INSIDE_NMI
     else:
-        vcpu.nmi_masked = True
+        vmx_set_nmi_mask(vcpu, True)
     sregs = smm_entry_sregs(cpu.get_sregs(), smbase)
     cpu.set_sregs(sregs)
     vcpu.cr0, vcpu.cr4 = sregs.cr0, sregs.cr4
@@ -382,7 +386,7 @@ def emulator_leave_smm(vcpu: VcpuArch, cpu) -> SmmTransition:
         return SmmTransition(shutdown=True, detail=f"RSM: SMRAM at {smbase:#x} is not guest RAM")
     state = SmramState64.unpack(cpu.read_phys(smbase + SMRAM_STATE_OFFSET, SMRAM_STATE_SIZE))
     if not vcpu.hflags & HFlag.SMM_INSIDE_NMI:
-        vcpu.nmi_masked = False
+        vmx_set_nmi_mask(vcpu, False)
     kvm_smm_changed(vcpu, False)
     smm_sregs = cpu.get_sregs()
     why = rsm_load_state_64_fault(vcpu, state, smm_sregs.cr0)
@@ -410,12 +414,11 @@ def em_rsm(vcpu: VcpuArch, cpu) -> SmmTransition:
 
 
 def kvm_smm_reset(vcpu: VcpuArch, init_event: bool) -> None:
-    """kvm_vcpu_reset(): hflags, the pending SMI and the NMI state cleared on RESET and INIT;
-    SMBASE = 0x30000 on RESET only."""
+    """kvm_vcpu_reset(): hflags and the pending SMI cleared on RESET and INIT (the NMI state:
+    :func:`cetvm.kvm.nmi.kvm_nmi_reset`); SMBASE = 0x30000 on RESET only."""
     vcpu.hflags = 0
     vcpu.smi_pending = False
     vcpu.smi_count = 0
-    vcpu.nmi_masked = False
     if not init_event:
         vcpu.smbase = SMBASE_RESET
 

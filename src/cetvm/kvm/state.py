@@ -6,7 +6,8 @@ KVM_GET_MSR_INDEX_LIST that reads), ``xsave`` (hex of the KVM_GET_XSAVE2 image),
 ``fpstate_xstate_bv`` (the guest fpstate's XSTATE_BV, supervisor bits included: which xstate
 the guest depends on), ``guest_ssp`` (KVM_REG_GUEST_SSP, None without guest SHSTK),
 ``mp_state``, ``events``, ``smi`` (the SMM part of KVM_GET_VCPU_EVENTS: a vCPU saved in SMM is
-restored in SMM; SMBASE travels as IA32_SMBASE in ``msrs``), ``tsc_offset`` (KVM_VCPU_TSC_OFFSET, restored after the MSRs so
+restored in SMM; SMBASE travels as IA32_SMBASE in ``msrs``), ``nmi`` (the NMI part: injected,
+pending count, masked — a vCPU saved in its NMI handler keeps NMIs blocked until its IRET), ``tsc_offset`` (KVM_VCPU_TSC_OFFSET, restored after the MSRs so
 the TSC continues exactly where it stood) and ``nested`` (KVM_GET_NESTED_STATE: None outside VMX
 operation, :class:`~cetvm.kvm.nested_state.NestedState` otherwise; restored first). The guest's CPUID is not part of it: as with KVM, the VMM calls
 set_cpuid() on the new vCPU before restoring.
@@ -14,7 +15,8 @@ set_cpuid() on the new vCPU before restoring.
 Restore order (each step needs the previous ones): sregs (CR4.CET needs the CPUID), regs,
 IA32_XSS *before* XCR0 and XSAVE (the restore bug real VMMs hit on CET hosts: loading xstate
 with CET_U/CET_S in use before IA32_XSS allows it), XCR0, XSAVE, the other MSRs (CET MSRs write
-the CET components of the fpstate), the guest SSP, MP state, the SMM flags, pending events.
+the CET components of the fpstate), the guest SSP, MP state, the SMM flags, the NMI state (after SMM, whose entry masks NMIs),
+pending events.
 
 A malformed state (a missing key, a value of the wrong type, a ``regs``/``sregs``/segment
 object without exactly its struct's fields — a ``regs`` without ``rip`` is refused, not
@@ -44,6 +46,7 @@ from cetvm.kvm.caps import msr_name
 from cetvm.kvm.errors import KvmInvalidArgument
 from cetvm.kvm.ioctl_args import check_instance, check_u64, describe
 from cetvm.kvm.nested_state import NestedState
+from cetvm.kvm.nmi import NmiEvents
 from cetvm.kvm.smm import SmiEvents
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
@@ -75,6 +78,7 @@ def save_vcpu_state(vcpu: KvmVcpu) -> dict[str, Any]:
         "mp_state": vcpu.get_mp_state().name,
         "events": None if event is None else asdict(event),
         "smi": asdict(vcpu.get_vcpu_events_smi()),
+        "nmi": asdict(vcpu.get_vcpu_events_nmi()),
         "tsc_offset": vcpu.get_tsc_offset(),
         "nested": None if nested is None else nested.to_json(),
     }
@@ -136,6 +140,8 @@ def check_saved_state_schema(state: object) -> Mapping[str, Any]:
         _dataclass_from(QueuedException, state["events"], "events")
     if state.get("smi") is not None:
         _smi_from(state["smi"])
+    if state.get("nmi") is not None:
+        _dataclass_from(NmiEvents, state["nmi"], "nmi")
     return state
 
 
@@ -235,6 +241,8 @@ def restore_vcpu_state(vcpu: KvmVcpu, state: Mapping[str, Any]) -> None:
     vcpu.set_mp_state(_mp_state_from(state.get("mp_state", "RUNNABLE")))
     if state.get("smi") is not None:
         vcpu.set_vcpu_events_smi(_smi_from(state["smi"]))
+    if state.get("nmi") is not None:
+        vcpu.set_vcpu_events_nmi(_dataclass_from(NmiEvents, state["nmi"], "nmi"))
     event = state.get("events")
     if event:
         queued = _dataclass_from(QueuedException, event, "events")

@@ -4,7 +4,9 @@
 - S_CET, SSP, INTR_SSP_TABLE: the VMCS (GUEST_S_CET, GUEST_SSP, GUEST_INTR_SSP_TABLE).
 - IA32_XSS, XCR0, CR0, CR4: vcpu->arch.
 - SMM (:mod:`cetvm.kvm.smm`): hflags (HF_SMM, HF_SMM_INSIDE_NMI), smbase, smi_pending,
-  smi_count, and the NMI mask SMM sets (vmx_get/set_nmi_mask).
+  smi_count.
+- NMIs (:mod:`cetvm.kvm.nmi`): nmi_queued, nmi_pending, nmi_injected; the NMI mask is the
+  VMCS's GUEST_INTERRUPTIBILITY_INFO (vmx_get/set_nmi_mask), not a copy here.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ class VcpuArch:
     smbase: int = SMBASE_RESET
     smi_pending: bool = False
     smi_count: int = 0
-    #: NMIs blocked (set on entry to SMM; cetvm delivers no NMIs otherwise)
-    nmi_masked: bool = False
+    #: NMIs from KVM_NMI not yet processed, NMIs pending (process_nmi), an NMI injection in
+    #: flight (:mod:`cetvm.kvm.nmi`)
+    nmi_queued: int = 0
+    nmi_pending: int = 0
+    nmi_injected: bool = False
 
     @classmethod
     def create(cls, caps: KvmCaps, cpuid: CpuidModel | None = None) -> "VcpuArch":

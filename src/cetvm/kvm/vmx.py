@@ -110,11 +110,21 @@ def init_vmcs_exec_controls(vcpu: VcpuArch) -> None:
     vcpu.vmcs.write(VmcsField.SECONDARY_VM_EXEC_CONTROL, vmx_secondary_exec_control(vcpu))
 
 
+def exec_controls_changebit(vcpu: VcpuArch, control: CpuBasedControls, wanted: bool) -> None:
+    """exec_controls_setbit() / exec_controls_clearbit(): one primary processor-based control."""
+    controls = vcpu.vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL)
+    vcpu.vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL, controls | control if wanted else controls & ~control)
+
+
 def vmx_set_irq_window(vcpu: VcpuArch, wanted: bool) -> None:
     """enable_irq_window() / handle_interrupt_window(): set or clear "interrupt-window exiting"."""
-    controls = vcpu.vmcs.read(VmcsField.CPU_BASED_VM_EXEC_CONTROL)
-    window = CpuBasedControls.INTERRUPT_WINDOW_EXITING
-    vcpu.vmcs.write(VmcsField.CPU_BASED_VM_EXEC_CONTROL, controls | window if wanted else controls & ~window)
+    exec_controls_changebit(vcpu, CpuBasedControls.INTERRUPT_WINDOW_EXITING, wanted)
+
+
+def vmx_set_nmi_window(vcpu: VcpuArch, wanted: bool) -> None:
+    """vmx_enable_nmi_window() / handle_nmi_window(): set or clear "NMI-window exiting" (KVM's
+    virtual NMIs are on, so the control exists)."""
+    exec_controls_changebit(vcpu, CpuBasedControls.NMI_WINDOW_EXITING, wanted)
 
 
 def vmx_update_cr8_intercept(vcpu: VcpuArch, tpr: int | None) -> None:

@@ -191,7 +191,7 @@ class Machine:
         #: The BSP (vCPU 0).
         self.vcpu = self.vcpus[0]
         self.apic_bus = ApicBus(self.devices.lapics, init=self._deliver_init, sipi=self._deliver_sipi,
-                                smi=self._deliver_smi)
+                                smi=self._deliver_smi, nmi=self._deliver_nmi)
         self.boot_plan: BootPlan | None = None
         #: VM exits before this machine object started (a restored snapshot's count).
         self._exits_done = 0
@@ -249,6 +249,11 @@ class Machine:
     def _deliver_smi(self, index: int) -> None:
         """An SMI IPI (ICR delivery mode SMI): KVM_SMI on the target vCPU."""
         self.vcpus[index].smi()
+
+    def _deliver_nmi(self, index: int) -> None:
+        """An NMI IPI (ICR delivery mode NMI): KVM_NMI on the target vCPU (QEMU's
+        apic_bus_deliver → cpu_interrupt(CPU_INTERRUPT_NMI) → kvm_vcpu_ioctl(KVM_NMI))."""
+        self.vcpus[index].nmi()
 
     def _smi_current(self) -> None:
         """An SMI from the chipset (APM_CNT) to the vCPU that wrote the port: KVM_SMI."""

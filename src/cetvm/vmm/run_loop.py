@@ -389,8 +389,9 @@ class RunLoop:
     # ------------------------------------------------------------------ scheduling
     def _wakes(self, slot: VcpuSlot) -> bool:
         """Can this vCPU run now? (Waiting for INIT/SIPI: no; halted: only with an interrupt
-        its APIC presents and IF = 1 at the HLT, or an SMI pending — whatever IF says, as KVM's
-        kvm_vcpu_has_events; the vCPU enters SMM after its HLT and RSM returns there.)"""
+        its APIC presents and IF = 1 at the HLT, or an SMI or NMI pending — whatever IF says, as
+        KVM's kvm_vcpu_has_events; the vCPU enters SMM after its HLT and RSM returns there, the
+        NMI handler returns after the HLT.)"""
         vcpu = slot.vcpu
         if vcpu.waiting_for_sipi:
             slot.halted = False  # INIT/SIPI ends a halt
@@ -398,7 +399,7 @@ class RunLoop:
         if not slot.halted:
             return True
         smi = vcpu.get_vcpu_events_smi()
-        if smi.pending and not smi.smm:
+        if (smi.pending and not smi.smm) or vcpu.nmi_pending:
             slot.halted = False
             return True
         if slot.halt_if and slot.irq is not None and slot.irq.has_interrupt():

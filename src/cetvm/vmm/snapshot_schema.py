@@ -34,7 +34,8 @@ vcpus[0].msrs          at most 1024 entries "0xINDEX" (32-bit index) -> 64-bit v
 vcpus[0] others        fpstate_xstate_bv 64 bits; guest_ssp null or 64 bits; mp_state a
                        KVM_MP_STATE name; events null or {vector 0..31, error_code null or
                        32 bits}; smi null or {smm, pending, smm_inside_nmi,
-                       latched_init: booleans}; nested null or KVM_GET_NESTED_STATE {vmxon_pa,
+                       latched_init: booleans}; nmi null or {injected, masked: booleans,
+                       pending 0..255}; nested null or KVM_GET_NESTED_STATE {vmxon_pa,
                        vmcs12_pa, vmcs12 (hex), guest_mode, pre_vmenter_s_cet/ssp/ssp_tbl}
 devices                serial, shutdown, fw_cfg, pic (objects), lapics (one per vCPU), and
                        ioapic, pit, pm1, irq_lines, apm (objects; absent in snapshots of a cetvm
@@ -207,11 +208,12 @@ NESTED = obj({"vmxon_pa": unsigned(64), "vmcs12_pa": unsigned(64), "vmcs12": tex
              {"pre_vmenter_s_cet": unsigned(64), "pre_vmenter_ssp": unsigned(64), "pre_vmenter_ssp_tbl": unsigned(64),
               "irq_for_l1": nullable(unsigned(8))})
 SMI = obj({"smm": boolean, "pending": boolean, "smm_inside_nmi": boolean, "latched_init": boolean})
+NMI = obj({"injected": boolean, "pending": unsigned(8), "masked": boolean})
 VCPU = obj(
     {"regs": REGS, "sregs": SREGS, "xcrs": list_of(pair(unsigned(32), unsigned(64)), 0, MAX_XCRS),
      "msrs": msr_table, "mp_state": one_of(*(m.name for m in MpState))},
     {"fpstate_xstate_bv": unsigned(64), "guest_ssp": nullable(unsigned(64)), "events": nullable(EVENT),
-     "smi": nullable(SMI), "tsc_offset": unsigned(64), "nested": nullable(NESTED)},
+     "smi": nullable(SMI), "nmi": nullable(NMI), "tsc_offset": unsigned(64), "nested": nullable(NESTED)},
 )
 
 

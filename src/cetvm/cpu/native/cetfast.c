@@ -49,7 +49,7 @@
 
 #include <unicorn/unicorn.h>
 
-#define CETFAST_ABI 19
+#define CETFAST_ABI 20
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -2087,6 +2087,8 @@ typedef struct {
     uint64_t faults;         /* statistics: #PFs delivered here */
     uint64_t pf_cr2;         /* CR2 of the last #PF delivered here (Python keeps it after the run) */
     uint64_t pf_delivered;   /* #PFs delivered during the current run (Python clears it) */
+    uint32_t nmi_blocked;    /* Python: blocking by NMI is set (the IRETQ that ends it is Python's) */
+    uint32_t reserved;
     /* private */
     void (*slow_intr)(uc_engine *, uint32_t, void *); /* Python's UC_HOOK_INTR handler */
     uint8_t *bounds_pool;    /* instruction lengths of classified blocks (see "#PF" below) */
@@ -2327,7 +2329,9 @@ void cetfast_sysret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *u
  * has no other condition). Handed over to Python: another CPL, a frame or descriptor that does
  * not read (Python raises the #PF), any failing check (#GP/#NP/#SS/#CP), a target that is not a
  * flat 64-bit code segment, a supervisor token to free (an IST frame, a return to CPL 3 with
- * supervisor shadow stacks), an interrupt window opening while an interrupt waits.
+ * supervisor shadow stacks), an interrupt window opening while an interrupt waits, and any IRETQ
+ * while blocking by NMI is set (cetvm.cpu.interrupts: Python's IRETQ ends it and opens the NMI
+ * window the hypervisor may wait for).
  */
 
 /* Supervisor data translation of the 8 bytes at ``lin`` (never across a page) for a read or a
@@ -2439,7 +2443,8 @@ void cetfast_iret_hook(uc_engine *uc, uint64_t address, uint32_t size, void *use
     cet_shared_t *s = &f->s;
     uint64_t rip = address - s->cs_base;
     uint64_t rsp, frame[5];
-    if (UNLIKELY(!events_usable(e) || size != 2 || pending_event_length(f, address) != 2 || s->cpl != 0))
+    if (UNLIKELY(!events_usable(e) || size != 2 || pending_event_length(f, address) != 2 || s->cpl != 0
+                 || e->nmi_blocked))
         goto hand_over;
     e->reg_read(uc, UC_X86_REG_RSP, &rsp);
     for (int i = 0; i < 5; i++)

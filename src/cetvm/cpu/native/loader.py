@@ -30,7 +30,7 @@ from cetvm.cpu.cet.transfer import Terminator, TerminatorInfo
 from cetvm.cpu.uc_context import UC_STRUCT_CPU_OFFSET
 
 #: Must equal CETFAST_ABI in cetfast.c.
-ABI_VERSION = 19
+ABI_VERSION = 20
 LIBRARY_PATH = Path(__file__).resolve().parent / "libcetfast.so"
 _UC_HOOK_BLOCK = 1 << 3
 _UC_HOOK_CODE = 1 << 2
@@ -661,7 +661,7 @@ class EventsState(ctypes.Structure):
     _fields_ = [("pl_ssp", _U64 * 4), ("handover_rip", _U64), ("handover", _U32), ("enabled", _U32),
                 ("mode_changes", _U64), ("syscalls", _U64), ("sysrets", _U64), ("irets", _U64), ("handovers", _U64),
                 ("irq_pending", _U32), ("exception_bitmap", _U32), ("faults", _U64), ("pf_cr2", _U64),
-                ("pf_delivered", _U64),
+                ("pf_delivered", _U64), ("nmi_blocked", _U32), ("_reserved", _U32),
                 ("_slow_intr", _VP), ("_bounds_pool", _VP), ("_bounds_used", _U32), ("_bounds_count", _U32),
                 ("_bounds", _VP),
                 ("_f", _VP), ("_reg_read", _VP), ("_reg_write", _VP), ("_ctx_save", _VP), ("_ctx_restore", _VP),
@@ -916,14 +916,16 @@ class NativeEvents:
         if hook is not None:
             self._uclib.uc_hook_del(self._uc._uch, hook)
 
-    def before_run(self, interrupt_pending: bool, exception_bitmap: int) -> None:
+    def before_run(self, interrupt_pending: bool, exception_bitmap: int, nmi_blocked: bool = False) -> None:
         """Before each engine run: whether an external interrupt waits (then a SYSRETQ/IRETQ that
         sets RFLAGS.IF is left to Python, whose run loop takes the interrupt right after it, as
-        after every emulated instruction) and the VMCS exception bitmap (exceptions that exit
-        are left to Python)."""
+        after every emulated instruction), the VMCS exception bitmap (exceptions that exit
+        are left to Python) and whether blocking by NMI is set (then every IRETQ is left to
+        Python, whose IRETQ ends it: :func:`cetvm.cpu.emulate.iret`)."""
         s = self.state
         s.irq_pending = int(interrupt_pending)
         s.exception_bitmap = exception_bitmap & 0xFFFF_FFFF
+        s.nmi_blocked = int(nmi_blocked)
 
     def install_page_faults(self, slow_handler: Callable[[int, int, int], None]) -> None:
         """Take over the engine's UC_HOOK_INTR: #PF delivered natively where it can be, every

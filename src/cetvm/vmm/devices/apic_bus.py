@@ -19,8 +19,10 @@ interrupts"]:
   passes it to a vCPU that waits for SIPI; any other vCPU drops it).
 - SMI: ``smi`` is called with the target's index (the machine makes an SMI pending in that vCPU,
   KVM_SMI; KVM's __apic_accept_irq raises KVM_REQ_SMI).
-- NMI and ExtINT are not delivered (counted in :attr:`ApicBus.dropped`): cetvm's KVM has no
-  NMI injection (KVM_NMI) yet.
+- NMI: ``nmi`` is called with the target's index (the machine queues an NMI in that vCPU,
+  KVM_NMI, as KVM's __apic_accept_irq does with kvm_inject_nmi; the vector field is ignored);
+  a halted target wakes (the run loop: an NMI pending).
+- ExtINT is not delivered by IPIs (counted in :attr:`ApicBus.dropped`).
 - I/O APIC messages (:meth:`ApicBus.deliver_message`, KVM kvm_irq_delivery_to_apic for an
   ioapic_service): physical or logical destination (no shorthand), fixed or lowest priority
   (among the APICs that accept it: the lowest APIC ID), edge or level (the target's TMR), INIT.
@@ -57,15 +59,17 @@ def _nothing(*_args: int) -> None:
 
 
 class ApicBus:
-    """Delivers IPIs among ``apics`` (index = vCPU index); ``init(i)``, ``sipi(i, vector)`` and
-    ``smi(i)`` reach the vCPUs (see the module docstring)."""
+    """Delivers IPIs among ``apics`` (index = vCPU index); ``init(i)``, ``sipi(i, vector)``,
+    ``smi(i)`` and ``nmi(i)`` reach the vCPUs (see the module docstring)."""
 
     def __init__(self, apics: list[LocalApic], init: Callable[[int], None] = _nothing,
-                 sipi: Callable[[int, int], None] = _nothing, smi: Callable[[int], None] = _nothing) -> None:
+                 sipi: Callable[[int, int], None] = _nothing, smi: Callable[[int], None] = _nothing,
+                 nmi: Callable[[int], None] = _nothing) -> None:
         self.apics = apics
         self.init = init
         self.sipi = sipi
         self.smi = smi
+        self.nmi = nmi
         self.dropped = 0
         self.kicked = False
         for apic in apics:
@@ -126,6 +130,9 @@ class ApicBus:
                 taken = True
             elif mode is DeliveryMode.SMI:
                 self.smi(index)
+                taken = True
+            elif mode is DeliveryMode.NMI:
+                self.nmi(index)
                 taken = True
             else:
                 self.dropped += 1
