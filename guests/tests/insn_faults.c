@@ -11,7 +11,9 @@
  * after the SYSCALL (cetvm retired the SYSRET without it and trapped one instruction later);
  * and by its debug test: INT1 (ICEBP, F1) is a trap-like #DB past it that leaves DR6 alone (the
  * engine decodes it as #UD: the guest looped on it); with DR7.GD set a MOV from a debug register
- * is a #DB fault at the MOV with DR6.BD, and DR7.GD is cleared (the engine moved the register). */
+ * is a #DB fault at the MOV with DR6.BD, and DR7.GD is cleared (the engine moved the register);
+ * and by its vmx test: INVD exits unconditionally (KVM emulates it as a NOP: the guest goes on
+ * after it) and is #GP(0) at CPL 3 [SDM Vol. 2A INVD] (the engine ran it as a NOP). */
 #include "ktest.h"
 
 #define NONCANONICAL 0xaaaaaaaaaaaaaaaaul
@@ -31,6 +33,9 @@ __asm__(".pushsection .utext, \"ax\"\n"
         "tf_user: mov $1, %eax\n mov $41, %edi\n pushfq\n orq $0x100, (%rsp)\n popfq\n syscall\n"
         "tf_after_syscall: nop\n nop\n ud2\n"
         ".popsection\n");
+
+extern char user_invd[];
+__asm__(".pushsection .utext, \"ax\"\n user_invd: invd\n ud2\n .popsection\n");
 
 extern char icebp_probe[], icebp_after[], gd_probe[], gd_mov[];
 __asm__(".text\n icebp_probe: endbr64\n .byte 0xf1\n icebp_after: ret\n"
@@ -54,6 +59,8 @@ static const char *const names[] = {
     "SYSRET loading RFLAGS.TF -> single-step #DB at the user instruction right after it",
     "INT1 (ICEBP) -> #DB past it, DR6 unchanged",
     "MOV from DR0 with DR7.GD -> #DB at the MOV, DR6.BD set, DR7.GD cleared",
+    "INVD at CPL 0 exits and the guest goes on after it (KVM: a NOP)",
+    "INVD at CPL 3 -> #GP(0)",
 };
 #define N_TESTS (int)(sizeof(names) / sizeof(names[0]))
 
@@ -101,6 +108,13 @@ static void body(void)
     __asm__ volatile("mov %0, %%dr6" ::"r"(0ul));
     tap_ok(db && rec.rip == (u64)gd_mov && dr6 == (0xFFFF0FF0ul | (1ul << 13)) && dr7 == 0x400, names[8],
            "vector %lu rip 0x%lx DR6 0x%lx DR7 0x%lx", rec.vector, rec.rip, dr6, dr7);
+
+    u64 marker = 0;
+    __asm__ volatile("invd\n\tmovq $0x1d, %0" : "=r"(marker) :: "memory");
+    tap_ok(marker == 0x1d, names[9], "marker 0x%lx", marker);
+    r = run_user((void (*)(u64))user_invd, 0, &opts);
+    tap_ok(r.kind == USER_FAULTED && r.trap.vector == VEC_GP && r.trap.error == 0 && r.trap.rip == (u64)user_invd,
+           names[10], "kind %d vector %lu error %lu rip 0x%lx", r.kind, r.trap.vector, r.trap.error, r.trap.rip);
     tap_done();
 }
 

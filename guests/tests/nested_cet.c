@@ -78,6 +78,7 @@ enum {
 #define EXIT_REASON_EXCEPTION 0
 #define EXIT_REASON_VMCALL 18
 #define EXIT_REASON_CPUID 10
+#define EXIT_REASON_INVD 13
 #define EXIT_REASON_FAILED_GUEST_STATE 0x80000021u
 #define EXIT_REASON_FAILED_MSR_LOAD 0x80000022u
 #define EXIT_REASON_EXT_INTR 1
@@ -188,7 +189,7 @@ __asm__(".text\n"
 extern char vmx_exit_target[];
 
 /* ---------------------------------------------------------------- L2 */
-enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3, L2_NOP = 4, L2_HLT = 5, L2_CR4 = 6 };
+enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3, L2_NOP = 4, L2_HLT = 5, L2_CR4 = 6, L2_INVD = 7 };
 static volatile u64 l2_cmd;
 static volatile struct { u64 done, faulted, vector, error, rip, cpl; } l2_out;
 
@@ -229,6 +230,9 @@ __attribute__((used)) void l2_main(void)
     } else if (l2_cmd == L2_HLT) {
         ((void (*)(void))l2_hlt)();
     } else if (l2_cmd == L2_NOP) {
+    } else if (l2_cmd == L2_INVD) {
+        __asm__ volatile("invd" ::: "memory");
+        l2_out.done = 1;
     } else if (l2_cmd == L2_CR4) { /* read CR4 and write back what it read */
         u64 cr4 = read_cr4();
         l2_out.vector = cr4;
@@ -720,7 +724,27 @@ static void cr4_shadow_tests(void)
            vmread(GUEST_CR4));
 }
 
-#define N_NESTED_VMX 16
+/* INVD exits to L1 unconditionally [SDM Vol. 3 §26.1.2] (L0's KVM reflects it: L1 decides),
+ * with its instruction length; L1 skips it and L2 goes on (on its own supervisor shadow stack
+ * with the load-CET-state controls, as L1 runs code between the two entries; without them the
+ * guest has no CET). */
+static void invd_exit_test(void)
+{
+    setup_vmcs(have_cet_controls, false);
+    l2_cmd = L2_INVD;
+    memset((void *)&l2_out, 0, sizeof(l2_out));
+    u64 f = vmx_enter(1);
+    u64 reason = vmread(EXIT_REASON), len = vmread(EXIT_INSN_LEN), done_before = l2_out.done;
+    vmwrite(GUEST_RIP, vmread(GUEST_RIP) + len);
+    u64 g = vmx_enter(0);
+    tap_ok(f == 0 && reason == EXIT_REASON_INVD && len == 2 && !done_before && g == 0 &&
+               vmread(EXIT_REASON) == EXIT_REASON_VMCALL && l2_out.done,
+           "L2's INVD exits to L1 (reason 13, length 2); L1 skips it and L2 goes on",
+           "flags 0x%lx reason 0x%lx len %lu, then flags 0x%lx reason 0x%lx done %lu", f, reason, len, g,
+           vmread(EXIT_REASON), l2_out.done);
+}
+
+#define N_NESTED_VMX 17
 static void nested_vmx_tests(void)
 {
     platform_map();
@@ -731,6 +755,7 @@ static void nested_vmx_tests(void)
     msr_list_tests();
     segment_check_tests();
     cr4_shadow_tests();
+    invd_exit_test();
 }
 
 static void body(void)

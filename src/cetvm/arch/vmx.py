@@ -360,6 +360,7 @@ class ExitReason(enum.IntEnum):
     INTERRUPT_WINDOW = 7
     NMI_WINDOW = 8
     HLT = 12
+    INVD = 13
     CPUID = 10
     VMCALL = 18
     VMCLEAR = 19

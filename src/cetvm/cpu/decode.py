@@ -25,6 +25,8 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     M.LMSW,
     # TLB maintenance (flushes the walker's translation cache)
     M.INVLPG, M.INVPCID,
+    # exits unconditionally in VMX non-root operation (the engine runs it as a NOP)
+    M.INVD,
     # CET-affected control transfers and privilege changes
     M.IRET, M.IRETD, M.IRETQ, M.SYSCALL, M.SYSRETQ, M.SYSRET,
     # CET instructions Unicorn runs as NOPs or #UDs

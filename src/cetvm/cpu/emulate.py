@@ -250,6 +250,15 @@ def cpuid(vcpu, instr: Instruction) -> VmExit:
     return VmExit(ExitReason.CPUID, instr.ip, instr.len)
 
 
+def invd(vcpu, instr: Instruction) -> VmExit:
+    """INVD [SDM Vol. 2A INVD]: #GP(0) above CPL 0, else a VM exit, unconditionally in VMX
+    non-root operation [SDM Vol. 3 §26.1.2]; the hypervisor completes it (KVM: handle_invd
+    emulates it as a NOP)."""
+    _require_cpl0(vcpu)
+    vcpu.add_completion(_completion_advance(vcpu, instr))
+    return VmExit(ExitReason.INVD, instr.ip, instr.len)
+
+
 def vmcall(vcpu, instr: Instruction) -> VmExit:
     """VMCALL exits (VMX). VMMCALL (AMD's) is #UD on Intel hardware; KVM intercepts the #UD and
     its emulator takes it as a hypercall too (em_hypercall; kvm_fix_hypercall may patch the
@@ -988,7 +997,7 @@ def undefined_opcode(vcpu, instr: Instruction) -> None:
 
 _HANDLERS: dict[int, Callable] = {
     M.INVALID: undefined_opcode, M.INT1: icebp,
-    M.HLT: hlt, M.CPUID: cpuid, M.VMCALL: vmcall, M.VMMCALL: vmcall, M.XSETBV: xsetbv,
+    M.HLT: hlt, M.CPUID: cpuid, M.INVD: invd, M.VMCALL: vmcall, M.VMMCALL: vmcall, M.XSETBV: xsetbv,
     M.IN: port_io, M.OUT: port_io,
     M.INSB: string_io, M.INSW: string_io, M.INSD: string_io, M.OUTSB: string_io, M.OUTSW: string_io, M.OUTSD: string_io,
     M.RDMSR: rdmsr, M.WRMSR: wrmsr,

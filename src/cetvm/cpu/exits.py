@@ -22,6 +22,7 @@ class ExitReason(enum.Enum):
     MMIO = "mmio"
     HLT = "hlt"
     CPUID = "cpuid"
+    INVD = "invd"
     RDMSR = "rdmsr"
     WRMSR = "wrmsr"
     XSETBV = "xsetbv"
@@ -61,6 +62,7 @@ BASIC_EXIT_REASONS: dict[ExitReason, int] = {
     ExitReason.EXCEPTION: VmxExitReason.EXCEPTION_NMI,
     ExitReason.TRIPLE_FAULT: VmxExitReason.TRIPLE_FAULT,
     ExitReason.CPUID: VmxExitReason.CPUID,
+    ExitReason.INVD: VmxExitReason.INVD,
     ExitReason.HLT: VmxExitReason.HLT,
     ExitReason.INTERRUPT_WINDOW: VmxExitReason.INTERRUPT_WINDOW,
     ExitReason.NMI_WINDOW: VmxExitReason.NMI_WINDOW,

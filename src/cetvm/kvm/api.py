@@ -1094,6 +1094,8 @@ class KvmVcpu:
         if reason is ExitReason.CPUID:
             handle_cpuid(self.state, self.cpu, self.msrs.apic_base)
             return None
+        if reason is ExitReason.INVD:  # handle_invd: kvm_emulate_as_nop
+            return None
         if reason is ExitReason.TPR_BELOW_THRESHOLD:  # the MOV to CR8 retired; kvm_run.cr8 has it
             return KvmRun(KvmExitReason.SET_TPR, exit_.rip)
         if reason in (ExitReason.RDMSR, ExitReason.WRMSR):

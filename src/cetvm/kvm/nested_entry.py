@@ -789,8 +789,8 @@ def _exit_handled_exception(vmcs12: Vmcs12, vector: int, error_code: int | None)
 
 
 #: CPU exits L1 always gets (nested_vmx_l1_wants_exit returns true).
-ALWAYS_REFLECTED = frozenset({ExitReason.CPUID, ExitReason.VMCALL, ExitReason.XSETBV, ExitReason.VMX_INSTRUCTION,
-                              ExitReason.TRIPLE_FAULT})
+ALWAYS_REFLECTED = frozenset({ExitReason.CPUID, ExitReason.INVD, ExitReason.VMCALL, ExitReason.XSETBV,
+                              ExitReason.VMX_INSTRUCTION, ExitReason.TRIPLE_FAULT})
 
 
 #: vmcs12 controls with which L1, not KVM, handles L2's CR8.
