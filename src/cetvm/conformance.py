@@ -110,8 +110,9 @@ KNOWN_REASONS: dict[str, str] = {
     "pks": "PKS is in no Unicorn 2.1.4 CPU model (TCG 5.0), so the guest CPUID cannot show it",
     "eventinj": "PASSes since NMIs are modeled (KVM_NMI, ICR delivery mode NMI, NMI blocking until IRET and "
                 "NMI-window exiting: guests/tests/nmi.c)",
-    "realmode": "engine core: event delivery in real mode (through the IVT) is not implemented — cetvm "
-                "delivers events in IA-32e mode only; 50 reports PASS before the first real-mode #UD",
+    "realmode": "runs to its end since events are delivered through the IVT and IRET/IRETD are emulated in "
+                "real-address mode (session 7); four reports FAIL, not triaged further: rflags.rf (RF after an "
+                "IRETD that loads it), DAS, SAHF and SMSW, which the engine executes",
     "intel_iommu": "cetvm models no intel-iommu or edu device (the front end refuses -device intel-iommu)",
     "sieve": "speed: the 180 s budget is not enough for cetvm's engine on a shared 2-core machine",
     "emulator": "engine core: one report, 'unaligned movaps exception' — Unicorn 2.1.4 (QEMU 5.0 TCG) checks "

@@ -33,7 +33,7 @@ from cetvm.cpu.decode import MOV_DR_CODES, is_mov_from_cr4, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
-from cetvm.cpu.events import read_descriptor
+from cetvm.cpu.events import read_descriptor, real_mode_stack
 from cetvm.cpu.faults import GuestFault, NoRamAccess, gp, ud
 from cetvm.cpu.paging import Access
 from cetvm.cpu.state import SegAttr, Segment
@@ -643,10 +643,14 @@ def iret(vcpu, instr: Instruction) -> None:
     would translate the IRETQ's address at the new CPL (a phantom #PF that corrupts CR2 and
     QEMU's old_exception). IRET unblocks NMIs first, so also when it then faults [SDM Vol. 3
     §6.7.1; §28.2.3 "NMI unblocking due to IRET"]. Decisions: DS/ES/FS/GS are not nulled on a
-    return to CPL 3; 16/32-bit IRET raise NotSupportedError.
+    return to CPL 3; 16/32-bit IRET outside real-address mode (:func:`iret_real`) raise
+    NotSupportedError.
     """
+    if not vcpu.cr0 & Cr0.PE:
+        iret_real(vcpu, instr)
+        return
     if instr.mnemonic != M.IRETQ:
-        raise NotSupportedError(f"{instr} (16/32-bit IRET) is not implemented; use IRETQ")
+        raise NotSupportedError(f"{instr} (16/32-bit IRET in protected mode) is not implemented; use IRETQ")
     vcpu.end_nmi_blocking()
     old_cpl = vcpu.cpl
     rsp = vcpu.reg("rsp")
@@ -674,6 +678,33 @@ def iret(vcpu, instr: Instruction) -> None:
     vcpu.rip = new_rip
     vcpu.load_segments(cs=Segment(new_cs, cs_desc.base, cs_desc.limit, cs_desc.attributes),
                        ss=Segment(new_ss, ss_desc.base, ss_desc.limit, ss_desc.attributes))
+    vcpu.retire_emulated()
+
+
+def iret_real(vcpu, instr: Instruction) -> None:
+    """IRET / IRETD in real-address mode [SDM Vol. 2A IRET "REAL-ADDRESS-MODE"]: IP, CS and FLAGS
+    popped as words (IRET: FLAGS[15:0] replaced) or doublewords (IRETD: #GP(0) for an EIP beyond
+    the CS limit; EFLAGS = popped AND 257FD5H OR (EFLAGS AND 1A0000H)) from SS:SP; CS.base =
+    selector << 4. NMIs are unblocked, as by every IRET."""
+    vcpu.end_nmi_blocking()
+    size = 4 if instr.mnemonic == M.IRETD else 2
+    ss, mask = real_mode_stack(vcpu)
+    rsp = vcpu.reg("rsp")
+    sp = rsp & mask
+    frame = vcpu.read_virt((ss.base + sp) & 0xFFFF_FFFF, 3 * size, Access.READ)
+    new_ip, new_cs, new_flags = (int.from_bytes(frame[i:i + size], "little") for i in range(0, 3 * size, size))
+    cs = vcpu.segment("cs")
+    rflags = vcpu.reg("rflags")
+    if size == 4:
+        if new_ip > cs.limit:
+            raise gp(0)
+        rflags = (new_flags & RFLAGS_IRET_MASK) | (rflags & 0x1A_0000)
+    else:
+        rflags = (rflags & ~0xFFFF) | new_flags
+    vcpu.set_reg("rflags", rflags | 2)
+    vcpu.set_reg("rsp", (rsp & ~mask) | ((sp + 3 * size) & mask))
+    vcpu.rip = new_ip
+    vcpu.load_segments(cs=Segment(new_cs & 0xFFFF, (new_cs & 0xFFFF) << 4, cs.limit, cs.attributes))
     vcpu.retire_emulated()
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cetvm.arch import Vector, VECTORS_WITH_ERROR_CODE
-from cetvm.arch.regs import RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM, is_fault_exception
+from cetvm.arch import Cr0, Vector, VECTORS_WITH_ERROR_CODE
+from cetvm.arch.regs import RFLAGS_AC, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, RFLAGS_VM, is_fault_exception
 from cetvm.arch.msr import Efer, Msr
 from cetvm.cpu.cet.far_transfers import ssp_on_event
 from cetvm.cpu.exits import ExitReason, VmExit
@@ -87,16 +87,21 @@ def double_fault_class(first: int, second: int) -> str:
 
 
 def deliver(vcpu, event) -> VmExit | None:
-    """Deliver ``event`` (a vcpu PendingEvent); nested faults become #DF, then a triple fault."""
-    if not vcpu.msr(Msr.IA32_EFER) & Efer.LMA:
+    """Deliver ``event`` (a vcpu PendingEvent) through the IDT of IA-32e mode or the IVT of
+    real-address mode; nested faults become #DF, then a triple fault."""
+    if vcpu.msr(Msr.IA32_EFER) & Efer.LMA:
+        deliver_one = deliver_64
+    elif not vcpu.cr0 & Cr0.PE:
+        deliver_one = deliver_real
+    else:
         return VmExit(ExitReason.EMULATION_FAILED, vcpu.rip,
-                      detail=f"vector {event.vector} raised outside IA-32e mode (only IA-32e IDT delivery, from "
-                             "64-bit or compatibility mode, is implemented)")
+                      detail=f"vector {event.vector} raised in legacy protected mode (IDT delivery is implemented "
+                             "in IA-32e mode and real-address mode only)")
     current = event
     chain = [_describe(event.vector, event.error_code, event.cr2)]
     for _attempt in range(3):
         try:
-            deliver_64(vcpu, current.vector, current.error_code, current.cr2, software=current.software)
+            deliver_one(vcpu, current.vector, current.error_code, current.cr2, software=current.software)
             return None
         except NoRamAccess as err:
             if current.software and current.instruction_rip is not None:
@@ -137,6 +142,39 @@ def read_descriptor(vcpu, selector: int) -> Segment:
     raw = _supervisor_read(vcpu, gdt.base + index, 8)
     low, high = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
     return Segment.from_descriptor(selector, low, high)
+
+
+def real_mode_stack(vcpu) -> tuple[Segment, int]:
+    """SS and the stack-pointer mask of real-address mode: SP (wrapping at 64 KiB), or ESP when
+    SS.B is set (a "big real mode" SS loaded in protected mode) [SDM Vol. 3 §21.1.1]."""
+    ss = vcpu.segment("ss")
+    return ss, 0xFFFF_FFFF if ss.attributes & SegAttr.DB else 0xFFFF
+
+
+def deliver_real(vcpu, vector: int, error_code: int | None, cr2: int | None, *, software: bool) -> None:
+    """Deliver one event in real-address mode [SDM Vol. 3 §21.1.4; Vol. 2A INT n
+    "REAL-ADDRESS-MODE"]: the IVT entry (offset, segment words) at IDTR.base + 4 * vector, #GP
+    beyond IDTR.limit; FLAGS, CS and IP pushed as words on SS:SP; IF, TF and AC cleared; CS =
+    the segment (base = selector << 4; limit and attributes kept), IP = the offset. No error code
+    is pushed (``error_code`` and ``cr2`` of a fault are dropped; CR2 is already written)."""
+    del error_code, cr2
+    idt = vcpu.descriptor_table("idt")
+    if vector * 4 + 3 > idt.limit:
+        raise gp(vector * 8 + 2 + (0 if software else 1))
+    entry = vcpu.read_virt(idt.base + vector * 4, 4, Access.READ)
+    offset, selector = int.from_bytes(entry[:2], "little"), int.from_bytes(entry[2:], "little")
+    ss, mask = real_mode_stack(vcpu)
+    rsp = vcpu.reg("rsp")
+    sp = rsp & mask
+    rflags = vcpu.reg("rflags")
+    cs = vcpu.segment("cs")
+    for word in (rflags & 0xFFFF, cs.selector, vcpu.rip & 0xFFFF):
+        sp = (sp - 2) & mask
+        vcpu.write_virt((ss.base + sp) & 0xFFFF_FFFF, word.to_bytes(2, "little"), Access.WRITE)
+    vcpu.set_reg("rsp", (rsp & ~mask) | sp)
+    vcpu.set_reg("rflags", rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_AC))
+    vcpu.load_segments(cs=Segment(selector, selector << 4, cs.limit, cs.attributes))
+    vcpu.rip = offset
 
 
 def deliver_64(vcpu, vector: int, error_code: int | None, cr2: int | None, *, software: bool) -> None:
