@@ -41,6 +41,7 @@
 #define FC_VMXON_OUTSIDE_SMX 4ul
 #define CR4_VMXE (1ul << 13)
 #define CR0_NE (1ul << 5)
+#define CR0_TS (1ul << 3)
 #define CR4_TSD (1ul << 2)
 #define RFLAGS_CF 1ul
 #define RFLAGS_ZF (1ul << 6)
@@ -53,7 +54,7 @@ enum {
     HOST_FS_SEL = 0xC08, HOST_GS_SEL = 0xC0A, HOST_TR_SEL = 0xC0C,
     MSR_BITMAP = 0x2004, EXIT_MSR_STORE_ADDR = 0x2006, EXIT_MSR_LOAD_ADDR = 0x2008, ENTRY_MSR_LOAD_ADDR = 0x200A,
     EXIT_MSR_STORE_CNT = 0x400E, EXIT_MSR_LOAD_CNT = 0x4010, ENTRY_MSR_LOAD_CNT = 0x4014,
-    GUEST_DEBUGCTL = 0x2802, GUEST_DR7 = 0x681A, GUEST_SYSENTER_ESP = 0x6824, CR4_MASK = 0x6002, CR4_SHADOW = 0x6006, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
+    GUEST_DEBUGCTL = 0x2802, GUEST_DR7 = 0x681A, GUEST_SYSENTER_ESP = 0x6824, CR4_MASK = 0x6002, CR4_SHADOW = 0x6006, CR0_MASK = 0x6000, CR0_SHADOW = 0x6004, VMCS_LINK_PTR = 0x2800, GUEST_EFER = 0x2806, HOST_EFER = 0x2C02,
     PIN_CTLS = 0x4000, PROC_CTLS = 0x4002, EXC_BITMAP = 0x4004, EXIT_CTLS = 0x400C, ENTRY_CTLS = 0x4012,
     ENTRY_INTR_INFO = 0x4016, ENTRY_ERROR_CODE = 0x4018,
     VM_INSN_ERROR = 0x4400, EXIT_INSN_LEN = 0x440C, EXIT_REASON = 0x4402, EXIT_INTR_INFO = 0x4404, EXIT_INTR_ERROR = 0x4406,
@@ -189,7 +190,8 @@ __asm__(".text\n"
 extern char vmx_exit_target[];
 
 /* ---------------------------------------------------------------- L2 */
-enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3, L2_NOP = 4, L2_HLT = 5, L2_CR4 = 6, L2_INVD = 7 };
+enum l2_cmd { L2_USER_SHSTK = 1, L2_KERNEL_IBT = 2, L2_INT3 = 3, L2_NOP = 4, L2_HLT = 5, L2_CR4 = 6, L2_INVD = 7,
+              L2_CR0 = 8 };
 static volatile u64 l2_cmd;
 static volatile struct { u64 done, faulted, vector, error, rip, cpl; } l2_out;
 
@@ -230,6 +232,11 @@ __attribute__((used)) void l2_main(void)
     } else if (l2_cmd == L2_HLT) {
         ((void (*)(void))l2_hlt)();
     } else if (l2_cmd == L2_NOP) {
+    } else if (l2_cmd == L2_CR0) { /* MOV from CR0 and SMSW (32-bit register) */
+        l2_out.vector = read_cr0();
+        u64 msw = 0;
+        __asm__ volatile("smsw %k0" : "=r"(msw));
+        l2_out.error = msw;
     } else if (l2_cmd == L2_INVD) {
         __asm__ volatile("invd" ::: "memory");
         l2_out.done = 1;
@@ -744,7 +751,26 @@ static void invd_exit_test(void)
            vmread(EXIT_REASON), l2_out.done);
 }
 
-#define N_NESTED_VMX 17
+/* L1 owns CR0.TS (clear in L2's CR0) and shows it set: MOV from CR0 and SMSW in L2 both read
+ * the shadow's TS [SDM Vol. 3 §26.3]; the real CR0.TS stays clear (no #NM in L2). */
+static void cr0_shadow_test(void)
+{
+    setup_vmcs(false, false);
+    l2_cmd = L2_CR0;
+    memset((void *)&l2_out, 0, sizeof(l2_out));
+    vmwrite(GUEST_CR0, read_cr0() & ~CR0_TS);
+    vmwrite(CR0_MASK, CR0_TS);
+    vmwrite(CR0_SHADOW, CR0_TS);
+    u64 f = vmx_enter(1);
+    vmwrite(CR0_MASK, 0);
+    tap_ok(f == 0 && vmread(EXIT_REASON) == EXIT_REASON_VMCALL && (l2_out.vector & CR0_TS) && (l2_out.error & CR0_TS)
+               && !(vmread(GUEST_CR0) & CR0_TS),
+           "CR0 read shadow: MOV from CR0 and SMSW in L2 read the shadow's TS, the real TS stays clear",
+           "flags 0x%lx reason 0x%lx MOV 0x%lx SMSW 0x%lx GUEST_CR0 0x%lx", f, vmread(EXIT_REASON), l2_out.vector,
+           l2_out.error, vmread(GUEST_CR0));
+}
+
+#define N_NESTED_VMX 18
 static void nested_vmx_tests(void)
 {
     platform_map();
@@ -756,6 +782,7 @@ static void nested_vmx_tests(void)
     segment_check_tests();
     cr4_shadow_tests();
     invd_exit_test();
+    cr0_shadow_test();
 }
 
 static void body(void)

@@ -21,8 +21,9 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
     M.RDMSR, M.WRMSR, M.XSETBV, M.VMCALL, M.VMMCALL,
     # descriptor-table loads: the engine does not check base canonicality in 64-bit mode
     M.LGDT, M.LIDT, M.LLDT, M.LTR,
-    # CR0 through the machine status word (the CR0 rules and the mode cache)
-    M.LMSW,
+    # CR0 through the machine status word (the CR0 rules and the mode cache; SMSW reads the
+    # CR0 read shadow)
+    M.LMSW, M.SMSW,
     # TLB maintenance (flushes the walker's translation cache)
     M.INVLPG, M.INVPCID,
     # exits unconditionally in VMX non-root operation (the engine runs it as a NOP)
@@ -47,8 +48,8 @@ EMULATED_MNEMONICS: frozenset[int] = frozenset({
 #: MOV to a control register: CR0/CR4 need the CET rules, CR3 invalidates classifications.
 MOV_TO_CR_CODES: frozenset[int] = frozenset({Code.MOV_CR_R64, Code.MOV_CR_R32})
 
-#: MOV from a control register: only CR4 is emulated (its :data:`~cetvm.cpu.registers.
-#: ENGINE_FORCED_CR4` bits hold the guest's value beside the engine's).
+#: MOV from a control register: CR0 and CR4 are emulated (the VMCS read shadows; CR4's
+#: :data:`~cetvm.cpu.registers.ENGINE_FORCED_CR4` bits hold the guest's value beside the engine's).
 MOV_FROM_CR_CODES: frozenset[int] = frozenset({Code.MOV_R64_CR, Code.MOV_R32_CR})
 
 #: MOV to a segment register; only SS is emulated (the null-selector rule the engine lacks).
@@ -65,7 +66,7 @@ MAX_INSTRUCTION_LENGTH = 15
 
 def needs_emulation(instr: Instruction) -> bool:
     """True if the engine must stop in front of ``instr`` and emulate it in Python."""
-    return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES or is_mov_from_cr4(instr)
+    return (instr.mnemonic in EMULATED_MNEMONICS or instr.code in MOV_TO_CR_CODES or is_mov_from_shadowed_cr(instr)
             or instr.code in MOV_DR_CODES
             or is_mov_to_ss(instr)
             or instr.mnemonic in FAR_TRANSFER_MNEMONICS or instr.is_call_far or instr.is_call_far_indirect
@@ -76,8 +77,9 @@ def is_mov_to_ss(instr: Instruction) -> bool:
     return instr.code in MOV_TO_SREG_CODES and instr.op0_register == Register.SS
 
 
-def is_mov_from_cr4(instr: Instruction) -> bool:
-    return instr.code in MOV_FROM_CR_CODES and instr.op1_register == Register.CR4
+def is_mov_from_shadowed_cr(instr: Instruction) -> bool:
+    """MOV from CR0 or CR4: the guest/host mask and read shadow decide what it reads."""
+    return instr.code in MOV_FROM_CR_CODES and instr.op1_register in (Register.CR0, Register.CR4)
 
 
 def decode_one(code: bytes, ip: int, bitness: int = 64) -> Instruction:

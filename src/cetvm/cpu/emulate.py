@@ -29,7 +29,7 @@ from cetvm.arch.vmx import (
 from cetvm.cpu.cet import far_transfers
 from cetvm.cpu.cet import instructions as cet_insn
 from cetvm.cpu.cet.ibt import ibt_arm_on_transfer
-from cetvm.cpu.decode import MOV_DR_CODES, is_mov_from_cr4, is_mov_to_ss
+from cetvm.cpu.decode import MOV_DR_CODES, is_mov_from_shadowed_cr, is_mov_to_ss
 from cetvm.cpu.engine_features import ENGINE_MSRS
 from cetvm.cpu.exits import Direction, ExitReason, IoExit, MmioStepHooks, MsrExit, VmExit
 from cetvm.cpu import string_ops, xsave
@@ -44,7 +44,7 @@ from cetvm.arch.regs import U64_MASK as _U64
 
 
 def can_emulate(instr: Instruction) -> bool:
-    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_cr4(instr)
+    return (instr.mnemonic in _HANDLERS or _is_mov_to_cr(instr) or is_mov_from_shadowed_cr(instr)
             or instr.code in MOV_DR_CODES or is_mov_to_ss(instr) or _is_far_transfer(instr))
 
 
@@ -53,8 +53,8 @@ def emulate(vcpu, instr: Instruction) -> VmExit | None:
     if handler is None:
         if _is_mov_to_cr(instr):
             handler = mov_to_cr
-        elif is_mov_from_cr4(instr):
-            handler = mov_from_cr4
+        elif is_mov_from_shadowed_cr(instr):
+            handler = mov_from_cr
         elif instr.code in MOV_DR_CODES:
             handler = mov_dr
         elif _is_far_transfer(instr):
@@ -482,15 +482,38 @@ def _cr_access_exit(vcpu, instr: Instruction, n: int) -> VmExit:
                   qualification=cr_access_qualification(n, CR_ACCESS_TYPE_MOV_TO_CR, gpr))
 
 
-def mov_from_cr4(vcpu, instr: Instruction) -> None:
-    """MOV r, CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the guest's
-    CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read shadow's bits where the
-    VMCS's CR4 guest/host mask is set (:func:`cr_read_shadowed`). (MOV from CR0 runs in the engine:
-    decision, CR0 read shadows are not applied; MOV from CR8 too: :attr:`cetvm.cpu.registers.
-    Registers.cr8`.)"""
+def mov_from_cr(vcpu, instr: Instruction) -> None:
+    """MOV r, CR0 / CR4 [SDM Vol. 2 MOV—Move to/from Control Registers: #GP(0) at CPL > 0]: the
+    guest's CR0 or CR4 (see :data:`cetvm.cpu.registers.ENGINE_FORCED_CR4`), with the read
+    shadow's bits where the VMCS's guest/host mask is set (:func:`cr_read_shadowed`;
+    kvm-unit-tests' vmx "Read shadowing CR0"). (MOV from CR8 runs in the engine:
+    :attr:`cetvm.cpu.registers.Registers.cr8`.)"""
     _require_cpl0(vcpu)
-    write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, 4, vcpu.cr4))
+    n = 0 if instr.op1_register == Register.CR0 else 4
+    write_register(vcpu, instr.op0_register, cr_read_shadowed(vcpu, n, vcpu.cr0 if n == 0 else vcpu.cr4))
     _advance(vcpu, instr)
+
+
+def smsw(vcpu, instr: Instruction) -> VmExit | None:
+    """SMSW [SDM Vol. 2B SMSW]: #GP(0) at CPL > 0 with CR4.UMIP; CR0 with the read shadow's bits
+    where the CR0 guest/host mask is set [SDM Vol. 3 §26.3] — into a 16-bit register its low
+    word (the rest kept), a 32- or 64-bit register all of it, memory its low word (kvm-unit-tests'
+    realmode "smsw": after a MOV to CR0 setting CD, which KVM keeps clear in the real CR0).
+    Decision: a store to memory without RAM (MMIO) is the engine's, through the MMIO exit path,
+    and writes the engine's CR0 without the shadow."""
+    if vcpu.cpl > 0 and vcpu.cr4 & Cr4.UMIP:
+        raise gp(0)
+    value = cr_read_shadowed(vcpu, 0, vcpu.cr0)
+    if instr.op0_kind == OpKind.REGISTER:
+        write_register(vcpu, instr.op0_register, value)  # a 16-bit register keeps its upper bits
+    else:
+        try:
+            vcpu.write_virt(effective_address(vcpu, instr), (value & 0xFFFF).to_bytes(2, "little"),
+                            Access.WRITE | (Access.USER if vcpu.cpl == 3 else Access.READ))
+        except NoRamAccess:
+            return vcpu.execute_with_mmio_operand(instr)
+    _advance(vcpu, instr)
+    return None
 
 
 #: DR4 and DR5: aliases of DR6 and DR7 unless CR4.DE is set (then MOV to or from them is #UD).
@@ -1039,7 +1062,7 @@ _HANDLERS: dict[int, Callable] = {
     M.WRUSSD: cet_instruction, M.WRUSSQ: cet_instruction,
     M.INVLPG: invalidate_tlb, M.INVPCID: invalidate_tlb,
     M.LGDT: descriptor_table_load, M.LIDT: descriptor_table_load, M.LLDT: descriptor_table_load,
-    M.LTR: descriptor_table_load, M.LMSW: lmsw,
+    M.LTR: descriptor_table_load, M.LMSW: lmsw, M.SMSW: smsw,
     M.XSAVES: xsave_family, M.XSAVES64: xsave_family, M.XRSTORS: xsave_family, M.XRSTORS64: xsave_family,
     M.RDRAND: rdrand, M.SERIALIZE: serialize,
     M.XSAVEC: xsave_family, M.XSAVEC64: xsave_family,
