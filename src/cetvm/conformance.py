@@ -111,8 +111,9 @@ KNOWN_REASONS: dict[str, str] = {
     "eventinj": "PASSes since NMIs are modeled (KVM_NMI, ICR delivery mode NMI, NMI blocking until IRET and "
                 "NMI-window exiting: guests/tests/nmi.c)",
     "realmode": "runs to its end since events are delivered through the IVT and IRET/IRETD are emulated in "
-                "real-address mode (session 7); four reports FAIL, not triaged further: rflags.rf (RF after an "
-                "IRETD that loads it), DAS, SAHF and SMSW, which the engine executes",
+                "real-address mode (session 7); three reports FAIL, not triaged further: rflags.rf (RF after an "
+                "IRETD that loads it), DAS and SAHF, which the engine executes (alone in Unicorn, SAHF is right: "
+                "something around the harness's run is not)",
     "intel_iommu": "cetvm models no intel-iommu or edu device (the front end refuses -device intel-iommu)",
     "sieve": "speed: the 180 s budget is not enough for cetvm's engine on a shared 2-core machine",
     "emulator": "engine core: one report, 'unaligned movaps exception' — Unicorn 2.1.4 (QEMU 5.0 TCG) checks "
