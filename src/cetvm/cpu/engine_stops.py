@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from iced_x86 import FlowControl, InstructionInfoFactory, MemorySizeExt, OpAccess, Register
-from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_EXEC, \
-    UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
+from unicorn import UC_ERR_FETCH_UNMAPPED, UC_MEM_FETCH, UC_PROT_ALL, UC_PROT_READ, UC_PROT_WRITE, Uc, UcError
 from unicorn import x86_const as X
 
 from cetvm import CetvmError, NotSupportedError
