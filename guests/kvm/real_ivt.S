@@ -6,15 +6,10 @@
  *    handler skips the 2-byte DIV;
  *  - IRETD with a doubleword frame: EIP, CS and EFLAGS (AND 257FD5H) popped.
  * Results at RESULTS (words), then HLT. */
-    .code16
-    .set RESULTS, 0x3000
+#include "real_guest.h"
     .globl _start
 _start:
-    cli
-    xor %ax, %ax
-    mov %ax, %ds
-    mov %ax, %ss
-    mov $0x8000, %sp
+    REAL_MODE_START 0x8000
     movw $handler21, 0x21 * 4
     movw $0, 0x21 * 4 + 2
     movw $handler_de, 0

@@ -4,16 +4,10 @@
  * CR0.PE on and off, and calls the buffer; then again with another snippet over the same bytes.
  * The engine must see the stores to code it has translated and run the new snippet. Results at
  * RESULTS (words): 0x1111 from the first snippet, 0x1234 from the second; then HLT. */
-    .code16
-    .set RESULTS, 0x3000
+#include "real_guest.h"
     .globl _start
 _start:
-    cli
-    xor %ax, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    mov $0x1F00, %sp          /* the stack in the code's page, as the harness's */
+    REAL_MODE_START 0x1F00    /* the stack in the code's page, as the harness's */
     mov $snippet1, %si
     mov $snippet1_end - snippet1, %cx
     call load_and_run

@@ -21,11 +21,12 @@ def native_built():
         pytest.skip("native CET fast path not built (make native)")
 
 
-def boot(monkeypatch, native_events: str) -> tuple[Machine, str, int]:
+def boot(monkeypatch, native_events: str, kernel: str = "native_exits") -> tuple[Machine, str, int]:
+    """``kernel`` (a TAP kernel) on the native CET path with $CETVM_NATIVE_EVENTS; it must pass."""
     monkeypatch.setenv("CETVM_CET_PATH", "native")
     monkeypatch.setenv("CETVM_NATIVE_EVENTS", native_events)
     out: list[bytes] = []
-    machine = Machine.boot(tap_kernel("native_exits"), MachineConfig(serial_sink=out.append))
+    machine = Machine.boot(tap_kernel(kernel), MachineConfig(serial_sink=out.append))
     result = machine.run()
     console = b"".join(out).decode()
     assert result.status == 1, console
@@ -49,14 +50,9 @@ def test_the_python_emulation_gives_the_same_guest_results(monkeypatch):
 
 
 def boot_fastpath(monkeypatch, native_events: str) -> tuple[Machine, str, int]:
-    monkeypatch.setenv("CETVM_CET_PATH", "native")
-    monkeypatch.setenv("CETVM_NATIVE_EVENTS", native_events)
-    out: list[bytes] = []
-    machine = Machine.boot(tap_kernel("exit_fastpath"), MachineConfig(serial_sink=out.append))
-    result = machine.run()
-    console = b"".join(out).decode()
-    assert result.status == 1 and "not ok" not in console, console
-    return machine, console, result.instructions
+    machine, console, instructions = boot(monkeypatch, native_events, "exit_fastpath")
+    assert "not ok" not in console, console
+    return machine, console, instructions
 
 
 def test_cpuid_and_vmcall_are_answered_next_to_the_engine_as_the_exits_kvm_handles(monkeypatch):

@@ -142,6 +142,8 @@ DR7_ENABLE_BITS = 0xFF
 DR7_GD = 1 << 13
 RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
+RFLAGS_VIF = 1 << 19
+RFLAGS_VIP = 1 << 20
 #: RFLAGS bit 1 always reads 1 [SDM Vol. 1 §3.4.3].
 RFLAGS_FIXED = 1 << 1
 #: RFLAGS bits that are reserved (must be 0): 3, 5, 15 and 63:22 [SDM Vol. 1 Figure 3-8].

@@ -20,8 +20,8 @@ from cetvm.arch.apic import tpr_below_threshold
 from cetvm.arch.msr import CET_CTL_MSRS, CET_MSR_SET, CET_SHSTK_BITS, Efer, cet_msr_value_fault
 from cetvm.arch.regs import (
     CR8_TPR, DR7_ENABLE_BITS, DR7_GD,
-    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VM,
-    RFLAGS_ZF,
+    RFLAGS_AF, RFLAGS_CF, RFLAGS_IF, RFLAGS_IOPL, RFLAGS_OF, RFLAGS_PF, RFLAGS_RF, RFLAGS_SF, RFLAGS_TF, RFLAGS_VIF,
+    RFLAGS_VIP, RFLAGS_VM, RFLAGS_ZF,
 )
 from cetvm.arch.vmx import (
     CR_ACCESS_TYPE_MOV_TO_CR, CpuBasedControls, VmcsField, cr_access_qualification, io_qualification,
@@ -721,7 +721,7 @@ def iret_real(vcpu, instr: Instruction) -> None:
     if size == 4:
         if new_ip > cs.limit:
             raise gp(0)
-        rflags = (new_flags & RFLAGS_IRET_MASK) | (rflags & 0x1A_0000)
+        rflags = (new_flags & RFLAGS_IRET_MASK) | (rflags & (RFLAGS_VM | RFLAGS_VIF | RFLAGS_VIP))
     else:
         rflags = (rflags & ~0xFFFF) | new_flags
     vcpu.set_reg("rflags", rflags | 2)

@@ -89,6 +89,7 @@ enum {
 #define PTE_US (1ull << 2)
 #define PTE_D (1ull << 6)
 #define PTE_PS (1ull << 7)
+#define PTE_G (1ull << 8)
 #define PTE_ADDR_MASK 0x000FFFFFFFFFF000ull
 
 #define SS_TAG_INVALID 1ull /* bit 0 set: never equals a key of an 8-aligned address */
@@ -768,45 +769,67 @@ static inline int is_canonical48(uint64_t lin)
  * level; a user access needs U/S=1 at every level, a supervisor access needs U/S=0 somewhere.
  * Returns 0 and fills the TLB entry, or -1 (hand over: Python raises the precise fault).
  */
+/* What the 4-level walk of a linear address found (walk4). */
+typedef struct {
+    uint64_t leaf;      /* the leaf entry (PTE, or a PDE / PDPTE with PS) */
+    uint64_t phys_page; /* the guest-physical 4 KiB page of the address */
+    int user_all;       /* U/S = 1 at every level, the leaf's included */
+    int writable_upper; /* R/W = 1 at every level above the leaf */
+} walk4_t;
+
+/* The 4-level walk of ``lin`` (CR3 of the shared state) without permission checks [SDM Vol. 3
+ * §4.5]: 0 and *w, or -1 (not canonical, a level not present, an entry that does not read). */
+static int walk4(cetfast_t *f, uc_engine *uc, uint64_t lin, walk4_t *w)
+{
+    static const int shifts[4] = {39, 30, 21, 12};
+    uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
+    int writable_upper = 1, user_all = 1, page_shift = 12;
+    if (!is_canonical48(lin))
+        return -1;
+    for (int level = 0; level < 4; level++) {
+        uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
+        uint8_t *h = phys_host(f, gpa, 8);
+        if (h) {
+            memcpy(&entry, h, 8);
+        } else {
+            f->s.slow_mem++;
+            if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
+                return -1;
+        }
+        if (!(entry & PTE_P))
+            return -1;
+        user_all = user_all && (entry & PTE_US);
+        if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
+            page_shift = shifts[level];
+            break;
+        }
+        writable_upper = writable_upper && (entry & PTE_RW);
+        table = entry & PTE_ADDR_MASK;
+    }
+    uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
+    w->leaf = entry;
+    w->phys_page = ((entry & frame_mask) | (lin & ((1ull << page_shift) - 1))) & PAGE_MASK;
+    w->user_all = user_all;
+    w->writable_upper = writable_upper;
+    return 0;
+}
+
 __attribute__((noinline)) static int ss_walk(cetfast_t *f, uc_engine *uc, uint64_t lin, int user, tlb_entry_t *e)
 {
     uint64_t phys_page;
     if (f->s.paging == PAGING_OFF) {
         phys_page = lin & PAGE_MASK;
     } else if (f->s.paging == PAGING_4LEVEL) {
-        static const int shifts[4] = {39, 30, 21, 12};
-        uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
-        int writable_upper = 1, user_all = 1, page_shift = 12;
-        if (!is_canonical48(lin))
+        walk4_t w;
+        if (walk4(f, uc, lin, &w) < 0)
             return -1;
-        for (int level = 0; level < 4; level++) {
-            uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
-            uint8_t *h = phys_host(f, gpa, 8);
-            if (h) {
-                memcpy(&entry, h, 8);
-            } else {
-                f->s.slow_mem++;
-                if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK)
-                    return -1;
-            }
-            if (!(entry & PTE_P))
-                return -1;
-            user_all = user_all && (entry & PTE_US);
-            if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
-                page_shift = shifts[level];
-                break;
-            }
-            writable_upper = writable_upper && (entry & PTE_RW);
-            table = entry & PTE_ADDR_MASK;
-        }
-        if (user && !user_all)
+        if (user && !w.user_all)
             return -1;
-        if (!writable_upper || (entry & PTE_RW) || !(entry & PTE_D))
+        if (!w.writable_upper || (w.leaf & PTE_RW) || !(w.leaf & PTE_D))
             return -1;
-        if (user_all && !user)
+        if (w.user_all && !user)
             return -1;
-        uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << page_shift) - 1);
-        phys_page = ((entry & frame_mask) | (lin & ((1ull << page_shift) - 1))) & PAGE_MASK;
+        phys_page = w.phys_page;
     } else {
         return -1;
     }
@@ -1425,42 +1448,24 @@ int cetfast_decode_plain64(const uint8_t *code, uint32_t avail, uint32_t *out)
 }
 
 #define ENV_HF_CS64 (1u << 15) /* HF_CS64_MASK: 64-bit code (cetvm.cpu.uc_context.HFlags.CS64) */
-#define PTE_G (1ull << 8)
 #define CR4_PGE (1ull << 7)
 
 /* The guest-physical page of code at ``lin`` and its PTE.G (*global_page, CR4.PGE not applied):
- * a 4-level walk without permission checks (the engine has just fetched the block) or the
+ * the 4-level walk without permission checks (the engine has just fetched the block) or the
  * identity with paging off; -1 if not mapped or another paging mode. */
 static int code_walk(cetfast_t *f, uc_engine *uc, uint64_t lin, uint64_t *phys_page, int *global_page)
 {
+    walk4_t w;
     if (f->s.paging == PAGING_OFF) {
         *phys_page = lin & PAGE_MASK;
         *global_page = 0;
         return 0;
     }
-    if (f->s.paging != PAGING_4LEVEL || !is_canonical48(lin))
+    if (f->s.paging != PAGING_4LEVEL || walk4(f, uc, lin, &w) < 0)
         return -1;
-    static const int shifts[4] = {39, 30, 21, 12};
-    uint64_t table = f->s.cr3 & PTE_ADDR_MASK, entry = 0;
-    for (int level = 0; level < 4; level++) {
-        uint64_t gpa = table + ((lin >> shifts[level]) & 0x1FF) * 8;
-        uint8_t *h = phys_host(f, gpa, 8);
-        if (h) {
-            memcpy(&entry, h, 8);
-        } else if (f->mem_read(uc, gpa, &entry, 8) != UC_ERR_OK) {
-            return -1;
-        }
-        if (!(entry & PTE_P))
-            return -1;
-        if (shifts[level] == 12 || ((level == 1 || level == 2) && (entry & PTE_PS))) {
-            uint64_t frame_mask = ((1ull << 52) - 1) & ~((1ull << shifts[level]) - 1);
-            *phys_page = ((entry & frame_mask) | (lin & ((1ull << shifts[level]) - 1))) & PAGE_MASK;
-            *global_page = (entry & PTE_G) != 0;
-            return 0;
-        }
-        table = entry & PTE_ADDR_MASK;
-    }
-    return -1;
+    *phys_page = w.phys_page;
+    *global_page = (w.leaf & PTE_G) != 0;
+    return 0;
 }
 
 /* Copy the block's ``size`` bytes (at most two pages) to ``buf``; *global_page as
